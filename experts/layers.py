@@ -1,0 +1,233 @@
+"""RoutedLinear and the functions that put adapter banks into (and take them out of) a base model.
+
+`inject(model, adapters)` wraps every adapted projection of any Hugging Face model (nn.Linear, and
+GPT-2's Conv1D whose weight is stored (d_in, d_out)) in a `RoutedLinear(base, bank)`:
+
+    h (B, T, D) -> gates (B, T, S) -> base(h) + bank(h, gates)
+
+Where gates come from, in order of precedence:
+  1. `layer.router` (a module h -> Routing with `.gates`), set by the routing part;
+  2. `layer.static_gates`, set for a forward by `use_gates(model, gates)`: constant over a sequence
+     ((B, 1, S): retrieval routing, a heterogeneous batch where each row names its adapter);
+  3. None: every adapter summed with weight 1 (a single adapter is then plain LoRA).
+`adapters_disabled(model)` turns the delta off (the bare base, e.g. for label anchors).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from loraplex.experts.bank import LoraBank
+from loraplex.experts.spec import Adapter, LoraSpec
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): y = x @ W + b with W (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a Linear or Conv1D module, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+class RoutedLinear(nn.Module):
+    """A frozen base projection plus a LoraBank whose adapters are mixed by gates."""
+
+    def __init__(self, base: nn.Module, bank: LoraBank, name: str = ""):
+        super().__init__()
+        self.base = base
+        self.bank = bank
+        self.name = name
+        self.router: nn.Module | None = None
+        self.static_gates: torch.Tensor | None = None
+        self.enabled = True
+        self.record = False  # keep the last Routing (for traces and auxiliary losses)
+        self.last_routing = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections (dtype checks)
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, d_in)
+        out = self.base(x)  # (B, T, d_out)
+        if not self.enabled:
+            return out
+        gates = None
+        if self.router is not None:
+            routing = self.router(x)
+            gates = routing.gates  # (B, T, S)
+            if self.record or self.training:
+                self.last_routing = routing
+        elif self.static_gates is not None:
+            gates = self.static_gates  # (B, 1, S) or (1, 1, S)
+        delta = self.bank(x.to(self.bank.A.dtype), gates)
+        return out + delta.to(out.dtype)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        return model.get_submodule(parent_name), child
+    return model, name
+
+
+def routed_layers(model: nn.Module) -> dict[str, RoutedLinear]:
+    """Every RoutedLinear in the model, by the name of the projection it wraps."""
+    return {m.name: m for m in model.modules() if isinstance(m, RoutedLinear)}
+
+
+def inject(
+    model: nn.Module,
+    adapters: Sequence[Adapter],
+    *,
+    modules: Sequence[str] | None = None,
+    rank: int | None = None,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, RoutedLinear]:
+    """Wrap the union of the adapters' modules (or `modules`) in RoutedLinear with a bank of E = len(adapters).
+
+    Adapter e fills slot e of each bank where it adapts that module; where it does not, slot e stays
+    zero (that adapter leaves the module unchanged). `rank` forces R (defaults to the largest rank
+    present). Banks are kept in `dtype` (float32 by default, for exact LoRA math under a bf16 base).
+    The base's parameters are frozen. Returns the wrapped layers by module name.
+    """
+    if routed_layers(model):
+        raise ValueError("model already has adapter banks; call eject(model) first")
+    if not adapters:
+        raise ValueError("inject needs at least one adapter")
+    names = list(modules) if modules is not None else sorted({m for a in adapters for m in a.modules})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name in names:
+        base = model.get_submodule(name)
+        dims = linear_dims(base)
+        if dims is None:
+            raise ValueError(f"module {name!r} is a {type(base).__name__}, not a Linear or Conv1D")
+        ranks = [a.rank(name) for a in adapters if name in a.weights]
+        R = rank or max(ranks or [1])
+        device = base.weight.device
+        bank = LoraBank(dims[0], dims[1], len(adapters), R, dropout=dropout, dtype=dtype, device=device)
+        for e, a in enumerate(adapters):
+            if name in a.weights:
+                A, B = a.weights[name]
+                bank.set_expert(e, A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype), a.scaling(name))
+        layer = RoutedLinear(base, bank, name)
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def inject_new(
+    model: nn.Module,
+    spec: LoraSpec,
+    modules: Sequence[str],
+    *,
+    n_experts: int = 1,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, RoutedLinear]:
+    """Fresh trainable adapters (PEFT's initialisation) in n_experts slots of each listed module."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name in modules:
+        base = model.get_submodule(name)
+        dims = linear_dims(base)
+        if dims is None:
+            raise ValueError(f"module {name!r} is a {type(base).__name__}, not a Linear or Conv1D")
+        r = spec.rank_for(name)
+        bank = LoraBank(dims[0], dims[1], n_experts, r, dropout=spec.dropout, dtype=dtype, device=base.weight.device)
+        for e in range(n_experts):
+            bank.init_expert(e, r, spec.scaling_for(name, r), generator=gen)
+        layer = RoutedLinear(base, bank, name)
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def eject(model: nn.Module) -> None:
+    """Put the original projections back (the banks are dropped)."""
+    for name, layer in routed_layers(model).items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer.base)
+
+
+def extract(model: nn.Module, spec: LoraSpec, expert: int = 0) -> Adapter:
+    """Read adapter `expert` back out of the model's banks (padding removed)."""
+    weights = {}
+    for name, layer in routed_layers(model).items():
+        if layer.bank.expert_rank(expert) > 0:
+            weights[name] = layer.bank.expert(expert)
+    return Adapter(spec, weights)
+
+
+def bank_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in routed_layers(model).values() for p in layer.bank.parameters()]
+
+
+@contextmanager
+def use_gates(model: nn.Module, gates: torch.Tensor | None) -> Iterator[None]:
+    """Constant gates (B, 1, S) for every routed layer during the block."""
+    layers = list(routed_layers(model).values())
+    old = [layer.static_gates for layer in layers]
+    try:
+        for layer in layers:
+            layer.static_gates = gates
+        yield
+    finally:
+        for layer, g in zip(layers, old):
+            layer.static_gates = g
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The bare base model during the block."""
+    layers = list(routed_layers(model).values())
+    old = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield
+    finally:
+        for layer, e in zip(layers, old):
+            layer.enabled = e
+
+
+@torch.no_grad()
+def merge(model: nn.Module, adapter: Adapter, weight: float = 1.0) -> None:
+    """Fold an adapter into the base weights in place: W += weight * scaling * B @ A (transposed for Conv1D)."""
+    for name, (A, B) in adapter.weights.items():
+        base = model.get_submodule(name)
+        if isinstance(base, RoutedLinear):
+            base = base.base
+        dims = linear_dims(base)
+        if dims is None:
+            raise ValueError(f"cannot merge into {name!r}: a {type(base).__name__}")
+        delta = (B.double() @ A.double()) * (adapter.scaling(name) * weight)  # (d_out, d_in)
+        if is_conv1d(base):
+            delta = delta.T
+        base.weight.add_(delta.to(base.weight.dtype))
+
+
+def set_router(model: nn.Module, make_router: Callable[[str, RoutedLinear], nn.Module | None]) -> None:
+    """Attach a router per routed layer (make_router(name, layer) -> module or None)."""
+    for name, layer in routed_layers(model).items():
+        layer.router = make_router(name, layer)

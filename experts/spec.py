@@ -1,0 +1,221 @@
+"""LoraSpec (the hyper-parameters of one LoRA) and Adapter (a spec plus its A/B matrices).
+
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685) adds to a frozen
+linear map W (d_out, d_in) a low-rank update:
+
+    h = W x + scaling * B (A x),   A: (r, d_in),  B: (d_out, r),  scaling = alpha / r
+    (rsLoRA, arXiv 2312.03732: scaling = alpha / sqrt(r))
+
+An `Adapter` holds one (A, B) pair per adapted module, keyed by the module's dotted name in the base
+model (`encoder.layer.0.attention.self.query`). Its serialised form is a safetensors file with keys
+`<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT's keys without the `base_model.model.`
+prefix), so a blob, a PEFT directory and a model in memory map onto each other by name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.errors import IncompatibleAdapter, InvalidAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraplex.models import Fingerprint
+
+# Modules adapted by default, by `config.model_type`: the attention projections (query, key, value and
+# output), matched as name suffixes. The continual forgetting method targets the feed-forward layers
+# and says so in its own spec.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
+    "mpnet": ("attn.q", "attn.k", "attn.v", "attn.o"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt2": ("c_attn", "attn.c_proj"),
+}
+
+# The feed-forward projections, by model type (GS-LoRA puts its LoRA there).
+FFN_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("intermediate.dense", "output.dense"),
+    "roberta": ("intermediate.dense", "output.dense"),
+    "llama": ("gate_proj", "up_proj", "down_proj"),
+    "mistral": ("gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+}
+
+
+def matches_target(module: str, target: str) -> bool:
+    """PEFT's rule for a list entry: the module's name is the target or ends with '.' + target."""
+    return module == target or module.endswith("." + target)
+
+
+def match_pattern(pattern: Mapping[str, object], module: str) -> object | None:
+    """PEFT's rule for rank_pattern / alpha_pattern keys: `(.*\\.)?<key>$` matched against the name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return None
+
+
+class LoraSpec(BaseModel):
+    """Hyper-parameters of a LoRA adapter (the subset of PEFT's LoraConfig that loraplex supports)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: int = Field(8, ge=1, le=4096)
+    """Rank of the update (modules may override it through rank_pattern)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: scaling = alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = ()
+    """Module name suffixes to adapt; empty means the base model's default (attention projections)."""
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    """Per-module ranks, PEFT's pattern syntax."""
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    """Per-module alphas, PEFT's pattern syntax."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling, alpha / sqrt(r)."""
+
+    def rank_for(self, module: str) -> int:
+        r = match_pattern(self.rank_pattern, module)
+        return int(r) if r is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        a = match_pattern(self.alpha_pattern, module)
+        return float(a) if a is not None else self.alpha
+
+    def scaling_for(self, module: str, rank: int | None = None) -> float:
+        r = rank if rank is not None else self.rank_for(module)
+        return self.alpha_for(module) / (r**0.5 if self.use_rslora else r)
+
+    def resolve_targets(self, module_names: Iterable[str], model_type: str) -> list[str]:
+        """The modules of a base model this spec adapts (its targets, or the model type's default)."""
+        targets = self.target_modules or DEFAULT_TARGETS.get(model_type, ())
+        if not targets:
+            raise IncompatibleAdapter(
+                f"no default target modules for model type {model_type!r}; name them (e.g. --targets q_proj,v_proj)"
+            )
+        names = [n for n in module_names if any(matches_target(n, t) for t in targets)]
+        if not names:
+            raise IncompatibleAdapter(
+                f"target modules {list(targets)} match no linear layer of this {model_type} model"
+            )
+        return names
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in memory: its spec and, per module, A (r, d_in) and B (d_out, r)."""
+
+    spec: LoraSpec
+    weights: dict[str, tuple["torch.Tensor", "torch.Tensor"]] = field(default_factory=dict)
+
+    # ---- shape facts -------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.weights)
+
+    def rank(self, module: str) -> int:
+        return int(self.weights[module][0].shape[0])
+
+    def scaling(self, module: str) -> float:
+        return self.spec.scaling_for(module, self.rank(module))
+
+    @property
+    def n_params(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        out = {}
+        for m, (a, b) in self.weights.items():
+            out[f"{m}.lora_A.weight"] = a
+            out[f"{m}.lora_B.weight"] = b
+        return out
+
+    @classmethod
+    def from_state_dict(cls, spec: LoraSpec, sd: Mapping[str, "torch.Tensor"], *, where: str = "adapter") -> "Adapter":
+        """Pair `<module>.lora_A.weight` / `<module>.lora_B.weight` keys and check their shapes."""
+        a_s: dict[str, torch.Tensor] = {}
+        b_s: dict[str, torch.Tensor] = {}
+        for key, t in sd.items():
+            m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if m is None:
+                raise InvalidAdapter(f"{where}: unsupported tensor {key!r} (loraplex stores LoRA A/B weights only)")
+            (a_s if m.group(2) == "A" else b_s)[m.group(1)] = t
+        if not a_s:
+            raise InvalidAdapter(f"{where}: no LoRA weights found")
+        if set(a_s) != set(b_s):
+            odd = sorted(set(a_s) ^ set(b_s))[0]
+            raise InvalidAdapter(f"{where}: module {odd!r} has only one of lora_A / lora_B")
+        weights = {}
+        for mod in sorted(a_s):
+            a, b = a_s[mod], b_s[mod]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise InvalidAdapter(
+                    f"{where}: module {mod!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                    "which are not (r, d_in) and (d_out, r)"
+                )
+            if a.shape[0] != spec.rank_for(mod):
+                raise InvalidAdapter(
+                    f"{where}: the config gives module {mod!r} rank {spec.rank_for(mod)} but its tensors have rank {a.shape[0]}"
+                )
+            weights[mod] = (a, b)
+        return cls(spec, weights)
+
+    def to_bytes(self) -> bytes:
+        """Deterministic safetensors bytes (the blob whose sha256 names it in the registry)."""
+        from safetensors.torch import save
+
+        sd = {k: v.detach().contiguous().cpu() for k, v in sorted(self.state_dict().items())}
+        return save(sd, metadata={"format": "pt"})
+
+    @classmethod
+    def from_bytes(cls, spec: LoraSpec, data: bytes, *, where: str = "blob") -> "Adapter":
+        from safetensors.torch import load
+
+        try:
+            sd = load(data)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise InvalidAdapter(f"{where}: corrupt safetensors data ({_short(exc)})") from None
+        return cls.from_state_dict(spec, sd, where=where)
+
+    # ---- checks ------------------------------------------------------------------------------
+    def check_fits(self, fp: "Fingerprint", *, name: str = "adapter") -> None:
+        """Raise IncompatibleAdapter unless every module exists in the base with matching shapes."""
+        for mod, (a, b) in self.weights.items():
+            shape = fp.modules.get(mod)
+            if shape is None:
+                raise IncompatibleAdapter(
+                    f"{name}: target module {mod!r} does not exist in base {fp.label} ({fp.architecture})"
+                )
+            d_in, d_out = shape[0], shape[1]
+            if a.shape[1] != d_in or b.shape[0] != d_out:
+                raise IncompatibleAdapter(
+                    f"{name}: module {mod!r} maps {a.shape[1]} -> {b.shape[0]} features but the base's "
+                    f"layer maps {d_in} -> {d_out}"
+                )
+
+    def to(self, dtype=None, device=None) -> "Adapter":
+        return Adapter(self.spec, {m: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                                   for m, (a, b) in self.weights.items()})
+
+    def spec_json(self) -> str:
+        return json.dumps(self.spec.model_dump(mode="json"), sort_keys=True)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

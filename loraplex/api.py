@@ -1,0 +1,369 @@
+"""The public Python API: the few functions the CLI calls. No printing, no typer.
+
+Every function takes `settings` (default: `Settings.load()`, i.e. the environment) and raises
+`loraplex.errors.LoraplexError` subclasses with a one-line message on bad input. Functions that write
+validate everything first and write last, in one registry transaction, so a failure leaves the
+registry as it was.
+
+    from loraplex import api
+    rec = api.register("path/to/peft_dir", name="airline-v1", description="...", base="minilm")
+    api.search("complaints about flights", k=3)
+    res = api.train("airline", name="airline-v2", steps=100)
+    api.evaluate("airline-v2", task="airline")
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from loraplex.errors import (
+    AlreadyExists,
+    IncompatibleAdapter,
+    InvalidSpec,
+    UserInputError,
+)
+from loraplex.settings import Settings
+
+
+def _settings(settings: Settings | None) -> Settings:
+    return settings or Settings.load()
+
+
+def open_registry(settings: Settings | None = None):
+    from loraplex.registry.store import Registry
+
+    s = _settings(settings)
+    return Registry(s.home, embedder=s.embedder)
+
+
+def _embed(reg, texts: Sequence[str]) -> np.ndarray:
+    from loraplex.embedders import get_embedder
+
+    return get_embedder(reg.embedder_name).encode(list(texts))
+
+
+def _prototype(reg, texts: Sequence[str], limit: int = 256) -> np.ndarray | None:
+    """Mean embedding (renormalised) of up to `limit` training inputs: the adapter's data signature."""
+    if not texts:
+        return None
+    v = _embed(reg, list(texts)[:limit]).mean(0)
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# registering adapters
+
+
+def _align_modules(adapter, fp):
+    """Map an adapter's module names onto the base's when they differ by a leading component.
+
+    PEFT names modules relative to the model it wrapped: an adapter trained on `BertForSequenceClassification`
+    says `bert.encoder...` where the bare `BertModel` has `encoder...`, and one trained on `LlamaModel`
+    lacks the `model.` that `LlamaForCausalLM` has. Exact names win; otherwise one leading component is
+    dropped or the base's common first component is added, if that makes every name fit.
+    """
+    from loraplex.experts.spec import Adapter
+
+    names = adapter.modules
+    if all(n in fp.modules for n in names):
+        return adapter
+    candidates = []
+    firsts = {n.split(".", 1)[0] for n in names if "." in n}
+    if len(firsts) == 1:
+        p = firsts.pop() + "."
+        candidates.append(lambda n, p=p: n[len(p):] if n.startswith(p) else n)
+    base_firsts = {n.split(".", 1)[0] for n in fp.modules if "." in n}
+    for p in sorted(base_firsts):
+        candidates.append(lambda n, p=p: f"{p}.{n}")
+    for f in candidates:
+        mapped = {f(n): w for n, w in adapter.weights.items()}
+        if len(mapped) == len(names) and all(m in fp.modules for m in mapped):
+            if adapter.spec.rank_pattern or adapter.spec.alpha_pattern:
+                spec = adapter.spec.model_copy(update={
+                    "rank_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.rank_pattern.items()},
+                    "alpha_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.alpha_pattern.items()},
+                })
+            else:
+                spec = adapter.spec
+            return Adapter(spec, mapped)
+    return adapter
+
+
+def register(
+    path: str | Path,
+    *,
+    name: str,
+    description: str,
+    task: str | None = None,
+    base: str | None = None,
+    settings: Settings | None = None,
+):
+    """Register a PEFT LoRA directory under `name`. Returns the AdapterRecord."""
+    from loraplex.data import load_task
+    from loraplex.experts.peft_io import read_peft_dir
+    from loraplex.models import fingerprint, resolve_base
+    from loraplex.registry.record import AdapterDraft, Edge, validate_name
+
+    s = _settings(settings)
+    validate_name(name)
+    if not description or not description.strip():
+        raise UserInputError("a description is required (--description): it is how the adapter is found and routed to")
+    reg = open_registry(s)
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    adapter, cfg = read_peft_dir(path)
+    ref = resolve_base(base or cfg.get("base_model_name_or_path"))
+    fp = fingerprint(ref, s)
+    adapter = _align_modules(adapter, fp)
+    adapter.check_fits(fp, name=f"adapter at {path}")
+    task_obj = load_task(task) if task else None
+    edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
+    draft = AdapterDraft(
+        name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),
+        task=task_obj.ref if task_obj else None, origin="imported", spec=adapter.spec, edges=edges,
+        extra={"source": str(Path(path).absolute())},
+    )
+    emb = _embed(reg, [draft.description])[0]
+    proto = _prototype(reg, [e.text for e in task_obj.train]) if task_obj else None
+    return reg.add_adapter(draft, adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name,
+                           fingerprint_json=fp.model_dump_json())
+
+
+def list_adapters(settings: Settings | None = None):
+    return open_registry(settings).list_adapters()
+
+
+def show(name: str, settings: Settings | None = None) -> dict[str, Any]:
+    reg = open_registry(settings)
+    rec = reg.get_adapter(name)
+    out = rec.model_dump(mode="json")
+    out["parents"] = rec.parents
+    out["used_by"] = [f"{c.kind}:{c.name}" for c in reg.components_using(name)]
+    return out
+
+
+def search(text: str, k: int = 5, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The k adapters whose descriptions are nearest to `text` (cosine similarity), best first."""
+    from loraplex.registry.index import SignatureIndex
+
+    if not text or not text.strip():
+        raise UserInputError("the search text is empty")
+    if k < 1:
+        raise UserInputError("-k must be at least 1")
+    reg = open_registry(settings)
+    if reg.count() == 0:
+        return []
+    idx = SignatureIndex.sync(reg)
+    scores, ids = idx.search(_embed(reg, [text]), k)
+    names = reg.names_by_id([int(i) for i in ids[0] if i >= 0])
+    out = []
+    for sc, i in zip(scores[0], ids[0]):
+        if i < 0 or int(i) not in names:
+            continue
+        rec = reg.get_adapter(names[int(i)])
+        out.append({"name": rec.name, "score": round(float(sc), 4), "task": rec.task, "base": rec.base,
+                    "description": rec.description})
+    return out
+
+
+def export(name: str, out_dir: str | Path, *, overwrite: bool = False, settings: Settings | None = None) -> Path:
+    """Write a registered adapter as a PEFT directory that PeftModel.from_pretrained loads."""
+    from loraplex.experts.peft_io import peft_config, write_peft_dir
+    from loraplex.models import Fingerprint, resolve_base
+
+    reg = open_registry(settings)
+    rec, adapter = reg.load_adapter(name)
+    fps = reg.base_fingerprints()
+    if rec.base_sha not in fps:
+        raise IncompatibleAdapter(f"adapter {name!r}: the fingerprint of its base is missing (run `loraplex registry check`)")
+    fp = Fingerprint.model_validate_json(fps[rec.base_sha][1])
+    try:
+        peft_name = resolve_base(rec.base).peft_name
+    except UserInputError:
+        peft_name = rec.base
+    cfg = peft_config(adapter, base_model_name_or_path=peft_name, all_linear=fp.linear_names(),
+                      fan_in_fan_out=any(m in fp.conv1d for m in adapter.modules))
+    return write_peft_dir(adapter, out_dir, cfg, overwrite=overwrite)
+
+
+def remove(name: str, settings: Settings | None = None):
+    reg = open_registry(settings)
+    rec = reg.get_adapter(name)
+    users = reg.components_using(name)
+    if users:
+        who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
+        raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
+    return reg.remove_adapter(rec.name)
+
+
+def graph(settings: Settings | None = None) -> dict[str, Any]:
+    from loraplex.registry.lineage import graph_json
+
+    return graph_json(open_registry(settings))
+
+
+def check(*, repair: bool = False, settings: Settings | None = None):
+    from loraplex.registry.check import check as run_check
+
+    return run_check(open_registry(settings), repair=repair)
+
+
+# ---------------------------------------------------------------------------------------------
+# models, tasks, loading adapters onto a base
+
+
+def list_models() -> list[dict[str, Any]]:
+    from loraplex.models import list_models as _lm
+
+    return _lm()
+
+
+def list_tasks() -> list[dict[str, Any]]:
+    from loraplex.data import list_tasks as _lt
+
+    return _lt()
+
+
+def load_adapted(names: Sequence[str], settings: Settings | None = None, *, reg=None):
+    """Load the adapters' common base and inject them (a bank of E = len(names)). Returns (LoadedBase, records)."""
+    from loraplex.experts.layers import inject
+    from loraplex.models import load_base
+
+    s = _settings(settings)
+    reg = reg or open_registry(s)
+    loaded = [reg.load_adapter(n) for n in names]
+    bases = {rec.base_sha for rec, _ in loaded}
+    if len(bases) > 1:
+        pairs = ", ".join(f"{rec.name} ({rec.base})" for rec, _ in loaded)
+        raise IncompatibleAdapter(f"adapters of different base models cannot be combined: {pairs}")
+    lb = load_base(loaded[0][0].base, s)
+    for rec, ad in loaded:
+        if lb.fingerprint.sha != rec.base_sha:
+            raise IncompatibleAdapter(
+                f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its fingerprint differs)"
+            )
+        ad.check_fits(lb.fingerprint, name=f"adapter {rec.name!r}")
+    inject(lb.model, [ad for _, ad in loaded])
+    return lb, [rec for rec, _ in loaded]
+
+
+def evaluate(
+    name: str | None,
+    *,
+    task: str,
+    base: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    vs_base: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split."""
+    from loraplex.data import load_task
+    from loraplex.experts.layers import adapters_disabled
+    from loraplex.heads import accuracy, head_for
+    from loraplex.models import load_base, resolve_base
+
+    s = _settings(settings)
+    if split not in ("train", "validation", "test"):
+        raise UserInputError(f"unknown split {split!r} (train, validation, test)")
+    t = load_task(task)
+    if name is None:
+        lb = load_base(resolve_base(base or "minilm"), s)
+        res = accuracy(head_for(lb), lb.model, lb.tokenizer, t, split, limit)
+        return {"adapter": None, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    reg = open_registry(s)
+    rec = reg.get_adapter(name)
+    if base is not None and resolve_base(base).name != rec.base:
+        raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
+    lb, _ = load_adapted([name], s, reg=reg)
+    head = head_for(lb)
+    res = accuracy(head, lb.model, lb.tokenizer, t, split, limit)
+    out = {"adapter": name, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    if vs_base:
+        with adapters_disabled(lb.model):
+            out["base_accuracy"] = accuracy(head, lb.model, lb.tokenizer, t, split, limit)["accuracy"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    record: Any
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def _run_dir(s: Settings, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return s.home / "runs" / f"{name}-{stamp}"
+
+
+def train(
+    task: str,
+    *,
+    name: str,
+    base: str = "minilm",
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: Sequence[str] = (),
+    description: str | None = None,
+    settings: Settings | None = None,
+    **train_options: Any,
+) -> TrainResult:
+    """Fine-tune one LoRA adapter on a task, evaluate it, and register it with its snapshots."""
+    from pydantic import ValidationError
+
+    from loraplex.continual.fit import TrainConfig, fit_adapter
+    from loraplex.data import load_task
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.heads import accuracy, head_for
+    from loraplex.models import load_base, resolve_base
+    from loraplex.registry.record import AdapterDraft, Edge, validate_name
+
+    s = _settings(settings)
+    validate_name(name)
+    reg = open_registry(s)
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    try:
+        cfg = TrainConfig(**train_options)
+        spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidSpec(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    t = load_task(task, description=description)
+    ref = resolve_base(base)
+    lb = load_base(ref, s)
+    head = head_for(lb)
+    base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test")["accuracy"]
+    result = fit_adapter(lb, t, spec, cfg, _run_dir(s, name))
+    test = accuracy(head, lb.model, lb.tokenizer, t, "test")
+    metrics = {**result.metrics, "accuracy": round(test["accuracy"], 4), "base_accuracy": round(base_acc, 4),
+               "test_n": test["n"], "task": t.name}
+    draft = AdapterDraft(
+        name=name, base=ref.name, base_sha=lb.fingerprint.sha, family=ref.family, description=t.description,
+        task=t.ref, origin="trained", spec=spec, metrics=metrics, edges=(Edge.to_task(t.ref, "trained-on"),),
+        extra={"run_dir": str(result.run_dir), "train_config": cfg.model_dump(mode="json")},
+    )
+    emb = _embed(reg, [t.description])[0]
+    proto = _prototype(reg, [e.text for e in t.train])
+    rec = reg.add_adapter(draft, result.adapter, embedding=emb, prototype=proto, snapshots=result.snapshots,
+                          embedder=reg.embedder_name, fingerprint_json=lb.fingerprint.model_dump_json())
+    return TrainResult(rec, metrics, result.run_dir)
+
+
+def parse_list(value: str | None) -> list[str]:
+    """`a,b, c` -> ["a", "b", "c"] (for comma-separated CLI options)."""
+    if not value:
+        return []
+    return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]

@@ -1,0 +1,113 @@
+"""Catalog[T]: name -> (config class, factory). Every pluggable method registers here.
+
+Components are named by string (in the CLI, in stream specs, in stored records) and resolved through a
+Catalog, never by if/elif on names. A catalog knows the modules that register into it and imports them
+on first lookup, so importing a catalog costs nothing and the CLI stays fast:
+
+    ROUTERS = Catalog("router", modules=["loraplex.router.token_gate", ...])
+
+    @ROUTERS.register("token-gate", TokenGateConfig, summary="MeteoRA token gating")
+    class TokenGateRouter: ...
+
+    router = ROUTERS.build("token-gate", {"top_k": 2}, d_model=384, n_experts=8)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from loraplex.errors import InvalidSpec, UnknownComponent
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    config_cls: type | None
+    factory: Callable[..., T]
+    summary: str
+
+    def make_config(self, config: Any = None) -> Any:
+        """Validate `config` (a dict, an instance, or None for defaults) into the entry's config class."""
+        if self.config_cls is None:
+            if config:
+                raise InvalidSpec(f"{self.name} takes no configuration, got {config!r}")
+            return None
+        if isinstance(config, self.config_cls):
+            return config
+        from pydantic import ValidationError
+
+        try:
+            return self.config_cls(**dict(config or {}))
+        except ValidationError as exc:
+            raise InvalidSpec(f"invalid configuration for {self.name}: {_first_error(exc)}") from None
+        except TypeError as exc:
+            raise InvalidSpec(f"invalid configuration for {self.name}: {exc}") from None
+
+
+def _first_error(exc: Any) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: {msg}"
+
+
+class Catalog(Generic[T]):
+    """A named registry of components of one kind (routers, regularizers, generators, ...)."""
+
+    def __init__(self, kind: str, modules: list[str] | tuple[str, ...] = ()):
+        self.kind = kind
+        self._modules = tuple(modules)
+        self._entries: dict[str, Entry[T]] = {}
+        self._loaded = False
+
+    def register(
+        self, name: str, config_cls: type | None = None, *, summary: str = ""
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries and self._entries[name].factory is not factory:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            doc = (factory.__doc__ or "").strip().splitlines()
+            self._entries[name] = Entry(name, config_cls, factory, summary or (doc[0] if doc else ""))
+            return factory
+
+        return deco
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for mod in self._modules:
+                importlib.import_module(mod)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry[T]:
+        self._load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "none"
+            raise UnknownComponent(f"unknown {self.kind} {name!r} (known: {known})") from None
+
+    def build(self, name: str, config: Any = None, /, **kwargs: Any) -> T:
+        entry = self.get(name)
+        cfg = entry.make_config(config)
+        return entry.factory(cfg, **kwargs) if entry.config_cls is not None else entry.factory(**kwargs)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        self._load()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def summaries(self) -> Mapping[str, str]:
+        return {e.name: e.summary for e in self}

@@ -1,0 +1,30 @@
+"""The `loraplex` command line (typer). One module per command group; heavy imports happen inside
+commands, so `loraplex --help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from loraplex.cli import adapters, catalog, registry
+from loraplex.cli import train as train_cmds
+from loraplex.cli._errors import LoraplexGroup
+
+app = typer.Typer(
+    cls=LoraplexGroup,
+    name="loraplex",
+    help="A registry of LoRA adapters, composed at run time by routers and generators, with a continual trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(adapters.app, name="adapters")
+app.add_typer(registry.app, name="registry")
+app.add_typer(catalog.models_app, name="models")
+app.add_typer(catalog.tasks_app, name="tasks")
+app.command("train")(train_cmds.train)
+app.command("eval")(train_cmds.eval_)
+
+
+def main() -> None:
+    app()

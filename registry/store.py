@@ -1,0 +1,621 @@
+"""The registry store: SQLite records plus content-addressed safetensors blobs, in `$LORAPLEX_HOME`.
+
+Layout of a home directory:
+
+    registry.db       SQLite (WAL, synchronous=FULL): meta, bases, adapters, edges, snapshots, components
+    blobs/ab/<sha256>.safetensors   tensors, named by the sha256 of their bytes, verified on every read
+    registry.lock     an advisory lock (fcntl) that serialises writers
+    index.npz         cache: faiss index over description embeddings (registry/index.py)
+    graph.json        cache: lineage graph in node-link JSON (registry/lineage.py)
+
+The database is the source of truth; the caches carry the database `generation` they reflect (a
+counter bumped in the same transaction as every change) and are brought up to date, or rebuilt, when
+they lag. Writes are ordered so that a kill -9 at any instant leaves a consistent registry:
+
+    1. every blob is written to a temp file, fsynced and renamed into place (content-addressed, so a
+       blob that already exists is simply reused);
+    2. one SQLite transaction inserts the records (all-or-nothing) and bumps the generation.
+
+A crash after 1 and before 2 leaves an unreferenced blob: harmless, reported by `registry check` and
+removed by `--repair`. Concurrent writers serialise on `registry.lock` (and SQLite's own locking), so
+concurrent `register` calls from several processes all land. Only safetensors are ever loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from loraplex.errors import (
+    AdapterNotFound,
+    AlreadyExists,
+    ComponentNotFound,
+    IntegrityError,
+    InvalidAdapter,
+    LoraplexError,
+    RegistryBusy,
+)
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.registry.record import (
+    AdapterDraft,
+    AdapterRecord,
+    ComponentRecord,
+    Edge,
+    Snapshot,
+    validate_name,
+)
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bases(sha TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    base TEXT NOT NULL,
+    base_sha TEXT NOT NULL,
+    family TEXT NOT NULL,
+    description TEXT NOT NULL,
+    task TEXT,
+    origin TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    n_params INTEGER NOT NULL,
+    modules INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    prototype BLOB,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges(
+    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY(adapter_id, target, kind)
+);
+CREATE TABLE IF NOT EXISTS snapshots(
+    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    blob TEXT NOT NULL,
+    PRIMARY KEY(adapter_id, step)
+);
+CREATE TABLE IF NOT EXISTS components(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    base TEXT NOT NULL,
+    config TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    members TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE(kind, name)
+);
+"""
+
+_ADAPTER_COLS = (
+    "id, name, base, base_sha, family, description, task, origin, spec, blob, n_params, modules, rank, "
+    "metrics, extra, created_at"
+)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _vec_bytes(v: np.ndarray | None) -> bytes | None:
+    return None if v is None else np.asarray(v, dtype=np.float32).reshape(-1).tobytes()
+
+
+class Registry:
+    """One registry home. Cheap to construct; the database opens on first use."""
+
+    def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0):
+        self.home = Path(home).expanduser().absolute()
+        self.db_path = self.home / "registry.db"
+        self.blob_dir = self.home / "blobs"
+        self.lock_path = self.home / "registry.lock"
+        self.default_embedder = embedder
+        self.lock_timeout = lock_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # connection, schema, locking
+
+    @property
+    def exists(self) -> bool:
+        return self.db_path.is_file()
+
+    def _db(self, create: bool = True) -> sqlite3.Connection | None:
+        if self._conn is None:
+            if not self.exists and not create:
+                return None
+            self.home.mkdir(parents=True, exist_ok=True)
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise LoraplexError(f"cannot open registry database {self.db_path}: {exc}") from None
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.executescript(SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Exclusive, re-entrant (within this object) advisory lock on the registry."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
+                time.sleep(0.01)
+        self._lock_fd, self._lock_depth = fd, 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def generation(self) -> int:
+        conn = self._db(create=False)
+        if conn is None:
+            return 0
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+    def meta(self, key: str) -> str | None:
+        conn = self._db(create=False)
+        if conn is None:
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @property
+    def embedder_name(self) -> str:
+        """The embedder this registry's signatures were made with (fixed at its first adapter)."""
+        return self.meta("embedder") or self.default_embedder
+
+    # ------------------------------------------------------------------------------------------
+    # blobs
+
+    def blob_path(self, sha: str) -> Path:
+        return self.blob_dir / sha[:2] / f"{sha}.safetensors"
+
+    def put_blob(self, data: bytes) -> str:
+        """Store bytes under their sha256 (atomically; an existing identical blob is reused)."""
+        sha = sha256_bytes(data)
+        path = self.blob_path(sha)
+        if path.is_file() and path.stat().st_size == len(data):
+            return sha
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return sha
+
+    def read_blob(self, sha: str) -> bytes:
+        """The blob's bytes, after checking they still hash to `sha`."""
+        path = self.blob_path(sha)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"blob {sha[:12]} is missing from {self.blob_dir}") from None
+        if sha256_bytes(data) != sha:
+            raise IntegrityError(f"blob {sha[:12]} does not match its sha256: the file {path} is damaged")
+        return data
+
+    def referenced_blobs(self) -> set[str]:
+        conn = self._db(create=False)
+        if conn is None:
+            return set()
+        out = {r[0] for r in conn.execute("SELECT blob FROM adapters")}
+        out |= {r[0] for r in conn.execute("SELECT blob FROM snapshots")}
+        out |= {r[0] for r in conn.execute("SELECT blob FROM components")}
+        return out
+
+    def stored_blobs(self) -> dict[str, Path]:
+        if not self.blob_dir.is_dir():
+            return {}
+        return {p.name.removesuffix(".safetensors"): p for p in self.blob_dir.glob("*/*.safetensors")}
+
+    def temp_files(self) -> list[Path]:
+        if not self.blob_dir.is_dir():
+            return []
+        return list(self.blob_dir.glob("*/.tmp-*"))
+
+    def delete_unreferenced_blobs(self, candidates: Sequence[str] | None = None) -> list[str]:
+        """Remove blobs no record points at (under the write lock, so no writer is mid-way)."""
+        with self.write_lock():
+            refs = self.referenced_blobs()
+            stored = self.stored_blobs()
+            names = stored if candidates is None else {c: stored[c] for c in candidates if c in stored}
+            gone = [sha for sha in names if sha not in refs]
+            for sha in gone:
+                names[sha].unlink(missing_ok=True)
+            return gone
+
+    # ------------------------------------------------------------------------------------------
+    # bases
+
+    def put_base(self, name: str, sha: str, fingerprint_json: str) -> None:
+        """Remember a base's fingerprint under its sha (records point at it by base_sha)."""
+        conn = self._db()
+        if conn.execute("SELECT 1 FROM bases WHERE sha = ?", (sha,)).fetchone():
+            return
+        with self.write_lock(), self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)", (sha, name, fingerprint_json))
+
+    def base_fingerprints(self) -> dict[str, tuple[str, str]]:
+        """sha -> (base name, fingerprint JSON) of every base an adapter was registered against."""
+        conn = self._db(create=False)
+        if conn is None:
+            return {}
+        return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT sha, name, fingerprint FROM bases")}
+
+    # ------------------------------------------------------------------------------------------
+    # adapters
+
+    def add_adapter(
+        self,
+        draft: AdapterDraft,
+        adapter: Adapter,
+        *,
+        embedding: np.ndarray,
+        prototype: np.ndarray | None = None,
+        snapshots: Sequence[tuple[int, Adapter]] = (),
+        embedder: str | None = None,
+        fingerprint_json: str | None = None,
+    ) -> AdapterRecord:
+        """Store an adapter, its snapshots, its lineage edges (and its base's fingerprint) in one transaction."""
+        validate_name(draft.name)
+        emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        data = adapter.to_bytes()
+        snap_data = [(int(step), s.to_bytes()) for step, s in snapshots]
+        ranks = [adapter.rank(m) for m in adapter.modules]
+        with self.write_lock():
+            conn = self._db()
+            if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (draft.name,)).fetchone():
+                raise AlreadyExists(f"an adapter named {draft.name!r} already exists")
+            self._check_embedding(emb, embedder or self.default_embedder)
+            sha = self.put_blob(data)
+            snap_shas = [(step, self.put_blob(b)) for step, b in snap_data]
+            try:
+                with self.transaction() as c:
+                    if self.meta("embedder") is None:
+                        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('embedder', ?)", (embedder or self.default_embedder,))
+                        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dim', ?)", (str(emb.size),))
+                    cur = c.execute(
+                        "INSERT INTO adapters(name, base, base_sha, family, description, task, origin, spec, blob, "
+                        "n_params, modules, rank, metrics, extra, embedding, prototype, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            draft.name, draft.base, draft.base_sha, draft.family, draft.description, draft.task,
+                            draft.origin, adapter.spec_json(), sha, adapter.n_params, len(ranks), max(ranks),
+                            json.dumps(draft.metrics, sort_keys=True), json.dumps(draft.extra, sort_keys=True),
+                            _vec_bytes(emb), _vec_bytes(prototype), _now(),
+                        ),
+                    )
+                    aid = cur.lastrowid
+                    if fingerprint_json is not None:
+                        c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)",
+                                  (draft.base_sha, draft.base, fingerprint_json))
+                    c.executemany(
+                        "INSERT OR IGNORE INTO edges(adapter_id, target, kind) VALUES (?, ?, ?)",
+                        [(aid, e.target, e.kind) for e in draft.edges],
+                    )
+                    c.executemany(
+                        "INSERT INTO snapshots(adapter_id, step, blob) VALUES (?, ?, ?)",
+                        [(aid, step, s) for step, s in snap_shas],
+                    )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"an adapter named {draft.name!r} already exists") from None
+        return self.get_adapter(draft.name)
+
+    def _check_embedding(self, emb: np.ndarray, embedder: str) -> None:
+        have = self.meta("embedder")
+        if have is not None and have != embedder:
+            raise InvalidAdapter(f"this registry's signatures use embedder {have!r}, not {embedder!r}")
+        dim = self.meta("dim")
+        if dim is not None and int(dim) != emb.size:
+            raise InvalidAdapter(f"signature has {emb.size} dimensions; this registry's have {dim}")
+
+    def update_metrics(self, name: str, metrics: dict[str, Any]) -> AdapterRecord:
+        """Merge `metrics` into an adapter's stored metrics."""
+        rec = self.get_adapter(name)
+        merged = {**rec.metrics, **metrics}
+        with self.write_lock(), self.transaction() as c:
+            c.execute("UPDATE adapters SET metrics = ? WHERE id = ?", (json.dumps(merged, sort_keys=True), rec.id))
+        return self.get_adapter(name)
+
+    def _records(self, where: str = "", params: Sequence[Any] = ()) -> list[AdapterRecord]:
+        conn = self._db(create=False)
+        if conn is None:
+            return []
+        rows = conn.execute(f"SELECT {_ADAPTER_COLS} FROM adapters {where} ORDER BY id", params).fetchall()
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        edges: dict[int, list[Edge]] = {}
+        snaps: dict[int, list[Snapshot]] = {}
+        if len(ids) <= 500:
+            marks = ",".join("?" * len(ids))
+            e_rows = conn.execute(f"SELECT adapter_id, target, kind FROM edges WHERE adapter_id IN ({marks})", ids)
+            s_rows = conn.execute(f"SELECT adapter_id, step, blob FROM snapshots WHERE adapter_id IN ({marks}) ORDER BY step", ids)
+        else:
+            e_rows = conn.execute("SELECT adapter_id, target, kind FROM edges")
+            s_rows = conn.execute("SELECT adapter_id, step, blob FROM snapshots ORDER BY step")
+        for aid, target, kind in e_rows:
+            edges.setdefault(aid, []).append(Edge(target=target, kind=kind))
+        for aid, step, blob in s_rows:
+            snaps.setdefault(aid, []).append(Snapshot(step=step, blob=blob))
+        out = []
+        for r in rows:
+            out.append(
+                AdapterRecord(
+                    id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
+                    origin=r[7], spec=LoraSpec.model_validate_json(r[8]), blob=r[9], n_params=r[10], modules=r[11],
+                    rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
+                    edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
+                    snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
+                )
+            )
+        return out
+
+    def get_adapter(self, name: str) -> AdapterRecord:
+        recs = self._records("WHERE name = ?", (name,))
+        if not recs:
+            raise AdapterNotFound(f"no adapter named {name!r} in the registry at {self.home}")
+        return recs[0]
+
+    def has_adapter(self, name: str) -> bool:
+        conn = self._db(create=False)
+        return bool(conn and conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone())
+
+    def list_adapters(self, *, base: str | None = None) -> list[AdapterRecord]:
+        if base is not None:
+            return self._records("WHERE base = ?", (base,))
+        return self._records()
+
+    def count(self) -> int:
+        conn = self._db(create=False)
+        return 0 if conn is None else conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+    def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
+        """The record and its tensors (hash verified)."""
+        rec = self.get_adapter(name_or_record) if isinstance(name_or_record, str) else name_or_record
+        return rec, Adapter.from_bytes(rec.spec, self.read_blob(rec.blob), where=f"adapter {rec.name!r}")
+
+    def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
+        return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob), where=f"snapshot {snap.step} of {rec.name!r}")
+
+    def remove_adapter(self, name: str) -> AdapterRecord:
+        """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs."""
+        with self.write_lock():
+            rec = self.get_adapter(name)
+            with self.transaction() as c:
+                c.execute("DELETE FROM adapters WHERE id = ?", (rec.id,))
+            self.delete_unreferenced_blobs([rec.blob, *[s.blob for s in rec.snapshots]])
+        return rec
+
+    def signatures(self, names: Sequence[str] | None = None) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
+        """(ids, names, description embeddings (N, D), prototypes (N, D), NaN where none)."""
+        conn = self._db(create=False)
+        dim = int(self.meta("dim") or 0)
+        if conn is None or dim == 0:
+            return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
+        if names is None:
+            rows = conn.execute("SELECT id, name, embedding, prototype FROM adapters ORDER BY id").fetchall()
+        else:
+            rows = []
+            for n in names:
+                r = conn.execute("SELECT id, name, embedding, prototype FROM adapters WHERE name = ?", (n,)).fetchone()
+                if r is None:
+                    raise AdapterNotFound(f"no adapter named {n!r} in the registry at {self.home}")
+                rows.append(r)
+        ids = [r[0] for r in rows]
+        nm = [r[1] for r in rows]
+        emb = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+        proto = np.full((len(rows), dim), np.nan, dtype=np.float32)
+        for i, r in enumerate(rows):
+            if r[3] is not None:
+                proto[i] = np.frombuffer(r[3], dtype=np.float32)
+        return ids, nm, emb, proto
+
+    def embeddings_by_id(self, ids: Sequence[int]) -> np.ndarray:
+        conn = self._db(create=False)
+        dim = int(self.meta("dim") or 0)
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        for i, aid in enumerate(ids):
+            row = conn.execute("SELECT embedding FROM adapters WHERE id = ?", (int(aid),)).fetchone()
+            out[i] = np.frombuffer(row[0], dtype=np.float32)
+        return out
+
+    def names_by_id(self, ids: Sequence[int]) -> dict[int, str]:
+        conn = self._db(create=False)
+        if conn is None or not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        return {r[0]: r[1] for r in conn.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", [int(i) for i in ids])}
+
+    def adapter_ids(self) -> np.ndarray:
+        conn = self._db(create=False)
+        if conn is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.array([r[0] for r in conn.execute("SELECT id FROM adapters ORDER BY id")], dtype=np.int64)
+
+    def edges(self) -> list[tuple[str, str, str]]:
+        """(adapter name, target, kind) for every lineage edge."""
+        conn = self._db(create=False)
+        if conn is None:
+            return []
+        return [tuple(r) for r in conn.execute(
+            "SELECT a.name, e.target, e.kind FROM edges e JOIN adapters a ON a.id = e.adapter_id ORDER BY a.id, e.kind, e.target")]
+
+    # ------------------------------------------------------------------------------------------
+    # components (routers, generators)
+
+    def put_component(
+        self,
+        kind: str,
+        name: str,
+        *,
+        method: str,
+        base: str,
+        config: dict[str, Any],
+        tensors: dict[str, Any],
+        members: Sequence[str],
+        metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> ComponentRecord:
+        """Store a router or generator: its weights (a safetensors blob) and the adapters it covers."""
+        from safetensors.torch import save
+
+        validate_name(name, kind)
+        data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
+        with self.write_lock():
+            conn = self._db()
+            if conn.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone():
+                raise AlreadyExists(f"a {kind} named {name!r} already exists")
+            for m in members:
+                if not self.has_adapter(m):
+                    raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")
+            sha = self.put_blob(data)
+            with self.transaction() as c:
+                c.execute(
+                    "INSERT INTO components(kind, name, method, base, config, blob, members, metrics, extra, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, name, method, base, json.dumps(config, sort_keys=True), sha, json.dumps(list(members)),
+                     json.dumps(metrics or {}, sort_keys=True), json.dumps(extra or {}, sort_keys=True), _now()),
+                )
+        return self.get_component(kind, name)
+
+    def _components(self, where: str, params: Sequence[Any]) -> list[ComponentRecord]:
+        conn = self._db(create=False)
+        if conn is None:
+            return []
+        rows = conn.execute(
+            "SELECT id, kind, name, method, base, config, blob, members, metrics, extra, created_at "
+            f"FROM components {where} ORDER BY id", params).fetchall()
+        return [
+            ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]), blob=r[6],
+                            members=tuple(json.loads(r[7])), metrics=json.loads(r[8]), extra=json.loads(r[9]),
+                            created_at=r[10])
+            for r in rows
+        ]
+
+    def get_component(self, kind: str, name: str) -> ComponentRecord:
+        recs = self._components("WHERE kind = ? AND name = ?", (kind, name))
+        if not recs:
+            raise ComponentNotFound(f"no {kind} named {name!r} in the registry at {self.home}")
+        return recs[0]
+
+    def list_components(self, kind: str) -> list[ComponentRecord]:
+        return self._components("WHERE kind = ?", (kind,))
+
+    def load_component(self, kind: str, name: str) -> tuple[ComponentRecord, dict[str, Any]]:
+        """The record and its tensors (hash verified)."""
+        from safetensors.torch import load
+
+        rec = self.get_component(kind, name)
+        try:
+            tensors = load(self.read_blob(rec.blob))
+        except IntegrityError:
+            raise
+        except Exception as exc:
+            raise IntegrityError(f"{kind} {name!r}: its weights cannot be read ({exc})") from None
+        return rec, tensors
+
+    def remove_component(self, kind: str, name: str) -> ComponentRecord:
+        with self.write_lock():
+            rec = self.get_component(kind, name)
+            with self.transaction() as c:
+                c.execute("DELETE FROM components WHERE id = ?", (rec.id,))
+            self.delete_unreferenced_blobs([rec.blob])
+        return rec
+
+    def components_using(self, adapter: str) -> list[ComponentRecord]:
+        return [c for kind in ("router", "generator") for c in self.list_components(kind) if adapter in c.members]
