@@ -135,17 +135,23 @@ def make_trainer(cfg: TrainConfig, run_dir: Path, *, callbacks: Sequence[Any] = 
 
 
 class AdapterSnapshots(Callback):
-    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last."""
+    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last.
 
-    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0):
+    `extract_fn(model) -> Adapter` overrides how the adapter is read (a continual run reads one slot
+    of some modules' banks, see `continual.slots.extract_slot`)."""
+
+    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0, *, extract_fn=None):
         self.spec, self.expert = spec, expert
+        self.extract_fn = extract_fn
         self.at = sorted({max(1, round(steps * (i + 1) / (count + 1))) for i in range(count)} - {steps}) if count else []
         self.taken: list[tuple[int, Adapter]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step in self.at and not any(s == step for s, _ in self.taken):
-            self.taken.append((step, extract(pl_module.model, self.spec, self.expert)))
+            model = pl_module.model
+            adapter = self.extract_fn(model) if self.extract_fn else extract(model, self.spec, self.expert)
+            self.taken.append((step, adapter))
 
 
 @dataclass

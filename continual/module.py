@@ -3,11 +3,15 @@
 The loss is composed visibly in `training_step`, every term logged under its own name:
 
     loss = task loss                          (the head's loss, per task present in the batch)
+         + forget loss                        (a forgetting experience: GS-LoRA's bounded loss on the
+                                               rows to forget; the task loss is then the retention loss)
          + router auxiliary loss              (sum over routed layers of Routing.aux_loss, if any)
          + sum_i regularizer_i.penalty(self)  (O-LoRA orthogonality, GS-LoRA group sparsity, ...)
 
 Regularizers are plain objects with a `name` and `penalty(module) -> Tensor` (their experience hooks
 are called by the stream loop, not here); Lightning callbacks only log, show progress and checkpoint.
+A forgetting objective (`continual.forgetting.ForgetObjective`) says which rows of a batch are to be
+forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss.
 A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
 (replay), and each is scored against its own task's label set.
 
@@ -39,6 +43,7 @@ class ContinualModule(L.LightningModule):
         warmup: float = 0.1,
         total_steps: int = 100,
         regularizers: Sequence[Any] = (),
+        forgetting: Any = None,
     ):
         super().__init__()
         self.model = model
@@ -49,6 +54,7 @@ class ContinualModule(L.LightningModule):
         self.warmup = warmup
         self.total_steps = max(1, total_steps)
         self.regularizers = list(regularizers)
+        self.forgetting = forgetting
         self.last_val: dict[str, float] = {}
         self._val_counts: dict[str, list[int]] = {}
 
@@ -73,9 +79,18 @@ class ContinualModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         bs = len(batch)
-        task = self.task_loss(batch)
-        loss = task
-        self.log("loss/task", task, prog_bar=True, batch_size=bs)
+        to_forget = [self.forgetting is not None and self.forgetting.is_forget(r) for r in batch]
+        forget_rows = [r for r, f in zip(batch, to_forget) if f]
+        keep_rows = [r for r, f in zip(batch, to_forget) if not f]
+        loss = torch.zeros((), device=self.device)
+        if keep_rows:
+            task = self.task_loss(keep_rows)
+            loss = loss + task
+            self.log("loss/task", task, prog_bar=True, batch_size=len(keep_rows))
+        if forget_rows:
+            forget = self.forgetting.loss(self, forget_rows)
+            loss = loss + forget
+            self.log("loss/forget", forget, prog_bar=True, batch_size=len(forget_rows))
         aux = self.router_aux_loss()
         if aux is not None:
             loss = loss + aux

@@ -367,3 +367,189 @@ def parse_list(value: str | None) -> list[str]:
     if not value:
         return []
     return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
+
+
+# ---------------------------------------------------------------------------------------------
+# continual: streams of tasks (O-LoRA, replay, multitask) and forgetting requests (GS-LoRA)
+
+
+def run_stream(
+    spec: str | Path,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    on_unit: Any = None,
+    settings: Settings | None = None,
+):
+    """Run a stream spec (or resume DIR); returns a `continual.stream.StreamResult`.
+
+    `on_unit(event)` is called after each unit with {"unit", "label", "total", "matrix", "metrics"}.
+    """
+    from loraplex.continual.stream import run_stream as _run
+
+    return _run(spec, out=out, resume=resume, settings=_settings(settings), progress=progress, on_unit=on_unit)
+
+
+def stream_report(run_dir: str | Path) -> dict[str, Any]:
+    """A finished or partial stream run's matrix and metrics: {"run_dir", "matrix", "metrics"}."""
+    from loraplex.continual.report import load_report
+
+    p = Path(run_dir).expanduser()
+    if not p.is_dir():
+        raise UserInputError(f"{p}: no such run directory")
+    return load_report(p)
+
+
+def current_composition(reg, *, adapters: Sequence[str] = (), base: str | None = None):
+    """The adapters a one-off forgetting request acts on, as registry records.
+
+    `adapters` names them explicitly. Otherwise the composition is the one recorded by the most
+    recently registered adapter that carries one (`extra["composition"]`): the adapters active after
+    the last unit of the latest stream run, or after the latest `loraplex forget`, on `base` if given.
+    """
+    from loraplex.models import resolve_base
+
+    if adapters:
+        return [reg.get_adapter(n) for n in adapters]
+    want = resolve_base(base).name if base else None
+    recs = [r for r in reg.list_adapters() if r.extra.get("composition") and (want is None or r.base == want)]
+    if not recs:
+        where = f" on base {want!r}" if want else ""
+        raise UserInputError(f"no composition to forget from{where}: no stream has run in this registry; "
+                             "name the adapters with --adapters a,b")
+    latest = max(recs, key=lambda r: r.id)
+    missing = [n for n in latest.extra["composition"] if not reg.has_adapter(n)]
+    if missing:
+        raise UserInputError(f"the latest composition (of {latest.name!r}) lists adapters that were removed: "
+                             f"{', '.join(missing)}; name the adapters with --adapters a,b")
+    return [reg.get_adapter(n) for n in latest.extra["composition"]]
+
+
+def forget(
+    task: str,
+    *,
+    labels: Sequence[str] = (),
+    adapters: Sequence[str] = (),
+    base: str | None = None,
+    name: str | None = None,
+    steps: int = 100,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+    eval_limit: int | None = 300,
+    seed: int = 0,
+    progress: bool = True,
+    settings: Settings | None = None,
+    **gs_lora: Any,
+) -> dict[str, Any]:
+    """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter.
+
+    The composition is `adapters`, or the latest one recorded in the registry (see
+    `current_composition`); TASK must be one of the tasks its adapters were trained on. The forgetting
+    adapter is trained exactly as a stream's forgetting experience (continual.forgetting), retained data
+    being a class-balanced sample of the composition's other tasks, and is registered with origin
+    "forgetting", a `forgets` edge to the task and a `trained-from` edge to the composition's last
+    adapter; its record carries the new composition (the old one plus itself). `gs_lora` options
+    override the GS-LoRA configuration (sparsity_weight, bound, rank, ...). Returns a summary dict.
+    """
+    from loraplex.continual.evaluation import evaluate_tasks
+    from loraplex.continual.fit import rows_of
+    from loraplex.continual.forgetting import FORGETTERS, forget_request, retained_sample
+    from loraplex.continual.metrics import forget_request_summary
+    from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
+    from loraplex.continual.report import atomic_write
+    from loraplex.continual.slots import extract_slot
+    from loraplex.continual.spec import TrainerSettings
+    from loraplex.data import load_task
+    from loraplex.errors import TaskNotFound
+    from loraplex.heads import head_for
+    from loraplex.models import fingerprint, resolve_base
+    from loraplex.registry.record import validate_name
+    from pydantic import ValidationError
+
+    s = _settings(settings)
+    reg = open_registry(s)
+    recs = current_composition(reg, adapters=adapters, base=base)
+    refs: list[str] = []
+    for r in recs:
+        if r.origin == "forgetting":
+            continue
+        for ref in (r.extra.get("tasks") or ([r.task] if r.task else [])):
+            if ref not in refs:
+                refs.append(ref)
+    learned = [load_task(ref) for ref in refs]
+    target = next((t for t in learned if task in (t.name, t.ref)), None)
+    if target is None:
+        known = ", ".join(t.name for t in learned) or "none"
+        raise TaskNotFound(f"cannot forget {task!r}: the composition never learned it (its tasks: {known})")
+    labels = tuple(labels) or None
+    if labels:
+        bad = [lab for lab in labels if lab not in target.labels]
+        if bad:
+            raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: {', '.join(target.labels)})")
+        if set(labels) == set(target.labels):
+            labels = None
+    try:
+        forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
+        trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, snapshots=3)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = name or f"forget-{safe_part(target.name, 40)}-{stamp}"
+    validate_name(name)
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    ref = resolve_base(recs[0].base)
+    fp = fingerprint(ref, s)
+    forgetter.modules(fp)
+
+    lb, _ = load_adapted([r.name for r in recs], s, reg=reg)
+    head = head_for(lb)
+    tasks = {t.name: t for t in learned}
+    ev = dict(split="test", limit=eval_limit)
+    before = evaluate_tasks(head, lb.model, lb.tokenizer, learned, **ev)
+    objective = forgetter.objective(target, labels)
+    forget_rows = [r for r in rows_of(target, "train") if objective.is_forget(r)]
+    retained = retained_sample(learned, budget=forgetter.config.retain_budget, seed=seed,
+                               split_rows=lambda t: rows_of(t, "train"), exclude=objective.is_forget)
+    run_dir = s.home / "runs" / f"forget-{name}"
+    out = forget_request(model=lb.model, tokenizer=lb.tokenizer, head=head, fingerprint=lb.fingerprint,
+                         forgetter=forgetter, task=target, labels=labels, forget_rows=forget_rows, retained=retained,
+                         tasks=tasks, trainer=trainer, seed=seed, run_dir=run_dir / "train", device=s.resolved_device(),
+                         progress=progress, label=f"forget {target.name}")
+    after = evaluate_tasks(head, lb.model, lb.tokenizer, learned, **ev)
+    summary = forget_request_summary(before, after, target.name, labels,
+                                     [t.name for t in learned if t.name != target.name], len(target.labels))
+    gs = next(iter(out["regularizers"].values()), {})
+    summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
+    fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})
+    adapter = extract_slot(lb.model, fspec, out["slot"], modules=out["surviving_modules"])
+    what = target.name + (f" (labels {', '.join(labels)})" if labels else "")
+    composition = [r.name for r in recs] + [name]
+    record = {
+        "name": name, "base": ref.name, "family": ref.family, "origin": "forgetting", "task": target.ref,
+        "description": f"Forgetting adapter (GS-LoRA): erases {what} from the composition. The erased task: "
+                       f"{target.description}",
+        "edges": [{"target": f"task:{target.ref}", "kind": "forgets"},
+                  {"target": f"adapter:{recs[-1].name}", "kind": "trained-from"}],
+        "metrics": {"accuracy": summary["forgotten_after"], **{
+            k: summary[k] for k in ("forgotten_before", "forgotten_after", "retained_before", "retained_after",
+                                    "retained_drop", "chance", "groups_survived", "groups_total")},
+                    "steps": out["outcome"].steps, "train_seconds": out["outcome"].seconds},
+        "extra": {"run_id": name, "unit": 0, "run_dir": str(run_dir), "tasks": [target.ref],
+                  "labels": list(labels) if labels else None, "composition": composition},
+    }
+    state = run_dir / "adapter"
+    state.mkdir(parents=True, exist_ok=True)
+    write_unit_adapter(state, adapter, out["outcome"].snapshots, record)
+    atomic_write(run_dir / "summary.json", _json_dumps(summary))
+    rec = register_from_dir(reg, state, fingerprint=fp)
+    return {"name": rec.name, "task": target.name, "labels": list(labels) if labels else None,
+            "composition": composition, "run_dir": str(run_dir), **summary}
+
+
+def _json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))

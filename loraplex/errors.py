@@ -78,3 +78,9 @@ class RegistryBusy(LoraplexError):
 
 class MissingDependency(LoraplexError):
     """An optional package (an embedded model or dataset, faiss) is not installed."""
+
+
+class Interrupted(LoraplexError):
+    """A long command stopped by Ctrl-C; the message says how to continue. Exit code 130."""
+
+    exit_code = 130

@@ -93,8 +93,13 @@ class EncoderHead:
         texts = tuple(task.label_text(lab) for lab in task.labels)
         per_model = self._anchors.setdefault(model, {})
         if texts not in per_model:
-            with torch.no_grad(), adapters_disabled(model):
-                per_model[texts] = self.encode(model, tokenizer, texts)
+            was_training = model.training
+            model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
+            try:
+                with torch.no_grad(), adapters_disabled(model):
+                    per_model[texts] = self.encode(model, tokenizer, texts)
+            finally:
+                model.train(was_training)
         return per_model[texts]
 
     def scores(self, model, tokenizer, texts, task):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from loraplex.cli import adapters, catalog, registry
+from loraplex.cli import stream as stream_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
 
@@ -24,6 +25,8 @@ app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.tasks_app, name="tasks")
 app.command("train")(train_cmds.train)
 app.command("eval")(train_cmds.eval_)
+app.add_typer(stream_cmds.app, name="stream")
+app.command("forget")(stream_cmds.forget)
 
 
 def main() -> None:

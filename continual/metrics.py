@@ -1,0 +1,99 @@
+"""Continual-learning metrics: pure functions of the accuracy matrix.
+
+R[i, j] is the accuracy on task j after learning experience i (NaN where not measured); task j is
+first learned at row `learned_at[j]`; b[j] is the bare base's accuracy on task j. With T experiences
+that each learn one task (learned_at[j] = j) these are the textbook definitions:
+
+    average accuracy   AA  = 1/T * sum_j R[T-1, j]
+    backward transfer  BWT = 1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j])               (Lopez-Paz & Ranzato, GEM 2017)
+    forward transfer   FWT = 1/(T-1) * sum_{j>0} (R[j-1, j] - b[j])                      (ibid.)
+    forgetting         F   = 1/(T-1) * sum_{j<T-1} max_{l in [j, T-2]} (R[l, j] - R[T-1, j])   (Chaudhry et al., RWalk 2018)
+
+When a row learns several tasks at once (the multitask upper bound learns all of them in one row),
+the sums run over the tasks for which the quantity exists (a task learned in the last row has no
+backward transfer; a task learned in the first row has no forward transfer); a metric with no task
+to average over is None. Values are fractions (0..1); reports multiply by 100 for points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def average_accuracy(R: np.ndarray, learned_at: Sequence[int], row: int = -1) -> float | None:
+    """Mean accuracy after row `row` over the tasks learned by then."""
+    row = row % R.shape[0]
+    return _mean([R[row, j] for j, at in enumerate(learned_at) if at <= row])
+
+
+def backward_transfer(R: np.ndarray, learned_at: Sequence[int]) -> float | None:
+    last = R.shape[0] - 1
+    return _mean([R[last, j] - R[at, j] for j, at in enumerate(learned_at) if at < last])
+
+
+def forward_transfer(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float]) -> float | None:
+    return _mean([R[at - 1, j] - base[j] for j, at in enumerate(learned_at) if at > 0])
+
+
+def forgetting(R: np.ndarray, learned_at: Sequence[int]) -> float | None:
+    """Chaudhry's average forgetting: how far each earlier task fell from its best accuracy."""
+    last = R.shape[0] - 1
+    out = []
+    for j, at in enumerate(learned_at):
+        if at < last:
+            best = np.nanmax(R[at:last, j]) if not np.all(np.isnan(R[at:last, j])) else float("nan")
+            out.append(best - R[last, j])
+    return _mean(out)
+
+
+def summary(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float]) -> dict[str, float | None]:
+    """AA, BWT, FWT and forgetting of a matrix, as fractions."""
+    return {
+        "average_accuracy": average_accuracy(R, learned_at),
+        "backward_transfer": backward_transfer(R, learned_at),
+        "forward_transfer": forward_transfer(R, learned_at, base),
+        "forgetting": forgetting(R, learned_at),
+    }
+
+
+def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
+                           retained: Sequence[str], n_labels: int) -> dict[str, Any]:
+    """Accuracy on what a forgetting request erased and on what it kept, before and after it.
+
+    `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}});
+    the forgotten part is `task` (or only its `labels`), the retained part is every task in `retained`
+    plus, for a labels request, the task's other labels. Chance level is 1 / n_labels.
+    """
+    from loraplex.continual.evaluation import label_accuracy
+
+    def part(row: dict[str, Any], keep: bool) -> float | None:
+        return label_accuracy(row[task], labels, keep=keep) if task in row else None
+
+    f_before, f_after = part(before, False), part(after, False)
+    kept_before = {t: before[t]["accuracy"] for t in retained if t in before}
+    kept_after = {t: after[t]["accuracy"] for t in retained if t in after}
+    if labels is not None:
+        kb, ka = part(before, True), part(after, True)
+        if kb is not None and ka is not None:
+            kept_before[f"{task}[other labels]"], kept_after[f"{task}[other labels]"] = kb, ka
+    drops = {t: kept_before[t] - kept_after[t] for t in kept_before if t in kept_after}
+    return {
+        "task": task,
+        "labels": list(labels) if labels is not None else None,
+        "chance": 1.0 / n_labels,
+        "forgotten_before": f_before,
+        "forgotten_after": f_after,
+        "retained_before": _mean(list(kept_before.values())),
+        "retained_after": _mean(list(kept_after.values())),
+        "retained_drop": _mean(list(drops.values())),
+        "retained_max_drop": max(drops.values()) if drops else None,
+        "retained": {t: {"before": kept_before[t], "after": kept_after.get(t)} for t in kept_before},
+    }

@@ -1,0 +1,152 @@
+"""A run's accuracy matrix and metrics: built from the units done so far, written as JSON and a heatmap.
+
+    matrix.json   {"tasks": [...], "rows": [unit labels], "kinds": [...], "R": [[acc or null]], "base": {...}}
+    metrics.json  {"complete", "units_done", "units_total", "method", "replay", "average_accuracy",
+                   "backward_transfer", "forward_transfer", "forgetting", "forget_requests": [...],
+                   "units": [{unit, label, adapter, steps, seconds, step_time, losses, ...}]}
+    heatmap.png   the matrix as a heatmap (matplotlib, Agg backend, imported only here)
+
+The learning metrics (continual/metrics.py) are computed on the rows of learning units; a task fully
+forgotten before the last learning unit is left out of them (its drop is intended). Forgetting
+requests get their own summary (accuracy on what was erased and on what was kept, before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from loraplex.continual import metrics as M
+from loraplex.errors import UserInputError
+
+MATRIX_FILE, METRICS_FILE, HEATMAP_FILE = "matrix.json", "metrics.json", "heatmap.png"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so that a reader (or a crash) sees the old content or the new, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _acc(cell: dict[str, Any] | None) -> float:
+    v = None if cell is None else cell.get("accuracy")
+    return float("nan") if v is None else float(v)
+
+
+def build_matrix(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The accuracy matrix of the units done: one row per unit, one column per learned task."""
+    tasks = list(info["tasks"])
+    R = [[_acc(r["row"].get(t)) for t in tasks] for r in results]
+    return {
+        "tasks": tasks,
+        "rows": [r["label"] for r in results],
+        "kinds": [r["kind"] for r in results],
+        "R": [[None if math.isnan(v) else round(v, 4) for v in row] for row in R],
+        "base": {t: info["base"].get(t) for t in tasks},
+    }
+
+
+def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    tasks = list(info["tasks"])
+    learn = [r for r in results if r["kind"] == "learn"]
+    out: dict[str, Any] = {
+        "run_id": info["run_id"], "method": info["method"], "replay": info.get("replay"),
+        "units_done": len(results), "units_total": info["units_total"],
+        "complete": len(results) == info["units_total"],
+    }
+    if learn:
+        last_learn = max(r["unit"] for r in learn)
+        dropped = {r["tasks"][0] for r in results
+                   if r["kind"] == "forget" and r.get("labels") is None and r["unit"] < last_learn}
+        cols = [t for t in tasks if t not in dropped and any(t in r["tasks"] for r in learn)]
+        R = np.array([[_acc(r["row"].get(t)) for t in cols] for r in learn], dtype=float)
+        learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
+        base = [float(info["base"].get(t) or float("nan")) for t in cols]
+        out.update(M.summary(R, learned_at, base))
+        out["final_accuracy"] = {t: (None if math.isnan(R[-1, j]) else round(float(R[-1, j]), 4))
+                                 for j, t in enumerate(cols)}
+    out["forget_requests"] = [r["forget"] for r in results if r["kind"] == "forget" and r.get("forget")]
+    out["units"] = [{k: r.get(k) for k in ("unit", "label", "kind", "adapter", "steps", "seconds", "step_time",
+                                            "losses", "regularizers")} for r in results]
+    times = [r["step_time"] for r in learn if r.get("step_time")]
+    out["median_step_time"] = float(np.median(times)) if times else None
+    return out
+
+
+def write_report(run_dir: Path, info: dict[str, Any], results: Sequence[dict[str, Any]], *, heatmap: bool = True) -> dict:
+    matrix = build_matrix(info, results)
+    metrics = build_metrics(info, results)
+    atomic_write(Path(run_dir) / MATRIX_FILE, json.dumps(matrix, indent=1))
+    atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=1, default=_json_default))
+    if heatmap and results:
+        atomic_write(Path(run_dir) / HEATMAP_FILE, heatmap_png(matrix))
+    return {"matrix": matrix, "metrics": metrics}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def heatmap_png(matrix: dict[str, Any]) -> bytes:
+    """The matrix as a PNG heatmap (values in points, blank where not measured)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = np.array([[np.nan if v is None else v for v in row] for row in matrix["R"]], dtype=float) * 100
+    tasks, rows = matrix["tasks"], matrix["rows"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(tasks), 1.0 + 0.55 * len(rows)), dpi=110)
+    im = ax.imshow(np.ma.masked_invalid(R), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [f"{i}: {r}" for i, r in enumerate(rows)])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after unit")
+    for i in range(R.shape[0]):
+        for j in range(R.shape[1]):
+            if not np.isnan(R[i, j]):
+                ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if R[i, j] < 55 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    """A finished or partial run's matrix and metrics, rebuilt from its saved unit states."""
+    from loraplex.continual.stream import RunDir
+
+    rd = RunDir(Path(run_dir))
+    if not rd.is_run():
+        raise UserInputError(f"{run_dir}: not a stream run directory (no spec.json)")
+    info = rd.info()
+    if info is None:
+        return {"run_dir": str(rd.path), "matrix": None, "metrics": {"units_done": 0, "complete": False}}
+    results = [rd.result(i) for i in range(rd.completed())]
+    return {"run_dir": str(rd.path), **{k: v for k, v in zip(("matrix", "metrics"),
+                                                                (build_matrix(info, results), build_metrics(info, results)))}}

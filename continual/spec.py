@@ -1,0 +1,353 @@
+"""The stream spec: a YAML file that says what a continual run learns and forgets, and how.
+
+    name: six-tasks                 # names the run (adapter names derive from it)
+    base: minilm                    # an embedded base or a local model directory
+    seed: 0
+    lora: {rank: 8, alpha: 16}      # the adapter every learning experience trains
+    trainer: {steps: 150, lr: 2.0e-3, batch_size: 16, precision: 32-true, devices: 1, strategy: auto}
+    method: o-lora                  # or {name: o-lora, orth_weight: 0.5}: a name in continual.methods.METHODS
+    replay: {budget: 600, policy: class-balanced, mix: 0.25}   # optional, combinable with any method
+    forgetting: {name: gs-lora, sparsity_weight: 0.01}          # how forget experiences run (defaults shown by `loraplex stream run --help`)
+    experiences:
+      - learn: airline                        # an embedded task
+      - learn: tasks/tickets.jsonl            # a task file (relative to this spec), with its description
+        description: Route support tickets to the right team.
+      - forget: airline                       # erase a task learned earlier
+      - forget: bbc
+        labels: [sport]                       # or only some of its labels
+
+Everything is validated before anything runs: unknown keys are rejected with the key named, method
+and forgetting configs are checked against their catalog entries, every task file must load, a
+forget request must name a task learned earlier in the stream (and labels of its label set). A spec
+that fails validation raises `InvalidSpec` / `TaskNotFound` / `UnknownComponent` with one line.
+
+`canonical()` is the spec with paths resolved and defaults filled in: a run directory stores it, and a
+resume is refused when the given spec's canonical form differs from the stored one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraplex.errors import InvalidSpec, TaskNotFound
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoraSettings(_Frozen):
+    """The LoRA every learning experience trains."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    """Rank of each experience's adapter."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha (default: 2 x rank)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input while training."""
+    targets: tuple[str, ...] = ()
+    """Module name suffixes to adapt (default: the base's attention projections)."""
+
+    def lora_spec(self):
+        from loraplex.experts.spec import LoraSpec
+
+        return LoraSpec(r=self.rank, alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
+                        dropout=self.dropout, target_modules=self.targets)
+
+
+class TrainerSettings(_Frozen):
+    """How each experience trains (Lightning settings pass through to the Trainer)."""
+
+    steps: int | None = Field(None, ge=1)
+    """Optimiser steps per experience (default 100 when epochs is not given)."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over each experience's new data instead of a step count."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (linear warm-up, cosine decay to 10%)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per step (replayed ones included)."""
+    warmup: float = Field(0.1, ge=0, lt=1)
+    """Share of each experience's steps spent warming up."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use only the first N training examples of each task."""
+    eval_limit: int | None = Field(300, ge=1)
+    """Evaluate the accuracy matrix on the first N test examples of each task (None: all)."""
+    eval_split: Literal["test", "validation"] = "test"
+    """Split the accuracy matrix is measured on."""
+    snapshots: int = Field(3, ge=0)
+    """Intermediate adapter states kept per experience (the generators learn from them)."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: int | str = 1
+    """Lightning devices (a number or 'auto')."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, ..."""
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainerSettings":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give trainer.steps or trainer.epochs, not both")
+        return self
+
+    def steps_for(self, n_rows: int, batch_rows: int | None = None) -> int:
+        """Steps of an experience whose new data has `n_rows` rows, `batch_rows` of them per step."""
+        if self.epochs is None:
+            return self.steps or 100
+        per = max(1, batch_rows or self.batch_size)
+        return max(1, math.ceil(self.epochs * n_rows / per))
+
+
+class ComponentRef(_Frozen):
+    """A catalog name and its configuration (`{name: o-lora, orth_weight: 0.5}` or just `o-lora`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def dump(self) -> dict[str, Any]:
+        return {"name": self.name, **self.config}
+
+
+class ReplaySettings(_Frozen):
+    """A budgeted replay buffer mixed into later experiences' batches (see continual.replay)."""
+
+    budget: int | None = Field(None, ge=1)
+    """Examples kept in all (give budget or share)."""
+    share: float | None = Field(None, gt=0, le=1)
+    """Share of each task's training examples kept (give budget or share)."""
+    policy: Literal["reservoir", "class-balanced"] = "reservoir"
+    """reservoir: a uniform sample of everything seen; class-balanced: equal quotas per (task, label)."""
+    mix: float = Field(0.25, gt=0, lt=1)
+    """Share of each batch drawn from the buffer once it holds examples."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "ReplaySettings":
+        if (self.budget is None) == (self.share is None):
+            raise ValueError("give replay.budget (examples) or replay.share (of each task), exactly one")
+        return self
+
+
+class Experience(_Frozen):
+    """One step of the stream: learn a task, or forget one (or some of its labels)."""
+
+    learn: str | None = None
+    """An embedded task name or a .jsonl/.csv task file (relative to the spec)."""
+    description: str | None = None
+    """The task's description (for a task file without a sidecar .task.json)."""
+    forget: str | None = None
+    """The name of a task learned earlier in the stream."""
+    labels: tuple[str, ...] | None = None
+    """Forget only these labels of the task (default: the whole task)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Experience":
+        if (self.learn is None) == (self.forget is None):
+            raise ValueError("an experience has exactly one of 'learn' or 'forget'")
+        if self.learn is not None and self.labels is not None:
+            raise ValueError("'labels' belongs to a forget experience")
+        if self.forget is not None and self.description is not None:
+            raise ValueError("'description' belongs to a learn experience")
+        if self.labels is not None and not self.labels:
+            raise ValueError("'labels' must name at least one label")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "learn" if self.learn is not None else "forget"
+
+
+class StreamSpec(_Frozen):
+    """A continual-learning stream: the base, the trainer, the method and the ordered experiences."""
+
+    name: str = "stream"
+    """Run name; adapters are registered as <name>-<stamp>-<i>-<task>."""
+    base: str = "minilm"
+    """Base model: minilm, smollm2, or a local model directory."""
+    seed: int = 0
+    """Seed of initialisation, batch order, replay sampling and dropout."""
+    lora: LoraSettings = LoraSettings()
+    """The adapter each learning experience trains."""
+    trainer: TrainerSettings = TrainerSettings()
+    """Training settings for every experience."""
+    method: ComponentRef
+    """How tasks are added: seq-lora, o-lora, multitask (a name in continual.methods.METHODS)."""
+    replay: ReplaySettings | None = None
+    """Optional replay buffer (works with every method)."""
+    forgetting: ComponentRef = ComponentRef(name="gs-lora")
+    """How forget experiences run (a name in continual.forgetting.FORGETTERS)."""
+    experiences: tuple[Experience, ...] = Field(min_length=1)
+    """The stream, in order."""
+
+    @field_validator("method", "forgetting", mode="before")
+    @classmethod
+    def _name_only(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from loraplex.registry.record import NAME_RE
+
+        if not NAME_RE.fullmatch(v) or ".." in v or len(v) > 40:
+            raise ValueError("must be 1-40 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    # ---- derived ------------------------------------------------------------------------------
+    def canonical(self) -> dict[str, Any]:
+        """The spec as plain JSON with defaults filled in (what a run directory stores)."""
+        out = self.model_dump(mode="json", exclude={"method", "forgetting"})
+        out["method"] = self.method.dump()
+        out["forgetting"] = self.forgetting.dump()
+        return json.loads(json.dumps(out, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def format_error(exc: ValidationError) -> str:
+    """The first validation error as one line, naming the key (`experiences[2]: unknown key 'lern'`)."""
+    err = exc.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden" and loc:
+        where = _where(loc[:-1])
+        return f"unknown key {loc[-1]!r}" + (f" in {where}" if where else "")
+    where = _where(loc) or "spec"
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if err.get("type") == "missing":
+        return f"{where}: required key missing"
+    return f"{where}: {msg}"
+
+
+def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = None) -> StreamSpec:
+    """Validate a mapping into a StreamSpec and resolve its tasks and components (see `validate`)."""
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"{where}: expected a mapping of keys (name, base, trainer, method, experiences, ...)")
+    try:
+        spec = StreamSpec(**data)
+    except ValidationError as exc:
+        raise InvalidSpec(f"{where}: {format_error(exc)}") from None
+    except TypeError as exc:
+        raise InvalidSpec(f"{where}: {exc}") from None
+    return validate(spec, where=where, root=root)
+
+
+def load_spec(path: str | Path) -> StreamSpec:
+    """Read and validate a YAML stream spec; task files are resolved relative to its directory."""
+    import yaml
+
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise InvalidSpec(f"{p}: no such stream spec")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise InvalidSpec(f"{p}: not valid YAML{at}") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec(f"{p}: not UTF-8 text") from None
+    return parse_spec(data, where=str(p), root=p.parent)
+
+
+def _resolve_ref(ref: str, root: Path | None) -> str:
+    """An embedded task name stays; a path becomes absolute (relative to the spec's directory)."""
+    from loraplex.data import EMBEDDED_TASKS
+
+    if ref in EMBEDDED_TASKS:
+        return ref
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and root is not None:
+        p = root / p
+    return str(p.absolute())
+
+
+def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None = None) -> StreamSpec:
+    """Check names against catalogs, load every task, check forget requests; return the resolved spec."""
+    from loraplex.continual.forgetting import FORGETTERS
+    from loraplex.continual.methods import METHODS
+    from loraplex.data import load_task
+
+    for ref, cat in ((spec.method, METHODS), (spec.forgetting, FORGETTERS)):
+        entry = cat.get(ref.name)  # UnknownComponent names the known ones
+        try:
+            entry.make_config(ref.config)
+        except InvalidSpec as exc:
+            raise InvalidSpec(f"{where}: {exc}") from None
+
+    learned: dict[str, Any] = {}  # task name -> Task
+    forgotten: dict[str, set[str] | None] = {}
+    resolved: list[Experience] = []
+    for i, exp in enumerate(spec.experiences):
+        if exp.learn is not None:
+            ref = _resolve_ref(exp.learn, root)
+            try:
+                task = load_task(ref, description=exp.description)
+            except TaskNotFound as exc:
+                raise TaskNotFound(f"{where}: experiences[{i}]: {exc}") from None
+            if task.name in learned:
+                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is learned twice")
+            learned[task.name] = task
+            resolved.append(exp.model_copy(update={"learn": ref}))
+            continue
+        name = exp.forget
+        task = learned.get(name) or next((t for t in learned.values() if t.ref == _resolve_ref(name, root)), None)
+        if task is None:
+            known = ", ".join(learned) or "none yet"
+            raise InvalidSpec(f"{where}: experiences[{i}]: cannot forget {name!r}: the stream has not learned it "
+                              f"(learned so far: {known})")
+        if exp.labels is not None:
+            bad = [lab for lab in exp.labels if lab not in task.labels]
+            if bad:
+                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} has no label {bad[0]!r} "
+                                  f"(labels: {', '.join(task.labels)})")
+            if set(exp.labels) == set(task.labels):
+                raise InvalidSpec(f"{where}: experiences[{i}]: naming every label of {task.name!r} forgets the "
+                                  "whole task; drop 'labels'")
+        if task.name in forgotten and forgotten[task.name] is None:
+            raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is already forgotten")
+        forgotten[task.name] = None if exp.labels is None else set(exp.labels) | (forgotten.get(task.name) or set())
+        resolved.append(exp.model_copy(update={"forget": task.name}))
+    if not learned:
+        raise InvalidSpec(f"{where}: the stream learns no task")
+    return spec.model_copy(update={"experiences": tuple(resolved)})
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first key path where two canonical specs differ (for the resume error), else None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                return sub
+            d = first_difference(a[k], b[k], sub)
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path} (length {len(b)} != {len(a)})"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else path or "spec"

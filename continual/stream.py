@@ -1,0 +1,478 @@
+"""The stream loop: run a stream spec unit by unit, persist after each, resume exactly after a crash.
+
+    run_stream(spec_path, out=DIR)      -> learn / forget each unit of the spec in order
+    run_stream(spec_path, resume=DIR)   -> continue from the last completed unit of DIR
+
+For each unit (continual/methods.py groups experiences into units; one row of the accuracy matrix):
+  1. the method picks the slot to train (a fresh one per task for O-LoRA, the same one for seq-lora),
+     or a forgetting request adds a GS-LoRA slot on the feed-forward projections;
+  2. batches are built from the unit's new rows and the replay buffer (continual/replay.py) with a
+     generator seeded by (seed, unit); Lightning trains the slot (continual/experience.py);
+  3. the unit's tasks are offered to the replay buffer (a forgotten task's rows are removed);
+  4. the model (all adapters summed) is evaluated on every task learned so far and on the next
+     unit's tasks (for forward transfer): one row of R;
+  5. the run state is committed: `state/unit-XXX/` is written under a temporary name and renamed
+     (atomic) with the banks' tensors, the replay buffer's rows and generator state, the regularizers'
+     state, the composition, the evaluation row, and the adapter with its snapshots and record;
+  6. the adapter is registered (idempotently, continual/registration.py) with metrics, lineage
+     (`trained-from` the previous unit's adapter; `forgets` for a forgetting adapter) and snapshots;
+  7. matrix.json, metrics.json and heatmap.png are rewritten.
+
+Everything random in a unit derives from (spec.seed, unit index) or from state saved in step 5, so a
+run killed at any point and resumed from its last committed unit ends with the same matrix and the
+same adapters as a run never stopped. A resume is refused when the given spec differs from the one
+the run directory was made with. All validation (spec, tasks, base, targets) happens before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
+from loraplex.settings import Settings
+
+STATE_FILE = "state.json"
+BANKS_FILE = "banks.safetensors"
+
+
+class RunDir:
+    """The files of one run directory (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser().absolute()
+        self.state = self.path / "state"
+
+    def is_run(self) -> bool:
+        return (self.path / "spec.json").is_file()
+
+    def spec(self) -> dict[str, Any]:
+        return json.loads((self.path / "spec.json").read_text())
+
+    def info(self) -> dict[str, Any] | None:
+        p = self.path / "run.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def unit_dir(self, i: int) -> Path:
+        return self.state / f"unit-{i:03d}"
+
+    def completed(self) -> int:
+        n = 0
+        while (self.unit_dir(n) / STATE_FILE).is_file():
+            n += 1
+        return n
+
+    def unit_state(self, i: int) -> dict[str, Any]:
+        return json.loads((self.unit_dir(i) / STATE_FILE).read_text())
+
+    def result(self, i: int) -> dict[str, Any]:
+        return self.unit_state(i)["result"]
+
+    def begin(self, i: int) -> Path:
+        tmp = self.state / f".unit-{i:03d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, i: int, tmp: Path) -> Path:
+        """Make a unit's state visible in one rename (after syncing its files)."""
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        final = self.unit_dir(i)
+        os.rename(tmp, final)
+        fd = os.open(self.state, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final
+
+    def clean(self) -> None:
+        for p in self.state.glob(".unit-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass
+class StreamResult:
+    run_dir: Path
+    run_id: str
+    matrix: dict[str, Any]
+    metrics: dict[str, Any]
+    adapters: list[str] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _unit_seed(seed: int, unit: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * (unit + 1)) % (2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stream(
+    spec_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    settings: Settings | None = None,
+    progress: bool = True,
+    on_unit: Callable[[dict[str, Any]], None] | None = None,
+) -> StreamResult:
+    """Run (or resume) a stream; see the module docstring. `on_unit(event)` is called after each unit."""
+    from loraplex.continual.forgetting import FORGETTERS
+    from loraplex.continual.methods import METHODS
+    from loraplex.continual.spec import first_difference, load_spec
+    from loraplex.data import load_task
+    from loraplex.models import fingerprint, resolve_base
+
+    s = settings or Settings.load()
+    spec = load_spec(spec_path)
+    canonical = spec.canonical()
+    if resume is not None:
+        rd = RunDir(Path(resume))
+        if out is not None and Path(out).expanduser().absolute() != rd.path:
+            raise UserInputError("give --resume DIR alone (the run continues in DIR), not with a different --out")
+        if not rd.path.is_dir():
+            raise UserInputError(f"{rd.path}: no such run directory to resume")
+        if not rd.is_run():
+            raise UserInputError(f"{rd.path}: not a stream run directory (no spec.json)")
+        diff = first_difference(rd.spec(), canonical)
+        if diff is not None:
+            raise InvalidSpec(f"{rd.path} was made by a different stream spec (they differ at {diff}); "
+                              "resume it with its own spec")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        rd = RunDir(Path(out) if out is not None else s.home / "runs" / f"stream-{spec.name}-{stamp}")
+        if rd.path.exists() and any(rd.path.iterdir()):
+            hint = " (resume it with --resume)" if rd.is_run() else ""
+            raise AlreadyExists(f"{rd.path} is not empty{hint}")
+
+    method = METHODS.build(spec.method.name, spec.method.config)
+    forgetter = FORGETTERS.build(spec.forgetting.name, spec.forgetting.config)
+    tasks: dict[str, Any] = {}
+    names: list[str] = []
+    for exp in spec.experiences:
+        if exp.learn is not None:
+            t = load_task(exp.learn, description=exp.description)
+            tasks[t.name] = t
+            names.append(t.name)
+        else:
+            names.append(exp.forget)
+    units = method.plan(spec.experiences, names)
+    ref = resolve_base(spec.base)
+    fp = fingerprint(ref, s)
+    learn_spec = spec.lora.lora_spec()
+    learn_modules = learn_spec.resolve_targets(fp.linear_names(), fp.model_type)
+    if any(u.kind == "forget" for u in units):
+        forgetter.modules(fp)  # IncompatibleAdapter now rather than mid-run
+    info = rd.info() if resume is not None else None
+    if info is not None and info.get("base_sha") != fp.sha:
+        raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
+    run = _StreamRun(spec, s, rd, method, forgetter, tasks, units, ref, fp, learn_spec, learn_modules,
+                     progress=progress, on_unit=on_unit)
+    return run.execute(info, fresh=resume is None)
+
+
+class _StreamRun:
+    """The state of a run in progress (model, slots, replay, regularizers) and the unit steps."""
+
+    def __init__(self, spec, settings, rd, method, forgetter, tasks, units, ref, fp, learn_spec, learn_modules,
+                 *, progress, on_unit):
+        self.spec, self.settings, self.rd = spec, settings, rd
+        self.method, self.forgetter = method, forgetter
+        self.tasks, self.units, self.ref, self.fp = tasks, units, ref, fp
+        self.learn_spec, self.learn_modules = learn_spec, learn_modules
+        self.progress, self.on_unit = progress, on_unit
+        self.regs = {r.name: r for r in method.regularizers()}
+        self.forget_regs: dict[str, Any] = {}
+        self.replay = None
+        self.learn_slots: list[dict[str, int]] = []
+        self.composition: list[dict[str, Any]] = []
+        self.forgotten: dict[str, list[str] | None] = {}
+        self.results: list[dict[str, Any]] = []
+
+    # ---- start / resume -----------------------------------------------------------------------
+    def execute(self, info: dict[str, Any] | None, *, fresh: bool) -> StreamResult:
+        from loraplex.api import open_registry
+        from loraplex.continual.replay import ReplayBuffer
+        from loraplex.continual.report import atomic_write, write_report
+        from loraplex.heads import head_for
+        from loraplex.models import load_base
+
+        rd, spec = self.rd, self.spec
+        self.reg = open_registry(self.settings)
+        if fresh:
+            run_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            while any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters()):
+                run_id += "x"
+            rd.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(rd.path / "spec.json", json.dumps(spec.canonical(), indent=1, sort_keys=True))
+            atomic_write(rd.path / "run_id", run_id)
+        run_id = (rd.path / "run_id").read_text().strip()
+        rd.state.mkdir(exist_ok=True)
+        rd.clean()
+        self.lb = load_base(self.ref, self.settings)
+        self.head = head_for(self.lb)
+        self.device = self.settings.resolved_device()
+        if info is None:
+            base = self._evaluate(list(self.tasks), bare=True)
+            info = {
+                "run_id": run_id, "method": spec.method.dump(),
+                "replay": spec.replay.model_dump(mode="json") if spec.replay else None,
+                "tasks": [t for u in self.units if u.kind == "learn" for t in u.tasks],
+                "task_refs": {n: t.ref for n, t in self.tasks.items()},
+                "units_total": len(self.units), "units": [u.label for u in self.units],
+                "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
+            }
+            atomic_write(rd.path / "run.json", json.dumps(info, indent=1))
+        self.info = info
+        if spec.replay is not None:
+            self.replay = ReplayBuffer.from_settings(spec.replay, seed=spec.seed)
+        done = rd.completed()
+        if done:
+            self._restore(done - 1)
+        self.results = [rd.result(i) for i in range(done)]
+        for i in range(done):  # a run killed between commit and registration registers now
+            self._register(i)
+        report = write_report(rd.path, info, self.results) if done else None
+        for unit in self.units[done:]:
+            try:
+                result = self._learn(unit) if unit.kind == "learn" else self._forget(unit)
+                self.results.append(result)
+                self._register(unit.index)
+                report = write_report(rd.path, info, self.results)
+            except (Interrupted, KeyboardInterrupt):
+                saved = rd.completed()
+                raise Interrupted(f"interrupted during unit {unit.index} ({unit.label}); {saved} of "
+                                  f"{len(self.units)} units are saved in {rd.path}; continue with "
+                                  f"`loraplex stream run SPEC --resume {rd.path}`") from None
+            if self.on_unit is not None:
+                self.on_unit({"unit": unit.index, "label": unit.label, "total": len(self.units), **report})
+        report = report or write_report(rd.path, info, self.results)
+        return StreamResult(rd.path, run_id, report["matrix"], report["metrics"],
+                            [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)
+
+    def _restore(self, last: int) -> None:
+        from safetensors.torch import load_file
+
+        from loraplex.continual.slots import restore_banks
+
+        st = self.rd.unit_state(last)
+        restore_banks(self.lb.model, load_file(str(self.rd.unit_dir(last) / BANKS_FILE)), st["layout"])
+        self.learn_slots = [dict(x) for x in st["learn_slots"]]
+        self.composition = st["composition"]
+        self.forgotten = st["forgotten"]
+        if self.replay is not None and st.get("replay"):
+            self.replay.load_state_dict(st["replay"])
+        for name, state in st.get("regularizers", {}).items():
+            if name in self.regs:
+                self.regs[name].load_state_dict(state)
+
+    # ---- units --------------------------------------------------------------------------------
+    def _learn(self, unit) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        from loraplex.continual.experience import train_unit
+        from loraplex.continual.fit import rows_of
+        from loraplex.continual.regularizers import ExperienceContext
+        from loraplex.continual.replay import mixed_batches
+        from loraplex.continual.slots import add_slot, extract_slot, train_only
+
+        spec, tr = self.spec, self.spec.trainer
+        seed = _unit_seed(spec.seed, unit.index)
+        if self.method.new_slot or not self.learn_slots:
+            slot = add_slot(self.lb.model, self.learn_spec, self.learn_modules, generator=torch.Generator().manual_seed(seed))
+            new_slot = True
+        else:
+            slot, new_slot = self.learn_slots[-1], False
+        train_only(self.lb.model, slot)
+        new = {t: rows_of(self.tasks[t], "train", tr.train_limit) for t in unit.tasks}
+        old = self.replay.contents() if self.replay is not None else []
+        mix = spec.replay.mix if spec.replay is not None else 0.0
+        k_old = min(len(old), max(1, round(mix * tr.batch_size))) if old and mix else 0
+        steps = self.method.steps(tr, unit, sum(len(v) for v in new.values()), tr.batch_size - k_old)
+        batches = mixed_batches(new, old, steps=steps, batch_size=tr.batch_size, mix=mix,
+                                rng=np.random.default_rng([spec.seed, unit.index]))
+        previous = [p for p in self.learn_slots if p != slot]
+        ctx = ExperienceContext(unit.index, "learn", self.lb.model, slot, previous, list(unit.tasks))
+        regs = list(self.regs.values())
+        for r in regs:
+            r.on_experience_start(ctx)
+        outcome = train_unit(
+            model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, tasks=self.tasks, batches=batches,
+            lr=tr.lr, trainer=tr, run_dir=self.rd.path / "units" / f"{unit.index:03d}-learn", seed=seed,
+            device=self.device, regularizers=regs, progress=self.progress, label=self._bar(unit),
+            snapshot_fn=lambda m: extract_slot(m, self.learn_spec, slot), snapshot_spec=self.learn_spec)
+        diag = {r.name: r.on_experience_end(ctx) for r in regs}
+        self.method.after_unit(self, unit)
+        if self.replay is not None:
+            for t in unit.tasks:
+                self.replay.add_task(t, new[t])
+        if new_slot:
+            self.learn_slots.append(slot)
+        name = self._adapter_name(unit, "-".join(unit.tasks) if len(unit.tasks) <= 2 else "multitask")
+        prev = self.composition[-1]["name"] if self.composition else None
+        self.composition = [c for c in self.composition if c["slot"] != slot] + [{"name": name, "kind": "learn", "slot": slot}]
+        self.method.configure_eval(self.lb.model)
+        row = self._evaluate(self._eval_tasks(unit))
+        adapter = extract_slot(self.lb.model, self.learn_spec, slot)
+        own = [row[t]["accuracy"] for t in unit.tasks if row[t]["accuracy"] is not None]
+        result = self._result(unit, row, outcome, diag, name)
+        ts = [self.tasks[t] for t in unit.tasks]
+        record = {
+            "name": name, "base": self.ref.name, "family": self.ref.family, "origin": "continual",
+            "description": ts[0].description if len(ts) == 1 else "Multitask adapter for: " + " | ".join(t.description for t in ts),
+            "task": ts[0].ref if len(ts) == 1 else None,
+            "edges": [{"target": f"task:{t.ref}", "kind": "trained-on"} for t in ts]
+                     + ([{"target": f"adapter:{prev}", "kind": "trained-from"}] if prev else []),
+            "metrics": {"accuracy": round(sum(own) / len(own), 4) if own else None, "unit": unit.index,
+                        "row": {t: c["accuracy"] for t, c in row.items()}, "steps": outcome.steps,
+                        "train_seconds": outcome.seconds, "step_time": outcome.step_time, "method": self.method.name,
+                        "replay": self.replay is not None, "losses": outcome.losses, **_flat(diag)},
+            "extra": self._extra(unit, [t.ref for t in ts]),
+        }
+        self._commit(unit, result, adapter, outcome.snapshots, record)
+        return result
+
+    def _forget(self, unit) -> dict[str, Any]:
+        from loraplex.continual.fit import rows_of
+        from loraplex.continual.forgetting import forget_request, retained_sample
+        from loraplex.continual.metrics import forget_request_summary
+
+        spec, tr = self.spec, self.spec.trainer
+        seed = _unit_seed(spec.seed, unit.index)
+        task, labels = self.tasks[unit.tasks[0]], unit.labels
+        objective = self.forgetter.objective(task, labels)
+        forget_rows = [r for r in rows_of(task, "train", tr.train_limit) if objective.is_forget(r)]
+
+        def gone(r) -> bool:  # forgotten now or by an earlier request
+            if objective.is_forget(r):
+                return True
+            f = self.forgotten.get(r[2], "absent")
+            return f is None or (f != "absent" and self.tasks[r[2]].labels[r[1]] in f)
+
+        learned = [t for t in self.info["tasks"] if any(t in u.tasks for u in self.units[: unit.index] if u.kind == "learn")]
+        if self.replay is not None:
+            retained = [r for r in self.replay.contents() if not gone(r)]
+        else:
+            retained = retained_sample([self.tasks[t] for t in learned], budget=self.forgetter.config.retain_budget,
+                                       seed=seed, split_rows=lambda t: rows_of(t, "train", tr.train_limit), exclude=gone)
+        out = forget_request(model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, fingerprint=self.fp,
+                             forgetter=self.forgetter, task=task, labels=labels, forget_rows=forget_rows,
+                             retained=retained, tasks=self.tasks, trainer=tr, seed=seed,
+                             run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget", device=self.device,
+                             index=unit.index, progress=self.progress, label=self._bar(unit))
+        if self.replay is not None:
+            self.replay.remove(task.name, None if labels is None else sorted(objective.label_idx))
+        self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))
+        name = self._adapter_name(unit, f"forget-{task.name}")
+        prev = self.composition[-1]["name"] if self.composition else None
+        self.composition = self.composition + [{"name": name, "kind": "forget", "slot": out["slot"]}]
+        self.method.configure_eval(self.lb.model)
+        row = self._evaluate(self._eval_tasks(unit))
+        before = self.results[-1]["row"]
+        retained_tasks = [t for t in learned if t != task.name and self.forgotten.get(t, "absent") is not None]
+        summary = forget_request_summary(before, row, task.name, labels, retained_tasks, len(task.labels))
+        gs = next(iter(out["regularizers"].values()), {})
+        summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
+        result = self._result(unit, row, out["outcome"], out["regularizers"], name)
+        result["forget"] = summary
+        fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})
+        from loraplex.continual.slots import extract_slot
+
+        adapter = extract_slot(self.lb.model, fspec, out["slot"], modules=out["surviving_modules"])
+        what = f"{task.name}" + (f" (labels {', '.join(labels)})" if labels else "")
+        record = {
+            "name": name, "base": self.ref.name, "family": self.ref.family, "origin": "forgetting",
+            "description": f"Forgetting adapter (GS-LoRA): erases {what} from the composition. "
+                           f"The erased task: {task.description}",
+            "task": task.ref,
+            "edges": [{"target": f"task:{task.ref}", "kind": "forgets"}]
+                     + ([{"target": f"adapter:{prev}", "kind": "trained-from"}] if prev else []),
+            "metrics": {"accuracy": summary["forgotten_after"], "unit": unit.index, **{
+                k: summary[k] for k in ("forgotten_before", "forgotten_after", "retained_before", "retained_after",
+                                        "retained_drop", "chance", "groups_survived", "groups_total")},
+                        "steps": out["outcome"].steps, "train_seconds": out["outcome"].seconds,
+                        "step_time": out["outcome"].step_time, "losses": out["outcome"].losses},
+            "extra": {**self._extra(unit, [task.ref]), "labels": list(labels) if labels else None},
+        }
+        self._commit(unit, result, adapter, out["outcome"].snapshots, record)
+        return result
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _bar(self, unit) -> str:
+        return f"[{unit.index + 1}/{len(self.units)}] {unit.label}"
+
+    def _adapter_name(self, unit, what: str) -> str:
+        from loraplex.continual.registration import safe_part
+
+        return f"{self.info['run_id']}-{unit.index}-{safe_part(what, 36)}"
+
+    def _extra(self, unit, refs: list[str]) -> dict[str, Any]:
+        return {"run_id": self.info["run_id"], "run_dir": str(self.rd.path), "unit": unit.index,
+                "method": self.spec.method.dump(), "tasks": refs,
+                "composition": [c["name"] for c in self.composition]}
+
+    def _eval_tasks(self, unit) -> list[str]:
+        """Tasks learned up to this unit, plus the next unit's (its forward-transfer column)."""
+        upto = [t for u in self.units[: unit.index + 1] if u.kind == "learn" for t in u.tasks]
+        nxt = self.units[unit.index + 1] if unit.index + 1 < len(self.units) else None
+        return upto + ([t for t in nxt.tasks if t not in upto] if nxt is not None and nxt.kind == "learn" else [])
+
+    def _evaluate(self, names: list[str], *, bare: bool = False) -> dict[str, Any]:
+        from contextlib import nullcontext
+
+        from loraplex.continual.evaluation import evaluate_tasks
+        from loraplex.experts.layers import adapters_disabled
+
+        tr = self.spec.trainer
+        with adapters_disabled(self.lb.model) if bare else nullcontext():
+            return evaluate_tasks(self.head, self.lb.model, self.lb.tokenizer, [self.tasks[n] for n in names],
+                                  split=tr.eval_split, limit=tr.eval_limit)
+
+    def _result(self, unit, row, outcome, diag, name) -> dict[str, Any]:
+        return {"unit": unit.index, "kind": unit.kind, "label": unit.label, "tasks": list(unit.tasks),
+                "labels": list(unit.labels) if unit.labels else None, "row": row, "adapter": name,
+                "steps": outcome.steps, "seconds": outcome.seconds, "step_time": outcome.step_time,
+                "losses": outcome.losses, "regularizers": diag}
+
+    def _commit(self, unit, result, adapter, snapshots, record) -> None:
+        from safetensors.torch import save_file
+
+        from loraplex.continual.registration import write_unit_adapter
+        from loraplex.continual.slots import bank_tensors
+
+        tmp = self.rd.begin(unit.index)
+        tensors, layout = bank_tensors(self.lb.model)
+        save_file(tensors, str(tmp / BANKS_FILE))
+        write_unit_adapter(tmp, adapter, snapshots, record)
+        state = {
+            "result": result, "layout": layout, "learn_slots": self.learn_slots, "composition": self.composition,
+            "forgotten": self.forgotten, "replay": self.replay.state_dict() if self.replay is not None else None,
+            "regularizers": {n: r.state_dict() for n, r in self.regs.items()},
+            "seed": _unit_seed(self.spec.seed, unit.index),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        self.rd.commit(unit.index, tmp)
+
+    def _register(self, i: int) -> None:
+        from loraplex.continual.registration import register_from_dir
+
+        res = self.rd.result(i)
+        texts = []
+        if res["kind"] == "learn":
+            texts = [e.text for t in res["tasks"] for e in self.tasks[t].train[:256]]
+        register_from_dir(self.reg, self.rd.unit_dir(i), fingerprint=self.fp, prototype_texts=texts)
+
+
+def _flat(diag: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{n}.{k}": v for n, d in diag.items() for k, v in d.items() if not isinstance(v, (dict, list))}

@@ -1,0 +1,125 @@
+"""`loraplex stream run SPEC.yaml`, `loraplex stream report DIR` and `loraplex forget TASK`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from loraplex.cli import _output as out
+from loraplex.cli._options import Base, Home, Json, settings
+
+app = typer.Typer(help="Continual learning: run a stream of tasks (O-LoRA, replay, multitask) and report on it.",
+                  no_args_is_help=True)
+
+
+def _pts(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _signed(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}"
+
+
+def _matrix_table(matrix: dict[str, Any], title: str | None = None) -> None:
+    tasks = matrix["tasks"]
+    rows = [{"after": f"{i}: {lab}", **{t: _pts(v) for t, v in zip(tasks, r)}}
+            for i, (lab, r) in enumerate(zip(matrix["rows"], matrix["R"]))]
+    rows.append({"after": "bare base", **{t: _pts(matrix["base"].get(t)) for t in tasks}})
+    out.table(rows, ["after", *tasks], title=title)
+
+
+def _summary(metrics: dict[str, Any]) -> None:
+    out.kv({
+        "average accuracy (AA)": _pts(metrics.get("average_accuracy")),
+        "backward transfer (BWT)": _signed(metrics.get("backward_transfer")),
+        "forward transfer (FWT)": _signed(metrics.get("forward_transfer")),
+        "forgetting (Chaudhry)": _pts(metrics.get("forgetting")),
+        "units": f"{metrics.get('units_done')}/{metrics.get('units_total')}"
+                 + ("" if metrics.get("complete") else " (partial)"),
+    }, title="metrics (points)")
+    for f in metrics.get("forget_requests") or []:
+        _forget_lines(f)
+
+
+def _forget_lines(f: dict[str, Any]) -> None:
+    what = f["task"] + (f"[{','.join(f['labels'])}]" if f.get("labels") else "")
+    groups = f" ; {f['groups_survived']}/{f['groups_total']} LoRA groups survived" if f.get("groups_total") else ""
+    out.line(f"forgot {what}: accuracy {_pts(f['forgotten_before'])} -> {_pts(f['forgotten_after'])} "
+             f"(chance {_pts(f['chance'])}); retained {_pts(f['retained_before'])} -> {_pts(f['retained_after'])} "
+             f"(drop {_signed(f['retained_drop'])}){groups}")
+
+
+@app.command("run")
+def run(
+    spec: Annotated[Path, typer.Argument(help="The stream spec (YAML).")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: $LORAPLEX_HOME/runs/stream-NAME-STAMP).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run in this directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Run a stream: learn and forget its experiences in order, showing the accuracy matrix as it grows."""
+    from loraplex import api
+
+    def on_unit(ev: dict[str, Any]) -> None:
+        if not json:
+            _matrix_table(ev["matrix"], title=f"accuracy matrix after unit {ev['unit'] + 1}/{ev['total']} (points)")
+
+    res = api.run_stream(spec, out=out_dir, resume=resume, progress=not quiet and not json, on_unit=on_unit,
+                         settings=settings(home))
+    if json:
+        out.emit_json({"run_dir": str(res.run_dir), "run_id": res.run_id, "adapters": res.adapters,
+                       "resumed_from": res.resumed_from, "matrix": res.matrix, "metrics": res.metrics})
+        return
+    if res.resumed_from and res.resumed_from == res.metrics.get("units_done"):
+        _matrix_table(res.matrix, title="accuracy matrix (points)")
+    _summary(res.metrics)
+    out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s) registered; files in {res.run_dir}")
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A stream run directory (finished or partial).")],
+    json: Json = False,
+) -> None:
+    """Print a run's accuracy matrix and metrics."""
+    from loraplex import api
+
+    rep = api.stream_report(run_dir)
+    if json:
+        out.emit_json(rep)
+        return
+    if rep["matrix"] is None or not rep["matrix"]["rows"]:
+        out.line(f"{rep['run_dir']}: no unit has finished yet")
+        return
+    _matrix_table(rep["matrix"], title="accuracy matrix (points)")
+    _summary(rep["metrics"])
+
+
+def forget(
+    task: Annotated[str, typer.Argument(help="The task to erase (a task the composition was trained on).")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Erase only these labels of the task (comma-separated).")] = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="The composition (comma-separated adapter names); default: the latest one recorded.")] = None,
+    base: Base = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name for the forgetting adapter.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the before/after accuracies.")] = 300,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
+    from loraplex import api
+
+    res = api.forget(task, labels=api.parse_list(labels), adapters=api.parse_list(adapters), base=base, name=name,
+                     steps=steps, lr=lr, eval_limit=eval_limit, seed=seed, progress=not quiet and not json,
+                     settings=settings(home))
+    if json:
+        out.emit_json(res)
+        return
+    _forget_lines(res)
+    out.line(f"registered forgetting adapter [bold]{res['name']}[/bold]; composition: {', '.join(res['composition'])}")

@@ -1,0 +1,68 @@
+"""The continual metrics against matrices computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from loraplex.continual import metrics as M
+
+NAN = float("nan")
+# after task 0, 1, 2 (rows) on task 0, 1, 2 (columns); NaN = not measured
+R = np.array([
+    [0.80, 0.40, NAN],
+    [0.70, 0.90, 0.30],
+    [0.60, 0.85, 0.75],
+])
+BASE = [0.30, 0.35, 0.20]
+
+
+def test_textbook_definitions():
+    at = [0, 1, 2]
+    assert M.average_accuracy(R, at) == pytest.approx((0.60 + 0.85 + 0.75) / 3)
+    assert M.average_accuracy(R, at, row=1) == pytest.approx((0.70 + 0.90) / 2)
+    # BWT: ((0.60 - 0.80) + (0.85 - 0.90)) / 2
+    assert M.backward_transfer(R, at) == pytest.approx(-0.125)
+    # FWT: ((R[0,1] - b1) + (R[1,2] - b2)) / 2 = ((0.40 - 0.35) + (0.30 - 0.20)) / 2
+    assert M.forward_transfer(R, at, BASE) == pytest.approx(0.075)
+    # forgetting: task 0 best 0.80 -> 0.60 (0.20), task 1 best 0.90 -> 0.85 (0.05)
+    assert M.forgetting(R, at) == pytest.approx(0.125)
+
+
+def test_forgetting_uses_the_best_earlier_row_not_the_first():
+    R2 = np.array([[0.5, NAN], [0.9, 0.6], [0.7, 0.8]])
+    assert M.forgetting(R2, [0, 1]) == pytest.approx(((0.9 - 0.7) + (0.6 - 0.8)) / 2)
+    assert M.backward_transfer(R2, [0, 1]) == pytest.approx(((0.7 - 0.5) + (0.8 - 0.6)) / 2)
+
+
+def test_one_row_learning_everything_has_no_transfer():
+    R1 = np.array([[0.8, 0.6, 0.7]])
+    s = M.summary(R1, [0, 0, 0], [0.1, 0.1, 0.1])
+    assert s["average_accuracy"] == pytest.approx(0.7)
+    assert s["backward_transfer"] is None and s["forward_transfer"] is None and s["forgetting"] is None
+
+
+def test_grouped_rows():
+    # row 0 learns tasks 0 and 1 together, row 1 learns task 2
+    R3 = np.array([[0.8, 0.6, 0.5], [0.7, 0.6, 0.9]])
+    s = M.summary(R3, [0, 0, 1], [0.3, 0.3, 0.3])
+    assert s["average_accuracy"] == pytest.approx((0.7 + 0.6 + 0.9) / 3)
+    assert s["backward_transfer"] == pytest.approx(((0.7 - 0.8) + (0.6 - 0.6)) / 2)
+    assert s["forward_transfer"] == pytest.approx(0.5 - 0.3)
+
+
+def test_forget_request_summary_for_labels():
+    before = {"bbc": {"accuracy": 0.8, "labels": {"sport": [9, 10], "tech": [7, 10]}},
+              "apple": {"accuracy": 0.7, "labels": {}}}
+    after = {"bbc": {"accuracy": 0.4, "labels": {"sport": [1, 10], "tech": [7, 10]}},
+             "apple": {"accuracy": 0.68, "labels": {}}}
+    s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5)
+    assert s["forgotten_before"] == pytest.approx(0.9) and s["forgotten_after"] == pytest.approx(0.1)
+    assert s["retained"]["bbc[other labels]"] == {"before": 0.7, "after": 0.7}
+    assert s["retained_drop"] == pytest.approx((0.02 + 0.0) / 2)
+    assert s["retained_max_drop"] == pytest.approx(0.02)
+    assert s["chance"] == pytest.approx(0.2)
+    whole = M.forget_request_summary(before, after, "bbc", None, ["apple"], 5)
+    assert whole["forgotten_after"] == pytest.approx(0.4) and not math.isnan(whole["retained_after"])

@@ -1,0 +1,72 @@
+"""Resume is exact: a stream stopped by Ctrl-C, then killed with SIGKILL, then resumed, ends with the
+same accuracy matrix and the same adapters as a run never stopped (real subprocesses, tiny BERT)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from loraplex import api
+from loraplex.settings import Settings
+from tests.continual.conftest import make_spec
+
+
+def _wait_for(path, proc, timeout=240.0):
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {path.name} appeared: "
+                                 f"{proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+def _adapters(home):
+    reg = api.open_registry(Settings.load(home=home, embedder="hash"))
+    return {r.extra["unit"]: reg.load_adapter(r)[1] for r in reg.list_adapters()}
+
+
+def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")] + [{"forget": "flights"}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=4)
+    settings = lambda home: Settings.load(home=home, embedder="hash", device="cpu", dtype="float32")  # noqa: E731
+    ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=settings(tmp_path / "home-ref"))
+
+    run, home = tmp_path / "run", tmp_path / "home"
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_EMBEDDER": "hash", "LORAPLEX_DEVICE": "cpu",
+           "LORAPLEX_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "loraplex", "stream", "run", str(spec), "--quiet"]
+
+    first = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(run / "state" / "unit-000" / "state.json", first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err.decode()[-2000:]
+    assert "--resume" in err.decode()
+
+    second = subprocess.Popen(cmd + ["--resume", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(run / "state" / "unit-002" / "state.json", second)
+    second.kill()  # SIGKILL: no clean-up at all
+    second.wait(timeout=60)
+    assert second.returncode == -signal.SIGKILL
+    assert not (run / "state" / "unit-003").exists()
+
+    res = api.run_stream(spec, resume=run, progress=False, settings=settings(home))
+    assert res.resumed_from == 3
+    assert res.matrix == ref.matrix
+    for k in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting"):
+        assert res.metrics[k] == ref.metrics[k]
+    got, want = _adapters(home), _adapters(tmp_path / "home-ref")
+    assert sorted(got) == sorted(want) == [0, 1, 2, 3]
+    for unit in want:
+        assert got[unit].modules == want[unit].modules
+        for m in want[unit].modules:
+            for a, b in zip(got[unit].weights[m], want[unit].weights[m]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -1,0 +1,103 @@
+"""Stream spec validation: unknown keys are named, components and tasks are checked before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from loraplex.continual.spec import first_difference, load_spec, parse_spec
+from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
+
+
+def _spec(task_dir, **over):
+    data = {
+        "name": "s",
+        "base": "minilm",
+        "method": "o-lora",
+        "experiences": [{"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")}],
+    }
+    data.update(over)
+    return data
+
+
+def test_valid_spec_resolves_paths_relative_to_the_spec(tmp_path, task_dir):
+    (tmp_path / "tasks").mkdir()
+    for f in task_dir.iterdir():
+        (tmp_path / "tasks" / f.name).write_text(f.read_text())
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"method": {"name": "o-lora", "orth_weight": 0.2},
+                                 "replay": {"share": 0.1, "policy": "reservoir"},
+                                 "experiences": [{"learn": "tasks/flights.jsonl"}, {"forget": "flights"}]}))
+    spec = load_spec(p)
+    assert spec.experiences[0].learn == str(tmp_path / "tasks" / "flights.jsonl")
+    assert spec.method.config == {"orth_weight": 0.2}
+    canon = spec.canonical()
+    assert canon["method"] == {"name": "o-lora", "orth_weight": 0.2}
+    assert canon["trainer"]["lr"] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("over, where", [
+    ({"lern": 1}, "'lern'"),
+    ({"trainer": {"stepz": 3}}, "'stepz' in trainer"),
+    ({"experiences": [{"lern": "airline"}]}, "'lern' in experiences[0]"),
+    ({"replay": {"budget": 5, "polcy": "reservoir"}}, "'polcy' in replay"),
+])
+def test_unknown_keys_are_named(task_dir, over, where):
+    with pytest.raises(InvalidSpec, match="unknown key " + where.replace("[", r"\[").replace("]", r"\]")):
+        parse_spec(_spec(task_dir, **over))
+
+
+def test_method_config_unknown_key_is_named(task_dir):
+    with pytest.raises(InvalidSpec, match="orth_wieght"):
+        parse_spec(_spec(task_dir, method={"name": "o-lora", "orth_wieght": 1}))
+
+
+def test_unknown_method_lists_the_known_ones(task_dir):
+    with pytest.raises(UnknownComponent, match="seq-lora"):
+        parse_spec(_spec(task_dir, method="ewc"))
+
+
+def test_missing_task_file(task_dir):
+    with pytest.raises(TaskNotFound, match="no such task file"):
+        parse_spec(_spec(task_dir, experiences=[{"learn": str(task_dir / "nope.jsonl")}]))
+
+
+@pytest.mark.parametrize("exps, msg", [
+    ([{"forget": "flights"}], "has not learned it"),
+    ([{"learn": "F"}, {"forget": "sports"}], "has not learned it"),
+    ([{"learn": "F"}, {"forget": "flights", "labels": ["meh"]}], "no label 'meh'"),
+    ([{"learn": "F"}, {"forget": "flights"}, {"forget": "flights"}], "already forgotten"),
+    ([{"learn": "F"}, {"learn": "F"}], "learned twice"),
+    ([{"learn": "F", "forget": "x"}], "exactly one of"),
+])
+def test_bad_experiences(task_dir, exps, msg):
+    exps = [{k: (str(task_dir / "flights.jsonl") if v == "F" else v) for k, v in e.items()} for e in exps]
+    with pytest.raises(InvalidSpec, match=msg):
+        parse_spec(_spec(task_dir, experiences=exps))
+
+
+@pytest.mark.parametrize("over, msg", [
+    ({"trainer": {"steps": 3, "epochs": 1}}, "not both"),
+    ({"replay": {"budget": 3, "share": 0.1}}, "exactly one"),
+    ({"name": "../x"}, "name"),
+    ({"experiences": []}, "experiences"),
+])
+def test_bad_settings(task_dir, over, msg):
+    with pytest.raises(InvalidSpec, match=msg):
+        parse_spec(_spec(task_dir, **over))
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(InvalidSpec, match="not valid YAML"):
+        load_spec(p)
+    with pytest.raises(InvalidSpec, match="no such stream spec"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+def test_first_difference():
+    a = {"trainer": {"steps": 3, "lr": 1}, "experiences": [{"learn": "a"}]}
+    assert first_difference(a, a) is None
+    assert first_difference(a, {"trainer": {"steps": 4, "lr": 1}, "experiences": [{"learn": "a"}]}) == "trainer.steps"
+    assert first_difference(a, {"trainer": {"steps": 3, "lr": 1}, "experiences": []}).startswith("experiences")

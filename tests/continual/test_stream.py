@@ -1,0 +1,98 @@
+"""End-to-end streams on a tiny BERT: outputs, registry records and lineage, methods, one-off forgetting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraplex.continual.methods import METHODS
+from loraplex.continual.spec import parse_spec
+from tests.conftest import registry_state
+from tests.continual.conftest import make_spec
+
+
+def _run(cli, spec, out):
+    res = cli("stream", "run", spec, "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir):
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")] + [{"forget": "sports"}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=4)
+    out = tmp_path / "run"
+    res = _run(cli, spec, out)
+    m, R = res["metrics"], res["matrix"]
+    assert R["tasks"] == ["flights", "sports", "markets"] and len(R["R"]) == 4
+    assert R["R"][0][2] is None and R["R"][0][1] is not None  # seen + next task only
+    assert m["complete"] and m["units_done"] == 4
+    for k in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting"):
+        assert m[k] is not None
+    f = m["forget_requests"][0]
+    assert f["task"] == "sports" and f["groups_total"] == 2 and 1 <= f["groups_survived"] <= 2
+    for name in ("matrix.json", "metrics.json", "heatmap.png", "spec.json", "run.json"):
+        assert (out / name).is_file()
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "units" / "000-learn" / "logs" / "metrics.csv").is_file()
+    assert list((out / "units" / "000-learn" / "checkpoints").glob("*.ckpt"))
+
+    from loraplex import api
+    from loraplex.settings import Settings
+
+    reg = api.open_registry(Settings.load(home=cli.home, embedder="hash"))
+    recs = {r.extra["unit"]: r for r in reg.list_adapters()}
+    assert [recs[i].name for i in range(4)] == res["adapters"]
+    assert recs[0].origin == "continual" and recs[0].snapshots
+    assert recs[1].parents == [recs[0].name]
+    edges = {(e.kind, e.target) for e in recs[3].edges}
+    assert ("forgets", f"task:{task_dir / 'sports.jsonl'}") in edges and ("trained-from", f"adapter:{recs[2].name}") in edges
+    assert recs[3].origin == "forgetting" and recs[3].metrics["groups_total"] == 2
+    assert all("intermediate.dense" in m or "output.dense" in m for m in reg.load_adapter(recs[3])[1].modules)
+    assert recs[3].extra["composition"] == [recs[i].name for i in range(4)]  # O-LoRA: every adapter active
+
+    rep = cli("stream", "report", out, "--json")
+    assert rep.exit_code == 0 and json.loads(rep.stdout)["matrix"] == R
+    text = cli("stream", "report", out)
+    assert "average accuracy" in text.stdout and "forgot sports" in text.stdout
+    assert cli("registry", "check").exit_code == 0
+
+    # one-off request against the composition the stream left (labels of a learned task)
+    before = registry_state(cli.home)
+    bad = cli("forget", "weather")
+    assert bad.exit_code == 2 and "never learned" in bad.stderr and registry_state(cli.home) == before
+    one = cli("forget", "markets", "--labels", "up", "--steps", "3", "--eval-limit", "6", "--json")
+    assert one.exit_code == 0, one.output
+    got = json.loads(one.stdout)
+    assert got["labels"] == ["up"] and got["composition"][:-1] == recs[3].extra["composition"]
+    new = reg.get_adapter(got["name"])
+    assert new.origin == "forgetting" and new.parents == [recs[3].name]
+
+
+@pytest.mark.parametrize("method", ["seq-lora", "multitask"])
+def test_other_methods(cli, tmp_path, tiny_bert, task_dir, method):
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=method, replay=False, experiences=exps, steps=3)
+    res = _run(cli, spec, tmp_path / "run")
+    units = res["metrics"]["units"]
+    if method == "multitask":
+        assert len(res["matrix"]["R"]) == 1 and units[0]["steps"] == 6  # both tasks' steps in one unit
+        assert res["metrics"]["backward_transfer"] is None
+    else:
+        assert len(res["matrix"]["R"]) == 2
+        from loraplex import api
+        from loraplex.settings import Settings
+
+        last = api.open_registry(Settings.load(home=cli.home, embedder="hash")).get_adapter(res["adapters"][-1])
+        assert last.extra["composition"] == [last.name]  # one LoRA, fine-tuned in turn
+
+
+def test_multitask_plan_groups_learning_runs(task_dir):
+    spec = parse_spec({"method": "multitask", "experiences": [
+        {"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")},
+        {"forget": "flights"}, {"learn": str(task_dir / "markets.jsonl")}]})
+    units = METHODS.build("multitask", {}).plan(spec.experiences, ["flights", "sports", "flights", "markets"])
+    assert [(u.kind, u.tasks) for u in units] == [("learn", ("flights", "sports")), ("forget", ("flights",)),
+                                                   ("learn", ("markets",))]
+    seq = METHODS.build("seq-lora", {}).plan(spec.experiences, ["flights", "sports", "flights", "markets"])
+    assert len(seq) == 4
