@@ -19,9 +19,11 @@ Registered methods:
 
 Adding a method: a class with these members registered with `@METHODS.register(name, ConfigCls)`. The
 `routed` method (a new adapter per task plus a router extended by one expert and refitted on the new
-task and the replay buffer) plugs in here: `new_slot = True`, `after_unit(run, unit)` refits the router
-on the unit's rows plus `run.replay` and attaches it to the model (`experts.layers.set_router`), and
-`configure_eval(model)` routes instead of summing. The stream loop already calls both hooks.
+task and the replay buffer) plugs in here: `new_slot = True`; `after_unit(run, unit)` extends the router
+by one expert, refits it on the unit's rows plus `run.replay.contents()` and attaches it to the model
+(`experts.layers.set_router`); `configure_eval(model)` routes instead of summing; `state_dict` /
+`state_tensors` / `load_state` carry the router across units so a resume is exact. The stream loop
+already calls every one of these hooks.
 """
 
 from __future__ import annotations
@@ -75,10 +77,24 @@ class ContinualMethod:
         return trainer.steps_for(n_rows, new_per_batch)
 
     def after_unit(self, run: Any, unit: Unit) -> None:
-        """Called after a learning unit has trained (before evaluation)."""
+        """Called after a learning unit has trained, before its rows join `run.replay` and before evaluation.
+
+        `run` exposes the model (`run.lb.model`), the tasks (`run.tasks`), the replay buffer (`run.replay`)
+        and the slots of the learned adapters (`run.learn_slots`)."""
 
     def configure_eval(self, model: Any) -> None:
-        """Called before evaluation (a routed method attaches its router here)."""
+        """Called before every evaluation (a routed method attaches its router here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state carried across units (saved with each unit, restored on resume)."""
+        return {}
+
+    def state_tensors(self) -> dict[str, Any]:
+        """Tensors carried across units (e.g. a router's weights), saved as safetensors with each unit."""
+        return {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Restore what `state_dict` and `state_tensors` returned."""
 
 
 def _unit(index: int, exp: Any, idx: list[int], names: list[str | None]) -> Unit:

@@ -164,6 +164,16 @@ def cycle(rows_by_task: dict[str, Sequence[Row]], rng: np.random.Generator) -> I
         yield rows_by_task[t][nxt]
 
 
+def replayed_per_batch(n_old: int, batch_size: int, mix: float, *, has_new: bool = True) -> int:
+    """Rows of each batch drawn from the buffer: round(mix * batch_size), at least 1 and at most
+    batch_size - 1 when both kinds of rows exist; all of the batch when there are no new rows."""
+    if not n_old or mix <= 0:
+        return 0
+    if not has_new:
+        return min(n_old, batch_size)
+    return min(n_old, batch_size - 1, max(1, round(mix * batch_size)))
+
+
 def mixed_batches(new: dict[str, Sequence[Row]], old: Sequence[Row], *, steps: int, batch_size: int, mix: float,
                   rng: np.random.Generator) -> list[list[Row]]:
     """`steps` batches of `batch_size` rows: round(mix * batch_size) drawn from `old` (without replacement
@@ -171,12 +181,7 @@ def mixed_batches(new: dict[str, Sequence[Row]], old: Sequence[Row], *, steps: i
     has_new = any(len(v) for v in new.values())
     if not has_new and not old:
         raise ValueError("an experience needs new rows or replayed rows")
-    if not old or mix <= 0:
-        k_old = 0
-    elif not has_new:
-        k_old = min(len(old), batch_size)
-    else:
-        k_old = min(len(old), batch_size - 1, max(1, round(mix * batch_size)))
+    k_old = replayed_per_batch(len(old), batch_size, mix, has_new=has_new)
     stream = cycle(new, rng)
     batches = []
     for _ in range(steps):

@@ -40,6 +40,7 @@ from loraplex.settings import Settings
 
 STATE_FILE = "state.json"
 BANKS_FILE = "banks.safetensors"
+METHOD_FILE = "method.safetensors"
 
 
 class RunDir:
@@ -192,7 +193,6 @@ class _StreamRun:
         self.learn_spec, self.learn_modules = learn_spec, learn_modules
         self.progress, self.on_unit = progress, on_unit
         self.regs = {r.name: r for r in method.regularizers()}
-        self.forget_regs: dict[str, Any] = {}
         self.replay = None
         self.learn_slots: list[dict[str, int]] = []
         self.composition: list[dict[str, Any]] = []
@@ -214,8 +214,8 @@ class _StreamRun:
             while any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters()):
                 run_id += "x"
             rd.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(rd.path / "run_id", run_id)  # before spec.json, whose presence marks a run directory
             atomic_write(rd.path / "spec.json", json.dumps(spec.canonical(), indent=1, sort_keys=True))
-            atomic_write(rd.path / "run_id", run_id)
         run_id = (rd.path / "run_id").read_text().strip()
         rd.state.mkdir(exist_ok=True)
         rd.clean()
@@ -275,6 +275,8 @@ class _StreamRun:
         for name, state in st.get("regularizers", {}).items():
             if name in self.regs:
                 self.regs[name].load_state_dict(state)
+        mt = self.rd.unit_dir(last) / METHOD_FILE
+        self.method.load_state(st.get("method", {}), load_file(str(mt)) if mt.is_file() else {})
 
     # ---- units --------------------------------------------------------------------------------
     def _learn(self, unit) -> dict[str, Any]:
@@ -284,7 +286,7 @@ class _StreamRun:
         from loraplex.continual.experience import train_unit
         from loraplex.continual.fit import rows_of
         from loraplex.continual.regularizers import ExperienceContext
-        from loraplex.continual.replay import mixed_batches
+        from loraplex.continual.replay import mixed_batches, replayed_per_batch
         from loraplex.continual.slots import add_slot, extract_slot, train_only
 
         spec, tr = self.spec, self.spec.trainer
@@ -298,7 +300,7 @@ class _StreamRun:
         new = {t: rows_of(self.tasks[t], "train", tr.train_limit) for t in unit.tasks}
         old = self.replay.contents() if self.replay is not None else []
         mix = spec.replay.mix if spec.replay is not None else 0.0
-        k_old = min(len(old), max(1, round(mix * tr.batch_size))) if old and mix else 0
+        k_old = replayed_per_batch(len(old), tr.batch_size, mix)
         steps = self.method.steps(tr, unit, sum(len(v) for v in new.values()), tr.batch_size - k_old)
         batches = mixed_batches(new, old, steps=steps, batch_size=tr.batch_size, mix=mix,
                                 rng=np.random.default_rng([spec.seed, unit.index]))
@@ -461,6 +463,10 @@ class _StreamRun:
             "regularizers": {n: r.state_dict() for n, r in self.regs.items()},
             "seed": _unit_seed(self.spec.seed, unit.index),
         }
+        state["method"] = self.method.state_dict()
+        method_tensors = self.method.state_tensors()
+        if method_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in method_tensors.items()}, str(tmp / METHOD_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state))
         self.rd.commit(unit.index, tmp)
 

@@ -1,0 +1,268 @@
+"""Continual-learning benchmark: the six embedded tasks on minilm, three task orders.
+
+For each order it runs, as stream specs through `loraplex.api.run_stream`:
+  - seq-lora            (one LoRA fine-tuned task after task: the lower bound, shows forgetting)
+  - o-lora + replay     (the method under test), ending with a GS-LoRA forgetting request
+and once (order-independent) `multitask` (all six tasks at once with the steps of all six: the upper
+bound). It prints per order and averaged over orders: average accuracy (AA), backward transfer (BWT),
+forward transfer against the bare base (FWT) and Chaudhry's forgetting, all in points; for each
+forgetting request the forgotten task's accuracy before / after against chance and the retained
+tasks' accuracy before / after. Goals (the issue): o-lora+replay within 2 points of multitask in AA,
+BWT >= -1 point; the forgotten task at chance, retained tasks losing at most 1 point.
+
+Step-time overhead: the same minilm model and batches, interleaved round-robin in one process, times
+one optimiser step (forward, loss with every term of ContinualModule.training_step, backward, AdamW)
+for plain LoRA training and for each method's configuration; it prints the median step time of
+each and its ratio to plain LoRA (goal: at most 1.15).
+
+Runs are kept in the bench home (default <repo>/.bench/continual-home); a stream already finished is
+reused and an interrupted one resumed, so the script can be re-run after a stop.
+
+    python bench/continual.py                     # the full benchmark (hours on 2 shared CPU cores)
+    python bench/continual.py --steps 40 --orders 1 --eval-limit 100   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import REPO, TASKS  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ORDERS = [
+    ("airline", "deflategate", "apple", "coachella", "driverless", "bbc"),
+    ("bbc", "driverless", "coachella", "apple", "deflategate", "airline"),
+    ("apple", "bbc", "airline", "driverless", "deflategate", "coachella"),
+]
+# One forgetting request at the end of each order's o-lora + replay stream.
+FORGET = [{"forget": "airline"}, {"forget": "bbc", "labels": ["sport"]}, {"forget": "driverless"}]
+
+
+def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0):
+    spec = {
+        "name": name, "base": "minilm", "seed": seed, "lora": {"rank": 8},
+        "trainer": {"steps": steps, "lr": 2e-3, "batch_size": 16, "eval_limit": eval_limit, "snapshots": 2},
+        "method": method,
+        "forgetting": {"name": "gs-lora", "steps": steps},
+        "experiences": [{"learn": t} for t in order] + ([forget] if forget else []),
+    }
+    if replay:
+        spec["replay"] = {"budget": 600, "policy": "class-balanced", "mix": 0.25}
+    return spec
+
+
+def run(spec: dict, root: Path, settings, log) -> dict:
+    import yaml
+
+    from loraplex import api
+    from loraplex.continual.stream import RunDir
+
+    path = root / "specs" / f"{spec['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = root / "runs" / spec["name"]
+    rd = RunDir(out)
+    t0 = time.perf_counter()
+    if rd.is_run():
+        info = rd.info()
+        if info and rd.completed() == info["units_total"]:
+            log(f"  {spec['name']}: finished earlier, reusing {out}")
+            return api.stream_report(out)
+        res = api.run_stream(path, resume=out, progress=False, settings=settings)
+    else:
+        res = api.run_stream(path, out=out, progress=False, settings=settings,
+                             on_unit=lambda ev: log(f"    unit {ev['unit'] + 1}/{ev['total']} {ev['label']} done "
+                                                    f"({time.perf_counter() - t0:.0f}s)"))
+    log(f"  {spec['name']}: {time.perf_counter() - t0:.0f}s")
+    return {"run_dir": str(res.run_dir), "matrix": res.matrix, "metrics": res.metrics}
+
+
+def pts(v, signed=False):
+    if v is None:
+        return "    -"
+    return f"{100 * v:+5.1f}" if signed else f"{100 * v:5.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# step-time overhead
+
+
+def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
+    """Median seconds per optimiser step of each configuration, measured interleaved in one process."""
+    import numpy as np
+    import torch
+
+    from loraplex.continual.fit import rows_of
+    from loraplex.continual.forgetting import FORGETTERS
+    from loraplex.continual.module import ContinualModule
+    from loraplex.continual.regularizers import REGULARIZERS, ExperienceContext
+    from loraplex.continual.replay import mixed_batches
+    from loraplex.continual.slots import add_slot, train_only
+    from loraplex.data import load_task
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.heads import head_for
+    from loraplex.models import load_base
+    from loraplex.settings import Settings
+
+    s = Settings.load(device="cpu", dtype="float32")
+    tasks = {t: load_task(t) for t in TASKS}
+    rng = np.random.default_rng(0)
+    old = [r for t in TASKS[:5] for r in rows_of(tasks[t], "train")[:120]]
+    plain_b = mixed_batches({"airline": rows_of(tasks["airline"], "train")[:400]}, [], steps=steps * rounds,
+                            batch_size=16, mix=0, rng=rng)
+    replay_b = mixed_batches({"airline": rows_of(tasks["airline"], "train")[:400]}, old, steps=steps * rounds,
+                             batch_size=16, mix=0.25, rng=rng)
+    spec = LoraSpec(r=8, alpha=16)
+
+    def setup(n_slots: int, regs_for, forget: bool = False):
+        lb = load_base("minilm", s)
+        mods = spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
+        slots = [add_slot(lb.model, spec, mods, generator=torch.Generator().manual_seed(i)) for i in range(n_slots)]
+        slot, prev = slots[-1], slots[:-1]
+        objective = None
+        if forget:
+            fg = FORGETTERS.build("gs-lora", {})
+            fmods = fg.modules(lb.fingerprint)
+            slot = add_slot(lb.model, fg.lora_spec(fmods), fmods, generator=torch.Generator().manual_seed(99))
+            prev = []
+            objective = fg.objective(tasks["airline"], None)
+        train_only(lb.model, slot)
+        regs = regs_for(lb)
+        ctx = ExperienceContext(n_slots, "forget" if forget else "learn", lb.model, slot, prev)
+        for r in regs:
+            r.on_experience_start(ctx)
+        head = head_for(lb)
+        module = ContinualModule(lb.model, lb.tokenizer, head, tasks, regularizers=regs, forgetting=objective)
+        module.log = lambda *a, **k: None  # outside a Trainer: nothing to log to
+        opt = torch.optim.AdamW([p for p in lb.model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+        lb.model.train()
+        return module, opt
+
+    configs = {
+        "plain LoRA": (setup(1, lambda lb: []), plain_b),
+        "seq-lora + replay": (setup(1, lambda lb: []), replay_b),
+        "o-lora (6 adapters)": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), plain_b),
+        "o-lora + replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), replay_b),
+        "gs-lora forgetting": (setup(6, lambda lb: [REGULARIZERS.build("gs-lora", {}, model_type="bert")], forget=True),
+                               replay_b),
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(rounds):
+        for name, ((module, opt), batches) in configs.items():
+            for i in range(steps):
+                batch = batches[r * steps + i]
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                loss = module.training_step(batch, i)
+                loss.backward()
+                opt.step()
+                times[name].append(time.perf_counter() - t0)
+        log(f"  timing round {r + 1}/{rounds} done")
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=120, help="optimiser steps per task (and per forgetting request)")
+    ap.add_argument("--eval-limit", type=int, default=200, help="test examples per task in the accuracy matrix")
+    ap.add_argument("--orders", type=int, default=3, help="how many of the three task orders to run")
+    ap.add_argument("--home", default=str(REPO / ".bench" / "continual-home"))
+    ap.add_argument("--timing-rounds", type=int, default=4)
+    ap.add_argument("--timing-steps", type=int, default=6)
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--no-streams", action="store_true")
+    args = ap.parse_args()
+
+    from loraplex.settings import Settings
+
+    root = Path(args.home)
+    settings = Settings.load(home=root / "registry", device="cpu", dtype="float32")
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.0f}s] {msg}", flush=True)
+
+    results: dict = {"steps": args.steps, "eval_limit": args.eval_limit, "orders": [], "multitask": None}
+    tag = f"s{args.steps}-e{args.eval_limit}"
+    if not args.no_streams:
+        log(f"multitask (all six tasks, {6 * args.steps} steps)")
+        results["multitask"] = run(spec_dict(f"multitask-{tag}", ORDERS[0], "multitask", replay=False,
+                                             steps=args.steps, eval_limit=args.eval_limit), root, settings, log)
+        for k, order in enumerate(ORDERS[: args.orders]):
+            log(f"order {k + 1}: {' -> '.join(order)}")
+            seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, steps=args.steps,
+                                eval_limit=args.eval_limit), root, settings, log)
+            olr = run(spec_dict(f"olora-replay-o{k + 1}-{tag}", order, "o-lora", replay=True, steps=args.steps,
+                                eval_limit=args.eval_limit, forget=FORGET[k]), root, settings, log)
+            results["orders"].append({"order": order, "seq-lora": seq, "o-lora+replay": olr})
+    if not args.no_timing:
+        log("step-time overhead (interleaved, one process)")
+        results["step_time"] = step_times(rounds=args.timing_rounds, steps=args.timing_steps, log=log)
+    (root / f"results-{tag}.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / f"results-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
+    report(results)
+
+
+def report(results: dict) -> None:
+    keys = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
+    print()
+    print(f"== continual benchmark: minilm, six embedded tasks, {results['steps']} steps per task, "
+          f"{results['eval_limit']} test examples per task ==")
+    if results["orders"]:
+        print(f"{'run':<28}{'AA':>7}{'BWT':>7}{'FWT':>7}{'F':>7}")
+        avg: dict[str, dict[str, list[float]]] = {}
+        for k, o in enumerate(results["orders"]):
+            for method in ("seq-lora", "o-lora+replay"):
+                m = o[method]["metrics"]
+                print(f"{f'order {k + 1} {method}':<28}{pts(m['average_accuracy'])}  {pts(m['backward_transfer'], True)}"
+                      f"  {pts(m['forward_transfer'], True)}  {pts(m['forgetting'])}")
+                for key in keys:
+                    if m.get(key) is not None:
+                        avg.setdefault(method, {}).setdefault(key, []).append(m[key])
+        mt = results["multitask"]["metrics"]
+        print(f"{'multitask (upper bound)':<28}{pts(mt['average_accuracy'])}      -      -      -")
+        print()
+        print(f"mean over {len(results['orders'])} orders:")
+        means = {meth: {k: statistics.mean(v) for k, v in d.items()} for meth, d in avg.items()}
+        for meth, d in means.items():
+            print(f"  {meth:<16} AA {pts(d.get('average_accuracy'))}  BWT {pts(d.get('backward_transfer'), True)}  "
+                  f"FWT {pts(d.get('forward_transfer'), True)}  forgetting {pts(d.get('forgetting'))}")
+        print(f"  {'multitask':<16} AA {pts(mt['average_accuracy'])}")
+        o = means.get("o-lora+replay", {})
+        if o:
+            gap = 100 * (mt["average_accuracy"] - o["average_accuracy"])
+            print(f"  o-lora+replay vs multitask: AA gap {gap:.1f} points (goal <= 2.0); "
+                  f"BWT {100 * o['backward_transfer']:+.1f} points (goal >= -1.0)")
+        print()
+        print("forgetting requests (end of each o-lora+replay stream):")
+        for k, o in enumerate(results["orders"]):
+            for f in o["o-lora+replay"]["metrics"]["forget_requests"]:
+                what = f["task"] + (f"[{','.join(f['labels'])}]" if f.get("labels") else "")
+                print(f"  order {k + 1} forget {what:<16} forgotten {pts(f['forgotten_before'])} -> {pts(f['forgotten_after'])}"
+                      f" (chance {pts(f['chance'])});  retained {pts(f['retained_before'])} -> {pts(f['retained_after'])}"
+                      f" (mean drop {pts(f['retained_drop'], True)}, worst {pts(f['retained_max_drop'], True)});"
+                      f"  LoRA groups kept {f['groups_survived']}/{f['groups_total']}")
+    st = results.get("step_time")
+    if st:
+        print()
+        print("step time (median seconds per optimiser step, interleaved in one process; ratio to plain LoRA):")
+        base = st["plain LoRA"]
+        for name, v in st.items():
+            print(f"  {name:<22} {v:.3f}s  x{v / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
