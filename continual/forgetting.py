@@ -8,6 +8,7 @@ trains it on batches that mix rows of what is to be forgotten with replayed rows
     L = beta * ReLU(BND - CE(forgotten rows))       bounded forget loss (continual/losses.py)
       + CE(retained rows)                          retention loss on replayed data of every other task
                                                    (and, for a labels request, the task's other labels)
+      + gamma * KL(before || now)(retained rows)   distillation to the predictions before the request
       + alpha * sum_g ||theta_g||_2                group lasso, one group per block (regularizer `gs-lora`)
 
 After training, groups whose norm fell below `prune_threshold` of their initial norm are zeroed and
@@ -54,6 +55,8 @@ class GSLoraConfig(BaseModel):
     """Share of each batch drawn from the rows to forget (the rest: retained rows)."""
     retain_budget: int = Field(600, ge=1)
     """Retained rows sampled (class-balanced) when no replay buffer is available."""
+    distill_weight: float = Field(1.0, ge=0)
+    """gamma: weight of the distillation of retained rows to the predictions made before the request (0: off)."""
 
 
 FORGETTERS: Catalog["GSLora"] = Catalog("forgetting method", modules=[__name__])
@@ -62,7 +65,8 @@ FORGETTERS: Catalog["GSLora"] = Catalog("forgetting method", modules=[__name__])
 class ForgetObjective:
     """Which rows of a batch are to be forgotten, and their bounded loss (used by ContinualModule)."""
 
-    def __init__(self, task: Any, labels: Sequence[str] | None, *, bound: float, weight: float):
+    def __init__(self, task: Any, labels: Sequence[str] | None, *, bound: float, weight: float,
+                 distill_weight: float = 0.0):
         from loraplex.continual.losses import bound_for
 
         self.task = task
@@ -70,6 +74,31 @@ class ForgetObjective:
         self.label_idx = None if labels is None else {task.label_index(lab) for lab in labels}
         self.bnd = bound_for(len(task.labels), bound)
         self.weight = weight
+        self.distill_weight = distill_weight
+        self.teacher: dict[tuple[str, str], Any] = {}  # (task, text) -> (L,) scores before the request
+
+    def record_teacher(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[tuple], tasks: dict[str, Any],
+                       batch_size: int = 64) -> None:
+        """Score the retained rows with the model as it is (before the forgetting slot exists)."""
+        import torch
+
+        if self.distill_weight == 0:
+            return
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                by_task: dict[str, list[str]] = {}
+                for r in rows:
+                    by_task.setdefault(r[2], []).append(r[0])
+                for t, texts in by_task.items():
+                    texts = list(dict.fromkeys(texts))
+                    for i in range(0, len(texts), batch_size):
+                        sc = head.scores(model, tokenizer, texts[i : i + batch_size], tasks[t])  # (n, L)
+                        for text, row in zip(texts[i : i + batch_size], sc):
+                            self.teacher[(t, text)] = row.detach().float().cpu()
+        finally:
+            model.train(was)
 
     def is_forget(self, row: tuple) -> bool:
         return row[2] == self.task.name and (self.label_idx is None or row[1] in self.label_idx)
@@ -82,6 +111,25 @@ class ForgetObjective:
         scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rows], self.task)  # (N, L)
         y = torch.tensor([r[1] for r in rows], device=scores.device)
         return self.weight * bounded_forget_loss(scores, y, self.bnd)
+
+    def retain_loss(self, module: Any, rows: Sequence[tuple]):
+        """gamma * KL(before || now) over the retained rows that have teacher scores (None if none do)."""
+        import torch
+
+        from loraplex.continual.losses import distill_loss
+
+        rows = [r for r in rows if (r[2], r[0]) in self.teacher]
+        if self.distill_weight == 0 or not rows:
+            return None
+        groups: dict[str, list[tuple]] = {}
+        for r in rows:
+            groups.setdefault(r[2], []).append(r)
+        total = 0.0
+        for t, rs in groups.items():
+            scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rs], module.tasks[t])  # (n, L)
+            teacher = torch.stack([self.teacher[(t, r[0])] for r in rs]).to(scores.device)
+            total = total + distill_loss(scores, teacher) * len(rs)
+        return self.distill_weight * total / len(rows)
 
 
 @FORGETTERS.register("gs-lora", GSLoraConfig, summary="GS-LoRA: group-sparse FFN LoRA, bounded forget loss, replayed retention")
@@ -111,7 +159,8 @@ class GSLora:
         return [REGULARIZERS.build("gs-lora", cfg, model_type=model_type)]
 
     def objective(self, task: Any, labels: Sequence[str] | None) -> ForgetObjective:
-        return ForgetObjective(task, labels, bound=self.config.bound, weight=self.config.forget_weight)
+        c = self.config
+        return ForgetObjective(task, labels, bound=c.bound, weight=c.forget_weight, distill_weight=c.distill_weight)
 
     def forget_rows(self, task: Any, labels: Sequence[str] | None, rows: Sequence[tuple]) -> list[tuple]:
         obj = self.objective(task, labels)
@@ -158,9 +207,10 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
         raise ValueError(f"no training rows to forget for {task.name}")
     modules = forgetter.modules(fingerprint)
     spec = forgetter.lora_spec(modules)
+    objective = forgetter.objective(task, labels)
+    objective.record_teacher(head, model, tokenizer, retained, tasks)  # before the forgetting slot exists
     slot = add_slot(model, spec, modules, generator=torch.Generator().manual_seed(seed))
     train_only(model, slot)
-    objective = forgetter.objective(task, labels)
     steps = forgetter.steps(trainer)
     batches = mixed_batches({task.name: list(forget_rows)}, list(retained), steps=steps,
                             batch_size=trainer.batch_size, mix=1.0 - forgetter.config.forget_share,

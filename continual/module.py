@@ -5,13 +5,15 @@ The loss is composed visibly in `training_step`, every term logged under its own
     loss = task loss                          (the head's loss, per task present in the batch)
          + forget loss                        (a forgetting experience: GS-LoRA's bounded loss on the
                                                rows to forget; the task loss is then the retention loss)
+         + retention distillation             (a forgetting experience: KL to the predictions before it)
          + router auxiliary loss              (sum over routed layers of Routing.aux_loss, if any)
          + sum_i regularizer_i.penalty(self)  (O-LoRA orthogonality, GS-LoRA group sparsity, ...)
 
 Regularizers are plain objects with a `name` and `penalty(module) -> Tensor` (their experience hooks
 are called by the stream loop, not here); Lightning callbacks only log, show progress and checkpoint.
 A forgetting objective (`continual.forgetting.ForgetObjective`) says which rows of a batch are to be
-forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss.
+forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss
+and may add a distillation term (`retain_loss(module, rows)`).
 A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
 (replay), and each is scored against its own task's label set.
 
@@ -91,6 +93,11 @@ class ContinualModule(L.LightningModule):
             forget = self.forgetting.loss(self, forget_rows)
             loss = loss + forget
             self.log("loss/forget", forget, prog_bar=True, batch_size=len(forget_rows))
+        if keep_rows and self.forgetting is not None:
+            kd = self.forgetting.retain_loss(self, keep_rows)
+            if kd is not None:
+                loss = loss + kd
+                self.log("loss/retain_kd", kd, batch_size=len(keep_rows))
         aux = self.router_aux_loss()
         if aux is not None:
             loss = loss + aux

@@ -122,6 +122,7 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
     im = ax.imshow(np.ma.masked_invalid(R), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [f"{i}: {r}" for i, r in enumerate(rows)])
+    ax.set_title("accuracy matrix R[i, j] (%)")
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after unit")
     for i in range(R.shape[0]):

@@ -205,10 +205,15 @@ class StreamSpec(_Frozen):
 
     # ---- derived ------------------------------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
-        """The spec as plain JSON with defaults filled in (what a run directory stores)."""
+        """The spec as plain JSON with every default filled in, the method's and forgetting's included
+        (what a run directory stores: a resume under changed defaults is refused too)."""
+        from loraplex.continual.forgetting import FORGETTERS
+        from loraplex.continual.methods import METHODS
+
         out = self.model_dump(mode="json", exclude={"method", "forgetting"})
-        out["method"] = self.method.dump()
-        out["forgetting"] = self.forgetting.dump()
+        for key, ref, cat in (("method", self.method, METHODS), ("forgetting", self.forgetting, FORGETTERS)):
+            cfg = cat.get(ref.name).make_config(ref.config)
+            out[key] = {"name": ref.name, **(cfg.model_dump(mode="json") if cfg is not None else {})}
         return json.loads(json.dumps(out, sort_keys=True))
 
 

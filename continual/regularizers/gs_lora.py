@@ -13,11 +13,13 @@ groups to zero so that only a few blocks are modified:
 (the data losses are in `continual/losses.py`; the composition is in `ContinualModule.training_step`).
 
 Counting survivors. A subgradient method (Adam here, as in the reference code) leaves unneeded groups
-hovering near zero rather than at exactly zero. At the end of the experience each group whose norm
-fell below `prune_threshold` times its norm at initialisation is set exactly to zero (never all: the
-largest group is always kept), then the surviving groups are counted: the run reports
-`groups_survived` of `groups_total`, and the registered forgetting adapter holds only the surviving
-groups' modules. The evaluation that follows sees the pruned adapter.
+hovering near zero rather than at exactly zero, and a group whose B stayed near zero changes nothing
+even while its A (initialised non-zero) is still shrinking. So at the end of the experience each group
+is measured by the update it makes, ||sum_m s_m B_m A_m||_F over its modules (`prune_by: delta`; or by
+its parameter norm against its initial norm, `prune_by: norm`); groups below `prune_threshold` of the
+largest group's update are set exactly to zero (never all), and the surviving groups are counted: the
+run reports `groups_survived` of `groups_total`, and the registered forgetting adapter holds only the
+surviving groups' modules. The evaluation that follows sees the pruned adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.continual.slots import slot_weights, zero_slot
 from loraplex.errors import IncompatibleAdapter
+from loraplex.experts.layers import routed_layers
 from loraplex.experts.spec import DEFAULT_TARGETS, FFN_TARGETS, matches_target
 
 
@@ -68,8 +71,11 @@ class GroupSparseConfig(BaseModel):
     """alpha: weight of the group lasso sum_g ||theta_g||_2."""
     group_by: Literal["block", "module"] = "block"
     """Groups: one per transformer block (the paper) or one per adapted module."""
+    prune_by: Literal["delta", "norm"] = "delta"
+    """Survival criterion: the group's weight update ||sum_m s B_m A_m|| against the largest group's
+    (delta), or its parameter norm against its norm at initialisation (norm)."""
     prune_threshold: float = Field(0.1, ge=0, lt=1)
-    """A group survives if its norm is at least this share of its norm at initialisation."""
+    """A group survives if its criterion is at least this share (see prune_by)."""
     targets: tuple[str, ...] = ()
     """Feed-forward module suffixes that define blocks (default: FFN_TARGETS of the model type)."""
 
@@ -111,6 +117,20 @@ class GroupSparse:
             out[g] = n if live else float(n.detach())
         return out
 
+    @torch.no_grad()
+    def group_deltas(self) -> dict[str, float]:
+        """||s * B_m A_m||_F summed over each group's modules: how much the group changes the model."""
+        layers = routed_layers(self._model)
+        out = {}
+        for g, mods in self.groups.items():
+            total = 0.0
+            for m in mods:
+                bank, e = layers[m].bank, self._slot[m]
+                A, B = bank.expert(e)
+                total += float((B.float() @ A.float()).norm()) * float(bank.scaling[e])
+            out[g] = total
+        return out
+
     def penalty(self, module: Any) -> torch.Tensor | None:
         if not self.groups or self.config.sparsity_weight == 0:
             return None
@@ -120,9 +140,13 @@ class GroupSparse:
     def on_experience_end(self, ctx: ExperienceContext) -> dict[str, Any]:
         norms = self.group_norms()
         ratio = {g: norms[g] / self._init[g] if self._init.get(g) else 0.0 for g in norms}
-        keep = [g for g in norms if ratio[g] >= self.config.prune_threshold]
+        deltas = self.group_deltas()
+        top = max(deltas.values()) if deltas else 0.0
+        share = {g: d / top if top > 0 else 0.0 for g, d in deltas.items()}
+        crit = share if self.config.prune_by == "delta" else ratio
+        keep = [g for g in norms if crit[g] >= self.config.prune_threshold]
         if not keep:
-            keep = [max(norms, key=norms.get)]
+            keep = [max(crit, key=crit.get)]
         pruned = [g for g in norms if g not in keep]
         for g in pruned:
             zero_slot(ctx.model, self._slot, self.groups[g])
@@ -132,6 +156,7 @@ class GroupSparse:
             "surviving_groups": keep,
             "surviving_modules": sorted(m for g in keep for m in self.groups[g]),
             "group_norm_ratio": {g: round(r, 4) for g, r in ratio.items()},
+            "group_delta_share": {g: round(r, 4) for g, r in share.items()},
         }
         self.history.append({"experience": ctx.index, **{k: v for k, v in out.items() if k != "surviving_modules"}})
         self._model = None

@@ -95,13 +95,14 @@ def test_o_lora_first_task_has_no_penalty(two_slots):
     assert reg.penalty(None) is None
 
 
-def test_gs_lora_groups_by_block_and_prunes(two_slots):
+@pytest.mark.parametrize("prune_by", ["delta", "norm"])
+def test_gs_lora_groups_by_block_and_prunes(two_slots, prune_by):
     lb, ctx = two_slots
     ffn = ffn_modules(list(routed_layers(lb.model)), "bert")
     assert "encoder.layer.0.attention.output.dense" not in ffn
     slot = {m: ctx.slot[m] for m in ffn}
     fctx = ExperienceContext(2, "forget", lb.model, slot)
-    reg = REGULARIZERS.build("gs-lora", {"sparsity_weight": 1.0, "prune_threshold": 0.5}, model_type="bert")
+    reg = REGULARIZERS.build("gs-lora", {"sparsity_weight": 1.0, "prune_threshold": 0.5, "prune_by": prune_by}, model_type="bert")
     reg.on_experience_start(fctx)
     assert reg.groups == {"encoder.layer.0": ["encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"],
                           "encoder.layer.1": ["encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense"]}

@@ -34,6 +34,7 @@ def test_valid_spec_resolves_paths_relative_to_the_spec(tmp_path, task_dir):
     canon = spec.canonical()
     assert canon["method"] == {"name": "o-lora", "orth_weight": 0.2}
     assert canon["trainer"]["lr"] == pytest.approx(2e-3)
+    assert canon["forgetting"]["name"] == "gs-lora" and "sparsity_weight" in canon["forgetting"]  # defaults pinned
 
 
 @pytest.mark.parametrize("over, where", [
