@@ -18,6 +18,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from loraplex import __version__
+
+        typer.echo(f"loraplex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """A registry of LoRA adapters, composed at run time by routers and generators, with a continual trainer."""
+
+
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(registry.app, name="registry")
 app.add_typer(catalog.models_app, name="models")
