@@ -11,10 +11,11 @@ Everything else is shared (`CVAEGenerator`):
 
   fit:      training vectors (each member's adapter and its training snapshots) -> `ParamSpace`
             coordinates x (n, m); each member's representation r_j and similarity profile w_j over the
-            N members; the CVAE is fitted on (x, c = [r, w, progress]).
+            N members; the CVAE is fitted on (x, c = [r~, w, progress]), r~ = normalise(w R) the
+            representation aggregated over the known tasks (or r itself, fuse_condition=false).
   generate: r_q = represent(query); s = R r_q (N,) cosine similarities to the known tasks;
             refuse when 1 - max(s) > max_distance (`OutOfRange`, with the distance and the threshold);
-            w = softmax(top-k(s) / temperature); z ~ prior; x = g(z, c(r_q, w, t=1));
+            w = softmax(top-k(s) / temperature); z ~ prior; x = g(z, c(r~_q, w, t=1));
             theta = ParamSpace.decode(x); adapter = ParamLayout.unflatten(theta).
 
 The catalog `GENERATORS` imports the method modules on first lookup (the CLI stays fast).
@@ -53,12 +54,15 @@ class GeneratorConfig(BaseModel):
     """How many of the most similar known tasks form the condition (and SG-LoRA's prior)."""
     temperature: float = Field(0.05, gt=0)
     """Softmax temperature over the top-k cosine similarities."""
-    max_distance: float = Field(0.6, gt=0, le=2)
+    max_distance: float = Field(0.55, gt=0, le=2)
     """Refuse a task whose cosine distance (1 - similarity) to its nearest known task exceeds this."""
     sample_scale: float = Field(1.0, ge=0)
     """Scale of the latent noise when sampling (0 gives the prior's mean)."""
     snapshots: bool = True
     """Learn from the members' training snapshots too (not only their final adapters)."""
+    fuse_condition: bool = True
+    """Condition on the similarity-weighted mix of the known tasks' representations (within the hull the CVAE
+    was fitted on) instead of the new task's own representation."""
     cvae: CVAEConfig = CVAEConfig()
     """The conditional VAE."""
 
@@ -188,11 +192,17 @@ class CVAEGenerator:
             "fit_seconds": round(time.perf_counter() - t0, 2),
         }
 
+    def _cond_rep(self, rep: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The representation the condition reads (B, D): fused over the known tasks, or the task's own."""
+        if self.config.fuse_condition:
+            return torch.nn.functional.normalize(weights @ self.known, dim=-1)  # (B, N) @ (N, D)
+        return rep
+
     def _member_conditions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per training vector: its member's representation (n, D) and similarity profile (n, N)."""
+        """Per training vector: its member's condition representation (n, D) and similarity profile (n, N)."""
         _, w = similarity_profile(self.known, self.known, self.config.top_k, self.config.temperature)  # (N, N)
         owner = torch.tensor(self.data.owner)
-        return self.known[owner], w[owner]
+        return self._cond_rep(self.known, w)[owner], w[owner]
 
     # ---- storing -----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -240,7 +250,7 @@ class CVAEGenerator:
             mu, std = self.prior(mu_k, logvar_k, weights[0])  # (Z,)
             gen = torch.Generator().manual_seed(int(seed))
             z = mu + cfg.sample_scale * std * torch.randn(mu.shape, generator=gen)  # (Z,)
-            c = self.cvae.condition(rep, weights, torch.ones(1))  # (1, C)
+            c = self.cvae.condition(self._cond_rep(rep, weights), weights, torch.ones(1))  # (1, C)
             x = self.cvae.decode(z.unsqueeze(0), c)  # (1, m)
             theta = self.space.decode(x)[0]  # (P,)
         adapter = self.data.layout.unflatten(theta)

@@ -69,6 +69,8 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
     if layout is None:
         layout = ParamLayout.of(loaded[names[0]])
         against = f"the layout of {names[0]!r}"
+    for r in recs:  # the adapters themselves first: a mismatch is named by the adapter, not by a snapshot
+        layout.check(loaded[r.name], name=f"adapter {r.name!r}", against=against)
     by_name = {r.name: r for r in recs}
     if sources is None:
         sources = []
