@@ -98,8 +98,9 @@ def list_(home: Home = None, json: Json = False) -> None:
     if not rows:
         out.line(f"no generators in {s.home}")
         return
-    out.table(rows, ["name", "method", "base", "members", "vectors", "stored_params", "fit_seconds"],
-              max_width={"members": 50})
+    rows = [{**r, "members": len(r["members"]), "share": f"{r['stored_params'] / max(1, r['member_params']):.2%}"} for r in rows]
+    out.table(rows, ["name", "method", "base", "members", "vectors", "stored_params", "share"],
+              headers=["name", "method", "base", "adapters", "vectors", "stored", "of adapters"], max_width={"base": 24})
 
 
 @app.command("methods")
