@@ -23,8 +23,9 @@ The CVAE is fitted on every expert's adapter and its training snapshots, each co
 progress t). The description's embedding enters the condition through the experts it is similar to
 (the paper's weighted aggregation of expert semantics) rather than raw: a decoder fitted on five
 experts' embeddings extrapolates arbitrarily from a sixth, unseen one (`fuse_condition=false` feeds it
-raw; exploring the benchmark's airline fold, raw gave 0.61 accuracy on 300 test examples, fused 0.70). A description whose nearest expert is at cosine distance > max_distance is refused
-(`OutOfRange`) rather than answered with an adapter drawn from unrelated experts.
+raw; on the benchmark's airline fold, raw gave 0.61 accuracy on 300 test examples, fused 0.70).
+A description whose nearest expert is at cosine distance > max_distance is refused (`OutOfRange`)
+rather than answered with an adapter drawn from unrelated experts.
 
 Simplifications, and why: the paper's CVAE reads the flattened LoRA weights (CLIP-sized adapters, tens
 of experts); here the CVAE reads coordinates in the span of the training vectors (ParamSpace), because
