@@ -44,10 +44,12 @@ loraplex generate adapter "$DESC" --generator "$GEN" --name "$NEW"
 loraplex adapters show "$NEW"
 
 step "accuracy on the $HELD_OUT test split"
-BASE=$(loraplex eval --task "$HELD_OUT" --base minilm --json | json_get "d['accuracy']")
-NEAR=$(loraplex eval "$NEAREST" --task "$HELD_OUT" --json | json_get "d['accuracy']")
-GENACC=$(loraplex eval "$NEW" --task "$HELD_OUT" --json | json_get "d['accuracy']")
-printf '%-34s %s\n' "bare base (minilm)" "$BASE" "nearest adapter ($NEAREST)" "$NEAR" "generated ($NEW)" "$GENACC"
+ACC="f\"{d['accuracy']:.3f} ({d['correct']}/{d['n']})\""
+BASE=$(loraplex eval --task "$HELD_OUT" --base minilm --json | json_get "$ACC")
+NEAR=$(loraplex eval "$NEAREST" --task "$HELD_OUT" --json | json_get "$ACC")
+GENACC=$(loraplex eval "$NEW" --task "$HELD_OUT" --json | json_get "$ACC")
+printf '%-44s %s\n' "bare base (minilm)" "$BASE" "nearest registered adapter ($NEAREST)" "$NEAR" \
+  "generated from the description ($NEW)" "$GENACC"
 
 step "a description far from every known task is refused, not answered with a random adapter"
 loraplex generate adapter "Translate German legal contracts into Japanese." --generator "$GEN" --name nonsense-lora \
