@@ -172,12 +172,13 @@ class CVAEGenerator:
         self.data = data
         self.space = ParamSpace.fit(data.layout, data.vectors, max_dims=cfg.cvae.max_dims)
         self.known = self.represent_members(data).float()  # (N, D)
-        torch.manual_seed(cfg.cvae.seed)
-        self.cvae = CVAE(self.space.dims, self.known.shape[1], len(data.members), cfg.cvae)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+            torch.manual_seed(cfg.cvae.seed)
+            self.cvae = CVAE(self.space.dims, self.known.shape[1], len(data.members), cfg.cvae)
         rep, weights = self._member_conditions()
         hist = fit_cvae(self.cvae, self.space.coords, (rep, weights, data.progress.float()), cfg.cvae,
                         progress=progress, desc=f"fitting {self.method}")
-        member_params = sum(1 for _ in data.members) * data.layout.size
+        member_params = len(data.members) * data.layout.size
         return {
             "members": len(data.members),
             "vectors": int(data.vectors.shape[0]),
