@@ -367,3 +367,59 @@ def parse_list(value: str | None) -> list[str]:
     if not value:
         return []
     return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
+
+
+# ---------------------------------------------------------------------------------------------
+# generators (SG-LoRA, ICM-LoRA): write an adapter for a new task from its description or examples
+
+
+def fit_generator(
+    name: str,
+    *,
+    method: str,
+    adapters: Sequence[str] | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Fit a generator (a catalog method, e.g. sg-lora) on registered adapters and their snapshots; store it."""
+    from loraplex.generators import workflow
+
+    s = _settings(settings)
+    return workflow.fit(open_registry(s), s, name, method=method, adapters=adapters, config=config, progress=progress)
+
+
+def generate_adapter(
+    description: str,
+    *,
+    generator: str,
+    name: str,
+    examples: str | Path | None = None,
+    seed: int = 0,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Write an adapter for a new task with a stored generator and register it (origin "generated")."""
+    from loraplex.generators import workflow
+    from loraplex.generators.icm_lora import read_examples
+
+    s = _settings(settings)
+    rows = read_examples(examples) if examples is not None else []
+    return workflow.generate(open_registry(s), s, description, generator=generator, name=name, examples=rows, seed=seed)
+
+
+def list_generators(settings: Settings | None = None) -> list[dict[str, Any]]:
+    from loraplex.generators import workflow
+
+    return workflow.list_generators(open_registry(settings))
+
+
+def remove_generator(name: str, settings: Settings | None = None):
+    from loraplex.generators import workflow
+
+    return workflow.remove(open_registry(settings), name)
+
+
+def generator_methods() -> dict[str, str]:
+    from loraplex.generators.base import GENERATORS
+
+    return dict(GENERATORS.summaries())

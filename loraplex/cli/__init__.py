@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from loraplex.cli import adapters, catalog, registry
+from loraplex.cli import adapters, catalog, generate, registry
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
 
@@ -39,6 +39,7 @@ app.add_typer(adapters.app, name="adapters")
 app.add_typer(registry.app, name="registry")
 app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.tasks_app, name="tasks")
+app.add_typer(generate.app, name="generate")
 app.command("train")(train_cmds.train)
 app.command("eval")(train_cmds.eval_)
 
