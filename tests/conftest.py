@@ -32,7 +32,7 @@ def _tokenizer(dirpath: Path):
     from transformers import BertTokenizerFast
 
     vocab = _write_vocab(dirpath.parent / f"{dirpath.name}-vocab.txt")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
+    tok = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores vocab_file=
     return tok
 
 
