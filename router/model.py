@@ -194,9 +194,10 @@ class RoutedModel:
         return rows
 
     @torch.no_grad()
-    def route(self, texts: Sequence[str], *, trace: bool = False) -> list[RowRoute]:
+    def route(self, texts: Sequence[str], *, trace: bool = False, static: torch.Tensor | None = None) -> list[RowRoute]:
         """How each text is routed (one forward through the routed model)."""
-        static = self.static_gates(texts)
+        if static is None:
+            static = self.static_gates(texts)
         rec = Recorder(self.model)
         with rec.recording(), use_gates(self.model, static):
             self.head.hidden(self.model, self.tokenizer, list(texts))
@@ -219,9 +220,9 @@ class RoutedModel:
     def answer(self, texts: Sequence[str], *, trace: bool = False) -> list[dict[str, Any]]:
         """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}."""
         texts = list(texts)
-        routes = self.route(texts, trace=trace)
-        tasks = self.task_of(texts, routes)
         static = self.static_gates(texts)
+        routes = self.route(texts, trace=trace, static=static)
+        tasks = self.task_of(texts, routes)
         answers: list[Any] = [None] * len(texts)
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(tasks):
@@ -294,7 +295,7 @@ class RoutedModel:
             with rec.recording(), use_gates(self.model, static):
                 scores = self.head.scores(self.model, self.tokenizer, texts, task)
             return scores, self._rows_from_call(rec.calls[0], static, False)
-        routes = self.route(texts)
+        routes = self.route(texts, static=static)
         with use_gates(self.model, static):
             scores = self.head.scores(self.model, self.tokenizer, texts, task)
         return scores, routes

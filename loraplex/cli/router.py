@@ -43,6 +43,7 @@ def fit(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: all).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the evaluation after fitting.")] = 200,
+    val_limit: Annotated[int, typer.Option("--val-limit", help="Validation examples (all tasks together) checked during training.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     base: Base = None,
     devices: Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")] = "1",
@@ -63,7 +64,7 @@ def fit(
     res = api.fit_router(
         name, router=router, adapters=api.parse_list(adapters), tasks=api.parse_list(tasks) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
-        train_limit=train_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
+        train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
     )
     m = res.metrics

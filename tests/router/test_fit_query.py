@@ -33,7 +33,7 @@ def env(tmp_path_factory, tiny_bert, peft_dirs, task_files):
         return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
 
     res = run("router", "fit", "tg", "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 40,
-              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--quiet", "--json")
+              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--quiet", "--json")
     assert res.exit_code == 0, res.output
     run.fit = json.loads(res.output)
     run.settings = s
@@ -174,3 +174,41 @@ def test_heterogeneous_batch_equals_each_adapter_alone(env):
         with torch.no_grad(), use_gates(rm.model, rm.one_hot([NAMES.index(n)])):
             alone = rm.head.encode(rm.model, rm.tokenizer, [t])
         torch.testing.assert_close(batch[i: i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_over_adapters_of_another_base_is_refused(env, tiny_llama):
+    res = env("query", "flight late", "--router", "tg", "--base", tiny_llama)
+    assert res.exit_code == 2 and "routes adapters of base" in res.output
+
+
+def test_rank_router_trained_from_scratch_as_a_multitask_lora(env, task_files, tiny_bert):
+    res = env("router", "fit", "smora", "--router", "rank", "--tasks", f"{task_files['flights']},{task_files['sports']}",
+              "--base", tiny_bert, "--steps", 6, "--batch-size", 8, "--top-k", 4, "--eval-limit", 4, "--val-limit", 4, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)
+    assert fit["members"] == [] and fit["metrics"]["routing_accuracy"] is None
+    out = json.loads(env("query", "great match goal", "--router", "smora", "--json").output)
+    assert out["answer"] in ("good", "bad") and out["task"] in ("flights", "sports")
+    ev = json.loads(env("router", "eval", "smora", "--limit", 4, "--json").output)
+    assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
+
+
+def test_mixer_joint_training_stores_its_experts(env):
+    import torch
+
+    from loraplex import api
+
+    res = env("router", "fit", "mj", "--router", "mixer", "--joint", "--adapters", "flights-lora,sports-lora",
+              "--steps", 5, "--batch-size", 8, "--eval-limit", 4, "--val-limit", 4, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)
+    reg = api.open_registry(env.settings)
+    rec, tensors = reg.load_component("router", "mj")
+    assert rec.extra["joint"] and rec.members == ("flights-lora", "sports-lora")
+    _, orig = reg.load_adapter("flights-lora")
+    m = orig.modules[0]
+    trained = tensors[f"expert.0.{m}.lora_B.weight"]
+    assert trained.shape == orig.weights[m][1].shape and not torch.equal(trained, orig.weights[m][1])
+    ev = json.loads(env("router", "eval", "mj", "--limit", 4, "--json").output)
+    assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
+    assert ev["routing_accuracy"] == pytest.approx(fit["metrics"]["routing_accuracy"], abs=1e-4)
