@@ -122,6 +122,7 @@ def fit_router(
         expert_tasks = list(task_objs) if supervised else [None] * n
         expert_names = [f"{name}/expert-{e}" for e in range(n)]
         joint = True
+    L.seed_everything(tc.seed, verbose=False)  # gate initialisation, shuffling and dropout follow the seed
     router: LearnedRouter = entry.factory(cfg)
     for layer in routed_layers(lb.model).values():
         for p in layer.bank.parameters():
@@ -134,7 +135,6 @@ def fit_router(
     # ---- train -------------------------------------------------------------------------------
     run_dir = s.home / "runs" / f"router-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(tc.seed, verbose=False)
     train_rows = [row for t in task_objs for row in rows_of(t, "train", tc.train_limit)]
     val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
     if not train_rows:
