@@ -144,8 +144,7 @@ class _Shape:
         from types import SimpleNamespace
 
         mask = valid.float() if valid is not None else torch.ones(n_experts * rank)
-        self.bank = SimpleNamespace(d_in=d_in, n_experts=n_experts, rank=rank, rank_mask=mask,
-                                    A=torch.zeros(1))
+        self.bank = SimpleNamespace(d_in=d_in, n_experts=n_experts, rank=rank, rank_mask=mask)
 
 
 def _build_gates(router, model, gate_t: dict[str, torch.Tensor], n_full: int) -> None:
