@@ -273,31 +273,38 @@ def bench_quality(steps: int, eval_limit: int | None, lr: float) -> None:
     print(f"\n== 3. quality over {len(names)} adapters (minilm), registry {s.home}, "
           f"test examples per task: {eval_limit or 'all'} ==", flush=True)
     reg = api.open_registry(s)
-    results = {}
-    for method in ("token-gate", "mixer", "rank"):
+    for method in ("token-gate", "mixer", "rank", "retrieval"):
         name = f"route-{method}"
-        if not any(c.name == name for c in reg.list_components("router")):
-            t0 = time.perf_counter()
-            api.fit_router(name, router=method, adapters=names, settings=s, steps=steps, lr=lr, batch_size=16,
-                           progress=False, eval_limit=50)
-            print(f"fitted {name} in {time.perf_counter() - t0:.0f}s ({steps} steps)", flush=True)
-        results[method] = api.evaluate_router(name, limit=eval_limit, settings=s)
-    rm = api.load_routed_model("retrieval", names, settings=s)
-    results["retrieval"] = rm.evaluate(tasks, limit=eval_limit)
-    for method, ev in results.items():
-        print(f"\n-- {method}: routing accuracy {100 * ev['routing_accuracy']:.1f}%, routed accuracy "
-              f"{100 * ev['accuracy']:.1f}% vs adapters alone {100 * ev['oracle_accuracy']:.1f}%")
-        print(f"   {'task':12} {'n':>4} {'routing':>8} {'routed':>8} {'oracle':>8} {'routed-oracle':>14}")
-        worst = 0.0
-        for r in ev["tasks"]:
-            gap = 100 * (r["accuracy"] - r["oracle_accuracy"])
-            worst = min(worst, gap)
-            print(f"   {r['task']:12} {r['n']:>4} {100 * r['routing_accuracy']:>7.1f}% {100 * r['accuracy']:>7.1f}% "
-                  f"{100 * r['oracle_accuracy']:>7.1f}% {gap:>+13.1f}")
-        ok_route = ev["routing_accuracy"] >= 0.95
-        ok_acc = worst >= -1.0
-        print(f"   goals: routing >= 95%: {'met' if ok_route else 'missed'}; every task within 1 point of its "
-              f"oracle: {'met' if ok_acc else f'missed (worst {worst:+.1f})'}", flush=True)
+        if method == "retrieval":
+            for w in (None, 1.0):  # the default prototype weight, and prototypes alone
+                cfg = {"prototype_weight": w} if w is not None else None
+                ev = api.load_routed_model("retrieval", names, config=cfg, settings=s).evaluate(tasks, limit=eval_limit)
+                report_quality("retrieval" + (f" (prototype_weight={w})" if w is not None else " (defaults)"), ev)
+            continue
+        else:
+            if not any(c.name == name for c in reg.list_components("router")):
+                t0 = time.perf_counter()
+                api.fit_router(name, router=method, adapters=names, settings=s, steps=steps, lr=lr, batch_size=16,
+                               progress=False, eval_limit=50)
+                print(f"fitted {name} in {time.perf_counter() - t0:.0f}s ({steps} steps)", flush=True)
+            ev = api.evaluate_router(name, limit=eval_limit, settings=s)
+        report_quality(method, ev)
+
+
+def report_quality(method: str, ev: dict) -> None:
+    print(f"\n-- {method}: routing accuracy {100 * ev['routing_accuracy']:.1f}%, routed accuracy "
+          f"{100 * ev['accuracy']:.1f}% vs adapters alone {100 * ev['oracle_accuracy']:.1f}%")
+    print(f"   {'task':12} {'n':>4} {'routing':>8} {'routed':>8} {'oracle':>8} {'routed-oracle':>14}")
+    worst = 0.0
+    for r in ev["tasks"]:
+        gap = 100 * (r["accuracy"] - r["oracle_accuracy"])
+        worst = min(worst, gap)
+        print(f"   {r['task']:12} {r['n']:>4} {100 * r['routing_accuracy']:>7.1f}% {100 * r['accuracy']:>7.1f}% "
+              f"{100 * r['oracle_accuracy']:>7.1f}% {gap:>+13.1f}")
+    ok_route = ev["routing_accuracy"] >= 0.95
+    ok_acc = worst >= -1.0
+    print(f"   goals: routing >= 95%: {'met' if ok_route else 'missed'}; every task within 1 point of its "
+          f"oracle: {'met' if ok_acc else f'missed (worst {worst:+.1f})'}", flush=True)
 
 
 def main() -> None:

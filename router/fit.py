@@ -6,7 +6,8 @@
 2. attaches the router's gates (one per adapted projection); only the gates require gradients, plus the
    experts when the router trains them jointly (`joint=True`);
 3. trains with `ContinualModule` (task loss of the routed model + the router's auxiliary loss, each
-   logged) on the mixed training rows of the tasks, `on_task_forward` telling the gates which expert's
+   logged) on the mixed training rows of the tasks (balanced: as many rows from each task as the
+   smallest has, capped by `train_limit`), `on_task_forward` telling the gates which expert's
    task each forward's rows belong to, with the shared Lightning trainer (progress bar, CSV logs,
    trainable-only checkpoints under `<home>/runs/<name>-<time>`);
 4. evaluates on the tasks' test splits: routing accuracy, routed accuracy and each adapter alone (oracle);
@@ -135,7 +136,10 @@ def fit_router(
     # ---- train -------------------------------------------------------------------------------
     run_dir = s.home / "runs" / f"router-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_rows = [row for t in task_objs for row in rows_of(t, "train", tc.train_limit)]
+    # balanced tasks: each contributes as many training rows as the smallest (capped by train_limit), so
+    # the gates do not learn the tasks' sizes as a prior
+    per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
+    train_rows = [row for t in task_objs for row in rows_of(t, "train", per_task)]
     val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
     if not train_rows:
         raise UserInputError("the tasks have no training examples")

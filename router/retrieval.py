@@ -39,7 +39,7 @@ class RetrievalConfig(BaseModel):
     """Adapters mixed per query."""
     temperature: float = Field(0.05, gt=0)
     """Softmax temperature over the selected adapters' scores."""
-    prototype_weight: float = Field(0.5, ge=0, le=1)
+    prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the score (the rest is the description)."""
     candidates: int = Field(64, ge=1)
     """Adapters faiss keeps (nearest descriptions) before prototypes re-rank them, over a whole registry."""

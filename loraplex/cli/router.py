@@ -41,7 +41,7 @@ def fit(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Router option key=value (repeatable), e.g. temperature=2.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
-    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: all).")] = None,
+    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: as many as the smallest task has, so tasks are balanced).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the evaluation after fitting.")] = 200,
     val_limit: Annotated[int, typer.Option("--val-limit", help="Validation examples (all tasks together) checked during training.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
