@@ -203,7 +203,8 @@ def bench_hetero(rounds: int, n: int = 32) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = []
         for i, a in enumerate(ads):
-            cfg = peft_config(a, base_model_name_or_path="minilm", all_linear=lb.fingerprint.linear_names())
+            cfg = peft_config(a, base_model_name_or_path="minilm", all_linear=lb.fingerprint.linear_names(),
+                              fan_in_fan_out=False)
             dirs.append(write_peft_dir(a, Path(tmp) / f"a{i}", cfg))
         pm = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0]), adapter_name="a0")
         for i in range(1, n):
@@ -312,7 +313,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("speed", "hetero", "quality", "all"), default="all")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     ap.add_argument("--steps", type=int, default=300, help="router training steps (quality)")
-    ap.add_argument("--lr", type=float, default=5e-3, help="router learning rate (quality)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="router learning rate (quality)")
     ap.add_argument("--eval-limit", type=int, default=300, help="test examples per task (quality; 0 = all)")
     a = ap.parse_args()
     if a.part in ("speed", "all"):

@@ -395,7 +395,7 @@ def fit_router(
     from loraplex.continual.fit import TrainConfig
     from loraplex.router.fit import fit_router as _fit
 
-    train_options.setdefault("lr", 5e-3)  # gates are small linear classifiers: a higher rate than adapters
+    train_options.setdefault("lr", 1e-2)  # gates are small linear classifiers: a higher rate than adapters
     try:
         tc = TrainConfig(**train_options)
     except ValidationError as exc:

@@ -39,7 +39,7 @@ def fit(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts (ranks, for rank) selected per token.")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="Train the experts with the router (mixer, rank).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Router option key=value (repeatable), e.g. temperature=2.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: as many as the smallest task has, so tasks are balanced).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the evaluation after fitting.")] = 200,
