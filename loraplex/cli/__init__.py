@@ -6,6 +6,8 @@ from __future__ import annotations
 import typer
 
 from loraplex.cli import adapters, catalog, generate, registry
+from loraplex.cli import query as query_cmds
+from loraplex.cli import router as router_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
 
@@ -42,6 +44,8 @@ app.add_typer(catalog.tasks_app, name="tasks")
 app.add_typer(generate.app, name="generate")
 app.command("train")(train_cmds.train)
 app.command("eval")(train_cmds.eval_)
+app.add_typer(router_cmds.app, name="router")
+app.command("query")(query_cmds.query)
 
 
 def main() -> None:
