@@ -15,7 +15,10 @@ A forgetting objective (`continual.forgetting.ForgetObjective`) says which rows 
 forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss
 and may add a distillation term (`retain_loss(module, rows)`).
 A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
-(replay), and each is scored against its own task's label set.
+(replay), and each is scored against its own task's label set. Rows are forwarded one task group at a
+time: `on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
+which task's adapter the tokens belong to), and the router auxiliary loss is read after each group's
+forward and averaged over the batch's rows.
 
 Checkpoints keep only the trainable parameters (the adapter banks, routers), not the frozen base.
 """
@@ -23,7 +26,7 @@ Checkpoints keep only the trainable parameters (the adapter banks, routers), not
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -46,6 +49,7 @@ class ContinualModule(L.LightningModule):
         total_steps: int = 100,
         regularizers: Sequence[Any] = (),
         forgetting: Any = None,
+        on_task_forward: Callable[[str], None] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -57,6 +61,8 @@ class ContinualModule(L.LightningModule):
         self.total_steps = max(1, total_steps)
         self.regularizers = list(regularizers)
         self.forgetting = forgetting
+        self.on_task_forward = on_task_forward
+        self._batch_aux: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
         self._val_counts: dict[str, list[int]] = {}
 
@@ -67,10 +73,17 @@ class ContinualModule(L.LightningModule):
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
         total = 0.0
+        aux_total = None
         for t, rows in groups.items():
             texts = [batch[i][0] for i in rows]
             y = torch.tensor([batch[i][1] for i in rows], device=self.device)
+            if self.on_task_forward is not None:
+                self.on_task_forward(t)
             total = total + self.head.loss(self.model, self.tokenizer, texts, y, self.tasks[t]) * len(rows)
+            aux = self.router_aux_loss()  # this group's forward
+            if aux is not None:
+                aux_total = aux * len(rows) if aux_total is None else aux_total + aux * len(rows)
+        self._batch_aux = None if aux_total is None else aux_total / len(batch)
         return total / len(batch)
 
     def router_aux_loss(self) -> torch.Tensor | None:
@@ -98,7 +111,7 @@ class ContinualModule(L.LightningModule):
             if kd is not None:
                 loss = loss + kd
                 self.log("loss/retain_kd", kd, batch_size=len(keep_rows))
-        aux = self.router_aux_loss()
+        aux = self._batch_aux if keep_rows else self.router_aux_loss()
         if aux is not None:
             loss = loss + aux
             self.log("loss/router_aux", aux, batch_size=bs)
@@ -120,6 +133,8 @@ class ContinualModule(L.LightningModule):
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
         for t, rows in groups.items():
+            if self.on_task_forward is not None:
+                self.on_task_forward(t)
             scores = self.head.scores(self.model, self.tokenizer, [batch[i][0] for i in rows], self.tasks[t])
             pred = scores.argmax(-1).tolist()
             c = self._val_counts.setdefault(t, [0, 0])

@@ -16,7 +16,7 @@ Where gates come from, in order of precedence:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -94,15 +94,15 @@ def inject(
     adapters: Sequence[Adapter],
     *,
     modules: Sequence[str] | None = None,
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     dropout: float = 0.0,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, RoutedLinear]:
     """Wrap the union of the adapters' modules (or `modules`) in RoutedLinear with a bank of E = len(adapters).
 
     Adapter e fills slot e of each bank where it adapts that module; where it does not, slot e stays
-    zero (that adapter leaves the module unchanged). `rank` forces R (defaults to the largest rank
-    present). Banks are kept in `dtype` (float32 by default, for exact LoRA math under a bf16 base).
+    zero (that adapter leaves the module unchanged). `rank` forces R, for every module or per module
+    name (defaults to the largest rank present). Banks are kept in `dtype` (float32 by default, for exact LoRA math under a bf16 base).
     The base's parameters are frozen. Returns the wrapped layers by module name.
     """
     if routed_layers(model):
@@ -119,7 +119,8 @@ def inject(
         if dims is None:
             raise ValueError(f"module {name!r} is a {type(base).__name__}, not a Linear or Conv1D")
         ranks = [a.rank(name) for a in adapters if name in a.weights]
-        R = rank or max(ranks or [1])
+        forced = rank.get(name) if isinstance(rank, Mapping) else rank
+        R = forced or max(ranks or [1])
         device = base.weight.device
         bank = LoraBank(dims[0], dims[1], len(adapters), R, dropout=dropout, dtype=dtype, device=device)
         for e, a in enumerate(adapters):

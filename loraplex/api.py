@@ -370,6 +370,231 @@ def parse_list(value: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# generators (SG-LoRA, ICM-LoRA): write an adapter for a new task from its description or examples
+
+
+def fit_generator(
+    name: str,
+    *,
+    method: str,
+    adapters: Sequence[str] | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Fit a generator (a catalog method, e.g. sg-lora) on registered adapters and their snapshots; store it."""
+    from loraplex.generators import workflow
+
+    s = _settings(settings)
+    return workflow.fit(open_registry(s), s, name, method=method, adapters=adapters, config=config, progress=progress)
+
+
+def generate_adapter(
+    description: str,
+    *,
+    generator: str,
+    name: str,
+    examples: str | Path | None = None,
+    seed: int = 0,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Write an adapter for a new task with a stored generator and register it (origin "generated")."""
+    from loraplex.generators import workflow
+    from loraplex.generators.icm_lora import read_examples
+
+    s = _settings(settings)
+    rows = read_examples(examples) if examples is not None else []
+    return workflow.generate(open_registry(s), s, description, generator=generator, name=name, examples=rows, seed=seed)
+
+
+def list_generators(settings: Settings | None = None) -> list[dict[str, Any]]:
+    from loraplex.generators import workflow
+
+    return workflow.list_generators(open_registry(settings))
+
+
+def remove_generator(name: str, settings: Settings | None = None):
+    from loraplex.generators import workflow
+
+    return workflow.remove(open_registry(settings), name)
+
+
+def generator_methods() -> dict[str, str]:
+    from loraplex.generators.base import GENERATORS
+
+    return dict(GENERATORS.summaries())
+
+
+# ---------------------------------------------------------------------------------------------
+# routing: compose registered adapters at run time (router/)
+
+
+def fit_router(
+    name: str,
+    *,
+    router: str,
+    adapters: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
+    base: str | None = None,
+    config: dict[str, Any] | None = None,
+    eval_limit: int | None = 200,
+    settings: Settings | None = None,
+    **train_options: Any,
+):
+    """Train router `router` (token-gate, mixer, rank) over `adapters` on their tasks, evaluate it, store it.
+
+    `config` holds the router's options (its pydantic config); `train_options` are `TrainConfig` fields
+    (steps, lr, batch_size, train_limit, ...). Returns a `RouterFitResult(record, metrics, run_dir)`.
+    """
+    from pydantic import ValidationError
+
+    from loraplex.continual.fit import TrainConfig
+    from loraplex.router.fit import fit_router as _fit
+
+    train_options.setdefault("lr", 1e-2)  # gates are small linear classifiers: a higher rate than adapters
+    try:
+        tc = TrainConfig(**train_options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidSpec(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return _fit(name, method=router, adapters=list(adapters), tasks=list(tasks) if tasks else None, base=base,
+                config=config, train_config=tc, eval_limit=eval_limit, settings=_settings(settings))
+
+
+def load_routed_model(
+    router: str | None = None,
+    adapters: Sequence[str] | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    base: str | None = None,
+    shortlist: int | None = None,
+    config: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+):
+    """A `RoutedModel` (router/model.py) ready to answer and trace queries.
+
+    - `router=NAME`: a router stored by `fit_router` (restricted to the `shortlist` adapters retrieval
+      finds nearest to `texts`, if given);
+    - `router="retrieval"`: signature retrieval over `adapters` (or, without, the registry's adapters
+      nearest to `texts`), `config` being RetrievalConfig's options;
+    - no router: the adapters in one bank with no router, for heterogeneous batches
+      (`RoutedModel.answer_each(texts, adapter_per_row)`).
+    """
+    from loraplex.router.load import load_bank, load_retrieval, load_router
+
+    s = _settings(settings)
+    reg = open_registry(s)
+    if shortlist is not None and shortlist < 1:
+        raise UserInputError("--shortlist must be at least 1")
+    if router == "retrieval":
+        return load_retrieval(reg, s, adapters=adapters, texts=texts or [], base=base, config=config)
+    if router:
+        if adapters:
+            raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")
+        from loraplex.errors import ComponentNotFound
+
+        try:
+            return load_router(reg, router, s, base=base, shortlist=shortlist, texts=texts)
+        except ComponentNotFound:
+            known = ", ".join(c.name for c in reg.list_components("router")) or "none"
+            raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "
+                                    f"(stored routers: {known}; or --router retrieval)") from None
+    if not adapters:
+        raise UserInputError("name a router (--router NAME or --router retrieval) or the adapters to load")
+    return load_bank(reg, adapters, s)
+
+
+def query(
+    texts: Sequence[str],
+    *,
+    router: str | None = None,
+    adapters: Sequence[str] | None = None,
+    trace: bool = False,
+    base: str | None = None,
+    shortlist: int | None = None,
+    batch_size: int = 32,
+    config: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> list[dict[str, Any]]:
+    """Answer queries with a routed model, batched. One dict per query:
+    `{"query", "task", "answer", "adapters": [{"name", "weight"}], "tokens": [...], "layers": [...]}`
+    (tokens and layers with `trace`).
+
+    How the answer is made: the query is routed (a learned router gates each token in each adapted
+    projection; retrieval gives the query constant gates from the nearest adapter signatures). The
+    adapter with the largest mean gate weight over the query's tokens (for retrieval: the nearest
+    adapter) names the task whose label set answers it; an encoder base scores the routed model's
+    embedding of the query against that task's label anchors, a causal base does rank classification
+    over that task's labels, or generates text when the task has no label set. Without `router`,
+    retrieval over the whole registry (or over `adapters`) routes.
+    """
+    texts = [t.strip() for t in texts]
+    if not texts or not all(texts):
+        raise UserInputError("the query is empty")
+    if batch_size < 1:
+        raise UserInputError("--batch-size must be at least 1")
+    if router is None:
+        router = "retrieval"
+    out: list[dict[str, Any]] = []
+    rm = None
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i: i + batch_size]
+        # retrieval over the whole registry and shortlists depend on the queries: rebuild per batch
+        if rm is None or (router == "retrieval" and not adapters) or shortlist is not None:
+            rm = load_routed_model(router, adapters, texts=chunk, base=base, shortlist=shortlist, config=config,
+                                   settings=settings)
+        out.extend(rm.answer(chunk, trace=trace))
+    return out
+
+
+def answer_each(texts: Sequence[str], adapters: Sequence[str], settings: Settings | None = None) -> list[Any]:
+    """A heterogeneous batch: row i answered by adapter adapters[i] alone, all rows in one forward pass."""
+    if len(texts) != len(adapters):
+        raise UserInputError(f"{len(texts)} texts but {len(adapters)} adapter names; give one adapter per row")
+    if not texts:
+        raise UserInputError("no texts")
+    names = list(dict.fromkeys(adapters))
+    rm = load_routed_model(None, names, settings=settings)
+    return rm.answer_each(list(texts), list(adapters))
+
+
+def evaluate_router(
+    name: str,
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Routing accuracy, routed accuracy and each adapter alone (oracle), per task, for a stored router."""
+    from loraplex.data import load_task
+
+    if split not in ("train", "validation", "test"):
+        raise UserInputError(f"unknown split {split!r} (train, validation, test)")
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    s = _settings(settings)
+    rm = load_routed_model(name, settings=s)
+    task_objs = [load_task(t) for t in tasks] if tasks else list(rm.task_pool)
+    joint_scratch = bool(rm.record.extra.get("joint")) and not rm.record.members
+    res = rm.evaluate(task_objs, split=split, limit=limit, oracle=not joint_scratch)
+    return {"router": name, "method": rm.record.method, "base": rm.record.base, "split": split, **res}
+
+
+def list_routers(settings: Settings | None = None) -> list[Any]:
+    return open_registry(settings).list_components("router")
+
+
+def show_router(name: str, settings: Settings | None = None) -> dict[str, Any]:
+    rec = open_registry(settings).get_component("router", name)
+    return rec.model_dump(mode="json")
+
+
+def remove_router(name: str, settings: Settings | None = None):
+    return open_registry(settings).remove_component("router", name)
+
+
+# ---------------------------------------------------------------------------------------------
 # continual: streams of tasks (O-LoRA, replay, multitask) and forgetting requests (GS-LoRA)
 
 

@@ -70,11 +70,24 @@ class MiniLMEmbedder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
-        import torch.nn.functional as F
 
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         model, tok = self._load()
+        # A handful of short texts is latency-bound: one intra-op thread avoids OpenMP's barrier cost,
+        # which dominates (10x) when the machine's cores are busy with other work.
+        threads = torch.get_num_threads()
+        if len(texts) <= 8:
+            torch.set_num_threads(1)
+        try:
+            return self._encode(model, tok, texts)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _encode(self, model, tok, texts: Sequence[str]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.config.batch_size):

@@ -5,7 +5,8 @@ Problems (the registry is inconsistent; exit code 1):
 - a record's blob (adapter, snapshot, router, generator) is missing, does not hash to its name, or
   does not parse as the record says (spec ranks, parameter count, module count);
 - an adapter no longer fits the base fingerprint it was registered against, or that fingerprint is gone;
-- a router or generator lists an adapter that is not in the registry;
+- a router or generator lists an adapter that is not in the registry; a router lists an adapter of
+  another base than its own;
 - a cache that claims the current generation disagrees with the database (ids, vectors, nodes or
   edges), or a cache file is unreadable.
 
@@ -124,6 +125,12 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         missing = [m for m in c.members if m not in names]
         if missing:
             report.problems.append(f"{c.kind} {c.name!r} routes over adapters that are gone: {', '.join(missing)}")
+        if c.kind == "router":
+            by_name = {r.name: r for r in records}
+            other = [m for m in c.members if m in by_name and by_name[m].base != c.base]
+            if other:
+                report.problems.append(f"router {c.name!r} was fitted on base {c.base!r} but its adapters "
+                                       f"{', '.join(other)} are now of another base")
 
 
 def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 IVF_THRESHOLD = 10_000
 INDEX_FILE = "index.npz"
+# The index last used for each home in this process (a long-lived process searches without reloading).
+_IN_PROCESS: dict[str, "SignatureIndex"] = {}
 
 
 def _faiss():
@@ -136,11 +138,15 @@ class SignatureIndex:
         path = reg.home / INDEX_FILE
         gen = reg.generation()
         dim = int(reg.meta("dim") or 0)
+        mem = _IN_PROCESS.get(str(path))
+        if mem is not None and mem.generation == gen and mem.dim == dim:
+            return mem
         try:
             idx = cls.load(path)
         except IntegrityError:
             idx = None  # a damaged cache is rebuilt, never trusted
         if idx is not None and idx.generation == gen and idx.dim == dim:
+            _IN_PROCESS[str(path)] = idx
             return idx
         db_ids = reg.adapter_ids()
         if _needs_rebuild(idx, dim, len(db_ids)):
@@ -165,6 +171,7 @@ class SignatureIndex:
                         idx.save(path)
             except Exception:
                 pass  # a cache that could not be saved is rebuilt next time
+        _IN_PROCESS[str(path)] = idx
         return idx
 
     # ---- searching ---------------------------------------------------------------------------
@@ -174,7 +181,14 @@ class SignatureIndex:
         if self.index is None or self.index.ntotal == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         k = min(k, int(self.index.ntotal))
-        scores, ids = self.index.search(q, k)
+        faiss = _faiss()
+        threads = faiss.omp_get_max_threads()
+        if len(q) <= 4:  # a single query is latency-bound: OpenMP's fork/join costs more than it saves
+            faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = self.index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return scores, ids
 
     def vectors(self) -> np.ndarray | None:

@@ -29,11 +29,16 @@ def _write_vocab(path: Path) -> Path:
 
 
 def _tokenizer(dirpath: Path):
-    from transformers import BertTokenizerFast
+    """A word-level BERT tokenizer over WORDS (transformers 5 takes `vocab=`, older versions `vocab_file=`)."""
+    import inspect
 
-    vocab = _write_vocab(dirpath.parent / f"{dirpath.name}-vocab.txt")
-    tok = BertTokenizerFast(vocab=str(vocab))  # transformers 5 names it `vocab` (vocab_file is ignored)
-    return tok
+    from transformers import BertTokenizer
+
+    vocab_path = _write_vocab(dirpath.parent / f"{dirpath.name}-vocab.txt")
+    if "vocab" in inspect.signature(BertTokenizer.__init__).parameters:
+        words = vocab_path.read_text().split()
+        return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    return BertTokenizer(vocab_file=str(vocab_path))
 
 
 def save_tiny(kind: str, root: Path, seed: int = 0) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import typer
 
-from loraplex.cli import adapters, catalog, registry
+from loraplex.cli import adapters, catalog, generate, registry
+from loraplex.cli import query as query_cmds
+from loraplex.cli import router as router_cmds
 from loraplex.cli import stream as stream_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
@@ -19,12 +21,32 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from loraplex import __version__
+
+        typer.echo(f"loraplex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """A registry of LoRA adapters, composed at run time by routers and generators, with a continual trainer."""
+
+
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(registry.app, name="registry")
 app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.tasks_app, name="tasks")
+app.add_typer(generate.app, name="generate")
 app.command("train")(train_cmds.train)
 app.command("eval")(train_cmds.eval_)
+app.add_typer(router_cmds.app, name="router")
+app.command("query")(query_cmds.query)
 app.add_typer(stream_cmds.app, name="stream")
 app.command("forget")(stream_cmds.forget)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Json
+from loraplex.cli._options import Home, Json
 
 models_app = typer.Typer(help="The embedded base models.", no_args_is_help=True)
 tasks_app = typer.Typer(help="The embedded tasks.", no_args_is_help=True)
 
 
 @models_app.command("list")
-def models_list(json: Json = False) -> None:
+def models_list(home: Home = None, json: Json = False) -> None:
     """List the embedded base models (any local Hugging Face directory works too)."""
     from loraplex import api
 
@@ -24,7 +24,7 @@ def models_list(json: Json = False) -> None:
 
 
 @tasks_app.command("list")
-def tasks_list(json: Json = False) -> None:
+def tasks_list(home: Home = None, json: Json = False) -> None:
     """List the embedded tasks with their label sets and split sizes."""
     from loraplex import api
 

@@ -1,0 +1,191 @@
+"""The registry side of the generators: gather a training set, store and load a fitted generator,
+register a generated adapter. `loraplex.api.fit_generator` / `generate_adapter` call these.
+
+A fitted generator is a registry component (kind "generator"): its config, its own tensors (the CVAE,
+the parameter space's mixing matrix and scales, the known tasks' representations), its members (the
+adapters it learned from, which the registry then refuses to remove) and, in `extra`, the layout and
+the list of training vectors `(adapter, snapshot step)`. Loading reads those vectors back from the
+registry (hash-verified blobs) and rebuilds the parameter space from them.
+
+A generated adapter is registered like any other: origin "generated", lineage edges
+`generated-from` to its parents (the top-k known tasks it drew on), their similarities and weights in
+`extra["parents"]`, the description's embedding as its signature (so `adapters search` and retrieval
+routing find it) and, when examples were given, their mean embedding as its prototype.
+
+Every check runs before anything is written; a refusal leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
+from loraplex.generators.layout import ParamLayout
+
+KIND = "generator"
+
+
+def default_members(reg) -> list[str]:
+    """Every registered adapter that was not itself generated (generators learn from real training)."""
+    recs = [r for r in reg.list_adapters() if r.origin != "generated"]
+    bases = sorted({r.base for r in recs})
+    if len(bases) > 1:
+        raise UserInputError(
+            f"the registry holds adapters of {len(bases)} base models ({', '.join(bases)}); "
+            "name the ones to learn from with --adapters")
+    return [r.name for r in recs]
+
+
+def _final_step(rec) -> int:
+    """The step the adapter itself stands at (its training run's length)."""
+    steps = rec.metrics.get("steps")
+    if isinstance(steps, (int, float)) and steps > 0:
+        return int(steps)
+    if rec.snapshots:  # evenly spaced snapshots: first + last = the run's length
+        return rec.snapshots[0].step + rec.snapshots[-1].step
+    return 1
+
+
+def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
+                 sources: Sequence[Sequence] | None = None, layout: ParamLayout | None = None) -> TrainingSet:
+    """The member adapters' vectors (and their snapshots'), checked against one layout.
+
+    With `sources` (a stored generator's list of (adapter, step)), exactly those vectors, in that order."""
+    names = list(names)
+    if len(names) < 2:
+        raise UserInputError(f"a generator learns from at least 2 adapters, got {len(names)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserInputError(f"adapter {dup[0]!r} is named twice")
+    recs = [reg.get_adapter(n) for n in names]
+    if len({r.base_sha for r in recs}) > 1:
+        pairs = ", ".join(f"{r.name} ({r.base})" for r in recs)
+        raise IncompatibleAdapter(f"a generator learns from adapters of one base model; these differ: {pairs}")
+    loaded = {r.name: reg.load_adapter(r)[1] for r in recs}
+    against = "the generator's layout"
+    if layout is None:
+        layout = ParamLayout.of(loaded[names[0]])
+        against = f"the layout of {names[0]!r}"
+    for r in recs:  # the adapters themselves first: a mismatch is named by the adapter, not by a snapshot
+        layout.check(loaded[r.name], name=f"adapter {r.name!r}", against=against)
+    by_name = {r.name: r for r in recs}
+    if sources is None:
+        sources = []
+        for r in recs:
+            if snapshots:
+                sources.extend((r.name, s.step) for s in r.snapshots)
+            sources.append((r.name, -1))
+    vecs, owner, prog = [], [], []
+    for adapter_name, step in sources:
+        rec = by_name.get(adapter_name)
+        if rec is None:
+            raise IncompatibleAdapter(f"training vector from {adapter_name!r}, which is not a member")
+        step = int(step)
+        if step < 0:
+            ad, label, t = loaded[adapter_name], f"adapter {adapter_name!r}", 1.0
+        else:
+            snap = next((s for s in rec.snapshots if s.step == step), None)
+            if snap is None:
+                raise IncompatibleAdapter(f"adapter {adapter_name!r} has no snapshot at step {step} any more")
+            ad, label = reg.load_snapshot(rec, snap), f"snapshot {step} of {adapter_name!r}"
+            t = min(1.0, step / _final_step(rec))
+        vecs.append(layout.flatten(ad, name=label, against=against))
+        owner.append(names.index(adapter_name))
+        prog.append(t)
+    _, _, emb, _ = reg.signatures(names)
+    return TrainingSet(
+        layout=layout, members=names, descriptions=[r.description for r in recs], tasks=[r.task for r in recs],
+        base=recs[0].base, vectors=torch.stack(vecs), owner=owner, progress=torch.tensor(prog),
+        sources=[(a, int(s)) for a, s in sources], desc_embeddings=torch.from_numpy(emb),
+    )
+
+
+def _parse_config(method: str, config: dict[str, Any] | None):
+    entry = GENERATORS.get(method)
+    return entry, entry.make_config(config or {})
+
+
+def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None = None,
+        config: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Fit a generator on registered adapters and store it; returns its summary."""
+    from loraplex.registry.record import validate_name
+
+    validate_name(name, KIND)
+    entry, cfg = _parse_config(method, config)
+    if any(c.name == name for c in reg.list_components(KIND)):
+        raise AlreadyExists(f"a generator named {name!r} already exists")
+    names = list(adapters) if adapters else default_members(reg)
+    data = training_set(reg, names, snapshots=cfg.snapshots)
+    gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))
+    metrics = gen.fit(data, progress=progress)
+    tensors, extra = gen.state()
+    rec = reg.put_component(KIND, name, method=method, base=data.base, config=cfg.model_dump(mode="json"),
+                            tensors=tensors, members=names, metrics=metrics, extra=extra)
+    return summary(rec)
+
+
+def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
+    """A stored generator, ready to generate (its training vectors read back from the registry)."""
+    rec, tensors = reg.load_component(KIND, name)
+    entry, cfg = _parse_config(rec.method, rec.config)
+    layout = ParamLayout.from_json(rec.extra["layout"])
+    data = training_set(reg, rec.members, sources=rec.extra["sources"], layout=layout)
+    gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))
+    gen.restore(data, tensors, where=f"generator {name!r}")
+    return rec, gen
+
+
+def generate(reg, settings, description: str, *, generator: str, name: str,
+             examples: Sequence[tuple[str, str | None]] = (), seed: int = 0) -> dict[str, Any]:
+    """Write an adapter for a new task with a stored generator and register it; returns what was done."""
+    import numpy as np
+
+    from loraplex.embedders import get_embedder
+    from loraplex.registry.record import AdapterDraft, Edge, validate_name
+
+    validate_name(name)
+    if not description or not description.strip():
+        raise UserInputError("a description of the task is required: it is what the adapter is generated from")
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    rec, gen = load(reg, settings, generator)
+    out = gen.generate(Query(description.strip(), list(examples)), seed=seed, where=f"generator {generator!r}")
+    member = reg.get_adapter(rec.members[0])
+    parents = out.parents
+    draft = AdapterDraft(
+        name=name, base=member.base, base_sha=member.base_sha, family=member.family,
+        description=description.strip(), task=None, origin="generated", spec=out.adapter.spec,
+        metrics={"generate_seconds": round(out.seconds, 4), "distance": round(out.distance, 4)},
+        extra={"generator": generator, "method": rec.method, "parents": parents, "seed": int(seed),
+               "examples": len(examples)},
+        edges=tuple(Edge.to_adapter(p["name"], "generated-from") for p in parents),
+    )
+    embedder = get_embedder(reg.embedder_name)
+    emb = embedder.encode([draft.description])[0]
+    proto = None
+    if examples:
+        v = embedder.encode([t for t, _ in examples][:256]).mean(0)
+        proto = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+    new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name)
+    return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
+            "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,
+            "base": new.base, "seed": int(seed)}
+
+
+def summary(rec) -> dict[str, Any]:
+    m = rec.metrics
+    return {"name": rec.name, "method": rec.method, "base": rec.base, "members": list(rec.members),
+            "vectors": m.get("vectors"), "space_dims": m.get("space_dims"), "stored_params": m.get("stored_params"),
+            "member_params": m.get("member_params"), "trained_params": m.get("trained_params"),
+            "recon_mse": m.get("recon_mse"), "fit_seconds": m.get("fit_seconds"), "created_at": rec.created_at}
+
+
+def list_generators(reg) -> list[dict[str, Any]]:
+    return [summary(r) for r in reg.list_components(KIND)]
+
+
+def remove(reg, name: str):
+    return reg.remove_component(KIND, name)

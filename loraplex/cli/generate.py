@@ -1,0 +1,124 @@
+"""`loraplex generate ...`: fit a generator on registered adapters, write adapters for new tasks with it."""
+
+from __future__ import annotations
+
+import json as _json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from loraplex.cli import _output as out
+from loraplex.cli._options import Home, Json, settings
+
+app = typer.Typer(help="Generate adapters for new tasks from a description (SG-LoRA) or a few examples (ICM-LoRA).",
+                  no_args_is_help=True)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs (values read as JSON when they parse, else as text; `a.b=1` nests) -> a config dict."""
+    from loraplex.errors import InvalidSpec
+
+    cfg: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidSpec(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            value = _json.loads(raw)
+        except ValueError:
+            value = raw
+        node = cfg
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InvalidSpec(f"--set {item!r}: {p!r} is not a group of settings")
+        node[parts[-1]] = value
+    return cfg
+
+
+@app.command("fit")
+def fit(
+    name: Annotated[str, typer.Argument(help="Name to store the generator under.")],
+    method: Annotated[str, typer.Option("--method", help="Generator method: sg-lora or icm-lora (see `generate methods`).")],
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter that was not generated).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. top_k=2, cvae.steps=500.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Fit a generator on registered adapters (and their training snapshots) and store it in the registry."""
+    from loraplex import api
+
+    res = api.fit_generator(name, method=method, adapters=api.parse_list(adapters) or None, config=_parse_sets(set_),
+                            progress=not quiet and not json, settings=settings(home))
+    if json:
+        out.emit_json(res)
+        return
+    share = res["stored_params"] / max(1, res["member_params"])
+    out.line(f"fitted [bold]{res['name']}[/bold] ({res['method']}) on {len(res['members'])} adapters "
+             f"({res['vectors']} vectors with snapshots) in {res['fit_seconds']:.1f}s: {res['space_dims']} coordinates, "
+             f"{res['stored_params']:,} stored parameters ({100 * share:.2f}% of its members' {res['member_params']:,})")
+
+
+@app.command("adapter")
+def adapter(
+    description: Annotated[str, typer.Argument(help="What the new task is, in words.")],
+    generator: Annotated[str, typer.Option("--generator", help="A fitted generator (see `generate list`).")],
+    name: Annotated[str, typer.Option("--name", help="Name to register the new adapter under.")],
+    examples: Annotated[Optional[Path], typer.Option("--examples", help="A .jsonl/.csv file of examples (text, optional label): icm-lora reads them in context; for sg-lora they only set the adapter's data signature.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Write an adapter for a new task and register it (origin "generated", edges to its parents)."""
+    from loraplex import api
+
+    res = api.generate_adapter(description, generator=generator, name=name, examples=examples, seed=seed,
+                               settings=settings(home))
+    if json:
+        out.emit_json(res)
+        return
+    out.line(f"generated [bold]{res['name']}[/bold] with {res['generator']} ({res['method']}) in {res['seconds']:.2f}s "
+             f"({res['params']:,} params on {res['base']}); nearest known task at cosine distance {res['distance']:.3f}")
+    out.table(res["parents"], ["name", "similarity", "weight"], title="parents", headers=["parent", "similarity", "weight"])
+
+
+@app.command("list")
+def list_(home: Home = None, json: Json = False) -> None:
+    """List the fitted generators."""
+    from loraplex import api
+
+    s = settings(home)
+    rows = api.list_generators(s)
+    if json:
+        out.emit_json(rows)
+        return
+    if not rows:
+        out.line(f"no generators in {s.home}")
+        return
+    rows = [{**r, "members": len(r["members"]), "share": f"{r['stored_params'] / max(1, r['member_params']):.2%}"} for r in rows]
+    out.table(rows, ["name", "method", "base", "members", "vectors", "stored_params", "share"],
+              headers=["name", "method", "base", "adapters", "vectors", "stored", "of adapters"], max_width={"base": 24})
+
+
+@app.command("methods")
+def methods(json: Json = False) -> None:
+    """The generator methods this loraplex knows."""
+    from loraplex import api
+
+    rows = [{"method": k, "summary": v} for k, v in api.generator_methods().items()]
+    if json:
+        out.emit_json(rows)
+    else:
+        out.table(rows, ["method", "summary"])
+
+
+@app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="Generator name.")], home: Home = None) -> None:
+    """Remove a fitted generator (the adapters it generated stay)."""
+    from loraplex import api
+
+    rec = api.remove_generator(name, settings(home))
+    out.line(f"removed generator {rec.name}")

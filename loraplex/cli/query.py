@@ -1,0 +1,81 @@
+"""`loraplex query "text"`: the routed model's answer, and with --trace which adapters took each token."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from loraplex.cli import _output as out
+from loraplex.cli._options import Base, Home, Json, settings
+
+
+def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
+    from loraplex.errors import UserInputError
+
+    if text is not None and input_ is not None:
+        raise UserInputError("give a query or --input, not both")
+    if input_ is not None:
+        if str(input_) == "-":
+            raw = sys.stdin.read()
+        else:
+            try:
+                raw = input_.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise UserInputError(f"{input_}: no such file") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserInputError(f"{input_}: cannot read ({exc})") from None
+        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        if not lines:
+            raise UserInputError(f"{input_}: no queries (one per line)")
+        return lines
+    if text is None:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+            if lines:
+                return lines
+        raise UserInputError("the query is empty: give a text, --input FILE, or queries on stdin")
+    if not text.strip():
+        raise UserInputError("the query is empty")
+    return [text]
+
+
+def query(
+    text: Annotated[Optional[str], typer.Argument(help="The query (omit to read --input or stdin).", show_default=False)] = None,
+    router: Annotated[Optional[str], typer.Option("--router", help="A stored router's name, or 'retrieval' (the default).")] = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Adapters retrieval routes over (default: the whole registry).")] = None,
+    input_: Annotated[Optional[Path], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Show which adapter took each token, and per layer.")] = False,
+    shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
+    base: Base = None,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Answer queries with the routed model (a label, or text for a causal LM); --trace shows the routing."""
+    from loraplex import api
+
+    queries = _read_queries(text, input_)
+    cfg = {"top_k": top_k} if top_k is not None else None
+    if cfg and router not in (None, "retrieval"):
+        from loraplex.errors import UserInputError
+
+        raise UserInputError("--top-k applies to --router retrieval; a stored router keeps the k it was fitted with")
+    res = api.query(queries, router=router, adapters=api.parse_list(adapters) or None, trace=trace or json, base=base,
+                    shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home))
+    if json:
+        items = [{"query": r["query"], "task": r["task"], "answer": r["answer"], "adapters": r["adapters"],
+                  "tokens": r.get("tokens", []), "layers": r.get("layers", [])} for r in res]
+        out.emit_json(items[0] if text is not None and len(items) == 1 else items)
+        return
+    for r in res:
+        ads = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in r["adapters"][:4])
+        if len(res) > 1 or trace:
+            out.line(f"[bold]query[/bold]: {r['query']}")
+        out.line(f"[bold]answer[/bold]: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads})")
+        if trace:
+            out.table(r["tokens"], ["token", "adapter", "weight"], title="per token (mean over layers)")
+            out.table(r["layers"], ["layer", "adapter", "weight"], title="per layer (mean over tokens)")

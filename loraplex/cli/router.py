@@ -1,0 +1,152 @@
+"""`loraplex router ...`: fit, eval, list, show, remove routers (token-gate, mixer, rank; retrieval needs none)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from loraplex.cli import _output as out
+from loraplex.cli._options import Base, Home, Json, settings
+
+app = typer.Typer(help="Fit, evaluate and manage the routers that compose adapters at run time.", no_args_is_help=True)
+
+
+def parse_settings(items: list[str] | None) -> dict[str, str]:
+    """`--set key=value` pairs -> a config dict (pydantic coerces the strings)."""
+    from loraplex.errors import InvalidSpec
+
+    cfg: dict[str, str] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise InvalidSpec(f"--set takes key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        cfg[k.strip().replace("-", "_")] = v.strip()
+    return cfg
+
+
+def _fmt_pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+@app.command()
+def fit(
+    name: Annotated[str, typer.Argument(help="Name to store the router under.")],
+    router: Annotated[str, typer.Option("--router", help="Router method: token-gate, mixer or rank.")],
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated registered adapters to route over.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks, one per adapter (default: each adapter's own task); with no adapters, the tasks a joint router learns.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 200,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts (ranks, for rank) selected per token.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="Train the experts with the router (mixer, rank).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Router option key=value (repeatable), e.g. temperature=2.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
+    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: as many as the smallest task has, so tasks are balanced).")] = None,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the evaluation after fitting.")] = 200,
+    val_limit: Annotated[int, typer.Option("--val-limit", help="Validation examples (all tasks together) checked during training.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    base: Base = None,
+    devices: Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")] = "1",
+    strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")] = "32-true",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Train a router on its adapters' tasks (Lightning), evaluate it, store it with the adapters it routes."""
+    from loraplex import api
+
+    cfg: dict = parse_settings(set_)
+    if top_k is not None:
+        cfg["top_k"] = top_k
+    if joint:
+        cfg["joint"] = True
+    res = api.fit_router(
+        name, router=router, adapters=api.parse_list(adapters), tasks=api.parse_list(tasks) or None, base=base,
+        config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
+        train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
+        strategy=strategy, precision=precision, progress=not quiet and not json,
+    )
+    m = res.metrics
+    if json:
+        out.emit_json({"name": res.record.name, "method": res.record.method, "members": list(res.record.members),
+                       "metrics": m, "run_dir": str(res.run_dir)})
+        return
+    out.line(f"fitted router [bold]{res.record.name}[/bold] ({res.record.method}) over "
+             f"{', '.join(res.record.members) or 'its own experts'} in {m['train_seconds']:.1f}s ({m['steps']} steps); "
+             f"logs in {res.run_dir}")
+    _eval_table(m["per_task"], m["routing_accuracy"], m["accuracy"], m["oracle_accuracy"])
+
+
+def _eval_table(rows, routing, acc, oracle) -> None:
+    table = [{"task": r["task"], "adapter": r["adapter"], "n": r["n"], "routing": _fmt_pct(r["routing_accuracy"]),
+              "routed acc": _fmt_pct(r["accuracy"]), "adapter alone": _fmt_pct(r["oracle_accuracy"])} for r in rows]
+    out.table(table, ["task", "adapter", "n", "routing", "routed acc", "adapter alone"])
+    out.line(f"routing accuracy {_fmt_pct(routing)}, routed accuracy {_fmt_pct(acc)} "
+             f"(each adapter alone: {_fmt_pct(oracle)})")
+
+
+@app.command("eval")
+def eval_(
+    name: Annotated[str, typer.Argument(help="Router name.")],
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the router's).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Examples per task.")] = None,
+    home: Home = None,
+    json: Json = False,
+) -> None:
+    """Routing accuracy and the routed model's accuracy next to each adapter used alone on its task."""
+    from loraplex import api
+
+    res = api.evaluate_router(name, tasks=api.parse_list(tasks) or None, split=split, limit=limit, settings=settings(home))
+    if json:
+        out.emit_json(res)
+        return
+    out.line(f"router [bold]{name}[/bold] ({res['method']}, base {res['base']}) on the {split} split:")
+    _eval_table(res["tasks"], res["routing_accuracy"], res["accuracy"], res["oracle_accuracy"])
+
+
+@app.command("list")
+def list_(home: Home = None, json: Json = False) -> None:
+    """List the stored routers."""
+    from loraplex import api
+
+    s = settings(home)
+    recs = api.list_routers(s)
+    rows = [{"name": r.name, "method": r.method, "base": r.base, "adapters": ", ".join(r.members) or "(own experts)",
+             "routing": r.metrics.get("routing_accuracy"), "accuracy": r.metrics.get("accuracy"),
+             "created": r.created_at} for r in recs]
+    if json:
+        out.emit_json(rows)
+        return
+    if not rows:
+        out.line(f"no routers in {s.home}")
+        return
+    out.table(rows, ["name", "method", "base", "adapters", "routing", "accuracy", "created"],
+              title=f"{len(rows)} router(s) in {s.home}", max_width={"adapters": 50})
+
+
+@app.command()
+def show(name: Annotated[str, typer.Argument(help="Router name.")], home: Home = None, json: Json = False) -> None:
+    """Show a router's record: method, config, adapters, metrics."""
+    from loraplex import api
+
+    info = api.show_router(name, settings(home))
+    if json:
+        out.emit_json(info)
+        return
+    m = info["metrics"]
+    out.kv({"name": info["name"], "method": info["method"], "base": info["base"], "config": info["config"],
+            "adapters": info["members"] or "(own experts)", "tasks": info["extra"].get("tasks"),
+            "joint": info["extra"].get("joint"), "routing accuracy": m.get("routing_accuracy"),
+            "accuracy": m.get("accuracy"), "adapters alone": m.get("oracle_accuracy"), "steps": m.get("steps"),
+            "blob": info["blob"][:16], "created": info["created_at"]}, title=f"router {name}")
+
+
+@app.command()
+def remove(name: Annotated[str, typer.Argument(help="Router name.")], home: Home = None) -> None:
+    """Remove a stored router (the adapters stay)."""
+    from loraplex import api
+
+    rec = api.remove_router(name, settings(home))
+    out.line(f"removed router {rec.name}")

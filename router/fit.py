@@ -1,0 +1,209 @@
+"""Fitting a learned router with Lightning, evaluating it, and storing it in the registry.
+
+`fit_router` (what `loraplex router fit` runs):
+1. loads the adapters (one base, fingerprints checked) into a bank, or, for a joint router given no
+   adapters, creates fresh experts in the base's attention projections;
+2. attaches the router's gates (one per adapted projection); only the gates require gradients, plus the
+   experts when the router trains them jointly (`joint=True`);
+3. trains with `ContinualModule` (task loss of the routed model + the router's auxiliary loss, each
+   logged) on the mixed training rows of the tasks (balanced: as many rows from each task as the
+   smallest has, capped by `train_limit`), `on_task_forward` telling the gates which expert's
+   task each forward's rows belong to, with the shared Lightning trainer (progress bar, CSV logs,
+   trainable-only checkpoints under `<home>/runs/<name>-<time>`);
+4. evaluates on the tasks' test splits: routing accuracy, routed accuracy and each adapter alone (oracle);
+5. stores a router record (config, members, metrics, gate weights in safetensors; joint experts too),
+   in one registry transaction, last, so a failure leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from loraplex.errors import AlreadyExists, ComponentNotFound, IncompatibleAdapter, UserInputError
+
+
+@dataclass
+class RouterFitResult:
+    record: Any
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def _tasks_for(recs, tasks: Sequence[str] | None):
+    from loraplex.data import load_task
+
+    if tasks:
+        if len(tasks) != len(recs):
+            raise UserInputError(f"--tasks names {len(tasks)} task(s) for {len(recs)} adapter(s); give one per adapter, in order")
+        refs = list(tasks)
+    else:
+        refs = []
+        for r in recs:
+            if not r.task:
+                raise UserInputError(f"adapter {r.name!r} has no task on record; name the tasks with --tasks (one per adapter)")
+            refs.append(r.task)
+    loaded = [load_task(t) for t in refs]
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"two adapters share task {next(n for n in names if names.count(n) > 1)!r}; "
+                             "a router needs one task per adapter")
+    return loaded
+
+
+def fit_router(
+    name: str,
+    *,
+    method: str,
+    adapters: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
+    base: str | None = None,
+    config: dict[str, Any] | None = None,
+    train_config: Any = None,
+    eval_limit: int | None = 200,
+    settings=None,
+    log=None,
+) -> RouterFitResult:
+    import lightning as L
+
+    from loraplex.api import open_registry
+    from loraplex.continual.fit import TrainConfig, make_loader, make_trainer, rows_of
+    from loraplex.continual.module import ContinualModule
+    from loraplex.data import load_task
+    from loraplex.experts.layers import extract, inject, inject_new, routed_layers
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.models import load_base, resolve_base
+    from loraplex.registry.record import validate_name
+    from loraplex.router.base import ROUTERS, LearnedRouter
+    from loraplex.router.load import load_members, task_signatures
+    from loraplex.router.model import RoutedModel
+    from loraplex.settings import Settings
+
+    s = settings or Settings.load()
+    validate_name(name, "router")
+    reg = open_registry(s)
+    if _has(reg, name):
+        raise AlreadyExists(f"a router named {name!r} already exists")
+    entry = ROUTERS.get(method)
+    cfg = entry.make_config(config or {})
+    if not issubclass(entry.factory, LearnedRouter):
+        raise UserInputError(f"router {method!r} needs no training: query with `--router {method} --adapters ...`")
+    tc = train_config or TrainConfig()
+    adapters = list(adapters)
+    recs: list = []
+    fresh_spec = None
+    if adapters:
+        lb, recs, ads = load_members(reg, adapters, s)
+        if base is not None and resolve_base(base).name != lb.ref.name:
+            raise IncompatibleAdapter(f"adapters {', '.join(adapters)} are of base {lb.ref.name!r}, not {base!r}")
+        task_objs = _tasks_for(recs, tasks)
+        inject(lb.model, ads)
+        expert_tasks = list(task_objs)
+        expert_names = list(adapters)
+        joint = bool(getattr(cfg, "joint", False))
+    else:
+        if not entry.factory.joint_capable:
+            raise UserInputError(f"router {method!r} routes registered adapters: name them with --adapters")
+        if not tasks:
+            raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
+        task_objs = [load_task(t) for t in tasks]
+        if len({t.name for t in task_objs}) != len(task_objs):
+            raise UserInputError("a task is listed twice in --tasks")
+        cfg = cfg.model_copy(update={"joint": True})
+        lb = load_base(resolve_base(base or "minilm"), s)
+        n, r = entry.factory.fresh_experts(cfg, len(task_objs))
+        fresh_spec = LoraSpec(r=r, alpha=2.0 * r)
+        modules = fresh_spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
+        inject_new(lb.model, fresh_spec, modules, n_experts=n, seed=tc.seed)
+        supervised = n == len(task_objs) and getattr(cfg, "gate_loss", 0) > 0
+        expert_tasks = list(task_objs) if supervised else [None] * n
+        expert_names = [f"{name}/expert-{e}" for e in range(n)]
+        joint = True
+    L.seed_everything(tc.seed, verbose=False)  # gate initialisation, shuffling and dropout follow the seed
+    router: LearnedRouter = entry.factory(cfg)
+    for layer in routed_layers(lb.model).values():
+        for p in layer.bank.parameters():
+            p.requires_grad_(joint)
+    router.attach(lb.model)
+    router.set_expert_tasks([t.name if t is not None else None for t in expert_tasks])
+    for p in router.parameters():
+        p.requires_grad_(True)
+
+    # ---- train -------------------------------------------------------------------------------
+    run_dir = s.home / "runs" / f"router-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # balanced tasks: each contributes as many training rows as the smallest (capped by train_limit), so
+    # the gates do not learn the tasks' sizes as a prior
+    per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
+    train_rows = [row for t in task_objs for row in rows_of(t, "train", per_task)]
+    val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
+    if not train_rows:
+        raise UserInputError("the tasks have no training examples")
+    from loraplex.heads import head_for
+
+    head = head_for(lb)
+    module = ContinualModule(lb.model, lb.tokenizer, head, {t.name: t for t in task_objs}, lr=tc.lr,
+                             warmup=tc.warmup, total_steps=tc.steps, on_task_forward=router.ctx.set_task)
+    trainer = make_trainer(tc, run_dir, device=s.resolved_device())
+    t0 = time.perf_counter()
+    lb.model.train()
+    trainer.fit(module, train_dataloaders=make_loader(train_rows, tc.batch_size, shuffle=True, seed=tc.seed),
+                val_dataloaders=make_loader(val_rows, 64, shuffle=False))
+    seconds = time.perf_counter() - t0
+    lb.model.eval()
+    router.ctx.set_task(None)
+
+    # ---- evaluate ----------------------------------------------------------------------------
+    sig = task_signatures(reg, task_objs)
+    rm = RoutedModel(lb, expert_names, expert_tasks, router=router, record=None, task_pool=task_objs,
+                     task_signatures=sig, embedder=None)
+    ev = rm.evaluate(task_objs, split="test", limit=eval_limit, oracle=not (joint and not adapters))
+    metrics = {
+        "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),
+        "train_loss": _last(trainer.callback_metrics, "loss/task"),
+        "router_aux": _last(trainer.callback_metrics, "loss/router_aux"),
+        "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
+        "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
+        "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
+    }
+
+    # ---- store -------------------------------------------------------------------------------
+    tensors = {f"gate.{k}": v for k, v in router.state_tensors().items()}
+    tensors["task_sig"] = torch.from_numpy(sig)
+    extra: dict[str, Any] = {
+        "tasks": [t.ref if t is not None else None for t in expert_tasks],
+        "task_pool": [t.ref for t in task_objs], "base_sha": lb.fingerprint.sha, "joint": joint,
+        "expert_names": expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
+    }
+    if joint:
+        specs = []
+        for e in range(len(expert_names)):
+            spec = recs[e].spec if recs else fresh_spec
+            ad = extract(lb.model, spec, e)
+            tensors.update({f"expert.{e}.{k}": v for k, v in ad.state_dict().items()})
+            specs.append(spec.model_dump(mode="json"))
+        extra["expert_specs"] = specs
+    rec = reg.put_component("router", name, method=method, base=lb.ref.name, config=cfg.model_dump(mode="json"),
+                            tensors=tensors, members=adapters, metrics=metrics, extra=extra)
+    return RouterFitResult(rec, metrics, run_dir)
+
+
+def _has(reg, name: str) -> bool:
+    try:
+        reg.get_component("router", name)
+        return True
+    except ComponentNotFound:
+        return False
+
+
+def _r(v):
+    return None if v is None else round(float(v), 4)
+
+
+def _last(metrics: dict, key: str):
+    v = metrics.get(key)
+    return None if v is None else round(float(v), 5)

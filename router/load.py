@@ -1,0 +1,219 @@
+"""Building a RoutedModel from the registry: a stored router, retrieval over adapters, or a plain bank.
+
+A stored router record (kind "router") holds:
+- `members`: the registered adapters it routes over, in bank order (empty for experts trained from scratch);
+- tensors `gate.<projection>.<param>`: the per-layer gate modules' state;
+- for joint routers, tensors `expert.<e>.<projection>.lora_{A,B}.weight`: the experts as trained, with
+  their specs in `extra["expert_specs"]`;
+- `task_sig` (n_tasks, D): signatures of the tasks it was fitted on (for experts without a task);
+- `extra`: `tasks` (task refs, one per expert or None), `task_pool`, `base_sha`, `joint`.
+
+Every load checks what a stored router depends on: its adapters still exist, share its base, and that
+base's fingerprint is the one it was fitted against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from loraplex.errors import IncompatibleAdapter, IntegrityError, UserInputError
+
+
+def _load_task(ref: str | None):
+    from loraplex.data import load_task
+
+    return load_task(ref) if ref else None
+
+
+def load_members(reg, names: Sequence[str], settings):
+    """Records and adapters of `names` on their common base: (LoadedBase, records, adapters)."""
+    from loraplex.models import load_base
+
+    if not names:
+        raise UserInputError("no adapters to route over")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if list(names).count(n) > 1)
+        raise UserInputError(f"adapter {dup!r} is listed twice")
+    loaded = [reg.load_adapter(n) for n in names]
+    bases = {rec.base_sha for rec, _ in loaded}
+    if len(bases) > 1:
+        pairs = ", ".join(f"{rec.name} ({rec.base})" for rec, _ in loaded)
+        raise IncompatibleAdapter(f"adapters of different base models cannot be routed together: {pairs}")
+    lb = load_base(loaded[0][0].base, settings)
+    for rec, ad in loaded:
+        if lb.fingerprint.sha != rec.base_sha:
+            raise IncompatibleAdapter(
+                f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its fingerprint differs)")
+        ad.check_fits(lb.fingerprint, name=f"adapter {rec.name!r}")
+    return lb, [rec for rec, _ in loaded], [ad for _, ad in loaded]
+
+
+def _check_base(rec_base: str, base: str | None, what: str) -> None:
+    from loraplex.models import resolve_base
+
+    if base is not None and resolve_base(base).name != rec_base:
+        raise IncompatibleAdapter(f"{what} routes adapters of base {rec_base!r}, not {base!r}")
+
+
+def _embedder(reg):
+    from loraplex.embedders import get_embedder
+
+    return get_embedder(reg.embedder_name)
+
+
+def load_router(reg, name: str, settings, *, base: str | None = None, shortlist: int | None = None,
+                texts: Sequence[str] | None = None):
+    """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked)."""
+    from loraplex.experts.layers import inject
+    from loraplex.experts.spec import Adapter, LoraSpec
+    from loraplex.models import load_base
+    from loraplex.router.base import ROUTERS
+    from loraplex.router.model import RoutedModel
+    from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
+
+    rec, tensors = reg.load_component("router", name)
+    _check_base(rec.base, base, f"router {name!r}")
+    entry = ROUTERS.get(rec.method)
+    router = entry.factory(entry.make_config(rec.config))
+    extra = rec.extra
+    expert_refs: list[str | None] = list(extra.get("tasks", []))
+    gate_t = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
+    if extra.get("joint"):
+        lb = load_base(rec.base, settings)
+        if lb.fingerprint.sha != extra.get("base_sha"):
+            raise IncompatibleAdapter(f"router {name!r}: base {rec.base!r} has changed since it was fitted")
+        specs = [LoraSpec(**s) for s in extra["expert_specs"]]
+        experts: list = []
+        for e, spec in enumerate(specs):
+            p = f"expert.{e}."
+            experts.append(Adapter.from_state_dict(spec, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)},
+                                                   where=f"router {name!r} expert {e}"))
+        ranks = None
+        if router.slot == "rank":  # keep the stored rank layout (gates are per rank)
+            ranks = {m: int(v.shape[0]) // len(experts) for m, v in _gate_weights(gate_t).items()}
+        inject(lb.model, experts, rank=ranks)
+        expert_names = list(extra.get("expert_names") or [f"{name}/expert-{e}" for e in range(len(experts))])
+        keep = list(range(len(experts)))
+    else:
+        members = list(rec.members)
+        missing = [m for m in members if not reg.has_adapter(m)]
+        if missing:
+            raise IntegrityError(f"router {name!r} routes over adapters that are gone: {', '.join(missing)}")
+        keep = list(range(len(members)))
+        if shortlist is not None and shortlist < len(members):
+            if not texts:
+                raise UserInputError("a shortlist needs the queries it is drawn for")
+            ret = RetrievalRouter(RetrievalConfig())
+            keep = ret.shortlist(ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members)), shortlist)
+            keep.sort()
+        ranks = None
+        if router.slot == "rank":
+            full = len(members)
+            ranks = {m: int(v.shape[0]) // full for m, v in _gate_weights(gate_t).items()}
+        lb, recs, ads = load_members(reg, [members[i] for i in keep], settings)
+        if any(r.base != rec.base for r in recs) or (extra.get("base_sha") and lb.fingerprint.sha != extra["base_sha"]):
+            raise IncompatibleAdapter(f"router {name!r} was fitted on base {rec.base!r}; its adapters are now of another base")
+        inject(lb.model, ads, rank=ranks, modules=sorted(_gate_weights(gate_t)))
+        expert_names = [members[i] for i in keep]
+        expert_refs = [expert_refs[i] if i < len(expert_refs) else None for i in keep]
+    n_full = len(experts) if extra.get("joint") else len(rec.members)
+    _build_gates(router, lb.model, gate_t, n_full)
+    router.load_tensors(gate_t)
+    if len(keep) != n_full:
+        router.keep_experts(keep)
+    router.attach(lb.model)
+    tasks = [_load_task(r) for r in expert_refs]
+    pool = [_load_task(r) for r in extra.get("task_pool", [])]
+    sig = tensors.get("task_sig")
+    return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,
+                       task_signatures=sig.numpy() if sig is not None else None)
+
+
+def _gate_weights(gate_t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """projection name -> its gate's weight tensor."""
+    return {k[: -len(".weight")]: v for k, v in gate_t.items() if k.endswith(".weight")}
+
+
+class _Shape:
+    """Stands in for a RoutedLinear when a gate is rebuilt from stored tensors (full expert count)."""
+
+    def __init__(self, d_in: int, n_experts: int, rank: int, valid: torch.Tensor | None):
+        from types import SimpleNamespace
+
+        mask = valid.float() if valid is not None else torch.ones(n_experts * rank)
+        self.bank = SimpleNamespace(d_in=d_in, n_experts=n_experts, rank=rank, rank_mask=mask)
+
+
+def _build_gates(router, model, gate_t: dict[str, torch.Tensor], n_full: int) -> None:
+    """Create the router's gates with the shapes they were stored with (before any shortlist)."""
+    from loraplex.experts.layers import routed_layers
+
+    weights = _gate_weights(gate_t)
+    layers = routed_layers(model)
+    if set(weights) != set(layers):
+        odd = sorted(set(weights) ^ set(layers))[0]
+        raise IntegrityError(f"router weights and adapters disagree on projection {odd!r}")
+    for name, w in weights.items():
+        if router.slot == "rank":
+            E, R = n_full, int(w.shape[0]) // n_full
+        else:
+            E, R = int(w.shape[0]), 1
+        g = router.make_gate(_Shape(int(w.shape[1]), E, R, gate_t.get(f"{name}.valid")))
+        router.gates[name] = g.to(layers[name].bank.A.device)
+
+
+def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequence[str], base: str | None = None,
+                   config: dict[str, Any] | None = None):
+    """A RoutedModel routing by signature retrieval over `adapters` (default: the registry, via faiss)."""
+    from loraplex.experts.layers import inject
+    from loraplex.router.base import ROUTERS
+    from loraplex.router.model import RoutedModel
+    from loraplex.router.retrieval import Signatures
+
+    ret = ROUTERS.build("retrieval", config or {})
+    emb = _embedder(reg)
+    if adapters:
+        names = list(adapters)
+        for n in names:
+            reg.get_adapter(n)  # AdapterNotFound with a clear message
+        if base is not None:
+            for n in names:
+                _check_base(reg.get_adapter(n).base, base, f"adapter {n!r} is of another base: retrieval")
+    else:
+        if reg.count() == 0:
+            raise UserInputError(f"no adapters registered in {reg.home}; register or train some first")
+        from loraplex.models import resolve_base
+
+        names = ret.candidates(reg, emb.encode(list(texts)), base=resolve_base(base).name if base else None)
+        if not names:
+            raise UserInputError(f"no adapters of base {base!r} in the registry")
+    sig = Signatures.of(reg, names)
+    lb, recs, ads = load_members(reg, names, settings)
+    inject(lb.model, ads)
+    tasks = [_load_task(r.task) for r in recs]
+    return RoutedModel(lb, names, tasks, retrieval=ret, signatures=sig, embedder=emb)
+
+
+def load_bank(reg, names: Sequence[str], settings):
+    """A RoutedModel with the adapters in a bank and no router (for heterogeneous batches)."""
+    from loraplex.experts.layers import inject
+    from loraplex.router.model import RoutedModel
+
+    lb, recs, ads = load_members(reg, names, settings)
+    inject(lb.model, ads)
+    return RoutedModel(lb, list(names), [_load_task(r.task) for r in recs], embedder=_embedder(reg))
+
+
+def task_signatures(reg, tasks: Sequence[Any]) -> np.ndarray:
+    """(n_tasks, D) unit signatures of tasks: mean of description embedding and training-input prototype."""
+    emb = _embedder(reg)
+    out = []
+    for t in tasks:
+        d = emb.encode([t.description])[0]
+        texts = [e.text for e in t.train[:256]]
+        v = d + (emb.encode(texts).mean(0) if texts else 0)
+        out.append(v / max(float(np.linalg.norm(v)), 1e-9))
+    return np.stack(out).astype(np.float32)

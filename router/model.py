@@ -1,0 +1,352 @@
+"""RoutedModel: a base model with a bank of E experts and a router, that answers queries and says how it routed.
+
+The answer to a query (see `RoutedModel.answer`):
+1. the query is routed: a learned router gates every token in every adapted projection; retrieval sets
+   one constant gate vector per query;
+2. the query's adapter is the one with the largest mean gate weight over its tokens (padding excluded)
+   and over the routed projections; its task gives the label set (an expert without a task, e.g. a rank
+   LoRA trained from scratch, borrows the nearest of the router's tasks by signature);
+3. an encoder scores the routed model's embedding of the query against that task's label anchors; a
+   causal LM does rank classification over that task's labels, or generates when the task has no
+   label set (or there is no task at all).
+
+`route(texts)` gives the trace: per token the adapter with the largest weight (mean over layers), per
+transformer block the adapter with the largest mean weight over the tokens, and per query the mean
+weight of every adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from loraplex.experts.layers import routed_layers, use_gates
+
+
+@dataclass
+class RowRoute:
+    """How one query was routed."""
+
+    weights: np.ndarray  # (E,) mean weight of each expert over tokens and layers
+    tokens: list[tuple[str, int, float]] = field(default_factory=list)  # (token, expert, weight)
+    layers: list[tuple[str, int, float]] = field(default_factory=list)  # (block, expert, weight)
+
+    @property
+    def top(self) -> int:
+        return int(np.argmax(self.weights))
+
+
+@dataclass
+class _Call:
+    ids: torch.Tensor | None  # (B, T)
+    mask: torch.Tensor | None  # (B, T)
+    per_layer: dict[str, torch.Tensor] | None  # layer -> (B, T, E) per-adapter weights
+
+
+class Recorder:
+    """Records, for every forward of `model` that routes, its input ids, mask and per-layer routing."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = routed_layers(model)
+        self.calls: list[_Call] = []
+        self._ids = self._mask = None
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        m = kwargs.get("attention_mask")
+        self._ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) else None
+        self._mask = m.detach().bool().cpu() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        for layer in self.layers.values():
+            layer.last_routing = None
+
+    def _post(self, module, args, kwargs, output):
+        if not any(layer.enabled for layer in self.layers.values()):
+            return  # the bare base (label anchors): not a routed forward
+        per = {n: l.last_routing.per_adapter().cpu() for n, l in self.layers.items() if l.last_routing is not None}
+        self.calls.append(_Call(self._ids, self._mask, per or None))
+
+    @contextmanager
+    def recording(self) -> Iterator["Recorder"]:
+        old = {n: l.record for n, l in self.layers.items()}
+        h1 = self.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        h2 = self.model.register_forward_hook(self._post, with_kwargs=True)
+        try:
+            for layer in self.layers.values():
+                layer.record = True
+            yield self
+        finally:
+            h1.remove()
+            h2.remove()
+            for n, layer in self.layers.items():
+                layer.record = old[n]
+                layer.last_routing = None
+
+
+def block_of(layer: str) -> str:
+    """The transformer block a projection belongs to: the name up to its first numeric component."""
+    m = re.match(r"^(.*?\.\d+)(\.|$)", layer)
+    return m.group(1) if m else layer
+
+
+@contextmanager
+def routers_off(model) -> Iterator[None]:
+    """Learned routers detached during the block (static gates then decide, e.g. an oracle's one-hot)."""
+    layers = list(routed_layers(model).values())
+    old = [layer.router for layer in layers]
+    try:
+        for layer in layers:
+            layer.router = None
+        yield
+    finally:
+        for layer, r in zip(layers, old):
+            layer.router = r
+
+
+class RoutedModel:
+    """A loaded base with E experts and a router (learned gates, or retrieval's static gates)."""
+
+    def __init__(self, lb, experts: list[str], expert_tasks: list[Any], *, router=None, retrieval=None,
+                 signatures=None, embedder=None, record=None, task_pool: Sequence[Any] = (),
+                 task_signatures: np.ndarray | None = None):
+        from loraplex.heads import head_for
+
+        self.lb = lb
+        self.head = head_for(lb)
+        self.experts = list(experts)
+        self.expert_tasks = list(expert_tasks)
+        self.router = router
+        self.retrieval = retrieval
+        self.signatures = signatures
+        self.embedder = embedder
+        self.record = record
+        self.task_pool = list(task_pool)
+        self.task_signatures = task_signatures
+        self.lb.model.eval()
+
+    @property
+    def model(self):
+        return self.lb.model
+
+    @property
+    def tokenizer(self):
+        return self.lb.tokenizer
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    # ---- gates -------------------------------------------------------------------------------
+    def static_gates(self, texts: Sequence[str]) -> torch.Tensor | None:
+        """(N, 1, E) retrieval gates for the texts, or None for a learned router."""
+        if self.retrieval is None:
+            return None
+        q = self.embedder.encode(list(texts))
+        g = self.retrieval.gates(self.retrieval.scores(q, self.signatures))  # (N, E)
+        return torch.from_numpy(g).to(self.lb.device).unsqueeze(1)
+
+    def one_hot(self, experts: Sequence[int]) -> torch.Tensor:
+        """(N, 1, E) gates selecting one expert per row (a heterogeneous batch)."""
+        g = torch.zeros(len(experts), 1, self.n_experts, device=self.lb.device)
+        g[torch.arange(len(experts)), 0, torch.as_tensor(list(experts))] = 1.0
+        return g
+
+    # ---- routing and traces ------------------------------------------------------------------
+    def _rows_from_call(self, call: _Call, static: torch.Tensor | None, trace: bool) -> list[RowRoute]:
+        B = call.ids.shape[0] if call.ids is not None else static.shape[0]
+        mask = call.mask if call.mask is not None else torch.ones(call.ids.shape, dtype=torch.bool)
+        if call.per_layer:
+            names = sorted(call.per_layer)
+            stack = torch.stack([call.per_layer[n] for n in names])  # (L, B, T, E)
+        else:  # static gates: the same weights for every token and layer
+            names = sorted(routed_layers(self.model))
+            g = static[:, 0].float().cpu()
+            g = g.abs() / g.abs().sum(-1, keepdim=True).clamp_min(1e-12)  # (B, E)
+            stack = g[None, :, None, :].expand(len(names), B, mask.shape[1], -1)
+        m = mask.float()[None, :, :, None]  # (1, B, T, 1)
+        per_token = (stack * m).mean(0)  # (B, T, E)
+        row_w = per_token.sum(1) / mask.float().sum(1, keepdim=True).clamp_min(1.0)  # (B, E)
+        rows = []
+        for b in range(B):
+            r = RowRoute(row_w[b].numpy())
+            if trace:
+                valid = mask[b].nonzero().flatten().tolist()
+                toks = self.tokenizer.convert_ids_to_tokens(call.ids[b].tolist()) if call.ids is not None else []
+                special = set(self.tokenizer.all_special_tokens)
+                for t in valid:
+                    if t < len(toks) and toks[t] not in special:
+                        w, e = per_token[b, t].max(-1)
+                        r.tokens.append((toks[t], int(e), float(w)))
+                blocks: dict[str, list[int]] = {}
+                for i, n in enumerate(names):
+                    blocks.setdefault(block_of(n), []).append(i)
+                denom = mask[b].float().sum().clamp_min(1.0)
+                for blk, idx in blocks.items():
+                    wb = (stack[idx, b] * mask[b].float()[None, :, None]).sum((0, 1)) / (denom * len(idx))  # (E,)
+                    w, e = wb.max(-1)
+                    r.layers.append((blk, int(e), float(w)))
+            rows.append(r)
+        return rows
+
+    @torch.no_grad()
+    def route(self, texts: Sequence[str], *, trace: bool = False, static: torch.Tensor | None = None) -> list[RowRoute]:
+        """How each text is routed (one forward through the routed model)."""
+        if static is None:
+            static = self.static_gates(texts)
+        rec = Recorder(self.model)
+        with rec.recording(), use_gates(self.model, static):
+            self.head.hidden(self.model, self.tokenizer, list(texts))
+        call = next(c for c in rec.calls)
+        return self._rows_from_call(call, static, trace)
+
+    # ---- answers -----------------------------------------------------------------------------
+    def task_of(self, text_rows: Sequence[str], routes: Sequence[RowRoute]) -> list[Any]:
+        """The task whose label set answers each query (its top expert's task, else the nearest router task)."""
+        out: list[Any] = [self.expert_tasks[r.top] for r in routes]
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing and self.task_pool and self.task_signatures is not None and self.embedder is not None:
+            q = self.embedder.encode([text_rows[i] for i in missing])  # (M, D)
+            best = np.argmax(q @ self.task_signatures.T, axis=1)
+            for i, j in zip(missing, best):
+                out[i] = self.task_pool[int(j)]
+        return out
+
+    @torch.no_grad()
+    def answer(self, texts: Sequence[str], *, trace: bool = False) -> list[dict[str, Any]]:
+        """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}."""
+        texts = list(texts)
+        static = self.static_gates(texts)
+        routes = self.route(texts, trace=trace, static=static)
+        tasks = self.task_of(texts, routes)
+        answers: list[Any] = [None] * len(texts)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(id(t), []).append(i)
+        for rows in groups.values():
+            task = tasks[rows[0]]
+            sub = [texts[i] for i in rows]
+            g = static[rows] if static is not None else None
+            with use_gates(self.model, g):
+                labels = self._answer_group(sub, task)
+            for i, a in zip(rows, labels):
+                answers[i] = a
+        out = []
+        for i, (text, r) in enumerate(zip(texts, routes)):
+            ads = [{"name": self.experts[e], "weight": round(float(w), 4)}
+                   for e, w in sorted(enumerate(r.weights), key=lambda x: -x[1]) if w > 5e-4]
+            item = {"query": text, "task": tasks[i].name if tasks[i] is not None else None, "answer": answers[i],
+                    "adapters": ads}
+            if trace:
+                item["tokens"] = [{"token": t, "adapter": self.experts[e], "weight": round(w, 4)} for t, e, w in r.tokens]
+                item["layers"] = [{"layer": b, "adapter": self.experts[e], "weight": round(w, 4)} for b, e, w in r.layers]
+            out.append(item)
+        return out
+
+    def _answer_group(self, texts: list[str], task) -> list[Any]:
+        if task is not None and task.labels:
+            scores = self.head.scores(self.model, self.tokenizer, texts, task)  # (N, L)
+            return [task.labels[i] for i in scores.argmax(-1).tolist()]
+        if hasattr(self.head, "generate"):
+            return self.head.generate(self.model, self.tokenizer, texts, task)
+        return [None] * len(texts)
+
+    # ---- heterogeneous batch -----------------------------------------------------------------
+    @torch.no_grad()
+    def answer_each(self, texts: Sequence[str], experts: Sequence[int | str]) -> list[Any]:
+        """Answer row i with expert experts[i] alone (one forward for an encoder: gates (N, 1, E) one-hot)."""
+        idx = [self.experts.index(e) if isinstance(e, str) else int(e) for e in experts]
+        tasks = [self.expert_tasks[i] for i in idx]
+        texts = list(texts)
+        with routers_off(self.model), use_gates(self.model, self.one_hot(idx)):
+            if hasattr(self.head, "encode"):
+                emb = self.head.encode(self.model, self.tokenizer, texts)  # (N, D), one routed forward
+                out = []
+                for i, t in enumerate(tasks):
+                    if t is None or not t.labels:
+                        out.append(None)
+                        continue
+                    s = emb[i] @ self.head.anchors(self.model, self.tokenizer, t).T  # (L,)
+                    out.append(t.labels[int(s.argmax())])
+                return out
+        out: list[Any] = [None] * len(texts)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(id(t), []).append(i)
+        for rows in groups.values():
+            g = self.one_hot([idx[i] for i in rows])
+            with routers_off(self.model), use_gates(self.model, g):
+                res = self._answer_group([texts[i] for i in rows], tasks[rows[0]])
+            for i, a in zip(rows, res):
+                out[i] = a
+        return out
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def scores_and_routes(self, texts: list[str], task) -> tuple[torch.Tensor, list[RowRoute]]:
+        """Label scores (N, L) on `task` and the routing of each text; one forward for encoders."""
+        static = self.static_gates(texts)
+        if hasattr(self.head, "encode"):
+            rec = Recorder(self.model)
+            with rec.recording(), use_gates(self.model, static):
+                scores = self.head.scores(self.model, self.tokenizer, texts, task)
+            return scores, self._rows_from_call(rec.calls[0], static, False)
+        routes = self.route(texts, static=static)
+        with use_gates(self.model, static):
+            scores = self.head.scores(self.model, self.tokenizer, texts, task)
+        return scores, routes
+
+    @torch.no_grad()
+    def evaluate(self, tasks: Sequence[Any], *, split: str = "test", limit: int | None = None,
+                 oracle: bool = True, batch_size: int = 64) -> dict[str, Any]:
+        """Routing accuracy, routed accuracy and (optionally) the oracle accuracy, per task and overall.
+
+        Routing accuracy: share of examples whose top expert (largest mean gate weight) is the one of
+        their own task. Routed accuracy is scored on the example's own task's labels. The oracle is the
+        task's own expert alone (one-hot gates, router detached).
+        """
+        from loraplex.heads import accuracy
+
+        rows, tot_route, tot_n = [], [0, 0], 0
+        was = self.model.training
+        self.model.eval()
+        try:
+            for task in tasks:
+                ex = list(task.split(split))[:limit] if limit else list(task.split(split))
+                if not ex:
+                    continue
+                own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.name == task.name), None)
+                correct = routed_ok = 0
+                for i in range(0, len(ex), batch_size):
+                    chunk = ex[i: i + batch_size]
+                    scores, routes = self.scores_and_routes([e.text for e in chunk], task)
+                    pred = scores.argmax(-1).tolist()
+                    correct += sum(int(p == task.label_index(e.label)) for p, e in zip(pred, chunk))
+                    routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0
+                row = {"task": task.name, "adapter": self.experts[own] if own is not None else None, "n": len(ex),
+                       "routing_accuracy": routed_ok / len(ex) if own is not None else None,
+                       "accuracy": correct / len(ex), "oracle_accuracy": None}
+                if oracle and own is not None:
+                    g = self.one_hot([own])
+                    with routers_off(self.model), use_gates(self.model, g):
+                        row["oracle_accuracy"] = accuracy(self.head, self.model, self.tokenizer, task, split, limit)["accuracy"]
+                if own is not None:
+                    tot_route[0] += routed_ok
+                    tot_route[1] += len(ex)
+                tot_n += len(ex)
+                rows.append(row)
+        finally:
+            self.model.train(was)
+        accs = [r["accuracy"] for r in rows]
+        orcs = [r["oracle_accuracy"] for r in rows if r["oracle_accuracy"] is not None]
+        return {
+            "tasks": rows,
+            "routing_accuracy": tot_route[0] / tot_route[1] if tot_route[1] else None,
+            "accuracy": sum(accs) / len(accs) if accs else None,
+            "oracle_accuracy": sum(orcs) / len(orcs) if orcs else None,
+            "n": tot_n,
+        }

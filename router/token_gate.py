@@ -1,0 +1,87 @@
+"""token-gate: MeteoRA token gating over frozen registered adapters.
+
+Xu, Lai, Huang, "MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models", arXiv 2405.13053.
+
+Every adapted projection gets its own gate, a bias-free linear map W_g (E, d_in). For a token's input
+h_t at that projection:
+
+    l_t   = W_g h_t                                   # (E,) one logit per adapter
+    K_t   = top-k(l_t)                                # k = 2 by default
+    g_t,e = exp(l_t,e / T) / sum_{j in K_t} exp(l_t,j / T)   for e in K_t, 0 otherwise
+    y_t   = W h_t + sum_{e in K_t} g_t,e * s_e * B_e A_e h_t
+
+(MeteoRA's fast path: softmax over the selected logits only, temperature T, k = 1 gives weight 1.)
+Routing is per token and per layer, so a prompt that joins texts of two tasks can switch adapters
+mid-sequence.
+
+Training (adapters frozen, only the gates learn), as MeteoRA does: the task loss of the routed model
+plus the gate loss, a cross-entropy between each gate's logits and the index of the adapter of the
+token's task, averaged over tokens and gates:
+
+    L = L_task + lambda * mean_layers mean_t CE(l_t, y_task(t))
+
+Here each training row is labelled with its task (ContinualModule calls `on_task_forward`); padding
+tokens are excluded through the attention mask. W_g starts at N(0, 0.02^2) (MeteoRA draws N(0, 1),
+which on 384-dim inputs gives near one-hot gates before any training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
+from loraplex.router.losses import gate_cross_entropy
+
+
+class TokenGateConfig(BaseModel):
+    """MeteoRA token gating."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    top_k: int = Field(2, ge=1)
+    """Adapters mixed per token (k)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature over the selected logits (larger: flatter mixtures)."""
+    gate_loss: float = Field(1.0, ge=0)
+    """Weight of the gate cross-entropy on task-labelled tokens (MeteoRA's gate loss)."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation of the gates' initial weights."""
+
+
+class TokenGate(Gate):
+    """One projection's gate: logits W_g h, top-k, softmax with temperature over the selected logits."""
+
+    def __init__(self, ctx: RouteContext, d_in: int, n_experts: int, cfg: TokenGateConfig):
+        super().__init__(ctx, n_experts, 1)
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.randn(n_experts, d_in) * cfg.init_std)  # (E, d_in)
+
+    def forward(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
+        logits = F.linear(h.to(self.weight.dtype), self.weight)  # (B, T, E)
+        k = min(self.cfg.top_k, self.n_experts)
+        top, idx = logits.topk(k, dim=-1)  # (B, T, K)
+        w = torch.softmax(top / self.cfg.temperature, dim=-1)
+        gates = topk_scatter(w, idx, self.n_experts)  # (B, T, E)
+        aux = None
+        if self.training and self.ctx.target is not None and self.cfg.gate_loss > 0:
+            valid = self.ctx.valid(h)
+            aux = self.cfg.gate_loss * gate_cross_entropy(logits, self.ctx.target, valid) / self.ctx.n_layers
+        return Routing(gates, idx, aux, logits, self.n_experts)
+
+    def keep_experts(self, keep: torch.Tensor) -> None:
+        self.weight = nn.Parameter(self.weight.data[keep].clone(), requires_grad=self.weight.requires_grad)
+        self.n_experts = len(keep)
+
+
+@ROUTERS.register("token-gate", TokenGateConfig, summary="MeteoRA: a top-k gate per projection, per token")
+class TokenGateRouter(LearnedRouter):
+    """MeteoRA token gating (arXiv 2405.13053): trained on task-labelled tokens, adapters frozen."""
+
+    slot = "adapter"
+    method = "token-gate"
+
+    def make_gate(self, layer) -> Gate:
+        return TokenGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)

@@ -1,0 +1,120 @@
+"""The `loraplex generate` commands end to end on tiny random models, and their refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import registry_state
+
+from .conftest import TOY_TASKS, add_toy, write_task
+
+FAST = ["--set", "cvae.steps=150"]
+NEW_DESC = "Classify the sentiment of tweets about flights and trains, delays and late crews."
+
+
+def _json(r):
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_train_fit_generate_export_eval(cli, tiny_bert, tmp_path):
+    """Adapters trained by `loraplex train` (with their snapshots) -> `generate fit` -> `generate adapter`."""
+    root = tmp_path / "tasks"
+    root.mkdir()
+    files = {n: write_task(root, n, d, topic, n=60) for n, (d, topic) in TOY_TASKS.items()}
+    for n, f in files.items():
+        _json(cli("train", f, "--name", f"{n}-lora", "--base", tiny_bert, "--steps", "10", "--rank", "4",
+                  "--batch-size", "8", "--quiet", "--json"))
+    fit = _json(cli("generate", "fit", "g", "--method", "sg-lora", *FAST, "--json"))
+    assert fit["members"] == [f"{n}-lora" for n in TOY_TASKS] and fit["vectors"] == 15
+    out = _json(cli("generate", "adapter", NEW_DESC, "--generator", "g", "--name", "trains-lora", "--json"))
+    assert out["parents"][0]["name"] == "flights-lora" and out["method"] == "sg-lora"
+    show = _json(cli("adapters", "show", "trains-lora", "--json"))
+    assert show["origin"] == "generated" and show["extra"]["generator"] == "g"
+    assert {"kind": "generated-from", "target": "adapter:flights-lora"} in show["edges"]
+    assert [p["name"] for p in show["extra"]["parents"]] == [p["name"] for p in out["parents"]]
+    assert _json(cli("adapters", "search", "tweets about trains and delays", "-k", "1", "--json"))[0]["name"] == "trains-lora"
+    r = cli("adapters", "export", "trains-lora", tmp_path / "peft")
+    assert r.exit_code == 0 and (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    ev = _json(cli("eval", "trains-lora", "--task", files["flights"], "--json"))
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["n"] > 0
+    text = cli("generate", "adapter", NEW_DESC, "--generator", "g", "--name", "trains-2")
+    assert text.exit_code == 0 and "parents" in text.stdout and "flights-lora" in text.stdout
+    assert cli("registry", "check").exit_code == 0
+
+
+def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
+    f = tmp_path / "few.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
+                           [("great flight crew", "good"), ("awful late plane", "bad"), ("love the seat", "good")]) + "\n")
+    _json(cli("generate", "fit", "icm", "--method", "icm-lora", *FAST, "--json"))
+    out = _json(cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "few-lora", "--examples", f, "--json"))
+    assert out["method"] == "icm-lora" and len(out["parents"]) == 3
+    lst = _json(cli("generate", "list", "--json"))
+    assert [g["name"] for g in lst] == ["icm"]
+    # a generator's members cannot be removed while it exists; the generator can
+    before = registry_state(cli.home)
+    r = cli("adapters", "remove", "music-lora")
+    assert r.exit_code == 2 and "generator 'icm'" in r.stderr and registry_state(cli.home) == before
+    assert cli("generate", "remove", "icm").exit_code == 0
+    assert cli("adapters", "remove", "music-lora").exit_code == 0
+
+
+@pytest.fixture
+def fitted(cli, toy_registry):
+    _json(cli("generate", "fit", "g", "--method", "sg-lora", *FAST, "--json"))
+    return cli
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "fit", "x", "--method", "nope"], "unknown generator 'nope' (known: icm-lora, sg-lora)"),
+    (["generate", "fit", "g", "--method", "sg-lora"], "a generator named 'g' already exists"),
+    (["generate", "fit", "x", "--method", "sg-lora", "--adapters", "flights-lora"], "at least 2 adapters"),
+    (["generate", "fit", "x", "--method", "sg-lora", "--adapters", "flights-lora,ghost"], "no adapter named 'ghost'"),
+    (["generate", "fit", "x", "--method", "sg-lora", "--set", "top_k=0"], "invalid configuration for sg-lora: top_k"),
+    (["generate", "fit", "x", "--method", "sg-lora", "--set", "bogus=1"], "bogus: unknown key"),
+    (["generate", "fit", "x", "--method", "sg-lora", "--set", "nokey"], "--set takes KEY=VALUE"),
+    (["generate", "adapter", NEW_DESC, "--generator", "ghost", "--name", "n"], "no generator named 'ghost'"),
+    (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "flights-lora"], "already exists"),
+    (["generate", "adapter", "  ", "--generator", "g", "--name", "n"], "a description of the task is required"),
+    (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "bad/name"], "path separator"),
+    (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "n", "--examples", "/nonexistent.jsonl"], "no such examples file"),
+    (["generate", "adapter", "zebra quantum origami volcano", "--generator", "g", "--name", "n"],
+     "too far from every task generator 'g' learned from"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(fitted, args, message):
+    before = registry_state(fitted.home)
+    r = fitted(*args)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert registry_state(fitted.home) == before
+
+
+def test_out_of_range_message_states_distance_and_threshold(fitted):
+    r = fitted("generate", "adapter", "zebra quantum origami volcano", "--generator", "g", "--name", "n")
+    assert "cosine distance 1.000" in r.stderr or "cosine distance 0.9" in r.stderr
+    assert "beyond max_distance 0.55" in r.stderr
+
+
+def test_icm_lora_needs_examples(cli, toy_registry):
+    _json(cli("generate", "fit", "icm", "--method", "icm-lora", *FAST, "--json"))
+    before = registry_state(cli.home)
+    r = cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "n")
+    assert r.exit_code == 2 and "pass --examples FILE" in r.stderr and registry_state(cli.home) == before
+
+
+def test_a_member_with_another_layout_is_refused(cli, toy_registry, tiny_bert):
+    settings, reg = toy_registry
+    desc = "Classify the sentiment of tweets about the music festival, again."
+    add_toy(reg, settings, tiny_bert, "odd-rank", None, desc, seed=99, rank=2)
+    add_toy(reg, settings, tiny_bert, "odd-targets", None, desc, seed=98, targets=("query", "key", "value"))
+    before = registry_state(cli.home)
+    r = cli("generate", "fit", "x", "--method", "sg-lora", "--adapters", "flights-lora,music-lora,odd-rank")
+    assert r.exit_code == 2 and "adapter 'odd-rank' does not match the layout of 'flights-lora' at module" in r.stderr
+    assert "rank 2" in r.stderr and "rank 4" in r.stderr
+    r = cli("generate", "fit", "x", "--method", "sg-lora", "--adapters", "flights-lora,odd-targets")
+    assert r.exit_code == 2 and "its module 'encoder.layer.0.attention.self.key' is not in the layout" in r.stderr
+    r = cli("generate", "fit", "x", "--method", "icm-lora", "--adapters", "flights-lora,odd-rank")
+    assert r.exit_code == 2 and registry_state(cli.home) == before

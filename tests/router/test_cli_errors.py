@@ -1,0 +1,83 @@
+"""Bad input through the CLI: one clear line, a non-zero exit, no traceback, the registry unchanged."""
+
+import pytest
+
+from tests.conftest import make_peft_adapter, registry_state
+
+
+@pytest.fixture
+def two_bases(cli, tiny_bert, tiny_llama, peft_dirs, task_files, tmp_path):
+    """Adapters flights-lora, sports-lora (tiny BERT) and llama-lora (tiny Llama) registered through the CLI."""
+    for name in ("flights", "sports"):
+        r = cli("adapters", "register", peft_dirs[name], "--name", f"{name}-lora", "--description", f"{name} adapter",
+                "--task", task_files[name], "--base", tiny_bert)
+        assert r.exit_code == 0, r.output
+    d = make_peft_adapter(tiny_llama, tmp_path / "llama", targets=("q_proj", "v_proj"), causal=True)
+    r = cli("adapters", "register", d, "--name", "llama-lora", "--description", "a llama adapter", "--base", tiny_llama)
+    assert r.exit_code == 0, r.output
+    return cli
+
+
+def _fails(cli, args, code, *needles, input=None):
+    before = registry_state(cli.home)
+    r = cli(*args, input=input)
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for n in needles:
+        assert n in r.output, r.output
+    assert registry_state(cli.home) == before
+    return r
+
+
+def test_unknown_router_method(two_bases):
+    _fails(two_bases, ["router", "fit", "r", "--router", "gate-of-babel", "--adapters", "flights-lora"], 2,
+           "unknown router 'gate-of-babel'", "token-gate", "mixer", "rank")
+
+
+def test_unknown_stored_router_in_query(two_bases):
+    _fails(two_bases, ["query", "flight late", "--router", "nope"], 2, "no router named 'nope'", "--router retrieval")
+    _fails(two_bases, ["router", "eval", "nope"], 2, "no router named 'nope'")
+
+
+def test_unknown_adapter(two_bases):
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,ghost-lora"], 2,
+           "no adapter named 'ghost-lora'")
+    _fails(two_bases, ["query", "flight late", "--router", "retrieval", "--adapters", "ghost-lora"], 2,
+           "no adapter named 'ghost-lora'")
+
+
+def test_adapters_of_another_base(two_bases, tiny_llama):
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,llama-lora"], 2,
+           "different base")
+    _fails(two_bases, ["query", "flight late", "--router", "retrieval", "--adapters", "flights-lora,llama-lora"], 2,
+           "different base")
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,sports-lora",
+                       "--base", tiny_llama], 2, "not")
+
+
+def test_empty_queries(two_bases, tmp_path):
+    _fails(two_bases, ["query", "   ", "--router", "retrieval"], 2, "the query is empty")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    _fails(two_bases, ["query", "--input", empty], 2, "no queries")
+    _fails(two_bases, ["query", "--input", tmp_path / "missing.txt"], 2, "no such file")
+
+
+def test_bad_router_config_and_tasks(two_bases):
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,sports-lora",
+                       "--set", "warp=9"], 2, "invalid configuration for token-gate", "warp")
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,sports-lora",
+                       "--set", "top_k=0"], 2, "top_k")
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "flights-lora,sports-lora",
+                       "--tasks", "airline"], 2, "one per adapter")
+    _fails(two_bases, ["router", "fit", "r", "--router", "retrieval", "--adapters", "flights-lora"], 2,
+           "needs no training")
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate"], 2, "--adapters")
+    _fails(two_bases, ["router", "fit", "../r", "--router", "token-gate", "--adapters", "flights-lora"], 2, "router name")
+
+
+def test_adapter_without_a_task_needs_tasks(two_bases, tiny_llama, tmp_path):
+    _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "llama-lora"], 2,
+           "has no task", "--tasks")

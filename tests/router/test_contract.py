@@ -1,0 +1,188 @@
+"""Contract tests over every registered router: gate shapes, exactly k non-zero, finite aux loss,
+gradients only where they belong, save/load and shortlists give the same output."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex.experts.layers import inject, routed_layers
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.router.base import ROUTERS, LearnedRouter
+
+LEARNED = [n for n in ROUTERS.names() if issubclass(ROUTERS.get(n).factory, LearnedRouter)]
+MODULES = ("query", "value", "attention.output.dense")
+RANKS = (2, 4, 3, 4)
+
+
+def _adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for e, r in enumerate(RANKS):
+        w = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and any(name.endswith(m) for m in MODULES):
+                w[name] = (torch.randn(r, mod.in_features, generator=g) * 0.3, torch.randn(mod.out_features, r, generator=g) * 0.3)
+        out.append(Adapter(LoraSpec(r=r, alpha=2 * r), w))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(tiny_bert)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    x = tok(["the flight was late again", "great match goal team", "apple phone"], return_tensors="pt", padding=True)
+    return model, tok, x
+
+
+def _routed(bert, name, order=None, **cfg):
+    model, _, _ = bert
+    m = copy.deepcopy(model)
+    ads = _adapters(model)
+    if order is not None:
+        ads = [ads[i] for i in order]
+    inject(m, ads)
+    router = ROUTERS.build(name, cfg)
+    router.attach(m)
+    router.set_expert_tasks([f"t{i}" for i in range(len(RANKS))])
+    return m, router
+
+
+def _routings(m, x):
+    for layer in routed_layers(m).values():
+        layer.record = True
+    out = m(**x).last_hidden_state
+    return out, {n: l.last_routing for n, l in routed_layers(m).items()}
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_gate_shapes_and_exactly_k_nonzero(bert, name):
+    m, router = _routed(bert, name)
+    _, _, x = bert
+    with torch.no_grad():
+        _, routings = _routings(m, x)
+    B, T = x["input_ids"].shape
+    E = len(RANKS)
+    for lname, r in routings.items():
+        bank = routed_layers(m)[lname].bank
+        S = E if router.slot == "adapter" else E * bank.rank
+        assert r.gates.shape == (B, T, S)
+        K = min(router.top_k, E if router.slot == "adapter" else int((bank.rank_mask > 0).sum()))
+        assert r.topk_idx.shape == (B, T, K)
+        nnz = (r.gates != 0).sum(-1)
+        assert torch.all(nnz == K), f"{name}: {lname} has {nnz.unique().tolist()} non-zero gates, expected {K}"
+        if router.slot == "rank":  # padding ranks are never selected
+            assert torch.all(r.gates[..., bank.rank_mask == 0] == 0)
+        pa = r.per_adapter()
+        assert pa.shape == (B, T, E) and torch.allclose(pa.sum(-1), torch.ones(B, T), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_aux_loss_finite_and_gradients_reach_only_the_router(bert, name):
+    m, router = _routed(bert, name)
+    _, _, x = bert
+    for layer in routed_layers(m).values():
+        for p in layer.bank.parameters():
+            p.requires_grad_(False)
+    m.train()
+    router.ctx.set_task("t1")
+    out, routings = _routings(m, x)
+    auxes = [r.aux_loss for r in routings.values() if r.aux_loss is not None]
+    assert auxes, f"{name}: a supervised forward gives an auxiliary loss"
+    aux = torch.stack(auxes).sum()
+    assert math.isfinite(float(aux))
+    (out.pow(2).mean() + aux).backward()
+    router_params = {id(p) for p in router.parameters()}
+    with_grad = [n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert with_grad and all(id(dict(m.named_parameters())[n]) in router_params for n in with_grad), with_grad
+    assert all(p.grad is not None for p in router.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in LEARNED if ROUTERS.get(n).factory.joint_capable])
+def test_joint_mode_trains_experts_too(bert, name):
+    m, router = _routed(bert, name, joint=True)
+    _, _, x = bert
+    m.train()
+    out, routings = _routings(m, x)
+    out.pow(2).mean().backward()
+    banks = [l.bank for l in routed_layers(m).values()]
+    assert any(b.A.grad is not None and b.A.grad.abs().sum() > 0 for b in banks)
+    assert any(b.B.grad is not None and b.B.grad.abs().sum() > 0 for b in banks)
+    base_grads = [n for n, p in m.named_parameters() if p.grad is not None and ".bank." not in n and ".router." not in n]
+    assert not base_grads, base_grads
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_save_load_gives_the_same_output(bert, name):
+    m, router = _routed(bert, name)
+    _, _, x = bert
+    m.train()  # move SMoRA's balancing bias away from zero so it is part of what must be saved
+    router.ctx.set_task("t2")
+    for _ in range(3):
+        m(**x)
+    m.eval()
+    with torch.no_grad():
+        want = m(**x).last_hidden_state
+    tensors = router.state_tensors()
+    m2, r2 = _routed(bert, name)
+    r2.load_tensors(tensors)
+    with torch.no_grad():
+        got = m2(**x).last_hidden_state
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_keep_experts_reorders_consistently(bert, name):
+    """A router restricted to a (here: permuted, complete) expert list over a bank in that order routes the same."""
+    m, router = _routed(bert, name)
+    _, _, x = bert
+    with torch.no_grad():
+        want = m(**x).last_hidden_state
+    order = [2, 0, 3, 1]
+    tensors = router.state_tensors()
+    R = max(RANKS)
+    from loraplex.router.load import _build_gates
+
+    m2 = copy.deepcopy(bert[0])
+    ads = _adapters(bert[0])
+    inject(m2, [ads[i] for i in order], rank=R)
+    r2 = ROUTERS.build(name, {})
+    _build_gates(r2, m2, tensors, len(RANKS))
+    r2.load_tensors(tensors)
+    r2.keep_experts(order)
+    r2.attach(m2)
+    with torch.no_grad():
+        got = m2(**x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_contract():
+    from loraplex.router.retrieval import Signatures
+
+    rng = np.random.default_rng(0)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    desc = unit(rng.normal(size=(5, 16))).astype(np.float32)
+    proto = unit(rng.normal(size=(5, 16))).astype(np.float32)
+    proto[3] = np.nan  # an adapter without a prototype
+    sig = Signatures([f"a{i}" for i in range(5)], desc, proto)
+    q = unit(desc[[1, 3]] + 0.05 * rng.normal(size=(2, 16))).astype(np.float32)
+    for k in (1, 2, 3):
+        r = ROUTERS.build("retrieval", {"top_k": k, "prototype_weight": 0.3})
+        s = r.scores(q, sig)
+        g = r.gates(s)
+        assert s.shape == g.shape == (2, 5) and np.all(np.isfinite(s))
+        assert np.all((g > 0).sum(1) == k) and np.allclose(g.sum(1), 1.0)
+        assert list(np.argmax(g, axis=1)) == [1, 3]
+    r = ROUTERS.build("retrieval", {})
+    assert r.shortlist(r.scores(q, sig), 2)[:2] in ([1, 3], [3, 1])
+
+
+def test_unknown_router_lists_the_known_ones():
+    from loraplex.errors import UnknownComponent
+
+    with pytest.raises(UnknownComponent, match="token-gate"):
+        ROUTERS.get("gate-of-babel")

@@ -1,0 +1,214 @@
+"""End to end on tiny BERT through the CLI: fit a router (Lightning), store it, evaluate it, query it with
+traces and JSON, from files and stdin; retrieval routing; heterogeneous batches; shortlists."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from tests.router.conftest import write_task
+
+NAMES = ("flights-lora", "sports-lora", "phones-lora")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_bert, peft_dirs, task_files):
+    """A registry with the three adapters and a token-gate router `tg` fitted over them."""
+    from loraplex import api
+    from loraplex.settings import Settings
+
+    home = tmp_path_factory.mktemp("routing-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORAPLEX_EMBEDDER", "hash")
+    mp.setenv("LORAPLEX_DEVICE", "cpu")
+    mp.setenv("LORAPLEX_DTYPE", "float32")
+    s = Settings.load(home=home)
+    for name, d in peft_dirs.items():
+        api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
+                     base=str(tiny_bert), settings=s)
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
+
+    res = run("router", "fit", "tg", "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 40,
+              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    run.fit = json.loads(res.output)
+    run.settings = s
+    yield run
+    mp.undo()
+
+
+def test_fit_stores_a_router_record_with_its_adapters(env):
+    from loraplex import api
+
+    assert env.fit["members"] == list(NAMES) and env.fit["method"] == "token-gate"
+    m = env.fit["metrics"]
+    assert m["steps"] == 40 and 0 <= m["routing_accuracy"] <= 1 and m["oracle_accuracy"] is not None
+    assert [r["task"] for r in m["per_task"]] == ["flights", "sports", "phones"]
+    rec, tensors = api.open_registry(env.settings).load_component("router", "tg")
+    assert rec.members == NAMES and any(k.startswith("gate.") for k in tensors)
+    assert json.loads(env("router", "list", "--json").output)[0]["name"] == "tg"
+    assert json.loads(env("router", "show", "tg", "--json").output)["config"]["top_k"] == 2
+    check = env("registry", "check", "--json")
+    assert check.exit_code == 0 and json.loads(check.output)["ok"], check.output
+
+
+def test_router_is_trained_to_route_by_task(env):
+    assert env.fit["metrics"]["routing_accuracy"] >= 0.9, env.fit["metrics"]
+
+
+def test_eval_reproduces_the_fit_evaluation(env):
+    res = env("router", "eval", "tg", "--limit", 8, "--json")
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output)
+    assert ev["routing_accuracy"] == pytest.approx(env.fit["metrics"]["routing_accuracy"], abs=1e-4)
+    assert {r["task"] for r in ev["tasks"]} == {"flights", "sports", "phones"}
+    assert all(r["oracle_accuracy"] is not None for r in ev["tasks"])
+    human = env("router", "eval", "tg", "--limit", 4)
+    assert human.exit_code == 0 and "routing accuracy" in human.output
+
+
+def test_query_json_has_answer_adapters_and_tokens(env):
+    res = env("query", "flight plane delayed late gate", "--router", "tg", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["answer"] in ("good", "bad") and out["task"] in ("flights", "sports", "phones")
+    assert {a["name"] for a in out["adapters"]} <= set(NAMES)
+    assert sum(a["weight"] for a in out["adapters"]) == pytest.approx(1.0, abs=0.01)
+    assert [t["token"] for t in out["tokens"]] == ["flight", "plane", "delayed", "late", "gate"]
+    assert all(t["adapter"] in NAMES and 0 < t["weight"] <= 1 for t in out["tokens"])
+    assert [la["layer"] for la in out["layers"]] == ["encoder.layer.0", "encoder.layer.1"]
+    assert out["adapters"][0]["name"] == "flights-lora"
+
+
+def test_query_routes_each_part_of_a_joined_prompt_to_its_adapter(env):
+    out = json.loads(env("query", "flight plane delayed crew gate match goal team sport game", "--router", "tg",
+                         "--json").output)
+    toks = out["tokens"]
+    first = [t["adapter"] for t in toks[:5]]
+    second = [t["adapter"] for t in toks[5:]]
+    assert first.count("flights-lora") >= 3 and second.count("sports-lora") >= 3, toks  # majority of each part
+
+
+def test_query_trace_for_people(env):
+    res = env("query", "great match goal", "--router", "tg", "--trace")
+    assert res.exit_code == 0
+    assert "answer" in res.output and "per token" in res.output and "per layer" in res.output and "goal" in res.output
+
+
+def test_queries_from_a_file_and_from_stdin_batched(env, tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("flight late again\n\ngreat match goal\napple phone love\n")
+    res = env("query", "--input", f, "--router", "tg", "--json", "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [o["query"] for o in out] == ["flight late again", "great match goal", "apple phone love"]
+    res = env("query", "--input", "-", "--router", "tg", "--json", input="flight late again\ngreat match goal\n")
+    assert len(json.loads(res.output)) == 2
+    res = env("query", "--router", "tg", "--json", input="apple phone love\n")
+    assert len(json.loads(res.output)) == 1
+
+
+def test_shortlist_of_all_adapters_changes_nothing(env):
+    from loraplex import api
+
+    q = ["flight plane delayed", "great match goal team"]
+    full = api.query(q, router="tg", settings=env.settings)
+    same = api.query(q, router="tg", shortlist=3, settings=env.settings)
+    assert [o["adapters"] for o in full] == [o["adapters"] for o in same]
+    short = api.query(q, router="tg", shortlist=1, settings=env.settings)
+    assert all(len(o["adapters"]) <= 2 for o in short)
+    rm = api.load_routed_model("tg", texts=q[:1], shortlist=1, settings=env.settings)
+    assert rm.n_experts == 1 and rm.experts == ["flights-lora"]
+
+
+def test_retrieval_routes_to_the_nearest_signature(env):
+    res = env("query", "flight plane delayed crew gate", "--router", "retrieval", "--adapters", "flights-lora,sports-lora",
+              "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["adapters"] == [{"name": "flights-lora", "weight": 1.0}] and out["task"] == "flights"
+    assert {t["adapter"] for t in out["tokens"]} == {"flights-lora"}
+    two = json.loads(env("query", "match goal team", "--router", "retrieval", "--top-k", 2, "--json").output)
+    assert len(two["adapters"]) == 2 and two["adapters"][0]["name"] == "sports-lora"
+
+
+def test_a_registered_adapter_is_routable_at_once(env, peft_dirs, tmp_path):
+    from loraplex import api
+
+    p = write_task(tmp_path, "sports", seed=3)
+    api.register(peft_dirs["sports"], name="zebra-lora", description="zebra zebra stripes savanna zebra",
+                 task=str(p), settings=env.settings)
+    try:
+        out = api.query(["zebra stripes savanna"], router="retrieval", settings=env.settings)[0]
+        assert out["adapters"][0]["name"] == "zebra-lora"
+    finally:
+        api.remove("zebra-lora", settings=env.settings)
+
+
+def test_heterogeneous_batch_equals_each_adapter_alone(env):
+    from loraplex import api
+    from loraplex.heads import head_for
+
+    texts = ["flight late", "great match goal", "apple phone love", "bad crew bags lost", "hate the team"]
+    names = ["flights-lora", "sports-lora", "phones-lora", "flights-lora", "phones-lora"]
+    got = api.answer_each(texts, names, settings=env.settings)
+    for t, n, g in zip(texts, names, got):
+        lb, recs = api.load_adapted([n], env.settings)
+        from loraplex.data import load_task
+
+        task = load_task(recs[0].task)
+        scores = head_for(lb).scores(lb.model, lb.tokenizer, [t], task)
+        assert g == task.labels[int(scores.argmax())]
+    rm = api.load_routed_model(None, list(NAMES), settings=env.settings)
+    import torch
+
+    from loraplex.experts.layers import use_gates
+
+    with torch.no_grad(), use_gates(rm.model, rm.one_hot([0, 1, 2, 0, 2])):
+        batch = rm.head.encode(rm.model, rm.tokenizer, texts)
+    for i, (t, n) in enumerate(zip(texts, names)):
+        with torch.no_grad(), use_gates(rm.model, rm.one_hot([NAMES.index(n)])):
+            alone = rm.head.encode(rm.model, rm.tokenizer, [t])
+        torch.testing.assert_close(batch[i: i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_over_adapters_of_another_base_is_refused(env, tiny_llama):
+    res = env("query", "flight late", "--router", "tg", "--base", tiny_llama)
+    assert res.exit_code == 2 and "routes adapters of base" in res.output
+
+
+def test_rank_router_trained_from_scratch_as_a_multitask_lora(env, task_files, tiny_bert):
+    res = env("router", "fit", "smora", "--router", "rank", "--tasks", f"{task_files['flights']},{task_files['sports']}",
+              "--base", tiny_bert, "--steps", 6, "--batch-size", 8, "--top-k", 4, "--eval-limit", 4, "--val-limit", 4, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)
+    assert fit["members"] == [] and fit["metrics"]["routing_accuracy"] is None
+    out = json.loads(env("query", "great match goal", "--router", "smora", "--json").output)
+    assert out["answer"] in ("good", "bad") and out["task"] in ("flights", "sports")
+    ev = json.loads(env("router", "eval", "smora", "--limit", 4, "--json").output)
+    assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
+
+
+def test_mixer_joint_training_stores_its_experts(env):
+    import torch
+
+    from loraplex import api
+
+    res = env("router", "fit", "mj", "--router", "mixer", "--joint", "--adapters", "flights-lora,sports-lora",
+              "--steps", 5, "--batch-size", 8, "--eval-limit", 4, "--val-limit", 4, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)
+    reg = api.open_registry(env.settings)
+    rec, tensors = reg.load_component("router", "mj")
+    assert rec.extra["joint"] and rec.members == ("flights-lora", "sports-lora")
+    _, orig = reg.load_adapter("flights-lora")
+    m = orig.modules[0]
+    trained = tensors[f"expert.0.{m}.lora_B.weight"]
+    assert trained.shape == orig.weights[m][1].shape and not torch.equal(trained, orig.weights[m][1])
+    ev = json.loads(env("router", "eval", "mj", "--limit", 4, "--json").output)
+    assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
+    assert ev["routing_accuracy"] == pytest.approx(fit["metrics"]["routing_accuracy"], abs=1e-4)
