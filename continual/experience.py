@@ -83,6 +83,7 @@ def train_unit(
     device: str,
     regularizers: Sequence[Any] = (),
     forgetting: Any = None,
+    on_task_forward: Callable[[str], None] | None = None,
     snapshot_fn: Callable[[torch.nn.Module], Any] | None = None,
     snapshot_spec: Any = None,
     progress: bool = True,
@@ -92,7 +93,8 @@ def train_unit(
     steps = len(batches)
     L.seed_everything(seed, verbose=False)
     module = ContinualModule(model, tokenizer, head, tasks, lr=lr, warmup=trainer.warmup, total_steps=steps,
-                             regularizers=regularizers, forgetting=forgetting)
+                             regularizers=regularizers, forgetting=forgetting,
+                             on_task_forward=on_task_forward)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=max(1, max(len(b) for b in batches)), seed=seed,
                       warmup=trainer.warmup, snapshots=trainer.snapshots, accelerator=trainer.accelerator,
                       devices=trainer.devices, strategy=trainer.strategy, precision=trainer.precision,
@@ -110,11 +112,11 @@ def train_unit(
     try:
         pl_trainer.fit(module, train_dataloaders=loader)
     except SystemExit:
-        # Lightning handles Ctrl-C by cleaning up, ignoring further SIGINTs and calling sys.exit(1).
+        # Lightning handles Ctrl-C by cleaning up, ignoring further SIGINTs and calling sys.exit(1); it
+        # exits from fit for nothing else (a Ctrl-C during its set-up does not always mark the trainer
+        # `interrupted`, so the flag is not consulted).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if pl_trainer.interrupted:
-            raise Interrupted("interrupted") from None
-        raise
+        raise Interrupted("interrupted") from None
     finally:
         model.eval()
     seconds = time.perf_counter() - t0

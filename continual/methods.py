@@ -17,13 +17,16 @@ Registered methods:
 - `multitask`: every task of a run of consecutive learn experiences at once, in one unit, with the
   steps of all of them (the upper bound for comparison).
 
+- `routed`: a new LoRA per task, trained alone (one-hot static gates on its slot, earlier slots frozen),
+  plus a learned router (router/: token-gate by default) over the adapters, extended by one expert after
+  every task and refitted, adapters frozen, on the new task's rows and the replay buffer (or, without
+  replay, a small per-task router memory), so routing of the earlier tasks does not decay. The model
+  answers through the router (no task id).
+
 Adding a method: a class with these members registered with `@METHODS.register(name, ConfigCls)`. The
-`routed` method (a new adapter per task plus a router extended by one expert and refitted on the new
-task and the replay buffer) plugs in here: `new_slot = True`; `after_unit(run, unit)` extends the router
-by one expert, refits it on the unit's rows plus `run.replay.contents()` and attaches it to the model
-(`experts.layers.set_router`); `configure_eval(model)` routes instead of summing; `state_dict` /
-`state_tensors` / `load_state` carry the router across units so a resume is exact. The stream loop
-already calls every one of these hooks.
+stream loop calls `configure_train(model, slot)` before a learning unit trains, `after_unit(run, unit)`
+after it, `configure_eval(model)` before every evaluation, and saves `state_dict` / `state_tensors` with
+each unit (`load_state` on resume), so a method that carries state across units resumes exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraplex.catalog import Catalog
 from loraplex.continual.regularizers.o_lora import OLoraConfig
@@ -75,6 +78,9 @@ class ContinualMethod:
 
     def steps(self, trainer: Any, unit: Unit, n_rows: int, new_per_batch: int) -> int:
         return trainer.steps_for(n_rows, new_per_batch)
+
+    def configure_train(self, model: Any, slot: dict[str, int]) -> None:
+        """Called before a learning unit trains `slot` (a routed method trains it alone, without its router)."""
 
     def after_unit(self, run: Any, unit: Unit) -> None:
         """Called after a learning unit has trained, before its rows join `run.replay` and before evaluation.
@@ -157,3 +163,193 @@ class Multitask(ContinualMethod):
         if trainer.epochs is not None or not self.config.scale_steps:
             return trainer.steps_for(n_rows, new_per_batch)
         return trainer.steps_for(n_rows, new_per_batch) * len(unit.tasks)
+
+
+class RoutedConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    router: str = "token-gate"
+    """A learned router of `loraplex.router.ROUTERS` that routes registered adapters (token-gate, mixer, rank)."""
+    router_config: dict[str, Any] = Field(default_factory=dict)
+    """That router's own settings (e.g. {top_k: 1}); validated by the router's config class."""
+    router_steps: int = Field(100, ge=1)
+    """Optimiser steps of each refit of the router (adapters frozen, only the gates learn)."""
+    router_lr: float = Field(1e-2, gt=0)
+    memory_per_task: int = Field(64, ge=1)
+    """Rows per task kept for refitting the router when the stream has no replay buffer."""
+
+    @field_validator("router_config")
+    @classmethod
+    def _router_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("joint"):
+            raise ValueError("the routed method trains its adapters task by task; a joint router is not allowed")
+        return v
+
+    def router_entry(self):
+        from loraplex.router.base import ROUTERS, LearnedRouter
+
+        entry = ROUTERS.get(self.router)
+        if not issubclass(entry.factory, LearnedRouter):
+            raise ValueError(f"router {self.router!r} is not trained; the routed method needs a learned router")
+        return entry
+
+
+@METHODS.register("routed", RoutedConfig, summary="a new LoRA per task plus a router extended and refitted after each task")
+class Routed(ContinualMethod):
+    """A new adapter per task and a learned router over them, grown by one expert per task.
+
+    Per learning unit: (1) the new slot trains alone (its static gate one-hot, the router detached), as
+    MeteoRA's adapters are trained one task each; (2) `after_unit` builds the router over the banks' E
+    experts and copies the previous router's gate weights into the first E-1 expert rows (every gate
+    tensor whose first dimension counts experts, or ranks for SMoRA, is extended; the new rows keep the
+    router's seeded initialisation); (3) it refits the gates, adapters frozen, for `router_steps` steps
+    on batches balanced over every task learned so far: the new task's training rows and, for the
+    earlier tasks, the replay buffer's rows (or this method's own per-task memory when the stream has
+    no buffer). The router's supervision (MeteoRA's gate loss, LoRA-Mixer's balance loss) comes with the
+    router; each row is labelled with its task's expert through `on_task_forward`.
+
+    The router covers the learning slots' projections only; a GS-LoRA forgetting slot (feed-forward
+    projections) is summed in as usual. The router state (expert tasks, gate tensors, memory) is saved
+    with each unit, so a resume continues exactly."""
+
+    name = "routed"
+    new_slot = True
+
+    def __init__(self, config: RoutedConfig):
+        super().__init__(config)
+        self.entry = config.router_entry()
+        self.router_cfg = self.entry.make_config(dict(config.router_config))
+        self.expert_tasks: list[str] = []
+        self.memory: dict[str, list[list]] = {}
+        self.tensors: dict[str, Any] = {}  # the router's gate tensors after the last refit
+        self.modules: list[str] = []  # projections the router gates
+        self.router = None
+        self._slot: dict[str, int] | None = None
+
+    # ---- training a new adapter alone ---------------------------------------------------------
+    def configure_train(self, model: Any, slot: dict[str, int]) -> None:
+        import torch
+
+        from loraplex.experts.layers import routed_layers
+
+        self._detach(model)
+        self._slot = dict(slot)
+        for name, layer in routed_layers(model).items():
+            if name in slot:
+                g = torch.zeros(1, 1, layer.bank.n_experts, device=layer.bank.A.device, dtype=layer.bank.A.dtype)
+                g[..., slot[name]] = 1.0
+                layer.static_gates = g  # (1, 1, E): only the new adapter
+            else:
+                layer.static_gates = None
+
+    def _detach(self, model: Any) -> None:
+        from loraplex.experts.layers import routed_layers
+
+        for name, layer in routed_layers(model).items():
+            if name in self.modules or (self._slot and name in self._slot):
+                layer.router = None
+        if self.router is not None:
+            self.router.detach_hook()
+        self.router = None
+
+    # ---- growing and refitting the router -----------------------------------------------------
+    def _build(self, model: Any, seed: int):
+        """A router over the current banks, previous gate tensors copied into the leading expert rows."""
+        import torch
+
+        from loraplex.experts.layers import routed_layers
+
+        layers = routed_layers(model)
+        for m in self.modules:
+            n = layers[m].bank.n_experts
+            if n != len(self.expert_tasks):
+                raise ValueError(f"routed: projection {m} holds {n} adapters but the router knows "
+                                 f"{len(self.expert_tasks)} tasks (a forgetting slot in a routed projection?)")
+        torch.manual_seed(seed)
+        router = self.entry.factory(self.router_cfg)
+        router.attach(model, only=self.modules)
+        router.set_expert_tasks(list(self.expert_tasks))
+        fresh = router.state_tensors()
+        merged = {}
+        for k, new in fresh.items():
+            old = self.tensors.get(k)
+            if old is not None and old.shape == new.shape:
+                merged[k] = old
+            elif old is not None and old.shape[1:] == new.shape[1:] and old.shape[0] < new.shape[0]:
+                merged[k] = torch.cat([old, new[old.shape[0]:]])  # an expert more: old rows kept
+            else:
+                merged[k] = new
+        router.load_tensors(merged)
+        self.router = router
+        return router
+
+    def after_unit(self, run: Any, unit: Unit) -> None:
+        import numpy as np
+        import torch
+
+        from loraplex.continual.experience import train_unit
+        from loraplex.continual.fit import rows_of
+        from loraplex.continual.replay import mixed_batches
+        from loraplex.continual.slots import train_only
+        from loraplex.experts.layers import routed_layers
+
+        model, tr = run.lb.model, run.spec.trainer
+        slot = self._slot or {}
+        self.modules = sorted(slot)
+        self.expert_tasks = self.expert_tasks + [unit.tasks[0]]
+        layers = routed_layers(model)
+        for layer_name in self.modules:  # the new adapter's one-hot gate is replaced by the router
+            layers[layer_name].static_gates = None
+        new = {t: rows_of(run.tasks[t], "train", tr.train_limit) for t in unit.tasks}
+        if run.replay is None:
+            rng = np.random.default_rng([run.spec.seed, unit.index, 7])
+            for t, rows in new.items():
+                pick = rng.permutation(len(rows))[: self.config.memory_per_task]
+                self.memory[t] = [list(rows[int(i)]) for i in sorted(pick)]
+            old = [tuple(r) for t in self.expert_tasks if t not in unit.tasks for r in self.memory.get(t, [])]
+        else:
+            old = run.replay.contents()
+        by_task: dict[str, list] = {t: list(v) for t, v in new.items()}
+        for r in old:
+            if r[2] in self.expert_tasks:
+                by_task.setdefault(r[2], []).append(tuple(r))
+        seed = (run.spec.seed * 1000003 + unit.index * 7919 + 17) % (2**31)
+        router = self._build(model, seed)
+        if len(self.expert_tasks) < 2:  # one adapter: nothing to choose between
+            self.tensors = router.state_tensors()
+            return
+        train_only(model, None)
+        for p in router.parameters():
+            p.requires_grad_(True)
+        batches = mixed_batches(by_task, [], steps=self.config.router_steps, batch_size=tr.batch_size, mix=0.0,
+                                rng=np.random.default_rng([run.spec.seed, unit.index, 11]))
+        train_unit(model=model, tokenizer=run.lb.tokenizer, head=run.head, tasks=run.tasks, batches=batches,
+                   lr=self.config.router_lr, trainer=tr, run_dir=run.rd.path / "units" / f"{unit.index:03d}-router",
+                   seed=seed, device=run.device, progress=run.progress, label=f"{run._bar(unit)} router",
+                   on_task_forward=router.ctx.set_task)
+        router.ctx.set_task(None)
+        for p in router.parameters():
+            p.requires_grad_(False)
+        self.tensors = router.state_tensors()
+
+    def configure_eval(self, model: Any) -> None:
+        if not self.expert_tasks:
+            return
+        if self.router is None:  # after a resume: rebuild the stored router
+            self._build(model, 0)
+        self.router.attach(model, only=self.modules)
+        model.eval()
+
+    # ---- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"expert_tasks": self.expert_tasks, "modules": self.modules, "memory": self.memory}
+
+    def state_tensors(self) -> dict[str, Any]:
+        return dict(self.tensors)
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        self.expert_tasks = list(state.get("expert_tasks", []))
+        self.modules = list(state.get("modules", []))
+        self.memory = {t: [list(r) for r in rows] for t, rows in state.get("memory", {}).items()}
+        self.tensors = dict(tensors)
+        self.router = None

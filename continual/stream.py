@@ -297,6 +297,7 @@ class _StreamRun:
         else:
             slot, new_slot = self.learn_slots[-1], False
         train_only(self.lb.model, slot)
+        self.method.configure_train(self.lb.model, slot)
         new = {t: rows_of(self.tasks[t], "train", tr.train_limit) for t in unit.tasks}
         old = self.replay.contents() if self.replay is not None else []
         mix = spec.replay.mix if spec.replay is not None else 0.0

@@ -24,7 +24,7 @@ sequence with `experts.layers.use_gates`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -136,11 +136,15 @@ class LearnedRouter:
     def top_k(self) -> int:
         return int(getattr(self.config, "top_k", 1))
 
-    def attach(self, model: nn.Module) -> None:
-        """Give every RoutedLinear of `model` its gate (created on first attach) and capture attention masks."""
+    def attach(self, model: nn.Module, only: Sequence[str] | None = None) -> None:
+        """Give every RoutedLinear of `model` (or those named in `only`; the others keep static gates) its
+        gate (created on first attach) and capture attention masks."""
         from loraplex.experts.layers import routed_layers, set_router
 
         layers = routed_layers(model)
+        if only is not None:
+            keep = set(only)
+            layers = {n: layer for n, layer in layers.items() if n in keep}
         if not layers:
             raise ValueError("the model has no adapter banks to route")
         for name, layer in layers.items():
@@ -148,7 +152,7 @@ class LearnedRouter:
                 self.gates[name] = self.make_gate(layer).to(layer.bank.A.device)
             self.gates[name].train(model.training)  # a gate follows its model's train/eval mode
         self.ctx.n_layers = len(layers)
-        set_router(model, lambda name, layer: self.gates[name])
+        set_router(model, lambda name, layer: self.gates[name] if name in layers else layer.router)
         self.detach_hook()
         self._hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 

@@ -1,0 +1,102 @@
+"""The `routed` continual method: a new adapter per task, a router grown by one expert and refitted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraplex import api
+from loraplex.continual.methods import METHODS
+from loraplex.settings import Settings
+from tests.continual.conftest import make_spec
+
+ROUTED = {"name": "routed", "router_steps": 5, "memory_per_task": 8}
+
+
+def _settings(home):
+    return Settings.load(home=home, embedder="hash", device="cpu", dtype="float32")
+
+
+def _gates(run_dir, unit):
+    return load_file(str(run_dir / "state" / f"unit-{unit:03d}" / "method.safetensors"))
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_routed_stream_grows_and_refits_the_router(tmp_path, tiny_bert, task_dir, replay):
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")] + [{"forget": "sports"}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=ROUTED, replay=replay, experiences=exps, steps=4)
+    res = api.run_stream(spec, out=tmp_path / "run", progress=False, settings=_settings(tmp_path / "home"))
+    assert res.metrics["complete"] and len(res.matrix["R"]) == 4
+    assert all(v is not None for v in res.matrix["R"][2])
+    state = json.loads((tmp_path / "run" / "state" / "unit-002" / "state.json").read_text())["method"]
+    assert state["expert_tasks"] == ["flights", "sports", "markets"]
+    assert state["modules"] and all("attention" in m for m in state["modules"])
+    assert bool(state["memory"]) is not replay  # without a replay buffer the router keeps its own rows
+    for unit, n in ((0, 1), (1, 2), (2, 3)):
+        g = _gates(tmp_path / "run", unit)
+        assert g and all(v.shape[0] == n for k, v in g.items() if k.endswith(".weight"))
+    # the router was refitted (its training logs exist) once there were two adapters to choose between
+    assert not (tmp_path / "run" / "units" / "000-router").exists()
+    assert (tmp_path / "run" / "units" / "001-router" / "logs" / "metrics.csv").is_file()
+    # the forgetting slot (feed-forward) is summed in, not routed: the router is unchanged by it
+    g2, g3 = _gates(tmp_path / "run", 2), _gates(tmp_path / "run", 3)
+    assert g2.keys() == g3.keys() and all(torch.equal(g2[k], g3[k]) for k in g2)
+
+
+def test_growing_keeps_the_earlier_experts_gate_rows(tiny_bert, settings):
+    from loraplex.continual.slots import add_slot
+    from loraplex.experts.layers import routed_layers
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.models import load_base
+
+    lb = load_base(str(tiny_bert), settings)
+    spec = LoraSpec(r=2, alpha=4.0)
+    mods = spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
+    method = METHODS.build("routed", {})
+    for i in range(2):
+        slot = add_slot(lb.model, spec, mods, generator=torch.Generator().manual_seed(i))
+        method.configure_train(lb.model, slot)
+    method.modules, method.expert_tasks = sorted(mods), ["a", "b"]
+    before = method._build(lb.model, seed=1).state_tensors()
+    slot = add_slot(lb.model, spec, mods, generator=torch.Generator().manual_seed(2))
+    method.configure_train(lb.model, slot)
+    layer = routed_layers(lb.model)[mods[0]]
+    assert layer.router is None and layer.static_gates[0, 0].tolist() == [0.0, 0.0, 1.0]  # the new adapter alone
+    method.tensors, method.expert_tasks = before, ["a", "b", "c"]
+    after = method._build(lb.model, seed=2).state_tensors()
+    for k, v in before.items():
+        assert after[k].shape[0] == 3 and torch.equal(after[k][:2], v)
+    assert routed_layers(lb.model)[mods[0]].router is not None
+
+
+def test_routed_resume_is_exact(tmp_path, tiny_bert, task_dir):
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=ROUTED, replay=True, experiences=exps, steps=3)
+    ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=_settings(tmp_path / "h1"))
+
+    def stop_after_second(event):
+        if event["unit"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.run_stream(spec, out=tmp_path / "run", progress=False, on_unit=stop_after_second,
+                       settings=_settings(tmp_path / "h2"))
+    assert not (tmp_path / "run" / "state" / "unit-002").exists()
+    got = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=_settings(tmp_path / "h2"))
+    assert got.resumed_from == 2 and got.matrix == ref.matrix
+    a, b = _gates(tmp_path / "ref", 2), _gates(tmp_path / "run", 2)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_routed_config_is_validated():
+    from loraplex.errors import LoraplexError
+
+    with pytest.raises((LoraplexError, ValueError)):
+        METHODS.build("routed", {"router": "retrieval"})
+    with pytest.raises((LoraplexError, ValueError)):
+        METHODS.build("routed", {"router_config": {"joint": True}})
+    with pytest.raises((LoraplexError, ValueError)):
+        METHODS.build("routed", {"router_config": {"top_k": 0}})
