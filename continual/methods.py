@@ -285,7 +285,6 @@ class Routed(ContinualMethod):
 
     def after_unit(self, run: Any, unit: Unit) -> None:
         import numpy as np
-        import torch
 
         from loraplex.continual.experience import train_unit
         from loraplex.continual.fit import rows_of

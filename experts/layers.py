@@ -16,7 +16,7 @@ Where gates come from, in order of precedence:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -185,31 +185,27 @@ def bank_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def use_gates(model: nn.Module, gates: torch.Tensor | None) -> Iterator[None]:
+def swapped(model: nn.Module, attr: str, value: Any) -> Iterator[None]:
+    """Every routed layer's `attr` set to `value` during the block, restored after."""
+    layers = list(routed_layers(model).values())
+    old = [getattr(layer, attr) for layer in layers]
+    try:
+        for layer in layers:
+            setattr(layer, attr, value)
+        yield
+    finally:
+        for layer, v in zip(layers, old):
+            setattr(layer, attr, v)
+
+
+def use_gates(model: nn.Module, gates: torch.Tensor | None):
     """Constant gates (B, 1, S) for every routed layer during the block."""
-    layers = list(routed_layers(model).values())
-    old = [layer.static_gates for layer in layers]
-    try:
-        for layer in layers:
-            layer.static_gates = gates
-        yield
-    finally:
-        for layer, g in zip(layers, old):
-            layer.static_gates = g
+    return swapped(model, "static_gates", gates)
 
 
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
+def adapters_disabled(model: nn.Module):
     """The bare base model during the block."""
-    layers = list(routed_layers(model).values())
-    old = [layer.enabled for layer in layers]
-    try:
-        for layer in layers:
-            layer.enabled = False
-        yield
-    finally:
-        for layer, e in zip(layers, old):
-            layer.enabled = e
+    return swapped(model, "enabled", False)
 
 
 @torch.no_grad()

@@ -234,24 +234,12 @@ def list_tasks() -> list[dict[str, Any]]:
 def load_adapted(names: Sequence[str], settings: Settings | None = None, *, reg=None):
     """Load the adapters' common base and inject them (a bank of E = len(names)). Returns (LoadedBase, records)."""
     from loraplex.experts.layers import inject
-    from loraplex.models import load_base
+    from loraplex.router.load import load_members
 
     s = _settings(settings)
-    reg = reg or open_registry(s)
-    loaded = [reg.load_adapter(n) for n in names]
-    bases = {rec.base_sha for rec, _ in loaded}
-    if len(bases) > 1:
-        pairs = ", ".join(f"{rec.name} ({rec.base})" for rec, _ in loaded)
-        raise IncompatibleAdapter(f"adapters of different base models cannot be combined: {pairs}")
-    lb = load_base(loaded[0][0].base, s)
-    for rec, ad in loaded:
-        if lb.fingerprint.sha != rec.base_sha:
-            raise IncompatibleAdapter(
-                f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its fingerprint differs)"
-            )
-        ad.check_fits(lb.fingerprint, name=f"adapter {rec.name!r}")
-    inject(lb.model, [ad for _, ad in loaded])
-    return lb, [rec for rec, _ in loaded]
+    lb, recs, ads = load_members(reg or open_registry(s), names, s, together="combined")
+    inject(lb.model, ads)
+    return lb, recs
 
 
 def evaluate(

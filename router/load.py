@@ -28,8 +28,9 @@ def _load_task(ref: str | None):
     return load_task(ref) if ref else None
 
 
-def load_members(reg, names: Sequence[str], settings):
-    """Records and adapters of `names` on their common base: (LoadedBase, records, adapters)."""
+def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
+    """Records and adapters of `names` on their common base: (LoadedBase, records, adapters). Every
+    adapter is checked against the base's fingerprint before any tensor is used."""
     from loraplex.models import load_base
 
     if not names:
@@ -41,7 +42,7 @@ def load_members(reg, names: Sequence[str], settings):
     bases = {rec.base_sha for rec, _ in loaded}
     if len(bases) > 1:
         pairs = ", ".join(f"{rec.name} ({rec.base})" for rec, _ in loaded)
-        raise IncompatibleAdapter(f"adapters of different base models cannot be routed together: {pairs}")
+        raise IncompatibleAdapter(f"adapters of different base models cannot be {together}: {pairs}")
     lb = load_base(loaded[0][0].base, settings)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:

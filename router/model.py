@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from loraplex.experts.layers import routed_layers, use_gates
+from loraplex.experts.layers import routed_layers, swapped, use_gates
 
 
 @dataclass
@@ -94,18 +94,9 @@ def block_of(layer: str) -> str:
     return m.group(1) if m else layer
 
 
-@contextmanager
-def routers_off(model) -> Iterator[None]:
+def routers_off(model):
     """Learned routers detached during the block (static gates then decide, e.g. an oracle's one-hot)."""
-    layers = list(routed_layers(model).values())
-    old = [layer.router for layer in layers]
-    try:
-        for layer in layers:
-            layer.router = None
-        yield
-    finally:
-        for layer, r in zip(layers, old):
-            layer.router = r
+    return swapped(model, "router", None)
 
 
 class RoutedModel:

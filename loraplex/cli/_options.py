@@ -22,6 +22,11 @@ Description = Annotated[
     typer.Option("--description", help="What the task is, in words (used for search and routing)."),
 ]
 
+Devices = Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")]
+Strategy = Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")]
+Precision = Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
 
 def settings(home: Optional[Path]):
     """Settings for a command: --home wins over $LORAPLEX_HOME."""

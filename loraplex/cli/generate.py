@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Home, Json, settings
+from loraplex.cli._options import Home, Json, Quiet, settings
 
 app = typer.Typer(help="Generate adapters for new tasks from a description (SG-LoRA) or a few examples (ICM-LoRA).",
                   no_args_is_help=True)
@@ -44,7 +44,7 @@ def fit(
     method: Annotated[str, typer.Option("--method", help="Generator method: sg-lora or icm-lora (see `generate methods`).")],
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter that was not generated).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. top_k=2, cvae.steps=500.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
 ) -> None:

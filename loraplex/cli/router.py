@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, settings
+from loraplex.cli._options import Base, Devices, Home, Json, Precision, Quiet, Strategy, settings
 
 app = typer.Typer(help="Fit, evaluate and manage the routers that compose adapters at run time.", no_args_is_help=True)
 
@@ -46,10 +46,10 @@ def fit(
     val_limit: Annotated[int, typer.Option("--val-limit", help="Validation examples (all tasks together) checked during training.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     base: Base = None,
-    devices: Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")] = "1",
-    strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")] = "32-true",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    devices: Devices = "1",
+    strategy: Strategy = "auto",
+    precision: Precision = "32-true",
+    quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, settings
+from loraplex.cli._options import Base, Home, Json, Quiet, settings
 
 app = typer.Typer(help="Continual learning: run a stream of tasks (O-LoRA, replay, multitask) and report on it.",
                   no_args_is_help=True)
@@ -108,7 +108,7 @@ def forget(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the before/after accuracies.")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
 ) -> None:

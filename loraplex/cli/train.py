@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Description, Home, Json, Task, settings
+from loraplex.cli._options import Base, Description, Devices, Home, Json, Precision, Quiet, Strategy, Task, settings
 
 
 def train(
@@ -23,10 +23,10 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Train on the first N examples only.")] = None,
     description: Description = None,
-    devices: Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")] = "1",
-    strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")] = "32-true",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    devices: Devices = "1",
+    strategy: Strategy = "auto",
+    precision: Precision = "32-true",
+    quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
 ) -> None:
