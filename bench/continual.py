@@ -22,6 +22,7 @@ reused and an interrupted one resumed, so the script can be re-run after a stop.
 
     python bench/continual.py                     # the full benchmark (hours on 2 shared CPU cores)
     python bench/continual.py --steps 40 --orders 1 --eval-limit 100   # a quick look
+    python bench/continual.py --orders 1 --routed   # add the routed method (reuses finished runs)
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-streams", action="store_true")
+    ap.add_argument("--routed", action="store_true",
+                    help="also run the routed method (a new LoRA per task + a token-gate router refitted on replay)")
     args = ap.parse_args()
 
     from loraplex.settings import Settings
@@ -228,7 +231,12 @@ def main() -> None:
             adapters = [u["adapter"] for u in olr["metrics"]["units"]]
             fr = forget(f"forget-o{k + 1}-{tag}", FORGET[k], adapters, steps=args.steps, eval_limit=args.eval_limit,
                         settings=settings, log=log)
-            results["orders"].append({"order": order, "seq-lora": seq, "o-lora+replay": olr, "forget": fr})
+            row = {"order": order, "seq-lora": seq, "o-lora+replay": olr, "forget": fr}
+            if args.routed:
+                routed = {"name": "routed", "router": "token-gate", "router_steps": args.steps}
+                row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{tag}", order, routed, replay=True,
+                                                     steps=args.steps, eval_limit=args.eval_limit), root, settings, log)
+            results["orders"].append(row)
     if not args.no_timing:
         log("step-time overhead (interleaved, one process)")
         results["step_time"] = step_times(rounds=args.timing_rounds, steps=args.timing_steps, log=log)
@@ -246,7 +254,9 @@ def report(results: dict) -> None:
         print(f"{'run':<28}{'AA':>7}{'BWT':>7}{'FWT':>7}{'F':>7}")
         avg: dict[str, dict[str, list[float]]] = {}
         for k, o in enumerate(results["orders"]):
-            for method in ("seq-lora", "o-lora+replay"):
+            for method in ("seq-lora", "o-lora+replay", "routed+replay"):
+                if method not in o:
+                    continue
                 m = o[method]["metrics"]
                 print(f"{f'order {k + 1} {method}':<28}{pts(m['average_accuracy'])}  {pts(m['backward_transfer'], True)}"
                       f"  {pts(m['forward_transfer'], True)}  {pts(m['forgetting'])}")

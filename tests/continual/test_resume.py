@@ -44,7 +44,10 @@ def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
            "LORAPLEX_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "loraplex", "stream", "run", str(spec), "--quiet"]
 
-    first = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a shell that starts a job in the background (as CI runners may) has SIGINT ignored, and children
+    # inherit that: give the child the default disposition so Python turns Ctrl-C into KeyboardInterrupt
+    first = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(run / "state" / "unit-000" / "state.json", first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
