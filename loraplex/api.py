@@ -632,6 +632,11 @@ def current_composition(reg, *, adapters: Sequence[str] = (), base: str | None =
         raise UserInputError(f"no composition to forget from{where}: no stream has run in this registry; "
                              "name the adapters with --adapters a,b")
     latest = max(recs, key=lambda r: r.id)
+    method = latest.extra.get("method")
+    if isinstance(method, dict) and method.get("name") == "routed":
+        raise UserInputError(f"the latest composition (of {latest.name!r}) answers through its stream's router; "
+                             "a one-off request acts on summed adapters: put a `forget:` experience in the "
+                             "stream instead, or name the adapters with --adapters a,b")
     missing = [n for n in latest.extra["composition"] if not reg.has_adapter(n)]
     if missing:
         raise UserInputError(f"the latest composition (of {latest.name!r}) lists adapters that were removed: "

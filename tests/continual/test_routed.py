@@ -44,6 +44,12 @@ def test_routed_stream_grows_and_refits_the_router(tmp_path, tiny_bert, task_dir
     # the forgetting slot (feed-forward) is summed in, not routed: the router is unchanged by it
     g2, g3 = _gates(tmp_path / "run", 2), _gates(tmp_path / "run", 3)
     assert g2.keys() == g3.keys() and all(torch.equal(g2[k], g3[k]) for k in g2)
+    if not replay:
+        # a one-off request would act on summed adapters, not on the routed composition: refused
+        from loraplex.errors import UserInputError
+
+        with pytest.raises(UserInputError, match="router"):
+            api.forget("markets", steps=2, eval_limit=4, progress=False, settings=_settings(tmp_path / "home"))
 
 
 def test_growing_keeps_the_earlier_experts_gate_rows(tiny_bert, settings):
