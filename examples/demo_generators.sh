@@ -37,7 +37,7 @@ loraplex adapters search "$DESC" -k 3
 NEAREST=$(loraplex adapters search "$DESC" -k 1 --json | json_get "d[0]['name']")
 
 step "fit SG-LoRA on the registered adapters and their training snapshots"
-loraplex generate fit "$GEN" --method sg-lora
+loraplex generate fit "$GEN" --method sg-lora --adapters airline-lora,apple-lora,bbc-lora
 
 step "generate an adapter for $HELD_OUT from its description"
 loraplex generate adapter "$DESC" --generator "$GEN" --name "$NEW"

@@ -29,8 +29,9 @@ KIND = "generator"
 
 
 def default_members(reg) -> list[str]:
-    """Every registered adapter that was not itself generated (generators learn from real training)."""
-    recs = [r for r in reg.list_adapters() if r.origin != "generated"]
+    """Every registered adapter that was trained for a task: not generated (generators learn from real
+    training) and not a forgetting adapter (it erases a task; its layout is the feed-forward one)."""
+    recs = [r for r in reg.list_adapters() if r.origin not in ("generated", "forgetting")]
     bases = sorted({r.base for r in recs})
     if len(bases) > 1:
         raise UserInputError(
