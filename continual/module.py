@@ -18,8 +18,7 @@ A batch is a list of `(text, label index, task name)`: rows from several tasks c
 (replay), and each is scored against its own task's label set. Rows are forwarded one task group at a
 time: `on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
 which task's adapter the tokens belong to), and the router auxiliary loss is read after each group's
-forward and averaged over the batch's rows. Without routing supervision, an encoder head scores a
-batch that mixes tasks from one forward pass (`head.loss_mixed`: only the label anchors differ by task).
+forward and averaged over the batch's rows.
 
 Checkpoints keep only the trainable parameters (the adapter banks, routers), not the frozen base.
 """
@@ -73,13 +72,6 @@ class ContinualModule(L.LightningModule):
         groups: dict[str, list[int]] = {}
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
-        if len(groups) > 1 and self.on_task_forward is None and hasattr(self.head, "loss_mixed"):
-            # rows of several tasks (replay) and no per-task routing supervision: one forward pass
-            y = torch.tensor([r[1] for r in batch], device=self.device)
-            loss = self.head.loss_mixed(self.model, self.tokenizer, [r[0] for r in batch], y,
-                                        [self.tasks[r[2]] for r in batch])
-            self._batch_aux = self.router_aux_loss()
-            return loss
         total = 0.0
         aux_total = None
         for t, rows in groups.items():

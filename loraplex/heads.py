@@ -111,24 +111,6 @@ class EncoderHead:
 
         return F.cross_entropy(self.scores(model, tokenizer, texts, task), y)
 
-    def loss_mixed(self, model, tokenizer, texts, y, tasks: Sequence["Task"]):
-        """Mean loss over rows of several tasks (row i against tasks[i]'s labels) from ONE forward pass:
-        the encoder's embedding does not depend on the task, only the label anchors do (replay batches)."""
-        import torch
-        import torch.nn.functional as F
-
-        emb = self.encode(model, tokenizer, texts)  # (N, D)
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t.name, []).append(i)
-        total = 0.0
-        for rows in groups.values():
-            task = tasks[rows[0]]
-            idx = torch.tensor(rows, dtype=torch.long, device=emb.device)
-            scores = emb[idx] @ self.anchors(model, tokenizer, task).T / self.config.temperature  # (n, L)
-            total = total + F.cross_entropy(scores, y[idx], reduction="sum")
-        return total / len(texts)
-
 
 class CausalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

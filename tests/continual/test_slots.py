@@ -88,33 +88,3 @@ def test_grown_pads_rank_and_keeps_the_delta():
     x = torch.randn(3, 6)
     torch.testing.assert_close(big(x), bank(x))
     torch.testing.assert_close(big.expert(1)[0], bank.expert(1)[0])
-
-
-def test_mixed_task_batch_is_scored_in_one_forward(tiny_bert, settings, task_dir):
-    """A replay batch (rows of several tasks) costs one forward with an encoder head, same loss as per task."""
-    import pytest
-    import torch
-
-    from loraplex.continual.module import ContinualModule
-    from loraplex.data import load_task
-    from loraplex.heads import head_for
-    from loraplex.models import load_base
-
-    lb = load_base(str(tiny_bert), settings)
-    tasks = {n: load_task(str(task_dir / f"{n}.jsonl")) for n in ("flights", "markets")}
-    batch = [(e.text, t.label_index(e.label), n) for n, t in tasks.items() for e in t.train[:3]]
-    head = head_for(lb)
-    module = ContinualModule(lb.model, lb.tokenizer, head, tasks)
-    lb.model.eval()
-    for t in tasks.values():
-        head.anchors(lb.model, lb.tokenizer, t)  # label anchors (bare base) are computed once and cached
-    calls = []
-    hook = lb.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    with torch.no_grad():
-        got = module.task_loss(batch)
-    hook.remove()
-    assert len(calls) == 1
-    with torch.no_grad():
-        want = sum(head.loss(lb.model, lb.tokenizer, [r[0] for r in batch if r[2] == n],
-                             torch.tensor([r[1] for r in batch if r[2] == n]), tasks[n]) * 3 for n in tasks) / 6
-    assert float(got) == pytest.approx(float(want), abs=1e-5)
