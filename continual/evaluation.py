@@ -11,23 +11,15 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from loraplex.data import Task
-from loraplex.heads import Head, predict
+from loraplex.heads import Head, split_predictions
 
 
 def evaluate_task(head: Head, model, tokenizer, task: Task, *, split: str = "test", limit: int | None = None,
                   batch_size: int = 64) -> dict[str, Any]:
     """{"accuracy", "n", "labels": {label: [correct, n]}} on the first `limit` examples of `split`."""
-    examples = task.split(split)
-    if limit:
-        examples = examples[:limit]
+    examples, preds = split_predictions(head, model, tokenizer, task, split, limit, batch_size)
     if not examples:
         return {"accuracy": None, "n": 0, "labels": {}}
-    was_training = model.training
-    model.eval()
-    try:
-        preds = predict(head, model, tokenizer, [e.text for e in examples], task, batch_size)
-    finally:
-        model.train(was_training)
     per: dict[str, list[int]] = {lab: [0, 0] for lab in task.labels}
     for p, e in zip(preds, examples):
         c = per[e.label]

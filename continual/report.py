@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,24 +22,9 @@ import numpy as np
 
 from loraplex.continual import metrics as M
 from loraplex.errors import UserInputError
+from loraplex.fsio import atomic_write
 
 MATRIX_FILE, METRICS_FILE, HEATMAP_FILE = "matrix.json", "metrics.json", "heatmap.png"
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so that a reader (or a crash) sees the old content or the new, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _acc(cell: dict[str, Any] | None) -> float:

@@ -203,7 +203,8 @@ class _StreamRun:
     def execute(self, info: dict[str, Any] | None, *, fresh: bool) -> StreamResult:
         from loraplex.api import open_registry
         from loraplex.continual.replay import ReplayBuffer
-        from loraplex.continual.report import atomic_write, write_report
+        from loraplex.continual.report import write_report
+        from loraplex.fsio import atomic_write
         from loraplex.heads import head_for
         from loraplex.models import load_base
 

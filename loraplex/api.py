@@ -675,7 +675,7 @@ def forget(
     from loraplex.continual.forgetting import FORGETTERS, forget_request, retained_sample
     from loraplex.continual.metrics import forget_request_summary
     from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
-    from loraplex.continual.report import atomic_write
+    from loraplex.fsio import atomic_write
     from loraplex.continual.slots import extract_slot
     from loraplex.continual.spec import TrainerSettings
     from loraplex.data import load_task

@@ -244,17 +244,26 @@ def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", ba
     return preds
 
 
-def accuracy(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
-             batch_size: int = 64) -> dict:
-    """Accuracy on a split: {"accuracy", "n", "correct"}."""
+def split_predictions(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
+                      batch_size: int = 64) -> tuple[list, list[int]]:
+    """(examples, predicted label indices) for the first `limit` examples of a split, in eval mode."""
     examples = task.split(split)[:limit] if limit else task.split(split)
     if not examples:
-        return {"accuracy": float("nan"), "n": 0, "correct": 0}
+        return [], []
     was_training = model.training
     model.eval()
     try:
         preds = predict(head, model, tokenizer, [e.text for e in examples], task, batch_size)
     finally:
         model.train(was_training)
+    return examples, preds
+
+
+def accuracy(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
+             batch_size: int = 64) -> dict:
+    """Accuracy on a split: {"accuracy", "n", "correct"}."""
+    examples, preds = split_predictions(head, model, tokenizer, task, split, limit, batch_size)
+    if not examples:
+        return {"accuracy": float("nan"), "n": 0, "correct": 0}
     correct = sum(int(p == task.label_index(e.label)) for p, e in zip(preds, examples))
     return {"accuracy": correct / len(examples), "n": len(examples), "correct": correct}

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loraplex.errors import IntegrityError, MissingDependency
+from loraplex.fsio import atomic_file
 
 if TYPE_CHECKING:
     from loraplex.registry.store import Registry
@@ -101,17 +100,9 @@ class SignatureIndex:
         faiss = _faiss()
         blob = faiss.serialize_index(self.index) if self.index is not None else np.zeros(0, np.uint8)
         meta = json.dumps({"generation": self.generation, "dim": self.dim, "trained_on": self.trained_on})
-        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, index=np.asarray(blob, dtype=np.uint8), ids=self.ids,
-                         meta=np.frombuffer(meta.encode(), dtype=np.uint8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, prefix=".index-", suffix=".npz") as f:
+            np.savez(f, index=np.asarray(blob, dtype=np.uint8), ids=self.ids,
+                     meta=np.frombuffer(meta.encode(), dtype=np.uint8))
 
     @classmethod
     def load(cls, path: Path) -> "SignatureIndex | None":

@@ -19,14 +19,13 @@ the database generation it reflects; it is rebuilt when it lags.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loraplex.errors import IntegrityError
+from loraplex.fsio import atomic_file
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -88,16 +87,8 @@ def to_json(g: "nx.MultiDiGraph") -> dict[str, Any]:
 
 
 def _save(path: Path, generation: int, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".graph-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"generation": generation, "graph": data}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, prefix=".graph-", suffix=".json") as f:
+        f.write(json.dumps({"generation": generation, "graph": data}, sort_keys=True).encode())
 
 
 def load_cached(reg: "Registry") -> tuple[int, dict[str, Any]] | None:
