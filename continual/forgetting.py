@@ -47,8 +47,11 @@ class GSLoraConfig(BaseModel):
     """Groups of the lasso: one per transformer block (the paper) or one per module."""
     prune_threshold: float = Field(0.1, ge=0, lt=1)
     """A group survives if its norm keeps at least this share of its initial norm."""
-    bound: float = Field(1.0, gt=0)
-    """BND as a multiple of log(L), the cross-entropy of a uniform guess over the task's L labels."""
+    bound: float = Field(1.3, gt=0)
+    """BND as a multiple of log(L), the cross-entropy of a uniform guess over the task's L labels. At 1.0
+    the forgotten task stayed above chance (minilm, airline: 75% -> 43%, chance 33%): a batch-mean
+    cross-entropy of log(L) still leaves the argmax right on many rows; 1.3 reached chance (31.5%) with
+    the retained tasks' mean unchanged (-0.4 points), see bench/results/continual.txt."""
     forget_weight: float = Field(1.0, gt=0)
     """beta: weight of the bounded forget loss."""
     forget_share: float = Field(0.5, gt=0, lt=1)
