@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
+from loraplex.fsio import fsync_dir
 from loraplex.settings import Settings
 
 STATE_FILE = "state.json"
@@ -89,11 +90,7 @@ class RunDir:
                     os.fsync(f.fileno())
         final = self.unit_dir(i)
         os.rename(tmp, final)
-        fd = os.open(self.state, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.state)
         return final
 
     def clean(self) -> None:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -48,6 +47,7 @@ from loraplex.errors import (
     RegistryBusy,
 )
 from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.fsio import atomic_file
 from loraplex.registry.record import (
     AdapterDraft,
     AdapterRecord,
@@ -259,22 +259,8 @@ class Registry:
         path = self.blob_path(sha)
         if path.is_file() and path.stat().st_size == len(data):
             return sha
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, prefix=".tmp-", sync_dir=True) as f:
+            f.write(data)
         return sha
 
     def read_blob(self, sha: str) -> bytes:
