@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from loraplex.catalog import Catalog
 from loraplex.continual.regularizers.o_lora import OLoraConfig
@@ -178,20 +178,32 @@ class RoutedConfig(BaseModel):
     memory_per_task: int = Field(64, ge=1)
     """Rows per task kept for refitting the router when the stream has no replay buffer."""
 
+    @field_validator("router")
+    @classmethod
+    def _learned_router(cls, v: str) -> str:
+        from loraplex.router.base import ROUTERS, LearnedRouter
+
+        if v not in ROUTERS.names():
+            raise ValueError(f"unknown router {v!r}; known: {', '.join(ROUTERS.names())}")
+        if not issubclass(ROUTERS.get(v).factory, LearnedRouter):
+            raise ValueError(f"router {v!r} is not trained; the routed method needs a learned router")
+        return v
+
     @field_validator("router_config")
     @classmethod
-    def _router_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _router_config(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from loraplex.router.base import ROUTERS
+
         if v.get("joint"):
             raise ValueError("the routed method trains its adapters task by task; a joint router is not allowed")
+        if "router" in info.data:  # the router's own config class checks its fields now, not at run time
+            ROUTERS.get(info.data["router"]).make_config(dict(v))
         return v
 
     def router_entry(self):
-        from loraplex.router.base import ROUTERS, LearnedRouter
+        from loraplex.router.base import ROUTERS
 
-        entry = ROUTERS.get(self.router)
-        if not issubclass(entry.factory, LearnedRouter):
-            raise ValueError(f"router {self.router!r} is not trained; the routed method needs a learned router")
-        return entry
+        return ROUTERS.get(self.router)
 
 
 @METHODS.register("routed", RoutedConfig, summary="a new LoRA per task plus a router extended and refitted after each task")

@@ -106,3 +106,14 @@ def test_routed_config_is_validated():
         METHODS.build("routed", {"router_config": {"joint": True}})
     with pytest.raises((LoraplexError, ValueError)):
         METHODS.build("routed", {"router_config": {"top_k": 0}})
+
+
+def test_a_bad_routed_spec_is_refused_before_anything_runs(cli, tmp_path, tiny_bert, task_dir):
+    from tests.conftest import registry_state
+
+    before = registry_state(cli.home)
+    for method in ({"name": "routed", "router": "retrieval"}, {"name": "routed", "router_config": {"top_k": 0}}):
+        spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=method)
+        res = cli("stream", "run", spec, "--out", tmp_path / "run")
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "s.yaml" in res.stderr, res.output
+        assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
