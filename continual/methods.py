@@ -62,6 +62,8 @@ class ContinualMethod:
 
     name = ""
     new_slot = False
+    summed = True
+    """The composition answers with every adapter summed (False: through something else, e.g. a router)."""
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -226,6 +228,7 @@ class Routed(ContinualMethod):
 
     name = "routed"
     new_slot = True
+    summed = False
 
     def __init__(self, config: RoutedConfig):
         super().__init__(config)

@@ -632,8 +632,11 @@ def current_composition(reg, *, adapters: Sequence[str] = (), base: str | None =
         raise UserInputError(f"no composition to forget from{where}: no stream has run in this registry; "
                              "name the adapters with --adapters a,b")
     latest = max(recs, key=lambda r: r.id)
+    from loraplex.continual.methods import METHODS
+
     method = latest.extra.get("method")
-    if isinstance(method, dict) and method.get("name") == "routed":
+    name = method.get("name") if isinstance(method, dict) else None
+    if name in METHODS.names() and not METHODS.get(name).factory.summed:
         raise UserInputError(f"the latest composition (of {latest.name!r}) answers through its stream's router; "
                              "a one-off request acts on summed adapters: put a `forget:` experience in the "
                              "stream instead, or name the adapters with --adapters a,b")
