@@ -2,7 +2,8 @@
 
 For each order it runs, as stream specs through `loraplex.api.run_stream`:
   - seq-lora            (one LoRA fine-tuned task after task: the lower bound, shows forgetting)
-  - o-lora + replay     (the method under test)
+  - o-lora + replay     (the method under test; replay with DER++ distillation of the replayed rows,
+                         weight --distill, default 1.0 as in the spec's default; 0 is plain replay)
 then a GS-LoRA forgetting request against the o-lora + replay run's final composition
 (`loraplex.api.forget`, the mechanism of a stream's forget experience, kept separate so the streams'
 results do not depend on it), and once (order-independent) `multitask` (all six tasks at once with
@@ -15,7 +16,9 @@ BWT >= -1 point; the forgotten task at chance, retained tasks losing at most 1 p
 Step-time overhead: the same minilm model and batches, interleaved round-robin in one process, times
 one optimiser step (forward, loss with every term of ContinualModule.training_step, backward, AdamW)
 for plain LoRA training and for each method's configuration; it prints the median step time of
-each and its ratio to plain LoRA (goal: at most 1.15).
+each and its ratio to plain LoRA (goal: at most 1.15). Replayed batches hold other tasks' rows (BBC
+articles are ~3x longer than tweets), so configurations that replay are also compared with plain LoRA
+trained on the same mixed batches (`seq-lora + replay`), which isolates the method's own cost.
 
 Runs are kept in the bench home (default <repo>/.bench/continual-home); a stream already finished is
 reused and an interrupted one resumed, so the script can be re-run after a stop.
@@ -51,7 +54,8 @@ ORDERS = [
 FORGET = [{"forget": "airline"}, {"forget": "bbc", "labels": ["sport"]}, {"forget": "driverless"}]
 
 
-def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0):
+def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0,
+              distill: float = 1.0):
     spec = {
         "name": name, "base": "minilm", "seed": seed, "lora": {"rank": 8},
         "trainer": {"steps": steps, "lr": 2e-3, "batch_size": 16, "eval_limit": eval_limit, "snapshots": 2},
@@ -60,7 +64,7 @@ def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit:
         "experiences": [{"learn": t} for t in order] + ([forget] if forget else []),
     }
     if replay:
-        spec["replay"] = {"budget": 600, "policy": "class-balanced", "mix": 0.25}
+        spec["replay"] = {"budget": 600, "policy": "class-balanced", "mix": 0.25, "distill": distill}
     return spec
 
 
@@ -142,7 +146,7 @@ def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
                              batch_size=16, mix=0.25, rng=rng)
     spec = LoraSpec(r=8, alpha=16)
 
-    def setup(n_slots: int, regs_for, forget: bool = False):
+    def setup(n_slots: int, regs_for, forget: bool = False, distill: float = 0.0):
         lb = load_base("minilm", s)
         mods = spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
         slots = [add_slot(lb.model, spec, mods, generator=torch.Generator().manual_seed(i)) for i in range(n_slots)]
@@ -156,12 +160,19 @@ def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
             objective.record_teacher(head, lb.model, lb.tokenizer, old, tasks)
             slot = add_slot(lb.model, fg.lora_spec(fmods), fmods, generator=torch.Generator().manual_seed(99))
             prev = []
+        teacher = objective.teacher if objective is not None else None
+        if distill:  # DER++: the replayed rows' stored scores, as the stream records them
+            from loraplex.continual.distill import StoredScores
+
+            teacher = StoredScores(distill)
+            teacher.record(head, lb.model, lb.tokenizer, old, tasks)
         train_only(lb.model, slot)
         regs = regs_for(lb)
         ctx = ExperienceContext(n_slots, "forget" if forget else "learn", lb.model, slot, prev)
         for r in regs:
             r.on_experience_start(ctx)
-        module = ContinualModule(lb.model, lb.tokenizer, head, tasks, regularizers=regs, forgetting=objective)
+        module = ContinualModule(lb.model, lb.tokenizer, head, tasks, regularizers=regs, forgetting=objective,
+                                 teacher=teacher)
         module.log = lambda *a, **k: None  # outside a Trainer: nothing to log to
         opt = torch.optim.AdamW([p for p in lb.model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
         lb.model.train()
@@ -172,6 +183,7 @@ def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
         "seq-lora + replay": (setup(1, lambda lb: []), replay_b),
         "o-lora (6 adapters)": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), plain_b),
         "o-lora + replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), replay_b),
+        "o-lora + DER++ replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})], distill=1.0), replay_b),
         "gs-lora forgetting": (setup(6, lambda lb: [REGULARIZERS.build("gs-lora", {}, model_type="bert")], forget=True),
                                replay_b),
     }
@@ -199,6 +211,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=200, help="test examples per task in the accuracy matrix")
     ap.add_argument("--orders", type=int, default=3, help="how many of the three task orders to run")
     ap.add_argument("--home", default=str(REPO / ".bench" / "continual-home"))
+    ap.add_argument("--distill", type=float, default=1.0,
+                    help="replay.distill of the replay runs (DER++ weight; 0: plain replay; runs other than 1.0 are named -d<weight>)")
     ap.add_argument("--timing-rounds", type=int, default=4)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--no-timing", action="store_true")
@@ -218,6 +232,7 @@ def main() -> None:
 
     results: dict = {"steps": args.steps, "eval_limit": args.eval_limit, "orders": [], "multitask": None}
     tag = f"s{args.steps}-e{args.eval_limit}"
+    rtag = tag if args.distill == 1.0 else f"{tag}-d{args.distill:g}"
     if not args.no_streams:
         log(f"multitask (all six tasks, {6 * args.steps} steps)")
         results["multitask"] = run(spec_dict(f"multitask-{tag}", ORDERS[0], "multitask", replay=False,
@@ -226,22 +241,23 @@ def main() -> None:
             log(f"order {k + 1}: {' -> '.join(order)}")
             seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, steps=args.steps,
                                 eval_limit=args.eval_limit), root, settings, log)
-            olr = run(spec_dict(f"olora-replay-o{k + 1}-{tag}", order, "o-lora", replay=True, steps=args.steps,
-                                eval_limit=args.eval_limit), root, settings, log)
+            olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, steps=args.steps,
+                                eval_limit=args.eval_limit, distill=args.distill), root, settings, log)
             adapters = [u["adapter"] for u in olr["metrics"]["units"]]
-            fr = forget(f"forget-o{k + 1}-{tag}", FORGET[k], adapters, steps=args.steps, eval_limit=args.eval_limit,
+            fr = forget(f"forget-o{k + 1}-{rtag}", FORGET[k], adapters, steps=args.steps, eval_limit=args.eval_limit,
                         settings=settings, log=log)
             row = {"order": order, "seq-lora": seq, "o-lora+replay": olr, "forget": fr}
             if args.routed:
                 routed = {"name": "routed", "router": "token-gate", "router_steps": args.steps}
-                row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{tag}", order, routed, replay=True,
-                                                     steps=args.steps, eval_limit=args.eval_limit), root, settings, log)
+                row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{rtag}", order, routed, replay=True,
+                                                     steps=args.steps, eval_limit=args.eval_limit, distill=args.distill),
+                                           root, settings, log)
             results["orders"].append(row)
     if not args.no_timing:
         log("step-time overhead (interleaved, one process)")
         results["step_time"] = step_times(rounds=args.timing_rounds, steps=args.timing_steps, log=log)
-    (root / f"results-{tag}.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / f"results-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
+    (root / f"results-{rtag}.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / f"results-{rtag}.json").write_text(json.dumps(results, indent=1, default=str))
     report(results)
 
 
@@ -289,10 +305,14 @@ def report(results: dict) -> None:
     st = results.get("step_time")
     if st:
         print()
-        print("step time (median seconds per optimiser step, interleaved in one process; ratio to plain LoRA):")
-        base = st["plain LoRA"]
+        print("step time (median seconds per optimiser step, interleaved in one process): ratio to plain LoRA on the")
+        print("new task's rows, and, for configurations that train on replayed rows, to plain LoRA on the same rows")
+        print("(seq-lora + replay: one LoRA, the same mixed batches, so the ratio is the method's own cost)")
+        base, same = st["plain LoRA"], st.get("seq-lora + replay")
         for name, v in st.items():
-            print(f"  {name:<22} {v:.3f}s  x{v / base:.3f}")
+            mixed = ("replay" in name or "gs-lora" in name) and same and name != "seq-lora + replay"
+            extra = f"   x{v / same:.3f} vs plain LoRA on the same rows" if mixed else ""
+            print(f"  {name:<24} {v:.3f}s  x{v / base:.3f}{extra}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def train_unit(
     device: str,
     regularizers: Sequence[Any] = (),
     forgetting: Any = None,
+    teacher: Any = None,
     on_task_forward: Callable[[str], None] | None = None,
     snapshot_fn: Callable[[torch.nn.Module], Any] | None = None,
     snapshot_spec: Any = None,
@@ -93,7 +94,7 @@ def train_unit(
     steps = len(batches)
     L.seed_everything(seed, verbose=False)
     module = ContinualModule(model, tokenizer, head, tasks, lr=lr, warmup=trainer.warmup, total_steps=steps,
-                             regularizers=regularizers, forgetting=forgetting,
+                             regularizers=regularizers, forgetting=forgetting, teacher=teacher,
                              on_task_forward=on_task_forward)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=max(1, max(len(b) for b in batches)), seed=seed,
                       warmup=trainer.warmup, snapshots=trainer.snapshots, accelerator=trainer.accelerator,

@@ -9,10 +9,11 @@ trains it on batches that mix rows of what is to be forgotten with replayed rows
       + CE(retained rows)                          retention loss on replayed data of every other task
                                                    (and, for a labels request, the task's other labels)
       + gamma * KL(before || now)(retained rows)   distillation to the predictions before the request
+                                                   (`teacher`, added by ContinualModule.task_loss)
       + alpha * sum_g ||theta_g||_2                group lasso, one group per block (regularizer `gs-lora`)
 
-After training, groups whose norm fell below `prune_threshold` of their initial norm are zeroed and
-the surviving groups are counted (see `continual/regularizers/gs_lora.py`). The forgetting adapter is
+After training, groups whose weight update is below `prune_threshold` of the largest group's are
+zeroed and the surviving groups are counted (see `continual/regularizers/gs_lora.py`). The forgetting adapter is
 registered with origin "forgetting" and a `forgets` edge to the task, holding only the surviving
 groups' modules. Retained rows come from the stream's replay buffer (minus the forgotten rows), or,
 when the stream keeps none (and for a one-off `loraplex forget`), from a class-balanced sample of the
@@ -46,7 +47,7 @@ class GSLoraConfig(BaseModel):
     group_by: Literal["block", "module"] = "block"
     """Groups of the lasso: one per transformer block (the paper) or one per module."""
     prune_threshold: float = Field(0.1, ge=0, lt=1)
-    """A group survives if its norm keeps at least this share of its initial norm."""
+    """A group survives if its weight update is at least this share of the largest group's."""
     bound: float = Field(1.3, gt=0)
     """BND as a multiple of log(L), the cross-entropy of a uniform guess over the task's L labels. At 1.0
     the forgotten task stayed above chance (minilm, airline: 75% -> 43%, chance 33%): a batch-mean
@@ -70,6 +71,7 @@ class ForgetObjective:
 
     def __init__(self, task: Any, labels: Sequence[str] | None, *, bound: float, weight: float,
                  distill_weight: float = 0.0):
+        from loraplex.continual.distill import StoredScores
         from loraplex.continual.losses import bound_for
 
         self.task = task
@@ -78,30 +80,12 @@ class ForgetObjective:
         self.bnd = bound_for(len(task.labels), bound)
         self.weight = weight
         self.distill_weight = distill_weight
-        self.teacher: dict[tuple[str, str], Any] = {}  # (task, text) -> (L,) scores before the request
+        self.teacher = StoredScores(distill_weight)  # (task, text) -> (L,) scores before the request
 
     def record_teacher(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[tuple], tasks: dict[str, Any],
                        batch_size: int = 64) -> None:
         """Score the retained rows with the model as it is (before the forgetting slot exists)."""
-        import torch
-
-        if self.distill_weight == 0:
-            return
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                by_task: dict[str, list[str]] = {}
-                for r in rows:
-                    by_task.setdefault(r[2], []).append(r[0])
-                for t, texts in by_task.items():
-                    texts = list(dict.fromkeys(texts))
-                    for i in range(0, len(texts), batch_size):
-                        sc = head.scores(model, tokenizer, texts[i : i + batch_size], tasks[t])  # (n, L)
-                        for text, row in zip(texts[i : i + batch_size], sc):
-                            self.teacher[(t, text)] = row.detach().float().cpu()
-        finally:
-            model.train(was)
+        self.teacher.record(head, model, tokenizer, rows, tasks, batch_size=batch_size)
 
     def is_forget(self, row: tuple) -> bool:
         return row[2] == self.task.name and (self.label_idx is None or row[1] in self.label_idx)
@@ -114,25 +98,6 @@ class ForgetObjective:
         scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rows], self.task)  # (N, L)
         y = torch.tensor([r[1] for r in rows], device=scores.device)
         return self.weight * bounded_forget_loss(scores, y, self.bnd)
-
-    def retain_loss(self, module: Any, rows: Sequence[tuple]):
-        """gamma * KL(before || now) over the retained rows that have teacher scores (None if none do)."""
-        import torch
-
-        from loraplex.continual.losses import distill_loss
-
-        rows = [r for r in rows if (r[2], r[0]) in self.teacher]
-        if self.distill_weight == 0 or not rows:
-            return None
-        groups: dict[str, list[tuple]] = {}
-        for r in rows:
-            groups.setdefault(r[2], []).append(r)
-        total = 0.0
-        for t, rs in groups.items():
-            scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rs], module.tasks[t])  # (n, L)
-            teacher = torch.stack([self.teacher[(t, r[0])] for r in rs]).to(scores.device)
-            total = total + distill_loss(scores, teacher) * len(rs)
-        return self.distill_weight * total / len(rows)
 
 
 @FORGETTERS.register("gs-lora", GSLoraConfig, summary="GS-LoRA: group-sparse FFN LoRA, bounded forget loss, replayed retention")
@@ -157,8 +122,8 @@ class GSLora:
         from loraplex.continual.regularizers import REGULARIZERS
 
         c = self.config
-        cfg = {"sparsity_weight": c.sparsity_weight, "group_by": c.group_by, "prune_threshold": c.prune_threshold,
-               "targets": c.targets}
+        cfg = {"sparsity_weight": c.sparsity_weight, "group_by": c.group_by,
+               "prune_threshold": c.prune_threshold, "targets": c.targets}
         return [REGULARIZERS.build("gs-lora", cfg, model_type=model_type)]
 
     def objective(self, task: Any, labels: Sequence[str] | None) -> ForgetObjective:
@@ -224,7 +189,7 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
         r.on_experience_start(ctx)
     outcome = train_unit(model=model, tokenizer=tokenizer, head=head, tasks=tasks, batches=batches,
                          lr=forgetter.lr(trainer), trainer=trainer, run_dir=run_dir, seed=seed, device=device,
-                         regularizers=regs, forgetting=objective,
+                         regularizers=regs, forgetting=objective, teacher=objective.teacher,
                          snapshot_fn=lambda m: extract_slot(m, spec, slot), snapshot_spec=spec,
                          progress=progress, label=label)
     diag = {r.name: r.on_experience_end(ctx) for r in regs}

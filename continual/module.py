@@ -5,15 +5,20 @@ The loss is composed visibly in `training_step`, every term logged under its own
     loss = task loss                          (the head's loss, per task present in the batch)
          + forget loss                        (a forgetting experience: GS-LoRA's bounded loss on the
                                                rows to forget; the task loss is then the retention loss)
-         + retention distillation             (a forgetting experience: KL to the predictions before it)
+         + distillation                       (weight * KL(stored scores || now) on rows that have stored
+                                               scores: a forgetting experience's retained rows, scored
+                                               before it; replayed rows with replay.distill, scored when
+                                               their task was learned (DER++); see continual/distill.py)
          + router auxiliary loss              (sum over routed layers of Routing.aux_loss, if any)
          + sum_i regularizer_i.penalty(self)  (O-LoRA orthogonality, GS-LoRA group sparsity, ...)
 
 Regularizers are plain objects with a `name` and `penalty(module) -> Tensor` (their experience hooks
 are called by the stream loop, not here); Lightning callbacks only log, show progress and checkpoint.
 A forgetting objective (`continual.forgetting.ForgetObjective`) says which rows of a batch are to be
-forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss
-and may add a distillation term (`retain_loss(module, rows)`).
+forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss.
+A teacher (`continual.distill.StoredScores`: `weight`, `lookup(row)`) adds the distillation term; it
+reuses the scores of the task loss's forward when the head gives them (`Head.scored_loss`), so it costs
+no second forward on an encoder base.
 A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
 (replay), and each is scored against its own task's label set. Rows are forwarded one task group at a
 time: `on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
@@ -49,6 +54,7 @@ class ContinualModule(L.LightningModule):
         total_steps: int = 100,
         regularizers: Sequence[Any] = (),
         forgetting: Any = None,
+        teacher: Any = None,
         on_task_forward: Callable[[str], None] | None = None,
     ):
         super().__init__()
@@ -61,29 +67,50 @@ class ContinualModule(L.LightningModule):
         self.total_steps = max(1, total_steps)
         self.regularizers = list(regularizers)
         self.forgetting = forgetting
+        self.teacher = teacher if teacher is not None and getattr(teacher, "weight", 0) > 0 else None
         self.on_task_forward = on_task_forward
         self._batch_aux: torch.Tensor | None = None
+        self._batch_kd: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
         self._val_counts: dict[str, list[int]] = {}
 
     # ---- the loss ----------------------------------------------------------------------------
     def task_loss(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor:
-        """Mean head loss over the batch, each row scored against its own task's labels."""
+        """Mean head loss over the batch, each row scored against its own task's labels.
+
+        Also leaves the batch's router auxiliary loss in `_batch_aux` and its distillation term (mean over
+        the rows the teacher knows, times its weight) in `_batch_kd` (None when there is none)."""
+        from loraplex.continual.losses import distill_loss
+
         groups: dict[str, list[int]] = {}
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
         total = 0.0
         aux_total = None
+        kd_total, kd_rows = None, 0
         for t, rows in groups.items():
             texts = [batch[i][0] for i in rows]
             y = torch.tensor([batch[i][1] for i in rows], device=self.device)
             if self.on_task_forward is not None:
                 self.on_task_forward(t)
-            total = total + self.head.loss(self.model, self.tokenizer, texts, y, self.tasks[t]) * len(rows)
+            stored = [self.teacher.lookup(batch[i]) for i in rows] if self.teacher is not None else []
+            known = [j for j, s in enumerate(stored) if s is not None]
+            loss, scores = self.head.scored_loss(self.model, self.tokenizer, texts, y, self.tasks[t])
+            total = total + loss * len(rows)
             aux = self.router_aux_loss()  # this group's forward
             if aux is not None:
                 aux_total = aux * len(rows) if aux_total is None else aux_total + aux * len(rows)
+            if known:
+                if scores is None:  # a head whose loss is not a function of its scores (causal LM)
+                    scores = self.head.scores(self.model, self.tokenizer, [texts[j] for j in known], self.tasks[t])
+                else:
+                    scores = scores[known]
+                target = torch.stack([stored[j] for j in known]).to(scores.device)
+                kd = distill_loss(scores, target) * len(known)
+                kd_total = kd if kd_total is None else kd_total + kd
+                kd_rows += len(known)
         self._batch_aux = None if aux_total is None else aux_total / len(batch)
+        self._batch_kd = None if kd_total is None else self.teacher.weight * kd_total / kd_rows
         return total / len(batch)
 
     def router_aux_loss(self) -> torch.Tensor | None:
@@ -98,6 +125,7 @@ class ContinualModule(L.LightningModule):
         forget_rows = [r for r, f in zip(batch, to_forget) if f]
         keep_rows = [r for r, f in zip(batch, to_forget) if not f]
         loss = torch.zeros((), device=self.device)
+        self._batch_kd = None
         if keep_rows:
             task = self.task_loss(keep_rows)
             loss = loss + task
@@ -106,11 +134,9 @@ class ContinualModule(L.LightningModule):
             forget = self.forgetting.loss(self, forget_rows)
             loss = loss + forget
             self.log("loss/forget", forget, prog_bar=True, batch_size=len(forget_rows))
-        if keep_rows and self.forgetting is not None:
-            kd = self.forgetting.retain_loss(self, keep_rows)
-            if kd is not None:
-                loss = loss + kd
-                self.log("loss/retain_kd", kd, batch_size=len(keep_rows))
+        if self._batch_kd is not None:
+            loss = loss + self._batch_kd
+            self.log("loss/distill", self._batch_kd, batch_size=len(keep_rows))
         aux = self._batch_aux if keep_rows else self.router_aux_loss()
         if aux is not None:
             loss = loss + aux

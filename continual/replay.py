@@ -15,6 +15,11 @@ ceil(share * n) rows). Policies:
 Everything random comes from the buffer's own numpy generator, whose state is part of `state_dict`
 (with the rows), so a run resumed from a saved buffer makes the same choices as one never stopped.
 `remove(task, labels)` drops a forgotten task's (or labels') rows for good.
+
+Distillation (`distill` > 0, DER++): the buffer also keeps, for each stored row, the scores the
+composition gave it right after the row's task was learned (`scores`, a `continual.distill.StoredScores`
+recorded by the stream loop after each learning unit's evaluation, saved with the rows); later units
+add `distill * KL(stored || now)` on the replayed rows to their cross-entropy on the gold labels.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ Row = tuple[str, int, str]  # (text, label index, task name)
 
 class ReplayBuffer:
     def __init__(self, *, budget: int | None = None, share: float | None = None, policy: str = "reservoir",
-                 seed: int = 0):
+                 seed: int = 0, distill: float = 0.0):
+        from loraplex.continual.distill import StoredScores
+
         if (budget is None) == (share is None):
             raise ValueError("give a budget or a share, exactly one")
         if policy not in ("reservoir", "class-balanced"):
@@ -40,10 +47,12 @@ class ReplayBuffer:
         self.rows: list[Row] = []  # reservoir storage (global), or per task below
         self.per_task: dict[str, list[Row]] = {}
         self.seen: dict[str, int] = {}  # reservoir counters: "*" for the global one, else per task
+        self.scores = StoredScores(distill)  # (task, text) -> scores when the task was learned (distill > 0)
 
     @classmethod
     def from_settings(cls, settings: Any, seed: int) -> "ReplayBuffer":
-        return cls(budget=settings.budget, share=settings.share, policy=settings.policy, seed=seed)
+        return cls(budget=settings.budget, share=settings.share, policy=settings.policy, seed=seed,
+                   distill=settings.distill)
 
     # ---- filling ------------------------------------------------------------------------------
     def add_task(self, task: str, rows: Sequence[Row]) -> None:
@@ -56,6 +65,7 @@ class ReplayBuffer:
             else:
                 self.per_task[task] = []
                 self._reservoir(self.per_task[task], rows, math.ceil(self.share * len(rows)), task)
+            self.scores.keep_only(self.contents())
             return
         by_label: dict[int, list[Row]] = {}
         for r in rows:
@@ -70,6 +80,7 @@ class ReplayBuffer:
             quotas.update(_split(math.ceil(self.share * len(rows)), keys))
         for k in list(self.classes):
             self.classes[k] = self.classes[k][: quotas.get(k, 0)]
+        self.scores.keep_only(self.contents())
 
     def _quota_of(self, key: tuple[str, int]) -> int:
         return len(self.classes[key])
@@ -114,6 +125,7 @@ class ReplayBuffer:
         self.per_task = {t: [r for r in rs if not gone(r)] for t, rs in self.per_task.items()}
         self.classes = {k: [r for r in rs if not gone(r)] for k, rs in self.classes.items()}
         self.classes = {k: rs for k, rs in self.classes.items() if rs}
+        self.scores.keep_only(self.contents())
         return before - len(self)
 
     # ---- persistence --------------------------------------------------------------------------
@@ -125,6 +137,7 @@ class ReplayBuffer:
             "per_task": {t: [list(r) for r in rs] for t, rs in self.per_task.items()},
             "classes": [[k[0], k[1], [list(r) for r in rs]] for k, rs in sorted(self.classes.items())],
             "seen": dict(self.seen),
+            "scores": self.scores.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,6 +148,8 @@ class ReplayBuffer:
         self.per_task = {t: [tuple(r) for r in rs] for t, rs in state["per_task"].items()}
         self.classes = {(t, int(lab)): [tuple(r) for r in rs] for t, lab, rs in state["classes"]}
         self.seen = {k: int(v) for k, v in state["seen"].items()}
+        if "scores" in state:
+            self.scores.load_state_dict(state["scores"])
 
 
 def _split(total: int, keys: Sequence[Any]) -> dict[Any, int]:

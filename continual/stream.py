@@ -312,6 +312,7 @@ class _StreamRun:
             model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, tasks=self.tasks, batches=batches,
             lr=tr.lr, trainer=tr, run_dir=self.rd.path / "units" / f"{unit.index:03d}-learn", seed=seed,
             device=self.device, regularizers=regs, progress=self.progress, label=self._bar(unit),
+            teacher=self.replay.scores if self.replay is not None else None,
             snapshot_fn=lambda m: extract_slot(m, self.learn_spec, slot), snapshot_spec=self.learn_spec)
         diag = {r.name: r.on_experience_end(ctx) for r in regs}
         self.method.after_unit(self, unit)
@@ -325,6 +326,8 @@ class _StreamRun:
         self.composition = [c for c in self.composition if c["slot"] != slot] + [{"name": name, "kind": "learn", "slot": slot}]
         self.method.configure_eval(self.lb.model)
         row = self._evaluate(self._eval_tasks(unit))
+        if self.replay is not None:  # DER++: the new rows' scores as the composition gives them now
+            self.replay.scores.record(self.head, self.lb.model, self.lb.tokenizer, self.replay.contents(), self.tasks)
         adapter = extract_slot(self.lb.model, self.learn_spec, slot)
         own = [row[t]["accuracy"] for t in unit.tasks if row[t]["accuracy"] is not None]
         result = self._result(unit, row, outcome, diag, name)

@@ -39,6 +39,9 @@ class Head(Protocol):
 
     def loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task") -> "torch.Tensor": ...
 
+    def scored_loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task"
+                    ) -> tuple["torch.Tensor", "torch.Tensor | None"]: ...  # loss, and (N, L) scores of the same forward or None
+
     def hidden(self, model, tokenizer, texts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor"]: ...
 
 
@@ -107,9 +110,14 @@ class EncoderHead:
         return emb @ self.anchors(model, tokenizer, task).T / self.config.temperature  # (N, L)
 
     def loss(self, model, tokenizer, texts, y, task):
+        return self.scored_loss(model, tokenizer, texts, y, task)[0]
+
+    def scored_loss(self, model, tokenizer, texts, y, task):
+        """Cross-entropy of the scores, and the scores (one forward serves both)."""
         import torch.nn.functional as F
 
-        return F.cross_entropy(self.scores(model, tokenizer, texts, task), y)
+        scores = self.scores(model, tokenizer, texts, task)
+        return F.cross_entropy(scores, y), scores
 
 
 class CausalConfig(BaseModel):
@@ -202,6 +210,10 @@ class CausalHead:
         for j, (a, b) in enumerate(spans):
             labels[j, a:b] = ids[j, a:b]
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def scored_loss(self, model, tokenizer, texts, y, task):
+        """The language-model loss of the gold continuations; its forward gives no label scores (None)."""
+        return self.loss(model, tokenizer, texts, y, task), None
 
     def generate(self, model, tokenizer, texts: Sequence[str], task: "Task | None" = None) -> list[str]:
         import torch

@@ -47,7 +47,7 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 def make_spec(path: Path, base: Path, task_dir: Path, *, method="o-lora", replay=True, experiences=None,
-              steps: int = 6, **extra) -> Path:
+              steps: int = 6, distill: float = 0.0, **extra) -> Path:
     spec = {
         "name": "tiny",
         "base": str(base),
@@ -62,6 +62,6 @@ def make_spec(path: Path, base: Path, task_dir: Path, *, method="o-lora", replay
         **extra,
     }
     if replay:
-        spec["replay"] = {"budget": 12, "policy": "class-balanced", "mix": 0.25}
+        spec["replay"] = {"budget": 12, "policy": "class-balanced", "mix": 0.25, "distill": distill}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

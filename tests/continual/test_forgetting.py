@@ -46,7 +46,18 @@ def test_objective_rows_and_teacher(tiny_bert, settings, task_dir):
     kept = [(e.text, flights.label_index(e.label), "flights") for e in flights.train[:5]]
     obj.record_teacher(head, lb.model, lb.tokenizer, kept, tasks)
     assert len(obj.teacher) == 5
-    module = ContinualModule(lb.model, lb.tokenizer, head, tasks)
+    module = ContinualModule(lb.model, lb.tokenizer, head, tasks, teacher=obj.teacher)
     lb.model.eval()
-    assert float(obj.retain_loss(module, kept)) == pytest.approx(0.0, abs=1e-5)  # unchanged model: no loss
-    assert obj.retain_loss(module, [("unseen text", 0, "flights")]) is None
+    module.task_loss(kept)
+    assert float(module._batch_kd) == pytest.approx(0.0, abs=1e-5)  # unchanged model: no distillation loss
+    module.task_loss([("unseen text", 0, "flights")])
+    assert module._batch_kd is None
+    # a changed model: the term is the KL to the recorded scores, computed from the task loss's own forward
+    with torch.no_grad():
+        lb.model.encoder.layer[0].intermediate.dense.weight.mul_(1.5)
+    module.task_loss(kept + [("unseen text", 0, "flights")])
+    with torch.no_grad():
+        want = distill_loss(head.scores(lb.model, lb.tokenizer, [r[0] for r in kept], flights),
+                            torch.stack([obj.teacher.lookup(r) for r in kept]))
+    assert float(module._batch_kd) > 1e-6
+    assert float(module._batch_kd) == pytest.approx(obj.distill_weight * float(want), rel=1e-4)

@@ -85,3 +85,24 @@ def test_mixed_batches():
     assert 70 <= c["p"] <= 130  # tasks drawn evenly
     again = mixed_batches({"new": rows("new", 25)}, old, steps=10, batch_size=8, mix=0.25, rng=np.random.default_rng(0))
     assert again == batches
+
+
+def test_stored_scores_follow_the_buffer_and_its_state():
+    import torch
+
+    buf = ReplayBuffer(budget=30, policy="class-balanced", seed=0, distill=0.5)
+    buf.add_task("x", rows("x", 60))
+    for r in buf.contents():  # as the stream records them after the task's unit
+        buf.scores.table[(r[2], r[0])] = torch.tensor([0.1, 0.7, -0.2])
+    assert len(buf.scores) == 30
+    buf.add_task("y", rows("y", 60))  # quotas re-divided: x keeps 15 rows, and only their scores
+    kept_x = [r for r in buf.contents() if r[2] == "x"]
+    assert len(buf.scores) == len(kept_x) == 15
+    assert all(buf.scores.lookup(r) is not None for r in kept_x)
+    assert all(buf.scores.lookup(r) is None for r in buf.contents() if r[2] == "y")
+    other = ReplayBuffer(budget=30, policy="class-balanced", seed=5)
+    other.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert other.scores.weight == 0.5 and len(other.scores) == 15
+    assert all(torch.equal(other.scores.lookup(r), buf.scores.lookup(r)) for r in kept_x)
+    buf.remove("x")
+    assert len(buf.scores) == 0

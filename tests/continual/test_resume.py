@@ -35,7 +35,7 @@ def _adapters(home):
 
 def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
     exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")] + [{"forget": "flights"}]
-    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=4)
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=4, distill=1.0)  # DER++ scores saved too
     settings = lambda home: Settings.load(home=home, embedder="hash", device="cpu", dtype="float32")  # noqa: E731
     ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=settings(tmp_path / "home-ref"))
 
