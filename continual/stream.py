@@ -10,9 +10,10 @@ For each unit (continual/methods.py groups experiences into units; one row of th
      generator seeded by (seed, unit); Lightning trains the slot (continual/experience.py);
   3. the unit's tasks are offered to the replay buffer (a forgotten task's rows are removed);
   4. the model (all adapters summed) is evaluated on every task learned so far and on the next
-     unit's tasks (for forward transfer): one row of R;
+     unit's tasks (for forward transfer): one row of R; with `replay.distill` the buffer's new rows
+     are then scored by that model, the targets later units distil towards (DER++);
   5. the run state is committed: `state/unit-XXX/` is written under a temporary name and renamed
-     (atomic) with the banks' tensors, the replay buffer's rows and generator state, the regularizers'
+     (atomic) with the banks' tensors, the replay buffer's rows, stored scores and generator state, the regularizers'
      state, the composition, the evaluation row, and the adapter with its snapshots and record;
   6. the adapter is registered (idempotently, continual/registration.py) with metrics, lineage
      (`trained-from` the previous unit's adapter; `forgets` for a forgetting adapter) and snapshots;

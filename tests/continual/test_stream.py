@@ -69,6 +69,19 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert new.origin == "forgetting" and new.parents == [recs[3].name]
 
 
+def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama, task_dir):
+    # a causal-LM head's loss gives no label scores: the distillation scores its rows in a forward of its own
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")] + [{"forget": "flights"}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_llama, task_dir, experiences=exps, steps=3, distill=1.0)
+    res = _run(cli, spec, tmp_path / "run")
+    units = res["metrics"]["units"]
+    assert [u["kind"] for u in units] == ["learn", "learn", "forget"] and res["metrics"]["complete"]
+    assert "distill" not in units[0]["losses"]  # nothing replayed yet
+    assert units[1]["losses"]["distill"] >= 0 and units[2]["losses"]["distill"] >= 0
+    state = json.loads((tmp_path / "run" / "state" / "unit-001" / "state.json").read_text())
+    assert state["replay"]["scores"]["weight"] == 1.0 and state["replay"]["scores"]["table"]
+
+
 @pytest.mark.parametrize("method", ["seq-lora", "multitask"])
 def test_other_methods(cli, tmp_path, tiny_bert, task_dir, method):
     exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
