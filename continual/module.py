@@ -21,7 +21,8 @@ reuses the scores of the task loss's forward when the head gives them (`Head.sco
 no second forward on an encoder base.
 A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
 (replay), and each is scored against its own task's label set. Rows are forwarded one task group at a
-time: `on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
+time (on an encoder head without a router, in length buckets instead: see `task_loss`):
+`on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
 which task's adapter the tokens belong to), and the router auxiliary loss is read after each group's
 forward and averaged over the batch's rows.
 
@@ -78,28 +79,41 @@ class ContinualModule(L.LightningModule):
     def task_loss(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor:
         """Mean head loss over the batch, each row scored against its own task's labels.
 
+        Rows are forwarded one task group at a time, except on an encoder head with no router attached:
+        there the sentence embedding does not depend on the task, so a batch mixing tasks (replay) is
+        forwarded in length buckets (`EncoderHead.encode_mixed`) and only the scoring is per task.
         Also leaves the batch's router auxiliary loss in `_batch_aux` and its distillation term (mean over
         the rows the teacher knows, times its weight) in `_batch_kd` (None when there is none)."""
+        import torch.nn.functional as F
+
         from loraplex.continual.losses import distill_loss
 
         groups: dict[str, list[int]] = {}
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
+        emb = None
+        if len(groups) > 1 and self.on_task_forward is None and hasattr(self.head, "encode_mixed") \
+                and not any(layer.router is not None for layer in routed_layers(self.model).values()):
+            emb = self.head.encode_mixed(self.model, self.tokenizer, [r[0] for r in batch])  # (N, D)
         total = 0.0
         aux_total = None
         kd_total, kd_rows = None, 0
         for t, rows in groups.items():
             texts = [batch[i][0] for i in rows]
             y = torch.tensor([batch[i][1] for i in rows], device=self.device)
-            if self.on_task_forward is not None:
-                self.on_task_forward(t)
+            if emb is not None:
+                scores = self.head.scores_of(self.model, self.tokenizer, emb[rows], self.tasks[t])
+                loss = F.cross_entropy(scores, y)
+            else:
+                if self.on_task_forward is not None:
+                    self.on_task_forward(t)
+                loss, scores = self.head.scored_loss(self.model, self.tokenizer, texts, y, self.tasks[t])
+                aux = self.router_aux_loss()  # this group's forward
+                if aux is not None:
+                    aux_total = aux * len(rows) if aux_total is None else aux_total + aux * len(rows)
+            total = total + loss * len(rows)
             stored = [self.teacher.lookup(batch[i]) for i in rows] if self.teacher is not None else []
             known = [j for j, s in enumerate(stored) if s is not None]
-            loss, scores = self.head.scored_loss(self.model, self.tokenizer, texts, y, self.tasks[t])
-            total = total + loss * len(rows)
-            aux = self.router_aux_loss()  # this group's forward
-            if aux is not None:
-                aux_total = aux * len(rows) if aux_total is None else aux_total + aux * len(rows)
             if known:
                 if scores is None:  # a head whose loss is not a function of its scores (causal LM)
                     scores = self.head.scores(self.model, self.tokenizer, [texts[j] for j in known], self.tasks[t])

@@ -106,8 +106,26 @@ class EncoderHead:
         return per_model[texts]
 
     def scores(self, model, tokenizer, texts, task):
-        emb = self.encode(model, tokenizer, texts)  # (N, D)
-        return emb @ self.anchors(model, tokenizer, task).T / self.config.temperature  # (N, L)
+        return self.scores_of(model, tokenizer, self.encode(model, tokenizer, texts), task)  # (N, L)
+
+    def scores_of(self, model, tokenizer, emb: "torch.Tensor", task: "Task") -> "torch.Tensor":
+        """(N, L) scores of sentence embeddings emb (N, D) against a task's label anchors."""
+        return emb @ self.anchors(model, tokenizer, task).T / self.config.temperature
+
+    def encode_mixed(self, model, tokenizer, texts: Sequence[str], *, per_forward: int = 256) -> "torch.Tensor":
+        """(N, D) embeddings of texts of any tasks, forwarded in length buckets (`length_buckets`).
+
+        The sentence embedding does not depend on the task, only the scores do (`scores_of`), so a batch
+        that mixes tasks (replay) needs one forward per length bucket, not one per task."""
+        import torch
+
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]]
+        out: list = [None] * len(texts)
+        for bucket in length_buckets(lengths, per_forward=per_forward):
+            emb = self.encode(model, tokenizer, [texts[i] for i in bucket])
+            for j, i in enumerate(bucket):
+                out[i] = emb[j]
+        return torch.stack(out)
 
     def loss(self, model, tokenizer, texts, y, task):
         return self.scored_loss(model, tokenizer, texts, y, task)[0]
@@ -118,6 +136,29 @@ class EncoderHead:
 
         scores = self.scores(model, tokenizer, texts, task)
         return F.cross_entropy(scores, y), scores
+
+
+def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[list[int]]:
+    """Indices of `lengths` split into buckets of similar length, each forwarded padded to its longest.
+
+    Minimises sum_b (rows_b * longest_b) + per_forward * n_buckets (tokens computed, padding included,
+    plus a fixed cost per forward in token units) over splits of the sorted lengths: a batch of tweets
+    stays one forward; a few long articles among them get their own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    srt = [lengths[i] for i in order]
+    n = len(srt)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # last bucket = sorted rows i..j-1, padded to srt[j-1]
+            c = best[i] + (j - i) * srt[j - 1] + per_forward
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 class CausalConfig(BaseModel):

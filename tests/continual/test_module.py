@@ -1,0 +1,50 @@
+"""ContinualModule's task loss: a batch mixing tasks forwarded in length buckets equals the per-task forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.data import load_task
+from loraplex.heads import length_buckets
+
+
+def test_length_buckets():
+    assert length_buckets([20, 31, 25, 18] * 4) == [sorted(range(16), key=lambda i: [20, 31, 25, 18][i % 4])]
+    tweets_and_article = [20, 30, 25, 128, 22]
+    assert length_buckets(tweets_and_article) == [[0, 4, 2, 1], [3]]  # the article is forwarded alone
+    assert sorted(i for b in length_buckets([5, 90, 7, 128, 64, 3]) for i in b) == list(range(6))
+    assert length_buckets([]) == []
+
+
+def test_mixed_batch_loss_equals_per_task_forwards(tiny_bert, settings, task_dir):
+    from loraplex.continual.distill import StoredScores
+    from loraplex.continual.module import ContinualModule
+    from loraplex.heads import head_for
+    from loraplex.models import load_base
+
+    tasks = {t: load_task(str(task_dir / f"{t}.jsonl")) for t in ("flights", "sports", "markets")}
+    lb = load_base(str(tiny_bert), settings)
+    head = head_for(lb)
+    batch = [(e.text * (1 + 6 * (i == 0)), tasks[t].label_index(e.label), t)  # one long row among short ones
+             for t in tasks for i, e in enumerate(tasks[t].train[:3])]
+    teacher = StoredScores(0.7)
+    teacher.record(head, lb.model, lb.tokenizer, batch[:2] + batch[6:], tasks)  # sports labels: one tiny-vocab token
+    with torch.no_grad():
+        lb.model.encoder.layer[0].intermediate.dense.weight.mul_(1.5)  # the model moved since the scores were stored
+    lb.model.eval()
+    mixed = ContinualModule(lb.model, lb.tokenizer, head, tasks, teacher=teacher)
+    per_task = ContinualModule(lb.model, lb.tokenizer, head, tasks, teacher=teacher,
+                               on_task_forward=lambda t: None)  # a hook forces one forward per task
+    calls = []
+    real = lb.model.forward
+    lb.model.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        a = mixed.task_loss(batch)
+        n_mixed = len(calls)
+        b = per_task.task_loss(batch)
+    finally:
+        del lb.model.forward
+    assert n_mixed == 2 and len(calls) - n_mixed == 3  # two length buckets instead of three task groups
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    assert float(mixed._batch_kd) > 0 and float(mixed._batch_kd) == pytest.approx(float(per_task._batch_kd), rel=1e-4)
