@@ -90,12 +90,16 @@ class ForgetObjective:
     def is_forget(self, row: tuple) -> bool:
         return row[2] == self.task.name and (self.label_idx is None or row[1] in self.label_idx)
 
-    def loss(self, module: Any, rows: Sequence[tuple]):
+    def loss(self, module: Any, rows: Sequence[tuple], emb: Any = None):
+        """The bounded forget loss of `rows` (emb: their embeddings, when the module already has them)."""
         import torch
 
         from loraplex.continual.losses import bounded_forget_loss
 
-        scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rows], self.task)  # (N, L)
+        if emb is not None:
+            scores = module.head.scores_of(module.model, module.tokenizer, emb, self.task)  # (N, L)
+        else:
+            scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rows], self.task)
         y = torch.tensor([r[1] for r in rows], device=scores.device)
         return self.weight * bounded_forget_loss(scores, y, self.bnd)
 

@@ -76,12 +76,22 @@ class ContinualModule(L.LightningModule):
         self._val_counts: dict[str, list[int]] = {}
 
     # ---- the loss ----------------------------------------------------------------------------
-    def task_loss(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor:
+    def mixed_embeddings(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor | None:
+        """(N, D) embeddings of a batch mixing tasks, forwarded in length buckets, when that is possible
+        (an encoder head, no `on_task_forward` hook, no router attached); None otherwise."""
+        if len({r[2] for r in batch}) < 2 or self.on_task_forward is not None or not hasattr(self.head, "encode_mixed"):
+            return None
+        if any(layer.router is not None for layer in routed_layers(self.model).values()):
+            return None
+        return self.head.encode_mixed(self.model, self.tokenizer, [r[0] for r in batch])
+
+    def task_loss(self, batch: Sequence[tuple[str, int, str]], emb: torch.Tensor | None = None) -> torch.Tensor:
         """Mean head loss over the batch, each row scored against its own task's labels.
 
         Rows are forwarded one task group at a time, except on an encoder head with no router attached:
         there the sentence embedding does not depend on the task, so a batch mixing tasks (replay) is
         forwarded in length buckets (`EncoderHead.encode_mixed`) and only the scoring is per task.
+        `emb`: the rows' embeddings when the caller already has them (`mixed_embeddings`).
         Also leaves the batch's router auxiliary loss in `_batch_aux` and its distillation term (mean over
         the rows the teacher knows, times its weight) in `_batch_kd` (None when there is none)."""
         import torch.nn.functional as F
@@ -91,10 +101,8 @@ class ContinualModule(L.LightningModule):
         groups: dict[str, list[int]] = {}
         for i, (_, _, t) in enumerate(batch):
             groups.setdefault(t, []).append(i)
-        emb = None
-        if len(groups) > 1 and self.on_task_forward is None and hasattr(self.head, "encode_mixed") \
-                and not any(layer.router is not None for layer in routed_layers(self.model).values()):
-            emb = self.head.encode_mixed(self.model, self.tokenizer, [r[0] for r in batch])  # (N, D)
+        if emb is None:
+            emb = self.mixed_embeddings(batch)  # (N, D), or None: one forward per task group
         total = 0.0
         aux_total = None
         kd_total, kd_rows = None, 0
@@ -140,12 +148,17 @@ class ContinualModule(L.LightningModule):
         keep_rows = [r for r, f in zip(batch, to_forget) if not f]
         loss = torch.zeros((), device=self.device)
         self._batch_kd = None
+        emb = self.mixed_embeddings(batch) if keep_rows and forget_rows else None  # one pass for both kinds
+        keep_emb = forget_emb = None
+        if emb is not None:
+            keep_emb = emb[[i for i, f in enumerate(to_forget) if not f]]
+            forget_emb = emb[[i for i, f in enumerate(to_forget) if f]]
         if keep_rows:
-            task = self.task_loss(keep_rows)
+            task = self.task_loss(keep_rows, keep_emb)
             loss = loss + task
             self.log("loss/task", task, prog_bar=True, batch_size=len(keep_rows))
         if forget_rows:
-            forget = self.forgetting.loss(self, forget_rows)
+            forget = self.forgetting.loss(self, forget_rows, forget_emb)
             loss = loss + forget
             self.log("loss/forget", forget, prog_bar=True, batch_size=len(forget_rows))
         if self._batch_kd is not None:

@@ -48,3 +48,25 @@ def test_mixed_batch_loss_equals_per_task_forwards(tiny_bert, settings, task_dir
     assert n_mixed == 2 and len(calls) - n_mixed == 3  # two length buckets instead of three task groups
     assert float(a) == pytest.approx(float(b), rel=1e-5)
     assert float(mixed._batch_kd) > 0 and float(mixed._batch_kd) == pytest.approx(float(per_task._batch_kd), rel=1e-4)
+
+
+def test_forgetting_step_shares_one_pass_with_the_retained_rows(tiny_bert, settings, task_dir):
+    from loraplex.continual.forgetting import FORGETTERS
+    from loraplex.continual.module import ContinualModule
+    from loraplex.heads import head_for
+    from loraplex.models import load_base
+
+    tasks = {t: load_task(str(task_dir / f"{t}.jsonl")) for t in ("flights", "markets")}
+    lb = load_base(str(tiny_bert), settings)
+    head = head_for(lb)
+    batch = [(e.text, tasks[t].label_index(e.label), t) for t in tasks for e in tasks[t].train[:4]]
+    obj = FORGETTERS.build("gs-lora", {}).objective(tasks["flights"], None)
+    obj.record_teacher(head, lb.model, lb.tokenizer, batch[4:], tasks)
+    lb.model.eval()
+    losses = []
+    for hook in (None, lambda t: None):  # shared pass, then one forward per kind of row
+        module = ContinualModule(lb.model, lb.tokenizer, head, tasks, forgetting=obj, teacher=obj.teacher,
+                                 on_task_forward=hook)
+        module.log = lambda *a, **k: None  # outside a Trainer
+        losses.append(float(module.training_step(batch, 0)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
