@@ -3,7 +3,7 @@
 For each order it runs, as stream specs through `loraplex.api.run_stream`:
   - seq-lora            (one LoRA fine-tuned task after task: the lower bound, shows forgetting)
   - o-lora + replay     (the method under test; replay with DER++ distillation of the replayed rows,
-                         weight --distill, default 1.0 as in the spec's default; 0 is plain replay)
+                         weight --distill, default 2.0 as in the spec's default; 0 is plain replay)
 then a GS-LoRA forgetting request against the o-lora + replay run's final composition
 (`loraplex.api.forget`, the mechanism of a stream's forget experience, kept separate so the streams'
 results do not depend on it), and once (order-independent) `multitask` (all six tasks at once with
@@ -55,7 +55,7 @@ FORGET = [{"forget": "airline"}, {"forget": "bbc", "labels": ["sport"]}, {"forge
 
 
 def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0,
-              distill: float = 1.0):
+              distill: float = 2.0):
     spec = {
         "name": name, "base": "minilm", "seed": seed, "lora": {"rank": 8},
         "trainer": {"steps": steps, "lr": 2e-3, "batch_size": 16, "eval_limit": eval_limit, "snapshots": 2},
@@ -183,7 +183,7 @@ def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
         "seq-lora + replay": (setup(1, lambda lb: []), replay_b),
         "o-lora (6 adapters)": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), plain_b),
         "o-lora + replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})]), replay_b),
-        "o-lora + DER++ replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})], distill=1.0), replay_b),
+        "o-lora + DER++ replay": (setup(6, lambda lb: [REGULARIZERS.build("o-lora", {})], distill=2.0), replay_b),
         "gs-lora forgetting": (setup(6, lambda lb: [REGULARIZERS.build("gs-lora", {}, model_type="bert")], forget=True),
                                replay_b),
     }
@@ -211,8 +211,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=200, help="test examples per task in the accuracy matrix")
     ap.add_argument("--orders", type=int, default=3, help="how many of the three task orders to run")
     ap.add_argument("--home", default=str(REPO / ".bench" / "continual-home"))
-    ap.add_argument("--distill", type=float, default=1.0,
-                    help="replay.distill of the replay runs (DER++ weight; 0: plain replay; runs other than 1.0 are named -d<weight>)")
+    ap.add_argument("--distill", type=float, default=2.0,
+                    help="replay.distill of the replay runs (DER++ weight, the spec's default 2.0; 0: plain replay)")
     ap.add_argument("--timing-rounds", type=int, default=4)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--no-timing", action="store_true")
@@ -232,7 +232,7 @@ def main() -> None:
 
     results: dict = {"steps": args.steps, "eval_limit": args.eval_limit, "orders": [], "multitask": None}
     tag = f"s{args.steps}-e{args.eval_limit}"
-    rtag = tag if args.distill == 1.0 else f"{tag}-d{args.distill:g}"
+    rtag = f"{tag}-d{args.distill:g}"  # replay runs and their forgetting requests, per distillation weight
     if not args.no_streams:
         log(f"multitask (all six tasks, {6 * args.steps} steps)")
         results["multitask"] = run(spec_dict(f"multitask-{tag}", ORDERS[0], "multitask", replay=False,
