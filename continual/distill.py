@@ -34,15 +34,16 @@ class StoredScores:
         return self.table.get((row[2], row[0]))
 
     def record(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[Sequence[Any]], tasks: dict[str, Any],
-               *, batch_size: int = 64, only_new: bool = True) -> int:
-        """Score `rows` with the model as it is now (eval mode, no gradient); returns how many were added."""
+               *, batch_size: int = 64) -> int:
+        """Score the rows not stored yet with the model as it is now (eval mode, no gradient); returns
+        how many were added. Rows already stored keep their earlier scores."""
         import torch
 
         if self.weight == 0:
             return 0
         by_task: dict[str, list[str]] = {}
         for r in rows:
-            if not (only_new and (r[2], r[0]) in self.table):
+            if (r[2], r[0]) not in self.table:
                 by_task.setdefault(r[2], []).append(r[0])
         was = model.training
         model.eval()
