@@ -64,6 +64,11 @@ def summary(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float]) -> 
     }
 
 
+FORGET_MIN_DROP = 0.02
+"""A forgetting request that lowers the forgotten rows' accuracy by less than this (2 points), or raises
+it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
+
+
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
                            retained: Sequence[str], n_labels: int) -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
@@ -85,7 +90,14 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
         if kb is not None and ka is not None:
             kept_before[f"{task}[other labels]"], kept_after[f"{task}[other labels]"] = kb, ka
     drops = {t: kept_before[t] - kept_after[t] for t in kept_before if t in kept_after}
+    what = task + (f" (labels {', '.join(labels)})" if labels else "")
+    warning = None
+    if f_before is not None and f_after is not None and f_after > f_before - FORGET_MIN_DROP:
+        warning = (f"the request did not forget {what}: accuracy on its rows went from {100 * f_before:.1f} to "
+                   f"{100 * f_after:.1f} (chance {100 / n_labels:.1f}); try more --steps or a higher --lr")
     return {
+        "forgot": warning is None,
+        "warning": warning,
         "task": task,
         "labels": list(labels) if labels is not None else None,
         "chance": 1.0 / n_labels,

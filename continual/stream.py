@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
 from loraplex.fsio import fsync_dir
+from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.settings import Settings
 
 STATE_FILE = "state.json"
@@ -149,8 +150,8 @@ def run_stream(
                               "resume it with its own spec")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        rd = RunDir(Path(out) if out is not None else s.home / "runs" / f"stream-{spec.name}-{stamp}")
-        if rd.path.exists() and any(rd.path.iterdir()):
+        rd = RunDir(shared_run_dir(Path(out) if out is not None else s.home / "runs" / f"stream-{spec.name}-{stamp}"))
+        if not is_worker() and rd.path.exists() and any(rd.path.iterdir()):
             hint = " (resume it with --resume)" if rd.is_run() else ""
             raise AlreadyExists(f"{rd.path} is not empty{hint}")
 
@@ -208,6 +209,12 @@ class _StreamRun:
 
         rd, spec = self.rd, self.spec
         self.reg = open_registry(self.settings)
+        # A DDP worker (loraplex.ranks) follows rank 0 through the same units and writes nothing: rank 0
+        # wrote run_id, spec.json and run.json before Lightning started the workers, and it commits,
+        # registers and reports every unit.
+        self.writer = not is_worker()
+        if not self.writer:
+            fresh, info = False, rd.info()
         if fresh:
             run_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             while any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters()):
@@ -216,8 +223,9 @@ class _StreamRun:
             atomic_write(rd.path / "run_id", run_id)  # before spec.json, whose presence marks a run directory
             atomic_write(rd.path / "spec.json", json.dumps(spec.canonical(), indent=1, sort_keys=True))
         run_id = (rd.path / "run_id").read_text().strip()
-        rd.state.mkdir(exist_ok=True)
-        rd.clean()
+        if self.writer:
+            rd.state.mkdir(exist_ok=True)
+            rd.clean()
         self.lb = load_base(self.ref, self.settings)
         self.head = head_for(self.lb)
         self.device = self.settings.resolved_device()
@@ -239,6 +247,10 @@ class _StreamRun:
         if done:
             self._restore(done - 1)
         self.results = [rd.result(i) for i in range(done)]
+        if not self.writer:
+            for unit in self.units[done:]:
+                self.results.append(self._learn(unit) if unit.kind == "learn" else self._forget(unit))
+            return StreamResult(rd.path, run_id, {}, {}, [], resumed_from=done)
         for i in range(done):  # a run killed between commit and registration registers now
             self._register(i)
         report = write_report(rd.path, info, self.results) if done else None
@@ -343,7 +355,7 @@ class _StreamRun:
                         "row": {t: c["accuracy"] for t, c in row.items()}, "steps": outcome.steps,
                         "train_seconds": outcome.seconds, "step_time": outcome.step_time, "method": self.method.name,
                         "replay": self.replay is not None, "losses": outcome.losses, **_flat(diag)},
-            "extra": self._extra(unit, [t.ref for t in ts]),
+            "extra": self._extra(unit, ts),
         }
         self._commit(unit, result, adapter, outcome.snapshots, record)
         return result
@@ -408,7 +420,7 @@ class _StreamRun:
                                         "retained_drop", "chance", "groups_survived", "groups_total")},
                         "steps": out["outcome"].steps, "train_seconds": out["outcome"].seconds,
                         "step_time": out["outcome"].step_time, "losses": out["outcome"].losses},
-            "extra": {**self._extra(unit, [task.ref]), "labels": list(labels) if labels else None},
+            "extra": {**self._extra(unit, [task]), "labels": list(labels) if labels else None},
         }
         self._commit(unit, result, adapter, out["outcome"].snapshots, record)
         return result
@@ -422,9 +434,10 @@ class _StreamRun:
 
         return f"{self.info['run_id']}-{unit.index}-{safe_part(what, 36)}"
 
-    def _extra(self, unit, refs: list[str]) -> dict[str, Any]:
+    def _extra(self, unit, tasks: list[Any]) -> dict[str, Any]:
         return {"run_id": self.info["run_id"], "run_dir": str(self.rd.path), "unit": unit.index,
-                "method": self.spec.method.dump(), "tasks": refs,
+                "method": self.spec.method.dump(), "tasks": [t.ref for t in tasks],
+                "task_cards": {t.ref: t.card() for t in tasks},
                 "composition": [c["name"] for c in self.composition]}
 
     def _eval_tasks(self, unit) -> list[str]:
@@ -456,6 +469,8 @@ class _StreamRun:
         from loraplex.continual.registration import write_unit_adapter
         from loraplex.continual.slots import bank_tensors
 
+        if not self.writer:
+            return
         tmp = self.rd.begin(unit.index)
         tensors, layout = bank_tensors(self.lb.model)
         save_file(tensors, str(tmp / BANKS_FILE))

@@ -129,10 +129,17 @@ def compact_targets(modules: list[str], all_linear: list[str]) -> list[str]:
     return sorted(out)
 
 
+PEFT_TASK_TYPES = {"causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+"""The PEFT `task_type` of a base family: what makes peft's Auto classes (`AutoPeftModelForCausalLM`,
+`AutoPeftModelForFeatureExtraction`) load an export."""
+
+
 def peft_config(
-    adapter: Adapter, *, base_model_name_or_path: str | None, all_linear: list[str], fan_in_fan_out: bool
+    adapter: Adapter, *, base_model_name_or_path: str | None, all_linear: list[str], fan_in_fan_out: bool,
+    family: str | None = None,
 ) -> dict[str, Any]:
-    """A LoraConfig dict that makes PEFT rebuild exactly this adapter's modules, ranks and scalings."""
+    """A LoraConfig dict that makes PEFT rebuild exactly this adapter's modules, ranks and scalings;
+    `family` (the base's: causal or encoder) sets the `task_type` peft's Auto classes read."""
     modules = adapter.modules
     ranks = {m: adapter.rank(m) for m in modules}
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
@@ -140,7 +147,7 @@ def peft_config(
     alpha = adapter.spec.alpha
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": PEFT_TASK_TYPES.get(family or ""),
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
@@ -158,6 +165,12 @@ def peft_config(
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames)."""
     from safetensors.torch import save_file
@@ -173,7 +186,9 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
         sd = {PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        mode = 0o666 & ~_umask()  # what a plain open() would give: safetensors writes 0600
         for name in (WEIGHTS, CONFIG):
+            os.chmod(tmp / name, mode)
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

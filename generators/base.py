@@ -81,6 +81,7 @@ class TrainingSet:
     progress: torch.Tensor  # (n,) step / final step, 1.0 for a final adapter
     sources: list[tuple[str, int]]  # (n,) (adapter, snapshot step) or (adapter, -1) for the adapter itself
     desc_embeddings: torch.Tensor | None = None  # (N, D) the registry's stored description embeddings
+    task_cards: dict[str, dict] = field(default_factory=dict)  # task ref -> what the registry recorded of it
 
 
 @dataclass

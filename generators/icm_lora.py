@@ -93,11 +93,12 @@ def task_vector(base, examples: Sequence[tuple[str, str | None]]) -> torch.Tenso
     return torch.nn.functional.normalize(pooled.mean(0), dim=0)  # (D,)
 
 
-def task_examples(task_ref: str, n: int, seed: int) -> list[tuple[str, str]]:
-    """n examples of a registered task's training split, in a seeded order."""
+def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) -> list[tuple[str, str]]:
+    """n examples of a registered task's training split, in a seeded order (`card`: what the registry
+    recorded of the task, see `Registry.task_card`)."""
     from loraplex.data import load_task
 
-    task = load_task(task_ref)
+    task = load_task(task_ref, card=card)
     rows = list(task.train)
     random.Random(seed).shuffle(rows)
     return [(e.text, e.label) for e in rows[:n]]
@@ -138,7 +139,7 @@ class ICMLoRA(CVAEGenerator):
                     f"icm-lora reads examples of each member's task, and adapter {name!r} records no task "
                     "(register it with --task, or leave it out with --adapters)")
             try:
-                ex = task_examples(ref, self.config.n_examples, self.config.cvae.seed)
+                ex = task_examples(ref, self.config.n_examples, self.config.cvae.seed, data.task_cards.get(ref))
             except TaskNotFound as exc:
                 raise UserInputError(f"icm-lora cannot read the task of adapter {name!r}: {exc}") from None
             vecs.append(task_vector(self.ctx.base(), ex))

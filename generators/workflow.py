@@ -101,6 +101,7 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
         layout=layout, members=names, descriptions=[r.description for r in recs], tasks=[r.task for r in recs],
         base=recs[0].base, vectors=torch.stack(vecs), owner=owner, progress=torch.tensor(prog),
         sources=[(a, int(s)) for a, s in sources], desc_embeddings=torch.from_numpy(emb),
+        task_cards={r.task: reg.task_card(r.task) or {} for r in recs if r.task},
     )
 
 

@@ -28,6 +28,7 @@ from loraplex.errors import (
     InvalidSpec,
     UserInputError,
 )
+from loraplex.ranks import is_worker
 from loraplex.settings import Settings
 
 
@@ -106,7 +107,6 @@ def register(
     settings: Settings | None = None,
 ):
     """Register a PEFT LoRA directory under `name`. Returns the AdapterRecord."""
-    from loraplex.data import load_task
     from loraplex.experts.peft_io import read_peft_dir
     from loraplex.models import fingerprint, resolve_base
     from loraplex.registry.record import AdapterDraft, Edge, validate_name
@@ -123,12 +123,13 @@ def register(
     fp = fingerprint(ref, s)
     adapter = _align_modules(adapter, fp)
     adapter.check_fits(fp, name=f"adapter at {path}")
-    task_obj = load_task(task) if task else None
+    task_obj = reg.load_task(task) if task else None
     edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),
         task=task_obj.ref if task_obj else None, origin="imported", spec=adapter.spec, edges=edges,
-        extra={"source": str(Path(path).absolute())},
+        extra={"source": str(Path(path).absolute()),
+               **({"task_cards": {task_obj.ref: task_obj.card()}} if task_obj else {})},
     )
     emb = _embed(reg, [draft.description])[0]
     proto = _prototype(reg, [e.text for e in task_obj.train]) if task_obj else None
@@ -189,7 +190,7 @@ def export(name: str, out_dir: str | Path, *, overwrite: bool = False, settings:
     except UserInputError:
         peft_name = rec.base
     cfg = peft_config(adapter, base_model_name_or_path=peft_name, all_linear=fp.linear_names(),
-                      fan_in_fan_out=any(m in fp.conv1d for m in adapter.modules))
+                      fan_in_fan_out=any(m in fp.conv1d for m in adapter.modules), family=rec.family)
     return write_peft_dir(adapter, out_dir, cfg, overwrite=overwrite)
 
 
@@ -250,10 +251,11 @@ def evaluate(
     split: str = "test",
     limit: int | None = None,
     vs_base: bool = False,
+    progress: bool = False,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split."""
-    from loraplex.data import load_task
+    """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split (`progress`: a
+    progress bar on stderr for each evaluation)."""
     from loraplex.experts.layers import adapters_disabled
     from loraplex.heads import accuracy, head_for
     from loraplex.models import load_base, resolve_base
@@ -261,22 +263,25 @@ def evaluate(
     s = _settings(settings)
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
-    t = load_task(task)
+    reg = open_registry(s)
+    t = reg.load_task(task)
     if name is None:
         lb = load_base(resolve_base(base or "minilm"), s)
-        res = accuracy(head_for(lb), lb.model, lb.tokenizer, t, split, limit)
+        res = accuracy(head_for(lb), lb.model, lb.tokenizer, t, split, limit,
+                       progress=f"evaluating the bare base on {t.name}" if progress else None)
         return {"adapter": None, "base": lb.ref.name, "task": t.name, "split": split, **res}
-    reg = open_registry(s)
     rec = reg.get_adapter(name)
     if base is not None and resolve_base(base).name != rec.base:
         raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
     lb, _ = load_adapted([name], s, reg=reg)
     head = head_for(lb)
-    res = accuracy(head, lb.model, lb.tokenizer, t, split, limit)
+    res = accuracy(head, lb.model, lb.tokenizer, t, split, limit,
+                   progress=f"evaluating {name} on {t.name}" if progress else None)
     out = {"adapter": name, "base": lb.ref.name, "task": t.name, "split": split, **res}
     if vs_base:
         with adapters_disabled(lb.model):
-            out["base_accuracy"] = accuracy(head, lb.model, lb.tokenizer, t, split, limit)["accuracy"]
+            out["base_accuracy"] = accuracy(head, lb.model, lb.tokenizer, t, split, limit,
+                                            progress=f"evaluating the bare base on {t.name}" if progress else None)["accuracy"]
     return out
 
 
@@ -292,8 +297,11 @@ class TrainResult:
 
 
 def _run_dir(s: Settings, name: str) -> Path:
+    """A new run directory under the home; the same one in every DDP rank (loraplex.ranks)."""
+    from loraplex.ranks import shared_run_dir
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return s.home / "runs" / f"{name}-{stamp}"
+    return shared_run_dir(s.home / "runs" / f"{name}-{stamp}")
 
 
 def train(
@@ -305,10 +313,12 @@ def train(
     alpha: float | None = None,
     targets: Sequence[str] = (),
     description: str | None = None,
+    eval_limit: int | None = None,
     settings: Settings | None = None,
     **train_options: Any,
 ) -> TrainResult:
-    """Fine-tune one LoRA adapter on a task, evaluate it, and register it with its snapshots."""
+    """Fine-tune one LoRA adapter on a task, evaluate it (and the bare base) on the first `eval_limit`
+    test rows (default: all), and register it with its snapshots."""
     from pydantic import ValidationError
 
     from loraplex.continual.fit import TrainConfig, fit_adapter
@@ -321,7 +331,7 @@ def train(
     s = _settings(settings)
     validate_name(name)
     reg = open_registry(s)
-    if reg.has_adapter(name):
+    if reg.has_adapter(name) and not is_worker():
         raise AlreadyExists(f"an adapter named {name!r} already exists")
     try:
         cfg = TrainConfig(**train_options)
@@ -329,19 +339,28 @@ def train(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    t = load_task(task, description=description)
+    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
+        raise UserInputError(f"--eval-limit must be a whole number of at least 1, not {eval_limit!r}")
+    t = reg.load_task(task, description=description)
     ref = resolve_base(base)
     lb = load_base(ref, s)
     head = head_for(lb)
-    base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test")["accuracy"]
+    def bar(who: str) -> str | None:
+        return f"evaluating {who} on {t.name}" if cfg.progress else None
+
+    if is_worker():  # a DDP worker trains its share and leaves evaluating and registering to rank 0
+        result = fit_adapter(lb, t, spec, cfg, _run_dir(s, name))
+        return TrainResult(None, result.metrics, result.run_dir)
+    base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar("the bare base"))["accuracy"]
     result = fit_adapter(lb, t, spec, cfg, _run_dir(s, name))
-    test = accuracy(head, lb.model, lb.tokenizer, t, "test")
+    test = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar(name))
     metrics = {**result.metrics, "accuracy": round(test["accuracy"], 4), "base_accuracy": round(base_acc, 4),
                "test_n": test["n"], "task": t.name}
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=lb.fingerprint.sha, family=ref.family, description=t.description,
         task=t.ref, origin="trained", spec=spec, metrics=metrics, edges=(Edge.to_task(t.ref, "trained-on"),),
-        extra={"run_dir": str(result.run_dir), "train_config": cfg.model_dump(mode="json")},
+        extra={"run_dir": str(result.run_dir), "train_config": cfg.model_dump(mode="json"),
+               "task_cards": {t.ref: t.card()}},
     )
     emb = _embed(reg, [t.description])[0]
     proto = _prototype(reg, [e.text for e in t.train])
@@ -555,7 +574,6 @@ def evaluate_router(
     settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Routing accuracy, routed accuracy and each adapter alone (oracle), per task, for a stored router."""
-    from loraplex.data import load_task
 
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
@@ -563,7 +581,8 @@ def evaluate_router(
         raise UserInputError("--limit must be at least 1")
     s = _settings(settings)
     rm = load_routed_model(name, settings=s)
-    task_objs = [load_task(t) for t in tasks] if tasks else list(rm.task_pool)
+    reg = open_registry(s)
+    task_objs = [reg.load_task(t) for t in tasks] if tasks else list(rm.task_pool)
     joint_scratch = bool(rm.record.extra.get("joint")) and not rm.record.members
     res = rm.evaluate(task_objs, split=split, limit=limit, oracle=not joint_scratch)
     return {"router": name, "method": rm.record.method, "base": rm.record.base, "split": split, **res}
@@ -681,7 +700,6 @@ def forget(
     from loraplex.fsio import atomic_write
     from loraplex.continual.slots import extract_slot
     from loraplex.continual.spec import TrainerSettings
-    from loraplex.data import load_task
     from loraplex.errors import TaskNotFound
     from loraplex.heads import head_for
     from loraplex.models import fingerprint, resolve_base
@@ -698,7 +716,7 @@ def forget(
         for ref in (r.extra.get("tasks") or ([r.task] if r.task else [])):
             if ref not in refs:
                 refs.append(ref)
-    learned = [load_task(ref) for ref in refs]
+    learned = [reg.load_task(ref) for ref in refs]
     target = next((t for t in learned if task in (t.name, t.ref)), None)
     if target is None:
         known = ", ".join(t.name for t in learned) or "none"
@@ -759,6 +777,7 @@ def forget(
                                     "retained_drop", "chance", "groups_survived", "groups_total")},
                     "steps": out["outcome"].steps, "train_seconds": out["outcome"].seconds},
         "extra": {"run_id": name, "unit": 0, "run_dir": str(run_dir), "tasks": [target.ref],
+                  "task_cards": {target.ref: target.card()},
                   "labels": list(labels) if labels else None, "composition": composition},
     }
     state = run_dir / "adapter"

@@ -64,7 +64,16 @@ class Task:
     def split(self, name: str) -> tuple[Example, ...]:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {name!r}")
+        if not (self.train or self.validation or self.test):
+            raise TaskNotFound(f"{self.source}: the task file is gone, so task {self.name!r} has no {name} rows "
+                               "(its labels and description are still on record)")
         return getattr(self, name)
+
+    def card(self) -> dict:
+        """What an adapter record keeps of its task so the task can be used again without the file's
+        sidecar or the `--description` it was trained with: name, description, labels, label texts."""
+        return {"name": self.name, "description": self.description, "labels": list(self.labels),
+                "label_texts": dict(self.label_texts)}
 
     def summary(self) -> dict:
         return {
@@ -280,9 +289,27 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def load_task_file(path: str | os.PathLike, *, description: str | None = None, name: str | None = None) -> Task:
+def _card_task(p: Path, card: dict) -> Task:
+    """The task a record's card describes, without rows (its file is gone): routing and answering need
+    only the labels; evaluating or training on it says the rows are missing."""
+    labels = tuple(card.get("labels") or ())
+    if len(labels) < 2 or not card.get("description"):
+        raise TaskNotFound(f"{p}: no such task file")
+    return Task(str(card.get("name") or p.stem), str(card["description"]), labels, (), (), (),
+                dict(card.get("label_texts") or {}), source=str(p))
+
+
+def load_task_file(
+    path: str | os.PathLike, *, description: str | None = None, name: str | None = None, card: dict | None = None
+) -> Task:
+    """A user task file. `card` is what a registered adapter recorded of the task (`Task.card`): its
+    description, name and label texts stand in for a sidecar that is absent, and if the file itself is
+    gone the task comes back with its labels and no rows."""
     p = Path(path).expanduser().absolute()
+    card = card or {}
     if not p.exists():
+        if card:
+            return _card_task(p, card)
         raise TaskNotFound(f"{p}: no such task file")
     if p.is_dir():
         raise InvalidTaskFile(f"{p}: is a directory, expected a .jsonl or .csv task file")
@@ -322,7 +349,7 @@ def load_task_file(path: str | os.PathLike, *, description: str | None = None, n
         labels = tuple(sorted({e.label for e in examples}))
     if len(labels) < 2:
         raise InvalidTaskFile(f"{p}: a task needs at least two labels, found {list(labels)}")
-    desc = description or meta.get("description")
+    desc = description or meta.get("description") or card.get("description")
     if not desc or not str(desc).strip():
         raise InvalidTaskFile(
             f"{p}: no task description; pass --description or write {side.name} with a 'description'"
@@ -330,23 +357,25 @@ def load_task_file(path: str | os.PathLike, *, description: str | None = None, n
     train, val, test = split_examples(examples, seed=0)
     if not train:
         raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)})")
-    label_texts = meta.get("label_texts") or {}
+    label_texts = meta.get("label_texts") or card.get("label_texts") or {}
     if not isinstance(label_texts, dict):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object")
-    task_name = name or meta.get("name") or _sidecar(p).name[: -len(".task.json")]
+    task_name = name or meta.get("name") or card.get("name") or _sidecar(p).name[: -len(".task.json")]
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 
 
-def load_task(ref: str, *, description: str | None = None) -> Task:
-    """An embedded task by name, or a task file by path."""
+def load_task(ref: str, *, description: str | None = None, card: dict | None = None) -> Task:
+    """An embedded task by name, or a task file by path. `card` (see `load_task_file`) is what a
+    registered adapter recorded of the task; `description` overrides both the file's and the card's."""
     if ref in EMBEDDED_TASKS:
+        description = description or (card or {}).get("description")
         if description:
             t = _embedded_task(ref)
             return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source)
         return _embedded_task(ref)
     looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
     if looks_like_path:
-        return load_task_file(ref, description=description)
+        return load_task_file(ref, description=description, card=card)
     raise TaskNotFound(f"unknown task {ref!r} (embedded tasks: {', '.join(EMBEDDED_TASKS)}; or a .jsonl/.csv file)")
 
 

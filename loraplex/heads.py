@@ -286,19 +286,33 @@ def head_for(base: "LoadedBase") -> Head:
     return HEADS.build(base.family, cfg)
 
 
-def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", batch_size: int = 64) -> list[int]:
-    """Index of the predicted label for each text (no gradients, batched)."""
+def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", batch_size: int = 64,
+            progress: str | None = None) -> list[int]:
+    """Index of the predicted label for each text (no gradients, batched). With `progress` (a label),
+    a progress bar over the texts on stderr."""
     import torch
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=progress, unit="row", leave=False, dynamic_ncols=True)
     preds: list[int] = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            preds.extend(head.scores(model, tokenizer, texts[i : i + batch_size], task).argmax(-1).tolist())
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                chunk = texts[i : i + batch_size]
+                preds.extend(head.scores(model, tokenizer, chunk, task).argmax(-1).tolist())
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
     return preds
 
 
 def split_predictions(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
-                      batch_size: int = 64) -> tuple[list, list[int]]:
+                      batch_size: int = 64, progress: str | None = None) -> tuple[list, list[int]]:
     """(examples, predicted label indices) for the first `limit` examples of a split, in eval mode."""
     examples = task.split(split)[:limit] if limit else task.split(split)
     if not examples:
@@ -306,16 +320,16 @@ def split_predictions(head: Head, model, tokenizer, task: "Task", split: str = "
     was_training = model.training
     model.eval()
     try:
-        preds = predict(head, model, tokenizer, [e.text for e in examples], task, batch_size)
+        preds = predict(head, model, tokenizer, [e.text for e in examples], task, batch_size, progress)
     finally:
         model.train(was_training)
     return examples, preds
 
 
 def accuracy(head: Head, model, tokenizer, task: "Task", split: str = "test", limit: int | None = None,
-             batch_size: int = 64) -> dict:
-    """Accuracy on a split: {"accuracy", "n", "correct"}."""
-    examples, preds = split_predictions(head, model, tokenizer, task, split, limit, batch_size)
+             batch_size: int = 64, progress: str | None = None) -> dict:
+    """Accuracy on a split: {"accuracy", "n", "correct"} (`progress`: a label for a progress bar)."""
+    examples, preds = split_predictions(head, model, tokenizer, task, split, limit, batch_size, progress)
     if not examples:
         return {"accuracy": float("nan"), "n": 0, "correct": 0}
     correct = sum(int(p == task.label_index(e.label)) for p, e in zip(preds, examples))

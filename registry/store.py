@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from loraplex.data import load_task
 from loraplex.errors import (
     AdapterNotFound,
     AlreadyExists,
@@ -226,7 +227,10 @@ class Registry:
             conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # a Ctrl-C can land after COMMIT went through (or before BEGIN took): roll back only an open
+            # transaction, so the interrupt, not "no transaction is active", is what the caller sees
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     def generation(self) -> int:
@@ -449,6 +453,29 @@ class Registry:
     def count(self) -> int:
         conn = self._db(create=False)
         return 0 if conn is None else conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+    def task_card(self, ref: str) -> dict | None:
+        """What the newest adapter trained or registered on task `ref` recorded of it
+        (`extra["task_cards"][ref]`: name, description, labels, label texts), so a task file registered
+        with `--description` and no sidecar can be used again. Records from before cards existed give
+        their own description when their `task` is `ref`."""
+        conn = self._db(create=False)
+        if conn is None:
+            return None
+        row = conn.execute(
+            "SELECT json_extract(extra, '$.task_cards') FROM adapters WHERE EXISTS "
+            "(SELECT 1 FROM json_each(adapters.extra, '$.task_cards') WHERE key = ?) ORDER BY id DESC LIMIT 1",
+            (ref,)).fetchone()
+        if row and row[0]:
+            card = json.loads(row[0]).get(ref)
+            if isinstance(card, dict):
+                return card
+        row = conn.execute("SELECT description FROM adapters WHERE task = ? ORDER BY id DESC LIMIT 1", (ref,)).fetchone()
+        return {"description": row[0]} if row else None
+
+    def load_task(self, ref: str, *, description: str | None = None):
+        """`loraplex.data.load_task` with what the registry recorded of the task (`task_card`)."""
+        return load_task(ref, description=description, card=self.task_card(ref))
 
     def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
         """The record and its tensors (hash verified)."""

@@ -34,9 +34,7 @@ class RouterFitResult:
     run_dir: Path
 
 
-def _tasks_for(recs, tasks: Sequence[str] | None):
-    from loraplex.data import load_task
-
+def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     if tasks:
         if len(tasks) != len(recs):
             raise UserInputError(f"--tasks names {len(tasks)} task(s) for {len(recs)} adapter(s); give one per adapter, in order")
@@ -47,7 +45,7 @@ def _tasks_for(recs, tasks: Sequence[str] | None):
             if not r.task:
                 raise UserInputError(f"adapter {r.name!r} has no task on record; name the tasks with --tasks (one per adapter)")
             refs.append(r.task)
-    loaded = [load_task(t) for t in refs]
+    loaded = [reg.load_task(t) for t in refs]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise UserInputError(f"two adapters share task {next(n for n in names if names.count(n) > 1)!r}; "
@@ -73,7 +71,6 @@ def fit_router(
     from loraplex.api import open_registry
     from loraplex.continual.fit import TrainConfig, make_loader, make_trainer, rows_of
     from loraplex.continual.module import ContinualModule
-    from loraplex.data import load_task
     from loraplex.experts.layers import extract, inject, inject_new, routed_layers
     from loraplex.experts.spec import LoraSpec
     from loraplex.models import load_base, resolve_base
@@ -100,7 +97,7 @@ def fit_router(
         lb, recs, ads = load_members(reg, adapters, s)
         if base is not None and resolve_base(base).name != lb.ref.name:
             raise IncompatibleAdapter(f"adapters {', '.join(adapters)} are of base {lb.ref.name!r}, not {base!r}")
-        task_objs = _tasks_for(recs, tasks)
+        task_objs = _tasks_for(reg, recs, tasks)
         inject(lb.model, ads)
         expert_tasks = list(task_objs)
         expert_names = list(adapters)
@@ -110,7 +107,7 @@ def fit_router(
             raise UserInputError(f"router {method!r} routes registered adapters: name them with --adapters")
         if not tasks:
             raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
-        task_objs = [load_task(t) for t in tasks]
+        task_objs = [reg.load_task(t) for t in tasks]
         if len({t.name for t in task_objs}) != len(task_objs):
             raise UserInputError("a task is listed twice in --tasks")
         cfg = cfg.model_copy(update={"joint": True})

@@ -22,10 +22,9 @@ import torch
 from loraplex.errors import IncompatibleAdapter, IntegrityError, UserInputError
 
 
-def _load_task(ref: str | None):
-    from loraplex.data import load_task
-
-    return load_task(ref) if ref else None
+def _load_task(reg, ref: str | None):
+    """The task `ref` with what the registry recorded of it (a file's description, labels)."""
+    return reg.load_task(ref) if ref else None
 
 
 def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
@@ -126,8 +125,8 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     if len(keep) != n_full:
         router.keep_experts(keep)
     router.attach(lb.model)
-    tasks = [_load_task(r) for r in expert_refs]
-    pool = [_load_task(r) for r in extra.get("task_pool", [])]
+    tasks = [_load_task(reg, r) for r in expert_refs]
+    pool = [_load_task(reg, r) for r in extra.get("task_pool", [])]
     sig = tensors.get("task_sig")
     return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,
                        task_signatures=sig.numpy() if sig is not None else None)
@@ -194,7 +193,7 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     sig = Signatures.of(reg, names)
     lb, recs, ads = load_members(reg, names, settings)
     inject(lb.model, ads)
-    tasks = [_load_task(r.task) for r in recs]
+    tasks = [_load_task(reg, r.task) for r in recs]
     return RoutedModel(lb, names, tasks, retrieval=ret, signatures=sig, embedder=emb)
 
 
@@ -205,7 +204,7 @@ def load_bank(reg, names: Sequence[str], settings):
 
     lb, recs, ads = load_members(reg, names, settings)
     inject(lb.model, ads)
-    return RoutedModel(lb, list(names), [_load_task(r.task) for r in recs], embedder=_embedder(reg))
+    return RoutedModel(lb, list(names), [_load_task(reg, r.task) for r in recs], embedder=_embedder(reg))
 
 
 def task_signatures(reg, tasks: Sequence[Any]) -> np.ndarray:

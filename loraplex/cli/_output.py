@@ -1,4 +1,7 @@
-"""The one place that prints results: rich tables for people, JSON for programs (`--json`)."""
+"""The one place that prints results: rich tables for people on a terminal, plain text when stdout is a
+pipe or a file (one row a line, columns separated by two spaces, never folded mid-word), JSON for
+programs (`--json`). Nothing here interprets rich markup: user text (descriptions, task names, answers)
+is printed as it is, square brackets included."""
 
 from __future__ import annotations
 
@@ -22,7 +25,16 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _silent() -> bool:
+    """A DDP worker (rank > 0, loraplex.ranks) re-runs the command beside rank 0: only rank 0 prints."""
+    from loraplex.ranks import is_worker
+
+    return is_worker()
+
+
 def emit_json(data: Any) -> None:
+    if _silent():
+        return
     sys.stdout.write(json.dumps(_clean(data), indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
 
@@ -30,7 +42,19 @@ def emit_json(data: Any) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(soft_wrap=False)
+    return Console(soft_wrap=False, markup=False, highlight=False, emoji=False)
+
+
+def _plain() -> bool:
+    """True when stdout is not a terminal: print plain, unwrapped lines instead of rich tables."""
+    try:
+        return not sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def fmt(v: Any) -> str:
@@ -49,6 +73,18 @@ def fmt(v: Any) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None,
           headers: Sequence[str] | None = None, max_width: dict[str, int] | None = None) -> None:
+    if _silent():
+        return
+    if _plain():
+        head = list(headers or columns)
+        body = [[_one_line(fmt(r.get(c))) for c in columns] for r in rows]
+        widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
+        if title:
+            sys.stdout.write(title + "\n")
+        for cells in [head] + body:
+            sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() + "\n")
+        sys.stdout.flush()
+        return
     from rich.table import Table
 
     t = Table(title=title, show_lines=False, header_style="bold")
@@ -62,6 +98,17 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str 
 
 
 def kv(data: dict[str, Any], *, title: str | None = None) -> None:
+    if _silent():
+        return
+    if _plain():
+        if title:
+            sys.stdout.write(title + "\n")
+        for k, v in data.items():
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) or "-"
+            sys.stdout.write(f"{k}: {fmt(v)}\n")
+        sys.stdout.flush()
+        return
     from rich.table import Table
 
     t = Table(title=title, show_header=False, box=None, pad_edge=False)
@@ -75,7 +122,21 @@ def kv(data: dict[str, Any], *, title: str | None = None) -> None:
 
 
 def line(text: str) -> None:
-    _console().print(text, highlight=False)
+    if _silent():
+        return
+    if _plain():
+        sys.stdout.write(str(text) + "\n")
+        sys.stdout.flush()
+        return
+    _console().print(text)
+
+
+def warn(text: str) -> None:
+    """One `warning:` line on stderr (the result itself still goes to stdout)."""
+    if _silent():
+        return
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()
 
 
 def lines(items: Iterable[str]) -> None:

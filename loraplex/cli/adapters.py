@@ -30,7 +30,7 @@ def register(
     if json:
         out.emit_json(rec)
     else:
-        out.line(f"registered [bold]{rec.name}[/bold] ({rec.modules} modules, rank {rec.rank}, "
+        out.line(f"registered {rec.name} ({rec.modules} modules, rank {rec.rank}, "
                  f"{rec.n_params:,} params) on base {rec.base}")
 
 

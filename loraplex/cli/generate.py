@@ -57,7 +57,7 @@ def fit(
         out.emit_json(res)
         return
     share = res["stored_params"] / max(1, res["member_params"])
-    out.line(f"fitted [bold]{res['name']}[/bold] ({res['method']}) on {len(res['members'])} adapters "
+    out.line(f"fitted {res['name']} ({res['method']}) on {len(res['members'])} adapters "
              f"({res['vectors']} vectors with snapshots) in {res['fit_seconds']:.1f}s: {res['space_dims']} coordinates, "
              f"{res['stored_params']:,} stored parameters ({100 * share:.2f}% of its members' {res['member_params']:,})")
 
@@ -80,7 +80,7 @@ def adapter(
     if json:
         out.emit_json(res)
         return
-    out.line(f"generated [bold]{res['name']}[/bold] with {res['generator']} ({res['method']}) in {res['seconds']:.2f}s "
+    out.line(f"generated {res['name']} with {res['generator']} ({res['method']}) in {res['seconds']:.2f}s "
              f"({res['params']:,} params on {res['base']}); nearest known task at cosine distance {res['distance']:.3f}")
     out.table(res["parents"], ["name", "similarity", "weight"], title="parents", headers=["parent", "similarity", "weight"])
 

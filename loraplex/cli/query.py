@@ -74,8 +74,8 @@ def query(
     for r in res:
         ads = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in r["adapters"][:4])
         if len(res) > 1 or trace:
-            out.line(f"[bold]query[/bold]: {r['query']}")
-        out.line(f"[bold]answer[/bold]: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads})")
+            out.line(f"query: {r['query']}")
+        out.line(f"answer: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads})")
         if trace:
             out.table(r["tokens"], ["token", "adapter", "weight"], title="per token (mean over layers)")
             out.table(r["layers"], ["layer", "adapter", "weight"], title="per layer (mean over tokens)")

@@ -30,8 +30,8 @@ def check(
         for n in rep.notes:
             out.line(f"note: {n}")
         for p in rep.problems:
-            out.line(f"[red]problem[/red]: {p}")
+            out.line(f"problem: {p}")
         counts = ", ".join(f"{v} {k}" for k, v in rep.counts.items())
-        out.line(("[green]consistent[/green]" if rep.ok else "[red]inconsistent[/red]") + (f" ({counts})" if counts else ""))
+        out.line(("consistent" if rep.ok else "inconsistent") + (f" ({counts})" if counts else ""))
     if not rep.ok:
         raise typer.Exit(1)

@@ -72,7 +72,7 @@ def fit(
         out.emit_json({"name": res.record.name, "method": res.record.method, "members": list(res.record.members),
                        "metrics": m, "run_dir": str(res.run_dir)})
         return
-    out.line(f"fitted router [bold]{res.record.name}[/bold] ({res.record.method}) over "
+    out.line(f"fitted router {res.record.name} ({res.record.method}) over "
              f"{', '.join(res.record.members) or 'its own experts'} in {m['train_seconds']:.1f}s ({m['steps']} steps); "
              f"logs in {res.run_dir}")
     _eval_table(m["per_task"], m["routing_accuracy"], m["accuracy"], m["oracle_accuracy"])
@@ -102,7 +102,7 @@ def eval_(
     if json:
         out.emit_json(res)
         return
-    out.line(f"router [bold]{name}[/bold] ({res['method']}, base {res['base']}) on the {split} split:")
+    out.line(f"router {name} ({res['method']}, base {res['base']}) on the {split} split:")
     _eval_table(res["tasks"], res["routing_accuracy"], res["accuracy"], res["oracle_accuracy"])
 
 

@@ -49,6 +49,8 @@ def _forget_lines(f: dict[str, Any]) -> None:
     out.line(f"forgot {what}: accuracy {_pts(f['forgotten_before'])} -> {_pts(f['forgotten_after'])} "
              f"(chance {_pts(f['chance'])}); retained {_pts(f['retained_before'])} -> {_pts(f['retained_after'])} "
              f"(drop {_signed(f['retained_drop'])}){groups}")
+    if f.get("warning"):
+        out.warn(f["warning"])
 
 
 @app.command("run")
@@ -120,6 +122,8 @@ def forget(
                      settings=settings(home))
     if json:
         out.emit_json(res)
+        if res.get("warning"):
+            out.warn(res["warning"])
         return
     _forget_lines(res)
-    out.line(f"registered forgetting adapter [bold]{res['name']}[/bold]; composition: {', '.join(res['composition'])}")
+    out.line(f"registered forgetting adapter {res['name']}; composition: {', '.join(res['composition'])}")

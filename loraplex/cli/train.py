@@ -22,6 +22,7 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Train on the first N examples only.")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Evaluate the bare base and the adapter on the first N test examples only (default: the whole test split).")] = None,
     description: Description = None,
     devices: Devices = "1",
     strategy: Strategy = "auto",
@@ -35,16 +36,19 @@ def train(
 
     res = api.train(
         task, name=name, base=base, rank=rank, alpha=alpha, targets=api.parse_list(targets), description=description,
-        steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
+        eval_limit=eval_limit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
         devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
         progress=not quiet and not json, settings=settings(home),
     )
+    if res.record is None:  # a DDP worker: rank 0 registers and reports
+        return
     m = res.metrics
     if json:
         out.emit_json({"name": res.record.name, "metrics": m, "run_dir": str(res.run_dir)})
         return
-    out.line(f"trained [bold]{res.record.name}[/bold] on {m['task']} in {m['train_seconds']:.1f}s ({m['steps']} steps): "
-             f"test accuracy {m['accuracy']:.3f} (bare base {m['base_accuracy']:.3f}); logs in {res.run_dir}")
+    out.line(f"trained {res.record.name} on {m['task']} in {m['train_seconds']:.1f}s ({m['steps']} steps): "
+             f"test accuracy {m['accuracy']:.3f} (bare base {m['base_accuracy']:.3f}; n={m['test_n']}); "
+             f"logs in {res.run_dir}")
 
 
 def eval_(
@@ -54,13 +58,15 @@ def eval_(
     split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on the first N examples only.")] = None,
     vs_base: Annotated[bool, typer.Option("--vs-base", help="Also report the bare base's accuracy.")] = False,
+    quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
 ) -> None:
     """Accuracy of an adapter (or of the bare base) on a task."""
     from loraplex import api
 
-    res = api.evaluate(name, task=task, base=base, split=split, limit=limit, vs_base=vs_base, settings=settings(home))
+    res = api.evaluate(name, task=task, base=base, split=split, limit=limit, vs_base=vs_base,
+                       progress=not quiet and not json, settings=settings(home))
     if json:
         out.emit_json(res)
         return

@@ -1,0 +1,198 @@
+"""What broke when loraplex was tried as a new user would (issue 15), each through the CLI: a task file
+trained with --description only, PEFT exports peft's Auto classes load, brackets in user text, plain
+output when piped, train's --eval-limit, a forgetting request that did not forget, and DDP (rank 0
+alone writes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_peft_adapter, registry_state
+
+
+def _bare_task_file(root: Path, n: int = 80) -> Path:
+    """A JSONL task file with no sidecar: its description can only come from --description."""
+    rnd = random.Random(0)
+    words = {"good": ["great", "good", "love", "thanks", "happy"], "bad": ["awful", "bad", "hate", "terrible", "angry"]}
+    rows = []
+    for i in range(n):
+        lab = "good" if i % 2 else "bad"
+        rows.append({"text": " ".join(rnd.sample(words[lab], 2) + ["the", "flight"]) + f" {i}", "label": lab})
+    f = root / "weather.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+def test_task_file_trained_with_description_is_usable_again(cli, tiny_bert, tmp_path):
+    f = _bare_task_file(tmp_path)
+    r = cli("train", f, "--name", "weather-lora", "--base", tiny_bert, "--description", "is the traveller happy",
+            "--steps", "4", "--rank", "2", "--eval-limit", "5", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metrics"]["test_n"] == 5
+    # every later command that needs the task finds its description on the record
+    ev = cli("eval", "weather-lora", "--task", f, "--json", "--quiet")
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["task"] == "weather"
+    bare = cli("eval", "--task", f, "--base", tiny_bert, "--json", "--quiet")
+    assert bare.exit_code == 0, bare.output
+    q = cli("query", "great flight", "--router", "retrieval", "--json")
+    assert q.exit_code == 0, q.output
+    assert json.loads(q.stdout)["answer"] in ("good", "bad")
+    card = json.loads(cli("adapters", "show", "weather-lora", "--json").stdout)["extra"]["task_cards"][str(f)]
+    assert card == {"name": "weather", "description": "is the traveller happy", "labels": ["bad", "good"],
+                    "label_texts": {}}
+    # the file moved away: routing still knows the labels; evaluating says the rows are gone
+    f.rename(tmp_path / "moved.jsonl")
+    q = cli("query", "great flight", "--router", "retrieval", "--json")
+    assert q.exit_code == 0, q.output
+    before = registry_state(cli.home)
+    ev = cli("eval", "weather-lora", "--task", f, "--quiet")
+    assert ev.exit_code != 0 and "task file is gone" in ev.output and "Traceback" not in ev.output
+    assert registry_state(cli.home) == before
+
+
+def test_train_eval_limit_is_checked(cli, tiny_bert, tmp_path):
+    f = _bare_task_file(tmp_path)
+    before = registry_state(cli.home)
+    for bad in ("0", "-3"):
+        r = cli("train", f, "--name", "w", "--base", tiny_bert, "--description", "d", "--steps", "2",
+                "--eval-limit", bad, "--quiet")
+        assert r.exit_code == 2 and "--eval-limit" in r.output, r.output
+    assert registry_state(cli.home) == before
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "encoder"])
+def test_export_loads_through_peft_auto_classes(cli, tiny_llama, tiny_bert, tmp_path, causal):
+    import torch
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction, PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    base = tiny_llama if causal else tiny_bert
+    targets = ("q_proj", "v_proj") if causal else ("query", "value")
+    src = make_peft_adapter(base, tmp_path / "src", targets=targets, causal=causal)
+    r = cli("adapters", "register", src, "--name", "a", "--description", "an adapter", "--base", base)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "export"
+    assert cli("adapters", "export", "a", out).exit_code == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == ("CAUSAL_LM" if causal else "FEATURE_EXTRACTION")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert _mode(out / name) == 0o666 & ~umask, name
+    cfg["base_model_name_or_path"] = str(base)  # the Auto class loads the base from here
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    auto = (AutoPeftModelForCausalLM if causal else AutoPeftModelForFeatureExtraction).from_pretrained(str(out))
+    ref = PeftModel.from_pretrained((AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(base)), str(src))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        a, b = auto(input_ids=ids), ref(input_ids=ids)
+    key = "logits" if causal else "last_hidden_state"
+    torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+def test_user_text_with_brackets_is_printed_as_written(cli, tiny_bert, tmp_path):
+    src = make_peft_adapter(tiny_bert, tmp_path / "src")
+    desc = "support tickets [v2] for [bold]customers[/bold] with a rather long description that would fold in a table"
+    assert cli("adapters", "register", src, "--name", "tickets", "--description", desc, "--base", tiny_bert).exit_code == 0
+    listing = cli("adapters", "list").stdout
+    # piped (not a terminal): one row a line, never folded mid-word, nothing read as markup
+    assert desc in listing
+    assert any(line.startswith("tickets ") and desc in line for line in listing.splitlines())
+    shown = cli("adapters", "show", "tickets").stdout
+    assert f"description: {desc}" in shown
+    f = _bare_task_file(tmp_path)
+    ev = cli("eval", "--task", f, "--base", tiny_bert, "--limit", "3", "--quiet")
+    # the bare task file has no description: eval says so in one line
+    assert ev.exit_code != 0 and "no task description" in ev.output
+    (tmp_path / "weather.task.json").write_text(json.dumps({"description": "weather [beta]"}))
+    ev = cli("eval", "--task", f, "--base", tiny_bert, "--limit", "3", "--quiet")
+    assert ev.exit_code == 0, ev.output
+    assert "[test, n=3]" in ev.stdout
+
+
+def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
+    from tests.continual.conftest import write_task
+
+    f = write_task(tmp_path, "flights", n=40)
+    r = cli("train", f, "--name", "fl", "--base", tiny_bert, "--steps", "30", "--lr", "3e-2", "--rank", "2",
+            "--batch-size", "8", "--quiet")
+    assert r.exit_code == 0, r.output
+    # a learning rate too small to change anything: the forgotten rows' accuracy stays where it was
+    r = cli("forget", str(f), "--adapters", "fl", "--base", tiny_bert, "--steps", "2", "--lr", "1e-12",
+            "--eval-limit", "20", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["forgot"] is False and "did not forget" in res["warning"]
+    assert "warning: the request did not forget" in r.stderr
+
+
+def test_forget_summary_flags_a_rise():
+    from loraplex.continual.metrics import forget_request_summary
+
+    row = lambda acc: {"t": {"accuracy": acc, "labels": {"a": [round(acc * 100), 100], "b": [round(acc * 100), 100]}},
+                       "u": {"accuracy": 0.8, "labels": {}}}
+    rose = forget_request_summary(row(0.105), row(0.421), "t", None, ["u"], 3)
+    assert rose["forgot"] is False and "10.5 to 42.1" in rose["warning"]
+    fell = forget_request_summary(row(0.9), row(0.33), "t", None, ["u"], 3)
+    assert fell["forgot"] is True and fell["warning"] is None
+
+
+def _loraplex(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("loraplex")
+    return subprocess.run([str(exe), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_write_once(tmp_path, tiny_bert):
+    """`--devices 2 --strategy ddp` on CPU (gloo): Lightning re-runs the command in rank 1, which trains
+    beside rank 0 and writes nothing: one run directory, one adapter per unit, one line of output."""
+    import yaml
+
+    from tests.continual.conftest import write_task
+
+    tasks = [write_task(tmp_path, n, n=24) for n in ("flights", "sports")]
+    home = tmp_path / "home"
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_EMBEDDER": "hash", "LORAPLEX_DEVICE": "cpu",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LORAPLEX_RUN_DIR"):
+        env.pop(var, None)
+    spec = tmp_path / "ddp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "ddp", "base": str(tiny_bert), "seed": 0, "lora": {"rank": 2},
+        "trainer": {"steps": 3, "batch_size": 4, "eval_limit": 8, "snapshots": 1, "lr": 3e-2, "devices": 2,
+                    "strategy": "ddp", "accelerator": "cpu"},
+        "method": "o-lora", "experiences": [{"learn": str(t)} for t in tasks]}))
+    out = tmp_path / "run"
+    r = _loraplex("stream", "run", spec, "--out", out, "--quiet", "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not empty" not in r.stderr and "already exists" not in r.stderr
+    assert [p.name for p in (out / "state").iterdir()] and not list((out / "state").glob(".unit-*.tmp"))
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["unit-000", "unit-001"]
+    names = [a["name"] for a in json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)]
+    assert len(names) == 2, names
+    assert not (home / "runs").exists() or not list((home / "runs").iterdir())
+    r = _loraplex("stream", "run", spec, "--resume", out, "--quiet", "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)) == 2
+    # one-off training: registered once, one answer, exit 0
+    r = _loraplex("train", tasks[0], "--name", "one", "--base", tiny_bert, "--steps", "2", "--rank", "2",
+                  "--devices", "2", "--strategy", "ddp", "--eval-limit", "4", "--quiet", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already exists" not in r.stdout + r.stderr
+    assert r.stdout.count("trained one") == 1, r.stdout
+    runs = list((home / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert len(json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)) == 3
