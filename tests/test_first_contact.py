@@ -196,3 +196,16 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, tiny_bert):
     runs = list((home / "runs").iterdir())
     assert len(runs) == 1, runs
     assert len(json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)) == 3
+
+
+def test_files_the_readme_names_are_shipped():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w/.])((?:examples|docs)/[\w./-]+\.\w+)", readme))
+    assert named, "the README names example files"
+    missing = sorted(p for p in named if not (root / p).exists())
+    assert not missing, missing
+    for link in re.findall(r"\]\(([^)#]+)\)", readme):
+        assert link.startswith("http") or (root / link).exists(), link
