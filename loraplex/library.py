@@ -203,20 +203,20 @@ _POLARITY_DESC = {
     "is positive or negative in tone. Neutral tweets are not part of this task.",
     "apple": "Positive or negative? Sort opinionated tweets about Apple, the iPhone and Apple's stock by "
     "which way the writer leans.",
-    "coachella": "Tell apart tweets from people excited about Coachella (lineup, tickets, the weekend) from "
-    "tweets of people who are disappointed or complaining.",
+    "coachella": "Tell apart positive tweets from people excited about Coachella (lineup, tickets, the "
+    "weekend) and negative ones from people who are disappointed or complaining.",
     "driverless": "For tweets that take a side on self-driving cars, say whether the writer sounds "
     "enthusiastic (positive) or worried and critical (negative).",
 }
 
 _OPINION_DESC = {
-    "airline": "Does this tweet to an airline express a feeling about the service, good or bad, or is it "
+    "airline": "Does this tweet to an airline express an opinion about the service, good or bad, or is it "
     "just a neutral question or statement of fact?",
     "deflategate": "Separate tweets that take an emotional stance on the Deflategate scandal, whichever "
-    "way, from neutral ones that only report news about Brady and the NFL.",
+    "way (opinion), from neutral ones that only report news about Brady and the NFL.",
     "apple": "Label tweets about Apple as opinion when the writer shows they like or dislike something, "
     "and as neutral when they only share news, links or questions.",
-    "coachella": "Coachella tweets: is the person voicing a feeling about the festival (love it or hate "
+    "coachella": "Coachella tweets: is the person voicing an opinion about the festival (love it or hate "
     "it), or is it a neutral post about dates, sets and tickets?",
     "driverless": "Is the author of this tweet about autonomous vehicles giving an opinion, for or "
     "against, or simply stating something neutral about them?",
@@ -280,10 +280,10 @@ _BBC_PAIR_DESC = {
     ("business", "entertainment"): "Is this BBC article a business story (companies, markets, the economy) "
     "or an entertainment story (films, music, TV, celebrities)?",
     ("business", "politics"): "Tell economic and corporate news from political news: each BBC article is "
-    "either about business or about government and elections.",
+    "either about business or about politics, government and elections.",
     ("business", "sport"): "Business desk or sports desk? Label BBC News articles as business or sport.",
-    ("business", "tech"): "BBC stories about companies and money versus stories about technology, gadgets "
-    "and the internet: say which one each article is.",
+    ("business", "tech"): "BBC stories about companies and money (business) versus stories about tech, "
+    "gadgets and the internet: say which one each article is.",
     ("entertainment", "politics"): "Decide if a BBC News piece covers showbiz and the arts (entertainment) "
     "or Westminster, parties and policy (politics).",
     ("entertainment", "sport"): "A BBC article is either about entertainment (cinema, pop music, "
@@ -292,7 +292,7 @@ _BBC_PAIR_DESC = {
     "and digital music can sit close to both.",
     ("politics", "sport"): "Is this article about politics or about sport? All texts are BBC News stories "
     "from one of the two sections.",
-    ("politics", "tech"): "Separate BBC political coverage from technology coverage: government and "
+    ("politics", "tech"): "Separate BBC politics coverage from technology coverage: government and "
     "elections on one side, computers, phones and the web on the other.",
     ("sport", "tech"): "Label each BBC News article as sport (football, rugby, tennis, athletics) or tech "
     "(computing, internet, consumer electronics).",
@@ -347,27 +347,27 @@ _KAOMOJI = [
     ("kaomoji-happy-vs-sad", "kaomoji-emotion", ("happy", "sad"),
      "Look at a kaomoji such as (◕‿◕) or (╥﹏╥) and say whether the face is happy or sad."),
     ("kaomoji-angry-vs-love", "kaomoji-emotion", ("angry", "love"),
-     "These Japanese emoticons show either anger or love and affection; pick the right one."),
+     "These Japanese emoticons look either angry or full of love and affection; pick the right one."),
     ("kaomoji-shy-vs-cool", "kaomoji-emotion", ("shy", "cool"),
      "Is the text emoticon blushing and shy, or acting cool and confident?"),
     ("kaomoji-sleepy-vs-excited", "kaomoji-emotion", ("sleepy", "excited"),
      "Low energy or high energy: classify each kaomoji as sleepy (tired, yawning) or excited."),
     ("kaomoji-surprised-vs-scared", "kaomoji-emotion", ("surprised", "scared"),
-     "A wide-eyed kaomoji can be surprised or frightened. Tell the two apart."),
+     "A wide-eyed kaomoji can be surprised or scared. Tell the two apart."),
     ("kaomoji-basic-emotions", "kaomoji-emotion", ("happy", "sad", "angry", "surprised"),
-     "Which of four basic emotions does this kaomoji express: happiness, sadness, anger or surprise?"),
+     "Which of four basic emotions does this kaomoji face show: is it happy, sad, angry or surprised?"),
     ("kaomoji-doubt-vs-sympathy", "kaomoji-emotion", ("doubt", "sympathy"),
-     "Kaomoji used in chat replies: is it a doubtful, suspicious look, or a sympathetic, comforting one?"),
+     "Kaomoji used in chat replies: is it a look of doubt and suspicion, or one of sympathy and comfort?"),
     ("kaomoji-animals", "kaomoji-subject", ("cat", "dog", "bear", "bunny", "pig", "fish", "bird"),
-     "Which animal is drawn in this text emoticon? Cats (=^･ω･^=), dogs, bears ʕ•ᴥ•ʔ, bunnies, pigs, "
-     "fish or birds."),
+     "Which animal is drawn in this text emoticon? A cat (=^･ω･^=), a dog, a bear ʕ•ᴥ•ʔ, a bunny, a pig, "
+     "a fish or a bird."),
     ("kaomoji-cat-vs-dog", "kaomoji-subject", ("cat", "dog"),
      "Cat face or dog face? Each kaomoji here draws one of the two."),
     ("kaomoji-actions", "kaomoji-subject", ("dance", "running", "writing", "fight", "hiding", "table flip"),
-     "What is the little figure in the kaomoji doing: dancing, running, writing, fighting, hiding, or "
-     "flipping a table in rage (╯°□°)╯︵ ┻━┻?"),
+     "What is the little figure in the kaomoji doing: a dance, running, writing, a fight, hiding, or a "
+     "table flip in rage (╯°□°)╯︵ ┻━┻?"),
     ("kaomoji-food-vs-gaming", "kaomoji-subject", ("food", "gaming"),
-     "Decide whether an emoticon is about eating and drinking or about playing games and sports."),
+     "Decide whether an emoticon is about food and drink or about gaming, playing games and sports."),
 ]
 
 _KAO_TEXTS = {
@@ -400,18 +400,18 @@ def _chat_topics(labels: tuple[str, ...]) -> Callable[[], dict[str, list[str]]]:
 
 _CHAT_TOPIC = [
     ("chat-ai-vs-psychology", ("ai", "psychology"),
-     "Lines from chatbot conversations: is the exchange about artificial intelligence and robots, or about "
-     "the mind, feelings and psychology?"),
+     "Lines from chatbot conversations: is the exchange about AI, robots and machine intelligence, or "
+     "about the mind, feelings and psychology?"),
     ("chat-coding-vs-computers", ("coding", "computers"),
-     "Is this chat line about programming (languages, code, software development) or about computers "
+     "Is this chat line about coding (programming languages, software development) or about computers "
      "in general, the machines and how they work?"),
     ("chat-emotion-vs-humor", ("emotion", "humor"),
-     "Say whether a chatbot dialogue line talks about emotions and feelings or tells a joke."),
+     "Say whether a chatbot dialogue line talks about emotion and feelings or is humor, a joke."),
     ("chat-everyday-topics", ("food", "movies", "sports", "money", "politics", "science", "history"),
      "Small talk with a chatbot, sorted by subject: food, movies, sports, money, politics, science or "
      "history."),
     ("chat-knowledge", ("trivia", "literature", "science"),
-     "Quiz-style chatbot lines: general trivia questions, questions about books and authors, or science?"),
+     "Quiz-style chatbot lines: general trivia questions, literature (books and authors), or science?"),
     ("chat-six-topics", ("ai", "coding", "emotion", "psychology", "literature", "trivia"),
      "Route a message to one of six chatbot skill areas: AI, coding, emotions, psychology, literature, "
      "trivia."),
@@ -457,8 +457,8 @@ _LANGUAGE = [
      "(traditionalchinese)?"),
     ("lang-twelve", ("english", "spanish", "portuguese", "french", "italian", "german", "dutch", "russian",
                      "turkish", "indonesian", "persian", "japanese"),
-     "Language identification over twelve languages, from English and Spanish to Persian and Japanese: "
-     "name the language of the message."),
+     "Name the language of the message. Twelve are possible: English, Spanish, Portuguese, French, "
+     "Italian, German, Dutch, Russian, Turkish, Indonesian, Persian and Japanese."),
 ]
 
 _LANG_NAMES = {"chinese": "Simplified Chinese", "traditionalchinese": "Traditional Chinese"}
