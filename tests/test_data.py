@@ -8,7 +8,7 @@ from loraplex.data import EMBEDDED_TASKS, load_task, load_task_file, split_examp
 from loraplex.errors import InvalidTaskFile, TaskNotFound
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED_TASKS))
+@pytest.mark.parametrize("name", ["airline", "apple", "bbc", "coachella", "deflategate", "driverless"])
 def test_embedded_tasks_have_fixed_disjoint_splits(name):
     t = load_task(name)
     assert t.description and len(t.labels) >= 3

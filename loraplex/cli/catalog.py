@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from loraplex.cli import _output as out
@@ -24,12 +26,31 @@ def models_list(home: Home = None, json: Json = False) -> None:
 
 
 @tasks_app.command("list")
-def tasks_list(home: Home = None, json: Json = False) -> None:
-    """List the embedded tasks with their label sets and split sizes."""
+def tasks_list(
+    home: Home = None,
+    json: Json = False,
+    family: Optional[str] = typer.Option(None, "--family", help="Only the tasks of this family (see `loraplex tasks families`)."),
+) -> None:
+    """List the embedded tasks with their family, label sets and split sizes."""
     from loraplex import api
 
-    rows = api.list_tasks()
+    rows = api.list_tasks(family)
     if json:
         out.emit_json(rows)
     else:
-        out.table(rows, ["name", "labels", "train", "validation", "test", "description"], max_width={"description": 60})
+        out.table(rows, ["name", "family", "labels", "train", "validation", "test", "description"],
+                  max_width={"description": 60, "labels": 40})
+
+
+@tasks_app.command("families")
+def tasks_families(json: Json = False) -> None:
+    """List the task library's families: what their members share, and how many there are."""
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.library import FAMILIES
+
+    rows = [{"family": f, "tasks": sum(1 for i in EMBEDDED_TASKS.values() if i["family"] == f), "summary": s}
+            for f, s in FAMILIES.items()]
+    if json:
+        out.emit_json(rows)
+    else:
+        out.table(rows, ["family", "tasks", "summary"], max_width={"summary": 80})

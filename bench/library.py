@@ -1,0 +1,86 @@
+"""Task library benchmark registry: one trained minilm adapter per embedded task (`<task>-lora`).
+
+Trains the adapters that are missing from the bench registry (resumable: a task whose adapter is
+already registered is skipped, so an interrupted run picks up where it stopped), with a progress bar,
+and prints each adapter's test accuracy against the bare base and the total time. Results (one entry
+per task: family, accuracy, base accuracy, seconds) are merged into a JSON file.
+
+    LORAPLEX_BENCH_HOME=/work/bench-home python bench/library.py [--family F] [--tasks a,b] [--steps 200]
+        [--limit N] [--out bench/results/library.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, STEPS, adapter_name, bench_home, bench_settings  # noqa: E402
+
+
+def library_tasks(family: str | None = None, tasks: str | None = None) -> list[str]:
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.errors import TaskNotFound
+    from loraplex.library import FAMILIES
+
+    if family is not None and family not in FAMILIES:
+        raise TaskNotFound(f"unknown task family {family!r} (families: {', '.join(FAMILIES)})")
+    names = [n for n, info in EMBEDDED_TASKS.items() if family in (None, info["family"])]
+    if tasks:
+        wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in wanted if t not in EMBEDDED_TASKS]
+        if unknown:
+            raise TaskNotFound(f"unknown task {unknown[0]!r}")
+        names = [n for n in names if n in wanted]
+    return names
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", help="only this family's tasks")
+    ap.add_argument("--tasks", help="comma-separated task names (default: every embedded task)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="training steps per adapter")
+    ap.add_argument("--limit", type=int, default=None, help="train at most this many new adapters this run")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library.json")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from loraplex import api
+    from loraplex.data import EMBEDDED_TASKS
+
+    s = bench_settings()
+    reg = api.open_registry(s)
+    names = library_tasks(args.family, args.tasks)
+    todo = [n for n in names if not reg.has_adapter(adapter_name(n))]
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    print(f"bench home {bench_home()}: {len(names)} tasks, {len(names) - len(todo)} already registered, "
+          f"{len(todo)} to train ({args.steps} steps each)")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    t_all = time.perf_counter()
+    bar = tqdm(todo, unit="task", dynamic_ncols=True)
+    for n in bar:
+        bar.set_description(n)
+        t0 = time.perf_counter()
+        res = api.train(n, name=adapter_name(n), base="minilm", steps=args.steps, progress=False, settings=s)
+        dt = time.perf_counter() - t0
+        results[n] = {"family": EMBEDDED_TASKS[n]["family"], "adapter": adapter_name(n), "steps": args.steps,
+                      "accuracy": res.metrics["accuracy"], "base_accuracy": res.metrics["base_accuracy"],
+                      "seconds": round(dt, 1)}
+        tqdm.write(f"{n:32s} {results[n]['family']:17s} accuracy {res.metrics['accuracy']:.3f} "
+                   f"(base {res.metrics['base_accuracy']:.3f}) in {dt:.0f}s")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each task: an interrupted run keeps its results
+    total = time.perf_counter() - t_all
+    print(f"trained {len(todo)} adapters in {total:.0f}s ({total / max(1, len(todo)):.0f}s each); "
+          f"{sum(reg.has_adapter(adapter_name(n)) for n in names)}/{len(names)} registered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
