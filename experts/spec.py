@@ -65,6 +65,7 @@ def matches_target(module: str, target: str) -> bool:
 def check_pattern_key(key: str) -> str:
     """A rank_pattern / alpha_pattern key must make a valid regex in PEFT's `(.*\\.)?<key>$` form."""
     try:
+        re.compile(key)
         re.compile(rf"(.*\.)?{key}$")
     except re.error as exc:
         raise ValueError(f"key {key!r} is not a valid regular expression ({exc})") from None
