@@ -46,7 +46,7 @@ class LoraSettings(_Frozen):
 
     rank: int = Field(8, ge=1, le=1024)
     """Rank of each experience's adapter."""
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter's input while training."""

@@ -340,6 +340,15 @@ def load_task_file(path: str | os.PathLike, *, description: str | None = None, n
         raise InvalidTaskFile(
             f"{p}: no task description; pass --description or write {side.name} with a 'description'"
         )
+    from loraplex.errors import UserInputError
+    from loraplex.registry.record import validate_description
+
+    try:
+        desc = validate_description(str(desc), "task description")
+        for ex in examples:
+            (ex.text + ex.label).encode("utf-8")
+    except (UserInputError, UnicodeEncodeError) as exc:
+        raise InvalidTaskFile(f"{p}: {exc if isinstance(exc, UserInputError) else 'a row is not valid UTF-8 text'}") from None
     train, val, test = split_examples(examples, seed=0)
     if not train:
         raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)})")
