@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 
 from loraplex.data import Task
@@ -65,6 +65,16 @@ class TrainConfig(BaseModel):
     """Lightning strategy: auto, ddp, fsdp, ..."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @model_validator(mode="after")
+    def _devices_exist(self):
+        from loraplex.settings import check_devices
+
+        try:
+            object.__setattr__(self, "devices", check_devices(self.devices, self.accelerator))
+        except ValueError as exc:
+            raise ValueError(f"devices: {exc}") from None
+        return self
     progress: bool = True
     """Show a progress bar."""
 

@@ -34,7 +34,7 @@ class GSLoraConfig(BaseModel):
 
     rank: int = Field(8, ge=1, le=1024)
     """Rank of the forgetting LoRA on each feed-forward projection."""
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     targets: tuple[str, ...] = ()
     """Feed-forward module suffixes (default: FFN_TARGETS of the base's model type)."""

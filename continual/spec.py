@@ -46,7 +46,7 @@ class LoraSettings(_Frozen):
 
     rank: int = Field(8, ge=1, le=1024)
     """Rank of each experience's adapter."""
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter's input while training."""
@@ -89,6 +89,16 @@ class TrainerSettings(_Frozen):
     """Lightning strategy: auto, ddp, fsdp, ..."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @model_validator(mode="after")
+    def _devices_exist(self):
+        from loraplex.settings import check_devices
+
+        try:
+            object.__setattr__(self, "devices", check_devices(self.devices, self.accelerator))
+        except ValueError as exc:
+            raise ValueError(f"devices: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainerSettings":
@@ -263,19 +273,12 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
 
 def load_spec(path: str | Path) -> StreamSpec:
     """Read and validate a YAML stream spec; task files are resolved relative to its directory."""
-    import yaml
+    from loraplex.fsio import read_yaml_file
 
     p = Path(path).expanduser().absolute()
     if not p.is_file():
         raise InvalidSpec(f"{p}: no such stream spec")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise InvalidSpec(f"{p}: not valid YAML{at}") from None
-    except UnicodeDecodeError:
-        raise InvalidSpec(f"{p}: not UTF-8 text") from None
+    data = read_yaml_file(p, error=InvalidSpec, what="stream spec")
     return parse_spec(data, where=str(p), root=p.parent)
 
 

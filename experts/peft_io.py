@@ -8,7 +8,9 @@ Neither imports peft (it costs seconds); the format is plain JSON and safetensor
   possibly with an adapter name before `.weight` in older files;
 - the config's `r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`, `target_modules`,
   `lora_dropout` map onto LoraSpec; features loraplex does not implement (DoRA, trained biases,
-  modules_to_save heads, embedding LoRA) are refused by name rather than silently dropped.
+  modules_to_save heads, embedding LoRA, layer replication, QA-LoRA, target_parameters, trainable
+  tokens, exclude_modules, base-changing initialisations such as PiSSA) are refused by name rather
+  than silently dropped, and so is a target_modules entry that matches no adapted module.
 
 Only safetensors are ever read. A directory holding only `adapter_model.bin` (a pickle) is refused.
 """
@@ -17,18 +19,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraplex.errors import InvalidAdapter
-from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error, matches_target
+from loraplex.fsio import read_json_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
@@ -41,10 +48,7 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     cfg_path = d / CONFIG
     if not cfg_path.is_file():
         raise InvalidAdapter(f"{d}: no {CONFIG}; not a PEFT adapter directory")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({exc})") from None
+    cfg = read_json_file(cfg_path, error=InvalidAdapter, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{cfg_path}: expected a JSON object")
     spec = spec_from_peft_config(cfg, where=str(cfg_path))
@@ -63,7 +67,9 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
         if ".lora_embedding_" in k or ".lora_magnitude_vector" in k or k.endswith(".bias"):
             raise InvalidAdapter(f"{w_path}: tensor {key!r} is an unsupported LoRA variant (embedding LoRA, DoRA or bias)")
         stripped[k] = t
-    return Adapter.from_state_dict(spec, stripped, where=str(w_path)), cfg
+    adapter = Adapter.from_state_dict(spec, stripped, where=str(w_path))
+    check_targets_used(adapter, cfg, where=str(cfg_path))
+    return adapter, cfg
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -79,10 +85,29 @@ def _load_safetensors(path: Path) -> dict:
         raise InvalidAdapter(f"{path}: corrupt or truncated safetensors file ({msg[0][:160] if msg else type(exc).__name__})") from None
 
 
+# PEFT LoraConfig keys that change what the adapter computes and that loraplex does not implement: an
+# adapter using them is refused by name, never imported with the feature silently dropped.
+UNSUPPORTED = {
+    "layer_replication": "layer replication (layer_replication)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "exclude_modules": "excluded modules (exclude_modules)",
+}
+# init_lora_weights values that only set how a fresh LoRA starts (the saved weights are all there is);
+# the others (pissa, olora, loftq, corda, eva, ...) also rewrite the base weights, which loraplex does not store.
+PLAIN_INITS = (True, False, "gaussian")
+# LoraSpec field -> the PEFT key it comes from (for error messages).
+PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
 def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSpec:
-    """LoraSpec from a PEFT LoraConfig dict, refusing what loraplex does not implement."""
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
+    """LoraSpec from a PEFT LoraConfig dict, refusing what loraplex does not implement.
+
+    Values are taken as they are (strict types: `r: 4.7` or `use_rslora: "false"` is an error, not
+    a truncation or a truthy string); the rules themselves live on LoraSpec."""
+    ptype = cfg.get("peft_type", "LORA")
+    if not isinstance(ptype, str) or ptype.upper() != "LORA":
         raise InvalidAdapter(f"{where}: peft_type {ptype!r} is not LoRA")
     if cfg.get("use_dora"):
         raise InvalidAdapter(f"{where}: DoRA adapters (use_dora) are not supported")
@@ -93,22 +118,59 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
         )
     if cfg.get("bias", "none") not in ("none", None) or cfg.get("lora_bias"):
         raise InvalidAdapter(f"{where}: trained biases (bias={cfg.get('bias')!r}) are not supported")
-    targets = cfg.get("target_modules") or ()
-    if isinstance(targets, str):
-        targets = ()  # a regex: the tensors themselves say which modules are adapted
-    try:
-        return LoraSpec(
-            r=int(cfg.get("r", 8)),
-            alpha=float(cfg.get("lora_alpha", cfg.get("r", 8))),
-            dropout=float(cfg.get("lora_dropout") or 0.0),
-            target_modules=tuple(targets),
-            rank_pattern={k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
-            alpha_pattern={k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
-            use_rslora=bool(cfg.get("use_rslora", False)),
+    for key, what in UNSUPPORTED.items():
+        v = cfg.get(key)
+        if v not in (None, False, [], {}, ""):
+            raise InvalidAdapter(f"{where}: {key}: {what} is not supported by loraplex (got {v!r})")
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is p or (isinstance(p, str) and init == p) for p in PLAIN_INITS):
+        raise InvalidAdapter(
+            f"{where}: init_lora_weights: {init!r} is not supported (it changes the base model's weights, "
+            "which loraplex does not store); only true, false and \"gaussian\" are"
         )
-    except Exception as exc:  # pydantic ValidationError, ValueError, TypeError
-        first = str(exc).strip().splitlines()
-        raise InvalidAdapter(f"{where}: invalid LoRA settings ({first[-1] if first else exc})") from None
+    targets = cfg.get("target_modules")
+    if targets is None:
+        targets = ()
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise InvalidAdapter(f"{where}: target_modules: {targets!r} is not a valid regular expression ({exc})") from None
+        targets = ()  # a regex: the tensors themselves say which modules are adapted
+    elif isinstance(targets, list) and all(isinstance(t, str) and t for t in targets):
+        targets = tuple(targets)
+    else:
+        raise InvalidAdapter(f"{where}: target_modules: expected a list of module names or a regex string, "
+                             f"got {type(targets).__name__}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise InvalidAdapter(f"{where}: {key}: expected an object of pattern -> value, got {type(cfg[key]).__name__}")
+    r = cfg.get("r", 8)
+    fields = {
+        "r": r,
+        "alpha": cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else r,
+        "dropout": cfg["lora_dropout"] if cfg.get("lora_dropout") is not None else 0.0,
+        "target_modules": targets,
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "use_rslora": cfg["use_rslora"] if cfg.get("use_rslora") is not None else False,
+    }
+    try:
+        return LoraSpec(**fields)
+    except ValidationError as exc:
+        raise InvalidAdapter(f"{where}: invalid LoRA settings: {format_validation_error(exc, PEFT_NAMES)}") from None
+
+
+def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CONFIG) -> None:
+    """Every entry of a target_modules list must select at least one of the adapter's modules (PEFT
+    creates tensors for every module a target matches: a target without tensors matched nothing)."""
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list):
+        return
+    unused = [t for t in targets if not any(matches_target(m, t) for m in adapter.modules)]
+    if unused:
+        raise InvalidAdapter(f"{where}: target_modules: {unused[0]!r} matches no module of the adapter "
+                             f"(adapted modules: {', '.join(adapter.modules[:4])}{', ...' if len(adapter.modules) > 4 else ''})")
 
 
 def compact_targets(modules: list[str], all_linear: list[str]) -> list[str]:

@@ -19,7 +19,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from loraplex.errors import IncompatibleAdapter, InvalidAdapter
 
@@ -60,6 +62,16 @@ def matches_target(module: str, target: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
+def check_pattern_key(key: str) -> str:
+    """A rank_pattern / alpha_pattern key must make a valid regex in PEFT's `(.*\\.)?<key>$` form."""
+    try:
+        re.compile(key)
+        re.compile(rf"(.*\.)?{key}$")
+    except re.error as exc:
+        raise ValueError(f"key {key!r} is not a valid regular expression ({exc})") from None
+    return key
+
+
 def match_pattern(pattern: Mapping[str, object], module: str) -> object | None:
     """PEFT's rule for rank_pattern / alpha_pattern keys: `(.*\\.)?<key>$` matched against the name."""
     for key, value in pattern.items():
@@ -68,25 +80,47 @@ def match_pattern(pattern: Mapping[str, object], module: str) -> object | None:
     return None
 
 
+MAX_RANK = 4096
+MAX_ALPHA = 1e6
+MAX_ABS_WEIGHT = 1e6
+"""Largest |value| accepted in a LoRA A or B matrix (real adapters stay many orders of magnitude below)."""
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# Strict types: a string "false" is not a bool, 4.7 is not an int, "16" is not a float (ints are floats).
+Rank = Annotated[int, Strict(), Field(ge=1, le=MAX_RANK)]
+Alpha = Annotated[float, Strict(), Field(gt=0, le=MAX_ALPHA, allow_inf_nan=False)]
+
+
 class LoraSpec(BaseModel):
-    """Hyper-parameters of a LoRA adapter (the subset of PEFT's LoraConfig that loraplex supports)."""
+    """Hyper-parameters of a LoRA adapter (the subset of PEFT's LoraConfig that loraplex supports).
+
+    The rules every adapter obeys, whichever way it arrives (PEFT import, training, a stored record
+    read back by `registry check`): 1 <= r <= 4096, 0 < alpha <= 1e6 and finite, 0 <= dropout < 1,
+    per-module patterns with valid regex keys and values under the same rules, strict types."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    r: int = Field(8, ge=1, le=4096)
+    r: Rank = 8
     """Rank of the update (modules may override it through rank_pattern)."""
-    alpha: float = Field(16.0, gt=0)
+    alpha: Alpha = 16.0
     """Scaling numerator: scaling = alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: Annotated[float, Strict(), Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.0
     """Dropout on the adapter's input during training."""
     target_modules: tuple[str, ...] = ()
     """Module name suffixes to adapt; empty means the base model's default (attention projections)."""
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    rank_pattern: dict[str, Rank] = Field(default_factory=dict)
     """Per-module ranks, PEFT's pattern syntax."""
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Alpha] = Field(default_factory=dict)
     """Per-module alphas, PEFT's pattern syntax."""
-    use_rslora: bool = False
+    use_rslora: Annotated[bool, Strict()] = False
     """Rank-stabilised scaling, alpha / sqrt(r)."""
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regex_keys(cls, v: dict) -> dict:
+        for key in v:
+            check_pattern_key(key)
+        return v
 
     def rank_for(self, module: str) -> int:
         r = match_pattern(self.rank_pattern, module)
@@ -173,7 +207,9 @@ class Adapter:
                     f"{where}: the config gives module {mod!r} rank {spec.rank_for(mod)} but its tensors have rank {a.shape[0]}"
                 )
             weights[mod] = (a, b)
-        return cls(spec, weights)
+        out = cls(spec, weights)
+        out.check_weights(where=where)
+        return out
 
     def to_bytes(self) -> bytes:
         """Deterministic safetensors bytes (the blob whose sha256 names it in the registry)."""
@@ -193,6 +229,27 @@ class Adapter:
         return cls.from_state_dict(spec, sd, where=where)
 
     # ---- checks ------------------------------------------------------------------------------
+    def check_weights(self, *, where: str = "adapter") -> None:
+        """Raise InvalidAdapter unless every A/B matrix is floating point, finite and of sane magnitude."""
+        import torch
+
+        for mod in sorted(self.weights):
+            for which, t in zip("AB", self.weights[mod]):
+                name = f"module {mod!r} lora_{which}"
+                if str(t.dtype).removeprefix("torch.") not in FLOAT_DTYPES:
+                    raise InvalidAdapter(f"{where}: {name} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                         f"LoRA weights must be floating point ({', '.join(FLOAT_DTYPES)})")
+                if t.numel() == 0:
+                    continue
+                x = t.detach().float()
+                if not bool(torch.isfinite(x).all()):
+                    bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+                    raise InvalidAdapter(f"{where}: {name} contains {bad} values")
+                peak = float(x.abs().max())
+                if peak > MAX_ABS_WEIGHT:
+                    raise InvalidAdapter(f"{where}: {name} holds a value of magnitude {peak:.3g}, above the "
+                                         f"{MAX_ABS_WEIGHT:.0e} limit for LoRA weights")
+
     def check_fits(self, fp: "Fingerprint", *, name: str = "adapter") -> None:
         """Raise IncompatibleAdapter unless every module exists in the base with matching shapes."""
         for mod, (a, b) in self.weights.items():
@@ -214,6 +271,23 @@ class Adapter:
 
     def spec_json(self) -> str:
         return json.dumps(self.spec.model_dump(mode="json"), sort_keys=True)
+
+
+def format_validation_error(exc: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """Pydantic errors as `field: message; field: message` (no URL), fields renamed through `names`."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc:
+            loc[0] = (names or {}).get(loc[0], loc[0])
+        where = ".".join(loc) or "value"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def _short(exc: Exception) -> str:

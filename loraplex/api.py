@@ -109,12 +109,13 @@ def register(
     """Register a PEFT LoRA directory under `name`. Returns the AdapterRecord."""
     from loraplex.experts.peft_io import read_peft_dir
     from loraplex.models import fingerprint, resolve_base
-    from loraplex.registry.record import AdapterDraft, Edge, validate_name
+    from loraplex.registry.record import AdapterDraft, Edge, validate_description, validate_name
 
     s = _settings(settings)
     validate_name(name)
     if not description or not description.strip():
         raise UserInputError("a description is required (--description): it is how the adapter is found and routed to")
+    description = validate_description(description)
     reg = open_registry(s)
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")
@@ -195,13 +196,16 @@ def export(name: str, out_dir: str | Path, *, overwrite: bool = False, settings:
 
 
 def remove(name: str, settings: Settings | None = None):
+    from loraplex.errors import AdapterNotFound
+
     reg = open_registry(settings)
-    rec = reg.get_adapter(name)
+    if not reg.has_adapter(name):
+        raise AdapterNotFound(f"no adapter named {name!r} in the registry at {reg.home}")
     users = reg.components_using(name)
     if users:
         who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
         raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
-    return reg.remove_adapter(rec.name)
+    return reg.remove_adapter(name)  # None: a damaged record (see `registry check`), removed all the same
 
 
 def graph(settings: Settings | None = None) -> dict[str, Any]:
@@ -263,6 +267,8 @@ def evaluate(
     s = _settings(settings)
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
+    if limit is not None and limit < 1:
+        raise UserInputError(f"--limit must be at least 1 (got {limit})")
     reg = open_registry(s)
     t = reg.load_task(task)
     if name is None:
@@ -326,10 +332,12 @@ def train(
     from loraplex.experts.spec import LoraSpec
     from loraplex.heads import accuracy, head_for
     from loraplex.models import load_base, resolve_base
-    from loraplex.registry.record import AdapterDraft, Edge, validate_name
+    from loraplex.registry.record import AdapterDraft, Edge, validate_description, validate_name
 
     s = _settings(settings)
     validate_name(name)
+    if description is not None:
+        description = validate_description(description)
     reg = open_registry(s)
     if reg.has_adapter(name) and not is_worker():
         raise AlreadyExists(f"an adapter named {name!r} already exists")
@@ -338,7 +346,8 @@ def train(
         spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InvalidSpec(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = " " + ".".join(map(str, err["loc"])) if err["loc"] else ""
+        raise InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}") from None
     if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
         raise UserInputError(f"--eval-limit must be a whole number of at least 1, not {eval_limit!r}")
     t = reg.load_task(task, description=description)
@@ -463,7 +472,8 @@ def fit_router(
         tc = TrainConfig(**train_options)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InvalidSpec(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = " " + ".".join(map(str, err["loc"])) if err["loc"] else ""
+        raise InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}") from None
     return _fit(name, method=router, adapters=list(adapters), tasks=list(tasks) if tasks else None, base=base,
                 config=config, train_config=tc, eval_limit=eval_limit, settings=_settings(settings))
 

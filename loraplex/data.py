@@ -289,13 +289,20 @@ def _read_rows(path: Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            except RecursionError:
+                raise InvalidTaskFile(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise InvalidTaskFile(f"{path}:{n}: expected a JSON object with 'text' and 'label'")
             rows.append(obj)
     elif suffix in (".csv", ".tsv"):
+        # a field may be as long as the file (a whole article); csv's default cap is 131,072 characters
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        for row in reader:
-            rows.append(row)
+        try:
+            for row in reader:
+                rows.append(row)
+        except csv.Error as exc:
+            raise InvalidTaskFile(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
         if reader.fieldnames is not None:
             missing = [c for c in ("text", "label") if c not in reader.fieldnames]
             if missing:
@@ -332,10 +339,9 @@ def load_task_file(
     meta: dict = {}
     side = _sidecar(p)
     if side.is_file():
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidTaskFile(f"{side}: not valid JSON ({exc})") from None
+        from loraplex.fsio import read_json_file
+
+        meta = read_json_file(side, error=InvalidTaskFile, what="task sidecar")
         if not isinstance(meta, dict):
             raise InvalidTaskFile(f"{side}: expected a JSON object")
         unknown = set(meta) - {"name", "description", "labels", "label_texts"}
@@ -349,6 +355,8 @@ def load_task_file(
         for col in ("text", "label"):
             if col not in row or row[col] is None:
                 raise InvalidTaskFile(f"{p}: row {n} has no {col!r} column")
+            if isinstance(row[col], (list, dict, bool)):
+                raise InvalidTaskFile(f"{p}: row {n}: {col!r} must be a string, not a {type(row[col]).__name__}")
         text, label = str(row["text"]).strip(), str(row["label"]).strip()
         if not text or not label:
             raise InvalidTaskFile(f"{p}: row {n} has an empty {'text' if not text else 'label'}")
@@ -357,6 +365,11 @@ def load_task_file(
     if declared is not None:
         if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared) or not declared:
             raise InvalidTaskFile(f"{side}: 'labels' must be a non-empty list of strings")
+        if any(not x.strip() for x in declared):
+            raise InvalidTaskFile(f"{side}: 'labels' holds an empty label")
+        dup = next((x for i, x in enumerate(declared) if x in declared[:i]), None)
+        if dup is not None:
+            raise InvalidTaskFile(f"{side}: 'labels' lists {dup!r} more than once")
         labels = tuple(declared)
         for n, ex in enumerate(examples, 1):
             if ex.label not in labels:
@@ -370,12 +383,24 @@ def load_task_file(
         raise InvalidTaskFile(
             f"{p}: no task description; pass --description or write {side.name} with a 'description'"
         )
+    from loraplex.errors import UserInputError
+    from loraplex.registry.record import validate_description
+
+    try:
+        desc = validate_description(str(desc), "task description")
+        for ex in examples:
+            (ex.text + ex.label).encode("utf-8")
+    except (UserInputError, UnicodeEncodeError) as exc:
+        raise InvalidTaskFile(f"{p}: {exc if isinstance(exc, UserInputError) else 'a row is not valid UTF-8 text'}") from None
     train, val, test = split_examples(examples, seed=0)
     if not train:
         raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)})")
     label_texts = meta.get("label_texts") or card.get("label_texts") or {}
-    if not isinstance(label_texts, dict):
-        raise InvalidTaskFile(f"{side}: 'label_texts' must be an object")
+    if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
+        raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")
+    for key in ("name", "description"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise InvalidTaskFile(f"{side}: {key!r} must be a string")
     task_name = name or meta.get("name") or card.get("name") or _sidecar(p).name[: -len(".task.json")]
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 

@@ -72,6 +72,10 @@ class IntegrityError(LoraplexError):
     """Stored data does not match its recorded hash or shape: the registry has been tampered with or damaged."""
 
 
+class DiskFull(LoraplexError):
+    """A write ran out of space (ENOSPC, SQLite's 'database or disk is full'); nothing was committed."""
+
+
 class RegistryBusy(LoraplexError):
     """Another process holds the registry's write lock for longer than we are willing to wait."""
 

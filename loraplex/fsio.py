@@ -43,3 +43,60 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) to `path` atomically."""
     with atomic_file(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+MAX_SPEC_BYTES = 1 << 20
+"""Default size bound for the small JSON/YAML files loraplex reads (configs, specs, task sidecars)."""
+
+
+def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES,
+                      what: str = "file") -> str:
+    """The UTF-8 text of a small file, refusing (with `error`) one over `max_bytes` before reading it."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise error(f"{p}: {what} is {size:,} bytes; at most {max_bytes:,} are allowed")
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise error(f"{p}: {what} is over {max_bytes:,} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise error(f"{p}: not UTF-8 text") from None
+
+
+def parse_json_text(text: str, *, error: type[Exception], where: str):
+    """json.loads with one-line errors (bad syntax, nesting too deep for the parser)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+
+
+def read_json_file(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES, what: str = "JSON file"):
+    """A small JSON file, size-bounded before parsing; every failure is `error` with one line."""
+    return parse_json_text(read_bounded_text(path, error=error, max_bytes=max_bytes, what=what), error=error,
+                           where=str(path))
+
+
+def read_yaml_file(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES, what: str = "YAML file"):
+    """A small YAML file (safe_load), size-bounded before parsing; every failure is `error` with one line."""
+    import yaml
+
+    text = read_bounded_text(path, error=error, max_bytes=max_bytes, what=what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise error(f"{path}: not valid YAML{at}") from None
+    except RecursionError:
+        raise error(f"{path}: YAML nested too deeply") from None

@@ -167,10 +167,13 @@ def resolve_base(name_or_path: str | None) -> BaseRef:
                 return BaseRef("minilm", "encoder", EMBEDDED["minilm"].hub_id)
         except MissingDependency:
             pass
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelNotFound(f"{p}: unreadable config.json ({exc})") from None
+        from loraplex.fsio import read_json_file
+
+        cfg = read_json_file(p / "config.json", error=ModelNotFound, what="config.json")
+        if not isinstance(cfg, dict):
+            raise ModelNotFound(f"{p / 'config.json'}: expected a JSON object (a model config), got {type(cfg).__name__}")
+        if not isinstance(cfg.get("architectures") or [], list):
+            raise ModelNotFound(f"{p / 'config.json'}: 'architectures' must be a list")
         return BaseRef(str(p), _family_of_config(cfg))
     if p.exists():
         raise ModelNotFound(f"{key}: not a model directory (no config.json)")
@@ -252,7 +255,7 @@ def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
     """The base's fingerprint, computed on the meta device from its config (no weights are read)."""
     try:
         return _fingerprint_cached(ref.name, ref.family, str(ref.path(settings)))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
 

@@ -87,3 +87,41 @@ class Settings(BaseModel):
         if self.resolved_device() == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+
+
+def available_devices(accelerator: str = "auto") -> tuple[int, str]:
+    """(how many devices of this kind the machine has, their kind): GPUs for gpu/cuda (and for auto when
+    torch sees one), else CPU cores (Lightning starts one process per CPU device)."""
+    acc = str(accelerator).lower()
+    if acc in ("gpu", "cuda", "auto"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if acc != "auto" or n:
+            return n, "GPU"
+    if acc == "mps":
+        return 1, "MPS device"
+    return os.cpu_count() or 1, "CPU core"
+
+
+def check_devices(devices: object, accelerator: str = "auto") -> int | str:
+    """Lightning's `devices` as loraplex accepts it: 'auto', -1 (all), or 1..N where N is what the machine
+    has (checked before anything starts, so `--devices 99` never spawns 98 worker processes)."""
+    if isinstance(devices, str):
+        v = devices.strip().lower()
+        if v == "auto":
+            return "auto"
+        try:
+            devices = int(v)
+        except ValueError:
+            raise ValueError(f"must be a number or 'auto', got {devices!r}") from None
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        raise ValueError(f"must be a number or 'auto', got {devices!r}")
+    if devices == -1:
+        return -1
+    if devices < 1:
+        raise ValueError(f"must be at least 1 (or 'auto'), got {devices}")
+    have, kind = available_devices(accelerator)
+    if devices > have:
+        raise ValueError(f"{devices} devices asked for, but this machine has {have} {kind}{'s' if have != 1 else ''}")
+    return devices

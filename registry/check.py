@@ -4,6 +4,9 @@ Problems (the registry is inconsistent; exit code 1):
 - the SQLite file fails `PRAGMA integrity_check` or its foreign keys;
 - a record's blob (adapter, snapshot, router, generator) is missing, does not hash to its name, or
   does not parse as the record says (spec ranks, parameter count, module count);
+- a record's LoRA settings or weights break the rules `register` applies (the same functions:
+  LoraSpec's validation, `Adapter.check_weights`): NaN/Inf or absurd weights, an infinite alpha,
+  a pattern key that is not a regex...;
 - an adapter no longer fits the base fingerprint it was registered against, or that fingerprint is gone;
 - a router or generator lists an adapter that is not in the registry; a router lists an adapter of
   another base than its own;
@@ -83,6 +86,18 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     from loraplex.experts.spec import Adapter
     from loraplex.models import Fingerprint
 
+    from loraplex.registry.store import stored_spec
+
+    # the records' LoraSpecs, by the rules `register` applies (a broken one cannot even be listed)
+    bad_specs = []
+    for name, text in reg._db().execute("SELECT name, spec FROM adapters ORDER BY id"):
+        try:
+            stored_spec(name, text)
+        except IntegrityError as exc:
+            bad_specs.append(f"{exc} (remove it, or register it again)")
+    if bad_specs:
+        report.problems.extend(bad_specs)
+        return
     bases = {sha: Fingerprint.model_validate_json(fp) for sha, (_, fp) in reg.base_fingerprints().items()}
     records = reg.list_adapters()
     report.counts["adapters"] = len(records)

@@ -42,10 +42,12 @@ from loraplex.errors import (
     AdapterNotFound,
     AlreadyExists,
     ComponentNotFound,
+    DiskFull,
     IntegrityError,
     InvalidAdapter,
     LoraplexError,
     RegistryBusy,
+    UserInputError,
 )
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.fsio import atomic_file
@@ -125,8 +127,38 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """ENOSPC from a file write, SQLite's SQLITE_FULL, or SQLite's 'disk I/O error' on a disk with no space left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc).lower()
+        if getattr(exc, "sqlite_errorcode", None) == 13 or "database or disk is full" in text:
+            return True
+        if "disk i/o error" in text and where is not None:
+            import shutil
+
+            try:
+                return shutil.disk_usage(where).free < (1 << 20)
+            except OSError:
+                return False
+    return False
+
+
 def _vec_bytes(v: np.ndarray | None) -> bytes | None:
     return None if v is None else np.asarray(v, dtype=np.float32).reshape(-1).tobytes()
+
+
+def stored_spec(name: str, text: str) -> LoraSpec:
+    """A record's LoraSpec, validated by the same rules as at registration (IntegrityError if it breaks them)."""
+    from pydantic import ValidationError
+
+    from loraplex.experts.spec import format_validation_error
+
+    try:
+        return LoraSpec.model_validate_json(text)
+    except ValidationError as exc:
+        raise IntegrityError(f"adapter {name!r}: its stored LoRA settings are invalid: {format_validation_error(exc)}") from None
 
 
 class Registry:
@@ -134,6 +166,8 @@ class Registry:
 
     def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0):
         self.home = Path(home).expanduser().absolute()
+        if self.home.exists() and not self.home.is_dir():
+            raise UserInputError(f"registry home {self.home} is not a directory")
         self.db_path = self.home / "registry.db"
         self.blob_dir = self.home / "blobs"
         self.lock_path = self.home / "registry.lock"
@@ -257,15 +291,41 @@ class Registry:
     def blob_path(self, sha: str) -> Path:
         return self.blob_dir / sha[:2] / f"{sha}.safetensors"
 
-    def put_blob(self, data: bytes) -> str:
-        """Store bytes under their sha256 (atomically; an existing identical blob is reused)."""
+    def put_blob(self, data: bytes, *, created: list[str] | None = None) -> str:
+        """Store bytes under their sha256, atomically. An existing blob is reused only when its content
+        still hashes to its name; a damaged one is rewritten (so registering again repairs it). The
+        shas of blobs this call wrote are appended to `created` (for cleaning up after a failed commit)."""
         sha = sha256_bytes(data)
         path = self.blob_path(sha)
-        if path.is_file() and path.stat().st_size == len(data):
+        existed = path.is_file()
+        if existed and path.stat().st_size == len(data) and sha256_bytes(path.read_bytes()) == sha:
             return sha
         with atomic_file(path, prefix=".tmp-", sync_dir=True) as f:
             f.write(data)
+        if created is not None and not existed:
+            created.append(sha)
         return sha
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[list[str]]:
+        """Around a write (blobs, then one transaction): on failure the blobs it created are removed, so the
+        registry is as it was; a full disk is reported as such. Yields the list put_blob records into."""
+        created: list[str] = []
+        try:
+            yield created
+        except BaseException as exc:
+            if created:
+                try:
+                    refs = self.referenced_blobs()
+                    for sha in created:
+                        if sha not in refs:
+                            self.blob_path(sha).unlink(missing_ok=True)
+                except Exception:  # the registry stays consistent either way (orphans are only notes)
+                    pass
+            if is_disk_full(exc, self.home):
+                raise DiskFull(f"the disk is full: cannot {what} in {self.home} (nothing was changed; free some space "
+                               "and try again)") from None
+            raise
 
     def read_blob(self, sha: str) -> bytes:
         """The blob's bytes, after checking they still hash to `sha`."""
@@ -342,7 +402,12 @@ class Registry:
     ) -> AdapterRecord:
         """Store an adapter, its snapshots, its lineage edges (and its base's fingerprint) in one transaction."""
         validate_name(draft.name)
+        adapter.check_weights(where=f"adapter {draft.name!r}")
+        for step, snap in snapshots:
+            snap.check_weights(where=f"snapshot {step} of {draft.name!r}")
         emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(emb)):
+            raise InvalidAdapter(f"adapter {draft.name!r}: its description embedding is not finite")
         data = adapter.to_bytes()
         snap_data = [(int(step), s.to_bytes()) for step, s in snapshots]
         ranks = [adapter.rank(m) for m in adapter.modules]
@@ -351,39 +416,45 @@ class Registry:
             if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (draft.name,)).fetchone():
                 raise AlreadyExists(f"an adapter named {draft.name!r} already exists")
             self._check_embedding(emb, embedder or self.default_embedder)
-            sha = self.put_blob(data)
-            snap_shas = [(step, self.put_blob(b)) for step, b in snap_data]
-            try:
-                with self.transaction() as c:
-                    if self.meta("embedder") is None:
-                        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('embedder', ?)", (embedder or self.default_embedder,))
-                        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dim', ?)", (str(emb.size),))
-                    cur = c.execute(
-                        "INSERT INTO adapters(name, base, base_sha, family, description, task, origin, spec, blob, "
-                        "n_params, modules, rank, metrics, extra, embedding, prototype, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            draft.name, draft.base, draft.base_sha, draft.family, draft.description, draft.task,
-                            draft.origin, adapter.spec_json(), sha, adapter.n_params, len(ranks), max(ranks),
-                            json.dumps(draft.metrics, sort_keys=True), json.dumps(draft.extra, sort_keys=True),
-                            _vec_bytes(emb), _vec_bytes(prototype), _now(),
-                        ),
-                    )
-                    aid = cur.lastrowid
-                    if fingerprint_json is not None:
-                        c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)",
-                                  (draft.base_sha, draft.base, fingerprint_json))
-                    c.executemany(
-                        "INSERT OR IGNORE INTO edges(adapter_id, target, kind) VALUES (?, ?, ?)",
-                        [(aid, e.target, e.kind) for e in draft.edges],
-                    )
-                    c.executemany(
-                        "INSERT INTO snapshots(adapter_id, step, blob) VALUES (?, ?, ?)",
-                        [(aid, step, s) for step, s in snap_shas],
-                    )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"an adapter named {draft.name!r} already exists") from None
+            with self._writing(f"register adapter {draft.name!r}") as created:
+                self._insert_adapter(draft, adapter, data, snap_data, ranks, emb, prototype, embedder,
+                                     fingerprint_json, created)
         return self.get_adapter(draft.name)
+
+    def _insert_adapter(self, draft, adapter, data, snap_data, ranks, emb, prototype, embedder, fingerprint_json,
+                        created) -> None:
+        sha = self.put_blob(data, created=created)
+        snap_shas = [(step, self.put_blob(b, created=created)) for step, b in snap_data]
+        try:
+            with self.transaction() as c:
+                if self.meta("embedder") is None:
+                    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('embedder', ?)", (embedder or self.default_embedder,))
+                    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dim', ?)", (str(emb.size),))
+                cur = c.execute(
+                    "INSERT INTO adapters(name, base, base_sha, family, description, task, origin, spec, blob, "
+                    "n_params, modules, rank, metrics, extra, embedding, prototype, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        draft.name, draft.base, draft.base_sha, draft.family, draft.description, draft.task,
+                        draft.origin, adapter.spec_json(), sha, adapter.n_params, len(ranks), max(ranks),
+                        json.dumps(draft.metrics, sort_keys=True), json.dumps(draft.extra, sort_keys=True),
+                        _vec_bytes(emb), _vec_bytes(prototype), _now(),
+                    ),
+                )
+                aid = cur.lastrowid
+                if fingerprint_json is not None:
+                    c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)",
+                              (draft.base_sha, draft.base, fingerprint_json))
+                c.executemany(
+                    "INSERT OR IGNORE INTO edges(adapter_id, target, kind) VALUES (?, ?, ?)",
+                    [(aid, e.target, e.kind) for e in draft.edges],
+                )
+                c.executemany(
+                    "INSERT INTO snapshots(adapter_id, step, blob) VALUES (?, ?, ?)",
+                    [(aid, step, s) for step, s in snap_shas],
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"an adapter named {draft.name!r} already exists") from None
 
     def _check_embedding(self, emb: np.ndarray, embedder: str) -> None:
         have = self.meta("embedder")
@@ -427,7 +498,7 @@ class Registry:
             out.append(
                 AdapterRecord(
                     id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
-                    origin=r[7], spec=LoraSpec.model_validate_json(r[8]), blob=r[9], n_params=r[10], modules=r[11],
+                    origin=r[7], spec=stored_spec(r[1], r[8]), blob=r[9], n_params=r[10], modules=r[11],
                     rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
                     edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
                     snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
@@ -485,10 +556,18 @@ class Registry:
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
         return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob), where=f"snapshot {snap.step} of {rec.name!r}")
 
-    def remove_adapter(self, name: str) -> AdapterRecord:
+    def remove_adapter(self, name: str) -> AdapterRecord | None:
         """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs."""
         with self.write_lock():
-            rec = self.get_adapter(name)
+            try:
+                rec = self.get_adapter(name)
+            except IntegrityError:  # a record whose stored settings are broken can still be removed
+                row = self._db().execute("SELECT id, blob FROM adapters WHERE name = ?", (name,)).fetchone()
+                snaps = [r[0] for r in self._db().execute("SELECT blob FROM snapshots WHERE adapter_id = ?", (row[0],))]
+                with self.transaction() as c:
+                    c.execute("DELETE FROM adapters WHERE id = ?", (row[0],))
+                self.delete_unreferenced_blobs([row[1], *snaps])
+                return None
             with self.transaction() as c:
                 c.execute("DELETE FROM adapters WHERE id = ?", (rec.id,))
             self.delete_unreferenced_blobs([rec.blob, *[s.blob for s in rec.snapshots]])
@@ -576,8 +655,8 @@ class Registry:
             for m in members:
                 if not self.has_adapter(m):
                     raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")
-            sha = self.put_blob(data)
-            with self.transaction() as c:
+            with self._writing(f"store {kind} {name!r}") as created, self.transaction() as c:
+                sha = self.put_blob(data, created=created)
                 c.execute(
                     "INSERT INTO components(kind, name, method, base, config, blob, members, metrics, extra, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

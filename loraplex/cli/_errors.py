@@ -13,6 +13,11 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+try:  # typer >= 0.2x vendors click as typer._click; older ones use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
+
 INTERNAL = 70
 INTERRUPTED = 130
 
@@ -32,6 +37,9 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         return INTERRUPTED
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC outside the registry's own writes
+        typer.echo(f"error: the disk is full ({exc.filename or exc.strerror})", err=True)
+        return 1
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
@@ -47,12 +55,29 @@ def _is_control_flow(exc: BaseException) -> bool:
     return mod.startswith(("typer", "click"))
 
 
+def usage_line(exc) -> str:
+    """A click UsageError (a mistyped option value, a missing argument) as one `error:` line."""
+    where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+    return f"error: {_one_line(exc.format_message())}{where}"
+
+
 class LoraplexGroup(TyperGroup):
     """The root group: turns exceptions from any command into one line and an exit code."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            typer.echo(usage_line(exc), err=True)
+            sys.exit(exc.exit_code)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except UsageError as exc:  # bad option values of subcommands (BadParameter, NoSuchOption, ...)
+            typer.echo(usage_line(exc), err=True)
+            sys.stderr.flush()
+            ctx.exit(exc.exit_code)
         except (Exception, KeyboardInterrupt) as exc:
             if _is_control_flow(exc) or os.environ.get("LORAPLEX_DEBUG"):
                 raise

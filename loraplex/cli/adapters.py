@@ -128,8 +128,8 @@ def remove(
     """Remove an adapter (its record, snapshots and unshared blobs)."""
     from loraplex import api
 
-    rec = api.remove(name, settings(home))
-    out.line(f"removed {rec.name}")
+    api.remove(name, settings(home))
+    out.line(f"removed {name}")
 
 
 @app.command()

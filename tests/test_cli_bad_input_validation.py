@@ -1,0 +1,356 @@
+"""Issue #11, through the CLI: every input below was accepted (or crashed with exit 70, or printed a usage
+box, or a pydantic URL). Each must now be refused with one `error:` line naming the problem, a non-zero
+exit, no traceback, and the registry exactly as it was (its fingerprint compared before and after)."""
+
+import json
+import shutil
+import sqlite3
+
+import pytest
+
+from tests.conftest import registry_state
+from tests.test_cli_bad_input import _assert_clean_failure, _register, seeded  # noqa: F401  (fixture)
+
+CFG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _refused(result, home, before, match, code=2):
+    _assert_clean_failure(result, home, before, match)
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert "pydantic.dev" not in result.stderr and "internal error" not in result.stderr
+
+
+def _with_config(src, dst, text_or_update):
+    shutil.copytree(src, dst)
+    if isinstance(text_or_update, str):
+        (dst / CFG).write_text(text_or_update)
+    else:
+        cfg = json.loads((src / CFG).read_text())
+        cfg.update(text_or_update)
+        (dst / CFG).write_text(json.dumps(cfg))
+    return dst
+
+
+# ---- LoRA settings: every message names the field and the rule --------------------------------------
+
+BAD_SETTINGS = [
+    ({"r": 0}, "r: input should be greater than or equal to 1"),
+    ({"r": -4}, "r: input should be greater than or equal to 1"),
+    ({"r": 1000000}, "r: input should be less than or equal to 4096"),
+    ({"r": 4.7}, "r: input should be a valid integer"),
+    ({"r": "4"}, "r: input should be a valid integer"),
+    ({"lora_alpha": -8}, "lora_alpha: input should be greater than 0"),
+    ({"lora_alpha": float("nan")}, "lora_alpha: input should be a finite number"),
+    ({"lora_alpha": "inf"}, "lora_alpha: input should be a valid number"),
+    ({"lora_alpha": "@1e309"}, "lora_alpha: input should be a finite number"),
+    ({"lora_dropout": 1.5}, "lora_dropout: input should be less than 1"),
+    ({"use_rslora": "false"}, "use_rslora: input should be a valid boolean"),
+    ({"alpha_pattern": {"query": -2}}, "alpha_pattern.query: input should be greater than 0"),
+    ({"alpha_pattern": {"(query": 2}}, "alpha_pattern: key '(query' is not a valid regular expression"),
+    ({"rank_pattern": {"[q": 4}}, "rank_pattern: key '[q' is not a valid regular expression"),
+    ({"rank_pattern": {"query": 4.5}}, "rank_pattern.query: input should be a valid integer"),
+    ({"rank_pattern": ["query"]}, "rank_pattern: expected an object"),
+]
+
+
+@pytest.mark.parametrize("update,match", BAD_SETTINGS, ids=[f"{k}={v!r}"[:40] for (u, _) in BAD_SETTINGS for k, v in u.items()])
+def test_bad_lora_settings(cli, seeded, tiny_bert, tmp_path, update, match):
+    text = json.dumps({**json.loads((seeded / CFG).read_text()), **update})
+    text = text.replace('"@1e309"', "1e309")  # a literal JSON number that overflows to inf
+    d = _with_config(seeded, tmp_path / "bad", text)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+UNSUPPORTED = [
+    ({"layer_replication": [[0, 1]]}, "layer_replication"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights: 'pissa'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights: 'olora'"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights: 'loftq'"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights: 'corda'"),
+    ({"init_lora_weights": "eva"}, "init_lora_weights: 'eva'"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+    ({"use_qalora": True}, "use_qalora"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+    ({"exclude_modules": ["key"]}, "exclude_modules"),
+    ({"target_modules": {"query": 1}}, "target_modules: expected a list"),
+    ({"target_modules": ["query", "value", "no_such_layer"]}, "target_modules: 'no_such_layer' matches no module"),
+    ({"target_modules": "(query"}, "target_modules: '(query' is not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize("update,match", UNSUPPORTED, ids=[m[:30] for _, m in UNSUPPORTED])
+def test_unsupported_peft_features_are_refused_by_name(cli, seeded, tiny_bert, tmp_path, update, match):
+    d = _with_config(seeded, tmp_path / "bad", update)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_plain_inits_are_accepted(cli, seeded, tiny_bert, tmp_path, init):
+    d = _with_config(seeded, tmp_path / "ok", {"init_lora_weights": init})
+    r = _register(cli, d, name="ok", base=tiny_bert)
+    assert r.exit_code == 0, r.output
+
+
+# ---- weights -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage,match", [
+    ("nan", "contains NaN"), ("inf", "contains Inf"), ("huge", "above the 1e+06 limit"),
+    ("int8", "dtype int8"), ("bool", "dtype bool"),
+])
+def test_bad_weights(cli, seeded, tiny_bert, tmp_path, damage, match):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / damage
+    shutil.copytree(seeded, d)
+    sd = load_file(str(d / WEIGHTS))
+    key = sorted(k for k in sd if "lora_A" in k)[0]
+    if damage == "nan":
+        sd[key][0, 0] = float("nan")
+    elif damage == "inf":
+        sd[key][0, 0] = float("inf")
+    elif damage == "huge":
+        sd = {k: v * 1e30 for k, v in sd.items()}
+    else:
+        sd = {k: (v * 10).to(getattr(torch, damage)) for k, v in sd.items()}
+    save_file(sd, str(d / WEIGHTS))
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+# ---- eval, --home, task files ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_eval_limit_below_one(cli, seeded, limit):
+    before = registry_state(cli.home)
+    _refused(cli("eval", "good", "--task", "airline", "--limit", limit), cli.home, before, "--limit must be at least 1")
+
+
+@pytest.mark.parametrize("args", [("adapters", "list"), ("adapters", "search", "x"), ("registry", "check")])
+def test_home_that_is_not_a_directory(cli, seeded, args):
+    before = registry_state(cli.home)
+    _refused(cli(*args, "--home", "/dev/null"), cli.home, before, "registry home /dev/null is not a directory")
+
+
+def _rows(labels):
+    return "\n".join(json.dumps({"text": f"text {i}", "label": lab}) for i, lab in enumerate(labels)) + "\n"
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("repeated-labels", "lists 'a' more than once"),
+    ("list-label", "'label' must be a string, not a list"),
+    ("object-label", "'label' must be a string, not a dict"),
+    ("list-in-labels", "'labels' must be a non-empty list of strings"),
+    ("nested-sidecar", "nested too deeply"),
+    ("huge-sidecar", "at most 1,048,576 are allowed"),
+])
+def test_bad_task_files(cli, seeded, tiny_bert, tmp_path, kind, match):
+    f, side = tmp_path / "t.jsonl", tmp_path / "t.task.json"
+    f.write_text(_rows("abab" * 3))
+    meta = {"description": "classify", "labels": ["a", "b"]}
+    if kind == "repeated-labels":
+        meta["labels"] = ["a", "b", "a"]
+    elif kind == "list-label":
+        f.write_text(_rows("abab") + json.dumps({"text": "x", "label": ["a"]}) + "\n")
+    elif kind == "object-label":
+        f.write_text(_rows("abab") + json.dumps({"text": "x", "label": {"a": 1}}) + "\n")
+    elif kind == "list-in-labels":
+        meta["labels"] = [["a"], "b"]
+    side.write_text(json.dumps(meta))
+    if kind == "nested-sidecar":
+        side.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "huge-sidecar":
+        side.write_text(json.dumps({**meta, "pad": "x" * (2 << 20)}))
+    before = registry_state(cli.home)
+    _refused(cli("train", f, "--name", "t", "--base", tiny_bert), cli.home, before, match)
+
+
+def test_csv_field_longer_than_csv_default_limit_is_read(cli, seeded, tiny_bert, tmp_path):
+    f = tmp_path / "long.csv"
+    f.write_text("text,label\n" + "w " * 70_000 + ",a\nshort,a\n")  # one field of 140,000 characters
+    before = registry_state(cli.home)
+    # read fine (no csv.Error / exit 70): refused for its content, one label only
+    _refused(cli("train", f, "--name", "t", "--base", tiny_bert, "--description", "x"), cli.home, before,
+             "at least two labels")
+
+
+# ---- inputs that crashed with exit 70 ----------------------------------------------------------------
+
+def test_base_config_that_is_a_json_list(cli, seeded, tmp_path):
+    base = tmp_path / "listbase"
+    base.mkdir()
+    (base / "config.json").write_text("[1, 2, 3]")
+    before = registry_state(cli.home)
+    _refused(_register(cli, seeded, base=str(base)), cli.home, before, "expected a JSON object")
+
+
+def test_adapter_config_nested_100000_deep(cli, seeded, tiny_bert, tmp_path):
+    d = _with_config(seeded, tmp_path / "deep", "[" * 100_000 + "]" * 100_000)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "nested too deeply")
+
+
+def test_adapter_config_too_large(cli, seeded, tiny_bert, tmp_path):
+    cfg = json.loads((seeded / CFG).read_text())
+    d = _with_config(seeded, tmp_path / "big", json.dumps({**cfg, "pad": "x" * (2 << 20)}))
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "at most 1,048,576")
+
+
+def test_undecodable_byte_in_description(cli, seeded, tiny_bert):
+    before = registry_state(cli.home)
+    r = cli("adapters", "register", seeded, "--name", "new", "--description", "caf\udcff tweets", "--base", tiny_bert)
+    _refused(r, cli.home, before, "not valid UTF-8")
+
+
+# ---- resources ---------------------------------------------------------------------------------------
+
+def test_train_devices_beyond_the_machine(cli, seeded, tiny_bert):
+    before = registry_state(cli.home)
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--devices", "99"), cli.home, before,
+             "99 devices asked for")
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--devices", "0"), cli.home, before,
+             "devices: must be at least 1")
+
+
+def _spec(tmp_path, trainer, extra=""):
+    p = tmp_path / "s.yaml"
+    p.write_text(extra + json.dumps({"name": "s", "method": "seq-lora", "trainer": trainer,
+                                     "experiences": [{"learn": "airline"}]}) + "\n")
+    return p
+
+
+def test_stream_devices_beyond_the_machine(cli, seeded, tmp_path):
+    before = registry_state(cli.home)
+    spec = _spec(tmp_path, {"devices": 64, "strategy": "ddp"})
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "trainer: devices: 64 devices asked for")
+
+
+def test_stream_spec_with_a_20mb_comment(cli, seeded, tmp_path):
+    before = registry_state(cli.home)
+    spec = _spec(tmp_path, {"steps": 1}, extra="#" + "x" * (20 << 20) + "\n")
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "at most 1,048,576")
+
+
+# ---- a full disk -------------------------------------------------------------------------------------
+
+def test_disk_full_while_writing_a_blob(cli, seeded, tiny_bert, tmp_path, monkeypatch):
+    import errno
+
+    import loraplex.registry.store as store
+
+    d = _with_config(seeded, tmp_path / "other", {"lora_alpha": 12})  # new weights' blob is the same; force a new one
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / WEIGHTS))
+    save_file({k: v * 2 for k, v in sd.items()}, str(d / WEIGHTS))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "atomic_file", full)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "the disk is full", code=1)
+
+
+@pytest.mark.parametrize("message", ["database or disk is full"])
+def test_disk_full_in_the_database(cli, seeded, tiny_bert, tmp_path, monkeypatch, message):
+    from contextlib import contextmanager
+
+    from safetensors.torch import load_file, save_file
+
+    import loraplex.registry.store as store
+
+    d = tmp_path / "other"
+    shutil.copytree(seeded, d)
+    sd = load_file(str(d / WEIGHTS))
+    save_file({k: v * 3 for k, v in sd.items()}, str(d / WEIGHTS))  # a blob that does not exist yet
+
+    @contextmanager
+    def full(self):
+        raise sqlite3.OperationalError(message)
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(store.Registry, "transaction", full)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "the disk is full", code=1)
+
+
+# ---- usage errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,match", [
+    (("adapters", "search", "x", "-k", "many"), "invalid value for '-k'"),
+    (("adapters", "register"), "missing argument"),
+    (("adapters", "list", "--bogus"), "no such option: --bogus"),
+    (("--bogus",), "no such option: --bogus"),
+])
+def test_usage_errors_are_one_line(cli, seeded, args, match):
+    before = registry_state(cli.home)
+    r = cli(*args)
+    _refused(r, cli.home, before, match)
+    assert "Usage:" not in r.output and "╭" not in r.output
+
+
+# ---- registry check applies register's rules ---------------------------------------------------------
+
+def _db(home):
+    return sqlite3.connect(home / "registry.db", isolation_level=None)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("nan-weights", "contains NaN"),
+    ("inf-alpha", "alpha: input should be a finite number"),
+    ("bad-regex", "rank_pattern: key '(' is not a valid regular expression"),
+])
+def test_check_finds_what_register_refuses(cli, seeded, damage, match):
+    import torch
+
+    from loraplex.registry.store import Registry
+
+    reg = Registry(cli.home)
+    rec, adapter = reg.load_adapter("good")
+    conn = _db(cli.home)
+    if damage == "nan-weights":
+        a, b = adapter.weights[adapter.modules[0]]
+        a = a.clone()
+        a[0, 0] = float("nan")
+        adapter.weights[adapter.modules[0]] = (a, b)
+        sha = reg.put_blob(adapter.to_bytes())
+        conn.execute("UPDATE adapters SET blob = ? WHERE name = 'good'", (sha,))
+    else:
+        spec = json.loads(conn.execute("SELECT spec FROM adapters WHERE name = 'good'").fetchone()[0])
+        if damage == "inf-alpha":
+            text = json.dumps({**spec, "alpha": "@"}).replace('"@"', "1e309")
+        else:
+            text = json.dumps({**spec, "rank_pattern": {"(": 4}})
+        conn.execute("UPDATE adapters SET spec = ? WHERE name = 'good'", (text,))
+    conn.close()
+    del torch
+    r = cli("registry", "check", "--json")
+    assert r.exit_code == 1, r.output
+    rep = json.loads(r.stdout)
+    assert not rep["ok"] and any(match.lower() in p.lower() for p in rep["problems"]), rep["problems"]
+    assert "Traceback" not in r.output
+    r = cli("adapters", "remove", "good")  # a damaged record can still be removed
+    assert r.exit_code == 0, r.output
+    assert cli("registry", "check").exit_code == 0
+
+
+def test_reregistering_repairs_a_damaged_blob(cli, seeded, tiny_bert):
+    from loraplex.registry.store import Registry
+
+    rec = Registry(cli.home).get_adapter("good")
+    path = Registry(cli.home).blob_path(rec.blob)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(data))
+    assert cli("registry", "check").exit_code == 1
+    r = _register(cli, seeded, name="again", base=tiny_bert)
+    assert r.exit_code == 0, r.output
+    assert Registry(cli.home).get_adapter("again").blob == rec.blob
+    r = cli("registry", "check")
+    assert r.exit_code == 0, r.output  # the blob was rewritten: both records read back intact
