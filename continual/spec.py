@@ -92,13 +92,9 @@ class TrainerSettings(_Frozen):
 
     @model_validator(mode="after")
     def _devices_exist(self):
-        from loraplex.settings import check_devices
+        from loraplex.settings import with_checked_devices
 
-        try:
-            object.__setattr__(self, "devices", check_devices(self.devices, self.accelerator))
-        except ValueError as exc:
-            raise ValueError(f"devices: {exc}") from None
-        return self
+        return with_checked_devices(self)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainerSettings":

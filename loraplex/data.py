@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from loraplex.errors import InvalidTaskFile, MissingDependency, TaskNotFound
+from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
 
 
 class Example(NamedTuple):
@@ -165,14 +166,6 @@ EMBEDDED_TASKS: dict[str, dict] = {
     },
 }
 
-BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
-BBC_TEXTS = {
-    "business": "business: companies, markets, economy and finance news",
-    "entertainment": "entertainment: film, music, television and celebrity news",
-    "politics": "politics: government, elections, parties and parliament news",
-    "sport": "sport: football, rugby, tennis, athletics and other sports news",
-    "tech": "tech: technology, computers, internet, games and gadgets news",
-}
 _BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sports", "tech": "tech"}
 
 

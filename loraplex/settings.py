@@ -104,6 +104,16 @@ def available_devices(accelerator: str = "auto") -> tuple[int, str]:
     return os.cpu_count() or 1, "CPU core"
 
 
+def with_checked_devices(config):
+    """A frozen training config (`accelerator`, `devices`) with its `devices` checked and normalised by
+    `check_devices`; the model validator of every config that starts Lightning."""
+    try:
+        object.__setattr__(config, "devices", check_devices(config.devices, config.accelerator))
+    except ValueError as exc:
+        raise ValueError(f"devices: {exc}") from None
+    return config
+
+
 def check_devices(devices: object, accelerator: str = "auto") -> int | str:
     """Lightning's `devices` as loraplex accepts it: 'auto', -1 (all), or 1..N where N is what the machine
     has (checked before anything starts, so `--devices 99` never spawns 98 worker processes)."""
