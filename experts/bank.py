@@ -183,7 +183,7 @@ class LoraBank(nn.Module):
         The N*K assignments (token, expert) are sorted by expert once, each used expert's tokens are
         packed into a capacity-padded buffer (E_used, C, d_in) and two `bmm`s (inner size R) compute
         them, as CPU MoE kernels do; the results are scattered back weighted by the gates with one
-        `index_add_`. Differentiable in x, A, B and the gates (autograd through gather/scatter).
+        Differentiable in x, A, B and the gates (autograd through gather/scatter).
         Equal to the dense path (tests/experts/test_token_dispatch.py).
         """
         E, R = self.n_experts, self.rank
@@ -193,25 +193,26 @@ class LoraBank(nn.Module):
         N = xf.shape[0]
         idx = gf.abs().topk(k, dim=-1).indices  # (N, K)
         w = gf.gather(-1, idx)  # (N, K) (zero where a token uses fewer than k)
-        flat_e = idx.reshape(-1)  # (N*K,)
-        order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert
-        e_sorted = flat_e[order]
-        tok = order // k  # (N*K,) token of each sorted assignment
-        used, counts = torch.unique_consecutive(e_sorted, return_counts=True)  # (U,), (U,)
-        seg = torch.repeat_interleave(torch.arange(used.numel(), device=x.device), counts)  # (N*K,)
+        flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
+        order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert (once per call)
+        used, counts = torch.unique_consecutive(flat_e[order], return_counts=True)  # (U,), (U,)
+        U, C = used.numel(), int(counts.max().item())  # used experts, capacity
+        seg = torch.repeat_interleave(torch.arange(U, device=x.device), counts)  # (N*K,) sorted
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(flat_e.numel(), device=x.device) - starts[seg]  # position inside the segment
-        C = int(counts.max().item())
-        U = used.numel()
-        buf = xf.new_zeros(U, C, self.d_in)
-        buf = buf.index_put((seg, pos), xf[tok])  # (U, C, d_in)
+        slot_sorted = seg * C + torch.arange(flat_e.numel(), device=x.device) - starts[seg]  # buffer slot
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (N*K,) slot of assignment j
+        # which token fills each buffer slot (N: a zero row), and its gate weight
+        j = torch.arange(N * k, device=x.device)  # assignment j belongs to token j // k
+        src = torch.full((U * C,), N, dtype=torch.long, device=x.device).scatter_(0, slot, j // k)
+        asg = torch.full((U * C,), N * k, dtype=torch.long, device=x.device).scatter_(0, slot, j)
+        w_slot = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, asg)  # (U*C,)
+        buf = torch.cat([xf, xf.new_zeros(1, self.d_in)]).index_select(0, src).view(U, C, self.d_in)
         A = self.A.view(E, R, self.d_in)[used].to(x.dtype)  # (U, R, d_in)
         Bw = self.B.view(self.d_out, E, R)[:, used].permute(1, 2, 0).to(x.dtype)  # (U, R, d_out)
         scale = self.rank_scale().view(E, R)[used].to(x.dtype)  # (U, R)
-        z = torch.bmm(buf, A.transpose(1, 2)) * scale.unsqueeze(1)  # (U, C, R)
-        y = torch.bmm(z, Bw)  # (U, C, d_out)
-        ys = y[seg, pos] * w.reshape(-1)[order].unsqueeze(-1)  # (N*K, d_out)
-        out = xf.new_zeros(N, self.d_out).index_add(0, tok, ys)  # (N, d_out)
+        z = torch.bmm(buf, A.transpose(1, 2)) * (scale.unsqueeze(1) * w_slot.view(U, C, 1))  # (U, C, R)
+        y = torch.bmm(z, Bw).view(U * C, self.d_out)  # (U*C, d_out), already gate-weighted
+        out = y.index_select(0, slot).view(N, k, self.d_out).sum(1)  # (N, d_out)
         return out.view(*lead, self.d_out)
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
