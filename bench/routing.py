@@ -173,7 +173,7 @@ class SavedBytes:
         return sum(self.seen.values()) / 2**20
 
 
-def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 32) -> None:
+def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8) -> None:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
     dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
     training: gates and the input embeddings take gradients, the adapters are frozen), with the activation

@@ -192,3 +192,44 @@ def test_token_sparse_equals_dense_cuda_bf16():
     x = torch.randn(4, 64, 16, device="cuda", dtype=torch.bfloat16)
     gates = _token_gates(4, 64, 12, 2).to("cuda", torch.bfloat16)
     _assert_equal(bank, x, gates, tol=3e-2)
+
+
+def test_shared_token_gate_evaluated_once_per_layer_input():
+    """token-gate with shared=True: q, k, v of one block share one gate and one evaluation of it."""
+    from torch import nn
+
+    from loraplex.experts.layers import RoutedLinear
+    from loraplex.router.base import ROUTERS
+
+    torch.manual_seed(2)
+    router = ROUTERS.build("token-gate", {"top_k": 2, "shared": True})
+    layers = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, d_in=16, d_out=16, seed=i), n)
+              for i, n in enumerate(["blk.q", "blk.k", "blk.v", "other.q"])}
+    gates = {n: router.make_gate(layer) for n, layer in layers.items()}
+    assert gates["blk.q"] is gates["blk.k"] is gates["blk.v"] and gates["other.q"] is not gates["blk.q"]
+    calls = []
+    gates["blk.q"].register_forward_hook(lambda *a: calls.append(1))
+    route = gates["blk.q"]._route
+    evals = []
+    gates["blk.q"]._route = lambda h: evals.append(1) or route(h)
+    for n in ("blk.q", "blk.k", "blk.v"):
+        layers[n].router = gates[n]
+    x = torch.randn(2, 5, 16)
+    outs = [layers[n](x) for n in ("blk.q", "blk.k", "blk.v")]
+    assert len(calls) == 3 and len(evals) == 1
+    layers["blk.q"](x.clone())  # a different input tensor: evaluated again
+    assert len(evals) == 2
+    # the shared routing equals an unshared gate with the same weights
+    solo = ROUTERS.build("token-gate", {"top_k": 2}).make_gate(layers["blk.k"])
+    solo.load_state_dict(gates["blk.k"].state_dict())
+    layers["blk.k"].router = solo
+    torch.testing.assert_close(layers["blk.k"](x), outs[1])
+
+
+def test_shared_gate_parameters_listed_once():
+    from loraplex.router.base import ROUTERS
+
+    router = ROUTERS.build("token-gate", {"shared": True})
+    g = router.make_gate(type("L", (), {"name": "a.q", "bank": _bank(E=4)})())
+    router.gates = {"a.q": g, "a.k": g}
+    assert len(router.parameters()) == 1
