@@ -81,7 +81,7 @@ def naive_loop_bank(bank):
         def A(self):
             return self.bank.A
 
-        def forward(self, x, gates):
+        def forward(self, x, gates, **kw):
             return _naive(self.bank, x, gates)
 
     return NaiveLoopBank(bank)
@@ -121,7 +121,63 @@ def llama_shaped():
 # 1. routed forward speed
 
 
-def bench_speed(rounds: int) -> None:
+def random_banks(model, E: int, r: int = 8, seed: int = 0) -> None:
+    """Replace every routed layer's bank by one of E random rank-r adapters (fast for E in the hundreds)."""
+    import torch
+
+    from loraplex.experts.bank import LoraBank
+    from loraplex.experts.layers import routed_layers
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in routed_layers(model).values():
+        b0 = layer.bank
+        bank = LoraBank(b0.d_in, b0.d_out, E, r)
+        with torch.no_grad():
+            bank.A.copy_(torch.randn(E * r, b0.d_in, generator=g) / b0.d_in**0.5)
+            bank.B.copy_(torch.randn(b0.d_out, E * r, generator=g) * 0.01)
+            bank.rank_mask.fill_(1.0)
+            bank.scaling.fill_(2.0)
+        layer.bank = bank
+
+
+def set_dispatch(model, dispatch: str) -> None:
+    from loraplex.experts.layers import routed_layers
+
+    for layer in routed_layers(model).values():
+        bank = getattr(layer.bank, "bank", layer.bank)
+        bank.dispatch = dispatch
+
+
+class SavedBytes:
+    """Bytes of the distinct tensors autograd saves for backward during a forward (the activation memory)."""
+
+    def __enter__(self):
+        import torch
+
+        self.seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            self.seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def mib(self) -> float:
+        return sum(self.seen.values()) / 2**20
+
+
+def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8) -> None:
+    """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
+    dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
+    training: gates and the input embeddings take gradients, the adapters are frozen), with the activation
+    memory autograd keeps for backward."""
     import torch
 
     from loraplex.experts.layers import inject, merge, routed_layers
@@ -131,10 +187,12 @@ def bench_speed(rounds: int) -> None:
     from loraplex.settings import Settings
 
     s = Settings.load(device="cpu", dtype="float32")
-    print(f"\n== 1. routed forward, token-gate k=2, batch 16 x 128 tokens, {torch.get_num_threads()} threads ==")
-    print(f"{'model':8} {'E':>3} {'merged base':>12} {'1 LoRA':>8} {'routed':>8} {'naive loop':>11} "
-          f"{'routed/base':>12} {'routed/1LoRA':>13} {'naive/routed':>13}")
-    for model_name in ("minilm", "llama"):
+    print(f"\n== 1. routed forward, token-gate k=2, batch 16 x 128 tokens, {torch.get_num_threads()} threads; "
+          f"ratios against the base with one merged adapter; mem = MiB saved for backward ==")
+    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
+          f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
+    summary = {}
+    for model_name in models:
         if model_name == "minilm":
             base = load_base("minilm", s).model
             mtype, vocab = "bert", base.config.vocab_size
@@ -145,35 +203,77 @@ def bench_speed(rounds: int) -> None:
         ids = torch.randint(5, vocab, (16, 128), generator=g)
         x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         targets = DEFAULT_TARGETS[mtype]
-        for E in (8, 32):
-            ads = random_adapters(base, targets, E)
-            merged = copy.deepcopy(base)
-            merge(merged, ads[0])
-            single = copy.deepcopy(base)
-            inject(single, ads[:1])
+        one = random_adapters(base, targets, 1)
+        merged = copy.deepcopy(base)
+        merge(merged, one[0])
+        merged.get_input_embeddings().weight.requires_grad_(True)
+        for E in experts:
             routed = copy.deepcopy(base)
-            inject(routed, ads)
+            inject(routed, one)
+            random_banks(routed, E)
+            for p in (q for layer in routed_layers(routed).values() for q in layer.bank.parameters()):
+                p.requires_grad_(False)  # router training: adapters frozen
+            routed.get_input_embeddings().weight.requires_grad_(True)
             router = ROUTERS.build("token-gate", {"top_k": 2, "init_std": 1.0})
             router.attach(routed)
             routed.eval()
-            naive = copy.deepcopy(routed)
-            for layer in routed_layers(naive).values():
-                layer.bank = naive_loop_bank(layer.bank)
-            # the naive loop copy shares the gate modules' weights (deepcopy copied them): same routing
-            fns = {k: (lambda m=m: m(**x)) for k, m in {"merged": merged, "single": single, "routed": routed}.items()}
+            banks = {n: layer.bank for n, layer in routed_layers(routed).items()}
+            loops = {n: naive_loop_bank(b) for n, b in banks.items()}
+
+            def run(m, variant, backward):
+                if m is routed:
+                    for n, layer in routed_layers(routed).items():
+                        layer.bank = loops[n] if variant == "naive" else banks[n]
+                    if variant != "naive":
+                        set_dispatch(routed, "auto" if variant == "sparse" else "dense")
+                if backward:
+                    m.zero_grad(set_to_none=True)
+                    m(**x).last_hidden_state.pow(2).mean().backward()
+                else:
+                    with torch.inference_mode():
+                        m(**x)
+
+            variants = {"base": merged, "sparse": routed, "dense": routed}
+            if E <= naive_max:
+                variants["naive"] = routed
             with torch.inference_mode():
-                ref, got = routed(**x).last_hidden_state, naive(**x).last_hidden_state
-                rel = float((ref - got).norm() / ref.norm())  # same routing and math: float noise only
-                assert rel < 1e-3, f"the naive loop must compute the same thing (relative difference {rel:.1e})"
+                run(routed, "sparse", False)
+                ref = routed(**x).last_hidden_state
+                run(routed, "dense", False)
+                rel = float((routed(**x).last_hidden_state - ref).norm() / ref.norm())
+                assert rel < 1e-4, f"sparse and dense dispatch must agree (relative difference {rel:.1e})"
+            for backward in (False, True):
+                fns = {k: (lambda m=m, k=k: run(m, k, backward)) for k, m in variants.items()}
                 t = round_robin(fns, rounds=rounds)
-                # the naive loop is an order of magnitude slower: two rounds, each paired with a routed call
-                pair = round_robin({"naive": lambda: naive(**x), "routed2": fns["routed"]},
-                                   rounds=2, warmup=0)
-                t["naive"] = pair["naive"] * t["routed"] / pair["routed2"]
-            print(f"{model_name:8} {E:>3} {t['merged'] * 1e3:>10.0f}ms {t['single'] * 1e3:>6.0f}ms "
-                  f"{t['routed'] * 1e3:>6.0f}ms {t['naive'] * 1e3:>9.0f}ms {t['routed'] / t['merged']:>11.2f}x "
-                  f"{t['routed'] / t['single']:>12.2f}x {t['naive'] / t['routed']:>12.2f}x", flush=True)
-            del merged, single, routed, naive
+                mem = {}
+                for k in ("base", "sparse", "dense"):
+                    with SavedBytes() as sb:
+                        if k != "base":
+                            run(routed, k, False)  # set the variant
+                        variants[k](**x).last_hidden_state.sum()
+                    mem[k] = sb.mib
+                tb = t["base"]
+                naive = f"{t['naive'] * 1e3:>5.0f}ms" if "naive" in t else f"{'-':>7}"
+                naive_r = f"{t['naive'] / tb:>9.2f}x" if "naive" in t else f"{'-':>10}"
+                label = "fwd+bwd" if backward else "fwd"
+                print(f"{model_name:7} {E:>4} {label:>8} {tb * 1e3:>5.0f}ms {t['sparse'] * 1e3:>5.0f}ms "
+                      f"{t['dense'] * 1e3:>5.0f}ms {naive} {t['sparse'] / tb:>10.2f}x {t['dense'] / tb:>9.2f}x "
+                      f"{naive_r} {mem['base']:>8.0f} {mem['sparse']:>10.0f} {mem['dense']:>9.0f}", flush=True)
+                summary[(model_name, E, label)] = t["sparse"] / tb, t["sparse"]
+            set_dispatch(routed, "auto")
+            del routed, banks, loops
+    for model_name in models:
+        for label in ("fwd", "fwd+bwd"):
+            r = {E: summary[(model_name, E, label)] for E in experts if (model_name, E, label) in summary}
+            parts = []
+            if 32 in r:
+                parts.append(f"E=32 {r[32][0]:.2f}x base (goal <= 1.15: {'met' if r[32][0] <= 1.15 else 'missed'})")
+            if 512 in r:
+                parts.append(f"E=512 {r[512][0]:.2f}x base (goal <= 1.3: {'met' if r[512][0] <= 1.3 else 'missed'})")
+                if 8 in r:
+                    q = r[512][1] / r[8][1]
+                    parts.append(f"time E=512 / E=8 {q:.2f} (goal <= 1.2: {'met' if q <= 1.2 else 'missed'})")
+            print(f"goals {model_name} {label}: " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,12 +412,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("speed", "hetero", "quality", "all"), default="all")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
+    ap.add_argument("--experts", default="8,32,128,512", help="adapter counts E (speed)")
+    ap.add_argument("--models", default="minilm,llama", help="models (speed)")
     ap.add_argument("--steps", type=int, default=300, help="router training steps (quality)")
     ap.add_argument("--lr", type=float, default=1e-2, help="router learning rate (quality)")
     ap.add_argument("--eval-limit", type=int, default=300, help="test examples per task (quality; 0 = all)")
     a = ap.parse_args()
     if a.part in ("speed", "all"):
-        bench_speed(a.rounds)
+        bench_speed(a.rounds, tuple(int(e) for e in a.experts.split(",")), tuple(a.models.split(",")))
     if a.part in ("hetero", "all"):
         bench_hetero(a.rounds)
     if a.part in ("quality", "all"):

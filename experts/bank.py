@@ -27,6 +27,17 @@ Sparse dispatch: when gates are constant over each sequence ((B, 1, E): retrieva
 heterogeneous batch where each row names its adapter) and each row selects at most half of the
 experts, `forward` gathers each row's selected adapters and applies only those (gather + batched
 matmul), so a batch whose 32 rows use 32 different adapters costs about what one adapter does.
+
+Token-level sparse dispatch (issue #14): when per-adapter gates change per token ((B, T, E) with at
+most k non-zero per token: token-gate, mixer), `forward` sorts the N*K (token, expert) assignments by
+expert once, packs each expert's tokens into a capacity-padded buffer (E_used, C, d_in), runs two
+batched matmuls (inner size R, not E*R) and scatters back with the gate weights (`_forward_tokens`).
+Activations are O(N*K*R) instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
+"auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
+least `SPARSE_FACTOR` times the sparse one K*R (the gather/scatter copies cost a few rank-R matmuls).
+Per-rank gates (S = E*R, SMoRA's rank router) stay on the dense path: its experts are single ranks,
+so a grouped matmul would have inner size 1 per segment (no batching to gain), and a bank of rank
+E*R is exactly the one LoRA SMoRA sizes its compute by.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ class LoraBank(nn.Module):
         self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool, device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.sparse = True  # sparse dispatch for sequence-constant gates (see _forward_selected)
+        self.dispatch = "auto"  # per-token gates: "auto" | "dense" | "sparse" (see _forward_tokens)
         self._hooks: list = []
 
     # ---- filling the slots -------------------------------------------------------------------
@@ -125,12 +137,22 @@ class LoraBank(nn.Module):
         """(E*R,) scaling of each rank, zero on padding."""
         return self.rank_mask * self.scaling.repeat_interleave(self.rank)
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out)."""
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *, dense_gate_grad: bool = False) -> torch.Tensor:
+        """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out).
+
+        `dense_gate_grad`: the caller needs d loss / d gates on the unselected (zero) slots too (a
+        straight-through gate such as LoRA-Mixer's); "auto" then keeps the dense path while gradients
+        flow into the gates, since the sparse path only computes the selected experts.
+        """
         if self.sparse and self._sequence_gates(x, gates):
             k = int((gates != 0).sum(-1).max().item())
             if 2 * k <= self.n_experts:
                 return self._forward_selected(x, gates, k)
+        elif self._token_gates(x, gates) and self.dispatch != "dense":
+            k = max(1, int((gates != 0).sum(-1).max().item()))
+            needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
+            if self.dispatch == "sparse" or (self.SPARSE_FACTOR * k <= self.n_experts and not needs_all):
+                return self._forward_tokens(x, gates, k)
         z = F.linear(self.dropout(x), self.A)  # (..., E*R)
         scale = self.rank_scale().to(z.dtype)  # (E*R,)
         if gates is None:
@@ -145,6 +167,53 @@ class LoraBank(nn.Module):
                 f"or {self.n_experts * self.rank} (per rank)"
             )
         return F.linear(z, self.B)  # (..., d_out)
+
+    SPARSE_FACTOR = 4  # auto: sparse when E*R >= SPARSE_FACTOR * K*R
+
+    def _token_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
+        """Per-adapter gates given per token: (..., E) with the leading dims of x."""
+        if self.dispatch not in ("auto", "dense", "sparse"):
+            raise ValueError(f"dispatch must be 'auto', 'dense' or 'sparse', got {self.dispatch!r}")
+        return (gates is not None and gates.shape[-1] == self.n_experts and self.n_experts > 1
+                and gates.shape[:-1] == x.shape[:-1])
+
+    def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int) -> torch.Tensor:
+        """Token-level sparse dispatch: each token computes only its k selected adapters.
+
+        The N*K assignments (token, expert) are sorted by expert once, each used expert's tokens are
+        packed into a capacity-padded buffer (E_used, C, d_in) and two `bmm`s (inner size R) compute
+        them, as CPU MoE kernels do; the results are scattered back weighted by the gates with one
+        Differentiable in x, A, B and the gates (autograd through gather/scatter).
+        Equal to the dense path (tests/experts/test_token_dispatch.py).
+        """
+        E, R = self.n_experts, self.rank
+        lead = x.shape[:-1]
+        xf = self.dropout(x).reshape(-1, self.d_in)  # (N, d_in)
+        gf = gates.reshape(-1, E).to(x.dtype)  # (N, E)
+        N = xf.shape[0]
+        idx = gf.abs().topk(k, dim=-1).indices  # (N, K)
+        w = gf.gather(-1, idx)  # (N, K) (zero where a token uses fewer than k)
+        flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
+        order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert (once per call)
+        used, counts = torch.unique_consecutive(flat_e[order], return_counts=True)  # (U,), (U,)
+        U, C = used.numel(), int(counts.max().item())  # used experts, capacity
+        seg = torch.repeat_interleave(torch.arange(U, device=x.device), counts)  # (N*K,) sorted
+        starts = torch.cumsum(counts, 0) - counts
+        slot_sorted = seg * C + torch.arange(flat_e.numel(), device=x.device) - starts[seg]  # buffer slot
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (N*K,) slot of assignment j
+        # which token fills each buffer slot (N: a zero row), and its gate weight
+        j = torch.arange(N * k, device=x.device)  # assignment j belongs to token j // k
+        src = torch.full((U * C,), N, dtype=torch.long, device=x.device).scatter_(0, slot, j // k)
+        asg = torch.full((U * C,), N * k, dtype=torch.long, device=x.device).scatter_(0, slot, j)
+        w_slot = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, asg)  # (U*C,)
+        buf = torch.cat([xf, xf.new_zeros(1, self.d_in)]).index_select(0, src).view(U, C, self.d_in)
+        A = self.A.view(E, R, self.d_in)[used].to(x.dtype)  # (U, R, d_in)
+        Bw = self.B.view(self.d_out, E, R)[:, used].permute(1, 2, 0).to(x.dtype)  # (U, R, d_out)
+        scale = self.rank_scale().view(E, R)[used].to(x.dtype)  # (U, R)
+        z = torch.bmm(buf, A.transpose(1, 2)) * (scale.unsqueeze(1) * w_slot.view(U, C, 1))  # (U, C, R)
+        y = torch.bmm(z, Bw).view(U * C, self.d_out)  # (U*C, d_out), already gate-weighted
+        out = y.index_select(0, slot).view(N, k, self.d_out).sum(1)  # (N, d_out)
+        return out.view(*lead, self.d_out)
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates constant over each sequence: (B, 1, E) or (1, 1, E) for x (B, T, d_in)."""

@@ -166,7 +166,7 @@ class LearnedRouter:
             self._hook = None
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for g in self.gates.values() for p in g.parameters()]
+        return list({id(p): p for g in self.gates.values() for p in g.parameters()}.values())  # shared gates once
 
     def set_expert_tasks(self, tasks: list[str | None]) -> None:
         """Which task each expert was trained on (the supervision target of that task's rows)."""
@@ -197,5 +197,5 @@ class LearnedRouter:
     def keep_experts(self, keep: list[int]) -> None:
         """Restrict every gate to experts `keep` (in that order), e.g. a retrieved shortlist."""
         idx = torch.as_tensor(keep, dtype=torch.long)
-        for g in self.gates.values():
+        for g in {id(g): g for g in self.gates.values()}.values():  # a shared gate is restricted once
             g.keep_experts(idx.to(next(g.buffers(), next(g.parameters())).device))

@@ -67,6 +67,7 @@ class MixerConfig(BaseModel):
 
 
 class MixerGate(Gate):
+    straight_through = True  # gradients reach every slot's gate: the bank keeps its dense path in training
     def __init__(self, ctx: RouteContext, d_in: int, n_experts: int, cfg: MixerConfig):
         super().__init__(ctx, n_experts, 1)
         self.cfg = cfg

@@ -27,6 +27,8 @@ which on 384-dim inputs gives near one-hot gates before any training).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +51,8 @@ class TokenGateConfig(BaseModel):
     """Weight of the gate cross-entropy on task-labelled tokens (MeteoRA's gate loss)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the gates' initial weights."""
+    shared: bool = False
+    """One gate per layer input: projections of one module fed the same input (q, k, v) share a gate, evaluated once."""
 
 
 class TokenGate(Gate):
@@ -58,8 +62,19 @@ class TokenGate(Gate):
         super().__init__(ctx, n_experts, 1)
         self.cfg = cfg
         self.weight = nn.Parameter(torch.randn(n_experts, d_in) * cfg.init_std)  # (E, d_in)
+        self._last = None  # shared gates: (weakref to the last input, its version, its Routing)
 
     def forward(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
+        if self.cfg.shared:
+            last = self._last
+            if last is not None and last[0]() is h and last[1] == h._version and last[3] == torch.is_grad_enabled():
+                return last[2]  # the same input tensor as the previous projection: one evaluation per layer input
+            routing = self._route(h)
+            self._last = (weakref.ref(h), h._version, routing, torch.is_grad_enabled())
+            return routing
+        return self._route(h)
+
+    def _route(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
         logits = F.linear(h.to(self.weight.dtype), self.weight)  # (B, T, E)
         k = min(self.cfg.top_k, self.n_experts)
         top, idx = logits.topk(k, dim=-1)  # (B, T, K)
@@ -72,6 +87,7 @@ class TokenGate(Gate):
         return Routing(gates, idx, aux, logits, self.n_experts)
 
     def keep_experts(self, keep: torch.Tensor) -> None:
+        self._last = None
         self.weight = nn.Parameter(self.weight.data[keep].clone(), requires_grad=self.weight.requires_grad)
         self.n_experts = len(keep)
 
@@ -84,4 +100,11 @@ class TokenGateRouter(LearnedRouter):
     method = "token-gate"
 
     def make_gate(self, layer) -> Gate:
-        return TokenGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)
+        if not self.config.shared:
+            return TokenGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)
+        # one gate per (parent module, input size): q, k, v of one attention block share it
+        key = (layer.name.rsplit(".", 1)[0], layer.bank.d_in, layer.bank.n_experts)
+        shared = self.__dict__.setdefault("_shared", {})
+        if key not in shared:
+            shared[key] = TokenGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)
+        return shared[key]

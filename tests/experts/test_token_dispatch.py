@@ -1,0 +1,235 @@
+"""LoraBank's token-level sparse dispatch (per-token gates) equals its dense path: values and gradients
+with respect to x, A, B and the gates, for the gates every router makes, mixed ranks, padding and k = 1, 2, 4."""
+
+import pytest
+import torch
+
+from loraplex.experts.bank import LoraBank
+from loraplex.router.base import topk_scatter
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+def _bank(E=12, R=4, d_in=16, d_out=10, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    bank = LoraBank(d_in, d_out, E, R)
+    for e in range(E):
+        r = 1 + (e % R)  # mixed ranks, padded to R
+        bank.set_expert(e, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), 0.5 + 0.1 * e)
+    return bank.to(device=device, dtype=dtype)
+
+
+def _token_gates(B, T, E, k, seed=0, pad=None):
+    """Top-k softmax gates as token-gate makes them; rows past `pad[b]` tokens are all zero (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, E, generator=g)
+    top, idx = logits.topk(k, dim=-1)
+    gates = topk_scatter(torch.softmax(top, -1), idx, E)
+    if pad is not None:
+        for b, n in enumerate(pad):
+            gates[b, n:] = 0.0
+    return gates
+
+
+def _run(bank, dispatch, x, gates):
+    bank.dispatch = dispatch
+    bank.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    gates = gates.detach().clone().requires_grad_(True)
+    out = bank(x, gates)
+    out.float().pow(2).sum().backward()
+    return out.detach(), x.grad, bank.A.grad.clone(), bank.B.grad.clone(), gates.grad
+
+
+def _assert_equal(bank, x, gates, tol=1e-5, selected=None):
+    s = _run(bank, "sparse", x, gates)
+    d = _run(bank, "dense", x, gates)
+    def close(a, b, name):  # relative to the tensor's scale (sums of squares make large gradients)
+        a, b = a.float(), b.float()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp_min(1.0)), msg=f"{name} differs")
+
+    for name, a, b in zip(("out", "x", "A", "B"), s[:4], d[:4]):
+        close(a, b, name)
+    # gate gradients agree on the selected slots (and on zero-weight slots the top-k filled when a token
+    # uses fewer than k); the sparse path gives zero elsewhere
+    sel = (gates != 0) | (s[4] != 0)
+    close(s[4][sel], d[4][sel], "gates")
+    assert int(sel.sum(-1).max()) <= max(1, int((gates != 0).sum(-1).max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_token_sparse_equals_dense(k, device):
+    bank = _bank(device=device)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(k), device="cpu").to(device)
+    gates = _token_gates(3, 7, 12, k, seed=k).to(device)
+    _assert_equal(bank, x, gates)
+
+
+def test_padding_mask_and_uneven_k():
+    bank = _bank()
+    x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(3))
+    gates = _token_gates(4, 9, 12, 2, pad=[9, 5, 1, 0])  # padded tokens have all-zero gates
+    gates[0, 0] = 0.0
+    gates[0, 0, 3] = 1.0  # one token uses a single adapter while others use two
+    _assert_equal(bank, x, gates)
+    bank.dispatch = "sparse"
+    out = bank(x, gates)
+    assert bool((out[3] == 0).all()) and bool((out[2, 1:] == 0).all())  # padding gets no delta
+
+
+def test_2d_input_and_experts_without_tokens():
+    bank = _bank(E=40)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    gates = torch.zeros(5, 40)
+    gates[:, 7] = 0.6
+    gates[:, 31] = -0.4  # negative weights are kept with their sign; 38 experts get no token
+    _assert_equal(bank, x, gates)
+
+
+def test_mixer_straight_through_gates():
+    """Mixer's gates carry gradient to every slot: the forward matches, and auto stays dense while training."""
+    from loraplex.router.base import RouteContext
+    from loraplex.router.mixer import MixerConfig, MixerGate
+
+    torch.manual_seed(0)
+    bank = _bank(E=16)
+    gate = MixerGate(RouteContext(), 16, 16, MixerConfig(top_k=2))
+    x = torch.randn(2, 6, 16)
+    gates = gate(x).gates
+    bank.dispatch = "sparse"
+    sparse = bank(x, gates.detach())
+    bank.dispatch = "dense"
+    torch.testing.assert_close(sparse, bank(x, gates.detach()), rtol=1e-5, atol=1e-5)
+    # auto with dense_gate_grad: the dense path, so every slot's gate gets its true gradient
+    bank.dispatch = "auto"
+    g1 = gates.detach().clone().requires_grad_(True)
+    bank(x, g1, dense_gate_grad=True).pow(2).sum().backward()
+    g2 = gates.detach().clone().requires_grad_(True)
+    bank.dispatch = "dense"
+    bank(x, g2).pow(2).sum().backward()
+    torch.testing.assert_close(g1.grad, g2.grad)
+    assert bool((g1.grad[gates.detach() == 0] != 0).any())
+
+
+def test_auto_choice_by_cost():
+    calls = []
+    bank = _bank(E=8)
+    orig = bank._forward_tokens
+    bank._forward_tokens = lambda *a: calls.append(a[2]) or orig(*a)
+    x = torch.randn(2, 3, 16)
+    bank(x, _token_gates(2, 3, 8, 4))  # E*R = 8R < 4 * 4R: dense
+    assert calls == []
+    bank(x, _token_gates(2, 3, 8, 1))  # 8R >= 4 * 1R: sparse
+    assert calls == [1]
+    bank.dispatch = "sparse"
+    bank(x, _token_gates(2, 3, 8, 4))
+    assert calls == [1, 4]
+    bank.dispatch = "dense"
+    bank(x, _token_gates(2, 3, 8, 1))
+    assert calls == [1, 4]
+    bank.dispatch = "bogus"
+    with pytest.raises(ValueError):
+        bank(x, _token_gates(2, 3, 8, 1))
+
+
+def test_rank_gates_stay_dense():
+    """Per-rank gates (S = E*R, SMoRA) never take the token path (see LoraBank's docstring)."""
+    bank = _bank(E=12, R=4)
+    bank.dispatch = "sparse"
+    bank._forward_tokens = lambda *a: pytest.fail("per-rank gates must stay dense")
+    g = _token_gates(2, 3, 48, 2)
+    bank(torch.randn(2, 3, 16), g)
+
+
+@pytest.mark.parametrize("method", ["token-gate", "mixer", "rank", "retrieval"])
+def test_every_router_through_routed_linear(method):
+    """A RoutedLinear driven by each router gives the same output and gradients with either dispatch."""
+    from torch import nn
+
+    from loraplex.experts.layers import RoutedLinear
+    from loraplex.router.base import ROUTERS
+
+    torch.manual_seed(1)
+    E, R, d = 16, 4, 16
+    bank = _bank(E=E, R=R, d_in=d, d_out=d)
+    layer = RoutedLinear(nn.Linear(d, d), bank, "proj")
+    router = ROUTERS.build(method, {"top_k": 2}) if method != "retrieval" else None
+    if router is not None:
+        layer.router = router.make_gate(layer).eval()  # eval: SMoRA's bias must not move between the two runs
+    x = torch.randn(3, 5, d)
+    if method == "retrieval":
+        g = torch.zeros(3, 1, E)
+        g[torch.arange(3), 0, torch.tensor([2, 9, 15])] = 1.0
+        layer.static_gates = g
+    results = []
+    for dispatch in ("sparse", "dense"):
+        bank.dispatch = dispatch
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        out = layer(xx)
+        out.pow(2).sum().backward()
+        gate_grads = [p.grad.clone() for p in (layer.router.parameters() if layer.router else []) if p.grad is not None]
+        results.append((out.detach(), xx.grad, bank.A.grad, bank.B.grad, gate_grads))
+    (o1, x1, a1, b1, g1), (o2, x2, a2, b2, g2) = results
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp_min(1.0)))
+
+    for a, b in ((o1, o2), (a1, a2), (b1, b2)):
+        close(a, b)
+    if method != "mixer":  # forced sparse gives the mixer's straight-through gate no gradient off the top-k
+        close(x1, x2)  # (x's gradient passes through the gate too)
+        assert len(g1) == len(g2)
+        for a, b in zip(g1, g2):
+            close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_sparse_equals_dense_cuda_bf16():
+    bank = _bank(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 64, 16, device="cuda", dtype=torch.bfloat16)
+    gates = _token_gates(4, 64, 12, 2).to("cuda", torch.bfloat16)
+    _assert_equal(bank, x, gates, tol=3e-2)
+
+
+def test_shared_token_gate_evaluated_once_per_layer_input():
+    """token-gate with shared=True: q, k, v of one block share one gate and one evaluation of it."""
+    from torch import nn
+
+    from loraplex.experts.layers import RoutedLinear
+    from loraplex.router.base import ROUTERS
+
+    torch.manual_seed(2)
+    router = ROUTERS.build("token-gate", {"top_k": 2, "shared": True})
+    layers = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, d_in=16, d_out=16, seed=i), n)
+              for i, n in enumerate(["blk.q", "blk.k", "blk.v", "other.q"])}
+    gates = {n: router.make_gate(layer) for n, layer in layers.items()}
+    assert gates["blk.q"] is gates["blk.k"] is gates["blk.v"] and gates["other.q"] is not gates["blk.q"]
+    calls = []
+    gates["blk.q"].register_forward_hook(lambda *a: calls.append(1))
+    route = gates["blk.q"]._route
+    evals = []
+    gates["blk.q"]._route = lambda h: evals.append(1) or route(h)
+    for n in ("blk.q", "blk.k", "blk.v"):
+        layers[n].router = gates[n]
+    x = torch.randn(2, 5, 16)
+    outs = [layers[n](x) for n in ("blk.q", "blk.k", "blk.v")]
+    assert len(calls) == 3 and len(evals) == 1
+    layers["blk.q"](x.clone())  # a different input tensor: evaluated again
+    assert len(evals) == 2
+    # the shared routing equals an unshared gate with the same weights
+    solo = ROUTERS.build("token-gate", {"top_k": 2}).make_gate(layers["blk.k"])
+    solo.load_state_dict(gates["blk.k"].state_dict())
+    layers["blk.k"].router = solo
+    torch.testing.assert_close(layers["blk.k"](x), outs[1])
+
+
+def test_shared_gate_parameters_listed_once():
+    from loraplex.router.base import ROUTERS
+
+    router = ROUTERS.build("token-gate", {"shared": True})
+    g = router.make_gate(type("L", (), {"name": "a.q", "bank": _bank(E=4)})())
+    router.gates = {"a.q": g, "a.k": g}
+    assert len(router.parameters()) == 1
