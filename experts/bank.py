@@ -34,7 +34,8 @@ expert once, packs each expert's tokens into a capacity-padded buffer (E_used, C
 batched matmuls (inner size R, not E*R) and scatters back with the gate weights (`_forward_tokens`).
 Activations are O(N*K*R) instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
 "auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
-least `SPARSE_FACTOR` times the sparse one K*R (the gather/scatter copies cost a few rank-R matmuls).
+least `SPARSE_FACTOR` (128) times the sparse one K*R (on CPU the gathers and their backward cost more
+than the matmuls they save below that; see SPARSE_FACTOR).
 Per-rank gates (S = E*R, SMoRA's rank router) stay on the dense path: its experts are single ranks,
 so a grouped matmul would have inner size 1 per segment (no batching to gain), and a bank of rank
 E*R is exactly the one LoRA SMoRA sizes its compute by.
@@ -168,7 +169,11 @@ class LoraBank(nn.Module):
             )
         return F.linear(z, self.B)  # (..., d_out)
 
-    SPARSE_FACTOR = 4  # auto: sparse when E*R >= SPARSE_FACTOR * K*R
+    SPARSE_FACTOR = 128
+    """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured on 2 shared CPU cores (bench/routing.py
+    --part speed, bench/results/routing-speed.txt), the dense bank stays faster up to E=128 at k=2 (its
+    two GEMMs beat the sparse path's gathers and their index_add backward); from about E=256 the dense
+    activations (N*E*R) dominate memory and the two paths cost about the same, so sparse wins there."""
 
     def _token_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates given per token: (..., E) with the leading dims of x."""

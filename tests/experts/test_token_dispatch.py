@@ -115,23 +115,24 @@ def test_mixer_straight_through_gates():
 
 def test_auto_choice_by_cost():
     calls = []
-    bank = _bank(E=8)
+    E = LoraBank.SPARSE_FACTOR
+    bank = _bank(E=E)
     orig = bank._forward_tokens
     bank._forward_tokens = lambda *a: calls.append(a[2]) or orig(*a)
     x = torch.randn(2, 3, 16)
-    bank(x, _token_gates(2, 3, 8, 4))  # E*R = 8R < 4 * 4R: dense
+    bank(x, _token_gates(2, 3, E, 2))  # E*R < F * 2R: dense
     assert calls == []
-    bank(x, _token_gates(2, 3, 8, 1))  # 8R >= 4 * 1R: sparse
+    bank(x, _token_gates(2, 3, E, 1))  # E*R >= F * 1R: sparse
     assert calls == [1]
     bank.dispatch = "sparse"
-    bank(x, _token_gates(2, 3, 8, 4))
+    bank(x, _token_gates(2, 3, E, 4))
     assert calls == [1, 4]
     bank.dispatch = "dense"
-    bank(x, _token_gates(2, 3, 8, 1))
+    bank(x, _token_gates(2, 3, E, 1))
     assert calls == [1, 4]
     bank.dispatch = "bogus"
     with pytest.raises(ValueError):
-        bank(x, _token_gates(2, 3, 8, 1))
+        bank(x, _token_gates(2, 3, E, 1))
 
 
 def test_rank_gates_stay_dense():
