@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from loraplex.errors import UserInputError
 from loraplex.experts.layers import routed_layers, swapped, use_gates
 
 
@@ -244,7 +245,9 @@ class RoutedModel:
             return [task.labels[i] for i in scores.argmax(-1).tolist()]
         if hasattr(self.head, "generate"):
             return self.head.generate(self.model, self.tokenizer, texts, task)
-        return [None] * len(texts)
+        raise UserInputError(
+            "no label set to answer with: the query was routed to adapters that record no task, and an "
+            "encoder answers with a task's labels (register the adapter with --task TASK)")
 
     # ---- heterogeneous batch -----------------------------------------------------------------
     @torch.no_grad()

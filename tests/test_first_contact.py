@@ -209,3 +209,14 @@ def test_files_the_readme_names_are_shipped():
     assert not missing, missing
     for link in re.findall(r"\]\(([^)#]+)\)", readme):
         assert link.startswith("http") or (root / link).exists(), link
+
+
+def test_query_routed_to_adapters_without_a_task_says_so(cli, tiny_bert, tmp_path):
+    """An encoder answers with a task's labels: adapters registered without --task give one clear line."""
+    src = make_peft_adapter(tiny_bert, tmp_path / "src")
+    assert cli("adapters", "register", src, "--name", "notask", "--description", "some adapter",
+               "--base", tiny_bert).exit_code == 0
+    before = registry_state(cli.home)
+    r = cli("query", "hello there", "--router", "retrieval")
+    assert r.exit_code == 2 and "no label set to answer with" in r.output and "Traceback" not in r.output
+    assert registry_state(cli.home) == before
