@@ -97,6 +97,13 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str 
     _console().print(t)
 
 
+def _kv_value(v: Any) -> str:
+    """A value of a key/value listing as text (a dict as `a=1, b=2`)."""
+    if isinstance(v, dict):
+        return ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) or "-"
+    return fmt(v)
+
+
 def kv(data: dict[str, Any], *, title: str | None = None) -> None:
     if _silent():
         return
@@ -104,9 +111,7 @@ def kv(data: dict[str, Any], *, title: str | None = None) -> None:
         if title:
             sys.stdout.write(title + "\n")
         for k, v in data.items():
-            if isinstance(v, dict):
-                v = ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) or "-"
-            sys.stdout.write(f"{k}: {fmt(v)}\n")
+            sys.stdout.write(f"{k}: {_kv_value(v)}\n")
         sys.stdout.flush()
         return
     from rich.table import Table
@@ -115,9 +120,7 @@ def kv(data: dict[str, Any], *, title: str | None = None) -> None:
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     for k, v in data.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) or "-"
-        t.add_row(k, fmt(v))
+        t.add_row(k, _kv_value(v))
     _console().print(t)
 
 
