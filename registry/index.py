@@ -1,4 +1,12 @@
-"""The signature index: faiss over the adapters' description embeddings (a cache of the database).
+"""The signature indexes: faiss over the adapters' signatures (caches of the database).
+
+Two indexes, built the same way:
+- `index.npz`, over the description embeddings d_i (`adapters search`, descriptions against a text);
+- `route-index.npz`, over the routing vectors c_i = (1 - w) d_i + w p_i (p_i the training-input
+  prototype; c_i = d_i where there is none), for one prototype weight w. Retrieval routing scores a
+  query q by <q, c_i>, which is linear in q, so faiss's top-k over c_i is exactly the routing top-k
+  (no re-ranking of a description shortlist, which missed adapters whose prototype, not their
+  description, is the nearest). Asking for another w rebuilds it.
 
 Vectors are unit-norm, so inner product = cosine similarity. faiss ids are the adapters' row ids
 (SQLite AUTOINCREMENT: never reused, so a removed adapter can never be confused with a new one).
@@ -35,8 +43,22 @@ if TYPE_CHECKING:
 
 IVF_THRESHOLD = 10_000
 INDEX_FILE = "index.npz"
-# The index last used for each home in this process (a long-lived process searches without reloading).
+ROUTE_INDEX_FILE = "route-index.npz"
+# The index last used for each file in this process (a long-lived process searches without reloading).
 _IN_PROCESS: dict[str, "SignatureIndex"] = {}
+
+
+def drop_cached(path: Path) -> None:
+    """Forget this process's copy of the index saved at `path` (after the file is deleted)."""
+    _IN_PROCESS.pop(str(path), None)
+
+
+def routing_vectors(desc: np.ndarray, proto: np.ndarray, weight: float) -> np.ndarray:
+    """(N, D) c_i = (1 - w) d_i + w p_i, or d_i where the prototype is missing (a NaN row)."""
+    desc = np.asarray(desc, dtype=np.float32)
+    proto = np.asarray(proto, dtype=np.float32)
+    has = np.all(np.isfinite(proto), axis=1, keepdims=True)
+    return np.where(has, (1 - weight) * desc + weight * np.where(has, proto, 0.0), desc).astype(np.float32)
 
 
 def _faiss():
@@ -60,8 +82,10 @@ def _needs_rebuild(idx: "SignatureIndex | None", dim: int, n: int) -> bool:
 class SignatureIndex:
     """A faiss index plus the ids it holds and the registry generation it reflects."""
 
-    def __init__(self, dim: int, index=None, ids: np.ndarray | None = None, generation: int = -1, trained_on: int = 0):
+    def __init__(self, dim: int, index=None, ids: np.ndarray | None = None, generation: int = -1, trained_on: int = 0,
+                 weight: float | None = None):
         self.dim = dim
+        self.weight = weight  # None: description embeddings; else the routing vectors' prototype weight
         self.index = index
         self.ids = np.zeros(0, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         self.generation = generation
@@ -75,7 +99,8 @@ class SignatureIndex:
         return "ivf" if "IVF" in type(self.index).__name__ else "flat"
 
     @classmethod
-    def build(cls, dim: int, ids: np.ndarray, vecs: np.ndarray, generation: int) -> "SignatureIndex":
+    def build(cls, dim: int, ids: np.ndarray, vecs: np.ndarray, generation: int,
+              weight: float | None = None) -> "SignatureIndex":
         faiss = _faiss()
         n = len(ids)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
@@ -93,13 +118,14 @@ class SignatureIndex:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
             if n:
                 index.add_with_ids(vecs, ids)
-        return cls(dim, index, ids, generation, trained_on=n)
+        return cls(dim, index, ids, generation, trained_on=n, weight=weight)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         faiss = _faiss()
         blob = faiss.serialize_index(self.index) if self.index is not None else np.zeros(0, np.uint8)
-        meta = json.dumps({"generation": self.generation, "dim": self.dim, "trained_on": self.trained_on})
+        meta = json.dumps({"generation": self.generation, "dim": self.dim, "trained_on": self.trained_on,
+                           "weight": self.weight})
         with atomic_file(path, prefix=".index-", suffix=".npz") as f:
             np.savez(f, index=np.asarray(blob, dtype=np.uint8), ids=self.ids,
                      meta=np.frombuffer(meta.encode(), dtype=np.uint8))
@@ -120,29 +146,41 @@ class SignatureIndex:
             raise IntegrityError(f"the signature index {path} is damaged ({type(exc).__name__}); run `loraplex registry check --repair`") from None
         if index is not None and index.ntotal != len(ids):
             raise IntegrityError(f"the signature index {path} holds {index.ntotal} vectors but lists {len(ids)} ids")
-        return cls(int(meta["dim"]), index, ids, int(meta["generation"]), int(meta.get("trained_on", 0)))
+        w = meta.get("weight")
+        return cls(int(meta["dim"]), index, ids, int(meta["generation"]), int(meta.get("trained_on", 0)),
+                   None if w is None else float(w))
 
     # ---- keeping up with the database --------------------------------------------------------
     @classmethod
-    def sync(cls, reg: "Registry", *, save: bool = True) -> "SignatureIndex":
-        """The index for the registry's current generation (loaded, caught up, or rebuilt)."""
-        path = reg.home / INDEX_FILE
+    def sync(cls, reg: "Registry", *, weight: float | None = None, save: bool = True) -> "SignatureIndex":
+        """The index for the registry's current generation (loaded, caught up, or rebuilt): over the
+        description embeddings, or with `weight` over the routing vectors of that prototype weight."""
+        path = reg.home / (INDEX_FILE if weight is None else ROUTE_INDEX_FILE)
         gen = reg.generation()
         dim = int(reg.meta("dim") or 0)
         mem = _IN_PROCESS.get(str(path))
-        if mem is not None and mem.generation == gen and mem.dim == dim:
+        if mem is not None and mem.generation == gen and mem.dim == dim and mem.weight == weight:
             return mem
         try:
             idx = cls.load(path)
         except IntegrityError:
             idx = None  # a damaged cache is rebuilt, never trusted
+        if idx is not None and idx.weight != weight:
+            idx = None  # routing vectors of another prototype weight
         if idx is not None and idx.generation == gen and idx.dim == dim:
             _IN_PROCESS[str(path)] = idx
             return idx
         db_ids = reg.adapter_ids()
+
+        def vectors(ids: np.ndarray) -> np.ndarray:
+            if weight is None:
+                return reg.embeddings_by_id(ids)
+            _, _, desc, proto = reg.signatures_by_id(ids)
+            return routing_vectors(desc, proto, weight)
+
         if _needs_rebuild(idx, dim, len(db_ids)):
-            _, _, vecs, _ = reg.signatures() if len(db_ids) else ([], [], np.zeros((0, dim), np.float32), None)
-            idx = cls.build(dim, db_ids, vecs, gen)
+            vecs = vectors(db_ids) if len(db_ids) else np.zeros((0, dim), np.float32)
+            idx = cls.build(dim, db_ids, vecs, gen, weight=weight)
         else:
             have = set(idx.ids.tolist())
             want = set(db_ids.tolist())
@@ -152,7 +190,7 @@ class SignatureIndex:
                 idx.index.remove_ids(gone)
                 idx.ids = idx.ids[~np.isin(idx.ids, gone)]
             if len(new):
-                idx.index.add_with_ids(reg.embeddings_by_id(new), new)
+                idx.index.add_with_ids(vectors(new), new)
                 idx.ids = np.concatenate([idx.ids, new])
             idx.generation = gen
         if save and dim:

@@ -6,6 +6,7 @@ Layout of a home directory:
     blobs/ab/<sha256>.safetensors   tensors, named by the sha256 of their bytes, verified on every read
     registry.lock     an advisory lock (fcntl) that serialises writers
     index.npz         cache: faiss index over description embeddings (registry/index.py)
+    route-index.npz   cache: faiss index over routing vectors, description and prototype (registry/index.py)
     graph.json        cache: lineage graph in node-link JSON (registry/lineage.py)
 
 The database is the source of truth; the caches carry the database `generation` they reflect (a
@@ -573,21 +574,20 @@ class Registry:
             self.delete_unreferenced_blobs([rec.blob, *[s.blob for s in rec.snapshots]])
         return rec
 
-    def signatures(self, names: Sequence[str] | None = None) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
-        """(ids, names, description embeddings (N, D), prototypes (N, D), NaN where none)."""
+    def _signature_rows(self, where: str, params: Sequence[Any]) -> list[tuple]:
         conn = self._db(create=False)
-        dim = int(self.meta("dim") or 0)
-        if conn is None or dim == 0:
-            return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
-        if names is None:
-            rows = conn.execute("SELECT id, name, embedding, prototype FROM adapters ORDER BY id").fetchall()
-        else:
-            rows = []
-            for n in names:
-                r = conn.execute("SELECT id, name, embedding, prototype FROM adapters WHERE name = ?", (n,)).fetchone()
-                if r is None:
-                    raise AdapterNotFound(f"no adapter named {n!r} in the registry at {self.home}")
-                rows.append(r)
+        return conn.execute(f"SELECT id, name, embedding, prototype FROM adapters {where}", params).fetchall()
+
+    def _rows_in(self, column: str, values: Sequence[Any], select) -> list[tuple]:
+        """select(where, params) over `column IN (...)`, in chunks under SQLite's parameter limit."""
+        out: list[tuple] = []
+        values = list(values)
+        for i in range(0, len(values), 900):
+            chunk = values[i: i + 900]
+            out.extend(select(f"WHERE {column} IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
+    def _unpack_signatures(self, rows: list[tuple], dim: int) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
         ids = [r[0] for r in rows]
         nm = [r[1] for r in rows]
         emb = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
@@ -597,21 +597,46 @@ class Registry:
                 proto[i] = np.frombuffer(r[3], dtype=np.float32)
         return ids, nm, emb, proto
 
-    def embeddings_by_id(self, ids: Sequence[int]) -> np.ndarray:
+    def signatures(self, names: Sequence[str] | None = None) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
+        """(ids, names, description embeddings (N, D), prototypes (N, D), NaN where none), in `names` order
+        (default: every adapter, by id)."""
         conn = self._db(create=False)
         dim = int(self.meta("dim") or 0)
-        out = np.zeros((len(ids), dim), dtype=np.float32)
-        for i, aid in enumerate(ids):
-            row = conn.execute("SELECT embedding FROM adapters WHERE id = ?", (int(aid),)).fetchone()
-            out[i] = np.frombuffer(row[0], dtype=np.float32)
-        return out
+        if conn is None or dim == 0:
+            return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
+        if names is None:
+            rows = self._signature_rows("ORDER BY id", ())
+        else:
+            by_name = {r[1]: r for r in self._rows_in("name", list(dict.fromkeys(names)), self._signature_rows)}
+            for n in names:
+                if n not in by_name:
+                    raise AdapterNotFound(f"no adapter named {n!r} in the registry at {self.home}")
+            rows = [by_name[n] for n in names]
+        return self._unpack_signatures(rows, dim)
+
+    def signatures_by_id(self, ids: Sequence[int]) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
+        """As `signatures`, for adapter ids (in `ids` order; ids that do not exist are left out)."""
+        dim = int(self.meta("dim") or 0)
+        if self._db(create=False) is None or dim == 0:
+            return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
+        by_id = {r[0]: r for r in self._rows_in("id", [int(i) for i in ids], self._signature_rows)}
+        return self._unpack_signatures([by_id[int(i)] for i in ids if int(i) in by_id], dim)
+
+    def embeddings_by_id(self, ids: Sequence[int]) -> np.ndarray:
+        _, _, emb, _ = self.signatures_by_id(ids)
+        return emb
 
     def names_by_id(self, ids: Sequence[int]) -> dict[int, str]:
+        return {i: name for i, (name, _) in self.names_and_bases_by_id(ids).items()}
+
+    def names_and_bases_by_id(self, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """id -> (name, base) for the ids that exist, in one query (retrieval's candidates)."""
         conn = self._db(create=False)
-        if conn is None or not ids:
+        if conn is None or not len(ids):
             return {}
-        marks = ",".join("?" * len(ids))
-        return {r[0]: r[1] for r in conn.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", [int(i) for i in ids])}
+        rows = self._rows_in("id", [int(i) for i in ids],
+                             lambda where, p: conn.execute(f"SELECT id, name, base FROM adapters {where}", p).fetchall())
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def adapter_ids(self) -> np.ndarray:
         conn = self._db(create=False)

@@ -13,9 +13,10 @@ and is routed to its k best adapters with gates constant over the whole sequence
 set as static (B, 1, E) gates (`experts.layers.use_gates`), one row per query. Registering an adapter
 makes it routable at once: the registry's faiss index (registry/index.py) is caught up on the next search.
 
-Over a whole registry, faiss narrows the adapters to the `candidates` nearest descriptions, and the
-prototypes re-rank those. The same scores give learned routers a shortlist: restricted to the S
-adapters nearest a batch of queries (`LearnedRouter.keep_experts`), a registry of thousands of adapters
+The score is <q, c_i> with c_i = (1 - w) d_i + w p_i, linear in q: over a whole registry, faiss over the
+c_i (the registry's routing index, `registry/index.py`) finds the `candidates` best-scoring adapters
+directly, exactly where the index is flat (up to 10,000 adapters), and they make the bank. The same
+scores give learned routers a shortlist: restricted to the S adapters nearest a batch of queries (`LearnedRouter.keep_experts`), a registry of thousands of adapters
 costs per token what a bank of S does.
 """
 
@@ -42,7 +43,7 @@ class RetrievalConfig(BaseModel):
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the score (the rest is the description)."""
     candidates: int = Field(64, ge=1)
-    """Adapters faiss keeps (nearest descriptions) before prototypes re-rank them, over a whole registry."""
+    """Adapters faiss keeps (best routing scores over the whole registry) to make the bank from."""
 
 
 @dataclass
@@ -74,13 +75,12 @@ class RetrievalRouter:
         self.config = config
 
     def scores(self, queries: np.ndarray, sig: Signatures) -> np.ndarray:
-        """(Q, E) scores of unit query vectors (Q, D) against the signatures."""
+        """(Q, E) scores of unit query vectors (Q, D) against the signatures: <q, c_i>, c_i the routing
+        vectors (`registry.index.routing_vectors`, the ones the registry-wide faiss index holds)."""
+        from loraplex.registry.index import routing_vectors
+
         q = np.asarray(queries, dtype=np.float32)  # (Q, D)
-        s_desc = q @ sig.desc.T  # (Q, E)
-        has = np.all(np.isfinite(sig.proto), axis=1)  # (E,)
-        s_proto = q @ np.where(has[:, None], sig.proto, 0.0).T
-        w = self.config.prototype_weight
-        return np.where(has[None, :], (1 - w) * s_desc + w * s_proto, s_desc).astype(np.float32)
+        return (q @ routing_vectors(sig.desc, sig.proto, self.config.prototype_weight).T).astype(np.float32)
 
     def gates(self, scores: np.ndarray, k: int | None = None) -> np.ndarray:
         """(Q, E) weights: softmax over each row's top-k scores, zeros elsewhere."""
@@ -101,24 +101,25 @@ class RetrievalRouter:
         return sorted({int(i) for i in idx.reshape(-1)}, key=lambda i: -best[i])
 
     def candidates(self, reg, queries: np.ndarray, base: str | None = None) -> list[str]:
-        """Names of the adapters faiss finds nearest (by description) to any of the queries, of one base.
+        """Names of the adapters nearest to any of the queries by the routing score (faiss over the
+        registry's routing vectors, so these are the exact top `candidates` of a flat index), of one base.
 
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
         cannot share a bank).
         """
         from loraplex.registry.index import SignatureIndex
 
-        idx = SignatureIndex.sync(reg)
+        idx = SignatureIndex.sync(reg, weight=self.config.prototype_weight)
         scores, ids = idx.search(np.asarray(queries, dtype=np.float32), self.config.candidates)
-        order: list[int] = []
-        flat = sorted(((float(s), int(i)) for s_row, i_row in zip(scores, ids) for s, i in zip(s_row, i_row) if i >= 0),
-                      reverse=True)
-        for _, i in flat:
-            if i not in order:
-                order.append(i)
-        names = reg.names_by_id(order)
-        recs = [reg.get_adapter(names[i]) for i in order if i in names]
-        if not recs:
+        best: dict[int, float] = {}
+        for s_row, i_row in zip(scores, ids):
+            for s, i in zip(s_row, i_row):
+                if i >= 0 and float(s) > best.get(int(i), -np.inf):
+                    best[int(i)] = float(s)
+        order = sorted(best, key=lambda i: -best[i])
+        found = reg.names_and_bases_by_id(order)
+        order = [i for i in order if i in found]
+        if not order:
             return []
-        want = base or recs[0].base
-        return [r.name for r in recs if r.base == want]
+        want = base or found[order[0]][1]
+        return [found[i][0] for i in order if found[i][1] == want]

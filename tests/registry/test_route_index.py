@@ -1,0 +1,99 @@
+"""The routing index: faiss over c_i = (1 - w) d_i + w p_i gives exactly the retrieval router's ranking."""
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.registry.check import check
+from loraplex.registry.index import ROUTE_INDEX_FILE, SignatureIndex, routing_vectors
+from loraplex.registry.record import AdapterDraft
+from loraplex.registry.store import Registry
+from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
+
+
+def _unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _registry(tmp_path, n=40, d=16, seed=0, base_of=lambda i: "toy"):
+    rng = np.random.default_rng(seed)
+    reg = Registry(tmp_path / "h", embedder="hash")
+    desc, proto = _unit(rng.normal(size=(n, d))), _unit(rng.normal(size=(n, d)))
+    a = Adapter(LoraSpec(r=1, alpha=1), {"m": (torch.ones(1, 4), torch.ones(4, 1))})
+    for i in range(n):
+        dr = AdapterDraft(name=f"a{i:02d}", base=base_of(i), base_sha="0" * 64, family="encoder", description=f"a{i}",
+                          spec=a.spec)
+        # every fifth adapter has no prototype: its routing vector is its description
+        reg.add_adapter(dr, a, embedding=desc[i], prototype=None if i % 5 == 0 else proto[i], embedder="hash")
+    return reg, rng
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.8, 1.0])
+def test_candidates_are_the_exact_top_of_the_routing_score(tmp_path, weight):
+    reg, rng = _registry(tmp_path)
+    ret = RetrievalRouter(RetrievalConfig(prototype_weight=weight, candidates=5))
+    _, names, desc, proto = reg.signatures()
+    full = Signatures(names, desc, proto)
+    for q in _unit(rng.normal(size=(20, 16))):
+        exact = np.argsort(-ret.scores(q[None], full)[0])[:5]
+        assert ret.candidates(reg, q[None]) == [names[i] for i in exact]
+
+
+def test_description_only_shortlist_would_miss_the_prototype_match(tmp_path):
+    """A query equal to one adapter's prototype: it is that adapter's best score at w=0.8, though its
+    description is far; a shortlist by description alone (the old way) can leave it out."""
+    reg, _ = _registry(tmp_path)
+    _, names, desc, proto = reg.signatures()
+    target = 7
+    q = proto[target]
+    by_desc = np.argsort(-(desc @ q))[:3]
+    assert target not in by_desc  # the description shortlist misses it
+    ret = RetrievalRouter(RetrievalConfig(prototype_weight=0.8, candidates=3))
+    assert ret.candidates(reg, q[None])[0] == names[target]
+
+
+def test_routing_index_follows_writes_and_weight(tmp_path):
+    reg, rng = _registry(tmp_path, n=10)
+    idx = SignatureIndex.sync(reg, weight=0.8)
+    assert idx.weight == 0.8 and (tmp_path / "h" / ROUTE_INDEX_FILE).is_file()
+    _, _, desc, proto = reg.signatures()
+    assert np.allclose(idx.vectors()[np.argsort(idx.ids)], routing_vectors(desc, proto, 0.8), atol=1e-6)
+    reg.remove_adapter("a03")
+    idx2 = SignatureIndex.sync(reg, weight=0.8)
+    assert "a03" not in reg.names_by_id(idx2.ids.tolist()).values() and len(idx2.ids) == 9
+    other = SignatureIndex.sync(reg, weight=0.5)  # another weight: rebuilt, not reused
+    _, _, desc, proto = reg.signatures()
+    assert other.weight == 0.5
+    assert np.allclose(other.vectors()[np.argsort(other.ids)], routing_vectors(desc, proto, 0.5), atol=1e-6)
+
+
+def test_candidates_keep_one_base(tmp_path):
+    reg, rng = _registry(tmp_path, n=12, base_of=lambda i: "toy" if i % 2 else "other")
+    ret = RetrievalRouter(RetrievalConfig(candidates=12))
+    q = _unit(rng.normal(size=(1, 16)))
+    got = ret.candidates(reg, q, base="toy")
+    assert got and all(reg.get_adapter(n).base == "toy" for n in got) and len(got) == 6
+    first = ret.candidates(reg, q)
+    assert len({reg.get_adapter(n).base for n in first}) == 1
+
+
+def test_check_finds_a_tampered_routing_index_and_repair_rebuilds_it(tmp_path):
+    reg, _ = _registry(tmp_path, n=6)
+    idx = SignatureIndex.sync(reg, weight=0.8)
+    bad = SignatureIndex.build(idx.dim, idx.ids, np.ones((len(idx.ids), idx.dim), np.float32) / 4, idx.generation,
+                               weight=0.8)
+    bad.save(tmp_path / "h" / ROUTE_INDEX_FILE)
+    rep = check(reg)
+    assert any("routing index vectors differ" in p for p in rep.problems)
+    rep = check(reg, repair=True)
+    assert "rebuilt the routing index" in rep.repaired
+    assert not [p for p in check(reg).problems if "index" in p]
+
+
+def test_signatures_by_name_keep_the_order_asked(tmp_path):
+    reg, _ = _registry(tmp_path, n=8)
+    _, names, _, _ = reg.signatures(["a05", "a01", "a05"])
+    assert names == ["a05", "a01", "a05"]
+    _, names, _, _ = reg.signatures_by_id(reg.adapter_ids()[::-1].tolist())
+    assert names == [f"a{i:02d}" for i in range(7, -1, -1)]
