@@ -59,13 +59,14 @@ def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
     from loraplex import api
     from loraplex.experts.layers import use_gates
     from loraplex.heads import accuracy
-    from loraplex.library import SPECS, equivalents
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.library import all_task_names, equivalents
     from loraplex.router.model import routers_off
 
     s = bench_settings()
     reg = api.open_registry(s)
-    tasks = [n for n in SPECS if reg.has_adapter(adapter_name(n))]
-    missing = [n for n in SPECS if n not in tasks]
+    tasks = [n for n in all_task_names() if reg.has_adapter(adapter_name(n))]
+    missing = [n for n in all_task_names() if n not in tasks]
     if missing:
         log(f"note: {len(missing)} library tasks have no adapter yet (run bench/library.py): {', '.join(missing)}")
     names = [adapter_name(t) for t in tasks]
@@ -102,7 +103,7 @@ def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
                     model = rm
                 with torch.no_grad(), routers_off(model.model), use_gates(model.model, model.one_hot([own])):
                     oracle[t] = accuracy(model.head, model.model, model.tokenizer, task, "test", limit)["accuracy"]
-            rows.append({"task": t, "family": SPECS[t].family, "n": len(ex), "routing_own": ok_own / len(ex),
+            rows.append({"task": t, "family": EMBEDDED_TASKS[t]["family"], "n": len(ex), "routing_own": ok_own / len(ex),
                          "routing": ok_eq / len(ex), "accuracy": correct / len(ex), "oracle": oracle[t],
                          "top": max(set(tops), key=tops.count)})
         dt = time.perf_counter() - t0
@@ -139,15 +140,17 @@ def library_signatures(per_task: int = 64):
     """(names, description embeddings, prototypes) of every library task (minilm; `per_task` inputs each)."""
     import numpy as np
 
+    from loraplex.data import load_task
     from loraplex.embedders import get_embedder
-    from loraplex.library import SPECS, build
+    from loraplex.library import all_task_names
 
     emb = get_embedder("minilm")
-    names = list(SPECS)
-    desc = emb.encode([SPECS[n].description for n in names])
+    names = list(all_task_names())
+    tasks = [load_task(n) for n in names]
+    desc = emb.encode([t.description for t in tasks])
     protos = []
-    for n in names:
-        texts = [e.text for e in build(n).train[:per_task]]
+    for t in tasks:
+        texts = [e.text for e in t.train[:per_task]]
         p = emb.encode(texts).mean(0)
         protos.append(p / np.linalg.norm(p))
     return names, desc, np.stack(protos).astype(np.float32)
@@ -185,14 +188,14 @@ def synthetic_registry(home: Path, n: int, names, desc, proto, *, noise: float =
 def bench_latency(counts: list[int], n_queries: int, work: Path, log=print) -> dict:
     import numpy as np
 
+    from loraplex.data import load_task
     from loraplex.embedders import get_embedder
-    from loraplex.library import SPECS, build
     from loraplex.registry.index import SignatureIndex
     from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
 
     names, desc, proto = library_signatures()
     rng = np.random.default_rng(1)
-    pool = [(n, e.text) for n in SPECS for e in build(n).test[:20]]
+    pool = [(n, e.text) for n in names for e in load_task(n).test[:20]]
     queries = [pool[i] for i in rng.choice(len(pool), size=min(n_queries, len(pool)), replace=False)]
     emb = get_embedder("minilm")
     emb.encode(["warm up"])

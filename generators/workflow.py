@@ -141,8 +141,14 @@ def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
 
 
 def generate(reg, settings, description: str, *, generator: str, name: str,
-             examples: Sequence[tuple[str, str | None]] = (), seed: int = 0) -> dict[str, Any]:
-    """Write an adapter for a new task with a stored generator and register it; returns what was done."""
+             examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = False,
+             max_distance: float | None = None) -> dict[str, Any]:
+    """Write an adapter for a new task with a stored generator and register it; returns what was done.
+
+    With `label_task`, the adapter records the task of its most similar parent (that has one) as the
+    task whose label set it answers with (`auto` does this: a request carries no label set); otherwise
+    it records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
+    the one fitted for request texts, which sit farther from task descriptions than descriptions do)."""
     import numpy as np
 
     from loraplex.embedders import get_embedder
@@ -154,15 +160,25 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")
     rec, gen = load(reg, settings, generator)
+    if max_distance is not None:
+        gen.config = gen.config.model_copy(update={"max_distance": float(max_distance)})
     out = gen.generate(Query(description.strip(), list(examples)), seed=seed, where=f"generator {generator!r}")
     member = reg.get_adapter(rec.members[0])
     parents = out.parents
+    task, extra = None, {}
+    if label_task:
+        for p in parents:
+            ref = reg.get_adapter(p["name"]).task
+            if ref:
+                card = reg.task_card(ref)
+                task, extra = ref, {"labels_from": p["name"], **({"task_cards": {ref: card}} if card and "labels" in card else {})}
+                break
     draft = AdapterDraft(
         name=name, base=member.base, base_sha=member.base_sha, family=member.family,
-        description=description.strip(), task=None, origin="generated", spec=out.adapter.spec,
+        description=description.strip(), task=task, origin="generated", spec=out.adapter.spec,
         metrics={"generate_seconds": round(out.seconds, 4), "distance": round(out.distance, 4)},
         extra={"generator": generator, "method": rec.method, "parents": parents, "seed": int(seed),
-               "examples": len(examples)},
+               "examples": len(examples), **extra},
         edges=tuple(Edge.to_adapter(p["name"], "generated-from") for p in parents),
     )
     embedder = get_embedder(reg.embedder_name)

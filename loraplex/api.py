@@ -550,6 +550,9 @@ def query(
         raise UserInputError("the query is empty")
     if batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
+    if router == "auto":
+        return _query_auto(texts, adapters=adapters, shortlist=shortlist, base=base, trace=trace,
+                           batch_size=batch_size, config=config, settings=settings)
     if router is None:
         router = "retrieval"
     out: list[dict[str, Any]] = []
@@ -561,6 +564,22 @@ def query(
             rm = load_routed_model(router, adapters, texts=chunk, base=base, shortlist=shortlist, config=config,
                                    settings=settings)
         out.extend(rm.answer(chunk, trace=trace))
+    return out
+
+
+def _query_auto(texts, *, adapters, shortlist, base, trace, batch_size, config, settings) -> list[dict[str, Any]]:
+    """`query --router auto`: route, generate or fall back per request (router/auto.py)."""
+    from loraplex.router import auto
+
+    if adapters:
+        raise UserInputError("--router auto decides over the whole registry; --adapters does not apply")
+    if shortlist is not None:
+        raise UserInputError("--shortlist applies to a stored learned router, not to --router auto")
+    s = _settings(settings)
+    reg = open_registry(s)
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(texts), batch_size):
+        out.extend(auto.answer(reg, s, texts[i: i + batch_size], config, base=base, trace=trace))
     return out
 
 

@@ -44,13 +44,14 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
 
 def query(
     text: Annotated[Optional[str], typer.Argument(help="The query (omit to read --input or stdin).", show_default=False)] = None,
-    router: Annotated[Optional[str], typer.Option("--router", help="A stored router's name, or 'retrieval' (the default).")] = None,
+    router: Annotated[Optional[str], typer.Option("--router", help="A stored router's name, 'retrieval' (the default), or 'auto' (route, generate an adapter, or fall back to the base, per query).")] = None,
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Adapters retrieval routes over (default: the whole registry).")] = None,
     input_: Annotated[Optional[Path], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Show which adapter took each token, and per layer.")] = False,
     shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
     base: Base = None,
     home: Home = None,
     json: Json = False,
@@ -59,23 +60,30 @@ def query(
     from loraplex import api
 
     queries = _read_queries(text, input_)
-    cfg = {"top_k": top_k} if top_k is not None else None
-    if cfg and router not in (None, "retrieval"):
+    from loraplex.cli.router import parse_settings
+
+    cfg = {**parse_settings(set_), **({"top_k": top_k} if top_k is not None else {})} or None
+    if cfg and router not in (None, "retrieval", "auto"):
         from loraplex.errors import UserInputError
 
-        raise UserInputError("--top-k applies to --router retrieval; a stored router keeps the k it was fitted with")
+        raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
+                             "options it was fitted with")
     res = api.query(queries, router=router, adapters=api.parse_list(adapters) or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home))
     if json:
         items = [{"query": r["query"], "task": r["task"], "answer": r["answer"], "adapters": r["adapters"],
-                  "tokens": r.get("tokens", []), "layers": r.get("layers", [])} for r in res]
+                  "tokens": r.get("tokens", []), "layers": r.get("layers", []),
+                  **{k: r[k] for k in ("decision", "reason", "similarity", "margin", "nearest") if k in r}}
+                 for r in res]
         out.emit_json(items[0] if text is not None and len(items) == 1 else items)
         return
     for r in res:
         ads = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in r["adapters"][:4])
         if len(res) > 1 or trace:
             out.line(f"query: {r['query']}")
-        out.line(f"answer: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads})")
+        out.line(f"answer: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads or '-'})")
+        if "decision" in r:
+            out.line(f"decision: {r['decision']}: {r['reason']}")
         if trace:
             out.table(r["tokens"], ["token", "adapter", "weight"], title="per token (mean over layers)")
             out.table(r["layers"], ["layer", "adapter", "weight"], title="per layer (mean over tokens)")

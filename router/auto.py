@@ -1,0 +1,249 @@
+"""auto: per request, route to the registered adapters, generate an adapter, or answer with the bare base.
+
+Serving engines make the caller name the adapter; retrieval routing always picks one, however far the
+request is from every task the registry knows. `auto` decides first, per request, from the request's
+best routing score s1 = max_i <q, c_i> over the registry (the score retrieval ranks by: the query's
+cosine to the adapter's description d_i and training-input prototype p_i, c_i = (1 - w) d_i + w p_i):
+
+    s1 >= route_threshold              route: retrieval routing over the registry answers it
+    generate_threshold <= s1 < route   generate: the request looks like the inputs of a family the
+                                       registry knows but of no task in it; a stored generator writes
+                                       an adapter from the request (its text is the description and its
+                                       one example), registers it with `generated-from` lineage to the
+                                       parents it drew on and the label set of the nearest parent's
+                                       task, and that adapter answers. The next similar request routes
+                                       to it (its signature is the request's embedding).
+    otherwise                          base: the bare base answers (a causal LM generates; an encoder,
+                                       which answers only with a task's label set, gives no answer), and
+                                       the request is logged to `candidates.jsonl` in the registry home
+                                       as a candidate new task.
+
+The generator checks its own distance too: a refusal (`OutOfRange`) turns a "generate" into "base",
+with the generator's reason. Every answer carries `decision` and `reason` (the scores and thresholds
+that made it), and `similarity`, `margin` (s1 - s2) and `nearest`.
+
+The default thresholds are fitted on the embedded task library by `bench/auto.py` (leave-tasks-out over
+the library's signatures; the fit and its curve are in `bench/results/auto.txt`): see `AutoConfig`.
+The decision is one faiss search over the registry's routing index per batch of requests (`decide`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplex.errors import UserInputError
+
+Action = Literal["route", "generate", "base"]
+CANDIDATES_FILE = "candidates.jsonl"
+
+
+class AutoConfig(BaseModel):
+    """Route / generate / fall back, per request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    route_threshold: float = Field(0.48, ge=-1, le=1)
+    """Route when the request's best routing score reaches this (fitted on the library: bench/auto.py)."""
+    generate_threshold: float = Field(0.3, ge=-1, le=1)
+    """Below the route threshold, generate when the best score reaches this and a generator exists."""
+    generator: str | None = None
+    """The stored generator that writes adapters (default: the newest one of the base)."""
+    generator_max_distance: float | None = Field(0.8, gt=0, le=2)
+    """The generator's refusal bound for a request: cosine distance from the request's text to the nearest
+    known task's representation (a request sits farther from task descriptions than a description does,
+    so the generator's own bound, set for descriptions, is replaced; None keeps it)."""
+    top_k: int = Field(1, ge=1)
+    """Adapters retrieval mixes for a routed request."""
+    prototype_weight: float = Field(0.8, ge=0, le=1)
+    """Weight of the training-input prototype in the routing score (as retrieval's)."""
+    log_candidates: bool = True
+    """Append requests answered by the bare base to candidates.jsonl in the registry home."""
+
+
+@dataclass
+class Decision:
+    text: str
+    action: Action
+    reason: str
+    similarity: float | None  # s1, the best routing score (None: empty registry)
+    margin: float | None  # s1 - s2
+    nearest: str | None  # the adapter with the best score
+    generator: str | None = None
+
+
+def parse_config(config: dict[str, Any] | None) -> AutoConfig:
+    from pydantic import ValidationError
+
+    try:
+        cfg = AutoConfig(**(config or {}))
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise UserInputError(f"auto: {'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}") from None
+    if cfg.generate_threshold > cfg.route_threshold:
+        raise UserInputError(f"auto: generate_threshold {cfg.generate_threshold} is above route_threshold "
+                             f"{cfg.route_threshold}; it must not be")
+    return cfg
+
+
+def _generator_of(reg, base: str | None, name: str | None):
+    """The generator to use: the named one, or the newest of `base` (None when there is none)."""
+    from loraplex.generators.workflow import KIND
+
+    gens = reg.list_components(KIND)
+    if name is not None:
+        for g in gens:
+            if g.name == name:
+                return g
+        raise UserInputError(f"auto: no generator named {name!r} in the registry")
+    gens = [g for g in gens if base is None or g.base == base]
+    return max(gens, key=lambda g: g.created_at) if gens else None
+
+
+def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[tuple[float | None, float | None, str | None]]:
+    """(s1, s1 - s2, nearest adapter name) per query row, among the adapters of `base` (default: the
+    base of each query's nearest adapter)."""
+    from loraplex.registry.index import SignatureIndex
+
+    idx = SignatureIndex.sync(reg, weight=cfg.prototype_weight)
+    scores, ids = idx.search(q, 32)
+    found = reg.names_and_bases_by_id(sorted({int(i) for i in ids.reshape(-1) if i >= 0}))
+    out = []
+    for s_row, i_row in zip(scores, ids):
+        hits = [(float(s), found[int(i)]) for s, i in zip(s_row, i_row) if int(i) in found]
+        if not hits:
+            out.append((None, None, None))
+            continue
+        want = base or hits[0][1][1]
+        hits = [(s, nb[0]) for s, nb in hits if nb[1] == want]
+        if not hits:
+            out.append((None, None, None))
+            continue
+        s1 = hits[0][0]
+        s2 = hits[1][0] if len(hits) > 1 else -1.0
+        out.append((s1, s1 - s2, hits[0][1]))
+    return out
+
+
+def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None) -> list[Decision]:
+    """The decision for each request, from one embedding pass and one faiss search."""
+    from loraplex.embedders import get_embedder
+
+    texts = list(texts)
+    if reg.count() == 0:
+        return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
+    q = get_embedder(reg.embedder_name).encode(texts)
+    gen = None
+    out = []
+    for t, (s1, margin, nearest) in zip(texts, best_scores(reg, q, cfg, base)):
+        if s1 is None:
+            out.append(Decision(t, "base", f"no adapter of base {base!r} in the registry", None, None, None))
+            continue
+        if s1 >= cfg.route_threshold:
+            out.append(Decision(t, "route", f"nearest adapter {nearest!r} scores {s1:.3f} >= route threshold "
+                                f"{cfg.route_threshold:.3f}", s1, margin, nearest))
+            continue
+        if gen is None:
+            gen = _generator_of(reg, base or reg.get_adapter(nearest).base, cfg.generator) or False
+        if s1 >= cfg.generate_threshold and gen:
+            out.append(Decision(t, "generate", f"nearest adapter {nearest!r} scores {s1:.3f}, below the route "
+                                f"threshold {cfg.route_threshold:.3f} but >= the generate threshold "
+                                f"{cfg.generate_threshold:.3f}: written by generator {gen.name!r}", s1, margin,
+                                nearest, gen.name))
+        elif s1 >= cfg.generate_threshold:
+            out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < route threshold "
+                                f"{cfg.route_threshold:.3f}, and no generator is stored to write one", s1, margin, nearest))
+        else:
+            out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < generate threshold "
+                                f"{cfg.generate_threshold:.3f}: no registered task or known family fits", s1, margin,
+                                nearest))
+    return out
+
+
+def generated_name(text: str, generator: str) -> str:
+    """The name of the adapter `auto` writes for a request (the same request reuses it)."""
+    return "auto-" + hashlib.sha256(f"{generator}\0{text}".encode()).hexdigest()[:12]
+
+
+def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:
+    return {"query": d.text, "task": task, "answer": answer, "adapters": adapters, "decision": d.action,
+            "reason": d.reason, "similarity": None if d.similarity is None else round(d.similarity, 4),
+            "margin": None if d.margin is None else round(d.margin, 4), "nearest": d.nearest}
+
+
+def _log_candidates(reg, decisions: list[Decision]) -> None:
+    from loraplex.ranks import is_worker
+
+    if not decisions or is_worker():
+        return
+    with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
+        for d in decisions:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query": d.text,
+                                "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
+
+
+def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = None, *, base: str | None = None,
+           trace: bool = False) -> list[dict[str, Any]]:
+    """Decide and answer each request; one dict per request, in order (see the module docstring)."""
+    from loraplex.generators.base import OutOfRange
+    from loraplex.generators.workflow import generate
+    from loraplex.heads import head_for
+    from loraplex.models import load_base, resolve_base
+    from loraplex.router.load import load_bank, load_retrieval
+
+    cfg = parse_config(config)
+    texts = list(texts)
+    base_name = resolve_base(base).name if base else None
+    decisions = decide(reg, texts, cfg, base=base_name)
+    out: list[dict[str, Any] | None] = [None] * len(texts)
+    # generate first: a refusal becomes a fall-back to the base
+    for i, d in enumerate(decisions):
+        if d.action != "generate":
+            continue
+        name = generated_name(d.text, d.generator)
+        try:
+            if not reg.has_adapter(name):
+                generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
+                         label_task=True, max_distance=cfg.generator_max_distance)
+        except OutOfRange as exc:
+            decisions[i] = Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity,
+                                    d.margin, d.nearest)
+            continue
+        rm = load_bank(reg, [name], settings)
+        rec = reg.get_adapter(name)
+        parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
+        d.reason += f" (parents: {parents}; labels of {rec.task!r})"
+        out[i] = _item(d, rm.answer_each([d.text], [name])[0], rec.task, [{"name": name, "weight": 1.0}])
+    route = [i for i, d in enumerate(decisions) if d.action == "route"]
+    if route:
+        rm = load_retrieval(reg, settings, adapters=None, texts=[texts[i] for i in route], base=base_name,
+                            config={"top_k": cfg.top_k, "prototype_weight": cfg.prototype_weight})
+        for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace)):
+            item = _item(decisions[i], r["answer"], r["task"], r["adapters"])
+            for key in ("tokens", "layers"):
+                if key in r:
+                    item[key] = r[key]
+            out[i] = item
+    fall = [i for i, d in enumerate(decisions) if d.action == "base"]
+    if fall:
+        ref = resolve_base(base_name or (reg.get_adapter(decisions[fall[0]].nearest).base
+                                         if decisions[fall[0]].nearest else None))
+        lb = load_base(ref, settings)
+        head = head_for(lb)
+        answers: list[Any] = [None] * len(fall)
+        if lb.family == "causal":
+            answers = head.generate(lb.model, lb.tokenizer, [texts[i] for i in fall], None)
+        for i, a in zip(fall, answers):
+            d = decisions[i]
+            if lb.family != "causal":
+                d.reason += "; an encoder answers only with a task's label set, so there is no answer"
+            out[i] = _item(d, a, None, [])
+        if cfg.log_candidates:
+            _log_candidates(reg, [decisions[i] for i in fall])
+    return out  # type: ignore[return-value]

@@ -1,0 +1,48 @@
+"""`auto`'s generate branch: a request between the thresholds is answered by an adapter a stored generator
+writes for it, registered with lineage and its nearest parent's label set, and reused next time; a
+generator that refuses turns the decision into a fall-back that changes nothing."""
+
+import json
+
+from loraplex.generators import workflow
+from loraplex.router import auto
+from tests.generators.conftest import FAST
+
+BETWEEN = {"route_threshold": 0.999, "generate_threshold": -1.0}
+TEXT = "great flight but the plane was delayed at the gate"
+
+
+def test_generated_for_the_request_registered_with_lineage_and_reused(toy_registry):
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    n = reg.count()
+    [r] = auto.answer(reg, s, [TEXT], BETWEEN)
+    assert r["decision"] == "generate" and "generator 'gen'" in r["reason"]
+    name = r["adapters"][0]["name"]
+    assert name == auto.generated_name(TEXT, "gen") and reg.count() == n + 1
+    rec = reg.get_adapter(name)
+    assert rec.origin == "generated" and rec.description == TEXT
+    parents = [p["name"] for p in rec.extra["parents"]]
+    assert set(parents) <= {"flights-lora", "music-lora", "phones-lora"}
+    edges = {(a, t, k) for a, t, k in reg.edges() if a == name}
+    assert edges == {(name, f"adapter:{p}", "generated-from") for p in parents}
+    # it answers with the label set of its nearest parent's task
+    assert rec.task == reg.get_adapter(rec.extra["labels_from"]).task
+    assert r["task"] == rec.task and r["answer"] in ("bad", "good")
+    # the same request again: the adapter is reused, nothing new is registered
+    [again] = auto.answer(reg, s, [TEXT], BETWEEN)
+    assert again["adapters"][0]["name"] == name and reg.count() == n + 1
+    # and with the usual thresholds it is now routable like any adapter
+    [routed] = auto.answer(reg, s, [TEXT], {"route_threshold": 0.5, "generate_threshold": 0.0})
+    assert routed["decision"] == "route" and routed["adapters"][0]["name"] == name
+
+
+def test_a_refusing_generator_falls_back_and_registers_nothing(toy_registry):
+    s, reg = toy_registry
+    workflow.fit(reg, s, "picky", method="sg-lora", config=FAST)
+    n = reg.count()
+    [r] = auto.answer(reg, s, ["zebra quantum marmalade"], {**BETWEEN, "generator_max_distance": 0.001})
+    assert r["decision"] == "base" and "the generator refused" in r["reason"] and r["answer"] is None
+    assert reg.count() == n
+    logged = [json.loads(x) for x in (reg.home / auto.CANDIDATES_FILE).read_text().splitlines()]
+    assert logged[-1]["query"] == "zebra quantum marmalade"

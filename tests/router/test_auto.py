@@ -1,0 +1,89 @@
+"""`query --router auto`: route when a registered adapter fits, fall back to the base (and log the request)
+when none does; thresholds and bad options through the CLI. The generate branch is tested in
+tests/generators/test_auto_generate.py (it needs a fitted generator)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from tests.conftest import registry_state
+
+
+@pytest.fixture
+def run(tmp_path, tiny_bert, peft_dirs, task_files, monkeypatch):
+    from loraplex import api
+    from loraplex.settings import Settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAPLEX_EMBEDDER", "hash")
+    monkeypatch.setenv("LORAPLEX_DEVICE", "cpu")
+    monkeypatch.setenv("LORAPLEX_DTYPE", "float32")
+    s = Settings.load(home=home)
+    for name, d in peft_dirs.items():
+        api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
+                     base=str(tiny_bert), settings=s)
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
+
+    run.home = home
+    return run
+
+
+# hash-embedder scores are on another scale than minilm's (the defaults are fitted for minilm)
+THRESHOLDS = ("--set", "route_threshold=0.2", "--set", "generate_threshold=0.1")
+
+
+def test_auto_routes_a_fitting_request_and_falls_back_on_a_foreign_one(run):
+    before = registry_state(run.home)
+    res = run("query", "--router", "auto", "--input", "-", "--json", *THRESHOLDS,
+              input="flight plane gate seat crew bag delayed late lost great\nqqq zzz xxyyzz\n")
+    assert res.exit_code == 0, res.output
+    fit, foreign = json.loads(res.output)
+    assert fit["decision"] == "route" and fit["adapters"][0]["name"] == "flights-lora"
+    assert fit["answer"] in ("good", "bad") and fit["similarity"] >= 0.2 and "route threshold" in fit["reason"]
+    assert foreign["decision"] == "base" and foreign["answer"] is None and foreign["adapters"] == []
+    assert foreign["similarity"] < 0.1 and "encoder answers only with a task's label set" in foreign["reason"]
+    # nothing registered; the foreign request is logged as a candidate new task
+    assert registry_state(run.home) == before
+    logged = [json.loads(x) for x in (run.home / "candidates.jsonl").read_text().splitlines()]
+    assert [x["query"] for x in logged] == ["qqq zzz xxyyzz"]
+
+
+def test_between_thresholds_without_a_generator_falls_back_and_says_why(run):
+    res = run("query", "flight plane gate delayed great", "--router", "auto", "--json",
+              "--set", "route_threshold=0.99", "--set", "generate_threshold=0.0")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["decision"] == "base" and "no generator is stored" in r["reason"]
+
+
+def test_auto_for_people_prints_the_decision(run):
+    res = run("query", "flight plane gate seat crew bag delayed late lost great", "--router", "auto", *THRESHOLDS)
+    assert res.exit_code == 0, res.output
+    assert "decision: route:" in res.output and "flights-lora" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--set", "route_threshold=2"), "route_threshold"),
+    (("--set", "route_threshold=abc"), "route_threshold"),
+    (("--set", "nope=1"), "nope"),
+    (("--set", "route_threshold=0.1", "--set", "generate_threshold=0.5"), "above route_threshold"),
+    (("--set", "generator=missing", "--set", "route_threshold=0.99"), "no generator named 'missing'"),
+    (("--adapters", "flights-lora"), "--adapters does not apply"),
+])
+def test_bad_auto_options_are_one_line_and_change_nothing(run, args, message):
+    before = registry_state(run.home)
+    res = run("query", "flight plane gate delayed great", "--router", "auto", *args)
+    assert res.exit_code != 0
+    assert message in res.output and "Traceback" not in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert registry_state(run.home) == before
+
+
+def test_set_on_a_stored_router_is_refused(run):
+    res = run("query", "flight plane", "--router", "tg", "--set", "top_k=2")
+    assert res.exit_code != 0 and "--set apply to --router retrieval or auto" in res.output
