@@ -46,21 +46,34 @@ class _Encoder:
         from loraplex.embedders import get_embedder
 
         self.emb = get_embedder("minilm")
-        self.cache: dict[str, "np.ndarray"] = {}
+        self.cache: dict[str, "np.ndarray"] = {}  # sha1 of the text -> embedding
+        self.dirty = False
         if CACHE.is_file():
             with np.load(CACHE, allow_pickle=False) as z:
-                self.cache = dict(zip(z["texts"].tolist(), z["vecs"]))
+                self.cache = dict(zip(z["keys"].tolist(), z["vecs"]))
+
+    @staticmethod
+    def _key(text: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(text.encode()).hexdigest()
 
     def encode(self, texts):
         import numpy as np
 
-        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        todo = [t for t in dict.fromkeys(texts) if self._key(t) not in self.cache]
         if todo:
             for t, v in zip(todo, self.emb.encode(todo)):
-                self.cache[t] = v
+                self.cache[self._key(t)] = v
+            self.dirty = True
+        return np.stack([self.cache[self._key(t)] for t in texts]).astype(np.float32)
+
+    def save(self) -> None:
+        import numpy as np
+
+        if self.dirty:
             keys = list(self.cache)
-            np.savez(CACHE, texts=np.array(keys), vecs=np.stack([self.cache[k] for k in keys]))
-        return np.stack([self.cache[t] for t in texts]).astype(np.float32)
+            np.savez(CACHE, keys=np.array(keys), vecs=np.stack([self.cache[k] for k in keys]))
 
 
 _ENC: "_Encoder | None" = None
@@ -74,8 +87,8 @@ def encoder() -> _Encoder:
 
 
 def signatures(per_task: int):
-    """(names, tasks, routing vectors (N, D), the mean and std of each task's own training inputs'
-    scores against its routing vector (N,), (N,))."""
+    """(names, tasks, description embeddings (N, D), routing vectors (N, D), and the mean and std of each
+    task's own training inputs' scores against its routing vector (N,), (N,))."""
     import numpy as np
 
     from loraplex.data import load_task
@@ -90,12 +103,17 @@ def signatures(per_task: int):
     proto /= np.linalg.norm(proto, axis=1, keepdims=True)
     vecs = ((1 - W) * desc + W * proto).astype(np.float32)
     own = [x @ vecs[i] for i, x in enumerate(inputs)]
-    return names, tasks, vecs, np.array([o.mean() for o in own]), np.array([o.std() + 1e-6 for o in own])
+    return names, tasks, desc, vecs, np.array([o.mean() for o in own]), np.array([o.std() + 1e-6 for o in own])
 
 
-def cases(names, tasks, route_vecs, n_queries: int, mu=None, sd=None):
-    """Per query: its task, its s1 in each case (None where the case does not apply), and whether
-    registered routing picked its own adapter or an equivalent."""
+CASES = ("registered", "new_task", "new_world")
+
+
+def cases(names, tasks, desc, route_vecs, n_queries: int, mu=None, sd=None):
+    """Per query and case: s1 (the best routing score over the case's registry) and the generator's
+    distance (1 - the best cosine of the query to a remaining task's description: what a generator
+    fitted on that registry measures for a request), NaN where the case does not apply; and whether
+    registered routing picked the query's own adapter or an equivalent."""
     import numpy as np
 
     from loraplex.data import EMBEDDED_TASKS
@@ -103,42 +121,62 @@ def cases(names, tasks, route_vecs, n_queries: int, mu=None, sd=None):
 
     emb = encoder()
     fam = {n: EMBEDDED_TASKS[n]["family"] for n in names}
-    rows = []
+    out = {c: ([], []) for c in CASES}
+    meta = {"task": [], "family": [], "routed_right": []}
     for t in names:
-        texts = [e.text for e in tasks[t].test[:n_queries]]
-        S = emb.encode(texts) @ route_vecs.T  # (Q, N)
+        q = emb.encode([e.text for e in tasks[t].test[:n_queries]])
+        S = q @ route_vecs.T  # (Q, N)
         if mu is not None:  # calibrated: how typical the score is of each adapter's own inputs
             S = (S - mu[None, :]) / sd[None, :]
+        D = 1.0 - q @ desc.T  # (Q, N)
         pools, src = text_pools(t), text_source(t)
         overlap = np.array([bool(pools & text_pools(n)) for n in names])
         same_corpus = np.array([text_source(n) == src for n in names])
         fam_left = any(fam[n] == fam[t] and not overlap[j] for j, n in enumerate(names))
+        keep = {"registered": np.ones(len(names), bool), "new_task": ~overlap if fam_left else None,
+                "new_world": ~same_corpus}
+        for c in CASES:
+            if keep[c] is None:
+                out[c][0].extend([np.nan] * len(q))
+                out[c][1].extend([np.nan] * len(q))
+            else:
+                out[c][0].extend(S[:, keep[c]].max(1).tolist())
+                out[c][1].extend(D[:, keep[c]].min(1).tolist())
         ok = {t} | equivalents(t)
-        for i in range(len(texts)):
-            top = names[int(S[i].argmax())]
-            rows.append({
-                "task": t, "family": fam[t],
-                "registered": float(S[i].max()),
-                "new_task": float(S[i][~overlap].max()) if fam_left else None,
-                "new_world": float(S[i][~same_corpus].max()),
-                "routed_right": top in ok,
-            })
-    return rows
+        meta["task"] += [t] * len(q)
+        meta["family"] += [fam[t]] * len(q)
+        meta["routed_right"] += [names[int(i)] in ok for i in S.argmax(1)]
+    arr = {c: (np.array(out[c][0]), np.array(out[c][1])) for c in CASES}
+    return arr, {k: np.array(v) for k, v in meta.items()}
 
 
-def shares(scores, t_route: float, t_gen: float) -> tuple[float, float, float]:
-    n = len(scores)
-    r = sum(s >= t_route for s in scores) / n
-    g = sum(t_gen <= s < t_route for s in scores) / n
-    return r, g, 1 - r - g
+def shares(s1, dist, t_route: float, t_gen: float, bound: float):
+    """(routed, generated, base) shares of the requests with scores s1 and generator distances dist."""
+    import numpy as np
+
+    ok = ~np.isnan(s1)
+    s1, dist = s1[ok], dist[ok]
+    if not len(s1):
+        return None
+    r = s1 >= t_route
+    g = ~r & (s1 >= t_gen) & (dist <= bound)
+    return float(r.mean()), float(g.mean()), float(1 - r.mean() - g.mean())
 
 
-def accuracy(rows, t_route: float, t_gen: float) -> tuple[float, dict]:
-    by = {c: [r[c] for r in rows if r[c] is not None] for c in ("registered", "new_task", "new_world")}
-    acc = {"registered": shares(by["registered"], t_route, t_gen)[0],
-           "new_task": shares(by["new_task"], t_route, t_gen)[1],
-           "new_world": shares(by["new_world"], t_route, t_gen)[2]}
-    return sum(acc.values()) / 3, acc
+def accuracy(arr, t_route: float, t_gen: float, bound: float):
+    """Decision accuracy averaged over the three cases (and per case): registered routed, new task
+    generated, new world passed to the base."""
+    want = {"registered": 0, "new_task": 1, "new_world": 2}
+    per = {}
+    for c in CASES:
+        sh = shares(*arr[c], t_route, t_gen, bound)
+        if sh is not None:
+            per[c] = sh[want[c]]
+    return sum(per.values()) / len(per), per
+
+
+def _subset(arr, mask):
+    return {c: (v[0][mask], v[1][mask]) for c, v in arr.items()}
 
 
 def main(argv=None) -> int:
@@ -147,61 +185,67 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=20, help="test texts per task")
     ap.add_argument("--proto", type=int, default=128, help="training inputs per prototype")
-    ap.add_argument("--score", choices=("raw", "calibrated"), default="calibrated",
-                    help="raw: s1 itself; calibrated: the z-score against each adapter's own training inputs")
+    ap.add_argument("--score", choices=("raw", "calibrated"), default="raw",
+                    help="raw: s1 itself (what router/auto.py uses); calibrated: the z-score against each "
+                         "adapter's own training inputs (measured as an alternative)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "auto.json")
     a = ap.parse_args(argv)
-    names, tasks, vecs, mu, sd = signatures(a.proto)
-    rows = cases(names, tasks, vecs, a.queries, *((mu, sd) if a.score == "calibrated" else ()))
-    n = {c: sum(r[c] is not None for r in rows) for c in ("registered", "new_task", "new_world")}
+    names, tasks, desc, vecs, mu, sd = signatures(a.proto)
+    arr, meta = cases(names, tasks, desc, vecs, a.queries, *((mu, sd) if a.score == "calibrated" else ()))
+    encoder().save()
+    n = {c: int((~np.isnan(arr[c][0])).sum()) for c in CASES}
     print(f"== auto's decision ({a.score} score), fitted on {len(names)} library tasks, {a.queries} test queries each ==")
     print(f"requests per case: registered {n['registered']}, new task {n['new_task']}, new world {n['new_world']}")
-    for c in ("registered", "new_task", "new_world"):
-        v = np.array([r[c] for r in rows if r[c] is not None])
-        print(f"  s1 in case {c:10s}: p10 {np.percentile(v, 10):.3f}  p50 {np.percentile(v, 50):.3f}  "
-              f"p90 {np.percentile(v, 90):.3f}")
-    lo, hi = np.percentile([r["new_world"] for r in rows], 1), np.percentile([r["registered"] for r in rows], 99)
-    grid = np.round(np.linspace(lo, hi, 90), 3)
-    best = max(((accuracy(rows, tr, tg)[0], tr, tg) for tr in grid for tg in grid if tg <= tr))
-    bal, t_route, t_gen = best
-    _, per = accuracy(rows, t_route, t_gen)
-    print(f"\nfit: route_threshold {t_route:.2f}, generate_threshold {t_gen:.2f}: decision accuracy {100 * bal:.1f}% "
-          f"(registered routed {100 * per['registered']:.1f}%, new task generated {100 * per['new_task']:.1f}%, "
-          f"new world to the base {100 * per['new_world']:.1f}%)")
-    reg_rows = [r for r in rows if r["registered"] >= t_route]
-    print(f"registered requests routed: {100 * len(reg_rows) / n['registered']:.1f}%; of those, routed to their own "
-          f"adapter or an equivalent {100 * sum(r['routed_right'] for r in reg_rows) / max(1, len(reg_rows)):.1f}% "
-          f"(all registered requests: {100 * sum(r['routed_right'] for r in rows) / len(rows):.1f}%)")
-    print(f"\ncurve (generate_threshold {t_gen:.2f}); shares routed / generated / base per case:")
-    print(f"{'route thr':>9}  {'registered':>20}  {'new task':>20}  {'new world':>20}  {'decision acc':>12}")
+    for c in CASES:
+        s1, d = (v[~np.isnan(v)] for v in arr[c])
+        print(f"  case {c:10s}: s1 p10/p50/p90 {np.percentile(s1, 10):.3f} / {np.percentile(s1, 50):.3f} / "
+              f"{np.percentile(s1, 90):.3f};  generator distance p10/p50/p90 {np.percentile(d, 10):.3f} / "
+              f"{np.percentile(d, 50):.3f} / {np.percentile(d, 90):.3f}")
+    allv = np.concatenate([arr[c][0][~np.isnan(arr[c][0])] for c in CASES])
+    alld = np.concatenate([arr[c][1][~np.isnan(arr[c][1])] for c in CASES])
+    grid = np.round(np.linspace(np.percentile(allv, 1), np.percentile(allv, 99), 60), 3)
+    bounds = np.round(np.append(np.linspace(np.percentile(alld, 1), np.percentile(alld, 99), 24), 2.0), 3)
+    best = max((accuracy(arr, tr, tg, b)[0], tr, tg, b) for tr in grid for tg in grid if tg <= tr for b in bounds)
+    bal, t_route, t_gen, bound = best
+    _, per = accuracy(arr, t_route, t_gen, bound)
+    print(f"\nfit: route_threshold {t_route:.2f}, generate_threshold {t_gen:.2f}, generator_max_distance {bound:.2f}: "
+          f"decision accuracy {100 * bal:.1f}% (registered routed {100 * per['registered']:.1f}%, new task generated "
+          f"{100 * per['new_task']:.1f}%, new world to the base {100 * per['new_world']:.1f}%; chance 33.3%)")
+    routed = arr["registered"][0] >= t_route
+    print(f"registered requests routed: {100 * routed.mean():.1f}%; of those, routed to their own adapter or an "
+          f"equivalent {100 * meta['routed_right'][routed].mean():.1f}% (all registered requests: "
+          f"{100 * meta['routed_right'].mean():.1f}%)")
+    no_gen = accuracy(arr, t_route, t_gen, -1.0)
+    print(f"the same thresholds without the generator's distance check: {100 * accuracy(arr, t_route, t_gen, 2.0)[0]:.1f}%; "
+          f"with no generate band at all (route or base): {100 * no_gen[0]:.1f}%")
+    step = (grid[-1] - grid[0]) / 30
+    print(f"\ncurve (generate_threshold {t_gen:.2f}, generator_max_distance {bound:.2f}); "
+          "routed / generated / base, % of each case's requests:")
+    print(f"{'route thr':>9}  {'registered':>16}  {'new task':>16}  {'new world':>16}  {'decision acc':>12}")
     curve = []
-    step = (hi - lo) / 30
     for tr in np.round(np.arange(max(t_gen, t_route - 5 * step), t_route + 5.5 * step, step), 3):
-        cells = {c: shares([r[c] for r in rows if r[c] is not None], tr, t_gen)
-                 for c in ("registered", "new_task", "new_world")}
-        acc = accuracy(rows, tr, t_gen)[0]
+        cells = {c: shares(*arr[c], tr, t_gen, bound) for c in CASES}
+        acc = accuracy(arr, tr, t_gen, bound)[0]
         curve.append({"route_threshold": float(tr), **{c: [round(x, 3) for x in v] for c, v in cells.items()},
                       "decision_accuracy": round(acc, 3)})
-        fmt = lambda v: "/".join(f"{100 * x:4.0f}" for x in v)  # noqa: E731
-        print(f"{tr:>9.2f}  {fmt(cells['registered']):>20}  {fmt(cells['new_task']):>20}  {fmt(cells['new_world']):>20}"
+        fmt = lambda v: "/".join(f"{100 * x:3.0f}" for x in v)  # noqa: E731
+        print(f"{tr:>9.2f}  {fmt(cells['registered']):>16}  {fmt(cells['new_task']):>16}  {fmt(cells['new_world']):>16}"
               f"  {100 * acc:>11.1f}%")
-    fams = sorted({r["family"] for r in rows})
     print("\nper family at the fit: registered routed / new task generated / new world to the base")
     per_family = {}
-    for f in fams:
-        fr = [r for r in rows if r["family"] == f]
-        _, pf = accuracy(fr, t_route, t_gen) if all(any(r[c] is not None for r in fr) for c in
-                                                     ("registered", "new_task", "new_world")) else (None, None)
-        reg_s = shares([r["registered"] for r in fr], t_route, t_gen)[0]
-        nt = [r["new_task"] for r in fr if r["new_task"] is not None]
-        nt_s = shares(nt, t_route, t_gen)[1] if nt else None
-        nw_s = shares([r["new_world"] for r in fr], t_route, t_gen)[2]
-        per_family[f] = {"registered_routed": reg_s, "new_task_generated": nt_s, "new_world_base": nw_s}
-        print(f"  {f:17s} {100 * reg_s:5.1f}%  {'   -  ' if nt_s is None else f'{100 * nt_s:5.1f}%'}  {100 * nw_s:5.1f}%")
+    for f in sorted(set(meta["family"].tolist())):
+        sub = _subset(arr, meta["family"] == f)
+        cells = {c: shares(*sub[c], t_route, t_gen, bound) for c in CASES}
+        vals = {"registered": cells["registered"][0], "new_task": cells["new_task"][1] if cells["new_task"] else None,
+                "new_world": cells["new_world"][2]}
+        per_family[f] = vals
+        show = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+        print(f"  {f:17s} {show(vals['registered'])}  {show(vals['new_task'])}  {show(vals['new_world'])}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"route_threshold": float(t_route), "generate_threshold": float(t_gen),
-                                 "decision_accuracy": bal, "per_case": per, "curve": curve, "per_family": per_family,
-                                 "queries_per_task": a.queries, "proto_inputs": a.proto}, indent=2) + "\n")
+    a.out.write_text(json.dumps({"score": a.score, "route_threshold": float(t_route), "generate_threshold": float(t_gen),
+                                 "generator_max_distance": float(bound), "decision_accuracy": bal, "per_case": per,
+                                 "curve": curve, "per_family": per_family, "queries_per_task": a.queries,
+                                 "proto_inputs": a.proto}, indent=2) + "\n")
     return 0
 
 

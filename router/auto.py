@@ -49,16 +49,18 @@ class AutoConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    route_threshold: float = Field(0.48, ge=-1, le=1)
+    route_threshold: float = Field(0.35, ge=-1, le=1)
     """Route when the request's best routing score reaches this (fitted on the library: bench/auto.py)."""
-    generate_threshold: float = Field(0.3, ge=-1, le=1)
+    generate_threshold: float = Field(0.22, ge=-1, le=1)
     """Below the route threshold, generate when the best score reaches this and a generator exists."""
     generator: str | None = None
     """The stored generator that writes adapters (default: the newest one of the base)."""
-    generator_max_distance: float | None = Field(0.8, gt=0, le=2)
+    generator_max_distance: float | None = Field(2.0, gt=0, le=2)
     """The generator's refusal bound for a request: cosine distance from the request's text to the nearest
-    known task's representation (a request sits farther from task descriptions than a description does,
-    so the generator's own bound, set for descriptions, is replaced; None keeps it)."""
+    known task's representation. A request sits farther from task descriptions than a description does,
+    so the generator's own bound (set for descriptions) is replaced; None keeps it. Fitted on the library
+    (bench/auto.py), the distance adds nothing to the decision s1 already makes, so the default, 2, the
+    largest cosine distance, refuses nothing."""
     top_k: int = Field(1, ge=1)
     """Adapters retrieval mixes for a routed request."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
