@@ -60,3 +60,29 @@ def bert_registry(settings, tiny_bert, peft_dirs, task_files):
         api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
                      base=str(tiny_bert), settings=settings)
     return settings
+
+
+def registered_cli(home: Path, mp: pytest.MonkeyPatch, tiny_bert, peft_dirs, task_files):
+    """run(*args) for the CLI against `home`, which gets the three adapters registered (hash embedder, CPU,
+    float32 through the environment); run.settings are its settings."""
+    from typer.testing import CliRunner
+
+    from loraplex import api
+    from loraplex.cli import app
+    from loraplex.settings import Settings
+
+    mp.setenv("LORAPLEX_EMBEDDER", "hash")
+    mp.setenv("LORAPLEX_DEVICE", "cpu")
+    mp.setenv("LORAPLEX_DTYPE", "float32")
+    s = Settings.load(home=home)
+    for name, d in peft_dirs.items():
+        api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
+                     base=str(tiny_bert), settings=s)
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
+
+    run.home = home
+    run.settings = s
+    return run

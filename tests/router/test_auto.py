@@ -5,32 +5,13 @@ tests/generators/test_auto_generate.py (it needs a fitted generator)."""
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from loraplex.cli import app
 from tests.conftest import registry_state
+from tests.router.conftest import registered_cli
 
 
 @pytest.fixture
 def run(tmp_path, tiny_bert, peft_dirs, task_files, monkeypatch):
-    from loraplex import api
-    from loraplex.settings import Settings
-
-    home = tmp_path / "home"
-    monkeypatch.setenv("LORAPLEX_EMBEDDER", "hash")
-    monkeypatch.setenv("LORAPLEX_DEVICE", "cpu")
-    monkeypatch.setenv("LORAPLEX_DTYPE", "float32")
-    s = Settings.load(home=home)
-    for name, d in peft_dirs.items():
-        api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
-                     base=str(tiny_bert), settings=s)
-    runner = CliRunner()
-
-    def run(*args, input=None):
-        return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
-
-    run.home = home
-    return run
+    return registered_cli(tmp_path / "home", monkeypatch, tiny_bert, peft_dirs, task_files)
 
 
 # hash-embedder scores are on another scale than minilm's (the defaults are fitted for minilm)

@@ -4,10 +4,7 @@ traces and JSON, from files and stdin; retrieval routing; heterogeneous batches;
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from loraplex.cli import app
-from tests.router.conftest import write_task
+from tests.router.conftest import registered_cli, write_task
 
 NAMES = ("flights-lora", "sports-lora", "phones-lora")
 
@@ -15,28 +12,13 @@ NAMES = ("flights-lora", "sports-lora", "phones-lora")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_bert, peft_dirs, task_files):
     """A registry with the three adapters and a token-gate router `tg` fitted over them."""
-    from loraplex import api
-    from loraplex.settings import Settings
-
     home = tmp_path_factory.mktemp("routing-home")
     mp = pytest.MonkeyPatch()
-    mp.setenv("LORAPLEX_EMBEDDER", "hash")
-    mp.setenv("LORAPLEX_DEVICE", "cpu")
-    mp.setenv("LORAPLEX_DTYPE", "float32")
-    s = Settings.load(home=home)
-    for name, d in peft_dirs.items():
-        api.register(d, name=f"{name}-lora", description=f"adapter for {name} messages", task=str(task_files[name]),
-                     base=str(tiny_bert), settings=s)
-    runner = CliRunner()
-
-    def run(*args, input=None):
-        return runner.invoke(app, [str(a) for a in args] + ["--home", str(home)], input=input, catch_exceptions=False)
-
+    run = registered_cli(home, mp, tiny_bert, peft_dirs, task_files)
     res = run("router", "fit", "tg", "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 40,
               "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--quiet", "--json")
     assert res.exit_code == 0, res.output
     run.fit = json.loads(res.output)
-    run.settings = s
     yield run
     mp.undo()
 
