@@ -53,7 +53,6 @@ def _pct(xs, q: float) -> float:
 
 
 def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
-    import numpy as np
     import torch
 
     from loraplex import api
