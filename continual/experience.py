@@ -25,9 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from loraplex.continual.fit import AdapterSnapshots, TrainConfig, make_trainer
-from loraplex.continual.module import ContinualModule
 from loraplex.errors import Interrupted
+from loraplex.training import AdapterSnapshots, ContinualModule, TrainConfig, make_trainer
 
 
 class StepTimer(Callback):

@@ -51,6 +51,7 @@ from loraplex.errors import (
 )
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.fsio import atomic_file
+from loraplex.ranks import shared_run_dir
 from loraplex.registry.record import (
     AdapterDraft,
     AdapterRecord,
@@ -59,6 +60,7 @@ from loraplex.registry.record import (
     Snapshot,
     validate_name,
 )
+from loraplex.settings import Settings
 
 SCHEMA_VERSION = 1
 
@@ -176,6 +178,17 @@ class Registry:
         self._conn: sqlite3.Connection | None = None
         self._lock_depth = 0
         self._lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> "Registry":
+        """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
+        s = settings or Settings.load()
+        return cls(s.home, embedder=s.embedder)
+
+    def run_dir(self, kind: str, name: str) -> Path:
+        """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
+        the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it)."""
+        return shared_run_dir(self.home / "runs" / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     # ------------------------------------------------------------------------------------------
     # connection, schema, locking
@@ -370,14 +383,6 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------
     # bases
-
-    def put_base(self, name: str, sha: str, fingerprint_json: str) -> None:
-        """Remember a base's fingerprint under its sha (records point at it by base_sha)."""
-        conn = self._db()
-        if conn.execute("SELECT 1 FROM bases WHERE sha = ?", (sha,)).fetchone():
-            return
-        with self.write_lock(), self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)", (sha, name, fingerprint_json))
 
     def base_fingerprints(self) -> dict[str, tuple[str, str]]:
         """sha -> (base name, fingerprint JSON) of every base an adapter was registered against."""

@@ -172,7 +172,18 @@ class LearnedRouter:
         """Which task each expert was trained on (the supervision target of that task's rows)."""
         self.ctx.expert_of_task = {t: i for i, t in enumerate(tasks) if t is not None}
 
-    # ---- saving ------------------------------------------------------------------------------
+    # ---- saving and restoring ------------------------------------------------------------------
+    @classmethod
+    def stored_shape(cls, rows: int, n_experts: int) -> tuple[int, int]:
+        """(experts, rank) of a stored gate with `rows` output rows over `n_experts` experts (the full
+        count, before any shortlist): one row per adapter."""
+        return rows, 1
+
+    @classmethod
+    def bank_ranks(cls, gate_weights: dict[str, torch.Tensor], n_experts: int) -> dict[str, int] | None:
+        """projection -> the bank rank its stored gate expects (None: each adapter's own rank)."""
+        return None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{k}": v.detach().cpu() for name, g in sorted(self.gates.items())
                 for k, v in g.state_dict().items()}

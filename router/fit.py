@@ -22,9 +22,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import torch
 
 from loraplex.errors import AlreadyExists, ComponentNotFound, IncompatibleAdapter, UserInputError
+from loraplex.experts.layers import extract, inject, inject_new, routed_layers
+from loraplex.experts.spec import LoraSpec
+from loraplex.heads import head_for
+from loraplex.models import load_base, resolve_base
+from loraplex.registry.record import validate_name
+from loraplex.registry.signatures import task_signatures
+from loraplex.registry.store import Registry
+from loraplex.router.base import ROUTERS, LearnedRouter
+from loraplex.router.load import load_members
+from loraplex.router.model import RoutedModel
+from loraplex.settings import Settings
+from loraplex.training import (
+    ContinualModule,
+    TrainConfig,
+    last_metric,
+    make_loader,
+    make_trainer,
+    rows_of,
+    train_config,
+)
+
+
+GATE_LR = 1e-2
+"""The default learning rate of router fitting: gates are small linear classifiers, trained faster than adapters."""
+
+
+def router_train_config(**options: Any) -> TrainConfig:
+    """The TrainConfig of a router fit (`TrainConfig` fields; lr defaults to GATE_LR); InvalidSpec if bad."""
+    return train_config(**{"lr": GATE_LR, **options})
 
 
 @dataclass
@@ -66,23 +96,9 @@ def fit_router(
     settings=None,
     log=None,
 ) -> RouterFitResult:
-    import lightning as L
-
-    from loraplex.api import open_registry
-    from loraplex.continual.fit import TrainConfig, make_loader, make_trainer, rows_of
-    from loraplex.continual.module import ContinualModule
-    from loraplex.experts.layers import extract, inject, inject_new, routed_layers
-    from loraplex.experts.spec import LoraSpec
-    from loraplex.models import load_base, resolve_base
-    from loraplex.registry.record import validate_name
-    from loraplex.router.base import ROUTERS, LearnedRouter
-    from loraplex.router.load import load_members, task_signatures
-    from loraplex.router.model import RoutedModel
-    from loraplex.settings import Settings
-
-    s = settings or Settings.load()
     validate_name(name, "router")
-    reg = open_registry(s)
+    s = settings or Settings.load()
+    reg = Registry.open(s)
     if _has(reg, name):
         raise AlreadyExists(f"a router named {name!r} already exists")
     entry = ROUTERS.get(method)
@@ -131,7 +147,7 @@ def fit_router(
         p.requires_grad_(True)
 
     # ---- train -------------------------------------------------------------------------------
-    run_dir = s.home / "runs" / f"router-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = reg.run_dir("router", name)
     run_dir.mkdir(parents=True, exist_ok=True)
     # balanced tasks: each contributes as many training rows as the smallest (capped by train_limit), so
     # the gates do not learn the tasks' sizes as a prior
@@ -140,8 +156,6 @@ def fit_router(
     val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
     if not train_rows:
         raise UserInputError("the tasks have no training examples")
-    from loraplex.heads import head_for
-
     head = head_for(lb)
     module = ContinualModule(lb.model, lb.tokenizer, head, {t.name: t for t in task_objs}, lr=tc.lr,
                              warmup=tc.warmup, total_steps=tc.steps, on_task_forward=router.ctx.set_task)
@@ -161,8 +175,8 @@ def fit_router(
     ev = rm.evaluate(task_objs, split="test", limit=eval_limit, oracle=not (joint and not adapters))
     metrics = {
         "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),
-        "train_loss": _last(trainer.callback_metrics, "loss/task"),
-        "router_aux": _last(trainer.callback_metrics, "loss/router_aux"),
+        "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
+        "router_aux": last_metric(trainer.callback_metrics, "loss/router_aux"),
         "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
         "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
         "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
@@ -200,7 +214,3 @@ def _has(reg, name: str) -> bool:
 def _r(v):
     return None if v is None else round(float(v), 4)
 
-
-def _last(metrics: dict, key: str):
-    v = metrics.get(key)
-    return None if v is None else round(float(v), 5)
