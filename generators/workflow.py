@@ -24,6 +24,8 @@ import torch
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
+from loraplex.registry.record import AdapterDraft, Edge, validate_name
+from loraplex.registry.signatures import description_embedding, prototype
 
 KIND = "generator"
 
@@ -113,8 +115,6 @@ def _parse_config(method: str, config: dict[str, Any] | None):
 def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None = None,
         config: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Fit a generator on registered adapters and store it; returns its summary."""
-    from loraplex.registry.record import validate_name
-
     validate_name(name, KIND)
     entry, cfg = _parse_config(method, config)
     if any(c.name == name for c in reg.list_components(KIND)):
@@ -143,11 +143,6 @@ def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done."""
-    import numpy as np
-
-    from loraplex.embedders import get_embedder
-    from loraplex.registry.record import AdapterDraft, Edge, validate_name
-
     validate_name(name)
     if not description or not description.strip():
         raise UserInputError("a description of the task is required: it is what the adapter is generated from")
@@ -165,12 +160,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
                "examples": len(examples)},
         edges=tuple(Edge.to_adapter(p["name"], "generated-from") for p in parents),
     )
-    embedder = get_embedder(reg.embedder_name)
-    emb = embedder.encode([draft.description])[0]
-    proto = None
-    if examples:
-        v = embedder.encode([t for t, _ in examples][:256]).mean(0)
-        proto = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+    emb = description_embedding(reg, draft.description)
+    proto = prototype(reg, [t for t, _ in examples]) if examples else None
     new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name)
     return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
             "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,
