@@ -28,6 +28,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from loraplex.continual.distill import StoredScores
 
 Row = tuple[str, int, str]  # (text, label index, task name)
 
@@ -35,8 +36,6 @@ Row = tuple[str, int, str]  # (text, label index, task name)
 class ReplayBuffer:
     def __init__(self, *, budget: int | None = None, share: float | None = None, policy: str = "reservoir",
                  seed: int = 0, distill: float = 0.0):
-        from loraplex.continual.distill import StoredScores
-
         if (budget is None) == (share is None):
             raise ValueError("give a budget or a share, exactly one")
         if policy not in ("reservoir", "class-balanced"):

@@ -29,8 +29,6 @@ is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -50,76 +48,18 @@ from loraplex.continual.registration import register_from_dir, safe_part, write_
 from loraplex.continual.regularizers import ExperienceContext
 from loraplex.continual.replay import ReplayBuffer, mixed_batches, replayed_per_batch
 from loraplex.continual.report import write_report
+from loraplex.continual.rundir import BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir  # noqa: F401 (RunDir: imported from here too)
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
 from loraplex.experts.layers import adapters_disabled
-from loraplex.fsio import atomic_write, fsync_dir
+from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
 from loraplex.models import fingerprint, load_base, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
 from loraplex.settings import Settings
-
-STATE_FILE = "state.json"
-BANKS_FILE = "banks.safetensors"
-METHOD_FILE = "method.safetensors"
-
-
-class RunDir:
-    """The files of one run directory (see the module docstring)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path).expanduser().absolute()
-        self.state = self.path / "state"
-
-    def is_run(self) -> bool:
-        return (self.path / "spec.json").is_file()
-
-    def spec(self) -> dict[str, Any]:
-        return json.loads((self.path / "spec.json").read_text())
-
-    def info(self) -> dict[str, Any] | None:
-        p = self.path / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def unit_dir(self, i: int) -> Path:
-        return self.state / f"unit-{i:03d}"
-
-    def completed(self) -> int:
-        n = 0
-        while (self.unit_dir(n) / STATE_FILE).is_file():
-            n += 1
-        return n
-
-    def unit_state(self, i: int) -> dict[str, Any]:
-        return json.loads((self.unit_dir(i) / STATE_FILE).read_text())
-
-    def result(self, i: int) -> dict[str, Any]:
-        return self.unit_state(i)["result"]
-
-    def begin(self, i: int) -> Path:
-        tmp = self.state / f".unit-{i:03d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        return tmp
-
-    def commit(self, i: int, tmp: Path) -> Path:
-        """Make a unit's state visible in one rename (after syncing its files)."""
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        final = self.unit_dir(i)
-        os.rename(tmp, final)
-        fsync_dir(self.state)
-        return final
-
-    def clean(self) -> None:
-        for p in self.state.glob(".unit-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
-
 
 @dataclass
 class StreamResult:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from loraplex.catalog import Catalog
+from loraplex.errors import IntegrityError
+from loraplex.experts.layers import routed_layers, set_router
 
 ROUTERS: Catalog[Any] = Catalog(
     "router",
@@ -139,8 +141,6 @@ class LearnedRouter:
     def attach(self, model: nn.Module, only: Sequence[str] | None = None) -> None:
         """Give every RoutedLinear of `model` (or those named in `only`; the others keep static gates) its
         gate (created on first attach) and capture attention masks."""
-        from loraplex.experts.layers import routed_layers, set_router
-
         layers = routed_layers(model)
         if only is not None:
             keep = set(only)
@@ -190,8 +190,6 @@ class LearnedRouter:
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load weights saved by `state_tensors` (after `attach`); every gate must be covered exactly."""
-        from loraplex.errors import IntegrityError
-
         for name, g in self.gates.items():
             own = g.state_dict()
             sd = {k: tensors.get(f"{name}.{k}") for k in own}

@@ -27,6 +27,7 @@ import torch
 
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import routed_layers, swapped, use_gates
+from loraplex.heads import accuracy, head_for
 
 
 @dataclass
@@ -106,8 +107,6 @@ class RoutedModel:
     def __init__(self, lb, experts: list[str], expert_tasks: list[Any], *, router=None, retrieval=None,
                  signatures=None, embedder=None, record=None, task_pool: Sequence[Any] = (),
                  task_signatures: np.ndarray | None = None):
-        from loraplex.heads import head_for
-
         self.lb = lb
         self.head = head_for(lb)
         self.experts = list(experts)
@@ -303,8 +302,6 @@ class RoutedModel:
         their own task. Routed accuracy is scored on the example's own task's labels. The oracle is the
         task's own expert alone (one-hot gates, router detached).
         """
-        from loraplex.heads import accuracy
-
         rows, tot_route, tot_n = [], [0, 0], 0
         was = self.model.training
         self.model.eval()

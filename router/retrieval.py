@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.router.base import ROUTERS
+from loraplex.registry.index import SignatureIndex
 
 
 class RetrievalConfig(BaseModel):
@@ -106,8 +107,6 @@ class RetrievalRouter:
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
         cannot share a bank).
         """
-        from loraplex.registry.index import SignatureIndex
-
         idx = SignatureIndex.sync(reg)
         scores, ids = idx.search(np.asarray(queries, dtype=np.float32), self.config.candidates)
         order: list[int] = []
