@@ -46,7 +46,7 @@ from loraplex.continual.replay import mixed_batches
 from loraplex.continual.slots import train_only
 from loraplex.experts.layers import routed_layers
 from loraplex.router.base import ROUTERS, LearnedRouter
-from loraplex.training import rows_of
+from loraplex.training import Row, rows_of
 
 
 @dataclass(frozen=True)
@@ -303,13 +303,13 @@ class Routed(ContinualMethod):
             for t, rows in new.items():
                 pick = rng.permutation(len(rows))[: self.config.memory_per_task]
                 self.memory[t] = [list(rows[int(i)]) for i in sorted(pick)]
-            old = [tuple(r) for t in self.expert_tasks if t not in unit.tasks for r in self.memory.get(t, [])]
+            old = [Row(*r) for t in self.expert_tasks if t not in unit.tasks for r in self.memory.get(t, [])]
         else:
             old = run.replay.contents()
         by_task: dict[str, list] = {t: list(v) for t, v in new.items()}
-        for r in old:
-            if r[2] in self.expert_tasks:
-                by_task.setdefault(r[2], []).append(tuple(r))
+        for r in map(Row._make, old):
+            if r.task in self.expert_tasks:
+                by_task.setdefault(r.task, []).append(r)
         seed = (run.spec.seed * 1000003 + unit.index * 7919 + 17) % (2**31)
         router = self._build(model, seed)
         if len(self.expert_tasks) < 2:  # one adapter: nothing to choose between

@@ -181,10 +181,6 @@ def extract(model: nn.Module, spec: LoraSpec, expert: int = 0) -> Adapter:
     return Adapter(spec, weights)
 
 
-def bank_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in routed_layers(model).values() for p in layer.bank.parameters()]
-
-
 @contextmanager
 def swapped(model: nn.Module, attr: str, value: Any) -> Iterator[None]:
     """Every routed layer's `attr` set to `value` during the block, restored after."""

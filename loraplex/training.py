@@ -50,7 +50,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import lightning as L
 import torch
@@ -67,7 +67,14 @@ from loraplex.heads import Head
 from loraplex.settings import with_checked_devices
 from loraplex.tasks import Task
 
-Row = tuple[str, int, str]  # (text, label index, task name)
+class Row(NamedTuple):
+    """One training or evaluation row. A plain `(text, label, task)` tuple is accepted wherever a Row is."""
+
+    text: str
+    label: int
+    """The index of the row's label in its task's label set."""
+    task: str
+    """The task's name: each row is scored against its own task's labels (a batch may mix tasks)."""
 
 
 class TrainConfig(BaseModel):
@@ -129,7 +136,7 @@ def rows_of(task: Task, split: str, limit: int | None = None) -> list[Row]:
     ex = task.split(split)
     if limit:
         ex = ex[:limit]
-    return [(e.text, task.label_index(e.label), task.name) for e in ex]
+    return [Row(e.text, task.label_index(e.label), task.name) for e in ex]
 
 
 def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -254,7 +261,7 @@ class ContinualModule(L.LightningModule):
     def mixed_embeddings(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor | None:
         """(N, D) embeddings of a batch mixing tasks, forwarded in length buckets, when that is possible
         (an encoder head, no `on_task_forward` hook, no router attached); None otherwise."""
-        if len({r[2] for r in batch}) < 2 or self.on_task_forward is not None or not hasattr(self.head, "encode_mixed"):
+        if len({r[2] for r in batch}) < 2 or self.on_task_forward is not None or not self.head.embeds:
             return None
         if any(layer.router is not None for layer in routed_layers(self.model).values()):
             return None

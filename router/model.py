@@ -242,7 +242,7 @@ class RoutedModel:
         if task is not None and task.labels:
             scores = self.head.scores(self.model, self.tokenizer, texts, task)  # (N, L)
             return [task.labels[i] for i in scores.argmax(-1).tolist()]
-        if hasattr(self.head, "generate"):
+        if self.head.generates:
             return self.head.generate(self.model, self.tokenizer, texts, task)
         raise UserInputError(
             "no label set to answer with: the query was routed to adapters that record no task, and an "
@@ -256,7 +256,7 @@ class RoutedModel:
         tasks = [self.expert_tasks[i] for i in idx]
         texts = list(texts)
         with routers_off(self.model), use_gates(self.model, self.one_hot(idx)):
-            if hasattr(self.head, "encode"):
+            if self.head.embeds:
                 emb = self.head.encode(self.model, self.tokenizer, texts)  # (N, D), one routed forward
                 out = []
                 for i, t in enumerate(tasks):
@@ -283,7 +283,7 @@ class RoutedModel:
     def scores_and_routes(self, texts: list[str], task) -> tuple[torch.Tensor, list[RowRoute]]:
         """Label scores (N, L) on `task` and the routing of each text; one forward for encoders."""
         static = self.static_gates(texts)
-        if hasattr(self.head, "encode"):
+        if self.head.embeds:
             rec = Recorder(self.model)
             with rec.recording(), use_gates(self.model, static):
                 scores = self.head.scores(self.model, self.tokenizer, texts, task)
