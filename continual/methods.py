@@ -322,7 +322,7 @@ class Routed(ContinualMethod):
                                 rng=np.random.default_rng([run.spec.seed, unit.index, 11]))
         train_unit(model=model, tokenizer=run.lb.tokenizer, head=run.head, tasks=run.tasks, batches=batches,
                    lr=self.config.router_lr, trainer=tr, run_dir=run.rd.path / "units" / f"{unit.index:03d}-router",
-                   seed=seed, device=run.device, progress=run.progress, label=f"{run._bar(unit)} router",
+                   seed=seed, device=run.device, progress=run.progress, label=f"{run.bar(unit)} router",
                    on_task_forward=router.ctx.set_task)
         router.ctx.set_task(None)
         for p in router.parameters():

@@ -258,7 +258,7 @@ class _StreamRun:
         outcome = train_unit(
             model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, tasks=self.tasks, batches=batches,
             lr=tr.lr, trainer=tr, run_dir=self.rd.path / "units" / f"{unit.index:03d}-learn", seed=seed,
-            device=self.device, regularizers=regs, progress=self.progress, label=self._bar(unit),
+            device=self.device, regularizers=regs, progress=self.progress, label=self.bar(unit),
             teacher=self.replay.scores if self.replay is not None else None,
             snapshot_fn=lambda m: extract_slot(m, self.learn_spec, slot), snapshot_spec=self.learn_spec)
         diag = {r.name: r.on_experience_end(ctx) for r in regs}
@@ -321,7 +321,7 @@ class _StreamRun:
                      forgetter=self.forgetter, task=task, labels=labels, retained=retained, tasks=self.tasks,
                      trainer=tr, seed=seed, run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget",
                      device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
-                     retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self._bar(unit))
+                     retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit))
         if self.replay is not None:
             self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))
@@ -335,7 +335,8 @@ class _StreamRun:
         return result
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _bar(self, unit) -> str:
+    def bar(self, unit) -> str:
+        """The progress-bar label of a unit: `[i/n] label`."""
         return f"[{unit.index + 1}/{len(self.units)}] {unit.label}"
 
     def _adapter_name(self, unit, what: str) -> str:

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from loraplex.data import _read_rows, load_task
+from loraplex.data import load_task, read_rows
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
 from loraplex.heads import head_for
@@ -107,7 +107,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     p = Path(path).expanduser().absolute()
     if not p.is_file():
         raise TaskNotFound(f"{p}: no such examples file")
-    rows = _read_rows(p)
+    rows = read_rows(p)
     out = []
     for n, row in enumerate(rows, 1):
         text = str(row.get("text") or "").strip()

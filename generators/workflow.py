@@ -1,5 +1,5 @@
 """The registry side of the generators: gather a training set, store and load a fitted generator,
-register a generated adapter. `loraplex.api.fit_generator` / `generate_adapter` call these.
+register a generated adapter. The API's `fit_generator` / `generate_adapter` call these.
 
 A fitted generator is a registry component (kind "generator"): its config, its own tensors (the CVAE,
 the parameter space's mixing matrix and scales, the known tasks' representations), its members (the

@@ -102,7 +102,8 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(name + ".task.json")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -178,7 +179,7 @@ def load_task_file(
         unknown = set(meta) - {"name", "description", "labels", "label_texts"}
         if unknown:
             raise InvalidTaskFile(f"{side}: unknown key {sorted(unknown)[0]!r}")
-    rows = _read_rows(p)
+    rows = read_rows(p)
     if not rows:
         raise InvalidTaskFile(f"{p}: no examples")
     examples = []

@@ -191,7 +191,7 @@ def is_untrained(router: str | None) -> bool:
 def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
                       texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
                       config: dict[str, Any] | None = None):
-    """A `RoutedModel` ready to answer and trace queries (see `loraplex.api.load_routed_model`): a
+    """A `RoutedModel` ready to answer and trace queries (the API's `load_routed_model` says which): a
     stored router, a method that needs no training (retrieval) over `adapters` or the registry, or
     with no router the adapters in one bank."""
     if shortlist is not None and shortlist < 1:
