@@ -96,9 +96,7 @@ def train_unit(
                              regularizers=regularizers, forgetting=forgetting, teacher=teacher,
                              on_task_forward=on_task_forward)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=max(1, max(len(b) for b in batches)), seed=seed,
-                      warmup=trainer.warmup, snapshots=trainer.snapshots, accelerator=trainer.accelerator,
-                      devices=trainer.devices, strategy=trainer.strategy, precision=trainer.precision,
-                      progress=progress)
+                      warmup=trainer.warmup, snapshots=trainer.snapshots, progress=progress, **trainer.lightning())
     snaps = AdapterSnapshots(snapshot_spec, steps, trainer.snapshots if snapshot_fn else 0, extract_fn=snapshot_fn)
     timer = StepTimer()
     callbacks: list[Callback] = [snaps, timer]

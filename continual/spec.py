@@ -41,7 +41,7 @@ from loraplex.data import EMBEDDED_TASKS, load_task
 from loraplex.experts.spec import LoraSpec
 from loraplex.fsio import read_yaml_file
 from loraplex.registry.record import NAME_RE
-from loraplex.settings import with_checked_devices
+from loraplex.training import LightningSettings
 
 
 class _Frozen(BaseModel):
@@ -65,8 +65,8 @@ class LoraSettings(_Frozen):
                         dropout=self.dropout, target_modules=self.targets)
 
 
-class TrainerSettings(_Frozen):
-    """How each experience trains (Lightning settings pass through to the Trainer)."""
+class TrainerSettings(LightningSettings):
+    """How each experience trains (Lightning settings, `LightningSettings`, pass through to the Trainer)."""
 
     steps: int | None = Field(None, ge=1)
     """Optimiser steps per experience (default 100 when epochs is not given)."""
@@ -86,18 +86,6 @@ class TrainerSettings(_Frozen):
     """Split the accuracy matrix is measured on."""
     snapshots: int = Field(3, ge=0)
     """Intermediate adapter states kept per experience (the generators learn from them)."""
-    accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu."""
-    devices: int | str = 1
-    """Lightning devices (a number or 'auto')."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, ..."""
-    precision: str = "32-true"
-    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
-
-    @model_validator(mode="after")
-    def _devices_exist(self):
-        return with_checked_devices(self)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainerSettings":

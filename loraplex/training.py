@@ -77,10 +77,32 @@ class Row(NamedTuple):
     """The task's name: each row is scored against its own task's labels (a batch may mix tasks)."""
 
 
-class TrainConfig(BaseModel):
-    """How to train an adapter."""
+class LightningSettings(BaseModel):
+    """Lightning's settings, passed through to the Trainer: one definition for a one-off training
+    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: int | str = 1
+    """Lightning devices (a number or 'auto')."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, ..."""
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @model_validator(mode="after")
+    def _devices_exist(self):
+        return with_checked_devices(self)
+
+    def lightning(self) -> dict[str, Any]:
+        """The Lightning settings alone: {accelerator, devices, strategy, precision}."""
+        return {k: getattr(self, k) for k in LightningSettings.model_fields}
+
+
+class TrainConfig(LightningSettings):
+    """How to train an adapter."""
 
     steps: int = Field(100, ge=1)
     """Optimiser steps."""
@@ -100,21 +122,8 @@ class TrainConfig(BaseModel):
     """Use only the first N training examples (a quick slice)."""
     snapshots: int = Field(4, ge=0)
     """Intermediate adapter states to keep (evenly spaced; the final one is the adapter itself)."""
-    accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu."""
-    devices: int | str = 1
-    """Lightning devices (an int or 'auto')."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, ..."""
-    precision: str = "32-true"
-    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
-
     progress: bool = True
     """Show a progress bar."""
-
-    @model_validator(mode="after")
-    def _devices_exist(self):
-        return with_checked_devices(self)
 
 
 def invalid_option(exc: ValidationError) -> InvalidSpec:
