@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from pydantic import ValidationError
 
 from loraplex.data import load_task
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter
-from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
 from loraplex.ranks import shared_run_dir
 from loraplex.registry.components import Components
@@ -55,10 +56,6 @@ def _vec_bytes(v: np.ndarray | None) -> bytes | None:
 
 def stored_spec(name: str, text: str) -> LoraSpec:
     """A record's LoraSpec, validated by the same rules as at registration (IntegrityError if it breaks them)."""
-    from pydantic import ValidationError
-
-    from loraplex.experts.spec import format_validation_error
-
     try:
         return LoraSpec.model_validate_json(text)
     except ValidationError as exc:
