@@ -10,7 +10,7 @@ made by leaving tasks out of the library (signatures only: no model is run):
 
   registered   every task is in the registry                       -> the right decision is route
   new task     every task whose texts overlap the query's task's     -> generate (its family is still
-               (`library.text_pools`) is left out, while others of      known: a generator fitted on the
+               (`overlap.text_pools`) is left out, while  others of      known: a generator fitted on the
                its family stay                                          registry covers it)
   new world    every task of the query's corpus is left out          -> base (no family fits)
 
@@ -18,7 +18,7 @@ The thresholds (route_threshold >= generate_threshold) are chosen on a grid to m
 accuracy averaged over the three cases (each case weighted alike). Printed: the fit, then the curve: for
 route thresholds around the fit, the share of each case's requests routed / generated / passed to the
 base, and how often routing in the registered case picked the query's own adapter or an equivalent
-(`library.equivalents`). How good the generated and routed answers are is measured by the generator and
+(`overlap.equivalents`). How good the generated and routed answers are is measured by the generator and
 routing studies (bench/generators.py, bench/scale.py); this fits only the decision.
 """
 
@@ -92,7 +92,7 @@ def signatures(per_task: int):
     import numpy as np
 
     from loraplex.data import load_task
-    from loraplex.library import all_task_names
+    from loraplex.overlap import all_task_names
 
     emb = encoder()
     names = list(all_task_names())
@@ -117,7 +117,7 @@ def cases(names, tasks, desc, route_vecs, n_queries: int, mu=None, sd=None):
     import numpy as np
 
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.library import equivalents, text_pools, text_source
+    from loraplex.overlap import equivalents, text_pools, text_source
 
     emb = encoder()
     fam = {n: EMBEDDED_TASKS[n]["family"] for n in names}

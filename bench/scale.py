@@ -16,7 +16,7 @@ of the routing decision with 1,000 and 10,000 registered adapters.
    query's task's labels, e.g. the five-topic `bbc` adapter for a `bbc-politics-vs-sport` query or
    `airline` (negative / neutral / positive) for an `airline-polarity` one. A query's text alone cannot
    tell those tasks apart (the same article is a fair input to both), and either adapter answers the
-   query's question. `loraplex.library.equivalents` defines it; both figures (own only, own or
+   query's question. `loraplex.overlap.equivalents` defines it; both figures (own only, own or
    equivalent) are printed.
 
 2. latency: registries of N synthetic adapters whose signatures are real ones perturbed (the library
@@ -59,7 +59,7 @@ def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
     from loraplex.experts.layers import use_gates
     from loraplex.heads import accuracy
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.library import all_task_names, equivalents
+    from loraplex.overlap import all_task_names, equivalents
     from loraplex.router.model import routers_off
 
     s = bench_settings()
@@ -141,7 +141,7 @@ def library_signatures(per_task: int = 64):
 
     from loraplex.data import load_task
     from loraplex.embedders import get_embedder
-    from loraplex.library import all_task_names
+    from loraplex.overlap import all_task_names
 
     emb = get_embedder("minilm")
     names = list(all_task_names())

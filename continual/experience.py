@@ -25,9 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from loraplex.continual.fit import AdapterSnapshots, TrainConfig, make_trainer
-from loraplex.continual.module import ContinualModule
 from loraplex.errors import Interrupted
+from loraplex.training import AdapterSnapshots, ContinualModule, TrainConfig, make_trainer
 
 
 class StepTimer(Callback):
@@ -97,9 +96,7 @@ def train_unit(
                              regularizers=regularizers, forgetting=forgetting, teacher=teacher,
                              on_task_forward=on_task_forward)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=max(1, max(len(b) for b in batches)), seed=seed,
-                      warmup=trainer.warmup, snapshots=trainer.snapshots, accelerator=trainer.accelerator,
-                      devices=trainer.devices, strategy=trainer.strategy, precision=trainer.precision,
-                      progress=progress)
+                      warmup=trainer.warmup, snapshots=trainer.snapshots, progress=progress, **trainer.lightning())
     snaps = AdapterSnapshots(snapshot_spec, steps, trainer.snapshots if snapshot_fn else 0, extract_fn=snapshot_fn)
     timer = StepTimer()
     callbacks: list[Callback] = [snaps, timer]

@@ -1,164 +1,48 @@
-"""Training with Lightning: loaders, the Trainer, training snapshots, and `fit_adapter` (one task).
+"""One adapter on one task: train it (`train_adapter`: `loraplex train`), evaluate it (`evaluate_adapter`).
 
-`fit_adapter` is the single-task case of the continual trainer: a fresh LoRA (PEFT initialisation) in
-the base's target modules, the `ContinualModule` with no regularizers, a Lightning Trainer with a
-progress bar, CSV logs under `<run_dir>/logs`, the last checkpoint (trainable weights only) under
-`<run_dir>/checkpoints`, and `AdapterSnapshots` that keep a few intermediate adapter states (the
-generators learn from training trajectories, not only from end points).
+`fit_adapter` is the single-task case of the continual trainer.
 
-Device, precision, devices and strategy pass through to the Trainer (`--devices`, `--strategy`,
-`--precision` on the CLI): Lightning is the distributed engine. This module imports lightning (several
-seconds), so only the commands that train import it.
+A fresh LoRA (PEFT initialisation) in the base's target modules, the `ContinualModule` with no
+regularizers, the shared Lightning trainer (`loraplex.training`: progress bar, CSV logs under
+`<run_dir>/logs`, the last checkpoint under `<run_dir>/checkpoints`) and `AdapterSnapshots` that keep
+a few intermediate adapter states.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch.utils.data import DataLoader
 
-from loraplex.data import Task
-from loraplex.experts.layers import extract, inject_new
+from pydantic import ValidationError
+
+from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.experts.layers import adapters_disabled, extract, inject_new
 from loraplex.experts.spec import Adapter, LoraSpec
-
-Row = tuple[str, int, str]  # (text, label index, task name)
-
-
-class TrainConfig(BaseModel):
-    """How to train an adapter."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int = Field(100, ge=1)
-    """Optimiser steps."""
-    lr: float = Field(2e-3, gt=0)
-    """Peak learning rate (linear warm-up, cosine decay to 10%)."""
-    batch_size: int = Field(16, ge=1)
-    """Examples per step."""
-    seed: int = 0
-    """Seed for initialisation, shuffling and dropout."""
-    warmup: float = Field(0.1, ge=0, lt=1)
-    """Share of steps spent warming up."""
-    eval_every: int | None = Field(None, ge=1)
-    """Validate every N steps (default: four times per run)."""
-    val_limit: int = Field(200, ge=1)
-    """Validation examples per task."""
-    train_limit: int | None = Field(None, ge=1)
-    """Use only the first N training examples (a quick slice)."""
-    snapshots: int = Field(4, ge=0)
-    """Intermediate adapter states to keep (evenly spaced; the final one is the adapter itself)."""
-    accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu."""
-    devices: int | str = 1
-    """Lightning devices (an int or 'auto')."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, ..."""
-    precision: str = "32-true"
-    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
-
-    @model_validator(mode="after")
-    def _devices_exist(self):
-        from loraplex.settings import with_checked_devices
-
-        return with_checked_devices(self)
-    progress: bool = True
-    """Show a progress bar."""
-
-
-def rows_of(task: Task, split: str, limit: int | None = None) -> list[Row]:
-    ex = task.split(split)
-    if limit:
-        ex = ex[:limit]
-    return [(e.text, task.label_index(e.label), task.name) for e in ex]
-
-
-def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(list(rows), batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=list, num_workers=0, drop_last=False)
-
-
-class _TrainProgress(TQDMProgressBar):
-    """Lightning's progress bar without the nested validation bars (the val accuracy shows in the postfix)."""
-
-    def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-    warnings.filterwarnings("ignore", message=".*number of training batches.*")
-    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
-
-
-def make_trainer(cfg: TrainConfig, run_dir: Path, *, callbacks: Sequence[Any] = (), max_steps: int | None = None,
-                 device: str = "cpu", checkpoint: bool = True) -> L.Trainer:
-    _quiet_lightning()
-    steps = max_steps or cfg.steps
-    cbs = list(callbacks)
-    if cfg.progress:
-        cbs.append(_TrainProgress(refresh_rate=max(1, steps // 50)))
-    if checkpoint:
-        cbs.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_last=False,
-                                   every_n_train_steps=max(1, steps // 4), save_top_k=1, enable_version_counter=False))
-    accelerator = cfg.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if device == "cuda" else ("mps" if device == "mps" else "cpu")
-    eval_every = cfg.eval_every or max(1, steps // 4)
-    return L.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        accelerator=accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        logger=CSVLogger(str(run_dir), name="logs", version=""),
-        callbacks=cbs,
-        enable_progress_bar=cfg.progress,
-        enable_model_summary=False,
-        enable_checkpointing=checkpoint,
-        num_sanity_val_steps=0,
-        val_check_interval=min(eval_every, steps),
-        check_val_every_n_epoch=None,
-        log_every_n_steps=max(1, min(10, steps // 10)),
-        default_root_dir=str(run_dir),
-    )
-
-
-class AdapterSnapshots(Callback):
-    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last.
-
-    `extract_fn(model) -> Adapter` overrides how the adapter is read (a continual run reads one slot
-    of some modules' banks, see `continual.slots.extract_slot`)."""
-
-    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0, *, extract_fn=None):
-        self.spec, self.expert = spec, expert
-        self.extract_fn = extract_fn
-        self.at = sorted({max(1, round(steps * (i + 1) / (count + 1))) for i in range(count)} - {steps}) if count else []
-        self.taken: list[tuple[int, Adapter]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step in self.at and not any(s == step for s, _ in self.taken):
-            model = pl_module.model
-            adapter = self.extract_fn(model) if self.extract_fn else extract(model, self.spec, self.expert)
-            self.taken.append((step, adapter))
+from loraplex.heads import accuracy, head_for
+from loraplex.models import load_base, resolve_base
+from loraplex.ranks import is_worker
+from loraplex.registry.record import AdapterDraft, Edge, validate_description, validate_name
+from loraplex.registry.signatures import description_embedding, prototype
+from loraplex.registry.store import Registry
+from loraplex.router.load import load_adapted
+from loraplex.settings import Settings
+from loraplex.tasks import Task
+from loraplex.training import (  # noqa: F401 (TrainConfig, rows_of, make_loader: imported from here too)
+    AdapterSnapshots,
+    ContinualModule,
+    invalid_option,
+    Row,
+    TrainConfig,
+    make_loader,
+    last_metric,
+    make_trainer,
+    rows_of,
+)
 
 
 @dataclass
@@ -171,9 +55,6 @@ class FitResult:
 
 def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Path) -> FitResult:
     """Train one LoRA adapter on `task` over `base` (a LoadedBase, modified in place)."""
-    from loraplex.continual.module import ContinualModule
-    from loraplex.heads import head_for
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, verbose=False)
@@ -196,7 +77,7 @@ def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Pat
     metrics = {
         "steps": int(trainer.global_step),
         "train_seconds": round(seconds, 2),
-        "train_loss": _last(trainer.callback_metrics, "loss/task"),
+        "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
         "val_accuracy": module.last_val.get(task.name),
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
@@ -204,6 +85,86 @@ def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Pat
     return FitResult(adapter, list(snaps.taken), metrics, run_dir)
 
 
-def _last(metrics: dict, key: str) -> float | None:
-    v = metrics.get(key)
-    return None if v is None else round(float(v), 5)
+@dataclass
+class TrainResult:
+    record: Any
+    """The registered AdapterRecord (None in a DDP worker, which registers nothing)."""
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, base: str = "minilm", rank: int = 8,
+                  alpha: float | None = None, targets: Sequence[str] = (), description: str | None = None,
+                  eval_limit: int | None = None, **train_options: Any) -> TrainResult:
+    """Fine-tune one LoRA adapter on a task, evaluate it (and the bare base) on the first `eval_limit`
+    test rows (default: all), and register it with its snapshots (origin "trained")."""
+    validate_name(name)
+    if description is not None:
+        description = validate_description(description)
+    if reg.has_adapter(name) and not is_worker():
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    try:
+        cfg = TrainConfig(**train_options)
+        spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))
+    except ValidationError as exc:
+        raise invalid_option(exc) from None
+    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
+        raise UserInputError(f"--eval-limit must be a whole number of at least 1, not {eval_limit!r}")
+    t = reg.load_task(task, description=description)
+    ref = resolve_base(base)
+    lb = load_base(ref, settings)
+    head = head_for(lb)
+
+    def bar(who: str) -> str | None:
+        return f"evaluating {who} on {t.name}" if cfg.progress else None
+
+    if is_worker():  # a DDP worker trains its share and leaves evaluating and registering to rank 0
+        result = fit_adapter(lb, t, spec, cfg, reg.run_dir("train", name))
+        return TrainResult(None, result.metrics, result.run_dir)
+    base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar("the bare base"))["accuracy"]
+    result = fit_adapter(lb, t, spec, cfg, reg.run_dir("train", name))
+    test = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar(name))
+    metrics = {**result.metrics, "accuracy": round(test["accuracy"], 4), "base_accuracy": round(base_acc, 4),
+               "test_n": test["n"], "task": t.name}
+    draft = AdapterDraft(
+        name=name, base=ref.name, base_sha=lb.fingerprint.sha, family=ref.family, description=t.description,
+        task=t.ref, origin="trained", spec=spec, metrics=metrics, edges=(Edge.to_task(t.ref, "trained-on"),),
+        extra={"run_dir": str(result.run_dir), "train_config": cfg.model_dump(mode="json"),
+               "task_cards": {t.ref: t.card()}},
+    )
+    rec = reg.add_adapter(draft, result.adapter, embedding=description_embedding(reg, t.description),
+                          prototype=prototype(reg, [e.text for e in t.train]), snapshots=result.snapshots,
+                          embedder=reg.embedder_name, fingerprint_json=lb.fingerprint.model_dump_json())
+    return TrainResult(rec, metrics, result.run_dir)
+
+
+def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str, base: str | None = None,
+                     split: str = "test", limit: int | None = None, vs_base: bool = False,
+                     progress: bool = False) -> dict[str, Any]:
+    """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split (`progress`: a
+    progress bar on stderr for each evaluation)."""
+    if split not in ("train", "validation", "test"):
+        raise UserInputError(f"unknown split {split!r} (train, validation, test)")
+    if limit is not None and limit < 1:
+        raise UserInputError(f"--limit must be at least 1 (got {limit})")
+    t = reg.load_task(task)
+
+    def bar(who: str) -> str | None:
+        return f"evaluating {who} on {t.name}" if progress else None
+
+    if name is None:
+        lb = load_base(resolve_base(base or "minilm"), settings)
+        res = accuracy(head_for(lb), lb.model, lb.tokenizer, t, split, limit, progress=bar("the bare base"))
+        return {"adapter": None, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    rec = reg.get_adapter(name)
+    if base is not None and resolve_base(base).name != rec.base:
+        raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
+    lb, _ = load_adapted(reg, [name], settings)
+    head = head_for(lb)
+    res = accuracy(head, lb.model, lb.tokenizer, t, split, limit, progress=bar(name))
+    out = {"adapter": name, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    if vs_base:
+        with adapters_disabled(lb.model):
+            out["base_accuracy"] = accuracy(head, lb.model, lb.tokenizer, t, split, limit,
+                                            progress=bar("the bare base"))["accuracy"]
+    return out

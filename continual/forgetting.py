@@ -22,11 +22,24 @@ retained tasks' training data of `retain_budget` rows.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.catalog import Catalog
+from loraplex.continual.distill import StoredScores
+from loraplex.continual.experience import UnitOutcome, train_unit
+from loraplex.continual.losses import bound_for, bounded_forget_loss
+from loraplex.continual.metrics import forget_request_summary
+from loraplex.continual.regularizers import REGULARIZERS, ExperienceContext
+from loraplex.continual.regularizers.gs_lora import ffn_modules
+from loraplex.continual.replay import ReplayBuffer, mixed_batches
+from loraplex.continual.slots import SlotRef, add_slot, extract_slot, train_only
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.training import rows_of
 
 
 class GSLoraConfig(BaseModel):
@@ -71,9 +84,6 @@ class ForgetObjective:
 
     def __init__(self, task: Any, labels: Sequence[str] | None, *, bound: float, weight: float,
                  distill_weight: float = 0.0):
-        from loraplex.continual.distill import StoredScores
-        from loraplex.continual.losses import bound_for
-
         self.task = task
         self.labels = tuple(labels) if labels else None
         self.label_idx = None if labels is None else {task.label_index(lab) for lab in labels}
@@ -92,10 +102,6 @@ class ForgetObjective:
 
     def loss(self, module: Any, rows: Sequence[tuple], emb: Any = None):
         """The bounded forget loss of `rows` (emb: their embeddings, when the module already has them)."""
-        import torch
-
-        from loraplex.continual.losses import bounded_forget_loss
-
         if emb is not None:
             scores = module.head.scores_of(module.model, module.tokenizer, emb, self.task)  # (N, L)
         else:
@@ -112,19 +118,13 @@ class GSLora:
         self.config = config
 
     def modules(self, fingerprint: Any) -> list[str]:
-        from loraplex.continual.regularizers.gs_lora import ffn_modules
-
         return ffn_modules(fingerprint.linear_names(), fingerprint.model_type, self.config.targets)
 
     def lora_spec(self, modules: Sequence[str]):
-        from loraplex.experts.spec import LoraSpec
-
         c = self.config
         return LoraSpec(r=c.rank, alpha=c.alpha if c.alpha is not None else 2.0 * c.rank, target_modules=tuple(modules))
 
     def regularizers(self, model_type: str) -> list[Any]:
-        from loraplex.continual.regularizers import REGULARIZERS
-
         c = self.config
         cfg = {"sparsity_weight": c.sparsity_weight, "group_by": c.group_by,
                "prune_threshold": c.prune_threshold, "targets": c.targets}
@@ -148,8 +148,6 @@ class GSLora:
 def retained_sample(tasks: Sequence[Any], *, budget: int, seed: int, split_rows: Any,
                     exclude: Any = None) -> list[tuple]:
     """A class-balanced sample of `budget` training rows of `tasks` (rows where exclude(row) is true left out)."""
-    from loraplex.continual.replay import ReplayBuffer
-
     buf = ReplayBuffer(budget=budget, policy="class-balanced", seed=seed)
     for t in tasks:
         rows = [r for r in split_rows(t) if not (exclude and exclude(r))]
@@ -167,14 +165,6 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
     Returns {"slot", "spec", "outcome", "regularizers": {name: diagnostics}, "surviving_modules"}; the
     slot's pruned groups are already zero when this returns.
     """
-    import numpy as np
-    import torch
-
-    from loraplex.continual.experience import train_unit
-    from loraplex.continual.regularizers import ExperienceContext
-    from loraplex.continual.replay import mixed_batches
-    from loraplex.continual.slots import add_slot, extract_slot, train_only
-
     if not forget_rows:
         raise ValueError(f"no training rows to forget for {task.name}")
     modules = forgetter.modules(fingerprint)
@@ -201,3 +191,74 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
     for d in diag.values():
         d.pop("surviving_modules", None)
     return {"slot": slot, "spec": spec, "outcome": outcome, "regularizers": diag, "surviving_modules": surviving}
+
+
+@dataclass
+class ForgetResult:
+    """What one forgetting request did (a stream's `forget:` unit or `loraplex forget`)."""
+
+    task: Any
+    """The task erased (a `Task`)."""
+    labels: tuple[str, ...] | None
+    """The labels erased, or None for the whole task."""
+    slot: SlotRef
+    """The forgetting slot in the model's banks (its pruned groups already zero)."""
+    adapter: Adapter
+    """The forgetting adapter: the slot's surviving groups' modules."""
+    outcome: UnitOutcome
+    regularizers: dict[str, dict[str, Any]]
+    """Each regularizer's diagnostics (GS-LoRA: groups_survived, groups_total, ...)."""
+    summary: dict[str, Any]
+    """`continual.metrics.forget_request_summary` of the accuracy before and after, plus the groups."""
+    after: dict[str, Any]
+    """The evaluation row after the request: {task: {"accuracy", "labels"}}."""
+
+    @property
+    def what(self) -> str:
+        return self.task.name + (f" (labels {', '.join(self.labels)})" if self.labels else "")
+
+    def record(self, *, name: str, base: Any, previous: str | None, extra: dict[str, Any],
+               unit: int | None = None) -> dict[str, Any]:
+        """The registry record fields of the forgetting adapter (continual/registration.py writes them):
+        origin "forgetting", a `forgets` edge to the task, `trained-from` the composition's last adapter."""
+        s, o = self.summary, self.outcome
+        kept = ("forgotten_before", "forgotten_after", "retained_before", "retained_after", "retained_drop",
+                "chance", "groups_survived", "groups_total")
+        return {
+            "name": name, "base": base.name, "family": base.family, "origin": "forgetting",
+            "description": f"Forgetting adapter (GS-LoRA): erases {self.what} from the composition. "
+                           f"The erased task: {self.task.description}",
+            "task": self.task.ref,
+            "edges": [{"target": f"task:{self.task.ref}", "kind": "forgets"}]
+                     + ([{"target": f"adapter:{previous}", "kind": "trained-from"}] if previous else []),
+            "metrics": {"accuracy": s["forgotten_after"], **({"unit": unit} if unit is not None else {}),
+                        **{k: s[k] for k in kept}, "steps": o.steps, "train_seconds": o.seconds,
+                        "step_time": o.step_time, "losses": o.losses},
+            "extra": {**extra, "labels": list(self.labels) if self.labels else None},
+        }
+
+
+def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter: GSLora, task: Any,
+           labels: Sequence[str] | None, retained: Sequence[tuple] | Callable[[Callable[[tuple], bool]], Sequence[tuple]],
+           tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
+           before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
+           index: int = 0, progress: bool = True, label: str = "") -> ForgetResult:
+    """One forgetting request, start to end: the rows to forget (the task's training rows, or those of
+    `labels`, up to the trainer's `train_limit`), the retained rows (`retained(is_forget)` when a
+    callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
+    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter."""
+    labels = tuple(labels) if labels else None
+    objective = forgetter.objective(task, labels)
+    forget_rows = [r for r in rows_of(task, "train", trainer.train_limit) if objective.is_forget(r)]
+    kept = retained(objective.is_forget) if callable(retained) else retained
+    out = forget_request(model=model, tokenizer=tokenizer, head=head, fingerprint=fingerprint, forgetter=forgetter,
+                         task=task, labels=labels, forget_rows=forget_rows, retained=kept, tasks=tasks,
+                         trainer=trainer, seed=seed, run_dir=run_dir, device=device, index=index,
+                         progress=progress, label=label)
+    after = evaluate()
+    summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels))
+    gs = next(iter(out["regularizers"].values()), {})
+    summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
+    fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})
+    adapter = extract_slot(model, fspec, out["slot"], modules=out["surviving_modules"])
+    return ForgetResult(task, labels, out["slot"], adapter, out["outcome"], out["regularizers"], summary, after)

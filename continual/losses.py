@@ -32,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from loraplex.training import distill_loss  # noqa: F401 (the distillation term; the training module uses it)
+
 
 def bound_for(n_labels: int, bound: float) -> float:
     """BND = bound * log(L): `bound` = 1 is the cross-entropy of a uniform guess over L labels."""
@@ -44,9 +46,3 @@ def bounded_forget_loss(scores: torch.Tensor, y: torch.Tensor, bnd: float) -> to
     The bound is on the batch mean, as in the paper. Bounding each row instead (mean_i ReLU(BND - CE_i))
     pushes every row's gold label below 1/L and so drives accuracy to ~0, not to chance (we tried it)."""
     return F.relu(bnd - F.cross_entropy(scores.float(), y))
-
-
-def distill_loss(scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(teacher) || softmax(scores)), mean over rows; scores and teacher (N, L)."""
-    return F.kl_div(F.log_softmax(scores.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
-                    reduction="batchmean")

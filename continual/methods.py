@@ -34,10 +34,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from loraplex.catalog import Catalog
 from loraplex.continual.regularizers.o_lora import OLoraConfig
+from loraplex.continual.experience import train_unit
+from loraplex.continual.regularizers import REGULARIZERS
+from loraplex.continual.replay import mixed_batches
+from loraplex.continual.slots import train_only
+from loraplex.experts.layers import routed_layers
+from loraplex.router.base import ROUTERS, LearnedRouter
+from loraplex.training import Row, rows_of
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,6 @@ class OLora(ContinualMethod):
     new_slot = True
 
     def regularizers(self) -> list[Any]:
-        from loraplex.continual.regularizers import REGULARIZERS
-
         return [REGULARIZERS.build("o-lora", self.config)]
 
 
@@ -183,8 +190,6 @@ class RoutedConfig(BaseModel):
     @field_validator("router")
     @classmethod
     def _learned_router(cls, v: str) -> str:
-        from loraplex.router.base import ROUTERS, LearnedRouter
-
         if v not in ROUTERS.names():
             raise ValueError(f"unknown router {v!r}; known: {', '.join(ROUTERS.names())}")
         if not issubclass(ROUTERS.get(v).factory, LearnedRouter):
@@ -194,8 +199,6 @@ class RoutedConfig(BaseModel):
     @field_validator("router_config")
     @classmethod
     def _router_config(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from loraplex.router.base import ROUTERS
-
         if v.get("joint"):
             raise ValueError("the routed method trains its adapters task by task; a joint router is not allowed")
         if "router" in info.data:  # the router's own config class checks its fields now, not at run time
@@ -203,8 +206,6 @@ class RoutedConfig(BaseModel):
         return v
 
     def router_entry(self):
-        from loraplex.router.base import ROUTERS
-
         return ROUTERS.get(self.router)
 
 
@@ -243,10 +244,6 @@ class Routed(ContinualMethod):
 
     # ---- training a new adapter alone ---------------------------------------------------------
     def configure_train(self, model: Any, slot: dict[str, int]) -> None:
-        import torch
-
-        from loraplex.experts.layers import routed_layers
-
         self._detach(model)
         self._slot = dict(slot)
         for name, layer in routed_layers(model).items():
@@ -258,8 +255,6 @@ class Routed(ContinualMethod):
                 layer.static_gates = None
 
     def _detach(self, model: Any) -> None:
-        from loraplex.experts.layers import routed_layers
-
         for name, layer in routed_layers(model).items():
             if name in self.modules or (self._slot and name in self._slot):
                 layer.router = None
@@ -270,10 +265,6 @@ class Routed(ContinualMethod):
     # ---- growing and refitting the router -----------------------------------------------------
     def _build(self, model: Any, seed: int):
         """A router over the current banks, previous gate tensors copied into the leading expert rows."""
-        import torch
-
-        from loraplex.experts.layers import routed_layers
-
         layers = routed_layers(model)
         for m in self.modules:
             n = layers[m].bank.n_experts
@@ -299,14 +290,6 @@ class Routed(ContinualMethod):
         return router
 
     def after_unit(self, run: Any, unit: Unit) -> None:
-        import numpy as np
-
-        from loraplex.continual.experience import train_unit
-        from loraplex.continual.fit import rows_of
-        from loraplex.continual.replay import mixed_batches
-        from loraplex.continual.slots import train_only
-        from loraplex.experts.layers import routed_layers
-
         model, tr = run.lb.model, run.spec.trainer
         slot = self._slot or {}
         self.modules = sorted(slot)
@@ -320,13 +303,13 @@ class Routed(ContinualMethod):
             for t, rows in new.items():
                 pick = rng.permutation(len(rows))[: self.config.memory_per_task]
                 self.memory[t] = [list(rows[int(i)]) for i in sorted(pick)]
-            old = [tuple(r) for t in self.expert_tasks if t not in unit.tasks for r in self.memory.get(t, [])]
+            old = [Row(*r) for t in self.expert_tasks if t not in unit.tasks for r in self.memory.get(t, [])]
         else:
             old = run.replay.contents()
         by_task: dict[str, list] = {t: list(v) for t, v in new.items()}
-        for r in old:
-            if r[2] in self.expert_tasks:
-                by_task.setdefault(r[2], []).append(tuple(r))
+        for r in map(Row._make, old):
+            if r.task in self.expert_tasks:
+                by_task.setdefault(r.task, []).append(r)
         seed = (run.spec.seed * 1000003 + unit.index * 7919 + 17) % (2**31)
         router = self._build(model, seed)
         if len(self.expert_tasks) < 2:  # one adapter: nothing to choose between
@@ -339,7 +322,7 @@ class Routed(ContinualMethod):
                                 rng=np.random.default_rng([run.spec.seed, unit.index, 11]))
         train_unit(model=model, tokenizer=run.lb.tokenizer, head=run.head, tasks=run.tasks, batches=batches,
                    lr=self.config.router_lr, trainer=tr, run_dir=run.rd.path / "units" / f"{unit.index:03d}-router",
-                   seed=seed, device=run.device, progress=run.progress, label=f"{run._bar(unit)} router",
+                   seed=seed, device=run.device, progress=run.progress, label=f"{run.bar(unit)} router",
                    on_task_forward=router.ctx.set_task)
         router.ctx.set_task(None)
         for p in router.parameters():

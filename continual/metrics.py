@@ -21,6 +21,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from loraplex.continual.evaluation import label_accuracy
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -77,8 +78,6 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     the forgotten part is `task` (or only its `labels`), the retained part is every task in `retained`
     plus, for a labels request, the task's other labels. Chance level is 1 / n_labels.
     """
-    from loraplex.continual.evaluation import label_accuracy
-
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
 

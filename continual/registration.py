@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from loraplex.errors import AlreadyExists
 from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.registry.record import AdapterDraft, Edge
+from loraplex.registry.signatures import description_embedding, prototype
 
 ADAPTER_FILE = "adapter.safetensors"
 RECORD_FILE = "record.json"
@@ -46,9 +48,6 @@ def write_unit_adapter(state_dir: Path, adapter: Adapter, snapshots: Sequence[tu
 
 def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_texts: Sequence[str] = ()):
     """Add the unit's adapter to the registry (idempotent for the same run and unit). Returns the record."""
-    from loraplex.api import _embed, _prototype
-    from loraplex.registry.record import AdapterDraft, Edge
-
     state_dir = Path(state_dir)
     rec = json.loads((state_dir / RECORD_FILE).read_text())
     name = rec["name"]
@@ -68,7 +67,6 @@ def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_
         task=rec.get("task"), origin=rec["origin"], spec=spec, metrics=rec.get("metrics", {}), extra=rec.get("extra", {}),
         edges=tuple(Edge(**e) for e in rec.get("edges", [])),
     )
-    emb = _embed(reg, [draft.description])[0]
-    proto = _prototype(reg, list(prototype_texts)) if prototype_texts else None
-    return reg.add_adapter(draft, adapter, embedding=emb, prototype=proto, snapshots=snaps,
+    proto = prototype(reg, list(prototype_texts)) if prototype_texts else None
+    return reg.add_adapter(draft, adapter, embedding=description_embedding(reg, draft.description), prototype=proto, snapshots=snaps,
                            embedder=reg.embedder_name, fingerprint_json=fingerprint.model_dump_json())

@@ -29,14 +29,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-Row = tuple[str, int, str]  # (text, label index, task name)
+from loraplex.continual.distill import StoredScores
+from loraplex.training import Row
 
 
 class ReplayBuffer:
     def __init__(self, *, budget: int | None = None, share: float | None = None, policy: str = "reservoir",
                  seed: int = 0, distill: float = 0.0):
-        from loraplex.continual.distill import StoredScores
-
         if (budget is None) == (share is None):
             raise ValueError("give a budget or a share, exactly one")
         if policy not in ("reservoir", "class-balanced"):
@@ -58,7 +57,7 @@ class ReplayBuffer:
     def add_task(self, task: str, rows: Sequence[Row]) -> None:
         """Offer a finished task's training rows (in a random order drawn from the buffer's generator)."""
         order = self.rng.permutation(len(rows))
-        rows = [tuple(rows[i]) for i in order]
+        rows = [Row(*rows[i]) for i in order]
         if self.policy == "reservoir":
             if self.budget is not None:
                 self._reservoir(self.rows, rows, self.budget, "*")
@@ -144,9 +143,9 @@ class ReplayBuffer:
         self.budget, self.share, self.policy = state["budget"], state["share"], state["policy"]
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
-        self.rows = [tuple(r) for r in state["rows"]]
-        self.per_task = {t: [tuple(r) for r in rs] for t, rs in state["per_task"].items()}
-        self.classes = {(t, int(lab)): [tuple(r) for r in rs] for t, lab, rs in state["classes"]}
+        self.rows = [Row(*r) for r in state["rows"]]
+        self.per_task = {t: [Row(*r) for r in rs] for t, rs in state["per_task"].items()}
+        self.classes = {(t, int(lab)): [Row(*r) for r in rs] for t, lab, rs in state["classes"]}
         self.seen = {k: int(v) for k, v in state["seen"].items()}
         if "scores" in state:
             self.scores.load_state_dict(state["scores"])

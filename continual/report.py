@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from loraplex.continual import metrics as M
+from loraplex.continual.rundir import RunDir
 from loraplex.errors import UserInputError
 from loraplex.fsio import atomic_write
 
@@ -123,8 +124,6 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
 
 def load_report(run_dir: str | Path) -> dict[str, Any]:
     """A finished or partial run's matrix and metrics, rebuilt from its saved unit states."""
-    from loraplex.continual.stream import RunDir
-
     rd = RunDir(Path(run_dir))
     if not rd.is_run():
         raise UserInputError(f"{run_dir}: not a stream run directory (no spec.json)")

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from loraplex.experts.bank import LoraBank
-from loraplex.experts.layers import RoutedLinear, _parent, linear_dims, routed_layers
+from loraplex.experts.layers import RoutedLinear, linear_dims, parent_module, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 
 SlotRef = dict[str, int]  # module name -> slot index in that module's bank
@@ -60,7 +60,7 @@ def add_slot(model: torch.nn.Module, spec: LoraSpec, modules: list[str], *, gene
                 p.requires_grad_(False)
             bank = LoraBank(dims[0], dims[1], 1, r, dropout=spec.dropout, dtype=dtype, device=base.weight.device)
             layer = RoutedLinear(base, bank, name)
-            parent, child = _parent(model, name)
+            parent, child = parent_module(model, name)
             setattr(parent, child, layer)
             slot = 0
         else:
@@ -158,5 +158,5 @@ def restore_banks(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], l
         for key in ("A", "B", "rank_mask", "scaling"):
             getattr(bank, key).copy_(tensors[f"{name}::{key}"])
         layer = RoutedLinear(base, bank, name)
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, layer)

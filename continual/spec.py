@@ -35,6 +35,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraplex.errors import InvalidSpec, TaskNotFound
+from loraplex.continual.forgetting import FORGETTERS
+from loraplex.continual.methods import METHODS
+from loraplex.data import EMBEDDED_TASKS, load_task
+from loraplex.experts.spec import LoraSpec
+from loraplex.fsio import read_yaml_file
+from loraplex.registry.record import NAME_RE
+from loraplex.training import LightningSettings
 
 
 class _Frozen(BaseModel):
@@ -54,14 +61,12 @@ class LoraSettings(_Frozen):
     """Module name suffixes to adapt (default: the base's attention projections)."""
 
     def lora_spec(self):
-        from loraplex.experts.spec import LoraSpec
-
         return LoraSpec(r=self.rank, alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
                         dropout=self.dropout, target_modules=self.targets)
 
 
-class TrainerSettings(_Frozen):
-    """How each experience trains (Lightning settings pass through to the Trainer)."""
+class TrainerSettings(LightningSettings):
+    """How each experience trains (Lightning settings, `LightningSettings`, pass through to the Trainer)."""
 
     steps: int | None = Field(None, ge=1)
     """Optimiser steps per experience (default 100 when epochs is not given)."""
@@ -81,20 +86,6 @@ class TrainerSettings(_Frozen):
     """Split the accuracy matrix is measured on."""
     snapshots: int = Field(3, ge=0)
     """Intermediate adapter states kept per experience (the generators learn from them)."""
-    accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu."""
-    devices: int | str = 1
-    """Lightning devices (a number or 'auto')."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, ..."""
-    precision: str = "32-true"
-    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
-
-    @model_validator(mode="after")
-    def _devices_exist(self):
-        from loraplex.settings import with_checked_devices
-
-        return with_checked_devices(self)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainerSettings":
@@ -209,8 +200,6 @@ class StreamSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        from loraplex.registry.record import NAME_RE
-
         if not NAME_RE.fullmatch(v) or ".." in v or len(v) > 40:
             raise ValueError("must be 1-40 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
@@ -219,9 +208,6 @@ class StreamSpec(_Frozen):
     def canonical(self) -> dict[str, Any]:
         """The spec as plain JSON with every default filled in, the method's and forgetting's included
         (what a run directory stores: a resume under changed defaults is refused too)."""
-        from loraplex.continual.forgetting import FORGETTERS
-        from loraplex.continual.methods import METHODS
-
         out = self.model_dump(mode="json", exclude={"method", "forgetting"})
         for key, ref, cat in (("method", self.method, METHODS), ("forgetting", self.forgetting, FORGETTERS)):
             cfg = cat.get(ref.name).make_config(ref.config)
@@ -269,8 +255,6 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
 
 def load_spec(path: str | Path) -> StreamSpec:
     """Read and validate a YAML stream spec; task files are resolved relative to its directory."""
-    from loraplex.fsio import read_yaml_file
-
     p = Path(path).expanduser().absolute()
     if not p.is_file():
         raise InvalidSpec(f"{p}: no such stream spec")
@@ -280,8 +264,6 @@ def load_spec(path: str | Path) -> StreamSpec:
 
 def _resolve_ref(ref: str, root: Path | None) -> str:
     """An embedded task name stays; a path becomes absolute (relative to the spec's directory)."""
-    from loraplex.data import EMBEDDED_TASKS
-
     if ref in EMBEDDED_TASKS:
         return ref
     p = Path(ref).expanduser()
@@ -292,10 +274,6 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
 
 def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None = None) -> StreamSpec:
     """Check names against catalogs, load every task, check forget requests; return the resolved spec."""
-    from loraplex.continual.forgetting import FORGETTERS
-    from loraplex.continual.methods import METHODS
-    from loraplex.data import load_task
-
     for ref, cat in ((spec.method, METHODS), (spec.forgetting, FORGETTERS)):
         entry = cat.get(ref.name)  # UnknownComponent names the known ones
         try:

@@ -29,76 +29,37 @@ is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex.continual.evaluation import evaluate_tasks
+from loraplex.continual.experience import train_unit
+from loraplex.continual.fit import rows_of
+from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
+from loraplex.continual.methods import METHODS
+from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
+from loraplex.continual.regularizers import ExperienceContext
+from loraplex.continual.replay import ReplayBuffer, mixed_batches, replayed_per_batch
+from loraplex.continual.report import write_report
+from loraplex.continual.rundir import BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir  # noqa: F401 (RunDir: imported from here too)
+from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
+from loraplex.continual.spec import first_difference, load_spec
+from loraplex.data import load_task
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
-from loraplex.fsio import fsync_dir
+from loraplex.experts.layers import adapters_disabled
+from loraplex.fsio import atomic_write
+from loraplex.heads import head_for
+from loraplex.models import fingerprint, load_base, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
+from loraplex.registry.store import Registry
 from loraplex.settings import Settings
-
-STATE_FILE = "state.json"
-BANKS_FILE = "banks.safetensors"
-METHOD_FILE = "method.safetensors"
-
-
-class RunDir:
-    """The files of one run directory (see the module docstring)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path).expanduser().absolute()
-        self.state = self.path / "state"
-
-    def is_run(self) -> bool:
-        return (self.path / "spec.json").is_file()
-
-    def spec(self) -> dict[str, Any]:
-        return json.loads((self.path / "spec.json").read_text())
-
-    def info(self) -> dict[str, Any] | None:
-        p = self.path / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def unit_dir(self, i: int) -> Path:
-        return self.state / f"unit-{i:03d}"
-
-    def completed(self) -> int:
-        n = 0
-        while (self.unit_dir(n) / STATE_FILE).is_file():
-            n += 1
-        return n
-
-    def unit_state(self, i: int) -> dict[str, Any]:
-        return json.loads((self.unit_dir(i) / STATE_FILE).read_text())
-
-    def result(self, i: int) -> dict[str, Any]:
-        return self.unit_state(i)["result"]
-
-    def begin(self, i: int) -> Path:
-        tmp = self.state / f".unit-{i:03d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        return tmp
-
-    def commit(self, i: int, tmp: Path) -> Path:
-        """Make a unit's state visible in one rename (after syncing its files)."""
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        final = self.unit_dir(i)
-        os.rename(tmp, final)
-        fsync_dir(self.state)
-        return final
-
-    def clean(self) -> None:
-        for p in self.state.glob(".unit-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
-
 
 @dataclass
 class StreamResult:
@@ -127,12 +88,6 @@ def run_stream(
     on_unit: Callable[[dict[str, Any]], None] | None = None,
 ) -> StreamResult:
     """Run (or resume) a stream; see the module docstring. `on_unit(event)` is called after each unit."""
-    from loraplex.continual.forgetting import FORGETTERS
-    from loraplex.continual.methods import METHODS
-    from loraplex.continual.spec import first_difference, load_spec
-    from loraplex.data import load_task
-    from loraplex.models import fingerprint, resolve_base
-
     s = settings or Settings.load()
     spec = load_spec(spec_path)
     canonical = spec.canonical()
@@ -149,8 +104,7 @@ def run_stream(
             raise InvalidSpec(f"{rd.path} was made by a different stream spec (they differ at {diff}); "
                               "resume it with its own spec")
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        rd = RunDir(shared_run_dir(Path(out) if out is not None else s.home / "runs" / f"stream-{spec.name}-{stamp}"))
+        rd = RunDir(shared_run_dir(Path(out)) if out is not None else Registry.open(s).run_dir("stream", spec.name))
         if not is_worker() and rd.path.exists() and any(rd.path.iterdir()):
             hint = " (resume it with --resume)" if rd.is_run() else ""
             raise AlreadyExists(f"{rd.path} is not empty{hint}")
@@ -200,15 +154,8 @@ class _StreamRun:
 
     # ---- start / resume -----------------------------------------------------------------------
     def execute(self, info: dict[str, Any] | None, *, fresh: bool) -> StreamResult:
-        from loraplex.api import open_registry
-        from loraplex.continual.replay import ReplayBuffer
-        from loraplex.continual.report import write_report
-        from loraplex.fsio import atomic_write
-        from loraplex.heads import head_for
-        from loraplex.models import load_base
-
         rd, spec = self.rd, self.spec
-        self.reg = open_registry(self.settings)
+        self.reg = Registry.open(self.settings)
         # A DDP worker (loraplex.ranks) follows rank 0 through the same units and writes nothing: rank 0
         # wrote run_id, spec.json and run.json before Lightning started the workers, and it commits,
         # registers and reports every unit.
@@ -272,10 +219,6 @@ class _StreamRun:
                             [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)
 
     def _restore(self, last: int) -> None:
-        from safetensors.torch import load_file
-
-        from loraplex.continual.slots import restore_banks
-
         st = self.rd.unit_state(last)
         restore_banks(self.lb.model, load_file(str(self.rd.unit_dir(last) / BANKS_FILE)), st["layout"])
         self.learn_slots = [dict(x) for x in st["learn_slots"]]
@@ -291,15 +234,6 @@ class _StreamRun:
 
     # ---- units --------------------------------------------------------------------------------
     def _learn(self, unit) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        from loraplex.continual.experience import train_unit
-        from loraplex.continual.fit import rows_of
-        from loraplex.continual.regularizers import ExperienceContext
-        from loraplex.continual.replay import mixed_batches, replayed_per_batch
-        from loraplex.continual.slots import add_slot, extract_slot, train_only
-
         spec, tr = self.spec, self.spec.trainer
         seed = _unit_seed(spec.seed, unit.index)
         if self.method.new_slot or not self.learn_slots:
@@ -324,7 +258,7 @@ class _StreamRun:
         outcome = train_unit(
             model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, tasks=self.tasks, batches=batches,
             lr=tr.lr, trainer=tr, run_dir=self.rd.path / "units" / f"{unit.index:03d}-learn", seed=seed,
-            device=self.device, regularizers=regs, progress=self.progress, label=self._bar(unit),
+            device=self.device, regularizers=regs, progress=self.progress, label=self.bar(unit),
             teacher=self.replay.scores if self.replay is not None else None,
             snapshot_fn=lambda m: extract_slot(m, self.learn_spec, slot), snapshot_spec=self.learn_spec)
         diag = {r.name: r.on_experience_end(ctx) for r in regs}
@@ -361,77 +295,51 @@ class _StreamRun:
         return result
 
     def _forget(self, unit) -> dict[str, Any]:
-        from loraplex.continual.fit import rows_of
-        from loraplex.continual.forgetting import forget_request, retained_sample
-        from loraplex.continual.metrics import forget_request_summary
-
         spec, tr = self.spec, self.spec.trainer
         seed = _unit_seed(spec.seed, unit.index)
         task, labels = self.tasks[unit.tasks[0]], unit.labels
-        objective = self.forgetter.objective(task, labels)
-        forget_rows = [r for r in rows_of(task, "train", tr.train_limit) if objective.is_forget(r)]
-
-        def gone(r) -> bool:  # forgotten now or by an earlier request
-            if objective.is_forget(r):
-                return True
-            f = self.forgotten.get(r[2], "absent")
-            return f is None or (f != "absent" and self.tasks[r[2]].labels[r[1]] in f)
-
         learned = [t for t in self.info["tasks"] if any(t in u.tasks for u in self.units[: unit.index] if u.kind == "learn")]
+
+        def retained(is_forget) -> list[tuple]:
+            def gone(r) -> bool:  # forgotten now or by an earlier request
+                if is_forget(r):
+                    return True
+                f = self.forgotten.get(r[2], "absent")
+                return f is None or (f != "absent" and self.tasks[r[2]].labels[r[1]] in f)
+
+            if self.replay is not None:
+                return [r for r in self.replay.contents() if not gone(r)]
+            return retained_sample([self.tasks[t] for t in learned], budget=self.forgetter.config.retain_budget,
+                                   seed=seed, split_rows=lambda t: rows_of(t, "train", tr.train_limit), exclude=gone)
+
+        def evaluate() -> dict[str, Any]:
+            self.method.configure_eval(self.lb.model)
+            return self._evaluate(self._eval_tasks(unit))
+
+        retained_tasks = [t for t in learned if t != task.name and self.forgotten.get(t, "absent") is not None]
+        res = forget(model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, fingerprint=self.fp,
+                     forgetter=self.forgetter, task=task, labels=labels, retained=retained, tasks=self.tasks,
+                     trainer=tr, seed=seed, run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget",
+                     device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
+                     retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit))
         if self.replay is not None:
-            retained = [r for r in self.replay.contents() if not gone(r)]
-        else:
-            retained = retained_sample([self.tasks[t] for t in learned], budget=self.forgetter.config.retain_budget,
-                                       seed=seed, split_rows=lambda t: rows_of(t, "train", tr.train_limit), exclude=gone)
-        out = forget_request(model=self.lb.model, tokenizer=self.lb.tokenizer, head=self.head, fingerprint=self.fp,
-                             forgetter=self.forgetter, task=task, labels=labels, forget_rows=forget_rows,
-                             retained=retained, tasks=self.tasks, trainer=tr, seed=seed,
-                             run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget", device=self.device,
-                             index=unit.index, progress=self.progress, label=self._bar(unit))
-        if self.replay is not None:
-            self.replay.remove(task.name, None if labels is None else sorted(objective.label_idx))
+            self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))
         name = self._adapter_name(unit, f"forget-{task.name}")
         prev = self.composition[-1]["name"] if self.composition else None
-        self.composition = self.composition + [{"name": name, "kind": "forget", "slot": out["slot"]}]
-        self.method.configure_eval(self.lb.model)
-        row = self._evaluate(self._eval_tasks(unit))
-        before = self.results[-1]["row"]
-        retained_tasks = [t for t in learned if t != task.name and self.forgotten.get(t, "absent") is not None]
-        summary = forget_request_summary(before, row, task.name, labels, retained_tasks, len(task.labels))
-        gs = next(iter(out["regularizers"].values()), {})
-        summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
-        result = self._result(unit, row, out["outcome"], out["regularizers"], name)
-        result["forget"] = summary
-        fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})
-        from loraplex.continual.slots import extract_slot
-
-        adapter = extract_slot(self.lb.model, fspec, out["slot"], modules=out["surviving_modules"])
-        what = f"{task.name}" + (f" (labels {', '.join(labels)})" if labels else "")
-        record = {
-            "name": name, "base": self.ref.name, "family": self.ref.family, "origin": "forgetting",
-            "description": f"Forgetting adapter (GS-LoRA): erases {what} from the composition. "
-                           f"The erased task: {task.description}",
-            "task": task.ref,
-            "edges": [{"target": f"task:{task.ref}", "kind": "forgets"}]
-                     + ([{"target": f"adapter:{prev}", "kind": "trained-from"}] if prev else []),
-            "metrics": {"accuracy": summary["forgotten_after"], "unit": unit.index, **{
-                k: summary[k] for k in ("forgotten_before", "forgotten_after", "retained_before", "retained_after",
-                                        "retained_drop", "chance", "groups_survived", "groups_total")},
-                        "steps": out["outcome"].steps, "train_seconds": out["outcome"].seconds,
-                        "step_time": out["outcome"].step_time, "losses": out["outcome"].losses},
-            "extra": {**self._extra(unit, [task]), "labels": list(labels) if labels else None},
-        }
-        self._commit(unit, result, adapter, out["outcome"].snapshots, record)
+        self.composition = self.composition + [{"name": name, "kind": "forget", "slot": res.slot}]
+        result = self._result(unit, res.after, res.outcome, res.regularizers, name)
+        result["forget"] = res.summary
+        record = res.record(name=name, base=self.ref, previous=prev, extra=self._extra(unit, [task]), unit=unit.index)
+        self._commit(unit, result, res.adapter, res.outcome.snapshots, record)
         return result
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _bar(self, unit) -> str:
+    def bar(self, unit) -> str:
+        """The progress-bar label of a unit: `[i/n] label`."""
         return f"[{unit.index + 1}/{len(self.units)}] {unit.label}"
 
     def _adapter_name(self, unit, what: str) -> str:
-        from loraplex.continual.registration import safe_part
-
         return f"{self.info['run_id']}-{unit.index}-{safe_part(what, 36)}"
 
     def _extra(self, unit, tasks: list[Any]) -> dict[str, Any]:
@@ -447,11 +355,6 @@ class _StreamRun:
         return upto + ([t for t in nxt.tasks if t not in upto] if nxt is not None and nxt.kind == "learn" else [])
 
     def _evaluate(self, names: list[str], *, bare: bool = False) -> dict[str, Any]:
-        from contextlib import nullcontext
-
-        from loraplex.continual.evaluation import evaluate_tasks
-        from loraplex.experts.layers import adapters_disabled
-
         tr = self.spec.trainer
         with adapters_disabled(self.lb.model) if bare else nullcontext():
             return evaluate_tasks(self.head, self.lb.model, self.lb.tokenizer, [self.tasks[n] for n in names],
@@ -464,11 +367,6 @@ class _StreamRun:
                 "losses": outcome.losses, "regularizers": diag}
 
     def _commit(self, unit, result, adapter, snapshots, record) -> None:
-        from safetensors.torch import save_file
-
-        from loraplex.continual.registration import write_unit_adapter
-        from loraplex.continual.slots import bank_tensors
-
         if not self.writer:
             return
         tmp = self.rd.begin(unit.index)
@@ -489,8 +387,6 @@ class _StreamRun:
         self.rd.commit(unit.index, tmp)
 
     def _register(self, i: int) -> None:
-        from loraplex.continual.registration import register_from_dir
-
         res = self.rd.result(i)
         texts = []
         if res["kind"] == "learn":

@@ -78,7 +78,8 @@ class RoutedLinear(nn.Module):
         return out + delta.to(out.dtype)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module holding submodule `name`, the attribute it is held under)."""
     if "." in name:
         parent_name, child = name.rsplit(".", 1)
         return model.get_submodule(parent_name), child
@@ -129,7 +130,7 @@ def inject(
                 A, B = a.weights[name]
                 bank.set_expert(e, A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype), a.scaling(name))
         layer = RoutedLinear(base, bank, name)
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -159,7 +160,7 @@ def inject_new(
         for e in range(n_experts):
             bank.init_expert(e, r, spec.scaling_for(name, r), generator=gen)
         layer = RoutedLinear(base, bank, name)
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -168,7 +169,7 @@ def inject_new(
 def eject(model: nn.Module) -> None:
     """Put the original projections back (the banks are dropped)."""
     for name, layer in routed_layers(model).items():
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, layer.base)
 
 
@@ -179,10 +180,6 @@ def extract(model: nn.Module, spec: LoraSpec, expert: int = 0) -> Adapter:
         if layer.bank.expert_rank(expert) > 0:
             weights[name] = layer.bank.expert(expert)
     return Adapter(spec, weights)
-
-
-def bank_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in routed_layers(model).values() for p in layer.bank.parameters()]
 
 
 @contextmanager

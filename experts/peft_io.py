@@ -255,3 +255,38 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def align_modules(adapter: Adapter, base_modules) -> Adapter:
+    """Map an adapter's module names onto the base's when they differ by a leading component.
+
+    PEFT names modules relative to the model it wrapped: an adapter trained on `BertForSequenceClassification`
+    says `bert.encoder...` where the bare `BertModel` has `encoder...`, and one trained on `LlamaModel`
+    lacks the `model.` that `LlamaForCausalLM` has. Exact names win; otherwise one leading component is
+    dropped or the base's common first component is added, if that makes every name fit.
+    `base_modules`: the base's module names (`Fingerprint.modules`). Returns the adapter renamed, or
+    unchanged when no mapping fits every name (`Adapter.check_fits` then says which one does not).
+    """
+    names = adapter.modules
+    if all(n in base_modules for n in names):
+        return adapter
+    candidates = []
+    firsts = {n.split(".", 1)[0] for n in names if "." in n}
+    if len(firsts) == 1:
+        p = firsts.pop() + "."
+        candidates.append(lambda n, p=p: n[len(p):] if n.startswith(p) else n)
+    base_firsts = {n.split(".", 1)[0] for n in base_modules if "." in n}
+    for p in sorted(base_firsts):
+        candidates.append(lambda n, p=p: f"{p}.{n}")
+    for f in candidates:
+        mapped = {f(n): w for n, w in adapter.weights.items()}
+        if len(mapped) == len(names) and all(m in base_modules for m in mapped):
+            if adapter.spec.rank_pattern or adapter.spec.alpha_pattern:
+                spec = adapter.spec.model_copy(update={
+                    "rank_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.rank_pattern.items()},
+                    "alpha_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.alpha_pattern.items()},
+                })
+            else:
+                spec = adapter.spec
+            return Adapter(spec, mapped)
+    return adapter

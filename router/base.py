@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from loraplex.catalog import Catalog
+from loraplex.errors import IntegrityError
+from loraplex.experts.layers import routed_layers, set_router
 
 ROUTERS: Catalog[Any] = Catalog(
     "router",
@@ -139,8 +141,6 @@ class LearnedRouter:
     def attach(self, model: nn.Module, only: Sequence[str] | None = None) -> None:
         """Give every RoutedLinear of `model` (or those named in `only`; the others keep static gates) its
         gate (created on first attach) and capture attention masks."""
-        from loraplex.experts.layers import routed_layers, set_router
-
         layers = routed_layers(model)
         if only is not None:
             keep = set(only)
@@ -172,15 +172,24 @@ class LearnedRouter:
         """Which task each expert was trained on (the supervision target of that task's rows)."""
         self.ctx.expert_of_task = {t: i for i, t in enumerate(tasks) if t is not None}
 
-    # ---- saving ------------------------------------------------------------------------------
+    # ---- saving and restoring ------------------------------------------------------------------
+    @classmethod
+    def stored_shape(cls, rows: int, n_experts: int) -> tuple[int, int]:
+        """(experts, rank) of a stored gate with `rows` output rows over `n_experts` experts (the full
+        count, before any shortlist): one row per adapter."""
+        return rows, 1
+
+    @classmethod
+    def bank_ranks(cls, gate_weights: dict[str, torch.Tensor], n_experts: int) -> dict[str, int] | None:
+        """projection -> the bank rank its stored gate expects (None: each adapter's own rank)."""
+        return None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{k}": v.detach().cpu() for name, g in sorted(self.gates.items())
                 for k, v in g.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load weights saved by `state_tensors` (after `attach`); every gate must be covered exactly."""
-        from loraplex.errors import IntegrityError
-
         for name, g in self.gates.items():
             own = g.state_dict()
             sd = {k: tensors.get(f"{name}.{k}") for k in own}

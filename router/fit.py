@@ -22,9 +22,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import torch
 
 from loraplex.errors import AlreadyExists, ComponentNotFound, IncompatibleAdapter, UserInputError
+from loraplex.experts.layers import extract, inject, inject_new, routed_layers
+from loraplex.experts.spec import LoraSpec
+from loraplex.heads import head_for
+from loraplex.models import load_base, resolve_base
+from loraplex.registry.record import validate_name
+from loraplex.registry.signatures import task_signatures
+from loraplex.registry.store import Registry
+from loraplex.router.base import ROUTERS, LearnedRouter
+from loraplex.router.load import load_members
+from loraplex.router.model import RoutedModel
+from loraplex.settings import Settings
+from loraplex.training import (
+    ContinualModule,
+    TrainConfig,
+    last_metric,
+    make_loader,
+    make_trainer,
+    rows_of,
+    train_config,
+)
+
+
+GATE_LR = 1e-2
+"""The default learning rate of router fitting: gates are small linear classifiers, trained faster than adapters."""
+
+
+def router_train_config(**options: Any) -> TrainConfig:
+    """The TrainConfig of a router fit (`TrainConfig` fields; lr defaults to GATE_LR); InvalidSpec if bad."""
+    return train_config(**{"lr": GATE_LR, **options})
 
 
 @dataclass
@@ -53,6 +83,49 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     return loaded
 
 
+@dataclass
+class _Experts:
+    """What a router routes over, loaded into the base: registered adapters, or fresh joint experts."""
+
+    lb: Any
+    tasks: list
+    """The tasks the router is fitted on (one per adapter)."""
+    expert_tasks: list
+    """Each expert's task (None for an unsupervised fresh expert)."""
+    expert_names: list[str]
+    joint: bool
+    specs: list
+    """Each expert's LoraSpec (stored with a joint router's experts)."""
+
+
+def _registered(reg, s, cfg, adapters: list[str], tasks, base) -> _Experts:
+    lb, recs, ads = load_members(reg, adapters, s)
+    if base is not None and resolve_base(base).name != lb.ref.name:
+        raise IncompatibleAdapter(f"adapters {', '.join(adapters)} are of base {lb.ref.name!r}, not {base!r}")
+    task_objs = _tasks_for(reg, recs, tasks)
+    inject(lb.model, ads)
+    return _Experts(lb, task_objs, list(task_objs), list(adapters), bool(getattr(cfg, "joint", False)),
+                    [r.spec for r in recs])
+
+
+def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int) -> _Experts:
+    if not factory.joint_capable:
+        raise UserInputError(f"router {method!r} routes registered adapters: name them with --adapters")
+    if not tasks:
+        raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
+    task_objs = [reg.load_task(t) for t in tasks]
+    if len({t.name for t in task_objs}) != len(task_objs):
+        raise UserInputError("a task is listed twice in --tasks")
+    lb = load_base(resolve_base(base or "minilm"), s)
+    n, r = factory.fresh_experts(cfg, len(task_objs))
+    spec = LoraSpec(r=r, alpha=2.0 * r)
+    modules = spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
+    inject_new(lb.model, spec, modules, n_experts=n, seed=seed)
+    supervised = n == len(task_objs) and getattr(cfg, "gate_loss", 0) > 0
+    expert_tasks = list(task_objs) if supervised else [None] * n
+    return _Experts(lb, task_objs, expert_tasks, [f"{name}/expert-{e}" for e in range(n)], True, [spec] * n)
+
+
 def fit_router(
     name: str,
     *,
@@ -66,23 +139,10 @@ def fit_router(
     settings=None,
     log=None,
 ) -> RouterFitResult:
-    import lightning as L
-
-    from loraplex.api import open_registry
-    from loraplex.continual.fit import TrainConfig, make_loader, make_trainer, rows_of
-    from loraplex.continual.module import ContinualModule
-    from loraplex.experts.layers import extract, inject, inject_new, routed_layers
-    from loraplex.experts.spec import LoraSpec
-    from loraplex.models import load_base, resolve_base
-    from loraplex.registry.record import validate_name
-    from loraplex.router.base import ROUTERS, LearnedRouter
-    from loraplex.router.load import load_members, task_signatures
-    from loraplex.router.model import RoutedModel
-    from loraplex.settings import Settings
-
-    s = settings or Settings.load()
+    """Fit, evaluate and store router `name` (see the module docstring)."""
     validate_name(name, "router")
-    reg = open_registry(s)
+    s = settings or Settings.load()
+    reg = Registry.open(s)
     if _has(reg, name):
         raise AlreadyExists(f"a router named {name!r} already exists")
     entry = ROUTERS.get(method)
@@ -91,78 +151,33 @@ def fit_router(
         raise UserInputError(f"router {method!r} needs no training: query with `--router {method} --adapters ...`")
     tc = train_config or TrainConfig()
     adapters = list(adapters)
-    recs: list = []
-    fresh_spec = None
     if adapters:
-        lb, recs, ads = load_members(reg, adapters, s)
-        if base is not None and resolve_base(base).name != lb.ref.name:
-            raise IncompatibleAdapter(f"adapters {', '.join(adapters)} are of base {lb.ref.name!r}, not {base!r}")
-        task_objs = _tasks_for(reg, recs, tasks)
-        inject(lb.model, ads)
-        expert_tasks = list(task_objs)
-        expert_names = list(adapters)
-        joint = bool(getattr(cfg, "joint", False))
+        ex = _registered(reg, s, cfg, adapters, tasks, base)
     else:
-        if not entry.factory.joint_capable:
-            raise UserInputError(f"router {method!r} routes registered adapters: name them with --adapters")
-        if not tasks:
-            raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
-        task_objs = [reg.load_task(t) for t in tasks]
-        if len({t.name for t in task_objs}) != len(task_objs):
-            raise UserInputError("a task is listed twice in --tasks")
-        cfg = cfg.model_copy(update={"joint": True})
-        lb = load_base(resolve_base(base or "minilm"), s)
-        n, r = entry.factory.fresh_experts(cfg, len(task_objs))
-        fresh_spec = LoraSpec(r=r, alpha=2.0 * r)
-        modules = fresh_spec.resolve_targets(lb.fingerprint.linear_names(), lb.fingerprint.model_type)
-        inject_new(lb.model, fresh_spec, modules, n_experts=n, seed=tc.seed)
-        supervised = n == len(task_objs) and getattr(cfg, "gate_loss", 0) > 0
-        expert_tasks = list(task_objs) if supervised else [None] * n
-        expert_names = [f"{name}/expert-{e}" for e in range(n)]
-        joint = True
+        cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
+        ex = _fresh(reg, s, method, entry.factory, cfg, name, tasks, base, tc.seed)
+    lb = ex.lb
     L.seed_everything(tc.seed, verbose=False)  # gate initialisation, shuffling and dropout follow the seed
     router: LearnedRouter = entry.factory(cfg)
     for layer in routed_layers(lb.model).values():
         for p in layer.bank.parameters():
-            p.requires_grad_(joint)
+            p.requires_grad_(ex.joint)
     router.attach(lb.model)
-    router.set_expert_tasks([t.name if t is not None else None for t in expert_tasks])
+    router.set_expert_tasks([t.name if t is not None else None for t in ex.expert_tasks])
     for p in router.parameters():
         p.requires_grad_(True)
-
-    # ---- train -------------------------------------------------------------------------------
-    run_dir = s.home / "runs" / f"router-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # balanced tasks: each contributes as many training rows as the smallest (capped by train_limit), so
-    # the gates do not learn the tasks' sizes as a prior
-    per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
-    train_rows = [row for t in task_objs for row in rows_of(t, "train", per_task)]
-    val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
-    if not train_rows:
-        raise UserInputError("the tasks have no training examples")
-    from loraplex.heads import head_for
-
-    head = head_for(lb)
-    module = ContinualModule(lb.model, lb.tokenizer, head, {t.name: t for t in task_objs}, lr=tc.lr,
-                             warmup=tc.warmup, total_steps=tc.steps, on_task_forward=router.ctx.set_task)
-    trainer = make_trainer(tc, run_dir, device=s.resolved_device())
-    t0 = time.perf_counter()
-    lb.model.train()
-    trainer.fit(module, train_dataloaders=make_loader(train_rows, tc.batch_size, shuffle=True, seed=tc.seed),
-                val_dataloaders=make_loader(val_rows, 64, shuffle=False))
-    seconds = time.perf_counter() - t0
-    lb.model.eval()
-    router.ctx.set_task(None)
+    run_dir = reg.run_dir("router", name)
+    trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, s.resolved_device())
 
     # ---- evaluate ----------------------------------------------------------------------------
-    sig = task_signatures(reg, task_objs)
-    rm = RoutedModel(lb, expert_names, expert_tasks, router=router, record=None, task_pool=task_objs,
+    sig = task_signatures(reg, ex.tasks)
+    rm = RoutedModel(lb, ex.expert_names, ex.expert_tasks, router=router, record=None, task_pool=ex.tasks,
                      task_signatures=sig, embedder=None)
-    ev = rm.evaluate(task_objs, split="test", limit=eval_limit, oracle=not (joint and not adapters))
+    ev = rm.evaluate(ex.tasks, split="test", limit=eval_limit, oracle=not (ex.joint and not adapters))
     metrics = {
         "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),
-        "train_loss": _last(trainer.callback_metrics, "loss/task"),
-        "router_aux": _last(trainer.callback_metrics, "loss/router_aux"),
+        "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
+        "router_aux": last_metric(trainer.callback_metrics, "loss/router_aux"),
         "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
         "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
         "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
@@ -172,21 +187,40 @@ def fit_router(
     tensors = {f"gate.{k}": v for k, v in router.state_tensors().items()}
     tensors["task_sig"] = torch.from_numpy(sig)
     extra: dict[str, Any] = {
-        "tasks": [t.ref if t is not None else None for t in expert_tasks],
-        "task_pool": [t.ref for t in task_objs], "base_sha": lb.fingerprint.sha, "joint": joint,
-        "expert_names": expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
+        "tasks": [t.ref if t is not None else None for t in ex.expert_tasks],
+        "task_pool": [t.ref for t in ex.tasks], "base_sha": lb.fingerprint.sha, "joint": ex.joint,
+        "expert_names": ex.expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
     }
-    if joint:
-        specs = []
-        for e in range(len(expert_names)):
-            spec = recs[e].spec if recs else fresh_spec
-            ad = extract(lb.model, spec, e)
-            tensors.update({f"expert.{e}.{k}": v for k, v in ad.state_dict().items()})
-            specs.append(spec.model_dump(mode="json"))
-        extra["expert_specs"] = specs
+    if ex.joint:
+        for e, spec in enumerate(ex.specs):
+            tensors.update({f"expert.{e}.{k}": v for k, v in extract(lb.model, spec, e).state_dict().items()})
+        extra["expert_specs"] = [spec.model_dump(mode="json") for spec in ex.specs]
     rec = reg.put_component("router", name, method=method, base=lb.ref.name, config=cfg.model_dump(mode="json"),
                             tensors=tensors, members=adapters, metrics=metrics, extra=extra)
     return RouterFitResult(rec, metrics, run_dir)
+
+
+def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir: Path, device: str):
+    """Train the gates (and joint experts) with ContinualModule on the tasks' mixed rows. Returns
+    (trainer, seconds). Balanced tasks: each contributes as many training rows as the smallest (capped
+    by train_limit), so the gates do not learn the tasks' sizes as a prior."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
+    train_rows = [row for t in task_objs for row in rows_of(t, "train", per_task)]
+    val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
+    if not train_rows:
+        raise UserInputError("the tasks have no training examples")
+    module = ContinualModule(lb.model, lb.tokenizer, head_for(lb), {t.name: t for t in task_objs}, lr=tc.lr,
+                             warmup=tc.warmup, total_steps=tc.steps, on_task_forward=router.ctx.set_task)
+    trainer = make_trainer(tc, run_dir, device=device)
+    t0 = time.perf_counter()
+    lb.model.train()
+    trainer.fit(module, train_dataloaders=make_loader(train_rows, tc.batch_size, shuffle=True, seed=tc.seed),
+                val_dataloaders=make_loader(val_rows, 64, shuffle=False))
+    seconds = time.perf_counter() - t0
+    lb.model.eval()
+    router.ctx.set_task(None)
+    return trainer, seconds
 
 
 def _has(reg, name: str) -> bool:
@@ -200,7 +234,3 @@ def _has(reg, name: str) -> bool:
 def _r(v):
     return None if v is None else round(float(v), 4)
 
-
-def _last(metrics: dict, key: str):
-    v = metrics.get(key)
-    return None if v is None else round(float(v), 5)

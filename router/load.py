@@ -16,10 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from loraplex.errors import IncompatibleAdapter, IntegrityError, UserInputError
+from loraplex.errors import ComponentNotFound, IncompatibleAdapter, IntegrityError, UserInputError
+from loraplex.experts.layers import inject, routed_layers
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.models import load_base, resolve_base
+from loraplex.registry.signatures import embedder as _embedder
+from loraplex.router.base import ROUTERS, LearnedRouter
+from loraplex.router.model import RoutedModel
+from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
 
 
 def _load_task(reg, ref: str | None):
@@ -30,8 +36,6 @@ def _load_task(reg, ref: str | None):
 def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
     """Records and adapters of `names` on their common base: (LoadedBase, records, adapters). Every
     adapter is checked against the base's fingerprint before any tensor is used."""
-    from loraplex.models import load_base
-
     if not names:
         raise UserInputError("no adapters to route over")
     if len(set(names)) != len(names):
@@ -51,29 +55,22 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
     return lb, [rec for rec, _ in loaded], [ad for _, ad in loaded]
 
 
-def _check_base(rec_base: str, base: str | None, what: str) -> None:
-    from loraplex.models import resolve_base
+def load_adapted(reg, names: Sequence[str], settings):
+    """The adapters' common base with them injected (a bank of E = len(names), no router): the summed
+    composition. Returns (LoadedBase, records)."""
+    lb, recs, ads = load_members(reg, names, settings, together="combined")
+    inject(lb.model, ads)
+    return lb, recs
 
+
+def _check_base(rec_base: str, base: str | None, what: str) -> None:
     if base is not None and resolve_base(base).name != rec_base:
         raise IncompatibleAdapter(f"{what} routes adapters of base {rec_base!r}, not {base!r}")
-
-
-def _embedder(reg):
-    from loraplex.embedders import get_embedder
-
-    return get_embedder(reg.embedder_name)
 
 
 def load_router(reg, name: str, settings, *, base: str | None = None, shortlist: int | None = None,
                 texts: Sequence[str] | None = None):
     """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked)."""
-    from loraplex.experts.layers import inject
-    from loraplex.experts.spec import Adapter, LoraSpec
-    from loraplex.models import load_base
-    from loraplex.router.base import ROUTERS
-    from loraplex.router.model import RoutedModel
-    from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
-
     rec, tensors = reg.load_component("router", name)
     _check_base(rec.base, base, f"router {name!r}")
     entry = ROUTERS.get(rec.method)
@@ -91,10 +88,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
             p = f"expert.{e}."
             experts.append(Adapter.from_state_dict(spec, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)},
                                                    where=f"router {name!r} expert {e}"))
-        ranks = None
-        if router.slot == "rank":  # keep the stored rank layout (gates are per rank)
-            ranks = {m: int(v.shape[0]) // len(experts) for m, v in _gate_weights(gate_t).items()}
-        inject(lb.model, experts, rank=ranks)
+        inject(lb.model, experts, rank=router.bank_ranks(_gate_weights(gate_t), len(experts)))
         expert_names = list(extra.get("expert_names") or [f"{name}/expert-{e}" for e in range(len(experts))])
         keep = list(range(len(experts)))
     else:
@@ -109,10 +103,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
             ret = RetrievalRouter(RetrievalConfig())
             keep = ret.shortlist(ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members)), shortlist)
             keep.sort()
-        ranks = None
-        if router.slot == "rank":
-            full = len(members)
-            ranks = {m: int(v.shape[0]) // full for m, v in _gate_weights(gate_t).items()}
+        ranks = router.bank_ranks(_gate_weights(gate_t), len(members))
         lb, recs, ads = load_members(reg, [members[i] for i in keep], settings)
         if any(r.base != rec.base for r in recs) or (extra.get("base_sha") and lb.fingerprint.sha != extra["base_sha"]):
             raise IncompatibleAdapter(f"router {name!r} was fitted on base {rec.base!r}; its adapters are now of another base")
@@ -149,31 +140,21 @@ class _Shape:
 
 def _build_gates(router, model, gate_t: dict[str, torch.Tensor], n_full: int) -> None:
     """Create the router's gates with the shapes they were stored with (before any shortlist)."""
-    from loraplex.experts.layers import routed_layers
-
     weights = _gate_weights(gate_t)
     layers = routed_layers(model)
     if set(weights) != set(layers):
         odd = sorted(set(weights) ^ set(layers))[0]
         raise IntegrityError(f"router weights and adapters disagree on projection {odd!r}")
     for name, w in weights.items():
-        if router.slot == "rank":
-            E, R = n_full, int(w.shape[0]) // n_full
-        else:
-            E, R = int(w.shape[0]), 1
+        E, R = router.stored_shape(int(w.shape[0]), n_full)
         g = router.make_gate(_Shape(int(w.shape[1]), E, R, gate_t.get(f"{name}.valid")))
         router.gates[name] = g.to(layers[name].bank.A.device)
 
 
 def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequence[str], base: str | None = None,
-                   config: dict[str, Any] | None = None):
+                   config: dict[str, Any] | None = None, method: str = "retrieval"):
     """A RoutedModel routing by signature retrieval over `adapters` (default: the registry, via faiss)."""
-    from loraplex.experts.layers import inject
-    from loraplex.router.base import ROUTERS
-    from loraplex.router.model import RoutedModel
-    from loraplex.router.retrieval import Signatures
-
-    ret = ROUTERS.build("retrieval", config or {})
+    ret = ROUTERS.build(method, config or {})
     emb = _embedder(reg)
     if adapters:
         names = list(adapters)
@@ -185,8 +166,6 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     else:
         if reg.count() == 0:
             raise UserInputError(f"no adapters registered in {reg.home}; register or train some first")
-        from loraplex.models import resolve_base
-
         names = ret.candidates(reg, emb.encode(list(texts)), base=resolve_base(base).name if base else None)
         if not names:
             raise UserInputError(f"no adapters of base {base!r} in the registry")
@@ -199,21 +178,36 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
 
 def load_bank(reg, names: Sequence[str], settings):
     """A RoutedModel with the adapters in a bank and no router (for heterogeneous batches)."""
-    from loraplex.experts.layers import inject
-    from loraplex.router.model import RoutedModel
-
     lb, recs, ads = load_members(reg, names, settings)
     inject(lb.model, ads)
     return RoutedModel(lb, list(names), [_load_task(reg, r.task) for r in recs], embedder=_embedder(reg))
 
 
-def task_signatures(reg, tasks: Sequence[Any]) -> np.ndarray:
-    """(n_tasks, D) unit signatures of tasks: mean of description embedding and training-input prototype."""
-    emb = _embedder(reg)
-    out = []
-    for t in tasks:
-        d = emb.encode([t.description])[0]
-        texts = [e.text for e in t.train[:256]]
-        v = d + (emb.encode(texts).mean(0) if texts else 0)
-        out.append(v / max(float(np.linalg.norm(v)), 1e-9))
-    return np.stack(out).astype(np.float32)
+def is_untrained(router: str | None) -> bool:
+    """Whether `router` names a catalog method that needs no training (retrieval), not a stored router."""
+    return router in ROUTERS.names() and not issubclass(ROUTERS.get(router).factory, LearnedRouter)
+
+
+def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
+                      texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
+                      config: dict[str, Any] | None = None):
+    """A `RoutedModel` ready to answer and trace queries (the API's `load_routed_model` says which): a
+    stored router, a method that needs no training (retrieval) over `adapters` or the registry, or
+    with no router the adapters in one bank."""
+    if shortlist is not None and shortlist < 1:
+        raise UserInputError("--shortlist must be at least 1")
+    if is_untrained(router):
+        return load_retrieval(reg, settings, adapters=adapters, texts=texts or [], base=base, config=config,
+                              method=router)
+    if router:
+        if adapters:
+            raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")
+        try:
+            return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts)
+        except ComponentNotFound:
+            known = ", ".join(c.name for c in reg.list_components("router")) or "none"
+            raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "
+                                    f"(stored routers: {known}; or --router retrieval)") from None
+    if not adapters:
+        raise UserInputError("name a router (--router NAME or --router retrieval) or the adapters to load")
+    return load_bank(reg, adapters, settings)

@@ -27,6 +27,7 @@ import torch
 
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import routed_layers, swapped, use_gates
+from loraplex.heads import accuracy, head_for
 
 
 @dataclass
@@ -106,8 +107,6 @@ class RoutedModel:
     def __init__(self, lb, experts: list[str], expert_tasks: list[Any], *, router=None, retrieval=None,
                  signatures=None, embedder=None, record=None, task_pool: Sequence[Any] = (),
                  task_signatures: np.ndarray | None = None):
-        from loraplex.heads import head_for
-
         self.lb = lb
         self.head = head_for(lb)
         self.experts = list(experts)
@@ -243,7 +242,7 @@ class RoutedModel:
         if task is not None and task.labels:
             scores = self.head.scores(self.model, self.tokenizer, texts, task)  # (N, L)
             return [task.labels[i] for i in scores.argmax(-1).tolist()]
-        if hasattr(self.head, "generate"):
+        if self.head.generates:
             return self.head.generate(self.model, self.tokenizer, texts, task)
         raise UserInputError(
             "no label set to answer with: the query was routed to adapters that record no task, and an "
@@ -257,7 +256,7 @@ class RoutedModel:
         tasks = [self.expert_tasks[i] for i in idx]
         texts = list(texts)
         with routers_off(self.model), use_gates(self.model, self.one_hot(idx)):
-            if hasattr(self.head, "encode"):
+            if self.head.embeds:
                 emb = self.head.encode(self.model, self.tokenizer, texts)  # (N, D), one routed forward
                 out = []
                 for i, t in enumerate(tasks):
@@ -284,7 +283,7 @@ class RoutedModel:
     def scores_and_routes(self, texts: list[str], task) -> tuple[torch.Tensor, list[RowRoute]]:
         """Label scores (N, L) on `task` and the routing of each text; one forward for encoders."""
         static = self.static_gates(texts)
-        if hasattr(self.head, "encode"):
+        if self.head.embeds:
             rec = Recorder(self.model)
             with rec.recording(), use_gates(self.model, static):
                 scores = self.head.scores(self.model, self.tokenizer, texts, task)
@@ -303,8 +302,6 @@ class RoutedModel:
         their own task. Routed accuracy is scored on the example's own task's labels. The oracle is the
         task's own expert alone (one-hot gates, router detached).
         """
-        from loraplex.heads import accuracy
-
         rows, tot_route, tot_n = [], [0, 0], 0
         was = self.model.training
         self.model.eval()

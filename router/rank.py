@@ -104,6 +104,14 @@ class RankRouter(LearnedRouter):
     def top_k(self) -> int:
         return self.config.top_k
 
+    @classmethod
+    def stored_shape(cls, rows: int, n_experts: int) -> tuple[int, int]:
+        return n_experts, rows // n_experts  # one row per rank of every expert
+
+    @classmethod
+    def bank_ranks(cls, gate_weights: dict[str, torch.Tensor], n_experts: int) -> dict[str, int] | None:
+        return {m: int(w.shape[0]) // n_experts for m, w in gate_weights.items()}  # keep the stored rank layout
+
     def make_gate(self, layer) -> Gate:
         b = layer.bank
         return RankGate(self.ctx, b.d_in, b.n_experts, b.rank, b.rank_mask, self.config)

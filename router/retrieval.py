@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.registry.index import SignatureIndex, routing_vectors
 from loraplex.router.base import ROUTERS
 
 
@@ -77,8 +78,6 @@ class RetrievalRouter:
     def scores(self, queries: np.ndarray, sig: Signatures) -> np.ndarray:
         """(Q, E) scores of unit query vectors (Q, D) against the signatures: <q, c_i>, c_i the routing
         vectors (`registry.index.routing_vectors`, the ones the registry-wide faiss index holds)."""
-        from loraplex.registry.index import routing_vectors
-
         q = np.asarray(queries, dtype=np.float32)  # (Q, D)
         return (q @ routing_vectors(sig.desc, sig.proto, self.config.prototype_weight).T).astype(np.float32)
 
@@ -107,8 +106,6 @@ class RetrievalRouter:
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
         cannot share a bank).
         """
-        from loraplex.registry.index import SignatureIndex
-
         idx = SignatureIndex.sync(reg, weight=self.config.prototype_weight)
         scores, ids = idx.search(np.asarray(queries, dtype=np.float32), self.config.candidates)
         best: dict[int, float] = {}

@@ -10,6 +10,7 @@ from loraplex import api
 from loraplex.errors import AdapterNotFound, AlreadyExists, IntegrityError, InvalidName
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.registry.record import AdapterDraft, Edge, validate_name
+from loraplex.registry.signatures import embed
 from loraplex.registry.store import Registry
 
 
@@ -160,7 +161,7 @@ def test_show_and_graph(settings, tiny_bert, tmp_path):
     _, ad = reg.load_adapter("a")
     reg.add_adapter(AdapterDraft(name="c", base=a.base, base_sha=a.base_sha, family="encoder", description="merged",
                                  origin="merged", spec=ad.spec, edges=(Edge.to_adapter("a", "merged-from"), Edge.to_adapter("b", "merged-from"))),
-                    ad, embedding=np.asarray(api._embed(reg, ["merged"])[0]), embedder="hash")
+                    ad, embedding=np.asarray(embed(reg, ["merged"])[0]), embedder="hash")
     info = api.show("c", settings)
     assert sorted(info["parents"]) == ["a", "b"]
     g = api.graph(settings)

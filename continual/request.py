@@ -1,0 +1,145 @@
+"""A one-off forgetting request (`loraplex forget TASK`): erase a task from the current composition.
+
+The composition is the adapters named, or the one recorded by the most recently registered adapter
+that carries one (`extra["composition"]`). The forgetting adapter is trained exactly as a stream's
+forgetting experience (`continual.forgetting.forget`), its retained data being a class-balanced
+sample of the composition's other tasks, and is registered with origin "forgetting", a `forgets` edge
+to the task and a `trained-from` edge to the composition's last adapter; its record carries the new
+composition (the old one plus itself).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+from loraplex.continual.evaluation import evaluate_tasks
+from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
+from loraplex.continual.methods import METHODS
+from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
+from loraplex.continual.spec import TrainerSettings
+from loraplex.errors import AlreadyExists, InvalidSpec, TaskNotFound, UserInputError
+from loraplex.fsio import atomic_write
+from loraplex.heads import head_for
+from loraplex.models import fingerprint, resolve_base
+from loraplex.registry.record import AdapterRecord, validate_name
+from loraplex.registry.store import Registry
+from loraplex.router.load import load_adapted
+from loraplex.settings import Settings
+from loraplex.training import rows_of
+
+
+def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: str | None = None) -> list[AdapterRecord]:
+    """The adapters a one-off forgetting request acts on, as registry records.
+
+    `adapters` names them explicitly. Otherwise the composition is the one recorded by the most
+    recently registered adapter that carries one (`extra["composition"]`): the adapters active after
+    the last unit of the latest stream run, or after the latest `loraplex forget`, on `base` if given.
+    """
+    if adapters:
+        return [reg.get_adapter(n) for n in adapters]
+    want = resolve_base(base).name if base else None
+    recs = [r for r in reg.list_adapters() if r.extra.get("composition") and (want is None or r.base == want)]
+    if not recs:
+        where = f" on base {want!r}" if want else ""
+        raise UserInputError(f"no composition to forget from{where}: no stream has run in this registry; "
+                             "name the adapters with --adapters a,b")
+    latest = max(recs, key=lambda r: r.id)
+    method = latest.extra.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    if name in METHODS.names() and not METHODS.get(name).factory.summed:
+        raise UserInputError(f"the latest composition (of {latest.name!r}) answers through its stream's router; "
+                             "a one-off request acts on summed adapters: put a `forget:` experience in the "
+                             "stream instead, or name the adapters with --adapters a,b")
+    missing = [n for n in latest.extra["composition"] if not reg.has_adapter(n)]
+    if missing:
+        raise UserInputError(f"the latest composition (of {latest.name!r}) lists adapters that were removed: "
+                             f"{', '.join(missing)}; name the adapters with --adapters a,b")
+    return [reg.get_adapter(n) for n in latest.extra["composition"]]
+
+
+def _learned_tasks(reg: Registry, recs: Sequence[AdapterRecord]) -> list[Any]:
+    """The tasks the composition's (non-forgetting) adapters were trained on, in order, loaded."""
+    refs: list[str] = []
+    for r in recs:
+        if r.origin == "forgetting":
+            continue
+        for ref in (r.extra.get("tasks") or ([r.task] if r.task else [])):
+            if ref not in refs:
+                refs.append(ref)
+    return [reg.load_task(ref) for ref in refs]
+
+
+def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[Any, tuple[str, ...] | None]:
+    """The learned task named `task` and the labels to erase (None: all of them)."""
+    target = next((t for t in learned if task in (t.name, t.ref)), None)
+    if target is None:
+        known = ", ".join(t.name for t in learned) or "none"
+        raise TaskNotFound(f"cannot forget {task!r}: the composition never learned it (its tasks: {known})")
+    chosen = tuple(labels) or None
+    if chosen:
+        bad = [lab for lab in chosen if lab not in target.labels]
+        if bad:
+            raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: {', '.join(target.labels)})")
+        if set(chosen) == set(target.labels):
+            chosen = None
+    return target, chosen
+
+
+def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: Sequence[str] = (),
+                       adapters: Sequence[str] = (), base: str | None = None, name: str | None = None,
+                       steps: int = 100, lr: float = 2e-3, batch_size: int = 16, eval_limit: int | None = 300,
+                       seed: int = 0, progress: bool = True, **gs_lora: Any) -> dict[str, Any]:
+    """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter (see the
+    module docstring); `gs_lora` options override the GS-LoRA configuration. Returns a summary dict."""
+    recs = current_composition(reg, adapters=adapters, base=base)
+    learned = _learned_tasks(reg, recs)
+    target, chosen = _target(learned, task, labels)
+    try:
+        forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
+        trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, snapshots=3)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    name = name or f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate_name(name)
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    ref = resolve_base(recs[0].base)
+    fp = fingerprint(ref, settings)
+    forgetter.modules(fp)
+
+    lb, _ = load_adapted(reg, [r.name for r in recs], settings)
+    head = head_for(lb)
+
+    def evaluate() -> dict[str, Any]:
+        return evaluate_tasks(head, lb.model, lb.tokenizer, learned, split="test", limit=eval_limit)
+
+    def retained(is_forget) -> list[tuple]:
+        return retained_sample(learned, budget=forgetter.config.retain_budget, seed=seed,
+                               split_rows=lambda t: rows_of(t, "train"), exclude=is_forget)
+
+    run_dir = reg.run_dir("forget", name)
+    res = forget(model=lb.model, tokenizer=lb.tokenizer, head=head, fingerprint=lb.fingerprint, forgetter=forgetter,
+                 task=target, labels=chosen, retained=retained, tasks={t.name: t for t in learned}, trainer=trainer,
+                 seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
+                 evaluate=evaluate, retained_tasks=[t.name for t in learned if t.name != target.name],
+                 progress=progress, label=f"forget {target.name}")
+    composition = [r.name for r in recs] + [name]
+    record = res.record(name=name, base=ref, previous=recs[-1].name,
+                        extra={"run_id": name, "unit": 0, "run_dir": str(run_dir), "tasks": [target.ref],
+                               "task_cards": {target.ref: target.card()}, "composition": composition})
+    state = run_dir / "adapter"
+    state.mkdir(parents=True, exist_ok=True)
+    write_unit_adapter(state, res.adapter, res.outcome.snapshots, record)
+    atomic_write(run_dir / "summary.json", _json_dumps(res.summary))
+    rec = register_from_dir(reg, state, fingerprint=fp)
+    return {"name": rec.name, "task": target.name, "labels": list(chosen) if chosen else None,
+            "composition": composition, "run_dir": str(run_dir), **res.summary}
+
+
+def _json_dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))

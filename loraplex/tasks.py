@@ -1,0 +1,116 @@
+"""The task type: a name, a description, a label set and fixed splits of `Example(text, label)`.
+
+`loraplex.data` finds tasks (embedded, the task library, user files); this module is what they are,
+and how rows are cut into deterministic splits: ordered by a hash of (seed, text) and cut 80/10/10.
+It imports nothing of the package but its errors, so every part may use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+from loraplex.errors import TaskNotFound, UserInputError
+
+
+class Example(NamedTuple):
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    labels: tuple[str, ...]
+    train: tuple[Example, ...]
+    validation: tuple[Example, ...]
+    test: tuple[Example, ...]
+    label_texts: dict[str, str] = field(default_factory=dict)
+    source: str = "embedded"
+    """`embedded` or the absolute path of the task file: `ref` reloads the task from it."""
+    family: str = "user"
+    """The task library family an embedded task belongs to (`loraplex.library.FAMILIES`); `user` for files."""
+
+    @property
+    def ref(self) -> str:
+        """What `load_task` takes to load this task again (stored in adapter records)."""
+        return self.name if self.source == "embedded" else self.source
+
+    def label_text(self, label: str) -> str:
+        return self.label_texts.get(label, label)
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        if not (self.train or self.validation or self.test):
+            raise TaskNotFound(f"{self.source}: the task file is gone, so task {self.name!r} has no {name} rows "
+                               "(its labels and description are still on record)")
+        return getattr(self, name)
+
+    def card(self) -> dict:
+        """What an adapter record keeps of its task so the task can be used again without the file's
+        sidecar or the `--description` it was trained with: name, description, labels, label texts."""
+        return {"name": self.name, "description": self.description, "labels": list(self.labels),
+                "label_texts": dict(self.label_texts)}
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "labels": list(self.labels),
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+            "source": self.source,
+            "family": self.family,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting
+
+
+def _order_key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def split_examples(
+    examples: Iterable[Example], *, seed: int = 0, max_val: int | None = None, max_test: int | None = None
+) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
+    rows = sorted(examples, key=lambda e: _order_key(seed, e.text + "\x00" + e.label))
+    n = len(rows)
+    n_test = max(1, n // 10) if n >= 3 else 0
+    n_val = max(1, n // 10) if n >= 3 else 0
+    if max_test is not None:
+        n_test = min(n_test, max_test)
+    if max_val is not None:
+        n_val = min(n_val, max_val)
+    test = tuple(rows[:n_test])
+    val = tuple(rows[n_test : n_test + n_val])
+    train = tuple(rows[n_test + n_val :])
+    return train, val, test
+
+
+# ---------------------------------------------------------------------------------------------
+# descriptions
+
+MAX_DESCRIPTION = 10_000
+
+
+def validate_description(text: str | None, what: str = "description") -> str:
+    """A task description as stored: non-empty UTF-8 text (no undecodable bytes), at most 10,000 characters."""
+    if text is None or not str(text).strip():
+        raise UserInputError(f"the {what} is empty: it is how the adapter is found and routed to")
+    try:
+        str(text).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = str(text)[exc.start:exc.end].encode("utf-8", "surrogateescape")
+        raise UserInputError(f"the {what} is not valid UTF-8 text (undecodable byte {bad!r} at character {exc.start})") from None
+    if len(text) > MAX_DESCRIPTION:
+        raise UserInputError(f"the {what} is {len(text):,} characters long; at most {MAX_DESCRIPTION:,} are allowed")
+    return str(text).strip()

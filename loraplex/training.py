@@ -1,0 +1,430 @@
+"""Training with Lightning, shared by every part that trains: one adapter (continual/fit.py), a
+stream's units (continual/experience.py) and a router's gates (router/fit.py).
+
+- `TrainConfig`: how to train (steps, learning rate, batch size, Lightning's devices and precision);
+- `rows_of`, `make_loader`: a task's rows `(text, label index, task name)` and their DataLoader;
+- `make_trainer`: a Lightning Trainer with a progress bar, CSV logs under `<run_dir>/logs` and the last
+  checkpoint (trainable weights only) under `<run_dir>/checkpoints`;
+- `AdapterSnapshots`: a callback that keeps a few intermediate adapter states (the generators learn
+  from training trajectories, not only from end points);
+- `ContinualModule`: the LightningModule whose `training_step` composes the loss.
+
+Device, precision, devices and strategy pass through to the Trainer (`--devices`, `--strategy`,
+`--precision` on the CLI): Lightning is the distributed engine. This module imports lightning (several
+seconds), so only the commands that train import it.
+
+ContinualModule the LightningModule that trains adapters (one task, or a stream of them).
+
+The loss is composed visibly in `training_step`, every term logged under its own name:
+
+    loss = task loss                          (the head's loss, per task present in the batch)
+         + forget loss                        (a forgetting experience: GS-LoRA's bounded loss on the
+                                               rows to forget; the task loss is then the retention loss)
+         + distillation                       (weight * KL(stored scores || now) on rows that have stored
+                                               scores: a forgetting experience's retained rows, scored
+                                               before it; replayed rows with replay.distill, scored when
+                                               their task was learned (DER++); see continual/distill.py)
+         + router auxiliary loss              (sum over routed layers of Routing.aux_loss, if any)
+         + sum_i regularizer_i.penalty(self)  (O-LoRA orthogonality, GS-LoRA group sparsity, ...)
+
+Regularizers are plain objects with a `name` and `penalty(module) -> Tensor` (their experience hooks
+are called by the stream loop, not here); Lightning callbacks only log, show progress and checkpoint.
+A forgetting objective (`continual.forgetting.ForgetObjective`) says which rows of a batch are to be
+forgotten (`is_forget(row)`) and scores them (`loss(module, rows)`); the other rows keep the task loss.
+A teacher (`continual.distill.StoredScores`: `weight`, `lookup(row)`) adds the distillation term; it
+reuses the scores of the task loss's forward when the head gives them (`Head.scored_loss`), so it costs
+no second forward on an encoder base.
+A batch is a list of `(text, label index, task name)`: rows from several tasks can share a batch
+(replay), and each is scored against its own task's label set. Rows are forwarded one task group at a
+time (on an encoder head without a router, in length buckets instead: see `task_loss`):
+`on_task_forward(task)` (optional) is called before each group's forward (a router uses it to know
+which task's adapter the tokens belong to), and the router auxiliary loss is read after each group's
+forward and averaged over the batch's rows.
+
+Checkpoints keep only the trainable parameters (the adapter banks, routers), not the frozen base.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch.utils.data import DataLoader
+
+from loraplex.errors import InvalidSpec
+from loraplex.experts.layers import extract, routed_layers
+from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.heads import Head
+from loraplex.settings import with_checked_devices
+from loraplex.tasks import Task
+
+class Row(NamedTuple):
+    """One training or evaluation row. A plain `(text, label, task)` tuple is accepted wherever a Row is."""
+
+    text: str
+    label: int
+    """The index of the row's label in its task's label set."""
+    task: str
+    """The task's name: each row is scored against its own task's labels (a batch may mix tasks)."""
+
+
+class LightningSettings(BaseModel):
+    """Lightning's settings, passed through to the Trainer: one definition for a one-off training
+    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: int | str = 1
+    """Lightning devices (a number or 'auto')."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, ..."""
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @model_validator(mode="after")
+    def _devices_exist(self):
+        return with_checked_devices(self)
+
+    def lightning(self) -> dict[str, Any]:
+        """The Lightning settings alone: {accelerator, devices, strategy, precision}."""
+        return {k: getattr(self, k) for k in LightningSettings.model_fields}
+
+
+class TrainConfig(LightningSettings):
+    """How to train an adapter."""
+
+    steps: int = Field(100, ge=1)
+    """Optimiser steps."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (linear warm-up, cosine decay to 10%)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per step."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout."""
+    warmup: float = Field(0.1, ge=0, lt=1)
+    """Share of steps spent warming up."""
+    eval_every: int | None = Field(None, ge=1)
+    """Validate every N steps (default: four times per run)."""
+    val_limit: int = Field(200, ge=1)
+    """Validation examples per task."""
+    train_limit: int | None = Field(None, ge=1)
+    """Use only the first N training examples (a quick slice)."""
+    snapshots: int = Field(4, ge=0)
+    """Intermediate adapter states to keep (evenly spaced; the final one is the adapter itself)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def invalid_option(exc: ValidationError) -> InvalidSpec:
+    """The first error of a training config's validation, as one line: `invalid training option steps: ...`."""
+    err = exc.errors()[0]
+    where = " " + ".".join(map(str, err["loc"])) if err["loc"] else ""
+    return InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}")
+
+
+def train_config(**options: Any) -> TrainConfig:
+    """`TrainConfig(**options)`, a bad option raising InvalidSpec (one line) instead of a ValidationError."""
+    try:
+        return TrainConfig(**options)
+    except ValidationError as exc:
+        raise invalid_option(exc) from None
+
+
+def rows_of(task: Task, split: str, limit: int | None = None) -> list[Row]:
+    ex = task.split(split)
+    if limit:
+        ex = ex[:limit]
+    return [Row(e.text, task.label_index(e.label), task.name) for e in ex]
+
+
+def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(list(rows), batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=list, num_workers=0, drop_last=False)
+
+
+class _TrainProgress(TQDMProgressBar):
+    """Lightning's progress bar without the nested validation bars (the val accuracy shows in the postfix)."""
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+
+
+def make_trainer(cfg: TrainConfig, run_dir: Path, *, callbacks: Sequence[Any] = (), max_steps: int | None = None,
+                 device: str = "cpu", checkpoint: bool = True) -> L.Trainer:
+    _quiet_lightning()
+    steps = max_steps or cfg.steps
+    cbs = list(callbacks)
+    if cfg.progress:
+        cbs.append(_TrainProgress(refresh_rate=max(1, steps // 50)))
+    if checkpoint:
+        cbs.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_last=False,
+                                   every_n_train_steps=max(1, steps // 4), save_top_k=1, enable_version_counter=False))
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if device == "cuda" else ("mps" if device == "mps" else "cpu")
+    eval_every = cfg.eval_every or max(1, steps // 4)
+    return L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator=accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        callbacks=cbs,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoint,
+        num_sanity_val_steps=0,
+        val_check_interval=min(eval_every, steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=max(1, min(10, steps // 10)),
+        default_root_dir=str(run_dir),
+    )
+
+
+class AdapterSnapshots(Callback):
+    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last.
+
+    `extract_fn(model) -> Adapter` overrides how the adapter is read (a continual run reads one slot
+    of some modules' banks, see `continual.slots.extract_slot`)."""
+
+    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0, *, extract_fn=None):
+        self.spec, self.expert = spec, expert
+        self.extract_fn = extract_fn
+        self.at = sorted({max(1, round(steps * (i + 1) / (count + 1))) for i in range(count)} - {steps}) if count else []
+        self.taken: list[tuple[int, Adapter]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in self.at and not any(s == step for s, _ in self.taken):
+            model = pl_module.model
+            adapter = self.extract_fn(model) if self.extract_fn else extract(model, self.spec, self.expert)
+            self.taken.append((step, adapter))
+
+
+def distill_loss(scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(scores)), mean over rows; scores and teacher (N, L)."""
+    return F.kl_div(F.log_softmax(scores.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                    reduction="batchmean")
+
+
+class ContinualModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        head: Head,
+        tasks: dict[str, Task],
+        *,
+        lr: float = 1e-3,
+        warmup: float = 0.1,
+        total_steps: int = 100,
+        regularizers: Sequence[Any] = (),
+        forgetting: Any = None,
+        teacher: Any = None,
+        on_task_forward: Callable[[str], None] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.head = head
+        self.tasks = dict(tasks)
+        self.lr = lr
+        self.warmup = warmup
+        self.total_steps = max(1, total_steps)
+        self.regularizers = list(regularizers)
+        self.forgetting = forgetting
+        self.teacher = teacher if teacher is not None and getattr(teacher, "weight", 0) > 0 else None
+        self.on_task_forward = on_task_forward
+        self._batch_aux: torch.Tensor | None = None
+        self._batch_kd: torch.Tensor | None = None
+        self.last_val: dict[str, float] = {}
+        self._val_counts: dict[str, list[int]] = {}
+
+    # ---- the loss ----------------------------------------------------------------------------
+    def mixed_embeddings(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor | None:
+        """(N, D) embeddings of a batch mixing tasks, forwarded in length buckets, when that is possible
+        (an encoder head, no `on_task_forward` hook, no router attached); None otherwise."""
+        if len({r[2] for r in batch}) < 2 or self.on_task_forward is not None or not self.head.embeds:
+            return None
+        if any(layer.router is not None for layer in routed_layers(self.model).values()):
+            return None
+        return self.head.encode_mixed(self.model, self.tokenizer, [r[0] for r in batch])
+
+    def task_loss(self, batch: Sequence[tuple[str, int, str]], emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean head loss over the batch, each row scored against its own task's labels.
+
+        Rows are forwarded one task group at a time, except on an encoder head with no router attached:
+        there the sentence embedding does not depend on the task, so a batch mixing tasks (replay) is
+        forwarded in length buckets (`EncoderHead.encode_mixed`) and only the scoring is per task.
+        `emb`: the rows' embeddings when the caller already has them (`mixed_embeddings`).
+        Also leaves the batch's router auxiliary loss in `_batch_aux` and its distillation term (mean over
+        the rows the teacher knows, times its weight) in `_batch_kd` (None when there is none)."""
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, t) in enumerate(batch):
+            groups.setdefault(t, []).append(i)
+        if emb is None:
+            emb = self.mixed_embeddings(batch)  # (N, D), or None: one forward per task group
+        total = 0.0
+        aux_total = None
+        kd_total, kd_rows = None, 0
+        for t, rows in groups.items():
+            texts = [batch[i][0] for i in rows]
+            y = torch.tensor([batch[i][1] for i in rows], device=self.device)
+            if emb is not None:
+                scores = self.head.scores_of(self.model, self.tokenizer, emb[rows], self.tasks[t])
+                loss = F.cross_entropy(scores, y)
+            else:
+                if self.on_task_forward is not None:
+                    self.on_task_forward(t)
+                loss, scores = self.head.scored_loss(self.model, self.tokenizer, texts, y, self.tasks[t])
+                aux = self.router_aux_loss()  # this group's forward
+                if aux is not None:
+                    aux_total = aux * len(rows) if aux_total is None else aux_total + aux * len(rows)
+            total = total + loss * len(rows)
+            stored = [self.teacher.lookup(batch[i]) for i in rows] if self.teacher is not None else []
+            known = [j for j, s in enumerate(stored) if s is not None]
+            if known:
+                if scores is None:  # a head whose loss is not a function of its scores (causal LM)
+                    scores = self.head.scores(self.model, self.tokenizer, [texts[j] for j in known], self.tasks[t])
+                else:
+                    scores = scores[known]
+                target = torch.stack([stored[j] for j in known]).to(scores.device)
+                kd = distill_loss(scores, target) * len(known)
+                kd_total = kd if kd_total is None else kd_total + kd
+                kd_rows += len(known)
+        self._batch_aux = None if aux_total is None else aux_total / len(batch)
+        self._batch_kd = None if kd_total is None else self.teacher.weight * kd_total / kd_rows
+        return total / len(batch)
+
+    def router_aux_loss(self) -> torch.Tensor | None:
+        terms = [layer.last_routing.aux_loss for layer in routed_layers(self.model).values()
+                 if layer.router is not None and layer.last_routing is not None
+                 and getattr(layer.last_routing, "aux_loss", None) is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def training_step(self, batch, batch_idx):
+        bs = len(batch)
+        to_forget = [self.forgetting is not None and self.forgetting.is_forget(r) for r in batch]
+        forget_rows = [r for r, f in zip(batch, to_forget) if f]
+        keep_rows = [r for r, f in zip(batch, to_forget) if not f]
+        loss = torch.zeros((), device=self.device)
+        self._batch_kd = None
+        emb = self.mixed_embeddings(batch) if keep_rows and forget_rows else None  # one pass for both kinds
+        keep_emb = forget_emb = None
+        if emb is not None:
+            keep_emb = emb[[i for i, f in enumerate(to_forget) if not f]]
+            forget_emb = emb[[i for i, f in enumerate(to_forget) if f]]
+        if keep_rows:
+            task = self.task_loss(keep_rows, keep_emb)
+            loss = loss + task
+            self.log("loss/task", task, prog_bar=True, batch_size=len(keep_rows))
+        if forget_rows:
+            forget = self.forgetting.loss(self, forget_rows, forget_emb)
+            loss = loss + forget
+            self.log("loss/forget", forget, prog_bar=True, batch_size=len(forget_rows))
+        if self._batch_kd is not None:
+            loss = loss + self._batch_kd
+            self.log("loss/distill", self._batch_kd, batch_size=len(keep_rows))
+        aux = self._batch_aux if keep_rows else self.router_aux_loss()
+        if aux is not None:
+            loss = loss + aux
+            self.log("loss/router_aux", aux, batch_size=bs)
+        for reg in self.regularizers:
+            pen = reg.penalty(self)
+            if pen is None:
+                continue
+            loss = loss + pen
+            self.log(f"loss/{reg.name}", pen, prog_bar=True, batch_size=bs)
+        self.log("loss/total", loss, batch_size=bs)
+        return loss
+
+    # ---- validation: accuracy per task on the validation loader ------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts: dict[str, list[int]] = {}
+
+    def validation_step(self, batch, batch_idx):
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, t) in enumerate(batch):
+            groups.setdefault(t, []).append(i)
+        for t, rows in groups.items():
+            if self.on_task_forward is not None:
+                self.on_task_forward(t)
+            scores = self.head.scores(self.model, self.tokenizer, [batch[i][0] for i in rows], self.tasks[t])
+            pred = scores.argmax(-1).tolist()
+            c = self._val_counts.setdefault(t, [0, 0])
+            c[0] += sum(int(p == batch[i][1]) for p, i in zip(pred, rows))
+            c[1] += len(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = {t: c / n for t, (c, n) in self._val_counts.items() if n}
+        if self.trainer.sanity_checking or not accs:
+            return
+        self.last_val = accs
+        for t, a in accs.items():
+            self.log(f"val/{t}", a, prog_bar=len(accs) == 1)
+        self.log("val/accuracy", sum(accs.values()) / len(accs), prog_bar=True)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("nothing to train: no parameter requires grad")
+        # weight_decay=0: banks hold frozen experts whose slices must not decay (see LoraBank).
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        warm = max(1, int(self.warmup * self.total_steps))
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+            if step < warm:
+                return (step + 1) / warm
+            p = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints hold the trainable state only --------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.named_buffers() if ".bank." in n or ".router." in n}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen base is rebuilt from the registry; restore only what the checkpoint holds.
+        own = self.state_dict()
+        own.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = own
+
+
+def last_metric(metrics: dict, key: str) -> float | None:
+    """The trainer's last logged value of `key`, rounded (None if it never logged it)."""
+    v = metrics.get(key)
+    return None if v is None else round(float(v), 5)

@@ -1,0 +1,104 @@
+"""The registry's jobs on adapters: register a PEFT directory, export one, search, describe, remove.
+
+PEFT's directory format (`adapter_config.json` + `adapter_model.safetensors`, experts/peft_io.py) is
+the exchange format in and out. Registering checks everything first (name, description, the base's
+fingerprint, module names aligned onto the base's, shapes) and writes last, in one transaction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraplex.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
+from loraplex.models import Fingerprint, fingerprint, resolve_base
+from loraplex.registry.index import SignatureIndex
+from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, validate_description, validate_name
+from loraplex.registry.signatures import description_embedding, embed, prototype
+from loraplex.registry.store import Registry
+from loraplex.settings import Settings
+
+
+def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str,
+                  task: str | None = None, base: str | None = None) -> AdapterRecord:
+    """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record."""
+    validate_name(name)
+    if not description or not description.strip():
+        raise UserInputError("a description is required (--description): it is how the adapter is found and routed to")
+    description = validate_description(description)
+    if reg.has_adapter(name):
+        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    adapter, cfg = read_peft_dir(path)
+    ref = resolve_base(base or cfg.get("base_model_name_or_path"))
+    fp = fingerprint(ref, settings)
+    adapter = align_modules(adapter, fp.modules)
+    adapter.check_fits(fp, name=f"adapter at {path}")
+    task_obj = reg.load_task(task) if task else None
+    edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
+    draft = AdapterDraft(
+        name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),
+        task=task_obj.ref if task_obj else None, origin="imported", spec=adapter.spec, edges=edges,
+        extra={"source": str(Path(path).absolute()),
+               **({"task_cards": {task_obj.ref: task_obj.card()}} if task_obj else {})},
+    )
+    proto = prototype(reg, [e.text for e in task_obj.train]) if task_obj else None
+    return reg.add_adapter(draft, adapter, embedding=description_embedding(reg, draft.description), prototype=proto,
+                           embedder=reg.embedder_name, fingerprint_json=fp.model_dump_json())
+
+
+def export_peft(reg: Registry, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a registered adapter as a PEFT directory that PeftModel.from_pretrained loads."""
+    rec, adapter = reg.load_adapter(name)
+    fps = reg.base_fingerprints()
+    if rec.base_sha not in fps:
+        raise IncompatibleAdapter(f"adapter {name!r}: the fingerprint of its base is missing (run `loraplex registry check`)")
+    fp = Fingerprint.model_validate_json(fps[rec.base_sha][1])
+    try:
+        peft_name = resolve_base(rec.base).peft_name
+    except UserInputError:
+        peft_name = rec.base
+    cfg = peft_config(adapter, base_model_name_or_path=peft_name, all_linear=fp.linear_names(),
+                      fan_in_fan_out=any(m in fp.conv1d for m in adapter.modules), family=rec.family)
+    return write_peft_dir(adapter, out_dir, cfg, overwrite=overwrite)
+
+
+def search(reg: Registry, text: str, k: int = 5) -> list[dict[str, Any]]:
+    """The k adapters whose descriptions are nearest to `text` (cosine similarity), best first."""
+    if not text or not text.strip():
+        raise UserInputError("the search text is empty")
+    if k < 1:
+        raise UserInputError("-k must be at least 1")
+    if reg.count() == 0:
+        return []
+    idx = SignatureIndex.sync(reg)
+    scores, ids = idx.search(embed(reg, [text]), k)
+    names = reg.names_by_id([int(i) for i in ids[0] if i >= 0])
+    out = []
+    for sc, i in zip(scores[0], ids[0]):
+        if i < 0 or int(i) not in names:
+            continue
+        rec = reg.get_adapter(names[int(i)])
+        out.append({"name": rec.name, "score": round(float(sc), 4), "task": rec.task, "base": rec.base,
+                    "description": rec.description})
+    return out
+
+
+def describe(reg: Registry, name: str) -> dict[str, Any]:
+    """An adapter's record as JSON, with its parents and the components (routers, generators) using it."""
+    rec = reg.get_adapter(name)
+    out = rec.model_dump(mode="json")
+    out["parents"] = rec.parents
+    out["used_by"] = [f"{c.kind}:{c.name}" for c in reg.components_using(name)]
+    return out
+
+
+def remove(reg: Registry, name: str) -> AdapterRecord | None:
+    """Remove an adapter no component uses. None: a damaged record (see `registry check`), removed all the same."""
+    if not reg.has_adapter(name):
+        raise AdapterNotFound(f"no adapter named {name!r} in the registry at {reg.home}")
+    users = reg.components_using(name)
+    if users:
+        who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
+        raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
+    return reg.remove_adapter(name)

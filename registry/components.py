@@ -1,0 +1,100 @@
+"""Components stored in the registry: routers and generators, each a record plus one safetensors blob.
+
+A component names the adapters it covers (`members`); an adapter a component uses cannot be removed.
+`Components` is a part of `Registry` (registry/store.py), which gives it blobs, the lock and transactions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from loraplex.errors import AdapterNotFound, AlreadyExists, ComponentNotFound, IntegrityError
+from loraplex.registry.database import now
+from loraplex.registry.record import ComponentRecord, validate_name
+
+
+class Components:
+    """The components half of `Registry`: put, get, list, load, remove routers and generators."""
+
+    def put_component(
+        self,
+        kind: str,
+        name: str,
+        *,
+        method: str,
+        base: str,
+        config: dict[str, Any],
+        tensors: dict[str, Any],
+        members: Sequence[str],
+        metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> ComponentRecord:
+        """Store a router or generator: its weights (a safetensors blob) and the adapters it covers."""
+        from safetensors.torch import save
+
+        validate_name(name, kind)
+        data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
+        with self.write_lock():
+            conn = self._db()
+            if conn.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone():
+                raise AlreadyExists(f"a {kind} named {name!r} already exists")
+            for m in members:
+                if not self.has_adapter(m):
+                    raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")
+            with self._writing(f"store {kind} {name!r}") as created, self.transaction() as c:
+                sha = self.put_blob(data, created=created)
+                c.execute(
+                    "INSERT INTO components(kind, name, method, base, config, blob, members, metrics, extra, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, name, method, base, json.dumps(config, sort_keys=True), sha, json.dumps(list(members)),
+                     json.dumps(metrics or {}, sort_keys=True), json.dumps(extra or {}, sort_keys=True), now()),
+                )
+        return self.get_component(kind, name)
+
+    def _components(self, where: str, params: Sequence[Any]) -> list[ComponentRecord]:
+        conn = self._db(create=False)
+        if conn is None:
+            return []
+        rows = conn.execute(
+            "SELECT id, kind, name, method, base, config, blob, members, metrics, extra, created_at "
+            f"FROM components {where} ORDER BY id", params).fetchall()
+        return [
+            ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]), blob=r[6],
+                            members=tuple(json.loads(r[7])), metrics=json.loads(r[8]), extra=json.loads(r[9]),
+                            created_at=r[10])
+            for r in rows
+        ]
+
+    def get_component(self, kind: str, name: str) -> ComponentRecord:
+        recs = self._components("WHERE kind = ? AND name = ?", (kind, name))
+        if not recs:
+            raise ComponentNotFound(f"no {kind} named {name!r} in the registry at {self.home}")
+        return recs[0]
+
+    def list_components(self, kind: str) -> list[ComponentRecord]:
+        return self._components("WHERE kind = ?", (kind,))
+
+    def load_component(self, kind: str, name: str) -> tuple[ComponentRecord, dict[str, Any]]:
+        """The record and its tensors (hash verified)."""
+        from safetensors.torch import load
+
+        rec = self.get_component(kind, name)
+        try:
+            tensors = load(self.read_blob(rec.blob))
+        except IntegrityError:
+            raise
+        except Exception as exc:
+            raise IntegrityError(f"{kind} {name!r}: its weights cannot be read ({exc})") from None
+        return rec, tensors
+
+    def remove_component(self, kind: str, name: str) -> ComponentRecord:
+        with self.write_lock():
+            rec = self.get_component(kind, name)
+            with self.transaction() as c:
+                c.execute("DELETE FROM components WHERE id = ?", (rec.id,))
+            self.delete_unreferenced_blobs([rec.blob])
+        return rec
+
+    def components_using(self, adapter: str) -> list[ComponentRecord]:
+        return [c for kind in ("router", "generator") for c in self.list_components(kind) if adapter in c.members]

@@ -1,0 +1,219 @@
+"""The registry's database: one SQLite file (WAL, synchronous=FULL), its schema, the writers' lock.
+
+`Database` opens the connection on first use (creating the schema), serialises writers on an advisory
+lock (`registry.lock`, fcntl; re-entrant within one object), and runs every change in one transaction
+that also bumps the `generation` counter the caches (faiss index, lineage graph) compare against.
+`registry/store.py`'s `Registry` builds on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import sqlite3
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from loraplex.errors import IntegrityError, LoraplexError, RegistryBusy, UserInputError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bases(sha TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    base TEXT NOT NULL,
+    base_sha TEXT NOT NULL,
+    family TEXT NOT NULL,
+    description TEXT NOT NULL,
+    task TEXT,
+    origin TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    n_params INTEGER NOT NULL,
+    modules INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    prototype BLOB,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges(
+    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY(adapter_id, target, kind)
+);
+CREATE TABLE IF NOT EXISTS snapshots(
+    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    blob TEXT NOT NULL,
+    PRIMARY KEY(adapter_id, step)
+);
+CREATE TABLE IF NOT EXISTS components(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    base TEXT NOT NULL,
+    config TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    members TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE(kind, name)
+);
+"""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def now() -> str:
+    """The time now, UTC, ISO 8601 to the second (records' created_at)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """ENOSPC from a file write, SQLite's SQLITE_FULL, or SQLite's 'disk I/O error' on a disk with no space left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc).lower()
+        if getattr(exc, "sqlite_errorcode", None) == 13 or "database or disk is full" in text:
+            return True
+        if "disk i/o error" in text and where is not None:
+            try:
+                return shutil.disk_usage(where).free < (1 << 20)
+            except OSError:
+                return False
+    return False
+
+
+class Database:
+    """A registry home's SQLite database and lock (see the module docstring)."""
+
+    def __init__(self, home: str | os.PathLike, *, lock_timeout: float = 120.0):
+        self.home = Path(home).expanduser().absolute()
+        if self.home.exists() and not self.home.is_dir():
+            raise UserInputError(f"registry home {self.home} is not a directory")
+        self.db_path = self.home / "registry.db"
+        self.lock_path = self.home / "registry.lock"
+        self.lock_timeout = lock_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # connection, schema, locking
+
+    @property
+    def exists(self) -> bool:
+        return self.db_path.is_file()
+
+    def _db(self, create: bool = True) -> sqlite3.Connection | None:
+        if self._conn is None:
+            if not self.exists and not create:
+                return None
+            self.home.mkdir(parents=True, exist_ok=True)
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise LoraplexError(f"cannot open registry database {self.db_path}: {exc}") from None
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.executescript(SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Exclusive, re-entrant (within this object) advisory lock on the registry."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
+                time.sleep(0.01)
+        self._lock_fd, self._lock_depth = fd, 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+            conn.execute("COMMIT")
+        except BaseException:
+            # a Ctrl-C can land after COMMIT went through (or before BEGIN took): roll back only an open
+            # transaction, so the interrupt, not "no transaction is active", is what the caller sees
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def generation(self) -> int:
+        conn = self._db(create=False)
+        if conn is None:
+            return 0
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+    def meta(self, key: str) -> str | None:
+        conn = self._db(create=False)
+        if conn is None:
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None

@@ -1,0 +1,81 @@
+"""Answering with a routed model: batched queries, heterogeneous batches, and a stored router's evaluation.
+
+How an answer is made: the query is routed (a learned router gates each token in each adapted
+projection; retrieval gives the query constant gates from the nearest adapter signatures). The
+adapter with the largest mean gate weight over the query's tokens (for retrieval: the nearest
+adapter) names the task whose label set answers it; an encoder base scores the routed model's
+embedding of the query against that task's label anchors, a causal base does rank classification
+over that task's labels, or generates text when the task has no label set (router/model.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from loraplex.errors import UserInputError
+from loraplex.router import auto
+from loraplex.router.load import is_untrained, load_routed_model
+
+
+def query(reg, settings, texts: Sequence[str], *, router: str | None = None, adapters: Sequence[str] | None = None,
+          trace: bool = False, base: str | None = None, shortlist: int | None = None, batch_size: int = 32,
+          config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Answer queries with a routed model, `batch_size` at a time; without `router`, retrieval routes."""
+    texts = [t.strip() for t in texts]
+    if not texts or not all(texts):
+        raise UserInputError("the query is empty")
+    if batch_size < 1:
+        raise UserInputError("--batch-size must be at least 1")
+    if router == "auto":
+        return _query_auto(reg, settings, texts, adapters=adapters, shortlist=shortlist, base=base, trace=trace,
+                           batch_size=batch_size, config=config)
+    if router is None:
+        router = "retrieval"
+    # retrieval over the whole registry and shortlists depend on the queries: rebuilt per batch
+    per_batch = (is_untrained(router) and not adapters) or shortlist is not None
+    out: list[dict[str, Any]] = []
+    rm = None
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i: i + batch_size]
+        if rm is None or per_batch:
+            rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, shortlist=shortlist,
+                                   config=config)
+        out.extend(rm.answer(chunk, trace=trace))
+    return out
+
+
+def _query_auto(reg, settings, texts: list[str], *, adapters, shortlist, base, trace, batch_size,
+                config) -> list[dict[str, Any]]:
+    """`query --router auto`: route, generate or fall back per request (router/auto.py)."""
+    if adapters:
+        raise UserInputError("--router auto decides over the whole registry; --adapters does not apply")
+    if shortlist is not None:
+        raise UserInputError("--shortlist applies to a stored learned router, not to --router auto")
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(texts), batch_size):
+        out.extend(auto.answer(reg, settings, texts[i: i + batch_size], config, base=base, trace=trace))
+    return out
+
+
+def answer_each(reg, settings, texts: Sequence[str], adapters: Sequence[str]) -> list[Any]:
+    """A heterogeneous batch: row i answered by adapter adapters[i] alone, all rows in one forward pass."""
+    if len(texts) != len(adapters):
+        raise UserInputError(f"{len(texts)} texts but {len(adapters)} adapter names; give one adapter per row")
+    if not texts:
+        raise UserInputError("no texts")
+    rm = load_routed_model(reg, settings, None, list(dict.fromkeys(adapters)))
+    return rm.answer_each(list(texts), list(adapters))
+
+
+def evaluate_router(reg, settings, name: str, *, tasks: Sequence[str] | None = None, split: str = "test",
+                    limit: int | None = None) -> dict[str, Any]:
+    """Routing accuracy, routed accuracy and each adapter alone (oracle), per task, for a stored router."""
+    if split not in ("train", "validation", "test"):
+        raise UserInputError(f"unknown split {split!r} (train, validation, test)")
+    if limit is not None and limit < 1:
+        raise UserInputError("--limit must be at least 1")
+    rm = load_routed_model(reg, settings, name)
+    task_objs = [reg.load_task(t) for t in tasks] if tasks else list(rm.task_pool)
+    joint_scratch = bool(rm.record.extra.get("joint")) and not rm.record.members
+    res = rm.evaluate(task_objs, split=split, limit=limit, oracle=not joint_scratch)
+    return {"router": name, "method": rm.record.method, "base": rm.record.base, "split": split, **res}
