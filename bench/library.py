@@ -6,7 +6,7 @@ and prints each adapter's test accuracy against the bare base and the total time
 per task: family, accuracy, base accuracy, seconds) are merged into a JSON file.
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library.py [--family F] [--tasks a,b] [--steps 200]
-        [--limit N] [--eval-limit 200] [--out bench/results/library.json]
+        [--limit N] [--eval-limit 200] [--interleave] [--out bench/results/library.json]
 """
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, STEPS, adapter_name, bench_home, bench_settings  # noqa: E402
+
+
+def interleaved(names: list[str]) -> list[str]:
+    """The tasks round-robin over their families (a partly built library then covers every family)."""
+    from loraplex.data import EMBEDDED_TASKS
+
+    by: dict[str, list[str]] = {}
+    for n in names:
+        by.setdefault(EMBEDDED_TASKS[n]["family"], []).append(n)
+    out: list[str] = []
+    while any(by.values()):
+        for fam in list(by):
+            if by[fam]:
+                out.append(by[fam].pop(0))
+    return out
 
 
 def library_tasks(family: str | None = None, tasks: str | None = None) -> list[str]:
@@ -46,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=STEPS, help="training steps per adapter")
     ap.add_argument("--limit", type=int, default=None, help="train at most this many new adapters this run")
     ap.add_argument("--eval-limit", type=int, default=200, help="test rows scored per adapter (and for the bare base)")
+    ap.add_argument("--interleave", action="store_true", help="train round-robin over the families")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library.json")
     args = ap.parse_args(argv)
 
@@ -58,6 +74,8 @@ def main(argv=None) -> int:
     reg = api.open_registry(s)
     names = library_tasks(args.family, args.tasks)
     todo = [n for n in names if not reg.has_adapter(adapter_name(n))]
+    if args.interleave:
+        todo = interleaved(todo)
     if args.limit is not None:
         todo = todo[: args.limit]
     print(f"bench home {bench_home()}: {len(names)} tasks, {len(names) - len(todo)} already registered, "

@@ -194,6 +194,11 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     cfg = parse_config(config)
     texts = list(texts)
     base_name = resolve_base(base).name if base else None
+    if base_name is None and reg.count() == 0:
+        raise UserInputError(f"no adapters registered in {reg.home}: register or train some first, or pass "
+                             "--base to answer with a bare base")
+    if cfg.generator is not None:
+        _generator_of(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
     decisions = decide(reg, texts, cfg, base=base_name)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base

@@ -18,9 +18,9 @@ def parse_settings(items: list[str] | None) -> dict[str, str]:
 
     cfg: dict[str, str] = {}
     for it in items or []:
-        if "=" not in it:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
             raise InvalidSpec(f"--set takes key=value, got {it!r}")
-        k, v = it.split("=", 1)
         cfg[k.strip().replace("-", "_")] = v.strip()
     return cfg
 
