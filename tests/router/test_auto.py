@@ -68,3 +68,14 @@ def test_bad_auto_options_are_one_line_and_change_nothing(run, args, message):
 def test_set_on_a_stored_router_is_refused(run):
     res = run("query", "flight plane", "--router", "tg", "--set", "top_k=2")
     assert res.exit_code != 0 and "--set apply to --router retrieval or auto" in res.output
+
+
+def test_auto_on_an_empty_registry_is_one_line(cli):
+    res = cli("query", "hello there", "--router", "auto")
+    assert res.exit_code == 2 and "no adapters registered" in res.output and "--base" in res.output
+    assert not (cli.home / "registry.db").exists()
+
+
+def test_set_with_an_empty_key_is_refused(run):
+    res = run("query", "flight plane", "--router", "auto", "--set", "=1")
+    assert res.exit_code == 2 and "--set takes key=value, got '=1'" in res.output
