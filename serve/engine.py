@@ -425,8 +425,11 @@ class Engine:
                 for j, i in enumerate(chunk):
                     scores[i] = self.head.scores_of(self.lb.model, self.tokenizer, emb[j:j + 1], tasks[i])[0]
                 continue
-            for rows in _groups([tasks[i] for i in chunk]):  # a causal LM: one forward per label set
-                with use_gates(self.lb.model, g[rows] if g is not None else None):
+            # a causal LM scores every label as its own sequence (batched inside the head), so rows share a
+            # forward when they share a task and a routing: the gates (1, 1, S) then fit every sequence
+            keys = [(id(tasks[i]), tuple(routes[i].adapters)) for i in chunk]
+            for rows in _groups(keys):
+                with use_gates(self.lb.model, g[rows[:1]] if g is not None else None):
                     s = self.head.scores(self.lb.model, self.tokenizer, [texts[chunk[j]] for j in rows],
                                          tasks[chunk[rows[0]]])
                 for j, r in enumerate(rows):
@@ -475,10 +478,11 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _groups(tasks: Sequence[Any]) -> list[list[int]]:
-    out: dict[int, list[int]] = {}
-    for i, t in enumerate(tasks):
-        out.setdefault(id(t), []).append(i)
+def _groups(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices grouped by key (tasks by identity, or hashable keys), in order of first appearance."""
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k if isinstance(k, (tuple, int, str)) else id(k), []).append(i)
     return list(out.values())
 
 

@@ -122,6 +122,11 @@ class UnloadLoraRequest(_Body):
     lora_int_id: Optional[int] = None
 
 
+def _union_tag(part: Any) -> bool:
+    """pydantic names the member of a Union it tried in the error's location (`str`, `list[str]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part)
+
+
 def parse(raw: bytes, model: type[BaseModel]) -> Any:
     """The body as `model`, or an APIError (400) naming what is wrong."""
     try:
@@ -134,5 +139,5 @@ def parse(raw: bytes, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or None
+        where = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or None
         raise APIError(400, f"{where or 'body'}: {err['msg']}", param=where, code="invalid_value") from None
