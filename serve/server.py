@@ -32,7 +32,10 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=60, access_log=False)
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down cleanly
+        pass
     if not server.started:
         raise SystemExit(1)
     print("loraplex serve: stopped", file=sys.stderr, flush=True)

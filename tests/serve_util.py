@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import make_peft_adapter
 from tests.router.conftest import write_task
 
@@ -65,3 +67,14 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name) and (line[len(name)] in " {"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@pytest.fixture(scope="session")
+def llama_home(tmp_path_factory, tiny_llama):
+    """(settings, root) of a tiny Llama registry shared by the server tests (see llama_registry)."""
+    from loraplex.settings import Settings
+
+    root = tmp_path_factory.mktemp("serve")
+    s = Settings.load(home=root / "home", embedder="hash", device="cpu", dtype="float32", cache_dir=root / "cache")
+    llama_registry(s, tiny_llama, root)
+    return s, root

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import make_peft_adapter, registry_state
-from tests.serve_util import llama_registry, metric, serving
+from tests.serve_util import llama_home, metric, serving  # noqa: F401 (a fixture)
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_llama):
-    from loraplex.settings import Settings
-
-    root = tmp_path_factory.mktemp("serve")
-    s = Settings.load(home=root / "home", embedder="hash", device="cpu", dtype="float32", cache_dir=root / "cache")
-    llama_registry(s, tiny_llama, root)
-    return s, root
+def home(llama_home):
+    return llama_home
 
 
 @pytest.fixture(scope="module")
