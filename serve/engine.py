@@ -75,10 +75,12 @@ class Events:
 
     def resident(self, n: int) -> None: ...
 
+    def read(self) -> None: ...
+
 
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
-                 max_loras: int = 16, events: Events | None = None):
+                 max_loras: int = 16, host_loras: int = 256, events: Events | None = None):
         if max_loras < 1:
             raise UserInputError("--max-loras must be at least 1")
         self.settings = settings or Settings.load()
@@ -95,6 +97,10 @@ class Engine:
         cfg = self.lb.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self._slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (slot, blob sha), LRU first
+        # adapters read from their blobs (hash checked) kept in host memory, as S-LoRA keeps every adapter
+        # in host memory and pages it into the device's bank: a slot miss then costs a copy, not a read
+        self.host_loras = host_loras
+        self._host: OrderedDict[str, tuple[Any, Any]] = OrderedDict()  # name -> (record, adapter), LRU first
         self._bank: tuple[tuple[str, ...], int] | None = None  # (modules, rank) of the slot bank
         self._routers: dict[str, Any] = {}
         self._tasks: dict[str, Any] = {}
@@ -156,10 +162,14 @@ class Engine:
             return
         self._generation = gen
         reg = self.reg()
+        blobs = {r.name: r.blob for r in reg.list_adapters(base=self.base_name)}
         for name, (slot, blob) in list(self._slots.items()):
-            if not reg.has_adapter(name) or reg.get_adapter(name).blob != blob:
+            if blobs.get(name) != blob:
                 del self._slots[name]
                 self._clear_slot(slot)
+        for name, (rec, _) in list(self._host.items()):
+            if blobs.get(name) != rec.blob:
+                del self._host[name]
         routers = {c.name: c.id for c in reg.list_components("router")}
         for name in list(self._routers):
             if routers.get(name) != self._routers[name][0]:
@@ -199,7 +209,11 @@ class Engine:
 
     def _load(self, name: str):
         """An adapter's record and tensors, checked against the base; grows the bank if it must."""
+        if name in self._host:
+            self._host.move_to_end(name)
+            return self._host[name]
         rec, ad = self.reg().load_adapter(name)
+        self.events.read()
         fp = self.lb.fingerprint
         if rec.base_sha != fp.sha:
             raise UserInputError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered")
@@ -209,6 +223,9 @@ class Engine:
         r = max([rank] + [ad.rank(m) for m in ad.modules])
         if self._bank is None or need != mods or r != rank:
             self._build_bank(need, r)
+        self._host[name] = (rec, ad)
+        while len(self._host) > self.host_loras:
+            self._host.popitem(last=False)
         return rec, ad
 
     def _write(self, ad, slot: int) -> None:

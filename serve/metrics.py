@@ -22,7 +22,9 @@ class Metrics(Events):
         self.generated = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
         self.resident_g = Gauge("loraplex_adapters_resident", "Adapters resident in the slot bank", registry=r)
         self.hits = Counter("loraplex_adapter_cache_hits", "Adapter lookups served from the slot bank", registry=r)
-        self.misses = Counter("loraplex_adapter_cache_misses", "Adapters loaded from the registry's blobs", registry=r)
+        self.misses = Counter("loraplex_adapter_cache_misses", "Adapters copied into the slot bank on demand", registry=r)
+        self.reads = Counter("loraplex_adapter_blob_reads", "Adapters read from the registry's blobs (not in host memory)",
+                             registry=r)
         self.evictions = Counter("loraplex_adapter_cache_evictions", "Adapters evicted (least recently used)",
                                  registry=r)
 
@@ -35,6 +37,9 @@ class Metrics(Events):
 
     def resident(self, n: int) -> None:
         self.resident_g.set(n)
+
+    def read(self) -> None:
+        self.reads.inc()
 
     # the scheduler and the app
     def batch(self, kind: str, n: int) -> None:

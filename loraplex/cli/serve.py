@@ -18,6 +18,7 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests gathered into one batch at most.")] = 32,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
     max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Adapters resident at once (the rest load on demand, LRU).")] = 16,
+    host_loras: Annotated[int, typer.Option("--host-loras", min=1, help="Adapters kept in host memory once read (LRU).")] = 256,
     backend: Annotated[Optional[str], typer.Option("--backend", help="An OpenAI-compatible server that generates; loraplex chooses the adapter.")] = None,
     home: Home = None,
 ) -> None:
@@ -25,4 +26,4 @@ def serve(
     from loraplex.serve.server import run
 
     run(settings(home), host=host, port=port, base=base, router=router, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, max_loras=max_loras, api_key=api_key, backend=backend)
+        max_wait_ms=max_wait_ms, max_loras=max_loras, host_loras=host_loras, api_key=api_key, backend=backend)
