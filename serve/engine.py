@@ -14,6 +14,7 @@ All model work happens on the scheduler's thread; the registry is opened once pe
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import subprocess
@@ -298,13 +299,22 @@ class Engine:
     def tokenizer(self):
         return self.lb.tokenizer
 
+    @property
+    def front(self):
+        """A copy of the tokenizer for the request handlers: a fast tokenizer used from two threads at
+        once can fail ("Already borrowed"), and the batching thread uses the original."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.lb.tokenizer)
+        return tok
+
     def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return list(self.front(prompt, add_special_tokens=True)["input_ids"])
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], str]:
         """Token ids of a chat (the tokenizer's chat template, else `role: content` lines) and the last
         user message (what routing reads)."""
-        tok = self.tokenizer
+        tok = self.front
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -318,7 +328,7 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def n_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return len(self.front(text, add_special_tokens=True)["input_ids"])
 
     # ---- generation ------------------------------------------------------------------------------
     def _eos(self) -> list[int]:
