@@ -1,11 +1,11 @@
 """Batched generation with the KV cache: rows decode together, each with its own sampling and stop.
 
-One gathered batch is prefilled together (left padding, position ids from the mask), then decoded one
-token per step for every live row. A row leaves the batch at its own end (an end-of-sequence token,
-a stop string, `max_tokens`, or a cancel from a client that went away): its KV cache rows are dropped
-(`Cache.batch_select_indices`), so the remaining rows compute only for themselves. Rows do not join a
-running batch; the next gathered batch starts when this one ends (per-request batching, see
-serve/__init__.py for why).
+Continuous batching: rows that arrive together are prefilled together (left padding, position ids
+from the mask) and merged into the lane's running batch, which decodes one token per step for every
+row. A row leaves at its own end (an end-of-sequence token, a stop string, `max_tokens`, or a cancel
+from a client that went away): its KV cache rows are dropped (`Cache.batch_select_indices`), so the
+remaining rows compute only for themselves. Where the cache cannot be merged (a cache type other than
+transformers' DynamicCache), new rows wait for the running batch to end instead.
 
 This module knows torch and nothing of loraplex: the engine hands it a `step` function that runs one
 forward of the routed model for the live rows (with their gates) and returns the last logits.
@@ -45,6 +45,11 @@ class GenRow:
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    trace: bool = False  # the caller wants each token's routing (`on_token`'s info)
+    gates: torch.Tensor | None = None  # (1, 1, S) the row's gates over the lane's bank, if it has static gates
+    route: Any = None  # what the engine chose for the row (its routing summary)
+    sums: Any = None  # per-adapter weight summed over the row's tokens (learned routers)
+    count: int = 0  # tokens summed into `sums`
 
     def __post_init__(self) -> None:
         if self.sampling.temperature > 0:
@@ -99,45 +104,115 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
         row.sent = max(safe, row.sent)
 
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[int]], tuple[torch.Tensor, Any, list[dict]]]
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[GenRow]], tuple[torch.Tensor, Any, list[dict]]]
 
 
-@torch.no_grad()
-def generate(rows: Sequence[GenRow], step: Step, *, pad_id: int, eos_ids: Sequence[int],
-             decode: Callable[[list[int]], str], device: Any = "cpu") -> None:
-    """Generate every row to its end. `step(ids (b, t), mask (b, T), positions (b, t), cache, live)`
-    runs one forward for the live rows (indices into `rows`) and returns (logits (b, V), cache, one
-    routing dict per live row for the new token)."""
-    rows = list(rows)
-    eos = {int(e) for e in eos_ids if e is not None}
-    T = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
-        ids[i, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, T - len(r.prompt_ids):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
-    live = list(range(len(rows)))
-    cache = None
-    step_ids, step_pos = ids, pos
-    while live:
-        logits, cache, infos = step(step_ids, mask, step_pos, cache, live)  # (b, V)
-        nxt = []
-        for j, i in enumerate(live):
-            r = rows[i]
+def mergeable(cache: Any) -> bool:
+    """Whether rows of two caches can be put into one (transformers' DynamicCache of plain layers)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+                                for layer in layers)
+
+
+class Batch:
+    """A running batch of one lane (continuous batching): rows join at any step (prefilled together,
+    then merged into the running KV cache) and leave at their own end.
+
+    `step(ids (b, t), mask (b, T), positions (b, t), cache, rows)` runs one forward of the lane's model
+    for `rows` and returns (logits (b, V), cache, one routing dict per row for its new token). Each row
+    keeps its own positions (from its own prompt), so the padding that aligns rows of different lengths
+    in the cache is only masked out; columns that are padding in every row are trimmed away."""
+
+    def __init__(self, step: Step, *, pad_id: int, eos_ids: Sequence[int], decode: Callable[[list[int]], str],
+                 device: Any = "cpu"):
+        self.step, self.pad_id, self.decode, self.device = step, pad_id, decode, device
+        self.eos = {int(e) for e in eos_ids if e is not None}
+        self.rows: list[GenRow] = []
+        self.cache = self.mask = self.pos = self.nxt = None  # (b, T) mask, (b, 1) last positions, (b,) next ids
+        self.finished: list[GenRow] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def can_join(self) -> bool:
+        return not self.rows or mergeable(self.cache)
+
+    def _pick(self, rows: list[GenRow], logits: torch.Tensor, infos: list[dict]) -> torch.Tensor:
+        toks = []
+        for j, r in enumerate(rows):
             tok = pick(logits[j], r.sampling, r.generator)
-            _advance(r, tok, decode, eos, infos[j] if j < len(infos) else {})
-            nxt.append(tok)
-        keep = [j for j, i in enumerate(live) if not rows[i].done]
-        if not keep:
-            break
-        if len(keep) < len(live):  # finished rows leave the batch, their cache rows with them
+            _advance(r, tok, self.decode, self.eos, infos[j] if j < len(infos) else {})
+            toks.append(tok)
+        return torch.tensor(toks, dtype=torch.long, device=self.device)
+
+    def _keep(self, rows, cache, mask, pos, nxt):
+        keep = [j for j, r in enumerate(rows) if not r.done]
+        self.finished += [r for r in rows if r.done]
+        if len(keep) < len(rows) and keep:  # finished rows leave, their cache rows with them
             sel = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(sel)
-            mask, step_pos = mask[sel], step_pos[sel]
-            live = [live[j] for j in keep]
-            nxt = [nxt[j] for j in keep]
-        step_ids = torch.tensor(nxt, dtype=torch.long, device=mask.device)[:, None]  # (b, 1)
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            rows, mask, pos, nxt = [rows[j] for j in keep], mask[sel], pos[sel], nxt[sel]
+        return ([], None, None, None, None) if not keep else (rows, cache, mask, pos, nxt)
+
+    @torch.no_grad()
+    def join(self, new: Sequence[GenRow]) -> None:
+        """Prefill `new` rows (one forward, left padding), pick their first tokens, merge them in."""
+        new = list(new)
+        T = max(len(r.prompt_ids) for r in new)
+        ids = torch.full((len(new), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), T), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, T - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (n, T)
+        logits, cache, infos = self.step(ids, mask, pos, None, new)
+        nxt = self._pick(new, logits, infos)
+        rows, cache, mask, pos, nxt = self._keep(new, cache, mask, pos[:, -1:], nxt)
+        if not rows:
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.pos, self.nxt = rows, cache, mask, pos, nxt
+            return
+        L = max(self.mask.shape[1], mask.shape[1])  # align both on the right, pad on the left
+        for a, b in zip(self.cache.layers, cache.layers):
+            a.keys, a.values = (torch.cat([_lpad(x, L), _lpad(y, L)]) for x, y in ((a.keys, b.keys), (a.values, b.values)))
+        self.mask = torch.cat([_lpad(self.mask, L), _lpad(mask, L)])
+        self.rows, self.pos, self.nxt = self.rows + rows, torch.cat([self.pos, pos]), torch.cat([self.nxt, nxt])
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """One decode step for every running row."""
+        if not self.rows:
+            return
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        pos = self.pos + 1
+        logits, cache, infos = self.step(self.nxt[:, None], mask, pos, self.cache, self.rows)
+        nxt = self._pick(self.rows, logits, infos)
+        self.rows, self.cache, self.mask, self.pos, self.nxt = self._keep(self.rows, cache, mask, pos, nxt)
+        if self.rows and mergeable(self.cache):
+            lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
+            if lead:
+                self.mask = self.mask[:, lead:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+
+
+def _lpad(x: torch.Tensor, L: int) -> torch.Tensor:
+    """x (b, ..., T, [D]) padded with zeros on the left of its sequence dim to length L (dim -2 for
+    cache tensors (b, H, T, D), dim -1 for masks (b, T))."""
+    dim = -2 if x.dim() == 4 else -1
+    n = L - x.shape[dim]
+    if n <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def generate(rows: Sequence[GenRow], step: Step, **kw: Any) -> None:
+    """Generate every row to its end in one batch (no later joiners)."""
+    b = Batch(step, **kw)
+    b.join(rows)
+    while len(b):
+        b.advance()

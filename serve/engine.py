@@ -107,6 +107,7 @@ class Engine:
         self._tasks: dict[str, Any] = {}
         self._sig: tuple[int, Signatures | None] = (-1, None)
         self._generation = -1
+        self._stale = False  # slots of changed adapters still used by running rows
         if router:
             self._router_model(router)
 
@@ -156,16 +157,21 @@ class Engine:
             return Target("router", model)
         raise ModelUnknown(f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, routers and auto)")
 
-    def sync(self) -> None:
-        """Drop what the registry no longer holds as it was (removed or re-registered adapters, routers)."""
+    def sync(self, keep: set[str] = frozenset()) -> None:
+        """Drop what the registry no longer holds as it was (removed or re-registered adapters, routers).
+        Slots of `keep` (adapters of rows still generating) are dropped once those rows are done."""
         gen = self.reg().generation()
-        if gen == self._generation:
+        if gen == self._generation and not self._stale:
             return
         self._generation = gen
         reg = self.reg()
         blobs = {r.name: r.blob for r in reg.list_adapters(base=self.base_name)}
+        self._stale = False
         for name, (slot, blob) in list(self._slots.items()):
             if blobs.get(name) != blob:
+                if name in keep:
+                    self._stale = True
+                    continue
                 del self._slots[name]
                 self._clear_slot(slot)
         for name, (rec, _) in list(self._host.items()):
@@ -236,10 +242,11 @@ class Engine:
                 A, B = ad.weights[mname]
                 layer.bank.set_expert(slot, A.float(), B.float(), ad.scaling(mname))
 
-    def ensure(self, names: Sequence[str]) -> dict[str, int]:
-        """Slots of `names` (at most max_loras), loading the missing ones over the least recently used."""
+    def ensure(self, names: Sequence[str], keep: set[str] = frozenset()) -> dict[str, int]:
+        """Slots of `names` (at most max_loras), loading the missing ones over the least recently used
+        adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""
         names = list(dict.fromkeys(names))
-        if len(names) > self.max_loras:
+        if len(set(names) | set(keep)) > self.max_loras:
             raise UserInputError(f"{len(names)} adapters in one batch; --max-loras is {self.max_loras}")
         for n in names:
             if n in self._slots:
@@ -251,7 +258,7 @@ class Engine:
             used = {s for s, _ in self._slots.values()}
             free = [e for e in range(self.max_loras) if e not in used]
             if not free:  # evict the least recently used adapter this batch does not need
-                victim = next(v for v in self._slots if v not in names)
+                victim = next(v for v in self._slots if v not in names and v not in keep)
                 free = [self._slots.pop(victim)[0]]
                 self.events.evicted()
             self._write(ad, free[0])
@@ -259,9 +266,9 @@ class Engine:
         self.events.resident(len(self._slots))
         return {n: self._slots[n][0] for n in names}
 
-    def gates(self, routes: Sequence[Route]) -> torch.Tensor | None:
+    def gates(self, routes: Sequence[Route], keep: set[str] = frozenset()) -> torch.Tensor | None:
         """(B, 1, S) gates over the slots for rows of the slot bank (None when no bank exists yet)."""
-        slots = self.ensure([a for r in routes for a, _ in r.adapters])  # builds the bank on first use
+        slots = self.ensure([a for r in routes for a, _ in r.adapters], keep)  # builds the bank on first use
         if self._bank is None:
             return None
         g = torch.zeros(len(routes), 1, self.max_loras, device=self.lb.device)
@@ -336,47 +343,62 @@ class Engine:
         e = e if isinstance(e, (list, tuple)) else [e]
         return [x for x in [*e, self.tokenizer.eos_token_id] if x is not None]
 
-    def generate(self, rows: Sequence[decode.GenRow], lane: str, routes: Sequence[Route] | None = None,
-                 trace: bool = False) -> list[dict[str, Any]]:
-        """Generate every row (one lane) to its end; returns each row's routing summary."""
+    def batch(self, lane: str) -> decode.Batch:
+        """A running batch of a lane: its step runs the lane's model with each row's gates and, for a
+        learned router, sums the routing of every token into the row (per token when it traces)."""
         if lane == "bank":
             model, names = self.lb.model, None
-            gates = self.gates(routes)
         else:
             rm = self._router_model(lane.split(":", 1)[1])
-            model, names, gates = rm.model, rm.experts, None
-        layers = list(routed_layers(model).values()) if names else []
-        sums = [np.zeros(len(names)) if names else None for _ in rows]
-        counts = [0] * len(rows)
+            model, names = rm.model, rm.experts
         cache_kw = _cache_name(model)
 
-        def step(ids, mask, pos, cache, live):
-            g = gates[live] if gates is not None else None
+        def step(ids, mask, pos, cache, rows):
+            g = None
+            if self._bank is not None and names is None:  # rows that came before the bank existed: the base
+                zero = torch.zeros(1, 1, self.max_loras, device=self.lb.device)
+                g = torch.cat([r.gates if r.gates is not None else zero for r in rows])
+            layers = list(routed_layers(model).values()) if names else []
             for layer in layers:
                 layer.record, layer.last_routing = True, None
-            with use_gates(model, g):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
-            infos: list[dict] = [{} for _ in live]
-            if layers:
-                per = [l.last_routing.per_adapter() for l in layers if l.last_routing is not None]
-                w = torch.stack(per).mean(0).float().cpu()  # (b, t, E), mean over layers
-                m = mask[:, -w.shape[1]:].float().cpu()[..., None]
-                for j, i in enumerate(live):
-                    sums[i] += (w[j] * m[j]).sum(0).numpy()
-                    counts[i] += int(m[j].sum())
-                    if trace:
-                        infos[j] = {"weights": w[j, -1].numpy()}
+            try:
+                with use_gates(model, g):
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+                infos: list[dict] = [{} for _ in rows]
+                if layers:
+                    per = [l.last_routing.per_adapter() for l in layers if l.last_routing is not None]
+                    w = torch.stack(per).mean(0).float().cpu()  # (b, t, E), mean over layers
+                    m = mask[:, -w.shape[1]:].float().cpu()[..., None]
+                    for j, r in enumerate(rows):
+                        r.sums = (r.sums if r.sums is not None else 0) + (w[j] * m[j]).sum(0).numpy()
+                        r.count += int(m[j].sum())
+                        if r.trace:
+                            infos[j] = {"weights": w[j, -1].numpy()}
+            finally:
+                for layer in layers:
+                    layer.record, layer.last_routing = False, None
             return out.logits[:, -1].float(), getattr(out, cache_kw), infos
 
-        try:
-            decode.generate(rows, step, pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self._eos(),
-                            decode=self.decode, device=self.lb.device)
-        finally:
-            for layer in layers:
-                layer.record, layer.last_routing = False, None
-        if names is None:
-            return [_weights(r) for r in routes]
-        return [{"adapters": _top(names, s / max(c, 1))} for s, c in zip(sums, counts)]
+        return decode.Batch(step, pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self._eos(), decode=self.decode,
+                            device=self.lb.device)
+
+    def bind(self, rows: Sequence[decode.GenRow], routes: Sequence[Route], pinned: set[str]) -> bool:
+        """Give bank rows their gates, loading their adapters into slots that `pinned` (the adapters of
+        rows still running) does not hold; False when they do not fit beside those now."""
+        need = {a for r in routes for a, _ in r.adapters}
+        if len(need | pinned) > self.max_loras:
+            return False
+        g = self.gates(routes, keep=pinned)
+        for i, (row, route) in enumerate(zip(rows, routes)):
+            row.route = route
+            row.gates = g[i:i + 1] if g is not None else None
+        return True
+
+    def summary(self, lane: str, row: decode.GenRow) -> dict[str, Any]:
+        """A finished row's routing: its adapters and weights (for a router, the mean over its tokens)."""
+        if lane == "bank":
+            return _weights(row.route)
+        return {"adapters": _top(self.router_names(lane), row.sums / max(row.count, 1))} if row.count else {"adapters": []}
 
     def router_names(self, lane: str) -> list[str]:
         return self._router_model(lane.split(":", 1)[1]).experts

@@ -1,11 +1,15 @@
 """The batching loop: requests that arrive together become one heterogeneous batch.
 
-Handlers `submit` jobs from the event loop; one worker thread takes the first waiting job, gathers
-more for at most `max_wait_ms` (up to `max_batch`), and runs them lane by lane (the slot bank, or one
-router's model): one forward serves rows of different adapters. Each job gets its events back on its
-own asyncio queue (`("delta", text)`, `("token", entry)`, `("done", result)`, `("error", exc)`), sent
-thread-safely. A job cancelled before or during its batch (its client went away) leaves the batch at
-the next token. An exception fails the jobs of its group only; the loop goes on.
+Handlers `submit` jobs from the event loop; one worker thread runs everything that touches a model.
+When idle it takes the first waiting job and gathers more for at most `max_wait_ms` (up to
+`max_batch`); while generating it takes what has arrived between two decode steps. Classification
+and routing jobs run at once, grouped by lane (the slot bank, or one router's model): one forward
+serves rows of different adapters. Generation jobs join their lane's running batch (continuous
+batching, `decode.Batch`) up to `max_batch` rows, and for the slot bank as many adapters as fit
+beside those of the rows still running; each lane advances one token per loop. Each job gets its
+events back on its own asyncio queue (`("delta", text)`, `("token", entry)`, `("done", result)`,
+`("error", exc)`), sent thread-safely. A job cancelled (its client went away) leaves the batch at the
+next token. An exception fails the jobs it concerns only; the loop goes on.
 """
 
 from __future__ import annotations
@@ -69,12 +73,16 @@ class Scheduler:
         self._q.put(job)
 
     # ---- the worker -----------------------------------------------------------------------------
-    def _gather(self) -> list[Job] | None:
-        first = self._q.get()
-        if first is None:
-            return None
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait
+    def _gather(self, block: bool) -> list[Job] | None:
+        """Waiting jobs: when idle, block for the first and gather for max_wait; while generating, take
+        what is there without waiting (the running batches must go on). None: stop."""
+        batch: list[Job] = []
+        if block:
+            first = self._q.get()
+            if first is None:
+                return None
+            batch.append(first)
+        deadline = time.monotonic() + (self.max_wait if block else 0.0)
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
             try:
@@ -82,57 +90,141 @@ class Scheduler:
             except queue.Empty:
                 break
             if job is None:
-                self._q.put(None)
+                self._stop_seen = True
                 break
             batch.append(job)
         return batch
 
     def _run(self) -> None:
+        self._stop_seen = False
+        self._lanes: dict[str, decode.Batch] = {}
+        self._owner: dict[int, Job] = {}  # id(GenRow) -> its job
+        self._pending: list[tuple[Job, Route | None]] = []
         while True:
-            batch = self._gather()
+            idle = not self._lanes and not self._pending
+            if idle and self._stop_seen:
+                return
+            batch = self._gather(block=idle and not self._stop_seen)
             if batch is None:
                 return
-            try:
-                self.engine.sync()
-            except Exception as exc:  # the registry could not be read: fail this batch, keep serving
-                for job in batch:
-                    job.send("error", exc)
-                continue
-            groups: dict[tuple[str, str], list[Job]] = {}
+            if batch:
+                self._take(batch)
+            self._admit()
+            for lane in list(self._lanes):
+                self._step(lane)
+
+    def _pinned(self) -> set[str]:
+        b = self._lanes.get("bank")
+        return {a for r in (b.rows if b else []) for a, _ in (r.route.adapters if r.route else [])}
+
+    def _take(self, batch: list[Job]) -> None:
+        """New jobs: classify and route groups run now, generation jobs wait to join their lane."""
+        try:
+            self.engine.sync(self._pinned())
+        except Exception as exc:  # the registry could not be read: fail these jobs, keep serving
             for job in batch:
-                if not job.cancelled:
-                    groups.setdefault((job.kind, job.target.lane), []).append(job)
-            for (kind, lane), jobs in groups.items():
+                job.send("error", exc)
+            return
+        groups: dict[tuple[str, str], list[Job]] = {}
+        for job in batch:
+            if not job.cancelled:
+                groups.setdefault((job.kind, job.target.lane), []).append(job)
+        for (kind, lane), jobs in groups.items():
+            try:
+                if kind == "generate":
+                    routes = self._routes(jobs) if lane == "bank" else [None] * len(jobs)
+                    self._pending += list(zip(jobs, routes))
+                    continue
                 if self.metrics is not None:
                     self.metrics.batch(kind, len(jobs))
-                try:
-                    getattr(self, f"_{kind}")(jobs, lane)
-                except Exception as exc:  # one group's failure is its own
-                    if not isinstance(exc, LoraplexError):
-                        log.exception("a %s batch failed", kind)
-                    for job in jobs:
-                        job.send("error", exc)
+                getattr(self, f"_{kind}")(jobs, lane)
+            except Exception as exc:  # one group's failure is its own
+                self._fail(jobs, exc, kind)
+
+    def _fail(self, jobs: list[Job], exc: BaseException, kind: str) -> None:
+        if not isinstance(exc, LoraplexError):
+            log.exception("a %s batch failed", kind, exc_info=exc)
+        for job in jobs:
+            job.send("error", exc)
+
+    def _admit(self) -> None:
+        """Pending generation jobs join their lane's running batch (up to max_batch rows, and for the
+        slot bank as many adapters as fit beside those of the running rows); the rest wait."""
+        waiting: list[tuple[Job, Route | None]] = []
+        by_lane: dict[str, list[tuple[Job, Route | None]]] = {}
+        for job, route in self._pending:
+            if not job.cancelled:
+                by_lane.setdefault(job.target.lane, []).append((job, route))
+        for lane, items in by_lane.items():
+            running = self._lanes.get(lane)
+            room = self.max_batch - (len(running) if running else 0)
+            if room <= 0 or (running is not None and not running.can_join()):
+                waiting += items
+                continue
+            take, rest = items[:room], items[room:]
+            try:
+                b = running or self.engine.batch(lane)
+                rows = [self._row(j, lane) for j, _ in take]
+                if lane == "bank":
+                    pinned = self._pinned()
+                    fit = self._fit(take, pinned)
+                    rest, take, rows = [take[i] for i in range(len(take)) if i >= fit] + rest, take[:fit], rows[:fit]
+                    if not take or not self.engine.bind(rows, [r for _, r in take], pinned):
+                        waiting += take + rest
+                        continue
+                if self.metrics is not None:
+                    self.metrics.batch("generate", len(take))
+                for (job, _), row in zip(take, rows):
+                    self._owner[id(row)] = job
+                b.join(rows)
+                self._lanes[lane] = b
+                self._report(lane, b)
+            except Exception as exc:
+                self._fail([j for j, _ in take], exc, "generate")
+                for row in rows:
+                    self._owner.pop(id(row), None)
+            waiting += rest
+        self._pending = waiting
+
+    def _fit(self, items: list[tuple[Job, Route | None]], pinned: set[str]) -> int:
+        """How many of `items` (in order) fit in the slot bank beside the adapters `pinned`."""
+        used = set(pinned)
+        for i, (_, route) in enumerate(items):
+            need = {a for a, _ in route.adapters}
+            if len(used | need) > self.engine.max_loras:
+                return i
+            used |= need
+        return len(items)
+
+    def _step(self, lane: str) -> None:
+        b = self._lanes[lane]
+        try:
+            b.advance()
+        except Exception as exc:  # the lane's batch is lost: its rows fail, the server goes on
+            self._fail([self._owner.pop(id(r)) for r in b.rows if id(r) in self._owner], exc, "generate")
+            del self._lanes[lane]
+            return
+        self._report(lane, b)
+
+    def _report(self, lane: str, b: decode.Batch) -> None:
+        for row in b.finished:
+            job = self._owner.pop(id(row), None)
+            if job is not None:
+                job.send("done", {"finish_reason": row.finish_reason, "text": row.text,
+                                  "completion_tokens": len(row.ids), "routing": self.engine.summary(lane, row)})
+        b.finished.clear()
+        if not len(b):
+            del self._lanes[lane]
 
     def _routes(self, jobs: list[Job]) -> list[Route]:
         autos = [j for j in jobs if j.target.kind == "auto"]
         found = iter(self.engine.auto([j.texts[0] for j in autos]) if autos else [])
         return [next(found) if j.target.kind == "auto" else self.engine.route_of(j.target) for j in jobs]
 
-    def _generate(self, jobs: list[Job], lane: str) -> None:
-        routes = self._routes(jobs) if lane == "bank" else [None] * len(jobs)
-        parts = self.engine.chunks(routes) if lane == "bank" else [list(range(len(jobs)))]
-        for part in parts:
-            sub, rts = [jobs[i] for i in part], [routes[i] for i in part]
-            rows = [self._row(j, r, lane) for j, r in zip(sub, rts)]
-            summaries = self.engine.generate(rows, lane, rts if lane == "bank" else None,
-                                             trace=any(j.trace for j in sub))
-            for job, row, summary in zip(sub, rows, summaries):
-                job.send("done", {"finish_reason": row.finish_reason, "text": row.text,
-                                  "completion_tokens": len(row.ids), "routing": summary})
-
-    def _row(self, job: Job, route: Route | None, lane: str) -> decode.GenRow:
+    def _row(self, job: Job, lane: str) -> decode.GenRow:
         experts = self.engine.router_names(lane) if lane != "bank" else None
-        const = sorted(route.adapters, key=lambda x: -x[1]) if route is not None else []
+        row = decode.GenRow(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text),
+                            cancelled=lambda: job.cancelled, trace=job.trace)
 
         def on_token(tok: int, info: dict) -> None:
             if self.metrics is not None:
@@ -143,11 +235,11 @@ class Scheduler:
                 w = info["weights"]
                 ads = [{"name": experts[e], "weight": round(float(w[e]), 4)} for e in w.argsort()[::-1][:4] if w[e] > 5e-4]
             else:
-                ads = [{"name": a, "weight": round(x, 4)} for a, x in const]
+                ads = [{"name": a, "weight": round(x, 4)} for a, x in sorted(row.route.adapters, key=lambda x: -x[1])]
             job.send("token", {"token": self.engine.decode([tok]), "id": tok, "adapters": ads})
 
-        return decode.GenRow(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text),
-                             on_token=on_token, cancelled=lambda: job.cancelled)
+        row.on_token = on_token
+        return row
 
     def _classify(self, jobs: list[Job], lane: str) -> None:
         results = self.engine.classify([(j.texts, j.target) for j in jobs])

@@ -99,6 +99,32 @@ def test_concurrent_requests_for_different_adapters_equal_each_alone(client, htt
     assert metric(m, "loraplex_adapters_resident") == 2
 
 
+def test_requests_join_a_running_batch_and_answer_as_alone(client, http):
+    """Continuous batching: requests sent while a long one generates join its batch (their prompts
+    shorter and longer than its cache), finish first, and every answer is the one it gets alone."""
+    long = ("flights-lora", "late", 120)
+    joiners = [("sports-lora", "match goal team sport game " * 4, 8), ("flights-lora", "bag", 5),
+               ("auto", "phone apple iphone tech", 6)]
+    alone = [complete(client, m, p, max_tokens=n).choices[0].text for m, p, n in [long, *joiners]]
+    got: dict[int, str] = {}
+    ended: dict[int, float] = {}
+
+    def ask(i, m, p, n):
+        got[i] = complete(client, m, p, max_tokens=n).choices[0].text
+        ended[i] = time.monotonic()
+
+    first = threading.Thread(target=ask, args=(0, *long))
+    first.start()
+    time.sleep(0.3)  # the long request is generating
+    others = [threading.Thread(target=ask, args=(i + 1, *j)) for i, j in enumerate(joiners)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(120)
+    assert [got[i] for i in range(4)] == alone
+    assert all(ended[i] < ended[0] for i in (1, 2, 3))  # they did not wait for the long one to end
+
+
 def test_chat_streaming_gives_the_same_text_with_routing_at_the_end(client):
     msgs = [{"role": "system", "content": "be short"}, {"role": "user", "content": "match goal team"}]
     full = client.chat.completions.create(model="sports-lora", messages=msgs, max_tokens=5, temperature=0)
