@@ -289,7 +289,8 @@ class Engine:
         g = self.retrieval.gates(self.retrieval.scores(self.embedder.encode(list(texts)), sig))  # (N, E)
         return [Route([(sig.names[j], float(row[j])) for j in np.flatnonzero(row)]) for row in g]
 
-    def route_of(self, target: Target, text: str | None = None) -> Route:
+    def route_of(self, target: Target) -> Route:
+        """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
         if target.kind == "adapter":
             return Route([(target.name, 1.0)])
         return Route()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.serve import decode
-from loraplex.serve.engine import Engine, LoraplexError, Route, Target
+from loraplex.serve.engine import Engine, LoraplexError, Route, Target, UserInputError
 
 log = logging.getLogger("loraplex.serve")
 
@@ -168,6 +168,11 @@ class Scheduler:
                 if lane == "bank":
                     pinned = self._pinned()
                     fit = self._fit(take, pinned)
+                    if fit == 0 and not pinned:  # more adapters than the bank has slots: it can never run
+                        self._fail([take[0][0]], UserInputError(
+                            f"this request needs more adapters than --max-loras ({self.engine.max_loras})"), "generate")
+                        take, rows = take[1:], rows[1:]
+                        fit = self._fit(take, pinned)
                     rest, take, rows = [take[i] for i in range(len(take)) if i >= fit] + rest, take[:fit], rows[:fit]
                     if not take or not self.engine.bind(rows, [r for _, r in take], pinned):
                         waiting += take + rest
