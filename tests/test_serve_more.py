@@ -52,11 +52,11 @@ def test_an_encoder_classifies_each_row_with_its_own_adapter_in_one_batch(bert_r
 
 def test_the_api_key_guards_v1(llama_home, tiny_llama):
     s, _ = llama_home
-    with serving(s, base=str(tiny_llama), api_key="sekret") as url:
+    with serving(s, router="ctg", api_key="sekret") as url:  # --router alone: the router's base is served
+        assert httpx.get(url + "/health").json()["base"] == str(tiny_llama)
         assert httpx.get(url + "/v1/models").status_code == 401
         bad = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(url + "/health").status_code == 200
         c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert "auto" in {m.id for m in c.models.list().data}
         with pytest.raises(openai.AuthenticationError):
