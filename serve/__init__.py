@@ -1,9 +1,10 @@
 """loraplex serve: the routed model behind an OpenAI-compatible HTTP server.
 
 Modules:
-- engine.py     the one seam into the rest of loraplex (registry, models, routers, heads): the slot
-                bank (max_loras LoRA slots, LRU, adapters kept in host memory once read), router
-                models, `auto`, classification, registering through the CLI's own command
+- engine.py     the one seam into the rest of loraplex (registry, models, routers, heads): router
+                models, `auto`, classification, generation steps, registering through the CLI's command
+- slots.py      the slot bank (max_loras LoRA slots, LRU, adapters kept in host memory once read); it
+                touches only experts.layers and gets adapters from the engine
 - decode.py     continuous batching with the KV cache, per-row sampling / stop / max_tokens (torch only)
 - scheduler.py  the batching thread: gathers requests (max_batch, max_wait_ms), runs classification at
                 once and lets generation join the running batch of its lane (the slot bank, or one

@@ -9,7 +9,9 @@ One Engine serves one base model:
   loaded from the registry's blobs into slots on demand, least recently used evicted;
 - one RoutedModel per stored router (loaded on first use): its gates run inside every forward, so a
   token-level router routes each prompt token and each generated token.
-All model work happens on the scheduler's thread; the registry is opened once per thread.
+All model work happens on the scheduler's thread; the registry is opened once per thread. The slot
+bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it through
+`Engine._read`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,8 +30,7 @@ import torch
 
 from loraplex.embedders import get_embedder
 from loraplex.errors import LoraplexError, NotFound, UserInputError
-from loraplex.experts.layers import eject, inject_new, routed_layers, use_gates
-from loraplex.experts.spec import LoraSpec
+from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.store import Registry
@@ -39,6 +39,7 @@ from loraplex.router.load import load_router
 from loraplex.router.retrieval import Signatures
 from loraplex.settings import Settings
 from loraplex.serve import decode
+from loraplex.serve.slots import SlotBank
 
 __all__ = ["Engine", "Target", "LoraplexError", "NotFound", "UserInputError", "ModelUnknown"]
 
@@ -97,12 +98,7 @@ class Engine:
         self.retrieval = ROUTERS.build("retrieval", {})
         cfg = self.lb.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
-        self._slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (slot, blob sha), LRU first
-        # adapters read from their blobs (hash checked) kept in host memory, as S-LoRA keeps every adapter
-        # in host memory and pages it into the device's bank: a slot miss then costs a copy, not a read
-        self.host_loras = host_loras
-        self._host: OrderedDict[str, tuple[Any, Any]] = OrderedDict()  # name -> (record, adapter), LRU first
-        self._bank: tuple[tuple[str, ...], int] | None = None  # (modules, rank) of the slot bank
+        self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
         self._routers: dict[str, Any] = {}
         self._tasks: dict[str, Any] = {}
         self._sig: tuple[int, Signatures | None] = (-1, None)
@@ -165,24 +161,12 @@ class Engine:
             return
         self._generation = gen
         reg = self.reg()
-        blobs = {r.name: r.blob for r in reg.list_adapters(base=self.base_name)}
-        self._stale = False
-        for name, (slot, blob) in list(self._slots.items()):
-            if blobs.get(name) != blob:
-                if name in keep:
-                    self._stale = True
-                    continue
-                del self._slots[name]
-                self._clear_slot(slot)
-        for name, (rec, _) in list(self._host.items()):
-            if blobs.get(name) != rec.blob:
-                del self._host[name]
+        self._stale = self.slots.forget({r.name: r.blob for r in reg.list_adapters(base=self.base_name)}, keep)
         routers = {c.name: c.id for c in reg.list_components("router")}
         for name in list(self._routers):
             if routers.get(name) != self._routers[name][0]:
                 del self._routers[name]
         self._tasks.clear()
-        self.events.resident(len(self._slots))
 
     def task_of(self, adapter: str):
         if adapter not in self._tasks:
@@ -190,92 +174,21 @@ class Engine:
             self._tasks[adapter] = self.reg().load_task(rec.task) if rec.task else None
         return self._tasks[adapter]
 
-    # ---- the slot bank (LRU over max_loras slots) --------------------------------------------------
-    def _layers(self):
-        return routed_layers(self.lb.model)
-
-    def _clear_slot(self, e: int) -> None:
-        for layer in self._layers().values():
-            s = slice(e * layer.bank.rank, (e + 1) * layer.bank.rank)
-            with torch.no_grad():
-                layer.bank.A[s].zero_()
-                layer.bank.B[:, s].zero_()
-                layer.bank.rank_mask[s] = 0.0
-                layer.bank.scaling[e] = 0.0
-
-    def _build_bank(self, modules: Sequence[str], rank: int) -> None:
-        """(Re)make the slot bank over `modules` at rank `rank`; resident adapters keep their slots."""
-        if self._bank is not None:
-            eject(self.lb.model)
-        inject_new(self.lb.model, LoraSpec(r=rank), list(modules), n_experts=self.max_loras)
-        self._bank = (tuple(modules), rank)
-        for e in range(self.max_loras):
-            self._clear_slot(e)
-        for name, (slot, _) in list(self._slots.items()):
-            self._write(self._load(name)[1], slot)
-
-    def _load(self, name: str):
-        """An adapter's record and tensors, checked against the base; grows the bank if it must."""
-        if name in self._host:
-            self._host.move_to_end(name)
-            return self._host[name]
+    # ---- the slot bank ------------------------------------------------------------------------
+    def _read(self, name: str):
+        """An adapter's record and tensors from the registry (hash checked), checked against the base."""
         rec, ad = self.reg().load_adapter(name)
-        self.events.read()
-        fp = self.lb.fingerprint
-        if rec.base_sha != fp.sha:
+        if rec.base_sha != self.lb.fingerprint.sha:
             raise UserInputError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered")
-        ad.check_fits(fp, name=f"adapter {name!r}")
-        mods, rank = self._bank or ((), 1)
-        need = tuple(sorted(set(mods) | set(ad.modules)))
-        r = max([rank] + [ad.rank(m) for m in ad.modules])
-        if self._bank is None or need != mods or r != rank:
-            self._build_bank(need, r)
-        self._host[name] = (rec, ad)
-        while len(self._host) > self.host_loras:
-            self._host.popitem(last=False)
+        ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
         return rec, ad
 
-    def _write(self, ad, slot: int) -> None:
-        self._clear_slot(slot)
-        for mname, layer in self._layers().items():
-            if mname in ad.weights:
-                A, B = ad.weights[mname]
-                layer.bank.set_expert(slot, A.float(), B.float(), ad.scaling(mname))
-
-    def ensure(self, names: Sequence[str], keep: set[str] = frozenset()) -> dict[str, int]:
-        """Slots of `names` (at most max_loras), loading the missing ones over the least recently used
-        adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""
-        names = list(dict.fromkeys(names))
-        if len(set(names) | set(keep)) > self.max_loras:
-            raise UserInputError(f"{len(names)} adapters in one batch; --max-loras is {self.max_loras}")
-        for n in names:
-            if n in self._slots:
-                self._slots.move_to_end(n)
-                self.events.cache(True)
-                continue
-            self.events.cache(False)
-            rec, ad = self._load(n)
-            used = {s for s, _ in self._slots.values()}
-            free = [e for e in range(self.max_loras) if e not in used]
-            if not free:  # evict the least recently used adapter this batch does not need
-                victim = next(v for v in self._slots if v not in names and v not in keep)
-                free = [self._slots.pop(victim)[0]]
-                self.events.evicted()
-            self._write(ad, free[0])
-            self._slots[n] = (free[0], rec.blob)
-        self.events.resident(len(self._slots))
-        return {n: self._slots[n][0] for n in names}
-
     def gates(self, routes: Sequence[Route], keep: set[str] = frozenset()) -> torch.Tensor | None:
-        """(B, 1, S) gates over the slots for rows of the slot bank (None when no bank exists yet)."""
-        slots = self.ensure([a for r in routes for a, _ in r.adapters], keep)  # builds the bank on first use
-        if self._bank is None:
-            return None
-        g = torch.zeros(len(routes), 1, self.max_loras, device=self.lb.device)
-        for i, r in enumerate(routes):
-            for a, w in r.adapters:
-                g[i, 0, slots[a]] = float(w)
-        return g
+        """(B, 1, S) gates over the slot bank for rows of the bank lane (None: no adapter loaded yet)."""
+        try:
+            return self.slots.gates([r.adapters for r in routes], keep, device=self.lb.device)
+        except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see chunks)
+            raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
     def auto(self, texts: Sequence[str]) -> list[Route]:
         """The `auto` choice per text: retrieval over every registered adapter of the base."""
@@ -356,7 +269,7 @@ class Engine:
 
         def step(ids, mask, pos, cache, rows):
             g = None
-            if self._bank is not None and names is None:  # rows that came before the bank existed: the base
+            if self.slots.shape is not None and names is None:  # rows that came before the bank existed: the base
                 zero = torch.zeros(1, 1, self.max_loras, device=self.lb.device)
                 g = torch.cat([r.gates if r.gates is not None else zero for r in rows])
             layers = list(routed_layers(model).values()) if names else []
