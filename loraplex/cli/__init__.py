@@ -8,6 +8,7 @@ import typer
 from loraplex.cli import adapters, catalog, generate, registry
 from loraplex.cli import query as query_cmds
 from loraplex.cli import router as router_cmds
+from loraplex.cli import serve as serve_cmds
 from loraplex.cli import stream as stream_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
@@ -49,6 +50,7 @@ app.add_typer(router_cmds.app, name="router")
 app.command("query")(query_cmds.query)
 app.add_typer(stream_cmds.app, name="stream")
 app.command("forget")(stream_cmds.forget)
+app.command("serve")(serve_cmds.serve)
 
 
 def main() -> None:

@@ -1,0 +1,29 @@
+"""`loraplex serve`: the routed model behind an OpenAI-compatible HTTP server (loraplex.serve)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from loraplex.cli._options import Base, Home, settings
+
+
+def serve(
+    base: Base = None,
+    router: Annotated[Optional[str], typer.Option("--router", help="A stored router to load at start (its base is served).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORAPLEX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.", show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests gathered into one batch at most.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
+    max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Adapters resident at once (the rest load on demand, LRU).")] = 16,
+    host_loras: Annotated[int, typer.Option("--host-loras", min=1, help="Adapters kept in host memory once read (LRU).")] = 256,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="An OpenAI-compatible server that generates; loraplex chooses the adapter.")] = None,
+    home: Home = None,
+) -> None:
+    """Serve the base, its adapters, its routers and `auto` over an OpenAI-compatible HTTP API."""
+    from loraplex.serve.server import run
+
+    run(settings(home), host=host, port=port, base=base, router=router, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, max_loras=max_loras, host_loras=host_loras, api_key=api_key, backend=backend)

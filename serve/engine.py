@@ -1,0 +1,464 @@
+"""The server's one seam into the rest of loraplex: every call into the registry, the models, the
+routers and the heads goes through this module, so a change of those parts is an edit here alone.
+
+One Engine serves one base model:
+- the *slot bank*: the base with a bank of `max_loras` LoRA slots in every adapted projection. Named
+  adapters, `auto` (retrieval over every registered adapter of the base) and the bare base share it:
+  each row of a batch carries its own gates over the slots ((B, 1, S), constant over the sequence),
+  so one forward serves rows of different adapters (the bank's gather-BMM dispatch). Adapters are
+  loaded from the registry's blobs into slots on demand, least recently used evicted;
+- one RoutedModel per stored router (loaded on first use): its gates run inside every forward, so a
+  token-level router routes each prompt token and each generated token.
+All model work happens on the scheduler's thread; the registry is opened once per thread. The slot
+bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it through
+`Engine._read`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from loraplex.embedders import get_embedder
+from loraplex.errors import LoraplexError, NotFound, UserInputError
+from loraplex.experts.layers import routed_layers, use_gates
+from loraplex.heads import head_for
+from loraplex.models import load_base, resolve_base
+from loraplex.registry.store import Registry
+from loraplex.router.base import ROUTERS
+from loraplex.router.load import load_router
+from loraplex.router.retrieval import Signatures
+from loraplex.settings import Settings
+from loraplex.serve import decode
+from loraplex.serve.slots import SlotBank
+
+__all__ = ["Engine", "Target", "LoraplexError", "NotFound", "UserInputError", "ModelUnknown"]
+
+
+class ModelUnknown(NotFound):
+    """A `model` this server does not serve (404)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` names: kind is base, adapter, router or auto."""
+
+    kind: str
+    name: str
+
+    @property
+    def lane(self) -> str:
+        """Requests of one lane share forwards: the slot bank, or one router's model."""
+        return f"router:{self.name}" if self.kind == "router" else "bank"
+
+
+@dataclass
+class Route:
+    """A row's routing on the slot bank: (adapter, weight) pairs (empty: the bare base)."""
+
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Events:
+    """Counters the engine reports to (the metrics module overrides these)."""
+
+    def cache(self, hit: bool) -> None: ...
+
+    def evicted(self) -> None: ...
+
+    def resident(self, n: int) -> None: ...
+
+    def read(self) -> None: ...
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
+                 max_loras: int = 16, host_loras: int = 256, events: Events | None = None):
+        if max_loras < 1:
+            raise UserInputError("--max-loras must be at least 1")
+        self.settings = settings or Settings.load()
+        self.events = events or Events()
+        self.max_loras = max_loras
+        self._local = threading.local()
+        ref = resolve_base(base or self._default_base(router))
+        self.lb = load_base(ref, self.settings)
+        self.base_name = ref.name
+        self.family = ref.family
+        self.head = head_for(self.lb)
+        self.embedder = get_embedder(self.reg().embedder_name)
+        self.retrieval = ROUTERS.build("retrieval", {})
+        cfg = self.lb.model.config
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
+        self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
+        self._routers: dict[str, Any] = {}
+        self._tasks: dict[str, Any] = {}
+        self._sig: tuple[int, Signatures | None] = (-1, None)
+        self._generation = -1
+        self._stale = False  # slots of changed adapters still used by running rows
+        if router:
+            self._router_model(router)
+
+    # ---- registry -----------------------------------------------------------------------------
+    def reg(self) -> Registry:
+        """This thread's registry handle (SQLite connections stay in their thread)."""
+        r = getattr(self._local, "reg", None)
+        if r is None:
+            r = self._local.reg = Registry(self.settings.home, embedder=self.settings.embedder)
+        return r
+
+    def _default_base(self, router: str | None) -> str:
+        reg = self.reg()
+        if router:
+            return reg.get_component("router", router).base
+        bases = sorted({r.base for r in reg.list_adapters()})
+        if len(bases) > 1:
+            raise UserInputError(f"the registry holds adapters of several bases ({', '.join(bases)}): choose one with --base")
+        return bases[0] if bases else "smollm2"
+
+    def models(self) -> list[dict[str, Any]]:
+        """Everything a request may name, read from the registry now (other processes' changes included)."""
+        reg = self.reg()
+        out = [{"id": self.base_name, "kind": "base", "family": self.family},
+               {"id": "auto", "kind": "auto", "description": "retrieval routing over every registered adapter"}]
+        out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
+                for r in reg.list_adapters(base=self.base_name)]
+        out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
+                for c in reg.list_components("router") if c.base == self.base_name]
+        return out
+
+    def resolve(self, model: str) -> Target:
+        """The Target a request's `model` names; ModelUnknown if this server does not serve it."""
+        reg = self.reg()
+        if model in (self.base_name, "base"):
+            return Target("base", self.base_name)
+        if model == "auto":
+            return Target("auto", "auto")
+        if reg.has_adapter(model):
+            rec = reg.get_adapter(model)
+            if rec.base != self.base_name:
+                raise ModelUnknown(f"adapter {model!r} is of base {rec.base!r}; this server serves {self.base_name!r}")
+            return Target("adapter", model)
+        if any(c.name == model for c in reg.list_components("router")):
+            if reg.get_component("router", model).base != self.base_name:
+                raise ModelUnknown(f"router {model!r} routes another base; this server serves {self.base_name!r}")
+            return Target("router", model)
+        raise ModelUnknown(f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, routers and auto)")
+
+    def sync(self, keep: set[str] = frozenset()) -> None:
+        """Drop what the registry no longer holds as it was (removed or re-registered adapters, routers).
+        Slots of `keep` (adapters of rows still generating) are dropped once those rows are done."""
+        gen = self.reg().generation()
+        if gen == self._generation and not self._stale:
+            return
+        self._generation = gen
+        reg = self.reg()
+        self._stale = self.slots.forget({r.name: r.blob for r in reg.list_adapters(base=self.base_name)}, keep)
+        routers = {c.name: c.id for c in reg.list_components("router")}
+        for name in list(self._routers):
+            if routers.get(name) != self._routers[name][0]:
+                del self._routers[name]
+        self._tasks.clear()
+
+    def task_of(self, adapter: str):
+        if adapter not in self._tasks:
+            rec = self.reg().get_adapter(adapter)
+            self._tasks[adapter] = self.reg().load_task(rec.task) if rec.task else None
+        return self._tasks[adapter]
+
+    # ---- the slot bank ------------------------------------------------------------------------
+    def _read(self, name: str):
+        """An adapter's record and tensors from the registry (hash checked), checked against the base."""
+        rec, ad = self.reg().load_adapter(name)
+        if rec.base_sha != self.lb.fingerprint.sha:
+            raise UserInputError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered")
+        ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
+        return rec, ad
+
+    def gates(self, routes: Sequence[Route], keep: set[str] = frozenset()) -> torch.Tensor | None:
+        """(B, 1, S) gates over the slot bank for rows of the bank lane (None: no adapter loaded yet)."""
+        try:
+            return self.slots.gates([r.adapters for r in routes], keep, device=self.lb.device)
+        except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see chunks)
+            raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
+
+    def auto(self, texts: Sequence[str]) -> list[Route]:
+        """The `auto` choice per text: retrieval over every registered adapter of the base."""
+        gen = self.reg().generation()
+        if self._sig[0] != gen:
+            names = [r.name for r in self.reg().list_adapters(base=self.base_name)]
+            self._sig = (gen, Signatures.of(self.reg(), names) if names else None)
+        sig = self._sig[1]
+        if sig is None:
+            return [Route() for _ in texts]
+        g = self.retrieval.gates(self.retrieval.scores(self.embedder.encode(list(texts)), sig))  # (N, E)
+        return [Route([(sig.names[j], float(row[j])) for j in np.flatnonzero(row)]) for row in g]
+
+    def route_of(self, target: Target) -> Route:
+        """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
+        if target.kind == "adapter":
+            return Route([(target.name, 1.0)])
+        return Route()
+
+    # ---- routers -------------------------------------------------------------------------------
+    def _router_model(self, name: str):
+        if name not in self._routers:
+            rec = self.reg().get_component("router", name)
+            self._routers[name] = (rec.id, load_router(self.reg(), name, self.settings, base=self.base_name))
+        return self._routers[name][1]
+
+    # ---- tokens --------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.lb.tokenizer
+
+    @property
+    def front(self):
+        """A copy of the tokenizer for the request handlers: a fast tokenizer used from two threads at
+        once can fail ("Already borrowed"), and the batching thread uses the original."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.lb.tokenizer)
+        return tok
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.front(prompt, add_special_tokens=True)["input_ids"])
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], str]:
+        """Token ids of a chat (the tokenizer's chat template, else `role: content` lines) and the last
+        user message (what routing reads)."""
+        tok = self.front
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = self.encode_prompt(text)
+        users = [m["content"] for m in messages if m["role"] == "user"] or [messages[-1]["content"]]
+        return ids, users[-1]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def n_tokens(self, text: str) -> int:
+        return len(self.front(text, add_special_tokens=True)["input_ids"])
+
+    # ---- generation ------------------------------------------------------------------------------
+    def _eos(self) -> list[int]:
+        e = getattr(getattr(self.lb.model, "generation_config", None), "eos_token_id", None)
+        e = e if isinstance(e, (list, tuple)) else [e]
+        return [x for x in [*e, self.tokenizer.eos_token_id] if x is not None]
+
+    def batch(self, lane: str) -> decode.Batch:
+        """A running batch of a lane: its step runs the lane's model with each row's gates and, for a
+        learned router, sums the routing of every token into the row (per token when it traces)."""
+        if lane == "bank":
+            model, names = self.lb.model, None
+        else:
+            rm = self._router_model(lane.split(":", 1)[1])
+            model, names = rm.model, rm.experts
+        cache_kw = _cache_name(model)
+
+        def step(ids, mask, pos, cache, rows):
+            g = None
+            if self.slots.shape is not None and names is None:  # rows that came before the bank existed: the base
+                zero = torch.zeros(1, 1, self.max_loras, device=self.lb.device)
+                g = torch.cat([r.gates if r.gates is not None else zero for r in rows])
+            layers = list(routed_layers(model).values()) if names else []
+            for layer in layers:
+                layer.record, layer.last_routing = True, None
+            try:
+                with use_gates(model, g):
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+                infos: list[dict] = [{} for _ in rows]
+                if layers:
+                    per = [l.last_routing.per_adapter() for l in layers if l.last_routing is not None]
+                    w = torch.stack(per).mean(0).float().cpu()  # (b, t, E), mean over layers
+                    m = mask[:, -w.shape[1]:].float().cpu()[..., None]
+                    for j, r in enumerate(rows):
+                        r.sums = (r.sums if r.sums is not None else 0) + (w[j] * m[j]).sum(0).numpy()
+                        r.count += int(m[j].sum())
+                        if r.trace:
+                            infos[j] = {"weights": w[j, -1].numpy()}
+            finally:
+                for layer in layers:
+                    layer.record, layer.last_routing = False, None
+            return out.logits[:, -1].float(), getattr(out, cache_kw), infos
+
+        return decode.Batch(step, pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self._eos(), decode=self.decode,
+                            device=self.lb.device)
+
+    def bind(self, rows: Sequence[decode.GenRow], routes: Sequence[Route], pinned: set[str]) -> bool:
+        """Give bank rows their gates, loading their adapters into slots that `pinned` (the adapters of
+        rows still running) does not hold; False when they do not fit beside those now."""
+        need = {a for r in routes for a, _ in r.adapters}
+        if len(need | pinned) > self.max_loras:
+            return False
+        g = self.gates(routes, keep=pinned)
+        for i, (row, route) in enumerate(zip(rows, routes)):
+            row.route = route
+            row.gates = g[i:i + 1] if g is not None else None
+        return True
+
+    def summary(self, lane: str, row: decode.GenRow) -> dict[str, Any]:
+        """A finished row's routing: its adapters and weights (for a router, the mean over its tokens)."""
+        if lane == "bank":
+            return _weights(row.route)
+        return {"adapters": _top(self.router_names(lane), row.sums / max(row.count, 1))} if row.count else {"adapters": []}
+
+    def router_names(self, lane: str) -> list[str]:
+        return self._router_model(lane.split(":", 1)[1]).experts
+
+    def choose(self, target: Target, texts: Sequence[str]) -> list[Route]:
+        """One adapter per text for forwarding to a backend: auto's top, the router's top, or the adapter."""
+        if target.kind == "auto":
+            return [Route(sorted(r.adapters, key=lambda x: -x[1])[:1]) for r in self.auto(texts)]
+        if target.kind == "router":
+            rm = self._router_model(target.name)
+            return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
+        return [self.route_of(target) for _ in texts]
+
+    # ---- classification ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, items: Sequence[tuple[list[str], Target]]) -> list[list[dict[str, Any]] | Exception]:
+        """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
+        the slot bank go through one forward. A failing item gets its exception, the others go on."""
+        out: list[Any] = [None] * len(items)
+        autos = [t for texts, tg in items if tg.kind == "auto" for t in texts]
+        auto_routes = iter(self.auto(autos) if autos else [])
+        texts, routes, tasks, owner = [], [], [], []
+        for k, (xs, tg) in enumerate(items):
+            try:
+                if tg.kind == "router":
+                    out[k] = self._classify_router(list(xs), tg.name)
+                    continue
+                rs = [next(auto_routes) for _ in xs] if tg.kind == "auto" else [self.route_of(tg) for _ in xs]
+                ts = [self._label_task(r, tg) for r in rs]
+            except LoraplexError as exc:
+                out[k] = exc
+                continue
+            texts += xs
+            routes += rs
+            tasks += ts
+            owner += [k] * len(xs)
+        if texts:
+            scores = self._scores(texts, routes, tasks)
+            for k in set(owner):
+                out[k] = [_labelled(tasks[i], scores[i], _weights(routes[i])) for i in range(len(texts)) if owner[i] == k]
+        return out
+
+    def _label_task(self, r: Route, tg: Target):
+        if not r.adapters:
+            why = " (no adapter is registered for this base)" if tg.kind == "auto" else ""
+            raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto{why}")
+        top = max(r.adapters, key=lambda x: x[1])[0]
+        task = self.task_of(top)
+        if task is None or not task.labels:
+            raise UserInputError(f"adapter {top!r} records no task with labels: nothing to classify with")
+        return task
+
+    def chunks(self, routes: Sequence[Route]) -> list[list[int]]:
+        """Row indices in order, cut wherever a chunk would need more than max_loras adapters."""
+        out: list[list[int]] = [[]]
+        used: set[str] = set()
+        for i, r in enumerate(routes):
+            need = {a for a, _ in r.adapters}
+            if out[-1] and len(used | need) > self.max_loras:
+                out.append([])
+                used = set()
+            out[-1].append(i)
+            used |= need
+        return out
+
+    def _scores(self, texts: list[str], routes: list[Route], tasks: list[Any]) -> list[torch.Tensor]:
+        scores: list[Any] = [None] * len(texts)
+        for chunk in self.chunks(routes):
+            g = self.gates([routes[i] for i in chunk])
+            if hasattr(self.head, "encode"):  # an encoder: one forward for every row, then each row's anchors
+                with use_gates(self.lb.model, g):
+                    emb = self.head.encode(self.lb.model, self.tokenizer, [texts[i] for i in chunk])  # (N, D)
+                for j, i in enumerate(chunk):
+                    scores[i] = self.head.scores_of(self.lb.model, self.tokenizer, emb[j:j + 1], tasks[i])[0]
+                continue
+            # a causal LM scores every label as its own sequence (batched inside the head), so rows share a
+            # forward when they share a task and a routing: the gates (1, 1, S) then fit every sequence
+            keys = [(id(tasks[i]), tuple(routes[i].adapters)) for i in chunk]
+            for rows in _groups(keys):
+                with use_gates(self.lb.model, g[rows[:1]] if g is not None else None):
+                    s = self.head.scores(self.lb.model, self.tokenizer, [texts[chunk[j]] for j in rows],
+                                         tasks[chunk[rows[0]]])
+                for j, r in enumerate(rows):
+                    scores[chunk[r]] = s[j]
+        return scores
+
+    def _classify_router(self, texts: list[str], name: str) -> list[dict[str, Any]]:
+        rm = self._router_model(name)
+        routes = rm.route(texts)
+        tasks = rm.task_of(texts, routes)
+        if any(t is None or not t.labels for t in tasks):
+            raise UserInputError(f"router {name!r} routed a text to an adapter with no label set")
+        out: list[Any] = [None] * len(texts)
+        for rows in _groups(tasks):
+            s, _ = rm.scores_and_routes([texts[i] for i in rows], tasks[rows[0]])
+            for j, i in enumerate(rows):
+                out[i] = _labelled(tasks[i], s[j], {"adapters": _top(rm.experts, routes[i].weights)})
+        return out
+
+    # ---- registering (through the CLI's own command, in a child process) -------------------------
+    def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
+        """Register a PEFT directory with `loraplex adapters register` (its checks, its one transaction)."""
+        args = ["adapters", "register", path, "--name", name, "--base", self.base_name,
+                "--description", description or f"LoRA adapter {name}, loaded through the server from {path}"]
+        self._cli(args + (["--task", task] if task else []))
+
+    def unregister(self, name: str) -> None:
+        if not self.reg().has_adapter(name):
+            raise ModelUnknown(f"no adapter named {name!r} in the registry")
+        self.resolve(name)  # an adapter of another base is not this server's to remove
+        self._cli(["adapters", "remove", name])
+
+    def _cli(self, args: list[str]) -> None:
+        s = self.settings
+        env = {**os.environ, "LORAPLEX_HOME": str(s.home), "LORAPLEX_EMBEDDER": s.embedder, "LORAPLEX_DEVICE": s.device,
+               "LORAPLEX_DTYPE": s.dtype, "LORAPLEX_CACHE": str(s.cache_dir)}
+        p = subprocess.run([sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, env=env,
+                           timeout=600)
+        if p.returncode != 0:
+            msg = (p.stderr.strip().splitlines() or ["the command failed"])[-1].removeprefix("error: ")
+            raise (ModelUnknown if "no adapter named" in msg else UserInputError)(msg)
+
+
+def _cache_name(model) -> str:
+    """The KV cache's keyword: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _groups(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices grouped by key (tasks by identity, or hashable keys), in order of first appearance."""
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k if isinstance(k, (tuple, int, str)) else id(k), []).append(i)
+    return list(out.values())
+
+
+def _labelled(task, scores: torch.Tensor, routing: dict[str, Any]) -> dict[str, Any]:
+    p = torch.softmax(scores.float(), -1).tolist()
+    return {"task": task.name, "label": task.labels[int(np.argmax(p))],
+            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "routing": routing}
+
+
+def _weights(r: Route) -> dict[str, Any]:
+    return {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
+
+
+def _top(names: Sequence[str], weights: np.ndarray, k: int = 4) -> list[dict[str, Any]]:
+    order = np.argsort(-np.asarray(weights))[:k]
+    return [{"name": names[int(e)], "weight": round(float(weights[e]), 4)} for e in order if weights[e] > 5e-4]

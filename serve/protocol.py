@@ -1,0 +1,143 @@
+"""Request bodies (pydantic, strict types, unknown fields refused) and OpenAI's error body.
+
+Fields of OpenAI's API that loraplex does not implement are known by name and refused with a 400
+that names them, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             502: "backend_error", 503: "unavailable_error"}.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# name -> the value that means "not asked for"; anything else is refused by name
+UNSUPPORTED: dict[str, Any] = {
+    "n": 1, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None,
+    "function_call": None, "response_format": None, "logit_bias": None, "presence_penalty": 0,
+    "frequency_penalty": 0, "best_of": None, "echo": False, "suffix": None, "parallel_tool_calls": None,
+    "audio": None, "modalities": None, "prediction": None, "reasoning_effort": None, "service_tier": None,
+}
+
+
+class _Generate(_Body):
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    """Tokens to generate at most (default: 256, or what the context leaves)."""
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, bool]] = None
+    user: Optional[str] = None
+    trace: bool = False
+    """loraplex: the routing of every token in the response's `routing.tokens`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for k, default in UNSUPPORTED.items():
+                if k in data and data[k] is not None and data[k] != default:
+                    raise APIError(400, f"{k!r} is not supported by loraplex serve", param=k, code="unsupported")
+            data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
+        return data
+
+    def stops(self) -> tuple[str, ...]:
+        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(s) > 4 or any(not x for x in s):
+            raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
+        return tuple(s)
+
+    def wanted_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatRequest(_Generate):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Generate):
+    prompt: Union[str, list[str]]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise APIError(400, "a list of prompts is not supported: send one prompt per request",
+                               param="prompt", code="unsupported")
+            return self.prompt[0]
+        return self.prompt
+
+
+class ClassifyRequest(_Body):
+    model: str
+    input: Union[str, list[str]]
+    user: Optional[str] = None
+
+    def texts(self) -> list[str]:
+        xs = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not xs or any(not x.strip() for x in xs):
+            raise APIError(400, "input must be a text or a non-empty list of non-empty texts", param="input")
+        return xs
+
+
+class LoadLoraRequest(_Body):
+    lora_name: str
+    lora_path: str
+    description: Optional[str] = None
+    """loraplex: what the adapter does (how `auto` finds it); default: a line naming the directory."""
+    task: Optional[str] = None
+    """loraplex: the task it was trained on (its label set answers /v1/classify)."""
+
+
+class UnloadLoraRequest(_Body):
+    lora_name: str
+    lora_int_id: Optional[int] = None
+
+
+def _union_tag(part: Any) -> bool:
+    """pydantic names the member of a Union it tried in the error's location (`str`, `list[str]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part)
+
+
+def parse(raw: bytes, model: type[BaseModel]) -> Any:
+    """The body as `model`, or an APIError (400) naming what is wrong."""
+    try:
+        data = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or None
+        raise APIError(400, f"{where or 'body'}: {err['msg']}", param=where, code="invalid_value") from None

@@ -1,0 +1,256 @@
+"""The batching loop: requests that arrive together become one heterogeneous batch.
+
+Handlers `submit` jobs from the event loop; one worker thread runs everything that touches a model.
+When idle it takes the first waiting job and gathers more for at most `max_wait_ms` (up to
+`max_batch`); while generating it takes what has arrived between two decode steps. Classification
+and routing jobs run at once, grouped by lane (the slot bank, or one router's model): one forward
+serves rows of different adapters. Generation jobs join their lane's running batch (continuous
+batching, `decode.Batch`) up to `max_batch` rows, and for the slot bank as many adapters as fit
+beside those of the rows still running; each lane advances one token per loop. Each job gets its
+events back on its own asyncio queue (`("delta", text)`, `("token", entry)`, `("done", result)`,
+`("error", exc)`), sent thread-safely. A job cancelled (its client went away) leaves the batch at the
+next token. An exception fails the jobs it concerns only; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.serve import decode
+from loraplex.serve.engine import Engine, LoraplexError, Route, Target, UserInputError
+
+log = logging.getLogger("loraplex.serve")
+
+
+@dataclass
+class Job:
+    kind: str  # generate | classify | route
+    target: Target
+    texts: list[str]  # what routing reads (the prompt, the last user message, or the inputs to classify)
+    loop: asyncio.AbstractEventLoop
+    prompt_ids: list[int] = field(default_factory=list)
+    sampling: decode.Sampling | None = None
+    trace: bool = False
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def send(self, *event: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.metrics = metrics
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="loraplex-batcher", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what was submitted, then end the worker."""
+        self._stopping = True
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        if self._stopping:
+            job.send("error", LoraplexError("the server is shutting down"))
+            return
+        self._q.put(job)
+
+    # ---- the worker -----------------------------------------------------------------------------
+    def _gather(self, block: bool) -> list[Job] | None:
+        """Waiting jobs: when idle, block for the first and gather for max_wait; while generating, take
+        what is there without waiting (the running batches must go on). None: stop."""
+        batch: list[Job] = []
+        if block:
+            first = self._q.get()
+            if first is None:
+                return None
+            batch.append(first)
+        deadline = time.monotonic() + (self.max_wait if block else 0.0)
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stop_seen = True
+                break
+            batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        self._stop_seen = False
+        self._lanes: dict[str, decode.Batch] = {}
+        self._owner: dict[int, Job] = {}  # id(GenRow) -> its job
+        self._pending: list[tuple[Job, Route | None]] = []
+        while True:
+            idle = not self._lanes and not self._pending
+            if idle and self._stop_seen:
+                return
+            batch = self._gather(block=idle and not self._stop_seen)
+            if batch is None:
+                return
+            if batch:
+                self._take(batch)
+            self._admit()
+            for lane in list(self._lanes):
+                self._step(lane)
+
+    def _pinned(self) -> set[str]:
+        b = self._lanes.get("bank")
+        return {a for r in (b.rows if b else []) for a, _ in (r.route.adapters if r.route else [])}
+
+    def _take(self, batch: list[Job]) -> None:
+        """New jobs: classify and route groups run now, generation jobs wait to join their lane."""
+        try:
+            self.engine.sync(self._pinned())
+        except Exception as exc:  # the registry could not be read: fail these jobs, keep serving
+            for job in batch:
+                job.send("error", exc)
+            return
+        groups: dict[tuple[str, str], list[Job]] = {}
+        for job in batch:
+            if not job.cancelled:
+                groups.setdefault((job.kind, job.target.lane), []).append(job)
+        for (kind, lane), jobs in groups.items():
+            try:
+                if kind == "generate":
+                    routes = self._routes(jobs) if lane == "bank" else [None] * len(jobs)
+                    self._pending += list(zip(jobs, routes))
+                    continue
+                if self.metrics is not None:
+                    self.metrics.batch(kind, len(jobs))
+                getattr(self, f"_{kind}")(jobs, lane)
+            except Exception as exc:  # one group's failure is its own
+                self._fail(jobs, exc, kind)
+
+    def _fail(self, jobs: list[Job], exc: BaseException, kind: str) -> None:
+        if not isinstance(exc, LoraplexError):
+            log.exception("a %s batch failed", kind, exc_info=exc)
+        for job in jobs:
+            job.send("error", exc)
+
+    def _admit(self) -> None:
+        """Pending generation jobs join their lane's running batch (up to max_batch rows, and for the
+        slot bank as many adapters as fit beside those of the running rows); the rest wait."""
+        waiting: list[tuple[Job, Route | None]] = []
+        by_lane: dict[str, list[tuple[Job, Route | None]]] = {}
+        for job, route in self._pending:
+            if not job.cancelled:
+                by_lane.setdefault(job.target.lane, []).append((job, route))
+        for lane, items in by_lane.items():
+            running = self._lanes.get(lane)
+            room = self.max_batch - (len(running) if running else 0)
+            if room <= 0 or (running is not None and not running.can_join()):
+                waiting += items
+                continue
+            take, rest = items[:room], items[room:]
+            try:
+                b = running or self.engine.batch(lane)
+                rows = [self._row(j, lane) for j, _ in take]
+                if lane == "bank":
+                    pinned = self._pinned()
+                    fit = self._fit(take, pinned)
+                    if fit == 0 and not pinned:  # more adapters than the bank has slots: it can never run
+                        self._fail([take[0][0]], UserInputError(
+                            f"this request needs more adapters than --max-loras ({self.engine.max_loras})"), "generate")
+                        take, rows = take[1:], rows[1:]
+                        fit = self._fit(take, pinned)
+                    rest, take, rows = [take[i] for i in range(len(take)) if i >= fit] + rest, take[:fit], rows[:fit]
+                    if not take or not self.engine.bind(rows, [r for _, r in take], pinned):
+                        waiting += take + rest
+                        continue
+                if self.metrics is not None:
+                    self.metrics.batch("generate", len(take))
+                for (job, _), row in zip(take, rows):
+                    self._owner[id(row)] = job
+                b.join(rows)
+                self._lanes[lane] = b
+                self._report(lane, b)
+            except Exception as exc:
+                self._fail([j for j, _ in take], exc, "generate")
+                for row in rows:
+                    self._owner.pop(id(row), None)
+            waiting += rest
+        self._pending = waiting
+
+    def _fit(self, items: list[tuple[Job, Route | None]], pinned: set[str]) -> int:
+        """How many of `items` (in order) fit in the slot bank beside the adapters `pinned`."""
+        used = set(pinned)
+        for i, (_, route) in enumerate(items):
+            need = {a for a, _ in route.adapters}
+            if len(used | need) > self.engine.max_loras:
+                return i
+            used |= need
+        return len(items)
+
+    def _step(self, lane: str) -> None:
+        b = self._lanes[lane]
+        try:
+            b.advance()
+        except Exception as exc:  # the lane's batch is lost: its rows fail, the server goes on
+            self._fail([self._owner.pop(id(r)) for r in b.rows if id(r) in self._owner], exc, "generate")
+            del self._lanes[lane]
+            return
+        self._report(lane, b)
+
+    def _report(self, lane: str, b: decode.Batch) -> None:
+        for row in b.finished:
+            job = self._owner.pop(id(row), None)
+            if job is not None:
+                job.send("done", {"finish_reason": row.finish_reason, "text": row.text,
+                                  "completion_tokens": len(row.ids), "routing": self.engine.summary(lane, row)})
+        b.finished.clear()
+        if not len(b):
+            del self._lanes[lane]
+
+    def _routes(self, jobs: list[Job]) -> list[Route]:
+        autos = [j for j in jobs if j.target.kind == "auto"]
+        found = iter(self.engine.auto([j.texts[0] for j in autos]) if autos else [])
+        return [next(found) if j.target.kind == "auto" else self.engine.route_of(j.target) for j in jobs]
+
+    def _row(self, job: Job, lane: str) -> decode.GenRow:
+        experts = self.engine.router_names(lane) if lane != "bank" else None
+        row = decode.GenRow(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text),
+                            cancelled=lambda: job.cancelled, trace=job.trace)
+
+        def on_token(tok: int, info: dict) -> None:
+            if self.metrics is not None:
+                self.metrics.tokens(1)
+            if not job.trace:
+                return
+            if experts is not None and "weights" in info:
+                w = info["weights"]
+                ads = [{"name": experts[e], "weight": round(float(w[e]), 4)} for e in w.argsort()[::-1][:4] if w[e] > 5e-4]
+            else:
+                ads = [{"name": a, "weight": round(x, 4)} for a, x in sorted(row.route.adapters, key=lambda x: -x[1])]
+            job.send("token", {"token": self.engine.decode([tok]), "id": tok, "adapters": ads})
+
+        row.on_token = on_token
+        return row
+
+    def _classify(self, jobs: list[Job], lane: str) -> None:
+        results = self.engine.classify([(j.texts, j.target) for j in jobs])
+        for job, res in zip(jobs, results):
+            job.send("error", res) if isinstance(res, Exception) else job.send("done", res)
+
+    def _route(self, jobs: list[Job], lane: str) -> None:
+        for job in jobs:
+            job.send("done", self.engine.choose(job.target, job.texts)[0])

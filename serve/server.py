@@ -1,0 +1,42 @@
+"""`loraplex serve`: load once, serve until Ctrl-C (uvicorn's graceful shutdown: the port stops taking
+connections, in-flight requests finish, the batching thread drains, the port is freed)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from loraplex.serve.app import create_app
+from loraplex.serve.engine import Engine
+from loraplex.serve.metrics import Metrics
+from loraplex.serve.scheduler import Scheduler
+
+
+def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
+          max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
+          backend: str | None = None):
+    """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start."""
+    metrics = Metrics()
+    engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
+    return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend), engine
+
+
+def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app, engine = build(settings, **options)
+    n = len(engine.models()) - 2
+    print(f"loraplex serve: {engine.base_name} ({engine.family}) with {n} adapters and routers, "
+          f"on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=60, access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down cleanly
+        pass
+    if not server.started:
+        raise SystemExit(1)
+    print("loraplex serve: stopped", file=sys.stderr, flush=True)

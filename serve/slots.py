@@ -1,0 +1,132 @@
+"""The slot bank: `size` LoRA slots in every adapted projection of one model, shared by every request.
+
+Each row of a batch picks its slots with its own gates (B, 1, S) (the bank's gather-BMM dispatch
+then runs rows of different adapters in one forward). Adapters are copied into slots on demand and
+the least recently used one is evicted (vLLM's max_loras, S-LoRA's unified paging); an adapter read
+from its blob stays in host memory (`host_size`, LRU), as S-LoRA keeps adapters in host memory and
+pages them into the device's bank, so a slot miss costs a copy rather than a read. The bank grows
+(re-made, resident adapters kept in their slots) when an adapter adapts a module it lacks or has a
+larger rank. It knows adapters only through `read(name) -> (record, adapter)`, given by the engine.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import torch
+
+from loraplex.experts.layers import eject, inject_new, routed_layers
+from loraplex.experts.spec import LoraSpec
+
+
+class SlotBank:
+    def __init__(self, model, size: int, *, read: Callable[[str], tuple[Any, Any]], host_size: int = 256,
+                 events: Any = None):
+        self.model, self.size, self.read, self.host_size, self.events = model, size, read, host_size, events
+        self.slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (slot, blob sha), LRU first
+        self.host: OrderedDict[str, tuple[Any, Any]] = OrderedDict()  # name -> (record, adapter), LRU first
+        self.shape: tuple[tuple[str, ...], int] | None = None  # (modules, rank) once the bank exists
+
+    def _layers(self):
+        return routed_layers(self.model)
+
+    @torch.no_grad()
+    def _clear(self, e: int, keep: Sequence[str] = ()) -> None:
+        """Empty slot e in every projection but those named in `keep` (about to be overwritten)."""
+        for name, layer in self._layers().items():
+            if name in keep:
+                continue
+            s = slice(e * layer.bank.rank, (e + 1) * layer.bank.rank)
+            layer.bank.A[s].zero_()
+            layer.bank.B[:, s].zero_()
+            layer.bank.rank_mask[s] = 0.0
+            layer.bank.scaling[e] = 0.0
+
+    def _build(self, modules: Sequence[str], rank: int) -> None:
+        if self.shape is not None:
+            eject(self.model)
+        inject_new(self.model, LoraSpec(r=rank), list(modules), n_experts=self.size)
+        self.shape = (tuple(modules), rank)
+        for e in range(self.size):
+            self._clear(e)
+        for name, (slot, _) in list(self.slots.items()):
+            self._write(self._load(name)[1], slot)
+
+    def _load(self, name: str):
+        """An adapter's record and tensors (host memory, else read); grows the bank if it must."""
+        if name in self.host:
+            self.host.move_to_end(name)
+            return self.host[name]
+        rec, ad = self.read(name)
+        self.events.read()
+        mods, rank = self.shape or ((), 1)
+        need = tuple(sorted(set(mods) | set(ad.modules)))
+        r = max([rank] + [ad.rank(m) for m in ad.modules])
+        if self.shape is None or need != mods or r != rank:
+            self._build(need, r)
+        self.host[name] = (rec, ad)
+        while len(self.host) > self.host_size:
+            self.host.popitem(last=False)
+        return rec, ad
+
+    def _write(self, ad, slot: int) -> None:
+        self._clear(slot, keep=list(ad.weights))  # set_expert empties the slot of the modules it writes
+        for mname, layer in self._layers().items():
+            if mname in ad.weights:
+                A, B = ad.weights[mname]
+                layer.bank.set_expert(slot, A.float(), B.float(), ad.scaling(mname))
+
+    def ensure(self, names: Sequence[str], keep: set[str] = frozenset()) -> dict[str, int]:
+        """Slots of `names` (at most `size`), loading the missing ones over the least recently used
+        adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""
+        names = list(dict.fromkeys(names))
+        if len(set(names) | set(keep)) > self.size:
+            raise ValueError(f"{len(set(names) | set(keep))} adapters at once; the bank has {self.size} slots")
+        for n in names:
+            if n in self.slots:
+                self.slots.move_to_end(n)
+                self.events.cache(True)
+                continue
+            self.events.cache(False)
+            rec, ad = self._load(n)
+            used = {s for s, _ in self.slots.values()}
+            free = [e for e in range(self.size) if e not in used]
+            if not free:  # evict the least recently used adapter this batch does not need
+                victim = next(v for v in self.slots if v not in names and v not in keep)
+                free = [self.slots.pop(victim)[0]]
+                self.events.evicted()
+            self._write(ad, free[0])
+            self.slots[n] = (free[0], rec.blob)
+        self.events.resident(len(self.slots))
+        return {n: self.slots[n][0] for n in names}
+
+    def gates(self, routes: Sequence[Sequence[tuple[str, float]]], keep: set[str] = frozenset(),
+              device: Any = "cpu") -> torch.Tensor | None:
+        """(B, 1, S) gates over the slots, row i mixing routes[i]'s (adapter, weight) pairs (None while
+        no adapter was ever loaded: the bare model)."""
+        slots = self.ensure([a for r in routes for a, _ in r], keep)  # makes the bank on first use
+        if self.shape is None:
+            return None
+        g = torch.zeros(len(routes), 1, self.size, device=device)
+        for i, r in enumerate(routes):
+            for a, w in r:
+                g[i, 0, slots[a]] = float(w)
+        return g
+
+    def forget(self, blobs: dict[str, str], keep: set[str] = frozenset()) -> bool:
+        """Drop adapters whose blob is no longer `blobs[name]` (removed or registered anew); those in
+        `keep` stay until their rows are done. Returns whether any had to stay."""
+        stale = False
+        for name, (slot, blob) in list(self.slots.items()):
+            if blobs.get(name) != blob:
+                if name in keep:
+                    stale = True
+                    continue
+                del self.slots[name]
+                self._clear(slot)
+        for name, (rec, _) in list(self.host.items()):
+            if blobs.get(name) != rec.blob:
+                del self.host[name]
+        self.events.resident(len(self.slots))
+        return stale

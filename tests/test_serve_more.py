@@ -1,0 +1,139 @@
+"""`loraplex serve` beyond the Llama basics: an encoder registry (/v1/classify), the API key,
+`--backend` forwarding to a second server, and the CLI command itself (registration while serving,
+Ctrl-C with a request in flight)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import make_peft_adapter
+from tests.router.conftest import bert_registry, peft_dirs, task_files  # noqa: F401 (fixtures)
+from tests.serve_util import free_port, llama_home, serving  # noqa: F401 (a fixture)
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_an_encoder_classifies_each_row_with_its_own_adapter_in_one_batch(bert_registry, tiny_bert):
+    from loraplex import api
+
+    texts = ["flight plane late awful", "match goal team great", "phone apple iphone bad", "goal match love"]
+    names = ["flights-lora", "sports-lora", "phones-lora", "sports-lora"]
+    alone = api.answer_each(texts, names, settings=bert_registry)
+    with serving(bert_registry, base=str(tiny_bert), max_wait_ms=100) as url, httpx.Client(base_url=url, timeout=60) as h:
+        out: dict[int, dict] = {}
+
+        def ask(i):
+            out[i] = h.post("/v1/classify", json={"model": names[i], "input": texts[i]}).json()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [out[i]["data"][0]["label"] for i in range(len(texts))] == alone
+        auto = h.post("/v1/classify", json={"model": "auto", "input": texts}).json()
+        assert [d["task"] for d in auto["data"]] == ["flights", "sports", "phones", "sports"]
+        gen = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "x"})
+        assert gen.status_code == 400 and "encoder" in gen.json()["error"]["message"]
+        base = h.post("/v1/classify", json={"model": str(tiny_bert), "input": "x"})
+        assert base.status_code == 400 and "no label set" in base.json()["error"]["message"]
+
+
+def test_the_api_key_guards_v1(llama_home, tiny_llama):
+    s, _ = llama_home
+    with serving(s, router="ctg", api_key="sekret") as url:  # --router alone: the router's base is served
+        assert httpx.get(url + "/health").json()["base"] == str(tiny_llama)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        bad = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        assert "auto" in {m.id for m in c.models.list().data}
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_backend_forwarding_chooses_here_and_generates_there(llama_home, tiny_llama):
+    s, _ = llama_home
+    with serving(s, base=str(tiny_llama)) as back, serving(s, base=str(tiny_llama), backend=back + "/v1") as front:
+        fc = openai.OpenAI(base_url=front + "/v1", api_key="x", max_retries=0)
+        bc = openai.OpenAI(base_url=back + "/v1", api_key="x", max_retries=0)
+        kw = dict(prompt="match goal team sport", max_tokens=5, temperature=0)
+        r = fc.completions.create(model="auto", **kw)
+        chosen = r.model_extra["routing"]["adapters"][0]["name"]
+        assert chosen == "sports-lora" and r.model == "sports-lora"  # the backend answered for the adapter
+        assert r.choices[0].text == bc.completions.create(model=chosen, **kw).choices[0].text
+        chunks = list(fc.chat.completions.create(model="ctg", messages=[{"role": "user", "content": "goal"}],
+                                                 max_tokens=4, temperature=0, stream=True))
+        assert chunks[-1].model_extra["routing"]["kind"] == "router"
+        assert chunks[-1].model_extra["routing"]["adapters"][0]["name"] in ("flights-lora", "sports-lora")
+    with serving(s, base=str(tiny_llama), backend=f"http://127.0.0.1:{free_port()}") as lonely:
+        r = httpx.post(lonely + "/v1/completions", json={"model": "auto", "prompt": "x"}, timeout=30)
+        assert r.status_code == 502 and "cannot be reached" in r.json()["error"]["message"]
+
+
+def _env(home):
+    return {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_EMBEDDER": "hash", "LORAPLEX_DEVICE": "cpu",
+            "LORAPLEX_DTYPE": "float32", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_the_cli_serves_sees_a_cli_registration_and_stops_cleanly_on_ctrl_c(settings, tiny_llama, tmp_path):
+    from loraplex import api
+
+    a = make_peft_adapter(tiny_llama, tmp_path / "a", r=2, targets=("q_proj", "v_proj"), causal=True, seed=51)
+    b = make_peft_adapter(tiny_llama, tmp_path / "b", r=2, targets=("q_proj", "v_proj"), causal=True, seed=52)
+    api.register(a, name="a-lora", description="flights", base=str(tiny_llama), settings=settings)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--base", str(tiny_llama), "--port", str(port)],
+                            env=_env(settings.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        reg = subprocess.run([sys.executable, "-m", "loraplex", "adapters", "register", str(b), "--name", "b-lora",
+                              "--description", "sports", "--base", str(tiny_llama)], env=_env(settings.home),
+                             capture_output=True, text=True, timeout=180)
+        assert reg.returncode == 0, reg.stderr
+        ids = {m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]}
+        assert {"a-lora", "b-lora", "auto"} <= ids
+        done: dict = {}
+
+        def long_request():
+            done["r"] = httpx.post(url + "/v1/completions", json={"model": "b-lora", "prompt": "goal", "max_tokens": 200,
+                                                                 "temperature": 0}, timeout=120)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.5)  # the request is in flight
+        proc.send_signal(signal.SIGINT)
+        t.join(120)
+        assert done["r"].status_code == 200 and done["r"].json()["usage"]["completion_tokens"] > 0
+        assert proc.wait(60) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "stopped" in out
+        with socket.socket() as sock:  # nothing listens on the port any more (TIME_WAIT aside)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
