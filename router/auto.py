@@ -135,12 +135,14 @@ def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[t
     return out
 
 
-def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None) -> list[Decision]:
-    """The decision for each request, from one embedding pass and one faiss search."""
+def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None,
+           queries: np.ndarray | None = None) -> list[Decision]:
+    """The decision for each request, from one embedding pass (or the given unit query vectors) and one
+    faiss search."""
     texts = list(texts)
     if reg.count() == 0:
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
-    q = get_embedder(reg.embedder_name).encode(texts)
+    q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
     gen = None
     out = []
     for t, (s1, margin, nearest) in zip(texts, best_scores(reg, q, cfg, base)):
@@ -173,13 +175,30 @@ def generated_name(text: str, generator: str) -> str:
     return "auto-" + hashlib.sha256(f"{generator}\0{text}".encode()).hexdigest()[:12]
 
 
+def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
+    """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
+    reused when the same request comes again), or, when the generator refuses, a "base" decision saying why."""
+    name = generated_name(d.text, d.generator)
+    try:
+        if not reg.has_adapter(name):
+            generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
+                     label_task=True, max_distance=cfg.generator_max_distance)
+    except OutOfRange as exc:
+        return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
+                        d.nearest)
+    rec = reg.get_adapter(name)
+    parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
+    return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
+                    d.similarity, d.margin, d.nearest, d.generator)
+
+
 def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:
     return {"query": d.text, "task": task, "answer": answer, "adapters": adapters, "decision": d.action,
             "reason": d.reason, "similarity": None if d.similarity is None else round(d.similarity, 4),
             "margin": None if d.margin is None else round(d.margin, 4), "nearest": d.nearest}
 
 
-def _log_candidates(reg, decisions: list[Decision]) -> None:
+def log_candidates(reg, decisions: list[Decision]) -> None:
     if not decisions or is_worker():
         return
     with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
@@ -205,19 +224,12 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     for i, d in enumerate(decisions):
         if d.action != "generate":
             continue
-        name = generated_name(d.text, d.generator)
-        try:
-            if not reg.has_adapter(name):
-                generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
-                         label_task=True, max_distance=cfg.generator_max_distance)
-        except OutOfRange as exc:
-            decisions[i] = Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity,
-                                    d.margin, d.nearest)
+        d = decisions[i] = written_for(reg, settings, d, cfg)
+        if d.action != "generate":
             continue
+        name = generated_name(d.text, d.generator)
         rm = load_bank(reg, [name], settings)
         rec = reg.get_adapter(name)
-        parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
-        d.reason += f" (parents: {parents}; labels of {rec.task!r})"
         out[i] = _item(d, rm.answer_each([d.text], [name])[0], rec.task, [{"name": name, "weight": 1.0}])
     route = [i for i, d in enumerate(decisions) if d.action == "route"]
     if route:
@@ -244,5 +256,5 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
             out[i] = _item(d, a, None, [])
         if cfg.log_candidates:
-            _log_candidates(reg, [decisions[i] for i in fall])
+            log_candidates(reg, [decisions[i] for i in fall])
     return out  # type: ignore[return-value]

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
-import subprocess
-import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +31,9 @@ from loraplex.errors import LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
+from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
+from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
 from loraplex.router.retrieval import Signatures
@@ -66,6 +66,8 @@ class Route:
     """A row's routing on the slot bank: (adapter, weight) pairs (empty: the bare base)."""
 
     adapters: list[tuple[str, float]] = field(default_factory=list)
+    decision: str | None = None  # `auto` only: route, generate or base
+    reason: str | None = None  # `auto` only: the scores and thresholds behind the decision
 
 
 class Events:
@@ -82,9 +84,11 @@ class Events:
 
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
-                 max_loras: int = 16, host_loras: int = 256, events: Events | None = None):
+                 max_loras: int = 16, host_loras: int = 256, events: Events | None = None,
+                 auto: dict[str, Any] | None = None):
         if max_loras < 1:
             raise UserInputError("--max-loras must be at least 1")
+        auto_router.parse_config(auto)  # a bad auto option is refused before the base loads
         self.settings = settings or Settings.load()
         self.events = events or Events()
         self.max_loras = max_loras
@@ -96,6 +100,7 @@ class Engine:
         self.head = head_for(self.lb)
         self.embedder = get_embedder(self.reg().embedder_name)
         self.retrieval = ROUTERS.build("retrieval", {})
+        self.auto_config = auto_router.parse_config(auto)
         cfg = self.lb.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
@@ -128,7 +133,8 @@ class Engine:
         """Everything a request may name, read from the registry now (other processes' changes included)."""
         reg = self.reg()
         out = [{"id": self.base_name, "kind": "base", "family": self.family},
-               {"id": "auto", "kind": "auto", "description": "retrieval routing over every registered adapter"}]
+               {"id": "auto", "kind": "auto", "description": "per request: route to the registered adapters, "
+                "generate one with a stored generator, or answer with the base (router/auto.py)"}]
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
                 for r in reg.list_adapters(base=self.base_name)]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
@@ -191,16 +197,34 @@ class Engine:
             raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
     def auto(self, texts: Sequence[str]) -> list[Route]:
-        """The `auto` choice per text: retrieval over every registered adapter of the base."""
+        """The `auto` choice per text (router/auto.py): retrieval over every registered adapter of the base
+        when one fits, an adapter a stored generator writes for the request (registered with lineage)
+        when the request lies in a family the registry knows, or the bare base (the request is logged as
+        a candidate new task). Each route carries the decision and why."""
+        texts = list(texts)
+        q = self.embedder.encode(texts)  # (N, D), shared by the decision and the retrieval gates
+        decisions = auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q)
+        for i, d in enumerate(decisions):
+            if d.action == "generate":
+                decisions[i] = auto_router.written_for(self.reg(), self.settings, d, self.auto_config)
         gen = self.reg().generation()
         if self._sig[0] != gen:
             names = [r.name for r in self.reg().list_adapters(base=self.base_name)]
             self._sig = (gen, Signatures.of(self.reg(), names) if names else None)
         sig = self._sig[1]
-        if sig is None:
-            return [Route() for _ in texts]
-        g = self.retrieval.gates(self.retrieval.scores(self.embedder.encode(list(texts)), sig))  # (N, E)
-        return [Route([(sig.names[j], float(row[j])) for j in np.flatnonzero(row)]) for row in g]
+        g = self.retrieval.gates(self.retrieval.scores(q, sig)) if sig is not None else None  # (N, E)
+        out = []
+        for i, d in enumerate(decisions):
+            if d.action == "route" and g is not None:
+                adapters = [(sig.names[j], float(g[i, j])) for j in np.flatnonzero(g[i])]
+            elif d.action == "generate":
+                adapters = [(auto_router.generated_name(d.text, d.generator), 1.0)]
+            else:
+                adapters = []
+            out.append(Route(adapters, decision=d.action, reason=d.reason))
+        if self.auto_config.log_candidates:
+            auto_router.log_candidates(self.reg(), [d for d in decisions if d.action == "base"])
+        return out
 
     def route_of(self, target: Target) -> Route:
         """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
@@ -320,7 +344,7 @@ class Engine:
     def choose(self, target: Target, texts: Sequence[str]) -> list[Route]:
         """One adapter per text for forwarding to a backend: auto's top, the router's top, or the adapter."""
         if target.kind == "auto":
-            return [Route(sorted(r.adapters, key=lambda x: -x[1])[:1]) for r in self.auto(texts)]
+            return [Route(sorted(r.adapters, key=lambda x: -x[1])[:1], r.decision, r.reason) for r in self.auto(texts)]
         if target.kind == "router":
             rm = self._router_model(target.name)
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
@@ -357,7 +381,7 @@ class Engine:
 
     def _label_task(self, r: Route, tg: Target):
         if not r.adapters:
-            why = " (no adapter is registered for this base)" if tg.kind == "auto" else ""
+            why = f" ({r.reason})" if tg.kind == "auto" and r.reason else ""
             raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto{why}")
         top = max(r.adapters, key=lambda x: x[1])[0]
         task = self.task_of(top)
@@ -412,28 +436,32 @@ class Engine:
                 out[i] = _labelled(tasks[i], s[j], {"adapters": _top(rm.experts, routes[i].weights)})
         return out
 
-    # ---- registering (through the CLI's own command, in a child process) -------------------------
+    # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
-        """Register a PEFT directory with `loraplex adapters register` (its checks, its one transaction)."""
-        args = ["adapters", "register", path, "--name", name, "--base", self.base_name,
-                "--description", description or f"LoRA adapter {name}, loaded through the server from {path}"]
-        self._cli(args + (["--task", task] if task else []))
+        """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
+        with _as_request_errors():
+            register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
+                          description=description or f"LoRA adapter {name}, loaded through the server from {path}")
 
     def unregister(self, name: str) -> None:
         if not self.reg().has_adapter(name):
             raise ModelUnknown(f"no adapter named {name!r} in the registry")
         self.resolve(name)  # an adapter of another base is not this server's to remove
-        self._cli(["adapters", "remove", name])
+        with _as_request_errors():
+            remove_adapter(self.reg(), name)
 
-    def _cli(self, args: list[str]) -> None:
-        s = self.settings
-        env = {**os.environ, "LORAPLEX_HOME": str(s.home), "LORAPLEX_EMBEDDER": s.embedder, "LORAPLEX_DEVICE": s.device,
-               "LORAPLEX_DTYPE": s.dtype, "LORAPLEX_CACHE": str(s.cache_dir)}
-        p = subprocess.run([sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, env=env,
-                           timeout=600)
-        if p.returncode != 0:
-            msg = (p.stderr.strip().splitlines() or ["the command failed"])[-1].removeprefix("error: ")
-            raise (ModelUnknown if "no adapter named" in msg else UserInputError)(msg)
+
+@contextmanager
+def _as_request_errors():
+    """A refused registration is the request's fault (400), an unknown name a 404: never a 503."""
+    try:
+        yield
+    except NotFound as exc:
+        raise ModelUnknown(str(exc)) from None
+    except UserInputError:
+        raise
+    except LoraplexError as exc:
+        raise UserInputError(str(exc)) from None
 
 
 def _cache_name(model) -> str:
@@ -456,7 +484,11 @@ def _labelled(task, scores: torch.Tensor, routing: dict[str, Any]) -> dict[str, 
 
 
 def _weights(r: Route) -> dict[str, Any]:
-    return {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
+    out: dict[str, Any] = {"adapters": [{"name": a, "weight": round(w, 4)}
+                                        for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
+    if r.decision is not None:
+        out.update(decision=r.decision, reason=r.reason)
+    return out
 
 
 def _top(names: Sequence[str], weights: np.ndarray, k: int = 4) -> list[dict[str, Any]]:

@@ -16,10 +16,11 @@ from loraplex.serve.scheduler import Scheduler
 
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
           max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
-          backend: str | None = None):
+          backend: str | None = None, auto: dict | None = None):
     """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start."""
     metrics = Metrics()
-    engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics)
+    engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics,
+                    auto=auto)
     scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
     return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend), engine
 

@@ -30,6 +30,10 @@ def serving(settings, *, timeout: float = 30.0, **options):
 
     from loraplex.serve.server import build
 
+    # The hash embedder's scores lie on another scale than minilm's, for which auto's thresholds are
+    # fitted: these tests exercise serving, so auto routes every request unless a test says otherwise
+    # (test_serve_auto.py tests the decision).
+    options.setdefault("auto", {"route_threshold": -1.0, "generate_threshold": -1.0})
     app, _ = build(settings, **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -102,7 +102,7 @@ def test_concurrent_requests_for_different_adapters_equal_each_alone(client, htt
 def test_requests_join_a_running_batch_and_answer_as_alone(client, http):
     """Continuous batching: requests sent while a long one generates join its batch (their prompts
     shorter and longer than its cache), finish first, and every answer is the one it gets alone."""
-    long = ("flights-lora", "late", 120)
+    long = ("flights-lora", "late", 240)  # long enough that the joiners finish inside it on a loaded machine
     joiners = [("sports-lora", "match goal team sport game " * 4, 8), ("flights-lora", "bag", 5),
                ("auto", "phone apple iphone tech", 6)]
     alone = [complete(client, m, p, max_tokens=n).choices[0].text for m, p, n in [long, *joiners]]

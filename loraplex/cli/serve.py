@@ -20,10 +20,13 @@ def serve(
     max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Adapters resident at once (the rest load on demand, LRU).")] = 16,
     host_loras: Annotated[int, typer.Option("--host-loras", min=1, help="Adapters kept in host memory once read (LRU).")] = 256,
     backend: Annotated[Optional[str], typer.Option("--backend", help="An OpenAI-compatible server that generates; loraplex chooses the adapter.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="An option of `auto` KEY=VALUE (repeatable), e.g. route_threshold=0.4.")] = None,
     home: Home = None,
 ) -> None:
     """Serve the base, its adapters, its routers and `auto` over an OpenAI-compatible HTTP API."""
+    from loraplex.cli.router import parse_settings
     from loraplex.serve.server import run
 
     run(settings(home), host=host, port=port, base=base, router=router, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, max_loras=max_loras, host_loras=host_loras, api_key=api_key, backend=backend)
+        max_wait_ms=max_wait_ms, max_loras=max_loras, host_loras=host_loras, api_key=api_key, backend=backend,
+        auto=parse_settings(set_) or None)

@@ -1,0 +1,36 @@
+"""`model: auto` on the server is router/auto.py's decision: a request that fits a registered adapter is
+routed, a foreign one is answered by the bare base and logged as a candidate task, and the routing
+object says which happened and why."""
+
+import json
+
+import openai
+
+from tests.serve_util import llama_home, serving  # noqa: F401 (a fixture)
+
+# hash-embedder scale (see serve_util.serving)
+AUTO = {"route_threshold": 0.2, "generate_threshold": 0.1}
+
+
+def test_auto_routes_or_falls_back_and_says_why(llama_home):
+    s, _ = llama_home
+    log = s.home / "candidates.jsonl"
+    before = log.read_text().splitlines() if log.exists() else []
+    with serving(s, auto=AUTO) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        fit = client.completions.create(model="auto", prompt="flight plane gate seat crew bag delayed late lost great",
+                                        max_tokens=3, temperature=0)
+        foreign = client.completions.create(model="auto", prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
+        base = client.completions.create(model=_base(client), prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
+    r_fit, r_foreign = fit.model_extra["routing"], foreign.model_extra["routing"]
+    assert r_fit["decision"] == "route" and r_fit["adapters"][0]["name"] == "flights-lora"
+    assert "route threshold" in r_fit["reason"]
+    assert r_foreign["decision"] == "base" and r_foreign["adapters"] == []
+    assert "generate threshold" in r_foreign["reason"]
+    assert foreign.choices[0].text == base.choices[0].text  # the bare base answered
+    logged = [json.loads(x)["query"] for x in log.read_text().splitlines()[len(before):]]
+    assert logged == ["qqq zzz xxyyzz"]
+
+
+def _base(client) -> str:
+    return next(m.id for m in client.models.list().data if m.model_extra["loraplex"]["kind"] == "base")
