@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving demo, run at the end of examples/demo.sh: starts `loraplex serve` on the demo registry (the
-# minilm adapters), asks it three questions through the `openai` client with model="auto" (retrieval
-# over every registered adapter picks one per question), prints each answer and the adapter it went
+# minilm adapters), asks it three questions through the `openai` client with model="auto" (per question:
+# route to the registered adapters, generate one, or fall back to the base), prints each answer and the adapter it went
 # to, and stops the server with Ctrl-C (SIGINT). About half a minute on 2 CPU cores.
 set -euo pipefail
 : "${LORAPLEX_HOME:?set LORAPLEX_HOME to the registry examples/demo.sh filled}"
@@ -17,6 +17,7 @@ trap 'kill -INT $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' E
 $PY - "$PORT" <<'PYEOF'
 import sys, time
 import httpx
+import openai
 from openai import OpenAI
 
 url = f"http://127.0.0.1:{sys.argv[1]}"
@@ -31,9 +32,15 @@ print("models:", ", ".join(m.id for m in client.models.list().data))
 for q in ("my flight was delayed for three hours and they lost my bag",
           "the new iphone battery dies before lunch",
           "the prime minister called an early election"):
-    r = client.post("/classify", body={"model": "auto", "input": q}, cast_to=object)
-    item, route = r["data"][0], r["routing"]["inputs"][0]["adapters"][0]
-    print(f"Q: {q}\n   answer: {item['label']} (task {item['task']}), routed to {route['name']} ({route['weight']:.2f})")
+    try:
+        r = client.post("/classify", body={"model": "auto", "input": q}, cast_to=object)
+    except openai.BadRequestError as exc:  # auto passed it to the bare base, which has no label set
+        print(f"Q: {q}\n   no answer: {exc.body['message'] if isinstance(exc.body, dict) else exc}")
+        continue
+    item, routing = r["data"][0], r["routing"]["inputs"][0]
+    route = routing["adapters"][0]
+    print(f"Q: {q}\n   answer: {item['label']} (task {item['task']}), adapter {route['name']} "
+          f"({route['weight']:.2f}); {routing['decision']}: {routing['reason']}")
 PYEOF
 
 kill -INT $SERVER

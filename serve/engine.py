@@ -381,8 +381,10 @@ class Engine:
 
     def _label_task(self, r: Route, tg: Target):
         if not r.adapters:
-            why = f" ({r.reason})" if tg.kind == "auto" and r.reason else ""
-            raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto{why}")
+            if tg.kind == "auto":
+                raise UserInputError(f"auto passed this input to the bare base, which has no label set to classify "
+                                     f"with: {r.reason or 'no adapter is registered for this base'}")
+            raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto")
         top = max(r.adapters, key=lambda x: x[1])[0]
         task = self.task_of(top)
         if task is None or not task.labels:
