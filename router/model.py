@@ -215,13 +215,17 @@ class RoutedModel:
         routes = self.route(texts, trace=trace, static=static)
         tasks = self.task_of(texts, routes)
         answers: list[Any] = [None] * len(texts)
-        groups: dict[int, list[int]] = {}
+        # A causal head turns each text into several sequences (one per label, batched its own way), so
+        # its static gates cannot follow the texts row by row: rows are grouped by task and gate row,
+        # and each group's one gate row (1, 1, E) broadcasts over whatever batches the head makes.
+        per_row = static is not None and not self.head.embeds
+        groups: dict[Any, list[int]] = {}
         for i, t in enumerate(tasks):
-            groups.setdefault(id(t), []).append(i)
+            groups.setdefault((id(t), static[i].cpu().numpy().tobytes() if per_row else None), []).append(i)
         for rows in groups.values():
             task = tasks[rows[0]]
             sub = [texts[i] for i in rows]
-            g = static[rows] if static is not None else None
+            g = (static[rows[:1]] if per_row else static[rows]) if static is not None else None
             with use_gates(self.model, g):
                 labels = self._answer_group(sub, task)
             for i, a in zip(rows, labels):

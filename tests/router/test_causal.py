@@ -26,3 +26,22 @@ def test_causal_router_ranks_labels_and_generates_without_a_task(settings, tiny_
     assert gen["task"] is None and isinstance(gen["answer"], str)
     with pytest.raises(Exception, match="routes adapters of base"):
         api.query(["x"], router="ctg", base="minilm", settings=settings)
+
+
+def test_retrieval_on_a_causal_base_answers_several_queries_of_one_task_as_each_alone(settings, tiny_llama,
+                                                                                      task_files, tmp_path):
+    """Several queries routed to one task in a batch: the causal head's per-label sequences do not line up
+    with the texts, so each gate row must apply to its own queries (this raised a size mismatch)."""
+    from loraplex import api
+
+    for i, name in enumerate(("flights", "sports")):
+        d = make_peft_adapter(tiny_llama, tmp_path / name, r=2 + 2 * i, targets=("q_proj", "v_proj"), causal=True,
+                              seed=40 + i)
+        api.register(d, name=f"{name}-lora", description=f"{name} messages", task=str(task_files[name]),
+                     base=str(tiny_llama), settings=settings)
+    texts = ["flight plane late", "flight bag lost", "match goal team", "flight gate crew"]
+    kw = dict(router="retrieval", adapters=["flights-lora", "sports-lora"], settings=settings)
+    together = api.query(texts, **kw)
+    alone = [api.query([t], **kw)[0] for t in texts]
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+    assert [r["adapters"] for r in together] == [r["adapters"] for r in alone]
