@@ -245,14 +245,13 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     if fall:
         ref = resolve_base(base_name or (reg.get_adapter(decisions[fall[0]].nearest).base
                                          if decisions[fall[0]].nearest else None))
-        lb = load_base(ref, settings)
-        head = head_for(lb)
         answers: list[Any] = [None] * len(fall)
-        if lb.family == "causal":
-            answers = head.generate(lb.model, lb.tokenizer, [texts[i] for i in fall], None)
+        if ref.family == "causal":  # an encoder is not even loaded: it has nothing to answer with
+            lb = load_base(ref, settings)
+            answers = head_for(lb).generate(lb.model, lb.tokenizer, [texts[i] for i in fall], None)
         for i, a in zip(fall, answers):
             d = decisions[i]
-            if lb.family != "causal":
+            if ref.family != "causal":
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
             out[i] = _item(d, a, None, [])
         if cfg.log_candidates:

@@ -45,3 +45,16 @@ def test_retrieval_on_a_causal_base_answers_several_queries_of_one_task_as_each_
     alone = [api.query([t], **kw)[0] for t in texts]
     assert [r["answer"] for r in together] == [r["answer"] for r in alone]
     assert [r["adapters"] for r in together] == [r["adapters"] for r in alone]
+
+
+def test_auto_on_a_causal_base_falls_back_to_the_bare_base_generating(settings, tiny_llama, task_files, tmp_path):
+    from loraplex import api
+
+    d = make_peft_adapter(tiny_llama, tmp_path / "flights", r=2, targets=("q_proj", "v_proj"), causal=True, seed=50)
+    api.register(d, name="flights-lora", description="flights messages", task=str(task_files["flights"]),
+                 base=str(tiny_llama), settings=settings)
+    cfg = {"route_threshold": 0.2, "generate_threshold": 0.1}
+    fit, foreign = api.query(["flight plane gate seat crew bag delayed late lost great", "qqq zzz xxyyzz"],
+                             router="auto", config=cfg, settings=settings)
+    assert fit["decision"] == "route" and fit["answer"] in ("good", "bad")
+    assert foreign["decision"] == "base" and isinstance(foreign["answer"], str) and foreign["adapters"] == []
