@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -33,3 +34,31 @@ def settings(home: Optional[Path]):
     from loraplex.settings import Settings
 
     return Settings.load(home=home)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs -> a config dict, for every command that takes them: keys with `-` read as
+    `_`, `a.b=1` nests, values read as JSON when they parse (2, 0.5, true, [64, 64]), else as text (the
+    config's pydantic model then checks types and ranges)."""
+    from loraplex.errors import InvalidSpec
+
+    cfg: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidSpec(f"--set takes KEY=VALUE, got {item!r}")
+        raw = raw.strip()
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = cfg
+        parts = [p.strip().replace("-", "_") for p in key.strip().split(".")]
+        if not all(parts):
+            raise InvalidSpec(f"--set {item!r}: an empty name in {key.strip()!r}")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InvalidSpec(f"--set {item!r}: {p!r} is not a group of settings")
+        node[parts[-1]] = value
+    return cfg

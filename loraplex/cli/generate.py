@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import json as _json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Home, Json, Quiet, settings
+from loraplex.cli._options import Home, Json, Quiet, parse_sets, settings
 
 app = typer.Typer(help="Generate adapters for new tasks from a description (SG-LoRA) or a few examples (ICM-LoRA).",
                   no_args_is_help=True)
-
-
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """`key=value` pairs (values read as JSON when they parse, else as text; `a.b=1` nests) -> a config dict."""
-    from loraplex.errors import InvalidSpec
-
-    cfg: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise InvalidSpec(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            value = _json.loads(raw)
-        except ValueError:
-            value = raw
-        node = cfg
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise InvalidSpec(f"--set {item!r}: {p!r} is not a group of settings")
-        node[parts[-1]] = value
-    return cfg
 
 
 @app.command("fit")
@@ -51,7 +27,7 @@ def fit(
     """Fit a generator on registered adapters (and their training snapshots) and store it in the registry."""
     from loraplex import api
 
-    res = api.fit_generator(name, method=method, adapters=api.parse_list(adapters) or None, config=_parse_sets(set_),
+    res = api.fit_generator(name, method=method, adapters=api.parse_list(adapters) or None, config=parse_sets(set_),
                             progress=not quiet and not json, settings=settings(home))
     if json:
         out.emit_json(res)

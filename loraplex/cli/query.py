@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, settings
+from loraplex.cli._options import Base, Home, Json, parse_sets, settings
 
 
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
@@ -60,9 +60,8 @@ def query(
     from loraplex import api
 
     queries = _read_queries(text, input_)
-    from loraplex.cli.router import parse_settings
 
-    cfg = {**parse_settings(set_), **({"top_k": top_k} if top_k is not None else {})} or None
+    cfg = {**parse_sets(set_), **({"top_k": top_k} if top_k is not None else {})} or None
     if cfg and router not in (None, "retrieval", "auto"):
         from loraplex.errors import UserInputError
 

@@ -7,22 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Devices, Home, Json, Precision, Quiet, Strategy, settings
+from loraplex.cli._options import Base, Devices, Home, Json, Precision, Quiet, Strategy, parse_sets, settings
 
 app = typer.Typer(help="Fit, evaluate and manage the routers that compose adapters at run time.", no_args_is_help=True)
-
-
-def parse_settings(items: list[str] | None) -> dict[str, str]:
-    """`--set key=value` pairs -> a config dict (pydantic coerces the strings)."""
-    from loraplex.errors import InvalidSpec
-
-    cfg: dict[str, str] = {}
-    for it in items or []:
-        k, sep, v = it.partition("=")
-        if not sep or not k.strip():
-            raise InvalidSpec(f"--set takes key=value, got {it!r}")
-        cfg[k.strip().replace("-", "_")] = v.strip()
-    return cfg
 
 
 def _fmt_pct(v) -> str:
@@ -56,7 +43,7 @@ def fit(
     """Train a router on its adapters' tasks (Lightning), evaluate it, store it with the adapters it routes."""
     from loraplex import api
 
-    cfg: dict = parse_settings(set_)
+    cfg: dict = parse_sets(set_)
     if top_k is not None:
         cfg["top_k"] = top_k
     if joint:

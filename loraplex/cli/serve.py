@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loraplex.cli._options import Base, Home, settings
+from loraplex.cli._options import Base, Home, parse_sets, settings
 
 
 def serve(
@@ -24,9 +24,8 @@ def serve(
     home: Home = None,
 ) -> None:
     """Serve the base, its adapters, its routers and `auto` over an OpenAI-compatible HTTP API."""
-    from loraplex.cli.router import parse_settings
     from loraplex.serve.server import run
 
     run(settings(home), host=host, port=port, base=base, router=router, max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_loras=max_loras, host_loras=host_loras, api_key=api_key, backend=backend,
-        auto=parse_settings(set_) or None)
+        auto=parse_sets(set_) or None)

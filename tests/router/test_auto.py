@@ -78,4 +78,4 @@ def test_auto_on_an_empty_registry_is_one_line(cli):
 
 def test_set_with_an_empty_key_is_refused(run):
     res = run("query", "flight plane", "--router", "auto", "--set", "=1")
-    assert res.exit_code == 2 and "--set takes key=value, got '=1'" in res.output
+    assert res.exit_code == 2 and "--set takes KEY=VALUE, got '=1'" in res.output
