@@ -45,7 +45,7 @@ from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
-from loraplex.registry.index import SignatureIndex
+from loraplex.registry.index import nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
 
 Action = Literal["route", "generate", "base"]
@@ -115,17 +115,10 @@ def _generator_of(reg, base: str | None, name: str | None):
 def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[tuple[float | None, float | None, str | None]]:
     """(s1, s1 - s2, nearest adapter name) per query row, among the adapters of `base` (default: the
     base of each query's nearest adapter)."""
-    idx = SignatureIndex.sync(reg, weight=cfg.prototype_weight)
-    scores, ids = idx.search(q, 32)
-    found = reg.names_and_bases_by_id(sorted({int(i) for i in ids.reshape(-1) if i >= 0}))
     out = []
-    for s_row, i_row in zip(scores, ids):
-        hits = [(float(s), found[int(i)]) for s, i in zip(s_row, i_row) if int(i) in found]
-        if not hits:
-            out.append((None, None, None))
-            continue
-        want = base or hits[0][1][1]
-        hits = [(s, nb[0]) for s, nb in hits if nb[1] == want]
+    for hits in nearest_adapters(reg, q, 32, weight=cfg.prototype_weight):
+        want = base or (hits[0][2] if hits else None)
+        hits = [(score, name) for score, name, b in hits if b == want]
         if not hits:
             out.append((None, None, None))
             continue

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.registry.index import SignatureIndex, routing_vectors
+from loraplex.registry.index import nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
 
 
@@ -106,17 +106,13 @@ class RetrievalRouter:
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
         cannot share a bank).
         """
-        idx = SignatureIndex.sync(reg, weight=self.config.prototype_weight)
-        scores, ids = idx.search(np.asarray(queries, dtype=np.float32), self.config.candidates)
-        best: dict[int, float] = {}
-        for s_row, i_row in zip(scores, ids):
-            for s, i in zip(s_row, i_row):
-                if i >= 0 and float(s) > best.get(int(i), -np.inf):
-                    best[int(i)] = float(s)
-        order = sorted(best, key=lambda i: -best[i])
-        found = reg.names_and_bases_by_id(order)
-        order = [i for i in order if i in found]
+        best: dict[str, tuple[float, str]] = {}  # name -> (best score over the queries, base)
+        for hits in nearest_adapters(reg, queries, self.config.candidates, weight=self.config.prototype_weight):
+            for score, name, b in hits:
+                if score > best.get(name, (-np.inf, ""))[0]:
+                    best[name] = (score, b)
+        order = sorted(best, key=lambda n: -best[n][0])
         if not order:
             return []
-        want = base or found[order[0]][1]
-        return [found[i][0] for i in order if found[i][1] == want]
+        want = base or best[order[0]][1]
+        return [n for n in order if best[n][1] == want]
