@@ -173,7 +173,8 @@ class SavedBytes:
         return sum(self.seen.values()) / 2**20
 
 
-def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8) -> None:
+def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8,
+                shared: bool = False) -> None:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
     dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
     training: gates and the input embeddings take gradients, the adapters are frozen), with the activation
@@ -186,8 +187,12 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
     from loraplex.router.base import ROUTERS
     from loraplex.settings import Settings
 
+    from loraplex.allocator import keep_heap
+
     s = Settings.load(device="cpu", dtype="float32")
-    print(f"\n== 1. routed forward, token-gate k=2, batch 16 x 128 tokens, {torch.get_num_threads()} threads; "
+    heap = "heap kept (loraplex/allocator.py)" if keep_heap() else "system allocator"
+    gate = "one gate per layer input (shared)" if shared else "a gate per projection"
+    print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {torch.get_num_threads()} threads, {heap}; "
           f"ratios against the base with one merged adapter; mem = MiB saved for backward ==")
     print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
           f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
@@ -206,6 +211,8 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
         one = random_adapters(base, targets, 1)
         merged = copy.deepcopy(base)
         merge(merged, one[0])
+        for p in merged.parameters():  # as in the routed model: the base frozen, only the input takes gradients
+            p.requires_grad_(False)
         merged.get_input_embeddings().weight.requires_grad_(True)
         for E in experts:
             routed = copy.deepcopy(base)
@@ -214,7 +221,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
             for p in (q for layer in routed_layers(routed).values() for q in layer.bank.parameters()):
                 p.requires_grad_(False)  # router training: adapters frozen
             routed.get_input_embeddings().weight.requires_grad_(True)
-            router = ROUTERS.build("token-gate", {"top_k": 2, "init_std": 1.0})
+            router = ROUTERS.build("token-gate", {"top_k": 2, "init_std": 1.0, "shared": shared})
             router.attach(routed)
             routed.eval()
             banks = {n: layer.bank for n, layer in routed_layers(routed).items()}
@@ -414,12 +421,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     ap.add_argument("--experts", default="8,32,128,512", help="adapter counts E (speed)")
     ap.add_argument("--models", default="minilm,llama", help="models (speed)")
+    ap.add_argument("--gate", choices=("per-projection", "shared"), default="per-projection",
+                    help="token-gate per projection, or one gate per layer input (MeteoRA's accelerated form) (speed)")
     ap.add_argument("--steps", type=int, default=300, help="router training steps (quality)")
     ap.add_argument("--lr", type=float, default=1e-2, help="router learning rate (quality)")
     ap.add_argument("--eval-limit", type=int, default=300, help="test examples per task (quality; 0 = all)")
     a = ap.parse_args()
     if a.part in ("speed", "all"):
-        bench_speed(a.rounds, tuple(int(e) for e in a.experts.split(",")), tuple(a.models.split(",")))
+        bench_speed(a.rounds, tuple(int(e) for e in a.experts.split(",")), tuple(a.models.split(",")),
+                    shared=a.gate == "shared")
     if a.part in ("hetero", "all"):
         bench_hetero(a.rounds)
     if a.part in ("quality", "all"):

@@ -30,12 +30,14 @@ matmul), so a batch whose 32 rows use 32 different adapters costs about what one
 
 Token-level sparse dispatch (issue #14): when per-adapter gates change per token ((B, T, E) with at
 most k non-zero per token: token-gate, mixer), `forward` sorts the N*K (token, expert) assignments by
-expert once, packs each expert's tokens into a capacity-padded buffer (E_used, C, d_in), runs two
-batched matmuls (inner size R, not E*R) and scatters back with the gate weights (`_forward_tokens`).
+expert once, packs each expert's tokens into blocks of C slots (U blocks, (U, C, d_in)), runs two
+batched matmuls (inner size R, not E*R) and gathers back with the gate weights (`_forward_tokens`).
 Activations are O(N*K*R) instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
 "auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
-least `SPARSE_FACTOR` (128) times the sparse one K*R (on CPU the gathers and their backward cost more
-than the matmuls they save below that; see SPARSE_FACTOR).
+least `SPARSE_FACTOR` (16) times the sparse one K*R (below that, on CPU, the dense bank's two GEMMs
+cost less than the sort, the gathers and the small batched matmuls; see SPARSE_FACTOR). Projections fed
+by one shared gate (token-gate `shared`) share the plan of the sort and the packed input through their
+common Routing (`Routing.dispatch`).
 Per-rank gates (S = E*R, SMoRA's rank router) stay on the dense path: its experts are single ranks,
 so a grouped matmul would have inner size 1 per segment (no batching to gain), and a bank of rank
 E*R is exactly the one LoRA SMoRA sizes its compute by.
@@ -44,10 +46,29 @@ E*R is exactly the one LoRA SMoRA sizes its compute by.
 from __future__ import annotations
 
 import math
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """t's in-place version counter (how caches keyed on a tensor notice it changed); inference tensors
+    have none and cannot be modified in place outside inference mode, so they read as version 0."""
+    return 0 if t.is_inference() else t._version
+
+
+class _TokenPlan(NamedTuple):
+    """Token dispatch of N tokens x K experts into U blocks of C slots (each block one expert's)."""
+
+    used: torch.Tensor | None  # (U,) the expert of each block; None: one block per expert, all E in order
+    U: int
+    C: int
+    slot: torch.Tensor  # (N*K,) buffer slot of assignment j (token j // K)
+    src: torch.Tensor  # (U*C,) token read into each slot (padding: token 0)
+    w_slot: torch.Tensor  # (U*C,) gate weight of each slot (padding: 0)
 
 
 class LoraBank(nn.Module):
@@ -138,12 +159,15 @@ class LoraBank(nn.Module):
         """(E*R,) scaling of each rank, zero on padding."""
         return self.rank_mask * self.scaling.repeat_interleave(self.rank)
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *, dense_gate_grad: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *, dense_gate_grad: bool = False,
+                plans: dict | None = None) -> torch.Tensor:
         """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out).
 
         `dense_gate_grad`: the caller needs d loss / d gates on the unselected (zero) slots too (a
         straight-through gate such as LoRA-Mixer's); "auto" then keeps the dense path while gradients
-        flow into the gates, since the sparse path only computes the selected experts.
+        flow into the gates, since the sparse path only computes the selected experts. `plans`: a dict
+        that lives as long as `gates` (the Routing's), where the token dispatch keeps its plan so banks
+        fed by the same gates sort the tokens once.
         """
         if self.sparse and self._sequence_gates(x, gates):
             k = int((gates != 0).sum(-1).max().item())
@@ -153,7 +177,7 @@ class LoraBank(nn.Module):
             k = max(1, int((gates != 0).sum(-1).max().item()))
             needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
             if self.dispatch == "sparse" or (self.SPARSE_FACTOR * k <= self.n_experts and not needs_all):
-                return self._forward_tokens(x, gates, k)
+                return self._forward_tokens(x, gates, k, plans)
         z = F.linear(self.dropout(x), self.A)  # (..., E*R)
         scale = self.rank_scale().to(z.dtype)  # (E*R,)
         if gates is None:
@@ -169,11 +193,12 @@ class LoraBank(nn.Module):
             )
         return F.linear(z, self.B)  # (..., d_out)
 
-    SPARSE_FACTOR = 128
-    """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured on 2 shared CPU cores (bench/routing.py
-    --part speed, bench/results/routing-speed.txt), the dense bank stays faster up to E=128 at k=2 (its
-    two GEMMs beat the sparse path's gathers and their index_add backward); from about E=256 the dense
-    activations (N*E*R) dominate memory and the two paths cost about the same, so sparse wins there."""
+    SPARSE_FACTOR = 16
+    """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured per MiniLM projection (2048 tokens, R=8,
+    k=2, 2 CPU threads, the heap kept by loraplex/allocator.py): dense 3.1 ms against sparse 4.1 ms at
+    E=16, dense 5.2 ms against sparse 3.6 ms at E=32, and 117 ms against 9.7 ms at E=512 (the dense
+    inner size E*R grows, the sparse path's stays k*R); bench/routing.py --part speed has the model-level
+    table."""
 
     def _token_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates given per token: (..., E) with the leading dims of x."""
@@ -182,42 +207,77 @@ class LoraBank(nn.Module):
         return (gates is not None and gates.shape[-1] == self.n_experts and self.n_experts > 1
                 and gates.shape[:-1] == x.shape[:-1])
 
-    def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int) -> torch.Tensor:
+    def _token_plan(self, gates: torch.Tensor, k: int, plans: dict | None) -> _TokenPlan:
+        """Where each (token, expert) assignment goes: built once per gates tensor and k, and shared
+        through `plans` (the Routing's cache) by every bank of E experts those gates feed."""
+        key = ("plan", self.n_experts, k)
+        if plans is not None and key in plans:
+            return plans[key]
+        E = self.n_experts
+        gf = gates.reshape(-1, E)  # (N, E)
+        N, dev = gf.shape[0], gf.device
+        idx = gf.detach().abs().topk(k, dim=-1).indices  # (N, K)
+        flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
+        order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert
+        counts = torch.bincount(flat_e, minlength=E)  # (E,)
+        # Each expert's tokens fill blocks of C slots (C = the mean count over the used experts), so
+        # a skewed router (one expert taking half the tokens) pads at most C - 1 slots per expert instead
+        # of padding every expert to the largest count.
+        n_used = int((counts > 0).sum().item())
+        C = max(8, -(-N * k // max(1, n_used)))
+        blocks = (counts + C - 1) // C  # (E,) blocks per expert
+        block_expert = torch.repeat_interleave(torch.arange(E, device=dev), blocks)  # (U,)
+        U = block_expert.numel()
+        used = None if U == E and bool((blocks == 1).all()) else block_expert  # one block each: A, B as views
+        e_sorted = flat_e[order]
+        pos = torch.arange(flat_e.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        first_block = torch.cumsum(blocks, 0) - blocks  # (E,)
+        slot_sorted = (first_block[e_sorted] + pos // C) * C + pos % C
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (N*K,) buffer slot of assignment j
+        # the token filling each buffer slot; padding slots read token 0 and are never read back
+        src = torch.zeros(U * C, dtype=torch.long, device=dev).scatter_(0, slot, torch.arange(N * k, device=dev) // k)
+        w = gf.gather(-1, idx).reshape(-1)  # (N*K,) gate weights, differentiable in the gates
+        w_slot = w.new_zeros(U * C).scatter(0, slot, w)  # (U*C,) zero on padding
+        plan = _TokenPlan(used, U, C, slot, src, w_slot)
+        if plans is not None:
+            plans[key] = plan
+        return plan
+
+    def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int, plans: dict | None = None) -> torch.Tensor:
         """Token-level sparse dispatch: each token computes only its k selected adapters.
 
-        The N*K assignments (token, expert) are sorted by expert once, each used expert's tokens are
-        packed into a capacity-padded buffer (E_used, C, d_in) and two `bmm`s (inner size R) compute
-        them, as CPU MoE kernels do; the results are scattered back weighted by the gates with one
-        Differentiable in x, A, B and the gates (autograd through gather/scatter).
-        Equal to the dense path (tests/experts/test_token_dispatch.py).
+        The N*K assignments (token, expert) are sorted by expert (`_token_plan`, once per gates tensor:
+        projections fed by one shared gate reuse it, and the packed input when their input is the same
+        tensor), each expert's tokens are packed into blocks of C slots (U, C, d_in) and two `bmm`s
+        (inner size R) compute them, as CPU MoE kernels do; the gate weights multiply the rank-R
+        activations and one gather + sum over k brings the rows back. Differentiable in x, A, B and the
+        gates. Equal to the dense path (tests/experts/test_token_dispatch.py).
         """
         E, R = self.n_experts, self.rank
         lead = x.shape[:-1]
-        xf = self.dropout(x).reshape(-1, self.d_in)  # (N, d_in)
-        gf = gates.reshape(-1, E).to(x.dtype)  # (N, E)
+        xd = self.dropout(x)
+        xf = xd.reshape(-1, self.d_in)  # (N, d_in)
         N = xf.shape[0]
-        idx = gf.abs().topk(k, dim=-1).indices  # (N, K)
-        w = gf.gather(-1, idx)  # (N, K) (zero where a token uses fewer than k)
-        flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
-        order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert (once per call)
-        used, counts = torch.unique_consecutive(flat_e[order], return_counts=True)  # (U,), (U,)
-        U, C = used.numel(), int(counts.max().item())  # used experts, capacity
-        seg = torch.repeat_interleave(torch.arange(U, device=x.device), counts)  # (N*K,) sorted
-        starts = torch.cumsum(counts, 0) - counts
-        slot_sorted = seg * C + torch.arange(flat_e.numel(), device=x.device) - starts[seg]  # buffer slot
-        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (N*K,) slot of assignment j
-        # which token fills each buffer slot (N: a zero row), and its gate weight
-        j = torch.arange(N * k, device=x.device)  # assignment j belongs to token j // k
-        src = torch.full((U * C,), N, dtype=torch.long, device=x.device).scatter_(0, slot, j // k)
-        asg = torch.full((U * C,), N * k, dtype=torch.long, device=x.device).scatter_(0, slot, j)
-        w_slot = torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, asg)  # (U*C,)
-        buf = torch.cat([xf, xf.new_zeros(1, self.d_in)]).index_select(0, src).view(U, C, self.d_in)
-        A = self.A.view(E, R, self.d_in)[used].to(x.dtype)  # (U, R, d_in)
-        Bw = self.B.view(self.d_out, E, R)[:, used].permute(1, 2, 0).to(x.dtype)  # (U, R, d_out)
-        scale = self.rank_scale().view(E, R)[used].to(x.dtype)  # (U, R)
-        z = torch.bmm(buf, A.transpose(1, 2)) * (scale.unsqueeze(1) * w_slot.view(U, C, 1))  # (U, C, R)
-        y = torch.bmm(z, Bw).view(U * C, self.d_out)  # (U*C, d_out), already gate-weighted
-        out = y.index_select(0, slot).view(N, k, self.d_out).sum(1)  # (N, d_out)
+        p = self._token_plan(gates.to(x.dtype), k, plans)
+        buf = None
+        if plans is not None and plans.get("shared"):  # a shared gate's banks: pack an input tensor once
+            hit = plans.get(("x", id(p)))
+            if hit is not None and hit[0]() is xd and hit[1] == tensor_version(xd):
+                buf = hit[2]
+        if buf is None:
+            buf = xf.index_select(0, p.src).view(p.U, p.C, self.d_in)
+            if plans is not None and plans.get("shared"):
+                plans[("x", id(p))] = (weakref.ref(xd), tensor_version(xd), buf)
+        A = self.A.view(E, R, self.d_in)  # (E, R, d_in)
+        Bw = self.B.view(self.d_out, E, R)  # (d_out, E, R)
+        scale = self.rank_scale().view(E, R)
+        if p.used is not None:
+            A, Bw, scale = A.index_select(0, p.used), Bw.index_select(1, p.used), scale.index_select(0, p.used)
+        A, Bw = A.to(x.dtype), Bw.permute(1, 2, 0).to(x.dtype)  # (U, R, d_in), (U, R, d_out)
+        z = torch.bmm(buf, A.transpose(1, 2)) * (scale.to(x.dtype).unsqueeze(1) * p.w_slot.view(p.U, p.C, 1))
+        y = torch.bmm(z, Bw).view(p.U * p.C, self.d_out)  # (U*C, d_out), already gate-weighted
+        out = y.index_select(0, p.slot)  # (N*K, d_out)
+        out = out if k == 1 else out.view(N, k, self.d_out).sum(1)
         return out.view(*lead, self.d_out)
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from loraplex.allocator import keep_heap
 from loraplex.errors import MissingDependency, ModelNotFound
 from loraplex.settings import Settings
 
@@ -314,6 +315,8 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
         ref = resolve_base(ref)
     dtype = settings.torch_dtype()
     device = settings.resolved_device()
+    if device == "cpu":
+        keep_heap()  # CPU activations reuse the heap instead of page-faulting in (loraplex/allocator.py)
     try:
         model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device, str(dtype).removeprefix("torch."))
     except (OSError, ValueError) as exc:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from loraplex.experts.bank import tensor_version
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
 
@@ -67,10 +68,11 @@ class TokenGate(Gate):
     def forward(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
         if self.cfg.shared:
             last = self._last
-            if last is not None and last[0]() is h and last[1] == h._version and last[3] == torch.is_grad_enabled():
+            if last is not None and last[0]() is h and last[1] == tensor_version(h) and last[3] == torch.is_grad_enabled():
                 return last[2]  # the same input tensor as the previous projection: one evaluation per layer input
             routing = self._route(h)
-            self._last = (weakref.ref(h), h._version, routing, torch.is_grad_enabled())
+            routing.dispatch["shared"] = True  # the banks of q, k, v pack their common input once
+            self._last = (weakref.ref(h), tensor_version(h), routing, torch.is_grad_enabled())
             return routing
         return self._route(h)
 

@@ -234,3 +234,72 @@ def test_shared_gate_parameters_listed_once():
     g = router.make_gate(type("L", (), {"name": "a.q", "bank": _bank(E=4)})())
     router.gates = {"a.q": g, "a.k": g}
     assert len(router.parameters()) == 1
+
+
+
+def test_shared_gate_dispatches_once_per_layer_input():
+    """A shared token gate's q, k, v banks sort the tokens once and pack their common input once; the
+    outputs and gradients equal the dense path."""
+    from torch import nn
+
+    from loraplex.experts.layers import RoutedLinear
+    from loraplex.router.base import ROUTERS
+
+    torch.manual_seed(3)
+    router = ROUTERS.build("token-gate", {"top_k": 2, "shared": True, "init_std": 1.0})
+    names = ["blk.q", "blk.k", "blk.v"]
+    layers = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, d_in=16, d_out=16, seed=i), n) for i, n in enumerate(names)}
+    built = []
+    for layer in layers.values():
+        layer.router = router.make_gate(layer)
+        layer.record = True
+        layer.bank.dispatch = "sparse"
+        orig = layer.bank._token_plan
+        layer.bank._token_plan = lambda g, k, plans, orig=orig: built.append(("plan", 8, k) not in plans) or orig(g, k, plans)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    outs = [layers[n](x) for n in names]
+    routing = layers["blk.q"].last_routing
+    assert all(layers[n].last_routing is routing for n in names)
+    assert built == [True, False, False]  # the plan is built by q and found by k and v
+    assert sum(1 for key in routing.dispatch if key[0] == "x") == 1  # x packed once
+    sum(o.pow(2).sum() for o in outs).backward()
+    g_shared = x.grad.clone()
+    xr = x.detach().clone().requires_grad_(True)  # a new input tensor: the gate evaluates again
+    for layer in layers.values():
+        layer.bank.dispatch = "dense"
+    ref = [layers[n](xr) for n in names]
+    sum(o.pow(2).sum() for o in ref).backward()
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_shared, xr.grad, rtol=1e-4, atol=1e-4)
+    # a different input tensor with the same values is packed again (no stale buffer)
+    x2 = x.detach().clone() + 1.0
+    with torch.no_grad():
+        layers["blk.q"].bank.dispatch = "sparse"
+        y = layers["blk.q"](x2)
+        layers["blk.q"].bank.dispatch = "dense"
+        torch.testing.assert_close(y, layers["blk.q"](x2), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_gate_under_inference_mode():
+    """Inference tensors have no version counter: the shared gate and the packed-input cache still work."""
+    from torch import nn
+
+    from loraplex.experts.layers import RoutedLinear
+    from loraplex.router.base import ROUTERS
+
+    router = ROUTERS.build("token-gate", {"top_k": 2, "shared": True, "init_std": 1.0})
+    layers = [RoutedLinear(nn.Linear(16, 16), _bank(E=8, d_in=16, d_out=16, seed=i), f"blk.{n}") for i, n in enumerate("qkv")]
+    for layer in layers:
+        layer.router = router.make_gate(layer)
+        layer.bank.dispatch = "sparse"
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        xi = x.clone()
+        sparse = [layer(xi) for layer in layers]
+    for layer in layers:
+        layer.bank.dispatch = "dense"
+    with torch.no_grad():
+        dense = [layer(x.clone()) for layer in layers]
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
