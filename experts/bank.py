@@ -160,24 +160,30 @@ class LoraBank(nn.Module):
         return self.rank_mask * self.scaling.repeat_interleave(self.rank)
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *, dense_gate_grad: bool = False,
-                plans: dict | None = None) -> torch.Tensor:
+                plans: dict | None = None, topk: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out).
 
         `dense_gate_grad`: the caller needs d loss / d gates on the unselected (zero) slots too (a
         straight-through gate such as LoRA-Mixer's); "auto" then keeps the dense path while gradients
         flow into the gates, since the sparse path only computes the selected experts. `plans`: a dict
         that lives as long as `gates` (the Routing's), where the token dispatch keeps its plan so banks
-        fed by the same gates sort the tokens once.
+        fed by the same gates sort the tokens once. `topk` (..., K): the experts the router selected per
+        token (the Routing's `topk_idx`, every non-zero gate among them); the token dispatch then takes
+        them as they are instead of searching the (..., E) gates again, so nothing on its path reads all
+        E gates of a token.
         """
         if self.sparse and self._sequence_gates(x, gates):
             k = int((gates != 0).sum(-1).max().item())
             if 2 * k <= self.n_experts:
                 return self._forward_selected(x, gates, k)
         elif self._token_gates(x, gates) and self.dispatch != "dense":
-            k = max(1, int((gates != 0).sum(-1).max().item()))
+            if topk is not None and topk.shape[:-1] == gates.shape[:-1]:
+                k = topk.shape[-1]
+            else:
+                topk, k = None, max(1, int((gates != 0).sum(-1).max().item()))
             needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
             if self.dispatch == "sparse" or (self.SPARSE_FACTOR * k <= self.n_experts and not needs_all):
-                return self._forward_tokens(x, gates, k, plans)
+                return self._forward_tokens(x, gates, k, plans, topk)
         z = F.linear(self.dropout(x), self.A)  # (..., E*R)
         scale = self.rank_scale().to(z.dtype)  # (E*R,)
         if gates is None:
@@ -207,16 +213,17 @@ class LoraBank(nn.Module):
         return (gates is not None and gates.shape[-1] == self.n_experts and self.n_experts > 1
                 and gates.shape[:-1] == x.shape[:-1])
 
-    def _token_plan(self, gates: torch.Tensor, k: int, plans: dict | None) -> _TokenPlan:
+    def _token_plan(self, gates: torch.Tensor, k: int, plans: dict | None, topk: torch.Tensor | None = None) -> _TokenPlan:
         """Where each (token, expert) assignment goes: built once per gates tensor and k, and shared
-        through `plans` (the Routing's cache) by every bank of E experts those gates feed."""
+        through `plans` (the Routing's cache) by every bank of E experts those gates feed. `topk`: the
+        router's selection (N.., K), used as the assignments instead of a top-k over |gates|."""
         key = ("plan", self.n_experts, k)
         if plans is not None and key in plans:
             return plans[key]
         E = self.n_experts
         gf = gates.reshape(-1, E)  # (N, E)
         N, dev = gf.shape[0], gf.device
-        idx = gf.detach().abs().topk(k, dim=-1).indices  # (N, K)
+        idx = topk.reshape(N, k) if topk is not None else gf.detach().abs().topk(k, dim=-1).indices  # (N, K)
         flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
         order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert
         counts = torch.bincount(flat_e, minlength=E)  # (E,)
@@ -243,7 +250,8 @@ class LoraBank(nn.Module):
             plans[key] = plan
         return plan
 
-    def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int, plans: dict | None = None) -> torch.Tensor:
+    def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int, plans: dict | None = None,
+                        topk: torch.Tensor | None = None) -> torch.Tensor:
         """Token-level sparse dispatch: each token computes only its k selected adapters.
 
         The N*K assignments (token, expert) are sorted by expert (`_token_plan`, once per gates tensor:
@@ -258,7 +266,7 @@ class LoraBank(nn.Module):
         xd = self.dropout(x)
         xf = xd.reshape(-1, self.d_in)  # (N, d_in)
         N = xf.shape[0]
-        p = self._token_plan(gates.to(x.dtype), k, plans)
+        p = self._token_plan(gates.to(x.dtype), k, plans, topk)
         buf = None
         if plans is not None and plans.get("shared"):  # a shared gate's banks: pack an input tensor once
             hit = plans.get(("x", id(p)))

@@ -65,16 +65,16 @@ class RoutedLinear(nn.Module):
         out = self.base(x)  # (B, T, d_out)
         if not self.enabled:
             return out
-        gates, dense_gate_grad, plans = None, False, None
+        gates, dense_gate_grad, plans, topk = None, False, None, None
         if self.router is not None:
             dense_gate_grad = bool(getattr(self.router, "straight_through", False))
             routing = self.router(x)
-            gates, plans = routing.gates, routing.dispatch  # (B, T, S); dispatch plans shared per Routing
+            gates, plans, topk = routing.gates, routing.dispatch, routing.topk_idx  # (B, T, S); plans shared per Routing
             if self.record or self.training:
                 self.last_routing = routing
         elif self.static_gates is not None:
             gates = self.static_gates  # (B, 1, S) or (1, 1, S)
-        delta = self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans)
+        delta = self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk)
         return out + delta.to(out.dtype)
 
 

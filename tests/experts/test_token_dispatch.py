@@ -255,7 +255,7 @@ def test_shared_gate_dispatches_once_per_layer_input():
         layer.record = True
         layer.bank.dispatch = "sparse"
         orig = layer.bank._token_plan
-        layer.bank._token_plan = lambda g, k, plans, orig=orig: built.append(("plan", 8, k) not in plans) or orig(g, k, plans)
+        layer.bank._token_plan = lambda g, k, plans, *a, orig=orig: built.append(("plan", 8, k) not in plans) or orig(g, k, plans, *a)
     x = torch.randn(2, 5, 16, requires_grad=True)
     outs = [layers[n](x) for n in names]
     routing = layers["blk.q"].last_routing
@@ -303,3 +303,32 @@ def test_shared_gate_under_inference_mode():
         dense = [layer(x.clone()) for layer in layers]
     for a, b in zip(sparse, dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_router_topk_is_used_as_the_assignments(k):
+    """Given the router's top-k indices, the token dispatch takes them as its assignments (it searches
+    no gates): values and gradients equal the dense path, and a wrong selection would change the result."""
+    E = 64
+    bank = _bank(E=E)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 16, generator=g)
+    top, idx = torch.randn(2, 7, E, generator=g).topk(k, dim=-1)
+    gates = topk_scatter(torch.softmax(top, -1), idx, E)
+
+    def run(dispatch, hint):
+        bank.dispatch = dispatch
+        bank.zero_grad(set_to_none=True)
+        xx, gg = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        out = bank(xx, gg, topk=hint)
+        out.pow(2).sum().backward()
+        return out.detach(), xx.grad, bank.A.grad.clone(), gg.grad
+
+    hinted, dense = run("auto", idx), run("dense", None)  # E >= 16 k: auto takes the sparse path
+    for a, b in zip(hinted[:3], dense[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    sel = gates != 0
+    torch.testing.assert_close(hinted[3][sel], dense[3][sel], rtol=1e-5, atol=1e-4)
+    # the hint really is what decides: a selection that misses the gated experts computes something else
+    wrong = (idx + 1) % E
+    assert not torch.allclose(run("sparse", wrong)[0], dense[0], atol=1e-4)
