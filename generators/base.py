@@ -83,6 +83,28 @@ class TrainingSet:
     desc_embeddings: torch.Tensor | None = None  # (N, D) the registry's stored description embeddings
     task_cards: dict[str, dict] = field(default_factory=dict)  # task ref -> what the registry recorded of it
 
+    def without(self, names: Sequence[str]) -> "TrainingSet":
+        """The same set with the members `names` left out: their adapters, every snapshot of them and
+        their descriptions (a leave-one-out fit reads the training vectors once and drops the held-out
+        task here, so the generator never sees it)."""
+        drop = set(names)
+        unknown = drop - set(self.members)
+        if unknown:
+            raise UserInputError(f"not members of this training set: {', '.join(sorted(unknown))}")
+        keep = [i for i, m in enumerate(self.members) if m not in drop]
+        if not keep:
+            raise UserInputError("leaving out every member leaves nothing to learn from")
+        new_index = {old: new for new, old in enumerate(keep)}
+        rows = [j for j, o in enumerate(self.owner) if o in new_index]
+        kept_tasks = {self.tasks[i] for i in keep}
+        return TrainingSet(
+            layout=self.layout, members=[self.members[i] for i in keep],
+            descriptions=[self.descriptions[i] for i in keep], tasks=[self.tasks[i] for i in keep], base=self.base,
+            vectors=self.vectors[rows], owner=[new_index[self.owner[j]] for j in rows], progress=self.progress[rows],
+            sources=[self.sources[j] for j in rows],
+            desc_embeddings=None if self.desc_embeddings is None else self.desc_embeddings[keep],
+            task_cards={t: c for t, c in self.task_cards.items() if t in kept_tasks})
+
 
 @dataclass
 class Query:

@@ -1,0 +1,297 @@
+"""Generators over the task library: leave one task out, write its adapter, compare with the baselines.
+
+For each library task t whose adapter `<t>-lora` is in the bench registry (built by bench/library.py):
+  1. the training vectors of every library adapter (finals and snapshots) are read once; the held-out
+     task's adapter and all of its snapshots are dropped (`TrainingSet.without`), and sg-lora and
+     icm-lora are fitted on what is left: every other library task;
+  2. sg-lora writes t's adapter from t's description, icm-lora from 16 examples of t's training split
+     (a refusal, "too far from every known task", counts as the bare base);
+  3. on t's test split (the first --eval-limit rows, as the library build scored them) we measure:
+     the bare base; the nearest other adapter by description (what `adapters search` picks); the
+     average of the K nearest by description; a LoraHub-style combination (Huang et al., "LoraHub:
+     Efficient Cross-Task Generalization via Dynamic LoRA Composition", arXiv 2307.13269: the
+     candidates' A and B matrices mixed with one weight each, m = (sum w_i A_i, sum w_i B_i), the
+     weights found gradient-free on the same 16 examples' cross-entropy plus 0.05 |w|_1, within
+     [-1.5, 1.5], 40 loss evaluations; the paper draws 20 random candidates, here the --hub-candidates
+     nearest by description, a stronger pool at the same budget; scipy's bounded Powell stands in for
+     nevergrad's Shiwa); the generated adapters; and the oracle (t's own adapter).
+  Gain recovered = (acc - base) / (oracle - base), averaged over the tasks where the oracle gains at
+  least --min-gain; reported per family and overall.
+
+Then: generation time against training one adapter at the library's recipe (same process), and the
+refusal of descriptions outside every family by a generator fitted on the whole library.
+
+    LORAPLEX_BENCH_HOME=/work/bench-home python bench/library_generators.py [--families F,G] [--tasks a,b]
+        [--eval-limit 150] [--k 3] [--hub-candidates 8] [--out bench/results/library-generators.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, adapter_name, bench_home, bench_settings  # noqa: E402
+from bench.generators import Evaluator, _avg_adapter  # noqa: E402
+from bench.library import library_tasks  # noqa: E402
+
+METHODS = ("sg-lora", "icm-lora")
+N_EXAMPLES = 16
+HUB_BUDGET = 40  # LoraHub's default number of optimisation steps
+HUB_L1 = 0.05  # LoraHub's regularisation weight on |w|_1
+
+# Descriptions of tasks outside every family (no tweets, news, kaomoji, chat topics or languages).
+OUTSIDE = (
+    "Does this Python function contain an off-by-one error? Answer buggy or correct.",
+    "Classify the chemical compound in this SMILES string as toxic or non-toxic.",
+    "Is this chess move a blunder, a mistake or a good move?",
+    "Given a patient's lab results, is the kidney function normal or impaired?",
+    "Decide whether this legal contract clause is an indemnity clause or a limitation of liability.",
+    "Is the integer in this arithmetic expression's result even or odd?",
+)
+
+
+def leave_one_out(full, held_out: str):
+    """The training set a generator for `held_out` is fitted on: every other member (never the held-out
+    adapter or any snapshot of it)."""
+    return full.without([held_out])
+
+
+def combine(adapters, weights):
+    """LoraHub's composition: one weight per adapter on both its A and B (element-wise sums)."""
+    from loraplex.experts.spec import Adapter
+
+    first = adapters[0]
+    return Adapter(first.spec, {m: (sum(w * a.weights[m][0] for w, a in zip(weights, adapters)),
+                                    sum(w * a.weights[m][1] for w, a in zip(weights, adapters)))
+                                for m in first.weights})
+
+
+def lorahub(ev: Evaluator, candidates, task, examples, budget: int = HUB_BUDGET):
+    """(adapter, weights): the candidates mixed by weights fitted gradient-free on the few-shot loss."""
+    import numpy as np
+    import torch
+    from scipy.optimize import minimize
+
+    from loraplex.experts.layers import eject, inject
+
+    texts = [t for t, _ in examples]
+    y = torch.tensor([task.labels.index(lab) for _, lab in examples])
+    model, tok = ev.lb.model, ev.lb.tokenizer
+    seen: list[tuple[float, np.ndarray]] = []
+
+    def loss(w: np.ndarray) -> float:
+        inject(model, [combine(candidates, [float(v) for v in w])])
+        try:
+            with torch.no_grad():
+                value = float(ev.head.loss(model, tok, texts, y, task)) + HUB_L1 * float(np.abs(w).sum())
+        finally:
+            eject(model)
+        seen.append((value, w.copy()))
+        return value
+
+    n = len(candidates)
+    minimize(loss, np.zeros(n), method="Powell", bounds=[(-1.5, 1.5)] * n,
+             options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-3})
+    best = min(seen, key=lambda s: s[0])[1]
+    return combine(candidates, [float(v) for v in best]), [round(float(v), 3) for v in best]
+
+
+def generators_for(full, settings, embedder: str):
+    """method -> (entry, config, shared context): the base model and embedder load once for all fits."""
+    from loraplex.generators.base import GENERATORS, GenContext
+
+    ctx = GenContext(settings, embedder, full.base)
+    out = {}
+    for m in METHODS:
+        entry = GENERATORS.get(m)
+        cfg = entry.make_config({"n_examples": N_EXAMPLES} if m == "icm-lora" else {})
+        out[m] = (entry, cfg, ctx)
+    return out
+
+
+def run_task(t, full, gens, ev, loaded, emb, k, hub_n, log=print):
+    """One held-out task's row of accuracies (and what each method chose)."""
+    import torch
+
+    from loraplex.data import load_task
+    from loraplex.generators.base import OutOfRange, Query
+    from loraplex.generators.icm_lora import task_examples
+
+    task = load_task(t)
+    me = adapter_name(t)
+    names = full.members
+    i = names.index(me)
+    sims = emb @ emb[i]  # (N,) cosine: the stored description embeddings are unit vectors
+    sims[i] = -2.0
+    ranked = [names[int(j)] for j in torch.argsort(sims, descending=True)]
+    row = {"task": t, "family": None, "nearest": ranked[0], "nearest_sim": round(float(sims.max()), 3)}
+    row["base"] = ev(None, task)
+    row["oracle"] = ev(loaded[me], task)
+    row["nearest_acc"] = ev(loaded[ranked[0]], task)
+    row["average"] = ev(_avg_adapter([loaded[n] for n in ranked[:k]]), task)
+    examples = task_examples(t, N_EXAMPLES, seed=1)
+    t0 = time.perf_counter()
+    hub, w = lorahub(ev, [loaded[n] for n in ranked[:hub_n]], task, examples)
+    row["lorahub"] = ev(hub, task)
+    row["lorahub_weights"] = dict(zip(ranked[:hub_n], w))
+    row["lorahub_seconds"] = round(time.perf_counter() - t0, 2)
+    data = leave_one_out(full, me)
+    assert me not in data.members and all(src != me for src, _ in data.sources)
+    for m, (entry, cfg, ctx) in gens.items():
+        gen = entry.factory(cfg, ctx)
+        fit = gen.fit(data)
+        row[f"{m}_fit_seconds"] = fit["fit_seconds"]
+        try:
+            out = gen.generate(Query(task.description, examples if m == "icm-lora" else ()), seed=0)
+        except OutOfRange as exc:
+            row[m], row[f"{m}_refused"] = row["base"], str(exc)
+            continue
+        row[m] = ev(out.adapter, task)
+        row[f"{m}_seconds"] = round(out.seconds, 3)
+        row[f"{m}_distance"] = round(out.distance, 4)
+        row[f"{m}_parents"] = [f"{p['name']}:{p['weight']:.2f}" for p in out.parents]
+    return row
+
+
+COLS = (("base", "base"), ("nearest_acc", "nearest"), ("average", "avg-K"), ("lorahub", "lorahub"),
+        ("sg-lora", "sg-lora"), ("icm-lora", "icm-lora"), ("oracle", "oracle"))
+
+
+def recovered(r, col):
+    return (r[col] - r["base"]) / (r["oracle"] - r["base"])
+
+
+def report(rows, min_gain, k, hub_n) -> list[str]:
+    """The tables: accuracy and gain recovered per family and overall."""
+    lines = []
+    gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
+    fams = sorted({r["family"] for r in rows})
+    rec_cols = [c for c in COLS if c[0] not in ("base", "oracle")]
+    lines.append(f"== accuracy on the test split, mean per family (K={k} for avg-K, {hub_n} LoraHub candidates) ==")
+    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>10}" for _, h in COLS))
+    for f in fams + ["all"]:
+        rs = [r for r in rows if f in ("all", r["family"])]
+        lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(r[c] for r in rs):>10.3f}" for c, _ in COLS))
+    lines.append("")
+    lines.append(f"== gain recovered, (acc - base) / (oracle - base), over tasks where the oracle gains >= "
+                 f"{100 * min_gain:.0f} points ({len(gaining)} of {len(rows)}) ==")
+    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>10}" for _, h in rec_cols))
+    for f in fams + ["all"]:
+        rs = [r for r in gaining if f in ("all", r["family"])]
+        if rs:
+            lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(recovered(r, c) for r in rs):>10.1%}"
+                                                         for c, _ in rec_cols))
+    lines.append("")
+    lines.append("== per task: accuracy (refusals counted as the base) ==")
+    lines.append(f"{'task':<30}{'family':<18}" + "".join(f"{h:>10}" for _, h in COLS) + "  sg parents / refusal")
+    for r in rows:
+        sg = "refused" if "sg-lora_refused" in r else ", ".join(r.get("sg-lora_parents", []))
+        lines.append(f"{r['task']:<30}{r['family']:<18}" + "".join(f"{r[c]:>10.3f}" for c, _ in COLS) + f"  {sg}")
+    return lines
+
+
+def timing_and_refusal(full, gens, settings, log=print) -> list[str]:
+    """Train one adapter at the library's recipe and generate one, in this process; and the refusal of
+    descriptions outside every family by generators fitted on the whole library."""
+    from loraplex.continual.fit import TrainConfig, fit_adapter
+    from loraplex.data import load_task
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.generators.base import OutOfRange, Query
+    from loraplex.generators.icm_lora import task_examples
+    from loraplex.models import load_base
+
+    lines = ["", "== time: train one adapter (the library's recipe: 80 steps) vs generate one, same process =="]
+    name = full.tasks[0]
+    task = load_task(name)
+    lb = load_base("minilm", settings)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=80, progress=False), Path(d))
+        train_s = time.perf_counter() - t0
+    lines.append(f"  train {name}, 80 steps (fit_adapter): {train_s:.1f} s")
+    fitted = {}
+    for m, (entry, cfg, ctx) in gens.items():
+        gen = entry.factory(cfg, ctx)
+        fitted[m] = gen.fit(full), gen
+        q = Query(task.description, task_examples(name, N_EXAMPLES, seed=1) if m == "icm-lora" else ())
+        gen.generate(q, seed=0)  # warm
+        t0 = time.perf_counter()
+        for s in range(5):
+            gen.generate(q, seed=s)
+        g = (time.perf_counter() - t0) / 5
+        lines.append(f"  {m}: fit on {len(full.members)} adapters {fitted[m][0]['fit_seconds']:.1f} s; generate "
+                     f"{1000 * g:.0f} ms -> {train_s / g:,.0f}x faster than training")
+    lines.append("")
+    lines.append(f"== descriptions outside every family, sg-lora fitted on all {len(full.members)} library adapters "
+                 f"(max_distance {gens['sg-lora'][1].max_distance}) ==")
+    gen = fitted["sg-lora"][1]
+    for desc in OUTSIDE:
+        try:
+            out = gen.generate(Query(desc), seed=0)
+            lines.append(f"  generated (distance {out.distance:.3f}, nearest {out.parents[0]['name']}): {desc}")
+        except OutOfRange as exc:
+            dist = str(exc).split("cosine distance ")[1].split(" ")[0]
+            lines.append(f"  refused (distance {dist}): {desc}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", help="only these families' tasks are held out (comma-separated)")
+    ap.add_argument("--tasks", help="only these tasks are held out (comma-separated)")
+    ap.add_argument("--eval-limit", type=int, default=150, help="test rows per task (the library build's)")
+    ap.add_argument("--k", type=int, default=3, help="K for the average of the K nearest adapters")
+    ap.add_argument("--hub-candidates", type=int, default=8, help="LoraHub's candidate adapters (nearest by description)")
+    ap.add_argument("--min-gain", type=float, default=0.05, help="tasks counted in gain recovered: oracle - base >= this")
+    ap.add_argument("--no-timing", action="store_true", help="skip the training-vs-generation timing and refusals")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library-generators.json")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from loraplex import api
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.generators.workflow import training_set
+
+    t_start = time.perf_counter()
+    s = bench_settings()
+    reg = api.open_registry(s)
+    members = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
+    held = [n for n in library_tasks(tasks=args.tasks) if adapter_name(n) in members
+            and (not args.families or EMBEDDED_TASKS[n]["family"] in args.families.split(","))]
+    print(f"bench home {bench_home()}: {len(members)} library adapters registered; holding out {len(held)}")
+    full = training_set(reg, members)
+    print(f"training vectors: {full.vectors.shape[0]} ({len(members)} adapters and their snapshots), "
+          f"{full.vectors.shape[1]:,} parameters each")
+    loaded = {n: reg.load_adapter(n)[1] for n in members}
+    emb = full.desc_embeddings.float()
+    gens = generators_for(full, s, reg.embedder_name)
+    ev = Evaluator(s, args.eval_limit)
+    rows = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    bar = tqdm(held, unit="task", dynamic_ncols=True)
+    for t in bar:
+        bar.set_description(t)
+        row = run_task(t, full, gens, ev, loaded, emb, args.k, args.hub_candidates)
+        row["family"] = EMBEDDED_TASKS[t]["family"]
+        rows[t] = row
+        tqdm.write(" ".join(f"{c}={row[c]:.3f}" for c, _ in COLS) + f"  {t}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    done = [rows[t] for t in held]
+    lines = report(done, args.min_gain, args.k, args.hub_candidates)
+    if not args.no_timing:
+        lines += timing_and_refusal(full, gens, s)
+    lines.append(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Leave-one-out fits (bench/library_generators.py): the held-out task never reaches the generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.errors import UserInputError
+from loraplex.generators import workflow
+from loraplex.generators.base import GENERATORS, GenContext
+
+from .conftest import FAST, TOY_TASKS
+
+NAMES = [f"{n}-lora" for n in TOY_TASKS]
+
+
+def test_without_drops_the_member_its_snapshots_and_its_description(toy_registry):
+    _, reg = toy_registry
+    full = workflow.training_set(reg, NAMES)
+    held = "music-lora"
+    data = full.without([held])
+    assert data.members == ["flights-lora", "phones-lora"]
+    assert all(src != held for src, _ in data.sources) and len(data.sources) == 10
+    assert data.tasks == [full.tasks[0], full.tasks[2]]
+    assert TOY_TASKS["music"][0] not in data.descriptions and data.desc_embeddings.shape[0] == 2
+    # every kept vector is the same vector, owned by the same (renumbered) member, at the same progress
+    for j, (src, step) in enumerate(data.sources):
+        i = full.sources.index((src, step))
+        assert torch.equal(data.vectors[j], full.vectors[i])
+        assert data.members[data.owner[j]] == full.members[full.owner[i]] == src
+        assert data.progress[j] == full.progress[i]
+    # the same as reading the other members from the registry in the first place
+    direct = workflow.training_set(reg, ["flights-lora", "phones-lora"])
+    assert torch.equal(direct.vectors, data.vectors) and direct.owner == data.owner
+
+
+def test_the_bench_split_never_shows_the_held_out_task(toy_registry):
+    from bench.library_generators import leave_one_out
+
+    settings, reg = toy_registry
+    full = workflow.training_set(reg, NAMES)
+    for held in NAMES:
+        data = leave_one_out(full, held)
+        assert held not in data.members and all(src != held for src, _ in data.sources)
+        entry = GENERATORS.get("sg-lora")
+        gen = entry.factory(entry.make_config(FAST), GenContext(settings, reg.embedder_name, data.base))
+        gen.fit(data)
+        assert gen.known.shape[0] == 2 and gen.space.coords.shape[0] == 10  # fitted on the others' vectors only
+
+
+def test_without_refuses_unknown_or_every_member(toy_registry):
+    _, reg = toy_registry
+    full = workflow.training_set(reg, NAMES)
+    with pytest.raises(UserInputError, match="not members"):
+        full.without(["nope-lora"])
+    with pytest.raises(UserInputError, match="nothing to learn from"):
+        full.without(NAMES)
