@@ -64,11 +64,15 @@ class ParamSpace:
         sigma = torch.stack([centred[:, sl].pow(2).mean().sqrt() for _, sl in layout.groups()])  # (G,)
         sigma = torch.where(sigma > 1e-12, sigma, torch.ones_like(sigma))
         X = centred / _group_scale(layout, sigma)  # (n, P)
-        U, S, _ = torch.linalg.svd(X, full_matrices=False)  # U (n, n), S (n,)
-        U = _fix_signs(U)
+        # The left singular vectors and values of X (n << P) from the eigendecomposition of its Gram
+        # matrix X X^T (n, n): the same U and S as an SVD of X, at a fraction of the cost (one n x n
+        # eigenproblem instead of an SVD of an n x P matrix; 0.2 s instead of 28 s at n=80, P=74k).
+        evals, V = torch.linalg.eigh(X @ X.T)  # ascending
+        S = evals.flip(0).clamp_min(0).sqrt()  # (n,) descending
+        U = _fix_signs(V.flip(1))  # (n, n)
         cum = torch.cumsum(S**2, 0) / (S**2).sum().clamp_min(1e-30)
         keep = int((cum < energy).sum().item()) + 1
-        keep = max(1, min(keep, max_dims, int((S > 1e-9 * S[0]).sum().item())))
+        keep = max(1, min(keep, max_dims, int((S > 1e-6 * S[0]).sum().item())))  # above the Gram matrix's round-off
         mix = U[:, :keep] / S[:keep]  # (n, m)
         basis = mix.T @ X  # (m, P)
         raw = X @ basis.T  # (n, m)
