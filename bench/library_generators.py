@@ -13,8 +13,8 @@ For each library task t whose adapter `<t>-lora` is in the bench registry (built
      candidates' A and B matrices mixed with one weight each, m = (sum w_i A_i, sum w_i B_i), the
      weights found gradient-free on the same 16 examples' cross-entropy plus 0.05 |w|_1, within
      [-1.5, 1.5], 40 loss evaluations; the paper draws 20 random candidates, here the --hub-candidates
-     nearest by description, a stronger pool at the same budget; scipy's bounded Powell stands in for
-     nevergrad's Shiwa); the generated adapters; and the oracle (t's own adapter).
+     nearest by description, a stronger pool at the same budget; a (1+4) evolution strategy stands in
+     for nevergrad's Shiwa); the generated adapters; and the oracle (t's own adapter).
   Gain recovered = (acc - base) / (oracle - base), averaged over the tasks where the oracle gains at
   least --min-gain; reported per family and overall.
 
@@ -73,38 +73,52 @@ def combine(adapters, weights):
                                 for m in first.weights})
 
 
-def lorahub(ev: Evaluator, candidates, task, examples, budget: int = HUB_BUDGET):
-    """(adapter, weights): the candidates mixed by weights fitted gradient-free on the few-shot loss."""
+def lorahub(ev: Evaluator, candidates, task, examples, budget: int = HUB_BUDGET, seed: int = 0):
+    """(adapter, weights): the candidates mixed by weights fitted gradient-free on the few-shot loss.
+
+    The search is a (1+4) evolution strategy with the 1/5 success rule for its step size, started at
+    w = 0 (the bare base, as LoraHub starts), clipped to [-1.5, 1.5], and spending exactly `budget` loss
+    evaluations (LoraHub uses nevergrad's Shiwa with 40; nevergrad is not a loraplex dependency)."""
     import numpy as np
     import torch
-    from scipy.optimize import minimize
 
     from loraplex.experts.layers import eject, inject
 
     texts = [t for t, _ in examples]
     y = torch.tensor([task.labels.index(lab) for _, lab in examples])
     model, tok = ev.lb.model, ev.lb.tokenizer
-    seen: list[tuple[float, np.ndarray]] = []
 
     def loss(w: np.ndarray) -> float:
         inject(model, [combine(candidates, [float(v) for v in w])])
         try:
             with torch.no_grad():
-                value = float(ev.head.loss(model, tok, texts, y, task)) + HUB_L1 * float(np.abs(w).sum())
+                return float(ev.head.loss(model, tok, texts, y, task)) + HUB_L1 * float(np.abs(w).sum())
         finally:
             eject(model)
-        seen.append((value, w.copy()))
-        return value
 
-    n = len(candidates)
-    minimize(loss, np.zeros(n), method="Powell", bounds=[(-1.5, 1.5)] * n,
-             options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-3})
-    best = min(seen, key=lambda s: s[0])[1]
+    rng = np.random.default_rng(seed)
+    best = np.zeros(len(candidates))
+    best_loss, sigma, spent = loss(best), 0.5, 1
+    while spent < budget:
+        lam = min(4, budget - spent)
+        trials = [np.clip(best + sigma * rng.standard_normal(best.shape), -1.5, 1.5) for _ in range(lam)]
+        losses = [loss(w) for w in trials]
+        spent += lam
+        i = int(np.argmin(losses))
+        if losses[i] < best_loss:
+            best, best_loss, sigma = trials[i], losses[i], sigma * 1.5
+        else:
+            sigma *= 0.7
     return combine(candidates, [float(v) for v in best]), [round(float(v), 3) for v in best]
 
 
 def generators_for(full, settings, embedder: str):
-    """method -> (entry, config, shared context): the base model and embedder load once for all fits."""
+    """method -> (entry, config, shared context): the base model and embedder load once for all fits.
+
+    A member's representation depends only on its own task (sg-lora: its stored description embedding;
+    icm-lora: the task vector of n_examples of its training split, seeded), never on the other members,
+    so it is computed once over the whole library here and each leave-one-out fit reads its members'
+    rows (the held-out task's row is never read: `without` removed it from the fold's members)."""
     from loraplex.generators.base import GENERATORS, GenContext
 
     ctx = GenContext(settings, embedder, full.base)
@@ -112,8 +126,18 @@ def generators_for(full, settings, embedder: str):
     for m in METHODS:
         entry = GENERATORS.get(m)
         cfg = entry.make_config({"n_examples": N_EXAMPLES} if m == "icm-lora" else {})
-        out[m] = (entry, cfg, ctx)
+        reps = entry.factory(cfg, ctx).represent_members(full)
+        out[m] = (entry, cfg, ctx, dict(zip(full.members, reps)))
     return out
+
+
+def make_generator(entry, cfg, ctx, reps):
+    """A generator of the method whose member representations are read from `reps` (name -> (D,))."""
+    import torch
+
+    gen = entry.factory(cfg, ctx)
+    gen.represent_members = lambda data: torch.stack([reps[n] for n in data.members])
+    return gen
 
 
 def run_task(t, full, gens, ev, loaded, emb, k, hub_n, log=print):
@@ -144,8 +168,8 @@ def run_task(t, full, gens, ev, loaded, emb, k, hub_n, log=print):
     row["lorahub_seconds"] = round(time.perf_counter() - t0, 2)
     data = leave_one_out(full, me)
     assert me not in data.members and all(src != me for src, _ in data.sources)
-    for m, (entry, cfg, ctx) in gens.items():
-        gen = entry.factory(cfg, ctx)
+    for m, (entry, cfg, ctx, reps) in gens.items():
+        gen = make_generator(entry, cfg, ctx, reps)
         fit = gen.fit(data)
         row[f"{m}_fit_seconds"] = fit["fit_seconds"]
         try:
@@ -197,7 +221,7 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
     return lines
 
 
-def timing_and_refusal(full, gens, settings, log=print) -> list[str]:
+def timing_and_refusal(full, gens, settings, steps: int) -> list[str]:
     """Train one adapter at the library's recipe and generate one, in this process; and the refusal of
     descriptions outside every family by generators fitted on the whole library."""
     from loraplex.continual.fit import TrainConfig, fit_adapter
@@ -207,18 +231,18 @@ def timing_and_refusal(full, gens, settings, log=print) -> list[str]:
     from loraplex.generators.icm_lora import task_examples
     from loraplex.models import load_base
 
-    lines = ["", "== time: train one adapter (the library's recipe: 80 steps) vs generate one, same process =="]
+    lines = ["", f"== time: train one adapter (the library's recipe: {steps} steps) vs generate one, same process =="]
     name = full.tasks[0]
     task = load_task(name)
     lb = load_base("minilm", settings)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=80, progress=False), Path(d))
+        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=steps, progress=False), Path(d))
         train_s = time.perf_counter() - t0
-    lines.append(f"  train {name}, 80 steps (fit_adapter): {train_s:.1f} s")
+    lines.append(f"  train {name}, {steps} steps (fit_adapter): {train_s:.1f} s")
     fitted = {}
-    for m, (entry, cfg, ctx) in gens.items():
-        gen = entry.factory(cfg, ctx)
+    for m, (entry, cfg, ctx, reps) in gens.items():
+        gen = make_generator(entry, cfg, ctx, reps)
         fitted[m] = gen.fit(full), gen
         q = Query(task.description, task_examples(name, N_EXAMPLES, seed=1) if m == "icm-lora" else ())
         gen.generate(q, seed=0)  # warm
@@ -251,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hub-candidates", type=int, default=8, help="LoraHub's candidate adapters (nearest by description)")
     ap.add_argument("--min-gain", type=float, default=0.05, help="tasks counted in gain recovered: oracle - base >= this")
     ap.add_argument("--no-timing", action="store_true", help="skip the training-vs-generation timing and refusals")
+    ap.add_argument("--train-steps", type=int, default=50, help="steps of the timed training (the library build's --steps)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library-generators.json")
     args = ap.parse_args(argv)
 
@@ -287,7 +312,7 @@ def main(argv=None) -> int:
     done = [rows[t] for t in held]
     lines = report(done, args.min_gain, args.k, args.hub_candidates)
     if not args.no_timing:
-        lines += timing_and_refusal(full, gens, s)
+        lines += timing_and_refusal(full, gens, s, args.train_steps)
     lines.append(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines))
     return 0
