@@ -66,5 +66,22 @@ def timeit(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def train_seconds(task_name: str, steps: int, settings) -> float:
+    """Seconds to train one minilm rank-8 adapter on a task (`fit_adapter`, `steps` steps), in this process."""
+    import tempfile
+
+    from loraplex.continual.fit import TrainConfig, fit_adapter
+    from loraplex.data import load_task
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.models import load_base
+
+    task = load_task(task_name)
+    lb = load_base("minilm", settings)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=steps, progress=False), Path(d))
+        return time.perf_counter() - t0
+
+
 if __name__ == "__main__":
     ensure_task_adapters()

@@ -139,22 +139,13 @@ def run(tasks, limit, upper, log=print):
 
 def time_train_vs_generate(s, reg, task_name, log=print):
     """Train one adapter (the bench's recipe, 200 steps) and generate one, in this process, side by side."""
-    from bench.common import STEPS
-    from loraplex.continual.fit import TrainConfig, fit_adapter
+    from bench.common import STEPS, train_seconds
     from loraplex.data import load_task
-    from loraplex.experts.spec import LoraSpec
     from loraplex.generators import workflow
     from loraplex.generators.base import Query
-    from loraplex.models import load_base
-
-    import tempfile
 
     task = load_task(task_name)
-    lb = load_base("minilm", s)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=STEPS, progress=False), Path(d))
-        train_s = time.perf_counter() - t0
+    train_s = train_seconds(task_name, STEPS, s)
     out = {"train_seconds": train_s}
     gname = f"gen-sg-lora-no-{task_name}"
     _, gen = workflow.load(reg, s, gname)

@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -224,21 +223,15 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
 def timing_and_refusal(full, gens, settings, steps: int) -> list[str]:
     """Train one adapter at the library's recipe and generate one, in this process; and the refusal of
     descriptions outside every family by generators fitted on the whole library."""
-    from loraplex.continual.fit import TrainConfig, fit_adapter
+    from bench.common import train_seconds
     from loraplex.data import load_task
-    from loraplex.experts.spec import LoraSpec
     from loraplex.generators.base import OutOfRange, Query
     from loraplex.generators.icm_lora import task_examples
-    from loraplex.models import load_base
 
     lines = ["", f"== time: train one adapter (the library's recipe: {steps} steps) vs generate one, same process =="]
     name = full.tasks[0]
     task = load_task(name)
-    lb = load_base("minilm", settings)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        fit_adapter(lb, task, LoraSpec(r=8, alpha=16.0), TrainConfig(steps=steps, progress=False), Path(d))
-        train_s = time.perf_counter() - t0
+    train_s = train_seconds(name, steps, settings)
     lines.append(f"  train {name}, {steps} steps (fit_adapter): {train_s:.1f} s")
     fitted = {}
     for m, (entry, cfg, ctx, reps) in gens.items():
