@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from loraplex.registry.store import Registry
 from loraplex.router import auto as auto_router
 from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
 from loraplex.serve import engine as engine_module
-from loraplex.serve.engine import Engine
+from loraplex.serve.engine import Engine, Gathered
+from tests.conftest import registry_state
 from tests.generators.conftest import FAST, TOY_TASKS, add_toy, toy_registry, toy_tasks  # noqa: F401 (fixtures)
 from tests.serve_util import llama_home, serving  # noqa: F401 (a fixture)
 
@@ -149,3 +151,50 @@ def test_a_slow_embedding_holds_up_no_other_generation(llama_home, tiny_llama, m
     assert out["auto"].status_code == 200, out["auto"].text
     routing = out["auto"].json()["routing"]
     assert routing["decision"] == "route" and routing["adapters"][0]["name"] == routing["nearest"]
+
+
+def test_a_backend_is_sent_a_registered_adapter_for_a_generate_decision(llama_home, tiny_llama, monkeypatch):
+    """With --backend, a request auto would write an adapter for goes to the registered adapters (the
+    backend does not have one written here), and nothing is written."""
+    s, _ = llama_home
+    monkeypatch.setattr(auto_router, "_generator_of", lambda reg, base, name: SimpleNamespace(name="gen"))
+    before = registry_state(s.home)
+    with serving(s, base=str(tiny_llama)) as back, \
+            serving(s, base=str(tiny_llama), backend=back + "/v1", auto=BETWEEN) as front:
+        r = httpx.post(front + "/v1/completions", json={"model": "auto", "prompt": "match goal team sport",
+                                                        "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["decision"] == "route" and "generator 'gen'" in routing["reason"] and "backend" in routing["reason"]
+    assert r.json()["model"] == routing["adapters"][0]["name"] == routing["nearest"] == "sports-lora"
+    assert registry_state(s.home) == before
+
+
+def test_gathered_calls_give_each_caller_its_own_results_in_fewer_calls():
+    calls: list[list[int]] = []
+
+    def slow_double(items):
+        calls.append(list(items))
+        time.sleep(0.05)
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * x for x in items]
+
+    g = Gathered(slow_double)
+    got: dict[int, object] = {}
+
+    def call(i):
+        try:
+            got[i] = g([i, 100 + i])
+        except ValueError as exc:
+            got[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {i: [2 * i, 200 + 2 * i] for i in range(12)}
+    assert len(calls) < 12 and sorted(x for c in calls for x in c) == sorted([*range(12), *range(100, 112)])
+    with pytest.raises(ValueError, match="bad item"):
+        g([-1])
