@@ -47,7 +47,12 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 from bench.common import REPO  # noqa: E402
+from loraplex.experts.layers import StackedBanks, inject_new, routed_layers  # noqa: E402
+from loraplex.experts.spec import Adapter, LoraSpec  # noqa: E402
 
 HOME = Path(os.environ.get("LORAPLEX_BENCH_SERVE_HOME") or REPO / ".bench" / "serve")
 TOPICS = ("flights", "football", "phones", "elections", "music festivals", "driverless cars", "stock markets",
@@ -371,12 +376,6 @@ SLOT_SHAPES = {  # model: (layers, {projection: (d_in, d_out)}, rank): the adapt
 
 
 def part_slots(args, log=print, writes: int = 400) -> None:
-    import torch
-    from torch import nn
-
-    from loraplex.experts.layers import StackedBanks, inject_new, routed_layers
-    from loraplex.experts.spec import Adapter, LoraSpec
-
     log(f"\nslot writes: seconds per adapter copied into a slot of a {CLIENTS}-slot bank (mean of {writes}), CPU")
     for model_name, (n_layers, projs, rank) in SLOT_SHAPES.items():
         def model():
