@@ -199,39 +199,60 @@ class StackedBanks:
         """The adapter in the groups' layout, on the host: per group (A (L, R, d_in), B (L, d_out, R),
         rank mask (L, R), scalings (L,)), zero-padded up to R and zero for the modules it leaves alone
         (pinned memory when the banks are on a GPU, so `write` copies asynchronously)."""
-        out = []
-        for names, (d_in, d_out, _, R), t in self.groups:
-            L = len(names)
-            A = torch.zeros(L, R, d_in, dtype=t["A"].dtype)
-            B = torch.zeros(L, d_out, R, dtype=t["B"].dtype)
-            mask = torch.zeros(L, R, dtype=t["rank_mask"].dtype)
-            scaling = torch.zeros(L, dtype=t["scaling"].dtype)
-            for i, name in enumerate(names):
-                if name not in adapter.weights:
-                    continue
-                a, b = adapter.weights[name]
-                r = a.shape[0]
-                if a.shape != (r, d_in) or b.shape != (d_out, r) or r > R:
-                    raise ValueError(f"{name}: expert shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a bank "
-                                     f"of d_in={d_in}, d_out={d_out}, R={R}")
-                A[i, :r], B[i, :, :r], mask[i, :r], scaling[i] = a, b, 1.0, adapter.scaling(name)
-            parts = (A, B, mask, scaling)
-            if t["A"].device.type == "cuda":
-                parts = tuple(p.pin_memory() for p in parts)
-            out.append(parts)
-        return out
+        with _one_thread():
+            return [self._pack(adapter, names, shape, t) for names, shape, t in self.groups]
+
+    @staticmethod
+    def _pack(adapter: Adapter, names: list[str], shape: tuple[int, int, int, int],
+              t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        d_in, d_out, _, R = shape
+        L = len(names)
+        A = torch.zeros(L, R, d_in, dtype=t["A"].dtype)
+        B = torch.zeros(L, d_out, R, dtype=t["B"].dtype)
+        mask = torch.zeros(L, R, dtype=t["rank_mask"].dtype)
+        scaling = torch.zeros(L, dtype=t["scaling"].dtype)
+        for i, name in enumerate(names):
+            if name not in adapter.weights:
+                continue
+            a, b = adapter.weights[name]
+            r = a.shape[0]
+            if a.shape != (r, d_in) or b.shape != (d_out, r) or r > R:
+                raise ValueError(f"{name}: expert shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a bank "
+                                 f"of d_in={d_in}, d_out={d_out}, R={R}")
+            A[i, :r], B[i, :, :r], mask[i, :r], scaling[i] = a, b, 1.0, adapter.scaling(name)
+        parts = (A, B, mask, scaling)
+        if t["A"].device.type == "cuda":
+            parts = tuple(p.pin_memory() for p in parts)
+        return parts
 
     @torch.no_grad()
     def write(self, e: int, packed: Sequence[tuple[torch.Tensor, ...]] | None) -> None:
         """Slot e of every bank set to a packed adapter (None: emptied): four copies per group."""
-        for (names, (d_in, d_out, E, R), t), parts in zip(self.groups, packed or [None] * len(self.groups)):
-            if not 0 <= e < E:
-                raise IndexError(f"slot {e} out of range for banks of {E}")
-            L = len(names)
-            dst = (t["A"].view(L, E, R, d_in)[:, e], t["B"].view(L, d_out, E, R)[:, :, e],
-                   t["rank_mask"].view(L, E, R)[:, e], t["scaling"][:, e])
-            for d, src in zip(dst, parts or [None] * 4):
-                d.zero_() if src is None else d.copy_(src, non_blocking=True)
+        with _one_thread():
+            for (names, (d_in, d_out, E, R), t), parts in zip(self.groups, packed or [None] * len(self.groups)):
+                if not 0 <= e < E:
+                    raise IndexError(f"slot {e} out of range for banks of {E}")
+                L = len(names)
+                dst = (t["A"].view(L, E, R, d_in)[:, e], t["B"].view(L, d_out, E, R)[:, :, e],
+                       t["rank_mask"].view(L, E, R)[:, e], t["scaling"][:, e])
+                for d, src in zip(dst, parts or [None] * 4):
+                    d.zero_() if src is None else d.copy_(src, non_blocking=True)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU ops on one intra-op thread during the block. A slot's copy (some 10^5 elements) is
+    big enough for torch to split over its threads, and the OpenMP barrier that follows costs far more
+    than the split saves whenever the cores are busy (smollm2's slot write, 2 loaded cores: 0.36 ms on
+    one thread, 19-34 ms on two; loraplex/embedders.py does the same for short batches)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def extract(model: nn.Module, spec: LoraSpec, expert: int = 0) -> Adapter:
