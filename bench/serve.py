@@ -19,6 +19,11 @@ systems measured in the same run.
 4. scale: 1,000 registered adapters and `--max-loras 32`, requests spread at random over all of
    them, throughput against the 32-adapter case of part 2 (same server flags); a first pass (every
    adapter read from its blob once) and a second one (adapters in host memory).
+5. slots (`--part slots`, a few seconds, not part of `all`): seconds per slot write (an adapter
+   copied into a slot of the slot bank) module by module, as `LoraBank.set_expert` does (the slot
+   bank's way before its banks were stacked), against `StackedBanks.write` of a pre-stacked host
+   copy, in the same run, on banks of smollm2's and minilm's projection shapes (random weights; the
+   base's weights take no part in a slot write).
 The adapters are synthetic (random LoRA weights made with peft, rank 8 q/v on smollm2, rank 4
 query/value on minilm), registered with descriptions of 32 topics and one two-label task: the
 figures measure speed, not accuracy. Registries are kept in `.bench/serve` (made once).
@@ -42,7 +47,12 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 from bench.common import REPO  # noqa: E402
+from loraplex.experts.layers import StackedBanks, inject_new, routed_layers  # noqa: E402
+from loraplex.experts.spec import Adapter, LoraSpec  # noqa: E402
 
 HOME = Path(os.environ.get("LORAPLEX_BENCH_SERVE_HOME") or REPO / ".bench" / "serve")
 TOPICS = ("flights", "football", "phones", "elections", "music festivals", "driverless cars", "stock markets",
@@ -359,9 +369,60 @@ def part_scale(args, ref: dict | None, log=print) -> None:
                 + f"   {r['rps'] / ref['rps']:.2f}x the 32-adapter case; blob reads {reads:.0f}, evictions {ev:.0f}")
 
 
+SLOT_SHAPES = {  # model: (layers, {projection: (d_in, d_out)}, rank): the adapters of parts 1 and 2
+    "smollm2": (30, {"q_proj": (576, 576), "v_proj": (576, 192)}, 8),
+    "minilm": (6, {"query": (384, 384), "value": (384, 384)}, 4),
+}
+
+
+def part_slots(args, log=print, writes: int = 400) -> None:
+    log(f"\nslot writes: seconds per adapter copied into a slot of a {CLIENTS}-slot bank (mean of {writes}), CPU")
+    for model_name, (n_layers, projs, rank) in SLOT_SHAPES.items():
+        def model():
+            layers = nn.ModuleList(nn.Module() for _ in range(n_layers))
+            for layer in layers:
+                for p, (d_in, d_out) in projs.items():
+                    setattr(layer, p, nn.Linear(d_in, d_out, bias=False))
+            m = nn.Module()
+            m.layers = layers
+            return m
+
+        names = [f"layers.{i}.{p}" for i in range(n_layers) for p in projs]
+        gen = torch.Generator().manual_seed(0)
+        ads = [Adapter(LoraSpec(r=rank, alpha=2 * rank, target_modules=tuple(projs)),
+                       {n: (torch.randn(rank, projs[n.rsplit(".", 1)[1]][0], generator=gen),
+                            torch.randn(projs[n.rsplit(".", 1)[1]][1], rank, generator=gen)) for n in names})
+               for _ in range(8)]
+        before = model()
+        inject_new(before, LoraSpec(r=rank), names, n_experts=CLIENTS)
+        layers = routed_layers(before)
+        t0 = time.perf_counter()
+        for k in range(writes):
+            ad = ads[k % len(ads)]
+            for name, layer in layers.items():
+                A, B = ad.weights[name]
+                layer.bank.set_expert(k % CLIENTS, A.float(), B.float(), ad.scaling(name))
+        t_before = (time.perf_counter() - t0) / writes
+        after = model()
+        inject_new(after, LoraSpec(r=rank), names, n_experts=CLIENTS)
+        banks = StackedBanks(after)
+        t0 = time.perf_counter()
+        packed = [banks.pack(ad) for ad in ads]
+        t_pack = (time.perf_counter() - t0) / len(ads)
+        t0 = time.perf_counter()
+        for k in range(writes):
+            banks.write(k % CLIENTS, packed[k % len(ads)])
+        t_after = (time.perf_counter() - t0) / writes
+        same = all(torch.equal(a.bank.A, b.bank.A) and torch.equal(a.bank.B, b.bank.B)
+                   for a, b in zip(layers.values(), routed_layers(after).values()))
+        log(f"  {model_name:8s} {len(names):3d} projections, rank {rank}: module by module {t_before * 1e3:7.3f} ms, "
+            f"stacked {t_after * 1e3:7.3f} ms ({t_before / t_after:.1f}x; packing once per host read "
+            f"{t_pack * 1e3:.3f} ms); same banks after: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["all", "generate", "classify", "auto", "scale"], default="all")
+    ap.add_argument("--part", choices=["all", "generate", "classify", "auto", "scale", "slots"], default="all")
     ap.add_argument("--requests", type=int, default=2000, help="classify requests per system")
     ap.add_argument("--gen-requests", type=int, default=64, help="generation requests per system")
     args = ap.parse_args()
@@ -380,6 +441,8 @@ def main() -> None:
         part_auto(args, log)
     if args.part in ("all", "scale"):
         part_scale(args, ref, log)
+    if args.part == "slots":
+        part_slots(args, log)
     log(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

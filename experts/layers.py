@@ -173,6 +173,88 @@ def eject(model: nn.Module) -> None:
         setattr(parent, child, layer.base)
 
 
+class StackedBanks:
+    """A model's banks grouped by shape (d_in, d_out, slots, rank), each group's A, B, rank mask and
+    scalings stacked into one tensor of which the banks' own are views (same layout, same forward).
+    Slot e of every bank of a group is then written with one copy per tensor (`write` of what `pack`
+    made), where `LoraBank.set_expert` makes several per module: a serving slot bank loads an adapter
+    into a slot in a few copies, whatever the number of layers. The banks' tensors stop being trainable."""
+
+    def __init__(self, model: nn.Module):
+        by_shape: dict[tuple[int, int, int, int], list[tuple[str, LoraBank]]] = {}
+        for name, layer in sorted(routed_layers(model).items()):
+            b = layer.bank
+            by_shape.setdefault((b.d_in, b.d_out, b.n_experts, b.rank), []).append((name, b))
+        self.groups: list[tuple[list[str], tuple[int, int, int, int], dict[str, torch.Tensor]]] = []
+        for shape, members in by_shape.items():
+            banks = [b for _, b in members]
+            t = {k: torch.stack([getattr(b, k).detach() for b in banks]) for k in ("A", "B", "rank_mask", "scaling")}
+            for i, b in enumerate(banks):
+                b.A = nn.Parameter(t["A"][i], requires_grad=False)  # (E*R, d_in), a view of t["A"]
+                b.B = nn.Parameter(t["B"][i], requires_grad=False)  # (d_out, E*R)
+                b.rank_mask, b.scaling = t["rank_mask"][i], t["scaling"][i]
+            self.groups.append(([n for n, _ in members], shape, t))
+
+    def pack(self, adapter: Adapter) -> list[tuple[torch.Tensor, ...]]:
+        """The adapter in the groups' layout, on the host: per group (A (L, R, d_in), B (L, d_out, R),
+        rank mask (L, R), scalings (L,)), zero-padded up to R and zero for the modules it leaves alone
+        (pinned memory when the banks are on a GPU, so `write` copies asynchronously)."""
+        with _one_thread():
+            return [self._pack(adapter, names, shape, t) for names, shape, t in self.groups]
+
+    @staticmethod
+    def _pack(adapter: Adapter, names: list[str], shape: tuple[int, int, int, int],
+              t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        d_in, d_out, _, R = shape
+        L = len(names)
+        A = torch.zeros(L, R, d_in, dtype=t["A"].dtype)
+        B = torch.zeros(L, d_out, R, dtype=t["B"].dtype)
+        mask = torch.zeros(L, R, dtype=t["rank_mask"].dtype)
+        scaling = torch.zeros(L, dtype=t["scaling"].dtype)
+        for i, name in enumerate(names):
+            if name not in adapter.weights:
+                continue
+            a, b = adapter.weights[name]
+            r = a.shape[0]
+            if a.shape != (r, d_in) or b.shape != (d_out, r) or r > R:
+                raise ValueError(f"{name}: expert shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a bank "
+                                 f"of d_in={d_in}, d_out={d_out}, R={R}")
+            A[i, :r], B[i, :, :r], mask[i, :r], scaling[i] = a, b, 1.0, adapter.scaling(name)
+        parts = (A, B, mask, scaling)
+        if t["A"].device.type == "cuda":
+            parts = tuple(p.pin_memory() for p in parts)
+        return parts
+
+    @torch.no_grad()
+    def write(self, e: int, packed: Sequence[tuple[torch.Tensor, ...]] | None) -> None:
+        """Slot e of every bank set to a packed adapter (None: emptied): four copies per group."""
+        with _one_thread():
+            for (names, (d_in, d_out, E, R), t), parts in zip(self.groups, packed or [None] * len(self.groups)):
+                if not 0 <= e < E:
+                    raise IndexError(f"slot {e} out of range for banks of {E}")
+                L = len(names)
+                dst = (t["A"].view(L, E, R, d_in)[:, e], t["B"].view(L, d_out, E, R)[:, :, e],
+                       t["rank_mask"].view(L, E, R)[:, e], t["scaling"][:, e])
+                for d, src in zip(dst, parts or [None] * 4):
+                    d.zero_() if src is None else d.copy_(src, non_blocking=True)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU ops on one intra-op thread during the block. A slot's copy (some 10^5 elements) is
+    big enough for torch to split over its threads, and the OpenMP barrier that follows costs far more
+    than the split saves whenever the cores are busy (smollm2's slot write, 2 loaded cores: 0.36 ms on
+    one thread, 19-34 ms on two; loraplex/embedders.py does the same for short batches)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 def extract(model: nn.Module, spec: LoraSpec, expert: int = 0) -> Adapter:
     """Read adapter `expert` back out of the model's banks (padding removed)."""
     weights = {}

@@ -24,7 +24,10 @@ that made it), and `similarity`, `margin` (s1 - s2) and `nearest`.
 
 The default thresholds are fitted on the embedded task library by `bench/auto.py` (leave-tasks-out over
 the library's signatures; the fit and its curve are in `bench/results/auto.txt`): see `AutoConfig`.
-The decision is one faiss search over the registry's routing index per batch of requests (`decide`).
+The decision is one faiss search over the registry's routing index per batch of requests (`decide`);
+each decision keeps what that search found for its base (`Decision.hits`), and a routed request's
+adapters and weights are the retrieval router's gates over those same scores (`route_weights`), so
+the search is not done again and `nearest` is always the routing's first adapter.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -47,6 +50,7 @@ from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
 from loraplex.registry.index import nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
+from loraplex.router.retrieval import RetrievalRouter
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -86,6 +90,7 @@ class Decision:
     margin: float | None  # s1 - s2
     nearest: str | None  # the adapter with the best score
     generator: str | None = None
+    hits: list[tuple[str, float]] = field(default_factory=list)  # the base's nearest adapters, best first
 
 
 def parse_config(config: dict[str, Any] | None) -> AutoConfig:
@@ -112,20 +117,27 @@ def _generator_of(reg, base: str | None, name: str | None):
     return max(gens, key=lambda g: g.created_at) if gens else None
 
 
-def best_scores(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[tuple[float | None, float | None, str | None]]:
-    """(s1, s1 - s2, nearest adapter name) per query row, among the adapters of `base` (default: the
-    base of each query's nearest adapter)."""
+SEARCHED = 32
+"""Adapters one search returns per request (at least top_k): the base's among them are its hits."""
+
+
+def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[list[tuple[str, float]]]:
+    """Per query row, its nearest adapters of `base` (default: the base of the query's nearest adapter)
+    as (name, routing score), best first: one faiss search for all rows."""
     out = []
-    for hits in nearest_adapters(reg, q, 32, weight=cfg.prototype_weight):
+    for hits in nearest_adapters(reg, q, max(SEARCHED, cfg.top_k), weight=cfg.prototype_weight):
         want = base or (hits[0][2] if hits else None)
-        hits = [(score, name) for score, name, b in hits if b == want]
-        if not hits:
-            out.append((None, None, None))
-            continue
-        s1 = hits[0][0]
-        s2 = hits[1][0] if len(hits) > 1 else -1.0
-        out.append((s1, s1 - s2, hits[0][1]))
+        out.append([(name, score) for score, name, b in hits if b == want])
     return out
+
+
+def route_weights(d: Decision, router: RetrievalRouter) -> list[tuple[str, float]]:
+    """A routed request's (adapter, weight) pairs: the retrieval router's gates (its top_k and temperature,
+    `RetrievalRouter.gates`) over the scores the decision read, best first, so `d.nearest` comes first."""
+    if not d.hits:
+        return []
+    g = router.gates(np.array([[score for _, score in d.hits]], dtype=np.float32))[0]
+    return [(d.hits[j][0], float(g[j])) for j in np.flatnonzero(g)]
 
 
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None,
@@ -138,13 +150,15 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
     gen = None
     out = []
-    for t, (s1, margin, nearest) in zip(texts, best_scores(reg, q, cfg, base)):
-        if s1 is None:
+    for t, hits in zip(texts, nearest_hits(reg, q, cfg, base)):
+        if not hits:
             out.append(Decision(t, "base", f"no adapter of base {base!r} in the registry", None, None, None))
             continue
+        nearest, s1 = hits[0]
+        margin = s1 - (hits[1][1] if len(hits) > 1 else -1.0)
         if s1 >= cfg.route_threshold:
             out.append(Decision(t, "route", f"nearest adapter {nearest!r} scores {s1:.3f} >= route threshold "
-                                f"{cfg.route_threshold:.3f}", s1, margin, nearest))
+                                f"{cfg.route_threshold:.3f}", s1, margin, nearest, hits=hits))
             continue
         if gen is None:
             gen = _generator_of(reg, base or reg.get_adapter(nearest).base, cfg.generator) or False
@@ -152,14 +166,15 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             out.append(Decision(t, "generate", f"nearest adapter {nearest!r} scores {s1:.3f}, below the route "
                                 f"threshold {cfg.route_threshold:.3f} but >= the generate threshold "
                                 f"{cfg.generate_threshold:.3f}: written by generator {gen.name!r}", s1, margin,
-                                nearest, gen.name))
+                                nearest, gen.name, hits=hits))
         elif s1 >= cfg.generate_threshold:
             out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < route threshold "
-                                f"{cfg.route_threshold:.3f}, and no generator is stored to write one", s1, margin, nearest))
+                                f"{cfg.route_threshold:.3f}, and no generator is stored to write one", s1, margin, nearest,
+                                hits=hits))
         else:
             out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < generate threshold "
                                 f"{cfg.generate_threshold:.3f}: no registered task or known family fits", s1, margin,
-                                nearest))
+                                nearest, hits=hits))
     return out
 
 
@@ -178,11 +193,11 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
                      label_task=True, max_distance=cfg.generator_max_distance)
     except OutOfRange as exc:
         return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
-                        d.nearest)
+                        d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
-                    d.similarity, d.margin, d.nearest, d.generator)
+                    d.similarity, d.margin, d.nearest, d.generator, hits=d.hits)
 
 
 def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class RetrievalRouter:
     def gates(self, scores: np.ndarray, k: int | None = None) -> np.ndarray:
         """(Q, E) weights: softmax over each row's top-k scores, zeros elsewhere."""
         k = min(k or self.config.top_k, scores.shape[1])
-        idx = np.argsort(-scores, axis=1)[:, :k]  # (Q, K)
+        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, K); ties: the first listed
         top = np.take_along_axis(scores, idx, axis=1) / self.config.temperature
         w = np.exp(top - top.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)

@@ -118,6 +118,16 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
         except LoraplexError as exc:
             raise api_error(exc) from None
 
+    async def decided(target: Target, texts: list[str]):
+        """auto's routes, decided in this request's worker thread (never on the batching thread); None for
+        the other kinds of model."""
+        if target.kind != "auto":
+            return None
+        try:
+            return await run_in_threadpool(engine.auto, texts, forwarded=fwd is not None)
+        except LoraplexError as exc:
+            raise api_error(exc) from None
+
     async def wait(job: Job, request: Request) -> tuple[Any, list[dict]]:
         """The job's result and its token trace; a client that went away cancels it."""
         tokens: list[dict] = []
@@ -188,16 +198,22 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
         sampling = decode.Sampling(want or min(DEFAULT_MAX_TOKENS, room), req.temperature, req.top_p, req.stops(),
                                    req.seed)
         loop = asyncio.get_running_loop()
+        routes = await decided(target, [text])
         if fwd is not None:
-            job = Job("route", target, [text], loop)
-            scheduler.submit(job)
-            route, _ = await wait(job, request)
+            if routes is not None:
+                route = engine.top(routes[0])
+            else:
+                job = Job("route", target, [text], loop)
+                scheduler.submit(job)
+                route, _ = await wait(job, request)
             summary = {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in route.adapters]}
+            if route.decision is not None:
+                summary.update(decision=route.decision, reason=route.reason, nearest=route.nearest)
             body = json.loads(await request.body())
             body.pop("trace", None)
             body["model"] = route.adapters[0][0] if route.adapters else engine.base_name
             return await fwd.forward(request.url.path, body, routing(req.model, target, summary, None))
-        job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace)
+        job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
         scheduler.submit(job)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
@@ -273,7 +289,7 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
             if n > engine.context:
                 raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
                                param="input", code="context_length_exceeded")
-        job = Job("classify", target, texts, asyncio.get_running_loop())
+        job = Job("classify", target, texts, asyncio.get_running_loop(), routes=await decided(target, texts))
         scheduler.submit(job)
         res, _ = await wait(job, request)
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]

@@ -9,19 +9,22 @@ One Engine serves one base model:
   loaded from the registry's blobs into slots on demand, least recently used evicted;
 - one RoutedModel per stored router (loaded on first use): its gates run inside every forward, so a
   token-level router routes each prompt token and each generated token.
-All model work happens on the scheduler's thread; the registry is opened once per thread. The slot
-bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it through
-`Engine._read`.
+All model work happens on the scheduler's thread; `auto`'s decision (the query's embedding, the
+search, an adapter a generator writes) runs on the request's own worker before its job is submitted
+(`Engine.auto`), so the batching thread only runs forwards. The registry is opened once per thread.
+The slot bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it
+through `Engine._read`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +39,6 @@ from loraplex.registry.store import Registry
 from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
-from loraplex.router.retrieval import Signatures
 from loraplex.settings import Settings
 from loraplex.serve import decode
 from loraplex.serve.slots import SlotBank
@@ -68,6 +70,7 @@ class Route:
     adapters: list[tuple[str, float]] = field(default_factory=list)
     decision: str | None = None  # `auto` only: route, generate or base
     reason: str | None = None  # `auto` only: the scores and thresholds behind the decision
+    nearest: str | None = None  # `auto` only: the adapter of the best routing score (first of a routed one's)
 
 
 class Events:
@@ -99,14 +102,17 @@ class Engine:
         self.family = ref.family
         self.head = head_for(self.lb)
         self.embedder = get_embedder(self.reg().embedder_name)
-        self.retrieval = ROUTERS.build("retrieval", {})
         self.auto_config = auto_router.parse_config(auto)
+        # auto's routed requests are weighted as retrieval weights them, with auto's top_k and prototype weight
+        self.retrieval = ROUTERS.build("retrieval", {"top_k": self.auto_config.top_k,
+                                                     "prototype_weight": self.auto_config.prototype_weight})
+        self._decide = Gathered(self._decide_now)
+        self._writing = threading.Lock()  # one adapter written at a time (the same request twice: written once)
         cfg = self.lb.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
         self._routers: dict[str, Any] = {}
         self._tasks: dict[str, Any] = {}
-        self._sig: tuple[int, Signatures | None] = (-1, None)
         self._generation = -1
         self._stale = False  # slots of changed adapters still used by running rows
         if router:
@@ -196,35 +202,40 @@ class Engine:
         except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see chunks)
             raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
-    def auto(self, texts: Sequence[str]) -> list[Route]:
-        """The `auto` choice per text (router/auto.py): retrieval over every registered adapter of the base
-        when one fits, an adapter a stored generator writes for the request (registered with lineage)
-        when the request lies in a family the registry knows, or the bare base (the request is logged as
-        a candidate new task). Each route carries the decision and why."""
-        texts = list(texts)
-        q = self.embedder.encode(texts)  # (N, D), shared by the decision and the retrieval gates
-        decisions = auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q)
-        for i, d in enumerate(decisions):
-            if d.action == "generate":
-                decisions[i] = auto_router.written_for(self.reg(), self.settings, d, self.auto_config)
-        gen = self.reg().generation()
-        if self._sig[0] != gen:
-            names = [r.name for r in self.reg().list_adapters(base=self.base_name)]
-            self._sig = (gen, Signatures.of(self.reg(), names) if names else None)
-        sig = self._sig[1]
-        g = self.retrieval.gates(self.retrieval.scores(q, sig)) if sig is not None else None  # (N, E)
-        out = []
-        for i, d in enumerate(decisions):
-            if d.action == "route" and g is not None:
-                adapters = [(sig.names[j], float(g[i, j])) for j in np.flatnonzero(g[i])]
+    def auto(self, texts: Sequence[str], *, forwarded: bool = False) -> list[Route]:
+        """The `auto` choice per text (router/auto.py), made on the calling thread (a request's worker):
+        retrieval over every registered adapter of the base when one fits, an adapter a stored generator
+        writes for the request (registered with lineage) when the request lies in a family the registry
+        knows, or the bare base (the request is logged as a candidate new task). Each route carries the
+        decision and why. Requests deciding at the same time share one embedding pass and one search
+        (`Gathered`); an adapter is written in its own request's thread. `forwarded`: a backend generates
+        (--backend), which cannot serve an adapter written here, so a generate decision routes instead."""
+        if not texts:
+            return []
+        out, fell = [], []
+        for d in self._decide(list(texts)):
+            if d.action == "generate" and forwarded:
+                d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
+                                        "not have adapters written here, so it is routed to the registered ones")
+            elif d.action == "generate":
+                with self._writing:
+                    d = auto_router.written_for(self.reg(), self.settings, d, self.auto_config)
+            if d.action == "route":
+                adapters = auto_router.route_weights(d, self.retrieval)
             elif d.action == "generate":
                 adapters = [(auto_router.generated_name(d.text, d.generator), 1.0)]
             else:
                 adapters = []
-            out.append(Route(adapters, decision=d.action, reason=d.reason))
+            out.append(Route(adapters, decision=d.action, reason=d.reason, nearest=d.nearest))
+            fell += [d] if d.action == "base" else []
         if self.auto_config.log_candidates:
-            auto_router.log_candidates(self.reg(), [d for d in decisions if d.action == "base"])
+            auto_router.log_candidates(self.reg(), fell)
         return out
+
+    def _decide_now(self, texts: list[str]) -> list[auto_router.Decision]:
+        """The decisions of texts: one embedding pass and one faiss search (the gates reuse its scores)."""
+        q = self.embedder.encode(texts)  # (N, D)
+        return auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q)
 
     def route_of(self, target: Target) -> Route:
         """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
@@ -341,10 +352,16 @@ class Engine:
     def router_names(self, lane: str) -> list[str]:
         return self._router_model(lane.split(":", 1)[1]).experts
 
+    @staticmethod
+    def top(route: Route) -> Route:
+        """A route's best adapter alone (what a backend is asked for)."""
+        return dataclasses.replace(route, adapters=sorted(route.adapters, key=lambda x: -x[1])[:1])
+
     def choose(self, target: Target, texts: Sequence[str]) -> list[Route]:
-        """One adapter per text for forwarding to a backend: auto's top, the router's top, or the adapter."""
+        """One adapter per text for forwarding to a backend: the router's top, or the adapter (auto's is
+        `top` of `auto`, decided in the request's worker)."""
         if target.kind == "auto":
-            return [Route(sorted(r.adapters, key=lambda x: -x[1])[:1], r.decision, r.reason) for r in self.auto(texts)]
+            raise ValueError("auto is decided in the request's worker (Engine.auto), not on the batching thread")
         if target.kind == "router":
             rm = self._router_model(target.name)
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
@@ -352,19 +369,20 @@ class Engine:
 
     # ---- classification ------------------------------------------------------------------------------
     @torch.no_grad()
-    def classify(self, items: Sequence[tuple[list[str], Target]]) -> list[list[dict[str, Any]] | Exception]:
+    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None]]) -> list[list[dict[str, Any]] | Exception]:
         """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
-        the slot bank go through one forward. A failing item gets its exception, the others go on."""
+        the slot bank go through one forward. An `auto` item comes with its routes (`auto`, decided in
+        its request's worker). A failing item gets its exception, the others go on."""
         out: list[Any] = [None] * len(items)
-        autos = [t for texts, tg in items if tg.kind == "auto" for t in texts]
-        auto_routes = iter(self.auto(autos) if autos else [])
         texts, routes, tasks, owner = [], [], [], []
-        for k, (xs, tg) in enumerate(items):
+        for k, (xs, tg, decided) in enumerate(items):
             try:
                 if tg.kind == "router":
                     out[k] = self._classify_router(list(xs), tg.name)
                     continue
-                rs = [next(auto_routes) for _ in xs] if tg.kind == "auto" else [self.route_of(tg) for _ in xs]
+                if tg.kind == "auto" and (decided is None or len(decided) != len(xs)):
+                    raise ValueError("auto's routes are decided before its job is submitted (Engine.auto)")
+                rs = list(decided) if tg.kind == "auto" else [self.route_of(tg) for _ in xs]
                 ts = [self._label_task(r, tg) for r in rs]
             except LoraplexError as exc:
                 out[k] = exc
@@ -453,6 +471,39 @@ class Engine:
             remove_adapter(self.reg(), name)
 
 
+class Gathered:
+    """`fn(items) -> one result per item`, called from many threads at once and gathered: while a call
+    runs, the items that arrive wait, then the first of their threads runs one call for all of them
+    (a leader per round, as a database's group commit), so concurrent callers share a pass and each
+    runs on a caller's thread. An exception fails every caller of that call."""
+
+    def __init__(self, fn: Callable[[list], list]):
+        self.fn = fn
+        self._lock = threading.Lock()  # guards _waiting
+        self._running = threading.Lock()  # one call at a time
+        self._waiting: list[dict[str, Any]] = []
+
+    def __call__(self, items: list) -> list:
+        me: dict[str, Any] = {"items": list(items)}
+        with self._lock:
+            self._waiting.append(me)
+        with self._running:
+            if "out" not in me and "error" not in me:
+                with self._lock:
+                    calls, self._waiting = self._waiting, []
+                try:
+                    results = self.fn([x for c in calls for x in c["items"]])
+                except Exception as exc:
+                    for c in calls:
+                        c["error"] = exc
+                else:
+                    for c in calls:
+                        c["out"], results = results[:len(c["items"])], results[len(c["items"]):]
+        if "error" in me:
+            raise me["error"]
+        return me["out"]
+
+
 @contextmanager
 def _as_request_errors():
     """A refused registration is the request's fault (400), an unknown name a 404: never a 503."""
@@ -489,7 +540,7 @@ def _weights(r: Route) -> dict[str, Any]:
     out: dict[str, Any] = {"adapters": [{"name": a, "weight": round(w, 4)}
                                         for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
     if r.decision is not None:
-        out.update(decision=r.decision, reason=r.reason)
+        out.update(decision=r.decision, reason=r.reason, nearest=r.nearest)
     return out
 
 

@@ -1,6 +1,7 @@
 """The batching loop: requests that arrive together become one heterogeneous batch.
 
-Handlers `submit` jobs from the event loop; one worker thread runs everything that touches a model.
+Handlers `submit` jobs from the event loop; one worker thread runs everything that touches a model
+(and nothing else: `auto`'s decision comes with the job, made in the request's worker).
 When idle it takes the first waiting job and gathers more for at most `max_wait_ms` (up to
 `max_batch`); while generating it takes what has arrived between two decode steps. Classification
 and routing jobs run at once, grouped by lane (the slot bank, or one router's model): one forward
@@ -37,6 +38,7 @@ class Job:
     prompt_ids: list[int] = field(default_factory=list)
     sampling: decode.Sampling | None = None
     trace: bool = False
+    routes: list[Route] | None = None  # `auto` only: its decision per text (Engine.auto, before submit)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
@@ -222,9 +224,9 @@ class Scheduler:
             del self._lanes[lane]
 
     def _routes(self, jobs: list[Job]) -> list[Route]:
-        autos = [j for j in jobs if j.target.kind == "auto"]
-        found = iter(self.engine.auto([j.texts[0] for j in autos]) if autos else [])
-        return [next(found) if j.target.kind == "auto" else self.engine.route_of(j.target) for j in jobs]
+        if any(j.target.kind == "auto" and not j.routes for j in jobs):
+            raise ValueError("auto's route is decided before its job is submitted (Engine.auto)")
+        return [j.routes[0] if j.target.kind == "auto" else self.engine.route_of(j.target) for j in jobs]
 
     def _row(self, job: Job, lane: str) -> decode.GenRow:
         experts = self.engine.router_names(lane) if lane != "bank" else None
@@ -247,7 +249,7 @@ class Scheduler:
         return row
 
     def _classify(self, jobs: list[Job], lane: str) -> None:
-        results = self.engine.classify([(j.texts, j.target) for j in jobs])
+        results = self.engine.classify([(j.texts, j.target, j.routes) for j in jobs])
         for job, res in zip(jobs, results):
             job.send("error", res) if isinstance(res, Exception) else job.send("done", res)
 

@@ -4,9 +4,12 @@ Each row of a batch picks its slots with its own gates (B, 1, S) (the bank's gat
 then runs rows of different adapters in one forward). Adapters are copied into slots on demand and
 the least recently used one is evicted (vLLM's max_loras, S-LoRA's unified paging); an adapter read
 from its blob stays in host memory (`host_size`, LRU), as S-LoRA keeps adapters in host memory and
-pages them into the device's bank, so a slot miss costs a copy rather than a read. The bank grows
-(re-made, resident adapters kept in their slots) when an adapter adapts a module it lacks or has a
-larger rank. It knows adapters only through `read(name) -> (record, adapter)`, given by the engine.
+pages them into the device's bank, so a slot miss costs a copy rather than a read. Host copies are kept
+pre-stacked in the bank's layout (`experts.layers.StackedBanks`: the banks of one shape share one
+tensor per part), so loading an adapter into a slot is four copies per bank shape, not several per
+module. The bank grows (re-made, resident adapters read again into their slots, host copies dropped)
+when an adapter adapts a module it lacks or has a larger rank. It knows adapters only through
+`read(name) -> (record, adapter)`, given by the engine.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from loraplex.experts.layers import eject, inject_new, routed_layers
+from loraplex.experts.layers import StackedBanks, eject, inject_new
 from loraplex.experts.spec import LoraSpec
 
 
@@ -25,36 +28,25 @@ class SlotBank:
                  events: Any = None):
         self.model, self.size, self.read, self.host_size, self.events = model, size, read, host_size, events
         self.slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (slot, blob sha), LRU first
-        self.host: OrderedDict[str, tuple[Any, Any]] = OrderedDict()  # name -> (record, adapter), LRU first
+        self.host: OrderedDict[str, tuple[Any, Any]] = OrderedDict()  # name -> (record, packed), LRU first
         self.shape: tuple[tuple[str, ...], int] | None = None  # (modules, rank) once the bank exists
-
-    def _layers(self):
-        return routed_layers(self.model)
-
-    @torch.no_grad()
-    def _clear(self, e: int, keep: Sequence[str] = ()) -> None:
-        """Empty slot e in every projection but those named in `keep` (about to be overwritten)."""
-        for name, layer in self._layers().items():
-            if name in keep:
-                continue
-            s = slice(e * layer.bank.rank, (e + 1) * layer.bank.rank)
-            layer.bank.A[s].zero_()
-            layer.bank.B[:, s].zero_()
-            layer.bank.rank_mask[s] = 0.0
-            layer.bank.scaling[e] = 0.0
+        self.banks: StackedBanks | None = None
 
     def _build(self, modules: Sequence[str], rank: int) -> None:
         if self.shape is not None:
             eject(self.model)
         inject_new(self.model, LoraSpec(r=rank), list(modules), n_experts=self.size)
         self.shape = (tuple(modules), rank)
+        self.banks = StackedBanks(self.model)
         for e in range(self.size):
-            self._clear(e)
+            self.banks.write(e, None)
+        self.host.clear()  # packed for the old layout
         for name, (slot, _) in list(self.slots.items()):
-            self._write(self._load(name)[1], slot)
+            self.banks.write(slot, self._load(name)[1])
 
     def _load(self, name: str):
-        """An adapter's record and tensors (host memory, else read); grows the bank if it must."""
+        """An adapter's record and its tensors packed in the bank's layout (host memory, else read); grows
+        the bank if it must."""
         if name in self.host:
             self.host.move_to_end(name)
             return self.host[name]
@@ -65,17 +57,10 @@ class SlotBank:
         r = max([rank] + [ad.rank(m) for m in ad.modules])
         if self.shape is None or need != mods or r != rank:
             self._build(need, r)
-        self.host[name] = (rec, ad)
+        self.host[name] = (rec, self.banks.pack(ad))
         while len(self.host) > self.host_size:
             self.host.popitem(last=False)
-        return rec, ad
-
-    def _write(self, ad, slot: int) -> None:
-        self._clear(slot, keep=list(ad.weights))  # set_expert empties the slot of the modules it writes
-        for mname, layer in self._layers().items():
-            if mname in ad.weights:
-                A, B = ad.weights[mname]
-                layer.bank.set_expert(slot, A.float(), B.float(), ad.scaling(mname))
+        return self.host[name]
 
     def ensure(self, names: Sequence[str], keep: set[str] = frozenset()) -> dict[str, int]:
         """Slots of `names` (at most `size`), loading the missing ones over the least recently used
@@ -89,14 +74,14 @@ class SlotBank:
                 self.events.cache(True)
                 continue
             self.events.cache(False)
-            rec, ad = self._load(n)
+            rec, packed = self._load(n)
             used = {s for s, _ in self.slots.values()}
             free = [e for e in range(self.size) if e not in used]
             if not free:  # evict the least recently used adapter this batch does not need
                 victim = next(v for v in self.slots if v not in names and v not in keep)
                 free = [self.slots.pop(victim)[0]]
                 self.events.evicted()
-            self._write(ad, free[0])
+            self.banks.write(free[0], packed)
             self.slots[n] = (free[0], rec.blob)
         self.events.resident(len(self.slots))
         return {n: self.slots[n][0] for n in names}
@@ -124,7 +109,7 @@ class SlotBank:
                     stale = True
                     continue
                 del self.slots[name]
-                self._clear(slot)
+                self.banks.write(slot, None)
         for name, (rec, _) in list(self.host.items()):
             if blobs.get(name) != rec.blob:
                 del self.host[name]

@@ -1,0 +1,200 @@
+"""The server's `auto` decision: scored once (the gates come from the search that made the decision, so
+the routing's first adapter is the `nearest` it names, siblings tied or not), weighted as retrieval
+weights, made in the request's own worker (a slow decision holds up no other request), and with
+`--backend` a generate decision routes to registered adapters (the backend has no adapter written here)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from loraplex.generators import workflow
+from loraplex.registry.index import SignatureIndex
+from loraplex.registry.store import Registry
+from loraplex.router import auto as auto_router
+from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
+from loraplex.serve import engine as engine_module
+from loraplex.serve.engine import Engine, Gathered
+from tests.conftest import registry_state
+from tests.generators.conftest import FAST, TOY_TASKS, add_toy, toy_registry, toy_tasks  # noqa: F401 (fixtures)
+from tests.serve_util import llama_home, serving  # noqa: F401 (a fixture)
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.timeout(300)
+
+ROUTE_ALL = {"route_threshold": -1.0, "generate_threshold": -1.0}
+BETWEEN = {"route_threshold": 0.999, "generate_threshold": -1.0}  # every request is generated for
+TEXTS = ["flight plane delayed late gate", "music festival song ticket", "apple iphone phone tech"]
+
+
+@pytest.fixture
+def twins(toy_registry, tiny_bert, toy_tasks):
+    """The toy registry plus `aa-flights`: flights-lora's signature exactly (same description and task),
+    registered after it, and first by name."""
+    s, reg = toy_registry
+    add_toy(reg, s, tiny_bert, "aa-flights", toy_tasks["flights"], TOY_TASKS["flights"][0], seed=10)
+    return s, reg
+
+
+def test_auto_searches_once_and_routes_first_to_the_nearest_it_names(twins, tiny_bert, monkeypatch):
+    s, reg = twins
+    engine = Engine(s, base=str(tiny_bert), auto={**ROUTE_ALL, "top_k": 2})
+    ref_sig = Signatures.of(reg, [r.name for r in reg.list_adapters()])
+    searches: list[int] = []
+    search = SignatureIndex.search
+    monkeypatch.setattr(SignatureIndex, "search", lambda self, q, k: searches.append(len(q)) or search(self, q, k))
+    monkeypatch.setattr(Registry, "signatures", lambda *a, **k: pytest.fail("the signatures were scanned again"))
+    routes = engine.auto(TEXTS)
+    assert searches == [len(TEXTS)]  # one search for the three requests, nothing else
+    ref = RetrievalRouter(RetrievalConfig(top_k=2))  # the retrieval router's weighting, by an exact scan
+    want = ref.gates(ref.scores(engine.embedder.encode(TEXTS), ref_sig))
+    for r, g in zip(routes, want):
+        assert r.decision == "route" and r.nearest == r.adapters[0][0]
+        assert r.adapters[0][1] >= r.adapters[1][1]
+        np.testing.assert_allclose(sorted(w for _, w in r.adapters), sorted(g[g > 0]), rtol=1e-5)
+    # the flights request ties the twins: both, weighted equally, the named nearest first
+    assert {a for a, _ in routes[0].adapters} == {"flights-lora", "aa-flights"}
+    assert routes[0].adapters[0][1] == pytest.approx(0.5)
+
+
+def test_with_a_backend_a_generate_decision_routes_and_writes_nothing(toy_registry, tiny_bert):
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto=BETWEEN)
+    n = reg.count()
+    [fwd] = engine.auto([TEXTS[0]], forwarded=True)
+    assert fwd.decision == "route" and "backend" in fwd.reason and "generator 'gen'" in fwd.reason
+    assert fwd.adapters and fwd.adapters[0][0] == fwd.nearest == "flights-lora"
+    assert reg.count() == n  # nothing was written for a backend that could not serve it
+    [here] = engine.auto([TEXTS[0]])
+    assert here.decision == "generate" and here.adapters == [(auto_router.generated_name(TEXTS[0], "gen"), 1.0)]
+    assert reg.count() == n + 1
+
+
+def test_a_slow_decision_holds_up_no_other_request(toy_registry, tiny_bert, monkeypatch):
+    """auto's generator is held mid-write; a request naming an adapter is answered meanwhile (the
+    decision runs in its request's worker, not on the batching thread), then the held one finishes."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    entered, release = threading.Event(), threading.Event()
+    generate = auto_router.generate
+
+    def held(*a, **k):
+        entered.set()
+        release.wait(60)
+        return generate(*a, **k)
+
+    monkeypatch.setattr(auto_router, "generate", held)
+    out: dict[str, httpx.Response] = {}
+    with serving(s, base=str(tiny_bert), auto=BETWEEN) as url, httpx.Client(base_url=url, timeout=60) as h:
+        def ask_auto():
+            out["auto"] = h.post("/v1/classify", json={"model": "auto", "input": TEXTS[0]})
+
+        t = threading.Thread(target=ask_auto)
+        t.start()
+        try:
+            assert entered.wait(30), "the generate decision never started"
+            t0 = time.monotonic()
+            named = h.post("/v1/classify", json={"model": "phones-lora", "input": "apple iphone bad"}, timeout=20)
+            assert named.status_code == 200 and not release.is_set()
+            assert time.monotonic() - t0 < 20
+        finally:
+            release.set()
+            t.join(60)
+    assert out["auto"].status_code == 200, out["auto"].text
+    routing = out["auto"].json()["routing"]["inputs"][0]
+    assert routing["decision"] == "generate"
+    assert routing["adapters"] == [{"name": auto_router.generated_name(TEXTS[0], "gen"), "weight": 1.0}]
+
+
+class _HeldEmbedder:
+    """The registry's embedder, held on texts that start with HOLD until `release` is set."""
+
+    def __init__(self, inner, entered: threading.Event, release: threading.Event):
+        self.inner, self.entered, self.release = inner, entered, release
+
+    def encode(self, texts):
+        if any(t.startswith("HOLD") for t in texts):
+            self.entered.set()
+            self.release.wait(60)
+        return self.inner.encode(texts)
+
+
+def test_a_slow_embedding_holds_up_no_other_generation(llama_home, tiny_llama, monkeypatch):
+    """auto's query embedding is held; a completion naming an adapter finishes meanwhile (the batching
+    thread is not the one embedding), then the held one is routed and answered."""
+    s, _ = llama_home
+    entered, release = threading.Event(), threading.Event()
+    get = engine_module.get_embedder
+    monkeypatch.setattr(engine_module, "get_embedder", lambda name: _HeldEmbedder(get(name), entered, release))
+    out: dict[str, httpx.Response] = {}
+    with serving(s, base=str(tiny_llama)) as url, httpx.Client(base_url=url, timeout=60) as h:
+        def ask_auto():
+            out["auto"] = h.post("/v1/completions", json={"model": "auto", "prompt": "HOLD match goal team",
+                                                          "max_tokens": 3, "temperature": 0})
+
+        t = threading.Thread(target=ask_auto)
+        t.start()
+        try:
+            assert entered.wait(30), "the auto request never started deciding"
+            named = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "late", "max_tokens": 3,
+                                                    "temperature": 0}, timeout=20)
+            assert named.status_code == 200 and "auto" not in out
+        finally:
+            release.set()
+            t.join(60)
+    assert out["auto"].status_code == 200, out["auto"].text
+    routing = out["auto"].json()["routing"]
+    assert routing["decision"] == "route" and routing["adapters"][0]["name"] == routing["nearest"]
+
+
+def test_a_backend_is_sent_a_registered_adapter_for_a_generate_decision(llama_home, tiny_llama, monkeypatch):
+    """With --backend, a request auto would write an adapter for goes to the registered adapters (the
+    backend does not have one written here), and nothing is written."""
+    s, _ = llama_home
+    monkeypatch.setattr(auto_router, "_generator_of", lambda reg, base, name: SimpleNamespace(name="gen"))
+    before = registry_state(s.home)
+    with serving(s, base=str(tiny_llama)) as back, \
+            serving(s, base=str(tiny_llama), backend=back + "/v1", auto=BETWEEN) as front:
+        r = httpx.post(front + "/v1/completions", json={"model": "auto", "prompt": "match goal team sport",
+                                                        "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["decision"] == "route" and "generator 'gen'" in routing["reason"] and "backend" in routing["reason"]
+    assert r.json()["model"] == routing["adapters"][0]["name"] == routing["nearest"] == "sports-lora"
+    assert registry_state(s.home) == before
+
+
+def test_gathered_calls_give_each_caller_its_own_results_in_fewer_calls():
+    calls: list[list[int]] = []
+
+    def slow_double(items):
+        calls.append(list(items))
+        time.sleep(0.05)
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * x for x in items]
+
+    g = Gathered(slow_double)
+    got: dict[int, object] = {}
+
+    def call(i):
+        try:
+            got[i] = g([i, 100 + i])
+        except ValueError as exc:
+            got[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {i: [2 * i, 200 + 2 * i] for i in range(12)}
+    assert len(calls) < 12 and sorted(x for c in calls for x in c) == sorted([*range(12), *range(100, 112)])
+    with pytest.raises(ValueError, match="bad item"):
+        g([-1])
