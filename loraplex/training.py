@@ -79,9 +79,10 @@ class Row(NamedTuple):
 
 class LightningSettings(BaseModel):
     """Lightning's settings, passed through to the Trainer: one definition for a one-off training
-    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`)."""
+    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`). Each field's docstring
+    is its description (`use_attribute_docstrings`) and the help of its CLI option (cli/_options.py)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
