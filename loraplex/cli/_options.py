@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -97,6 +98,13 @@ def settings(home: Optional[Path]):
     from loraplex.settings import Settings
 
     return Settings.load(home=home)
+
+
+def parse_list(value: str | None) -> list[str]:
+    """`a,b, c` -> ["a", "b", "c"] (for comma-separated options)."""
+    if not value:
+        return []
+    return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Devices, Home, Json, Precision, Quiet, Strategy, field_option, parse_sets, settings
+from loraplex.cli._options import (
+    Base, Devices, Home, Json, Precision, Quiet, Strategy, field_option, parse_list, parse_sets, settings,
+)
 
 _TRAIN = "loraplex.training:TrainConfig"
 
@@ -51,7 +53,7 @@ def fit(
     if joint:
         cfg["joint"] = True
     res = api.fit_router(
-        name, router=router, adapters=api.parse_list(adapters), tasks=api.parse_list(tasks) or None, base=base,
+        name, router=router, adapters=parse_list(adapters), tasks=parse_list(tasks) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
         train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
@@ -87,7 +89,7 @@ def eval_(
     """Routing accuracy and the routed model's accuracy next to each adapter used alone on its task."""
     from loraplex import api
 
-    res = api.evaluate_router(name, tasks=api.parse_list(tasks) or None, split=split, limit=limit, settings=settings(home))
+    res = api.evaluate_router(name, tasks=parse_list(tasks) or None, split=split, limit=limit, settings=settings(home))
     if json:
         out.emit_json(res)
         return

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, Quiet, field_option, settings
+from loraplex.cli._options import Base, Home, Json, Quiet, field_option, parse_list, settings
 
 _TRAINER = "loraplex.continual.spec:TrainerSettings"
 
@@ -119,7 +119,7 @@ def forget(
     """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
     from loraplex import api
 
-    res = api.forget(task, labels=api.parse_list(labels), adapters=api.parse_list(adapters), base=base, name=name,
+    res = api.forget(task, labels=parse_list(labels), adapters=parse_list(adapters), base=base, name=name,
                      steps=steps, lr=lr, eval_limit=eval_limit, seed=seed, progress=not quiet and not json,
                      settings=settings(home))
     if json:
