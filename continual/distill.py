@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
+from loraplex.training import Row, as_row
+
 
 class StoredScores:
     def __init__(self, weight: float = 1.0):
@@ -29,22 +33,21 @@ class StoredScores:
     def __len__(self) -> int:
         return len(self.table)
 
-    def lookup(self, row: Sequence[Any]):
-        """The stored (L,) scores of a (text, label, task) row, or None."""
-        return self.table.get((row[2], row[0]))
+    def lookup(self, row: Row):
+        """The stored (L,) scores of a row (a Row or a plain (text, label, task) tuple), or None."""
+        row = as_row(row)
+        return self.table.get((row.task, row.text))
 
-    def record(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[Sequence[Any]], tasks: dict[str, Any],
+    def record(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[Row], tasks: dict[str, Any],
                *, batch_size: int = 64) -> int:
         """Score the rows not stored yet with the model as it is now (eval mode, no gradient); returns
         how many were added. Rows already stored keep their earlier scores."""
-        import torch
-
         if self.weight == 0:
             return 0
         by_task: dict[str, list[str]] = {}
-        for r in rows:
-            if (r[2], r[0]) not in self.table:
-                by_task.setdefault(r[2], []).append(r[0])
+        for r in map(as_row, rows):
+            if (r.task, r.text) not in self.table:
+                by_task.setdefault(r.task, []).append(r.text)
         was = model.training
         model.eval()
         added = 0
@@ -61,9 +64,9 @@ class StoredScores:
             model.train(was)
         return added
 
-    def keep_only(self, rows: Sequence[Sequence[Any]]) -> None:
+    def keep_only(self, rows: Sequence[Row]) -> None:
         """Drop the entries of rows that are not in `rows` (e.g. rows the buffer let go)."""
-        keys = {(r[2], r[0]) for r in rows}
+        keys = {(r.task, r.text) for r in map(as_row, rows)}
         self.table = {k: v for k, v in self.table.items() if k in keys}
 
     def state_dict(self) -> dict[str, Any]:
@@ -71,7 +74,5 @@ class StoredScores:
                 "table": [[t, text, [float(x) for x in v.tolist()]] for (t, text), v in sorted(self.table.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import torch
-
         self.weight = float(state.get("weight", self.weight))
         self.table = {(t, text): torch.tensor(v, dtype=torch.float32) for t, text, v in state.get("table", [])}

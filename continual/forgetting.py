@@ -39,7 +39,7 @@ from loraplex.continual.regularizers.gs_lora import ffn_modules
 from loraplex.continual.replay import ReplayBuffer, mixed_batches
 from loraplex.continual.slots import SlotRef, add_slot, extract_slot, train_only
 from loraplex.experts.spec import Adapter, LoraSpec
-from loraplex.training import rows_of
+from loraplex.training import Row, as_row, rows_of
 
 
 class GSLoraConfig(BaseModel):
@@ -92,21 +92,23 @@ class ForgetObjective:
         self.distill_weight = distill_weight
         self.teacher = StoredScores(distill_weight)  # (task, text) -> (L,) scores before the request
 
-    def record_teacher(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[tuple], tasks: dict[str, Any],
+    def record_teacher(self, head: Any, model: Any, tokenizer: Any, rows: Sequence[Row], tasks: dict[str, Any],
                        batch_size: int = 64) -> None:
         """Score the retained rows with the model as it is (before the forgetting slot exists)."""
         self.teacher.record(head, model, tokenizer, rows, tasks, batch_size=batch_size)
 
-    def is_forget(self, row: tuple) -> bool:
-        return row[2] == self.task.name and (self.label_idx is None or row[1] in self.label_idx)
+    def is_forget(self, row: Row) -> bool:
+        row = as_row(row)
+        return row.task == self.task.name and (self.label_idx is None or row.label in self.label_idx)
 
-    def loss(self, module: Any, rows: Sequence[tuple], emb: Any = None):
+    def loss(self, module: Any, rows: Sequence[Row], emb: Any = None):
         """The bounded forget loss of `rows` (emb: their embeddings, when the module already has them)."""
+        rows = [as_row(r) for r in rows]
         if emb is not None:
             scores = module.head.scores_of(module.model, module.tokenizer, emb, self.task)  # (N, L)
         else:
-            scores = module.head.scores(module.model, module.tokenizer, [r[0] for r in rows], self.task)
-        y = torch.tensor([r[1] for r in rows], device=scores.device)
+            scores = module.head.scores(module.model, module.tokenizer, [r.text for r in rows], self.task)
+        y = torch.tensor([r.label for r in rows], device=scores.device)
         return self.weight * bounded_forget_loss(scores, y, self.bnd)
 
 
@@ -134,7 +136,7 @@ class GSLora:
         c = self.config
         return ForgetObjective(task, labels, bound=c.bound, weight=c.forget_weight, distill_weight=c.distill_weight)
 
-    def forget_rows(self, task: Any, labels: Sequence[str] | None, rows: Sequence[tuple]) -> list[tuple]:
+    def forget_rows(self, task: Any, labels: Sequence[str] | None, rows: Sequence[Row]) -> list[Row]:
         obj = self.objective(task, labels)
         return [r for r in rows if obj.is_forget(r)]
 
@@ -146,7 +148,7 @@ class GSLora:
 
 
 def retained_sample(tasks: Sequence[Any], *, budget: int, seed: int, split_rows: Any,
-                    exclude: Any = None) -> list[tuple]:
+                    exclude: Any = None) -> list[Row]:
     """A class-balanced sample of `budget` training rows of `tasks` (rows where exclude(row) is true left out)."""
     buf = ReplayBuffer(budget=budget, policy="class-balanced", seed=seed)
     for t in tasks:
@@ -157,7 +159,7 @@ def retained_sample(tasks: Sequence[Any], *, budget: int, seed: int, split_rows:
 
 
 def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter: GSLora, task: Any,
-                   labels: Sequence[str] | None, forget_rows: Sequence[tuple], retained: Sequence[tuple],
+                   labels: Sequence[str] | None, forget_rows: Sequence[Row], retained: Sequence[Row],
                    tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str, index: int = 0,
                    progress: bool = True, label: str = "") -> dict[str, Any]:
     """Train one GS-LoRA forgetting adapter into `model` (a new slot on the FFN projections).
@@ -239,7 +241,7 @@ class ForgetResult:
 
 
 def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter: GSLora, task: Any,
-           labels: Sequence[str] | None, retained: Sequence[tuple] | Callable[[Callable[[tuple], bool]], Sequence[tuple]],
+           labels: Sequence[str] | None, retained: Sequence[Row] | Callable[[Callable[[Row], bool]], Sequence[Row]],
            tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
            before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
            index: int = 0, progress: bool = True, label: str = "") -> ForgetResult:

@@ -68,7 +68,7 @@ class ReplayBuffer:
             return
         by_label: dict[int, list[Row]] = {}
         for r in rows:
-            by_label.setdefault(r[1], []).append(r)
+            by_label.setdefault(r.label, []).append(r)
         for lab, rs in sorted(by_label.items()):
             self.classes[(task, lab)] = rs
         if self.budget is not None:
@@ -111,13 +111,13 @@ class ReplayBuffer:
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.contents():
-            out[r[2]] = out.get(r[2], 0) + 1
+            out[r.task] = out.get(r.task, 0) + 1
         return out
 
     def remove(self, task: str, labels: Sequence[int] | None = None) -> int:
         """Drop a task's rows (or only those with the given label indices); returns how many went."""
         def gone(r: Row) -> bool:
-            return r[2] == task and (labels is None or r[1] in labels)
+            return r.task == task and (labels is None or r.label in labels)
 
         before = len(self)
         self.rows = [r for r in self.rows if not gone(r)]

@@ -123,10 +123,14 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
 
 
 def load_report(run_dir: str | Path) -> dict[str, Any]:
-    """A finished or partial run's matrix and metrics, rebuilt from its saved unit states."""
-    rd = RunDir(Path(run_dir))
+    """A finished or partial run's matrix and metrics, rebuilt from its saved unit states:
+    {"run_dir", "matrix", "metrics"}. UserInputError when `run_dir` is not a stream run directory."""
+    p = Path(run_dir).expanduser()
+    if not p.is_dir():
+        raise UserInputError(f"{p}: no such run directory")
+    rd = RunDir(p)
     if not rd.is_run():
-        raise UserInputError(f"{run_dir}: not a stream run directory (no spec.json)")
+        raise UserInputError(f"{p}: not a stream run directory (no spec.json)")
     info = rd.info()
     if info is None:
         return {"run_dir": str(rd.path), "matrix": None, "metrics": {"units_done": 0, "complete": False}}

@@ -29,7 +29,7 @@ from loraplex.registry.record import AdapterRecord, validate_name
 from loraplex.registry.store import Registry
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
-from loraplex.training import rows_of
+from loraplex.training import Row, rows_of
 
 
 def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: str | None = None) -> list[AdapterRecord]:
@@ -118,7 +118,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     def evaluate() -> dict[str, Any]:
         return evaluate_tasks(head, lb.model, lb.tokenizer, learned, split="test", limit=eval_limit)
 
-    def retained(is_forget) -> list[tuple]:
+    def retained(is_forget) -> list[Row]:
         return retained_sample(learned, budget=forgetter.config.retain_budget, seed=seed,
                                split_rows=lambda t: rows_of(t, "train"), exclude=is_forget)
 

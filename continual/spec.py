@@ -45,14 +45,17 @@ from loraplex.training import LightningSettings
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Frozen, no unknown keys; each field's docstring is its description (and, for the options of
+    `loraplex train` and `loraplex forget` that set one, its CLI help: cli/_options.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class LoraSettings(_Frozen):
     """The LoRA every learning experience trains."""
 
     rank: int = Field(8, ge=1, le=1024)
-    """Rank of each experience's adapter."""
+    """LoRA rank of the adapter trained."""
     alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -81,7 +84,7 @@ class TrainerSettings(LightningSettings):
     train_limit: int | None = Field(None, ge=1)
     """Use only the first N training examples of each task."""
     eval_limit: int | None = Field(300, ge=1)
-    """Evaluate the accuracy matrix on the first N test examples of each task (None: all)."""
+    """Test examples per task for the accuracies (the matrix, a forgetting's before/after); None: all."""
     eval_split: Literal["test", "validation"] = "test"
     """Split the accuracy matrix is measured on."""
     snapshots: int = Field(3, ge=0)

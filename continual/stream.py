@@ -41,7 +41,6 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.continual.evaluation import evaluate_tasks
 from loraplex.continual.experience import train_unit
-from loraplex.continual.fit import rows_of
 from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
 from loraplex.continual.methods import METHODS
 from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
@@ -60,6 +59,8 @@ from loraplex.models import fingerprint, load_base, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
 from loraplex.settings import Settings
+from loraplex.training import Row, rows_of
+
 
 @dataclass
 class StreamResult:
@@ -300,12 +301,12 @@ class _StreamRun:
         task, labels = self.tasks[unit.tasks[0]], unit.labels
         learned = [t for t in self.info["tasks"] if any(t in u.tasks for u in self.units[: unit.index] if u.kind == "learn")]
 
-        def retained(is_forget) -> list[tuple]:
+        def retained(is_forget) -> list[Row]:
             def gone(r) -> bool:  # forgotten now or by an earlier request
                 if is_forget(r):
                     return True
-                f = self.forgotten.get(r[2], "absent")
-                return f is None or (f != "absent" and self.tasks[r[2]].labels[r[1]] in f)
+                f = self.forgotten.get(r.task, "absent")
+                return f is None or (f != "absent" and self.tasks[r.task].labels[r.label] in f)
 
             if self.replay is not None:
                 return [r for r in self.replay.contents() if not gone(r)]

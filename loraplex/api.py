@@ -19,11 +19,9 @@ uses (`loraplex adapters list` never imports torch or lightning).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from loraplex.errors import UserInputError
 from loraplex.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,13 +41,6 @@ def open_registry(settings: Settings | None = None) -> "Registry":
     from loraplex.registry.store import Registry
 
     return Registry.open(settings)
-
-
-def parse_list(value: str | None) -> list[str]:
-    """`a,b, c` -> ["a", "b", "c"] (for comma-separated CLI options)."""
-    if not value:
-        return []
-    return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,33 +288,17 @@ def stream_report(run_dir: str | Path) -> dict[str, Any]:
     """A finished or partial stream run's matrix and metrics: {"run_dir", "matrix", "metrics"}."""
     from loraplex.continual.report import load_report
 
-    p = Path(run_dir).expanduser()
-    if not p.is_dir():
-        raise UserInputError(f"{p}: no such run directory")
-    return load_report(p)
-
-
-def current_composition(reg, *, adapters: Sequence[str] = (), base: str | None = None):
-    """The adapters a one-off forgetting request acts on, as registry records (continual/request.py)."""
-    from loraplex.continual.request import current_composition as _current
-
-    return _current(reg, adapters=adapters, base=base)
+    return load_report(run_dir)
 
 
 def forget(task: str, *, labels: Sequence[str] = (), adapters: Sequence[str] = (), base: str | None = None,
            name: str | None = None, steps: int = 100, lr: float = 2e-3, batch_size: int = 16,
            eval_limit: int | None = 300, seed: int = 0, progress: bool = True, settings: Settings | None = None,
            **gs_lora: Any) -> dict[str, Any]:
-    """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter.
-
-    The composition is `adapters`, or the latest one recorded in the registry (see
-    `current_composition`); TASK must be one of the tasks its adapters were trained on. The forgetting
-    adapter is trained exactly as a stream's forgetting experience (continual.forgetting), retained data
-    being a class-balanced sample of the composition's other tasks, and is registered with origin
-    "forgetting", a `forgets` edge to the task and a `trained-from` edge to the composition's last
-    adapter; its record carries the new composition (the old one plus itself). `gs_lora` options
-    override the GS-LoRA configuration (sparsity_weight, bound, rank, ...). Returns a summary dict.
-    """
+    """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter, trained
+    as a stream's forgetting experience (which composition, which retained data, what is registered:
+    continual/request.py). `gs_lora` options override the GS-LoRA configuration (sparsity_weight, bound,
+    rank, ...). Returns a summary dict."""
     from loraplex.continual.request import forget_composition
 
     s = _settings(settings)

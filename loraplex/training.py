@@ -68,7 +68,8 @@ from loraplex.settings import with_checked_devices
 from loraplex.tasks import Task
 
 class Row(NamedTuple):
-    """One training or evaluation row. A plain `(text, label, task)` tuple is accepted wherever a Row is."""
+    """One training or evaluation row. A plain `(text, label, task)` tuple is accepted wherever a Row is:
+    the functions that take rows from outside read them through `as_row`, and then by field name."""
 
     text: str
     label: int
@@ -77,11 +78,17 @@ class Row(NamedTuple):
     """The task's name: each row is scored against its own task's labels (a batch may mix tasks)."""
 
 
+def as_row(row: Sequence[Any]) -> Row:
+    """`row` as a Row (a plain `(text, label, task)` tuple is read in that order)."""
+    return row if isinstance(row, Row) else Row(*row)
+
+
 class LightningSettings(BaseModel):
     """Lightning's settings, passed through to the Trainer: one definition for a one-off training
-    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`)."""
+    (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`). Each field's docstring
+    is its description (`use_attribute_docstrings`) and the help of its CLI option (cli/_options.py)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
@@ -146,6 +153,14 @@ def rows_of(task: Task, split: str, limit: int | None = None) -> list[Row]:
     if limit:
         ex = ex[:limit]
     return [Row(e.text, task.label_index(e.label), task.name) for e in ex]
+
+
+def _task_groups(batch: Sequence[Row]) -> dict[str, list[int]]:
+    """{task: the indices of its rows in the batch}, the tasks in the order they first appear."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(batch):
+        groups.setdefault(r.task, []).append(i)
+    return groups
 
 
 def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -267,16 +282,17 @@ class ContinualModule(L.LightningModule):
         self._val_counts: dict[str, list[int]] = {}
 
     # ---- the loss ----------------------------------------------------------------------------
-    def mixed_embeddings(self, batch: Sequence[tuple[str, int, str]]) -> torch.Tensor | None:
+    def mixed_embeddings(self, batch: Sequence[Row]) -> torch.Tensor | None:
         """(N, D) embeddings of a batch mixing tasks, forwarded in length buckets, when that is possible
         (an encoder head, no `on_task_forward` hook, no router attached); None otherwise."""
-        if len({r[2] for r in batch}) < 2 or self.on_task_forward is not None or not self.head.embeds:
+        batch = [as_row(r) for r in batch]
+        if len({r.task for r in batch}) < 2 or self.on_task_forward is not None or not self.head.embeds:
             return None
         if any(layer.router is not None for layer in routed_layers(self.model).values()):
             return None
-        return self.head.encode_mixed(self.model, self.tokenizer, [r[0] for r in batch])
+        return self.head.encode_mixed(self.model, self.tokenizer, [r.text for r in batch])
 
-    def task_loss(self, batch: Sequence[tuple[str, int, str]], emb: torch.Tensor | None = None) -> torch.Tensor:
+    def task_loss(self, batch: Sequence[Row], emb: torch.Tensor | None = None) -> torch.Tensor:
         """Mean head loss over the batch, each row scored against its own task's labels.
 
         Rows are forwarded one task group at a time, except on an encoder head with no router attached:
@@ -285,17 +301,16 @@ class ContinualModule(L.LightningModule):
         `emb`: the rows' embeddings when the caller already has them (`mixed_embeddings`).
         Also leaves the batch's router auxiliary loss in `_batch_aux` and its distillation term (mean over
         the rows the teacher knows, times its weight) in `_batch_kd` (None when there is none)."""
-        groups: dict[str, list[int]] = {}
-        for i, (_, _, t) in enumerate(batch):
-            groups.setdefault(t, []).append(i)
+        batch = [as_row(r) for r in batch]
+        groups = _task_groups(batch)
         if emb is None:
             emb = self.mixed_embeddings(batch)  # (N, D), or None: one forward per task group
         total = 0.0
         aux_total = None
         kd_total, kd_rows = None, 0
         for t, rows in groups.items():
-            texts = [batch[i][0] for i in rows]
-            y = torch.tensor([batch[i][1] for i in rows], device=self.device)
+            texts = [batch[i].text for i in rows]
+            y = torch.tensor([batch[i].label for i in rows], device=self.device)
             if emb is not None:
                 scores = self.head.scores_of(self.model, self.tokenizer, emb[rows], self.tasks[t])
                 loss = F.cross_entropy(scores, y)
@@ -329,6 +344,7 @@ class ContinualModule(L.LightningModule):
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 
     def training_step(self, batch, batch_idx):
+        batch = [as_row(r) for r in batch]
         bs = len(batch)
         to_forget = [self.forgetting is not None and self.forgetting.is_forget(r) for r in batch]
         forget_rows = [r for r, f in zip(batch, to_forget) if f]
@@ -369,16 +385,14 @@ class ContinualModule(L.LightningModule):
         self._val_counts: dict[str, list[int]] = {}
 
     def validation_step(self, batch, batch_idx):
-        groups: dict[str, list[int]] = {}
-        for i, (_, _, t) in enumerate(batch):
-            groups.setdefault(t, []).append(i)
-        for t, rows in groups.items():
+        batch = [as_row(r) for r in batch]
+        for t, rows in _task_groups(batch).items():
             if self.on_task_forward is not None:
                 self.on_task_forward(t)
-            scores = self.head.scores(self.model, self.tokenizer, [batch[i][0] for i in rows], self.tasks[t])
+            scores = self.head.scores(self.model, self.tokenizer, [batch[i].text for i in rows], self.tasks[t])
             pred = scores.argmax(-1).tolist()
             c = self._val_counts.setdefault(t, [0, 0])
-            c[0] += sum(int(p == batch[i][1]) for p, i in zip(pred, rows))
+            c[0] += sum(int(p == batch[i].label) for p, i in zip(pred, rows))
             c[1] += len(rows)
 
     def on_validation_epoch_end(self) -> None:

@@ -28,7 +28,7 @@ class ExperienceContext:
     """What a regularizer's hooks see about the experience that is about to run (or just ran)."""
 
     index: int
-    """Position of the experience in the stream (0-based)."""
+    """The unit's position in the stream (0-based: its row of the accuracy matrix; 0 for a one-off request)."""
     kind: str
     """learn or forget."""
     model: Any

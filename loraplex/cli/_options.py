@@ -1,12 +1,75 @@
-"""Annotated option aliases shared by the commands (one place for names, defaults and help)."""
+"""Annotated option aliases shared by the commands (one place for names, defaults and help).
+
+An option that sets a config's field (`--steps` is `TrainConfig.steps`) takes its help from the field's
+docstring (`field_option`), so the help and the config cannot say two different things. The docstring
+is read from the config module's source (`field_doc`), not by importing it: the config modules import
+torch and lightning, and `loraplex --help` must stay fast. The configs carry
+`use_attribute_docstrings=True`, so pydantic reads the same docstrings as their fields' descriptions
+(tests/test_cli_help.py holds the two equal).
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+FIELD_OPTIONS: list[tuple[str, str]] = []
+"""(option name, "module:Class.field") of every option built by `field_option`, in order."""
+
+
+@functools.lru_cache(maxsize=None)
+def _class_docs(module: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """{class: (its base classes' names, {field: docstring})} of a module, read from its source with
+    `ast` (the module is not imported). A field's docstring is the string statement right after its
+    annotated assignment, cleaned as pydantic cleans it (`inspect.cleandoc`)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise LookupError(f"no module {module!r}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    classes: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        docs: dict[str, str] = {}
+        for stmt, nxt in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+        classes[node.name] = ([b.id for b in node.bases if isinstance(b, ast.Name)], docs)
+    return classes
+
+
+def field_doc(ref: str) -> str:
+    """The docstring of a config's field, `ref` being "module:Class.field" (e.g.
+    "loraplex.training:TrainConfig.steps"); a field inherited from a class of the same module is found
+    there. LookupError when the field has no docstring."""
+    module, _, path = ref.partition(":")
+    cls, _, field = path.partition(".")
+    classes = _class_docs(module)
+    seen = cls
+    while cls in classes:
+        bases, docs = classes[cls]
+        if field in docs:
+            return docs[field]
+        cls = next((b for b in bases if b in classes), "")
+    raise LookupError(f"{module}: {seen}.{field} has no docstring to use as help")
+
+
+def field_option(ref: str, *param_decls: str, syntax: str | None = None, **kwargs: Any) -> Any:
+    """`typer.Option(*param_decls, help=<the docstring of the field ref>, **kwargs)` (see `field_doc`);
+    `syntax` adds how the command line spells the value (`comma-separated`), which the config does not say."""
+    FIELD_OPTIONS.append((param_decls[0], ref))
+    doc = field_doc(ref)
+    return typer.Option(*param_decls, help=f"{doc} ({syntax})" if syntax else doc, **kwargs)
+
 
 Home = Annotated[
     Optional[Path],
@@ -23,9 +86,10 @@ Description = Annotated[
     typer.Option("--description", help="What the task is, in words (used for search and routing)."),
 ]
 
-Devices = Annotated[str, typer.Option("--devices", help="Lightning devices (a number or 'auto').")]
-Strategy = Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto, ddp, fsdp.")]
-Precision = Annotated[str, typer.Option("--precision", help="Lightning precision: 32-true, bf16-mixed, 16-mixed.")]
+_LIGHTNING = "loraplex.training:LightningSettings"
+Devices = Annotated[str, field_option(f"{_LIGHTNING}.devices", "--devices")]
+Strategy = Annotated[str, field_option(f"{_LIGHTNING}.strategy", "--strategy")]
+Precision = Annotated[str, field_option(f"{_LIGHTNING}.precision", "--precision")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
@@ -34,6 +98,13 @@ def settings(home: Optional[Path]):
     from loraplex.settings import Settings
 
     return Settings.load(home=home)
+
+
+def parse_list(value: str | None) -> list[str]:
+    """`a,b, c` -> ["a", "b", "c"] (for comma-separated options)."""
+    if not value:
+        return []
+    return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

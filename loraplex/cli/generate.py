@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Home, Json, Quiet, parse_sets, settings
+from loraplex.cli._options import Home, Json, Quiet, parse_list, parse_sets, settings
 
 app = typer.Typer(help="Generate adapters for new tasks from a description (SG-LoRA) or a few examples (ICM-LoRA).",
                   no_args_is_help=True)
@@ -27,7 +27,7 @@ def fit(
     """Fit a generator on registered adapters (and their training snapshots) and store it in the registry."""
     from loraplex import api
 
-    res = api.fit_generator(name, method=method, adapters=api.parse_list(adapters) or None, config=parse_sets(set_),
+    res = api.fit_generator(name, method=method, adapters=parse_list(adapters) or None, config=parse_sets(set_),
                             progress=not quiet and not json, settings=settings(home))
     if json:
         out.emit_json(res)

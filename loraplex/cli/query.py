@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, parse_sets, settings
+from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, settings
 
 
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
@@ -67,7 +67,7 @@ def query(
 
         raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
                              "options it was fitted with")
-    res = api.query(queries, router=router, adapters=api.parse_list(adapters) or None, trace=trace or json, base=base,
+    res = api.query(queries, router=router, adapters=parse_list(adapters) or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home))
     if json:
         items = [{"query": r["query"], "task": r["task"], "answer": r["answer"], "adapters": r["adapters"],

@@ -7,7 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Devices, Home, Json, Precision, Quiet, Strategy, parse_sets, settings
+from loraplex.cli._options import (
+    Base, Devices, Home, Json, Precision, Quiet, Strategy, field_option, parse_list, parse_sets, settings,
+)
+
+_TRAIN = "loraplex.training:TrainConfig"
 
 app = typer.Typer(help="Fit, evaluate and manage the routers that compose adapters at run time.", no_args_is_help=True)
 
@@ -22,16 +26,16 @@ def fit(
     router: Annotated[str, typer.Option("--router", help="Router method: token-gate, mixer or rank.")],
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated registered adapters to route over.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks, one per adapter (default: each adapter's own task); with no adapters, the tasks a joint router learns.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 200,
+    steps: Annotated[int, field_option(f"{_TRAIN}.steps", "--steps")] = 200,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts (ranks, for rank) selected per token.")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="Train the experts with the router (mixer, rank).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Router option key=value (repeatable), e.g. temperature=2.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-2,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
+    lr: Annotated[float, field_option(f"{_TRAIN}.lr", "--lr")] = 1e-2,
+    batch_size: Annotated[int, field_option(f"{_TRAIN}.batch_size", "--batch-size")] = 16,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Training examples per task (default: as many as the smallest task has, so tasks are balanced).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the evaluation after fitting.")] = 200,
     val_limit: Annotated[int, typer.Option("--val-limit", help="Validation examples (all tasks together) checked during training.")] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    seed: Annotated[int, field_option(f"{_TRAIN}.seed", "--seed")] = 0,
     base: Base = None,
     devices: Devices = "1",
     strategy: Strategy = "auto",
@@ -49,7 +53,7 @@ def fit(
     if joint:
         cfg["joint"] = True
     res = api.fit_router(
-        name, router=router, adapters=api.parse_list(adapters), tasks=api.parse_list(tasks) or None, base=base,
+        name, router=router, adapters=parse_list(adapters), tasks=parse_list(tasks) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
         train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
@@ -85,7 +89,7 @@ def eval_(
     """Routing accuracy and the routed model's accuracy next to each adapter used alone on its task."""
     from loraplex import api
 
-    res = api.evaluate_router(name, tasks=api.parse_list(tasks) or None, split=split, limit=limit, settings=settings(home))
+    res = api.evaluate_router(name, tasks=parse_list(tasks) or None, split=split, limit=limit, settings=settings(home))
     if json:
         out.emit_json(res)
         return

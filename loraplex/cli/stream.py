@@ -8,7 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, Quiet, settings
+from loraplex.cli._options import Base, Home, Json, Quiet, field_option, parse_list, settings
+
+_TRAINER = "loraplex.continual.spec:TrainerSettings"
 
 app = typer.Typer(help="Continual learning: run a stream of tasks (O-LoRA, replay, multitask) and report on it.",
                   no_args_is_help=True)
@@ -106,9 +108,9 @@ def forget(
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="The composition (comma-separated adapter names); default: the latest one recorded.")] = None,
     base: Base = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name for the forgetting adapter.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
-    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the before/after accuracies.")] = 300,
+    steps: Annotated[int, field_option(f"{_TRAINER}.steps", "--steps")] = 100,
+    lr: Annotated[float, field_option(f"{_TRAINER}.lr", "--lr")] = 2e-3,
+    eval_limit: Annotated[int, field_option(f"{_TRAINER}.eval_limit", "--eval-limit")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     quiet: Quiet = False,
     home: Home = None,
@@ -117,7 +119,7 @@ def forget(
     """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
     from loraplex import api
 
-    res = api.forget(task, labels=api.parse_list(labels), adapters=api.parse_list(adapters), base=base, name=name,
+    res = api.forget(task, labels=parse_list(labels), adapters=parse_list(adapters), base=base, name=name,
                      steps=steps, lr=lr, eval_limit=eval_limit, seed=seed, progress=not quiet and not json,
                      settings=settings(home))
     if json:

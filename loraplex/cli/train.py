@@ -7,21 +7,26 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Description, Devices, Home, Json, Precision, Quiet, Strategy, Task, settings
+from loraplex.cli._options import (
+    Base, Description, Devices, Home, Json, Precision, Quiet, Strategy, Task, field_option, parse_list, settings,
+)
+
+_TRAIN = "loraplex.training:TrainConfig"
+_LORA = "loraplex.continual.spec:LoraSettings"
 
 
 def train(
     task: Annotated[str, typer.Argument(help="An embedded task name, or a .jsonl/.csv file with text and label columns.")],
     name: Annotated[str, typer.Option("--name", help="Name to register the trained adapter under.")],
     base: Annotated[str, typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory.")] = "minilm",
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated module name suffixes (default: attention projections).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Train on the first N examples only.")] = None,
+    rank: Annotated[int, field_option(f"{_LORA}.rank", "--rank")] = 8,
+    alpha: Annotated[Optional[float], field_option(f"{_LORA}.alpha", "--alpha")] = None,
+    targets: Annotated[Optional[str], field_option(f"{_LORA}.targets", "--targets", syntax="comma-separated")] = None,
+    steps: Annotated[int, field_option(f"{_TRAIN}.steps", "--steps")] = 100,
+    lr: Annotated[float, field_option(f"{_TRAIN}.lr", "--lr")] = 2e-3,
+    batch_size: Annotated[int, field_option(f"{_TRAIN}.batch_size", "--batch-size")] = 16,
+    seed: Annotated[int, field_option(f"{_TRAIN}.seed", "--seed")] = 0,
+    train_limit: Annotated[Optional[int], field_option(f"{_TRAIN}.train_limit", "--train-limit")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Evaluate the bare base and the adapter on the first N test examples only (default: the whole test split).")] = None,
     description: Description = None,
     devices: Devices = "1",
@@ -35,7 +40,7 @@ def train(
     from loraplex import api
 
     res = api.train(
-        task, name=name, base=base, rank=rank, alpha=alpha, targets=api.parse_list(targets), description=description,
+        task, name=name, base=base, rank=rank, alpha=alpha, targets=parse_list(targets), description=description,
         eval_limit=eval_limit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
         devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
         progress=not quiet and not json, settings=settings(home),

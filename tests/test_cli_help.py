@@ -1,0 +1,91 @@
+"""The help of an option that sets a config field is the field's docstring, as pydantic reads it.
+
+The CLI reads the docstrings from the config modules' source (cli/_options.field_doc) so that it
+imports neither torch nor lightning; pydantic reads them with `use_attribute_docstrings`. The two must
+agree for every option built by `field_option`, in every command that has it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.core import TyperOption
+
+from loraplex.cli import _options, app
+from loraplex.continual.spec import LoraSettings, TrainerSettings
+from loraplex.training import LightningSettings, TrainConfig
+
+# (command path, option) -> (config, field): every option whose help comes from a field's docstring.
+MAPPED = {
+    ("train", "--rank"): (LoraSettings, "rank"),
+    ("train", "--alpha"): (LoraSettings, "alpha"),
+    ("train", "--targets"): (LoraSettings, "targets"),
+    ("train", "--steps"): (TrainConfig, "steps"),
+    ("train", "--lr"): (TrainConfig, "lr"),
+    ("train", "--batch-size"): (TrainConfig, "batch_size"),
+    ("train", "--seed"): (TrainConfig, "seed"),
+    ("train", "--train-limit"): (TrainConfig, "train_limit"),
+    ("train", "--devices"): (LightningSettings, "devices"),
+    ("train", "--strategy"): (LightningSettings, "strategy"),
+    ("train", "--precision"): (LightningSettings, "precision"),
+    ("router fit", "--steps"): (TrainConfig, "steps"),
+    ("router fit", "--lr"): (TrainConfig, "lr"),
+    ("router fit", "--batch-size"): (TrainConfig, "batch_size"),
+    ("router fit", "--seed"): (TrainConfig, "seed"),
+    ("router fit", "--devices"): (LightningSettings, "devices"),
+    ("router fit", "--strategy"): (LightningSettings, "strategy"),
+    ("router fit", "--precision"): (LightningSettings, "precision"),
+    ("forget", "--steps"): (TrainerSettings, "steps"),
+    ("forget", "--lr"): (TrainerSettings, "lr"),
+    ("forget", "--eval-limit"): (TrainerSettings, "eval_limit"),
+}
+SYNTAX = {("train", "--targets"): "comma-separated"}
+
+
+def _command(path: str):
+    cmd = typer.main.get_command(app)
+    for word in path.split():
+        cmd = cmd.commands[word]
+    return cmd
+
+
+def _option(path: str, name: str) -> TyperOption:
+    return next(p for p in _command(path).params if isinstance(p, TyperOption) and name in p.opts)
+
+
+@pytest.mark.parametrize(("where", "config_field"), list(MAPPED.items()), ids=[" ".join(w) for w in MAPPED])
+def test_option_help_is_the_field_docstring(where, config_field):
+    config, field = config_field
+    doc = config.model_fields[field].description
+    assert doc, f"{config.__name__}.{field} has no docstring"
+    syntax = SYNTAX.get(where)
+    assert _option(*where).help == (f"{doc} ({syntax})" if syntax else doc)
+
+
+def test_every_field_option_is_checked():
+    """Each option built from a field is in MAPPED (with that field), so none escapes the check above."""
+    refs = {f"{c.__module__}:{c.__name__}.{f}" for c, f in MAPPED.values()}
+    assert _options.FIELD_OPTIONS
+    for name, ref in _options.FIELD_OPTIONS:
+        assert ref in refs, f"{name} ({ref}) is not in MAPPED"
+    built = {(name, ref) for name, ref in _options.FIELD_OPTIONS}
+    for (_, name), (c, f) in MAPPED.items():
+        assert (name, f"{c.__module__}:{c.__name__}.{f}") in built
+
+
+def test_field_doc_reads_inherited_fields_and_refuses_missing_ones():
+    assert _options.field_doc("loraplex.training:TrainConfig.devices") == LightningSettings.model_fields[
+        "devices"].description
+    with pytest.raises(LookupError):
+        _options.field_doc("loraplex.training:TrainConfig.no_such_field")
+
+
+def test_cli_start_up_imports_no_heavy_module():
+    """Reading the docstrings for the help imports none of the config modules (nor torch, lightning)."""
+    code = ("import sys, loraplex.cli; heavy = [m for m in ('torch', 'lightning', 'transformers', 'peft', "
+            "'loraplex.training', 'loraplex.continual.spec') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
