@@ -160,14 +160,16 @@ def fit_generator(name: str, *, method: str, adapters: Sequence[str] | None = No
 
 
 def generate_adapter(description: str, *, generator: str, name: str, examples: str | Path | None = None,
-                     seed: int = 0, settings: Settings | None = None) -> dict[str, Any]:
-    """Write an adapter for a new task with a stored generator and register it (origin "generated")."""
+                     seed: int = 0, refine_steps: int = 0, settings: Settings | None = None) -> dict[str, Any]:
+    """Write an adapter for a new task with a stored generator and register it (origin "generated");
+    `refine_steps` > 0 refines it on the labelled examples (generators/refine.py)."""
     from loraplex.generators import workflow
     from loraplex.generators.icm_lora import read_examples
 
     s = _settings(settings)
     rows = read_examples(examples) if examples is not None else []
-    return workflow.generate(open_registry(s), s, description, generator=generator, name=name, examples=rows, seed=seed)
+    return workflow.generate(open_registry(s), s, description, generator=generator, name=name, examples=rows, seed=seed,
+                             refine_steps=refine_steps)
 
 
 def list_generators(settings: Settings | None = None) -> list[dict[str, Any]]:
