@@ -5,9 +5,12 @@
     python bench/routing.py --part hetero     # heterogeneous batch vs peft's mixed-batch inference
     python bench/routing.py --part quality    # routing / routed / oracle accuracy of every router
 
-1. speed: token-gate (k=2) forward with E = 8 and 32 random rank-8 adapters on the attention
-   projections, batch 16 x 128 tokens, on minilm and on a Llama-shaped model (SmolLM2-135M's layer
-   geometry: d=576, 9 heads, 3 KV heads, FFN 1536; 6 layers, no LM head). Times relative to the base
+1. speed: token-gate (k=2) forward with E = 8, 32, 128 and 512 random rank-8 adapters on the default
+   target projections, batch 16 x 128 tokens, on minilm and on a Llama-shaped model (SmolLM2-135M's layer
+   geometry: d=576, 9 heads, 3 KV heads, FFN 1536; 6 layers, no LM head). Each (model, E) runs in a
+   child process of its own (its peak RSS is reported; one process for the whole sweep grew past 24 GB
+   with every configuration's models and freed heap in it). `--gate shared` gives one gate per layer
+   input, `--gate-rank r` factorises the gate (router/token_gate.py). Times relative to the base
    with one merged adapter (plain LoRA inference cost), to one unmerged LoRA, and to a naive loop over
    experts (Mixtral-style: each expert gathers its tokens, computes, scatters back), which lives here,
    not in the library. Variants are timed round-robin so machine load hits them alike.
