@@ -139,13 +139,14 @@ def make_generator(entry, cfg, ctx, reps):
     return gen
 
 
-def run_task(t, full, gens, ev, loaded, emb, k, hub_n, log=print):
+def run_task(t, full, gens, ev, loaded, emb, k, hub_n, refine_steps=0, refine_lr=0.2, log=print):
     """One held-out task's row of accuracies (and what each method chose)."""
     import torch
 
     from loraplex.data import load_task
     from loraplex.generators.base import OutOfRange, Query
     from loraplex.generators.icm_lora import task_examples
+    from loraplex.generators.refine import RefineConfig
 
     task = load_task(t)
     me = adapter_name(t)
@@ -175,16 +176,31 @@ def run_task(t, full, gens, ev, loaded, emb, k, hub_n, log=print):
             out = gen.generate(Query(task.description, examples if m == "icm-lora" else ()), seed=0)
         except OutOfRange as exc:
             row[m], row[f"{m}_refused"] = row["base"], str(exc)
+            if refine_steps:
+                row[f"{m}+refine"] = row["base"]
             continue
         row[m] = ev(out.adapter, task)
         row[f"{m}_seconds"] = round(out.seconds, 3)
         row[f"{m}_distance"] = round(out.distance, 4)
         row[f"{m}_parents"] = [f"{p['name']}:{p['weight']:.2f}" for p in out.parents]
+        if refine_steps:  # the same sample, then refined on the 16 labelled examples LoraHub sees
+            ref = gen.generate(Query(task.description, examples, task=task), seed=0,
+                               refine=RefineConfig(steps=refine_steps, lr=refine_lr))
+            row[f"{m}+refine"] = ev(ref.adapter, task)
+            row[f"{m}+refine_seconds"] = round(ref.seconds, 3)
+            row[f"{m}+refine_loss"] = ref.extra["refine"]
     return row
 
 
 COLS = (("base", "base"), ("nearest_acc", "nearest"), ("average", "avg-K"), ("lorahub", "lorahub"),
         ("sg-lora", "sg-lora"), ("icm-lora", "icm-lora"), ("oracle", "oracle"))
+REFINED = (("sg-lora+refine", "sg+ref"), ("icm-lora+refine", "icm+ref"))
+
+
+def columns(rows):
+    """The table's columns: the refined generators' too when every row has them."""
+    extra = tuple(c for c in REFINED if all(c[0] in r for r in rows))
+    return COLS[:-1] + extra + COLS[-1:]
 
 
 def recovered(r, col):
@@ -196,12 +212,13 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
     lines = []
     gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
     fams = sorted({r["family"] for r in rows})
-    rec_cols = [c for c in COLS if c[0] not in ("base", "oracle")]
+    cols = columns(rows)
+    rec_cols = [c for c in cols if c[0] not in ("base", "oracle")]
     lines.append(f"== accuracy on the test split, mean per family (K={k} for avg-K, {hub_n} LoraHub candidates) ==")
-    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>10}" for _, h in COLS))
+    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>10}" for _, h in cols))
     for f in fams + ["all"]:
         rs = [r for r in rows if f in ("all", r["family"])]
-        lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(r[c] for r in rs):>10.3f}" for c, _ in COLS))
+        lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(r[c] for r in rs):>10.3f}" for c, _ in cols))
     lines.append("")
     lines.append(f"== gain recovered, (acc - base) / (oracle - base), over tasks where the oracle gains >= "
                  f"{100 * min_gain:.0f} points ({len(gaining)} of {len(rows)}) ==")
@@ -213,10 +230,10 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
                                                          for c, _ in rec_cols))
     lines.append("")
     lines.append("== per task: accuracy (refusals counted as the base) ==")
-    lines.append(f"{'task':<30}{'family':<18}" + "".join(f"{h:>10}" for _, h in COLS) + "  sg parents / refusal")
+    lines.append(f"{'task':<30}{'family':<18}" + "".join(f"{h:>10}" for _, h in cols) + "  sg parents / refusal")
     for r in rows:
         sg = "refused" if "sg-lora_refused" in r else ", ".join(r.get("sg-lora_parents", []))
-        lines.append(f"{r['task']:<30}{r['family']:<18}" + "".join(f"{r[c]:>10.3f}" for c, _ in COLS) + f"  {sg}")
+        lines.append(f"{r['task']:<30}{r['family']:<18}" + "".join(f"{r[c]:>10.3f}" for c, _ in cols) + f"  {sg}")
     return lines
 
 
@@ -267,6 +284,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3, help="K for the average of the K nearest adapters")
     ap.add_argument("--hub-candidates", type=int, default=8, help="LoraHub's candidate adapters (nearest by description)")
     ap.add_argument("--min-gain", type=float, default=0.05, help="tasks counted in gain recovered: oracle - base >= this")
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="also refine each generated adapter on the 16 examples this many steps (generators/refine.py)")
+    ap.add_argument("--refine-lr", type=float, default=0.2, help="the refinement's learning rate")
     ap.add_argument("--no-timing", action="store_true", help="skip the training-vs-generation timing and refusals")
     ap.add_argument("--train-steps", type=int, default=50, help="steps of the timed training (the library build's --steps)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library-generators.json")
@@ -296,10 +316,10 @@ def main(argv=None) -> int:
     bar = tqdm(held, unit="task", dynamic_ncols=True)
     for t in bar:
         bar.set_description(t)
-        row = run_task(t, full, gens, ev, loaded, emb, args.k, args.hub_candidates)
+        row = run_task(t, full, gens, ev, loaded, emb, args.k, args.hub_candidates, args.refine_steps, args.refine_lr)
         row["family"] = EMBEDDED_TASKS[t]["family"]
         rows[t] = row
-        tqdm.write(" ".join(f"{c}={row[c]:.3f}" for c, _ in COLS) + f"  {t}")
+        tqdm.write(" ".join(f"{c}={row[c]:.3f}" for c, _ in columns([row])) + f"  {t}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     done = [rows[t] for t in held]

@@ -174,7 +174,7 @@ class SavedBytes:
 
 
 def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8,
-                shared: bool = False) -> None:
+                shared: bool = False, header: bool = True, gate_rank: int | None = None) -> dict:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
     dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
     training: gates and the input embeddings take gradients, the adapters are frozen), with the activation
@@ -191,11 +191,9 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
 
     s = Settings.load(device="cpu", dtype="float32")
     heap = "heap kept (loraplex/allocator.py)" if keep_heap() else "system allocator"
-    gate = "one gate per layer input (shared)" if shared else "a gate per projection"
-    print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {torch.get_num_threads()} threads, {heap}; "
-          f"ratios against the base with one merged adapter; mem = MiB saved for backward ==")
-    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
-          f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
+    gate = gate_words(shared, gate_rank)
+    if header:
+        speed_header(gate, heap, torch.get_num_threads())
     summary = {}
     for model_name in models:
         if model_name == "minilm":
@@ -221,7 +219,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
             for p in (q for layer in routed_layers(routed).values() for q in layer.bank.parameters()):
                 p.requires_grad_(False)  # router training: adapters frozen
             routed.get_input_embeddings().weight.requires_grad_(True)
-            router = ROUTERS.build("token-gate", {"top_k": 2, "init_std": 1.0, "shared": shared})
+            router = ROUTERS.build("token-gate", {"top_k": 2, "init_std": 1.0, "shared": shared, "gate_rank": gate_rank})
             router.attach(routed)
             routed.eval()
             banks = {n: layer.bank for n, layer in routed_layers(routed).items()}
@@ -269,6 +267,55 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 summary[(model_name, E, label)] = t["sparse"] / tb, t["sparse"]
             set_dispatch(routed, "auto")
             del routed, banks, loops
+    return summary
+
+
+def gate_words(shared: bool, gate_rank: int | None) -> str:
+    gate = "one gate per layer input (shared)" if shared else "a gate per projection"
+    return gate + (f", factorised at rank {gate_rank}" if gate_rank else ", full rank")
+
+
+def speed_header(gate: str, heap: str, threads: int) -> None:
+    print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {threads} threads, {heap}; "
+          f"ratios against the base with one merged adapter; mem = MiB saved for backward; each (model, E) in "
+          f"its own process, peak RSS = that process's high-water mark ==")
+    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
+          f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
+
+
+def bench_speed_isolated(rounds: int, experts, models, shared: bool, gate_rank: int | None = None) -> None:
+    """Each (model, E) configuration in a fresh child process (this script with --child), so one
+    configuration's banks and freed heap never weigh on the next and each row's peak RSS is its own;
+    the goals are read from the children's summaries."""
+    import json
+    import subprocess
+
+    import torch
+
+    from loraplex.allocator import keep_heap
+
+    heap = "heap kept (loraplex/allocator.py)" if keep_heap() else "system allocator"
+    speed_header(gate_words(shared, gate_rank), heap, torch.get_num_threads())
+    summary = {}
+    for model_name in models:
+        for E in experts:
+            cmd = [sys.executable, __file__, "--part", "speed", "--child", "--rounds", str(rounds), "--models", model_name,
+                   "--experts", str(E), "--gate", "shared" if shared else "per-projection"]
+            cmd += ["--gate-rank", str(gate_rank)] if gate_rank else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            for line in proc.stdout.splitlines():
+                if line.startswith("SUMMARY "):
+                    got = json.loads(line[len("SUMMARY "):])
+                    summary.update({(m, int(e), lab): tuple(v) for m, e, lab, v in got["rows"]})
+                    print(f"{model_name:7} {E:>4} peak RSS {got['peak_rss_mib']:,.0f} MiB", flush=True)
+                else:
+                    print(line, flush=True)
+            if proc.returncode != 0:
+                print(f"{model_name:7} {E:>4} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+    print_speed_goals(summary, experts, models)
+
+
+def print_speed_goals(summary: dict, experts, models) -> None:
     for model_name in models:
         for label in ("fwd", "fwd+bwd"):
             r = {E: summary[(model_name, E, label)] for E in experts if (model_name, E, label) in summary}
@@ -426,10 +473,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="router training steps (quality)")
     ap.add_argument("--lr", type=float, default=1e-2, help="router learning rate (quality)")
     ap.add_argument("--eval-limit", type=int, default=300, help="test examples per task (quality; 0 = all)")
+    ap.add_argument("--gate-rank", type=int, default=None, help="factorise the token gate at this rank (speed)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one (model, E) of the speed part
     a = ap.parse_args()
+    experts, models = tuple(int(e) for e in a.experts.split(",")), tuple(a.models.split(","))
+    if a.child:
+        import json
+        import resource
+
+        summary = bench_speed(a.rounds, experts, models, shared=a.gate == "shared", header=False, gate_rank=a.gate_rank)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print("SUMMARY " + json.dumps({"rows": [[m, e, lab, list(v)] for (m, e, lab), v in summary.items()],
+                                       "peak_rss_mib": peak}), flush=True)
+        return
     if a.part in ("speed", "all"):
-        bench_speed(a.rounds, tuple(int(e) for e in a.experts.split(",")), tuple(a.models.split(",")),
-                    shared=a.gate == "shared")
+        bench_speed_isolated(a.rounds, experts, models, shared=a.gate == "shared", gate_rank=a.gate_rank)
     if a.part in ("hetero", "all"):
         bench_hetero(a.rounds)
     if a.part in ("quality", "all"):

@@ -35,7 +35,10 @@ from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
 from loraplex.generators.layout import ParamLayout
+from loraplex.generators.refine import RefineConfig, examples_task, refine as refine_coords
 from loraplex.generators.space import ParamSpace
+from loraplex.heads import head_for
+from loraplex.tasks import Task
 
 GENERATORS: Catalog["CVAEGenerator"] = Catalog(
     "generator", modules=["loraplex.generators.sg_lora", "loraplex.generators.icm_lora"])
@@ -108,10 +111,14 @@ class TrainingSet:
 
 @dataclass
 class Query:
-    """The new task: its description and, for ICM-LoRA, a few examples (text, label or None)."""
+    """The new task: its description and, for ICM-LoRA (and refinement), a few examples (text, label or None).
+
+    `task`: the label set and label texts the examples answer, when known (refinement scores the labels
+    through their texts); otherwise the labels of the examples themselves (`refine.examples_task`)."""
 
     description: str
     examples: Sequence[tuple[str, str | None]] = ()
+    task: Task | None = None
 
 
 @dataclass
@@ -256,8 +263,12 @@ class CVAEGenerator:
         self.cvae.eval()
 
     # ---- generating --------------------------------------------------------------------------
-    def generate(self, query: Query, *, seed: int = 0, where: str = "generator") -> Generation:
-        """Sample an adapter for a new task (deterministic for a given seed)."""
+    def generate(self, query: Query, *, seed: int = 0, where: str = "generator",
+                 refine: RefineConfig | None = None) -> Generation:
+        """Sample an adapter for a new task (deterministic for a given seed); with `refine` (steps > 0), the
+        sample is then refined on the query's labelled examples (refine.py)."""
+        if refine is not None and refine.steps > 0 and not query.examples:
+            raise UserInputError("refining a generated adapter needs labelled examples of the task (--examples FILE)")
         cfg = self.config
         t0 = time.perf_counter()
         rep = self.represent_query(query).float().reshape(1, -1)  # (1, D)
@@ -276,12 +287,20 @@ class CVAEGenerator:
             z = mu + cfg.sample_scale * std * torch.randn(mu.shape, generator=gen)  # (Z,)
             c = self.cvae.condition(self._cond_rep(rep, weights), weights, torch.ones(1))  # (1, C)
             x = self.cvae.decode(z.unsqueeze(0), c)  # (1, m)
+        extra: dict[str, Any] = {"seed": int(seed)}
+        if refine is not None and refine.steps > 0:
+            task = examples_task(query.description, query.examples, like=query.task)
+            base = self.ctx.base()
+            xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine)
+            x = xr.unsqueeze(0)
+            extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info}
+        with torch.no_grad():
             theta = self.space.decode(x)[0]  # (P,)
         adapter = self.data.layout.unflatten(theta)
         order = torch.argsort(sims[0], descending=True)[: min(cfg.top_k, len(self.data.members))]
         parents = [{"name": self.data.members[int(i)], "similarity": round(float(sims[0, i]), 4),
                     "weight": round(float(weights[0, i]), 4)} for i in order]
-        return Generation(adapter, parents, distance, time.perf_counter() - t0, {"seed": int(seed)})
+        return Generation(adapter, parents, distance, time.perf_counter() - t0, extra)
 
     def _member_posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | x_j, c_j) of each member's final adapter: mu, logvar (N, Z)."""

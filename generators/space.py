@@ -95,6 +95,10 @@ class ParamSpace:
         return cls(layout, mean, sigma.to(torch.float64), mix.to(torch.float64), float(kappa), basis, coords.float())
 
     # ---- the maps ----------------------------------------------------------------------------
+    def param_scale(self) -> torch.Tensor:
+        """(P,) float64: each parameter's tensor scale sigma_g (decode multiplies by it)."""
+        return _group_scale(self.layout, self.sigma)
+
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
         """(B, P) parameter vectors -> (B, m) coordinates."""
         X = (vectors.to(torch.float64) - self.mean) / _group_scale(self.layout, self.sigma)

@@ -27,6 +27,7 @@ from loraplex.data import read_rows
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
+from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 
@@ -145,14 +146,21 @@ def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
 
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = False,
-             max_distance: float | None = None) -> dict[str, Any]:
+             max_distance: float | None = None, refine_steps: int = 0) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
 
     With `label_task`, the adapter records the task of its most similar parent (that has one) as the
     task whose label set it answers with (`auto` does this: a request carries no label set); otherwise
     it records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
-    the one fitted for request texts, which sit farther from task descriptions than descriptions do)."""
+    the one fitted for request texts, which sit farther from task descriptions than descriptions do).
+    `refine_steps` > 0 refines the sample on the labelled examples (refine.py); the labels are checked
+    before the generator is loaded."""
     validate_name(name)
+    refine = refine_config(steps=refine_steps) if refine_steps else None  # a bad value is refused here, by field
+    if refine is not None:
+        if not examples:
+            raise UserInputError("--refine-steps refines the adapter on labelled examples of the task: pass --examples FILE")
+        examples_task(description, examples)
     if not description or not description.strip():
         raise UserInputError("a description of the task is required: it is what the adapter is generated from")
     if reg.has_adapter(name):
@@ -160,7 +168,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     rec, gen = load(reg, settings, generator)
     if max_distance is not None:
         gen.config = gen.config.model_copy(update={"max_distance": float(max_distance)})
-    out = gen.generate(Query(description.strip(), list(examples)), seed=seed, where=f"generator {generator!r}")
+    out = gen.generate(Query(description.strip(), list(examples)), seed=seed, where=f"generator {generator!r}", refine=refine)
     member = reg.get_adapter(rec.members[0])
     parents = out.parents
     task, extra = None, {}
@@ -174,7 +182,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     draft = AdapterDraft(
         name=name, base=member.base, base_sha=member.base_sha, family=member.family,
         description=description.strip(), task=task, origin="generated", spec=out.adapter.spec,
-        metrics={"generate_seconds": round(out.seconds, 4), "distance": round(out.distance, 4)},
+        metrics={"generate_seconds": round(out.seconds, 4), "distance": round(out.distance, 4),
+                 **({"refine": out.extra["refine"]} if "refine" in out.extra else {})},
         extra={"generator": generator, "method": rec.method, "parents": parents, "seed": int(seed),
                "examples": len(examples), **extra},
         edges=tuple(Edge.to_adapter(p["name"], "generated-from") for p in parents),
@@ -184,7 +193,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name)
     return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
             "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,
-            "base": new.base, "seed": int(seed)}
+            "base": new.base, "seed": int(seed), **({"refine": out.extra["refine"]} if "refine" in out.extra else {})}
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
@@ -208,7 +217,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
 def generate_from_file(reg, settings, description: str, *, generator: str, name: str,
                        examples: str | Path | None = None, **options: Any) -> dict[str, Any]:
     """`generate`, its examples read from a .jsonl/.csv file (`read_examples`), before anything else is
-    checked, so a bad file is named first. `options`: generate's (seed, ...)."""
+    checked, so a bad file is named first. `options`: generate's (seed, refine_steps, ...)."""
     rows = read_examples(examples) if examples is not None else []
     return generate(reg, settings, description, generator=generator, name=name, examples=rows, **options)
 

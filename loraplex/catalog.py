@@ -43,12 +43,13 @@ class Entry(Generic[T]):
         try:
             return self.config_cls(**dict(config or {}))
         except ValidationError as exc:
-            raise InvalidSpec(f"invalid configuration for {self.name}: {_first_error(exc)}") from None
+            raise InvalidSpec(f"invalid configuration for {self.name}: {first_error(exc)}") from None
         except TypeError as exc:
             raise InvalidSpec(f"invalid configuration for {self.name}: {exc}") from None
 
 
-def _first_error(exc: Any) -> str:
+def first_error(exc: Any) -> str:
+    """A pydantic ValidationError's first error as `field: message` (one line)."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "value"
     msg = err.get("msg", "invalid")

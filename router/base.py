@@ -189,7 +189,9 @@ class LearnedRouter:
         return None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{k}": v.detach().cpu() for name, g in sorted(self.gates.items())
+        """Every gate's tensors under its projection's name; a gate shared by several projections is
+        stored once per projection (copies: safetensors refuses tensors that share memory)."""
+        return {f"{name}.{k}": v.detach().cpu().clone() for name, g in sorted(self.gates.items())
                 for k, v in g.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -131,9 +131,10 @@ def _gate_weights(gate_t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class _Shape:
     """Stands in for a RoutedLinear when a gate is rebuilt from stored tensors (full expert count)."""
 
-    def __init__(self, d_in: int, n_experts: int, rank: int, valid: torch.Tensor | None):
+    def __init__(self, name: str, d_in: int, n_experts: int, rank: int, valid: torch.Tensor | None):
         from types import SimpleNamespace
 
+        self.name = name  # the projection's name (a shared gate is keyed by its parent module)
         mask = valid.float() if valid is not None else torch.ones(n_experts * rank)
         self.bank = SimpleNamespace(d_in=d_in, n_experts=n_experts, rank=rank, rank_mask=mask)
 
@@ -147,7 +148,8 @@ def _build_gates(router, model, gate_t: dict[str, torch.Tensor], n_full: int) ->
         raise IntegrityError(f"router weights and adapters disagree on projection {odd!r}")
     for name, w in weights.items():
         E, R = router.stored_shape(int(w.shape[0]), n_full)
-        g = router.make_gate(_Shape(int(w.shape[1]), E, R, gate_t.get(f"{name}.valid")))
+        d_in = int(gate_t.get(f"{name}.down", w).shape[1])  # a factorised gate's input width is its down factor's
+        g = router.make_gate(_Shape(name, d_in, E, R, gate_t.get(f"{name}.valid")))
         router.gates[name] = g.to(layers[name].bank.A.device)
 
 

@@ -23,6 +23,14 @@ token's task, averaged over tokens and gates:
 Here each training row is labelled with its task (ContinualModule calls `on_task_forward`); padding
 tokens are excluded through the attention mask. W_g starts at N(0, 0.02^2) (MeteoRA draws N(0, 1),
 which on 384-dim inputs gives near one-hot gates before any training).
+
+With hundreds of adapters the gate itself becomes the cost: at E = 512 a full W_g has as many
+multiply-adds per token as a 576 x 512 projection, so the gates of a Llama-shaped layer add about half
+of the layer's own arithmetic whatever the dispatch does (bench/routing.py --part speed).
+`gate_rank = r` factorises W_g = W_up W_down (W_down (r, d_in), W_up (E, r)), a low-rank gate, so a
+token costs (d_in + E) r instead of d_in E. This is loraplex's option, not MeteoRA's: it caps the
+logits at rank r, which is no limit when r is at least the number of tasks the router is trained on
+(the gate loss asks it to separate those tasks, not all E directions).
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class TokenGateConfig(BaseModel):
     """Standard deviation of the gates' initial weights."""
     shared: bool = False
     """One gate per layer input: projections of one module fed the same input (q, k, v) share a gate, evaluated once."""
+    gate_rank: int | None = Field(None, ge=1)
+    """Factorise each gate as W_g = W_up W_down with W_down (r, d_in), W_up (E, r): (d_in + E) r multiply-adds per
+    token instead of d_in E (None: MeteoRA's full (E, d_in) gate)."""
 
 
 class TokenGate(Gate):
@@ -62,7 +73,13 @@ class TokenGate(Gate):
     def __init__(self, ctx: RouteContext, d_in: int, n_experts: int, cfg: TokenGateConfig):
         super().__init__(ctx, n_experts, 1)
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.randn(n_experts, d_in) * cfg.init_std)  # (E, d_in)
+        r = cfg.gate_rank
+        if r is None:
+            self.down = None
+            self.weight = nn.Parameter(torch.randn(n_experts, d_in) * cfg.init_std)  # (E, d_in)
+        else:  # the logits keep the full gate's initial spread: Var(l) = d_in init_std^2 Var(h)
+            self.down = nn.Parameter(torch.randn(r, d_in) / d_in**0.5)  # (r, d_in)
+            self.weight = nn.Parameter(torch.randn(n_experts, r) * cfg.init_std * (d_in / r) ** 0.5)  # (E, r)
         self._last = None  # shared gates: (weakref to the last input, its version, its Routing)
 
     def forward(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
@@ -77,7 +94,10 @@ class TokenGate(Gate):
         return self._route(h)
 
     def _route(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in)
-        logits = F.linear(h.to(self.weight.dtype), self.weight)  # (B, T, E)
+        h = h.to(self.weight.dtype)
+        if self.down is not None:
+            h = F.linear(h, self.down)  # (B, T, r)
+        logits = F.linear(h, self.weight)  # (B, T, E)
         k = min(self.cfg.top_k, self.n_experts)
         top, idx = logits.topk(k, dim=-1)  # (B, T, K)
         w = torch.softmax(top / self.cfg.temperature, dim=-1)

@@ -16,6 +16,7 @@ from typer.core import TyperOption
 
 from loraplex.cli import _options, app
 from loraplex.continual.spec import LoraSettings, TrainerSettings
+from loraplex.generators.refine import RefineConfig
 from loraplex.training import LightningSettings, TrainConfig
 
 # (command path, option) -> (config, field): every option whose help comes from a field's docstring.
@@ -41,8 +42,10 @@ MAPPED = {
     ("forget", "--steps"): (TrainerSettings, "steps"),
     ("forget", "--lr"): (TrainerSettings, "lr"),
     ("forget", "--eval-limit"): (TrainerSettings, "eval_limit"),
+    ("generate adapter", "--refine-steps"): (RefineConfig, "steps"),
 }
-SYNTAX = {("train", "--targets"): "comma-separated"}
+SYNTAX = {("train", "--targets"): "comma-separated",
+          ("generate adapter", "--refine-steps"): "needs --examples with a label on each"}
 
 
 def _command(path: str):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Home, Json, Quiet, parse_list, parse_sets, settings
+from loraplex.cli._options import Home, Json, Quiet, field_option, parse_list, parse_sets, settings
 
 app = typer.Typer(help="Generate adapters for new tasks from a description (SG-LoRA) or a few examples (ICM-LoRA).",
                   no_args_is_help=True)
@@ -45,6 +45,8 @@ def adapter(
     name: Annotated[str, typer.Option("--name", help="Name to register the new adapter under.")],
     examples: Annotated[Optional[Path], typer.Option("--examples", help="A .jsonl/.csv file of examples (text, optional label): icm-lora reads them in context; for sg-lora they only set the adapter's data signature.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    refine_steps: Annotated[int, field_option("loraplex.generators.refine:RefineConfig.steps", "--refine-steps",
+                                              syntax="needs --examples with a label on each")] = 0,
     home: Home = None,
     json: Json = False,
 ) -> None:
@@ -52,12 +54,15 @@ def adapter(
     from loraplex import api
 
     res = api.generate_adapter(description, generator=generator, name=name, examples=examples, seed=seed,
-                               settings=settings(home))
+                               refine_steps=refine_steps, settings=settings(home))
     if json:
         out.emit_json(res)
         return
     out.line(f"generated {res['name']} with {res['generator']} ({res['method']}) in {res['seconds']:.2f}s "
              f"({res['params']:,} params on {res['base']}); nearest known task at cosine distance {res['distance']:.3f}")
+    if "refine" in res:
+        r = res["refine"]
+        out.line(f"refined on {r['examples']} labelled examples in {r['steps']} steps: loss {r['loss_before']:.3f} -> {r['loss_after']:.3f}")
     out.table(res["parents"], ["name", "similarity", "weight"], title="parents", headers=["parent", "similarity", "weight"])
 
 

@@ -186,3 +186,43 @@ def test_unknown_router_lists_the_known_ones():
 
     with pytest.raises(UnknownComponent, match="token-gate"):
         ROUTERS.get("gate-of-babel")
+
+
+def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
+    """token-gate with gate_rank: logits = W_up (W_down h), k non-zero gates, trainable factors, and the
+    stored factors rebuild the same router (also restricted to a permuted expert list)."""
+    from loraplex.errors import InvalidSpec
+    from loraplex.router.load import _build_gates
+
+    _, _, x = bert
+    m, router = _routed(bert, "token-gate", gate_rank=3, shared=True)
+    out, routings = _routings(m, x)
+    name, layer = next(iter(routed_layers(m).items()))
+    gate = router.gates[name]
+    assert gate.down.shape[0] == 3 and gate.weight.shape == (len(RANKS), 3)
+    for n, rt in routings.items():
+        assert int((rt.gates != 0).sum(-1).max()) == 2
+    m.train()
+    router.ctx.set_task("t1")
+    loss = m(**x).last_hidden_state.pow(2).mean() + sum(l.last_routing.aux_loss for l in routed_layers(m).values())
+    loss.backward()
+    assert gate.down.grad is not None and gate.down.grad.abs().sum() > 0 and gate.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        want = m(**x).last_hidden_state
+        h = torch.randn(2, 5, gate.down.shape[1])
+        torch.testing.assert_close(gate._route(h).logits, h @ gate.down.T @ gate.weight.T)
+    tensors = router.state_tensors()
+    assert f"{name}.down" in tensors
+    m2 = copy.deepcopy(bert[0])
+    order = [2, 0, 3, 1]
+    inject(m2, [_adapters(bert[0])[i] for i in order], rank=max(RANKS))
+    r2 = ROUTERS.build("token-gate", {"gate_rank": 3, "shared": True})
+    _build_gates(r2, m2, tensors, len(RANKS))
+    r2.load_tensors(tensors)
+    r2.keep_experts(order)
+    r2.attach(m2)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(**x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidSpec, match="gate_rank"):
+        ROUTERS.build("token-gate", {"gate_rank": 0})

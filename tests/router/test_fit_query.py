@@ -194,3 +194,17 @@ def test_mixer_joint_training_stores_its_experts(env):
     ev = json.loads(env("router", "eval", "mj", "--limit", 4, "--json").output)
     assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
     assert ev["routing_accuracy"] == pytest.approx(fit["metrics"]["routing_accuracy"], abs=1e-4)
+
+
+def test_a_shared_factorised_token_gate_is_stored_and_queried(env):
+    """One gate per layer input, factorised (gate_rank): fitted, stored, loaded back and queried."""
+    res = env("router", "fit", "tg-low", "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 20,
+              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--set", "shared=true",
+              "--set", "gate_rank=2", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    res = env("query", "flight plane delayed late gate", "--router", "tg-low", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["task"] in ("flights", "sports", "phones")
+    ev = env("router", "eval", "tg-low", "--limit", 4, "--json")
+    assert ev.exit_code == 0, ev.output
+    assert env("router", "remove", "tg-low").exit_code == 0
