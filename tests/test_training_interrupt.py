@@ -41,14 +41,14 @@ def test_sigterm_in_the_last_step_is_interrupted_too():
 
 
 def test_ctrl_c_is_interrupted_with_130_and_ctrl_c_works_again():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning leaves after a Ctrl-C
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning leaves after a Ctrl-C
     try:
         with pytest.raises(Interrupted) as err:
             fit(_Trainer(SystemExit(1)), None, [])
         assert err.value.signal == "SIGINT" and err.value.exit_code == 130
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_finished_fit_returns():
