@@ -168,7 +168,7 @@ def step_times(*, rounds: int, steps: int, log) -> dict[str, float]:
             teacher.record(head, lb.model, lb.tokenizer, old, tasks)
         train_only(lb.model, slot)
         regs = regs_for(lb)
-        ctx = ExperienceContext(n_slots, "forget" if forget else "learn", lb.model, slot, prev)
+        ctx = ExperienceContext(n_slots, lb.model, slot, prev)
         for r in regs:
             r.on_experience_start(ctx)
         module = ContinualModule(lb.model, lb.tokenizer, head, tasks, regularizers=regs, forgetting=objective,

@@ -6,13 +6,12 @@ replay, see `continual/replay.py`) go through a `DataLoader`, the `ContinualModu
 bar, CSV logs and checkpoints, `AdapterSnapshots` keeps a few intermediate states of the trained slot,
 and `StepTimer` (a logging callback) measures the wall time of each optimiser step.
 
-An interrupted fit (Ctrl-C) makes Lightning exit after its own clean-up; that is turned back into
-`Interrupted` here so the caller can say how to resume.
+An interrupted fit (Ctrl-C, SIGTERM) raises `Interrupted` (`loraplex.training.fit`: Lightning exits
+after its own clean-up), so the caller can say how to resume.
 """
 
 from __future__ import annotations
 
-import signal
 import statistics
 import time
 import warnings
@@ -25,8 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from loraplex.errors import Interrupted
-from loraplex.training import AdapterSnapshots, ContinualModule, TrainConfig, make_trainer
+from loraplex.training import AdapterSnapshots, ContinualModule, TrainConfig, fit, make_trainer
 
 
 class StepTimer(Callback):
@@ -108,13 +106,7 @@ def train_unit(
     t0 = time.perf_counter()
     model.train()
     try:
-        pl_trainer.fit(module, train_dataloaders=loader)
-    except SystemExit:
-        # Lightning handles Ctrl-C by cleaning up, ignoring further SIGINTs and calling sys.exit(1); it
-        # exits from fit for nothing else (a Ctrl-C during its set-up does not always mark the trainer
-        # `interrupted`, so the flag is not consulted).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise Interrupted("interrupted") from None
+        fit(pl_trainer, module, loader)
     finally:
         model.eval()
     seconds = time.perf_counter() - t0

@@ -38,6 +38,7 @@ from loraplex.training import (  # noqa: F401 (TrainConfig, rows_of, make_loader
     invalid_option,
     Row,
     TrainConfig,
+    fit,
     make_loader,
     last_metric,
     make_trainer,
@@ -69,9 +70,11 @@ def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Pat
     trainer = make_trainer(cfg, run_dir, callbacks=[snaps], device=base.settings.resolved_device())
     t0 = time.perf_counter()
     base.model.train()
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    try:
+        fit(trainer, module, train, val)  # Ctrl-C, SIGTERM: Interrupted, and nothing is registered
+    finally:
+        base.model.eval()
     seconds = time.perf_counter() - t0
-    base.model.eval()
     with torch.no_grad():
         adapter = extract(base.model, spec, 0)
     metrics = {

@@ -180,7 +180,7 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
                             batch_size=trainer.batch_size, mix=1.0 - forgetter.config.forget_share,
                             rng=np.random.default_rng([seed, 1]))
     regs = forgetter.regularizers(fingerprint.model_type)
-    ctx = ExperienceContext(index=index, kind="forget", model=model, slot=slot, tasks=[task.name])
+    ctx = ExperienceContext(index=index, model=model, slot=slot)
     for r in regs:
         r.on_experience_start(ctx)
     outcome = train_unit(model=model, tokenizer=tokenizer, head=head, tasks=tasks, batches=batches,

@@ -88,7 +88,8 @@ def run_stream(
     progress: bool = True,
     on_unit: Callable[[dict[str, Any]], None] | None = None,
 ) -> StreamResult:
-    """Run (or resume) a stream; see the module docstring. `on_unit(event)` is called after each unit."""
+    """Run the stream spec at `spec_path` (or resume the run in `resume`); see the module docstring.
+    `on_unit(event)` is called after each unit with {"unit", "label", "total", "matrix", "metrics"}."""
     s = settings or Settings.load()
     spec = load_spec(spec_path)
     canonical = spec.canonical()
@@ -208,11 +209,12 @@ class _StreamRun:
                 self.results.append(result)
                 self._register(unit.index)
                 report = write_report(rd.path, info, self.results)
-            except (Interrupted, KeyboardInterrupt):
+            except (Interrupted, KeyboardInterrupt) as exc:
                 saved = rd.completed()
                 raise Interrupted(f"interrupted during unit {unit.index} ({unit.label}); {saved} of "
                                   f"{len(self.units)} units are saved in {rd.path}; continue with "
-                                  f"`loraplex stream run SPEC --resume {rd.path}`") from None
+                                  f"`loraplex stream run SPEC --resume {rd.path}`",
+                                  signal=getattr(exc, "signal", "SIGINT")) from None
             if self.on_unit is not None:
                 self.on_unit({"unit": unit.index, "label": unit.label, "total": len(self.units), **report})
         report = report or write_report(rd.path, info, self.results)
@@ -252,7 +254,7 @@ class _StreamRun:
         batches = mixed_batches(new, old, steps=steps, batch_size=tr.batch_size, mix=mix,
                                 rng=np.random.default_rng([spec.seed, unit.index]))
         previous = [p for p in self.learn_slots if p != slot]
-        ctx = ExperienceContext(unit.index, "learn", self.lb.model, slot, previous, list(unit.tasks))
+        ctx = ExperienceContext(unit.index, self.lb.model, slot, previous)
         regs = list(self.regs.values())
         for r in regs:
             r.on_experience_start(ctx)

@@ -37,14 +37,13 @@ eight tweets.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from pydantic import Field
 
-from loraplex.data import load_task, read_rows
-from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
+from loraplex.data import load_task
+from loraplex.errors import TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
 from loraplex.heads import head_for
 
@@ -100,24 +99,6 @@ def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) ->
     rows = list(task.train)
     random.Random(seed).shuffle(rows)
     return [(e.text, e.label) for e in rows[:n]]
-
-
-def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
-    """Examples from a .jsonl or .csv file with a `text` column and an optional `label` column."""
-    p = Path(path).expanduser().absolute()
-    if not p.is_file():
-        raise TaskNotFound(f"{p}: no such examples file")
-    rows = read_rows(p)
-    out = []
-    for n, row in enumerate(rows, 1):
-        text = str(row.get("text") or "").strip()
-        if not text:
-            raise InvalidTaskFile(f"{p}: row {n} has no 'text'")
-        label = row.get("label")
-        out.append((text, str(label).strip() if label not in (None, "") else None))
-    if not out:
-        raise InvalidTaskFile(f"{p}: no examples")
-    return out
 
 
 @GENERATORS.register("icm-lora", ICMLoRAConfig, summary="ICM-LoRA: an adapter from a few examples (in-context task vector)")

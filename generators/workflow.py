@@ -1,5 +1,6 @@
 """The registry side of the generators: gather a training set, store and load a fitted generator,
-register a generated adapter. The API's `fit_generator` / `generate_adapter` call these.
+register a generated adapter. The API's `fit_generator` / `generate_adapter` call these
+(`generate_from_file`: the examples read from a .jsonl/.csv file first).
 
 A fitted generator is a registry component (kind "generator"): its config, its own tensors (the CVAE,
 the parameter space's mixing matrix and scales, the known tasks' representations), its members (the
@@ -17,11 +18,13 @@ Every check runs before anything is written; a refusal leaves the registry as it
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.data import read_rows
+from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
@@ -191,6 +194,32 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
             "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,
             "base": new.base, "seed": int(seed), **({"refine": out.extra["refine"]} if "refine" in out.extra else {})}
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
+    """Examples from a .jsonl or .csv file with a `text` column and an optional `label` column."""
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise TaskNotFound(f"{p}: no such examples file")
+    rows = read_rows(p)
+    out = []
+    for n, row in enumerate(rows, 1):
+        text = str(row.get("text") or "").strip()
+        if not text:
+            raise InvalidTaskFile(f"{p}: row {n} has no 'text'")
+        label = row.get("label")
+        out.append((text, str(label).strip() if label not in (None, "") else None))
+    if not out:
+        raise InvalidTaskFile(f"{p}: no examples")
+    return out
+
+
+def generate_from_file(reg, settings, description: str, *, generator: str, name: str,
+                       examples: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """`generate`, its examples read from a .jsonl/.csv file (`read_examples`), before anything else is
+    checked, so a bad file is named first. `options`: generate's (seed, refine_steps, ...)."""
+    rows = read_examples(examples) if examples is not None else []
+    return generate(reg, settings, description, generator=generator, name=name, examples=rows, **options)
 
 
 def summary(rec) -> dict[str, Any]:

@@ -85,6 +85,12 @@ class MissingDependency(LoraplexError):
 
 
 class Interrupted(LoraplexError):
-    """A long command stopped by Ctrl-C; the message says how to continue. Exit code 130."""
+    """A long command stopped by Ctrl-C (exit code 130) or SIGTERM (`signal="SIGTERM"`: 143); the message
+    says what was kept and how to continue."""
 
     exit_code = 130
+
+    def __init__(self, message: str, *, signal: str = "SIGINT"):
+        super().__init__(message)
+        self.signal = signal
+        self.exit_code = 143 if signal == "SIGTERM" else 130

@@ -4,7 +4,8 @@ stream's units (continual/experience.py) and a router's gates (router/fit.py).
 - `TrainConfig`: how to train (steps, learning rate, batch size, Lightning's devices and precision);
 - `rows_of`, `make_loader`: a task's rows `(text, label index, task name)` and their DataLoader;
 - `make_trainer`: a Lightning Trainer with a progress bar, CSV logs under `<run_dir>/logs` and the last
-  checkpoint (trainable weights only) under `<run_dir>/checkpoints`;
+  checkpoint (trainable weights only) under `<run_dir>/checkpoints`; `fit` runs it, a Ctrl-C or a
+  SIGTERM raising `Interrupted` (the caller then writes nothing);
 - `AdapterSnapshots`: a callback that keeps a few intermediate adapter states (the generators learn
   from training trajectories, not only from end points);
 - `ContinualModule`: the LightningModule whose `training_step` composes the loss.
@@ -13,9 +14,8 @@ Device, precision, devices and strategy pass through to the Trainer (`--devices`
 `--precision` on the CLI): Lightning is the distributed engine. This module imports lightning (several
 seconds), so only the commands that train import it.
 
-ContinualModule the LightningModule that trains adapters (one task, or a stream of them).
-
-The loss is composed visibly in `training_step`, every term logged under its own name:
+ContinualModule trains adapters (one task, or a stream of them). The loss is composed visibly in
+`training_step`, every term logged under its own name:
 
     loss = task loss                          (the head's loss, per task present in the batch)
          + forget loss                        (a forgetting experience: GS-LoRA's bounded loss on the
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -60,7 +61,7 @@ from lightning.pytorch.loggers import CSVLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.utils.data import DataLoader
 
-from loraplex.errors import InvalidSpec
+from loraplex.errors import Interrupted, InvalidSpec
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head
@@ -149,10 +150,8 @@ def train_config(**options: Any) -> TrainConfig:
 
 
 def rows_of(task: Task, split: str, limit: int | None = None) -> list[Row]:
-    ex = task.split(split)
-    if limit:
-        ex = ex[:limit]
-    return [Row(e.text, task.label_index(e.label), task.name) for e in ex]
+    """The first `limit` rows (default: all) of a task's split."""
+    return [Row(e.text, task.label_index(e.label), task.name) for e in task.split(split)[:limit or None]]
 
 
 def _task_groups(batch: Sequence[Row]) -> dict[str, list[int]]:
@@ -181,11 +180,9 @@ class _TrainProgress(TQDMProgressBar):
 def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-    warnings.filterwarnings("ignore", message=".*number of training batches.*")
-    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+    for noise in ("does not have many workers", "LeafSpec", "sync_dist=True", "number of training batches",
+                  "isinstance.*treespec"):
+        warnings.filterwarnings("ignore", message=f".*{noise}.*")
 
 
 def make_trainer(cfg: TrainConfig, run_dir: Path, *, callbacks: Sequence[Any] = (), max_steps: int | None = None,
@@ -222,6 +219,22 @@ def make_trainer(cfg: TrainConfig, run_dir: Path, *, callbacks: Sequence[Any] = 
     )
 
 
+def fit(trainer: L.Trainer, module: L.LightningModule, train: DataLoader, val: DataLoader | None = None) -> None:
+    """`trainer.fit`; a stop raises `Interrupted`, so the caller writes nothing. Lightning ends a fit
+    stopped by Ctrl-C with sys.exit(1) (the only SystemExit out of fit; a Ctrl-C in its set-up may not
+    mark the trainer `interrupted`), and one stopped by SIGTERM with SIGTERMException, a SystemExit with
+    no code: uncaught, the command would exit 0 as if it had succeeded."""
+    try:
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
+    else:
+        if not trainer.received_sigterm:  # a SIGTERM in the last step ends the fit as if it had finished
+            return
+    how = "SIGTERM" if trainer.received_sigterm else "SIGINT"
+    raise Interrupted(f"training was interrupted ({how}); nothing was registered", signal=how)
+
+
 class AdapterSnapshots(Callback):
     """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last.
 
@@ -249,21 +262,9 @@ def distill_loss(scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class ContinualModule(L.LightningModule):
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        head: Head,
-        tasks: dict[str, Task],
-        *,
-        lr: float = 1e-3,
-        warmup: float = 0.1,
-        total_steps: int = 100,
-        regularizers: Sequence[Any] = (),
-        forgetting: Any = None,
-        teacher: Any = None,
-        on_task_forward: Callable[[str], None] | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, head: Head, tasks: dict[str, Task], *,
+                 lr: float = 1e-3, warmup: float = 0.1, total_steps: int = 100, regularizers: Sequence[Any] = (),
+                 forgetting: Any = None, teacher: Any = None, on_task_forward: Callable[[str], None] | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer

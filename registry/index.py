@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -227,12 +227,23 @@ class SignatureIndex:
         return np.stack([self.index.reconstruct(int(i)) for i in self.ids]) if len(self.ids) else np.zeros((0, self.dim), np.float32)
 
 
-def nearest_adapters(reg: "Registry", queries: np.ndarray, k: int, *, weight: float) -> list[list[tuple[float, str, str]]]:
-    """Per query row, its k nearest adapters by the routing score, best first, as (score, name, base):
-    the faiss search over the routing vectors (synced first) with the ids resolved in one lookup. The
-    one place the retrieval router's candidates and auto's decision read the index."""
+class Hit(NamedTuple):
+    """One adapter a search found for a query."""
+
+    score: float
+    """The routing score <q, (1-w) d + w p>."""
+    name: str
+    """The adapter's name."""
+    base: str
+    """The adapter's base model (adapters of different bases cannot share a bank)."""
+
+
+def nearest_adapters(reg: "Registry", queries: np.ndarray, k: int, *, weight: float) -> list[list[Hit]]:
+    """Per query row, its k nearest adapters by the routing score, best first: the faiss search over the
+    routing vectors (synced first) with the ids resolved in one lookup. The one place the retrieval
+    router's candidates and auto's decision read the index."""
     idx = SignatureIndex.sync(reg, weight=weight)
     scores, ids = idx.search(np.asarray(queries, dtype=np.float32), k)
     found = reg.names_and_bases_by_id(sorted({int(i) for i in ids.reshape(-1) if i >= 0}))
-    return [[(float(s), *found[int(i)]) for s, i in zip(s_row, i_row) if int(i) in found]
+    return [[Hit(float(s), *found[int(i)]) for s, i in zip(s_row, i_row) if int(i) in found]
             for s_row, i_row in zip(scores, ids)]

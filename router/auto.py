@@ -48,7 +48,7 @@ from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
-from loraplex.registry.index import nearest_adapters
+from loraplex.registry.index import Hit, nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.retrieval import RetrievalRouter
 
@@ -90,7 +90,7 @@ class Decision:
     margin: float | None  # s1 - s2
     nearest: str | None  # the adapter with the best score
     generator: str | None = None
-    hits: list[tuple[str, float]] = field(default_factory=list)  # the base's nearest adapters, best first
+    hits: list[Hit] = field(default_factory=list)  # the base's nearest adapters, best first
 
 
 def parse_config(config: dict[str, Any] | None) -> AutoConfig:
@@ -121,13 +121,13 @@ SEARCHED = 32
 """Adapters one search returns per request (at least top_k): the base's among them are its hits."""
 
 
-def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[list[tuple[str, float]]]:
-    """Per query row, its nearest adapters of `base` (default: the base of the query's nearest adapter)
-    as (name, routing score), best first: one faiss search for all rows."""
+def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[list[Hit]]:
+    """Per query row, its nearest adapters of `base` (default: the base of the query's nearest adapter),
+    best first: one faiss search for all rows."""
     out = []
     for hits in nearest_adapters(reg, q, max(SEARCHED, cfg.top_k), weight=cfg.prototype_weight):
-        want = base or (hits[0][2] if hits else None)
-        out.append([(name, score) for score, name, b in hits if b == want])
+        want = base or (hits[0].base if hits else None)
+        out.append([h for h in hits if h.base == want])
     return out
 
 
@@ -136,8 +136,8 @@ def route_weights(d: Decision, router: RetrievalRouter) -> list[tuple[str, float
     `RetrievalRouter.gates`) over the scores the decision read, best first, so `d.nearest` comes first."""
     if not d.hits:
         return []
-    g = router.gates(np.array([[score for _, score in d.hits]], dtype=np.float32))[0]
-    return [(d.hits[j][0], float(g[j])) for j in np.flatnonzero(g)]
+    g = router.gates(np.array([[h.score for h in d.hits]], dtype=np.float32))[0]
+    return [(d.hits[j].name, float(g[j])) for j in np.flatnonzero(g)]
 
 
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None,
@@ -154,8 +154,8 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if not hits:
             out.append(Decision(t, "base", f"no adapter of base {base!r} in the registry", None, None, None))
             continue
-        nearest, s1 = hits[0]
-        margin = s1 - (hits[1][1] if len(hits) > 1 else -1.0)
+        nearest, s1 = hits[0].name, hits[0].score
+        margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)
         if s1 >= cfg.route_threshold:
             out.append(Decision(t, "route", f"nearest adapter {nearest!r} scores {s1:.3f} >= route threshold "
                                 f"{cfg.route_threshold:.3f}", s1, margin, nearest, hits=hits))

@@ -40,6 +40,7 @@ from loraplex.settings import Settings
 from loraplex.training import (
     ContinualModule,
     TrainConfig,
+    fit,
     last_metric,
     make_loader,
     make_trainer,
@@ -126,36 +127,29 @@ def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int)
     return _Experts(lb, task_objs, expert_tasks, [f"{name}/expert-{e}" for e in range(n)], True, [spec] * n)
 
 
-def fit_router(
-    name: str,
-    *,
-    method: str,
-    adapters: Sequence[str] = (),
-    tasks: Sequence[str] | None = None,
-    base: str | None = None,
-    config: dict[str, Any] | None = None,
-    train_config: Any = None,
-    eval_limit: int | None = 200,
-    settings=None,
-    log=None,
-) -> RouterFitResult:
-    """Fit, evaluate and store router `name` (see the module docstring)."""
+def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, adapters: Sequence[str] = (),
+               tasks: Sequence[str] | None = None, base: str | None = None, config: dict[str, Any] | None = None,
+               eval_limit: int | None = 200, **train_options: Any) -> RouterFitResult:
+    """Fit router `name` with `method` (token-gate, mixer, rank) over `adapters` on their tasks (or, with
+    no adapters, fresh joint experts on `tasks`), evaluate it on the first `eval_limit` test rows of each
+    task and store it (see the module docstring). `config` holds the router's options (its pydantic
+    config); `train_options` are `TrainConfig` fields (steps, lr, batch_size, train_limit, ...; lr
+    defaults to GATE_LR). Returns a `RouterFitResult(record, metrics, run_dir)`."""
+    tc = router_train_config(**train_options)  # a bad training option is named first
     validate_name(name, "router")
-    s = settings or Settings.load()
-    reg = Registry.open(s)
     if _has(reg, name):
         raise AlreadyExists(f"a router named {name!r} already exists")
     entry = ROUTERS.get(method)
     cfg = entry.make_config(config or {})
     if not issubclass(entry.factory, LearnedRouter):
         raise UserInputError(f"router {method!r} needs no training: query with `--router {method} --adapters ...`")
-    tc = train_config or TrainConfig()
     adapters = list(adapters)
+    tasks = list(tasks) if tasks else None
     if adapters:
-        ex = _registered(reg, s, cfg, adapters, tasks, base)
+        ex = _registered(reg, settings, cfg, adapters, tasks, base)
     else:
         cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
-        ex = _fresh(reg, s, method, entry.factory, cfg, name, tasks, base, tc.seed)
+        ex = _fresh(reg, settings, method, entry.factory, cfg, name, tasks, base, tc.seed)
     lb = ex.lb
     L.seed_everything(tc.seed, verbose=False)  # gate initialisation, shuffling and dropout follow the seed
     router: LearnedRouter = entry.factory(cfg)
@@ -167,7 +161,7 @@ def fit_router(
     for p in router.parameters():
         p.requires_grad_(True)
     run_dir = reg.run_dir("router", name)
-    trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, s.resolved_device())
+    trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, settings.resolved_device())
 
     # ---- evaluate ----------------------------------------------------------------------------
     sig = task_signatures(reg, ex.tasks)
@@ -215,11 +209,13 @@ def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir:
     trainer = make_trainer(tc, run_dir, device=device)
     t0 = time.perf_counter()
     lb.model.train()
-    trainer.fit(module, train_dataloaders=make_loader(train_rows, tc.batch_size, shuffle=True, seed=tc.seed),
-                val_dataloaders=make_loader(val_rows, 64, shuffle=False))
+    try:  # Ctrl-C, SIGTERM: Interrupted, and nothing is stored
+        fit(trainer, module, make_loader(train_rows, tc.batch_size, shuffle=True, seed=tc.seed),
+            make_loader(val_rows, 64, shuffle=False))
+    finally:
+        lb.model.eval()
+        router.ctx.set_task(None)
     seconds = time.perf_counter() - t0
-    lb.model.eval()
-    router.ctx.set_task(None)
     return trainer, seconds
 
 

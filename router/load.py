@@ -193,9 +193,14 @@ def is_untrained(router: str | None) -> bool:
 def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
                       texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
                       config: dict[str, Any] | None = None):
-    """A `RoutedModel` ready to answer and trace queries (the API's `load_routed_model` says which): a
-    stored router, a method that needs no training (retrieval) over `adapters` or the registry, or
-    with no router the adapters in one bank."""
+    """A `RoutedModel` (router/model.py) ready to answer and trace queries:
+
+    - `router=NAME`: a router stored by `fit_router` (restricted to the `shortlist` adapters retrieval
+      finds nearest to `texts`, if given);
+    - `router="retrieval"` (a method that needs no training): signature retrieval over `adapters` (or,
+      without, the registry's adapters nearest to `texts`), `config` being RetrievalConfig's options;
+    - no router: the adapters in one bank with no router, for heterogeneous batches
+      (`RoutedModel.answer_each(texts, adapter_per_row)`)."""
     if shortlist is not None and shortlist < 1:
         raise UserInputError("--shortlist must be at least 1")
     if is_untrained(router):

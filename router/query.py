@@ -20,7 +20,10 @@ from loraplex.router.load import is_untrained, load_routed_model
 def query(reg, settings, texts: Sequence[str], *, router: str | None = None, adapters: Sequence[str] | None = None,
           trace: bool = False, base: str | None = None, shortlist: int | None = None, batch_size: int = 32,
           config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Answer queries with a routed model, `batch_size` at a time; without `router`, retrieval routes."""
+    """Answer queries with a routed model, `batch_size` at a time. One dict per query:
+    `{"query", "task", "answer", "adapters": [{"name", "weight"}], "tokens": [...], "layers": [...]}`
+    (tokens and layers with `trace`). Without `router`, retrieval over the whole registry (or over
+    `adapters`) routes; `router="auto"`: router/auto.py decides per query."""
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):
         raise UserInputError("the query is empty")

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.registry.index import nearest_adapters, routing_vectors
+from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
 
 
@@ -106,13 +106,13 @@ class RetrievalRouter:
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
         cannot share a bank).
         """
-        best: dict[str, tuple[float, str]] = {}  # name -> (best score over the queries, base)
+        best: dict[str, Hit] = {}  # name -> its best hit over the queries
         for hits in nearest_adapters(reg, queries, self.config.candidates, weight=self.config.prototype_weight):
-            for score, name, b in hits:
-                if score > best.get(name, (-np.inf, ""))[0]:
-                    best[name] = (score, b)
-        order = sorted(best, key=lambda n: -best[n][0])
+            for hit in hits:
+                if hit.name not in best or hit.score > best[hit.name].score:
+                    best[hit.name] = hit
+        order = sorted(best.values(), key=lambda h: -h.score)
         if not order:
             return []
-        want = base or best[order[0]][1]
-        return [n for n in order if best[n][1] == want]
+        want = base or order[0].base
+        return [h.name for h in order if h.base == want]

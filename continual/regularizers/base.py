@@ -10,8 +10,8 @@ experience, never a Lightning callback (callbacks cannot change the loss):
     state_dict() / load_state_dict(state)   JSON-able state carried across experiences (saved per
                               experience in the run directory, so a resumed run continues exactly)
 
-`ExperienceContext` is what the hooks see: the model, the slot being trained, the slots of earlier
-experiences, and the experience's index and kind.
+`ExperienceContext` is what the hooks see: the experience's index, the model, the slot being trained
+and the slots of earlier experiences.
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ class ExperienceContext:
 
     index: int
     """The unit's position in the stream (0-based: its row of the accuracy matrix; 0 for a one-off request)."""
-    kind: str
-    """learn or forget."""
     model: Any
     """The model (with its LoRA banks) being trained."""
     slot: SlotRef
     """The slot trained in this experience: module name -> slot index."""
     previous: list[SlotRef] = field(default_factory=list)
     """Slots of the adapters trained before, in the same kind of modules (frozen now)."""
-    tasks: list[str] = field(default_factory=list)
-    """Tasks this experience learns (or forgets)."""
 
 
 class Regularizer(Protocol):

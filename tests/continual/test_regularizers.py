@@ -30,7 +30,7 @@ def two_slots(tiny_bert, settings):
         for layer in routed_layers(lb.model).values():
             layer.bank.B.normal_(std=0.1)
     train_only(lb.model, new)
-    ctx = ExperienceContext(index=1, kind="learn", model=lb.model, slot=new, previous=[old], tasks=["t"])
+    ctx = ExperienceContext(index=1, model=lb.model, slot=new, previous=[old])
     return lb, ctx
 
 
@@ -91,7 +91,7 @@ def test_o_lora_drives_orthogonality_without_collapse(two_slots):
 def test_o_lora_first_task_has_no_penalty(two_slots):
     lb, ctx = two_slots
     reg = REGULARIZERS.build("o-lora", {})
-    reg.on_experience_start(ExperienceContext(0, "learn", lb.model, ctx.slot, previous=[]))
+    reg.on_experience_start(ExperienceContext(0, lb.model, ctx.slot, previous=[]))
     assert reg.penalty(None) is None
 
 
@@ -101,7 +101,7 @@ def test_gs_lora_groups_by_block_and_prunes(two_slots, prune_by):
     ffn = ffn_modules(list(routed_layers(lb.model)), "bert")
     assert "encoder.layer.0.attention.output.dense" not in ffn
     slot = {m: ctx.slot[m] for m in ffn}
-    fctx = ExperienceContext(2, "forget", lb.model, slot)
+    fctx = ExperienceContext(2, lb.model, slot)
     reg = REGULARIZERS.build("gs-lora", {"sparsity_weight": 1.0, "prune_threshold": 0.5, "prune_by": prune_by}, model_type="bert")
     reg.on_experience_start(fctx)
     assert reg.groups == {"encoder.layer.0": ["encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"],

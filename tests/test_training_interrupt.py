@@ -1,0 +1,73 @@
+"""A training stopped by Ctrl-C or SIGTERM ends the command with a non-zero exit and one line, and
+nothing is registered.
+
+Lightning turns a SIGTERM into SIGTERMException, a SystemExit with no code: uncaught, `loraplex train`
+exited 0 with nothing registered and nothing said. `loraplex.training.fit` turns every stop into
+`Interrupted`. The trainer is simulated here (no signal is sent)."""
+
+import signal
+
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from loraplex.errors import Interrupted
+from loraplex.training import fit
+from tests.conftest import registry_state
+
+
+class _Trainer:
+    """A stand-in for `lightning.Trainer`: `fit` raises `stop` (if any), then SIGTERM is recorded or not."""
+
+    def __init__(self, stop: BaseException | None = None, sigterm: bool = False):
+        self.stop, self.received_sigterm = stop, sigterm
+
+    def fit(self, module, train_dataloaders=None, val_dataloaders=None):
+        if self.stop is not None:
+            raise self.stop
+
+
+def test_sigterm_mid_fit_is_interrupted_with_143():
+    with pytest.raises(Interrupted) as err:
+        fit(_Trainer(SIGTERMException(), sigterm=True), None, [])
+    assert err.value.signal == "SIGTERM" and err.value.exit_code == 143
+    assert str(err.value) == "training was interrupted (SIGTERM); nothing was registered"
+
+
+def test_sigterm_in_the_last_step_is_interrupted_too():
+    """Lightning lets a fit whose last step saw the SIGTERM return as if it had finished."""
+    with pytest.raises(Interrupted) as err:
+        fit(_Trainer(None, sigterm=True), None, [])
+    assert err.value.exit_code == 143
+
+
+def test_ctrl_c_is_interrupted_with_130_and_ctrl_c_works_again():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning leaves after a Ctrl-C
+    try:
+        with pytest.raises(Interrupted) as err:
+            fit(_Trainer(SystemExit(1)), None, [])
+        assert err.value.signal == "SIGINT" and err.value.exit_code == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_finished_fit_returns():
+    assert fit(_Trainer(), None, []) is None
+
+
+def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_bert, tmp_path, monkeypatch):
+    import lightning
+
+    def stopped(trainer, *args, **kwargs):  # what Lightning does when SIGTERM arrives mid-run
+        trainer._signal_connector.received_sigterm = True
+        raise SIGTERMException()
+
+    monkeypatch.setattr(lightning.Trainer, "fit", stopped)
+    f = tmp_path / "toy.jsonl"
+    f.write_text("".join(f'{{"text": "flight {w}", "label": "{lab}"}}\n' for w, lab in
+                         [("late", "bad"), ("great", "good"), ("lost", "bad"), ("love", "good")] * 5))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "toy", "--base", tiny_bert, "--steps", "5", "--description", "is the passenger happy", "--quiet")
+    assert r.exit_code == 143, r.output
+    assert r.stderr.strip() == "error: training was interrupted (SIGTERM); nothing was registered"
+    assert registry_state(cli.home) == before
