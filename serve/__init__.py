@@ -2,7 +2,10 @@
 
 Modules:
 - engine.py     the one seam into the rest of loraplex (registry, models, routers, heads): router
-                models, `auto`, classification, generation steps, registering through the CLI's command
+                models, `auto`, generation steps, registering through the CLI's command
+- classify.py   classification on the engine's models (rows of every request in shared forwards)
+- targets.py    Target, Route, Events and a route's summary: the data engine, scheduler and routes share
+- gathered.py   concurrent calls gathered into one (`auto`'s embedding pass and search)
 - slots.py      the slot bank (max_loras LoRA slots, LRU, adapters kept in host memory once read); it
                 touches only experts.layers and gets adapters from the engine
 - decode.py     continuous batching with the KV cache, per-row sampling / stop / max_tokens (torch only)
@@ -10,7 +13,7 @@ Modules:
                 once and lets generation join the running batch of its lane (the slot bank, or one
                 router's model), streaming events back to each request
 - protocol.py   request bodies (pydantic, strict) and OpenAI's error body
-- app.py        the FastAPI routes, the API key, metrics per request; backend.py (--backend forwarding);
+- app.py        the FastAPI routes (one function per route group), the API key, metrics per request; backend.py (--backend forwarding);
                 metrics.py (prometheus-client); server.py (uvicorn, Ctrl-C)
 
 Why FastAPI + uvicorn and not LitServe: LitServe's dynamic batching hands `predict` a list of

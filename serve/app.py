@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,11 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
-from loraplex.serve.engine import Engine, LoraplexError, ModelUnknown, NotFound, Target, UserInputError
+from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.protocol import (
     APIError, ChatRequest, ClassifyRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest, parse)
 from loraplex.serve.scheduler import Job, Scheduler
+from loraplex.serve.targets import ModelUnknown, Target
 
 log = logging.getLogger("loraplex.serve")
 DEFAULT_MAX_TOKENS = 256
@@ -80,7 +82,8 @@ class Guard:
 
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
                backend: str | None = None) -> Any:
-    fwd = Backend(backend) if backend else None
+    """The ASGI app: FastAPI's routes (one group per function below) inside the Guard."""
+    cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -89,10 +92,78 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
             yield
         finally:
             await run_in_threadpool(scheduler.stop)
-            if fwd is not None:
-                await fwd.close()
+            if cx.fwd is not None:
+                await cx.fwd.close()
 
     app = FastAPI(title="loraplex serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _error_handlers(app)
+    _plain_routes(app, cx)
+    _generation_routes(app, cx)
+    _extension_routes(app, cx)
+    return Guard(app, metrics, api_key)
+
+
+@dataclass
+class _Context:
+    """What the routes share: the engine, the batching thread, the metrics and the backend (--backend)."""
+
+    engine: Engine
+    scheduler: Scheduler
+    metrics: Metrics
+    fwd: Backend | None
+
+    def resolve(self, model: str) -> Target:
+        try:
+            return self.engine.resolve(model)
+        except LoraplexError as exc:
+            raise api_error(exc) from None
+
+    async def decided(self, target: Target, texts: list[str]):
+        """auto's routes, decided in this request's worker thread (never on the batching thread); None for
+        the other kinds of model."""
+        if target.kind != "auto":
+            return None
+        try:
+            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None)
+        except LoraplexError as exc:
+            raise api_error(exc) from None
+
+    async def wait(self, job: Job, request: Request) -> tuple[Any, list[dict]]:
+        """The job's result and its token trace; a client that went away cancels it."""
+        tokens: list[dict] = []
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    raise APIError(499, "the client closed the connection")
+                continue
+            if ev[0] == "token":
+                tokens.append(ev[1])
+            elif ev[0] == "done":
+                return ev[1], tokens
+            elif ev[0] == "error":
+                raise api_error(ev[1])
+
+    async def threaded(self, fn, *args):
+        """`fn(*args)` in a worker thread, a library error as its HTTP error."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except LoraplexError as exc:
+            raise api_error(exc) from None
+
+
+def _routing(model: str, target: Target, summary: dict, tokens: list[dict] | None) -> dict[str, Any]:
+    out = {"model": model, "kind": target.kind, "level": "token" if target.kind == "router" else "request",
+           **summary}
+    if tokens is not None:
+        out["tokens"] = tokens
+    return out
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error body: ours, Starlette's (404, 405), a bad body (400), a bug (500)."""
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -112,186 +183,186 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
         err = api_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
-    def resolve(model: str) -> Target:
-        try:
-            return engine.resolve(model)
-        except LoraplexError as exc:
-            raise api_error(exc) from None
 
-    async def decided(target: Target, texts: list[str]):
-        """auto's routes, decided in this request's worker thread (never on the batching thread); None for
-        the other kinds of model."""
-        if target.kind != "auto":
-            return None
-        try:
-            return await run_in_threadpool(engine.auto, texts, forwarded=fwd is not None)
-        except LoraplexError as exc:
-            raise api_error(exc) from None
+def _plain_routes(app: FastAPI, cx: _Context) -> None:
+    """/health, /metrics and /v1/models (read from the registry on every call)."""
+    engine = cx.engine
 
-    async def wait(job: Job, request: Request) -> tuple[Any, list[dict]]:
-        """The job's result and its token trace; a client that went away cancels it."""
-        tokens: list[dict] = []
-        while True:
-            try:
-                ev = await asyncio.wait_for(job.events.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled = True
-                    raise APIError(499, "the client closed the connection")
-                continue
-            if ev[0] == "token":
-                tokens.append(ev[1])
-            elif ev[0] == "done":
-                return ev[1], tokens
-            elif ev[0] == "error":
-                raise api_error(ev[1])
-
-    def routing(model: str, target: Target, summary: dict, tokens: list[dict] | None) -> dict[str, Any]:
-        out = {"model": model, "kind": target.kind, "level": "token" if target.kind == "router" else "request",
-               **summary}
-        if tokens is not None:
-            out["tokens"] = tokens
-        return out
-
-    # ---- plain endpoints ---------------------------------------------------------------------------
     @app.get("/health")
     async def health():
         return {"status": "ok", "base": engine.base_name, "family": engine.family}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.text(), media_type=metrics.content_type)
+        return Response(cx.metrics.text(), media_type=cx.metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
-        try:
-            items = await run_in_threadpool(engine.models)
-        except LoraplexError as exc:
-            raise api_error(exc) from None
+        items = await cx.threaded(engine.models)
         now = int(time.time())
         data = [{"id": m["id"], "object": "model", "created": now, "owned_by": "loraplex",
                  "root": engine.base_name, "parent": None if m["kind"] == "base" else engine.base_name,
                  "loraplex": {k: v for k, v in m.items() if k != "id"}} for m in items]
         return {"object": "list", "data": data}
 
-    # ---- generation ------------------------------------------------------------------------------
-    async def generate(request: Request, chat: bool):
-        req = parse(await request.body(), ChatRequest if chat else CompletionRequest)
-        target = resolve(req.model)
-        if engine.family != "causal":
-            raise APIError(400, f"the base {engine.base_name!r} is an encoder: it does not generate text "
-                                "(use /v1/classify)", param="model")
-        if chat:
-            ids, text = engine.chat_prompt([m.model_dump(include={"role", "content"}) for m in req.messages])
-        else:
-            text = req.text()
-            ids = engine.encode_prompt(text)
-        room = engine.context - len(ids)
-        if room < 1:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context} tokens",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        want = req.wanted_tokens()
-        if want is not None and want > room:
-            raise APIError(400, f"max_tokens is {want}, over the limit of {room} for this prompt ({len(ids)} "
-                                f"prompt tokens, context {engine.context})", param="max_tokens",
-                           code="context_length_exceeded")
-        sampling = decode.Sampling(want or min(DEFAULT_MAX_TOKENS, room), req.temperature, req.top_p, req.stops(),
-                                   req.seed)
-        loop = asyncio.get_running_loop()
-        routes = await decided(target, [text])
-        if fwd is not None:
-            if routes is not None:
-                route = engine.top(routes[0])
-            else:
-                job = Job("route", target, [text], loop)
-                scheduler.submit(job)
-                route, _ = await wait(job, request)
-            summary = {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in route.adapters]}
-            if route.decision is not None:
-                summary.update(decision=route.decision, reason=route.reason, nearest=route.nearest)
-            body = json.loads(await request.body())
-            body.pop("trace", None)
-            body["model"] = route.adapters[0][0] if route.adapters else engine.base_name
-            return await fwd.forward(request.url.path, body, routing(req.model, target, summary, None))
-        job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
-        scheduler.submit(job)
-        kind = "chat.completion" if chat else "text_completion"
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": req.model}
-        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}  # noqa: E731
 
-        def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-            if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if req.stream:
-                delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish}
-
-        if not req.stream:
-            res, tokens = await wait(job, request)
-            return {**head, "object": kind, "choices": [choice(res["text"], res["finish_reason"])],
-                    "usage": usage(res["completion_tokens"]),
-                    "routing": routing(req.model, target, res["routing"], tokens if req.trace else None)}
-
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        with_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        def sse(obj: dict[str, Any]) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def events():
-            tokens: list[dict] = []
-            try:
-                if chat:
-                    yield sse({**head, "object": chunk_kind, "choices": [choice("", None, first=True)]})
-                while True:
-                    ev = await job.events.get()
-                    if ev[0] == "delta" and ev[1]:
-                        yield sse({**head, "object": chunk_kind, "choices": [choice(ev[1], None)]})
-                    elif ev[0] == "token":
-                        tokens.append(ev[1])
-                    elif ev[0] == "done":
-                        res = ev[1]
-                        last = {**head, "object": chunk_kind, "choices": [choice(None, res["finish_reason"])],
-                                "routing": routing(req.model, target, res["routing"], tokens if req.trace else None)}
-                        if with_usage:
-                            last["usage"] = usage(res["completion_tokens"])
-                        yield sse(last)
-                        break
-                    elif ev[0] == "error":
-                        yield sse(api_error(ev[1]).body())
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # a client gone mid-stream frees its row at the next token
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+# ---- generation ----------------------------------------------------------------------------------
+def _generation_routes(app: FastAPI, cx: _Context) -> None:
+    """/v1/chat/completions and /v1/completions."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+        return await _generate(cx, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, chat=False)
+        return await _generate(cx, request, chat=False)
 
-    # ---- loraplex extensions ----------------------------------------------------------------------
+
+async def _generate(cx: _Context, request: Request, chat: bool):
+    """A chat or text completion: forwarded to the backend (--backend), or a job of the batching thread
+    answered whole or streamed."""
+    req = parse(await request.body(), ChatRequest if chat else CompletionRequest)
+    target = cx.resolve(req.model)
+    ids, text, sampling = _prompt(cx.engine, req, chat)
+    loop = asyncio.get_running_loop()
+    routes = await cx.decided(target, [text])
+    if cx.fwd is not None:
+        return await _forward(cx, request, req.model, target, text, routes)
+    job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
+    cx.scheduler.submit(job)
+    answer = _Answer(req, target, chat, len(ids))
+    if not req.stream:
+        res, tokens = await cx.wait(job, request)
+        return answer.whole(res, tokens)
+    return StreamingResponse(answer.events(job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sampling]:
+    """The prompt's token ids, the text routing reads, and the sampling; a prompt or max_tokens over the
+    context is refused (400)."""
+    if engine.family != "causal":
+        raise APIError(400, f"the base {engine.base_name!r} is an encoder: it does not generate text "
+                            "(use /v1/classify)", param="model")
+    if chat:
+        ids, text = engine.chat_prompt([m.model_dump(include={"role", "content"}) for m in req.messages])
+    else:
+        text = req.text()
+        ids = engine.encode_prompt(text)
+    room = engine.context - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context} tokens",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    want = req.wanted_tokens()
+    if want is not None and want > room:
+        raise APIError(400, f"max_tokens is {want}, over the limit of {room} for this prompt ({len(ids)} "
+                            f"prompt tokens, context {engine.context})", param="max_tokens",
+                       code="context_length_exceeded")
+    sampling = decode.Sampling(want or min(DEFAULT_MAX_TOKENS, room), req.temperature, req.top_p, req.stops(),
+                               req.seed)
+    return ids, text, sampling
+
+
+async def _forward(cx: _Context, request: Request, model: str, target: Target, text: str, routes):
+    """The request sent on to the backend, naming the one adapter chosen here (auto's top, a router's)."""
+    if routes is not None:
+        route = cx.engine.top(routes[0])
+    else:
+        job = Job("route", target, [text], asyncio.get_running_loop())
+        cx.scheduler.submit(job)
+        route, _ = await cx.wait(job, request)
+    summary = {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in route.adapters]}
+    if route.decision is not None:
+        summary.update(decision=route.decision, reason=route.reason, nearest=route.nearest)
+    body = json.loads(await request.body())
+    body.pop("trace", None)
+    body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
+    return await cx.fwd.forward(request.url.path, body, _routing(model, target, summary, None))
+
+
+class _Answer:
+    """A generation's answer in OpenAI's shapes: whole (`whole`) or as server-sent events (`events`)."""
+
+    def __init__(self, req, target: Target, chat: bool, n_prompt: int):
+        self.req, self.target, self.chat, self.n_prompt = req, target, chat, n_prompt
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                     "model": req.model}
+
+    def usage(self, n: int) -> dict[str, int]:
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": n, "total_tokens": self.n_prompt + n}
+
+    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if self.req.stream:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def routing(self, res: dict[str, Any], tokens: list[dict]) -> dict[str, Any]:
+        return _routing(self.req.model, self.target, res["routing"], tokens if self.req.trace else None)
+
+    def whole(self, res: dict[str, Any], tokens: list[dict]) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": kind, "choices": [self.choice(res["text"], res["finish_reason"])],
+                "usage": self.usage(res["completion_tokens"]), "routing": self.routing(res, tokens)}
+
+    async def events(self, job: Job):
+        """The stream: a role chunk (chat), a chunk per text delta, a last chunk with the finish reason and
+        the routing (and the usage when asked), then [DONE]; a client gone mid-stream cancels the job."""
+        chunk = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion"}
+        with_usage = bool((self.req.stream_options or {}).get("include_usage"))
+        tokens: list[dict] = []
+        try:
+            if self.chat:
+                yield _sse({**chunk, "choices": [self.choice("", None, first=True)]})
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "delta" and ev[1]:
+                    yield _sse({**chunk, "choices": [self.choice(ev[1], None)]})
+                elif ev[0] == "token":
+                    tokens.append(ev[1])
+                elif ev[0] == "done":
+                    res = ev[1]
+                    last = {**chunk, "choices": [self.choice(None, res["finish_reason"])],
+                            "routing": self.routing(res, tokens)}
+                    if with_usage:
+                        last["usage"] = self.usage(res["completion_tokens"])
+                    yield _sse(last)
+                    break
+                elif ev[0] == "error":
+                    yield _sse(api_error(ev[1]).body())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # a client gone mid-stream frees its row at the next token
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# ---- loraplex extensions ---------------------------------------------------------------------------
+def _extension_routes(app: FastAPI, cx: _Context) -> None:
+    """/v1/classify, and vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (the registry's own
+    register and remove)."""
+    engine = cx.engine
+
     @app.post("/v1/classify")
     async def classify(request: Request):
         req = parse(await request.body(), ClassifyRequest)
-        target = resolve(req.model)
+        target = cx.resolve(req.model)
         texts = req.texts()
         for i, t in enumerate(texts):
             n = engine.n_tokens(t)
             if n > engine.context:
                 raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
                                param="input", code="context_length_exceeded")
-        job = Job("classify", target, texts, asyncio.get_running_loop(), routes=await decided(target, texts))
-        scheduler.submit(job)
-        res, _ = await wait(job, request)
+        job = Job("classify", target, texts, asyncio.get_running_loop(), routes=await cx.decided(target, texts))
+        cx.scheduler.submit(job)
+        res, _ = await cx.wait(job, request)
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]
         per = [d.pop("routing") for d in data]
         return {"object": "list", "model": req.model, "data": data,
@@ -301,21 +372,13 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         req = parse(await request.body(), LoadLoraRequest)
-        try:
-            await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
-        except LoraplexError as exc:
-            raise api_error(exc) from None
+        await cx.threaded(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "registered",
                 "message": f"Success: LoRA adapter {req.lora_name!r} added successfully."}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         req = parse(await request.body(), UnloadLoraRequest)
-        try:
-            await run_in_threadpool(engine.unregister, req.lora_name)
-        except LoraplexError as exc:
-            raise api_error(exc) from None
+        await cx.threaded(engine.unregister, req.lora_name)
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",
                 "message": f"Success: LoRA adapter {req.lora_name!r} removed successfully."}
-
-    return Guard(app, metrics, api_key)

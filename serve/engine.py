@@ -1,5 +1,6 @@
 """The server's one seam into the rest of loraplex: every call into the registry, the models, the
-routers and the heads goes through this module, so a change of those parts is an edit here alone.
+routers and the heads goes through this module (classification on its models is serve/classify.py,
+which reaches them through the Engine), so a change of those parts is an edit here alone.
 
 One Engine serves one base model:
 - the *slot bank*: the base with a bank of `max_loras` LoRA slots in every adapted projection. Named
@@ -13,7 +14,8 @@ All model work happens on the scheduler's thread; `auto`'s decision (the query's
 search, an adapter a generator writes) runs on the request's own worker before its job is submitted
 (`Engine.auto`), so the batching thread only runs forwards. The registry is opened once per thread.
 The slot bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it
-through `Engine._read`.
+through `Engine._read`. The data passed between engine, scheduler and routes (Target, Route, Events)
+is serve/targets.py; the gathering of concurrent `auto` decisions is serve/gathered.py.
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ import dataclasses
 import inspect
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from loraplex.embedders import get_embedder
@@ -40,49 +40,12 @@ from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
 from loraplex.settings import Settings
-from loraplex.serve import decode
+from loraplex.serve import classify, decode
+from loraplex.serve.gathered import Gathered
 from loraplex.serve.slots import SlotBank
+from loraplex.serve.targets import Events, ModelUnknown, Route, Target, route_summary, top_adapters
 
-__all__ = ["Engine", "Target", "LoraplexError", "NotFound", "UserInputError", "ModelUnknown"]
-
-
-class ModelUnknown(NotFound):
-    """A `model` this server does not serve (404)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a request's `model` names: kind is base, adapter, router or auto."""
-
-    kind: str
-    name: str
-
-    @property
-    def lane(self) -> str:
-        """Requests of one lane share forwards: the slot bank, or one router's model."""
-        return f"router:{self.name}" if self.kind == "router" else "bank"
-
-
-@dataclass
-class Route:
-    """A row's routing on the slot bank: (adapter, weight) pairs (empty: the bare base)."""
-
-    adapters: list[tuple[str, float]] = field(default_factory=list)
-    decision: str | None = None  # `auto` only: route, generate or base
-    reason: str | None = None  # `auto` only: the scores and thresholds behind the decision
-    nearest: str | None = None  # `auto` only: the adapter of the best routing score (first of a routed one's)
-
-
-class Events:
-    """Counters the engine reports to (the metrics module overrides these)."""
-
-    def cache(self, hit: bool) -> None: ...
-
-    def evicted(self) -> None: ...
-
-    def resident(self, n: int) -> None: ...
-
-    def read(self) -> None: ...
+__all__ = ["Engine", "LoraplexError", "NotFound", "UserInputError"]
 
 
 class Engine:
@@ -116,7 +79,7 @@ class Engine:
         self._generation = -1
         self._stale = False  # slots of changed adapters still used by running rows
         if router:
-            self._router_model(router)
+            self.router_model(router)
 
     # ---- registry -----------------------------------------------------------------------------
     def reg(self) -> Registry:
@@ -199,7 +162,7 @@ class Engine:
         """(B, 1, S) gates over the slot bank for rows of the bank lane (None: no adapter loaded yet)."""
         try:
             return self.slots.gates([r.adapters for r in routes], keep, device=self.lb.device)
-        except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see chunks)
+        except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see classify.chunks)
             raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
     def auto(self, texts: Sequence[str], *, forwarded: bool = False) -> list[Route]:
@@ -244,7 +207,7 @@ class Engine:
         return Route()
 
     # ---- routers -------------------------------------------------------------------------------
-    def _router_model(self, name: str):
+    def router_model(self, name: str):
         if name not in self._routers:
             rec = self.reg().get_component("router", name)
             self._routers[name] = (rec.id, load_router(self.reg(), name, self.settings, base=self.base_name))
@@ -298,7 +261,7 @@ class Engine:
         if lane == "bank":
             model, names = self.lb.model, None
         else:
-            rm = self._router_model(lane.split(":", 1)[1])
+            rm = self.router_model(lane.split(":", 1)[1])
             model, names = rm.model, rm.experts
         cache_kw = _cache_name(model)
 
@@ -346,11 +309,13 @@ class Engine:
     def summary(self, lane: str, row: decode.GenRow) -> dict[str, Any]:
         """A finished row's routing: its adapters and weights (for a router, the mean over its tokens)."""
         if lane == "bank":
-            return _weights(row.route)
-        return {"adapters": _top(self.router_names(lane), row.sums / max(row.count, 1))} if row.count else {"adapters": []}
+            return route_summary(row.route)
+        if not row.count:
+            return {"adapters": []}
+        return {"adapters": top_adapters(self.router_names(lane), row.sums / max(row.count, 1))}
 
     def router_names(self, lane: str) -> list[str]:
-        return self._router_model(lane.split(":", 1)[1]).experts
+        return self.router_model(lane.split(":", 1)[1]).experts
 
     @staticmethod
     def top(route: Route) -> Route:
@@ -363,98 +328,15 @@ class Engine:
         if target.kind == "auto":
             raise ValueError("auto is decided in the request's worker (Engine.auto), not on the batching thread")
         if target.kind == "router":
-            rm = self._router_model(target.name)
+            rm = self.router_model(target.name)
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
         return [self.route_of(target) for _ in texts]
 
-    # ---- classification ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None]]) -> list[list[dict[str, Any]] | Exception]:
-        """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
-        the slot bank go through one forward. An `auto` item comes with its routes (`auto`, decided in
-        its request's worker). A failing item gets its exception, the others go on."""
-        out: list[Any] = [None] * len(items)
-        texts, routes, tasks, owner = [], [], [], []
-        for k, (xs, tg, decided) in enumerate(items):
-            try:
-                if tg.kind == "router":
-                    out[k] = self._classify_router(list(xs), tg.name)
-                    continue
-                if tg.kind == "auto" and (decided is None or len(decided) != len(xs)):
-                    raise ValueError("auto's routes are decided before its job is submitted (Engine.auto)")
-                rs = list(decided) if tg.kind == "auto" else [self.route_of(tg) for _ in xs]
-                ts = [self._label_task(r, tg) for r in rs]
-            except LoraplexError as exc:
-                out[k] = exc
-                continue
-            texts += xs
-            routes += rs
-            tasks += ts
-            owner += [k] * len(xs)
-        if texts:
-            scores = self._scores(texts, routes, tasks)
-            for k in set(owner):
-                out[k] = [_labelled(tasks[i], scores[i], _weights(routes[i])) for i in range(len(texts)) if owner[i] == k]
-        return out
-
-    def _label_task(self, r: Route, tg: Target):
-        if not r.adapters:
-            if tg.kind == "auto":
-                raise UserInputError(f"auto passed this input to the bare base, which has no label set to classify "
-                                     f"with: {r.reason or 'no adapter is registered for this base'}")
-            raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto")
-        top = max(r.adapters, key=lambda x: x[1])[0]
-        task = self.task_of(top)
-        if task is None or not task.labels:
-            raise UserInputError(f"adapter {top!r} records no task with labels: nothing to classify with")
-        return task
-
-    def chunks(self, routes: Sequence[Route]) -> list[list[int]]:
-        """Row indices in order, cut wherever a chunk would need more than max_loras adapters."""
-        out: list[list[int]] = [[]]
-        used: set[str] = set()
-        for i, r in enumerate(routes):
-            need = {a for a, _ in r.adapters}
-            if out[-1] and len(used | need) > self.max_loras:
-                out.append([])
-                used = set()
-            out[-1].append(i)
-            used |= need
-        return out
-
-    def _scores(self, texts: list[str], routes: list[Route], tasks: list[Any]) -> list[torch.Tensor]:
-        scores: list[Any] = [None] * len(texts)
-        for chunk in self.chunks(routes):
-            g = self.gates([routes[i] for i in chunk])
-            if hasattr(self.head, "encode"):  # an encoder: one forward for every row, then each row's anchors
-                with use_gates(self.lb.model, g):
-                    emb = self.head.encode(self.lb.model, self.tokenizer, [texts[i] for i in chunk])  # (N, D)
-                for j, i in enumerate(chunk):
-                    scores[i] = self.head.scores_of(self.lb.model, self.tokenizer, emb[j:j + 1], tasks[i])[0]
-                continue
-            # a causal LM scores every label as its own sequence (batched inside the head), so rows share a
-            # forward when they share a task and a routing: the gates (1, 1, S) then fit every sequence
-            keys = [(id(tasks[i]), tuple(routes[i].adapters)) for i in chunk]
-            for rows in _groups(keys):
-                with use_gates(self.lb.model, g[rows[:1]] if g is not None else None):
-                    s = self.head.scores(self.lb.model, self.tokenizer, [texts[chunk[j]] for j in rows],
-                                         tasks[chunk[rows[0]]])
-                for j, r in enumerate(rows):
-                    scores[chunk[r]] = s[j]
-        return scores
-
-    def _classify_router(self, texts: list[str], name: str) -> list[dict[str, Any]]:
-        rm = self._router_model(name)
-        routes = rm.route(texts)
-        tasks = rm.task_of(texts, routes)
-        if any(t is None or not t.labels for t in tasks):
-            raise UserInputError(f"router {name!r} routed a text to an adapter with no label set")
-        out: list[Any] = [None] * len(texts)
-        for rows in _groups(tasks):
-            s, _ = rm.scores_and_routes([texts[i] for i in rows], tasks[rows[0]])
-            for j, i in enumerate(rows):
-                out[i] = _labelled(tasks[i], s[j], {"adapters": _top(rm.experts, routes[i].weights)})
-        return out
+    # ---- classification (serve/classify.py) ---------------------------------------------------------
+    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None]]
+                 ) -> list[list[dict[str, Any]] | Exception]:
+        """Each item's texts labelled (label, label scores as softmax, routing): `classify.classify`."""
+        return classify.classify(self, items)
 
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
@@ -469,39 +351,6 @@ class Engine:
         self.resolve(name)  # an adapter of another base is not this server's to remove
         with _as_request_errors():
             remove_adapter(self.reg(), name)
-
-
-class Gathered:
-    """`fn(items) -> one result per item`, called from many threads at once and gathered: while a call
-    runs, the items that arrive wait, then the first of their threads runs one call for all of them
-    (a leader per round, as a database's group commit), so concurrent callers share a pass and each
-    runs on a caller's thread. An exception fails every caller of that call."""
-
-    def __init__(self, fn: Callable[[list], list]):
-        self.fn = fn
-        self._lock = threading.Lock()  # guards _waiting
-        self._running = threading.Lock()  # one call at a time
-        self._waiting: list[dict[str, Any]] = []
-
-    def __call__(self, items: list) -> list:
-        me: dict[str, Any] = {"items": list(items)}
-        with self._lock:
-            self._waiting.append(me)
-        with self._running:
-            if "out" not in me and "error" not in me:
-                with self._lock:
-                    calls, self._waiting = self._waiting, []
-                try:
-                    results = self.fn([x for c in calls for x in c["items"]])
-                except Exception as exc:
-                    for c in calls:
-                        c["error"] = exc
-                else:
-                    for c in calls:
-                        c["out"], results = results[:len(c["items"])], results[len(c["items"]):]
-        if "error" in me:
-            raise me["error"]
-        return me["out"]
 
 
 @contextmanager
@@ -520,30 +369,3 @@ def _as_request_errors():
 def _cache_name(model) -> str:
     """The KV cache's keyword: `cache` in newer transformers, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _groups(keys: Sequence[Any]) -> list[list[int]]:
-    """Indices grouped by key (tasks by identity, or hashable keys), in order of first appearance."""
-    out: dict[Any, list[int]] = {}
-    for i, k in enumerate(keys):
-        out.setdefault(k if isinstance(k, (tuple, int, str)) else id(k), []).append(i)
-    return list(out.values())
-
-
-def _labelled(task, scores: torch.Tensor, routing: dict[str, Any]) -> dict[str, Any]:
-    p = torch.softmax(scores.float(), -1).tolist()
-    return {"task": task.name, "label": task.labels[int(np.argmax(p))],
-            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "routing": routing}
-
-
-def _weights(r: Route) -> dict[str, Any]:
-    out: dict[str, Any] = {"adapters": [{"name": a, "weight": round(w, 4)}
-                                        for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
-    if r.decision is not None:
-        out.update(decision=r.decision, reason=r.reason, nearest=r.nearest)
-    return out
-
-
-def _top(names: Sequence[str], weights: np.ndarray, k: int = 4) -> list[dict[str, Any]]:
-    order = np.argsort(-np.asarray(weights))[:k]
-    return [{"name": names[int(e)], "weight": round(float(weights[e]), 4)} for e in order if weights[e] > 5e-4]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from loraplex.serve.engine import Events
+from loraplex.serve.targets import Events
 
 
 class Metrics(Events):

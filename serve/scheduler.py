@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.serve import decode
-from loraplex.serve.engine import Engine, LoraplexError, Route, Target, UserInputError
+from loraplex.serve.engine import Engine, LoraplexError, UserInputError
+from loraplex.serve.targets import Route, Target
 
 log = logging.getLogger("loraplex.serve")
 

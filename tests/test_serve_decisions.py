@@ -18,7 +18,8 @@ from loraplex.registry.store import Registry
 from loraplex.router import auto as auto_router
 from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
 from loraplex.serve import engine as engine_module
-from loraplex.serve.engine import Engine, Gathered
+from loraplex.serve.engine import Engine
+from loraplex.serve.gathered import Gathered
 from tests.conftest import registry_state
 from tests.generators.conftest import FAST, TOY_TASKS, add_toy, toy_registry, toy_tasks  # noqa: F401 (fixtures)
 from tests.serve_util import llama_home, serving  # noqa: F401 (a fixture)

@@ -1,0 +1,129 @@
+"""Classification on the engine's models (`Engine.classify`): rows of every request on the slot bank go
+through shared forwards (cut wherever the rows would need more adapters than the bank has slots), and
+a router's rows through that router's model. Each text gets its label, the label scores as softmax,
+and its routing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from loraplex.errors import LoraplexError, UserInputError
+from loraplex.experts.layers import use_gates
+from loraplex.serve.targets import Route, Target, route_summary, top_adapters
+
+if TYPE_CHECKING:
+    from loraplex.serve.engine import Engine
+
+__all__ = ["classify", "chunks"]
+
+@torch.no_grad()
+def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route] | None]]
+             ) -> list[list[dict[str, Any]] | Exception]:
+    """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
+    the slot bank go through one forward. An `auto` item comes with its routes (`auto`, decided in
+    its request's worker). A failing item gets its exception, the others go on."""
+    out: list[Any] = [None] * len(items)
+    texts, routes, tasks, owner = [], [], [], []
+    for k, (xs, tg, decided) in enumerate(items):
+        try:
+            if tg.kind == "router":
+                out[k] = _classify_router(engine, list(xs), tg.name)
+                continue
+            if tg.kind == "auto" and (decided is None or len(decided) != len(xs)):
+                raise ValueError("auto's routes are decided before its job is submitted (Engine.auto)")
+            rs = list(decided) if tg.kind == "auto" else [engine.route_of(tg) for _ in xs]
+            ts = [_label_task(engine, r, tg) for r in rs]
+        except LoraplexError as exc:
+            out[k] = exc
+            continue
+        texts += xs
+        routes += rs
+        tasks += ts
+        owner += [k] * len(xs)
+    if texts:
+        scores = _scores(engine, texts, routes, tasks)
+        for k in set(owner):
+            out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]))
+                      for i in range(len(texts)) if owner[i] == k]
+    return out
+
+
+def chunks(routes: Sequence[Route], max_loras: int) -> list[list[int]]:
+    """Row indices in order, cut wherever a chunk would need more than max_loras adapters."""
+    out: list[list[int]] = [[]]
+    used: set[str] = set()
+    for i, r in enumerate(routes):
+        need = {a for a, _ in r.adapters}
+        if out[-1] and len(used | need) > max_loras:
+            out.append([])
+            used = set()
+        out[-1].append(i)
+        used |= need
+    return out
+
+
+def _label_task(engine: Engine, r: Route, tg: Target):
+    if not r.adapters:
+        if tg.kind == "auto":
+            raise UserInputError(f"auto passed this input to the bare base, which has no label set to classify "
+                                 f"with: {r.reason or 'no adapter is registered for this base'}")
+        raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto")
+    top = max(r.adapters, key=lambda x: x[1])[0]
+    task = engine.task_of(top)
+    if task is None or not task.labels:
+        raise UserInputError(f"adapter {top!r} records no task with labels: nothing to classify with")
+    return task
+
+
+def _scores(engine: Engine, texts: list[str], routes: list[Route], tasks: list[Any]) -> list[torch.Tensor]:
+    model, tok, head = engine.lb.model, engine.tokenizer, engine.head
+    scores: list[Any] = [None] * len(texts)
+    for chunk in chunks(routes, engine.max_loras):
+        g = engine.gates([routes[i] for i in chunk])
+        if hasattr(head, "encode"):  # an encoder: one forward for every row, then each row's anchors
+            with use_gates(model, g):
+                emb = head.encode(model, tok, [texts[i] for i in chunk])  # (N, D)
+            for j, i in enumerate(chunk):
+                scores[i] = head.scores_of(model, tok, emb[j:j + 1], tasks[i])[0]
+            continue
+        # a causal LM scores every label as its own sequence (batched inside the head), so rows share a
+        # forward when they share a task and a routing: the gates (1, 1, S) then fit every sequence
+        keys = [(id(tasks[i]), tuple(routes[i].adapters)) for i in chunk]
+        for rows in _groups(keys):
+            with use_gates(model, g[rows[:1]] if g is not None else None):
+                s = head.scores(model, tok, [texts[chunk[j]] for j in rows], tasks[chunk[rows[0]]])
+            for j, r in enumerate(rows):
+                scores[chunk[r]] = s[j]
+    return scores
+
+
+def _classify_router(engine: Engine, texts: list[str], name: str) -> list[dict[str, Any]]:
+    rm = engine.router_model(name)
+    routes = rm.route(texts)
+    tasks = rm.task_of(texts, routes)
+    if any(t is None or not t.labels for t in tasks):
+        raise UserInputError(f"router {name!r} routed a text to an adapter with no label set")
+    out: list[Any] = [None] * len(texts)
+    for rows in _groups(tasks):
+        s, _ = rm.scores_and_routes([texts[i] for i in rows], tasks[rows[0]])
+        for j, i in enumerate(rows):
+            out[i] = _labelled(tasks[i], s[j], {"adapters": top_adapters(rm.experts, routes[i].weights)})
+    return out
+
+
+def _groups(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices grouped by key (tasks by identity, or hashable keys), in order of first appearance."""
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k if isinstance(k, (tuple, int, str)) else id(k), []).append(i)
+    return list(out.values())
+
+
+def _labelled(task, scores: torch.Tensor, routing: dict[str, Any]) -> dict[str, Any]:
+    p = torch.softmax(scores.float(), -1).tolist()
+    return {"task": task.name, "label": task.labels[int(np.argmax(p))],
+            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "routing": routing}
