@@ -1,4 +1,4 @@
-"""Continual-learning benchmark: the six embedded tasks on minilm, three task orders.
+"""Continual-learning benchmark: the six embedded tasks (or a 15-task library stream) on minilm, three task orders.
 
 For each order it runs, as stream specs through `loraplex.api.run_stream`:
   - seq-lora            (one LoRA fine-tuned task after task: the lower bound, shows forgetting)
@@ -26,6 +26,13 @@ reused and an interrupted one resumed, so the script can be re-run after a stop.
     python bench/continual.py                     # the full benchmark (hours on 2 shared CPU cores)
     python bench/continual.py --steps 40 --orders 1 --eval-limit 100   # a quick look
     python bench/continual.py --orders 1 --routed   # add the routed method (reuses finished runs)
+    python bench/continual.py --tasks library --steps 80 --eval-limit 100 --no-timing   # the 15-task stream
+    python bench/continual.py --tasks library --base smollm2 --first 5 --orders 1 --steps 20 --batch-size 8 \
+        --eval-limit 50 --no-timing                                     # the short causal-LM table
+
+`--tasks library` runs the 15-task stream drawn from the task library (three tasks from each of five
+families, `LIBRARY_ORDERS`), with the same methods and metrics, no forgetting requests; the replay
+budget is 100 rows per task in both worlds.
 """
 
 from __future__ import annotations
@@ -54,17 +61,33 @@ ORDERS = [
 FORGET = [{"forget": "airline"}, {"forget": "bbc", "labels": ["sport"]}, {"forget": "driverless"}]
 
 
+# The library stream (issue 12): 15 tasks of the task library, three from each of five families whose
+# tasks share inputs or labels with their neighbours (tweets, BBC articles, kaomoji, chatbot lines,
+# languages), so that later tasks overwrite what earlier ones need. Three orders, as in O-LoRA's long
+# benchmark: family-interleaved, the reverse, and a fixed shuffle with same-family runs.
+LIBRARY = ("airline", "bbc", "kaomoji-happy-vs-sad", "chat-six-topics", "lang-romance",
+           "apple-polarity", "bbc-politics-vs-sport", "kaomoji-basic-emotions", "chat-knowledge", "lang-germanic",
+           "deflategate-opinion", "bbc-tech-or-other", "kaomoji-animals", "kaomoji-actions", "lang-east-asian")
+LIBRARY_ORDERS = [
+    LIBRARY,
+    tuple(reversed(LIBRARY)),
+    ("kaomoji-animals", "kaomoji-basic-emotions", "kaomoji-happy-vs-sad", "lang-east-asian", "airline",
+     "apple-polarity", "deflategate-opinion", "bbc-tech-or-other", "chat-knowledge", "lang-romance",
+     "lang-germanic", "bbc", "bbc-politics-vs-sport", "chat-six-topics", "kaomoji-actions"),
+]
+
+
 def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0,
-              distill: float = 2.0):
+              distill: float = 2.0, base: str = "minilm", batch_size: int = 16):
     spec = {
-        "name": name, "base": "minilm", "seed": seed, "lora": {"rank": 8},
-        "trainer": {"steps": steps, "lr": 2e-3, "batch_size": 16, "eval_limit": eval_limit, "snapshots": 2},
+        "name": name, "base": base, "seed": seed, "lora": {"rank": 8},
+        "trainer": {"steps": steps, "lr": 2e-3, "batch_size": batch_size, "eval_limit": eval_limit, "snapshots": 2},
         "method": method,
         "forgetting": {"name": "gs-lora", "steps": steps},
         "experiences": [{"learn": t} for t in order] + ([forget] if forget else []),
     }
     if replay:
-        spec["replay"] = {"budget": 600, "policy": "class-balanced", "mix": 0.25, "distill": distill}
+        spec["replay"] = {"budget": 100 * len(order), "policy": "class-balanced", "mix": 0.25, "distill": distill}
     return spec
 
 
@@ -210,6 +233,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120, help="optimiser steps per task (and per forgetting request)")
     ap.add_argument("--eval-limit", type=int, default=200, help="test examples per task in the accuracy matrix")
     ap.add_argument("--orders", type=int, default=3, help="how many of the three task orders to run")
+    ap.add_argument("--tasks", choices=("six", "library"), default="six",
+                    help="six: the six embedded tasks; library: the 15-task stream drawn from the task library")
+    ap.add_argument("--first", type=int, default=0, help="only the first N tasks of each order (0: all)")
+    ap.add_argument("--base", default="minilm", help="base model of the streams (minilm, smollm2, a directory)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-forget", action="store_true", help="skip the GS-LoRA forgetting requests (six tasks only)")
     ap.add_argument("--home", default=str(REPO / ".bench" / "continual-home"))
     ap.add_argument("--distill", type=float, default=2.0,
                     help="replay.distill of the replay runs (DER++ weight, the spec's default 2.0; 0: plain replay)")
@@ -232,26 +261,34 @@ def main() -> None:
 
     results: dict = {"steps": args.steps, "eval_limit": args.eval_limit, "orders": [], "multitask": None}
     tag = f"s{args.steps}-e{args.eval_limit}"
+    if args.tasks == "library" or args.base != "minilm" or args.first or args.batch_size != 16:
+        # other worlds get their own run names (the six-task runs keep theirs, so finished runs are reused)
+        # (short: run names are at most 40 characters)
+        tag = f"{args.tasks[0].upper()}{args.first or ''}{Path(args.base).name[:3]}b{args.batch_size}{tag.replace('-', '')}"
     rtag = f"{tag}-d{args.distill:g}"  # replay runs and their forgetting requests, per distillation weight
     if not args.no_streams:
-        log(f"multitask (all six tasks, {6 * args.steps} steps)")
-        results["multitask"] = run(spec_dict(f"multitask-{tag}", ORDERS[0], "multitask", replay=False,
-                                             steps=args.steps, eval_limit=args.eval_limit), root, settings, log)
-        for k, order in enumerate(ORDERS[: args.orders]):
+        orders = [tuple(o[: args.first]) if args.first else tuple(o) for o in
+                  (LIBRARY_ORDERS if args.tasks == "library" else ORDERS)][: args.orders]
+        n = len(orders[0])
+        results.update(tasks=args.tasks, base=args.base, n_tasks=n, batch_size=args.batch_size)
+        common = dict(steps=args.steps, eval_limit=args.eval_limit, base=args.base, batch_size=args.batch_size)
+        log(f"multitask (all {n} tasks, {n * args.steps} steps)")
+        results["multitask"] = run(spec_dict(f"multitask-{tag}", orders[0], "multitask", replay=False, **common),
+                                   root, settings, log)
+        for k, order in enumerate(orders):
             log(f"order {k + 1}: {' -> '.join(order)}")
-            seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, steps=args.steps,
-                                eval_limit=args.eval_limit), root, settings, log)
-            olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, steps=args.steps,
-                                eval_limit=args.eval_limit, distill=args.distill), root, settings, log)
-            adapters = [u["adapter"] for u in olr["metrics"]["units"]]
-            fr = forget(f"forget-o{k + 1}-{rtag}", FORGET[k], adapters, steps=args.steps, eval_limit=args.eval_limit,
-                        settings=settings, log=log)
-            row = {"order": order, "seq-lora": seq, "o-lora+replay": olr, "forget": fr}
+            seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, **common), root, settings, log)
+            olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, distill=args.distill,
+                                **common), root, settings, log)
+            row = {"order": order, "seq-lora": seq, "o-lora+replay": olr}
+            if args.tasks == "six" and not args.no_forget:
+                adapters = [u["adapter"] for u in olr["metrics"]["units"]]
+                row["forget"] = forget(f"forget-o{k + 1}-{rtag}", FORGET[k], adapters, steps=args.steps,
+                                       eval_limit=args.eval_limit, settings=settings, log=log)
             if args.routed:
                 routed = {"name": "routed", "router": "token-gate", "router_steps": args.steps}
                 row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{rtag}", order, routed, replay=True,
-                                                     steps=args.steps, eval_limit=args.eval_limit, distill=args.distill),
-                                           root, settings, log)
+                                                     distill=args.distill, **common), root, settings, log)
             results["orders"].append(row)
     if not args.no_timing:
         log("step-time overhead (interleaved, one process)")
@@ -264,8 +301,10 @@ def main() -> None:
 def report(results: dict) -> None:
     keys = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
     print()
-    print(f"== continual benchmark: minilm, six embedded tasks, {results['steps']} steps per task, "
-          f"{results['eval_limit']} test examples per task ==")
+    world = ("six embedded tasks" if results.get("tasks", "six") == "six"
+             else f"{results.get('n_tasks', 15)} tasks of the task library")
+    print(f"== continual benchmark: {results.get('base', 'minilm')}, {world}, {results['steps']} steps per task, "
+          f"batch {results.get('batch_size', 16)}, {results['eval_limit']} test examples per task ==")
     if results["orders"]:
         print(f"{'run':<28}{'AA':>7}{'BWT':>7}{'FWT':>7}{'F':>7}")
         avg: dict[str, dict[str, list[float]]] = {}
@@ -294,9 +333,10 @@ def report(results: dict) -> None:
             print(f"  o-lora+replay vs multitask: AA gap {gap:.1f} points (goal <= 2.0); "
                   f"BWT {100 * o['backward_transfer']:+.1f} points (goal >= -1.0)")
         print()
-        print("forgetting requests (GS-LoRA, against each order's final o-lora+replay composition):")
+        if any(o.get("forget") for o in results["orders"]):
+            print("forgetting requests (GS-LoRA, against each order's final o-lora+replay composition):")
         for k, o in enumerate(results["orders"]):
-            for f in [o["forget"]]:
+            for f in [o["forget"]] if o.get("forget") else []:
                 what = f["task"] + (f"[{','.join(f['labels'])}]" if f.get("labels") else "")
                 print(f"  order {k + 1} forget {what:<16} forgotten {pts(f['forgotten_before'])} -> {pts(f['forgotten_after'])}"
                       f" (chance {pts(f['chance'])});  retained {pts(f['retained_before'])} -> {pts(f['retained_after'])}"

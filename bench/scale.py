@@ -17,7 +17,8 @@ of the routing decision with 1,000 and 10,000 registered adapters.
    `airline` (negative / neutral / positive) for an `airline-polarity` one. A query's text alone cannot
    tell those tasks apart (the same article is a fair input to both), and either adapter answers the
    query's question. `loraplex.overlap.equivalents` defines it; both figures (own only, own or
-   equivalent) are printed.
+   equivalent) are printed. The query's task is known (its labels score the answer), so retrieval is
+   told its labels (`--label-weight`, the RetrievalConfig default 0.25; 0 routes on the text alone).
 
 2. latency: registries of N synthetic adapters whose signatures are real ones perturbed (the library
    tasks' description embeddings and training-input prototypes plus Gaussian noise, renormalised: real
@@ -52,7 +53,7 @@ def _pct(xs, q: float) -> float:
 # 1. routing over the whole library
 
 
-def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
+def bench_routing(limit: int, top_ks: list[int], label_weight: float = 0.25, log=print) -> dict:
     import torch
 
     from loraplex import api
@@ -71,20 +72,19 @@ def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
     names = [adapter_name(t) for t in tasks]
     log(f"== routing over {len(names)} library adapters (registry {s.home}), {limit} test queries per task ==")
     task_of = {adapter_name(t): t for t in tasks}
-    out: dict = {"adapters": len(names), "limit": limit, "runs": {}}
+    out: dict = {"adapters": len(names), "limit": limit, "label_weight": label_weight, "runs": {}}
     oracle: dict[str, float] = {}
     for k in top_ks:
         t0 = time.perf_counter()
-        rm = api.load_routed_model("retrieval", None, texts=["warm up"], config={"top_k": k, "candidates": max(64, 4 * k)},
-                                   settings=s)
+        config = {"top_k": k, "candidates": max(64, 4 * k), "label_weight": label_weight}
+        rm = api.load_routed_model("retrieval", None, texts=["warm up"], config=config, settings=s)
         rows = []
         for t in tasks:
             task = reg.load_task(t)
             ex = list(task.split("test"))[:limit]
             texts = [e.text for e in ex]
             # retrieval over the whole registry: faiss candidates for these queries, then the bank
-            rm = api.load_routed_model("retrieval", None, texts=texts,
-                                       config={"top_k": k, "candidates": max(64, 4 * k)}, settings=s)
+            rm = api.load_routed_model("retrieval", None, texts=texts, config=config, settings=s)
             scores, routes = rm.scores_and_routes(texts, task)
             pred = scores.argmax(-1).tolist()
             gold = [task.label_index(e.label) for e in ex]
@@ -107,12 +107,12 @@ def bench_routing(limit: int, top_ks: list[int], log=print) -> dict:
                          "top": max(set(tops), key=tops.count)})
         dt = time.perf_counter() - t0
         out["runs"][f"top{k}"] = {"rows": rows, "seconds": round(dt, 1)}
-        _report_routing(k, rows, dt, log)
+        _report_routing(k, label_weight, rows, dt, log)
     return out
 
 
-def _report_routing(k: int, rows: list[dict], seconds: float, log=print) -> None:
-    log(f"\n-- retrieval, top_k={k} ({seconds:.0f}s) --")
+def _report_routing(k: int, label_weight: float, rows: list[dict], seconds: float, log=print) -> None:
+    log(f"\n-- retrieval, top_k={k}, label_weight={label_weight:g} ({seconds:.0f}s) --")
     log(f"{'task':32} {'family':17} {'n':>4} {'own':>6} {'equiv':>6} {'routed':>7} {'oracle':>7} {'share':>7}  most routed to")
     for r in rows:
         share = r["accuracy"] / r["oracle"] if r["oracle"] else float("nan")
@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("routing", "latency", "all"), default="all")
     ap.add_argument("--limit", type=int, default=100, help="test queries per task (routing)")
     ap.add_argument("--top-k", default="1,3", help="retrieval top_k values (routing)")
+    ap.add_argument("--label-weight", type=float, default=0.25,
+                    help="retrieval label_weight (routing; the query's task's labels are known: 0 routes on text alone)")
     ap.add_argument("--counts", default="1000,10000", help="registry sizes (latency)")
     ap.add_argument("--queries", type=int, default=300, help="single queries timed per size (latency)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="loraplex-scale-") as work:
             results["latency"] = bench_latency([int(c) for c in a.counts.split(",")], a.queries, Path(work))
     if a.part in ("routing", "all"):
-        results["routing"] = bench_routing(a.limit, [int(k) for k in a.top_k.split(",")])
+        results["routing"] = bench_routing(a.limit, [int(k) for k in a.top_k.split(",")], a.label_weight)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

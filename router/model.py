@@ -133,12 +133,15 @@ class RoutedModel:
         return len(self.experts)
 
     # ---- gates -------------------------------------------------------------------------------
-    def static_gates(self, texts: Sequence[str]) -> torch.Tensor | None:
-        """(N, 1, E) retrieval gates for the texts, or None for a learned router."""
+    def static_gates(self, texts: Sequence[str], labels: Sequence[str] | None = None) -> torch.Tensor | None:
+        """(N, 1, E) retrieval gates for the texts, or None for a learned router. `labels`: the label set
+        the texts are to be answered with; adapters trained on it rank higher (RetrievalRouter.label_bonus)."""
         if self.retrieval is None:
             return None
         q = self.embedder.encode(list(texts))
-        g = self.retrieval.gates(self.retrieval.scores(q, self.signatures))  # (N, E)
+        scores = self.retrieval.scores(q, self.signatures)  # (N, E)
+        bonus = self.retrieval.label_bonus(labels, [t.labels if t is not None else None for t in self.expert_tasks])
+        g = self.retrieval.gates(scores if bonus is None else scores + bonus[None, :])  # (N, E)
         return torch.from_numpy(g).to(self.lb.device).unsqueeze(1)
 
     def one_hot(self, experts: Sequence[int]) -> torch.Tensor:
@@ -285,8 +288,9 @@ class RoutedModel:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def scores_and_routes(self, texts: list[str], task) -> tuple[torch.Tensor, list[RowRoute]]:
-        """Label scores (N, L) on `task` and the routing of each text; one forward for encoders."""
-        static = self.static_gates(texts)
+        """Label scores (N, L) on `task` and the routing of each text (retrieval: knowing the task's labels);
+        one forward for encoders."""
+        static = self.static_gates(texts, task.labels if task is not None else None)
         if self.head.embeds:
             rec = Recorder(self.model)
             with rec.recording(), use_gates(self.model, static):

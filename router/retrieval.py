@@ -10,7 +10,17 @@ and is routed to its k best adapters with gates constant over the whole sequence
 
     g_i = exp(score_i / tau) / sum_{j in top-k} exp(score_j / tau)  for i in top-k, 0 otherwise
 
-set as static (B, 1, E) gates (`experts.layers.use_gates`), one row per query. Registering an adapter
+set as static (B, 1, E) gates (`experts.layers.use_gates`), one row per query.
+
+When the caller says which answers it wants (the label set of the task a query is scored on: evaluation,
+`RoutedModel.scores_and_routes`), the score adds the match between that label set L and the labels L_i
+of each adapter's task,
+
+    score_i += label_weight * |L & L_i| / |L | L_i|     (Jaccard over lower-cased label names; 0 without L_i)
+
+The text alone cannot tell "is this kaomoji happy or sad?" from "which animal is this kaomoji?" (the
+same input suits both), while the labels asked for can: an adapter trained to answer exactly those
+labels is the one to use. Faiss still picks the `candidates` by text; the label term re-ranks them. Registering an adapter
 makes it routable at once: the registry's faiss index (registry/index.py) is caught up on the next search.
 
 The score is <q, c_i> with c_i = (1 - w) d_i + w p_i, linear in q: over a whole registry, faiss over the
@@ -45,6 +55,8 @@ class RetrievalConfig(BaseModel):
     """Weight of the training-input prototype in the score (the rest is the description)."""
     candidates: int = Field(64, ge=1)
     """Adapters faiss keeps (best routing scores over the whole registry) to make the bank from."""
+    label_weight: float = Field(0.25, ge=0, le=1)
+    """Weight of the label-set match (Jaccard) when the caller names the labels it wants answered."""
 
 
 @dataclass
@@ -65,6 +77,17 @@ class Signatures:
         return Signatures([self.names[i] for i in k], self.desc[k], self.proto[k])
 
 
+def label_overlap(labels: Sequence[str], expert_labels: Sequence[Sequence[str] | None]) -> np.ndarray:
+    """(E,) Jaccard overlap of a label set with each adapter's (lower-cased, stripped; 0 where none)."""
+    want = {str(x).strip().lower() for x in labels}
+    out = np.zeros(len(expert_labels), dtype=np.float32)
+    for i, lab in enumerate(expert_labels):
+        have = {str(x).strip().lower() for x in lab or ()}
+        if want and have:
+            out[i] = len(want & have) / len(want | have)
+    return out
+
+
 @ROUTERS.register("retrieval", RetrievalConfig, summary="nearest adapters by signature (faiss), constant gates; no training")
 class RetrievalRouter:
     """Signature retrieval: no training; constant gates per sequence."""
@@ -80,6 +103,12 @@ class RetrievalRouter:
         vectors (`registry.index.routing_vectors`, the ones the registry-wide faiss index holds)."""
         q = np.asarray(queries, dtype=np.float32)  # (Q, D)
         return (q @ routing_vectors(sig.desc, sig.proto, self.config.prototype_weight).T).astype(np.float32)
+
+    def label_bonus(self, labels: Sequence[str] | None, expert_labels: Sequence[Sequence[str] | None]) -> np.ndarray | None:
+        """(E,) label_weight * Jaccard(labels, each adapter's labels), or None when no labels are asked for."""
+        if not labels or self.config.label_weight == 0:
+            return None
+        return self.config.label_weight * label_overlap(labels, expert_labels)
 
     def gates(self, scores: np.ndarray, k: int | None = None) -> np.ndarray:
         """(Q, E) weights: softmax over each row's top-k scores, zeros elsewhere."""

@@ -208,3 +208,39 @@ def test_a_shared_factorised_token_gate_is_stored_and_queried(env):
     ev = env("router", "eval", "tg-low", "--limit", 4, "--json")
     assert ev.exit_code == 0, ev.output
     assert env("router", "remove", "tg-low").exit_code == 0
+
+
+def test_retrieval_prefers_the_adapter_trained_on_the_labels_asked_for(env, peft_dirs, tmp_path):
+    """Two adapters of the same texts, told apart only by their label sets: the labels a query is to be
+    answered with decide (label_weight), and without labels the text alone does as before."""
+    from loraplex import api
+    from loraplex.router.retrieval import label_overlap
+
+    assert label_overlap(["Win", "loss"], [["win", "loss"], ["good", "bad"], None, ["win", "draw"]]).tolist() == \
+        pytest.approx([1.0, 0.0, 0.0, 1 / 3])
+    src = write_task(tmp_path, "sports", seed=5)
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    p = tmp_path / "results.jsonl"
+    p.write_text("\n".join(json.dumps({"text": r["text"], "label": "win" if r["label"] == "good" else "loss"})
+                           for r in rows) + "\n")
+    (tmp_path / "results.task.json").write_text(json.dumps(
+        {"name": "results", "description": "did the sports team win or lose", "labels": ["win", "loss"]}))
+    api.register(peft_dirs["sports"], name="results-lora", description="is the sports message good or bad",
+                 task=str(p), settings=env.settings)
+    try:
+        rm = api.load_routed_model("retrieval", ["sports-lora", "results-lora"], settings=env.settings)
+        text = [rows[0]["text"]]
+        for labels, want in ((["win", "loss"], "results-lora"), (["good", "bad"], "sports-lora")):
+            g = rm.static_gates(text, labels)[0, 0]
+            assert rm.experts[int(g.argmax())] == want, (labels, g)
+        task = next(t for t in rm.expert_tasks if t.name == "results")
+        _, routes = rm.scores_and_routes(text, task)
+        assert rm.experts[routes[0].top] == "results-lora"
+        rm.retrieval.config = rm.retrieval.config.model_copy(update={"label_weight": 0.0})
+        assert torch_equal(rm.static_gates(text, ["win", "loss"]), rm.static_gates(text))
+    finally:
+        api.remove("results-lora", settings=env.settings)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
