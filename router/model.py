@@ -28,6 +28,7 @@ import torch
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import routed_layers, swapped, use_gates
 from loraplex.heads import accuracy, head_for
+from loraplex.tasks import Task
 
 
 @dataclass
@@ -99,6 +100,16 @@ def block_of(layer: str) -> str:
 def routers_off(model):
     """Learned routers detached during the block (static gates then decide, e.g. an oracle's one-hot)."""
     return swapped(model, "router", None)
+
+
+def labels_task(labels: Sequence[str], like: Any = None) -> Task:
+    """The task of answering with `labels`: `like` itself when it has exactly that label set, else a task
+    of those labels, with `like`'s label texts for the labels it shares."""
+    if like is not None and tuple(like.labels) == tuple(labels):
+        return like
+    texts = {lab: like.label_text(lab) for lab in labels if like is not None and lab in like.labels}
+    return Task(name="labels", description="answer with one of: " + ", ".join(labels), labels=tuple(labels),
+                train=(), validation=(), test=(), label_texts=texts, source="query")
 
 
 class RoutedModel:
@@ -211,12 +222,19 @@ class RoutedModel:
         return out
 
     @torch.no_grad()
-    def answer(self, texts: Sequence[str], *, trace: bool = False) -> list[dict[str, Any]]:
-        """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}."""
+    def answer(self, texts: Sequence[str], *, trace: bool = False, labels: Sequence[str] | None = None
+               ) -> list[dict[str, Any]]:
+        """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}.
+
+        `labels`: the answers the caller wants (at least two, checked by `router.query.checked_labels`):
+        retrieval prefers adapters trained on that label set, and every text is answered with one of
+        them (label texts taken from the routed adapter's task where it has the label)."""
         texts = list(texts)
-        static = self.static_gates(texts)
+        static = self.static_gates(texts, labels)
         routes = self.route(texts, trace=trace, static=static)
         tasks = self.task_of(texts, routes)
+        if labels:
+            tasks = [labels_task(labels, t) for t in tasks]
         answers: list[Any] = [None] * len(texts)
         # A causal head turns each text into several sequences (one per label, batched its own way), so
         # its static gates cannot follow the texts row by row: rows are grouped by task and gate row,

@@ -19,16 +19,22 @@ from loraplex.router.load import is_untrained, load_routed_model
 
 def query(reg, settings, texts: Sequence[str], *, router: str | None = None, adapters: Sequence[str] | None = None,
           trace: bool = False, base: str | None = None, shortlist: int | None = None, batch_size: int = 32,
-          config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+          config: dict[str, Any] | None = None, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Answer queries with a routed model, `batch_size` at a time. One dict per query:
     `{"query", "task", "answer", "adapters": [{"name", "weight"}], "tokens": [...], "layers": [...]}`
     (tokens and layers with `trace`). Without `router`, retrieval over the whole registry (or over
-    `adapters`) routes; `router="auto"`: router/auto.py decides per query."""
+    `adapters`) routes; `router="auto"`: router/auto.py decides per query. `labels`: answer with one of
+    these, routing (retrieval) toward adapters trained on them (`RoutedModel.answer`)."""
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):
         raise UserInputError("the query is empty")
     if batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
+    if labels is not None:
+        labels = checked_labels(labels)
+        if router == "auto":
+            raise UserInputError("--labels is not implemented for --router auto (auto answers with the label set of "
+                                 "the adapter it routes to or generates); use --router retrieval or a stored router")
     if router == "auto":
         return _query_auto(reg, settings, texts, adapters=adapters, shortlist=shortlist, base=base, trace=trace,
                            batch_size=batch_size, config=config)
@@ -43,7 +49,22 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
         if rm is None or per_batch:
             rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, shortlist=shortlist,
                                    config=config)
-        out.extend(rm.answer(chunk, trace=trace))
+        out.extend(rm.answer(chunk, trace=trace, labels=labels))
+    return out
+
+
+def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
+    """The label set a query asks to be answered with: at least two distinct, non-empty names."""
+    if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+        raise UserInputError("labels must be a list of strings")
+    out = tuple(x.strip() for x in labels)
+    if any(not x for x in out):
+        raise UserInputError("--labels has an empty label name")
+    dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
+    if dup is not None:
+        raise UserInputError(f"--labels names {dup!r} twice")
+    if len(out) < 2:
+        raise UserInputError(f"--labels needs at least 2 labels to choose between, got {len(out)}")
     return out
 
 

@@ -52,6 +52,7 @@ def query(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated); retrieval then prefers adapters trained on them.")] = None,
     base: Base = None,
     home: Home = None,
     json: Json = False,
@@ -68,7 +69,8 @@ def query(
         raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
                              "options it was fitted with")
     res = api.query(queries, router=router, adapters=parse_list(adapters) or None, trace=trace or json, base=base,
-                    shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home))
+                    shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home),
+                    labels=labels.split(",") if labels is not None else None)
     if json:
         items = [{"query": r["query"], "task": r["task"], "answer": r["answer"], "adapters": r["adapters"],
                   "tokens": r.get("tokens", []), "layers": r.get("layers", []),

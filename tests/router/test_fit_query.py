@@ -238,6 +238,20 @@ def test_retrieval_prefers_the_adapter_trained_on_the_labels_asked_for(env, peft
         assert rm.experts[routes[0].top] == "results-lora"
         rm.retrieval.config = rm.retrieval.config.model_copy(update={"label_weight": 0.0})
         assert torch_equal(rm.static_gates(text, ["win", "loss"]), rm.static_gates(text))
+        # the CLI: --labels routes toward the adapter of those labels and answers with one of them
+        for labels, want in (("win,loss", "results-lora"), ("good,bad", "sports-lora")):
+            res = env("query", text[0], "--adapters", "sports-lora,results-lora", "--labels", labels, "--json")
+            assert res.exit_code == 0, res.output
+            out = json.loads(res.output)
+            assert out["adapters"][0]["name"] == want and out["answer"] in labels.split(","), out
+        # a label set no adapter has: answered with those labels all the same
+        out = json.loads(env("query", text[0], "--labels", "yes,no", "--json").output)
+        assert out["answer"] in ("yes", "no") and out["task"] == "labels"
+        for bad, msg in (("win", "at least 2 labels"), ("win,win", "'win' twice"), ("win,,loss", "empty label"),):
+            res = env("query", text[0], "--labels", bad)
+            assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output, res.output
+        res = env("query", text[0], "--router", "auto", "--labels", "win,loss")
+        assert res.exit_code != 0 and "--labels is not implemented for --router auto" in res.output
     finally:
         api.remove("results-lora", settings=env.settings)
 
