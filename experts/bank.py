@@ -72,32 +72,37 @@ class _TokenPlan(NamedTuple):
 
 
 class _GroupedLora(torch.autograd.Function):
-    """y = ((A @ buf^T) * s)^T @ Bw per block: the two grouped matmuls of the token dispatch.
+    """out[src[j]] += (((A @ buf^T) * s)^T @ Bw)[j] over the U*C slots j: the token dispatch's two grouped
+    matmuls and its scatter back to the N token rows.
 
-    buf (U, C, d_in) packed tokens, A (U, R, d_in), Bw (U, R, d_out), s (U, R, C) scaling x gate weight
-    -> (U, C, d_out). Written as a Function so that its backward picks the same CPU-friendly shapes as
-    the forward: every product keeps C (the long side) as an output dimension (d z = Bw @ gy^T, not
-    gy @ Bw^T with an output of R = 8 columns) and the input's gradient comes out (U, C, d_in) in
-    row order, ready for the gather's backward. About 30% faster than autograd's own backward of the
-    same expression on 2 CPU threads (MiniLM shapes, R=8); equal to it within float rounding
-    (tests/experts/test_token_dispatch.py compares the whole path with the dense bank)."""
+    buf (U, C, d_in) packed tokens, A (U, R, d_in), Bw (U, R, d_out), s (U, R, C) scaling x gate weight,
+    src (U*C,) each slot's token -> (N, d_out). Written as a Function so that its backward picks the same
+    CPU-friendly shapes as the forward: every product keeps C (the long side) as an output dimension
+    (d z = Bw @ gy^T, not gy @ Bw^T with an output of R = 8 columns), the input's gradient comes out
+    (U, C, d_in) in row order, and the (U*C, d_out) slot outputs are not kept for backward (autograd's
+    `index_add` would save them: 6 MB per MiniLM projection). About 30% faster than autograd's own
+    backward of the same expression on 2 CPU threads (MiniLM shapes, R=8); equal to it within float
+    rounding (tests/experts/test_token_dispatch.py compares the whole path with the dense bank)."""
 
     @staticmethod
-    def forward(ctx, buf, A, Bw, s):
+    def forward(ctx, buf, A, Bw, s, src, n):
         z = torch.bmm(A, buf.transpose(1, 2))  # (U, R, C)
-        ctx.save_for_backward(buf, A, Bw, s, z)
-        return torch.bmm((z * s).transpose(1, 2), Bw)  # (U, C, d_out)
+        ctx.save_for_backward(buf, A, Bw, s, z, src)
+        y = torch.bmm((z * s).transpose(1, 2), Bw)  # (U, C, d_out)
+        return y.new_zeros(n, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        buf, A, Bw, s, z = ctx.saved_tensors
+    def backward(ctx, g_out):
+        buf, A, Bw, s, z, src = ctx.saved_tensors
+        gy = g_out.index_select(0, src).view(buf.shape[0], buf.shape[1], -1)  # (U, C, d_out)
         g_zs = torch.bmm(Bw, gy.transpose(1, 2))  # (U, R, C)
         g_z = g_zs * s
         return (torch.bmm(g_z.transpose(1, 2), A) if ctx.needs_input_grad[0] else None,  # (U, C, d_in)
                 torch.bmm(g_z, buf) if ctx.needs_input_grad[1] else None,  # (U, R, d_in)
                 torch.bmm(z * s, gy) if ctx.needs_input_grad[2] else None,  # (U, R, d_out)
-                g_zs * z if ctx.needs_input_grad[3] else None)  # (U, R, C)
+                g_zs * z if ctx.needs_input_grad[3] else None,  # (U, R, C)
+                None, None)
 
 
 def block_size(counts: torch.Tensor, floor: int = 8, block_cost: int = 16) -> int:
@@ -328,8 +333,7 @@ class LoraBank(nn.Module):
         # permuted view is several times slower
         A, Bw = A.to(x.dtype), Bw.permute(1, 2, 0).to(x.dtype).contiguous()
         s_ = scale.to(x.dtype).unsqueeze(-1) * p.w_slot.view(p.U, 1, p.C)  # (U, R, C) scaling x gate weight
-        y = _GroupedLora.apply(buf, A, Bw, s_).view(p.U * p.C, self.d_out)  # (U*C, d_out), already gate-weighted
-        out = y.new_zeros(N, self.d_out).index_add_(0, p.src, y)  # each slot's row added to its token's
+        out = _GroupedLora.apply(buf, A, Bw, s_, p.src, N)  # (N, d_out): each slot's row added to its token's
         return out.view(*lead, self.d_out)
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
