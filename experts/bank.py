@@ -80,14 +80,16 @@ class _GroupedLora(torch.autograd.Function):
     CPU-friendly shapes as the forward: every product keeps C (the long side) as an output dimension
     (d z = Bw @ gy^T, not gy @ Bw^T with an output of R = 8 columns), the input's gradient comes out
     (U, C, d_in) in row order, and the (U*C, d_out) slot outputs are not kept for backward (autograd's
-    `index_add` would save them: 6 MB per MiniLM projection). About 30% faster than autograd's own
+    `index_add` would save them: 6 MB per MiniLM projection), nor the packed input unless A needs a
+    gradient (a router trained over frozen adapters). About 30% faster than autograd's own
     backward of the same expression on 2 CPU threads (MiniLM shapes, R=8); equal to it within float
     rounding (tests/experts/test_token_dispatch.py compares the whole path with the dense bank)."""
 
     @staticmethod
     def forward(ctx, buf, A, Bw, s, src, n):
         z = torch.bmm(A, buf.transpose(1, 2))  # (U, R, C)
-        ctx.save_for_backward(buf, A, Bw, s, z, src)
+        need = ctx.needs_input_grad  # keep the packed input only for A's gradient (frozen adapters: never)
+        ctx.save_for_backward(buf if need[1] else None, A, Bw, s, z if need[2] or need[3] else None, src)
         y = torch.bmm((z * s).transpose(1, 2), Bw)  # (U, C, d_out)
         return y.new_zeros(n, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
 
