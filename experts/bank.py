@@ -97,7 +97,7 @@ class _GroupedLora(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
         buf, A, Bw, s, z, src = ctx.saved_tensors
-        gy = g_out.index_select(0, src).view(buf.shape[0], buf.shape[1], -1)  # (U, C, d_out)
+        gy = g_out.index_select(0, src).view(s.shape[0], s.shape[2], -1)  # (U, C, d_out)
         g_zs = torch.bmm(Bw, gy.transpose(1, 2))  # (U, R, C)
         g_z = g_zs * s
         return (torch.bmm(g_z.transpose(1, 2), A) if ctx.needs_input_grad[0] else None,  # (U, C, d_in)

@@ -67,6 +67,28 @@ def test_token_sparse_equals_dense(k, device):
     _assert_equal(bank, x, gates)
 
 
+def test_frozen_adapters_train_only_the_gates_and_input():
+    """A router trained over frozen adapters (A, B without gradients): the sparse path's backward, which
+    then keeps less for backward, still gives the dense path's input and gate gradients."""
+    bank = _bank()
+    bank.A.requires_grad_(False)
+    bank.B.requires_grad_(False)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(8))
+    gates = _token_gates(3, 7, 12, 2, seed=8)
+    grads = []
+    for dispatch in ("sparse", "dense"):
+        bank.dispatch = dispatch
+        xx, gg = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        out = bank(xx, gg)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), xx.grad, gg.grad))
+    (so, sx, sg), (do, dx, dg) = grads
+    torch.testing.assert_close(so, do, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sx, dx, rtol=1e-4, atol=1e-4)
+    sel = gates != 0
+    torch.testing.assert_close(sg[sel], dg[sel], rtol=1e-4, atol=1e-4)
+
+
 def test_padding_mask_and_uneven_k():
     bank = _bank()
     x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(3))
