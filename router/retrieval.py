@@ -20,8 +20,10 @@ of each adapter's task,
 
 The text alone cannot tell "is this kaomoji happy or sad?" from "which animal is this kaomoji?" (the
 same input suits both), while the labels asked for can: an adapter trained to answer exactly those
-labels is the one to use. Faiss still picks the `candidates` by text; the label term re-ranks them. Registering an adapter
-makes it routable at once: the registry's faiss index (registry/index.py) is caught up on the next search.
+labels is the one to use. Faiss still picks the `candidates` by text; the label term re-ranks them.
+
+Registering an adapter makes it routable at once: the registry's faiss index (registry/index.py) is
+caught up on the next search.
 
 The score is <q, c_i> with c_i = (1 - w) d_i + w p_i, linear in q: over a whole registry, faiss over the
 c_i (the registry's routing index, `registry/index.py`) finds the `candidates` best-scoring adapters

@@ -4,6 +4,7 @@ traces and JSON, from files and stdin; retrieval routing; heterogeneous batches;
 import json
 
 import pytest
+import torch
 from tests.router.conftest import registered_cli, write_task
 
 NAMES = ("flights-lora", "sports-lora", "phones-lora")
@@ -237,7 +238,7 @@ def test_retrieval_prefers_the_adapter_trained_on_the_labels_asked_for(env, peft
         _, routes = rm.scores_and_routes(text, task)
         assert rm.experts[routes[0].top] == "results-lora"
         rm.retrieval.config = rm.retrieval.config.model_copy(update={"label_weight": 0.0})
-        assert torch_equal(rm.static_gates(text, ["win", "loss"]), rm.static_gates(text))
+        assert torch.equal(rm.static_gates(text, ["win", "loss"]), rm.static_gates(text))
         # the CLI: --labels routes toward the adapter of those labels and answers with one of them
         for labels, want in (("win,loss", "results-lora"), ("good,bad", "sports-lora")):
             res = env("query", text[0], "--adapters", "sports-lora,results-lora", "--labels", labels, "--json")
@@ -254,7 +255,3 @@ def test_retrieval_prefers_the_adapter_trained_on_the_labels_asked_for(env, peft
         assert res.exit_code != 0 and "--labels is not implemented for --router auto" in res.output
     finally:
         api.remove("results-lora", settings=env.settings)
-
-
-def torch_equal(a, b) -> bool:
-    return bool((a == b).all())
