@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
     from loraplex.data import Task
     from loraplex.models import LoadedBase
+
+ANCHOR_SETS = 1024
+"""Label sets whose anchors an encoder head keeps per model (least recently used dropped)."""
 
 
 class Head(Protocol):
@@ -101,14 +105,17 @@ class EncoderHead:
         return F.normalize(pooled.float(), dim=-1)
 
     def anchors(self, model, tokenizer, task: "Task") -> "torch.Tensor":
-        """(L, D) embeddings of the label texts by the bare base (cached per model and label set)."""
+        """(L, D) embeddings of the label texts by the bare base (cached per model and label set,
+        the ANCHOR_SETS most recently used)."""
         import torch
 
         from loraplex.experts.layers import adapters_disabled
 
         texts = tuple(task.label_text(lab) for lab in task.labels)
-        per_model = self._anchors.setdefault(model, {})
-        if texts not in per_model:
+        per_model = self._anchors.setdefault(model, OrderedDict())
+        if texts in per_model:
+            per_model.move_to_end(texts)
+        else:
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -116,6 +123,8 @@ class EncoderHead:
                     per_model[texts] = self.encode(model, tokenizer, texts)
             finally:
                 model.train(was_training)
+            while len(per_model) > ANCHOR_SETS:  # label sets named per query (a server's) must not pile up
+                per_model.popitem(last=False)
         return per_model[texts]
 
     def scores(self, model, tokenizer, texts, task):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 from loraplex.errors import TaskNotFound, UserInputError
 
@@ -114,3 +114,25 @@ def validate_description(text: str | None, what: str = "description") -> str:
     if len(text) > MAX_DESCRIPTION:
         raise UserInputError(f"the {what} is {len(text):,} characters long; at most {MAX_DESCRIPTION:,} are allowed")
     return str(text).strip()
+
+
+MAX_LABELS = 256
+"""The most labels a query may ask to be answered with (each is embedded or scored per query)."""
+
+
+def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
+    """The label set a query asks to be answered with (CLI `query --labels`, the server's `labels`): at
+    least two and at most MAX_LABELS distinct, non-empty names."""
+    if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+        raise UserInputError("labels must be a list of strings")
+    if len(labels) > MAX_LABELS:
+        raise UserInputError(f"labels: {len(labels)} names given; at most {MAX_LABELS} are allowed")
+    out = tuple(x.strip() for x in labels)
+    if any(not x for x in out):
+        raise UserInputError("labels: an empty label name")
+    dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
+    if dup is not None:
+        raise UserInputError(f"labels: {dup!r} is named twice")
+    if len(out) < 2:
+        raise UserInputError(f"labels: at least 2 labels are needed to choose between, got {len(out)}")
+    return out

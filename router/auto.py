@@ -18,6 +18,13 @@ cosine to the adapter's description d_i and training-input prototype p_i, c_i = 
                                        the request is logged to `candidates.jsonl` in the registry home
                                        as a candidate new task.
 
+When the request names the labels it wants answered (`labels`), the base's nearest adapters are
+re-ranked as retrieval re-ranks them (`RetrievalRouter.label_bonus`: `label_weight` times the Jaccard
+overlap of that label set with each adapter's task's labels), so `nearest` and a routed request's
+weights prefer an adapter trained on those labels; the thresholds still read the text score s1 (what
+they were fitted on). Every answer is then one of those labels, the bare base's included (an encoder
+scores the request against the labels' texts, a causal LM ranks them).
+
 The generator checks its own distance too: a refusal (`OutOfRange`) turns a "generate" into "base",
 with the generator's reason. Every answer carries `decision` and `reason` (the scores and thresholds
 that made it), and `similarity`, `margin` (s1 - s2) and `nearest`.
@@ -39,10 +46,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loraplex.embedders import get_embedder
-from loraplex.errors import UserInputError
+from loraplex.errors import LoraplexError, UserInputError
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -50,7 +58,8 @@ from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
 from loraplex.registry.index import Hit, nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
-from loraplex.router.retrieval import RetrievalRouter
+from loraplex.router.model import labels_task
+from loraplex.router.retrieval import RetrievalRouter, label_overlap
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -77,6 +86,8 @@ class AutoConfig(BaseModel):
     """Adapters retrieval mixes for a routed request."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the routing score (as retrieval's)."""
+    label_weight: float = Field(0.25, ge=0, le=1)
+    """Weight of the label-set match when a request names its labels (as retrieval's `label_weight`)."""
     log_candidates: bool = True
     """Append requests answered by the bare base to candidates.jsonl in the registry home."""
 
@@ -140,41 +151,72 @@ def route_weights(d: Decision, router: RetrievalRouter) -> list[tuple[str, float
     return [(d.hits[j].name, float(g[j])) for j in np.flatnonzero(g)]
 
 
+def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
+    """The label set of adapter `name`'s task, from what its record holds of the task (its card), else
+    from the task itself; None when it records no task with labels."""
+    rec = reg.get_adapter(name)
+    if not rec.task:
+        return None
+    card = (rec.extra.get("task_cards") or {}).get(rec.task) or reg.task_card(rec.task) or {}
+    if card.get("labels"):
+        return tuple(card["labels"])
+    try:
+        return tuple(reg.load_task(rec.task).labels) or None
+    except LoraplexError:  # a task file gone without a card: no labels to match
+        return None
+
+
+def with_labels(reg, hits: list[Hit], labels: Sequence[str] | None, weight: float) -> list[Hit]:
+    """`hits` re-ranked with the label-set match added to each score (retrieval's label term), best first."""
+    if not labels or weight == 0 or not hits:
+        return hits
+    bonus = weight * label_overlap(labels, [adapter_labels(reg, h.name) for h in hits])
+    return sorted((h._replace(score=h.score + float(b)) for h, b in zip(hits, bonus)), key=lambda h: -h.score)
+
+
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None,
-           queries: np.ndarray | None = None) -> list[Decision]:
+           queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None
+           ) -> list[Decision]:
     """The decision for each request, from one embedding pass (or the given unit query vectors) and one
-    faiss search."""
+    faiss search. `labels`: per request, the label set it names (or None)."""
     texts = list(texts)
+    per = list(labels) if labels is not None else [None] * len(texts)
+    if len(per) != len(texts):
+        raise ValueError(f"{len(texts)} requests but {len(per)} label sets")
     if reg.count() == 0:
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
     q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
     gen = None
     out = []
-    for t, hits in zip(texts, nearest_hits(reg, q, cfg, base)):
+    for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base), per):
         if not hits:
             out.append(Decision(t, "base", f"no adapter of base {base!r} in the registry", None, None, None))
             continue
-        nearest, s1 = hits[0].name, hits[0].score
+        s1 = hits[0].score
         margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)
+        ranked = with_labels(reg, hits, want, cfg.label_weight)
+        nearest = hits[0].name
+        said = f"nearest adapter {nearest!r} scores {s1:.3f}"
+        if ranked[0].name != nearest:
+            said = (f"nearest adapter {nearest!r} scores {s1:.3f} (text), but {ranked[0].name!r} ranks first with the "
+                    f"labels asked for ({ranked[0].score:.3f})")
+        nearest, hits = ranked[0].name, ranked
         if s1 >= cfg.route_threshold:
-            out.append(Decision(t, "route", f"nearest adapter {nearest!r} scores {s1:.3f} >= route threshold "
-                                f"{cfg.route_threshold:.3f}", s1, margin, nearest, hits=hits))
+            out.append(Decision(t, "route", f"{said} >= route threshold {cfg.route_threshold:.3f}", s1, margin,
+                                nearest, hits=hits))
             continue
         if gen is None:
             gen = _generator_of(reg, base or reg.get_adapter(nearest).base, cfg.generator) or False
         if s1 >= cfg.generate_threshold and gen:
-            out.append(Decision(t, "generate", f"nearest adapter {nearest!r} scores {s1:.3f}, below the route "
-                                f"threshold {cfg.route_threshold:.3f} but >= the generate threshold "
-                                f"{cfg.generate_threshold:.3f}: written by generator {gen.name!r}", s1, margin,
-                                nearest, gen.name, hits=hits))
+            out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "
+                                f"the generate threshold {cfg.generate_threshold:.3f}: written by generator "
+                                f"{gen.name!r}", s1, margin, nearest, gen.name, hits=hits))
         elif s1 >= cfg.generate_threshold:
-            out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < route threshold "
-                                f"{cfg.route_threshold:.3f}, and no generator is stored to write one", s1, margin, nearest,
-                                hits=hits))
+            out.append(Decision(t, "base", f"{said} < route threshold {cfg.route_threshold:.3f}, and no generator is "
+                                "stored to write one", s1, margin, nearest, hits=hits))
         else:
-            out.append(Decision(t, "base", f"nearest adapter {nearest!r} scores {s1:.3f} < generate threshold "
-                                f"{cfg.generate_threshold:.3f}: no registered task or known family fits", s1, margin,
-                                nearest, hits=hits))
+            out.append(Decision(t, "base", f"{said} < generate threshold {cfg.generate_threshold:.3f}: no registered "
+                                "task or known family fits", s1, margin, nearest, hits=hits))
     return out
 
 
@@ -216,8 +258,9 @@ def log_candidates(reg, decisions: list[Decision]) -> None:
 
 
 def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = None, *, base: str | None = None,
-           trace: bool = False) -> list[dict[str, Any]]:
-    """Decide and answer each request; one dict per request, in order (see the module docstring)."""
+           trace: bool = False, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Decide and answer each request; one dict per request, in order (see the module docstring).
+    `labels` (checked by `loraplex.tasks.checked_labels`): every request is answered with one of them."""
     cfg = parse_config(config)
     texts = list(texts)
     base_name = resolve_base(base).name if base else None
@@ -226,7 +269,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                              "--base to answer with a bare base")
     if cfg.generator is not None:
         _generator_of(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
-    decisions = decide(reg, texts, cfg, base=base_name)
+    decisions = decide(reg, texts, cfg, base=base_name, labels=[labels] * len(texts) if labels else None)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base
     for i, d in enumerate(decisions):
@@ -238,12 +281,14 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         name = generated_name(d.text, d.generator)
         rm = load_bank(reg, [name], settings)
         rec = reg.get_adapter(name)
-        out[i] = _item(d, rm.answer_each([d.text], [name])[0], rec.task, [{"name": name, "weight": 1.0}])
+        out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0], "labels" if labels else rec.task,
+                       [{"name": name, "weight": 1.0}])
     route = [i for i, d in enumerate(decisions) if d.action == "route"]
     if route:
         rm = load_retrieval(reg, settings, adapters=None, texts=[texts[i] for i in route], base=base_name,
-                            config={"top_k": cfg.top_k, "prototype_weight": cfg.prototype_weight})
-        for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace)):
+                            config={"top_k": cfg.top_k, "prototype_weight": cfg.prototype_weight,
+                                    "label_weight": cfg.label_weight})
+        for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace, labels=labels)):
             item = _item(decisions[i], r["answer"], r["task"], r["adapters"])
             for key in ("tokens", "layers"):
                 if key in r:
@@ -254,14 +299,21 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         ref = resolve_base(base_name or (reg.get_adapter(decisions[fall[0]].nearest).base
                                          if decisions[fall[0]].nearest else None))
         answers: list[Any] = [None] * len(fall)
-        if ref.family == "causal":  # an encoder is not even loaded: it has nothing to answer with
+        if ref.family == "causal" or labels:  # an encoder without labels is not even loaded: nothing to answer with
             lb = load_base(ref, settings)
-            answers = head_for(lb).generate(lb.model, lb.tokenizer, [texts[i] for i in fall], None)
+            head, sub = head_for(lb), [texts[i] for i in fall]
+            if labels:  # the bare base answers with the labels asked for (anchors / rank classification)
+                task = labels_task(labels)
+                with torch.no_grad():
+                    best = head.scores(lb.model, lb.tokenizer, sub, task).argmax(-1).tolist()
+                answers = [task.labels[j] for j in best]
+            else:
+                answers = head.generate(lb.model, lb.tokenizer, sub, None)
         for i, a in zip(fall, answers):
             d = decisions[i]
-            if ref.family != "causal":
+            if ref.family != "causal" and not labels:
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
-            out[i] = _item(d, a, None, [])
+            out[i] = _item(d, a, "labels" if labels else None, [])
         if cfg.log_candidates:
             log_candidates(reg, [decisions[i] for i in fall])
     return out  # type: ignore[return-value]

@@ -226,7 +226,7 @@ class RoutedModel:
                ) -> list[dict[str, Any]]:
         """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}.
 
-        `labels`: the answers the caller wants (at least two, checked by `router.query.checked_labels`):
+        `labels`: the answers the caller wants (at least two, checked by `loraplex.tasks.checked_labels`):
         retrieval prefers adapters trained on that label set, and every text is answered with one of
         them (label texts taken from the routed adapter's task where it has the label)."""
         texts = list(texts)
@@ -275,10 +275,15 @@ class RoutedModel:
 
     # ---- heterogeneous batch -----------------------------------------------------------------
     @torch.no_grad()
-    def answer_each(self, texts: Sequence[str], experts: Sequence[int | str]) -> list[Any]:
-        """Answer row i with expert experts[i] alone (one forward for an encoder: gates (N, 1, E) one-hot)."""
+    def answer_each(self, texts: Sequence[str], experts: Sequence[int | str], *,
+                    labels: Sequence[str] | None = None) -> list[Any]:
+        """Answer row i with expert experts[i] alone (one forward for an encoder: gates (N, 1, E) one-hot);
+        `labels`: with one of these (as `answer`), not with the expert's task's label set."""
         idx = [self.experts.index(e) if isinstance(e, str) else int(e) for e in experts]
         tasks = [self.expert_tasks[i] for i in idx]
+        if labels:
+            made: dict[int, Any] = {}  # one labels task per expert task (the causal path groups rows by task)
+            tasks = [made.setdefault(id(t), labels_task(labels, t)) for t in tasks]
         texts = list(texts)
         with routers_off(self.model), use_gates(self.model, self.one_hot(idx)):
             if self.head.embeds:

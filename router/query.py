@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from loraplex.errors import UserInputError
+from loraplex.tasks import checked_labels
 from loraplex.router import auto
 from loraplex.router.load import is_untrained, load_routed_model
 
@@ -24,7 +25,7 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     `{"query", "task", "answer", "adapters": [{"name", "weight"}], "tokens": [...], "layers": [...]}`
     (tokens and layers with `trace`). Without `router`, retrieval over the whole registry (or over
     `adapters`) routes; `router="auto"`: router/auto.py decides per query. `labels`: answer with one of
-    these, routing (retrieval) toward adapters trained on them (`RoutedModel.answer`)."""
+    these, routing (retrieval, auto) toward adapters trained on them (`RoutedModel.answer`)."""
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):
         raise UserInputError("the query is empty")
@@ -32,12 +33,9 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
         raise UserInputError("--batch-size must be at least 1")
     if labels is not None:
         labels = checked_labels(labels)
-        if router == "auto":
-            raise UserInputError("--labels is not implemented for --router auto (auto answers with the label set of "
-                                 "the adapter it routes to or generates); use --router retrieval or a stored router")
     if router == "auto":
         return _query_auto(reg, settings, texts, adapters=adapters, shortlist=shortlist, base=base, trace=trace,
-                           batch_size=batch_size, config=config)
+                           batch_size=batch_size, config=config, labels=labels)
     if router is None:
         router = "retrieval"
     # retrieval over the whole registry and shortlists depend on the queries: rebuilt per batch
@@ -53,23 +51,8 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     return out
 
 
-def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
-    """The label set a query asks to be answered with: at least two distinct, non-empty names."""
-    if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
-        raise UserInputError("labels must be a list of strings")
-    out = tuple(x.strip() for x in labels)
-    if any(not x for x in out):
-        raise UserInputError("--labels has an empty label name")
-    dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
-    if dup is not None:
-        raise UserInputError(f"--labels names {dup!r} twice")
-    if len(out) < 2:
-        raise UserInputError(f"--labels needs at least 2 labels to choose between, got {len(out)}")
-    return out
-
-
 def _query_auto(reg, settings, texts: list[str], *, adapters, shortlist, base, trace, batch_size,
-                config) -> list[dict[str, Any]]:
+                config, labels) -> list[dict[str, Any]]:
     """`query --router auto`: route, generate or fall back per request (router/auto.py)."""
     if adapters:
         raise UserInputError("--router auto decides over the whole registry; --adapters does not apply")
@@ -77,7 +60,8 @@ def _query_auto(reg, settings, texts: list[str], *, adapters, shortlist, base, t
         raise UserInputError("--shortlist applies to a stored learned router, not to --router auto")
     out: list[dict[str, Any]] = []
     for i in range(0, len(texts), batch_size):
-        out.extend(auto.answer(reg, settings, texts[i: i + batch_size], config, base=base, trace=trace))
+        out.extend(auto.answer(reg, settings, texts[i: i + batch_size], config, base=base, trace=trace,
+                               labels=labels))
     return out
 
 

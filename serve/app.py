@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -118,13 +118,13 @@ class _Context:
         except LoraplexError as exc:
             raise api_error(exc) from None
 
-    async def decided(self, target: Target, texts: list[str]):
+    async def decided(self, target: Target, texts: list[str], labels: Sequence[str] | None = None):
         """auto's routes, decided in this request's worker thread (never on the batching thread); None for
-        the other kinds of model."""
+        the other kinds of model. `labels`: the label set the texts are to be answered with (/v1/classify)."""
         if target.kind != "auto":
             return None
         try:
-            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None)
+            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels)
         except LoraplexError as exc:
             raise api_error(exc) from None
 
@@ -354,13 +354,14 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
     async def classify(request: Request):
         req = parse(await request.body(), ClassifyRequest)
         target = cx.resolve(req.model)
-        texts = req.texts()
+        texts, labels = req.texts(), req.label_set()
         for i, t in enumerate(texts):
             n = engine.n_tokens(t)
             if n > engine.context:
                 raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
                                param="input", code="context_length_exceeded")
-        job = Job("classify", target, texts, asyncio.get_running_loop(), routes=await cx.decided(target, texts))
+        job = Job("classify", target, texts, asyncio.get_running_loop(), labels=labels,
+                  routes=await cx.decided(target, texts, labels))
         cx.scheduler.submit(job)
         res, _ = await cx.wait(job, request)
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]

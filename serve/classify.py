@@ -1,7 +1,8 @@
 """Classification on the engine's models (`Engine.classify`): rows of every request on the slot bank go
 through shared forwards (cut wherever the rows would need more adapters than the bank has slots), and
 a router's rows through that router's model. Each text gets its label, the label scores as softmax,
-and its routing.
+and its routing. A request that names its labels is answered with them (`router.model.labels_task`: the
+routed adapter's label texts where it has those labels), the bare base included.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from loraplex.errors import LoraplexError, UserInputError
 from loraplex.experts.layers import use_gates
+from loraplex.router.model import labels_task
 from loraplex.serve.targets import Route, Target, route_summary, top_adapters
 
 if TYPE_CHECKING:
@@ -21,22 +23,24 @@ if TYPE_CHECKING:
 __all__ = ["classify", "chunks"]
 
 @torch.no_grad()
-def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route] | None]]
+def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]]
              ) -> list[list[dict[str, Any]] | Exception]:
     """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
     the slot bank go through one forward. An `auto` item comes with its routes (`auto`, decided in
-    its request's worker). A failing item gets its exception, the others go on."""
+    its request's worker); an item's label set (or None) answers its texts. A failing item gets its
+    exception, the others go on."""
     out: list[Any] = [None] * len(items)
     texts, routes, tasks, owner = [], [], [], []
-    for k, (xs, tg, decided) in enumerate(items):
+    for k, (xs, tg, decided, labels) in enumerate(items):
         try:
             if tg.kind == "router":
-                out[k] = _classify_router(engine, list(xs), tg.name)
+                out[k] = _classify_router(engine, list(xs), tg.name, labels)
                 continue
             if tg.kind == "auto" and (decided is None or len(decided) != len(xs)):
                 raise ValueError("auto's routes are decided before its job is submitted (Engine.auto)")
             rs = list(decided) if tg.kind == "auto" else [engine.route_of(tg) for _ in xs]
-            ts = [_label_task(engine, r, tg) for r in rs]
+            made: dict[Any, Any] = {}  # one labels task per routed task in an item (rows then share forwards)
+            ts = [_label_task(engine, r, tg, labels, made) for r in rs]
         except LoraplexError as exc:
             out[k] = exc
             continue
@@ -66,12 +70,17 @@ def chunks(routes: Sequence[Route], max_loras: int) -> list[list[int]]:
     return out
 
 
-def _label_task(engine: Engine, r: Route, tg: Target):
+def _label_task(engine: Engine, r: Route, tg: Target, labels: Sequence[str] | None, made: dict[Any, Any]):
+    """The task a row is answered on: its top adapter's, or the label set its request names."""
+    if labels:
+        like = engine.task_of(max(r.adapters, key=lambda x: x[1])[0]) if r.adapters else None
+        return made.setdefault(id(like), labels_task(labels, like))
     if not r.adapters:
         if tg.kind == "auto":
             raise UserInputError(f"auto passed this input to the bare base, which has no label set to classify "
                                  f"with: {r.reason or 'no adapter is registered for this base'}")
-        raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto")
+        raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto, "
+                             "or give labels")
     top = max(r.adapters, key=lambda x: x[1])[0]
     task = engine.task_of(top)
     if task is None or not task.labels:
@@ -101,10 +110,14 @@ def _scores(engine: Engine, texts: list[str], routes: list[Route], tasks: list[A
     return scores
 
 
-def _classify_router(engine: Engine, texts: list[str], name: str) -> list[dict[str, Any]]:
+def _classify_router(engine: Engine, texts: list[str], name: str, labels: Sequence[str] | None
+                     ) -> list[dict[str, Any]]:
     rm = engine.router_model(name)
     routes = rm.route(texts)
     tasks = rm.task_of(texts, routes)
+    if labels:
+        made: dict[Any, Any] = {}
+        tasks = [made.setdefault(id(t), labels_task(labels, t)) for t in tasks]
     if any(t is None or not t.labels for t in tasks):
         raise UserInputError(f"router {name!r} routed a text to an adapter with no label set")
     out: list[Any] = [None] * len(texts)

@@ -165,18 +165,21 @@ class Engine:
         except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see classify.chunks)
             raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
-    def auto(self, texts: Sequence[str], *, forwarded: bool = False) -> list[Route]:
+    def auto(self, texts: Sequence[str], *, forwarded: bool = False, labels: Sequence[str] | None = None
+             ) -> list[Route]:
         """The `auto` choice per text (router/auto.py), made on the calling thread (a request's worker):
         retrieval over every registered adapter of the base when one fits, an adapter a stored generator
         writes for the request (registered with lineage) when the request lies in a family the registry
         knows, or the bare base (the request is logged as a candidate new task). Each route carries the
         decision and why. Requests deciding at the same time share one embedding pass and one search
         (`Gathered`); an adapter is written in its own request's thread. `forwarded`: a backend generates
-        (--backend), which cannot serve an adapter written here, so a generate decision routes instead."""
+        (--backend), which cannot serve an adapter written here, so a generate decision routes instead.
+        `labels`: the label set the texts are to be answered with; adapters trained on it rank higher."""
         if not texts:
             return []
         out, fell = [], []
-        for d in self._decide(list(texts)):
+        want = tuple(labels) if labels else None
+        for d in self._decide([(t, want) for t in texts]):
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
                                         "not have adapters written here, so it is routed to the registered ones")
@@ -195,10 +198,13 @@ class Engine:
             auto_router.log_candidates(self.reg(), fell)
         return out
 
-    def _decide_now(self, texts: list[str]) -> list[auto_router.Decision]:
-        """The decisions of texts: one embedding pass and one faiss search (the gates reuse its scores)."""
+    def _decide_now(self, items: list[tuple[str, tuple[str, ...] | None]]) -> list[auto_router.Decision]:
+        """The decisions of (text, label set asked for) items: one embedding pass and one faiss search (the
+        gates reuse its scores)."""
+        texts = [t for t, _ in items]
         q = self.embedder.encode(texts)  # (N, D)
-        return auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q)
+        return auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q,
+                                  labels=[lab for _, lab in items])
 
     def route_of(self, target: Target) -> Route:
         """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
@@ -333,9 +339,10 @@ class Engine:
         return [self.route_of(target) for _ in texts]
 
     # ---- classification (serve/classify.py) ---------------------------------------------------------
-    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None]]
+    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]]
                  ) -> list[list[dict[str, Any]] | Exception]:
-        """Each item's texts labelled (label, label scores as softmax, routing): `classify.classify`."""
+        """Each item's texts labelled (label, label scores as softmax, routing), with the item's label set when it
+        names one: `classify.classify`."""
         return classify.classify(self, items)
 
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------

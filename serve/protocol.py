@@ -11,6 +11,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loraplex.errors import UserInputError
+from loraplex.tasks import checked_labels
+
 
 class APIError(Exception):
     """An error answered in OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
@@ -99,6 +102,9 @@ class CompletionRequest(_Generate):
 class ClassifyRequest(_Body):
     model: str
     input: Union[str, list[str]]
+    labels: Optional[list[str]] = None
+    """loraplex: answer with one of these (at least two distinct names); retrieval and `auto` then prefer
+    adapters trained on them, and the bare base can answer too (loraplex.tasks.checked_labels)."""
     user: Optional[str] = None
 
     def texts(self) -> list[str]:
@@ -106,6 +112,14 @@ class ClassifyRequest(_Body):
         if not xs or any(not x.strip() for x in xs):
             raise APIError(400, "input must be a text or a non-empty list of non-empty texts", param="input")
         return xs
+
+    def label_set(self) -> tuple[str, ...] | None:
+        if self.labels is None:
+            return None
+        try:
+            return checked_labels(self.labels)
+        except UserInputError as exc:
+            raise APIError(400, str(exc), param="labels") from None
 
 
 class LoadLoraRequest(_Body):

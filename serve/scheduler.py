@@ -40,6 +40,7 @@ class Job:
     sampling: decode.Sampling | None = None
     trace: bool = False
     routes: list[Route] | None = None  # `auto` only: its decision per text (Engine.auto, before submit)
+    labels: tuple[str, ...] | None = None  # classify: the label set asked for (else the routed task's)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
@@ -250,7 +251,7 @@ class Scheduler:
         return row
 
     def _classify(self, jobs: list[Job], lane: str) -> None:
-        results = self.engine.classify([(j.texts, j.target, j.routes) for j in jobs])
+        results = self.engine.classify([(j.texts, j.target, j.routes, j.labels) for j in jobs])
         for job, res in zip(jobs, results):
             job.send("error", res) if isinstance(res, Exception) else job.send("done", res)
 

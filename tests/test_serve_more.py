@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,51 @@ def test_an_encoder_classifies_each_row_with_its_own_adapter_in_one_batch(bert_r
         assert gen.status_code == 400 and "encoder" in gen.json()["error"]["message"]
         base = h.post("/v1/classify", json={"model": str(tiny_bert), "input": "x"})
         assert base.status_code == 400 and "no label set" in base.json()["error"]["message"]
+
+
+def test_classify_answers_with_the_labels_a_request_names(bert_registry, tiny_bert, peft_dirs, task_files, tmp_path):
+    """`labels` in /v1/classify: the bare base can answer with them; an adapter answers with them in its own
+    label texts (a permutation of its label set gives its own scores, permuted); auto prefers the adapter
+    trained on them (two adapters of the same texts, told apart only by their labels); bad label sets are
+    a 400 naming `labels`."""
+    import json
+
+    from loraplex import api
+    from tests.conftest import registry_state
+
+    src = Path(task_files["sports"])
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    p = tmp_path / "results.jsonl"
+    p.write_text("\n".join(json.dumps({"text": r["text"], "label": "win" if r["label"] == "good" else "loss"})
+                           for r in rows) + "\n")
+    (tmp_path / "results.task.json").write_text(json.dumps({"name": "results", "description": "did the team win",
+                                                              "labels": ["win", "loss"]}))
+    api.register(peft_dirs["sports"], name="results-lora", description="adapter for sports messages", task=str(p),
+                 base=str(tiny_bert), settings=bert_registry)
+    try:
+        with serving(bert_registry, base=str(tiny_bert)) as url, httpx.Client(base_url=url, timeout=60) as h:
+            text = rows[0]["text"]
+            base = h.post("/v1/classify", json={"model": str(tiny_bert), "input": text, "labels": ["yes", "no"]})
+            assert base.status_code == 200, base.text
+            assert base.json()["data"][0]["label"] in ("yes", "no") and set(base.json()["data"][0]["scores"]) == {"yes", "no"}
+            own = h.post("/v1/classify", json={"model": "sports-lora", "input": text}).json()["data"][0]
+            swapped = h.post("/v1/classify", json={"model": "sports-lora", "input": text,
+                                                   "labels": ["bad", "good"]}).json()["data"][0]
+            assert list(swapped["scores"]) == ["bad", "good"] and swapped["label"] == own["label"]
+            assert swapped["scores"] == pytest.approx(own["scores"], abs=1e-5)
+            for labels, want in ((["win", "loss"], "results-lora"), (["good", "bad"], "sports-lora")):
+                r = h.post("/v1/classify", json={"model": "auto", "input": text, "labels": labels})
+                assert r.status_code == 200, r.text
+                routing = r.json()["routing"]["inputs"][0]
+                assert routing["adapters"][0]["name"] == want and routing["nearest"] == want, routing
+                assert r.json()["data"][0]["label"] in labels
+            before = registry_state(bert_registry.home)
+            for labels in (["win"], ["win", "win"], ["win", " "], "win,loss", ["a", 3], [f"l{i}" for i in range(300)]):
+                r = h.post("/v1/classify", json={"model": "auto", "input": text, "labels": labels})
+                assert r.status_code == 400 and r.json()["error"]["param"].startswith("labels"), (labels, r.text)
+            assert registry_state(bert_registry.home) == before
+    finally:
+        api.remove("results-lora", settings=bert_registry)
 
 
 def test_the_api_key_guards_v1(llama_home, tiny_llama):

@@ -52,7 +52,7 @@ def query(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated); retrieval then prefers adapters trained on them.")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated); retrieval and auto then prefer adapters trained on them.")] = None,
     base: Base = None,
     home: Home = None,
     json: Json = False,
