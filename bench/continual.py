@@ -78,7 +78,7 @@ LIBRARY_ORDERS = [
 
 
 def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0,
-              distill: float = 2.0, base: str = "minilm", batch_size: int = 16):
+              distill: float = 2.0, base: str = "minilm", batch_size: int = 16, replay_rows: str = "share"):
     spec = {
         "name": name, "base": base, "seed": seed, "lora": {"rank": 8},
         "trainer": {"steps": steps, "lr": 2e-3, "batch_size": batch_size, "eval_limit": eval_limit, "snapshots": 2},
@@ -87,7 +87,8 @@ def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit:
         "experiences": [{"learn": t} for t in order] + ([forget] if forget else []),
     }
     if replay:
-        spec["replay"] = {"budget": 100 * len(order), "policy": "class-balanced", "mix": 0.25, "distill": distill}
+        spec["replay"] = {"budget": 100 * len(order), "policy": "class-balanced", "mix": 0.25, "distill": distill,
+                          "rows": replay_rows}
     return spec
 
 
@@ -242,6 +243,9 @@ def main() -> None:
     ap.add_argument("--home", default=str(REPO / ".bench" / "continual-home"))
     ap.add_argument("--distill", type=float, default=2.0,
                     help="replay.distill of the replay runs (DER++ weight, the spec's default 2.0; 0: plain replay)")
+    ap.add_argument("--replay-rows", choices=["share", "added"], default="share",
+                    help="replay.rows of the replay runs: share (replayed rows take a quarter of each batch) or "
+                         "added (on top of the batch's new rows, as DER++ samples its buffer minibatch)")
     ap.add_argument("--timing-rounds", type=int, default=4)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--no-timing", action="store_true")
@@ -266,11 +270,13 @@ def main() -> None:
         # (short: run names are at most 40 characters)
         tag = f"{args.tasks[0].upper()}{args.first or ''}{Path(args.base).name[:3]}b{args.batch_size}{tag.replace('-', '')}"
     rtag = f"{tag}-d{args.distill:g}"  # replay runs and their forgetting requests, per distillation weight
+    rtag += "-a" if args.replay_rows == "added" else ""  # ... and per place of the replayed rows
     if not args.no_streams:
         orders = [tuple(o[: args.first]) if args.first else tuple(o) for o in
                   (LIBRARY_ORDERS if args.tasks == "library" else ORDERS)][: args.orders]
         n = len(orders[0])
-        results.update(tasks=args.tasks, base=args.base, n_tasks=n, batch_size=args.batch_size)
+        results.update(tasks=args.tasks, base=args.base, n_tasks=n, batch_size=args.batch_size,
+                       replay_rows=args.replay_rows)
         common = dict(steps=args.steps, eval_limit=args.eval_limit, base=args.base, batch_size=args.batch_size)
         log(f"multitask (all {n} tasks, {n * args.steps} steps)")
         results["multitask"] = run(spec_dict(f"multitask-{tag}", orders[0], "multitask", replay=False, **common),
@@ -279,7 +285,7 @@ def main() -> None:
             log(f"order {k + 1}: {' -> '.join(order)}")
             seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, **common), root, settings, log)
             olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, distill=args.distill,
-                                **common), root, settings, log)
+                                replay_rows=args.replay_rows, **common), root, settings, log)
             row = {"order": order, "seq-lora": seq, "o-lora+replay": olr}
             if args.tasks == "six" and not args.no_forget:
                 adapters = [u["adapter"] for u in olr["metrics"]["units"]]
@@ -288,7 +294,8 @@ def main() -> None:
             if args.routed:
                 routed = {"name": "routed", "router": "token-gate", "router_steps": args.steps}
                 row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{rtag}", order, routed, replay=True,
-                                                     distill=args.distill, **common), root, settings, log)
+                                                     distill=args.distill, replay_rows=args.replay_rows, **common),
+                                           root, settings, log)
             results["orders"].append(row)
     if not args.no_timing:
         log("step-time overhead (interleaved, one process)")
@@ -304,7 +311,8 @@ def report(results: dict) -> None:
     world = ("six embedded tasks" if results.get("tasks", "six") == "six"
              else f"{results.get('n_tasks', 15)} tasks of the task library")
     print(f"== continual benchmark: {results.get('base', 'minilm')}, {world}, {results['steps']} steps per task, "
-          f"batch {results.get('batch_size', 16)}, {results['eval_limit']} test examples per task ==")
+          f"batch {results.get('batch_size', 16)}, {results['eval_limit']} test examples per task, replayed rows "
+          f"{'added to' if results.get('replay_rows') == 'added' else 'sharing'} the batch ==")
     if results["orders"]:
         print(f"{'run':<28}{'AA':>7}{'BWT':>7}{'FWT':>7}{'F':>7}")
         avg: dict[str, dict[str, list[float]]] = {}

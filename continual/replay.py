@@ -189,17 +189,20 @@ def replayed_per_batch(n_old: int, batch_size: int, mix: float, *, has_new: bool
 
 
 def mixed_batches(new: dict[str, Sequence[Row]], old: Sequence[Row], *, steps: int, batch_size: int, mix: float,
-                  rng: np.random.Generator) -> list[list[Row]]:
+                  rng: np.random.Generator, added: bool = False) -> list[list[Row]]:
     """`steps` batches of `batch_size` rows: round(mix * batch_size) drawn from `old` (without replacement
-    within a batch) when it is non-empty, the rest from the new tasks (balanced over tasks)."""
+    within a batch) when it is non-empty, the rest from the new tasks (balanced over tasks). `added`: the
+    replayed rows come on top of `batch_size` new rows instead (DER++'s buffer minibatch beside the
+    stream's), so the new tasks get as many rows per step as without replay."""
     has_new = any(len(v) for v in new.values())
     if not has_new and not old:
         raise ValueError("an experience needs new rows or replayed rows")
     k_old = replayed_per_batch(len(old), batch_size, mix, has_new=has_new)
+    n_new = batch_size if added else batch_size - k_old
     stream = cycle(new, rng)
     batches = []
     for _ in range(steps):
-        batch = [next(stream) for _ in range(batch_size - k_old)] if has_new else []
+        batch = [next(stream) for _ in range(n_new)] if has_new else []
         if k_old:
             batch += [old[int(i)] for i in rng.choice(len(old), size=k_old, replace=False)]
         batches.append(batch)

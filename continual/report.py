@@ -66,8 +66,8 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         out["final_accuracy"] = {t: (None if math.isnan(R[-1, j]) else round(float(R[-1, j]), 4))
                                  for j, t in enumerate(cols)}
     out["forget_requests"] = [r["forget"] for r in results if r["kind"] == "forget" and r.get("forget")]
-    out["units"] = [{k: r.get(k) for k in ("unit", "label", "kind", "adapter", "steps", "seconds", "step_time",
-                                            "losses", "regularizers")} for r in results]
+    out["units"] = [{k: r.get(k) for k in ("unit", "label", "kind", "adapter", "steps", "rows_per_step", "seconds",
+                                            "step_time", "losses", "regularizers")} for r in results]
     times = [r["step_time"] for r in learn if r.get("step_time")]
     out["median_step_time"] = float(np.median(times)) if times else None
     return out

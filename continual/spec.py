@@ -7,6 +7,7 @@
     trainer: {steps: 150, lr: 2.0e-3, batch_size: 16, precision: 32-true, devices: 1, strategy: auto}
     method: o-lora                  # or {name: o-lora, orth_weight: 0.5}: a name in continual.methods.METHODS
     replay: {budget: 600, policy: class-balanced, mix: 0.25, distill: 2.0}   # optional, any method; distill: DER++
+                                    # (rows: added puts the replayed rows on top of batch_size new ones)
     forgetting: {name: gs-lora, sparsity_weight: 0.01}          # how forget experiences run (defaults shown by `loraplex stream run --help`)
     experiences:
       - learn: airline                        # an embedded task
@@ -130,6 +131,10 @@ class ReplaySettings(_Frozen):
     """reservoir: a uniform sample of everything seen; class-balanced: equal quotas per (task, label)."""
     mix: float = Field(0.25, gt=0, lt=1)
     """Share of each batch drawn from the buffer once it holds examples."""
+    rows: Literal["share", "added"] = "share"
+    """share: the replayed rows take `mix` of each batch's `batch_size` rows; added: they come on top of
+    `batch_size` new rows (DER++'s buffer minibatch beside the stream's), so a new task gets as many rows
+    per step as without replay, at the cost of longer steps."""
     distill: float = Field(2.0, ge=0)
     """DER++: weight of KL(stored || now) on replayed rows, the stored scores being the composition's
     right after the row's task was learned (0: plain replay, cross-entropy on the gold labels only).

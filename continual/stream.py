@@ -249,10 +249,11 @@ class _StreamRun:
         new = {t: rows_of(self.tasks[t], "train", tr.train_limit) for t in unit.tasks}
         old = self.replay.contents() if self.replay is not None else []
         mix = spec.replay.mix if spec.replay is not None else 0.0
-        k_old = replayed_per_batch(len(old), tr.batch_size, mix)
+        added = spec.replay is not None and spec.replay.rows == "added"
+        k_old = 0 if added else replayed_per_batch(len(old), tr.batch_size, mix)
         steps = self.method.steps(tr, unit, sum(len(v) for v in new.values()), tr.batch_size - k_old)
         batches = mixed_batches(new, old, steps=steps, batch_size=tr.batch_size, mix=mix,
-                                rng=np.random.default_rng([spec.seed, unit.index]))
+                                rng=np.random.default_rng([spec.seed, unit.index]), added=added)
         previous = [p for p in self.learn_slots if p != slot]
         ctx = ExperienceContext(unit.index, self.lb.model, slot, previous)
         regs = list(self.regs.values())
@@ -281,6 +282,7 @@ class _StreamRun:
         adapter = extract_slot(self.lb.model, self.learn_spec, slot)
         own = [row[t]["accuracy"] for t in unit.tasks if row[t]["accuracy"] is not None]
         result = self._result(unit, row, outcome, diag, name)
+        result["rows_per_step"] = round(float(np.mean([len(b) for b in batches])), 2) if batches else None
         ts = [self.tasks[t] for t in unit.tasks]
         record = {
             "name": name, "base": self.ref.name, "family": self.ref.family, "origin": "continual",

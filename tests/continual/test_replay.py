@@ -85,6 +85,9 @@ def test_mixed_batches():
     assert 70 <= c["p"] <= 130  # tasks drawn evenly
     again = mixed_batches({"new": rows("new", 25)}, old, steps=10, batch_size=8, mix=0.25, rng=np.random.default_rng(0))
     assert again == batches
+    # added: the replayed rows come on top of batch_size new rows (DER++'s buffer minibatch)
+    added = mixed_batches({"new": rows("new", 25)}, old, steps=10, batch_size=8, mix=0.25, rng=rng, added=True)
+    assert all(len(b) == 10 and sum(r[2] == "new" for r in b) == 8 for b in added)
 
 
 def test_stored_scores_follow_the_buffer_and_its_state():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from loraplex.continual.methods import METHODS
 from loraplex.continual.spec import parse_spec
@@ -27,6 +28,7 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert R["tasks"] == ["flights", "sports", "markets"] and len(R["R"]) == 4
     assert R["R"][0][2] is None and R["R"][0][1] is not None  # seen + next task only
     assert m["complete"] and m["units_done"] == 4
+    assert [u["rows_per_step"] for u in m["units"][:3]] == [4, 4, 4]  # replay's rows share each batch of 4
     for k in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting"):
         assert m[k] is not None
     f = m["forget_requests"][0]
@@ -80,6 +82,22 @@ def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama
     assert units[1]["losses"]["distill"] >= 0 and units[2]["losses"]["distill"] >= 0
     state = json.loads((tmp_path / "run" / "state" / "unit-001" / "state.json").read_text())
     assert state["replay"]["scores"]["weight"] == 1.0 and state["replay"]["scores"]["table"]
+
+
+def test_replayed_rows_added_on_top_of_the_batch(cli, tmp_path, tiny_bert, task_dir):
+    """replay.rows: added (DER++'s buffer minibatch beside the stream's): later units train on batch_size new
+    rows plus the replayed ones."""
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=3)
+    d = yaml.safe_load(spec.read_text())
+    d["replay"]["rows"] = "added"
+    spec.write_text(yaml.safe_dump(d))
+    res = _run(cli, spec, tmp_path / "run")
+    assert [u["rows_per_step"] for u in res["metrics"]["units"]] == [4, 5]  # 4 new + round(0.25 * 4) replayed
+    d["replay"]["rows"] = "both"
+    spec.write_text(yaml.safe_dump(d))
+    bad = cli("stream", "run", spec, "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "rows" in bad.stderr and "Traceback" not in bad.output
 
 
 @pytest.mark.parametrize("method", ["seq-lora", "multitask"])
