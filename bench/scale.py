@@ -20,7 +20,13 @@ of the routing decision with 1,000 and 10,000 registered adapters.
    equivalent) are printed. The query's task is known (its labels score the answer), so retrieval is
    told its labels (`--label-weight`, the RetrievalConfig default 0.25; 0 routes on the text alone).
 
-2. latency: registries of N synthetic adapters whose signatures are real ones perturbed (the library
+2. learned (`--part learned`): a token-gate router (MeteoRA, k=2, one gate per layer input) fitted
+   over every library adapter on their tasks (stored in the bench home as `library-token-gate`, reused),
+   then routed over all of them and over a shortlist retrieval draws per task's queries (`query
+   --shortlist`: the router's gates restricted to the union of each query's `--shortlist` adapters
+   whose signatures score best, the label term included), scored as in part 1.
+
+3. latency: registries of N synthetic adapters whose signatures are real ones perturbed (the library
    tasks' description embeddings and training-input prototypes plus Gaussian noise, renormalised: real
    geometry, N distinct vectors; one shared weight blob, since the decision never reads weights), and
    real library test texts as queries. Timed per query, one at a time: the embedding of the query
@@ -111,8 +117,9 @@ def bench_routing(limit: int, top_ks: list[int], label_weight: float = 0.25, log
     return out
 
 
-def _report_routing(k: int, label_weight: float, rows: list[dict], seconds: float, log=print) -> None:
-    log(f"\n-- retrieval, top_k={k}, label_weight={label_weight:g} ({seconds:.0f}s) --")
+def _report_routing(k: int, label_weight: float, rows: list[dict], seconds: float, log=print,
+                    title: str | None = None) -> None:
+    log(f"\n-- {title or f'retrieval, top_k={k}, label_weight={label_weight:g}'} ({seconds:.0f}s) --")
     log(f"{'task':32} {'family':17} {'n':>4} {'own':>6} {'equiv':>6} {'routed':>7} {'oracle':>7} {'share':>7}  most routed to")
     for r in rows:
         share = r["accuracy"] / r["oracle"] if r["oracle"] else float("nan")
@@ -132,7 +139,71 @@ def _report_routing(k: int, label_weight: float, rows: list[dict], seconds: floa
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. latency of the routing decision at 1,000 and 10,000 adapters
+# 2. a learned router over the whole library, and over a retrieved shortlist
+
+LEARNED = "library-token-gate"
+
+
+def bench_learned(limit: int, shortlists: list[int], steps: int, log=print) -> dict:
+    import torch
+
+    from loraplex import api
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.experts.layers import use_gates
+    from loraplex.heads import accuracy
+    from loraplex.overlap import all_task_names, equivalents
+    from loraplex.router.model import routers_off
+
+    s = bench_settings()
+    reg = api.open_registry(s)
+    tasks = [n for n in all_task_names() if reg.has_adapter(adapter_name(n))]
+    names = [adapter_name(t) for t in tasks]
+    task_of = {adapter_name(t): t for t in tasks}
+    out: dict = {"adapters": len(names), "limit": limit, "steps": steps, "runs": {}}
+    if not any(c.name == LEARNED for c in reg.list_components("router")):
+        log(f"== fitting {LEARNED} over {len(names)} library adapters ({steps} steps) ==")
+        t0 = time.perf_counter()
+        api.fit_router(LEARNED, router="token-gate", adapters=names, steps=steps, batch_size=16, eval_limit=10,
+                       config={"top_k": 2, "shared": True}, settings=s)
+        out["fit_seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"   fitted in {out['fit_seconds']:.0f}s")
+    full = api.load_routed_model(LEARNED, settings=s)
+    oracle: dict[str, float] = {}
+    for size in [0] + shortlists:
+        t0 = time.perf_counter()
+        rows = []
+        for t in tasks:
+            task = reg.load_task(t)
+            ex = list(task.split("test"))[:limit]
+            texts = [e.text for e in ex]
+            if size:  # the router's gates restricted to the adapters retrieval ranks first for these queries
+                rm = api.load_routed_model(LEARNED, texts=texts, shortlist=size, labels=task.labels, settings=s)
+            else:
+                rm = full
+            scores, routes = rm.scores_and_routes(texts, task)
+            pred = scores.argmax(-1).tolist()
+            gold = [task.label_index(e.label) for e in ex]
+            tops = [task_of.get(rm.experts[r.top]) for r in routes]
+            eq = equivalents(t) | {t}
+            if t not in oracle:
+                own = full.experts.index(adapter_name(t))
+                with torch.no_grad(), routers_off(full.model), use_gates(full.model, full.one_hot([own])):
+                    oracle[t] = accuracy(full.head, full.model, full.tokenizer, task, "test", limit)["accuracy"]
+            rows.append({"task": t, "family": EMBEDDED_TASKS[t]["family"], "n": len(ex),
+                         "routing_own": sum(int(x == t) for x in tops) / len(ex),
+                         "routing": sum(int(x in eq) for x in tops) / len(ex),
+                         "accuracy": sum(int(p == g) for p, g in zip(pred, gold)) / len(ex), "oracle": oracle[t],
+                         "top": max(set(tops), key=tops.count)})
+        dt = time.perf_counter() - t0
+        key = f"shortlist{size}" if size else "all"
+        out["runs"][key] = {"rows": rows, "seconds": round(dt, 1)}
+        where = f"a retrieved shortlist of {size}" if size else f"all {len(names)} adapters"
+        _report_routing(2, 0.25, rows, dt, log, title=f"{LEARNED} (k=2) over {where}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. latency of the routing decision at 1,000 and 10,000 adapters
 
 
 def library_signatures(per_task: int = 64):
@@ -257,11 +328,13 @@ def bench_latency(counts: list[int], n_queries: int, work: Path, log=print) -> d
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("routing", "latency", "all"), default="all")
+    ap.add_argument("--part", choices=("routing", "learned", "latency", "all"), default="all")
     ap.add_argument("--limit", type=int, default=100, help="test queries per task (routing)")
     ap.add_argument("--top-k", default="1,3", help="retrieval top_k values (routing)")
     ap.add_argument("--label-weight", type=float, default=0.25,
                     help="retrieval label_weight (routing; the query's task's labels are known: 0 routes on text alone)")
+    ap.add_argument("--shortlist", default="8", help="shortlist sizes for the learned router (learned)")
+    ap.add_argument("--router-steps", type=int, default=400, help="steps of the learned router's fit (learned)")
     ap.add_argument("--counts", default="1000,10000", help="registry sizes (latency)")
     ap.add_argument("--queries", type=int, default=300, help="single queries timed per size (latency)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
@@ -272,6 +345,8 @@ def main(argv=None) -> int:
             results["latency"] = bench_latency([int(c) for c in a.counts.split(",")], a.queries, Path(work))
     if a.part in ("routing", "all"):
         results["routing"] = bench_routing(a.limit, [int(k) for k in a.top_k.split(",")], a.label_weight)
+    if a.part in ("learned", "all"):
+        results["learned"] = bench_learned(a.limit, [int(k) for k in a.shortlist.split(",")], a.router_steps)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -50,7 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loraplex.embedders import get_embedder
-from loraplex.errors import LoraplexError, UserInputError
+from loraplex.errors import UserInputError
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -59,7 +59,7 @@ from loraplex.ranks import is_worker
 from loraplex.registry.index import Hit, nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
-from loraplex.router.retrieval import RetrievalRouter, label_overlap
+from loraplex.router.retrieval import RetrievalRouter, adapter_labels, label_overlap
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -149,21 +149,6 @@ def route_weights(d: Decision, router: RetrievalRouter) -> list[tuple[str, float
         return []
     g = router.gates(np.array([[h.score for h in d.hits]], dtype=np.float32))[0]
     return [(d.hits[j].name, float(g[j])) for j in np.flatnonzero(g)]
-
-
-def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
-    """The label set of adapter `name`'s task, from what its record holds of the task (its card), else
-    from the task itself; None when it records no task with labels."""
-    rec = reg.get_adapter(name)
-    if not rec.task:
-        return None
-    card = (rec.extra.get("task_cards") or {}).get(rec.task) or reg.task_card(rec.task) or {}
-    if card.get("labels"):
-        return tuple(card["labels"])
-    try:
-        return tuple(reg.load_task(rec.task).labels) or None
-    except LoraplexError:  # a task file gone without a card: no labels to match
-        return None
 
 
 def with_labels(reg, hits: list[Hit], labels: Sequence[str] | None, weight: float) -> list[Hit]:

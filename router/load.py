@@ -25,7 +25,7 @@ from loraplex.models import load_base, resolve_base
 from loraplex.registry.signatures import embedder as _embedder
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.model import RoutedModel
-from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures
+from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures, adapter_labels
 
 
 def _load_task(reg, ref: str | None):
@@ -69,8 +69,9 @@ def _check_base(rec_base: str, base: str | None, what: str) -> None:
 
 
 def load_router(reg, name: str, settings, *, base: str | None = None, shortlist: int | None = None,
-                texts: Sequence[str] | None = None):
-    """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked)."""
+                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None):
+    """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked:
+    retrieval's scores for `texts`, with its label term when the queries name their `labels`)."""
     rec, tensors = reg.load_component("router", name)
     _check_base(rec.base, base, f"router {name!r}")
     entry = ROUTERS.get(rec.method)
@@ -101,7 +102,9 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
             if not texts:
                 raise UserInputError("a shortlist needs the queries it is drawn for")
             ret = RetrievalRouter(RetrievalConfig())
-            keep = ret.shortlist(ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members)), shortlist)
+            scores = ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members))
+            bonus = ret.label_bonus(labels, [adapter_labels(reg, m) for m in members]) if labels else None
+            keep = ret.shortlist(scores if bonus is None else scores + bonus[None, :], shortlist)
             keep.sort()
         ranks = router.bank_ranks(_gate_weights(gate_t), len(members))
         lb, recs, ads = load_members(reg, [members[i] for i in keep], settings)
@@ -192,11 +195,12 @@ def is_untrained(router: str | None) -> bool:
 
 def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
                       texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
-                      config: dict[str, Any] | None = None):
+                      config: dict[str, Any] | None = None, labels: Sequence[str] | None = None):
     """A `RoutedModel` (router/model.py) ready to answer and trace queries:
 
     - `router=NAME`: a router stored by `fit_router` (restricted to the `shortlist` adapters retrieval
-      finds nearest to `texts`, if given);
+      finds nearest to `texts`, if given, preferring adapters trained on `labels` when the queries name
+      them);
     - `router="retrieval"` (a method that needs no training): signature retrieval over `adapters` (or,
       without, the registry's adapters nearest to `texts`), `config` being RetrievalConfig's options;
     - no router: the adapters in one bank with no router, for heterogeneous batches
@@ -210,7 +214,7 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
         if adapters:
             raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")
         try:
-            return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts)
+            return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts, labels=labels)
         except ComponentNotFound:
             known = ", ".join(c.name for c in reg.list_components("router")) or "none"
             raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "

@@ -46,7 +46,7 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
         chunk = texts[i: i + batch_size]
         if rm is None or per_batch:
             rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, shortlist=shortlist,
-                                   config=config)
+                                   config=config, labels=labels)
         out.extend(rm.answer(chunk, trace=trace, labels=labels))
     return out
 

@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.errors import LoraplexError
 from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
 
@@ -77,6 +78,21 @@ class Signatures:
     def subset(self, keep: Sequence[int]) -> "Signatures":
         k = list(keep)
         return Signatures([self.names[i] for i in k], self.desc[k], self.proto[k])
+
+
+def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
+    """The label set of adapter `name`'s task, from what its record holds of the task (its card), else
+    from the task itself; None when it records no task with labels."""
+    rec = reg.get_adapter(name)
+    if not rec.task:
+        return None
+    card = (rec.extra.get("task_cards") or {}).get(rec.task) or reg.task_card(rec.task) or {}
+    if card.get("labels"):
+        return tuple(card["labels"])
+    try:
+        return tuple(reg.load_task(rec.task).labels) or None
+    except LoraplexError:  # a task file gone without a card: no labels to match
+        return None
 
 
 def label_overlap(labels: Sequence[str], expert_labels: Sequence[Sequence[str] | None]) -> np.ndarray:

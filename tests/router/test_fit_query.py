@@ -95,7 +95,7 @@ def test_queries_from_a_file_and_from_stdin_batched(env, tmp_path):
     assert len(json.loads(res.output)) == 1
 
 
-def test_shortlist_of_all_adapters_changes_nothing(env):
+def test_shortlist_of_all_adapters_changes_nothing(env, monkeypatch):
     from loraplex import api
 
     q = ["flight plane delayed", "great match goal team"]
@@ -106,6 +106,16 @@ def test_shortlist_of_all_adapters_changes_nothing(env):
     assert all(len(o["adapters"]) <= 2 for o in short)
     rm = api.load_routed_model("tg", texts=q[:1], shortlist=1, settings=env.settings)
     assert rm.n_experts == 1 and rm.experts == ["flights-lora"]
+    # the labels a query names move the shortlist toward the adapter trained on them (retrieval's label term)
+    import loraplex.router.load as load
+
+    real = load.adapter_labels
+    monkeypatch.setattr(load, "adapter_labels",
+                        lambda reg, name: ("win", "loss") if name == "sports-lora" else real(reg, name))
+    rm = api.load_routed_model("tg", texts=q[:1], shortlist=1, labels=["win", "loss"], settings=env.settings)
+    assert rm.experts == ["sports-lora"]
+    rm = api.load_routed_model("tg", texts=q[:1], shortlist=1, labels=["good", "bad"], settings=env.settings)
+    assert rm.experts == ["flights-lora"]
 
 
 def test_retrieval_routes_to_the_nearest_signature(env):
