@@ -168,13 +168,20 @@ class Server:
 
 def closed_loop(send: Callable[[int, int], bool], n: int, clients: int = CLIENTS) -> dict:
     """`n` requests from `clients` threads, each sending its next request when the last is answered.
-    `send(client, k)` returns whether request k succeeded."""
+    `send(client, k)` returns whether request k succeeded; a sender's `prepare(client)` (an HTTP client
+    and its open connection) runs in each thread before the clock starts, as a load generator's
+    connections are open before it measures."""
     lat: list[float] = []
     failed = [0]
     left = [n]
     lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+    prepare = getattr(send, "prepare", None)
 
     def client(c: int) -> None:
+        if prepare is not None:
+            prepare(c)
+        ready.wait()
         while True:
             with lock:
                 if left[0] <= 0:
@@ -191,10 +198,11 @@ def closed_loop(send: Callable[[int, int], bool], n: int, clients: int = CLIENTS
                 lat.append(dt)
                 failed[0] += 0 if ok else 1
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    ready.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -204,15 +212,21 @@ def closed_loop(send: Callable[[int, int], bool], n: int, clients: int = CLIENTS
 
 
 def http_sender(url: str, path: str, body: Callable[[int, int], dict]) -> Callable[[int, int], bool]:
+    """POSTs of client c on its own keep-alive connection, kept across closed loops (`prepare` opens it)."""
     import httpx
 
-    local = threading.local()
+    conns: dict[int, httpx.Client] = {}
+
+    def prepare(c: int) -> None:
+        if c not in conns:
+            conns[c] = httpx.Client(base_url=url, timeout=600)
+            conns[c].get("/health")  # the connection is open before the clock starts
 
     def send(c: int, k: int) -> bool:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=url, timeout=600)
-        return local.client.post(path, json=body(c, k)).status_code == 200
+        prepare(c)
+        return conns[c].post(path, json=body(c, k)).status_code == 200
 
+    send.prepare = prepare  # type: ignore[attr-defined]
     return send
 
 

@@ -2,7 +2,10 @@
 
 Replay lives on the data side (no loss term of its own): after each learning experience the task's
 training rows are offered to the buffer; during later experiences `mixed_batches` fills a share
-(`mix`) of every batch from the buffer, so earlier tasks keep contributing to the task loss.
+(`mix`) of every batch from the buffer, so earlier tasks keep contributing to the task loss. With
+`rows: added` the replayed rows come on top of the batch's `batch_size` new rows instead of taking
+their place: DER++ samples its buffer minibatch beside the stream's, so the new task's gradient per
+step is the same as without replay (and each step is longer).
 
 Budget: `budget` examples in all, or `share` of each task's training rows (each task keeps
 ceil(share * n) rows). Policies:
