@@ -84,8 +84,9 @@ def naive_loop_bank(bank):
         def A(self):
             return self.bank.A
 
-        def forward(self, x, gates, **kw):
-            return _naive(self.bank, x, gates)
+        def forward(self, x, gates, into=None, **kw):
+            delta = _naive(self.bank, x, gates)
+            return delta if into is None else into + delta
 
     return NaiveLoopBank(bank)
 

@@ -72,11 +72,13 @@ class _TokenPlan(NamedTuple):
 
 
 class _GroupedLora(torch.autograd.Function):
-    """out[src[j]] += (((A @ buf^T) * s)^T @ Bw)[j] over the U*C slots j: the token dispatch's two grouped
-    matmuls and its scatter back to the N token rows.
+    """into[src[j]] += (((A @ buf^T) * s)^T @ Bw)[j] over the U*C slots j: the token dispatch's two grouped
+    matmuls and its scatter back to the N token rows, added in place into `into` (N, d_out), the base
+    projection's output, so the LoRA delta never exists as a tensor of its own (no zeroed (N, d_out)
+    buffer, no separate add: about 2% of a MiniLM forward at E=32).
 
     buf (U, C, d_in) packed tokens, A (U, R, d_in), Bw (U, R, d_out), s (U, R, C) scaling x gate weight,
-    src (U*C,) each slot's token -> (N, d_out). Written as a Function so that its backward picks the same
+    src (U*C,) each slot's token. Written as a Function so that its backward picks the same
     CPU-friendly shapes as the forward: every product keeps C (the long side) as an output dimension
     (d z = Bw @ gy^T, not gy @ Bw^T with an output of R = 8 columns), the input's gradient comes out
     (U, C, d_in) in row order, and the (U*C, d_out) slot outputs are not kept for backward (autograd's
@@ -86,25 +88,42 @@ class _GroupedLora(torch.autograd.Function):
     rounding (tests/experts/test_token_dispatch.py compares the whole path with the dense bank)."""
 
     @staticmethod
-    def forward(ctx, buf, A, Bw, s, src, n):
+    def forward(ctx, into, buf, A, Bw, s, src):
         z = torch.bmm(A, buf.transpose(1, 2))  # (U, R, C)
         need = ctx.needs_input_grad  # keep the packed input only for A's gradient (frozen adapters: never)
-        ctx.save_for_backward(buf if need[1] else None, A, Bw, s, z if need[2] or need[3] else None, src)
+        ctx.save_for_backward(buf if need[2] else None, A, Bw, s, z if need[3] or need[4] else None, src)
         y = torch.bmm((z * s).transpose(1, 2), Bw)  # (U, C, d_out)
-        return y.new_zeros(n, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
+        into.view(-1, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
+        ctx.mark_dirty(into)
+        return into
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
         buf, A, Bw, s, z, src = ctx.saved_tensors
-        gy = g_out.index_select(0, src).view(s.shape[0], s.shape[2], -1)  # (U, C, d_out)
+        g2 = g_out.reshape(-1, g_out.shape[-1])
+        gy = g2.index_select(0, src).view(s.shape[0], s.shape[2], -1)  # (U, C, d_out)
         g_zs = torch.bmm(Bw, gy.transpose(1, 2))  # (U, R, C)
         g_z = g_zs * s
-        return (torch.bmm(g_z.transpose(1, 2), A) if ctx.needs_input_grad[0] else None,  # (U, C, d_in)
-                torch.bmm(g_z, buf) if ctx.needs_input_grad[1] else None,  # (U, R, d_in)
-                torch.bmm(z * s, gy) if ctx.needs_input_grad[2] else None,  # (U, R, d_out)
-                g_zs * z if ctx.needs_input_grad[3] else None,  # (U, R, C)
-                None, None)
+        need = ctx.needs_input_grad
+        return (g_out if need[0] else None,  # the base output passes through
+                torch.bmm(g_z.transpose(1, 2), A) if need[1] else None,  # (U, C, d_in)
+                torch.bmm(g_z, buf) if need[2] else None,  # (U, R, d_in)
+                torch.bmm(z * s, gy) if need[3] else None,  # (U, R, d_out)
+                g_zs * z if need[4] else None,  # (U, R, C)
+                None)
+
+
+def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a bank may add its delta for input x into `into` in place: same dtype and device as the
+    delta, contiguous rows, and not a leaf that takes gradients (autograd refuses in-place changes to
+    those); otherwise the bank returns into + delta as a new tensor."""
+    return (into.dtype == x.dtype and into.device == x.device and into.is_contiguous()
+            and into.shape[:-1] == x.shape[:-1] and not (into.requires_grad and into.is_leaf))
+
+
+def _plus(into: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    return delta if into is None else into.add_(delta)
 
 
 def block_size(counts: torch.Tensor, floor: int = 8, block_cost: int = 16) -> int:
@@ -214,8 +233,13 @@ class LoraBank(nn.Module):
         return self.rank_mask * self.scaling.repeat_interleave(self.rank)
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *, dense_gate_grad: bool = False,
-                plans: dict | None = None, topk: torch.Tensor | None = None) -> torch.Tensor:
+                plans: dict | None = None, topk: torch.Tensor | None = None,
+                into: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., d_in), gates (..., S) broadcastable to x's leading dims, S in {E, E*R} -> (..., d_out).
+
+        `into` (..., d_out): a tensor the delta is added to (the base projection's output); the result is
+        then into + delta, computed in place in `into` where that is safe (`addable`), so RoutedLinear
+        does not allocate the delta and a sum of it.
 
         `dense_gate_grad`: the caller needs d loss / d gates on the unselected (zero) slots too (a
         straight-through gate such as LoRA-Mixer's); "auto" then keeps the dense path while gradients
@@ -226,10 +250,12 @@ class LoraBank(nn.Module):
         them as they are instead of searching the (..., E) gates again, so nothing on its path reads all
         E gates of a token.
         """
+        if into is not None and not addable(into, x):
+            return into + self.forward(x, gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk).to(into.dtype)
         if self.sparse and self._sequence_gates(x, gates):
             k = int((gates != 0).sum(-1).max().item())
             if 2 * k <= self.n_experts:
-                return self._forward_selected(x, gates, k)
+                return _plus(into, self._forward_selected(x, gates, k))
         elif self._token_gates(x, gates) and self.dispatch != "dense":
             if topk is not None and topk.shape[:-1] == gates.shape[:-1]:
                 k = topk.shape[-1]
@@ -237,7 +263,7 @@ class LoraBank(nn.Module):
                 topk, k = None, max(1, int((gates != 0).sum(-1).max().item()))
             needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
             if self.dispatch == "sparse" or (self.SPARSE_FACTOR * k <= self.n_experts and not needs_all):
-                return self._forward_tokens(x, gates, k, plans, topk)
+                return self._forward_tokens(x, gates, k, plans, topk, into)
         z = F.linear(self.dropout(x), self.A)  # (..., E*R)
         scale = self.rank_scale().to(z.dtype)  # (E*R,)
         if gates is None:
@@ -251,7 +277,7 @@ class LoraBank(nn.Module):
                 f"gates have {gates.shape[-1]} slots; this bank takes {self.n_experts} (per adapter) "
                 f"or {self.n_experts * self.rank} (per rank)"
             )
-        return F.linear(z, self.B)  # (..., d_out)
+        return _plus(into, F.linear(z, self.B))  # (..., d_out)
 
     SPARSE_FACTOR = 16
     """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured per MiniLM projection (2048 tokens, R=8,
@@ -301,7 +327,7 @@ class LoraBank(nn.Module):
         return plan
 
     def _forward_tokens(self, x: torch.Tensor, gates: torch.Tensor, k: int, plans: dict | None = None,
-                        topk: torch.Tensor | None = None) -> torch.Tensor:
+                        topk: torch.Tensor | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """Token-level sparse dispatch: each token computes only its k selected adapters.
 
         The N*K assignments (token, expert) are sorted by expert (`_token_plan`, once per gates tensor:
@@ -326,17 +352,33 @@ class LoraBank(nn.Module):
             buf = xf.index_select(0, p.src).view(p.U, p.C, self.d_in)
             if plans is not None and plans.get("shared"):
                 plans[("x", id(p))] = (weakref.ref(xd), tensor_version(xd), buf)
-        A = self.A.view(E, R, self.d_in)  # (E, R, d_in)
-        Bw = self.B.view(self.d_out, E, R)  # (d_out, E, R)
+        A = self.A.view(E, R, self.d_in).to(x.dtype)  # (E, R, d_in)
+        Bw = self._b_rows(x.dtype)  # (E, R, d_out)
         scale = self.rank_scale().view(E, R)
         if p.used is not None:
-            A, Bw, scale = A.index_select(0, p.used), Bw.index_select(1, p.used), scale.index_select(0, p.used)
-        # (U, R, d_in), (U, R, d_out); B's slices made contiguous (E*R*d_out values): a bmm reading the
-        # permuted view is several times slower
-        A, Bw = A.to(x.dtype), Bw.permute(1, 2, 0).to(x.dtype).contiguous()
+            A, Bw, scale = A.index_select(0, p.used), Bw.index_select(0, p.used), scale.index_select(0, p.used)
         s_ = scale.to(x.dtype).unsqueeze(-1) * p.w_slot.view(p.U, 1, p.C)  # (U, R, C) scaling x gate weight
-        out = _GroupedLora.apply(buf, A, Bw, s_, p.src, N)  # (N, d_out): each slot's row added to its token's
-        return out.view(*lead, self.d_out)
+        if into is None:
+            into = x.new_zeros(*lead, self.d_out)
+        return _GroupedLora.apply(into, buf, A, Bw, s_, p.src)  # each slot's row added to its token's
+
+    def _b_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """B as (E, R, d_out), contiguous: the layout the grouped matmuls read (a bmm reading the permuted
+        view of the (d_out, E*R) parameter is several times slower). While B takes no gradient in this
+        forward (router training over frozen adapters, inference) the copy is kept and reused until B
+        changes (its version counter): at E=512 the copy is 1.5M values per MiniLM projection, about 1 ms
+        a projection when made anew every forward. The kept copy costs B's size once more."""
+        B = self.B
+        rows = lambda: B.view(self.d_out, self.n_experts, self.rank).permute(1, 2, 0).to(dtype).contiguous()
+        if torch.is_grad_enabled() and B.requires_grad:
+            return rows()
+        key = (B.data_ptr(), tensor_version(B), dtype, B.device)
+        kept = self.__dict__.get("_b_kept")
+        if kept is None or kept[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: later grad-mode forwards may save it
+                kept = (key, rows())
+            self.__dict__["_b_kept"] = kept
+        return kept[1]
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates constant over each sequence: (B, 1, E) or (1, 1, E) for x (B, T, d_in)."""

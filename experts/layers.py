@@ -74,8 +74,9 @@ class RoutedLinear(nn.Module):
                 self.last_routing = routing
         elif self.static_gates is not None:
             gates = self.static_gates  # (B, 1, S) or (1, 1, S)
-        delta = self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk)
-        return out + delta.to(out.dtype)
+        # the bank adds its delta into the base output (in place where safe: LoraBank `into`)
+        return self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk,
+                         into=out)
 
 
 def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:

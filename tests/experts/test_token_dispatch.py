@@ -89,6 +89,67 @@ def test_frozen_adapters_train_only_the_gates_and_input():
     torch.testing.assert_close(sg[sel], dg[sel], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_delta_added_into_the_base_output(dispatch):
+    """`into`: the bank adds its delta into the base projection's output in place (no separate delta
+    tensor), with the same values and gradients as base + delta, the base output's gradient included."""
+    bank = _bank()
+    bank.dispatch = dispatch
+    W = torch.randn(10, 16, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(6))
+    gates = _token_gates(3, 7, 12, 2, seed=6)
+    runs = []
+    for fused in (True, False):
+        bank.zero_grad(set_to_none=True)
+        w, xx, gg = W.clone().requires_grad_(True), x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        base = xx @ w.T
+        out = bank(xx, gg, into=base) if fused else base + bank(xx, gg)
+        if fused:
+            assert out.data_ptr() == base.data_ptr()  # added in place
+        out.pow(2).sum().backward()
+        runs.append((out.detach(), w.grad, xx.grad, gg.grad, bank.A.grad, bank.B.grad))
+    for name, a, b in zip(("out", "W", "x", "gates", "A", "B"), *runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+    with torch.inference_mode():  # and under inference mode, as the server runs it
+        base = x @ W.T
+        torch.testing.assert_close(bank(x, gates, into=base.clone()), base + bank(x, gates))
+    # an `into` of another dtype is not written in place: the sum comes back as a new tensor
+    half = (x @ W.T).to(torch.float64)
+    got = bank(x, gates, into=half)
+    assert got.dtype == torch.float64 and got.data_ptr() != half.data_ptr()
+
+
+def test_kept_layout_of_frozen_b_follows_changes():
+    """Frozen B: the token path keeps its (E, R, d_out) copy between forwards and makes it anew when B
+    changes in place (a new adapter written into a slot), so the output follows the new weights."""
+    bank = _bank()
+    bank.A.requires_grad_(False)
+    bank.B.requires_grad_(False)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(7))
+    gates = _token_gates(2, 5, 12, 2, seed=7)
+    bank.dispatch = "sparse"
+    first = bank(x, gates)
+    kept = bank.__dict__["_b_kept"][1]
+    assert bank(x, gates).equal(first) and bank.__dict__["_b_kept"][1] is kept  # reused while B is unchanged
+    g = torch.Generator().manual_seed(9)
+    for e in range(12):
+        bank.set_expert(e, torch.randn(2, 16, generator=g), torch.randn(10, 2, generator=g), 1.0)
+    after = bank(x, gates)
+    bank.dispatch = "dense"
+    torch.testing.assert_close(after, bank(x, gates), rtol=1e-5, atol=1e-5)
+    assert not after.equal(first)
+    bank.dispatch = "sparse"
+    # a copy kept under inference mode serves a later forward that trains the input (64 tokens: one block
+    # per expert, so the grouped matmuls read the kept copy itself, not a gathered one)
+    x, gates = torch.randn(4, 16, 16, generator=g), _token_gates(4, 16, 12, 2, seed=9)
+    bank.set_expert(0, torch.randn(2, 16, generator=g), torch.randn(10, 2, generator=g), 1.0)  # B changes again
+    with torch.inference_mode():
+        bank(x, gates)
+    xx = x.clone().requires_grad_(True)
+    bank(xx, gates).pow(2).sum().backward()
+    assert xx.grad is not None
+
+
 def test_padding_mask_and_uneven_k():
     bank = _bank()
     x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(3))
