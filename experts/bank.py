@@ -341,7 +341,6 @@ class LoraBank(nn.Module):
         lead = x.shape[:-1]
         xd = self.dropout(x)
         xf = xd.reshape(-1, self.d_in)  # (N, d_in)
-        N = xf.shape[0]
         p = self._token_plan(gates.to(x.dtype), k, plans, topk)
         buf = None
         if plans is not None and plans.get("shared"):  # a shared gate's banks: pack an input tensor once
