@@ -58,6 +58,12 @@ class Settings(BaseModel):
     def _expand(cls, v: object) -> object:
         return Path(v).expanduser().absolute() if isinstance(v, (str, Path)) else v
 
+    @property
+    def chosen_embedder(self) -> str | None:
+        """The embedder the caller asked for (LORAPLEX_EMBEDDER or a keyword), None when left to the default;
+        a registry whose signatures were made with another refuses it (`Registry.embedder_name`)."""
+        return self.embedder if "embedder" in self.model_fields_set else None
+
     @classmethod
     def load(cls, **overrides: object) -> "Settings":
         """Settings from the environment, with explicit keyword overrides (None means "not given")."""
@@ -70,10 +76,28 @@ class Settings(BaseModel):
         }
         values = {k: v for k, v in env.items() if v}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        from pydantic import ValidationError
+
+        from loraplex.errors import InvalidSpec
+
+        try:
+            return cls(**values)
+        except ValidationError as e:  # one line naming the setting, where it came from, and what it allows
+            err = e.errors()[0]
+            key = str(err["loc"][0]) if err.get("loc") else "settings"
+            src = f"LORAPLEX_{key.upper()}" if key in env and key not in overrides else key
+            raise InvalidSpec(f"{src}={values.get(key)!r}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def resolved_device(self) -> str:
         if self.device != "auto":
+            import torch
+
+            from loraplex.errors import InvalidSpec
+
+            if self.device == "cuda" and not torch.cuda.is_available():
+                raise InvalidSpec("device 'cuda' was asked for (LORAPLEX_DEVICE or --device), but torch sees no CUDA GPU here")
+            if self.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+                raise InvalidSpec("device 'mps' was asked for (LORAPLEX_DEVICE or --device), but MPS is not available here")
             return self.device
         import torch
 

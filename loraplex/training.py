@@ -51,14 +51,14 @@ import math
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
 from loraplex.errors import Interrupted, InvalidSpec
@@ -91,14 +91,33 @@ class LightningSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    accelerator: str = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
     devices: int | str = 1
     """Lightning devices (a number or 'auto')."""
     strategy: str = "auto"
     """Lightning strategy: auto, ddp, fsdp, ..."""
-    precision: str = "32-true"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                       "transformer-engine", "transformer-engine-float16"] = "32-true"
     """Lightning precision: 32-true, bf16-mixed, 16-mixed."""
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _legacy_precision(cls, v: object) -> object:
+        """Lightning's older spellings (16, 32, 64, 'bf16') read as Lightning reads them."""
+        return {"16": "16-mixed", "32": "32-true", "64": "64-true", "bf16": "bf16-mixed"}.get(str(v), v)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        """'auto' or a strategy name in Lightning's registry (checked here, before a run directory exists)."""
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = ["auto", *StrategyRegistry.available_strategies()]
+        if v not in known:
+            raise ValueError(f"unknown Lightning strategy {v!r} (known: auto, ddp, ddp_spawn, fsdp, deepspeed, "
+                             f"... {len(known)} in all)")
+        return v
 
     @model_validator(mode="after")
     def _devices_exist(self):

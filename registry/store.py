@@ -36,7 +36,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from loraplex.data import load_task
-from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter
+from loraplex.embedders import EMBEDDERS
+from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
 from loraplex.ranks import shared_run_dir
@@ -69,16 +70,18 @@ class Registry(Database, Components):
     registry/database.py: the connection, schema, lock and transactions; this module: blobs, bases,
     adapters and their signatures; registry/components.py: routers and generators."""
 
-    def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0):
+    def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0,
+                 embedder_chosen: bool = False):
         super().__init__(home, lock_timeout=lock_timeout)
         self.blob_dir = self.home / "blobs"
         self.default_embedder = embedder
+        self.embedder_chosen = embedder_chosen  # True: the user named `embedder`; another one stored is refused
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Registry":
         """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
         s = settings or Settings.load()
-        return cls(s.home, embedder=s.embedder)
+        return cls(s.home, embedder=s.embedder, embedder_chosen=s.chosen_embedder is not None)
 
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
@@ -87,8 +90,16 @@ class Registry(Database, Components):
 
     @property
     def embedder_name(self) -> str:
-        """The embedder this registry's signatures were made with (fixed at its first adapter)."""
-        return self.meta("embedder") or self.default_embedder
+        """The embedder this registry's signatures were made with (fixed at its first adapter). When the
+        user named another one (LORAPLEX_EMBEDDER), it is refused rather than silently not used."""
+        stored = self.meta("embedder")
+        if self.embedder_chosen and self.default_embedder not in EMBEDDERS.names():
+            raise InvalidSpec(f"LORAPLEX_EMBEDDER={self.default_embedder!r}: unknown embedder "
+                              f"(known: {', '.join(EMBEDDERS.names())})")
+        if stored and self.embedder_chosen and stored != self.default_embedder:
+            raise InvalidSpec(f"LORAPLEX_EMBEDDER={self.default_embedder!r}, but the registry at {self.home} made its "
+                              f"signatures with {stored!r}: unset it, set it to {stored!r}, or use another LORAPLEX_HOME")
+        return stored or self.default_embedder
 
     # ------------------------------------------------------------------------------------------
     # blobs

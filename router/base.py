@@ -142,6 +142,11 @@ class LearnedRouter:
     def top_k(self) -> int:
         return int(getattr(self.config, "top_k", 1))
 
+    @classmethod
+    def choices(cls, ranks: Sequence[int]) -> int:
+        """How many slots top-k picks among, for experts of these ranks: one per expert."""
+        return len(ranks)
+
     def attach(self, model: nn.Module, only: Sequence[str] | None = None) -> None:
         """Give every RoutedLinear of `model` (or those named in `only`; the others keep static gates) its
         gate (created on first attach) and capture attention masks."""

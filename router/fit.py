@@ -150,6 +150,10 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     else:
         cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
         ex = _fresh(reg, settings, method, entry.factory, cfg, name, tasks, base, tc.seed)
+    pool = entry.factory.choices([sp.r for sp in ex.specs])
+    if "top_k" in (config or {}) and cfg.top_k > pool:  # the default is capped at what there is
+        what = "ranks" if entry.factory.slot == "rank" else "experts"
+        raise UserInputError(f"top_k={cfg.top_k} is more than the {pool} {what} router {method!r} would choose among")
     lb = ex.lb
     L.seed_everything(tc.seed, verbose=False)  # gate initialisation, shuffling and dropout follow the seed
     router: LearnedRouter = entry.factory(cfg)

@@ -207,6 +207,9 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
       (`RoutedModel.answer_each(texts, adapter_per_row)`)."""
     if shortlist is not None and shortlist < 1:
         raise UserInputError("--shortlist must be at least 1")
+    if shortlist is not None and (not router or is_untrained(router)):
+        raise UserInputError(f"--shortlist limits a stored router to the adapters retrieval finds nearest; "
+                             f"{'retrieval ranks the adapters itself (--set top_k=N)' if router else 'name a router'}")
     if is_untrained(router):
         return load_retrieval(reg, settings, adapters=adapters, texts=texts or [], base=base, config=config,
                               method=router)

@@ -27,6 +27,8 @@ and router learned together on the tasks' data).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -103,6 +105,11 @@ class RankRouter(LearnedRouter):
     @property
     def top_k(self) -> int:
         return self.config.top_k
+
+    @classmethod
+    def choices(cls, ranks: Sequence[int]) -> int:
+        """Every rank of every expert is a slot."""
+        return int(sum(ranks))
 
     @classmethod
     def stored_shape(cls, rows: int, n_experts: int) -> tuple[int, int]:

@@ -24,10 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
+from loraplex.errors import AlreadyExists, InvalidName, TaskNotFound
 from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.protocol import (
-    APIError, ChatRequest, ClassifyRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest, parse)
+    APIError, ChatRequest, ClassifyRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest, parse, read_body)
 from loraplex.serve.scheduler import Job, Scheduler
 from loraplex.serve.targets import ModelUnknown, Target
 
@@ -222,13 +223,14 @@ def _generation_routes(app: FastAPI, cx: _Context) -> None:
 async def _generate(cx: _Context, request: Request, chat: bool):
     """A chat or text completion: forwarded to the backend (--backend), or a job of the batching thread
     answered whole or streamed."""
-    req = parse(await request.body(), ChatRequest if chat else CompletionRequest)
+    raw = await read_body(request)
+    req = parse(raw, ChatRequest if chat else CompletionRequest)
     target = cx.resolve(req.model)
     ids, text, sampling = _prompt(cx.engine, req, chat)
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text])
     if cx.fwd is not None:
-        return await _forward(cx, request, req.model, target, text, routes)
+        return await _forward(cx, request, raw, req.model, target, text, routes)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
     answer = _Answer(req, target, chat, len(ids))
@@ -246,7 +248,7 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
         raise APIError(400, f"the base {engine.base_name!r} is an encoder: it does not generate text "
                             "(use /v1/classify)", param="model")
     if chat:
-        ids, text = engine.chat_prompt([m.model_dump(include={"role", "content"}) for m in req.messages])
+        ids, text = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
     else:
         text = req.text()
         ids = engine.encode_prompt(text)
@@ -264,7 +266,7 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
     return ids, text, sampling
 
 
-async def _forward(cx: _Context, request: Request, model: str, target: Target, text: str, routes):
+async def _forward(cx: _Context, request: Request, raw: bytes, model: str, target: Target, text: str, routes):
     """The request sent on to the backend, naming the one adapter chosen here (auto's top, a router's)."""
     if routes is not None:
         route = cx.engine.top(routes[0])
@@ -275,7 +277,7 @@ async def _forward(cx: _Context, request: Request, model: str, target: Target, t
     summary = {"adapters": [{"name": a, "weight": round(w, 4)} for a, w in route.adapters]}
     if route.decision is not None:
         summary.update(decision=route.decision, reason=route.reason, nearest=route.nearest)
-    body = json.loads(await request.body())
+    body = json.loads(raw)
     body.pop("trace", None)
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
     return await cx.fwd.forward(request.url.path, body, _routing(model, target, summary, None))
@@ -352,18 +354,22 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        req = parse(await request.body(), ClassifyRequest)
+        req = parse(await read_body(request), ClassifyRequest)
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
-        for i, t in enumerate(texts):
-            n = engine.n_tokens(t)
-            if n > engine.context:
-                raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
-                               param="input", code="context_length_exceeded")
-        job = Job("classify", target, texts, asyncio.get_running_loop(), labels=labels,
-                  routes=await cx.decided(target, texts, labels))
-        cx.scheduler.submit(job)
-        res, _ = await cx.wait(job, request)
+        await run_in_threadpool(_within_context, engine, texts)
+        routes = await cx.decided(target, texts, labels)
+        # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
+        # batching thread with the others, and stops at the next piece once its client has gone
+        res: list[Any] = []
+        step = cx.scheduler.max_batch
+        for i in range(0, len(texts), step):
+            if i and await request.is_disconnected():
+                raise APIError(499, "the client closed the connection")
+            job = Job("classify", target, texts[i:i + step], asyncio.get_running_loop(), labels=labels,
+                      routes=routes[i:i + step] if routes is not None else None)
+            cx.scheduler.submit(job)
+            res += (await cx.wait(job, request))[0]
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]
         per = [d.pop("routing") for d in data]
         return {"object": "list", "model": req.model, "data": data,
@@ -372,14 +378,44 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
-        req = parse(await request.body(), LoadLoraRequest)
-        await cx.threaded(engine.register, req.lora_name, req.lora_path, req.description, req.task)
+        req = parse(await read_body(request), LoadLoraRequest)
+        try:
+            await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
+        except LoraplexError as exc:
+            raise _naming(api_error(exc), exc, LOAD_PARAMS) from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "registered",
                 "message": f"Success: LoRA adapter {req.lora_name!r} added successfully."}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
-        req = parse(await request.body(), UnloadLoraRequest)
-        await cx.threaded(engine.unregister, req.lora_name)
+        req = parse(await read_body(request), UnloadLoraRequest)
+        try:
+            await run_in_threadpool(engine.unregister, req.lora_name)
+        except LoraplexError as exc:
+            raise _naming(api_error(exc), exc, ((LoraplexError, "lora_name"),)) from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",
                 "message": f"Success: LoRA adapter {req.lora_name!r} removed successfully."}
+
+
+# which field of /v1/load_lora_adapter a refused registration is about
+LOAD_PARAMS = ((InvalidName, "lora_name"), (AlreadyExists, "lora_name"), (TaskNotFound, "task"),
+               (LoraplexError, "lora_path"))
+
+
+def _naming(err: APIError, exc: BaseException, params) -> APIError:
+    """`err` with `param` naming the request's field the error is about (the first type `exc` is); a
+    missing task or directory named in the body is a 400 about that field, not an unknown model."""
+    param = next((p for t, p in params if isinstance(exc, t)), err.param)
+    if err.param == "model" and param != "lora_name":
+        return APIError(400, err.message, param=param)
+    err.param = param
+    return err
+
+
+def _within_context(engine: Engine, texts: Sequence[str]) -> None:
+    """A 400 naming the first text longer than the base's context (counted in a worker thread)."""
+    for i, t in enumerate(texts):
+        n = engine.n_tokens(t)
+        if n > engine.context:
+            raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
+                           param="input", code="context_length_exceeded")

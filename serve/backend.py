@@ -14,13 +14,27 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loraplex.errors import UserInputError
 from loraplex.serve.protocol import APIError
+
+
+def checked_url(url: str) -> str:
+    """`--backend`'s URL without a trailing `/v1`: http(s) with a host, or UserInputError naming it."""
+    try:
+        parsed = httpx.URL(url.strip())
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 1) <= 65535
+    except (httpx.InvalidURL, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserInputError(f"--backend {url!r}: expected the URL of an OpenAI-compatible server, "
+                             "like http://127.0.0.1:8001/v1")
+    url = url.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 class Backend:
     def __init__(self, url: str, timeout: float = 600.0):
-        url = url.rstrip("/")
-        self.url = url[: -len("/v1")] if url.endswith("/v1") else url
+        self.url = checked_url(url)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
 
     async def close(self) -> None:

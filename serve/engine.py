@@ -86,7 +86,7 @@ class Engine:
         """This thread's registry handle (SQLite connections stay in their thread)."""
         r = getattr(self._local, "reg", None)
         if r is None:
-            r = self._local.reg = Registry(self.settings.home, embedder=self.settings.embedder)
+            r = self._local.reg = Registry.open(self.settings)
         return r
 
     def _default_base(self, router: str | None) -> str:
@@ -348,7 +348,7 @@ class Engine:
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
         """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
-        with _as_request_errors():
+        with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
                           description=description or f"LoRA adapter {name}, loaded through the server from {path}")
 
@@ -361,11 +361,14 @@ class Engine:
 
 
 @contextmanager
-def _as_request_errors():
-    """A refused registration is the request's fault (400), an unknown name a 404: never a 503."""
+def _as_request_errors(names_model: bool = True):
+    """A refused registration is the request's fault (400), an unknown name a 404 (`names_model`: the
+    name is the request's model) or what it is (a task the request names): never a 503."""
     try:
         yield
     except NotFound as exc:
+        if not names_model:
+            raise
         raise ModelUnknown(str(exc)) from None
     except UserInputError:
         raise

@@ -22,8 +22,9 @@ class APIError(Exception):
                  type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             502: "backend_error", 503: "unavailable_error"}.get(status, "server_error")
+        self.type = type or {401: "authentication_error", 404: "not_found_error", 502: "backend_error",
+                             503: "unavailable_error"}.get(
+            status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -50,7 +51,7 @@ class _Generate(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: Optional[dict[str, bool]] = None
     user: Optional[str] = None
@@ -77,14 +78,37 @@ class _Generate(_Body):
         return self.max_completion_tokens or self.max_tokens
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: Union[str, list[TextPart]]
+    """A text, or OpenAI's content parts (text parts only: they are joined by newlines, as vLLM does)."""
     name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatRequest(_Generate):
     messages: list[Message] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        """A content part that is not text (an image, audio, a file) is refused by name, not dropped."""
+        msgs = data.get("messages") if isinstance(data, dict) else None
+        for i, m in enumerate(msgs if isinstance(msgs, list) else []):
+            parts = m.get("content") if isinstance(m, dict) else None
+            for j, part in enumerate(parts if isinstance(parts, list) else []):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise APIError(400, f"content parts of type {kind!r} are not supported by loraplex serve "
+                                        "(text only)", param=f"messages.{i}.content.{j}.type", code="unsupported")
+        return data
 
 
 class CompletionRequest(_Generate):
@@ -99,6 +123,10 @@ class CompletionRequest(_Generate):
         return self.prompt
 
 
+MAX_INPUTS = 2048
+"""Texts one /v1/classify request may carry (OpenAI's embeddings endpoint takes as many)."""
+
+
 class ClassifyRequest(_Body):
     model: str
     input: Union[str, list[str]]
@@ -111,6 +139,9 @@ class ClassifyRequest(_Body):
         xs = [self.input] if isinstance(self.input, str) else list(self.input)
         if not xs or any(not x.strip() for x in xs):
             raise APIError(400, "input must be a text or a non-empty list of non-empty texts", param="input")
+        if len(xs) > MAX_INPUTS:
+            raise APIError(400, f"input has {len(xs):,} texts; one request takes at most {MAX_INPUTS:,}",
+                           param="input", code="too_many_inputs")
         return xs
 
     def label_set(self) -> tuple[str, ...] | None:
@@ -141,14 +172,65 @@ def _union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part)
 
 
+def _lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
+    """Where in decoded JSON a string (or a key) holds a lone UTF-16 surrogate (`"\\ud800"`), which is no
+    Unicode text: a tokenizer fails on it and no answer could echo it. None when there is none."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return at
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            hit = _lone_surrogate(k, at) if isinstance(k, str) else None
+            hit = hit if hit is not None else _lone_surrogate(v, (*at, k))
+            if hit is not None:
+                return hit
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            hit = _lone_surrogate(v, (*at, i))
+            if hit is not None:
+                return hit
+    return None
+
+
+MAX_BODY = 32 << 20
+"""Bytes a request body may have (2,048 inputs of a 512-token context take about 5 MB)."""
+
+
+async def read_body(request: Any) -> bytes:
+    """The request's body, read up to MAX_BODY bytes; past that a 413 (the rest is not read)."""
+    def too_large() -> APIError:
+        return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse(raw: bytes, model: type[BaseModel]) -> Any:
     """The body as `model`, or an APIError (400) naming what is wrong."""
     try:
         data = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if b"\\u" in raw:  # only an escape can make a lone surrogate (the raw bytes were valid UTF-8)
+        at = _lone_surrogate(data)
+        if at is not None:
+            where = ".".join(str(p) for p in at) or None
+            raise APIError(400, f"{where or 'body'}: a lone UTF-16 surrogate escape is not Unicode text",
+                           param=where, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -4,11 +4,14 @@ connections, in-flight requests finish, the batching thread drains, the port is 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import uvicorn
 
+from loraplex.errors import UserInputError
 from loraplex.serve.app import create_app
+from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.scheduler import Scheduler
@@ -25,17 +28,45 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
     return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend), engine
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), or UserInputError naming what is wrong; bound
+    before the model loads, so a bad address or a taken port fails at once and nothing is announced."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserInputError(f"--host {host!r}: not an address this machine can listen on "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app, engine = build(settings, **options)
+    if options.get("backend"):
+        checked_url(options["backend"])
+    sock = listening_socket(host, port)
+    try:
+        app, engine = build(settings, **options)
+    except BaseException:
+        sock.close()
+        raise
     n = len(engine.models()) - 2
+    port = sock.getsockname()[1]
+    where = f"[{host}]" if ":" in host else host
     print(f"loraplex serve: {engine.base_name} ({engine.family}) with {n} adapters and routers, "
-          f"on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=60, access_log=False)
+          f"on http://{where}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60, access_log=False)
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down cleanly
         pass
     if not server.started:

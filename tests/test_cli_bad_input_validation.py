@@ -230,6 +230,35 @@ def test_stream_devices_beyond_the_machine(cli, seeded, tmp_path):
     _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "trainer: devices: 64 devices asked for")
 
 
+@pytest.mark.parametrize("option, value, match", [
+    ("--strategy", "bogus", "strategy: unknown Lightning strategy 'bogus'"),
+    ("--precision", "8-bit", "precision: Input should be '32-true'"),
+])
+def test_unknown_lightning_settings(cli, seeded, tiny_bert, tmp_path, option, value, match):
+    """Were exit 70 from inside Lightning's Trainer; now refused before any run directory exists."""
+    before = registry_state(cli.home)
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, option, value), cli.home, before, match)
+    _refused(cli("router", "fit", "r", "--router", "token-gate", option, value), cli.home, before, match)
+    spec = _spec(tmp_path, {option[2:]: value})
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, f"trainer.{match}")
+    assert not (cli.home / "runs").exists() or not any((cli.home / "runs").iterdir())
+
+
+def test_lightning_settings_follow_lightning():
+    """The precisions loraplex accepts are Lightning's, and its older spellings read as Lightning reads them."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    from loraplex.training import LightningSettings
+
+    ours = typing.get_args(LightningSettings.model_fields["precision"].annotation)
+    assert set(ours) == set(typing.get_args(_PRECISION_INPUT_STR))
+    assert LightningSettings(precision=16).precision == "16-mixed"
+    assert LightningSettings(precision="bf16").precision == "bf16-mixed"
+    assert LightningSettings(strategy="ddp_spawn").strategy == "ddp_spawn"
+
+
 def test_stream_spec_with_a_20mb_comment(cli, seeded, tmp_path):
     before = registry_state(cli.home)
     spec = _spec(tmp_path, {"steps": 1}, extra="#" + "x" * (20 << 20) + "\n")
@@ -354,3 +383,69 @@ def test_reregistering_repairs_a_damaged_blob(cli, seeded, tiny_bert):
     assert Registry(cli.home).get_adapter("again").blob == rec.blob
     r = cli("registry", "check")
     assert r.exit_code == 0, r.output  # the blob was rewritten: both records read back intact
+
+
+@pytest.mark.parametrize("env, match", [
+    (("LORAPLEX_DEVICE", "cuda:3"), "LORAPLEX_DEVICE='cuda:3': Input should be 'auto', 'cpu', 'cuda' or 'mps'"),
+    (("LORAPLEX_DTYPE", "int3"), "LORAPLEX_DTYPE='int3'"),
+    (("LORAPLEX_DEVICE", "mps"), "device 'mps' was asked for"),
+])
+def test_bad_device_or_dtype_settings(cli, seeded, monkeypatch, env, match):
+    """A device or dtype the settings do not allow, or a device this machine lacks: one line, exit 2."""
+    import torch
+
+    if env[1] == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    before = registry_state(cli.home)
+    monkeypatch.setenv(*env)
+    _refused(cli("eval", "good", "--task", "airline", "--limit", "2"), cli.home, before, match)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("nosuch", "LORAPLEX_EMBEDDER='nosuch': unknown embedder (known: hash, minilm)"),
+    ("minilm", "LORAPLEX_EMBEDDER='minilm', but the registry at"),
+])
+def test_embedder_setting_that_cannot_apply(cli, seeded, monkeypatch, value, match):
+    """An unknown embedder, or another one than the registry's signatures were made with, was silently
+    not used by search; now refused by name."""
+    before = registry_state(cli.home)
+    monkeypatch.setenv("LORAPLEX_EMBEDDER", value)
+    _refused(cli("adapters", "search", "airline complaints"), cli.home, before, match)
+    monkeypatch.setenv("LORAPLEX_EMBEDDER", "hash")
+    assert cli("adapters", "search", "airline complaints").exit_code == 0
+
+
+def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
+    """top_k over more experts than the router has, and --shortlist where no stored router takes it, were
+    stored or ignored silently."""
+    before = registry_state(cli.home)
+    r = cli("router", "fit", "r", "--router", "token-gate", "--adapters", "good", "--tasks", "airline",
+            "--top-k", "5", "--steps", "1", "--quiet")
+    _refused(r, cli.home, before, "top_k=5 is more than the 1 experts router 'token-gate' would choose among")
+    r = cli("router", "fit", "r", "--router", "rank", "--adapters", "good", "--tasks", "airline",
+            "--top-k", "99", "--steps", "1", "--quiet")
+    _refused(r, cli.home, before, "top_k=99 is more than the 4 ranks router 'rank' would choose among")
+    _refused(cli("query", "late flight", "--shortlist", "2"), cli.home, before, "--shortlist limits a stored router")
+    _refused(cli("query", "late flight", "--router", "retrieval", "--shortlist", "1"), cli.home, before,
+             "retrieval ranks the adapters itself")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--host", "999.1.1.1"], "--host '999.1.1.1': not an address this machine can listen on"),
+    (["--backend", "notaurl"], "--backend 'notaurl': expected the URL of an OpenAI-compatible server"),
+    (["--backend", "ftp://127.0.0.1/v1"], "--backend 'ftp://127.0.0.1/v1'"),
+    (["--port", "{taken}"], "cannot listen on 127.0.0.1:{taken}"),
+])
+def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args, match):
+    """Checked before the model loads: one line, exit 2, no banner."""
+    import socket
+
+    before = registry_state(cli.home)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        taken = str(s.getsockname()[1])
+        args = [a.replace("{taken}", taken) for a in args]
+        r = cli("serve", *args)
+    _refused(r, cli.home, before, match.replace("{taken}", taken))
+    assert "loraplex serve:" not in r.stderr

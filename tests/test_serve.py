@@ -216,8 +216,8 @@ def test_bad_input_is_a_4xx_in_openais_body_and_changes_nothing(home, http):
     for path, body, param in [("/v1/classify", {"model": "auto", "input": []}, "input"),
                               ("/v1/classify", {"model": "no-such", "input": "x"}, "model"),
                               ("/v1/load_lora_adapter", {"lora_name": "x"}, "lora_path"),
-                              ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"}, None),
-                              ("/v1/unload_lora_adapter", {"lora_name": "no-such"}, "model")]:
+                              ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"}, "lora_path"),
+                              ("/v1/unload_lora_adapter", {"lora_name": "no-such"}, "lora_name")]:
         r = http.post(path, json=body)
         assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, (path, r.text)
     assert http.get("/v1/nothing-here").status_code == 404

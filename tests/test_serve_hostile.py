@@ -1,0 +1,145 @@
+"""The server against requests a hostile or careless client sends: each is a 4xx in OpenAI's error body
+naming the field (`param`), never a 500, and one request cannot hold the server for the others."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.conftest import registry_state
+from tests.router.conftest import bert_registry, peft_dirs, task_files  # noqa: F401 (fixtures)
+from tests.serve_util import llama_home, metric, serving  # noqa: F401 (a fixture)
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def http(bert_registry, tiny_bert):
+    with serving(bert_registry, base=str(tiny_bert), max_batch=8, max_wait_ms=20) as url, \
+            httpx.Client(base_url=url, timeout=120) as h:
+        yield h
+
+
+def _error(r, status, param, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error"), err
+    if code:
+        assert err["code"] == code, err
+    return err
+
+
+def _raw(h, path, obj):
+    """POST `obj` as JSON with non-ASCII written as \\u escapes (how a lone surrogate reaches a server)."""
+    return h.post(path, content=json.dumps(obj, ensure_ascii=True).encode(), headers={"content-type": "application/json"})
+
+
+def test_lone_surrogates_are_a_400_naming_where(bert_registry, http):
+    before = registry_state(bert_registry.home)
+    _error(_raw(http, "/v1/classify", {"model": "sports-lora", "input": ["fine", "bad \ud800 text"]}), 400, "input.1")
+    _error(_raw(http, "/v1/classify", {"model": "sports-lora", "input": "\udfff"}), 400, "input")
+    _error(_raw(http, "/v1/completions", {"model": "sports-lora", "prompt": "x\ud83d"}), 400, "prompt")
+    _error(_raw(http, "/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "\ud800"}]}),
+           400, "messages.0.content")
+    _error(_raw(http, "/v1/classify", {"model": "sports-lora", "input": "x", "\ud800": 1}), 400, None)
+    # a real astral character, escaped as a surrogate pair, is text
+    ok = _raw(http, "/v1/classify", {"model": "sports-lora", "input": "goal \U0001F600 match"})
+    assert ok.status_code == 200, ok.text
+    assert registry_state(bert_registry.home) == before
+
+
+def test_too_many_inputs_and_wrong_methods(http):
+    from loraplex.serve.protocol import MAX_INPUTS
+
+    err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": ["goal"] * (MAX_INPUTS + 1)}),
+                 400, "input", "too_many_inputs")
+    assert f"{MAX_INPUTS:,}" in err["message"]
+    _error(http.get("/v1/classify"), 405, None)
+    _error(http.delete("/v1/models"), 405, None)
+    # a text longer than the context, in words (one long "word" is a single unknown token)
+    _error(http.post("/v1/classify", json={"model": "sports-lora", "input": ["goal", "match goal " * 5000]}),
+           400, "input", "context_length_exceeded")
+
+
+def test_adapter_loading_errors_name_their_field(bert_registry, http, peft_dirs):
+    before = registry_state(bert_registry.home)
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/no/such/dir"}), 400, "lora_path")
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": str(peft_dirs["sports"])}),
+           400, "lora_name")
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "sports-lora", "lora_path": str(peft_dirs["sports"])}),
+           400, "lora_name")
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": str(peft_dirs["sports"]),
+                                                    "task": "no-such-task"}), 400, "task")
+    _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "no-such"}), 404, "lora_name")
+    assert registry_state(bert_registry.home) == before
+
+
+def test_a_large_request_shares_the_server_and_stops_when_its_client_leaves(http):
+    """2,000 texts are answered in order, in pieces: a one-text request sent meanwhile is answered long
+    before, and once the client of another large request has gone its pieces stop."""
+    texts = [f"{w} {i}" for i in range(250) for w in ("goal match team", "phone screen apple", "flight late",
+                                                         "great game", "bad battery", "lost bag", "win", "delay")]
+    big: dict[str, object] = {}
+
+    def ask_big():
+        big["r"] = http.post("/v1/classify", json={"model": "sports-lora", "input": texts})
+        big["t"] = time.monotonic()
+
+    th = threading.Thread(target=ask_big)
+    th.start()
+    time.sleep(0.3)
+    small = http.post("/v1/classify", json={"model": "phones-lora", "input": "apple screen"})
+    t_small = time.monotonic()
+    assert small.status_code == 200, small.text
+    th.join(120)
+    assert big["r"].status_code == 200, big["r"].text
+    assert t_small < big["t"]
+    data = big["r"].json()["data"]
+    assert [d["input"] for d in data] == texts and [d["index"] for d in data] == list(range(len(texts)))
+    alone = http.post("/v1/classify", json={"model": "sports-lora", "input": texts[1234]}).json()["data"][0]
+    assert data[1234]["scores"] == pytest.approx(alone["scores"], abs=1e-4)
+
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-request
+        http.post("/v1/classify", json={"model": "sports-lora", "input": texts}, timeout=0.5)
+    time.sleep(1.5)  # the server sees the disconnect within its 0.5 s poll and submits no more pieces
+    n1 = metric(http.get("/metrics").text, "loraplex_batch_size_count")
+    time.sleep(1.0)
+    n2 = metric(http.get("/metrics").text, "loraplex_batch_size_count")
+    assert n1 == n2
+
+
+@pytest.fixture(scope="module")
+def llama_http(llama_home, tiny_llama):
+    s, _ = llama_home
+    with serving(s, base=str(tiny_llama), max_loras=2, max_batch=8) as url, httpx.Client(base_url=url, timeout=60) as h:
+        yield h
+
+
+def test_odd_generation_bodies(llama_http):
+    h = llama_http
+    ask = {"model": "flights-lora", "max_tokens": 3, "temperature": 0}
+    _error(h.post("/v1/completions", content=b'{"model": "auto", "prompt": "x", "temperature": NaN}',
+                  headers={"content-type": "application/json"}), 400, "temperature")
+    _error(h.post("/v1/completions", content=b"[" * 100_000 + b"]" * 100_000,
+                  headers={"content-type": "application/json"}), 400, None, "invalid_json")
+    _error(h.post("/v1/completions", json={**ask, "prompt": "late", "seed": 2 ** 70}), 400, "seed")  # was a 500
+    assert h.post("/v1/completions", json={**ask, "prompt": "late", "seed": -(2 ** 63)}).status_code == 200
+    # OpenAI's content parts: text parts are joined, any other part is refused by name
+    parts = h.post("/v1/chat/completions", json={**ask, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "the flight"}, {"type": "text", "text": "was late"}]}]})
+    plain = h.post("/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": "the flight\nwas late"}]})
+    assert parts.status_code == 200, parts.text
+    assert parts.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
+    _error(h.post("/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+        400, "messages.0.content.1.type", "unsupported")
+    big = b'{"model": "auto", "prompt": "' + b"x" * (33 << 20) + b'"}'
+    _error(h.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413, None,
+           "request_too_large")
+    assert h.get("/health").status_code == 200
