@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover
 
 INTERNAL = 70
 INTERRUPTED = 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
 
 
 def _one_line(text: str) -> str:
@@ -37,6 +38,12 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         return INTERRUPTED
+    if isinstance(exc, BrokenPipeError):  # the reader of stdout has gone (`loraplex ... | head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return BROKEN_PIPE
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC outside the registry's own writes
         typer.echo(f"error: the disk is full ({exc.filename or exc.strerror})", err=True)
         return 1
