@@ -78,7 +78,8 @@ LIBRARY_ORDERS = [
 
 
 def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit: int, forget=None, seed=0,
-              distill: float = 2.0, base: str = "minilm", batch_size: int = 16, replay_rows: str = "share"):
+              distill: float = 2.0, base: str = "minilm", batch_size: int = 16, replay_rows: str = "share",
+              mix: float = 0.25):
     spec = {
         "name": name, "base": base, "seed": seed, "lora": {"rank": 8},
         "trainer": {"steps": steps, "lr": 2e-3, "batch_size": batch_size, "eval_limit": eval_limit, "snapshots": 2},
@@ -87,7 +88,7 @@ def spec_dict(name: str, order, method, *, replay: bool, steps: int, eval_limit:
         "experiences": [{"learn": t} for t in order] + ([forget] if forget else []),
     }
     if replay:
-        spec["replay"] = {"budget": 100 * len(order), "policy": "class-balanced", "mix": 0.25, "distill": distill,
+        spec["replay"] = {"budget": 100 * len(order), "policy": "class-balanced", "mix": mix, "distill": distill,
                           "rows": replay_rows}
     return spec
 
@@ -246,6 +247,8 @@ def main() -> None:
     ap.add_argument("--replay-rows", choices=["share", "added"], default="share",
                     help="replay.rows of the replay runs: share (replayed rows take a quarter of each batch) or "
                          "added (on top of the batch's new rows, as DER++ samples its buffer minibatch)")
+    ap.add_argument("--mix", type=float, default=0.25,
+                    help="replay.mix of the replay runs: replayed rows per batch as a share of batch_size")
     ap.add_argument("--timing-rounds", type=int, default=4)
     ap.add_argument("--timing-steps", type=int, default=6)
     ap.add_argument("--no-timing", action="store_true")
@@ -271,6 +274,7 @@ def main() -> None:
         tag = f"{args.tasks[0].upper()}{args.first or ''}{Path(args.base).name[:3]}b{args.batch_size}{tag.replace('-', '')}"
     rtag = f"{tag}-d{args.distill:g}"  # replay runs and their forgetting requests, per distillation weight
     rtag += "-a" if args.replay_rows == "added" else ""  # ... and per place of the replayed rows
+    rtag += f"m{round(args.mix * 100)}" if args.mix != 0.25 else ""  # ... and per share of replayed rows
     if not args.no_streams:
         orders = [tuple(o[: args.first]) if args.first else tuple(o) for o in
                   (LIBRARY_ORDERS if args.tasks == "library" else ORDERS)][: args.orders]
@@ -285,7 +289,7 @@ def main() -> None:
             log(f"order {k + 1}: {' -> '.join(order)}")
             seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, **common), root, settings, log)
             olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, distill=args.distill,
-                                replay_rows=args.replay_rows, **common), root, settings, log)
+                                replay_rows=args.replay_rows, mix=args.mix, **common), root, settings, log)
             row = {"order": order, "seq-lora": seq, "o-lora+replay": olr}
             if args.tasks == "six" and not args.no_forget:
                 adapters = [u["adapter"] for u in olr["metrics"]["units"]]
@@ -294,7 +298,8 @@ def main() -> None:
             if args.routed:
                 routed = {"name": "routed", "router": "token-gate", "router_steps": args.steps}
                 row["routed+replay"] = run(spec_dict(f"routed-replay-o{k + 1}-{rtag}", order, routed, replay=True,
-                                                     distill=args.distill, replay_rows=args.replay_rows, **common),
+                                                     distill=args.distill, replay_rows=args.replay_rows, mix=args.mix,
+                                                     **common),
                                            root, settings, log)
             results["orders"].append(row)
     if not args.no_timing:

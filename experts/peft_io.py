@@ -41,7 +41,12 @@ MAX_CONFIG_BYTES = 1 << 20
 def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     """Read a PEFT LoRA directory. Returns the adapter (module names without PEFT's prefix) and the raw config."""
     d = Path(path)
-    if not d.exists():
+    try:
+        exists = d.exists()
+    except OSError as exc:  # a name too long, a path through a file: the path is the problem, not the disk
+        shown = str(d) if len(str(d)) <= 120 else str(d)[:117] + "..."
+        raise InvalidAdapter(f"{shown}: {exc.strerror or exc}") from None
+    if not exists:
         raise InvalidAdapter(f"{d}: no such file or directory")
     if not d.is_dir():
         raise InvalidAdapter(f"{d}: not a directory (expected a PEFT adapter directory with {CONFIG} and {WEIGHTS})")

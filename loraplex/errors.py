@@ -9,9 +9,18 @@ from __future__ import annotations
 
 
 class LoraplexError(Exception):
-    """Base class. `exit_code` is what the CLI exits with."""
+    """Base class. `exit_code` is what the CLI exits with; `field`, where set, names the input the error is
+    about (`description`, `task`, `labels`, ...), so a caller that took several inputs (a request body)
+    can say which one."""
 
     exit_code = 1
+    field: str | None = None
+
+    def about(self, field: str) -> "LoraplexError":
+        """This error, marked as being about input `field` (the first mark stays)."""
+        if self.field is None:
+            self.field = field
+        return self
 
 
 class UserInputError(LoraplexError):

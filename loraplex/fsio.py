@@ -87,16 +87,41 @@ def read_json_file(path: str | Path, *, error: type[Exception], max_bytes: int =
                            where=str(path))
 
 
+def _unique_keys_loader():
+    """yaml's SafeLoader, refusing a mapping that names a key twice (safe_load keeps the last silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if dup:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
+
+
 def read_yaml_file(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES, what: str = "YAML file"):
     """A small YAML file (safe_load), size-bounded before parsing; every failure is `error` with one line."""
     import yaml
 
     text = read_bounded_text(path, error=error, max_bytes=max_bytes, what=what)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise error(f"{path}: not valid YAML{at}") from None
+        problem = getattr(exc, "problem", None)
+        raise error(f"{path}: not valid YAML{at}{': ' + problem if problem else ''}") from None
     except RecursionError:
         raise error(f"{path}: YAML nested too deeply") from None

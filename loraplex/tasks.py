@@ -8,6 +8,7 @@ It imports nothing of the package but its errors, so every part may use it.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
@@ -113,11 +114,19 @@ def validate_description(text: str | None, what: str = "description") -> str:
         raise UserInputError(f"the {what} is not valid UTF-8 text (undecodable byte {bad!r} at character {exc.start})") from None
     if len(text) > MAX_DESCRIPTION:
         raise UserInputError(f"the {what} is {len(text):,} characters long; at most {MAX_DESCRIPTION:,} are allowed")
+    bad = next((i for i, ch in enumerate(str(text)) if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise UserInputError(f"the {what} holds a control character ({str(text)[bad]!r} at character {bad})")
     return str(text).strip()
 
 
 MAX_LABELS = 256
 """The most labels a query may ask to be answered with (each is embedded or scored per query)."""
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has a character that shows (not only spaces, control or zero-width characters)."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
@@ -128,8 +137,8 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     if len(labels) > MAX_LABELS:
         raise UserInputError(f"labels: {len(labels)} names given; at most {MAX_LABELS} are allowed")
     out = tuple(x.strip() for x in labels)
-    if any(not x for x in out):
-        raise UserInputError("labels: an empty label name")
+    if any(not visible(x) for x in out):
+        raise UserInputError("labels: an empty label name (or one with no visible character)")
     dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
     if dup is not None:
         raise UserInputError(f"labels: {dup!r} is named twice")

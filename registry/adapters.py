@@ -25,8 +25,14 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record."""
     validate_name(name)
     if not description or not description.strip():
-        raise UserInputError("a description is required (--description): it is how the adapter is found and routed to")
-    description = validate_description(description)
+        raise UserInputError("a description is required (--description): it is how the adapter is found and "
+                             "routed to").about("description")
+    try:
+        description = validate_description(description)
+    except UserInputError as exc:
+        raise exc.about("description") from None
+    if task is not None and not str(task).strip():
+        raise UserInputError("the task is empty: name an embedded task or a task file, or leave it out").about("task")
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")
     adapter, cfg = read_peft_dir(path)
@@ -34,7 +40,10 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     fp = fingerprint(ref, settings)
     adapter = align_modules(adapter, fp.modules)
     adapter.check_fits(fp, name=f"adapter at {path}")
-    task_obj = reg.load_task(task) if task else None
+    try:
+        task_obj = reg.load_task(task) if task else None
+    except UserInputError as exc:
+        raise exc.about("task") from None
     edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),

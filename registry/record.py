@@ -19,6 +19,9 @@ from loraplex.tasks import MAX_DESCRIPTION, validate_description  # noqa: F401 (
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_NAME = 100
+RESERVED = ("auto", "retrieval", "base", "minilm", "smollm2")
+"""Names that mean something else where models are named (the server's `model`, `query --router`): `auto`,
+the retrieval router, the embedded bases. Registered under one of them, a thing could never be reached."""
 
 Origin = Literal["imported", "trained", "generated", "merged", "forgetting", "continual"]
 EdgeKind = Literal["trained-from", "generated-from", "merged-from", "forgets", "trained-on"]
@@ -34,6 +37,9 @@ def validate_name(name: str, what: str = "adapter") -> str:
         raise InvalidName(f"{what} name {name!r} contains a path separator")
     if ".." in name:
         raise InvalidName(f"{what} name {name!r} contains '..'")
+    if name.lower() in RESERVED:
+        raise InvalidName(f"{what} name {name!r} is reserved (it names {'auto' if name.lower() == 'auto' else 'a built-in model or router'} "
+                          f"where models are chosen): choose another")
     if not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit"

@@ -45,10 +45,19 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (ModelUnknown, NotFound)):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, UserInputError):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=exc.field)
     if isinstance(exc, LoraplexError):
         return APIError(503, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def checked_api_key(key: str | None) -> str | None:
+    """`--api-key` as the Guard compares it: None (no key), or visible ASCII (what an HTTP header carries
+    unchanged); an empty key would mean no authentication at all, so it is refused too."""
+    if key is not None and (not key or not all("!" <= ch <= "~" for ch in key)):
+        raise UserInputError("--api-key (or LORAPLEX_API_KEY) must be non-empty visible ASCII characters "
+                             "(letters, digits, punctuation; no spaces)")
+    return key
 
 
 class Guard:
@@ -84,6 +93,7 @@ class Guard:
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
                backend: str | None = None) -> Any:
     """The ASGI app: FastAPI's routes (one group per function below) inside the Guard."""
+    checked_api_key(api_key)
     cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None)
 
     @asynccontextmanager
@@ -96,7 +106,9 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
             if cx.fwd is not None:
                 await cx.fwd.close()
 
-    app = FastAPI(title="loraplex serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no OpenAPI schema (it would be served without the key), and `/v1/classify/` is a 404, not a redirect
+    app = FastAPI(title="loraplex serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     _error_handlers(app)
     _plain_routes(app, cx)
     _generation_routes(app, cx)
@@ -189,7 +201,7 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
     """/health, /metrics and /v1/models (read from the registry on every call)."""
     engine = cx.engine
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "base": engine.base_name, "family": engine.family}
 
@@ -252,6 +264,8 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
     else:
         text = req.text()
         ids = engine.encode_prompt(text)
+    if not ids or (not chat and not text):
+        raise APIError(400, "the prompt is empty: there is nothing to continue", param="messages" if chat else "prompt")
     room = engine.context - len(ids)
     if room < 1:
         raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context} tokens",
@@ -403,9 +417,10 @@ LOAD_PARAMS = ((InvalidName, "lora_name"), (AlreadyExists, "lora_name"), (TaskNo
 
 
 def _naming(err: APIError, exc: BaseException, params) -> APIError:
-    """`err` with `param` naming the request's field the error is about (the first type `exc` is); a
-    missing task or directory named in the body is a 400 about that field, not an unknown model."""
-    param = next((p for t, p in params if isinstance(exc, t)), err.param)
+    """`err` with `param` naming the request's field the error is about (the field the error names, else
+    the first type `exc` is); a missing task or directory named in the body is a 400 about that field,
+    not an unknown model."""
+    param = getattr(exc, "field", None) or next((p for t, p in params if isinstance(exc, t)), err.param)
     if err.param == "model" and param != "lora_name":
         return APIError(400, err.message, param=param)
     err.param = param

@@ -78,13 +78,15 @@ def _label_task(engine: Engine, r: Route, tg: Target, labels: Sequence[str] | No
     if not r.adapters:
         if tg.kind == "auto":
             raise UserInputError(f"auto passed this input to the bare base, which has no label set to classify "
-                                 f"with: {r.reason or 'no adapter is registered for this base'}")
+                                 f"with (give labels): {r.reason or 'no adapter is registered for this base'}"
+                                 ).about("labels")
         raise UserInputError(f"{tg.name!r} has no label set to classify with: name an adapter, a router or auto, "
-                             "or give labels")
+                             "or give labels").about("labels")
     top = max(r.adapters, key=lambda x: x[1])[0]
     task = engine.task_of(top)
     if task is None or not task.labels:
-        raise UserInputError(f"adapter {top!r} records no task with labels: nothing to classify with")
+        raise UserInputError(f"adapter {top!r} records no task with labels: nothing to classify with (give "
+                             "labels)").about("labels")
     return task
 
 

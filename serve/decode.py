@@ -19,6 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 
+GREEDY_BELOW = 1e-5
+"""A temperature below this picks greedily (as vLLM does): dividing logits by 1e-300 gives inf - inf = nan."""
+
+
 @dataclass
 class Sampling:
     """How one row picks its tokens and when it stops."""
@@ -52,7 +56,7 @@ class GenRow:
     count: int = 0  # tokens summed into `sums`
 
     def __post_init__(self) -> None:
-        if self.sampling.temperature > 0:
+        if self.sampling.temperature >= GREEDY_BELOW:
             self.generator = torch.Generator()
             if self.sampling.seed is not None:
                 self.generator.manual_seed(int(self.sampling.seed))
@@ -65,8 +69,8 @@ class GenRow:
 
 
 def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-    """The next token from logits (V,): greedy at temperature 0, else nucleus sampling."""
-    if s.temperature <= 0 or gen is None:
+    """The next token from logits (V,): greedy at temperature 0 (below GREEDY_BELOW), else nucleus sampling."""
+    if s.temperature < GREEDY_BELOW or gen is None:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
     if s.top_p < 1.0:

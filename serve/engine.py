@@ -350,7 +350,8 @@ class Engine:
         """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
-                          description=description or f"LoRA adapter {name}, loaded through the server from {path}")
+                          description=description if description is not None
+                          else f"LoRA adapter {name}, loaded through the server from {path}")
 
     def unregister(self, name: str) -> None:
         if not self.reg().has_adapter(name):

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loraplex.errors import UserInputError
-from loraplex.tasks import checked_labels
+from loraplex.tasks import checked_labels, visible
 
 
 class APIError(Exception):
@@ -34,13 +34,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-# name -> the value that means "not asked for"; anything else is refused by name
-UNSUPPORTED: dict[str, Any] = {
-    "n": 1, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None,
-    "function_call": None, "response_format": None, "logit_bias": None, "presence_penalty": 0,
-    "frequency_penalty": 0, "best_of": None, "echo": False, "suffix": None, "parallel_tool_calls": None,
-    "audio": None, "modalities": None, "prediction": None, "reasoning_effort": None, "service_tier": None,
+# name -> the values (besides null) that mean "not asked for", of those exact JSON types; anything else is
+# refused by name (so `n: true` or `n: 1.0` are refused like `n: 2`)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": (), "tool_choice": (), "functions": (),
+    "function_call": (), "response_format": (), "logit_bias": (), "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0), "best_of": (1,), "echo": (False,), "suffix": (), "parallel_tool_calls": (),
+    "audio": (), "modalities": (), "prediction": (), "reasoning_effort": (), "service_tier": (),
 }
+
+
+def _not_asked(value: Any, defaults: tuple[Any, ...]) -> bool:
+    return value is None or any(type(value) is type(d) and value == d for d in defaults)
 
 
 class _Generate(_Body):
@@ -62,10 +67,12 @@ class _Generate(_Body):
     @classmethod
     def _refuse(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for k, default in UNSUPPORTED.items():
-                if k in data and data[k] is not None and data[k] != default:
+            for k, defaults in UNSUPPORTED.items():
+                if k in data and not _not_asked(data[k], defaults):
                     raise APIError(400, f"{k!r} is not supported by loraplex serve", param=k, code="unsupported")
             data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
+            if data.get("stream_options") is not None and data.get("stream") is not True:
+                raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         return data
 
     def stops(self) -> tuple[str, ...]:
@@ -137,8 +144,11 @@ class ClassifyRequest(_Body):
 
     def texts(self) -> list[str]:
         xs = [self.input] if isinstance(self.input, str) else list(self.input)
-        if not xs or any(not x.strip() for x in xs):
+        if not xs:
             raise APIError(400, "input must be a text or a non-empty list of non-empty texts", param="input")
+        blank = next((i for i, x in enumerate(xs) if not visible(x)), None)
+        if blank is not None:
+            raise APIError(400, f"input {blank} has no visible character", param="input")
         if len(xs) > MAX_INPUTS:
             raise APIError(400, f"input has {len(xs):,} texts; one request takes at most {MAX_INPUTS:,}",
                            param="input", code="too_many_inputs")
@@ -203,15 +213,24 @@ async def read_body(request: Any) -> bytes:
     def too_large() -> APIError:
         return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
 
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                       code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise too_large()
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise too_large()
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the connection before its body was sent") from None
     return b"".join(chunks)
 
 
@@ -220,6 +239,9 @@ def parse(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
+        if "int_max_str_digits" in str(exc) or "Exceeds the limit" in str(exc):
+            raise APIError(400, "the request body holds a number of more than 4,300 digits",
+                           code="invalid_value") from None
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
@@ -234,6 +256,9 @@ def parse(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # a value that fits no member of a Union gets one error per member: the deepest says the most
+        # (`messages.0.content.0.text: Field required`, not `messages.0.content: Input should be a valid string`)
+        errs = exc.errors()
+        err = max(errs, key=lambda e: (e["loc"][:1] == errs[0]["loc"][:1], len(e["loc"])))
         where = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or None
         raise APIError(400, f"{where or 'body'}: {err['msg']}", param=where, code="invalid_value") from None

@@ -10,7 +10,7 @@ import sys
 import uvicorn
 
 from loraplex.errors import UserInputError
-from loraplex.serve.app import create_app
+from loraplex.serve.app import checked_api_key, create_app
 from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
@@ -52,6 +52,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if options.get("backend"):
         checked_url(options["backend"])
+    checked_api_key(options.get("api_key"))
     sock = listening_socket(host, port)
     try:
         app, engine = build(settings, **options)

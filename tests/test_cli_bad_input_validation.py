@@ -449,3 +449,42 @@ def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args,
         r = cli("serve", *args)
     _refused(r, cli.home, before, match.replace("{taken}", taken))
     assert "loraplex serve:" not in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--name", "auto"], "adapter name 'auto' is reserved"),
+    (["--name", "MiniLM"], "adapter name 'MiniLM' is reserved"),
+    (["--description", "a\x01b"], "the description holds a control character"),
+    (["--task", ""], "the task is empty"),
+])
+def test_register_refuses_names_and_fields_that_cannot_work(cli, seeded, tiny_bert, args, match):
+    """A name the server and `query` resolve to something else first, a control character in a description,
+    an empty task: all were registered."""
+    before = registry_state(cli.home)
+    opts = {"--name": "new", "--description": "airline tweets", "--base": str(tiny_bert)}
+    opts.update(dict(zip(args[::2], args[1::2])))
+    _refused(cli("adapters", "register", seeded, *[x for kv in opts.items() for x in kv]), cli.home, before, match)
+
+
+def test_paths_too_long_and_empty_lists(cli, seeded, tiny_bert, tmp_path):
+    before = registry_state(cli.home)
+    long = "/tmp/" + "x" * 300
+    _refused(cli("adapters", "register", long, "--name", "t4", "--description", "d", "--base", tiny_bert),
+             cli.home, before, "File name too long")
+    _refused(cli("adapters", "export", "good", long), cli.home, before, "File name too long")
+    _refused(cli("query", "late flight", "--adapters", ""), cli.home, before, "--adapters is empty")
+    _refused(cli("query", "late flight", "--adapters", " , "), cli.home, before, "--adapters is empty")
+
+
+def test_stream_spec_with_a_key_given_twice(cli, seeded, tmp_path):
+    before = registry_state(cli.home)
+    spec = tmp_path / "dup.yaml"
+    spec.write_text("name: s\ntrainer: {steps: 1, steps: 2}\nexperiences:\n  - learn: airline\n")
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "the key 'steps' is given twice")
+
+
+@pytest.mark.parametrize("key", ["", "s\u00e9kret", "two words"])
+def test_serve_refuses_an_api_key_no_client_could_send(cli, seeded, key):
+    before = registry_state(cli.home)
+    r = cli("serve", "--api-key", key, "--port", "0")
+    _refused(r, cli.home, before, "--api-key (or LORAPLEX_API_KEY) must be non-empty visible ASCII")

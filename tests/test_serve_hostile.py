@@ -143,3 +143,65 @@ def test_odd_generation_bodies(llama_http):
     _error(h.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413, None,
            "request_too_large")
     assert h.get("/health").status_code == 200
+
+
+def test_generation_edge_values(llama_http):
+    """A temperature of 1e-300 divided the logits into nan (a 500 for the whole batch); an empty prompt had
+    no token to start from (a 500)."""
+    h = llama_http
+    greedy = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "late", "max_tokens": 3,
+                                             "temperature": 0}).json()["choices"][0]["text"]
+    for t in (1e-300, 5e-324, 1e-6):
+        r = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "late", "max_tokens": 3, "temperature": t})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+    for prompt in ("", [""]):
+        _error(h.post("/v1/completions", json={"model": "auto", "prompt": prompt, "max_tokens": 2}), 400, "prompt")
+    _error(h.post("/v1/completions", json={"model": "auto", "prompt": "x", "n": True}), 400, "n", "unsupported")
+    _error(h.post("/v1/completions", json={"model": "auto", "prompt": "x", "echo": 0}), 400, "echo", "unsupported")
+    ok = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "x", "max_tokens": 1, "logprobs": False,
+                                         "top_logprobs": 0, "n": 1, "presence_penalty": 0.0})
+    assert ok.status_code == 200, ok.text
+    _error(h.post("/v1/completions", json={"model": "auto", "prompt": "x", "stream_options": {"include_usage": True}}),
+           400, "stream_options")
+    _error(h.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "text"}]}]}), 400, "messages.0.content.0.text")
+    _error(h.post("/v1/completions", content=b'{"model": "auto", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}",
+                  headers={"content-type": "application/json"}), 400, None, "invalid_value")
+
+
+def test_http_edges(llama_http):
+    h = llama_http
+    assert h.head("/health").status_code == 200
+    assert h.get("/openapi.json").status_code == 404
+    r = h.post("/v1/completions/", json={"model": "auto", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    import gzip
+
+    body = gzip.compress(json.dumps({"model": "flights-lora", "prompt": "x", "max_tokens": 1}).encode())
+    _error(h.post("/v1/completions", content=body, headers={"content-type": "application/json",
+                                                            "content-encoding": "gzip"}), 415, None)
+
+
+def test_registration_fields_are_named(bert_registry, http, peft_dirs, tmp_path):
+    before = registry_state(bert_registry.home)
+    d = str(peft_dirs["sports"])
+    for body, param in [
+        ({"lora_name": "z", "lora_path": d, "description": "   "}, "description"),
+        ({"lora_name": "z", "lora_path": d, "description": ""}, "description"),
+        ({"lora_name": "z", "lora_path": d, "description": "x" * 10_001}, "description"),
+        ({"lora_name": "z", "lora_path": d, "description": "a\x00b"}, "description"),
+        ({"lora_name": "z", "lora_path": d, "task": ""}, "task"),
+        ({"lora_name": "z", "lora_path": d, "task": str(tmp_path)}, "task"),
+        ({"lora_name": "z", "lora_path": "/tmp/" + "x" * 300}, "lora_path"),  # was a 500 (ENAMETOOLONG)
+        ({"lora_name": "z", "lora_path": "/" + "x/" * 3000}, "lora_path"),
+        ({"lora_name": "auto", "lora_path": d}, "lora_name"),
+        ({"lora_name": "minilm", "lora_path": d}, "lora_name"),
+    ]:
+        _error(http.post("/v1/load_lora_adapter", json=body), 400, param)
+    _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["\x00", "\u200b"]}),
+           400, "labels")
+    _error(http.post("/v1/classify", json={"model": "sports-lora", "input": ["goal", "\x00\u200b "]}), 400, "input")
+    base = http.get("/health").json()["base"]
+    _error(http.post("/v1/classify", json={"model": base, "input": "goal"}), 400, "labels")
+    assert registry_state(bert_registry.home) == before

@@ -18,6 +18,11 @@ try:  # typer >= 0.2x vendors click as typer._click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click.exceptions import UsageError
 
+import errno
+
+# a path the user gave that cannot be one (too long, through a file, missing, a loop, not permitted): bad input
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.EACCES, errno.EEXIST}
+
 INTERNAL = 70
 INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
@@ -48,9 +53,10 @@ def report(exc: BaseException) -> int:
         typer.echo(f"error: the disk is full ({exc.filename or exc.strerror})", err=True)
         return 1
     if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        name = str(exc.filename) if getattr(exc, "filename", None) else ""
+        where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        return 1
+        return 2 if exc.errno in _PATH_ERRORS else 1
     typer.echo(f"error: internal error, {type(exc).__name__}: {_one_line(str(exc))} "
                "(set LORAPLEX_DEBUG=1 for the traceback)", err=True)
     return INTERNAL

@@ -100,11 +100,17 @@ def settings(home: Optional[Path]):
     return Settings.load(home=home)
 
 
-def parse_list(value: str | None) -> list[str]:
-    """`a,b, c` -> ["a", "b", "c"] (for comma-separated options)."""
-    if not value:
+def parse_list(value: str | None, option: str = "a list option") -> list[str]:
+    """`a,b, c` -> ["a", "b", "c"] (for comma-separated options); None (not given) -> []. Given but naming
+    nothing (`--adapters ""`) is refused: it would otherwise read as "not given" (often: all of them)."""
+    if value is None:
         return []
-    return [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
+    out = [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
+    if not out:
+        from loraplex.errors import UserInputError
+
+        raise UserInputError(f"{option} is empty: name at least one, or leave the option out")
+    return out
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def fit(
     """Fit a generator on registered adapters (and their training snapshots) and store it in the registry."""
     from loraplex import api
 
-    res = api.fit_generator(name, method=method, adapters=parse_list(adapters) or None, config=parse_sets(set_),
+    res = api.fit_generator(name, method=method, adapters=parse_list(adapters, "--adapters") or None, config=parse_sets(set_),
                             progress=not quiet and not json, settings=settings(home))
     if json:
         out.emit_json(res)

@@ -68,7 +68,7 @@ def query(
 
         raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
                              "options it was fitted with")
-    res = api.query(queries, router=router, adapters=parse_list(adapters) or None, trace=trace or json, base=base,
+    res = api.query(queries, router=router, adapters=parse_list(adapters, "--adapters") or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home),
                     labels=labels.split(",") if labels is not None else None)
     if json:

@@ -40,7 +40,7 @@ def train(
     from loraplex import api
 
     res = api.train(
-        task, name=name, base=base, rank=rank, alpha=alpha, targets=parse_list(targets), description=description,
+        task, name=name, base=base, rank=rank, alpha=alpha, targets=parse_list(targets, "--targets"), description=description,
         eval_limit=eval_limit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
         devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
         progress=not quiet and not json, settings=settings(home),
