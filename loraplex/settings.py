@@ -59,10 +59,10 @@ class Settings(BaseModel):
         return Path(v).expanduser().absolute() if isinstance(v, (str, Path)) else v
 
     @property
-    def chosen_embedder(self) -> str | None:
-        """The embedder the caller asked for (LORAPLEX_EMBEDDER or a keyword), None when left to the default;
-        a registry whose signatures were made with another refuses it (`Registry.embedder_name`)."""
-        return self.embedder if "embedder" in self.model_fields_set else None
+    def embedder_named(self) -> bool:
+        """Whether the caller named the embedder (LORAPLEX_EMBEDDER or a keyword) rather than leaving the
+        default; a registry whose signatures were made with another refuses it (`Registry.embedder_name`)."""
+        return "embedder" in self.model_fields_set
 
     @classmethod
     def load(cls, **overrides: object) -> "Settings":

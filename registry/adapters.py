@@ -7,10 +7,12 @@ fingerprint, module names aligned onto the base's, shapes) and writes last, in o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, LoraplexError, UserInputError
 from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
 from loraplex.models import Fingerprint, fingerprint, resolve_base
 from loraplex.registry.index import SignatureIndex
@@ -20,30 +22,40 @@ from loraplex.registry.store import Registry
 from loraplex.settings import Settings
 
 
+@contextmanager
+def _about(field: str) -> Iterator[None]:
+    """Errors raised inside are marked as being about input `field` (a first mark stays): the server names
+    that field in its error's `param`."""
+    try:
+        yield
+    except LoraplexError as exc:
+        raise exc.about(field) from None
+
+
 def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str,
                   task: str | None = None, base: str | None = None) -> AdapterRecord:
     """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record."""
-    validate_name(name)
+    with _about("name"):
+        validate_name(name)
+        if reg.has_adapter(name):
+            raise AlreadyExists(f"an adapter named {name!r} already exists")
     if not description or not description.strip():
         raise UserInputError("a description is required (--description): it is how the adapter is found and "
                              "routed to").about("description")
-    try:
+    with _about("description"):
         description = validate_description(description)
-    except UserInputError as exc:
-        raise exc.about("description") from None
     if task is not None and not str(task).strip():
         raise UserInputError("the task is empty: name an embedded task or a task file, or leave it out").about("task")
-    if reg.has_adapter(name):
-        raise AlreadyExists(f"an adapter named {name!r} already exists")
-    adapter, cfg = read_peft_dir(path)
-    ref = resolve_base(base or cfg.get("base_model_name_or_path"))
-    fp = fingerprint(ref, settings)
-    adapter = align_modules(adapter, fp.modules)
-    adapter.check_fits(fp, name=f"adapter at {path}")
-    try:
+    with _about("path"):
+        adapter, cfg = read_peft_dir(path)
+    with _about("base" if base else "path"):  # the base named by --base, else by the directory's config
+        ref = resolve_base(base or cfg.get("base_model_name_or_path"))
+        fp = fingerprint(ref, settings)
+    with _about("path"):
+        adapter = align_modules(adapter, fp.modules)
+        adapter.check_fits(fp, name=f"adapter at {path}")
+    with _about("task"):
         task_obj = reg.load_task(task) if task else None
-    except UserInputError as exc:
-        raise exc.about("task") from None
     edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),

@@ -81,7 +81,7 @@ class Registry(Database, Components):
     def open(cls, settings: Settings | None = None) -> "Registry":
         """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
         s = settings or Settings.load()
-        return cls(s.home, embedder=s.embedder, embedder_chosen=s.chosen_embedder is not None)
+        return cls(s.home, embedder=s.embedder, embedder_chosen=s.embedder_named)
 
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),

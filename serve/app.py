@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
-from loraplex.errors import AlreadyExists, InvalidName, TaskNotFound
 from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.protocol import (
@@ -396,7 +395,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         try:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
-            raise _naming(api_error(exc), exc, LOAD_PARAMS) from None
+            raise _naming(api_error(exc), exc) from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "registered",
                 "message": f"Success: LoRA adapter {req.lora_name!r} added successfully."}
 
@@ -406,21 +405,22 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         try:
             await run_in_threadpool(engine.unregister, req.lora_name)
         except LoraplexError as exc:
-            raise _naming(api_error(exc), exc, ((LoraplexError, "lora_name"),)) from None
+            raise _naming(api_error(exc), exc, "name") from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",
                 "message": f"Success: LoRA adapter {req.lora_name!r} removed successfully."}
 
 
-# which field of /v1/load_lora_adapter a refused registration is about
-LOAD_PARAMS = ((InvalidName, "lora_name"), (AlreadyExists, "lora_name"), (TaskNotFound, "task"),
-               (LoraplexError, "lora_path"))
+# the request field of /v1/load_lora_adapter that each input of a registration (registry/adapters.py's
+# `.about` marks) comes from; the base is the server's own, so a base refused is about the adapter's files
+LOAD_PARAMS = {"name": "lora_name", "path": "lora_path", "base": "lora_path", "description": "description",
+               "task": "task"}
 
 
-def _naming(err: APIError, exc: BaseException, params) -> APIError:
-    """`err` with `param` naming the request's field the error is about (the field the error names, else
-    the first type `exc` is); a missing task or directory named in the body is a 400 about that field,
-    not an unknown model."""
-    param = getattr(exc, "field", None) or next((p for t, p in params if isinstance(exc, t)), err.param)
+def _naming(err: APIError, exc: LoraplexError, field: str = "path") -> APIError:
+    """`err` with `param` naming the request's field it is about: the input the error marks itself as about,
+    else `field`; a missing task or directory named in the body is a 400 about that field, not an unknown
+    model."""
+    param = LOAD_PARAMS.get(exc.field or field, exc.field or field)
     if err.param == "model" and param != "lora_name":
         return APIError(400, err.message, param=param)
     err.param = param

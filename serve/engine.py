@@ -374,7 +374,9 @@ def _as_request_errors(names_model: bool = True):
     except UserInputError:
         raise
     except LoraplexError as exc:
-        raise UserInputError(str(exc)) from None
+        err = UserInputError(str(exc))
+        err.field = exc.field
+        raise err from None
 
 
 def _cache_name(model) -> str:
