@@ -102,7 +102,8 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
 
     R = np.array([[np.nan if v is None else v for v in row] for row in matrix["R"]], dtype=float) * 100
     tasks, rows = matrix["tasks"], matrix["rows"]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(tasks), 1.0 + 0.55 * len(rows)), dpi=110)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(tasks), 1.0 + 0.55 * len(rows)), dpi=110,
+                           layout="constrained")  # room for long task names without tight_layout's warning
     im = ax.imshow(np.ma.masked_invalid(R), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [f"{i}: {r}" for i, r in enumerate(rows)])
@@ -115,7 +116,6 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
                 ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if R[i, j] < 55 else "black")
     fig.colorbar(im, ax=ax, label="accuracy (%)")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
