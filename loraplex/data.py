@@ -156,11 +156,13 @@ def _card_task(p: Path, card: dict) -> Task:
 
 
 def load_task_file(
-    path: str | os.PathLike, *, description: str | None = None, name: str | None = None, card: dict | None = None
+    path: str | os.PathLike, *, description: str | None = None, name: str | None = None, card: dict | None = None,
+    fallback_description: str | None = None,
 ) -> Task:
     """A user task file. `card` is what a registered adapter recorded of the task (`Task.card`): its
     description, name and label texts stand in for a sidecar that is absent, and if the file itself is
-    gone the task comes back with its labels and no rows."""
+    gone the task comes back with its labels and no rows. `fallback_description` is used when neither
+    `description`, the sidecar nor the card gives one (registering an adapter: its own description)."""
     p = Path(path).expanduser().absolute()
     card = card or {}
     if not p.exists():
@@ -210,7 +212,7 @@ def load_task_file(
         labels = tuple(sorted({e.label for e in examples}))
     if len(labels) < 2:
         raise InvalidTaskFile(f"{p}: a task needs at least two labels, found {list(labels)}")
-    desc = description or meta.get("description") or card.get("description")
+    desc = description or meta.get("description") or card.get("description") or fallback_description
     if not desc or not str(desc).strip():
         raise InvalidTaskFile(
             f"{p}: no task description; pass --description or write {side.name} with a 'description'"
@@ -235,9 +237,11 @@ def load_task_file(
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 
 
-def load_task(ref: str, *, description: str | None = None, card: dict | None = None) -> Task:
+def load_task(ref: str, *, description: str | None = None, card: dict | None = None,
+              fallback_description: str | None = None) -> Task:
     """An embedded task by name, or a task file by path. `card` (see `load_task_file`) is what a
-    registered adapter recorded of the task; `description` overrides both the file's and the card's."""
+    registered adapter recorded of the task; `description` overrides both the file's and the card's;
+    `fallback_description` stands in for a task file that has none (embedded tasks always have one)."""
     if ref in EMBEDDED_TASKS:
         description = description or (card or {}).get("description")
         if description:
@@ -246,7 +250,7 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
         return _embedded_task(ref)
     looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
     if looks_like_path:
-        return load_task_file(ref, description=description, card=card)
+        return load_task_file(ref, description=description, card=card, fallback_description=fallback_description)
     raise TaskNotFound(f"unknown task {ref!r} (embedded tasks: {', '.join(EMBEDDED_TASKS)}; or a .jsonl/.csv file)")
 
 

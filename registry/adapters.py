@@ -55,7 +55,8 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
         adapter = align_modules(adapter, fp.modules)
         adapter.check_fits(fp, name=f"adapter at {path}")
     with _about("task"):
-        task_obj = reg.load_task(task) if task else None
+        # a task file without a description of its own takes the adapter's
+        task_obj = reg.load_task(task, fallback_description=description) if task else None
     edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),

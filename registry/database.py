@@ -120,6 +120,8 @@ class Database:
 
     @property
     def exists(self) -> bool:
+        if self.db_path.exists() and not self.db_path.is_file():  # a directory there is a damaged home, not an empty one
+            raise IntegrityError(f"registry database {self.db_path} is not a file")
         return self.db_path.is_file()
 
     def _db(self, create: bool = True) -> sqlite3.Connection | None:

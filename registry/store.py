@@ -352,9 +352,10 @@ class Registry(Database, Components):
         row = conn.execute("SELECT description FROM adapters WHERE task = ? ORDER BY id DESC LIMIT 1", (ref,)).fetchone()
         return {"description": row[0]} if row else None
 
-    def load_task(self, ref: str, *, description: str | None = None):
+    def load_task(self, ref: str, *, description: str | None = None, fallback_description: str | None = None):
         """`loraplex.data.load_task` with what the registry recorded of the task (`task_card`)."""
-        return load_task(ref, description=description, card=self.task_card(ref))
+        return load_task(ref, description=description, card=self.task_card(ref),
+                         fallback_description=fallback_description)
 
     def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
         """The record and its tensors (hash verified)."""

@@ -488,3 +488,28 @@ def test_serve_refuses_an_api_key_no_client_could_send(cli, seeded, key):
     before = registry_state(cli.home)
     r = cli("serve", "--api-key", key, "--port", "0")
     _refused(r, cli.home, before, "--api-key (or LORAPLEX_API_KEY) must be non-empty visible ASCII")
+
+
+def test_a_directory_in_place_of_the_database_is_damage_not_an_empty_registry(cli, seeded):
+    """A registry.db that is a directory was read as "no adapters registered" (exit 0)."""
+    (cli.home / "registry.db").unlink()
+    (cli.home / "registry.db").mkdir()
+    for args in (("adapters", "list"), ("registry", "check")):
+        r = cli(*args)
+        assert r.exit_code != 0 and "registry.db is not a file" in r.output, r.output
+        assert "Traceback" not in r.output
+
+
+def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli, seeded, tiny_bert, tmp_path):
+    """`adapters register --description D --task bare.jsonl` was refused with "pass --description",
+    which the user had passed: the adapter's description now stands in for the task's."""
+    f = tmp_path / "bare.jsonl"
+    f.write_text("\ufeff" + "\n".join(json.dumps({"text": f"t{i}", "label": lab}) for i, lab in enumerate("abab")) + "\n")
+    r = cli("adapters", "register", seeded, "--name", "bare", "--description", "is it a or b", "--task", f,
+            "--base", tiny_bert)
+    assert r.exit_code == 0, r.output
+    from loraplex.registry.store import Registry
+
+    reg = Registry(cli.home, embedder="hash")
+    task = reg.load_task(reg.get_adapter("bare").task)
+    assert task.description == "is it a or b" and task.labels == ("a", "b")
