@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120, help="optimiser steps per task (and per forgetting request)")
     ap.add_argument("--eval-limit", type=int, default=200, help="test examples per task in the accuracy matrix")
     ap.add_argument("--orders", type=int, default=3, help="how many of the three task orders to run")
+    ap.add_argument("--only-order", type=int, choices=(1, 2, 3), action="append", default=None,
+                    help="run this order only (repeatable; overrides --orders)")
     ap.add_argument("--tasks", choices=("six", "library"), default="six",
                     help="six: the six embedded tasks; library: the 15-task stream drawn from the task library")
     ap.add_argument("--first", type=int, default=0, help="only the first N tasks of each order (0: all)")
@@ -277,7 +279,7 @@ def main() -> None:
     rtag += f"m{round(args.mix * 100)}" if args.mix != 0.25 else ""  # ... and per share of replayed rows
     if not args.no_streams:
         orders = [tuple(o[: args.first]) if args.first else tuple(o) for o in
-                  (LIBRARY_ORDERS if args.tasks == "library" else ORDERS)][: args.orders]
+                  (LIBRARY_ORDERS if args.tasks == "library" else ORDERS)][: max(args.only_order or [args.orders])]
         n = len(orders[0])
         results.update(tasks=args.tasks, base=args.base, n_tasks=n, batch_size=args.batch_size,
                        replay_rows=args.replay_rows)
@@ -286,11 +288,13 @@ def main() -> None:
         results["multitask"] = run(spec_dict(f"multitask-{tag}", orders[0], "multitask", replay=False, **common),
                                    root, settings, log)
         for k, order in enumerate(orders):
+            if args.only_order and k + 1 not in args.only_order:
+                continue
             log(f"order {k + 1}: {' -> '.join(order)}")
             seq = run(spec_dict(f"seq-o{k + 1}-{tag}", order, "seq-lora", replay=False, **common), root, settings, log)
             olr = run(spec_dict(f"olora-replay-o{k + 1}-{rtag}", order, "o-lora", replay=True, distill=args.distill,
                                 replay_rows=args.replay_rows, mix=args.mix, **common), root, settings, log)
-            row = {"order": order, "seq-lora": seq, "o-lora+replay": olr}
+            row = {"index": k + 1, "order": order, "seq-lora": seq, "o-lora+replay": olr}
             if args.tasks == "six" and not args.no_forget:
                 adapters = [u["adapter"] for u in olr["metrics"]["units"]]
                 row["forget"] = forget(f"forget-o{k + 1}-{rtag}", FORGET[k], adapters, steps=args.steps,
@@ -305,8 +309,9 @@ def main() -> None:
     if not args.no_timing:
         log("step-time overhead (interleaved, one process)")
         results["step_time"] = step_times(rounds=args.timing_rounds, steps=args.timing_steps, log=log)
-    (root / f"results-{rtag}.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / f"results-{rtag}.json").write_text(json.dumps(results, indent=1, default=str))
+    out = root / f"results-{rtag}{''.join(f'-o{k}' for k in args.only_order or ())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
     report(results)
 
 
@@ -326,7 +331,8 @@ def report(results: dict) -> None:
                 if method not in o:
                     continue
                 m = o[method]["metrics"]
-                print(f"{f'order {k + 1} {method}':<28}{pts(m['average_accuracy'])}  {pts(m['backward_transfer'], True)}"
+                label = f"order {o.get('index', k + 1)} {method}"
+                print(f"{label:<28}{pts(m['average_accuracy'])}  {pts(m['backward_transfer'], True)}"
                       f"  {pts(m['forward_transfer'], True)}  {pts(m['forgetting'])}")
                 for key in keys:
                     if m.get(key) is not None:
