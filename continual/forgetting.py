@@ -27,9 +27,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog
+from loraplex.catalog import Catalog, options
 from loraplex.continual.distill import StoredScores
 from loraplex.continual.experience import UnitOutcome, train_unit
 from loraplex.continual.losses import bound_for, bounded_forget_loss
@@ -43,7 +43,7 @@ from loraplex.training import Row, as_row, rows_of
 
 
 class GSLoraConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     rank: int = Field(8, ge=1, le=1024)
     """Rank of the forgetting LoRA on each feed-forward projection."""

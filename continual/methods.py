@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from loraplex.catalog import Catalog
+from loraplex.catalog import Catalog, options
 from loraplex.continual.regularizers.o_lora import OLoraConfig
 from loraplex.continual.experience import train_unit
 from loraplex.continual.regularizers import REGULARIZERS
@@ -121,11 +121,11 @@ def _unit(index: int, exp: Any, idx: list[int], names: list[str | None]) -> Unit
 
 
 class NoConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
 
 class MultitaskConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     scale_steps: bool = True
     """Train for the steps of all the grouped tasks together (same total budget as a sequential run)."""
@@ -175,7 +175,7 @@ class Multitask(ContinualMethod):
 
 
 class RoutedConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     router: str = "token-gate"
     """A learned router of `loraplex.router.ROUTERS` that routes registered adapters (token-gate, mixer, rank)."""

@@ -29,6 +29,7 @@ from loraplex.registry.record import AdapterRecord, validate_name
 from loraplex.registry.store import Registry
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
+from loraplex.tasks import checked_seed
 from loraplex.training import Row, rows_of
 
 
@@ -95,6 +96,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
                        seed: int = 0, progress: bool = True, **gs_lora: Any) -> dict[str, Any]:
     """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter (see the
     module docstring); `gs_lora` options override the GS-LoRA configuration. Returns a summary dict."""
+    checked_seed(seed, "--seed")
     recs = current_composition(reg, adapters=adapters, base=base)
     learned = _learned_tasks(reg, recs)
     target, chosen = _target(learned, task, labels)

@@ -35,13 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.errors import InvalidSpec, TaskNotFound
+from loraplex.catalog import options
 from loraplex.continual.forgetting import FORGETTERS
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
+from loraplex.errors import InvalidSpec, TaskNotFound
 from loraplex.experts.spec import LoraSpec
 from loraplex.fsio import read_yaml_file
 from loraplex.registry.record import NAME_RE
+from loraplex.tasks import SEED_MAX
 from loraplex.training import LightningSettings
 
 
@@ -49,7 +51,7 @@ class _Frozen(BaseModel):
     """Frozen, no unknown keys; each field's docstring is its description (and, for the options of
     `loraplex train` and `loraplex forget` that set one, its CLI help: cli/_options.py)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = options(use_attribute_docstrings=True)
 
 
 class LoraSettings(_Frozen):
@@ -185,7 +187,7 @@ class StreamSpec(_Frozen):
     """Run name; adapters are registered as <name>-<stamp>-<i>-<task>."""
     base: str = "minilm"
     """Base model: minilm, smollm2, or a local model directory."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of initialisation, batch order, replay sampling and dropout."""
     lora: LoraSettings = LoraSettings()
     """The adapter each learning experience trains."""

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog
+from loraplex.catalog import Catalog, options
 from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
@@ -51,7 +51,7 @@ class OutOfRange(UserInputError):
 class GeneratorConfig(BaseModel):
     """Settings every generator has (each method's config extends it)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     top_k: int = Field(3, ge=1)
     """How many of the most similar known tasks form the condition (and SG-LoRA's prior)."""

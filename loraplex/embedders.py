@@ -21,9 +21,9 @@ from functools import lru_cache
 from typing import Protocol, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog
+from loraplex.catalog import Catalog, options
 
 
 class Embedder(Protocol):
@@ -37,7 +37,7 @@ EMBEDDERS: Catalog[Embedder] = Catalog("embedder")
 
 
 class MiniLMConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     batch_size: int = Field(64, ge=1)
     """Texts per forward pass."""
@@ -101,7 +101,7 @@ class MiniLMEmbedder:
 
 
 class HashConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     dim: int = Field(384, ge=8)
     """Output dimension."""

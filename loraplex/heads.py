@@ -24,9 +24,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog
+from loraplex.catalog import Catalog, options
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ HEADS: Catalog[Head] = Catalog("model family")
 
 
 class EncoderConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     max_length: int = Field(128, ge=8)
     """Tokens per text (longer texts are truncated)."""
@@ -184,7 +184,7 @@ def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[li
 
 
 class CausalConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     max_length: int = Field(192, ge=16)
     """Tokens of prompt plus answer (the text is truncated to fit)."""

@@ -120,6 +120,17 @@ def validate_description(text: str | None, what: str = "description") -> str:
     return str(text).strip()
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed (NumPy's and Lightning's bound: seeds are 0 to 2**32 - 1)."""
+
+
+def checked_seed(seed: int, what: str = "seed") -> int:
+    """A seed every random generator loraplex seeds accepts (0 to SEED_MAX), else UserInputError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UserInputError(f"{what}: must be a whole number from 0 to {SEED_MAX:,}, got {seed!r}")
+    return seed
+
+
 MAX_LABELS = 256
 """The most labels a query may ask to be answered with (each is embedded or scored per query)."""
 

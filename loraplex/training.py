@@ -58,15 +58,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
+from loraplex.catalog import options
 from loraplex.errors import Interrupted, InvalidSpec
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head
 from loraplex.settings import with_checked_devices
-from loraplex.tasks import Task
+from loraplex.tasks import SEED_MAX, Task
 
 class Row(NamedTuple):
     """One training or evaluation row. A plain `(text, label, task)` tuple is accepted wherever a Row is:
@@ -89,7 +90,7 @@ class LightningSettings(BaseModel):
     (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`). Each field's docstring
     is its description (`use_attribute_docstrings`) and the help of its CLI option (cli/_options.py)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = options(use_attribute_docstrings=True)
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
@@ -137,7 +138,7 @@ class TrainConfig(LightningSettings):
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1)
     """Examples per step."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed for initialisation, shuffling and dropout."""
     warmup: float = Field(0.1, ge=0, lt=1)
     """Share of steps spent warming up."""

@@ -122,6 +122,14 @@ class Database:
     def exists(self) -> bool:
         if self.db_path.exists() and not self.db_path.is_file():  # a directory there is a damaged home, not an empty one
             raise IntegrityError(f"registry database {self.db_path} is not a file")
+        wal = self.db_path.with_name(self.db_path.name + "-wal")  # a WAL with frames still holds the database
+        if self.db_path.is_file() and self.db_path.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size):
+            blobs = self.home / "blobs"
+            if blobs.is_dir() and next(blobs.rglob("*.safetensors"), None) is not None:
+                # SQLite reads 0 bytes as a new database: every record would be gone without a word
+                raise IntegrityError(f"registry database {self.db_path} is empty (0 bytes) but adapters are "
+                                     f"stored in {blobs}: it was truncated; restore it from a backup, or move "
+                                     f"{blobs} away to start an empty registry")
         return self.db_path.is_file()
 
     def _db(self, create: bool = True) -> sqlite3.Connection | None:
@@ -169,7 +177,10 @@ class Database:
                 self._lock_depth -= 1
             return
         self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
+            raise LoraplexError(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:

@@ -150,6 +150,8 @@ class Registry(Database, Components):
             data = path.read_bytes()
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha[:12]} is missing from {self.blob_dir}") from None
+        except OSError as exc:  # a directory in its place, blobs/ a file: damage to report, not a bad path given
+            raise IntegrityError(f"blob {sha[:12]} cannot be read ({exc.strerror or exc}): {path}") from None
         if sha256_bytes(data) != sha:
             raise IntegrityError(f"blob {sha[:12]} does not match its sha256: the file {path} is damaged")
         return data
@@ -222,7 +224,7 @@ class Registry(Database, Components):
         with self.write_lock():
             conn = self._db()
             if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (draft.name,)).fetchone():
-                raise AlreadyExists(f"an adapter named {draft.name!r} already exists")
+                raise AlreadyExists(f"an adapter named {draft.name!r} already exists").about("name")
             self._check_embedding(emb, embedder or self.default_embedder)
             with self._writing(f"register adapter {draft.name!r}") as created:
                 self._insert_adapter(draft, adapter, data, snap_data, ranks, emb, prototype, embedder,
@@ -262,7 +264,7 @@ class Registry(Database, Components):
                     [(aid, step, s) for step, s in snap_shas],
                 )
         except sqlite3.IntegrityError:
-            raise AlreadyExists(f"an adapter named {draft.name!r} already exists") from None
+            raise AlreadyExists(f"an adapter named {draft.name!r} already exists").about("name") from None
 
     def _check_embedding(self, emb: np.ndarray, embedder: str) -> None:
         have = self.meta("embedder")

@@ -47,8 +47,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from loraplex.catalog import options
 from loraplex.embedders import get_embedder
 from loraplex.errors import UserInputError
 from loraplex.generators.base import OutOfRange
@@ -60,6 +61,7 @@ from loraplex.registry.index import Hit, nearest_adapters
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
 from loraplex.router.retrieval import RetrievalRouter, adapter_labels, label_overlap
+from loraplex.tasks import validate_description
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -68,7 +70,7 @@ CANDIDATES_FILE = "candidates.jsonl"
 class AutoConfig(BaseModel):
     """Route / generate / fall back, per request."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     route_threshold: float = Field(0.35, ge=-1, le=1)
     """Route when the request's best routing score reaches this (fitted on the library: bench/auto.py)."""
@@ -214,6 +216,11 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
     reused when the same request comes again), or, when the generator refuses, a "base" decision saying why."""
     name = generated_name(d.text, d.generator)
+    try:
+        validate_description(d.text, "request text")  # what the adapter would be stored and found by
+    except UserInputError as exc:
+        return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
+                        d.margin, d.nearest, hits=d.hits)
     try:
         if not reg.has_adapter(name):
             generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
+from loraplex.catalog import options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
 
@@ -44,7 +45,7 @@ from loraplex.router.losses import gate_cross_entropy, switch_balance, token_ent
 class MixerConfig(BaseModel):
     """LoRA-Mixer routing."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     top_k: int = Field(2, ge=1)
     """Experts selected per token (hard top-k)."""

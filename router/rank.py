@@ -31,9 +31,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
+from loraplex.catalog import options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, rank_load
 
@@ -41,7 +42,7 @@ from loraplex.router.losses import gate_cross_entropy, rank_load
 class RankConfig(BaseModel):
     """SMoRA rank-wise routing."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     top_k: int = Field(8, ge=1)
     """Ranks (rank-1 experts) activated per token."""

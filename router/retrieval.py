@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from loraplex.catalog import options
 from loraplex.errors import LoraplexError
 from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
@@ -48,7 +49,7 @@ from loraplex.router.base import ROUTERS
 class RetrievalConfig(BaseModel):
     """Retrieval routing by adapter signatures."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     top_k: int = Field(1, ge=1)
     """Adapters mixed per query."""

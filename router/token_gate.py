@@ -39,9 +39,10 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
+from loraplex.catalog import options
 from loraplex.experts.bank import tensor_version
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
@@ -50,7 +51,7 @@ from loraplex.router.losses import gate_cross_entropy
 class TokenGateConfig(BaseModel):
     """MeteoRA token gating."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     top_k: int = Field(2, ge=1)
     """Adapters mixed per token (k)."""

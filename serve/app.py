@@ -325,10 +325,13 @@ class _Answer:
                 "usage": self.usage(res["completion_tokens"]), "routing": self.routing(res, tokens)}
 
     async def events(self, job: Job):
-        """The stream: a role chunk (chat), a chunk per text delta, a last chunk with the finish reason and
-        the routing (and the usage when asked), then [DONE]; a client gone mid-stream cancels the job."""
-        chunk = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion"}
-        with_usage = bool((self.req.stream_options or {}).get("include_usage"))
+        """The stream: a role chunk (chat), a chunk per text delta, a chunk with the finish reason and the
+        routing, then (when `stream_options.include_usage`, as OpenAI streams it) a chunk with no choices
+        and the usage, every other chunk carrying `usage: null`, then [DONE]. A client gone mid-stream
+        cancels the job."""
+        with_usage = self.req.with_usage()
+        chunk = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 **({"usage": None} if with_usage else {})}
         tokens: list[dict] = []
         try:
             if self.chat:
@@ -341,11 +344,10 @@ class _Answer:
                     tokens.append(ev[1])
                 elif ev[0] == "done":
                     res = ev[1]
-                    last = {**chunk, "choices": [self.choice(None, res["finish_reason"])],
-                            "routing": self.routing(res, tokens)}
+                    yield _sse({**chunk, "choices": [self.choice(None, res["finish_reason"])],
+                                "routing": self.routing(res, tokens)})
                     if with_usage:
-                        last["usage"] = self.usage(res["completion_tokens"])
-                    yield _sse(last)
+                        yield _sse({**chunk, "choices": [], "usage": self.usage(res["completion_tokens"])})
                     break
                 elif ev[0] == "error":
                     yield _sse(api_error(ev[1]).body())

@@ -38,9 +38,9 @@ class _Body(BaseModel):
 # refused by name (so `n: true` or `n: 1.0` are refused like `n: 2`)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": (), "tool_choice": (), "functions": (),
-    "function_call": (), "response_format": (), "logit_bias": (), "presence_penalty": (0, 0.0),
+    "function_call": (), "response_format": (), "logit_bias": ({},), "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0), "best_of": (1,), "echo": (False,), "suffix": (), "parallel_tool_calls": (),
-    "audio": (), "modalities": (), "prediction": (), "reasoning_effort": (), "service_tier": (),
+    "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": (),
 }
 
 
@@ -48,17 +48,21 @@ def _not_asked(value: Any, defaults: tuple[Any, ...]) -> bool:
     return value is None or any(type(value) is type(d) and value == d for d in defaults)
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False
+    """A last chunk, before [DONE], with the usage and no choices; every other chunk has `usage: null`."""
+
+
 class _Generate(_Body):
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     """Tokens to generate at most (default: 256, or what the context leaves)."""
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
-    stream_options: Optional[dict[str, bool]] = None
+    stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     trace: bool = False
     """loraplex: the routing of every token in the response's `routing.tokens`."""
@@ -82,7 +86,10 @@ class _Generate(_Body):
         return tuple(s)
 
     def wanted_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens
+
+    def with_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class TextPart(_Body):
@@ -94,7 +101,8 @@ class Message(_Body):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart]]
     """A text, or OpenAI's content parts (text parts only: they are joined by newlines, as vLLM does)."""
-    name: Optional[str] = None
+    name: None = None
+    """Refused when set (ChatRequest): the engine's prompt has no place for a participant's name."""
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -102,13 +110,31 @@ class Message(_Body):
 
 class ChatRequest(_Generate):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens (chat only, as in OpenAI's API)."""
+
+    @model_validator(mode="after")
+    def _one_max(self) -> "ChatRequest":
+        """Both spellings of the limit may be sent, but not two limits: which one would hold?"""
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise APIError(400, f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                f"({self.max_completion_tokens}) disagree: give one of them",
+                           param="max_completion_tokens")
+        return self
+
+    def wanted_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
 
     @model_validator(mode="before")
     @classmethod
     def _text_parts_only(cls, data: Any) -> Any:
-        """A content part that is not text (an image, audio, a file) is refused by name, not dropped."""
+        """A content part that is not text (an image, audio, a file) is refused by name, not dropped; so is
+        a message's `name` (the prompt the engine builds has no place for it)."""
         msgs = data.get("messages") if isinstance(data, dict) else None
         for i, m in enumerate(msgs if isinstance(msgs, list) else []):
+            if isinstance(m, dict) and m.get("name") is not None:
+                raise APIError(400, "a message's 'name' is not supported by loraplex serve (the prompt would not "
+                                    "carry it)", param=f"messages.{i}.name", code="unsupported")
             parts = m.get("content") if isinstance(m, dict) else None
             for j, part in enumerate(parts if isinstance(parts, list) else []):
                 kind = part.get("type") if isinstance(part, dict) else None

@@ -500,6 +500,36 @@ def test_a_directory_in_place_of_the_database_is_damage_not_an_empty_registry(cl
         assert "Traceback" not in r.output
 
 
+def test_a_truncated_database_beside_stored_blobs_is_damage_not_an_empty_registry(cli, seeded):
+    """A 0-byte registry.db (SQLite opens it as a new database) with blobs beside it read as "no adapters
+    registered" and `registry check` called it consistent."""
+    import gc
+
+    assert any((cli.home / "blobs").iterdir())
+    gc.collect()  # the registration's connection, closed (its WAL written back), as after a process ends
+    for extra in ("registry.db-wal", "registry.db-shm"):
+        (cli.home / extra).unlink(missing_ok=True)
+    (cli.home / "registry.db").write_bytes(b"")
+    for args in (("adapters", "list"), ("registry", "check")):
+        r = cli(*args)
+        assert r.exit_code != 0 and "registry.db is empty (0 bytes) but adapters are stored" in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert (cli.home / "registry.db").stat().st_size == 0
+
+
+def test_a_directory_in_place_of_the_lock_is_one_line_and_changes_nothing(cli, seeded):
+    """A directory named registry.lock made every write end in "error: Is a directory" (exit 2, as if the
+    user's input were wrong)."""
+    from tests.conftest import registry_state
+
+    before = registry_state(cli.home)
+    (cli.home / "registry.lock").unlink()
+    (cli.home / "registry.lock").mkdir()
+    r = cli("adapters", "remove", "good")
+    assert r.exit_code == 1 and "cannot take the registry lock" in r.output and "registry.lock" in r.output, r.output
+    assert "Traceback" not in r.output and registry_state(cli.home) == before
+
+
 def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli, seeded, tiny_bert, tmp_path):
     """`adapters register --description D --task bare.jsonl` was refused with "pass --description",
     which the user had passed: the adapter's description now stands in for the task's."""
@@ -513,3 +543,106 @@ def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli,
     reg = Registry(cli.home, embedder="hash")
     task = reg.load_task(reg.get_adapter("bare").task)
     assert task.description == "is it a or b" and task.labels == ("a", "b")
+
+
+# ---- third sweep: task files, non-finite and out-of-range numbers, generated descriptions ------------
+
+def _task_file(tmp_path, kind):
+    """A task file damaged as `kind` (what the first two sweeps missed), and the line its refusal names."""
+    import os
+
+    f = tmp_path / "t.jsonl"
+    rows = [{"text": f"text {i}", "label": lab} for i, lab in enumerate("abab" * 3)]
+    if kind == "fifo":
+        os.mkfifo(f)  # was read forever: the command hung
+        return f, "not a regular file"
+    if kind == "dev-zero":
+        f.symlink_to("/dev/zero")  # was read until memory ran out: MemoryError, exit 70
+        return f, "not a regular file"
+    if kind == "symlink-loop":
+        (tmp_path / "u.jsonl").symlink_to(f)
+        f.symlink_to(tmp_path / "u.jsonl")
+        return f, "a symbolic link that leads to no file"
+    if kind == "nan-label":
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"text": "x", "label": NaN}\n')
+        return f, ":13: not a JSON object (NaN is not a JSON value)"
+    if kind == "float-label":  # 1 and 1.0 became two labels, "1" and "1.0"
+        rows = [{"text": f"text {i}", "label": [1, 1.0, 2][i % 3]} for i in range(12)]
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f, "row 2: 'label' must be a string or a whole number, not the number 1.0"
+    if kind == "invisible-label":
+        rows[3]["label"] = "\u200b"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f, "row 4 has an empty label (no visible character)"
+    if kind == "control-label":
+        rows[0]["label"] = "a\x00"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f, "row 1: the label 'a\\x00' holds a control character"
+    if kind == "label-text-of-no-label":
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "t.task.json").write_text(json.dumps({"description": "d", "label_texts": {"c": "a c"}}))
+        return f, "'label_texts' gives a text for 'c', which is not a label of the task (a, b)"
+    if kind == "latin-1":
+        f = tmp_path / "t.csv"
+        f.write_bytes(b"text,label\nfine,a\ncaf\xe9,b\n")
+        return f, "t.csv:3: not UTF-8 text (byte b'\\xe9')"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "symlink-loop", "nan-label", "float-label", "invisible-label",
+                                  "control-label", "label-text-of-no-label", "latin-1"])
+def test_task_files_the_third_sweep(cli, seeded, tiny_bert, tmp_path, kind):
+    f, match = _task_file(tmp_path, kind)
+    before = registry_state(cli.home)
+    _refused(cli("train", f, "--name", "t", "--base", tiny_bert, "--description", "x"), cli.home, before, match)
+
+
+def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
+    """`generate adapter --examples` reads rows through the same checks (a FIFO hung, NaN was a label)."""
+    before = registry_state(cli.home)
+    for kind in ("fifo", "nan-label", "control-label"):
+        d = tmp_path / kind
+        d.mkdir()
+        f, match = _task_file(d, kind)
+        _refused(cli("generate", "adapter", "airline tweets", "--generator", "g", "--name", "n", "--examples", f),
+                 cli.home, before, match)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "airline", "--name", "t", "--lr", "inf"], "invalid training option lr: Input should be a finite number"),
+    (["train", "airline", "--name", "t", "--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["train", "airline", "--name", "t", "--seed", str(2 ** 70)], "seed: Input should be less than or equal to 4294967295"),
+    (["forget", "airline", "--seed", "-1"], "--seed: must be a whole number from 0 to 4,294,967,295"),
+    (["generate", "adapter", "airline tweets", "--generator", "g", "--name", "n", "--seed", str(2 ** 70)],
+     "--seed: must be a whole number from 0 to 4,294,967,295"),
+    (["generate", "adapter", "airline\x01 tweets", "--generator", "g", "--name", "n"],
+     "the description holds a control character"),
+    (["generate", "adapter", "airline " * 2000, "--generator", "g", "--name", "n"],
+     "the description is 16,000 characters long"),
+    (["query", "late flight", "--set", "temperature=Infinity"], "temperature: Input should be a finite number"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", "temperature=Infinity"],
+     "temperature: Input should be a finite number"),
+    (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "temperature=Infinity"],
+     "temperature: Input should be a finite number"),
+])
+def test_numbers_that_cannot_work(cli, seeded, tiny_bert, args, match):
+    """inf passed every `gt=0` bound (a learning rate of inf trained to NaN, a generator stored an infinite
+    temperature), a seed out of NumPy's range was exit 70, a generated adapter's description skipped the
+    rules a registered one follows."""
+    before = registry_state(cli.home)
+    if args[0] == "train":
+        args = [*args, "--base", str(tiny_bert), "--steps", "1"]
+    _refused(cli(*args), cli.home, before, match)
+
+
+@pytest.mark.parametrize("trainer, seed, match", [
+    ({"epochs": "@inf"}, 0, "trainer.epochs: Input should be a finite number"),  # was exit 70 (OverflowError)
+    ({"lr": "@inf", "steps": 1}, 0, "trainer.lr: Input should be a finite number"),  # trained to NaN
+    ({"steps": 1}, -5, "seed: Input should be greater than or equal to 0"),  # was exit 70
+])
+def test_stream_numbers_that_cannot_work(cli, seeded, tmp_path, trainer, seed, match):
+    before = registry_state(cli.home)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({"name": "s", "method": "seq-lora", "seed": seed, "trainer": trainer,
+                                "experiences": [{"learn": "airline"}]}).replace('"@inf"', ".inf") + "\n")
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, match)

@@ -133,9 +133,11 @@ def test_chat_streaming_gives_the_same_text_with_routing_at_the_end(client):
     chunks = list(client.chat.completions.create(model="sports-lora", messages=msgs, max_tokens=5, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
-    assert chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].model_extra["routing"]["adapters"][0]["name"] == "sports-lora"
-    assert chunks[-1].usage.completion_tokens == 5
+    # OpenAI's shape: the finish reason and routing, then a chunk with no choices and the usage
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-2].model_extra["routing"]["adapters"][0]["name"] == "sports-lora"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
     stream = list(complete(client, "auto", stream=True))
     assert stream[-1].model_extra["routing"]["kind"] == "auto"
 

@@ -205,3 +205,48 @@ def test_registration_fields_are_named(bert_registry, http, peft_dirs, tmp_path)
     base = http.get("/health").json()["base"]
     _error(http.post("/v1/classify", json={"model": base, "input": "goal"}), 400, "labels")
     assert registry_state(bert_registry.home) == before
+
+
+def test_message_names_and_two_limits_are_refused(llama_http):
+    """A message's `name` was dropped from the prompt without a word; max_tokens and max_completion_tokens
+    with different values were answered with one of them."""
+    h = llama_http
+    _error(h.post("/v1/chat/completions", json={"model": "flights-lora", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "late"}, {"role": "user", "content": "again", "name": "bob"}]}),
+        400, "messages.1.name", "unsupported")
+    chat = {"model": "flights-lora", "messages": [{"role": "user", "content": "late"}], "max_tokens": 2}
+    _error(h.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 3}), 400, "max_completion_tokens")
+    same = h.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 2, "temperature": 0})
+    assert same.status_code == 200 and same.json()["usage"]["completion_tokens"] <= 2, same.text
+    # the legacy completions API has no max_completion_tokens (OpenAI's neither): refused, not read
+    _error(h.post("/v1/completions", json={"model": "flights-lora", "prompt": "late", "max_completion_tokens": 2}),
+           400, "max_completion_tokens")
+
+
+def test_stream_options_and_empty_defaults(llama_http):
+    """stream_options takes include_usage only (another key was read as nothing); an empty logit_bias and
+    modalities ["text"] ask for nothing and are accepted, a real bias is refused by name."""
+    h = llama_http
+    body = {"model": "flights-lora", "prompt": "late", "max_tokens": 2, "stream": True}
+    _error(h.post("/v1/completions", json={**body, "stream_options": {"continuous_usage_stats": True}}),
+           400, "stream_options.continuous_usage_stats")
+    _error(h.post("/v1/completions", json={**body, "stream_options": {"include_usage": "yes"}}),
+           400, "stream_options.include_usage")
+    ok = h.post("/v1/completions", json={**body, "stream": False, "logit_bias": {}, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    ok = h.post("/v1/chat/completions", json={"model": "flights-lora", "max_tokens": 2, "modalities": ["text"],
+                                              "messages": [{"role": "user", "content": "late"}]})
+    assert ok.status_code == 200, ok.text
+    _error(h.post("/v1/completions", json={**body, "stream": False, "logit_bias": {"5": 10}}), 400, "logit_bias",
+           "unsupported")
+
+
+def test_a_name_taken_meanwhile_is_about_lora_name(bert_registry, http, peft_dirs, monkeypatch):
+    """Two loads of one name at once: the one that lost the race was a 400 about `lora_path`."""
+    from loraplex.registry.store import Registry
+
+    before = registry_state(bert_registry.home)
+    monkeypatch.setattr(Registry, "has_adapter", lambda self, name: False)  # the early check passed, then a rival won
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "sports-lora", "lora_path": str(peft_dirs["sports"])}),
+           400, "lora_name")
+    assert registry_state(bert_registry.home) == before

@@ -27,8 +27,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from loraplex.catalog import options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.continual.slots import slot_weights, zero_slot
 from loraplex.errors import IncompatibleAdapter
@@ -65,7 +66,7 @@ def block_of(module: str, targets: tuple[str, ...]) -> str:
 
 
 class GroupSparseConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     sparsity_weight: float = Field(0.01, ge=0)
     """alpha: weight of the group lasso sum_g ||theta_g||_2."""

@@ -34,14 +34,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from loraplex.catalog import options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.experts.layers import routed_layers
 
 
 class OLoraConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = options()
 
     orth_weight: float = Field(0.5, ge=0)
     """lambda_1: weight of the mean |cosine| between the new adapter's A rows and the earlier ones'."""

@@ -46,3 +46,14 @@ def test_a_refusing_generator_falls_back_and_registers_nothing(toy_registry):
     assert reg.count() == n
     logged = [json.loads(x) for x in (reg.home / auto.CANDIDATES_FILE).read_text().splitlines()]
     assert logged[-1]["query"] == "zebra quantum marmalade"
+
+
+def test_a_request_that_cannot_be_a_description_falls_back_and_registers_nothing(toy_registry):
+    """A request holding a control character would have been stored as a generated adapter's description
+    (which `adapters register` refuses): it is answered by the base, and the reason says why."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    n = reg.count()
+    [r] = auto.answer(reg, s, ["great flight\x07 but the plane was late"], BETWEEN)
+    assert r["decision"] == "base" and "cannot describe a new adapter" in r["reason"]
+    assert "control character" in r["reason"] and reg.count() == n
