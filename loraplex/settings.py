@@ -59,10 +59,13 @@ class Settings(BaseModel):
         return Path(v).expanduser().absolute() if isinstance(v, (str, Path)) else v
 
     @property
-    def embedder_named(self) -> bool:
-        """Whether the caller named the embedder (LORAPLEX_EMBEDDER or a keyword) rather than leaving the
-        default; a registry whose signatures were made with another refuses it (`Registry.embedder_name`)."""
-        return "embedder" in self.model_fields_set
+    def embedder_named_by(self) -> str | None:
+        """How the caller named the embedder, for messages: "LORAPLEX_EMBEDDER" or "embedder" (a keyword);
+        None when it is the default. A registry whose signatures were made with another embedder refuses
+        a named one (`Registry.embedder_name`)."""
+        if "embedder" not in self.model_fields_set:
+            return None
+        return "LORAPLEX_EMBEDDER" if os.environ.get("LORAPLEX_EMBEDDER") == self.embedder else "embedder"
 
     @classmethod
     def load(cls, **overrides: object) -> "Settings":

@@ -71,17 +71,18 @@ class Registry(Database, Components):
     adapters and their signatures; registry/components.py: routers and generators."""
 
     def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0,
-                 embedder_chosen: bool = False):
+                 embedder_named_by: str | None = None):
         super().__init__(home, lock_timeout=lock_timeout)
         self.blob_dir = self.home / "blobs"
         self.default_embedder = embedder
-        self.embedder_chosen = embedder_chosen  # True: the user named `embedder`; another one stored is refused
+        self.embedder_named_by = embedder_named_by  # set: the user named `embedder` (how, for messages);
+        # a registry whose signatures were made with another one refuses it
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Registry":
         """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
         s = settings or Settings.load()
-        return cls(s.home, embedder=s.embedder, embedder_chosen=s.embedder_named)
+        return cls(s.home, embedder=s.embedder, embedder_named_by=s.embedder_named_by)
 
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
@@ -91,14 +92,17 @@ class Registry(Database, Components):
     @property
     def embedder_name(self) -> str:
         """The embedder this registry's signatures were made with (fixed at its first adapter). When the
-        user named another one (LORAPLEX_EMBEDDER), it is refused rather than silently not used."""
+        user named another one (LORAPLEX_EMBEDDER or a keyword), it is refused rather than silently not used."""
         stored = self.meta("embedder")
-        if self.embedder_chosen and self.default_embedder not in EMBEDDERS.names():
-            raise InvalidSpec(f"LORAPLEX_EMBEDDER={self.default_embedder!r}: unknown embedder "
+        named = self.embedder_named_by
+        if named and self.default_embedder not in EMBEDDERS.names():
+            raise InvalidSpec(f"{named}={self.default_embedder!r}: unknown embedder "
                               f"(known: {', '.join(EMBEDDERS.names())})")
-        if stored and self.embedder_chosen and stored != self.default_embedder:
-            raise InvalidSpec(f"LORAPLEX_EMBEDDER={self.default_embedder!r}, but the registry at {self.home} made its "
-                              f"signatures with {stored!r}: unset it, set it to {stored!r}, or use another LORAPLEX_HOME")
+        if stored and named and stored != self.default_embedder:
+            fix = (f"unset it, set it to {stored!r}, or use another LORAPLEX_HOME" if named == "LORAPLEX_EMBEDDER"
+                   else f"pass {stored!r}, or another registry home")
+            raise InvalidSpec(f"{named}={self.default_embedder!r}, but the registry at {self.home} made its "
+                              f"signatures with {stored!r}: {fix}")
         return stored or self.default_embedder
 
     # ------------------------------------------------------------------------------------------

@@ -415,6 +415,20 @@ def test_embedder_setting_that_cannot_apply(cli, seeded, monkeypatch, value, mat
     assert cli("adapters", "search", "airline complaints").exit_code == 0
 
 
+def test_an_embedder_passed_as_a_keyword_is_named_as_one(cli, seeded, monkeypatch):
+    """A Python caller that passed `embedder=` was told to change LORAPLEX_EMBEDDER, which it had not set."""
+    from loraplex.errors import InvalidSpec
+    from loraplex.registry.store import Registry
+    from loraplex.settings import Settings
+
+    monkeypatch.delenv("LORAPLEX_EMBEDDER", raising=False)
+    reg = Registry.open(Settings.load(home=cli.home, embedder="minilm"))
+    with pytest.raises(InvalidSpec, match=r"^embedder='minilm', but the registry at .* made its signatures with "
+                                          r"'hash': pass 'hash', or another registry home$"):
+        reg.embedder_name
+    assert Registry.open(Settings.load(home=cli.home)).embedder_name == "hash"  # not named: the stored one
+
+
 def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
     """top_k over more experts than the router has, and --shortlist where no stored router takes it, were
     stored or ignored silently."""
