@@ -105,8 +105,9 @@ MAX_DESCRIPTION = 10_000
 
 def validate_description(text: str | None, what: str = "description") -> str:
     """A task description as stored: non-empty UTF-8 text (no undecodable bytes), at most 10,000 characters."""
-    if text is None or not str(text).strip():
-        raise UserInputError(f"the {what} is empty: it is how the adapter is found and routed to")
+    if text is None or not visible(str(text)):  # "\u200b" is as empty as "" to whoever reads or embeds it
+        raise UserInputError(f"the {what} is empty{' (no visible character)' if text and str(text).strip() else ''}: "
+                             "it is how the adapter is found and routed to")
     try:
         str(text).encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -40,7 +40,7 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
         if reg.has_adapter(name):
             raise AlreadyExists(f"an adapter named {name!r} already exists")
     if not description or not description.strip():
-        raise UserInputError("a description is required (--description): it is how the adapter is found and "
+        raise UserInputError("a description is required: it is how the adapter is found and "
                              "routed to").about("description")
     with _about("description"):
         description = validate_description(description)

@@ -39,6 +39,9 @@ class Components:
             conn = self._db()
             if conn.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone():
                 raise AlreadyExists(f"a {kind} named {name!r} already exists")
+            if kind == "router" and conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"an adapter named {name!r} already exists: a router of that name would "
+                                    "share its model name (choose another)")
             for m in members:
                 if not self.has_adapter(m):
                     raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")

@@ -229,6 +229,9 @@ class Registry(Database, Components):
             conn = self._db()
             if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (draft.name,)).fetchone():
                 raise AlreadyExists(f"an adapter named {draft.name!r} already exists").about("name")
+            if conn.execute("SELECT 1 FROM components WHERE kind = 'router' AND name = ?", (draft.name,)).fetchone():
+                raise AlreadyExists(f"a router named {draft.name!r} already exists: an adapter of that name "
+                                    "would share its model name (choose another)").about("name")
             self._check_embedding(emb, embedder or self.default_embedder)
             with self._writing(f"register adapter {draft.name!r}") as created:
                 self._insert_adapter(draft, adapter, data, snap_data, ranks, emb, prototype, embedder,

@@ -217,6 +217,16 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
                  "loraplex": {k: v for k, v in m.items() if k != "id"}} for m in items]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        """OpenAI's `models.retrieve`: one entry of /v1/models, or a 404 naming the model."""
+        listed = (await models())["data"]
+        found = next((m for m in listed if m["id"] == model), None)
+        if found is None:
+            raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, "
+                                "routers and auto)", param="model", code="model_not_found")
+        return found
+
 
 # ---- generation ----------------------------------------------------------------------------------
 def _generation_routes(app: FastAPI, cx: _Context) -> None:

@@ -348,6 +348,8 @@ class Engine:
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
         """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):  # else the default description is blamed
+            raise UserInputError(f"the path {path!r} holds a control character").about("path")
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
                           description=description if description is not None

@@ -38,9 +38,17 @@ class _Body(BaseModel):
 # refused by name (so `n: true` or `n: 1.0` are refused like `n: 2`)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": (), "tool_choice": (), "functions": (),
-    "function_call": (), "response_format": (), "logit_bias": ({},), "presence_penalty": (0, 0.0),
+    "function_call": (), "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0), "best_of": (1,), "echo": (False,), "suffix": (), "parallel_tool_calls": (),
     "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": (),
+    # OpenAI's default "text" asks for nothing; "store: false" and empty metadata neither (nothing is stored)
+    "store": (False,), "metadata": ({},), "web_search_options": (), "verbosity": (), "prompt_cache_key": (),
+    "safety_identifier": (),
+}
+# fields of an assistant message that the openai client sends back as null/empty (`messages.append(msg)`
+# after `msg.model_dump()`): those values ask nothing; any other value is refused by name
+MESSAGE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "refusal": (), "tool_calls": ([],), "function_call": (), "audio": (), "annotations": ([],), "tool_call_id": (),
 }
 
 
@@ -132,6 +140,12 @@ class ChatRequest(_Generate):
         a message's `name` (the prompt the engine builds has no place for it)."""
         msgs = data.get("messages") if isinstance(data, dict) else None
         for i, m in enumerate(msgs if isinstance(msgs, list) else []):
+            if isinstance(m, dict):
+                for k, defaults in MESSAGE_UNSUPPORTED.items():
+                    if k in m and not _not_asked(m[k], defaults):
+                        raise APIError(400, f"a message's {k!r} is not supported by loraplex serve",
+                                       param=f"messages.{i}.{k}", code="unsupported")
+                msgs[i] = m = {k: v for k, v in m.items() if k not in MESSAGE_UNSUPPORTED}
             if isinstance(m, dict) and m.get("name") is not None:
                 raise APIError(400, "a message's 'name' is not supported by loraplex serve (the prompt would not "
                                     "carry it)", param=f"messages.{i}.name", code="unsupported")

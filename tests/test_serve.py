@@ -52,6 +52,29 @@ def test_models_lists_base_adapters_routers_and_auto(client, tiny_llama):
     assert {str(tiny_llama), "auto", "flights-lora", "sports-lora", "phones-lora", "ctg"} <= set(ids)
     assert ids["ctg"].model_extra["loraplex"]["kind"] == "router"
     assert ids["flights-lora"].model_extra["loraplex"]["kind"] == "adapter"
+    # OpenAI's models.retrieve: one entry (the base's id holds slashes), or a 404 naming the model
+    assert client.models.retrieve("ctg").model_extra["loraplex"]["kind"] == "router"
+    assert client.models.retrieve(str(tiny_llama)).id == str(tiny_llama)
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client.models.retrieve("nope")
+
+
+def test_a_conversation_sent_back_as_the_client_returned_it(client):
+    """The client's own assistant message, dumped and appended (`refusal: null`, `tool_calls: []`...), and
+    fields that ask for nothing (`store: false`, `metadata: {}`, `response_format: text`) are accepted."""
+    msgs = [{"role": "user", "content": "the flight was late"}]
+    first = client.chat.completions.create(model="flights-lora", messages=msgs, max_tokens=3, temperature=0)
+    msgs.append(first.choices[0].message.model_dump())
+    msgs.append({"role": "user", "content": "and then?"})
+    again = client.chat.completions.create(model="flights-lora", messages=msgs, max_tokens=3, temperature=0,
+                                           store=False, metadata={}, response_format={"type": "text"})
+    assert again.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="'refusal' is not supported"):
+        client.chat.completions.create(model="flights-lora", max_tokens=3, messages=[
+            {"role": "assistant", "content": "no", "refusal": "I cannot"}, {"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="'response_format' is not supported"):
+        client.chat.completions.create(model="flights-lora", messages=msgs, max_tokens=3,
+                                       response_format={"type": "json_object"})
 
 
 def test_an_adapter_generates_what_it_generates_alone(home, client):

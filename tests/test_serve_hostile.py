@@ -191,6 +191,8 @@ def test_registration_fields_are_named(bert_registry, http, peft_dirs, tmp_path)
         ({"lora_name": "z", "lora_path": d, "description": ""}, "description"),
         ({"lora_name": "z", "lora_path": d, "description": "x" * 10_001}, "description"),
         ({"lora_name": "z", "lora_path": d, "description": "a\x00b"}, "description"),
+        ({"lora_name": "z", "lora_path": d, "description": "\u200b\u200d"}, "description"),  # was registered
+        ({"lora_name": "z", "lora_path": d[:5] + "\x00" + d[5:]}, "lora_path"),  # was blamed on the description
         ({"lora_name": "z", "lora_path": d, "task": ""}, "task"),
         ({"lora_name": "z", "lora_path": d, "task": str(tmp_path)}, "task"),
         ({"lora_name": "z", "lora_path": "/tmp/" + "x" * 300}, "lora_path"),  # was a 500 (ENAMETOOLONG)

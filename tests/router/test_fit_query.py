@@ -277,3 +277,17 @@ def test_retrieval_prefers_the_adapter_trained_on_the_labels_asked_for(env, peft
         assert out["decision"] == "base" and out["answer"] in ("yes", "no") and out["adapters"] == [], out
     finally:
         api.remove("results-lora", settings=env.settings)
+
+
+def test_a_router_and_an_adapter_cannot_share_a_name(env, peft_dirs):
+    """Both are model names for `query --router`/`--adapters` and for the server's `model`: an adapter
+    named like a stored router (or a router like an adapter) made one of them unreachable."""
+    from tests.conftest import registry_state
+
+    before = registry_state(env.home)
+    res = env("adapters", "register", str(peft_dirs["sports"]), "--name", "tg", "--description", "sport news")
+    assert res.exit_code == 2 and "a router named 'tg' already exists" in res.output, res.output
+    res = env("router", "fit", NAMES[0], "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 1,
+              "--quiet")
+    assert res.exit_code == 2 and f"an adapter named {NAMES[0]!r} already exists" in res.output, res.output
+    assert registry_state(env.home) == before
