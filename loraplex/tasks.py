@@ -134,6 +134,8 @@ def checked_seed(seed: int, what: str = "seed") -> int:
 
 MAX_LABELS = 256
 """The most labels a query may ask to be answered with (each is embedded or scored per query)."""
+MAX_LABEL_CHARS = 1_000
+"""The longest label name a query may ask for (a name, not a description)."""
 
 
 def visible(text: str) -> bool:
@@ -151,9 +153,17 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     out = tuple(x.strip() for x in labels)
     if any(not visible(x) for x in out):
         raise UserInputError("labels: an empty label name (or one with no visible character)")
-    dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
-    if dup is not None:
-        raise UserInputError(f"labels: {dup!r} is named twice")
+    long = next((x for x in out if len(x) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise UserInputError(f"labels: a label of {len(long):,} characters; at most {MAX_LABEL_CHARS:,} are allowed")
+    seen: dict[str, str] = {}
+    for x in out:  # "é" and "e\u0301", or "ab" and "a\u200db", read the same: one answer would hide the other
+        key = "".join(ch for ch in unicodedata.normalize("NFC", x) if unicodedata.category(ch) != "Cf")
+        if key in seen:
+            raise UserInputError(f"labels: {x!r} is named twice" if x == seen[key] else
+                                 f"labels: {seen[key]!r} and {x!r} read the same (they differ only in "
+                                 "invisible characters or Unicode normalisation)")
+        seen[key] = x
     if len(out) < 2:
         raise UserInputError(f"labels: at least 2 labels are needed to choose between, got {len(out)}")
     return out

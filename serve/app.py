@@ -59,8 +59,18 @@ def checked_api_key(key: str | None) -> str | None:
     return key
 
 
+def request_id(headers: dict[bytes, bytes]) -> bytes:
+    """The request's id for its `x-request-id` answer header (OpenAI's; the openai client shows it as
+    `_request_id`): the caller's own when it sent a plain one (as vLLM echoes it), else a new one."""
+    own = headers.get(b"x-request-id", b"")
+    if 0 < len(own) <= 128 and all(0x21 <= ch <= 0x7E for ch in own):
+        return own
+    return f"req-{uuid.uuid4().hex}".encode()
+
+
 class Guard:
-    """ASGI middleware: the API key on /v1, and each request's status and time in the metrics."""
+    """ASGI middleware: the API key on /v1, each request's status and time in the metrics, and its
+    `x-request-id` header on every answer."""
 
     def __init__(self, app, metrics: Metrics, api_key: str | None):
         self.app, self.metrics, self.key = app, metrics, api_key
@@ -71,17 +81,20 @@ class Guard:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
         t0, status = time.perf_counter(), [500]
+        headers = dict(scope["headers"])
+        rid = request_id(headers)
         if self.key and path.startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            auth = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.key}".encode()):
                 err = APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
-                resp = JSONResponse(err.body(), status_code=401)
+                resp = JSONResponse(err.body(), status_code=401, headers={"x-request-id": rid.decode()})
                 self.metrics.answered(endpoint, 401, time.perf_counter() - t0)
                 return await resp(scope, receive, send)
 
         async def watch(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 self.metrics.answered(endpoint, status[0], time.perf_counter() - t0)

@@ -31,7 +31,7 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN passed every bound
 
 
 # name -> the values (besides null) that mean "not asked for", of those exact JSON types; anything else is

@@ -252,3 +252,26 @@ def test_a_name_taken_meanwhile_is_about_lora_name(bert_registry, http, peft_dir
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": "sports-lora", "lora_path": str(peft_dirs["sports"])}),
            400, "lora_name")
     assert registry_state(bert_registry.home) == before
+
+
+def test_look_alike_labels_nan_numbers_and_request_ids(http):
+    """Labels that read the same ("é" composed and decomposed, a zero-width joiner) were two answers; a
+    label of 100,000 characters was embedded; NaN was reported as out of range; answers had no
+    x-request-id (the openai client's `_request_id`)."""
+    for labels, words in [(["\u00e9t\u00e9", "e\u0301te\u0301"], "read the same"),
+                          (["ab", "a\u200db"], "read the same"), (["\u202eabc", "abc"], "read the same"),
+                          (["yes", "no", "x" * 1_001], "at most 1,000")]:
+        err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": labels}),
+                     400, "labels")
+        assert words in err["message"], err
+    ok = http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["\U0001F468\u200d\U0001F469", "\U0001F468"]})
+    assert ok.status_code == 200, ok.text  # a zero-width joiner inside an emoji sequence is one label, not a look-alike
+    raw = b'{"model": "sports-lora", "input": "goal", "labels": ["a", "b"], "temperature": NaN}'
+    assert http.post("/v1/classify", content=raw, headers={"content-type": "application/json"}).status_code == 400
+    r = http.post("/v1/completions", content=b'{"model": "sports-lora", "prompt": "x", "temperature": NaN}',
+                  headers={"content-type": "application/json"})
+    err = _error(r, 400, "temperature")
+    assert "finite" in err["message"], err
+    assert r.headers["x-request-id"].startswith("req-")
+    assert http.get("/health", headers={"x-request-id": "mine-1"}).headers["x-request-id"] == "mine-1"
+    assert http.get("/health", headers={"x-request-id": "bad id"}).headers["x-request-id"].startswith("req-")
