@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, options
 from loraplex.continual.distill import StoredScores
 from loraplex.continual.experience import UnitOutcome, train_unit
 from loraplex.continual.losses import bound_for, bounded_forget_loss
@@ -51,7 +51,7 @@ class GSLoraConfig(BaseModel):
     """LoRA alpha (default: 2 x rank)."""
     targets: tuple[str, ...] = ()
     """Feed-forward module suffixes (default: FFN_TARGETS of the base's model type)."""
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Optimiser steps (default: the trainer's steps per experience)."""
     lr: float | None = Field(None, gt=0)
     """Peak learning rate (default: the trainer's)."""
@@ -70,7 +70,7 @@ class GSLoraConfig(BaseModel):
     """beta: weight of the bounded forget loss."""
     forget_share: float = Field(0.5, gt=0, lt=1)
     """Share of each batch drawn from the rows to forget (the rest: retained rows)."""
-    retain_budget: int = Field(600, ge=1)
+    retain_budget: int = Field(600, ge=1, le=MAX_COUNT)
     """Retained rows sampled (class-balanced) when no replay buffer is available."""
     distill_weight: float = Field(1.0, ge=0)
     """gamma: weight of the distillation of retained rows to the predictions made before the request (0: off)."""

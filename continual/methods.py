@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from loraplex.catalog import Catalog, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, options
 from loraplex.continual.regularizers.o_lora import OLoraConfig
 from loraplex.continual.experience import train_unit
 from loraplex.continual.regularizers import REGULARIZERS
@@ -181,10 +181,10 @@ class RoutedConfig(BaseModel):
     """A learned router of `loraplex.router.ROUTERS` that routes registered adapters (token-gate, mixer, rank)."""
     router_config: dict[str, Any] = Field(default_factory=dict)
     """That router's own settings (e.g. {top_k: 1}); validated by the router's config class."""
-    router_steps: int = Field(100, ge=1)
+    router_steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimiser steps of each refit of the router (adapters frozen, only the gates learn)."""
     router_lr: float = Field(1e-2, gt=0)
-    memory_per_task: int = Field(64, ge=1)
+    memory_per_task: int = Field(64, ge=1, le=MAX_COUNT)
     """Rows per task kept for refitting the router when the stream has no replay buffer."""
 
     @field_validator("router")

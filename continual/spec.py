@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, options
 from loraplex.continual.forgetting import FORGETTERS
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
@@ -74,23 +74,23 @@ class LoraSettings(_Frozen):
 class TrainerSettings(LightningSettings):
     """How each experience trains (Lightning settings, `LightningSettings`, pass through to the Trainer)."""
 
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Optimiser steps per experience (default 100 when epochs is not given)."""
     epochs: float | None = Field(None, gt=0)
     """Passes over each experience's new data instead of a step count."""
     lr: float = Field(2e-3, gt=0)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Examples per step (replayed ones included)."""
     warmup: float = Field(0.1, ge=0, lt=1)
     """Share of each experience's steps spent warming up."""
-    train_limit: int | None = Field(None, ge=1)
+    train_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Use only the first N training examples of each task."""
-    eval_limit: int | None = Field(300, ge=1)
+    eval_limit: int | None = Field(300, ge=1, le=MAX_COUNT)
     """Test examples per task for the accuracies (the matrix, a forgetting's before/after); None: all."""
     eval_split: Literal["test", "validation"] = "test"
     """Split the accuracy matrix is measured on."""
-    snapshots: int = Field(3, ge=0)
+    snapshots: int = Field(3, ge=0, le=MAX_COUNT)
     """Intermediate adapter states kept per experience (the generators learn from them)."""
 
     @model_validator(mode="after")
@@ -125,7 +125,7 @@ class ComponentRef(_Frozen):
 class ReplaySettings(_Frozen):
     """A budgeted replay buffer mixed into later experiences' batches (see continual.replay)."""
 
-    budget: int | None = Field(None, ge=1)
+    budget: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Examples kept in all (give budget or share)."""
     share: float | None = Field(None, gt=0, le=1)
     """Share of each task's training examples kept (give budget or share)."""

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog, options
+from loraplex.catalog import Catalog, MAX_COUNT, options
 from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
@@ -53,7 +53,7 @@ class GeneratorConfig(BaseModel):
 
     model_config = options()
 
-    top_k: int = Field(3, ge=1)
+    top_k: int = Field(3, ge=1, le=MAX_COUNT)
     """How many of the most similar known tasks form the condition (and SG-LoRA's prior)."""
     temperature: float = Field(0.05, gt=0)
     """Softmax temperature over the top-k cosine similarities."""

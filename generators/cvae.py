@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_STEPS, options
 from loraplex.tasks import SEED_MAX
 
 
@@ -53,7 +53,7 @@ class CVAEConfig(BaseModel):
     """Most coordinates of the parameter space (the basis built from the training vectors)."""
     kl_weight: float = Field(0.01, ge=0)
     """beta: weight of the KL term against the reconstruction error."""
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(2000, ge=1, le=MAX_STEPS)
     """Full-batch optimiser steps."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW, cosine decay to 10%)."""

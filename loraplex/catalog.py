@@ -22,6 +22,13 @@ from loraplex.errors import InvalidSpec, UnknownComponent
 
 T = TypeVar("T")
 
+# Upper bounds of the integer options (a count past int32 or a step count past these is a typo, and a Python
+# int past sys.maxsize used to reach islice or torch and end in a traceback). Every `int` option field with
+# a lower bound takes one of these as its upper bound.
+MAX_COUNT = 2**31 - 1  # rows, examples, candidates, top-k, lengths, budgets
+MAX_STEPS = 10_000_000  # optimisation steps (weeks of training on a CPU at 0.5 s a step)
+MAX_BATCH = 65_536  # rows per batch
+
 
 def options(**extra: Any) -> dict[str, Any]:
     """The pydantic `model_config` of every catalog entry's options (and of the other configs a user sets):

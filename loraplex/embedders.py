@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, options
 
 
 class Embedder(Protocol):
@@ -39,9 +39,9 @@ EMBEDDERS: Catalog[Embedder] = Catalog("embedder")
 class MiniLMConfig(BaseModel):
     model_config = options()
 
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     """Texts per forward pass."""
-    max_length: int = Field(256, ge=8)
+    max_length: int = Field(256, ge=8, le=MAX_COUNT)
     """Tokens per text (the model's own limit is 256 word pieces)."""
 
 
@@ -103,7 +103,7 @@ class MiniLMEmbedder:
 class HashConfig(BaseModel):
     model_config = options()
 
-    dim: int = Field(384, ge=8)
+    dim: int = Field(384, ge=8, le=MAX_COUNT)
     """Output dimension."""
 
 

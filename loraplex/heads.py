@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from pydantic import BaseModel, Field
 
-from loraplex.catalog import Catalog, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, options
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ HEADS: Catalog[Head] = Catalog("model family")
 class EncoderConfig(BaseModel):
     model_config = options()
 
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, le=MAX_COUNT)
     """Tokens per text (longer texts are truncated)."""
     temperature: float = Field(0.05, gt=0)
     """Softmax temperature over cosine similarities to the label anchors."""
@@ -186,11 +186,11 @@ def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[li
 class CausalConfig(BaseModel):
     model_config = options()
 
-    max_length: int = Field(192, ge=16)
+    max_length: int = Field(192, ge=16, le=MAX_COUNT)
     """Tokens of prompt plus answer (the text is truncated to fit)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Sequences per forward when scoring labels."""
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=MAX_COUNT)
     """Tokens generated for a task without a label set."""
 
 

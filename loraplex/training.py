@@ -61,7 +61,7 @@ from lightning.pytorch.loggers import CSVLogger
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, options
 from loraplex.errors import Interrupted, InvalidSpec
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
@@ -132,23 +132,23 @@ class LightningSettings(BaseModel):
 class TrainConfig(LightningSettings):
     """How to train an adapter."""
 
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimiser steps."""
     lr: float = Field(2e-3, gt=0)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Examples per step."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed for initialisation, shuffling and dropout."""
     warmup: float = Field(0.1, ge=0, lt=1)
     """Share of steps spent warming up."""
-    eval_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Validate every N steps (default: four times per run)."""
-    val_limit: int = Field(200, ge=1)
+    val_limit: int = Field(200, ge=1, le=MAX_COUNT)
     """Validation examples per task."""
-    train_limit: int | None = Field(None, ge=1)
+    train_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Use only the first N training examples (a quick slice)."""
-    snapshots: int = Field(4, ge=0)
+    snapshots: int = Field(4, ge=0, le=MAX_COUNT)
     """Intermediate adapter states to keep (evenly spaced; the final one is the adapter itself)."""
     progress: bool = True
     """Show a progress bar."""

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_COUNT, options
 from loraplex.embedders import get_embedder
 from loraplex.errors import UserInputError
 from loraplex.generators.base import OutOfRange
@@ -84,7 +84,7 @@ class AutoConfig(BaseModel):
     so the generator's own bound (set for descriptions) is replaced; None keeps it. Fitted on the library
     (bench/auto.py), the distance adds nothing to the decision s1 already makes, so the default, 2, the
     largest cosine distance, refuses nothing."""
-    top_k: int = Field(1, ge=1)
+    top_k: int = Field(1, ge=1, le=MAX_COUNT)
     """Adapters retrieval mixes for a routed request."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the routing score (as retrieval's)."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_COUNT, options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
 
@@ -47,7 +47,7 @@ class MixerConfig(BaseModel):
 
     model_config = options()
 
-    top_k: int = Field(2, ge=1)
+    top_k: int = Field(2, ge=1, le=MAX_COUNT)
     """Experts selected per token (hard top-k)."""
     temperature: float = Field(1.0, gt=0)
     """Softmax temperature of the routing distribution."""
@@ -59,9 +59,9 @@ class MixerConfig(BaseModel):
     """Weight of the gate cross-entropy on task-labelled tokens (0: unsupervised, as in the paper)."""
     joint: bool = False
     """Train the experts together with the router (paradigm i) instead of routing frozen adapters."""
-    n_experts: int | None = Field(None, ge=1)
+    n_experts: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Fresh experts to create when no adapters are given (default: one per task)."""
-    rank: int = Field(8, ge=1)
+    rank: int = Field(8, ge=1, le=MAX_COUNT)
     """Rank of fresh experts."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the router's initial weights."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_COUNT, options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, rank_load
 
@@ -44,7 +44,7 @@ class RankConfig(BaseModel):
 
     model_config = options()
 
-    top_k: int = Field(8, ge=1)
+    top_k: int = Field(8, ge=1, le=MAX_COUNT)
     """Ranks (rank-1 experts) activated per token."""
     bias_rate: float = Field(0.005, ge=0)
     """Step u of the load-balancing bias update (0 disables balancing)."""
@@ -52,7 +52,7 @@ class RankConfig(BaseModel):
     """Weight of the per-adapter gate cross-entropy on task-labelled tokens (0: unsupervised, as in SMoRA)."""
     joint: bool = False
     """Train the ranks together with the router (from scratch when no adapters are given)."""
-    rank: int | None = Field(None, ge=1)
+    rank: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Total rank of the from-scratch LoRA (default: 8 per task)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the router's initial weights."""

@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_COUNT, options
 from loraplex.errors import LoraplexError
 from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
@@ -51,13 +51,13 @@ class RetrievalConfig(BaseModel):
 
     model_config = options()
 
-    top_k: int = Field(1, ge=1)
+    top_k: int = Field(1, ge=1, le=MAX_COUNT)
     """Adapters mixed per query."""
     temperature: float = Field(0.05, gt=0)
     """Softmax temperature over the selected adapters' scores."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the score (the rest is the description)."""
-    candidates: int = Field(64, ge=1)
+    candidates: int = Field(64, ge=1, le=MAX_COUNT)
     """Adapters faiss keeps (best routing scores over the whole registry) to make the bank from."""
     label_weight: float = Field(0.25, ge=0, le=1)
     """Weight of the label-set match (Jaccard) when the caller names the labels it wants answered."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from loraplex.catalog import options
+from loraplex.catalog import MAX_COUNT, options
 from loraplex.experts.bank import tensor_version
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
@@ -53,7 +53,7 @@ class TokenGateConfig(BaseModel):
 
     model_config = options()
 
-    top_k: int = Field(2, ge=1)
+    top_k: int = Field(2, ge=1, le=MAX_COUNT)
     """Adapters mixed per token (k)."""
     temperature: float = Field(1.0, gt=0)
     """Softmax temperature over the selected logits (larger: flatter mixtures)."""
@@ -63,7 +63,7 @@ class TokenGateConfig(BaseModel):
     """Standard deviation of the gates' initial weights."""
     shared: bool = False
     """One gate per layer input: projections of one module fed the same input (q, k, v) share a gate, evaluated once."""
-    gate_rank: int | None = Field(None, ge=1)
+    gate_rank: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Factorise each gate as W_g = W_up W_down with W_down (r, d_in), W_up (E, r): (d_in + E) r multiply-adds per
     token instead of d_in E (None: MeteoRA's full (E, d_in) gate)."""
 

@@ -37,17 +37,21 @@ ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/c
              "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
-def api_error(exc: BaseException) -> APIError:
-    """A library error as the HTTP error it is."""
+def api_error(exc: BaseException, home: str | None = None) -> APIError:
+    """A library error as the HTTP error it is. `home`: the registry's folder, which the CLI's messages name
+    ("no adapter named 'x' in the registry at /srv/...") and a client has no business seeing: it is left out."""
     if isinstance(exc, APIError):
         return exc
+    msg = str(exc)
+    if home:
+        msg = msg.replace(f" at {home}", "").replace(home, "<registry>")
     if isinstance(exc, (ModelUnknown, NotFound)):
-        return APIError(404, str(exc), param="model", code="model_not_found")
+        return APIError(404, msg, param="model", code="model_not_found")
     if isinstance(exc, UserInputError):
-        return APIError(400, str(exc), param=exc.field)
+        return APIError(400, msg, param=exc.field)
     if isinstance(exc, LoraplexError):
-        return APIError(503, str(exc))
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+        return APIError(503, msg)
+    return APIError(500, f"internal error: {type(exc).__name__}: {msg}")
 
 
 def checked_api_key(key: str | None) -> str | None:
@@ -84,8 +88,9 @@ class Guard:
         headers = dict(scope["headers"])
         rid = request_id(headers)
         if self.key and path.startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.key}".encode()):
+            scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+            # the scheme is case-insensitive (RFC 9110 11.1), the key is not
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key.encode()):
                 err = APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
                 resp = JSONResponse(err.body(), status_code=401, headers={"x-request-id": rid.decode()})
                 self.metrics.answered(endpoint, 401, time.perf_counter() - t0)
@@ -121,7 +126,7 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     # no OpenAPI schema (it would be served without the key), and `/v1/classify/` is a 404, not a redirect
     app = FastAPI(title="loraplex serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
-    _error_handlers(app)
+    _error_handlers(app, cx)
     _plain_routes(app, cx)
     _generation_routes(app, cx)
     _extension_routes(app, cx)
@@ -137,11 +142,15 @@ class _Context:
     metrics: Metrics
     fwd: Backend | None
 
+    def error(self, exc: BaseException) -> APIError:
+        """`api_error` with this server's registry folder left out of the message."""
+        return api_error(exc, str(self.engine.reg().home))
+
     def resolve(self, model: str) -> Target:
         try:
             return self.engine.resolve(model)
         except LoraplexError as exc:
-            raise api_error(exc) from None
+            raise self.error(exc) from None
 
     async def decided(self, target: Target, texts: list[str], labels: Sequence[str] | None = None):
         """auto's routes, decided in this request's worker thread (never on the batching thread); None for
@@ -151,7 +160,7 @@ class _Context:
         try:
             return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels)
         except LoraplexError as exc:
-            raise api_error(exc) from None
+            raise self.error(exc) from None
 
     async def wait(self, job: Job, request: Request) -> tuple[Any, list[dict]]:
         """The job's result and its token trace; a client that went away cancels it."""
@@ -169,14 +178,14 @@ class _Context:
             elif ev[0] == "done":
                 return ev[1], tokens
             elif ev[0] == "error":
-                raise api_error(ev[1])
+                raise self.error(ev[1])
 
     async def threaded(self, fn, *args):
         """`fn(*args)` in a worker thread, a library error as its HTTP error."""
         try:
             return await run_in_threadpool(fn, *args)
         except LoraplexError as exc:
-            raise api_error(exc) from None
+            raise self.error(exc) from None
 
 
 def _routing(model: str, target: Target, summary: dict, tokens: list[dict] | None) -> dict[str, Any]:
@@ -187,7 +196,7 @@ def _routing(model: str, target: Target, summary: dict, tokens: list[dict] | Non
     return out
 
 
-def _error_handlers(app: FastAPI) -> None:
+def _error_handlers(app: FastAPI, cx: _Context) -> None:
     """Every error as OpenAI's error body: ours, Starlette's (404, 405), a bad body (400), a bug (500)."""
 
     @app.exception_handler(APIError)
@@ -205,7 +214,7 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request, exc):
         log.exception("internal error")
-        err = api_error(exc)
+        err = cx.error(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -373,7 +382,7 @@ class _Answer:
                         yield _sse({**chunk, "choices": [], "usage": self.usage(res["completion_tokens"])})
                     break
                 elif ev[0] == "error":
-                    yield _sse(api_error(ev[1]).body())
+                    yield _sse(cx.error(ev[1]).body())
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -420,7 +429,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         try:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
-            raise _naming(api_error(exc), exc) from None
+            raise _naming(cx.error(exc), exc) from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "registered",
                 "message": f"Success: LoRA adapter {req.lora_name!r} added successfully."}
 
@@ -430,7 +439,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         try:
             await run_in_threadpool(engine.unregister, req.lora_name)
         except LoraplexError as exc:
-            raise _naming(api_error(exc), exc, "name") from None
+            raise _naming(cx.error(exc), exc, "name") from None
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",
                 "message": f"Success: LoRA adapter {req.lora_name!r} removed successfully."}
 

@@ -15,13 +15,20 @@ from loraplex.errors import UserInputError
 from loraplex.tasks import checked_labels, visible
 
 
+# an error's `code` when its raiser gives no more precise one (a client branches on `code`, so it is never null)
+DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                 413: "request_too_large", 415: "unsupported_media_type", 499: "client_closed_request",
+                 500: "internal_error", 502: "backend_error", 503: "unavailable"}
+
+
 class APIError(Exception):
     """An error answered in OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param = status, message, param
+        self.code = code or DEFAULT_CODES.get(status, "invalid_request" if 400 <= status < 500 else "server_error")
         self.type = type or {401: "authentication_error", 404: "not_found_error", 502: "backend_error",
                              503: "unavailable_error"}.get(
             status, "invalid_request_error" if 400 <= status < 500 else "server_error")

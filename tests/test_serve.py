@@ -232,6 +232,7 @@ def test_bad_input_is_a_4xx_in_openais_body_and_changes_nothing(home, http):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
         assert err["param"] == param, (body, err)
+        assert isinstance(err["code"], str) and err["code"], (body, err)  # a client branches on it: never null
     limit = http.post("/v1/completions", json={"model": "auto", "prompt": "x", "max_tokens": 100000}).json()
     assert "limit of 253" in limit["error"]["message"]
     ctx = http.post("/v1/completions", json={"model": "auto", "prompt": "flight " * 300}).json()
@@ -245,6 +246,7 @@ def test_bad_input_is_a_4xx_in_openais_body_and_changes_nothing(home, http):
                               ("/v1/unload_lora_adapter", {"lora_name": "no-such"}, "lora_name")]:
         r = http.post(path, json=body)
         assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, (path, r.text)
+        assert str(s.home) not in r.text, r.text  # the server's own folders are not the client's business
     assert http.get("/v1/nothing-here").status_code == 404
     assert http.post("/v1/classify", json={"model": "x"}).json()["error"]["param"] == "input"
     assert registry_state(s.home) == before

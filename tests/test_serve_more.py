@@ -103,6 +103,9 @@ def test_the_api_key_guards_v1(llama_home, tiny_llama):
         assert httpx.get(url + "/v1/models").status_code == 401
         bad = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+        for auth, status in [("bearer sekret", 200), ("BEARER  sekret", 200), ("Basic sekret", 401),
+                             ("Bearersekret", 401), ("Bearer sekret2", 401), ("sekret", 401)]:
+            assert httpx.get(url + "/v1/models", headers={"Authorization": auth}).status_code == status, auth
         c = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert "auto" in {m.id for m in c.models.list().data}
         with pytest.raises(openai.AuthenticationError):
