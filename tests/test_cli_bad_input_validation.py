@@ -634,6 +634,10 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
     (["generate", "adapter", "airline " * 2000, "--generator", "g", "--name", "n"],
      "the description is 16,000 characters long"),
     (["query", "late flight", "--set", "temperature=Infinity"], "temperature: Input should be a finite number"),
+    (["train", "airline", "--name", "t", "--batch-size", str(2 ** 70)],  # was exit 70 (islice past sys.maxsize)
+     "batch_size: Input should be less than or equal to 65536"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", f"top_k={2 ** 64}"],
+     "top_k: Input should be less than or equal to 2147483647"),
     (["router", "fit", "r", "--router", "token-gate", "--set", "temperature=Infinity"],
      "temperature: Input should be a finite number"),
     (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "temperature=Infinity"],
@@ -653,6 +657,7 @@ def test_numbers_that_cannot_work(cli, seeded, tiny_bert, args, match):
     ({"epochs": "@inf"}, 0, "trainer.epochs: Input should be a finite number"),  # was exit 70 (OverflowError)
     ({"lr": "@inf", "steps": 1}, 0, "trainer.lr: Input should be a finite number"),  # trained to NaN
     ({"steps": 1}, -5, "seed: Input should be greater than or equal to 0"),  # was exit 70
+    ({"steps": 2 ** 70}, 0, "trainer.steps: Input should be less than or equal to 10000000"),
 ])
 def test_stream_numbers_that_cannot_work(cli, seeded, tmp_path, trainer, seed, match):
     before = registry_state(cli.home)
@@ -660,3 +665,36 @@ def test_stream_numbers_that_cannot_work(cli, seeded, tmp_path, trainer, seed, m
     spec.write_text(json.dumps({"name": "s", "method": "seq-lora", "seed": seed, "trainer": trainer,
                                 "experiences": [{"learn": "airline"}]}).replace('"@inf"', ".inf") + "\n")
     _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, match)
+
+
+def test_every_bounded_integer_option_has_an_upper_bound():
+    """An int option with a lower bound and no upper one let 2**70 through to islice or torch (exit 70): each
+    takes one of catalog's MAX_* bounds. Walks every pydantic model of the packages a user's options reach."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import annotated_types
+    from pydantic import BaseModel
+
+    import loraplex
+
+    names = [m.name for m in pkgutil.iter_modules(loraplex.__path__, "loraplex.") if not m.ispkg]
+    for sub in ("experts", "router", "generators", "continual", "continual.regularizers", "registry"):
+        pkg = importlib.import_module(f"loraplex.{sub}")
+        names += [m.name for m in pkgutil.iter_modules(pkg.__path__, f"loraplex.{sub}.") if not m.ispkg]
+    unbounded, seen = [], 0
+    for name in names:
+        if name.endswith("__main__"):
+            continue
+        module = importlib.import_module(name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if not issubclass(cls, BaseModel) or cls.__module__ != module.__name__:
+                continue
+            for field, f in cls.model_fields.items():
+                kinds = {type(m) for m in f.metadata}
+                seen += f.annotation in (int, int | None)
+                if f.annotation in (int, int | None) and kinds & {annotated_types.Ge, annotated_types.Gt} \
+                        and not kinds & {annotated_types.Le, annotated_types.Lt}:
+                    unbounded.append(f"{cls.__module__}.{cls.__name__}.{field}")
+    assert seen > 30 and not unbounded, (seen, unbounded)
