@@ -108,10 +108,10 @@ class Guard:
 
 
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
-               backend: str | None = None) -> Any:
+               backend: str | None = None, lora_updates: bool = True) -> Any:
     """The ASGI app: FastAPI's routes (one group per function below) inside the Guard."""
     checked_api_key(api_key)
-    cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None)
+    cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None, lora_updates)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -141,6 +141,13 @@ class _Context:
     scheduler: Scheduler
     metrics: Metrics
     fwd: Backend | None
+    lora_updates: bool = True  # /v1/load_lora_adapter and /v1/unload_lora_adapter may change the registry
+
+    def updating(self, endpoint: str) -> None:
+        """Refuse a registry change over HTTP when the server was started with --no-lora-updates (403)."""
+        if not self.lora_updates:
+            raise APIError(403, f"{endpoint} is off on this server (it was started with --no-lora-updates)",
+                           code="lora_updates_disabled")
 
     def error(self, exc: BaseException) -> APIError:
         """`api_error` with this server's registry folder left out of the message."""
@@ -425,6 +432,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
+        cx.updating("/v1/load_lora_adapter")
         req = parse(await read_body(request), LoadLoraRequest)
         try:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
@@ -435,6 +443,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
+        cx.updating("/v1/unload_lora_adapter")
         req = parse(await read_body(request), UnloadLoraRequest)
         try:
             await run_in_threadpool(engine.unregister, req.lora_name)

@@ -16,7 +16,7 @@ from loraplex.tasks import checked_labels, visible
 
 
 # an error's `code` when its raiser gives no more precise one (a client branches on `code`, so it is never null)
-DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                  413: "request_too_large", 415: "unsupported_media_type", 499: "client_closed_request",
                  500: "internal_error", 502: "backend_error", 503: "unavailable"}
 
@@ -29,7 +29,7 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code or DEFAULT_CODES.get(status, "invalid_request" if 400 <= status < 500 else "server_error")
-        self.type = type or {401: "authentication_error", 404: "not_found_error", 502: "backend_error",
+        self.type = type or {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 502: "backend_error",
                              503: "unavailable_error"}.get(
             status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_peft_adapter
+from tests.conftest import make_peft_adapter, registry_state
 from tests.router.conftest import bert_registry, peft_dirs, task_files  # noqa: F401 (fixtures)
 from tests.serve_util import free_port, llama_home, serving  # noqa: F401 (a fixture)
 
@@ -110,6 +110,23 @@ def test_the_api_key_guards_v1(llama_home, tiny_llama):
         assert "auto" in {m.id for m in c.models.list().data}
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_lora_updates_can_be_turned_off(llama_home, tmp_path):
+    from loraplex.serve.server import _loopback
+
+    s, _ = llama_home
+    before = registry_state(s.home)
+    with serving(s, router="ctg", lora_updates=False) as url:
+        for path, body in [("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "ctg"})]:
+            r = httpx.post(url + path, json=body)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "lora_updates_disabled", r.text
+            assert "--no-lora-updates" in r.json()["error"]["message"]
+        assert httpx.get(url + "/v1/models").status_code == 200
+    assert registry_state(s.home) == before
+    assert [_loopback(h) for h in ("127.0.0.1", "127.3.0.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
+                                   "10.0.0.2", "example.org")] == [True] * 5 + [False] * 4
 
 
 def test_backend_forwarding_chooses_here_and_generates_there(llama_home, tiny_llama):
