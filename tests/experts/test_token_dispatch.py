@@ -109,7 +109,8 @@ def test_delta_added_into_the_base_output(dispatch):
         out.pow(2).sum().backward()
         runs.append((out.detach(), w.grad, xx.grad, gg.grad, bank.A.grad, bank.B.grad))
     for name, a, b in zip(("out", "W", "x", "gates", "A", "B"), *runs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+        # float32 sums in another order: relative error ~3e-5 on gradients of magnitude ~1e3 (AMX CPUs)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{name} differs")
     with torch.inference_mode():  # and under inference mode, as the server runs it
         base = x @ W.T
         torch.testing.assert_close(bank(x, gates, into=base.clone()), base + bank(x, gates))
