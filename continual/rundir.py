@@ -11,13 +11,66 @@ in one step (`commit`), so a run killed at any instant has every unit either ful
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from loraplex.fsio import fsync_dir
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from loraplex.errors import DamagedRun
+from loraplex.fsio import fsync_dir, read_json_file
+
+MAX_STATE_BYTES = 256 << 20  # a unit's state.json holds the replay buffer's rows
+
+
+class _Saved(BaseModel):
+    """What the report and a resume read of a saved file; the writer's other keys pass through unchecked."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Cell(_Saved):
+    accuracy: float | None = None
+
+
+class RunInfo(_Saved):
+    """run.json: what was set when the run started."""
+
+    run_id: str
+    method: dict[str, Any]
+    tasks: list[str]
+    base: dict[str, float | None]
+    units_total: int
+
+
+class UnitResult(_Saved):
+    """A committed unit's `result` (one row of the accuracy matrix and how it was made)."""
+
+    unit: int
+    kind: str
+    label: str
+    tasks: list[str]
+    row: dict[str, _Cell | None]
+
+
+def _checked(path: Path, model: type[BaseModel], data: Any, at: str = "") -> dict[str, Any]:
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        from loraplex.catalog import first_error
+
+        raise DamagedRun(f"{path}: damaged{' at ' + at if at else ''}: {first_error(exc)} (the run directory "
+                         "cannot be read back; start the run again, or restore the file)") from None
+    return data
+
+
+def _read(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    """A saved JSON object, or DamagedRun naming the file."""
+    data = read_json_file(path, error=DamagedRun, max_bytes=max_bytes, what="saved run file")
+    if not isinstance(data, dict):
+        raise DamagedRun(f"{path}: damaged: expected a JSON object, got {type(data).__name__}")
+    return data
 
 STATE_FILE = "state.json"
 BANKS_FILE = "banks.safetensors"
@@ -35,11 +88,14 @@ class RunDir:
         return (self.path / "spec.json").is_file()
 
     def spec(self) -> dict[str, Any]:
-        return json.loads((self.path / "spec.json").read_text())
+        return _read(self.path / "spec.json")
 
     def info(self) -> dict[str, Any] | None:
+        """run.json (None before the run wrote it), checked for what the report reads."""
         p = self.path / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not os.path.lexists(p):
+            return None
+        return _checked(p, RunInfo, _read(p))
 
     def unit_dir(self, i: int) -> Path:
         return self.state / f"unit-{i:03d}"
@@ -51,10 +107,14 @@ class RunDir:
         return n
 
     def unit_state(self, i: int) -> dict[str, Any]:
-        return json.loads((self.unit_dir(i) / STATE_FILE).read_text())
+        return _read(self.unit_dir(i) / STATE_FILE, MAX_STATE_BYTES)
 
     def result(self, i: int) -> dict[str, Any]:
-        return self.unit_state(i)["result"]
+        p = self.unit_dir(i) / STATE_FILE
+        st = self.unit_state(i)
+        if not isinstance(st.get("result"), dict):
+            raise DamagedRun(f"{p}: damaged: no 'result' object")
+        return _checked(p, UnitResult, st["result"], "result")
 
     def begin(self, i: int) -> Path:
         tmp = self.state / f".unit-{i:03d}.tmp"

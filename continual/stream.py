@@ -51,7 +51,7 @@ from loraplex.continual.rundir import BANKS_FILE, METHOD_FILE, STATE_FILE, RunDi
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
-from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
+from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
@@ -222,7 +222,18 @@ class _StreamRun:
                             [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)
 
     def _restore(self, last: int) -> None:
+        """The model, slots, buffer and method state as unit `last` left them; DamagedRun when they cannot be
+        read back (the files are the run directory's, so their damage is the input's, not a bug)."""
+        from safetensors import SafetensorError
+
         st = self.rd.unit_state(last)
+        try:
+            self._restore_state(last, st)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError, SafetensorError) as exc:
+            raise DamagedRun(f"{self.rd.unit_dir(last)}: the saved state cannot be restored ({type(exc).__name__}: "
+                             f"{exc}); start the run again, or restore the unit's files") from None
+
+    def _restore_state(self, last: int, st: dict[str, Any]) -> None:
         restore_banks(self.lb.model, load_file(str(self.rd.unit_dir(last) / BANKS_FILE)), st["layout"])
         self.learn_slots = [dict(x) for x in st["learn_slots"]]
         self.composition = st["composition"]

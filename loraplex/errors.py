@@ -77,6 +77,10 @@ class InvalidSpec(UserInputError):
     """A configuration or spec that does not validate."""
 
 
+class DamagedRun(UserInputError):
+    """A stream run directory whose saved files cannot be read back (run.json, spec.json, a unit's state)."""
+
+
 class IntegrityError(LoraplexError):
     """Stored data does not match its recorded hash or shape: the registry has been tampered with or damaged."""
 

@@ -77,3 +77,39 @@ def test_forget_without_a_composition(cli):
 
 def test_report_of_a_non_run(cli, tmp_path):
     _check(cli, ["stream", "report", tmp_path], 2, "not a stream run directory")
+
+
+def test_a_damaged_run_directory_is_named_not_a_crash(cli, spec, tmp_path):
+    """run.json, spec.json or a unit's state.json that cannot be read back: one line naming the file (they were
+    exit 70: JSONDecodeError, KeyError, TypeError...), for `stream report` and for `--resume` alike."""
+    import shutil
+
+    run = tmp_path / "r"
+    assert cli("stream", "run", spec, "--out", run, "--quiet").exit_code == 0
+    unit = "state/unit-000/state.json"
+    state = json.loads((run / unit).read_text())
+    damage = [
+        ("run.json", "{not json", "run.json: not valid JSON"),
+        ("run.json", "[]", "run.json: damaged: expected a JSON object, got list"),
+        ("run.json", "{}", "run.json: damaged: run_id: Field required"),
+        ("run.json", json.dumps({**json.loads((run / "run.json").read_text()), "tasks": 5}), "tasks: Input should be"),
+        (unit, "", "state.json: not valid JSON"),
+        (unit, "{}", "state.json: damaged: no 'result' object"),
+        (unit, json.dumps({**state, "result": {**state["result"], "row": {"t": {"accuracy": "high"}}}}),
+         "damaged at result: row.t.accuracy"),
+    ]
+    for i, (name, text, needle) in enumerate(damage):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(run, bad)
+        (bad / name).write_text(text)
+        _check(cli, ["stream", "report", bad], 2, str(bad / name), needle)
+        _check(cli, ["stream", "run", spec, "--resume", bad, "--quiet"], 2, needle)
+    bad = tmp_path / "banks"
+    shutil.copytree(run, bad)
+    last = sorted((bad / "state").glob("unit-*"))[-1]  # a resume restores the last unit's state
+    (last / "banks.safetensors").write_text("junk")
+    _check(cli, ["stream", "run", spec, "--resume", bad, "--quiet"], 2, f"{last.name}: the saved state cannot be restored")
+    spec_bad = tmp_path / "spec"
+    shutil.copytree(run, spec_bad)
+    (spec_bad / "spec.json").write_text("{")
+    _check(cli, ["stream", "run", spec, "--resume", spec_bad, "--quiet"], 2, "spec.json: not valid JSON")
