@@ -122,11 +122,30 @@ class LightningSettings(BaseModel):
 
     @model_validator(mode="after")
     def _devices_exist(self):
-        return with_checked_devices(self)
+        return _lightning_accepts(with_checked_devices(self))
 
     def lightning(self) -> dict[str, Any]:
         """The Lightning settings alone: {accelerator, devices, strategy, precision}."""
         return {k: getattr(self, k) for k in LightningSettings.model_fields}
+
+
+def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
+    """Lightning's own check of the accelerator, strategy and precision together, made by building a Trainer
+    that never runs, before anything is evaluated or written: fsdp on a CPU, mps or tpu where there is none,
+    or transformer-engine without its package used to end in exit 70 after the bare base's evaluation. The
+    defaults (what every CPU run uses) need no check."""
+    if (cfg.accelerator in ("auto", "cpu") and cfg.strategy == "auto"
+            and cfg.precision in ("32-true", "64-true", "bf16-mixed")):
+        return cfg
+    _quiet_lightning()
+    try:
+        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as exc:  # noqa: BLE001 (Lightning raises ValueError, MisconfigurationException, ModuleNotFoundError...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"Lightning cannot run accelerator={cfg.accelerator!r}, strategy={cfg.strategy!r}, "
+                         f"precision={cfg.precision!r} on this machine: {first}") from None
+    return cfg
 
 
 class TrainConfig(LightningSettings):
