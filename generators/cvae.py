@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from loraplex.catalog import MAX_STEPS, options
+from loraplex.errors import UserInputError
 from loraplex.tasks import SEED_MAX
 
 
@@ -51,13 +52,13 @@ class CVAEConfig(BaseModel):
     """Dimensions the task representation is projected to inside the condition."""
     max_dims: int = Field(32, ge=1, le=256)
     """Most coordinates of the parameter space (the basis built from the training vectors)."""
-    kl_weight: float = Field(0.01, ge=0)
+    kl_weight: float = Field(0.01, ge=0, le=1000)
     """beta: weight of the KL term against the reconstruction error."""
     steps: int = Field(2000, ge=1, le=MAX_STEPS)
     """Full-batch optimiser steps."""
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=10)
     """Peak learning rate (AdamW, cosine decay to 10%)."""
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(1e-3, ge=0, le=1000)
     """AdamW weight decay."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the initialisation and of the reparameterisation noise while fitting."""
@@ -139,6 +140,10 @@ def fit_cvae(model: CVAE, x: torch.Tensor, c_inputs: tuple[torch.Tensor, torch.T
     finally:
         torch.set_num_threads(threads)
     model.eval()
+    if not (math.isfinite(recon.item()) and math.isfinite(kl.item())
+            and all(bool(p.isfinite().all()) for p in model.parameters())):
+        raise UserInputError(f"the generator's fit diverged (reconstruction error {recon.item():.4g}, KL {kl.item():.4g}) "
+                             f"with cvae.lr={cfg.lr:g}, cvae.kl_weight={cfg.kl_weight:g}: lower them; nothing was stored")
     return FitHistory(float(recon.item()), float(kl.item()), time.perf_counter() - t0, cfg.steps)
 
 

@@ -68,3 +68,23 @@ def test_space_keeps_at_most_max_dims():
     V = torch.stack([lay.flatten(adapter(s)) for s in range(6)])
     sp = ParamSpace.fit(lay, V, max_dims=2)
     assert sp.dims == 2 and 0 < sp.fit_error(V) < 1
+
+
+def test_a_fit_that_diverges_is_refused_not_stored():
+    """A CVAE whose fit ends in NaN or infinity (a huge learning rate or KL weight) is refused with the options
+    to lower; it used to be stored and then write adapters of NaN."""
+    import pytest
+    import torch
+
+    from loraplex.errors import UserInputError
+    from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
+
+    cfg = CVAEConfig(steps=3, lr=10, kl_weight=1000)
+    n, m, d = 4, 3, 5
+    g = torch.Generator().manual_seed(0)
+    x, rep, w, prog = torch.randn(n, m, generator=g), torch.randn(n, d, generator=g), torch.rand(n, n, generator=g), torch.ones(n)
+    model = CVAE(m, d, n, cfg)
+    with torch.no_grad():
+        model.decoder[-1].weight.fill_(float("inf"))
+    with pytest.raises(UserInputError, match="fit diverged .* lower them; nothing was stored"):
+        fit_cvae(model, x, (rep, w, prog), cfg, progress=False)
