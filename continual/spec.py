@@ -90,7 +90,7 @@ class TrainerSettings(LightningSettings):
     """Test examples per task for the accuracies (the matrix, a forgetting's before/after); None: all."""
     eval_split: Literal["test", "validation"] = "test"
     """Split the accuracy matrix is measured on."""
-    snapshots: int = Field(3, ge=0, le=MAX_COUNT)
+    snapshots: int = Field(3, ge=0, le=1000)
     """Intermediate adapter states kept per experience (the generators learn from them)."""
 
     @model_validator(mode="after")

@@ -242,9 +242,14 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames)."""
     from safetensors.torch import save_file
 
+    if not str(out_dir).strip():
+        raise InvalidAdapter("the export directory is empty: name a directory")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidAdapter(f"{out}: exists and is not a directory")
+    for name in (CONFIG, WEIGHTS):  # replaced by a rename, which cannot replace a directory: refuse before writing
+        if (out / name).is_dir() or ((out / name).exists() and not (out / name).is_file()):
+            raise InvalidAdapter(f"{out / name}: is not a regular file; move it away first")
     if out.is_dir() and ((out / CONFIG).exists() or (out / WEIGHTS).exists()) and not overwrite:
         raise InvalidAdapter(f"{out}: already holds an adapter (pass --overwrite to replace it)")
     out.mkdir(parents=True, exist_ok=True)

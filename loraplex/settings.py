@@ -56,7 +56,16 @@ class Settings(BaseModel):
     @field_validator("home", "cache_dir", mode="before")
     @classmethod
     def _expand(cls, v: object) -> object:
-        return Path(v).expanduser().absolute() if isinstance(v, (str, Path)) else v
+        """`~` and `~user` expanded, made absolute; an empty path (it would mean the current directory) and a
+        `~user` of no such user are refused."""
+        if not isinstance(v, (str, Path)):
+            return v
+        if not str(v).strip():
+            raise ValueError("an empty path (name a directory)")
+        try:
+            return Path(v).expanduser().absolute()
+        except RuntimeError:  # pathlib: "Could not determine home directory."
+            raise ValueError(f"cannot expand {str(v).split('/')[0]!r}: no such user's home directory") from None
 
     @property
     def embedder_named_by(self) -> str | None:
@@ -88,8 +97,10 @@ class Settings(BaseModel):
         except ValidationError as e:  # one line naming the setting, where it came from, and what it allows
             err = e.errors()[0]
             key = str(err["loc"][0]) if err.get("loc") else "settings"
-            src = f"LORAPLEX_{key.upper()}" if key in env and key not in overrides else key
-            raise InvalidSpec(f"{src}={values.get(key)!r}: {err['msg'].removeprefix('Value error, ')}") from None
+            src = f"LORAPLEX_{key.upper()}" if key in env and overrides.get(key) is None else key
+            given = values.get(key)
+            given = str(given) if isinstance(given, Path) else given
+            raise InvalidSpec(f"{src}={given!r}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def resolved_device(self) -> str:
         if self.device != "auto":

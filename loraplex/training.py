@@ -167,7 +167,7 @@ class TrainConfig(LightningSettings):
     """Validation examples per task."""
     train_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Use only the first N training examples (a quick slice)."""
-    snapshots: int = Field(4, ge=0, le=MAX_COUNT)
+    snapshots: int = Field(4, ge=0, le=1000)
     """Intermediate adapter states to keep (evenly spaced; the final one is the adapter itself)."""
     progress: bool = True
     """Show a progress bar."""

@@ -709,3 +709,22 @@ def test_every_bounded_integer_option_has_an_upper_bound():
                         and not kinds & {annotated_types.Le, annotated_types.Lt}:
                     unbounded.append(f"{cls.__module__}.{cls.__name__}.{field}")
     assert seen > 30 and not unbounded, (seen, unbounded)
+
+
+def test_empty_and_unexpandable_paths(cli, seeded, tmp_path, monkeypatch):
+    """An empty --home or export directory meant the current directory; a `~user` of no such user was exit 70
+    (pathlib's RuntimeError); a directory named adapter_config.json in the export directory got the weights
+    written beside it before the rename failed, naming a temporary path."""
+    before = registry_state(cli.home)
+    _refused(cli("adapters", "list", "--home", ""), cli.home, before, "home='': an empty path")
+    _refused(cli("adapters", "list", "--home", "~no-such-user-x/r"), cli.home, before,
+             "home='~no-such-user-x/r': cannot expand '~no-such-user-x'")
+    _refused(cli("adapters", "export", "good", ""), cli.home, before, "the export directory is empty")
+    (tmp_path / "ex" / "adapter_config.json").mkdir(parents=True)
+    _refused(cli("adapters", "export", "good", tmp_path / "ex", "--overwrite"), cli.home, before,
+             "adapter_config.json: is not a regular file")
+    assert [p.name for p in (tmp_path / "ex").iterdir()] == ["adapter_config.json"]
+    spec = _spec(tmp_path, {"snapshots": 10**9})
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "trainer.snapshots: Input should be less than or equal to 1000")
+    monkeypatch.setenv("LORAPLEX_HOME", "~no-such-user-x/r")
+    _refused(cli("adapters", "list"), cli.home, before, "LORAPLEX_HOME='~no-such-user-x/r'")

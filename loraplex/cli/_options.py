@@ -72,7 +72,7 @@ def field_option(ref: str, *param_decls: str, syntax: str | None = None, **kwarg
 
 
 Home = Annotated[
-    Optional[Path],
+    Optional[str],  # a str, not a Path: Path("") is Path("."), and an empty --home must be refused, not read as "."
     typer.Option("--home", help="Registry directory (default: $LORAPLEX_HOME, else ~/.loraplex).", show_default=False),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -93,7 +93,7 @@ Precision = Annotated[str, field_option(f"{_LIGHTNING}.precision", "--precision"
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
-def settings(home: Optional[Path]):
+def settings(home: Optional[str]):
     """Settings for a command: --home wins over $LORAPLEX_HOME."""
     from loraplex.settings import Settings
 

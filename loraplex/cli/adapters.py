@@ -109,7 +109,7 @@ def search(
 @app.command()
 def export(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
-    out_dir: Annotated[Path, typer.Argument(help="Directory to write adapter_config.json + adapter_model.safetensors into.")],
+    out_dir: Annotated[str, typer.Argument(help="Directory to write adapter_config.json + adapter_model.safetensors into.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter already in OUT_DIR.")] = False,
     home: Home = None,
 ) -> None:
