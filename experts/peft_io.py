@@ -71,6 +71,8 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if ".lora_embedding_" in k or ".lora_magnitude_vector" in k or k.endswith(".bias"):
             raise InvalidAdapter(f"{w_path}: tensor {key!r} is an unsupported LoRA variant (embedding LoRA, DoRA or bias)")
+        if k in stripped:  # `base_model.model.X...` and `X...` both present
+            raise InvalidAdapter(f"{w_path}: tensor {k!r} is stored twice (with and without {PREFIX!r})")
         stripped[k] = t
     adapter = Adapter.from_state_dict(spec, stripped, where=str(w_path))
     check_targets_used(adapter, cfg, where=str(cfg_path))
@@ -99,11 +101,27 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "exclude_modules": "excluded modules (exclude_modules)",
 }
+# LoraConfig keys whose value is read above or below, or that never change what the saved weights compute
+# (bookkeeping, how a fresh LoRA starts, training-only memory savers, which layers got tensors). Any other key
+# holding a value (not null, false, empty) is refused by name: a newer PEFT's variant (aLoRA's invocation tokens,
+# KaSA, Arrow, MonteCLoRA, BD-LoRA, Megatron layers...) is never imported with its mechanism dropped.
+KNOWN_KEYS = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "bias",
+    "lora_bias", "use_dora", "modules_to_save", "init_lora_weights", "fan_in_fan_out", "layers_to_transform",
+    "layers_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "megatron_core", "qalora_group_size", "runtime_config", "ensure_weight_tying", *UNSUPPORTED,
+})
 # init_lora_weights values that only set how a fresh LoRA starts (the saved weights are all there is);
 # the others (pissa, olora, loftq, corda, eva, ...) also rewrite the base weights, which loraplex does not store.
 PLAIN_INITS = (True, False, "gaussian")
 # LoraSpec field -> the PEFT key it comes from (for error messages).
 PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSpec:
@@ -127,6 +145,10 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
         v = cfg.get(key)
         if v not in (None, False, [], {}, ""):
             raise InvalidAdapter(f"{where}: {key}: {what} is not supported by loraplex (got {v!r})")
+    for key in sorted(set(cfg) - KNOWN_KEYS):
+        if cfg[key] not in (None, False, [], {}, ""):
+            raise InvalidAdapter(f"{where}: {key}: a PEFT setting loraplex does not implement (got {_short(cfg[key])}); "
+                                 "it is refused rather than dropped, since it may change what the adapter computes")
     init = cfg.get("init_lora_weights", True)
     if not any(init is p or (isinstance(p, str) and init == p) for p in PLAIN_INITS):
         raise InvalidAdapter(

@@ -184,11 +184,16 @@ class Adapter:
         """Pair `<module>.lora_A.weight` / `<module>.lora_B.weight` keys and check their shapes."""
         a_s: dict[str, torch.Tensor] = {}
         b_s: dict[str, torch.Tensor] = {}
+        keys: dict[tuple[str, str], str] = {}  # (module, "A" | "B") -> the key it came from
         for key, t in sd.items():
             m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
             if m is None:
                 raise InvalidAdapter(f"{where}: unsupported tensor {key!r} (loraplex stores LoRA A/B weights only)")
-            (a_s if m.group(2) == "A" else b_s)[m.group(1)] = t
+            mod, side = m.group(1), m.group(2)
+            if (mod, side) in keys:  # `X.lora_A.weight` and `X.lora_A.default.weight`: which one is the adapter?
+                raise InvalidAdapter(f"{where}: module {mod!r} has two lora_{side} tensors ({keys[mod, side]!r}, {key!r})")
+            keys[mod, side] = key
+            (a_s if side == "A" else b_s)[mod] = t
         if not a_s:
             raise InvalidAdapter(f"{where}: no LoRA weights found")
         if set(a_s) != set(b_s):

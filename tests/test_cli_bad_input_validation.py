@@ -78,6 +78,11 @@ UNSUPPORTED = [
     ({"target_modules": {"query": 1}}, "target_modules: expected a list"),
     ({"target_modules": ["query", "value", "no_such_layer"]}, "target_modules: 'no_such_layer' matches no module"),
     ({"target_modules": "(query"}, "target_modules: '(query' is not a valid regular expression"),
+    # settings of newer PEFT variants that loraplex does not know: refused by name, not dropped (sweep 5)
+    ({"alora_invocation_tokens": [1, 2, 3]}, "alora_invocation_tokens: a PEFT setting loraplex does not implement"),
+    ({"kasa_config": {"k": 1}}, "kasa_config: a PEFT setting loraplex does not implement"),
+    ({"megatron_config": {"x": 1}}, "megatron_config: a PEFT setting"),
+    ({"some_future_variant": True}, "some_future_variant: a PEFT setting"),
 ]
 
 
@@ -85,6 +90,34 @@ UNSUPPORTED = [
 def test_unsupported_peft_features_are_refused_by_name(cli, seeded, tiny_bert, tmp_path, update, match):
     d = _with_config(seeded, tmp_path / "bad", update)
     before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+def test_peft_defaults_of_unknown_settings_pass(cli, seeded, tiny_bert, tmp_path):
+    """What peft's own LoraConfig saves (every field at its default) registers: an unknown key holding nothing passes."""
+    d = _with_config(seeded, tmp_path / "ok", {"kasa_config": None, "use_bdlora": None, "arrow_config": None,
+                                                "megatron_core": "megatron.core", "qalora_group_size": 16,
+                                                "runtime_config": {"ephemeral_gpu_offload": False}, "future": {}})
+    r = _register(cli, d, name="ok", base=tiny_bert)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("dup", ["adapter-name", "prefix"])
+def test_a_tensor_given_twice_is_refused(cli, seeded, tiny_bert, tmp_path, dup):
+    """Two tensors for one module's lora_A (with and without peft's adapter name, or its `base_model.model.`
+    prefix): one used to be dropped without a word, which one depending on the file's order."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / dup
+    shutil.copytree(seeded, d)
+    sd = load_file(str(d / WEIGHTS))
+    key = sorted(k for k in sd if "lora_A" in k)[0]
+    twin = key.replace(".weight", ".default.weight") if dup == "adapter-name" else key.removeprefix("base_model.model.")
+    assert twin != key
+    sd[twin] = sd[key] + 1
+    save_file(sd, str(d / WEIGHTS))
+    before = registry_state(cli.home)
+    match = "has two lora_A tensors" if dup == "adapter-name" else "is stored twice"
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
 
 
