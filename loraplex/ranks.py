@@ -19,16 +19,32 @@ RUN_DIR_ENV = "LORAPLEX_RUN_DIR"
 _RANK_VARS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
+_SIZE_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "JSM_NAMESPACE_SIZE")
+
+
 def process_rank() -> int:
-    """This process's global rank (0 when it was not started as a worker of a distributed run)."""
+    """This process's global rank (0 when it was not started as a worker of a distributed run).
+
+    A non-zero rank counts only beside a world of several processes (Lightning's launcher and torchrun set
+    WORLD_SIZE, SLURM SLURM_NTASKS): a rank variable left in a shell (`RANK=1` from an old torchrun session)
+    would otherwise make every command a worker that trains, writes nothing and exits 0. It is refused."""
+    rank, named = 0, ""
     for var in _RANK_VARS:
         if os.environ.get(var, "").strip().isdigit():
-            return int(os.environ[var])
-    local = os.environ.get("LOCAL_RANK", "").strip()
-    node = os.environ.get("NODE_RANK", "").strip()
-    if local.isdigit() or node.isdigit():
-        return int(node or 0) * 1000 + int(local or 0)  # any non-zero pair is a worker
-    return 0
+            rank, named = int(os.environ[var]), var
+            break
+    else:
+        local = os.environ.get("LOCAL_RANK", "").strip()
+        node = os.environ.get("NODE_RANK", "").strip()
+        if local.isdigit() or node.isdigit():
+            rank, named = int(node or 0) * 1000 + int(local or 0), "LOCAL_RANK" if local.isdigit() else "NODE_RANK"
+    if rank and not any(os.environ.get(v, "").strip().isdigit() and int(os.environ[v]) > 1 for v in _SIZE_VARS):
+        from loraplex.errors import UserInputError
+
+        raise UserInputError(f"{named}={os.environ[named].strip()} says this process is a worker of a distributed "
+                             "run, but no WORLD_SIZE (or SLURM_NTASKS) says there are several: unset it "
+                             "(a leftover of torchrun or SLURM?)")
+    return rank
 
 
 def is_worker() -> bool:

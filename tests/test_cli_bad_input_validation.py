@@ -761,3 +761,19 @@ def test_empty_and_unexpandable_paths(cli, seeded, tmp_path, monkeypatch):
     _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "trainer.snapshots: Input should be less than or equal to 1000")
     monkeypatch.setenv("LORAPLEX_HOME", "~no-such-user-x/r")
     _refused(cli("adapters", "list"), cli.home, before, "LORAPLEX_HOME='~no-such-user-x/r'")
+
+
+@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "SLURM_PROCID"])
+def test_a_stray_rank_variable_is_refused_not_a_silent_worker(cli, seeded, tiny_bert, monkeypatch, var):
+    """`RANK=1` left in a shell made `train` a DDP worker: it trained, registered nothing, printed nothing and
+    exited 0. A rank counts only beside a world of several processes (WORLD_SIZE, SLURM_NTASKS)."""
+    for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "1")
+    before = registry_state(cli.home)
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--steps", "1"), cli.home, before,
+             f"{var}=1 says this process is a worker of a distributed run, but no WORLD_SIZE")
+    from loraplex.ranks import process_rank
+
+    monkeypatch.setenv("WORLD_SIZE" if var != "SLURM_PROCID" else "SLURM_NTASKS", "2")
+    assert process_rank() >= 1  # a real worker
