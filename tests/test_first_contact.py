@@ -137,6 +137,11 @@ def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
     res = json.loads(r.stdout)
     assert res["forgot"] is False and "did not forget" in res["warning"]
     assert "warning: the request did not forget" in r.stderr
+    # the forgetting adapter means nothing without the composition it erases from: its members stay until it goes
+    bad = cli("adapters", "remove", "fl")
+    assert bad.exit_code == 2 and f"forgetting adapter {res['name']!r} erases from" in bad.stderr, bad.output
+    assert cli("adapters", "remove", res["name"]).exit_code == 0
+    assert cli("adapters", "remove", "fl").exit_code == 0
 
 
 def test_forget_summary_flags_a_rise():
