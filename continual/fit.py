@@ -31,7 +31,7 @@ from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.registry.store import Registry
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
-from loraplex.tasks import Task
+from loraplex.tasks import Task, checked_limit
 from loraplex.training import (  # noqa: F401 (TrainConfig, rows_of, make_loader: imported from here too)
     AdapterSnapshots,
     ContinualModule,
@@ -111,8 +111,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
         spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))
     except ValidationError as exc:
         raise invalid_option(exc) from None
-    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
-        raise UserInputError(f"--eval-limit must be a whole number of at least 1, not {eval_limit!r}")
+    checked_limit(eval_limit)
     t = reg.load_task(task, description=description)
     ref = resolve_base(base)
     lb = load_base(ref, settings)

@@ -40,9 +40,14 @@ def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: st
     recently registered adapter that carries one (`extra["composition"]`): the adapters active after
     the last unit of the latest stream run, or after the latest `loraplex forget`, on `base` if given.
     """
-    if adapters:
-        return [reg.get_adapter(n) for n in adapters]
     want = resolve_base(base).name if base else None
+    if adapters:
+        recs = [reg.get_adapter(n) for n in adapters]
+        other = [r.name for r in recs if want is not None and r.base != want]
+        if other:
+            raise UserInputError(f"adapters {', '.join(other)} are of base {reg.get_adapter(other[0]).base!r}, "
+                                 f"not {want!r} (--base)")
+        return recs
     recs = [r for r in reg.list_adapters() if r.extra.get("composition") and (want is None or r.base == want)]
     if not recs:
         where = f" on base {want!r}" if want else ""

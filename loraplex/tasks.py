@@ -132,6 +132,14 @@ def checked_seed(seed: int, what: str = "seed") -> int:
     return seed
 
 
+def checked_limit(limit: int | None, what: str = "--eval-limit") -> int | None:
+    """A row limit (None: every row), a whole number of at least 1, else UserInputError naming it (0 used to
+    mean every row and -1 every row but the last)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1):
+        raise UserInputError(f"{what} must be a whole number of at least 1, not {limit!r}")
+    return limit
+
+
 MAX_LABELS = 256
 """The most labels a query may ask to be answered with (each is embedded or scored per query)."""
 MAX_LABEL_CHARS = 1_000

@@ -37,6 +37,7 @@ from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.load import load_members
 from loraplex.router.model import RoutedModel
 from loraplex.settings import Settings
+from loraplex.tasks import checked_limit
 from loraplex.training import (
     ContinualModule,
     TrainConfig,
@@ -136,6 +137,7 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     config); `train_options` are `TrainConfig` fields (steps, lr, batch_size, train_limit, ...; lr
     defaults to GATE_LR). Returns a `RouterFitResult(record, metrics, run_dir)`."""
     tc = router_train_config(**train_options)  # a bad training option is named first
+    checked_limit(eval_limit)
     validate_name(name, "router")
     if _has(reg, name):
         raise AlreadyExists(f"a router named {name!r} already exists")

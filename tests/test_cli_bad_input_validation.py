@@ -777,3 +777,14 @@ def test_a_stray_rank_variable_is_refused_not_a_silent_worker(cli, seeded, tiny_
 
     monkeypatch.setenv("WORLD_SIZE" if var != "SLURM_PROCID" else "SLURM_NTASKS", "2")
     assert process_rank() >= 1  # a real worker
+
+
+def test_router_eval_limit_and_forget_base_are_checked(cli, seeded):
+    """`router fit --eval-limit 0` evaluated every row and -1 every row but the last; `forget --adapters A
+    --base B` trained on A's base, ignoring --base."""
+    before = registry_state(cli.home)
+    for limit in ("0", "-1"):
+        _refused(cli("router", "fit", "r", "--router", "token-gate", "--adapters", "good", "--eval-limit", limit),
+                 cli.home, before, f"--eval-limit must be a whole number of at least 1, not {limit}")
+    _refused(cli("forget", "airline", "--adapters", "good", "--base", "smollm2"), cli.home, before,
+             "adapters good are of base")
