@@ -27,9 +27,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.continual.distill import StoredScores
 from loraplex.continual.experience import UnitOutcome, train_unit
 from loraplex.continual.losses import bound_for, bounded_forget_loss
@@ -42,7 +42,7 @@ from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.training import Row, as_row, rows_of
 
 
-class GSLoraConfig(BaseModel):
+class GSLoraConfig(Options):
     model_config = options()
 
     rank: int = Field(8, ge=1, le=1024)

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.continual.regularizers.o_lora import OLoraConfig
 from loraplex.continual.experience import train_unit
 from loraplex.continual.regularizers import REGULARIZERS
@@ -120,11 +120,11 @@ def _unit(index: int, exp: Any, idx: list[int], names: list[str | None]) -> Unit
     return Unit(index, "forget", tuple(idx), (exp.forget,), tuple(exp.labels) if exp.labels else None)
 
 
-class NoConfig(BaseModel):
+class NoConfig(Options):
     model_config = options()
 
 
-class MultitaskConfig(BaseModel):
+class MultitaskConfig(Options):
     model_config = options()
 
     scale_steps: bool = True
@@ -174,7 +174,7 @@ class Multitask(ContinualMethod):
         return trainer.steps_for(n_rows, new_per_batch) * len(unit.tasks)
 
 
-class RoutedConfig(BaseModel):
+class RoutedConfig(Options):
     model_config = options()
 
     router: str = "token-gate"

@@ -33,9 +33,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.continual.forgetting import FORGETTERS
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
@@ -47,7 +47,7 @@ from loraplex.tasks import SEED_MAX
 from loraplex.training import LightningSettings
 
 
-class _Frozen(BaseModel):
+class _Frozen(Options):
     """Frozen, no unknown keys; each field's docstring is its description (and, for the options of
     `loraplex train` and `loraplex forget` that set one, its CLI help: cli/_options.py)."""
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_COUNT, options
+from loraplex.catalog import Catalog, MAX_COUNT, Options, options
 from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
@@ -48,7 +48,7 @@ class OutOfRange(UserInputError):
     """A task description or example set too far from every task a generator learned from."""
 
 
-class GeneratorConfig(BaseModel):
+class GeneratorConfig(Options):
     """Settings every generator has (each method's config extends it)."""
 
     model_config = options()

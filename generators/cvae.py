@@ -31,15 +31,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_STEPS, options
+from loraplex.catalog import MAX_STEPS, Options, options
 from loraplex.errors import UserInputError
 from loraplex.tasks import SEED_MAX
 
 
-class CVAEConfig(BaseModel):
+class CVAEConfig(Options):
     """Shape and training of the CVAE (a part of each generator's config)."""
 
     model_config = options()

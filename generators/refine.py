@@ -29,9 +29,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from loraplex.catalog import first_error, options
+from loraplex.catalog import Options, first_error, options
 from loraplex.errors import InvalidSpec, UserInputError
 from loraplex.experts.layers import eject, inject
 from loraplex.generators.layout import ParamLayout
@@ -39,7 +39,7 @@ from loraplex.generators.space import ParamSpace
 from loraplex.tasks import Example, Task
 
 
-class RefineConfig(BaseModel):
+class RefineConfig(Options):
     """Few-shot refinement of a generated adapter (off unless steps > 0 and labelled examples are given)."""
 
     model_config = options(use_attribute_docstrings=True)

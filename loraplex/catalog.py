@@ -15,8 +15,12 @@ on first lookup, so importing a catalog costs nothing and the CLI stays fast:
 from __future__ import annotations
 
 import importlib
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from pydantic import BaseModel, field_validator
 
 from loraplex.errors import InvalidSpec, UnknownComponent
 
@@ -35,6 +39,33 @@ def options(**extra: Any) -> dict[str, Any]:
     frozen, unknown keys refused, and no NaN or infinity where a number is asked for (`inf` passes a
     `gt=0` bound, NaN passes every bound). `extra` adds settings such as use_attribute_docstrings."""
     return {"frozen": True, "extra": "forbid", "allow_inf_nan": False, **extra}
+
+
+def _kinds(annotation: Any) -> set:
+    """The plain types an annotation admits (`int | None` -> {int, NoneType}); empty when it admits anything
+    else too (a model, a Literal, a list: their own rules apply)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    plain = {a for a in args if a in (int, float, bool, str, type(None))}
+    return plain if len(plain) == len(args) else set()
+
+
+class Options(BaseModel):
+    """The base of every options class: `options()` as its config, and no quiet change of kind between a
+    yes/no and a number (pydantic's lax mode reads `true` as 1 for a count, and "yes", "1" or 1 as true
+    for a switch; `--set shared=yes` and `steps: true` passed). Numbers written as text (YAML reads `1e-3`
+    as text) still read as numbers."""
+
+    model_config = options()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_confusion(cls, v: Any, info: Any) -> Any:
+        kinds = _kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError(f"expected a number, got {str(v).lower()}")
+        if kinds and kinds <= {bool, type(None)} and v is not None and not isinstance(v, bool):
+            raise ValueError(f"expected true or false, got {v!r}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -66,7 +97,7 @@ def first_error(exc: Any) -> str:
     """A pydantic ValidationError's first error as `field: message` (one line)."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "value"
-    msg = err.get("msg", "invalid")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
     return f"{where}: {msg}"

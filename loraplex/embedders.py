@@ -21,9 +21,9 @@ from functools import lru_cache
 from typing import Protocol, Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, options
 
 
 class Embedder(Protocol):
@@ -36,7 +36,7 @@ class Embedder(Protocol):
 EMBEDDERS: Catalog[Embedder] = Catalog("embedder")
 
 
-class MiniLMConfig(BaseModel):
+class MiniLMConfig(Options):
     model_config = options()
 
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
@@ -100,7 +100,7 @@ class MiniLMEmbedder:
         return np.concatenate(out).astype(np.float32)
 
 
-class HashConfig(BaseModel):
+class HashConfig(Options):
     model_config = options()
 
     dim: int = Field(384, ge=8, le=MAX_COUNT)

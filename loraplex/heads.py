@@ -24,9 +24,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, options
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ class Head(Protocol):
 HEADS: Catalog[Head] = Catalog("model family")
 
 
-class EncoderConfig(BaseModel):
+class EncoderConfig(Options):
     model_config = options()
 
     max_length: int = Field(128, ge=8, le=MAX_COUNT)
@@ -183,7 +183,7 @@ def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[li
     return buckets[::-1]
 
 
-class CausalConfig(BaseModel):
+class CausalConfig(Options):
     model_config = options()
 
     max_length: int = Field(192, ge=16, le=MAX_COUNT)

@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.errors import Interrupted, InvalidSpec
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
@@ -85,7 +85,7 @@ def as_row(row: Sequence[Any]) -> Row:
     return row if isinstance(row, Row) else Row(*row)
 
 
-class LightningSettings(BaseModel):
+class LightningSettings(Options):
     """Lightning's settings, passed through to the Trainer: one definition for a one-off training
     (`TrainConfig`) and a stream's experiences (`continual.spec.TrainerSettings`). Each field's docstring
     is its description (`use_attribute_docstrings`) and the help of its CLI option (cli/_options.py)."""

@@ -124,7 +124,7 @@ def remove(reg: Registry, name: str) -> AdapterRecord | None:
         who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
         raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
     # a forgetting adapter only means something on top of the composition it was trained against
-    erasers = [r.name for r in reg.list_adapters() if r.origin == "forgetting" and r.name != name
+    erasers = [r.name for r in reg.list_adapters(origin="forgetting") if r.name != name
                and name in (r.extra.get("composition") or ())]
     if erasers:
         raise UserInputError(f"adapter {name!r} is part of the composition that forgetting adapter "

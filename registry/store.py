@@ -333,9 +333,13 @@ class Registry(Database, Components):
         conn = self._db(create=False)
         return bool(conn and conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone())
 
-    def list_adapters(self, *, base: str | None = None) -> list[AdapterRecord]:
+    def list_adapters(self, *, base: str | None = None, origin: str | None = None) -> list[AdapterRecord]:
+        if base is not None and origin is not None:
+            return self._records("WHERE base = ? AND origin = ?", (base, origin))
         if base is not None:
             return self._records("WHERE base = ?", (base,))
+        if origin is not None:
+            return self._records("WHERE origin = ?", (origin,))
         return self._records()
 
     def count(self) -> int:

@@ -47,9 +47,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from loraplex.catalog import MAX_COUNT, options
+from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
 from loraplex.errors import UserInputError
 from loraplex.generators.base import OutOfRange
@@ -67,7 +67,7 @@ Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
 
 
-class AutoConfig(BaseModel):
+class AutoConfig(Options):
     """Route / generate / fall back, per request."""
 
     model_config = options()

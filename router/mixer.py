@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, options
+from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
 
 
-class MixerConfig(BaseModel):
+class MixerConfig(Options):
     """LoRA-Mixer routing."""
 
     model_config = options()

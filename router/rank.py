@@ -31,15 +31,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, options
+from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, rank_load
 
 
-class RankConfig(BaseModel):
+class RankConfig(Options):
     """SMoRA rank-wise routing."""
 
     model_config = options()

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import MAX_COUNT, options
+from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.errors import LoraplexError
 from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
 from loraplex.router.base import ROUTERS
 
 
-class RetrievalConfig(BaseModel):
+class RetrievalConfig(Options):
     """Retrieval routing by adapter signatures."""
 
     model_config = options()

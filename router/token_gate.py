@@ -39,16 +39,16 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, options
+from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.experts.bank import tensor_version
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
 
 
-class TokenGateConfig(BaseModel):
+class TokenGateConfig(Options):
     """MeteoRA token gating."""
 
     model_config = options()

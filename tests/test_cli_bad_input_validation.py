@@ -788,3 +788,22 @@ def test_router_eval_limit_and_forget_base_are_checked(cli, seeded):
                  cli.home, before, f"--eval-limit must be a whole number of at least 1, not {limit}")
     _refused(cli("forget", "airline", "--adapters", "good", "--base", "smollm2"), cli.home, before,
              "adapters good are of base")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=yes"], "shared: expected true or false, got 'yes'"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=1"], "shared: expected true or false, got 1"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", "top_k=true"], "top_k: expected a number, got true"),
+    (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "top_k=true"],
+     "top_k: expected a number, got true"),
+])
+def test_a_switch_is_not_a_number_nor_a_number_a_switch(cli, seeded, args, match):
+    """pydantic's lax mode read `true` as 1 for a count and "yes" or 1 as true for a switch (catalog.Options)."""
+    before = registry_state(cli.home)
+    _refused(cli(*args), cli.home, before, match)
+
+
+def test_stream_steps_true_is_not_one(cli, seeded, tmp_path):
+    before = registry_state(cli.home)
+    _refused(cli("stream", "run", _spec(tmp_path, {"steps": True}), "--quiet"), cli.home, before,
+             "trainer.steps: expected a number, got true")

@@ -27,9 +27,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import options
+from loraplex.catalog import Options, options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.continual.slots import slot_weights, zero_slot
 from loraplex.errors import IncompatibleAdapter
@@ -65,7 +65,7 @@ def block_of(module: str, targets: tuple[str, ...]) -> str:
     return module
 
 
-class GroupSparseConfig(BaseModel):
+class GroupSparseConfig(Options):
     model_config = options()
 
     sparsity_weight: float = Field(0.01, ge=0)

@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from loraplex.catalog import options
+from loraplex.catalog import Options, options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.experts.layers import routed_layers
 
 
-class OLoraConfig(BaseModel):
+class OLoraConfig(Options):
     model_config = options()
 
     orth_weight: float = Field(0.5, ge=0)
