@@ -35,8 +35,13 @@ def keep_heap() -> bool:
     """Apply the settings above once; True when they are in effect (glibc, not switched off)."""
     global _done
     if _done is None:
+        choice = os.environ.get("LORAPLEX_MALLOC", "keep").strip().lower() or "keep"
+        if choice not in ("keep", "system"):
+            from loraplex.errors import InvalidSpec
+
+            raise InvalidSpec(f"LORAPLEX_MALLOC={os.environ['LORAPLEX_MALLOC']!r}: expected keep (the default) or system")
         _done = False
-        if os.environ.get("LORAPLEX_MALLOC", "keep").lower() != "system" and sys.platform.startswith("linux"):
+        if choice == "keep" and sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 mallopt = libc.mallopt  # glibc only

@@ -109,9 +109,9 @@ class Settings(BaseModel):
             from loraplex.errors import InvalidSpec
 
             if self.device == "cuda" and not torch.cuda.is_available():
-                raise InvalidSpec("device 'cuda' was asked for (LORAPLEX_DEVICE or --device), but torch sees no CUDA GPU here")
+                raise InvalidSpec("device 'cuda' was asked for (LORAPLEX_DEVICE, or Settings(device=...)), but torch sees no CUDA GPU here")
             if self.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-                raise InvalidSpec("device 'mps' was asked for (LORAPLEX_DEVICE or --device), but MPS is not available here")
+                raise InvalidSpec("device 'mps' was asked for (LORAPLEX_DEVICE, or Settings(device=...)), but MPS is not available here")
             return self.device
         import torch
 

@@ -62,7 +62,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
-from loraplex.errors import Interrupted, InvalidSpec
+from loraplex.errors import Interrupted, InvalidSpec, UserInputError
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head
@@ -269,9 +269,20 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train: DataLoader, val: D
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
     else:
         if not trainer.received_sigterm:  # a SIGTERM in the last step ends the fit as if it had finished
+            _check_finite(trainer, module)
             return
     how = "SIGTERM" if trainer.received_sigterm else "SIGINT"
     raise Interrupted(f"training was interrupted ({how}); nothing was registered", signal=how)
+
+
+def _check_finite(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """A fit whose trained weights hold NaN or infinity diverged (a learning rate too high, 16-bit precision):
+    said as such here, rather than later as a damaged adapter."""
+    bad = next((n for n, p in module.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        low = "" if str(trainer.precision) in ("32-true", "64-true") else f", or train in 32-true precision (not {trainer.precision})"
+        raise UserInputError(f"training diverged: after {trainer.global_step} steps the trained weights hold NaN or "
+                             f"infinity ({bad}); lower the learning rate (--lr){low}; nothing was registered")
 
 
 class AdapterSnapshots(Callback):

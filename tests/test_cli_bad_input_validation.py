@@ -807,3 +807,28 @@ def test_stream_steps_true_is_not_one(cli, seeded, tmp_path):
     before = registry_state(cli.home)
     _refused(cli("stream", "run", _spec(tmp_path, {"steps": True}), "--quiet"), cli.home, before,
              "trainer.steps: expected a number, got true")
+
+
+def test_a_training_that_diverges_says_so(cli, seeded, tiny_bert):
+    """A learning rate of 1e308 trained to NaN and was then blamed on the adapter ("lora_A contains NaN")."""
+    before = registry_state(cli.home)
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--steps", "2", "--lr", "1e308", "--quiet",
+                 "--eval-limit", "4"), cli.home,
+             before, "training diverged: after 2 steps the trained weights hold NaN or infinity")
+
+
+def test_debug_and_malloc_settings_read_as_written(cli, seeded, monkeypatch):
+    from loraplex.cli._errors import debugging
+
+    for off in ("", "0", "false", "No", "off"):
+        monkeypatch.setenv("LORAPLEX_DEBUG", off)
+        assert not debugging(), off
+    monkeypatch.setenv("LORAPLEX_DEBUG", "1")
+    assert debugging()
+    import loraplex.allocator as allocator
+
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setenv("LORAPLEX_MALLOC", "bogus")
+    with pytest.raises(Exception, match="LORAPLEX_MALLOC='bogus': expected keep"):
+        allocator.keep_heap()
+    monkeypatch.setattr(allocator, "_done", None)

@@ -68,6 +68,11 @@ def _is_control_flow(exc: BaseException) -> bool:
     return mod.startswith(("typer", "click"))
 
 
+def debugging() -> bool:
+    """LORAPLEX_DEBUG set to anything but empty, 0, false, no or off: show tracebacks."""
+    return os.environ.get("LORAPLEX_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def usage_line(exc) -> str:
     """A click UsageError (a mistyped option value, a missing argument) as one `error:` line."""
     where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
@@ -92,7 +97,7 @@ class LoraplexGroup(TyperGroup):
             sys.stderr.flush()
             ctx.exit(exc.exit_code)
         except (Exception, KeyboardInterrupt) as exc:
-            if _is_control_flow(exc) or os.environ.get("LORAPLEX_DEBUG"):
+            if _is_control_flow(exc) or debugging():
                 raise
             code = report(exc)
             sys.stderr.flush()
