@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -102,7 +103,7 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
 
     R = np.array([[np.nan if v is None else v for v in row] for row in matrix["R"]], dtype=float) * 100
     tasks, rows = matrix["tasks"], matrix["rows"]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(tasks), 1.0 + 0.55 * len(rows)), dpi=110,
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.0 * len(tasks)), max(3.0, 1.0 + 0.55 * len(rows))), dpi=110,
                            layout="constrained")  # room for long task names without tight_layout's warning
     im = ax.imshow(np.ma.masked_invalid(R), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
@@ -117,7 +118,9 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
                         color="white" if R[i, j] < 55 else "black")
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with warnings.catch_warnings():  # a layout that cannot fit very long task names is still a picture, not a warning
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
 

@@ -50,8 +50,11 @@ def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: st
         return recs
     recs = [r for r in reg.list_adapters() if r.extra.get("composition") and (want is None or r.base == want)]
     if not recs:
-        where = f" on base {want!r}" if want else ""
-        raise UserInputError(f"no composition to forget from{where}: no stream has run in this registry; "
+        others = sorted({r.base for r in reg.list_adapters() if r.extra.get("composition")}) if want else []
+        if others:
+            raise UserInputError(f"no composition to forget from on base {want!r}: the streams of this registry ran "
+                                 f"on {', '.join(others)}; drop --base, or name the adapters with --adapters a,b")
+        raise UserInputError("no composition to forget from: no stream has run in this registry; "
                              "name the adapters with --adapters a,b")
     latest = max(recs, key=lambda r: r.id)
     method = latest.extra.get("method")

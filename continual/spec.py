@@ -39,7 +39,7 @@ from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.continual.forgetting import FORGETTERS
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
-from loraplex.errors import InvalidSpec, TaskNotFound
+from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
 from loraplex.experts.spec import LoraSpec
 from loraplex.fsio import read_yaml_file
 from loraplex.registry.record import NAME_RE
@@ -254,6 +254,9 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
     """Validate a mapping into a StreamSpec and resolve its tasks and components (see `validate`)."""
     if not isinstance(data, dict):
         raise InvalidSpec(f"{where}: expected a mapping of keys (name, base, trainer, method, experiences, ...)")
+    odd = next((k for k in data if not isinstance(k, str)), None)
+    if odd is not None:
+        raise InvalidSpec(f"{where}: the key {odd!r} is not a name (keys are text: name, base, trainer, method, ...)")
     try:
         spec = StreamSpec(**data)
     except ValidationError as exc:
@@ -266,7 +269,7 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
 def load_spec(path: str | Path) -> StreamSpec:
     """Read and validate a YAML stream spec; task files are resolved relative to its directory."""
     p = Path(path).expanduser().absolute()
-    if not p.is_file():
+    if not p.exists():
         raise InvalidSpec(f"{p}: no such stream spec")
     data = read_yaml_file(p, error=InvalidSpec, what="stream spec")
     return parse_spec(data, where=str(p), root=p.parent)
@@ -285,11 +288,10 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
 def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None = None) -> StreamSpec:
     """Check names against catalogs, load every task, check forget requests; return the resolved spec."""
     for ref, cat in ((spec.method, METHODS), (spec.forgetting, FORGETTERS)):
-        entry = cat.get(ref.name)  # UnknownComponent names the known ones
         try:
-            entry.make_config(ref.config)
-        except InvalidSpec as exc:
-            raise InvalidSpec(f"{where}: {exc}") from None
+            cat.get(ref.name).make_config(ref.config)  # UnknownComponent names the known ones
+        except (InvalidSpec, UnknownComponent) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
 
     learned: dict[str, Any] = {}  # task name -> Task
     forgotten: dict[str, set[str] | None] = {}

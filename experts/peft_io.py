@@ -51,13 +51,15 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     if not d.is_dir():
         raise InvalidAdapter(f"{d}: not a directory (expected a PEFT adapter directory with {CONFIG} and {WEIGHTS})")
     cfg_path = d / CONFIG
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise InvalidAdapter(f"{d}: no {CONFIG}; not a PEFT adapter directory")
     cfg = read_json_file(cfg_path, error=InvalidAdapter, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{cfg_path}: expected a JSON object")
     spec = spec_from_peft_config(cfg, where=str(cfg_path))
     w_path = d / WEIGHTS
+    if w_path.exists() and not w_path.is_file():
+        raise InvalidAdapter(f"{w_path}: {'a directory' if w_path.is_dir() else 'not a regular file'}, not a safetensors file")
     if not w_path.is_file():
         if (d / PICKLE).exists():
             raise InvalidAdapter(
@@ -166,6 +168,8 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
         targets = ()  # a regex: the tensors themselves say which modules are adapted
     elif isinstance(targets, list) and all(isinstance(t, str) and t for t in targets):
         targets = tuple(targets)
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(f"{where}: target_modules: entry {targets.index('')} is an empty module name")
     else:
         raise InvalidAdapter(f"{where}: target_modules: expected a list of module names or a regex string, "
                              f"got {type(targets).__name__}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,10 @@ def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: in
     """The UTF-8 text of a small file, refusing (with `error`) one over `max_bytes` before reading it."""
     p = Path(path)
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block), /dev/zero (never ends)
+            raise error(f"{p}: {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a {what}")
+        size = st.st_size
         if size > max_bytes:
             raise error(f"{p}: {what} is {size:,} bytes; at most {max_bytes:,} are allowed")
         with open(p, "rb") as f:
@@ -70,11 +74,25 @@ def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: in
 
 
 def parse_json_text(text: str, *, error: type[Exception], where: str):
-    """json.loads with one-line errors (bad syntax, nesting too deep for the parser)."""
+    """json.loads with one-line errors (bad syntax, nesting too deep for the parser, a key given twice in one
+    object: json keeps the last silently, as YAML specs are refused for it)."""
     import json
 
+    class _Twice(ValueError):
+        pass
+
+    def unique(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise _Twice(k)
+            out[k] = v
+        return out
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique)
+    except _Twice as exc:
+        raise error(f"{where}: the key {exc.args[0]!r} is given twice in one object") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc})") from None
     except RecursionError:

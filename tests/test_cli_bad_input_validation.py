@@ -832,3 +832,31 @@ def test_debug_and_malloc_settings_read_as_written(cli, seeded, monkeypatch):
     with pytest.raises(Exception, match="LORAPLEX_MALLOC='bogus': expected keep"):
         allocator.keep_heap()
     monkeypatch.setattr(allocator, "_done", None)
+
+
+def test_files_that_are_not_regular_or_repeat_a_key(cli, seeded, tiny_bert, tmp_path):
+    """A spec or PEFT file that is a directory or /dev/zero was "no such ..." (it exists); a key given twice in
+    adapter_config.json kept the last silently and the tensors were blamed; a spec key that is not text was
+    Python's "keywords must be strings"; an unknown method left out the spec's path; `target_modules: [""]`
+    was "expected a list ..., got list"."""
+    before = registry_state(cli.home)
+    (tmp_path / "dir.yaml").mkdir()
+    _refused(cli("stream", "run", tmp_path / "dir.yaml", "--quiet"), cli.home, before, "dir.yaml: a directory, not a stream spec")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    _refused(cli("stream", "run", tmp_path / "zero.yaml", "--quiet"), cli.home, before, "zero.yaml: not a regular file")
+    spec = tmp_path / "keyint.yaml"
+    spec.write_text("method: seq-lora\n1: 2\nexperiences: [{learn: airline}]\n")
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "keyint.yaml: the key 1 is not a name")
+    spec.write_text("method: foo-lora\nexperiences: [{learn: airline}]\n")
+    _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, "keyint.yaml: unknown continual method 'foo-lora'")
+    d = tmp_path / "dup"
+    shutil.copytree(seeded, d)
+    (d / CFG).write_text((d / CFG).read_text().replace('{', '{"r": 4, ', 1))
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "the key 'r' is given twice in one object")
+    d = _with_config(seeded, tmp_path / "empty-target", {"target_modules": ["query", ""]})
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "target_modules: entry 1 is an empty module name")
+    d = tmp_path / "wdir"
+    shutil.copytree(seeded, d)
+    (d / WEIGHTS).unlink()
+    (d / WEIGHTS).mkdir()
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "adapter_model.safetensors: a directory")
