@@ -89,6 +89,10 @@ class DiskFull(LoraplexError):
     """A write ran out of space (ENOSPC, SQLite's 'database or disk is full'); nothing was committed."""
 
 
+class LockUnavailable(LoraplexError):
+    """The registry's lock file cannot be opened (a read-only home, a directory in its place)."""
+
+
 class RegistryBusy(LoraplexError):
     """Another process holds the registry's write lock for longer than we are willing to wait."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.errors import IntegrityError, LoraplexError
+from loraplex.errors import IntegrityError, LockUnavailable, LoraplexError
 from loraplex.experts.spec import Adapter
 from loraplex.models import Fingerprint
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
@@ -53,12 +53,29 @@ class CheckReport:
 
 
 def check(reg: "Registry", *, repair: bool = False) -> CheckReport:
+    """The registry's consistency, read under its write lock: records, signatures, blobs and index are read
+    as one state (a check beside a running `adapters register` used to see a record without its signature
+    and report damage that was not there). A home where the lock cannot be taken (read-only) is checked
+    without it, and the report says so."""
     report = CheckReport()
-    if repair:
-        _repair(reg, report)
     if not reg.exists:
+        if repair:
+            _repair(reg, report)
         report.notes.append(f"no registry at {reg.home} yet (nothing to check)")
         return report
+    try:
+        with reg.write_lock():
+            return _check(reg, report, repair)
+    except LockUnavailable as exc:
+        if repair:
+            raise
+        report.notes.append(f"{exc}: checked without it, so a writer running now could show as damage")
+        return _check(reg, report, False)
+
+
+def _check(reg: "Registry", report: CheckReport, repair: bool) -> CheckReport:
+    if repair:
+        _repair(reg, report)
     _check_database(reg, report)
     if report.problems:
         return report

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from loraplex.errors import IntegrityError, LoraplexError, RegistryBusy, UserInputError
+from loraplex.errors import IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError
 
 SCHEMA_VERSION = 1
 
@@ -136,6 +136,9 @@ class Database:
         if self._conn is None:
             if not self.exists and not create:
                 return None
+            if self.exists and not os.access(self.home, os.W_OK):
+                self._conn = self._read_only()
+                return self._conn
             self.home.mkdir(parents=True, exist_ok=True)
             try:
                 conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
@@ -154,6 +157,28 @@ class Database:
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn
         return self._conn
+
+    def _read_only(self) -> sqlite3.Connection:
+        """The database of a home this process cannot write (a read-only mount, another user's registry):
+        opened read-only, so listing, showing, searching, evaluating and querying still work; a write takes
+        the lock first and is refused there ("cannot take the registry lock ...: Read-only file system").
+        SQLite's WAL mode needs its -shm file: when it cannot make one, the file is read as immutable, which
+        is exact when no -wal file holds frames the database does not have yet."""
+        from urllib.parse import quote
+
+        wal = self.db_path.with_name(self.db_path.name + "-wal")
+        for opts in ("mode=ro", "mode=ro&immutable=1"):
+            if "immutable" in opts and wal.exists() and wal.stat().st_size > 0:
+                break
+            try:
+                conn = sqlite3.connect(f"file:{quote(str(self.db_path))}?{opts}", uri=True, timeout=60.0,
+                                       isolation_level=None)
+                conn.execute("SELECT count(*) FROM adapters").fetchone()
+                return conn
+            except sqlite3.Error:
+                continue
+        raise LoraplexError(f"registry home {self.home} is not writable, and its database cannot be read without "
+                            "writing (its WAL has changes not yet in registry.db): open it once where it is writable")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -180,7 +205,7 @@ class Database:
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
-            raise LoraplexError(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
+            raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:

@@ -860,3 +860,20 @@ def test_files_that_are_not_regular_or_repeat_a_key(cli, seeded, tiny_bert, tmp_
     (d / WEIGHTS).unlink()
     (d / WEIGHTS).mkdir()
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, "adapter_model.safetensors: a directory")
+
+
+def test_a_home_that_cannot_be_written_is_still_read(cli, seeded, monkeypatch):
+    """A read-only home (a read-only mount, another user's registry): every command, `adapters list` too, said
+    "registry database ... is unreadable", since SQLite could not create its -shm file. Reading works now; a
+    write is refused at the lock. (Root ignores file modes, so the test makes os.access say no.)"""
+    import os
+
+    import loraplex.registry.database as database
+
+    home = str(cli.home)
+    real = os.access
+    monkeypatch.setattr(database.os, "access", lambda p, mode, *a, **k: False if str(p) == home else real(p, mode, *a, **k))
+    r = cli("adapters", "list")
+    assert r.exit_code == 0 and "good" in r.stdout, r.output
+    r = cli("registry", "check")
+    assert r.exit_code == 0 and "consistent" in r.stdout, r.output
