@@ -319,11 +319,21 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             if bad:
                 raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} has no label {bad[0]!r} "
                                   f"(labels: {', '.join(task.labels)})")
+            twice = next((lab for j, lab in enumerate(exp.labels) if lab in exp.labels[:j]), None)
+            if twice is not None:
+                raise InvalidSpec(f"{where}: experiences[{i}]: label {twice!r} is named twice")
             if set(exp.labels) == set(task.labels):
                 raise InvalidSpec(f"{where}: experiences[{i}]: naming every label of {task.name!r} forgets the "
                                   "whole task; drop 'labels'")
         if task.name in forgotten and forgotten[task.name] is None:
             raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is already forgotten")
+        done = forgotten.get(task.name) or set()
+        again = sorted(done & set(exp.labels or ()))
+        if again:
+            raise InvalidSpec(f"{where}: experiences[{i}]: label {again[0]!r} of {task.name!r} is already forgotten")
+        if exp.labels is not None and done | set(exp.labels) == set(task.labels):
+            raise InvalidSpec(f"{where}: experiences[{i}]: with the labels forgotten before, this forgets every label "
+                              f"of {task.name!r}: forget the whole task instead (drop 'labels')")
         forgotten[task.name] = None if exp.labels is None else set(exp.labels) | (forgotten.get(task.name) or set())
         resolved.append(exp.model_copy(update={"forget": task.name}))
     if not learned:

@@ -198,6 +198,9 @@ class CVAEGenerator:
     def fit(self, data: TrainingSet, *, progress: bool = False) -> dict[str, Any]:
         """Fit the parameter space and the CVAE on the training set; returns fit metrics."""
         cfg = self.config
+        if "top_k" in cfg.model_fields_set and cfg.top_k > len(data.members):  # the default is capped at what there is
+            raise UserInputError(f"top_k={cfg.top_k} is more than the {len(data.members)} adapters the generator "
+                                 "learns from")
         t0 = time.perf_counter()
         self.data = data
         self.space = ParamSpace.fit(data.layout, data.vectors, max_dims=cfg.cvae.max_dims)

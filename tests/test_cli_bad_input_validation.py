@@ -877,3 +877,23 @@ def test_a_home_that_cannot_be_written_is_still_read(cli, seeded, monkeypatch):
     assert r.exit_code == 0 and "good" in r.stdout, r.output
     r = cli("registry", "check")
     assert r.exit_code == 0 and "consistent" in r.stdout, r.output
+
+
+def test_repeated_sets_generator_top_k_and_labels_forgotten_twice(cli, seeded, tiny_bert, tmp_path):
+    """A --set key given twice kept the last silently; `generate fit --set top_k=100` over one adapter passed;
+    a stream could name a label twice, forget it twice, or forget every label one request at a time (the spec
+    refuses forgetting the whole task twice, or every label at once)."""
+    before = registry_state(cli.home)
+    _refused(cli("query", "hi", "--set", "top_k=1", "--set", "top_k=2"), cli.home, before, "--set top_k is given twice")
+    assert cli("adapters", "register", seeded, "--name", "good2", "--description", "news articles",
+               "--base", tiny_bert).exit_code == 0
+    before = registry_state(cli.home)
+    _refused(cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,good2", "--set", "top_k=100"),
+             cli.home, before, "top_k=100 is more than the 2 adapters the generator learns from")
+    for forgets, match in [([["negative", "negative"]], "label 'negative' is named twice"),
+                           ([["negative"], ["negative"]], "label 'negative' of 'airline' is already forgotten"),
+                           ([["negative"], ["neutral"], ["positive"]], "forget the whole task instead")]:
+        spec = tmp_path / "f.yaml"
+        spec.write_text(json.dumps({"method": "seq-lora", "trainer": {"steps": 1}, "experiences": [
+            {"learn": "airline"}, *({"forget": "airline", "labels": labels} for labels in forgets)]}))
+        _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, match)

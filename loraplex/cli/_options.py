@@ -137,5 +137,7 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise InvalidSpec(f"--set {item!r}: {p!r} is not a group of settings")
+        if parts[-1] in node:
+            raise InvalidSpec(f"--set {'.'.join(parts)} is given twice; give each key once")
         node[parts[-1]] = value
     return cfg
