@@ -52,7 +52,24 @@ def test_ctrl_c_is_interrupted_with_130_and_ctrl_c_works_again():
 
 
 def test_a_finished_fit_returns():
-    assert fit(_Trainer(), None, []) is None
+    import torch
+
+    assert fit(_Trainer(), torch.nn.Linear(2, 2), []) is None
+
+
+def test_a_fit_that_left_nan_weights_is_a_divergence():
+    import pytest
+    import torch
+
+    from loraplex.errors import UserInputError
+
+    t = _Trainer()
+    t.global_step, t.precision = 7, "16-true"
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(UserInputError, match=r"training diverged: after 7 steps .*\(weight\).*not 16-true"):
+        fit(t, layer, [])
 
 
 def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_bert, tmp_path, monkeypatch):
