@@ -40,7 +40,7 @@ from loraplex.continual.forgetting import FORGETTERS
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
 from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
-from loraplex.experts.spec import LoraSpec
+from loraplex.experts.spec import MAX_RANK, LoraSpec
 from loraplex.fsio import read_yaml_file
 from loraplex.registry.record import NAME_RE
 from loraplex.tasks import SEED_MAX
@@ -57,8 +57,8 @@ class _Frozen(Options):
 class LoraSettings(_Frozen):
     """The LoRA every learning experience trains."""
 
-    rank: int = Field(8, ge=1, le=1024)
-    """LoRA rank of the adapter trained."""
+    rank: int = Field(8, ge=1, le=MAX_RANK)
+    """LoRA rank of the adapter trained (the same bound as every LoRA's, `experts.spec.MAX_RANK`)."""
     alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
