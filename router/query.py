@@ -26,6 +26,8 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     (tokens and layers with `trace`). Without `router`, retrieval over the whole registry (or over
     `adapters`) routes; `router="auto"`: router/auto.py decides per query. `labels`: answer with one of
     these, routing (retrieval, auto) toward adapters trained on them (`RoutedModel.answer`)."""
+    if router is not None and (not isinstance(router, str) or not router.strip()):
+        raise UserInputError(f"--router must name a router, 'retrieval' or 'auto', got {router!r}")
     texts = [t.strip() for t in texts]
     if not texts or not all(texts):
         raise UserInputError("the query is empty")

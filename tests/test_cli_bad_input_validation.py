@@ -897,3 +897,25 @@ def test_repeated_sets_generator_top_k_and_labels_forgotten_twice(cli, seeded, t
         spec.write_text(json.dumps({"method": "seq-lora", "trainer": {"steps": 1}, "experiences": [
             {"learn": "airline"}, *({"forget": "airline", "labels": labels} for labels in forgets)]}))
         _refused(cli("stream", "run", spec, "--quiet"), cli.home, before, match)
+
+
+def test_query_sweep_six(cli, seeded, tmp_path, monkeypatch, capsys):
+    """auto --trace on a base or generate decision was exit 70 (KeyError 'tokens'), after auto had acted; an
+    empty --router with --adapters was exit 70; bytes that are not UTF-8 in an argument were exit 70 wherever
+    they reached a file, a table or a tokenizer; --input read /dev/zero until memory ran out and kept a BOM;
+    --top-k silently beat --set top_k."""
+    before = registry_state(cli.home)
+    _refused(cli("query", "late flight", "--router", "", "--adapters", "good"), cli.home, before,
+             "--router must name a router")
+    _refused(cli("query", "late flight", "--set", "top_k=1", "--top-k", "2"), cli.home, before, "give one")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    _refused(cli("query", "--input", tmp_path / "zero.txt"), cli.home, before, "not a regular file")
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello bom\n".encode())
+    r = cli("query", "--input", tmp_path / "bom.txt", "--json", "--labels", "good,bad")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["query"] == "hello bom", r.output
+    from loraplex.cli import main
+
+    monkeypatch.setattr("sys.argv", ["loraplex", "adapters", "show", b"x\xe9".decode("utf-8", "surrogateescape")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and "argument 3 ('x\ufffd') is not valid UTF-8 text" in capsys.readouterr().err

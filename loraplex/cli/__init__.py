@@ -3,6 +3,8 @@ commands, so `loraplex --help` stays fast."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from loraplex.cli import adapters, catalog, generate, registry
@@ -54,4 +56,9 @@ app.command("serve")(serve_cmds.serve)
 
 
 def main() -> None:
+    bad = next((i for i, a in enumerate(sys.argv[1:], 1) if any("\udc80" <= ch <= "\udcff" for ch in a)), None)
+    if bad is not None:  # bytes that are not UTF-8 reach Python as lone surrogates, which no file, table or tokenizer takes
+        shown = sys.argv[bad].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        print(f"error: argument {bad} ({shown[:60]!r}) is not valid UTF-8 text", file=sys.stderr)
+        raise SystemExit(2)
     app()

@@ -12,6 +12,9 @@ from loraplex.cli import _output as out
 from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, settings
 
 
+MAX_INPUT_BYTES = 64 << 20  # a file of queries is read whole: 64 MiB is about a million tweets
+
+
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
     from loraplex.errors import UserInputError
 
@@ -19,14 +22,17 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
         raise UserInputError("give a query or --input, not both")
     if input_ is not None:
         if str(input_) == "-":
-            raw = sys.stdin.read()
+            raw = sys.stdin.read(MAX_INPUT_BYTES + 1)
+            if len(raw) > MAX_INPUT_BYTES:
+                raise UserInputError(f"stdin holds over {MAX_INPUT_BYTES:,} characters of queries; split it")
+            raw = raw.removeprefix("\ufeff")
         else:
-            try:
-                raw = input_.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise UserInputError(f"{input_}: no such file") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UserInputError(f"{input_}: cannot read ({exc})") from None
+            from loraplex.fsio import read_bounded_text
+
+            if not input_.exists():
+                raise UserInputError(f"{input_}: no such file")
+            # regular files only (a FIFO would block, /dev/zero never end), at most 64 MiB, UTF-8 (a BOM dropped)
+            raw = read_bounded_text(input_, error=UserInputError, max_bytes=MAX_INPUT_BYTES, what="file of queries")
         lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
         if not lines:
             raise UserInputError(f"{input_}: no queries (one per line)")
@@ -62,7 +68,12 @@ def query(
 
     queries = _read_queries(text, input_)
 
-    cfg = {**parse_sets(set_), **({"top_k": top_k} if top_k is not None else {})} or None
+    sets = parse_sets(set_)
+    if top_k is not None and "top_k" in sets:
+        from loraplex.errors import UserInputError
+
+        raise UserInputError("--top-k and --set top_k=... both set top_k: give one")
+    cfg = {**sets, **({"top_k": top_k} if top_k is not None else {})} or None
     if cfg and router not in (None, "retrieval", "auto"):
         from loraplex.errors import UserInputError
 
@@ -85,6 +96,8 @@ def query(
         out.line(f"answer: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads or '-'})")
         if "decision" in r:
             out.line(f"decision: {r['decision']}: {r['reason']}")
-        if trace:
+        if trace and "tokens" in r:
             out.table(r["tokens"], ["token", "adapter", "weight"], title="per token (mean over layers)")
             out.table(r["layers"], ["layer", "adapter", "weight"], title="per layer (mean over tokens)")
+        elif trace:  # auto generated an adapter or answered with the base: no routed forward to trace
+            out.line(f"(no per-token trace: {r.get('decision', 'this answer')} used no routed forward)")
