@@ -919,3 +919,11 @@ def test_query_sweep_six(cli, seeded, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and "argument 3 ('x\ufffd') is not valid UTF-8 text" in capsys.readouterr().err
+
+
+def test_list_options_with_an_empty_entry_or_a_name_twice(cli, seeded):
+    """`--adapters a,,b` dropped the empty entry without a word; `router eval --tasks a,a` counted a task twice."""
+    before = registry_state(cli.home)
+    _refused(cli("query", "late flight", "--adapters", "good,,good2"), cli.home, before, "has an empty entry between commas")
+    _refused(cli("query", "late flight", "--adapters", "good,"), cli.home, before, "has an empty entry between commas")
+    _refused(cli("query", "late flight", "--adapters", "good,good"), cli.home, before, "--adapters names 'good' twice")

@@ -102,14 +102,20 @@ def settings(home: Optional[str]):
 
 def parse_list(value: str | None, option: str = "a list option") -> list[str]:
     """`a,b, c` -> ["a", "b", "c"] (for comma-separated options); None (not given) -> []. Given but naming
-    nothing (`--adapters ""`) is refused: it would otherwise read as "not given" (often: all of them)."""
+    nothing (`--adapters ""`) is refused: it would otherwise read as "not given" (often: all of them); so are
+    an empty entry (`a,,b`) and a name given twice."""
     if value is None:
         return []
+    from loraplex.errors import UserInputError
+
     out = [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
     if not out:
-        from loraplex.errors import UserInputError
-
         raise UserInputError(f"{option} is empty: name at least one, or leave the option out")
+    if any(not part.strip() for part in value.split(",")):  # `a,,b` or `a,`: a name left out, or a typo
+        raise UserInputError(f"{option} {value!r} has an empty entry between commas")
+    twice = next((v for i, v in enumerate(out) if v in out[:i]), None)
+    if twice is not None:  # `--tasks a,a` counted a task twice in the totals
+        raise UserInputError(f"{option} names {twice!r} twice")
     return out
 
 
