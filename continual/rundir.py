@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from loraplex.catalog import first_error
 from loraplex.errors import DamagedRun
 from loraplex.fsio import fsync_dir, read_json_file
 
@@ -58,8 +59,6 @@ def _checked(path: Path, model: type[BaseModel], data: Any, at: str = "") -> dic
     try:
         model.model_validate(data)
     except ValidationError as exc:
-        from loraplex.catalog import first_error
-
         raise DamagedRun(f"{path}: damaged{' at ' + at if at else ''}: {first_error(exc)} (the run directory "
                          "cannot be read back; start the run again, or restore the file)") from None
     return data

@@ -900,8 +900,7 @@ def test_repeated_sets_generator_top_k_and_labels_forgotten_twice(cli, seeded, t
 
 
 def test_query_sweep_six(cli, seeded, tmp_path, monkeypatch, capsys):
-    """auto --trace on a base or generate decision was exit 70 (KeyError 'tokens'), after auto had acted; an
-    empty --router with --adapters was exit 70; bytes that are not UTF-8 in an argument were exit 70 wherever
+    """An empty --router with --adapters was exit 70; bytes that are not UTF-8 in an argument were exit 70 wherever
     they reached a file, a table or a tokenizer; --input read /dev/zero until memory ran out and kept a BOM;
     --top-k silently beat --set top_k."""
     before = registry_state(cli.home)
