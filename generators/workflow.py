@@ -1,6 +1,6 @@
 """The registry side of the generators: gather a training set, store and load a fitted generator,
 register a generated adapter. The API's `fit_generator` / `generate_adapter` call these
-(`generate_from_file`: the examples read from a .jsonl/.csv file first).
+(`read_examples`: labelled examples from a .jsonl/.csv file).
 
 A fitted generator is a registry component (kind "generator"): its config, its own tensors (the CVAE,
 the parameter space's mixing matrix and scales, the known tasks' representations), its members (the
@@ -211,14 +211,6 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     if not out:
         raise InvalidTaskFile(f"{p}: no examples")
     return out
-
-
-def generate_from_file(reg, settings, description: str, *, generator: str, name: str,
-                       examples: str | Path | None = None, **options: Any) -> dict[str, Any]:
-    """`generate`, its examples read from a .jsonl/.csv file (`read_examples`), before anything else is
-    checked, so a bad file is named first. `options`: generate's (seed, refine_steps, ...)."""
-    rows = read_examples(examples) if examples is not None else []
-    return generate(reg, settings, description, generator=generator, name=name, examples=rows, **options)
 
 
 def summary(rec) -> dict[str, Any]:

@@ -21,8 +21,11 @@ uses (`loraplex adapters list` never imports torch or lightning).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import reprlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from loraplex.settings import Settings
 
@@ -35,6 +38,98 @@ if TYPE_CHECKING:
     from loraplex.router.model import RoutedModel
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
+_SHORT.maxlist = 4
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {_SHORT.repr(value)}"
+
+
+@functools.cache
+def _validator(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A pydantic validator of `fn`'s arguments in strict mode (no coercion: "3" is not an int, True not
+    a number, a str not a list of names), built from its annotations on first use. An annotation that
+    names a type only imported for type checking (Registry, ...) is checked as Any."""
+    from pydantic import ConfigDict, validate_call
+
+    sig = inspect.signature(fn)
+    hints: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        ann = p.annotation
+        if isinstance(ann, str):
+            try:
+                ann = eval(ann, getattr(fn, "__globals__", {}))  # noqa: S307 - the function's own annotation
+            except Exception:
+                ann = Any
+        hints[p.name] = Any if ann is inspect.Parameter.empty else ann
+
+    def shim(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    shim.__signature__ = sig.replace(parameters=[p.replace(annotation=hints[p.name]) for p in sig.parameters.values()],
+                                     return_annotation=inspect.Signature.empty)
+    shim.__annotations__ = dict(hints)
+    shim.__name__ = fn.__name__
+    return validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))(shim)
+
+
+def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse a call whose arguments do not fit `fn`'s signature, in one line naming the argument
+    (UserInputError), before anything runs: the API's one boundary check of argument types."""
+    from pydantic import ValidationError
+
+    from loraplex.errors import UserInputError
+
+    try:
+        _validator(fn)(*args, **kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        params = list(inspect.signature(fn).parameters.values())
+        loc = list(err["loc"])
+        head = loc[0] if loc else "?"
+        if isinstance(head, int):
+            head = params[head].name if head < len(params) else f"#{head + 1}"
+        kind = err["type"]
+        if kind == "missing_argument":
+            raise UserInputError(f"{where}(): missing argument {head!r}") from None
+        if kind == "unexpected_keyword_argument":
+            known = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "settings"]
+            raise UserInputError(f"{where}(): unknown option {head!r} (options: {', '.join(known)})") from None
+        if kind in ("unexpected_positional_argument", "multiple_argument_values"):
+            raise UserInputError(f"{where}(): {err['msg'].lower()} ({head!r})") from None
+        value = kwargs.get(head) if head in kwargs else next(
+            (a for p, a in zip(params, args) if p.name == head), err.get("input"))
+        ann = next((p.annotation for p in params if p.name == head), None)
+        want = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        if kind == "sequence_str":
+            raise UserInputError(f"{where}(): {head} must be a list of strings ({want}), not one string "
+                                 f"{_SHORT.repr(value)}") from None
+        item = "".join(f"[{i}]" for i in loc[1:] if isinstance(i, int))
+        detail = f" ({head}{item} is {_shown(err.get('input'))})" if item else ""
+        raise UserInputError(f"{where}(): {head} must be {want}, got {_shown(value)}{detail}") from None
+
+
+def _checked(fn: F) -> F:
+    """The API function `fn` with its arguments checked against its signature first (`_check_arguments`)."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _check_arguments(fn.__name__, fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def _delegate(where: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` with the options passed through `**options` checked against `fn`'s
+    signature first: an unknown option or a value of the wrong type is named, not a TypeError."""
+    _check_arguments(where, fn, args, kwargs)
+    return fn(*args, **kwargs)
+
+
+@_checked
 def open_registry(settings: Settings | None = None) -> "Registry":
     """The registry of `settings` (default: the environment's)."""
     from loraplex.registry.store import Registry
@@ -48,6 +143,7 @@ def _open(settings: Settings | None) -> "tuple[Registry, Settings]":
 
 
 # ---- the registry: adapters in and out (registry/) -------------------------------------------
+@_checked
 def register(path: str | Path, *, name: str, description: str, task: str | None = None, base: str | None = None,
              settings: Settings | None = None) -> "AdapterRecord":
     """Register a PEFT LoRA directory under `name`. Returns the AdapterRecord."""
@@ -55,41 +151,48 @@ def register(path: str | Path, *, name: str, description: str, task: str | None 
     return register_peft(*_open(settings), path, name=name, description=description, task=task, base=base)
 
 
+@_checked
 def list_adapters(settings: Settings | None = None) -> list["AdapterRecord"]:
     """Every registered adapter's record."""
     return open_registry(settings).list_adapters()
 
 
+@_checked
 def show(name: str, settings: Settings | None = None) -> dict[str, Any]:
     """One adapter's record, lineage and snapshots."""
     from loraplex.registry.adapters import describe
     return describe(open_registry(settings), name)
 
 
+@_checked
 def search(text: str, k: int = 5, settings: Settings | None = None) -> list[dict[str, Any]]:
     """The k adapters whose descriptions are nearest to `text` (cosine similarity), best first."""
     from loraplex.registry import adapters
     return adapters.search(open_registry(settings), text, k)
 
 
+@_checked
 def export(name: str, out_dir: str | Path, *, overwrite: bool = False, settings: Settings | None = None) -> Path:
     """Write a registered adapter as a PEFT directory that PeftModel.from_pretrained loads."""
     from loraplex.registry.adapters import export_peft
     return export_peft(open_registry(settings), name, out_dir, overwrite=overwrite)
 
 
+@_checked
 def remove(name: str, settings: Settings | None = None):
     """Remove an adapter (refused while a router or generator uses it)."""
     from loraplex.registry import adapters
     return adapters.remove(open_registry(settings), name)
 
 
+@_checked
 def graph(settings: Settings | None = None) -> dict[str, Any]:
     """The lineage graph as JSON (nodes and edges)."""
     from loraplex.registry.lineage import graph_json
     return graph_json(open_registry(settings))
 
 
+@_checked
 def check(*, repair: bool = False, settings: Settings | None = None):
     """Verify the registry's records, blobs and caches (and repair what can be)."""
     from loraplex.registry.check import check as run_check
@@ -97,18 +200,21 @@ def check(*, repair: bool = False, settings: Settings | None = None):
 
 
 # ---- models, tasks; one adapter: load, evaluate, train (continual/fit.py) ---------------------
+@_checked
 def list_models() -> list[dict[str, Any]]:
     """The embedded base models."""
     from loraplex.models import list_models as models
     return models()
 
 
+@_checked
 def list_tasks(family: str | None = None) -> list[dict[str, Any]]:
     """The embedded tasks (of one library family, if given)."""
     from loraplex.data import list_tasks as tasks
     return tasks(family)
 
 
+@_checked
 def load_adapted(names: Sequence[str], settings: Settings | None = None):
     """The adapters' common base with them injected (a bank of E = len(names)): (LoadedBase, records)."""
     from loraplex.router.load import load_adapted as load
@@ -116,44 +222,56 @@ def load_adapted(names: Sequence[str], settings: Settings | None = None):
     return load(reg, names, s)
 
 
+@_checked
 def evaluate(name: str | None, *, task: str, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Accuracy of an adapter (name=None: the bare base) on a task's split (continual.fit.evaluate_adapter)."""
     from loraplex.continual.fit import evaluate_adapter
-    return evaluate_adapter(*_open(settings), name, task=task, **options)
+    return _delegate("evaluate", evaluate_adapter, *_open(settings), name, task=task, **options)
 
 
+@_checked
 def train(task: str, *, name: str, settings: Settings | None = None, **options: Any) -> "TrainResult":
     """Fine-tune, evaluate and register one LoRA adapter (continual.fit.train_adapter)."""
     from loraplex.continual.fit import train_adapter
-    return train_adapter(*_open(settings), task, name=name, **options)
+    return _delegate("train", train_adapter, *_open(settings), task, name=name, **options)
 
 
 # ---- generators (SG-LoRA, ICM-LoRA): an adapter for a new task (generators/workflow.py) -------
+@_checked
 def fit_generator(name: str, *, method: str, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Fit a generator (e.g. sg-lora) on registered adapters and store it (generators.workflow.fit)."""
     from loraplex.generators import workflow
-    return workflow.fit(*_open(settings), name, method=method, **options)
+    return _delegate("fit_generator", workflow.fit, *_open(settings), name, method=method, **options)
 
 
-def generate_adapter(description: str, *, generator: str, name: str, settings: Settings | None = None,
-                     **options: Any) -> dict[str, Any]:
-    """Write an adapter with a stored generator and register it (generators.workflow.generate_from_file)."""
+@_checked
+def generate_adapter(description: str, *, generator: str, name: str,
+                     examples: str | Path | Sequence[tuple[str, str | None]] | None = None,
+                     settings: Settings | None = None, **options: Any) -> dict[str, Any]:
+    """Write an adapter with a stored generator and register it (generators.workflow.generate). `examples`:
+    labelled (text, label) rows, or a .jsonl/.csv file of them, read before anything else is checked so a
+    bad file is named first."""
     from loraplex.generators import workflow
-    return workflow.generate_from_file(*_open(settings), description, generator=generator, name=name, **options)
+    rows = workflow.read_examples(examples) if isinstance(examples, (str, Path)) else (examples or [])
+    return _delegate("generate_adapter", workflow.generate, *_open(settings), description, generator=generator,
+                     name=name, examples=rows, **options)
 
 
+@_checked
 def list_generators(settings: Settings | None = None) -> list[dict[str, Any]]:
     """The stored generators' summaries."""
     from loraplex.generators import workflow
     return workflow.list_generators(open_registry(settings))
 
 
+@_checked
 def remove_generator(name: str, settings: Settings | None = None):
     """Remove a stored generator."""
     from loraplex.generators import workflow
     return workflow.remove(open_registry(settings), name)
 
 
+@_checked
 def generator_methods() -> dict[str, str]:
     """The generator methods: name -> one-line summary."""
     from loraplex.generators.base import GENERATORS
@@ -161,67 +279,78 @@ def generator_methods() -> dict[str, str]:
 
 
 # ---- routing: compose registered adapters at run time (router/) -------------------------------
+@_checked
 def fit_router(name: str, *, router: str, settings: Settings | None = None, **options: Any) -> "RouterFitResult":
     """Train router `router` (token-gate, mixer, rank), evaluate it, store it (router.fit.fit_router)."""
     from loraplex.router.fit import fit_router as fit
-    return fit(*_open(settings), name, method=router, **options)
+    return _delegate("fit_router", fit, *_open(settings), name, method=router, **options)
 
 
+@_checked
 def load_routed_model(router: str | None = None, adapters: Sequence[str] | None = None, *,
                       settings: Settings | None = None, **options: Any) -> "RoutedModel":
     """A `RoutedModel` ready to answer and trace queries (router.load.load_routed_model)."""
     from loraplex.router.load import load_routed_model as load
-    return load(*_open(settings), router, adapters, **options)
+    return _delegate("load_routed_model", load, *_open(settings), router, adapters, **options)
 
 
+@_checked
 def query(texts: Sequence[str], *, router: str | None = None, settings: Settings | None = None,
           **options: Any) -> list[dict[str, Any]]:
     """Answer queries with a routed model, batched: one dict per query (router.query.query)."""
     from loraplex.router.query import query as answer
-    return answer(*_open(settings), texts, router=router, **options)
+    return _delegate("query", answer, *_open(settings), texts, router=router, **options)
 
 
+@_checked
 def answer_each(texts: Sequence[str], adapters: Sequence[str], settings: Settings | None = None) -> list[Any]:
     """A heterogeneous batch: row i answered by adapter adapters[i] alone, all rows in one forward pass."""
     from loraplex.router.query import answer_each as each
     return each(*_open(settings), texts, adapters)
 
 
+@_checked
 def evaluate_router(name: str, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Routing, routed and oracle accuracy per task of a stored router (router.query.evaluate_router)."""
     from loraplex.router.query import evaluate_router as evaluate_stored
-    return evaluate_stored(*_open(settings), name, **options)
+    return _delegate("evaluate_router", evaluate_stored, *_open(settings), name, **options)
 
 
+@_checked
 def list_routers(settings: Settings | None = None) -> list[Any]:
     """The stored routers' records."""
     return open_registry(settings).list_components("router")
 
 
+@_checked
 def show_router(name: str, settings: Settings | None = None) -> dict[str, Any]:
     """A stored router's record as JSON."""
     return open_registry(settings).get_component("router", name).model_dump(mode="json")
 
 
+@_checked
 def remove_router(name: str, settings: Settings | None = None):
     """Remove a stored router."""
     return open_registry(settings).remove_component("router", name)
 
 
 # ---- continual: streams of tasks and forgetting requests (continual/) -------------------------
+@_checked
 def run_stream(spec: str | Path, *, settings: Settings | None = None, **options: Any) -> "StreamResult":
     """Run a stream spec, or resume a run (continual.stream.run_stream)."""
     from loraplex.continual.stream import run_stream as run
-    return run(spec, settings=settings, **options)
+    return _delegate("run_stream", run, spec, settings=settings, **options)
 
 
+@_checked
 def stream_report(run_dir: str | Path) -> dict[str, Any]:
     """A finished or partial stream run's matrix and metrics: {"run_dir", "matrix", "metrics"}."""
     from loraplex.continual.report import load_report
     return load_report(run_dir)
 
 
+@_checked
 def forget(task: str, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Erase TASK (or some of its labels) from the composition (continual.request.forget_composition)."""
     from loraplex.continual.request import forget_composition
-    return forget_composition(*_open(settings), task, **options)
+    return _delegate("forget", forget_composition, *_open(settings), task, **options)

@@ -282,7 +282,12 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
     looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
     if looks_like_path:
         return load_task_file(ref, description=description, card=card, fallback_description=fallback_description)
-    raise TaskNotFound(f"unknown task {ref!r} (embedded tasks: {', '.join(EMBEDDED_TASKS)}; or a .jsonl/.csv file)")
+    import difflib
+
+    close = difflib.get_close_matches(ref, EMBEDDED_TASKS, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise TaskNotFound(f"unknown task {ref[:80]!r}{'...' if len(ref) > 80 else ''} ({hint}{len(EMBEDDED_TASKS)} embedded "
+                       "tasks: `loraplex tasks list`; or a .jsonl/.csv file)")
 
 
 def list_tasks(family: str | None = None) -> list[dict]:

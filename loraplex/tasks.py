@@ -103,6 +103,10 @@ def split_examples(
 MAX_DESCRIPTION = 10_000
 
 
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Unicode's embeddings, overrides and isolates: invisible, and they reorder the text shown after them."""
+
+
 def validate_description(text: str | None, what: str = "description") -> str:
     """A task description as stored: non-empty UTF-8 text (no undecodable bytes), at most 10,000 characters."""
     if text is None or not visible(str(text)):  # "\u200b" is as empty as "" to whoever reads or embeds it
@@ -118,6 +122,10 @@ def validate_description(text: str | None, what: str = "description") -> str:
     bad = next((i for i, ch in enumerate(str(text)) if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc"), None)
     if bad is not None:
         raise UserInputError(f"the {what} holds a control character ({str(text)[bad]!r} at character {bad})")
+    bad = next((i for i, ch in enumerate(str(text)) if ch in BIDI_CONTROLS), None)
+    if bad is not None:  # they reorder what follows them wherever the description is shown (listings, logs)
+        raise UserInputError(f"the {what} holds a bidirectional override or isolate ({str(text)[bad]!r} at "
+                             f"character {bad}); write the text in its reading order")
     return str(text).strip()
 
 

@@ -73,6 +73,9 @@ def answer_each(reg, settings, texts: Sequence[str], adapters: Sequence[str]) ->
         raise UserInputError(f"{len(texts)} texts but {len(adapters)} adapter names; give one adapter per row")
     if not texts:
         raise UserInputError("no texts")
+    empty = next((i for i, t in enumerate(texts, 1) if not t.strip()), None)
+    if empty is not None:
+        raise UserInputError(f"text {empty} is empty")
     rm = load_routed_model(reg, settings, None, list(dict.fromkeys(adapters)))
     return rm.answer_each(list(texts), list(adapters))
 

@@ -513,6 +513,7 @@ def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args,
     (["--name", "auto"], "adapter name 'auto' is reserved"),
     (["--name", "MiniLM"], "adapter name 'MiniLM' is reserved"),
     (["--description", "a\x01b"], "the description holds a control character"),
+    (["--description", "scooters \u202eboog"], "the description holds a bidirectional override or isolate ('\\u202e'"),
     (["--task", ""], "the task is empty"),
 ])
 def test_register_refuses_names_and_fields_that_cannot_work(cli, seeded, tiny_bert, args, match):
@@ -926,3 +927,21 @@ def test_list_options_with_an_empty_entry_or_a_name_twice(cli, seeded):
     _refused(cli("query", "late flight", "--adapters", "good,,good2"), cli.home, before, "has an empty entry between commas")
     _refused(cli("query", "late flight", "--adapters", "good,"), cli.home, before, "has an empty entry between commas")
     _refused(cli("query", "late flight", "--adapters", "good,good"), cli.home, before, "--adapters names 'good' twice")
+
+
+def test_user_text_cannot_drive_the_terminal(cli, seeded):
+    """Control characters in a query (ESC starts a colour or a window-title sequence, NUL, BEL) and a
+    right-to-left override were written raw to stdout; error lines quoting an argument likewise. They
+    are shown as escapes now, and a 5,000-character search text is cut short in the table's title."""
+    r = cli("query", "late\x00 flight \x1b]0;owned\x07 and \x1b[31mred\u202e", "--labels", "yes,no", "--trace")
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout and "\x00" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
+    assert "query: late\\x00 flight \\x1b]0;owned\\x07 and \\x1b[31mred\\u202e" in r.stdout
+    r = cli("adapters", "show", "nope\x1b[2J")
+    assert r.exit_code != 0 and "\x1b" not in r.stderr and "nope\\x1b[2J" in r.stderr
+    r = cli("adapters", "search", "a" * 5000)
+    assert r.exit_code == 0, r.output
+    title = r.stdout.splitlines()[0]
+    assert "(5,000 characters)" in title and len(title) < 200, title
+    r = cli("adapters", "show", "b" * 5000)
+    assert r.exit_code != 0 and len(r.stderr) < 1200 and "characters)" in r.stderr

@@ -28,9 +28,19 @@ INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
 
 
+MAX_MESSAGE = 1000
+"""Characters of an error line shown (a message quoting a 100,000-character argument is cut short)."""
+
+
 def _one_line(text: str) -> str:
+    """The message on one line, cut to MAX_MESSAGE characters, its control characters escaped."""
+    from loraplex.cli._output import printable
+
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[0] if len(lines) == 1 else " ".join(lines)[:500] if lines else ""
+    one = " ".join(lines)
+    if len(one) > MAX_MESSAGE:
+        one = f"{one[:MAX_MESSAGE - 40]}... ({len(one):,} characters)"
+    return printable(one)
 
 
 def report(exc: BaseException) -> int:

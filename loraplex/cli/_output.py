@@ -1,7 +1,10 @@
 """The one place that prints results: rich tables for people on a terminal, plain text when stdout is a
 pipe or a file (one row a line, columns separated by two spaces, never folded mid-word), JSON for
 programs (`--json`). Nothing here interprets rich markup: user text (descriptions, task names, answers)
-is printed as it is, square brackets included."""
+is printed as it is, square brackets included, except the characters that would act on the terminal
+instead of being read: control characters (ESC starts an escape sequence, NUL, BEL, a newline inside one
+row) and the bidirectional overrides and isolates that reorder the text shown after them are written as
+escapes (`\x1b`, `\u202e`; `printable`). --json keeps the text as it is."""
 
 from __future__ import annotations
 
@@ -9,6 +12,29 @@ import json
 import math
 import sys
 from typing import Any, Iterable, Sequence
+
+from loraplex.tasks import BIDI_CONTROLS
+
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+_SPACES = {ord("\t"): " ", ord("\n"): " ", ord("\r"): " "}  # a value in a cell or after "key:" stays on its line
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (C0, DEL, C1) and bidirectional override or isolate written
+    as an escape, so user text shown on a terminal cannot move the cursor, recolour, retitle or reorder it."""
+    return text.translate(_ESCAPES)
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """`text` quoted for a title or a message, cut to `limit` characters (and its length said) when longer."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def _clean(obj: Any) -> Any:
@@ -68,7 +94,7 @@ def fmt(v: Any) -> str:
         return f"{v:,}"
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt(x) for x in v) or "-"
-    return str(v)
+    return printable(str(v).translate(_SPACES))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None,
@@ -80,14 +106,14 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str 
         body = [[_one_line(fmt(r.get(c))) for c in columns] for r in rows]
         widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
         if title:
-            sys.stdout.write(title + "\n")
+            sys.stdout.write(printable(title) + "\n")
         for cells in [head] + body:
             sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() + "\n")
         sys.stdout.flush()
         return
     from rich.table import Table
 
-    t = Table(title=title, show_lines=False, header_style="bold")
+    t = Table(title=printable(title) if title else None, show_lines=False, header_style="bold")
     for i, c in enumerate(columns):
         width = (max_width or {}).get(c)
         t.add_column(headers[i] if headers else c, overflow="fold", max_width=width,
@@ -111,24 +137,25 @@ def kv(data: dict[str, Any], *, title: str | None = None) -> None:
         if title:
             sys.stdout.write(title + "\n")
         for k, v in data.items():
-            sys.stdout.write(f"{k}: {_kv_value(v)}\n")
+            sys.stdout.write(f"{printable(str(k))}: {_kv_value(v)}\n")
         sys.stdout.flush()
         return
     from rich.table import Table
 
-    t = Table(title=title, show_header=False, box=None, pad_edge=False)
+    t = Table(title=printable(title) if title else None, show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     for k, v in data.items():
-        t.add_row(k, _kv_value(v))
+        t.add_row(printable(str(k)), _kv_value(v))
     _console().print(t)
 
 
 def line(text: str) -> None:
     if _silent():
         return
+    text = printable(str(text))
     if _plain():
-        sys.stdout.write(str(text) + "\n")
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
         return
     _console().print(text)
@@ -138,7 +165,7 @@ def warn(text: str) -> None:
     """One `warning:` line on stderr (the result itself still goes to stdout)."""
     if _silent():
         return
-    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.write(f"warning: {printable(str(text))}\n")
     sys.stderr.flush()
 
 

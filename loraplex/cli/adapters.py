@@ -102,7 +102,7 @@ def search(
     if not hits:
         out.line("no adapters registered")
         return
-    out.table(hits, ["name", "score", "task", "description"], title=f"nearest to: {text!r}",
+    out.table(hits, ["name", "score", "task", "description"], title=f"nearest to: {out.quoted(text)}",
               max_width={"description": 60, "task": 30})
 
 

@@ -93,7 +93,7 @@ def query(
         ads = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in r["adapters"][:4])
         if len(res) > 1 or trace:
             out.line(f"query: {r['query']}")
-        out.line(f"answer: {r['answer']}   (task {r['task'] or '-'}; adapters: {ads or '-'})")
+        out.line(f"answer: {out.fmt(r['answer'])}   (task {r['task'] or '-'}; adapters: {ads or '-'})")
         if "decision" in r:
             out.line(f"decision: {r['decision']}: {r['reason']}")
         if trace and "tokens" in r:

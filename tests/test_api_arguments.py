@@ -1,0 +1,108 @@
+"""The Python API's boundary: an argument of the wrong type, a string where a list of names is due, an
+unknown option, all refused in one line (UserInputError naming the argument) before anything runs, and
+the registry left as it was. Before, these ended in TypeError, AttributeError, sqlite3's
+ProgrammingError, or a string split into characters ("no adapter named 'd'")."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from loraplex import api
+from loraplex.errors import UserInputError
+from tests.conftest import make_peft_adapter, registry_state
+
+
+@pytest.fixture
+def one_adapter(settings, tiny_bert, tmp_path):
+    peft_dir = make_peft_adapter(tiny_bert, tmp_path / "peft")
+    api.register(peft_dir, name="dp", description="airline tweets", task="airline", base=str(tiny_bert),
+                 settings=settings)
+    return settings
+
+
+CALLS = [
+    (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),
+    (lambda s: api.show(Path("dp"), settings=s), "show(): name must be str, got PosixPath"),
+    (lambda s: api.remove(["dp"], settings=s), "remove(): name must be str"),
+    (lambda s: api.search(5, settings=s), "search(): text must be str, got int 5"),
+    (lambda s: api.search("cars", k="3", settings=s), "search(): k must be int, got str '3'"),
+    (lambda s: api.search("cars", k=True, settings=s), "search(): k must be int, got bool True"),
+    (lambda s: api.search("cars", k=2.5, settings=s), "search(): k must be int, got float 2.5"),
+    (lambda s: api.export(None, "/tmp/x", settings=s), "export(): name must be str, got NoneType"),
+    (lambda s: api.export("dp", 5, settings=s), "export(): out_dir must be str | Path, got int 5"),
+    (lambda s: api.register(None, name="a", description="b", settings=s), "register(): path must be str | Path"),
+    (lambda s: api.register("/tmp", name="a", description=["d"], settings=s), "register(): description must be str, got list"),
+    (lambda s: api.register("/tmp", name=5, description="d", settings=s), "register(): name must be str, got int 5"),
+    (lambda s: api.list_tasks(["news-topics"]), "list_tasks(): family must be str | None, got list"),
+    (lambda s: api.load_adapted("dp", settings=s), "load_adapted(): names must be a list of strings"),
+    (lambda s: api.load_adapted([5], settings=s), "(names[0] is int 5)"),
+    (lambda s: api.evaluate("dp", task=None, settings=s), "evaluate(): task must be str, got NoneType"),
+    (lambda s: api.evaluate("dp", task="airline", bogus=1, settings=s), "evaluate(): unknown option 'bogus' (options: task,"),
+    (lambda s: api.train(None, name="x", settings=s), "train(): task must be str"),
+    (lambda s: api.fit_generator("g", method="sg-lora", bogus=1, settings=s), "fit_generator(): unknown option 'bogus'"),
+    (lambda s: api.fit_router("r", router="token-gate", adapters="dp,cp", settings=s),
+     "fit_router(): adapters must be a list of strings (Sequence[str]), not one string 'dp,cp'"),
+    (lambda s: api.generate_adapter(5, generator="g", name="n", settings=s), "generate_adapter(): description must be str"),
+    (lambda s: api.generate_adapter("d", generator="g", name="n", bogus=1, settings=s), "generate_adapter(): unknown option 'bogus'"),
+    (lambda s: api.generate_adapter("d", generator="g", name="n", examples=[["a", "b"]], settings=s),
+     "generate_adapter(): examples must be"),
+    (lambda s: api.query("good car", settings=s), "query(): texts must be a list of strings"),
+    (lambda s: api.query([5], settings=s), "(texts[0] is int 5)"),
+    (lambda s: api.query(["a"], adapters="dp", settings=s), "query(): adapters must be a list of strings"),
+    (lambda s: api.query(["a"], batch_size="2", settings=s), "query(): batch_size must be int, got str '2'"),
+    (lambda s: api.query(["a"], config="top_k=2", settings=s), "query(): config must be dict[str, Any] | None"),
+    (lambda s: api.query(["a"], bogus=1, settings=s), "query(): unknown option 'bogus'"),
+    (lambda s: api.answer_each("ab", "dp", settings=s), "answer_each(): texts must be a list of strings"),
+    (lambda s: api.answer_each(["fine", " "], ["dp", "dp"], settings=s), "text 2 is empty"),
+    (lambda s: api.run_stream(None, settings=s), "run_stream(): spec must be str | Path"),
+    (lambda s: api.stream_report(5), "stream_report(): run_dir must be str | Path, got int 5"),
+    (lambda s: api.forget("t", labels="ab", settings=s), "forget(): labels must be a list of strings"),
+    (lambda s: api.list_adapters("x"), "list_adapters(): settings must be Settings | None, got str 'x'"),
+    (lambda s: api.search(settings=s), "search(): missing argument 'text'"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(CALLS)))
+def test_wrong_arguments_are_named_in_one_line(one_adapter, i):
+    call, match = CALLS[i]
+    before = registry_state(one_adapter.home)
+    with pytest.raises(UserInputError) as exc:
+        call(one_adapter)
+    assert match in str(exc.value), str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert registry_state(one_adapter.home) == before
+
+
+def test_right_arguments_still_pass(one_adapter):
+    """The check does not refuse what the functions take: a tuple of names, a Path, keyword options."""
+    assert [r.name for r in api.list_adapters(one_adapter)] == ["dp"]
+    assert api.show("dp", settings=one_adapter)["name"] == "dp"
+    hits = api.search("airline", k=1, settings=one_adapter)
+    assert [h["name"] for h in hits] == ["dp"]
+    out = api.query(("late flight", "lost bag"), adapters=("dp",), batch_size=1, settings=one_adapter)
+    assert len(out) == 2
+
+
+def _public_functions():
+    return [(n, f) for n, f in vars(api).items() if inspect.isfunction(f) and not n.startswith("_")
+            and f.__module__ == api.__name__]
+
+
+def test_every_public_function_checks_its_arguments():
+    """A new API function without the boundary check would take any type again."""
+    unchecked = [n for n, f in _public_functions() if not hasattr(f, "__wrapped__")]
+    assert not unchecked, unchecked
+
+
+def test_every_api_annotation_resolves():
+    """An annotation the checker cannot resolve is checked as Any, i.e. not at all: every parameter of
+    every API function must name real types."""
+    for name, fn in _public_functions():
+        for p in inspect.signature(fn.__wrapped__).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                continue
+            assert p.annotation is not inspect.Parameter.empty, (name, p.name)
+            eval(p.annotation, vars(api))  # NameError if it names a type imported only for type checking
