@@ -93,8 +93,11 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
         bad = [lab for lab in chosen if lab not in target.labels]
         if bad:
             raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: {', '.join(target.labels)})")
-        if set(chosen) == set(target.labels):
-            chosen = None
+        twice = next((lab for j, lab in enumerate(chosen) if lab in chosen[:j]), None)
+        if twice is not None:
+            raise UserInputError(f"label {twice!r} is named twice")
+        if set(chosen) == set(target.labels):  # as a stream spec says it: a request means what it names
+            raise UserInputError(f"naming every label of {target.name!r} forgets the whole task; drop --labels")
     return target, chosen
 
 

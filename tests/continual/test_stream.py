@@ -63,6 +63,9 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     before = registry_state(cli.home)
     bad = cli("forget", "weather")
     assert bad.exit_code == 2 and "never learned" in bad.stderr and registry_state(cli.home) == before
+    every = cli("forget", "markets", "--labels", "flat,down,up")  # was quietly taken as the whole task
+    assert every.exit_code == 2 and "forgets the whole task; drop --labels" in every.stderr
+    assert registry_state(cli.home) == before
     one = cli("forget", "markets", "--labels", "up", "--steps", "3", "--eval-limit", "6", "--json")
     assert one.exit_code == 0, one.output
     got = json.loads(one.stdout)
