@@ -102,7 +102,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str 
     if _silent():
         return
     if _plain():
-        head = list(headers or columns)
+        head = [printable(str(h)) for h in (headers or columns)]
         body = [[_one_line(fmt(r.get(c))) for c in columns] for r in rows]
         widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
         if title:
@@ -116,7 +116,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str 
     t = Table(title=printable(title) if title else None, show_lines=False, header_style="bold")
     for i, c in enumerate(columns):
         width = (max_width or {}).get(c)
-        t.add_column(headers[i] if headers else c, overflow="fold", max_width=width,
+        t.add_column(printable(str(headers[i] if headers else c)), overflow="fold", max_width=width,
                      justify="right" if rows and isinstance(rows[0].get(c), (int, float)) and not isinstance(rows[0].get(c), bool) else "left")
     for r in rows:
         t.add_row(*[fmt(r.get(c)) for c in columns])
