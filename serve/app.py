@@ -33,6 +33,8 @@ from loraplex.serve.targets import ModelUnknown, Target
 
 log = logging.getLogger("loraplex.serve")
 DEFAULT_MAX_TOKENS = 256
+DISCONNECT_CHECK_S = 0.5
+"""How often a request waiting for its answer looks whether its client is still there."""
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify",
              "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -72,29 +74,79 @@ def request_id(headers: dict[bytes, bytes]) -> bytes:
     return f"req-{uuid.uuid4().hex}".encode()
 
 
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: one of ENDPOINTS, `/v1/models/{id}`, or `other`."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
+def loopback_name(name: str) -> bool:
+    """Whether `name` names this machine only (localhost, 127.0.0.0/8, ::1, bracketed or not)."""
+    import ipaddress
+
+    name = name.strip().lower()
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_host(host: bytes) -> bool:
+    """Whether a Host header (`name`, `name:port`, `[::1]:port`) names this machine's loopback."""
+    name = host.decode("latin-1").strip()
+    if name.startswith("["):
+        if "]" not in name:
+            return False
+        name = name[:name.find("]") + 1]
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    return loopback_name(name)
+
+
 class Guard:
     """ASGI middleware: the API key on /v1, each request's status and time in the metrics, and its
-    `x-request-id` header on every answer."""
+    `x-request-id` header on every answer. With `loopback_only` (a server listening on loopback, the
+    default), a /v1 request whose Host is another name is refused: a web page whose name an attacker
+    points at 127.0.0.1 (DNS rebinding) could otherwise call the server as its own origin."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None):
-        self.app, self.metrics, self.key = app, metrics, api_key
+    def __init__(self, app, metrics: Metrics, api_key: str | None, loopback_only: bool = False):
+        self.app, self.metrics, self.key, self.loopback_only = app, metrics, api_key, loopback_only
+
+    def _refusal(self, path: str, headers: list[tuple[bytes, bytes]]) -> APIError | None:
+        if not path.startswith("/v1"):
+            return None
+        if self.loopback_only:
+            hosts = [v for k, v in headers if k == b"host"]
+            if len(hosts) != 1 or not loopback_host(hosts[0]):
+                shown = hosts[0].decode("latin-1")[:100] if hosts else ""
+                return APIError(403, f"Host {shown!r} is not a loopback name: this server listens on loopback only "
+                                     "(start it with --host to serve other names)", code="host_not_allowed")
+        if self.key:
+            given = [v for k, v in headers if k == b"authorization"]
+            if len(given) > 1:  # which one would count? (a proxy adding its own, a client's second)
+                return APIError(401, "send one Authorization header, not several", code="invalid_api_key")
+            scheme, _, token = (given[0] if given else b"").strip().partition(b" ")
+            # the scheme is case-insensitive (RFC 9110 11.1), the key is not
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key.encode()):
+                return APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
-        t0, status = time.perf_counter(), [500]
-        headers = dict(scope["headers"])
-        rid = request_id(headers)
-        if self.key and path.startswith("/v1"):
-            scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
-            # the scheme is case-insensitive (RFC 9110 11.1), the key is not
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key.encode()):
-                err = APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
-                resp = JSONResponse(err.body(), status_code=401, headers={"x-request-id": rid.decode()})
-                self.metrics.answered(endpoint, 401, time.perf_counter() - t0)
-                return await resp(scope, receive, send)
+        endpoint = _endpoint(path)
+        t0, status, counted = time.perf_counter(), [500], [False]
+        rid = request_id(dict(scope["headers"]))
+        err = self._refusal(path, scope["headers"])
+        if err is not None:
+            extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+            resp = JSONResponse(err.body(), status_code=err.status, headers={"x-request-id": rid.decode(), **extra})
+            self.metrics.answered(endpoint, err.status, time.perf_counter() - t0)
+            return await resp(scope, receive, send)
 
         async def watch(message):
             if message["type"] == "http.response.start":
@@ -102,14 +154,25 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                counted[0] = True
                 self.metrics.answered(endpoint, status[0], time.perf_counter() - t0)
 
-        await self.app(scope, receive, watch)
+        try:
+            await self.app(scope, receive, watch)
+        except BaseException:
+            if not counted[0]:  # the app failed mid-answer (a stream broken by the server)
+                counted[0] = True
+                self.metrics.answered(endpoint, 500, time.perf_counter() - t0)
+            raise
+        finally:
+            if not counted[0]:  # the answer ended before its last part: the client went away (a stream it closed)
+                self.metrics.answered(endpoint, 499, time.perf_counter() - t0)
 
 
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
-               backend: str | None = None, lora_updates: bool = True) -> Any:
-    """The ASGI app: FastAPI's routes (one group per function below) inside the Guard."""
+               backend: str | None = None, lora_updates: bool = True, loopback_only: bool = False) -> Any:
+    """The ASGI app: FastAPI's routes (one group per function below) inside the Guard (`loopback_only`:
+    refuse /v1 requests whose Host is not a loopback name, see Guard)."""
     checked_api_key(api_key)
     cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None, lora_updates)
 
@@ -130,7 +193,7 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     _plain_routes(app, cx)
     _generation_routes(app, cx)
     _extension_routes(app, cx)
-    return Guard(app, metrics, api_key)
+    return Guard(app, metrics, api_key, loopback_only)
 
 
 @dataclass
@@ -170,15 +233,22 @@ class _Context:
             raise self.error(exc) from None
 
     async def wait(self, job: Job, request: Request) -> tuple[Any, list[dict]]:
-        """The job's result and its token trace; a client that went away cancels it."""
+        """The job's result and its token trace; a client that went away cancels it (checked every
+        DISCONNECT_CHECK_S, whether or not tokens are flowing: a row generating to max_tokens for nobody
+        holds a batch slot)."""
         tokens: list[dict] = []
+        checked = time.monotonic()
         while True:
             try:
-                ev = await asyncio.wait_for(job.events.get(), 0.5)
+                ev = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S or ev is None:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancelled = True
                     raise APIError(499, "the client closed the connection")
+            if ev is None:
                 continue
             if ev[0] == "token":
                 tokens.append(ev[1])
@@ -211,8 +281,9 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+    async def _http_error(request, exc):  # its headers kept: a 405 carries Allow (RFC 9110 15.5.6)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
@@ -233,11 +304,11 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
     async def health():
         return {"status": "ok", "base": engine.base_name, "family": engine.family}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus():
         return Response(cx.metrics.text(), media_type=cx.metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         items = await cx.threaded(engine.models)
         now = int(time.time())
@@ -246,7 +317,7 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
                  "loraplex": {k: v for k, v in m.items() if k != "id"}} for m in items]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(model: str):
         """OpenAI's `models.retrieve`: one entry of /v1/models, or a 404 naming the model."""
         listed = (await models())["data"]
@@ -274,16 +345,17 @@ async def _generate(cx: _Context, request: Request, chat: bool):
     """A chat or text completion: forwarded to the backend (--backend), or a job of the batching thread
     answered whole or streamed."""
     raw = await read_body(request)
-    req = parse(raw, ChatRequest if chat else CompletionRequest)
+    # parsing and tokenising a long body take seconds: in a worker thread, so other clients are not held up
+    req = await run_in_threadpool(parse, raw, ChatRequest if chat else CompletionRequest)
     target = cx.resolve(req.model)
-    ids, text, sampling = _prompt(cx.engine, req, chat)
+    ids, text, sampling = await run_in_threadpool(_prompt, cx.engine, req, chat)
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text])
     if cx.fwd is not None:
         return await _forward(cx, request, raw, req.model, target, text, routes)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
-    answer = _Answer(req, target, chat, len(ids))
+    answer = _Answer(req, target, chat, len(ids), cx.error)
     if not req.stream:
         res, tokens = await cx.wait(job, request)
         return answer.whole(res, tokens)
@@ -298,7 +370,9 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
         raise APIError(400, f"the base {engine.base_name!r} is an encoder: it does not generate text "
                             "(use /v1/classify)", param="model")
     if chat:
-        ids, text = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        # OpenAI's `developer` message is its newer name for the system message (a chat template knows "system")
+        ids, text = engine.chat_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                        for m in req.messages])
     else:
         text = req.text()
         ids = engine.encode_prompt(text)
@@ -338,8 +412,9 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
 class _Answer:
     """A generation's answer in OpenAI's shapes: whole (`whole`) or as server-sent events (`events`)."""
 
-    def __init__(self, req, target: Target, chat: bool, n_prompt: int):
+    def __init__(self, req, target: Target, chat: bool, n_prompt: int, error):
         self.req, self.target, self.chat, self.n_prompt = req, target, chat, n_prompt
+        self.error = error  # a library error as its APIError (_Context.error)
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                      "model": req.model}
 
@@ -388,8 +463,8 @@ class _Answer:
                     if with_usage:
                         yield _sse({**chunk, "choices": [], "usage": self.usage(res["completion_tokens"])})
                     break
-                elif ev[0] == "error":
-                    yield _sse(cx.error(ev[1]).body())
+                elif ev[0] == "error":  # the stream has begun (200): the error is its last event
+                    yield _sse(self.error(ev[1]).body())
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -408,7 +483,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        req = parse(await read_body(request), ClassifyRequest)
+        req = await run_in_threadpool(parse, await read_body(request), ClassifyRequest)
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
         await run_in_threadpool(_within_context, engine, texts)
@@ -433,7 +508,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         cx.updating("/v1/load_lora_adapter")
-        req = parse(await read_body(request), LoadLoraRequest)
+        req = await run_in_threadpool(parse, await read_body(request), LoadLoraRequest)
         try:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
@@ -444,7 +519,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         cx.updating("/v1/unload_lora_adapter")
-        req = parse(await read_body(request), UnloadLoraRequest)
+        req = await run_in_threadpool(parse, await read_body(request), UnloadLoraRequest)
         try:
             await run_in_threadpool(engine.unregister, req.lora_name)
         except LoraplexError as exc:

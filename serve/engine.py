@@ -54,7 +54,10 @@ class Engine:
                  auto: dict[str, Any] | None = None):
         if max_loras < 1:
             raise UserInputError("--max-loras must be at least 1")
-        auto_router.parse_config(auto)  # a bad auto option is refused before the base loads
+        top_k = auto_router.parse_config(auto).top_k  # a bad auto option is refused before the base loads
+        if top_k > max_loras:  # every routed auto request would need more slots than the bank has
+            raise UserInputError(f"auto's top_k ({top_k}) is over --max-loras ({max_loras}): a routed request "
+                                 "mixes top_k adapters in the slot bank at once; lower top_k or raise --max-loras")
         self.settings = settings or Settings.load()
         self.events = events or Events()
         self.max_loras = max_loras

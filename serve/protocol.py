@@ -50,7 +50,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": (),
     # OpenAI's default "text" asks for nothing; "store: false" and empty metadata neither (nothing is stored)
     "store": (False,), "metadata": ({},), "web_search_options": (), "verbosity": (), "prompt_cache_key": (),
-    "safety_identifier": (),
+    "safety_identifier": (), "moderation": (), "prompt_cache_options": (), "prompt_cache_retention": (),
 }
 # fields of an assistant message that the openai client sends back as null/empty (`messages.append(msg)`
 # after `msg.model_dump()`): those values ask nothing; any other value is refused by name
@@ -66,6 +66,15 @@ def _not_asked(value: Any, defaults: tuple[Any, ...]) -> bool:
 class StreamOptions(_Body):
     include_usage: bool = False
     """A last chunk, before [DONE], with the usage and no choices; every other chunk has `usage: null`."""
+    include_obfuscation: Optional[bool] = None
+    """OpenAI's random padding of stream chunks: not implemented, so only false (or null) is taken."""
+
+    @model_validator(mode="after")
+    def _no_obfuscation(self) -> "StreamOptions":
+        if self.include_obfuscation:
+            raise APIError(400, "'stream_options.include_obfuscation' is not supported by loraplex serve (send false)",
+                           param="stream_options.include_obfuscation", code="unsupported")
+        return self
 
 
 class _Generate(_Body):
@@ -170,6 +179,8 @@ class CompletionRequest(_Generate):
 
     def text(self) -> str:
         if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise APIError(400, "the prompt list is empty: send one prompt", param="prompt")
             if len(self.prompt) != 1:
                 raise APIError(400, "a list of prompts is not supported: send one prompt per request",
                                param="prompt", code="unsupported")
@@ -229,6 +240,21 @@ def _union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part)
 
 
+def _where(err: dict[str, Any]) -> str | None:
+    """An error's location as `messages.0.content`: the Union members pydantic names dropped, except the last
+    part of an unknown field's location, which is the field's own name (`logit_bias[50256]`, `list`), and
+    written with escapes where a part holds characters that would not show as themselves."""
+    loc = list(err["loc"])
+    keep_last = err["type"] == "extra_forbidden"
+    parts = [p for i, p in enumerate(loc) if not _union_tag(p) or (keep_last and i == len(loc) - 1)]
+    return ".".join(_shown(str(p)) for p in parts) or None
+
+
+def _shown(text: str) -> str:
+    """`text` as it can be shown in a message: non-printable characters (controls, bidi overrides) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
     """Where in decoded JSON a string (or a key) holds a lone UTF-16 surrogate (`"\\ud800"`), which is no
     Unicode text: a tokenizer fails on it and no answer could echo it. None when there is none."""
@@ -260,6 +286,19 @@ async def read_body(request: Any) -> bytes:
     def too_large() -> APIError:
         return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
 
+    ctype = request.headers.get("content-type")
+    if ctype is not None:  # a browser's cross-site "simple" request is text/plain or a form: never JSON
+        kind, _, params = ctype.partition(";")
+        kind = kind.strip().lower()
+        charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
+                        if k.strip().lower() == "charset"), "utf-8")
+        if not (kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))) \
+                or charset not in ("utf-8", "utf8"):
+            raise APIError(415, f"Content-Type {ctype.strip()[:100]!r} is not supported: send the body as "
+                                "application/json (UTF-8)", code="unsupported_media_type")
+    for key in request.query_params:  # openai's extra_query: options belong in the body
+        raise APIError(400, f"query parameter {_shown(key[:100])!r} is not supported: send options in the JSON body",
+                       param=key[:100], code="unsupported")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
@@ -284,7 +323,7 @@ async def read_body(request: Any) -> bytes:
 def parse(raw: bytes, model: type[BaseModel]) -> Any:
     """The body as `model`, or an APIError (400) naming what is wrong."""
     try:
-        data = json.loads(raw or b"")
+        data = json.loads((raw or b"").decode("utf-8"))  # JSON is exchanged as UTF-8 (RFC 8259 8.1): never UTF-16
     except (ValueError, UnicodeDecodeError) as exc:
         if "int_max_str_digits" in str(exc) or "Exceeds the limit" in str(exc):
             raise APIError(400, "the request body holds a number of more than 4,300 digits",
@@ -307,5 +346,5 @@ def parse(raw: bytes, model: type[BaseModel]) -> Any:
         # (`messages.0.content.0.text: Field required`, not `messages.0.content: Input should be a valid string`)
         errs = exc.errors()
         err = max(errs, key=lambda e: (e["loc"][:1] == errs[0]["loc"][:1], len(e["loc"])))
-        where = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or None
+        where = _where(err)
         raise APIError(400, f"{where or 'body'}: {err['msg']}", param=where, code="invalid_value") from None

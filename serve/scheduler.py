@@ -189,11 +189,22 @@ class Scheduler:
                 self._lanes[lane] = b
                 self._report(lane, b)
             except Exception as exc:
-                self._fail([j for j, _ in take], exc, "generate")
                 for row in rows:
                     self._owner.pop(id(row), None)
+                gone = self._gone(take) if lane == "bank" else []
+                if gone:  # an adapter removed since its request came: that request fails, the others wait
+                    self._fail([j for j, _ in gone], exc, "generate")
+                    waiting += [item for item in take if item not in gone]
+                else:
+                    self._fail([j for j, _ in take], exc, "generate")
             waiting += rest
         self._pending = waiting
+
+    def _gone(self, items: list[tuple[Job, Route | None]]) -> list[tuple[Job, Route | None]]:
+        """The items whose route names an adapter the registry no longer holds."""
+        reg = self.engine.reg()
+        missing = {a for _, r in items if r is not None for a, _ in r.adapters if not reg.has_adapter(a)}
+        return [(j, r) for j, r in items if r is not None and any(a in missing for a, _ in r.adapters)]
 
     def _fit(self, items: list[tuple[Job, Route | None]], pinned: set[str]) -> int:
         """How many of `items` (in order) fit in the slot bank beside the adapters `pinned`."""

@@ -10,7 +10,7 @@ import sys
 import uvicorn
 
 from loraplex.errors import UserInputError
-from loraplex.serve.app import checked_api_key, create_app
+from loraplex.serve.app import checked_api_key, create_app, loopback_name
 from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
@@ -19,14 +19,16 @@ from loraplex.serve.scheduler import Scheduler
 
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
           max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
-          backend: str | None = None, auto: dict | None = None, lora_updates: bool = True):
-    """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start."""
+          backend: str | None = None, auto: dict | None = None, lora_updates: bool = True,
+          loopback_only: bool = False):
+    """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start
+    (`loopback_only`: /v1 requests must name a loopback Host, serve/app.py's Guard)."""
     metrics = Metrics()
     engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics,
                     auto=auto)
     scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
     return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend,
-                      lora_updates=lora_updates), engine
+                      lora_updates=lora_updates, loopback_only=loopback_only), engine
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -49,18 +51,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loopback(host: str) -> bool:
-    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if options.get("backend"):
@@ -68,7 +58,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     checked_api_key(options.get("api_key"))
     sock = listening_socket(host, port)
     try:
-        app, engine = build(settings, **options)
+        app, engine = build(settings, loopback_only=loopback_name(host), **options)
     except BaseException:
         sock.close()
         raise
@@ -77,7 +67,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     where = f"[{host}]" if ":" in host else host
     print(f"loraplex serve: {engine.base_name} ({engine.family}) with {n} adapters and routers, "
           f"on http://{where}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    if options.get("lora_updates", True) and not options.get("api_key") and not _loopback(host):
+    if options.get("lora_updates", True) and not options.get("api_key") and not loopback_name(host):
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)

@@ -113,7 +113,7 @@ def test_the_api_key_guards_v1(llama_home, tiny_llama):
 
 
 def test_lora_updates_can_be_turned_off(llama_home, tmp_path):
-    from loraplex.serve.server import _loopback
+    from loraplex.serve.app import loopback_host, loopback_name
 
     s, _ = llama_home
     before = registry_state(s.home)
@@ -125,8 +125,10 @@ def test_lora_updates_can_be_turned_off(llama_home, tmp_path):
             assert "--no-lora-updates" in r.json()["error"]["message"]
         assert httpx.get(url + "/v1/models").status_code == 200
     assert registry_state(s.home) == before
-    assert [_loopback(h) for h in ("127.0.0.1", "127.3.0.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
-                                   "10.0.0.2", "example.org")] == [True] * 5 + [False] * 4
+    assert [loopback_name(h) for h in ("127.0.0.1", "127.3.0.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
+                                       "10.0.0.2", "example.org")] == [True] * 5 + [False] * 4
+    assert [loopback_host(h) for h in (b"127.0.0.1:8000", b"localhost:1", b"[::1]:80", b"LOCALHOST", b"[::1]",
+                                       b"attacker.example:8000", b"127.0.0.1.nip.io", b"", b"[::1")] == [True] * 5 + [False] * 4
 
 
 def test_backend_forwarding_chooses_here_and_generates_there(llama_home, tiny_llama):

@@ -1,0 +1,201 @@
+"""What one client, careless or hostile, can do to the server and its other clients (the faults of a
+hostile sweep with the openai client and raw HTTP): a stream that fails after it began ends with an
+error event and [DONE]; an adapter removed while requests wait fails only the requests that named it;
+a web page cannot call the server (no JSON content type: 415; a rebound Host: 403); every request is
+counted once in the metrics, a stream its client closed as 499; headers and fields are named."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.serve_util import llama_home, metric, serving  # noqa: F401 (a fixture)
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def llama_url(llama_home, tiny_llama):
+    s, _ = llama_home
+    with serving(s, base=str(tiny_llama), max_loras=2, max_batch=8, api_key="k3y") as url:
+        yield url
+
+
+def _h(url: str, **headers):
+    return httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer k3y", **headers})
+
+
+def _err(r, status, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    if code:
+        assert err["code"] == code, err
+    return err
+
+
+def test_a_stream_that_fails_after_it_began_ends_with_an_error_event(llama_url, monkeypatch):
+    """The error event of a stream referred to a name out of scope: the client got the first chunk, then a
+    dropped connection (NameError in the server's log)."""
+    from loraplex.errors import UserInputError
+    from loraplex.serve.engine import Engine
+
+    def broken(self, rows, routes, pinned):
+        raise UserInputError("the adapter's slot cannot be filled")
+
+    monkeypatch.setattr(Engine, "bind", broken)
+    with _h(llama_url) as h, h.stream("POST", "/v1/chat/completions", json={
+            "model": "flights-lora", "stream": True, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "late flight"}]}) as r:
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    err = json.loads(events[-2])["error"]
+    assert "the adapter's slot cannot be filled" in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_an_adapter_removed_while_requests_wait_fails_only_its_own(llama_home, tiny_llama, monkeypatch):
+    """Requests admitted in one batch with a request whose adapter was removed meanwhile all failed with a
+    404 naming that adapter, the bare base's too."""
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+
+    s, root = llama_home
+    real = Engine.bind
+    state = {"removed": False}
+
+    def remove_then_bind(self, rows, routes, pinned):
+        names = {a for r in routes for a, _ in r.adapters}
+        if "gone-lora" in names and not state["removed"]:
+            state["removed"] = True
+            api.remove("gone-lora", settings=s)
+        return real(self, rows, routes, pinned)
+
+    monkeypatch.setattr(Engine, "bind", remove_then_bind)
+    api.export("flights-lora", root / "gone-peft", overwrite=True, settings=s)
+    with serving(s, base=str(tiny_llama), max_loras=4, max_batch=8, max_wait_ms=400) as url, \
+            httpx.Client(base_url=url, timeout=60) as h:
+        r = h.post("/v1/load_lora_adapter", json={"lora_name": "gone-lora", "lora_path": str(root / "gone-peft"),
+                                                  "description": "flights messages, again"})
+        assert r.status_code == 200, r.text
+        out: dict[str, httpx.Response] = {}
+
+        def ask(model):
+            out[model] = h.post("/v1/completions", json={"model": model, "prompt": "late", "max_tokens": 2,
+                                                         "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in ("gone-lora", "sports-lora", "tiny-llama")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert state["removed"]
+    assert out["gone-lora"].status_code == 404 and "gone-lora" in out["gone-lora"].text
+    for m in ("sports-lora", "tiny-llama"):
+        assert out[m].status_code in (200, 404), out[m].text
+        if out[m].status_code == 404:  # the base's name differs by fixture: only an unknown model may 404
+            assert "gone-lora" not in out[m].text, out[m].text
+    assert out["sports-lora"].status_code == 200, out["sports-lora"].text
+
+
+def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
+    """A browser's cross-site "simple" request (text/plain, a form) was read as JSON and could register or
+    remove adapters; a rebound DNS name (Host: attacker.example) was served as the server's own."""
+    s, _ = llama_home
+    with serving(s, base=str(tiny_llama), loopback_only=True) as url, httpx.Client(base_url=url, timeout=60) as h:
+        body = json.dumps({"lora_name": "sports-lora"})
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                      "application/json; charset=utf-16"):
+            _err(h.post("/v1/unload_lora_adapter", content=body, headers={"content-type": ctype}), 415, None,
+                 "unsupported_media_type")
+        _err(h.post("/v1/completions", content=json.dumps({"model": "x", "prompt": "y"}).encode("utf-16"),
+                    headers={"content-type": "application/json"}), 400, None, "invalid_json")
+        _err(h.get("/v1/models", headers={"host": "attacker.example:8000"}), 403, None, "host_not_allowed")
+        assert h.get("/health", headers={"host": "attacker.example"}).status_code == 200
+        assert h.get("/v1/models", headers={"host": "localhost"}).status_code == 200
+        assert h.get("/v1/models").status_code == 200
+        ok = h.post("/v1/completions", content=json.dumps({"model": "flights-lora", "prompt": "late", "max_tokens": 1}),
+                    headers={"content-type": "application/json; charset=UTF-8"})
+        assert ok.status_code == 200, ok.text
+        assert "sports-lora" in {m["id"] for m in h.get("/v1/models").json()["data"]}
+
+
+def test_every_request_is_counted_once(llama_url):
+    """A stream its client closed was counted nowhere (a non-streamed one as 499)."""
+    with _h(llama_url) as h:
+        before = metric(h.get("/metrics").text, 'loraplex_requests_total{endpoint="/v1/completions",status="499"}')
+        with h.stream("POST", "/v1/completions", json={"model": "flights-lora", "prompt": "late", "stream": True,
+                                                       "max_tokens": 100}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        for _ in range(100):  # the server sees the closed stream at its next token
+            after = metric(h.get("/metrics").text, 'loraplex_requests_total{endpoint="/v1/completions",status="499"}')
+            if after > before:
+                break
+            threading.Event().wait(0.05)
+        assert after == before + 1
+        h.get("/v1/models/flights-lora")
+        assert metric(h.get("/metrics").text, 'loraplex_requests_total{endpoint="/v1/models/{id}",status="200"}') >= 1
+
+
+def test_headers_methods_and_odd_field_names(llama_url):
+    ask = {"model": "flights-lora", "prompt": "late", "max_tokens": 1}
+    with httpx.Client(base_url=llama_url, timeout=60) as h:
+        # two Authorization headers: which would count? (the last one did); a 401 says how to authenticate
+        r = h.post("/v1/completions", json=ask, headers=[("Authorization", "Bearer nope"), ("Authorization", "Bearer k3y")])
+        assert r.status_code == 401 and "one Authorization header" in r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+    with _h(llama_url) as h:
+        r = h.get("/v1/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert h.head("/v1/models").status_code == 200 and h.head("/metrics").status_code == 200
+        _err(h.post("/v1/completions", json={**ask, "logit_bias[50256]": -100}), 400, "logit_bias[50256]")
+        _err(h.post("/v1/chat/completions", json={"model": "flights-lora", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "hi", "list": 1}]}), 400, "messages.0.list")
+        err = _err(h.post("/v1/completions", json={**ask, "\u202eabc": 1}), 400, "\\u202eabc")
+        assert "\u202e" not in err["message"]
+        for name in ("moderation", "prompt_cache_retention"):
+            _err(h.post("/v1/completions", json={**ask, name: "x"}), 400, name, "unsupported")
+        stream = {**ask, "stream": True}
+        assert h.post("/v1/completions", json={**stream, "stream_options": {"include_obfuscation": False}}).status_code == 200
+        _err(h.post("/v1/completions", json={**stream, "stream_options": {"include_obfuscation": True}}), 400,
+             "stream_options.include_obfuscation", "unsupported")
+        err = _err(h.post("/v1/completions", json={**ask, "prompt": []}), 400, "prompt")
+        assert "empty" in err["message"]
+        _err(h.post("/v1/completions?n=2", json=ask), 400, "n", "unsupported")
+
+
+def test_a_developer_message_is_the_system_message():
+    """OpenAI's `developer` role reached the chat template as a role it does not know (SmolLM2's kept its
+    default system prompt and added a `developer` turn after it)."""
+    from types import SimpleNamespace
+
+    from loraplex.serve.app import _prompt
+    from loraplex.serve.protocol import ChatRequest
+
+    seen = []
+
+    def chat_prompt(messages):
+        seen.extend(messages)
+        return [1, 2, 3], messages[-1]["content"]
+
+    engine = SimpleNamespace(family="causal", base_name="b", context=64, chat_prompt=chat_prompt)
+    req = ChatRequest.model_validate({"model": "m", "messages": [{"role": "developer", "content": "be brief"},
+                                                                 {"role": "user", "content": "hi"}]})
+    _prompt(engine, req, True)
+    assert [m["role"] for m in seen] == ["system", "user"]
+
+
+def test_auto_top_k_over_max_loras_is_refused_at_start(llama_home, tiny_llama):
+    """Every routed auto request was then refused as the client's fault (a 400 with param null)."""
+    from loraplex.errors import UserInputError
+    from loraplex.serve.server import build
+
+    s, _ = llama_home
+    with pytest.raises(UserInputError, match=r"auto's top_k \(3\) is over --max-loras \(2\)"):
+        build(s, base=str(tiny_llama), max_loras=2, auto={"top_k": 3})
