@@ -116,6 +116,8 @@ class EncoderHead:
         if texts in per_model:
             per_model.move_to_end(texts)
         else:
+            if task.source == "query":  # a label set a request names (router.model.labels_task)
+                _distinct_to(tokenizer, task.labels, texts)
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -158,6 +160,24 @@ class EncoderHead:
 
         scores = self.scores(model, tokenizer, texts, task)
         return F.cross_entropy(scores, y), scores
+
+
+def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str]) -> None:
+    """Refuse label texts the tokenizer reads as the same tokens ("A" and "a" to an uncased encoder, two
+    emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
+    Checked for the label sets requests name (`query --labels`, /v1/classify's `labels`); a task file's
+    labels are checked by nothing of the kind yet (the tests' tiny word-level vocabulary reads most of
+    their label names as one unknown token)."""
+    from loraplex.errors import UserInputError
+
+    seen: dict[tuple[int, ...], str] = {}
+    for lab, text in zip(labels, texts):
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ids in seen:
+            raise UserInputError(f"labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer folds "
+                                 "case and accents, and reads a character it does not know as one unknown token): "
+                                 "give them texts that differ in words")
+        seen[ids] = lab
 
 
 def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[list[int]]:

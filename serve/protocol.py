@@ -17,7 +17,7 @@ from loraplex.tasks import checked_labels, visible
 
 # an error's `code` when its raiser gives no more precise one (a client branches on `code`, so it is never null)
 DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                 413: "request_too_large", 415: "unsupported_media_type", 499: "client_closed_request",
+                 408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type", 499: "client_closed_request",
                  500: "internal_error", 502: "backend_error", 503: "unavailable"}
 
 
@@ -279,6 +279,8 @@ def _lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
 
 MAX_BODY = 32 << 20
 """Bytes a request body may have (2,048 inputs of a 512-token context take about 5 MB)."""
+BODY_IDLE_S = 30.0
+"""Seconds a request body may stall between two of its pieces before the request is dropped (408)."""
 
 
 async def read_body(request: Any) -> bytes:
@@ -308,15 +310,27 @@ async def read_body(request: Any) -> bytes:
         raise too_large()
     from starlette.requests import ClientDisconnect
 
+    import asyncio
+
     chunks, size = [], 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:  # a client that stops sending mid-body would hold its connection and handler for ever
+                chunk = await asyncio.wait_for(stream.__anext__(), BODY_IDLE_S)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body stopped arriving (nothing for {BODY_IDLE_S:g} s)",
+                               code="request_timeout") from None
             size += len(chunk)
             if size > MAX_BODY:
                 raise too_large()
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "the client closed the connection before its body was sent") from None
+    finally:
+        await stream.aclose()
     return b"".join(chunks)
 
 

@@ -933,7 +933,7 @@ def test_user_text_cannot_drive_the_terminal(cli, seeded):
     """Control characters in a query (ESC starts a colour or a window-title sequence, NUL, BEL) and a
     right-to-left override were written raw to stdout; error lines quoting an argument likewise. They
     are shown as escapes now, and a 5,000-character search text is cut short in the table's title."""
-    r = cli("query", "late\x00 flight \x1b]0;owned\x07 and \x1b[31mred\u202e", "--labels", "yes,no", "--trace")
+    r = cli("query", "late\x00 flight \x1b]0;owned\x07 and \x1b[31mred\u202e", "--labels", "always,never", "--trace")
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.stdout and "\x00" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
     assert "query: late\\x00 flight \\x1b]0;owned\\x07 and \\x1b[31mred\\u202e" in r.stdout

@@ -199,3 +199,19 @@ def test_auto_top_k_over_max_loras_is_refused_at_start(llama_home, tiny_llama):
     s, _ = llama_home
     with pytest.raises(UserInputError, match=r"auto's top_k \(3\) is over --max-loras \(2\)"):
         build(s, base=str(tiny_llama), max_loras=2, auto={"top_k": 3})
+
+
+def test_a_body_that_stops_arriving_is_dropped(llama_url, monkeypatch):
+    """A client that sent half its body held its connection and handler for ever (slowloris)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from loraplex.serve import protocol
+
+    monkeypatch.setattr(protocol, "BODY_IDLE_S", 0.5)
+    u = urlparse(llama_url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
