@@ -256,7 +256,7 @@ class Scheduler:
                 ads = [{"name": experts[e], "weight": round(float(w[e]), 4)} for e in w.argsort()[::-1][:4] if w[e] > 5e-4]
             else:
                 ads = [{"name": a, "weight": round(x, 4)} for a, x in sorted(row.route.adapters, key=lambda x: -x[1])]
-            job.send("token", {"token": self.engine.decode([tok]), "id": tok, "adapters": ads})
+            job.send("token", {"token": self.engine.token_text(tok), "id": tok, "adapters": ads})
 
         row.on_token = on_token
         return row

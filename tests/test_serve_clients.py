@@ -215,3 +215,16 @@ def test_a_body_that_stops_arriving_is_dropped(llama_url, monkeypatch):
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+
+
+def test_a_trace_names_byte_pieces_instead_of_replacement_characters():
+    """`trace: true` showed each token decoded alone: the bytes of an emoji became three U+FFFD."""
+    from types import SimpleNamespace
+
+    from loraplex.serve.engine import Engine
+
+    names = {1: "ĠðŁ", 2: "<0xE2>", 3: "ok"}
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "\ufffd" if ids[0] != 3 else "ok",
+                          convert_ids_to_tokens=lambda i: names[i])
+    fake = SimpleNamespace(tokenizer=tok)
+    assert [Engine.token_text(fake, i) for i in (1, 2, 3)] == [" \\xf0\\x9f", "<0xE2>", "ok"]
