@@ -119,14 +119,18 @@ def remove(reg: Registry, name: str) -> AdapterRecord | None:
     """Remove an adapter no component uses. None: a damaged record (see `registry check`), removed all the same."""
     if not reg.has_adapter(name):
         raise AdapterNotFound(f"no adapter named {name!r} in the registry at {reg.home}")
-    users = reg.components_using(name)
-    if users:
-        who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
-        raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
-    # a forgetting adapter only means something on top of the composition it was trained against
-    erasers = [r.name for r in reg.list_adapters(origin="forgetting") if r.name != name
-               and name in (r.extra.get("composition") or ())]
-    if erasers:
-        raise UserInputError(f"adapter {name!r} is part of the composition that forgetting adapter "
-                             f"{erasers[0]!r} erases from; remove {', '.join(map(repr, erasers))} first")
-    return reg.remove_adapter(name)
+
+    def unused() -> None:  # under the write lock: a router or generator stored meanwhile is seen
+        users = reg.components_using(name)
+        if users:
+            who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
+            raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
+        # a forgetting adapter only means something on top of the composition it was trained against
+        erasers = [r.name for r in reg.list_adapters(origin="forgetting") if r.name != name
+                   and name in (r.extra.get("composition") or ())]
+        if erasers:
+            raise UserInputError(f"adapter {name!r} is part of the composition that forgetting adapter "
+                                 f"{erasers[0]!r} erases from; remove {', '.join(map(repr, erasers))} first")
+
+    unused()  # early, before waiting for the lock
+    return reg.remove_adapter(name, check=unused)

@@ -17,8 +17,9 @@ Notes (consistent; reported, cleaned up by `--repair`): blobs no record points a
 killed between its blob write and its commit), temp files, caches that lag the database (they are
 caught up on next use).
 
-`--repair` rebuilds the derived state (index, graph) from the database, deletes unreferenced blobs
-and temp files, then checks again. Damaged blobs cannot be repaired (the data is gone): the report
+`--repair` rebuilds the derived state (index, graph) from the database, moves unreferenced blobs to
+`orphaned-blobs/` (never deletes them: they may be the weights of records that went missing), deletes
+temp files, then checks again. Damaged blobs cannot be repaired (the data is gone): the report
 names the records to remove or register again.
 """
 
@@ -166,7 +167,7 @@ def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:
     report.counts["blobs"] = len(stored)
     orphans = sorted(set(stored) - refs)
     if orphans:
-        report.notes.append(f"{len(orphans)} blob(s) no record points at (left by an interrupted write; --repair deletes them)")
+        report.notes.append(f"{len(orphans)} blob(s) no record points at (left by an interrupted write, or records that went missing; --repair moves them to orphaned-blobs/)")
     temps = reg.temp_files()
     if temps:
         report.notes.append(f"{len(temps)} temp file(s) from interrupted writes (--repair deletes them)")
@@ -239,9 +240,10 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
                 report.repaired.append("rebuilt the routing index")
         graph_json(reg)
         report.repaired.append("rebuilt the lineage graph")
-        gone = reg.delete_unreferenced_blobs()
-        if gone:
-            report.repaired.append(f"deleted {len(gone)} unreferenced blob(s)")
+        moved = reg.quarantine_unreferenced_blobs()
+        if moved:
+            report.repaired.append(f"moved {len(moved)} unreferenced blob(s) to {reg.orphan_dir} (delete the folder "
+                                   "once nothing in it is missed)")
         temps = reg.temp_files() + list(reg.home.glob(".index-*")) + list(reg.home.glob(".graph-*"))
         for t in temps:
             t.unlink(missing_ok=True)

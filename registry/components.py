@@ -92,7 +92,7 @@ class Components:
         return rec, tensors
 
     def remove_component(self, kind: str, name: str) -> ComponentRecord:
-        with self.write_lock():
+        with self.write_lock(), self._writing(f"remove {kind} {name!r}"):
             rec = self.get_component(kind, name)
             with self.transaction() as c:
                 c.execute("DELETE FROM components WHERE id = ?", (rec.id,))

@@ -123,13 +123,16 @@ class Database:
         if self.db_path.exists() and not self.db_path.is_file():  # a directory there is a damaged home, not an empty one
             raise IntegrityError(f"registry database {self.db_path} is not a file")
         wal = self.db_path.with_name(self.db_path.name + "-wal")  # a WAL with frames still holds the database
-        if self.db_path.is_file() and self.db_path.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size):
+        missing = not self.db_path.exists()
+        if missing or (self.db_path.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size)):
             blobs = self.home / "blobs"
             if blobs.is_dir() and next(blobs.rglob("*.safetensors"), None) is not None:
-                # SQLite reads 0 bytes as a new database: every record would be gone without a word
-                raise IntegrityError(f"registry database {self.db_path} is empty (0 bytes) but adapters are "
-                                     f"stored in {blobs}: it was truncated; restore it from a backup, or move "
-                                     f"{blobs} away to start an empty registry")
+                # SQLite reads 0 bytes (or no file) as a new database: every record would be gone without a
+                # word, and the next write would start a registry in which every stored blob is an orphan
+                state = "missing" if missing else "empty (0 bytes)"
+                raise IntegrityError(f"registry database {self.db_path} is {state} but adapters are stored in "
+                                     f"{blobs}: restore it from a backup, or move {blobs} away to start an "
+                                     "empty registry")
         return self.db_path.is_file()
 
     def _db(self, create: bool = True) -> sqlite3.Connection | None:

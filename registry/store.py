@@ -30,7 +30,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from pydantic import ValidationError
@@ -190,6 +190,24 @@ class Registry(Database, Components):
                 names[sha].unlink(missing_ok=True)
             return gone
 
+    def quarantine_unreferenced_blobs(self) -> list[str]:
+        """Move every blob no record points at into `<home>/orphaned-blobs/` (under the write lock). An
+        interrupted write leaves one adapter's worth; many are the weights of records that went missing
+        (a database restored from an older backup, a damaged table): moved, never deleted, so they can be
+        registered again from there."""
+        with self.write_lock():
+            refs = self.referenced_blobs()
+            gone = [(sha, p) for sha, p in self.stored_blobs().items() if sha not in refs]
+            if gone:
+                self.orphan_dir.mkdir(exist_ok=True)
+            for sha, p in gone:
+                os.replace(p, self.orphan_dir / p.name)
+            return [sha for sha, _ in gone]
+
+    @property
+    def orphan_dir(self) -> Path:
+        return self.home / "orphaned-blobs"
+
     # ------------------------------------------------------------------------------------------
     # bases
 
@@ -285,7 +303,7 @@ class Registry(Database, Components):
         """Merge `metrics` into an adapter's stored metrics."""
         rec = self.get_adapter(name)
         merged = {**rec.metrics, **metrics}
-        with self.write_lock(), self.transaction() as c:
+        with self.write_lock(), self._writing(f"update the metrics of {name!r}"), self.transaction() as c:
             c.execute("UPDATE adapters SET metrics = ? WHERE id = ?", (json.dumps(merged, sort_keys=True), rec.id))
         return self.get_adapter(name)
 
@@ -378,9 +396,12 @@ class Registry(Database, Components):
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
         return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob), where=f"snapshot {snap.step} of {rec.name!r}")
 
-    def remove_adapter(self, name: str) -> AdapterRecord | None:
-        """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs."""
-        with self.write_lock():
+    def remove_adapter(self, name: str, check: Callable[[], None] | None = None) -> AdapterRecord | None:
+        """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs.
+        `check()` runs under the write lock first (what may refuse the removal: a component using it)."""
+        with self.write_lock(), self._writing(f"remove adapter {name!r}"):
+            if check is not None:
+                check()
             try:
                 rec = self.get_adapter(name)
             except IntegrityError:  # a record whose stored settings are broken can still be removed

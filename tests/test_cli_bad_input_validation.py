@@ -954,3 +954,18 @@ def test_auto_trace_when_auto_answers_without_routing(cli, seeded):
     assert r.exit_code == 0, r.output
     assert "decision: base" in r.stdout and "(no per-token trace: base used no routed forward)" in r.stdout
     assert "answer: -" in r.stdout  # an encoder base without a label set has no answer (was the literal None)
+
+
+def test_a_database_failure_under_a_command_is_one_line(cli, seeded, monkeypatch):
+    """A damaged database page made `adapters export` and `register` end in exit 70 (DatabaseError)."""
+    import sqlite3
+
+    from loraplex.registry.store import Registry
+
+    def malformed(self, *a, **k):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(Registry, "get_adapter", malformed)
+    r = cli("adapters", "show", "good")
+    assert r.exit_code == 1 and r.stderr.strip() == ("error: the registry database failed: database disk image is "
+                                                     "malformed (run `loraplex registry check`)"), r.stderr

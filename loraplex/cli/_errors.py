@@ -67,6 +67,10 @@ def report(exc: BaseException) -> int:
         where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
         return 2 if exc.errno in _PATH_ERRORS else 1
+    if type(exc).__module__ == "sqlite3":  # the registry's database failed under a command (a damaged page, ...)
+        typer.echo(f"error: the registry database failed: {_one_line(str(exc))} (run `loraplex registry check`)",
+                   err=True)
+        return 1
     typer.echo(f"error: internal error, {type(exc).__name__}: {_one_line(str(exc))} "
                "(set LORAPLEX_DEBUG=1 for the traceback)", err=True)
     return INTERNAL

@@ -1,5 +1,6 @@
 """`registry check`: consistent registries pass; damage is found; --repair rebuilds derived state."""
 
+import pytest
 import numpy as np
 
 from loraplex import api
@@ -33,9 +34,11 @@ def test_damaged_blob_is_a_problem(settings, tiny_bert, tmp_path):
     assert not api.check(repair=True, settings=settings).ok  # lost data cannot be repaired
 
 
-def test_orphans_are_notes_and_repair_removes_them(settings, tiny_bert, tmp_path):
+def test_orphans_are_notes_and_repair_moves_them_aside(settings, tiny_bert, tmp_path):
+    """Repair deleted every blob no record pointed at: after a database restored from an older backup,
+    those are the weights of the records that went missing. They are moved to orphaned-blobs/ now."""
     reg = _setup(settings, tiny_bert, tmp_path)
-    reg.put_blob(b"an interrupted write left me here")
+    sha = reg.put_blob(b"an interrupted write left me here")
     tmp = reg.blob_dir / "ab" / ".tmp-123"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_bytes(b"x")
@@ -43,7 +46,24 @@ def test_orphans_are_notes_and_repair_removes_them(settings, tiny_bert, tmp_path
     assert rep.ok and any("no record points at" in n for n in rep.notes)
     rep = api.check(repair=True, settings=settings)
     assert rep.ok and not any("no record points at" in n for n in rep.notes)
+    assert any("moved 1 unreferenced blob(s) to" in r for r in rep.repaired), rep.repaired
     assert not tmp.exists()
+    kept = list((reg.home / "orphaned-blobs").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == b"an interrupted write left me here" and sha not in reg.stored_blobs()
+
+
+def test_a_missing_database_beside_stored_blobs_is_named_not_a_new_registry(settings, tiny_bert, tmp_path):
+    """registry.db deleted: the home read as a new, empty registry (`check` said consistent), the next write
+    made a new database, and repair then deleted every stored adapter's weights."""
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    (reg.home / "registry.db").unlink()
+    for extra in ("registry.db-wal", "registry.db-shm"):
+        (reg.home / extra).unlink(missing_ok=True)
+    for call in (lambda: api.list_adapters(settings), lambda: api.check(settings=settings)):
+        with pytest.raises(IntegrityError, match="registry.db is missing but adapters are stored in"):
+            call()
 
 
 def test_cache_that_claims_current_but_disagrees_is_a_problem(settings, tiny_bert, tmp_path):
@@ -73,3 +93,49 @@ def test_stale_caches_are_consistent(settings, tiny_bert, tmp_path):
     rep = api.check(settings=settings)
     assert rep.ok and any("lags" in n for n in rep.notes)
     assert np.isfinite(reg.signatures()[2]).all()
+
+
+def test_remove_checks_the_adapters_users_again_under_the_lock(settings, tiny_bert, tmp_path, monkeypatch):
+    """`adapters remove` checked for routers and generators over the adapter before it waited for the lock:
+    a `generate fit` committed meanwhile was left over an adapter that was gone (both exited 0)."""
+    from types import SimpleNamespace
+
+    from loraplex.errors import UserInputError
+    from loraplex.registry import adapters
+    from loraplex.registry.store import Registry
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    name = reg.list_adapters()[0].name
+    calls = []
+
+    def using(self, adapter):  # nobody before the lock; a generator stored while remove waited for it
+        calls.append(adapter)
+        return [] if len(calls) == 1 else [SimpleNamespace(kind="generator", name="g2")]
+
+    monkeypatch.setattr(Registry, "components_using", using)
+    with pytest.raises(UserInputError, match=f"adapter '{name}' is used by generator 'g2'"):
+        adapters.remove(reg, name)
+    assert reg.has_adapter(name) and len(calls) == 2
+
+
+def test_remove_on_a_full_disk_says_so(settings, tiny_bert, tmp_path, monkeypatch):
+    """`adapters remove` on a full disk was exit 70 (OperationalError), and removing is how space is freed."""
+    import contextlib
+    import sqlite3
+
+    from loraplex.errors import DiskFull
+    from loraplex.registry.store import Registry
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    name = reg.list_adapters()[0].name
+
+    @contextlib.contextmanager
+    def full(self):
+        raise sqlite3.OperationalError("database or disk is full")
+        yield
+
+    monkeypatch.setattr(Registry, "transaction", full)
+    with pytest.raises(DiskFull, match=f"the disk is full: cannot remove adapter '{name}'"):
+        api.remove(name, settings=settings)
+    monkeypatch.undo()
+    assert reg.has_adapter(name)
