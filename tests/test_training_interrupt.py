@@ -88,3 +88,22 @@ def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_
     assert r.exit_code == 143, r.output
     assert r.stderr.strip() == "error: training was interrupted (SIGTERM); nothing was registered"
     assert registry_state(cli.home) == before
+
+
+def test_sigterm_outside_a_fit_is_one_line_and_143(tmp_path):
+    """SIGTERM while a command loaded a model, evaluated or waited for input killed it without a word."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-c", "from loraplex.cli import main; main()", "query", "--input", "-"],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(3)  # started and blocked reading the queries from stdin
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, err)
+    assert err.strip() == ("error: terminated (SIGTERM) before the command finished; the registry keeps only "
+                           "complete writes"), err

@@ -61,4 +61,14 @@ def main() -> None:
         shown = sys.argv[bad].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         print(f"error: argument {bad} ({shown[:60]!r}) is not valid UTF-8 text", file=sys.stderr)
         raise SystemExit(2)
+    import signal
+
+    def terminated(signum, frame):  # as Ctrl-C is a KeyboardInterrupt: the command unwinds (a transaction rolls back)
+        from loraplex.errors import Interrupted
+
+        raise Interrupted("terminated (SIGTERM) before the command finished; the registry keeps only complete writes",
+                          signal="SIGTERM")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a fit installs its own while it runs (training.fit)
+        signal.signal(signal.SIGTERM, terminated)
     app()
