@@ -184,8 +184,12 @@ def _check_index(reg: "Registry", report: CheckReport) -> None:
         if idx is None:
             report.notes.append(f"{what} not built yet (built on first {'search' if file == INDEX_FILE else 'routing'})")
             continue
-        if idx.generation != gen:
-            report.notes.append(f"{what} lags the database (generation {idx.generation} < {gen}); caught up on next use")
+        if idx.stamp != reg.stamp():
+            if idx.generation < gen and reg.stamp(idx.generation) == idx.stamp:
+                report.notes.append(f"{what} lags the database (generation {idx.generation} < {gen}); caught up on next use")
+            else:
+                report.notes.append(f"{what} was built from another state of the database (generation {idx.generation}; "
+                                    f"the database is at {gen}: restored from a backup, or replaced); rebuilt on next use")
             continue
         db_ids = reg.adapter_ids()
         if sorted(idx.ids.tolist()) != db_ids.tolist():
@@ -209,9 +213,9 @@ def _check_graph(reg: "Registry", report: CheckReport) -> None:
     if cached is None:
         report.notes.append("lineage graph cache not built yet (built on first use)")
         return
-    gen, data = cached
-    if gen != reg.generation():
-        report.notes.append("lineage graph cache lags the database; rebuilt on next use")
+    stamp, data = cached
+    if stamp != reg.stamp():
+        report.notes.append("lineage graph cache does not reflect the database's last write; rebuilt on next use")
         return
     if canonical(data) != canonical(to_json(build_graph(reg))):
         report.problems.append("lineage graph cache disagrees with the database")

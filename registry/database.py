@@ -23,9 +23,12 @@ from typing import Iterator
 from loraplex.errors import IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError
 
 SCHEMA_VERSION = 1
+EPOCHS_KEPT = 4096
+"""Writes whose random marks (table `epochs`) the database keeps: a cache that many writes behind is rebuilt."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS epochs(generation INTEGER PRIMARY KEY, epoch TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bases(sha TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -238,6 +241,11 @@ class Database:
         try:
             yield conn
             conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+            # a random mark of this write: a database restored from a backup reaches the same generation
+            # numbers again with other records, and a cache must not take one state for the other
+            gen = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'").fetchone()[0]
+            conn.execute("INSERT OR REPLACE INTO epochs(generation, epoch) VALUES (?, ?)", (gen, os.urandom(8).hex()))
+            conn.execute("DELETE FROM epochs WHERE generation <= ?", (gen - EPOCHS_KEPT,))
             conn.execute("COMMIT")
         except BaseException:
             # a Ctrl-C can land after COMMIT went through (or before BEGIN took): roll back only an open
@@ -245,6 +253,15 @@ class Database:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def stamp(self, generation: int | None = None) -> str:
+        """`generation:epoch`, what a cache records of the database state it reflects (the current one, or
+        the state at `generation` when the database still knows it; its epoch empty otherwise). Equal stamps
+        mean the same writes, not merely as many."""
+        gen = self.generation() if generation is None else generation
+        conn = self._db(create=False)
+        row = None if conn is None else conn.execute("SELECT epoch FROM epochs WHERE generation = ?", (gen,)).fetchone()
+        return f"{gen}:{row[0] if row else ''}"
 
     def generation(self) -> int:
         conn = self._db(create=False)

@@ -80,11 +80,13 @@ def _needs_rebuild(idx: "SignatureIndex | None", dim: int, n: int) -> bool:
 
 
 class SignatureIndex:
-    """A faiss index plus the ids it holds and the registry generation it reflects."""
+    """A faiss index plus the ids it holds and the registry state it reflects (`stamp`, Database.stamp:
+    its generation and that write's random mark, so a restored database's same generation is another state)."""
 
     def __init__(self, dim: int, index=None, ids: np.ndarray | None = None, generation: int = -1, trained_on: int = 0,
-                 weight: float | None = None):
+                 weight: float | None = None, stamp: str | None = None):
         self.dim = dim
+        self.stamp = f"{generation}:" if stamp is None else stamp
         self.weight = weight  # None: description embeddings; else the routing vectors' prototype weight
         self.index = index
         self.ids = np.zeros(0, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -100,7 +102,7 @@ class SignatureIndex:
 
     @classmethod
     def build(cls, dim: int, ids: np.ndarray, vecs: np.ndarray, generation: int,
-              weight: float | None = None) -> "SignatureIndex":
+              weight: float | None = None, stamp: str | None = None) -> "SignatureIndex":
         faiss = _faiss()
         n = len(ids)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
@@ -118,14 +120,14 @@ class SignatureIndex:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
             if n:
                 index.add_with_ids(vecs, ids)
-        return cls(dim, index, ids, generation, trained_on=n, weight=weight)
+        return cls(dim, index, ids, generation, trained_on=n, weight=weight, stamp=stamp)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         faiss = _faiss()
         blob = faiss.serialize_index(self.index) if self.index is not None else np.zeros(0, np.uint8)
-        meta = json.dumps({"generation": self.generation, "dim": self.dim, "trained_on": self.trained_on,
-                           "weight": self.weight})
+        meta = json.dumps({"generation": self.generation, "stamp": self.stamp, "dim": self.dim,
+                           "trained_on": self.trained_on, "weight": self.weight})
         with atomic_file(path, prefix=".index-", suffix=".npz") as f:
             np.savez(f, index=np.asarray(blob, dtype=np.uint8), ids=self.ids,
                      meta=np.frombuffer(meta.encode(), dtype=np.uint8))
@@ -148,7 +150,7 @@ class SignatureIndex:
             raise IntegrityError(f"the signature index {path} holds {index.ntotal} vectors but lists {len(ids)} ids")
         w = meta.get("weight")
         return cls(int(meta["dim"]), index, ids, int(meta["generation"]), int(meta.get("trained_on", 0)),
-                   None if w is None else float(w))
+                   None if w is None else float(w), meta.get("stamp"))
 
     # ---- keeping up with the database --------------------------------------------------------
     @classmethod
@@ -156,10 +158,11 @@ class SignatureIndex:
         """The index for the registry's current generation (loaded, caught up, or rebuilt): over the
         description embeddings, or with `weight` over the routing vectors of that prototype weight."""
         path = reg.home / (INDEX_FILE if weight is None else ROUTE_INDEX_FILE)
-        gen = reg.generation()
+        stamp = reg.stamp()
+        gen = int(stamp.split(":", 1)[0])
         dim = int(reg.meta("dim") or 0)
         mem = _IN_PROCESS.get(str(path))
-        if mem is not None and mem.generation == gen and mem.dim == dim and mem.weight == weight:
+        if mem is not None and mem.stamp == stamp and mem.dim == dim and mem.weight == weight:
             return mem
         try:
             idx = cls.load(path)
@@ -167,9 +170,11 @@ class SignatureIndex:
             idx = None  # a damaged cache is rebuilt, never trusted
         if idx is not None and idx.weight != weight:
             idx = None  # routing vectors of another prototype weight
-        if idx is not None and idx.generation == gen and idx.dim == dim:
+        if idx is not None and idx.stamp == stamp and idx.dim == dim:
             _IN_PROCESS[str(path)] = idx
             return idx
+        if idx is not None and (idx.generation > gen or reg.stamp(idx.generation) != idx.stamp):
+            idx = None  # built from a state this database never went through (restored, replaced): ids may be reused
         db_ids = reg.adapter_ids()
 
         def vectors(ids: np.ndarray) -> np.ndarray:
@@ -180,7 +185,7 @@ class SignatureIndex:
 
         if _needs_rebuild(idx, dim, len(db_ids)):
             vecs = vectors(db_ids) if len(db_ids) else np.zeros((0, dim), np.float32)
-            idx = cls.build(dim, db_ids, vecs, gen, weight=weight)
+            idx = cls.build(dim, db_ids, vecs, gen, weight=weight, stamp=stamp)
         else:
             have = set(idx.ids.tolist())
             want = set(db_ids.tolist())
@@ -192,11 +197,11 @@ class SignatureIndex:
             if len(new):
                 idx.index.add_with_ids(vectors(new), new)
                 idx.ids = np.concatenate([idx.ids, new])
-            idx.generation = gen
+            idx.generation, idx.stamp = gen, stamp
         if save and dim:
             try:
                 with reg.write_lock():
-                    if reg.generation() == gen:  # nobody wrote meanwhile: this index is current
+                    if reg.stamp() == stamp:  # nobody wrote meanwhile: this index is current
                         idx.save(path)
             except Exception:
                 pass  # a cache that could not be saved is rebuilt next time

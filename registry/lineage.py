@@ -86,38 +86,40 @@ def to_json(g: "nx.MultiDiGraph") -> dict[str, Any]:
     return nx.node_link_data(g, edges="edges")
 
 
-def _save(path: Path, generation: int, data: dict[str, Any]) -> None:
+def _save(path: Path, stamp: str, data: dict[str, Any]) -> None:
     with atomic_file(path, prefix=".graph-", suffix=".json") as f:
-        f.write(json.dumps({"generation": generation, "graph": data}, sort_keys=True).encode())
+        f.write(json.dumps({"generation": int(stamp.split(":", 1)[0]), "stamp": stamp, "graph": data},
+                           sort_keys=True).encode())
 
 
-def load_cached(reg: "Registry") -> tuple[int, dict[str, Any]] | None:
-    """(generation, node-link data) of the cache, None if absent; IntegrityError if damaged."""
+def load_cached(reg: "Registry") -> tuple[str, dict[str, Any]] | None:
+    """(stamp, node-link data) of the cache (Database.stamp: the state it reflects), None if absent;
+    IntegrityError if damaged."""
     path = reg.home / GRAPH_FILE
     if not path.is_file():
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-        return int(obj["generation"]), obj["graph"]
+        return str(obj.get("stamp") or f"{int(obj['generation'])}:"), obj["graph"]
     except Exception as exc:
         raise IntegrityError(f"the lineage graph cache {path} is damaged ({type(exc).__name__})") from None
 
 
 def graph_json(reg: "Registry", *, save: bool = True) -> dict[str, Any]:
     """The node-link JSON of the current graph (from the cache when it is current)."""
-    gen = reg.generation()
+    stamp = reg.stamp()
     try:
         cached = load_cached(reg)
     except IntegrityError:
         cached = None
-    if cached is not None and cached[0] == gen:
+    if cached is not None and cached[0] == stamp:
         return cached[1]
     data = to_json(build_graph(reg))
     if save and reg.exists:
         try:
             with reg.write_lock():
-                if reg.generation() == gen:
-                    _save(reg.home / GRAPH_FILE, gen, data)
+                if reg.stamp() == stamp:
+                    _save(reg.home / GRAPH_FILE, stamp, data)
         except Exception:
             pass  # an unsaved cache is rebuilt next time
     return data

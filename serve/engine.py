@@ -90,7 +90,7 @@ class Engine:
         self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
         self._routers: dict[str, Any] = {}
         self._tasks: dict[str, Any] = {}
-        self._generation = -1
+        self._generation = ""
         self._stale = False  # slots of changed adapters still used by running rows
         if router:
             self.router_model(router)
@@ -145,7 +145,7 @@ class Engine:
     def sync(self, keep: set[str] = frozenset()) -> None:
         """Drop what the registry no longer holds as it was (removed or re-registered adapters, routers).
         Slots of `keep` (adapters of rows still generating) are dropped once those rows are done."""
-        gen = self.reg().generation()
+        gen = self.reg().stamp()  # the state, not only the count of writes (a registry.db restored from a backup)
         if gen == self._generation and not self._stale:
             return
         self._generation = gen

@@ -70,7 +70,7 @@ def test_cache_that_claims_current_but_disagrees_is_a_problem(settings, tiny_ber
     reg = _setup(settings, tiny_bert, tmp_path)
     idx = SignatureIndex.sync(reg)
     # a current-generation index whose vector for one adapter is wrong
-    bad = SignatureIndex.build(idx.dim, idx.ids, -reg.embeddings_by_id(idx.ids), reg.generation())
+    bad = SignatureIndex.build(idx.dim, idx.ids, -reg.embeddings_by_id(idx.ids), reg.generation(), stamp=reg.stamp())
     bad.save(reg.home / INDEX_FILE)
     rep = api.check(settings=settings)
     assert not rep.ok and any("index" in p for p in rep.problems)

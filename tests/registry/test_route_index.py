@@ -82,7 +82,7 @@ def test_check_finds_a_tampered_routing_index_and_repair_rebuilds_it(tmp_path):
     reg, _ = _registry(tmp_path, n=6)
     idx = SignatureIndex.sync(reg, weight=0.8)
     bad = SignatureIndex.build(idx.dim, idx.ids, np.ones((len(idx.ids), idx.dim), np.float32) / 4, idx.generation,
-                               weight=0.8)
+                               weight=0.8, stamp=idx.stamp)
     bad.save(tmp_path / "h" / ROUTE_INDEX_FILE)
     rep = check(reg)
     assert any("routing index vectors differ" in p for p in rep.problems)
@@ -97,3 +97,34 @@ def test_signatures_by_name_keep_the_order_asked(tmp_path):
     assert names == ["a05", "a01", "a05"]
     _, names, _, _ = reg.signatures_by_id(reg.adapter_ids()[::-1].tolist())
     assert names == [f"a{i:02d}" for i in range(7, -1, -1)]
+
+
+def test_a_database_restored_from_a_backup_is_not_served_the_later_caches(tmp_path):
+    """The caches compared generation numbers only: a registry.db restored from a backup reached the same
+    generation again with another adapter under the same id, and search answered with the other one's vector."""
+    import sqlite3
+
+    reg, rng = _registry(tmp_path, n=6)
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(reg.db_path) as src, sqlite3.connect(backup) as dst:
+        src.backup(dst)
+    a = Adapter(LoraSpec(r=1, alpha=1), {"m": (torch.ones(1, 4), torch.ones(4, 1))})
+
+    def add(name, vec):
+        dr = AdapterDraft(name=name, base="toy", base_sha="0" * 64, family="encoder", description=name, spec=a.spec)
+        reg.add_adapter(dr, a, embedding=vec, prototype=vec, embedder="hash")
+
+    v1, v2 = _unit(rng.normal(size=(2, 16)))
+    add("w1", v1)
+    assert SignatureIndex.sync(reg).generation == reg.generation()  # the index now holds w1 under the new id
+    reg.close()
+    for extra in ("registry.db-wal", "registry.db-shm"):
+        (reg.home / extra).unlink(missing_ok=True)
+    backup.replace(reg.db_path)
+    reg2 = Registry(tmp_path / "h", embedder="hash")
+    reg = reg2
+    add("w2", v2)  # the same generation and the same id as w1 had
+    idx = SignatureIndex.sync(reg)
+    order = np.argsort(idx.ids)
+    assert np.allclose(idx.vectors()[order], reg.embeddings_by_id(np.sort(idx.ids)), atol=1e-5)
+    assert not [p for p in check(reg).problems if "index" in p]
