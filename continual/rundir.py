@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -82,6 +83,27 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path).expanduser().absolute()
         self.state = self.path / "state"
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the run directory for this process (an flock on the directory itself, so nothing is written
+        into it): a second `stream run --resume DIR` beside a running one trained the same units, and each
+        cleared the other's uncommitted unit."""
+        import fcntl
+
+        from loraplex.errors import UserInputError
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserInputError(f"{self.path}: another process is running this stream (a stream run or its "
+                                     "--resume); wait for it to end") from None
+            yield
+        finally:
+            os.close(fd)
 
     def is_run(self) -> bool:
         return (self.path / "spec.json").is_file()

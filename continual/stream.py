@@ -134,7 +134,10 @@ def run_stream(
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
     run = _StreamRun(spec, s, rd, method, forgetter, tasks, units, ref, fp, learn_spec, learn_modules,
                      progress=progress, on_unit=on_unit)
-    return run.execute(info, fresh=resume is None)
+    if is_worker():  # a DDP worker follows rank 0, which holds the run directory
+        return run.execute(info, fresh=resume is None)
+    with rd.exclusive():
+        return run.execute(info, fresh=resume is None)
 
 
 class _StreamRun:

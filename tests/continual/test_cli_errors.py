@@ -113,3 +113,22 @@ def test_a_damaged_run_directory_is_named_not_a_crash(cli, spec, tmp_path):
     shutil.copytree(run, spec_bad)
     (spec_bad / "spec.json").write_text("{")
     _check(cli, ["stream", "run", spec, "--resume", spec_bad, "--quiet"], 2, "spec.json: not valid JSON")
+
+
+def test_a_run_directory_in_use_is_refused(cli, spec, tmp_path):
+    """`stream run --resume DIR` beside the run still going in DIR trained the same units twice."""
+    import fcntl
+    import os
+
+    from loraplex.continual.spec import load_spec
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run_id").write_text("s-1")
+    (run / "spec.json").write_text(json.dumps(load_spec(spec).canonical()))
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the first `stream run` holds it
+        _check(cli, ["stream", "run", spec, "--resume", run], 2, "another process is running this stream")
+    finally:
+        os.close(fd)
