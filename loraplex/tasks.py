@@ -107,6 +107,18 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 """Unicode's embeddings, overrides and isolates: invisible, and they reorder the text shown after them."""
 
 
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (C0, DEL, C1) and bidirectional override or isolate written
+    as an escape (`\\x1b`, `\\u202e`), so user text shown on a terminal or quoted in an error message
+    cannot move the cursor, recolour, retitle or reorder what follows it."""
+    return text.translate(_ESCAPES)
+
+
 def validate_description(text: str | None, what: str = "description") -> str:
     """A task description as stored: non-empty UTF-8 text (no undecodable bytes), at most 10,000 characters."""
     if text is None or not visible(str(text)):  # "\u200b" is as empty as "" to whoever reads or embeds it

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loraplex.errors import UserInputError
-from loraplex.tasks import checked_labels, visible
+from loraplex.tasks import checked_labels, printable, visible
 
 
 # an error's `code` when its raiser gives no more precise one (a client branches on `code`, so it is never null)
@@ -247,12 +247,7 @@ def _where(err: dict[str, Any]) -> str | None:
     loc = list(err["loc"])
     keep_last = err["type"] == "extra_forbidden"
     parts = [p for i, p in enumerate(loc) if not _union_tag(p) or (keep_last and i == len(loc) - 1)]
-    return ".".join(_shown(str(p)) for p in parts) or None
-
-
-def _shown(text: str) -> str:
-    """`text` as it can be shown in a message: non-printable characters (controls, bidi overrides) escaped."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return ".".join(printable(str(p)) for p in parts) or None
 
 
 def _lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
@@ -299,7 +294,7 @@ async def read_body(request: Any) -> bytes:
             raise APIError(415, f"Content-Type {ctype.strip()[:100]!r} is not supported: send the body as "
                                 "application/json (UTF-8)", code="unsupported_media_type")
     for key in request.query_params:  # openai's extra_query: options belong in the body
-        raise APIError(400, f"query parameter {_shown(key[:100])!r} is not supported: send options in the JSON body",
+        raise APIError(400, f"query parameter {printable(key[:100])!r} is not supported: send options in the JSON body",
                        param=key[:100], code="unsupported")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):

@@ -34,7 +34,7 @@ MAX_MESSAGE = 1000
 
 def _one_line(text: str) -> str:
     """The message on one line, cut to MAX_MESSAGE characters, its control characters escaped."""
-    from loraplex.cli._output import printable
+    from loraplex.tasks import printable
 
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     one = " ".join(lines)

@@ -13,21 +13,10 @@ import math
 import sys
 from typing import Any, Iterable, Sequence
 
-from loraplex.tasks import BIDI_CONTROLS
-
-
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
-_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
-_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+from loraplex.tasks import printable
 
 
 _SPACES = {ord("\t"): " ", ord("\n"): " ", ord("\r"): " "}  # a value in a cell or after "key:" stays on its line
-
-
-def printable(text: str) -> str:
-    """`text` with every control character (C0, DEL, C1) and bidirectional override or isolate written
-    as an escape, so user text shown on a terminal cannot move the cursor, recolour, retitle or reorder it."""
-    return text.translate(_ESCAPES)
 
 
 def quoted(text: str, limit: int = 80) -> str:
