@@ -106,8 +106,14 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     for name, text in reg._db().execute("SELECT name, spec FROM adapters ORDER BY id"):
         try:
             stored_spec(name, text)
+            reg.get_adapter(name)  # its JSON fields (metrics, extra) read back too
         except IntegrityError as exc:
-            bad_specs.append(f"{exc} (remove it, or register it again)")
+            bad_specs.append(f"{exc} (remove it, or register it again)" if "stored LoRA settings" in str(exc) else str(exc))
+    for kind, name in reg._db().execute("SELECT kind, name FROM components ORDER BY id"):
+        try:
+            reg.get_component(kind, name)
+        except IntegrityError as exc:
+            bad_specs.append(str(exc))
     if bad_specs:
         report.problems.extend(bad_specs)
         return
@@ -242,8 +248,11 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
             if route_weight is not None:
                 SignatureIndex.sync(reg, weight=route_weight)
                 report.repaired.append("rebuilt the routing index")
-        graph_json(reg)
-        report.repaired.append("rebuilt the lineage graph")
+        try:
+            graph_json(reg)
+            report.repaired.append("rebuilt the lineage graph")
+        except IntegrityError:
+            pass  # a record damaged inside the database: the check that follows names it
         moved = reg.quarantine_unreferenced_blobs()
         if moved:
             report.repaired.append(f"moved {len(moved)} unreferenced blob(s) to {reg.orphan_dir} (delete the folder "

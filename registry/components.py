@@ -10,7 +10,7 @@ import json
 from typing import Any, Sequence
 
 from loraplex.errors import AdapterNotFound, AlreadyExists, ComponentNotFound, IntegrityError
-from loraplex.registry.database import now
+from loraplex.registry.database import now, stored_record
 from loraplex.registry.record import ComponentRecord, validate_name
 
 
@@ -62,12 +62,13 @@ class Components:
         rows = conn.execute(
             "SELECT id, kind, name, method, base, config, blob, members, metrics, extra, created_at "
             f"FROM components {where} ORDER BY id", params).fetchall()
-        return [
-            ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]), blob=r[6],
-                            members=tuple(json.loads(r[7])), metrics=json.loads(r[8]), extra=json.loads(r[9]),
-                            created_at=r[10])
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            with stored_record(f"{r[1]} {r[2]!r}"):
+                out.append(ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]),
+                                           blob=r[6], members=tuple(json.loads(r[7])), metrics=json.loads(r[8]),
+                                           extra=json.loads(r[9]), created_at=r[10]))
+        return out
 
     def get_component(self, kind: str, name: str) -> ComponentRecord:
         recs = self._components("WHERE kind = ? AND name = ?", (kind, name))

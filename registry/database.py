@@ -88,6 +88,20 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@contextmanager
+def stored_record(what: str) -> Iterator[None]:
+    """Around reading one record's stored fields (JSON columns, pydantic models): a value damaged inside the
+    database (edited by hand, a bad page) is an IntegrityError naming the record, not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except (ValueError, TypeError, ValidationError) as exc:  # json's JSONDecodeError is a ValueError
+        detail = " ".join(str(exc).split())[:160]
+        raise IntegrityError(f"{what}: its stored record is damaged ({type(exc).__name__}: {detail}); remove it, or "
+                             "register it again (`loraplex registry check` lists every such record)") from None
+
+
 def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
     """ENOSPC from a file write, SQLite's SQLITE_FULL, or SQLite's 'disk I/O error' on a disk with no space left."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

@@ -42,7 +42,7 @@ from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
 from loraplex.ranks import shared_run_dir
 from loraplex.registry.components import Components
-from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes
+from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
 from loraplex.settings import Settings
 
@@ -330,15 +330,15 @@ class Registry(Database, Components):
             snaps.setdefault(aid, []).append(Snapshot(step=step, blob=blob))
         out = []
         for r in rows:
-            out.append(
-                AdapterRecord(
+            spec = stored_spec(r[1], r[8])
+            with stored_record(f"adapter {r[1]!r}"):
+                out.append(AdapterRecord(
                     id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
-                    origin=r[7], spec=stored_spec(r[1], r[8]), blob=r[9], n_params=r[10], modules=r[11],
+                    origin=r[7], spec=spec, blob=r[9], n_params=r[10], modules=r[11],
                     rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
                     edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
                     snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
-                )
-            )
+                ))
         return out
 
     def get_adapter(self, name: str) -> AdapterRecord:

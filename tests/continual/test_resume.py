@@ -39,18 +39,22 @@ def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
     settings = lambda home: Settings.load(home=home, embedder="hash", device="cpu", dtype="float32")  # noqa: E731
     ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=settings(tmp_path / "home-ref"))
 
-    run, home = tmp_path / "run", tmp_path / "home"
-    env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_EMBEDDER": "hash", "LORAPLEX_DEVICE": "cpu",
-           "LORAPLEX_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "loraplex", "stream", "run", str(spec), "--quiet"]
-
-    # a shell that starts a job in the background (as CI runners may) has SIGINT ignored, and children
-    # inherit that: give the child the default disposition so Python turns Ctrl-C into KeyboardInterrupt
-    first = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait_for(run / "state" / "unit-000" / "state.json", first)
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=120)
+    for attempt in range(3):
+        run, home = tmp_path / f"run{attempt}", tmp_path / f"home{attempt}"
+        env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_EMBEDDER": "hash", "LORAPLEX_DEVICE": "cpu",
+               "LORAPLEX_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        # a shell that starts a job in the background (as CI runners may) has SIGINT ignored, and children
+        # inherit that: give the child the default disposition so Python turns Ctrl-C into KeyboardInterrupt
+        first = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        _wait_for(run / "state" / "unit-000" / "state.json", first)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        # Python drops a KeyboardInterrupt raised inside a __del__ ("Exception ignored in ..."), and the run
+        # then finishes: this test is about resuming, so such a run is started again
+        if not (first.returncode == 0 and b"Exception ignored in" in err):
+            break
     assert first.returncode == 130, err.decode()[-2000:]
     assert "--resume" in err.decode()
 

@@ -139,3 +139,26 @@ def test_remove_on_a_full_disk_says_so(settings, tiny_bert, tmp_path, monkeypatc
         api.remove(name, settings=settings)
     monkeypatch.undo()
     assert reg.has_adapter(name)
+
+
+def test_records_damaged_inside_the_database_are_named(settings, tiny_bert, tmp_path):
+    """JSON fields edited or damaged inside registry.db ended `adapters list`, `registry check` and `--repair`
+    in exit 70 (JSONDecodeError, ValidationError); now each names its record, and the record can be removed."""
+    import sqlite3
+
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    bad, good = [r.name for r in reg.list_adapters()][:2]
+    reg.close()
+    with sqlite3.connect(reg.db_path) as c:
+        c.execute("UPDATE adapters SET metrics = '{not json' WHERE name = ?", (bad,))
+        c.execute("UPDATE adapters SET extra = '[1, 2]' WHERE name = ?", (good,))
+    with pytest.raises(IntegrityError, match=f"adapter '{bad}': its stored record is damaged"):
+        api.list_adapters(settings)
+    rep = api.check(settings=settings)
+    assert not rep.ok and len([p for p in rep.problems if "its stored record is damaged" in p]) == 2, rep.problems
+    assert not api.check(repair=True, settings=settings).ok
+    api.remove(bad, settings=settings)
+    api.remove(good, settings=settings)
+    assert api.check(settings=settings).ok
