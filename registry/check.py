@@ -106,9 +106,13 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     for name, text in reg._db().execute("SELECT name, spec FROM adapters ORDER BY id"):
         try:
             stored_spec(name, text)
+        except IntegrityError as exc:
+            bad_specs.append(f"{exc} (remove it, or register it again)")
+            continue
+        try:
             reg.get_adapter(name)  # its JSON fields (metrics, extra) read back too
         except IntegrityError as exc:
-            bad_specs.append(f"{exc} (remove it, or register it again)" if "stored LoRA settings" in str(exc) else str(exc))
+            bad_specs.append(str(exc))  # stored_record's message says what to do
     for kind, name in reg._db().execute("SELECT kind, name FROM components ORDER BY id"):
         try:
             reg.get_component(kind, name)

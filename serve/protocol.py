@@ -293,7 +293,8 @@ async def read_body(request: Any) -> bytes:
                 or charset not in ("utf-8", "utf8"):
             raise APIError(415, f"Content-Type {ctype.strip()[:100]!r} is not supported: send the body as "
                                 "application/json (UTF-8)", code="unsupported_media_type")
-    for key in request.query_params:  # openai's extra_query: options belong in the body
+    key = next(iter(request.query_params), None)
+    if key is not None:  # openai's extra_query: options belong in the body
         raise APIError(400, f"query parameter {printable(key[:100])!r} is not supported: send options in the JSON body",
                        param=key[:100], code="unsupported")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
