@@ -1,6 +1,7 @@
 """Fit `auto`'s thresholds (route / generate / fall back) on the embedded task library, and show the curve.
 
-    python bench/auto.py [--queries 20] [--proto 128] [--out bench/results/auto.json]
+    python bench/auto.py [--queries 20] [--proto 128] [--form whole|short|both]
+                         [--signature prototype|exemplars] [--score raw|calibrated] [--out bench/results/auto.json]
 
 `router/auto.py` decides from a request's best routing score s1 = max_i <q, c_i> over the registry
 (c_i = 0.2 d_i + 0.8 p_i: description embedding and training-input prototype, minilm). This bench
@@ -20,6 +21,11 @@ route thresholds around the fit, the share of each case's requests routed / gene
 base, and how often routing in the registered case picked the query's own adapter or an equivalent
 (`overlap.equivalents`). How good the generated and routed answers are is measured by the generator and
 routing studies (bench/generators.py, bench/scale.py); this fits only the decision.
+
+`--form short` asks with each test text's first sentence (at most 12 words), as a person types a request;
+`--signature exemplars` and `--score calibrated` measure two other scores. One fit per combination is in
+`bench/results/auto-forms.txt`: neither alternative moves the decision accuracy by more than 3 points,
+so router/auto.py keeps the raw prototype score and the whole-text fit.
 """
 
 from __future__ import annotations
@@ -86,9 +92,13 @@ def encoder() -> _Encoder:
     return _ENC
 
 
-def signatures(per_task: int):
-    """(names, tasks, description embeddings (N, D), routing vectors (N, D), and the mean and std of each
-    task's own training inputs' scores against its routing vector (N,), (N,))."""
+def signatures(per_task: int, signature: str = "prototype", k: int = 5):
+    """(names, tasks, description embeddings (N, D), a scorer `score(q (Q, D)) -> (Q, N)` routing scores,
+    and the mean and std of each task's own training inputs' scores against it (N,), (N,)).
+
+    prototype: <q, (1 - W) d + W p> with p the renormalised mean of the inputs (what retrieval stores);
+    exemplars: (1 - W) <q, d> + W * the mean of q's k highest cosines to the task's inputs (a kNN score:
+    a short query near a few of a task's inputs scores high even when it is far from their mean)."""
     import numpy as np
 
     from loraplex.data import load_task
@@ -102,14 +112,34 @@ def signatures(per_task: int):
     proto = np.stack([x.mean(0) for x in inputs])
     proto /= np.linalg.norm(proto, axis=1, keepdims=True)
     vecs = ((1 - W) * desc + W * proto).astype(np.float32)
-    own = [x @ vecs[i] for i, x in enumerate(inputs)]
-    return names, tasks, desc, vecs, np.array([o.mean() for o in own]), np.array([o.std() + 1e-6 for o in own])
+    if signature == "prototype":
+        def score(q):
+            return q @ vecs.T
+    else:
+        flat = np.concatenate(inputs)
+        bounds = np.cumsum([0] + [len(x) for x in inputs])
+
+        def score(q):
+            sims = q @ flat.T
+            top = np.stack([np.sort(sims[:, a:b], axis=1)[:, -min(k, b - a):].mean(1)
+                            for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+            return (1 - W) * (q @ desc.T) + W * top
+    own = [score(x)[:, i] for i, x in enumerate(inputs)]
+    return names, tasks, desc, score, np.array([o.mean() for o in own]), np.array([o.std() + 1e-6 for o in own])
+
+
+def short_form(text: str, words: int = 12) -> str:
+    """A request as a person types it: the text's first sentence, at most `words` words."""
+    import re
+
+    first = re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
+    return " ".join(first.split()[:words])
 
 
 CASES = ("registered", "new_task", "new_world")
 
 
-def cases(names, tasks, desc, route_vecs, n_queries: int, mu=None, sd=None):
+def cases(names, tasks, desc, score, n_queries: int, mu=None, sd=None, form: str = "whole"):
     """Per query and case: s1 (the best routing score over the case's registry) and the generator's
     distance (1 - the best cosine of the query to a remaining task's description: what a generator
     fitted on that registry measures for a request), NaN where the case does not apply; and whether
@@ -124,8 +154,13 @@ def cases(names, tasks, desc, route_vecs, n_queries: int, mu=None, sd=None):
     out = {c: ([], []) for c in CASES}
     meta = {"task": [], "family": [], "routed_right": []}
     for t in names:
-        q = emb.encode([e.text for e in tasks[t].test[:n_queries]])
-        S = q @ route_vecs.T  # (Q, N)
+        texts = [e.text for e in tasks[t].test[:n_queries]]
+        if form == "short":
+            texts = [short_form(x) for x in texts]
+        elif form == "both":
+            texts = texts + [short_form(x) for x in texts]
+        q = emb.encode(texts)
+        S = score(q)  # (Q, N)
         if mu is not None:  # calibrated: how typical the score is of each adapter's own inputs
             S = (S - mu[None, :]) / sd[None, :]
         D = 1.0 - q @ desc.T  # (Q, N)
@@ -188,13 +223,20 @@ def main(argv=None) -> int:
     ap.add_argument("--score", choices=("raw", "calibrated"), default="raw",
                     help="raw: s1 itself (what router/auto.py uses); calibrated: the z-score against each "
                          "adapter's own training inputs (measured as an alternative)")
+    ap.add_argument("--signature", choices=("prototype", "exemplars"), default="prototype",
+                    help="prototype: the mean-embedding signature retrieval stores; exemplars: a kNN score over "
+                         "the task's training inputs (measured as an alternative)")
+    ap.add_argument("--exemplar-k", type=int, default=5, help="nearest inputs the exemplar score averages")
+    ap.add_argument("--form", choices=("whole", "short", "both"), default="whole",
+                    help="queries: whole test texts, their first sentence (at most 12 words), or both")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "auto.json")
     a = ap.parse_args(argv)
-    names, tasks, desc, vecs, mu, sd = signatures(a.proto)
-    arr, meta = cases(names, tasks, desc, vecs, a.queries, *((mu, sd) if a.score == "calibrated" else ()))
+    names, tasks, desc, score, mu, sd = signatures(a.proto, a.signature, a.exemplar_k)
+    arr, meta = cases(names, tasks, desc, score, a.queries, *((mu, sd) if a.score == "calibrated" else (None, None)),
+                      form=a.form)
     encoder().save()
     n = {c: int((~np.isnan(arr[c][0])).sum()) for c in CASES}
-    print(f"== auto's decision ({a.score} score), fitted on {len(names)} library tasks, {a.queries} test queries each ==")
+    print(f"== auto's decision ({a.score} {a.signature} score, {a.form} queries), fitted on {len(names)} library tasks, {a.queries} test queries each ==")
     print(f"requests per case: registered {n['registered']}, new task {n['new_task']}, new world {n['new_world']}")
     for c in CASES:
         s1, d = (v[~np.isnan(v)] for v in arr[c])
