@@ -25,6 +25,8 @@ names the records to remove or register again.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +82,12 @@ def _check(reg: "Registry", report: CheckReport, repair: bool) -> CheckReport:
     _check_database(reg, report)
     if report.problems:
         return report
-    _check_records(reg, report)
-    _check_blob_dir(reg, report)
-    _check_index(reg, report)
-    _check_graph(reg, report)
+    for part in (_check_records, _check_blob_dir, _check_index, _check_graph):
+        try:
+            part(reg, report)
+        except IntegrityError as exc:  # a damaged record met while checking a cache: named once, not a traceback
+            if str(exc) not in report.problems:
+                report.problems.append(str(exc))
     return report
 
 
@@ -98,6 +102,29 @@ def _check_database(reg: "Registry", report: CheckReport) -> None:
             report.problems.append(f"database has {len(fk)} rows that point at missing records")
     except (LoraplexError, Exception) as exc:  # sqlite3.DatabaseError for a file that is not a database
         report.problems.append(f"database unreadable: {exc}")
+        return
+    # the meta values every cache and signature read uses
+    try:
+        reg.generation()
+    except IntegrityError as exc:
+        report.problems.append(str(exc))
+    sizes = _stored_dims(reg)
+    have = reg.meta("dim")
+    if len(sizes) == 1 and have != str(next(iter(sizes))):
+        what = "no signature dimension (its meta 'dim' is gone)" if have is None else f"its stored 'dim' ({have})"
+        report.problems.append(f"registry database {reg.db_path}: it holds adapters of {next(iter(sizes))} dimensions "
+                               f"but {what}; `--repair` sets it")
+    else:
+        try:
+            reg.signature_dim()
+        except IntegrityError as exc:
+            report.problems.append(str(exc))
+
+
+def _stored_dims(reg: "Registry") -> set[int]:
+    """The dimensions (float32 values) of the stored description embeddings: one for a sound registry."""
+    rows = reg._db().execute("SELECT DISTINCT length(embedding) FROM adapters").fetchall()
+    return {int(r[0]) // 4 for r in rows if isinstance(r[0], int)}
 
 
 def _check_records(reg: "Registry", report: CheckReport) -> None:
@@ -113,6 +140,10 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             reg.get_adapter(name)  # its JSON fields (metrics, extra) read back too
         except IntegrityError as exc:
             bad_specs.append(str(exc))  # stored_record's message says what to do
+    try:
+        reg.edges()
+    except IntegrityError as exc:
+        bad_specs.append(str(exc))
     for kind, name in reg._db().execute("SELECT kind, name FROM components ORDER BY id"):
         try:
             reg.get_component(kind, name)
@@ -126,7 +157,6 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     report.counts["adapters"] = len(records)
     report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
     names = {r.name for r in records}
-    dim = reg.meta("dim")
     for rec in records:
         try:
             adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")
@@ -149,10 +179,13 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
                 reg.load_snapshot(rec, snap)
             except LoraplexError as exc:
                 report.problems.append(f"adapter {rec.name!r}: {exc}")
-    if dim is not None:
-        _, _, emb, _ = reg.signatures()
-        if emb.shape[0] != len(records) or not np.all(np.isfinite(emb)):
-            report.problems.append("stored signatures are damaged (wrong size or not finite)")
+    try:
+        if reg.signature_dim():
+            _, _, emb, _ = reg.signatures()
+            if emb.shape[0] != len(records) or not np.all(np.isfinite(emb)):
+                report.problems.append("stored signatures are damaged (wrong size or not finite)")
+    except IntegrityError as exc:  # a damaged dimension or signature: named, and the caches are not rebuilt
+        report.problems.append(str(exc))
     comps = reg.list_components("router") + reg.list_components("generator")
     report.counts["components"] = len(comps)
     for c in comps:
@@ -235,6 +268,16 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
     if not reg.exists:
         return
     with reg.write_lock():
+        try:
+            reg.generation()
+        except IntegrityError:  # a counter, not data: set past every state the database remembers
+            report.repaired.append(f"reset the damaged generation counter to {reg.reset_generation()}")
+        sizes = _stored_dims(reg)
+        if len(sizes) == 1 and reg.meta("dim") != str(next(iter(sizes))):  # every adapter agrees: the meta is wrong
+            dim = next(iter(sizes))
+            with reg.transaction() as c:
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dim', ?)", (str(dim),))
+            report.repaired.append(f"set the damaged signature dimension to {dim}, its adapters' own")
         route_weight = None
         try:
             old_route = SignatureIndex.load(reg.home / ROUTE_INDEX_FILE)
@@ -244,14 +287,25 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
         for name in (INDEX_FILE, ROUTE_INDEX_FILE, GRAPH_FILE):
             p: Path = reg.home / name
             drop_cached(p)
-            if p.exists():
+            if p.is_file() or p.is_symlink():
                 p.unlink()
-        if reg.meta("dim") is not None:
-            SignatureIndex.sync(reg)
-            report.repaired.append("rebuilt the signature index")
-            if route_weight is not None:
-                SignatureIndex.sync(reg, weight=route_weight)
-                report.repaired.append("rebuilt the routing index")
+            elif p.exists():  # a directory where a cache goes: moved aside (what is in it is not ours to delete)
+                aside = p.with_name(f"{p.name}.not-a-cache-{os.getpid()}-{int(time.time())}")
+                p.rename(aside)
+                report.repaired.append(f"moved {p}, which is not a file, aside to {aside}")
+        try:
+            rebuild = reg.signature_dim() > 0
+        except IntegrityError:
+            rebuild = False  # the check that follows names it
+        try:
+            if rebuild:
+                SignatureIndex.sync(reg)
+                report.repaired.append("rebuilt the signature index")
+                if route_weight is not None:
+                    SignatureIndex.sync(reg, weight=route_weight)
+                    report.repaired.append("rebuilt the routing index")
+        except IntegrityError:
+            pass  # a damaged signature: the check that follows names it
         try:
             graph_json(reg)
             report.repaired.append("rebuilt the lineage graph")

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from loraplex.errors import IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError
+from loraplex.errors import DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
@@ -131,6 +131,7 @@ class Database:
         self._conn: sqlite3.Connection | None = None
         self._lock_depth = 0
         self._lock_fd: int | None = None
+        self._full = False  # opened read-only because the disk had no room left (`_db`)
 
     # ------------------------------------------------------------------------------------------
     # connection, schema, locking
@@ -139,6 +140,11 @@ class Database:
     def exists(self) -> bool:
         if self.db_path.exists() and not self.db_path.is_file():  # a directory there is a damaged home, not an empty one
             raise IntegrityError(f"registry database {self.db_path} is not a file")
+        for side in ("-wal", "-shm"):  # SQLite's own files beside it: its messages would blame registry.db
+            p = self.db_path.with_name(self.db_path.name + side)
+            if p.exists() and not p.is_file():
+                raise IntegrityError(f"{p} (SQLite's {'write-ahead log' if side == '-wal' else 'shared-memory file'} "
+                                     f"of the registry database) is not a file: move it away")
         wal = self.db_path.with_name(self.db_path.name + "-wal")  # a WAL with frames still holds the database
         missing = not self.db_path.exists()
         if missing or (self.db_path.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size)):
@@ -174,6 +180,11 @@ class Database:
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
             except sqlite3.DatabaseError as exc:
                 conn.close()
+                if is_disk_full(exc, self.home) and self.db_path.is_file():
+                    # opening read-write needs room for SQLite's -wal/-shm files: with none left, read what is
+                    # there (listing, searching, checking, querying work) and refuse writes as a full disk
+                    self._conn, self._full = self._read_only(), True
+                    return self._conn
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn
         return self._conn
@@ -251,6 +262,9 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._db()
+        if self._full:
+            raise DiskFull(f"the disk is full: the registry at {self.home} can be read but not written (nothing was "
+                           "changed; free some space and try again)")
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -278,10 +292,43 @@ class Database:
         return f"{gen}:{row[0] if row else ''}"
 
     def generation(self) -> int:
-        conn = self._db(create=False)
-        if conn is None:
+        return self.meta_count("generation")
+
+    def meta_count(self, key: str) -> int:
+        """A count the database keeps in its meta table (`generation`, `dim`): 0 when absent, IntegrityError
+        naming it when the stored value is not a count (edited by hand, a bad page)."""
+        value = self.meta(key)
+        if value is None:
             return 0
-        return int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0:
+            shown = value if isinstance(value, str) else type(value).__name__
+            raise IntegrityError(f"registry database {self.db_path}: its stored {key!r} is damaged ({shown[:40]!r} is "
+                                 "not a count); run `loraplex registry check --repair`")
+        return n
+
+    def reset_generation(self) -> int:
+        """Set a damaged generation counter past every generation the database remembers (its epochs), with a
+        fresh epoch: every cache then rebuilds. Returns the new generation."""
+        conn = self._db()
+        top = conn.execute("SELECT max(generation) FROM epochs").fetchone()[0]
+        with self.transaction() as c:  # the transaction adds one to the value set here
+            c.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(int(top or 0)),))
+        return self.generation()
+
+    def signature_dim(self) -> int:
+        """The dimension of this registry's signatures (0 before its first adapter); IntegrityError when the
+        database holds adapters but no dimension."""
+        dim = self.meta_count("dim")
+        if dim == 0:
+            conn = self._db(create=False)
+            if conn is not None and conn.execute("SELECT 1 FROM adapters LIMIT 1").fetchone() is not None:
+                raise IntegrityError(f"registry database {self.db_path}: it holds adapters but no signature dimension "
+                                     "(its meta 'dim' is gone); run `loraplex registry check --repair`")
+        return dim
 
     def meta(self, key: str) -> str | None:
         conn = self._db(create=False)

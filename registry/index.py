@@ -136,6 +136,8 @@ class SignatureIndex:
     def load(cls, path: Path) -> "SignatureIndex | None":
         """The saved index, or None if there is none; IntegrityError if the file is damaged."""
         if not path.is_file():
+            if path.exists():  # a directory (or other non-file) where the cache goes: never saved into, reported
+                raise IntegrityError(f"the signature index {path} is not a file; run `loraplex registry check --repair`")
             return None
         faiss = _faiss()
         try:
@@ -160,7 +162,7 @@ class SignatureIndex:
         path = reg.home / (INDEX_FILE if weight is None else ROUTE_INDEX_FILE)
         stamp = reg.stamp()
         gen = int(stamp.split(":", 1)[0])
-        dim = int(reg.meta("dim") or 0)
+        dim = reg.signature_dim()
         mem = _IN_PROCESS.get(str(path))
         if mem is not None and mem.stamp == stamp and mem.dim == dim and mem.weight == weight:
             return mem

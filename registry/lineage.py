@@ -97,6 +97,8 @@ def load_cached(reg: "Registry") -> tuple[str, dict[str, Any]] | None:
     IntegrityError if damaged."""
     path = reg.home / GRAPH_FILE
     if not path.is_file():
+        if path.exists():
+            raise IntegrityError(f"the lineage graph cache {path} is not a file; run `loraplex registry check --repair`")
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))

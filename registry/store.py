@@ -295,8 +295,8 @@ class Registry(Database, Components):
         have = self.meta("embedder")
         if have is not None and have != embedder:
             raise InvalidAdapter(f"this registry's signatures use embedder {have!r}, not {embedder!r}")
-        dim = self.meta("dim")
-        if dim is not None and int(dim) != emb.size:
+        dim = self.signature_dim()
+        if dim and dim != emb.size:
             raise InvalidAdapter(f"signature has {emb.size} dimensions; this registry's have {dim}")
 
     def update_metrics(self, name: str, metrics: dict[str, Any]) -> AdapterRecord:
@@ -432,6 +432,13 @@ class Registry(Database, Components):
     def _unpack_signatures(self, rows: list[tuple], dim: int) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
         ids = [r[0] for r in rows]
         nm = [r[1] for r in rows]
+        for r in rows:
+            for what, blob in (("description embedding", r[2]), ("prototype", r[3])):
+                if blob is not None and (not isinstance(blob, bytes) or len(blob) != 4 * dim):
+                    size = f"{len(blob)} bytes" if isinstance(blob, bytes) else type(blob).__name__
+                    raise IntegrityError(f"adapter {r[1]!r}: its stored {what} is damaged ({size}, while the "
+                                         f"registry's signatures have {dim} float32 values); remove it, or register it again (`loraplex registry check` lists "
+                                         "every such record)")
         emb = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
         proto = np.full((len(rows), dim), np.nan, dtype=np.float32)
         for i, r in enumerate(rows):
@@ -443,7 +450,7 @@ class Registry(Database, Components):
         """(ids, names, description embeddings (N, D), prototypes (N, D), NaN where none), in `names` order
         (default: every adapter, by id)."""
         conn = self._db(create=False)
-        dim = int(self.meta("dim") or 0)
+        dim = self.signature_dim()
         if conn is None or dim == 0:
             return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
         if names is None:
@@ -458,7 +465,7 @@ class Registry(Database, Components):
 
     def signatures_by_id(self, ids: Sequence[int]) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
         """As `signatures`, for adapter ids (in `ids` order; ids that do not exist are left out)."""
-        dim = int(self.meta("dim") or 0)
+        dim = self.signature_dim()
         if self._db(create=False) is None or dim == 0:
             return [], [], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
         by_id = {r[0]: r for r in self._rows_in("id", [int(i) for i in ids], self._signature_rows)}
@@ -491,5 +498,11 @@ class Registry(Database, Components):
         conn = self._db(create=False)
         if conn is None:
             return []
-        return [tuple(r) for r in conn.execute(
+        rows = [tuple(r) for r in conn.execute(
             "SELECT a.name, e.target, e.kind FROM edges e JOIN adapters a ON a.id = e.adapter_id ORDER BY a.id, e.kind, e.target")]
+        for name, target, kind in rows:
+            if not (isinstance(target, str) and ":" in target and isinstance(kind, str)):
+                raise IntegrityError(f"adapter {name!r}: a stored lineage edge is damaged ({str(target)[:60]!r} is not "
+                                     "'kind:name'); remove it, or register it again (`loraplex registry check` lists "
+                                     "every such record)")
+        return rows

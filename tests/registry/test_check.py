@@ -1,10 +1,12 @@
 """`registry check`: consistent registries pass; damage is found; --repair rebuilds derived state."""
 
+import re
+
 import pytest
 import numpy as np
 
 from loraplex import api
-from loraplex.registry.index import INDEX_FILE, SignatureIndex
+from loraplex.registry.index import INDEX_FILE, SignatureIndex, drop_cached
 from loraplex.registry.lineage import GRAPH_FILE
 from tests.conftest import make_peft_adapter
 
@@ -162,3 +164,111 @@ def test_records_damaged_inside_the_database_are_named(settings, tiny_bert, tmp_
     api.remove(bad, settings=settings)
     api.remove(good, settings=settings)
     assert api.check(settings=settings).ok
+
+
+def _edit(reg, sql, *args):
+    import sqlite3
+
+    reg.close()
+    with sqlite3.connect(reg.db_path) as c:
+        c.execute(sql, args)
+
+
+@pytest.mark.parametrize("sql, named, repairable", [
+    ("UPDATE meta SET value = 'abc' WHERE key = 'generation'", "its stored 'generation' is damaged", True),
+    ("DELETE FROM meta WHERE key = 'dim'", "no signature dimension", True),
+    ("UPDATE meta SET value = '7' WHERE key = 'dim'", "but its stored 'dim' (7)", True),
+    ("UPDATE adapters SET embedding = substr(embedding, 1, 10) WHERE id = 1",
+     "its stored description embedding is damaged (10 bytes", False),
+    ("INSERT INTO edges VALUES (1, 'nocolon', 'trained-from')", "a stored lineage edge is damaged", False),
+])
+def test_damaged_counts_signatures_and_edges_are_named(settings, tiny_bert, tmp_path, sql, named, repairable):
+    """Damage outside the records' JSON fields (the meta counts, a signature's bytes, a lineage edge) ended
+    search, query, `registry check` and `--repair` in exit 70 (ValueError, AssertionError): now reading it is an
+    IntegrityError naming it, check lists it, and --repair mends what the database itself can tell."""
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    api.search("task", settings=settings)
+    api.graph(settings)
+    _edit(reg, sql)
+    for cache in (INDEX_FILE, GRAPH_FILE):  # a hand edit leaves the generation as it was: the caches look current
+        (reg.home / cache).unlink()
+        drop_cached(reg.home / cache)
+    with pytest.raises(IntegrityError, match=re.escape(named) if "'7'" not in sql else "float32 values"):
+        api.graph(settings) if "edges" in sql else api.search("task", settings=settings)
+    rep = api.check(settings=settings)
+    assert not rep.ok and any(named in p for p in rep.problems), rep.problems
+    fixed = api.check(repair=True, settings=settings)
+    assert fixed.ok == repairable, (fixed.problems, fixed.repaired)
+    if repairable:
+        assert [h["name"] for h in api.search("task number 1", k=1, settings=settings)] == ["a1"]
+    else:
+        api.remove("a0", settings=settings)
+        assert api.check(settings=settings).ok
+
+
+@pytest.mark.parametrize("cache", [INDEX_FILE, GRAPH_FILE])
+def test_a_directory_in_place_of_a_cache_is_reported_and_moved_aside(settings, tiny_bert, tmp_path, cache):
+    """check said "consistent" and --repair failed with "Is a directory"; the directory is now a problem, and
+    --repair moves it aside (what is in it is not the registry's to delete) and rebuilds the cache."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    (reg.home / cache).mkdir()
+    (reg.home / cache / "keep.txt").write_text("mine")
+    rep = api.check(settings=settings)
+    assert not rep.ok and any("is not a file" in p for p in rep.problems), rep.problems
+    assert api.check(repair=True, settings=settings).ok
+    assert (reg.home / cache).is_file()
+    aside = [p for p in reg.home.iterdir() if p.name.startswith(cache + ".not-a-cache-")]
+    assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("side", ["-wal", "-shm"])
+def test_a_directory_in_place_of_sqlites_own_files_is_named(settings, tiny_bert, tmp_path, side):
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    reg.close()
+    path = reg.db_path.with_name(reg.db_path.name + side)
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    with pytest.raises(IntegrityError, match=f"registry.db{side} .* is not a file"):
+        api.list_adapters(settings)
+
+
+def test_a_full_disk_still_reads_and_refuses_writes_as_full(settings, tiny_bert, tmp_path, monkeypatch):
+    """With no byte free, SQLite cannot open read-write (its -wal/-shm files), and every command, listing
+    included, said the database was unreadable; now reading works from a read-only open and a write says the
+    disk is full."""
+    import sqlite3
+
+    from loraplex.errors import DiskFull
+    from loraplex.registry import database
+
+    _setup(settings, tiny_bert, tmp_path).close()
+    real = sqlite3.connect
+
+    class Full:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *a):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, *a)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    def connect(path, *a, uri=False, **kw):
+        conn = real(path, *a, uri=uri, **kw)
+        return conn if uri else Full(conn)  # the read-only open goes through
+
+    monkeypatch.setattr(database.sqlite3, "connect", connect)
+    monkeypatch.setattr(database.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    assert [r.name for r in api.list_adapters(settings)] == ["a0", "a1"]
+    assert api.check(settings=settings).ok
+    with pytest.raises(DiskFull, match="can be read but not written"):
+        api.remove("a0", settings=settings)
+    monkeypatch.undo()
+    assert [r.name for r in api.list_adapters(settings)] == ["a0", "a1"]
