@@ -124,7 +124,14 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
         result = fit_adapter(lb, t, spec, cfg, reg.run_dir("train", name))
         return TrainResult(None, result.metrics, result.run_dir)
     base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar("the bare base"))["accuracy"]
-    result = fit_adapter(lb, t, spec, cfg, reg.run_dir("train", name))
+    with reg.new_run("train", name) as run_dir:  # removed if anything below fails: nothing was registered
+        return _train_and_register(reg, lb, head, t, spec, cfg, run_dir, name=name, ref=ref, base_acc=base_acc,
+                                   eval_limit=eval_limit, bar=bar)
+
+
+def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainConfig, run_dir: Path, *, name: str, ref,
+                        base_acc: float, eval_limit: int | None, bar) -> TrainResult:
+    result = fit_adapter(lb, t, spec, cfg, run_dir)
     test = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar(name))
     metrics = {**result.metrics, "accuracy": round(test["accuracy"], 4), "base_accuracy": round(base_acc, 4),
                "test_n": test["n"], "task": t.name}

@@ -135,23 +135,23 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
         return retained_sample(learned, budget=forgetter.config.retain_budget, seed=seed,
                                split_rows=lambda t: rows_of(t, "train"), exclude=is_forget)
 
-    run_dir = reg.run_dir("forget", name)
-    res = forget(model=lb.model, tokenizer=lb.tokenizer, head=head, fingerprint=lb.fingerprint, forgetter=forgetter,
-                 task=target, labels=chosen, retained=retained, tasks={t.name: t for t in learned}, trainer=trainer,
-                 seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
-                 evaluate=evaluate, retained_tasks=[t.name for t in learned if t.name != target.name],
-                 progress=progress, label=f"forget {target.name}")
-    composition = [r.name for r in recs] + [name]
-    record = res.record(name=name, base=ref, previous=recs[-1].name,
-                        extra={"run_id": name, "unit": 0, "run_dir": str(run_dir), "tasks": [target.ref],
-                               "task_cards": {target.ref: target.card()}, "composition": composition})
-    state = run_dir / "adapter"
-    state.mkdir(parents=True, exist_ok=True)
-    write_unit_adapter(state, res.adapter, res.outcome.snapshots, record)
-    atomic_write(run_dir / "summary.json", _json_dumps(res.summary))
-    rec = register_from_dir(reg, state, fingerprint=fp)
-    return {"name": rec.name, "task": target.name, "labels": list(chosen) if chosen else None,
-            "composition": composition, "run_dir": str(run_dir), **res.summary}
+    with reg.new_run("forget", name) as run_dir:  # removed if anything below fails: nothing was registered
+        res = forget(model=lb.model, tokenizer=lb.tokenizer, head=head, fingerprint=lb.fingerprint, forgetter=forgetter,
+                     task=target, labels=chosen, retained=retained, tasks={t.name: t for t in learned}, trainer=trainer,
+                     seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
+                     evaluate=evaluate, retained_tasks=[t.name for t in learned if t.name != target.name],
+                     progress=progress, label=f"forget {target.name}")
+        composition = [r.name for r in recs] + [name]
+        record = res.record(name=name, base=ref, previous=recs[-1].name,
+                            extra={"run_id": name, "unit": 0, "run_dir": str(run_dir), "tasks": [target.ref],
+                                   "task_cards": {target.ref: target.card()}, "composition": composition})
+        state = run_dir / "adapter"
+        state.mkdir(parents=True, exist_ok=True)
+        write_unit_adapter(state, res.adapter, res.outcome.snapshots, record)
+        atomic_write(run_dir / "summary.json", _json_dumps(res.summary))
+        rec = register_from_dir(reg, state, fingerprint=fp)
+        return {"name": rec.name, "task": target.name, "labels": list(chosen) if chosen else None,
+                "composition": composition, "run_dir": str(run_dir), **res.summary}
 
 
 def _json_dumps(obj: Any) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from loraplex.embedders import EMBEDDERS
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
-from loraplex.ranks import shared_run_dir
+from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.components import Components
 from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
@@ -88,6 +89,20 @@ class Registry(Database, Components):
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
         the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it)."""
         return shared_run_dir(self.home / "runs" / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @contextmanager
+    def new_run(self, kind: str, name: str) -> Iterator[Path]:
+        """A new `run_dir` for a command that trains and registers (train, router fit, forget), removed again
+        when the command fails or is stopped: it registered nothing, and a partial checkpoint is no use to a
+        later command (those commands do not resume; a stream resumes from its own directory) while it holds
+        the disk (a full disk is the commonest such failure). Rank 0 removes it; DDP workers share it."""
+        path = self.run_dir(kind, name)
+        try:
+            yield path
+        except BaseException:
+            if not is_worker():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
     @property
     def embedder_name(self) -> str:

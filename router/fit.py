@@ -166,38 +166,38 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     router.set_expert_tasks([t.name if t is not None else None for t in ex.expert_tasks])
     for p in router.parameters():
         p.requires_grad_(True)
-    run_dir = reg.run_dir("router", name)
-    trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, settings.resolved_device())
+    with reg.new_run("router", name) as run_dir:  # removed if anything below fails: nothing was stored
+        trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, settings.resolved_device())
 
-    # ---- evaluate ----------------------------------------------------------------------------
-    sig = task_signatures(reg, ex.tasks)
-    rm = RoutedModel(lb, ex.expert_names, ex.expert_tasks, router=router, record=None, task_pool=ex.tasks,
-                     task_signatures=sig, embedder=None)
-    ev = rm.evaluate(ex.tasks, split="test", limit=eval_limit, oracle=not (ex.joint and not adapters))
-    metrics = {
-        "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),
-        "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
-        "router_aux": last_metric(trainer.callback_metrics, "loss/router_aux"),
-        "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
-        "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
-        "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
-    }
+        # ---- evaluate ----------------------------------------------------------------------------
+        sig = task_signatures(reg, ex.tasks)
+        rm = RoutedModel(lb, ex.expert_names, ex.expert_tasks, router=router, record=None, task_pool=ex.tasks,
+                         task_signatures=sig, embedder=None)
+        ev = rm.evaluate(ex.tasks, split="test", limit=eval_limit, oracle=not (ex.joint and not adapters))
+        metrics = {
+            "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),
+            "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
+            "router_aux": last_metric(trainer.callback_metrics, "loss/router_aux"),
+            "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
+            "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
+            "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
+        }
 
-    # ---- store -------------------------------------------------------------------------------
-    tensors = {f"gate.{k}": v for k, v in router.state_tensors().items()}
-    tensors["task_sig"] = torch.from_numpy(sig)
-    extra: dict[str, Any] = {
-        "tasks": [t.ref if t is not None else None for t in ex.expert_tasks],
-        "task_pool": [t.ref for t in ex.tasks], "base_sha": lb.fingerprint.sha, "joint": ex.joint,
-        "expert_names": ex.expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
-    }
-    if ex.joint:
-        for e, spec in enumerate(ex.specs):
-            tensors.update({f"expert.{e}.{k}": v for k, v in extract(lb.model, spec, e).state_dict().items()})
-        extra["expert_specs"] = [spec.model_dump(mode="json") for spec in ex.specs]
-    rec = reg.put_component("router", name, method=method, base=lb.ref.name, config=cfg.model_dump(mode="json"),
-                            tensors=tensors, members=adapters, metrics=metrics, extra=extra)
-    return RouterFitResult(rec, metrics, run_dir)
+        # ---- store -------------------------------------------------------------------------------
+        tensors = {f"gate.{k}": v for k, v in router.state_tensors().items()}
+        tensors["task_sig"] = torch.from_numpy(sig)
+        extra: dict[str, Any] = {
+            "tasks": [t.ref if t is not None else None for t in ex.expert_tasks],
+            "task_pool": [t.ref for t in ex.tasks], "base_sha": lb.fingerprint.sha, "joint": ex.joint,
+            "expert_names": ex.expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
+        }
+        if ex.joint:
+            for e, spec in enumerate(ex.specs):
+                tensors.update({f"expert.{e}.{k}": v for k, v in extract(lb.model, spec, e).state_dict().items()})
+            extra["expert_specs"] = [spec.model_dump(mode="json") for spec in ex.specs]
+        rec = reg.put_component("router", name, method=method, base=lb.ref.name, config=cfg.model_dump(mode="json"),
+                                tensors=tensors, members=adapters, metrics=metrics, extra=extra)
+        return RouterFitResult(rec, metrics, run_dir)
 
 
 def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir: Path, device: str):

@@ -88,6 +88,33 @@ def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_
     assert r.exit_code == 143, r.output
     assert r.stderr.strip() == "error: training was interrupted (SIGTERM); nothing was registered"
     assert registry_state(cli.home) == before
+    assert not list((cli.home / "runs").glob("train-toy-*")), "the stopped run's directory is removed"
+
+
+def test_cli_train_on_a_full_disk_names_the_file_and_leaves_no_run_directory(cli, tiny_bert, tmp_path, monkeypatch):
+    """A full disk while Lightning saved a checkpoint named fsspec's temp file (on another disk), and the
+    partial run directory stayed, holding the space the next command needed."""
+    import errno
+
+    import lightning
+
+    def full(trainer, *args, **kwargs):  # fsspec copies a temp file onto the checkpoint: the copy fails
+        target = next((cli.home / "runs").glob("train-toy-*")) / "checkpoints" / "last.ckpt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpabc123", None, str(target))
+
+    monkeypatch.setattr(lightning.Trainer, "fit", full)
+    f = tmp_path / "toy.jsonl"
+    f.write_text("".join(f'{{"text": "flight {w}", "label": "{lab}"}}\n' for w, lab in
+                         [("late", "bad"), ("great", "good"), ("lost", "bad"), ("love", "good")] * 5))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "toy", "--base", tiny_bert, "--steps", "5", "--description", "is the passenger happy", "--quiet")
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip()
+    assert err.startswith("error: the disk is full (") and "checkpoints/last.ckpt" in err and "tmpabc123" not in err, err
+    assert registry_state(cli.home) == before
+    assert not list((cli.home / "runs").glob("train-toy-*"))
 
 
 def test_sigterm_outside_a_fit_is_one_line_and_143(tmp_path):

@@ -60,7 +60,7 @@ def report(exc: BaseException) -> int:
             pass
         return BROKEN_PIPE
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC outside the registry's own writes
-        typer.echo(f"error: the disk is full ({exc.filename or exc.strerror})", err=True)
+        typer.echo(f"error: the disk is full ({getattr(exc, 'filename2', None) or exc.filename or exc.strerror})", err=True)
         return 1
     if isinstance(exc, OSError):
         name = str(exc.filename) if getattr(exc, "filename", None) else ""
