@@ -4,6 +4,8 @@
     <run_dir>/state/unit-XXX/                  a committed unit: state.json, banks.safetensors, the
                                                method's tensors, the adapter, its snapshots and record
     <run_dir>/state/.unit-XXX.tmp/             a unit being written (removed on resume)
+    <run_dir>/units/XXX-kind/                  a unit's Lightning logs and checkpoints (a unit not committed
+                                               has its removed on resume: it trains again from the start)
 
 A unit's state directory is written under a temporary name, its files fsynced, and renamed into place
 in one step (`commit`), so a run killed at any instant has every unit either fully saved or absent.
@@ -155,5 +157,13 @@ class RunDir:
         return final
 
     def clean(self) -> None:
+        """Before a resume: remove the state a stopped unit began writing, and the Lightning logs and
+        checkpoints of every unit not committed (`units/NNN-kind/`), which it trains again from the start
+        (Lightning warns about each non-empty directory it is given)."""
         for p in self.state.glob(".unit-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
+        done = self.completed()
+        for p in (self.path / "units").glob("*"):
+            index = p.name.split("-", 1)[0]
+            if p.is_dir() and index.isdigit() and int(index) >= done:
+                shutil.rmtree(p, ignore_errors=True)

@@ -77,3 +77,20 @@ def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
         for m in want[unit].modules:
             for a, b in zip(got[unit].weights[m], want[unit].weights[m]):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resume_clears_the_logs_of_units_it_trains_again(tmp_path):
+    """A resumed stream gave Lightning the stopped unit's non-empty log and checkpoint directories, and it
+    printed a multi-line warning (with its source path) for each; committed units keep theirs."""
+    from loraplex.continual.rundir import STATE_FILE, RunDir
+
+    rd = RunDir(tmp_path / "run")
+    for name in ("000-learn", "001-learn", "001-router", "002-forget"):
+        (rd.path / "units" / name / "checkpoints").mkdir(parents=True)
+        (rd.path / "units" / name / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (rd.unit_dir(0)).mkdir(parents=True)
+    (rd.unit_dir(0) / STATE_FILE).write_text("{}")
+    (rd.state / ".unit-001.tmp").mkdir()
+    rd.clean()
+    assert sorted(p.name for p in (rd.path / "units").iterdir()) == ["000-learn"]
+    assert not (rd.state / ".unit-001.tmp").exists() and rd.completed() == 1
