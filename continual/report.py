@@ -24,7 +24,7 @@ import numpy as np
 from loraplex.continual import metrics as M
 from loraplex.continual.rundir import RunDir
 from loraplex.errors import UserInputError
-from loraplex.fsio import atomic_write
+from loraplex.fsio import atomic_write, uninterrupted
 
 MATRIX_FILE, METRICS_FILE, HEATMAP_FILE = "matrix.json", "metrics.json", "heatmap.png"
 
@@ -77,10 +77,11 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
 def write_report(run_dir: Path, info: dict[str, Any], results: Sequence[dict[str, Any]], *, heatmap: bool = True) -> dict:
     matrix = build_matrix(info, results)
     metrics = build_metrics(info, results)
-    atomic_write(Path(run_dir) / MATRIX_FILE, json.dumps(matrix, indent=1))
-    atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=1, default=_json_default))
-    if heatmap and results:
-        atomic_write(Path(run_dir) / HEATMAP_FILE, heatmap_png(matrix))
+    with uninterrupted():  # a second or less; a Ctrl-C inside matplotlib came out as its TypeError
+        atomic_write(Path(run_dir) / MATRIX_FILE, json.dumps(matrix, indent=1))
+        atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=1, default=_json_default))
+        if heatmap and results:
+            atomic_write(Path(run_dir) / HEATMAP_FILE, heatmap_png(matrix))
     return {"matrix": matrix, "metrics": metrics}
 
 

@@ -152,3 +152,25 @@ def read_yaml_file(path: str | Path, *, error: type[Exception], max_bytes: int =
         raise error(f"{path}: not valid YAML{at}{': ' + problem if problem else ''}") from None
     except RecursionError:
         raise error(f"{path}: YAML nested too deeply") from None
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C held until the block ends, then raised: around short writes whose libraries turn a
+    KeyboardInterrupt raised inside them into other errors (matplotlib's savefig ended a stopped stream in a
+    TypeError, exit 70, rather than "interrupted"). Only in the main thread, and only where Ctrl-C is not
+    ignored already."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            raise KeyboardInterrupt

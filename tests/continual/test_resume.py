@@ -94,3 +94,29 @@ def test_resume_clears_the_logs_of_units_it_trains_again(tmp_path):
     rd.clean()
     assert sorted(p.name for p in (rd.path / "units").iterdir()) == ["000-learn"]
     assert not (rd.state / ".unit-001.tmp").exists() and rd.completed() == 1
+
+
+def test_ctrl_c_while_the_report_is_written_is_held_until_it_is_written(tmp_path):
+    """A Ctrl-C inside matplotlib's savefig came out as its TypeError (exit 70): the report's few writes
+    now finish, and the interrupt follows them."""
+    import pytest
+
+    from loraplex.continual import report
+
+    real = report.heatmap_png
+
+    def interrupted(matrix):
+        os.kill(os.getpid(), signal.SIGINT)  # the signal arrives while the picture is drawn
+        return real(matrix)
+
+    info = {"tasks": ["a", "b"], "base": {"a": 0.5, "b": 0.5}, "run_id": "r", "method": "seq-lora", "units_total": 2}
+    results = [{"unit": 0, "label": "learn a", "kind": "learn", "tasks": ["a"],
+                "row": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.4}}}]
+    orig = report.heatmap_png
+    report.heatmap_png = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            report.write_report(tmp_path, info, results)
+    finally:
+        report.heatmap_png = orig
+    assert (tmp_path / report.HEATMAP_FILE).read_bytes().startswith(b"\x89PNG")
