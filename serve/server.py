@@ -8,6 +8,7 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import UserInputError
 from loraplex.serve.app import checked_api_key, create_app, loopback_name
@@ -15,6 +16,53 @@ from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.scheduler import Scheduler
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's line and headers. uvicorn has none: a client
+    that sends part of a request and stalls (slowloris) held its connection open for ever, and enough of
+    them exhaust the server's descriptors. A request's headers must be complete within `seconds` of the
+    connection opening (its first request) or of the first byte after the previous response (a kept-alive
+    connection; uvicorn's keep-alive timer covers the silence before it); otherwise the client gets 408 and
+    the connection is closed. A stalled body is serve/protocol.py's `BODY_IDLE_S`."""
+
+    seconds = 30.0
+    _TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                b"Content-Length: 36\r\n\r\nthe request headers did not arrive\r\n")
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._deadline = None
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self._between_requests():
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if not self._between_requests():
+            self._disarm()  # its headers arrived: the request runs
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self._between_requests() and not self.transport.is_closing():
+            self.transport.write(self._TIMEOUT)
+            self.transport.close()
 
 
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
@@ -71,7 +119,8 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60, access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60, access_log=False,
+                            http=HeaderDeadline)
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

@@ -290,3 +290,69 @@ def test_labels_the_tokenizer_cannot_tell_apart(http):
     assert "labels 'A' and 'a' read the same to this model" in err["message"]
     ok = http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["great", "bad"]})
     assert ok.status_code == 200, ok.text
+
+
+def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
+    """uvicorn has no deadline on a request's headers: a client that sent part of them and stalled held its
+    connection for ever (slowloris). serve/server.py's HeaderDeadline closes it; whole requests, kept-alive
+    connections and a slow but complete request are unaffected."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from loraplex.serve.server import HeaderDeadline
+
+    class Quick(HeaderDeadline):
+        seconds = 1.0
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http=Quick, log_level="error", lifespan="off", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def read_all(c: socket.socket, limit: float) -> bytes:
+            c.settimeout(limit)
+            out = b""
+            try:
+                while chunk := c.recv(4096):
+                    out += chunk
+            except socket.timeout:
+                pass
+            return out
+
+        req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # stalls halfway through its headers
+            c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            t0 = time.monotonic()
+            got = read_all(c, 10)
+            assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5, got
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # kept alive: two requests, slowly
+            for _ in range(2):
+                c.sendall(req[:10])
+                time.sleep(0.5)
+                c.sendall(req[10:])
+                c.settimeout(5)
+                got = b""
+                while not got.endswith(b"ok"):
+                    got += c.recv(4096)
+                assert got.startswith(b"HTTP/1.1 200"), got
+                time.sleep(1.5)  # idle past the deadline between requests: the keep-alive timer's business
+            c.sendall(b"GET / HT")  # then the next request stalls
+            assert read_all(c, 10).startswith(b"HTTP/1.1 408")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
