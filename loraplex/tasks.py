@@ -171,6 +171,25 @@ def visible(text: str) -> bool:
     return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
+def read_alike(texts: Sequence[str]) -> tuple[str, str] | None:
+    """The first two of `texts` that read the same ("é" and "e\u0301", "ab" and "a\u200db": equal after NFC
+    without format characters), or None: as labels, or a label's texts, one answer would hide the other."""
+    seen: dict[str, str] = {}
+    for x in texts:
+        key = "".join(ch for ch in unicodedata.normalize("NFC", x) if unicodedata.category(ch) != "Cf")
+        if key in seen:
+            return seen[key], x
+        seen[key] = x
+    return None
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines file or a file of queries: split at "\n" only (a trailing "\r" dropped).
+    str.splitlines also splits at U+2028, U+2029, U+0085, \v, \f and \x1c-\x1e, which JSON writers leave
+    raw inside strings (`ensure_ascii=False`): a valid row came apart into two invalid ones."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """The label set a query asks to be answered with (CLI `query --labels`, the server's `labels`): at
     least two and at most MAX_LABELS distinct, non-empty names."""
@@ -184,14 +203,12 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     long = next((x for x in out if len(x) > MAX_LABEL_CHARS), None)
     if long is not None:
         raise UserInputError(f"labels: a label of {len(long):,} characters; at most {MAX_LABEL_CHARS:,} are allowed")
-    seen: dict[str, str] = {}
-    for x in out:  # "é" and "e\u0301", or "ab" and "a\u200db", read the same: one answer would hide the other
-        key = "".join(ch for ch in unicodedata.normalize("NFC", x) if unicodedata.category(ch) != "Cf")
-        if key in seen:
-            raise UserInputError(f"labels: {x!r} is named twice" if x == seen[key] else
-                                 f"labels: {seen[key]!r} and {x!r} read the same (they differ only in "
-                                 "invisible characters or Unicode normalisation)")
-        seen[key] = x
+    pair = read_alike(out)
+    if pair is not None:
+        a, b = pair
+        raise UserInputError(f"labels: {a!r} is named twice" if a == b else
+                             f"labels: {a!r} and {b!r} read the same (they differ only in invisible characters or "
+                             "Unicode normalisation)")
     if len(out) < 2:
         raise UserInputError(f"labels: at least 2 labels are needed to choose between, got {len(out)}")
     return out

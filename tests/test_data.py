@@ -72,3 +72,89 @@ def test_unknown_sidecar_key_and_missing_file(tmp_path):
         load_task(str(tmp_path / "missing.jsonl"))
     with pytest.raises(TaskNotFound, match="unknown task"):
         load_task("not-a-task")
+
+
+# ---- user task files that were read wrong or accepted quietly (sweep 9) ----------------------------------
+
+def _rows(n=12):
+    return [{"text": f"text number {i} about {'rain' if i % 2 else 'sun'}", "label": "bad" if i % 2 else "good"}
+            for i in range(n)]
+
+
+def _jsonl(path, rows, sidecar=None):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if sidecar is not None:
+        path.with_name(path.stem + ".task.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("body, match", [
+    ("text,label\ngreat food, nice staff,pos\nawful,neg\nfine,pos\n", r"commas.csv:2: 3 fields, the header has 2 "
+                                                                    r"\(put a text that holds a comma in double quotes\)"),
+    ("text,label\ngreat food\nawful,neg\nfine,pos\n", r"commas.csv:2: 1 fields, the header has 2"),
+])
+def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_refused(tmp_path, body, match):
+    """An unquoted comma in a text made its tail the label: the task gained labels and lost the real one."""
+    f = tmp_path / "commas.csv"
+    f.write_text(body)
+    with pytest.raises(InvalidTaskFile, match=match):
+        load_task_file(f, description="d")
+
+
+def test_jsonl_rows_may_hold_line_separators_and_a_key_twice_is_refused(tmp_path):
+    rows = _rows()
+    rows[0]["text"] = "rain\u2028and hail\u0085and\x0csleet"  # json.dumps(ensure_ascii=False) leaves them raw
+    t = load_task_file(_jsonl(tmp_path / "u.jsonl", rows), description="weather")
+    assert "rain\u2028and hail\u0085and\x0csleet" in {e.text for e in t.train + t.validation + t.test}
+    f = tmp_path / "dup.jsonl"
+    f.write_text('{"text": "good food", "label": "pos", "label": "neg"}\n{"text": "bad", "label": "neg"}\n')
+    with pytest.raises(InvalidTaskFile, match=r"dup.jsonl:1: the key 'label' is given twice in one row"):
+        load_task_file(f, description="d")
+
+
+def test_a_json_file_may_hold_one_array_of_rows(tmp_path):
+    f = tmp_path / "array.json"
+    f.write_text(json.dumps(_rows(), indent=1))
+    assert load_task_file(f, description="d").labels == ("bad", "good")
+    f.write_text(json.dumps([1, 2]))
+    with pytest.raises(InvalidTaskFile, match="one JSON array of objects"):
+        load_task_file(f, description="d")
+
+
+@pytest.mark.parametrize("label_texts, match", [
+    ({"good": "", "bad": "   "}, r"'label_texts' gives 'good' an empty text"),
+    ({"good": "the weather", "bad": "the weather"}, r"the labels 'bad' and 'good' have the same text"),
+    ({"good": "bad"}, r"the labels 'bad' and 'good' have the same text \('bad'"),
+])
+def test_label_texts_that_cannot_be_told_apart_are_refused(tmp_path, label_texts, match):
+    """Every label embedded alike: an adapter that always answered the first label, trained without a word."""
+    f = _jsonl(tmp_path / "lt.jsonl", _rows(), {"description": "weather", "label_texts": label_texts})
+    with pytest.raises(InvalidTaskFile, match=match):
+        load_task_file(f)
+
+
+def test_labels_that_read_the_same_are_refused_and_declared_labels_are_stripped(tmp_path):
+    import unicodedata
+
+    rows = _rows()
+    for i, r in enumerate(rows):
+        r["label"] = unicodedata.normalize("NFC" if i % 2 else "NFD", "café")
+    with pytest.raises(InvalidTaskFile, match="read the same"):
+        load_task_file(_jsonl(tmp_path / "nfd.jsonl", rows), description="places")
+    t = load_task_file(_jsonl(tmp_path / "sp.jsonl", _rows(), {"description": "d", "labels": [" good", "bad "]}))
+    assert t.labels == ("good", "bad")
+
+
+def test_a_task_file_needs_three_rows(tmp_path):
+    """Two rows left the test split empty: trained and registered with accuracy nan."""
+    with pytest.raises(InvalidTaskFile, match=r"too few examples to split \(2\): a task file needs at least 3 rows"):
+        load_task_file(_jsonl(tmp_path / "two.jsonl", _rows(2)), description="d")
+    assert len(load_task_file(_jsonl(tmp_path / "three.jsonl", _rows(3)), description="d").test) == 1
+
+
+def test_a_file_of_queries_is_split_at_newlines_only(tmp_path):
+    from loraplex.cli.query import _read_queries
+
+    f = tmp_path / "q.txt"
+    f.write_text("rain\u2028and hail\r\nsunny\x0cday\n\n", encoding="utf-8")
+    assert _read_queries(None, f) == ["rain\u2028and hail", "sunny\x0cday"]

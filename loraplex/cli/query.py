@@ -17,6 +17,7 @@ MAX_INPUT_BYTES = 64 << 20  # a file of queries is read whole: 64 MiB is about a
 
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
     from loraplex.errors import UserInputError
+    from loraplex.tasks import text_lines
 
     if text is not None and input_ is not None:
         raise UserInputError("give a query or --input, not both")
@@ -33,13 +34,13 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
                 raise UserInputError(f"{input_}: no such file")
             # regular files only (a FIFO would block, /dev/zero never end), at most 64 MiB, UTF-8 (a BOM dropped)
             raw = read_bounded_text(input_, error=UserInputError, max_bytes=MAX_INPUT_BYTES, what="file of queries")
-        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text_lines(raw) if ln.strip()]
         if not lines:
             raise UserInputError(f"{input_}: no queries (one per line)")
         return lines
     if text is None:
         if sys.stdin is not None and not sys.stdin.isatty():
-            lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in text_lines(sys.stdin.read()) if ln.strip()]
             if lines:
                 return lines
         raise UserInputError("the query is empty: give a text, --input FILE, or queries on stdin")
