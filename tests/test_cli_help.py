@@ -92,3 +92,21 @@ def test_cli_start_up_imports_no_heavy_module():
             "'loraplex.training', 'loraplex.continual.spec') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_labels_and_task_paths_are_split_at_commas_only(cli, monkeypatch, tmp_path):
+    """`forget --labels "not good"` asked for 'not' and 'good', and `router eval --tasks "dir with space/x.jsonl"`
+    for three paths: labels and paths may hold spaces; adapter names may not."""
+    from loraplex import api
+
+    seen = {}
+    monkeypatch.setattr(api, "forget", lambda task, **kw: seen.update(forget=kw["labels"], adapters=kw["adapters"]) or 1 / 0)
+    monkeypatch.setattr(api, "evaluate_router", lambda name, **kw: seen.update(tasks=kw["tasks"]) or 1 / 0)
+    for args in (("forget", "t", "--labels", "not good, very good", "--adapters", "a b,c"),
+                 ("router", "eval", "r", "--tasks", "dir with space/x.jsonl,y.csv")):
+        try:
+            cli(*args)
+        except ZeroDivisionError:
+            pass
+    assert seen == {"forget": ["not good", "very good"], "adapters": ["a", "b", "c"],
+                    "tasks": ["dir with space/x.jsonl", "y.csv"]}

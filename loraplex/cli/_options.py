@@ -100,15 +100,16 @@ def settings(home: Optional[str]):
     return Settings.load(home=home)
 
 
-def parse_list(value: str | None, option: str = "a list option") -> list[str]:
+def parse_list(value: str | None, option: str = "a list option", *, commas_only: bool = False) -> list[str]:
     """`a,b, c` -> ["a", "b", "c"] (for comma-separated options); None (not given) -> []. Given but naming
     nothing (`--adapters ""`) is refused: it would otherwise read as "not given" (often: all of them); so are
-    an empty entry (`a,,b`) and a name given twice."""
+    an empty entry (`a,,b`) and a name given twice. Names (adapters, modules) may also be separated by
+    spaces; `commas_only` for values that may hold spaces (labels: "not good"; task file paths)."""
     if value is None:
         return []
     from loraplex.errors import UserInputError
 
-    out = [v for v in (x.strip() for x in re.split(r"[,\s]+", value)) if v]
+    out = [v for v in (x.strip() for x in re.split(r"," if commas_only else r"[,\s]+", value)) if v]
     if not out:
         raise UserInputError(f"{option} is empty: name at least one, or leave the option out")
     if any(not part.strip() for part in value.split(",")):  # `a,,b` or `a,`: a name left out, or a typo

@@ -53,7 +53,7 @@ def fit(
     if joint:
         cfg["joint"] = True
     res = api.fit_router(
-        name, router=router, adapters=parse_list(adapters, "--adapters"), tasks=parse_list(tasks, "--tasks") or None, base=base,
+        name, router=router, adapters=parse_list(adapters, "--adapters"), tasks=parse_list(tasks, "--tasks", commas_only=True) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
         train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
@@ -89,7 +89,7 @@ def eval_(
     """Routing accuracy and the routed model's accuracy next to each adapter used alone on its task."""
     from loraplex import api
 
-    res = api.evaluate_router(name, tasks=parse_list(tasks, "--tasks") or None, split=split, limit=limit, settings=settings(home))
+    res = api.evaluate_router(name, tasks=parse_list(tasks, "--tasks", commas_only=True) or None, split=split, limit=limit, settings=settings(home))
     if json:
         out.emit_json(res)
         return

@@ -119,7 +119,7 @@ def forget(
     """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
     from loraplex import api
 
-    res = api.forget(task, labels=parse_list(labels, "--labels"), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
+    res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
                      steps=steps, lr=lr, eval_limit=eval_limit, seed=seed, progress=not quiet and not json,
                      settings=settings(home))
     if json:
