@@ -103,9 +103,11 @@ def routers_off(model):
 
 
 def labels_task(labels: Sequence[str], like: Any = None) -> Task:
-    """The task of answering with `labels`: `like` itself when it has exactly that label set, else a task
-    of those labels, with `like`'s label texts for the labels it shares."""
-    if like is not None and tuple(like.labels) == tuple(labels):
+    """The task of answering with `labels`: `like` itself when it has that label set, in any order (a causal
+    LM reads the task's description in its prompt: the same labels in another order asked the adapter with a
+    prompt it was never trained on, and answered otherwise), else a task of those labels, with `like`'s label
+    texts for the labels it shares."""
+    if like is not None and len(like.labels) == len(labels) and set(like.labels) == set(labels):
         return like
     texts = {lab: like.label_text(lab) for lab in labels if like is not None and lab in like.labels}
     return Task(name="labels", description="answer with one of: " + ", ".join(labels), labels=tuple(labels),

@@ -58,3 +58,16 @@ def test_auto_on_a_causal_base_falls_back_to_the_bare_base_generating(settings, 
                              router="auto", config=cfg, settings=settings)
     assert fit["decision"] == "route" and fit["answer"] in ("good", "bad")
     assert foreign["decision"] == "base" and isinstance(foreign["answer"], str) and foreign["adapters"] == []
+
+
+def test_a_label_set_in_another_order_is_the_routed_task_itself():
+    """A causal LM reads the task's description in its prompt: the routed task's own labels in another order
+    became a new task ("answer with one of: ...") and the adapter was asked with a prompt it never saw."""
+    from loraplex.router.model import labels_task
+    from loraplex.tasks import Task
+
+    like = Task("films", "graded film opinions", ("good", "not good", "very good"), (), (), (),
+                {"good": "a good film"}, source="x")
+    assert labels_task(["very good", "good", "not good"], like) is like
+    other = labels_task(["good", "not good"], like)
+    assert other is not like and other.labels == ("good", "not good") and other.label_text("good") == "a good film"
