@@ -150,6 +150,10 @@ class RoutedModel:
         """(N, 1, E) retrieval gates for the texts, or None for a learned router. `labels`: the label set
         the texts are to be answered with; adapters trained on it rank higher (RetrievalRouter.label_bonus)."""
         if self.retrieval is None:
+            if self.router is None:  # loaded with adapters only: nothing chooses among them
+                raise UserInputError("this model has no router: answer each text with a chosen adapter "
+                                     "(answer_each(texts, adapters)), or load it with router='retrieval' or a stored "
+                                     "router")
             return None
         q = self.embedder.encode(list(texts))
         scores = self.retrieval.scores(q, self.signatures)  # (N, E)

@@ -167,6 +167,10 @@ def test_heterogeneous_batch_equals_each_adapter_alone(env):
         with torch.no_grad(), use_gates(rm.model, rm.one_hot([NAMES.index(n)])):
             alone = rm.head.encode(rm.model, rm.tokenizer, [t])
         torch.testing.assert_close(batch[i: i + 1], alone, rtol=1e-5, atol=1e-5)
+    from loraplex.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="this model has no router"):  # was a TypeError from its gates
+        rm.answer(texts[:1])
 
 
 def test_a_router_over_adapters_of_another_base_is_refused(env, tiny_llama):
