@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from loraplex.data import read_rows, row_value
-from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, TaskNotFound, UserInputError
+from loraplex.data import CARD_ONLY, read_rows, row_value
+from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
@@ -146,13 +146,15 @@ def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
 
 
 def generate(reg, settings, description: str, *, generator: str, name: str,
-             examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = False,
+             examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
              max_distance: float | None = None, refine_steps: int = 0) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
 
-    With `label_task`, the adapter records the task of its most similar parent (that has one) as the
-    task whose label set it answers with (`auto` does this: a request carries no label set); otherwise
-    it records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
+    The adapter records the task whose label set it answers with (an adapter with none could not answer a
+    routed query): with labelled examples of at least 2 labels, the task of its most similar parent whose
+    labels include them all, else a task of the examples' own labels (ref `examples:NAME`, known by its card);
+    otherwise (`label_task`, the default; `auto` too: a request carries no label set) the task of its most
+    similar parent that has one. `label_task=False` records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
     the one fitted for request texts, which sit farther from task descriptions than descriptions do).
     `refine_steps` > 0 refines the sample on the labelled examples (refine.py); the labels are checked
     before the generator is loaded."""
@@ -175,13 +177,26 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     member = reg.get_adapter(rec.members[0])
     parents = out.parents
     task, extra = None, {}
+    labelled = list(dict.fromkeys(lab for _, lab in examples if lab))
     if label_task:
         for p in parents:
             ref = reg.get_adapter(p["name"]).task
-            if ref:
-                card = reg.task_card(ref)
-                task, extra = ref, {"labels_from": p["name"], **({"task_cards": {ref: card}} if card and "labels" in card else {})}
-                break
+            if not ref:
+                continue
+            card = reg.task_card(ref)
+            if len(labelled) >= 2:  # the examples say which labels: a parent's task only if it has them all
+                try:
+                    have = set(reg.load_task(ref).labels)
+                except LoraplexError:
+                    continue
+                if not set(labelled) <= have:
+                    continue
+            task, extra = ref, {"labels_from": p["name"], **({"task_cards": {ref: card}} if card and "labels" in card else {})}
+            break
+        if task is None and len(labelled) >= 2:
+            task = CARD_ONLY + name
+            extra = {"labels_from": "examples", "task_cards": {task: {
+                "name": name, "description": description, "labels": labelled, "label_texts": {}}}}
     draft = AdapterDraft(
         name=name, base=member.base, base_sha=member.base_sha, family=member.family,
         description=description, task=task, origin="generated", spec=out.adapter.spec,

@@ -311,6 +311,11 @@ def load_task_file(
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 
 
+CARD_ONLY = "examples:"
+"""The prefix of a task ref that names no file and no embedded task: the label set of the labelled examples
+an adapter was generated from, known only by the card its record keeps (`generators.workflow.generate`)."""
+
+
 def load_task(ref: str, *, description: str | None = None, card: dict | None = None,
               fallback_description: str | None = None) -> Task:
     """An embedded task by name, or a task file by path. `card` (see `load_task_file`) is what a
@@ -325,6 +330,9 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
     looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
     if looks_like_path:
         return load_task_file(ref, description=description, card=card, fallback_description=fallback_description)
+    if ref.startswith(CARD_ONLY) and card and len(card.get("labels") or ()) >= 2:  # a task known by its card only
+        return Task(str(card.get("name") or ref[len(CARD_ONLY):]), str(description or card.get("description") or ref),
+                    tuple(card["labels"]), (), (), (), dict(card.get("label_texts") or {}), source=ref)
     import difflib
 
     close = difflib.get_close_matches(ref, EMBEDDED_TASKS, n=3, cutoff=0.6)

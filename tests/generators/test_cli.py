@@ -43,6 +43,10 @@ def test_train_fit_generate_export_eval(cli, tiny_bert, tmp_path):
     text = cli("generate", "adapter", NEW_DESC, "--generator", "g", "--name", "trains-2")
     assert text.exit_code == 0 and "parents" in text.stdout and "flights-lora" in text.stdout
     assert cli("registry", "check").exit_code == 0
+    # it records its nearest parent's task, so a query routed to it is answered (it was "no label set")
+    assert show["task"] == str(files["flights"]) and show["extra"]["labels_from"] == "flights-lora"
+    ans = _json(cli("query", "tweets about trains and delays", "--adapters", "trains-lora", "--json"))
+    assert ans["answer"] in ("bad", "good")
 
 
 def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
@@ -52,6 +56,19 @@ def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
     _json(cli("generate", "fit", "icm", "--method", "icm-lora", *FAST, "--json"))
     out = _json(cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "few-lora", "--examples", f, "--json"))
     assert out["method"] == "icm-lora" and len(out["parents"]) == 3
+    assert _json(cli("adapters", "show", "few-lora", "--json"))["extra"]["labels_from"] in ("flights-lora", "music-lora",
+                                                                                           "phones-lora")
+    # examples whose labels no parent's task has: the adapter answers with the examples' own labels
+    g = tmp_path / "weather.jsonl"
+    g.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
+                           [("sunny skies all day", "nice"), ("storm and rain", "awful"), ("warm and bright", "nice")]))
+    _json(cli("generate", "adapter", "weather nice or awful", "--generator", "icm", "--name", "wx", "--examples", g, "--json"))
+    show = _json(cli("adapters", "show", "wx", "--json"))
+    assert show["task"] == "examples:wx" and show["extra"]["labels_from"] == "examples"
+    ans = _json(cli("query", "storm and rain", "--adapters", "wx", "--json"))
+    assert ans["answer"] in ("nice", "awful") and ans["task"] == "wx"
+    assert cli("registry", "check").exit_code == 0
+    assert cli("adapters", "remove", "wx").exit_code == 0
     lst = _json(cli("generate", "list", "--json"))
     assert [g["name"] for g in lst] == ["icm"]
     # a generator's members cannot be removed while it exists; the generator can
