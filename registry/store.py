@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from loraplex.data import load_task
+from loraplex.data import CARD_ONLY, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
@@ -63,6 +63,11 @@ def stored_spec(name: str, text: str) -> LoraSpec:
         return LoraSpec.model_validate_json(text)
     except ValidationError as exc:
         raise IntegrityError(f"adapter {name!r}: its stored LoRA settings are invalid: {format_validation_error(exc)}") from None
+
+
+def _is_path(ref: str) -> bool:
+    """Whether a task ref names a file (not an embedded task, not a card-only task)."""
+    return (os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))) and not ref.startswith(CARD_ONLY)
 
 
 class Registry(Database, Components):
@@ -383,7 +388,26 @@ class Registry(Database, Components):
         """What the newest adapter trained or registered on task `ref` recorded of it
         (`extra["task_cards"][ref]`: name, description, labels, label texts), so a task file registered
         with `--description` and no sidecar can be used again. Records from before cards existed give
-        their own description when their `task` is `ref`."""
+        their own description when their `task` is `ref`. A task file is found by any spelling of its
+        path (relative, with `..`, through a link), not only the absolute one it was recorded under."""
+        card = self._task_card(ref)
+        if card is None and _is_path(ref):
+            want = os.path.realpath(os.path.expanduser(ref))
+            for key in self._task_refs():
+                if key != ref and _is_path(key) and os.path.realpath(os.path.expanduser(key)) == want:
+                    return self._task_card(key)
+        return card
+
+    def _task_refs(self) -> list[str]:
+        """Every task ref the records name (their task, their cards' keys), newest first."""
+        conn = self._db(create=False)
+        if conn is None:
+            return []
+        rows = conn.execute("SELECT j.key FROM adapters a, json_each(a.extra, '$.task_cards') j UNION ALL "
+                            "SELECT task FROM adapters WHERE task IS NOT NULL").fetchall()
+        return list(dict.fromkeys(str(r[0]) for r in reversed(rows) if r[0]))
+
+    def _task_card(self, ref: str) -> dict | None:
         conn = self._db(create=False)
         if conn is None:
             return None

@@ -31,7 +31,7 @@ def _bare_task_file(root: Path, n: int = 80) -> Path:
     return f
 
 
-def test_task_file_trained_with_description_is_usable_again(cli, tiny_bert, tmp_path):
+def test_task_file_trained_with_description_is_usable_again(cli, tiny_bert, tmp_path, monkeypatch):
     f = _bare_task_file(tmp_path)
     r = cli("train", f, "--name", "weather-lora", "--base", tiny_bert, "--description", "is the traveller happy",
             "--steps", "4", "--rank", "2", "--eval-limit", "5", "--quiet", "--json")
@@ -43,6 +43,14 @@ def test_task_file_trained_with_description_is_usable_again(cli, tiny_bert, tmp_
     assert json.loads(ev.stdout)["task"] == "weather"
     bare = cli("eval", "--task", f, "--base", tiny_bert, "--json", "--quiet")
     assert bare.exit_code == 0, bare.output
+    # any spelling of its path: relative to the working directory, with `..` (only the absolute one worked)
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f.name, f"../{tmp_path.name}/{f.name}", f"./{f.name}"):
+        ev = cli("eval", "weather-lora", "--task", spelling, "--json", "--quiet")
+        assert ev.exit_code == 0 and json.loads(ev.stdout)["task"] == "weather", (spelling, ev.output)
+    assert os.getcwd() == str(tmp_path)
     q = cli("query", "great flight", "--router", "retrieval", "--json")
     assert q.exit_code == 0, q.output
     assert json.loads(q.stdout)["answer"] in ("good", "bad")
