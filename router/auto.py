@@ -272,8 +272,9 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
             continue
         name = generated_name(d.text, d.generator)
         rm = load_bank(reg, [name], settings)
-        rec = reg.get_adapter(name)
-        out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0], "labels" if labels else rec.task,
+        task = rm.expert_tasks[0]  # its name, as every other answer gives (its ref may be a file's path)
+        out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0],
+                       "labels" if labels else (task.name if task is not None else None),
                        [{"name": name, "weight": 1.0}])
     route = [i for i, d in enumerate(decisions) if d.action == "route"]
     if route:
