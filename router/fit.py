@@ -80,8 +80,13 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     loaded = [reg.load_task(t) for t in refs]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
-        raise UserInputError(f"two adapters share task {next(n for n in names if names.count(n) > 1)!r}; "
-                             "a router needs one task per adapter")
+        twice = next(n for n in names if names.count(n) > 1)
+        which = [(r.name, t.ref) for r, t in zip(recs, loaded) if t.name == twice] if not tasks else []
+        if len({ref for _, ref in which}) > 1:  # two files with one stem (v1/reviews.jsonl, v2/reviews.jsonl)
+            raise UserInputError(f"two adapters' tasks are both named {twice!r}: " + ", ".join(
+                f"{a} ({ref})" for a, ref in which) + "; a router tells tasks apart by name: give one of the "
+                "files a sidecar 'name'")
+        raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
     return loaded
 
 

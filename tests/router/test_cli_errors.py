@@ -81,3 +81,22 @@ def test_bad_router_config_and_tasks(two_bases):
 def test_adapter_without_a_task_needs_tasks(two_bases, tiny_llama, tmp_path):
     _fails(two_bases, ["router", "fit", "r", "--router", "token-gate", "--adapters", "llama-lora"], 2,
            "has no task", "--tasks")
+
+
+def test_two_task_files_with_one_stem_are_named_with_their_paths(cli, tiny_bert, peft_dirs, task_files, tmp_path):
+    """Two different files named reviews.jsonl: the refusal said the adapters "share task 'reviews'"."""
+    import json
+    import shutil
+
+    for i, name in enumerate(("flights", "sports")):
+        d = tmp_path / f"v{i}"
+        d.mkdir()
+        shutil.copy(task_files[name], d / "reviews.jsonl")
+        side = json.loads(task_files[name].with_name(f"{name}.task.json").read_text())
+        side.pop("name", None)  # the task is then named after its file: "reviews", twice
+        (d / "reviews.task.json").write_text(json.dumps(side))
+        r = cli("adapters", "register", peft_dirs[name], "--name", f"r{i}", "--description", f"{name} reviews",
+                "--task", d / "reviews.jsonl", "--base", tiny_bert)
+        assert r.exit_code == 0, r.output
+    _fails(cli, ["router", "fit", "rt", "--router", "token-gate", "--adapters", "r0,r1", "--steps", "1"], 2,
+           "tasks are both named 'reviews'", str(tmp_path / "v0" / "reviews.jsonl"), str(tmp_path / "v1" / "reviews.jsonl"))
