@@ -148,15 +148,18 @@ def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainCo
 
 
 def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str, base: str | None = None,
-                     split: str = "test", limit: int | None = None, vs_base: bool = False,
-                     progress: bool = False) -> dict[str, Any]:
+                     description: str | None = None, split: str = "test", limit: int | None = None,
+                     vs_base: bool = False, progress: bool = False) -> dict[str, Any]:
     """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split (`progress`: a
-    progress bar on stderr for each evaluation)."""
+    progress bar on stderr for each evaluation; `description`: a task file's, where it has no sidecar and no
+    adapter recorded one)."""
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit must be at least 1 (got {limit})")
-    t = reg.load_task(task)
+    if description is not None:
+        description = validate_description(description)
+    t = reg.load_task(task, description=description)
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if progress else None

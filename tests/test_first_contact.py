@@ -233,3 +233,12 @@ def test_query_routed_to_adapters_without_a_task_says_so(cli, tiny_bert, tmp_pat
     r = cli("query", "hello there", "--router", "retrieval")
     assert r.exit_code == 2 and "no label set to answer with" in r.output and "Traceback" not in r.output
     assert registry_state(cli.home) == before
+
+
+def test_eval_takes_a_description_for_a_file_without_one(cli, tiny_bert, tmp_path):
+    """`eval --task FILE` on a file with no sidecar said "pass --description", which eval did not have."""
+    f = _bare_task_file(tmp_path)
+    r = cli("eval", "--task", f, "--base", tiny_bert, "--quiet")
+    assert r.exit_code == 2 and "no task description; give one (--description" in r.stderr, r.output
+    r = cli("eval", "--task", f, "--base", tiny_bert, "--description", "is the traveller happy", "--json", "--quiet")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n"] > 0, r.output

@@ -60,6 +60,7 @@ def eval_(
     name: Annotated[Optional[str], typer.Argument(help="Adapter name (omit to evaluate the bare base).")] = None,
     task: Task = ...,
     base: Base = None,
+    description: Description = None,
     split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on the first N examples only.")] = None,
     vs_base: Annotated[bool, typer.Option("--vs-base", help="Also report the bare base's accuracy.")] = False,
@@ -70,7 +71,7 @@ def eval_(
     """Accuracy of an adapter (or of the bare base) on a task."""
     from loraplex import api
 
-    res = api.evaluate(name, task=task, base=base, split=split, limit=limit, vs_base=vs_base,
+    res = api.evaluate(name, task=task, base=base, description=description, split=split, limit=limit, vs_base=vs_base,
                        progress=not quiet and not json, settings=settings(home))
     if json:
         out.emit_json(res)
