@@ -206,9 +206,10 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
     return text
 
 
-def _card_task(p: Path, card: dict) -> Task:
-    """The task a record's card describes, without rows (its file is gone): routing and answering need
-    only the labels; evaluating or training on it says the rows are missing."""
+def card_task(ref: str | os.PathLike, card: dict) -> Task:
+    """The task a record's card describes, without rows (its file is gone, or no longer loads): routing
+    and answering need only the labels; evaluating or training on it says the rows are missing."""
+    p = Path(ref)
     labels = tuple(card.get("labels") or ())
     if len(labels) < 2 or not card.get("description"):
         raise TaskNotFound(f"{p}: no such task file")
@@ -228,7 +229,7 @@ def load_task_file(
     card = card or {}
     if not p.exists():
         if card:
-            return _card_task(p, card)
+            return card_task(p, card)
         if p.is_symlink():
             raise TaskNotFound(f"{p}: a symbolic link that leads to no file (its target is gone, or a loop)")
         raise TaskNotFound(f"{p}: no such task file")

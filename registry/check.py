@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.errors import IntegrityError, LockUnavailable, LoraplexError
+from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound
 from loraplex.experts.spec import Adapter
 from loraplex.models import Fingerprint
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
 from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
-from loraplex.registry.store import Registry, stored_spec
+from loraplex.registry.store import Registry, is_task_path, stored_spec
 
 @dataclass
 class CheckReport:
@@ -157,6 +157,14 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     report.counts["adapters"] = len(records)
     report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
     names = {r.name for r in records}
+    for ref in dict.fromkeys(r.task for r in records if r.task and is_task_path(r.task)):
+        try:
+            reg.load_task(ref)
+        except TaskNotFound:
+            pass  # gone: answered from the recorded card, as `query` says when it matters
+        except InvalidTaskFile as exc:
+            report.notes.append(f"the task file of {', '.join(r.name for r in records if r.task == ref)} no longer "
+                                f"loads ({exc}): queries are answered from the labels on record; evaluating on it fails")
     for rec in records:
         try:
             adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")

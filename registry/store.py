@@ -36,9 +36,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from loraplex.data import CARD_ONLY, load_task
+from loraplex.data import CARD_ONLY, card_task, load_task
 from loraplex.embedders import EMBEDDERS
-from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec
+from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
 from loraplex.ranks import is_worker, shared_run_dir
@@ -65,7 +65,7 @@ def stored_spec(name: str, text: str) -> LoraSpec:
         raise IntegrityError(f"adapter {name!r}: its stored LoRA settings are invalid: {format_validation_error(exc)}") from None
 
 
-def _is_path(ref: str) -> bool:
+def is_task_path(ref: str) -> bool:
     """Whether a task ref names a file (not an embedded task, not a card-only task)."""
     return (os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))) and not ref.startswith(CARD_ONLY)
 
@@ -391,10 +391,10 @@ class Registry(Database, Components):
         their own description when their `task` is `ref`. A task file is found by any spelling of its
         path (relative, with `..`, through a link), not only the absolute one it was recorded under."""
         card = self._task_card(ref)
-        if card is None and _is_path(ref):
+        if card is None and is_task_path(ref):
             want = os.path.realpath(os.path.expanduser(ref))
             for key in self._task_refs():
-                if key != ref and _is_path(key) and os.path.realpath(os.path.expanduser(key)) == want:
+                if key != ref and is_task_path(key) and os.path.realpath(os.path.expanduser(key)) == want:
                     return self._task_card(key)
         return card
 
@@ -426,6 +426,19 @@ class Registry(Database, Components):
         """`loraplex.data.load_task` with what the registry recorded of the task (`task_card`)."""
         return load_task(ref, description=description, card=self.task_card(ref),
                          fallback_description=fallback_description)
+
+    def answering_task(self, ref: str):
+        """The task `ref` as routing and answering need it: `load_task`, or, when its file no longer loads
+        (edited since, or read by stricter rules than it was trained under), the card its adapters recorded,
+        without rows. One such file failed every query of the registry, those routed elsewhere included;
+        evaluating on it says the rows are missing."""
+        try:
+            return self.load_task(ref)
+        except InvalidTaskFile:
+            card = self.task_card(ref)
+            if not card or len(card.get("labels") or ()) < 2 or not card.get("description"):
+                raise
+            return card_task(ref, card)
 
     def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
         """The record and its tensors (hash verified)."""

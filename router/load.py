@@ -29,8 +29,8 @@ from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatur
 
 
 def _load_task(reg, ref: str | None):
-    """The task `ref` with what the registry recorded of it (a file's description, labels)."""
-    return reg.load_task(ref) if ref else None
+    """The task `ref` as answering needs it (`Registry.answering_task`)."""
+    return reg.answering_task(ref) if ref else None
 
 
 def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):

@@ -242,3 +242,19 @@ def test_eval_takes_a_description_for_a_file_without_one(cli, tiny_bert, tmp_pat
     assert r.exit_code == 2 and "no task description; give one (--description" in r.stderr, r.output
     r = cli("eval", "--task", f, "--base", tiny_bert, "--description", "is the traveller happy", "--json", "--quiet")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] > 0, r.output
+
+
+def test_a_task_file_that_no_longer_loads_does_not_break_queries(cli, tiny_bert, tmp_path):
+    """Routing re-read every adapter's task file: one trimmed (or edited, or read by stricter rules than it
+    was trained under) failed every query of the registry, naming that file. The recorded card answers."""
+    f = _bare_task_file(tmp_path)
+    r = cli("train", f, "--name", "weather-lora", "--base", tiny_bert, "--description", "is the traveller happy",
+            "--steps", "2", "--rank", "2", "--eval-limit", "5", "--quiet")
+    assert r.exit_code == 0, r.output
+    f.write_text('{"text": "great", "label": "good"}\n{"text": "awful", "label": "bad"}\n')  # 2 rows: refused now
+    q = cli("query", "great flight", "--router", "retrieval", "--json")
+    assert q.exit_code == 0 and json.loads(q.stdout)["answer"] in ("good", "bad"), q.output
+    c = cli("registry", "check")
+    assert c.exit_code == 0 and "the task file of weather-lora no longer loads" in c.stdout, c.output
+    ev = cli("eval", "weather-lora", "--task", f, "--quiet")
+    assert ev.exit_code == 2 and "too few examples" in ev.stderr, ev.output
