@@ -308,6 +308,9 @@ def load_task_file(
     for key in ("name", "description"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise InvalidTaskFile(f"{side}: {key!r} must be a string")
+    if meta.get("name") is not None and (not visible(meta["name"]) or
+                                         any(unicodedata.category(ch) == "Cc" for ch in meta["name"])):
+        raise InvalidTaskFile(f"{side}: 'name' must be a visible name without control characters")
     task_name = name or meta.get("name") or card.get("name") or _sidecar(p).name[: -len(".task.json")]
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 

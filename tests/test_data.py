@@ -158,3 +158,11 @@ def test_a_file_of_queries_is_split_at_newlines_only(tmp_path):
     f = tmp_path / "q.txt"
     f.write_text("rain\u2028and hail\r\nsunny\x0cday\n\n", encoding="utf-8")
     assert _read_queries(None, f) == ["rain\u2028and hail", "sunny\x0cday"]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\u200b", "bad\nname"])
+def test_a_sidecar_name_must_be_visible(tmp_path, name):
+    """A blank task name gave blank names in messages and in a stream's matrix."""
+    f = _jsonl(tmp_path / "t.jsonl", _rows(), {"description": "d", "name": name})
+    with pytest.raises(InvalidTaskFile, match="'name' must be a visible name"):
+        load_task_file(f)
