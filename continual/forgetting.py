@@ -38,6 +38,7 @@ from loraplex.continual.regularizers import REGULARIZERS, ExperienceContext
 from loraplex.continual.regularizers.gs_lora import ffn_modules
 from loraplex.continual.replay import ReplayBuffer, mixed_batches
 from loraplex.continual.slots import SlotRef, add_slot, extract_slot, train_only
+from loraplex.errors import UserInputError
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.training import Row, as_row, rows_of
 
@@ -147,6 +148,20 @@ class GSLora:
         return self.config.lr or trainer.lr
 
 
+def no_rows_to_forget(task: Any, labels: Sequence[str] | None, limit: int | None = None) -> str | None:
+    """Why a request to forget `task` (or only its `labels`) would have no training rows to forget, looking at
+    the first `limit` training rows (the trainer's `train_limit`), as one line; None when every label has some.
+    The spec (continual/spec.py) and a one-off request (continual/request.py) check this before anything trains."""
+    rows = task.split("train")[:limit or None]
+    where = (f"its first {limit} training rows (trainer.train_limit) have" if limit and len(task.train) > limit
+             else "its training split has")
+    if labels is None:
+        return None if rows else f"cannot forget task {task.name!r}: {where} no row"
+    have = {e.label for e in rows}
+    lab = next((lab for lab in labels if lab not in have), None)
+    return None if lab is None else f"cannot forget label {lab!r} of task {task.name!r}: {where} no row with that label"
+
+
 def retained_sample(tasks: Sequence[Any], *, budget: int, seed: int, split_rows: Any,
                     exclude: Any = None) -> list[Row]:
     """A class-balanced sample of `budget` training rows of `tasks` (rows where exclude(row) is true left out)."""
@@ -168,7 +183,7 @@ def forget_request(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, f
     slot's pruned groups are already zero when this returns.
     """
     if not forget_rows:
-        raise ValueError(f"no training rows to forget for {task.name}")
+        raise UserInputError(f"cannot forget task {task.name!r}: no training rows to forget")
     modules = forgetter.modules(fingerprint)
     spec = forgetter.lora_spec(modules)
     objective = forgetter.objective(task, labels)
@@ -250,6 +265,9 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
     callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
     rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter."""
     labels = tuple(labels) if labels else None
+    why = no_rows_to_forget(task, labels, trainer.train_limit)
+    if why is not None:
+        raise UserInputError(why)
     objective = forgetter.objective(task, labels)
     forget_rows = [r for r in rows_of(task, "train", trainer.train_limit) if objective.is_forget(r)]
     kept = retained(objective.is_forget) if callable(retained) else retained
@@ -258,7 +276,8 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
                          trainer=trainer, seed=seed, run_dir=run_dir, device=device, index=index,
                          progress=progress, label=label)
     after = evaluate()
-    summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels))
+    summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels),
+                                     split=getattr(trainer, "eval_split", "test"))
     gs = next(iter(out["regularizers"].values()), {})
     summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
     fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})

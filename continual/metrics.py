@@ -71,12 +71,14 @@ it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
 
 
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
-                           retained: Sequence[str], n_labels: int) -> dict[str, Any]:
+                           retained: Sequence[str], n_labels: int, *, split: str = "test") -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
 
-    `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}});
-    the forgotten part is `task` (or only its `labels`), the retained part is every task in `retained`
-    plus, for a labels request, the task's other labels. Chance level is 1 / n_labels.
+    `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}}) of the
+    `split` evaluated; the forgotten part is `task` (or only its `labels`), the retained part is every task
+    in `retained` plus, for a labels request, the task's other labels. Chance level is 1 / n_labels.
+    `forgot` is True when the forgotten rows' accuracy fell by FORGET_MIN_DROP or more, False when it did
+    not, None when no evaluated row was one to forget (then the `warning` says the forgetting was not measured).
     """
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
@@ -90,12 +92,25 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
             kept_before[f"{task}[other labels]"], kept_after[f"{task}[other labels]"] = kb, ka
     drops = {t: kept_before[t] - kept_after[t] for t in kept_before if t in kept_after}
     what = task + (f" (labels {', '.join(labels)})" if labels else "")
-    warning = None
-    if f_before is not None and f_after is not None and f_after > f_before - FORGET_MIN_DROP:
+    warning, forgot = None, True
+    if f_before is None or f_after is None:
+        cell = before.get(task) or {}
+        n = cell.get("n") or 0
+        of = f" (of the {n} evaluated)" if n else ""
+        if labels is None:
+            warning = f"task {task!r} has no {split} row{of}: the forgetting was not measured"
+        else:
+            missing = [lab for lab in labels if not (cell.get("labels") or {}).get(lab)] or list(labels)
+            warning = (f"no {split} row has label {missing[0]!r}" if len(missing) == 1 else
+                       f"no {split} row has any of the labels {', '.join(map(repr, missing))}")
+            warning += f"{of}: the forgetting was not measured"
+        forgot = None
+    elif f_after > f_before - FORGET_MIN_DROP:
         warning = (f"the request did not forget {what}: accuracy on its rows went from {100 * f_before:.1f} to "
                    f"{100 * f_after:.1f} (chance {100 / n_labels:.1f}); try more --steps or a higher --lr")
+        forgot = False
     return {
-        "forgot": warning is None,
+        "forgot": forgot,
         "warning": warning,
         "task": task,
         "labels": list(labels) if labels is not None else None,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from loraplex.continual.evaluation import evaluate_tasks
-from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
+from loraplex.continual.forgetting import FORGETTERS, forget, no_rows_to_forget, retained_sample
 from loraplex.continual.methods import METHODS
 from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
 from loraplex.continual.spec import TrainerSettings
@@ -79,11 +79,23 @@ def _learned_tasks(reg: Registry, recs: Sequence[AdapterRecord]) -> list[Any]:
         for ref in (r.extra.get("tasks") or ([r.task] if r.task else [])):
             if ref not in refs:
                 refs.append(ref)
-    return [reg.load_task(ref) for ref in refs]
+    tasks: list[Any] = []
+    for ref in refs:
+        t = reg.load_task(ref)
+        if not any(u.ref == t.ref for u in tasks):  # two spellings of one file's path: one task
+            tasks.append(t)
+    return tasks
 
 
 def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[Any, tuple[str, ...] | None]:
-    """The learned task named `task` and the labels to erase (None: all of them)."""
+    """The learned task named `task` and the labels to erase (None: all of them). The request's rows and
+    accuracies are keyed by task name, so two learned tasks of one name are refused."""
+    seen: dict[str, Any] = {}
+    for t in learned:
+        if t.name in seen:
+            raise UserInputError(f"two tasks of the composition are named {t.name!r}: {seen[t.name].ref}, {t.ref}; "
+                                 "forget needs one task per name")
+        seen[t.name] = t
     target = next((t for t in learned if task in (t.name, t.ref)), None)
     if target is None:
         known = ", ".join(t.name for t in learned) or "none"
@@ -98,6 +110,9 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
             raise UserInputError(f"label {twice!r} is named twice")
         if set(chosen) == set(target.labels):  # as a stream spec says it: a request means what it names
             raise UserInputError(f"naming every label of {target.name!r} forgets the whole task; drop --labels")
+    why = no_rows_to_forget(target, chosen)
+    if why is not None:
+        raise UserInputError(why)
     return target, chosen
 
 

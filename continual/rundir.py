@@ -1,6 +1,7 @@
 """The files of one stream run directory, and the atomic commit of a unit's state.
 
     <run_dir>/run_id, spec.json, run.json     the run's name, its canonical spec, what was set at start
+                                               (run.json: the fingerprint of each task file's rows too)
     <run_dir>/state/unit-XXX/                  a committed unit: state.json, banks.safetensors, the
                                                method's tensors, the adapter, its snapshots and record
     <run_dir>/state/.unit-XXX.tmp/             a unit being written (removed on resume)
@@ -13,6 +14,8 @@ in one step (`commit`), so a run killed at any instant has every unit either ful
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -46,6 +49,8 @@ class RunInfo(_Saved):
     tasks: list[str]
     base: dict[str, float | None]
     units_total: int
+    task_fingerprints: dict[str, str] | None = None
+    """{task file: `task_fingerprint`} of each file-based task (absent in runs started before it was kept)."""
 
 
 class UnitResult(_Saved):
@@ -56,6 +61,25 @@ class UnitResult(_Saved):
     label: str
     tasks: list[str]
     row: dict[str, _Cell | None]
+
+
+def task_fingerprint(task: Any) -> str:
+    """sha256 of what a run reads of a task: its name, labels, label texts and the rows of every split
+    (a resume that finds the task file's rows changed is refused: the run would mix old and new data)."""
+    data = [task.name, list(task.labels), sorted(task.label_texts.items()),
+            *([[e.text, e.label] for e in getattr(task, split)] for split in ("train", "validation", "test"))]
+    return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def changed_task_file(info: dict[str, Any], tasks: Any) -> str | None:
+    """The first file-based task of `tasks` whose fingerprint differs from the one run.json recorded at the
+    run's start, as the one-line refusal of a resume; None when none does (or the run recorded none)."""
+    saved = info.get("task_fingerprints") or {}
+    for t in tasks:
+        if t.source != "embedded" and t.ref in saved and saved[t.ref] != task_fingerprint(t):
+            return (f"task file {t.ref} changed since this run started (its rows or labels differ); "
+                    "restore it, or start a new run")
+    return None
 
 
 def _checked(path: Path, model: type[BaseModel], data: Any, at: str = "") -> dict[str, Any]:

@@ -19,7 +19,8 @@
 
 Everything is validated before anything runs: unknown keys are rejected with the key named, method
 and forgetting configs are checked against their catalog entries, every task file must load, a
-forget request must name a task learned earlier in the stream (and labels of its label set). A spec
+forget request must name a task learned earlier in the stream (and labels of its label set that its
+training rows hold: GS-LoRA trains on them), and no two tasks learned may share a name. A spec
 that fails validation raises `InvalidSpec` / `TaskNotFound` / `UnknownComponent` with one line.
 
 `canonical()` is the spec with paths resolved and defaults filled in: a run directory stores it, and a
@@ -36,7 +37,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
-from loraplex.continual.forgetting import FORGETTERS
+from loraplex.continual.forgetting import FORGETTERS, no_rows_to_forget
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, load_task
 from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
@@ -285,6 +286,11 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
     return str(p.absolute())
 
 
+def _shown(task: Any) -> str:
+    """A task as a message names it: its file, or its name and "embedded"."""
+    return f"{task.name}, embedded" if task.source == "embedded" else task.source
+
+
 def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None = None) -> StreamSpec:
     """Check names against catalogs, load every task, check forget requests; return the resolved spec."""
     for ref, cat in ((spec.method, METHODS), (spec.forgetting, FORGETTERS)):
@@ -294,6 +300,7 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             raise type(exc)(f"{where}: {exc}") from None
 
     learned: dict[str, Any] = {}  # task name -> Task
+    learned_at: dict[str, int] = {}  # task name -> the experience that learns it
     forgotten: dict[str, set[str] | None] = {}
     resolved: list[Experience] = []
     for i, exp in enumerate(spec.experiences):
@@ -304,8 +311,14 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             except TaskNotFound as exc:
                 raise TaskNotFound(f"{where}: experiences[{i}]: {exc}") from None
             if task.name in learned:
-                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is learned twice")
+                first = learned[task.name]
+                if first.ref == task.ref:
+                    raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is learned twice")
+                raise InvalidSpec(f"{where}: experiences[{learned_at[task.name]}] ({_shown(first)}) and "
+                                  f"experiences[{i}] ({_shown(task)}) are both named {task.name!r}; a stream needs "
+                                  "one task per name (give a task file a sidecar .task.json with another 'name')")
             learned[task.name] = task
+            learned_at[task.name] = i
             resolved.append(exp.model_copy(update={"learn": ref}))
             continue
         name = exp.forget
@@ -334,6 +347,9 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
         if exp.labels is not None and done | set(exp.labels) == set(task.labels):
             raise InvalidSpec(f"{where}: experiences[{i}]: with the labels forgotten before, this forgets every label "
                               f"of {task.name!r}: forget the whole task instead (drop 'labels')")
+        why = no_rows_to_forget(task, exp.labels, spec.trainer.train_limit)
+        if why is not None:
+            raise InvalidSpec(f"{where}: experiences[{i}]: {why}")
         forgotten[task.name] = None if exp.labels is None else set(exp.labels) | (forgotten.get(task.name) or set())
         resolved.append(exp.model_copy(update={"forget": task.name}))
     if not learned:

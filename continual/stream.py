@@ -22,7 +22,8 @@ For each unit (continual/methods.py groups experiences into units; one row of th
 Everything random in a unit derives from (spec.seed, unit index) or from state saved in step 5, so a
 run killed at any point and resumed from its last committed unit ends with the same matrix and the
 same adapters as a run never stopped. A resume is refused when the given spec differs from the one
-the run directory was made with. All validation (spec, tasks, base, targets) happens before anything
+the run directory was made with, or when a task file's rows differ from those it started with (run.json
+keeps each file's `task_fingerprint`). All validation (spec, tasks, base, targets) happens before anything
 is written.
 """
 
@@ -47,7 +48,8 @@ from loraplex.continual.registration import register_from_dir, safe_part, write_
 from loraplex.continual.regularizers import ExperienceContext
 from loraplex.continual.replay import ReplayBuffer, mixed_batches, replayed_per_batch
 from loraplex.continual.report import write_report
-from loraplex.continual.rundir import BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir  # noqa: F401 (RunDir: imported from here too)
+from loraplex.continual.rundir import (  # noqa: F401 (RunDir: imported from here too)
+    BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir, changed_task_file, task_fingerprint)
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
@@ -132,6 +134,9 @@ def run_stream(
     info = rd.info() if resume is not None else None
     if info is not None and info.get("base_sha") != fp.sha:
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
+    changed = changed_task_file(info, tasks.values()) if info is not None else None
+    if changed is not None:
+        raise UserInputError(f"{rd.path}: {changed}")
     run = _StreamRun(spec, s, rd, method, forgetter, tasks, units, ref, fp, learn_spec, learn_modules,
                      progress=progress, on_unit=on_unit)
     if is_worker():  # a DDP worker follows rank 0, which holds the run directory
@@ -188,6 +193,7 @@ class _StreamRun:
                 "replay": spec.replay.model_dump(mode="json") if spec.replay else None,
                 "tasks": [t for u in self.units if u.kind == "learn" for t in u.tasks],
                 "task_refs": {n: t.ref for n, t in self.tasks.items()},
+                "task_fingerprints": {t.ref: task_fingerprint(t) for t in self.tasks.values() if t.source != "embedded"},
                 "units_total": len(self.units), "units": [u.label for u in self.units],
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
             }
