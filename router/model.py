@@ -17,6 +17,8 @@ weight of every adapter.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,12 +105,12 @@ def routers_off(model):
 
 
 def labels_task(labels: Sequence[str], like: Any = None) -> Task:
-    """The task of answering with `labels`: `like` itself when it has that label set, in any order (a causal
-    LM reads the task's description in its prompt: the same labels in another order asked the adapter with a
-    prompt it was never trained on, and answered otherwise), else a task of those labels, with `like`'s label
-    texts for the labels it shares."""
+    """The task of answering with `labels`: `like` itself when it has that label set, in the order asked (a
+    causal LM reads the task's description in its prompt: the same labels in another order were a new task,
+    "answer with one of: ...", and the adapter was asked with a prompt it was never trained on), else a task
+    of those labels, with `like`'s label texts for the labels it shares."""
     if like is not None and len(like.labels) == len(labels) and set(like.labels) == set(labels):
-        return like
+        return like if tuple(like.labels) == tuple(labels) else dataclasses.replace(like, labels=tuple(labels))
     texts = {lab: like.label_text(lab) for lab in labels if like is not None and lab in like.labels}
     return Task(name="labels", description="answer with one of: " + ", ".join(labels), labels=tuple(labels),
                 train=(), validation=(), test=(), label_texts=texts, source="query")

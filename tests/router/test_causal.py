@@ -68,6 +68,9 @@ def test_a_label_set_in_another_order_is_the_routed_task_itself():
 
     like = Task("films", "graded film opinions", ("good", "not good", "very good"), (), (), (),
                 {"good": "a good film"}, source="x")
-    assert labels_task(["very good", "good", "not good"], like) is like
+    assert labels_task(["good", "not good", "very good"], like) is like
+    same = labels_task(["very good", "good", "not good"], like)  # its description, the labels in the order asked
+    assert (same.name, same.description, same.labels) == ("films", "graded film opinions", ("very good", "good", "not good"))
+    assert same.label_text("good") == "a good film"
     other = labels_task(["good", "not good"], like)
     assert other is not like and other.labels == ("good", "not good") and other.label_text("good") == "a good film"
