@@ -116,8 +116,7 @@ class EncoderHead:
         if texts in per_model:
             per_model.move_to_end(texts)
         else:
-            if task.source == "query":  # a label set a request names (router.model.labels_task)
-                _distinct_to(tokenizer, task.labels, texts)
+            _distinct_to(tokenizer, task.labels, texts)
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -165,9 +164,9 @@ class EncoderHead:
 def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str]) -> None:
     """Refuse label texts the tokenizer reads as the same tokens ("A" and "a" to an uncased encoder, two
     emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
-    Checked for the label sets requests name (`query --labels`, /v1/classify's `labels`); a task file's
-    labels are checked by nothing of the kind yet (the tests' tiny word-level vocabulary reads most of
-    their label names as one unknown token)."""
+    Checked for every label set the first time its anchors are made: a request's (`query --labels`,
+    /v1/classify's `labels`) and a task's (train and eval meet it before training: an adapter trained on
+    such labels could never tell them apart, and trained without a word)."""
     from loraplex.errors import UserInputError
 
     seen: dict[tuple[int, ...], str] = {}
@@ -176,7 +175,7 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str]) -> None
         if ids in seen:
             raise UserInputError(f"labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer folds "
                                  "case and accents, and reads a character it does not know as one unknown token): "
-                                 "give them texts that differ in words")
+                                 "give them texts that differ in words (a task file: `label_texts` in its sidecar)")
         seen[ids] = lab
 
 

@@ -258,3 +258,19 @@ def test_a_task_file_that_no_longer_loads_does_not_break_queries(cli, tiny_bert,
     assert c.exit_code == 0 and "the task file of weather-lora no longer loads" in c.stdout, c.output
     ev = cli("eval", "weather-lora", "--task", f, "--quiet")
     assert ev.exit_code == 2 and "too few examples" in ev.stderr, ev.output
+
+
+def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(cli, tiny_bert, tmp_path):
+    """Two emoji the tokenizer does not know (or "Good" and "good" to an uncased one) are one point to the
+    encoder: an adapter trained on them always answered the first, and training said nothing."""
+    f = tmp_path / "emoji.jsonl"
+    f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
+                         for i in range(30) for w, lab in (("great", "\U0001F600"), ("awful", "\U0001F622"))))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "emoji", "--base", tiny_bert, "--description", "happy or sad", "--steps", "2", "--quiet")
+    assert r.exit_code == 2 and "read the same to this model" in r.stderr and "label_texts" in r.stderr, r.output
+    assert registry_state(cli.home) == before
+    f.with_name("emoji.task.json").write_text(json.dumps({"description": "happy or sad",
+                                                          "label_texts": {"\U0001F600": "happy", "\U0001F622": "angry"}}))
+    r = cli("train", f, "--name", "emoji", "--base", tiny_bert, "--steps", "2", "--quiet")
+    assert r.exit_code == 0, r.output
