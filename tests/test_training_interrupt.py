@@ -72,6 +72,15 @@ def test_a_fit_that_left_nan_weights_is_a_divergence():
         fit(t, layer, [])
 
 
+def _train_toy(cli, tiny_bert, tmp_path):
+    """`loraplex train` of a 20-row toy task file as adapter 'toy' (its fit replaced by the test)."""
+    f = tmp_path / "toy.jsonl"
+    f.write_text("".join(f'{{"text": "flight {w}", "label": "{lab}"}}\n' for w, lab in
+                         [("late", "bad"), ("great", "good"), ("lost", "bad"), ("love", "good")] * 5))
+    return cli("train", f, "--name", "toy", "--base", tiny_bert, "--steps", "5", "--description", "is the passenger happy",
+               "--quiet")
+
+
 def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_bert, tmp_path, monkeypatch):
     import lightning
 
@@ -80,11 +89,8 @@ def test_cli_train_stopped_by_sigterm_exits_143_and_registers_nothing(cli, tiny_
         raise SIGTERMException()
 
     monkeypatch.setattr(lightning.Trainer, "fit", stopped)
-    f = tmp_path / "toy.jsonl"
-    f.write_text("".join(f'{{"text": "flight {w}", "label": "{lab}"}}\n' for w, lab in
-                         [("late", "bad"), ("great", "good"), ("lost", "bad"), ("love", "good")] * 5))
     before = registry_state(cli.home)
-    r = cli("train", f, "--name", "toy", "--base", tiny_bert, "--steps", "5", "--description", "is the passenger happy", "--quiet")
+    r = _train_toy(cli, tiny_bert, tmp_path)
     assert r.exit_code == 143, r.output
     assert r.stderr.strip() == "error: training was interrupted (SIGTERM); nothing was registered"
     assert registry_state(cli.home) == before
@@ -105,11 +111,8 @@ def test_cli_train_on_a_full_disk_names_the_file_and_leaves_no_run_directory(cli
         raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpabc123", None, str(target))
 
     monkeypatch.setattr(lightning.Trainer, "fit", full)
-    f = tmp_path / "toy.jsonl"
-    f.write_text("".join(f'{{"text": "flight {w}", "label": "{lab}"}}\n' for w, lab in
-                         [("late", "bad"), ("great", "good"), ("lost", "bad"), ("love", "good")] * 5))
     before = registry_state(cli.home)
-    r = cli("train", f, "--name", "toy", "--base", tiny_bert, "--steps", "5", "--description", "is the passenger happy", "--quiet")
+    r = _train_toy(cli, tiny_bert, tmp_path)
     assert r.exit_code == 1, r.output
     err = r.stderr.strip()
     assert err.startswith("error: the disk is full (") and "checkpoints/last.ckpt" in err and "tmpabc123" not in err, err
