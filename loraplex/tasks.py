@@ -49,8 +49,8 @@ class Task:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {name!r}")
         if not (self.train or self.validation or self.test):
-            raise TaskNotFound(f"{self.source}: the task file is gone, so task {self.name!r} has no {name} rows "
-                               "(its labels and description are still on record)")
+            raise TaskNotFound(f"{self.source}: task {self.name!r} has no {name} rows: the task file is gone or no "
+                               "longer loads, or there never was one (its labels and description are still on record)")
         return getattr(self, name)
 
     def card(self) -> dict:

@@ -67,6 +67,8 @@ def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
     assert show["task"] == "examples:wx" and show["extra"]["labels_from"] == "examples"
     ans = _json(cli("query", "storm and rain", "--adapters", "wx", "--json"))
     assert ans["answer"] in ("nice", "awful") and ans["task"] == "wx"
+    ev = cli("eval", "wx", "--task", "examples:wx")  # a label set with no rows to evaluate on: said so
+    assert ev.exit_code == 2 and "task 'wx' has no test rows" in ev.stderr and "never was one" in ev.stderr, ev.output
     assert cli("registry", "check").exit_code == 0
     assert cli("adapters", "remove", "wx").exit_code == 0
     lst = _json(cli("generate", "list", "--json"))
