@@ -147,12 +147,18 @@ def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainCo
     return TrainResult(rec, metrics, result.run_dir)
 
 
-def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str, base: str | None = None,
+def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str | None = None, base: str | None = None,
                      description: str | None = None, split: str = "test", limit: int | None = None,
                      vs_base: bool = False, progress: bool = False) -> dict[str, Any]:
     """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split (`progress`: a
     progress bar on stderr for each evaluation; `description`: a task file's, where it has no sidecar and no
-    adapter recorded one)."""
+    adapter recorded one; `task`: default, the adapter's own)."""
+    if task is None:
+        if name is None:
+            raise UserInputError("the bare base has no task of its own: name one with --task")
+        task = reg.get_adapter(name).task
+        if not task:
+            raise UserInputError(f"adapter {name!r} records no task: name one with --task")
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
     if limit is not None and limit < 1:

@@ -225,8 +225,10 @@ def load_adapted(names: Sequence[str], settings: Settings | None = None):
 
 
 @_checked
-def evaluate(name: str | None, *, task: str, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
-    """Accuracy of an adapter (name=None: the bare base) on a task's split (continual.fit.evaluate_adapter)."""
+def evaluate(name: str | None, *, task: str | None = None, settings: Settings | None = None,
+             **options: Any) -> dict[str, Any]:
+    """Accuracy of an adapter (name=None: the bare base) on a task's split (default: the adapter's own task)
+    (continual.fit.evaluate_adapter)."""
     from loraplex.continual.fit import evaluate_adapter
     return _delegate("evaluate", evaluate_adapter, *_open(settings), name, task=task, **options)
 

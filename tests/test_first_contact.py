@@ -43,6 +43,10 @@ def test_task_file_trained_with_description_is_usable_again(cli, tiny_bert, tmp_
     assert json.loads(ev.stdout)["task"] == "weather"
     bare = cli("eval", "--task", f, "--base", tiny_bert, "--json", "--quiet")
     assert bare.exit_code == 0, bare.output
+    own = cli("eval", "weather-lora", "--json", "--quiet")  # no --task: the adapter's own
+    assert own.exit_code == 0 and json.loads(own.stdout)["task"] == "weather", own.output
+    none = cli("eval", "--base", tiny_bert, "--quiet")
+    assert none.exit_code == 2 and "the bare base has no task of its own" in none.stderr, none.output
     # any spelling of its path: relative to the working directory, with `..` (only the absolute one worked)
     import os
 

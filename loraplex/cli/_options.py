@@ -80,7 +80,6 @@ Base = Annotated[
     Optional[str],
     typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory."),
 ]
-Task = Annotated[str, typer.Option("--task", help="An embedded task name, or a .jsonl/.csv task file.")]
 Description = Annotated[
     Optional[str],
     typer.Option("--description", help="What the task is, in words (used for search and routing)."),

@@ -81,7 +81,8 @@ def run(
     if res.resumed_from and res.resumed_from == res.metrics.get("units_done"):
         _matrix_table(res.matrix, title="accuracy matrix (points)")
     _summary(res.metrics)
-    out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s) registered; files in {res.run_dir}")
+    resumed = f" (resumed: {res.resumed_from} unit(s) were done before)" if res.resumed_from else ""
+    out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s) registered{resumed}; files in {res.run_dir}")
 
 
 @app.command("report")

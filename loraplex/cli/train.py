@@ -8,7 +8,7 @@ import typer
 
 from loraplex.cli import _output as out
 from loraplex.cli._options import (
-    Base, Description, Devices, Home, Json, Precision, Quiet, Strategy, Task, field_option, parse_list, settings,
+    Base, Description, Devices, Home, Json, Precision, Quiet, Strategy, field_option, parse_list, settings,
 )
 
 _TRAIN = "loraplex.training:TrainConfig"
@@ -16,7 +16,7 @@ _LORA = "loraplex.continual.spec:LoraSettings"
 
 
 def train(
-    task: Annotated[str, typer.Argument(help="An embedded task name, or a .jsonl/.csv file with text and label columns.")],
+    task: Annotated[str, typer.Argument(help="An embedded task name, or a task file with text and label columns (.jsonl, .json, .csv, .tsv).")],
     name: Annotated[str, typer.Option("--name", help="Name to register the trained adapter under.")],
     base: Annotated[str, typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory.")] = "minilm",
     rank: Annotated[int, field_option(f"{_LORA}.rank", "--rank")] = 8,
@@ -58,7 +58,8 @@ def train(
 
 def eval_(
     name: Annotated[Optional[str], typer.Argument(help="Adapter name (omit to evaluate the bare base).")] = None,
-    task: Task = ...,
+    task: Annotated[Optional[str], typer.Option("--task", help="An embedded task name, or a task file (default: the "
+                                                 "adapter's own task).")] = None,
     base: Base = None,
     description: Description = None,
     split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
