@@ -29,6 +29,7 @@ MAPPED = {
     ("train", "--batch-size"): (TrainConfig, "batch_size"),
     ("train", "--seed"): (TrainConfig, "seed"),
     ("train", "--train-limit"): (TrainConfig, "train_limit"),
+    ("train", "--val-limit"): (TrainConfig, "val_limit"),
     ("train", "--devices"): (LightningSettings, "devices"),
     ("train", "--strategy"): (LightningSettings, "strategy"),
     ("train", "--precision"): (LightningSettings, "precision"),

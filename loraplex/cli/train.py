@@ -27,6 +27,7 @@ def train(
     batch_size: Annotated[int, field_option(f"{_TRAIN}.batch_size", "--batch-size")] = 16,
     seed: Annotated[int, field_option(f"{_TRAIN}.seed", "--seed")] = 0,
     train_limit: Annotated[Optional[int], field_option(f"{_TRAIN}.train_limit", "--train-limit")] = None,
+    val_limit: Annotated[int, field_option(f"{_TRAIN}.val_limit", "--val-limit")] = 200,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Evaluate the bare base and the adapter on the first N test examples only (default: the whole test split).")] = None,
     description: Description = None,
     devices: Devices = "1",
@@ -42,6 +43,7 @@ def train(
     res = api.train(
         task, name=name, base=base, rank=rank, alpha=alpha, targets=parse_list(targets, "--targets"), description=description,
         eval_limit=eval_limit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
+        val_limit=val_limit,
         devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
         progress=not quiet and not json, settings=settings(home),
     )
