@@ -12,7 +12,8 @@ STEPS="${LORAPLEX_DEMO_STEPS:-80}"
 rm -rf "$LORAPLEX_HOME"
 mkdir -p "$LORAPLEX_HOME"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi  # bold on a terminal only, not in a log
+step() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 
 step "The embedded tasks and base models"
 loraplex tasks list
