@@ -11,6 +11,7 @@ composition (the old one plus itself).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -26,7 +27,7 @@ from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
 from loraplex.models import fingerprint, resolve_base
 from loraplex.registry.record import AdapterRecord, validate_name
-from loraplex.registry.store import Registry
+from loraplex.registry.store import Registry, is_task_path
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
 from loraplex.tasks import checked_seed
@@ -97,6 +98,9 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
                                  "forget needs one task per name")
         seen[t.name] = t
     target = next((t for t in learned if task in (t.name, t.ref)), None)
+    if target is None and is_task_path(task):  # a task file named by another spelling of its path (relative, ..)
+        want = os.path.realpath(os.path.expanduser(task))
+        target = next((t for t in learned if t.source != "embedded" and os.path.realpath(t.ref) == want), None)
     if target is None:
         known = ", ".join(t.name for t in learned) or "none"
         raise TaskNotFound(f"cannot forget {task!r}: the composition never learned it (its tasks: {known})")
@@ -104,7 +108,8 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
     if chosen:
         bad = [lab for lab in chosen if lab not in target.labels]
         if bad:
-            raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: {', '.join(target.labels)})")
+            raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: "
+                                 f"{', '.join(repr(x) for x in target.labels)})")
         twice = next((lab for j, lab in enumerate(chosen) if lab in chosen[:j]), None)
         if twice is not None:
             raise UserInputError(f"label {twice!r} is named twice")

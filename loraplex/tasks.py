@@ -184,10 +184,11 @@ def read_alike(texts: Sequence[str]) -> tuple[str, str] | None:
 
 
 def text_lines(text: str) -> list[str]:
-    """The lines of a JSON Lines file or a file of queries: split at "\n" only (a trailing "\r" dropped).
+    """The lines of a JSON Lines file or a file of queries: split at "\n", "\r\n" and a lone "\r" only.
     str.splitlines also splits at U+2028, U+2029, U+0085, \v, \f and \x1c-\x1e, which JSON writers leave
-    raw inside strings (`ensure_ascii=False`): a valid row came apart into two invalid ones."""
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    raw inside strings (`ensure_ascii=False`): a valid row came apart into two invalid ones. (A raw "\r" is
+    never inside a JSON string: it must be escaped there.)"""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:

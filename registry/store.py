@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from loraplex.data import CARD_ONLY, card_task, load_task
+from loraplex.data import card_task, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
@@ -67,7 +67,7 @@ def stored_spec(name: str, text: str) -> LoraSpec:
 
 def is_task_path(ref: str) -> bool:
     """Whether a task ref names a file (not an embedded task, not a card-only task)."""
-    return (os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))) and not ref.startswith(CARD_ONLY)
+    return os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))  # `examples:NAME` is neither
 
 
 class Registry(Database, Components):
@@ -487,6 +487,11 @@ class Registry(Database, Components):
         for r in rows:
             for what, blob in (("description embedding", r[2]), ("prototype", r[3])):
                 if blob is not None and (not isinstance(blob, bytes) or len(blob) != 4 * dim):
+                    sizes = {n for (n,) in self._db().execute("SELECT DISTINCT length(embedding) FROM adapters")}
+                    if sizes == {len(r[2])}:  # every adapter agrees with this one: the dimension on record is wrong
+                        raise IntegrityError(f"registry database {self.db_path}: its stored 'dim' ({dim}) is not the "
+                                             f"dimension of its adapters' signatures ({len(r[2]) // 4}); run "
+                                             "`loraplex registry check --repair`")
                     size = f"{len(blob)} bytes" if isinstance(blob, bytes) else type(blob).__name__
                     raise IntegrityError(f"adapter {r[1]!r}: its stored {what} is damaged ({size}, while the "
                                          f"registry's signatures have {dim} float32 values); remove it, or register it again (`loraplex registry check` lists "

@@ -157,3 +157,17 @@ def test_a_sidecar_name_must_be_visible(tmp_path, name):
     f = _jsonl(tmp_path / "t.jsonl", _rows(), {"description": "d", "name": name})
     with pytest.raises(InvalidTaskFile, match="'name' must be a visible name"):
         load_task_file(f)
+
+
+def test_lone_carriage_returns_end_lines_and_sidecar_names_are_stripped(tmp_path):
+    """Splitting at "\\n" only (for U+2028 in texts) had made a file with old Mac line ends one bad line."""
+    from loraplex.registry.store import is_task_path
+
+    f = tmp_path / "cr.jsonl"
+    f.write_text("\r".join(json.dumps(r) for r in _rows()) + "\r", newline="")
+    assert len(load_task_file(f, description="d").train) > 0
+    t = load_task_file(_jsonl(tmp_path / "n.jsonl", _rows(), {"description": "d", "name": "  weather  "}))
+    assert t.name == "weather"
+    with pytest.raises(InvalidTaskFile, match="'name' must be a visible name"):
+        load_task_file(_jsonl(tmp_path / "b.jsonl", _rows(), {"description": "d", "name": "abc\u202edef"}))
+    assert is_task_path("examples:foo.jsonl") and not is_task_path("examples:foo")  # a file, and a card-only task

@@ -273,6 +273,7 @@ def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(
     before = registry_state(cli.home)
     r = cli("train", f, "--name", "emoji", "--base", tiny_bert, "--description", "happy or sad", "--steps", "2", "--quiet")
     assert r.exit_code == 2 and "read the same to this model" in r.stderr and "label_texts" in r.stderr, r.output
+    assert "task 'emoji' (" in r.stderr, r.output  # which task, when it is not the one being trained
     assert registry_state(cli.home) == before
     f.with_name("emoji.task.json").write_text(json.dumps({"description": "happy or sad",
                                                           "label_texts": {"\U0001F600": "happy", "\U0001F622": "angry"}}))

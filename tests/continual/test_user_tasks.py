@@ -189,3 +189,17 @@ def test_forget_of_a_label_with_no_test_row_warns(tmp_path, task_dir, cli, tiny_
     assert got["forgot"] is None and got["forgotten_before"] is None and got["forgotten_after"] is None
     want = f"no test row has label '{other}' (of the 1 evaluated): the forgetting was not measured"
     assert got["warning"] == want and f"warning: {want}" in res.stderr
+
+
+def test_forget_finds_a_task_file_by_a_relative_path_and_quotes_labels(tmp_path, task_dir, cli, tiny_bert, monkeypatch):
+    """`forget ./v1/reviews.jsonl` said the composition never learned it (only the absolute path or the name
+    worked), and an unknown label's message joined the labels unquoted, so "meh, ok" read as two."""
+    v1, _ = _reviews(tmp_path, task_dir)
+    src = make_peft_adapter(tiny_bert, tmp_path / "src")
+    _register(cli, src, "rev-v1", v1, tiny_bert)
+    monkeypatch.chdir(v1.parent)
+    before = registry_state(cli.home)
+    err = _one_line_error(cli("forget", f"./{v1.name}", "--labels", "nope", "--adapters", "rev-v1", "--base", tiny_bert,
+                              "--steps", "2", "--quiet"))
+    assert err.startswith("error: task 'reviews' has no label 'nope' (labels: '"), err
+    assert registry_state(cli.home) == before

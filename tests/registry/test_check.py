@@ -195,7 +195,7 @@ def test_damaged_counts_signatures_and_edges_are_named(settings, tiny_bert, tmp_
     for cache in (INDEX_FILE, GRAPH_FILE):  # a hand edit leaves the generation as it was: the caches look current
         (reg.home / cache).unlink()
         drop_cached(reg.home / cache)
-    with pytest.raises(IntegrityError, match=re.escape(named) if "'7'" not in sql else "float32 values"):
+    with pytest.raises(IntegrityError, match=re.escape(named) if "'7'" not in sql else "its stored 'dim' \\(7\\) is not the dimension"):
         api.graph(settings) if "edges" in sql else api.search("task", settings=settings)
     rep = api.check(settings=settings)
     assert not rep.ok and any(named in p for p in rep.problems), rep.problems
