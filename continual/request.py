@@ -11,7 +11,6 @@ composition (the old one plus itself).
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
 from loraplex.models import fingerprint, resolve_base
 from loraplex.registry.record import AdapterRecord, validate_name
-from loraplex.registry.store import Registry, is_task_path
+from loraplex.registry.store import Registry, is_task_path, same_task_file
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
 from loraplex.tasks import checked_seed
@@ -99,8 +98,7 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
         seen[t.name] = t
     target = next((t for t in learned if task in (t.name, t.ref)), None)
     if target is None and is_task_path(task):  # a task file named by another spelling of its path (relative, ..)
-        want = os.path.realpath(os.path.expanduser(task))
-        target = next((t for t in learned if t.source != "embedded" and os.path.realpath(t.ref) == want), None)
+        target = next((t for t in learned if t.source != "embedded" and same_task_file(t.ref, task)), None)
     if target is None:
         known = ", ".join(t.name for t in learned) or "none"
         raise TaskNotFound(f"cannot forget {task!r}: the composition never learned it (its tasks: {known})")

