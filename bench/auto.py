@@ -23,8 +23,9 @@ base, and how often routing in the registered case picked the query's own adapte
 routing studies (bench/generators.py, bench/scale.py); this fits only the decision.
 
 `--form short` asks with each test text's first sentence (at most 12 words), as a person types a request;
-`--signature exemplars` and `--score calibrated` measure two other scores. One fit per combination is in
-`bench/results/auto-forms.txt`: neither alternative moves the decision accuracy by more than 3 points,
+`--signature exemplars|twin` and `--score calibrated` measure three other scores (twin: the larger of the
+prototype score and that of a second prototype built from the training inputs' short forms). One fit per combination is in
+`bench/results/auto-forms.txt`: no alternative moves the decision accuracy by more than 3 points,
 so router/auto.py keeps the raw prototype score and the whole-text fit.
 """
 
@@ -115,6 +116,14 @@ def signatures(per_task: int, signature: str = "prototype", k: int = 5):
     if signature == "prototype":
         def score(q):
             return q @ vecs.T
+    elif signature == "twin":
+        short = [emb.encode([short_form(e.text) for e in tasks[n].train[:per_task]]) for n in names]
+        sp = np.stack([x.mean(0) for x in short])
+        sp /= np.linalg.norm(sp, axis=1, keepdims=True)
+        svecs = ((1 - W) * desc + W * sp).astype(np.float32)
+
+        def score(q):
+            return np.maximum(q @ vecs.T, q @ svecs.T)
     else:
         flat = np.concatenate(inputs)
         bounds = np.cumsum([0] + [len(x) for x in inputs])
@@ -223,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--score", choices=("raw", "calibrated"), default="raw",
                     help="raw: s1 itself (what router/auto.py uses); calibrated: the z-score against each "
                          "adapter's own training inputs (measured as an alternative)")
-    ap.add_argument("--signature", choices=("prototype", "exemplars"), default="prototype",
+    ap.add_argument("--signature", choices=("prototype", "exemplars", "twin"), default="prototype",
                     help="prototype: the mean-embedding signature retrieval stores; exemplars: a kNN score over "
                          "the task's training inputs (measured as an alternative)")
     ap.add_argument("--exemplar-k", type=int, default=5, help="nearest inputs the exemplar score averages")

@@ -111,3 +111,21 @@ def test_labels_and_task_paths_are_split_at_commas_only(cli, monkeypatch, tmp_pa
             pass
     assert seen == {"forget": ["not good", "very good"], "adapters": ["a", "b", "c"],
                     "tasks": ["dir with space/x.jsonl", "y.csv"]}
+
+
+def test_a_label_that_holds_a_comma_is_named_in_double_quotes(cli, monkeypatch):
+    """A label such as "yes, mostly" could not be named in `forget --labels` or `query --labels` (split at
+    its comma): double quotes hold it, as in a CSV row; an unclosed quote is one line naming the option."""
+    from loraplex import api
+
+    seen = {}
+    monkeypatch.setattr(api, "forget", lambda task, **kw: seen.update(forget=kw["labels"]) or 1 / 0)
+    monkeypatch.setattr(api, "query", lambda queries, **kw: seen.update(query=kw["labels"]) or 1 / 0)
+    for args in (("forget", "t", "--labels", '"yes, mostly", no'), ("query", "q", "--labels", '"yes, mostly",no')):
+        try:
+            cli(*args)
+        except ZeroDivisionError:
+            pass
+    assert seen == {"forget": ["yes, mostly", "no"], "query": ["yes, mostly", "no"]}
+    r = cli("forget", "t", "--labels", '"yes, mostly')
+    assert r.exit_code == 2 and "--labels" in r.output and "double quotes" in r.output

@@ -103,20 +103,39 @@ def parse_list(value: str | None, option: str = "a list option", *, commas_only:
     """`a,b, c` -> ["a", "b", "c"] (for comma-separated options); None (not given) -> []. Given but naming
     nothing (`--adapters ""`) is refused: it would otherwise read as "not given" (often: all of them); so are
     an empty entry (`a,,b`) and a name given twice. Names (adapters, modules) may also be separated by
-    spaces; `commas_only` for values that may hold spaces (labels: "not good"; task file paths)."""
+    spaces; `commas_only` for values that may hold spaces (labels: "not good"; task file paths), where an
+    entry that holds a comma is written in double quotes, as in a CSV row: `"yes, mostly",no`."""
     if value is None:
         return []
     from loraplex.errors import UserInputError
 
-    out = [v for v in (x.strip() for x in re.split(r"," if commas_only else r"[,\s]+", value)) if v]
+    if commas_only:
+        parts = split_quoted(value, option)
+    else:
+        parts = value.split(",")
+    if any(not part.strip() for part in parts) and value.strip():  # `a,,b` or `a,`: a name left out, or a typo
+        raise UserInputError(f"{option} {value!r} has an empty entry between commas")
+    out = [v for v in (x.strip() for p in parts for x in ([p] if commas_only else re.split(r"\s+", p))) if v]
     if not out:
         raise UserInputError(f"{option} is empty: name at least one, or leave the option out")
-    if any(not part.strip() for part in value.split(",")):  # `a,,b` or `a,`: a name left out, or a typo
-        raise UserInputError(f"{option} {value!r} has an empty entry between commas")
     twice = next((v for i, v in enumerate(out) if v in out[:i]), None)
     if twice is not None:  # `--tasks a,a` counted a task twice in the totals
         raise UserInputError(f"{option} names {twice!r} twice")
     return out
+
+
+def split_quoted(value: str, option: str) -> list[str]:
+    """A comma-separated value read as one CSV row (double quotes hold a comma; `""` is a quote in them)."""
+    import csv
+
+    from loraplex.errors import UserInputError
+
+    try:
+        rows = list(csv.reader([value], skipinitialspace=True, strict=True))
+    except csv.Error as exc:
+        raise UserInputError(f"{option} {value!r}: {exc} (an entry that holds a comma goes in double quotes: "
+                             f'"a, b",c)') from None
+    return rows[0] if rows else []
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, settings
+from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, settings, split_quoted
 
 
 MAX_INPUT_BYTES = 64 << 20  # a file of queries is read whole: 64 MiB is about a million tweets
@@ -59,7 +59,7 @@ def query(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated); retrieval and auto then prefer adapters trained on them.")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated; a label that holds a comma in double quotes); retrieval and auto then prefer adapters trained on them.")] = None,
     base: Base = None,
     home: Home = None,
     json: Json = False,
@@ -82,7 +82,7 @@ def query(
                              "options it was fitted with")
     res = api.query(queries, router=router, adapters=parse_list(adapters, "--adapters") or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home),
-                    labels=labels.split(",") if labels is not None else None)
+                    labels=split_quoted(labels, "--labels") if labels is not None else None)
     if json:
         items = [{"query": r["query"], "task": r["task"], "answer": r["answer"], "adapters": r["adapters"],
                   "tokens": r.get("tokens", []), "layers": r.get("layers", []),

@@ -106,7 +106,7 @@ def report(
 
 def forget(
     task: Annotated[str, typer.Argument(help="The task to erase (a task the composition was trained on).")],
-    labels: Annotated[Optional[str], typer.Option("--labels", help="Erase only these labels of the task (comma-separated).")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Erase only these labels of the task (comma-separated; a label that holds a comma in double quotes).")] = None,
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="The composition (comma-separated adapter names); default: the latest one recorded.")] = None,
     base: Base = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name for the forgetting adapter.")] = None,
