@@ -154,14 +154,20 @@ def read_rows(path: Path) -> list[dict]:
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         sep = "\t" if suffix == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(text), delimiter=sep)
+        start = 1  # the line the row being read starts on (a quoted field may hold line ends)
         try:
             for row in reader:
                 if None in row or None in row.values():  # more fields than the header names, or fewer
+                    end = reader.line_num
+                    if end > start and next(reader, None) is None:  # ran from `start` to the end
+                        raise InvalidTaskFile(f"{path}:{start}: a double quote opened on this line is never closed "
+                                              "(the text runs to the end of the file)")
                     have = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
                     what = "comma" if sep == "," else "tab"
-                    raise InvalidTaskFile(f"{path}:{reader.line_num}: {have} fields, the header has "
+                    raise InvalidTaskFile(f"{path}:{end}: {have} fields, the header has "
                                           f"{len(reader.fieldnames)} (put a text that holds a {what} in double quotes)")
                 rows.append(row)
+                start = reader.line_num + 1
         except csv.Error as exc:
             raise InvalidTaskFile(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
         if reader.fieldnames is not None:

@@ -58,6 +58,10 @@ def test_csv_with_description_flag(tmp_path):
     ("text,label\ngreat food, nice staff,pos\nawful,neg\nfine,pos\n",
      r"t.csv:2: 3 fields, the header has 2 \(put a text that holds a comma in double quotes\)"),
     ("text,label\ngreat food\nawful,neg\nfine,pos\n", r"t.csv:2: 1 fields, the header has 2"),
+    # an unclosed quote ran to the end of the file, and the fault was reported on the last line
+    ('text,label\n"multi\nline",a\n"never closed,b\nfine,a\nawful,b\n\n', r"t.csv:4: a double quote opened on this line is never closed"),
+    # a quoted text over two lines with a field too many: the line the row ends on
+    ('text,label\nok,a\n"two\nlines, x",a,b\nfine,a\nawful,b\n', r"t.csv:4: 3 fields, the header has 2"),
 ])
 def test_malformed_csv(tmp_path, content, match):
     f = tmp_path / "t.csv"
