@@ -159,12 +159,20 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     names = {r.name for r in records}
     for ref in dict.fromkeys(r.task for r in records if r.task and is_task_path(r.task)):
         try:
-            reg.load_task(ref)
+            task = reg.load_task(ref)
         except TaskNotFound:
-            pass  # gone: answered from the recorded card, as `query` says when it matters
+            continue  # gone: answered from the recorded card, as `query` says when it matters
         except InvalidTaskFile as exc:
             report.notes.append(f"the task file of {', '.join(r.name for r in records if r.task == ref)} no longer "
                                 f"loads ({exc}): queries are answered from the labels on record; evaluating on it fails")
+            continue
+        for r in records:
+            own = (r.extra.get("task_cards") or {}).get(ref) if r.task == ref else None
+            learned = set(map(str, own.get("labels") or ())) if isinstance(own, dict) else set()
+            if len(learned) >= 2 and learned != set(task.labels):
+                report.notes.append(
+                    f"adapter {r.name!r} learned the labels {', '.join(sorted(learned))} of {ref}, whose labels are now "
+                    f"{', '.join(task.labels)}: it answers with the ones it learned; train it again to use the new ones")
     for rec in records:
         try:
             adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")

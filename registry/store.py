@@ -431,18 +431,34 @@ class Registry(Database, Components):
         return load_task(ref, description=description, card=self.task_card(ref),
                          fallback_description=fallback_description)
 
-    def answering_task(self, ref: str):
-        """The task `ref` as routing and answering need it: `load_task`, or, when its file no longer loads
-        (edited since, or read by stricter rules than it was trained under), the card its adapters recorded,
-        without rows. One such file failed every query of the registry, those routed elsewhere included;
-        evaluating on it says the rows are missing."""
+    def answering_task(self, ref: str, *, card: dict | None = None):
+        """The task `ref` as routing and answering need it. `card`: what the answering adapter recorded of
+        the task (its own `task_cards` entry, `adapter_task`; default: the newest adapter's, `task_card`).
+        The card's description stands in for a sidecar that is absent (two adapters trained on one file
+        with different descriptions each keep their own: a causal LM is prompted with it). The card alone,
+        without rows, answers when the file no longer loads (edited since, or read by stricter rules than
+        it was trained under: one such file failed every query of the registry, those routed elsewhere
+        included) and when the file's labels are no longer the card's (edited since training: the adapter
+        answers with the labels it learned, not with labels it never saw)."""
+        card = card if card is not None else self.task_card(ref)
+        usable = bool(card) and len(card.get("labels") or ()) >= 2 and bool(card.get("description"))
         try:
-            return self.load_task(ref)
+            task = load_task(ref, card=card)
         except InvalidTaskFile:
-            card = self.task_card(ref)
-            if not card or len(card.get("labels") or ()) < 2 or not card.get("description"):
+            if not usable:
                 raise
             return card_task(ref, card)
+        if usable and set(map(str, card["labels"])) != set(task.labels):
+            return card_task(ref, card)
+        return task
+
+    def adapter_task(self, rec: AdapterRecord):
+        """The task adapter `rec` answers with (None: it records none), from its own card
+        (`answering_task`)."""
+        if not rec.task:
+            return None
+        own = (rec.extra.get("task_cards") or {}).get(rec.task)
+        return self.answering_task(rec.task, card=own if isinstance(own, dict) else None)
 
     def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
         """The record and its tensors (hash verified)."""

@@ -119,7 +119,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     if len(keep) != n_full:
         router.keep_experts(keep)
     router.attach(lb.model)
-    tasks = [_load_task(reg, r) for r in expert_refs]
+    tasks = [_load_task(reg, r) for r in expert_refs] if extra.get("joint") else [reg.adapter_task(r) for r in recs]
     pool = [_load_task(reg, r) for r in extra.get("task_pool", [])]
     sig = tensors.get("task_sig")
     return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,
@@ -177,7 +177,7 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     sig = Signatures.of(reg, names)
     lb, recs, ads = load_members(reg, names, settings)
     inject(lb.model, ads)
-    tasks = [_load_task(reg, r.task) for r in recs]
+    tasks = [reg.adapter_task(r) for r in recs]
     return RoutedModel(lb, names, tasks, retrieval=ret, signatures=sig, embedder=emb)
 
 
@@ -185,7 +185,7 @@ def load_bank(reg, names: Sequence[str], settings):
     """A RoutedModel with the adapters in a bank and no router (for heterogeneous batches)."""
     lb, recs, ads = load_members(reg, names, settings)
     inject(lb.model, ads)
-    return RoutedModel(lb, list(names), [_load_task(reg, r.task) for r in recs], embedder=_embedder(reg))
+    return RoutedModel(lb, list(names), [reg.adapter_task(r) for r in recs], embedder=_embedder(reg))
 
 
 def is_untrained(router: str | None) -> bool:

@@ -160,7 +160,7 @@ class Engine:
     def task_of(self, adapter: str):
         if adapter not in self._tasks:
             rec = self.reg().get_adapter(adapter)
-            self._tasks[adapter] = self.reg().answering_task(rec.task) if rec.task else None
+            self._tasks[adapter] = self.reg().adapter_task(rec)
         return self._tasks[adapter]
 
     # ---- the slot bank ------------------------------------------------------------------------

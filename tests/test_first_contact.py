@@ -264,6 +264,28 @@ def test_a_task_file_that_no_longer_loads_does_not_break_queries(cli, tiny_bert,
     assert ev.exit_code == 2 and "too few examples" in ev.stderr, ev.output
 
 
+def test_each_adapter_answers_with_the_task_it_learned(cli, tiny_bert, tmp_path):
+    """Two adapters trained on one file with different descriptions both answered with the newest one's
+    (a causal LM is prompted with it); and a file edited to other labels after training made the adapter
+    answer with labels it never learned. Each adapter now answers from its own card."""
+    from loraplex.registry import Registry
+
+    f = _bare_task_file(tmp_path)
+    for name, desc in (("first", "is the traveller happy"), ("second", "did the flight go well")):
+        r = cli("train", f, "--name", name, "--base", tiny_bert, "--description", desc, "--steps", "1", "--rank", "2",
+                "--eval-limit", "5", "--quiet")
+        assert r.exit_code == 0, r.output
+    reg = Registry(cli.home)
+    assert [reg.adapter_task(reg.get_adapter(n)).description for n in ("first", "second")] == [
+        "is the traveller happy", "did the flight go well"]
+    f.write_text("".join(json.dumps({"text": f"row {i}", "label": "yes no maybe".split()[i % 3]}) + "\n" for i in range(9)))
+    assert reg.adapter_task(reg.get_adapter("first")).labels == ("bad", "good")
+    q = cli("query", "great flight", "--adapters", "first", "--json")
+    assert q.exit_code == 0 and json.loads(q.stdout)["answer"] in ("good", "bad"), q.output
+    c = cli("registry", "check")
+    assert c.exit_code == 0 and "adapter 'first' learned the labels bad, good" in c.stdout, c.output
+
+
 def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(cli, tiny_bert, tmp_path):
     """Two emoji the tokenizer does not know (or "Good" and "good" to an uncased one) are one point to the
     encoder: an adapter trained on them always answered the first, and training said nothing."""
