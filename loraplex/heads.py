@@ -161,12 +161,14 @@ class EncoderHead:
         return F.cross_entropy(scores, y), scores
 
 
-def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "Task | None" = None) -> None:
+def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "Task | None" = None, *,
+                 fix: str = "give them texts that differ in words (a task file: `label_texts` in its sidecar)") -> None:
     """Refuse label texts the tokenizer reads as the same tokens ("A" and "a" to an uncased encoder, two
     emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
     Checked for every label set the first time its anchors are made: a request's (`query --labels`,
     /v1/classify's `labels`) and a task's (train and eval meet it before training: an adapter trained on
-    such labels could never tell them apart, and trained without a word)."""
+    such labels could never tell them apart, and trained without a word). A causal LM ranks the label
+    names themselves (`CausalHead`): `fix` says what to change."""
     from loraplex.errors import UserInputError
 
     seen: dict[tuple[int, ...], str] = {}
@@ -176,8 +178,7 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
             whose = "" if task is None or task.source == "query" else f"task {task.name!r} ({task.ref}): "
             raise UserInputError(f"{whose}labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer "
                                  "folds case and accents, and reads a character it does not know as one unknown "
-                                 "token): give them texts that differ in words (a task file: `label_texts` in its "
-                                 "sidecar)")
+                                 f"token): {fix}")
         seen[ids] = lab
 
 
@@ -222,6 +223,17 @@ class CausalHead:
 
     def __init__(self, config: CausalConfig):
         self.config = config
+        self._checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> label sets read apart
+
+    def _check_labels(self, tokenizer, task: "Task") -> None:
+        """A label set's names must be different token sequences to this tokenizer (a byte-level BPE reads
+        every text apart; a lossy one may not): two that are one sequence score alike, for ever."""
+        seen = self._checked.setdefault(tokenizer, set())
+        if tuple(task.labels) not in seen:
+            _distinct_to(tokenizer, task.labels, [" " + lab for lab in task.labels], task,
+                         fix="give them names that differ in words (a causal LM answers with the label names "
+                             "themselves)")
+            seen.add(tuple(task.labels))
 
     def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
         head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True)["input_ids"]
@@ -272,6 +284,7 @@ class CausalHead:
         return torch.cat(out)
 
     def scores(self, model, tokenizer, texts, task):
+        self._check_labels(tokenizer, task)
         L = len(task.labels)
         prompts, conts = [], []
         for t in texts:
@@ -284,6 +297,7 @@ class CausalHead:
     def loss(self, model, tokenizer, texts, y, task):
         import torch
 
+        self._check_labels(tokenizer, task)
         device = next(model.parameters()).device
         seqs, spans = [], []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -286,6 +286,19 @@ def test_each_adapter_answers_with_the_task_it_learned(cli, tiny_bert, tmp_path)
     assert c.exit_code == 0 and "adapter 'first' learned the labels bad, good" in c.stdout, c.output
 
 
+def test_labels_a_causal_lm_reads_alike_are_refused(cli, tiny_llama, tmp_path):
+    """A causal LM ranks the label names' token sequences: two that are one sequence to a lossy tokenizer
+    (the tiny model's word pieces read two unknown emoji as [UNK]) scored alike for ever, unsaid."""
+    f = tmp_path / "emoji.jsonl"
+    f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
+                         for i in range(30) for w, lab in (("great", "\U0001F600"), ("awful", "\U0001F622"))))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "emoji", "--base", tiny_llama, "--description", "happy or sad", "--steps", "1",
+            "--eval-limit", "4", "--quiet")
+    assert r.exit_code == 2 and "read the same to this model" in r.stderr and "label names" in r.stderr, r.output
+    assert registry_state(cli.home) == before
+
+
 def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(cli, tiny_bert, tmp_path):
     """Two emoji the tokenizer does not know (or "Good" and "good" to an uncased one) are one point to the
     encoder: an adapter trained on them always answered the first, and training said nothing."""
