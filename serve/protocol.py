@@ -284,15 +284,18 @@ async def read_body(request: Any) -> bytes:
         return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
 
     ctype = request.headers.get("content-type")
-    if ctype is not None:  # a browser's cross-site "simple" request is text/plain or a form: never JSON
-        kind, _, params = ctype.partition(";")
-        kind = kind.strip().lower()
-        charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
-                        if k.strip().lower() == "charset"), "utf-8")
-        if not (kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))) \
-                or charset not in ("utf-8", "utf8"):
-            raise APIError(415, f"Content-Type {ctype.strip()[:100]!r} is not supported: send the body as "
-                                "application/json (UTF-8)", code="unsupported_media_type")
+    if ctype is None:  # a browser sends a typeless body (a Blob) cross-site as a "simple" request, unasked
+        raise APIError(415, "the request names no Content-Type: send the body as application/json (UTF-8)",
+                       code="unsupported_media_type")
+    # a browser's cross-site "simple" request is text/plain or a form: never JSON
+    kind, _, params = ctype.partition(";")
+    kind = kind.strip().lower()
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
+                    if k.strip().lower() == "charset"), "utf-8")
+    if not (kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))) \
+            or charset not in ("utf-8", "utf8"):
+        raise APIError(415, f"Content-Type {ctype.strip()[:100]!r} is not supported: send the body as "
+                            "application/json (UTF-8)", code="unsupported_media_type")
     key = next(iter(request.query_params), None)
     if key is not None:  # openai's extra_query: options belong in the body
         raise APIError(400, f"query parameter {printable(key[:100])!r} is not supported: send options in the JSON body",

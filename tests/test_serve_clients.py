@@ -104,7 +104,7 @@ def test_an_adapter_removed_while_requests_wait_fails_only_its_own(llama_home, t
 
 
 def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
-    """A browser's cross-site "simple" request (text/plain, a form) was read as JSON and could register or
+    """A browser's cross-site "simple" request (text/plain, a form, no type) was read as JSON and could register or
     remove adapters; a rebound DNS name (Host: attacker.example) was served as the server's own."""
     s, _ = llama_home
     with serving(s, base=str(tiny_llama), loopback_only=True) as url, httpx.Client(base_url=url, timeout=60) as h:
@@ -113,6 +113,8 @@ def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
                       "application/json; charset=utf-16"):
             _err(h.post("/v1/unload_lora_adapter", content=body, headers={"content-type": ctype}), 415, None,
                  "unsupported_media_type")
+        # a typeless body (a Blob) is a "simple" request too: no Content-Type was read as JSON
+        _err(h.post("/v1/unload_lora_adapter", content=body), 415, None, "unsupported_media_type")
         _err(h.post("/v1/completions", content=json.dumps({"model": "x", "prompt": "y"}).encode("utf-16"),
                     headers={"content-type": "application/json"}), 400, None, "invalid_json")
         _err(h.get("/v1/models", headers={"host": "attacker.example:8000"}), 403, None, "host_not_allowed")
