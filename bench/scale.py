@@ -6,7 +6,8 @@ of the routing decision with 1,000 and 10,000 registered adapters.
 
 1. routing: the library registry that `bench/library.py` builds (one minilm adapter `<task>-lora` per
    library task) is routed over as a whole: every test query (the first `--limit` of each task's test
-   split) goes through faiss over the whole registry, the prototypes re-rank the candidates, and the
+   split) goes through faiss over the registry's routing vectors (description and prototype combined,
+   c_i = (1 - w) d_i + w p_i: router/retrieval.py) and the gates over the candidates it returns, and the
    query is answered by the routed model on its own task's labels (as `RoutedModel.evaluate` scores).
    Reported per task and per family: routing accuracy, routed accuracy, and the oracle (the task's own
    adapter alone), with routed / oracle as the headline (goal: >= 95% on average).
@@ -30,8 +31,9 @@ of the routing decision with 1,000 and 10,000 registered adapters.
    tasks' description embeddings and training-input prototypes plus Gaussian noise, renormalised: real
    geometry, N distinct vectors; one shared weight blob, since the decision never reads weights), and
    real library test texts as queries. Timed per query, one at a time: the embedding of the query
-   (minilm) and the decision itself (faiss over the descriptions, prototype re-ranking of the
-   candidates, gates), against an exact numpy scan over all N signatures in the same run.
+   (minilm) and the decision itself (faiss over the registry's routing vectors, description and
+   prototype combined, then the gates), against an exact numpy scan over all N signatures in the
+   same run.
 """
 
 from __future__ import annotations

@@ -8,14 +8,18 @@
     method: o-lora                  # or {name: o-lora, orth_weight: 0.5}: a name in continual.methods.METHODS
     replay: {budget: 600, policy: class-balanced, mix: 0.25, distill: 2.0}   # optional, any method; distill: DER++
                                     # (rows: added puts the replayed rows on top of batch_size new ones)
-    forgetting: {name: gs-lora, sparsity_weight: 0.01}          # how forget experiences run (defaults shown by `loraplex stream run --help`)
+    forgetting: {name: gs-lora, sparsity_weight: 0.01}          # how forget experiences run (default: gs-lora)
     experiences:
       - learn: airline                        # an embedded task
+      - learn: bbc
       - learn: tasks/tickets.jsonl            # a task file (relative to this spec), with its description
         description: Route support tickets to the right team.
       - forget: airline                       # erase a task learned earlier
       - forget: bbc
         labels: [sport]                       # or only some of its labels
+
+examples/streams/reference.yaml names every key with its meaning and default, the methods' and the
+forgetting's options included (tests/continual/test_reference_spec.py keeps it complete).
 
 Everything is validated before anything runs: unknown keys are rejected with the key named, method
 and forgetting configs are checked against their catalog entries, every task file must load, a

@@ -2,7 +2,7 @@
 # The loraplex demo (`make demo`): train adapters for three embedded tasks on the embedded MiniLM,
 # register them, show and search the registry, and compare each adapter with the bare base.
 # Then the later parts (routing, continual learning, generators, serving) run from their own scripts.
-# A few minutes on 2 CPU cores. Uses its own registry under .demo/ (removed and rebuilt each run).
+# About 10 minutes on 2 CPU cores (all parts). Uses its own registry under .demo/ (removed and rebuilt each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,7 +1,8 @@
 """The public Python API: the functions the CLI calls. No printing, no typer.
 
-Every function takes `settings` (default: `Settings.load()`, i.e. the environment) and raises
-`loraplex.errors.LoraplexError` subclasses with a one-line message on bad input, a wrong argument type
+Every function that uses the registry or a model takes `settings` (default: `Settings.load()`, i.e. the
+environment; `list_models`, `list_tasks`, `generator_methods` and `stream_report` need none). Every
+function raises `loraplex.errors.LoraplexError` subclasses with a one-line message on bad input, a wrong argument type
 included: each checks its arguments against its own signature, and the options it passes on against the
 part's, before anything runs (`_checked`, `_delegate`: "3" is not a number, a string not a list of names). Functions that write
 validate everything first and write last, in one registry transaction, so a failure leaves the

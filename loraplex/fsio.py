@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader (or a crash at any moment) sees the old content or the new, never a mix."""
+"""File I/O shared by every part: atomic writes (a reader, or a crash at any moment, sees the old content
+or the new, never a mix), bounded reads of user files (`read_bounded_bytes`, `read_bounded_text`), JSON
+and YAML readers that refuse duplicate keys (`unique_keys`, `read_json_file`, `read_yaml_file`), and
+`uninterrupted()` (Ctrl-C held until a short write, such as a report's, has ended)."""
 
 from __future__ import annotations
 

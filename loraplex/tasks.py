@@ -1,7 +1,7 @@
 """The task type: a name, a description, a label set and fixed splits of `Example(text, label)`.
 
 `loraplex.data` finds tasks (embedded, the task library, user files); this module is what they are,
-and how rows are cut into deterministic splits: ordered by a hash of (seed, text) and cut 80/10/10.
+and how rows are cut into deterministic splits: ordered by a hash of (seed, text, label) and cut 80/10/10.
 It imports nothing of the package but its errors, so every part may use it.
 """
 

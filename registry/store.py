@@ -8,6 +8,12 @@ Layout of a home directory:
     index.npz         cache: faiss index over description embeddings (registry/index.py)
     route-index.npz   cache: faiss index over routing vectors, description and prototype (registry/index.py)
     graph.json        cache: lineage graph in node-link JSON (registry/lineage.py)
+    runs/             run directories, runs/<kind>-<name>-<YYYYmmdd-HHMMSS> (kind: train, router, stream,
+                      forget; `run_dir`): checkpoints and reports of the commands that train
+    candidates.jsonl  requests the `auto` router left to the bare base, logged as candidate new tasks
+                      (router/auto.py `log_candidates`)
+    orphaned-blobs/   blobs no record points at, moved here by `registry check --repair` (never deleted;
+                      `quarantine_unreferenced_blobs`)
 
 The database is the source of truth; the caches carry the database `generation` they reflect (a
 counter bumped in the same transaction as every change) and are brought up to date, or rebuilt, when
@@ -18,8 +24,9 @@ they lag. Writes are ordered so that a kill -9 at any instant leaves a consisten
     2. one SQLite transaction inserts the records (all-or-nothing) and bumps the generation.
 
 A crash after 1 and before 2 leaves an unreferenced blob: harmless, reported by `registry check` and
-removed by `--repair`. Concurrent writers serialise on `registry.lock` (and SQLite's own locking), so
-concurrent `register` calls from several processes all land. Only safetensors are ever loaded.
+moved to `orphaned-blobs/` by `--repair`. Concurrent writers serialise on `registry.lock` (and SQLite's
+own locking), so concurrent `register` calls from several processes all land. Only safetensors are
+ever loaded.
 """
 
 from __future__ import annotations

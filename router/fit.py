@@ -9,7 +9,7 @@
    logged) on the mixed training rows of the tasks (balanced: as many rows from each task as the
    smallest has, capped by `train_limit`), `on_task_forward` telling the gates which expert's
    task each forward's rows belong to, with the shared Lightning trainer (progress bar, CSV logs,
-   trainable-only checkpoints under `<home>/runs/<name>-<time>`);
+   trainable-only checkpoints under `<home>/runs/router-<name>-<time>`);
 4. evaluates on the tasks' test splits: routing accuracy, routed accuracy and each adapter alone (oracle);
 5. stores a router record (config, members, metrics, gate weights in safetensors; joint experts too),
    in one registry transaction, last, so a failure leaves the registry as it was.

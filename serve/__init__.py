@@ -1,13 +1,14 @@
 """loraplex serve: the routed model behind an OpenAI-compatible HTTP server.
 
 Modules:
-- engine.py     the one seam into the rest of loraplex (registry, models, routers, heads): router
+- engine.py     the main seam into the rest of loraplex (registry, models, routers, heads): router
                 models, `auto`, generation steps, registering through the CLI's command
-- classify.py   classification on the engine's models (rows of every request in shared forwards)
+- classify.py   classification on the engine's models (rows of every request in shared forwards); it
+                also imports router.model.labels_task and experts.layers.use_gates directly
 - targets.py    Target, Route, Events and a route's summary: the data engine, scheduler and routes share
 - gathered.py   concurrent calls gathered into one (`auto`'s embedding pass and search)
 - slots.py      the slot bank (max_loras LoRA slots, LRU, adapters kept in host memory once read); it
-                touches only experts.layers and gets adapters from the engine
+                touches only experts.layers and experts.spec and gets adapters from the engine
 - decode.py     continuous batching with the KV cache, per-row sampling / stop / max_tokens (torch only)
 - scheduler.py  the batching thread: gathers requests (max_batch, max_wait_ms), runs classification at
                 once and lets generation join the running batch of its lane (the slot bank, or one

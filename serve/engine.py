@@ -1,6 +1,9 @@
-"""The server's one seam into the rest of loraplex: every call into the registry, the models, the
-routers and the heads goes through this module (classification on its models is serve/classify.py,
-which reaches them through the Engine), so a change of those parts is an edit here alone.
+"""The server's main seam into the rest of loraplex: the registry, the models, the routers and the
+heads are reached through this module, with three direct imports besides: serve/classify.py
+(classification on the Engine's models, which it reaches through the Engine) also calls
+`router.model.labels_task` and `experts.layers.use_gates`; serve/slots.py uses `experts.layers` and
+`experts.spec`'s `LoraSpec`; serve/protocol.py uses `loraplex.tasks`' label checks. A change of those
+parts is an edit here, and in those modules where it touches what they import.
 
 One Engine serves one base model:
 - the *slot bank*: the base with a bank of `max_loras` LoRA slots in every adapted projection. Named
@@ -13,8 +16,8 @@ One Engine serves one base model:
 All model work happens on the scheduler's thread; `auto`'s decision (the query's embedding, the
 search, an adapter a generator writes) runs on the request's own worker before its job is submitted
 (`Engine.auto`), so the batching thread only runs forwards. The registry is opened once per thread.
-The slot bank's bookkeeping is serve/slots.py (it touches only experts.layers); adapters reach it
-through `Engine._read`. The data passed between engine, scheduler and routes (Target, Route, Events)
+The slot bank's bookkeeping is serve/slots.py (it touches only experts.layers and experts.spec);
+adapters reach it through `Engine._read`. The data passed between engine, scheduler and routes (Target, Route, Events)
 is serve/targets.py; the gathering of concurrent `auto` decisions is serve/gathered.py.
 """
 

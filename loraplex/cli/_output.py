@@ -1,4 +1,4 @@
-"""The one place that prints results: rich tables for people on a terminal, plain text when stdout is a
+r"""The one place that prints results: rich tables for people on a terminal, plain text when stdout is a
 pipe or a file (one row a line, columns separated by two spaces, never folded mid-word), JSON for
 programs (`--json`). Nothing here interprets rich markup: user text (descriptions, task names, answers)
 is printed as it is, square brackets included, except the characters that would act on the terminal

@@ -14,7 +14,7 @@ app = typer.Typer(help="Check and repair the registry.", no_args_is_help=True)
 
 @app.command()
 def check(
-    repair: Annotated[bool, typer.Option("--repair", help="Rebuild derived state (index, graph) and delete unreferenced blobs.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild derived state (index, graph), move unreferenced blobs to orphaned-blobs/ (never deleted) and delete temp files.")] = False,
     home: Home = None,
     json: Json = False,
 ) -> None:
