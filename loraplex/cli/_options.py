@@ -113,11 +113,11 @@ def parse_list(value: str | None, option: str = "a list option", *, commas_only:
         parts = split_quoted(value, option)
     else:
         parts = value.split(",")
-    if any(not part.strip() for part in parts) and value.strip():  # `a,,b` or `a,`: a name left out, or a typo
-        raise UserInputError(f"{option} {value!r} has an empty entry between commas")
     out = [v for v in (x.strip() for p in parts for x in ([p] if commas_only else re.split(r"\s+", p))) if v]
     if not out:
         raise UserInputError(f"{option} is empty: name at least one, or leave the option out")
+    if any(not part.strip() for part in parts):  # `a,,b` or `a,`: a name left out, or a typo
+        raise UserInputError(f"{option} {value!r} has an empty entry between commas")
     twice = next((v for i, v in enumerate(out) if v in out[:i]), None)
     if twice is not None:  # `--tasks a,a` counted a task twice in the totals
         raise UserInputError(f"{option} names {twice!r} twice")
