@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +44,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
 from loraplex.continual.forgetting import FORGETTERS, no_rows_to_forget
 from loraplex.continual.methods import METHODS
-from loraplex.data import EMBEDDED_TASKS, load_task
+from loraplex.data import EMBEDDED_TASKS, TASK_SUFFIXES, load_task
 from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
 from loraplex.experts.spec import MAX_RANK, LoraSpec
 from loraplex.fsio import read_yaml_file
@@ -81,8 +82,9 @@ class TrainerSettings(LightningSettings):
 
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Optimiser steps per experience (default 100 when epochs is not given)."""
-    epochs: float | None = Field(None, gt=0)
-    """Passes over each experience's new data instead of a step count."""
+    epochs: float | None = Field(None, gt=0, le=MAX_STEPS)
+    """Passes over each experience's new data instead of a step count (the steps they make are held to
+    trainer.steps' bound too, per task: `steps_for`)."""
     lr: float = Field(2e-3, gt=0)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
@@ -109,7 +111,11 @@ class TrainerSettings(LightningSettings):
         if self.epochs is None:
             return self.steps or 100
         per = max(1, batch_rows or self.batch_size)
-        return max(1, math.ceil(self.epochs * n_rows / per))
+        steps = max(1, math.ceil(self.epochs * n_rows / per))
+        if steps > MAX_STEPS:
+            raise InvalidSpec(f"trainer.epochs: {self.epochs:g} passes over {n_rows:,} rows, {per} new rows a step, "
+                              f"are {steps:,} steps, more than {MAX_STEPS:,}; lower trainer.epochs")
+        return steps
 
 
 class ComponentRef(_Frozen):
@@ -281,12 +287,17 @@ def load_spec(path: str | Path) -> StreamSpec:
 
 
 def _resolve_ref(ref: str, root: Path | None) -> str:
-    """An embedded task name stays; a path becomes absolute (relative to the spec's directory)."""
+    """An embedded task name stays; a path becomes absolute (relative to the spec's directory). A bare
+    name that is neither (no folder, no task-file suffix, no such file beside the spec) stays as it is, so
+    that loading it says "unknown task" with the embedded names it is close to, not "no such file"."""
     if ref in EMBEDDED_TASKS:
         return ref
     p = Path(ref).expanduser()
     if not p.is_absolute() and root is not None:
         p = root / p
+    bare = "/" not in ref and os.sep not in ref and not ref.lower().endswith(TASK_SUFFIXES)
+    if bare and not p.exists():
+        return ref
     return str(p.absolute())
 
 
@@ -321,6 +332,11 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
                 raise InvalidSpec(f"{where}: experiences[{learned_at[task.name]}] ({_shown(first)}) and "
                                   f"experiences[{i}] ({_shown(task)}) are both named {task.name!r}; a stream needs "
                                   "one task per name (give a task file a sidecar .task.json with another 'name')")
+            if spec.trainer.epochs is not None:  # its step count within bounds (replay's share is checked as it runs)
+                try:
+                    spec.trainer.steps_for(len(task.split("train")[: spec.trainer.train_limit or None]))
+                except InvalidSpec as exc:
+                    raise InvalidSpec(f"{where}: experiences[{i}] ({task.name}): {exc}") from None
             learned[task.name] = task
             learned_at[task.name] = i
             resolved.append(exp.model_copy(update={"learn": ref}))

@@ -94,10 +94,13 @@ def _embedded_task(name: str) -> Task:
 # ---------------------------------------------------------------------------------------------
 # user task files
 
+TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+"""The task-file types loraplex reads (a name ending in one of them is taken for a path)."""
+
 
 def _sidecar(path: Path) -> Path:
     name = path.name
-    for ext in (".jsonl", ".json", ".csv", ".tsv"):
+    for ext in TASK_SUFFIXES:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
@@ -116,7 +119,7 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read). Only a
     regular file is read (a FIFO would block, /dev/zero would never end)."""
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    if suffix not in TASK_SUFFIXES:
         raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl, .json, .csv or .tsv")
     raw = read_bounded_bytes(path, error=InvalidTaskFile, max_bytes=MAX_TASK_FILE_BYTES, what=".jsonl or .csv task file")
     try:
@@ -326,7 +329,7 @@ def load_task(ref: str, *, description: str | None = None, card: dict | None = N
             t = _embedded_task(ref)
             return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source, t.family)
         return _embedded_task(ref)
-    looks_like_path = os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv")) or Path(ref).exists()
+    looks_like_path = os.sep in ref or ref.lower().endswith(TASK_SUFFIXES) or Path(ref).exists()
     if looks_like_path:
         return load_task_file(ref, description=description, card=card, fallback_description=fallback_description)
     if ref.startswith(CARD_ONLY) and card and len(card.get("labels") or ()) >= 2:  # a task known by its card only

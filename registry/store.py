@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from loraplex.data import card_task, load_task
+from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
@@ -74,7 +74,7 @@ def stored_spec(name: str, text: str) -> LoraSpec:
 
 def is_task_path(ref: str) -> bool:
     """Whether a task ref names a file (not an embedded task, not a card-only task)."""
-    return os.sep in ref or ref.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))  # `examples:NAME` is neither
+    return os.sep in ref or ref.lower().endswith(TASK_SUFFIXES)  # `examples:NAME` is neither
 
 
 def same_task_file(a: str, b: str) -> bool:

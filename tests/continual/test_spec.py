@@ -63,6 +63,28 @@ def test_missing_task_file(task_dir):
         parse_spec(_spec(task_dir, experiences=[{"learn": str(task_dir / "nope.jsonl")}]))
 
 
+def test_a_mistyped_embedded_name_is_named_as_a_task_not_a_file(tmp_path, task_dir):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"method": "o-lora", "experiences": [{"learn": "airlines"}]}))
+    with pytest.raises(TaskNotFound, match=r"unknown task 'airlines' \(did you mean airline"):
+        load_spec(p)
+    (tmp_path / "airlines").write_text("")  # a file of that name beside the spec is read as the task file
+    with pytest.raises(Exception, match=str(tmp_path / "airlines")):
+        load_spec(p)
+
+
+def test_epochs_are_held_to_the_step_bound(task_dir):
+    with pytest.raises(InvalidSpec, match="trainer.epochs: Input should be less than or equal to 10000000"):
+        parse_spec(_spec(task_dir, trainer={"epochs": 1e300}))
+    with pytest.raises(InvalidSpec, match=r"experiences\[0\] \(flights\): trainer.epochs: 5e\+06 passes over \d+ rows, "
+                                          r"16 new rows a step, are [\d,]+ steps, more than 10,000,000"):
+        parse_spec(_spec(task_dir, trainer={"epochs": 5e6}))
+    spec = parse_spec(_spec(task_dir, trainer={"epochs": 2, "batch_size": 4}))
+    assert spec.trainer.steps_for(10, 2) == 10  # 2 passes over 10 rows, 2 new rows a step (replay filling the rest)
+    with pytest.raises(InvalidSpec, match="more than 10,000,000"):
+        spec.trainer.steps_for(10_000_000, 1)  # replay's share can raise the count as the stream runs
+
+
 @pytest.mark.parametrize("exps, msg", [
     ([{"forget": "flights"}], "has not learned it"),
     ([{"learn": "F"}, {"forget": "sports"}], "has not learned it"),
