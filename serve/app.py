@@ -282,7 +282,11 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # its headers kept: a 405 carries Allow (RFC 9110 15.5.6)
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+        msg = str(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":  # no route: say so by name, and what is served
+            msg = (f"loraplex does not serve {request.method} {request.url.path[:200]}; it serves "
+                   f"{', '.join(_served(request.app))}")
+        return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -294,6 +298,12 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
         log.exception("internal error")
         err = cx.error(exc)
         return JSONResponse(err.body(), status_code=err.status)
+
+
+def _served(app: FastAPI) -> list[str]:
+    """Every route as "METHOD /path" (HEAD left out: it goes with GET), in the order they were added."""
+    return [f"{m} {getattr(r, 'path_format', r.path)}" for r in app.routes if getattr(r, "methods", None)
+            for m in sorted(r.methods - {"HEAD"})]
 
 
 def _plain_routes(app: FastAPI, cx: _Context) -> None:

@@ -176,6 +176,10 @@ def test_http_edges(llama_http):
     assert h.get("/openapi.json").status_code == 404
     r = h.post("/v1/completions/", json={"model": "auto", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = h.post("/v1/embeddings", json={"model": "auto", "input": "x"})  # an OpenAI endpoint loraplex lacks: named
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 404 and msg.startswith("loraplex does not serve POST /v1/embeddings; it serves "), msg
+    assert "POST /v1/chat/completions" in msg and "GET /v1/models/{model}" in msg and "HEAD" not in msg, msg
     import gzip
 
     body = gzip.compress(json.dumps({"model": "flights-lora", "prompt": "x", "max_tokens": 1}).encode())
