@@ -12,7 +12,9 @@ that each learn one task (learned_at[j] = j) these are the textbook definitions:
 When a row learns several tasks at once (the multitask upper bound learns all of them in one row),
 the sums run over the tasks for which the quantity exists (a task learned in the last row has no
 backward transfer; a task learned in the first row has no forward transfer); a metric with no task
-to average over is None. Values are fractions (0..1); reports multiply by 100 for points.
+to average over is None. Values are fractions (0..1); reports multiply by 100 for points. R holds the
+learning rows only: when a forgetting request comes between two of them, R[j-1, j] is the accuracy on task
+j measured by that request's unit, the last measurement before j is learned (`forward_transfer`'s `before`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def backward_transfer(R: np.ndarray, learned_at: Sequence[int]) -> float | None:
     return _mean([R[last, j] - R[at, j] for j, at in enumerate(learned_at) if at < last])
 
 
-def forward_transfer(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float]) -> float | None:
-    return _mean([R[at - 1, j] - base[j] for j, at in enumerate(learned_at) if at > 0])
+def forward_transfer(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float],
+                     before: Sequence[float] | None = None) -> float | None:
+    """`before[j]`: task j's accuracy measured just before the unit that learns it, when that unit follows
+    one that is not a row of R (a forgetting request measures the next task too); default R[at - 1, j]."""
+    return _mean([(R[at - 1, j] if before is None else before[j]) - base[j] for j, at in enumerate(learned_at) if at > 0])
 
 
 def forgetting(R: np.ndarray, learned_at: Sequence[int]) -> float | None:
@@ -55,12 +60,13 @@ def forgetting(R: np.ndarray, learned_at: Sequence[int]) -> float | None:
     return _mean(out)
 
 
-def summary(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float]) -> dict[str, float | None]:
-    """AA, BWT, FWT and forgetting of a matrix, as fractions."""
+def summary(R: np.ndarray, learned_at: Sequence[int], base: Sequence[float],
+            before: Sequence[float] | None = None) -> dict[str, float | None]:
+    """AA, BWT, FWT and forgetting of a matrix, as fractions (`before`: see `forward_transfer`)."""
     return {
         "average_accuracy": average_accuracy(R, learned_at),
         "backward_transfer": backward_transfer(R, learned_at),
-        "forward_transfer": forward_transfer(R, learned_at, base),
+        "forward_transfer": forward_transfer(R, learned_at, base, before),
         "forgetting": forgetting(R, learned_at),
     }
 

@@ -63,7 +63,11 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         R = np.array([[_acc(r["row"].get(t)) for t in cols] for r in learn], dtype=float)
         learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
         base = [float(info["base"].get(t) or float("nan")) for t in cols]
-        out.update(M.summary(R, learned_at, base))
+        # each task's accuracy in the unit just before the one that learns it (a forget unit measures it too)
+        at_unit = {id(r): i for i, r in enumerate(results)}
+        before = [_acc(results[at_unit[id(learn[at])] - 1]["row"].get(t)) if at_unit[id(learn[at])] > 0 else float("nan")
+                  for t, at in zip(cols, learned_at)]
+        out.update(M.summary(R, learned_at, base, before))
         out["final_accuracy"] = {t: (None if math.isnan(R[-1, j]) else round(float(R[-1, j]), 4))
                                  for j, t in enumerate(cols)}
     out["forget_requests"] = [r["forget"] for r in results if r["kind"] == "forget" and r.get("forget")]

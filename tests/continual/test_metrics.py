@@ -66,3 +66,24 @@ def test_forget_request_summary_for_labels():
     assert s["chance"] == pytest.approx(0.2)
     whole = M.forget_request_summary(before, after, "bbc", None, ["apple"], 5)
     assert whole["forgotten_after"] == pytest.approx(0.4) and not math.isnan(whole["retained_after"])
+
+
+def test_forward_transfer_reads_a_task_measured_by_the_forget_before_it():
+    """learn a, learn b, forget a, learn c: c's accuracy before it is learned is measured by the forget
+    unit (the learn rows never measure it); FWT averages b's and c's transfer."""
+    from loraplex.continual.report import build_metrics
+
+    acc = lambda **kw: {t: {"accuracy": v} for t, v in kw.items()}
+    results = [
+        {"unit": 0, "kind": "learn", "tasks": ["a"], "row": acc(a=0.6, b=0.5)},
+        {"unit": 1, "kind": "learn", "tasks": ["b"], "row": acc(a=0.8, b=0.9)},
+        {"unit": 2, "kind": "forget", "tasks": ["a"], "labels": None, "row": acc(a=0.2, b=0.9, c=0.7),
+         "forget": {"task": "a"}},
+        {"unit": 3, "kind": "learn", "tasks": ["c"], "row": acc(a=0.3, b=0.85, c=0.8)},
+    ]
+    info = {"tasks": ["a", "b", "c"], "base": {"a": 0.4, "b": 0.4, "c": 0.4}, "run_id": "r", "method": "o-lora",
+            "units_total": 4}
+    m = build_metrics(info, results)
+    assert m["forward_transfer"] == pytest.approx(((0.5 - 0.4) + (0.7 - 0.4)) / 2)
+    assert m["backward_transfer"] == pytest.approx(0.85 - 0.9)  # a was forgotten: out of the columns
+    assert m["average_accuracy"] == pytest.approx((0.85 + 0.8) / 2)
