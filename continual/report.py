@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from loraplex.continual import metrics as M
-from loraplex.continual.rundir import RunDir
+from loraplex.continual.rundir import RunDir, damaged
 from loraplex.errors import UserInputError
 from loraplex.fsio import atomic_write, uninterrupted
 
@@ -139,9 +139,13 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     rd = RunDir(p)
     if not rd.is_run():
         raise UserInputError(f"{p}: not a stream run directory (no spec.json)")
-    info = rd.info()
+    info, done = rd.info(), rd.completed()
     if info is None:
+        if done:
+            raise damaged(rd.path / "run.json", f": missing while {done} unit(s) are saved")
         return {"run_dir": str(rd.path), "matrix": None, "metrics": {"units_done": 0, "complete": False}}
-    results = [rd.result(i) for i in range(rd.completed())]
+    if done > info["units_total"]:
+        raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but {done} units are saved")
+    results = [rd.result(i) for i in range(done)]
     return {"run_dir": str(rd.path), **{k: v for k, v in zip(("matrix", "metrics"),
                                                                 (build_matrix(info, results), build_metrics(info, results)))}}

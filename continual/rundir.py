@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from loraplex.catalog import first_error
 from loraplex.errors import DamagedRun
@@ -37,8 +38,17 @@ class _Saved(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+def _fraction(v: float) -> float:
+    if not (math.isnan(v) or 0 <= v <= 1):  # NaN: not measured, as None
+        raise ValueError(f"expected a fraction between 0 and 1, got {v}")
+    return v
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
 class _Cell(_Saved):
-    accuracy: float | None = None
+    accuracy: Fraction | None = None
 
 
 class RunInfo(_Saved):
@@ -47,20 +57,42 @@ class RunInfo(_Saved):
     run_id: str
     method: dict[str, Any]
     tasks: list[str]
-    base: dict[str, float | None]
-    units_total: int
+    base: dict[str, Fraction | None]
+    units_total: int = Field(ge=1)
     task_fingerprints: dict[str, str] | None = None
     """{task file: `task_fingerprint`} of each file-based task (absent in runs started before it was kept)."""
+
+
+class _ForgetSummary(_Saved):
+    """A forget unit's `forget` (`metrics.forget_request_summary`), as far as the report reads it."""
+
+    forgot: bool | None = None
+    warning: str | None = None
+    task: str
+    labels: list[str] | None = None
+    chance: Fraction | None = None
+    forgotten_before: Fraction | None = None
+    forgotten_after: Fraction | None = None
+    retained_before: Fraction | None = None
+    retained_after: Fraction | None = None
+    retained_drop: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
+    groups_survived: int | None = Field(None, ge=0)
+    groups_total: int | None = Field(None, ge=0)
 
 
 class UnitResult(_Saved):
     """A committed unit's `result` (one row of the accuracy matrix and how it was made)."""
 
-    unit: int
-    kind: str
+    unit: int = Field(ge=0)
+    kind: Literal["learn", "forget"]
     label: str
-    tasks: list[str]
+    tasks: list[str] = Field(min_length=1)
+    labels: list[str] | None = None
     row: dict[str, _Cell | None]
+    forget: _ForgetSummary | None = None
+    steps: int | None = Field(None, ge=0)
+    seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    step_time: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 def task_fingerprint(task: Any) -> str:
@@ -82,12 +114,17 @@ def changed_task_file(info: dict[str, Any], tasks: Any) -> str | None:
     return None
 
 
+def damaged(path: Path, detail: str) -> DamagedRun:
+    """The one-line error of a run directory whose file at `path` cannot be read back as saved."""
+    return DamagedRun(f"{path}: damaged{detail} (the run directory cannot be read back; start the run again, "
+                      "or restore the file)")
+
+
 def _checked(path: Path, model: type[BaseModel], data: Any, at: str = "") -> dict[str, Any]:
     try:
         model.model_validate(data)
     except ValidationError as exc:
-        raise DamagedRun(f"{path}: damaged{' at ' + at if at else ''}: {first_error(exc)} (the run directory "
-                         "cannot be read back; start the run again, or restore the file)") from None
+        raise damaged(path, f"{' at ' + at if at else ''}: {first_error(exc)}") from None
     return data
 
 
@@ -148,9 +185,14 @@ class RunDir:
         return self.state / f"unit-{i:03d}"
 
     def completed(self) -> int:
+        """How many units are committed: unit-000 on, without a gap (DamagedRun when one is missing
+        before a committed later one: the run cannot be read back, or resumed, past the gap)."""
         n = 0
         while (self.unit_dir(n) / STATE_FILE).is_file():
             n += 1
+        later = sorted(p.name for p in self.state.glob("unit-*") if p.name > f"unit-{n:03d}") if self.state.is_dir() else []
+        if later:
+            raise damaged(self.unit_dir(n), f": missing (or without {STATE_FILE}) while {later[0]} is saved")
         return n
 
     def unit_state(self, i: int) -> dict[str, Any]:
@@ -161,7 +203,10 @@ class RunDir:
         st = self.unit_state(i)
         if not isinstance(st.get("result"), dict):
             raise DamagedRun(f"{p}: damaged: no 'result' object")
-        return _checked(p, UnitResult, st["result"], "result")
+        res = _checked(p, UnitResult, st["result"], "result")
+        if res["unit"] != i:
+            raise damaged(p, f" at result.unit: {res['unit']} in the directory of unit {i}")
+        return res
 
     def begin(self, i: int) -> Path:
         tmp = self.state / f".unit-{i:03d}.tmp"

@@ -84,7 +84,7 @@ class TrainerSettings(LightningSettings):
     """Optimiser steps per experience (default 100 when epochs is not given)."""
     epochs: float | None = Field(None, gt=0, le=MAX_STEPS)
     """Passes over each experience's new data instead of a step count (the steps they make are held to
-    trainer.steps' bound too, per task: `steps_for`)."""
+    trainer.steps' bound too, per unit, before a run starts: `steps_for`)."""
     lr: float = Field(2e-3, gt=0)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
@@ -332,11 +332,6 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
                 raise InvalidSpec(f"{where}: experiences[{learned_at[task.name]}] ({_shown(first)}) and "
                                   f"experiences[{i}] ({_shown(task)}) are both named {task.name!r}; a stream needs "
                                   "one task per name (give a task file a sidecar .task.json with another 'name')")
-            if spec.trainer.epochs is not None:  # its step count within bounds (replay's share is checked as it runs)
-                try:
-                    spec.trainer.steps_for(len(task.split("train")[: spec.trainer.train_limit or None]))
-                except InvalidSpec as exc:
-                    raise InvalidSpec(f"{where}: experiences[{i}] ({task.name}): {exc}") from None
             learned[task.name] = task
             learned_at[task.name] = i
             resolved.append(exp.model_copy(update={"learn": ref}))

@@ -49,7 +49,7 @@ from loraplex.continual.regularizers import ExperienceContext
 from loraplex.continual.replay import ReplayBuffer, mixed_batches, replayed_per_batch
 from loraplex.continual.report import write_report
 from loraplex.continual.rundir import (  # noqa: F401 (RunDir: imported from here too)
-    BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir, changed_task_file, task_fingerprint)
+    BANKS_FILE, METHOD_FILE, STATE_FILE, RunDir, changed_task_file, damaged, task_fingerprint)
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
@@ -125,6 +125,7 @@ def run_stream(
         else:
             names.append(exp.forget)
     units = method.plan(spec.experiences, names)
+    _check_steps(spec, method, units, tasks)
     ref = resolve_base(spec.base)
     fp = fingerprint(ref, s)
     learn_spec = spec.lora.lora_spec()
@@ -132,6 +133,8 @@ def run_stream(
     if any(u.kind == "forget" for u in units):
         forgetter.modules(fp)  # IncompatibleAdapter now rather than mid-run
     info = rd.info() if resume is not None else None
+    if info is not None and info["units_total"] != len(units):  # the spec is spec.json's: the counts agree
+        raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but the spec makes {len(units)} units")
     if info is not None and info.get("base_sha") != fp.sha:
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
     changed = changed_task_file(info, tasks.values()) if info is not None else None
@@ -143,6 +146,26 @@ def run_stream(
         return run.execute(info, fresh=resume is None)
     with rd.exclusive():
         return run.execute(info, fresh=resume is None)
+
+
+def _check_steps(spec: Any, method: Any, units: list, tasks: dict[str, Any]) -> None:
+    """With trainer.epochs, every learning unit's step count within trainer.steps' bound, before anything
+    is written: the rows of all its tasks (multitask learns them in one unit), as few new rows a step as
+    replay leaves (its largest share, whatever the buffer holds by then)."""
+    tr = spec.trainer
+    if tr.epochs is None:
+        return
+    replay = spec.replay
+    k_old = 0 if replay is None or replay.rows == "added" else replayed_per_batch(1 << 30, tr.batch_size, replay.mix)
+    first = True  # the first learning unit replays nothing: its buffer is empty
+    for u in units:
+        if u.kind == "learn":
+            n = sum(len(tasks[t].split("train")[: tr.train_limit or None]) for t in u.tasks)
+            try:
+                method.steps(tr, u, n, tr.batch_size - (0 if first else k_old))
+            except InvalidSpec as exc:
+                raise InvalidSpec(f"stream unit {u.index} ({u.label}): {exc}") from None
+            first = False
 
 
 class _StreamRun:
@@ -220,9 +243,10 @@ class _StreamRun:
                 report = write_report(rd.path, info, self.results)
             except (Interrupted, KeyboardInterrupt) as exc:
                 saved = rd.completed()
-                raise Interrupted(f"interrupted during unit {unit.index} ({unit.label}); {saved} of "
-                                  f"{len(self.units)} units are saved in {rd.path}; continue with "
-                                  f"`loraplex stream run SPEC --resume {rd.path}`",
+                when = (f"after unit {unit.index} ({unit.label}) was saved (continuing registers its adapter if "
+                        "it is not yet)" if saved > unit.index else f"during unit {unit.index} ({unit.label})")
+                raise Interrupted(f"interrupted {when}; {saved} of {len(self.units)} units are saved in {rd.path}; "
+                                  f"continue with `loraplex stream run SPEC --resume {rd.path}`",
                                   signal=getattr(exc, "signal", "SIGINT")) from None
             if self.on_unit is not None:
                 self.on_unit({"unit": unit.index, "label": unit.label, "total": len(self.units), **report})

@@ -97,6 +97,17 @@ def test_a_damaged_run_directory_is_named_not_a_crash(cli, spec, tmp_path):
         (unit, "{}", "state.json: damaged: no 'result' object"),
         (unit, json.dumps({**state, "result": {**state["result"], "row": {"t": {"accuracy": "high"}}}}),
          "damaged at result: row.t.accuracy"),
+        # values the report reads that a writer never saves (they printed inf, or ended in exit 70)
+        (unit, json.dumps({**state, "result": {**state["result"], "row": {"t": {"accuracy": float("inf")}}}}),
+         "damaged at result: row.t.accuracy"),
+        (unit, json.dumps({**state, "result": {**state["result"], "kind": "bogus"}}), "damaged at result: kind"),
+        (unit, json.dumps({**state, "result": {**state["result"], "tasks": []}}), "damaged at result: tasks"),
+        (unit, json.dumps({**state, "result": {**state["result"], "step_time": "slow"}}), "damaged at result: step_time"),
+        (unit, json.dumps({**state, "result": {**state["result"], "forget": "oops"}}), "damaged at result: forget"),
+        (unit, json.dumps({**state, "result": {**state["result"], "forget": {"x": 1}}}), "damaged at result: forget.task"),
+        (unit, json.dumps({**state, "result": {**state["result"], "unit": 2}}), "damaged at result.unit: 2"),
+        ("run.json", json.dumps({**json.loads((run / "run.json").read_text()), "units_total": 2}),
+         "run.json: damaged at units_total: 2, but "),
     ]
     for i, (name, text, needle) in enumerate(damage):
         bad = tmp_path / f"bad{i}"
@@ -104,6 +115,12 @@ def test_a_damaged_run_directory_is_named_not_a_crash(cli, spec, tmp_path):
         (bad / name).write_text(text)
         _check(cli, ["stream", "report", bad], 2, str(bad / name), needle)
         _check(cli, ["stream", "run", spec, "--resume", bad, "--quiet"], 2, needle)
+    for name, needle in (("run.json", "run.json: damaged: missing while 3 unit(s) are saved"),
+                         ("state/unit-000", "unit-000: damaged: missing (or without state.json) while unit-001 is saved")):
+        bad = tmp_path / f"gone-{name.replace('/', '-')}"
+        shutil.copytree(run, bad)
+        (shutil.rmtree if (bad / name).is_dir() else (lambda p: p.unlink()))(bad / name)
+        _check(cli, ["stream", "report", bad], 2, needle)
     bad = tmp_path / "banks"
     shutil.copytree(run, bad)
     last = sorted((bad / "state").glob("unit-*"))[-1]  # a resume restores the last unit's state
@@ -132,3 +149,25 @@ def test_a_run_directory_in_use_is_refused(cli, spec, tmp_path):
         _check(cli, ["stream", "run", spec, "--resume", run], 2, "another process is running this stream")
     finally:
         os.close(fd)
+
+
+@pytest.mark.timeout(120)  # without the check these runs would start millions of steps
+def test_epochs_are_held_to_the_step_bound_per_unit_before_anything_is_written(cli, tmp_path, tiny_bert, task_dir):
+    """A multitask unit learns its tasks' rows together, and replay leaves fewer new rows a step: the bound
+    is checked on the steps each unit will take (it was checked per task, and refused mid-run)."""
+    from loraplex.data import load_task
+
+    n_f, n_s = (len(load_task(str(task_dir / f"{t}.jsonl")).train) for t in ("flights", "sports"))
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    # multitask: each task alone fits under 10,000,000 steps at batch 4, the two together do not;
+    # o-lora with replay (1 of 4 rows replayed after the first unit): sports fits at 4 new rows a step, not at 3
+    for method, replay, epochs in (("multitask", False, 4e7 / (max(n_f, n_s) + min(n_f, n_s) / 2)),
+                                   ("o-lora", True, 3.5e7 / n_s)):
+        spec = make_spec(tmp_path / f"{method}.yaml", tiny_bert, task_dir, method=method, replay=replay, experiences=exps)
+        data = yaml.safe_load(spec.read_text())
+        data["trainer"].pop("steps")
+        data["trainer"]["epochs"] = epochs
+        spec.write_text(yaml.safe_dump(data))
+        run = tmp_path / f"run-{method}"
+        _check(cli, ["stream", "run", spec, "--out", run, "--quiet"], 2, "stream unit ", "more than 10,000,000")
+        assert not run.exists()

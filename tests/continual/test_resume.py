@@ -120,3 +120,23 @@ def test_ctrl_c_while_the_report_is_written_is_held_until_it_is_written(tmp_path
     finally:
         report.heatmap_png = orig
     assert (tmp_path / report.HEATMAP_FILE).read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_dir, monkeypatch):
+    """Ctrl-C between a unit's commit and its registration: the message says the unit was saved (it said
+    "interrupted during unit 0" while counting it as saved), and the resume registers it."""
+    import pytest
+
+    from loraplex.continual import stream
+    from loraplex.errors import Interrupted
+
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, steps=2, replay=False,
+                     experiences=[{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")])
+    settings = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    real = stream._StreamRun._register
+    monkeypatch.setattr(stream._StreamRun, "_register", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(Interrupted, match=r"interrupted after unit 0 \(.*flights.*\) was saved .*; 1 of 2 units are saved"):
+        api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings)
+    monkeypatch.setattr(stream._StreamRun, "_register", real)
+    res = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
+    assert res.resumed_from == 1 and len(res.adapters) == 2
