@@ -25,7 +25,7 @@ from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from loraplex.catalog import first_error
+from loraplex.catalog import MAX_COUNT, MAX_STEPS, first_error
 from loraplex.errors import DamagedRun
 from loraplex.fsio import fsync_dir, read_json_file
 
@@ -58,7 +58,7 @@ class RunInfo(_Saved):
     method: dict[str, Any]
     tasks: list[str]
     base: dict[str, Fraction | None]
-    units_total: int = Field(ge=1)
+    units_total: int = Field(ge=1, le=MAX_COUNT)
     task_fingerprints: dict[str, str] | None = None
     """{task file: `task_fingerprint`} of each file-based task (absent in runs started before it was kept)."""
 
@@ -76,21 +76,21 @@ class _ForgetSummary(_Saved):
     retained_before: Fraction | None = None
     retained_after: Fraction | None = None
     retained_drop: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
-    groups_survived: int | None = Field(None, ge=0)
-    groups_total: int | None = Field(None, ge=0)
+    groups_survived: int | None = Field(None, ge=0, le=MAX_COUNT)
+    groups_total: int | None = Field(None, ge=0, le=MAX_COUNT)
 
 
 class UnitResult(_Saved):
     """A committed unit's `result` (one row of the accuracy matrix and how it was made)."""
 
-    unit: int = Field(ge=0)
+    unit: int = Field(ge=0, le=MAX_COUNT)
     kind: Literal["learn", "forget"]
     label: str
     tasks: list[str] = Field(min_length=1)
     labels: list[str] | None = None
     row: dict[str, _Cell | None]
     forget: _ForgetSummary | None = None
-    steps: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=0, le=MAX_COUNT * MAX_STEPS)  # multitask: steps x tasks
     seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
     step_time: float | None = Field(None, ge=0, allow_inf_nan=False)
 
