@@ -121,6 +121,20 @@ PLAIN_INITS = (True, False, "gaussian")
 PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
+# bookkeeping keys loraplex does not read still have PEFT's types (a string where a flag goes is a broken file)
+BOOKKEEPING_TYPES = (
+    ("fan_in_fan_out", bool, "true or false"),
+    ("inference_mode", bool, "true or false"),
+    ("layers_to_transform", (int, list), "a layer index or a list of them"),
+    ("layers_pattern", (str, list), "a module name or a list of them"),
+)
+
+
+def _unset(v: Any) -> bool:
+    """A config value that asks for nothing: null, false, or an empty list, object or string (0 is a value)."""
+    return v is None or v is False or (isinstance(v, (list, dict, str)) and not v)
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -141,14 +155,23 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
             f"{where}: modules_to_save {cfg['modules_to_save']} (fully trained layers such as a task head) "
             "are not supported; loraplex stores LoRA weights only"
         )
-    if cfg.get("bias", "none") not in ("none", None) or cfg.get("lora_bias"):
+    if cfg.get("bias", "none") not in ("none", None):
         raise InvalidAdapter(f"{where}: trained biases (bias={cfg.get('bias')!r}) are not supported")
+    if not _unset(cfg.get("lora_bias")):
+        raise InvalidAdapter(f"{where}: lora_bias: a bias on LoRA's B matrix (lora_bias={_short(cfg['lora_bias'])}) "
+                             "is not supported")
     for key, what in UNSUPPORTED.items():
         v = cfg.get(key)
-        if v not in (None, False, [], {}, ""):
+        if not _unset(v):
             raise InvalidAdapter(f"{where}: {key}: {what} is not supported by loraplex (got {v!r})")
+    for key, types, expected in BOOKKEEPING_TYPES:
+        if cfg.get(key) is not None and not isinstance(cfg[key], types):
+            raise InvalidAdapter(f"{where}: {key}: expected {expected}, got {_short(cfg[key])}")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, list) and not all(type(i) is int and i >= 0 for i in layers):
+        raise InvalidAdapter(f"{where}: layers_to_transform: expected layer indices (integers >= 0), got {_short(layers)}")
     for key in sorted(set(cfg) - KNOWN_KEYS):
-        if cfg[key] not in (None, False, [], {}, ""):
+        if not _unset(cfg[key]):
             raise InvalidAdapter(f"{where}: {key}: a PEFT setting loraplex does not implement (got {_short(cfg[key])}); "
                                  "it is refused rather than dropped, since it may change what the adapter computes")
     init = cfg.get("init_lora_weights", True)
@@ -193,15 +216,28 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
 
 
 def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CONFIG) -> None:
-    """Every entry of a target_modules list must select at least one of the adapter's modules (PEFT
-    creates tensors for every module a target matches: a target without tensors matched nothing)."""
+    """target_modules and the tensors must agree both ways. Every entry of a list must select at least
+    one of the adapter's modules (PEFT creates tensors for every module a target matches: a target
+    without tensors matched nothing), and every module with tensors must be selected by an entry (or by
+    the regex, matched whole): PEFT builds LoRA layers only where target_modules says and leaves other
+    tensors unloaded, so importing them would make an adapter that computes something else than the
+    same directory does in PEFT."""
     targets = cfg.get("target_modules")
-    if not isinstance(targets, list):
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(matches_target(m, t) for m in adapter.modules)]
+        if unused:
+            raise InvalidAdapter(f"{where}: target_modules: {unused[0]!r} matches no module of the adapter "
+                                 f"(adapted modules: {', '.join(adapter.modules[:4])}{', ...' if len(adapter.modules) > 4 else ''})")
+        selects = lambda m: any(matches_target(m, t) for t in targets)  # noqa: E731
+    elif isinstance(targets, str):
+        selects = lambda m: re.fullmatch(targets, m) is not None  # noqa: E731
+    else:
         return
-    unused = [t for t in targets if not any(matches_target(m, t) for m in adapter.modules)]
-    if unused:
-        raise InvalidAdapter(f"{where}: target_modules: {unused[0]!r} matches no module of the adapter "
-                             f"(adapted modules: {', '.join(adapter.modules[:4])}{', ...' if len(adapter.modules) > 4 else ''})")
+    extra = [m for m in adapter.modules if not selects(m)]
+    if extra:
+        raise InvalidAdapter(f"{where}: target_modules {_short(targets)} does not select {extra[0]!r}, which has LoRA "
+                             f"tensors{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: PEFT would not load "
+                             "them; name every adapted module in target_modules, or remove their tensors")
 
 
 def compact_targets(modules: list[str], all_linear: list[str]) -> list[str]:

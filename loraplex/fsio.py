@@ -111,8 +111,17 @@ def parse_json_text(text: str, *, error: type[Exception], where: str):
         raise error(f"{where}: the key {exc.args[0]!r} is given twice in one object") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # an integer literal past Python's digit limit for str -> int
+        raise error(f"{where}: not valid JSON here (a number with more than {_max_digits():,} digits)"
+                    if "integer string conversion" in str(exc) else f"{where}: not valid JSON ({exc})") from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply") from None
+
+
+def _max_digits() -> int:
+    import sys
+
+    return sys.get_int_max_str_digits()
 
 
 def read_json_file(path: str | Path, *, error: type[Exception], max_bytes: int = MAX_SPEC_BYTES, what: str = "JSON file"):

@@ -83,6 +83,14 @@ UNSUPPORTED = [
     ({"kasa_config": {"k": 1}}, "kasa_config: a PEFT setting loraplex does not implement"),
     ({"megatron_config": {"x": 1}}, "megatron_config: a PEFT setting"),
     ({"some_future_variant": True}, "some_future_variant: a PEFT setting"),
+    ({"some_future_count": 0}, "some_future_count: a PEFT setting"),  # 0 is a value (it read as false)
+    # tensors for modules target_modules does not select: PEFT leaves them unloaded (sweep 12)
+    ({"target_modules": ["query"]}, "target_modules ['query'] does not select "),
+    ({"target_modules": ".*query"}, "target_modules '.*query' does not select "),
+    ({"lora_bias": True}, "lora_bias: a bias on LoRA's B matrix"),
+    ({"fan_in_fan_out": "yes"}, "fan_in_fan_out: expected true or false"),
+    ({"layers_to_transform": "zero"}, "layers_to_transform: expected a layer index"),
+    ({"layers_to_transform": [0, -1]}, "layers_to_transform: expected layer indices"),
 ]
 
 
@@ -91,6 +99,19 @@ def test_unsupported_peft_features_are_refused_by_name(cli, seeded, tiny_bert, t
     d = _with_config(seeded, tmp_path / "bad", update)
     before = registry_state(cli.home)
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+def test_a_target_regex_that_selects_every_adapted_module_passes(cli, seeded, tiny_bert, tmp_path):
+    d = _with_config(seeded, tmp_path / "ok", {"target_modules": r".*\.(query|value)"})
+    r = _register(cli, d, name="ok", base=tiny_bert)
+    assert r.exit_code == 0, r.output
+
+
+def test_a_number_past_the_digit_limit_is_one_line(cli, seeded, tiny_bert, tmp_path):
+    text = json.dumps({**json.loads((seeded / CFG).read_text()), "r": "@big"}).replace('"@big"', "8" * 5001)
+    d = _with_config(seeded, tmp_path / "bad", text)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "not valid JSON here (a number with more than 4,300 digits)")
 
 
 def test_peft_defaults_of_unknown_settings_pass(cli, seeded, tiny_bert, tmp_path):
