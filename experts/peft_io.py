@@ -223,6 +223,7 @@ def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CO
     tensors unloaded, so importing them would make an adapter that computes something else than the
     same directory does in PEFT."""
     targets = cfg.get("target_modules")
+    _check_layers(adapter, cfg, where)
     if isinstance(targets, list):
         unused = [t for t in targets if not any(matches_target(m, t) for m in adapter.modules)]
         if unused:
@@ -238,6 +239,31 @@ def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CO
         raise InvalidAdapter(f"{where}: target_modules {_short(targets)} does not select {extra[0]!r}, which has LoRA "
                              f"tensors{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: PEFT would not load "
                              "them; name every adapted module in target_modules, or remove their tensors")
+
+
+def _check_layers(adapter: Adapter, cfg: dict[str, Any], where: str) -> None:
+    """With layers_to_transform and a target_modules list, PEFT adapts a module only in those layers: the
+    layer index is the number after a layers_pattern name in the module's path (without a pattern, the
+    last `<name>.<number>.` in it), and a module named in full in target_modules is exempt. Tensors of
+    any other module would not be loaded by PEFT, so they are refused here."""
+    layers, targets = cfg.get("layers_to_transform"), cfg.get("target_modules")
+    if layers is None or layers == [] or not isinstance(targets, list):
+        return
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    pattern = cfg.get("layers_pattern")
+    pattern = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
+    try:
+        finders = [re.compile(rf".*\.{p}\.(\d+)\.") for p in pattern] or [re.compile(r".*\.[^.]*\.(\d+)\.")]
+    except re.error as exc:
+        raise InvalidAdapter(f"{where}: layers_pattern: {_short(cfg['layers_pattern'])} is not a valid regular "
+                             f"expression ({exc})") from None
+    for m in adapter.modules:
+        if m in targets:
+            continue
+        hit = next((h for h in (f.match(m) for f in finders) if h is not None), None)
+        if hit is None or int(hit.group(1)) not in wanted:
+            raise InvalidAdapter(f"{where}: layers_to_transform {_short(layers)} does not include {m!r}, which has "
+                                 "LoRA tensors: PEFT would not load them; list its layer, or remove its tensors")
 
 
 def compact_targets(modules: list[str], all_linear: list[str]) -> list[str]:

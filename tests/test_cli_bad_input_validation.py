@@ -91,6 +91,9 @@ UNSUPPORTED = [
     ({"fan_in_fan_out": "yes"}, "fan_in_fan_out: expected true or false"),
     ({"layers_to_transform": "zero"}, "layers_to_transform: expected a layer index"),
     ({"layers_to_transform": [0, -1]}, "layers_to_transform: expected layer indices"),
+    ({"layers_to_transform": [0]}, "layers_to_transform [0] does not include 'encoder.layer.1."),
+    ({"layers_to_transform": 1, "layers_pattern": "layer"}, "layers_to_transform 1 does not include 'encoder.layer.0."),
+    ({"layers_to_transform": [0, 1], "layers_pattern": "(layer"}, "layers_pattern: '(layer' is not a valid regular"),
 ]
 
 
@@ -101,8 +104,10 @@ def test_unsupported_peft_features_are_refused_by_name(cli, seeded, tiny_bert, t
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, match)
 
 
-def test_a_target_regex_that_selects_every_adapted_module_passes(cli, seeded, tiny_bert, tmp_path):
-    d = _with_config(seeded, tmp_path / "ok", {"target_modules": r".*\.(query|value)"})
+@pytest.mark.parametrize("update", [{"target_modules": r".*\.(query|value)"}, {"layers_to_transform": [0, 1]},
+                                    {"layers_to_transform": [1, 0], "layers_pattern": ["h", "layer"]}])
+def test_targets_and_layers_that_select_every_adapted_module_pass(cli, seeded, tiny_bert, tmp_path, update):
+    d = _with_config(seeded, tmp_path / "ok", update)
     r = _register(cli, d, name="ok", base=tiny_bert)
     assert r.exit_code == 0, r.output
 
