@@ -28,7 +28,7 @@ from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile,
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
-from loraplex.registry.record import AdapterDraft, Edge, validate_name
+from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.tasks import checked_seed, validate_description
 
@@ -69,9 +69,7 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
     if dup:
         raise UserInputError(f"adapter {dup[0]!r} is named twice")
     recs = [reg.get_adapter(n) for n in names]
-    if len({r.base_sha for r in recs}) > 1:
-        pairs = ", ".join(f"{r.name} ({r.base})" for r in recs)
-        raise IncompatibleAdapter(f"a generator learns from adapters of one base model; these differ: {pairs}")
+    one_base(recs, "a generator learns from adapters of one base model; these differ")
     loaded = {r.name: reg.load_adapter(r)[1] for r in recs}
     against = "the generator's layout"
     if layout is None:

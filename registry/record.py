@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplex.errors import InvalidName
+from loraplex.errors import IncompatibleAdapter, InvalidName
 from loraplex.experts.spec import LoraSpec
 from loraplex.tasks import MAX_DESCRIPTION, validate_description  # noqa: F401 (the registry's check too)
 
@@ -150,3 +150,11 @@ class ComponentRecord(BaseModel):
     metrics: dict[str, Any]
     extra: dict[str, Any]
     created_at: str
+
+
+def one_base(recs: "list[AdapterRecord]", refusal: str) -> None:
+    """Adapters used together must share one base model: its name and its fingerprint (two bases of the
+    same shape, `minilm` and a local BERT of its size, share a fingerprint but not their weights).
+    `refusal` starts the error, which lists each adapter with its base."""
+    if len({(r.base, r.base_sha) for r in recs}) > 1:
+        raise IncompatibleAdapter(f"{refusal}: {', '.join(f'{r.name} ({r.base})' for r in recs)}")

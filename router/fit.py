@@ -158,6 +158,10 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
         ex = _fresh(reg, settings, method, entry.factory, cfg, name, tasks, base, tc.seed)
     pool = entry.factory.choices([sp.r for sp in ex.specs])
+    if pool < 2:  # a gate over one choice always picks it: nothing to learn
+        what = "rank" if entry.factory.slot == "rank" else "adapter"
+        raise UserInputError(f"router {method!r} would choose among 1 {what}: it needs at least 2 "
+                             f"({'adapters' if what == 'adapter' else 'ranks in its adapters'})")
     if "top_k" in (config or {}) and cfg.top_k > pool:  # the default is capped at what there is
         what = "ranks" if entry.factory.slot == "rank" else "experts"
         raise UserInputError(f"top_k={cfg.top_k} is more than the {pool} {what} router {method!r} would choose among")

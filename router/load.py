@@ -22,6 +22,7 @@ from loraplex.errors import ComponentNotFound, IncompatibleAdapter, IntegrityErr
 from loraplex.experts.layers import inject, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.models import load_base, resolve_base
+from loraplex.registry.record import one_base
 from loraplex.registry.signatures import embedder as _embedder
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.model import RoutedModel
@@ -42,10 +43,7 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         dup = next(n for n in names if list(names).count(n) > 1)
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
-    bases = {rec.base_sha for rec, _ in loaded}
-    if len(bases) > 1:
-        pairs = ", ".join(f"{rec.name} ({rec.base})" for rec, _ in loaded)
-        raise IncompatibleAdapter(f"adapters of different base models cannot be {together}: {pairs}")
+    one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
     lb = load_base(loaded[0][0].base, settings)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:

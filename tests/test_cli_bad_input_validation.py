@@ -505,7 +505,7 @@ def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
     before = registry_state(cli.home)
     r = cli("router", "fit", "r", "--router", "token-gate", "--adapters", "good", "--tasks", "airline",
             "--top-k", "5", "--steps", "1", "--quiet")
-    _refused(r, cli.home, before, "top_k=5 is more than the 1 experts router 'token-gate' would choose among")
+    _refused(r, cli.home, before, "router 'token-gate' would choose among 1 adapter")  # named before top_k
     r = cli("router", "fit", "r", "--router", "rank", "--adapters", "good", "--tasks", "airline",
             "--top-k", "99", "--steps", "1", "--quiet")
     _refused(r, cli.home, before, "top_k=99 is more than the 4 ranks router 'rank' would choose among")
@@ -995,3 +995,29 @@ def test_a_database_failure_under_a_command_is_one_line(cli, seeded, monkeypatch
     r = cli("adapters", "show", "good")
     assert r.exit_code == 1 and r.stderr.strip() == ("error: the registry database failed: database disk image is "
                                                      "malformed (run `loraplex registry check`)"), r.stderr
+
+
+def test_adapters_of_two_bases_of_one_shape_are_not_used_together(cli, seeded, tiny_bert, tmp_path):
+    """Two bases with the same fingerprint (a copy of the tiny BERT: one shape, and here even one set of
+    weights, but another base by name) passed the fingerprint check: a router was fitted and stored that
+    every later use refused, and a generator learned from both on one base (sweep 12)."""
+    twin = tmp_path / "twin-bert"
+    shutil.copytree(tiny_bert, twin)
+    r = cli("adapters", "register", seeded, "--name", "twin", "--description", "airline tweets", "--base", twin)
+    assert r.exit_code == 0, r.output
+    before = registry_state(cli.home)
+    for args, match in ((("router", "fit", "r", "--router", "mixer", "--adapters", "good,twin", "--steps", "1"),
+                         "adapters of different base models cannot be"),
+                        (("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,twin"),
+                         "a generator learns from adapters of one base model; these differ: good ("),
+                        (("query", "a delayed flight", "--adapters", "good,twin", "--top-k", "2"),
+                         "adapters of different base models cannot be")):
+        _refused(cli(*args), cli.home, before, match)
+
+
+def test_a_router_over_one_adapter_is_refused(cli, seeded):
+    """A token gate or mixer over one adapter always picks it: fitting one trained a no-op (sweep 12)."""
+    before = registry_state(cli.home)
+    for method in ("token-gate", "mixer"):
+        _refused(cli("router", "fit", "r", "--router", method, "--adapters", "good", "--tasks", "airline", "--steps", "1"),
+                 cli.home, before, f"router {method!r} would choose among 1 adapter: it needs at least 2 (adapters)")
