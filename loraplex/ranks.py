@@ -22,12 +22,21 @@ _RANK_VARS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 _SIZE_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "JSM_NAMESPACE_SIZE")
 
 
+_SEEN: dict[tuple, int] = {}  # rank variables -> the rank they gave beside a world of several processes
+
+
 def process_rank() -> int:
     """This process's global rank (0 when it was not started as a worker of a distributed run).
 
     A non-zero rank counts only beside a world of several processes (Lightning's launcher and torchrun set
     WORLD_SIZE, SLURM SLURM_NTASKS): a rank variable left in a shell (`RANK=1` from an old torchrun session)
-    would otherwise make every command a worker that trains, writes nothing and exits 0. It is refused."""
+    would otherwise make every command a worker that trains, writes nothing and exits 0. It is refused.
+    Once a rank is known it stays known for the same rank variables: Lightning's DDP teardown removes
+    WORLD_SIZE from a worker's environment, and the worker is still one afterwards (it must not then
+    evaluate, store or print as rank 0 would, nor fail on its own rank)."""
+    key = tuple(os.environ.get(v) for v in (*_RANK_VARS, "LOCAL_RANK", "NODE_RANK"))
+    if key in _SEEN:
+        return _SEEN[key]
     rank, named = 0, ""
     for var in _RANK_VARS:
         if os.environ.get(var, "").strip().isdigit():
@@ -44,6 +53,8 @@ def process_rank() -> int:
         raise UserInputError(f"{named}={os.environ[named].strip()} says this process is a worker of a distributed "
                              "run, but no WORLD_SIZE (or SLURM_NTASKS) says there are several: unset it "
                              "(a leftover of torchrun or SLURM?)")
+    if rank:
+        _SEEN[key] = rank
     return rank
 
 

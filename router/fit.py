@@ -30,6 +30,7 @@ from loraplex.experts.layers import extract, inject, inject_new, routed_layers
 from loraplex.experts.spec import LoraSpec
 from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
+from loraplex.ranks import is_worker
 from loraplex.registry.record import validate_name
 from loraplex.registry.signatures import task_signatures
 from loraplex.registry.store import Registry
@@ -144,7 +145,8 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     tc = router_train_config(**train_options)  # a bad training option is named first
     checked_limit(eval_limit)
     validate_name(name, "router")
-    if _has(reg, name):
+    worker = is_worker()  # a DDP worker (--devices N) trains beside rank 0 and stores nothing
+    if _has(reg, name) and not worker:
         raise AlreadyExists(f"a router named {name!r} already exists")
     entry = ROUTERS.get(method)
     cfg = entry.make_config(config or {})
@@ -177,6 +179,8 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         p.requires_grad_(True)
     with reg.new_run("router", name) as run_dir:  # removed if anything below fails: nothing was stored
         trainer, seconds = _train(lb, router, ex.tasks, tc, run_dir, settings.resolved_device())
+        if worker:  # rank 0 evaluates, stores and reports
+            return RouterFitResult(None, {}, run_dir)
 
         # ---- evaluate ----------------------------------------------------------------------------
         sig = task_signatures(reg, ex.tasks)

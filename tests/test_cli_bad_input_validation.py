@@ -1021,3 +1021,30 @@ def test_a_router_over_one_adapter_is_refused(cli, seeded):
     for method in ("token-gate", "mixer"):
         _refused(cli("router", "fit", "r", "--router", method, "--adapters", "good", "--tasks", "airline", "--steps", "1"),
                  cli.home, before, f"router {method!r} would choose among 1 adapter: it needs at least 2 (adapters)")
+
+
+def test_router_fit_option_and_set_for_one_key_are_refused(cli, seeded):
+    """`--set top_k=1 --top-k 2`: --top-k won silently, while `--set top_k=1 --set top_k=2` is refused."""
+    before = registry_state(cli.home)
+    _refused(cli("router", "fit", "r", "--router", "mixer", "--adapters", "good", "--set", "top_k=1", "--top-k", "2"),
+             cli.home, before, "top_k is given twice: by --top-k and by --set top_k=...")
+    _refused(cli("router", "fit", "r", "--router", "mixer", "--adapters", "good", "--set", "joint=false", "--joint"),
+             cli.home, before, "joint is given twice: by --joint and by --set joint=...")
+
+
+def test_a_worker_keeps_its_rank_after_lightning_clears_world_size(monkeypatch):
+    """Lightning's DDP teardown removes WORLD_SIZE from a worker's environment; the worker then printed a
+    stray 'LOCAL_RANK=1 says this process is a worker ... but no WORLD_SIZE' and stored a router as rank 0."""
+    from loraplex import ranks
+
+    for v in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ranks, "_SEEN", {})
+    assert ranks.is_worker()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert ranks.is_worker()
+    monkeypatch.setenv("LOCAL_RANK", "3")  # other rank variables: checked anew (a leftover is refused)
+    with pytest.raises(Exception, match="LOCAL_RANK=3 says this process is a worker"):
+        ranks.is_worker()

@@ -213,6 +213,13 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, tiny_bert):
     runs = list((home / "runs").iterdir())
     assert len(runs) == 1, runs
     assert len(json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)) == 3
+    # a router fitted on two processes: stored once by rank 0, no worker's message (sweep 12: the worker
+    # stored it too, or printed "LOCAL_RANK=1 ... no WORLD_SIZE" once Lightning had cleared WORLD_SIZE)
+    r = _loraplex("router", "fit", "r", "--router", "mixer", "--adapters", ",".join(names), "--steps", "2",
+                  "--devices", "2", "--strategy", "ddp", "--eval-limit", "4", "--quiet", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("fitted router r") == 1 and "LOCAL_RANK" not in r.stderr and "error" not in r.stderr, r
+    assert [c["name"] for c in json.loads(_loraplex("router", "list", "--json", env=env).stdout)] == ["r"]
 
 
 def test_files_the_readme_names_are_shipped():

@@ -47,17 +47,22 @@ def fit(
     """Train a router on its adapters' tasks (Lightning), evaluate it, store it with the adapters it routes."""
     from loraplex import api
 
+    from loraplex.errors import UserInputError
+
     cfg: dict = parse_sets(set_)
-    if top_k is not None:
-        cfg["top_k"] = top_k
-    if joint:
-        cfg["joint"] = True
+    for key, option, value in (("top_k", "--top-k", top_k), ("joint", "--joint", True if joint else None)):
+        if value is not None:
+            if key in cfg:  # as `--set k=1 --set k=2` is: one value per key
+                raise UserInputError(f"{key} is given twice: by {option} and by --set {key}=...; give one")
+            cfg[key] = value
     res = api.fit_router(
         name, router=router, adapters=parse_list(adapters, "--adapters"), tasks=parse_list(tasks, "--tasks", commas_only=True) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
         train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
     )
+    if res.record is None:  # a DDP worker: rank 0 stores and reports
+        return
     m = res.metrics
     if json:
         out.emit_json({"name": res.record.name, "method": res.record.method, "members": list(res.record.members),
