@@ -117,6 +117,9 @@ KNOWN_KEYS = frozenset({
 # init_lora_weights values that only set how a fresh LoRA starts (the saved weights are all there is);
 # the others (pissa, olora, loftq, corda, eva, ...) also rewrite the base weights, which loraplex does not store.
 PLAIN_INITS = (True, False, "gaussian")
+# What PEFT's LoraConfig takes when a config leaves lora_alpha out (or null): 8, whatever r is. (Not r:
+# an adapter read with alpha = r would scale its update differently from the same directory in PEFT.)
+PEFT_DEFAULT_ALPHA = 8
 # LoraSpec field -> the PEFT key it comes from (for error messages).
 PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -202,7 +205,7 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
     r = cfg.get("r", 8)
     fields = {
         "r": r,
-        "alpha": cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else r,
+        "alpha": cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else PEFT_DEFAULT_ALPHA,
         "dropout": cfg["lora_dropout"] if cfg.get("lora_dropout") is not None else 0.0,
         "target_modules": targets,
         "rank_pattern": cfg.get("rank_pattern") or {},

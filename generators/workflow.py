@@ -101,10 +101,14 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
         vecs.append(layout.flatten(ad, name=label, against=against))
         owner.append(names.index(adapter_name))
         prog.append(t)
+    stacked = torch.stack(vecs)
+    if bool((stacked == stacked[0]).all()):  # nothing to learn a mapping from (the fit divided by zero spread)
+        twins = " and ".join(repr(n) for n in names[:2]) + (f" (and {len(names) - 2} more)" if len(names) > 2 else "")
+        raise UserInputError(f"adapters {twins} have identical weights: a generator learns from members that differ")
     _, _, emb, _ = reg.signatures(names)
     return TrainingSet(
         layout=layout, members=names, descriptions=[r.description for r in recs], tasks=[r.task for r in recs],
-        base=recs[0].base, vectors=torch.stack(vecs), owner=owner, progress=torch.tensor(prog),
+        base=recs[0].base, vectors=stacked, owner=owner, progress=torch.tensor(prog),
         sources=[(a, int(s)) for a, s in sources], desc_embeddings=torch.from_numpy(emb),
         task_cards={r.task: reg.task_card(r.task) or {} for r in recs if r.task},
     )

@@ -194,6 +194,8 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
         raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not a {type(v).__name__}")
     if col == "label" and isinstance(v, float):
         raise InvalidTaskFile(f"{path}: row {n}: 'label' must be a string or a whole number, not the number {v!r}")
+    if col != "label" and isinstance(v, (int, float)):  # a text is written as a string ("5", not 5)
+        raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not the number {v!r}")
     text = str(v).strip()
     if not visible(text):
         raise InvalidTaskFile(f"{path}: row {n} has an empty {col}" + (" (no visible character)" if text else ""))

@@ -1048,3 +1048,30 @@ def test_a_worker_keeps_its_rank_after_lightning_clears_world_size(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")  # other rank variables: checked anew (a leftover is refused)
     with pytest.raises(Exception, match="LOCAL_RANK=3 says this process is a worker"):
         ranks.is_worker()
+
+
+def test_a_config_without_lora_alpha_takes_peft_default(cli, seeded, tiny_bert, tmp_path):
+    """PEFT reads a config with no lora_alpha as alpha 8 whatever r is; loraplex read it as alpha = r,
+    so an r=4 adapter was scaled by 1 instead of PEFT's 2 (sweep 12)."""
+    cfg = json.loads((seeded / CFG).read_text())
+    assert cfg["r"] == 4
+    del cfg["lora_alpha"]
+    d = _with_config(seeded, tmp_path / "noalpha", json.dumps(cfg))
+    assert _register(cli, d, name="noalpha", base=tiny_bert).exit_code == 0
+    shown = json.loads(cli("adapters", "show", "noalpha", "--json").stdout)
+    assert shown["spec"]["alpha"] == 8, shown["spec"]
+
+
+def test_a_text_written_as_a_number_is_refused(cli, tmp_path):
+    f = tmp_path / "nums.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in (("fine", "a"), (5, "b"), ("ok", "a"))))
+    before = registry_state(cli.home)
+    _refused(cli("train", f, "--name", "n", "--steps", "1"), cli.home, before, "row 2: 'text' must be a string, not the number 5")
+
+
+def test_a_generator_over_identical_adapters_says_so(cli, seeded, tiny_bert):
+    """Two registrations of one PEFT directory: the fit divided by zero spread and blamed its learning rate."""
+    assert _register(cli, seeded, name="same", base=tiny_bert).exit_code == 0
+    before = registry_state(cli.home)
+    _refused(cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,same"), cli.home, before,
+             "adapters 'good' and 'same' have identical weights: a generator learns from members that differ")
