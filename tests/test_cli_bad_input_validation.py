@@ -912,7 +912,10 @@ def test_repeated_sets_generator_top_k_and_labels_forgotten_twice(cli, seeded, t
     refuses forgetting the whole task twice, or every label at once)."""
     before = registry_state(cli.home)
     _refused(cli("query", "hi", "--set", "top_k=1", "--set", "top_k=2"), cli.home, before, "--set top_k is given twice")
-    assert cli("adapters", "register", seeded, "--name", "good2", "--description", "news articles",
+    from tests.conftest import make_peft_adapter
+
+    other = make_peft_adapter(tiny_bert, tmp_path / "peft2", seed=2)  # weights of its own (identical ones are refused)
+    assert cli("adapters", "register", other, "--name", "good2", "--description", "news articles",
                "--base", tiny_bert).exit_code == 0
     before = registry_state(cli.home)
     _refused(cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,good2", "--set", "top_k=100"),
