@@ -171,7 +171,7 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
         if cfg.get(key) is not None and not isinstance(cfg[key], types):
             raise InvalidAdapter(f"{where}: {key}: expected {expected}, got {_short(cfg[key])}")
     layers = cfg.get("layers_to_transform")
-    if isinstance(layers, list) and not all(type(i) is int and i >= 0 for i in layers):
+    if layers is not None and not all(type(i) is int and i >= 0 for i in (layers if isinstance(layers, list) else [layers])):
         raise InvalidAdapter(f"{where}: layers_to_transform: expected layer indices (integers >= 0), got {_short(layers)}")
     for key in sorted(set(cfg) - KNOWN_KEYS):
         if not _unset(cfg[key]):

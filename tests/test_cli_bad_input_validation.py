@@ -91,6 +91,7 @@ UNSUPPORTED = [
     ({"fan_in_fan_out": "yes"}, "fan_in_fan_out: expected true or false"),
     ({"layers_to_transform": "zero"}, "layers_to_transform: expected a layer index"),
     ({"layers_to_transform": [0, -1]}, "layers_to_transform: expected layer indices"),
+    ({"layers_to_transform": True}, "layers_to_transform: expected layer indices"),
     ({"layers_to_transform": [0]}, "layers_to_transform [0] does not include 'encoder.layer.1."),
     ({"layers_to_transform": 1, "layers_pattern": "layer"}, "layers_to_transform 1 does not include 'encoder.layer.0."),
     ({"layers_to_transform": [0, 1], "layers_pattern": "(layer"}, "layers_pattern: '(layer' is not a valid regular"),
