@@ -87,6 +87,7 @@ UNSUPPORTED = [
     # tensors for modules target_modules does not select: PEFT leaves them unloaded (sweep 12)
     ({"target_modules": ["query"]}, "target_modules ['query'] does not select "),
     ({"target_modules": ".*query"}, "target_modules '.*query' does not select "),
+    ({"target_modules": []}, "target_modules [] does not select "),
     ({"lora_bias": True}, "lora_bias: a bias on LoRA's B matrix"),
     ({"fan_in_fan_out": "yes"}, "fan_in_fan_out: expected true or false"),
     ({"layers_to_transform": "zero"}, "layers_to_transform: expected a layer index"),
