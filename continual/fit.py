@@ -153,6 +153,10 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     """Accuracy of an adapter (or, with name=None, of the bare base) on a task's split (`progress`: a
     progress bar on stderr for each evaluation; `description`: a task file's, where it has no sidecar and no
     adapter recorded one; `task`: default, the adapter's own)."""
+    if task is not None and not task.strip():  # "" would be read as the current directory
+        raise UserInputError("--task is empty: name an embedded task or a task file")
+    if name is None and vs_base:
+        raise UserInputError("--vs-base compares an adapter with the bare base: name the adapter")
     if task is None:
         if name is None:
             raise UserInputError("the bare base has no task of its own: name one with --task")

@@ -1080,3 +1080,12 @@ def test_a_generator_over_identical_adapters_says_so(cli, seeded, tiny_bert):
     before = registry_state(cli.home)
     _refused(cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,same"), cli.home, before,
              "adapters 'good' and 'same' have identical weights: a generator learns from members that differ")
+
+
+def test_eval_options_that_cannot_apply(cli, seeded):
+    """`eval --vs-base` with no adapter printed the bare base alone; `--task ""` was read as the current
+    directory (sweep 13)."""
+    before = registry_state(cli.home)
+    _refused(cli("eval", "--task", "airline", "--vs-base"), cli.home, before,
+             "--vs-base compares an adapter with the bare base: name the adapter")
+    _refused(cli("eval", "good", "--task", ""), cli.home, before, "--task is empty")
