@@ -181,10 +181,15 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     rec = reg.get_adapter(name)
     if base is not None and resolve_base(base).name != rec.base:
         raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
-    lb, _ = load_adapted(reg, [name], settings)
+    # a forgetting adapter erases from the composition it was trained on top of (recorded with itself in
+    # it): it is evaluated with the rest of that composition
+    composition = [n for n in (rec.extra.get("composition") or ()) if n != name] if rec.origin == "forgetting" else []
+    lb, _ = load_adapted(reg, [*composition, name], settings)
     head = head_for(lb)
     res = accuracy(head, lb.model, lb.tokenizer, t, split, limit, progress=bar(name))
     out = {"adapter": name, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    if composition:
+        out["composition"] = composition
     if vs_base:
         with adapters_disabled(lb.model):
             out["base_accuracy"] = accuracy(head, lb.model, lb.tokenizer, t, split, limit,

@@ -177,7 +177,7 @@ class SignatureIndex:
             return idx
         if idx is not None and (idx.generation > gen or reg.stamp(idx.generation) != idx.stamp):
             idx = None  # built from a state this database never went through (restored, replaced): ids may be reused
-        db_ids = reg.adapter_ids()
+        db_ids = reg.adapter_ids(routable=weight is not None)  # routing: no forgetting adapter is a candidate
 
         def vectors(ids: np.ndarray) -> np.ndarray:
             if weight is None:

@@ -571,11 +571,14 @@ class Registry(Database, Components):
                              lambda where, p: conn.execute(f"SELECT id, name, base FROM adapters {where}", p).fetchall())
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def adapter_ids(self) -> np.ndarray:
+    def adapter_ids(self, *, routable: bool = False) -> np.ndarray:
+        """Every adapter's id; `routable`: only those that answer a task (not a forgetting adapter, which
+        erases one and means something only on top of the composition it was trained against)."""
         conn = self._db(create=False)
         if conn is None:
             return np.zeros(0, dtype=np.int64)
-        return np.array([r[0] for r in conn.execute("SELECT id FROM adapters ORDER BY id")], dtype=np.int64)
+        where = " WHERE origin != 'forgetting'" if routable else ""
+        return np.array([r[0] for r in conn.execute(f"SELECT id FROM adapters{where} ORDER BY id")], dtype=np.int64)
 
     def edges(self) -> list[tuple[str, str, str]]:
         """(adapter name, target, kind) for every lineage edge."""

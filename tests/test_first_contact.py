@@ -149,10 +149,23 @@ def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
     res = json.loads(r.stdout)
     assert res["forgot"] is False and "did not forget" in res["warning"]
     assert "warning: the request did not forget" in r.stderr
+    # evaluated, it stands on the composition it erases from (alone on the bare base it measured something else),
+    # and retrieval never routes to it: it answers no task, it erases one (sweep 13)
+    ev = cli("eval", res["name"], "--limit", "20", "--json")
+    assert ev.exit_code == 0, ev.output
+    ev = json.loads(ev.stdout)
+    assert ev["composition"] == ["fl"] and ev["accuracy"] == pytest.approx(res["forgotten_after"]), (ev, res)
+    q = cli("query", "flight delayed again", "--top-k", "2", "--json")
+    assert q.exit_code == 0, q.output
+    assert res["name"] not in q.stdout and "fl" in q.stdout, q.stdout
+    r = cli("forget", str(f), "--adapters", "fl", "--base", tiny_bert, "--steps", "1", "--lr", "1e-12",
+            "--eval-limit", "20", "--quiet", "--name", "again")
+    assert r.exit_code == 0 and r.stdout.startswith("did not forget flights"), r.output
     # the forgetting adapter means nothing without the composition it erases from: its members stay until it goes
     bad = cli("adapters", "remove", "fl")
-    assert bad.exit_code == 2 and f"forgetting adapter {res['name']!r} erases from" in bad.stderr, bad.output
+    assert bad.exit_code == 2 and "forgetting adapter" in bad.stderr and "erases from" in bad.stderr, bad.output
     assert cli("adapters", "remove", res["name"]).exit_code == 0
+    assert cli("adapters", "remove", "again").exit_code == 0
     assert cli("adapters", "remove", "fl").exit_code == 0
 
 

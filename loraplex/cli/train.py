@@ -80,5 +80,7 @@ def eval_(
         out.emit_json(res)
         return
     who = f"adapter {name}" if name else f"bare base {res['base']}"
+    if res.get("composition"):  # a forgetting adapter, on top of what it erases from
+        who += f" (on top of its composition {', '.join(res['composition'])})"
     extra = f" (bare base {res['base_accuracy']:.3f})" if "base_accuracy" in res else ""
     out.line(f"{who} on {res['task']} [{res['split']}, n={res['n']}]: accuracy {res['accuracy']:.3f}{extra}")
