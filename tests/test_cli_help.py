@@ -129,3 +129,11 @@ def test_a_label_that_holds_a_comma_is_named_in_double_quotes(cli, monkeypatch):
     assert seen == {"forget": ["yes, mostly", "no"], "query": ["yes, mostly", "no"]}
     r = cli("forget", "t", "--labels", '"yes, mostly')
     assert r.exit_code == 2 and "--labels" in r.output and "double quotes" in r.output
+
+
+def test_a_nested_metric_is_shown_formatted():
+    """`adapters show` of a forgetting adapter printed its losses as a Python dict repr, unrounded (sweep 13)."""
+    from loraplex.cli._output import _kv_value
+
+    assert _kv_value({"accuracy": 1.0, "losses": {"distill": 0.0234712, "forget": 1.80991}, "n": 3}) == \
+        "accuracy=1.0000, losses={distill=0.0235, forget=1.8099}, n=3"

@@ -83,6 +83,8 @@ def fmt(v: Any) -> str:
         return f"{v:,}"
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt(x) for x in v) or "-"
+    if isinstance(v, dict):  # nested (a metric's breakdown): its own values formatted, in braces
+        return "{" + ", ".join(f"{printable(str(a))}={fmt(b)}" for a, b in v.items()) + "}"
     return printable(str(v).translate(_SPACES))
 
 
