@@ -137,3 +137,10 @@ def test_a_nested_metric_is_shown_formatted():
 
     assert _kv_value({"accuracy": 1.0, "losses": {"distill": 0.0234712, "forget": 1.80991}, "n": 3}) == \
         "accuracy=1.0000, losses={distill=0.0235, forget=1.8099}, n=3"
+
+
+def test_catalog_lists_take_no_home(cli):
+    """`tasks list` and `models list` read no registry: a --home there was accepted and ignored (sweep 13)."""
+    for cmd in (("tasks", "list"), ("models", "list")):
+        r = cli(*cmd, "--home", "")
+        assert r.exit_code == 2 and "No such option: --home" in r.stderr, r.output

@@ -1,4 +1,5 @@
-"""`loraplex models list`, `loraplex tasks list`: the embedded base models and tasks."""
+"""`loraplex models list`, `loraplex tasks list`: the embedded base models and tasks (no registry is read,
+so these take no --home: it would be ignored)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from typing import Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Home, Json
+from loraplex.cli._options import Json
 
 models_app = typer.Typer(help="The embedded base models.", no_args_is_help=True)
 tasks_app = typer.Typer(help="The embedded tasks.", no_args_is_help=True)
 
 
 @models_app.command("list")
-def models_list(home: Home = None, json: Json = False) -> None:
+def models_list(json: Json = False) -> None:
     """List the embedded base models (any local Hugging Face directory works too)."""
     from loraplex import api
 
@@ -27,7 +28,6 @@ def models_list(home: Home = None, json: Json = False) -> None:
 
 @tasks_app.command("list")
 def tasks_list(
-    home: Home = None,
     json: Json = False,
     family: Optional[str] = typer.Option(None, "--family", help="Only the tasks of this family (see `loraplex tasks families`)."),
 ) -> None:
