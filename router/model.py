@@ -173,11 +173,12 @@ class RoutedModel:
     def _rows_from_call(self, call: _Call, static: torch.Tensor | None, trace: bool) -> list[RowRoute]:
         B = call.ids.shape[0] if call.ids is not None else static.shape[0]
         mask = call.mask if call.mask is not None else torch.ones(call.ids.shape, dtype=torch.bool)
-        if call.per_layer:
-            names = sorted(call.per_layer)
+        if call.per_layer:  # in the model's own order (layer 2 before layer 10, not as strings sort)
+            order = list(routed_layers(self.model))
+            names = [n for n in order if n in call.per_layer] + sorted(set(call.per_layer) - set(order))
             stack = torch.stack([call.per_layer[n] for n in names])  # (L, B, T, E)
         else:  # static gates: the same weights for every token and layer
-            names = sorted(routed_layers(self.model))
+            names = list(routed_layers(self.model))
             g = static[:, 0].float().cpu()
             g = g.abs() / g.abs().sum(-1, keepdim=True).clamp_min(1e-12)  # (B, E)
             stack = g[None, :, None, :].expand(len(names), B, mask.shape[1], -1)
