@@ -1089,3 +1089,13 @@ def test_eval_options_that_cannot_apply(cli, seeded):
     _refused(cli("eval", "--task", "airline", "--vs-base"), cli.home, before,
              "--vs-base compares an adapter with the bare base: name the adapter")
     _refused(cli("eval", "good", "--task", ""), cli.home, before, "--task is empty")
+
+
+def test_queries_on_stdin_that_are_not_utf8(cli, seeded):
+    """Python decodes stdin with surrogateescape: a byte that is not UTF-8 reached the tokenizer as a lone
+    surrogate (exit 70), with --input - and with no query at all (sweep 13)."""
+    before = registry_state(cli.home)
+    for args in (("query", "--input", "-"), ("query",)):
+        _refused(cli(*args, input=b"my flight \xff was late\n"), cli.home, before, "stdin: not UTF-8 text (byte 10 is b'\\xff')")
+    r = cli("query", "--input", "-", "--adapters", "good", "--labels", "late,on time", input="my flight was late\n".encode())
+    assert r.exit_code == 0, r.output

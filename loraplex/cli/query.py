@@ -15,6 +15,23 @@ from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, sett
 MAX_INPUT_BYTES = 64 << 20  # a file of queries is read whole: 64 MiB is about a million tweets
 
 
+def _stdin_text() -> str:
+    """stdin's queries as text: read as bytes and decoded as UTF-8 here (Python's own reading would turn a
+    byte that is not UTF-8 into a lone surrogate, which reached the tokenizer as exit 70), a BOM dropped."""
+    from loraplex.errors import UserInputError
+
+    if sys.stdin is None:
+        raise UserInputError("stdin is closed: give a query, or --input FILE")
+    buf = getattr(sys.stdin, "buffer", None)
+    raw = buf.read(MAX_INPUT_BYTES + 1) if buf is not None else sys.stdin.read(MAX_INPUT_BYTES + 1).encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_INPUT_BYTES:
+        raise UserInputError(f"stdin holds over {MAX_INPUT_BYTES:,} bytes of queries; split it")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"stdin: not UTF-8 text (byte {exc.start:,} is {raw[exc.start:exc.start + 1]!r})") from None
+
+
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
     from loraplex.errors import UserInputError
     from loraplex.tasks import text_lines
@@ -23,10 +40,7 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
         raise UserInputError("give a query or --input, not both")
     if input_ is not None:
         if str(input_) == "-":
-            raw = sys.stdin.read(MAX_INPUT_BYTES + 1)
-            if len(raw) > MAX_INPUT_BYTES:
-                raise UserInputError(f"stdin holds over {MAX_INPUT_BYTES:,} characters of queries; split it")
-            raw = raw.removeprefix("\ufeff")
+            raw = _stdin_text()
         else:
             from loraplex.fsio import read_bounded_text
 
@@ -40,7 +54,7 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
         return lines
     if text is None:
         if sys.stdin is not None and not sys.stdin.isatty():
-            lines = [ln.strip() for ln in text_lines(sys.stdin.read()) if ln.strip()]
+            lines = [ln.strip() for ln in text_lines(_stdin_text()) if ln.strip()]
             if lines:
                 return lines
         raise UserInputError("the query is empty: give a text, --input FILE, or queries on stdin")
