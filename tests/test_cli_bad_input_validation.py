@@ -1099,3 +1099,11 @@ def test_queries_on_stdin_that_are_not_utf8(cli, seeded):
         _refused(cli(*args, input=b"my flight \xff was late\n"), cli.home, before, "stdin: not UTF-8 text (byte 10 is b'\\xff')")
     r = cli("query", "--input", "-", "--adapters", "good", "--labels", "late,on time", input="my flight was late\n".encode())
     assert r.exit_code == 0, r.output
+
+
+def test_an_empty_base_is_refused(cli, seeded):
+    """`--base ""` read as not given: eval used minilm, `adapters list` listed every base, forget trained (sweep 13)."""
+    before = registry_state(cli.home)
+    for args in (("eval", "--task", "airline", "--base", ""), ("adapters", "list", "--base", ""),
+                 ("forget", "airline", "--adapters", "good", "--base", "")):
+        _refused(cli(*args), cli.home, before, "Invalid value for '--base': is empty")

@@ -76,9 +76,16 @@ Home = Annotated[
     typer.Option("--home", help="Registry directory (default: $LORAPLEX_HOME, else ~/.loraplex).", show_default=False),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+def _named_base(value: Optional[str]) -> Optional[str]:
+    """An empty --base is refused: it read as "not given" (the default base, or every base)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty: name a base (minilm, smollm2, or a local model directory), or leave it out")
+    return value
+
+
 Base = Annotated[
     Optional[str],
-    typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory."),
+    typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory.", callback=_named_base),
 ]
 Description = Annotated[
     Optional[str],
