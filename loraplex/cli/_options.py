@@ -76,6 +76,8 @@ Home = Annotated[
     typer.Option("--home", help="Registry directory (default: $LORAPLEX_HOME, else ~/.loraplex).", show_default=False),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
 def _named_base(value: Optional[str]) -> Optional[str]:
     """An empty --base is refused: it read as "not given" (the default base, or every base)."""
     if value is not None and not value.strip():
