@@ -170,6 +170,10 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     if description is not None:
         description = validate_description(description)
     t = reg.load_task(task, description=description)
+    family = reg.get_adapter(name).family if name is not None else resolve_base(base or "minilm").family
+    if description is not None and t.source == "embedded" and family == "encoder":
+        raise UserInputError(f"--description changes nothing here: {t.name!r} is an embedded task with its own "
+                             "description, and an encoder's classifier does not read it (a causal base's prompt does)")
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if progress else None

@@ -278,6 +278,11 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
     after = evaluate()
     summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels),
                                      split=getattr(trainer, "eval_split", "test"))
+    if not kept:  # GS-LoRA's retention loss had nothing to hold on to: the request may have erased more than the task
+        what = task.name + (f" (labels {', '.join(labels)})" if labels else "")
+        note = (f"nothing was retained: the composition learned only {what}, so no retained data protected the rest "
+                "of the model; to drop the task, remove its adapters instead")
+        summary["warning"] = f"{summary['warning']}; {note}" if summary.get("warning") else note
     gs = next(iter(out["regularizers"].values()), {})
     summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})
     fspec = out["spec"].model_copy(update={"target_modules": tuple(out["surviving_modules"])})

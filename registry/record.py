@@ -120,7 +120,9 @@ class AdapterRecord(BaseModel):
         return [e.target.split(":", 1)[1] for e in self.edges if e.target.startswith("adapter:")]
 
     def summary(self) -> dict[str, Any]:
-        """The short form used by `adapters list`."""
+        """The short form used by `adapters list`. A forgetting adapter's recorded accuracy is that of the rows
+        it erased (low is success), so it is listed as `forgotten_accuracy`, not under `accuracy`."""
+        erased = self.origin == "forgetting"
         return {
             "name": self.name,
             "base": self.base,
@@ -129,7 +131,8 @@ class AdapterRecord(BaseModel):
             "rank": self.rank,
             "modules": self.modules,
             "params": self.n_params,
-            "accuracy": self.metrics.get("accuracy"),
+            "accuracy": None if erased else self.metrics.get("accuracy"),
+            **({"forgotten_accuracy": self.metrics.get("accuracy")} if erased else {}),
             "description": self.description,
         }
 

@@ -1089,6 +1089,9 @@ def test_eval_options_that_cannot_apply(cli, seeded):
     _refused(cli("eval", "--task", "airline", "--vs-base"), cli.home, before,
              "--vs-base compares an adapter with the bare base: name the adapter")
     _refused(cli("eval", "good", "--task", ""), cli.home, before, "--task is empty")
+    for args in (("eval", "good", "--task", "airline"), ("eval", "--task", "airline")):  # an encoder reads no description
+        _refused(cli(*args, "--description", "sort these tweets"), cli.home, before,
+                 "--description changes nothing here: 'airline' is an embedded task with its own description")
 
 
 def test_queries_on_stdin_that_are_not_utf8(cli, seeded):

@@ -203,3 +203,28 @@ def test_forget_finds_a_task_file_by_a_relative_path_and_quotes_labels(tmp_path,
                               "--steps", "2", "--quiet"))
     assert err.startswith("error: task 'reviews' has no label 'nope' (labels: '"), err
     assert registry_state(cli.home) == before
+
+
+def test_forgetting_the_only_learned_task_warns_that_nothing_was_retained(tmp_path, task_dir, cli, tiny_bert):
+    """GS-LoRA's retention loss had no data when the composition learned only the task it erases; the
+    request said only `retained - -> -` and registered the result without a word."""
+    f = task_dir / "flights.jsonl"
+    src = make_peft_adapter(tiny_bert, tmp_path / "src")
+    _register(cli, src, "m", f, tiny_bert)
+    res = cli("forget", "flights", "--adapters", "m", "--base", tiny_bert, "--steps", "2", "--eval-limit", "4",
+              "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert "nothing was retained: the composition learned only flights" in got["warning"], got["warning"]
+    assert "warning: " in res.stderr and "remove its adapters instead" in res.stderr
+    # `adapters list` put the erased rows' accuracy (low is success) in the accuracy column
+    listed = {r["name"]: r for r in json.loads(cli("adapters", "list", "--json").stdout)}
+    erased = listed[got["name"]]
+    assert erased["accuracy"] is None and erased["forgotten_accuracy"] == got["forgotten_after"], erased
+    assert "forgotten_accuracy" not in listed["m"]
+    # a labels request keeps the task's other labels: something was retained, no such warning
+    keep = load_task(str(f)).labels[0]
+    res = cli("forget", "flights", "--labels", keep, "--adapters", "m", "--base", tiny_bert, "--steps", "2",
+              "--eval-limit", "4", "--quiet", "--json", "--name", "part")
+    assert res.exit_code == 0, res.output
+    assert "nothing was retained" not in (json.loads(res.stdout)["warning"] or "")
