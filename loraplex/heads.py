@@ -394,3 +394,29 @@ def accuracy(head: Head, model, tokenizer, task: "Task", split: str = "test", li
         return {"accuracy": float("nan"), "n": 0, "correct": 0}
     correct = sum(int(p == task.label_index(e.label)) for p, e in zip(preds, examples))
     return {"accuracy": correct / len(examples), "n": len(examples), "correct": correct}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table: printable Latin-1 bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order), as character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    return {chr(b if b in keep else next(extra)): b for b in range(256)}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def token_text(tokenizer, tok: int) -> str:
+    """One token as a person reads it (a trace, a stream's token event): its text (byte-level BPE's `Ġflight`
+    is ` flight`, WordPiece's `##ing` stays), or, for a piece of a character's bytes (a byte-fallback token
+    decodes alone to U+FFFD), its bytes escaped (byte-level BPE) or the tokenizer's own name for it (`<0xE2>`)."""
+    text = tokenizer.decode([tok], skip_special_tokens=True)
+    if "\ufffd" not in text:
+        return text
+    name = tokenizer.convert_ids_to_tokens(tok)
+    if not isinstance(name, str):
+        return text
+    if all(ch in _BYTE_OF for ch in name) and not name.startswith("<0x"):  # byte-level BPE (GPT-2, SmolLM2)
+        return bytes(_BYTE_OF[ch] for ch in name).decode("utf-8", "backslashreplace")
+    return name  # SentencePiece's byte fallback names the byte itself: <0xE2>

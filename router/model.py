@@ -29,7 +29,7 @@ import torch
 
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import routed_layers, swapped, use_gates
-from loraplex.heads import accuracy, head_for
+from loraplex.heads import accuracy, head_for, token_text
 from loraplex.tasks import Task
 
 
@@ -190,12 +190,12 @@ class RoutedModel:
             r = RowRoute(row_w[b].numpy())
             if trace:
                 valid = mask[b].nonzero().flatten().tolist()
-                toks = self.tokenizer.convert_ids_to_tokens(call.ids[b].tolist()) if call.ids is not None else []
-                special = set(self.tokenizer.all_special_tokens)
+                ids = call.ids[b].tolist() if call.ids is not None else []
+                special = set(self.tokenizer.all_special_ids)
                 for t in valid:
-                    if t < len(toks) and toks[t] not in special:
+                    if t < len(ids) and ids[t] not in special:
                         w, e = per_token[b, t].max(-1)
-                        r.tokens.append((toks[t], int(e), float(w)))
+                        r.tokens.append((token_text(self.tokenizer, ids[t]), int(e), float(w)))
                 blocks: dict[str, list[int]] = {}
                 for i, n in enumerate(names):
                     blocks.setdefault(block_of(n), []).append(i)

@@ -35,7 +35,7 @@ import torch
 from loraplex.embedders import get_embedder
 from loraplex.errors import LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
-from loraplex.heads import head_for
+from loraplex.heads import head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
@@ -49,17 +49,6 @@ from loraplex.serve.slots import SlotBank
 from loraplex.serve.targets import Events, ModelUnknown, Route, Target, route_summary, top_adapters
 
 __all__ = ["Engine", "LoraplexError", "NotFound", "UserInputError"]
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table: printable Latin-1 bytes stand for
-    themselves, the others for the characters from U+0100 on, in byte order), as character -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = iter(range(0x100, 0x200))
-    return {chr(b if b in keep else next(extra)): b for b in range(256)}
-
-
-_BYTE_OF = _byte_level_alphabet()
 
 
 class Engine:
@@ -270,17 +259,8 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def token_text(self, tok: int) -> str:
-        """One token as a trace shows it: its text, or, for a piece of a character's bytes (a byte-fallback
-        token decodes alone to U+FFFD), the tokenizer's own name for it (`<0xE2>`)."""
-        text = self.tokenizer.decode([tok], skip_special_tokens=True)
-        if "\ufffd" not in text:
-            return text
-        name = self.tokenizer.convert_ids_to_tokens(tok)
-        if not isinstance(name, str):
-            return text
-        if all(ch in _BYTE_OF for ch in name) and not name.startswith("<0x"):  # byte-level BPE (GPT-2, SmolLM2)
-            return bytes(_BYTE_OF[ch] for ch in name).decode("utf-8", "backslashreplace")
-        return name  # SentencePiece's byte fallback names the byte itself: <0xE2>
+        """One token as a stream's `token` event shows it (`heads.token_text`)."""
+        return token_text(self.tokenizer, tok)
 
     def n_tokens(self, text: str) -> int:
         return len(self.front(text, add_special_tokens=True)["input_ids"])

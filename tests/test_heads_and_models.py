@@ -82,3 +82,22 @@ def test_causal_generation_without_labels(tiny_llama, settings):
     head = head_for(lb)
     out = head.generate(lb.model, lb.tokenizer, ["the flight", "good"], dataclasses.replace(TASK, labels=()))
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+def test_token_text_reads_byte_level_bpe_pieces_as_text():
+    """A causal base's `query --trace` listed byte-level BPE's stand-ins (`Ġflight`): each token is now its
+    text, and the pieces of a query join back into it (WordPiece's `##ing` is left as it is)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from loraplex.heads import token_text
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["my flight was late", "the match ended in a goal"] * 20, vocab_size=300, min_frequency=1)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    text = "my flight was late é"
+    ids = tok(text)["input_ids"]
+    assert any("Ġ" in t for t in tok.convert_ids_to_tokens(ids))  # what the trace used to show
+    pieces = [token_text(tok, i) for i in ids]
+    assert not any("Ġ" in p for p in pieces)
+    assert "".join(pieces).replace("\\xc3\\xa9", "é") == text, pieces
