@@ -157,12 +157,16 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
         raise UserInputError("--task is empty: name an embedded task or a task file")
     if name is None and vs_base:
         raise UserInputError("--vs-base compares an adapter with the bare base: name the adapter")
+    parent = None
     if task is None:
         if name is None:
             raise UserInputError("the bare base has no task of its own: name one with --task")
-        task = reg.get_adapter(name).task
+        own = reg.get_adapter(name)
+        task = own.task
         if not task:
             raise UserInputError(f"adapter {name!r} records no task: name one with --task")
+        if own.origin == "generated" and own.extra.get("labels_from") not in (None, "examples"):
+            parent = str(own.extra["labels_from"])  # a generated adapter answers with its parent's labels: said so
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
     if limit is not None and limit < 1:
@@ -192,6 +196,8 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     head = head_for(lb)
     res = accuracy(head, lb.model, lb.tokenizer, t, split, limit, progress=bar(name))
     out = {"adapter": name, "base": lb.ref.name, "task": t.name, "split": split, **res}
+    if parent is not None:
+        out["task_from"] = parent
     if composition:
         out["composition"] = composition
     if vs_base:

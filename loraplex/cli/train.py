@@ -82,5 +82,7 @@ def eval_(
     who = f"adapter {name}" if name else f"bare base {res['base']}"
     if res.get("composition"):  # a forgetting adapter, on top of what it erases from
         who += f" (on top of its composition {', '.join(res['composition'])})"
+    if res.get("task_from"):  # a generated adapter: no task of its own, its parent's label set
+        who += f" (generated; evaluated on the task of {res['task_from']}, whose labels it answers with)"
     extra = f" (bare base {res['base_accuracy']:.3f})" if "base_accuracy" in res else ""
     out.line(f"{who} on {res['task']} [{res['split']}, n={res['n']}]: accuracy {res['accuracy']:.3f}{extra}")

@@ -47,6 +47,12 @@ def test_train_fit_generate_export_eval(cli, tiny_bert, tmp_path):
     assert show["task"] == str(files["flights"]) and show["extra"]["labels_from"] == "flights-lora"
     ans = _json(cli("query", "tweets about trains and delays", "--adapters", "trains-lora", "--json"))
     assert ans["answer"] in ("bad", "good")
+    # eval with no --task reads that parent's task: it says so (it was evaluated on it without a word)
+    own = _json(cli("eval", "trains-lora", "--limit", "4", "--json"))
+    assert own["task_from"] == "flights-lora" and own["task"] == "flights"
+    said = cli("eval", "trains-lora", "--limit", "4", "--quiet")
+    assert "(generated; evaluated on the task of flights-lora, whose labels it answers with) on flights" in said.stdout
+    assert "task_from" not in ev  # a task named with --task is the one asked for
 
 
 def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
