@@ -274,6 +274,17 @@ def main(argv=None) -> int:
     no_gen = accuracy(arr, t_route, t_gen, -1.0)
     print(f"the same thresholds without the generator's distance check: {100 * accuracy(arr, t_route, t_gen, 2.0)[0]:.1f}%; "
           f"with no generate band at all (route or base): {100 * no_gen[0]:.1f}%")
+    # with no generator stored the decision is two-way: route (registered requests) or base (new world);
+    # a request of a known family but no registered task has no right answer there, so it is left out
+    two = max(((float((arr["registered"][0] >= t).mean()) + float((arr["new_world"][0][~np.isnan(arr["new_world"][0])] < t).mean())) / 2, t)
+              for t in grid)
+    t_alone = two[1]
+    nt = arr["new_task"][0][~np.isnan(arr["new_task"][0])]
+    print(f"without a generator (route or base): no_generator_threshold {t_alone:.2f}: decision accuracy {100 * two[0]:.1f}% "
+          f"(registered routed {100 * (arr['registered'][0] >= t_alone).mean():.1f}%, new world to the base "
+          f"{100 * (arr['new_world'][0][~np.isnan(arr['new_world'][0])] < t_alone).mean():.1f}%; new task requests routed "
+          f"to a neighbour {100 * (nt >= t_alone).mean():.1f}%); at route_threshold {t_route:.2f} instead: "
+          f"{100 * ((routed.mean() + (arr['new_world'][0][~np.isnan(arr['new_world'][0])] < t_route).mean()) / 2):.1f}%")
     step = (grid[-1] - grid[0]) / 30
     print(f"\ncurve (generate_threshold {t_gen:.2f}, generator_max_distance {bound:.2f}); "
           "routed / generated / base, % of each case's requests:")
@@ -300,6 +311,7 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"score": a.score, "route_threshold": float(t_route), "generate_threshold": float(t_gen),
                                  "generator_max_distance": float(bound), "decision_accuracy": bal, "per_case": per,
+                                 "no_generator_threshold": float(t_alone), "no_generator_accuracy": two[0],
                                  "curve": curve, "per_family": per_family, "queries_per_task": a.queries,
                                  "proto_inputs": a.proto}, indent=2) + "\n")
     return 0

@@ -18,6 +18,10 @@ cosine to the adapter's description d_i and training-input prototype p_i, c_i = 
                                        the request is logged to `candidates.jsonl` in the registry home
                                        as a candidate new task.
 
+With no generator stored for the base, the middle band cannot generate, and the decision is two-way:
+route when s1 reaches `no_generator_threshold` (fitted for that choice: registered against new-world
+requests), else base.
+
 When the request names the labels it wants answered (`labels`), the base's nearest adapters are
 re-ranked as retrieval re-ranks them (`RetrievalRouter.label_bonus`: `label_weight` times the Jaccard
 overlap of that label set with each adapter's task's labels), so `nearest` and a routed request's
@@ -67,6 +71,11 @@ Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
 
 
+NO_GENERATOR_THRESHOLD = 0.27
+"""With no generator, route or base at this score: bench/auto.py's two-way fit on whole texts and their first
+sentences (75.4% decision accuracy against 74.0% at the route threshold; bench/results/auto-forms.txt)."""
+
+
 class AutoConfig(Options):
     """Route / generate / fall back, per request."""
 
@@ -76,6 +85,10 @@ class AutoConfig(Options):
     """Route when the request's best routing score reaches this (fitted on the library: bench/auto.py)."""
     generate_threshold: float = Field(0.22, ge=-1, le=1)
     """Below the route threshold, generate when the best score reaches this and a generator exists."""
+    no_generator_threshold: float = Field(NO_GENERATOR_THRESHOLD, ge=-1, le=1)
+    """With no generator stored for the base, the decision is route or base: route when the best score
+    reaches this (at most route_threshold; it only lowers the bar below it). Fitted on registered against
+    new-world requests, whole texts and their first sentences, as people type them (bench/auto.py)."""
     generator: str | None = None
     """The stored generator that writes adapters (default: the newest one of the base)."""
     generator_max_distance: float | None = Field(2.0, gt=0, le=2)
@@ -115,6 +128,11 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
     if cfg.generate_threshold > cfg.route_threshold:
         raise UserInputError(f"auto: generate_threshold {cfg.generate_threshold} is above route_threshold "
                              f"{cfg.route_threshold}; it must not be")
+    if cfg.no_generator_threshold > cfg.route_threshold:
+        if "no_generator_threshold" in (config or {}):
+            raise UserInputError(f"auto: no_generator_threshold {cfg.no_generator_threshold} is above route_threshold "
+                                 f"{cfg.route_threshold}; it must not be")
+        cfg = cfg.model_copy(update={"no_generator_threshold": cfg.route_threshold})  # a stricter route_threshold holds
     return cfg
 
 
@@ -173,7 +191,7 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     if reg.count() == 0:
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
     q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
-    gen = None
+    gens: dict[str, Any] = {}
     out = []
     for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base), per):
         if not hits:
@@ -192,15 +210,21 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             out.append(Decision(t, "route", f"{said} >= route threshold {cfg.route_threshold:.3f}", s1, margin,
                                 nearest, hits=hits))
             continue
-        if gen is None:
-            gen = _generator_of(reg, base or reg.get_adapter(nearest).base, cfg.generator) or False
+        of = base or reg.get_adapter(nearest).base  # the generator of the request's base (a registry may hold several)
+        if of not in gens:
+            gens[of] = _generator_of(reg, of, cfg.generator) or False
+        gen = gens[of]
         if s1 >= cfg.generate_threshold and gen:
             out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "
                                 f"the generate threshold {cfg.generate_threshold:.3f}: written by generator "
                                 f"{gen.name!r}", s1, margin, nearest, gen.name, hits=hits))
-        elif s1 >= cfg.generate_threshold:
-            out.append(Decision(t, "base", f"{said} < route threshold {cfg.route_threshold:.3f}, and no generator is "
-                                "stored to write one", s1, margin, nearest, hits=hits))
+        elif not gen and s1 >= cfg.no_generator_threshold:
+            out.append(Decision(t, "route", f"{said} >= no-generator threshold {cfg.no_generator_threshold:.3f} (no "
+                                "generator is stored, so the choice is route or base)", s1, margin, nearest, hits=hits))
+        elif not gen:
+            out.append(Decision(t, "base", f"{said} < no-generator threshold {cfg.no_generator_threshold:.3f} (no "
+                                "generator is stored, so the choice is route or base): no registered task fits", s1,
+                                margin, nearest, hits=hits))
         else:
             out.append(Decision(t, "base", f"{said} < generate threshold {cfg.generate_threshold:.3f}: no registered "
                                 "task or known family fits", s1, margin, nearest, hits=hits))

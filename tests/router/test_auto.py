@@ -34,12 +34,27 @@ def test_auto_routes_a_fitting_request_and_falls_back_on_a_foreign_one(run):
     assert [x["query"] for x in logged] == ["qqq zzz xxyyzz"]
 
 
-def test_between_thresholds_without_a_generator_falls_back_and_says_why(run):
-    res = run("query", "flight plane gate delayed great", "--router", "auto", "--json",
-              "--set", "route_threshold=0.99", "--set", "generate_threshold=0.0")
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.output)
-    assert r["decision"] == "base" and "no generator is stored" in r["reason"]
+def test_without_a_generator_the_choice_is_route_or_base_at_its_own_threshold(run):
+    """With no generator the middle band fell back to the base at the three-way route threshold; the
+    choice is now two-way, at `no_generator_threshold` (fitted for it), and the answer says so."""
+    def ask(*sets):
+        res = run("query", "flight plane gate delayed great", "--router", "auto", "--json",
+                  "--set", "route_threshold=0.99", "--set", "generate_threshold=0.0", *sets)
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    low = ask("--set", "no_generator_threshold=0.0")
+    assert low["decision"] == "route" and low["adapters"][0]["name"] == "flights-lora"
+    assert "no-generator threshold 0.000 (no generator is stored, so the choice is route or base)" in low["reason"]
+    high = ask("--set", "no_generator_threshold=0.99")
+    assert high["decision"] == "base" and high["answer"] is None
+    assert "< no-generator threshold 0.990 (no generator is stored" in high["reason"]
+    # its default lies between the two, and never above a stricter route_threshold
+    d = ask()
+    assert d["decision"] == ("route" if d["similarity"] >= 0.27 else "base"), d
+    strict = run("query", "flight plane gate delayed great", "--router", "auto", "--json",
+                 "--set", "route_threshold=0.1", "--set", "generate_threshold=0.0")
+    assert json.loads(strict.output)["decision"] == "route"  # 0.1 < 0.27: the route threshold decides
 
 
 def test_auto_for_people_prints_the_decision(run):
@@ -53,6 +68,7 @@ def test_auto_for_people_prints_the_decision(run):
     (("--set", "route_threshold=abc"), "route_threshold"),
     (("--set", "nope=1"), "nope"),
     (("--set", "route_threshold=0.1", "--set", "generate_threshold=0.5"), "above route_threshold"),
+    (("--set", "route_threshold=0.3", "--set", "no_generator_threshold=0.5"), "no_generator_threshold 0.5 is above"),
     (("--set", "generator=missing", "--set", "route_threshold=0.99"), "no generator named 'missing'"),
     (("--adapters", "flights-lora"), "--adapters does not apply"),
 ])
