@@ -165,11 +165,13 @@ def check_devices(devices: object, accelerator: str = "auto") -> int | str:
             raise ValueError(f"must be a number or 'auto', got {devices!r}") from None
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise ValueError(f"must be a number or 'auto', got {devices!r}")
-    if devices == -1:
-        return -1
-    if devices < 1:
-        raise ValueError(f"must be at least 1 (or 'auto'), got {devices}")
     have, kind = available_devices(accelerator)
+    if devices == -1:  # Lightning's "all of them", which its CPU accelerator refuses: the count itself
+        if have < 1:
+            raise ValueError(f"-1 asks for every {kind}, but this machine has none")
+        return have
+    if devices < 1:
+        raise ValueError(f"must be at least 1 (or 'auto', or -1 for all), got {devices}")
     if devices > have:
         raise ValueError(f"{devices} devices asked for, but this machine has {have} {kind}{'s' if have != 1 else ''}")
     return devices

@@ -139,12 +139,20 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
         return cfg
     _quiet_lightning()
     try:
-        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings():  # a precision Lightning replaces is refused below, not warned about
+            warnings.simplefilter("ignore")
+            trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                                precision=cfg.precision, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
     except Exception as exc:  # noqa: BLE001 (Lightning raises ValueError, MisconfigurationException, ModuleNotFoundError...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"Lightning cannot run accelerator={cfg.accelerator!r}, strategy={cfg.strategy!r}, "
                          f"precision={cfg.precision!r} on this machine: {first}") from None
+    got = str(getattr(trainer, "precision", cfg.precision))
+    if got != cfg.precision:  # 16-mixed on a CPU: Lightning trains in bf16-mixed instead, with a warning
+        raise ValueError(f"Lightning cannot run precision={cfg.precision!r} on this machine's "
+                         f"{type(trainer.accelerator).__name__}: it would train in {got!r} instead; ask for {got!r} "
+                         "or 32-true")
     return cfg
 
 

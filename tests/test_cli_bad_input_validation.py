@@ -278,6 +278,15 @@ def test_train_devices_beyond_the_machine(cli, seeded, tiny_bert):
              "devices: must be at least 1")
 
 
+def test_devices_minus_one_is_every_device():
+    """-1 (Lightning's "all") went through to Lightning's CPU accelerator, which refuses it: exit 70."""
+    import os
+
+    from loraplex.settings import check_devices
+
+    assert check_devices(-1, "cpu") == check_devices("-1", "cpu") == (os.cpu_count() or 1)
+
+
 def _spec(tmp_path, trainer, extra=""):
     p = tmp_path / "s.yaml"
     p.write_text(extra + json.dumps({"name": "s", "method": "seq-lora", "trainer": trainer,
@@ -304,6 +313,9 @@ def _has_cuda() -> bool:
     pytest.param("--strategy", "fsdp", "Lightning cannot run accelerator='auto', strategy='fsdp'",
                  marks=pytest.mark.skipif(_has_cuda(), reason="fsdp runs where there is a GPU")),
     ("--precision", "transformer-engine", "Lightning cannot run accelerator='auto', strategy='auto', precision='transformer-engine'"),
+    # Lightning replaced it with bf16-mixed on a CPU (a warning with a file path, then trained in another precision)
+    pytest.param("--precision", "16-mixed", "Lightning cannot run precision='16-mixed' on this machine's CPUAccelerator: "
+                 "it would train in 'bf16-mixed' instead", marks=pytest.mark.skipif(_has_cuda(), reason="a GPU runs it")),
 ])
 def test_unknown_lightning_settings(cli, seeded, tiny_bert, tmp_path, option, value, match):
     """Were exit 70 from inside Lightning's Trainer; now refused before any run directory exists."""
@@ -326,7 +338,9 @@ def test_lightning_settings_follow_lightning():
 
     ours = typing.get_args(LightningSettings.model_fields["precision"].annotation)
     assert set(ours) == set(typing.get_args(_PRECISION_INPUT_STR))
-    assert LightningSettings(precision=16).precision == "16-mixed"
+    assert LightningSettings(precision=64).precision == "64-true"  # (16 reads as 16-mixed, refused on a CPU)
+    if _has_cuda():
+        assert LightningSettings(precision=16).precision == "16-mixed"
     assert LightningSettings(precision="bf16").precision == "bf16-mixed"
     assert LightningSettings(strategy="ddp_spawn").strategy == "ddp_spawn"
 
