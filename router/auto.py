@@ -87,8 +87,9 @@ class AutoConfig(Options):
     """Below the route threshold, generate when the best score reaches this and a generator exists."""
     no_generator_threshold: float = Field(NO_GENERATOR_THRESHOLD, ge=-1, le=1)
     """With no generator stored for the base, the decision is route or base: route when the best score
-    reaches this (at most route_threshold; it only lowers the bar below it). Fitted on registered against
-    new-world requests, whole texts and their first sentences, as people type them (bench/auto.py)."""
+    reaches this (at most route_threshold). Fitted on registered against new-world requests, whole texts
+    and their first sentences, as people type them (bench/auto.py). A config that sets route_threshold
+    and not this one routes at its route_threshold either way (the bar the caller set)."""
     generator: str | None = None
     """The stored generator that writes adapters (default: the newest one of the base)."""
     generator_max_distance: float | None = Field(2.0, gt=0, le=2)
@@ -128,11 +129,11 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
     if cfg.generate_threshold > cfg.route_threshold:
         raise UserInputError(f"auto: generate_threshold {cfg.generate_threshold} is above route_threshold "
                              f"{cfg.route_threshold}; it must not be")
-    if cfg.no_generator_threshold > cfg.route_threshold:
-        if "no_generator_threshold" in (config or {}):
-            raise UserInputError(f"auto: no_generator_threshold {cfg.no_generator_threshold} is above route_threshold "
-                                 f"{cfg.route_threshold}; it must not be")
-        cfg = cfg.model_copy(update={"no_generator_threshold": cfg.route_threshold})  # a stricter route_threshold holds
+    if cfg.no_generator_threshold > cfg.route_threshold and "no_generator_threshold" in (config or {}):
+        raise UserInputError(f"auto: no_generator_threshold {cfg.no_generator_threshold} is above route_threshold "
+                             f"{cfg.route_threshold}; it must not be")
+    if "route_threshold" in (config or {}) and "no_generator_threshold" not in (config or {}):
+        cfg = cfg.model_copy(update={"no_generator_threshold": cfg.route_threshold})  # the bar the caller set holds
     return cfg
 
 
