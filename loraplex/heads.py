@@ -10,7 +10,9 @@ across tasks (as in the O-LoRA benchmark). Each model family registers a head in
 - `causal` (rank classification, as in T0 / T-Few): the prompt is the task description, the text and
   "Answer:"; a label's score is the mean log-probability of its tokens after the prompt; prediction =
   argmax. Training is teacher-forced cross-entropy on the gold label's tokens. A task without a label
-  set is answered by greedy generation.
+  set is answered by greedy generation from that prompt; a request with no task at all (auto's fallback
+  to the bare base, an adapter registered without one) as one user turn of the tokenizer's chat
+  template when it has one, as the server's chat completions ask it.
 
 Both heads expose `scores(model, tokenizer, texts, task) -> (N, L)` and
 `loss(model, tokenizer, texts, y, task) -> scalar`, which is all training and evaluation need.
@@ -242,6 +244,16 @@ class CausalHead:
         body = tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
         return head + body + tail
 
+    def _chat_ids(self, tokenizer, text: str) -> list[int]:
+        """A request with no task, as one user turn of the tokenizer's chat template (an instruct model asked
+        "Text: ...\nAnswer:" with no task description often answers nothing), as the server's chat does."""
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        budget = max(8, self.config.max_length - 32)  # room for the template's own tokens
+        if len(body) > budget:  # truncated as a task prompt's text is, the template kept whole
+            text = tokenizer.decode(body[:budget])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     def _label_ids(self, tokenizer, label: str) -> list[int]:
         return tokenizer(" " + label, add_special_tokens=False)["input_ids"]
 
@@ -320,7 +332,8 @@ class CausalHead:
         import torch
 
         device = next(model.parameters()).device
-        seqs = [self._prompt_ids(tokenizer, task, t) for t in texts]
+        seqs = [self._prompt_ids(tokenizer, task, t) if task is not None or not getattr(tokenizer, "chat_template", None)
+                else self._chat_ids(tokenizer, t) for t in texts]
         T = max(len(s) for s in seqs)
         pad = tokenizer.pad_token_id
         ids = torch.full((len(seqs), T), pad, dtype=torch.long)

@@ -195,7 +195,8 @@ class RoutedModel:
                 for t in valid:
                     if t < len(ids) and ids[t] not in special:
                         w, e = per_token[b, t].max(-1)
-                        r.tokens.append((token_text(self.tokenizer, ids[t]), int(e), float(w)))
+                        text = token_text(self.tokenizer, ids[t])
+                        r.tokens.append((text if text.strip() else repr(text), int(e), float(w)))  # '\n\n', not a blank
                 blocks: dict[str, list[int]] = {}
                 for i, n in enumerate(names):
                     blocks.setdefault(block_of(n), []).append(i)

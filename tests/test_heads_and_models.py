@@ -84,6 +84,35 @@ def test_causal_generation_without_labels(tiny_llama, settings):
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
 
 
+def test_a_request_with_no_task_is_asked_through_the_chat_template(tiny_llama, settings, monkeypatch):
+    """`query` with no task (auto's fallback to the bare base, an adapter without a task) asked an instruct
+    model "Text: ...\nAnswer:" with no description: SmolLM2 answered "what is the capital of france" with
+    nothing. A tokenizer with a chat template is now asked as the server's chat asks it; a task keeps its
+    own prompt (what its adapters were trained on)."""
+    lb = load_base(str(tiny_llama), settings)
+    head = head_for(lb)
+    tok = lb.tokenizer
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}[assistant]"
+    seen = []
+    real = lb.model.generate
+
+    def spy(input_ids, attention_mask, **kw):
+        seen.append([i for i, m in zip(input_ids[0].tolist(), attention_mask[0].tolist()) if m])
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(lb.model, "generate", spy)
+    head.generate(lb.model, tok, ["the flight was late"], None)
+    want = tok.apply_chat_template([{"role": "user", "content": "the flight was late"}], add_generation_prompt=True,
+                                   tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert seen[-1] == want
+    head.generate(lb.model, tok, ["the flight was late"], dataclasses.replace(TASK, labels=()))
+    assert seen[-1] == head._prompt_ids(tok, TASK, "the flight was late")
+    long = " ".join(["word"] * 1000)  # a long request: its text is cut, the template kept
+    head.generate(lb.model, tok, [long], None)
+    assert len(seen[-1]) <= head.config.max_length + 32 and seen[-1][-3:] == want[-3:]
+
+
 def test_token_text_reads_byte_level_bpe_pieces_as_text():
     """A causal base's `query --trace` listed byte-level BPE's stand-ins (`Ġflight`): each token is now its
     text, and the pieces of a query join back into it (WordPiece's `##ing` is left as it is)."""
