@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["classify", "chunks"]
 
 @torch.no_grad()
-def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]]
-             ) -> list[list[dict[str, Any]] | Exception]:
+def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]],
+             keep: set[str] = frozenset()) -> list[list[dict[str, Any]] | Exception]:
     """Each item's texts labelled (label, label scores as softmax, routing); rows of every item on
     the slot bank go through one forward. An `auto` item comes with its routes (`auto`, decided in
     its request's worker); an item's label set (or None) answers its texts. A failing item gets its
-    exception, the others go on."""
+    exception, the others go on. `keep`: adapters of rows still generating, whose slots are not evicted."""
     out: list[Any] = [None] * len(items)
     texts, routes, tasks, owner = [], [], [], []
     for k, (xs, tg, decided, labels) in enumerate(items):
@@ -49,22 +49,23 @@ def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route
         tasks += ts
         owner += [k] * len(xs)
     if texts:
-        scores = _scores(engine, texts, routes, tasks)
+        scores = _scores(engine, texts, routes, tasks, keep)
         for k in set(owner):
             out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]))
                       for i in range(len(texts)) if owner[i] == k]
     return out
 
 
-def chunks(routes: Sequence[Route], max_loras: int) -> list[list[int]]:
-    """Row indices in order, cut wherever a chunk would need more than max_loras adapters."""
+def chunks(routes: Sequence[Route], max_loras: int, keep: set[str] = frozenset()) -> list[list[int]]:
+    """Row indices in order, cut wherever a chunk would need more than max_loras adapters beside those of
+    `keep` (running rows' adapters, which hold their slots)."""
     out: list[list[int]] = [[]]
-    used: set[str] = set()
+    used: set[str] = set(keep)
     for i, r in enumerate(routes):
         need = {a for a, _ in r.adapters}
         if out[-1] and len(used | need) > max_loras:
             out.append([])
-            used = set()
+            used = set(keep)
         out[-1].append(i)
         used |= need
     return out
@@ -90,11 +91,12 @@ def _label_task(engine: Engine, r: Route, tg: Target, labels: Sequence[str] | No
     return task
 
 
-def _scores(engine: Engine, texts: list[str], routes: list[Route], tasks: list[Any]) -> list[torch.Tensor]:
+def _scores(engine: Engine, texts: list[str], routes: list[Route], tasks: list[Any],
+            keep: set[str] = frozenset()) -> list[torch.Tensor]:
     model, tok, head = engine.lb.model, engine.tokenizer, engine.head
     scores: list[Any] = [None] * len(texts)
-    for chunk in chunks(routes, engine.max_loras):
-        g = engine.gates([routes[i] for i in chunk])
+    for chunk in chunks(routes, engine.capacity(), keep):
+        g = engine.gates([routes[i] for i in chunk], keep)
         if hasattr(head, "encode"):  # an encoder: one forward for every row, then each row's anchors
             with use_gates(model, g):
                 emb = head.encode(model, tok, [texts[i] for i in chunk])  # (N, D)

@@ -164,6 +164,10 @@ class Engine:
         ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
         return rec, ad
 
+    def capacity(self) -> int:
+        """Slots requests can use now: --max-loras less those held for running rows of changed adapters."""
+        return self.max_loras - self.slots.hidden()
+
     def gates(self, routes: Sequence[Route], keep: set[str] = frozenset()) -> torch.Tensor | None:
         """(B, 1, S) gates over the slot bank for rows of the bank lane (None: no adapter loaded yet)."""
         try:
@@ -314,7 +318,7 @@ class Engine:
         """Give bank rows their gates, loading their adapters into slots that `pinned` (the adapters of
         rows still running) does not hold; False when they do not fit beside those now."""
         need = {a for r in routes for a, _ in r.adapters}
-        if len(need | pinned) > self.max_loras:
+        if len(need | pinned) > self.capacity():
             return False
         g = self.gates(routes, keep=pinned)
         for i, (row, route) in enumerate(zip(rows, routes)):
@@ -349,11 +353,22 @@ class Engine:
         return [self.route_of(target) for _ in texts]
 
     # ---- classification (serve/classify.py) ---------------------------------------------------------
-    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]]
-                 ) -> list[list[dict[str, Any]] | Exception]:
+    def classify(self, items: Sequence[tuple[list[str], Target, list[Route] | None, Sequence[str] | None]],
+                 keep: set[str] = frozenset()) -> list[list[dict[str, Any]] | Exception]:
         """Each item's texts labelled (label, label scores as softmax, routing), with the item's label set when it
-        names one: `classify.classify`."""
-        return classify.classify(self, items)
+        names one: `classify.classify`; `keep`: adapters of rows still generating (their slots stay)."""
+        return classify.classify(self, items, keep)
+
+    def fits_beside(self, target: Target, routes: list[Route] | None, pinned: set[str]) -> bool:
+        """Whether each text of a classification on the slot bank can load its adapters beside the slots
+        `pinned` (adapters of rows still generating) holds, without evicting them."""
+        if target.kind == "adapter":
+            need = [{target.name}]
+        elif target.kind == "auto":
+            need = [{a for a, _ in r.adapters} for r in routes or []]
+        else:
+            return True
+        return all(len(n | pinned) <= self.capacity() for n in need)
 
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:

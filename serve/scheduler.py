@@ -104,13 +104,16 @@ class Scheduler:
         self._lanes: dict[str, decode.Batch] = {}
         self._owner: dict[int, Job] = {}  # id(GenRow) -> its job
         self._pending: list[tuple[Job, Route | None]] = []
+        self._held: list[Job] = []  # classifications waiting for running rows to free slots
         while True:
-            idle = not self._lanes and not self._pending
+            idle = not self._lanes and not self._pending and not self._held
             if idle and self._stop_seen:
                 return
             batch = self._gather(block=idle and not self._stop_seen)
             if batch is None:
                 return
+            if self._held:
+                batch, self._held = self._held + batch, []
             if batch:
                 self._take(batch)
             self._admit()
@@ -139,6 +142,10 @@ class Scheduler:
                     routes = self._routes(jobs) if lane == "bank" else [None] * len(jobs)
                     self._pending += list(zip(jobs, routes))
                     continue
+                if kind == "classify" and lane == "bank":
+                    jobs = self._hold(jobs)
+                    if not jobs:
+                        continue
                 if self.metrics is not None:
                     self.metrics.batch(kind, len(jobs))
                 getattr(self, f"_{kind}")(jobs, lane)
@@ -211,7 +218,7 @@ class Scheduler:
         used = set(pinned)
         for i, (_, route) in enumerate(items):
             need = {a for a, _ in route.adapters}
-            if len(used | need) > self.engine.max_loras:
+            if len(used | need) > self.engine.capacity():
                 return i
             used |= need
         return len(items)
@@ -261,8 +268,19 @@ class Scheduler:
         row.on_token = on_token
         return row
 
+    def _hold(self, jobs: list[Job]) -> list[Job]:
+        """The classifications of `jobs` that can load their adapters beside the slots of rows still
+        generating; the others wait in `_held` for those rows (evicting them would change their weights)."""
+        pinned = self._pinned()
+        if not pinned:
+            return jobs
+        now = [j for j in jobs if self.engine.fits_beside(j.target, j.routes, pinned)]
+        self._held += [j for j in jobs if j not in now]
+        return now
+
     def _classify(self, jobs: list[Job], lane: str) -> None:
-        results = self.engine.classify([(j.texts, j.target, j.routes, j.labels) for j in jobs])
+        pinned = self._pinned() if lane == "bank" else set()
+        results = self.engine.classify([(j.texts, j.target, j.routes, j.labels) for j in jobs], keep=pinned)
         for job, res in zip(jobs, results):
             job.send("error", res) if isinstance(res, Exception) else job.send("done", res)
 

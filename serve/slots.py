@@ -10,6 +10,12 @@ tensor per part), so loading an adapter into a slot is four copies per bank shap
 module. The bank grows (re-made, resident adapters read again into their slots, host copies dropped)
 when an adapter adapts a module it lacks or has a larger rank. It knows adapters only through
 `read(name) -> (record, adapter)`, given by the engine.
+
+An adapter removed or registered anew (another blob under its name) while rows still generate with it
+keeps its slot for those rows, under a hidden key (`name` + NUL + old blob) that no request can name:
+a request arriving after the change loads the new weights into a slot of their own, and the hidden slot
+is freed once no running row uses the name (`forget`). Hidden slots count against the bank's size
+(`hidden`). Slots of running rows (`keep`) are never evicted: classification and new rows load beside them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import torch
 
 from loraplex.experts.layers import StackedBanks, eject, inject_new
 from loraplex.experts.spec import LoraSpec
+
+
+HIDDEN = "\0"  # joins a replaced adapter's name and its old blob (a name never holds a control character)
+
+
+def _named(key: str) -> str:
+    return key.split(HIDDEN, 1)[0]
 
 
 class SlotBank:
@@ -66,8 +79,9 @@ class SlotBank:
         """Slots of `names` (at most `size`), loading the missing ones over the least recently used
         adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""
         names = list(dict.fromkeys(names))
-        if len(set(names) | set(keep)) > self.size:
-            raise ValueError(f"{len(set(names) | set(keep))} adapters at once; the bank has {self.size} slots")
+        held = len(set(names) | set(keep)) + self.hidden()
+        if held > self.size:
+            raise ValueError(f"{held} adapters at once; the bank has {self.size} slots")
         for n in names:
             if n in self.slots:
                 self.slots.move_to_end(n)
@@ -77,8 +91,10 @@ class SlotBank:
             rec, packed = self._load(n)
             used = {s for s, _ in self.slots.values()}
             free = [e for e in range(self.size) if e not in used]
-            if not free:  # evict the least recently used adapter this batch does not need
-                victim = next(v for v in self.slots if v not in names and v not in keep)
+            if not free:  # evict the least recently used adapter this batch does not need and no running row uses
+                victim = next((v for v in self.slots if v not in names and _named(v) not in keep), None)
+                if victim is None:
+                    raise ValueError(f"every slot of the bank ({self.size}) is in use by running rows")
                 free = [self.slots.pop(victim)[0]]
                 self.events.evicted()
             self.banks.write(free[0], packed)
@@ -99,17 +115,26 @@ class SlotBank:
                 g[i, 0, slots[a]] = float(w)
         return g
 
+    def hidden(self) -> int:
+        """Slots held for running rows of adapters that have changed since (no request can name them)."""
+        return sum(HIDDEN in k for k in self.slots)
+
     def forget(self, blobs: dict[str, str], keep: set[str] = frozenset()) -> bool:
         """Drop adapters whose blob is no longer `blobs[name]` (removed or registered anew); those in
-        `keep` stay until their rows are done. Returns whether any had to stay."""
+        `keep` (running rows use them) stay, hidden from new requests, until those rows are done.
+        Returns whether any had to stay."""
         stale = False
-        for name, (slot, blob) in list(self.slots.items()):
-            if blobs.get(name) != blob:
-                if name in keep:
-                    stale = True
-                    continue
-                del self.slots[name]
-                self.banks.write(slot, None)
+        for key, (slot, blob) in list(self.slots.items()):
+            name = _named(key)
+            if key == name and blobs.get(name) == blob:
+                continue
+            if name in keep:
+                stale = True
+                if key == name:  # the name now means other weights: a new request must not find these
+                    self.slots[f"{name}{HIDDEN}{blob}"] = self.slots.pop(key)
+                continue
+            del self.slots[key]
+            self.banks.write(slot, None)
         for name, (rec, _) in list(self.host.items()):
             if blobs.get(name) != rec.blob:
                 del self.host[name]

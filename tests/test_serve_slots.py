@@ -1,0 +1,79 @@
+"""The slot bank's identity rules (sweep 14): an adapter registered anew under its name while rows still
+generate with it is answered with the new weights by later requests (the old slot stays, hidden, for the
+running rows), and slots of running rows are never evicted by classification or new rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_peft_adapter
+from tests.router.conftest import write_task
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def engine(settings, tiny_llama, tmp_path):
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+
+    for i, name in enumerate(("flights", "sports", "phones")):
+        task = write_task(tmp_path, name)
+        d = make_peft_adapter(tiny_llama, tmp_path / name, r=2, targets=("q_proj", "v_proj"), causal=True, seed=50 + i)
+        api.register(d, name=f"{name}-lora", description=f"{name} messages", task=str(task), base=str(tiny_llama),
+                     settings=settings)
+    return Engine(settings, base=str(tiny_llama), max_loras=2)
+
+
+def _route(*names):
+    from loraplex.serve.targets import Route
+
+    return Route([(n, 1.0) for n in names])
+
+
+def _slot_A(engine, slot: int) -> torch.Tensor:
+    bank = next(m for m in engine.lb.model.modules() if type(m).__name__ == "LoraBank")
+    return bank.A.view(bank.n_experts, bank.rank, -1)[slot].clone()
+
+
+def test_a_request_after_a_re_registration_gets_the_new_weights(engine, settings, tiny_llama, tmp_path):
+    from loraplex import api
+
+    running = {"flights-lora"}  # a row still generating with the first flights-lora
+    engine.gates([_route("flights-lora")], keep=running)
+    old_slot, old_blob = engine.slots.slots["flights-lora"]
+    old_A = _slot_A(engine, old_slot)
+    api.remove("flights-lora", settings=settings)
+    d = make_peft_adapter(tiny_llama, tmp_path / "new", r=2, targets=("q_proj", "v_proj"), causal=True, seed=99)
+    api.register(d, name="flights-lora", description="flights, again", task=str(tmp_path / "flights.jsonl"),
+                 base=str(tiny_llama), settings=settings)
+    engine.sync(running)
+    g = engine.gates([_route("flights-lora")], keep=running)  # a request that came after the change
+    new_slot, new_blob = engine.slots.slots["flights-lora"]
+    assert new_blob != old_blob and new_slot != old_slot and g[0, 0, new_slot] == 1.0
+    assert torch.equal(_slot_A(engine, old_slot), old_A)  # the running row's weights are untouched
+    assert not torch.equal(_slot_A(engine, new_slot), old_A)
+    assert engine.slots.hidden() == 1 and engine.capacity() == 1
+    engine.sync(set())  # the running row is done: its hidden slot is freed
+    assert engine.slots.hidden() == 0 and engine.capacity() == 2
+    assert set(engine.slots.slots) == {"flights-lora"}
+
+
+def test_running_rows_keep_their_slots(engine):
+    from loraplex.serve.classify import chunks
+
+    engine.gates([_route("flights-lora")], keep={"flights-lora"})
+    kept = engine.slots.slots["flights-lora"][0]
+    engine.gates([_route("sports-lora")], keep={"flights-lora"})
+    engine.gates([_route("phones-lora")], keep={"flights-lora"})  # evicts sports-lora, not the running row's
+    assert engine.slots.slots["flights-lora"][0] == kept and "sports-lora" not in engine.slots.slots
+    with pytest.raises(Exception, match="adapters at once"):
+        engine.gates([_route("sports-lora", "phones-lora")], keep={"flights-lora"})
+    # classification cuts its rows so that each chunk fits beside the running rows' slots
+    routes = [_route("sports-lora"), _route("phones-lora"), _route("flights-lora")]
+    assert chunks(routes, 2, {"flights-lora"}) == [[0], [1, 2]]
+    from loraplex.serve.targets import Target
+
+    assert engine.fits_beside(Target("adapter", "sports-lora"), None, {"flights-lora"})
+    assert not engine.fits_beside(Target("auto", "auto"), [_route("sports-lora", "phones-lora")], {"flights-lora"})
