@@ -104,8 +104,21 @@ class Registry(Database, Components):
 
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
-        the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it)."""
-        return shared_run_dir(self.home / "runs" / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it). Rank 0
+        creates it, exclusively: two commands of one name started in the same second get `...-2`, not one
+        directory both write to (and one removes under the other when it fails)."""
+        stem = self.home / "runs" / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if is_worker():
+            return shared_run_dir(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            path = stem if i == 1 else stem.with_name(f"{stem.name}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return shared_run_dir(path)
+        raise AlreadyExists(f"{stem}: 10,000 run directories of this name and second already exist")
 
     @contextmanager
     def new_run(self, kind: str, name: str) -> Iterator[Path]:

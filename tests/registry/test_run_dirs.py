@@ -1,0 +1,25 @@
+"""Run directories (sweep 14): two commands of one name started in the same second each get their own
+directory; one that fails removes only its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.registry.store import Registry
+
+
+def test_two_runs_of_one_name_in_one_second_get_their_own_directories(settings, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261206-051539")  # the same second for both
+    reg = Registry.open(settings)
+    first = reg.run_dir("train", "same")
+    second = reg.run_dir("train", "same")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == f"{first.name}-2"
+    (first / "metrics.csv").write_text("step\n")
+    with pytest.raises(RuntimeError):
+        with reg.new_run("train", "same") as third:  # fails: removes its own directory, not the others'
+            assert third.name.endswith("-3")
+            raise RuntimeError("boom")
+    assert not third.exists() and (first / "metrics.csv").is_file() and second.is_dir()
