@@ -55,7 +55,7 @@ from pydantic import Field, ValidationError
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
-from loraplex.errors import UserInputError
+from loraplex.errors import DiskFull, LockUnavailable, RegistryBusy, UserInputError
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -265,13 +265,20 @@ def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> d
             "margin": None if d.margin is None else round(d.margin, 4), "nearest": d.nearest}
 
 
-def log_candidates(reg, decisions: list[Decision]) -> None:
+def log_candidates(reg, decisions: list[Decision]) -> str | None:
+    """Append the requests the bare base answered to candidates.jsonl. A registry that cannot be written
+    (read-only, full, its lock held) does not cost the requests their answers: returns why they were not
+    logged (None when they were), which their answers' reasons then say."""
     if not decisions or is_worker():
-        return
-    with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
-        for d in decisions:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query": d.text,
-                                "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
+        return None
+    try:
+        with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
+            for d in decisions:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query": d.text,
+                                    "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
+    except (LockUnavailable, RegistryBusy, DiskFull, OSError) as exc:
+        return f"not logged as a candidate new task: {getattr(exc, 'strerror', None) or exc}"
+    return None
 
 
 def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = None, *, base: str | None = None,
@@ -332,6 +339,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
             if ref.family != "causal" and not labels:
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
             out[i] = _item(d, a, "labels" if labels else None, [])
-        if cfg.log_candidates:
-            log_candidates(reg, [decisions[i] for i in fall])
+        note = log_candidates(reg, [decisions[i] for i in fall]) if cfg.log_candidates else None
+        for i in fall if note else ():
+            out[i]["reason"] += f"; {note}"
     return out  # type: ignore[return-value]

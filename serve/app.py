@@ -548,6 +548,8 @@ def _naming(err: APIError, exc: LoraplexError, field: str = "path") -> APIError:
     """`err` with `param` naming the request's field it is about: the input the error marks itself as about,
     else `field`; a missing task or directory named in the body is a 400 about that field, not an unknown
     model."""
+    if err.status >= 500:  # the server's state (a registry it cannot write), not an input of the request
+        return err
     param = LOAD_PARAMS.get(exc.field or field, exc.field or field)
     if err.param == "model" and param != "lora_name":
         return APIError(400, err.message, param=param)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from loraplex.embedders import get_embedder
-from loraplex.errors import LoraplexError, NotFound, UserInputError
+from loraplex.errors import DiskFull, LockUnavailable, LoraplexError, NotFound, RegistryBusy, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import head_for, token_text
 from loraplex.models import load_base, resolve_base
@@ -204,8 +204,10 @@ class Engine:
                 adapters = []
             out.append(Route(adapters, decision=d.action, reason=d.reason, nearest=d.nearest))
             fell += [d] if d.action == "base" else []
-        if self.auto_config.log_candidates:
-            auto_router.log_candidates(self.reg(), fell)
+        note = auto_router.log_candidates(self.reg(), fell) if self.auto_config.log_candidates else None
+        for r in out if note else ():
+            if r.decision == "base":
+                r.reason += f"; {note}"
         return out
 
     def _decide_now(self, items: list[tuple[str, tuple[str, ...] | None]]) -> list[auto_router.Decision]:
@@ -391,15 +393,16 @@ class Engine:
 @contextmanager
 def _as_request_errors(names_model: bool = True):
     """A refused registration is the request's fault (400), an unknown name a 404 (`names_model`: the
-    name is the request's model) or what it is (a task the request names): never a 503."""
+    name is the request's model) or what it is (a task the request names); a registry that cannot be
+    written now (read-only, full, its lock held) is the server's state: a 503 about no field."""
     try:
         yield
     except NotFound as exc:
         if not names_model:
             raise
         raise ModelUnknown(str(exc)) from None
-    except UserInputError:
-        raise
+    except (UserInputError, DiskFull, LockUnavailable, RegistryBusy):
+        raise  # the registry cannot be written (a read-only or full home, a held lock): the server's state, a 503
     except LoraplexError as exc:
         err = UserInputError(str(exc))
         err.field = exc.field

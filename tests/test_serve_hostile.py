@@ -258,6 +258,24 @@ def test_a_name_taken_meanwhile_is_about_lora_name(bert_registry, http, peft_dir
     assert registry_state(bert_registry.home) == before
 
 
+def test_a_registry_that_cannot_be_written_is_the_servers_state(bert_registry, http, peft_dirs, monkeypatch):
+    """On a read-only home /v1/load_lora_adapter was a 400 blaming the client's lora_path (sweep 14): it is a
+    503 about no field (auto's fallback without its candidate log: tests/router/test_auto.py)."""
+    from loraplex.errors import LockUnavailable
+    from loraplex.registry.database import Database
+
+    def refused(self):
+        raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: Read-only file system")
+
+    before = registry_state(bert_registry.home)
+    monkeypatch.setattr(Database, "write_lock", refused)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "new-lora", "lora_path": str(peft_dirs["sports"])})
+    assert r.status_code == 503, r.text
+    body = r.json()["error"]
+    assert body["param"] is None and body["type"] == "unavailable_error" and "Read-only file system" in body["message"]
+    assert registry_state(bert_registry.home) == before
+
+
 def test_look_alike_labels_nan_numbers_and_request_ids(http):
     """Labels that read the same ("é" composed and decomposed, a zero-width joiner) were two answers; a
     label of 100,000 characters was embedded; NaN was reported as out of range; answers had no

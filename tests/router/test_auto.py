@@ -96,3 +96,22 @@ def test_auto_on_an_empty_registry_is_one_line(cli):
 def test_set_with_an_empty_key_is_refused(run):
     res = run("query", "flight plane", "--router", "auto", "--set", "=1")
     assert res.exit_code == 2 and "--set takes KEY=VALUE, got '=1'" in res.output
+
+
+def test_a_registry_that_cannot_be_written_still_answers_a_fallback(run, monkeypatch):
+    """On a read-only home `query --router auto` failed whenever it fell back to the base: logging the
+    request as a candidate needs the write lock (sweep 14). The answer comes; its reason says it was not logged."""
+    from loraplex.errors import LockUnavailable
+    from loraplex.registry.database import Database
+
+    def refused(self):
+        raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: Read-only file system")
+
+    monkeypatch.setattr(Database, "write_lock", refused)
+    res = run("query", "qqq zzz xxyyzz", "--router", "auto", "--json", *THRESHOLDS)
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["decision"] == "base"
+    assert r["reason"].endswith("; not logged as a candidate new task: cannot take the registry lock "
+                                f"{run.home / 'registry.lock'}: Read-only file system"), r["reason"]
+    assert not (run.home / "candidates.jsonl").exists()
