@@ -312,6 +312,9 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        if cx.scheduler.failed is not None:  # the batching thread died: requests would fail, so the server is not ok
+            return JSONResponse({"status": "error", "reason": f"the batching thread has stopped ({cx.scheduler.failed})",
+                                 "base": engine.base_name, "family": engine.family}, status_code=503)
         return {"status": "ok", "base": engine.base_name, "family": engine.family}
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])

@@ -51,12 +51,20 @@ from loraplex.serve.targets import Events, ModelUnknown, Route, Target, route_su
 __all__ = ["Engine", "LoraplexError", "NotFound", "UserInputError"]
 
 
+MAX_LORAS = 4096
+"""Slots of the bank at most (`--max-loras`): each slot costs rank x (d_in + d_out) in every adapted projection."""
+MAX_HOST_LORAS = 1_000_000
+"""Adapters kept in host memory at most (`--host-loras`)."""
+
+
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
                  max_loras: int = 16, host_loras: int = 256, events: Events | None = None,
                  auto: dict[str, Any] | None = None):
-        if max_loras < 1:
-            raise UserInputError("--max-loras must be at least 1")
+        if not 1 <= max_loras <= MAX_LORAS:
+            raise UserInputError(f"--max-loras must be from 1 to {MAX_LORAS:,} (got {max_loras})")
+        if not 1 <= host_loras <= MAX_HOST_LORAS:
+            raise UserInputError(f"--host-loras must be from 1 to {MAX_HOST_LORAS:,} (got {host_loras})")
         top_k = auto_router.parse_config(auto).top_k  # a bad auto option is refused before the base loads
         if top_k > max_loras:  # every routed auto request would need more slots than the bank has
             raise UserInputError(f"auto's top_k ({top_k}) is over --max-loras ({max_loras}): a routed request "

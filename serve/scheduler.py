@@ -51,15 +51,31 @@ class Job:
             pass
 
 
+MAX_WAIT_MS = 10_000
+"""The longest a lone request waits for company (`--max-wait-ms`): 10 s; larger is a misconfiguration."""
+MAX_BATCH_ROWS = 4096
+"""Requests gathered into one batch at most (`--max-batch`)."""
+
+
 class Scheduler:
+    @staticmethod
+    def check(max_batch: int, max_wait_ms: float) -> None:
+        """The batching settings, checked before anything loads (`serve.server.build` calls it first)."""
+        if isinstance(max_wait_ms, bool) or not (isinstance(max_wait_ms, (int, float)) and 0 <= max_wait_ms <= MAX_WAIT_MS):
+            raise UserInputError(f"--max-wait-ms must be a number from 0 to {MAX_WAIT_MS:,} (got {max_wait_ms})")
+        if isinstance(max_batch, bool) or not (isinstance(max_batch, int) and 1 <= max_batch <= MAX_BATCH_ROWS):
+            raise UserInputError(f"--max-batch must be a whole number from 1 to {MAX_BATCH_ROWS:,} (got {max_batch})")
+
     def __init__(self, engine: Engine, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None):
+        self.check(max_batch, max_wait_ms)
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.metrics = metrics
         self._q: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="loraplex-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._run_guarded, name="loraplex-batcher", daemon=True)
         self._stopping = False
+        self.failed: str | None = None  # why the batching thread died (a bug): /health reports it
 
     def start(self) -> None:
         self._thread.start()
@@ -73,6 +89,9 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         if self._stopping:
             job.send("error", LoraplexError("the server is shutting down"))
+            return
+        if self.failed is not None:  # the batching thread is gone: nothing would ever answer
+            job.send("error", LoraplexError(f"the server's batching thread has stopped ({self.failed}); restart it"))
             return
         self._q.put(job)
 
@@ -98,6 +117,27 @@ class Scheduler:
                 break
             batch.append(job)
         return batch
+
+    def _run_guarded(self) -> None:
+        """The batching thread: `_run`, and if it ever dies (a bug), its waiting jobs answered with the
+        reason and the server marked unhealthy, rather than every request hanging behind a dead thread."""
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("the batching thread stopped", exc_info=exc)
+            err = LoraplexError(f"the server's batching thread has stopped ({self.failed}); restart it")
+            for job in [j for j, _ in getattr(self, "_pending", [])] + list(getattr(self, "_held", [])):
+                job.send("error", err)
+            for job in getattr(self, "_owner", {}).values():
+                job.send("error", err)
+            while True:
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.send("error", err)
 
     def _run(self) -> None:
         self._stop_seen = False

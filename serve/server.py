@@ -71,6 +71,7 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
           loopback_only: bool = False):
     """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start
     (`loopback_only`: /v1 requests must name a loopback Host, serve/app.py's Guard)."""
+    Scheduler.check(max_batch, max_wait_ms)  # before the base loads
     metrics = Metrics()
     engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics,
                     auto=auto)

@@ -535,6 +535,12 @@ def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
     (["--backend", "notaurl"], "--backend 'notaurl': expected the URL of an OpenAI-compatible server"),
     (["--backend", "ftp://127.0.0.1/v1"], "--backend 'ftp://127.0.0.1/v1'"),
     (["--port", "{taken}"], "cannot listen on 127.0.0.1:{taken}"),
+    # the batching thread died on inf (every request then hung while /health said ok), waited 1e12 ms on others
+    (["--max-wait-ms", "inf"], "--max-wait-ms must be a number from 0 to 10,000 (got inf)"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms must be a number from 0 to 10,000 (got nan)"),
+    (["--max-wait-ms", "1e12"], "--max-wait-ms must be a number from 0 to 10,000"),
+    (["--max-batch", "100000000"], "--max-batch must be a whole number from 1 to 4,096"),
+    (["--max-loras", "100000000"], "--max-loras must be from 1 to 4,096"),
 ])
 def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args, match):
     """Checked before the model loads: one line, exit 2, no banner."""
@@ -585,10 +591,12 @@ def test_stream_spec_with_a_key_given_twice(cli, seeded, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["", "s\u00e9kret", "two words"])
-def test_serve_refuses_an_api_key_no_client_could_send(cli, seeded, key):
+def test_serve_refuses_an_api_key_no_client_could_send(cli, seeded, key, monkeypatch):
     before = registry_state(cli.home)
     r = cli("serve", "--api-key", key, "--port", "0")
     _refused(r, cli.home, before, "--api-key (or LORAPLEX_API_KEY) must be non-empty visible ASCII")
+    monkeypatch.setenv("LORAPLEX_API_KEY", key)  # "" in the environment served with no key at all (sweep 14)
+    _refused(cli("serve", "--port", "0"), cli.home, before, "--api-key (or LORAPLEX_API_KEY) must be non-empty")
 
 
 def test_a_directory_in_place_of_the_database_is_damage_not_an_empty_registry(cli, seeded):

@@ -77,3 +77,30 @@ def test_running_rows_keep_their_slots(engine):
 
     assert engine.fits_beside(Target("adapter", "sports-lora"), None, {"flights-lora"})
     assert not engine.fits_beside(Target("auto", "auto"), [_route("sports-lora", "phones-lora")], {"flights-lora"})
+
+
+def test_a_dead_batching_thread_answers_instead_of_hanging(monkeypatch):
+    """`--max-wait-ms inf` killed the batching thread: every request then hung and /health said ok (sweep 14).
+    Whatever kills it, waiting and later requests are answered with why, and `failed` says so (/health: 503)."""
+    import asyncio
+
+    from loraplex.serve.scheduler import Job, Scheduler
+    from loraplex.serve.targets import Target
+
+    sch = Scheduler(None, max_batch=2, max_wait_ms=1)
+
+    def broken():
+        raise OverflowError("timestamp out of range for platform time_t")
+
+    monkeypatch.setattr(sch, "_run", broken)
+    sch.start()
+    sch._thread.join(10)
+    assert sch.failed == "OverflowError: timestamp out of range for platform time_t"
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(kind="classify", target=Target("base", "b"), texts=["x"], loop=loop)
+        sch.submit(job)
+        kind, err = loop.run_until_complete(asyncio.wait_for(job.events.get(), 5))
+        assert kind == "error" and "batching thread has stopped" in str(err)
+    finally:
+        loop.close()
