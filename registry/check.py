@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound
+from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.models import Fingerprint
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
 from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
+from loraplex.registry.record import validate_name
 from loraplex.registry.store import Registry, is_task_path, stored_spec
 
 @dataclass
@@ -152,8 +153,19 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     if bad_specs:
         report.problems.extend(bad_specs)
         return
-    bases = {sha: Fingerprint.model_validate_json(fp) for sha, (_, fp) in reg.base_fingerprints().items()}
+    stored = reg.base_fingerprints()
+    bases = {sha: Fingerprint.model_validate_json(fp) for sha, (_, fp) in stored.items()}
     records = reg.list_adapters()
+    for rec in records:  # what registration guarantees of a record, read back (a hand edit can break it)
+        try:
+            validate_name(rec.name)
+        except UserInputError as exc:
+            report.problems.append(f"adapter {rec.name!r}: its stored name breaks the naming rules ({exc}); "
+                                   "remove it, or register it again")
+        if rec.base_sha in stored and stored[rec.base_sha][0] != rec.base:
+            report.problems.append(f"adapter {rec.name!r}: its stored base name {rec.base!r} is not the name of the "
+                                   f"base it was registered on ({stored[rec.base_sha][0]!r}); remove it, or register "
+                                   "it again")
     report.counts["adapters"] = len(records)
     report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
     names = {r.name for r in records}

@@ -187,7 +187,23 @@ class Database:
                     return self._conn
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn
+            self._check_schema(conn)
         return self._conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """A registry written by a newer loraplex (its meta 'schema' above ours) is refused, not misread;
+        a damaged value is named."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        v = row[0] if row else None
+        if not isinstance(v, str) or not v.isdigit():
+            self._conn = None
+            conn.close()
+            raise IntegrityError(f"registry database {self.db_path}: its stored 'schema' ({v!r}) is damaged")
+        if int(v) > SCHEMA_VERSION:
+            self._conn = None
+            conn.close()
+            raise IntegrityError(f"registry database {self.db_path} was written by a newer loraplex (schema {v}; "
+                                 f"this one reads schema {SCHEMA_VERSION}): upgrade loraplex to use it")
 
     def _read_only(self) -> sqlite3.Connection:
         """The database of a home this process cannot write (a read-only mount, another user's registry):
@@ -205,6 +221,7 @@ class Database:
                 conn = sqlite3.connect(f"file:{quote(str(self.db_path))}?{opts}", uri=True, timeout=60.0,
                                        isolation_level=None)
                 conn.execute("SELECT count(*) FROM adapters").fetchone()
+                self._check_schema(conn)
                 return conn
             except sqlite3.Error:
                 continue

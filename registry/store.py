@@ -64,12 +64,22 @@ def _vec_bytes(v: np.ndarray | None) -> bytes | None:
     return None if v is None else np.asarray(v, dtype=np.float32).reshape(-1).tobytes()
 
 
+STORED_SPEC_KEYS = ("r", "alpha", "target_modules")
+"""What every stored spec holds (registration writes every field): one missing is damage, not its default
+(a lost `alpha` read as 16 scales the adapter 16x over an alpha of 1)."""
+
+
 def stored_spec(name: str, text: str) -> LoraSpec:
     """A record's LoraSpec, validated by the same rules as at registration (IntegrityError if it breaks them)."""
     try:
-        return LoraSpec.model_validate_json(text)
+        spec = LoraSpec.model_validate_json(text)
     except ValidationError as exc:
         raise IntegrityError(f"adapter {name!r}: its stored LoRA settings are invalid: {format_validation_error(exc)}") from None
+    missing = [k for k in STORED_SPEC_KEYS if k not in json.loads(text)]  # a JSON object: it validated
+    if missing:
+        raise IntegrityError(f"adapter {name!r}: its stored LoRA settings lack {', '.join(missing)} (the record is "
+                             "damaged; remove it, or register it again)")
+    return spec
 
 
 def is_task_path(ref: str) -> bool:
@@ -154,6 +164,8 @@ class Registry(Database, Components):
     # blobs
 
     def blob_path(self, sha: str) -> Path:
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise IntegrityError(f"a stored blob id {str(sha)[:80]!r} is not a sha256: its record is damaged")
         return self.blob_dir / sha[:2] / f"{sha}.safetensors"
 
     def put_blob(self, data: bytes, *, created: list[str] | None = None) -> str:

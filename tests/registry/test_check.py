@@ -272,3 +272,32 @@ def test_a_full_disk_still_reads_and_refuses_writes_as_full(settings, tiny_bert,
         api.remove("a0", settings=settings)
     monkeypatch.undo()
     assert [r.name for r in api.list_adapters(settings)] == ["a0", "a1"]
+
+
+@pytest.mark.parametrize("sql, named", [
+    # a lost alpha read as its default, 16: the adapter ran at 16x its scaling and exported so (sweep 14)
+    ("UPDATE adapters SET spec = json_remove(spec, '$.alpha') WHERE id = 1", "its stored LoRA settings lack alpha"),
+    ("UPDATE adapters SET spec = '{}' WHERE id = 1", "its stored LoRA settings lack r, alpha, target_modules"),
+    ("UPDATE adapters SET base = 'gpt9' WHERE id = 1", "its stored base name 'gpt9' is not the name of the base"),
+    ("UPDATE adapters SET name = '../evil' WHERE id = 1", "its stored name breaks the naming rules"),
+    ("UPDATE adapters SET blob = '../../../../etc/passwd' WHERE id = 1",
+     "a stored blob id '../../../../etc/passwd' is not a sha256"),
+])
+def test_hand_edited_records_are_named_by_check(settings, tiny_bert, tmp_path, sql, named):
+    """Each was `consistent` to `registry check` (sweep 14): a spec missing a field used its default, a base
+    name that is no model broke retrieval over every adapter, a blob id read as a path."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, sql)
+    rep = api.check(settings=settings)
+    assert not rep.ok and any(named in p for p in rep.problems), rep.problems
+
+
+def test_a_registry_of_a_newer_schema_is_refused(settings, tiny_bert, tmp_path):
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, "UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(IntegrityError, match="was written by a newer loraplex \\(schema 99; this one reads schema 1\\)"):
+        api.list_adapters(settings)
+    rep = api.check(settings=settings)
+    assert not rep.ok and any("newer loraplex" in p for p in rep.problems), rep.problems
