@@ -155,9 +155,10 @@ def register(path: str | Path, *, name: str, description: str, task: str | None 
 
 
 @_checked
-def list_adapters(settings: Settings | None = None) -> list["AdapterRecord"]:
-    """Every registered adapter's record."""
-    return open_registry(settings).list_adapters()
+def list_adapters(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list["AdapterRecord"]:
+    """Every registered adapter's record (`damaged`: a list that collects the damaged records' messages,
+    which are then left out instead of failing the whole listing)."""
+    return open_registry(settings).list_adapters(damaged=damaged)
 
 
 @_checked

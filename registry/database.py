@@ -97,7 +97,11 @@ def stored_record(what: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, ValidationError) as exc:  # json's JSONDecodeError is a ValueError
-        detail = " ".join(str(exc).split())[:160]
+        if isinstance(exc, ValidationError):  # its first error, not pydantic's whole text cut mid-word
+            e = exc.errors()[0]
+            detail = f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']} (got {str(e.get('input'))[:40]!r})"
+        else:
+            detail = " ".join(str(exc).split())[:160]
         raise IntegrityError(f"{what}: its stored record is damaged ({type(exc).__name__}: {detail}); remove it, or "
                              "register it again (`loraplex registry check` lists every such record)") from None
 

@@ -364,7 +364,10 @@ class Registry(Database, Components):
             c.execute("UPDATE adapters SET metrics = ? WHERE id = ?", (json.dumps(merged, sort_keys=True), rec.id))
         return self.get_adapter(name)
 
-    def _records(self, where: str = "", params: Sequence[Any] = ()) -> list[AdapterRecord]:
+    def _records(self, where: str = "", params: Sequence[Any] = (), damaged: list[str] | None = None
+                 ) -> list[AdapterRecord]:
+        """The records selected, in order; a damaged one raises IntegrityError naming it, or, with `damaged`
+        given, is left out and its message appended there (a listing shows the rest)."""
         conn = self._db(create=False)
         if conn is None:
             return []
@@ -387,16 +390,25 @@ class Registry(Database, Components):
             snaps.setdefault(aid, []).append(Snapshot(step=step, blob=blob))
         out = []
         for r in rows:
-            spec = stored_spec(r[1], r[8])
-            with stored_record(f"adapter {r[1]!r}"):
-                out.append(AdapterRecord(
-                    id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
-                    origin=r[7], spec=spec, blob=r[9], n_params=r[10], modules=r[11],
-                    rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
-                    edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
-                    snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
-                ))
+            try:
+                out.append(self._record_of(r, edges, snaps))
+            except IntegrityError as exc:
+                if damaged is None:
+                    raise
+                damaged.append(str(exc))
         return out
+
+    def _record_of(self, r: Sequence[Any], edges: dict[int, list[Edge]], snaps: dict[int, list[Snapshot]]
+                   ) -> AdapterRecord:
+        spec = stored_spec(r[1], r[8])
+        with stored_record(f"adapter {r[1]!r}"):
+            return AdapterRecord(
+                id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
+                origin=r[7], spec=spec, blob=r[9], n_params=r[10], modules=r[11],
+                rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
+                edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
+                snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
+            )
 
     def get_adapter(self, name: str) -> AdapterRecord:
         recs = self._records("WHERE name = ?", (name,))
@@ -408,14 +420,16 @@ class Registry(Database, Components):
         conn = self._db(create=False)
         return bool(conn and conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone())
 
-    def list_adapters(self, *, base: str | None = None, origin: str | None = None) -> list[AdapterRecord]:
+    def list_adapters(self, *, base: str | None = None, origin: str | None = None,
+                      damaged: list[str] | None = None) -> list[AdapterRecord]:
+        """The records (of `base`, of `origin`); `damaged`: see `_records`."""
         if base is not None and origin is not None:
-            return self._records("WHERE base = ? AND origin = ?", (base, origin))
+            return self._records("WHERE base = ? AND origin = ?", (base, origin), damaged)
         if base is not None:
-            return self._records("WHERE base = ?", (base,))
+            return self._records("WHERE base = ?", (base,), damaged)
         if origin is not None:
-            return self._records("WHERE origin = ?", (origin,))
-        return self._records()
+            return self._records("WHERE origin = ?", (origin,), damaged)
+        return self._records("", (), damaged)
 
     def count(self) -> int:
         conn = self._db(create=False)

@@ -45,7 +45,10 @@ def list_(
     from loraplex.models import resolve_base
 
     s = settings(home)
-    recs = api.list_adapters(s)
+    damaged: list[str] = []
+    recs = api.list_adapters(s, damaged=damaged)
+    for why in damaged:  # one damaged record does not hide the others
+        out.warn(why)
     if base:
         want = resolve_base(base).name
         recs = [r for r in recs if r.base == want]

@@ -301,3 +301,19 @@ def test_a_registry_of_a_newer_schema_is_refused(settings, tiny_bert, tmp_path):
         api.list_adapters(settings)
     rep = api.check(settings=settings)
     assert not rep.ok and any("newer loraplex" in p for p in rep.problems), rep.problems
+
+
+def test_one_damaged_record_does_not_hide_the_others_from_a_listing(settings, tiny_bert, tmp_path, cli):
+    """`adapters list` failed for the whole registry on one damaged record, its message pydantic's raw text
+    cut mid-word (sweep 14): the rest are listed and the damaged one is named, in one line."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    names = [r.name for r in reg.list_adapters()]
+    _edit(reg, "UPDATE adapters SET rank = 'abc' WHERE name = ?", names[0])
+    damaged: list[str] = []
+    assert [r.name for r in api.list_adapters(settings, damaged=damaged)] == names[1:]
+    assert damaged == [f"adapter {names[0]!r}: its stored record is damaged (ValidationError: rank: Input should be a "
+                       "valid integer, unable to parse string as an integer (got 'abc')); remove it, or register it "
+                       "again (`loraplex registry check` lists every such record)"]
+    r = cli("adapters", "list", "--home", str(settings.home))
+    assert r.exit_code == 0 and names[1] in r.stdout and names[0] not in r.stdout, r.output
+    assert r.stderr.count("warning: ") == 1 and f"adapter {names[0]!r}: its stored record is damaged" in r.stderr
