@@ -177,10 +177,12 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
     for lab, text in zip(labels, texts):
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         if ids in seen:
-            whose = "" if task is None or task.source == "query" else f"task {task.name!r} ({task.ref}): "
-            raise UserInputError(f"{whose}labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer "
+            asked = task is None or task.source == "query"  # a request's own labels (an HTTP body's `labels`)
+            whose = "" if asked else f"task {task.name!r} ({task.ref}): "
+            err = UserInputError(f"{whose}labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer "
                                  "folds case and accents, and reads a character it does not know as one unknown "
                                  f"token): {fix}")
+            raise err.about("labels") if asked else err
         seen[ids] = lab
 
 

@@ -59,6 +59,11 @@ MESSAGE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+NULLABLE = ("temperature", "top_p", "stream")
+"""Generation fields OpenAI's API takes as null (meaning its default); the others with a default of None
+(max_tokens, seed, stop, user) take null as they are."""
+
+
 def _not_asked(value: Any, defaults: tuple[Any, ...]) -> bool:
     return value is None or any(type(value) is type(d) and value == d for d in defaults)
 
@@ -99,6 +104,9 @@ class _Generate(_Body):
                 if k in data and not _not_asked(data[k], defaults):
                     raise APIError(400, f"{k!r} is not supported by loraplex serve", param=k, code="unsupported")
             data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
+            for k in NULLABLE:  # OpenAI's schema takes null for these: their default (the openai client sends it)
+                if k in data and data[k] is None:
+                    del data[k]
             if data.get("stream_options") is not None and data.get("stream") is not True:
                 raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         return data
@@ -176,6 +184,18 @@ class ChatRequest(_Generate):
 
 class CompletionRequest(_Generate):
     prompt: Union[str, list[str]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_ids(cls, data: Any) -> Any:
+        """OpenAI's prompt of token ids (a list of ints, or of lists of ints): refused by name, not as a
+        prompt that is not a string."""
+        p = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(p, list) and p and all(isinstance(x, int) or (isinstance(x, list) and all(isinstance(y, int)
+                                                                                              for y in x)) for x in p):
+            raise APIError(400, "a prompt of token ids is not supported by loraplex serve: send the prompt as text",
+                           param="prompt", code="unsupported")
+        return data
 
     def text(self) -> str:
         if isinstance(self.prompt, list):

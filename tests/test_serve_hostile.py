@@ -168,6 +168,14 @@ def test_generation_edge_values(llama_http):
         {"type": "text"}]}]}), 400, "messages.0.content.0.text")
     _error(h.post("/v1/completions", content=b'{"model": "auto", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}",
                   headers={"content-type": "application/json"}), 400, None, "invalid_value")
+    # null is OpenAI's default for these (the openai client sends it for a None argument): it was a 400 (sweep 14)
+    nulls = h.post("/v1/completions", json={"model": "flights-lora", "prompt": "late", "max_tokens": 3,
+                                            "temperature": None, "top_p": None, "stream": None})
+    assert nulls.status_code == 200, nulls.text
+    # a prompt of token ids is refused by name (it was "prompt.0: Input should be a valid string")
+    for ids in ([1, 2, 3], [[1, 2], [3]]):
+        err = _error(h.post("/v1/completions", json={"model": "auto", "prompt": ids}), 400, "prompt", "unsupported")
+        assert "a prompt of token ids is not supported" in err["message"], err
 
 
 def test_http_edges(llama_http):
@@ -292,7 +300,7 @@ def test_look_alike_labels_nan_numbers_and_request_ids(http):
     # reads both as its unknown token, so the server refuses them for that: heads._distinct_to)
     assert len(checked_labels(["\U0001F468\u200d\U0001F469", "\U0001F468"])) == 2
     err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal",
-                                                 "labels": ["\U0001F468\u200d\U0001F469", "\U0001F468"]}), 400, None)
+                                                 "labels": ["\U0001F468\u200d\U0001F469", "\U0001F468"]}), 400, "labels")
     assert "unknown token" in err["message"], err
     raw = b'{"model": "sports-lora", "input": "goal", "labels": ["a", "b"], "temperature": NaN}'
     assert http.post("/v1/classify", content=raw, headers={"content-type": "application/json"}).status_code == 400
@@ -308,7 +316,7 @@ def test_look_alike_labels_nan_numbers_and_request_ids(http):
 def test_labels_the_tokenizer_cannot_tell_apart(http):
     """"A" and "a" to an uncased encoder were two labels with one anchor: a 200 with scores 0.5 / 0.5."""
     err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["A", "a"]}),
-                 400, None)
+                 400, "labels")  # its param was null (sweep 14)
     assert "labels 'A' and 'a' read the same to this model" in err["message"]
     ok = http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["great", "bad"]})
     assert ok.status_code == 200, ok.text
