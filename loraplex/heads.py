@@ -249,12 +249,8 @@ class CausalHead:
     def _chat_ids(self, tokenizer, text: str) -> list[int]:
         """A request with no task, as one user turn of the tokenizer's chat template (an instruct model asked
         "Text: ...\nAnswer:" with no task description often answers nothing), as the server's chat does."""
-        body = tokenizer(text, add_special_tokens=False)["input_ids"]
         budget = max(8, self.config.max_length - 32)  # room for the template's own tokens
-        if len(body) > budget:  # truncated as a task prompt's text is, the template kept whole
-            text = tokenizer.decode(body[:budget])
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return chat_ids(tokenizer, [{"role": "user", "content": text}], content_limit=budget)  # the text cut, not the template
 
     def _label_ids(self, tokenizer, label: str) -> list[int]:
         return tokenizer(" " + label, add_special_tokens=False)["input_ids"]
@@ -420,6 +416,28 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF = _byte_level_alphabet()
+
+
+def chat_ids(tokenizer, messages: Sequence[dict[str, str]], content_limit: int | None = None) -> list[int]:
+    """The token ids of `messages` through the tokenizer's chat template, with each message's content read
+    as text: a `<|im_end|>` typed into a message is those characters, not the control token that ends a turn
+    (tokenizing the rendered template whole let a user close their turn and forge an assistant's). The
+    template is rendered around a marker per message, its own text tokenized as the template writes it,
+    each content with the tokenizer's special tokens split (and cut to `content_limit` tokens)."""
+    import re
+    import uuid
+
+    tag = uuid.uuid4().hex
+    marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
+    shown = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for piece in re.split(f"(<<{tag}-\\d+>>)", text):
+        if piece in marks:
+            ids += tokenizer(marks[piece], add_special_tokens=False, split_special_tokens=True)["input_ids"][:content_limit]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def token_text(tokenizer, tok: int) -> str:

@@ -35,7 +35,7 @@ import torch
 from loraplex.embedders import get_embedder
 from loraplex.errors import DiskFull, LockUnavailable, LoraplexError, NotFound, RegistryBusy, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
-from loraplex.heads import head_for, token_text
+from loraplex.heads import chat_ids, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
@@ -261,8 +261,7 @@ class Engine:
         user message (what routing reads)."""
         tok = self.front
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            ids = chat_ids(tok, messages)  # message texts as text: no control token typed into a message
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             ids = self.encode_prompt(text)
