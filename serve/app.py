@@ -335,6 +335,8 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
         """OpenAI's `models.retrieve`: one entry of /v1/models, or a 404 naming the model."""
         listed = (await models())["data"]
         found = next((m for m in listed if m["id"] == model), None)
+        if found is None and model == "base":  # the alias requests may name for the served base (Engine.resolve)
+            found = {**listed[0], "id": "base", "loraplex": {**listed[0]["loraplex"], "alias_of": listed[0]["id"]}}
         if found is None:
             raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, "
                                 "routers and auto)", param="model", code="model_not_found")

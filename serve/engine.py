@@ -118,8 +118,9 @@ class Engine:
         out = [{"id": self.base_name, "kind": "base", "family": self.family},
                {"id": "auto", "kind": "auto", "description": "per request: route to the registered adapters, "
                 "generate one with a stored generator, or answer with the base (router/auto.py)"}]
+        damaged: list[str] = []  # a record damaged in the registry cannot be served: it is left out, the rest listed
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
-                for r in reg.list_adapters(base=self.base_name)]
+                for r in reg.list_adapters(base=self.base_name, damaged=damaged)]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
                 for c in reg.list_components("router") if c.base == self.base_name]
         return out

@@ -55,6 +55,8 @@ def test_models_lists_base_adapters_routers_and_auto(client, tiny_llama):
     # OpenAI's models.retrieve: one entry (the base's id holds slashes), or a 404 naming the model
     assert client.models.retrieve("ctg").model_extra["loraplex"]["kind"] == "router"
     assert client.models.retrieve(str(tiny_llama)).id == str(tiny_llama)
+    base = client.models.retrieve("base")  # the alias requests may name was a 404 here (sweep 14)
+    assert base.id == "base" and base.model_extra["loraplex"]["alias_of"] == str(tiny_llama)
     with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
         client.models.retrieve("nope")
 
