@@ -367,6 +367,9 @@ async def _generate(cx: _Context, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text])
     if cx.fwd is not None:
+        if req.trace:  # the backend generates: no token's routing is recorded here
+            raise APIError(400, "trace is not available with --backend: the backend generates, so loraplex records "
+                                "no per-token routing", param="trace", code="unsupported")
         return await _forward(cx, request, raw, req.model, target, text, routes)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
@@ -421,7 +424,8 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
     body = json.loads(raw)
     body.pop("trace", None)
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
-    return await cx.fwd.forward(request.url.path, body, _routing(model, target, summary, None))
+    routing = {**_routing(model, target, summary, None), "level": "request"}  # one adapter forwarded per request
+    return await cx.fwd.forward(request.url.path, body, routing)
 
 
 class _Answer:

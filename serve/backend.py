@@ -40,6 +40,18 @@ class Backend:
     async def close(self) -> None:
         await self.client.aclose()
 
+    def _failed(self, status: int, data: Any) -> APIError:
+        """A backend's refusal as loraplex answers it. A 400, 404 or 422 is about the request loraplex passed
+        on (a sampling value the backend refuses, an adapter it does not serve): its status and message stay.
+        Anything else (its own authentication, its overload, its crash) is the backend's failure, not the
+        client's: a 502 naming the backend and what it said."""
+        err = data.get("error") if isinstance(data, dict) else None
+        said = (err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None) or ""
+        if status in (400, 404, 422) and said:
+            return APIError(status, f"the backend refused the request: {said}",
+                            param=err.get("param") if isinstance(err, dict) else None)
+        return APIError(502, f"the backend {self.url} answered {status}" + (f": {said}" if said else ""))
+
     async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any]):
         try:
             if not body.get("stream"):
@@ -48,9 +60,13 @@ class Backend:
                     data = r.json()
                 except ValueError:
                     raise APIError(502, f"the backend answered {r.status_code} without JSON") from None
-                if r.status_code == 200 and isinstance(data, dict):
-                    data["routing"] = routing
-                return JSONResponse(data, status_code=r.status_code)
+                if r.status_code != 200:
+                    raise self._failed(r.status_code, data)
+                if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                    raise APIError(502, f"the backend answered 200 with no completion (no 'choices' list): "
+                                        f"{json.dumps(data)[:120]}")
+                data["routing"] = routing
+                return JSONResponse(data)
             req = self.client.build_request("POST", self.url + path, json=body)
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
@@ -59,20 +75,23 @@ class Backend:
             raw = await resp.aread()
             await resp.aclose()
             try:
-                return JSONResponse(json.loads(raw), status_code=resp.status_code)
+                data = json.loads(raw)
             except ValueError:
                 raise APIError(502, f"the backend answered {resp.status_code}") from None
+            raise self._failed(resp.status_code, data)
         return StreamingResponse(self._relay(resp, routing), media_type="text/event-stream")
 
     async def _relay(self, resp: httpx.Response, routing: dict[str, Any]):
         """The backend's events as they come, one chunk held back so the last one carries the routing."""
         held: dict | None = None
+        done = False
         try:
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
                 if payload == "[DONE]":
+                    done = True
                     break
                 try:
                     chunk = json.loads(payload)
@@ -84,6 +103,9 @@ class Backend:
             if held is not None:
                 held["routing"] = routing
                 yield f"data: {json.dumps(held)}\n\n"
+            if not done:  # the backend closed without its [DONE]: the answer may be cut, so it ends in an error
+                yield f"data: {json.dumps(APIError(502, f'the backend {self.url} ended its stream without [DONE]: the answer may be incomplete').body())}\n\n"
+                return
             yield "data: [DONE]\n\n"
         except httpx.HTTPError as exc:
             yield f"data: {json.dumps(APIError(502, f'the backend stream broke: {exc}').body())}\n\n"

@@ -4,6 +4,8 @@ Ctrl-C with a request in flight)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -205,3 +207,63 @@ def test_the_cli_serves_sees_a_cli_registration_and_stops_cleanly_on_ctrl_c(sett
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def _fake_backend():
+    """An OpenAI-shaped backend that fails on request (by prompt): a 500, a 401, a list, a cut stream."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        p = body["prompt"]
+        if p == "m500":
+            return JSONResponse({"error": {"message": "backend exploded"}}, status_code=500)
+        if p == "m401":
+            return JSONResponse({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+                                status_code=401)
+        if p == "mlist":
+            return JSONResponse([1, 2, 3])
+
+        async def cut():
+            yield 'data: {"choices": [{"index": 0, "text": "half"}]}\n\n'
+
+        return StreamingResponse(cut(), media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    while not server.started and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        th.join(30)
+
+
+def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
+    """Sweep 14: a backend's 500 reached the client as a 500 and its 401 as the client's wrong key; a 200 list
+    went through as the answer; a stream cut without [DONE] ended in loraplex's own [DONE]; `trace` was dropped."""
+    s, _ = llama_home
+    with _fake_backend() as back, serving(s, base=str(tiny_llama), backend=back) as front:
+        def ask(prompt, **kw):
+            return httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": prompt,
+                                                              "max_tokens": 2, **kw}, timeout=30)
+
+        for prompt, said in (("m500", "answered 500: backend exploded"), ("m401", "answered 401: Incorrect API key"),
+                             ("mlist", "answered 200 with no completion")):
+            r = ask(prompt)
+            assert r.status_code == 502 and said in r.json()["error"]["message"], (prompt, r.text)
+        r = ask("x", trace=True)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "trace", r.text
+        r = ask("cut", stream=True)
+        events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
+        assert "[DONE]" not in events and "ended its stream without [DONE]" in events[-1], events
+        assert json.loads(events[0])["routing"]["level"] == "request"
