@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import os
 import threading
 from contextlib import contextmanager
 from typing import Any, Sequence
@@ -38,7 +39,7 @@ from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import chat_ids, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
-from loraplex.registry.store import Registry
+from loraplex.registry.store import Registry, is_task_path
 from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
@@ -385,6 +386,13 @@ class Engine:
         """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):  # else the default description is blamed
             raise UserInputError(f"the path {path!r} holds a control character").about("path")
+        if task is not None and is_task_path(task):  # a client may not have the server read any data file it names
+            inside = os.path.realpath(os.path.join(path, task)) if not os.path.isabs(task) else os.path.realpath(task)
+            root = os.path.realpath(path)
+            if os.path.commonpath([root, inside]) != root:
+                raise UserInputError(f"task {task!r}: over HTTP a task is an embedded task's name or a task file inside "
+                                     "lora_path (the server reads no other file for a client)").about("task")
+            task = inside
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
                           description=description if description is not None

@@ -221,6 +221,32 @@ def test_registration_fields_are_named(bert_registry, http, peft_dirs, tmp_path)
     assert registry_state(bert_registry.home) == before
 
 
+def test_a_task_file_over_http_lies_inside_lora_path(bert_registry, http, peft_dirs, task_files, tmp_path):
+    """`task` read any task-shaped file the server's user could read and showed its labels through
+    /v1/classify (and a CSV's column names through the error) (sweep 14): over HTTP a task file must lie
+    inside lora_path; an embedded task's name is fine."""
+    import shutil
+
+    before = registry_state(bert_registry.home)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("text,label\nhello,SECRET_ONE\nworld,SECRET_TWO\n")
+    for task in (str(secret), "../../" + secret.name, str(task_files["sports"])):
+        err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "tt", "lora_path": str(peft_dirs["sports"]),
+                                                             "description": "t", "task": task}), 400, "task")
+        assert "inside lora_path" in err["message"] and "SECRET" not in err["message"], err
+    assert registry_state(bert_registry.home) == before
+    own = tmp_path / "own"
+    shutil.copytree(peft_dirs["sports"], own)
+    shutil.copy(task_files["sports"], own / "sports.jsonl")
+    for sidecar in task_files["sports"].parent.glob("sports.task.json"):
+        shutil.copy(sidecar, own / sidecar.name)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "own-lora", "lora_path": str(own), "description": "t",
+                                                 "task": "sports.jsonl"})
+    assert r.status_code == 200, r.text
+    assert http.post("/v1/classify", json={"model": "own-lora", "input": "goal"}).status_code == 200
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "own-lora"}).status_code == 200
+
+
 def test_message_names_and_two_limits_are_refused(llama_http):
     """A message's `name` was dropped from the prompt without a word; max_tokens and max_completion_tokens
     with different values were answered with one of them."""
