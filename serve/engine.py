@@ -108,7 +108,7 @@ class Engine:
         reg = self.reg()
         if router:
             return reg.get_component("router", router).base
-        bases = sorted({r.base for r in reg.list_adapters()})
+        bases = sorted({r.base for r in reg.list_adapters(damaged=[])})  # a damaged record does not stop the server
         if len(bases) > 1:
             raise UserInputError(f"the registry holds adapters of several bases ({', '.join(bases)}): choose one with --base")
         return bases[0] if bases else "smollm2"
@@ -152,7 +152,8 @@ class Engine:
             return
         self._generation = gen
         reg = self.reg()
-        self._stale = self.slots.forget({r.name: r.blob for r in reg.list_adapters(base=self.base_name)}, keep)
+        sound = reg.list_adapters(base=self.base_name, damaged=[])  # a damaged record fails its own requests only
+        self._stale = self.slots.forget({r.name: r.blob for r in sound}, keep)
         routers = {c.name: c.id for c in reg.list_components("router")}
         for name in list(self._routers):
             if routers.get(name) != self._routers[name][0]:

@@ -104,3 +104,19 @@ def test_a_dead_batching_thread_answers_instead_of_hanging(monkeypatch):
         assert kind == "error" and "batching thread has stopped" in str(err)
     finally:
         loop.close()
+
+
+def test_one_damaged_record_fails_only_its_own_requests(engine, settings):
+    """A record damaged in registry.db stopped `serve` from starting, made /v1/models a 503 on every call and
+    failed requests for other adapters (sweep 14)."""
+    import sqlite3
+
+    from loraplex.serve.engine import Engine
+
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("UPDATE adapters SET rank = 'abc' WHERE name = 'phones-lora'")
+    fresh = Engine(settings, max_loras=2)  # the default base, read past the damaged record
+    assert {m["id"] for m in fresh.models() if m["kind"] == "adapter"} == {"flights-lora", "sports-lora"}
+    fresh.sync(set())
+    g = fresh.gates([_route("flights-lora")])
+    assert g is not None and float(g.sum()) == 1.0
