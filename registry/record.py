@@ -103,7 +103,7 @@ class AdapterRecord(BaseModel):
     family: str
     description: str
     task: str | None
-    origin: str
+    origin: Origin  # what a draft may say: a hand-edited value is damage, named when the record is read
     spec: LoraSpec
     blob: str
     n_params: int

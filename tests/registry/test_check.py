@@ -280,6 +280,7 @@ def test_a_full_disk_still_reads_and_refuses_writes_as_full(settings, tiny_bert,
     ("UPDATE adapters SET spec = '{}' WHERE id = 1", "its stored LoRA settings lack r, alpha, target_modules"),
     ("UPDATE adapters SET base = 'gpt9' WHERE id = 1", "its stored base name 'gpt9' is not the name of the base"),
     ("UPDATE adapters SET name = '../evil' WHERE id = 1", "its stored name breaks the naming rules"),
+    ("UPDATE adapters SET origin = 'bogus' WHERE id = 1", "its stored record is damaged (ValidationError: origin:"),
     ("UPDATE adapters SET blob = '../../../../etc/passwd' WHERE id = 1",
      "a stored blob id '../../../../etc/passwd' is not a sha256"),
 ])
