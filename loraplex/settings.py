@@ -166,9 +166,9 @@ def check_devices(devices: object, accelerator: str = "auto") -> int | str:
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise ValueError(f"must be a number or 'auto', got {devices!r}")
     have, kind = available_devices(accelerator)
-    if devices == -1:  # Lightning's "all of them", which its CPU accelerator refuses: the count itself
-        if have < 1:
-            raise ValueError(f"-1 asks for every {kind}, but this machine has none")
+    if devices == -1:  # Lightning's "every GPU": its CPU accelerator refuses it (a process per core is no default)
+        if kind != "GPU" or have < 1:
+            raise ValueError("-1 asks for every GPU, and this machine has none: give a number (on CPU, of processes)")
         return have
     if devices < 1:
         raise ValueError(f"must be at least 1 (or 'auto', or -1 for all), got {devices}")

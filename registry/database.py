@@ -179,6 +179,7 @@ class Database:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA busy_timeout=60000")
+                self._check_schema(conn)  # before the schema script: a newer registry is not written to
                 conn.executescript(SCHEMA)
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
@@ -191,14 +192,17 @@ class Database:
                     return self._conn
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn
-            self._check_schema(conn)
         return self._conn
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         """A registry written by a newer loraplex (its meta 'schema' above ours) is refused, not misread;
-        a damaged value is named."""
+        a damaged value is named. A database with no meta table or no schema row yet is new: nothing to check."""
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        v = row[0] if row else None
+        if row is None:  # being created (another process made the table a moment ago): ours is written next
+            return
+        v = row[0]
         if not isinstance(v, str) or not v.isdigit():
             self._conn = None
             conn.close()

@@ -362,14 +362,14 @@ async def _generate(cx: _Context, request: Request, chat: bool):
     raw = await read_body(request)
     # parsing and tokenising a long body take seconds: in a worker thread, so other clients are not held up
     req = await run_in_threadpool(parse, raw, ChatRequest if chat else CompletionRequest)
+    if cx.fwd is not None and req.trace:  # the backend generates: no token's routing is recorded here
+        raise APIError(400, "trace is not available with --backend: the backend generates, so loraplex records "
+                            "no per-token routing", param="trace", code="unsupported")
     target = cx.resolve(req.model)
     ids, text, sampling = await run_in_threadpool(_prompt, cx.engine, req, chat)
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text])
     if cx.fwd is not None:
-        if req.trace:  # the backend generates: no token's routing is recorded here
-            raise APIError(400, "trace is not available with --backend: the backend generates, so loraplex records "
-                                "no per-token routing", param="trace", code="unsupported")
         return await _forward(cx, request, raw, req.model, target, text, routes)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)

@@ -7,7 +7,7 @@ routed adapter's label texts where it has those labels), the bare base included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,16 +56,16 @@ def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route
     return out
 
 
-def chunks(routes: Sequence[Route], max_loras: int, keep: set[str] = frozenset()) -> list[list[int]]:
-    """Row indices in order, cut wherever a chunk would need more than max_loras adapters beside those of
-    `keep` (running rows' adapters, which hold their slots)."""
+def chunks(routes: Sequence[Route], fits: Callable[[set[str]], bool]) -> list[list[int]]:
+    """Row indices in order, cut wherever a chunk's adapters would no longer `fit` in the slot bank at once
+    (`Engine.fits`, beside the running rows' slots)."""
     out: list[list[int]] = [[]]
-    used: set[str] = set(keep)
+    used: set[str] = set()
     for i, r in enumerate(routes):
         need = {a for a, _ in r.adapters}
-        if out[-1] and len(used | need) > max_loras:
+        if out[-1] and not fits(used | need):
             out.append([])
-            used = set(keep)
+            used = set()
         out[-1].append(i)
         used |= need
     return out
@@ -95,7 +95,7 @@ def _scores(engine: Engine, texts: list[str], routes: list[Route], tasks: list[A
             keep: set[str] = frozenset()) -> list[torch.Tensor]:
     model, tok, head = engine.lb.model, engine.tokenizer, engine.head
     scores: list[Any] = [None] * len(texts)
-    for chunk in chunks(routes, engine.capacity(), keep):
+    for chunk in chunks(routes, lambda names: engine.fits(names, keep)):
         g = engine.gates([routes[i] for i in chunk], keep)
         if hasattr(head, "encode"):  # an encoder: one forward for every row, then each row's anchors
             with use_gates(model, g):

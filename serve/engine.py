@@ -33,13 +33,14 @@ from typing import Any, Sequence
 
 import torch
 
+from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
 from loraplex.errors import DiskFull, LockUnavailable, LoraplexError, NotFound, RegistryBusy, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import chat_ids, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
-from loraplex.registry.store import Registry, is_task_path
+from loraplex.registry.store import Registry
 from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
@@ -175,9 +176,9 @@ class Engine:
         ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
         return rec, ad
 
-    def capacity(self) -> int:
-        """Slots requests can use now: --max-loras less those held for running rows of changed adapters."""
-        return self.max_loras - self.slots.hidden()
+    def fits(self, names: set[str], pinned: set[str] = frozenset()) -> bool:
+        """Whether adapters `names` can be in the slot bank at once beside the running rows' (`pinned`)."""
+        return self.slots.fits(names, pinned)
 
     def gates(self, routes: Sequence[Route], keep: set[str] = frozenset()) -> torch.Tensor | None:
         """(B, 1, S) gates over the slot bank for rows of the bank lane (None: no adapter loaded yet)."""
@@ -330,7 +331,7 @@ class Engine:
         """Give bank rows their gates, loading their adapters into slots that `pinned` (the adapters of
         rows still running) does not hold; False when they do not fit beside those now."""
         need = {a for r in routes for a, _ in r.adapters}
-        if len(need | pinned) > self.capacity():
+        if not self.fits(need, pinned):
             return False
         g = self.gates(routes, keep=pinned)
         for i, (row, route) in enumerate(zip(rows, routes)):
@@ -380,15 +381,15 @@ class Engine:
             need = [{a for a, _ in r.adapters} for r in routes or []]
         else:
             return True
-        return all(len(n | pinned) <= self.capacity() for n in need)
+        return all(self.fits(n, pinned) for n in need)
 
     # ---- registering (the registry's own functions: their checks, their one transaction) ------------
     def register(self, name: str, path: str, description: str | None, task: str | None) -> None:
         """Register a PEFT directory as `loraplex adapters register` does (registry/adapters.py)."""
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):  # else the default description is blamed
             raise UserInputError(f"the path {path!r} holds a control character").about("path")
-        if task is not None and is_task_path(task):  # a client may not have the server read any data file it names
-            inside = os.path.realpath(os.path.join(path, task)) if not os.path.isabs(task) else os.path.realpath(task)
+        if task and task.strip() and task not in EMBEDDED_TASKS:  # a client may not have the server read any file it names:
+            inside = os.path.realpath(os.path.join(path, task))  # a task file is lora_path's (an absolute one too)
             root = os.path.realpath(path)
             if os.path.commonpath([root, inside]) != root:
                 raise UserInputError(f"task {task!r}: over HTTP a task is an embedded task's name or a task file inside "

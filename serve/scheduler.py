@@ -76,6 +76,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run_guarded, name="loraplex-batcher", daemon=True)
         self._stopping = False
         self.failed: str | None = None  # why the batching thread died (a bug): /health reports it
+        # the batching thread's state (read by _run_guarded when that thread dies)
+        self._lanes: dict[str, decode.Batch] = {}
+        self._owner: dict[int, Job] = {}  # id(GenRow) -> its job
+        self._pending: list[tuple[Job, Route | None]] = []
+        self._held: list[Job] = []  # classifications waiting for running rows to free their slots
 
     def start(self) -> None:
         self._thread.start()
@@ -91,9 +96,11 @@ class Scheduler:
             job.send("error", LoraplexError("the server is shutting down"))
             return
         if self.failed is not None:  # the batching thread is gone: nothing would ever answer
-            job.send("error", LoraplexError(f"the server's batching thread has stopped ({self.failed}); restart it"))
+            job.send("error", self._dead())
             return
         self._q.put(job)
+        if self.failed is not None:  # it died between the check and the put: the job is not left waiting
+            self._drain()
 
     # ---- the worker -----------------------------------------------------------------------------
     def _gather(self, block: bool) -> list[Job] | None:
@@ -126,25 +133,26 @@ class Scheduler:
         except BaseException as exc:  # noqa: BLE001
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("the batching thread stopped", exc_info=exc)
-            err = LoraplexError(f"the server's batching thread has stopped ({self.failed}); restart it")
-            for job in [j for j, _ in getattr(self, "_pending", [])] + list(getattr(self, "_held", [])):
-                job.send("error", err)
-            for job in getattr(self, "_owner", {}).values():
-                job.send("error", err)
-            while True:
-                try:
-                    job = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.send("error", err)
+            for job in [j for j, _ in self._pending] + self._held + list(self._owner.values()):
+                job.send("error", self._dead())
+            self._drain()
+
+    def _dead(self) -> LoraplexError:
+        return LoraplexError(f"the server's batching thread has stopped ({self.failed}); restart it")
+
+    def _drain(self) -> None:
+        """Answer every queued job with why nothing will (the batching thread is gone)."""
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.send("error", self._dead())
 
     def _run(self) -> None:
         self._stop_seen = False
-        self._lanes: dict[str, decode.Batch] = {}
-        self._owner: dict[int, Job] = {}  # id(GenRow) -> its job
-        self._pending: list[tuple[Job, Route | None]] = []
-        self._held: list[Job] = []  # classifications waiting for running rows to free slots
+        pinned_then: set[str] = set()
         while True:
             idle = not self._lanes and not self._pending and not self._held
             if idle and self._stop_seen:
@@ -152,7 +160,11 @@ class Scheduler:
             batch = self._gather(block=idle and not self._stop_seen)
             if batch is None:
                 return
-            if self._held:
+            pinned = self._pinned()
+            if pinned != pinned_then:  # rows finished or joined: slots held for changed adapters may be free now,
+                pinned_then = pinned    # and held classifications may fit (not retried on every step)
+                if self.engine.slots.hidden():
+                    self.engine.sync(pinned)
                 batch, self._held = self._held + batch, []
             if batch:
                 self._take(batch)
@@ -255,10 +267,10 @@ class Scheduler:
 
     def _fit(self, items: list[tuple[Job, Route | None]], pinned: set[str]) -> int:
         """How many of `items` (in order) fit in the slot bank beside the adapters `pinned`."""
-        used = set(pinned)
+        used: set[str] = set()
         for i, (_, route) in enumerate(items):
             need = {a for a, _ in route.adapters}
-            if len(used | need) > self.engine.capacity():
+            if not self.engine.fits(used | need, pinned):
                 return i
             used |= need
         return len(items)

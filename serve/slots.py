@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from loraplex.experts.layers import StackedBanks, eject, inject_new
+from loraplex.experts.layers import StackedBanks, eject, inject_new, routed_layers
 from loraplex.experts.spec import LoraSpec
 
 
@@ -46,7 +46,14 @@ class SlotBank:
         self.banks: StackedBanks | None = None
 
     def _build(self, modules: Sequence[str], rank: int) -> None:
+        """(Re)make the bank for `modules` at `rank`. The resident slots keep what they hold, copied from
+        the old bank (zero-padded to the new rank, zero on new modules): nothing is read again, so a slot
+        hidden for running rows of a changed adapter (which no name can read any more) survives a growth."""
+        kept: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         if self.shape is not None:
+            for name, layer in routed_layers(self.model).items():
+                b = layer.bank
+                kept[name] = {slot: (*b.expert(slot), float(b.scaling[slot])) for slot, _ in self.slots.values()}
             eject(self.model)
         inject_new(self.model, LoraSpec(r=rank), list(modules), n_experts=self.size)
         self.shape = (tuple(modules), rank)
@@ -54,8 +61,10 @@ class SlotBank:
         for e in range(self.size):
             self.banks.write(e, None)
         self.host.clear()  # packed for the old layout
-        for name, (slot, _) in list(self.slots.items()):
-            self.banks.write(slot, self._load(name)[1])
+        for name, layer in routed_layers(self.model).items():
+            for slot, (A, B, scaling) in kept.get(name, {}).items():
+                if A.shape[0]:
+                    layer.bank.set_expert(slot, A, B, scaling)
 
     def _load(self, name: str):
         """An adapter's record and its tensors packed in the bank's layout (host memory, else read); grows
@@ -79,8 +88,8 @@ class SlotBank:
         """Slots of `names` (at most `size`), loading the missing ones over the least recently used
         adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""
         names = list(dict.fromkeys(names))
-        held = len(set(names) | set(keep)) + self.hidden()
-        if held > self.size:
+        if not self.fits(names, keep):
+            held = len(set(names) | {k for k in keep if k in self.slots}) + self.hidden()
             raise ValueError(f"{held} adapters at once; the bank has {self.size} slots")
         for n in names:
             if n in self.slots:
@@ -114,6 +123,11 @@ class SlotBank:
             for a, w in r:
                 g[i, 0, slots[a]] = float(w)
         return g
+
+    def fits(self, names: set[str] | Sequence[str], keep: set[str] = frozenset()) -> bool:
+        """Whether `names` can have slots at once beside those `keep` (adapters of running rows) holds: the
+        one capacity rule (a running row's adapter counts once, resident or hidden; hidden slots count)."""
+        return len(set(names) | {k for k in keep if k in self.slots}) + self.hidden() <= self.size
 
     def hidden(self) -> int:
         """Slots held for running rows of adapters that have changed since (no request can name them)."""

@@ -278,13 +278,18 @@ def test_train_devices_beyond_the_machine(cli, seeded, tiny_bert):
              "devices: must be at least 1")
 
 
-def test_devices_minus_one_is_every_device():
-    """-1 (Lightning's "all") went through to Lightning's CPU accelerator, which refuses it: exit 70."""
-    import os
-
+def test_devices_minus_one_without_a_gpu(cli, seeded, tiny_bert):
+    """-1 (Lightning's "every GPU") went through to Lightning's CPU accelerator, which refuses it: exit 70."""
     from loraplex.settings import check_devices
 
-    assert check_devices(-1, "cpu") == check_devices("-1", "cpu") == (os.cpu_count() or 1)
+    before = registry_state(cli.home)
+    if _has_cuda():
+        import torch
+
+        assert check_devices(-1, "auto") == torch.cuda.device_count()
+        return
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--devices", "-1"), cli.home, before,
+             "devices: -1 asks for every GPU, and this machine has none")
 
 
 def _spec(tmp_path, trainer, extra=""):

@@ -54,10 +54,22 @@ def test_a_request_after_a_re_registration_gets_the_new_weights(engine, settings
     assert new_blob != old_blob and new_slot != old_slot and g[0, 0, new_slot] == 1.0
     assert torch.equal(_slot_A(engine, old_slot), old_A)  # the running row's weights are untouched
     assert not torch.equal(_slot_A(engine, new_slot), old_A)
-    assert engine.slots.hidden() == 1 and engine.capacity() == 1
+    assert engine.slots.hidden() == 1 and engine.fits({"flights-lora"}, running)
+    assert not engine.fits({"flights-lora", "sports-lora"}, running)  # the hidden slot takes one of the two
+    # a bank that grows (an adapter of a larger rank) keeps every slot's weights, the hidden one's too
+    # (it re-read each slot by name: the hidden one's name reads nothing, and the bank was left zeroed)
+    d = make_peft_adapter(tiny_llama, tmp_path / "wide", r=6, targets=("q_proj", "v_proj"), causal=True, seed=7)
+    api.remove("sports-lora", settings=settings)
+    api.register(d, name="sports-lora", description="sports, wider", task=str(tmp_path / "sports.jsonl"),
+                 base=str(tiny_llama), settings=settings)
+    engine.sync(running)
+    engine.slots.slots.pop("flights-lora")  # make room: the new adapter must load beside the hidden slot
+    engine.gates([_route("sports-lora")], keep=running)
+    assert engine.slots.shape[1] == 6 and engine.slots.slots["sports-lora"][0] == new_slot
+    assert torch.equal(_slot_A(engine, old_slot)[:2], old_A[:2]) and not _slot_A(engine, old_slot)[2:].any()
     engine.sync(set())  # the running row is done: its hidden slot is freed
-    assert engine.slots.hidden() == 0 and engine.capacity() == 2
-    assert set(engine.slots.slots) == {"flights-lora"}
+    assert engine.slots.hidden() == 0 and engine.fits({"flights-lora", "phones-lora"})
+    assert set(engine.slots.slots) == {"sports-lora"}
 
 
 def test_running_rows_keep_their_slots(engine):
@@ -72,7 +84,7 @@ def test_running_rows_keep_their_slots(engine):
         engine.gates([_route("sports-lora", "phones-lora")], keep={"flights-lora"})
     # classification cuts its rows so that each chunk fits beside the running rows' slots
     routes = [_route("sports-lora"), _route("phones-lora"), _route("flights-lora")]
-    assert chunks(routes, 2, {"flights-lora"}) == [[0], [1, 2]]
+    assert chunks(routes, lambda names: engine.fits(names, {"flights-lora"})) == [[0], [1, 2]]
     from loraplex.serve.targets import Target
 
     assert engine.fits_beside(Target("adapter", "sports-lora"), None, {"flights-lora"})
@@ -88,20 +100,23 @@ def test_a_dead_batching_thread_answers_instead_of_hanging(monkeypatch):
     from loraplex.serve.targets import Target
 
     sch = Scheduler(None, max_batch=2, max_wait_ms=1)
+    loop = asyncio.new_event_loop()
+    waiting = Job(kind="classify", target=Target("base", "b"), texts=["x"], loop=loop)
 
     def broken():
+        sch._held.append(waiting)  # a job the thread held when it died
         raise OverflowError("timestamp out of range for platform time_t")
 
     monkeypatch.setattr(sch, "_run", broken)
     sch.start()
     sch._thread.join(10)
     assert sch.failed == "OverflowError: timestamp out of range for platform time_t"
-    loop = asyncio.new_event_loop()
     try:
-        job = Job(kind="classify", target=Target("base", "b"), texts=["x"], loop=loop)
-        sch.submit(job)
-        kind, err = loop.run_until_complete(asyncio.wait_for(job.events.get(), 5))
-        assert kind == "error" and "batching thread has stopped" in str(err)
+        later = Job(kind="classify", target=Target("base", "b"), texts=["x"], loop=loop)
+        sch.submit(later)
+        for job in (waiting, later):
+            kind, err = loop.run_until_complete(asyncio.wait_for(job.events.get(), 5))
+            assert kind == "error" and "batching thread has stopped" in str(err)
     finally:
         loop.close()
 
