@@ -30,7 +30,7 @@ from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
-from loraplex.tasks import checked_seed, validate_description
+from loraplex.tasks import checked_labels, checked_seed, validate_description, visible
 
 KIND = "generator"
 
@@ -147,6 +147,37 @@ def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
     return rec, gen
 
 
+def _checked_examples(examples: Sequence[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """Examples as a generator and the new adapter's label set read them: each text visible; a label
+    stripped, blank meaning none; labelled examples naming at least 2 labels (one alone is no label set:
+    the adapter would answer with a parent's unrelated labels), checked as a query's labels are."""
+    out: list[tuple[str, str | None]] = []
+    for i, ex in enumerate(examples):
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and isinstance(ex[0], str)
+                and (ex[1] is None or isinstance(ex[1], str))):
+            raise UserInputError(f"example {i + 1}: expected (text, label or None), got {str(ex)[:60]!r}")
+        text, label = ex
+        if not visible(text):
+            raise UserInputError(f"example {i + 1}: the text is empty (or has no visible character)")
+        out.append((text, label.strip() if label and label.strip() else None))
+    labels = list(dict.fromkeys(lab for _, lab in out if lab))
+    if len(labels) == 1:
+        raise UserInputError(f"the examples name one label ({labels[0]!r}); a label set needs at least 2 (or give "
+                             "the examples without labels)")
+    if labels:
+        checked_labels(labels)
+    return out
+
+
+def _labels_read_apart(settings, member, labels: Sequence[str]) -> None:
+    """Refuse example labels the base's tokenizer reads as one (an uncased encoder's "Happy" and "happy"):
+    every later query of the adapter would fail on them (`heads.label_names_read_apart`)."""
+    from loraplex.heads import label_names_read_apart
+    from loraplex.models import load_tokenizer, resolve_base
+
+    label_names_read_apart(member.family, load_tokenizer(resolve_base(member.base), settings), labels)
+
+
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
              max_distance: float | None = None, refine_steps: int = 0) -> dict[str, Any]:
@@ -170,16 +201,22 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
         if not examples:
             raise UserInputError("--refine-steps refines the adapter on labelled examples of the task: pass --examples FILE")
         examples_task(description, examples)
+    examples = _checked_examples(examples)
+    if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, (int, float))
+                                     or not 0 < max_distance <= 2):  # nan compared false: the bound never tripped
+        raise UserInputError(f"max_distance must be a cosine distance above 0 and at most 2, got {max_distance!r}")
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")
     rec, gen = load(reg, settings, generator)
+    member = reg.get_adapter(rec.members[0])
+    labelled = list(dict.fromkeys(lab for _, lab in examples if lab))
+    if len(labelled) >= 2:  # the label set it may answer with: names its base's tokenizer reads apart
+        _labels_read_apart(settings, member, labelled)
     if max_distance is not None:
         gen.config = gen.config.model_copy(update={"max_distance": float(max_distance)})
     out = gen.generate(Query(description, list(examples)), seed=seed, where=f"generator {generator!r}", refine=refine)
-    member = reg.get_adapter(rec.members[0])
     parents = out.parents
     task, extra = None, {}
-    labelled = list(dict.fromkeys(lab for _, lab in examples if lab))
     if label_task:
         for p in parents:
             ref = reg.get_adapter(p["name"]).task

@@ -86,6 +86,12 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
 
     from loraplex.errors import UserInputError
 
+    params = list(inspect.signature(fn).parameters.values())
+    given = {**{p.name: a for p, a in zip(params, args)}, **kwargs}
+    s = given.get("settings")
+    if s is not None and not isinstance(s, Settings):  # strict mode still builds a model from a dict, then drops it
+        raise UserInputError(f"{where}(): settings must be Settings | None, got {type(s).__name__} {_SHORT.repr(s)} "
+                             "(Settings.load(home=...) makes one)")
     try:
         _validator(fn)(*args, **kwargs)
     except ValidationError as exc:

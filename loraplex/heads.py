@@ -186,6 +186,14 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
         seen[ids] = lab
 
 
+def label_names_read_apart(family: str, tokenizer, labels: Sequence[str]) -> None:
+    """Refuse label names the family's head would read as one (UserInputError): what an encoder anchors
+    on (the names, as label texts) or a causal LM ranks (" " + name). For a label set that is checked
+    before any head scores it (a generated adapter's example labels)."""
+    texts = [" " + lab for lab in labels] if family == "causal" else list(labels)
+    _distinct_to(tokenizer, labels, texts, fix="give them names that differ in words")
+
+
 def length_buckets(lengths: Sequence[int], *, per_forward: int = 256) -> list[list[int]]:
     """Indices of `lengths` split into buckets of similar length, each forwarded padded to its longest.
 

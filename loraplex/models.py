@@ -308,6 +308,18 @@ def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
     return model, tok
 
 
+def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
+    """The base's tokenizer alone (no weights loaded): what label checks need."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    ref = resolve_base(ref) if isinstance(ref, str) else ref
+    try:
+        return AutoTokenizer.from_pretrained(str(ref.path(settings or Settings.load())))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {exc}") from None
+
+
 def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
     """A fresh copy of the base model (adapters injected into it do not leak into later loads)."""
     settings = settings or Settings.load()

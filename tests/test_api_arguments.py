@@ -24,6 +24,9 @@ def one_adapter(settings, tiny_bert, tmp_path):
 
 
 CALLS = [
+    # a dict passed strict mode (a model is built from it) and then died as AttributeError (sweep 15)
+    (lambda s: api.list_adapters(settings={"home": str(s.home)}), "list_adapters(): settings must be Settings | None, got dict"),
+    (lambda s: api.show("dp", {"home": str(s.home)}), "show(): settings must be Settings | None, got dict"),
     (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),
     (lambda s: api.show(Path("dp"), settings=s), "show(): name must be str, got PosixPath"),
     (lambda s: api.remove(["dp"], settings=s), "remove(): name must be str"),

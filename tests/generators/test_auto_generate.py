@@ -3,6 +3,9 @@ writes for it, registered with lineage and its nearest parent's label set, and r
 generator that refuses turns the decision into a fall-back that changes nothing."""
 
 import json
+import re
+
+import pytest
 
 from loraplex.generators import workflow
 from loraplex.router import auto
@@ -57,3 +60,27 @@ def test_a_request_that_cannot_be_a_description_falls_back_and_registers_nothing
     [r] = auto.answer(reg, s, ["great flight\x07 but the plane was late"], BETWEEN)
     assert r["decision"] == "base" and "cannot describe a new adapter" in r["reason"]
     assert "control character" in r["reason"] and reg.count() == n
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"examples": [("great flight", "happy"), ("awful", "happy")]}, "the examples name one label ('happy')"),
+    ({"examples": [("a", ""), ("b", "neg")]}, "the examples name one label ('neg')"),
+    ({"examples": [("", "pos"), ("b", "neg")]}, "example 1: the text is empty"),
+    ({"examples": [("a", "Happy"), ("b", "happy")]}, "labels 'Happy' and 'happy' read the same to this model"),
+    ({"examples": [("a", "pos "), ("b", "pos")]}, "the examples name one label ('pos')"),  # 'pos ' is 'pos'
+    ({"max_distance": float("nan")}, "max_distance must be a cosine distance above 0 and at most 2, got nan"),
+    ({"max_distance": -1.0}, "max_distance must be a cosine distance above 0 and at most 2"),
+])
+def test_examples_and_bounds_that_could_not_work_are_refused(toy_registry, kw, said):
+    """Sweep 15: examples of one label gave the adapter a parent's unrelated labels without a word; labels
+    its tokenizer reads as one, a blank label or an empty text registered an adapter no query could use;
+    max_distance nan let any description through."""
+    from loraplex.errors import UserInputError
+    from tests.conftest import registry_state
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    before = registry_state(s.home)
+    with pytest.raises(UserInputError, match=re.escape(said)):
+        workflow.generate(reg, s, TEXT, generator="gen", name="g1", **kw)
+    assert registry_state(s.home) == before
