@@ -62,7 +62,7 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         cols = [t for t in tasks if t not in dropped and any(t in r["tasks"] for r in learn)]
         R = np.array([[_acc(r["row"].get(t)) for t in cols] for r in learn], dtype=float)
         learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
-        base = [float(info["base"].get(t) or float("nan")) for t in cols]
+        base = [float("nan") if info["base"].get(t) is None else float(info["base"][t]) for t in cols]  # 0.0 is measured
         # each task's accuracy in the unit just before the one that learns it (a forget unit measures it too)
         at_unit = {id(r): i for i, r in enumerate(results)}
         before = [_acc(results[at_unit[id(learn[at])] - 1]["row"].get(t)) if at_unit[id(learn[at])] > 0 else float("nan")

@@ -85,5 +85,8 @@ def test_forward_transfer_reads_a_task_measured_by_the_forget_before_it():
             "units_total": 4}
     m = build_metrics(info, results)
     assert m["forward_transfer"] == pytest.approx(((0.5 - 0.4) + (0.7 - 0.4)) / 2)
+    # a bare base that scores exactly 0 on a task was read as "not measured" and left FWT's average (sweep 15)
+    zero = build_metrics({**info, "base": {"a": 0.0, "b": 0.0, "c": 0.4}}, results)
+    assert zero["forward_transfer"] == pytest.approx(((0.5 - 0.0) + (0.7 - 0.4)) / 2)
     assert m["backward_transfer"] == pytest.approx(0.85 - 0.9)  # a was forgotten: out of the columns
     assert m["average_accuracy"] == pytest.approx((0.85 + 0.8) / 2)
