@@ -211,6 +211,9 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
     if is_untrained(router):
         return load_retrieval(reg, settings, adapters=adapters, texts=texts or [], base=base, config=config,
                               method=router)
+    if config:  # a stored router's options are those it was fitted with; none at all: nothing to set
+        raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
+                             "options it was fitted with")
     if router:
         if adapters:
             raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")

@@ -88,12 +88,7 @@ def query(
         from loraplex.errors import UserInputError
 
         raise UserInputError("--top-k and --set top_k=... both set top_k: give one")
-    cfg = {**sets, **({"top_k": top_k} if top_k is not None else {})} or None
-    if cfg and router not in (None, "retrieval", "auto"):
-        from loraplex.errors import UserInputError
-
-        raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
-                             "options it was fitted with")
+    cfg = {**sets, **({"top_k": top_k} if top_k is not None else {})} or None  # a stored router refuses it (router.query)
     res = api.query(queries, router=router, adapters=parse_list(adapters, "--adapters") or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home),
                     labels=split_quoted(labels, "--labels") if labels is not None else None)

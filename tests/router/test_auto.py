@@ -87,6 +87,12 @@ def test_bad_auto_options_are_one_line_and_change_nothing(run, args, message):
 def test_set_on_a_stored_router_is_refused(run):
     res = run("query", "flight plane", "--router", "tg", "--set", "top_k=2")
     assert res.exit_code != 0 and "--set apply to --router retrieval or auto" in res.output
+    from loraplex import api
+    from loraplex.errors import UserInputError
+
+    for cfg in ({"top_k": 1}, {"bogus": 1}):  # the API ignored it (sweep 15): refused in the one place both reach
+        with pytest.raises(UserInputError, match="a stored router keeps the options it was fitted with"):
+            api.query(["flight plane"], router="tg", config=cfg, settings=run.settings)
 
 
 def test_auto_on_an_empty_registry_is_one_line(cli):
