@@ -125,8 +125,13 @@ def _checked(fn: F) -> F:
     """The API function `fn` with its arguments checked against its signature first (`_check_arguments`)."""
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        from loraplex.errors import os_error
+
         _check_arguments(fn.__name__, fn, args, kwargs)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:  # a path the caller gave (an export into /proc, a run directory that is a file)
+            raise os_error(exc) from exc
 
     return call  # type: ignore[return-value]
 

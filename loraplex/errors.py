@@ -7,6 +7,12 @@ callers catch `LoraplexError` (or a subclass) instead of parsing text.
 
 from __future__ import annotations
 
+import errno
+
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.EACCES,
+                         errno.EEXIST, errno.EROFS, errno.EPERM})
+"""OS errors about a path the caller gave (a missing or unwritable place, a file where a folder is due)."""
+
 
 class LoraplexError(Exception):
     """Base class. `exit_code` is what the CLI exits with; `field`, where set, names the input the error is
@@ -111,3 +117,12 @@ class Interrupted(LoraplexError):
         super().__init__(message)
         self.signal = signal
         self.exit_code = 143 if signal == "SIGTERM" else 130
+
+
+def os_error(exc: OSError) -> LoraplexError:
+    """An OS error as loraplex reports it: one line naming the path; a UserInputError when it is about a
+    path the caller gave (PATH_ERRNOS), else a LoraplexError (the CLI prints both as `error: ...`)."""
+    name = str(exc.filename) if getattr(exc, "filename", None) else ""
+    where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
+    cls = UserInputError if exc.errno in PATH_ERRNOS else LoraplexError
+    return cls(f"{exc.strerror or exc}{where}")

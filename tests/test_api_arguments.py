@@ -27,6 +27,10 @@ CALLS = [
     # a dict passed strict mode (a model is built from it) and then died as AttributeError (sweep 15)
     (lambda s: api.list_adapters(settings={"home": str(s.home)}), "list_adapters(): settings must be Settings | None, got dict"),
     (lambda s: api.show("dp", {"home": str(s.home)}), "show(): settings must be Settings | None, got dict"),
+    # an OS error about a path the caller gave was a raw FileNotFoundError / NotADirectoryError (sweep 15)
+    (lambda s: api.export("dp", "/proc/loraplex-no-such/x", settings=s), "No such file or directory (/proc/loraplex-no-such"),
+    (lambda s: api.run_stream(str(Path(__file__).parent.parent / "examples" / "streams" / "reference.yaml"),
+                              out=__file__, settings=s), "Not a directory"),
     (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),
     (lambda s: api.show(Path("dp"), settings=s), "show(): name must be str, got PosixPath"),
     (lambda s: api.remove(["dp"], settings=s), "remove(): name must be str"),

@@ -18,10 +18,7 @@ try:  # typer >= 0.2x vendors click as typer._click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click.exceptions import UsageError
 
-import errno
-
-# a path the user gave that cannot be one (too long, through a file, missing, a loop, not permitted): bad input
-_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.EACCES, errno.EEXIST}
+from loraplex.errors import os_error
 
 INTERNAL = 70
 INTERRUPTED = 130
@@ -63,10 +60,9 @@ def report(exc: BaseException) -> int:
         typer.echo(f"error: the disk is full ({getattr(exc, 'filename2', None) or exc.filename or exc.strerror})", err=True)
         return 1
     if isinstance(exc, OSError):
-        name = str(exc.filename) if getattr(exc, "filename", None) else ""
-        where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
-        typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        return 2 if exc.errno in _PATH_ERRORS else 1
+        err = os_error(exc)
+        typer.echo(f"error: {err}", err=True)
+        return err.exit_code
     if type(exc).__module__ == "sqlite3":  # the registry's database failed under a command (a damaged page, ...)
         typer.echo(f"error: the registry database failed: {_one_line(str(exc))} (run `loraplex registry check`)",
                    err=True)
