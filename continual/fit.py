@@ -102,6 +102,8 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     """Fine-tune one LoRA adapter on a task, evaluate it (and the bare base) on the first `eval_limit`
     test rows (default: all), and register it with its snapshots (origin "trained")."""
     validate_name(name)
+    if not isinstance(task, str) or not task.strip():  # "" would be read as the current directory
+        raise UserInputError("the task is empty: name an embedded task or a task file")
     if description is not None:
         description = validate_description(description)
     if reg.has_adapter(name) and not is_worker():

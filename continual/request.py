@@ -135,7 +135,8 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    name = name or f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if name is None:  # "" is not "not given": validate_name refuses it, as train and router fit do
+        name = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
     validate_name(name)
     if reg.has_adapter(name):
         raise AlreadyExists(f"an adapter named {name!r} already exists")

@@ -49,6 +49,8 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     with _about("path"):
         adapter, cfg = read_peft_dir(path)
     with _about("base" if base else "path"):  # the base named by --base, else by the directory's config
+        if base is not None and not base.strip():  # "" read as not given: the directory's own base was used
+            raise UserInputError("the base is empty: name a base model, or leave it out to use the adapter's own")
         ref = resolve_base(base or cfg.get("base_model_name_or_path"))
         fp = fingerprint(ref, settings)
     with _about("path"):

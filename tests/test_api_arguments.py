@@ -113,3 +113,21 @@ def test_every_api_annotation_resolves():
                 continue
             assert p.annotation is not inspect.Parameter.empty, (name, p.name)
             eval(p.annotation, vars(api))  # NameError if it names a type imported only for type checking
+
+
+def test_empty_strings_are_not_not_given(one_adapter, tiny_bert, tmp_path):
+    """Sweep 15: train('') read the current directory, register(base='') used the adapter's own base,
+    forget(name='') made up a name; a router named as an adapter was refused only after its whole fit."""
+    s = one_adapter
+    before = registry_state(s.home)
+    peft_dir = make_peft_adapter(tiny_bert, tmp_path / "peft2")
+    for call, said in [
+        (lambda: api.train("", name="t", base=str(tiny_bert), steps=1, settings=s), "the task is empty"),
+        (lambda: api.register(peft_dir, name="r2", description="d", base="", settings=s), "the base is empty"),
+        (lambda: api.forget("airline", adapters=["dp"], name="", steps=1, settings=s), "name must not be empty"),
+        (lambda: api.fit_router("dp", router="mixer", adapters=["dp", "dp"], steps=1, settings=s),
+         "an adapter named 'dp' already exists: a router of that name"),
+    ]:
+        with pytest.raises(UserInputError, match=said):
+            call()
+    assert registry_state(s.home) == before
