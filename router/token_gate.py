@@ -43,6 +43,7 @@ from pydantic import Field
 from torch import nn
 
 from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.errors import UserInputError
 from loraplex.experts.bank import tensor_version
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
@@ -75,6 +76,9 @@ class TokenGate(Gate):
         super().__init__(ctx, n_experts, 1)
         self.cfg = cfg
         r = cfg.gate_rank
+        if r is not None and r > d_in:  # W_down (r, d_in) would be no factorisation, only memory (1e5: 24 GB)
+            raise UserInputError(f"gate_rank {r} is above the gate's input size {d_in}: a factorised gate's rank is "
+                                 f"at most {d_in} (leave it unset for MeteoRA's full gate)")
         if r is None:
             self.down = None
             self.weight = nn.Parameter(torch.randn(n_experts, d_in) * cfg.init_std)  # (E, d_in)

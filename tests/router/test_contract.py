@@ -226,3 +226,9 @@ def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
         torch.testing.assert_close(m2(**x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidSpec, match="gate_rank"):
         ROUTERS.build("token-gate", {"gate_rank": 0})
+    # a rank above the input size is no factorisation: gate_rank=100000 took 24 GB before (sweep 15)
+    from loraplex.errors import UserInputError
+
+    d_in = gate.down.shape[1]
+    with pytest.raises(UserInputError, match=f"gate_rank {d_in + 1} is above the gate's input size {d_in}"):
+        _routed(bert, "token-gate", gate_rank=d_in + 1)
