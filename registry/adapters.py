@@ -7,6 +7,7 @@ fingerprint, module names aligned onto the base's, shapes) and writes last, in o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,10 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
 
 def export_peft(reg: Registry, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write a registered adapter as a PEFT directory that PeftModel.from_pretrained loads."""
+    home, out = os.path.realpath(reg.home), os.path.realpath(os.path.expanduser(str(out_dir)))
+    if os.path.commonpath([home, out]) == home:  # its blobs, runs or the home itself: the registry's own storage
+        raise UserInputError(f"{out_dir}: inside the registry home {reg.home}, which is the registry's own storage; "
+                             "export somewhere else").about("path")
     rec, adapter = reg.load_adapter(name)
     fps = reg.base_fingerprints()
     if rec.base_sha not in fps:
