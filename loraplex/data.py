@@ -157,7 +157,12 @@ def read_rows(path: Path) -> list[dict]:
         # a field may be as long as the file (a whole article); csv's default cap is 131,072 characters
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         sep = "\t" if suffix == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text), delimiter=sep)
+        if "\r" in text and "\n" not in text:  # classic Mac line ends (bare CR): csv reads them as one line
+            text = text.replace("\r", "\n")
+        # TSV has no quoting (a field holds no tab, no line end): a double quote is a character of the text,
+        # not the start of a field that would swallow the rows up to the next quote
+        reader = csv.DictReader(io.StringIO(text), delimiter=sep,
+                                **({"quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
         start = 1  # the line the row being read starts on (a quoted field may hold line ends)
         try:
             for row in reader:
@@ -167,9 +172,9 @@ def read_rows(path: Path) -> list[dict]:
                         raise InvalidTaskFile(f"{path}:{start}: a double quote opened on this line is never closed "
                                               "(the text runs to the end of the file)")
                     have = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
-                    what = "comma" if sep == "," else "tab"
+                    fix = "put a text that holds a comma in double quotes" if sep == "," else "a TSV field holds no tab"
                     raise InvalidTaskFile(f"{path}:{end}: {have} fields, the header has "
-                                          f"{len(reader.fieldnames)} (put a text that holds a {what} in double quotes)")
+                                          f"{len(reader.fieldnames)} ({fix})")
                 rows.append(row)
                 start = reader.line_num + 1
         except csv.Error as exc:

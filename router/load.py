@@ -169,6 +169,9 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     else:
         if reg.count() == 0:
             raise UserInputError(f"no adapters registered in {reg.home}; register or train some first")
+        if not texts:  # the registry's candidates are those nearest to the queries: with none, nothing is near
+            raise UserInputError("retrieval over the whole registry finds the adapters nearest to the queries: give "
+                                 "the query texts, or the adapters to route over")
         names = ret.candidates(reg, emb.encode(list(texts)), base=resolve_base(base).name if base else None)
         if not names:
             raise UserInputError(f"no adapters of base {base!r} in the registry")

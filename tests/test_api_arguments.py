@@ -30,6 +30,7 @@ CALLS = [
     # an OS error about a path the caller gave was a raw FileNotFoundError / NotADirectoryError (sweep 15)
     (lambda s: api.export("dp", "/proc/loraplex-no-such/x", settings=s), "No such file or directory (/proc/loraplex-no-such"),
     (lambda s: api.export("dp", s.home / "blobs" / "x", settings=s), "inside the registry home"),  # was written there
+    (lambda s: api.load_routed_model("retrieval", settings=s), "give the query texts, or the adapters"),  # "base None"
     (lambda s: api.run_stream(str(Path(__file__).parent.parent / "examples" / "streams" / "reference.yaml"),
                               out=__file__, settings=s), "Not a directory"),
     (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),

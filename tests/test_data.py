@@ -175,3 +175,19 @@ def test_lone_carriage_returns_end_lines_and_sidecar_names_are_stripped(tmp_path
     with pytest.raises(InvalidTaskFile, match="'name' must be a visible name"):
         load_task_file(_jsonl(tmp_path / "b.jsonl", _rows(), {"description": "d", "name": "abc\u202edef"}))
     assert is_task_path("examples:foo.jsonl") and not is_task_path("examples:foo")  # a file, and a card-only task
+
+
+def test_a_tsv_file_reads_double_quotes_as_text_and_a_mac_csv_reads(tmp_path):
+    """Sweep 15: a .tsv was read with CSV quoting, so `"quote opens here` swallowed the next two rows into one
+    text (no error) and `"great" flight` lost its quotes; a .csv with bare-CR line ends was refused with
+    Python's own message at line 0."""
+    from loraplex.data import read_rows
+
+    tsv = tmp_path / "quotes.tsv"
+    texts = ['"great" flight', '5" screen is tiny', "nice", "bad", '"quote opens here', "row two",
+             'row three "ends', "last"]
+    tsv.write_text("text\tlabel\n" + "".join(f"{t}\t{'pos' if i % 2 == 0 else 'neg'}\n" for i, t in enumerate(texts)))
+    assert [r["text"] for r in read_rows(tsv)] == texts
+    mac = tmp_path / "mac.csv"
+    mac.write_bytes(b"text,label\rgreat,pos\rawful,neg\r")
+    assert [(r["text"], r["label"]) for r in read_rows(mac)] == [("great", "pos"), ("awful", "neg")]
