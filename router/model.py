@@ -306,12 +306,14 @@ class RoutedModel:
                     s = emb[i] @ self.head.anchors(self.model, self.tokenizer, t).T  # (L,)
                     out.append(t.labels[int(s.argmax())])
                 return out
+        # a causal head scores each row as L label continuations (rows x L sequences): rows go in groups of one
+        # task and one expert, whose gates (1, 1, E) fit every sequence (per-row gates did not: a crash)
         out: list[Any] = [None] * len(texts)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(tasks):
-            groups.setdefault(id(t), []).append(i)
-        for rows in groups.values():
-            g = self.one_hot([idx[i] for i in rows])
+            groups.setdefault((id(t), idx[i]), []).append(i)
+        for (_, e), rows in groups.items():
+            g = self.one_hot([e])
             with routers_off(self.model), use_gates(self.model, g):
                 res = self._answer_group([texts[i] for i in rows], tasks[rows[0]])
             for i, a in zip(rows, res):

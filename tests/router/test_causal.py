@@ -17,6 +17,13 @@ def test_causal_router_ranks_labels_and_generates_without_a_task(settings, tiny_
     res = api.fit_router("ctg", router="token-gate", adapters=["flights-lora", "sports-lora"], settings=settings,
                          steps=3, batch_size=4, eval_limit=2, val_limit=4, progress=False)
     assert res.metrics["steps"] == 3
+    # one adapter answering several rows of a heterogeneous batch crashed on a causal base (sweep 15)
+    each = api.answer_each(["flight late", "plane late", "match goal"], ["flights-lora", "flights-lora", "sports-lora"],
+                           settings=settings)
+    assert len(each) == 3 and all(a in ("good", "bad") for a in each), each
+    alone = [api.answer_each([t], [a], settings=settings)[0] for t, a in
+             zip(["flight late", "plane late", "match goal"], ["flights-lora", "flights-lora", "sports-lora"])]
+    assert each == alone
     out = api.query(["flight plane late", "match goal team"], router="ctg", trace=True, settings=settings)
     assert all(o["answer"] in ("good", "bad") and o["task"] in ("flights", "sports") for o in out)
     assert out[0]["tokens"] and {t["adapter"] for t in out[0]["tokens"]} <= {"flights-lora", "sports-lora"}
