@@ -40,7 +40,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     """Read a PEFT LoRA directory. Returns the adapter (module names without PEFT's prefix) and the raw config."""
-    d = Path(path)
+    d = Path(path).expanduser()  # "~/peft" is the home folder, as every other path loraplex reads
     try:
         exists = d.exists()
     except OSError as exc:  # a name too long, a path through a file: the path is the problem, not the disk
@@ -335,7 +335,7 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
 
     if not str(out_dir).strip():
         raise InvalidAdapter("the export directory is empty: name a directory")
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()  # "~/out" is the home folder, not a folder named "~"
     if out.exists() and not out.is_dir():
         raise InvalidAdapter(f"{out}: exists and is not a directory")
     for name in (CONFIG, WEIGHTS):  # replaced by a rename, which cannot replace a directory: refuse before writing

@@ -133,3 +133,12 @@ def test_empty_strings_are_not_not_given(one_adapter, tiny_bert, tmp_path):
         with pytest.raises(UserInputError, match=said):
             call()
     assert registry_state(s.home) == before
+
+
+def test_an_export_to_a_tilde_path_lands_in_the_home_folder(one_adapter, tmp_path, monkeypatch):
+    """`~/x` made a folder named `~` in the current directory (sweep 15); every other path expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    monkeypatch.chdir(tmp_path)
+    out = api.export("dp", "~/exported", settings=one_adapter)
+    assert Path(out) == tmp_path / "me" / "exported" and (Path(out) / "adapter_config.json").is_file()
+    assert not (tmp_path / "~").exists()
