@@ -122,6 +122,8 @@ class Interrupted(LoraplexError):
 def os_error(exc: OSError) -> LoraplexError:
     """An OS error as loraplex reports it: one line naming the path; a UserInputError when it is about a
     path the caller gave (PATH_ERRNOS), else a LoraplexError (the CLI prints both as `error: ...`)."""
+    if exc.errno == errno.ENOSPC:  # a copy's target (filename2) is the file that did not fit, not its temp source
+        return DiskFull(f"the disk is full ({getattr(exc, 'filename2', None) or exc.filename or exc.strerror})")
     name = str(exc.filename) if getattr(exc, "filename", None) else ""
     where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
     cls = UserInputError if exc.errno in PATH_ERRNOS else LoraplexError

@@ -56,10 +56,7 @@ def report(exc: BaseException) -> int:
         except (OSError, ValueError):
             pass
         return BROKEN_PIPE
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC outside the registry's own writes
-        typer.echo(f"error: the disk is full ({getattr(exc, 'filename2', None) or exc.filename or exc.strerror})", err=True)
-        return 1
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # a path given, a full disk (outside the registry's own writes): errors.os_error
         err = os_error(exc)
         typer.echo(f"error: {err}", err=True)
         return err.exit_code
