@@ -50,6 +50,9 @@ class RefineConfig(Options):
     """Adam's learning rate on the coordinates (which have unit RMS over the training vectors)."""
     anchor: float = Field(0.05, ge=0)
     """Weight of the squared distance (per coordinate) to the generator's own proposal."""
+    batch_size: int = Field(64, ge=1, le=4096)
+    """Examples per step, taken in turn (a few-shot set of up to this many is one batch, as before; 100,000
+    examples in one forward and backward took all the memory there was)."""
 
 
 def refine_config(**values) -> RefineConfig:
@@ -126,7 +129,9 @@ def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: Ref
                 _write(layers, layout, theta.detach())
             for b in banks:
                 b.A.grad = b.B.grad = None
-            loss = head.loss(model, tok, texts, y, task)
+            step = len(losses) if len(losses) < cfg.steps else 0  # the last pass measures the first batch again
+            at = [(step * cfg.batch_size + j) % len(texts) for j in range(min(cfg.batch_size, len(texts)))]
+            loss = head.loss(model, tok, [texts[j] for j in at], y[at], task)
             losses.append(loss.item())
             if len(losses) > cfg.steps:  # the last pass only measures
                 break

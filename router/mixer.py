@@ -34,12 +34,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.experts.spec import MAX_RANK
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
+
+
+MAX_FRESH_EXPERTS = 256
+"""Fresh experts a mixer creates at most (`n_experts`)."""
 
 
 class MixerConfig(Options):
@@ -59,12 +64,20 @@ class MixerConfig(Options):
     """Weight of the gate cross-entropy on task-labelled tokens (0: unsupervised, as in the paper)."""
     joint: bool = False
     """Train the experts together with the router (paradigm i) instead of routing frozen adapters."""
-    n_experts: int | None = Field(None, ge=1, le=MAX_COUNT)
+    n_experts: int | None = Field(None, ge=1, le=MAX_FRESH_EXPERTS)
     """Fresh experts to create when no adapters are given (default: one per task)."""
-    rank: int = Field(8, ge=1, le=MAX_COUNT)
-    """Rank of fresh experts."""
+    rank: int = Field(8, ge=1, le=MAX_RANK)
+    """Rank of fresh experts (their bank's total rank, n_experts x rank, is at most MAX_RANK: 1,000,000
+    experts took every byte of memory)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the router's initial weights."""
+
+    @model_validator(mode="after")
+    def _bank_fits(self) -> "MixerConfig":
+        if self.n_experts is not None and self.n_experts * self.rank > MAX_RANK:
+            raise ValueError(f"n_experts x rank is {self.n_experts * self.rank:,}: the fresh experts' bank holds at "
+                             f"most {MAX_RANK:,} ranks")
+        return self
 
 
 class MixerGate(Gate):

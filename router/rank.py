@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.experts.spec import MAX_RANK
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, rank_load
 
@@ -52,8 +53,8 @@ class RankConfig(Options):
     """Weight of the per-adapter gate cross-entropy on task-labelled tokens (0: unsupervised, as in SMoRA)."""
     joint: bool = False
     """Train the ranks together with the router (from scratch when no adapters are given)."""
-    rank: int | None = Field(None, ge=1, le=MAX_COUNT)
-    """Total rank of the from-scratch LoRA (default: 8 per task)."""
+    rank: int | None = Field(None, ge=1, le=MAX_RANK)
+    """Total rank of the from-scratch LoRA (default: 8 per task; at most MAX_RANK, as any LoRA's)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the router's initial weights."""
 

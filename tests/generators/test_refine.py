@@ -128,3 +128,20 @@ def test_cli_generate_with_refinement(cli, toy_registry, toy_tasks, tmp_path):
         r = cli("generate", "adapter", "a new task", "--generator", "g", "--name", "x-gen", *args)
         assert r.exit_code == 2 and msg in r.stderr, (args, r.stderr)
         assert not reg.has_adapter("x-gen")
+
+
+def test_refinement_reads_many_examples_a_batch_at_a_time(fitted, monkeypatch):
+    """100,000 examples went through one forward and backward (the machine ran out of memory, sweep 15):
+    each step reads `batch_size` of them, in turn; a few-shot set is one batch, as before."""
+    gen, task0, examples = fitted
+    task = examples_task(task0.description, examples)
+    base = gen.ctx.base()
+    head = head_for(base)
+    seen = []
+    real = head.loss
+    monkeypatch.setattr(head, "loss", lambda m, t, texts, y, tk: seen.append(list(texts)) or real(m, t, texts, y, tk))
+    refine(gen.space, gen.space.coords[0].clone(), base, head, task, RefineConfig(steps=3, batch_size=5))
+    texts = [e.text for e in task.train]
+    assert [len(b) for b in seen] == [5, 5, 5, 5]
+    assert seen[0] == texts[:5] and seen[1] == texts[5:10] and seen[2] == texts[10:] + texts[:3]
+    assert seen[-1] == seen[0]  # the loss after is measured on the batch the loss before was

@@ -232,3 +232,9 @@ def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
     d_in = gate.down.shape[1]
     with pytest.raises(UserInputError, match=f"gate_rank {d_in + 1} is above the gate's input size {d_in}"):
         _routed(bert, "token-gate", gate_rank=d_in + 1)
+    # fresh experts are bounded too (the mixer took 1,000,000 of them; the rank router any rank)
+    for method, cfg, said in [("mixer", {"n_experts": 1_000_000}, "n_experts: Input should be less than or equal to 256"),
+                              ("mixer", {"n_experts": 200, "rank": 64}, "the fresh experts' bank holds at most 4,096 ranks"),
+                              ("rank", {"rank": 1_000_000}, "rank: Input should be less than or equal to 4096")]:
+        with pytest.raises(InvalidSpec, match=said):
+            ROUTERS.build(method, cfg)
