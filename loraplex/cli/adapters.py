@@ -119,8 +119,14 @@ def export(
     """Export an adapter as a PEFT directory (PeftModel.from_pretrained loads it)."""
     from loraplex import api
 
-    path = api.export(name, out_dir, overwrite=overwrite, settings=settings(home))
+    s = settings(home)
+    path = api.export(name, out_dir, overwrite=overwrite, settings=s)
     out.line(f"exported {name} to {path}")
+    rec = api.open_registry(s).get_adapter(name)
+    if rec.origin == "forgetting":  # it erases from its composition: alone, it is only a perturbation
+        under = [n for n in rec.extra.get("composition") or () if n != name]
+        out.warn(f"{name} is a forgetting adapter: it erases {rec.task} from the composition "
+                 f"{', '.join(under) or '(not recorded)'}; load it on top of those adapters, not alone")
 
 
 @app.command()
