@@ -136,6 +136,38 @@ def _checked(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
+def _router_config(where: str, router: Any, config: Any) -> None:
+    """`config` of a query: retrieval's options (no router, `retrieval`) or auto's, typed (`_typed`)."""
+    if router == "auto":
+        from loraplex.router.auto import AutoConfig
+
+        _typed(where, AutoConfig, config)
+    elif router in (None, "retrieval"):
+        from loraplex.router.base import ROUTERS
+
+        _typed(where, ROUTERS.get("retrieval").config_cls, config)
+
+
+def _typed(where: str, model: Any, values: dict[str, Any] | None) -> None:
+    """Options the API passes on to a pydantic config (`**options` of train, forget, fit_router; a `config`
+    dict), checked for type as the API's own arguments are: strict, so "5" is not a number there either
+    (the config itself is lax: a stream spec's YAML reads `1e-3` as text). Ranges are left to the config."""
+    if not values or not isinstance(values, dict) or model is None:
+        return
+    from pydantic import ValidationError
+
+    from loraplex.errors import UserInputError
+
+    known = {k: v for k, v in values.items() if k in getattr(model, "model_fields", {})}
+    try:
+        model.model_validate(known, strict=True)
+    except ValidationError as exc:
+        for e in exc.errors():
+            if e["type"] in ("int_type", "float_type", "bool_type", "string_type") and len(e["loc"]) == 1:
+                raise UserInputError(f"{where}(): {e['loc'][0]} must be {e['type'][:-5]}, got "
+                                     f"{type(e['input']).__name__} {_SHORT.repr(e['input'])}") from None
+
+
 def _delegate(where: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` with the options passed through `**options` checked against `fn`'s
     signature first: an unknown option or a value of the wrong type is named, not a TypeError."""
@@ -250,6 +282,9 @@ def evaluate(name: str | None, *, task: str | None = None, settings: Settings | 
 def train(task: str, *, name: str, settings: Settings | None = None, **options: Any) -> "TrainResult":
     """Fine-tune, evaluate and register one LoRA adapter (continual.fit.train_adapter)."""
     from loraplex.continual.fit import train_adapter
+    from loraplex.training import TrainConfig
+
+    _typed("train", TrainConfig, options)
     return _delegate("train", train_adapter, *_open(settings), task, name=name, **options)
 
 
@@ -299,7 +334,13 @@ def generator_methods() -> dict[str, str]:
 @_checked
 def fit_router(name: str, *, router: str, settings: Settings | None = None, **options: Any) -> "RouterFitResult":
     """Train router `router` (token-gate, mixer, rank), evaluate it, store it (router.fit.fit_router)."""
+    from loraplex.router.base import ROUTERS
     from loraplex.router.fit import fit_router as fit
+    from loraplex.training import TrainConfig
+
+    _typed("fit_router", TrainConfig, options)
+    if router in ROUTERS.names():
+        _typed("fit_router", ROUTERS.get(router).config_cls, options.get("config"))
     return _delegate("fit_router", fit, *_open(settings), name, method=router, **options)
 
 
@@ -308,6 +349,8 @@ def load_routed_model(router: str | None = None, adapters: Sequence[str] | None 
                       settings: Settings | None = None, **options: Any) -> "RoutedModel":
     """A `RoutedModel` ready to answer and trace queries (router.load.load_routed_model)."""
     from loraplex.router.load import load_routed_model as load
+
+    _router_config("load_routed_model", router, options.get("config"))
     return _delegate("load_routed_model", load, *_open(settings), router, adapters, **options)
 
 
@@ -316,6 +359,8 @@ def query(texts: Sequence[str], *, router: str | None = None, settings: Settings
           **options: Any) -> list[dict[str, Any]]:
     """Answer queries with a routed model, batched: one dict per query (router.query.query)."""
     from loraplex.router.query import query as answer
+
+    _router_config("query", router, options.get("config"))
     return _delegate("query", answer, *_open(settings), texts, router=router, **options)
 
 
@@ -369,5 +414,8 @@ def stream_report(run_dir: str | Path) -> dict[str, Any]:
 @_checked
 def forget(task: str, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Erase TASK (or some of its labels) from the composition (continual.request.forget_composition)."""
+    from loraplex.continual.forgetting import FORGETTERS
     from loraplex.continual.request import forget_composition
+
+    _typed("forget", FORGETTERS.get("gs-lora").config_cls, options)
     return _delegate("forget", forget_composition, *_open(settings), task, **options)

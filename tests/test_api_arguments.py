@@ -31,6 +31,15 @@ CALLS = [
     (lambda s: api.export("dp", "/proc/loraplex-no-such/x", settings=s), "No such file or directory (/proc/loraplex-no-such"),
     (lambda s: api.export("dp", s.home / "blobs" / "x", settings=s), "inside the registry home"),  # was written there
     (lambda s: api.load_routed_model("retrieval", settings=s), "give the query texts, or the adapters"),  # "base None"
+    # options passed on to a pydantic config were coerced from text, against the API's strict types (sweep 15)
+    (lambda s: api.train("airline", name="t5", steps="5", settings=s), "train(): steps must be int, got str '5'"),
+    (lambda s: api.train("airline", name="t5", lr="0.01", settings=s), "train(): lr must be float, got str '0.01'"),
+    (lambda s: api.query(["x"], config={"top_k": "2"}, settings=s), "query(): top_k must be int, got str '2'"),
+    (lambda s: api.query(["x"], router="auto", config={"route_threshold": "0.3"}, settings=s),
+     "query(): route_threshold must be float, got str '0.3'"),
+    (lambda s: api.fit_router("r9", router="mixer", adapters=["dp", "dp"], config={"top_k": "2"}, settings=s),
+     "fit_router(): top_k must be int, got str '2'"),
+    (lambda s: api.forget("airline", adapters=["dp"], alpha="1", settings=s), "forget(): alpha must be float, got str '1'"),
     (lambda s: api.run_stream(str(Path(__file__).parent.parent / "examples" / "streams" / "reference.yaml"),
                               out=__file__, settings=s), "Not a directory"),
     (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),
