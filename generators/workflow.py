@@ -126,7 +126,12 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
     entry, cfg = _parse_config(method, config)
     if any(c.name == name for c in reg.list_components(KIND)):
         raise AlreadyExists(f"a generator named {name!r} already exists")
+    if adapters is not None and not list(adapters):  # [] is not "all": leave it out for every trained adapter
+        raise UserInputError("the adapter list is empty: name at least 2 adapters, or leave it out for every "
+                             "trained adapter of the registry")
     names = list(adapters) if adapters else default_members(reg)
+    for n in names:
+        reg.get_adapter(n)  # an unknown name is named (it read as "at least 2 adapters, got 1")
     data = training_set(reg, names, snapshots=cfg.snapshots)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))
     metrics = gen.fit(data, progress=progress)

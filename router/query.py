@@ -87,6 +87,8 @@ def evaluate_router(reg, settings, name: str, *, tasks: Sequence[str] | None = N
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
     if limit is not None and limit < 1:
         raise UserInputError("--limit must be at least 1")
+    if tasks is not None and not list(tasks):  # [] is not "all": leave it out for the router's own tasks
+        raise UserInputError("the task list is empty: name the tasks to evaluate on, or leave it out for the router's own")
     rm = load_routed_model(reg, settings, name)
     task_objs = [reg.load_task(t) for t in tasks] if tasks else list(rm.task_pool)
     joint_scratch = bool(rm.record.extra.get("joint")) and not rm.record.members

@@ -40,6 +40,9 @@ CALLS = [
     (lambda s: api.fit_router("r9", router="mixer", adapters=["dp", "dp"], config={"top_k": "2"}, settings=s),
      "fit_router(): top_k must be int, got str '2'"),
     (lambda s: api.forget("airline", adapters=["dp"], alpha="1", settings=s), "forget(): alpha must be float, got str '1'"),
+    # an empty list read as "all", an unknown member as "at least 2 adapters, got 1" (sweep 15)
+    (lambda s: api.fit_generator("g", method="sg-lora", adapters=[], settings=s), "the adapter list is empty"),
+    (lambda s: api.fit_generator("g", method="sg-lora", adapters=["nope"], settings=s), "no adapter named 'nope'"),
     (lambda s: api.run_stream(str(Path(__file__).parent.parent / "examples" / "streams" / "reference.yaml"),
                               out=__file__, settings=s), "Not a directory"),
     (lambda s: api.show(["dp"], settings=s), "show(): name must be str, got list"),
