@@ -108,8 +108,10 @@ def run_stream(
             raise InvalidSpec(f"{rd.path} was made by a different stream spec (they differ at {diff}); "
                               "resume it with its own spec")
     else:
-        rd = RunDir(shared_run_dir(Path(out)) if out is not None else Registry.open(s).run_dir("stream", spec.name))
-        if not is_worker() and rd.path.exists() and any(rd.path.iterdir()):
+        # without --out the run directory is made once the spec has passed every check below (made now, a
+        # refused spec left an empty one behind)
+        rd = RunDir(shared_run_dir(Path(out))) if out is not None else None
+        if rd is not None and not is_worker() and rd.path.exists() and any(rd.path.iterdir()):
             hint = " (resume it with --resume)" if rd.is_run() else ""
             raise AlreadyExists(f"{rd.path} is not empty{hint}")
 
@@ -126,6 +128,7 @@ def run_stream(
             names.append(exp.forget)
     units = method.plan(spec.experiences, names)
     _check_steps(spec, method, units, tasks)
+    _check_router_top_k(method, tasks)
     ref = resolve_base(spec.base)
     fp = fingerprint(ref, s)
     learn_spec = spec.lora.lora_spec()
@@ -140,12 +143,23 @@ def run_stream(
     changed = changed_task_file(info, tasks.values()) if info is not None else None
     if changed is not None:
         raise UserInputError(f"{rd.path}: {changed}")
+    if rd is None:
+        rd = RunDir(Registry.open(s).run_dir("stream", spec.name))
     run = _StreamRun(spec, s, rd, method, forgetter, tasks, units, ref, fp, learn_spec, learn_modules,
                      progress=progress, on_unit=on_unit)
     if is_worker():  # a DDP worker follows rank 0, which holds the run directory
         return run.execute(info, fresh=resume is None)
     with rd.exclusive():
         return run.execute(info, fresh=resume is None)
+
+
+def _check_router_top_k(method: Any, tasks: dict[str, Any]) -> None:
+    """A routed stream's router mixes top_k of its experts, one per task learned: a top_k above the tasks
+    of the whole stream is refused, as `router fit` refuses it (it was capped without a word)."""
+    top_k = (getattr(getattr(method, "config", None), "router_config", None) or {}).get("top_k")
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(tasks):
+        raise InvalidSpec(f"method.router_config.top_k={top_k} is more than the {len(tasks)} tasks this stream "
+                          f"learns (one expert each) the router would choose among")
 
 
 def _check_steps(spec: Any, method: Any, units: list, tasks: dict[str, Any]) -> None:

@@ -117,3 +117,10 @@ def test_a_bad_routed_spec_is_refused_before_anything_runs(cli, tmp_path, tiny_b
         res = cli("stream", "run", spec, "--out", tmp_path / "run")
         assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "s.yaml" in res.stderr, res.output
         assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
+    # a top_k above the tasks the stream learns was capped without a word, where `router fit` refuses it
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method={"name": "routed", "router_config": {"top_k": 10}})
+    res = cli("stream", "run", spec, "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "method.router_config.top_k=10 is more than the" in res.stderr, res.output
+    assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
+    res = cli("stream", "run", spec)  # no --out: the run directory under the home is not made for a refused spec
+    assert res.exit_code == 2 and not list((cli.home / "runs").glob("stream-*")), res.output
