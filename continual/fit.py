@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
 from loraplex.experts.layers import adapters_disabled, extract, inject_new
 from loraplex.experts.spec import Adapter, LoraSpec
-from loraplex.heads import accuracy, head_for
+from loraplex.heads import accuracy, head_for, texts_readable
 from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
 from loraplex.registry.record import AdapterDraft, Edge, validate_description, validate_name
@@ -118,6 +118,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     ref = resolve_base(base)
     lb = load_base(ref, settings)
     head = head_for(lb)
+    texts_readable(lb.tokenizer, t)
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if cfg.progress else None

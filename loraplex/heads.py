@@ -186,6 +186,28 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
         seen[ids] = lab
 
 
+def texts_readable(tokenizer, task: "Task", limit: int = 256) -> None:
+    """Refuse a task whose training texts this tokenizer reads as nothing but unknown tokens (emoji-only
+    texts to MiniLM's WordPiece are each one `[UNK]`): every input is then the same, whatever its label,
+    and training learns nothing, without a word. Checked on the first `limit` training texts; one readable
+    text among them is enough to pass (a mix of words and emoji is a task)."""
+    from loraplex.errors import UserInputError
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+    rows = list(task.train[:limit])
+    if unk is None or not rows:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    blind = 0
+    for e in rows:
+        ids = [i for i in tokenizer(e.text, add_special_tokens=False)["input_ids"] if i not in special]
+        blind += bool(ids) and all(i == unk for i in ids)
+    if blind == len(rows):
+        raise UserInputError(f"task {task.name!r}: every training text reads as unknown tokens only to this model "
+                             f"(its vocabulary has none of their characters, e.g. {rows[0].text[:20]!r}), so every input "
+                             "is the same and nothing can be learned; give texts in words it knows, or another base")
+
+
 def label_names_read_apart(family: str, tokenizer, labels: Sequence[str]) -> None:
     """Refuse label names the family's head would read as one (UserInputError): what an encoder anchors
     on (the names, as label texts) or a causal LM ranks (" " + name). For a label set that is checked

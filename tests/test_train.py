@@ -81,3 +81,17 @@ def test_smollm2_loads_and_ranks_labels(tmp_path):
     assert (tmp_path / "cache" / "models" / "smollm2" / "model.safetensors").exists()
     res = accuracy(head_for(lb), lb.model, lb.tokenizer, load_task("bbc"), "test", limit=15)
     assert res["n"] == 15 and res["accuracy"] > 0.3  # chance is 0.2 on five topics
+
+
+def test_a_task_the_base_reads_as_unknown_tokens_only_is_refused(cli, tiny_bert, tmp_path):
+    """Emoji-only texts were each one `[UNK]` to a WordPiece base: the task trained and scored 0 without a word
+    (sweep 15). A task with one readable text among them still trains."""
+    from tests.conftest import registry_state
+
+    rows = [{"text": e * 2, "label": lab} for e, lab in [("\U0001F600", "good"), ("\U0001F621", "bad")] * 12]
+    f = tmp_path / "emoji.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "e", "--base", tiny_bert, "--steps", "1", "--description", "moods", "--quiet")
+    assert r.exit_code == 2 and "every training text reads as unknown tokens only to this model" in r.stderr, r.output
+    assert registry_state(cli.home) == before
