@@ -10,7 +10,7 @@ and fixed train / validation / test splits of `Example(text, label)`. Tasks come
   * the task library (`loraplex.library`): 55 more tasks in families (`Task.family`) built from the same
     corpora, kaomoji-dataset and chatterbot-corpus;
 - a user file with `text` and `label` columns: JSON Lines (.jsonl, or .json one object a line), a .json
-  array of objects, or CSV/TSV (.csv, .tsv). Its description comes from
+  array of objects, or CSV/TSV (.csv with CSV quoting, .tsv without any). Its description comes from
   `--description` or from a sidecar `<file stem>.task.json` next to it:
   `{"name": ..., "description": ..., "labels": [...], "label_texts": {...}}`. With `labels` declared,
   a row whose label is outside the set is an error; without, the set is the labels that occur.
