@@ -56,8 +56,8 @@ from loraplex.data import load_task
 from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write
-from loraplex.heads import head_for
-from loraplex.models import fingerprint, load_base, resolve_base
+from loraplex.heads import head_for, texts_readable
+from loraplex.models import fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
 from loraplex.settings import Settings
@@ -131,6 +131,10 @@ def run_stream(
     _check_router_top_k(method, tasks)
     ref = resolve_base(spec.base)
     fp = fingerprint(ref, s)
+    if resume is None and not is_worker():  # a task its base reads as unknown tokens only teaches nothing
+        tok = load_tokenizer(ref, s)
+        for t in tasks.values():
+            texts_readable(tok, t)
     learn_spec = spec.lora.lora_spec()
     learn_modules = learn_spec.resolve_targets(fp.linear_names(), fp.model_type)
     if any(u.kind == "forget" for u in units):

@@ -124,3 +124,14 @@ def test_a_bad_routed_spec_is_refused_before_anything_runs(cli, tmp_path, tiny_b
     assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
     res = cli("stream", "run", spec)  # no --out: the run directory under the home is not made for a refused spec
     assert res.exit_code == 2 and not list((cli.home / "runs").glob("stream-*")), res.output
+    # a task its base reads as unknown tokens only (emoji to WordPiece) is refused before anything runs, as train does
+    import json
+
+    emoji = tmp_path / "emoji.jsonl"
+    emoji.write_text("".join(json.dumps({"text": e * 2, "label": lab}) + "\n"
+                             for e, lab in [("\U0001F600", "good"), ("\U0001F621", "bad")] * 12))
+    (tmp_path / "emoji.task.json").write_text(json.dumps({"description": "moods"}))
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=[{"learn": str(emoji)}])
+    res = cli("stream", "run", spec, "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "every training text reads as unknown tokens only" in res.stderr, res.output
+    assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
