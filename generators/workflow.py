@@ -202,11 +202,11 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
         raise UserInputError("a description of the task is required: it is what the adapter is generated from")
     description = validate_description(description)
     refine = refine_config(steps=refine_steps) if refine_steps else None  # a bad value is refused here, by field
+    examples = _checked_examples(examples)  # before refinement reads them: a blank label is no label there too
     if refine is not None:
         if not examples:
             raise UserInputError("--refine-steps refines the adapter on labelled examples of the task: pass --examples FILE")
         examples_task(description, examples)
-    examples = _checked_examples(examples)
     if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, (int, float))
                                      or not 0 < max_distance <= 2):  # nan compared false: the bound never tripped
         raise UserInputError(f"max_distance must be a cosine distance above 0 and at most 2, got {max_distance!r}")
