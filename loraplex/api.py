@@ -164,7 +164,10 @@ def _typed(where: str, model: Any, values: dict[str, Any] | None) -> None:
     except ValidationError as exc:
         for e in exc.errors():
             if e["type"] in ("int_type", "float_type", "bool_type", "string_type") and len(e["loc"]) == 1:
-                raise UserInputError(f"{where}(): {e['loc'][0]} must be {e['type'][:-5]}, got "
+                # the CLI's `--set` dict (cli._options.SetOptions; the API does not import the CLI)
+                from_set = type(values).__name__ == "SetOptions"
+                named = f"--set {e['loc'][0]}" if from_set else f"{where}(): {e['loc'][0]}"
+                raise UserInputError(f"{named} must be {e['type'][:-5]}, got "
                                      f"{type(e['input']).__name__} {_SHORT.repr(e['input'])}") from None
 
 

@@ -23,3 +23,23 @@ def test_malformed_items_are_refused(bad):
 def test_a_value_cannot_also_be_a_group():
     with pytest.raises(InvalidSpec, match="not a group"):
         parse_sets(["cvae=1", "cvae.steps=2"])
+
+
+@pytest.mark.parametrize("raw", ["1_0", "0.0_1", "1_000"])
+def test_a_number_with_underscores_is_refused(raw):
+    """JSON does not read `1_0`; pydantic then read the text as Python does, 10: a typo taken as a value
+    (sweep 15)."""
+    with pytest.raises(InvalidSpec, match="not a number as JSON writes it"):
+        parse_sets([f"top_k={raw}"])
+    assert parse_sets(["name=my_router"]) == {"name": "my_router"}  # text with underscores stays text
+
+
+def test_a_wrong_type_is_named_as_the_set_option(settings):
+    """The API's strict check named the CLI's `--set` value as `query(): route_threshold` (sweep 15)."""
+    from loraplex import api
+    from loraplex.errors import UserInputError
+
+    for router, item in (("auto", "route_threshold=abc"), (None, "top_k=two")):
+        with pytest.raises(UserInputError) as exc:
+            api.query(["x"], router=router, config=parse_sets([item]), settings=settings)
+        assert str(exc.value).startswith(f"--set {item.split('=')[0]} must be"), str(exc.value)

@@ -147,13 +147,19 @@ def split_quoted(value: str, option: str) -> list[str]:
     return rows[0] if rows else []
 
 
+class SetOptions(dict):
+    """A config dict read from `--set` pairs: the checks that type its values (`api._typed`) name the
+    option as `--set KEY`, the way the user wrote it, not as the API function's argument."""
+
+
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` pairs -> a config dict, for every command that takes them: keys with `-` read as
     `_`, `a.b=1` nests, values read as JSON when they parse (2, 0.5, true, [64, 64]), else as text (the
-    config's pydantic model then checks types and ranges)."""
+    config's pydantic model then checks types and ranges). A number JSON does not read but Python would
+    (`1_0`) is refused: pydantic would read it as 10, a typo read as a value."""
     from loraplex.errors import InvalidSpec
 
-    cfg: dict[str, Any] = {}
+    cfg: dict[str, Any] = SetOptions()
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -163,15 +169,26 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             value = json.loads(raw)
         except ValueError:
             value = raw
+            if "_" in raw and _python_number(raw):
+                raise InvalidSpec(f"--set {item!r}: {raw!r} is not a number as JSON writes it "
+                                  f"(write it without underscores)")
         node = cfg
         parts = [p.strip().replace("-", "_") for p in key.strip().split(".")]
         if not all(parts):
             raise InvalidSpec(f"--set {item!r}: an empty name in {key.strip()!r}")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            node = node.setdefault(p, SetOptions())
             if not isinstance(node, dict):
                 raise InvalidSpec(f"--set {item!r}: {p!r} is not a group of settings")
         if parts[-1] in node:
             raise InvalidSpec(f"--set {'.'.join(parts)} is given twice; give each key once")
         node[parts[-1]] = value
     return cfg
+
+
+def _python_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, parse_list, parse_sets, settings, split_quoted
+from loraplex.cli._options import Base, Home, Json, SetOptions, parse_list, parse_sets, settings, split_quoted
 
 
 MAX_INPUT_BYTES = 64 << 20  # a file of queries is read whole: 64 MiB is about a million tweets
@@ -88,7 +88,7 @@ def query(
         from loraplex.errors import UserInputError
 
         raise UserInputError("--top-k and --set top_k=... both set top_k: give one")
-    cfg = {**sets, **({"top_k": top_k} if top_k is not None else {})} or None  # a stored router refuses it (router.query)
+    cfg = SetOptions({**sets, **({"top_k": top_k} if top_k is not None else {})}) or None  # a stored router refuses it (router.query)
     res = api.query(queries, router=router, adapters=parse_list(adapters, "--adapters") or None, trace=trace or json, base=base,
                     shortlist=shortlist, batch_size=batch_size, config=cfg, settings=settings(home),
                     labels=split_quoted(labels, "--labels") if labels is not None else None)
