@@ -201,10 +201,15 @@ def register(path: str | Path, *, name: str, description: str, task: str | None 
 
 
 @_checked
-def list_adapters(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list["AdapterRecord"]:
-    """Every registered adapter's record (`damaged`: a list that collects the damaged records' messages,
-    which are then left out instead of failing the whole listing)."""
-    return open_registry(settings).list_adapters(damaged=damaged)
+def list_adapters(settings: Settings | None = None, *, base: str | None = None,
+                  damaged: list[str] | None = None) -> list["AdapterRecord"]:
+    """Every registered adapter's record, or those of `base` (`damaged`: a list that collects the damaged
+    records' messages, which are then left out instead of failing the whole listing; with `base`, only
+    that base's)."""
+    from loraplex.models import resolve_base
+
+    want = resolve_base(base).name if base is not None else None
+    return open_registry(settings).list_adapters(base=want, damaged=damaged)
 
 
 @_checked

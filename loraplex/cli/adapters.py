@@ -42,16 +42,12 @@ def list_(
 ) -> None:
     """List the registered adapters."""
     from loraplex import api
-    from loraplex.models import resolve_base
 
     s = settings(home)
     damaged: list[str] = []
-    recs = api.list_adapters(s, damaged=damaged)
+    recs = api.list_adapters(s, base=base, damaged=damaged)  # --base: other bases' damage is not named
     for why in damaged:  # one damaged record does not hide the others
         out.warn(why)
-    if base:
-        want = resolve_base(base).name
-        recs = [r for r in recs if r.base == want]
     rows = [r.summary() for r in recs]
     if json:
         out.emit_json(rows)

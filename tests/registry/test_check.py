@@ -318,3 +318,14 @@ def test_one_damaged_record_does_not_hide_the_others_from_a_listing(settings, ti
     r = cli("adapters", "list", "--home", str(settings.home))
     assert r.exit_code == 0 and names[1] in r.stdout and names[0] not in r.stdout, r.output
     assert r.stderr.count("warning: ") == 1 and f"adapter {names[0]!r}: its stored record is damaged" in r.stderr
+
+
+def test_a_listing_of_one_base_names_only_that_bases_damage(settings, tiny_bert, tmp_path, cli):
+    """`adapters list --base B` warned about damaged records of every base, then hid their adapters."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    names = [r.name for r in reg.list_adapters()]
+    _edit(reg, "UPDATE adapters SET rank = 'abc', base = 'minilm' WHERE name = ?", names[0])
+    r = cli("adapters", "list", "--base", str(tiny_bert), "--home", str(settings.home))
+    assert r.exit_code == 0 and names[1] in r.stdout and "warning" not in r.stderr, r.output
+    r = cli("adapters", "list", "--base", "minilm", "--home", str(settings.home))
+    assert r.exit_code == 0 and r.stderr.count("warning: ") == 1, r.output
