@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loraplex.data import CARD_ONLY, read_rows, row_value
+from loraplex.data import CARD_ONLY, check_columns, read_rows, row_value
 from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
@@ -264,6 +264,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     if not p.exists():
         raise TaskNotFound(f"{p}: no such examples file")
     rows = read_rows(p)
+    check_columns(p, rows, ("text", "label"))
     out = []
     for n, row in enumerate(rows, 1):
         out.append((row_value(p, n, row, "text"), row_value(p, n, row, "label", required=False)))

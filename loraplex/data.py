@@ -27,6 +27,7 @@ import json
 import os
 import unicodedata
 from functools import lru_cache
+from typing import Sequence
 from pathlib import Path
 
 from loraplex import library
@@ -128,14 +129,10 @@ def read_rows(path: Path) -> list[dict]:
         line = raw[:exc.start].count(b"\n") + 1
         raise InvalidTaskFile(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r})") from None
     rows: list[dict] = []
-    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of row objects
-        from loraplex.fsio import parse_json_text
-
-        data = parse_json_text(text, error=InvalidTaskFile, where=str(path))
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise InvalidTaskFile(f"{path}: a .json task file holds one JSON array of objects with 'text' and 'label' "
-                                  "(or one object per line)")
-        return data
+    if suffix == ".json":
+        data = _whole_json(path, text)
+        if data is not None:
+            return data
     if suffix in (".jsonl", ".json"):
         for n, line in enumerate(text_lines(text), 1):
             if not line.strip():
@@ -186,6 +183,47 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _whole_json(path: Path, text: str) -> list[dict] | None:
+    """A .json file read whole: its rows when it is one JSON array of row objects, None when it is one object
+    per line (JSON Lines under a .json name: the whole text does not parse, the lines do). Any other value
+    (one object holding the rows, columns of lists) is refused with the shape wanted."""
+    from loraplex.fsio import parse_json_text
+
+    shape = "a .json task file holds one JSON array of objects with 'text' and 'label' (or one object per line)"
+    if text.lstrip().startswith("["):
+        data = parse_json_text(text, error=InvalidTaskFile, where=str(path))
+    else:
+        try:
+            data = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None  # not one JSON value: read line by line, where a bad line is named
+        if (isinstance(data, dict) and len([ln for ln in text_lines(text) if ln.strip()]) == 1
+                and not any(isinstance(v, (list, dict)) for v in data.values())):
+            return None  # one row object on one line: JSON Lines of one row (not columns of lists)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        got = f"one JSON {type(data).__name__.replace('dict', 'object').replace('list', 'array')}"
+        if isinstance(data, list):
+            got = "an array whose items are not all objects"
+        raise InvalidTaskFile(f"{path}: {shape}; this file holds {got}")
+    return data
+
+
+TASK_COLUMNS = ("text", "label", "split")
+"""The columns of a task file: the text, its label, and optionally the split it belongs to."""
+SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
+"""What a task file's `split` column may say (case and spaces aside), and the split each name is."""
+
+
+def check_columns(path: Path, rows: Sequence[dict], known: Sequence[str]) -> None:
+    """Refuse a column loraplex would not read (an `id`, a per-row `description`): dropped silently, the
+    user would believe it was used."""
+    for n, row in enumerate(rows, 1):
+        extra = next((k for k in row if k not in known and k is not None), None)
+        if extra is not None:
+            raise InvalidTaskFile(f"{path}: row {n} has a column {str(extra)[:60]!r} that loraplex does not read "
+                                  f"(the columns read: {', '.join(known)}); remove it")
+
+
 def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True) -> str | None:
     """Column `col` of row `n` of a task or examples file, as the stripped text it stands for: a string, or
     for a label also a whole number (`1` and `"1"` are one label; `1.0` is refused, it would be another).
@@ -207,6 +245,38 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
     if col == "label" and any(unicodedata.category(ch) == "Cc" for ch in text):
         raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a control character")
     return text
+
+
+def _given_splits(path: Path, rows: Sequence[dict]) -> list[str] | None:
+    """Each row's split (`train`, `val`, `test`) when the file has a `split` column, else None."""
+    if not any("split" in row for row in rows):
+        return None
+    out = []
+    for n, row in enumerate(rows, 1):
+        v = row.get("split")
+        name = SPLIT_NAMES.get(v.strip().lower()) if isinstance(v, str) else None
+        if name is None:
+            got = "no 'split'" if v is None or (isinstance(v, str) and not v.strip()) else f"split {str(v)[:40]!r}"
+            raise InvalidTaskFile(f"{path}: row {n} has {got}: a file with a 'split' column gives every row one of "
+                                  "train, validation (or val, dev), test")
+        out.append(name)
+    return out
+
+
+def _split_as_given(path: Path, examples: Sequence[Example], splits: Sequence[str]) -> tuple[tuple[Example, ...], ...]:
+    """The file's own splits; a validation or test split it does not give is cut from its training rows as
+    the hash split cuts it (a file of train and test rows keeps its test rows, and validates on a tenth of
+    its training rows)."""
+    given = {k: tuple(e for e, s in zip(examples, splits) if s == k) for k in ("train", "val", "test")}
+    if not given["train"]:
+        raise InvalidTaskFile(f"{path}: the 'split' column gives no train rows")
+    tr, va, te = split_examples(given["train"], seed=0)
+    train = tr + (va if given["val"] else ()) + (te if given["test"] else ())
+    val, test = given["val"] or va, given["test"] or te
+    if not train or not val or not test:
+        raise InvalidTaskFile(f"{path}: too few train rows to cut the splits the 'split' column does not give "
+                              f"({len(given['train'])}): give at least 3, or give each split")
+    return train, val, test
 
 
 def card_task(ref: str | os.PathLike, card: dict) -> Task:
@@ -251,7 +321,9 @@ def load_task_file(
     rows = read_rows(p)
     if not rows:
         raise InvalidTaskFile(f"{p}: no examples")
+    check_columns(p, rows, TASK_COLUMNS)
     examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
+    given_splits = _given_splits(p, rows)
     declared = meta.get("labels")
     if declared is not None:
         if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared) or not declared:
@@ -290,7 +362,10 @@ def load_task_file(
         raise InvalidTaskFile(f"{p}: {exc if isinstance(exc, UserInputError) else 'a row is not valid UTF-8 text'}") from None
     if len(examples) < 3:  # train, validation and test each need a row: 2 rows trained and scored `nan`
         raise InvalidTaskFile(f"{p}: too few examples to split ({len(examples)}): a task file needs at least 3 rows")
-    train, val, test = split_examples(examples, seed=0)
+    if given_splits is None:
+        train, val, test = split_examples(examples, seed=0)
+    else:
+        train, val, test = _split_as_given(p, examples, given_splits)
     label_texts = meta.get("label_texts") or card.get("label_texts") or {}
     if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")

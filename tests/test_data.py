@@ -191,3 +191,76 @@ def test_a_tsv_file_reads_double_quotes_as_text_and_a_mac_csv_reads(tmp_path):
     mac = tmp_path / "mac.csv"
     mac.write_bytes(b"text,label\rgreat,pos\rawful,neg\r")
     assert [(r["text"], r["label"]) for r in read_rows(mac)] == [("great", "pos"), ("awful", "neg")]
+
+
+@pytest.mark.parametrize("value", [{"rows": _rows()}, {"text": ["a", "b", "c"], "label": ["x", "y", "x"]}])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_file_holding_one_object_is_named_as_such(tmp_path, value, indent):
+    """One object holding the rows, or columns of lists, read as "not a JSON object" (pretty-printed) or as
+    a row whose 'text' is a list (sweep 16)."""
+    f = tmp_path / "object.json"
+    f.write_text(json.dumps(value, indent=indent))
+    with pytest.raises(InvalidTaskFile, match="one JSON array of objects .* this file holds one JSON object"):
+        load_task_file(f, description="d")
+    f.write_text("\n".join(json.dumps(r) for r in _rows()))  # JSON Lines under a .json name still reads
+    assert load_task_file(f, description="d").labels == ("bad", "good")
+
+
+def test_a_split_column_gives_the_splits(tmp_path):
+    """A `split` column was dropped silently: rows the user kept for testing were trained on (sweep 16)."""
+    rows = [{"text": f"review {i}", "label": "good" if i % 2 else "bad"} for i in range(40)]
+    f = tmp_path / "split.jsonl"
+    f.write_text("\n".join(json.dumps({**r, "split": " Test" if i < 6 else "train"}) for i, r in enumerate(rows)))
+    t = load_task_file(f, description="d")
+    assert [e.text for e in t.test] == [f"review {i}" for i in range(6)]
+    assert len(t.validation) == 3 and len(t.train) == 31  # validation cut from the train rows
+    assert not {e.text for e in t.train} & {e.text for e in t.validation + t.test}
+    f.write_text("\n".join(json.dumps({**r, "split": ["test", "validation", "dev", "train"][i % 4]})
+                           for i, r in enumerate(rows)))
+    t = load_task_file(f, description="d")
+    assert (len(t.train), len(t.validation), len(t.test)) == (10, 20, 10)
+    csv_file = tmp_path / "split.csv"
+    csv_file.write_text("text,label,split\n" + "\n".join(f"review {i},{'ab'[i % 2]},{'test' if i < 3 else 'train'}"
+                                                         for i in range(20)))
+    assert len(load_task_file(csv_file, description="d").test) == 3
+
+
+@pytest.mark.parametrize("split, match", [
+    ("holdout", "row 1 has split 'holdout': a file with a 'split' column gives every row one of train"),
+    (None, "row 1 has no 'split'"),
+    (3, "row 1 has split '3'"),
+])
+def test_a_split_column_with_another_value_is_refused(tmp_path, split, match):
+    f = tmp_path / "split.jsonl"
+    rows = [{"text": f"review {i}", "label": "ab"[i % 2], "split": "train"} for i in range(20)]
+    rows[0]["split"] = split
+    if split is None:
+        del rows[0]["split"]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InvalidTaskFile, match=match):
+        load_task_file(f, description="d")
+    f.write_text("\n".join(json.dumps({**r, "split": "test"}) for r in rows))
+    with pytest.raises(InvalidTaskFile, match="gives no train rows"):
+        load_task_file(f, description="d")
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_column_loraplex_does_not_read_is_refused(tmp_path, suffix):
+    """An `id` or a per-row `description` was dropped silently (sweep 16)."""
+    f = tmp_path / f"extra.{suffix}"
+    if suffix == "jsonl":
+        f.write_text("\n".join(json.dumps({**r, "description": "x"}) for r in _rows()))
+    else:
+        f.write_text("text,label,id\n" + "\n".join(f"t {i},{'ab'[i % 2]},{i}" for i in range(10)))
+    col = "description" if suffix == "jsonl" else "id"
+    with pytest.raises(InvalidTaskFile, match=f"a column '{col}' that loraplex does not read .*text, label, split"):
+        load_task_file(f, description="d")
+
+
+def test_an_examples_file_names_a_column_it_does_not_read(tmp_path):
+    from loraplex.generators.workflow import read_examples
+
+    f = tmp_path / "few.jsonl"
+    f.write_text(json.dumps({"text": "a late flight", "label": "negative", "split": "train"}))
+    with pytest.raises(InvalidTaskFile, match="a column 'split' that loraplex does not read .*text, label\\)"):
+        read_examples(f)
