@@ -40,9 +40,7 @@ MAPPED = {
     ("router fit", "--devices"): (LightningSettings, "devices"),
     ("router fit", "--strategy"): (LightningSettings, "strategy"),
     ("router fit", "--precision"): (LightningSettings, "precision"),
-    ("forget", "--steps"): (TrainerSettings, "steps"),
-    ("forget", "--lr"): (TrainerSettings, "lr"),
-    ("forget", "--eval-limit"): (TrainerSettings, "eval_limit"),
+    ("forget", "--lr"): (TrainerSettings, "lr"),  # forget's --steps and --eval-limit: hand-written (no experiences)
     ("generate adapter", "--refine-steps"): (RefineConfig, "steps"),
 }
 SYNTAX = {("train", "--targets"): "comma-separated",

@@ -18,7 +18,7 @@ app = typer.Typer(help="Generate adapters for new tasks from a description (SG-L
 def fit(
     name: Annotated[str, typer.Argument(help="Name to store the generator under.")],
     method: Annotated[str, typer.Option("--method", help="Generator method: sg-lora or icm-lora (see `generate methods`).")],
-    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter that was not generated).")] = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter trained for a task, not generated and not a forgetting adapter; with adapters of several bases, name them).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. top_k=2, cvae.steps=500.")] = None,
     quiet: Quiet = False,
     home: Home = None,
@@ -43,7 +43,7 @@ def adapter(
     description: Annotated[str, typer.Argument(help="What the new task is, in words.")],
     generator: Annotated[str, typer.Option("--generator", help="A fitted generator (see `generate list`).")],
     name: Annotated[str, typer.Option("--name", help="Name to register the new adapter under.")],
-    examples: Annotated[Optional[Path], typer.Option("--examples", help="A .jsonl/.csv file of examples (text, optional label): icm-lora reads them in context; for sg-lora they only set the adapter's data signature.")] = None,
+    examples: Annotated[Optional[Path], typer.Option("--examples", help="A task-shaped file (.jsonl, .json, .csv, .tsv) of examples (text, optional label): icm-lora reads them in context; for sg-lora they set the adapter's data signature; with labels they also pick the label set the adapter answers with and feed --refine-steps.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
     refine_steps: Annotated[int, field_option("loraplex.generators.refine:RefineConfig.steps", "--refine-steps",
                                               syntax="needs --examples with a label on each")] = 0,

@@ -110,9 +110,10 @@ def forget(
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="The composition (comma-separated adapter names); default: the latest one recorded.")] = None,
     base: Base = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name for the forgetting adapter.")] = None,
-    steps: Annotated[int, field_option(f"{_TRAINER}.steps", "--steps")] = 100,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps of the GS-LoRA adapter.")] = 100,
     lr: Annotated[float, field_option(f"{_TRAINER}.lr", "--lr")] = 2e-3,
-    eval_limit: Annotated[int, field_option(f"{_TRAINER}.eval_limit", "--eval-limit")] = 300,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the before/after "
+                                            "accuracies (the erased task's and each retained one's).")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     quiet: Quiet = False,
     home: Home = None,
