@@ -135,3 +135,38 @@ def test_one_damaged_record_fails_only_its_own_requests(engine, settings):
     fresh.sync(set())
     g = fresh.gates([_route("flights-lora")])
     assert g is not None and float(g.sum()) == 1.0
+
+
+def test_a_held_classification_is_not_starved_by_new_rows(engine):
+    """A classification held for the running rows' slots waited as long as new generation rows kept joining
+    with other adapters (review, last session): while one is held, only rows whose adapters are already
+    loaded for running rows join; the rest wait behind it."""
+    import asyncio
+
+    from loraplex.serve import decode
+    from loraplex.serve.scheduler import Job, Scheduler
+    from loraplex.serve.targets import Target
+
+    sch = Scheduler(engine, max_batch=8, max_wait_ms=1)
+    loop = asyncio.new_event_loop()
+
+    def job(name):
+        return Job(kind="generate", target=Target("adapter", name), texts=["x"], loop=loop, prompt_ids=[1, 2, 3],
+                   sampling=decode.Sampling(max_tokens=8))
+
+    try:
+        first = job("flights-lora")
+        sch._pending = [(first, _route("flights-lora"))]
+        sch._admit()
+        assert sch._pinned() == {"flights-lora"} and not sch._pending
+        sch._held = [Job(kind="classify", target=Target("adapter", "sports-lora"), texts=["x"], loop=loop)]
+        other, same = job("phones-lora"), job("flights-lora")
+        sch._pending = [(other, _route("phones-lora")), (same, _route("flights-lora"))]
+        sch._admit()
+        assert [j for j, _ in sch._pending] == [other]  # waits behind the held classification
+        assert len(sch._lanes["bank"].rows) == 2  # `same` joined: it loads nothing new
+        sch._held = []
+        sch._admit()
+        assert not sch._pending and len(sch._lanes["bank"].rows) == 3
+    finally:
+        loop.close()
