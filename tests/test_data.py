@@ -264,3 +264,30 @@ def test_an_examples_file_names_a_column_it_does_not_read(tmp_path):
     f.write_text(json.dumps({"text": "a late flight", "label": "negative", "split": "train"}))
     with pytest.raises(InvalidTaskFile, match="a column 'split' that loraplex does not read .*text, label\\)"):
         read_examples(f)
+
+
+def test_labels_label_texts_and_task_names_are_bounded(tmp_path):
+    """A 50,000-character label, a 100,000-character sidecar name and label text were trained on and stored
+    (sweep 16): the bounds `--labels` and the server already keep."""
+    rows = _rows()
+    rows[0]["label"] = "L" * 1001
+    f = _jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(InvalidTaskFile, match="row 1: a label of 1,001 characters; at most 1,000"):
+        load_task_file(f, description="d")
+    f = _jsonl(tmp_path / "name.jsonl", _rows(), sidecar={"description": "d", "name": "n" * 201})
+    with pytest.raises(InvalidTaskFile, match="'name' is 201 characters long; at most 200"):
+        load_task_file(f)
+    f = _jsonl(tmp_path / "lt.jsonl", _rows(), sidecar={"description": "d", "label_texts": {"good": "g" * 1001}})
+    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text of 1,001 characters"):
+        load_task_file(f)
+
+
+def test_a_missing_column_names_the_rows_columns_and_a_null_is_named(tmp_path):
+    f = _jsonl(tmp_path / "renamed.jsonl", [{"sentence": r["text"], "target": r["label"]} for r in _rows()])
+    with pytest.raises(InvalidTaskFile, match="row 1 has no 'text' column \\(its columns: 'sentence', 'target'\\)"):
+        load_task_file(f, description="d")
+    rows = _rows()
+    rows[3]["label"] = None
+    f = _jsonl(tmp_path / "null.jsonl", rows)
+    with pytest.raises(InvalidTaskFile, match="row 4: 'label' is null"):
+        load_task_file(f, description="d")
