@@ -64,7 +64,7 @@ class LoraSettings(_Frozen):
     """The LoRA every learning experience trains."""
 
     rank: int = Field(8, ge=1, le=MAX_RANK)
-    """LoRA rank of the adapter trained (the same bound as every LoRA's, `experts.spec.MAX_RANK`)."""
+    """LoRA rank of the adapter trained (at most 4,096, every LoRA's bound)."""
     alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     """LoRA alpha (default: 2 x rank)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

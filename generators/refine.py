@@ -45,7 +45,7 @@ class RefineConfig(Options):
     model_config = options(use_attribute_docstrings=True)
 
     steps: int = Field(0, ge=0, le=1000)
-    """Gradient steps on the labelled examples in the generator's coordinates (0: no refinement)."""
+    """Gradient steps on the labelled examples in the generator's coordinates (0: no refinement; at most 1,000)."""
     lr: float = Field(0.2, gt=0, le=10)
     """Adam's learning rate on the coordinates (which have unit RMS over the training vectors)."""
     anchor: float = Field(0.05, ge=0)

@@ -95,7 +95,7 @@ class LightningSettings(Options):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
     devices: int | str = 1
-    """Lightning devices (a number or 'auto')."""
+    """Lightning devices (a number, -1 for every GPU, or 'auto')."""
     strategy: str = "auto"
     """Lightning strategy: auto, ddp, fsdp, ..."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",

@@ -2,7 +2,7 @@
 
 Modules:
 - engine.py     the main seam into the rest of loraplex (registry, models, routers, heads): router
-                models, `auto`, generation steps, registering through the CLI's command
+                models, `auto`, generation steps, registering (registry.adapters.register_peft)
 - classify.py   classification on the engine's models (rows of every request in shared forwards); it
                 also imports router.model.labels_task and experts.layers.use_gates directly
 - targets.py    Target, Route, Events and a route's summary: the data engine, scheduler and routes share

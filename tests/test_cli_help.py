@@ -142,3 +142,10 @@ def test_catalog_lists_take_no_home(cli):
     for cmd in (("tasks", "list"), ("models", "list")):
         r = cli(*cmd, "--home", "")
         assert r.exit_code == 2 and "No such option: --home" in r.stderr, r.output
+
+
+def test_the_rank_help_names_the_bound_the_config_keeps():
+    from loraplex.continual.spec import LoraSettings
+    from loraplex.experts.spec import MAX_RANK
+
+    assert f"at most {MAX_RANK:,}" in LoraSettings.model_fields["rank"].description

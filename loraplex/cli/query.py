@@ -70,7 +70,7 @@ def query(
     input_: Annotated[Optional[Path], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Show which adapter took each token, and per layer.")] = False,
     shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval: adapters mixed per query.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval and auto: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
     labels: Annotated[Optional[str], typer.Option("--labels", help="Answer with one of these labels (comma-separated; a label that holds a comma in double quotes); retrieval and auto then prefer adapters trained on them.")] = None,

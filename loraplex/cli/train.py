@@ -16,7 +16,7 @@ _LORA = "loraplex.continual.spec:LoraSettings"
 
 
 def train(
-    task: Annotated[str, typer.Argument(help="An embedded task name, or a task file with text and label columns (.jsonl, .json, .csv, .tsv).")],
+    task: Annotated[str, typer.Argument(help="An embedded task name, or a task file with text and label columns and an optional split column (.jsonl, .json, .csv, .tsv).")],
     name: Annotated[str, typer.Option("--name", help="Name to register the trained adapter under.")],
     base: Annotated[str, typer.Option("--base", help="Base model: minilm, smollm2, or a local model directory.")] = "minilm",
     rank: Annotated[int, field_option(f"{_LORA}.rank", "--rank")] = 8,
