@@ -302,10 +302,41 @@ def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = _checked_tokenizer(AutoTokenizer.from_pretrained(path))
+    emb = model.get_input_embeddings()
+    if emb is not None and len(tok) > emb.num_embeddings:  # ids past the table: an IndexError mid-forward
+        raise ValueError(f"its tokenizer has {len(tok):,} tokens but the model's embeddings hold "
+                         f"{emb.num_embeddings:,} (vocab_size in config.json): the tokenizer is not this model's")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _checked_tokenizer(tok):
+    """A tokenizer that knows some words: with no tokenizer files in a model directory, transformers builds
+    one of special tokens only, and every text then reads as unknown tokens."""
+    if len(tok) <= len(set(tok.all_special_ids)) + 1:
+        raise ValueError(f"its tokenizer has no vocabulary ({len(tok)} tokens, all special): is a tokenizer file "
+                         "(tokenizer.json, vocab.txt, tokenizer.model, ...) missing from the model directory?")
+    return tok
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What went wrong loading a model directory, in one line (safetensors, transformers and torch word it
+    in their own ways, some over many lines)."""
+    text = str(exc)
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return "its weights do not match its config.json (a tensor's size differs from what the config builds)"
+    if type(exc).__name__ == "SafetensorError":
+        return f"its weights file is damaged or cut short ({text.splitlines()[0][:160] if text else 'unreadable'})"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model directory raises for a bad directory (not a bug of loraplex's)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, RuntimeError, KeyError, EnvironmentError)
 
 
 def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
@@ -315,9 +346,9 @@ def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
     quiet_transformers()
     ref = resolve_base(ref) if isinstance(ref, str) else ref
     try:
-        return AutoTokenizer.from_pretrained(str(ref.path(settings or Settings.load())))
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {exc}") from None
+        return _checked_tokenizer(AutoTokenizer.from_pretrained(str(ref.path(settings or Settings.load()))))
+    except _load_errors() as exc:
+        raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {_load_failure(exc)}") from None
 
 
 def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
@@ -331,8 +362,8 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
         keep_heap()  # CPU activations reuse the heap instead of page-faulting in (loraplex/allocator.py)
     try:
         model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device, str(dtype).removeprefix("torch."))
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"cannot load base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    except _load_errors() as exc:
+        raise ModelNotFound(f"cannot load base model {ref.name!r}: {_load_failure(exc)}") from None
     model = copy.deepcopy(model)
     return LoadedBase(ref, model, tok, fingerprint_model(model, ref.name, ref.family), settings)
 
