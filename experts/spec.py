@@ -141,12 +141,32 @@ class LoraSpec(BaseModel):
             raise IncompatibleAdapter(
                 f"no default target modules for model type {model_type!r}; name them (e.g. --targets q_proj,v_proj)"
             )
-        names = [n for n in module_names if any(matches_target(n, t) for t in targets)]
+        module_names = list(module_names)
+        names = [n for n in module_names if any(matches_target(n, t) for t in targets) and not _unread(n)]
+        if self.target_modules:  # named by the user: each one must adapt something (a typo was dropped silently)
+            for t in targets:
+                hits = [n for n in module_names if matches_target(n, t)]
+                if hits and all(_unread(n) for n in hits):
+                    raise IncompatibleAdapter(
+                        f"target module {t!r} matches only {', '.join(hits[:3])}, which no loraplex head reads (the "
+                        "encoder head mean-pools the last hidden state; the pooler is never on the loss path)")
+                if not hits and names:
+                    raise IncompatibleAdapter(f"target module {t!r} matches no linear layer of this {model_type} model "
+                                              f"(the others match {len(names)} modules)")
         if not names:
             raise IncompatibleAdapter(
                 f"target modules {list(targets)} match no linear layer of this {model_type} model"
             )
         return names
+
+
+UNREAD_MODULES = ("pooler.",)
+"""Prefixes of the modules no loraplex head reads: the encoder head mean-pools the last hidden state, so
+BERT's pooler is never on the loss path (a LoRA there gets no gradient; alone, training fails)."""
+
+
+def _unread(name: str) -> bool:
+    return name.startswith(UNREAD_MODULES) or any(f".{p}" in name for p in UNREAD_MODULES)
 
 
 @dataclass

@@ -136,12 +136,18 @@ class Registry(Database, Components):
         when the command fails or is stopped: it registered nothing, and a partial checkpoint is no use to a
         later command (those commands do not resume; a stream resumes from its own directory) while it holds
         the disk (a full disk is the commonest such failure). Rank 0 removes it; DDP workers share it."""
+        made = [d for d in (self.home, self.home / "runs") if not d.exists()]  # a fresh home's: gone again too
         path = self.run_dir(kind, name)
         try:
             yield path
         except BaseException:
             if not is_worker():
                 shutil.rmtree(path, ignore_errors=True)
+                for d in reversed(made):  # only while empty: another command may have written there since
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
             raise
 
     @property

@@ -23,3 +23,21 @@ def test_two_runs_of_one_name_in_one_second_get_their_own_directories(settings, 
             assert third.name.endswith("-3")
             raise RuntimeError("boom")
     assert not third.exists() and (first / "metrics.csv").is_file() and second.is_dir()
+
+
+def test_a_failed_run_in_a_fresh_home_leaves_no_home_behind(settings, tmp_path):
+    """The run's directory was removed, the `runs/` (and the home) it created were left (sweep 16)."""
+    from loraplex.settings import Settings
+
+    fresh = Settings(home=tmp_path / "fresh", embedder=settings.embedder)
+    reg = Registry.open(fresh)
+    with pytest.raises(RuntimeError):
+        with reg.new_run("train", "x") as run:
+            assert run.is_dir()
+            raise RuntimeError("boom")
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "fresh" / "runs").mkdir(parents=True)  # a home that was there before stays
+    with pytest.raises(RuntimeError):
+        with reg.new_run("train", "x"):
+            raise RuntimeError("boom")
+    assert (tmp_path / "fresh" / "runs").is_dir() and not any((tmp_path / "fresh" / "runs").iterdir())
