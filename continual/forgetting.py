@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, Options, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.continual.distill import StoredScores
 from loraplex.continual.experience import UnitOutcome, train_unit
 from loraplex.continual.losses import bound_for, bounded_forget_loss
@@ -54,7 +54,7 @@ class GSLoraConfig(Options):
     """Feed-forward module suffixes (default: FFN_TARGETS of the base's model type)."""
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Optimiser steps (default: the trainer's steps per experience)."""
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
     """Peak learning rate (default: the trainer's)."""
     sparsity_weight: float = Field(0.01, ge=0)
     """alpha of GS-LoRA: weight of the group lasso over the blocks' LoRA groups."""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from loraplex.catalog import Catalog, MAX_COUNT, MAX_STEPS, Options, options
+from loraplex.catalog import Catalog, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.continual.regularizers.o_lora import OLoraConfig
 from loraplex.continual.experience import train_unit
 from loraplex.continual.regularizers import REGULARIZERS
@@ -183,7 +183,7 @@ class RoutedConfig(Options):
     """That router's own settings (e.g. {top_k: 1}); validated by the router's config class."""
     router_steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimiser steps of each refit of the router (adapters frozen, only the gates learn)."""
-    router_lr: float = Field(1e-2, gt=0)
+    router_lr: float = Field(1e-2, gt=0, le=MAX_LR)
     memory_per_task: int = Field(64, ge=1, le=MAX_COUNT)
     """Rows per task kept for refitting the router when the stream has no replay buffer."""
 

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.continual.forgetting import FORGETTERS, no_rows_to_forget
 from loraplex.continual.methods import METHODS
 from loraplex.data import EMBEDDED_TASKS, TASK_SUFFIXES, load_task
@@ -85,7 +85,7 @@ class TrainerSettings(LightningSettings):
     epochs: float | None = Field(None, gt=0, le=MAX_STEPS)
     """Passes over each experience's new data instead of a step count (the steps they make are held to
     trainer.steps' bound too, per unit, before a run starts: `steps_for`)."""
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, le=MAX_LR)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Examples per step (replayed ones included)."""

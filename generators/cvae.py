@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_STEPS, Options, options
+from loraplex.catalog import MAX_LR, MAX_STEPS, Options, options
 from loraplex.errors import UserInputError
 from loraplex.tasks import SEED_MAX
 
@@ -56,7 +56,7 @@ class CVAEConfig(Options):
     """beta: weight of the KL term against the reconstruction error."""
     steps: int = Field(2000, ge=1, le=MAX_STEPS)
     """Full-batch optimiser steps."""
-    lr: float = Field(3e-3, gt=0, le=10)
+    lr: float = Field(3e-3, gt=0, le=MAX_LR)
     """Peak learning rate (AdamW, cosine decay to 10%)."""
     weight_decay: float = Field(1e-3, ge=0, le=1000)
     """AdamW weight decay."""

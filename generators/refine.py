@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from pydantic import Field, ValidationError
 
-from loraplex.catalog import Options, first_error, options
+from loraplex.catalog import MAX_LR, Options, first_error, options
 from loraplex.errors import InvalidSpec, UserInputError
 from loraplex.experts.layers import eject, inject
 from loraplex.generators.layout import ParamLayout
@@ -46,7 +46,7 @@ class RefineConfig(Options):
 
     steps: int = Field(0, ge=0, le=1000)
     """Gradient steps on the labelled examples in the generator's coordinates (0: no refinement; at most 1,000)."""
-    lr: float = Field(0.2, gt=0, le=10)
+    lr: float = Field(0.2, gt=0, le=MAX_LR)
     """Adam's learning rate on the coordinates (which have unit RMS over the training vectors)."""
     anchor: float = Field(0.05, ge=0)
     """Weight of the squared distance (per coordinate) to the generator's own proposal."""

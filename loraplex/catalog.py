@@ -32,6 +32,7 @@ T = TypeVar("T")
 MAX_COUNT = 2**31 - 1  # rows, examples, candidates, top-k, lengths, budgets
 MAX_STEPS = 10_000_000  # optimisation steps (weeks of training on a CPU at 0.5 s a step)
 MAX_BATCH = 65_536  # rows per batch
+MAX_LR = 10.0  # learning rates: Adam past this only diverges (1e300 overflowed float32 in the first step)
 
 
 def options(**extra: Any) -> dict[str, Any]:

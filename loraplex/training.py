@@ -61,7 +61,7 @@ from lightning.pytorch.loggers import CSVLogger
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_STEPS, Options, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.errors import Interrupted, InvalidSpec, UserInputError
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
@@ -161,7 +161,7 @@ class TrainConfig(LightningSettings):
 
     steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimiser steps."""
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, le=MAX_LR)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Examples per step."""
