@@ -116,8 +116,14 @@ class LightningSettings(Options):
 
         known = ["auto", *StrategyRegistry.available_strategies()]
         if v not in known:
-            raise ValueError(f"unknown Lightning strategy {v!r} (known: auto, ddp, ddp_spawn, fsdp, deepspeed, "
+            raise ValueError(f"unknown Lightning strategy {v!r} (known: auto, ddp, fsdp, deepspeed, "
                              f"... {len(known)} in all)")
+        if any(w in v for w in ("spawn", "fork", "notebook")):
+            # spawn pickles the model (its tokenizer and hooks do not pickle); fork trains in a child process
+            # and copies back only the weights: the steps, validation and snapshots stayed there, and the
+            # adapter was registered as trained for 0 steps
+            raise ValueError(f"Lightning strategy {v!r} is not supported: loraplex runs DDP with Lightning's "
+                             "own launcher, which re-runs the command once per device; use ddp")
         return v
 
     @model_validator(mode="after")

@@ -724,6 +724,11 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["train", "airline", "--name", "t", "--lr", "inf"], "invalid training option lr: Input should be a finite number"),
+    # a Unicode digit str.isdigit takes and int refuses; spawn pickled the model, fork registered "0 steps" (sweep 16)
+    (["train", "airline", "--name", "t", "--devices", "\u00b2"], "devices: must be a number or 'auto', got '\u00b2'"),
+    (["train", "airline", "--name", "t", "--strategy", "ddp_spawn"], "Lightning strategy 'ddp_spawn' is not supported"),
+    (["router", "fit", "r", "--router", "token-gate", "--strategy", "ddp_fork"],
+     "Lightning strategy 'ddp_fork' is not supported"),
     # 1e300 overflowed float32 in Adam's first step: an internal error (sweep 16)
     (["train", "airline", "--name", "t", "--lr", "1e300"], "invalid training option lr: Input should be less than or equal to 10"),
     (["router", "fit", "r", "--router", "token-gate", "--lr", "1e300"], "lr: Input should be less than or equal to 10"),

@@ -58,7 +58,7 @@ def fit(
     res = api.fit_router(
         name, router=router, adapters=parse_list(adapters, "--adapters"), tasks=parse_list(tasks, "--tasks", commas_only=True) or None, base=base,
         config=cfg, eval_limit=eval_limit, settings=settings(home), steps=steps, lr=lr, batch_size=batch_size,
-        train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdigit() else devices,
+        train_limit=train_limit, val_limit=val_limit, seed=seed, devices=int(devices) if devices.isdecimal() else devices,
         strategy=strategy, precision=precision, progress=not quiet and not json,
     )
     if res.record is None:  # a DDP worker: rank 0 stores and reports

@@ -44,7 +44,7 @@ def train(
         task, name=name, base=base, rank=rank, alpha=alpha, targets=parse_list(targets, "--targets"), description=description,
         eval_limit=eval_limit, steps=steps, lr=lr, batch_size=batch_size, seed=seed, train_limit=train_limit,
         val_limit=val_limit,
-        devices=int(devices) if devices.isdigit() else devices, strategy=strategy, precision=precision,
+        devices=int(devices) if devices.isdecimal() else devices, strategy=strategy, precision=precision,
         progress=not quiet and not json, settings=settings(home),
     )
     if res.record is None:  # a DDP worker: rank 0 registers and reports
