@@ -94,6 +94,8 @@ class TrainResult:
     """The registered AdapterRecord (None in a DDP worker, which registers nothing)."""
     metrics: dict[str, Any]
     run_dir: Path
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know of the data (texts with more than one label), said but not refused."""
 
 
 def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, base: str = "minilm", rank: int = 8,
@@ -119,6 +121,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     lb = load_base(ref, settings)
     head = head_for(lb)
     texts_readable(lb.tokenizer, t)
+    warnings = _data_warnings(t)
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if cfg.progress else None
@@ -128,8 +131,21 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
         return TrainResult(None, result.metrics, result.run_dir)
     base_acc = accuracy(head, lb.model, lb.tokenizer, t, "test", eval_limit, progress=bar("the bare base"))["accuracy"]
     with reg.new_run("train", name) as run_dir:  # removed if anything below fails: nothing was registered
-        return _train_and_register(reg, lb, head, t, spec, cfg, run_dir, name=name, ref=ref, base_acc=base_acc,
-                                   eval_limit=eval_limit, bar=bar)
+        res = _train_and_register(reg, lb, head, t, spec, cfg, run_dir, name=name, ref=ref, base_acc=base_acc,
+                                  eval_limit=eval_limit, bar=bar)
+    res.warnings = warnings
+    return res
+
+
+def _data_warnings(t) -> list[str]:
+    """Texts of the task with more than one label: accepted (real data is noisy), but said."""
+    conflicts = t.conflicts()
+    if not conflicts:
+        return []
+    text, labels = next(iter(conflicts.items()))
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return [f"task {t.name!r}: {len(conflicts):,} text(s) appear with more than one label (e.g. {shown!r}: "
+            f"{', '.join(labels)}); no model can answer both, and accuracy on them is a coin toss"]
 
 
 def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainConfig, run_dir: Path, *, name: str, ref,

@@ -53,6 +53,14 @@ class Task:
                                "longer loads, or there never was one (its labels and description are still on record)")
         return getattr(self, name)
 
+    def conflicts(self) -> dict[str, tuple[str, ...]]:
+        """Texts that appear with more than one label (across the splits), and their labels: no model can
+        answer both, and one may be trained on while the other is tested."""
+        seen: dict[str, set[str]] = {}
+        for e in (*self.train, *self.validation, *self.test):
+            seen.setdefault(e.text, set()).add(e.label)
+        return {t: tuple(sorted(ls)) for t, ls in seen.items() if len(ls) > 1}
+
     def card(self) -> dict:
         """What an adapter record keeps of its task so the task can be used again without the file's
         sidecar or the `--description` it was trained with: name, description, labels, label texts."""

@@ -95,3 +95,17 @@ def test_a_task_the_base_reads_as_unknown_tokens_only_is_refused(cli, tiny_bert,
     r = cli("train", f, "--name", "e", "--base", tiny_bert, "--steps", "1", "--description", "moods", "--quiet")
     assert r.exit_code == 2 and "every training text reads as unknown tokens only to this model" in r.stderr, r.output
     assert registry_state(cli.home) == before
+
+
+def test_texts_with_more_than_one_label_are_said(cli, tiny_bert, tmp_path):
+    """Rows repeating one text with conflicting labels were accepted without a word (sweep 15): they still
+    train (real data is noisy), and the user is told."""
+    f = _task_file(tmp_path)
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    rows += [{"text": "the flight crew", "label": "good"}, {"text": "the flight crew", "label": "bad"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = cli("train", f, "--name", "c", "--base", tiny_bert, "--steps", "1", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert ("warning: task 'toy': 1 text(s) appear with more than one label (e.g. 'the flight crew': bad, good)"
+            in r.stderr), r.stderr
+    assert json.loads(r.stdout)["warnings"] == [r.stderr.split("warning: ", 1)[1].strip()]

@@ -50,8 +50,10 @@ def train(
     if res.record is None:  # a DDP worker: rank 0 registers and reports
         return
     m = res.metrics
+    for w in res.warnings:
+        out.warn(w)
     if json:
-        out.emit_json({"name": res.record.name, "metrics": m, "run_dir": str(res.run_dir)})
+        out.emit_json({"name": res.record.name, "metrics": m, "run_dir": str(res.run_dir), "warnings": res.warnings})
         return
     out.line(f"trained {res.record.name} on {m['task']} in {m['train_seconds']:.1f}s ({m['steps']} steps): "
              f"test accuracy {m['accuracy']:.3f} (bare base {m['base_accuracy']:.3f}; n={m['test_n']}); "
