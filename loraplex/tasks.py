@@ -164,7 +164,7 @@ def checked_limit(limit: int | None, what: str = "--eval-limit") -> int | None:
     """A row limit (None: every row), a whole number of at least 1, else UserInputError naming it (0 used to
     mean every row and -1 every row but the last)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1):
-        raise UserInputError(f"{what} must be a whole number of at least 1, not {limit!r}")
+        raise UserInputError(f"{what} must be a whole number from 1 to 2,147,483,647, not {limit!r}")
     return limit
 
 

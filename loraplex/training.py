@@ -187,10 +187,15 @@ class TrainConfig(LightningSettings):
     """Show a progress bar."""
 
 
+_AS_TYPED = {"r": "rank", "target_modules": "targets"}
+"""LoraSpec's field names as `train` and the API's `train` name them (`--rank`, `--targets`)."""
+
+
 def invalid_option(exc: ValidationError) -> InvalidSpec:
     """The first error of a training config's validation, as one line: `invalid training option steps: ...`."""
     err = exc.errors()[0]
-    where = " " + ".".join(map(str, err["loc"])) if err["loc"] else ""
+    loc = [_AS_TYPED.get(str(p), str(p)) for p in err["loc"]] if len(err["loc"]) == 1 else list(map(str, err["loc"]))
+    where = " " + ".".join(loc) if loc else ""
     return InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}")
 
 

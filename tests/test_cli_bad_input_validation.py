@@ -729,6 +729,7 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
     (["train", "airline", "--name", "t", "--strategy", "ddp_spawn"], "Lightning strategy 'ddp_spawn' is not supported"),
     (["router", "fit", "r", "--router", "token-gate", "--strategy", "ddp_fork"],
      "Lightning strategy 'ddp_fork' is not supported"),
+    (["train", "airline", "--name", "t", "--rank", "0"], "invalid training option rank: Input should be greater"),  # was `r`
     # 1e300 overflowed float32 in Adam's first step: an internal error (sweep 16)
     (["train", "airline", "--name", "t", "--lr", "1e300"], "invalid training option lr: Input should be less than or equal to 10"),
     (["router", "fit", "r", "--router", "token-gate", "--lr", "1e300"], "lr: Input should be less than or equal to 10"),
@@ -849,7 +850,7 @@ def test_router_eval_limit_and_forget_base_are_checked(cli, seeded):
     before = registry_state(cli.home)
     for limit in ("0", "-1"):
         _refused(cli("router", "fit", "r", "--router", "token-gate", "--adapters", "good", "--eval-limit", limit),
-                 cli.home, before, f"--eval-limit must be a whole number of at least 1, not {limit}")
+                 cli.home, before, f"--eval-limit must be a whole number from 1 to 2,147,483,647, not {limit}")
     _refused(cli("forget", "airline", "--adapters", "good", "--base", "smollm2"), cli.home, before,
              "adapters good are of base")
 
