@@ -160,6 +160,10 @@ def read_rows(path: Path) -> list[dict]:
         # not the start of a field that would swallow the rows up to the next quote
         reader = csv.DictReader(io.StringIO(text), delimiter=sep,
                                 **({"quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
+        names = reader.fieldnames or []
+        twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+        if twice is not None:  # DictReader keeps the last of two: every row read the other column as its text
+            raise InvalidTaskFile(f"{path}:1: the header names the column {twice!r} twice")
         start = 1  # the line the row being read starts on (a quoted field may hold line ends)
         try:
             for row in reader:
@@ -252,6 +256,8 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
                               "are allowed")
     if col == "label" and any(unicodedata.category(ch) == "Cc" for ch in text):
         raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a control character")
+    if col == "label" and any(ch in BIDI_CONTROLS for ch in text):  # it reorders what is printed after the label
+        raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a bidirectional control character")
     return text
 
 
@@ -339,6 +345,11 @@ def load_task_file(
         declared = [x.strip() for x in declared]  # as a row's label is read
         if any(not x for x in declared):
             raise InvalidTaskFile(f"{side}: 'labels' holds an empty label")
+        odd = next((x for x in declared if any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS for ch in x)
+                    or len(x) > MAX_LABEL_CHARS), None)
+        if odd is not None:
+            raise InvalidTaskFile(f"{side}: 'labels' holds {odd[:60]!r}, with a control character or over "
+                                  f"{MAX_LABEL_CHARS:,} characters")
         dup = next((x for i, x in enumerate(declared) if x in declared[:i]), None)
         if dup is not None:
             raise InvalidTaskFile(f"{side}: 'labels' lists {dup!r} more than once")
@@ -385,6 +396,9 @@ def load_task_file(
     if long is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives {long!r} a text of {len(label_texts[long].strip()):,} "
                               f"characters; at most {MAX_LABEL_CHARS:,} are allowed")
+    bidi = next((k for k, v in label_texts.items() if any(ch in BIDI_CONTROLS for ch in v)), None)
+    if bidi is not None:
+        raise InvalidTaskFile(f"{side}: 'label_texts' gives {bidi!r} a text holding a bidirectional control character")
     empty = next((k for k, v in label_texts.items() if not visible(v)), None)
     if empty is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives {empty!r} an empty text")

@@ -291,3 +291,22 @@ def test_a_missing_column_names_the_rows_columns_and_a_null_is_named(tmp_path):
     f = _jsonl(tmp_path / "null.jsonl", rows)
     with pytest.raises(InvalidTaskFile, match="row 4: 'label' is null"):
         load_task_file(f, description="d")
+
+
+def test_a_header_naming_a_column_twice_and_bidi_labels_are_refused(tmp_path):
+    """`text,text,label`: csv kept the second column as every row's text (sweep 16); a label holding U+202E
+    reordered whatever was printed after it."""
+    f = tmp_path / "twice.csv"
+    f.write_text("text,text,label\n" + "\n".join(f"great flight {i},other,{'ab'[i % 2]}" for i in range(10)))
+    with pytest.raises(InvalidTaskFile, match="twice.csv:1: the header names the column 'text' twice"):
+        load_task_file(f, description="d")
+    rows = _rows()
+    rows[0]["label"] = "good\u202e"
+    with pytest.raises(InvalidTaskFile, match="row 1: the label .* holds a bidirectional control character"):
+        load_task_file(_jsonl(tmp_path / "bidi.jsonl", rows), description="d")
+    f = _jsonl(tmp_path / "lt.jsonl", _rows(), sidecar={"description": "d", "label_texts": {"good": "g\u2066ood"}})
+    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text holding a bidirectional"):
+        load_task_file(f)
+    f = _jsonl(tmp_path / "decl.jsonl", _rows(), sidecar={"description": "d", "labels": ["bad", "good", "x\u202e"]})
+    with pytest.raises(InvalidTaskFile, match="'labels' holds 'x\\\\u202e', with a control character"):
+        load_task_file(f)
