@@ -142,11 +142,11 @@ class LoraSpec(BaseModel):
                 f"no default target modules for model type {model_type!r}; name them (e.g. --targets q_proj,v_proj)"
             )
         module_names = list(module_names)
-        names = [n for n in module_names if any(matches_target(n, t) for t in targets) and not _unread(n)]
+        names = [n for n in module_names if any(matches_target(n, t) for t in targets) and not unread_module(n)]
         if self.target_modules:  # named by the user: each one must adapt something (a typo was dropped silently)
             for t in targets:
                 hits = [n for n in module_names if matches_target(n, t)]
-                if hits and all(_unread(n) for n in hits):
+                if hits and all(unread_module(n) for n in hits):
                     raise IncompatibleAdapter(
                         f"target module {t!r} matches only {', '.join(hits[:3])}, which no loraplex head reads (the "
                         "encoder head mean-pools the last hidden state; the pooler is never on the loss path)")
@@ -165,7 +165,7 @@ UNREAD_MODULES = ("pooler.",)
 BERT's pooler is never on the loss path (a LoRA there gets no gradient; alone, training fails)."""
 
 
-def _unread(name: str) -> bool:
+def unread_module(name: str) -> bool:
     return name.startswith(UNREAD_MODULES) or any(f".{p}" in name for p in UNREAD_MODULES)
 
 

@@ -141,6 +141,21 @@ def _smollm2_dir(settings: Settings) -> Path:
     return target
 
 
+def _supported(p: Path, cfg: dict) -> None:
+    """Refuse, before transformers is asked anything, a model directory loraplex cannot use: one whose config
+    asks to run the directory's own Python code (transformers would prompt on stdout, and a `y` ran it), an
+    encoder-decoder, or a model with no text vocabulary (vision, audio)."""
+    kind = str(cfg.get("model_type") or "unknown")
+    if cfg.get("auto_map"):
+        raise ModelNotFound(f"{p}: its config.json asks to run the directory's own code (auto_map); loraplex does not "
+                            "run a model directory's code")
+    if cfg.get("is_encoder_decoder"):
+        raise ModelNotFound(f"{p}: a {kind} model (encoder-decoder) is not supported; use an encoder or a causal LM")
+    if not isinstance(cfg.get("vocab_size"), int):
+        raise ModelNotFound(f"{p}: a {kind} model with no text vocabulary (no vocab_size in config.json) is not "
+                            "supported; use an encoder or a causal LM over text")
+
+
 def _family_of_config(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) or cfg.get("is_decoder"):
@@ -175,6 +190,7 @@ def resolve_base(name_or_path: str | None) -> BaseRef:
             raise ModelNotFound(f"{p / 'config.json'}: expected a JSON object (a model config), got {type(cfg).__name__}")
         if not isinstance(cfg.get("architectures") or [], list):
             raise ModelNotFound(f"{p / 'config.json'}: 'architectures' must be a list")
+        _supported(p, cfg)
         return BaseRef(str(p), _family_of_config(cfg))
     if p.exists():
         raise ModelNotFound(f"{key}: not a model directory (no config.json)")
@@ -246,7 +262,7 @@ def _fingerprint_cached(name: str, family: str, path: str) -> Fingerprint:
     from transformers import AutoConfig
 
     quiet_transformers()
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with torch.device("meta"):
         model = _auto_class(family).from_config(cfg)
     return fingerprint_model(model, name, family)
@@ -296,13 +312,20 @@ def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
     import torch
     from transformers import AutoTokenizer
 
+    from loraplex.experts.spec import unread_module
+
     quiet_transformers()
     dtype = getattr(torch, dtype_name)
-    model = _auto_class(family).from_pretrained(path, dtype=dtype)
+    model, info = _auto_class(family).from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                      output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if not unread_module(k)]  # the pooler: no head reads it
+    if missing:  # transformers initialises them at random, and says so only in a log loraplex silences
+        raise ValueError(f"its weights file lacks {len(missing)} of the model's tensors (e.g. {sorted(missing)[0]}): "
+                         "they would be random")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = _checked_tokenizer(AutoTokenizer.from_pretrained(path))
+    tok = _checked_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=False))
     emb = model.get_input_embeddings()
     if emb is not None and len(tok) > emb.num_embeddings:  # ids past the table: an IndexError mid-forward
         raise ValueError(f"its tokenizer has {len(tok):,} tokens but the model's embeddings hold "
@@ -346,7 +369,8 @@ def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
     quiet_transformers()
     ref = resolve_base(ref) if isinstance(ref, str) else ref
     try:
-        return _checked_tokenizer(AutoTokenizer.from_pretrained(str(ref.path(settings or Settings.load()))))
+        return _checked_tokenizer(AutoTokenizer.from_pretrained(str(ref.path(settings or Settings.load())),
+                                                                trust_remote_code=False))
     except _load_errors() as exc:
         raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {_load_failure(exc)}") from None
 

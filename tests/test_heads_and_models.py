@@ -192,3 +192,35 @@ def test_a_damaged_model_directory_is_named_in_one_line(tiny_bert, settings, tmp
     with pytest.raises(ModelNotFound, match=match) as exc:
         load_base(str(d), settings)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"auto_map": {"AutoModel": "modeling_evil.EvilModel"}}, "asks to run the directory's own code \\(auto_map\\)"),
+    ({"is_encoder_decoder": True, "model_type": "t5"}, "a t5 model \\(encoder-decoder\\) is not supported"),
+    ({"vocab_size": None, "model_type": "vit"}, "a vit model with no text vocabulary"),
+])
+def test_a_model_directory_loraplex_cannot_use_is_refused_before_loading(tiny_bert, tmp_path, change, match):
+    """A config with `auto_map` made transformers prompt on stdout, and a `y` ran the directory's code; a T5 or
+    a ViT failed mid-forward as internal errors (sweep 16)."""
+    import json
+
+    d = _copy_model(tiny_bert, tmp_path / "model")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    (d / "modeling_evil.py").write_text("raise SystemExit('the directory\\'s code ran')\n")
+    with pytest.raises(ModelNotFound, match=match):
+        resolve_base(str(d))
+
+
+def test_weights_missing_from_the_file_are_refused(tiny_bert, settings, tmp_path):
+    """Tensors missing from model.safetensors were initialised at random in silence (sweep 16)."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy_model(tiny_bert, tmp_path / "model")
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if ".layer.1." not in k}, str(d / "model.safetensors"))
+    with pytest.raises(ModelNotFound, match="its weights file lacks [0-9]+ of the model's tensors \\(e.g. encoder.layer.1"):
+        load_base(str(d), settings)
+    save_file({k: v for k, v in sd.items() if not k.startswith("pooler.")}, str(d / "model.safetensors"))
+    assert load_base(str(d), settings).model is not None  # the pooler, which no head reads, may be missing
