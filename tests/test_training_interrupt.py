@@ -137,3 +137,22 @@ def test_sigterm_outside_a_fit_is_one_line_and_143(tmp_path):
     assert p.returncode == 143, (p.returncode, err)
     assert err.strip() == ("error: terminated (SIGTERM) before the command finished; the registry keeps only "
                            "complete writes"), err
+
+
+def test_a_ddp_worker_stopped_with_rank_0_says_nothing(monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM of a `--devices 2` train printed the interruption twice, and on SIGTERM the worker's
+    lost gloo peer as an internal error (sweep 16): rank 0 says why, once."""
+    from loraplex.cli._errors import report
+    from loraplex.errors import Interrupted
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert report(Interrupted("training was interrupted (SIGINT)")) == 130
+    assert report(Interrupted("terminated", signal="SIGTERM")) == 143
+    assert report(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:24215")) == 1
+    assert capsys.readouterr().err == ""
+    assert report(RuntimeError("something else")) == 70  # a worker's own failure is still said
+    assert "internal error, RuntimeError: something else" in capsys.readouterr().err
+    monkeypatch.delenv("LOCAL_RANK")
+    assert report(Interrupted("training was interrupted (SIGINT)")) == 130  # rank 0 says it
+    assert "error: training was interrupted" in capsys.readouterr().err

@@ -40,10 +40,20 @@ def _one_line(text: str) -> str:
     return printable(one)
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""How gloo and NCCL word a collective whose other rank has exited."""
+
+
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import LoraplexError
+    from loraplex.errors import Interrupted, LoraplexError
+    from loraplex.ranks import is_worker
 
+    if is_worker() and (isinstance(exc, (Interrupted, KeyboardInterrupt))
+                        or any(p in str(exc) for p in PEER_GONE)):
+        # a DDP worker stopped with rank 0 (a signal reaches the whole process group, or rank 0 failed and
+        # left): rank 0 says why, once; the worker's line was the same message again, or an internal error
+        return exc.exit_code if isinstance(exc, Interrupted) else INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
     if isinstance(exc, LoraplexError):
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
