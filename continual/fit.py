@@ -82,6 +82,7 @@ def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Pat
         "train_seconds": round(seconds, 2),
         "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
         "val_accuracy": module.last_val.get(task.name),
+        "val_n": module.last_val_n.get(task.name),
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
     }

@@ -88,7 +88,7 @@ class TrainerSettings(LightningSettings):
     lr: float = Field(2e-3, gt=0, le=MAX_LR)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
-    """Examples per step (replayed ones included)."""
+    """Examples per step (replayed ones included), per device (under DDP a step sees batch size x devices)."""
     warmup: float = Field(0.1, ge=0, lt=1)
     """Share of each experience's steps spent warming up."""
     train_limit: int | None = Field(None, ge=1, le=MAX_COUNT)

@@ -170,7 +170,7 @@ class TrainConfig(LightningSettings):
     lr: float = Field(2e-3, gt=0, le=MAX_LR)
     """Peak learning rate (linear warm-up, cosine decay to 10%)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
-    """Examples per step."""
+    """Examples per step, per device (under DDP a step sees batch size x devices)."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed for initialisation, shuffling and dropout."""
     warmup: float = Field(0.1, ge=0, lt=1)
@@ -349,6 +349,7 @@ class ContinualModule(L.LightningModule):
         self._batch_aux: torch.Tensor | None = None
         self._batch_kd: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
+        self.last_val_n: dict[str, int] = {}  # the rows each task's last validation read, every rank's summed
         self._val_counts: dict[str, list[int]] = {}
 
     # ---- the loss ----------------------------------------------------------------------------
@@ -466,10 +467,17 @@ class ContinualModule(L.LightningModule):
             c[1] += len(rows)
 
     def on_validation_epoch_end(self) -> None:
-        accs = {t: c / n for t, (c, n) in self._val_counts.items() if n}
+        counts = self._val_counts
+        if self.trainer.world_size > 1:  # each rank validated its shard: the counts of all ranks, summed
+            names = sorted(self.tasks)   # (a rank whose shard lacks a task counts 0 of 0 for it)
+            local = torch.tensor([counts.get(t, [0, 0]) for t in names], dtype=torch.float64, device=self.device)
+            total = self.trainer.strategy.reduce(local, reduce_op="sum")
+            counts = {t: [int(c), int(n)] for t, (c, n) in zip(names, total.tolist())}
+        accs = {t: c / n for t, (c, n) in counts.items() if n}
         if self.trainer.sanity_checking or not accs:
             return
         self.last_val = accs
+        self.last_val_n = {t: n for t, (_, n) in counts.items() if n}
         for t, a in accs.items():
             self.log(f"val/{t}", a, prog_bar=len(accs) == 1)
         self.log("val/accuracy", sum(accs.values()) / len(accs), prog_bar=True)

@@ -221,6 +221,8 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, tiny_bert):
     r = _loraplex("train", tasks[0], "--name", "one", "--base", tiny_bert, "--steps", "2", "--rank", "2",
                   "--devices", "2", "--strategy", "ddp", "--eval-limit", "4", "--quiet", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the validation accuracy stored is over every rank's rows (the 2 of 24 rows' split), not rank 0's 1 (sweep 16)
+    assert json.loads(_loraplex("adapters", "show", "one", "--json", env=env).stdout)["metrics"]["val_n"] == 2
     assert "already exists" not in r.stdout + r.stderr
     assert r.stdout.count("trained one") == 1, r.stdout
     runs = list((home / "runs").iterdir())
