@@ -168,13 +168,18 @@ def resolve_base(name_or_path: str | None) -> BaseRef:
     if not name_or_path:
         raise ModelNotFound("no base model given (and the adapter's config names none); pass --base")
     key = str(name_or_path)
-    if key in EMBEDDED:
+    p = Path(key).expanduser()
+    if key in EMBEDDED:  # the embedded names are reserved (records store them): never a directory
         m = EMBEDDED[key]
         return BaseRef(m.name, m.family, m.hub_id)
-    for m in EMBEDDED.values():
-        if key.lower() == m.hub_id.lower():
-            return BaseRef(m.name, m.family, m.hub_id)
-    p = Path(key).expanduser()
+    m = next((m for m in EMBEDDED.values() if key.lower() == m.hub_id.lower()), None)
+    if m is not None:
+        # a model directory laid out as the hub id (`huggingface-cli download --local-dir`) was shadowed by the
+        # embedded model, silently: which one is meant?
+        if p.is_dir() and (p / "config.json").is_file():
+            raise ModelNotFound(f"--base {key!r} names the embedded {m.name} and also the model directory "
+                                f"{p.absolute()}; write ./{key} for the directory, or {m.name} for the embedded model")
+        return BaseRef(m.name, m.family, m.hub_id)
     if p.is_dir() and (p / "config.json").is_file():
         p = p.absolute()
         try:

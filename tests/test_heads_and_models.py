@@ -224,3 +224,15 @@ def test_weights_missing_from_the_file_are_refused(tiny_bert, settings, tmp_path
         load_base(str(d), settings)
     save_file({k: v for k, v in sd.items() if not k.startswith("pooler.")}, str(d / "model.safetensors"))
     assert load_base(str(d), settings).model is not None  # the pooler, which no head reads, may be missing
+
+
+def test_a_directory_spelled_as_an_embedded_hub_id_is_ambiguous(tiny_bert, tmp_path, monkeypatch):
+    """`--base sentence-transformers/all-MiniLM-L6-v2` trained on the embedded MiniLM although a model directory
+    of that path was there (sweep 16)."""
+    d = tmp_path / "sentence-transformers" / "all-MiniLM-L6-v2"
+    _copy_model(tiny_bert, d)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFound, match="names the embedded minilm and also the model directory .*write ./"):
+        resolve_base("sentence-transformers/all-MiniLM-L6-v2")
+    assert resolve_base("./sentence-transformers/all-MiniLM-L6-v2").family == "encoder"
+    assert resolve_base("minilm").name == "minilm"  # the reserved name stays the embedded model
