@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loraplex.errors import AlreadyExists
+from loraplex.fsio import atomic_write
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.registry.record import AdapterDraft, Edge
 from loraplex.registry.signatures import description_embedding, prototype
@@ -36,14 +37,14 @@ def write_unit_adapter(state_dir: Path, adapter: Adapter, snapshots: Sequence[tu
                        record: dict[str, Any]) -> None:
     """Write the adapter, its snapshots and its record fields into a (not yet committed) state dir."""
     state_dir = Path(state_dir)
-    (state_dir / ADAPTER_FILE).write_bytes(adapter.to_bytes())
+    atomic_write(state_dir / ADAPTER_FILE, adapter.to_bytes())  # an OSError (a full disk) names the file
     if snapshots:
         (state_dir / SNAP_DIR).mkdir(exist_ok=True)
         for step, snap in snapshots:
-            (state_dir / SNAP_DIR / f"{int(step):07d}.safetensors").write_bytes(snap.to_bytes())
+            atomic_write(state_dir / SNAP_DIR / f"{int(step):07d}.safetensors", snap.to_bytes())
     rec = dict(record)
     rec["spec"] = adapter.spec.model_dump(mode="json")
-    (state_dir / RECORD_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True))
+    atomic_write(state_dir / RECORD_FILE, json.dumps(rec, indent=1, sort_keys=True))
 
 
 def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_texts: Sequence[str] = ()):

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraplex.continual.evaluation import evaluate_tasks
 from loraplex.continual.experience import train_unit
@@ -55,7 +55,7 @@ from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
 from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
 from loraplex.experts.layers import adapters_disabled
-from loraplex.fsio import atomic_write
+from loraplex.fsio import atomic_write, write_tensors
 from loraplex.heads import head_for, texts_readable
 from loraplex.models import fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
@@ -438,7 +438,7 @@ class _StreamRun:
             return
         tmp = self.rd.begin(unit.index)
         tensors, layout = bank_tensors(self.lb.model)
-        save_file(tensors, str(tmp / BANKS_FILE))
+        write_tensors(tmp / BANKS_FILE, tensors)
         write_unit_adapter(tmp, adapter, snapshots, record)
         state = {
             "result": result, "layout": layout, "learn_slots": self.learn_slots, "composition": self.composition,
@@ -449,8 +449,8 @@ class _StreamRun:
         state["method"] = self.method.state_dict()
         method_tensors = self.method.state_tensors()
         if method_tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in method_tensors.items()}, str(tmp / METHOD_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+            write_tensors(tmp / METHOD_FILE, {k: v.detach().cpu().contiguous() for k, v in method_tensors.items()})
+        atomic_write(tmp / STATE_FILE, json.dumps(state))
         self.rd.commit(unit.index, tmp)
 
     def _register(self, i: int) -> None:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from loraplex.errors import InvalidAdapter
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error, matches_target
-from loraplex.fsio import read_json_file
+from loraplex.fsio import atomic_write, read_json_file, write_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -330,9 +330,8 @@ def _umask() -> int:
 
 
 def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames)."""
-    from safetensors.torch import save_file
-
+    """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames); on a
+    failure (a full disk) the directory is left as it was, and removed again if this call made it."""
     if not str(out_dir).strip():
         raise InvalidAdapter("the export directory is empty: name a directory")
     out = Path(out_dir).expanduser()  # "~/out" is the home folder, not a folder named "~"
@@ -343,18 +342,26 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
             raise InvalidAdapter(f"{out / name}: is not a regular file; move it away first")
     if out.is_dir() and ((out / CONFIG).exists() or (out / WEIGHTS).exists()) and not overwrite:
         raise InvalidAdapter(f"{out}: already holds an adapter (pass --overwrite to replace it)")
+    made = [d for d in (out, *out.parents) if not d.exists()]  # what mkdir makes, deepest first
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".loraplex-export-", dir=out))
+    done = False
     try:
         sd = {PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        mode = 0o666 & ~_umask()  # what a plain open() would give: safetensors writes 0600
+        write_tensors(tmp / WEIGHTS, sd, metadata={"format": "pt"})
+        atomic_write(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        mode = 0o666 & ~_umask()  # what a plain open() would give: the temporary files are 0600
         for name in (WEIGHTS, CONFIG):
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, out / name)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made if not done else ():  # an export that failed leaves no empty directory behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
     return out
 
 

@@ -38,15 +38,28 @@ def atomic_file(path: str | Path, *, prefix: str | None = None, suffix: str = ""
         os.replace(tmp, path)
         if sync_dir:
             fsync_dir(path.parent)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # write() and fsync() name no file: a full disk was told without its path
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` (str as UTF-8) to `path` atomically."""
+    """Write `data` (str as UTF-8) to `path` atomically (an OSError names `path`)."""
     with atomic_file(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically: serialised in memory, then `atomic_write`, so a full disk is
+    an OSError naming `path` (safetensors' own save_file raised its SafetensorError: an internal error)."""
+    from safetensors.torch import save
+
+    atomic_write(path, save(tensors, metadata=metadata))
 
 
 MAX_SPEC_BYTES = 1 << 20

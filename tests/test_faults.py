@@ -38,3 +38,38 @@ def test_a_blob_that_cannot_be_read_is_damage(cli, seeded, tmp_path, damage):
     rep = json.loads(r.stdout)
     assert any("adapter 'good': blob" in p and "cannot be read" in p for p in rep["problems"]), rep
     assert registry_state(cli.home) == before
+
+
+def _full_disk(*a, **k):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_under_a_write_names_the_file(tmp_path, monkeypatch):
+    """write() and fsync() name no file: a full disk was `the disk is full (No space left on device)`
+    (sweep 17); safetensors' save_file raised its own SafetensorError, an internal error."""
+    import os
+
+    import torch
+
+    from loraplex.errors import DiskFull, os_error
+    from loraplex.fsio import atomic_write, write_tensors
+
+    monkeypatch.setattr(os, "fsync", _full_disk)
+    for write in (lambda p: atomic_write(p, b"x"), lambda p: write_tensors(p, {"a": torch.zeros(2)})):
+        with pytest.raises(OSError) as exc:
+            write(tmp_path / "out.bin")
+        err = os_error(exc.value)
+        assert isinstance(err, DiskFull) and str(err) == f"the disk is full ({tmp_path / 'out.bin'})"
+        assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_no_directory(cli, seeded, tmp_path, monkeypatch):
+    import loraplex.experts.peft_io as peft_io
+
+    monkeypatch.setattr(peft_io, "write_tensors", _full_disk)
+    out = tmp_path / "new" / "out"
+    r = cli("adapters", "export", "good", str(out))
+    assert r.exit_code == 1 and r.stderr.startswith("error: the disk is full"), r.output
+    assert not (tmp_path / "new").exists()  # was left behind, empty
