@@ -35,7 +35,7 @@ import torch
 
 from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
-from loraplex.errors import DiskFull, LockUnavailable, LoraplexError, NotFound, RegistryBusy, UserInputError
+from loraplex.errors import LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import chat_ids, head_for, token_text
 from loraplex.models import load_base, resolve_base
@@ -411,20 +411,15 @@ class Engine:
 @contextmanager
 def _as_request_errors(names_model: bool = True):
     """A refused registration is the request's fault (400), an unknown name a 404 (`names_model`: the
-    name is the request's model) or what it is (a task the request names); a registry that cannot be
-    written now (read-only, full, its lock held) is the server's state: a 503 about no field."""
+    name is the request's model) or what it is (a task the request names); anything else (a registry that
+    cannot be written now: read-only, full, its lock held; or damaged: its database gone) is the server's
+    state, a 503 about no field (a damaged database was a 400 blaming `lora_name`)."""
     try:
         yield
     except NotFound as exc:
         if not names_model:
             raise
         raise ModelUnknown(str(exc)) from None
-    except (UserInputError, DiskFull, LockUnavailable, RegistryBusy):
-        raise  # the registry cannot be written (a read-only or full home, a held lock): the server's state, a 503
-    except LoraplexError as exc:
-        err = UserInputError(str(exc))
-        err.field = exc.field
-        raise err from None
 
 
 def _cache_name(model) -> str:

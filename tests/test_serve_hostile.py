@@ -310,6 +310,22 @@ def test_a_registry_that_cannot_be_written_is_the_servers_state(bert_registry, h
     assert registry_state(bert_registry.home) == before
 
 
+def test_a_damaged_registry_under_a_load_is_the_servers_state(bert_registry, http, peft_dirs, monkeypatch):
+    """registry.db removed under a running server: /v1/load_lora_adapter was a 400 blaming `lora_name` (sweep
+    17), while every other endpoint answered the same damage as a 503."""
+    from loraplex.errors import IntegrityError
+    from loraplex.registry.store import Registry
+
+    def damaged(self, name):
+        raise IntegrityError("registry database <registry>/registry.db is missing but adapters are stored")
+
+    monkeypatch.setattr(Registry, "has_adapter", damaged)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "new-lora", "lora_path": str(peft_dirs["sports"])})
+    assert r.status_code == 503, r.text
+    body = r.json()["error"]
+    assert body["param"] is None and body["type"] == "unavailable_error" and "is missing" in body["message"]
+
+
 def test_look_alike_labels_nan_numbers_and_request_ids(http):
     """Labels that read the same ("é" composed and decomposed, a zero-width joiner) were two answers; a
     label of 100,000 characters was embedded; NaN was reported as out of range; answers had no
