@@ -56,6 +56,20 @@ class CheckReport:
                 "counts": self.counts}
 
 
+def _same_base(name: str, sha: str) -> bool:
+    """Whether base `name` is one of the bases of fingerprint `sha`: two model directories of one
+    architecture (two checkpoints) share a fingerprint, and `bases` keeps the first one's name. A base that
+    no longer resolves (its directory is gone) cannot be told apart: not called a problem here."""
+    from loraplex.models import fingerprint, resolve_base
+
+    if os.path.isabs(name) and not os.path.exists(name):
+        return True
+    try:
+        return fingerprint(resolve_base(name)).sha == sha
+    except LoraplexError:
+        return False
+
+
 def check(reg: "Registry", *, repair: bool = False) -> CheckReport:
     """The registry's consistency, read under its write lock: records, signatures, blobs and index are read
     as one state (a check beside a running `adapters register` used to see a record without its signature
@@ -162,7 +176,7 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         except UserInputError as exc:
             report.problems.append(f"adapter {rec.name!r}: its stored name breaks the naming rules ({exc}); "
                                    "remove it, or register it again")
-        if rec.base_sha in stored and stored[rec.base_sha][0] != rec.base:
+        if rec.base_sha in stored and stored[rec.base_sha][0] != rec.base and not _same_base(rec.base, rec.base_sha):
             report.problems.append(f"adapter {rec.name!r}: its stored base name {rec.base!r} is not the name of the "
                                    f"base it was registered on ({stored[rec.base_sha][0]!r}); remove it, or register "
                                    "it again")

@@ -329,3 +329,20 @@ def test_a_listing_of_one_base_names_only_that_bases_damage(settings, tiny_bert,
     assert r.exit_code == 0 and names[1] in r.stdout and "warning" not in r.stderr, r.output
     r = cli("adapters", "list", "--base", "minilm", "--home", str(settings.home))
     assert r.exit_code == 0 and r.stderr.count("warning: ") == 1, r.output
+
+
+def test_two_model_directories_of_one_architecture_are_consistent(settings, tiny_bert, tmp_path):
+    """Two checkpoints of one architecture share a fingerprint; `bases` kept the first one's name, and check
+    called the second one's adapters inconsistent (sweep 16)."""
+    import shutil
+
+    from loraplex import api
+    from tests.conftest import make_peft_adapter
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bert, copy)
+    for i, base in enumerate((tiny_bert, copy)):
+        d = make_peft_adapter(tiny_bert, tmp_path / f"p{i}", seed=i)
+        api.register(d, name=f"a{i}", description=f"adapter {i}", base=str(base), settings=settings)
+    rep = api.check(settings=settings)
+    assert rep.ok, rep.problems
