@@ -118,7 +118,7 @@ class EncoderHead:
         if texts in per_model:
             per_model.move_to_end(texts)
         else:
-            _distinct_to(tokenizer, task.labels, texts, task)
+            _distinct_to(tokenizer, task.labels, texts, task, read=self.config.max_length - 2)  # [CLS] ... [SEP]
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -164,7 +164,8 @@ class EncoderHead:
 
 
 def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "Task | None" = None, *,
-                 fix: str = "give them texts that differ in words (a task file: `label_texts` in its sidecar)") -> None:
+                 fix: str = "give them texts that differ in words (a task file: `label_texts` in its sidecar)",
+                 read: int | None = None) -> None:
     """Refuse label texts the tokenizer reads as the same tokens ("A" and "a" to an uncased encoder, two
     emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
     Checked for every label set the first time its anchors are made: a request's (`query --labels`,
@@ -173,17 +174,20 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
     names themselves (`CausalHead`): `fix` says what to change."""
     from loraplex.errors import UserInputError
 
-    seen: dict[tuple[int, ...], str] = {}
+    seen: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
     for lab, text in zip(labels, texts):
-        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        full = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = full[:read] if read is not None else full  # what the head reads of it (`read` tokens at most)
         if ids in seen:
             asked = task is None or task.source == "query"  # a request's own labels (an HTTP body's `labels`)
             whose = "" if asked else f"task {task.name!r} ({task.ref}): "
-            err = UserInputError(f"{whose}labels {seen[ids]!r} and {lab!r} read the same to this model (its tokenizer "
-                                 "folds case and accents, and reads a character it does not know as one unknown "
-                                 f"token): {fix}")
+            how = (f"they differ only after their first {read} tokens, all of a label this model reads"
+                   if seen[ids][1] != full else "its tokenizer folds case and accents, and reads a character it "
+                   "does not know as one unknown token")
+            err = UserInputError(f"{whose}labels {seen[ids][0][:80]!r} and {lab[:80]!r} read the same to this model "
+                                 f"({how}): {fix}")
             raise err.about("labels") if asked else err
-        seen[ids] = lab
+        seen[ids] = (lab, full)
 
 
 def texts_readable(tokenizer, task: "Task", limit: int = 256) -> None:

@@ -336,3 +336,17 @@ def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(
                                                           "label_texts": {"\U0001F600": "happy", "\U0001F622": "angry"}}))
     r = cli("train", f, "--name", "emoji", "--base", tiny_bert, "--steps", "2", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_labels_that_differ_only_past_what_the_encoder_reads_are_refused(cli, tiny_bert, tmp_path):
+    """Two labels of 200 words that differ in the last one: the encoder reads a label's first 128 tokens, so
+    their anchors were one point, and the check compared the whole labels (sweep 16)."""
+    a, b = "the " * 200 + "good", "the " * 200 + "bad"
+    f = tmp_path / "long.jsonl"
+    f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
+                         for i in range(30) for w, lab in (("great", a), ("awful", b))))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "long", "--base", tiny_bert, "--description", "happy or sad", "--steps", "2",
+            "--quiet")
+    assert r.exit_code == 2 and "they differ only after their first 126 tokens" in r.stderr, r.output
+    assert registry_state(cli.home) == before
