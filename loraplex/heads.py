@@ -254,6 +254,11 @@ class CausalConfig(Options):
     """Tokens generated for a task without a label set."""
 
 
+MAX_LABEL_TOKENS = 64
+"""The longest label (in tokens) a causal LM scores: each is scored after every prompt, at the vocabulary's
+width per token (a 300-token label took gigabytes)."""
+
+
 @HEADS.register("causal", CausalConfig, summary="label with the highest log-likelihood (causal LMs)")
 class CausalHead:
     embeds = False
@@ -271,6 +276,15 @@ class CausalHead:
             _distinct_to(tokenizer, task.labels, [" " + lab for lab in task.labels], task,
                          fix="give them names that differ in words (a causal LM answers with the label names "
                              "themselves)")
+            long = next((lab for lab in task.labels if len(self._label_ids(tokenizer, lab)) > MAX_LABEL_TOKENS), None)
+            if long is not None:  # every label is scored after every prompt: memory grows with its length x vocab
+                from loraplex.errors import UserInputError
+
+                where = "" if task.source == "query" else f"task {task.name!r}: "
+                err = UserInputError(f"{where}the label {long[:60]!r} is {len(self._label_ids(tokenizer, long))} "
+                                     f"tokens long; a causal LM scores labels of at most {MAX_LABEL_TOKENS} tokens "
+                                     "(it answers with the label names themselves)")
+                raise err.about("labels") if task.source == "query" else err
             seen.add(tuple(task.labels))
 
     def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
@@ -317,13 +331,18 @@ class CausalHead:
         for i in range(0, len(prompts), bs):
             P, C = prompts[i : i + bs], conts[i : i + bs]
             ids, mask = self._batch(tokenizer, [p + c for p, c in zip(P, C)], device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-            tgt = ids[:, 1:]
-            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            sel = torch.zeros_like(tok_lp)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            # the log-softmax at the label positions only (position t predicts token t+1): (B, K, V), K the
+            # longest label, not (B, T, V) again for every prompt position
+            K = max(1, max(len(c) for c in C))
+            pos = torch.zeros(len(P), K, dtype=torch.long, device=device)
+            sel = torch.zeros(len(P), K, device=device)
             for j, (p, c) in enumerate(zip(P, C)):
-                sel[j, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+                pos[j, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
+                sel[j, : len(c)] = 1.0
+            at = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()  # (B, K, V)
+            tgt = ids.gather(1, pos + 1)  # (B, K) the label's tokens
+            tok_lp = torch.log_softmax(at, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, K)
             out.append((tok_lp * sel).sum(1) / sel.sum(1).clamp_min(1.0))
         return torch.cat(out)
 

@@ -350,3 +350,17 @@ def test_labels_that_differ_only_past_what_the_encoder_reads_are_refused(cli, ti
             "--quiet")
     assert r.exit_code == 2 and "they differ only after their first 126 tokens" in r.stderr, r.output
     assert registry_state(cli.home) == before
+
+
+def test_a_label_too_long_for_a_causal_lm_to_score_is_refused(cli, tiny_llama, tmp_path):
+    """A 300-token label was scored after every prompt at the vocabulary's width per token: gigabytes, and an
+    internal error on a memory limit (sweep 16)."""
+    a, b = "the " * 70 + "good", "the " * 70 + "bad"
+    f = tmp_path / "long.jsonl"
+    f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
+                         for i in range(30) for w, lab in (("great", a), ("awful", b))))
+    before = registry_state(cli.home)
+    r = cli("train", f, "--name", "long", "--base", tiny_llama, "--description", "happy or sad", "--steps", "1",
+            "--eval-limit", "4", "--quiet")
+    assert r.exit_code == 2 and "tokens long; a causal LM scores labels of at most 64 tokens" in r.stderr, r.output
+    assert registry_state(cli.home) == before
