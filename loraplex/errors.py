@@ -87,6 +87,11 @@ class DamagedRun(UserInputError):
     """A stream run directory whose saved files cannot be read back (run.json, spec.json, a unit's state)."""
 
 
+class LoraplexWarning(UserWarning):
+    """Something the user should know that did not stop the command (a blob a removal could not delete):
+    `warnings.warn(..., LoraplexWarning)`; the CLI prints it as one `warning:` line."""
+
+
 class IntegrityError(LoraplexError):
     """Stored data does not match its recorded hash or shape: the registry has been tampered with or damaged."""
 

@@ -36,6 +36,7 @@ import os
 import shutil
 import sqlite3
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ from pydantic import ValidationError
 
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
-from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile
+from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile, LoraplexWarning
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file
 from loraplex.ranks import is_worker, shared_run_dir
@@ -248,9 +249,15 @@ class Registry(Database, Components):
             refs = self.referenced_blobs()
             stored = self.stored_blobs()
             names = stored if candidates is None else {c: stored[c] for c in candidates if c in stored}
-            gone = [sha for sha in names if sha not in refs]
-            for sha in gone:
-                names[sha].unlink(missing_ok=True)
+            gone = []
+            for sha in (s for s in names if s not in refs):
+                try:
+                    names[sha].unlink(missing_ok=True)
+                except OSError as exc:  # the records are already gone (committed): said, not a failure
+                    warnings.warn(f"could not delete the unused blob {names[sha]} ({exc.strerror}); `loraplex registry "
+                                  "check --repair` moves such blobs aside", LoraplexWarning, stacklevel=2)
+                    continue
+                gone.append(sha)
             return gone
 
     def quarantine_unreferenced_blobs(self) -> list[str]:

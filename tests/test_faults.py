@@ -73,3 +73,24 @@ def test_an_export_to_a_full_disk_is_one_line_and_leaves_no_directory(cli, seede
     r = cli("adapters", "export", "good", str(out))
     assert r.exit_code == 1 and r.stderr.startswith("error: the disk is full"), r.output
     assert not (tmp_path / "new").exists()  # was left behind, empty
+
+
+def test_a_removal_whose_blob_cannot_be_deleted_succeeds_and_says_so(cli, seeded, monkeypatch):
+    """The record was removed (committed), then unlinking its blob failed (EACCES): the command said only
+    `error: Permission denied` with exit 2, and a re-run found no such adapter (sweep 17)."""
+    import errno
+    from pathlib import Path
+
+    blob = _blob(cli.home)
+    unlink = Path.unlink
+
+    def refused(self, *a, **k):
+        if self == blob:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    r = cli("adapters", "remove", "good")
+    assert r.exit_code == 0 and "removed good" in r.stdout, r.output
+    assert f"warning: could not delete the unused blob {blob} (Permission denied)" in r.stderr, r.stderr
+    assert blob.exists() and cli("adapters", "list", "--json").stdout.strip() == "[]"

@@ -39,6 +39,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """A registry of LoRA adapters, composed at run time by routers and generators, with a continual trainer."""
+    _warnings_as_lines()
 
 
 app.add_typer(adapters.app, name="adapters")
@@ -72,3 +73,26 @@ def main() -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a fit installs its own while it runs (training.fit)
         signal.signal(signal.SIGTERM, terminated)
     app()
+
+
+def _warnings_as_lines() -> None:
+    """loraplex's own warnings (errors.LoraplexWarning) as one `warning:` line each; the others as Python shows them."""
+    import warnings
+
+    from loraplex.errors import LoraplexWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "loraplex", False):  # installed already (the CLI run again in one process: tests)
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LoraplexWarning):
+            from loraplex.cli import _output
+
+            _output.warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.loraplex = True
+    warnings.simplefilter("always", LoraplexWarning)
+    warnings.showwarning = show
