@@ -247,13 +247,15 @@ class CausalConfig(Options):
     model_config = options()
 
     max_length: int = Field(192, ge=16, le=MAX_COUNT)
-    """Tokens of prompt plus answer (the text is truncated to fit)."""
+    """Tokens of prompt plus answer (the text is cut to fit, and a long task description too)."""
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     """Sequences per forward when scoring labels."""
     max_new_tokens: int = Field(32, ge=1, le=MAX_COUNT)
     """Tokens generated for a task without a label set."""
 
 
+MIN_TEXT_TOKENS = 32
+"""Tokens of the text a causal prompt keeps however long the task's description is (the description is cut)."""
 MAX_LABEL_TOKENS = 64
 """The longest label (in tokens) a causal LM scores: each is scored after every prompt, at the vocabulary's
 width per token (a 300-token label took gigabytes)."""
@@ -290,6 +292,11 @@ class CausalHead:
     def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
         head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True)["input_ids"]
         tail = tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+        room = self.config.max_length - len(tail) - 8 - MIN_TEXT_TOKENS  # what the description may take
+        if len(head) > room:  # a long description (10,000 characters may be 2,000 tokens) is cut too, its start kept
+            desc = tokenizer(task.description, add_special_tokens=True)["input_ids"]
+            sep = tokenizer("\n\nText: ", add_special_tokens=False)["input_ids"]
+            head = desc[: max(1, room - len(sep))] + sep
         budget = max(8, self.config.max_length - len(head) - len(tail) - 8)
         body = tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
         return head + body + tail

@@ -236,3 +236,29 @@ def test_a_directory_spelled_as_an_embedded_hub_id_is_ambiguous(tiny_bert, tmp_p
         resolve_base("sentence-transformers/all-MiniLM-L6-v2")
     assert resolve_base("./sentence-transformers/all-MiniLM-L6-v2").family == "encoder"
     assert resolve_base("minilm").name == "minilm"  # the reserved name stays the embedded model
+
+
+def test_a_causal_prompt_stays_within_max_length_whatever_the_description(tiny_llama, settings):
+    """Only the text was cut: a description of 2,000 tokens made every prompt 2,000 tokens long, and scoring
+    ran out of memory (sweep 16). The description is cut too, its start kept, the text keeps its room."""
+    from loraplex.heads import MIN_TEXT_TOKENS
+
+    lb = load_base(str(tiny_llama), settings)
+    head = head_for(lb)
+    long = Task("t", "the flight was late " * 500, ("good", "bad"), (Example("x", "good"),), (), ())
+    short = Task("t", "is the flight late", ("good", "bad"), (Example("x", "good"),), (), ())
+    text = "the crew was great " * 100
+    ids = head._prompt_ids(lb.tokenizer, long, text)
+    assert len(ids) <= head.config.max_length
+    desc = lb.tokenizer(long.description, add_special_tokens=True)["input_ids"]
+    assert ids[:20] == desc[:20]  # the description's start is kept
+    tail = lb.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+    sep = lb.tokenizer("\n\nText: ", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i:i + len(sep)] == sep) + len(sep)
+    body = lb.tokenizer(text, add_special_tokens=False)["input_ids"]
+    kept = ids[start:len(ids) - len(tail)]
+    assert len(kept) >= MIN_TEXT_TOKENS and kept == body[:len(kept)]  # the text keeps its room
+    assert head._prompt_ids(lb.tokenizer, short, "late") == (
+        lb.tokenizer("is the flight late\n\nText: ", add_special_tokens=True)["input_ids"]
+        + lb.tokenizer("late", add_special_tokens=False)["input_ids"]
+        + lb.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"])  # a short one is as before
