@@ -108,6 +108,17 @@ class LightningSettings(Options):
         """Lightning's older spellings (16, 32, 64, 'bf16') read as Lightning reads them."""
         return {"16": "16-mixed", "32": "32-true", "64": "64-true", "bf16": "bf16-mixed"}.get(str(v), v)
 
+    @field_validator("precision")
+    @classmethod
+    def _trainable_precision(cls, v: str) -> str:
+        """Refuse pure float16: AdamW's squared gradients and its eps (1e-8) underflow to 0 there, so the first
+        update is 0/0 at any learning rate (it was blamed on the learning rate)."""
+        if v == "16-true":
+            raise ValueError("16-true (pure float16) cannot train with AdamW: its squared gradients underflow to 0 "
+                             "and the first step is NaN at any learning rate; use 16-mixed on a GPU, bf16-mixed, "
+                             "bf16-true or 32-true")
+        return v
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
@@ -300,7 +311,8 @@ def _check_finite(trainer: L.Trainer, module: L.LightningModule) -> None:
     bad = next((n for n, p in module.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         low = "" if str(trainer.precision) in ("32-true", "64-true") else f", or train in 32-true precision (not {trainer.precision})"
-        raise UserInputError(f"training diverged: after {trainer.global_step} steps the trained weights hold NaN or "
+        steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
+        raise UserInputError(f"training diverged: after {steps} the trained weights hold NaN or "
                              f"infinity ({bad}); lower the learning rate (--lr){low}; nothing was registered")
 
 
