@@ -107,6 +107,19 @@ def _package_dir(m: EmbeddedModel) -> Path:
 _convert_lock = threading.Lock()
 
 
+def _discard_conversion(target: Path) -> None:
+    """Remove loraplex's converted copy of SmolLM2 (damaged or incomplete): renamed aside first, so a reader
+    never sees half a directory, then deleted; the next use converts the installed GGUF again."""
+    if not target.exists():
+        return
+    aside = target.with_name(f".{target.name}-discarded-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.replace(target, aside)
+    except OSError:
+        return  # another process moved it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _smollm2_dir(settings: Settings) -> Path:
     target = settings.cache_dir / "models" / "smollm2"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -115,8 +128,9 @@ def _smollm2_dir(settings: Settings) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependency("converting the embedded SmolLM2 needs the package 'gguf': pip install gguf")
     with _convert_lock:
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
             return target
+        _discard_conversion(target)  # a conversion cut short (a config, no weights): made again below
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         quiet_transformers()
@@ -392,7 +406,16 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
     try:
         model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device, str(dtype).removeprefix("torch."))
     except _load_errors() as exc:
-        raise ModelNotFound(f"cannot load base model {ref.name!r}: {_load_failure(exc)}") from None
+        if ref.name != "smollm2":
+            raise ModelNotFound(f"cannot load base model {ref.name!r}: {_load_failure(exc)}") from None
+        # loraplex's own converted copy (in the cache) is damaged: converted again from the installed GGUF, once
+        _discard_conversion(ref.path(settings))
+        try:
+            model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device,
+                                   str(dtype).removeprefix("torch."))
+        except _load_errors() as again:
+            raise ModelNotFound(f"cannot load base model {ref.name!r} (converted into "
+                                f"{settings.cache_dir / 'models' / 'smollm2'}): {_load_failure(again)}") from None
     model = copy.deepcopy(model)
     return LoadedBase(ref, model, tok, fingerprint_model(model, ref.name, ref.family), settings)
 

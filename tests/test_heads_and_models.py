@@ -262,3 +262,36 @@ def test_a_causal_prompt_stays_within_max_length_whatever_the_description(tiny_l
         lb.tokenizer("is the flight late\n\nText: ", add_special_tokens=True)["input_ids"]
         + lb.tokenizer("late", add_special_tokens=False)["input_ids"]
         + lb.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"])  # a short one is as before
+
+
+def test_a_damaged_conversion_of_smollm2_is_made_again(settings, tmp_path, monkeypatch):
+    """A damaged converted copy in loraplex's cache was reported as a damaged base, with no path and no
+    remedy, and never rebuilt (sweep 16): it is discarded and converted again, once."""
+    from pathlib import Path
+
+    from torch import nn
+
+    import loraplex.models as models
+
+    tiny = (nn.Linear(2, 2), object())
+    target = tmp_path / "cache" / "models" / "smollm2"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"cut")
+    calls = []
+
+    def pristine(name, family, path, device, dtype):
+        calls.append(Path(path).exists())
+        if len(calls) == 1:
+            raise ValueError("its weights file is damaged")
+        return tiny
+
+    def smollm2_dir(s):
+        target.mkdir(parents=True, exist_ok=True)  # "converted again"
+        return target
+
+    monkeypatch.setattr(models, "_pristine", pristine)
+    monkeypatch.setattr(models, "_smollm2_dir", smollm2_dir)
+    monkeypatch.setattr(models, "fingerprint_model", lambda *a: None)
+    lb = load_base("smollm2", settings)
+    assert calls == [True, True] and isinstance(lb.model, nn.Linear)
+    assert not (target / "model.safetensors").exists()  # the damaged copy was discarded before the retry
