@@ -150,6 +150,9 @@ def test_a_ddp_worker_stopped_with_rank_0_says_nothing(monkeypatch, capsys):
     assert report(Interrupted("training was interrupted (SIGINT)")) == 130
     assert report(Interrupted("terminated", signal="SIGTERM")) == 143
     assert report(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:24215")) == 1
+    from loraplex.errors import UserInputError
+
+    assert report(UserInputError("training diverged: after 3 steps ...")) == 2  # both ranks meet it: rank 0 says it
     assert capsys.readouterr().err == ""
     assert report(RuntimeError("something else")) == 70  # a worker's own failure is still said
     assert "internal error, RuntimeError: something else" in capsys.readouterr().err

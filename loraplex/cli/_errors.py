@@ -46,14 +46,17 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import Interrupted, LoraplexError
+    from loraplex.errors import Interrupted, LoraplexError, UserInputError
     from loraplex.ranks import is_worker
 
-    if is_worker() and (isinstance(exc, (Interrupted, KeyboardInterrupt))
+    if is_worker() and (isinstance(exc, (Interrupted, KeyboardInterrupt, UserInputError))
                         or any(p in str(exc) for p in PEER_GONE)):
-        # a DDP worker stopped with rank 0 (a signal reaches the whole process group, or rank 0 failed and
-        # left): rank 0 says why, once; the worker's line was the same message again, or an internal error
-        return exc.exit_code if isinstance(exc, Interrupted) else INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
+        # a DDP worker stopped with rank 0 (a signal reaches the whole process group, an input both ranks
+        # refuse, or rank 0 failed and left): rank 0 says why, once; the worker's line was the same message
+        # again, or an internal error
+        if isinstance(exc, LoraplexError):
+            return exc.exit_code
+        return INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
     if isinstance(exc, LoraplexError):
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
