@@ -20,7 +20,7 @@ import torch
 
 from pydantic import ValidationError
 
-from loraplex.errors import AlreadyExists, IncompatibleAdapter, UserInputError
+from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.layers import adapters_disabled, extract, inject_new
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import accuracy, head_for, texts_readable
@@ -109,8 +109,8 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
         raise UserInputError("the task is empty: name an embedded task or a task file")
     if description is not None:
         description = validate_description(description)
-    if reg.has_adapter(name) and not is_worker():
-        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    if not is_worker():
+        reg.check_adapter_name_free(name)  # an adapter's or a router's: before training, not after
     try:
         cfg = TrainConfig(**train_options)
         spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))

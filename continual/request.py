@@ -21,7 +21,7 @@ from loraplex.continual.forgetting import FORGETTERS, forget, no_rows_to_forget,
 from loraplex.continual.methods import METHODS
 from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
 from loraplex.continual.spec import TrainerSettings
-from loraplex.errors import AlreadyExists, InvalidSpec, TaskNotFound, UserInputError
+from loraplex.errors import InvalidSpec, TaskNotFound, UserInputError
 from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
 from loraplex.models import fingerprint, resolve_base
@@ -138,8 +138,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     if name is None:  # "" is not "not given": validate_name refuses it, as train and router fit do
         name = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
     validate_name(name)
-    if reg.has_adapter(name):
-        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    reg.check_adapter_name_free(name)
     ref = resolve_base(recs[0].base)
     fp = fingerprint(ref, settings)
     forgetter.modules(fp)

@@ -210,8 +210,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, (int, float))
                                      or not 0 < max_distance <= 2):  # nan compared false: the bound never tripped
         raise UserInputError(f"max_distance must be a cosine distance above 0 and at most 2, got {max_distance!r}")
-    if reg.has_adapter(name):
-        raise AlreadyExists(f"an adapter named {name!r} already exists")
+    reg.check_adapter_name_free(name)
     rec, gen = load(reg, settings, generator)
     member = reg.get_adapter(rec.members[0])
     labelled = list(dict.fromkeys(lab for _, lab in examples if lab))

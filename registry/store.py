@@ -314,12 +314,7 @@ class Registry(Database, Components):
         snap_data = [(int(step), s.to_bytes()) for step, s in snapshots]
         ranks = [adapter.rank(m) for m in adapter.modules]
         with self.write_lock():
-            conn = self._db()
-            if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (draft.name,)).fetchone():
-                raise AlreadyExists(f"an adapter named {draft.name!r} already exists").about("name")
-            if conn.execute("SELECT 1 FROM components WHERE kind = 'router' AND name = ?", (draft.name,)).fetchone():
-                raise AlreadyExists(f"a router named {draft.name!r} already exists: an adapter of that name "
-                                    "would share its model name (choose another)").about("name")
+            self.check_adapter_name_free(draft.name, self._db())
             self._check_embedding(emb, embedder or self.default_embedder)
             with self._writing(f"register adapter {draft.name!r}") as created:
                 self._insert_adapter(draft, adapter, data, snap_data, ranks, emb, prototype, embedder,
@@ -428,6 +423,18 @@ class Registry(Database, Components):
         if not recs:
             raise AdapterNotFound(f"no adapter named {name!r} in the registry at {self.home}")
         return recs[0]
+
+    def check_adapter_name_free(self, name: str, conn=None) -> None:
+        """AlreadyExists if an adapter, or a router (they share the served models' names), is called `name`:
+        checked again under the write lock when registering; commands that train first ask up front too."""
+        conn = conn or self._db(create=False)
+        if conn is None:
+            return
+        if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone():
+            raise AlreadyExists(f"an adapter named {name!r} already exists").about("name")
+        if conn.execute("SELECT 1 FROM components WHERE kind = 'router' AND name = ?", (name,)).fetchone():
+            raise AlreadyExists(f"a router named {name!r} already exists: an adapter of that name "
+                                "would share its model name (choose another)").about("name")
 
     def has_adapter(self, name: str) -> bool:
         conn = self._db(create=False)

@@ -109,3 +109,23 @@ def test_texts_with_more_than_one_label_are_said(cli, tiny_bert, tmp_path):
     assert ("warning: task 'toy': 1 text(s) appear with more than one label (e.g. 'the flight crew': bad, good)"
             in r.stderr), r.stderr
     assert json.loads(r.stdout)["warnings"] == [r.stderr.split("warning: ", 1)[1].strip()]
+
+
+def test_a_name_a_router_holds_is_refused_before_training(cli, tiny_bert, tmp_path, monkeypatch):
+    """An existing router's name was refused only after the whole training (sweep 16); an adapter's was
+    refused up front."""
+    import loraplex.continual.fit as fit
+    from loraplex.registry.store import Registry
+    from loraplex.settings import Settings
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the name was checked")
+
+    monkeypatch.setattr(fit, "fit_adapter", no_training)
+    reg = Registry.open(Settings.load())
+    reg._db()  # the database, with its tables
+    with reg.write_lock(), reg.transaction() as c:  # a router row is all the name check reads
+        c.execute("INSERT INTO components(kind, name, method, base, config, blob, members, metrics, extra, created_at)"
+                  " VALUES ('router', 'r1', 'mixer', 'b', '{}', 'x', '[]', '{}', '{}', '0')")
+    out = cli("train", _task_file(tmp_path), "--name", "r1", "--base", tiny_bert, "--steps", "1", "--quiet")
+    assert out.exit_code == 2 and "a router named 'r1' already exists" in out.stderr, out.output
