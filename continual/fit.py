@@ -139,14 +139,26 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
 
 
 def _data_warnings(t) -> list[str]:
-    """Texts of the task with more than one label: accepted (real data is noisy), but said."""
+    """What the task's data holds that training cannot do much with, accepted (real data is noisy) but said:
+    texts with more than one label, labels with no training row (the split is by hash, not stratified).
+    A training split of fewer than two labels is refused: it teaches nothing."""
+    out = []
     conflicts = t.conflicts()
-    if not conflicts:
-        return []
-    text, labels = next(iter(conflicts.items()))
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    return [f"task {t.name!r}: {len(conflicts):,} text(s) appear with more than one label (e.g. {shown!r}: "
-            f"{', '.join(labels)}); no model can answer both, and accuracy on them is a coin toss"]
+    if conflicts:
+        text, labels = next(iter(conflicts.items()))
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        out.append(f"task {t.name!r}: {len(conflicts):,} text(s) appear with more than one label (e.g. {shown!r}: "
+                   f"{', '.join(labels)}); no model can answer both, and accuracy on them is a coin toss")
+    trained = {e.label for e in t.train}
+    if len(trained) < 2:
+        raise UserInputError(f"task {t.name!r}: its training split holds {len(trained)} label(s) "
+                             f"({', '.join(sorted(trained)) or 'none'}) of {len(t.labels)}: give more rows of the "
+                             "others (the split is 80/10/10 by a hash of each row), or a `split` column")
+    unseen = [lab for lab in t.labels if lab not in trained]
+    if unseen:
+        out.append(f"task {t.name!r}: {len(unseen):,} label(s) have no training row (e.g. {unseen[0][:40]!r}; the "
+                   "split is 80/10/10 by a hash of each row): the adapter cannot learn them")
+    return out
 
 
 def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainConfig, run_dir: Path, *, name: str, ref,

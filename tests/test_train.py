@@ -129,3 +129,29 @@ def test_a_name_a_router_holds_is_refused_before_training(cli, tiny_bert, tmp_pa
                   " VALUES ('router', 'r1', 'mixer', 'b', '{}', 'x', '[]', '{}', '{}', '0')")
     out = cli("train", _task_file(tmp_path), "--name", "r1", "--base", tiny_bert, "--steps", "1", "--quiet")
     assert out.exit_code == 2 and "a router named 'r1' already exists" in out.stderr, out.output
+
+
+def _with_one_untrained(tmp_path, rows, label):
+    """`rows` plus one row of `label` whose text the hash split keeps out of train (the first such text)."""
+    from loraplex.data import load_task_file
+
+    f = tmp_path / "odd.jsonl"
+    for k in range(200):
+        f.write_text("\n".join(json.dumps(r) for r in rows + [{"text": f"the odd one {k}", "label": label}]))
+        if label not in {e.label for e in load_task_file(f, description="d").train}:
+            return f
+    raise AssertionError("no text the split keeps out of train")
+
+
+def test_a_split_that_leaves_labels_untrained_is_said_or_refused(cli, tiny_bert, tmp_path):
+    """Nine rows of `a` and one of `b`, which the hash split put in test: trained as a one-label task without a
+    word (sweep 16). A training split of one label is refused; a label with no training row is said."""
+    rows = [{"text": f"the flight {w}", "label": "a"} for w in ("late", "crew", "seat", "gate", "bag", "plane",
+                                                                "good", "bad", "great")]
+    f = _with_one_untrained(tmp_path, rows, "b")
+    r = cli("train", f, "--name", "odd", "--base", tiny_bert, "--steps", "1", "--description", "d", "--quiet")
+    assert r.exit_code == 2 and "its training split holds 1 label(s) (a) of 2" in r.stderr, r.output
+    rows += [{"text": f"the b {w}", "label": "b"} for w in ("x", "y", "z", "w", "v")]
+    f = _with_one_untrained(tmp_path, rows, "c")
+    r = cli("train", f, "--name", "odd", "--base", tiny_bert, "--steps", "1", "--description", "d", "--quiet")
+    assert r.exit_code == 0 and "label(s) have no training row (e.g. 'c'" in r.stderr, r.output
