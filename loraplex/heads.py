@@ -414,7 +414,28 @@ def head_for(base: "LoadedBase") -> Head:
             p = json.loads(pooling_cfg.read_text())
             if p.get("pooling_mode_cls_token") and not p.get("pooling_mode_mean_tokens"):
                 cfg["pooling"] = "cls"
+    positions = model_positions(base.model)
+    default = HEADS.get(base.family).config_cls.model_fields["max_length"].default
+    if positions is not None and positions < default:  # a model of few positions: read what it can take
+        least = HEADS.get(base.family).config_cls.model_fields["max_length"].metadata[0].ge
+        usable = positions - 2  # position ids offset by padding (RoBERTa-style) leave two unused
+        if usable < least:
+            from loraplex.errors import ModelNotFound
+
+            raise ModelNotFound(f"base {base.ref.name!r} reads at most {positions} tokens (its position embeddings); "
+                                f"loraplex's {base.family} head needs at least {least + 2}")
+        cfg["max_length"] = usable
     return HEADS.build(base.family, cfg)
+
+
+def model_positions(model) -> int | None:
+    """How many tokens the model's position embeddings hold (None: it names no limit)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", batch_size: int = 64,

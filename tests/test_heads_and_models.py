@@ -295,3 +295,25 @@ def test_a_damaged_conversion_of_smollm2_is_made_again(settings, tmp_path, monke
     lb = load_base("smollm2", settings)
     assert calls == [True, True] and isinstance(lb.model, nn.Linear)
     assert not (target / "model.safetensors").exists()  # the damaged copy was discarded before the retry
+
+
+def test_a_model_of_few_positions_reads_what_it_can_take(tiny_bert, settings, tmp_path):
+    """A BERT of 16 positions failed on the first text over 16 tokens: the head cut at 128 whatever the model
+    could take (sweep 16)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(str(tiny_bert))
+    cfg.max_position_embeddings = 16
+    d = tmp_path / "short"
+    AutoModel.from_config(cfg).save_pretrained(str(d))
+    for f in tiny_bert.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, d / f.name)
+    lb = load_base(str(d), settings)
+    head = head_for(lb)
+    assert head.config.max_length == 14
+    t = Task("t", "d", ("good", "bad"), (Example("x", "good"),), (), ())
+    scores = head.scores(lb.model, lb.tokenizer, ["the flight was late " * 50], t)
+    assert scores.shape == (1, 2)
