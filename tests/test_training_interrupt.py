@@ -159,3 +159,27 @@ def test_a_ddp_worker_stopped_with_rank_0_says_nothing(monkeypatch, capsys):
     monkeypatch.delenv("LOCAL_RANK")
     assert report(Interrupted("training was interrupted (SIGINT)")) == 130  # rank 0 says it
     assert "error: training was interrupted" in capsys.readouterr().err
+
+
+def test_a_hangup_ends_the_command_in_one_line(tmp_path):
+    """SIGHUP (the terminal closed, an SSH session dropped) killed a training silently, its run directory left
+    half written (sweep 16): it ends the command as SIGTERM does (the training path: training.fit)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("loraplex")
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.Popen([str(exe), "query"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, text=True)  # waits for queries on stdin
+    try:
+        time.sleep(3)
+        p.send_signal(signal.SIGHUP)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and err.strip() == ("error: terminated (SIGHUP) before the command finished; the "
+                                                   "registry keeps only complete writes"), (p.returncode, err)

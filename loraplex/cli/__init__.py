@@ -67,11 +67,14 @@ def main() -> None:
     def terminated(signum, frame):  # as Ctrl-C is a KeyboardInterrupt: the command unwinds (a transaction rolls back)
         from loraplex.errors import Interrupted
 
-        raise Interrupted("terminated (SIGTERM) before the command finished; the registry keeps only complete writes",
-                          signal="SIGTERM")
+        name = signal.Signals(signum).name
+        raise Interrupted(f"terminated ({name}) before the command finished; the registry keeps only complete "
+                          "writes", signal="SIGTERM")
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a fit installs its own while it runs (training.fit)
-        signal.signal(signal.SIGTERM, terminated)
+    # SIGHUP: the terminal closed, the SSH session dropped; it killed the command with its run directory half written
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # a fit installs its own SIGTERM (training.fit)
+            signal.signal(sig, terminated)
     app()
 
 
