@@ -170,6 +170,10 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
         raise ValueError(f"Lightning cannot run precision={cfg.precision!r} on this machine's "
                          f"{type(trainer.accelerator).__name__}: it would train in {got!r} instead; ask for {got!r} "
                          "or 32-true")
+    asked = cfg.devices if isinstance(cfg.devices, int) and cfg.devices > 0 else None
+    if asked is not None and trainer.num_devices != asked:  # single_device with --devices 2: one, without a word
+        raise ValueError(f"devices={asked} with strategy={cfg.strategy!r}: Lightning would run on "
+                         f"{trainer.num_devices} device(s); use strategy ddp for several, or devices={trainer.num_devices}")
     return cfg
 
 

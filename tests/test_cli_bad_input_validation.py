@@ -729,6 +729,9 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
     (["train", "airline", "--name", "t", "--strategy", "ddp_spawn"], "Lightning strategy 'ddp_spawn' is not supported"),
     (["router", "fit", "r", "--router", "token-gate", "--strategy", "ddp_fork"],
      "Lightning strategy 'ddp_fork' is not supported"),
+    # a strategy that runs one device ran one, recorded as two (sweep 16)
+    (["train", "airline", "--name", "t", "--strategy", "single_device", "--devices", "2"],
+     "devices=2 with strategy='single_device': Lightning would run on 1 device(s)"),
     # pure float16 diverged at any learning rate, and the message blamed the learning rate (sweep 16)
     (["train", "airline", "--name", "t", "--precision", "16-true"], "16-true (pure float16) cannot train with AdamW"),
     (["train", "airline", "--name", "t", "--rank", "0"], "invalid training option rank: Input should be greater"),  # was `r`
