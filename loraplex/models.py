@@ -22,6 +22,7 @@ whose embedding is nearest; causal LMs the label with the highest log-likelihood
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from loraplex.allocator import keep_heap
-from loraplex.errors import MissingDependency, ModelNotFound
+from loraplex.errors import DiskFull, LoraplexError, MissingDependency, ModelNotFound
 from loraplex.settings import Settings
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ def _package_dir(m: EmbeddedModel) -> Path:
 
 
 _convert_lock = threading.Lock()
+STALE_CONVERSION_S = 3600
+"""A temporary conversion directory this old is a killed conversion's (one takes well under a minute)."""
 
 
 def _discard_conversion(target: Path) -> None:
@@ -135,6 +139,12 @@ def _smollm2_dir(settings: Settings) -> Path:
 
         quiet_transformers()
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(".smollm2-*"):  # conversions killed mid-write (hundreds of MB each)
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_CONVERSION_S:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
         try:
             tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
@@ -394,6 +404,23 @@ def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
         raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {_load_failure(exc)}") from None
 
 
+def _local_path(ref: BaseRef, settings: Settings) -> Path:
+    """`ref.path`, a failed first-use conversion of SmolLM2 (into loraplex's cache) said as what it is."""
+    try:
+        return ref.path(settings)
+    except _load_errors() as exc:
+        if ref.name != "smollm2" or isinstance(exc, LoraplexError):
+            raise
+        where = settings.cache_dir / "models"
+        if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+            raise DiskFull(f"the disk is full: cannot convert SmolLM2 into {where} (it needs about 540 MB); free "
+                           "space there, or set LORAPLEX_CACHE to another directory") from None
+        if isinstance(exc, OSError):
+            raise LoraplexError(f"cannot convert SmolLM2 into {where}: {exc.strerror or exc} (set LORAPLEX_CACHE to "
+                                "a directory loraplex can write)") from None
+        raise ModelNotFound(f"cannot convert the embedded SmolLM2 into {where}: {_load_failure(exc)}") from None
+
+
 def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
     """A fresh copy of the base model (adapters injected into it do not leak into later loads)."""
     settings = settings or Settings.load()
@@ -403,15 +430,16 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
     device = settings.resolved_device()
     if device == "cpu":
         keep_heap()  # CPU activations reuse the heap instead of page-faulting in (loraplex/allocator.py)
+    path = _local_path(ref, settings)
     try:
-        model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device, str(dtype).removeprefix("torch."))
+        model, tok = _pristine(ref.name, ref.family, str(path), device, str(dtype).removeprefix("torch."))
     except _load_errors() as exc:
         if ref.name != "smollm2":
             raise ModelNotFound(f"cannot load base model {ref.name!r}: {_load_failure(exc)}") from None
         # loraplex's own converted copy (in the cache) is damaged: converted again from the installed GGUF, once
-        _discard_conversion(ref.path(settings))
+        _discard_conversion(path)
         try:
-            model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device,
+            model, tok = _pristine(ref.name, ref.family, str(_local_path(ref, settings)), device,
                                    str(dtype).removeprefix("torch."))
         except _load_errors() as again:
             raise ModelNotFound(f"cannot load base model {ref.name!r} (converted into "

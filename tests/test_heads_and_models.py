@@ -317,3 +317,27 @@ def test_a_model_of_few_positions_reads_what_it_can_take(tiny_bert, settings, tm
     t = Task("t", "d", ("good", "bad"), (Example("x", "good"),), (), ())
     scores = head.scores(lb.model, lb.tokenizer, ["the flight was late " * 50], t)
     assert scores.shape == (1, 2)
+
+
+def test_a_conversion_of_smollm2_that_cannot_be_written_says_why(settings, monkeypatch):
+    """A full cache disk was a damaged model (exit 2); a cache that cannot be written raw errno text (sweep 17)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import loraplex.models as models
+    from loraplex.errors import DiskFull, LoraplexError
+
+    for exc, cls, words in [
+        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), DiskFull,
+         "the disk is full: cannot convert SmolLM2 into"),
+        (OSError(errno.ENOSPC, "No space left on device"), DiskFull, "the disk is full"),
+        (PermissionError(errno.EACCES, "Permission denied", "/x/models"), LoraplexError,
+         "cannot convert SmolLM2 into .*Permission denied \\(set LORAPLEX_CACHE"),
+    ]:
+        def fail(s, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(models, "_smollm2_dir", fail)
+        with pytest.raises(cls, match=words):
+            load_base("smollm2", settings)
