@@ -136,6 +136,7 @@ class Database:
         self._lock_depth = 0
         self._lock_fd: int | None = None
         self._full = False  # opened read-only because the disk had no room left (`_db`)
+        self._ro_why: str | None = None  # opened read-only because this process cannot write it: what it cannot write
 
     # ------------------------------------------------------------------------------------------
     # connection, schema, locking
@@ -166,8 +167,9 @@ class Database:
         if self._conn is None:
             if not self.exists and not create:
                 return None
-            if self.exists and not os.access(self.home, os.W_OK):
-                self._conn = self._read_only()
+            unwritable = self._unwritable() if self.exists else None
+            if unwritable is not None:
+                self._conn, self._ro_why = self._read_only(), unwritable
                 return self._conn
             self.home.mkdir(parents=True, exist_ok=True)
             try:
@@ -193,6 +195,19 @@ class Database:
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn
         return self._conn
+
+    def _unwritable(self) -> str | None:
+        """What of the registry this process cannot write (its home directory, registry.db, SQLite's -wal or
+        -shm file), or None. Opened read-write anyway, SQLite failed with "attempt to write a readonly
+        database", and a registry.db of mode 0444 left -wal/-shm files of that mode behind, which kept the
+        registry broken after the mode was restored."""
+        if not os.access(self.home, os.W_OK):
+            return f"its directory {self.home} is not writable"
+        for p in (self.db_path, self.db_path.with_name(self.db_path.name + "-wal"),
+                  self.db_path.with_name(self.db_path.name + "-shm")):
+            if p.exists() and not os.access(p, os.W_OK):
+                return f"{p} is not writable"
+        return None
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         """A registry written by a newer loraplex (its meta 'schema' above ours) is refused, not misread;
@@ -290,6 +305,8 @@ class Database:
         if self._full:
             raise DiskFull(f"the disk is full: the registry at {self.home} can be read but not written (nothing was "
                            "changed; free some space and try again)")
+        if self._ro_why is not None:
+            raise LockUnavailable(f"cannot write the registry at {self.home}: {self._ro_why} (nothing was changed)")
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn

@@ -94,3 +94,25 @@ def test_a_removal_whose_blob_cannot_be_deleted_succeeds_and_says_so(cli, seeded
     assert r.exit_code == 0 and "removed good" in r.stdout, r.output
     assert f"warning: could not delete the unused blob {blob} (Permission denied)" in r.stderr, r.stderr
     assert blob.exists() and cli("adapters", "list", "--json").stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("what", ["home", "registry.db"])
+def test_a_registry_this_process_cannot_write_is_read_and_writes_are_refused(cli, seeded, monkeypatch, what):
+    """A home (or a registry.db) this process cannot write: writes said "the registry database failed: attempt
+    to write a readonly database" and sent the user to `registry check`; a registry.db of mode 0444 failed
+    every command, listing included, as "unreadable" (sweep 17)."""
+    import os
+
+    target = cli.home if what == "home" else cli.home / "registry.db"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if (str(p) == str(target) and mode == os.W_OK)
+                        else access(p, mode, **k))
+    before = registry_state(cli.home)
+    listed = cli("adapters", "list", "--json")
+    assert listed.exit_code == 0 and '"good"' in listed.stdout, listed.output
+    r = cli("adapters", "remove", "good")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == (f"error: cannot write the registry at {cli.home}: "
+                                + (f"its directory {cli.home}" if what == "home" else f"{target}")
+                                + " is not writable (nothing was changed)"), r.stderr
+    assert registry_state(cli.home) == before
