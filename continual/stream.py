@@ -53,7 +53,7 @@ from loraplex.continual.rundir import (  # noqa: F401 (RunDir: imported from her
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
-from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, UserInputError
+from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, Terminated, UserInputError
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, write_tensors
 from loraplex.heads import head_for, texts_readable
@@ -259,7 +259,7 @@ class _StreamRun:
                 self.results.append(result)
                 self._register(unit.index)
                 report = write_report(rd.path, info, self.results)
-            except (Interrupted, KeyboardInterrupt) as exc:
+            except (Interrupted, KeyboardInterrupt, Terminated) as exc:
                 saved = rd.completed()
                 when = (f"after unit {unit.index} ({unit.label}) was saved (continuing registers its adapter if "
                         "it is not yet)" if saved > unit.index else f"during unit {unit.index} ({unit.label})")

@@ -124,6 +124,33 @@ class Interrupted(LoraplexError):
         self.exit_code = 143 if signal == "SIGTERM" else 130
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised by the handler the CLI installs (`terminate`). A BaseException, as
+    KeyboardInterrupt is: an Exception raised there landed in libraries' `except Exception` blocks (an
+    import's fallback, a `__del__`), was swallowed, and the command ran on and registered its adapter."""
+
+    def __init__(self, signal: str = "SIGTERM"):
+        super().__init__(f"terminated ({signal}) before the command finished; the registry keeps only complete "
+                         "writes")
+        self.signal = signal
+
+
+_TERMINATION: list[str] = []
+
+
+def terminate(signal: str) -> None:
+    """The CLI's SIGTERM/SIGHUP handler: remembers the request (so one swallowed raise cannot lose it: the
+    registry's next transaction raises it again, `check_termination`) and raises Terminated."""
+    _TERMINATION.append(signal)
+    raise Terminated(signal)
+
+
+def check_termination() -> None:
+    """Raise Terminated if a SIGTERM/SIGHUP has come: before a registry write begins."""
+    if _TERMINATION:
+        raise Terminated(_TERMINATION[0])
+
+
 def os_error(exc: OSError) -> LoraplexError:
     """An OS error as loraplex reports it: one line naming the path; a UserInputError when it is about a
     path the caller gave (PATH_ERRNOS), else a LoraplexError (the CLI prints both as `error: ...`)."""

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from loraplex.errors import DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError
+from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError,
+                             check_termination)
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
@@ -301,6 +302,7 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        check_termination()  # a SIGTERM whose raise a library swallowed: no write begins after it
         conn = self._db()
         if self._full:
             raise DiskFull(f"the disk is full: the registry at {self.home} can be read but not written (nothing was "

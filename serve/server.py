@@ -10,7 +10,7 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from loraplex.errors import UserInputError
+from loraplex.errors import Terminated, UserInputError
 from loraplex.serve.app import checked_api_key, create_app, loopback_name
 from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
@@ -125,8 +125,8 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down cleanly
-        pass
+    except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the Ctrl-C or SIGTERM it caught, once it has
+        pass                                  # shut down cleanly: a service manager's stop is a normal end
     if not server.started:
         raise SystemExit(1)
     print("loraplex serve: stopped", file=sys.stderr, flush=True)

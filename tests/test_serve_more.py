@@ -267,3 +267,50 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
         events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
         assert "[DONE]" not in events and "ended its stream without [DONE]" in events[-1], events
         assert json.loads(events[0])["routing"]["level"] == "request"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_as_ctrl_c_does(settings, tiny_llama, tmp_path):
+    """A service manager's stop (SIGTERM) printed `error: terminated ... before the command finished` and
+    exit 143 (sweep 17): it is a normal end, as Ctrl-C is."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--base", str(tiny_llama), "--port", str(port)],
+                            env=_env(settings.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        out = proc.stdout.read()
+        assert "stopped" in out and "error" not in out and "Traceback" not in out, out
+    finally:
+        proc.kill()
+
+
+def test_a_termination_a_library_swallowed_is_not_lost(settings):
+    """SIGTERM raised an Exception from the handler: a library's `except Exception` (an import's fallback, a
+    `__del__`) swallowed it, and the command ran on and registered (sweep 17). It is a BaseException now,
+    and the registry's next write raises it again."""
+    from loraplex import errors
+    from loraplex.registry.store import Registry
+
+    try:
+        try:
+            errors.terminate("SIGTERM")
+        except Exception:  # noqa: BLE001 (what a library does)
+            pytest.fail("an `except Exception` caught the termination")
+    except errors.Terminated:
+        pass
+    try:
+        with pytest.raises(errors.Terminated, match="terminated \\(SIGTERM\\)"):
+            with Registry.open(settings).transaction():
+                pass
+    finally:
+        errors._TERMINATION.clear()

@@ -65,11 +65,9 @@ def main() -> None:
     import signal
 
     def terminated(signum, frame):  # as Ctrl-C is a KeyboardInterrupt: the command unwinds (a transaction rolls back)
-        from loraplex.errors import Interrupted
+        from loraplex.errors import terminate
 
-        name = signal.Signals(signum).name
-        raise Interrupted(f"terminated ({name}) before the command finished; the registry keeps only complete "
-                          "writes", signal="SIGTERM")
+        terminate(signal.Signals(signum).name)
 
     # SIGHUP: the terminal closed, the SSH session dropped; it killed the command with its run directory half written
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):

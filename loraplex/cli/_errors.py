@@ -18,7 +18,7 @@ try:  # typer >= 0.2x vendors click as typer._click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click.exceptions import UsageError
 
-from loraplex.errors import os_error
+from loraplex.errors import Terminated, os_error
 
 INTERNAL = 70
 INTERRUPTED = 130
@@ -46,9 +46,11 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import Interrupted, LoraplexError, UserInputError
+    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError
     from loraplex.ranks import is_worker
 
+    if isinstance(exc, Terminated):  # SIGTERM / SIGHUP (a BaseException, so libraries do not swallow it)
+        exc = Interrupted(str(exc), signal="SIGTERM")
     if is_worker() and (isinstance(exc, (Interrupted, KeyboardInterrupt, UserInputError))
                         or any(p in str(exc) for p in PEER_GONE)):
         # a DDP worker stopped with rank 0 (a signal reaches the whole process group, an input both ranks
@@ -116,7 +118,7 @@ class LoraplexGroup(TyperGroup):
             typer.echo(usage_line(exc), err=True)
             sys.stderr.flush()
             ctx.exit(exc.exit_code)
-        except (Exception, KeyboardInterrupt) as exc:
+        except (Exception, KeyboardInterrupt, Terminated) as exc:
             if _is_control_flow(exc) or debugging():
                 raise
             code = report(exc)
