@@ -179,6 +179,18 @@ def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainCo
     return TrainResult(rec, metrics, result.run_dir)
 
 
+def _learned_labels_still_there(rec, t) -> None:
+    """Refuse to score an adapter on its own task file when the file's labels are no longer those it learned
+    (edited since training): the score was of a classifier queries never use (they answer with the learned
+    labels, `Registry.answering_task`), and nothing said so."""
+    own = (rec.extra.get("task_cards") or {}).get(rec.task)
+    learned = [str(x) for x in own.get("labels") or ()] if isinstance(own, dict) else []
+    if len(learned) >= 2 and set(learned) != set(t.labels):
+        raise UserInputError(f"the labels of {rec.task} changed since adapter {rec.name!r} was trained "
+                             f"({', '.join(sorted(learned))} -> {', '.join(sorted(t.labels))}): train it again, or "
+                             "evaluate it with --task on a file of the labels it learned")
+
+
 def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str | None = None, base: str | None = None,
                      description: str | None = None, split: str = "test", limit: int | None = None,
                      vs_base: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -190,15 +202,15 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     if name is None and vs_base:
         raise UserInputError("--vs-base compares an adapter with the bare base: name the adapter")
     parent = None
+    rec = reg.get_adapter(name) if name is not None else None  # read once: every check below sees one record
     if task is None:
-        if name is None:
+        if rec is None:
             raise UserInputError("the bare base has no task of its own: name one with --task")
-        own = reg.get_adapter(name)
-        task = own.task
+        task = rec.task
         if not task:
             raise UserInputError(f"adapter {name!r} records no task: name one with --task")
-        if own.origin == "generated" and own.extra.get("labels_from") not in (None, "examples"):
-            parent = str(own.extra["labels_from"])  # a generated adapter answers with its parent's labels: said so
+        if rec.origin == "generated" and rec.extra.get("labels_from") not in (None, "examples"):
+            parent = str(rec.extra["labels_from"])  # a generated adapter answers with its parent's labels: said so
     if split not in ("train", "validation", "test"):
         raise UserInputError(f"unknown split {split!r} (train, validation, test)")
     if limit is not None and limit < 1:
@@ -206,7 +218,9 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     if description is not None:
         description = validate_description(description)
     t = reg.load_task(task, description=description)
-    family = reg.get_adapter(name).family if name is not None else resolve_base(base or "minilm").family
+    if rec is not None and task == rec.task:
+        _learned_labels_still_there(rec, t)
+    family = rec.family if rec is not None else resolve_base(base or "minilm").family
     if description is not None and t.source == "embedded" and family == "encoder":
         raise UserInputError(f"--description changes nothing here: {t.name!r} is an embedded task with its own "
                              "description, and an encoder's classifier does not read it (a causal base's prompt does)")
@@ -218,7 +232,6 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
         lb = load_base(resolve_base(base or "minilm"), settings)
         res = accuracy(head_for(lb), lb.model, lb.tokenizer, t, split, limit, progress=bar("the bare base"))
         return {"adapter": None, "base": lb.ref.name, "task": t.name, "split": split, **res}
-    rec = reg.get_adapter(name)
     if base is not None and resolve_base(base).name != rec.base:
         raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
     # a forgetting adapter erases from the composition it was trained on top of (recorded with itself in

@@ -155,3 +155,16 @@ def test_a_split_that_leaves_labels_untrained_is_said_or_refused(cli, tiny_bert,
     f = _with_one_untrained(tmp_path, rows, "c")
     r = cli("train", f, "--name", "odd", "--base", tiny_bert, "--steps", "1", "--description", "d", "--quiet")
     assert r.exit_code == 0 and "label(s) have no training row (e.g. 'c'" in r.stderr, r.output
+
+
+def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp_path):
+    """The task file's labels renamed after training: `eval` scored the adapter on labels it never learned and
+    said nothing, while queries answered with the learned ones (sweep 17)."""
+    f = _task_file(tmp_path)
+    assert cli("train", f, "--name", "t1", "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    assert cli("eval", "t1", "--limit", "4").exit_code == 0
+    f.write_text(f.read_text().replace('"good"', '"fine"'))
+    (tmp_path / "toy.task.json").write_text(json.dumps({"description": "is the passenger happy or not"}))
+    r = cli("eval", "t1", "--limit", "4")
+    want = f"the labels of {f} changed since adapter 't1' was trained (bad, good -> bad, fine)"
+    assert r.exit_code == 2 and want in r.stderr, r.output
