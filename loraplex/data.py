@@ -161,7 +161,7 @@ def read_rows(path: Path) -> list[dict]:
         reader = csv.DictReader(io.StringIO(text), delimiter=sep,
                                 **({"quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
         names = reader.fieldnames or []
-        twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+        twice = next((c for i, c in enumerate(names) if c.strip() and c in names[:i]), None)
         if twice is not None:  # DictReader keeps the last of two: every row read the other column as its text
             raise InvalidTaskFile(f"{path}:1: the header names the column {twice!r} twice")
         start = 1  # the line the row being read starts on (a quoted field may hold line ends)
@@ -216,18 +216,37 @@ MAX_TASK_NAME = 200
 """The longest task name a sidecar may give (it is shown on every line that names the task)."""
 TASK_COLUMNS = ("text", "label", "split")
 """The columns of a task file: the text, its label, and optionally the split it belongs to."""
-SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val",
+               "eval": "val", "evaluation": "val", "test": "test", "testing": "test"}
 """What a task file's `split` column may say (case and spaces aside), and the split each name is."""
 
 
+SIDECAR_COLUMNS = ("description", "labels", "label_texts", "name", "task")
+"""Columns a user may expect loraplex to read per row, which it reads only from the sidecar: refused."""
+
+
 def check_columns(path: Path, rows: Sequence[dict], known: Sequence[str]) -> None:
-    """Refuse a column loraplex would not read (an `id`, a per-row `description`): dropped silently, the
-    user would believe it was used."""
+    """Columns loraplex does not read: one that says what the sidecar says (a per-row `description`) is
+    refused, it would be believed used; any other (an `id`, an export's `label_text`, pandas' unnamed index)
+    is left unread and named once in a warning (errors.LoraplexWarning)."""
+    import warnings
+
+    from loraplex.errors import LoraplexWarning
+
+    seen: dict[str, None] = {}
     for n, row in enumerate(rows, 1):
-        extra = next((k for k in row if k not in known and k is not None), None)
-        if extra is not None:
-            raise InvalidTaskFile(f"{path}: row {n} has a column {str(extra)[:60]!r} that loraplex does not read "
-                                  f"(the columns read: {', '.join(known)}); remove it")
+        for k in row:
+            if k is None or k in known:
+                continue
+            if str(k).strip().lower() in SIDECAR_COLUMNS:
+                raise InvalidTaskFile(f"{path}: row {n} has a {str(k)!r} column: loraplex reads a task's "
+                                      f"{str(k).strip().lower()} from its sidecar ({_sidecar(path).name}), not per "
+                                      "row; move it there, or remove the column")
+            seen.setdefault(str(k), None)
+    if seen:
+        shown = ", ".join(repr(k[:40]) if k.strip() else "'' (an unnamed column)" for k in list(seen)[:5])
+        warnings.warn(f"{path.name}: column(s) {shown}{', ...' if len(seen) > 5 else ''} not read (loraplex reads "
+                      f"{', '.join(known)})", LoraplexWarning, stacklevel=2)
 
 
 def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True) -> str | None:
@@ -272,7 +291,7 @@ def _given_splits(path: Path, rows: Sequence[dict]) -> list[str] | None:
         if name is None:
             got = "no 'split'" if v is None or (isinstance(v, str) and not v.strip()) else f"split {str(v)[:40]!r}"
             raise InvalidTaskFile(f"{path}: row {n} has {got}: a file with a 'split' column gives every row one of "
-                                  "train, validation (or val, dev), test")
+                                  "train, validation (or val, dev, eval), test")
         out.append(name)
     return out
 

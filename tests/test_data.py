@@ -244,17 +244,27 @@ def test_a_split_column_with_another_value_is_refused(tmp_path, split, match):
         load_task_file(f, description="d")
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
-def test_a_column_loraplex_does_not_read_is_refused(tmp_path, suffix):
-    """An `id` or a per-row `description` was dropped silently (sweep 16)."""
-    f = tmp_path / f"extra.{suffix}"
-    if suffix == "jsonl":
-        f.write_text("\n".join(json.dumps({**r, "description": "x"}) for r in _rows()))
-    else:
-        f.write_text("text,label,id\n" + "\n".join(f"t {i},{'ab'[i % 2]},{i}" for i in range(10)))
-    col = "description" if suffix == "jsonl" else "id"
-    with pytest.raises(InvalidTaskFile, match=f"a column '{col}' that loraplex does not read .*text, label, split"):
+def test_a_per_row_sidecar_column_is_refused_and_other_columns_are_named(tmp_path):
+    """A per-row `description` was dropped silently, believed used (sweep 16): refused, it belongs in the
+    sidecar. An `id`, an export's `label_text` or pandas' unnamed index column stay unread, named in a warning
+    (refusing them broke common files: review)."""
+    from loraplex.errors import LoraplexWarning
+
+    f = tmp_path / "extra.jsonl"
+    f.write_text("\n".join(json.dumps({**r, "description": "x"}) for r in _rows()))
+    with pytest.raises(InvalidTaskFile, match="row 1 has a 'description' column: loraplex reads a task's description "
+                                              "from its sidecar \\(extra.task.json\\)"):
         load_task_file(f, description="d")
+    f = tmp_path / "pandas.csv"
+    f.write_text(",text,label,label_text\n" + "\n".join(f"{i},t {i},{'ab'[i % 2]},x" for i in range(10)))
+    with pytest.warns(LoraplexWarning, match="pandas.csv: column\\(s\\) '' \\(an unnamed column\\), 'label_text' not "
+                                             "read \\(loraplex reads text, label, split\\)"):
+        t = load_task_file(f, description="d")
+    assert t.labels == ("a", "b")
+    f = tmp_path / "trailing.csv"
+    f.write_text("text,label,,\n" + "\n".join(f"t {i},{'ab'[i % 2]},," for i in range(10)))
+    with pytest.warns(LoraplexWarning):  # two empty header cells are not "a column named twice"
+        assert load_task_file(f, description="d").labels == ("a", "b")
 
 
 def test_an_examples_file_names_a_column_it_does_not_read(tmp_path):
@@ -262,8 +272,10 @@ def test_an_examples_file_names_a_column_it_does_not_read(tmp_path):
 
     f = tmp_path / "few.jsonl"
     f.write_text(json.dumps({"text": "a late flight", "label": "negative", "split": "train"}))
-    with pytest.raises(InvalidTaskFile, match="a column 'split' that loraplex does not read .*text, label\\)"):
-        read_examples(f)
+    from loraplex.errors import LoraplexWarning
+
+    with pytest.warns(LoraplexWarning, match="column\\(s\\) 'split' not read \\(loraplex reads text, label\\)"):
+        assert read_examples(f) == [("a late flight", "negative")]
 
 
 def test_labels_label_texts_and_task_names_are_bounded(tmp_path):

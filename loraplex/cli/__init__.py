@@ -95,5 +95,5 @@ def _warnings_as_lines() -> None:
             shown(message, category, filename, lineno, file, line)
 
     show.loraplex = True
-    warnings.simplefilter("always", LoraplexWarning)
+    warnings.simplefilter("default", LoraplexWarning)  # each message once, however often its code runs
     warnings.showwarning = show
