@@ -170,14 +170,21 @@ def _supported(p: Path, cfg: dict) -> None:
     asks to run the directory's own Python code (transformers would prompt on stdout, and a `y` ran it), an
     encoder-decoder, or a model with no text vocabulary (vision, audio)."""
     kind = str(cfg.get("model_type") or "unknown")
-    if cfg.get("auto_map"):
-        raise ModelNotFound(f"{p}: its config.json asks to run the directory's own code (auto_map); loraplex does not "
-                            "run a model directory's code")
+    if cfg.get("auto_map") and not _known_model_type(kind):  # Phi-3 or Falcon keep an auto_map from before their
+        raise ModelNotFound(f"{p}: its config.json asks to run the directory's own code (auto_map, model type "  # port
+                            f"{kind!r}, which transformers does not know); loraplex does not run a model directory's code")
     if cfg.get("is_encoder_decoder"):
         raise ModelNotFound(f"{p}: a {kind} model (encoder-decoder) is not supported; use an encoder or a causal LM")
     if not isinstance(cfg.get("vocab_size"), int):
         raise ModelNotFound(f"{p}: a {kind} model with no text vocabulary (no vocab_size in config.json) is not "
                             "supported; use an encoder or a causal LM over text")
+
+
+def _known_model_type(kind: str) -> bool:
+    """Whether transformers has its own classes for `model_type` (then trust_remote_code=False loads them)."""
+    from transformers import CONFIG_MAPPING
+
+    return kind in CONFIG_MAPPING
 
 
 def _family_of_config(cfg: dict) -> str:

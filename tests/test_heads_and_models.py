@@ -195,7 +195,8 @@ def test_a_damaged_model_directory_is_named_in_one_line(tiny_bert, settings, tmp
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"auto_map": {"AutoModel": "modeling_evil.EvilModel"}}, "asks to run the directory's own code \\(auto_map\\)"),
+    ({"auto_map": {"AutoModel": "modeling_evil.EvilModel"}, "model_type": "evil"},
+     "asks to run the directory's own code \\(auto_map, model type 'evil', which transformers does not know\\)"),
     ({"is_encoder_decoder": True, "model_type": "t5"}, "a t5 model \\(encoder-decoder\\) is not supported"),
     ({"vocab_size": None, "model_type": "vit"}, "a vit model with no text vocabulary"),
 ])
@@ -211,6 +212,19 @@ def test_a_model_directory_loraplex_cannot_use_is_refused_before_loading(tiny_be
     (d / "modeling_evil.py").write_text("raise SystemExit('the directory\\'s code ran')\n")
     with pytest.raises(ModelNotFound, match=match):
         resolve_base(str(d))
+
+
+def test_an_auto_map_of_a_model_type_transformers_knows_loads_its_own_classes(tiny_bert, settings, tmp_path):
+    """Phi-3 and Falcon checkpoints keep an auto_map from before their port: refusing every auto_map refused
+    them (review). trust_remote_code=False loads transformers' own classes; the directory's code never runs."""
+    import json
+
+    d = _copy_model(tiny_bert, tmp_path / "model")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_evil.py").write_text("raise SystemExit('the directory\'s code ran')\n")
+    assert type(load_base(str(d), settings).model).__name__ == "BertModel"
 
 
 def test_weights_missing_from_the_file_are_refused(tiny_bert, settings, tmp_path):
