@@ -183,3 +183,15 @@ def test_a_hangup_ends_the_command_in_one_line(tmp_path):
         p.kill()
     assert p.returncode == 143 and err.strip() == ("error: terminated (SIGHUP) before the command finished; the "
                                                    "registry keeps only complete writes"), (p.returncode, err)
+
+
+def test_an_error_with_a_leftover_rank_variable_is_one_line(monkeypatch, capsys):
+    """`report` asked is_worker(), which refuses a RANK with no WORLD_SIZE: every error became two chained
+    tracebacks (review)."""
+    from loraplex.cli._errors import report
+    from loraplex.errors import AdapterNotFound
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert report(AdapterNotFound("no adapter named 'x'")) == 2
+    assert capsys.readouterr().err == "error: no adapter named 'x'\n"

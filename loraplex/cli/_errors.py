@@ -51,7 +51,11 @@ def report(exc: BaseException) -> int:
 
     if isinstance(exc, Terminated):  # SIGTERM / SIGHUP (a BaseException, so libraries do not swallow it)
         exc = Interrupted(str(exc), signal="SIGTERM")
-    if is_worker() and (isinstance(exc, (Interrupted, KeyboardInterrupt, UserInputError))
+    try:
+        worker = is_worker()
+    except LoraplexError:  # a leftover RANK with no WORLD_SIZE: the error being reported is what to say
+        worker = False
+    if worker and (isinstance(exc, (Interrupted, KeyboardInterrupt, UserInputError))
                         or any(p in str(exc) for p in PEER_GONE)):
         # a DDP worker stopped with rank 0 (a signal reaches the whole process group, an input both ranks
         # refuse, or rank 0 failed and left): rank 0 says why, once; the worker's line was the same message
