@@ -89,7 +89,7 @@ class BaseRef:
         if self.name == "minilm":
             return _package_dir(EMBEDDED["minilm"]) / "model"
         if self.name == "smollm2":
-            return _smollm2_dir(settings or Settings.load())
+            return _converted_smollm2(settings or Settings.load())
         return Path(self.name)
 
     @property
@@ -411,12 +411,13 @@ def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
         raise ModelNotFound(f"cannot load the tokenizer of base {ref.name!r}: {_load_failure(exc)}") from None
 
 
-def _local_path(ref: BaseRef, settings: Settings) -> Path:
-    """`ref.path`, a failed first-use conversion of SmolLM2 (into loraplex's cache) said as what it is."""
+def _converted_smollm2(settings: Settings) -> Path:
+    """`_smollm2_dir`, a failed first-use conversion (into loraplex's cache) said as what it is, for every
+    caller (load_base, fingerprint, load_tokenizer: whichever converts first)."""
     try:
-        return ref.path(settings)
+        return _smollm2_dir(settings)
     except _load_errors() as exc:
-        if ref.name != "smollm2" or isinstance(exc, LoraplexError):
+        if isinstance(exc, LoraplexError):
             raise
         where = settings.cache_dir / "models"
         if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
@@ -428,6 +429,18 @@ def _local_path(ref: BaseRef, settings: Settings) -> Path:
         raise ModelNotFound(f"cannot convert the embedded SmolLM2 into {where}: {_load_failure(exc)}") from None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def _damaged(exc: BaseException) -> bool:
+    """A load failure that says the files are damaged or missing (not memory, not a bug)."""
+    text = str(exc)
+    return (type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or "ignore_mismatched_sizes" in text
+            or "size mismatch" in text or "weights file lacks" in text)
+
+
 def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
     """A fresh copy of the base model (adapters injected into it do not leak into later loads)."""
     settings = settings or Settings.load()
@@ -437,16 +450,19 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
     device = settings.resolved_device()
     if device == "cpu":
         keep_heap()  # CPU activations reuse the heap instead of page-faulting in (loraplex/allocator.py)
-    path = _local_path(ref, settings)
+    path = ref.path(settings)
     try:
         model, tok = _pristine(ref.name, ref.family, str(path), device, str(dtype).removeprefix("torch."))
     except _load_errors() as exc:
-        if ref.name != "smollm2":
+        if _out_of_memory(exc):  # the machine's state, not the model's files: nothing is discarded
+            raise LoraplexError(f"not enough memory to load base model {ref.name!r} on {device}: "
+                                f"{str(exc).splitlines()[0][:160]}") from None
+        if ref.name != "smollm2" or not _damaged(exc):
             raise ModelNotFound(f"cannot load base model {ref.name!r}: {_load_failure(exc)}") from None
         # loraplex's own converted copy (in the cache) is damaged: converted again from the installed GGUF, once
         _discard_conversion(path)
         try:
-            model, tok = _pristine(ref.name, ref.family, str(_local_path(ref, settings)), device,
+            model, tok = _pristine(ref.name, ref.family, str(ref.path(settings)), device,
                                    str(dtype).removeprefix("torch."))
         except _load_errors() as again:
             raise ModelNotFound(f"cannot load base model {ref.name!r} (converted into "

@@ -296,7 +296,9 @@ def test_a_damaged_conversion_of_smollm2_is_made_again(settings, tmp_path, monke
     def pristine(name, family, path, device, dtype):
         calls.append(Path(path).exists())
         if len(calls) == 1:
-            raise ValueError("its weights file is damaged")
+            from safetensors import SafetensorError
+
+            raise SafetensorError("Error while deserializing header: invalid header length")
         return tiny
 
     def smollm2_dir(s):
@@ -309,6 +311,20 @@ def test_a_damaged_conversion_of_smollm2_is_made_again(settings, tmp_path, monke
     lb = load_base("smollm2", settings)
     assert calls == [True, True] and isinstance(lb.model, nn.Linear)
     assert not (target / "model.safetensors").exists()  # the damaged copy was discarded before the retry
+    # running out of memory is the machine's state: said as such, and the (healthy) copy is not discarded
+    (target / "model.safetensors").write_bytes(b"fine")
+    calls.clear()
+
+    def no_memory(*a):
+        calls.append(1)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(models, "_pristine", no_memory)
+    from loraplex.errors import LoraplexError, ModelNotFound as NotFoundError
+
+    with pytest.raises(LoraplexError, match="not enough memory to load base model 'smollm2'") as exc:
+        load_base("smollm2", settings)
+    assert not isinstance(exc.value, NotFoundError) and calls == [1] and (target / "model.safetensors").exists()
 
 
 def test_a_model_of_few_positions_reads_what_it_can_take(tiny_bert, settings, tmp_path):
@@ -355,3 +371,7 @@ def test_a_conversion_of_smollm2_that_cannot_be_written_says_why(settings, monke
         monkeypatch.setattr(models, "_smollm2_dir", fail)
         with pytest.raises(cls, match=words):
             load_base("smollm2", settings)
+        with pytest.raises(cls, match=words):  # whichever converts first: fingerprint (stream, register), tokenizer
+            models.fingerprint(resolve_base("smollm2"), settings)
+        with pytest.raises(cls, match=words):
+            models.load_tokenizer("smollm2", settings)
