@@ -31,7 +31,7 @@ from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.registry.store import Registry
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
-from loraplex.tasks import Task, checked_limit
+from loraplex.tasks import Task, checked_limit, data_notes
 from loraplex.training import (  # noqa: F401 (TrainConfig, rows_of, make_loader: imported from here too)
     AdapterSnapshots,
     ContinualModule,
@@ -122,7 +122,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     lb = load_base(ref, settings)
     head = head_for(lb)
     texts_readable(lb.tokenizer, t)
-    warnings = _data_warnings(t)
+    warnings = data_notes(t)
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if cfg.progress else None
@@ -136,29 +136,6 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
                                   eval_limit=eval_limit, bar=bar)
     res.warnings = warnings
     return res
-
-
-def _data_warnings(t) -> list[str]:
-    """What the task's data holds that training cannot do much with, accepted (real data is noisy) but said:
-    texts with more than one label, labels with no training row (the split is by hash, not stratified).
-    A training split of fewer than two labels is refused: it teaches nothing."""
-    out = []
-    conflicts = t.conflicts()
-    if conflicts:
-        text, labels = next(iter(conflicts.items()))
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        out.append(f"task {t.name!r}: {len(conflicts):,} text(s) appear with more than one label (e.g. {shown!r}: "
-                   f"{', '.join(labels)}); no model can answer both, and accuracy on them is a coin toss")
-    trained = {e.label for e in t.train}
-    if len(trained) < 2:
-        raise UserInputError(f"task {t.name!r}: its training split holds {len(trained)} label(s) "
-                             f"({', '.join(sorted(trained)) or 'none'}) of {len(t.labels)}: give more rows of the "
-                             "others (the split is 80/10/10 by a hash of each row), or a `split` column")
-    unseen = [lab for lab in t.labels if lab not in trained]
-    if unseen:
-        out.append(f"task {t.name!r}: {len(unseen):,} label(s) have no training row (e.g. {unseen[0][:40]!r}; the "
-                   "split is 80/10/10 by a hash of each row): the adapter cannot learn them")
-    return out
 
 
 def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainConfig, run_dir: Path, *, name: str, ref,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,8 @@ from loraplex.continual.rundir import (  # noqa: F401 (RunDir: imported from her
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
-from loraplex.errors import AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, Terminated, UserInputError
+from loraplex.errors import (AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, LoraplexWarning,
+                             Terminated, UserInputError)
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, write_tensors
 from loraplex.heads import head_for, texts_readable
@@ -61,6 +63,7 @@ from loraplex.models import fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
 from loraplex.settings import Settings
+from loraplex.tasks import data_notes
 from loraplex.training import Row, rows_of
 
 
@@ -135,6 +138,8 @@ def run_stream(
         tok = load_tokenizer(ref, s)
         for t in tasks.values():
             texts_readable(tok, t)
+            for note in data_notes(t):  # said as `train` says them (a warning: line on the CLI)
+                warnings.warn(note, LoraplexWarning, stacklevel=2)
     learn_spec = spec.lora.lora_spec()
     learn_modules = learn_spec.resolve_targets(fp.linear_names(), fp.model_type)
     if any(u.kind == "forget" for u in units):

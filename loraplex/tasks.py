@@ -221,3 +221,23 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     if len(out) < 2:
         raise UserInputError(f"labels: at least 2 labels are needed to choose between, got {len(out)}")
     return out
+
+
+def data_notes(t: Task) -> list[str]:
+    """What the task's data holds that training cannot do much with, accepted (real data is noisy) but said:
+    texts with more than one label, labels with no training row (the split is by hash, not stratified; a
+    file of a few rows may keep one label in train, and is still trained, as the README's 3-row minimum says)."""
+    out = []
+    conflicts = t.conflicts()
+    if conflicts:
+        text, labels = next(iter(conflicts.items()))
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        out.append(f"task {t.name!r}: {len(conflicts):,} text(s) appear with more than one label (e.g. {shown!r}: "
+                   f"{', '.join(labels)}); no model can answer both, and accuracy on them is a coin toss")
+    trained = {e.label for e in t.train}
+    unseen = [lab for lab in t.labels if lab not in trained]
+    if unseen:
+        out.append(f"task {t.name!r}: {len(unseen):,} of its {len(t.labels)} labels have no training row (e.g. "
+                   f"{unseen[0][:40]!r}; the split is 80/10/10 by a hash of each row, or the file's `split` column): "
+                   "the adapter cannot learn them")
+    return out

@@ -171,3 +171,21 @@ def test_epochs_are_held_to_the_step_bound_per_unit_before_anything_is_written(c
         run = tmp_path / f"run-{method}"
         _check(cli, ["stream", "run", spec, "--out", run, "--quiet"], 2, "stream unit ", "more than 10,000,000")
         assert not run.exists()
+
+
+def test_a_stream_says_what_train_says_of_its_tasks_data(cli, tiny_bert, task_dir, tmp_path):
+    """Texts with two labels were named by `train` only; a stream trained on the same file said nothing (review)."""
+    import shutil
+
+    f = tmp_path / "flights.jsonl"
+    shutil.copy(task_dir / "flights.jsonl", f)
+    shutil.copy(task_dir / "flights.task.json", tmp_path / "flights.task.json")
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    labels = sorted({r["label"] for r in rows})
+    rows += [{"text": "the same words", "label": labels[0]}, {"text": "the same words", "label": labels[1]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, steps=1, replay=False, method="seq-lora",
+                     experiences=[{"learn": str(f)}])
+    r = cli("stream", "run", spec, "--out", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "warning: task 'flights': 1 text(s) appear with more than one label (e.g. 'the same words'" in r.stderr
