@@ -220,11 +220,9 @@ class Scheduler:
                 by_lane.setdefault(job.target.lane, []).append((job, route))
         for lane, items in by_lane.items():
             running = self._lanes.get(lane)
-            if lane == "bank" and self._held:  # a classification waits for the running rows' slots: new rows
-                pinned = self._pinned()      # that would load other adapters wait behind it (a steady flow
-                later = [it for it in items if not {a for a, _ in it[1].adapters} <= pinned]  # of them starved it)
-                items = [it for it in items if it not in later]
-                waiting += later
+            if lane == "bank" and self._held:  # a classification waits for the running rows' slots: no new row
+                waiting += items               # joins until it has run (a steady flow of rows, even on adapters
+                continue                       # already loaded, kept those slots pinned and starved it)
             room = self.max_batch - (len(running) if running else 0)
             if room <= 0 or (running is not None and not running.can_join()):
                 waiting += items
