@@ -151,7 +151,7 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
     that never runs, before anything is evaluated or written: fsdp on a CPU, mps or tpu where there is none,
     or transformer-engine without its package used to end in exit 70 after the bare base's evaluation. The
     defaults (what every CPU run uses) need no check."""
-    if (cfg.accelerator in ("auto", "cpu") and cfg.strategy == "auto"
+    if (cfg.accelerator in ("auto", "cpu") and cfg.strategy == "auto" and cfg.devices in (1, "1")
             and cfg.precision in ("32-true", "64-true", "bf16-mixed")):
         return cfg
     _quiet_lightning()
@@ -170,6 +170,11 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
         raise ValueError(f"Lightning cannot run precision={cfg.precision!r} on this machine's "
                          f"{type(trainer.accelerator).__name__}: it would train in {got!r} instead; ask for {got!r} "
                          "or 32-true")
+    if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        # strategy "auto" with several devices in a REPL or notebook: Lightning forks (see _known_strategy)
+        raise ValueError(f"devices={cfg.devices!r} here would train in forked or spawned processes (Lightning's "
+                         "choice in an interactive session), whose steps and snapshots never come back: run "
+                         "several devices from the command line or a script")
     asked = cfg.devices if isinstance(cfg.devices, int) and cfg.devices > 0 else None
     if asked is not None and trainer.num_devices != asked:  # single_device with --devices 2: one, without a word
         raise ValueError(f"devices={asked} with strategy={cfg.strategy!r}: Lightning would run on "

@@ -1156,3 +1156,17 @@ def test_an_empty_base_is_refused(cli, seeded):
     for args in (("eval", "--task", "airline", "--base", ""), ("adapters", "list", "--base", ""),
                  ("forget", "airline", "--adapters", "good", "--base", "")):
         _refused(cli(*args), cli.home, before, "Invalid value for '--base': is empty")
+
+
+def test_several_devices_in_an_interactive_session_are_refused(monkeypatch):
+    """With strategy "auto", Lightning forks for several devices in a REPL or notebook: the "trained for 0 steps"
+    case that naming ddp_fork is refused for (review)."""
+    import lightning.pytorch.trainer.connectors.accelerator_connector as connector
+    from pydantic import ValidationError
+
+    from loraplex.training import LightningSettings
+
+    monkeypatch.setattr(connector, "_IS_INTERACTIVE", True)
+    with pytest.raises(ValidationError, match="would train in forked or spawned processes"):
+        LightningSettings(devices=2, accelerator="cpu")
+    assert LightningSettings(devices=1).devices == 1
