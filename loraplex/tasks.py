@@ -199,6 +199,20 @@ def text_lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+def label_problem(label: str) -> str | None:
+    """What makes `label` (stripped) unusable as a label name, or None: the one rule for every label a user
+    gives (a task file's rows, its sidecar, `query --labels`, the server's `labels`)."""
+    if not visible(label):
+        return "has no visible character"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"is {len(label):,} characters long; at most {MAX_LABEL_CHARS:,} are allowed"
+    if any(unicodedata.category(ch) == "Cc" for ch in label):
+        return "holds a control character"
+    if any(ch in BIDI_CONTROLS for ch in label):  # it reorders what is printed after the label
+        return "holds a bidirectional control character"
+    return None
+
+
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """The label set a query asks to be answered with (CLI `query --labels`, the server's `labels`): at
     least two and at most MAX_LABELS distinct, non-empty names."""
@@ -212,6 +226,9 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     long = next((x for x in out if len(x) > MAX_LABEL_CHARS), None)
     if long is not None:
         raise UserInputError(f"labels: a label of {len(long):,} characters; at most {MAX_LABEL_CHARS:,} are allowed")
+    odd = next((x for x in out if label_problem(x)), None)
+    if odd is not None:
+        raise UserInputError(f"labels: the label {odd[:60]!r} {label_problem(odd)}")
     pair = read_alike(out)
     if pair is not None:
         a, b = pair

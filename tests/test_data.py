@@ -284,7 +284,7 @@ def test_labels_label_texts_and_task_names_are_bounded(tmp_path):
     rows = _rows()
     rows[0]["label"] = "L" * 1001
     f = _jsonl(tmp_path / "long.jsonl", rows)
-    with pytest.raises(InvalidTaskFile, match="row 1: a label of 1,001 characters; at most 1,000"):
+    with pytest.raises(InvalidTaskFile, match="row 1: the label 'L+' is 1,001 characters long; at most 1,000"):
         load_task_file(f, description="d")
     f = _jsonl(tmp_path / "name.jsonl", _rows(), sidecar={"description": "d", "name": "n" * 201})
     with pytest.raises(InvalidTaskFile, match="'name' is 201 characters long; at most 200"):
@@ -320,5 +320,5 @@ def test_a_header_naming_a_column_twice_and_bidi_labels_are_refused(tmp_path):
     with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text holding a bidirectional"):
         load_task_file(f)
     f = _jsonl(tmp_path / "decl.jsonl", _rows(), sidecar={"description": "d", "labels": ["bad", "good", "x\u202e"]})
-    with pytest.raises(InvalidTaskFile, match="'labels' holds 'x\\\\u202e', with a control character"):
+    with pytest.raises(InvalidTaskFile, match="'labels' holds 'x\\\\u202e', which holds a bidirectional control character"):
         load_task_file(f)

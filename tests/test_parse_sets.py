@@ -43,3 +43,15 @@ def test_a_wrong_type_is_named_as_the_set_option(settings):
         with pytest.raises(UserInputError) as exc:
             api.query(["x"], router=router, config=parse_sets([item]), settings=settings)
         assert str(exc.value).startswith(f"--set {item.split('=')[0]} must be"), str(exc.value)
+
+
+def test_query_labels_follow_the_task_files_label_rules():
+    """A label holding U+202E or a control character was refused in a task file but taken from `--labels` and
+    the server's `labels` (review): one rule, `tasks.label_problem`."""
+    from loraplex.errors import UserInputError
+    from loraplex.tasks import checked_labels
+
+    for bad, words in (("pos\u202e", "bidirectional control character"), ("p\x07s", "control character")):
+        with pytest.raises(UserInputError, match=f"labels: the label .* holds a {words}"):
+            checked_labels([bad, "neg"])
+    assert checked_labels(["pos", "neg"]) == ("pos", "neg")
