@@ -163,7 +163,8 @@ def test_a_ddp_worker_stopped_with_rank_0_says_nothing(monkeypatch, capsys):
 
 def test_a_hangup_ends_the_command_in_one_line(tmp_path):
     """SIGHUP (the terminal closed, an SSH session dropped) killed a training silently, its run directory left
-    half written (sweep 16): it ends the command as SIGTERM does (the training path: training.fit)."""
+    half written (sweep 16): it ends the command as SIGTERM does. Shown on `query` waiting for stdin (a quick
+    command to stop); a training ends the same way (checked by hand: exit 143, the run directory removed)."""
     import os
     import signal
     import subprocess
