@@ -416,14 +416,16 @@ def head_for(base: "LoadedBase") -> Head:
                 cfg["pooling"] = "cls"
     positions = model_positions(base.model)
     default = HEADS.get(base.family).config_cls.model_fields["max_length"].default
-    if positions is not None and positions < default:  # a model of few positions: read what it can take
+    # a causal LM reads the prompt (cut to max_length) and then a label of up to MAX_LABEL_TOKENS
+    answer = MAX_LABEL_TOKENS + 1 if base.family == "causal" else 0
+    if positions is not None and positions < default + answer:  # a model of few positions: read what it can take
         least = HEADS.get(base.family).config_cls.model_fields["max_length"].metadata[0].ge
-        usable = positions - 2  # position ids offset by padding (RoBERTa-style) leave two unused
+        usable = positions - 2 - answer  # position ids offset by padding (RoBERTa-style) leave two unused
         if usable < least:
             from loraplex.errors import ModelNotFound
 
             raise ModelNotFound(f"base {base.ref.name!r} reads at most {positions} tokens (its position embeddings); "
-                                f"loraplex's {base.family} head needs at least {least + 2}")
+                                f"loraplex's {base.family} head needs at least {least + 2 + answer}")
         cfg["max_length"] = usable
     return HEADS.build(base.family, cfg)
 

@@ -375,3 +375,26 @@ def test_a_conversion_of_smollm2_that_cannot_be_written_says_why(settings, monke
             models.fingerprint(resolve_base("smollm2"), settings)
         with pytest.raises(cls, match=words):
             models.load_tokenizer("smollm2", settings)
+
+
+def test_a_causal_model_of_few_positions_keeps_room_for_the_label(tiny_llama, settings, tmp_path):
+    """A causal LM reads the prompt and then the label: the prompt is cut so that both fit (review)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraplex.heads import MAX_LABEL_TOKENS
+
+    cfg = AutoConfig.from_pretrained(str(tiny_llama))
+    cfg.max_position_embeddings = 128
+    d = tmp_path / "short"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d))
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, d / f.name)
+    lb = load_base(str(d), settings)
+    head = head_for(lb)
+    assert head.config.max_length == 128 - 2 - MAX_LABEL_TOKENS - 1
+    long_label = "the " * 40 + "end"
+    t = Task("t", "d", ("good", long_label), (Example("x", "good"),), (), ())
+    assert head.scores(lb.model, lb.tokenizer, ["the flight was late " * 50], t).shape == (1, 2)
