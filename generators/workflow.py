@@ -130,14 +130,13 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
         raise UserInputError("the adapter list is empty: name at least 2 adapters, or leave it out for every "
                              "trained adapter of the registry")
     names = list(adapters) if adapters else default_members(reg)
-    for n in names:
-        reg.get_adapter(n)  # an unknown name is named (it read as "at least 2 adapters, got 1")
+    blobs = {n: reg.get_adapter(n).blob for n in names}  # an unknown name is named ("at least 2 adapters, got 1")
     data = training_set(reg, names, snapshots=cfg.snapshots)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))
     metrics = gen.fit(data, progress=progress)
     tensors, extra = gen.state()
     rec = reg.put_component(KIND, name, method=method, base=data.base, config=cfg.model_dump(mode="json"),
-                            tensors=tensors, members=names, metrics=metrics, extra=extra)
+                            tensors=tensors, members=names, metrics=metrics, extra=extra, member_blobs=blobs)
     return summary(rec)
 
 

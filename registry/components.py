@@ -7,9 +7,9 @@ A component names the adapters it covers (`members`); an adapter a component use
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from loraplex.errors import AdapterNotFound, AlreadyExists, ComponentNotFound, IntegrityError
+from loraplex.errors import AdapterNotFound, AlreadyExists, ComponentNotFound, IntegrityError, LoraplexError
 from loraplex.registry.database import now, stored_record
 from loraplex.registry.record import ComponentRecord, validate_name
 
@@ -29,8 +29,12 @@ class Components:
         members: Sequence[str],
         metrics: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        member_blobs: Mapping[str, str] | None = None,
     ) -> ComponentRecord:
-        """Store a router or generator: its weights (a safetensors blob) and the adapters it covers."""
+        """Store a router or generator: its weights (a safetensors blob) and the adapters it covers.
+        `member_blobs`: each member's weights as the component was made from them; a member removed and
+        registered anew under its name since (other weights) is refused, under the lock: the component would
+        bind the new adapter to what it learned of the old one."""
         from safetensors.torch import save
 
         validate_name(name, kind)
@@ -45,6 +49,9 @@ class Components:
             for m in members:
                 if not self.has_adapter(m):
                     raise AdapterNotFound(f"no adapter named {m!r} in the registry at {self.home}")
+                if member_blobs and m in member_blobs and self.get_adapter(m).blob != member_blobs[m]:
+                    raise LoraplexError(f"adapter {m!r} was registered anew (other weights) while this {kind} was "
+                                        f"being made from it; nothing was stored: make the {kind} again")
             with self._writing(f"store {kind} {name!r}") as created, self.transaction() as c:
                 sha = self.put_blob(data, created=created)
                 c.execute(

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,6 +104,8 @@ class _Experts:
     joint: bool
     specs: list
     """Each expert's LoraSpec (stored with a joint router's experts)."""
+    blobs: dict = field(default_factory=dict)
+    """The weights (blob sha) of each registered adapter as loaded: the store refuses a member replaced since."""
 
 
 def _registered(reg, s, cfg, adapters: list[str], tasks, base) -> _Experts:
@@ -113,7 +115,7 @@ def _registered(reg, s, cfg, adapters: list[str], tasks, base) -> _Experts:
     task_objs = _tasks_for(reg, recs, tasks)
     inject(lb.model, ads)
     return _Experts(lb, task_objs, list(task_objs), list(adapters), bool(getattr(cfg, "joint", False)),
-                    [r.spec for r in recs])
+                    [r.spec for r in recs], {r.name: r.blob for r in recs})
 
 
 def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int) -> _Experts:
@@ -212,7 +214,7 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
                 tensors.update({f"expert.{e}.{k}": v for k, v in extract(lb.model, spec, e).state_dict().items()})
             extra["expert_specs"] = [spec.model_dump(mode="json") for spec in ex.specs]
         rec = reg.put_component("router", name, method=method, base=lb.ref.name, config=cfg.model_dump(mode="json"),
-                                tensors=tensors, members=adapters, metrics=metrics, extra=extra)
+                                tensors=tensors, members=adapters, metrics=metrics, extra=extra, member_blobs=ex.blobs)
         return RouterFitResult(rec, metrics, run_dir)
 
 

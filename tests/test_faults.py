@@ -116,3 +116,21 @@ def test_a_registry_this_process_cannot_write_is_read_and_writes_are_refused(cli
                                 + (f"its directory {cli.home}" if what == "home" else f"{target}")
                                 + " is not writable (nothing was changed)"), r.stderr
     assert registry_state(cli.home) == before
+
+
+def test_a_component_over_a_member_replaced_while_it_was_made_is_not_stored(cli, seeded):
+    """An adapter removed and registered anew (other weights) while `router fit` ran: the router was stored
+    over the new adapter with what it learned of the old one, and `registry check` said consistent (sweep 17)."""
+    import torch
+
+    from loraplex.errors import LoraplexError
+    from loraplex.registry.store import Registry
+
+    reg = Registry(cli.home)
+    before = registry_state(cli.home)
+    kw = dict(method="token-gate", base="b", config={}, tensors={"w": torch.zeros(2)}, members=["good"])
+    with pytest.raises(LoraplexError, match="adapter 'good' was registered anew \\(other weights\\) while this router"):
+        reg.put_component("router", "r", member_blobs={"good": "0" * 64}, **kw)
+    assert registry_state(cli.home) == before
+    rec = reg.put_component("router", "r", member_blobs={"good": reg.get_adapter("good").blob}, **kw)
+    assert list(rec.members) == ["good"]
