@@ -306,6 +306,16 @@ def _check_graph(reg: "Registry", report: CheckReport) -> None:
         report.problems.append("lineage graph cache disagrees with the database")
 
 
+def _rebuilt(reg: "Registry", report: CheckReport, file: str, what: str) -> None:
+    """Say a cache was rebuilt only if its file is there now: a cache write that fails (a read-only home) is
+    dropped by design, and "rebuilt" was printed over nothing."""
+    if (reg.home / file).is_file():
+        report.repaired.append(f"rebuilt the {what}")
+    else:
+        report.notes.append(f"could not write the {what} cache in {reg.home} (a read-only home?): it is built in "
+                            "memory when needed")
+
+
 def _repair(reg: "Registry", report: CheckReport) -> None:
     if not reg.exists:
         return
@@ -342,15 +352,15 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
         try:
             if rebuild:
                 SignatureIndex.sync(reg)
-                report.repaired.append("rebuilt the signature index")
+                _rebuilt(reg, report, INDEX_FILE, "signature index")
                 if route_weight is not None:
                     SignatureIndex.sync(reg, weight=route_weight)
-                    report.repaired.append("rebuilt the routing index")
+                    _rebuilt(reg, report, ROUTE_INDEX_FILE, "routing index")
         except IntegrityError:
             pass  # a damaged signature: the check that follows names it
         try:
             graph_json(reg)
-            report.repaired.append("rebuilt the lineage graph")
+            _rebuilt(reg, report, GRAPH_FILE, "lineage graph")
         except IntegrityError:
             pass  # a record damaged inside the database: the check that follows names it
         moved = reg.quarantine_unreferenced_blobs()

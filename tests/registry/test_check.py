@@ -346,3 +346,15 @@ def test_two_model_directories_of_one_architecture_are_consistent(settings, tiny
         api.register(d, name=f"a{i}", description=f"adapter {i}", base=str(base), settings=settings)
     rep = api.check(settings=settings)
     assert rep.ok, rep.problems
+
+
+def test_repair_says_rebuilt_only_for_caches_it_wrote(settings, tiny_bert, tmp_path, monkeypatch):
+    """On a read-only home the cache writes fail (dropped by design) and repair printed "rebuilt" over nothing
+    (sweep 17)."""
+    import loraplex.registry.check as check
+
+    _setup(settings, tiny_bert, tmp_path)
+    monkeypatch.setattr(check, "graph_json", lambda reg: {})  # a write that did not happen
+    rep = api.check(repair=True, settings=settings)
+    assert "rebuilt the lineage graph" not in rep.repaired and "rebuilt the signature index" in rep.repaired
+    assert any("could not write the lineage graph cache" in n for n in rep.notes), rep.notes
