@@ -7,6 +7,7 @@ never changes the registry); every success carries a `routing` object next to th
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -53,6 +54,8 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
         return APIError(400, msg, param=exc.field)
     if isinstance(exc, LoraplexError):
         return APIError(503, msg)
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's state, not a bug
+        return APIError(503, "the server has run out of file descriptors (raise `ulimit -n` for loraplex serve)")
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")
 
 

@@ -100,8 +100,28 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def more_file_descriptors(want: int = 4096) -> int:
+    """Raise this process's soft limit on open files toward its hard limit (a server holds a socket per
+    client, the registry's files and the models'; at `ulimit -n 24` requests failed as internal errors and
+    asyncio's accept loop filled the log). Returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if more_file_descriptors() < 256:
+        print(f"loraplex serve: warning: only {more_file_descriptors()} open files allowed (ulimit -n): requests will "
+              "fail when clients, adapters and the registry need more", file=sys.stderr, flush=True)
     if options.get("backend"):
         checked_url(options["backend"])
     checked_api_key(options.get("api_key"))

@@ -428,3 +428,22 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def test_running_out_of_file_descriptors_is_the_servers_state():
+    """EMFILE inside a request was a 500 internal error with a traceback in the log (sweep 17): a 503 that
+    says what ran out; and `serve` raises its soft limit toward the hard one at start."""
+    import errno
+    import resource
+
+    from loraplex.serve.app import api_error
+    from loraplex.serve.server import more_file_descriptors
+
+    err = api_error(OSError(errno.EMFILE, "Too many open files"))
+    assert err.status == 503 and "run out of file descriptors" in err.message
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(64, hard), hard))
+        assert more_file_descriptors(want=128) == min(128, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
