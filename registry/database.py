@@ -183,7 +183,7 @@ class Database:
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA busy_timeout=60000")
                 self._check_schema(conn)  # before the schema script: a newer registry is not written to
-                conn.executescript(SCHEMA)
+                conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")  # all tables or none (a full disk)
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
             except sqlite3.DatabaseError as exc:
@@ -191,7 +191,11 @@ class Database:
                 if is_disk_full(exc, self.home) and self.db_path.is_file():
                     # opening read-write needs room for SQLite's -wal/-shm files: with none left, read what is
                     # there (listing, searching, checking, querying work) and refuse writes as a full disk
-                    self._conn, self._full = self._read_only(), True
+                    try:
+                        self._conn, self._full = self._read_only(), True
+                    except LoraplexError:  # nothing to read yet (a registry being created): the disk, said so
+                        raise DiskFull(f"the disk is full: cannot create the registry in {self.home} (nothing was "
+                                       "changed; free some space and try again)") from None
                     return self._conn
                 raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
             self._conn = conn

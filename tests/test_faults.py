@@ -134,3 +134,29 @@ def test_a_component_over_a_member_replaced_while_it_was_made_is_not_stored(cli,
     assert registry_state(cli.home) == before
     rec = reg.put_component("router", "r", member_blobs={"good": reg.get_adapter("good").blob}, **kw)
     assert list(rec.members) == ["good"]
+
+
+def test_a_new_registry_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    """The first write into a new home on a full disk said the home was not writable ("its WAL has changes"), or
+    "the database failed: no such table" over a half-made schema (sweep 17)."""
+    import sqlite3
+
+    import loraplex.registry.database as database
+    from loraplex.errors import DiskFull
+    from loraplex.registry.store import Registry
+
+    connect = sqlite3.connect
+
+    class Full:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def executescript(self, script):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(database.sqlite3, "connect", lambda *a, **k: Full(connect(*a, **k)))
+    with pytest.raises(DiskFull, match="the disk is full: cannot create the registry in"):
+        Registry(tmp_path / "new")._db()  # the first write opens it read-write, creating the schema
