@@ -142,9 +142,11 @@ def test_sigterm_outside_a_fit_is_one_line_and_143(tmp_path):
 def test_a_ddp_worker_stopped_with_rank_0_says_nothing(monkeypatch, capsys):
     """A Ctrl-C or SIGTERM of a `--devices 2` train printed the interruption twice, and on SIGTERM the worker's
     lost gloo peer as an internal error (sweep 16): rank 0 says why, once."""
+    from loraplex import ranks
     from loraplex.cli._errors import report
     from loraplex.errors import Interrupted
 
+    monkeypatch.setattr(ranks, "_SEEN", {})
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert report(Interrupted("training was interrupted (SIGINT)")) == 130
@@ -189,9 +191,11 @@ def test_a_hangup_ends_the_command_in_one_line(tmp_path):
 def test_an_error_with_a_leftover_rank_variable_is_one_line(monkeypatch, capsys):
     """`report` asked is_worker(), which refuses a RANK with no WORLD_SIZE: every error became two chained
     tracebacks (review)."""
+    from loraplex import ranks
     from loraplex.cli._errors import report
     from loraplex.errors import AdapterNotFound
 
+    monkeypatch.setattr(ranks, "_SEEN", {})  # another test's real worker rank is remembered per process
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert report(AdapterNotFound("no adapter named 'x'")) == 2
