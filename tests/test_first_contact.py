@@ -338,13 +338,19 @@ def test_a_task_whose_labels_read_alike_to_the_model_is_refused_before_training(
     assert r.exit_code == 0, r.output
 
 
-def test_labels_that_differ_only_past_what_the_encoder_reads_are_refused(cli, tiny_bert, tmp_path):
-    """Two labels of 200 words that differ in the last one: the encoder reads a label's first 128 tokens, so
-    their anchors were one point, and the check compared the whole labels (sweep 16)."""
-    a, b = "the " * 200 + "good", "the " * 200 + "bad"
+def _long_labels(tmp_path, words: int):
+    """A task file whose two labels are `words` words long and differ only in the last one."""
+    a, b = "the " * words + "good", "the " * words + "bad"
     f = tmp_path / "long.jsonl"
     f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
                          for i in range(30) for w, lab in (("great", a), ("awful", b))))
+    return f
+
+
+def test_labels_that_differ_only_past_what_the_encoder_reads_are_refused(cli, tiny_bert, tmp_path):
+    """Two labels of 200 words that differ in the last one: the encoder reads a label's first 128 tokens, so
+    their anchors were one point, and the check compared the whole labels (sweep 16)."""
+    f = _long_labels(tmp_path, 200)
     before = registry_state(cli.home)
     r = cli("train", f, "--name", "long", "--base", tiny_bert, "--description", "happy or sad", "--steps", "2",
             "--quiet")
@@ -355,10 +361,7 @@ def test_labels_that_differ_only_past_what_the_encoder_reads_are_refused(cli, ti
 def test_a_label_too_long_for_a_causal_lm_to_score_is_refused(cli, tiny_llama, tmp_path):
     """A 300-token label was scored after every prompt at the vocabulary's width per token: gigabytes, and an
     internal error on a memory limit (sweep 16)."""
-    a, b = "the " * 70 + "good", "the " * 70 + "bad"
-    f = tmp_path / "long.jsonl"
-    f.write_text("".join(json.dumps({"text": f"{w} flight {i}", "label": lab}) + "\n"
-                         for i in range(30) for w, lab in (("great", a), ("awful", b))))
+    f = _long_labels(tmp_path, 70)
     before = registry_state(cli.home)
     r = cli("train", f, "--name", "long", "--base", tiny_llama, "--description", "happy or sad", "--steps", "1",
             "--eval-limit", "4", "--quiet")

@@ -327,21 +327,26 @@ def test_a_damaged_conversion_of_smollm2_is_made_again(settings, tmp_path, monke
     assert not isinstance(exc.value, NotFoundError) and calls == [1] and (target / "model.safetensors").exists()
 
 
+def _few_positions(src, positions: int, out):
+    """A copy of the tiny model `src` (random weights) with `positions` position embeddings, its tokenizer kept."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(src))
+    cfg.max_position_embeddings = positions
+    cls = AutoModelForCausalLM if "ForCausalLM" in str(cfg.architectures) else AutoModel
+    cls.from_config(cfg).save_pretrained(str(out))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def test_a_model_of_few_positions_reads_what_it_can_take(tiny_bert, settings, tmp_path):
     """A BERT of 16 positions failed on the first text over 16 tokens: the head cut at 128 whatever the model
     could take (sweep 16)."""
-    import shutil
-
-    from transformers import AutoConfig, AutoModel
-
-    cfg = AutoConfig.from_pretrained(str(tiny_bert))
-    cfg.max_position_embeddings = 16
-    d = tmp_path / "short"
-    AutoModel.from_config(cfg).save_pretrained(str(d))
-    for f in tiny_bert.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            shutil.copy(f, d / f.name)
-    lb = load_base(str(d), settings)
+    lb = load_base(str(_few_positions(tiny_bert, 16, tmp_path / "short")), settings)
     head = head_for(lb)
     assert head.config.max_length == 14
     t = Task("t", "d", ("good", "bad"), (Example("x", "good"),), (), ())
@@ -379,20 +384,9 @@ def test_a_conversion_of_smollm2_that_cannot_be_written_says_why(settings, monke
 
 def test_a_causal_model_of_few_positions_keeps_room_for_the_label(tiny_llama, settings, tmp_path):
     """A causal LM reads the prompt and then the label: the prompt is cut so that both fit (review)."""
-    import shutil
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from loraplex.heads import MAX_LABEL_TOKENS
 
-    cfg = AutoConfig.from_pretrained(str(tiny_llama))
-    cfg.max_position_embeddings = 128
-    d = tmp_path / "short"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d))
-    for f in tiny_llama.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            shutil.copy(f, d / f.name)
-    lb = load_base(str(d), settings)
+    lb = load_base(str(_few_positions(tiny_llama, 128, tmp_path / "short")), settings)
     head = head_for(lb)
     assert head.config.max_length == 128 - 2 - MAX_LABEL_TOKENS - 1
     long_label = "the " * 40 + "end"
