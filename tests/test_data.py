@@ -290,7 +290,7 @@ def test_labels_label_texts_and_task_names_are_bounded(tmp_path):
     with pytest.raises(InvalidTaskFile, match="'name' is 201 characters long; at most 200"):
         load_task_file(f)
     f = _jsonl(tmp_path / "lt.jsonl", _rows(), sidecar={"description": "d", "label_texts": {"good": "g" * 1001}})
-    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text of 1,001 characters"):
+    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text that is 1,001 characters long"):
         load_task_file(f)
 
 
@@ -317,7 +317,7 @@ def test_a_header_naming_a_column_twice_and_bidi_labels_are_refused(tmp_path):
     with pytest.raises(InvalidTaskFile, match="row 1: the label .* holds a bidirectional control character"):
         load_task_file(_jsonl(tmp_path / "bidi.jsonl", rows), description="d")
     f = _jsonl(tmp_path / "lt.jsonl", _rows(), sidecar={"description": "d", "label_texts": {"good": "g\u2066ood"}})
-    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text holding a bidirectional"):
+    with pytest.raises(InvalidTaskFile, match="'label_texts' gives 'good' a text that holds a bidirectional"):
         load_task_file(f)
     f = _jsonl(tmp_path / "decl.jsonl", _rows(), sidecar={"description": "d", "labels": ["bad", "good", "x\u202e"]})
     with pytest.raises(InvalidTaskFile, match="'labels' holds 'x\\\\u202e', which holds a bidirectional control character"):
