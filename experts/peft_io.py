@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from loraplex.errors import InvalidAdapter
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error, matches_target
-from loraplex.fsio import atomic_write, read_json_file, write_tensors
+from loraplex.fsio import atomic_write, missing_dirs, read_json_file, remove_if_empty, write_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -342,7 +342,7 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
             raise InvalidAdapter(f"{out / name}: is not a regular file; move it away first")
     if out.is_dir() and ((out / CONFIG).exists() or (out / WEIGHTS).exists()) and not overwrite:
         raise InvalidAdapter(f"{out}: already holds an adapter (pass --overwrite to replace it)")
-    made = [d for d in (out, *out.parents) if not d.exists()]  # what mkdir makes, deepest first
+    made = missing_dirs(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".loraplex-export-", dir=out))
     done = False
@@ -357,11 +357,8 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in made if not done else ():  # an export that failed leaves no empty directory behind
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        if not done:  # an export that failed leaves no empty directory behind
+            remove_if_empty(made)
     return out
 
 

@@ -48,6 +48,22 @@ def atomic_file(path: str | Path, *, prefix: str | None = None, suffix: str = ""
         raise
 
 
+def missing_dirs(path: str | Path) -> list[Path]:
+    """The directories `path.mkdir(parents=True)` would make (`path` and its missing parents), deepest first:
+    what `remove_if_empty` takes away again when the command that made them fails."""
+    path = Path(path)
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_if_empty(dirs: list[Path]) -> None:
+    """Remove `dirs` (deepest first) while they are empty: another command may have written there since."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) to `path` atomically (an OSError names `path`)."""
     with atomic_file(path) as f:

@@ -384,18 +384,23 @@ def _load_failure(exc: BaseException) -> str:
     """What went wrong loading a model directory, in one line (safetensors, transformers and torch word it
     in their own ways, some over many lines)."""
     text = str(exc)
-    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+    if _mismatched(text):
         return "its weights do not match its config.json (a tensor's size differs from what the config builds)"
     if type(exc).__name__ == "SafetensorError":
         return f"its weights file is damaged or cut short ({text.splitlines()[0][:160] if text else 'unreadable'})"
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def _mismatched(text: str) -> bool:
+    """transformers' words for weights whose shapes are not those the config builds."""
+    return "ignore_mismatched_sizes" in text or "size mismatch" in text
+
+
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What loading a model directory raises for a bad directory (not a bug of loraplex's)."""
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, SafetensorError, RuntimeError, KeyError, EnvironmentError)
+    return (OSError, ValueError, SafetensorError, RuntimeError, KeyError)
 
 
 def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
@@ -416,9 +421,7 @@ def _converted_smollm2(settings: Settings) -> Path:
     caller (load_base, fingerprint, load_tokenizer: whichever converts first)."""
     try:
         return _smollm2_dir(settings)
-    except _load_errors() as exc:
-        if isinstance(exc, LoraplexError):
-            raise
+    except _load_errors() as exc:  # (loraplex's own errors, MissingDependency, are not among them: they pass)
         where = settings.cache_dir / "models"
         if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
             raise DiskFull(f"the disk is full: cannot convert SmolLM2 into {where} (it needs about 540 MB); free "
@@ -437,8 +440,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _damaged(exc: BaseException) -> bool:
     """A load failure that says the files are damaged or missing (not memory, not a bug)."""
     text = str(exc)
-    return (type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or "ignore_mismatched_sizes" in text
-            or "size mismatch" in text or "weights file lacks" in text)
+    return (type(exc).__name__ == "SafetensorError" or isinstance(exc, OSError) or _mismatched(text)
+            or "weights file lacks" in text)
 
 
 def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:

@@ -48,7 +48,7 @@ from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile, LoraplexWarning
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
-from loraplex.fsio import atomic_file
+from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.components import Components
 from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
@@ -137,18 +137,14 @@ class Registry(Database, Components):
         when the command fails or is stopped: it registered nothing, and a partial checkpoint is no use to a
         later command (those commands do not resume; a stream resumes from its own directory) while it holds
         the disk (a full disk is the commonest such failure). Rank 0 removes it; DDP workers share it."""
-        made = [d for d in (self.home, self.home / "runs") if not d.exists()]  # a fresh home's: gone again too
+        made = missing_dirs(self.home / "runs")  # a fresh home's: gone again too
         path = self.run_dir(kind, name)
         try:
             yield path
         except BaseException:
             if not is_worker():
                 shutil.rmtree(path, ignore_errors=True)
-                for d in reversed(made):  # only while empty: another command may have written there since
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        break
+                remove_if_empty(made)
             raise
 
     @property
