@@ -10,7 +10,7 @@
    geometry: d=576, 9 heads, 3 KV heads, FFN 1536; 6 layers, no LM head). Each (model, E) runs in a
    child process of its own (its peak RSS is reported; one process for the whole sweep grew past 24 GB
    with every configuration's models and freed heap in it). `--gate shared` gives one gate per layer
-   input, `--gate-rank r` factorises the gate (router/token_gate.py). Times relative to the base
+   input, `--gate block` one per transformer block, `--gate-rank r` factorises the gate (router/token_gate.py). Times relative to the base
    with one merged adapter (plain LoRA inference cost), to one unmerged LoRA, and to a naive loop over
    experts (Mixtral-style: each expert gathers its tokens, computes, scatters back), which lives here,
    not in the library. Variants are timed round-robin so machine load hits them alike.
@@ -178,7 +178,7 @@ class SavedBytes:
 
 
 def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8,
-                shared: bool = False, header: bool = True, gate_rank: int | None = None) -> dict:
+                shared: bool | str = False, header: bool = True, gate_rank: int | None = None) -> dict:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
     dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
     training: gates and the input embeddings take gradients, the adapters are frozen), with the activation
@@ -274,8 +274,12 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
     return summary
 
 
-def gate_words(shared: bool, gate_rank: int | None) -> str:
-    gate = "one gate per layer input (shared)" if shared else "a gate per projection"
+GATES = {"per-projection": False, "shared": True, "block": "block"}  # --gate -> token-gate's `shared`
+
+
+def gate_words(shared: bool | str, gate_rank: int | None) -> str:
+    gate = {False: "a gate per projection", True: "one gate per layer input (shared)",
+            "block": "one gate per transformer block (block)"}[shared]
     return gate + (f", factorised at rank {gate_rank}" if gate_rank else ", full rank")
 
 
@@ -287,7 +291,7 @@ def speed_header(gate: str, heap: str, threads: int) -> None:
           f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
 
 
-def bench_speed_isolated(rounds: int, experts, models, shared: bool, gate_rank: int | None = None) -> None:
+def bench_speed_isolated(rounds: int, experts, models, shared: bool | str, gate_rank: int | None = None) -> None:
     """Each (model, E) configuration in a fresh child process (this script with --child), so one
     configuration's banks and freed heap never weigh on the next and each row's peak RSS is its own;
     the goals are read from the children's summaries."""
@@ -304,7 +308,7 @@ def bench_speed_isolated(rounds: int, experts, models, shared: bool, gate_rank: 
     for model_name in models:
         for E in experts:
             cmd = [sys.executable, __file__, "--part", "speed", "--child", "--rounds", str(rounds), "--models", model_name,
-                   "--experts", str(E), "--gate", "shared" if shared else "per-projection"]
+                   "--experts", str(E), "--gate", next(k for k, v in GATES.items() if v == shared)]
             cmd += ["--gate-rank", str(gate_rank)] if gate_rank else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             for line in proc.stdout.splitlines():
@@ -472,8 +476,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     ap.add_argument("--experts", default="8,32,128,512", help="adapter counts E (speed)")
     ap.add_argument("--models", default="minilm,llama", help="models (speed)")
-    ap.add_argument("--gate", choices=("per-projection", "shared"), default="per-projection",
-                    help="token-gate per projection, or one gate per layer input (MeteoRA's accelerated form) (speed)")
+    ap.add_argument("--gate", choices=tuple(GATES), default="per-projection",
+                    help="token-gate per projection, one gate per layer input (MeteoRA's accelerated form) or one per "
+                         "transformer block (loraplex's option) (speed)")
     ap.add_argument("--steps", type=int, default=300, help="router training steps (quality)")
     ap.add_argument("--lr", type=float, default=1e-2, help="router learning rate (quality)")
     ap.add_argument("--eval-limit", type=int, default=300, help="test examples per task (quality; 0 = all)")
@@ -485,13 +490,13 @@ def main() -> None:
         import json
         import resource
 
-        summary = bench_speed(a.rounds, experts, models, shared=a.gate == "shared", header=False, gate_rank=a.gate_rank)
+        summary = bench_speed(a.rounds, experts, models, shared=GATES[a.gate], header=False, gate_rank=a.gate_rank)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print("SUMMARY " + json.dumps({"rows": [[m, e, lab, list(v)] for (m, e, lab), v in summary.items()],
                                        "peak_rss_mib": peak}), flush=True)
         return
     if a.part in ("speed", "all"):
-        bench_speed_isolated(a.rounds, experts, models, shared=a.gate == "shared", gate_rank=a.gate_rank)
+        bench_speed_isolated(a.rounds, experts, models, shared=GATES[a.gate], gate_rank=a.gate_rank)
     if a.part in ("hetero", "all"):
         bench_hetero(a.rounds)
     if a.part in ("quality", "all"):

@@ -861,8 +861,8 @@ def test_router_eval_limit_and_forget_base_are_checked(cli, seeded):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=yes"], "shared: expected true or false, got 'yes'"),
-    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=1"], "shared: expected true or false, got 1"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=yes"], "shared: expected true, false or block, got 'yes'"),
+    (["router", "fit", "r", "--router", "token-gate", "--set", "shared=1"], "shared: expected true, false or block, got 1"),
     (["router", "fit", "r", "--router", "token-gate", "--set", "top_k=true"], "top_k: expected a number, got true"),
     (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "top_k=true"],
      "top_k: expected a number, got true"),

@@ -81,3 +81,30 @@ def test_a_label_set_in_another_order_is_the_routed_task_itself():
     assert same.label_text("good") == "a good film"
     other = labels_task(["good", "not good"], like)
     assert other is not like and other.labels == ("good", "not good") and other.label_text("good") == "a good film"
+
+
+def test_block_token_gate_generates_the_same_with_and_without_the_kv_cache(tiny_llama):
+    """token-gate shared=block on a Llama block: each decoding step routes its new token from the block's
+    input, so greedy generation with the cache equals recomputing the whole sequence every step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.experts.layers import inject
+    from loraplex.experts.spec import Adapter, LoraSpec
+    from loraplex.router.base import ROUTERS
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    g = torch.Generator().manual_seed(0)
+    proj = ("q_proj", "v_proj", "o_proj", "down_proj")  # inputs of two widths in one block
+    ads = [Adapter(LoraSpec(r=2, alpha=4), {
+        n: (torch.randn(2, mod.in_features, generator=g) * 0.3, torch.randn(mod.out_features, 2, generator=g) * 0.3)
+        for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in proj})
+        for _ in range(4)]
+    inject(m, ads)
+    router = ROUTERS.build("token-gate", {"shared": "block", "init_std": 1.0})
+    router.attach(m)
+    assert {g.block for g in router.gates.values()} == {f"model.layers.{i}" for i in range(m.config.num_hidden_layers)}
+    ids = torch.randint(5, m.config.vocab_size, (2, 6), generator=g)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    cached = m.generate(ids, **kw)
+    assert cached.shape == (2, 10) and torch.equal(cached, m.generate(ids, use_cache=False, **kw))

@@ -238,3 +238,89 @@ def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
                               ("rank", {"rank": 1_000_000}, "rank: Input should be less than or equal to 4096")]:
         with pytest.raises(InvalidSpec, match=said):
             ROUTERS.build(method, cfg)
+
+
+def test_block_token_gate_routes_every_projection_of_a_block_from_its_input(bert):
+    """token-gate shared=block: one evaluation per transformer block, on the block's RMS-normalised input,
+    and every routed projection of the block (q, v and the attention output, whose inputs differ) uses that
+    one decision; equal to giving each projection its block's gates by hand; sparse equals dense; the stored
+    gates rebuild the same router; gradients and the gate loss reach the gates."""
+    from loraplex.router.load import _build_gates
+    from loraplex.router.token_gate import BlockGate
+
+    _, _, x = bert
+    m, router = _routed(bert, "token-gate", shared="block", init_std=1.0)
+    layers = routed_layers(m)
+    blocks = {router.gates[n].block for n in layers}
+    assert blocks == {f"encoder.layer.{i}" for i in range(m.config.num_hidden_layers)}
+    assert len({id(g) for g in router.gates.values()}) == len(blocks)
+    seen, evals = {}, []
+    for b in blocks:  # the block inputs this forward sees, and how often each gate is evaluated
+        m.get_submodule(b).register_forward_pre_hook(lambda mod, args, b=b: seen.__setitem__(b, args[0].detach()))
+    for g in {id(g): g for g in router.gates.values()}.values():
+        route = g._route
+        g._route = lambda h, route=route: evals.append(1) or route(h)
+    with torch.no_grad():
+        out, routings = _routings(m, x)
+    assert len(evals) == len(blocks)
+    by_block = {}
+    for n, r in routings.items():
+        g = router.gates[n]
+        h = seen[g.block]
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        top, idx = (h @ g.weight.T).topk(2, dim=-1)
+        want = torch.zeros_like(r.gates).scatter(-1, idx, torch.softmax(top, -1))
+        torch.testing.assert_close(r.gates, want)
+        by_block.setdefault(g.block, set()).add(id(r))
+    assert all(len(ids) == 1 for ids in by_block.values())  # one Routing per block, shared by its projections
+    # each projection given its block's gates by hand (no router) computes the same model
+    for n, layer in layers.items():
+        layer.router, layer.static_gates = None, routings[n].gates
+    with torch.no_grad():
+        torch.testing.assert_close(m(**x).last_hidden_state, out, rtol=1e-5, atol=1e-5)
+    router.attach(m)
+    for layer in layers.values():
+        layer.static_gates = None
+        layer.bank.dispatch = "sparse"
+    with torch.no_grad():
+        torch.testing.assert_close(m(**x).last_hidden_state, out, rtol=1e-4, atol=1e-4)
+    for layer in layers.values():
+        layer.bank.dispatch = "auto"
+    # training: the gate loss and the task loss reach every block's gate
+    m.train()
+    router.ctx.set_task("t2")
+    task_loss = m(**x).last_hidden_state.pow(2).mean()
+    aux = [l.last_routing.aux_loss for l in layers.values()]
+    assert all(a is not None and torch.isfinite(a) for a in aux)
+    (task_loss + sum(aux)).backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in router.gates.values())
+    m.eval()
+    router.ctx.set_task(None)
+    # stored per projection, rebuilt with the block's width, the same output
+    tensors = router.state_tensors()
+    m2 = copy.deepcopy(bert[0])
+    inject(m2, _adapters(bert[0]))
+    r2 = ROUTERS.build("token-gate", {"shared": "block", "init_std": 1.0})
+    _build_gates(r2, m2, tensors, len(RANKS))
+    r2.load_tensors(tensors)
+    r2.attach(m2)
+    assert all(isinstance(g, BlockGate) for g in r2.gates.values())
+    with torch.no_grad():
+        torch.testing.assert_close(m2(**x).last_hidden_state, m(**x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    # detached: the block hooks go with the router's
+    r2.detach_hook()
+    assert not r2._block_hooks
+
+
+def test_block_token_gate_refusals(bert):
+    from types import SimpleNamespace
+
+    from loraplex.errors import InvalidSpec, UserInputError
+
+    for v, said in [("yes", "'yes'"), (1, "1"), ("input", "'input'")]:
+        with pytest.raises(InvalidSpec, match=f"shared: expected true, false or block, got {said}"):
+            ROUTERS.build("token-gate", {"shared": v})
+    router = ROUTERS.build("token-gate", {"shared": "block"})
+    layer = SimpleNamespace(name="pooler.dense", bank=SimpleNamespace(d_in=8, n_experts=4))
+    with pytest.raises(UserInputError, match="'pooler.dense' is in no numbered transformer block"):
+        router.make_gate(layer)

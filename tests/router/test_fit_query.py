@@ -211,10 +211,11 @@ def test_mixer_joint_training_stores_its_experts(env):
     assert ev["routing_accuracy"] == pytest.approx(fit["metrics"]["routing_accuracy"], abs=1e-4)
 
 
-def test_a_shared_factorised_token_gate_is_stored_and_queried(env):
-    """One gate per layer input, factorised (gate_rank): fitted, stored, loaded back and queried."""
+@pytest.mark.parametrize("shared", ["true", "block"])
+def test_a_shared_factorised_token_gate_is_stored_and_queried(env, shared):
+    """One gate per layer input or per block, factorised (gate_rank): fitted, stored, loaded back and queried."""
     res = env("router", "fit", "tg-low", "--router", "token-gate", "--adapters", ",".join(NAMES), "--steps", 20,
-              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--set", "shared=true",
+              "--batch-size", 12, "--lr", 0.05, "--eval-limit", 8, "--val-limit", 12, "--set", f"shared={shared}",
               "--set", "gate_rank=2", "--quiet", "--json")
     assert res.exit_code == 0, res.output
     res = env("query", "flight plane delayed late gate", "--router", "tg-low", "--json")
