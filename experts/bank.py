@@ -126,14 +126,20 @@ def _plus(into: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
     return delta if into is None else into.add_(delta)
 
 
-def block_size(counts: torch.Tensor, floor: int = 8, block_cost: int = 16) -> int:
+def block_size(counts: torch.Tensor, floor: int = 4, block_cost: int = 4) -> int:
     """The block size C that packs experts with these token counts into the fewest slots.
 
     An expert with n tokens takes ceil(n / C) blocks of C slots. One block per expert at the largest
     count pads every expert to the busiest one (a skewed router's worst case); small blocks pad little
     but give the batched matmuls many small problems. This picks, among powers of two from `floor` up
     to the largest count and the largest count itself, the C minimising the padded slots plus
-    `block_cost` slots' worth of work per block. Counts of 0 take no block."""
+    `block_cost` slots' worth of work per block. Counts of 0 take no block.
+
+    floor 4 and block_cost 4 from a whole-model timing (MiniLM, 16 x 128 tokens, token-gate k=2 with one
+    gate per block, random gates, one CPU thread): against the earlier 8 and 16, E=512 1.71x -> 1.58x
+    the base, E=128 1.46x -> 1.34x, E=32 unchanged (1.27x, 1.25x). With many experts each holds a few
+    tokens (at E=512 about 350 of them take 4,096 assignments, the busiest up to 240), and blocks of 16
+    padded half the slots."""
     top = int(counts.max().item())
     if top <= floor:
         return floor
