@@ -13,6 +13,10 @@ from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.router.base import ROUTERS, LearnedRouter
 
 LEARNED = [n for n in ROUTERS.names() if issubclass(ROUTERS.get(n).factory, LearnedRouter)]
+VARIANTS = [pytest.param(n, {}, id=n) for n in LEARNED] + [
+    pytest.param("token-gate", {"shared": True}, id="token-gate-shared"),
+    pytest.param("token-gate", {"shared": "block"}, id="token-gate-block")]
+"""Every learned router, and token-gate's shared gates (one per layer input, one per block)."""
 MODULES = ("query", "value", "attention.output.dense")
 RANKS = (2, 4, 3, 4)
 
@@ -59,9 +63,9 @@ def _routings(m, x):
     return out, {n: l.last_routing for n, l in routed_layers(m).items()}
 
 
-@pytest.mark.parametrize("name", LEARNED)
-def test_gate_shapes_and_exactly_k_nonzero(bert, name):
-    m, router = _routed(bert, name)
+@pytest.mark.parametrize("name, cfg", VARIANTS)
+def test_gate_shapes_and_exactly_k_nonzero(bert, name, cfg):
+    m, router = _routed(bert, name, **cfg)
     _, _, x = bert
     with torch.no_grad():
         _, routings = _routings(m, x)
@@ -81,9 +85,9 @@ def test_gate_shapes_and_exactly_k_nonzero(bert, name):
         assert pa.shape == (B, T, E) and torch.allclose(pa.sum(-1), torch.ones(B, T), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", LEARNED)
-def test_aux_loss_finite_and_gradients_reach_only_the_router(bert, name):
-    m, router = _routed(bert, name)
+@pytest.mark.parametrize("name, cfg", VARIANTS)
+def test_aux_loss_finite_and_gradients_reach_only_the_router(bert, name, cfg):
+    m, router = _routed(bert, name, **cfg)
     _, _, x = bert
     for layer in routed_layers(m).values():
         for p in layer.bank.parameters():
@@ -116,9 +120,9 @@ def test_joint_mode_trains_experts_too(bert, name):
     assert not base_grads, base_grads
 
 
-@pytest.mark.parametrize("name", LEARNED)
-def test_save_load_gives_the_same_output(bert, name):
-    m, router = _routed(bert, name)
+@pytest.mark.parametrize("name, cfg", VARIANTS)
+def test_save_load_gives_the_same_output(bert, name, cfg):
+    m, router = _routed(bert, name, **cfg)
     _, _, x = bert
     m.train()  # move SMoRA's balancing bias away from zero so it is part of what must be saved
     router.ctx.set_task("t2")
@@ -128,17 +132,17 @@ def test_save_load_gives_the_same_output(bert, name):
     with torch.no_grad():
         want = m(**x).last_hidden_state
     tensors = router.state_tensors()
-    m2, r2 = _routed(bert, name)
+    m2, r2 = _routed(bert, name, **cfg)
     r2.load_tensors(tensors)
     with torch.no_grad():
         got = m2(**x).last_hidden_state
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", LEARNED)
-def test_keep_experts_reorders_consistently(bert, name):
+@pytest.mark.parametrize("name, cfg", VARIANTS)
+def test_keep_experts_reorders_consistently(bert, name, cfg):
     """A router restricted to a (here: permuted, complete) expert list over a bank in that order routes the same."""
-    m, router = _routed(bert, name)
+    m, router = _routed(bert, name, **cfg)
     _, _, x = bert
     with torch.no_grad():
         want = m(**x).last_hidden_state
@@ -150,7 +154,7 @@ def test_keep_experts_reorders_consistently(bert, name):
     m2 = copy.deepcopy(bert[0])
     ads = _adapters(bert[0])
     inject(m2, [ads[i] for i in order], rank=R)
-    r2 = ROUTERS.build(name, {})
+    r2 = ROUTERS.build(name, cfg)
     _build_gates(r2, m2, tensors, len(RANKS))
     r2.load_tensors(tensors)
     r2.keep_experts(order)
