@@ -167,8 +167,8 @@ class BlockGate(TokenGate):
     def forward(self, h: torch.Tensor) -> Routing:  # h (B, T, d_in): the projection's input, any width
         r = self._routing
         if r is None or r.gates.shape[:-1] != h.shape[:-1]:
-            raise IntegrityError(f"the gate of block {self.block!r} was not evaluated on this forward's input: "
-                                 f"shared=block needs the block called with its hidden states first")
+            raise UserInputError(f"the gate of block {self.block!r} was not evaluated on this forward's input: "
+                                 f"shared=block routes only projections called inside their block (use shared=true)")
         return r
 
     def keep_experts(self, keep: torch.Tensor) -> None:
@@ -244,6 +244,6 @@ def _hidden_states(block: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """A transformer block's input: its first positional argument or its `hidden_states` keyword."""
     h = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
-        raise IntegrityError(f"block {block!r} was called without hidden states (B, T, width) as its first "
-                             f"argument: shared=block cannot read its input")
+        raise UserInputError(f"block {block!r} was called without hidden states (B, T, width) as its first "
+                             f"argument: shared=block cannot read its input (use shared=true)")
     return h
