@@ -328,3 +328,22 @@ def test_block_token_gate_refusals(bert):
     layer = SimpleNamespace(name="pooler.dense", bank=SimpleNamespace(d_in=8, n_experts=4))
     with pytest.raises(UserInputError, match="'pooler.dense' is in no numbered transformer block"):
         router.make_gate(layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_block_token_gate_on_cuda_sparse_equals_dense(bert):
+    """The block gate's hooks, its one Routing per block and the token dispatch on CUDA (the bank's bf16
+    equality is tests/experts/test_token_dispatch.py's)."""
+    _, _, x = bert
+    m, _ = _routed(bert, "token-gate", shared="block", init_std=1.0)
+    m = m.to("cuda")
+    xc = {k: v.to("cuda") for k, v in x.items()}
+    outs = {}
+    for dispatch in ("sparse", "dense"):
+        for layer in routed_layers(m).values():
+            layer.bank.dispatch = dispatch
+        with torch.no_grad():
+            outs[dispatch] = m(**xc).last_hidden_state
+    assert outs["sparse"].is_cuda
+    torch.testing.assert_close(outs["sparse"], outs["dense"], rtol=1e-4, atol=1e-4)
