@@ -33,6 +33,18 @@ MAX_COUNT = 2**31 - 1  # rows, examples, candidates, top-k, lengths, budgets
 MAX_STEPS = 10_000_000  # optimisation steps (weeks of training on a CPU at 0.5 s a step)
 MAX_BATCH = 65_536  # rows per batch
 MAX_LR = 10.0  # learning rates: Adam past this only diverges (1e300 overflowed float32 in the first step)
+MAX_CHARS_PER_TOKEN = 64
+"""A text is cut to `tokens * MAX_CHARS_PER_TOKEN` characters before a tokenizer that keeps only its first
+`tokens` tokens sees it (`clip_text`): fast tokenizers read the whole text before truncating, so one 60 MB
+row was tokenized again at every batch holding it (a stream ran past 5 minutes; sweep 18). No tokenizer
+loraplex loads has tokens that long on average (WordPiece stops at 100-character words, BPE merges a few
+characters), so what the model reads is unchanged except for such rows."""
+
+
+def clip_text(text: str, tokens: int) -> str:
+    """`text` cut to what a tokenizer keeping `tokens` tokens could read of it (MAX_CHARS_PER_TOKEN)."""
+    limit = max(1, int(tokens)) * MAX_CHARS_PER_TOKEN
+    return text if len(text) <= limit else text[:limit]
 
 
 def options(**extra: Any) -> dict[str, Any]:

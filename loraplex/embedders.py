@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, clip_text, options
 
 
 class Embedder(Protocol):
@@ -91,8 +91,9 @@ class MiniLMEmbedder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.config.batch_size):
-                enc = tok(list(texts[i : i + self.config.batch_size]), padding=True, truncation=True,
-                          max_length=self.config.max_length, return_tensors="pt")
+                n = self.config.max_length
+                enc = tok([clip_text(t, n) for t in texts[i : i + self.config.batch_size]], padding=True,
+                          truncation=True, max_length=n, return_tensors="pt")
                 h = model(**enc).last_hidden_state  # (B, T, D)
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
                 pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
@@ -108,6 +109,9 @@ class HashConfig(Options):
 
 
 _WORD = re.compile(r"[a-z0-9]+")
+HASH_WORDS = 256
+"""The hash embedder reads a text's first 256 * MAX_CHARS_PER_TOKEN characters (`clip_text`), as minilm
+reads its first 256 tokens."""
 
 
 @EMBEDDERS.register("hash", HashConfig, summary="feature hashing of words and bigrams (lexical, no model)")
@@ -120,7 +124,7 @@ class HashEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, t in enumerate(texts):
-            words = _WORD.findall(t.lower())
+            words = _WORD.findall(clip_text(t, HASH_WORDS).lower())
             feats = words + [a + " " + b for a, b in zip(words, words[1:])]
             for f in feats:
                 h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, options
+from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, clip_text, options
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,8 @@ class EncoderHead:
         self._anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {texts: (L, D)}
 
     def _tokenize(self, model, tokenizer, texts: Sequence[str]):
-        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt")
+        n = self.config.max_length
+        enc = tokenizer([clip_text(t, n) for t in texts], padding=True, truncation=True, max_length=n, return_tensors="pt")
         return {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
 
     def hidden(self, model, tokenizer, texts):
@@ -144,7 +145,8 @@ class EncoderHead:
         that mixes tasks (replay) needs one forward per length bucket, not one per task."""
         import torch
 
-        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]]
+        n = self.config.max_length
+        lengths = [len(ids) for ids in tokenizer([clip_text(t, n) for t in texts], truncation=True, max_length=n)["input_ids"]]
         out: list = [None] * len(texts)
         for bucket in length_buckets(lengths, per_forward=per_forward):
             emb = self.encode(model, tokenizer, [texts[i] for i in bucket])
@@ -204,7 +206,7 @@ def texts_readable(tokenizer, task: "Task", limit: int = 256) -> None:
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
     blind = 0
     for e in rows:
-        ids = [i for i in tokenizer(e.text, add_special_tokens=False)["input_ids"] if i not in special]
+        ids = [i for i in tokenizer(clip_text(e.text, 512), add_special_tokens=False)["input_ids"] if i not in special]
         blind += bool(ids) and all(i == unk for i in ids)
     if blind == len(rows):
         raise UserInputError(f"task {task.name!r}: every training text reads as unknown tokens only to this model "
@@ -298,7 +300,7 @@ class CausalHead:
             sep = tokenizer("\n\nText: ", add_special_tokens=False)["input_ids"]
             head = desc[: max(1, room - len(sep))] + sep
         budget = max(8, self.config.max_length - len(head) - len(tail) - 8)
-        body = tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
+        body = tokenizer(clip_text(text, budget), add_special_tokens=False)["input_ids"][:budget]
         return head + body + tail
 
     def _chat_ids(self, tokenizer, text: str) -> list[int]:
@@ -517,7 +519,8 @@ def chat_ids(tokenizer, messages: Sequence[dict[str, str]], content_limit: int |
     ids: list[int] = []
     for piece in re.split(f"(<<{tag}-\\d+>>)", text):
         if piece in marks:
-            ids += tokenizer(marks[piece], add_special_tokens=False, split_special_tokens=True)["input_ids"][:content_limit]
+            content = marks[piece] if content_limit is None else clip_text(marks[piece], content_limit)
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"][:content_limit]
         elif piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids

@@ -392,3 +392,40 @@ def test_a_causal_model_of_few_positions_keeps_room_for_the_label(tiny_llama, se
     long_label = "the " * 40 + "end"
     t = Task("t", "d", ("good", long_label), (Example("x", "good"),), (), ())
     assert head.scores(lb.model, lb.tokenizer, ["the flight was late " * 50], t).shape == (1, 2)
+
+
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
+def test_a_very_long_text_is_cut_before_it_is_tokenized(kind, request, settings):
+    """Fast tokenizers read a whole text before truncating it: one 60 MB row of a task file was tokenized
+    again at every batch holding it, and a stream ran past 5 minutes (sweep 18). Every head, and the
+    embedders, hand the tokenizer at most what it could keep; what the model reads is unchanged."""
+    from loraplex.catalog import MAX_CHARS_PER_TOKEN
+    from loraplex.embedders import get_embedder
+
+    lb = load_base(str(request.getfixturevalue(kind)), settings)
+    head = head_for(lb)
+    text = "the flight was late and the crew was rude " * 200_000  # 8.4 million characters
+    seen = []
+    tok = lb.tokenizer
+    real = type(tok).__call__
+
+    class Spy(type(tok)):
+        def __call__(self, texts, *a, **kw):
+            seen.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
+            return real(self, texts, *a, **kw)
+
+    tok.__class__ = Spy
+    try:
+        task = Task("t", "is the flight late", ("good", "bad"), (Example("x", "good"),), (), ())
+        scores = head.scores(lb.model, tok, [text, "late"], task)
+        assert scores.shape == (2, 2) and torch.isfinite(scores).all()
+    finally:
+        tok.__class__ = type(tok).__mro__[1]
+    assert seen and max(seen) <= head.config.max_length * MAX_CHARS_PER_TOKEN
+    short = text[: head.config.max_length * MAX_CHARS_PER_TOKEN]
+    torch.testing.assert_close(head.scores(lb.model, tok, [short, "late"], task), scores)  # the same read
+    if kind == "tiny_bert":
+        for name in ("minilm", "hash"):
+            emb = get_embedder(name)
+            v = emb.encode([text])
+            assert v.shape == (1, emb.dim) and abs(float((v * v).sum()) - 1) < 1e-4
