@@ -156,18 +156,6 @@ def _train_and_register(reg: Registry, lb, head, t, spec: LoraSpec, cfg: TrainCo
     return TrainResult(rec, metrics, result.run_dir)
 
 
-def _learned_labels_still_there(rec, t) -> None:
-    """Refuse to score an adapter on its own task file when the file's labels are no longer those it learned
-    (edited since training): the score was of a classifier queries never use (they answer with the learned
-    labels, `Registry.answering_task`), and nothing said so."""
-    own = (rec.extra.get("task_cards") or {}).get(rec.task)
-    learned = [str(x) for x in own.get("labels") or ()] if isinstance(own, dict) else []
-    if len(learned) >= 2 and set(learned) != set(t.labels):
-        raise UserInputError(f"the labels of {rec.task} changed since adapter {rec.name!r} was trained "
-                             f"({', '.join(sorted(learned))} -> {', '.join(sorted(t.labels))}): train it again, or "
-                             "evaluate it with --task on a file of the labels it learned")
-
-
 def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, task: str | None = None, base: str | None = None,
                      description: str | None = None, split: str = "test", limit: int | None = None,
                      vs_base: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -196,7 +184,7 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
         description = validate_description(description)
     t = reg.load_task(task, description=description)
     if rec is not None and task == rec.task:
-        _learned_labels_still_there(rec, t)
+        reg.check_learned_labels(rec, t)
     family = rec.family if rec is not None else resolve_base(base or "minilm").family
     if description is not None and t.source == "embedded" and family == "encoder":
         raise UserInputError(f"--description changes nothing here: {t.name!r} is an embedded task with its own "

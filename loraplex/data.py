@@ -307,15 +307,16 @@ def _split_as_given(path: Path, examples: Sequence[Example], splits: Sequence[st
     return train, val, test
 
 
-def card_task(ref: str | os.PathLike, card: dict) -> Task:
-    """The task a record's card describes, without rows (its file is gone, or no longer loads): routing
-    and answering need only the labels; evaluating or training on it says the rows are missing."""
+def card_task(ref: str | os.PathLike, card: dict, why: str = "") -> Task:
+    """The task a record's card describes, without rows (its file is gone, or no longer loads, or no
+    longer has the card's labels: `why`): routing and answering need only the labels; evaluating or
+    training on it says the rows are missing, and why."""
     p = Path(ref)
     labels = tuple(card.get("labels") or ())
     if len(labels) < 2 or not card.get("description"):
         raise TaskNotFound(f"{p}: no such task file")
     return Task(str(card.get("name") or p.stem), str(card["description"]), labels, (), (), (),
-                dict(card.get("label_texts") or {}), source=str(p))
+                dict(card.get("label_texts") or {}), source=str(p), no_rows=why)
 
 
 def load_task_file(
@@ -381,8 +382,8 @@ def load_task_file(
     desc = description or meta.get("description") or card.get("description") or fallback_description
     if not desc or not str(desc).strip():
         raise InvalidTaskFile(
-            f"{p}: no task description; give one (--description, or `description:` beside it in a stream spec) or "
-            f"write {side.name} with a 'description'"
+            f"{p}: no task description: write {side.name} beside it with a 'description' (or give one where the "
+            f"command takes it: --description of train and eval, `description:` in a stream spec)"
         )
 
     try:

@@ -15,6 +15,11 @@ from typing import Iterable, NamedTuple, Sequence
 from loraplex.errors import TaskNotFound, UserInputError
 
 
+def labels_changed(learned: Sequence[str], now: Sequence[str]) -> str:
+    """`neg, pos -> bad, good`: how a task file's label set moved from the one an adapter learned."""
+    return f"{', '.join(sorted(map(str, learned)))} -> {', '.join(sorted(map(str, now)))}"
+
+
 class Example(NamedTuple):
     text: str
     label: str
@@ -33,6 +38,8 @@ class Task:
     """`embedded` or the absolute path of the task file: `ref` reloads the task from it."""
     family: str = "user"
     """The task library family an embedded task belongs to (`loraplex.library.FAMILIES`); `user` for files."""
+    no_rows: str = field(default="", compare=False)
+    """Why a task made from a record's card has no rows (`data.card_task`), said when its rows are asked for."""
 
     @property
     def ref(self) -> str:
@@ -49,8 +56,9 @@ class Task:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {name!r}")
         if not (self.train or self.validation or self.test):
-            raise TaskNotFound(f"{self.source}: task {self.name!r} has no {name} rows: the task file is gone or no "
-                               "longer loads, or there never was one (its labels and description are still on record)")
+            why = self.no_rows or ("the task file is gone or no longer loads, or there never was one (its labels "
+                                   "and description are still on record)")
+            raise TaskNotFound(f"{self.source}: task {self.name!r} has no {name} rows: {why}")
         return getattr(self, name)
 
     def conflicts(self) -> dict[str, tuple[str, ...]]:

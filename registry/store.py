@@ -46,7 +46,8 @@ from pydantic import ValidationError
 
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
-from loraplex.errors import AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile, LoraplexWarning
+from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile,
+                             LoraplexWarning, UserInputError)
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
@@ -54,6 +55,7 @@ from loraplex.registry.components import Components
 from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
 from loraplex.settings import Settings
+from loraplex.tasks import labels_changed
 
 _ADAPTER_COLS = (
     "id, name, base, base_sha, family, description, task, origin, spec, blob, n_params, modules, rank, "
@@ -506,13 +508,27 @@ class Registry(Database, Components):
         usable = bool(card) and len(card.get("labels") or ()) >= 2 and bool(card.get("description"))
         try:
             task = load_task(ref, card=card)
-        except InvalidTaskFile:
+        except InvalidTaskFile as exc:
             if not usable:
                 raise
-            return card_task(ref, card)
+            return card_task(ref, card, why=f"the file no longer loads ({exc})")
         if usable and set(map(str, card["labels"])) != set(task.labels):
-            return card_task(ref, card)
+            return card_task(ref, card, why=f"its labels changed since it was recorded ({labels_changed(card['labels'], task.labels)})")
         return task
+
+    @staticmethod
+    def check_learned_labels(rec: AdapterRecord, task) -> None:
+        """Refuse to score or route an adapter on its own task file when the file's labels are no longer
+        those it learned (edited since training): its answers use the learned labels (`answering_task`),
+        so a score on the new ones measures a classifier no query uses, and nothing said so."""
+        if task.ref != rec.task:
+            return
+        own = (rec.extra.get("task_cards") or {}).get(rec.task)
+        learned = [str(x) for x in own.get("labels") or ()] if isinstance(own, dict) else []
+        if len(learned) >= 2 and set(learned) != set(task.labels):
+            raise UserInputError(f"the labels of {rec.task} changed since adapter {rec.name!r} was trained "
+                                 f"({labels_changed(learned, task.labels)}): train it again, or give a file of the "
+                                 "labels it learned")
 
     def adapter_task(self, rec: AdapterRecord):
         """The task adapter `rec` answers with (None: it records none), from its own card

@@ -79,6 +79,8 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
                 raise UserInputError(f"adapter {r.name!r} has no task on record; name the tasks with --tasks (one per adapter)")
             refs.append(r.task)
     loaded = [reg.load_task(t) for t in refs]
+    for r, t in zip(recs, loaded):  # an adapter's own file edited since: fitted on labels it never learned
+        reg.check_learned_labels(r, t)
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -206,6 +208,7 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         tensors["task_sig"] = torch.from_numpy(sig)
         extra: dict[str, Any] = {
             "tasks": [t.ref if t is not None else None for t in ex.expert_tasks],
+            "task_cards": {t.ref: t.card() for t in ex.tasks},  # what each expert answers with, as fitted
             "task_pool": [t.ref for t in ex.tasks], "base_sha": lb.fingerprint.sha, "joint": ex.joint,
             "expert_names": ex.expert_names, "run_dir": str(run_dir), "train_config": tc.model_dump(mode="json"),
         }

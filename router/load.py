@@ -29,9 +29,11 @@ from loraplex.router.model import RoutedModel
 from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter, Signatures, adapter_labels
 
 
-def _load_task(reg, ref: str | None):
-    """The task `ref` as answering needs it (`Registry.answering_task`)."""
-    return reg.answering_task(ref) if ref else None
+def _load_task(reg, ref: str | None, cards: dict | None = None):
+    """The task `ref` as answering needs it (`Registry.answering_task`), from the card the router recorded
+    of it when it has one (routers fitted before cards were kept: the newest adapter's card)."""
+    card = (cards or {}).get(ref) if ref else None
+    return reg.answering_task(ref, card=card if isinstance(card, dict) else None) if ref else None
 
 
 def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
@@ -117,8 +119,13 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     if len(keep) != n_full:
         router.keep_experts(keep)
     router.attach(lb.model)
-    tasks = [_load_task(reg, r) for r in expert_refs] if extra.get("joint") else [reg.adapter_task(r) for r in recs]
-    pool = [_load_task(reg, r) for r in extra.get("task_pool", [])]
+    cards = extra.get("task_cards") if isinstance(extra.get("task_cards"), dict) else {}
+    if extra.get("joint"):
+        tasks = [_load_task(reg, r, cards) for r in expert_refs]
+    else:  # each adapter answers with the task it was fitted on (`router fit --tasks` may pair it with another)
+        tasks = [_load_task(reg, ref, cards) if ref and ref != r.task else reg.adapter_task(r)
+                 for r, ref in zip(recs, expert_refs)]
+    pool = [_load_task(reg, r, cards) for r in extra.get("task_pool", [])]
     sig = tensors.get("task_sig")
     return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,
                        task_signatures=sig.numpy() if sig is not None else None)

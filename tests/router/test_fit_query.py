@@ -296,3 +296,47 @@ def test_a_router_and_an_adapter_cannot_share_a_name(env, peft_dirs):
               "--quiet")
     assert res.exit_code == 2 and f"an adapter named {NAMES[0]!r} already exists" in res.output, res.output
     assert registry_state(env.home) == before
+
+
+def test_a_router_keeps_the_task_pairing_it_was_fitted_with_and_names_an_edited_file(tmp_path, tiny_bert, peft_dirs,
+                                                                                      monkeypatch):
+    """`router fit --tasks` pairs each adapter with a task: the stored router answers and evaluates with that
+    pairing (it answered with each adapter's own task, another label set, and eval lost the pairing; sweep
+    18). An adapter's own file edited since training is refused at fit, as `eval` refuses it, and a router
+    fitted before the edit says the labels changed, not that the file is gone."""
+    from loraplex import api
+
+    files = {n: write_task(tmp_path, n) for n in ("flights", "sports")}
+    phones = write_task(tmp_path, "phones")
+    phones.write_text(phones.read_text().replace('"good"', '"love"').replace('"bad"', '"hate"'))
+    (tmp_path / "phones.task.json").write_text(json.dumps({"name": "phones", "description": "love or hate the phone",
+                                                          "labels": ["love", "hate"]}))
+    run = registered_cli(tmp_path / "home", monkeypatch, tiny_bert, {k: peft_dirs[k] for k in files}, files)
+    fit = ["--router", "token-gate", "--steps", 3, "--batch-size", 4, "--eval-limit", 4, "--val-limit", 4, "--quiet"]
+    res = run("router", "fit", "paired", "--adapters", "flights-lora,sports-lora", "--tasks",
+              f"{phones},{files['sports']}", *fit)
+    assert res.exit_code == 0, res.output
+    rm = api.load_routed_model("paired", settings=run.settings)
+    assert [t.name for t in rm.expert_tasks] == ["phones", "sports"] and rm.expert_tasks[0].labels == ("love", "hate")
+    out = json.loads(run("query", "phone apple iphone", "--router", "paired", "--json").output)
+    assert out["answer"] in ("love", "hate", "good", "bad") and (out["task"] == "phones") == (out["answer"] in ("love", "hate"))
+    ev = json.loads(run("router", "eval", "paired", "--json").output)
+    assert {r["task"]: r["adapter"] for r in ev["tasks"]} == {"phones": "flights-lora", "sports": "sports-lora"}
+    # flights.jsonl edited: its adapter never learned these labels
+    f = files["flights"]
+    f.write_text(f.read_text().replace('"good"', '"fine"'))
+    side = tmp_path / "flights.task.json"
+    side.write_text(side.read_text().replace('"good"', '"fine"'))
+    res = run("router", "fit", "late", "--adapters", "flights-lora,sports-lora", *fit)
+    assert res.exit_code == 2 and f"the labels of {f} changed since adapter 'flights-lora' was trained " \
+        "(bad, good -> bad, fine)" in res.output, res.output
+    assert run("router", "show", "late").exit_code != 0
+    res = run("router", "fit", "own", "--adapters", "sports-lora,flights-lora", "--tasks",
+              f"{files['sports']},{phones}", *fit)
+    assert res.exit_code == 0, res.output  # paired with another file, its own edit does not matter
+    phones.write_text(phones.read_text().replace('"love"', '"great"'))
+    (tmp_path / "phones.task.json").write_text(json.dumps({"name": "phones", "description": "love or hate the phone",
+                                                          "labels": ["great", "hate"]}))
+    res = run("router", "eval", "paired")
+    assert res.exit_code == 2 and "has no test rows: its labels changed since it was recorded (hate, love -> great, hate)" \
+        in res.output, res.output
