@@ -331,7 +331,7 @@ def load_task_file(
     card = card or {}
     if not p.exists():
         if card:
-            return card_task(p, card)
+            return card_task(p, card, why="the task file is gone (its labels and description are still on record)")
         if p.is_symlink():
             raise TaskNotFound(f"{p}: a symbolic link that leads to no file (its target is gone, or a loop)")
         raise TaskNotFound(f"{p}: no such task file")

@@ -81,16 +81,27 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     loaded = [reg.load_task(t) for t in refs]
     for r, t in zip(recs, loaded):  # an adapter's own file edited since: fitted on labels it never learned
         reg.check_learned_labels(r, t)
-    names = [t.name for t in loaded]
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        which = [(r.name, t.ref) for r, t in zip(recs, loaded) if t.name == twice] if not tasks else []
-        if len({ref for _, ref in which}) > 1:  # two files with one stem (v1/reviews.jsonl, v2/reviews.jsonl)
-            raise UserInputError(f"two adapters' tasks are both named {twice!r}: " + ", ".join(
-                f"{a} ({ref})" for a, ref in which) + "; a router tells tasks apart by name: give one of the "
-                "files a sidecar 'name'")
-        raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
+    _one_name_each(loaded, [r.name for r in recs], "--tasks" if tasks else None)
     return loaded
+
+
+def _one_name_each(loaded, owners: Sequence[str] | None, listed: str | None) -> None:
+    """Refuse tasks that share a name (a router tells tasks apart by name): one file listed twice, or two
+    files of one stem (v1/reviews.jsonl, v2/reviews.jsonl), named with the adapters they belong to."""
+    names = [t.name for t in loaded]
+    if len(set(names)) == len(names):
+        return
+    twice = next(n for n in names if names.count(n) > 1)
+    which = [(owner, t.ref) for owner, t in zip(owners or [None] * len(loaded), loaded) if t.name == twice]
+    if len({ref for _, ref in which}) > 1:
+        files = ", ".join(f"{a} ({ref})" if a else ref for a, ref in which)
+        whose = "two adapters' tasks are" if owners else f"two tasks in {listed} are"
+        raise UserInputError(f"{whose} both named {twice!r}: {files}; a router tells tasks apart by name: give one "
+                             "of the files a sidecar 'name'")
+    if listed:
+        raise UserInputError(f"task {twice!r} is listed twice in {listed}; a router needs one task per "
+                             f"{'adapter' if owners else 'expert'}")
+    raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
 
 
 @dataclass
@@ -126,8 +137,7 @@ def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int)
     if not tasks:
         raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
     task_objs = [reg.load_task(t) for t in tasks]
-    if len({t.name for t in task_objs}) != len(task_objs):
-        raise UserInputError("a task is listed twice in --tasks")
+    _one_name_each(task_objs, None, "--tasks")
     lb = load_base(resolve_base(base or "minilm"), s)
     n, r = factory.fresh_experts(cfg, len(task_objs))
     spec = LoraSpec(r=r, alpha=2.0 * r)

@@ -79,7 +79,8 @@ def add_toy(reg, settings, base_dir, name: str, task_file: Path | None, descript
     task = load_task(str(task_file)) if task_file else None
     draft = AdapterDraft(name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description,
                          task=task.ref if task else None, origin="trained", spec=adapter.spec,
-                         metrics={"steps": 10}, edges=(Edge.to_task(task.ref, "trained-on"),) if task else ())
+                         metrics={"steps": 10}, edges=(Edge.to_task(task.ref, "trained-on"),) if task else (),
+                         extra={"task_cards": {task.ref: task.card()}} if task else {})  # as registration keeps it
     emb = get_embedder(settings.embedder).encode([description])[0]
     return reg.add_adapter(draft, adapter, embedding=emb, snapshots=snaps, embedder=settings.embedder,
                            fingerprint_json=fp.model_dump_json())

@@ -143,3 +143,23 @@ def test_a_member_with_another_layout_is_refused(cli, toy_registry, tiny_bert):
     assert r.exit_code == 2 and "its module 'encoder.layer.0.attention.self.key' is not in the layout" in r.stderr
     r = cli("generate", "fit", "x", "--method", "icm-lora", "--adapters", "flights-lora,odd-rank")
     assert r.exit_code == 2 and registry_state(cli.home) == before
+
+
+@pytest.mark.parametrize("edit", ["gone", "labels"])
+def test_icm_lora_over_a_member_whose_task_file_is_gone_or_edited(cli, toy_registry, toy_tasks, edit):
+    """icm-lora reads examples of each member's task: a file gone (the task was left on record only, with no
+    rows) ended in an IndexError, and a file whose labels changed since training gave examples of labels the
+    adapter never learned, without a word (sweep 18 F6). Both are one line naming the adapter and why."""
+    f = toy_tasks["music"]
+    if edit == "gone":
+        f.rename(f.with_suffix(".away"))
+        why = "the task file is gone"
+    else:
+        f.write_text(f.read_text().replace('"good"', '"fine"'))
+        side = f.with_name("music.task.json")
+        side.write_text(side.read_text().replace('"good"', '"fine"'))
+        why = "changed since it was recorded (bad, good -> bad, fine)"
+    before = registry_state(cli.home)
+    r = cli("generate", "fit", "icm", "--method", "icm-lora", *FAST)
+    assert r.exit_code == 2 and "icm-lora cannot read the task of adapter 'music-lora'" in r.stderr, r.output
+    assert why in r.stderr and len(r.stderr.strip().splitlines()) == 1 and registry_state(cli.home) == before

@@ -100,3 +100,11 @@ def test_two_task_files_with_one_stem_are_named_with_their_paths(cli, tiny_bert,
         assert r.exit_code == 0, r.output
     _fails(cli, ["router", "fit", "rt", "--router", "token-gate", "--adapters", "r0,r1", "--steps", "1"], 2,
            "tasks are both named 'reviews'", str(tmp_path / "v0" / "reviews.jsonl"), str(tmp_path / "v1" / "reviews.jsonl"))
+    v0, v1 = tmp_path / "v0" / "reviews.jsonl", tmp_path / "v1" / "reviews.jsonl"
+    # the same two files given with --tasks, to a jointly trained router (it said "a task is listed twice")
+    _fails(cli, ["router", "fit", "rj", "--router", "mixer", "--tasks", f"{v0},{v1}", "--base", tiny_bert, "--steps", "1"],
+           2, "two tasks in --tasks are both named 'reviews'", str(v0), str(v1), "sidecar 'name'")
+    _fails(cli, ["router", "fit", "rj", "--router", "mixer", "--tasks", f"{v0},{v0}", "--base", tiny_bert, "--steps", "1"],
+           2, f"--tasks names '{v0}' twice")
+    _fails(cli, ["router", "fit", "rt", "--router", "token-gate", "--adapters", "r0,r1", "--tasks", f"{v1},{v0}",
+                 "--steps", "1"], 2, "two adapters' tasks are both named 'reviews': r0 (", str(v0), str(v1))
