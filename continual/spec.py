@@ -44,12 +44,13 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.continual.forgetting import FORGETTERS, no_rows_to_forget
 from loraplex.continual.methods import METHODS
+from loraplex.models import EMBEDDED
 from loraplex.data import EMBEDDED_TASKS, TASK_SUFFIXES, load_task
-from loraplex.errors import InvalidSpec, TaskNotFound, UnknownComponent
+from loraplex.errors import InvalidSpec, InvalidTaskFile, TaskNotFound, UnknownComponent, UserInputError
 from loraplex.experts.spec import MAX_RANK, LoraSpec
 from loraplex.fsio import read_yaml_file
 from loraplex.registry.record import NAME_RE
-from loraplex.tasks import SEED_MAX
+from loraplex.tasks import SEED_MAX, validate_description
 from loraplex.training import LightningSettings
 
 
@@ -256,6 +257,7 @@ def format_error(exc: ValidationError) -> str:
         return f"unknown key {loc[-1]!r}" + (f" in {where}" if where else "")
     where = _where(loc) or "spec"
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    msg = msg.replace("Input should be a valid tuple", "expected a list")  # what YAML calls it
     if err.get("type") == "missing":
         return f"{where}: required key missing"
     return f"{where}: {msg}"
@@ -301,6 +303,19 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
     return str(p.absolute())
 
 
+def _resolve_base(base: str, root: Path | None) -> str:
+    """`base:` read as `learn:` is: a relative path to a model directory beside the spec becomes absolute
+    (it was read relative to the current directory, so the spec ran from its own folder only, and its
+    run directory kept the relative path a resume from elsewhere could not find). An embedded name or hub
+    id, an absolute path, or a path with no directory beside the spec stays as written."""
+    if root is None or base in EMBEDDED or any(base.lower() == m.hub_id.lower() for m in EMBEDDED.values()):
+        return base
+    p = Path(base).expanduser()
+    if p.is_absolute() or not (root / p).is_dir():
+        return base
+    return os.path.normpath((root / p).absolute())  # recorded as the adapters' base: no `specs/../`
+
+
 def _shown(task: Any) -> str:
     """A task as a message names it: its file, or its name and "embedded"."""
     return f"{task.name}, embedded" if task.source == "embedded" else task.source
@@ -320,11 +335,20 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
     resolved: list[Experience] = []
     for i, exp in enumerate(spec.experiences):
         if exp.learn is not None:
+            if not exp.learn.strip():  # "" was read as the spec's own folder
+                raise InvalidSpec(f"{where}: experiences[{i}].learn: empty (name an embedded task or a task file)")
+            if exp.description is not None:  # its faults are the spec's, not the task file's
+                try:
+                    validate_description(exp.description)
+                except UserInputError as exc:
+                    raise InvalidSpec(f"{where}: experiences[{i}].description: {exc}") from None
             ref = _resolve_ref(exp.learn, root)
             try:
                 task = load_task(ref, description=exp.description)
             except TaskNotFound as exc:
                 raise TaskNotFound(f"{where}: experiences[{i}]: {exc}") from None
+            except InvalidTaskFile as exc:  # which unit of the spec reads the file
+                raise InvalidTaskFile(f"{where}: experiences[{i}]: {exc}") from None
             if task.name in learned:
                 first = learned[task.name]
                 if first.ref == task.ref:
@@ -369,7 +393,7 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
         resolved.append(exp.model_copy(update={"forget": task.name}))
     if not learned:
         raise InvalidSpec(f"{where}: the stream learns no task")
-    return spec.model_copy(update={"experiences": tuple(resolved)})
+    return spec.model_copy(update={"experiences": tuple(resolved), "base": _resolve_base(spec.base, root)})
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str | None:

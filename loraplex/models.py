@@ -312,6 +312,26 @@ def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def weight_files(ref: BaseRef) -> dict[str, list[int]] | None:
+    """A local base directory's weight files as {name: [size, mtime_ns]} (None for an embedded base, whose
+    package fixes its weights): what a resumed run compares, since the fingerprint reads the config only
+    and a directory whose weights were replaced (re-exported, fine-tuned, re-quantised) passes it."""
+    if ref.embedded:
+        return None
+    out = {}
+    try:
+        for f in sorted(Path(ref.name).iterdir()):
+            if f.name.endswith(WEIGHT_SUFFIXES) and f.is_file():
+                st = f.stat()
+                out[f.name] = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 

@@ -90,9 +90,17 @@ def test_epochs_are_held_to_the_step_bound(task_dir):
     ([{"learn": "F"}, {"forget": "flights"}, {"forget": "flights"}], "already forgotten"),
     ([{"learn": "F"}, {"learn": "F"}], "learned twice"),
     ([{"learn": "F", "forget": "x"}], "exactly one of"),
+    # sweep 18 F7: an empty learn was read as the spec's own folder; a description's fault was blamed on the
+    # task file; pydantic's "valid tuple" for what YAML calls a list
+    ([{"learn": ""}], r"^stream spec: experiences\[0\]\.learn: empty"),
+    ([{"learn": "F", "description": "d\x00e"}], r"^stream spec: experiences\[0\]\.description: the description holds "
+                                                r"a control character"),
+    ({"learn": "F"}, r"^stream spec: experiences: expected a list$"),
+    ([{"learn": "F"}, {"forget": "flights", "labels": "good"}], r"experiences\[1\]\.labels: expected a list$"),
 ])
 def test_bad_experiences(task_dir, exps, msg):
-    exps = [{k: (str(task_dir / "flights.jsonl") if v == "F" else v) for k, v in e.items()} for e in exps]
+    fill = lambda e: {k: (str(task_dir / "flights.jsonl") if v == "F" else v) for k, v in e.items()}  # noqa: E731
+    exps = [fill(e) for e in exps] if isinstance(exps, list) else fill(exps)
     with pytest.raises(InvalidSpec, match=msg):
         parse_spec(_spec(task_dir, experiences=exps))
 

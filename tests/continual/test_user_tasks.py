@@ -232,3 +232,44 @@ def test_forgetting_the_only_learned_task_warns_that_nothing_was_retained(tmp_pa
               "--eval-limit", "4", "--quiet", "--json", "--name", "part")
     assert res.exit_code == 0, res.output
     assert "nothing was retained" not in (json.loads(res.stdout)["warning"] or "")
+
+
+def test_a_spec_base_directory_is_read_beside_the_spec_and_a_resume_sees_its_weights_replaced(tmp_path, tiny_bert,
+                                                                                                task_dir, monkeypatch):
+    """`base: ../models/tiny` was read relative to the current directory (its task files relative to the spec),
+    so the spec ran from its own folder only (sweep 18 F8). A resumed run compared the base's fingerprint,
+    which reads the config only: weights replaced in the directory passed and the run went on on other
+    weights (F9); the run now keeps its weight files' sizes and times and refuses such a resume."""
+    from loraplex.continual import stream
+    from loraplex.continual.spec import load_spec
+    from loraplex.errors import IncompatibleAdapter, Interrupted
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bert, models / "tiny")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = make_spec(specs / "s.yaml", tiny_bert, task_dir, steps=2, replay=False,
+                     experiences=[{"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")}])
+    spec.write_text(spec.read_text().replace(f"base: {tiny_bert}", "base: ../models/tiny"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_spec(spec).base == str(models / "tiny")
+    s = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    run = tmp_path / "run"
+    real = stream._StreamRun._register  # stopped once the first unit is saved
+    monkeypatch.setattr(stream._StreamRun, "_register", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(Interrupted):
+        api.run_stream(spec, out=run, progress=False, settings=s)
+    monkeypatch.setattr(stream._StreamRun, "_register", real)
+    info = json.loads((run / "run.json").read_text())
+    assert info["base_name"] == str(models / "tiny") and "model.safetensors" in info["base_files"]
+    w = models / "tiny" / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data)  # rewritten (same bytes, a new time: a replaced file cannot be told apart)
+    with pytest.raises(IncompatibleAdapter, match=rf"^{run}: the weights of base {models / 'tiny'} changed since this "
+                                                  r"run started \(model.safetensors differs in size or time\)"):
+        api.run_stream(spec, resume=run, progress=False, settings=s)
+    del info["base_files"]  # a run directory written before the weights were kept still resumes
+    (run / "run.json").write_text(json.dumps(info))
+    assert api.run_stream(spec, resume=run, progress=False, settings=s).resumed_from == 1
