@@ -30,6 +30,7 @@ is written.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -84,6 +85,15 @@ def _unit_seed(seed: int, unit: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _outside_registry_storage(out: Path, home: Path) -> None:
+    """Refuse an --out that is the registry home or inside its own files (blobs/ is content-addressed storage
+    `registry check` reads as such); `<home>/runs/...`, where runs go by default, is fine."""
+    h, o = os.path.realpath(home), os.path.realpath(out)
+    if os.path.commonpath([h, o]) == h and os.path.commonpath([os.path.join(h, "runs"), o]) != os.path.join(h, "runs"):
+        raise UserInputError(f"{out}: inside the registry home {home}, which is the registry's own storage; give a "
+                             f"directory elsewhere, or under {os.path.join(home, 'runs')}")
+
+
 def run_stream(
     spec_path: str | Path,
     *,
@@ -114,6 +124,8 @@ def run_stream(
         # without --out the run directory is made once the spec has passed every check below (made now, a
         # refused spec left an empty one behind)
         rd = RunDir(shared_run_dir(Path(out))) if out is not None else None
+        if rd is not None:
+            _outside_registry_storage(rd.path, s.home)
         if rd is not None and not is_worker() and rd.path.exists() and any(rd.path.iterdir()):
             hint = " (resume it with --resume)" if rd.is_run() else ""
             raise AlreadyExists(f"{rd.path} is not empty{hint}")

@@ -30,7 +30,7 @@ from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
-from loraplex.tasks import checked_labels, checked_seed, validate_description, visible
+from loraplex.tasks import MAX_LABELS, checked_labels, checked_seed, validate_description, visible
 
 KIND = "generator"
 
@@ -168,8 +168,14 @@ def _checked_examples(examples: Sequence[tuple[str, str | None]]) -> list[tuple[
     if len(labels) == 1:
         raise UserInputError(f"the examples name one label ({labels[0]!r}); a label set needs at least 2 (or give "
                              "the examples without labels)")
+    if len(labels) > MAX_LABELS:  # said of the examples (the bound is the one a query's label set has)
+        raise UserInputError(f"the examples name {len(labels):,} labels; an adapter generated from examples answers "
+                             f"with at most {MAX_LABELS}")
     if labels:
-        checked_labels(labels)
+        try:
+            checked_labels(labels)
+        except UserInputError as exc:
+            raise UserInputError(f"the examples' {exc}") from None
     return out
 
 

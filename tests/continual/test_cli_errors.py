@@ -189,3 +189,12 @@ def test_a_stream_says_what_train_says_of_its_tasks_data(cli, tiny_bert, task_di
     r = cli("stream", "run", spec, "--out", tmp_path / "run", "--quiet")
     assert r.exit_code == 0, r.output
     assert "warning: task 'flights': 1 text(s) appear with more than one label (e.g. 'the same words'" in r.stderr
+
+
+def test_out_inside_the_registry_storage_is_refused(cli, spec):
+    """`--out HOME/blobs/x` wrote a run into the content-addressed blob store, and `--out HOME` mixed the run
+    with registry.db (sweep 18 F10); HOME/runs/..., where runs go by default, stays allowed."""
+    for out in (cli.home / "blobs" / "x", cli.home):
+        _check(cli, ["stream", "run", spec, "--out", out, "--quiet"], 2, f"{out}: inside the registry home",
+               "registry's own storage")
+    assert not (cli.home / "blobs" / "x").exists()

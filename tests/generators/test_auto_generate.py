@@ -68,6 +68,10 @@ def test_a_request_that_cannot_be_a_description_falls_back_and_registers_nothing
     ({"examples": [("", "pos"), ("b", "neg")]}, "example 1: the text is empty"),
     ({"examples": [("a", "Happy"), ("b", "happy")]}, "labels 'Happy' and 'happy' read the same to this model"),
     ({"examples": [("a", "pos "), ("b", "pos")]}, "the examples name one label ('pos')"),  # 'pos ' is 'pos'
+    # sweep 18 F11: refused in the words of `query --labels`, naming neither the examples nor their bound
+    ({"examples": [(f"t{i}", f"l{i}") for i in range(300)]}, "the examples name 300 labels; an adapter generated "
+                                                            "from examples answers with at most 256"),
+    ({"examples": [("a", "x" * 1200), ("b", "y")]}, "the examples' labels: a label of 1,200 characters"),
     ({"max_distance": float("nan")}, "max_distance must be a cosine distance above 0 and at most 2, got nan"),
     ({"max_distance": -1.0}, "max_distance must be a cosine distance above 0 and at most 2"),
 ])
