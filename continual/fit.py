@@ -122,7 +122,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     lb = load_base(ref, settings)
     head = head_for(lb)
     texts_readable(lb.tokenizer, t)
-    warnings = data_notes(t)
+    warnings = data_notes(t, cfg.train_limit)
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if cfg.progress else None

@@ -150,7 +150,7 @@ def run_stream(
         tok = load_tokenizer(ref, s)
         for t in tasks.values():
             texts_readable(tok, t)
-            for note in data_notes(t):  # said as `train` says them (a warning: line on the CLI)
+            for note in data_notes(t, spec.trainer.train_limit):  # said as `train` says them (a warning: line)
                 warnings.warn(note, LoraplexWarning, stacklevel=2)
     learn_spec = spec.lora.lora_spec()
     learn_modules = learn_spec.resolve_targets(fp.linear_names(), fp.model_type)

@@ -248,10 +248,11 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def data_notes(t: Task) -> list[str]:
+def data_notes(t: Task, train_limit: int | None = None) -> list[str]:
     """What the task's data holds that training cannot do much with, accepted (real data is noisy) but said:
     texts with more than one label, labels with no training row (the split is by hash, not stratified; a
-    file of a few rows may keep one label in train, and is still trained, as the README's 3-row minimum says)."""
+    file of a few rows may keep one label in train, and is still trained, as the README's 3-row minimum says),
+    or none in the first `train_limit` training rows, those trained on (`--train-limit`, `trainer.train_limit`)."""
     out = []
     conflicts = t.conflicts()
     if conflicts:
@@ -265,4 +266,11 @@ def data_notes(t: Task) -> list[str]:
         out.append(f"task {t.name!r}: {len(unseen):,} of its {len(t.labels)} labels have no training row (e.g. "
                    f"{unseen[0][:40]!r}; the split is 80/10/10 by a hash of each row, or the file's `split` column): "
                    "the adapter cannot learn them")
+    if train_limit is not None and train_limit < len(t.train):
+        cut = {e.label for e in t.train[:train_limit]}
+        gone = [lab for lab in t.labels if lab in trained and lab not in cut]
+        if gone:
+            out.append(f"task {t.name!r}: {len(gone):,} of its {len(t.labels)} labels have no row among the first "
+                       f"{train_limit:,} training rows, those the train limit keeps (e.g. {gone[0][:40]!r}): the "
+                       "adapter cannot learn them")
     return out

@@ -155,6 +155,14 @@ def test_a_split_that_leaves_labels_untrained_is_said(cli, tiny_bert, tmp_path):
     f = _with_one_untrained(tmp_path, rows, "c")
     r = cli("train", f, "--name", "odd2", "--base", tiny_bert, "--steps", "1", "--description", "d", "--quiet")
     assert r.exit_code == 0 and "1 of its 3 labels have no training row (e.g. 'c'" in r.stderr, r.output
+    # a train limit that keeps rows of one label only (sweep 18 F12): the same, said of the rows trained on
+    from loraplex.data import load_task_file
+
+    train = load_task_file(f, description="d").train
+    first = next(i for i, e in enumerate(train) if e.label != train[0].label)  # the first rows are all one label
+    r = cli("train", f, "--name", "odd3", "--base", tiny_bert, "--steps", "1", "--description", "d", "--quiet",
+            "--train-limit", str(first))
+    assert r.exit_code == 0 and "labels have no row among the first " + f"{first:,} training rows" in r.stderr, r.output
 
 
 def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp_path):
