@@ -18,13 +18,15 @@ Every check runs before anything is written; a refusal leaves the registry as it
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from loraplex.data import CARD_ONLY, check_columns, read_rows, row_value
-from loraplex.errors import AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, TaskNotFound, UserInputError
+from loraplex.data import CARD_ONLY, check_columns, read_rows, row_value, sidecar_path
+from loraplex.errors import (AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, LoraplexWarning, TaskNotFound,
+                             UserInputError)
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
@@ -274,6 +276,10 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     check_columns(p, rows, ("text", "label"))
     if not out:
         raise InvalidTaskFile(f"{p}: no examples")
+    side = sidecar_path(p)
+    if side.exists():  # not a task: its label texts and declared labels would be dropped without a word
+        warnings.warn(f"{side} is not read: examples give their texts and labels only, and the generated adapter "
+                      "answers with the bare label names", LoraplexWarning, stacklevel=2)
     return out
 
 

@@ -99,7 +99,7 @@ TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 """The task-file types loraplex reads (a name ending in one of them is taken for a path)."""
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
     name = path.name
     for ext in TASK_SUFFIXES:
         if name.lower().endswith(ext):
@@ -240,7 +240,7 @@ def check_columns(path: Path, rows: Sequence[dict], known: Sequence[str]) -> Non
                 continue
             if str(k).strip().lower() in SIDECAR_COLUMNS:
                 raise InvalidTaskFile(f"{path}: row {n} has a {str(k)!r} column: loraplex reads a task's "
-                                      f"{str(k).strip().lower()} from its sidecar ({_sidecar(path).name}), not per "
+                                      f"{str(k).strip().lower()} from its sidecar ({sidecar_path(path).name}), not per "
                                       "row; move it there, or remove the column")
             seen.setdefault(str(k), None)
     if seen:
@@ -338,7 +338,7 @@ def load_task_file(
     if p.is_dir():
         raise InvalidTaskFile(f"{p}: is a directory, expected a task file (.jsonl, .json, .csv, .tsv)")
     meta: dict = {}
-    side = _sidecar(p)
+    side = sidecar_path(p)
     if side.is_file():
 
         meta = read_json_file(side, error=InvalidTaskFile, what="task sidecar")
@@ -429,7 +429,7 @@ def load_task_file(
         if not visible(meta["name"]) or any(unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS
                                             for ch in meta["name"]):
             raise InvalidTaskFile(f"{side}: 'name' must be a visible name without control characters")
-    task_name = name or meta.get("name") or card.get("name") or _sidecar(p).name[: -len(".task.json")]
+    task_name = name or meta.get("name") or card.get("name") or sidecar_path(p).name[: -len(".task.json")]
     return Task(str(task_name), str(desc).strip(), labels, train, val, test, dict(label_texts), source=str(p))
 
 

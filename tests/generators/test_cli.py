@@ -77,6 +77,11 @@ def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
     assert ev.exit_code == 2 and "task 'wx' has no test rows" in ev.stderr and "never was one" in ev.stderr, ev.output
     assert cli("registry", "check").exit_code == 0
     assert cli("adapters", "remove", "wx").exit_code == 0
+    # a sidecar beside the examples is not read: said, not dropped quietly (sweep 18 F13)
+    (tmp_path / "weather.task.json").write_text(json.dumps({"label_texts": {"nice": "good weather"}}))
+    r = cli("generate", "adapter", "weather nice or awful", "--generator", "icm", "--name", "wx2", "--examples", g)
+    assert r.exit_code == 0 and f"warning: {tmp_path / 'weather.task.json'} is not read" in r.stderr, r.output
+    assert cli("adapters", "remove", "wx2").exit_code == 0
     lst = _json(cli("generate", "list", "--json"))
     assert [g["name"] for g in lst] == ["icm"]
     # a generator's members cannot be removed while it exists; the generator can
