@@ -316,6 +316,15 @@ def _resolve_base(base: str, root: Path | None) -> str:
     return os.path.normpath((root / p).absolute())  # recorded as the adapters' base: no `specs/../`
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Two task refs naming one task: equal, or paths of one file (however spelled: `..`, links)."""
+    if a == b:
+        return True
+    if a in EMBEDDED_TASKS or b in EMBEDDED_TASKS:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _shown(task: Any) -> str:
     """A task as a message names it: its file, or its name and "embedded"."""
     return f"{task.name}, embedded" if task.source == "embedded" else task.source
@@ -349,10 +358,13 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
                 raise TaskNotFound(f"{where}: experiences[{i}]: {exc}") from None
             except InvalidTaskFile as exc:  # which unit of the spec reads the file
                 raise InvalidTaskFile(f"{where}: experiences[{i}]: {exc}") from None
+            same = next((t for t in learned.values() if _same_file(t.ref, task.ref)), None)
+            if same is not None:  # `t/../t/a.jsonl`, or a link to it, is the file `t/a.jsonl` (one sidecar)
+                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is learned twice"
+                                  + (f" (as {same.name!r} by experiences[{learned_at[same.name]}]: {_shown(same)} is "
+                                     "the same file)" if same.ref != task.ref else ""))
             if task.name in learned:
                 first = learned[task.name]
-                if first.ref == task.ref:
-                    raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} is learned twice")
                 raise InvalidSpec(f"{where}: experiences[{learned_at[task.name]}] ({_shown(first)}) and "
                                   f"experiences[{i}] ({_shown(task)}) are both named {task.name!r}; a stream needs "
                                   "one task per name (give a task file a sidecar .task.json with another 'name')")
@@ -361,7 +373,7 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             resolved.append(exp.model_copy(update={"learn": ref}))
             continue
         name = exp.forget
-        task = learned.get(name) or next((t for t in learned.values() if t.ref == _resolve_ref(name, root)), None)
+        task = learned.get(name) or next((t for t in learned.values() if _same_file(t.ref, _resolve_ref(name, root))), None)
         if task is None:
             known = ", ".join(learned) or "none yet"
             raise InvalidSpec(f"{where}: experiences[{i}]: cannot forget {name!r}: the stream has not learned it "

@@ -130,3 +130,22 @@ def test_first_difference():
     assert first_difference(a, a) is None
     assert first_difference(a, {"trainer": {"steps": 4, "lr": 1}, "experiences": [{"learn": "a"}]}) == "trainer.steps"
     assert first_difference(a, {"trainer": {"steps": 3, "lr": 1}, "experiences": []}).startswith("experiences")
+
+
+def test_one_file_however_spelled_is_one_task(tmp_path, task_dir):
+    """`t/../t/flights.jsonl` was "another file" named like `t/flights.jsonl` (and the fix offered, a sidecar
+    name, could not work: one file has one sidecar); forgetting it by that path was "not learned"; a link to
+    it was learned a second time under the link's name, without a word (sweep 18 F14)."""
+    t = tmp_path / "t"
+    t.mkdir()
+    for f in task_dir.iterdir():
+        (t / f.name).write_text(f.read_text())
+    (t / "alias.jsonl").symlink_to(t / "flights.jsonl")
+    for second in ("t/../t/flights.jsonl", "t/alias.jsonl"):
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump({"method": "o-lora", "experiences": [{"learn": "t/flights.jsonl"}, {"learn": second, "description": "the same rows"}]}))
+        with pytest.raises(InvalidSpec, match=r"experiences\[1\]: task '(flights|alias)' is learned twice"):
+            load_spec(p)
+    p.write_text(yaml.safe_dump({"method": "o-lora", "experiences": [{"learn": "t/flights.jsonl"},
+                                                                      {"forget": "t/../t/flights.jsonl"}]}))
+    assert load_spec(p).experiences[1].forget == "flights"
