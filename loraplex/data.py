@@ -339,8 +339,9 @@ def load_task_file(
         raise InvalidTaskFile(f"{p}: is a directory, expected a task file (.jsonl, .json, .csv, .tsv)")
     meta: dict = {}
     side = sidecar_path(p)
+    if side.exists() and not side.is_file():  # a folder or a device there: skipped, it was then asked to be written
+        raise InvalidTaskFile(f"{side}: not a regular file (the task sidecar beside {p.name} must be a JSON file)")
     if side.is_file():
-
         meta = read_json_file(side, error=InvalidTaskFile, what="task sidecar")
         if not isinstance(meta, dict):
             raise InvalidTaskFile(f"{side}: expected a JSON object")

@@ -43,6 +43,19 @@ def test_jsonl_with_sidecar(tmp_path):
     assert t.ref == str(f) and load_task(t.ref).test == t.test
 
 
+def test_a_sidecar_that_is_not_a_file_is_named(tmp_path):
+    """A folder (or a link to a device) named like the sidecar was skipped, and the error then asked for the
+    sidecar to be written, although something was there (sweep 18 F15)."""
+    from loraplex.errors import InvalidTaskFile
+
+    f = tmp_path / "s.csv"
+    f.write_text("text,label\n" + "\n".join(f"row {i},{'ab'[i % 2]}" for i in range(20)))
+    (tmp_path / "s.task.json").mkdir()
+    for kw in ({}, {"description": "a or b"}):
+        with pytest.raises(InvalidTaskFile, match=rf"^{tmp_path / 's.task.json'}: not a regular file"):
+            load_task_file(f, **kw)
+
+
 def test_csv_with_description_flag(tmp_path):
     f = tmp_path / "x.csv"
     f.write_text("text,label\n" + "\n".join(f"row {i},{'ab'[i % 2]}" for i in range(20)))
