@@ -60,7 +60,7 @@ from loraplex.errors import (AlreadyExists, DamagedRun, IncompatibleAdapter, Inv
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, write_tensors
 from loraplex.heads import head_for, texts_readable
-from loraplex.models import fingerprint, load_base, load_tokenizer, resolve_base, weight_files
+from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
 from loraplex.settings import Settings
@@ -161,12 +161,13 @@ def run_stream(
         raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but the spec makes {len(units)} units")
     if info is not None and info.get("base_sha") != fp.sha:
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
-    if info is not None and isinstance(info.get("base_files"), dict) and weight_files(ref) != info["base_files"]:
-        now = weight_files(ref) or {}
-        odd = sorted(set(now) ^ set(info["base_files"])) or [k for k in sorted(now) if now[k] != info["base_files"][k]]
-        raise IncompatibleAdapter(f"{rd.path}: the weights of base {ref.name} changed since this run started "
-                                  f"({odd[0] if odd else 'its weight files'} differs in size or time); restore them, "
-                                  "or start a new run")
+    if info is not None and isinstance(info.get("base_files"), dict) and base_files(ref) != info["base_files"]:
+        now, then = base_files(ref) or {}, info["base_files"]
+        odd = sorted(set(now) ^ set(then)) or [k for k in sorted(now) if now[k] != then[k]]
+        what = odd[0] if odd else "its files"
+        how = "is new" if what in now and what not in then else "is gone" if what in then and what not in now else "changed"
+        raise IncompatibleAdapter(f"{rd.path}: base {ref.name} changed since this run started ({what} {how}); restore "
+                                  "it, or start a new run")
     changed = changed_task_file(info, tasks.values()) if info is not None else None
     if changed is not None:
         raise UserInputError(f"{rd.path}: {changed}")
@@ -260,7 +261,7 @@ class _StreamRun:
                 "task_fingerprints": {t.ref: task_fingerprint(t) for t in self.tasks.values() if t.source != "embedded"},
                 "units_total": len(self.units), "units": [u.label for u in self.units],
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
-                **({"base_files": files} if (files := weight_files(self.ref)) is not None else {}),
+                **({"base_files": files} if (files := base_files(self.ref)) is not None else {}),
             }
             atomic_write(rd.path / "run.json", json.dumps(info, indent=1))
         self.info = info

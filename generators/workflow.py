@@ -269,6 +269,8 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     p = Path(path).expanduser().absolute()
     if not p.exists():
         raise TaskNotFound(f"{p}: no such examples file")
+    if p.is_dir():  # said "unknown task file type (none)" for a folder without a suffix
+        raise InvalidTaskFile(f"{p}: is a directory, expected an examples file (.jsonl, .json, .csv, .tsv)")
     rows = read_rows(p)
     out = []
     for n, row in enumerate(rows, 1):

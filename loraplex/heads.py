@@ -186,6 +186,8 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
             how = (f"they differ only after their first {read} tokens, all of a label this model reads"
                    if seen[ids][1] != full else "its tokenizer folds case and accents, and reads a character it "
                    "does not know as one unknown token")
+            if asked and "task file" in fix:  # a request's labels have no sidecar to fix (sweep 18 F21)
+                fix = "give labels that differ in words"
             err = UserInputError(f"{whose}labels {seen[ids][0][:80]!r} and {lab[:80]!r} read the same to this model "
                                  f"({how}): {fix}")
             raise err.about("labels") if asked else err

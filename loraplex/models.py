@@ -312,21 +312,37 @@ def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+WHOLE_HASH_BYTES = 64 * 2**20
+"""Files up to this size are hashed whole by `base_files`; larger ones by their size, first and last MiB."""
 
 
-def weight_files(ref: BaseRef) -> dict[str, list[int]] | None:
-    """A local base directory's weight files as {name: [size, mtime_ns]} (None for an embedded base, whose
-    package fixes its weights): what a resumed run compares, since the fingerprint reads the config only
-    and a directory whose weights were replaced (re-exported, fine-tuned, re-quantised) passes it."""
+def base_files(ref: BaseRef) -> dict[str, str] | None:
+    """A local base directory's files (config, tokenizer, weights: every file it holds, not its folders) as
+    {name: digest} (None for an embedded base, whose package fixes them): what a resumed run compares, since
+    the fingerprint reads the config's architecture only, and a directory whose weights or tokenizer were
+    replaced (re-exported, fine-tuned, re-quantised, a normaliser changed) passes it. Files up to 64 MiB are
+    hashed whole; a larger one by its size and its first and last MiB (a whole 14 GB checkpoint would take a
+    minute at every start): a change of some weights that keeps the size and both ends is not seen."""
+    import hashlib
+
     if ref.embedded:
         return None
     out = {}
     try:
         for f in sorted(Path(ref.name).iterdir()):
-            if f.name.endswith(WEIGHT_SUFFIXES) and f.is_file():
-                st = f.stat()
-                out[f.name] = [st.st_size, st.st_mtime_ns]
+            if not f.is_file():
+                continue
+            h, size = hashlib.sha256(), f.stat().st_size
+            with open(f, "rb") as fh:
+                if size <= WHOLE_HASH_BYTES:
+                    for chunk in iter(lambda: fh.read(2**20), b""):
+                        h.update(chunk)
+                else:
+                    h.update(str(size).encode())
+                    h.update(fh.read(2**20))
+                    fh.seek(size - 2**20)
+                    h.update(fh.read(2**20))
+            out[f.name] = h.hexdigest()[:32]
     except OSError:
         return None
     return out

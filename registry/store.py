@@ -518,9 +518,9 @@ class Registry(Database, Components):
 
     @staticmethod
     def check_learned_labels(rec: AdapterRecord, task) -> None:
-        """Refuse to score or route an adapter on its own task file when the file's labels are no longer
-        those it learned (edited since training): its answers use the learned labels (`answering_task`),
-        so a score on the new ones measures a classifier no query uses, and nothing said so."""
+        """Refuse to score or route an adapter on its own task file when the file's labels, or their texts,
+        are no longer those it learned (edited since training): its answers use the learned ones
+        (`answering_task`), so a score on the new ones measures a classifier no query uses, unsaid."""
         if task.ref != rec.task:
             return
         own = (rec.extra.get("task_cards") or {}).get(rec.task)
@@ -529,6 +529,13 @@ class Registry(Database, Components):
             raise UserInputError(f"the labels of {rec.task} changed since adapter {rec.name!r} was trained "
                                  f"({labels_changed(learned, task.labels)}): train it again, or give a file of the "
                                  "labels it learned")
+        texts = own.get("label_texts") if isinstance(own, dict) else None
+        if isinstance(texts, dict):  # an encoder answers by the label texts' anchors: changed, another classifier
+            odd = next((lab for lab in task.labels if texts.get(lab, lab) != task.label_text(lab)), None)
+            if odd is not None:
+                raise UserInputError(f"the label texts of {rec.task} changed since adapter {rec.name!r} was trained "
+                                     f"(label {odd!r}: {texts.get(odd, odd)[:60]!r} -> {task.label_text(odd)[:60]!r}): "
+                                     "train it again, or restore its sidecar's label_texts")
 
     def adapter_task(self, rec: AdapterRecord):
         """The task adapter `rec` answers with (None: it records none), from its own card

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
-from loraplex.errors import AlreadyExists, ComponentNotFound, IncompatibleAdapter, UserInputError
+from loraplex.errors import AlreadyExists, ComponentNotFound, IncompatibleAdapter, LoraplexWarning, UserInputError
 from loraplex.experts.layers import extract, inject, inject_new, routed_layers
 from loraplex.experts.spec import LoraSpec
 from loraplex.heads import head_for
@@ -35,7 +36,7 @@ from loraplex.registry.record import validate_name
 from loraplex.registry.signatures import task_signatures
 from loraplex.registry.store import Registry
 from loraplex.router.base import ROUTERS, LearnedRouter
-from loraplex.router.load import load_members
+from loraplex.router.load import load_members, one_name_each
 from loraplex.router.model import RoutedModel
 from loraplex.settings import Settings
 from loraplex.tasks import checked_limit
@@ -81,27 +82,9 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     loaded = [reg.load_task(t) for t in refs]
     for r, t in zip(recs, loaded):  # an adapter's own file edited since: fitted on labels it never learned
         reg.check_learned_labels(r, t)
-    _one_name_each(loaded, [r.name for r in recs], "--tasks" if tasks else None)
+    one_name_each(loaded, [r.name for r in recs], "--tasks" if tasks else None)
     return loaded
 
-
-def _one_name_each(loaded, owners: Sequence[str] | None, listed: str | None) -> None:
-    """Refuse tasks that share a name (a router tells tasks apart by name): one file listed twice, or two
-    files of one stem (v1/reviews.jsonl, v2/reviews.jsonl), named with the adapters they belong to."""
-    names = [t.name for t in loaded]
-    if len(set(names)) == len(names):
-        return
-    twice = next(n for n in names if names.count(n) > 1)
-    which = [(owner, t.ref) for owner, t in zip(owners or [None] * len(loaded), loaded) if t.name == twice]
-    if len({ref for _, ref in which}) > 1:
-        files = ", ".join(f"{a} ({ref})" if a else ref for a, ref in which)
-        whose = "two adapters' tasks are" if owners else f"two tasks in {listed} are"
-        raise UserInputError(f"{whose} both named {twice!r}: {files}; a router tells tasks apart by name: give one "
-                             "of the files a sidecar 'name'")
-    if listed:
-        raise UserInputError(f"task {twice!r} is listed twice in {listed}; a router needs one task per "
-                             f"{'adapter' if owners else 'expert'}")
-    raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
 
 
 @dataclass
@@ -137,7 +120,7 @@ def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int)
     if not tasks:
         raise UserInputError("with no --adapters, a jointly trained router needs --tasks to learn its experts from")
     task_objs = [reg.load_task(t) for t in tasks]
-    _one_name_each(task_objs, None, "--tasks")
+    one_name_each(task_objs, None, "--tasks")
     lb = load_base(resolve_base(base or "minilm"), s)
     n, r = factory.fresh_experts(cfg, len(task_objs))
     spec = LoraSpec(r=r, alpha=2.0 * r)
@@ -237,6 +220,12 @@ def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir:
     by train_limit), so the gates do not learn the tasks' sizes as a prior."""
     run_dir.mkdir(parents=True, exist_ok=True)
     per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
+    smallest = min(task_objs, key=lambda t: len(t.train))
+    largest = max(task_objs, key=lambda t: len(t.train))
+    if per_task == len(smallest.train) < min(FEW_ROWS, len(largest.train)) and not is_worker():
+        warnings.warn(f"router fit balances its tasks: each gives the gates {per_task:,} training row(s), as many as "
+                      f"task {smallest.name!r} has (task {largest.name!r} has {len(largest.train):,})",
+                      LoraplexWarning, stacklevel=2)  # a tiny task cut every other to a handful, unsaid
     train_rows = [row for t in task_objs for row in rows_of(t, "train", per_task)]
     val_rows = [row for t in task_objs for row in rows_of(t, "validation", max(1, tc.val_limit // len(task_objs)))]
     if not train_rows:
@@ -254,6 +243,10 @@ def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir:
         router.ctx.set_task(None)
     seconds = time.perf_counter() - t0
     return trainer, seconds
+
+
+FEW_ROWS = 32
+"""Below this many training rows per task, router fit says that its balancing cut the other tasks down."""
 
 
 def _has(reg, name: str) -> bool:

@@ -36,6 +36,26 @@ def _load_task(reg, ref: str | None, cards: dict | None = None):
     return reg.answering_task(ref, card=card if isinstance(card, dict) else None) if ref else None
 
 
+def one_name_each(loaded, owners: Sequence[str] | None, listed: str | None) -> None:
+    """Refuse tasks that share a name (a router tells tasks apart by name): one file listed twice, or two
+    files of one stem (v1/reviews.jsonl, v2/reviews.jsonl), named with the adapters they belong to; at fit,
+    and when a stored router is loaded (a sidecar added since may give a file another member's name)."""
+    names = [t.name for t in loaded]
+    if len(set(names)) == len(names):
+        return
+    twice = next(n for n in names if names.count(n) > 1)
+    which = [(owner, t.ref) for owner, t in zip(owners or [None] * len(loaded), loaded) if t.name == twice]
+    if len({ref for _, ref in which}) > 1:
+        files = ", ".join(f"{a} ({ref})" if a else ref for a, ref in which)
+        whose = "two adapters' tasks are" if owners else f"two tasks in {listed} are"
+        raise UserInputError(f"{whose} both named {twice!r}: {files}; a router tells tasks apart by name: give one "
+                             "of the files a sidecar 'name'")
+    if listed:
+        raise UserInputError(f"task {twice!r} is listed twice in {listed}; a router needs one task per "
+                             f"{'adapter' if owners else 'expert'}")
+    raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
+
+
 def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
     """Records and adapters of `names` on their common base: (LoadedBase, records, adapters). Every
     adapter is checked against the base's fingerprint before any tensor is used."""
@@ -125,6 +145,11 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     else:  # each adapter answers with the task it was fitted on (`router fit --tasks` may pair it with another)
         tasks = [_load_task(reg, ref, cards) if ref and ref != r.task else reg.adapter_task(r)
                  for r, ref in zip(recs, expert_refs)]
+        try:
+            one_name_each([t for t in tasks if t is not None], [e for e, t in zip(expert_names, tasks) if t is not None],
+                          None)
+        except UserInputError as exc:
+            raise UserInputError(f"router {name!r}: {exc} (the files were renamed since it was fitted)") from None
     pool = [_load_task(reg, r, cards) for r in extra.get("task_pool", [])]
     sig = tensors.get("task_sig")
     return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,

@@ -360,6 +360,7 @@ def test_labels_the_tokenizer_cannot_tell_apart(http):
     err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["A", "a"]}),
                  400, "labels")  # its param was null (sweep 14)
     assert "labels 'A' and 'a' read the same to this model" in err["message"]
+    assert err["message"].endswith("give labels that differ in words")  # no task file to fix (sweep 18 F21)
     ok = http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["great", "bad"]})
     assert ok.status_code == 200, ok.text
 

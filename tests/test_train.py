@@ -176,3 +176,10 @@ def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp
     r = cli("eval", "t1", "--limit", "4")
     want = f"the labels of {f} changed since adapter 't1' was trained (bad, good -> bad, fine)"
     assert r.exit_code == 2 and want in r.stderr, r.output
+    # the labels as trained, their texts changed in the sidecar: another classifier too (sweep 18 F20)
+    f.write_text(f.read_text().replace('"fine"', '"good"'))
+    side = tmp_path / "toy.task.json"
+    side.write_text(json.dumps({"description": "is the passenger happy or not", "label_texts": {"good": "great"}}))
+    r = cli("eval", "t1", "--limit", "4")
+    want = f"the label texts of {f} changed since adapter 't1' was trained (label 'good': 'good' -> 'great')"
+    assert r.exit_code == 2 and want in r.stderr, r.output

@@ -4,6 +4,7 @@ name, a task file changed under a resumed run, a forgotten label with no test ro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -239,7 +240,7 @@ def test_a_spec_base_directory_is_read_beside_the_spec_and_a_resume_sees_its_wei
     """`base: ../models/tiny` was read relative to the current directory (its task files relative to the spec),
     so the spec ran from its own folder only (sweep 18 F8). A resumed run compared the base's fingerprint,
     which reads the config only: weights replaced in the directory passed and the run went on on other
-    weights (F9); the run now keeps its weight files' sizes and times and refuses such a resume."""
+    weights (F9), or a tokenizer (F16); the run now keeps a digest of each of the base's files."""
     from loraplex.continual import stream
     from loraplex.continual.spec import load_spec
     from loraplex.errors import IncompatibleAdapter, Interrupted
@@ -263,13 +264,23 @@ def test_a_spec_base_directory_is_read_beside_the_spec_and_a_resume_sees_its_wei
         api.run_stream(spec, out=run, progress=False, settings=s)
     monkeypatch.setattr(stream._StreamRun, "_register", real)
     info = json.loads((run / "run.json").read_text())
-    assert info["base_name"] == str(models / "tiny") and "model.safetensors" in info["base_files"]
+    assert info["base_name"] == str(models / "tiny") and {"model.safetensors", "config.json"} <= set(info["base_files"])
     w = models / "tiny" / "model.safetensors"
     data = w.read_bytes()
-    w.write_bytes(data)  # rewritten (same bytes, a new time: a replaced file cannot be told apart)
-    with pytest.raises(IncompatibleAdapter, match=rf"^{run}: the weights of base {models / 'tiny'} changed since this "
-                                                  r"run started \(model.safetensors differs in size or time\)"):
+    w.write_bytes(data)  # rewritten with the same bytes (a new time): still the same base
+    cfg = models / "tiny" / "config.json"
+    cfg.write_text(cfg.read_text())
+    stat = w.stat()
+    w.write_bytes(data[:-8] + bytes(b ^ 1 for b in data[-8:]))  # other weights of the same size
+    os.utime(w, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and its time kept (sweep 18 F16)
+    with pytest.raises(IncompatibleAdapter, match=rf"^{run}: base {models / 'tiny'} changed since this run started "
+                                                  r"\(model.safetensors changed\); restore it, or start a new run$"):
         api.run_stream(spec, resume=run, progress=False, settings=s)
-    del info["base_files"]  # a run directory written before the weights were kept still resumes
+    w.write_bytes(data)
+    (models / "tiny" / "extra.txt").write_text("x")
+    with pytest.raises(IncompatibleAdapter, match=r"\(extra.txt is new\)"):
+        api.run_stream(spec, resume=run, progress=False, settings=s)
+    (models / "tiny" / "extra.txt").unlink()
+    del info["base_files"]  # a run directory written before the base's files were kept still resumes
     (run / "run.json").write_text(json.dumps(info))
     assert api.run_stream(spec, resume=run, progress=False, settings=s).resumed_from == 1

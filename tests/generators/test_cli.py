@@ -111,6 +111,8 @@ def fitted(cli, toy_registry):
     (["generate", "adapter", "  ", "--generator", "g", "--name", "n"], "a description of the task is required"),
     (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "bad/name"], "path separator"),
     (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "n", "--examples", "/nonexistent.jsonl"], "no such examples file"),
+    (["generate", "adapter", NEW_DESC, "--generator", "g", "--name", "n", "--examples", "/tmp"],
+     "/tmp: is a directory, expected an examples file"),  # "unknown task file type (none)" (sweep 18 F19)
     (["generate", "adapter", "zebra quantum origami volcano", "--generator", "g", "--name", "n"],
      "too far from every task generator 'g' learned from"),
 ])

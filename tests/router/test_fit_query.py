@@ -340,3 +340,26 @@ def test_a_router_keeps_the_task_pairing_it_was_fitted_with_and_names_an_edited_
     res = run("router", "eval", "paired")
     assert res.exit_code == 2 and "has no test rows: its labels changed since it was recorded (hate, love -> great, hate)" \
         in res.output, res.output
+
+
+def test_a_stored_router_whose_files_now_share_a_name_and_a_tiny_task_are_said(tmp_path, tiny_bert, peft_dirs,
+                                                                             monkeypatch):
+    """A sidecar added after the fit gave one member's file another member's task name: `router eval` credited
+    one task's rows to the wrong adapter and reported 66.7% routing, exit 0 (sweep 18 F17). A tiny task cut
+    every other task to its handful of training rows without a word (F18)."""
+    files = {n: write_task(tmp_path, n) for n in ("flights", "sports")}
+    run = registered_cli(tmp_path / "home", monkeypatch, tiny_bert, {k: peft_dirs[k] for k in files}, files)
+    fit = ["--router", "token-gate", "--steps", 2, "--batch-size", 4, "--eval-limit", 4, "--val-limit", 4, "--quiet"]
+    assert run("router", "fit", "r", "--adapters", "flights-lora,sports-lora", *fit).exit_code == 0
+    side = tmp_path / "sports.task.json"
+    side.write_text(side.read_text().replace('"name": "sports"', '"name": "flights"'))
+    for args in (["router", "eval", "r"], ["query", "match goal", "--router", "r"]):
+        res = run(*args)
+        assert res.exit_code == 2 and "router 'r': two adapters' tasks are both named 'flights': flights-lora (" in \
+            res.stderr and "renamed since it was fitted" in res.stderr, res.output
+    side.write_text(side.read_text().replace('"name": "flights"', '"name": "sports"'))
+    tiny = write_task(tmp_path, "phones", n=4)
+    res = run("router", "fit", "rt", "--router", "mixer", "--tasks", f"{tiny},{files['flights']}", "--base", tiny_bert,
+              *fit[2:])
+    assert res.exit_code == 0 and "warning: router fit balances its tasks: each gives the gates" in res.stderr, res.output
+    assert "as many as task 'phones' has (task 'flights' has 32)" in res.stderr, res.output
