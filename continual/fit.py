@@ -183,7 +183,7 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
     if description is not None:
         description = validate_description(description)
     t = reg.load_task(task, description=description)
-    if rec is not None and task == rec.task:
+    if rec is not None:  # its own file however spelled (`--task toy.jsonl`): the check compares refs
         reg.check_learned_labels(rec, t)
     family = rec.family if rec is not None else resolve_base(base or "minilm").family
     if description is not None and t.source == "embedded" and family == "encoder":

@@ -85,6 +85,11 @@ def _unit_seed(seed: int, unit: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _same_directory(a: str, b: str) -> bool:
+    """Two spellings of one existing directory (a relative one read from the current directory)."""
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
 def _outside_registry_storage(out: Path, home: Path) -> None:
     """Refuse an --out that is the registry home or inside its own files (blobs/ is content-addressed storage
     `registry check` reads as such); `<home>/runs/...`, where runs go by default, is fine."""
@@ -116,7 +121,13 @@ def run_stream(
             raise UserInputError(f"{rd.path}: no such run directory to resume")
         if not rd.is_run():
             raise UserInputError(f"{rd.path}: not a stream run directory (no spec.json)")
-        diff = first_difference(rd.spec(), canonical)
+        stored = rd.spec()
+        was = stored.get("base") if isinstance(stored, dict) else None
+        if isinstance(was, str) and was != spec.base and _same_directory(was, spec.base):
+            # a run started before `base:` was read beside the spec kept the path as written: the same model
+            spec = spec.model_copy(update={"base": was})  # its adapters keep the base name they were recorded with
+            canonical = spec.canonical()
+        diff = first_difference(stored, canonical)
         if diff is not None:
             raise InvalidSpec(f"{rd.path} was made by a different stream spec (they differ at {diff}); "
                               "resume it with its own spec")
@@ -161,8 +172,10 @@ def run_stream(
         raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but the spec makes {len(units)} units")
     if info is not None and info.get("base_sha") != fp.sha:
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
-    if info is not None and isinstance(info.get("base_files"), dict) and base_files(ref) != info["base_files"]:
-        now, then = base_files(ref) or {}, info["base_files"]
+    then = info.get("base_files") if info is not None else None
+    if isinstance(then, dict) and (now := base_files(ref)) != then:
+        if now is None:
+            raise IncompatibleAdapter(f"{rd.path}: cannot read base {ref.name} to check it is the one this run started on")
         odd = sorted(set(now) ^ set(then)) or [k for k in sorted(now) if now[k] != then[k]]
         what = odd[0] if odd else "its files"
         how = "is new" if what in now and what not in then else "is gone" if what in then and what not in now else "changed"

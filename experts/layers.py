@@ -15,6 +15,7 @@ Where gates come from, in order of precedence:
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -77,6 +78,15 @@ class RoutedLinear(nn.Module):
         # the bank adds its delta into the base output (in place where safe: LoraBank `into`)
         return self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk,
                          into=out)
+
+
+def block_name(name: str) -> str | None:
+    """The transformer block holding module `name`: its name up to its first numbered component
+    (`model.layers.3.self_attn.q_proj` -> `model.layers.3`, and a MoE expert's projection, numbered twice,
+    belongs to its layer's block too); None outside numbered blocks. Traces group by it (router/model.py)
+    and token-gate's `shared=block` gates by it."""
+    m = re.match(r"^(.*?\.\d+)(\.|$)", name)
+    return m.group(1) if m else None
 
 
 def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:

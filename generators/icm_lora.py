@@ -43,7 +43,7 @@ import torch
 from pydantic import Field
 
 from loraplex.data import load_task
-from loraplex.errors import TaskNotFound, UserInputError
+from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
 from loraplex.heads import head_for
 from loraplex.tasks import labels_changed
@@ -101,6 +101,8 @@ def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) ->
     if len(learned) >= 2 and set(learned) != set(task.labels):  # edited since: examples of labels never learned
         raise TaskNotFound(f"the labels of {task_ref} changed since it was recorded ({labels_changed(learned, task.labels)})")
     rows = list(task.split("train"))  # a task left only on record (its file gone) says so
+    if not rows:
+        raise TaskNotFound(f"{task_ref}: task {task.name!r} has no training rows to take examples from")
     random.Random(seed).shuffle(rows)
     return [(e.text, e.label) for e in rows[:n]]
 
@@ -121,7 +123,7 @@ class ICMLoRA(CVAEGenerator):
                     "(register it with --task, or leave it out with --adapters)")
             try:
                 ex = task_examples(ref, self.config.n_examples, self.config.cvae.seed, data.task_cards.get(ref))
-            except TaskNotFound as exc:
+            except (TaskNotFound, InvalidTaskFile) as exc:
                 raise UserInputError(f"icm-lora cannot read the task of adapter {name!r}: {exc}") from None
             vecs.append(task_vector(self.ctx.base(), ex))
         return torch.stack(vecs)  # (N, D)

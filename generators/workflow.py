@@ -112,8 +112,14 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
         layout=layout, members=names, descriptions=[r.description for r in recs], tasks=[r.task for r in recs],
         base=recs[0].base, vectors=stacked, owner=owner, progress=torch.tensor(prog),
         sources=[(a, int(s)) for a, s in sources], desc_embeddings=torch.from_numpy(emb),
-        task_cards={r.task: reg.task_card(r.task) or {} for r in recs if r.task},
+        # each member's own card (what it learned), not the newest adapter's of that file
+        task_cards={r.task: _own_card(r) or reg.task_card(r.task) or {} for r in recs if r.task},
     )
+
+
+def _own_card(rec) -> dict | None:
+    card = (rec.extra.get("task_cards") or {}).get(rec.task)
+    return card if isinstance(card, dict) else None
 
 
 def _parse_config(method: str, config: dict[str, Any] | None):

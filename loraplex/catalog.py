@@ -36,9 +36,10 @@ MAX_LR = 10.0  # learning rates: Adam past this only diverges (1e300 overflowed 
 MAX_CHARS_PER_TOKEN = 64
 """A text is cut to `tokens * MAX_CHARS_PER_TOKEN` characters before a tokenizer that keeps only its first
 `tokens` tokens sees it (`clip_text`): fast tokenizers read the whole text before truncating, so one 60 MB
-row was tokenized again at every batch holding it (a stream ran past 5 minutes; sweep 18). No tokenizer
-loraplex loads has tokens that long on average (WordPiece stops at 100-character words, BPE merges a few
-characters), so what the model reads is unchanged except for such rows."""
+row was tokenized again at every batch holding it (a stream ran past 5 minutes; sweep 18). Ordinary text
+averages a few characters a token, so what the model reads is unchanged; a row whose first tokens average
+more than 64 characters (long URLs or hashes, each one WordPiece [UNK]; long runs of whitespace) may now
+be read as fewer tokens."""
 
 
 def clip_text(text: str, tokens: int) -> str:

@@ -312,13 +312,16 @@ def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
 
+BASE_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".model", ".txt", ".tiktoken")
+"""What a model directory is loaded from: config and tokenizer files (json, vocab and merges txt,
+sentencepiece .model) and weights."""
 WHOLE_HASH_BYTES = 64 * 2**20
 """Files up to this size are hashed whole by `base_files`; larger ones by their size, first and last MiB."""
 
 
 def base_files(ref: BaseRef) -> dict[str, str] | None:
-    """A local base directory's files (config, tokenizer, weights: every file it holds, not its folders) as
-    {name: digest} (None for an embedded base, whose package fixes them): what a resumed run compares, since
+    """A local base directory's files (config, tokenizer, weights: `BASE_FILE_SUFFIXES`) as {name: digest}
+    (None for an embedded base, whose package fixes them, or a directory it cannot read): what a resumed run compares, since
     the fingerprint reads the config's architecture only, and a directory whose weights or tokenizer were
     replaced (re-exported, fine-tuned, re-quantised, a normaliser changed) passes it. Files up to 64 MiB are
     hashed whole; a larger one by its size and its first and last MiB (a whole 14 GB checkpoint would take a
@@ -330,8 +333,8 @@ def base_files(ref: BaseRef) -> dict[str, str] | None:
     out = {}
     try:
         for f in sorted(Path(ref.name).iterdir()):
-            if not f.is_file():
-                continue
+            if not f.is_file() or f.name.startswith(".") or not f.name.lower().endswith(BASE_FILE_SUFFIXES):
+                continue  # a README, an editor's backup: not what the model is loaded from
             h, size = hashlib.sha256(), f.stat().st_size
             with open(f, "rb") as fh:
                 if size <= WHOLE_HASH_BYTES:

@@ -31,6 +31,7 @@ ever loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -503,7 +504,8 @@ class Registry(Database, Components):
         without rows, answers when the file no longer loads (edited since, or read by stricter rules than
         it was trained under: one such file failed every query of the registry, those routed elsewhere
         included) and when the file's labels are no longer the card's (edited since training: the adapter
-        answers with the labels it learned, not with labels it never saw)."""
+        answers with the labels it learned, not with labels it never saw); label texts edited since are
+        answered with the card's (the anchors it learned)."""
         card = card if card is not None else self.task_card(ref)
         usable = bool(card) and len(card.get("labels") or ()) >= 2 and bool(card.get("description"))
         try:
@@ -514,6 +516,9 @@ class Registry(Database, Components):
             return card_task(ref, card, why=f"the file no longer loads ({exc})")
         if usable and set(map(str, card["labels"])) != set(task.labels):
             return card_task(ref, card, why=f"its labels changed since it was recorded ({labels_changed(card['labels'], task.labels)})")
+        texts = card.get("label_texts") if usable else None
+        if isinstance(texts, dict) and any(texts.get(lab, lab) != task.label_text(lab) for lab in task.labels):
+            return dataclasses.replace(task, label_texts=dict(texts))  # the anchors it learned, not the sidecar's new ones
         return task
 
     @staticmethod

@@ -222,7 +222,7 @@ def _train(lb, router: LearnedRouter, task_objs: list, tc: TrainConfig, run_dir:
     per_task = min([len(t.train) for t in task_objs] + ([tc.train_limit] if tc.train_limit else []))
     smallest = min(task_objs, key=lambda t: len(t.train))
     largest = max(task_objs, key=lambda t: len(t.train))
-    if per_task == len(smallest.train) < min(FEW_ROWS, len(largest.train)) and not is_worker():
+    if 0 < per_task == len(smallest.train) < min(FEW_ROWS, len(largest.train)) and not is_worker():
         warnings.warn(f"router fit balances its tasks: each gives the gates {per_task:,} training row(s), as many as "
                       f"task {smallest.name!r} has (task {largest.name!r} has {len(largest.train):,})",
                       LoraplexWarning, stacklevel=2)  # a tiny task cut every other to a handful, unsaid

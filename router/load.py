@@ -14,6 +14,7 @@ base's fingerprint is the one it was fitted against.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -45,7 +46,7 @@ def one_name_each(loaded, owners: Sequence[str] | None, listed: str | None) -> N
         return
     twice = next(n for n in names if names.count(n) > 1)
     which = [(owner, t.ref) for owner, t in zip(owners or [None] * len(loaded), loaded) if t.name == twice]
-    if len({ref for _, ref in which}) > 1:
+    if len({os.path.realpath(ref) if os.path.exists(ref) else ref for _, ref in which}) > 1:  # not one file twice
         files = ", ".join(f"{a} ({ref})" if a else ref for a, ref in which)
         whose = "two adapters' tasks are" if owners else f"two tasks in {listed} are"
         raise UserInputError(f"{whose} both named {twice!r}: {files}; a router tells tasks apart by name: give one "
@@ -145,11 +146,10 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     else:  # each adapter answers with the task it was fitted on (`router fit --tasks` may pair it with another)
         tasks = [_load_task(reg, ref, cards) if ref and ref != r.task else reg.adapter_task(r)
                  for r, ref in zip(recs, expert_refs)]
-        try:
-            one_name_each([t for t in tasks if t is not None], [e for e, t in zip(expert_names, tasks) if t is not None],
-                          None)
-        except UserInputError as exc:
-            raise UserInputError(f"router {name!r}: {exc} (the files were renamed since it was fitted)") from None
+    try:  # as the fit checked: a sidecar added since may give a file another expert's task name
+        one_name_each([t for t in tasks if t is not None], [e for e, t in zip(expert_names, tasks) if t is not None], None)
+    except UserInputError as exc:
+        raise UserInputError(f"router {name!r}: {exc} (the files were renamed since it was fitted)") from None
     pool = [_load_task(reg, r, cards) for r in extra.get("task_pool", [])]
     sig = tensors.get("task_sig")
     return RoutedModel(lb, expert_names, tasks, router=router, embedder=_embedder(reg), record=rec, task_pool=pool,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from loraplex.errors import UserInputError
-from loraplex.experts.layers import routed_layers, swapped, use_gates
+from loraplex.experts.layers import block_name, routed_layers, swapped, use_gates
 from loraplex.heads import accuracy, head_for, token_text
 from loraplex.tasks import Task
 
@@ -94,9 +93,8 @@ class Recorder:
 
 
 def block_of(layer: str) -> str:
-    """The transformer block a projection belongs to: the name up to its first numeric component."""
-    m = re.match(r"^(.*?\.\d+)(\.|$)", layer)
-    return m.group(1) if m else layer
+    """The transformer block a projection belongs to (`experts.layers.block_name`), or the projection itself."""
+    return block_name(layer) or layer
 
 
 def routers_off(model):

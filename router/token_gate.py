@@ -40,8 +40,10 @@ without weights because its scale grows with depth, as the norm in front of a Ll
 does) once, and every routed projection of the block (q, k, v, o, the MLP's) uses that one decision, as
 a Mixtral block routes its experts from one gate. A token then takes one gate evaluation and one sort
 of its assignments per block instead of one per layer input (at E = 512 on MiniLM, about half the
-gates' arithmetic). The block is the projection's innermost numbered ancestor (`encoder.layer.3`,
-`model.layers.3`), its width the model config's hidden size.
+gates' arithmetic). The block is the projection's first numbered ancestor (`encoder.layer.3`,
+`model.layers.3`: `experts.layers.block_name`), its width the model config's hidden size. A BlockGate keeps
+the Routing of the forward under way on itself, as the shared gate does: one forward at a time per model
+(the server runs its forwards on one thread).
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from loraplex.catalog import MAX_COUNT, Options, options
-from loraplex.errors import IntegrityError, UserInputError
+from loraplex.errors import UserInputError
 from loraplex.experts.bank import tensor_version
-from loraplex.experts.layers import routed_layers
+from loraplex.experts.layers import block_name, routed_layers
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy
 
@@ -153,8 +155,8 @@ class BlockGate(TokenGate):
 
     def begin(self, h: torch.Tensor) -> None:
         if h.shape[-1] != self.width:
-            raise IntegrityError(f"block {self.block!r} takes inputs of width {h.shape[-1]}, its gate was made "
-                                 f"for {self.width} (shared=block reads the model's hidden size)")
+            raise UserInputError(f"block {self.block!r} takes inputs of width {h.shape[-1]}, its gate was made "
+                                 f"for {self.width} (shared=block reads the model's hidden size; use shared=true)")
         x = h.to(self.weight.dtype)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # the residual stream's scale grows with depth
         routing = self._route(x)
@@ -176,16 +178,6 @@ class BlockGate(TokenGate):
         super().keep_experts(keep)
 
 
-def block_of(name: str) -> str | None:
-    """The transformer block holding projection `name`: its innermost numbered ancestor
-    (`model.layers.3.self_attn.q_proj` -> `model.layers.3`), None outside numbered blocks."""
-    parts = name.split(".")[:-1]
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[: i + 1])
-    return None
-
-
 @ROUTERS.register("token-gate", TokenGateConfig, summary="MeteoRA: a top-k gate per projection, per token")
 class TokenGateRouter(LearnedRouter):
     """MeteoRA token gating (arXiv 2405.13053): trained on task-labelled tokens, adapters frozen."""
@@ -198,7 +190,7 @@ class TokenGateRouter(LearnedRouter):
             return TokenGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)
         shared = self.__dict__.setdefault("_shared", {})
         if self.config.shared == "block":
-            block = block_of(layer.name)
+            block = block_name(layer.name)
             if block is None:
                 raise UserInputError(f"shared=block: projection {layer.name!r} is in no numbered transformer block "
                                      f"(use shared=true, one gate per layer input)")
@@ -221,7 +213,7 @@ class TokenGateRouter(LearnedRouter):
             raise UserInputError("shared=block reads each block's input, of the model's hidden size, and this "
                                  "model's config names none (use shared=true)")
         names = [n for n in routed_layers(model) if only is None or n in set(only)]
-        self.__dict__["_widths"] = {b: width for b in map(block_of, names) if b is not None}
+        self.__dict__["_widths"] = {b: width for b in map(block_name, names) if b is not None}
         super().attach(model, only)
         blocks = {id(g): g for n, g in self.gates.items() if n in names and isinstance(g, BlockGate)}
         for g in blocks.values():

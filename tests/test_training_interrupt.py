@@ -177,7 +177,10 @@ def test_a_hangup_ends_the_command_in_one_line(tmp_path):
     exe = Path(sys.executable).with_name("loraplex")
     env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     p = subprocess.Popen([str(exe), "query"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env, text=True)  # waits for queries on stdin
+                         env=env, text=True,  # waits for queries on stdin
+                         # as from a terminal: under `nohup` (a test run started so) the child inherits SIGHUP
+                         # ignored, and loraplex rightly leaves an ignored SIGHUP ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         time.sleep(3)
         p.send_signal(signal.SIGHUP)

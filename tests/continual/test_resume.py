@@ -114,11 +114,14 @@ def test_ctrl_c_while_the_report_is_written_is_held_until_it_is_written(tmp_path
                 "row": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.4}}}]
     orig = report.heatmap_png
     report.heatmap_png = interrupted
+    # Ctrl-C as a terminal delivers it: a process started in the background of a shell inherits SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             report.write_report(tmp_path, info, results)
     finally:
         report.heatmap_png = orig
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / report.HEATMAP_FILE).read_bytes().startswith(b"\x89PNG")
 
 

@@ -277,10 +277,12 @@ def test_a_spec_base_directory_is_read_beside_the_spec_and_a_resume_sees_its_wei
                                                   r"\(model.safetensors changed\); restore it, or start a new run$"):
         api.run_stream(spec, resume=run, progress=False, settings=s)
     w.write_bytes(data)
-    (models / "tiny" / "extra.txt").write_text("x")
-    with pytest.raises(IncompatibleAdapter, match=r"\(extra.txt is new\)"):
+    (models / "tiny" / "added_tokens.json").write_text("{}")
+    with pytest.raises(IncompatibleAdapter, match=r"\(added_tokens.json is new\)"):
         api.run_stream(spec, resume=run, progress=False, settings=s)
-    (models / "tiny" / "extra.txt").unlink()
-    del info["base_files"]  # a run directory written before the base's files were kept still resumes
-    (run / "run.json").write_text(json.dumps(info))
+    (models / "tiny" / "added_tokens.json").unlink()
+    (models / "tiny" / "README.md").write_text("notes")  # not what the model is loaded from
+    old = json.loads((run / "spec.json").read_text())  # as a run started before base: was read beside the spec
+    old["base"] = "../models/tiny"  # (relative to the directory it was started from: here)
+    (run / "spec.json").write_text(json.dumps(old))
     assert api.run_stream(spec, resume=run, progress=False, settings=s).resumed_from == 1
