@@ -136,8 +136,9 @@ def block_size(counts: torch.Tensor, floor: int = 4, block_cost: int = 4) -> int
     `block_cost` slots' worth of work per block. Counts of 0 take no block.
 
     floor 4 and block_cost 4 from a one-off whole-model timing, not a bench table (MiniLM, 16 x 128
-    tokens, token-gate k=2 with one gate per block, random gates, one CPU thread): against the earlier 8 and 16, E=512 1.71x -> 1.58x
-    the base, E=128 1.46x -> 1.34x, E=32 unchanged (1.27x, 1.25x). With many experts each holds a few
+    tokens, token-gate k=2 with one gate per block, random gates, one CPU thread): against the earlier
+    8 and 16, E=512 1.71x -> 1.58x the base, E=128 1.46x -> 1.34x, E=32 unchanged (1.27x, 1.25x); tuned
+    on CPU only (no CUDA timing yet). With many experts each holds a few
     tokens (at E=512 about 350 of them take 4,096 assignments, the busiest up to 240), and blocks of 16
     padded half the slots."""
     top = int(counts.max().item())
