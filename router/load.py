@@ -198,6 +198,9 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
         if base is not None:
             for n in names:
                 _check_base(reg.get_adapter(n).base, base, f"adapter {n!r} is of another base: retrieval")
+        if ret.config.top_k > len(names):  # mixed all of them without a word (a fitted router refuses it too)
+            raise UserInputError(f"top_k={ret.config.top_k} is more than the {len(names)} adapter(s) named to route "
+                                 f"over: give at most {len(names)}, or name more adapters")
     else:
         if reg.count() == 0:
             raise UserInputError(f"no adapters registered in {reg.home}; register or train some first")

@@ -125,6 +125,8 @@ def test_retrieval_routes_to_the_nearest_signature(env):
     out = json.loads(res.output)
     assert out["adapters"] == [{"name": "flights-lora", "weight": 1.0}] and out["task"] == "flights"
     assert {t["adapter"] for t in out["tokens"]} == {"flights-lora"}
+    res = env("query", "match goal team", "--adapters", "flights-lora,sports-lora", "--top-k", 3)
+    assert res.exit_code == 2 and "top_k=3 is more than the 2 adapter(s) named to route over" in res.stderr, res.output
     two = json.loads(env("query", "match goal team", "--router", "retrieval", "--top-k", 2, "--json").output)
     assert len(two["adapters"]) == 2 and two["adapters"][0]["name"] == "sports-lora"
 
