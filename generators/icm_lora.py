@@ -46,7 +46,7 @@ from loraplex.data import load_task
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
 from loraplex.heads import head_for
-from loraplex.tasks import labels_changed
+from loraplex.tasks import changed_from_card
 
 
 class ICMLoRAConfig(GeneratorConfig):
@@ -97,9 +97,9 @@ def task_examples(task_ref: str, n: int, seed: int, card: dict | None = None) ->
     """n examples of a registered task's training split, in a seeded order (`card`: what the registry
     recorded of the task, see `Registry.task_card`)."""
     task = load_task(task_ref, card=card)
-    learned = [str(x) for x in (card or {}).get("labels") or ()]
-    if len(learned) >= 2 and set(learned) != set(task.labels):  # edited since: examples of labels never learned
-        raise TaskNotFound(f"the labels of {task_ref} changed since it was recorded ({labels_changed(learned, task.labels)})")
+    moved = changed_from_card(card, task)
+    if moved is not None and moved[0] == "labels":  # edited since: examples of labels never learned
+        raise TaskNotFound(f"the labels of {task_ref} changed since it was recorded ({moved[1]})")
     rows = list(task.split("train"))  # a task left only on record (its file gone) says so
     if not rows:
         raise TaskNotFound(f"{task_ref}: task {task.name!r} has no training rows to take examples from")

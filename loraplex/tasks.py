@@ -15,9 +15,22 @@ from typing import Iterable, NamedTuple, Sequence
 from loraplex.errors import TaskNotFound, UserInputError
 
 
-def labels_changed(learned: Sequence[str], now: Sequence[str]) -> str:
-    """`neg, pos -> bad, good`: how a task file's label set moved from the one an adapter learned."""
-    return f"{', '.join(sorted(map(str, learned)))} -> {', '.join(sorted(map(str, now)))}"
+def changed_from_card(card: dict | None, task: "Task") -> tuple[str, str] | None:
+    """How `task`, as its file reads now, differs from `card`, what an adapter recorded of it when trained:
+    ("labels", "neg, pos -> bad, good"), ("label texts", "label 'good': 'good' -> 'great'"), or None (the
+    same, or a card with no label set). One rule for answering (`Registry.answering_task`), the refusals
+    of eval and router fit (`Registry.check_learned_labels`) and icm-lora's examples."""
+    if not isinstance(card, dict):
+        return None
+    learned = [str(x) for x in card.get("labels") or ()]
+    if len(learned) >= 2 and set(learned) != set(task.labels):
+        return "labels", f"{', '.join(sorted(learned))} -> {', '.join(sorted(task.labels))}"
+    texts = card.get("label_texts")
+    if isinstance(texts, dict):  # an encoder answers by the label texts' anchors
+        odd = next((lab for lab in task.labels if texts.get(lab, lab) != task.label_text(lab)), None)
+        if odd is not None:
+            return "label texts", f"label {odd!r}: {texts.get(odd, odd)[:60]!r} -> {task.label_text(odd)[:60]!r}"
+    return None
 
 
 class Example(NamedTuple):

@@ -56,7 +56,7 @@ from loraplex.registry.components import Components
 from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
 from loraplex.settings import Settings
-from loraplex.tasks import labels_changed
+from loraplex.tasks import changed_from_card
 
 _ADAPTER_COLS = (
     "id, name, base, base_sha, family, description, task, origin, spec, blob, n_params, modules, rank, "
@@ -514,11 +514,11 @@ class Registry(Database, Components):
             if not usable:
                 raise
             return card_task(ref, card, why=f"the file no longer loads ({exc})")
-        if usable and set(map(str, card["labels"])) != set(task.labels):
-            return card_task(ref, card, why=f"its labels changed since it was recorded ({labels_changed(card['labels'], task.labels)})")
-        texts = card.get("label_texts") if usable else None
-        if isinstance(texts, dict) and any(texts.get(lab, lab) != task.label_text(lab) for lab in task.labels):
-            return dataclasses.replace(task, label_texts=dict(texts))  # the anchors it learned, not the sidecar's new ones
+        moved = changed_from_card(card, task) if usable else None
+        if moved is not None and moved[0] == "labels":
+            return card_task(ref, card, why=f"its labels changed since it was recorded ({moved[1]})")
+        if moved is not None:  # the label texts: the anchors it learned, not the sidecar's new ones
+            return dataclasses.replace(task, label_texts=dict(card["label_texts"]))
         return task
 
     @staticmethod
@@ -528,19 +528,11 @@ class Registry(Database, Components):
         (`answering_task`), so a score on the new ones measures a classifier no query uses, unsaid."""
         if task.ref != rec.task:
             return
-        own = (rec.extra.get("task_cards") or {}).get(rec.task)
-        learned = [str(x) for x in own.get("labels") or ()] if isinstance(own, dict) else []
-        if len(learned) >= 2 and set(learned) != set(task.labels):
-            raise UserInputError(f"the labels of {rec.task} changed since adapter {rec.name!r} was trained "
-                                 f"({labels_changed(learned, task.labels)}): train it again, or give a file of the "
-                                 "labels it learned")
-        texts = own.get("label_texts") if isinstance(own, dict) else None
-        if isinstance(texts, dict):  # an encoder answers by the label texts' anchors: changed, another classifier
-            odd = next((lab for lab in task.labels if texts.get(lab, lab) != task.label_text(lab)), None)
-            if odd is not None:
-                raise UserInputError(f"the label texts of {rec.task} changed since adapter {rec.name!r} was trained "
-                                     f"(label {odd!r}: {texts.get(odd, odd)[:60]!r} -> {task.label_text(odd)[:60]!r}): "
-                                     "train it again, or restore its sidecar's label_texts")
+        moved = changed_from_card((rec.extra.get("task_cards") or {}).get(rec.task), task)
+        if moved is not None:
+            fix = "give a file of the labels it learned" if moved[0] == "labels" else "restore its sidecar's label_texts"
+            raise UserInputError(f"the {moved[0]} of {rec.task} changed since adapter {rec.name!r} was trained "
+                                 f"({moved[1]}): train it again, or {fix}")
 
     def adapter_task(self, rec: AdapterRecord):
         """The task adapter `rec` answers with (None: it records none), from its own card
