@@ -153,7 +153,17 @@ def set_dispatch(model, dispatch: str) -> None:
 
 
 class SavedBytes:
-    """Bytes of the distinct tensors autograd saves for backward during a forward (the activation memory)."""
+    """Bytes of the distinct tensors autograd saves for backward during a forward (the activation memory).
+
+    `models`: storages they hold anyway are not counted when saved: their parameters and the banks'
+    kept (E, R, d_out) copies of frozen B (LoraBank._b_rows), which a forward saves by reference."""
+
+    def __init__(self, *models):
+        self.held = set()
+        for m in models:
+            self.held.update(p.untyped_storage().data_ptr() for p in m.parameters())
+            self.held.update(mod.__dict__["_b_kept"][1].untyped_storage().data_ptr()
+                             for mod in m.modules() if "_b_kept" in mod.__dict__)
 
     def __enter__(self):
         import torch
@@ -162,7 +172,8 @@ class SavedBytes:
 
         def pack(t):
             st = t.untyped_storage()
-            self.seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in self.held:
+                self.seen[st.data_ptr()] = st.nbytes()
             return t
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -256,9 +267,9 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 t = round_robin(fns, rounds=rounds)
                 mem = {}
                 for k in ("base", "sparse", "dense"):
-                    with SavedBytes() as sb:
-                        if k != "base":
-                            run(routed, k, False)  # set the variant
+                    if k != "base":
+                        run(routed, k, False)  # set the variant (and keep the banks' copies of B)
+                    with SavedBytes(variants[k]) as sb:
                         variants[k](**x).last_hidden_state.sum()
                     mem[k] = sb.mib
                 tb = t["base"]
@@ -285,7 +296,7 @@ def gate_words(shared: bool | str, gate_rank: int | None) -> str:
 
 def speed_header(gate: str, heap: str, threads: int) -> None:
     print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {threads} threads, {heap}; "
-          f"ratios against the base with one merged adapter; mem = MiB saved for backward; each (model, E) in "
+          f"ratios against the base with one merged adapter; mem = MiB of activations saved for backward (parameters not counted); each (model, E) in "
           f"its own process, peak RSS = that process's high-water mark ==")
     print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
           f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")

@@ -31,7 +31,7 @@ matmul), so a batch whose 32 rows use 32 different adapters costs about what one
 Token-level sparse dispatch (issue #14): when per-adapter gates change per token ((B, T, E) with at
 most k non-zero per token: token-gate, mixer), `forward` sorts the N*K (token, expert) assignments by
 expert once, packs each expert's tokens into blocks of C slots (U blocks, (U, C, d_in); C chosen from
-the counts to pad least, `block_size`), runs two batched matmuls (inner size R, not E*R) and adds
+the counts to pad least, `block_layout`; each expert's first block read in place), runs two batched matmuls (inner size R, not E*R) and adds
 each slot's gate-weighted row back to its token with one `index_add_` (`_forward_tokens`).
 Activations are O(N*K*R) instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
 "auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
@@ -62,9 +62,14 @@ def tensor_version(t: torch.Tensor) -> int:
 
 
 class _TokenPlan(NamedTuple):
-    """Token dispatch of N tokens x K experts into U blocks of C slots (each block one expert's)."""
+    """Token dispatch of N tokens x K experts into U blocks of C slots (each block one expert's).
 
-    used: torch.Tensor | None  # (U,) the expert of each block; None: one block per expert, all E in order
+    The first `head` blocks are the E experts in order (head = E), read straight from the bank's
+    weights; the rest are the experts `tail` names, whose weights are gathered per block. head = 0:
+    every block is gathered (`block_layout`'s packed layout)."""
+
+    head: int  # 0 or E: leading blocks that are experts 0..E-1 in order
+    tail: torch.Tensor | None  # (U - head,) the expert of each further block; None: no further block
     U: int
     C: int
     src: torch.Tensor  # (U*C,) token read into each slot, and the row its output is added to (padding: token 0)
@@ -72,27 +77,59 @@ class _TokenPlan(NamedTuple):
 
 
 class _GroupedLora(torch.autograd.Function):
-    """into[src[j]] += (((A @ buf^T) * s)^T @ Bw)[j] over the U*C slots j: the token dispatch's two grouped
-    matmuls and its scatter back to the N token rows, added in place into `into` (N, d_out), the base
-    projection's output, so the LoRA delta never exists as a tensor of its own (no zeroed (N, d_out)
-    buffer, no separate add: about 2% of a MiniLM forward at E=32).
+    """into[src[j]] += (((A_u @ buf_u^T) * s_u)^T @ B_u)[j] over the U*C slots j of the blocks u: the token
+    dispatch's two grouped matmuls and its scatter back to the N token rows, added in place into `into`
+    (N, d_out), the base projection's output, so the LoRA delta never exists as a tensor of its own (no
+    zeroed (N, d_out) buffer, no separate add: about 2% of a MiniLM forward at E=32).
 
-    buf (U, C, d_in) packed tokens, A (U, R, d_in), Bw (U, R, d_out), s (U, R, C) scaling x gate weight,
-    src (U*C,) each slot's token. Written as a Function so that its backward picks the same
-    CPU-friendly shapes as the forward: every product keeps C (the long side) as an output dimension
-    (d z = Bw @ gy^T, not gy @ Bw^T with an output of R = 8 columns), the input's gradient comes out
-    (U, C, d_in) in row order, and the (U*C, d_out) slot outputs are not kept for backward (autograd's
-    `index_add` would save them: 6 MB per MiniLM projection), nor the packed input unless A needs a
-    gradient (a router trained over frozen adapters). About 30% faster than autograd's own
-    backward of the same expression on 2 CPU threads (MiniLM shapes, R=8); equal to it within float
-    rounding (tests/experts/test_token_dispatch.py compares the whole path with the dense bank)."""
+    buf (U, C, d_in) packed tokens, A (E, R, d_in) and Bw (E, R, d_out) the bank's experts, s (U, R, C)
+    scaling x gate weight, src (U*C,) each slot's token. Blocks 0..head-1 are experts 0..E-1 (head = E,
+    or 0) and use A and Bw as they are; blocks head.. use the experts `tail` names, gathered here (and
+    their gradients added back with one `index_add_`). Gathering every block's weights was the larger
+    part of the dispatch's memory traffic at E=512 (R * (d_in + d_out) values per block, against d_in
+    per packed token): `block_layout` gives each expert its own block in place where that costs less.
+
+    Written as a Function so that its backward picks the same CPU-friendly shapes as the forward: every
+    product keeps C (the long side) as an output dimension (d z = Bw @ gy^T, not gy @ Bw^T with an
+    output of R = 8 columns), the input's gradient comes out (U, C, d_in) in row order, and the
+    (U*C, d_out) slot outputs are not kept for backward (autograd's `index_add` would save them: 6 MB
+    per MiniLM projection), nor the packed input unless A needs a gradient (a router trained over
+    frozen adapters). About 30% faster than autograd's own backward of the same expression on 2 CPU
+    threads (MiniLM shapes, R=8); equal to it within float rounding (tests/experts/test_token_dispatch.py
+    compares the whole path with the dense bank)."""
 
     @staticmethod
-    def forward(ctx, into, buf, A, Bw, s, src):
-        z = torch.bmm(A, buf.transpose(1, 2))  # (U, R, C)
+    def _bmm(head: int, W: torch.Tensor, Wt: torch.Tensor | None, m: torch.Tensor, out: torch.Tensor,
+             right: bool = False) -> torch.Tensor:
+        """out[u] = W_u @ m[u] (right: m[u] @ W_u) for the blocks u: W's experts in order for the first
+        `head` blocks, Wt's (the gathered ones) after."""
+        if head:
+            torch.bmm(m[:head], W, out=out[:head]) if right else torch.bmm(W, m[:head], out=out[:head])
+        if Wt is not None:
+            torch.bmm(m[head:], Wt, out=out[head:]) if right else torch.bmm(Wt, m[head:], out=out[head:])
+        return out
+
+    @staticmethod
+    def _grad(head: int, tail: torch.Tensor | None, E: int, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """d W (E, R, *) from the blocks' g (U, R, C) @ m (U, C, *): each block's product added to its expert."""
+        gw = torch.bmm(g, m)  # (U, R, *)
+        if tail is None:
+            return gw
+        out = gw[:head] if head else gw.new_zeros(E, *gw.shape[1:])
+        return out.index_add_(0, tail, gw[head:])
+
+    @staticmethod
+    def forward(ctx, into, buf, A, Bw, s, src, head, tail):
+        U, R, C = s.shape
+        At = A.index_select(0, tail) if tail is not None else None
+        Bt = Bw.index_select(0, tail) if tail is not None else None
+        z = _GroupedLora._bmm(head, A, At, buf.transpose(1, 2), buf.new_empty(U, R, C))  # (U, R, C)
         need = ctx.needs_input_grad  # keep the packed input only for A's gradient (frozen adapters: never)
-        ctx.save_for_backward(buf if need[2] else None, A, Bw, s, z if need[3] or need[4] else None, src)
-        y = torch.bmm((z * s).transpose(1, 2), Bw)  # (U, C, d_out)
+        ctx.head = head
+        ctx.save_for_backward(buf if need[2] else None, A, Bw, At, Bt, s, z if need[3] or need[4] else None,
+                              src, tail)
+        y = _GroupedLora._bmm(head, Bw, Bt, (z * s).transpose(1, 2), buf.new_empty(U, C, Bw.shape[-1]),
+                              right=True)  # (U, C, d_out)
         into.view(-1, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
         ctx.mark_dirty(into)
         return into
@@ -100,18 +137,22 @@ class _GroupedLora(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        buf, A, Bw, s, z, src = ctx.saved_tensors
+        buf, A, Bw, At, Bt, s, z, src, tail = ctx.saved_tensors
+        head, (U, R, C), E = ctx.head, s.shape, A.shape[0]
         g2 = g_out.reshape(-1, g_out.shape[-1])
-        gy = g2.index_select(0, src).view(s.shape[0], s.shape[2], -1)  # (U, C, d_out)
-        g_zs = torch.bmm(Bw, gy.transpose(1, 2))  # (U, R, C)
+        gy = g2.index_select(0, src).view(U, C, -1)  # (U, C, d_out)
+        g_zs = _GroupedLora._bmm(head, Bw, Bt, gy.transpose(1, 2), gy.new_empty(U, R, C))  # (U, R, C)
         g_z = g_zs * s
         need = ctx.needs_input_grad
+        g_buf = None
+        if need[1]:  # (U, C, d_in) = g_z^T @ A_u
+            g_buf = _GroupedLora._bmm(head, A, At, g_z.transpose(1, 2), g_z.new_empty(U, C, A.shape[-1]), right=True)
         return (g_out if need[0] else None,  # the base output passes through
-                torch.bmm(g_z.transpose(1, 2), A) if need[1] else None,  # (U, C, d_in)
-                torch.bmm(g_z, buf) if need[2] else None,  # (U, R, d_in)
-                torch.bmm(z * s, gy) if need[3] else None,  # (U, R, d_out)
+                g_buf,
+                _GroupedLora._grad(head, tail, E, g_z, buf) if need[2] else None,  # (E, R, d_in)
+                _GroupedLora._grad(head, tail, E, z * s, gy) if need[3] else None,  # (E, R, d_out)
                 g_zs * z if need[4] else None,  # (U, R, C)
-                None)
+                None, None, None)
 
 
 def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
@@ -126,29 +167,39 @@ def _plus(into: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
     return delta if into is None else into.add_(delta)
 
 
-def block_size(counts: torch.Tensor, floor: int = 4, block_cost: int = 4) -> int:
-    """The block size C that packs experts with these token counts into the fewest slots.
+def block_layout(counts: torch.Tensor, floor: int = 4, block_cost: int = 4, gather_cost: int = 8) -> tuple[int, bool]:
+    """The block size C and layout that pack experts with these token counts into the least work.
 
-    An expert with n tokens takes ceil(n / C) blocks of C slots. One block per expert at the largest
-    count pads every expert to the busiest one (a skewed router's worst case); small blocks pad little
-    but give the batched matmuls many small problems. This picks, among powers of two from `floor` up
-    to the largest count and the largest count itself, the C minimising the padded slots plus
-    `block_cost` slots' worth of work per block. Counts of 0 take no block.
+    Two layouts, for a block size C:
+    - in place (True): expert e's first C tokens fill block e, read with the bank's weights as they are;
+      its further tokens fill blocks of C after the E in-place ones, whose weights are gathered.
+      An expert without tokens still takes its (empty) block.
+    - packed (False): each expert with n tokens takes ceil(n / C) blocks, every one gathered; experts
+      without tokens take none (a skewed router using few of many experts).
+    The cost of a layout is its padded slots, plus `block_cost` slots' worth per block (a batched matmul
+    of many small problems), plus `gather_cost` per gathered block (copying R * (d_in + d_out) weights).
+    C is searched among powers of two from `floor` up to the largest count, and the largest count.
 
     floor 4 and block_cost 4 from a one-off whole-model timing, not a bench table (MiniLM, 16 x 128
-    tokens, token-gate k=2 with one gate per block, random gates, one CPU thread): against the earlier
-    8 and 16, E=512 1.71x -> 1.58x the base, E=128 1.46x -> 1.34x, E=32 unchanged (1.27x, 1.25x); tuned
-    on CPU only (no CUDA timing yet). With many experts each holds a few
-    tokens (at E=512 about 350 of them take 4,096 assignments, the busiest up to 240), and blocks of 16
-    padded half the slots."""
+    tokens, token-gate k=2 with one gate per block, random gates, one CPU thread); tuned on CPU only (no
+    CUDA timing yet). At E=512 about 350 to 512 experts share 4,096 assignments, and blocks of 16 padded
+    half the slots. gather_cost 8 is not a timing: on CPU the two layouts ran within the noise of each
+    other (E = 8 to 512, same one-off setup, +-3%); the in-place layout is there for memory, since the
+    gathered weights are saved for backward: activations saved at E=512 fell 30% (MiniLM 659 -> 458 MiB,
+    Llama-shaped 915 -> 650; bench/routing.py --part speed --gate block), and on a GPU the copies are
+    pure memory traffic."""
     top = int(counts.max().item())
-    if top <= floor:
-        return floor
-    cands = [c for c in (1 << i for i in range(floor.bit_length() - 1, top.bit_length())) if c < top] + [top]
-    cand = torch.tensor(cands, device=counts.device)
-    blocks = (counts[None, :] + cand[:, None] - 1) // cand[:, None]  # (n_cand, E)
-    cost = blocks.sum(1) * (cand + block_cost)
-    return cands[int(cost.argmin().item())]
+    E = counts.numel()
+    cands = [c for c in (1 << i for i in range(floor.bit_length() - 1, top.bit_length())) if c < top] + [max(top, floor)]
+    cand = torch.tensor(cands, device=counts.device)[:, None]  # (n_cand, 1)
+    packed = ((counts[None, :] + cand - 1) // cand).sum(1)  # (n_cand,) blocks, all gathered
+    over = ((counts[None, :] - cand).clamp(min=0) + cand - 1).div(cand, rounding_mode="floor").sum(1)  # gathered
+    cost_packed = packed * (cand[:, 0] + block_cost + gather_cost)
+    cost_place = (E + over) * (cand[:, 0] + block_cost) + over * gather_cost
+    i_p, i_q = int(cost_packed.argmin().item()), int(cost_place.argmin().item())
+    if cost_place[i_q] <= cost_packed[i_p]:
+        return cands[i_q], True
+    return cands[i_p], False
 
 
 class LoraBank(nn.Module):
@@ -314,21 +365,28 @@ class LoraBank(nn.Module):
         flat_e = idx.reshape(-1)  # (N*K,) assignments, token-major
         order = torch.argsort(flat_e, stable=True)  # assignments sorted by expert
         counts = torch.bincount(flat_e, minlength=E)  # (E,)
-        C = block_size(counts)
-        blocks = (counts + C - 1) // C  # (E,) blocks per expert
-        block_expert = torch.repeat_interleave(torch.arange(E, device=dev), blocks)  # (U,)
-        U = block_expert.numel()
-        used = None if U == E and bool((blocks == 1).all()) else block_expert  # one block each: A, B as views
+        C, in_place = block_layout(counts)
         e_sorted = flat_e[order]
-        pos = torch.arange(flat_e.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]
-        first_block = torch.cumsum(blocks, 0) - blocks  # (E,)
-        slot_sorted = (first_block[e_sorted] + pos // C) * C + pos % C
+        pos = torch.arange(flat_e.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]  # rank within its expert
+        arange_e = torch.arange(E, device=dev)
+        if in_place:  # block e holds expert e's first C; its further ones go to gathered blocks after the E
+            more = (counts - C).clamp(min=0).add(C - 1).div(C, rounding_mode="floor")  # (E,) further blocks
+            first_more = E + torch.cumsum(more, 0) - more  # (E,)
+            block = torch.where(pos < C, e_sorted, first_more[e_sorted] + (pos - C).clamp(min=0) // C)
+            head, tail = E, torch.repeat_interleave(arange_e, more)
+        else:
+            blocks = (counts + C - 1) // C  # (E,) blocks per expert
+            block = (torch.cumsum(blocks, 0) - blocks)[e_sorted] + pos // C
+            head, tail = 0, torch.repeat_interleave(arange_e, blocks)
+        U = head + tail.numel()
+        tail = tail if tail.numel() else None
+        slot_sorted = block * C + pos % C
         slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (N*K,) buffer slot of assignment j
         # the token filling each buffer slot; padding slots read token 0, weigh 0 and so add 0 to its row
         src = torch.zeros(U * C, dtype=torch.long, device=dev).scatter_(0, slot, torch.arange(N * k, device=dev) // k)
         w = gf.gather(-1, idx).reshape(-1)  # (N*K,) gate weights, differentiable in the gates
         w_slot = w.new_zeros(U * C).scatter(0, slot, w)  # (U*C,) zero on padding
-        plan = _TokenPlan(used, U, C, src, w_slot)
+        plan = _TokenPlan(head, tail, U, C, src, w_slot)
         if plans is not None:
             plans[key] = plan
         return plan
@@ -361,12 +419,12 @@ class LoraBank(nn.Module):
         A = self.A.view(E, R, self.d_in).to(x.dtype)  # (E, R, d_in)
         Bw = self._b_rows(x.dtype)  # (E, R, d_out)
         scale = self.rank_scale().view(E, R)
-        if p.used is not None:
-            A, Bw, scale = A.index_select(0, p.used), Bw.index_select(0, p.used), scale.index_select(0, p.used)
+        if p.tail is not None:
+            scale = torch.cat([scale] * bool(p.head) + [scale.index_select(0, p.tail)])  # (U, R)
         s_ = scale.to(x.dtype).unsqueeze(-1) * p.w_slot.view(p.U, 1, p.C)  # (U, R, C) scaling x gate weight
         if into is None:
             into = x.new_zeros(*lead, self.d_out)
-        return _GroupedLora.apply(into, buf, A, Bw, s_, p.src)  # each slot's row added to its token's
+        return _GroupedLora.apply(into, buf, A, Bw, s_, p.src, p.head, p.tail)  # each slot's row added to its token's
 
     def _b_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """B as (E, R, d_out), contiguous: the layout the grouped matmuls read (a bmm reading the permuted

@@ -416,3 +416,33 @@ def test_router_topk_is_used_as_the_assignments(k):
     # the hint really is what decides: a selection that misses the gated experts computes something else
     wrong = (idx + 1) % E
     assert not torch.allclose(run("sparse", wrong)[0], dense[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("C", [1, 2, 4, 64])
+def test_block_layouts_equal_dense(monkeypatch, C, in_place):
+    """Every block size in both layouts (each expert's first block read in place with further blocks
+    gathered, or every block gathered) gives the dense path's values and gradients: a skewed batch where
+    one expert holds most tokens, several hold one or two and some none."""
+    import loraplex.experts.bank as bank_mod
+
+    monkeypatch.setattr(bank_mod, "block_layout", lambda counts: (C, in_place))
+    bank = _bank(E=12)
+    x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(5))
+    gates = _token_gates(4, 9, 12, 2, seed=5)
+    gates[:3, :, 4] = 0.7  # expert 4 busy: 27 of the 36 tokens
+    _assert_equal(bank, x, gates)
+
+
+def test_block_layout_choice():
+    """In place when every expert holds a few tokens (no weights copied but the overflow's); packed when
+    a few of many experts take all the tokens (empty in-place blocks would cost more)."""
+    from loraplex.experts.bank import block_layout
+
+    C, in_place = block_layout(torch.full((512,), 8))
+    assert (C, in_place) == (8, True)
+    skew = torch.zeros(512, dtype=torch.long)
+    skew[:6] = torch.tensor([700, 600, 500, 400, 300, 200])
+    C, in_place = block_layout(skew)
+    assert not in_place
+    assert block_layout(torch.tensor([3, 0, 1]))[0] >= 3  # never a block smaller than the floor's
