@@ -11,7 +11,9 @@
    child process of its own (its peak RSS is reported; one process for the whole sweep grew past 24 GB
    with every configuration's models and freed heap in it). `--gate shared` gives one gate per layer
    input, `--gate block` one per transformer block, `--gate-rank r` factorises the gate (router/token_gate.py). Times relative to the base
-   with one merged adapter (plain LoRA inference cost), to one unmerged LoRA, and to a naive loop over
+   with one merged adapter (plain LoRA inference cost); the same adapter unmerged (`unmerged/base`: what
+   a multi-LoRA server pays for one named adapter, the floor of any forward whose adapters are not
+   folded into the weights) and a naive loop over
    experts (Mixtral-style: each expert gathers its tokens, computes, scatters back), which lives here,
    not in the library. Variants are timed round-robin so machine load hits them alike.
 2. hetero: 32 rows, each with its own adapter out of 32 (minilm), in one forward: our bank with
@@ -224,9 +226,13 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
         one = random_adapters(base, targets, 1)
         merged = copy.deepcopy(base)
         merge(merged, one[0])
-        for p in merged.parameters():  # as in the routed model: the base frozen, only the input takes gradients
-            p.requires_grad_(False)
-        merged.get_input_embeddings().weight.requires_grad_(True)
+        unmerged = copy.deepcopy(base)  # the same adapter applied unmerged, as multi-LoRA servers do: the floor
+        inject(unmerged, one)  # of any forward that cannot fold its adapters into the weights
+        unmerged.eval()
+        for m in (merged, unmerged):  # as in the routed model: the base frozen, only the input takes gradients
+            for p in m.parameters():
+                p.requires_grad_(False)
+            m.get_input_embeddings().weight.requires_grad_(True)
         for E in experts:
             routed = copy.deepcopy(base)
             inject(routed, one)
@@ -253,7 +259,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                     with torch.inference_mode():
                         m(**x)
 
-            variants = {"base": merged, "sparse": routed, "dense": routed}
+            variants = {"base": merged, "unmerged": unmerged, "sparse": routed, "dense": routed}
             if E <= naive_max:
                 variants["naive"] = routed
             with torch.inference_mode():
@@ -277,8 +283,9 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 naive_r = f"{t['naive'] / tb:>9.2f}x" if "naive" in t else f"{'-':>10}"
                 label = "fwd+bwd" if backward else "fwd"
                 print(f"{model_name:7} {E:>4} {label:>8} {tb * 1e3:>5.0f}ms {t['sparse'] * 1e3:>5.0f}ms "
-                      f"{t['dense'] * 1e3:>5.0f}ms {naive} {t['sparse'] / tb:>10.2f}x {t['dense'] / tb:>9.2f}x "
-                      f"{naive_r} {mem['base']:>8.0f} {mem['sparse']:>10.0f} {mem['dense']:>9.0f}", flush=True)
+                      f"{t['dense'] * 1e3:>5.0f}ms {naive} {t['unmerged'] / tb:>13.2f}x {t['sparse'] / tb:>10.2f}x "
+                      f"{t['dense'] / tb:>9.2f}x {naive_r} {mem['base']:>8.0f} {mem['sparse']:>10.0f} {mem['dense']:>9.0f}",
+                      flush=True)
                 summary[(model_name, E, label)] = t["sparse"] / tb, t["sparse"]
             set_dispatch(routed, "auto")
             del routed, banks, loops
@@ -298,7 +305,7 @@ def speed_header(gate: str, heap: str, threads: int) -> None:
     print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {threads} threads, {heap}; "
           f"ratios against the base with one merged adapter; mem = MiB of activations saved for backward (parameters not counted); each (model, E) in "
           f"its own process, peak RSS = that process's high-water mark ==")
-    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} "
+    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} {'unmerged/base':>14} "
           f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
 
 
