@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from pydantic import Field, ValidationError, field_validator, model_validator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.errors import Interrupted, InvalidSpec, UserInputError
@@ -240,9 +240,42 @@ def _task_groups(batch: Sequence[Row]) -> dict[str, list[int]]:
     return groups
 
 
+class EvalSampler(DistributedSampler):
+    """Each row once over all processes: rank r of W reads rows r, r + W, r + 2W, ... in order.
+
+    Lightning gives a validation loader a DistributedSampler under DDP, which pads the shards to one
+    length by repeating rows, so the summed validation counts would count a repeated row twice (24 + 1
+    rows on 2 processes: 26). Lightning keeps a sampler that already is a DistributedSampler; this one
+    reads the process group when it is iterated (the loader is made before DDP starts), so the shards
+    may differ by one row (validation has no collective per batch; the counts meet once at the end)."""
+
+    def __init__(self, n: int):
+        super().__init__(range(n), num_replicas=1, rank=0, shuffle=False)
+        self.n = n
+
+    def _shard(self) -> range:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return range(dist.get_rank(), self.n, dist.get_world_size())
+        return range(self.n)
+
+    def __iter__(self):
+        return iter(self._shard())
+
+    def __len__(self) -> int:
+        return len(self._shard())
+
+
 def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Training rows (shuffle=True; Lightning shards them under DDP) or evaluation rows (shuffle=False:
+    each row read once over all processes, `EvalSampler`)."""
+    rows = list(rows)
+    if not shuffle:
+        return DataLoader(rows, batch_size=batch_size, sampler=EvalSampler(len(rows)), collate_fn=list,
+                          num_workers=0, drop_last=False)
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(list(rows), batch_size=batch_size, shuffle=shuffle, generator=gen,
+    return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=gen,
                       collate_fn=list, num_workers=0, drop_last=False)
 
 

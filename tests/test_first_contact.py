@@ -218,11 +218,14 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, tiny_bert):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads(_loraplex("adapters", "list", "--json", env=env).stdout)) == 2
     # one-off training: registered once, one answer, exit 0
-    r = _loraplex("train", tasks[0], "--name", "one", "--base", tiny_bert, "--steps", "2", "--rank", "2",
+    (tmp_path / "odd").mkdir()
+    odd = write_task(tmp_path / "odd", "flights", n=30)
+    r = _loraplex("train", odd, "--name", "one", "--base", tiny_bert, "--steps", "2", "--rank", "2",
                   "--devices", "2", "--strategy", "ddp", "--eval-limit", "4", "--quiet", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    # the validation accuracy stored is over every rank's rows (the 2 of 24 rows' split), not rank 0's 1 (sweep 16)
-    assert json.loads(_loraplex("adapters", "show", "one", "--json", env=env).stdout)["metrics"]["val_n"] == 2
+    # the validation accuracy stored is over every rank's rows (the 3 of 30 rows' split), not rank 0's 2
+    # (sweep 16), and no row twice (DDP's sampler pads 3 rows to 4 by repeating one)
+    assert json.loads(_loraplex("adapters", "show", "one", "--json", env=env).stdout)["metrics"]["val_n"] == 3
     assert "already exists" not in r.stdout + r.stderr
     assert r.stdout.count("trained one") == 1, r.stdout
     runs = list((home / "runs").iterdir())
