@@ -80,7 +80,12 @@ class InvalidTaskFile(UserInputError):
 
 
 class InvalidSpec(UserInputError):
-    """A configuration or spec that does not validate."""
+    """A configuration or spec that does not validate.
+
+    `option`: the keyword option at fault (`batch_size`), when the error is about one option a caller
+    passed by name, so the CLI can say it by the flag the user typed (`--batch-size`)."""
+
+    option: str | None = None
 
 
 class DamagedRun(UserInputError):

@@ -216,7 +216,9 @@ def invalid_option(exc: ValidationError) -> InvalidSpec:
     err = exc.errors()[0]
     loc = [_AS_TYPED.get(str(p), str(p)) for p in err["loc"]] if len(err["loc"]) == 1 else list(map(str, err["loc"]))
     where = " " + ".".join(loc) if loc else ""
-    return InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}")
+    out = InvalidSpec(f"invalid training option{where}: {err['msg'].removeprefix('Value error, ')}")
+    out.option = loc[0] if len(loc) == 1 else None
+    return out
 
 
 def train_config(**options: Any) -> TrainConfig:

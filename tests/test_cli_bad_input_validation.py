@@ -723,7 +723,7 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["train", "airline", "--name", "t", "--lr", "inf"], "invalid training option lr: Input should be a finite number"),
+    (["train", "airline", "--name", "t", "--lr", "inf"], "invalid value for --lr: Input should be a finite number"),
     # a Unicode digit str.isdigit takes and int refuses; spawn pickled the model, fork registered "0 steps" (sweep 16)
     (["train", "airline", "--name", "t", "--devices", "\u00b2"], "devices: must be a number or 'auto', got '\u00b2'"),
     (["train", "airline", "--name", "t", "--strategy", "ddp_spawn"], "Lightning strategy 'ddp_spawn' is not supported"),
@@ -734,10 +734,14 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
      "devices=2 with strategy='single_device': Lightning would run on 1 device(s)"),
     # pure float16 diverged at any learning rate, and the message blamed the learning rate (sweep 16)
     (["train", "airline", "--name", "t", "--precision", "16-true"], "16-true (pure float16) cannot train with AdamW"),
-    (["train", "airline", "--name", "t", "--rank", "0"], "invalid training option rank: Input should be greater"),  # was `r`
+    (["train", "airline", "--name", "t", "--rank", "0"], "invalid value for --rank: Input should be greater"),  # was `r`
     # 1e300 overflowed float32 in Adam's first step: an internal error (sweep 16)
-    (["train", "airline", "--name", "t", "--lr", "1e300"], "invalid training option lr: Input should be less than or equal to 10"),
+    (["train", "airline", "--name", "t", "--lr", "1e300"], "invalid value for --lr: Input should be less than or equal to 10"),
     (["router", "fit", "r", "--router", "token-gate", "--lr", "1e300"], "lr: Input should be less than or equal to 10"),
+    # the training options' bounds said by the flag typed, not the config's field (`batch_size`)
+    (["router", "fit", "r", "--router", "token-gate", "--train-limit", "0"],
+     "invalid value for --train-limit: Input should be greater than or equal to 1"),
+    (["train", "airline", "--name", "t", "--val-limit", "0"], "invalid value for --val-limit: Input should be greater"),
     (["train", "airline", "--name", "t", "--seed", "-1"], "seed: Input should be greater than or equal to 0"),
     (["train", "airline", "--name", "t", "--seed", str(2 ** 70)], "seed: Input should be less than or equal to 4294967295"),
     (["forget", "airline", "--seed", "-1"], "--seed: must be a whole number from 0 to 4,294,967,295"),
@@ -749,7 +753,7 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
      "the description is 16,000 characters long"),
     (["query", "late flight", "--set", "temperature=Infinity"], "temperature: Input should be a finite number"),
     (["train", "airline", "--name", "t", "--batch-size", str(2 ** 70)],  # was exit 70 (islice past sys.maxsize)
-     "batch_size: Input should be less than or equal to 65536"),
+     "invalid value for --batch-size: Input should be less than or equal to 65536"),
     (["router", "fit", "r", "--router", "token-gate", "--set", f"top_k={2 ** 64}"],
      "top_k: Input should be less than or equal to 2147483647"),
     (["router", "fit", "r", "--router", "token-gate", "--set", "temperature=Infinity"],

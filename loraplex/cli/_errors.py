@@ -105,6 +105,36 @@ def usage_line(exc) -> str:
     return f"error: {_one_line(exc.format_message())}{where}"
 
 
+def command_args(ctx) -> list[str]:
+    """The arguments after the root command (the subcommand's name first), before click consumes them."""
+    rest = getattr(ctx, "_protected_args", None)  # click 8.2 names it so (8.1: protected_args)
+    return [*(rest if rest is not None else getattr(ctx, "protected_args", [])), *ctx.args]
+
+
+def as_typed(root, ctx, args: list[str], exc: BaseException) -> BaseException:
+    """An InvalidSpec about one keyword option (`batch_size`) said by the flag of the command that ran
+    (`--batch-size`), when that command has it: the same validation serves the CLI, the Python API and
+    specs, and only here is it known that the user typed a flag."""
+    from loraplex.errors import InvalidSpec
+
+    name = getattr(exc, "option", None)
+    if not isinstance(exc, InvalidSpec) or not name:
+        return exc
+    cmd = root
+    try:
+        while hasattr(cmd, "resolve_command") and args:
+            _, cmd, args = cmd.resolve_command(ctx, args)
+    except Exception:  # noqa: BLE001 - the message as it is, rather than a second error
+        return exc
+    flags = [o for p in getattr(cmd, "params", ()) if p.name == name for o in p.opts if o.startswith("--")]
+    if not flags:
+        return exc
+    msg = str(exc).split(": ", 1)[-1]
+    out = InvalidSpec(f"invalid value for {flags[0]}: {msg}")
+    out.option = name
+    return out
+
+
 class LoraplexGroup(TyperGroup):
     """The root group: turns exceptions from any command into one line and an exit code."""
 
@@ -116,6 +146,7 @@ class LoraplexGroup(TyperGroup):
             sys.exit(exc.exit_code)
 
     def invoke(self, ctx):
+        args = command_args(ctx)
         try:
             return super().invoke(ctx)
         except UsageError as exc:  # bad option values of subcommands (BadParameter, NoSuchOption, ...)
@@ -125,6 +156,6 @@ class LoraplexGroup(TyperGroup):
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if _is_control_flow(exc) or debugging():
                 raise
-            code = report(exc)
+            code = report(as_typed(self, ctx, args, exc))
             sys.stderr.flush()
             ctx.exit(code)
