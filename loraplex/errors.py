@@ -113,6 +113,20 @@ class RegistryBusy(LoraplexError):
     """Another process holds the registry's write lock for longer than we are willing to wait."""
 
 
+class OutOfMemory(LoraplexError):
+    """An allocation a request needed failed (host RAM or GPU memory); what was there before is unchanged."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed allocation: MemoryError, or torch's RuntimeError for one (CUDA's
+    OutOfMemoryError, the CPU allocator's "can't allocate memory", MPS's "out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "not enough memory" in text)
+
+
 class MissingDependency(LoraplexError):
     """An optional package (an embedded model or dataset, faiss) is not installed."""
 

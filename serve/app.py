@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.errors import out_of_memory
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
 from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
@@ -54,6 +55,8 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
         return APIError(400, msg, param=exc.field)
     if isinstance(exc, LoraplexError):
         return APIError(503, msg)
+    if out_of_memory(exc):  # the server's state, not a bug: the next request may fit
+        return APIError(503, f"the server ran out of memory for this request ({msg.splitlines()[0][:200]})")
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's state, not a bug
         return APIError(503, "the server has run out of file descriptors (raise `ulimit -n` for loraplex serve)")
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")

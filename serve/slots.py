@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from loraplex.experts.layers import StackedBanks, eject, inject_new, routed_layers
+from loraplex.errors import OutOfMemory, out_of_memory
+from loraplex.experts.layers import StackedBanks, eject, inject_new, parent_module, routed_layers
 from loraplex.experts.spec import LoraSpec
 
 
@@ -48,23 +49,47 @@ class SlotBank:
     def _build(self, modules: Sequence[str], rank: int) -> None:
         """(Re)make the bank for `modules` at `rank`. The resident slots keep what they hold, copied from
         the old bank (zero-padded to the new rank, zero on new modules): nothing is read again, so a slot
-        hidden for running rows of a changed adapter (which no name can read any more) survives a growth."""
+        hidden for running rows of a changed adapter (which no name can read any more) survives a growth.
+
+        All or nothing: when the new bank cannot be made (its memory, on a GPU or the host), the old
+        layers are put back as they were, so every resident adapter answers with its own weights still,
+        and OutOfMemory says what the growth would have needed."""
+        old = routed_layers(self.model) if self.shape is not None else {}
         kept: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-        if self.shape is not None:
-            for name, layer in routed_layers(self.model).items():
-                b = layer.bank
-                kept[name] = {slot: (*b.expert(slot), float(b.scaling[slot])) for slot, _ in self.slots.values()}
+        for name, layer in old.items():
+            b = layer.bank
+            kept[name] = {slot: (*b.expert(slot), float(b.scaling[slot])) for slot, _ in self.slots.values()}
+        try:
             eject(self.model)
-        inject_new(self.model, LoraSpec(r=rank), list(modules), n_experts=self.size)
+            inject_new(self.model, LoraSpec(r=rank), list(modules), n_experts=self.size)
+            banks = StackedBanks(self.model)
+            for e in range(self.size):
+                banks.write(e, None)
+            for name, layer in routed_layers(self.model).items():
+                for slot, (A, B, scaling) in kept.get(name, {}).items():
+                    if A.shape[0]:
+                        layer.bank.set_expert(slot, A, B, scaling)
+        except (RuntimeError, MemoryError) as exc:
+            eject(self.model)  # what was made of the new bank
+            for name, layer in old.items():
+                parent, child = parent_module(self.model, name)
+                setattr(parent, child, layer)
+            if out_of_memory(exc):
+                raise OutOfMemory(f"the slot bank cannot grow to rank {rank} over {len(modules)} projections "
+                                  f"({self.size} slots, {self._bytes(modules, rank) / 2**30:.1f} GiB): out of "
+                                  "memory") from None
+            raise
         self.shape = (tuple(modules), rank)
-        self.banks = StackedBanks(self.model)
-        for e in range(self.size):
-            self.banks.write(e, None)
+        self.banks = banks
         self.host.clear()  # packed for the old layout
-        for name, layer in routed_layers(self.model).items():
-            for slot, (A, B, scaling) in kept.get(name, {}).items():
-                if A.shape[0]:
-                    layer.bank.set_expert(slot, A, B, scaling)
+
+    def _bytes(self, modules: Sequence[str], rank: int) -> int:
+        """Memory a bank of `size` slots at `rank` over `modules` takes (A and B, float32)."""
+        widths = 0
+        for m in modules:
+            lin = self.model.get_submodule(m)
+            widths += getattr(lin, "in_features", 0) + getattr(lin, "out_features", 0)
+        return 4 * self.size * rank * widths
 
     def _load(self, name: str):
         """An adapter's record and its tensors packed in the bank's layout (host memory, else read); grows
@@ -78,7 +103,12 @@ class SlotBank:
         need = tuple(sorted(set(mods) | set(ad.modules)))
         r = max([rank] + [ad.rank(m) for m in ad.modules])
         if self.shape is None or need != mods or r != rank:
-            self._build(need, r)
+            try:
+                self._build(need, r)
+            except OutOfMemory as exc:
+                raise OutOfMemory(f"cannot load adapter '{name}' (rank {r}): {exc}; the adapters loaded "
+                                  "before are served as they were (serve with a smaller --max-loras, or "
+                                  "register the adapter at a lower rank)") from None
         self.host[name] = (rec, self.banks.pack(ad))
         while len(self.host) > self.host_size:
             self.host.popitem(last=False)

@@ -170,3 +170,50 @@ def test_a_held_classification_is_not_starved_by_new_rows(engine):
         assert not sch._pending and len(sch._lanes["bank"].rows) == 3
     finally:
         loop.close()
+
+
+def test_a_bank_that_cannot_grow_leaves_the_old_one_serving(engine, settings, tiny_llama, tmp_path, monkeypatch):
+    """A growth whose allocation fails (an adapter of a huge rank, a full GPU) left the model with no
+    routed layer while the slots still named adapters: every adapter then answered as the bare base, with
+    200s, until a restart (sweep 19). The old bank is put back and the request is told why (OutOfMemory)."""
+    from loraplex import api
+    from loraplex.errors import OutOfMemory
+    from loraplex.experts.layers import routed_layers
+    import loraplex.serve.slots as slots_mod
+
+    engine.gates([_route("flights-lora")])
+    slot = engine.slots.slots["flights-lora"][0]
+    before_A, shape, layers = _slot_A(engine, slot), engine.slots.shape, set(routed_layers(engine.lb.model))
+    d = make_peft_adapter(tiny_llama, tmp_path / "wide", r=6, targets=("q_proj", "v_proj"), causal=True, seed=7)
+    api.register(d, name="wide-lora", description="wide", task=str(tmp_path / "sports.jsonl"),
+                 base=str(tiny_llama), settings=settings)
+    engine.sync(set())
+    real = slots_mod.inject_new
+
+    def fails(*a, **k):
+        real(*a, **k)  # part of the new bank is made, then the memory runs out
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(slots_mod, "inject_new", fails)
+    with pytest.raises(OutOfMemory, match=r"cannot load adapter 'wide-lora' \(rank 6\).*out of memory.*--max-loras"):
+        engine.gates([_route("wide-lora")])
+    assert engine.slots.shape == shape and set(routed_layers(engine.lb.model)) == layers
+    assert torch.equal(_slot_A(engine, slot), before_A)  # flights-lora answers with its own weights still
+    g = engine.gates([_route("flights-lora")])
+    assert g[0, 0, slot] == 1.0
+    monkeypatch.setattr(slots_mod, "inject_new", real)  # memory again: the growth happens
+    engine.gates([_route("wide-lora")])
+    assert engine.slots.shape[1] == 6 and torch.equal(_slot_A(engine, slot)[:2], before_A[:2])
+
+
+def test_a_failed_allocation_is_a_503_not_an_internal_error():
+    """The server's memory running out is its state, not a bug in the request or in loraplex (sweep 19)."""
+    from loraplex.errors import OutOfMemory
+    from loraplex.serve.app import api_error
+
+    for exc in (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+                OutOfMemory("cannot load adapter 'x' (rank 6): out of memory")):
+        err = api_error(exc)
+        assert err.status == 503 and "internal error" not in err.message, (exc, err.message)
+    assert api_error(RuntimeError("shape mismatch")).status == 500
