@@ -56,7 +56,8 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
     if isinstance(exc, LoraplexError):
         return APIError(503, msg)
     if out_of_memory(exc):  # the server's state, not a bug: the next request may fit
-        return APIError(503, f"the server ran out of memory for this request ({msg.splitlines()[0][:200]})")
+        why = (msg.splitlines() or [type(exc).__name__])[0][:200]
+        return APIError(503, f"the server ran out of memory for this request ({why})")
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's state, not a bug
         return APIError(503, "the server has run out of file descriptors (raise `ulimit -n` for loraplex serve)")
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")
