@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError,
-                             check_termination)
+                             check_termination, os_error)
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
@@ -187,6 +187,7 @@ class Database:
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
             except sqlite3.DatabaseError as exc:
+                failure = self._open_failure(exc)  # before close: its open files may be why it failed
                 conn.close()
                 if is_disk_full(exc, self.home) and self.db_path.is_file():
                     # opening read-write needs room for SQLite's -wal/-shm files: with none left, read what is
@@ -197,9 +198,23 @@ class Database:
                         raise DiskFull(f"the disk is full: cannot create the registry in {self.home} (nothing was "
                                        "changed; free some space and try again)") from None
                     return self._conn
-                raise IntegrityError(f"registry database {self.db_path} is unreadable: {exc}") from None
+                raise failure from None
             self._conn = conn
         return self._conn
+
+    def _open_failure(self, exc: sqlite3.DatabaseError) -> LoraplexError:
+        """What SQLite's failure to read registry.db means. "unable to open database file" hides the OS
+        error: a process out of file descriptors (EMFILE) is not a damaged registry, so the file is opened
+        once more here to learn the errno."""
+        if "unable to open database file" in str(exc):
+            try:
+                os.close(os.open(self.db_path, os.O_RDONLY))
+            except OSError as os_exc:
+                if os_exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return LoraplexError(f"cannot open registry database {self.db_path}: too many open files "
+                                         "(the process's limit is reached: raise `ulimit -n`)")
+                return os_error(os_exc)
+        return IntegrityError(f"registry database {self.db_path} is unreadable: {exc}")
 
     def _unwritable(self) -> str | None:
         """What of the registry this process cannot write (its home directory, registry.db, SQLite's -wal or

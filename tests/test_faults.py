@@ -160,3 +160,41 @@ def test_a_new_registry_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypat
     monkeypatch.setattr(database.sqlite3, "connect", lambda *a, **k: Full(connect(*a, **k)))
     with pytest.raises(DiskFull, match="the disk is full: cannot create the registry in"):
         Registry(tmp_path / "new")._db()  # the first write opens it read-write, creating the schema
+
+
+def test_a_process_out_of_file_descriptors_is_not_a_damaged_registry(cli, seeded, monkeypatch):
+    """SQLite says "unable to open database file" whatever the reason; under `ulimit -n` at its limit the
+    registry was called "unreadable", as if damaged. The OS error behind it is named."""
+    import errno
+    import os
+    import sqlite3
+
+    import loraplex.registry.database as database
+    from loraplex.errors import IntegrityError, LoraplexError
+    from loraplex.registry.store import Registry
+
+    connect, real_open = sqlite3.connect, os.open
+
+    class NoFiles:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, *a):
+            raise sqlite3.OperationalError("unable to open database file")
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    def no_descriptor(path, *a, **k):
+        if str(path).endswith("registry.db"):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(database.sqlite3, "connect", lambda *a, **k: NoFiles(connect(*a, **k)))
+    monkeypatch.setattr(database.os, "open", no_descriptor)
+    with pytest.raises(LoraplexError, match="too many open files .*ulimit -n") as got:
+        Registry(cli.home)._db()
+    assert not isinstance(got.value, IntegrityError)
+    monkeypatch.setattr(database.os, "open", real_open)  # the file opens: SQLite's reason stands, as damage
+    with pytest.raises(IntegrityError, match="is unreadable: unable to open database file"):
+        Registry(cli.home)._db()
