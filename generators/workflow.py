@@ -132,7 +132,7 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
     """Fit a generator on registered adapters and store it; returns its summary."""
     validate_name(name, KIND)
     entry, cfg = _parse_config(method, config)
-    if any(c.name == name for c in reg.list_components(KIND)):
+    if reg.has_component(KIND, name):
         raise AlreadyExists(f"a generator named {name!r} already exists")
     if adapters is not None and not list(adapters):  # [] is not "all": leave it out for every trained adapter
         raise UserInputError("the adapter list is empty: name at least 2 adapters, or leave it out for every "
@@ -299,8 +299,8 @@ def summary(rec) -> dict[str, Any]:
             "recon_mse": m.get("recon_mse"), "fit_seconds": m.get("fit_seconds"), "created_at": rec.created_at}
 
 
-def list_generators(reg) -> list[dict[str, Any]]:
-    return [summary(r) for r in reg.list_components(KIND)]
+def list_generators(reg, damaged: list[str] | None = None) -> list[dict[str, Any]]:
+    return [summary(r) for r in reg.list_components(KIND, damaged=damaged)]
 
 
 def remove(reg, name: str):

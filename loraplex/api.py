@@ -318,10 +318,10 @@ def generate_adapter(description: str, *, generator: str, name: str,
 
 
 @_checked
-def list_generators(settings: Settings | None = None) -> list[dict[str, Any]]:
-    """The stored generators' summaries."""
+def list_generators(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list[dict[str, Any]]:
+    """The stored generators' summaries (`damaged`: as `list_routers`)."""
     from loraplex.generators import workflow
-    return workflow.list_generators(open_registry(settings))
+    return workflow.list_generators(open_registry(settings), damaged=damaged)
 
 
 @_checked
@@ -387,9 +387,10 @@ def evaluate_router(name: str, *, settings: Settings | None = None, **options: A
 
 
 @_checked
-def list_routers(settings: Settings | None = None) -> list[Any]:
-    """The stored routers' records."""
-    return open_registry(settings).list_components("router")
+def list_routers(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list[Any]:
+    """The stored routers' records (`damaged`: a list that collects the damaged records' messages, which
+    are then left out instead of failing the listing)."""
+    return open_registry(settings).list_components("router", damaged=damaged)
 
 
 @_checked
@@ -400,7 +401,7 @@ def show_router(name: str, settings: Settings | None = None) -> dict[str, Any]:
 
 @_checked
 def remove_router(name: str, settings: Settings | None = None):
-    """Remove a stored router."""
+    """Remove a stored router (its record; None when the record was damaged, removed all the same)."""
     return open_registry(settings).remove_component("router", name)
 
 

@@ -228,8 +228,10 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
                 report.problems.append("stored signatures are damaged (wrong size or not finite)")
     except IntegrityError as exc:  # a damaged dimension or signature: named, and the caches are not rebuilt
         report.problems.append(str(exc))
-    comps = reg.list_components("router") + reg.list_components("generator")
-    report.counts["components"] = len(comps)
+    damaged: list[str] = []
+    comps = reg.list_components("router", damaged=damaged) + reg.list_components("generator", damaged=damaged)
+    report.problems.extend(damaged)  # named, and the other components still checked
+    report.counts["components"] = len(comps) + len(damaged)
     for c in comps:
         try:
             reg.read_blob(c.blob)

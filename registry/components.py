@@ -62,7 +62,9 @@ class Components:
                 )
         return self.get_component(kind, name)
 
-    def _components(self, where: str, params: Sequence[Any]) -> list[ComponentRecord]:
+    def _components(self, where: str, params: Sequence[Any], damaged: list[str] | None = None) -> list[ComponentRecord]:
+        """The records selected, in order; a damaged one raises IntegrityError naming it, or, with `damaged`
+        given, is left out and its message appended there (a listing shows the rest), as adapters' are."""
         conn = self._db(create=False)
         if conn is None:
             return []
@@ -71,10 +73,15 @@ class Components:
             f"FROM components {where} ORDER BY id", params).fetchall()
         out = []
         for r in rows:
-            with stored_record(f"{r[1]} {r[2]!r}"):
-                out.append(ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4], config=json.loads(r[5]),
-                                           blob=r[6], members=tuple(json.loads(r[7])), metrics=json.loads(r[8]),
-                                           extra=json.loads(r[9]), created_at=r[10]))
+            try:
+                with stored_record(f"{r[1]} {r[2]!r}"):
+                    out.append(ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4],
+                                               config=json.loads(r[5]), blob=r[6], members=tuple(json.loads(r[7])),
+                                               metrics=json.loads(r[8]), extra=json.loads(r[9]), created_at=r[10]))
+            except IntegrityError as exc:
+                if damaged is None:
+                    raise
+                damaged.append(str(exc))
         return out
 
     def get_component(self, kind: str, name: str) -> ComponentRecord:
@@ -83,8 +90,15 @@ class Components:
             raise ComponentNotFound(f"no {kind} named {name!r} in the registry at {self.home}")
         return recs[0]
 
-    def list_components(self, kind: str) -> list[ComponentRecord]:
-        return self._components("WHERE kind = ?", (kind,))
+    def has_component(self, kind: str, name: str) -> bool:
+        """Whether a record of that kind and name exists, damaged or not."""
+        conn = self._db(create=False)
+        return conn is not None and conn.execute(
+            "SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone() is not None
+
+    def list_components(self, kind: str, damaged: list[str] | None = None) -> list[ComponentRecord]:
+        """The records of `kind`; `damaged`: see `_components`."""
+        return self._components("WHERE kind = ?", (kind,), damaged)
 
     def load_component(self, kind: str, name: str) -> tuple[ComponentRecord, dict[str, Any]]:
         """The record and its tensors (hash verified)."""
@@ -99,13 +113,28 @@ class Components:
             raise IntegrityError(f"{kind} {name!r}: its weights cannot be read ({exc})") from None
         return rec, tensors
 
-    def remove_component(self, kind: str, name: str) -> ComponentRecord:
+    def remove_component(self, kind: str, name: str) -> ComponentRecord | None:
+        """Delete a component's record, then its blob unless shared. None: a damaged record (see `registry
+        check`), removed all the same (what its damage message tells the user to do)."""
         with self.write_lock(), self._writing(f"remove {kind} {name!r}"):
-            rec = self.get_component(kind, name)
+            try:
+                rec = self.get_component(kind, name)
+            except IntegrityError:
+                row = self._db().execute("SELECT id, blob FROM components WHERE kind = ? AND name = ?",
+                                         (kind, name)).fetchone()
+                with self.transaction() as c:
+                    c.execute("DELETE FROM components WHERE id = ?", (row[0],))
+                if isinstance(row[1], str) and len(row[1]) == 64 and all(ch in "0123456789abcdef" for ch in row[1]):
+                    self.delete_unreferenced_blobs([row[1]])  # a damaged blob id names no file to delete
+                return None
             with self.transaction() as c:
                 c.execute("DELETE FROM components WHERE id = ?", (rec.id,))
             self.delete_unreferenced_blobs([rec.blob])
         return rec
 
     def components_using(self, adapter: str) -> list[ComponentRecord]:
-        return [c for kind in ("router", "generator") for c in self.list_components(kind) if adapter in c.members]
+        """The routers and generators built over `adapter`. A damaged component record is passed over (its
+        own removal is what its damage message asks for), so it blocks neither this adapter's removal nor
+        the listing of the others."""
+        return [c for kind in ("router", "generator") for c in self.list_components(kind, damaged=[])
+                if adapter in c.members]

@@ -139,12 +139,11 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
 
 def _generator_of(reg, base: str | None, name: str | None):
     """The generator to use: the named one, or the newest of `base` (None when there is none)."""
-    gens = reg.list_components(GENERATOR)
     if name is not None:
-        for g in gens:
-            if g.name == name:
-                return g
-        raise UserInputError(f"auto: no generator named {name!r} in the registry")
+        if not reg.has_component(GENERATOR, name):
+            raise UserInputError(f"auto: no generator named {name!r} in the registry")
+        return reg.get_component(GENERATOR, name)  # a damaged record: IntegrityError naming it
+    gens = reg.list_components(GENERATOR, damaged=[])  # a damaged one is passed over: `registry check` names it
     gens = [g for g in gens if base is None or g.base == base]
     return max(gens, key=lambda g: g.created_at) if gens else None
 

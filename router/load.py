@@ -258,7 +258,7 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
         try:
             return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts, labels=labels)
         except ComponentNotFound:
-            known = ", ".join(c.name for c in reg.list_components("router")) or "none"
+            known = ", ".join(c.name for c in reg.list_components("router", damaged=[])) or "none"
             raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "
                                     f"(stored routers: {known}; or --router retrieval)") from None
     if not adapters:

@@ -124,7 +124,7 @@ class Engine:
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
                 for r in reg.list_adapters(base=self.base_name, damaged=damaged)]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
-                for c in reg.list_components("router") if c.base == self.base_name]
+                for c in reg.list_components("router", damaged=damaged) if c.base == self.base_name]
         return out
 
     def resolve(self, model: str) -> Target:
@@ -139,7 +139,7 @@ class Engine:
             if rec.base != self.base_name:
                 raise ModelUnknown(f"adapter {model!r} is of base {rec.base!r}; this server serves {self.base_name!r}")
             return Target("adapter", model)
-        if any(c.name == model for c in reg.list_components("router")):
+        if reg.has_component("router", model):  # a damaged record fails here, naming itself (a 503)
             if reg.get_component("router", model).base != self.base_name:
                 raise ModelUnknown(f"router {model!r} routes another base; this server serves {self.base_name!r}")
             return Target("router", model)
@@ -151,15 +151,15 @@ class Engine:
         gen = self.reg().stamp()  # the state, not only the count of writes (a registry.db restored from a backup)
         if gen == self._generation and not self._stale:
             return
-        self._generation = gen
         reg = self.reg()
         sound = reg.list_adapters(base=self.base_name, damaged=[])  # a damaged record fails its own requests only
         self._stale = self.slots.forget({r.name: r.blob for r in sound}, keep)
-        routers = {c.name: c.id for c in reg.list_components("router")}
+        routers = {c.name: c.id for c in reg.list_components("router", damaged=[])}  # a damaged one: dropped
         for name in list(self._routers):
             if routers.get(name) != self._routers[name][0]:
                 del self._routers[name]
         self._tasks.clear()
+        self._generation = gen  # last: a sync that failed midway is done again by the next request
 
     def task_of(self, adapter: str):
         if adapter not in self._tasks:

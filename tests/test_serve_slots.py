@@ -217,3 +217,38 @@ def test_a_failed_allocation_is_a_503_not_an_internal_error():
         err = api_error(exc)
         assert err.status == 503 and "internal error" not in err.message, (exc, err.message)
     assert api_error(RuntimeError("shape mismatch")).status == 500
+
+
+def test_one_damaged_router_record_fails_only_its_own_requests(engine, settings, cli):
+    """A router record damaged in registry.db made /v1/models, every router, unloads and the server's
+    start fail, and `router remove` could not remove it (sweep 19): it is left out and named, the rest
+    served, and removing it works as its message says."""
+    import sqlite3
+
+    from loraplex.errors import IntegrityError
+    from loraplex.registry.store import Registry
+    from loraplex.serve.engine import Engine
+
+    reg = Registry(settings.home)
+    base = engine.base_name
+    for name in ("r-good", "r-bad"):
+        reg.put_component("router", name, method="token-gate", base=base, config={},
+                          tensors={"w": torch.zeros(2)}, members=["flights-lora"])
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("UPDATE components SET config = '{bad' WHERE name = 'r-bad'")
+    fresh = Engine(settings, max_loras=2)  # a server starting over the damaged record
+    assert {m["id"] for m in fresh.models() if m["kind"] == "router"} == {"r-good"}
+    assert fresh.resolve("r-good").kind == "router"
+    with pytest.raises(IntegrityError, match="router 'r-bad': its stored record is damaged"):
+        fresh.resolve("r-bad")
+    engine._generation = ""  # a running server reading the registry anew (as after any write)
+    engine.sync(set())  # its adapters still answer
+    assert engine._generation and engine.gates([_route("sports-lora")]) is not None
+    assert reg.components_using("flights-lora")[0].name == "r-good"
+    r = cli("router", "list", "--home", str(settings.home))
+    assert r.exit_code == 0 and "r-good" in r.stdout and r.stderr.count("warning: ") == 1, r.output
+    rep = cli("registry", "check", "--home", str(settings.home))
+    assert rep.exit_code != 0 and "router 'r-bad': its stored record is damaged" in rep.output
+    r = cli("router", "remove", "r-bad", "--home", str(settings.home))
+    assert r.exit_code == 0 and "removed router r-bad (its record was damaged)" in r.stdout, r.output
+    assert [c.name for c in reg.list_components("router")] == ["r-good"]

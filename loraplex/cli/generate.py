@@ -72,7 +72,10 @@ def list_(home: Home = None, json: Json = False) -> None:
     from loraplex import api
 
     s = settings(home)
-    rows = api.list_generators(s)
+    damaged: list[str] = []
+    rows = api.list_generators(s, damaged=damaged)
+    for why in damaged:  # one damaged record does not hide the others
+        out.warn(why)
     if json:
         out.emit_json(rows)
         return
@@ -102,4 +105,4 @@ def remove(name: Annotated[str, typer.Argument(help="Generator name.")], home: H
     from loraplex import api
 
     rec = api.remove_generator(name, settings(home))
-    out.line(f"removed generator {rec.name}")
+    out.line(f"removed generator {name}" + ("" if rec is not None else " (its record was damaged)"))

@@ -108,7 +108,10 @@ def list_(home: Home = None, json: Json = False) -> None:
     from loraplex import api
 
     s = settings(home)
-    recs = api.list_routers(s)
+    damaged: list[str] = []
+    recs = api.list_routers(s, damaged=damaged)
+    for why in damaged:  # one damaged record does not hide the others
+        out.warn(why)
     rows = [{"name": r.name, "method": r.method, "base": r.base, "adapters": ", ".join(r.members) or "(own experts)",
              "routing": r.metrics.get("routing_accuracy"), "accuracy": r.metrics.get("accuracy"),
              "created": r.created_at} for r in recs]
@@ -145,4 +148,4 @@ def remove(name: Annotated[str, typer.Argument(help="Router name.")], home: Home
     from loraplex import api
 
     rec = api.remove_router(name, settings(home))
-    out.line(f"removed router {rec.name}")
+    out.line(f"removed router {name}" + ("" if rec is not None else " (its record was damaged)"))
