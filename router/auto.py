@@ -69,6 +69,11 @@ from loraplex.tasks import validate_description
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
+CANDIDATES_MAX_BYTES = 64 * 2**20
+"""Past this size candidates.jsonl takes no more requests (each answer's reason says so): the log is for a
+person to read and turn into tasks, and requests must not grow a server's disk without bound."""
+LOGGED_CHARS = 2000
+"""A logged request's text is cut to this many characters (its full length is kept beside it)."""
 
 
 NO_GENERATOR_THRESHOLD = 0.27
@@ -270,10 +275,15 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
     logged (None when they were), which their answers' reasons then say."""
     if not decisions or is_worker():
         return None
+    path = reg.home / CANDIDATES_FILE
     try:
-        with reg.write_lock(), open(reg.home / CANDIDATES_FILE, "a", encoding="utf-8") as f:
+        with reg.write_lock(), open(path, "a", encoding="utf-8") as f:
+            if f.tell() >= CANDIDATES_MAX_BYTES:
+                return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
+                        f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
             for d in decisions:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "query": d.text,
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
                                     "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
     except (LockUnavailable, RegistryBusy, DiskFull, OSError) as exc:
         return f"not logged as a candidate new task: {getattr(exc, 'strerror', None) or exc}"

@@ -62,7 +62,7 @@ MAX_HOST_LORAS = 1_000_000
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
                  max_loras: int = 16, host_loras: int = 256, events: Events | None = None,
-                 auto: dict[str, Any] | None = None):
+                 auto: dict[str, Any] | None = None, writes_adapters: bool = True):
         if not 1 <= max_loras <= MAX_LORAS:
             raise UserInputError(f"--max-loras must be from 1 to {MAX_LORAS:,} (got {max_loras})")
         if not 1 <= host_loras <= MAX_HOST_LORAS:
@@ -74,6 +74,7 @@ class Engine:
         self.settings = settings or Settings.load()
         self.events = events or Events()
         self.max_loras = max_loras
+        self.writes_adapters = writes_adapters  # serve --no-lora-updates: auto does not register adapters either
         self._local = threading.local()
         ref = resolve_base(base or self._default_base(router))
         self.lb = load_base(ref, self.settings)
@@ -195,7 +196,8 @@ class Engine:
         knows, or the bare base (the request is logged as a candidate new task). Each route carries the
         decision and why. Requests deciding at the same time share one embedding pass and one search
         (`Gathered`); an adapter is written in its own request's thread. `forwarded`: a backend generates
-        (--backend), which cannot serve an adapter written here, so a generate decision routes instead.
+        (--backend), which cannot serve an adapter written here, so a generate decision routes instead, as
+        it does on a server that registers no adapters (`writes_adapters` False: serve --no-lora-updates).
         `labels`: the label set the texts are to be answered with; adapters trained on it rank higher."""
         if not texts:
             return []
@@ -205,6 +207,9 @@ class Engine:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
                                         "not have adapters written here, so it is routed to the registered ones")
+            elif d.action == "generate" and not self.writes_adapters:
+                d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but this server registers no adapters "
+                                        "(--no-lora-updates), so it is routed to the registered ones")
             elif d.action == "generate":
                 with self._writing:
                     d = auto_router.written_for(self.reg(), self.settings, d, self.auto_config)

@@ -74,7 +74,7 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
     Scheduler.check(max_batch, max_wait_ms)  # before the base loads
     metrics = Metrics()
     engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics,
-                    auto=auto)
+                    auto=auto, writes_adapters=lora_updates)
     scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
     return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend,
                       lora_updates=lora_updates, loopback_only=loopback_only), engine

@@ -77,6 +77,34 @@ def test_with_a_backend_a_generate_decision_routes_and_writes_nothing(toy_regist
     assert reg.count() == n + 1
 
 
+def test_a_server_without_lora_updates_registers_no_generated_adapter(toy_registry, tiny_bert):
+    """`serve --no-lora-updates` kept the load/unload endpoints off, while `auto` still registered an adapter
+    for every request it generated for (sweep 19): it routes them, and says why."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto=BETWEEN, writes_adapters=False)
+    before = registry_state(s.home)
+    [r] = engine.auto([TEXTS[0]])
+    assert r.decision == "route" and "--no-lora-updates" in r.reason and r.adapters[0][0] == "flights-lora"
+    assert registry_state(s.home) == before
+
+
+def test_the_candidate_log_is_bounded(toy_registry, monkeypatch):
+    """Every request the base answered was appended whole to candidates.jsonl, without bound (sweep 19):
+    a request's text is cut, and past the log's size no more are taken, each answer saying so."""
+    import json
+
+    s, reg = toy_registry
+    d = auto_router.Decision(text="x" * 5000, action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
+    assert auto_router.log_candidates(reg, [d]) is None
+    [logged] = [json.loads(x) for x in (reg.home / auto_router.CANDIDATES_FILE).read_text().splitlines()]
+    assert len(logged["query"]) == auto_router.LOGGED_CHARS and logged["chars"] == 5000
+    monkeypatch.setattr(auto_router, "CANDIDATES_MAX_BYTES", 100)
+    size = (reg.home / auto_router.CANDIDATES_FILE).stat().st_size
+    assert "has reached its" in auto_router.log_candidates(reg, [d])
+    assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size == size
+
+
 def test_a_slow_decision_holds_up_no_other_request(toy_registry, tiny_bert, monkeypatch):
     """auto's generator is held mid-write; a request naming an adapter is answered meanwhile (the
     decision runs in its request's worker, not on the batching thread), then the held one finishes."""

@@ -20,7 +20,7 @@ def serve(
     max_loras: Annotated[int, typer.Option("--max-loras", help="Adapters resident at once (the rest load on demand, LRU).")] = 16,
     host_loras: Annotated[int, typer.Option("--host-loras", help="Adapters kept in host memory once read (LRU).")] = 256,
     backend: Annotated[Optional[str], typer.Option("--backend", help="An OpenAI-compatible server that generates; loraplex chooses the adapter.")] = None,
-    lora_updates: Annotated[bool, typer.Option("--lora-updates/--no-lora-updates", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter to change the registry (vLLM keeps them behind VLLM_ALLOW_RUNTIME_LORA_UPDATING).")] = True,
+    lora_updates: Annotated[bool, typer.Option("--lora-updates/--no-lora-updates", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter to change the registry (vLLM keeps them behind VLLM_ALLOW_RUNTIME_LORA_UPDATING), and `auto` to register the adapters it generates (off: it routes those requests).")] = True,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="An option of `auto` KEY=VALUE (repeatable), e.g. route_threshold=0.4.")] = None,
     home: Home = None,
 ) -> None:
