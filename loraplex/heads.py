@@ -53,6 +53,8 @@ class Head(Protocol):
 
     def scores(self, model, tokenizer, texts: Sequence[str], task: "Task") -> "torch.Tensor": ...  # (N, L)
 
+    def text_budget(self, tokenizer, task: "Task | None") -> int: ...  # tokens of a text `scores` reads; the rest is cut
+
     def loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task") -> "torch.Tensor": ...
 
     def scored_loss(self, model, tokenizer, texts: Sequence[str], y: "torch.Tensor", task: "Task"
@@ -75,6 +77,13 @@ class EncoderConfig(Options):
     """Sentence pooling: mean (sentence-transformers default) or cls."""
 
 
+def cuts(head: Head, tokenizer, text: str, task: "Task | None") -> bool:
+    """Whether `head` scoring `text` on `task` reads only its start (more tokens than `text_budget`)."""
+    budget = head.text_budget(tokenizer, task)
+    part = clip_text(text, budget + 1)  # a text past what budget + 1 tokens can hold is cut whatever it says
+    return part != text or len(tokenizer(part, add_special_tokens=False)["input_ids"]) > budget
+
+
 @HEADS.register("encoder", EncoderConfig, summary="nearest label embedding (sentence encoders)")
 class EncoderHead:
     embeds = True
@@ -83,6 +92,10 @@ class EncoderHead:
     def __init__(self, config: EncoderConfig):
         self.config = config
         self._anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {texts: (L, D)}
+
+    def text_budget(self, tokenizer, task=None) -> int:
+        """Tokens of a text read: max_length less the tokenizer's own ([CLS], [SEP]); the rest is cut."""
+        return self.config.max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
     def _tokenize(self, model, tokenizer, texts: Sequence[str]):
         n = self.config.max_length
@@ -293,7 +306,8 @@ class CausalHead:
                 raise err.about("labels") if task.source == "query" else err
             seen.add(tuple(task.labels))
 
-    def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
+    def _frame(self, tokenizer, task: "Task | None") -> tuple[list[int], list[int], int]:
+        """The prompt's tokens before and after the text, and how many of the text's tokens fit between."""
         head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True)["input_ids"]
         tail = tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
         room = self.config.max_length - len(tail) - 8 - MIN_TEXT_TOKENS  # what the description may take
@@ -301,7 +315,14 @@ class CausalHead:
             desc = tokenizer(task.description, add_special_tokens=True)["input_ids"]
             sep = tokenizer("\n\nText: ", add_special_tokens=False)["input_ids"]
             head = desc[: max(1, room - len(sep))] + sep
-        budget = max(8, self.config.max_length - len(head) - len(tail) - 8)
+        return head, tail, max(8, self.config.max_length - len(head) - len(tail) - 8)
+
+    def text_budget(self, tokenizer, task=None) -> int:
+        """Tokens of a text `scores` reads for `task` (what its prompt leaves of max_length); the rest is cut."""
+        return self._frame(tokenizer, task)[2]
+
+    def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
+        head, tail, budget = self._frame(tokenizer, task)
         body = tokenizer(clip_text(text, budget), add_special_tokens=False)["input_ids"][:budget]
         return head + body + tail
 

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraplex.errors import out_of_memory
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
+from loraplex.serve.classify import check_answerable
 from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.protocol import (
@@ -296,6 +297,11 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
         return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(LoraplexError)
+    async def _library_error(request, exc: LoraplexError):  # as its HTTP error, with no traceback in the log
+        err = cx.error(exc)                                  # (the Exception handler's errors are re-raised to it)
+        return JSONResponse(err.body(), status_code=err.status)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
         return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
@@ -514,6 +520,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         texts, labels = req.texts(), req.label_set()
         await run_in_threadpool(_within_context, engine, texts)
         routes = await cx.decided(target, texts, labels)
+        check_answerable(routes if target.kind == "auto" else None, labels)
         # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
         # batching thread with the others, and stops at the next piece once its client has gone
         res: list[Any] = []

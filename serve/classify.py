@@ -51,7 +51,7 @@ def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route
     if texts:
         scores = _scores(engine, texts, routes, tasks, keep)
         for k in set(owner):
-            out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]))
+            out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]), engine.cut(texts[i], tasks[i]))
                       for i in range(len(texts)) if owner[i] == k]
     return out
 
@@ -69,6 +69,19 @@ def chunks(routes: Sequence[Route], fits: Callable[[set[str]], bool]) -> list[li
         out[-1].append(i)
         used |= need
     return out
+
+
+def check_answerable(routes: Sequence[Route] | None, labels: Sequence[str] | None) -> None:
+    """Before any forward: without `labels`, an input `auto` passed to the bare base has no label set to
+    answer with. A 400 naming the first such input and how many there are (not one input of 2,048 failing
+    the request after every other was scored)."""
+    fell = [i for i, r in enumerate(routes or ()) if not r.adapters]
+    if labels or not fell:
+        return
+    more = f" (and {len(fell) - 1} more of {len(routes)})" if len(fell) > 1 else ""
+    raise UserInputError(f"input {fell[0]}{more}: auto passed it to the bare base, which has no label set to "
+                         f"classify with (give labels): {routes[fell[0]].reason or 'no adapter is registered for this base'}"
+                         ).about("labels")
 
 
 def _label_task(engine: Engine, r: Route, tg: Target, labels: Sequence[str] | None, made: dict[Any, Any]):
@@ -128,7 +141,8 @@ def _classify_router(engine: Engine, texts: list[str], name: str, labels: Sequen
     for rows in _groups(tasks):
         s, _ = rm.scores_and_routes([texts[i] for i in rows], tasks[rows[0]])
         for j, i in enumerate(rows):
-            out[i] = _labelled(tasks[i], s[j], {"adapters": top_adapters(rm.experts, routes[i].weights)})
+            out[i] = _labelled(tasks[i], s[j], {"adapters": top_adapters(rm.experts, routes[i].weights)},
+                               engine.cut(texts[i], tasks[i]))
     return out
 
 
@@ -140,7 +154,8 @@ def _groups(keys: Sequence[Any]) -> list[list[int]]:
     return list(out.values())
 
 
-def _labelled(task, scores: torch.Tensor, routing: dict[str, Any]) -> dict[str, Any]:
+def _labelled(task, scores: torch.Tensor, routing: dict[str, Any], cut: bool) -> dict[str, Any]:
+    """One answer; `truncated`: the head read only the text's start (what its context leaves for it)."""
     p = torch.softmax(scores.float(), -1).tolist()
     return {"task": task.name, "label": task.labels[int(np.argmax(p))],
-            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "routing": routing}
+            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "truncated": cut, "routing": routing}

@@ -37,7 +37,7 @@ from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
 from loraplex.errors import LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
-from loraplex.heads import chat_ids, head_for, token_text
+from loraplex.heads import chat_ids, cuts, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
@@ -286,6 +286,11 @@ class Engine:
 
     def n_tokens(self, text: str) -> int:
         return len(self.front(text, add_special_tokens=True)["input_ids"])
+
+    def cut(self, text: str, task) -> bool:
+        """Whether classifying `text` on `task` reads only its start (`heads.cuts`; called on the batching
+        thread, whose tokenizer this is)."""
+        return cuts(self.head, self.tokenizer, text, task)
 
     # ---- generation ------------------------------------------------------------------------------
     def _eos(self) -> list[int]:

@@ -78,6 +78,21 @@ def test_heads_score_and_learn(kind, request, settings):
     assert accuracy(head, lb.model, lb.tokenizer, TASK, "train")["accuracy"] == 1.0
 
 
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
+def test_text_budget_is_what_scoring_reads(kind, request, settings):
+    """A text's tokens past `text_budget` change no score (what the server's `truncated` reports), while
+    one more token within it may: the budget is the head's, not a guess."""
+    lb = load_base(str(request.getfixturevalue(kind)), settings)
+    head = head_for(lb)
+    n = head.text_budget(lb.tokenizer, TASK)
+    words = ["flight", "late", "goal", "match"]
+    text = " ".join(words[i % 4] for i in range(n))  # one token a word in the toy tokenizer
+    assert len(lb.tokenizer(text, add_special_tokens=False)["input_ids"]) == n
+    with torch.no_grad():
+        s = head.scores(lb.model, lb.tokenizer, [text, text + " goal goal goal", " ".join(text.split()[:-1])], TASK)
+    assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])
+
+
 def test_causal_generation_without_labels(tiny_llama, settings):
     lb = load_base(str(tiny_llama), settings)
     head = head_for(lb)

@@ -199,7 +199,12 @@ def test_classify_labels_with_adapters_auto_and_a_router(http):
         for item in body["data"]:
             assert item["label"] in ("good", "bad") and abs(sum(item["scores"].values()) - 1) < 1e-4
     auto = http.post("/v1/classify", json={"model": "auto", "input": "match goal team sport"}).json()
-    assert auto["data"][0]["task"] == "sports"
+    assert auto["data"][0]["task"] == "sports" and auto["data"][0]["truncated"] is False
+    # a text within the context but past what the head reads (192 tokens less its prompt): answered from
+    # its start, and the answer says so (sweep 19: it was cut without a word)
+    for model in ("flights-lora", "ctg"):
+        r = http.post("/v1/classify", json={"model": model, "input": ["flight late", "flight late " * 100]})
+        assert [d["truncated"] for d in r.json()["data"]] == [False, True], r.text
     # a label set named by the request answers on every kind of model, the bare base's included
     for model in ("flights-lora", "auto", "ctg", http.get("/health").json()["base"]):
         r = http.post("/v1/classify", json={"model": model, "input": ["flight late", "goal"], "labels": ["always", "never"]})

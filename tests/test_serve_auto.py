@@ -4,6 +4,8 @@ object says which happened and why."""
 
 import json
 
+import httpx
+
 import openai
 
 from tests.serve_util import llama_home, serving  # noqa: F401 (a fixture)
@@ -22,6 +24,12 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
                                         max_tokens=3, temperature=0)
         foreign = client.completions.create(model="auto", prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
         base = client.completions.create(model=_base(client), prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
+        # without labels, the inputs auto passes to the base cannot be classified: a 400 naming the first and
+        # counting them, before any forward (sweep 19: "this input", one of 2,048, after all were scored)
+        r = httpx.post(url + "/v1/classify", json={"model": "auto", "input": [
+            "flight plane gate seat crew bag delayed late lost great", "qqq zzz xxyyzz", "zzz qqq"]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "labels", r.text
+        assert r.json()["error"]["message"].startswith("input 1 (and 1 more of 3): auto passed it to the bare base")
     r_fit, r_foreign = fit.model_extra["routing"], foreign.model_extra["routing"]
     assert r_fit["decision"] == "route" and r_fit["adapters"][0]["name"] == "flights-lora"
     assert "route threshold" in r_fit["reason"]
@@ -29,7 +37,7 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
     assert "no-generator threshold" in r_foreign["reason"]  # no generator stored: route or base
     assert foreign.choices[0].text == base.choices[0].text  # the bare base answered
     logged = [json.loads(x)["query"] for x in log.read_text().splitlines()[len(before):]]
-    assert logged == ["qqq zzz xxyyzz"]
+    assert logged == ["qqq zzz xxyyzz", "qqq zzz xxyyzz", "zzz qqq"]  # a request auto's decision fell to the base
 
 
 def _base(client) -> str:
