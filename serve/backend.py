@@ -1,8 +1,9 @@
 """`--backend URL`: loraplex chooses the adapter, another OpenAI-compatible server generates.
 
 The request goes on unchanged but for `model` (the chosen adapter, or the base's name), and the
-answer comes back with loraplex's `routing` object added (to the body, or to the last chunk of a
-stream). vLLM serves the adapters by name with `--enable-lora --lora-modules NAME=DIR ...` and the
+answer comes back in the shape the server gives without a backend: `model` the name the client asked for
+(`routing["model"]`), and loraplex's `routing` object on the body, or on a stream's chunk that carries the
+finish reason (the backend's own `routing`, a loraplex backend's, replaced). vLLM serves the adapters by name with `--enable-lora --lora-modules NAME=DIR ...` and the
 base under the same name with `--served-model-name` (see the README).
 """
 
@@ -65,6 +66,9 @@ class Backend:
                 if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
                     raise APIError(502, f"the backend answered 200 with no completion (no 'choices' list): "
                                         f"{json.dumps(data)[:120]}")
+                data.pop("routing", None)
+                if "model" in data:
+                    data["model"] = routing["model"]
                 data["routing"] = routing
                 return JSONResponse(data)
             req = self.client.build_request("POST", self.url + path, json=body)
@@ -82,9 +86,10 @@ class Backend:
         return StreamingResponse(self._relay(resp, routing), media_type="text/event-stream")
 
     async def _relay(self, resp: httpx.Response, routing: dict[str, Any]):
-        """The backend's events as they come, one chunk held back so the last one carries the routing."""
+        """The backend's events as they come, named by the model asked for, the routing on the chunk with the
+        finish reason; one chunk is held back, so a stream without one gets the routing on its last."""
         held: dict | None = None
-        done = False
+        done = routed = False
         try:
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -97,11 +102,19 @@ class Backend:
                     chunk = json.loads(payload)
                 except ValueError:
                     continue
+                if not isinstance(chunk, dict):
+                    continue
+                chunk.pop("routing", None)
+                if "model" in chunk:
+                    chunk["model"] = routing["model"]
+                if any(isinstance(c, dict) and c.get("finish_reason") for c in chunk.get("choices") or ()):
+                    chunk["routing"], routed = routing, True
                 if held is not None:
                     yield f"data: {json.dumps(held)}\n\n"
                 held = chunk
             if held is not None:
-                held["routing"] = routing
+                if not routed:
+                    held["routing"] = routing
                 yield f"data: {json.dumps(held)}\n\n"
             if not done:  # the backend closed without its [DONE]: the answer may be cut, so it ends in an error
                 yield f"data: {json.dumps(APIError(502, f'the backend {self.url} ended its stream without [DONE]: the answer may be incomplete').body())}\n\n"

@@ -141,12 +141,19 @@ def test_backend_forwarding_chooses_here_and_generates_there(llama_home, tiny_ll
         kw = dict(prompt="match goal team sport", max_tokens=5, temperature=0)
         r = fc.completions.create(model="auto", **kw)
         chosen = r.model_extra["routing"]["adapters"][0]["name"]
-        assert chosen == "sports-lora" and r.model == "sports-lora"  # the backend answered for the adapter
+        assert chosen == "sports-lora" and r.model == "auto"  # named as asked, as without a backend (sweep 19)
         assert r.choices[0].text == bc.completions.create(model=chosen, **kw).choices[0].text
-        chunks = list(fc.chat.completions.create(model="ctg", messages=[{"role": "user", "content": "goal"}],
-                                                 max_tokens=4, temperature=0, stream=True))
-        assert chunks[-1].model_extra["routing"]["kind"] == "router"
-        assert chunks[-1].model_extra["routing"]["adapters"][0]["name"] in ("flights-lora", "sports-lora")
+        # a stream as the server gives it without a backend: every chunk named as asked, this server's routing
+        # (not the backend's own) on the chunk with the finish reason, the usage chunk after it without
+        for c in (fc, bc):
+            chunks = list(c.chat.completions.create(model="ctg", messages=[{"role": "user", "content": "goal"}],
+                                                    max_tokens=4, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}))
+            assert {k.model for k in chunks} == {"ctg"} and not chunks[-1].choices and chunks[-1].usage
+            [fin] = [k for k in chunks if k.choices and k.choices[0].finish_reason]
+            assert fin.model_extra["routing"]["kind"] == "router" and fin.model_extra["routing"]["model"] == "ctg"
+            assert fin.model_extra["routing"]["adapters"][0]["name"] in ("flights-lora", "sports-lora")
+            assert "routing" not in chunks[-1].model_extra
     with serving(s, base=str(tiny_llama), backend=f"http://127.0.0.1:{free_port()}") as lonely:
         r = httpx.post(lonely + "/v1/completions", json={"model": "auto", "prompt": "x"}, timeout=30)
         assert r.status_code == 502 and "cannot be reached" in r.json()["error"]["message"]
