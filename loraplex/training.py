@@ -242,14 +242,34 @@ def _task_groups(batch: Sequence[Row]) -> dict[str, list[int]]:
     return groups
 
 
-class EvalSampler(DistributedSampler):
-    """Each row once over all processes: rank r of W reads rows r, r + W, r + 2W, ... in order.
+PADDING = "\0padding"
+"""The task name of an evaluation loader's padding rows (no task can be named so): scored by nobody."""
 
-    Lightning gives a validation loader a DistributedSampler under DDP, which pads the shards to one
-    length by repeating rows, so the summed validation counts would count a repeated row twice (24 + 1
-    rows on 2 processes: 26). Lightning keeps a sampler that already is a DistributedSampler; this one
-    reads the process group when it is iterated (the loader is made before DDP starts), so the shards
-    may differ by one row (validation has no collective per batch; the counts meet once at the end)."""
+
+class _EvalRows:
+    """Evaluation rows; an index past them is a padding row (`PADDING`), which `EvalSampler` hands out so
+    that every process reads as many batches as the others."""
+
+    def __init__(self, rows: Sequence[Row]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i] if i < len(self.rows) else Row("", 0, PADDING)
+
+
+class EvalSampler(DistributedSampler):
+    """Each row once over all processes: rank r of W reads rows r, r + W, r + 2W, ... in order, and the
+    shards are made one length with padding rows (indices past the rows: `_EvalRows`) that validation skips.
+
+    Lightning gives a validation loader a DistributedSampler under DDP, which pads the shards by repeating
+    rows, so the summed validation counts counted a repeated row twice (3 rows on 2 processes: 4). The shards
+    must stay one length: each process's first forward in validation synchronises DDP's buffers, so a process
+    with a batch fewer would leave the others waiting. Lightning keeps a sampler that already is a
+    DistributedSampler; this one reads the process group when it is iterated (the loader is made before DDP
+    starts)."""
 
     def __init__(self, n: int):
         super().__init__(range(n), num_replicas=1, rank=0, shuffle=False)
@@ -259,7 +279,8 @@ class EvalSampler(DistributedSampler):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return range(dist.get_rank(), self.n, dist.get_world_size())
+            world = dist.get_world_size()
+            return range(dist.get_rank(), -(-self.n // world) * world, world)
         return range(self.n)
 
     def __iter__(self):
@@ -274,7 +295,7 @@ def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: in
     each row read once over all processes, `EvalSampler`)."""
     rows = list(rows)
     if not shuffle:
-        return DataLoader(rows, batch_size=batch_size, sampler=EvalSampler(len(rows)), collate_fn=list,
+        return DataLoader(_EvalRows(rows), batch_size=batch_size, sampler=EvalSampler(len(rows)), collate_fn=list,
                           num_workers=0, drop_last=False)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=gen,
@@ -514,6 +535,8 @@ class ContinualModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         batch = [as_row(r) for r in batch]
         for t, rows in _task_groups(batch).items():
+            if t == PADDING:  # EvalSampler's: keeps the processes' batch counts equal, counted by nobody
+                continue
             if self.on_task_forward is not None:
                 self.on_task_forward(t)
             scores = self.head.scores(self.model, self.tokenizer, [batch[i].text for i in rows], self.tasks[t])

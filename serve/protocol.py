@@ -44,10 +44,12 @@ class _Body(BaseModel):
 # name -> the values (besides null) that mean "not asked for", of those exact JSON types; anything else is
 # refused by name (so `n: true` or `n: 1.0` are refused like `n: 2`)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": (), "tool_choice": (), "functions": (),
-    "function_call": (), "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0, 0.0),
+    # an empty tool list and tool_choice "none" ask for no tool call, which is all loraplex makes
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0), "best_of": (1,), "echo": (False,), "suffix": (), "parallel_tool_calls": (),
-    "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": (),
+    "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (),
+    "service_tier": ("auto", "default"),  # OpenAI's default tier: nothing asked of a server that has one
     # OpenAI's default "text" asks for nothing; "store: false" and empty metadata neither (nothing is stored)
     "store": (False,), "metadata": ({},), "web_search_options": (), "verbosity": (), "prompt_cache_key": (),
     "safety_identifier": (), "moderation": (), "prompt_cache_options": (), "prompt_cache_retention": (),
@@ -59,9 +61,9 @@ MESSAGE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-NULLABLE = ("temperature", "top_p", "stream")
-"""Generation fields OpenAI's API takes as null (meaning its default); the others with a default of None
-(max_tokens, seed, stop, user) take null as they are."""
+NULLABLE = ("temperature", "top_p", "stream", "trace")
+"""Generation fields OpenAI's API takes as null (meaning its default), and loraplex's own `trace` alike;
+the others with a default of None (max_tokens, seed, stop, user) take null as they are."""
 
 
 def _not_asked(value: Any, defaults: tuple[Any, ...]) -> bool:

@@ -279,6 +279,15 @@ def test_stream_options_and_empty_defaults(llama_http):
     assert ok.status_code == 200, ok.text
     _error(h.post("/v1/completions", json={**body, "stream": False, "logit_bias": {"5": 10}}), 400, "logit_bias",
            "unsupported")
+    # what client libraries fill in by default asks for nothing loraplex lacks (sweep 19: each was a 400)
+    chat = {"model": "flights-lora", "max_tokens": 2, "messages": [{"role": "user", "content": "late"}]}
+    for extra in ({"tools": []}, {"tool_choice": "none"}, {"functions": [], "function_call": "none"},
+                  {"service_tier": "auto"}, {"service_tier": "default"}, {"trace": None}):
+        ok = h.post("/v1/chat/completions", json={**chat, **extra})
+        assert ok.status_code == 200, (extra, ok.text)
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice"), ({"service_tier": "flex"}, "service_tier")):
+        _error(h.post("/v1/chat/completions", json={**chat, **extra}), 400, param, "unsupported")
 
 
 def test_a_name_taken_meanwhile_is_about_lora_name(bert_registry, http, peft_dirs, monkeypatch):

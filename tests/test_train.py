@@ -183,3 +183,26 @@ def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp
     r = cli("eval", "t1", "--limit", "4")
     want = f"the label texts of {f} changed since adapter 't1' was trained (label 'good': 'good' -> 'great')"
     assert r.exit_code == 2 and want in r.stderr, r.output
+
+
+@pytest.mark.parametrize("n, world", [(3, 2), (4, 2), (1, 2), (130, 3)])
+def test_evaluation_rows_are_read_once_in_shards_of_one_length(monkeypatch, n, world):
+    """Under DDP each validation row is scored by one process only (Lightning's sampler repeated rows to
+    pad the shards, and the summed counts counted them twice), while every process reads as many rows, and
+    so as many batches: DDP synchronises buffers at each process's first validation forward."""
+    import torch.distributed as dist
+
+    from loraplex.training import PADDING, Row, make_loader
+
+    rows = [Row(f"text {i}", 0, "t") for i in range(n)]
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        shards.append([r for batch in make_loader(rows, 64, shuffle=False) for r in batch])
+    assert len({len(s) for s in shards}) == 1  # one length
+    read = sorted(r.text for s in shards for r in s if r.task != PADDING)
+    assert read == sorted(r.text for r in rows)  # every row once
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert [r for b in make_loader(rows, 64, shuffle=False) for r in b] == rows  # one process: all, in order
