@@ -201,7 +201,9 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     _plain_routes(app, cx)
     _generation_routes(app, cx)
     _extension_routes(app, cx)
-    return Guard(app, metrics, api_key, loopback_only)
+    guard = Guard(app, metrics, api_key, loopback_only)
+    guard.stop_in = cx.stop_in  # serve/server.py calls it when a stop signal arrives
+    return guard
 
 
 @dataclass
@@ -213,6 +215,18 @@ class _Context:
     metrics: Metrics
     fwd: Backend | None
     lora_updates: bool = True  # /v1/load_lora_adapter and /v1/unload_lora_adapter may change the registry
+    stop_at: float | None = None  # time.monotonic() by which requests still running end (the server is stopping)
+
+    def stop_in(self, seconds: float) -> None:
+        """The server is stopping: requests still running past `seconds` from now end with a 503 (a stream:
+        an error event, then [DONE]) instead of being cut when the server's own grace period runs out."""
+        self.stop_at = time.monotonic() + seconds
+
+    def stopped(self) -> APIError | None:
+        """The error a running request ends with once the server's stop has come, or None."""
+        if self.stop_at is None or time.monotonic() < self.stop_at:
+            return None
+        return APIError(503, "the server is shutting down: this request did not finish in its grace period")
 
     def updating(self, endpoint: str) -> None:
         """Refuse a registry change over HTTP when the server was started with --no-lora-updates (403)."""
@@ -256,6 +270,9 @@ class _Context:
                 if await request.is_disconnected():
                     job.cancelled = True
                     raise APIError(499, "the client closed the connection")
+            if (stop := self.stopped()) is not None:  # the server is stopping and this request's time is up
+                job.cancelled = True
+                raise stop
             if ev is None:
                 continue
             if ev[0] == "token":
@@ -386,7 +403,7 @@ async def _generate(cx: _Context, request: Request, chat: bool):
         return await _forward(cx, request, raw, req.model, target, text, routes)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
-    answer = _Answer(req, target, chat, len(ids), cx.error)
+    answer = _Answer(req, target, chat, len(ids), cx.error, cx.stopped)
     if not req.stream:
         res, tokens = await cx.wait(job, request)
         return answer.whole(res, tokens)
@@ -444,9 +461,10 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
 class _Answer:
     """A generation's answer in OpenAI's shapes: whole (`whole`) or as server-sent events (`events`)."""
 
-    def __init__(self, req, target: Target, chat: bool, n_prompt: int, error):
+    def __init__(self, req, target: Target, chat: bool, n_prompt: int, error, stopped):
         self.req, self.target, self.chat, self.n_prompt = req, target, chat, n_prompt
         self.error = error  # a library error as its APIError (_Context.error)
+        self.stopped = stopped  # the error a stream ends with once the server's stop has come (_Context.stopped)
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                      "model": req.model}
 
@@ -483,7 +501,13 @@ class _Answer:
             if self.chat:
                 yield _sse({**chunk, "choices": [self.choice("", None, first=True)]})
             while True:
-                ev = await job.events.get()
+                try:
+                    ev = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
+                except asyncio.TimeoutError:
+                    ev = ("wait", None)
+                if (stop := self.stopped()) is not None:  # the server is stopping: end it in words, not cut
+                    yield _sse(stop.body())
+                    break
                 if ev[0] == "delta" and ev[1]:
                     yield _sse({**chunk, "choices": [self.choice(ev[1], None)]})
                 elif ev[0] == "token":

@@ -65,6 +65,25 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
+GRACE_S = 60
+"""uvicorn's graceful shutdown: how long requests still running may go on after a stop signal."""
+
+
+class Stopping(uvicorn.Server):
+    """uvicorn's server, telling the app when a stop signal (Ctrl-C, SIGTERM) arrives: requests still
+    running 5 s before the grace period ends finish with a 503 (a stream: an error event and [DONE]),
+    where uvicorn would cancel them, cutting a stream mid-answer and logging the cancellation's traceback."""
+
+    def __init__(self, config: uvicorn.Config, app):
+        super().__init__(config)
+        self.app_stop_in = getattr(app, "stop_in", None)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.app_stop_in is not None and not self.should_exit:
+            self.app_stop_in(max(0.0, GRACE_S - 5.0))
+        super().handle_exit(sig, frame)
+
+
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
           max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
           backend: str | None = None, auto: dict | None = None, lora_updates: bool = True,
@@ -140,9 +159,9 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60, access_log=False,
-                            http=HeaderDeadline)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S,
+                            access_log=False, http=HeaderDeadline)
+    server = Stopping(config, app)
     try:
         server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the Ctrl-C or SIGTERM it caught, once it has

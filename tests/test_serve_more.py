@@ -321,3 +321,38 @@ def test_a_termination_a_library_swallowed_is_not_lost(settings):
                 pass
     finally:
         errors._TERMINATION.clear()
+
+
+def test_requests_running_at_a_stop_end_in_words(llama_home, tiny_llama):
+    """A generation still running when a stop signal's grace period ran out was cut mid-stream (no error
+    event, no [DONE]) and the server logged the cancellation's traceback (sweep 19). Once the app's stop
+    time comes, a stream ends with an error event and [DONE], and a waiting request is a 503."""
+    import uvicorn
+
+    from loraplex.serve.server import Stopping, build
+
+    s, _ = llama_home
+    app, _ = build(s, base=str(tiny_llama))
+    port = free_port()
+    server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while not server.started:
+            assert th.is_alive() and time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        body = {"model": "flights-lora", "prompt": "late", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(x for x in lines if x.startswith("data:"))
+            assert "text_completion" in first
+            app.stop_in(0)  # what a stop signal does, its grace period already over
+            rest = [x for x in lines if x.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest[-3:]
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=60)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+    finally:
+        server.should_exit = True
+        th.join(30)
