@@ -195,7 +195,8 @@ def test_a_backend_is_sent_a_registered_adapter_for_a_generate_decision(llama_ho
     assert r.status_code == 200, r.text
     routing = r.json()["routing"]
     assert routing["decision"] == "route" and "generator 'gen'" in routing["reason"] and "backend" in routing["reason"]
-    assert r.json()["model"] == routing["adapters"][0]["name"] == routing["nearest"] == "sports-lora"
+    assert routing["adapters"][0]["name"] == routing["nearest"] == "sports-lora"
+    assert r.json()["model"] == routing["model"] == "auto"  # named as asked, as without a backend
     assert registry_state(s.home) == before
 
 
