@@ -85,25 +85,44 @@ class Backend:
             raise self._failed(resp.status_code, data)
         return StreamingResponse(self._relay(resp, routing), media_type="text/event-stream")
 
+    @staticmethod
+    async def _events(resp: httpx.Response):
+        """The data of each server-sent event: consecutive `data:` lines joined by newlines up to the blank
+        line that ends the event (an event's JSON may span several lines); other fields are skipped."""
+        data: list[str] = []
+        async for line in resp.aiter_lines():
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+            elif line.startswith("data:"):
+                data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
+        if data:
+            yield "\n".join(data)
+
     async def _relay(self, resp: httpx.Response, routing: dict[str, Any]):
         """The backend's events as they come, named by the model asked for, the routing on the chunk with the
-        finish reason; one chunk is held back, so a stream without one gets the routing on its last."""
+        finish reason; one chunk is held back, so a stream without one gets the routing on its last. An event
+        that is not a chunk (not JSON, or the backend's own error) ends the stream with an error event naming
+        the backend, as its failures are 502s elsewhere."""
         held: dict | None = None
         done = routed = False
+        failed: str | None = None
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for payload in self._events(resp):
+                if payload.strip() == "[DONE]":
                     done = True
                     break
                 try:
                     chunk = json.loads(payload)
                 except ValueError:
-                    continue
-                if not isinstance(chunk, dict):
-                    continue
+                    chunk = None
+                if not isinstance(chunk, dict) or "error" in chunk:
+                    err = chunk.get("error") if isinstance(chunk, dict) else None
+                    said = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+                    failed = (f"the backend {self.url} failed mid-stream: {said}" if said else
+                              f"the backend {self.url} sent an event that is not a completion chunk: {payload[:120]!r}")
+                    break
                 chunk.pop("routing", None)
                 if "model" in chunk:
                     chunk["model"] = routing["model"]
@@ -113,9 +132,13 @@ class Backend:
                     yield f"data: {json.dumps(held)}\n\n"
                 held = chunk
             if held is not None:
-                if not routed:
+                if not routed and failed is None:
                     held["routing"] = routing
                 yield f"data: {json.dumps(held)}\n\n"
+            if failed is not None:
+                yield f"data: {json.dumps(APIError(502, failed).body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if not done:  # the backend closed without its [DONE]: the answer may be cut, so it ends in an error
                 yield f"data: {json.dumps(APIError(502, f'the backend {self.url} ended its stream without [DONE]: the answer may be incomplete').body())}\n\n"
                 return

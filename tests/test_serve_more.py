@@ -239,7 +239,20 @@ def _fake_backend():
         async def cut():
             yield 'data: {"choices": [{"index": 0, "text": "half"}]}\n\n'
 
-        return StreamingResponse(cut(), media_type="text/event-stream")
+        async def split():  # one event's JSON over two data: lines (SSE joins them with a newline)
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            yield 'data: {"choices": [{"index": 0,\ndata:  "text": "B"}]}\n\n'
+            yield 'data: {"choices": [{"index": 0, "text": "C", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
+        async def failing():
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            yield 'data: {"error": {"message": "backend blew up", "code": 500}}\n\ndata: [DONE]\n\n'
+
+        async def garbled():
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\ndata: {not json\n\ndata: [DONE]\n\n'
+
+        streams = {"split": split, "failing": failing, "garbled": garbled}
+        return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -274,6 +287,16 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
         events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
         assert "[DONE]" not in events and "ended its stream without [DONE]" in events[-1], events
         assert json.loads(events[0])["routing"]["level"] == "request"
+        # sweep 19: an event over several data: lines was dropped (its text lost, the answer ending "stop"), and
+        # the backend's own error event passed through as it was, with this server's routing on it
+        events = [ln[5:].strip() for ln in ask("split", stream=True).text.splitlines() if ln.startswith("data:")]
+        assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "C"] and events[-1] == "[DONE]"
+        for prompt, said in (("failing", "failed mid-stream: backend blew up"),
+                             ("garbled", "sent an event that is not a completion chunk")):
+            events = [ln[5:].strip() for ln in ask(prompt, stream=True).text.splitlines() if ln.startswith("data:")]
+            err = json.loads(events[-2])
+            assert events[-1] == "[DONE]" and said in err["error"]["message"] and back[:-3] in err["error"]["message"]
+            assert "routing" not in err and json.loads(events[0])["choices"][0]["text"] == "A", events
 
 
 @pytest.mark.slow
