@@ -55,7 +55,7 @@ from pydantic import Field, ValidationError
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
-from loraplex.errors import DiskFull, LockUnavailable, RegistryBusy, UserInputError
+from loraplex.errors import DiskFull, IntegrityError, LockUnavailable, RegistryBusy, UserInputError
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -123,6 +123,7 @@ class Decision:
     nearest: str | None  # the adapter with the best score
     generator: str | None = None
     hits: list[Hit] = field(default_factory=list)  # the base's nearest adapters, best first
+    written: str | None = None  # a carried-out "generate": the adapter written (or reused) for the request
 
 
 def parse_config(config: dict[str, Any] | None) -> AutoConfig:
@@ -241,26 +242,54 @@ def generated_name(text: str, generator: str) -> str:
     return "auto-" + hashlib.sha256(f"{generator}\0{text}".encode()).hexdigest()[:12]
 
 
+NAME_TRIES = 8
+"""Names `written_for` tries for one request's adapter (`auto-<hash>`, then `-2`, ...) past adapters it did
+not write that hold them."""
+
+
+def _written_by(reg, name: str, d: Decision, generator_blob: str) -> bool:
+    """Whether adapter `name` is what this generator (these very weights: `generator_blob`) wrote for this
+    request's text: only then is it reused. A name is predictable, so an adapter registered under it by
+    anyone else (`load_lora_adapter`, an earlier generator of the same name) must not answer as written."""
+    try:
+        rec = reg.get_adapter(name)
+    except IntegrityError:  # a damaged record holds the name: not this request's adapter
+        return False
+    return (rec.origin == "generated" and rec.description == d.text and rec.extra.get("generator") == d.generator
+            and rec.extra.get("generator_blob") == generator_blob)
+
+
 def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
-    reused when the same request comes again), or, when the generator refuses, a "base" decision saying why."""
-    name = generated_name(d.text, d.generator)
+    reused when the same request comes again and the same generator wrote it), or, when the generator
+    refuses, a "base" decision saying why."""
     try:
         validate_description(d.text, "request text")  # what the adapter would be stored and found by
     except UserInputError as exc:
         return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
                         d.margin, d.nearest, hits=d.hits)
+    blob = reg.get_component(GENERATOR, d.generator).blob
+    first = generated_name(d.text, d.generator)
     try:
-        if not reg.has_adapter(name):
-            generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
-                     label_task=True, max_distance=cfg.generator_max_distance)
+        for i in range(1, NAME_TRIES + 1):
+            name = first if i == 1 else f"{first}-{i}"
+            if not reg.has_adapter(name):
+                generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
+                         label_task=True, max_distance=cfg.generator_max_distance)
+                break
+            if _written_by(reg, name, d, blob):
+                break
+        else:
+            return Decision(d.text, "base", f"{d.reason}; but the names {first!r} to '-{NAME_TRIES}' that auto "
+                            "writes this request's adapter under are held by adapters it did not write",
+                            d.similarity, d.margin, d.nearest, hits=d.hits)
     except OutOfRange as exc:
         return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
                         d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
-                    d.similarity, d.margin, d.nearest, d.generator, hits=d.hits)
+                    d.similarity, d.margin, d.nearest, d.generator, hits=d.hits, written=name)
 
 
 def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:
@@ -311,7 +340,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         d = decisions[i] = written_for(reg, settings, d, cfg)
         if d.action != "generate":
             continue
-        name = generated_name(d.text, d.generator)
+        name = d.written
         rm = load_bank(reg, [name], settings)
         task = rm.expert_tasks[0]  # its name, as every other answer gives (its ref may be a file's path)
         out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0],

@@ -216,7 +216,7 @@ class Engine:
             if d.action == "route":
                 adapters = auto_router.route_weights(d, self.retrieval)
             elif d.action == "generate":
-                adapters = [(auto_router.generated_name(d.text, d.generator), 1.0)]
+                adapters = [(d.written, 1.0)]
             else:
                 adapters = []
             out.append(Route(adapters, decision=d.action, reason=d.reason, nearest=d.nearest))

@@ -40,6 +40,35 @@ def test_generated_for_the_request_registered_with_lineage_and_reused(toy_regist
     assert routed["decision"] == "route" and routed["adapters"][0]["name"] == name
 
 
+def test_an_adapter_planted_under_the_predictable_name_is_not_taken_for_written(toy_registry):
+    """`auto-<hash>` is predictable: an adapter registered under it by someone else (or left by an earlier
+    generator of that name) answered a generate decision as if the generator had written it (sweep 19). Only
+    the generator's own output for this text, from these generator weights, is reused."""
+    from loraplex.registry.record import AdapterDraft
+    from loraplex.registry.signatures import description_embedding
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    planted = auto.generated_name(TEXT, "gen")
+    other = reg.get_adapter("music-lora")
+    _, weights = reg.load_adapter(other)
+    reg.add_adapter(AdapterDraft(name=planted, base=other.base, base_sha=other.base_sha, family=other.family,
+                                 description="anything at all", task=other.task, origin="imported", spec=other.spec),
+                    weights, embedding=description_embedding(reg, "anything at all"), embedder=reg.embedder_name)
+    [r] = auto.answer(reg, s, [TEXT], BETWEEN)
+    assert r["decision"] == "generate" and r["adapters"][0]["name"] == planted + "-2", r
+    rec = reg.get_adapter(planted + "-2")
+    assert rec.origin == "generated" and rec.description == TEXT
+    [again] = auto.answer(reg, s, [TEXT], BETWEEN)  # its own adapter is reused, the planted one never
+    assert again["adapters"][0]["name"] == planted + "-2"
+    # a generator fitted anew under the same name does not reuse what the old one wrote (asked to generate:
+    # by now the text itself routes to the adapter written for it, as any similar request would)
+    workflow.remove(reg, "gen")
+    workflow.fit(reg, s, "gen", method="sg-lora", adapters=["flights-lora", "music-lora"], config=FAST)
+    d = auto.Decision(TEXT, "generate", "asked", 0.3, 0.0, "flights-lora", generator="gen")
+    assert auto.written_for(reg, s, d, auto.parse_config(BETWEEN)).written == planted + "-3"
+
+
 def test_a_refusing_generator_falls_back_and_registers_nothing(toy_registry):
     s, reg = toy_registry
     workflow.fit(reg, s, "picky", method="sg-lora", config=FAST)
