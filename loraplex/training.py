@@ -294,10 +294,10 @@ def make_loader(rows: Sequence[Row], batch_size: int, *, shuffle: bool, seed: in
     """Training rows (shuffle=True; Lightning shards them under DDP) or evaluation rows (shuffle=False:
     each row read once over all processes, `EvalSampler`)."""
     rows = list(rows)
+    gen = torch.Generator().manual_seed(seed)  # its own: iterating a loader draws a seed, never from the global RNG
     if not shuffle:
         return DataLoader(_EvalRows(rows), batch_size=batch_size, sampler=EvalSampler(len(rows)), collate_fn=list,
-                          num_workers=0, drop_last=False)
-    gen = torch.Generator().manual_seed(seed)
+                          num_workers=0, drop_last=False, generator=gen)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=gen,
                       collate_fn=list, num_workers=0, drop_last=False)
 
