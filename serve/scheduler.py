@@ -228,8 +228,9 @@ class Scheduler:
                 waiting += items
                 continue
             take, rest = items[:room], items[room:]
+            rows: list = []  # this lane's (a failure must not touch another lane's rows, nor find none bound)
             try:
-                b = running or self.engine.batch(lane)
+                b = running or self.engine.batch(lane)  # a router that cannot load fails its requests only
                 rows = [self._row(j, lane) for j, _ in take]
                 if lane == "bank":
                     pinned = self._pinned()

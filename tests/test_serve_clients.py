@@ -235,3 +235,37 @@ def test_a_trace_names_byte_pieces_instead_of_replacement_characters():
                           convert_ids_to_tokens=lambda i: names[i])
     fake = SimpleNamespace(tokenizer=tok)
     assert [Engine.token_text(fake, i) for i in (1, 2, 3)] == [" \\xf0\\x9f", "<0xE2>", "ok"]
+
+
+def test_a_router_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_llama, monkeypatch):
+    """A completion naming a router whose model could not be made (a damaged blob, memory) killed the
+    batching thread (UnboundLocalError), or left the rows admitted beside it without owners, hanging
+    (sweep 19). It fails alone; the others, admitted in the same step, are answered, and later ones too."""
+    from loraplex.errors import IntegrityError
+    from loraplex.serve.engine import Engine
+
+    s, _ = llama_home
+    real = Engine.batch
+
+    def broken(self, lane):
+        if lane.startswith("router"):
+            raise IntegrityError("router 'ctg': blob 6d587f2222ea does not match its sha256")
+        return real(self, lane)
+
+    monkeypatch.setattr(Engine, "batch", broken)
+    with serving(s, base=str(tiny_llama), max_wait_ms=300) as url, httpx.Client(base_url=url, timeout=60) as h:
+        out: dict[str, httpx.Response] = {}
+
+        def ask(model):
+            out[model] = h.post("/v1/completions", json={"model": model, "prompt": "late", "max_tokens": 2,
+                                                         "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in ("sports-lora", "ctg", "flights-lora")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert out["ctg"].status_code == 503 and "ctg" in out["ctg"].text, out["ctg"].text
+        assert out["sports-lora"].status_code == 200 and out["flights-lora"].status_code == 200, out
+        assert h.get("/health").status_code == 200
+        assert h.post("/v1/completions", json={"model": "sports-lora", "prompt": "x", "max_tokens": 1}).status_code == 200
