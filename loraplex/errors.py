@@ -118,13 +118,12 @@ class OutOfMemory(LoraplexError):
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is a failed allocation: MemoryError, or torch's RuntimeError for one (CUDA's
-    OutOfMemoryError, the CPU allocator's "can't allocate memory", MPS's "out of memory")."""
-    if isinstance(exc, MemoryError):
+    """Whether `exc` is a failed allocation: MemoryError, torch's OutOfMemoryError (CUDA), or an error
+    saying so (the CPU allocator's "can't allocate memory", MPS's "out of memory", a loader's own)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                              or "not enough memory" in text)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 class MissingDependency(LoraplexError):

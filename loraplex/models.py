@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from loraplex.allocator import keep_heap
-from loraplex.errors import DiskFull, LoraplexError, MissingDependency, ModelNotFound
+from loraplex.errors import DiskFull, LoraplexError, MissingDependency, ModelNotFound, out_of_memory
 from loraplex.settings import Settings
 
 if TYPE_CHECKING:
@@ -471,11 +471,6 @@ def _converted_smollm2(settings: Settings) -> Path:
         raise ModelNotFound(f"cannot convert the embedded SmolLM2 into {where}: {_load_failure(exc)}") from None
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    text = str(exc)
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
-
-
 def _damaged(exc: BaseException) -> bool:
     """A load failure that says the files are damaged or missing (not memory, not a bug)."""
     text = str(exc)
@@ -483,8 +478,13 @@ def _damaged(exc: BaseException) -> bool:
             or "weights file lacks" in text)
 
 
-def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBase:
-    """A fresh copy of the base model (adapters injected into it do not leak into later loads)."""
+def load_base(ref: BaseRef | str, settings: Settings | None = None, *, share_weights: bool = False) -> LoadedBase:
+    """A fresh copy of the base model (adapters injected into it do not leak into later loads).
+
+    `share_weights`: the copy's modules are its own (inject and eject as you like) but its parameters and
+    buffers are the loaded model's own tensors, not copies: for models that only ever read the base's
+    weights (a server's routers: each held a full copy, 520 MB per SmolLM2 router). Never merge into such
+    a copy or train its base weights: every other sharing copy would see it."""
     settings = settings or Settings.load()
     if isinstance(ref, str):
         ref = resolve_base(ref)
@@ -496,7 +496,7 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
     try:
         model, tok = _pristine(ref.name, ref.family, str(path), device, str(dtype).removeprefix("torch."))
     except _load_errors() as exc:
-        if _out_of_memory(exc):  # the machine's state, not the model's files: nothing is discarded
+        if out_of_memory(exc):  # the machine's state, not the model's files: nothing is discarded
             raise LoraplexError(f"not enough memory to load base model {ref.name!r} on {device}: "
                                 f"{str(exc).splitlines()[0][:160]}") from None
         if ref.name != "smollm2" or not _damaged(exc):
@@ -509,7 +509,8 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None) -> LoadedBas
         except _load_errors() as again:
             raise ModelNotFound(f"cannot load base model {ref.name!r} (converted into "
                                 f"{settings.cache_dir / 'models' / 'smollm2'}): {_load_failure(again)}") from None
-    model = copy.deepcopy(model)
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
+    model = copy.deepcopy(model, shared)
     return LoadedBase(ref, model, tok, fingerprint_model(model, ref.name, ref.family), settings)
 
 

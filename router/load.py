@@ -57,9 +57,11 @@ def one_name_each(loaded, owners: Sequence[str] | None, listed: str | None) -> N
     raise UserInputError(f"two adapters share task {twice!r}; a router needs one task per adapter")
 
 
-def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together"):
+def load_members(reg, names: Sequence[str], settings, *, together: str = "routed together",
+                 share_base: bool = False):
     """Records and adapters of `names` on their common base: (LoadedBase, records, adapters). Every
-    adapter is checked against the base's fingerprint before any tensor is used."""
+    adapter is checked against the base's fingerprint before any tensor is used. `share_base`: the base's
+    weights are shared, not copied (`load_base(share_weights=True)`)."""
     if not names:
         raise UserInputError("no adapters to route over")
     if len(set(names)) != len(names):
@@ -67,7 +69,7 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
-    lb = load_base(loaded[0][0].base, settings)
+    lb = load_base(loaded[0][0].base, settings, share_weights=share_base)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:
             raise IncompatibleAdapter(
@@ -90,9 +92,10 @@ def _check_base(rec_base: str, base: str | None, what: str) -> None:
 
 
 def load_router(reg, name: str, settings, *, base: str | None = None, shortlist: int | None = None,
-                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None):
+                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None, share_base: bool = False):
     """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked:
-    retrieval's scores for `texts`, with its label term when the queries name their `labels`)."""
+    retrieval's scores for `texts`, with its label term when the queries name their `labels`). `share_base`:
+    its base's weights are the loaded base's own tensors, not a copy (a server holding many routers)."""
     rec, tensors = reg.load_component("router", name)
     _check_base(rec.base, base, f"router {name!r}")
     entry = ROUTERS.get(rec.method)
@@ -101,7 +104,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     expert_refs: list[str | None] = list(extra.get("tasks", []))
     gate_t = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
     if extra.get("joint"):
-        lb = load_base(rec.base, settings)
+        lb = load_base(rec.base, settings, share_weights=share_base)
         if lb.fingerprint.sha != extra.get("base_sha"):
             raise IncompatibleAdapter(f"router {name!r}: base {rec.base!r} has changed since it was fitted")
         specs = [LoraSpec(**s) for s in extra["expert_specs"]]
@@ -128,7 +131,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
             keep = ret.shortlist(scores if bonus is None else scores + bonus[None, :], shortlist)
             keep.sort()
         ranks = router.bank_ranks(_gate_weights(gate_t), len(members))
-        lb, recs, ads = load_members(reg, [members[i] for i in keep], settings)
+        lb, recs, ads = load_members(reg, [members[i] for i in keep], settings, share_base=share_base)
         if any(r.base != rec.base for r in recs) or (extra.get("base_sha") and lb.fingerprint.sha != extra["base_sha"]):
             raise IncompatibleAdapter(f"router {name!r} was fitted on base {rec.base!r}; its adapters are now of another base")
         inject(lb.model, ads, rank=ranks, modules=sorted(_gate_weights(gate_t)))

@@ -245,7 +245,8 @@ class Engine:
     def router_model(self, name: str):
         if name not in self._routers:
             rec = self.reg().get_component("router", name)
-            self._routers[name] = (rec.id, load_router(self.reg(), name, self.settings, base=self.base_name))
+            self._routers[name] = (rec.id, load_router(self.reg(), name, self.settings, base=self.base_name,
+                                                       share_base=True))  # frozen weights: one copy for all
         return self._routers[name][1]
 
     # ---- tokens --------------------------------------------------------------------------------

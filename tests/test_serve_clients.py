@@ -269,3 +269,26 @@ def test_a_router_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_
         assert out["sports-lora"].status_code == 200 and out["flights-lora"].status_code == 200, out
         assert h.get("/health").status_code == 200
         assert h.post("/v1/completions", json={"model": "sports-lora", "prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_routers_of_a_server_share_the_base_weights(llama_home, tiny_llama):
+    """Each router the server loaded held a full copy of the base, without bound (520 MB per SmolLM2
+    router, sweep 19): their modules are their own, their frozen base weights one set."""
+    from loraplex.router.load import load_router
+    from loraplex.serve.engine import Engine
+
+    s, _ = llama_home
+    engine = Engine(s, base=str(tiny_llama))
+    rm = engine.router_model("ctg")
+    again = load_router(engine.reg(), "ctg", s, share_base=True)
+    own = load_router(engine.reg(), "ctg", s)
+    name = "model.embed_tokens.weight"
+    p = dict(rm.lb.model.named_parameters())[name]
+    assert p.data_ptr() == dict(again.lb.model.named_parameters())[name].data_ptr()
+    assert p.data_ptr() != dict(own.lb.model.named_parameters())[name].data_ptr()
+    assert rm.lb.model is not again.lb.model  # each its own layers and gates
+    texts = ["flight late", "goal match"]
+    import numpy as np
+
+    for a, b in zip(rm.route(texts), own.route(texts)):  # the shared weights answer as a copy does
+        np.testing.assert_allclose(np.asarray(a.weights), np.asarray(b.weights), rtol=1e-5, atol=1e-6)
