@@ -283,8 +283,9 @@ class Database:
         self.close()
 
     @contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """Exclusive, re-entrant (within this object) advisory lock on the registry."""
+    def write_lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive, re-entrant (within this object) advisory lock on the registry, waited for at most
+        `timeout` seconds (default `lock_timeout`) before RegistryBusy."""
         if self._lock_depth:
             self._lock_depth += 1
             try:
@@ -297,7 +298,7 @@ class Database:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
             raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
-        deadline = time.monotonic() + self.lock_timeout
+        deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -72,6 +72,8 @@ CANDIDATES_FILE = "candidates.jsonl"
 CANDIDATES_MAX_BYTES = 64 * 2**20
 """Past this size candidates.jsonl takes no more requests (each answer's reason says so): the log is for a
 person to read and turn into tasks, and requests must not grow a server's disk without bound."""
+CANDIDATES_LOCK_S = 1.0
+"""How long logging a candidate waits for the registry's lock (held by another writer) before giving up."""
 LOGGED_CHARS = 2000
 """A logged request's text is cut to this many characters (its full length is kept beside it)."""
 
@@ -305,8 +307,8 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
     if not decisions or is_worker():
         return None
     path = reg.home / CANDIDATES_FILE
-    try:
-        with reg.write_lock(), open(path, "a", encoding="utf-8") as f:
+    try:  # best effort: an answer does not wait long for another process's write to end
+        with reg.write_lock(timeout=CANDIDATES_LOCK_S), open(path, "a", encoding="utf-8") as f:
             if f.tell() >= CANDIDATES_MAX_BYTES:
                 return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
                         f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
@@ -314,7 +316,9 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
                                     "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
-    except (LockUnavailable, RegistryBusy, DiskFull, OSError) as exc:
+    except RegistryBusy:
+        return "not logged as a candidate new task: the registry is busy (another process is writing to it)"
+    except (LockUnavailable, DiskFull, OSError) as exc:
         return f"not logged as a candidate new task: {getattr(exc, 'strerror', None) or exc}"
     return None
 

@@ -105,6 +105,20 @@ def test_the_candidate_log_is_bounded(toy_registry, monkeypatch):
     assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size == size
 
 
+def test_the_candidate_log_does_not_wait_for_another_writer(toy_registry):
+    """An answer that fell to the base waited up to the registry's 120 s lock timeout to log itself while
+    another process wrote (sweep 19): the log is best effort, given up after a moment, and the answer says so."""
+    s, reg = toy_registry
+    other = Registry(s.home)  # another writer: its own lock file descriptor
+    d = auto_router.Decision(text="zzz", action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
+    with other.write_lock():
+        t0 = time.monotonic()
+        note = auto_router.log_candidates(reg, [d])
+        assert time.monotonic() - t0 < auto_router.CANDIDATES_LOCK_S + 2
+    assert note == "not logged as a candidate new task: the registry is busy (another process is writing to it)"
+    assert auto_router.log_candidates(reg, [d]) is None  # free again: logged
+
+
 def test_a_slow_decision_holds_up_no_other_request(toy_registry, tiny_bert, monkeypatch):
     """auto's generator is held mid-write; a request naming an adapter is answered meanwhile (the
     decision runs in its request's worker, not on the batching thread), then the held one finishes."""
