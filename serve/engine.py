@@ -45,6 +45,7 @@ from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
 from loraplex.router.load import load_router
 from loraplex.settings import Settings
+from loraplex.tasks import validate_description
 from loraplex.serve import classify, decode
 from loraplex.serve.gathered import Gathered
 from loraplex.serve.slots import SlotBank
@@ -406,10 +407,15 @@ class Engine:
                 raise UserInputError(f"task {task!r}: over HTTP a task is an embedded task's name or a task file inside "
                                      "lora_path (the server reads no other file for a client)").about("task")
             task = inside
+        if description is None:  # the default names the path where a description can hold it (else a fault of
+            description = f"LoRA adapter {name}, loaded through the server from {path}"  # the path would be
+            try:                                                                          # blamed on it)
+                validate_description(description)
+            except UserInputError:
+                description = f"LoRA adapter {name}, loaded through the server"
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
-                          description=description if description is not None
-                          else f"LoRA adapter {name}, loaded through the server from {path}")
+                          description=description)
 
     def unregister(self, name: str) -> None:
         if not self.reg().has_adapter(name):

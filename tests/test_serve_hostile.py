@@ -307,7 +307,7 @@ def test_a_registry_that_cannot_be_written_is_the_servers_state(bert_registry, h
     from loraplex.errors import LockUnavailable
     from loraplex.registry.database import Database
 
-    def refused(self):
+    def refused(self, timeout=None):
         raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: Read-only file system")
 
     before = registry_state(bert_registry.home)
@@ -457,3 +457,19 @@ def test_running_out_of_file_descriptors_is_the_servers_state():
         assert more_file_descriptors(want=128) == min(128, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_load_without_description_names_the_paths_faults(bert_registry, http, peft_dirs, tmp_path):
+    """The default description is made from lora_path: a 100,000-character path was refused as a description
+    too long, and a valid adapter in a folder whose name holds U+202E as a description's bidi override,
+    both with param "description", which the client never sent (sweep 19)."""
+    import shutil
+
+    before = registry_state(bert_registry.home)
+    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/" + "a" * 100000}),
+           400, "lora_path")
+    assert registry_state(bert_registry.home) == before
+    odd = tmp_path / "rtl\u202edir"
+    shutil.copytree(peft_dirs["sports"], odd)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "odd-lora", "lora_path": str(odd)})
+    assert r.status_code == 200, r.text

@@ -112,7 +112,7 @@ def test_a_registry_that_cannot_be_written_still_answers_a_fallback(run, monkeyp
     from loraplex.errors import LockUnavailable
     from loraplex.registry.database import Database
 
-    def refused(self):
+    def refused(self, timeout=None):
         raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: Read-only file system")
 
     monkeypatch.setattr(Database, "write_lock", refused)
