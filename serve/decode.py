@@ -54,6 +54,7 @@ class GenRow:
     route: Any = None  # what the engine chose for the row (its routing summary)
     sums: Any = None  # per-adapter weight summed over the row's tokens (learned routers)
     count: int = 0  # tokens summed into `sums`
+    experts: list[str] | None = None  # a router lane's: the names of the experts of the model the row runs on
 
     def __post_init__(self) -> None:
         if self.sampling.temperature >= GREEDY_BELOW:

@@ -336,8 +336,16 @@ class Engine:
                     layer.record, layer.last_routing = False, None
             return out.logits[:, -1].float(), getattr(out, cache_kw), infos
 
-        return decode.Batch(step, pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self._eos(), decode=self.decode,
-                            device=self.lb.device)
+        b = decode.Batch(step, pad_id=self.tokenizer.pad_token_id or 0, eos_ids=self._eos(), decode=self.decode,
+                         device=self.lb.device)
+        b.source = model  # the model it runs: a router stored anew since gets a batch of its own (`current`)
+        return b
+
+    def current(self, lane: str, batch: decode.Batch) -> bool:
+        """Whether new rows may join `batch`: it runs the lane's model as the registry now has it. A router
+        removed and stored again under its name while rows generate keeps its old batch for those rows;
+        later requests wait for it to end and run on the new router."""
+        return lane == "bank" or getattr(batch, "source", None) is self.router_model(lane.split(":", 1)[1]).model
 
     def bind(self, rows: Sequence[decode.GenRow], routes: Sequence[Route], pinned: set[str]) -> bool:
         """Give bank rows their gates, loading their adapters into slots that `pinned` (the adapters of
@@ -357,7 +365,8 @@ class Engine:
             return route_summary(row.route)
         if not row.count:
             return {"adapters": []}
-        return {"adapters": top_adapters(self.router_names(lane), row.sums / max(row.count, 1))}
+        names = row.experts if row.experts is not None else self.router_names(lane)  # the model's that ran it
+        return {"adapters": top_adapters(names, row.sums / max(row.count, 1))}
 
     def router_names(self, lane: str) -> list[str]:
         return self.router_model(lane.split(":", 1)[1]).experts

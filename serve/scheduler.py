@@ -224,7 +224,12 @@ class Scheduler:
                 waiting += items               # joins until it has run (a steady flow of rows, even on adapters
                 continue                       # already loaded, kept those slots pinned and starved it)
             room = self.max_batch - (len(running) if running else 0)
-            if room <= 0 or (running is not None and not running.can_join()):
+            try:
+                stale = running is not None and not self.engine.current(lane, running)
+            except Exception as exc:  # the lane's router cannot be loaded now: its requests fail, the rest go on
+                self._fail([j for j, _ in items], exc, "generate")
+                continue
+            if room <= 0 or stale or (running is not None and not running.can_join()):
                 waiting += items
                 continue
             take, rest = items[:room], items[room:]
@@ -307,7 +312,7 @@ class Scheduler:
     def _row(self, job: Job, lane: str) -> decode.GenRow:
         experts = self.engine.router_names(lane) if lane != "bank" else None
         row = decode.GenRow(job.prompt_ids, job.sampling, emit=lambda text: job.send("delta", text),
-                            cancelled=lambda: job.cancelled, trace=job.trace)
+                            cancelled=lambda: job.cancelled, trace=job.trace, experts=experts)
 
         def on_token(tok: int, info: dict) -> None:
             if self.metrics is not None:

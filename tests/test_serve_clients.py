@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -292,3 +293,56 @@ def test_routers_of_a_server_share_the_base_weights(llama_home, tiny_llama):
 
     for a, b in zip(rm.route(texts), own.route(texts)):  # the shared weights answer as a copy does
         np.testing.assert_allclose(np.asarray(a.weights), np.asarray(b.weights), rtol=1e-5, atol=1e-6)
+
+
+def test_a_router_stored_anew_while_rows_generate_answers_later_requests(llama_home, tiny_llama, monkeypatch):
+    """A router removed and stored again under its name while a row generated with it: later requests
+    joined the old router's batch (the old model answered them) and every row's routing was named with the
+    new router's members (sweep 19). The running row keeps the old router and its names; a later request
+    runs on the new one."""
+    from loraplex.registry.store import Registry
+
+    from loraplex.serve.engine import Engine
+
+    s, _ = llama_home
+    reg = Registry(s.home)
+    real = Engine.batch
+
+    def slow(self, lane):  # a router step takes 20 ms: the long row is still running when the router changes
+        b = real(self, lane)
+        step = b.step
+
+        def slowed(*a):
+            time.sleep(0.02)
+            return step(*a)
+
+        b.step = slowed
+        return b
+
+    monkeypatch.setattr(Engine, "batch", slow)
+    with serving(s, base=str(tiny_llama), max_wait_ms=50) as url, httpx.Client(base_url=url, timeout=120) as h:
+        def ask(model, n):
+            return h.post("/v1/completions", json={"model": model, "prompt": "late flight", "max_tokens": n,
+                                                   "temperature": 0}).json()
+
+        rec, tensors = reg.load_component("router", "ctg")
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("long", ask("ctg", 200)))
+        t.start()
+        time.sleep(0.5)  # the long row runs
+        reg.remove_component("router", "ctg")  # stored again with its gates zeroed: it weighs its two adapters alike
+        zeroed = {k: (v * 0 if k.startswith("gate.") else v) for k, v in tensors.items()}
+        reg.put_component("router", "ctg", method=rec.method, base=rec.base, config=rec.config, tensors=zeroed,
+                          members=list(rec.members), metrics=rec.metrics, extra=rec.extra)
+        running = t.is_alive()
+        later = ask("ctg", 3)["routing"]["adapters"]
+        t.join(120)
+        try:
+            assert running and out["long"]["usage"]["completion_tokens"] > 30, out  # it ran across the change
+            assert [a["weight"] for a in later] == [0.5, 0.5], later  # the new router answered it
+            assert {a["name"] for a in out["long"]["routing"]["adapters"]} == set(rec.members)
+            assert [a["weight"] for a in out["long"]["routing"]["adapters"]] != [0.5, 0.5]  # the old one ran it
+        finally:
+            reg.remove_component("router", "ctg")
+            reg.put_component("router", "ctg", method=rec.method, base=rec.base, config=rec.config, tensors=tensors,
+                              members=list(rec.members), metrics=rec.metrics, extra=rec.extra)
