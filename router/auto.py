@@ -224,8 +224,8 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         gen = gens[of]
         if s1 >= cfg.generate_threshold and gen:
             out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "
-                                f"the generate threshold {cfg.generate_threshold:.3f}: written by generator "
-                                f"{gen.name!r}", s1, margin, nearest, gen.name, hits=hits))
+                                f"the generate threshold {cfg.generate_threshold:.3f}: for generator "
+                                f"{gen.name!r} to write", s1, margin, nearest, gen.name, hits=hits))
         elif not gen and s1 >= cfg.no_generator_threshold:
             out.append(Decision(t, "route", f"{said} >= no-generator threshold {cfg.no_generator_threshold:.3f} (no "
                                 "generator is stored, so the choice is route or base)", s1, margin, nearest, hits=hits))

@@ -117,7 +117,7 @@ class Backend:
                     chunk = json.loads(payload)
                 except ValueError:
                     chunk = None
-                if not isinstance(chunk, dict) or "error" in chunk:
+                if not isinstance(chunk, dict) or chunk.get("error") is not None:  # `"error": null` is no error
                     err = chunk.get("error") if isinstance(chunk, dict) else None
                     said = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
                     failed = (f"the backend {self.url} failed mid-stream: {said}" if said else

@@ -102,8 +102,9 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
         row.finish_reason = "cancelled"
     hold = 0 if row.done else max([len(x) - 1 for x in s.stop] + [0])
     safe = len(row.text) - hold
-    while safe > row.sent and row.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for it
-        safe -= 1
+    while not row.done and safe > row.sent and row.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence:
+        safe -= 1                                                                   # wait for it (at the end: sent
+                                                                                    # as the whole answer has it)
     if safe > row.sent or row.done:
         row.emit(row.text[row.sent: max(safe, row.sent)])
         row.sent = max(safe, row.sent)

@@ -124,7 +124,8 @@ class Engine:
                 "generate one with a stored generator, or answer with the base (router/auto.py)"}]
         damaged: list[str] = []  # a record damaged in the registry cannot be served: it is left out, the rest listed
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
-                for r in reg.list_adapters(base=self.base_name, damaged=damaged)]
+                for r in reg.list_adapters(base=self.base_name, damaged=damaged)
+                if r.origin != "forgetting"]  # not servable alone (resolve says why)
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
                 for c in reg.list_components("router", damaged=damaged) if c.base == self.base_name]
         return out
@@ -140,6 +141,11 @@ class Engine:
             rec = reg.get_adapter(model)
             if rec.base != self.base_name:
                 raise ModelUnknown(f"adapter {model!r} is of base {rec.base!r}; this server serves {self.base_name!r}")
+            if rec.origin == "forgetting":  # alone it is only a perturbation of the base (as `adapters export` warns)
+                under = [n for n in rec.extra.get("composition") or () if n != model]
+                raise UserInputError(f"{model!r} is a forgetting adapter: it erases {rec.task} from the composition "
+                                     f"{', '.join(under) or '(not recorded)'} and means nothing alone; the server "
+                                     "serves adapters one at a time, so it cannot be named").about("model")
             return Target("adapter", model)
         if reg.has_component("router", model):  # a damaged record fails here, naming itself (a 503)
             if reg.get_component("router", model).base != self.base_name:

@@ -346,3 +346,16 @@ def test_a_router_stored_anew_while_rows_generate_answers_later_requests(llama_h
             reg.remove_component("router", "ctg")
             reg.put_component("router", "ctg", method=rec.method, base=rec.base, config=rec.config, tensors=tensors,
                               members=list(rec.members), metrics=rec.metrics, extra=rec.extra)
+
+
+def test_a_generation_cut_inside_a_character_reads_the_same_streamed_or_whole():
+    """Cut by max_tokens inside a multi-byte character, the whole answer ended in U+FFFD and the joined
+    stream did not (the stream held the incomplete piece back for ever) (sweep 19)."""
+    from loraplex.serve.decode import GenRow, Sampling, _advance
+
+    pieces = {1: "ab", 2: "\ufffd"}  # token 2 is the first byte of a two-byte character
+    got: list[str] = []
+    row = GenRow([0], Sampling(2, 0.0, 1.0, (), None), emit=got.append)
+    for tok in (1, 2):
+        _advance(row, tok, lambda ids: "".join(pieces[i] for i in ids), set(), {})
+    assert row.finish_reason == "length" and "".join(got) == row.text == "ab\ufffd"

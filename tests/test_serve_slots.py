@@ -252,3 +252,23 @@ def test_one_damaged_router_record_fails_only_its_own_requests(engine, settings,
     r = cli("router", "remove", "r-bad", "--home", str(settings.home))
     assert r.exit_code == 0 and "removed router r-bad (its record was damaged)" in r.stdout, r.output
     assert [c.name for c in reg.list_components("router")] == ["r-good"]
+
+
+def test_a_forgetting_adapter_is_not_served_alone(engine, settings):
+    """A GS-LoRA forgetting adapter was listed in /v1/models as an adapter of its task and answered it alone,
+    with confident wrong labels (sweep 19): it only means something on top of its composition."""
+    from loraplex.errors import UserInputError
+    from loraplex.registry.record import AdapterDraft
+    from loraplex.registry.signatures import description_embedding
+    from loraplex.registry.store import Registry
+
+    reg = Registry(settings.home)
+    src = reg.get_adapter("flights-lora")
+    _, weights = reg.load_adapter(src)
+    reg.add_adapter(AdapterDraft(name="fg1", base=src.base, base_sha=src.base_sha, family=src.family,
+                                 description="forget flights", task=src.task, origin="forgetting", spec=src.spec,
+                                 extra={"composition": ["flights-lora", "sports-lora", "fg1"]}),
+                    weights, embedding=description_embedding(reg, "forget flights"), embedder=reg.embedder_name)
+    assert "fg1" not in {m["id"] for m in engine.models()}
+    with pytest.raises(UserInputError, match="'fg1' is a forgetting adapter: it erases .* flights-lora, sports-lora"):
+        engine.resolve("fg1")
