@@ -368,6 +368,7 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
         if found is None and model == "base":  # the alias requests may name for the served base (Engine.resolve)
             found = {**listed[0], "id": "base", "loraplex": {**listed[0]["loraplex"], "alias_of": listed[0]["id"]}}
         if found is None:
+            await cx.threaded(cx.engine.resolve, model)  # a model left out of the list says why (damaged, forgetting)
             raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, "
                                 "routers and auto)", param="model", code="model_not_found")
         return found
