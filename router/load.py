@@ -69,6 +69,11 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
+    for rec, _ in loaded:  # a forgetting adapter means something only on top of what it erases from
+        under = [n for n in rec.extra.get("composition") or () if n != rec.name]
+        if rec.origin == "forgetting" and any(n not in names for n in under):
+            raise UserInputError(f"{rec.name!r} is a forgetting adapter: it erases {rec.task} from the composition "
+                                 f"{', '.join(under)}; name it with them ({','.join([*under, rec.name])}), not alone")
     lb = load_base(loaded[0][0].base, settings, share_weights=share_base)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:

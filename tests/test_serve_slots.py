@@ -272,3 +272,11 @@ def test_a_forgetting_adapter_is_not_served_alone(engine, settings):
     assert "fg1" not in {m["id"] for m in engine.models()}
     with pytest.raises(UserInputError, match="'fg1' is a forgetting adapter: it erases .* flights-lora, sports-lora"):
         engine.resolve("fg1")
+    # `query --adapters fg1` (and any bank of named adapters) answered with it alone too: named with its
+    # composition it loads, alone or with part of it it is refused by name
+    from loraplex.router.load import load_members
+
+    for names in (["fg1"], ["flights-lora", "fg1"]):
+        with pytest.raises(UserInputError, match="name it with them \\(flights-lora,sports-lora,fg1\\), not alone"):
+            load_members(reg, names, settings)
+    assert len(load_members(reg, ["flights-lora", "sports-lora", "fg1"], settings)[1]) == 3
