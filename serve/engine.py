@@ -35,7 +35,7 @@ import torch
 
 from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
-from loraplex.errors import LoraplexError, NotFound, UserInputError
+from loraplex.errors import IntegrityError, LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
 from loraplex.heads import chat_ids, cuts, head_for, token_text
 from loraplex.models import load_base, resolve_base
@@ -179,8 +179,9 @@ class Engine:
     def _read(self, name: str):
         """An adapter's record and tensors from the registry (hash checked), checked against the base."""
         rec, ad = self.reg().load_adapter(name)
-        if rec.base_sha != self.lb.fingerprint.sha:
-            raise UserInputError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered")
+        if rec.base_sha != self.lb.fingerprint.sha:  # the registry's state, not the request's fault: a 503
+            raise IntegrityError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered (its "
+                                 "fingerprint differs: register the adapter again)")
         ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
         return rec, ad
 

@@ -201,8 +201,31 @@ class Scheduler:
                 if self.metrics is not None:
                     self.metrics.batch(kind, len(jobs))
                 getattr(self, f"_{kind}")(jobs, lane)
-            except Exception as exc:  # one group's failure is its own
-                self._fail(jobs, exc, kind)
+            except Exception as exc:  # one group's failure is its own, and within it one job's (an adapter
+                if kind == "classify" and len(jobs) > 1:  # that cannot load fails the requests naming it only)
+                    self._isolate(jobs, lane, exc)
+                else:
+                    self._fail(jobs, exc, kind)
+
+    def _isolate(self, jobs: list[Job], lane: str, exc: BaseException) -> None:
+        """A classification group failed together: each job again on its own, so the failure reaches only
+        the jobs it belongs to (one adapter that cannot load failed every request gathered with it)."""
+        for job in jobs:
+            try:
+                self._classify([job], lane)
+            except Exception as one:
+                self._fail([job], one, "classify")
+
+    def _unloadable(self, items: list[tuple[Job, Route | None]]) -> list[tuple[tuple[Job, Route | None], BaseException]]:
+        """The items whose adapters cannot be loaded, each with why (the others' adapters are now in host memory)."""
+        bad = []
+        for item in items:
+            try:
+                for a, _ in (item[1].adapters if item[1] is not None else ()):
+                    self.engine.slots.prepare(a)
+            except Exception as exc:
+                bad.append((item, exc))
+        return bad
 
     def _fail(self, jobs: list[Job], exc: BaseException, kind: str) -> None:
         if not isinstance(exc, LoraplexError):
@@ -260,9 +283,14 @@ class Scheduler:
                 for row in rows:
                     self._owner.pop(id(row), None)
                 gone = self._gone(take) if lane == "bank" else []
+                bad = self._unloadable(take) if lane == "bank" and not gone and len(take) > 1 else []
                 if gone:  # an adapter removed since its request came: that request fails, the others wait
                     self._fail([j for j, _ in gone], exc, "generate")
                     waiting += [item for item in take if item not in gone]
+                elif bad:  # an adapter that cannot load fails the requests that need it; the others wait
+                    for (job, _), why in bad:
+                        self._fail([job], why, "generate")
+                    waiting += [item for item in take if item not in [b for b, _ in bad]]
                 else:
                     self._fail([j for j, _ in take], exc, "generate")
             waiting += rest

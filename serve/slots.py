@@ -114,6 +114,11 @@ class SlotBank:
             self.host.popitem(last=False)
         return self.host[name]
 
+    def prepare(self, name: str) -> None:
+        """Read adapter `name` into host memory (growing the bank if it must) without taking a slot: raises
+        what loading it raises, so a failing adapter can be told from the others of a batch."""
+        self._load(name)
+
     def ensure(self, names: Sequence[str], keep: set[str] = frozenset()) -> dict[str, int]:
         """Slots of `names` (at most `size`), loading the missing ones over the least recently used
         adapter that neither `names` nor `keep` (adapters of rows still generating) holds."""

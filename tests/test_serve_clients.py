@@ -359,3 +359,38 @@ def test_a_generation_cut_inside_a_character_reads_the_same_streamed_or_whole():
     for tok in (1, 2):
         _advance(row, tok, lambda ids: "".join(pieces[i] for i in ids), set(), {})
     assert row.finish_reason == "length" and "".join(got) == row.text == "ab\ufffd"
+
+
+def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_llama, monkeypatch):
+    """One request whose adapter could not be loaded (a damaged blob, a bank that cannot grow) failed every
+    request gathered with it, the bare base's included, with an error naming that adapter (sweep 19)."""
+    from loraplex.errors import IntegrityError
+    from loraplex.serve.engine import Engine
+
+    s, _ = llama_home
+    real = Engine._read
+
+    def damaged(self, name):
+        if name == "phones-lora":
+            raise IntegrityError("blob 9ff9c43972d2 does not match its sha256: the file is damaged")
+        return real(self, name)
+
+    monkeypatch.setattr(Engine, "_read", damaged)
+    with serving(s, base=str(tiny_llama), max_wait_ms=300) as url, httpx.Client(base_url=url, timeout=60) as h:
+        base = next(m["id"] for m in h.get("/v1/models").json()["data"] if m["loraplex"]["kind"] == "base")
+        for path, extra in (("/v1/classify", {"input": "late flight", "labels": ["good", "bad"]}),
+                            ("/v1/completions", {"prompt": "late", "max_tokens": 2, "temperature": 0})):
+            out: dict[str, httpx.Response] = {}
+
+            def ask(model):
+                out[model] = h.post(path, json={"model": model, **extra})
+
+            models = ("phones-lora", "flights-lora", "sports-lora", base)
+            threads = [threading.Thread(target=ask, args=(m,)) for m in models]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert out["phones-lora"].status_code == 503 and "damaged" in out["phones-lora"].text
+            for m in models[1:]:
+                assert out[m].status_code == 200, (path, m, out[m].text)
