@@ -4,6 +4,7 @@ connections, in-flight requests finish, the batching thread drains, the port is 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 
@@ -70,7 +71,7 @@ GRACE_S = 60
 
 
 class Stopping(uvicorn.Server):
-    """uvicorn's server, telling the app when a stop signal (Ctrl-C, SIGTERM) arrives: requests still
+    """uvicorn's server, telling the app when a stop signal (Ctrl-C, SIGTERM, SIGHUP) arrives: requests still
     running 5 s before the grace period ends finish with a 503 (a stream: an error event and [DONE]),
     where uvicorn would cancel them, cutting a stream mid-answer and logging the cancellation's traceback."""
 
@@ -162,10 +163,17 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S,
                             access_log=False, http=HeaderDeadline)
     server = Stopping(config, app)
+    hup = getattr(signal, "SIGHUP", None)  # a closed terminal or SSH session: a graceful stop, as SIGTERM is
+    before = signal.getsignal(hup) if hup is not None else None  # (uvicorn takes SIGINT and SIGTERM only; the
+    if hup is not None and before is not signal.SIG_IGN:          # CLI's own handler would raise wherever the
+        signal.signal(hup, server.handle_exit)                    # event loop happened to be); nohup: ignored
     try:
         server.run(sockets=[sock])
     except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the Ctrl-C or SIGTERM it caught, once it has
         pass                                  # shut down cleanly: a service manager's stop is a normal end
+    finally:
+        if hup is not None and before is not signal.SIG_IGN:
+            signal.signal(hup, before)
     if not server.started:
         raise SystemExit(1)
     print("loraplex serve: stopped", file=sys.stderr, flush=True)
