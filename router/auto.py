@@ -270,9 +270,9 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     except UserInputError as exc:
         return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
                         d.margin, d.nearest, hits=d.hits)
-    blob = reg.get_component(GENERATOR, d.generator).blob
     first = generated_name(d.text, d.generator)
     try:
+        blob = reg.get_component(GENERATOR, d.generator).blob
         for i in range(1, NAME_TRIES + 1):
             name = first if i == 1 else f"{first}-{i}"
             if not reg.has_adapter(name):
@@ -288,6 +288,9 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     except OutOfRange as exc:
         return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
                         d.nearest, hits=d.hits)
+    except IntegrityError as exc:  # a damaged generator: the registered adapters still answer (check names it)
+        return Decision(d.text, "route", f"{d.reason}; but generator {d.generator!r} cannot be read ({exc}), so it "
+                        "is routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",

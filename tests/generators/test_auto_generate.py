@@ -69,6 +69,19 @@ def test_an_adapter_planted_under_the_predictable_name_is_not_taken_for_written(
     assert auto.written_for(reg, s, d, auto.parse_config(BETWEEN)).written == planted + "-3"
 
 
+def test_a_damaged_generator_routes_instead(toy_registry):
+    """A generator whose blob is damaged failed every request auto decided to generate for (sweep 19): it is
+    routed to the registered adapters, and the reason names the generator."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    path = reg.blob_path(reg.get_component("generator", "gen").blob)
+    path.write_bytes(path.read_bytes()[:100])
+    n = reg.count()
+    [r] = auto.answer(reg, s, [TEXT], BETWEEN)
+    assert r["decision"] == "route" and "generator 'gen' cannot be read" in r["reason"] and r["adapters"]
+    assert reg.count() == n
+
+
 def test_a_refusing_generator_falls_back_and_registers_nothing(toy_registry):
     s, reg = toy_registry
     workflow.fit(reg, s, "picky", method="sg-lora", config=FAST)
