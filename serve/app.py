@@ -550,6 +550,8 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         # batching thread with the others, and stops at the next piece once its client has gone
         res: list[Any] = []
         step = cx.scheduler.max_batch
+        several = len(texts) > step  # pieces one after another: the models they use must not change between them
+        held = await cx.threaded(engine.versions, target, routes) if several else None
         for i in range(0, len(texts), step):
             if i and await request.is_disconnected():
                 raise APIError(499, "the client closed the connection")
@@ -557,6 +559,10 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
                       routes=routes[i:i + step] if routes is not None else None)
             cx.scheduler.submit(job)
             res += (await cx.wait(job, request))[0]
+            if several and await cx.threaded(engine.versions, target, routes) != held:
+                raise APIError(409, f"{req.model!r} (or an adapter it routed to) was removed or registered anew while "
+                                    "this request ran: its answers would mix two versions; send it again",
+                               param="model", code="model_changed")
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]
         per = [d.pop("routing") for d in data]
         return {"object": "list", "model": req.model, "data": data,

@@ -169,6 +169,19 @@ class Engine:
         self._tasks.clear()
         self._generation = gen  # last: a sync that failed midway is done again by the next request
 
+    def versions(self, target: Target, routes: Sequence[Route] | None = None) -> dict[str, Any]:
+        """What identifies the version of every model a request uses (adapters' blobs, a router's record
+        id; None: gone), so a request answered in pieces can tell that one changed between them."""
+        reg = self.reg()
+        names = {a for r in routes or () for a, _ in r.adapters}
+        if target.kind == "adapter":
+            names.add(target.name)
+        out: dict[str, Any] = {n: reg.get_adapter(n).blob if reg.has_adapter(n) else None for n in sorted(names)}
+        if target.kind == "router":
+            out[f"router:{target.name}"] = (reg.get_component("router", target.name).id
+                                            if reg.has_component("router", target.name) else None)
+        return out
+
     def task_of(self, adapter: str):
         if adapter not in self._tasks:
             rec = self.reg().get_adapter(adapter)

@@ -394,3 +394,34 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tin
             assert out["phones-lora"].status_code == 503 and "damaged" in out["phones-lora"].text
             for m in models[1:]:
                 assert out[m].status_code == 200, (path, m, out[m].text)
+
+
+def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llama_home, tiny_llama, monkeypatch):
+    """A /v1/classify request worked through in pieces, whose adapter was registered anew between them, was
+    one 200 mixing the old adapter's answers and the new one's (sweep 19): it is a 409 saying so."""
+    from loraplex import api
+    from loraplex.serve.scheduler import Scheduler
+
+    s, root = llama_home
+    for name in ("flights-lora", "sports-lora"):
+        api.export(name, root / f"{name}-x", overwrite=True, settings=s)
+    api.register(root / "flights-lora-x", name="mix-lora", description="flights messages", base=str(tiny_llama),
+                 task=str(root / "flights.jsonl"), settings=s)
+    real = Scheduler._classify
+    pieces = []
+
+    def then_replace(self, jobs, lane):
+        real(self, jobs, lane)
+        pieces.append(len(jobs))
+        if len(pieces) == 1:  # after the first piece: another process registers other weights under the name
+            api.remove("mix-lora", settings=s)
+            api.register(root / "sports-lora-x", name="mix-lora", description="flights messages",
+                         base=str(tiny_llama), task=str(root / "flights.jsonl"), settings=s)
+
+    monkeypatch.setattr(Scheduler, "_classify", then_replace)
+    try:
+        with serving(s, base=str(tiny_llama), max_batch=2) as url:
+            r = httpx.post(url + "/v1/classify", json={"model": "mix-lora", "input": ["late flight"] * 5}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+    finally:
+        api.remove("mix-lora", settings=s)
