@@ -40,6 +40,21 @@ def _err(r, status, param=None, code=None):
     return err
 
 
+def _at_once(h, path: str, models, body: dict) -> dict:
+    """POST `body` naming each of `models` to `path`, all at once (threads): {model: response}."""
+    out: dict = {}
+
+    def ask(model):
+        out[model] = h.post(path, json={"model": model, **body})
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
 def test_a_stream_that_fails_after_it_began_ends_with_an_error_event(llama_url, monkeypatch):
     """The error event of a stream referred to a name out of scope: the client got the first chunk, then a
     dropped connection (NameError in the server's log)."""
@@ -84,17 +99,8 @@ def test_an_adapter_removed_while_requests_wait_fails_only_its_own(llama_home, t
         r = h.post("/v1/load_lora_adapter", json={"lora_name": "gone-lora", "lora_path": str(root / "gone-peft"),
                                                   "description": "flights messages, again"})
         assert r.status_code == 200, r.text
-        out: dict[str, httpx.Response] = {}
-
-        def ask(model):
-            out[model] = h.post("/v1/completions", json={"model": model, "prompt": "late", "max_tokens": 2,
-                                                         "temperature": 0})
-
-        threads = [threading.Thread(target=ask, args=(m,)) for m in ("gone-lora", "sports-lora", "tiny-llama")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        out = _at_once(h, "/v1/completions", ("gone-lora", "sports-lora", "tiny-llama"),
+                       {"prompt": "late", "max_tokens": 2, "temperature": 0})
     assert state["removed"]
     assert out["gone-lora"].status_code == 404 and "gone-lora" in out["gone-lora"].text
     for m in ("sports-lora", "tiny-llama"):
@@ -255,17 +261,8 @@ def test_a_router_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_
 
     monkeypatch.setattr(Engine, "batch", broken)
     with serving(s, base=str(tiny_llama), max_wait_ms=300) as url, httpx.Client(base_url=url, timeout=60) as h:
-        out: dict[str, httpx.Response] = {}
-
-        def ask(model):
-            out[model] = h.post("/v1/completions", json={"model": model, "prompt": "late", "max_tokens": 2,
-                                                         "temperature": 0})
-
-        threads = [threading.Thread(target=ask, args=(m,)) for m in ("sports-lora", "ctg", "flights-lora")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        out = _at_once(h, "/v1/completions", ("sports-lora", "ctg", "flights-lora"),
+                       {"prompt": "late", "max_tokens": 2, "temperature": 0})
         assert out["ctg"].status_code == 503 and "ctg" in out["ctg"].text, out["ctg"].text
         assert out["sports-lora"].status_code == 200 and out["flights-lora"].status_code == 200, out
         assert h.get("/health").status_code == 200
@@ -380,17 +377,8 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tin
         base = next(m["id"] for m in h.get("/v1/models").json()["data"] if m["loraplex"]["kind"] == "base")
         for path, extra in (("/v1/classify", {"input": "late flight", "labels": ["good", "bad"]}),
                             ("/v1/completions", {"prompt": "late", "max_tokens": 2, "temperature": 0})):
-            out: dict[str, httpx.Response] = {}
-
-            def ask(model):
-                out[model] = h.post(path, json={"model": model, **extra})
-
             models = ("phones-lora", "flights-lora", "sports-lora", base)
-            threads = [threading.Thread(target=ask, args=(m,)) for m in models]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            out = _at_once(h, path, models, extra)
             assert out["phones-lora"].status_code == 503 and "damaged" in out["phones-lora"].text
             for m in models[1:]:
                 assert out[m].status_code == 200, (path, m, out[m].text)
