@@ -290,8 +290,11 @@ class CausalHead:
     def _check_labels(self, tokenizer, task: "Task") -> None:
         """A label set's names must be different token sequences to this tokenizer (a byte-level BPE reads
         every text apart; a lossy one may not): two that are one sequence score alike, for ever."""
-        seen = self._checked.setdefault(tokenizer, set())
-        if tuple(task.labels) not in seen:
+        seen = self._checked.setdefault(tokenizer, OrderedDict())  # label sets, most recently used last
+        key = tuple(task.labels)
+        if key in seen:
+            seen.move_to_end(key)
+        else:
             _distinct_to(tokenizer, task.labels, [" " + lab for lab in task.labels], task,
                          fix="give them names that differ in words (a causal LM answers with the label names "
                              "themselves)")
@@ -304,7 +307,9 @@ class CausalHead:
                                      f"tokens long; a causal LM scores labels of at most {MAX_LABEL_TOKENS} tokens "
                                      "(it answers with the label names themselves)")
                 raise err.about("labels") if task.source == "query" else err
-            seen.add(tuple(task.labels))
+            seen[key] = None
+            while len(seen) > ANCHOR_SETS:  # label sets named per request (a server's) must not pile up
+                seen.popitem(last=False)
 
     def _frame(self, tokenizer, task: "Task | None") -> tuple[list[int], list[int], int]:
         """The prompt's tokens before and after the text, and how many of the text's tokens fit between."""

@@ -156,6 +156,16 @@ def _generator_of(reg, base: str | None, name: str | None):
     return max(gens, key=lambda g: g.created_at) if gens else None
 
 
+def check_generator(reg, base: str | None, name: str | None) -> None:
+    """The generator `auto` is told to use (`--set generator=NAME`) exists, for `base` when one is given:
+    refused before anything runs (a server would otherwise start and fail requests at random)."""
+    if name is None:
+        return
+    g = _generator_of(reg, base, name)
+    if base is not None and g.base != base:
+        raise UserInputError(f"auto: generator {name!r} writes adapters for base {g.base!r}, not {base!r}")
+
+
 SEARCHED = 32
 """Adapters one search returns per request (at least top_k): the base's among them are its hits."""
 
@@ -336,8 +346,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     if base_name is None and reg.count() == 0:
         raise UserInputError(f"no adapters registered in {reg.home}: register or train some first, or pass "
                              "--base to answer with a bare base")
-    if cfg.generator is not None:
-        _generator_of(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
+    check_generator(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
     decisions = decide(reg, texts, cfg, base=base_name, labels=[labels] * len(texts) if labels else None)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base

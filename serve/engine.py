@@ -78,6 +78,7 @@ class Engine:
         self.writes_adapters = writes_adapters  # serve --no-lora-updates: auto does not register adapters either
         self._local = threading.local()
         ref = resolve_base(base or self._default_base(router))
+        auto_router.check_generator(self.reg(), ref.name, auto_router.parse_config(auto).generator)  # before loading
         self.lb = load_base(ref, self.settings)
         self.base_name = ref.name
         self.family = ref.family

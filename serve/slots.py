@@ -75,9 +75,11 @@ class SlotBank:
                 parent, child = parent_module(self.model, name)
                 setattr(parent, child, layer)
             if out_of_memory(exc):
+                size = self._bytes(modules, rank)
+                size_said = next(f"{size / 2**b:.1f} {u}" for b, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                                 if size >= 2**b or b == 0)
                 raise OutOfMemory(f"the slot bank cannot grow to rank {rank} over {len(modules)} projections "
-                                  f"({self.size} slots, {self._bytes(modules, rank) / 2**30:.1f} GiB): out of "
-                                  "memory") from None
+                                  f"({self.size} slots, {size_said}): out of memory") from None
             raise
         self.shape = (tuple(modules), rank)
         self.banks = banks
@@ -88,6 +90,7 @@ class SlotBank:
         widths = 0
         for m in modules:
             lin = self.model.get_submodule(m)
+            lin = getattr(lin, "base", lin)  # a routed layer (the old bank, put back): its projection
             widths += getattr(lin, "in_features", 0) + getattr(lin, "out_features", 0)
         return 4 * self.size * rank * widths
 

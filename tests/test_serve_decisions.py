@@ -242,3 +242,17 @@ def test_gathered_calls_give_each_caller_its_own_results_in_fewer_calls():
     assert len(calls) < 12 and sorted(x for c in calls for x in c) == sorted([*range(12), *range(100, 112)])
     with pytest.raises(ValueError, match="bad item"):
         g([-1])
+
+
+def test_a_generator_the_server_cannot_use_is_refused_at_start(toy_registry, tiny_bert):
+    """`serve --set generator=NAME` naming no stored generator started, then failed auto's requests in the
+    generate band with a 400 blaming the client (sweep 19): it is refused before the base loads."""
+    from loraplex.errors import UserInputError
+
+    s, reg = toy_registry
+    with pytest.raises(UserInputError, match="auto: no generator named 'nope'"):
+        Engine(s, base=str(tiny_bert), auto={"generator": "nope"})
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    with pytest.raises(UserInputError, match="auto: generator 'gen' writes adapters for base .*, not 'minilm'"):
+        Engine(s, base="minilm", auto={"generator": "gen"})
+    assert Engine(s, base=str(tiny_bert), auto={"generator": "gen"}).auto_config.generator == "gen"

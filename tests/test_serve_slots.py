@@ -195,8 +195,9 @@ def test_a_bank_that_cannot_grow_leaves_the_old_one_serving(engine, settings, ti
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(slots_mod, "inject_new", fails)
-    with pytest.raises(OutOfMemory, match=r"cannot load adapter 'wide-lora' \(rank 6\).*out of memory.*--max-loras"):
+    with pytest.raises(OutOfMemory, match=r"cannot load adapter 'wide-lora' \(rank 6\).*out of memory.*--max-loras") as err:
         engine.gates([_route("wide-lora")])
+    assert "(2 slots, 12.0 KiB)" in str(err.value)  # 2 slots x rank 6 x (32 + 32) x 4 projections, float32
     assert engine.slots.shape == shape and set(routed_layers(engine.lb.model)) == layers
     assert torch.equal(_slot_A(engine, slot), before_A)  # flights-lora answers with its own weights still
     g = engine.gates([_route("flights-lora")])
