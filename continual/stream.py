@@ -56,7 +56,7 @@ from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, resto
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
 from loraplex.errors import (AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, LoraplexWarning,
-                             Terminated, UserInputError)
+                             Terminated, UserInputError, check_termination)
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, write_tensors
 from loraplex.heads import head_for, texts_readable
@@ -293,6 +293,7 @@ class _StreamRun:
         report = write_report(rd.path, info, self.results) if done else None
         for unit in self.units[done:]:
             try:
+                check_termination()  # a Ctrl-C or SIGTERM a library swallowed during the last unit
                 result = self._learn(unit) if unit.kind == "learn" else self._forget(unit)
                 self.results.append(result)
                 self._register(unit.index)

@@ -163,9 +163,20 @@ def terminate(signal: str) -> None:
     raise Terminated(signal)
 
 
+def interrupt() -> None:
+    """The CLI's SIGINT handler: remembers the Ctrl-C and raises KeyboardInterrupt, as Python's own does.
+    Raised inside a `__del__` (a profiler's, during garbage collection) it is swallowed ("Exception ignored
+    in ...") and the command ran on to its end, exit 0; remembered, the next registry write raises it again."""
+    _TERMINATION.append("SIGINT")
+    raise KeyboardInterrupt
+
+
 def check_termination() -> None:
-    """Raise Terminated if a SIGTERM/SIGHUP has come: before a registry write begins."""
+    """Raise again a Ctrl-C (KeyboardInterrupt) or a SIGTERM/SIGHUP (Terminated) that has come: before a
+    registry write begins."""
     if _TERMINATION:
+        if _TERMINATION[0] == "SIGINT":
+            raise KeyboardInterrupt
         raise Terminated(_TERMINATION[0])
 
 

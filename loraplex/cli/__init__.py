@@ -73,6 +73,14 @@ def main() -> None:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # a fit installs its own SIGTERM (training.fit)
             signal.signal(sig, terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (a background job)
+
+        def interrupted(signum, frame):  # Python's own, remembered (errors.interrupt)
+            from loraplex.errors import interrupt
+
+            interrupt()
+
+        signal.signal(signal.SIGINT, interrupted)
     app()
 
 
