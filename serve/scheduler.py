@@ -203,11 +203,11 @@ class Scheduler:
                 getattr(self, f"_{kind}")(jobs, lane)
             except Exception as exc:  # one group's failure is its own, and within it one job's (an adapter
                 if kind == "classify" and len(jobs) > 1:  # that cannot load fails the requests naming it only)
-                    self._isolate(jobs, lane, exc)
+                    self._isolate(jobs, lane)
                 else:
                     self._fail(jobs, exc, kind)
 
-    def _isolate(self, jobs: list[Job], lane: str, exc: BaseException) -> None:
+    def _isolate(self, jobs: list[Job], lane: str) -> None:
         """A classification group failed together: each job again on its own, so the failure reaches only
         the jobs it belongs to (one adapter that cannot load failed every request gathered with it)."""
         for job in jobs:
