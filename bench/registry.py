@@ -155,10 +155,12 @@ def bench_list_and_search_e2e(n: int, work: Path) -> dict:
     from loraplex import api
     from loraplex.embedders import get_embedder
     from loraplex.experts.spec import Adapter, LoraSpec
+    from loraplex.models import current_sha
     from loraplex.registry.record import AdapterDraft, Edge
     from loraplex.registry.store import Registry
     from loraplex.settings import Settings
 
+    sha = current_sha("minilm")  # the base as it is: adapters of another fingerprint are no candidates
     home = work / "list-home"
     reg = Registry(home, embedder="minilm")
     spec = LoraSpec(r=8, alpha=16)
@@ -167,7 +169,7 @@ def bench_list_and_search_e2e(n: int, work: Path) -> dict:
     vecs = get_embedder("minilm").encode(descs)
     t0 = time.perf_counter()
     for i in range(n):
-        d = AdapterDraft(name=f"r{i}", base="minilm", base_sha="0" * 64, family="encoder", description=descs[i],
+        d = AdapterDraft(name=f"r{i}", base="minilm", base_sha=sha, family="encoder", description=descs[i],
                          task="airline", spec=spec, metrics={"accuracy": 0.8}, edges=(Edge.to_task("airline", "trained-on"),))
         reg.add_adapter(d, ad, embedding=vecs[i], embedder="minilm")
     insert_s = time.perf_counter() - t0

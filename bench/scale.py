@@ -234,9 +234,11 @@ def synthetic_registry(home: Path, n: int, names, desc, proto, *, noise: float =
     import torch
 
     from loraplex.experts.spec import Adapter, LoraSpec
+    from loraplex.models import current_sha
     from loraplex.registry.record import AdapterDraft, Edge
     from loraplex.registry.store import Registry
 
+    sha = current_sha("minilm")  # the base as it is: adapters of another fingerprint are no candidates
     rng = np.random.default_rng(seed)
     reg = Registry(home, embedder="minilm")
     spec = LoraSpec(r=8, alpha=16)
@@ -250,7 +252,7 @@ def synthetic_registry(home: Path, n: int, names, desc, proto, *, noise: float =
     for i in range(n):
         j = i % len(names)
         task = names[j]
-        dr = AdapterDraft(name=f"syn{i:05d}-{task}"[:100], base="minilm", base_sha="0" * 64, family="encoder",
+        dr = AdapterDraft(name=f"syn{i:05d}-{task}"[:100], base="minilm", base_sha=sha, family="encoder",
                           description=f"synthetic adapter {i} near task {task}", task=task, spec=spec,
                           metrics={}, edges=(Edge.to_task(task, "trained-on"),))
         reg.add_adapter(dr, ad, embedding=perturb(desc[j]), prototype=perturb(proto[j]), embedder="minilm")

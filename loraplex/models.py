@@ -312,6 +312,16 @@ def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
 
+def current_sha(name: str, settings: Settings | None = None) -> str | None:
+    """The fingerprint sha base `name` has now (what an adapter registered against it must still match to
+    load on it), or None when that cannot be read (an unknown name, a directory gone or unreadable): whoever
+    loads the base then says why."""
+    try:
+        return fingerprint(resolve_base(name), settings).sha
+    except LoraplexError:
+        return None
+
+
 BASE_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".model", ".txt", ".tiktoken")
 """What a model directory is loaded from: config and tokenizer files (json, vocab and merges txt,
 sentencepiece .model) and weights."""

@@ -180,6 +180,13 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             report.problems.append(f"adapter {rec.name!r}: its stored base name {rec.base!r} is not the name of the "
                                    f"base it was registered on ({stored[rec.base_sha][0]!r}); remove it, or register "
                                    "it again")
+    from loraplex.models import current_sha
+
+    now = {name: current_sha(name) for name in sorted({r.base for r in records})}  # None: cannot be read here
+    for rec in records:
+        if now[rec.base] is not None and now[rec.base] != rec.base_sha:
+            report.problems.append(f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its "
+                                   "fingerprint differs), so it cannot load on it: register the adapter again")
     report.counts["adapters"] = len(records)
     report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
     names = {r.name for r in records}

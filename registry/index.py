@@ -243,6 +243,15 @@ class Hit(NamedTuple):
     """The adapter's name."""
     base: str
     """The adapter's base model (adapters of different bases cannot share a bank)."""
+    base_sha: str
+    """The fingerprint of the base it was registered against: one that no longer matches the base's current
+    fingerprint (its config changed) cannot be loaded on it, so it is no candidate (`of_base`)."""
+
+
+def of_base(hits: list[Hit], base: str, sha: str | None) -> list[Hit]:
+    """The hits of adapters registered against base `base` as its fingerprint is now (`sha`; None: not known,
+    so not filtered on)."""
+    return [h for h in hits if h.base == base and (sha is None or h.base_sha == sha)]
 
 
 def nearest_adapters(reg: "Registry", queries: np.ndarray, k: int, *, weight: float) -> list[list[Hit]]:

@@ -635,16 +635,16 @@ class Registry(Database, Components):
         return emb
 
     def names_by_id(self, ids: Sequence[int]) -> dict[int, str]:
-        return {i: name for i, (name, _) in self.names_and_bases_by_id(ids).items()}
+        return {i: row[0] for i, row in self.names_and_bases_by_id(ids).items()}
 
-    def names_and_bases_by_id(self, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
-        """id -> (name, base) for the ids that exist, in one query (retrieval's candidates)."""
+    def names_and_bases_by_id(self, ids: Sequence[int]) -> dict[int, tuple[str, str, str]]:
+        """id -> (name, base, base fingerprint sha) for the ids that exist, in one query (retrieval's candidates)."""
         conn = self._db(create=False)
         if conn is None or not len(ids):
             return {}
         rows = self._rows_in("id", [int(i) for i in ids],
-                             lambda where, p: conn.execute(f"SELECT id, name, base FROM adapters {where}", p).fetchall())
-        return {r[0]: (r[1], r[2]) for r in rows}
+                             lambda where, p: conn.execute(f"SELECT id, name, base, base_sha FROM adapters {where}", p).fetchall())
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def adapter_ids(self, *, routable: bool = False) -> np.ndarray:
         """Every adapter's id; `routable`: only those that answer a task (not a forgetting adapter, which

@@ -59,9 +59,9 @@ from loraplex.errors import DiskFull, IntegrityError, LockUnavailable, RegistryB
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
-from loraplex.models import load_base, resolve_base
+from loraplex.models import current_sha, load_base, resolve_base
 from loraplex.ranks import is_worker
-from loraplex.registry.index import Hit, nearest_adapters
+from loraplex.registry.index import Hit, nearest_adapters, of_base
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
 from loraplex.router.retrieval import RetrievalRouter, adapter_labels, label_overlap
@@ -170,13 +170,19 @@ SEARCHED = 32
 """Adapters one search returns per request (at least top_k): the base's among them are its hits."""
 
 
-def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None) -> list[list[Hit]]:
+def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha: str | None = None
+                 ) -> list[list[Hit]]:
     """Per query row, its nearest adapters of `base` (default: the base of the query's nearest adapter),
-    best first: one faiss search for all rows."""
-    out = []
+    best first: one faiss search for all rows. Adapters registered against another fingerprint of the base
+    (`base_sha`, default: the base's fingerprint now) are left out: they cannot be loaded on it."""
+    out, shas = [], {}
+    if base is not None and base_sha is not None:
+        shas[base] = base_sha
     for hits in nearest_adapters(reg, q, max(SEARCHED, cfg.top_k), weight=cfg.prototype_weight):
         want = base or (hits[0].base if hits else None)
-        out.append([h for h in hits if h.base == want])
+        if want is not None and want not in shas:
+            shas[want] = current_sha(want)
+        out.append(of_base(hits, want, shas.get(want)))
     return out
 
 
@@ -197,11 +203,12 @@ def with_labels(reg, hits: list[Hit], labels: Sequence[str] | None, weight: floa
     return sorted((h._replace(score=h.score + float(b)) for h, b in zip(hits, bonus)), key=lambda h: -h.score)
 
 
-def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None,
+def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None, base_sha: str | None = None,
            queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None
            ) -> list[Decision]:
     """The decision for each request, from one embedding pass (or the given unit query vectors) and one
-    faiss search. `labels`: per request, the label set it names (or None)."""
+    faiss search. `labels`: per request, the label set it names (or None). `base_sha`: the fingerprint of
+    the loaded base (a server's), saving `nearest_hits` from reading the base's config."""
     texts = list(texts)
     per = list(labels) if labels is not None else [None] * len(texts)
     if len(per) != len(texts):
@@ -211,9 +218,10 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
     gens: dict[str, Any] = {}
     out = []
-    for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base), per):
+    for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base, base_sha), per):
         if not hits:
-            out.append(Decision(t, "base", f"no adapter of base {base!r} in the registry", None, None, None))
+            out.append(Decision(t, "base", f"no adapter of base {base!r} (as its fingerprint is now) in the registry",
+                                None, None, None))
             continue
         s1 = hits[0].score
         margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)

@@ -44,7 +44,8 @@ from pydantic import Field
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.errors import LoraplexError
-from loraplex.registry.index import Hit, nearest_adapters, routing_vectors
+from loraplex.models import current_sha
+from loraplex.registry.index import Hit, nearest_adapters, of_base, routing_vectors
 from loraplex.router.base import ROUTERS
 
 
@@ -154,7 +155,8 @@ class RetrievalRouter:
         registry's routing vectors, so these are the exact top `candidates` of a flat index), of one base.
 
         Without `base`, the base of the single nearest adapter is used (adapters of different bases
-        cannot share a bank).
+        cannot share a bank). Adapters registered against another fingerprint of that base (its config
+        changed since) are left out: they cannot be loaded on it.
         """
         best: dict[str, Hit] = {}  # name -> its best hit over the queries
         for hits in nearest_adapters(reg, queries, self.config.candidates, weight=self.config.prototype_weight):
@@ -165,4 +167,4 @@ class RetrievalRouter:
         if not order:
             return []
         want = base or order[0].base
-        return [h.name for h in order if h.base == want]
+        return [h.name for h in of_base(order, want, current_sha(want))]

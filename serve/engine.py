@@ -124,11 +124,15 @@ class Engine:
                {"id": "auto", "kind": "auto", "description": "per request: route to the registered adapters, "
                 "generate one with a stored generator, or answer with the base (router/auto.py)"}]
         damaged: list[str] = []  # a record damaged in the registry cannot be served: it is left out, the rest listed
+        adapters = reg.list_adapters(base=self.base_name, damaged=damaged)
+        sha = self.lb.fingerprint.sha  # one registered against the base as it was (its config changed) cannot load
+        stale = {r.name for r in adapters if r.base_sha != sha}
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
-                for r in reg.list_adapters(base=self.base_name, damaged=damaged)
-                if r.origin != "forgetting"]  # not servable alone (resolve says why)
+                for r in adapters  # left out (resolve says why): a forgetting adapter (not servable alone), stale
+                if r.origin != "forgetting" and r.name not in stale]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
-                for c in reg.list_components("router", damaged=damaged) if c.base == self.base_name]
+                for c in reg.list_components("router", damaged=damaged)
+                if c.base == self.base_name and not stale.intersection(c.members)]
         return out
 
     def resolve(self, model: str) -> Target:
@@ -147,10 +151,18 @@ class Engine:
                 raise UserInputError(f"{model!r} is a forgetting adapter: it erases {rec.task} from the composition "
                                      f"{', '.join(under) or '(not recorded)'} and means nothing alone; the server "
                                      "serves adapters one at a time, so it cannot be named").about("model")
+            self._check_current(rec)
             return Target("adapter", model)
         if reg.has_component("router", model):  # a damaged record fails here, naming itself (a 503)
-            if reg.get_component("router", model).base != self.base_name:
+            rec = reg.get_component("router", model)
+            if rec.base != self.base_name:
                 raise ModelUnknown(f"router {model!r} routes another base; this server serves {self.base_name!r}")
+            for member in rec.members:  # one gone is named when the router loads
+                if reg.has_adapter(member):
+                    try:
+                        self._check_current(reg.get_adapter(member))
+                    except IntegrityError as exc:
+                        raise IntegrityError(f"router {model!r}: {exc}") from None
             return Target("router", model)
         raise ModelUnknown(f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, routers and auto)")
 
@@ -193,11 +205,16 @@ class Engine:
     def _read(self, name: str):
         """An adapter's record and tensors from the registry (hash checked), checked against the base."""
         rec, ad = self.reg().load_adapter(name)
-        if rec.base_sha != self.lb.fingerprint.sha:  # the registry's state, not the request's fault: a 503
-            raise IntegrityError(f"adapter {name!r}: base {rec.base!r} has changed since it was registered (its "
-                                 "fingerprint differs: register the adapter again)")
+        self._check_current(rec)
         ad.check_fits(self.lb.fingerprint, name=f"adapter {name!r}")
         return rec, ad
+
+    def _check_current(self, rec) -> None:
+        """An adapter registered against another fingerprint of the served base (its config changed since)
+        cannot be loaded on it: the registry's state, not the request's fault, so a 503."""
+        if rec.base_sha != self.lb.fingerprint.sha:
+            raise IntegrityError(f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its "
+                                 "fingerprint differs: register the adapter again)")
 
     def fits(self, names: set[str], pinned: set[str] = frozenset()) -> bool:
         """Whether adapters `names` can be in the slot bank at once beside the running rows' (`pinned`)."""
@@ -254,7 +271,8 @@ class Engine:
         gates reuse its scores)."""
         texts = [t for t, _ in items]
         q = self.embedder.encode(texts)  # (N, D)
-        return auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name, queries=q,
+        return auto_router.decide(self.reg(), texts, self.auto_config, base=self.base_name,
+                                  base_sha=self.lb.fingerprint.sha, queries=q,
                                   labels=[lab for _, lab in items])
 
     def route_of(self, target: Target) -> Route:

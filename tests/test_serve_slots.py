@@ -281,3 +281,47 @@ def test_a_forgetting_adapter_is_not_served_alone(engine, settings):
         with pytest.raises(UserInputError, match="name it with them \\(flights-lora,sports-lora,fg1\\), not alone"):
             load_members(reg, names, settings)
     assert len(load_members(reg, ["flights-lora", "sports-lora", "fg1"], settings)[1]) == 3
+
+
+def test_an_adapter_of_the_base_as_it_was_is_neither_listed_nor_routed_to(engine, settings):
+    """An adapter registered against another fingerprint of the served base (its config changed since) was
+    listed in /v1/models and chosen by `auto` and retrieval, and then failed the request that loading it
+    (sweep 19, F18): it is now left out of the list, of auto's and retrieval's candidates, and a request
+    naming it (or a router over it) is told why."""
+    import sqlite3
+
+    import numpy as np
+
+    from loraplex.errors import IntegrityError
+    from loraplex.registry.check import check
+    from loraplex.registry.index import nearest_adapters
+    from loraplex.registry.store import Registry
+    from loraplex.router import auto as auto_router
+    from loraplex.router.retrieval import RetrievalConfig, RetrievalRouter
+
+    reg = Registry(settings.home)
+    reg.put_component("router", "r-sports", method="token-gate", base=engine.base_name, config={},
+                      tensors={"w": torch.zeros(2)}, members=["flights-lora", "sports-lora"])
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("UPDATE adapters SET base_sha = 'f' || substr(base_sha, 2) WHERE name = 'sports-lora'")
+    engine._generation = ""
+    listed = {m["id"] for m in engine.models()}
+    assert {"flights-lora", "phones-lora"} <= listed and not {"sports-lora", "r-sports"} & listed
+    with pytest.raises(IntegrityError, match="adapter 'sports-lora': base .* has changed since it was registered"):
+        engine.resolve("sports-lora")
+    with pytest.raises(IntegrityError, match="router 'r-sports': adapter 'sports-lora'"):
+        engine.resolve("r-sports")
+    # a query that sits on sports-lora's signature: the search finds it first, the choices never take it
+    q = np.stack([engine.embedder.encode(["sports messages"])[0]])
+    assert nearest_adapters(reg, q, 3, weight=0.8)[0][0].name == "sports-lora"
+    cfg = auto_router.parse_config({"route_threshold": -1.0, "generate_threshold": -1.0, "no_generator_threshold": -1.0})
+    served = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name,
+                                base_sha=engine.lb.fingerprint.sha, queries=q)[0]
+    derived = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q)[0]
+    for d in (served, derived):
+        assert d.action == "route" and d.nearest != "sports-lora" and "sports-lora" not in [h.name for h in d.hits]
+    names = RetrievalRouter(RetrievalConfig(candidates=3)).candidates(reg, q)
+    assert names and "sports-lora" not in names
+    rep = check(reg)
+    assert not rep.ok and any("adapter 'sports-lora': base" in p and "has changed" in p for p in rep.problems)
+    assert not any("flights-lora" in p for p in rep.problems)
