@@ -199,9 +199,9 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
         return {"adapter": None, "base": lb.ref.name, "task": t.name, "split": split, **res}
     if base is not None and resolve_base(base).name != rec.base:
         raise IncompatibleAdapter(f"adapter {name!r} was registered for base {rec.base!r}, not {base!r}")
-    # a forgetting adapter erases from the composition it was trained on top of (recorded with itself in
-    # it): it is evaluated with the rest of that composition
-    composition = [n for n in (rec.extra.get("composition") or ()) if n != name] if rec.origin == "forgetting" else []
+    # one that answers with a composition (a forgetting adapter erases from it, a summed stream's adapter
+    # was trained and scored with it: record.composition_of) is evaluated with the rest of it
+    composition = [n for n in rec.composition if n != name]
     lb, _ = load_adapted(reg, [*composition, name], settings)
     head = head_for(lb)
     res = accuracy(head, lb.model, lb.tokenizer, t, split, limit, progress=bar(name))

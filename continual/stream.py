@@ -452,7 +452,8 @@ class _StreamRun:
         return {"run_id": self.info["run_id"], "run_dir": str(self.rd.path), "unit": unit.index,
                 "method": self.spec.method.dump(), "tasks": [t.ref for t in tasks],
                 "task_cards": {t.ref: t.card() for t in tasks},
-                "composition": [c["name"] for c in self.composition]}
+                "composition": [c["name"] for c in self.composition],
+                "summed": self.method.summed}  # it answers with its composition (record.composition_of)
 
     def _eval_tasks(self, unit) -> list[str]:
         """Tasks learned up to this unit, plus the next unit's (its forward-transfer column)."""

@@ -38,9 +38,11 @@ KIND = "generator"
 
 
 def default_members(reg) -> list[str]:
-    """Every registered adapter that was trained for a task: not generated (generators learn from real
-    training) and not a forgetting adapter (it erases a task; its layout is the feed-forward one)."""
-    recs = [r for r in reg.list_adapters() if r.origin not in ("generated", "forgetting")]
+    """Every registered adapter that was trained for a task and answers it alone: not generated (generators
+    learn from real training), not a forgetting adapter (it erases a task; its layout is the feed-forward
+    one) and not a summed stream's adapter trained on top of earlier ones (`record.composition_of`: its
+    weights alone are not its task's adapter)."""
+    recs = [r for r in reg.list_adapters() if r.origin != "generated" and len(r.composition) == 1]
     bases = sorted({r.base for r in recs})
     if len(bases) > 1:
         raise UserInputError(

@@ -132,12 +132,13 @@ def remove(reg: Registry, name: str) -> AdapterRecord | None:
         if users:
             who = ", ".join(f"{c.kind} {c.name!r}" for c in users)
             raise UserInputError(f"adapter {name!r} is used by {who}; remove that first")
-        # a forgetting adapter only means something on top of the composition it was trained against
-        erasers = [r.name for r in reg.list_adapters(origin="forgetting") if r.name != name
-                   and name in (r.extra.get("composition") or ())]
-        if erasers:
-            raise UserInputError(f"adapter {name!r} is part of the composition that forgetting adapter "
-                                 f"{erasers[0]!r} erases from; remove {', '.join(map(repr, erasers))} first")
+        # an adapter that answers with a composition (a forgetting adapter, a summed stream's) needs all of it
+        bound = [r for r in reg.list_adapters(damaged=[]) if r.name != name and name in r.composition]
+        if bound:
+            what = ("forgetting adapter {!r} erases from" if bound[0].origin == "forgetting"
+                    else "adapter {!r} answers with").format(bound[0].name)
+            raise UserInputError(f"adapter {name!r} is part of the composition that {what}; remove "
+                                 f"{', '.join(repr(r.name) for r in bound)} first")
 
     unused()  # early, before waiting for the lock
     return reg.remove_adapter(name, check=unused)

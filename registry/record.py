@@ -119,6 +119,24 @@ class AdapterRecord(BaseModel):
     def parents(self) -> list[str]:
         return [e.target.split(":", 1)[1] for e in self.edges if e.target.startswith("adapter:")]
 
+    @property
+    def composition(self) -> tuple[str, ...]:
+        """The adapters this one answers with, itself included, in order (`composition_of`)."""
+        return composition_of(self.name, self.origin, self.extra)
+
+    def bound_to(self) -> str | None:
+        """What ties it to the rest of its composition, said of it ("'f1' is a forgetting adapter: it erases
+        airline from the composition a1, b1"), or None for an adapter that answers alone."""
+        others = [n for n in self.composition if n != self.name]
+        if not others:
+            return None
+        if self.origin == "forgetting":
+            return f"{self.name!r} is a forgetting adapter: it erases {self.task} from the composition {', '.join(others)}"
+        method = (self.extra.get("method") or {}).get("name", "a summing method") if isinstance(
+            self.extra.get("method"), dict) else "a summing method"
+        return (f"{self.name!r} was trained by a continual stream ({method}) with {', '.join(others)} summed in, "
+                "and answers (and was scored) with them")
+
     def summary(self) -> dict[str, Any]:
         """The short form used by `adapters list`. A forgetting adapter's recorded accuracy is that of the rows
         it erased (low is success), so it is listed as `forgotten_accuracy`, not under `accuracy`."""
@@ -135,6 +153,19 @@ class AdapterRecord(BaseModel):
             **({"forgotten_accuracy": self.metrics.get("accuracy")} if erased else {}),
             "description": self.description,
         }
+
+
+def composition_of(name: str, origin: str, extra: Any) -> tuple[str, ...]:
+    """The adapters adapter `name` answers with, itself included, in order: the composition recorded by a
+    forgetting adapter (it erases a task from it, and alone is only a perturbation of the base) or by an
+    adapter of a continual stream whose method sums its adapters (O-LoRA: task t's adapter was trained with
+    the earlier ones summed in, and its recorded accuracy is theirs together). Any other adapter answers
+    alone. Whatever loads, serves, evaluates or removes an adapter reads this, so it answers as recorded."""
+    comp = extra.get("composition") if isinstance(extra, dict) else None
+    if not isinstance(comp, list) or not (origin == "forgetting" or extra.get("summed") is True):
+        return (name,)
+    names = tuple(dict.fromkeys(str(n) for n in comp))
+    return names if name in names else (*names, name)
 
 
 class ComponentRecord(BaseModel):

@@ -54,7 +54,7 @@ from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.components import Components
 from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
-from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, validate_name
+from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, composition_of, validate_name
 from loraplex.settings import Settings
 from loraplex.tasks import changed_from_card
 
@@ -647,13 +647,23 @@ class Registry(Database, Components):
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def adapter_ids(self, *, routable: bool = False) -> np.ndarray:
-        """Every adapter's id; `routable`: only those that answer a task (not a forgetting adapter, which
-        erases one and means something only on top of the composition it was trained against)."""
+        """Every adapter's id; `routable`: only those that answer a task alone (not one that answers with a
+        composition, `record.composition_of`: a forgetting adapter, or a summed stream's adapter after the
+        first, which retrieval would mix alone)."""
         conn = self._db(create=False)
         if conn is None:
             return np.zeros(0, dtype=np.int64)
-        where = " WHERE origin != 'forgetting'" if routable else ""
-        return np.array([r[0] for r in conn.execute(f"SELECT id FROM adapters{where} ORDER BY id")], dtype=np.int64)
+        if not routable:
+            return np.array([r[0] for r in conn.execute("SELECT id FROM adapters ORDER BY id")], dtype=np.int64)
+        ids = []
+        for i, name, origin, extra in conn.execute("SELECT id, name, origin, extra FROM adapters ORDER BY id"):
+            try:
+                alone = len(composition_of(name, origin, json.loads(extra))) == 1
+            except ValueError:  # a damaged record: named by `registry check`, never routed to
+                alone = False
+            if alone:
+                ids.append(i)
+        return np.array(ids, dtype=np.int64)
 
     def edges(self) -> list[tuple[str, str, str]]:
         """(adapter name, target, kind) for every lineage edge."""

@@ -69,11 +69,9 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
-    for rec, _ in loaded:  # a forgetting adapter means something only on top of what it erases from
-        under = [n for n in rec.extra.get("composition") or () if n != rec.name]
-        if rec.origin == "forgetting" and any(n not in names for n in under):
-            raise UserInputError(f"{rec.name!r} is a forgetting adapter: it erases {rec.task} from the composition "
-                                 f"{', '.join(under)}; name it with them ({','.join([*under, rec.name])}), not alone")
+    for rec, _ in loaded:  # one that answers with a composition (record.composition_of) is loaded with all of it
+        if any(n not in names for n in rec.composition):
+            raise UserInputError(f"{rec.bound_to()}; name it with them ({','.join(rec.composition)}), not alone")
     lb = load_base(loaded[0][0].base, settings, share_weights=share_base)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:
@@ -202,7 +200,10 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     if adapters:
         names = list(adapters)
         for n in names:
-            reg.get_adapter(n)  # AdapterNotFound with a clear message
+            rec = reg.get_adapter(n)  # AdapterNotFound with a clear message
+            if rec.bound_to():  # retrieval mixes single adapters (its index holds only those: adapter_ids)
+                raise UserInputError(f"{rec.bound_to()}; retrieval routes to adapters that answer alone, so it "
+                                     f"cannot route to it: evaluate it with `loraplex eval {n}`, or serve it")
         if base is not None:
             for n in names:
                 _check_base(reg.get_adapter(n).base, base, f"adapter {n!r} is of another base: retrieval")

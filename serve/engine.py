@@ -127,9 +127,11 @@ class Engine:
         adapters = reg.list_adapters(base=self.base_name, damaged=damaged)
         sha = self.lb.fingerprint.sha  # one registered against the base as it was (its config changed) cannot load
         stale = {r.name for r in adapters if r.base_sha != sha}
-        out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description}
-                for r in adapters  # left out (resolve says why): a forgetting adapter (not servable alone), stale
-                if r.origin != "forgetting" and r.name not in stale]
+        names = {r.name for r in adapters}
+        out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description,
+                 **({"composition": list(r.composition)} if len(r.composition) > 1 else {})}
+                for r in adapters  # left out (resolve says why): stale ones, or over a stale or missing adapter
+                if not stale.intersection(r.composition) and set(r.composition) <= names]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
                 for c in reg.list_components("router", damaged=damaged)
                 if c.base == self.base_name and not stale.intersection(c.members)]
@@ -146,12 +148,17 @@ class Engine:
             rec = reg.get_adapter(model)
             if rec.base != self.base_name:
                 raise ModelUnknown(f"adapter {model!r} is of base {rec.base!r}; this server serves {self.base_name!r}")
-            if rec.origin == "forgetting":  # alone it is only a perturbation of the base (as `adapters export` warns)
-                under = [n for n in rec.extra.get("composition") or () if n != model]
-                raise UserInputError(f"{model!r} is a forgetting adapter: it erases {rec.task} from the composition "
-                                     f"{', '.join(under) or '(not recorded)'} and means nothing alone; the server "
-                                     "serves adapters one at a time, so it cannot be named").about("model")
             self._check_current(rec)
+            # one that answers with a composition (a forgetting adapter, a summed stream's) is served with it
+            for member in rec.composition:
+                if member == model:
+                    continue
+                if not reg.has_adapter(member):
+                    raise IntegrityError(f"{rec.bound_to()}, but {member!r} is no longer registered")
+                self._check_current(reg.get_adapter(member))
+            if len(rec.composition) > self.max_loras:
+                raise UserInputError(f"{rec.bound_to()}: {len(rec.composition)} adapters at once, more than this "
+                                     f"server's {self.max_loras} slots (serve --max-loras)").about("model")
             return Target("adapter", model)
         if reg.has_component("router", model):  # a damaged record fails here, naming itself (a 503)
             rec = reg.get_component("router", model)
@@ -276,9 +283,12 @@ class Engine:
                                   labels=[lab for _, lab in items])
 
     def route_of(self, target: Target) -> Route:
-        """A named adapter alone, or nothing (the bare base); `auto` and routers are routed elsewhere."""
+        """A named adapter, or nothing (the bare base); `auto` and routers are routed elsewhere. An adapter
+        that answers with a composition (`record.composition_of`) comes with the rest of it summed in, each
+        at weight 1, itself first (it is the route's top: its task answers)."""
         if target.kind == "adapter":
-            return Route([(target.name, 1.0)])
+            rest = [n for n in self.reg().get_adapter(target.name).composition if n != target.name]
+            return Route([(target.name, 1.0), *((n, 1.0) for n in rest)])
         return Route()
 
     # ---- routers -------------------------------------------------------------------------------
@@ -423,6 +433,10 @@ class Engine:
         if target.kind == "router":
             rm = self.router_model(target.name)
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
+        rec = self.reg().get_adapter(target.name) if target.kind == "adapter" else None
+        if rec is not None and rec.bound_to():  # a backend is asked for one adapter by name
+            raise UserInputError(f"{rec.bound_to()}; the backend serves one adapter per request, so it cannot be "
+                                 "forwarded (serve it without --backend)").about("model")
         return [self.route_of(target) for _ in texts]
 
     # ---- classification (serve/classify.py) ---------------------------------------------------------

@@ -255,24 +255,51 @@ def test_one_damaged_router_record_fails_only_its_own_requests(engine, settings,
     assert [c.name for c in reg.list_components("router")] == ["r-good"]
 
 
-def test_a_forgetting_adapter_is_not_served_alone(engine, settings):
+def test_an_adapter_that_answers_with_a_composition_is_served_with_it(engine, settings):
     """A GS-LoRA forgetting adapter was listed in /v1/models as an adapter of its task and answered it alone,
-    with confident wrong labels (sweep 19): it only means something on top of its composition."""
-    from loraplex.errors import UserInputError
+    with confident wrong labels (sweep 19), and so did an O-LoRA stream's adapter, whose recorded accuracy is
+    that of the stream's adapters summed: each is now served with its composition (summed, itself first),
+    refused when the server has too few slots for it, and left out when part of it is missing."""
+    from loraplex.errors import IntegrityError, UserInputError
     from loraplex.registry.record import AdapterDraft
     from loraplex.registry.signatures import description_embedding
     from loraplex.registry.store import Registry
+    from loraplex.serve.engine import Engine
+    from loraplex.serve.targets import Target
 
     reg = Registry(settings.home)
     src = reg.get_adapter("flights-lora")
     _, weights = reg.load_adapter(src)
-    reg.add_adapter(AdapterDraft(name="fg1", base=src.base, base_sha=src.base_sha, family=src.family,
-                                 description="forget flights", task=src.task, origin="forgetting", spec=src.spec,
-                                 extra={"composition": ["flights-lora", "sports-lora", "fg1"]}),
-                    weights, embedding=description_embedding(reg, "forget flights"), embedder=reg.embedder_name)
-    assert "fg1" not in {m["id"] for m in engine.models()}
-    with pytest.raises(UserInputError, match="'fg1' is a forgetting adapter: it erases .* flights-lora, sports-lora"):
+
+    def add(name, origin, composition, **extra):
+        reg.add_adapter(AdapterDraft(name=name, base=src.base, base_sha=src.base_sha, family=src.family,
+                                     description=f"{name} of flights", task=src.task, origin=origin, spec=src.spec,
+                                     extra={"composition": composition, **extra}),
+                        weights, embedding=description_embedding(reg, f"{name} of flights"), embedder=reg.embedder_name)
+
+    add("fg1", "forgetting", ["flights-lora", "sports-lora", "fg1"])
+    add("ol1", "continual", ["flights-lora", "ol1"], summed=True, method={"name": "o-lora"})
+    add("rt1", "continual", ["flights-lora", "rt1"], summed=False, method={"name": "routed"})  # answers alone
+    add("gone1", "continual", ["nope-lora", "gone1"], summed=True)
+    listed = {m["id"]: m for m in engine.models()}
+    assert listed["ol1"]["composition"] == ["flights-lora", "ol1"] and "composition" not in listed["rt1"]
+    assert listed["fg1"]["composition"] == ["flights-lora", "sports-lora", "fg1"] and "gone1" not in listed
+    assert engine.route_of(engine.resolve("ol1")).adapters == [("ol1", 1.0), ("flights-lora", 1.0)]
+    assert engine.route_of(engine.resolve("rt1")).adapters == [("rt1", 1.0)]
+    with pytest.raises(UserInputError, match="'fg1' is a forgetting adapter: it erases .* flights-lora, sports-lora: "
+                                             "3 adapters at once, more than this server's 2 slots"):
         engine.resolve("fg1")
+    assert Engine(settings, base=engine.base_name, max_loras=3).route_of(Target("adapter", "fg1")).adapters[0] == ("fg1", 1.0)
+    with pytest.raises(IntegrityError, match="'gone1' was trained by a continual stream .* 'nope-lora' is no longer"):
+        engine.resolve("gone1")
+    # retrieval never takes one alone; removing part of a composition is refused
+    assert set(reg.adapter_ids(routable=True).tolist()) == {reg.get_adapter(n).id for n in
+                                                           ("flights-lora", "sports-lora", "phones-lora", "rt1")}
+    from loraplex.registry.adapters import remove
+
+    with pytest.raises(UserInputError, match="'flights-lora' is part of the composition that forgetting adapter 'fg1' "
+                                             "erases from; remove 'fg1', 'ol1' first"):
+        remove(reg, "flights-lora")
     # `query --adapters fg1` (and any bank of named adapters) answered with it alone too: named with its
     # composition it loads, alone or with part of it it is refused by name
     from loraplex.router.load import load_members
@@ -281,6 +308,8 @@ def test_a_forgetting_adapter_is_not_served_alone(engine, settings):
         with pytest.raises(UserInputError, match="name it with them \\(flights-lora,sports-lora,fg1\\), not alone"):
             load_members(reg, names, settings)
     assert len(load_members(reg, ["flights-lora", "sports-lora", "fg1"], settings)[1]) == 3
+    with pytest.raises(UserInputError, match="'ol1' was trained by a continual stream \\(o-lora\\) with flights-lora"):
+        load_members(reg, ["ol1"], settings)
 
 
 def test_an_adapter_of_the_base_as_it_was_is_neither_listed_nor_routed_to(engine, settings):

@@ -119,10 +119,8 @@ def export(
     path = api.export(name, out_dir, overwrite=overwrite, settings=s)
     out.line(f"exported {name} to {path}")
     rec = api.open_registry(s).get_adapter(name)
-    if rec.origin == "forgetting":  # it erases from its composition: alone, it is only a perturbation
-        under = [n for n in rec.extra.get("composition") or () if n != name]
-        out.warn(f"{name} is a forgetting adapter: it erases {rec.task} from the composition "
-                 f"{', '.join(under) or '(not recorded)'}; load it on top of those adapters, not alone")
+    if rec.bound_to():  # it answers with its composition: alone, it is not what was scored
+        out.warn(f"{rec.bound_to()}; load it on top of those adapters, not alone")
 
 
 @app.command()

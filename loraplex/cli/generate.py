@@ -18,7 +18,7 @@ app = typer.Typer(help="Generate adapters for new tasks from a description (SG-L
 def fit(
     name: Annotated[str, typer.Argument(help="Name to store the generator under.")],
     method: Annotated[str, typer.Option("--method", help="Generator method: sg-lora or icm-lora (see `generate methods`).")],
-    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter trained for a task, not generated and not a forgetting adapter; with adapters of several bases, name them).")] = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to learn from (default: every registered adapter trained for a task, not generated and answering alone: no forgetting adapter nor an o-lora stream's later adapter; with adapters of several bases, name them).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. top_k=2, cvae.steps=500.")] = None,
     quiet: Quiet = False,
     home: Home = None,

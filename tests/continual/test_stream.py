@@ -52,6 +52,15 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert recs[3].origin == "forgetting" and recs[3].metrics["groups_total"] == 2
     assert all("intermediate.dense" in m or "output.dense" in m for m in reg.load_adapter(recs[3])[1].modules)
     assert recs[3].extra["composition"] == [recs[i].name for i in range(4)]  # O-LoRA: every adapter active
+    # an o-lora adapter answers with the stream's adapters summed up to it, as its accuracy was scored
+    # (`eval` of it alone gave another figure than the one listed, and `serve` answered with it alone)
+    assert recs[1].extra["summed"] is True and recs[1].composition == (recs[0].name, recs[1].name)
+    ev = cli("eval", recs[1].name, "--task", str(task_dir / "sports.jsonl"), "--json", "--quiet")
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["composition"] == [recs[0].name]
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(recs[1].metrics["row"]["sports"], abs=1e-4)
+    assert not {recs[i].name for i in (1, 2, 3)} & {r.name for r in reg.list_adapters()
+                                                   if r.id in set(reg.adapter_ids(routable=True).tolist())}
 
     rep = cli("stream", "report", out, "--json")
     assert rep.exit_code == 0 and json.loads(rep.stdout)["matrix"] == R

@@ -225,7 +225,7 @@ def test_forgetting_the_only_learned_task_warns_that_nothing_was_retained(tmp_pa
     assert "forgotten_accuracy" not in listed["m"]
     # exporting it alone said nothing of what it is (sweep 15)
     ex = cli("adapters", "export", got["name"], str(tmp_path / "exported"))
-    assert ex.exit_code == 0 and f"warning: {got['name']} is a forgetting adapter" in ex.stderr
+    assert ex.exit_code == 0 and f"warning: '{got['name']}' is a forgetting adapter" in ex.stderr
     assert "load it on top of those adapters, not alone" in ex.stderr and "m;" in ex.stderr
     # a labels request keeps the task's other labels: something was retained, no such warning
     keep = load_task(str(f)).labels[0]
