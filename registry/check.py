@@ -253,6 +253,28 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             if other:
                 report.problems.append(f"router {c.name!r} was fitted on base {c.base!r} but its adapters "
                                        f"{', '.join(other)} are now of another base")
+    idle = _unused_runs(reg, [*records, *comps])
+    if idle:
+        shown = ", ".join(p.name for p in idle[:3]) + (f" and {len(idle) - 3} more" if len(idle) > 3 else "")
+        report.notes.append(f"{len(idle)} run director{'y' if len(idle) == 1 else 'ies'} under {reg.home / 'runs'} "
+                            f"that no record uses ({shown}): a command still running, one killed before it "
+                            "registered anything, or the run of an adapter removed since; delete them when no "
+                            "command is running (check never removes them)")
+
+
+RECORDED_RUNS = ("train", "router", "forget")
+"""Kinds of run directory (`Registry.new_run`) whose command records what it made with `extra["run_dir"]`
+(a stream resumes from its own directory, which may hold no record yet)."""
+
+
+def _unused_runs(reg: "Registry", records: list) -> list:
+    """Run directories of `RECORDED_RUNS` that no adapter or component record names."""
+    runs = reg.home / "runs"
+    if not runs.is_dir():
+        return []
+    used = {os.path.realpath(str(r.extra["run_dir"])) for r in records if isinstance(r.extra.get("run_dir"), str)}
+    return [p for p in sorted(runs.iterdir()) if p.is_dir() and p.name.split("-", 1)[0] in RECORDED_RUNS
+            and os.path.realpath(p) not in used]
 
 
 def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:
@@ -285,7 +307,7 @@ def _check_index(reg: "Registry", report: CheckReport) -> None:
                 report.notes.append(f"{what} was built from another state of the database (generation {idx.generation}; "
                                     f"the database is at {gen}: restored from a backup, or replaced); rebuilt on next use")
             continue
-        db_ids = reg.adapter_ids()
+        db_ids = reg.adapter_ids(routable=idx.weight is not None)  # routing: only adapters that answer alone
         if sorted(idx.ids.tolist()) != db_ids.tolist():
             report.problems.append(f"{what} does not hold exactly the registry's adapters")
             continue

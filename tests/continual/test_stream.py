@@ -61,6 +61,12 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(recs[1].metrics["row"]["sports"], abs=1e-4)
     assert not {recs[i].name for i in (1, 2, 3)} & {r.name for r in reg.list_adapters()
                                                    if r.id in set(reg.adapter_ids(routable=True).tolist())}
+    import numpy as np
+
+    from loraplex.registry.index import nearest_adapters
+
+    hits = nearest_adapters(reg, np.ones((1, reg.signature_dim()), np.float32), 4, weight=0.8)  # builds the index
+    assert [h.name for h in hits[0]] == [recs[0].name]  # `registry check` below: it holds what it should
 
     rep = cli("stream", "report", out, "--json")
     assert rep.exit_code == 0 and json.loads(rep.stdout)["matrix"] == R

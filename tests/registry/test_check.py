@@ -358,3 +358,24 @@ def test_repair_says_rebuilt_only_for_caches_it_wrote(settings, tiny_bert, tmp_p
     rep = api.check(repair=True, settings=settings)
     assert "rebuilt the lineage graph" not in rep.repaired and "rebuilt the signature index" in rep.repaired
     assert any("could not write the lineage graph cache" in n for n in rep.notes), rep.notes
+
+
+def test_run_directories_no_record_uses_are_noted(settings, tiny_bert, tmp_path):
+    """A command killed by SIGKILL leaves its run directory (checkpoints, logs) behind, and nothing said so
+    (sweep 17): `registry check` now notes run directories of train/router/forget that no record names,
+    and leaves a record's own run, a stream's (it resumes from it) and the directories themselves alone."""
+    import sqlite3
+
+    reg = _setup(settings, tiny_bert, tmp_path, n=1)
+    runs = settings.home / "runs"
+    for name in ("train-a0-20261206-000000", "train-killed-20261206-000001", "stream-s-20261206-000002"):
+        (runs / name).mkdir(parents=True)
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("UPDATE adapters SET extra = json_set(extra, '$.run_dir', ?) WHERE name = 'a0'",
+                  (str(runs / "train-a0-20261206-000000"),))
+    rep = api.check(settings=settings)
+    assert rep.ok, rep.problems
+    idle = [n for n in rep.notes if "run director" in n]
+    assert len(idle) == 1 and idle[0].startswith("1 run directory under") and "(train-killed-20261206-000001)" in idle[0]
+    assert all((runs / n).is_dir() for n in ("train-a0-20261206-000000", "train-killed-20261206-000001"))
+    assert reg.count() == 1
