@@ -91,11 +91,9 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
     else:
         row.ids.append(token)
         row.text = decode(row.ids)
-        for stop in s.stop:
-            at = row.text.find(stop, max(0, row.sent - len(stop)))
-            if at >= 0:
-                row.text, row.finish_reason = row.text[:at], "stop"
-                break
+        found = [at for stop in s.stop if (at := row.text.find(stop, max(0, row.sent - len(stop)))) >= 0]
+        if found:  # the earliest, whichever stop it is (one token may hold two)
+            row.text, row.finish_reason = row.text[:min(found)], "stop"
         if row.finish_reason is None and len(row.ids) >= s.max_tokens:
             row.finish_reason = "length"
     if row.finish_reason is None and row.cancelled():

@@ -358,6 +358,23 @@ def test_a_generation_cut_inside_a_character_reads_the_same_streamed_or_whole():
     assert row.finish_reason == "length" and "".join(got) == row.text == "ab\ufffd"
 
 
+def test_the_earliest_stop_ends_the_text_whichever_comes_first_in_the_list():
+    """Stops were tried in the list's order: one token holding two of them ended the text at the later one,
+    and the answer held a stop sequence (sweep 20)."""
+    from loraplex.serve.decode import GenRow, Sampling, _advance
+
+    pieces = {1: " Paris.", 2: " The"}
+    for stops in (("s", "P"), ("P", "s"), ("is", " P"), (" P", "is")):
+        got: list[str] = []
+        row = GenRow([0], Sampling(4, 0.0, 1.0, stops, None), emit=got.append)
+        for tok in (1, 2):
+            if not row.done:
+                _advance(row, tok, lambda ids: "".join(pieces[i] for i in ids), set(), {})
+        want = " Paris."[:min(" Paris.".find(x) for x in stops)]
+        assert row.finish_reason == "stop" and row.text == "".join(got) == want, stops
+        assert not any(x in row.text for x in stops)
+
+
 def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_llama, monkeypatch):
     """One request whose adapter could not be loaded (a damaged blob, a bank that cannot grow) failed every
     request gathered with it, the bare base's included, with an error naming that adapter (sweep 19)."""
