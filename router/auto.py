@@ -227,13 +227,16 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)
         ranked = with_labels(reg, hits, want, cfg.label_weight)
         nearest = hits[0].name
-        said = f"nearest adapter {nearest!r} scores {s1:.3f}"
-        if ranked[0].name != nearest:
-            said = (f"nearest adapter {nearest!r} scores {s1:.3f} (text), but {ranked[0].name!r} ranks first with the "
-                    f"labels asked for ({ranked[0].score:.3f})")
+        said = f"nearest adapter {nearest!r} scores {s1:.3f}"  # the thresholds read the text's score
+        if ranked[0].name != nearest:  # the labels re-rank the adapters, not the decision (the curves' scores)
+            said = f"nearest adapter {nearest!r} scores {s1:.3f} by text"
+            also = f" ({ranked[0].name!r} ranks first with the labels asked for, {ranked[0].score:.3f})"
+        else:
+            also = ""
+        used = f"{also[:-1]}: the one used)" if also else ""  # a routed request's
         nearest, hits = ranked[0].name, ranked
         if s1 >= cfg.route_threshold:
-            out.append(Decision(t, "route", f"{said} >= route threshold {cfg.route_threshold:.3f}", s1, margin,
+            out.append(Decision(t, "route", f"{said} >= route threshold {cfg.route_threshold:.3f}{used}", s1, margin,
                                 nearest, hits=hits))
             continue
         of = base or reg.get_adapter(nearest).base  # the generator of the request's base (a registry may hold several)
@@ -243,17 +246,17 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if s1 >= cfg.generate_threshold and gen:
             out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "
                                 f"the generate threshold {cfg.generate_threshold:.3f}: for generator "
-                                f"{gen.name!r} to write", s1, margin, nearest, gen.name, hits=hits))
+                                f"{gen.name!r} to write{also}", s1, margin, nearest, gen.name, hits=hits))
         elif not gen and s1 >= cfg.no_generator_threshold:
             out.append(Decision(t, "route", f"{said} >= no-generator threshold {cfg.no_generator_threshold:.3f} (no "
-                                "generator is stored, so the choice is route or base)", s1, margin, nearest, hits=hits))
+                                f"generator is stored, so the choice is route or base){used}", s1, margin, nearest, hits=hits))
         elif not gen:
             out.append(Decision(t, "base", f"{said} < no-generator threshold {cfg.no_generator_threshold:.3f} (no "
-                                "generator is stored, so the choice is route or base): no registered task fits", s1,
+                                f"generator is stored, so the choice is route or base): no registered task fits by text{also}", s1,
                                 margin, nearest, hits=hits))
         else:
             out.append(Decision(t, "base", f"{said} < generate threshold {cfg.generate_threshold:.3f}: no registered "
-                                "task or known family fits", s1, margin, nearest, hits=hits))
+                                f"task or known family fits by text{also}", s1, margin, nearest, hits=hits))
     return out
 
 

@@ -7,6 +7,7 @@ routed adapter's label texts where it has those labels), the bare base included.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -38,7 +39,8 @@ def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route
                 continue
             if tg.kind == "auto" and (decided is None or len(decided) != len(xs)):
                 raise ValueError("auto's routes are decided before its job is submitted (Engine.auto)")
-            rs = list(decided) if tg.kind == "auto" else [engine.route_of(tg) for _ in xs]
+            one = engine.route_of(tg) if tg.kind != "auto" else None  # read once (a composition is a record read)
+            rs = list(decided) if one is None else [dataclasses.replace(one, adapters=list(one.adapters)) for _ in xs]
             made: dict[Any, Any] = {}  # one labels task per routed task in an item (rows then share forwards)
             ts = [_label_task(engine, r, tg, labels, made) for r in rs]
         except LoraplexError as exc:

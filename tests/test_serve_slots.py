@@ -354,3 +354,31 @@ def test_an_adapter_of_the_base_as_it_was_is_neither_listed_nor_routed_to(engine
     rep = check(reg)
     assert not rep.ok and any("adapter 'sports-lora': base" in p and "has changed" in p for p in rep.problems)
     assert not any("flights-lora" in p for p in rep.problems)
+
+
+def test_auto_says_the_score_its_thresholds_read_when_labels_re_rank(engine, settings, monkeypatch):
+    """With labels, the reason printed the label-ranked score beside the threshold test of the text's score:
+    "... (0.369) < no-generator threshold 0.270" (sweep 20). It now says which score each number is."""
+    import re
+
+    import numpy as np
+
+    from loraplex.registry.store import Registry
+    from loraplex.router import auto as auto_router
+
+    reg = Registry(settings.home)
+    q = np.stack([engine.embedder.encode(["sports messages"])[0]])
+    s1 = auto_router.nearest_hits(reg, q, auto_router.parse_config({}), engine.base_name)[0][0].score
+    monkeypatch.setattr(auto_router, "with_labels", lambda reg, hits, labels, weight: sorted(
+        (h._replace(score=h.score + (1.0 if h.name == "phones-lora" else 0.0)) for h in hits), key=lambda h: -h.score))
+    for threshold, action in ((s1 + 0.01, "base"), (s1 - 0.01, "route")):
+        cfg = auto_router.parse_config({"route_threshold": 0.99, "generate_threshold": 0.9,
+                                        "no_generator_threshold": threshold})
+        d = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q,
+                               labels=[("good", "bad")])[0]
+        said = re.search(r"scores (-?[0-9.]+) by text ([<>]=?) no-generator threshold (-?[0-9.]+)", d.reason)
+        assert d.action == action and said, d.reason
+        x, op, y = float(said[1]), said[2], float(said[3])
+        assert (x < y) if op == "<" else (x >= y)  # the inequality it states is true
+        assert "'phones-lora' ranks first with the labels asked for" in d.reason and d.nearest == "phones-lora"
+        assert ("the one used" in d.reason) == (action == "route")
