@@ -456,7 +456,8 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
     body.pop("trace", None)
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
     routing = {**_routing(model, target, summary, None), "level": "request"}  # one adapter forwarded per request
-    return await cx.fwd.forward(request.url.path, body, routing)
+    return await cx.fwd.forward(request.url.path, body, routing, gone=request.is_disconnected,
+                                every=DISCONNECT_CHECK_S)
 
 
 class _Answer:

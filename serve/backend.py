@@ -9,8 +9,9 @@ base under the same name with `--served-model-name` (see the README).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,10 +54,15 @@ class Backend:
                             param=err.get("param") if isinstance(err, dict) else None)
         return APIError(502, f"the backend {self.url} answered {status}" + (f": {said}" if said else ""))
 
-    async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any]):
+    async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any], *,
+                      gone: Callable[[], Awaitable[bool]] | None = None, every: float = 0.5):
+        """The backend's answer to the request, relayed. `gone`: whether the client went away, asked every
+        `every` seconds while a whole (not streamed) answer is awaited; then the backend's request is
+        cancelled (its connection closed, so the backend frees the row) and this is a 499. A stream is
+        cancelled when the client stops reading it."""
         try:
             if not body.get("stream"):
-                r = await self.client.post(self.url + path, json=body)
+                r = await self._post(path, body, gone, every)
                 try:
                     data = r.json()
                 except ValueError:
@@ -84,6 +90,21 @@ class Backend:
                 raise APIError(502, f"the backend answered {resp.status_code}") from None
             raise self._failed(resp.status_code, data)
         return StreamingResponse(self._relay(resp, routing), media_type="text/event-stream")
+
+    async def _post(self, path: str, body: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None,
+                    every: float) -> httpx.Response:
+        task = asyncio.ensure_future(self.client.post(self.url + path, json=body))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    return task.result()
+                if gone is not None and await gone():
+                    raise APIError(499, "the client closed the connection")
+        finally:
+            if not task.done():  # the client left (or this request was cancelled): the backend stops too
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     @staticmethod
     async def _events(resp: httpx.Response):

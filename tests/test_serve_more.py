@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import make_peft_adapter, registry_state
 from tests.router.conftest import bert_registry, peft_dirs, task_files  # noqa: F401 (fixtures)
-from tests.serve_util import free_port, llama_home, serving  # noqa: F401 (a fixture)
+from tests.serve_util import free_port, llama_home, metric, serving  # noqa: F401 (a fixture)
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -217,17 +217,27 @@ def test_the_cli_serves_sees_a_cli_registration_and_stops_cleanly_on_ctrl_c(sett
 
 
 @contextlib.contextmanager
-def _fake_backend():
-    """An OpenAI-shaped backend that fails on request (by prompt): a 500, a 401, a list, a cut stream."""
+def _fake_backend(seen: dict | None = None):
+    """An OpenAI-shaped backend that fails on request (by prompt): a 500, a 401, a list, a cut stream; `slow`
+    answers after 20 s, and notes in `seen["left"]` when the caller went away first."""
+    import asyncio
+
     import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI()
 
-    @app.post("/v1/completions")
-    async def completions(body: dict):
+    async def completions(request):  # a plain Starlette route: it reads its request (and sees the caller leave)
+        body = await request.json()
         p = body["prompt"]
+        if p == "slow":
+            for _ in range(200):
+                await asyncio.sleep(0.1)
+                if await request.is_disconnected():
+                    (seen if seen is not None else {})["left"] = True
+                    return JSONResponse({"error": {"message": "nobody is listening"}}, status_code=500)
+            return JSONResponse({"choices": [{"index": 0, "text": "late", "finish_reason": "stop"}]})
         if p == "m500":
             return JSONResponse({"error": {"message": "backend exploded"}}, status_code=500)
         if p == "m401":
@@ -253,6 +263,8 @@ def _fake_backend():
 
         streams = {"split": split, "failing": failing, "garbled": garbled}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
+
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -297,6 +309,25 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
             err = json.loads(events[-2])
             assert events[-1] == "[DONE]" and said in err["error"]["message"] and back[:-3] in err["error"]["message"]
             assert "routing" not in err and json.loads(events[0])["choices"][0]["text"] == "A", events
+
+
+def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llama_home, tiny_llama):
+    """A non-streamed request forwarded to a backend ran there to its end after its client left, and was
+    counted as a 200 (sweep 20): the backend's request is now closed when the client goes, and it is a 499."""
+    s, _ = llama_home
+    seen: dict = {}
+    with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back) as front:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "slow", "max_tokens": 2},
+                       timeout=1.0)
+        t0 = time.monotonic()
+        while "left" not in seen and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert seen.get("left"), "the backend went on answering a request nobody waited for"
+        t0 = time.monotonic()
+        while 'status="499"' not in (text := httpx.get(front + "/metrics", timeout=10).text) and time.monotonic() - t0 < 5:
+            time.sleep(0.1)
+        assert 'status="499"' in text and metric(text, 'loraplex_requests_total{endpoint="/v1/completions",status="200"}') == 0
 
 
 @pytest.mark.slow
