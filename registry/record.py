@@ -152,6 +152,7 @@ class AdapterRecord(BaseModel):
             "accuracy": None if erased else self.metrics.get("accuracy"),
             **({"forgotten_accuracy": self.metrics.get("accuracy")} if erased else {}),
             "description": self.description,
+            **({"composition": list(self.composition)} if len(self.composition) > 1 else {}),  # answers with it
         }
 
 

@@ -55,6 +55,9 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     # an o-lora adapter answers with the stream's adapters summed up to it, as its accuracy was scored
     # (`eval` of it alone gave another figure than the one listed, and `serve` answered with it alone)
     assert recs[1].extra["summed"] is True and recs[1].composition == (recs[0].name, recs[1].name)
+    listed = {r["name"]: r for r in json.loads(cli("adapters", "list", "--json").stdout)}
+    assert listed[recs[1].name]["composition"] == [recs[0].name, recs[1].name]
+    assert "composition" not in listed[recs[0].name]
     ev = cli("eval", recs[1].name, "--task", str(task_dir / "sports.jsonl"), "--json", "--quiet")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["composition"] == [recs[0].name]
