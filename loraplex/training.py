@@ -360,6 +360,10 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train: DataLoader, val: D
     no code: uncaught, the command would exit 0 as if it had succeeded."""
     try:
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    except OSError as exc:  # a checkpoint's or a log's write (a file too large, a full disk) names no file
+        if not getattr(exc, "filename", None):
+            exc.filename = trainer.default_root_dir  # the run directory it was writing into (errors.os_error)
+        raise
     except SystemExit:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
     else:

@@ -120,6 +120,25 @@ def test_cli_train_on_a_full_disk_names_the_file_and_leaves_no_run_directory(cli
     assert not list((cli.home / "runs").glob("train-toy-*"))
 
 
+def test_a_checkpoint_too_large_for_the_file_size_limit_names_the_run_directory(cli, tiny_bert, tmp_path, monkeypatch):
+    """Lightning's checkpoint write under `ulimit -f` failed with EFBIG and no file name: `error: File too
+    large`, with nothing to say where (sweep 17). The run directory it was writing into is named now."""
+    import errno
+
+    import lightning
+
+    def too_large(trainer, *args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(lightning.Trainer, "fit", too_large)
+    before = registry_state(cli.home)
+    r = _train_toy(cli, tiny_bert, tmp_path)
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip()
+    assert err.startswith("error: File too large (") and "/runs/train-toy-" in err and "\n" not in err, err
+    assert registry_state(cli.home) == before and not list((cli.home / "runs").glob("train-toy-*"))
+
+
 def test_sigterm_outside_a_fit_is_one_line_and_143(tmp_path):
     """SIGTERM while a command loaded a model, evaluated or waited for input killed it without a word."""
     import os
