@@ -13,6 +13,7 @@ forward of the routed model for the live rows (with their gates) and returns the
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,12 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+
+def seed_state(seed: int) -> int:
+    """The generator state of a request's 64-bit `seed`: a hash of all its bits. torch's CPU generator
+    keeps only a seed's low 32 bits, so seeds 1 and 2**32 + 1 drew the same tokens (sweep 20)."""
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=4).digest(), "little")
 
 
 @dataclass
@@ -60,7 +67,7 @@ class GenRow:
         if self.sampling.temperature >= GREEDY_BELOW:
             self.generator = torch.Generator()
             if self.sampling.seed is not None:
-                self.generator.manual_seed(int(self.sampling.seed))
+                self.generator.manual_seed(seed_state(int(self.sampling.seed)))
             else:
                 self.generator.seed()
 

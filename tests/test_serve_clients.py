@@ -375,6 +375,22 @@ def test_the_earliest_stop_ends_the_text_whichever_comes_first_in_the_list():
         assert not any(x in row.text for x in stops)
 
 
+def test_every_bit_of_a_seed_counts_and_a_seed_repeats_its_draws():
+    """torch's CPU generator keeps a seed's low 32 bits: seeds 1, 2**32 + 1 and -(2**32) + 1 sampled the
+    same tokens (sweep 20)."""
+    import torch
+
+    from loraplex.serve.decode import GenRow, Sampling
+
+    def draws(seed):
+        return torch.rand(8, generator=GenRow([0], Sampling(4, 1.0, 1.0, (), seed), emit=lambda t: None).generator)
+
+    seeds = (1, 2**32 + 1, 2**40 + 1, -(2**32) + 1, -1, 2**63 - 1, -(2**63), 0)
+    got = [draws(s) for s in seeds]
+    assert all(not torch.equal(got[i], got[j]) for i in range(len(seeds)) for j in range(i))
+    assert torch.equal(draws(2**40 + 1), got[2])
+
+
 def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tiny_llama, monkeypatch):
     """One request whose adapter could not be loaded (a damaged blob, a bank that cannot grow) failed every
     request gathered with it, the bare base's included, with an error naming that adapter (sweep 19)."""
