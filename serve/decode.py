@@ -52,6 +52,7 @@ class GenRow:
     on_token: Callable[[int, dict[str, Any]], None] = lambda token, info: None
     cancelled: Callable[[], bool] = lambda: False
     ids: list[int] = field(default_factory=list)
+    generated: int = 0  # tokens sampled, an end-of-sequence one included (usage's completion_tokens, as vLLM)
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
@@ -93,6 +94,7 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
     """Append a token, apply the stop rules and emit the text that can no longer change."""
     s = row.sampling
     row.on_token(token, info)
+    row.generated += 1
     if token in eos:
         row.finish_reason = "stop"
     else:

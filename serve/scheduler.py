@@ -327,7 +327,7 @@ class Scheduler:
             job = self._owner.pop(id(row), None)
             if job is not None:
                 job.send("done", {"finish_reason": row.finish_reason, "text": row.text,
-                                  "completion_tokens": len(row.ids), "routing": self.engine.summary(lane, row)})
+                                  "completion_tokens": row.generated, "routing": self.engine.summary(lane, row)})
         b.finished.clear()
         if not len(b):
             del self._lanes[lane]

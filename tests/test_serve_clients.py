@@ -375,6 +375,18 @@ def test_the_earliest_stop_ends_the_text_whichever_comes_first_in_the_list():
         assert not any(x in row.text for x in stops)
 
 
+def test_completion_tokens_count_the_end_of_sequence_token_as_the_trace_does():
+    """usage.completion_tokens left out the sampled end-of-sequence token that the trace and the generated-token
+    metric count (sweep 20): an answer that ends at once said 0 tokens and traced 1."""
+    from loraplex.serve.decode import GenRow, Sampling, _advance
+
+    traced: list[int] = []
+    row = GenRow([0], Sampling(8, 0.0, 1.0, (), None), on_token=lambda tok, info: traced.append(tok))
+    for tok in (5, 6, 2):
+        _advance(row, tok, lambda ids: "x" * len(ids), {2}, {})
+    assert row.finish_reason == "stop" and row.ids == [5, 6] and row.generated == len(traced) == 3
+
+
 def test_every_bit_of_a_seed_counts_and_a_seed_repeats_its_draws():
     """torch's CPU generator keeps a seed's low 32 bits: seeds 1, 2**32 + 1 and -(2**32) + 1 sampled the
     same tokens (sweep 20)."""
