@@ -53,6 +53,13 @@ class Task:
     """The task library family an embedded task belongs to (`loraplex.library.FAMILIES`); `user` for files."""
     no_rows: str = field(default="", compare=False)
     """Why a task made from a record's card has no rows (`data.card_task`), said when its rows are asked for."""
+    spelled: dict[str, str] = field(default_factory=dict, compare=False)
+    """A query's own spelling of labels it named in another case than this task's (`router.model.labels_task`):
+    the model reads the task's labels, the answer gives the query's (`answer_label`)."""
+
+    def answer_label(self, label: str) -> str:
+        """How `label` is answered: in the query's spelling where it named the label in another case."""
+        return self.spelled.get(label, label)
 
     @property
     def ref(self) -> str:

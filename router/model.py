@@ -109,6 +109,13 @@ def labels_task(labels: Sequence[str], like: Any = None) -> Task:
     of those labels, with `like`'s label texts for the labels it shares."""
     if like is not None and len(like.labels) == len(labels) and set(like.labels) == set(labels):
         return like if tuple(like.labels) == tuple(labels) else dataclasses.replace(like, labels=tuple(labels))
+    own = {lab.casefold(): lab for lab in like.labels} if like is not None else {}
+    if like is not None and len(own) == len(like.labels) == len(labels) and set(own) == {x.casefold() for x in labels}:
+        # its own labels in another case ("Negative" for "negative"): the adapter reads the names it was
+        # trained on (a causal LM scores them; another case was a new task, answered otherwise), and the
+        # answer is given in the query's spelling
+        mine = tuple(own[x.casefold()] for x in labels)
+        return dataclasses.replace(like, labels=mine, spelled={m: x for m, x in zip(mine, labels) if m != x})
     texts = {lab: like.label_text(lab) for lab in labels if like is not None and lab in like.labels}
     return Task(name="labels", description="answer with one of: " + ", ".join(labels), labels=tuple(labels),
                 train=(), validation=(), test=(), label_texts=texts, source="query")
@@ -274,7 +281,7 @@ class RoutedModel:
     def _answer_group(self, texts: list[str], task) -> list[Any]:
         if task is not None and task.labels:
             scores = self.head.scores(self.model, self.tokenizer, texts, task)  # (N, L)
-            return [task.labels[i] for i in scores.argmax(-1).tolist()]
+            return [task.answer_label(task.labels[i]) for i in scores.argmax(-1).tolist()]
         if self.head.generates:
             return self.head.generate(self.model, self.tokenizer, texts, task)
         raise UserInputError(
@@ -302,7 +309,7 @@ class RoutedModel:
                         out.append(None)
                         continue
                     s = emb[i] @ self.head.anchors(self.model, self.tokenizer, t).T  # (L,)
-                    out.append(t.labels[int(s.argmax())])
+                    out.append(t.answer_label(t.labels[int(s.argmax())]))
                 return out
         # a causal head scores each row as L label continuations (rows x L sequences): rows go in groups of one
         # task and one expert, whose gates (1, 1, E) fit every sequence (per-row gates did not: a crash)

@@ -159,5 +159,5 @@ def _groups(keys: Sequence[Any]) -> list[list[int]]:
 def _labelled(task, scores: torch.Tensor, routing: dict[str, Any], cut: bool) -> dict[str, Any]:
     """One answer; `truncated`: the head read only the text's start (what its context leaves for it)."""
     p = torch.softmax(scores.float(), -1).tolist()
-    return {"task": task.name, "label": task.labels[int(np.argmax(p))],
-            "scores": {lab: round(v, 6) for lab, v in zip(task.labels, p)}, "truncated": cut, "routing": routing}
+    return {"task": task.name, "label": task.answer_label(task.labels[int(np.argmax(p))]),
+            "scores": {task.answer_label(lab): round(v, 6) for lab, v in zip(task.labels, p)}, "truncated": cut, "routing": routing}

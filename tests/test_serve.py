@@ -210,6 +210,15 @@ def test_classify_labels_with_adapters_auto_and_a_router(http):
         r = http.post("/v1/classify", json={"model": model, "input": ["flight late", "goal"], "labels": ["always", "never"]})
         assert r.status_code == 200, (model, r.text)
         assert all(d["label"] in ("always", "never") and set(d["scores"]) == {"always", "never"} for d in r.json()["data"])
+    # an adapter's own labels in another case are its own task (sweep 20: they were a new "labels" task, with
+    # other, here opposite, answers), answered in the request's spelling
+    for model in ("flights-lora", "ctg"):
+        texts = ["flight plane late", "flight great crew", "flight late awful"]
+        own = http.post("/v1/classify", json={"model": model, "input": texts, "labels": ["good", "bad"]}).json()["data"]
+        cased = http.post("/v1/classify", json={"model": model, "input": texts, "labels": ["GOOD", "Bad"]}).json()["data"]
+        assert [d["task"] for d in cased] == [d["task"] for d in own] and own[0]["task"] != "labels", (own, cased)
+        assert [d["label"] for d in cased] == [{"good": "GOOD", "bad": "Bad"}[d["label"]] for d in own]
+        assert [d["scores"] for d in cased] == [{"GOOD": d["scores"]["good"], "Bad": d["scores"]["bad"]} for d in own]
 
 
 BAD = [

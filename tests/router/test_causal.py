@@ -81,6 +81,10 @@ def test_a_label_set_in_another_order_is_the_routed_task_itself():
     assert same.label_text("good") == "a good film"
     other = labels_task(["good", "not good"], like)
     assert other is not like and other.labels == ("good", "not good") and other.label_text("good") == "a good film"
+    # its labels in another case: the task itself, read with its own names, answered with the query's (sweep 20)
+    cased = labels_task(["Very Good", "GOOD", "not good"], like)
+    assert (cased.name, cased.labels) == ("films", ("very good", "good", "not good"))
+    assert [cased.answer_label(lab) for lab in cased.labels] == ["Very Good", "GOOD", "not good"]
 
 
 def test_block_token_gate_generates_the_same_with_and_without_the_kv_cache(tiny_llama):
