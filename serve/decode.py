@@ -90,8 +90,21 @@ def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
+def _complete(text: str) -> int:
+    """Characters of `text` that later tokens cannot change: all but a trailing run of U+FFFD (an incomplete
+    UTF-8 sequence a byte-level tokenizer splits over tokens: an emoji, most CJK characters)."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    return n
+
+
 def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: set[int], info: dict) -> None:
-    """Append a token, apply the stop rules and emit the text that can no longer change."""
+    """Append a token, apply the stop rules and emit the text that can no longer change. Stops are looked
+    for in the complete characters only (a placeholder U+FFFD is no character yet), and the characters
+    held back for a stop that may still be completing are counted from there: counted from the raw text,
+    a placeholder took a held character's place and the stream sent the start of a stop sequence that
+    the whole answer cuts (sweep 20)."""
     s = row.sampling
     row.on_token(token, info)
     row.generated += 1
@@ -100,7 +113,8 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
     else:
         row.ids.append(token)
         row.text = decode(row.ids)
-        found = [at for stop in s.stop if (at := row.text.find(stop, max(0, row.sent - len(stop)))) >= 0]
+        end = _complete(row.text)
+        found = [at for stop in s.stop if (at := row.text.find(stop, max(0, row.sent - len(stop)), end)) >= 0]
         if found:  # the earliest, whichever stop it is (one token may hold two)
             row.text, row.finish_reason = row.text[:min(found)], "stop"
         if row.finish_reason is None and len(row.ids) >= s.max_tokens:
@@ -108,10 +122,7 @@ def _advance(row: GenRow, token: int, decode: Callable[[list[int]], str], eos: s
     if row.finish_reason is None and row.cancelled():
         row.finish_reason = "cancelled"
     hold = 0 if row.done else max([len(x) - 1 for x in s.stop] + [0])
-    safe = len(row.text) - hold
-    while not row.done and safe > row.sent and row.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence:
-        safe -= 1                                                                   # wait for it (at the end: sent
-                                                                                    # as the whole answer has it)
+    safe = (len(row.text) if row.done else _complete(row.text)) - hold  # at the end: as the whole answer has it
     if safe > row.sent or row.done:
         row.emit(row.text[row.sent: max(safe, row.sent)])
         row.sent = max(safe, row.sent)

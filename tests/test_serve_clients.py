@@ -375,6 +375,33 @@ def test_the_earliest_stop_ends_the_text_whichever_comes_first_in_the_list():
         assert not any(x in row.text for x in stops)
 
 
+@pytest.mark.parametrize("stop", ["BC", "ABC", "CD", "C", "\ufffd"])
+def test_a_stop_over_a_character_split_across_tokens_is_never_streamed(stop):
+    """Characters split over tokens (an emoji, most CJK) decode to U+FFFD until complete: the held-back
+    characters counted the placeholder, so the stream sent the start of a stop the whole answer cut, and a
+    stop of U+FFFD matched a half-decoded character (sweep 20)."""
+    from loraplex.serve.decode import GenRow, Sampling, _advance
+
+    def decode(ids):  # token 3 is the first half of "C", token 4 its second
+        out, i = [], 0
+        while i < len(ids):
+            if ids[i] == 3:
+                out.append("C" if i + 1 < len(ids) and ids[i + 1] == 4 else "\ufffd")
+                i += 2 if i + 1 < len(ids) and ids[i + 1] == 4 else 1
+            else:
+                out.append({1: "A", 2: "B", 5: "D"}[ids[i]])
+                i += 1
+        return "".join(out)
+
+    got: list[str] = []
+    row = GenRow([0], Sampling(5, 0.0, 1.0, (stop,), None), emit=got.append)
+    for tok in (1, 2, 3, 4, 5):
+        if not row.done:
+            _advance(row, tok, decode, set(), {})
+    whole = "ABCD".split(stop)[0] if stop in "ABCD" else "ABCD"
+    assert row.text == whole and "".join(got) == whole, (got, row.text)
+
+
 def test_completion_tokens_count_the_end_of_sequence_token_as_the_trace_does():
     """usage.completion_tokens left out the sampled end-of-sequence token that the trace and the generated-token
     metric count (sweep 20): an answer that ends at once said 0 tokens and traced 1."""
