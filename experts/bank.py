@@ -30,15 +30,17 @@ matmul), so a batch whose 32 rows use 32 different adapters costs about what one
 
 Token-level sparse dispatch (issue #14): when per-adapter gates change per token ((B, T, E) with at
 most k non-zero per token: token-gate, mixer), `forward` sorts the N*K (token, expert) assignments by
-expert once, packs each expert's tokens into blocks of C slots (U blocks, (U, C, d_in); C chosen from
-the counts to pad least, `block_layout`; each expert's first block read in place), runs two batched matmuls (inner size R, not E*R) and adds
-each slot's gate-weighted row back to its token with one `index_add_` (`_forward_tokens`).
-Activations are O(N*K*R) instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
+expert once and lays each expert's tokens out in blocks of C slots (U blocks; C chosen from the counts
+to pad least, `block_layout`; each expert's first block read in place). Chunk by chunk of blocks
+(`chunk_blocks`: about 512 KiB on CPU, so the gathered rows stay in cache) it gathers the tokens' rows
+(G, C, d_in), runs two batched matmuls (inner size R, not E*R) and adds each slot's gate-weighted row
+back to its token with `index_add_` (`_forward_tokens`, `_GroupedLora`). Activations kept for backward
+are O(N*K*R) (the rank-R products), instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
 "auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
 least `SPARSE_FACTOR` (16) times the sparse one K*R (below that, on CPU, the dense bank's two GEMMs
 cost less than the sort, the gathers and the small batched matmuls; see SPARSE_FACTOR). Projections fed
-by one shared gate (token-gate `shared`) share the plan of the sort and the packed input through their
-common Routing (`Routing.dispatch`).
+by one shared gate (token-gate `shared`) share the plan of the sort through their common Routing
+(`Routing.dispatch`).
 Per-rank gates (S = E*R, SMoRA's rank router) stay on the dense path: its experts are single ranks,
 so a grouped matmul would have inner size 1 per segment (no batching to gain), and a bank of rank
 E*R is exactly the one LoRA SMoRA sizes its compute by.
@@ -47,7 +49,6 @@ E*R is exactly the one LoRA SMoRA sizes its compute by.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -76,83 +77,107 @@ class _TokenPlan(NamedTuple):
     w_slot: torch.Tensor  # (U*C,) gate weight of each slot (padding: 0, so its output row is zero)
 
 
-class _GroupedLora(torch.autograd.Function):
-    """into[src[j]] += (((A_u @ buf_u^T) * s_u)^T @ B_u)[j] over the U*C slots j of the blocks u: the token
-    dispatch's two grouped matmuls and its scatter back to the N token rows, added in place into `into`
-    (N, d_out), the base projection's output, so the LoRA delta never exists as a tensor of its own (no
-    zeroed (N, d_out) buffer, no separate add: about 2% of a MiniLM forward at E=32).
+CHUNK_BYTES = 1 << 19
+"""On CPU the token dispatch works through its blocks in chunks whose packed input (or slot output) takes
+about this many bytes (512 KiB: a core's L2), so a chunk's gathered rows and slot outputs are still in
+cache when its matmuls and its scatter read them. Done in one piece they were written to memory and read
+back (12 MB each per MiniLM projection at E=512, blocks of 16): on one thread the dispatch at E=512 took
+about 2.3x a base projection in chunks against 5.1x in one piece (a one-off timing, /tmp, MiniLM shapes,
+2,048 tokens, k=2). Other devices take every block at once (one kernel per step)."""
 
-    buf (U, C, d_in) packed tokens, A (E, R, d_in) and Bw (E, R, d_out) the bank's experts, s (U, R, C)
-    scaling x gate weight, src (U*C,) each slot's token. Blocks 0..head-1 are experts 0..E-1 (head = E,
-    or 0) and use A and Bw as they are; blocks head.. use the experts `tail` names, gathered here (and
-    their gradients added back with one `index_add_`). Gathering every block's weights was the larger
-    part of the dispatch's memory traffic at E=512 (R * (d_in + d_out) values per block, against d_in
-    per packed token): `block_layout` gives each expert its own block in place where that costs less.
+
+def chunk_blocks(device: torch.device, C: int, width: int, itemsize: int) -> int:
+    """Blocks per chunk of the token dispatch: about CHUNK_BYTES of (C, width) blocks on CPU; all elsewhere."""
+    if device.type != "cpu":
+        return 1 << 30
+    return max(1, CHUNK_BYTES // max(1, C * width * itemsize))
+
+
+class _GroupedLora(torch.autograd.Function):
+    """into[src[j]] += (((A_u @ x[src_u]^T) * s_u)^T @ B_u)[j] over the U*C slots j of the blocks u: the
+    token dispatch's gather, two grouped matmuls and scatter back to the N token rows, added in place into
+    `into` (N, d_out), the base projection's output, so the LoRA delta never exists as a tensor of its own
+    (no zeroed (N, d_out) buffer, no separate add: about 2% of a MiniLM forward at E=32).
+
+    xf (N, d_in) the tokens, A (E, R, d_in) and Bw (E, R, d_out) the bank's experts, s (U, R, C) scaling x
+    gate weight, src (U*C,) each slot's token. Blocks 0..head-1 are experts 0..E-1 (head = E, or 0) and use
+    A and Bw as they are; blocks head.. use the experts `tail` names, gathered per chunk (and their
+    gradients added back with `index_add_`). The blocks are worked through `G` at a time (`chunk_blocks`):
+    each chunk gathers its tokens' rows, multiplies and scatters while they are in cache, and nothing of
+    size U*C*d is kept for backward (the packed input is gathered again there), only z (U, R, C).
 
     Written as a Function so that its backward picks the same CPU-friendly shapes as the forward: every
     product keeps C (the long side) as an output dimension (d z = Bw @ gy^T, not gy @ Bw^T with an
-    output of R = 8 columns), the input's gradient comes out (U, C, d_in) in row order, and the
-    (U*C, d_out) slot outputs are not kept for backward (autograd's `index_add` would save them: 6 MB
-    per MiniLM projection), nor the packed input unless A needs a gradient (a router trained over
-    frozen adapters). About 30% faster than autograd's own backward of the same expression on 2 CPU
-    threads (MiniLM shapes, R=8); equal to it within float rounding (tests/experts/test_token_dispatch.py
-    compares the whole path with the dense bank)."""
+    output of R = 8 columns) and the input's gradient is scattered chunk by chunk. Equal to the dense
+    bank within float rounding (tests/experts/test_token_dispatch.py compares values and gradients)."""
 
     @staticmethod
-    def _bmm(head: int, W: torch.Tensor, Wt: torch.Tensor | None, m: torch.Tensor, out: torch.Tensor,
-             right: bool = False) -> torch.Tensor:
-        """out[u] = W_u @ m[u] (right: m[u] @ W_u) for the blocks u: W's experts in order for the first
-        `head` blocks, Wt's (the gathered ones) after."""
-        if head:
-            torch.bmm(m[:head], W, out=out[:head]) if right else torch.bmm(W, m[:head], out=out[:head])
-        if Wt is not None:
-            torch.bmm(m[head:], Wt, out=out[head:]) if right else torch.bmm(Wt, m[head:], out=out[head:])
-        return out
+    def _chunks(head: int, U: int, G: int):
+        """(u0, u1) block ranges of at most G blocks, none across the in-place/gathered boundary `head`."""
+        for lo, hi in ((0, head), (head, U)):
+            for u0 in range(lo, hi, G):
+                yield u0, min(hi, u0 + G)
 
     @staticmethod
-    def _grad(head: int, tail: torch.Tensor | None, E: int, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """d W (E, R, *) from the blocks' g (U, R, C) @ m (U, C, *): each block's product added to its expert."""
-        gw = torch.bmm(g, m)  # (U, R, *)
-        if tail is None:
-            return gw
-        out = gw[:head] if head else gw.new_zeros(E, *gw.shape[1:])
-        return out.index_add_(0, tail, gw[head:])
+    def _w(W: torch.Tensor, head: int, tail: torch.Tensor | None, u0: int, u1: int) -> torch.Tensor:
+        """The experts' weights of blocks u0..u1: in place, or gathered by `tail`."""
+        return W[u0:u1] if u1 <= head else W.index_select(0, tail[u0 - head:u1 - head])
 
     @staticmethod
-    def forward(ctx, into, buf, A, Bw, s, src, head, tail):
+    def _add(gW: torch.Tensor, g: torch.Tensor, head: int, tail: torch.Tensor | None, u0: int, u1: int) -> None:
+        """Blocks u0..u1's weight gradients g added to their experts' rows of gW."""
+        if u1 <= head:
+            gW[u0:u1] += g
+        else:
+            gW.index_add_(0, tail[u0 - head:u1 - head], g)
+
+    @staticmethod
+    def forward(ctx, into, xf, A, Bw, s, src, head, tail, G):
         U, R, C = s.shape
-        At = A.index_select(0, tail) if tail is not None else None
-        Bt = Bw.index_select(0, tail) if tail is not None else None
-        z = _GroupedLora._bmm(head, A, At, buf.transpose(1, 2), buf.new_empty(U, R, C))  # (U, R, C)
-        need = ctx.needs_input_grad  # keep the packed input only for A's gradient (frozen adapters: never)
-        ctx.head = head
-        ctx.save_for_backward(buf if need[2] else None, A, Bw, At, Bt, s, z if need[3] or need[4] else None,
-                              src, tail)
-        y = _GroupedLora._bmm(head, Bw, Bt, (z * s).transpose(1, 2), buf.new_empty(U, C, Bw.shape[-1]),
-                              right=True)  # (U, C, d_out)
-        into.view(-1, y.shape[-1]).index_add_(0, src, y.view(-1, y.shape[-1]))
+        d_out = Bw.shape[-1]
+        out2 = into.view(-1, d_out)
+        z = xf.new_empty(U, R, C)
+        for u0, u1 in _GroupedLora._chunks(head, U, G):
+            rows = src[u0 * C:u1 * C]
+            buf = xf.index_select(0, rows).view(u1 - u0, C, -1)
+            zc = torch.bmm(_GroupedLora._w(A, head, tail, u0, u1), buf.transpose(1, 2), out=z[u0:u1])  # (g, R, C)
+            y = torch.bmm((zc * s[u0:u1]).transpose(1, 2), _GroupedLora._w(Bw, head, tail, u0, u1))  # (g, C, d_out)
+            out2.index_add_(0, rows, y.view(-1, d_out))
+        need = ctx.needs_input_grad
+        ctx.head, ctx.G = head, G
+        ctx.save_for_backward(xf if need[2] else None, A, Bw, s, z if need[3] or need[4] else None, src, tail)
         ctx.mark_dirty(into)
         return into
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        buf, A, Bw, At, Bt, s, z, src, tail = ctx.saved_tensors
-        head, (U, R, C), E = ctx.head, s.shape, A.shape[0]
-        g2 = g_out.reshape(-1, g_out.shape[-1])
-        gy = g2.index_select(0, src).view(U, C, -1)  # (U, C, d_out)
-        g_zs = _GroupedLora._bmm(head, Bw, Bt, gy.transpose(1, 2), gy.new_empty(U, R, C))  # (U, R, C)
-        g_z = g_zs * s
+        xf, A, Bw, s, z, src, tail = ctx.saved_tensors
+        head, G, (U, R, C) = ctx.head, ctx.G, s.shape
         need = ctx.needs_input_grad
-        g_buf = None
-        if need[1]:  # (U, C, d_in) = g_z^T @ A_u
-            g_buf = _GroupedLora._bmm(head, A, At, g_z.transpose(1, 2), g_z.new_empty(U, C, A.shape[-1]), right=True)
+        g2 = g_out.reshape(-1, g_out.shape[-1])
+        g_x = g2.new_zeros(g2.shape[0], A.shape[-1]) if need[1] else None
+        g_A = torch.zeros_like(A) if need[2] else None
+        g_B = torch.zeros_like(Bw) if need[3] else None
+        g_s = torch.empty_like(s) if need[4] else None
+        for u0, u1 in _GroupedLora._chunks(head, U, G):
+            rows = src[u0 * C:u1 * C]
+            gy = g2.index_select(0, rows).view(u1 - u0, C, -1)  # (g, C, d_out)
+            Bc = _GroupedLora._w(Bw, head, tail, u0, u1)
+            g_zs = torch.bmm(Bc, gy.transpose(1, 2))  # (g, R, C)
+            if g_s is not None:
+                g_s[u0:u1] = g_zs * z[u0:u1]
+            g_z = g_zs * s[u0:u1]
+            if g_x is not None:  # (g, C, d_in) = g_z^T @ A_u, scattered to the tokens
+                g_x.index_add_(0, rows, torch.bmm(g_z.transpose(1, 2), _GroupedLora._w(A, head, tail, u0, u1))
+                               .view(-1, A.shape[-1]))
+            if g_A is not None:  # gathered again: the packed input is not kept
+                buf = xf.index_select(0, rows).view(u1 - u0, C, -1)
+                _GroupedLora._add(g_A, torch.bmm(g_z, buf), head, tail, u0, u1)
+            if g_B is not None:
+                _GroupedLora._add(g_B, torch.bmm(z[u0:u1] * s[u0:u1], gy), head, tail, u0, u1)
         return (g_out if need[0] else None,  # the base output passes through
-                g_buf,
-                _GroupedLora._grad(head, tail, E, g_z, buf) if need[2] else None,  # (E, R, d_in)
-                _GroupedLora._grad(head, tail, E, z * s, gy) if need[3] else None,  # (E, R, d_out)
-                g_zs * z if need[4] else None,  # (U, R, C)
-                None, None, None)
+                g_x, g_A, g_B, g_s, None, None, None, None)
 
 
 def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
@@ -396,26 +421,17 @@ class LoraBank(nn.Module):
         """Token-level sparse dispatch: each token computes only its k selected adapters.
 
         The N*K assignments (token, expert) are sorted by expert (`_token_plan`, once per gates tensor:
-        projections fed by one shared gate reuse it, and the packed input when their input is the same
-        tensor), each expert's tokens are packed into blocks of C slots (U, C, d_in) and two `bmm`s
-        (inner size R) compute them, as CPU MoE kernels do; the gate weights multiply the rank-R
-        activations and one `index_add_` adds every slot's row to its token (padding slots weigh 0). Differentiable in x, A, B and the
-        gates. Equal to the dense path (tests/experts/test_token_dispatch.py).
+        projections fed by one shared gate reuse it), each expert's tokens are laid out in blocks of C
+        slots, and chunk by chunk of blocks their rows are gathered (G, C, d_in), two `bmm`s (inner size
+        R) compute them, as CPU MoE kernels do, the gate weights multiply the rank-R activations and
+        `index_add_` adds every slot's row to its token (padding slots weigh 0). Differentiable in x, A,
+        B and the gates. Equal to the dense path (tests/experts/test_token_dispatch.py).
         """
         E, R = self.n_experts, self.rank
         lead = x.shape[:-1]
         xd = self.dropout(x)
         xf = xd.reshape(-1, self.d_in)  # (N, d_in)
         p = self._token_plan(gates.to(x.dtype), k, plans, topk)
-        buf = None
-        if plans is not None and plans.get("shared"):  # a shared gate's banks: pack an input tensor once
-            hit = plans.get(("x", id(p)))
-            if hit is not None and hit[0]() is xd and hit[1] == tensor_version(xd):
-                buf = hit[2]
-        if buf is None:
-            buf = xf.index_select(0, p.src).view(p.U, p.C, self.d_in)
-            if plans is not None and plans.get("shared"):
-                plans[("x", id(p))] = (weakref.ref(xd), tensor_version(xd), buf)
         A = self.A.view(E, R, self.d_in).to(x.dtype)  # (E, R, d_in)
         Bw = self._b_rows(x.dtype)  # (E, R, d_out)
         scale = self.rank_scale().view(E, R)
@@ -424,7 +440,8 @@ class LoraBank(nn.Module):
         s_ = scale.to(x.dtype).unsqueeze(-1) * p.w_slot.view(p.U, 1, p.C)  # (U, R, C) scaling x gate weight
         if into is None:
             into = x.new_zeros(*lead, self.d_out)
-        return _GroupedLora.apply(into, buf, A, Bw, s_, p.src, p.head, p.tail)  # each slot's row added to its token's
+        G = chunk_blocks(x.device, p.C, max(self.d_in, self.d_out), x.element_size())
+        return _GroupedLora.apply(into, xf, A, Bw, s_, p.src, p.head, p.tail, G)  # each slot's row added to its token's
 
     def _b_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """B as (E, R, d_out), contiguous: the layout the grouped matmuls read (a bmm reading the permuted

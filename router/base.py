@@ -55,8 +55,7 @@ class Routing:
     n_experts: int | None = None  # E (so per-rank gates can be summed per adapter)
     dispatch: dict = field(default_factory=dict, repr=False, compare=False)
     """The banks' token-dispatch plans for these gates (LoraBank._token_plan), built once and shared by
-    every projection that receives this Routing (a shared gate's q, k and v); with "shared" set (by a
-    gate that hands one Routing to several projections) also their packed common input."""
+    every projection that receives this Routing (a shared gate's q, k and v)."""
 
     def per_adapter(self) -> torch.Tensor:
         """(B, T, E) weight of each adapter, normalised to sum 1 over adapters where any is used."""

@@ -116,7 +116,6 @@ class TokenGate(Gate):
             if last is not None and last[0]() is h and last[1] == tensor_version(h) and last[3] == torch.is_grad_enabled():
                 return last[2]  # the same input tensor as the previous projection: one evaluation per layer input
             routing = self._route(h)
-            routing.dispatch["shared"] = True  # the banks of q, k, v pack their common input once
             self._last = (weakref.ref(h), tensor_version(h), routing, torch.is_grad_enabled())
             return routing
         return self._route(h)
@@ -160,7 +159,6 @@ class BlockGate(TokenGate):
         x = h.to(self.weight.dtype)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # the residual stream's scale grows with depth
         routing = self._route(x)
-        routing.dispatch["shared"] = True  # banks fed one input tensor pack it once
         self._routing = routing
 
     def end(self) -> None:
