@@ -81,7 +81,7 @@ def cuts(head: Head, tokenizer, text: str, task: "Task | None") -> bool:
     """Whether `head` scoring `text` on `task` reads only its start (more tokens than `text_budget`)."""
     budget = head.text_budget(tokenizer, task)
     part = clip_text(text, budget + 1)  # a text past what budget + 1 tokens can hold is cut whatever it says
-    return part != text or len(tokenizer(part, add_special_tokens=False)["input_ids"]) > budget
+    return part != text or len(tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]) > budget
 
 
 @HEADS.register("encoder", EncoderConfig, summary="nearest label embedding (sentence encoders)")
@@ -99,7 +99,8 @@ class EncoderHead:
 
     def _tokenize(self, model, tokenizer, texts: Sequence[str]):
         n = self.config.max_length
-        enc = tokenizer([clip_text(t, n) for t in texts], padding=True, truncation=True, max_length=n, return_tensors="pt")
+        enc = tokenizer([clip_text(t, n) for t in texts], padding=True, truncation=True, max_length=n, return_tensors="pt",
+                        split_special_tokens=True)  # a "[SEP]" typed into a text is those characters
         return {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
 
     def hidden(self, model, tokenizer, texts):
@@ -159,7 +160,8 @@ class EncoderHead:
         import torch
 
         n = self.config.max_length
-        lengths = [len(ids) for ids in tokenizer([clip_text(t, n) for t in texts], truncation=True, max_length=n)["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer([clip_text(t, n) for t in texts], truncation=True, max_length=n,
+                                                 split_special_tokens=True)["input_ids"]]
         out: list = [None] * len(texts)
         for bucket in length_buckets(lengths, per_forward=per_forward):
             emb = self.encode(model, tokenizer, [texts[i] for i in bucket])
@@ -191,7 +193,7 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
 
     seen: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
     for lab, text in zip(labels, texts):
-        full = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        full = tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         ids = full[:read] if read is not None else full  # what the head reads of it (`read` tokens at most)
         if ids in seen:
             asked = task is None or task.source == "query"  # a request's own labels (an HTTP body's `labels`)
@@ -221,7 +223,8 @@ def texts_readable(tokenizer, task: "Task", limit: int = 256) -> None:
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
     blind = 0
     for e in rows:
-        ids = [i for i in tokenizer(clip_text(e.text, 512), add_special_tokens=False)["input_ids"] if i not in special]
+        ids = [i for i in tokenizer(clip_text(e.text, 512), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+               if i not in special]
         blind += bool(ids) and all(i == unk for i in ids)
     if blind == len(rows):
         raise UserInputError(f"task {task.name!r}: every training text reads as unknown tokens only to this model "
@@ -313,11 +316,12 @@ class CausalHead:
 
     def _frame(self, tokenizer, task: "Task | None") -> tuple[list[int], list[int], int]:
         """The prompt's tokens before and after the text, and how many of the text's tokens fit between."""
-        head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True)["input_ids"]
+        head = tokenizer(f"{task.description}\n\nText: " if task else "Text: ", add_special_tokens=True,
+                         split_special_tokens=True)["input_ids"]
         tail = tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
         room = self.config.max_length - len(tail) - 8 - MIN_TEXT_TOKENS  # what the description may take
         if len(head) > room:  # a long description (10,000 characters may be 2,000 tokens) is cut too, its start kept
-            desc = tokenizer(task.description, add_special_tokens=True)["input_ids"]
+            desc = tokenizer(task.description, add_special_tokens=True, split_special_tokens=True)["input_ids"]
             sep = tokenizer("\n\nText: ", add_special_tokens=False)["input_ids"]
             head = desc[: max(1, room - len(sep))] + sep
         return head, tail, max(8, self.config.max_length - len(head) - len(tail) - 8)
@@ -328,7 +332,8 @@ class CausalHead:
 
     def _prompt_ids(self, tokenizer, task: "Task | None", text: str) -> list[int]:
         head, tail, budget = self._frame(tokenizer, task)
-        body = tokenizer(clip_text(text, budget), add_special_tokens=False)["input_ids"][:budget]
+        body = tokenizer(clip_text(text, budget), add_special_tokens=False,  # typed control tokens are text
+                         split_special_tokens=True)["input_ids"][:budget]
         return head + body + tail
 
     def _chat_ids(self, tokenizer, text: str) -> list[int]:
@@ -338,7 +343,7 @@ class CausalHead:
         return chat_ids(tokenizer, [{"role": "user", "content": text}], content_limit=budget)  # the text cut, not the template
 
     def _label_ids(self, tokenizer, label: str) -> list[int]:
-        return tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        return tokenizer(" " + label, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _batch(self, tokenizer, seqs: list[list[int]], device):
         import torch
