@@ -73,6 +73,10 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
     if dup:
         raise UserInputError(f"adapter {dup[0]!r} is named twice")
     recs = [reg.get_adapter(n) for n in names]
+    for r in recs:  # as default_members leaves out: its weights alone are not its task's adapter
+        if r.bound_to():
+            raise UserInputError(f"{r.bound_to()}; a generator learns from adapters that answer alone, so it "
+                                 "cannot learn from it")
     one_base(recs, "a generator learns from adapters of one base model; these differ")
     loaded = {r.name: reg.load_adapter(r)[1] for r in recs}
     against = "the generator's layout"
@@ -140,6 +144,11 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
         raise UserInputError("the adapter list is empty: name at least 2 adapters, or leave it out for every "
                              "trained adapter of the registry")
     names = list(adapters) if adapters else default_members(reg)
+    if not adapters and len(names) < 2:
+        left = reg.count() - len(names)
+        raise UserInputError(f"a generator learns from at least 2 trained adapters that answer alone; the registry "
+                             f"holds {len(names)}" + (f" ({left} more left out: generated, forgetting or trained "
+                                                      "with earlier ones summed in)" if left else ""))
     blobs = {n: reg.get_adapter(n).blob for n in names}  # an unknown name is named ("at least 2 adapters, got 1")
     data = training_set(reg, names, snapshots=cfg.snapshots)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))

@@ -66,7 +66,8 @@ def toy_adapter(fp, *, seed: int, rank: int = 4, scale: float = 1.0, targets=("q
     return Adapter(spec, weights)
 
 
-def add_toy(reg, settings, base_dir, name: str, task_file: Path | None, description: str, *, seed: int, **kw):
+def add_toy(reg, settings, base_dir, name: str, task_file: Path | None, description: str, *, seed: int,
+            extra: dict | None = None, **kw):
     from loraplex.data import load_task
     from loraplex.embedders import get_embedder
     from loraplex.models import fingerprint, resolve_base
@@ -80,7 +81,8 @@ def add_toy(reg, settings, base_dir, name: str, task_file: Path | None, descript
     draft = AdapterDraft(name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description,
                          task=task.ref if task else None, origin="trained", spec=adapter.spec,
                          metrics={"steps": 10}, edges=(Edge.to_task(task.ref, "trained-on"),) if task else (),
-                         extra={"task_cards": {task.ref: task.card()}} if task else {})  # as registration keeps it
+                         extra={**({"task_cards": {task.ref: task.card()}} if task else {}),  # as registration keeps it
+                                **(extra or {})})
     emb = get_embedder(settings.embedder).encode([description])[0]
     return reg.add_adapter(draft, adapter, embedding=emb, snapshots=snaps, embedder=settings.embedder,
                            fingerprint_json=fp.model_dump_json())

@@ -152,6 +152,31 @@ def test_a_member_with_another_layout_is_refused(cli, toy_registry, tiny_bert):
     assert r.exit_code == 2 and registry_state(cli.home) == before
 
 
+def test_an_adapter_that_answers_with_a_composition_is_not_learned_from(cli, toy_registry, tiny_bert):
+    """An o-lora stream's adapter trained with an earlier one summed in is not its task's adapter alone:
+    named explicitly it is refused (the defaults already leave it out), and the registry is unchanged."""
+    settings, reg = toy_registry
+    add_toy(reg, settings, tiny_bert, "summed", None, "Classify the sentiment of tweets about concerts, summed.",
+            seed=97, extra={"summed": True, "composition": ["flights-lora", "summed"], "method": {"name": "o-lora"}})
+    before = registry_state(cli.home)
+    r = cli("generate", "fit", "x", "--method", "sg-lora", "--adapters", "music-lora,summed")
+    assert r.exit_code == 2 and "'summed' was trained by a continual stream (o-lora)" in r.stderr
+    assert "a generator learns from adapters that answer alone" in r.stderr and registry_state(cli.home) == before
+    fitted = _json(cli("generate", "fit", "x", "--method", "sg-lora", *FAST, "--json"))  # the defaults: without it
+    assert "summed" not in fitted["members"] and len(fitted["members"]) == 3
+
+
+def test_too_few_default_members_says_how_many_were_left_out(cli, settings, tiny_bert, toy_tasks):
+    from loraplex import api
+
+    reg = api.open_registry(settings)
+    add_toy(reg, settings, tiny_bert, "flights-lora", toy_tasks["flights"], TOY_TASKS["flights"][0], seed=10)
+    add_toy(reg, settings, tiny_bert, "summed", None, "Classify the sentiment of tweets about concerts, summed.",
+            seed=97, extra={"summed": True, "composition": ["flights-lora", "summed"], "method": {"name": "o-lora"}})
+    r = cli("generate", "fit", "x", "--method", "sg-lora")
+    assert r.exit_code == 2 and "at least 2 trained adapters that answer alone; the registry holds 1 (1 more left out" in r.stderr
+
+
 @pytest.mark.parametrize("edit", ["gone", "labels"])
 def test_icm_lora_over_a_member_whose_task_file_is_gone_or_edited(cli, toy_registry, toy_tasks, edit):
     """icm-lora reads examples of each member's task: a file gone (the task was left on record only, with no
