@@ -137,6 +137,19 @@ class AdapterRecord(BaseModel):
         return (f"{self.name!r} was trained by a continual stream ({method}) with {', '.join(others)} summed in, "
                 "and answers (and was scored) with them")
 
+    def through_router(self) -> str | None:
+        """Why it cannot be loaded at all, or None: a forgetting adapter of a stream whose method routes its
+        adapters (`routed`, recorded as `summed: false`) was trained to erase a task from what the stream's
+        router answered with; that router lives in the stream's run directory, not in the registry, so the
+        adapter has nothing to be loaded on top of (summed, its composition is another model). Its figures
+        are the stream's (its matrix and metrics)."""
+        if self.origin != "forgetting" or self.extra.get("summed") is not False:
+            return None
+        run = self.extra.get("run_dir")
+        return (f"{self.name!r} is a forgetting adapter of a stream whose adapters answer through the stream's "
+                "router, which is not registered, so it cannot be loaded, evaluated or served"
+                + (f" (its results are in {run})" if isinstance(run, str) else ""))
+
     def summary(self) -> dict[str, Any]:
         """The short form used by `adapters list`. A forgetting adapter's recorded accuracy is that of the rows
         it erased (low is success), so it is listed as `forgotten_accuracy`, not under `accuracy`."""

@@ -68,6 +68,9 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         dup = next(n for n in names if list(names).count(n) > 1)
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
+    for rec, _ in loaded:
+        if rec.through_router():
+            raise UserInputError(rec.through_router())
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
     for rec, _ in loaded:  # one that answers with a composition (record.composition_of) is loaded with all of it
         if any(n not in names for n in rec.composition):

@@ -130,8 +130,9 @@ class Engine:
         names = {r.name for r in adapters}
         out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description,
                  **({"composition": list(r.composition)} if len(r.composition) > 1 else {})}
-                for r in adapters  # left out (resolve says why): stale ones, or over a stale or missing adapter
-                if not stale.intersection(r.composition) and set(r.composition) <= names]
+                for r in adapters  # left out (resolve says why): stale ones, over a stale or missing adapter, or
+                if not stale.intersection(r.composition) and set(r.composition) <= names  # with nothing to load on
+                and not r.through_router()]
         out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
                 for c in reg.list_components("router", damaged=damaged)
                 if c.base == self.base_name and not stale.intersection(c.members)]
@@ -149,6 +150,8 @@ class Engine:
             if rec.base != self.base_name:
                 raise ModelUnknown(f"adapter {model!r} is of base {rec.base!r}; this server serves {self.base_name!r}")
             self._check_current(rec)
+            if rec.through_router():
+                raise UserInputError(rec.through_router()).about("model")
             # one that answers with a composition (a forgetting adapter, a summed stream's) is served with it
             for member in rec.composition:
                 if member == model:

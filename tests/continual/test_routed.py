@@ -50,6 +50,21 @@ def test_routed_stream_grows_and_refits_the_router(tmp_path, tiny_bert, task_dir
 
         with pytest.raises(UserInputError, match="router"):
             api.forget("markets", steps=2, eval_limit=4, progress=False, settings=_settings(tmp_path / "home"))
+        # the stream's forgetting adapter erased sports from what the stream's router answered with; the
+        # router is not registered, so summing its composition would be another model: nothing loads it
+        from loraplex.serve.engine import Engine
+
+        s = _settings(tmp_path / "home")
+        gone = next(r for r in api.open_registry(s).list_adapters() if r.origin == "forgetting")
+        assert gone.extra["summed"] is False and len(gone.composition) == 4
+        for use in (lambda: api.evaluate(gone.name, settings=s), lambda: api.load_adapted(list(gone.composition), s)):
+            with pytest.raises(UserInputError, match="answer through the stream's router, which is not registered"):
+                use()
+        engine = Engine(s, base=str(tiny_bert))
+        assert gone.name not in {m["id"] for m in engine.models()}
+        assert {m["id"] for m in engine.models()} >= set(gone.composition[:3])  # the learned ones answer alone
+        with pytest.raises(UserInputError, match="cannot be loaded, evaluated or served"):
+            engine.resolve(gone.name)
 
 
 def test_growing_keeps_the_earlier_experts_gate_rows(tiny_bert, settings):
