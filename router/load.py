@@ -110,6 +110,9 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     expert_refs: list[str | None] = list(extra.get("tasks", []))
     gate_t = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
     if extra.get("joint"):
+        if shortlist is not None:  # drawn by retrieval over registered adapters' signatures: its experts have none
+            raise UserInputError(f"--shortlist draws from registered adapters; router {name!r} routes its own jointly "
+                                 "trained experts, which retrieval cannot rank")
         lb = load_base(rec.base, settings, share_weights=share_base)
         if lb.fingerprint.sha != extra.get("base_sha"):
             raise IncompatibleAdapter(f"router {name!r}: base {rec.base!r} has changed since it was fitted")

@@ -211,6 +211,9 @@ def test_mixer_joint_training_stores_its_experts(env):
     ev = json.loads(env("router", "eval", "mj", "--limit", 4, "--json").output)
     assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
     assert ev["routing_accuracy"] == pytest.approx(fit["metrics"]["routing_accuracy"], abs=1e-4)
+    # its experts are its own, not registered adapters: a retrieval shortlist cannot rank them (was ignored)
+    q = env("query", "flight plane delayed", "--router", "mj", "--shortlist", 1)
+    assert q.exit_code == 2 and "router 'mj' routes its own jointly trained experts" in q.stderr
 
 
 @pytest.mark.parametrize("shared", ["true", "block"])
