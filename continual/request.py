@@ -87,7 +87,24 @@ def _learned_tasks(reg: Registry, recs: Sequence[AdapterRecord]) -> list[Any]:
     return tasks
 
 
-def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[Any, tuple[str, ...] | None]:
+def _erased(reg: Registry, recs: Sequence[AdapterRecord], learned: Sequence[Any]) -> dict[str, set[str] | None]:
+    """What the composition's forgetting adapters already erased: task name -> the labels erased, or None
+    for the whole task (as a stream keeps it: `continual/stream.py` `forgotten`)."""
+    out: dict[str, set[str] | None] = {}
+    for r in recs:
+        if r.origin != "forgetting" or not r.task:
+            continue
+        t = next((u for u in learned if r.task in (u.ref, u.name)), None) or reg.load_task(r.task)
+        labels = r.extra.get("labels")
+        if not labels or out.get(t.name, set()) is None:
+            out[t.name] = None
+        else:
+            out[t.name] = set(out.get(t.name) or ()) | {str(x) for x in labels}
+    return out
+
+
+def _target(learned: Sequence[Any], task: str, labels: Sequence[str],
+            erased: dict[str, set[str] | None] | None = None) -> tuple[Any, tuple[str, ...] | None]:
     """The learned task named `task` and the labels to erase (None: all of them). The request's rows and
     accuracies are keyed by task name, so two learned tasks of one name are refused."""
     seen: dict[str, Any] = {}
@@ -113,6 +130,14 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str]) -> tuple[A
             raise UserInputError(f"label {twice!r} is named twice")
         if set(chosen) == set(target.labels):  # as a stream spec says it: a request means what it names
             raise UserInputError(f"naming every label of {target.name!r} forgets the whole task; drop --labels")
+    erased = erased or {}
+    if target.name in erased:  # as a stream spec refuses it: the composition already erased it
+        done = erased[target.name]
+        if done is None:
+            raise UserInputError(f"task {target.name!r} is already forgotten by this composition")
+        again = sorted(done & set(chosen or ()))
+        if again:
+            raise UserInputError(f"label {again[0]!r} of {target.name!r} is already forgotten by this composition")
     why = no_rows_to_forget(target, chosen)
     if why is not None:
         raise UserInputError(why)
@@ -128,7 +153,8 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     checked_seed(seed, "--seed")
     recs = current_composition(reg, adapters=adapters, base=base)
     learned = _learned_tasks(reg, recs)
-    target, chosen = _target(learned, task, labels)
+    erased = _erased(reg, recs, learned)
+    target, chosen = _target(learned, task, labels, erased)
     try:
         forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
         trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, snapshots=3)
@@ -149,15 +175,24 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     def evaluate() -> dict[str, Any]:
         return evaluate_tasks(head, lb.model, lb.tokenizer, learned, split="test", limit=eval_limit)
 
+    by_name = {t.name: t for t in learned}
+
+    def gone(r: Row) -> bool:  # erased by the composition already: not retained (it would be taught back)
+        if r.task not in erased:
+            return False
+        done = erased[r.task]
+        return done is None or by_name[r.task].labels[r.label] in done
+
     def retained(is_forget) -> list[Row]:
         return retained_sample(learned, budget=forgetter.config.retain_budget, seed=seed,
-                               split_rows=lambda t: rows_of(t, "train"), exclude=is_forget)
+                               split_rows=lambda t: rows_of(t, "train"), exclude=lambda r: is_forget(r) or gone(r))
 
     with reg.new_run("forget", name) as run_dir:  # removed if anything below fails: nothing was registered
         res = forget(model=lb.model, tokenizer=lb.tokenizer, head=head, fingerprint=lb.fingerprint, forgetter=forgetter,
                      task=target, labels=chosen, retained=retained, tasks={t.name: t for t in learned}, trainer=trainer,
                      seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
-                     evaluate=evaluate, retained_tasks=[t.name for t in learned if t.name != target.name],
+                     evaluate=evaluate,
+                     retained_tasks=[t.name for t in learned if t.name != target.name and erased.get(t.name, ()) is not None],
                      progress=progress, label=f"forget {target.name}")
         composition = [r.name for r in recs] + [name]
         record = res.record(name=name, base=ref, previous=recs[-1].name,

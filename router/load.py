@@ -138,6 +138,9 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
             scores = ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members))
             bonus = ret.label_bonus(labels, [adapter_labels(reg, m) for m in members]) if labels else None
             keep = ret.shortlist(scores if bonus is None else scores + bonus[None, :], shortlist)
+            for i in list(keep):  # one that answers with a composition comes with it (all members: the fit checked)
+                keep += [members.index(n) for n in reg.get_adapter(members[i]).composition
+                         if n in members and members.index(n) not in keep]
             keep.sort()
         ranks = router.bank_ranks(_gate_weights(gate_t), len(members))
         lb, recs, ads = load_members(reg, [members[i] for i in keep], settings, share_base=share_base)

@@ -78,6 +78,16 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     verb = {True: "forgot", False: "did not forget", None: "forget request (not measured)"}[forgot]  # as measured
     assert "average accuracy" in text.stdout and f"\n{verb} sports" in text.stdout, text.stdout
     assert cli("registry", "check").exit_code == 0
+    # a router over a composition: its shortlist keeps a summed adapter with the rest of it (it failed,
+    # telling the user to name adapters they had not named, whenever retrieval put it first)
+    fit = cli("router", "fit", "r1", "--router", "token-gate", "--adapters", f"{recs[0].name},{recs[1].name}",
+              "--steps", "2", "--batch-size", "4", "--eval-limit", "4", "--val-limit", "4", "--quiet")
+    assert fit.exit_code == 0, fit.output
+    s = Settings.load(home=cli.home, embedder="hash")
+    got = [api.load_routed_model("r1", texts=[t], shortlist=1, settings=s).experts
+           for t in ("flight plane delayed", "match goal team win")]
+    assert [recs[0].name, recs[1].name] in got and all(g in ([recs[0].name], [recs[0].name, recs[1].name]) for g in got)
+    assert cli("router", "remove", "r1").exit_code == 0
 
     # one-off request against the composition the stream left (labels of a learned task)
     before = registry_state(cli.home)
@@ -92,6 +102,14 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert got["labels"] == ["up"] and got["composition"][:-1] == recs[3].extra["composition"]
     new = reg.get_adapter(got["name"])
     assert new.origin == "forgetting" and new.parents == [recs[3].name]
+    # sports, erased by the stream, is not retained (its rows would teach it back) nor forgotten again
+    assert "sports" not in got["retained"] and "flights" in got["retained"]
+    before = registry_state(cli.home)
+    again = cli("forget", "sports")
+    assert again.exit_code == 2 and "task 'sports' is already forgotten by this composition" in again.stderr
+    again = cli("forget", "markets", "--labels", "up")
+    assert again.exit_code == 2 and "label 'up' of 'markets' is already forgotten" in again.stderr
+    assert registry_state(cli.home) == before
 
 
 def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama, task_dir):
