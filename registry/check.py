@@ -268,13 +268,17 @@ RECORDED_RUNS = ("train", "router", "forget")
 
 
 def _unused_runs(reg: "Registry", records: list) -> list:
-    """Run directories of `RECORDED_RUNS` that no adapter or component record names."""
+    """Run directories of `RECORDED_RUNS` that no adapter or component record names. A record names its run
+    by its absolute path when it was made; a run under a `runs/` directory also counts by its name, so a
+    registry home that was moved or copied (its records still naming the old path) knows its own runs."""
     runs = reg.home / "runs"
     if not runs.is_dir():
         return []
-    used = {os.path.realpath(str(r.extra["run_dir"])) for r in records if isinstance(r.extra.get("run_dir"), str)}
+    recorded = [str(r.extra["run_dir"]) for r in records if isinstance(r.extra.get("run_dir"), str)]
+    used = {os.path.realpath(p) for p in recorded}
+    named = {Path(p).name for p in recorded if Path(p).parent.name == "runs"}
     return [p for p in sorted(runs.iterdir()) if p.is_dir() and p.name.split("-", 1)[0] in RECORDED_RUNS
-            and os.path.realpath(p) not in used]
+            and os.path.realpath(p) not in used and p.name not in named]
 
 
 def _check_blob_dir(reg: "Registry", report: CheckReport) -> None:

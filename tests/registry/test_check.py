@@ -379,3 +379,9 @@ def test_run_directories_no_record_uses_are_noted(settings, tiny_bert, tmp_path)
     assert len(idle) == 1 and idle[0].startswith("1 run directory under") and "(train-killed-20261206-000001)" in idle[0]
     assert all((runs / n).is_dir() for n in ("train-a0-20261206-000000", "train-killed-20261206-000001"))
     assert reg.count() == 1
+    # a home that was moved or copied: the record names the run under the old home, and it is still its run
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("UPDATE adapters SET extra = json_set(extra, '$.run_dir', ?) WHERE name = 'a0'",
+                  (str(tmp_path / "old-home" / "runs" / "train-a0-20261206-000000"),))
+    idle = [n for n in api.check(settings=settings).notes if "run director" in n]
+    assert len(idle) == 1 and "(train-killed-20261206-000001)" in idle[0]
