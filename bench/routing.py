@@ -158,14 +158,15 @@ class SavedBytes:
     """Bytes of the distinct tensors autograd saves for backward during a forward (the activation memory).
 
     `models`: storages they hold anyway are not counted when saved: their parameters and the banks'
-    kept (E, R, d_out) copies of frozen B (LoraBank._b_rows), which a forward saves by reference."""
+    kept copies of frozen B (E, R, d_out) and of q, k and v's A joined (E, 3R, d_in) (LoraBank._b_rows,
+    _a_rows), which a forward saves by reference."""
 
     def __init__(self, *models):
         self.held = set()
         for m in models:
             self.held.update(p.untyped_storage().data_ptr() for p in m.parameters())
-            self.held.update(mod.__dict__["_b_kept"][1].untyped_storage().data_ptr()
-                             for mod in m.modules() if "_b_kept" in mod.__dict__)
+            self.held.update(mod.__dict__[kept][1].untyped_storage().data_ptr()
+                             for mod in m.modules() for kept in ("_b_kept", "_a_kept") if kept in mod.__dict__)
 
     def __enter__(self):
         import torch

@@ -53,6 +53,7 @@ class RoutedLinear(nn.Module):
         self.enabled = True
         self.record = False  # keep the last Routing (for traces and auxiliary losses)
         self.last_routing = None
+        self.siblings: list[RoutedLinear] = []  # layers the model feeds the same input (link_same_input)
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections (dtype checks)
@@ -76,8 +77,9 @@ class RoutedLinear(nn.Module):
         elif self.static_gates is not None:
             gates = self.static_gates  # (B, 1, S) or (1, 1, S)
         # the bank adds its delta into the base output (in place where safe: LoraBank `into`)
+        group = [s.bank for s in self.siblings] if plans is not None else ()
         return self.bank(x.to(self.bank.A.dtype), gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk,
-                         into=out)
+                         into=out, group=group)
 
 
 def block_name(name: str) -> str | None:
@@ -317,5 +319,29 @@ def merge(model: nn.Module, adapter: Adapter, weight: float = 1.0) -> None:
 
 def set_router(model: nn.Module, make_router: Callable[[str, RoutedLinear], nn.Module | None]) -> None:
     """Attach a router per routed layer (make_router(name, layer) -> module or None)."""
-    for name, layer in routed_layers(model).items():
+    layers = routed_layers(model)
+    for name, layer in layers.items():
         layer.router = make_router(name, layer)
+    link_same_input(layers)
+
+
+SAME_INPUT = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),
+              ("gate_proj", "up_proj"))
+"""Projections that Hugging Face models call on one input tensor, by their names under one parent module
+(BERT and RoBERTa; Llama, Mistral, Qwen and the like, attention and MLP; DistilBERT)."""
+
+
+def link_same_input(layers: Mapping[str, RoutedLinear]) -> None:
+    """Tell each routed layer which others take the same input (`SAME_INPUT`), so that their banks' token
+    dispatch gathers it once and does their down projections in one matmul (LoraBank._down). Only a hint:
+    a bank checks that the input is the very same tensor before it uses what another computed."""
+    groups: dict[tuple[str, int], list[RoutedLinear]] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        i = next((i for i, names in enumerate(SAME_INPUT) if child in names), None)
+        layer.siblings = []
+        if i is not None:
+            groups.setdefault((parent, i), []).append(layer)
+    for members in groups.values():
+        for layer in members:
+            layer.siblings = [m for m in members if m is not layer]

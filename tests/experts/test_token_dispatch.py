@@ -449,3 +449,68 @@ def test_block_layout_choice():
     C, in_place = block_layout(skew)
     assert not in_place
     assert block_layout(torch.tensor([3, 0, 1]))[0] >= 3  # never a block smaller than the floor's
+
+
+@pytest.mark.parametrize("train_adapters", [True, False])
+def test_same_input_projections_share_one_down_projection(monkeypatch, train_adapters):
+    """q, k and v take one input: their banks gather it once and do their down projections in one matmul
+    (LoraBank._down, banks of different ranks side by side); a projection on another input (the attention
+    output) computes its own. Values and gradients (x, every bank's A and B, the gate) equal the dense path,
+    with the adapters trained (A joined anew) or frozen (the joined A kept, and renewed when one changes)."""
+    from torch import nn
+
+    import loraplex.experts.bank as bank_mod
+    from loraplex.experts.layers import RoutedLinear, link_same_input
+    from loraplex.router.base import ROUTERS
+
+    torch.manual_seed(4)
+    router = ROUTERS.build("token-gate", {"top_k": 2, "shared": True, "init_std": 1.0})
+    names = ["blk.query", "blk.key", "blk.value", "blk.out"]
+    layers = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, R=2 + i % 3, d_in=16, d_out=16, seed=i), n)
+              for i, n in enumerate(names)}
+    link_same_input(layers)
+    assert [s.name for s in layers["blk.key"].siblings] == ["blk.query", "blk.value"] and not layers["blk.out"].siblings
+    for layer in layers.values():
+        layer.router = router.make_gate(layer)
+        for p in layer.bank.parameters():
+            p.requires_grad_(train_adapters)
+    downs = []
+    real = bank_mod._GroupedDown.apply
+    monkeypatch.setattr(bank_mod._GroupedDown, "apply", lambda *a: downs.append(a[1].shape[1]) or real(*a))
+
+    def run(dispatch, x, y):
+        for layer in layers.values():
+            layer.bank.dispatch = dispatch
+            layer.zero_grad(set_to_none=True)  # its gate too (a submodule)
+        x = x.detach().clone().requires_grad_(True)
+        outs = [layers[n](x) for n in names[:3]] + [layers["blk.out"](y)]
+        sum(o.pow(2).sum() for o in outs).backward()
+        grads = [p.grad for layer in layers.values() for p in (layer.bank.A, layer.bank.B)] if train_adapters else []
+        gate = [p.grad for p in {id(p): p for layer in layers.values() for p in layer.router.parameters()}.values()]
+        assert all(g is not None for g in gate)
+        return [o.detach() for o in outs], x.grad, grads, gate
+
+    x, y = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    for _ in range(2):  # the second time with the joined A kept (frozen adapters)
+        downs.clear()
+        s, d = run("sparse", x, y), run("dense", x, y)
+        assert downs == [2 + 3 + 4, 2]  # q, k, v in one matmul of their ranks side by side; the output its own
+        for a, b in zip([*s[0], s[1], *s[2], *s[3]], [*d[0], d[1], *d[2], *d[3]]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp_min(1.0)))
+    if not train_adapters:  # a changed A of k: the kept joined copy follows it
+        with torch.no_grad():
+            layers["blk.key"].bank.A.mul_(2.0)
+        s, d = run("sparse", x, y), run("dense", x, y)
+        torch.testing.assert_close(s[0][1], d[0][1], rtol=1e-5, atol=1e-5)
+    # k called on another tensor than q's: it computes its own (what q left for it is not used)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.bank.dispatch = "sparse"
+        downs.clear()
+        q = layers["blk.query"](x)
+        k_other = layers["blk.key"](x + 1.0)
+        for layer in layers.values():
+            layer.bank.dispatch = "dense"
+        torch.testing.assert_close(k_other, layers["blk.key"](x + 1.0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q, layers["blk.query"](x), rtol=1e-5, atol=1e-5)
+        assert downs == [9, 9]  # k, on its own input, led a joined matmul of its own
