@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_COUNT, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_SCALE, MAX_TEMPERATURE, MIN_TEMPERATURE, Catalog, Options, options
 from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
@@ -55,11 +55,11 @@ class GeneratorConfig(Options):
 
     top_k: int = Field(3, ge=1, le=MAX_COUNT)
     """How many of the most similar known tasks form the condition (and SG-LoRA's prior)."""
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over the top-k cosine similarities."""
     max_distance: float = Field(0.55, gt=0, le=2)
     """Refuse a task whose cosine distance (1 - similarity) to its nearest known task exceeds this."""
-    sample_scale: float = Field(1.0, ge=0)
+    sample_scale: float = Field(1.0, ge=0, le=MAX_SCALE)
     """Scale of the latent noise when sampling (0 gives the prior's mean)."""
     snapshots: bool = True
     """Learn from the members' training snapshots too (not only their final adapters)."""

@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
+from loraplex.catalog import MAX_TEMPERATURE, MIN_TEMPERATURE
 from loraplex.data import load_task
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
@@ -58,7 +59,7 @@ class ICMLoRAConfig(GeneratorConfig):
     """Refuse an example set whose cosine distance to the nearest known task vector exceeds this. With
     minilm and 8 labelled examples, an embedded sentiment task's vector is within 0.54-0.65 of its nearest
     other sentiment task's, and the BBC topic task's 0.72 from its nearest sentiment task's."""
-    temperature: float = Field(0.02, gt=0)
+    temperature: float = Field(0.02, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over the top-k cosine similarities of task vectors."""
 
 

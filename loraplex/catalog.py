@@ -33,6 +33,10 @@ MAX_COUNT = 2**31 - 1  # rows, examples, candidates, top-k, lengths, budgets
 MAX_STEPS = 10_000_000  # optimisation steps (weeks of training on a CPU at 0.5 s a step)
 MAX_BATCH = 65_536  # rows per batch
 MAX_LR = 10.0  # learning rates: Adam past this only diverges (1e300 overflowed float32 in the first step)
+MIN_TEMPERATURE = 1e-3  # softmax temperatures: scores (cosines, logits) divided by less overflowed float32
+# (1e-45 gave NaN gates, answered as if routed; sweep 22) and a softmax that sharp is an argmax anyway
+MAX_TEMPERATURE = 1e3
+MAX_SCALE = 1e3  # multipliers of a sampled or generated quantity (1e308 stored a generator whose every adapter was NaN)
 MAX_CHARS_PER_TOKEN = 64
 """A text is cut to `tokens * MAX_CHARS_PER_TOKEN` characters before a tokenizer that keeps only its first
 `tokens` tokens sees it (`clip_text`): fast tokenizers read the whole text before truncating, so one 60 MB

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
 from loraplex.experts.spec import MAX_RANK
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
@@ -54,7 +54,7 @@ class MixerConfig(Options):
 
     top_k: int = Field(2, ge=1, le=MAX_COUNT)
     """Experts selected per token (hard top-k)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature of the routing distribution."""
     balance: float = Field(0.01, ge=0)
     """Weight of RSL's balance term (E * sum f_e P_e)."""

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import Field
 
-from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
 from loraplex.errors import LoraplexError
 from loraplex.models import current_sha
 from loraplex.registry.index import Hit, nearest_adapters, of_base, routing_vectors
@@ -56,7 +56,7 @@ class RetrievalConfig(Options):
 
     top_k: int = Field(1, ge=1, le=MAX_COUNT)
     """Adapters mixed per query."""
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over the selected adapters' scores."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the score (the rest is the description)."""

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
 from loraplex.errors import UserInputError
 from loraplex.experts.bank import tensor_version
 from loraplex.experts.layers import block_name, routed_layers
@@ -71,7 +71,7 @@ class TokenGateConfig(Options):
 
     top_k: int = Field(2, ge=1, le=MAX_COUNT)
     """Adapters mixed per token (k)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over the selected logits (larger: flatter mixtures)."""
     gate_loss: float = Field(1.0, ge=0)
     """Weight of the gate cross-entropy on task-labelled tokens (MeteoRA's gate loss)."""

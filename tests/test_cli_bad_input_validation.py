@@ -760,6 +760,13 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
      "temperature: Input should be a finite number"),
     (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "temperature=Infinity"],
      "temperature: Input should be a finite number"),
+    # positive but so small that scores divided by it overflow float32: NaN gates answered as routed (sweep 22)
+    (["query", "late flight", "--router", "retrieval", "--set", "temperature=1e-45"],
+     "temperature: Input should be greater than or equal to 0.001"),
+    (["router", "fit", "r", "--router", "mixer", "--set", "temperature=1e-45"],
+     "temperature: Input should be greater than or equal to 0.001"),
+    (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "sample_scale=1e308"],
+     "sample_scale: Input should be less than or equal to 1000"),
 ])
 def test_numbers_that_cannot_work(cli, seeded, tiny_bert, args, match):
     """inf passed every `gt=0` bound (a learning rate of inf trained to NaN, a generator stored an infinite
