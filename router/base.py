@@ -117,6 +117,8 @@ class LearnedRouter:
     slot: ClassVar[str] = "adapter"
     method: ClassVar[str] = ""
     joint_capable: ClassVar[bool] = False
+    fresh_options: ClassVar[tuple[str, ...]] = ()
+    """Config options that only shape fresh experts (`fresh_experts`): refused over registered adapters."""
 
     def __init__(self, config: Any):
         self.config = config

@@ -154,6 +154,10 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         raise UserInputError(f"router {method!r} needs no training: query with `--router {method} --adapters ...`")
     adapters = list(adapters)
     tasks = list(tasks) if tasks else None
+    shaping = [k for k in entry.factory.fresh_options if k in (config or {})]
+    if adapters and shaping:  # the experts are the adapters as registered: the option would be stored unused
+        raise UserInputError(f"{shaping[0]} shapes the fresh experts router {method!r} makes when no --adapters are "
+                             "given; over registered adapters the experts are those adapters (drop it)")
     if adapters:
         ex = _registered(reg, settings, cfg, adapters, tasks, base)
     else:

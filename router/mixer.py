@@ -117,6 +117,7 @@ class MixerRouter(LearnedRouter):
     slot = "adapter"
     method = "mixer"
     joint_capable = True
+    fresh_options = ("n_experts", "rank")
 
     def make_gate(self, layer) -> Gate:
         return MixerGate(self.ctx, layer.bank.d_in, layer.bank.n_experts, self.config)

@@ -103,6 +103,7 @@ class RankRouter(LearnedRouter):
     slot = "rank"
     method = "rank"
     joint_capable = True
+    fresh_options = ("rank",)
 
     @property
     def top_k(self) -> int:

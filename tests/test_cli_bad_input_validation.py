@@ -765,6 +765,10 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
      "temperature: Input should be greater than or equal to 0.001"),
     (["router", "fit", "r", "--router", "mixer", "--set", "temperature=1e-45"],
      "temperature: Input should be greater than or equal to 0.001"),
+    (["router", "fit", "r", "--router", "mixer", "--adapters", "good,other", "--set", "n_experts=5"],  # was stored unused
+     "n_experts shapes the fresh experts router 'mixer' makes when no --adapters are given"),
+    (["router", "fit", "r", "--router", "rank", "--adapters", "good,other", "--joint", "--set", "rank=4"],
+     "rank shapes the fresh experts router 'rank' makes when no --adapters are given"),
     (["generate", "fit", "g", "--method", "sg-lora", "--adapters", "good", "--set", "sample_scale=1e308"],
      "sample_scale: Input should be less than or equal to 1000"),
 ])
