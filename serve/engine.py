@@ -433,10 +433,17 @@ class Engine:
         `top` of `auto`, decided in the request's worker)."""
         if target.kind == "auto":
             raise ValueError("auto is decided in the request's worker (Engine.auto), not on the batching thread")
+        reg = self.reg()
         if target.kind == "router":
             rm = self.router_model(target.name)
+            for name in rm.experts:  # whichever it picks, the backend gets that one adapter alone
+                bound = reg.get_adapter(name).bound_to() if reg.has_adapter(name) else None
+                if bound:
+                    raise UserInputError(f"router {target.name!r} routes over {name!r}: {bound}; the backend serves "
+                                         "one adapter per request, so it cannot be forwarded (serve it without "
+                                         "--backend)").about("model")
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
-        rec = self.reg().get_adapter(target.name) if target.kind == "adapter" else None
+        rec = reg.get_adapter(target.name) if target.kind == "adapter" else None
         if rec is not None and rec.bound_to():  # a backend is asked for one adapter by name
             raise UserInputError(f"{rec.bound_to()}; the backend serves one adapter per request, so it cannot be "
                                  "forwarded (serve it without --backend)").about("model")

@@ -436,3 +436,28 @@ def test_requests_running_at_a_stop_end_in_words(llama_home, tiny_llama):
     finally:
         server.should_exit = True
         th.join(30)
+
+
+def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forwarded(llama_home, tiny_llama, tmp_path):
+    """A backend is asked for one adapter by name: an adapter that answers with a composition is refused
+    when named, and so is a router that may pick it (it sent the summed stream's adapter alone; sweep 21)."""
+    import shutil
+    import sqlite3
+
+    from loraplex.errors import UserInputError
+    from loraplex.serve.engine import Engine, Target
+    from loraplex.settings import Settings
+
+    s, _ = llama_home
+    home = tmp_path / "home"
+    shutil.copytree(s.home, home)
+    with sqlite3.connect(home / "registry.db") as c:  # sports-lora as an o-lora stream's second adapter
+        c.execute("UPDATE adapters SET extra = json_set(extra, '$.summed', json('true'), '$.composition', "
+                  "json('[\"flights-lora\", \"sports-lora\"]')) WHERE name = 'sports-lora'")
+    s2 = Settings.load(home=home, embedder="hash", device="cpu", dtype="float32", cache_dir=s.cache_dir)
+    engine = Engine(s2, base=str(tiny_llama))
+    assert engine.choose(Target("adapter", "flights-lora"), ["goal"])[0].adapters == [("flights-lora", 1.0)]
+    for target, said in ((Target("adapter", "sports-lora"), "'sports-lora' was trained by a continual stream"),
+                         (Target("router", "ctg"), "router 'ctg' routes over 'sports-lora'")):
+        with pytest.raises(UserInputError, match=said):
+            engine.choose(target, ["match goal team"])
