@@ -259,7 +259,8 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
            labels: Sequence[str] | None, retained: Sequence[Row] | Callable[[Callable[[Row], bool]], Sequence[Row]],
            tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
            before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
-           index: int = 0, progress: bool = True, label: str = "") -> ForgetResult:
+           index: int = 0, progress: bool = True, label: str = "",
+           stronger: str = "more --steps or a higher --lr") -> ForgetResult:
     """One forgetting request, start to end: the rows to forget (the task's training rows, or those of
     `labels`, up to the trainer's `train_limit`), the retained rows (`retained(is_forget)` when a
     callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
@@ -277,7 +278,7 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
                          progress=progress, label=label)
     after = evaluate()
     summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels),
-                                     split=getattr(trainer, "eval_split", "test"))
+                                     split=getattr(trainer, "eval_split", "test"), stronger=stronger)
     if not kept:  # GS-LoRA's retention loss had nothing to hold on to: the request may have erased more than the task
         what = task.name + (f" (labels {', '.join(labels)})" if labels else "")
         note = (f"nothing was retained: the composition learned only {what}, so no retained data protected the rest "

@@ -77,7 +77,8 @@ it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
 
 
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
-                           retained: Sequence[str], n_labels: int, *, split: str = "test") -> dict[str, Any]:
+                           retained: Sequence[str], n_labels: int, *, split: str = "test",
+                           stronger: str = "more --steps or a higher --lr") -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
 
     `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}}) of the
@@ -85,6 +86,7 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     in `retained` plus, for a labels request, the task's other labels. Chance level is 1 / n_labels.
     `forgot` is True when the forgotten rows' accuracy fell by FORGET_MIN_DROP or more, False when it did
     not, None when no evaluated row was one to forget (then the `warning` says the forgetting was not measured).
+    `stronger`: what to change for a stronger request, in the caller's terms (a stream's spec keys).
     """
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
@@ -113,7 +115,7 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
         forgot = None
     elif f_after > f_before - FORGET_MIN_DROP:
         warning = (f"the request did not forget {what}: accuracy on its rows went from {100 * f_before:.1f} to "
-                   f"{100 * f_after:.1f} (chance {100 / n_labels:.1f}); try more --steps or a higher --lr")
+                   f"{100 * f_after:.1f} (chance {100 / n_labels:.1f}); try {stronger}")
         forgot = False
     return {
         "forgot": forgot,

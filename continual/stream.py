@@ -427,7 +427,8 @@ class _StreamRun:
                      forgetter=self.forgetter, task=task, labels=labels, retained=retained, tasks=self.tasks,
                      trainer=tr, seed=seed, run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget",
                      device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
-                     retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit))
+                     retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit),
+                     stronger="a larger forgetting.steps or forgetting.lr in the spec")
         if self.replay is not None:
             self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))

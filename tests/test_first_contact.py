@@ -175,7 +175,7 @@ def test_forget_summary_flags_a_rise():
     row = lambda acc: {"t": {"accuracy": acc, "labels": {"a": [round(acc * 100), 100], "b": [round(acc * 100), 100]}},
                        "u": {"accuracy": 0.8, "labels": {}}}
     rose = forget_request_summary(row(0.105), row(0.421), "t", None, ["u"], 3)
-    assert rose["forgot"] is False and "10.5 to 42.1" in rose["warning"]
+    assert rose["forgot"] is False and "10.5 to 42.1" in rose["warning"] and rose["warning"].endswith("try more --steps or a higher --lr")
     fell = forget_request_summary(row(0.9), row(0.33), "t", None, ["u"], 3)
     assert fell["forgot"] is True and fell["warning"] is None
 

@@ -112,8 +112,11 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     assert registry_state(cli.home) == before
 
 
-def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama, task_dir):
+def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama, task_dir, monkeypatch):
     # a causal-LM head's loss gives no label scores: the distillation scores its rows in a forward of its own
+    import loraplex.continual.metrics as metrics
+
+    monkeypatch.setattr(metrics, "FORGET_MIN_DROP", 2.0)  # no request counts as forgetting: its advice is given
     exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")] + [{"forget": "flights"}]
     spec = make_spec(tmp_path / "s.yaml", tiny_llama, task_dir, experiences=exps, steps=3, distill=1.0)
     res = _run(cli, spec, tmp_path / "run")
@@ -123,6 +126,8 @@ def test_causal_lm_stream_distils_replay_and_retention(cli, tmp_path, tiny_llama
     assert units[1]["losses"]["distill"] >= 0 and units[2]["losses"]["distill"] >= 0
     state = json.loads((tmp_path / "run" / "state" / "unit-001" / "state.json").read_text())
     assert state["replay"]["scores"]["weight"] == 1.0 and state["replay"]["scores"]["table"]
+    # in the stream's own terms (it has no --steps or --lr)
+    assert res["metrics"]["forget_requests"][0]["warning"].endswith("try a larger forgetting.steps or forgetting.lr in the spec")
 
 
 def test_replayed_rows_added_on_top_of_the_batch(cli, tmp_path, tiny_bert, task_dir):
