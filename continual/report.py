@@ -24,7 +24,7 @@ import numpy as np
 from loraplex.continual import metrics as M
 from loraplex.continual.rundir import RunDir, damaged
 from loraplex.errors import UserInputError
-from loraplex.fsio import atomic_write, uninterrupted
+from loraplex.fsio import atomic_write, uninterrupted, user_path
 
 MATRIX_FILE, METRICS_FILE, HEATMAP_FILE = "matrix.json", "metrics.json", "heatmap.png"
 
@@ -133,7 +133,7 @@ def heatmap_png(matrix: dict[str, Any]) -> bytes:
 def load_report(run_dir: str | Path) -> dict[str, Any]:
     """A finished or partial run's matrix and metrics, rebuilt from its saved unit states:
     {"run_dir", "matrix", "metrics"}. UserInputError when `run_dir` is not a stream run directory."""
-    p = Path(run_dir).expanduser()
+    p = user_path(run_dir)
     if not p.is_dir():
         raise UserInputError(f"{p}: no such run directory")
     rd = RunDir(p)

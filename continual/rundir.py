@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from loraplex.catalog import MAX_COUNT, MAX_STEPS, first_error
 from loraplex.errors import DamagedRun
-from loraplex.fsio import fsync_dir, read_json_file
+from loraplex.fsio import fsync_dir, read_json_file, user_path
 
 MAX_STATE_BYTES = 256 << 20  # a unit's state.json holds the replay buffer's rows
 
@@ -144,7 +144,7 @@ class RunDir:
     """The files of one run directory (see the module docstring)."""
 
     def __init__(self, path: Path):
-        self.path = Path(path).expanduser().absolute()
+        self.path = user_path(path).absolute()
         self.state = self.path / "state"
 
     @contextmanager

@@ -48,7 +48,7 @@ from loraplex.models import EMBEDDED
 from loraplex.data import EMBEDDED_TASKS, TASK_SUFFIXES, load_task
 from loraplex.errors import InvalidSpec, InvalidTaskFile, TaskNotFound, UnknownComponent, UserInputError
 from loraplex.experts.spec import MAX_RANK, LoraSpec
-from loraplex.fsio import read_yaml_file
+from loraplex.fsio import read_yaml_file, user_path
 from loraplex.registry.record import NAME_RE
 from loraplex.tasks import SEED_MAX, validate_description
 from loraplex.training import LightningSettings
@@ -281,7 +281,7 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
 
 def load_spec(path: str | Path) -> StreamSpec:
     """Read and validate a YAML stream spec; task files are resolved relative to its directory."""
-    p = Path(path).expanduser().absolute()
+    p = user_path(path).absolute()
     if not p.exists():
         raise InvalidSpec(f"{p}: no such stream spec")
     data = read_yaml_file(p, error=InvalidSpec, what="stream spec")
@@ -294,7 +294,7 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
     that loading it says "unknown task" with the embedded names it is close to, not "no such file"."""
     if ref in EMBEDDED_TASKS:
         return ref
-    p = Path(ref).expanduser()
+    p = user_path(ref)
     if not p.is_absolute() and root is not None:
         p = root / p
     bare = "/" not in ref and os.sep not in ref and not ref.lower().endswith(TASK_SUFFIXES)
@@ -310,7 +310,7 @@ def _resolve_base(base: str, root: Path | None) -> str:
     id, an absolute path, or a path with no directory beside the spec stays as written."""
     if root is None or base in EMBEDDED or any(base.lower() == m.hub_id.lower() for m in EMBEDDED.values()):
         return base
-    p = Path(base).expanduser()
+    p = user_path(base)
     if p.is_absolute() or not (root / p).is_dir():
         return base
     return os.path.normpath((root / p).absolute())  # recorded as the adapters' base: no `specs/../`

@@ -58,7 +58,7 @@ from loraplex.data import load_task
 from loraplex.errors import (AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, LoraplexWarning,
                              Terminated, UserInputError, check_termination)
 from loraplex.experts.layers import adapters_disabled
-from loraplex.fsio import atomic_write, write_tensors
+from loraplex.fsio import atomic_write, user_path, write_tensors
 from loraplex.heads import head_for, texts_readable
 from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
@@ -115,7 +115,7 @@ def run_stream(
     canonical = spec.canonical()
     if resume is not None:
         rd = RunDir(Path(resume))
-        if out is not None and Path(out).expanduser().absolute() != rd.path:
+        if out is not None and user_path(out).absolute() != rd.path:
             raise UserInputError("give --resume DIR alone (the run continues in DIR), not with a different --out")
         if not rd.path.is_dir():
             raise UserInputError(f"{rd.path}: no such run directory to resume")

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from loraplex.errors import InvalidAdapter
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error, matches_target
-from loraplex.fsio import atomic_write, missing_dirs, read_json_file, remove_if_empty, write_tensors
+from loraplex.fsio import atomic_write, missing_dirs, read_json_file, remove_if_empty, user_path, write_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +40,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     """Read a PEFT LoRA directory. Returns the adapter (module names without PEFT's prefix) and the raw config."""
-    d = Path(path).expanduser()  # "~/peft" is the home folder, as every other path loraplex reads
+    d = user_path(path)  # "~/peft" is the home folder, as every other path loraplex reads
     try:
         exists = d.exists()
     except OSError as exc:  # a name too long, a path through a file: the path is the problem, not the disk
@@ -334,7 +334,7 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
     failure (a full disk) the directory is left as it was, and removed again if this call made it."""
     if not str(out_dir).strip():
         raise InvalidAdapter("the export directory is empty: name a directory")
-    out = Path(out_dir).expanduser()  # "~/out" is the home folder, not a folder named "~"
+    out = user_path(out_dir)  # "~/out" is the home folder, not a folder named "~"
     if out.exists() and not out.is_dir():
         raise InvalidAdapter(f"{out}: exists and is not a directory")
     for name in (CONFIG, WEIGHTS):  # replaced by a rename, which cannot replace a directory: refuse before writing

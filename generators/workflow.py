@@ -27,6 +27,7 @@ import torch
 from loraplex.data import CARD_ONLY, check_columns, read_rows, row_value, sidecar_path
 from loraplex.errors import (AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, LoraplexWarning, TaskNotFound,
                              UserInputError)
+from loraplex.fsio import user_path
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
@@ -284,7 +285,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
 
 def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     """Examples from a task-shaped file (.jsonl, .json, .csv, .tsv) with a `text` column and an optional `label` column."""
-    p = Path(path).expanduser().absolute()
+    p = user_path(path).absolute()
     if not p.exists():
         raise TaskNotFound(f"{p}: no such examples file")
     if p.is_dir():  # said "unknown task file type (none)" for a folder without a suffix

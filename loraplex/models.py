@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loraplex.allocator import keep_heap
 from loraplex.errors import DiskFull, LoraplexError, MissingDependency, ModelNotFound, out_of_memory
+from loraplex.fsio import user_path
 from loraplex.settings import Settings
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def resolve_base(name_or_path: str | None) -> BaseRef:
     if not name_or_path:
         raise ModelNotFound("no base model given (and the adapter's config names none); pass --base")
     key = str(name_or_path)
-    p = Path(key).expanduser()
+    p = user_path(key)
     if key in EMBEDDED:  # the embedded names are reserved (records store them): never a directory
         m = EMBEDDED[key]
         return BaseRef(m.name, m.family, m.hub_id)

@@ -22,6 +22,7 @@ from typing import Iterator
 
 from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError,
                              check_termination, os_error)
+from loraplex.fsio import user_path
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
@@ -127,7 +128,7 @@ class Database:
     """A registry home's SQLite database and lock (see the module docstring)."""
 
     def __init__(self, home: str | os.PathLike, *, lock_timeout: float = 120.0):
-        self.home = Path(home).expanduser().absolute()
+        self.home = user_path(home).absolute()
         if self.home.exists() and not self.home.is_dir():
             raise UserInputError(f"registry home {self.home} is not a directory")
         self.db_path = self.home / "registry.db"

@@ -1185,3 +1185,20 @@ def test_several_devices_in_an_interactive_session_are_refused(monkeypatch):
     with pytest.raises(ValidationError, match="would train in forked or spawned processes"):
         LightningSettings(devices=2, accelerator="cpu")
     assert LightningSettings(devices=1).devices == 1
+
+
+NO_USER = "~no-such-user-of-loraplex"
+
+
+@pytest.mark.parametrize("args", [
+    ["stream", "run", f"{NO_USER}/s.yaml"],
+    ["stream", "report", f"{NO_USER}/run"],
+    ["eval", "good", "--task", f"{NO_USER}/t.jsonl"],
+    ["train", f"{NO_USER}/t.jsonl", "--name", "t"],
+    ["adapters", "register", f"{NO_USER}/peft", "--name", "n", "--description", "airline tweets"],
+    ["adapters", "export", "good", f"{NO_USER}/out"],
+])
+def test_a_path_of_a_user_that_does_not_exist(cli, seeded, args):
+    """`~user` naming no user: pathlib's RuntimeError was an internal error (exit 70; sweep 21)."""
+    before = registry_state(cli.home)
+    _refused(cli(*args), cli.home, before, f"'{NO_USER}' names no user of this machine")
