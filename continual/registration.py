@@ -11,6 +11,7 @@ registers what an uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -54,9 +55,12 @@ def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_
     name = rec["name"]
     if reg.has_adapter(name):
         have = reg.get_adapter(name)
-        if have.extra.get("run_id") == rec["extra"].get("run_id") and have.extra.get("unit") == rec["extra"].get("unit"):
+        same = (have.extra.get("run_id") == rec["extra"].get("run_id") and have.extra.get("unit") == rec["extra"].get("unit")
+                and have.blob == hashlib.sha256((state_dir / ADAPTER_FILE).read_bytes()).hexdigest())
+        if same:  # a resumed run registering what it registered before it stopped
             return have
-        raise AlreadyExists(f"an adapter named {name!r} already exists (not from this run)")
+        raise AlreadyExists(f"an adapter named {name!r} already exists (not this run's: another run or command "
+                            "registered it)")
     spec = LoraSpec(**rec["spec"])
     adapter = Adapter.from_bytes(spec, (state_dir / ADAPTER_FILE).read_bytes(), where=str(state_dir))
     snaps = []

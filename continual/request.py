@@ -162,7 +162,9 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     if name is None:  # "" is not "not given": validate_name refuses it, as train and router fit do
-        name = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = next(n for n in (stem if i == 1 else f"{stem}-{i}" for i in range(1, 10_000))
+                    if not reg.has_adapter(n) and reg.reserve_run_id(n))  # not another request's of this second
     validate_name(name)
     reg.check_adapter_name_free(name)
     ref = resolve_base(recs[0].base)

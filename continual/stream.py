@@ -252,7 +252,8 @@ class _StreamRun:
             fresh, info = False, rd.info()
         if fresh:
             run_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            while any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters()):
+            while (any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters())
+                   or not self.reg.reserve_run_id(run_id)):  # another run started in this second holds it
                 run_id += "x"
             rd.path.mkdir(parents=True, exist_ok=True)
             atomic_write(rd.path / "run_id", run_id)  # before spec.json, whose presence marks a run directory

@@ -116,6 +116,19 @@ class Registry(Database, Components):
         s = settings or Settings.load()
         return cls(s.home, embedder=s.embedder, embedder_named_by=s.embedder_named_by)
 
+    def reserve_run_id(self, run_id: str) -> bool:
+        """Claim `run_id` (a stream run's, or a default adapter name made from the time) for this process,
+        exclusively: False when another run holds it. Two commands started in the same second read the same
+        clock, and a run id checked only against registered adapters was taken by both (the second's
+        adapters then went unregistered while it reported them registered)."""
+        ids = self.home / "runs" / ".ids"
+        ids.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(ids / run_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        return True
+
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),
         the same one in every DDP rank (loraplex.ranks: rank 0 names it, the workers read it). Rank 0

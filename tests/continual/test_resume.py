@@ -143,3 +143,38 @@ def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_di
     monkeypatch.setattr(stream._StreamRun, "_register", real)
     res = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
     assert res.resumed_from == 1 and len(res.adapters) == 2
+
+
+def test_two_runs_of_one_name_in_one_second_register_their_own_adapters(tmp_path, tiny_bert, task_dir, monkeypatch):
+    """Two runs of one spec name started in the same second read one clock: the second took the first's
+    run id, and its registration found the first's adapters under its names and reported them as its own
+    (sweep 21). Run ids are now claimed exclusively, and an adapter of this run id and unit with other
+    weights is not this run's."""
+    import shutil
+
+    import pytest
+
+    import loraplex.continual.stream as stream
+    from loraplex.continual.registration import RECORD_FILE, register_from_dir
+    from loraplex.errors import AlreadyExists
+    from loraplex.models import fingerprint, resolve_base
+
+    monkeypatch.setattr(stream.time, "strftime", lambda fmt, *a: "20261206-120000")
+    exps = [{"learn": str(task_dir / "flights.jsonl")}]
+    s = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    runs = []
+    for seed in (0, 1):
+        spec = make_spec(tmp_path / f"s{seed}.yaml", tiny_bert, task_dir, experiences=exps, steps=2, seed=seed)
+        runs.append(api.run_stream(spec, out=tmp_path / f"run{seed}", progress=False, settings=s))
+    (a,), (b,) = runs[0].adapters, runs[1].adapters
+    assert a != b and {r.name for r in api.open_registry(s).list_adapters()} == {a, b}
+    # a unit whose record names an adapter registered by another run (same run id and unit, other weights)
+    unit = tmp_path / "run1" / "state" / "unit-000"
+    other = tmp_path / "clash"
+    shutil.copytree(unit, other)
+    assert runs[0].run_id == "tiny-20261206-120000" and runs[1].run_id == "tiny-20261206-120000x"
+    rec_file = other / RECORD_FILE
+    rec_file.write_text(rec_file.read_text().replace(runs[1].run_id, runs[0].run_id))  # a's name, run id and unit
+    fp = fingerprint(resolve_base(str(tiny_bert)), s)
+    with pytest.raises(AlreadyExists, match="not this run's"):
+        register_from_dir(api.open_registry(s), other, fingerprint=fp)
