@@ -111,6 +111,7 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
         description = validate_description(description)
     if not is_worker():
         reg.check_adapter_name_free(name)  # an adapter's or a router's: before training, not after
+        reg.check_embedder()
     try:
         cfg = TrainConfig(**train_options)
         spec = LoraSpec(r=rank, alpha=alpha if alpha is not None else 2.0 * rank, target_modules=tuple(targets))

@@ -151,6 +151,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter (see the
     module docstring); `gs_lora` options override the GS-LoRA configuration. Returns a summary dict."""
     checked_seed(seed, "--seed")
+    reg.check_embedder()  # it registers what it trains: an embedder the registry cannot take is refused first
     recs = current_composition(reg, adapters=adapters, base=base)
     learned = _learned_tasks(reg, recs)
     erased = _erased(reg, recs, learned)

@@ -113,6 +113,8 @@ def run_stream(
     s = settings or Settings.load()
     spec = load_spec(spec_path)
     canonical = spec.canonical()
+    if not is_worker():  # every unit registers its adapter
+        Registry.open(s).check_embedder()
     if resume is not None:
         rd = RunDir(Path(resume))
         if out is not None and user_path(out).absolute() != rd.path:

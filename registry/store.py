@@ -116,6 +116,11 @@ class Registry(Database, Components):
         s = settings or Settings.load()
         return cls(s.home, embedder=s.embedder, embedder_named_by=s.embedder_named_by)
 
+    def check_embedder(self) -> None:
+        """Refuse now an embedder this registry cannot take (`embedder_name`): a command that trains and then
+        registers checks it before training, not after (a stream trained a unit, then was refused)."""
+        self.embedder_name  # noqa: B018 (the property refuses)
+
     def reserve_run_id(self, run_id: str) -> bool:
         """Claim `run_id` (a stream run's, or a default adapter name made from the time) for this process,
         exclusively: False when another run holds it. Two commands started in the same second read the same

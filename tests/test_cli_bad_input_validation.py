@@ -506,6 +506,29 @@ def test_embedder_setting_that_cannot_apply(cli, seeded, monkeypatch, value, mat
     assert cli("adapters", "search", "airline complaints").exit_code == 0
 
 
+def test_an_embedder_the_registry_cannot_take_is_refused_before_training(cli, seeded, monkeypatch, tiny_bert, tmp_path):
+    """train, forget and a stream registered with the registry's embedder only at the end: they trained (a
+    stream left a half-made run directory), then were refused. Now before anything is trained or written."""
+    import loraplex.continual.fit as fit
+    import loraplex.continual.request as request
+
+    for module, fn in ((fit, "fit_adapter"), (request, "forget")):
+        monkeypatch.setattr(module, fn, lambda *a, **k: pytest.fail("trained before the embedder was checked"))
+    monkeypatch.setenv("LORAPLEX_EMBEDDER", "minilm")
+    before = registry_state(cli.home)
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(f'{{"text": "row {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(8)))
+    (tmp_path / "t.task.json").write_text('{"description": "Tell rows of kind a from rows of kind b."}')
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\nbase: {tiny_bert}\nmethod: seq-lora\ntrainer: {{steps: 1}}\n"
+                    f"experiences: [{{learn: {task}}}]\n")
+    for args in (["train", str(task), "--name", "t", "--base", str(tiny_bert), "--steps", "1"],
+                 ["stream", "run", str(spec), "--out", str(tmp_path / "run")],
+                 ["forget", "t", "--adapters", "good"]):
+        _refused(cli(*args), cli.home, before, "LORAPLEX_EMBEDDER='minilm', but the registry at")
+    assert not (tmp_path / "run").exists() and not list((cli.home / "runs").glob("train-*"))
+
+
 def test_an_embedder_passed_as_a_keyword_is_named_as_one(cli, seeded, monkeypatch):
     """A Python caller that passed `embedder=` was told to change LORAPLEX_EMBEDDER, which it had not set."""
     from loraplex.errors import InvalidSpec
