@@ -168,7 +168,12 @@ def run_stream(
     learn_spec = spec.lora.lora_spec()
     learn_modules = learn_spec.resolve_targets(fp.linear_names(), fp.model_type)
     if any(u.kind == "forget" for u in units):
-        forgetter.modules(fp)  # IncompatibleAdapter now rather than mid-run
+        shared = sorted(set(forgetter.modules(fp)) & set(learn_modules))  # IncompatibleAdapter now rather than mid-run
+        if shared and not method.summed:  # a routed projection takes one expert per task; a forgetting slot is not one
+            raise InvalidSpec(f"{spec_path}: forgetting.targets and lora.targets share {shared[0]!r}: method "
+                              f"{spec.method.name!r} routes that projection among its tasks' adapters, and a "
+                              "forgetting slot in it is not one of them; give forgetting projections the routed "
+                              "ones do not use (its default is the feed-forward ones)")
     info = rd.info() if resume is not None else None
     if info is not None and info["units_total"] != len(units):  # the spec is spec.json's: the counts agree
         raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but the spec makes {len(units)} units")

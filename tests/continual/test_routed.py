@@ -139,6 +139,13 @@ def test_a_bad_routed_spec_is_refused_before_anything_runs(cli, tmp_path, tiny_b
     assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
     res = cli("stream", "run", spec)  # no --out: the run directory under the home is not made for a refused spec
     assert res.exit_code == 2 and not list((cli.home / "runs").glob("stream-*")), res.output
+    # a forgetting slot in a routed projection: an internal error mid-run (after two units), now refused first
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")] + [{"forget": "flights"}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=ROUTED, experiences=exps,
+                     forgetting={"name": "gs-lora", "rank": 2, "steps": 2, "targets": ["query"]})
+    res = cli("stream", "run", spec, "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "forgetting.targets and lora.targets share 'encoder.layer.0.attention.self.query'" in res.stderr
+    assert not (tmp_path / "run").exists() and registry_state(cli.home) == before
     # a task its base reads as unknown tokens only (emoji to WordPiece) is refused before anything runs, as train does
     import json
 
