@@ -78,6 +78,11 @@ class StreamResult:
     resumed_from: int = 0
 
 
+def compute_of(settings: Settings) -> dict[str, str]:
+    """The device kind and dtype a run trains in (run.json): a resume in another one is not the same run."""
+    return {"device": settings.resolved_device(), "dtype": str(settings.torch_dtype()).removeprefix("torch.")}
+
+
 def _unit_seed(seed: int, unit: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (unit + 1)) % (2**31 - 1)
 
@@ -177,6 +182,12 @@ def run_stream(
     info = rd.info() if resume is not None else None
     if info is not None and info["units_total"] != len(units):  # the spec is spec.json's: the counts agree
         raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but the spec makes {len(units)} units")
+    was_on = info.get("compute") if info is not None else None
+    if isinstance(was_on, dict) and was_on != compute_of(s):  # a run started before this was kept says nothing
+        now = compute_of(s)
+        raise UserInputError(f"{rd.path}: this run started in {was_on.get('dtype')} on {was_on.get('device')}, and a "
+                             f"resume here would train in {now['dtype']} on {now['device']} (not the run it continues): "
+                             f"resume it with LORAPLEX_DTYPE={was_on.get('dtype')} LORAPLEX_DEVICE={was_on.get('device')}")
     if info is not None and info.get("base_sha") != fp.sha:
         raise IncompatibleAdapter(f"{rd.path}: base {ref.name!r} has changed since this run started")
     then = info.get("base_files") if info is not None else None
@@ -282,6 +293,7 @@ class _StreamRun:
                 "task_fingerprints": {t.ref: task_fingerprint(t) for t in self.tasks.values() if t.source != "embedded"},
                 "units_total": len(self.units), "units": [u.label for u in self.units],
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
+                "compute": compute_of(self.settings),
                 **({"base_files": files} if (files := base_files(self.ref)) is not None else {}),
             }
             atomic_write(rd.path / "run.json", json.dumps(info, indent=1))

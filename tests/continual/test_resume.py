@@ -65,6 +65,14 @@ def test_resume_after_ctrl_c_and_kill_is_exact(tmp_path, tiny_bert, task_dir):
     assert second.returncode == -signal.SIGKILL
     assert not (run / "state" / "unit-003").exists()
 
+    # in another dtype it would not be the run it continues (it was accepted without a word: sweep 21)
+    import pytest
+
+    from loraplex.errors import UserInputError
+
+    bf16 = Settings.load(home=home, embedder="hash", device="cpu", dtype="bfloat16")
+    with pytest.raises(UserInputError, match="started in float32 on cpu, and a resume here would train in bfloat16"):
+        api.run_stream(spec, resume=run, progress=False, settings=bf16)
     res = api.run_stream(spec, resume=run, progress=False, settings=settings(home))
     assert res.resumed_from == 3
     assert res.matrix == ref.matrix
