@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_LR, MAX_STEPS, MAX_WEIGHT, Catalog, Options, options
 from loraplex.continual.distill import StoredScores
 from loraplex.continual.experience import UnitOutcome, train_unit
 from loraplex.continual.losses import bound_for, bounded_forget_loss
@@ -56,24 +56,24 @@ class GSLoraConfig(Options):
     """Optimiser steps (default: the trainer's steps per experience)."""
     lr: float | None = Field(None, gt=0, le=MAX_LR)
     """Peak learning rate (default: the trainer's)."""
-    sparsity_weight: float = Field(0.01, ge=0)
+    sparsity_weight: float = Field(0.01, ge=0, le=MAX_WEIGHT)
     """alpha of GS-LoRA: weight of the group lasso over the blocks' LoRA groups."""
     group_by: Literal["block", "module"] = "block"
     """Groups of the lasso: one per transformer block (the paper) or one per module."""
     prune_threshold: float = Field(0.1, ge=0, lt=1)
     """A group survives if its weight update is at least this share of the largest group's."""
-    bound: float = Field(1.3, gt=0)
+    bound: float = Field(1.3, gt=0, le=MAX_WEIGHT)
     """BND as a multiple of log(L), the cross-entropy of a uniform guess over the task's L labels. At 1.0
     the forgotten task stayed above chance (minilm, airline: 75% -> 43%, chance 33%): a batch-mean
     cross-entropy of log(L) still leaves the argmax right on many rows; 1.3 reached chance (31.5%) with
     the retained tasks' mean unchanged (-0.4 points), see bench/results/continual.txt."""
-    forget_weight: float = Field(1.0, gt=0)
+    forget_weight: float = Field(1.0, gt=0, le=MAX_WEIGHT)
     """beta: weight of the bounded forget loss."""
     forget_share: float = Field(0.5, gt=0, lt=1)
     """Share of each batch drawn from the rows to forget (the rest: retained rows)."""
     retain_budget: int = Field(600, ge=1, le=MAX_COUNT)
     """Retained rows sampled (class-balanced) when no replay buffer is available."""
-    distill_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """gamma: weight of the distillation of retained rows to the predictions made before the request (0: off)."""
 
 

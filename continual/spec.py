@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, MAX_WEIGHT, Options, options
 from loraplex.continual.forgetting import FORGETTERS, no_rows_to_forget
 from loraplex.continual.methods import METHODS
 from loraplex.models import EMBEDDED
@@ -149,7 +149,7 @@ class ReplaySettings(_Frozen):
     """share: the replayed rows take `mix` of each batch's `batch_size` rows; added: they come on top of
     `batch_size` new rows (DER++'s buffer minibatch beside the stream's), so a new task gets as many rows
     per step as without replay, at the cost of longer steps."""
-    distill: float = Field(2.0, ge=0)
+    distill: float = Field(2.0, ge=0, le=MAX_WEIGHT)
     """DER++: weight of KL(stored || now) on replayed rows, the stored scores being the composition's
     right after the row's task was learned (0: plain replay, cross-entropy on the gold labels only).
     Measured (bench/continual.py, minilm, six tasks, o-lora, 120 steps per task): task order 1, AA 71.8 /

@@ -55,8 +55,8 @@ from loraplex.continual.rundir import (  # noqa: F401 (RunDir: imported from her
 from loraplex.continual.slots import add_slot, bank_tensors, extract_slot, restore_banks, train_only
 from loraplex.continual.spec import first_difference, load_spec
 from loraplex.data import load_task
-from loraplex.errors import (AlreadyExists, DamagedRun, IncompatibleAdapter, InvalidSpec, Interrupted, LoraplexWarning,
-                             Terminated, UserInputError, check_termination)
+from loraplex.errors import (AlreadyExists, DamagedRun, Diverged, IncompatibleAdapter, InvalidSpec, Interrupted,
+                             LoraplexWarning, Terminated, UserInputError, check_termination)
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, user_path, write_tensors
 from loraplex.heads import head_for, texts_readable
@@ -325,6 +325,14 @@ class _StreamRun:
                 raise Interrupted(f"interrupted {when}; {saved} of {len(self.units)} units are saved in {rd.path}; "
                                   f"continue with `loraplex stream run SPEC --resume {rd.path}`",
                                   signal=getattr(exc, "signal", "SIGINT")) from None
+            except Diverged as exc:  # train's words name its options and say nothing was registered
+                where = str(exc).split("; lower the learning rate", 1)[0]
+                n = unit.index
+                kept = (f"the {n} unit{'s' if n != 1 else ''} before it {'are' if n != 1 else 'is'} saved in {rd.path} "
+                        "and registered" if n else "nothing was registered")
+                raise Diverged(f"unit {unit.index} ({unit.label}): {where}; lower trainer.lr (or a loss weight: "
+                               f"replay.distill, the method's and forgetting's weights) in the spec and start a new "
+                               f"run; {kept}") from None
             if self.on_unit is not None:
                 self.on_unit({"unit": unit.index, "label": unit.label, "total": len(self.units), **report})
         report = report or write_report(rd.path, info, self.results)

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from pydantic import Field, ValidationError
 
-from loraplex.catalog import MAX_LR, Options, first_error, options
+from loraplex.catalog import MAX_LR, MAX_WEIGHT, Options, first_error, options
 from loraplex.errors import InvalidSpec, UserInputError
 from loraplex.experts.layers import eject, inject
 from loraplex.generators.layout import ParamLayout
@@ -48,7 +48,7 @@ class RefineConfig(Options):
     """Gradient steps on the labelled examples in the generator's coordinates (0: no refinement; at most 1,000)."""
     lr: float = Field(0.2, gt=0, le=MAX_LR)
     """Adam's learning rate on the coordinates (which have unit RMS over the training vectors)."""
-    anchor: float = Field(0.05, ge=0)
+    anchor: float = Field(0.05, ge=0, le=MAX_WEIGHT)
     """Weight of the squared distance (per coordinate) to the generator's own proposal."""
     batch_size: int = Field(64, ge=1, le=4096)
     """Examples per step, taken in turn (a few-shot set of up to this many is one batch, as before; 100,000

@@ -36,6 +36,7 @@ MAX_LR = 10.0  # learning rates: Adam past this only diverges (1e300 overflowed 
 MIN_TEMPERATURE = 1e-3  # softmax temperatures: scores (cosines, logits) divided by less overflowed float32
 # (1e-45 gave NaN gates, answered as if routed; sweep 22) and a softmax that sharp is an argmax anyway
 MAX_TEMPERATURE = 1e3
+MAX_WEIGHT = 1e6  # loss weights and ratios: 1e300 overflowed a loss to inf at the first step (a stream diverged)
 MAX_SCALE = 1e3  # multipliers of a sampled or generated quantity (1e308 stored a generator whose every adapter was NaN)
 MAX_CHARS_PER_TOKEN = 64
 """A text is cut to `tokens * MAX_CHARS_PER_TOKEN` characters before a tokenizer that keeps only its first

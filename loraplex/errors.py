@@ -130,6 +130,10 @@ class MissingDependency(LoraplexError):
     """An optional package (an embedded model or dataset, faiss) is not installed."""
 
 
+class Diverged(UserInputError):
+    """Training ended with NaN or infinite weights; the message says where and what to lower."""
+
+
 class Interrupted(LoraplexError):
     """A long command stopped by Ctrl-C (exit code 130) or SIGTERM (`signal="SIGTERM"`: 143); the message
     says what was kept and how to continue."""

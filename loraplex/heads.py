@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from pydantic import Field
 
-from loraplex.catalog import Catalog, MAX_BATCH, MAX_COUNT, Options, clip_text, options
+from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Catalog, Options, clip_text, options
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ class EncoderConfig(Options):
 
     max_length: int = Field(128, ge=8, le=MAX_COUNT)
     """Tokens per text (longer texts are truncated)."""
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over cosine similarities to the label anchors."""
     pooling: str = "mean"
     """Sentence pooling: mean (sentence-transformers default) or cls."""

@@ -62,7 +62,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader, DistributedSampler
 
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
-from loraplex.errors import Interrupted, InvalidSpec, UserInputError
+from loraplex.errors import Diverged, Interrupted, InvalidSpec, UserInputError
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head
@@ -381,8 +381,8 @@ def _check_finite(trainer: L.Trainer, module: L.LightningModule) -> None:
     if bad is not None:
         low = "" if str(trainer.precision) in ("32-true", "64-true") else f", or train in 32-true precision (not {trainer.precision})"
         steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
-        raise UserInputError(f"training diverged: after {steps} the trained weights hold NaN or "
-                             f"infinity ({bad}); lower the learning rate (--lr){low}; nothing was registered")
+        raise Diverged(f"training diverged: after {steps} the trained weights hold NaN or "
+                       f"infinity ({bad}); lower the learning rate (--lr){low}; nothing was registered")
 
 
 class AdapterSnapshots(Callback):

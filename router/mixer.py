@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_SCALE, MAX_TEMPERATURE, MAX_WEIGHT, MIN_TEMPERATURE, Options, options
 from loraplex.experts.spec import MAX_RANK
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, switch_balance, token_entropy
@@ -56,11 +56,11 @@ class MixerConfig(Options):
     """Experts selected per token (hard top-k)."""
     temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature of the routing distribution."""
-    balance: float = Field(0.01, ge=0)
+    balance: float = Field(0.01, ge=0, le=MAX_WEIGHT)
     """Weight of RSL's balance term (E * sum f_e P_e)."""
-    specialization: float = Field(0.01, ge=0)
+    specialization: float = Field(0.01, ge=0, le=MAX_WEIGHT)
     """Weight of RSL's entropy-shaping term (mean per-token routing entropy)."""
-    gate_loss: float = Field(1.0, ge=0)
+    gate_loss: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the gate cross-entropy on task-labelled tokens (0: unsupervised, as in the paper)."""
     joint: bool = False
     """Train the experts together with the router (paradigm i) instead of routing frozen adapters."""
@@ -69,7 +69,7 @@ class MixerConfig(Options):
     rank: int = Field(8, ge=1, le=MAX_RANK)
     """Rank of fresh experts (their bank's total rank, n_experts x rank, is at most MAX_RANK: 1,000,000
     experts took every byte of memory)."""
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, le=MAX_SCALE)
     """Standard deviation of the router's initial weights."""
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_SCALE, MAX_WEIGHT, Options, options
 from loraplex.experts.spec import MAX_RANK
 from loraplex.router.base import ROUTERS, Gate, LearnedRouter, RouteContext, Routing, topk_scatter
 from loraplex.router.losses import gate_cross_entropy, rank_load
@@ -47,15 +47,15 @@ class RankConfig(Options):
 
     top_k: int = Field(8, ge=1, le=MAX_COUNT)
     """Ranks (rank-1 experts) activated per token."""
-    bias_rate: float = Field(0.005, ge=0)
+    bias_rate: float = Field(0.005, ge=0, le=MAX_WEIGHT)
     """Step u of the load-balancing bias update (0 disables balancing)."""
-    gate_loss: float = Field(1.0, ge=0)
+    gate_loss: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the per-adapter gate cross-entropy on task-labelled tokens (0: unsupervised, as in SMoRA)."""
     joint: bool = False
     """Train the ranks together with the router (from scratch when no adapters are given)."""
     rank: int | None = Field(None, ge=1, le=MAX_RANK)
     """Total rank of the from-scratch LoRA (default: 8 per task; at most MAX_RANK, as any LoRA's)."""
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, le=MAX_SCALE)
     """Standard deviation of the router's initial weights."""
 
 

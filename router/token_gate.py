@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
+from loraplex.catalog import MAX_COUNT, MAX_SCALE, MAX_TEMPERATURE, MAX_WEIGHT, MIN_TEMPERATURE, Options, options
 from loraplex.errors import UserInputError
 from loraplex.experts.bank import tensor_version
 from loraplex.experts.layers import block_name, routed_layers
@@ -73,9 +73,9 @@ class TokenGateConfig(Options):
     """Adapters mixed per token (k)."""
     temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     """Softmax temperature over the selected logits (larger: flatter mixtures)."""
-    gate_loss: float = Field(1.0, ge=0)
+    gate_loss: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     """Weight of the gate cross-entropy on task-labelled tokens (MeteoRA's gate loss)."""
-    init_std: float = Field(0.02, gt=0)
+    init_std: float = Field(0.02, gt=0, le=MAX_SCALE)
     """Standard deviation of the gates' initial weights."""
     shared: bool | Literal["block"] = False
     """true: one gate per layer input (the projections fed one input, q, k, v, share it, evaluated once);

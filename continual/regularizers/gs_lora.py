@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from loraplex.catalog import Options, options
+from loraplex.catalog import MAX_WEIGHT, Options, options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.continual.slots import slot_weights, zero_slot
 from loraplex.errors import IncompatibleAdapter
@@ -68,7 +68,7 @@ def block_of(module: str, targets: tuple[str, ...]) -> str:
 class GroupSparseConfig(Options):
     model_config = options()
 
-    sparsity_weight: float = Field(0.01, ge=0)
+    sparsity_weight: float = Field(0.01, ge=0, le=MAX_WEIGHT)
     """alpha: weight of the group lasso sum_g ||theta_g||_2."""
     group_by: Literal["block", "module"] = "block"
     """Groups: one per transformer block (the paper) or one per adapted module."""

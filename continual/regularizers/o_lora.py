@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from loraplex.catalog import Options, options
+from loraplex.catalog import MAX_WEIGHT, Options, options
 from loraplex.continual.regularizers.base import REGULARIZERS, ExperienceContext
 from loraplex.experts.layers import routed_layers
 
@@ -44,7 +44,7 @@ from loraplex.experts.layers import routed_layers
 class OLoraConfig(Options):
     model_config = options()
 
-    orth_weight: float = Field(0.5, ge=0)
+    orth_weight: float = Field(0.5, ge=0, le=MAX_WEIGHT)
     """lambda_1: weight of the mean |cosine| between the new adapter's A rows and the earlier ones'."""
 
 

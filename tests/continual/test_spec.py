@@ -110,6 +110,10 @@ def test_bad_experiences(task_dir, exps, msg):
     ({"replay": {"budget": 3, "share": 0.1}}, "exactly one"),
     ({"name": "../x"}, "name"),
     ({"experiences": []}, "experiences"),
+    # a loss weight of 1e300 overflowed the loss at the first replayed batch: a stream diverged mid-run
+    ({"replay": {"budget": 3, "distill": 1e300}}, "distill: Input should be less than or equal to 1000000"),
+    ({"forgetting": {"name": "gs-lora", "sparsity_weight": 1e300}}, "sparsity_weight: Input should be less than or equal"),
+    ({"method": {"name": "o-lora", "orth_weight": 1e300}}, "orth_weight: Input should be less than or equal"),
 ])
 def test_bad_settings(task_dir, over, msg):
     with pytest.raises(InvalidSpec, match=msg):

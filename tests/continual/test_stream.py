@@ -173,3 +173,34 @@ def test_multitask_plan_groups_learning_runs(task_dir):
                                                    ("learn", ("markets",))]
     seq = METHODS.build("seq-lora", {}).plan(spec.experiences, ["flights", "sports", "flights", "markets"])
     assert len(seq) == 4
+
+
+def test_a_unit_that_diverges_says_what_the_stream_kept_and_which_spec_keys_to_lower(tmp_path, tiny_bert, task_dir,
+                                                                                     monkeypatch):
+    """train's words ('lower the learning rate (--lr)'; 'nothing was registered') were wrong in a stream:
+    it has no --lr, and the units before the diverged one were registered (sweep 21)."""
+    import loraplex.training as training
+    from loraplex import api
+    from loraplex.errors import Diverged
+    from loraplex.settings import Settings
+
+    calls = []
+    real = training._check_finite
+
+    def check(trainer, module):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Diverged("training diverged: after 3 steps the trained weights hold NaN or infinity (x.A); lower "
+                           "the learning rate (--lr); nothing was registered")
+        real(trainer, module)
+
+    monkeypatch.setattr(training, "_check_finite", check)
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=3)
+    s = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    with pytest.raises(Diverged) as err:
+        api.run_stream(spec, out=tmp_path / "run", progress=False, settings=s)
+    said = str(err.value)
+    assert said.startswith("unit 1 (sports): training diverged: after 3 steps") and "--lr" not in said
+    assert "lower trainer.lr" in said and "the 1 unit before it is saved" in said and "nothing was registered" not in said
+    assert len(api.open_registry(s).list_adapters()) == 1
