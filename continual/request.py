@@ -43,6 +43,11 @@ def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: st
     want = resolve_base(base).name if base else None
     if adapters:
         recs = [reg.get_adapter(n) for n in adapters]
+        for r in recs:  # before the tasks are read: "never learned" would blame the task, not the missing members
+            if r.through_router():
+                raise UserInputError(r.through_router())
+            if any(n not in adapters for n in r.composition):
+                raise UserInputError(f"{r.bound_to()}; name it with them ({','.join(r.composition)}), not alone")
         other = [r.name for r in recs if want is not None and r.base != want]
         if other:
             raise UserInputError(f"adapters {', '.join(other)} are of base {reg.get_adapter(other[0]).base!r}, "

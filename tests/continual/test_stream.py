@@ -91,6 +91,8 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
 
     # one-off request against the composition the stream left (labels of a learned task)
     before = registry_state(cli.home)
+    alone = cli("forget", "flights", "--adapters", recs[1].name)  # it answers with flights' adapter summed in
+    assert alone.exit_code == 2 and f"name it with them ({recs[0].name},{recs[1].name}), not alone" in alone.stderr
     bad = cli("forget", "weather")
     assert bad.exit_code == 2 and "never learned" in bad.stderr and registry_state(cli.home) == before
     every = cli("forget", "markets", "--labels", "flat,down,up")  # was quietly taken as the whole task
