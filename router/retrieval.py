@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
 from loraplex.errors import LoraplexError
@@ -64,6 +64,12 @@ class RetrievalConfig(Options):
     """Adapters faiss keeps (best routing scores over the whole registry) to make the bank from."""
     label_weight: float = Field(0.25, ge=0, le=1)
     """Weight of the label-set match (Jaccard) when the caller names the labels it wants answered."""
+
+    @model_validator(mode="after")
+    def _mix_within_candidates(self) -> "RetrievalConfig":
+        if self.top_k > self.candidates:  # the mix is drawn from the candidates: it was cut down without a word
+            raise ValueError(f"top_k={self.top_k} is more than candidates={self.candidates}, the adapters it mixes from")
+        return self
 
 
 @dataclass
