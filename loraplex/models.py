@@ -147,6 +147,11 @@ def _smollm2_dir(settings: Settings) -> Path:
             except OSError:
                 pass
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = getattr(gguf_utils, "tqdm", None)  # its own tqdm bar, drawn whatever --quiet said (a one-off of
+        if bar is not None:                      # a few seconds): not drawn, as transformers' own bars are not
+            gguf_utils.tqdm = lambda items, *a, **k: items
         try:
             tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
             model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE)
@@ -161,6 +166,8 @@ def _smollm2_dir(settings: Settings) -> Path:
             except OSError:  # another process won the race
                 shutil.rmtree(tmp, ignore_errors=True)
         finally:
+            if bar is not None:
+                gguf_utils.tqdm = bar
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -470,3 +470,36 @@ def test_a_very_long_text_is_cut_before_it_is_tokenized(kind, request, settings)
         head_, tail = "alpha beta " * 2_000, "omega " * 100_000
         assert len(head_) > HASH_WORDS * MAX_CHARS_PER_TOKEN
         np.testing.assert_allclose(emb.encode([head_ + tail]), emb.encode([clip_text(head_, HASH_WORDS)]))
+
+
+def test_the_conversion_of_smollm2_draws_no_progress_bar(settings, monkeypatch, capfd):
+    """transformers' GGUF reader draws its own tqdm bar, which `--quiet` and `--json` did not turn off
+    (sweep 22): the conversion runs with it off, and puts it back."""
+    pytest.importorskip("gguf")
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    import loraplex.models as models
+
+    real = gguf_utils.tqdm
+
+    class Saved:
+        def __init__(self):
+            self.config = type("C", (), {})()
+            self.hf_quantizer = None
+
+        def save_pretrained(self, path):
+            from pathlib import Path
+
+            (Path(path) / "config.json").write_text("{}")
+            (Path(path) / "model.safetensors").write_bytes(b"x")
+
+    def reader(*a, **k):  # as transformers reads the GGUF file: through the module's tqdm
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+        return Saved()
+
+    monkeypatch.setattr(models, "_package_dir", lambda name: settings.cache_dir)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reader)
+    assert (models._smollm2_dir(settings) / "model.safetensors").is_file()
+    assert "Converting" not in capfd.readouterr().err and gguf_utils.tqdm is real
