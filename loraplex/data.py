@@ -400,6 +400,9 @@ def load_task_file(
     else:
         train, val, test = _split_as_given(p, examples, given_splits)
     label_texts = meta.get("label_texts") or card.get("label_texts") or {}
+    if (not meta.get("label_texts") and isinstance(label_texts, dict)
+            and any(k not in labels for k in label_texts)):  # a record's card of labels the file no longer has:
+        label_texts = {}  # not this file's (the registry's check_learned_labels names the change, and the adapter)
     if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")
     unknown_label = next((k for k in label_texts if k not in labels), None)

@@ -206,3 +206,17 @@ def test_evaluation_rows_are_read_once_in_shards_of_one_length(monkeypatch, n, w
     assert read == sorted(r.text for r in rows)  # every row once
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     assert [r for b in make_loader(rows, 64, shuffle=False) for r in b] == rows  # one process: all, in order
+
+
+def test_labels_changed_since_training_with_label_texts_in_the_record_name_the_change(cli, tiny_bert, tmp_path):
+    """An adapter trained with label texts, its file's labels renamed and its sidecar gone: the record's
+    label texts were checked against the file's new labels and blamed a sidecar that did not exist (sweep 22)."""
+    f = _task_file(tmp_path)
+    side = tmp_path / "toy.task.json"
+    side.write_text(json.dumps({"description": "is the passenger happy or not", "label_texts": {"good": "a happy one"}}))
+    assert cli("train", f, "--name", "t2", "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    f.write_text(f.read_text().replace('"good"', '"fine"'))
+    side.unlink()
+    r = cli("eval", "t2", "--limit", "4", "--description", "is the passenger happy or not")
+    want = f"the labels of {f} changed since adapter 't2' was trained (bad, good -> bad, fine)"
+    assert r.exit_code == 2 and want in r.stderr and "task.json" not in r.stderr, r.output
