@@ -95,7 +95,8 @@ def train_unit(
                              on_task_forward=on_task_forward)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=max(1, max(len(b) for b in batches)), seed=seed,
                       warmup=trainer.warmup, snapshots=trainer.snapshots, progress=progress, **trainer.lightning())
-    snaps = AdapterSnapshots(snapshot_spec, steps, trainer.snapshots if snapshot_fn else 0, extract_fn=snapshot_fn)
+    snaps = AdapterSnapshots(snapshot_spec, steps, trainer.snapshots if snapshot_fn else 0, extract_fn=snapshot_fn,
+                             asked="snapshots" in trainer.model_fields_set)
     timer = StepTimer()
     callbacks: list[Callback] = [snaps, timer]
     if progress and label:

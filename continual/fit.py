@@ -66,7 +66,7 @@ def fit_adapter(base, task: Task, spec: LoraSpec, cfg: TrainConfig, run_dir: Pat
                              warmup=cfg.warmup, total_steps=cfg.steps)
     train = make_loader(rows_of(task, "train", cfg.train_limit), cfg.batch_size, shuffle=True, seed=cfg.seed)
     val = make_loader(rows_of(task, "validation", cfg.val_limit), 64, shuffle=False)
-    snaps = AdapterSnapshots(spec, cfg.steps, cfg.snapshots)
+    snaps = AdapterSnapshots(spec, cfg.steps, cfg.snapshots, asked="snapshots" in cfg.model_fields_set)
     trainer = make_trainer(cfg, run_dir, callbacks=[snaps], device=base.settings.resolved_device())
     t0 = time.perf_counter()
     base.model.train()

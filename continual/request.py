@@ -163,7 +163,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     target, chosen = _target(learned, task, labels, erased)
     try:
         forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
-        trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, snapshots=3)
+        trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit)  # snapshots: 3
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -62,7 +62,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader, DistributedSampler
 
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
-from loraplex.errors import Diverged, Interrupted, InvalidSpec, UserInputError
+from loraplex.errors import Diverged, Interrupted, InvalidSpec, LoraplexWarning, UserInputError
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head
@@ -386,16 +386,22 @@ def _check_finite(trainer: L.Trainer, module: L.LightningModule) -> None:
 
 
 class AdapterSnapshots(Callback):
-    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last.
+    """Keeps copies of adapter `expert` at `count` evenly spaced steps before the last (at most steps - 1:
+    a warning says so when `asked`, i.e. the count was given, not a default).
 
     `extract_fn(model) -> Adapter` overrides how the adapter is read (a continual run reads one slot
     of some modules' banks, see `continual.slots.extract_slot`)."""
 
-    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0, *, extract_fn=None):
+    def __init__(self, spec: LoraSpec, steps: int, count: int, expert: int = 0, *, extract_fn=None,
+                 asked: bool = True):
         self.spec, self.expert = spec, expert
         self.extract_fn = extract_fn
         self.at = sorted({max(1, round(steps * (i + 1) / (count + 1))) for i in range(count)} - {steps}) if count else []
         self.taken: list[tuple[int, Adapter]] = []
+        if asked and len(self.at) < count:  # fewer steps before the last than snapshots asked for: said, not dropped
+            warnings.warn(f"{count} snapshots were asked for and {len(self.at)} will be kept: a run of {steps} "
+                          f"step{'s' if steps != 1 else ''} has {steps - 1} before its last", LoraplexWarning,
+                          stacklevel=2)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -220,3 +220,18 @@ def test_labels_changed_since_training_with_label_texts_in_the_record_name_the_c
     r = cli("eval", "t2", "--limit", "4", "--description", "is the passenger happy or not")
     want = f"the labels of {f} changed since adapter 't2' was trained (bad, good -> bad, fine)"
     assert r.exit_code == 2 and want in r.stderr and "task.json" not in r.stderr, r.output
+
+
+def test_more_snapshots_than_steps_is_said():
+    """trainer.snapshots above what the steps allow was cut down without a word (5 asked, 1 kept; sweep 21)."""
+    import warnings
+
+    from loraplex.errors import LoraplexWarning
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.training import AdapterSnapshots
+
+    with pytest.warns(LoraplexWarning, match="5 snapshots were asked for and 1 will be kept: a run of 2 steps has 1 before"):
+        assert AdapterSnapshots(LoraSpec(r=2), steps=2, count=5).at == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert AdapterSnapshots(LoraSpec(r=2), steps=10, count=3).at == [2, 5, 8]
