@@ -72,8 +72,12 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         if rec.through_router():
             raise UserInputError(rec.through_router())
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
-    for rec, _ in loaded:  # one that answers with a composition (record.composition_of) is loaded with all of it
-        if any(n not in names for n in rec.composition):
+    # one that answers with a composition (record.composition_of) is loaded with all of it; the names being
+    # exactly an adapter's recorded composition stand as recorded (a seq-lora stream's adapter learned after a
+    # forget answers with the forgetting adapter on its own reused slot, not with what that forget erased from)
+    recorded = any(set(rec.composition) == set(names) for rec, _ in loaded)
+    for rec, _ in loaded:
+        if not recorded and any(n not in names for n in rec.composition):
             raise UserInputError(f"{rec.bound_to()}; name it with them ({','.join(rec.composition)}), not alone")
     lb = load_base(loaded[0][0].base, settings, share_weights=share_base)
     for rec, ad in loaded:

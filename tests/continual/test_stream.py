@@ -166,6 +166,27 @@ def test_other_methods(cli, tmp_path, tiny_bert, task_dir, method):
         assert last.extra["composition"] == [last.name]  # one LoRA, fine-tuned in turn
 
 
+def test_an_adapter_learned_after_a_forget_on_a_reused_slot_evaluates_as_recorded(cli, tmp_path, tiny_bert, task_dir):
+    """seq-lora reuses one slot: after learn, forget, learn, the last adapter answers with the forgetting
+    adapter and itself (the first's weights were trained on). `eval` demanded what the forgetting adapter had
+    erased from, which the stream no longer held, while the server served the recorded composition (sweep 21)."""
+    exps = [{"learn": str(task_dir / "flights.jsonl")}, {"forget": "flights"}, {"learn": str(task_dir / "sports.jsonl")}]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method="seq-lora", replay=False, experiences=exps, steps=3)
+    res = _run(cli, spec, tmp_path / "run")
+    first, gone, last = res["adapters"]
+    from loraplex import api
+    from loraplex.settings import Settings
+
+    rec = api.open_registry(Settings.load(home=cli.home, embedder="hash")).get_adapter(last)
+    assert rec.composition == (gone, last)
+    ev = cli("eval", last, "--json", "--quiet")
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["composition"] == [gone]
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(rec.metrics["row"]["sports"], abs=1e-4)
+    own = cli("eval", gone, "--json", "--quiet")  # the forgetting adapter on what it erased from, as recorded
+    assert own.exit_code == 0 and json.loads(own.stdout)["composition"] == [first], own.output
+
+
 def test_multitask_plan_groups_learning_runs(task_dir):
     spec = parse_spec({"method": "multitask", "experiences": [
         {"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")},
