@@ -524,12 +524,16 @@ class LoraBank(nn.Module):
         join = lambda: torch.cat([b.A.view(E, b.rank, d) for b in banks], 1).to(dtype)
         if torch.is_grad_enabled() and any(b.A.requires_grad for b in banks):
             return join()
-        key = (tuple((id(b), b.A.data_ptr(), tensor_version(b.A)) for b in banks), dtype)
-        kept = self.__dict__.get("_a_kept")
+        return self._kept("_a_kept", (tuple((id(b), b.A.data_ptr(), tensor_version(b.A)) for b in banks), dtype), join)
+
+    def _kept(self, slot: str, key: tuple, make) -> torch.Tensor:
+        """The copy kept in `slot` while its `key` (the sources' storage and version counters) is unchanged,
+        else made anew by `make()` and kept."""
+        kept = self.__dict__.get(slot)
         if kept is None or kept[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: later grad-mode forwards may save it
-                kept = (key, join())
-            self.__dict__["_a_kept"] = kept
+                kept = (key, make())
+            self.__dict__[slot] = kept
         return kept[1]
 
     def _b_rows(self, dtype: torch.dtype) -> torch.Tensor:
@@ -542,13 +546,7 @@ class LoraBank(nn.Module):
         rows = lambda: B.view(self.d_out, self.n_experts, self.rank).permute(1, 2, 0).to(dtype).contiguous()
         if torch.is_grad_enabled() and B.requires_grad:
             return rows()
-        key = (B.data_ptr(), tensor_version(B), dtype, B.device)
-        kept = self.__dict__.get("_b_kept")
-        if kept is None or kept[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: later grad-mode forwards may save it
-                kept = (key, rows())
-            self.__dict__["_b_kept"] = kept
-        return kept[1]
+        return self._kept("_b_kept", (B.data_ptr(), tensor_version(B), dtype, B.device), rows)
 
     def _sequence_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates constant over each sequence: (B, 1, E) or (1, 1, E) for x (B, T, d_in)."""
