@@ -25,7 +25,7 @@ from loraplex.errors import InvalidSpec, TaskNotFound, UserInputError
 from loraplex.fsio import atomic_write
 from loraplex.heads import head_for
 from loraplex.models import fingerprint, resolve_base
-from loraplex.registry.record import AdapterRecord, validate_name
+from loraplex.registry.record import AdapterRecord, named_apart, validate_name
 from loraplex.registry.store import Registry, is_task_path, same_task_file
 from loraplex.router.load import load_adapted
 from loraplex.settings import Settings
@@ -43,11 +43,9 @@ def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: st
     want = resolve_base(base).name if base else None
     if adapters:
         recs = [reg.get_adapter(n) for n in adapters]
-        for r in recs:  # before the tasks are read: "never learned" would blame the task, not the missing members
-            if r.through_router():
-                raise UserInputError(r.through_router())
-            if any(n not in adapters for n in r.composition):
-                raise UserInputError(f"{r.bound_to()}; name it with them ({','.join(r.composition)}), not alone")
+        apart = named_apart(recs, list(adapters))  # before the tasks are read: "never learned" blamed the task
+        if apart:
+            raise UserInputError(apart)
         other = [r.name for r in recs if want is not None and r.base != want]
         if other:
             raise UserInputError(f"adapters {', '.join(other)} are of base {reg.get_adapter(other[0]).base!r}, "

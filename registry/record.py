@@ -9,7 +9,7 @@ characters from letters, digits, '.', '_' and '-', starting with a letter or dig
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -167,6 +167,23 @@ class AdapterRecord(BaseModel):
             "description": self.description,
             **({"composition": list(self.composition)} if len(self.composition) > 1 else {}),  # answers with it
         }
+
+
+def named_apart(recs: Sequence["AdapterRecord"], names: Sequence[str]) -> str | None:
+    """Why adapters `names` (their records `recs`) cannot be used together, or None: one of them loads on
+    nothing registered (`through_router`), or answers with a composition not all named. Names that are
+    exactly one adapter's recorded composition stand as recorded (a seq-lora stream's adapter learned after
+    a forget answers with the forgetting adapter on its own reused slot, not with what that forget erased
+    from). The one rule for `load_members` and `forget --adapters`."""
+    for rec in recs:
+        if rec.through_router():
+            return rec.through_router()
+    if any(set(rec.composition) == set(names) for rec in recs):
+        return None
+    for rec in recs:
+        if any(n not in names for n in rec.composition):
+            return f"{rec.bound_to()}; name it with them ({','.join(rec.composition)}), not alone"
+    return None
 
 
 def composition_of(name: str, origin: str, extra: Any) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from loraplex.errors import ComponentNotFound, IncompatibleAdapter, IntegrityErr
 from loraplex.experts.layers import inject, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.models import load_base, resolve_base
-from loraplex.registry.record import one_base
+from loraplex.registry.record import named_apart, one_base
 from loraplex.registry.signatures import embedder as _embedder
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.model import RoutedModel
@@ -68,17 +68,10 @@ def load_members(reg, names: Sequence[str], settings, *, together: str = "routed
         dup = next(n for n in names if list(names).count(n) > 1)
         raise UserInputError(f"adapter {dup!r} is listed twice")
     loaded = [reg.load_adapter(n) for n in names]
-    for rec, _ in loaded:
-        if rec.through_router():
-            raise UserInputError(rec.through_router())
+    apart = named_apart([rec for rec, _ in loaded], names)  # one that answers with a composition: all of it
+    if apart:
+        raise UserInputError(apart)
     one_base([rec for rec, _ in loaded], f"adapters of different base models cannot be {together}")
-    # one that answers with a composition (record.composition_of) is loaded with all of it; the names being
-    # exactly an adapter's recorded composition stand as recorded (a seq-lora stream's adapter learned after a
-    # forget answers with the forgetting adapter on its own reused slot, not with what that forget erased from)
-    recorded = any(set(rec.composition) == set(names) for rec, _ in loaded)
-    for rec, _ in loaded:
-        if not recorded and any(n not in names for n in rec.composition):
-            raise UserInputError(f"{rec.bound_to()}; name it with them ({','.join(rec.composition)}), not alone")
     lb = load_base(loaded[0][0].base, settings, share_weights=share_base)
     for rec, ad in loaded:
         if lb.fingerprint.sha != rec.base_sha:
