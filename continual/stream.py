@@ -326,11 +326,10 @@ class _StreamRun:
                                   f"continue with `loraplex stream run SPEC --resume {rd.path}`",
                                   signal=getattr(exc, "signal", "SIGINT")) from None
             except Diverged as exc:  # train's words name its options and say nothing was registered
-                where = str(exc).split("; lower the learning rate", 1)[0]
-                n = unit.index
+                where, n = exc.detail, unit.index
                 kept = (f"the {n} unit{'s' if n != 1 else ''} before it {'are' if n != 1 else 'is'} saved in {rd.path} "
                         "and registered" if n else "nothing was registered")
-                raise Diverged(f"unit {unit.index} ({unit.label}): {where}; lower trainer.lr (or a loss weight: "
+                raise Diverged(f"unit {n} ({unit.label}): {where}; lower trainer.lr (or a loss weight: "
                                f"replay.distill, the method's and forgetting's weights) in the spec and start a new "
                                f"run; {kept}") from None
             if self.on_unit is not None:

@@ -131,7 +131,12 @@ class MissingDependency(LoraplexError):
 
 
 class Diverged(UserInputError):
-    """Training ended with NaN or infinite weights; the message says where and what to lower."""
+    """Training ended with NaN or infinite weights; the message says where and what to lower, `detail`
+    where alone (for a caller that words its own advice: a stream names its spec keys)."""
+
+    def __init__(self, message: str, *, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class Interrupted(LoraplexError):

@@ -381,8 +381,8 @@ def _check_finite(trainer: L.Trainer, module: L.LightningModule) -> None:
     if bad is not None:
         low = "" if str(trainer.precision) in ("32-true", "64-true") else f", or train in 32-true precision (not {trainer.precision})"
         steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
-        raise Diverged(f"training diverged: after {steps} the trained weights hold NaN or "
-                       f"infinity ({bad}); lower the learning rate (--lr){low}; nothing was registered")
+        where = f"training diverged: after {steps} the trained weights hold NaN or infinity ({bad})"
+        raise Diverged(f"{where}; lower the learning rate (--lr){low}; nothing was registered", detail=where)
 
 
 class AdapterSnapshots(Callback):

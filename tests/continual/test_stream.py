@@ -213,8 +213,8 @@ def test_a_unit_that_diverges_says_what_the_stream_kept_and_which_spec_keys_to_l
     def check(trainer, module):
         calls.append(1)
         if len(calls) == 2:
-            raise Diverged("training diverged: after 3 steps the trained weights hold NaN or infinity (x.A); lower "
-                           "the learning rate (--lr); nothing was registered")
+            where = "training diverged: after 3 steps the trained weights hold NaN or infinity (x.A)"
+            raise Diverged(f"{where}; lower the learning rate (--lr); nothing was registered", detail=where)
         real(trainer, module)
 
     monkeypatch.setattr(training, "_check_finite", check)
