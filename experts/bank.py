@@ -484,7 +484,7 @@ class LoraBank(nn.Module):
     def _joins(self, lead: "LoraBank") -> bool:
         """Whether this bank's down projection can be computed in one matmul with `lead`'s (same experts,
         input width, dtype, device and dispatch; no dropout)."""
-        return (isinstance(self, LoraBank) and self.n_experts == lead.n_experts and self.d_in == lead.d_in
+        return (self.n_experts == lead.n_experts and self.d_in == lead.d_in
                 and self.A.dtype == lead.A.dtype and self.A.device == lead.A.device
                 and self.dispatch == lead.dispatch and not self._drops())
 
@@ -502,7 +502,7 @@ class LoraBank(nn.Module):
                 return kept[2]
         banks = [self]
         if plans is not None and not self._drops():
-            banks += [b for b in group if b is not self and b._joins(self)]
+            banks += [b for b in group if isinstance(b, LoraBank) and b is not self and b._joins(self)]
         xf = self.dropout(x).reshape(-1, self.d_in)
         G = chunk_blocks(x.device, p.C, self.d_in, x.element_size())
         z = _GroupedDown.apply(xf, self._a_rows(banks, x.dtype), p.src, p.head, p.tail, G, p.C)
