@@ -22,8 +22,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loraplex.fsio import user_path
-
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -65,7 +63,7 @@ class Settings(BaseModel):
         if not str(v).strip():
             raise ValueError("an empty path (name a directory)")
         try:
-            return user_path(v).absolute()
+            return Path(v).expanduser().absolute()
         except RuntimeError:  # pathlib: "Could not determine home directory."
             raise ValueError(f"cannot expand {str(v).split('/')[0]!r}: no such user's home directory") from None
 

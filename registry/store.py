@@ -125,8 +125,9 @@ class Registry(Database, Components):
         """Claim `run_id` (a stream run's, or a default adapter name made from the time) for this process,
         exclusively: False when another run holds it. Two commands started in the same second read the same
         clock, and a run id checked only against registered adapters was taken by both (the second's
-        adapters then went unregistered while it reported them registered)."""
-        ids = self.home / "runs" / ".ids"
+        adapters then went unregistered while it reported them registered). An empty file per id under
+        `<home>/.run-ids` (not under runs/, which holds run directories only)."""
+        ids = self.home / ".run-ids"
         ids.mkdir(parents=True, exist_ok=True)
         try:
             os.close(os.open(ids / run_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
