@@ -332,16 +332,18 @@ SAME_INPUT = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin
 
 
 def link_same_input(layers: Mapping[str, RoutedLinear]) -> None:
-    """Tell each routed layer which others take the same input (`SAME_INPUT`), so that their banks' token
-    dispatch gathers it once and does their down projections in one matmul (LoraBank._down). Only a hint:
-    a bank checks that the input is the very same tensor before it uses what another computed."""
-    groups: dict[tuple[str, int], list[RoutedLinear]] = {}
+    """Tell each routed layer which others take the same input (`SAME_INPUT`) through the same gate
+    module, so that their banks' token dispatch gathers it once and does their down projections in one
+    matmul (LoraBank._down). Layers with gates of their own get different gates, so nothing to share:
+    they are not linked (the first would compute the others' products for nothing). Only a hint: a bank
+    checks that the input and the plan are the very ones before it uses what another computed."""
+    groups: dict[tuple[str, int, int], list[RoutedLinear]] = {}
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         i = next((i for i, names in enumerate(SAME_INPUT) if child in names), None)
         layer.siblings = []
-        if i is not None:
-            groups.setdefault((parent, i), []).append(layer)
+        if i is not None and layer.router is not None:
+            groups.setdefault((parent, i, id(layer.router)), []).append(layer)
     for members in groups.values():
         for layer in members:
             layer.siblings = [m for m in members if m is not layer]

@@ -468,10 +468,16 @@ def test_same_input_projections_share_one_down_projection(monkeypatch, train_ada
     names = ["blk.query", "blk.key", "blk.value", "blk.out"]
     layers = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, R=2 + i % 3, d_in=16, d_out=16, seed=i), n)
               for i, n in enumerate(names)}
-    link_same_input(layers)
-    assert [s.name for s in layers["blk.key"].siblings] == ["blk.query", "blk.value"] and not layers["blk.out"].siblings
     for layer in layers.values():
         layer.router = router.make_gate(layer)
+    link_same_input(layers)
+    assert [s.name for s in layers["blk.key"].siblings] == ["blk.query", "blk.value"] and not layers["blk.out"].siblings
+    own = {n: RoutedLinear(nn.Linear(16, 16), _bank(E=8, d_in=16, d_out=16), n) for n in names}  # a gate each
+    for layer in own.values():
+        layer.router = ROUTERS.build("token-gate", {"top_k": 2}).make_gate(layer)
+    link_same_input(own)  # their gates differ, so their plans do: nothing to share
+    assert not any(layer.siblings for layer in own.values())
+    for layer in layers.values():
         for p in layer.bank.parameters():
             p.requires_grad_(train_adapters)
     downs = []
