@@ -51,6 +51,7 @@ E*R is exactly the one LoRA SMoRA sizes its compute by.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -498,7 +499,7 @@ class LoraBank(nn.Module):
         k=2): one gather instead of three, and a matmul of 3R rows runs faster per row than three of R."""
         if plans is not None:
             kept = plans.pop(("down", id(self)), None)
-            if kept is not None and kept[0] is x and kept[1] is p:
+            if kept is not None and kept[0]() is x and kept[1] is p:
                 return kept[2]
         banks = [self]
         if plans is not None and not self._drops():
@@ -510,7 +511,7 @@ class LoraBank(nn.Module):
             return z
         off = self.rank
         for b in banks[1:]:
-            plans[("down", id(b))] = (x, p, z[:, off:off + b.rank])
+            plans[("down", id(b))] = (weakref.ref(x), p, z[:, off:off + b.rank])  # not kept alive by the cache
             off += b.rank
         return z[:, :self.rank]
 
