@@ -113,13 +113,14 @@ class Entry(Generic[T]):
 
 
 def first_error(exc: Any) -> str:
-    """A pydantic ValidationError's first error as `field: message` (one line)."""
+    """A pydantic ValidationError's first error as `field: message` (one line); an error of the whole
+    config (a model validator's, which names its fields itself) as the message alone."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    where = ".".join(str(p) for p in err.get("loc", ()))
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
-    return f"{where}: {msg}"
+    return f"{where}: {msg}" if where else msg
 
 
 class Catalog(Generic[T]):

@@ -789,7 +789,7 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
     (["router", "fit", "r", "--router", "mixer", "--set", "temperature=1e-45"],
      "temperature: Input should be greater than or equal to 0.001"),
     (["query", "late flight", "--router", "retrieval", "--top-k", "3", "--set", "candidates=1"],  # mixed one, said nothing
-     "top_k=3 is more than candidates=1, the adapters it mixes from"),
+     "invalid configuration for retrieval: top_k=3 is more than candidates=1, the adapters it mixes from"),
     (["router", "fit", "r", "--router", "mixer", "--adapters", "good,other", "--set", "n_experts=5"],  # was stored unused
      "n_experts shapes the fresh experts router 'mixer' makes when no --adapters are given"),
     (["router", "fit", "r", "--router", "rank", "--adapters", "good,other", "--joint", "--set", "rank=4"],
