@@ -94,6 +94,7 @@ class Engine:
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
         self._routers: dict[str, Any] = {}
+        self._forwardable: set[str] = set()  # routers whose experts the backend can take one by one (this registry state)
         self._tasks: dict[str, Any] = {}
         self._generation = ""
         self._stale = False  # slots of changed adapters still used by running rows
@@ -190,6 +191,7 @@ class Engine:
             if routers.get(name) != self._routers[name][0]:
                 del self._routers[name]
         self._tasks.clear()
+        self._forwardable.clear()
         self._generation = gen  # last: a sync that failed midway is done again by the next request
 
     def versions(self, target: Target, routes: Sequence[Route] | None = None) -> dict[str, Any]:
@@ -436,12 +438,14 @@ class Engine:
         reg = self.reg()
         if target.kind == "router":
             rm = self.router_model(target.name)
-            for name in rm.experts:  # whichever it picks, the backend gets that one adapter alone
-                bound = reg.get_adapter(name).bound_to() if reg.has_adapter(name) else None
-                if bound:
-                    raise UserInputError(f"router {target.name!r} routes over {name!r}: {bound}; the backend serves "
-                                         "one adapter per request, so it cannot be forwarded (serve it without "
-                                         "--backend)").about("model")
+            if target.name not in self._forwardable:  # checked once per registry state, not per request
+                for name in rm.experts:  # whichever it picks, the backend gets that one adapter alone
+                    bound = reg.get_adapter(name).bound_to() if reg.has_adapter(name) else None
+                    if bound:
+                        raise UserInputError(f"router {target.name!r} routes over {name!r}: {bound}; the backend "
+                                             "serves one adapter per request, so it cannot be forwarded (serve it "
+                                             "without --backend)").about("model")
+                self._forwardable.add(target.name)
             return [Route([(rm.experts[r.top], float(r.weights[r.top]))]) for r in rm.route(list(texts))]
         rec = reg.get_adapter(target.name) if target.kind == "adapter" else None
         if rec is not None and rec.bound_to():  # a backend is asked for one adapter by name

@@ -461,3 +461,31 @@ def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forward
                          (Target("router", "ctg"), "router 'ctg' routes over 'sports-lora'")):
         with pytest.raises(UserInputError, match=said):
             engine.choose(target, ["match goal team"])
+    with pytest.raises(UserInputError, match="routes over 'sports-lora'"):  # a refusal is not remembered as a pass
+        engine.choose(Target("router", "ctg"), ["match goal team"])
+
+
+def test_a_routers_forwarding_check_follows_the_registry(llama_home, tiny_llama, tmp_path):
+    """choose() checks a router's experts once per registry state (not a lookup per expert per request):
+    an expert that comes to answer with a composition later is refused after the server syncs."""
+    import shutil
+    import sqlite3
+
+    from loraplex.errors import UserInputError
+    from loraplex.serve.engine import Engine, Target
+    from loraplex.settings import Settings
+
+    s, _ = llama_home
+    home = tmp_path / "home"
+    shutil.copytree(s.home, home)
+    s2 = Settings.load(home=home, embedder="hash", device="cpu", dtype="float32", cache_dir=s.cache_dir)
+    engine = Engine(s2, base=str(tiny_llama))
+    engine.sync()
+    assert engine.choose(Target("router", "ctg"), ["match goal team"])[0].adapters
+    with sqlite3.connect(home / "registry.db") as c:
+        c.execute("UPDATE adapters SET extra = json_set(extra, '$.summed', json('true'), '$.composition', "
+                  "json('[\"flights-lora\", \"sports-lora\"]')) WHERE name = 'sports-lora'")
+        c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")  # as a write does
+    engine.sync()
+    with pytest.raises(UserInputError, match="router 'ctg' routes over 'sports-lora'"):
+        engine.choose(Target("router", "ctg"), ["match goal team"])
