@@ -421,7 +421,10 @@ class _StreamRun:
             "metrics": {"accuracy": round(sum(own) / len(own), 4) if own else None, "unit": unit.index,
                         "row": {t: c["accuracy"] for t, c in row.items()}, "steps": outcome.steps,
                         "train_seconds": outcome.seconds, "step_time": outcome.step_time, "method": self.method.name,
-                        "replay": self.replay is not None, "losses": outcome.losses, **_flat(diag)},
+                        "replay": self.replay is not None, "losses": outcome.losses, **_flat(diag),
+                        # the accuracy is what the stream's model scored: through its router (not registered)
+                        # when its adapters are not summed, so `adapters list` says so beside the figure
+                        **({} if self.method.summed else {"scored_through": "router"})},
             "extra": self._extra(unit, ts),
         }
         self._commit(unit, result, adapter, outcome.snapshots, record)

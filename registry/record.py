@@ -152,7 +152,8 @@ class AdapterRecord(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         """The short form used by `adapters list`. A forgetting adapter's recorded accuracy is that of the rows
-        it erased (low is success), so it is listed as `forgotten_accuracy`, not under `accuracy`."""
+        it erased (low is success), so it is listed as `forgotten_accuracy`, not under `accuracy`. A routed
+        stream's adapter's accuracy is the stream's router's on its task (`accuracy_through: router`)."""
         erased = self.origin == "forgetting"
         return {
             "name": self.name,
@@ -163,6 +164,8 @@ class AdapterRecord(BaseModel):
             "modules": self.modules,
             "params": self.n_params,
             "accuracy": None if erased else self.metrics.get("accuracy"),
+            # scored by a routed stream's router over its adapters, not by this adapter alone (`eval` scores that)
+            **({"accuracy_through": "router"} if self.metrics.get("scored_through") == "router" and not erased else {}),
             **({"forgotten_accuracy": self.metrics.get("accuracy")} if erased else {}),
             "description": self.description,
             **({"composition": list(self.composition)} if len(self.composition) > 1 else {}),  # answers with it

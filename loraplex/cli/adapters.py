@@ -55,6 +55,9 @@ def list_(
     if not rows:
         out.line(f"no adapters registered in {s.home}")
         return
+    for r in rows:  # the figure a routed stream's router scored, not the adapter alone: said beside it
+        if r.get("accuracy_through") and r.get("accuracy") is not None:
+            r["accuracy"] = f"{r['accuracy']} ({r['accuracy_through']})"
     out.table(rows, ["name", "base", "task", "origin", "rank", "params", "accuracy", "description"],
               title=f"{len(rows)} adapter(s) in {s.home}", max_width={"description": 50, "base": 30, "task": 30})
 

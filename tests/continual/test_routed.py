@@ -65,6 +65,12 @@ def test_routed_stream_grows_and_refits_the_router(tmp_path, tiny_bert, task_dir
         assert {m["id"] for m in engine.models()} >= set(gone.composition[:3])  # the learned ones answer alone
         with pytest.raises(UserInputError, match="cannot be loaded, evaluated or served"):
             engine.resolve(gone.name)
+    # their listed accuracy is what the stream's router scored on their task, and the listing says so
+    learned = [r for r in api.open_registry(_settings(tmp_path / "home")).list_adapters() if r.origin == "continual"]
+    assert len(learned) == 3
+    for rec in learned:
+        assert rec.metrics["scored_through"] == "router"
+        assert rec.summary()["accuracy_through"] == "router" and rec.summary()["accuracy"] is not None
 
 
 def test_growing_keeps_the_earlier_experts_gate_rows(tiny_bert, settings):

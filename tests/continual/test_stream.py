@@ -58,6 +58,9 @@ def test_o_lora_replay_stream_with_forgetting(cli, tmp_path, tiny_bert, task_dir
     listed = {r["name"]: r for r in json.loads(cli("adapters", "list", "--json").stdout)}
     assert listed[recs[1].name]["composition"] == [recs[0].name, recs[1].name]
     assert "composition" not in listed[recs[0].name]
+    assert not any("accuracy_through" in r for r in listed.values())  # scored by what it answers with
+    table = cli("adapters", "list").stdout
+    assert "(router)" not in table
     ev = cli("eval", recs[1].name, "--task", str(task_dir / "sports.jsonl"), "--json", "--quiet")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["composition"] == [recs[0].name]
