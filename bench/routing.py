@@ -298,10 +298,17 @@ def agree(routed, x) -> None:
     runs, changing with the gate's initialisation): one flipped choice moved the whole output by a relative
     2e-4 in one run. In float64 the rounding is about 1e-13 and no choice flips; the float32 values are
     compared by tests/experts/test_token_dispatch.py at fixed gates. The model is converted in place and
-    back (float32 -> float64 -> float32 is exact): a deep copy would lose the block gates' hooks."""
+    back (float32 -> float64 -> float32 is exact): a deep copy would lose the block gates' hooks.
+
+    Llama's RMSNorm computes in float32 whatever its input (transformers' LlamaRMSNorm casts to float32 and
+    back), so in a float64 model it rounds the residual stream to float32 at every block: a 1e-15
+    difference between the paths then became a float32 rounding step (1e-7) wherever it crossed one, and
+    grew to 4e-9 at the output (Llama-shaped, E=32, gate_rank 64, with no routing choice different). The
+    norms are computed in float64 here (`_norms_in_input_dtype`)."""
     import torch
 
     routed.double()
+    undo = _norms_in_input_dtype(routed)
     try:
         with torch.inference_mode():
             set_dispatch(routed, "auto")
@@ -309,9 +316,29 @@ def agree(routed, x) -> None:
             set_dispatch(routed, "dense")
             rel = float((routed(**x).last_hidden_state - ref).norm() / ref.norm())
     finally:
+        undo()
         routed.float()
         set_dispatch(routed, "auto")
     assert rel < 1e-10, f"sparse and dense dispatch must agree (relative difference {rel:.1e} in float64)"
+
+
+def _norms_in_input_dtype(model):
+    """Make RMSNorm modules that compute in float32 (LlamaRMSNorm: `variance_epsilon`, a weight, a float32
+    upcast) compute in their input's dtype; returns the function that puts them back."""
+    import torch
+
+    def exact(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
+    for m in norms:
+        m.forward = exact.__get__(m)
+
+    def undo():
+        for m in norms:
+            del m.forward
+
+    return undo
 
 
 GATES = {"per-projection": False, "shared": True, "block": "block"}  # --gate -> token-gate's `shared`
