@@ -74,17 +74,20 @@ def current_composition(reg: Registry, *, adapters: Sequence[str] = (), base: st
 
 
 def _learned_tasks(reg: Registry, recs: Sequence[AdapterRecord]) -> list[Any]:
-    """The tasks the composition's (non-forgetting) adapters were trained on, in order, loaded."""
-    refs: list[str] = []
+    """The tasks the composition's (non-forgetting) adapters were trained on, in order, loaded; a task file
+    whose labels (or label texts) changed since an adapter learned it is refused, as `eval` refuses it: the
+    composition answers with the learned ones, so forgetting the file's would erase nothing it says."""
+    refs: dict[str, list[AdapterRecord]] = {}
     for r in recs:
         if r.origin == "forgetting":
             continue
         for ref in (r.extra.get("tasks") or ([r.task] if r.task else [])):
-            if ref not in refs:
-                refs.append(ref)
+            refs.setdefault(ref, []).append(r)
     tasks: list[Any] = []
-    for ref in refs:
+    for ref, learners in refs.items():
         t = reg.load_task(ref)
+        for r in learners:
+            reg.check_learned_labels(r, t)
         if not any(u.ref == t.ref for u in tasks):  # two spellings of one file's path: one task
             tasks.append(t)
     return tasks

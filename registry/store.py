@@ -545,12 +545,13 @@ class Registry(Database, Components):
         """Refuse to score or route an adapter on its own task file when the file's labels, or their texts,
         are no longer those it learned (edited since training): its answers use the learned ones
         (`answering_task`), so a score on the new ones measures a classifier no query uses, unsaid."""
-        if task.ref != rec.task:
+        cards = rec.extra.get("task_cards") or {}
+        if task.ref != rec.task and task.ref not in cards:  # a multitask adapter keeps a card per task
             return
-        moved = changed_from_card((rec.extra.get("task_cards") or {}).get(rec.task), task)
+        moved = changed_from_card(cards.get(task.ref), task)
         if moved is not None:
             fix = "give a file of the labels it learned" if moved[0] == "labels" else "restore its sidecar's label_texts"
-            raise UserInputError(f"the {moved[0]} of {rec.task} changed since adapter {rec.name!r} was trained "
+            raise UserInputError(f"the {moved[0]} of {task.ref} changed since adapter {rec.name!r} was trained "
                                  f"({moved[1]}): train it again, or {fix}")
 
     def adapter_task(self, rec: AdapterRecord):

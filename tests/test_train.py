@@ -176,6 +176,15 @@ def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp
     r = cli("eval", "t1", "--limit", "4")
     want = f"the labels of {f} changed since adapter 't1' was trained (bad, good -> bad, fine)"
     assert r.exit_code == 2 and want in r.stderr, r.output
+    # forget reads the composition's tasks from the same files: it trained and registered a forgetting
+    # adapter on labels the composition never learned, and '--labels fine' erased a label it never had (sweep 23)
+    from tests.conftest import registry_state
+
+    before = registry_state(cli.home)
+    for extra in ((), ("--labels", "fine")):
+        r = cli("forget", "toy", "--adapters", "t1", "--steps", "1", "--eval-limit", "4", "--quiet", *extra)
+        assert r.exit_code == 2 and want in r.stderr, r.output
+    assert registry_state(cli.home) == before
     # the labels as trained, their texts changed in the sidecar: another classifier too (sweep 18 F20)
     f.write_text(f.read_text().replace('"fine"', '"good"'))
     side = tmp_path / "toy.task.json"
