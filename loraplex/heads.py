@@ -121,6 +121,12 @@ class EncoderHead:
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(pooled.float(), dim=-1)
 
+    def check_labels(self, tokenizer, task: "Task") -> None:
+        """A task's label texts must be different token sequences to this tokenizer (`_distinct_to`): checked
+        when its anchors are first made, and by `adapters register --task` before the task is recorded."""
+        _distinct_to(tokenizer, task.labels, [task.label_text(lab) for lab in task.labels], task,
+                     read=self.config.max_length - 2)  # [CLS] ... [SEP]
+
     def anchors(self, model, tokenizer, task: "Task") -> "torch.Tensor":
         """(L, D) embeddings of the label texts by the bare base (cached per model and label set,
         the ANCHOR_SETS most recently used)."""
@@ -133,7 +139,7 @@ class EncoderHead:
         if texts in per_model:
             per_model.move_to_end(texts)
         else:
-            _distinct_to(tokenizer, task.labels, texts, task, read=self.config.max_length - 2)  # [CLS] ... [SEP]
+            self.check_labels(tokenizer, task)
             was_training = model.training
             model.eval()  # anchors are fixed points: no dropout, whenever they are first asked for
             try:
@@ -290,7 +296,7 @@ class CausalHead:
         self.config = config
         self._checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> label sets read apart
 
-    def _check_labels(self, tokenizer, task: "Task") -> None:
+    def check_labels(self, tokenizer, task: "Task") -> None:
         """A label set's names must be different token sequences to this tokenizer (a byte-level BPE reads
         every text apart; a lossy one may not): two that are one sequence score alike, for ever."""
         seen = self._checked.setdefault(tokenizer, OrderedDict())  # label sets, most recently used last
@@ -389,7 +395,7 @@ class CausalHead:
         return torch.cat(out)
 
     def scores(self, model, tokenizer, texts, task):
-        self._check_labels(tokenizer, task)
+        self.check_labels(tokenizer, task)
         L = len(task.labels)
         prompts, conts = [], []
         for t in texts:
@@ -402,7 +408,7 @@ class CausalHead:
     def loss(self, model, tokenizer, texts, y, task):
         import torch
 
-        self._check_labels(tokenizer, task)
+        self.check_labels(tokenizer, task)
         device = next(model.parameters()).device
         seqs, spans = [], []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -15,7 +15,8 @@ from typing import Any
 
 from loraplex.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, LoraplexError, UserInputError
 from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
-from loraplex.models import Fingerprint, fingerprint, resolve_base
+from loraplex.heads import HEADS
+from loraplex.models import Fingerprint, fingerprint, load_tokenizer, resolve_base
 from loraplex.registry.index import SignatureIndex
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, validate_description, validate_name
 from loraplex.registry.signatures import description_embedding, embed, prototype
@@ -60,6 +61,8 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     with _about("task"):
         # a task file without a description of its own takes the adapter's
         task_obj = reg.load_task(task, fallback_description=description) if task else None
+        if task_obj is not None:  # labels the base reads as one: every query routed to the adapter would fail
+            labels_read_apart(ref, settings, task_obj)
     edges = (Edge.to_task(task_obj.ref, "trained-on"),) if task_obj else ()
     draft = AdapterDraft(
         name=name, base=ref.name, base_sha=fp.sha, family=ref.family, description=description.strip(),
@@ -70,6 +73,12 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     proto = prototype(reg, [e.text for e in task_obj.train]) if task_obj else None
     return reg.add_adapter(draft, adapter, embedding=description_embedding(reg, draft.description), prototype=proto,
                            embedder=reg.embedder_name, fingerprint_json=fp.model_dump_json())
+
+
+def labels_read_apart(ref, settings: Settings, task) -> None:
+    """Refuse a task whose label texts base `ref`'s tokenizer reads as one (an uncased encoder's "Pos" and
+    "pos"), as `train` refuses it: its family's head (with its default config) checks them."""
+    HEADS.build(ref.family, {}).check_labels(load_tokenizer(ref, settings), task)
 
 
 def export_peft(reg: Registry, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:

@@ -682,6 +682,23 @@ def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli,
     assert task.description == "is it a or b" and task.labels == ("a", "b")
 
 
+def test_register_refuses_a_task_whose_labels_the_base_reads_alike(cli, seeded, tiny_bert, tmp_path):
+    """`train` refuses labels its base reads as one ('pos' and 'Pos' to an uncased encoder); `adapters
+    register --task` recorded them, and every query routed to the adapter then failed, blaming the request
+    (a 400 invalid_request_error from the server: sweep 23)."""
+    f = tmp_path / "case.jsonl"
+    f.write_text("".join(json.dumps({"text": f"row {i}", "label": lab}) + "\n" for i, lab in enumerate(["good", "Good", "bad"] * 3)))
+    before = registry_state(cli.home)
+    r = cli("adapters", "register", seeded, "--name", "case", "--description", "polarity of reviews", "--task", f,
+            "--base", tiny_bert)
+    _refused(r, cli.home, before, f"task 'case' ({f}): labels 'good' and 'Good' read the same to this model")
+    f.with_name("case.task.json").write_text(json.dumps({"description": "polarity",
+                                                         "label_texts": {"Good": "very good"}}))
+    r = cli("adapters", "register", seeded, "--name", "case", "--description", "polarity of reviews", "--task", f,
+            "--base", tiny_bert)
+    assert r.exit_code == 0, r.output  # texts that differ in words: a task it can answer
+
+
 # ---- third sweep: task files, non-finite and out-of-range numbers, generated descriptions ------------
 
 def _task_file(tmp_path, kind):
