@@ -323,12 +323,6 @@ def peft_config(
     }
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames); on a
     failure (a full disk) the directory is left as it was, and removed again if this call made it."""
@@ -350,9 +344,7 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
         sd = {PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
         write_tensors(tmp / WEIGHTS, sd, metadata={"format": "pt"})
         atomic_write(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        mode = 0o666 & ~_umask()  # what a plain open() would give: the temporary files are 0600
-        for name in (WEIGHTS, CONFIG):
-            os.chmod(tmp / name, mode)
+        for name in (WEIGHTS, CONFIG):  # written with the mode a plain open() gives (fsio.atomic_file)
             os.replace(tmp / name, out / name)
         done = True
     finally:

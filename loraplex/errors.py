@@ -101,6 +101,12 @@ class IntegrityError(LoraplexError):
     """Stored data does not match its recorded hash or shape: the registry has been tampered with or damaged."""
 
 
+class Unreadable(IntegrityError):
+    """A stored file this user may not read (permission denied). Not damage (`registry check` does not
+    advise removing it), but to a command it is as unusable as a damaged one, and is routed around alike
+    (an IntegrityError: the other adapters still answer)."""
+
+
 class DiskFull(LoraplexError):
     """A write ran out of space (ENOSPC, SQLite's 'database or disk is full'); nothing was committed."""
 

@@ -34,15 +34,33 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: /proc/self/status; elsewhere the
+    set-and-restore that is the only portable way, not safe against a thread creating a file meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | Path, *, prefix: str | None = None, suffix: str = "",
                 sync_dir: bool = False) -> Iterator[BinaryIO]:
     """A binary file to write; on leaving the block it is fsynced and renamed over `path` (on an error
-    the temporary file is removed and `path` is untouched); `sync_dir` also makes the rename durable."""
+    the temporary file is removed and `path` is untouched); `sync_dir` also makes the rename durable.
+    The file gets the mode a plain open() would give it (0666 less the umask), not the temporary file's
+    0600: a registry's blobs and caches must stay readable by whoever may read the rest of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loraplex.allocator import keep_heap
 from loraplex.errors import DiskFull, LoraplexError, MissingDependency, ModelNotFound, out_of_memory
-from loraplex.fsio import user_path
+from loraplex.fsio import umask, user_path
 from loraplex.settings import Settings
 
 if TYPE_CHECKING:
@@ -161,6 +161,7 @@ def _smollm2_dir(settings: Settings) -> Path:
                 del model.config.quantization_config
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep a shared cache from its other readers
             try:
                 os.replace(tmp, target)
             except OSError:  # another process won the race

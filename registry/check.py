@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, UserInputError
+from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, Unreadable, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.models import Fingerprint
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
@@ -209,6 +209,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     for rec in records:
         try:
             adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")
+        except Unreadable as exc:  # permissions, not damage: nothing to remove
+            report.problems.append(f"adapter {rec.name!r}: {exc}")
+            continue
         except LoraplexError as exc:
             report.problems.append(f"adapter {rec.name!r}: {exc} (remove it, or register it again)")
             continue

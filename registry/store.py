@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
-from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec, InvalidTaskFile,
+from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, Unreadable, InvalidAdapter, InvalidSpec, InvalidTaskFile,
                              LoraplexWarning, UserInputError)
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
@@ -236,6 +236,9 @@ class Registry(Database, Components):
             data = path.read_bytes()
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha[:12]} is missing from {self.blob_dir}") from None
+        except PermissionError:  # not damage: another user's registry, or a mode changed by hand
+            raise Unreadable(f"blob {sha[:12]} cannot be read by this user (permission denied): {path}; the "
+                             "registry's files must be readable to everyone who uses it") from None
         except OSError as exc:  # a directory in its place, blobs/ a file: damage to report, not a bad path given
             raise IntegrityError(f"blob {sha[:12]} cannot be read ({exc.strerror or exc}): {path}") from None
         if sha256_bytes(data) != sha:

@@ -36,6 +36,39 @@ def test_damaged_blob_is_a_problem(settings, tiny_bert, tmp_path):
     assert not api.check(repair=True, settings=settings).ok  # lost data cannot be repaired
 
 
+def test_stored_files_are_readable_to_the_registrys_other_users(settings, tiny_bert, tmp_path, monkeypatch):
+    """Blobs and caches were written 0600 (the temporary file's mode, renamed into place): another user of
+    a registry shared read-only could list it but not query or evaluate, and `registry check` called every
+    adapter damaged and said to remove it (sweep 24). They get the mode open() gives now, and a blob this
+    user may not read is said as permissions, not damage."""
+    import os
+    import stat
+    from pathlib import Path
+
+    old = os.umask(0o022)
+    try:
+        reg = _setup(settings, tiny_bert, tmp_path)
+        api.search("task", settings=settings)  # the signature index
+        api.graph(settings)  # the lineage graph cache
+    finally:
+        os.umask(old)
+    files = [reg.blob_path(r.blob) for r in reg.list_adapters()] + [reg.home / INDEX_FILE, reg.home / GRAPH_FILE]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    blob = reg.blob_path(reg.get_adapter("a0").blob)
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == blob:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    rep = api.check(settings=settings)
+    said = [p for p in rep.problems if "'a0'" in p]
+    assert said and "cannot be read by this user (permission denied)" in said[0] and "remove it" not in said[0], said
+
+
 def test_orphans_are_notes_and_repair_moves_them_aside(settings, tiny_bert, tmp_path):
     """Repair deleted every blob no record pointed at: after a database restored from an older backup,
     those are the weights of the records that went missing. They are moved to orphaned-blobs/ now."""
