@@ -549,9 +549,11 @@ class Registry(Database, Components):
         are no longer those it learned (edited since training): its answers use the learned ones
         (`answering_task`), so a score on the new ones measures a classifier no query uses, unsaid."""
         cards = rec.extra.get("task_cards") or {}
-        if task.ref != rec.task and task.ref not in cards:  # a multitask adapter keeps a card per task
+        learned = [r for r in dict.fromkeys([*([rec.task] if rec.task else []), *cards])  # a multitask adapter: a card each
+                   if r == task.ref or (is_task_path(r) and is_task_path(task.ref) and same_task_file(r, task.ref))]
+        if not learned:  # any spelling of the file's path (`..`, a link) is the file it learned
             return
-        moved = changed_from_card(cards.get(task.ref), task)
+        moved = changed_from_card(cards.get(learned[0]), task)
         if moved is not None:
             fix = "give a file of the labels it learned" if moved[0] == "labels" else "restore its sidecar's label_texts"
             raise UserInputError(f"the {moved[0]} of {task.ref} changed since adapter {rec.name!r} was trained "

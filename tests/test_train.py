@@ -176,6 +176,13 @@ def test_eval_on_a_task_file_whose_labels_changed_is_refused(cli, tiny_bert, tmp
     r = cli("eval", "t1", "--limit", "4")
     want = f"the labels of {f} changed since adapter 't1' was trained (bad, good -> bad, fine)"
     assert r.exit_code == 2 and want in r.stderr, r.output
+    # the same file spelled another way (with `..`, through a link) is the file it learned (sweep 23)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "toy.jsonl").symlink_to(f)
+    for spelled in (tmp_path / "sub" / ".." / "toy.jsonl", tmp_path / "other" / "toy.jsonl"):
+        r = cli("eval", "t1", "--limit", "4", "--task", str(spelled))
+        assert r.exit_code == 2 and "changed since adapter 't1' was trained (bad, good -> bad, fine)" in r.stderr, r.output
     # forget reads the composition's tasks from the same files: it trained and registered a forgetting
     # adapter on labels the composition never learned, and '--labels fine' erased a label it never had (sweep 23)
     from tests.conftest import registry_state
