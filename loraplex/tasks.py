@@ -207,12 +207,23 @@ def visible(text: str) -> bool:
     return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
+def label_key(text: str) -> str:
+    """What a label reads as: NFC without format characters ("é" and "e\u0301", "ab" and "a\u200db" alike)."""
+    return "".join(ch for ch in unicodedata.normalize("NFC", text) if unicodedata.category(ch) != "Cf")
+
+
+def label_fold(text: str) -> str:
+    """A label as a request may name one of an adapter's: `label_key`, case folded ("Negative", an NFD
+    "café" and "negative", "café" are the adapter's own labels, answered in the request's spelling)."""
+    return label_key(text).casefold()
+
+
 def read_alike(texts: Sequence[str]) -> tuple[str, str] | None:
-    """The first two of `texts` that read the same ("é" and "e\u0301", "ab" and "a\u200db": equal after NFC
-    without format characters), or None: as labels, or a label's texts, one answer would hide the other."""
+    """The first two of `texts` that read the same (`label_key`), or None: as labels, or a label's texts,
+    one answer would hide the other."""
     seen: dict[str, str] = {}
     for x in texts:
-        key = "".join(ch for ch in unicodedata.normalize("NFC", x) if unicodedata.category(ch) != "Cf")
+        key = label_key(x)
         if key in seen:
             return seen[key], x
         seen[key] = x

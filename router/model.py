@@ -29,7 +29,7 @@ import torch
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import block_name, routed_layers, swapped, use_gates
 from loraplex.heads import accuracy, head_for, token_text
-from loraplex.tasks import Task
+from loraplex.tasks import Task, label_fold
 
 
 @dataclass
@@ -109,14 +109,14 @@ def labels_task(labels: Sequence[str], like: Any = None) -> Task:
     of those labels, with `like`'s label texts for the labels it shares."""
     if like is not None and len(like.labels) == len(labels) and set(like.labels) == set(labels):
         return like if tuple(like.labels) == tuple(labels) else dataclasses.replace(like, labels=tuple(labels))
-    own = {lab.casefold(): lab for lab in like.labels} if like is not None else {}
-    if like is not None and len(own) == len(like.labels) == len(labels) and set(own) == {x.casefold() for x in labels}:
-        # its own labels in another case ("Negative" for "negative"): the adapter reads the names it was
-        # trained on (a causal LM scores them; another case was a new task, answered otherwise), and the
-        # answer is given in the query's spelling
-        mine = tuple(own[x.casefold()] for x in labels)
+    own = {label_fold(lab): lab for lab in like.labels} if like is not None else {}
+    if like is not None and len(own) == len(like.labels) == len(labels) and set(own) == {label_fold(x) for x in labels}:
+        # its own labels in another case ("Negative" for "negative") or Unicode normalisation (an NFD "café"
+        # typed on a Mac): the adapter reads the names it was trained on (a causal LM scores them; another
+        # spelling was a new task, answered otherwise), and the answer is given in the query's spelling
+        mine = tuple(own[label_fold(x)] for x in labels)
         return dataclasses.replace(like, labels=mine, spelled={m: x for m, x in zip(mine, labels) if m != x})
-    texts = {lab: like.label_text(lab) for lab in labels if like is not None and lab in like.labels}
+    texts = {lab: like.label_text(own[label_fold(lab)]) for lab in labels if label_fold(lab) in own}
     return Task(name="labels", description="answer with one of: " + ", ".join(labels), labels=tuple(labels),
                 train=(), validation=(), test=(), label_texts=texts, source="query")
 

@@ -47,6 +47,7 @@ from loraplex.errors import LoraplexError
 from loraplex.models import current_sha
 from loraplex.registry.index import Hit, nearest_adapters, of_base, routing_vectors
 from loraplex.router.base import ROUTERS
+from loraplex.tasks import label_fold
 
 
 class RetrievalConfig(Options):
@@ -106,11 +107,12 @@ def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
 
 
 def label_overlap(labels: Sequence[str], expert_labels: Sequence[Sequence[str] | None]) -> np.ndarray:
-    """(E,) Jaccard overlap of a label set with each adapter's (lower-cased, stripped; 0 where none)."""
-    want = {str(x).strip().lower() for x in labels}
+    """(E,) Jaccard overlap of a label set with each adapter's (read as `labels_task` reads them: case,
+    Unicode normalisation and format characters aside, stripped; 0 where none)."""
+    want = {label_fold(str(x).strip()) for x in labels}
     out = np.zeros(len(expert_labels), dtype=np.float32)
     for i, lab in enumerate(expert_labels):
-        have = {str(x).strip().lower() for x in lab or ()}
+        have = {label_fold(str(x).strip()) for x in lab or ()}
         if want and have:
             out[i] = len(want & have) / len(want | have)
     return out

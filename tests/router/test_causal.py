@@ -85,6 +85,16 @@ def test_a_label_set_in_another_order_is_the_routed_task_itself():
     cased = labels_task(["Very Good", "GOOD", "not good"], like)
     assert (cased.name, cased.labels) == ("films", ("very good", "good", "not good"))
     assert [cased.answer_label(lab) for lab in cased.labels] == ["Very Good", "GOOD", "not good"]
+    # ... or in another Unicode normalisation (an NFD "café" typed on a Mac; a new task of bare names whose
+    # answers flipped: sweep 23), or a label of it named among others: its label text is kept
+    cafe = Task("cafe", "coded reviews", ("caf\u00e9", "bar"), (), (), (), {"caf\u00e9": "a happy review"}, source="x")
+    nfd = labels_task(["cafe\u0301", "bar"], cafe)
+    assert (nfd.name, nfd.labels) == ("cafe", ("caf\u00e9", "bar")) and nfd.answer_label("caf\u00e9") == "cafe\u0301"
+    mixed = labels_task(["CAFE\u0301", "bar", "baz"], cafe)
+    assert mixed.name == "labels" and mixed.label_text("CAFE\u0301") == "a happy review"
+    from loraplex.router.retrieval import label_overlap
+
+    assert label_overlap(["cafe\u0301", " BAR"], [("caf\u00e9", "bar"), ("bar", "x")]).tolist() == pytest.approx([1.0, 1 / 3])
 
 
 def test_block_token_gate_generates_the_same_with_and_without_the_kv_cache(tiny_llama):
