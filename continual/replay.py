@@ -13,7 +13,9 @@ ceil(share * n) rows). Policies:
   far, whatever the task (big tasks hold more of the buffer); with a share, one reservoir per task.
 - `class-balanced`: equal quotas per (task, label) class; when a new task arrives the total budget is
   re-divided and each class keeps a uniformly random subset of its rows (rows are stored in a random
-  order, so trimming keeps a prefix). With a share, the task's quota is divided over its labels.
+  order, so trimming keeps a prefix); the remainder goes to the tasks in turn, so a budget below the
+  number of classes still keeps rows of every task (and says so in a warning). With a share, the task's
+  quota is divided over its labels.
 
 Everything random comes from the buffer's own numpy generator, whose state is part of `state_dict`
 (with the rows), so a run resumed from a saved buffer makes the same choices as one never stopped.
@@ -28,11 +30,13 @@ add `distill * KL(stored || now)` on the replayed rows to their cross-entropy on
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from loraplex.continual.distill import StoredScores
+from loraplex.errors import LoraplexWarning
 from loraplex.training import Row
 
 
@@ -75,7 +79,13 @@ class ReplayBuffer:
         for lab, rs in sorted(by_label.items()):
             self.classes[(task, lab)] = rs
         if self.budget is not None:
-            quotas = _split(self.budget, sorted(self.classes))
+            quotas = _split(self.budget, _by_task_in_turn(self.classes))
+            starved = sorted({k[0] for k in self.classes} - {k[0] for k, q in quotas.items() if q})
+            if any(q == 0 for q in quotas.values()):
+                warnings.warn(f"replay: a budget of {self.budget:,} rows is below the {len(self.classes):,} (task, "
+                              f"label) classes it balances over: {sum(q == 0 for q in quotas.values()):,} keep no "
+                              "row" + (f", and tasks {', '.join(starved)} none at all" if starved else "")
+                              + " (raise replay.budget)", LoraplexWarning, stacklevel=2)
         else:
             keys = [(task, lab) for lab in sorted(by_label)]
             quotas = {k: self._quota_of(k) for k in self.classes if k[0] != task}
@@ -152,6 +162,18 @@ class ReplayBuffer:
         self.seen = {k: int(v) for k, v in state["seen"].items()}
         if "scores" in state:
             self.scores.load_state_dict(state["scores"])
+
+
+def _by_task_in_turn(classes) -> list[tuple[str, int]]:
+    """The (task, label) classes in the order a budget's remainder is handed out: the tasks' first labels,
+    then their second ones, ... (tasks and labels sorted, so a resumed buffer orders them alike). With a
+    budget below the number of classes every task still gets rows while there are rows to give (sorted
+    keys gave them all to the alphabetically first tasks: a task of 300 labels took the whole buffer)."""
+    per: dict[str, list[tuple[str, int]]] = {}
+    for k in sorted(classes):
+        per.setdefault(k[0], []).append(k)
+    longest = max((len(v) for v in per.values()), default=0)
+    return [ks[i] for i in range(longest) for ks in per.values() if i < len(ks)]
 
 
 def _split(total: int, keys: Sequence[Any]) -> dict[Any, int]:

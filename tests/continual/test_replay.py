@@ -44,6 +44,30 @@ def test_class_balanced_quotas():
     assert Counter(r[1] for r in buf2.contents()) == {0: 2, 1: 2, 2: 2}
 
 
+def test_a_budget_below_the_classes_keeps_every_task_and_says_so():
+    """A task of 300 labels after one of 2, budget 100: every class got 0 and the first 100 keys in sorted
+    order 1, so the whole buffer went to the alphabetically first task and the other kept no row (sweep 23)."""
+    from loraplex.errors import LoraplexWarning
+
+    buf = ReplayBuffer(budget=100, policy="class-balanced", seed=0)
+    buf.add_task("zz", rows("zz", 64, labels=2))
+    with pytest.warns(LoraplexWarning, match="below the 302 .task, label. classes"):
+        buf.add_task("many", rows("many", 900, labels=300))
+    c = buf.counts()
+    assert len(buf) == 100 and c["zz"] == 2 and c["many"] == 98, c
+    got = Counter((r[2], r[1]) for r in buf.contents())
+    assert got[("zz", 0)] == got[("zz", 1)] == 1
+    again = ReplayBuffer(budget=100, policy="class-balanced", seed=0)
+    again.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    with pytest.warns(LoraplexWarning, match="203 keep no row .raise"):  # a resumed buffer: the same turns
+        again.add_task("x", rows("x", 9, labels=1))
+    assert again.counts() == {"many": 97, "x": 1, "zz": 2}
+    tight = ReplayBuffer(budget=1, policy="class-balanced", seed=0)
+    tight.add_task("a", rows("a", 4, labels=2))
+    with pytest.warns(LoraplexWarning, match="and tasks b none at all"):
+        tight.add_task("b", rows("b", 4, labels=2))
+
+
 @pytest.mark.parametrize("policy", ["reservoir", "class-balanced"])
 def test_remove(policy):
     buf = ReplayBuffer(budget=40, policy=policy, seed=0)
