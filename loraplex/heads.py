@@ -193,8 +193,8 @@ def _distinct_to(tokenizer, labels: Sequence[str], texts: Sequence[str], task: "
     emoji it does not know): their anchors would be one point, and the answer between them a coin toss.
     Checked for every label set the first time its anchors are made: a request's (`query --labels`,
     /v1/classify's `labels`) and a task's (train and eval meet it before training: an adapter trained on
-    such labels could never tell them apart, and trained without a word). A causal LM ranks the label
-    names themselves (`CausalHead`): `fix` says what to change."""
+    such labels could never tell them apart, and trained without a word). A causal LM ranks each label's
+    text as the prompt's continuation (`CausalHead`): `fix` says what to change."""
     from loraplex.errors import UserInputError
 
     seen: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
@@ -297,24 +297,27 @@ class CausalHead:
         self._checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> label sets read apart
 
     def check_labels(self, tokenizer, task: "Task") -> None:
-        """A label set's names must be different token sequences to this tokenizer (a byte-level BPE reads
-        every text apart; a lossy one may not): two that are one sequence score alike, for ever."""
+        """A label set's texts (the words scored for each label: `label_texts`, else the names) must be
+        different token sequences to this tokenizer (a byte-level BPE reads every text apart; a lossy one
+        may not): two that are one sequence score alike, for ever."""
         seen = self._checked.setdefault(tokenizer, OrderedDict())  # label sets, most recently used last
-        key = tuple(task.labels)
+        texts = [task.label_text(lab) for lab in task.labels]
+        key = (tuple(task.labels), tuple(texts))
         if key in seen:
             seen.move_to_end(key)
         else:
-            _distinct_to(tokenizer, task.labels, [" " + lab for lab in task.labels], task,
-                         fix="give them names that differ in words (a causal LM answers with the label names "
-                             "themselves)")
-            long = next((lab for lab in task.labels if len(self._label_ids(tokenizer, lab)) > MAX_LABEL_TOKENS), None)
+            _distinct_to(tokenizer, task.labels, [" " + t for t in texts], task,
+                         fix="give them texts that differ in words (a causal LM scores each label's text: its name, "
+                             "or its `label_texts` in the task file's sidecar)")
+            long = next((lab for lab in task.labels if len(self._label_ids(tokenizer, task, lab)) > MAX_LABEL_TOKENS), None)
             if long is not None:  # every label is scored after every prompt: memory grows with its length x vocab
                 from loraplex.errors import UserInputError
 
                 where = "" if task.source == "query" else f"task {task.name!r}: "
-                err = UserInputError(f"{where}the label {long[:60]!r} is {len(self._label_ids(tokenizer, long))} "
-                                     f"tokens long; a causal LM scores labels of at most {MAX_LABEL_TOKENS} tokens "
-                                     "(it answers with the label names themselves)")
+                n = len(self._label_ids(tokenizer, task, long))
+                said = "label" if task.label_text(long) == long else f"text of label {long[:40]!r}, "
+                err = UserInputError(f"{where}the {said} {task.label_text(long)[:60]!r} is {n} tokens long; a causal "
+                                     f"LM scores label texts of at most {MAX_LABEL_TOKENS} tokens")
                 raise err.about("labels") if task.source == "query" else err
             seen[key] = None
             while len(seen) > ANCHOR_SETS:  # label sets named per request (a server's) must not pile up
@@ -348,8 +351,10 @@ class CausalHead:
         budget = max(8, self.config.max_length - 32)  # room for the template's own tokens
         return chat_ids(tokenizer, [{"role": "user", "content": text}], content_limit=budget)  # the text cut, not the template
 
-    def _label_ids(self, tokenizer, label: str) -> list[int]:
-        return tokenizer(" " + label, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    def _label_ids(self, tokenizer, task: "Task", label: str) -> list[int]:
+        """The tokens scored (and trained) for `label`: its text (the task's `label_texts`, else its name) as
+        the answer's continuation, a verbalizer; the answer given is the label itself."""
+        return tokenizer(" " + task.label_text(label), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _batch(self, tokenizer, seqs: list[list[int]], device):
         import torch
@@ -402,7 +407,7 @@ class CausalHead:
             p = self._prompt_ids(tokenizer, task, t)
             for lab in task.labels:
                 prompts.append(p)
-                conts.append(self._label_ids(tokenizer, lab))
+                conts.append(self._label_ids(tokenizer, task, lab))
         return self._continuation_logprob(model, tokenizer, prompts, conts).view(len(texts), L)  # (N, L)
 
     def loss(self, model, tokenizer, texts, y, task):
@@ -414,7 +419,7 @@ class CausalHead:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for t, yi in zip(texts, y.tolist()):
             p = self._prompt_ids(tokenizer, task, t)
-            c = self._label_ids(tokenizer, task.labels[yi]) + eos
+            c = self._label_ids(tokenizer, task, task.labels[yi]) + eos
             seqs.append(p + c)
             spans.append((len(p), len(p) + len(c)))
         ids, mask = self._batch(tokenizer, seqs, device)

@@ -320,7 +320,7 @@ def test_labels_a_causal_lm_reads_alike_are_refused(cli, tiny_llama, tmp_path):
     before = registry_state(cli.home)
     r = cli("train", f, "--name", "emoji", "--base", tiny_llama, "--description", "happy or sad", "--steps", "1",
             "--eval-limit", "4", "--quiet")
-    assert r.exit_code == 2 and "read the same to this model" in r.stderr and "label names" in r.stderr, r.output
+    assert r.exit_code == 2 and "read the same to this model" in r.stderr and "scores each label's text" in r.stderr, r.output
     assert registry_state(cli.home) == before
 
 
@@ -368,5 +368,5 @@ def test_a_label_too_long_for_a_causal_lm_to_score_is_refused(cli, tiny_llama, t
     before = registry_state(cli.home)
     r = cli("train", f, "--name", "long", "--base", tiny_llama, "--description", "happy or sad", "--steps", "1",
             "--eval-limit", "4", "--quiet")
-    assert r.exit_code == 2 and "tokens long; a causal LM scores labels of at most 64 tokens" in r.stderr, r.output
+    assert r.exit_code == 2 and "tokens long; a causal LM scores label texts of at most 64 tokens" in r.stderr, r.output
     assert registry_state(cli.home) == before

@@ -93,6 +93,26 @@ def test_text_budget_is_what_scoring_reads(kind, request, settings):
     assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])
 
 
+def test_a_causal_lm_scores_and_trains_each_labels_text(tiny_llama, settings):
+    """label_texts were read by an encoder only: a causal base scored and trained the bare names (" A",
+    " B") while the task's card recorded the texts as used (sweep 23). They are its verbalizers now: the
+    scores of labels A, B with texts 'good', 'bad' are those of labels good, bad; the answer is the label."""
+    lb = load_base(str(tiny_llama), settings)
+    head = head_for(lb)
+    named = dataclasses.replace(TASK, labels=("good", "bad"), label_texts={})
+    coded = dataclasses.replace(TASK, labels=("A", "B"), label_texts={"A": "good", "B": "bad"})
+    texts = ["the flight was late", "great crew"]
+    with torch.no_grad():
+        want = head.scores(lb.model, lb.tokenizer, texts, named)
+        got = head.scores(lb.model, lb.tokenizer, texts, coded)
+        assert torch.equal(got, want)
+        y = torch.tensor([1, 0])
+        assert torch.equal(head.loss(lb.model, lb.tokenizer, texts, y, coded), head.loss(lb.model, lb.tokenizer, texts, y, named))
+    bare = dataclasses.replace(coded, label_texts={})
+    with torch.no_grad():
+        assert not torch.equal(head.scores(lb.model, lb.tokenizer, texts, bare), want)
+
+
 def test_causal_generation_without_labels(tiny_llama, settings):
     lb = load_base(str(tiny_llama), settings)
     head = head_for(lb)
