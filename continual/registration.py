@@ -48,8 +48,10 @@ def write_unit_adapter(state_dir: Path, adapter: Adapter, snapshots: Sequence[tu
     atomic_write(state_dir / RECORD_FILE, json.dumps(rec, indent=1, sort_keys=True))
 
 
-def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_texts: Sequence[str] = ()):
-    """Add the unit's adapter to the registry (idempotent for the same run and unit). Returns the record."""
+def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_texts: Sequence[str] = (),
+                      member_blobs: dict[str, str] | None = None):
+    """Add the unit's adapter to the registry (idempotent for the same run and unit). Returns the record.
+    `member_blobs`: the weights of the adapters it was made over (`Registry.add_adapter` checks them)."""
     state_dir = Path(state_dir)
     rec = json.loads((state_dir / RECORD_FILE).read_text())
     name = rec["name"]
@@ -74,4 +76,5 @@ def register_from_dir(reg: Any, state_dir: Path, *, fingerprint: Any, prototype_
     )
     proto = prototype(reg, list(prototype_texts)) if prototype_texts else None
     return reg.add_adapter(draft, adapter, embedding=description_embedding(reg, draft.description), prototype=proto, snapshots=snaps,
-                           embedder=reg.embedder_name, fingerprint_json=fingerprint.model_dump_json())
+                           embedder=reg.embedder_name, fingerprint_json=fingerprint.model_dump_json(),
+                           member_blobs=member_blobs)

@@ -211,7 +211,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
         state.mkdir(parents=True, exist_ok=True)
         write_unit_adapter(state, res.adapter, res.outcome.snapshots, record)
         atomic_write(run_dir / "summary.json", _json_dumps(res.summary))
-        rec = register_from_dir(reg, state, fingerprint=fp)
+        rec = register_from_dir(reg, state, fingerprint=fp, member_blobs={r.name: r.blob for r in recs})
         return {"name": rec.name, "task": target.name, "labels": list(chosen) if chosen else None,
                 "composition": composition, "run_dir": str(run_dir), **res.summary}
 

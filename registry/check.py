@@ -231,6 +231,11 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
                 reg.load_snapshot(rec, snap)
             except LoraplexError as exc:
                 report.problems.append(f"adapter {rec.name!r}: {exc}")
+    for rec in records:  # an adapter that answers with others cannot load without them (removed by hand, by SQL)
+        gone = [n for n in rec.composition if n != rec.name and n not in names]
+        if gone:
+            report.problems.append(f"adapter {rec.name!r} answers with a composition whose adapters "
+                                   f"{', '.join(gone)} are gone: it cannot be loaded (remove it)")
     try:
         if reg.signature_dim():
             _, _, emb, _ = reg.signatures()

@@ -47,8 +47,8 @@ from pydantic import ValidationError
 
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
-from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, Unreadable, InvalidAdapter, InvalidSpec, InvalidTaskFile,
-                             LoraplexWarning, UserInputError)
+from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec,
+                             InvalidTaskFile, LoraplexError, LoraplexWarning, Unreadable, UserInputError)
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
@@ -322,8 +322,15 @@ class Registry(Database, Components):
         snapshots: Sequence[tuple[int, Adapter]] = (),
         embedder: str | None = None,
         fingerprint_json: str | None = None,
+        member_blobs: dict[str, str] | None = None,
     ) -> AdapterRecord:
-        """Store an adapter, its snapshots, its lineage edges (and its base's fingerprint) in one transaction."""
+        """Store an adapter, its snapshots, its lineage edges (and its base's fingerprint) in one transaction.
+
+        An adapter that answers with others (`record.composition_of`: a forgetting adapter, a summed stream's)
+        or made over `member_blobs` is refused,
+        under the lock, when one of them was removed meanwhile, or registered anew with other weights than
+        `member_blobs` says it was made over: it would answer over a composition that is not the one it
+        was trained against (listed, yet unloadable, or silently composed with other weights)."""
         validate_name(draft.name)
         adapter.check_weights(where=f"adapter {draft.name!r}")
         for step, snap in snapshots:
@@ -336,11 +343,22 @@ class Registry(Database, Components):
         ranks = [adapter.rank(m) for m in adapter.modules]
         with self.write_lock():
             self.check_adapter_name_free(draft.name, self._db())
+            self._check_members(draft, member_blobs or {})
             self._check_embedding(emb, embedder or self.default_embedder)
             with self._writing(f"register adapter {draft.name!r}") as created:
                 self._insert_adapter(draft, adapter, data, snap_data, ranks, emb, prototype, embedder,
                                      fingerprint_json, created)
         return self.get_adapter(draft.name)
+
+    def _check_members(self, draft: AdapterDraft, member_blobs: dict[str, str]) -> None:
+        names = [n for n in composition_of(draft.name, draft.origin, draft.extra) if n != draft.name]
+        for n in dict.fromkeys([*names, *member_blobs]):
+            why = ("was removed" if not self.has_adapter(n) else
+                   "was registered anew (other weights)" if n in member_blobs and self.get_adapter(n).blob != member_blobs[n]
+                   else None)
+            if why:
+                raise LoraplexError(f"adapter {n!r} {why} while adapter {draft.name!r} was being made over it; "
+                                    "nothing was registered: run it again")
 
     def _insert_adapter(self, draft, adapter, data, snap_data, ranks, emb, prototype, embedder, fingerprint_json,
                         created) -> None:

@@ -251,3 +251,32 @@ def test_more_snapshots_than_steps_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert AdapterSnapshots(LoraSpec(r=2), steps=10, count=3).at == [2, 5, 8]
+
+
+@pytest.mark.parametrize("change", ["removed", "registered anew"])
+def test_forget_over_a_member_changed_meanwhile_registers_nothing(cli, tiny_bert, tmp_path, monkeypatch, change):
+    """An adapter of the composition removed (or registered anew with other weights) while `forget` trained
+    over it: the forgetting adapter was registered over a composition that no longer existed (listed, check
+    'consistent', every use failing on the member's name) or silently composed with other weights (sweep 24)."""
+    import loraplex.continual.request as request
+    from loraplex.registry.store import Registry
+    from loraplex.settings import Settings
+    from tests.conftest import make_peft_adapter
+
+    f = _task_file(tmp_path)
+    for n in ("m1", "m2"):
+        assert cli("train", f, "--name", n, "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    real = request.register_from_dir
+
+    def meanwhile(reg, *a, **kw):
+        reg.remove_adapter("m2")
+        if change == "registered anew":
+            api.register(make_peft_adapter(tiny_bert, tmp_path / "peft"), name="m2", description="another m2",
+                         base=str(tiny_bert), settings=Settings.load(embedder="hash"))
+        return real(reg, *a, **kw)
+
+    monkeypatch.setattr(request, "register_from_dir", meanwhile)
+    r = cli("forget", "toy", "--adapters", "m1,m2", "--name", "f1", "--steps", "1", "--eval-limit", "4", "--quiet")
+    assert r.exit_code == 1 and f"adapter 'm2' {'was removed' if change == 'removed' else 'was registered anew (other weights)'} " \
+        "while adapter 'f1' was being made over it; nothing was registered" in r.stderr, r.output
+    assert not Registry(cli.home, embedder="hash").has_adapter("f1")

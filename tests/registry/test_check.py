@@ -418,3 +418,15 @@ def test_run_directories_no_record_uses_are_noted(settings, tiny_bert, tmp_path)
                   (str(tmp_path / "old-home" / "runs" / "train-a0-20261206-000000"),))
     idle = [n for n in api.check(settings=settings).notes if "run director" in n]
     assert len(idle) == 1 and "(train-killed-20261206-000001)" in idle[0]
+
+
+def test_an_adapter_whose_composition_lost_a_member_is_a_problem(settings, tiny_bert, tmp_path):
+    """A forgetting adapter whose composition names an adapter that is gone (deleted by hand, or before
+    add_adapter checked members) cannot load; check called such a registry consistent (sweep 24)."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, "UPDATE adapters SET origin = 'forgetting', extra = json_set(extra, '$.composition', "
+               "json('[\"a1\", \"a0\"]')) WHERE name = 'a0'")
+    assert api.check(settings=settings).ok
+    _edit(reg, "DELETE FROM adapters WHERE name = 'a1'")
+    rep = api.check(settings=settings)
+    assert any("adapter 'a0' answers with a composition whose adapters a1 are gone" in p for p in rep.problems), rep.problems
