@@ -113,7 +113,8 @@ def _no_constant(name: str):
 
 
 MAX_TASK_FILE_BYTES = 1 << 30
-"""The largest task file read (1 GiB: every row is held in memory as text and examples)."""
+"""The largest task file read (1 GiB: every row is held in memory as text and examples, about 20 times the
+file's size for short rows; a file that does not fit is refused naming its size, `load_task_file`)."""
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -348,10 +349,16 @@ def load_task_file(
         unknown = set(meta) - {"name", "description", "labels", "label_texts"}
         if unknown:
             raise InvalidTaskFile(f"{side}: unknown key {sorted(unknown)[0]!r}")
-    rows = read_rows(p)
-    if not rows:
-        raise InvalidTaskFile(f"{p}: no examples")
-    examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
+    try:
+        rows = read_rows(p)
+        if not rows:
+            raise InvalidTaskFile(f"{p}: no examples")
+        examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
+    except MemoryError:  # every row is held as Python objects: many short rows take ~20x the file's size
+        rows = examples = None
+        raise InvalidTaskFile(f"{p}: its {p.stat().st_size:,} bytes of rows do not fit in this process's memory "
+                              "(held as text and examples, short rows take about 20 times the file's size): "
+                              "use a smaller file") from None
     check_columns(p, rows, TASK_COLUMNS)  # after: a renamed text or label column is named as missing first
     given_splits = _given_splits(p, rows)
     declared = meta.get("labels")

@@ -198,3 +198,32 @@ def test_a_process_out_of_file_descriptors_is_not_a_damaged_registry(cli, seeded
     monkeypatch.setattr(database.os, "open", real_open)  # the file opens: SQLite's reason stands, as damage
     with pytest.raises(IntegrityError, match="is unreadable: unable to open database file"):
         Registry(cli.home)._db()
+
+
+def test_running_out_of_memory_is_said_not_an_internal_error(cli, tiny_bert, tmp_path, monkeypatch):
+    """A task file far below the 1 GiB bound took ~20x its size in memory, and under a memory limit the
+    command ended in 'internal error, MemoryError' (exit 70, a bug by the README: sweep 23)."""
+    import json
+
+    import loraplex.data as data
+
+    f = tmp_path / "big.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(20)))
+    (tmp_path / "big.task.json").write_text(json.dumps({"description": "a or b"}))
+
+    def no_room(path):
+        raise MemoryError()
+
+    monkeypatch.setattr(data, "read_rows", no_room)
+    r = cli("eval", "--task", f, "--base", tiny_bert, "--limit", "2")
+    assert r.exit_code == 2 and f"{f}: its " in r.stderr and "do not fit in this process's memory" in r.stderr, r.output
+    monkeypatch.undo()
+    import loraplex.api as api
+
+    def no_room_either(*a, **k):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(api, "search", no_room_either)
+    r = cli("adapters", "search", "flights")
+    assert r.exit_code == 1 and r.stderr.startswith("error: out of memory (MemoryError: cannot allocate)"), r.output
+    assert "internal error" not in r.stderr

@@ -46,7 +46,7 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError
+    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError, out_of_memory
     from loraplex.ranks import is_worker
 
     if isinstance(exc, Terminated):  # SIGTERM / SIGHUP (a BaseException, so libraries do not swallow it)
@@ -79,6 +79,10 @@ def report(exc: BaseException) -> int:
         err = os_error(exc)
         typer.echo(f"error: {err}", err=True)
         return err.exit_code
+    if out_of_memory(exc):  # the machine's state (a memory limit, a large input), not a bug
+        typer.echo(f"error: out of memory ({type(exc).__name__}{': ' + _one_line(str(exc)) if str(exc) else ''}): "
+                   "the command needed more memory than this process may use", err=True)
+        return 1
     if type(exc).__module__ == "sqlite3":  # the registry's database failed under a command (a damaged page, ...)
         typer.echo(f"error: the registry database failed: {_one_line(str(exc))} (run `loraplex registry check`)",
                    err=True)
