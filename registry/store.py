@@ -539,14 +539,16 @@ class Registry(Database, Components):
     def answering_task(self, ref: str, *, card: dict | None = None):
         """The task `ref` as routing and answering need it. `card`: what the answering adapter recorded of
         the task (its own `task_cards` entry, `adapter_task`; default: the newest adapter's, `task_card`).
-        The card's description stands in for a sidecar that is absent (two adapters trained on one file
-        with different descriptions each keep their own: a causal LM is prompted with it). The card alone,
+        The adapter's own card's description is the one it answers with, whatever the file's sidecar says
+        (two adapters trained on one file with different descriptions each keep their own: a causal LM is
+        prompted with it); the newest adapter's stands in only for a sidecar that is absent. The card alone,
         without rows, answers when the file no longer loads (edited since, or read by stricter rules than
         it was trained under: one such file failed every query of the registry, those routed elsewhere
         included) and when the file's labels are no longer the card's (edited since training: the adapter
         answers with the labels it learned, not with labels it never saw); label texts edited since are
         answered with the card's (the anchors it learned)."""
-        card = card if card is not None else self.task_card(ref)
+        own = card is not None
+        card = card if own else self.task_card(ref)
         usable = bool(card) and len(card.get("labels") or ()) >= 2 and bool(card.get("description"))
         try:
             task = load_task(ref, card=card)
@@ -554,6 +556,9 @@ class Registry(Database, Components):
             if not usable:
                 raise
             return card_task(ref, card, why=f"the file no longer loads ({exc})")
+        if own and card.get("description") and task.description != card["description"]:
+            # trained with `--description` over the file's sidecar: it answers with the prompt it learned
+            task = dataclasses.replace(task, description=card["description"])
         moved = changed_from_card(card, task) if usable else None
         if moved is not None and moved[0] == "labels":
             return card_task(ref, card, why=f"its labels changed since it was recorded ({moved[1]})")

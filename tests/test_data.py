@@ -204,6 +204,26 @@ def test_a_tsv_file_reads_double_quotes_as_text_and_a_mac_csv_reads(tmp_path):
     mac = tmp_path / "mac.csv"
     mac.write_bytes(b"text,label\rgreat,pos\rawful,neg\r")
     assert [(r["text"], r["label"]) for r in read_rows(mac)] == [("great", "pos"), ("awful", "neg")]
+    # one stray bare CR among LF or CRLF line ends: "malformed CSV ... universal-newline mode" at the wrong
+    # line, and a TSV called a CSV (sweep 23); the rows are read as JSONL reads them
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_bytes(b'text,label\na one,pos\nb one,neg\rc one,pos\r\n"d\r\none",neg\n')
+    assert [(r["text"], r["label"]) for r in read_rows(mixed)] == [("a one", "pos"), ("b one", "neg"), ("c one", "pos"),
+                                                                   ("d\none", "neg")]
+    mixed_tsv = tmp_path / "mixed.tsv"
+    mixed_tsv.write_bytes(b"text\tlabel\r\ngood one\tpos\rbad one\tneg\r\n")
+    assert [(r["text"], r["label"]) for r in read_rows(mixed_tsv)] == [("good one", "pos"), ("bad one", "neg")]
+
+
+def test_a_row_label_in_another_normalisation_than_the_sidecars_is_named_as_such(tmp_path):
+    """Sidecar labels in NFC, rows in NFD: 'row 1 has label 'café', not one of 'café', 'bar'' showed two
+    identical strings (sweep 23)."""
+    f = tmp_path / "nf.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": lab}, ensure_ascii=False) + "\n"
+                         for i, lab in enumerate(["cafe\u0301", "bar"] * 3)), encoding="utf-8")
+    (tmp_path / "nf.task.json").write_text(json.dumps({"description": "coded", "labels": ["caf\u00e9", "bar"]}))
+    with pytest.raises(InvalidTaskFile, match="in another Unicode normalisation or with invisible characters"):
+        load_task_file(f)
 
 
 @pytest.mark.parametrize("value", [{"rows": _rows()}, {"text": ["a", "b", "c"], "label": ["x", "y", "x"]}])

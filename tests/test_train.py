@@ -280,3 +280,17 @@ def test_forget_over_a_member_changed_meanwhile_registers_nothing(cli, tiny_bert
     assert r.exit_code == 1 and f"adapter 'm2' {'was removed' if change == 'removed' else 'was registered anew (other weights)'} " \
         "while adapter 'f1' was being made over it; nothing was registered" in r.stderr, r.output
     assert not Registry(cli.home, embedder="hash").has_adapter("f1")
+
+
+def test_an_adapter_trained_with_its_own_description_answers_with_it_over_the_sidecars(cli, tiny_bert, tmp_path):
+    """`train --description D` on a file with a sidecar: the adapter was trained with D in its prompt (a causal
+    LM's) and its record keeps D, but answering read the sidecar's description (sweep 23)."""
+    from loraplex.registry.store import Registry
+
+    f = _task_file(tmp_path)  # its sidecar says "is the passenger happy or not"
+    for n, d in (("d1", "answer good when the passenger is pleased"), ("d2", "say bad for any complaint")):
+        assert cli("train", f, "--name", n, "--base", tiny_bert, "--steps", "1", "--description", d, "--quiet").exit_code == 0
+    reg = Registry(cli.home, embedder="hash")
+    assert reg.adapter_task(reg.get_adapter("d1")).description == "answer good when the passenger is pleased"
+    assert reg.adapter_task(reg.get_adapter("d2")).description == "say bad for any complaint"
+    assert reg.answering_task(str(f)).description == "is the passenger happy or not"  # no adapter named: the file's
