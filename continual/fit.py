@@ -183,7 +183,11 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
         raise UserInputError(f"--limit must be at least 1 (got {limit})")
     if description is not None:
         description = validate_description(description)
-    t = reg.load_task(task, description=description)
+    own = reg.learned_ref(rec, task) if rec is not None else None  # its own file, however spelled
+    card = (rec.extra.get("task_cards") or {}).get(own) if own is not None else None
+    # its own card's description stands in for one the file lacks (the labels check below then says what changed)
+    t = reg.load_task(task, description=description,
+                      fallback_description=card.get("description") if isinstance(card, dict) else None)
     if rec is not None:  # its own file however spelled (`--task toy.jsonl`): the check compares refs
         reg.check_learned_labels(rec, t)
     family = rec.family if rec is not None else resolve_base(base or "minilm").family

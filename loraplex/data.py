@@ -392,11 +392,17 @@ def load_task_file(
     if alike is not None:
         raise InvalidTaskFile(f"{p}: the labels {alike[0]!r} and {alike[1]!r} read the same (they differ only in "
                               "invisible characters or Unicode normalisation): one answer would hide the other")
+    other = card.get("labels") if isinstance(card.get("labels"), list) else None
+    dropped = None
+    if other is not None and set(other) != set(labels):  # the card is of another task once saved at this path:
+        dropped, card = other, {}  # its description, name and label texts are not this file's
     desc = description or meta.get("description") or card.get("description") or fallback_description
     if not desc or not str(desc).strip():
+        was = (f" (the one on record for this path was of other labels, {', '.join(map(str, dropped))[:120]}, and "
+               "is not this file's)" if dropped is not None else "")
         raise InvalidTaskFile(
-            f"{p}: no task description: write {side.name} beside it with a 'description' (or give one where the "
-            f"command takes it: --description of train and eval, `description:` in a stream spec)"
+            f"{p}: no task description{was}: write {side.name} beside it with a 'description' (or give one where "
+            f"the command takes it: --description of train and eval, `description:` in a stream spec)"
         )
 
     try:
@@ -411,10 +417,10 @@ def load_task_file(
         train, val, test = split_examples(examples, seed=0)
     else:
         train, val, test = _split_as_given(p, examples, given_splits)
-    label_texts = meta.get("label_texts") or card.get("label_texts") or {}
-    if (not meta.get("label_texts") and isinstance(label_texts, dict)
-            and any(k not in labels for k in label_texts)):  # a record's card of labels the file no longer has:
-        label_texts = {}  # not this file's (the registry's check_learned_labels names the change, and the adapter)
+    # a sidecar says what the file's label texts are (none: the labels themselves); a record's card stands in
+    # only where there is no sidecar (registered with --description), and only for the labels it was of
+    label_texts = meta.get("label_texts") if side.is_file() else card.get("label_texts")
+    label_texts = {} if label_texts is None else label_texts
     if not isinstance(label_texts, dict) or not all(isinstance(v, str) for v in label_texts.values()):
         raise InvalidTaskFile(f"{side}: 'label_texts' must be an object of label -> text (strings)")
     unknown_label = next((k for k in label_texts if k not in labels), None)

@@ -567,16 +567,22 @@ class Registry(Database, Components):
         return task
 
     @staticmethod
+    def learned_ref(rec: AdapterRecord, ref: str) -> str | None:
+        """The ref under which adapter `rec` recorded task `ref` (its task, or a multitask adapter's card's
+        key), matched by any spelling of a file's path (`..`, a link); None if it did not learn it."""
+        cards = rec.extra.get("task_cards") or {}
+        return next((r for r in dict.fromkeys([*([rec.task] if rec.task else []), *cards])
+                     if r == ref or (is_task_path(r) and is_task_path(ref) and same_task_file(r, ref))), None)
+
+    @staticmethod
     def check_learned_labels(rec: AdapterRecord, task) -> None:
         """Refuse to score or route an adapter on its own task file when the file's labels, or their texts,
         are no longer those it learned (edited since training): its answers use the learned ones
         (`answering_task`), so a score on the new ones measures a classifier no query uses, unsaid."""
-        cards = rec.extra.get("task_cards") or {}
-        learned = [r for r in dict.fromkeys([*([rec.task] if rec.task else []), *cards])  # a multitask adapter: a card each
-                   if r == task.ref or (is_task_path(r) and is_task_path(task.ref) and same_task_file(r, task.ref))]
-        if not learned:  # any spelling of the file's path (`..`, a link) is the file it learned
+        learned = Registry.learned_ref(rec, task.ref)
+        if learned is None:
             return
-        moved = changed_from_card(cards.get(learned[0]), task)
+        moved = changed_from_card((rec.extra.get("task_cards") or {}).get(learned), task)
         if moved is not None:
             fix = "give a file of the labels it learned" if moved[0] == "labels" else "restore its sidecar's label_texts"
             raise UserInputError(f"the {moved[0]} of {task.ref} changed since adapter {rec.name!r} was trained "

@@ -294,3 +294,26 @@ def test_an_adapter_trained_with_its_own_description_answers_with_it_over_the_si
     assert reg.adapter_task(reg.get_adapter("d1")).description == "answer good when the passenger is pleased"
     assert reg.adapter_task(reg.get_adapter("d2")).description == "say bad for any complaint"
     assert reg.answering_task(str(f)).description == "is the passenger happy or not"  # no adapter named: the file's
+
+
+def test_a_record_of_this_path_stands_in_only_for_what_the_file_lacks_and_only_for_its_labels(cli, tiny_bert, tmp_path):
+    """Sweep 23: label texts deleted from a sidecar came back from an older adapter's record (a new adapter
+    trained on them, and one file scored differently by path); a new file of other labels saved at a path
+    an old adapter used took that adapter's description (a sport/tech classifier registered as the old
+    task's 'polarity of product reviews')."""
+    from loraplex.registry.store import Registry
+
+    f = _task_file(tmp_path)
+    side = tmp_path / "toy.task.json"
+    side.write_text(json.dumps({"description": "is the passenger happy or not", "label_texts": {"good": "a happy one"}}))
+    assert cli("train", f, "--name", "lt", "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    side.write_text(json.dumps({"description": "is the passenger happy or not"}))  # the texts dropped
+    reg = Registry(cli.home, embedder="hash")
+    assert reg.load_task(str(f)).label_texts == {}
+    assert reg.adapter_task(reg.get_adapter("lt")).label_texts == {"good": "a happy one"}  # what lt learned
+    side.unlink()
+    assert reg.load_task(str(f)).label_texts == {"good": "a happy one"}  # no sidecar: the record stands in
+    f.write_text("".join(json.dumps({"text": f"{w} {i}", "label": w}) + "\n" for i in range(30) for w in ("sport", "tech")))
+    r = cli("train", f, "--name", "other", "--base", tiny_bert, "--steps", "1", "--quiet")
+    assert r.exit_code == 2 and "no task description (the one on record for this path was of other labels, bad, good" \
+        in r.stderr, r.output
