@@ -11,6 +11,7 @@ a few intermediate adapter states.
 from __future__ import annotations
 
 import time
+import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import torch
 
 from pydantic import ValidationError
 
-from loraplex.errors import IncompatibleAdapter, UserInputError
+from loraplex.errors import IncompatibleAdapter, LoraplexWarning, UserInputError
 from loraplex.experts.layers import adapters_disabled, extract, inject_new
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import accuracy, head_for, texts_readable
@@ -118,12 +119,18 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     except ValidationError as exc:
         raise invalid_option(exc) from None
     checked_limit(eval_limit)
-    t = reg.load_task(task, description=description)
+    with pywarnings.catch_warnings(record=True) as caught:  # what reading the file said (columns not read)
+        pywarnings.simplefilter("always")
+        t = reg.load_task(task, description=description)
+    said = [str(w.message) for w in caught if issubclass(w.category, LoraplexWarning)]  # in the result's
+    for w in caught:  # `warnings` (the CLI prints them, and train --json lists them); others as they were
+        if not issubclass(w.category, LoraplexWarning):
+            pywarnings.warn(w.message, w.category, stacklevel=2)
     ref = resolve_base(base)
     lb = load_base(ref, settings)
     head = head_for(lb)
     texts_readable(lb.tokenizer, t)
-    warnings = data_notes(t, cfg.train_limit)
+    warnings = [*said, *data_notes(t, cfg.train_limit)]
 
     def bar(who: str) -> str | None:
         return f"evaluating {who} on {t.name}" if cfg.progress else None

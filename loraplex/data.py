@@ -165,7 +165,7 @@ def read_rows(path: Path) -> list[dict]:
         twice = next((c for i, c in enumerate(names) if c.strip() and c in names[:i]), None)
         if twice is not None:  # DictReader keeps the last of two: every row read the other column as its text
             raise InvalidTaskFile(f"{path}:1: the header names the column {twice!r} twice")
-        start = 1  # the line the row being read starts on (a quoted field may hold line ends)
+        start = reader.line_num + 1  # the line the row being read starts on (a quoted field may hold line ends)
         try:
             for row in reader:
                 if None in row or None in row.values():  # more fields than the header names, or fewer

@@ -215,6 +215,20 @@ def test_a_tsv_file_reads_double_quotes_as_text_and_a_mac_csv_reads(tmp_path):
     assert [(r["text"], r["label"]) for r in read_rows(mixed_tsv)] == [("good one", "pos"), ("bad one", "neg")]
 
 
+def test_a_csv_whose_only_row_has_a_wrong_field_count_names_it(tmp_path):
+    """'a double quote opened on this line is never closed' at line 1, for a one-row file with no quote at all
+    (sweep 23): the count of fields is what is wrong, on line 2."""
+    from loraplex.data import read_rows
+
+    f = tmp_path / "one.csv"
+    f.write_text("text,label\ngreat stuff,pos,extra\n")
+    with pytest.raises(InvalidTaskFile, match=r"one.csv:2: 3 fields, the header has 2"):
+        read_rows(f)
+    f.write_text('text,label\n"great stuff,pos\nmore\n')
+    with pytest.raises(InvalidTaskFile, match=r"one.csv:2: a double quote opened on this line is never closed"):
+        read_rows(f)
+
+
 def test_a_row_label_in_another_normalisation_than_the_sidecars_is_named_as_such(tmp_path):
     """Sidecar labels in NFC, rows in NFD: 'row 1 has label 'café', not one of 'café', 'bar'' showed two
     identical strings (sweep 23)."""

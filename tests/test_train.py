@@ -109,6 +109,12 @@ def test_texts_with_more_than_one_label_are_said(cli, tiny_bert, tmp_path):
     assert ("warning: task 'toy': 1 text(s) appear with more than one label (e.g. 'the flight crew': bad, good)"
             in r.stderr), r.stderr
     assert json.loads(r.stdout)["warnings"] == [r.stderr.split("warning: ", 1)[1].strip()]
+    # a column the file has that loraplex does not read: on stderr, and in the JSON's warnings too (sweep 23)
+    f.write_text("".join(json.dumps({**r, "id": i}) + "\n" for i, r in enumerate(rows)))
+    r = cli("train", f, "--name", "c2", "--base", tiny_bert, "--steps", "1", "--quiet", "--json")
+    said = [line.split("warning: ", 1)[1] for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert r.exit_code == 0 and any("column(s) 'id' not read" in w for w in said), r.output
+    assert json.loads(r.stdout)["warnings"] == said
 
 
 def test_a_name_a_router_holds_is_refused_before_training(cli, tiny_bert, tmp_path, monkeypatch):
