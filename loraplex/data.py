@@ -355,7 +355,7 @@ def load_task_file(
             raise InvalidTaskFile(f"{p}: no examples")
         examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
     except MemoryError:  # every row is held as Python objects: many short rows take ~20x the file's size
-        rows = examples = None
+        rows = examples = None  # freed now: the exception's traceback keeps this frame alive
         raise InvalidTaskFile(f"{p}: its {p.stat().st_size:,} bytes of rows do not fit in this process's memory "
                               "(held as text and examples, short rows take about 20 times the file's size): "
                               "use a smaller file") from None

@@ -327,10 +327,9 @@ class Registry(Database, Components):
         """Store an adapter, its snapshots, its lineage edges (and its base's fingerprint) in one transaction.
 
         An adapter that answers with others (`record.composition_of`: a forgetting adapter, a summed stream's)
-        or made over `member_blobs` is refused,
-        under the lock, when one of them was removed meanwhile, or registered anew with other weights than
-        `member_blobs` says it was made over: it would answer over a composition that is not the one it
-        was trained against (listed, yet unloadable, or silently composed with other weights)."""
+        or was made over `member_blobs` is refused, under the lock, when one of them was removed meanwhile
+        or registered anew with other weights than `member_blobs` says: it would answer over a composition
+        it was not trained against (listed, yet unloadable, or silently composed with other weights)."""
         validate_name(draft.name)
         adapter.check_weights(where=f"adapter {draft.name!r}")
         for step, snap in snapshots:
