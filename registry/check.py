@@ -191,8 +191,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     report.counts["snapshots"] = sum(len(r.snapshots) for r in records)
     names = {r.name for r in records}
     for ref in dict.fromkeys(r.task for r in records if r.task and is_task_path(r.task)):
-        try:
-            task = reg.load_task(ref)
+        card = reg.task_card(ref) or {}
+        try:  # the description on record stands in for a file without one: its labels are what is compared
+            task = reg.load_task(ref, fallback_description=card.get("description"))
         except TaskNotFound:
             continue  # gone: answered from the recorded card, as `query` says when it matters
         except InvalidTaskFile as exc:

@@ -156,7 +156,7 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     if extra.get("joint"):
         tasks = [_load_task(reg, r, cards) for r in expert_refs]
     else:  # each adapter answers with the task it was fitted on (`router fit --tasks` may pair it with another)
-        tasks = [_load_task(reg, ref, cards) if ref and ref != r.task else reg.adapter_task(r)
+        tasks = [_load_task(reg, ref, cards) if ref and ref != r.task else reg.adapter_task(r, rows=True)
                  for r, ref in zip(recs, expert_refs)]
     try:  # as the fit checked: a sidecar added since may give a file another expert's task name
         one_name_each([t for t in tasks if t is not None], [e for e, t in zip(expert_names, tasks) if t is not None], None)

@@ -323,3 +323,27 @@ def test_a_record_of_this_path_stands_in_only_for_what_the_file_lacks_and_only_f
     r = cli("train", f, "--name", "other", "--base", tiny_bert, "--steps", "1", "--quiet")
     assert r.exit_code == 2 and "no task description (the one on record for this path was of other labels, bad, good" \
         in r.stderr, r.output
+
+
+def test_answering_with_an_adapter_does_not_read_its_task_file(cli, tiny_bert, tmp_path, monkeypatch):
+    """Every retrieval or auto query read the whole task file of every candidate adapter (rows it never
+    uses): one adapter of a 37 MB file made unrelated queries 20 s slower, and printed that file's warnings
+    on each (sweep 23). Answering needs the labels, texts and description the adapter's card holds."""
+    import loraplex.data as data
+    from loraplex.registry.store import Registry
+
+    f = _task_file(tmp_path)
+    assert cli("train", f, "--name", "card", "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    reg = Registry(cli.home, embedder="hash")
+    rec = reg.get_adapter("card")
+
+    def no_reading(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(data, "read_rows", no_reading)
+    t = reg.adapter_task(rec)
+    assert (t.name, t.labels, t.description) == ("toy", ("bad", "good"), "is the passenger happy or not")
+    q = cli("query", "great crew, thanks", "--router", "retrieval")
+    assert q.exit_code == 0 and "read " not in q.output, q.output
+    with pytest.raises(AssertionError, match="read "):  # rows asked for: the file is read
+        reg.adapter_task(rec, rows=True)
