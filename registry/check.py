@@ -239,9 +239,11 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
                                    f"{', '.join(gone)} are gone: it cannot be loaded (remove it)")
     try:
         if reg.signature_dim():
-            _, _, emb, _ = reg.signatures()
-            if emb.shape[0] != len(records) or not np.all(np.isfinite(emb)):
-                report.problems.append("stored signatures are damaged (wrong size or not finite)")
+            bad = reg.damaged_signature_records()  # each named: the fix is that adapter's, not a rebuild
+            report.problems.extend(f"{b}; remove it, or register it again" for b in bad)
+            _, _, emb, _ = reg.signatures() if not bad else (None, None, np.zeros((len(records), 0)), None)
+            if emb.shape[0] != len(records):
+                report.problems.append("stored signatures are damaged (wrong size)")
     except IntegrityError as exc:  # a damaged dimension or signature: named, and the caches are not rebuilt
         report.problems.append(str(exc))
     damaged: list[str] = []
@@ -329,7 +331,7 @@ def _check_index(reg: "Registry", report: CheckReport) -> None:
             order = np.argsort(idx.ids)
             _, _, desc, proto = reg.signatures_by_id(db_ids)
             want = desc if idx.weight is None else routing_vectors(desc, proto, idx.weight)
-            if not np.allclose(vecs[order], want, atol=1e-5):
+            if not np.allclose(vecs[order], want, atol=1e-5, equal_nan=True):  # a NaN row: named by _check_records
                 report.problems.append(f"{what} vectors differ from the stored signatures")
 
 

@@ -96,6 +96,18 @@ def same_task_file(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
+def damaged_signatures(names: Sequence[str], emb: np.ndarray, proto: np.ndarray, has_proto: Sequence[bool]) -> list[str]:
+    """The adapters whose stored signature holds a NaN or an infinity (registration stores finite vectors
+    only; a prototype is NaN where there is none), each as `adapter 'x': its stored ... is damaged`."""
+    out = []
+    for i, n in enumerate(names):
+        what = ("description embedding" if not np.all(np.isfinite(emb[i])) else
+                "prototype" if has_proto[i] and not np.all(np.isfinite(proto[i])) else None)
+        if what:
+            out.append(f"adapter {n!r}: its stored {what} is damaged (not finite)")
+    return out
+
+
 class Registry(Database, Components):
     """One registry home. Cheap to construct; the database opens on first use.
 
@@ -662,7 +674,22 @@ class Registry(Database, Components):
         for i, r in enumerate(rows):
             if r[3] is not None:
                 proto[i] = np.frombuffer(r[3], dtype=np.float32)
+        for what in damaged_signatures(nm, emb, proto, [r[3] is not None for r in rows]):
+            # search and routing pass over it (faiss never returns a NaN row), as a damaged record fails only
+            # its own requests; said, not silent
+            warnings.warn(f"{what}: it is left out of search and routing", LoraplexWarning, stacklevel=3)
         return ids, nm, emb, proto
+
+    def damaged_signature_records(self) -> list[str]:
+        """`registry check`: each adapter whose stored signature is not finite, named (`damaged_signatures`)."""
+        dim = self.signature_dim()
+        if self._db(create=False) is None or dim == 0:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LoraplexWarning)  # said here as problems, not as warnings too
+            rows = self._signature_rows("ORDER BY id", ())
+            _, nm, emb, proto = self._unpack_signatures(rows, dim)
+        return damaged_signatures(nm, emb, proto, [r[3] is not None for r in rows])
 
     def signatures(self, names: Sequence[str] | None = None) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
         """(ids, names, description embeddings (N, D), prototypes (N, D), NaN where none), in `names` order

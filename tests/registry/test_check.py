@@ -430,3 +430,25 @@ def test_an_adapter_whose_composition_lost_a_member_is_a_problem(settings, tiny_
     _edit(reg, "DELETE FROM adapters WHERE name = 'a1'")
     rep = api.check(settings=settings)
     assert any("adapter 'a0' answers with a composition whose adapters a1 are gone" in p for p in rep.problems), rep.problems
+
+
+def test_a_signature_that_is_not_finite_is_named_and_said_where_it_is_left_out(settings, tiny_bert, tmp_path):
+    """A NaN stored embedding dropped the adapter from search and routing without a word, and check said
+    three generic problems naming no adapter, which --repair 'rebuilt' and kept (sweep 24)."""
+    import warnings
+
+    from loraplex.errors import LoraplexWarning
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    dim = reg.signature_dim()
+    _edit(reg, "UPDATE adapters SET embedding = ? WHERE name = 'a1'", np.full(dim, np.nan, np.float32).tobytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hits = api.search("task number 1", settings=settings)
+    assert "a1" not in {h["name"] for h in hits}
+    assert any(issubclass(w.category, LoraplexWarning) and "adapter 'a1': its stored description embedding is "
+               "damaged (not finite): it is left out of search and routing" in str(w.message) for w in caught)
+    for repair in (False, True):
+        rep = api.check(repair=repair, settings=settings)
+        assert rep.problems == ["adapter 'a1': its stored description embedding is damaged (not finite); remove it, "
+                                "or register it again"], rep.problems
