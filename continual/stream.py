@@ -59,7 +59,7 @@ from loraplex.errors import (AlreadyExists, DamagedRun, Diverged, IncompatibleAd
                              LoraplexWarning, Terminated, UserInputError, check_termination)
 from loraplex.experts.layers import adapters_disabled
 from loraplex.fsio import atomic_write, user_path, write_tensors
-from loraplex.heads import head_for, texts_readable
+from loraplex.heads import HEADS, head_for, texts_readable
 from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
@@ -166,8 +166,10 @@ def run_stream(
     fp = fingerprint(ref, s)
     if resume is None and not is_worker():  # a task its base reads as unknown tokens only teaches nothing
         tok = load_tokenizer(ref, s)
-        for t in tasks.values():
+        head = HEADS.build(ref.family, {})  # labels it reads as one: refused now, not at the first evaluation
+        for t in tasks.values():                # (after the run directory was made: a plain rerun was refused)
             texts_readable(tok, t)
+            head.check_labels(tok, t)
             for note in data_notes(t, spec.trainer.train_limit):  # said as `train` says them (a warning: line)
                 warnings.warn(note, LoraplexWarning, stacklevel=2)
     learn_spec = spec.lora.lora_spec()

@@ -47,6 +47,20 @@ def test_missing_task_file(cli, spec, tmp_path, task_dir):
     _check(cli, ["stream", "run", spec, "--out", tmp_path / "r"], 2, "gone.jsonl", "no such task file")
 
 
+def test_a_task_whose_labels_the_base_reads_alike_is_refused_before_the_run_directory(cli, spec, tmp_path):
+    """Labels 'good' and 'Good' (one to an uncased tokenizer) were refused at the first evaluation, after the
+    run directory was made: it stayed behind, and a plain rerun was refused as 'not empty' (sweep 23)."""
+    f = tmp_path / "case.jsonl"
+    f.write_text("".join(json.dumps({"text": f"great flight {i}", "label": lab}) + "\n"
+                         for i, lab in enumerate(["good", "Good", "bad"] * 6)))
+    exps = yaml.safe_load(spec.read_text())["experiences"]
+    _edit(spec, experiences=[*exps[:1], {"learn": str(f), "description": "how good a flight was"}])
+    _check(cli, ["stream", "run", spec, "--out", tmp_path / "r"], 2, "labels 'Good' and 'good' read the same")
+    assert not (tmp_path / "r").exists()
+    _check(cli, ["stream", "run", spec], 2, "labels 'Good' and 'good' read the same")
+    assert not list((cli.home / "runs").glob("stream-*")) if (cli.home / "runs").exists() else True
+
+
 def test_unknown_method(cli, spec, tmp_path):
     _check(cli, ["stream", "run", _edit(spec, method="ewc"), "--out", tmp_path / "r"], 2, "unknown continual method 'ewc'")
 
