@@ -290,10 +290,12 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
         raise TaskNotFound(f"{p}: no such examples file")
     if p.is_dir():  # said "unknown task file type (none)" for a folder without a suffix
         raise InvalidTaskFile(f"{p}: is a directory, expected an examples file (.jsonl, .json, .csv, .tsv)")
-    rows = read_rows(p)
+    lines: list[int] = []
+    rows = read_rows(p, lines)
     out = []
     for n, row in enumerate(rows, 1):
-        out.append((row_value(p, n, row, "text"), row_value(p, n, row, "label", required=False)))
+        line = lines[n - 1] if len(lines) == len(rows) else None  # where a fault is, as parse errors say it
+        out.append((row_value(p, n, row, "text", line=line), row_value(p, n, row, "label", required=False, line=line)))
     check_columns(p, rows, ("text", "label"))
     if not out:
         raise InvalidTaskFile(f"{p}: no examples")

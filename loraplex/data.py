@@ -117,9 +117,11 @@ MAX_TASK_FILE_BYTES = 1 << 30
 file's size for short rows; a file that does not fit is refused naming its size, `load_task_file`)."""
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, lines: list[int] | None = None) -> list[dict]:
     """The rows of a JSONL or CSV/TSV task file, as dicts (InvalidTaskFile if it cannot be read). Only a
-    regular file is read (a FIFO would block, /dev/zero would never end)."""
+    regular file is read (a FIFO would block, /dev/zero would never end). `lines`: filled with the line
+    each row starts on (blank JSONL lines and a CSV's header and quoted line ends make it differ from the
+    row's number), so a row's fault is located as a parse error is (`row_value`)."""
     suffix = path.suffix.lower()
     if suffix not in TASK_SUFFIXES:
         raise InvalidTaskFile(f"{path}: unknown task file type {suffix or '(none)'}; use .jsonl, .json, .csv or .tsv")
@@ -151,6 +153,8 @@ def read_rows(path: Path) -> list[dict]:
             if not isinstance(obj, dict):
                 raise InvalidTaskFile(f"{path}:{n}: expected a JSON object with 'text' and 'label'")
             rows.append(obj)
+            if lines is not None:
+                lines.append(n)
     elif suffix in (".csv", ".tsv"):
         # a field may be as long as the file (a whole article); csv's default cap is 131,072 characters
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
@@ -178,6 +182,8 @@ def read_rows(path: Path) -> list[dict]:
                     raise InvalidTaskFile(f"{path}:{end}: {have} fields, the header has "
                                           f"{len(reader.fieldnames)} ({fix})")
                 rows.append(row)
+                if lines is not None:
+                    lines.append(start)
                 start = reader.line_num + 1
         except csv.Error as exc:
             raise InvalidTaskFile(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
@@ -250,29 +256,31 @@ def check_columns(path: Path, rows: Sequence[dict], known: Sequence[str]) -> Non
                       f"{', '.join(known)})", LoraplexWarning, stacklevel=2)
 
 
-def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True) -> str | None:
+def row_value(path: Path, n: int, row: dict, col: str, *, required: bool = True, line: int | None = None) -> str | None:
     """Column `col` of row `n` of a task or examples file, as the stripped text it stands for: a string, or
     for a label also a whole number (`1` and `"1"` are one label; `1.0` is refused, it would be another).
-    A value with no visible character, and a label holding a control character, are refused."""
+    A value with no visible character, and a label holding a control character, are refused; `line` (the
+    row's line, `read_rows`) is named too where it is not the row's number."""
+    at = f"row {n}" + (f" (line {line})" if line is not None and line != n else "")
     v = row.get(col)
     if v is None or (not required and isinstance(v, str) and not v.strip()):
         if required and col in row:
-            raise InvalidTaskFile(f"{path}: row {n}: {col!r} is null")
+            raise InvalidTaskFile(f"{path}: {at}: {col!r} is null")
         if required:
             keys = ", ".join(repr(str(k)[:40]) for k in list(row)[:8] if k is not None) or "none"
-            raise InvalidTaskFile(f"{path}: row {n} has no {col!r} column (its columns: {keys})")
+            raise InvalidTaskFile(f"{path}: {at} has no {col!r} column (its columns: {keys})")
         return None
     if isinstance(v, (list, dict, bool)):
-        raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not a {type(v).__name__}")
+        raise InvalidTaskFile(f"{path}: {at}: {col!r} must be a string, not a {type(v).__name__}")
     if col == "label" and isinstance(v, float):
-        raise InvalidTaskFile(f"{path}: row {n}: 'label' must be a string or a whole number, not the number {v!r}")
+        raise InvalidTaskFile(f"{path}: {at}: 'label' must be a string or a whole number, not the number {v!r}")
     if col != "label" and isinstance(v, (int, float)):  # a text is written as a string ("5", not 5)
-        raise InvalidTaskFile(f"{path}: row {n}: {col!r} must be a string, not the number {v!r}")
+        raise InvalidTaskFile(f"{path}: {at}: {col!r} must be a string, not the number {v!r}")
     text = str(v).strip()
     if not visible(text):
-        raise InvalidTaskFile(f"{path}: row {n} has an empty {col}" + (" (no visible character)" if text else ""))
+        raise InvalidTaskFile(f"{path}: {at} has an empty {col}" + (" (no visible character)" if text else ""))
     if col == "label" and label_problem(text):  # what `--labels` and the server refuse too (tasks.label_problem)
-        raise InvalidTaskFile(f"{path}: row {n}: the label {text[:60]!r} {label_problem(text)}")
+        raise InvalidTaskFile(f"{path}: {at}: the label {text[:60]!r} {label_problem(text)}")
     return text
 
 
@@ -350,10 +358,13 @@ def load_task_file(
         if unknown:
             raise InvalidTaskFile(f"{side}: unknown key {sorted(unknown)[0]!r}")
     try:
-        rows = read_rows(p)
+        lines: list[int] = []
+        rows = read_rows(p, lines)
         if not rows:
             raise InvalidTaskFile(f"{p}: no examples")
-        examples = [Example(row_value(p, n, row, "text"), row_value(p, n, row, "label")) for n, row in enumerate(rows, 1)]
+        at = lambda n: lines[n - 1] if len(lines) == len(rows) else None  # noqa: E731
+        examples = [Example(row_value(p, n, row, "text", line=at(n)), row_value(p, n, row, "label", line=at(n)))
+                    for n, row in enumerate(rows, 1)]
     except MemoryError:  # every row is held as Python objects: many short rows take ~20x the file's size
         rows = examples = None  # freed now: the exception's traceback keeps this frame alive
         raise InvalidTaskFile(f"{p}: its {p.stat().st_size:,} bytes of rows do not fit in this process's memory "

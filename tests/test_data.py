@@ -369,3 +369,19 @@ def test_a_header_naming_a_column_twice_and_bidi_labels_are_refused(tmp_path):
     f = _jsonl(tmp_path / "decl.jsonl", _rows(), sidecar={"description": "d", "labels": ["bad", "good", "x\u202e"]})
     with pytest.raises(InvalidTaskFile, match="'labels' holds 'x\\\\u202e', which holds a bidirectional control character"):
         load_task_file(f)
+
+
+def test_a_bad_value_names_the_line_it_is_on_where_that_is_not_the_rows_number(tmp_path):
+    """'row 10 has an empty label' was on line 12 (blank lines), 'row 3' of a CSV with a quoted multi-line
+    text on line 6: parse errors in the same files name lines (sweep 23)."""
+    rows = [json.dumps({"text": f"t{i}", "label": "" if i == 9 else "ab"[i % 2]}) for i in range(12)]
+    rows.insert(2, "")
+    rows.insert(5, "")
+    f = tmp_path / "blank.jsonl"
+    f.write_text("\n".join(rows) + "\n")
+    with pytest.raises(InvalidTaskFile, match=r"row 10 \(line 12\) has an empty label"):
+        load_task_file(f, description="d")
+    c = tmp_path / "ml.csv"
+    c.write_text('text,label\n"multi\nline\ntext",pos\nb,neg\nc,\nd,pos\n')
+    with pytest.raises(InvalidTaskFile, match=r"row 3 \(line 6\) has an empty label"):
+        load_task_file(c, description="d")
