@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -331,19 +333,32 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
     if not decisions or is_worker():
         return None
     path = reg.home / CANDIDATES_FILE
+    if (path.exists() or path.is_symlink()) and not path.is_file():  # a FIFO there blocked open() for ever,
+        return f"not logged as a candidate new task: {path} is not a regular file"  # lock held (sweep 24)
     try:  # best effort: an answer does not wait long for another process's write to end
-        with reg.write_lock(timeout=CANDIDATES_LOCK_S), open(path, "a", encoding="utf-8") as f:
-            if f.tell() >= CANDIDATES_MAX_BYTES:
-                return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
-                        f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
-            for d in decisions:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
-                                    "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
+        fd = None
+        with reg.write_lock(timeout=CANDIDATES_LOCK_S):
+            # O_NONBLOCK: a FIFO put there since the check above fails (ENXIO) instead of waiting for a reader
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return f"not logged as a candidate new task: {path} is not a regular file"
+            f = os.fdopen(fd, "a", encoding="utf-8")
+            fd = None
+            with f:
+                if f.seek(0, os.SEEK_END) >= CANDIDATES_MAX_BYTES:
+                    return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
+                            f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
+                for d in decisions:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
+                                        "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
     except RegistryBusy:
         return "not logged as a candidate new task: the registry is busy (another process is writing to it)"
     except (LockUnavailable, DiskFull, OSError) as exc:
         return f"not logged as a candidate new task: {getattr(exc, 'strerror', None) or exc}"
+    finally:
+        if fd is not None:
+            os.close(fd)
     return None
 
 

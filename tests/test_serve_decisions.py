@@ -119,6 +119,32 @@ def test_the_candidate_log_does_not_wait_for_another_writer(toy_registry):
     assert auto_router.log_candidates(reg, [d]) is None  # free again: logged
 
 
+def test_a_candidate_log_that_is_not_a_regular_file_is_not_opened(toy_registry, monkeypatch):
+    """A FIFO at candidates.jsonl: open() waited for a reader for ever, holding the registry's write lock
+    (every writer queued behind it; the server could not be stopped: sweep 24)."""
+    import os
+    from pathlib import Path
+
+    s, reg = toy_registry
+    path = reg.home / auto_router.CANDIDATES_FILE
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    d = auto_router.Decision(text="zzz", action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
+    t0 = time.monotonic()
+    try:
+        assert auto_router.log_candidates(reg, [d]) == f"not logged as a candidate new task: {path} is not a regular file"
+        real = Path.is_file  # a FIFO made between the check and the open: opened without waiting, then refused
+        monkeypatch.setattr(Path, "is_file", lambda self: True if self == path else real(self))
+        note = auto_router.log_candidates(reg, [d])
+        assert note is not None and note.startswith("not logged as a candidate new task"), note
+    finally:
+        monkeypatch.undo()
+        path.unlink(missing_ok=True)
+    assert time.monotonic() - t0 < 5
+    with reg.write_lock(timeout=1):  # and the lock is free
+        pass
+
+
 def test_a_slow_decision_holds_up_no_other_request(toy_registry, tiny_bert, monkeypatch):
     """auto's generator is held mid-write; a request naming an adapter is answered meanwhile (the
     decision runs in its request's worker, not on the batching thread), then the held one finishes."""
