@@ -283,6 +283,11 @@ class Database:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    CACHE_LOCK_S = 0.2
+    """How long saving a derived cache (the signature and routing indexes, the lineage graph) waits for the
+    write lock: best effort, kept in memory when another process holds it (a read waited up to the lock's
+    120 s, for a whole `registry check`, only to save a file: sweep 24)."""
+
     @contextmanager
     def write_lock(self, timeout: float | None = None) -> Iterator[None]:
         """Exclusive, re-entrant (within this object) advisory lock on the registry, waited for at most

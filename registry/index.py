@@ -202,7 +202,7 @@ class SignatureIndex:
             idx.generation, idx.stamp = gen, stamp
         if save and dim:
             try:
-                with reg.write_lock():
+                with reg.write_lock(timeout=reg.CACHE_LOCK_S):  # best effort: a read does not wait for it
                     if reg.stamp() == stamp:  # nobody wrote meanwhile: this index is current
                         idx.save(path)
             except Exception:

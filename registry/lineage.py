@@ -119,7 +119,7 @@ def graph_json(reg: "Registry", *, save: bool = True) -> dict[str, Any]:
     data = to_json(build_graph(reg))
     if save and reg.exists:
         try:
-            with reg.write_lock():
+            with reg.write_lock(timeout=reg.CACHE_LOCK_S):  # best effort: a read does not wait for it
                 if reg.stamp() == stamp:
                     _save(reg.home / GRAPH_FILE, stamp, data)
         except Exception:

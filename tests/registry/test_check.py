@@ -452,3 +452,23 @@ def test_a_signature_that_is_not_finite_is_named_and_said_where_it_is_left_out(s
         rep = api.check(repair=repair, settings=settings)
         assert rep.problems == ["adapter 'a1': its stored description embedding is damaged (not finite); remove it, "
                                 "or register it again"], rep.problems
+
+
+def test_reading_does_not_wait_for_the_write_lock_to_save_a_cache(settings, tiny_bert, tmp_path):
+    """Search (and retrieval, auto) waited up to the lock's 120 s, e.g. for a whole `registry check`, only to
+    save the index it had built (sweep 24): the save is best effort, the index kept in memory."""
+    import time
+
+    from loraplex.registry.store import Registry
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    other = Registry(reg.home, embedder="hash")  # another process's lock: its own descriptor
+    with other.write_lock():
+        t0 = time.monotonic()
+        assert api.search("task number 1", settings=settings)
+        api.graph(settings)
+        assert time.monotonic() - t0 < 10
+    assert not (reg.home / INDEX_FILE).exists()  # not saved while the lock was held: built again next time
+    drop_cached(reg.home / INDEX_FILE)
+    api.search("task number 1", settings=settings)
+    assert (reg.home / INDEX_FILE).exists()
