@@ -59,6 +59,8 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
     if out_of_memory(exc):  # the server's state, not a bug: the next request may fit
         why = (msg.splitlines() or [type(exc).__name__])[0][:200]
         return APIError(503, f"the server ran out of memory for this request ({why})")
+    if type(exc).__module__ == "sqlite3":  # the registry's database failed under the request (damaged since
+        return APIError(503, f"the registry database failed: {msg} (run `loraplex registry check`)")  # start)
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's state, not a bug
         return APIError(503, "the server has run out of file descriptors (raise `ulimit -n` for loraplex serve)")
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")

@@ -440,6 +440,18 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
         thread.join(timeout=20)
 
 
+def test_a_registry_database_damaged_while_serving_is_a_503():
+    """A registry.db damaged under a running server made every adapter request a 500 'internal error:
+    DatabaseError' with tracebacks in the log, while auto and /v1/models gave a clean 503 (sweep 24)."""
+    import sqlite3
+
+    from loraplex.serve.app import api_error
+
+    err = api_error(sqlite3.DatabaseError("database disk image is malformed"), home="/srv/reg")
+    assert err.status == 503 and err.message == ("the registry database failed: database disk image is malformed "
+                                                 "(run `loraplex registry check`)")
+
+
 def test_running_out_of_file_descriptors_is_the_servers_state():
     """EMFILE inside a request was a 500 internal error with a traceback in the log (sweep 17): a 503 that
     says what ran out; and `serve` raises its soft limit toward the hard one at start."""
