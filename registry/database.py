@@ -131,6 +131,10 @@ class Database:
         self.home = user_path(home).absolute()
         if self.home.exists() and not self.home.is_dir():
             raise UserInputError(f"registry home {self.home} is not a directory")
+        if not self.home.exists():  # one that can never be made (a file on its path) read as an empty registry
+            above = next((p for p in self.home.parents if p.exists() or p.is_symlink()), None)
+            if above is not None and not above.is_dir():
+                raise UserInputError(f"registry home {self.home} cannot be made: {above} is not a directory")
         self.db_path = self.home / "registry.db"
         self.lock_path = self.home / "registry.lock"
         self.lock_timeout = lock_timeout

@@ -195,6 +195,9 @@ def test_eval_limit_below_one(cli, seeded, limit):
 def test_home_that_is_not_a_directory(cli, seeded, args):
     before = registry_state(cli.home)
     _refused(cli(*args, "--home", "/dev/null"), cli.home, before, "registry home /dev/null is not a directory")
+    # a home below a file can never be made: it read as an empty, consistent registry, exit 0 (sweep 24)
+    _refused(cli(*args, "--home", "/dev/null/sub/reg"), cli.home, before,
+             "registry home /dev/null/sub/reg cannot be made: /dev/null is not a directory")
 
 
 def _rows(labels):
