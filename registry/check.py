@@ -409,7 +409,11 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
             _rebuilt(reg, report, GRAPH_FILE, "lineage graph")
         except IntegrityError:
             pass  # a record damaged inside the database: the check that follows names it
-        moved = reg.quarantine_unreferenced_blobs()
+        try:
+            moved = reg.quarantine_unreferenced_blobs()
+        except LoraplexError as exc:  # reported with what was repaired before it, not a bare error mid-repair
+            report.problems.append(str(exc))
+            moved = []
         if moved:
             report.repaired.append(f"moved {len(moved)} unreferenced blob(s) to {reg.orphan_dir} (delete the folder "
                                    "once nothing in it is missed)")

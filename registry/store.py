@@ -32,6 +32,7 @@ ever loaded.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -214,8 +215,14 @@ class Registry(Database, Components):
         existed = path.is_file()
         if existed and path.stat().st_size == len(data) and sha256_bytes(path.read_bytes()) == sha:
             return sha
-        with atomic_file(path, prefix=".tmp-", sync_dir=True) as f:
-            f.write(data)
+        try:
+            with atomic_file(path, prefix=".tmp-", sync_dir=True) as f:
+                f.write(data)
+        except OSError as exc:  # the registry's own storage, not a path the user gave (exit 1, named as such)
+            if exc.errno in (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST):
+                raise LoraplexError(f"the registry's blob directory {self.blob_dir} cannot be written "
+                                      f"({exc.strerror or exc}: {exc.filename or path})") from None
+            raise
         if created is not None and not existed:
             created.append(sha)
         return sha
@@ -301,11 +308,17 @@ class Registry(Database, Components):
         with self.write_lock():
             refs = self.referenced_blobs()
             gone = [(sha, p) for sha, p in self.stored_blobs().items() if sha not in refs]
-            if gone:
-                self.orphan_dir.mkdir(exist_ok=True)
-            for sha, p in gone:
-                os.replace(p, self.orphan_dir / p.name)
-            return [sha for sha, _ in gone]
+            moved: list[str] = []
+            try:
+                if gone:
+                    self.orphan_dir.mkdir(exist_ok=True)
+                for sha, p in gone:
+                    os.replace(p, self.orphan_dir / p.name)
+                    moved.append(sha)
+            except OSError as exc:  # said with what was moved before it, not a bare strerror mid-repair
+                raise LoraplexError(f"moving unreferenced blobs to {self.orphan_dir} failed after {len(moved)} of "
+                                    f"{len(gone)} ({exc.strerror or exc}: {exc.filename or self.orphan_dir})") from None
+            return moved
 
     @property
     def orphan_dir(self) -> Path:

@@ -472,3 +472,24 @@ def test_reading_does_not_wait_for_the_write_lock_to_save_a_cache(settings, tiny
     drop_cached(reg.home / INDEX_FILE)
     api.search("task number 1", settings=settings)
     assert (reg.home / INDEX_FILE).exists()
+
+
+def test_the_registrys_own_storage_failing_is_named_as_such(settings, tiny_bert, tmp_path):
+    """blobs/ replaced by a file: 'Not a directory (.../blobs/d2)', exit 2 as if the user's input were bad;
+    orphaned-blobs a file: --repair died midway with 'File exists', no report (sweep 24)."""
+    import shutil
+
+    from loraplex.errors import LoraplexError, UserInputError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    sha = reg.put_blob(b"an interrupted write left me here")
+    (reg.home / "orphaned-blobs").write_text("not a folder")
+    rep = api.check(repair=True, settings=settings)
+    assert any(p.startswith(f"moving unreferenced blobs to {reg.orphan_dir} failed after 0 of 1") for p in rep.problems)
+    assert any("rebuilt" in r for r in rep.repaired), rep.repaired  # what it did before is reported
+    reg.blob_path(sha).unlink()
+    shutil.rmtree(reg.blob_dir)
+    reg.blob_dir.write_text("not a folder")
+    with pytest.raises(LoraplexError, match="the registry's blob directory .* cannot be written") as got:
+        reg.put_blob(b"new weights")
+    assert not isinstance(got.value, UserInputError)
