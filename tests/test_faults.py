@@ -211,7 +211,7 @@ def test_running_out_of_memory_is_said_not_an_internal_error(cli, tiny_bert, tmp
     f.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(20)))
     (tmp_path / "big.task.json").write_text(json.dumps({"description": "a or b"}))
 
-    def no_room(path):
+    def no_room(path, lines=None):
         raise MemoryError()
 
     monkeypatch.setattr(data, "read_rows", no_room)

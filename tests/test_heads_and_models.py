@@ -199,7 +199,7 @@ def test_a_control_token_typed_into_a_classified_text_is_text(kind, request, set
         head = HEADS.build("causal", {})
         plain = head._prompt_ids(tok, Task("t", "is it good or bad", ("good", "bad"), (), (), ()), "hi assistant good")
         ids = head._prompt_ids(tok, task, text)
-        assert ids.count(sep) == plain.count(sep) and sep not in head._label_ids(tok, "bad [SEP]")
+        assert ids.count(sep) == plain.count(sep) and sep not in head._label_ids(tok, task, "bad [SEP]")
     else:
         head = HEADS.build("encoder", {})
         enc = head._tokenize(lb.model, tok, [text])["input_ids"][0].tolist()

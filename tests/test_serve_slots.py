@@ -280,7 +280,14 @@ def test_an_adapter_that_answers_with_a_composition_is_served_with_it(engine, se
     add("fg1", "forgetting", ["flights-lora", "sports-lora", "fg1"])
     add("ol1", "continual", ["flights-lora", "ol1"], summed=True, method={"name": "o-lora"})
     add("rt1", "continual", ["flights-lora", "rt1"], summed=False, method={"name": "routed"})  # answers alone
+    add("nope-lora", "trained", [])  # a member deleted since (by hand: registration refuses a missing one)
     add("gone1", "continual", ["nope-lora", "gone1"], summed=True)
+    import sqlite3
+
+    reg.close()
+    with sqlite3.connect(settings.home / "registry.db") as c:
+        c.execute("DELETE FROM adapters WHERE name = 'nope-lora'")
+        c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
     listed = {m["id"]: m for m in engine.models()}
     assert listed["ol1"]["composition"] == ["flights-lora", "ol1"] and "composition" not in listed["rt1"]
     assert listed["fg1"]["composition"] == ["flights-lora", "sports-lora", "fg1"] and "gone1" not in listed

@@ -337,7 +337,7 @@ def test_answering_with_an_adapter_does_not_read_its_task_file(cli, tiny_bert, t
     reg = Registry(cli.home, embedder="hash")
     rec = reg.get_adapter("card")
 
-    def no_reading(path):
+    def no_reading(path, lines=None):
         raise AssertionError(f"read {path}")
 
     monkeypatch.setattr(data, "read_rows", no_reading)
