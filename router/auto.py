@@ -57,7 +57,7 @@ from pydantic import Field, ValidationError
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
-from loraplex.errors import DiskFull, IntegrityError, LockUnavailable, RegistryBusy, UserInputError
+from loraplex.errors import AlreadyExists, DiskFull, IntegrityError, LockUnavailable, RegistryBusy, UserInputError
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -272,7 +272,7 @@ NAME_TRIES = 8
 not write that hold them."""
 
 
-def _written_by(reg, name: str, d: Decision, generator_blob: str) -> bool:
+def _written_by(reg, name: str, text: str, generator: str, generator_blob: str) -> bool:
     """Whether adapter `name` is what this generator (these very weights: `generator_blob`) wrote for this
     request's text: only then is it reused. A name is predictable, so an adapter registered under it by
     anyone else (`load_lora_adapter`, an earlier generator of the same name) must not answer as written."""
@@ -280,7 +280,7 @@ def _written_by(reg, name: str, d: Decision, generator_blob: str) -> bool:
         rec = reg.get_adapter(name)
     except IntegrityError:  # a damaged record holds the name: not this request's adapter
         return False
-    return (rec.origin == "generated" and rec.description == d.text and rec.extra.get("generator") == d.generator
+    return (rec.origin == "generated" and rec.description == text and rec.extra.get("generator") == generator
             and rec.extra.get("generator_blob") == generator_blob)
 
 
@@ -288,21 +288,24 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
     reused when the same request comes again and the same generator wrote it), or, when the generator
     refuses, a "base" decision saying why."""
-    try:
-        validate_description(d.text, "request text")  # what the adapter would be stored and found by
+    try:  # the text as the adapter is stored and found by (stripped): the same request with other spacing
+        text = validate_description(d.text, "request text")  # is the same request, its adapter reused
     except UserInputError as exc:
         return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
                         d.margin, d.nearest, hits=d.hits)
-    first = generated_name(d.text, d.generator)
+    first = generated_name(text, d.generator)
     try:
         blob = reg.get_component(GENERATOR, d.generator).blob
         for i in range(1, NAME_TRIES + 1):
             name = first if i == 1 else f"{first}-{i}"
             if not reg.has_adapter(name):
-                generate(reg, settings, d.text, generator=d.generator, name=name, examples=[(d.text, None)],
-                         label_task=True, max_distance=cfg.generator_max_distance)
-                break
-            if _written_by(reg, name, d, blob):
+                try:
+                    generate(reg, settings, text, generator=d.generator, name=name, examples=[(text, None)],
+                             label_task=True, max_distance=cfg.generator_max_distance)
+                    break
+                except AlreadyExists:  # another process (a server, a CLI) wrote it meanwhile: reused if it is
+                    pass               # this request's, as when it was there before
+            if _written_by(reg, name, text, d.generator, blob):
                 break
         else:
             return Decision(d.text, "base", f"{d.reason}; but the names {first!r} to '-{NAME_TRIES}' that auto "

@@ -35,6 +35,18 @@ def test_generated_for_the_request_registered_with_lineage_and_reused(toy_regist
     # the same request again: the adapter is reused, nothing new is registered
     [again] = auto.answer(reg, s, [TEXT], BETWEEN)
     assert again["adapters"][0]["name"] == name and reg.count() == n + 1
+    # ... with other spacing too, and twice in one batch: one adapter, not 'auto-X' and 'auto-X-2' (sweep 25)
+    spaced = auto.answer(reg, s, [f"  {TEXT} ", f"{TEXT}\n"], BETWEEN)
+    assert [x["adapters"][0]["name"] for x in spaced] == [name, name] and reg.count() == n + 1
+    # another process wrote it between this one's look and its write: reused, not "already exists" (sweep 25)
+    real_has = reg.has_adapter
+    reg.has_adapter = lambda nm: False if nm == name else real_has(nm)
+    d = auto.Decision(TEXT, "generate", "between the thresholds", 0.5, 0.0, None, "gen")
+    try:
+        raced = auto.written_for(reg, s, d, auto.parse_config(BETWEEN))
+    finally:
+        del reg.has_adapter
+    assert raced.action == "generate" and raced.written == name and reg.count() == n + 1, raced
     # and with the usual thresholds it is now routable like any adapter
     [routed] = auto.answer(reg, s, [TEXT], {"route_threshold": 0.5, "generate_threshold": 0.0})
     assert routed["decision"] == "route" and routed["adapters"][0]["name"] == name
