@@ -136,6 +136,10 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
     except ValidationError as exc:
         e = exc.errors()[0]
         raise UserInputError(f"auto: {'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}") from None
+    given = config or {}
+    if cfg.generate_threshold > cfg.route_threshold and "generate_threshold" not in given:
+        # a route_threshold set alone below the default generate threshold: that one follows it down
+        cfg = cfg.model_copy(update={"generate_threshold": cfg.route_threshold})
     if cfg.generate_threshold > cfg.route_threshold:
         raise UserInputError(f"auto: generate_threshold {cfg.generate_threshold} is above route_threshold "
                              f"{cfg.route_threshold}; it must not be")
@@ -317,6 +321,10 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     except IntegrityError as exc:  # a damaged generator: the registered adapters still answer (check names it)
         return Decision(d.text, "route", f"{d.reason}; but generator {d.generator!r} cannot be read ({exc}), so it "
                         "is routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)
+    except (LockUnavailable, RegistryBusy, DiskFull) as exc:  # a registry it may read but not write now (another
+        # user's, read-only, full, busy): the registered adapters answer, as a base decision still answers
+        return Decision(d.text, "route", f"{d.reason}; but its adapter cannot be registered ({exc}), so it is "
+                        "routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",

@@ -142,3 +142,27 @@ def test_examples_and_bounds_that_could_not_work_are_refused(toy_registry, kw, s
     with pytest.raises(UserInputError, match=re.escape(said)):
         workflow.generate(reg, s, TEXT, generator="gen", name="g1", **kw)
     assert registry_state(s.home) == before
+
+
+def test_a_generate_decision_on_a_registry_it_cannot_write_is_routed(toy_registry, monkeypatch):
+    """Another user's (read-only) registry: route and base decisions answered, a generate decision failed the
+    request ('cannot take the registry lock', CLI exit 1, server 503: sweep 25); the registered adapters
+    answer it now, the reason saying why. And a route_threshold set alone below the default generate
+    threshold was refused for a setting the user did not give."""
+    from loraplex.errors import LockUnavailable
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    n = reg.count()
+
+    def cannot(*a, **k):
+        raise LockUnavailable(f"cannot take the registry lock {reg.home}/registry.lock: Permission denied")
+
+    monkeypatch.setattr(auto, "generate", cannot)
+    [r] = auto.answer(reg, s, [TEXT], BETWEEN)
+    assert r["decision"] == "route" and "but its adapter cannot be registered (cannot take the registry lock" \
+        in r["reason"] and r["adapters"] and reg.count() == n, r
+    cfg = auto.parse_config({"route_threshold": 0.1})
+    assert cfg.route_threshold == cfg.generate_threshold == cfg.no_generator_threshold == 0.1
+    with pytest.raises(Exception, match="generate_threshold 0.3 is above route_threshold 0.1"):
+        auto.parse_config({"route_threshold": 0.1, "generate_threshold": 0.3})
