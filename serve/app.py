@@ -246,13 +246,16 @@ class _Context:
         except LoraplexError as exc:
             raise self.error(exc) from None
 
-    async def decided(self, target: Target, texts: list[str], labels: Sequence[str] | None = None):
+    async def decided(self, target: Target, texts: list[str], labels: Sequence[str] | None = None,
+                      classify: bool = False):
         """auto's routes, decided in this request's worker thread (never on the batching thread); None for
-        the other kinds of model. `labels`: the label set the texts are to be answered with (/v1/classify)."""
+        the other kinds of model. `labels`: the label set the texts are to be answered with (/v1/classify:
+        `classify`, which refuses inputs decided for the bare base without labels before anything is written)."""
         if target.kind != "auto":
             return None
         try:
-            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels)
+            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels,
+                                           for_classify=classify)
         except LoraplexError as exc:
             raise self.error(exc) from None
 
@@ -547,8 +550,8 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
         await run_in_threadpool(_within_context, engine, texts)
-        routes = await cx.decided(target, texts, labels)
-        check_answerable(routes if target.kind == "auto" else None, labels)
+        routes = await cx.decided(target, texts, labels, classify=True)
+        check_answerable(routes if target.kind == "auto" else None, labels)  # a generate decision that fell back
         # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
         # batching thread with the others, and stops at the next piece once its client has gone
         res: list[Any] = []

@@ -77,12 +77,22 @@ def check_answerable(routes: Sequence[Route] | None, labels: Sequence[str] | Non
     """Before any forward: without `labels`, an input `auto` passed to the bare base has no label set to
     answer with. A 400 naming the first such input and how many there are (not one input of 2,048 failing
     the request after every other was scored)."""
-    fell = [i for i, r in enumerate(routes or ()) if not r.adapters]
-    if labels or not fell:
+    if labels:
         return
-    more = f" (and {len(fell) - 1} more of {len(routes)})" if len(fell) > 1 else ""
+    routes = list(routes or ())
+    refuse_base_answers([not r.adapters for r in routes], [r.reason for r in routes])
+
+
+def refuse_base_answers(to_base: Sequence[bool], reasons: Sequence[str | None]) -> None:
+    """The 400 of `check_answerable` for inputs (`to_base[i]`) a classification without labels would answer
+    with the bare base; also asked by `Engine.auto` on the decisions, before any adapter is written or
+    candidate logged for the request's other inputs (a refused request changes nothing)."""
+    fell = [i for i, b in enumerate(to_base) if b]
+    if not fell:
+        return
+    more = f" (and {len(fell) - 1} more of {len(to_base)})" if len(fell) > 1 else ""
     raise UserInputError(f"input {fell[0]}{more}: auto passed it to the bare base, which has no label set to "
-                         f"classify with (give labels): {routes[fell[0]].reason or 'no adapter is registered for this base'}"
+                         f"classify with (give labels): {reasons[fell[0]] or 'no adapter is registered for this base'}"
                          ).about("labels")
 
 

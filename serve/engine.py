@@ -239,8 +239,8 @@ class Engine:
         except ValueError as exc:  # more adapters than slots (callers cut batches to fit: see classify.chunks)
             raise UserInputError(f"{exc} (--max-loras {self.max_loras})") from None
 
-    def auto(self, texts: Sequence[str], *, forwarded: bool = False, labels: Sequence[str] | None = None
-             ) -> list[Route]:
+    def auto(self, texts: Sequence[str], *, forwarded: bool = False, labels: Sequence[str] | None = None,
+             for_classify: bool = False) -> list[Route]:
         """The `auto` choice per text (router/auto.py), made on the calling thread (a request's worker):
         retrieval over every registered adapter of the base when one fits, an adapter a stored generator
         writes for the request (registered with lineage) when the request lies in a family the registry
@@ -249,12 +249,17 @@ class Engine:
         (`Gathered`); an adapter is written in its own request's thread. `forwarded`: a backend generates
         (--backend), which cannot serve an adapter written here, so a generate decision routes instead, as
         it does on a server that registers no adapters (`writes_adapters` False: serve --no-lora-updates).
-        `labels`: the label set the texts are to be answered with; adapters trained on it rank higher."""
+        `labels`: the label set the texts are to be answered with; adapters trained on it rank higher.
+        `for_classify` without `labels` (/v1/classify): an input decided for the bare base cannot be answered
+        (no label set), and the request is refused before anything is written or logged for its other inputs."""
         if not texts:
             return []
         out, fell = [], []
         want = tuple(labels) if labels else None
-        for d in self._decide([(t, want) for t in texts]):
+        decisions = list(self._decide([(t, want) for t in texts]))
+        if for_classify and not labels:
+            classify.refuse_base_answers([d.action == "base" for d in decisions], [d.reason for d in decisions])
+        for d in decisions:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
                                         "not have adapters written here, so it is routed to the registered ones")

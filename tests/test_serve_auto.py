@@ -37,7 +37,8 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
     assert "no-generator threshold" in r_foreign["reason"]  # no generator stored: route or base
     assert foreign.choices[0].text == base.choices[0].text  # the bare base answered
     logged = [json.loads(x)["query"] for x in log.read_text().splitlines()[len(before):]]
-    assert logged == ["qqq zzz xxyyzz", "qqq zzz xxyyzz", "zzz qqq"]  # a request auto's decision fell to the base
+    # a request auto's decision fell to the base; the refused classification logged (and wrote) nothing (sweep 25)
+    assert logged == ["qqq zzz xxyyzz"]
 
 
 def _base(client) -> str:

@@ -77,6 +77,29 @@ def test_with_a_backend_a_generate_decision_routes_and_writes_nothing(toy_regist
     assert reg.count() == n + 1
 
 
+def test_a_refused_classification_writes_and_logs_nothing(toy_registry, tiny_bert, monkeypatch):
+    """/v1/classify to auto without labels, one input decided for the bare base: the request was a 400, yet
+    an adapter was generated and registered for its other input and the refused one logged (sweep 25)."""
+    from loraplex.errors import UserInputError
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto=BETWEEN)
+    real = engine._decide
+
+    def one_to_the_base(items):
+        ds = real(items)
+        return [ds[0], auto_router.Decision(ds[1].text, "base", "far from everything", 0.01, 0.0, None)]
+
+    monkeypatch.setattr(engine, "_decide", one_to_the_base)
+    before = registry_state(s.home)
+    with pytest.raises(UserInputError, match="input 1: auto passed it to the bare base"):
+        engine.auto(TEXTS[:2], for_classify=True)
+    assert registry_state(s.home) == before and not (s.home / auto_router.CANDIDATES_FILE).exists()
+    [gen, base] = engine.auto(TEXTS[:2], for_classify=True, labels=["bad", "good"])  # with labels: answered
+    assert gen.decision == "generate" and base.decision == "base"
+
+
 def test_a_server_without_lora_updates_registers_no_generated_adapter(toy_registry, tiny_bert):
     """`serve --no-lora-updates` kept the load/unload endpoints off, while `auto` still registered an adapter
     for every request it generated for (sweep 19): it routes them, and says why."""
