@@ -399,9 +399,18 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0],
                        "labels" if labels else (task.name if task is not None else None),
                        [{"name": name, "weight": 1.0}])
-    route = [i for i, d in enumerate(decisions) if d.action == "route"]
-    if route:
-        rm = load_retrieval(reg, settings, adapters=None, texts=[texts[i] for i in route], base=base_name,
+    def base_of(d: Decision) -> str | None:  # the base a decision was made on: its nearest adapter's
+        return base_name or (reg.get_adapter(d.nearest).base if d.nearest else None)
+
+    def by_base(action: str) -> dict[str | None, list[int]]:  # a batch over a registry of several bases: each
+        groups: dict[str | None, list[int]] = {}                # request answered on its own (it answered all on
+        for i, d in enumerate(decisions):                       # the first one's base)
+            if d.action == action:
+                groups.setdefault(base_of(d), []).append(i)
+        return groups
+
+    for on, route in by_base("route").items():
+        rm = load_retrieval(reg, settings, adapters=None, texts=[texts[i] for i in route], base=on,
                             config={"top_k": cfg.top_k, "prototype_weight": cfg.prototype_weight,
                                     "label_weight": cfg.label_weight})
         for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace, labels=labels)):
@@ -410,10 +419,8 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                 if key in r:
                     item[key] = r[key]
             out[i] = item
-    fall = [i for i, d in enumerate(decisions) if d.action == "base"]
-    if fall:
-        ref = resolve_base(base_name or (reg.get_adapter(decisions[fall[0]].nearest).base
-                                         if decisions[fall[0]].nearest else None))
+    for on, fall in by_base("base").items():
+        ref = resolve_base(on)
         answers: list[Any] = [None] * len(fall)
         if ref.family == "causal" or labels:  # an encoder without labels is not even loaded: nothing to answer with
             lb = load_base(ref, settings)

@@ -123,3 +123,23 @@ def test_a_registry_that_cannot_be_written_still_answers_a_fallback(run, monkeyp
     assert r["reason"].endswith("; not logged as a candidate new task: cannot take the registry lock "
                                 f"{run.home / 'registry.lock'}: Read-only file system"), r["reason"]
     assert not (run.home / "candidates.jsonl").exists()
+
+
+def test_a_batch_over_a_registry_of_two_bases_answers_each_request_on_its_own(run, tiny_llama, task_files, tmp_path):
+    """Two bases, no --base: every routed request of a batch was answered on one base's adapters (a request
+    decided for the Llama adapter answered by a BERT one), and every fall-back on the first one's base
+    (sweep 25)."""
+    from loraplex import api
+    from tests.conftest import make_peft_adapter
+
+    d = make_peft_adapter(tiny_llama, tmp_path / "llama-peft", causal=True, targets=("q_proj", "v_proj"))
+    api.register(d, name="music-llama", description="music festival song ticket game", task=str(task_files["sports"]),
+                 base=str(tiny_llama), settings=run.settings)
+    res = run("query", "--router", "auto", "--input", "-", "--json", "--set", "route_threshold=0.2",
+              "--set", "generate_threshold=0.1",
+              input="music festival song ticket game\nflight plane gate seat crew bag delayed late lost great\n")
+    assert res.exit_code == 0, res.output
+    music, flight = json.loads(res.output)
+    assert music["decision"] == "route" and music["nearest"] == "music-llama", music
+    assert [a["name"] for a in music["adapters"]] == ["music-llama"], music
+    assert flight["decision"] == "route" and flight["adapters"][0]["name"] == "flights-lora", flight
