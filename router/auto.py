@@ -152,11 +152,14 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
 
 
 def _generator_of(reg, base: str | None, name: str | None):
-    """The generator to use: the named one, or the newest of `base` (None when there is none)."""
+    """The generator to use for requests of `base`: the named one when it writes for that base, or the
+    newest of `base` (None when there is none: a named generator of another base writes nothing for these
+    requests, which are decided as having no generator; it wrote adapters of its own base for them)."""
     if name is not None:
         if not reg.has_component(GENERATOR, name):
             raise UserInputError(f"auto: no generator named {name!r} in the registry")
-        return reg.get_component(GENERATOR, name)  # a damaged record: IntegrityError naming it
+        g = reg.get_component(GENERATOR, name)  # a damaged record: IntegrityError naming it
+        return g if base is None or g.base == base else None
     gens = reg.list_components(GENERATOR, damaged=[])  # a damaged one is passed over: `registry check` names it
     gens = [g for g in gens if base is None or g.base == base]
     return max(gens, key=lambda g: g.created_at) if gens else None
@@ -167,7 +170,7 @@ def check_generator(reg, base: str | None, name: str | None) -> None:
     refused before anything runs (a server would otherwise start and fail requests at random)."""
     if name is None:
         return
-    g = _generator_of(reg, base, name)
+    g = _generator_of(reg, None, name)
     if base is not None and g.base != base:
         raise UserInputError(f"auto: generator {name!r} writes adapters for base {g.base!r}, not {base!r}")
 

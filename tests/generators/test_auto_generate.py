@@ -166,3 +166,17 @@ def test_a_generate_decision_on_a_registry_it_cannot_write_is_routed(toy_registr
     assert cfg.route_threshold == cfg.generate_threshold == cfg.no_generator_threshold == 0.1
     with pytest.raises(Exception, match="generate_threshold 0.3 is above route_threshold 0.1"):
         auto.parse_config({"route_threshold": 0.1, "generate_threshold": 0.3})
+
+
+def test_a_named_generator_writes_only_for_requests_of_its_own_base(toy_registry):
+    """`--set generator=NAME` without --base, a request decided on another base's adapters: NAME wrote an
+    adapter of its own base, with a label set of that base, and answered there (sweep 25). Such a request
+    has no generator (decided route or base, two-way)."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    g = reg.get_component("generator", "gen")
+    assert auto._generator_of(reg, g.base, "gen").name == "gen"
+    assert auto._generator_of(reg, "some-other-base", "gen") is None
+    assert auto._generator_of(reg, None, "gen").name == "gen"
+    with pytest.raises(Exception, match="writes adapters for base"):
+        auto.check_generator(reg, "some-other-base", "gen")
