@@ -359,13 +359,16 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
             f = os.fdopen(fd, "a", encoding="utf-8")
             fd = None
             with f:
-                if f.seek(0, os.SEEK_END) >= CANDIDATES_MAX_BYTES:
-                    return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
-                            f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
-                for d in decisions:
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
-                                        "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n")
+                size = f.seek(0, os.SEEK_END)
+                for d in decisions:  # the bound checked before each entry (one request holds up to 2,048)
+                    if size >= CANDIDATES_MAX_BYTES:
+                        return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
+                                f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
+                    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
+                                       "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n"
+                    f.write(line)
+                    size += len(line.encode("utf-8"))
     except RegistryBusy:
         return "not logged as a candidate new task: the registry is busy (another process is writing to it)"
     except (LockUnavailable, DiskFull, OSError) as exc:

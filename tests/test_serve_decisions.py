@@ -126,6 +126,11 @@ def test_the_candidate_log_is_bounded(toy_registry, monkeypatch):
     size = (reg.home / auto_router.CANDIDATES_FILE).stat().st_size
     assert "has reached its" in auto_router.log_candidates(reg, [d])
     assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size == size
+    # checked before each entry, not once per batch (one request of 1,000 inputs wrote 24 MB past it: sweep 25)
+    (reg.home / auto_router.CANDIDATES_FILE).unlink()
+    monkeypatch.setattr(auto_router, "CANDIDATES_MAX_BYTES", 3000)
+    assert "has reached its" in auto_router.log_candidates(reg, [d] * 50)
+    assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size < 3000 + 2500
 
 
 def test_the_candidate_log_does_not_wait_for_another_writer(toy_registry):

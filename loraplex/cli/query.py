@@ -34,7 +34,7 @@ def _stdin_text() -> str:
 
 def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
     from loraplex.errors import UserInputError
-    from loraplex.tasks import text_lines
+    from loraplex.tasks import text_lines, visible
 
     if text is not None and input_ is not None:
         raise UserInputError("give a query or --input, not both")
@@ -48,18 +48,18 @@ def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
                 raise UserInputError(f"{input_}: no such file")
             # regular files only (a FIFO would block, /dev/zero never end), at most 64 MiB, UTF-8 (a BOM dropped)
             raw = read_bounded_text(input_, error=UserInputError, max_bytes=MAX_INPUT_BYTES, what="file of queries")
-        lines = [ln.strip() for ln in text_lines(raw) if ln.strip()]
+        lines = [ln.strip() for ln in text_lines(raw) if visible(ln)]  # a line of zero-width spaces is blank too
         if not lines:
             raise UserInputError(f"{input_}: no queries (one per line)")
         return lines
     if text is None:
         if sys.stdin is not None and not sys.stdin.isatty():
-            lines = [ln.strip() for ln in text_lines(_stdin_text()) if ln.strip()]
+            lines = [ln.strip() for ln in text_lines(_stdin_text()) if visible(ln)]
             if lines:
                 return lines
         raise UserInputError("the query is empty: give a text, --input FILE, or queries on stdin")
-    if not text.strip():
-        raise UserInputError("the query is empty")
+    if not visible(text):  # as the server refuses it (a zero-width space was scored and logged as a candidate)
+        raise UserInputError("the query is empty" + (" (no visible character)" if text.strip() else ""))
     return [text]
 
 

@@ -59,8 +59,10 @@ def test_adapters_of_another_base(two_bases, tiny_llama):
 
 def test_empty_queries(two_bases, tmp_path):
     _fails(two_bases, ["query", "   ", "--router", "retrieval"], 2, "the query is empty")
+    # no visible character: refused as the server refuses it (scored and logged as a candidate: sweep 25)
+    _fails(two_bases, ["query", "\u200b", "--router", "auto"], 2, "the query is empty (no visible character)")
     empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
+    empty.write_text("\n  \n\u200b\u200b\n")
     _fails(two_bases, ["query", "--input", empty], 2, "no queries")
     _fails(two_bases, ["query", "--input", tmp_path / "missing.txt"], 2, "no such file")
 
