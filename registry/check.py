@@ -209,12 +209,13 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
                     f"{', '.join(task.labels)}: it answers with the ones it learned; train it again to use the new ones")
     for rec in records:
         try:
-            adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob), where=f"adapter {rec.name!r}")
+            adapter = Adapter.from_bytes(rec.spec, reg.read_blob(rec.blob, owner=f"adapter {rec.name!r}"),
+                                         where=f"adapter {rec.name!r}")
         except Unreadable as exc:  # permissions, not damage: nothing to remove
-            report.problems.append(f"adapter {rec.name!r}: {exc}")
+            report.problems.append(str(exc))
             continue
         except LoraplexError as exc:
-            report.problems.append(f"adapter {rec.name!r}: {exc} (remove it, or register it again)")
+            report.problems.append(f"{exc} (remove it, or register it again)")
             continue
         ranks = [adapter.rank(m) for m in adapter.modules]
         if (adapter.n_params, len(ranks), max(ranks)) != (rec.n_params, rec.modules, rec.rank):
@@ -230,8 +231,8 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         for snap in rec.snapshots:
             try:
                 reg.load_snapshot(rec, snap)
-            except LoraplexError as exc:
-                report.problems.append(f"adapter {rec.name!r}: {exc}")
+            except LoraplexError as exc:  # "snapshot N of 'x': ...": its weights may be whole (eval works)
+                report.problems.append(f"{exc} (the adapter's own weights are checked apart)")
     for rec in records:  # an adapter that answers with others cannot load without them (removed by hand, by SQL)
         gone = [n for n in rec.composition if n != rec.name and n not in names]
         if gone:
@@ -252,9 +253,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
     report.counts["components"] = len(comps) + len(damaged)
     for c in comps:
         try:
-            reg.read_blob(c.blob)
+            reg.read_blob(c.blob, owner=f"{c.kind} {c.name!r}")
         except IntegrityError as exc:
-            report.problems.append(f"{c.kind} {c.name!r}: {exc}")
+            report.problems.append(str(exc))
         missing = [m for m in c.members if m not in names]
         if missing:
             report.problems.append(f"{c.kind} {c.name!r} routes over adapters that are gone: {', '.join(missing)}")

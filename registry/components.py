@@ -106,7 +106,7 @@ class Components:
 
         rec = self.get_component(kind, name)
         try:
-            tensors = load(self.read_blob(rec.blob))
+            tensors = load(self.read_blob(rec.blob, owner=f"{kind} {name!r}"))
         except IntegrityError:
             raise
         except Exception as exc:

@@ -248,8 +248,14 @@ class Registry(Database, Components):
                                "and try again)") from None
             raise
 
-    def read_blob(self, sha: str) -> bytes:
-        """The blob's bytes, after checking they still hash to `sha`."""
+    def read_blob(self, sha: str, *, owner: str | None = None) -> bytes:
+        """The blob's bytes, after checking they still hash to `sha`. `owner` ("adapter 'x'", "router 'r'"):
+        what the blob holds, named first in an error (a hash alone told the user nothing to remove)."""
+        if owner is not None:
+            try:
+                return self.read_blob(sha)
+            except IntegrityError as exc:
+                raise type(exc)(f"{owner}: {exc}") from None
         path = self.blob_path(sha)
         try:
             data = path.read_bytes()
@@ -629,10 +635,12 @@ class Registry(Database, Components):
     def load_adapter(self, name_or_record: str | AdapterRecord) -> tuple[AdapterRecord, Adapter]:
         """The record and its tensors (hash verified)."""
         rec = self.get_adapter(name_or_record) if isinstance(name_or_record, str) else name_or_record
-        return rec, Adapter.from_bytes(rec.spec, self.read_blob(rec.blob), where=f"adapter {rec.name!r}")
+        where = f"adapter {rec.name!r}"
+        return rec, Adapter.from_bytes(rec.spec, self.read_blob(rec.blob, owner=where), where=where)
 
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
-        return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob), where=f"snapshot {snap.step} of {rec.name!r}")
+        where = f"snapshot {snap.step} of {rec.name!r}"
+        return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob, owner=where), where=where)
 
     def remove_adapter(self, name: str, check: Callable[[], None] | None = None) -> AdapterRecord | None:
         """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs.

@@ -32,7 +32,7 @@ def test_a_blob_that_cannot_be_read_is_damage(cli, seeded, tmp_path, damage):
         r = cli(*args)
         err = r.stderr.strip()
         assert r.exit_code == 1, (r.exit_code, err)
-        assert err.startswith("error: blob ") and "cannot be read" in err and len(err.splitlines()) == 1, err
+        assert err.startswith("error: adapter 'good': blob ") and "cannot be read" in err and len(err.splitlines()) == 1, err
     r = cli("registry", "check", "--json")
     assert r.exit_code == 1, r.output
     rep = json.loads(r.stdout)
