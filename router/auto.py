@@ -405,8 +405,15 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0],
                        "labels" if labels else (task.name if task is not None else None),
                        [{"name": name, "weight": 1.0}])
+
+    bases: dict[str, str] = {}
+
     def base_of(d: Decision) -> str | None:  # the base a decision was made on: its nearest adapter's
-        return base_name or (reg.get_adapter(d.nearest).base if d.nearest else None)
+        if base_name or not d.nearest:
+            return base_name
+        if d.nearest not in bases:
+            bases[d.nearest] = reg.get_adapter(d.nearest).base
+        return bases[d.nearest]
 
     def by_base(action: str) -> dict[str | None, list[int]]:  # a batch over a registry of several bases: each
         groups: dict[str | None, list[int]] = {}                # request answered on its own (it answered all on
