@@ -221,7 +221,7 @@ class Registry(Database, Components):
         except OSError as exc:  # the registry's own storage, not a path the user gave (exit 1, named as such)
             if exc.errno in (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST):
                 raise LoraplexError(f"the registry's blob directory {self.blob_dir} cannot be written "
-                                      f"({exc.strerror or exc}: {exc.filename or path})") from None
+                                    f"({exc.strerror or exc}: {exc.filename or path})") from None
             raise
         if created is not None and not existed:
             created.append(sha)
