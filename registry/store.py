@@ -177,10 +177,21 @@ class Registry(Database, Components):
         try:
             yield path
         except BaseException:
-            if not is_worker():
+            # a stop (Ctrl-C, SIGTERM) landing after the record was committed: the run is its record's now
+            if not is_worker() and not self._run_recorded(path):
                 shutil.rmtree(path, ignore_errors=True)
                 remove_if_empty(made)
             raise
+
+    def _run_recorded(self, path: Path) -> bool:
+        """Whether a registered adapter or component names run directory `path` (`extra.run_dir`)."""
+        try:
+            conn = self._db(create=False)
+            q = ("SELECT 1 FROM adapters WHERE json_extract(extra, '$.run_dir') = ?1 UNION ALL "
+                 "SELECT 1 FROM components WHERE json_extract(extra, '$.run_dir') = ?1 LIMIT 1")
+            return conn is not None and conn.execute(q, (str(path),)).fetchone() is not None
+        except Exception:  # a damaged database: the run directory goes, as before
+            return False
 
     @property
     def embedder_name(self) -> str:

@@ -41,3 +41,27 @@ def test_a_failed_run_in_a_fresh_home_leaves_no_home_behind(settings, tmp_path):
         with reg.new_run("train", "x"):
             raise RuntimeError("boom")
     assert (tmp_path / "fresh" / "runs").is_dir() and not any((tmp_path / "fresh" / "runs").iterdir())
+
+
+def test_a_stop_after_the_record_was_committed_keeps_the_run_it_names(settings, tiny_bert, tmp_path):
+    """A Ctrl-C landing after `train` committed its record but before the run's block ended removed the run
+    directory the new record names (sweep 24, from reading the code: a window of milliseconds)."""
+    from loraplex import api
+    from tests.conftest import make_peft_adapter
+
+    reg = Registry.open(settings)
+    peft = make_peft_adapter(tiny_bert, tmp_path / "peft")
+    with pytest.raises(KeyboardInterrupt):
+        with reg.new_run("train", "kept") as run:
+            api.register(peft, name="kept", description="a kept adapter", base=str(tiny_bert), settings=settings)
+            reg.close()
+            import sqlite3
+
+            with sqlite3.connect(reg.db_path) as c:  # as train records its run directory
+                c.execute("UPDATE adapters SET extra = json_set(extra, '$.run_dir', ?) WHERE name = 'kept'", (str(run),))
+            raise KeyboardInterrupt
+    assert run.is_dir()
+    with pytest.raises(KeyboardInterrupt):
+        with reg.new_run("train", "gone") as other:
+            raise KeyboardInterrupt
+    assert not other.exists()
