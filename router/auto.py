@@ -151,12 +151,16 @@ def parse_config(config: dict[str, Any] | None) -> AutoConfig:
     return cfg
 
 
-def _generator_of(reg, base: str | None, name: str | None):
+def _generator_of(reg, base: str | None, name: str | None, *, gone_ok: bool = False):
     """The generator to use for requests of `base`: the named one when it writes for that base, or the
     newest of `base` (None when there is none: a named generator of another base writes nothing for these
-    requests, which are decided as having no generator; it wrote adapters of its own base for them)."""
+    requests, which are decided as having no generator; it wrote adapters of its own base for them).
+    `gone_ok`: a named generator removed since (a server checked it at start) is no generator, not a fault
+    of the request (every auto request that did not route was a 400 blaming the client)."""
     if name is not None:
         if not reg.has_component(GENERATOR, name):
+            if gone_ok:  # removed since a server named it at start: its requests are decided without one
+                return None
             raise UserInputError(f"auto: no generator named {name!r} in the registry")
         g = reg.get_component(GENERATOR, name)  # a damaged record: IntegrityError naming it
         return g if base is None or g.base == base else None
@@ -250,7 +254,7 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             continue
         of = base or reg.get_adapter(nearest).base  # the generator of the request's base (a registry may hold several)
         if of not in gens:
-            gens[of] = _generator_of(reg, of, cfg.generator) or False
+            gens[of] = _generator_of(reg, of, cfg.generator, gone_ok=True) or False
         gen = gens[of]
         if s1 >= cfg.generate_threshold and gen:
             out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "

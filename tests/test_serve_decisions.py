@@ -310,3 +310,17 @@ def test_a_generator_the_server_cannot_use_is_refused_at_start(toy_registry, tin
     with pytest.raises(UserInputError, match="auto: generator 'gen' writes adapters for base .*, not 'minilm'"):
         Engine(s, base="minilm", auto={"generator": "gen"})
     assert Engine(s, base=str(tiny_bert), auto={"generator": "gen"}).auto_config.generator == "gen"
+
+
+def test_a_named_generator_removed_while_serving_is_no_generator(toy_registry, tiny_bert):
+    """`serve --set generator=gen`, then `generate remove gen`: every auto request that did not route, those
+    falling to the base included, was a 400 'no generator named' blaming the client (sweep 25). The requests
+    are decided without a generator (route or base), as with none stored."""
+    from loraplex.generators.workflow import remove
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "generator": "gen"})
+    remove(reg, "gen")
+    routes = engine.auto(TEXTS[:2])
+    assert all(r.decision in ("route", "base") and "no generator" in r.reason for r in routes), routes
