@@ -315,9 +315,10 @@ class CausalHead:
 
                 where = "" if task.source == "query" else f"task {task.name!r}: "
                 n = len(self._label_ids(tokenizer, task, long))
-                said = "label" if task.label_text(long) == long else f"text of label {long[:40]!r}, "
-                err = UserInputError(f"{where}the {said} {task.label_text(long)[:60]!r} is {n} tokens long; a causal "
-                                     f"LM scores label texts of at most {MAX_LABEL_TOKENS} tokens")
+                what = (f"label {long[:60]!r}" if task.label_text(long) == long else
+                        f"text {task.label_text(long)[:60]!r} of label {long[:40]!r}")
+                err = UserInputError(f"{where}the {what} is {n} tokens long; a causal LM scores label texts of at "
+                                     f"most {MAX_LABEL_TOKENS} tokens")
                 raise err.about("labels") if task.source == "query" else err
             seen[key] = None
             while len(seen) > ANCHOR_SETS:  # label sets named per request (a server's) must not pile up
