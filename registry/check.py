@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.errors import IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, Unreadable, UserInputError
+from loraplex.errors import (IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, Unreadable,
+                             UserInputError)
 from loraplex.experts.spec import Adapter
 from loraplex.models import Fingerprint
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
@@ -242,8 +243,7 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         if reg.signature_dim():
             bad = reg.damaged_signature_records()  # each named: the fix is that adapter's, not a rebuild
             report.problems.extend(f"{b}; remove it, or register it again" for b in bad)
-            _, _, emb, _ = reg.signatures() if not bad else (None, None, np.zeros((len(records), 0)), None)
-            if emb.shape[0] != len(records):
+            if not bad and reg.signatures()[2].shape[0] != len(records):
                 report.problems.append("stored signatures are damaged (wrong size)")
     except IntegrityError as exc:  # a damaged dimension or signature: named, and the caches are not rebuilt
         report.problems.append(str(exc))
