@@ -594,8 +594,8 @@ class Registry(Database, Components):
         own = card is not None
         card = card if own else self.task_card(ref)
         usable = bool(card) and len(card.get("labels") or ()) >= 2 and bool(card.get("description"))
-        if not rows and own and usable and is_task_path(ref):  # all an adapter answers with is on its card (the
-            return card_task(ref, card)  # labels, texts and description it learned): its file is not read
+        if not rows and own and usable and is_task_path(ref):  # all an adapter answers with is on its card
+            return card_task(ref, card, why="taken from the adapter's record for answering, without its rows")
         try:
             task = load_task(ref, card=card)
         except InvalidTaskFile as exc:
