@@ -254,7 +254,7 @@ def test_a_backend_is_sent_a_registered_adapter_for_a_generate_decision(llama_ho
     """With --backend, a request auto would write an adapter for goes to the registered adapters (the
     backend does not have one written here), and nothing is written."""
     s, _ = llama_home
-    monkeypatch.setattr(auto_router, "_generator_of", lambda reg, base, name: SimpleNamespace(name="gen"))
+    monkeypatch.setattr(auto_router, "_generator_of", lambda reg, base, name, **kw: SimpleNamespace(name="gen"))
     before = registry_state(s.home)
     with serving(s, base=str(tiny_llama)) as back, \
             serving(s, base=str(tiny_llama), backend=back + "/v1", auto=BETWEEN) as front:
