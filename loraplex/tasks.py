@@ -252,6 +252,27 @@ def label_problem(label: str) -> str | None:
     return None
 
 
+def checked_texts(texts: Sequence[str]) -> list[str]:
+    """The texts a query answers (`query`, `answer_each`, a RoutedModel's `answer` and `answer_each`), stripped:
+    a list of at least one string, each with a visible character (a str is one text, not a list of characters)."""
+    if isinstance(texts, (str, bytes)):
+        raise UserInputError("texts must be a list of strings, got one string (wrap it in a list)")
+    try:
+        out = list(texts)
+    except TypeError:
+        raise UserInputError(f"texts must be a list of strings, got {type(texts).__name__}") from None
+    if not out:
+        raise UserInputError("the query is empty: no texts given")
+    odd = next((i for i, t in enumerate(out, 1) if not isinstance(t, str)), None)
+    if odd is not None:
+        raise UserInputError(f"text {odd} is {type(out[odd - 1]).__name__}, not a string")
+    empty = next((i for i, t in enumerate(out, 1) if not visible(t)), None)
+    if empty is not None:
+        what = "the query is empty" if len(out) == 1 else f"text {empty} is empty"
+        raise UserInputError(what + (" (no visible character)" if out[empty - 1].strip() else ""))
+    return [t.strip() for t in out]
+
+
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """The label set a query asks to be answered with (CLI `query --labels`, the server's `labels`): at
     least two and at most MAX_LABELS distinct, non-empty names."""

@@ -18,7 +18,7 @@ weight of every adapter.
 from __future__ import annotations
 
 import dataclasses
-
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -29,7 +29,7 @@ import torch
 from loraplex.errors import UserInputError
 from loraplex.experts.layers import block_name, routed_layers, swapped, use_gates
 from loraplex.heads import accuracy, head_for, token_text
-from loraplex.tasks import Task, label_fold
+from loraplex.tasks import Task, checked_labels, checked_texts, label_fold
 
 
 @dataclass
@@ -243,8 +243,10 @@ class RoutedModel:
 
         `labels`: the answers the caller wants (at least two, checked by `loraplex.tasks.checked_labels`):
         retrieval prefers adapters trained on that label set, and every text is answered with one of
-        them (label texts taken from the routed adapter's task where it has the label)."""
-        texts = list(texts)
+        them (label texts taken from the routed adapter's task where it has the label). The texts are
+        checked (`loraplex.tasks.checked_texts`: a list of non-empty strings) and stripped."""
+        texts = checked_texts(texts)
+        labels = None if labels is None else checked_labels(labels)
         static = self.static_gates(texts, labels)
         routes = self.route(texts, trace=trace, static=static)
         tasks = self.task_of(texts, routes)
@@ -289,17 +291,44 @@ class RoutedModel:
             "encoder answers with a task's labels (register the adapter with --task TASK)")
 
     # ---- heterogeneous batch -----------------------------------------------------------------
+    def expert_indices(self, experts: Sequence[int | str], n: int) -> list[int]:
+        """The bank index of each of `n` rows' experts, given by name or number (refused: another count, an
+        unknown name, a number out of range, anything else)."""
+        if isinstance(experts, (str, bytes)):
+            raise UserInputError("experts must be a list (one adapter per text), got one string")
+        experts = list(experts)
+        if len(experts) != n:
+            raise UserInputError(f"{n} texts but {len(experts)} adapters; give one adapter per text")
+        idx = []
+        for e in experts:
+            if isinstance(e, str):
+                if e not in self.experts:
+                    raise UserInputError(f"adapter {e!r} is not in this model (its adapters: "
+                                         f"{', '.join(self.experts[:8])}{', ...' if len(self.experts) > 8 else ''})")
+                idx.append(self.experts.index(e))
+            elif isinstance(e, numbers.Integral) and not isinstance(e, bool):
+                i = int(e)
+                if not 0 <= i < len(self.experts):
+                    raise UserInputError(f"adapter number {i} is out of range: this model has {len(self.experts)} (0 to "
+                                         f"{len(self.experts) - 1})")
+                idx.append(i)
+            else:
+                raise UserInputError(f"an adapter is named (a string) or numbered (an int), got {e!r}")
+        return idx
+
     @torch.no_grad()
     def answer_each(self, texts: Sequence[str], experts: Sequence[int | str], *,
                     labels: Sequence[str] | None = None) -> list[Any]:
         """Answer row i with expert experts[i] alone (one forward for an encoder: gates (N, 1, E) one-hot);
-        `labels`: with one of these (as `answer`), not with the expert's task's label set."""
-        idx = [self.experts.index(e) if isinstance(e, str) else int(e) for e in experts]
+        `labels`: with one of these (as `answer`), not with the expert's task's label set. An expert is
+        named (one of `experts`) or numbered (0 .. E-1); one per text."""
+        texts = checked_texts(texts)
+        labels = None if labels is None else checked_labels(labels)
+        idx = self.expert_indices(experts, len(texts))
         tasks = [self.expert_tasks[i] for i in idx]
         if labels:
             made: dict[int, Any] = {}  # one labels task per expert task (the causal path groups rows by task)
             tasks = [made.setdefault(id(t), labels_task(labels, t)) for t in tasks]
-        texts = list(texts)
         with routers_off(self.model), use_gates(self.model, self.one_hot(idx)):
             if self.head.embeds:
                 emb = self.head.encode(self.model, self.tokenizer, texts)  # (N, D), one routed forward

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from loraplex.errors import UserInputError
-from loraplex.tasks import checked_labels
+from loraplex.tasks import checked_labels, checked_texts
 from loraplex.router import auto
 from loraplex.router.load import is_untrained, load_routed_model
 
@@ -28,9 +28,7 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     these, routing (retrieval, auto) toward adapters trained on them (`RoutedModel.answer`)."""
     if router is not None and (not isinstance(router, str) or not router.strip()):
         raise UserInputError(f"--router must name a router, 'retrieval' or 'auto', got {router!r}")
-    texts = [t.strip() for t in texts]
-    if not texts or not all(texts):
-        raise UserInputError("the query is empty")
+    texts = checked_texts(texts)
     if batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
     if labels is not None:
@@ -69,15 +67,15 @@ def _query_auto(reg, settings, texts: list[str], *, adapters, shortlist, base, t
 
 def answer_each(reg, settings, texts: Sequence[str], adapters: Sequence[str]) -> list[Any]:
     """A heterogeneous batch: row i answered by adapter adapters[i] alone, all rows in one forward pass."""
-    if len(texts) != len(adapters):
-        raise UserInputError(f"{len(texts)} texts but {len(adapters)} adapter names; give one adapter per row")
-    if not texts:
-        raise UserInputError("no texts")
-    empty = next((i for i, t in enumerate(texts, 1) if not t.strip()), None)
-    if empty is not None:
-        raise UserInputError(f"text {empty} is empty")
+    texts = checked_texts(texts)
+    odd = None if isinstance(adapters, str) else next((a for a in adapters if not isinstance(a, str)), None)
+    if odd is not None:
+        raise UserInputError(f"adapters must be adapter names (strings), got {odd!r}")
+    if isinstance(adapters, str) or len(texts) != len(adapters := list(adapters)):
+        raise UserInputError(f"{len(texts)} texts but {1 if isinstance(adapters, str) else len(adapters)} adapter "
+                             "names; give one adapter per row")
     rm = load_routed_model(reg, settings, None, list(dict.fromkeys(adapters)))
-    return rm.answer_each(list(texts), list(adapters))
+    return rm.answer_each(texts, adapters)
 
 
 def evaluate_router(reg, settings, name: str, *, tasks: Sequence[str] | None = None, split: str = "test",

@@ -175,6 +175,37 @@ def test_heterogeneous_batch_equals_each_adapter_alone(env):
         rm.answer(texts[:1])
 
 
+def test_a_routed_models_methods_check_what_they_are_given(env):
+    """Sweep 26 F1: the model load_routed_model returns is the library's way to answer; it dropped rows of a
+    short adapter list, answered each character of a string, and failed deep inside on unknown names."""
+    from loraplex import api
+    from loraplex.errors import UserInputError
+
+    rm = api.load_routed_model("retrieval", list(NAMES), settings=env.settings)
+    bank = api.load_routed_model(None, list(NAMES), settings=env.settings)
+    q = ["flight late", "great match goal"]
+    for call, msg in [
+        (lambda: bank.answer_each(q, ["flights-lora"]), "2 texts but 1 adapters"),
+        (lambda: rm.answer("flight late"), "one string"),
+        (lambda: rm.answer(q, labels=["a"]), "at least 2 labels"),
+        (lambda: rm.answer(q, labels="ab"), "labels must be a list"),
+        (lambda: rm.answer([]), "no texts"),
+        (lambda: rm.answer([None]), "text 1 is NoneType"),
+        (lambda: rm.answer(["  "]), "the query is empty"),
+        (lambda: bank.answer_each(q[:1], ["zz"]), "adapter 'zz' is not in this model"),
+        (lambda: bank.answer_each(q[:1], [5]), "adapter number 5 is out of range"),
+        (lambda: bank.answer_each(q[:1], [-1]), "adapter number -1 is out of range"),
+        (lambda: bank.answer_each(q[:1], [True]), "got True"),
+        (lambda: bank.answer_each(q[:1], [1.7]), "got 1.7"),
+        (lambda: bank.answer_each([], []), "no texts"),
+        (lambda: api.answer_each(q, ["flights-lora"], settings=env.settings), "one adapter per row"),
+    ]:
+        with pytest.raises(UserInputError, match=msg):
+            call()
+    assert bank.answer_each(q, [0, "sports-lora"]) == bank.answer_each(q, ["flights-lora", 1])
+    assert [r["query"] for r in rm.answer([" flight late "])] == ["flight late"]
+
+
 def test_a_router_over_adapters_of_another_base_is_refused(env, tiny_llama):
     res = env("query", "flight late", "--router", "tg", "--base", tiny_llama)
     assert res.exit_code == 2 and "routes adapters of base" in res.output
