@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from pydantic import Field
 
-from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Catalog, Options, clip_text, options
+from loraplex.catalog import (MAX_BATCH, MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Catalog, Options, bounded_ids,
+                              clip_text, options)
 
 if TYPE_CHECKING:
     import torch
@@ -554,6 +555,13 @@ def chat_ids(tokenizer, messages: Sequence[dict[str, str]], content_limit: int |
     (tokenizing the rendered template whole let a user close their turn and forge an assistant's). The
     template is rendered around a marker per message, its own text tokenized as the template writes it,
     each content with the tokenizer's special tokens split (and cut to `content_limit` tokens)."""
+    return chat_ids_within(tokenizer, messages, content_limit=content_limit)[0]
+
+
+def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | None = None,
+                    content_limit: int | None = None) -> tuple[list[int] | None, int]:
+    """`chat_ids` and their count where that is at most `limit` tokens, else (None, a count over `limit` the
+    chat has at least), a long content never tokenized whole (`catalog.bounded_ids`)."""
     import re
     import uuid
 
@@ -562,13 +570,20 @@ def chat_ids(tokenizer, messages: Sequence[dict[str, str]], content_limit: int |
     shown = [{**m, "content": mark} for m, mark in zip(messages, marks)]
     text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
     ids: list[int] = []
+    encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for piece in re.split(f"(<<{tag}-\\d+>>)", text):
         if piece in marks:
             content = marks[piece] if content_limit is None else clip_text(marks[piece], content_limit)
-            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"][:content_limit]
+            if limit is None:
+                ids += encode(content)[:content_limit]
+                continue
+            got, n = bounded_ids(encode, content, limit - len(ids))
+            if got is None:
+                return None, len(ids) + n
+            ids += got[:content_limit]
         elif piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return ids
+    return (ids, len(ids)) if limit is None or len(ids) <= limit else (None, len(ids))
 
 
 def token_text(tokenizer, tok: int) -> str:

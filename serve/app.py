@@ -425,17 +425,18 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
                             "(use /v1/classify)", param="model")
     if chat:
         # OpenAI's `developer` message is its newer name for the system message (a chat template knows "system")
-        ids, text = engine.chat_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                        for m in req.messages])
+        ids, n, text = engine.chat_prompt([{"role": "system" if m.role == "developer" else m.role,
+                                            "content": m.text()} for m in req.messages])
     else:
         text = req.text()
-        ids = engine.encode_prompt(text)
+        ids, n = engine.prompt_ids(text)  # a prompt over the context is not tokenized whole (a 32 MB one took 11 GB)
+    if ids is None or n >= engine.context:
+        raise APIError(400, f"the prompt is {'at least ' if ids is None else ''}{n} tokens; this model's context is "
+                            f"{engine.context} tokens", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
     if not ids or (not chat and not text):
         raise APIError(400, "the prompt is empty: there is nothing to continue", param="messages" if chat else "prompt")
     room = engine.context - len(ids)
-    if room < 1:
-        raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {engine.context} tokens",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
     want = req.wanted_tokens()
     if want is not None and want > room:
         raise APIError(400, f"max_tokens is {want}, over the limit of {room} for this prompt ({len(ids)} "
@@ -620,7 +621,7 @@ def _naming(err: APIError, exc: LoraplexError, field: str = "path") -> APIError:
 def _within_context(engine: Engine, texts: Sequence[str]) -> None:
     """A 400 naming the first text longer than the base's context (counted in a worker thread)."""
     for i, t in enumerate(texts):
-        n = engine.n_tokens(t)
-        if n > engine.context:
-            raise APIError(400, f"input {i} is {n} tokens; this model's context is {engine.context} tokens",
+        ids, n = engine.prompt_ids(t)  # not tokenized whole when it is over the context
+        if ids is None:
+            raise APIError(400, f"input {i} is at least {n} tokens; this model's context is {engine.context} tokens",
                            param="input", code="context_length_exceeded")

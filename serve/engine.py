@@ -37,7 +37,8 @@ from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
 from loraplex.errors import IntegrityError, LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
-from loraplex.heads import chat_ids, cuts, head_for, token_text
+from loraplex.catalog import bounded_ids
+from loraplex.heads import chat_ids_within, cuts, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
@@ -326,17 +327,22 @@ class Engine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.front(prompt, add_special_tokens=True)["input_ids"])
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], str]:
-        """Token ids of a chat (the tokenizer's chat template, else `role: content` lines) and the last
-        user message (what routing reads)."""
+    def prompt_ids(self, prompt: str) -> tuple[list[int] | None, int]:
+        """(token ids, count) of a prompt that fits the context, else (None, a count over it that the prompt
+        has at least): a long prompt is never tokenized whole (`catalog.bounded_ids`)."""
+        return bounded_ids(self.encode_prompt, prompt, self.context)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int] | None, int, str]:
+        """Token ids of a chat (the tokenizer's chat template, else `role: content` lines) and their count
+        where they fit the context (else None and a count over it, as `prompt_ids`), and the last user
+        message (what routing reads)."""
         tok = self.front
-        if getattr(tok, "chat_template", None):
-            ids = chat_ids(tok, messages)  # message texts as text: no control token typed into a message
+        if getattr(tok, "chat_template", None):  # message texts as text: no control token typed into a message
+            ids, n = chat_ids_within(tok, messages, limit=self.context)
         else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = self.encode_prompt(text)
+            ids, n = self.prompt_ids("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
         users = [m["content"] for m in messages if m["role"] == "user"] or [messages[-1]["content"]]
-        return ids, users[-1]
+        return ids, n, users[-1]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -346,7 +352,8 @@ class Engine:
         return token_text(self.tokenizer, tok)
 
     def n_tokens(self, text: str) -> int:
-        return len(self.front(text, add_special_tokens=True)["input_ids"])
+        """The text's tokens, counted exactly up to the context (past it: a count over it, `prompt_ids`)."""
+        return self.prompt_ids(text)[1]
 
     def cut(self, text: str, task) -> bool:
         """Whether classifying `text` on `task` reads only its start (`heads.cuts`; called on the batching

@@ -492,6 +492,40 @@ def test_a_very_long_text_is_cut_before_it_is_tokenized(kind, request, settings)
         np.testing.assert_allclose(emb.encode([head_ + tail]), emb.encode([clip_text(head_, HASH_WORDS)]))
 
 
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
+def test_a_count_up_to_a_limit_never_tokenizes_a_long_text_whole(kind, request, settings):
+    """A 32 MB prompt was tokenized whole (0.7 KB a token: 11 GB) before the server checked it against the
+    context, and the server died (sweep 27). bounded_ids counts exactly up to the limit and reads a text
+    past it only in prefixes of a few times the limit's characters."""
+    from loraplex.catalog import MAX_CHARS_PER_TOKEN, bounded_ids
+    from loraplex.heads import chat_ids, chat_ids_within
+
+    tok = load_base(str(request.getfixturevalue(kind)), settings).tokenizer
+    seen = []
+
+    def encode(t):
+        seen.append(len(t))
+        return tok(t, add_special_tokens=True)["input_ids"]
+
+    for text in ["the flight was late", "word " * 300, "x" * 5_000, "flight " * 1_000_000, "ab" * 1_000_000]:
+        seen.clear()
+        ids, n = bounded_ids(encode, text, 256)
+        whole = len(tok(text[:100_000], add_special_tokens=True)["input_ids"]) if len(text) < 100_000 else None
+        if ids is not None:
+            assert ids == tok(text, add_special_tokens=True)["input_ids"] and n == len(ids) <= 256
+        else:
+            assert n > 256 and (whole is None or n <= whole)  # a lower bound of the true count
+        assert max(seen, default=0) <= min(len(text), 257 * MAX_CHARS_PER_TOKEN)  # never the whole of a long text
+        assert len(seen) <= 5  # prefixes of 4 characters a token, doubling, up to 64
+    assert bounded_ids(encode, "flight " * 1_000_000, 256)[0] is None
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": "my flight was late"}]
+        assert chat_ids_within(tok, msgs, limit=256) == (chat_ids(tok, msgs), len(chat_ids(tok, msgs)))
+        big = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "late " * 2_000_000}]
+        ids, n = chat_ids_within(tok, big, limit=256)
+        assert ids is None and n > 256
+
+
 def test_the_conversion_of_smollm2_draws_no_progress_bar(settings, monkeypatch, capfd):
     """transformers' GGUF reader draws its own tqdm bar, which `--quiet` and `--json` did not turn off
     (sweep 22): the conversion runs with it off, and puts it back."""

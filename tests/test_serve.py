@@ -253,6 +253,12 @@ def test_bad_input_is_a_4xx_in_openais_body_and_changes_nothing(home, http):
     assert "limit of 253" in limit["error"]["message"]
     ctx = http.post("/v1/completions", json={"model": "auto", "prompt": "flight " * 300}).json()
     assert "context is 256" in ctx["error"]["message"]
+    for path, body in [("/v1/completions", {"model": "auto", "prompt": "flight " * 2_000_000}),  # 14 MB: was tokenized
+                       ("/v1/chat/completions", {"model": "auto", "messages": [  # whole first (sweep 27: 0.7 KB a
+                           {"role": "user", "content": "flight " * 2_000_000}]})]:  # token, a server killed)
+        big = http.post(path, json=body)
+        assert big.status_code == 400 and "the prompt is at least" in big.json()["error"]["message"], big.text
+        assert big.json()["error"]["code"] == "context_length_exceeded"
     chat = http.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "robot", "content": "x"}]})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages.0.role"
     for path, body, param in [("/v1/classify", {"model": "auto", "input": []}, "input"),
