@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from functools import lru_cache
 from typing import Protocol, Sequence
 
@@ -45,6 +46,9 @@ class MiniLMConfig(Options):
     """Tokens per text (the model's own limit is 256 word pieces)."""
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @EMBEDDERS.register("minilm", MiniLMConfig, summary="sentence-transformers all-MiniLM-L6-v2 (384-dim, semantic)")
 class MiniLMEmbedder:
     name = "minilm"
@@ -56,11 +60,15 @@ class MiniLMEmbedder:
         self._tok = None
 
     def _load(self):
+        with _LOAD_LOCK:  # loaded once, whichever threads ask first
+            return self._loaded()
+
+    def _loaded(self):
         if self._model is None:
             import torch
-            from transformers import AutoModel, AutoTokenizer
+            from loraplex.models import EMBEDDED, _package_dir, quiet_transformers, transformers_names
 
-            from loraplex.models import EMBEDDED, _package_dir, quiet_transformers
+            AutoModel, AutoTokenizer = transformers_names("AutoModel", "AutoTokenizer")
 
             quiet_transformers()
             path = _package_dir(EMBEDDED["minilm"]) / "model"

@@ -107,6 +107,20 @@ def _package_dir(m: EmbeddedModel) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_import_lock = threading.Lock()
+
+
+def transformers_names(*names: str) -> tuple:
+    """transformers' classes `names` (AutoModel, AutoTokenizer, ...), looked up under a lock: transformers'
+    lazy module is not thread-safe on first use, and a library user's first two calls from two threads (a
+    web app's first requests) failed with "cannot import name 'AutoModel' from 'transformers'" (sweep 26).
+    Once looked up they are plain attributes, and later lookups cost nothing."""
+    with _import_lock:
+        import transformers
+
+        return tuple(getattr(transformers, n) for n in names)
+
+
 _convert_lock = threading.Lock()
 STALE_CONVERSION_S = 3600
 """A temporary conversion directory this old is a killed conversion's (one takes well under a minute)."""
@@ -136,7 +150,7 @@ def _smollm2_dir(settings: Settings) -> Path:
         if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
             return target
         _discard_conversion(target)  # a conversion cut short (a config, no weights): made again below
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        AutoModelForCausalLM, AutoTokenizer = transformers_names("AutoModelForCausalLM", "AutoTokenizer")
 
         quiet_transformers()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +205,7 @@ def _supported(p: Path, cfg: dict) -> None:
 
 def _known_model_type(kind: str) -> bool:
     """Whether transformers has its own classes for `model_type` (then trust_remote_code=False loads them)."""
-    from transformers import CONFIG_MAPPING
+    (CONFIG_MAPPING,) = transformers_names("CONFIG_MAPPING")
 
     return kind in CONFIG_MAPPING
 
@@ -276,7 +290,7 @@ class Fingerprint(BaseModel):
 
 
 def _auto_class(family: str):
-    from transformers import AutoModel, AutoModelForCausalLM
+    AutoModel, AutoModelForCausalLM = transformers_names("AutoModel", "AutoModelForCausalLM")
 
     return AutoModelForCausalLM if family == "causal" else AutoModel
 
@@ -304,7 +318,7 @@ def fingerprint_model(model: "nn.Module", label: str, family: str) -> Fingerprin
 @lru_cache(maxsize=16)
 def _fingerprint_cached(name: str, family: str, path: str) -> Fingerprint:
     import torch
-    from transformers import AutoConfig
+    (AutoConfig,) = transformers_names("AutoConfig")
 
     quiet_transformers()
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -401,10 +415,19 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-@lru_cache(maxsize=4)
+_load_lock = threading.Lock()
+
+
 def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
+    """The loaded base (kept: `_loaded`), loaded once however many threads ask for it at once."""
+    with _load_lock:
+        return _loaded(name, family, path, device, dtype_name)
+
+
+@lru_cache(maxsize=4)
+def _loaded(name: str, family: str, path: str, device: str, dtype_name: str):
     import torch
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = transformers_names("AutoTokenizer")
 
     from loraplex.experts.spec import unread_module
 
@@ -463,7 +486,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 def load_tokenizer(ref: BaseRef | str, settings: Settings | None = None):
     """The base's tokenizer alone (no weights loaded): what label checks need."""
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = transformers_names("AutoTokenizer")
 
     quiet_transformers()
     ref = resolve_base(ref) if isinstance(ref, str) else ref

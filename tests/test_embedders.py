@@ -30,3 +30,33 @@ def test_minilm_equals_sentence_transformers():
     assert ours.shape == (3, 384)
     assert np.abs(ours - ref).max() < 1e-5
     assert ours[0] @ ours[1] < ours[0] @ get_embedder("minilm").encode(["sentiment of tweets about flights"])[0]
+
+
+def test_first_loads_from_several_threads_at_once(tiny_bert, tmp_path):
+    """A library user's first two calls from two threads (a web app's first requests) failed with
+    "cannot import name 'AutoModel' from 'transformers'": its lazy module is not thread-safe on first use
+    (sweep 26). In a fresh interpreter, threads that load the embedder and a base at once all succeed, and
+    each is loaded once."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from loraplex.embedders import get_embedder
+from loraplex.models import load_base
+from loraplex.settings import Settings
+s = Settings.load(device="cpu", dtype="float32", home={str(tmp_path)!r})
+got, errors = [], []
+def go(i):
+    try:
+        got.append(get_embedder("minilm")._load()[0] if i % 2 else load_base({str(tiny_bert)!r}, s).tokenizer)
+    except Exception as exc:
+        errors.append(f"{{type(exc).__name__}}: {{exc}}")
+ts = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+[t.start() for t in ts]; [t.join() for t in ts]
+assert not errors, errors
+assert len({{id(m) for i, m in enumerate(got) if hasattr(m, "encoder")}}) == 1, "the embedder was loaded twice"
+print("ok", len(got))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok 6" in res.stdout, res.stderr[-2000:]
