@@ -521,7 +521,9 @@ def _damaged(exc: BaseException) -> bool:
 
 
 def load_base(ref: BaseRef | str, settings: Settings | None = None, *, share_weights: bool = False) -> LoadedBase:
-    """A fresh copy of the base model (adapters injected into it do not leak into later loads).
+    """A fresh copy of the base model and its tokenizer (adapters injected into it, tokens added to the
+    tokenizer or its settings changed do not leak into later loads: the tokenizer was the cached one, and a
+    token a library user added to one model's broke every later call on that base; sweep 26).
 
     `share_weights`: the copy's modules are its own (inject and eject as you like) but its parameters and
     buffers are the loaded model's own tensors, not copies: for models that only ever read the base's
@@ -553,7 +555,7 @@ def load_base(ref: BaseRef | str, settings: Settings | None = None, *, share_wei
                                 f"{settings.cache_dir / 'models' / 'smollm2'}): {_load_failure(again)}") from None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
     model = copy.deepcopy(model, shared)
-    return LoadedBase(ref, model, tok, fingerprint_model(model, ref.name, ref.family), settings)
+    return LoadedBase(ref, model, copy.deepcopy(tok), fingerprint_model(model, ref.name, ref.family), settings)
 
 
 def list_models() -> list[dict]:

@@ -38,6 +38,22 @@ class Example(NamedTuple):
     label: str
 
 
+class FrozenMap(dict):
+    """A dict that cannot be changed: a Task's `label_texts` and `spelled`. Tasks are cached and shared (the
+    embedded ones per process, a registry's per record), so a change made through one returned model reached
+    every later call and was recorded by the next training (sweep 26). Make another Task instead
+    (`dataclasses.replace(task, label_texts={...})`)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a task's label texts cannot be changed in place: make another Task "
+                        "(dataclasses.replace(task, label_texts={...}))")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return FrozenMap, (dict(self),)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -56,6 +72,11 @@ class Task:
     spelled: dict[str, str] = field(default_factory=dict, compare=False)
     """A query's own spelling of labels it named in another case than this task's (`router.model.labels_task`):
     the model reads the task's labels, the answer gives the query's (`answer_label`)."""
+
+    def __post_init__(self):
+        for name in ("label_texts", "spelled"):
+            if not isinstance(getattr(self, name), FrozenMap):
+                object.__setattr__(self, name, FrozenMap(getattr(self, name)))
 
     def answer_label(self, label: str) -> str:
         """How `label` is answered: in the query's spelling where it named the label in another case."""

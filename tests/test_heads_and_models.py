@@ -48,6 +48,33 @@ def test_load_base_returns_independent_copies(tiny_bert, settings):
     with torch.no_grad():
         a.model.encoder.layer[0].attention.self.query.weight.add_(1.0)
     assert not torch.equal(a.model.encoder.layer[0].attention.self.query.weight, b.model.encoder.layer[0].attention.self.query.weight)
+    # the tokenizer too (sweep 26: a token a library user added to one model's broke every later load's)
+    n = len(b.tokenizer)
+    a.tokenizer.add_tokens(["zqxj-new-word"])
+    a.tokenizer.truncation_side = "left"
+    c = load_base(str(tiny_bert), settings)
+    assert len(c.tokenizer) == len(b.tokenizer) == n and c.tokenizer.truncation_side == "right"
+
+
+def test_a_tasks_label_texts_cannot_be_changed_in_place():
+    """Tasks are cached and shared: label texts changed through one returned model reached every later call
+    and the next training's record (sweep 26). They are read-only; a new Task is made with replace."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from loraplex.data import load_task
+
+    t = load_task("airline")
+    before = dict(t.label_texts)
+    for change in (lambda: t.label_texts.__setitem__("negative", "x"), lambda: t.label_texts.update(negative="x"),
+                   lambda: t.label_texts.pop("negative"), lambda: t.label_texts.clear()):
+        with pytest.raises(TypeError, match="cannot be changed in place"):
+            change()
+    assert load_task("airline").label_texts == before
+    assert pickle.loads(pickle.dumps(t)) == t == copy.deepcopy(t)
+    u = dataclasses.replace(t, label_texts={**t.label_texts, "negative": "a bad flight"})
+    assert u.label_text("negative") == "a bad flight" and t.label_texts == before
 
 
 @pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
