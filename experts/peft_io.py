@@ -378,10 +378,13 @@ def align_modules(adapter: Adapter, base_modules) -> Adapter:
     for f in candidates:
         mapped = {f(n): w for n, w in adapter.weights.items()}
         if len(mapped) == len(names) and all(m in base_modules for m in mapped):
-            if adapter.spec.rank_pattern or adapter.spec.alpha_pattern:
-                spec = adapter.spec.model_copy(update={
-                    "rank_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.rank_pattern.items()},
-                    "alpha_pattern": {f(k) if k in names else k: v for k, v in adapter.spec.alpha_pattern.items()},
+            sp = adapter.spec
+            if sp.rank_pattern or sp.alpha_pattern:  # each module's rank and alpha resolved under the names the
+                # patterns were written for, kept under its new name (a regex key such as `bert\.encoder\.layer\.0\..*`
+                # matched nothing once renamed, and layer 0 ran at lora_alpha: sweep 28)
+                spec = sp.model_copy(update={
+                    "rank_pattern": {re.escape(f(n)): sp.rank_for(n) for n in names if sp.rank_for(n) != sp.r},
+                    "alpha_pattern": {re.escape(f(n)): sp.alpha_for(n) for n in names if sp.alpha_for(n) != sp.alpha},
                 })
             else:
                 spec = adapter.spec

@@ -135,3 +135,31 @@ def test_rank_and_alpha_patterns_roundtrip(tiny_bert, tmp_path, settings):
     lb, _ = api.load_adapted(["pat"], settings)
     assert (_out(lb.model, x) - ref).abs().max() < 1e-5
     assert (again - ref).abs().max() < 1e-5
+
+
+def test_patterns_of_an_adapter_made_on_a_wrapped_model_keep_their_modules(tiny_bert, tmp_path, settings):
+    """An adapter made on BertForSequenceClassification names `bert.encoder...`; its modules are renamed onto
+    the bare base, and a regex pattern key (`bert\\.encoder\\.layer\\.0\\..*`) matched nothing afterwards: layer 0
+    ran at lora_alpha, silently, and the export wrote the wrong alpha too (sweep 28)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(3)
+    wrapped = BertForSequenceClassification.from_pretrained(str(tiny_bert))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False,
+                     alpha_pattern={r"bert\.encoder\.layer\.0\..*": 64}, rank_pattern={r".*layer\.1\.attention.*value": 2})
+    get_peft_model(wrapped, cfg).save_pretrained(str(tmp_path / "p"))
+    x = _inputs(tiny_bert)
+    ref_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(str(tiny_bert)),
+                                          str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        ref = ref_model.base_model.model.bert(**x).last_hidden_state
+    api.register(tmp_path / "p", name="wrapped", description="patterns on a wrapped model", base=str(tiny_bert),
+                 settings=settings)
+    lb, _ = api.load_adapted(["wrapped"], settings)
+    bare = _out(_load_base(tiny_bert, False), x)
+    assert (ref - bare).abs().max() > 1e-3
+    assert (_out(lb.model, x) - ref).abs().max() < 1e-5
+    out_dir = api.export("wrapped", tmp_path / "out", settings=settings)
+    again = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(out_dir)).eval(), x)
+    assert (again - ref).abs().max() < 1e-5
