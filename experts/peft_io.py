@@ -114,9 +114,12 @@ KNOWN_KEYS = frozenset({
     "layers_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "megatron_core", "qalora_group_size", "runtime_config", "ensure_weight_tying", *UNSUPPORTED,
 })
-# init_lora_weights values that only set how a fresh LoRA starts (the saved weights are all there is);
-# the others (pissa, olora, loftq, corda, eva, ...) also rewrite the base weights, which loraplex does not store.
-PLAIN_INITS = (True, False, "gaussian")
+# init_lora_weights values that only set how a fresh LoRA starts (the saved weights are all there is; PEFT's
+# docs: "orthogonal" leaves the base weights untouched, MiCA sets B from the base's singular vectors and A to
+# zero, and computes a plain LoRA); pissa, olora, loftq and corda also rewrite the base weights, which loraplex
+# does not store.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "mica")
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
 # What PEFT's LoraConfig takes when a config leaves lora_alpha out (or null): 8, whatever r is. (Not r:
 # an adapter read with alpha = r would scale its update differently from the same directory in PEFT.)
 PEFT_DEFAULT_ALPHA = 8
@@ -179,9 +182,12 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
                                  "it is refused rather than dropped, since it may change what the adapter computes")
     init = cfg.get("init_lora_weights", True)
     if not any(init is p or (isinstance(p, str) and init == p) for p in PLAIN_INITS):
+        rewrites = isinstance(init, str) and init.startswith(BASE_REWRITING_INITS)
         raise InvalidAdapter(
-            f"{where}: init_lora_weights: {init!r} is not supported (it changes the base model's weights, "
-            "which loraplex does not store); only true, false and \"gaussian\" are"
+            f"{where}: init_lora_weights: {init!r} is not supported ("
+            + ("it changes the base model's weights, which loraplex does not store" if rewrites else
+               "an initialisation loraplex does not know to leave the base model's weights as they are")
+            + "); true, false, \"gaussian\", \"orthogonal\" and \"mica\" are"
         )
     targets = cfg.get("target_modules")
     if targets is None:

@@ -163,3 +163,31 @@ def test_patterns_of_an_adapter_made_on_a_wrapped_model_keep_their_modules(tiny_
     out_dir = api.export("wrapped", tmp_path / "out", settings=settings)
     again = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(out_dir)).eval(), x)
     assert (again - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_inits_that_leave_the_base_as_it_is_are_read(init, tiny_bert, tmp_path, settings):
+    """PEFT's "orthogonal" and MiCA initialisations leave the base's weights as they are and compute a plain
+    LoRA; they were refused as if they rewrote the base (sweep 28). PiSSA (which does) still is, saying so."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(5)
+    pm = get_peft_model(_load_base(tiny_bert, False), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                                 init_lora_weights=init))
+    with torch.no_grad():  # trained: A and B both non-zero
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(str(tmp_path / "p"))
+    x = _inputs(tiny_bert)
+    ref = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(tmp_path / "p")).eval(), x)
+    api.register(tmp_path / "p", name="init", description="an adapter", base=str(tiny_bert), settings=settings)
+    lb, _ = api.load_adapted(["init"], settings)
+    assert (_out(lb.model, x) - ref).abs().max() < 1e-5
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "pissa_niter_4"
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(cfg))
+    from loraplex.errors import InvalidAdapter
+
+    with pytest.raises(InvalidAdapter, match="changes the base model's weights"):
+        api.register(tmp_path / "p", name="pissa", description="an adapter", base=str(tiny_bert), settings=settings)
