@@ -129,6 +129,13 @@ def test_odd_generation_bodies(llama_http):
     _error(h.post("/v1/completions", content=b"[" * 100_000 + b"]" * 100_000,
                   headers={"content-type": "application/json"}), 400, None, "invalid_json")
     _error(h.post("/v1/completions", json={**ask, "prompt": "late", "seed": 2 ** 70}), 400, "seed")  # was a 500
+    # a field given twice was read as its last value (a refused `n` given first dropped silently; sweep 27)
+    twice = _error(h.post("/v1/chat/completions", content=b'{"model": "flights-lora", "n": 2, "n": 1, "max_tokens": 2, '
+                          b'"messages": [{"role": "user", "content": "hi"}]}',
+                          headers={"content-type": "application/json"}), 400, "n", "invalid_json")
+    assert "names 'n' twice" in twice["message"]
+    # loraplex has no adapter ids: vLLM's lora_int_id was accepted and ignored by unload
+    _error(h.post("/v1/unload_lora_adapter", json={"lora_name": "flights-lora", "lora_int_id": 99}), 400, "lora_int_id")
     assert h.post("/v1/completions", json={**ask, "prompt": "late", "seed": -(2 ** 63)}).status_code == 200
     # OpenAI's content parts: text parts are joined, any other part is refused by name
     parts = h.post("/v1/chat/completions", json={**ask, "messages": [
