@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -78,7 +78,7 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
         stripped[k] = t
     adapter = Adapter.from_state_dict(spec, stripped, where=str(w_path))
     check_targets_used(adapter, cfg, where=str(cfg_path))
-    return adapter, cfg
+    return Adapter(resolved_patterns(adapter.spec, adapter.modules), adapter.weights), cfg
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -360,6 +360,20 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
     return out
 
 
+def resolved_patterns(spec: LoraSpec, names: Sequence[str], rename: Callable[[str], str] = lambda n: n) -> LoraSpec:
+    """`spec` with its rank_pattern and alpha_pattern replaced by each module's own value (where it is not r or
+    lora_alpha), keyed by its exact (escaped) name, `rename`d. PEFT takes the first key that matches a module,
+    in the file's order; the registry stores a spec with sorted keys, so overlapping keys (`query` and
+    `layer\.0\..*`) gave a module another alpha than PEFT's (sweep 28). Resolved when the directory is read,
+    nothing depends on the keys' order or on the names they were written for."""
+    if not (spec.rank_pattern or spec.alpha_pattern):
+        return spec
+    return spec.model_copy(update={
+        "rank_pattern": {re.escape(rename(n)): spec.rank_for(n) for n in names if spec.rank_for(n) != spec.r},
+        "alpha_pattern": {re.escape(rename(n)): spec.alpha_for(n) for n in names if spec.alpha_for(n) != spec.alpha},
+    })
+
+
 def align_modules(adapter: Adapter, base_modules) -> Adapter:
     """Map an adapter's module names onto the base's when they differ by a leading component.
 
@@ -384,15 +398,7 @@ def align_modules(adapter: Adapter, base_modules) -> Adapter:
     for f in candidates:
         mapped = {f(n): w for n, w in adapter.weights.items()}
         if len(mapped) == len(names) and all(m in base_modules for m in mapped):
-            sp = adapter.spec
-            if sp.rank_pattern or sp.alpha_pattern:  # each module's rank and alpha resolved under the names the
-                # patterns were written for, kept under its new name (a regex key such as `bert\.encoder\.layer\.0\..*`
-                # matched nothing once renamed, and layer 0 ran at lora_alpha: sweep 28)
-                spec = sp.model_copy(update={
-                    "rank_pattern": {re.escape(f(n)): sp.rank_for(n) for n in names if sp.rank_for(n) != sp.r},
-                    "alpha_pattern": {re.escape(f(n)): sp.alpha_for(n) for n in names if sp.alpha_for(n) != sp.alpha},
-                })
-            else:
-                spec = adapter.spec
-            return Adapter(spec, mapped)
+            # each module's rank and alpha resolved under the names the patterns were written for, kept under its
+            # new name (a regex key such as `bert\.encoder\.layer\.0\..*` matched nothing once renamed: sweep 28)
+            return Adapter(resolved_patterns(adapter.spec, names, f), mapped)
     return adapter

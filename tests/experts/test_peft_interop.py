@@ -191,3 +191,22 @@ def test_inits_that_leave_the_base_as_it_is_are_read(init, tiny_bert, tmp_path, 
 
     with pytest.raises(InvalidAdapter, match="changes the base model's weights"):
         api.register(tmp_path / "p", name="pissa", description="an adapter", base=str(tiny_bert), settings=settings)
+
+
+def test_overlapping_pattern_keys_are_taken_in_the_files_order(tiny_bert, tmp_path, settings):
+    """PEFT gives a module the first pattern key that matches it, in the file's order; the registry stored
+    the spec with sorted keys, so `{"query": 16, "layer\\.0\\..*": 64}` gave layer 0's query 64, not 16 (sweep 28)."""
+    from peft import PeftModel
+
+    peft_dir = make_peft_adapter(tiny_bert, tmp_path / "p", r=4, targets=("query", "value"))
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"query": 16, r"layer\.0\..*": 64}
+    (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    x = _inputs(tiny_bert)
+    ref = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(peft_dir)).eval(), x)
+    api.register(peft_dir, name="order", description="overlapping patterns", base=str(tiny_bert), settings=settings)
+    lb, recs = api.load_adapted(["order"], settings)
+    assert (_out(lb.model, x) - ref).abs().max() < 1e-5
+    out_dir = api.export("order", tmp_path / "out", settings=settings)
+    again = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(out_dir)).eval(), x)
+    assert (again - ref).abs().max() < 1e-5
