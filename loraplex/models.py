@@ -316,7 +316,8 @@ def fingerprint_model(model: "nn.Module", label: str, family: str) -> Fingerprin
 
 
 @lru_cache(maxsize=16)
-def _fingerprint_cached(name: str, family: str, path: str) -> Fingerprint:
+def _fingerprint_cached(name: str, family: str, path: str, stamp: tuple = ()) -> Fingerprint:
+    """`stamp`: the directory's `dir_stamp`, so a config saved again is read again."""
     import torch
     (AutoConfig,) = transformers_names("AutoConfig")
 
@@ -330,7 +331,8 @@ def _fingerprint_cached(name: str, family: str, path: str) -> Fingerprint:
 def fingerprint(ref: BaseRef, settings: Settings | None = None) -> Fingerprint:
     """The base's fingerprint, computed on the meta device from its config (no weights are read)."""
     try:
-        return _fingerprint_cached(ref.name, ref.family, str(ref.path(settings)))
+        path = str(ref.path(settings))
+        return _fingerprint_cached(ref.name, ref.family, path, dir_stamp(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ModelNotFound(f"cannot read base model {ref.name!r}: {str(exc).splitlines()[0][:200]}") from None
 
@@ -418,14 +420,27 @@ def quiet_transformers() -> None:
 _load_lock = threading.Lock()
 
 
+def dir_stamp(path: str) -> tuple:
+    """What a model directory's files are now (name, size, modification time, inode of each): part of the
+    keys its loaded model and fingerprint are kept under, so a directory saved again with other weights or
+    another config is read again in the same process (it kept answering with the old weights; sweep 26)."""
+    try:
+        with os.scandir(path) as it:
+            return tuple(sorted((e.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                                for e in it if e.is_file() for st in [e.stat()]))
+    except OSError:
+        return ()
+
+
 def _pristine(name: str, family: str, path: str, device: str, dtype_name: str):
-    """The loaded base (kept: `_loaded`), loaded once however many threads ask for it at once."""
+    """The loaded base (kept: `_loaded`), loaded once however many threads ask for it at once, and again when
+    its directory's files change (`dir_stamp`)."""
     with _load_lock:
-        return _loaded(name, family, path, device, dtype_name)
+        return _loaded(name, family, path, device, dtype_name, dir_stamp(path))
 
 
 @lru_cache(maxsize=4)
-def _loaded(name: str, family: str, path: str, device: str, dtype_name: str):
+def _loaded(name: str, family: str, path: str, device: str, dtype_name: str, stamp: tuple = ()):
     import torch
     (AutoTokenizer,) = transformers_names("AutoTokenizer")
 

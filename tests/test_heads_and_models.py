@@ -56,6 +56,26 @@ def test_load_base_returns_independent_copies(tiny_bert, settings):
     assert len(c.tokenizer) == len(b.tokenizer) == n and c.tokenizer.truncation_side == "right"
 
 
+def test_a_model_directory_saved_again_is_read_again(tiny_bert, settings, tmp_path):
+    """A base directory was kept by its path for the life of the process: saved again with other weights, every
+    later call in that process answered with the old ones (sweep 26)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "base"
+    shutil.copytree(tiny_bert, d)
+    first = load_base(str(d), settings)
+    w = first.model.encoder.layer[0].attention.self.query.weight.clone()
+    (f,) = [p for p in d.iterdir() if p.suffix == ".safetensors"]
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    sd[key] = sd[key] + 1.0
+    save_file(sd, str(f), metadata={"format": "pt"})
+    again = load_base(str(d), settings)
+    torch.testing.assert_close(again.model.encoder.layer[0].attention.self.query.weight, w + 1.0)
+
+
 def test_a_tasks_label_texts_cannot_be_changed_in_place():
     """Tasks are cached and shared: label texts changed through one returned model reached every later call
     and the next training's record (sweep 26). They are read-only; a new Task is made with replace."""
