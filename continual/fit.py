@@ -31,6 +31,7 @@ from loraplex.registry.record import AdapterDraft, Edge, validate_description, v
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.registry.store import Registry
 from loraplex.router.load import load_adapted
+from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
 from loraplex.tasks import Task, checked_limit, data_notes
 from loraplex.training import (  # noqa: F401 (TrainConfig, rows_of, make_loader: imported from here too)
@@ -100,6 +101,7 @@ class TrainResult:
     """What the user should know of the data (texts with more than one label), said but not refused."""
 
 
+@one_at_a_time
 def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, base: str = "minilm", rank: int = 8,
                   alpha: float | None = None, targets: Sequence[str] = (), description: str | None = None,
                   eval_limit: int | None = None, **train_options: Any) -> TrainResult:

@@ -28,6 +28,7 @@ from loraplex.models import fingerprint, resolve_base
 from loraplex.registry.record import AdapterRecord, named_apart, validate_name
 from loraplex.registry.store import Registry, is_task_path, same_task_file
 from loraplex.router.load import load_adapted
+from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
 from loraplex.tasks import checked_seed
 from loraplex.training import Row, rows_of
@@ -150,6 +151,7 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str],
     return target, chosen
 
 
+@one_at_a_time
 def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: Sequence[str] = (),
                        adapters: Sequence[str] = (), base: str | None = None, name: str | None = None,
                        steps: int = 100, lr: float = 2e-3, batch_size: int = 16, eval_limit: int | None = 300,

@@ -63,6 +63,7 @@ from loraplex.heads import HEADS, head_for, texts_readable
 from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
+from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
 from loraplex.tasks import data_notes
 from loraplex.training import Row, rows_of
@@ -104,6 +105,7 @@ def _outside_registry_storage(out: Path, home: Path) -> None:
                              f"directory elsewhere, or under {os.path.join(home, 'runs')}")
 
 
+@one_at_a_time
 def run_stream(
     spec_path: str | Path,
     *,

@@ -33,6 +33,7 @@ from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
+from loraplex.seeding import one_at_a_time
 from loraplex.tasks import MAX_LABELS, checked_labels, checked_seed, validate_description, visible
 
 KIND = "generator"
@@ -134,6 +135,7 @@ def _parse_config(method: str, config: dict[str, Any] | None):
     return entry, entry.make_config(config or {})
 
 
+@one_at_a_time
 def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None = None,
         config: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Fit a generator on registered adapters and store it; returns its summary."""
@@ -208,6 +210,7 @@ def _labels_read_apart(settings, member, labels: Sequence[str]) -> None:
     label_names_read_apart(member.family, load_tokenizer(resolve_base(member.base), settings), labels)
 
 
+@one_at_a_time
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
              max_distance: float | None = None, refine_steps: int = 0) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from loraplex.registry.store import Registry
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.load import load_members, one_name_each
 from loraplex.router.model import RoutedModel
+from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
 from loraplex.tasks import checked_limit
 from loraplex.training import (
@@ -131,6 +132,7 @@ def _fresh(reg, s, method: str, factory, cfg, name: str, tasks, base, seed: int)
     return _Experts(lb, task_objs, expert_tasks, [f"{name}/expert-{e}" for e in range(n)], True, [spec] * n)
 
 
+@one_at_a_time
 def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, adapters: Sequence[str] = (),
                tasks: Sequence[str] | None = None, base: str | None = None, config: dict[str, Any] | None = None,
                eval_limit: int | None = 200, **train_options: Any) -> RouterFitResult:
