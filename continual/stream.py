@@ -29,6 +29,7 @@ is written.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -337,7 +338,9 @@ class _StreamRun:
                                f"replay.distill, the method's and forgetting's weights) in the spec and start a new "
                                f"run; {kept}") from None
             if self.on_unit is not None:
-                self.on_unit({"unit": unit.index, "label": unit.label, "total": len(self.units), **report})
+                # the callback's own copy: what it changes is not the result this returns (sweep 26)
+                self.on_unit(copy.deepcopy({"unit": unit.index, "label": unit.label, "total": len(self.units),
+                                            **report}))
         report = report or write_report(rd.path, info, self.results)
         return StreamResult(rd.path, run_id, report["matrix"], report["metrics"],
                             [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)

@@ -18,6 +18,7 @@ weight of every adapter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -121,6 +122,25 @@ def labels_task(labels: Sequence[str], like: Any = None) -> Task:
                 train=(), validation=(), test=(), label_texts=texts, source="query")
 
 
+def _inference(fn):
+    """A RoutedModel method run under torch.no_grad with the model in eval mode (dropout off), the modes the
+    caller had restored after: a model a user left in train() mode answered at random (sweep 26)."""
+
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        training = [m for m in self.model.modules() if m.training]
+        for m in training:
+            m.training = False
+        try:
+            with torch.no_grad():
+                return fn(self, *args, **kwargs)
+        finally:
+            for m in training:
+                m.training = True
+
+    return run
+
+
 class RoutedModel:
     """A loaded base with E experts and a router (learned gates, or retrieval's static gates)."""
 
@@ -213,7 +233,7 @@ class RoutedModel:
             rows.append(r)
         return rows
 
-    @torch.no_grad()
+    @_inference
     def route(self, texts: Sequence[str], *, trace: bool = False, static: torch.Tensor | None = None) -> list[RowRoute]:
         """How each text is routed (one forward through the routed model)."""
         if static is None:
@@ -236,7 +256,7 @@ class RoutedModel:
                 out[i] = self.task_pool[int(j)]
         return out
 
-    @torch.no_grad()
+    @_inference
     def answer(self, texts: Sequence[str], *, trace: bool = False, labels: Sequence[str] | None = None
                ) -> list[dict[str, Any]]:
         """Route and answer each text: {"query", "task", "answer", "adapters", "tokens", "layers"}.
@@ -316,7 +336,7 @@ class RoutedModel:
                 raise UserInputError(f"an adapter is named (a string) or numbered (an int), got {e!r}")
         return idx
 
-    @torch.no_grad()
+    @_inference
     def answer_each(self, texts: Sequence[str], experts: Sequence[int | str], *,
                     labels: Sequence[str] | None = None) -> list[Any]:
         """Answer row i with expert experts[i] alone (one forward for an encoder: gates (N, 1, E) one-hot);
@@ -355,7 +375,7 @@ class RoutedModel:
         return out
 
     # ---- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
+    @_inference
     def scores_and_routes(self, texts: list[str], task) -> tuple[torch.Tensor, list[RowRoute]]:
         """Label scores (N, L) on `task` and the routing of each text (retrieval: knowing the task's labels);
         one forward for encoders."""
@@ -370,7 +390,7 @@ class RoutedModel:
             scores = self.head.scores(self.model, self.tokenizer, texts, task)
         return scores, routes
 
-    @torch.no_grad()
+    @_inference
     def evaluate(self, tasks: Sequence[Any], *, split: str = "test", limit: int | None = None,
                  oracle: bool = True, batch_size: int = 64) -> dict[str, Any]:
         """Routing accuracy, routed accuracy and (optionally) the oracle accuracy, per task and overall.

@@ -36,6 +36,10 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     if router == "auto":
         return _query_auto(reg, settings, texts, adapters=adapters, shortlist=shortlist, base=base, trace=trace,
                            batch_size=batch_size, config=config, labels=labels)
+    if adapters is not None and (isinstance(adapters, str) or not list(adapters)):  # [] is not "the whole registry"
+        raise UserInputError("the adapter list is empty: name the adapters to route over, or leave it out for the "
+                             "whole registry" if not isinstance(adapters, str) else
+                             "adapters must be a list of names, got one string")
     if router is None:
         router = "retrieval"
     # retrieval over the whole registry and shortlists depend on the queries: rebuilt per batch
@@ -54,7 +58,7 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
 def _query_auto(reg, settings, texts: list[str], *, adapters, shortlist, base, trace, batch_size,
                 config, labels) -> list[dict[str, Any]]:
     """`query --router auto`: route, generate or fall back per request (router/auto.py)."""
-    if adapters:
+    if adapters is not None:
         raise UserInputError("--router auto decides over the whole registry; --adapters does not apply")
     if shortlist is not None:
         raise UserInputError("--shortlist applies to a stored learned router, not to --router auto")

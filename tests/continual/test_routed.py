@@ -102,7 +102,16 @@ def test_growing_keeps_the_earlier_experts_gate_rows(tiny_bert, settings):
 def test_routed_resume_is_exact(tmp_path, tiny_bert, task_dir):
     exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports", "markets")]
     spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method=ROUTED, replay=True, experiences=exps, steps=3)
-    ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=_settings(tmp_path / "h1"))
+    seen = []
+
+    def changes_its_event(event):  # a callback's changes reached the result returned (sweep 26)
+        seen.append(event["unit"])
+        event["metrics"].clear()
+        event["matrix"]["tasks"] = ["X"]
+
+    ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=_settings(tmp_path / "h1"),
+                         on_unit=changes_its_event)
+    assert seen == [0, 1, 2] and ref.metrics and ref.matrix == api.stream_report(tmp_path / "ref")["matrix"]
 
     def stop_after_second(event):
         if event["unit"] == 1:

@@ -199,10 +199,22 @@ def test_a_routed_models_methods_check_what_they_are_given(env):
         (lambda: bank.answer_each(q[:1], [1.7]), "got 1.7"),
         (lambda: bank.answer_each([], []), "no texts"),
         (lambda: api.answer_each(q, ["flights-lora"], settings=env.settings), "one adapter per row"),
+        # an empty restriction was routed over the whole registry (sweep 26)
+        (lambda: api.query(q, router="retrieval", adapters=[], settings=env.settings), "the adapter list is empty"),
+        (lambda: api.query(q, router="auto", adapters=[], settings=env.settings), "does not apply"),
     ]:
         with pytest.raises(UserInputError, match=msg):
             call()
     assert bank.answer_each(q, [0, "sports-lora"]) == bank.answer_each(q, ["flights-lora", 1])
+    # a model left in train() mode answered at random (dropout on): answers run in eval mode, the mode kept
+    tg = api.load_routed_model("tg", settings=env.settings)
+    many = ["flight late", "great match goal", "apple phone love", "bad crew bags lost", "hate the team"] * 4
+    ref = tg.answer(many)
+    tg.model.train()
+    for m in tg.model.modules():  # dropout that would change every answer
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.9
+    assert tg.answer(many) == ref and all(m.training for m in tg.model.modules())
     assert [r["query"] for r in rm.answer([" flight late "])] == ["flight late"]
 
 
