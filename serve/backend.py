@@ -34,6 +34,14 @@ def checked_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+
+def _completions(choices: Any, delta: bool = False) -> list:
+    """The choices of a backend's answer that hold a completion: a dict with a `text` (completions) or a
+    `message` (chat), or in a stream's chunk a `delta` or a `text`. An answer of `choices: []`, or of choices
+    with neither, was relayed as a success (the openai client then failed on `choices[0]`; sweep 27)."""
+    keys = ("text", "delta", "message") if delta else ("text", "message")
+    return [c for c in choices if isinstance(c, dict) and any(k in c for k in keys)] if isinstance(choices, list) else []
+
 class Backend:
     def __init__(self, url: str, timeout: float = 600.0):
         self.url = checked_url(url)
@@ -69,9 +77,9 @@ class Backend:
                     raise APIError(502, f"the backend answered {r.status_code} without JSON") from None
                 if r.status_code != 200:
                     raise self._failed(r.status_code, data)
-                if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-                    raise APIError(502, f"the backend answered 200 with no completion (no 'choices' list): "
-                                        f"{json.dumps(data)[:120]}")
+                if not isinstance(data, dict) or not _completions(data.get("choices")):
+                    raise APIError(502, f"the backend answered 200 with no completion (no choice with a 'text' or a "
+                                        f"'message'): {json.dumps(data)[:120]}")
                 data.pop("routing", None)
                 if "model" in data:
                     data["model"] = routing["model"]
@@ -127,7 +135,7 @@ class Backend:
         that is not a chunk (not JSON, or the backend's own error) ends the stream with an error event naming
         the backend, as its failures are 502s elsewhere."""
         held: dict | None = None
-        done = routed = False
+        done = routed = carried = False
         failed: str | None = None
         try:
             async for payload in self._events(resp):
@@ -144,6 +152,7 @@ class Backend:
                     failed = (f"the backend {self.url} failed mid-stream: {said}" if said else
                               f"the backend {self.url} sent an event that is not a completion chunk: {payload[:120]!r}")
                     break
+                carried = carried or bool(_completions(chunk.get("choices"), delta=True))
                 chunk.pop("routing", None)
                 if "model" in chunk:
                     chunk["model"] = routing["model"]
@@ -152,6 +161,8 @@ class Backend:
                 if held is not None:
                     yield f"data: {json.dumps(held)}\n\n"
                 held = chunk
+            if done and not carried and failed is None:  # `choices: []` throughout: a success with no answer
+                failed = f"the backend {self.url} ended its stream without a completion (no chunk carried a choice)"
             if held is not None:
                 if not routed and failed is None:
                     held["routing"] = routing

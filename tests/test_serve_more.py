@@ -245,6 +245,10 @@ def _fake_backend(seen: dict | None = None):
                                 status_code=401)
         if p == "mlist":
             return JSONResponse([1, 2, 3])
+        if p == "mempty":
+            return JSONResponse({"id": "x", "object": "text_completion", "choices": []})
+        if p == "mfoo":
+            return JSONResponse({"id": "x", "object": "text_completion", "choices": [{"foo": 1}]})
 
         async def cut():
             yield 'data: {"choices": [{"index": 0, "text": "half"}]}\n\n'
@@ -261,7 +265,10 @@ def _fake_backend(seen: dict | None = None):
         async def garbled():
             yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\ndata: {not json\n\ndata: [DONE]\n\n'
 
-        streams = {"split": split, "failing": failing, "garbled": garbled}
+        async def empty():  # a usage chunk and [DONE], no choice ever (sweep 27: relayed as a success)
+            yield 'data: {"id": "x", "choices": [], "usage": {"prompt_tokens": 1}}\n\ndata: [DONE]\n\n'
+
+        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -290,7 +297,8 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
                                                               "max_tokens": 2, **kw}, timeout=30)
 
         for prompt, said in (("m500", "answered 500: backend exploded"), ("m401", "answered 401: Incorrect API key"),
-                             ("mlist", "answered 200 with no completion")):
+                             ("mlist", "answered 200 with no completion"),
+                             ("mempty", "answered 200 with no completion"), ("mfoo", "answered 200 with no completion")):
             r = ask(prompt)
             assert r.status_code == 502 and said in r.json()["error"]["message"], (prompt, r.text)
         r = ask("x", trace=True)
@@ -304,11 +312,14 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
         events = [ln[5:].strip() for ln in ask("split", stream=True).text.splitlines() if ln.startswith("data:")]
         assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "C"] and events[-1] == "[DONE]"
         for prompt, said in (("failing", "failed mid-stream: backend blew up"),
-                             ("garbled", "sent an event that is not a completion chunk")):
+                             ("garbled", "sent an event that is not a completion chunk"),
+                             ("empty", "ended its stream without a completion")):
             events = [ln[5:].strip() for ln in ask(prompt, stream=True).text.splitlines() if ln.startswith("data:")]
             err = json.loads(events[-2])
             assert events[-1] == "[DONE]" and said in err["error"]["message"] and back[:-3] in err["error"]["message"]
-            assert "routing" not in err and json.loads(events[0])["choices"][0]["text"] == "A", events
+            assert "routing" not in err, events
+            if prompt != "empty":
+                assert json.loads(events[0])["choices"][0]["text"] == "A", events
 
 
 def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llama_home, tiny_llama):
