@@ -220,8 +220,11 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
            queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None
            ) -> list[Decision]:
     """The decision for each request, from one embedding pass (or the given unit query vectors) and one
-    faiss search. `labels`: per request, the label set it names (or None). `base_sha`: the fingerprint of
-    the loaded base (a server's), saving `nearest_hits` from reading the base's config."""
+    faiss search. `labels`: per request, the label set it names (or None); `()` for a request that names none
+    but must be answered with one (a classification without labels): only adapters whose task has labels are
+    candidates (one registered without a task was chosen, and the request refused for want of labels, while
+    an adapter trained on its task was there; sweep 27). `base_sha`: the fingerprint of the loaded base (a
+    server's), saving `nearest_hits` from reading the base's config."""
     texts = list(texts)
     per = list(labels) if labels is not None else [None] * len(texts)
     if len(per) != len(texts):
@@ -232,6 +235,12 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     gens: dict[str, Any] = {}
     out = []
     for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base, base_sha), per):
+        if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
+            hits = [h for h in hits if adapter_labels(reg, h.name)]
+            if not hits:
+                out.append(Decision(t, "base", f"no adapter of base {base!r} near it records a task with labels",
+                                    None, None, None))
+                continue
         if not hits:
             out.append(Decision(t, "base", f"no adapter of base {base!r} (as its fingerprint is now) in the registry",
                                 None, None, None))

@@ -256,7 +256,8 @@ class Engine:
         if not texts:
             return []
         out, fell = [], []
-        want = tuple(labels) if labels else None
+        # a classification without labels is answered with its adapter's label set: `()` asks for such adapters
+        want = tuple(labels) if labels else (() if for_classify else None)
         decisions = list(self._decide([(t, want) for t in texts]))
         if for_classify and not labels:
             classify.refuse_base_answers([d.action == "base" for d in decisions], [d.reason for d in decisions])

@@ -94,8 +94,21 @@ def test_classify_answers_with_the_labels_a_request_names(bert_registry, tiny_be
                 r = h.post("/v1/classify", json={"model": "auto", "input": text, "labels": labels})
                 assert r.status_code == 400 and r.json()["error"]["param"].startswith("labels"), (labels, r.text)
             assert registry_state(bert_registry.home) == before
+            # an adapter loaded the vLLM way (no task) nearest the text: a classification without labels was
+            # routed to it and refused for want of labels (sweep 27); it goes to the nearest with a label set
+            r = h.post("/v1/load_lora_adapter", json={"lora_name": "taskless", "lora_path": str(peft_dirs["sports"]),
+                                                      "description": text})
+            assert r.status_code == 200, r.text
+            near = h.post("/v1/classify", json={"model": "auto", "input": text, "labels": ["win", "loss"]})
+            assert near.json()["routing"]["inputs"][0]["reason"].startswith("nearest adapter 'taskless'"), near.text
+            r = h.post("/v1/classify", json={"model": "auto", "input": text})
+            assert r.status_code == 200, r.text
+            routing = r.json()["routing"]["inputs"][0]
+            assert routing["nearest"] != "taskless" and "taskless" not in [a["name"] for a in routing["adapters"]]
     finally:
         api.remove("results-lora", settings=bert_registry)
+        if "taskless" in [a.name for a in api.open_registry(bert_registry).list_adapters()]:
+            api.remove("taskless", settings=bert_registry)
 
 
 def test_the_api_key_guards_v1(llama_home, tiny_llama):
