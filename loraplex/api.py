@@ -64,7 +64,7 @@ def _validator(fn: Callable[..., Any]) -> Callable[..., Any]:
         ann = p.annotation
         if isinstance(ann, str):
             try:
-                ann = eval(ann, getattr(fn, "__globals__", {}))  # noqa: S307 - the function's own annotation
+                ann = eval(ann, getattr(inspect.unwrap(fn), "__globals__", {}))  # noqa: S307 - its own annotation (a decorated one: the function it wraps)
             except Exception:
                 ann = Any
         hints[p.name] = Any if ann is inspect.Parameter.empty else ann
@@ -92,6 +92,14 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
     if s is not None and not isinstance(s, Settings):  # strict mode still builds a model from a dict, then drops it
         raise UserInputError(f"{where}(): settings must be Settings | None, got {type(s).__name__} {_SHORT.repr(s)} "
                              "(Settings.load(home=...) makes one)")
+    if s is not None:  # model_copy(update=...) and model_construct skip validation: checked again, as load checks
+        try:
+            Settings.model_validate(s.model_dump())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+            raise UserInputError(f"{where}(): settings.{key}={getattr(s, key, None)!r}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}") from None
     try:
         _validator(fn)(*args, **kwargs)
     except ValidationError as exc:

@@ -6,6 +6,7 @@ ProgrammingError, or a string split into characters ("no adapter named 'd'")."""
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,17 @@ def test_an_export_to_a_tilde_path_lands_in_the_home_folder(one_adapter, tmp_pat
     out = api.export("dp", "~/exported", settings=one_adapter)
     assert Path(out) == tmp_path / "me" / "exported" and (Path(out) / "adapter_config.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_settings_changed_without_validation_are_checked_at_the_boundary(tmp_path):
+    """Settings.model_copy(update=...) skips pydantic's validation: home=None was a raw TypeError and an unknown
+    device was blamed on the base model (sweep 26). The api checks the settings it is given again."""
+    from loraplex.errors import UserInputError
+    from loraplex.settings import Settings
+
+    s = Settings.load(home=tmp_path / "h", embedder="hash")
+    for update, said in (({"home": None}, "settings.home=None"), ({"device": "gpu"}, "settings.device='gpu'"),
+                         ({"dtype": "int8"}, "settings.dtype='int8'")):
+        with pytest.raises(UserInputError, match=re.escape(said)):
+            api.list_adapters(s.model_copy(update=update))
+    assert api.list_adapters(s) == []
