@@ -67,7 +67,7 @@ from loraplex.registry.index import Hit, nearest_adapters, of_base
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
 from loraplex.router.retrieval import RetrievalRouter, adapter_labels, label_overlap
-from loraplex.tasks import validate_description
+from loraplex.tasks import validate_description, visible
 
 Action = Literal["route", "generate", "base"]
 CANDIDATES_FILE = "candidates.jsonl"
@@ -235,6 +235,10 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     gens: dict[str, Any] = {}
     out = []
     for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base, base_sha), per):
+        if not visible(t):  # a prompt of spaces or zero-width characters: its embedding says nothing (sweep 27:
+            # it was decided on, and logged as a candidate new task); the bare base continues it
+            out.append(Decision(t, "base", "the text has no visible character: nothing to route by", None, None, None))
+            continue
         if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
             hits = [h for h in hits if adapter_labels(reg, h.name)]
             if not hits:
@@ -357,6 +361,7 @@ def log_candidates(reg, decisions: list[Decision]) -> str | None:
     """Append the requests the bare base answered to candidates.jsonl. A registry that cannot be written
     (read-only, full, its lock held) does not cost the requests their answers: returns why they were not
     logged (None when they were), which their answers' reasons then say."""
+    decisions = [d for d in decisions if visible(d.text)]  # nothing to learn a task from
     if not decisions or is_worker():
         return None
     path = reg.home / CANDIDATES_FILE

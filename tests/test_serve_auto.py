@@ -24,6 +24,10 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
                                         max_tokens=3, temperature=0)
         foreign = client.completions.create(model="auto", prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
         base = client.completions.create(model=_base(client), prompt="qqq zzz xxyyzz", max_tokens=3, temperature=0)
+        # a prompt with no visible character: nothing to route by, not a candidate new task (sweep 27: logged)
+        blank = client.completions.create(model="auto", prompt="  \u200b ", max_tokens=2, temperature=0)
+        assert blank.model_extra["routing"]["decision"] == "base"
+        assert "no visible character" in blank.model_extra["routing"]["reason"]
         # without labels, the inputs auto passes to the base cannot be classified: a 400 naming the first and
         # counting them, before any forward (sweep 19: "this input", one of 2,048, after all were scored)
         r = httpx.post(url + "/v1/classify", json={"model": "auto", "input": [

@@ -191,7 +191,7 @@ def test_a_developer_message_is_the_system_message():
 
     def chat_prompt(messages):
         seen.extend(messages)
-        return [1, 2, 3], messages[-1]["content"]
+        return [1, 2, 3], 3, messages[-1]["content"]
 
     engine = SimpleNamespace(family="causal", base_name="b", context=64, chat_prompt=chat_prompt)
     req = ChatRequest.model_validate({"model": "m", "messages": [{"role": "developer", "content": "be brief"},
