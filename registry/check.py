@@ -57,7 +57,7 @@ class CheckReport:
                 "counts": self.counts}
 
 
-def _same_base(name: str, sha: str) -> bool:
+def _same_base(name: str, sha: str, settings=None) -> bool:
     """Whether base `name` is one of the bases of fingerprint `sha`: two model directories of one
     architecture (two checkpoints) share a fingerprint, and `bases` keeps the first one's name. A base that
     no longer resolves (its directory is gone) cannot be told apart: not called a problem here."""
@@ -66,7 +66,7 @@ def _same_base(name: str, sha: str) -> bool:
     if os.path.isabs(name) and not os.path.exists(name):
         return True
     try:
-        return fingerprint(resolve_base(name)).sha == sha
+        return fingerprint(resolve_base(name), settings).sha == sha
     except LoraplexError:
         return False
 
@@ -177,13 +177,15 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         except UserInputError as exc:
             report.problems.append(f"adapter {rec.name!r}: its stored name breaks the naming rules ({exc}); "
                                    "remove it, or register it again")
-        if rec.base_sha in stored and stored[rec.base_sha][0] != rec.base and not _same_base(rec.base, rec.base_sha):
+        renamed = rec.base_sha in stored and stored[rec.base_sha][0] != rec.base
+        if renamed and not _same_base(rec.base, rec.base_sha, reg.settings):
             report.problems.append(f"adapter {rec.name!r}: its stored base name {rec.base!r} is not the name of the "
                                    f"base it was registered on ({stored[rec.base_sha][0]!r}); remove it, or register "
                                    "it again")
     from loraplex.models import current_sha
 
-    now = {name: current_sha(name) for name in sorted({r.base for r in records})}  # None: cannot be read here
+    now = {name: current_sha(name, reg.settings)  # None: cannot be read here
+           for name in sorted({r.base for r in records})}
     for rec in records:
         if now[rec.base] is not None and now[rec.base] != rec.base_sha:
             report.problems.append(f"adapter {rec.name!r}: base {rec.base!r} has changed since it was registered (its "

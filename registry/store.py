@@ -116,8 +116,10 @@ class Registry(Database, Components):
     adapters and their signatures; registry/components.py: routers and generators."""
 
     def __init__(self, home: str | os.PathLike, *, embedder: str = "minilm", lock_timeout: float = 120.0,
-                 embedder_named_by: str | None = None):
+                 embedder_named_by: str | None = None, settings: Settings | None = None):
         super().__init__(home, lock_timeout=lock_timeout)
+        self.settings = settings  # what it was opened with: a base's files are found with them (its cache_dir),
+        # not with the environment's (a query converted SmolLM2 into another cache than the caller named; sweep 26)
         self.blob_dir = self.home / "blobs"
         self.default_embedder = embedder
         self.embedder_named_by = embedder_named_by  # set: the user named `embedder` (how, for messages);
@@ -127,7 +129,7 @@ class Registry(Database, Components):
     def open(cls, settings: Settings | None = None) -> "Registry":
         """The registry of `settings` (default: `Settings.load()`, the environment): its home and embedder."""
         s = settings or Settings.load()
-        return cls(s.home, embedder=s.embedder, embedder_named_by=s.embedder_named_by)
+        return cls(s.home, embedder=s.embedder, embedder_named_by=s.embedder_named_by, settings=s)
 
     def check_embedder(self) -> None:
         """Refuse now an embedder this registry cannot take (`embedder_name`): a command that trains and then

@@ -194,7 +194,7 @@ def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha
     for hits in nearest_adapters(reg, q, max(SEARCHED, cfg.top_k), weight=cfg.prototype_weight):
         want = base or (hits[0].base if hits else None)
         if want is not None and want not in shas:
-            shas[want] = current_sha(want)
+            shas[want] = current_sha(want, reg.settings)
         out.append(of_base(hits, want, shas.get(want)))
     return out
 

@@ -256,6 +256,9 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
       without, the registry's adapters nearest to `texts`), `config` being RetrievalConfig's options;
     - no router: the adapters in one bank with no router, for heterogeneous batches
       (`RoutedModel.answer_each(texts, adapter_per_row)`)."""
+    if router == "auto":  # reserved: no router may be named so (sweep 26: "no router named 'auto'")
+        raise UserInputError("auto decides per query (route, generate an adapter, or the bare base) and is not a "
+                             "model to load: use query(texts, router='auto')")
     if shortlist is not None and shortlist < 1:
         raise UserInputError("--shortlist must be at least 1")
     if shortlist is not None and (not router or is_untrained(router)):

@@ -175,4 +175,4 @@ class RetrievalRouter:
         if not order:
             return []
         want = base or order[0].base
-        return [h.name for h in of_base(order, want, current_sha(want))]
+        return [h.name for h in of_base(order, want, current_sha(want, reg.settings))]

@@ -202,6 +202,7 @@ def test_a_routed_models_methods_check_what_they_are_given(env):
         # an empty restriction was routed over the whole registry (sweep 26)
         (lambda: api.query(q, router="retrieval", adapters=[], settings=env.settings), "the adapter list is empty"),
         (lambda: api.query(q, router="auto", adapters=[], settings=env.settings), "does not apply"),
+        (lambda: api.load_routed_model("auto", settings=env.settings), "not a model to load"),
     ]:
         with pytest.raises(UserInputError, match=msg):
             call()
@@ -411,3 +412,25 @@ def test_a_stored_router_whose_files_now_share_a_name_and_a_tiny_task_are_said(t
               *fit[2:])
     assert res.exit_code == 0 and "warning: router fit balances its tasks: each gives the gates" in res.stderr, res.output
     assert "as many as task 'phones' has (task 'flights' has 32)" in res.stderr, res.output
+
+
+def test_the_base_check_of_routing_reads_the_callers_settings(env, monkeypatch):
+    """Retrieval's and auto's check of the base's fingerprint, and `registry check`, read the base with the
+    environment's settings: a SmolLM2 registry queried with Settings(cache_dir=...) was converted (517 MB) into
+    the environment's cache instead (sweep 26). They take the settings the registry was opened with."""
+    import loraplex.models as models
+    from loraplex import api
+
+    seen = []
+    real = models.fingerprint
+
+    def spy(ref, settings=None):
+        seen.append(settings)
+        return real(ref, settings)
+
+    monkeypatch.setattr(models, "fingerprint", spy)
+    models._fingerprint_cached.cache_clear()
+    api.query(["flight late"], router="retrieval", settings=env.settings)
+    api.query(["flight late"], router="auto", settings=env.settings)
+    api.check(settings=env.settings)
+    assert seen and all(s is not None and s.cache_dir == env.settings.cache_dir for s in seen), seen
