@@ -24,8 +24,10 @@ uses (`loraplex adapters list` never imports torch or lightning).
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
+import numbers
 import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
@@ -129,12 +131,28 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
         raise UserInputError(f"{where}(): {head} must be {want}, got {_shown(value)}{detail}") from None
 
 
+def _plain(value: Any) -> Any:
+    """A value the strict check would refuse only for its class, as the plain Python value it is: a NumPy
+    integer or float (what `np.argmax` and a DataFrame's shape give) as int or float, a Sequence that is not a
+    list or tuple (a UserList) as a list. Not a coercion: "3" stays a str, True a bool (sweep 26)."""
+    if isinstance(value, (bool, int, float, str, bytes, list, tuple)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, collections.abc.Sequence):
+        return list(value)
+    return value
+
+
 def _checked(fn: F) -> F:
     """The API function `fn` with its arguments checked against its signature first (`_check_arguments`)."""
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         from loraplex.errors import os_error
 
+        args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         _check_arguments(fn.__name__, fn, args, kwargs)
         try:
             return fn(*args, **kwargs)

@@ -169,3 +169,23 @@ def test_settings_changed_without_validation_are_checked_at_the_boundary(tmp_pat
         with pytest.raises(UserInputError, match=re.escape(said)):
             api.list_adapters(s.model_copy(update=update))
     assert api.list_adapters(s) == []
+
+
+def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path):
+    """The strict check refused a NumPy integer ("k must be int") and a UserList ("must be Sequence[str]"),
+    what a notebook passes (sweep 26); they are taken as int and list. A str is still not a number."""
+    from collections import UserList
+
+    import numpy as np
+
+    from loraplex.settings import Settings
+
+    s = Settings.load(home=tmp_path / "h", embedder="hash")
+    assert api.search("flights", k=np.int64(2), settings=s) == []
+    assert api.list_tasks(family=None)  # unchanged
+    with pytest.raises(UserInputError, match="k must be int"):
+        api.search("flights", k="2", settings=s)
+    with pytest.raises(UserInputError, match="k must be int"):
+        api.search("flights", k=np.bool_(True), settings=s)
+    with pytest.raises(UserInputError, match="no adapters|empty|registry"):
+        api.query(UserList(["my flight"]), router="retrieval", settings=s)
