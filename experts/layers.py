@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loraplex.experts.bank import LoraBank
-from loraplex.experts.spec import Adapter, LoraSpec
+from loraplex.experts.spec import Adapter, LoraSpec, unread_module
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -124,7 +124,11 @@ def inject(
         raise ValueError("model already has adapter banks; call eject(model) first")
     if not adapters:
         raise ValueError("inject needs at least one adapter")
-    names = list(modules) if modules is not None else sorted({m for a in adapters for m in a.modules})
+    # modules no loraplex head reads (BERT's pooler: `spec.unread_module`) are kept in an adapter and its export
+    # but not wrapped: the pooler takes a (B, d) first-token tensor, which a routed layer's (B, 1, S) gates did
+    # not fit (every query over a PEFT `all-linear` adapter was an internal error; sweep 28)
+    names = list(modules) if modules is not None else sorted({m for a in adapters for m in a.modules
+                                                              if not unread_module(m)})
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}

@@ -8,13 +8,16 @@ fingerprint, module names aligned onto the base's, shapes) and writes last, in o
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, LoraplexError, UserInputError
+from loraplex.errors import (AdapterNotFound, AlreadyExists, IncompatibleAdapter, InvalidAdapter, LoraplexError,
+                             LoraplexWarning, UserInputError)
 from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
+from loraplex.experts.spec import unread_module
 from loraplex.heads import HEADS
 from loraplex.models import Fingerprint, fingerprint, load_tokenizer, resolve_base
 from loraplex.registry.index import SignatureIndex
@@ -58,6 +61,13 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
     with _about("path"):
         adapter = align_modules(adapter, fp.modules)
         adapter.check_fits(fp, name=f"adapter at {path}")
+        unread = [m for m in adapter.modules if unread_module(m)]
+        if unread and len(unread) == len(adapter.modules):
+            raise InvalidAdapter(f"adapter at {path} adapts only {', '.join(unread[:3])}, which no loraplex head reads "
+                                 "(the pooler): it would change no answer")
+        if unread:  # kept in the blob and the export; not applied (experts/layers.inject)
+            warnings.warn(f"adapter at {path}: {', '.join(unread[:3])} kept in the adapter and its export but not "
+                          "applied: no loraplex head reads the pooler", LoraplexWarning, stacklevel=2)
     with _about("task"):
         # a task file without a description of its own takes the adapter's
         task_obj = reg.load_task(task, fallback_description=description) if task else None

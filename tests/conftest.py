@@ -115,7 +115,8 @@ def make_peft_adapter(base_dir: Path, out: Path, *, r: int = 4, alpha: float = 8
     torch.manual_seed(seed)
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(str(base_dir))
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **extra)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
+                     init_lora_weights=False, **extra)
     pm = get_peft_model(model, cfg)
     pm.save_pretrained(str(out))
     return out

@@ -210,3 +210,31 @@ def test_overlapping_pattern_keys_are_taken_in_the_files_order(tiny_bert, tmp_pa
     out_dir = api.export("order", tmp_path / "out", settings=settings)
     again = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(out_dir)).eval(), x)
     assert (again - ref).abs().max() < 1e-5
+
+
+def test_an_all_linear_adapter_answers_routed_and_a_pooler_only_one_is_refused(tiny_bert, tmp_path, settings):
+    """PEFT's `all-linear` on BertModel adapts `pooler.dense`, which takes a (B, d) first-token tensor: every
+    routed query over such an adapter was an internal error (sweep 28). The pooler's LoRA is kept in the adapter
+    and its export, not applied (no head reads it, said in a warning); an adapter of the pooler alone is refused."""
+    from peft import PeftModel
+
+    from loraplex.errors import InvalidAdapter, LoraplexWarning
+
+    peft_dir = make_peft_adapter(tiny_bert, tmp_path / "p", targets="all-linear")
+    with pytest.warns(LoraplexWarning, match="pooler.dense kept in the adapter"):
+        api.register(peft_dir, name="all", description="complaints about flights", base=str(tiny_bert),
+                     settings=settings)
+    x = _inputs(tiny_bert)
+    ref = _out(PeftModel.from_pretrained(_load_base(tiny_bert, False), str(peft_dir)).eval(), x)
+    lb, _ = api.load_adapted(["all"], settings)
+    assert (_out(lb.model, x) - ref).abs().max() < 1e-5  # the hidden states the heads read
+    rm = api.load_routed_model("retrieval", ["all"], settings=settings)
+    assert rm.answer(["the flight was late"], labels=["late", "on time"])[0]["answer"] in ("late", "on time")
+    out_dir = api.export("all", tmp_path / "out", settings=settings)
+    again = PeftModel.from_pretrained(_load_base(tiny_bert, False), str(out_dir)).eval()
+    first = PeftModel.from_pretrained(_load_base(tiny_bert, False), str(peft_dir)).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**x).pooler_output, first(**x).pooler_output, atol=1e-5)  # kept in the export
+    only = make_peft_adapter(tiny_bert, tmp_path / "q", targets=("pooler.dense",))
+    with pytest.raises(InvalidAdapter, match="no loraplex head reads"):
+        api.register(only, name="pool", description="the pooler only", base=str(tiny_bert), settings=settings)
