@@ -129,15 +129,24 @@ class ParamLayout:
 
     # ---- the map -----------------------------------------------------------------------------
     def flatten(self, adapter: Adapter, *, name: str = "adapter", against: str = "the generator's layout") -> "torch.Tensor":
-        """The adapter as one float32 vector (P,)."""
+        """The adapter as one float32 vector (P,), in the layout's scaling: each module's B is multiplied by
+        the adapter's scaling over the layout's (its lora_alpha / r, or / sqrt(r) with rsLoRA), so the vectors
+        of adapters of other alphas stand for their updates as they are applied, and `unflatten` (the layout's
+        spec) gives each its own update back. Raw A and B were compared, and every generated adapter took the
+        first member's scaling (one of alpha 64 came out 8x too weak beside one of alpha 8; sweep 28)."""
         import torch
 
         self.check(adapter, name=name, against=against)
         parts = []
         for s in self.slots:
             a, b = adapter.weights[s.name]
+            ours = self.spec.scaling_for(s.name, s.rank)
+            if ours == 0:
+                raise IncompatibleAdapter(f"the layout's scaling of module {s.name!r} is 0 (lora_alpha 0): nothing "
+                                          "generated in it could change the base")
+            fold = adapter.scaling(s.name) / ours
             parts.append(a.detach().reshape(-1).float().cpu())  # (r * d_in,)
-            parts.append(b.detach().reshape(-1).float().cpu())  # (d_out * r,)
+            parts.append((b.detach().float().cpu() * fold).reshape(-1))  # (d_out * r,)
         return torch.cat(parts)  # (P,)
 
     def unflatten(self, vec: "torch.Tensor") -> Adapter:

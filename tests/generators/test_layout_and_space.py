@@ -35,6 +35,21 @@ def test_flatten_unflatten_is_exact_and_ordered():
         lay.unflatten(v[:-1])
 
 
+@pytest.mark.parametrize("spec", [LoraSpec(r=4, alpha=64, rank_pattern={"enc.1.q": 2}),
+                                  LoraSpec(r=4, alpha=8, use_rslora=True, rank_pattern={"enc.1.q": 2}),
+                                  LoraSpec(r=4, alpha=8, rank_pattern={"enc.1.q": 2}, alpha_pattern={"enc.0.v": 2})])
+def test_adapters_of_other_scalings_are_vectors_of_their_updates(spec):
+    """A generator's vectors were raw A and B: members of another lora_alpha (or rsLoRA, an alpha_pattern) were
+    mixed as if alike and written with the first member's scaling (sweep 28). Each vector is in the layout's
+    scaling, so an adapter unflattened from it makes the update the member made."""
+    lay = ParamLayout.of(adapter(0))
+    other = Adapter(spec, adapter(1).weights)
+    back = lay.unflatten(lay.flatten(other))
+    for m, (a, b) in other.weights.items():
+        want = other.scaling(m) * (b @ a)
+        torch.testing.assert_close(back.scaling(m) * (back.weights[m][1] @ back.weights[m][0]), want)
+
+
 @pytest.mark.parametrize("mods, message", [
     ({**MODS, "enc.0.v": (3, 6, 7)}, "at module 'enc.0.v': rank 3, 6 -> 7 features, where the layout has rank 4"),
     ({k: v for k, v in MODS.items() if k != "enc.0.v"}, "it has no module 'enc.0.v'"),
