@@ -406,7 +406,7 @@ async def _generate(cx: _Context, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text])
     if cx.fwd is not None:
-        return await _forward(cx, request, raw, req.model, target, text, routes)
+        return await _forward(cx, request, raw, req.model, target, text, routes, sampling)
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
     answer = _Answer(req, target, chat, len(ids), cx.error, cx.stopped)
@@ -447,8 +447,12 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
     return ids, text, sampling
 
 
-async def _forward(cx: _Context, request: Request, raw: bytes, model: str, target: Target, text: str, routes):
-    """The request sent on to the backend, naming the one adapter chosen here (auto's top, a router's)."""
+async def _forward(cx: _Context, request: Request, raw: bytes, model: str, target: Target, text: str, routes,
+                   sampling: decode.Sampling):
+    """The request sent on to the backend, naming the one adapter chosen here (auto's top, a router's), with
+    the max_tokens and temperature this server would use where the request leaves them out (the README's
+    defaults: 256 tokens or what the context leaves, temperature 1; forwarded without them, the backend's own
+    applied: vLLM's 16 tokens on completions; sweep 27)."""
     if routes is not None:
         route = cx.engine.top(routes[0])
     else:
@@ -460,6 +464,10 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
         summary.update(decision=route.decision, reason=route.reason, nearest=route.nearest)
     body = json.loads(raw)
     body.pop("trace", None)
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = sampling.max_tokens
+    if body.get("temperature") is None:
+        body["temperature"] = sampling.temperature
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
     routing = {**_routing(model, target, summary, None), "level": "request"}  # one adapter forwarded per request
     return await cx.fwd.forward(request.url.path, body, routing, gone=request.is_disconnected,

@@ -244,6 +244,8 @@ def _fake_backend(seen: dict | None = None):
     async def completions(request):  # a plain Starlette route: it reads its request (and sees the caller leave)
         body = await request.json()
         p = body["prompt"]
+        if seen is not None:
+            seen["body"] = body
         if p == "slow":
             for _ in range(200):
                 await asyncio.sleep(0.1)
@@ -333,6 +335,19 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
             assert "routing" not in err, events
             if prompt != "empty":
                 assert json.loads(events[0])["choices"][0]["text"] == "A", events
+
+
+def test_a_forwarded_request_carries_this_servers_defaults(llama_home, tiny_llama):
+    """Forwarded without max_tokens and temperature, a request got the backend's defaults (vLLM: 16 tokens on
+    completions) where the README promises loraplex's (sweep 27); what the request gives is kept."""
+    s, _ = llama_home
+    seen: dict = {}
+    with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back) as front:
+        httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "x"}, timeout=30)
+        assert seen["body"]["max_tokens"] > 16 and seen["body"]["temperature"] == 1.0, seen
+        httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "x", "max_tokens": 3,
+                                                    "temperature": 0}, timeout=30)
+        assert seen["body"]["max_tokens"] == 3 and seen["body"]["temperature"] == 0, seen
 
 
 def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llama_home, tiny_llama):
