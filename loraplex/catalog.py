@@ -58,22 +58,28 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
     the text has at least), without tokenizing the whole of a long text: a fast tokenizer takes about 0.7 KB a
     token, so one 32 MB prompt (16M tokens, 11 GB) took a server down before its length was checked (sweep 27).
 
-    Prefixes of 4 characters a token's worth, doubling, are tokenized until one is over the limit or the text
-    is read whole; a text longer than `(limit + 1) * MAX_CHARS_PER_TOKEN` characters is over without any. A
-    prefix is cut before a whitespace character where it has one in its second half (tokenizers split words
-    there, so the prefix's tokens are the text's first ones, give or take one), else inside a word; it counts
-    only when it is over the limit by more than the tokens such a cut may add (1, or 8 inside a word)."""
+    A text of more than 4 characters a token's worth is counted in consecutive pieces of that size, each
+    tokenized alone (so no more than one piece's tokens exist at once), until their sum is over the limit;
+    a text that stays within it is then tokenized whole, for its exact ids. A piece ends before the last
+    character that is not a letter or digit in its last 256 characters (tokenizers split words there, so the
+    pieces' tokens are the text's, give or take one a piece, which the sum takes off); a piece of a word longer
+    than that is cut inside it and its count taken 8 lower. No character count alone refuses a text (a short
+    text padded with 40,000 spaces is 5 tokens), and a word cut short is not counted as its pieces (WordPiece
+    reads a word over 100 characters as one [UNK], its first 99 as dozens of pieces: sweep 29)."""
     limit = max(0, int(limit))
-    if len(text) > (limit + 1) * MAX_CHARS_PER_TOKEN:
-        return None, len(text) // MAX_CHARS_PER_TOKEN
-    n = (limit + 1) * 4
-    while len(text) > n:
-        cut = max(text.rfind(" ", n // 2, n), text.rfind("\n", n // 2, n))
-        count = len(encode(text[:cut] if cut > 0 else text[:n]))
-        slack = 1 if cut > 0 else 8
-        if count > limit + slack:
-            return None, count - slack
-        n *= 2
+    size = (limit + 1) * 4
+    if len(text) > size:
+        special = len(encode(""))  # what encode adds to every piece ([CLS] and [SEP], a BOS)
+        total, start = special, 0
+        while start < len(text):
+            end, slack = min(len(text), start + size), 0
+            if end < len(text):
+                cut = next((k for k in range(end - 1, max(start, end - 256), -1) if not text[k].isalnum()), None)
+                end, slack = (cut, 1) if cut is not None else (end, 8)
+            total += max(0, len(encode(text[start:end])) - special - slack)
+            if total > limit:
+                return None, total
+            start = end
     ids = encode(text)
     return (ids, len(ids)) if len(ids) <= limit else (None, len(ids))
 
