@@ -198,6 +198,7 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
             "train_loss": last_metric(trainer.callback_metrics, "loss/task"),
             "router_aux": last_metric(trainer.callback_metrics, "loss/router_aux"),
             "routing_accuracy": _r(ev["routing_accuracy"]), "accuracy": _r(ev["accuracy"]),
+            "answered_accuracy": _r(ev["answered_accuracy"]),
             "oracle_accuracy": _r(ev["oracle_accuracy"]), "eval_limit": eval_limit,
             "per_task": [{k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for row in ev["tasks"]],
         }

@@ -71,14 +71,18 @@ def fit(
     out.line(f"fitted router {res.record.name} ({res.record.method}) over "
              f"{', '.join(res.record.members) or 'its own experts'} in {m['train_seconds']:.1f}s ({m['steps']} steps); "
              f"logs in {res.run_dir}")
-    _eval_table(m["per_task"], m["routing_accuracy"], m["accuracy"], m["oracle_accuracy"])
+    _eval_table(m["per_task"], m["routing_accuracy"], m["accuracy"], m["oracle_accuracy"], m.get("answered_accuracy"))
 
 
-def _eval_table(rows, routing, acc, oracle) -> None:
+def _eval_table(rows, routing, acc, oracle, answered=None) -> None:
+    """`routed acc` scores each row on its own task's labels; `answered` is what a query gets, the labels
+    those of the task routing picks (a router fitted before that column was stored has none: "-")."""
     table = [{"task": r["task"], "adapter": r["adapter"], "n": r["n"], "routing": _fmt_pct(r["routing_accuracy"]),
-              "routed acc": _fmt_pct(r["accuracy"]), "adapter alone": _fmt_pct(r["oracle_accuracy"])} for r in rows]
-    out.table(table, ["task", "adapter", "n", "routing", "routed acc", "adapter alone"])
-    out.line(f"routing accuracy {_fmt_pct(routing)}, routed accuracy {_fmt_pct(acc)} "
+              "routed acc": _fmt_pct(r["accuracy"]), "answered": _fmt_pct(r.get("answered_accuracy")),
+              "adapter alone": _fmt_pct(r["oracle_accuracy"])} for r in rows]
+    out.table(table, ["task", "adapter", "n", "routing", "routed acc", "answered", "adapter alone"])
+    out.line(f"routing accuracy {_fmt_pct(routing)}, routed accuracy {_fmt_pct(acc)} on each task's own labels, "
+             f"answered {_fmt_pct(answered)} with the labels of the task routing picks "
              f"(each adapter alone: {_fmt_pct(oracle)})")
 
 
@@ -99,7 +103,7 @@ def eval_(
         out.emit_json(res)
         return
     out.line(f"router {name} ({res['method']}, base {res['base']}) on the {split} split:")
-    _eval_table(res["tasks"], res["routing_accuracy"], res["accuracy"], res["oracle_accuracy"])
+    _eval_table(res["tasks"], res["routing_accuracy"], res["accuracy"], res["oracle_accuracy"], res.get("answered_accuracy"))
 
 
 @app.command("list")

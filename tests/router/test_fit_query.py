@@ -43,15 +43,26 @@ def test_router_is_trained_to_route_by_task(env):
     assert env.fit["metrics"]["routing_accuracy"] >= 0.9, env.fit["metrics"]
 
 
-def test_eval_reproduces_the_fit_evaluation(env):
+def test_eval_reproduces_the_fit_evaluation(env, task_files):
     res = env("router", "eval", "tg", "--limit", 8, "--json")
     assert res.exit_code == 0, res.output
     ev = json.loads(res.output)
     assert ev["routing_accuracy"] == pytest.approx(env.fit["metrics"]["routing_accuracy"], abs=1e-4)
     assert {r["task"] for r in ev["tasks"]} == {"flights", "sports", "phones"}
     assert all(r["oracle_accuracy"] is not None for r in ev["tasks"])
+    assert ev["answered_accuracy"] == pytest.approx(env.fit["metrics"]["answered_accuracy"], abs=1e-4)
     human = env("router", "eval", "tg", "--limit", 4)
-    assert human.exit_code == 0 and "routing accuracy" in human.output
+    assert human.exit_code == 0 and "routing accuracy" in human.output and "answered" in human.output
+    # answered is what a query answers (sweep 30: routed accuracy scored each row on its own task's labels,
+    # while a query answers with the labels of the task routing picks)
+    from loraplex import api
+    from loraplex.data import load_task
+
+    for row in ev["tasks"]:
+        task = load_task(str(task_files[row["task"]]))
+        ex = list(task.split("test"))[:8]
+        got = api.query([e.text for e in ex], router="tg", settings=env.settings)
+        assert row["answered_accuracy"] == pytest.approx(sum(g["answer"] == e.label for g, e in zip(got, ex)) / len(ex))
 
 
 def test_query_json_has_answer_adapters_and_tokens(env):
