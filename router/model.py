@@ -423,7 +423,8 @@ class RoutedModel:
                     picked = self.task_of(texts, routes)
                     same = [t is not None and t.name == task.name and t.labels == task.labels for t in picked]
                     answered += sum(r for r, ok in zip(right, same) if ok)
-                    other = [k for k, ok in enumerate(same) if not ok]  # answered with another task's labels
+                    other = [k for k, ok in enumerate(same)  # answered with another task's labels (none: not
+                             if not ok and picked[k] is not None and picked[k].labels]  # answered, so not right)
                     if other:
                         got = self.answer([texts[k] for k in other])
                         answered += sum(int(g["answer"] is not None and label_fold(str(g["answer"]))
