@@ -44,10 +44,13 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
         router = "retrieval"
     # retrieval over the whole registry and shortlists depend on the queries: rebuilt per batch
     per_batch = (is_untrained(router) and not adapters) or shortlist is not None
+    # a learned router mixes every adapter it is loaded with: a shortlist is each query's own, so one query a
+    # forward (a batch's union of shortlists made a query's answer depend on its neighbours; sweep 30)
+    step = 1 if shortlist is not None else batch_size
     out: list[dict[str, Any]] = []
     rm = None
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i: i + batch_size]
+    for i in range(0, len(texts), step):
+        chunk = texts[i: i + step]
         if rm is None or per_batch:
             rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, shortlist=shortlist,
                                    config=config, labels=labels)

@@ -69,7 +69,7 @@ def query(
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Adapters retrieval routes over (default: the whole registry).")] = None,
     input_: Annotated[Optional[Path], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Show which adapter took each token, and per layer.")] = False,
-    shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest (with the rest of a composition one answers with).")] = None,
+    shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest each query (with the rest of a composition one answers with; one query a forward).")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval and auto: adapters mixed per query.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per forward pass.")] = 32,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Retrieval or auto option KEY=VALUE (repeatable), e.g. route_threshold=0.5.")] = None,
