@@ -63,7 +63,8 @@ def route_summary(r: Route) -> dict[str, Any]:
     return out
 
 
-def top_adapters(names: Sequence[str], weights: np.ndarray, k: int = 4) -> list[dict[str, Any]]:
-    """A router's `k` heaviest adapters (negligible weights left out)."""
+def top_adapters(names: Sequence[str], weights: np.ndarray, k: int | None = None) -> list[dict[str, Any]]:
+    """A router's adapters by weight, as `query` lists them: every one above 5e-4 (or the `k` heaviest). The
+    request's `routing` kept only 4, so two adapters holding a tenth of the weight went unsaid (sweep 30)."""
     order = np.argsort(-np.asarray(weights))[:k]
     return [{"name": names[int(e)], "weight": round(float(weights[e]), 4)} for e in order if weights[e] > 5e-4]

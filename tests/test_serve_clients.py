@@ -485,3 +485,16 @@ def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llam
         assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
     finally:
         api.remove("mix-lora", settings=s)
+
+
+def test_a_requests_routing_lists_every_adapter_query_lists():
+    """The server's routing object kept a router's 4 heaviest adapters: over 6, weights summing to 0.89 were
+    reported while `query --router` listed all 6 (sweep 30). Every adapter above 5e-4 is listed, by weight."""
+    import numpy as np
+
+    from loraplex.serve.targets import top_adapters
+
+    w = np.array([0.03, 0.41, 0.19, 0.16, 0.14, 0.07, 0.0001])
+    got = top_adapters([f"a{i}" for i in range(7)], w)
+    assert [g["name"] for g in got] == ["a1", "a2", "a3", "a4", "a5", "a0"]
+    assert sum(g["weight"] for g in got) == pytest.approx(w[:6].sum(), abs=1e-3)
