@@ -408,7 +408,11 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         raise UserInputError(f"no adapters registered in {reg.home}: register or train some first, or pass "
                              "--base to answer with a bare base")
     check_generator(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
-    decisions = decide(reg, texts, cfg, base=base_name, labels=[labels] * len(texts) if labels else None)
+    # an encoder answers only with a label set: without labels, only adapters that record one are candidates
+    # (`decide`'s `()`), as the server's /v1/classify (sweep 29: query routed to a task-less adapter and failed)
+    encoders = not labels and all(r.family != "causal" for r in reg.list_adapters(base=base_name))
+    decisions = decide(reg, texts, cfg, base=base_name,
+                       labels=[labels] * len(texts) if labels else [()] * len(texts) if encoders else None)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base
     for i, d in enumerate(decisions):
@@ -441,8 +445,11 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         return groups
 
     for on, route in by_base("route").items():
-        rm = load_retrieval(reg, settings, adapters=None, texts=[texts[i] for i in route], base=on,
-                            config={"top_k": cfg.top_k, "prototype_weight": cfg.prototype_weight,
+        # an encoder without labels: over the candidates the decisions kept (those that record a label set)
+        kept = sorted({h.name for i in route for h in decisions[i].hits}) if encoders else None
+        rm = load_retrieval(reg, settings, adapters=kept or None, texts=[texts[i] for i in route], base=on,
+                            config={"top_k": min(cfg.top_k, len(kept)) if kept else cfg.top_k,
+                                    "prototype_weight": cfg.prototype_weight,
                                     "label_weight": cfg.label_weight})
         for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace, labels=labels)):
             item = _item(decisions[i], r["answer"], r["task"], r["adapters"])

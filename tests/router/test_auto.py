@@ -143,3 +143,18 @@ def test_a_batch_over_a_registry_of_two_bases_answers_each_request_on_its_own(ru
     assert music["decision"] == "route" and music["nearest"] == "music-llama", music
     assert [a["name"] for a in music["adapters"]] == ["music-llama"], music
     assert flight["decision"] == "route" and flight["adapters"][0]["name"] == "flights-lora", flight
+
+
+def test_an_encoder_query_without_labels_is_routed_to_adapters_with_a_label_set(run, peft_dirs):
+    """A task-less adapter nearest the query was chosen, and `query --router auto` failed for want of labels,
+    while the server's /v1/classify chose the adapter trained on the task (sweep 29): both decide among
+    adapters that record a label set when an encoder is asked without labels."""
+    text = "flight plane gate seat crew bag delayed late lost great"
+    res = run("adapters", "register", peft_dirs["sports"], "--name", "taskless", "--description", text)
+    assert res.exit_code == 0, res.output
+    res = run("query", "--router", "auto", text, "--json", *THRESHOLDS)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    got = got[0] if isinstance(got, list) else got
+    assert got["decision"] == "route" and got["answer"] in ("good", "bad"), got
+    assert "taskless" not in [a["name"] for a in got["adapters"]]
