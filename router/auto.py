@@ -422,7 +422,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         if d.action != "generate":
             continue
         name = d.written
-        rm = load_bank(reg, [name], settings)
+        rm = load_bank(reg, [name], settings, share_base=True)
         task = rm.expert_tasks[0]  # its name, as every other answer gives (its ref may be a file's path)
         out[i] = _item(d, rm.answer_each([d.text], [name], labels=labels)[0],
                        "labels" if labels else (task.name if task is not None else None),
@@ -450,7 +450,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
         rm = load_retrieval(reg, settings, adapters=kept or None, texts=[texts[i] for i in route], base=on,
                             config={"top_k": min(cfg.top_k, len(kept)) if kept else cfg.top_k,
                                     "prototype_weight": cfg.prototype_weight,
-                                    "label_weight": cfg.label_weight})
+                                    "label_weight": cfg.label_weight}, share_base=True)
         for i, r in zip(route, rm.answer([texts[i] for i in route], trace=trace, labels=labels)):
             item = _item(decisions[i], r["answer"], r["task"], r["adapters"])
             for key in ("tokens", "layers"):

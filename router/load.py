@@ -199,7 +199,7 @@ def _build_gates(router, model, gate_t: dict[str, torch.Tensor], n_full: int) ->
 
 
 def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequence[str], base: str | None = None,
-                   config: dict[str, Any] | None = None, method: str = "retrieval"):
+                   config: dict[str, Any] | None = None, method: str = "retrieval", share_base: bool = False):
     """A RoutedModel routing by signature retrieval over `adapters` (default: the registry, via faiss)."""
     ret = ROUTERS.build(method, config or {})
     emb = _embedder(reg)
@@ -226,15 +226,15 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
         if not names:
             raise UserInputError(f"no adapters of base {base!r} in the registry")
     sig = Signatures.of(reg, names)
-    lb, recs, ads = load_members(reg, names, settings)
+    lb, recs, ads = load_members(reg, names, settings, share_base=share_base)
     inject(lb.model, ads)
     tasks = [reg.adapter_task(r) for r in recs]
     return RoutedModel(lb, names, tasks, retrieval=ret, signatures=sig, embedder=emb)
 
 
-def load_bank(reg, names: Sequence[str], settings):
+def load_bank(reg, names: Sequence[str], settings, share_base: bool = False):
     """A RoutedModel with the adapters in a bank and no router (for heterogeneous batches)."""
-    lb, recs, ads = load_members(reg, names, settings)
+    lb, recs, ads = load_members(reg, names, settings, share_base=share_base)
     inject(lb.model, ads)
     return RoutedModel(lb, list(names), [reg.adapter_task(r) for r in recs], embedder=_embedder(reg))
 
@@ -246,7 +246,8 @@ def is_untrained(router: str | None) -> bool:
 
 def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
                       texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
-                      config: dict[str, Any] | None = None, labels: Sequence[str] | None = None):
+                      config: dict[str, Any] | None = None, labels: Sequence[str] | None = None,
+                      share_base: bool = False):
     """A `RoutedModel` (router/model.py) ready to answer and trace queries:
 
     - `router=NAME`: a router stored by `fit_router` (restricted to the `shortlist` adapters retrieval
@@ -255,7 +256,9 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
     - `router="retrieval"` (a method that needs no training): signature retrieval over `adapters` (or,
       without, the registry's adapters nearest to `texts`), `config` being RetrievalConfig's options;
     - no router: the adapters in one bank with no router, for heterogeneous batches
-      (`RoutedModel.answer_each(texts, adapter_per_row)`)."""
+      (`RoutedModel.answer_each(texts, adapter_per_row)`).
+    `share_base`: the base's weights and tokenizer are shared, not copied (`load_base(share_weights=True)`),
+    for a model only loraplex reads and drops (a query's, made again per batch; a server's routers)."""
     if router == "auto":  # reserved: no router may be named so (sweep 26: "no router named 'auto'")
         raise UserInputError("auto decides per query (route, generate an adapter, or the bare base) and is not a "
                              "model to load: use query(texts, router='auto')")
@@ -266,7 +269,7 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
                              f"{'retrieval ranks the adapters itself (--set top_k=N)' if router else 'name a router'}")
     if is_untrained(router):
         return load_retrieval(reg, settings, adapters=adapters, texts=texts or [], base=base, config=config,
-                              method=router)
+                              method=router, share_base=share_base)
     if config:  # a stored router's options are those it was fitted with; none at all: nothing to set
         raise UserInputError("--top-k and --set apply to --router retrieval or auto; a stored router keeps the "
                              "options it was fitted with")
@@ -274,11 +277,12 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
         if adapters:
             raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")
         try:
-            return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts, labels=labels)
+            return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts, labels=labels,
+                               share_base=share_base)
         except ComponentNotFound:
             known = ", ".join(c.name for c in reg.list_components("router", damaged=[])) or "none"
             raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "
                                     f"(stored routers: {known}; or --router retrieval)") from None
     if not adapters:
         raise UserInputError("name a router (--router NAME or --router retrieval) or the adapters to load")
-    return load_bank(reg, adapters, settings)
+    return load_bank(reg, adapters, settings, share_base=share_base)

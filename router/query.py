@@ -53,7 +53,8 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
         chunk = texts[i: i + step]
         if rm is None or per_batch:
             rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, shortlist=shortlist,
-                                   config=config, labels=labels)
+                                   config=config, labels=labels, share_base=True)  # never handed out: the base's
+            # weights and tokenizer shared, not copied per batch
         out.extend(rm.answer(chunk, trace=trace, labels=labels))
     return out
 
@@ -81,7 +82,7 @@ def answer_each(reg, settings, texts: Sequence[str], adapters: Sequence[str]) ->
     if isinstance(adapters, str) or len(texts) != len(adapters := list(adapters)):
         raise UserInputError(f"{len(texts)} texts but {1 if isinstance(adapters, str) else len(adapters)} adapter "
                              "names; give one adapter per row")
-    rm = load_routed_model(reg, settings, None, list(dict.fromkeys(adapters)))
+    rm = load_routed_model(reg, settings, None, list(dict.fromkeys(adapters)), share_base=True)
     return rm.answer_each(texts, adapters)
 
 
