@@ -83,6 +83,14 @@ def _tasks_for(reg, recs, tasks: Sequence[str] | None):
     loaded = [reg.load_task(t) for t in refs]
     for r, t in zip(recs, loaded):  # an adapter's own file edited since: fitted on labels it never learned
         reg.check_learned_labels(r, t)
+    task_of = {r.name: t.name for r, t in zip(recs, loaded)}
+    for r in recs:  # a forgetting adapter carries the task it erased, which a member of its composition answers
+        clash = next((m for m in r.composition if m != r.name and task_of.get(m) == task_of[r.name]), None)
+        if clash is not None:  # with: told to name it with them, then refused for two adapters of one task (sweep 30)
+            raise UserInputError(
+                f"adapter {r.name!r} erased task {task_of[r.name]!r} from its composition ({', '.join(r.composition)}), "
+                f"whose member {clash!r} answers it: a learned router needs one task per adapter, so it cannot route "
+                f"this composition; use {r.name!r} by name (eval, the server's model {r.name!r})")
     one_name_each(loaded, [r.name for r in recs], "--tasks" if tasks else None)
     return loaded
 

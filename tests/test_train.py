@@ -370,3 +370,19 @@ def test_seeded_trainings_from_two_threads_give_what_each_gives_alone(tiny_bert,
     [t.start() for t in ts]
     [t.join() for t in ts]
     assert not errors and [got[1], got[2]] == alone
+
+
+def test_a_forgetting_adapter_that_erased_a_members_task_is_refused_by_a_router_in_words(cli, tiny_bert, tmp_path):
+    """`router fit --adapters f1` said "name it with them (m1,m2,f1)", and naming them was refused as "two
+    adapters share task" (sweep 30): the refusal says why such a composition cannot be in a learned router."""
+    f = _task_file(tmp_path)
+    g = tmp_path / "other.jsonl"
+    g.write_text(f.read_text())
+    (tmp_path / "other.task.json").write_text(json.dumps({"description": "is the crew good", "labels": ["bad", "good"]}))
+    assert cli("train", f, "--name", "m1", "--base", tiny_bert, "--steps", "1", "--quiet").exit_code == 0
+    r = cli("train", g, "--name", "m2", "--base", tiny_bert, "--steps", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("forget", "toy", "--adapters", "m1,m2", "--name", "f1", "--steps", "1", "--eval-limit", "4", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("router", "fit", "r", "--router", "token-gate", "--adapters", "m1,m2,f1", "--steps", "1", "--quiet")
+    assert r.exit_code == 2 and "erased task 'toy'" in r.stderr and "cannot route this composition" in r.stderr, r.output
