@@ -64,7 +64,7 @@ from loraplex.heads import HEADS, head_for, texts_readable
 from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.store import Registry
-from loraplex.seeding import one_at_a_time
+from loraplex.seeding import one_at_a_time, outside
 from loraplex.settings import Settings
 from loraplex.tasks import data_notes
 from loraplex.training import Row, rows_of
@@ -338,9 +338,11 @@ class _StreamRun:
                                f"replay.distill, the method's and forgetting's weights) in the spec and start a new "
                                f"run; {kept}") from None
             if self.on_unit is not None:
-                # the callback's own copy: what it changes is not the result this returns (sweep 26)
-                self.on_unit(copy.deepcopy({"unit": unit.index, "label": unit.label, "total": len(self.units),
-                                            **report}))
+                # the callback's own copy: what it changes is not the result this returns (sweep 26); run outside
+                # this seeded job (a callback may wait for a training of its own in another thread: sweep 29)
+                with outside():
+                    self.on_unit(copy.deepcopy({"unit": unit.index, "label": unit.label, "total": len(self.units),
+                                                **report}))
         report = report or write_report(rd.path, info, self.results)
         return StreamResult(rd.path, run_id, report["matrix"], report["metrics"],
                             [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)

@@ -127,6 +127,30 @@ def test_routed_resume_is_exact(tmp_path, tiny_bert, task_dir):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_callback_that_waits_for_a_training_in_another_thread_does_not_hang_the_stream(tmp_path, tiny_bert,
+                                                                                         task_dir):
+    """Seeded jobs run one at a time (loraplex/seeding.py); a stream's on_unit callback that handed a training to
+    a worker thread and waited for it waited for ever, the stream holding the lock (sweep 29). The callback runs
+    outside the stream's job, and the stream goes on as it would have (the random state put back)."""
+    import concurrent.futures as cf
+
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, method="seq-lora", replay=False, experiences=exps,
+                     steps=2)
+    ref = api.run_stream(spec, out=tmp_path / "ref", progress=False, settings=_settings(tmp_path / "h1"))
+    pool, done = cf.ThreadPoolExecutor(1), []
+
+    def trains_meanwhile(event):
+        fut = pool.submit(api.train, str(task_dir / "markets.jsonl"), name=f"side-{event['unit']}", base=str(tiny_bert),
+                          steps=1, progress=False, settings=_settings(tmp_path / "h2"))
+        done.append(fut.result(timeout=120).record.name)
+
+    got = api.run_stream(spec, out=tmp_path / "run", progress=False, on_unit=trains_meanwhile,
+                         settings=_settings(tmp_path / "h2"))
+    pool.shutdown()
+    assert done == ["side-0", "side-1"] and got.matrix == ref.matrix
+
+
 def test_routed_config_is_validated():
     from loraplex.errors import LoraplexError
 
