@@ -62,8 +62,9 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
     tokenized alone (so no more than one piece's tokens exist at once), until their sum is over the limit;
     a text that stays within it is then tokenized whole, for its exact ids. A piece ends before the last
     character that is not a letter or digit in its last 256 characters (tokenizers split words there, so the
-    pieces' tokens are the text's, give or take one a piece, which the sum takes off); a piece of a word longer
-    than that is cut inside it and its count taken 8 lower. No character count alone refuses a text (a short
+    pieces' tokens are the text's, give or take one a piece, which the sum takes off), or else after the word it
+    ends in where that word ends within 256 characters; a piece of a word longer than that on both sides is
+    cut inside it and its count taken 8 lower. No character count alone refuses a text (a short
     text padded with 40,000 spaces is 5 tokens), and a word cut short is not counted as its pieces (WordPiece
     reads a word over 100 characters as one [UNK], its first 99 as dozens of pieces: sweep 29)."""
     limit = max(0, int(limit))
@@ -74,8 +75,12 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
         while start < len(text):
             end, slack = min(len(text), start + size), 0
             if end < len(text):
-                cut = next((k for k in range(end - 1, max(start, end - 256), -1) if not text[k].isalnum()), None)
-                end, slack = (cut, 1) if cut is not None else (end, 8)
+                back = next((k for k in range(end - 1, max(start, end - 256), -1) if not text[k].isalnum()), None)
+                ahead = next((k for k in range(end, min(len(text), end + 256)) if not text[k].isalnum()),
+                             len(text) if len(text) - end < 256 else None)
+                # at a word's end: before it (back), or after it (ahead) where the piece ends inside a long word
+                # whose rest is short; else inside a word long on both sides of the cut (a WordPiece [UNK] both)
+                end, slack = (back, 1) if back is not None else (ahead, 1) if ahead is not None else (end, 8)
             total += max(0, len(encode(text[start:end])) - special - slack)
             if total > limit:
                 return None, total

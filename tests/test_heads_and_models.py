@@ -562,6 +562,7 @@ def test_a_count_up_to_a_limit_never_tokenizes_a_long_text_whole(kind, request, 
     for text in ["the flight was late", "word " * 300, "x" * 5_000, "flight " * 1_000_000, "ab" * 1_000_000,
                  "hello world" + " " * 40_000 + "bye",  # 5 tokens, 40,014 characters (sweep 29: refused)
                  "." * 150 + "\t" + unk,  # tabs, and words over 100 characters: WordPiece's [UNK] (sweep 29)
+                 "." * 150 + "".join(random.choice("qzjxkvw") for _ in range(900)),  # a word across a cut (sweep 29)
                  "late, " * 200_000]:
         seen.clear()
         ids, n = bounded_ids(encode, text, 256)
