@@ -217,13 +217,15 @@ def with_labels(reg, hits: list[Hit], labels: Sequence[str] | None, weight: floa
 
 
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None, base_sha: str | None = None,
-           queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None
-           ) -> list[Decision]:
+           queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None,
+           encoders_want_labels: bool = False) -> list[Decision]:
     """The decision for each request, from one embedding pass (or the given unit query vectors) and one
     faiss search. `labels`: per request, the label set it names (or None); `()` for a request that names none
     but must be answered with one (a classification without labels): only adapters whose task has labels are
     candidates (one registered without a task was chosen, and the request refused for want of labels, while
-    an adapter trained on its task was there; sweep 27). `base_sha`: the fingerprint of the loaded base (a
+    an adapter trained on its task was there; sweep 27); `encoders_want_labels`: a request that names none is
+    read as `()` where its nearest adapters are an encoder's (an encoder answers only with a label set; `query
+    --router auto` on a registry of several bases: sweep 29). `base_sha`: the fingerprint of the loaded base (a
     server's), saving `nearest_hits` from reading the base's config."""
     texts = list(texts)
     per = list(labels) if labels is not None else [None] * len(texts)
@@ -239,6 +241,8 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             # it was decided on, and logged as a candidate new task); the bare base continues it
             out.append(Decision(t, "base", "the text has no visible character: nothing to route by", None, None, None))
             continue
+        if want is None and encoders_want_labels and hits and reg.get_adapter(hits[0].name).family != "causal":
+            want = ()
         if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
             hits = [h for h in hits if adapter_labels(reg, h.name)]
             if not hits:
@@ -409,10 +413,10 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                              "--base to answer with a bare base")
     check_generator(reg, base_name, cfg.generator)  # an unknown generator is refused before anything runs
     # an encoder answers only with a label set: without labels, only adapters that record one are candidates
-    # (`decide`'s `()`), as the server's /v1/classify (sweep 29: query routed to a task-less adapter and failed)
-    encoders = not labels and all(r.family != "causal" for r in reg.list_adapters(base=base_name))
-    decisions = decide(reg, texts, cfg, base=base_name,
-                       labels=[labels] * len(texts) if labels else [()] * len(texts) if encoders else None)
+    # where a request's nearest adapters are an encoder's, as on the server's /v1/classify (sweep 29: query
+    # routed to a task-less adapter and failed)
+    decisions = decide(reg, texts, cfg, base=base_name, labels=[labels] * len(texts) if labels else None,
+                       encoders_want_labels=not labels)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base
     for i, d in enumerate(decisions):
@@ -446,7 +450,8 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
 
     for on, route in by_base("route").items():
         # an encoder without labels: over the candidates the decisions kept (those that record a label set)
-        kept = sorted({h.name for i in route for h in decisions[i].hits}) if encoders else None
+        encoder = not labels and on is not None and resolve_base(on).family != "causal"
+        kept = sorted({h.name for i in route for h in decisions[i].hits}) if encoder else None
         rm = load_retrieval(reg, settings, adapters=kept or None, texts=[texts[i] for i in route], base=on,
                             config={"top_k": min(cfg.top_k, len(kept)) if kept else cfg.top_k,
                                     "prototype_weight": cfg.prototype_weight,

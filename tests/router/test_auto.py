@@ -145,11 +145,20 @@ def test_a_batch_over_a_registry_of_two_bases_answers_each_request_on_its_own(ru
     assert flight["decision"] == "route" and flight["adapters"][0]["name"] == "flights-lora", flight
 
 
-def test_an_encoder_query_without_labels_is_routed_to_adapters_with_a_label_set(run, peft_dirs):
+@pytest.mark.parametrize("two_bases", [False, True])
+def test_an_encoder_query_without_labels_is_routed_to_adapters_with_a_label_set(run, peft_dirs, two_bases, tiny_llama,
+                                                                                 tmp_path):
     """A task-less adapter nearest the query was chosen, and `query --router auto` failed for want of labels,
     while the server's /v1/classify chose the adapter trained on the task (sweep 29): both decide among
     adapters that record a label set when an encoder is asked without labels."""
     text = "flight plane gate seat crew bag delayed late lost great"
+    if two_bases:  # a causal adapter elsewhere in the registry: decided per request, by its nearest's base
+        from loraplex import api
+        from tests.conftest import make_peft_adapter
+
+        d = make_peft_adapter(tiny_llama, tmp_path / "llama-peft", causal=True, targets=("q_proj", "v_proj"))
+        api.register(d, name="music-llama", description="music festival song", base=str(tiny_llama),
+                     settings=run.settings)
     res = run("adapters", "register", peft_dirs["sports"], "--name", "taskless", "--description", text)
     assert res.exit_code == 0, res.output
     res = run("query", "--router", "auto", text, "--json", *THRESHOLDS)
