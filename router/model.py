@@ -209,6 +209,9 @@ class RoutedModel:
             stack = g[None, :, None, :].expand(len(names), B, mask.shape[1], -1)
         m = mask.float()[None, :, :, None]  # (1, B, T, 1)
         per_token = (stack * m).mean(0)  # (B, T, E)
+        # a distribution over the adapters: a projection an adapter has no module on gives it no weight there,
+        # which left a rank router's lone shortlisted adapter at 0.667 where token-gate said 1.0 (sweep 30)
+        per_token = per_token / per_token.sum(-1, keepdim=True).clamp_min(1e-12)
         row_w = per_token.sum(1) / mask.float().sum(1, keepdim=True).clamp_min(1.0)  # (B, E)
         rows = []
         for b in range(B):

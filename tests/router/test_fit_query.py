@@ -447,3 +447,19 @@ def test_the_base_check_of_routing_reads_the_callers_settings(env, monkeypatch):
     api.query(["flight late"], router="auto", settings=env.settings)
     api.check(settings=env.settings)
     assert seen and all(s is not None and s.cache_dir == env.settings.cache_dir for s in seen), seen
+
+
+def test_a_rows_weights_are_a_distribution_over_the_adapters():
+    """A rank router's one shortlisted adapter was reported at weight 0.667: the projections it has no module
+    on gave it 0, averaged in (sweep 30), where token-gate said 1.0. A row's weights sum to 1."""
+    from types import SimpleNamespace
+
+    from loraplex.router.model import RoutedModel, _Call
+
+    B, T = 1, 3
+    on = torch.tensor([[[1.0]] * T])  # (B, T, E=1): the adapter's module, all its gate
+    off = torch.zeros(B, T, 1)  # a projection the adapter has no module on
+    call = _Call(torch.ones(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool),
+                 {"l.0.q": on, "l.0.v": on, "l.0.dense": off})
+    (row,) = RoutedModel._rows_from_call(SimpleNamespace(model=torch.nn.Module()), call, None, False)
+    assert row.weights.tolist() == pytest.approx([1.0])
