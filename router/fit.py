@@ -174,6 +174,10 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
         ex = _fresh(reg, settings, method, entry.factory, cfg, name, tasks, base, tc.seed)
     pool = entry.factory.choices([sp.r for sp in ex.specs])
+    if entry.factory.slot == "rank":  # the real ranks of the projection that has most (rank_pattern counted: the
+        # specs' base r said 6 where a projection held 14; a gate takes min(top_k, its real ranks): sweep 30)
+        real = [int((layer.bank.rank_mask > 0).sum()) for layer in routed_layers(ex.lb.model).values()]
+        pool = max(real) if real else pool
     if pool < 2:  # a gate over one choice always picks it: nothing to learn
         what = "rank" if entry.factory.slot == "rank" else "adapter"
         raise UserInputError(f"router {method!r} would choose among 1 {what}: it needs at least 2 "

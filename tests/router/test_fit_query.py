@@ -463,3 +463,25 @@ def test_a_rows_weights_are_a_distribution_over_the_adapters():
                  {"l.0.q": on, "l.0.v": on, "l.0.dense": off})
     (row,) = RoutedModel._rows_from_call(SimpleNamespace(model=torch.nn.Module()), call, None, False)
     assert row.weights.tolist() == pytest.approx([1.0])
+
+
+def test_a_rank_routers_top_k_is_bounded_by_the_real_ranks_of_a_projection(tmp_path, tiny_bert, peft_dirs, task_files,
+                                                                          monkeypatch):
+    """`router fit --router rank --top-k` was bounded by the adapters' base r: a rank_pattern giving one
+    projection 2 + 6 ranks was refused top_k 6 as "more than the 4 ranks" (sweep 30)."""
+    from loraplex import api
+    from tests.conftest import make_peft_adapter
+
+    run = registered_cli(tmp_path / "home", monkeypatch, tiny_bert, peft_dirs, task_files)
+    d = make_peft_adapter(tiny_bert, tmp_path / "p", r=2, rank_pattern={"encoder.layer.0.attention.self.query": 6})
+    api.register(d, name="wide", description="adapter for phones", task=str(task_files["phones"]), base=str(tiny_bert),
+                 settings=run.settings)
+    e = make_peft_adapter(tiny_bert, tmp_path / "q", r=2, seed=4)
+    api.register(e, name="narrow", description="adapter for flights", task=str(task_files["flights"]),
+                 base=str(tiny_bert), settings=run.settings)
+    fit = ("router", "fit", "rk", "--router", "rank", "--adapters", "wide,narrow", "--steps", 1, "--eval-limit", 4,
+           "--val-limit", 4, "--quiet")
+    res = run(*fit, "--set", "top_k=9")
+    assert res.exit_code == 2 and "more than the 8 ranks" in res.output, res.output
+    res = run(*fit, "--set", "top_k=6")
+    assert res.exit_code == 0, res.output
