@@ -81,9 +81,13 @@ def _eval_table(rows, routing, acc, oracle, answered=None) -> None:
               "routed acc": _fmt_pct(r["accuracy"]), "answered": _fmt_pct(r.get("answered_accuracy")),
               "adapter alone": _fmt_pct(r["oracle_accuracy"])} for r in rows]
     out.table(table, ["task", "adapter", "n", "routing", "routed acc", "answered", "adapter alone"])
+    both = [r for r in rows if r["oracle_accuracy"] is not None]
+    alone = f"each adapter alone: {_fmt_pct(oracle)}"
+    if 0 < len(both) < len(rows):  # like with like: the oracle covers only the tasks a member adapter has (sweep 30)
+        alone = (f"on the {len(both)} task(s) with an adapter: routed {_fmt_pct(sum(r['accuracy'] for r in both) / len(both))}, "
+                 f"{alone}")
     out.line(f"routing accuracy {_fmt_pct(routing)}, routed accuracy {_fmt_pct(acc)} on each task's own labels, "
-             f"answered {_fmt_pct(answered)} with the labels of the task routing picks "
-             f"(each adapter alone: {_fmt_pct(oracle)})")
+             f"answered {_fmt_pct(answered)} with the labels of the task routing picks ({alone})")
 
 
 @app.command("eval")

@@ -485,3 +485,15 @@ def test_a_rank_routers_top_k_is_bounded_by_the_real_ranks_of_a_projection(tmp_p
     assert res.exit_code == 2 and "more than the 8 ranks" in res.output, res.output
     res = run(*fit, "--set", "top_k=6")
     assert res.exit_code == 0, res.output
+
+
+def test_eval_compares_routed_and_alone_accuracy_on_the_same_tasks(env, task_files, tmp_path):
+    """`router eval --tasks` with a task no member has: the summary compared routed accuracy over every task with
+    each adapter alone over the others only (sweep 30); it says the routed figure on the tasks both cover."""
+    other = tmp_path / "gadgets.jsonl"  # no member adapter's task
+    other.write_text(task_files["phones"].read_text())
+    (tmp_path / "gadgets.task.json").write_text(json.dumps({"name": "gadgets", "description": "gadget talk",
+                                                            "labels": ["good", "bad"]}))
+    res = env("router", "eval", "tg", "--tasks", f"{task_files['flights']},{other}", "--limit", 4)
+    assert res.exit_code == 0, res.output
+    assert "on the 1 task(s) with an adapter: routed" in res.output, res.output
