@@ -143,10 +143,16 @@ def show(name: Annotated[str, typer.Argument(help="Router name.")], home: Home =
         out.emit_json(info)
         return
     m = info["metrics"]
+    joint, members = info["extra"].get("joint"), info["members"]
+    # a joint router over registered adapters trained its own copies of them: named as such (sweep 30: its
+    # experts and their "alone" accuracy read as the registered adapters', which were not trained)
+    adapters = (f"its own copies of {', '.join(members)}, trained with it (the registered adapters are unchanged)"
+                if joint and members else members or "(own experts)")
     out.kv({"name": info["name"], "method": info["method"], "base": info["base"], "config": info["config"],
-            "adapters": info["members"] or "(own experts)", "tasks": info["extra"].get("tasks"),
-            "joint": info["extra"].get("joint"), "routing accuracy": m.get("routing_accuracy"),
-            "accuracy": m.get("accuracy"), "adapters alone": m.get("oracle_accuracy"), "steps": m.get("steps"),
+            "adapters": adapters, "tasks": info["extra"].get("tasks"),
+            "joint": joint, "routing accuracy": m.get("routing_accuracy"), "accuracy": m.get("accuracy"),
+            "answered": m.get("answered_accuracy"),
+            ("experts alone" if joint else "adapters alone"): m.get("oracle_accuracy"), "steps": m.get("steps"),
             "blob": info["blob"][:16], "created": info["created_at"]}, title=f"router {name}")
 
 

@@ -271,6 +271,8 @@ def test_mixer_joint_training_stores_its_experts(env):
     # its experts are its own, not registered adapters: a retrieval shortlist cannot rank them (was ignored)
     q = env("query", "flight plane delayed", "--router", "mj", "--shortlist", 1)
     assert q.exit_code == 2 and "router 'mj' routes its own jointly trained experts" in q.stderr
+    shown = env("router", "show", "mj")  # named as its own copies, not as the registered adapters (sweep 30)
+    assert "its own copies of flights-lora, sports-lora" in shown.output and "experts alone" in shown.output
 
 
 @pytest.mark.parametrize("shared", ["true", "block"])
