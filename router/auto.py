@@ -244,10 +244,11 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if want is None and encoders_want_labels and hits and reg.get_adapter(hits[0].name).family != "causal":
             want = ()
         if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
+            near = hits[0]
             hits = [h for h in hits if adapter_labels(reg, h.name)]
-            if not hits:
-                out.append(Decision(t, "base", f"no adapter of base {base!r} near it records a task with labels",
-                                    None, None, None))
+            if not hits:  # answered by the base of its nearest adapter (`answer` finds the base by it)
+                out.append(Decision(t, "base", f"no adapter of base {near.base!r} near it records a task with labels",
+                                    near.score, None, near.name))
                 continue
         if not hits:
             out.append(Decision(t, "base", f"no adapter of base {base!r} (as its fingerprint is now) in the registry",
