@@ -33,11 +33,11 @@ from typing import Any, Sequence
 
 import torch
 
+from loraplex.catalog import bounded_ids
 from loraplex.data import EMBEDDED_TASKS
 from loraplex.embedders import get_embedder
 from loraplex.errors import IntegrityError, LoraplexError, NotFound, UserInputError
 from loraplex.experts.layers import routed_layers, use_gates
-from loraplex.catalog import bounded_ids
 from loraplex.heads import chat_ids_within, cuts, head_for, token_text
 from loraplex.models import load_base, resolve_base
 from loraplex.registry.adapters import register_peft, remove as remove_adapter
