@@ -133,21 +133,31 @@ def test_requests_join_a_running_batch_and_answer_as_alone(client, http):
     alone = [complete(client, m, p, max_tokens=n).choices[0].text for m, p, n in [long, *joiners]]
     got: dict[int, str] = {}
     ended: dict[int, float] = {}
+    generating = threading.Event()
 
     def ask(i, m, p, n):
         got[i] = complete(client, m, p, max_tokens=n).choices[0].text
         ended[i] = time.monotonic()
 
-    first = threading.Thread(target=ask, args=(0, *long))
+    def ask_long(m, p, n):  # streamed: the joiners are sent once its first tokens are out (a fixed sleep raced
+        parts = []          # a fast machine's 240 tokens, and a loaded one's start)
+        for chunk in complete(client, m, p, max_tokens=n, stream=True):
+            parts.append(chunk.choices[0].text if chunk.choices else "")
+            if len(parts) >= 2:
+                generating.set()
+        got[0], ended[0] = "".join(parts), time.monotonic()
+        generating.set()
+
+    first = threading.Thread(target=ask_long, args=long)
     first.start()
-    time.sleep(0.3)  # the long request is generating
+    assert generating.wait(60)
     others = [threading.Thread(target=ask, args=(i + 1, *j)) for i, j in enumerate(joiners)]
     for t in others:
         t.start()
     for t in [first, *others]:
         t.join(120)
     assert [got[i] for i in range(4)] == alone
-    assert all(ended[i] < ended[0] for i in (1, 2, 3))  # they did not wait for the long one to end
+    assert all(ended[i] < ended[0] for i in (1, 2, 3)), {i: round(t - ended[0], 3) for i, t in ended.items()}  # they did not wait for the long one to end
 
 
 def test_chat_streaming_gives_the_same_text_with_routing_at_the_end(client):
