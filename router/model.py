@@ -405,47 +405,42 @@ class RoutedModel:
         task's two labels: 87.5% routed, 56% answered; sweep 30). The oracle is the task's own expert alone
         (one-hot gates, router detached).
         """
-        rows, tot_route, tot_n = [], [0, 0], 0
-        was = self.model.training
-        self.model.eval()
-        try:
-            for task in tasks:
-                ex = list(task.split(split))[:limit] if limit else list(task.split(split))
-                if not ex:
-                    continue
-                own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.name == task.name), None)
-                correct = routed_ok = answered = 0
-                for i in range(0, len(ex), batch_size):
-                    chunk = ex[i: i + batch_size]
-                    texts = [e.text for e in chunk]
-                    scores, routes = self.scores_and_routes(texts, task)
-                    pred = scores.argmax(-1).tolist()
-                    right = [int(p == task.label_index(e.label)) for p, e in zip(pred, chunk)]
-                    correct += sum(right)
-                    routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0
-                    picked = self.task_of(texts, routes)
-                    same = [t is not None and t.name == task.name and t.labels == task.labels for t in picked]
-                    answered += sum(r for r, ok in zip(right, same) if ok)
-                    other = [k for k, ok in enumerate(same)  # answered with another task's labels (none: not
-                             if not ok and picked[k] is not None and picked[k].labels]  # answered, so not right)
-                    if other:
-                        got = self.answer([texts[k] for k in other])
-                        answered += sum(int(g["answer"] is not None and label_fold(str(g["answer"]))
-                                            == label_fold(chunk[k].label)) for g, k in zip(got, other))
-                row = {"task": task.name, "adapter": self.experts[own] if own is not None else None, "n": len(ex),
-                       "routing_accuracy": routed_ok / len(ex) if own is not None else None,
-                       "accuracy": correct / len(ex), "answered_accuracy": answered / len(ex), "oracle_accuracy": None}
-                if oracle and own is not None:
-                    g = self.one_hot([own])
-                    with routers_off(self.model), use_gates(self.model, g):
-                        row["oracle_accuracy"] = accuracy(self.head, self.model, self.tokenizer, task, split, limit)["accuracy"]
-                if own is not None:
-                    tot_route[0] += routed_ok
-                    tot_route[1] += len(ex)
-                tot_n += len(ex)
-                rows.append(row)
-        finally:
-            self.model.train(was)
+        rows, tot_route, tot_n = [], [0, 0], 0  # eval mode: `_inference`
+        for task in tasks:
+            ex = list(task.split(split))[:limit] if limit else list(task.split(split))
+            if not ex:
+                continue
+            own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.name == task.name), None)
+            correct = routed_ok = answered = 0
+            for i in range(0, len(ex), batch_size):
+                chunk = ex[i: i + batch_size]
+                texts = [e.text for e in chunk]
+                scores, routes = self.scores_and_routes(texts, task)
+                pred = scores.argmax(-1).tolist()
+                right = [int(p == task.label_index(e.label)) for p, e in zip(pred, chunk)]
+                correct += sum(right)
+                routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0
+                picked = self.task_of(texts, routes)
+                same = [t is not None and t.name == task.name and t.labels == task.labels for t in picked]
+                answered += sum(r for r, ok in zip(right, same) if ok)
+                other = [k for k, ok in enumerate(same)  # answered with another task's labels (none: not
+                         if not ok and picked[k] is not None and picked[k].labels]  # answered, so not right)
+                if other:
+                    got = self.answer([texts[k] for k in other])
+                    answered += sum(int(g["answer"] is not None and label_fold(str(g["answer"]))
+                                        == label_fold(chunk[k].label)) for g, k in zip(got, other))
+            row = {"task": task.name, "adapter": self.experts[own] if own is not None else None, "n": len(ex),
+                   "routing_accuracy": routed_ok / len(ex) if own is not None else None,
+                   "accuracy": correct / len(ex), "answered_accuracy": answered / len(ex), "oracle_accuracy": None}
+            if oracle and own is not None:
+                g = self.one_hot([own])
+                with routers_off(self.model), use_gates(self.model, g):
+                    row["oracle_accuracy"] = accuracy(self.head, self.model, self.tokenizer, task, split, limit)["accuracy"]
+            if own is not None:
+                tot_route[0] += routed_ok
+                tot_route[1] += len(ex)
+            tot_n += len(ex)
+            rows.append(row)
         accs = [r["accuracy"] for r in rows]
         said = [r["answered_accuracy"] for r in rows]
         orcs = [r["oracle_accuracy"] for r in rows if r["oracle_accuracy"] is not None]

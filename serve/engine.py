@@ -352,10 +352,6 @@ class Engine:
         """One token as a stream's `token` event shows it (`heads.token_text`)."""
         return token_text(self.tokenizer, tok)
 
-    def n_tokens(self, text: str) -> int:
-        """The text's tokens, counted exactly up to the context (past it: a count over it, `prompt_ids`)."""
-        return self.prompt_ids(text)[1]
-
     def cut(self, text: str, task) -> bool:
         """Whether classifying `text` on `task` reads only its start (`heads.cuts`; called on the batching
         thread, whose tokenizer this is)."""
