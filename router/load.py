@@ -94,11 +94,51 @@ def _check_base(rec_base: str, base: str | None, what: str) -> None:
         raise IncompatibleAdapter(f"{what} routes adapters of base {rec_base!r}, not {base!r}")
 
 
+def _member_shortlists(reg, members: Sequence[str], texts: Sequence[str], labels: Sequence[str] | None,
+                       size: int) -> list[tuple[int, ...]]:
+    """Each query's shortlist of a router's `members`: the `size` retrieval ranks nearest it (with its label term
+    when the queries name their `labels`), and the members of a composition one of those answers with (all
+    members: the fit checked); sorted member indices, one tuple a query."""
+    ret = RetrievalRouter(RetrievalConfig())
+    scores = ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members))
+    if labels:
+        scores = scores + ret.label_bonus(labels, [adapter_labels(reg, m) for m in members])[None, :]
+    out = []
+    for row in scores:
+        keep = ret.shortlist(row[None, :], size)
+        for i in list(keep):
+            keep += [members.index(n) for n in reg.get_adapter(members[i]).composition
+                     if n in members and members.index(n) not in keep]
+        out.append(tuple(sorted(keep)))
+    return out
+
+
+def shortlist_groups(reg, router: str, texts: Sequence[str], size: int,
+                     labels: Sequence[str] | None = None) -> list[tuple[tuple[int, ...] | None, list[int]]]:
+    """`texts`' indices grouped by equal shortlist of stored router `router`'s members, in order of first
+    appearance: `[(member indices, [text indices])]`. One group `(None, all)` where no shortlist is drawn (the
+    shortlist holds every member, or the router is not one that takes it: its load says why)."""
+    everyone = [(None, list(range(len(texts))))]
+    try:
+        rec = reg.get_component("router", router)
+    except ComponentNotFound:
+        return everyone
+    members = list(rec.members)
+    if rec.extra.get("joint") or size >= len(members) or not texts or not all(map(reg.has_adapter, members)):
+        return everyone
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, keep in enumerate(_member_shortlists(reg, members, texts, labels, size)):
+        groups.setdefault(keep, []).append(i)
+    return list(groups.items())
+
+
 def load_router(reg, name: str, settings, *, base: str | None = None, shortlist: int | None = None,
-                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None, share_base: bool = False):
+                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None, share_base: bool = False,
+                keep: Sequence[int] | None = None):
     """The RoutedModel of stored router `name` (restricted to a retrieved shortlist of its adapters if asked:
-    retrieval's scores for `texts`, with its label term when the queries name their `labels`). `share_base`:
-    its base's weights are the loaded base's own tensors, not a copy (a server holding many routers)."""
+    the union of the `shortlist` nearest each of `texts`, with its label term when the queries name their
+    `labels`; or `keep`, member indices `shortlist_groups` drew). `share_base`: its base's weights are the
+    loaded base's own tensors, not a copy (a server holding many routers)."""
     rec, tensors = reg.load_component("router", name)
     _check_base(rec.base, base, f"router {name!r}")
     entry = ROUTERS.get(rec.method)
@@ -127,18 +167,14 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
         missing = [m for m in members if not reg.has_adapter(m)]
         if missing:
             raise IntegrityError(f"router {name!r} routes over adapters that are gone: {', '.join(missing)}")
-        keep = list(range(len(members)))
-        if shortlist is not None and shortlist < len(members):
+        if keep is not None:
+            keep = sorted(set(keep))
+        elif shortlist is not None and shortlist < len(members):
             if not texts:
                 raise UserInputError("a shortlist needs the queries it is drawn for")
-            ret = RetrievalRouter(RetrievalConfig())
-            scores = ret.scores(_embedder(reg).encode(list(texts)), Signatures.of(reg, members))
-            bonus = ret.label_bonus(labels, [adapter_labels(reg, m) for m in members]) if labels else None
-            keep = ret.shortlist(scores if bonus is None else scores + bonus[None, :], shortlist)
-            for i in list(keep):  # one that answers with a composition comes with it (all members: the fit checked)
-                keep += [members.index(n) for n in reg.get_adapter(members[i]).composition
-                         if n in members and members.index(n) not in keep]
-            keep.sort()
+            keep = sorted(set().union(*_member_shortlists(reg, members, texts, labels, shortlist)))
+        else:
+            keep = list(range(len(members)))
         ranks = router.bank_ranks(_gate_weights(gate_t), len(members))
         lb, recs, ads = load_members(reg, [members[i] for i in keep], settings, share_base=share_base)
         if any(r.base != rec.base for r in recs) or (extra.get("base_sha") and lb.fingerprint.sha != extra["base_sha"]):
@@ -247,12 +283,12 @@ def is_untrained(router: str | None) -> bool:
 def load_routed_model(reg, settings, router: str | None = None, adapters: Sequence[str] | None = None, *,
                       texts: Sequence[str] | None = None, base: str | None = None, shortlist: int | None = None,
                       config: dict[str, Any] | None = None, labels: Sequence[str] | None = None,
-                      share_base: bool = False):
+                      share_base: bool = False, keep: Sequence[int] | None = None):
     """A `RoutedModel` (router/model.py) ready to answer and trace queries:
 
     - `router=NAME`: a router stored by `fit_router` (restricted to the `shortlist` adapters retrieval
       finds nearest to `texts`, if given, preferring adapters trained on `labels` when the queries name
-      them);
+      them; or to `keep`, one of `shortlist_groups`' member sets);
     - `router="retrieval"` (a method that needs no training): signature retrieval over `adapters` (or,
       without, the registry's adapters nearest to `texts`), `config` being RetrievalConfig's options;
     - no router: the adapters in one bank with no router, for heterogeneous batches
@@ -278,7 +314,7 @@ def load_routed_model(reg, settings, router: str | None = None, adapters: Sequen
             raise UserInputError(f"router {router!r} routes over the adapters it was fitted on; --adapters goes with --router retrieval")
         try:
             return load_router(reg, router, settings, base=base, shortlist=shortlist, texts=texts, labels=labels,
-                               share_base=share_base)
+                               share_base=share_base, keep=keep if shortlist is not None else None)
         except ComponentNotFound:
             known = ", ".join(c.name for c in reg.list_components("router", damaged=[])) or "none"
             raise ComponentNotFound(f"no router named {router!r} in the registry at {reg.home} "

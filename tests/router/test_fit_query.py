@@ -117,11 +117,21 @@ def test_shortlist_of_all_adapters_changes_nothing(env, monkeypatch):
     assert all(len(o["adapters"]) == 1 for o in short)  # each query over its own nearest one (sweep 30: the
     alone = [api.query([t], router="tg", shortlist=1, settings=env.settings)[0] for t in q]  # batch's union)
     assert [o["adapters"] for o in short] == [o["adapters"] for o in alone]
+    # queries whose shortlists are equal share one model, batched (one model a query was 2.4x slower; sweep 29)
+    import loraplex.router.load as load
+
+    q3 = [q[0], q[1], "flight late again crew gate", "goal scored in the match"]
+    loads = []
+    real_load = load.load_router
+    monkeypatch.setattr(load, "load_router", lambda *a, **k: loads.append(k.get("keep")) or real_load(*a, **k))
+    grouped = api.query(q3, router="tg", shortlist=1, batch_size=1, settings=env.settings)
+    monkeypatch.undo()
+    assert len(loads) == len(set(loads)) == len({o["adapters"][0]["name"] for o in grouped}) < len(q3)
+    alone = [api.query([t], router="tg", shortlist=1, settings=env.settings)[0] for t in q3]
+    assert [(o["answer"], o["adapters"]) for o in grouped] == [(o["answer"], o["adapters"]) for o in alone]
     rm = api.load_routed_model("tg", texts=q[:1], shortlist=1, settings=env.settings)
     assert rm.n_experts == 1 and rm.experts == ["flights-lora"]
     # the labels a query names move the shortlist toward the adapter trained on them (retrieval's label term)
-    import loraplex.router.load as load
-
     real = load.adapter_labels
     monkeypatch.setattr(load, "adapter_labels",
                         lambda reg, name: ("win", "loss") if name == "sports-lora" else real(reg, name))
