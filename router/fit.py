@@ -36,7 +36,7 @@ from loraplex.registry.record import validate_name
 from loraplex.registry.signatures import task_signatures
 from loraplex.registry.store import Registry
 from loraplex.router.base import ROUTERS, LearnedRouter
-from loraplex.router.load import load_members, one_name_each
+from loraplex.router.load import joint_copy_names, load_members, one_name_each
 from loraplex.router.model import RoutedModel
 from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
@@ -202,6 +202,8 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
 
         # ---- evaluate ----------------------------------------------------------------------------
         sig = task_signatures(reg, ex.tasks)
+        if ex.joint and adapters:
+            ex.expert_names = joint_copy_names(name, ex.expert_names)
         rm = RoutedModel(lb, ex.expert_names, ex.expert_tasks, router=router, record=None, task_pool=ex.tasks,
                          task_signatures=sig, embedder=None)
         ev = rm.evaluate(ex.tasks, split="test", limit=eval_limit, oracle=not (ex.joint and not adapters))

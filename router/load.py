@@ -94,6 +94,13 @@ def _check_base(rec_base: str, base: str | None, what: str) -> None:
         raise IncompatibleAdapter(f"{what} routes adapters of base {rec_base!r}, not {base!r}")
 
 
+def joint_copy_names(router: str, adapters: Sequence[str]) -> list[str]:
+    """The experts of a joint router fitted over registered adapters are its own retrained copies of them: named
+    `router/adapter`, so that no trace, eval table or server response credits the registered adapter with
+    weights it does not have (sweep 30; records stored before were named as the adapters)."""
+    return [a if a.startswith(f"{router}/") else f"{router}/{a}" for a in adapters]
+
+
 def _member_shortlists(reg, members: Sequence[str], texts: Sequence[str], labels: Sequence[str] | None,
                        size: int) -> list[tuple[int, ...]]:
     """Each query's shortlist of a router's `members`: the `size` retrieval ranks nearest it (with its label term
@@ -161,6 +168,8 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
                                                    where=f"router {name!r} expert {e}"))
         inject(lb.model, experts, rank=router.bank_ranks(_gate_weights(gate_t), len(experts)))
         expert_names = list(extra.get("expert_names") or [f"{name}/expert-{e}" for e in range(len(experts))])
+        if rec.members:  # copies of registered adapters
+            expert_names = joint_copy_names(name, expert_names)
         keep = list(range(len(experts)))
     else:
         members = list(rec.members)

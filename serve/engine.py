@@ -446,6 +446,10 @@ class Engine:
             raise ValueError("auto is decided in the request's worker (Engine.auto), not on the batching thread")
         reg = self.reg()
         if target.kind == "router":
+            if target.name not in self._forwardable and reg.get_component("router", target.name).extra.get("joint"):
+                raise UserInputError(f"router {target.name!r} routes its own jointly trained experts, which are not "
+                                     "registered adapters a backend could be asked for (serve it without "
+                                     "--backend)").about("model")  # it sent the registered adapters' names
             rm = self.router_model(target.name)
             if target.name not in self._forwardable:  # checked once per registry state, not per request
                 for name in rm.experts:  # whichever it picks, the backend gets that one adapter alone

@@ -502,6 +502,11 @@ def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forward
             engine.choose(target, ["match goal team"])
     with pytest.raises(UserInputError, match="routes over 'sports-lora'"):  # a refusal is not remembered as a pass
         engine.choose(Target("router", "ctg"), ["match goal team"])
+    # a joint router's experts are its own copies, which no backend holds (the registered names were sent)
+    with sqlite3.connect(home / "registry.db") as c:
+        c.execute("UPDATE components SET extra = json_set(extra, '$.joint', json('true')) WHERE name = 'ctg'")
+    with pytest.raises(UserInputError, match="router 'ctg' routes its own jointly trained experts"):
+        Engine(s2, base=str(tiny_llama)).choose(Target("router", "ctg"), ["match goal team"])
 
 
 def test_a_routers_forwarding_check_follows_the_registry(llama_home, tiny_llama, tmp_path):

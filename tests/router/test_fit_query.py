@@ -283,6 +283,12 @@ def test_mixer_joint_training_stores_its_experts(env):
     assert q.exit_code == 2 and "router 'mj' routes its own jointly trained experts" in q.stderr
     shown = env("router", "show", "mj")  # named as its own copies, not as the registered adapters (sweep 30)
     assert "its own copies of flights-lora, sports-lora" in shown.output and "experts alone" in shown.output
+    # traces and the eval table name them as the router's copies too (they credited the registered adapters)
+    q = json.loads(env("query", "flight plane delayed", "--router", "mj", "--trace", "--json").output)
+    assert {a["name"] for a in q["adapters"]} <= {"mj/flights-lora", "mj/sports-lora"}
+    assert {t["adapter"] for t in q["tokens"]} <= {"mj/flights-lora", "mj/sports-lora"}
+    assert {row["adapter"] for row in ev["tasks"]} == {"mj/flights-lora", "mj/sports-lora"}
+    assert {row["adapter"] for row in fit["metrics"]["per_task"]} == {"mj/flights-lora", "mj/sports-lora"}
 
 
 @pytest.mark.parametrize("shared", ["true", "block"])
