@@ -550,11 +550,12 @@ def test_a_count_up_to_a_limit_never_tokenizes_a_long_text_whole(kind, request, 
     from loraplex.heads import chat_ids, chat_ids_within
 
     tok = load_base(str(request.getfixturevalue(kind)), settings).tokenizer
-    seen = []
+    seen, chars = [], []
 
     def encode(t):
         ids = tok(t, add_special_tokens=True)["input_ids"]
         seen.append(len(ids))
+        chars.append(len(t))
         return ids
 
     random.seed(0)
@@ -563,15 +564,22 @@ def test_a_count_up_to_a_limit_never_tokenizes_a_long_text_whole(kind, request, 
                  "hello world" + " " * 40_000 + "bye",  # 5 tokens, 40,014 characters (sweep 29: refused)
                  "." * 150 + "\t" + unk,  # tabs, and words over 100 characters: WordPiece's [UNK] (sweep 29)
                  "." * 150 + "".join(random.choice("qzjxkvw") for _ in range(900)),  # a word across a cut (sweep 29)
-                 "late, " * 200_000]:
+                 "late, " * 200_000,
+                 # what WordPiece reads nothing of, around and between words: spaces, controls, zero-width, accents
+                 "hello" + " " * 40_000 + "\u200b" * 5_000 + "world\x00" + "\t\n " * 20_000 + "bye",
+                 "caf" + "\u0301" * 30_000 + "e" + "\x07" * 30_000 + "bar" + " \u200b" * 30_000 + "baz"]:
         seen.clear()
+        chars.clear()
         ids, n = bounded_ids(encode, text, 256)
+        most = max(chars, default=0)
         whole = tok(text, add_special_tokens=True)["input_ids"] if len(text) < 100_000 else None
         if ids is not None:
             assert n == len(ids) <= 256 and ids == (whole if whole is not None else encode(text))
         else:
             assert n > 256 and (whole is None or n <= len(whole))  # a lower bound of the true count
         assert max(seen, default=0) <= 4 * 257 + 2  # no call made more tokens than a piece of 4 characters a token
+        if kind == "tiny_bert" and text.startswith(("hello ", "caf")):  # pieces WordPiece reads nothing
+            assert most < len(text) / 4  # of are not tokenized again with the rest (30 MB of spaces: 14 s)
     assert bounded_ids(encode, "flight " * 1_000_000, 256)[0] is None
     if getattr(tok, "chat_template", None):
         msgs = [{"role": "user", "content": "my flight was late"}]
