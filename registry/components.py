@@ -76,7 +76,7 @@ class Components:
             try:
                 with stored_record(f"{r[1]} {r[2]!r}"):
                     out.append(ComponentRecord(id=r[0], kind=r[1], name=r[2], method=r[3], base=r[4],
-                                               config=json.loads(r[5]), blob=r[6], members=tuple(json.loads(r[7])),
+                                               config=json.loads(r[5]), blob=r[6], members=json.loads(r[7]),
                                                metrics=json.loads(r[8]), extra=json.loads(r[9]), created_at=r[10]))
             except IntegrityError as exc:
                 if damaged is None:

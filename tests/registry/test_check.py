@@ -1,5 +1,6 @@
 """`registry check`: consistent registries pass; damage is found; --repair rebuilds derived state."""
 
+import json
 import re
 
 import pytest
@@ -197,6 +198,25 @@ def test_records_damaged_inside_the_database_are_named(settings, tiny_bert, tmp_
     api.remove(bad, settings=settings)
     api.remove(good, settings=settings)
     assert api.check(settings=settings).ok
+
+
+def test_a_component_whose_members_are_not_a_list_is_damaged(settings, tiny_bert, tmp_path):
+    """A router's `members` stored as one string was read letter by letter ("routes over adapters that are
+    gone: b, b, c") and no longer kept its adapters from removal (sweep 32): a damaged record, named."""
+    import sqlite3
+
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    names = [r.name for r in reg.list_adapters()][:2]
+    reg.put_component("router", "r", method="token-gate", base=str(tiny_bert), config={}, tensors={}, members=names)
+    reg.close()
+    with sqlite3.connect(reg.db_path) as c:
+        c.execute("UPDATE components SET members = ? WHERE name = 'r'", (json.dumps(names[0]),))
+    with pytest.raises(IntegrityError, match="router 'r': its stored record is damaged"):
+        reg.get_component("router", "r")
+    rep = api.check(settings=settings)
+    assert not rep.ok and any("router 'r': its stored record is damaged" in p for p in rep.problems), rep.problems
 
 
 def _edit(reg, sql, *args):
