@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import out_of_memory
+from loraplex.errors import AdapterNotFound, out_of_memory
 from loraplex.serve import decode
 from loraplex.serve.backend import Backend
 from loraplex.serve.classify import check_answerable
@@ -236,8 +236,13 @@ class _Context:
             raise APIError(403, f"{endpoint} is off on this server (it was started with --no-lora-updates)",
                            code="lora_updates_disabled")
 
-    def error(self, exc: BaseException) -> APIError:
-        """`api_error` with this server's registry folder left out of the message."""
+    def error(self, exc: BaseException, target: Target | None = None) -> APIError:
+        """`api_error` with this server's registry folder left out of the message. `target`: the model a job's
+        error came from; for `auto`, an adapter it decided on and that was removed before the job ran is a 409
+        (send it again: auto decides anew), not a 404 saying a model the client never named does not exist."""
+        if target is not None and target.kind == "auto" and isinstance(exc, AdapterNotFound):
+            return APIError(409, f"the adapter {target.name!r} chose for this request was removed before it ran; "
+                                 "send it again", param="model", code="model_changed")
         return api_error(exc, str(self.engine.reg().home))
 
     def resolve(self, model: str) -> Target:
@@ -285,7 +290,7 @@ class _Context:
             elif ev[0] == "done":
                 return ev[1], tokens
             elif ev[0] == "error":
-                raise self.error(ev[1])
+                raise self.error(ev[1], job.target)
 
     async def threaded(self, fn, *args):
         """`fn(*args)` in a worker thread, a library error as its HTTP error."""
@@ -536,7 +541,7 @@ class _Answer:
                         yield _sse({**chunk, "choices": [], "usage": self.usage(res["completion_tokens"])})
                     break
                 elif ev[0] == "error":  # the stream has begun (200): the error is its last event
-                    yield _sse(self.error(ev[1]).body())
+                    yield _sse(self.error(ev[1], job.target).body())
                     break
             yield "data: [DONE]\n\n"
         finally:

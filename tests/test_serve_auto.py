@@ -47,3 +47,36 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
 
 def _base(client) -> str:
     return next(m.id for m in client.models.list().data if m.model_extra["loraplex"]["kind"] == "base")
+
+
+def test_an_adapter_auto_chose_that_is_removed_before_its_forward_is_a_409(llama_home, tmp_path, monkeypatch):
+    """auto decides in the request's worker, the forward runs later on the batching thread: an adapter removed
+    in between answered 404 model_not_found naming it, for a request that named `auto`, which exists (sweep 33).
+    It is a 409 model_changed (send it again: auto decides anew), whole and streamed."""
+    import shutil
+
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+    from loraplex.settings import Settings
+
+    s, _ = llama_home
+    shutil.copytree(s.home, tmp_path / "home")
+    s2 = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32", cache_dir=s.cache_dir)
+    api.remove_router("ctg", settings=s2)
+    decide = Engine.auto
+
+    def decide_then_remove(self, texts, **kw):
+        routes = decide(self, texts, **kw)
+        api.remove(routes[0].adapters[0][0], settings=s2)
+        return routes
+
+    monkeypatch.setattr(Engine, "auto", decide_then_remove)
+    prompt = "flight plane gate seat crew bag delayed late lost great"
+    with serving(s2) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "auto", "prompt": prompt, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+        assert "the adapter 'auto' chose for this request was removed" in r.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/completions", json={"model": "auto", "prompt": prompt, "max_tokens": 2,
+                                                                  "stream": True}, timeout=60) as r:
+            events = [x for x in r.iter_lines() if x.startswith("data:")]
+        assert "model_changed" in events[-2] and events[-1] == "data: [DONE]", events
