@@ -167,7 +167,9 @@ def test_a_held_classification_is_not_starved_by_new_rows(engine):
         assert len(sch._lanes["bank"].rows) == 1              # too, or its adapter stays pinned for ever (review)
         sch._held = []
         sch._admit()
-        assert not sch._pending and len(sch._lanes["bank"].rows) == 3
+        loop.run_until_complete(asyncio.sleep(0))  # what the jobs were sent, should one have failed (once seen)
+        sent = [j.events.get_nowait() for j in (first, other, same) for _ in range(j.events.qsize())]
+        assert not sch._pending and len(sch._lanes["bank"].rows) == 3, sent
     finally:
         loop.close()
 
