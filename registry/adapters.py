@@ -19,7 +19,7 @@ from loraplex.errors import (AdapterNotFound, AlreadyExists, IncompatibleAdapter
 from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
 from loraplex.experts.spec import unread_module
 from loraplex.heads import HEADS
-from loraplex.models import Fingerprint, fingerprint, load_tokenizer, resolve_base
+from loraplex.models import fingerprint, load_tokenizer, resolve_base
 from loraplex.registry.index import SignatureIndex
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, validate_description, validate_name
 from loraplex.registry.signatures import description_embedding, embed, prototype
@@ -101,7 +101,7 @@ def export_peft(reg: Registry, name: str, out_dir: str | Path, *, overwrite: boo
     fps = reg.base_fingerprints()
     if rec.base_sha not in fps:
         raise IncompatibleAdapter(f"adapter {name!r}: the fingerprint of its base is missing (run `loraplex registry check`)")
-    fp = Fingerprint.model_validate_json(fps[rec.base_sha][1])
+    fp = reg.stored_fingerprint(rec.base_sha, *fps[rec.base_sha])
     try:
         peft_name = resolve_base(rec.base).peft_name
     except UserInputError:

@@ -7,7 +7,9 @@ Problems (the registry is inconsistent; exit code 1):
 - a record's LoRA settings or weights break the rules `register` applies (the same functions:
   LoraSpec's validation, `Adapter.check_weights`): NaN/Inf or absurd weights, an infinite alpha,
   a pattern key that is not a regex...;
-- an adapter no longer fits the base fingerprint it was registered against, or that fingerprint is gone;
+- an adapter no longer fits the base fingerprint it was registered against, or that fingerprint is gone or
+  damaged (`--repair` writes a damaged one again from the base, where it still reads as it was registered);
+- a router and an adapter share one name (a request naming it would be ambiguous);
 - a router or generator lists an adapter that is not in the registry; a router lists an adapter of
   another base than its own;
 - a cache that claims the current generation disagrees with the database (ids, vectors, nodes or
@@ -35,7 +37,7 @@ import numpy as np
 from loraplex.errors import (IntegrityError, InvalidTaskFile, LockUnavailable, LoraplexError, TaskNotFound, Unreadable,
                              UserInputError)
 from loraplex.experts.spec import Adapter
-from loraplex.models import Fingerprint
+from loraplex.models import fingerprint, resolve_base
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
 from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
 from loraplex.registry.record import validate_name
@@ -165,11 +167,22 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             reg.get_component(kind, name)
         except IntegrityError as exc:
             bad_specs.append(str(exc))
+    # a router and an adapter of one name (refused at fit and register; a hand edit or a merged copy can make it)
+    for (name,) in reg._db().execute("SELECT c.name FROM components c JOIN adapters a ON a.name = c.name "
+                                     "WHERE c.kind = 'router' ORDER BY c.id"):
+        report.problems.append(f"router {name!r} and adapter {name!r} share one model name (a request naming it "
+                               "is ambiguous): remove one of them, or fit or register it again under another name")
     if bad_specs:
         report.problems.extend(bad_specs)
         return
     stored = reg.base_fingerprints()
-    bases = {sha: Fingerprint.model_validate_json(fp) for sha, (_, fp) in stored.items()}
+    bases, damaged_bases = {}, set()
+    for sha, (base, text) in stored.items():
+        try:
+            bases[sha] = reg.stored_fingerprint(sha, base, text)
+        except IntegrityError as exc:
+            report.problems.append(str(exc))
+            damaged_bases.add(sha)
     records = reg.list_adapters()
     for rec in records:  # what registration guarantees of a record, read back (a hand edit can break it)
         try:
@@ -224,7 +237,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         if (adapter.n_params, len(ranks), max(ranks)) != (rec.n_params, rec.modules, rec.rank):
             report.problems.append(f"adapter {rec.name!r}: its blob's shapes disagree with its record")
         fp = bases.get(rec.base_sha)
-        if fp is None:
+        if fp is None and rec.base_sha in damaged_bases:  # said once, for the base
+            pass
+        elif fp is None:
             report.problems.append(f"adapter {rec.name!r}: the fingerprint of its base {rec.base!r} is missing")
         else:
             try:
@@ -373,6 +388,17 @@ def _repair(reg: "Registry", report: CheckReport) -> None:
             reg.generation()
         except IntegrityError:  # a counter, not data: set past every state the database remembers
             report.repaired.append(f"reset the damaged generation counter to {reg.reset_generation()}")
+        for sha, (base, text) in reg.base_fingerprints().items():
+            try:
+                reg.stored_fingerprint(sha, base, text)
+            except IntegrityError:  # written again from the base itself, where it still reads as registered
+                try:
+                    fp = fingerprint(resolve_base(base), reg.settings)
+                except LoraplexError:
+                    continue
+                if fp.sha == sha:
+                    reg.rewrite_fingerprint(sha, fp)
+                    report.repaired.append(f"wrote the damaged fingerprint of base {base!r} ({sha[:12]}) again")
         sizes = _stored_dims(reg)
         if len(sizes) == 1 and reg.meta("dim") != str(next(iter(sizes))):  # every adapter agrees: the meta is wrong
             dim = next(iter(sizes))

@@ -353,6 +353,27 @@ class Registry(Database, Components):
             return {}
         return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT sha, name, fingerprint FROM bases")}
 
+    @staticmethod
+    def stored_fingerprint(sha: str, name: str, text: str):
+        """A `bases` row's fingerprint; damaged (edited by hand, a bad page) it is an IntegrityError naming the
+        base, not a traceback (sweep 32: `registry check` and export ended in exit 70)."""
+        from loraplex.models import Fingerprint
+
+        try:
+            fp = Fingerprint.model_validate_json(text)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+            why = f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}" if first else str(exc)[:120]
+            raise IntegrityError(f"base {name!r} ({sha[:12]}): its stored fingerprint is damaged ({why}); "
+                                 "`loraplex registry check --repair` writes it again where the base reads as it was "
+                                 "registered") from None
+        return fp
+
+    def rewrite_fingerprint(self, sha: str, fp: "Fingerprint") -> None:
+        """Store a base's fingerprint again (check --repair, for a damaged row of a base that reads as before)."""
+        with self.transaction() as c:
+            c.execute("UPDATE bases SET fingerprint = ? WHERE sha = ?", (fp.model_dump_json(), sha))
+
     # ------------------------------------------------------------------------------------------
     # adapters
 
@@ -465,8 +486,8 @@ class Registry(Database, Components):
         if not rows:
             return []
         ids = [r[0] for r in rows]
-        edges: dict[int, list[Edge]] = {}
-        snaps: dict[int, list[Snapshot]] = {}
+        edges: dict[int, list[tuple]] = {}  # rows as stored: made Edge/Snapshot under their record's guard, so a
+        snaps: dict[int, list[tuple]] = {}  # damaged one names its adapter (sweep 32: exit 70 for every listing)
         if len(ids) <= 500:
             marks = ",".join("?" * len(ids))
             e_rows = conn.execute(f"SELECT adapter_id, target, kind FROM edges WHERE adapter_id IN ({marks})", ids)
@@ -475,9 +496,9 @@ class Registry(Database, Components):
             e_rows = conn.execute("SELECT adapter_id, target, kind FROM edges")
             s_rows = conn.execute("SELECT adapter_id, step, blob FROM snapshots ORDER BY step")
         for aid, target, kind in e_rows:
-            edges.setdefault(aid, []).append(Edge(target=target, kind=kind))
+            edges.setdefault(aid, []).append((target, kind))
         for aid, step, blob in s_rows:
-            snaps.setdefault(aid, []).append(Snapshot(step=step, blob=blob))
+            snaps.setdefault(aid, []).append((step, blob))
         out = []
         for r in rows:
             try:
@@ -488,7 +509,7 @@ class Registry(Database, Components):
                 damaged.append(str(exc))
         return out
 
-    def _record_of(self, r: Sequence[Any], edges: dict[int, list[Edge]], snaps: dict[int, list[Snapshot]]
+    def _record_of(self, r: Sequence[Any], edges: dict[int, list[tuple]], snaps: dict[int, list[tuple]]
                    ) -> AdapterRecord:
         spec = stored_spec(r[1], r[8])
         with stored_record(f"adapter {r[1]!r}"):
@@ -496,8 +517,9 @@ class Registry(Database, Components):
                 id=r[0], name=r[1], base=r[2], base_sha=r[3], family=r[4], description=r[5], task=r[6],
                 origin=r[7], spec=spec, blob=r[9], n_params=r[10], modules=r[11],
                 rank=r[12], metrics=json.loads(r[13]), extra=json.loads(r[14]),
-                edges=tuple(sorted(edges.get(r[0], []), key=lambda e: (e.kind, e.target))),
-                snapshots=tuple(snaps.get(r[0], [])), created_at=r[15],
+                edges=tuple(sorted((Edge(target=t, kind=k) for t, k in edges.get(r[0], [])),
+                                   key=lambda e: (e.kind, e.target))),
+                snapshots=tuple(Snapshot(step=n, blob=b) for n, b in snaps.get(r[0], [])), created_at=r[15],
             )
 
     def get_adapter(self, name: str) -> AdapterRecord:

@@ -261,6 +261,55 @@ def test_damaged_counts_signatures_and_edges_are_named(settings, tiny_bert, tmp_
         assert api.check(settings=settings).ok
 
 
+@pytest.mark.parametrize("sql", ["INSERT INTO edges VALUES (1, 'adapter:nosuch', 'eats')",
+                                 "INSERT INTO snapshots(adapter_id, step, blob) VALUES (1, 'x', 'nosuchblob')"])
+def test_a_damaged_edge_or_snapshot_row_names_its_adapter(settings, tiny_bert, tmp_path, sql):
+    """One edge of an unknown kind or a snapshot whose step is not a number was an internal error (exit 70) in
+    check, --repair, every listing and every removal (sweep 32): it damages its adapter's record, named."""
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, sql)
+    with pytest.raises(IntegrityError, match="adapter 'a0': its stored record is damaged"):
+        reg.get_adapter("a0")
+    damaged: list[str] = []
+    assert [r.name for r in reg.list_adapters(damaged=damaged)] == ["a1"] and "'a0'" in damaged[0]
+    rep = api.check(settings=settings)
+    assert not rep.ok and any("adapter 'a0': its stored record is damaged" in p for p in rep.problems), rep.problems
+    assert not api.check(repair=True, settings=settings).ok
+    api.remove("a0", settings=settings)
+    assert api.check(settings=settings).ok
+
+
+def test_a_damaged_base_fingerprint_is_named_and_repaired(settings, tiny_bert, tmp_path):
+    """A `bases` row whose fingerprint is not one ended check, --repair and export in exit 70 (sweep 32): check
+    names the base once, --repair writes it again from the base (which reads as it was registered)."""
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, "UPDATE bases SET fingerprint = '{}'")
+    rep = api.check(settings=settings)
+    named = [p for p in rep.problems if "its stored fingerprint is damaged" in p]
+    assert len(named) == 1 and named[0].startswith(f"base {str(tiny_bert)!r}") and len(rep.problems) == 1, rep.problems
+    with pytest.raises(IntegrityError, match="its stored fingerprint is damaged"):
+        api.export("a0", tmp_path / "out", settings=settings)
+    fixed = api.check(repair=True, settings=settings)
+    assert fixed.ok and any("wrote the damaged fingerprint" in r for r in fixed.repaired), fixed.problems
+    api.export("a0", tmp_path / "out", settings=settings)
+
+
+def test_a_router_and_an_adapter_of_one_name_are_a_problem(settings, tiny_bert, tmp_path):
+    """A router named like an adapter (refused at fit and register, made by a hand edit or a merged copy) was
+    reported consistent, though a request naming it is ambiguous (sweep 32)."""
+    reg = _setup(settings, tiny_bert, tmp_path)
+    reg.put_component("router", "r", method="token-gate", base=str(tiny_bert), config={}, tensors={},
+                      members=["a0", "a1"])
+    assert api.check(settings=settings).ok
+    _edit(reg, "UPDATE components SET name = 'a1' WHERE name = 'r'")
+    rep = api.check(settings=settings)
+    assert any("router 'a1' and adapter 'a1' share one model name" in p for p in rep.problems), rep.problems
+
+
 @pytest.mark.parametrize("cache", [INDEX_FILE, GRAPH_FILE])
 def test_a_directory_in_place_of_a_cache_is_reported_and_moved_aside(settings, tiny_bert, tmp_path, cache):
     """check said "consistent" and --repair failed with "Is a directory"; the directory is now a problem, and
