@@ -578,11 +578,17 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             job = Job("classify", target, texts[i:i + step], asyncio.get_running_loop(), labels=labels,
                       routes=routes[i:i + step] if routes is not None else None)
             cx.scheduler.submit(job)
-            res += (await cx.wait(job, request))[0]
-            if several and await cx.threaded(engine.versions, target, routes) != held:
-                raise APIError(409, f"{req.model!r} (or an adapter it routed to) was removed or registered anew while "
-                                    "this request ran: its answers would mix two versions; send it again",
+            changed = APIError(409, f"{req.model!r} (or an adapter it routed to) was removed or registered anew "
+                                    "while this request ran: its answers would mix two versions; send it again",
                                param="model", code="model_changed")
+            try:
+                res += (await cx.wait(job, request))[0]
+            except APIError as err:  # removed after its first piece ran: changed, not unknown (sweep 33: a 404
+                if i and err.status == 404:  # when the removal came between the check below and the next piece)
+                    raise changed from None
+                raise
+            if several and await cx.threaded(engine.versions, target, routes) != held:
+                raise changed
         data = [{"index": i, "object": "classification", "input": t, **r} for i, (t, r) in enumerate(zip(texts, res))]
         per = [d.pop("routing") for d in data]
         return {"object": "list", "model": req.model, "data": data,

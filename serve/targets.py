@@ -55,9 +55,10 @@ class Events:
 
 
 def route_summary(r: Route) -> dict[str, Any]:
-    """A bank row's `routing`: its adapters by weight and, for `auto`, the decision and why."""
+    """A bank row's `routing`: its adapters by weight (those above 5e-4, as `query` lists them: auto's top-k
+    named a second adapter at weight 0.0 the CLI left out; sweep 33) and, for `auto`, the decision and why."""
     out: dict[str, Any] = {"adapters": [{"name": a, "weight": round(w, 4)}
-                                        for a, w in sorted(r.adapters, key=lambda x: -x[1])]}
+                                        for a, w in sorted(r.adapters, key=lambda x: -x[1]) if w > 5e-4]}
     if r.decision is not None:
         out.update(decision=r.decision, reason=r.reason, nearest=r.nearest)
     return out

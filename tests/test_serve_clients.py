@@ -487,6 +487,35 @@ def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llam
         api.remove("mix-lora", settings=s)
 
 
+def test_an_adapter_removed_just_before_a_requests_next_piece_is_a_409(llama_home, tiny_llama, monkeypatch):
+    """Removed between the version check after one piece and the next piece, the model was a 404 "no adapter
+    named ..." for a request accepted while it existed (sweep 33: one run in four): a 409 model_changed."""
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+
+    s, root = llama_home
+    api.export("flights-lora", root / "flights-lora-y", overwrite=True, settings=s)
+    api.register(root / "flights-lora-y", name="gone-lora", description="flights messages", base=str(tiny_llama),
+                 task=str(root / "flights.jsonl"), settings=s)
+    real, calls = Engine.versions, []
+
+    def then_remove(self, target, routes=None):
+        out = real(self, target, routes)
+        calls.append(1)
+        if len(calls) == 2:  # the check after the first piece has passed: removed before the second runs
+            api.remove("gone-lora", settings=s)
+        return out
+
+    monkeypatch.setattr(Engine, "versions", then_remove)
+    try:
+        with serving(s, base=str(tiny_llama), max_batch=2) as url:
+            r = httpx.post(url + "/v1/classify", json={"model": "gone-lora", "input": ["late flight"] * 5}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+    finally:
+        if api.open_registry(s).has_adapter("gone-lora"):
+            api.remove("gone-lora", settings=s)
+
+
 def test_a_requests_routing_lists_every_adapter_query_lists():
     """The server's routing object kept a router's 4 heaviest adapters: over 6, weights summing to 0.89 were
     reported while `query --router` listed all 6 (sweep 30). Every adapter above 5e-4 is listed, by weight."""
@@ -498,3 +527,7 @@ def test_a_requests_routing_lists_every_adapter_query_lists():
     got = top_adapters([f"a{i}" for i in range(7)], w)
     assert [g["name"] for g in got] == ["a1", "a2", "a3", "a4", "a5", "a0"]
     assert sum(g["weight"] for g in got) == pytest.approx(w[:6].sum(), abs=1e-3)
+    # a bank row's (an adapter's, auto's) too: auto's top-2 named a second adapter at weight 0.0 (sweep 33)
+    from loraplex.serve.targets import Route, route_summary
+
+    assert route_summary(Route([("a", 0.0), ("b", 1.0)]))["adapters"] == [{"name": "b", "weight": 1.0}]
