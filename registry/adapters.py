@@ -38,8 +38,11 @@ def _about(field: str) -> Iterator[None]:
 
 
 def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str,
-                  task: str | None = None, base: str | None = None) -> AdapterRecord:
-    """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record."""
+                  task: str | None = None, base: str | None = None, declared_must_match: bool = False) -> AdapterRecord:
+    """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record.
+    `declared_must_match`: `base` is not the caller's choice (a server's own base), so a directory whose config
+    names another base is refused, not applied to this one because its shapes fit (any MiniLM-L6 checkpoint
+    fits another's: sweep 33); `--base` on the CLI is the user's word that it applies."""
     with _about("name"):
         validate_name(name)
         if reg.has_adapter(name):
@@ -58,6 +61,17 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
             raise UserInputError("the base is empty: name a base model, or leave it out to use the adapter's own")
         ref = resolve_base(base or cfg.get("base_model_name_or_path"))
         fp = fingerprint(ref, settings)
+    declared = cfg.get("base_model_name_or_path")
+    if declared_must_match and isinstance(declared, str) and declared.strip():
+        try:
+            same = resolve_base(declared).name == ref.name
+        except UserInputError:  # a base unknown here is not this one
+            same = False
+        if not same:
+            raise IncompatibleAdapter(f"adapter at {path} was made for base {declared!r} (its adapter_config.json), "
+                                      f"not {ref.name!r}: load it where that base is served, or register it with "
+                                      f"`loraplex adapters register --base {ref.name}` to apply it to this one "
+                                      "anyway").about("path")
     with _about("path"):
         adapter = align_modules(adapter, fp.modules)
         adapter.check_fits(fp, name=f"adapter at {path}")

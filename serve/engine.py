@@ -504,7 +504,7 @@ class Engine:
                 description = f"LoRA adapter {name}, loaded through the server"
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
-                          description=description)
+                          description=description, declared_must_match=True)
 
     def unregister(self, name: str) -> None:
         if not self.reg().has_adapter(name):

@@ -311,3 +311,11 @@ def test_load_and_unload_an_adapter_through_the_api(home, http, client, tiny_lla
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "extra-lora"}).status_code == 200
     assert "extra-lora" not in {m.id for m in client.models.list().data}
     assert http.post("/v1/completions", json={"model": "extra-lora", "prompt": "x"}).status_code == 404
+    # a directory made for another base is refused, though its shapes fit this one (sweep 33: registered)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    for other in ("HuggingFaceTB/SmolLM2-360M-Instruct", "sentence-transformers/all-MiniLM-L6-v2"):
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": other}))
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "other-lora", "lora_path": str(d)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+        assert f"was made for base {other!r}" in r.json()["error"]["message"]
+    assert "other-lora" not in {m.id for m in client.models.list().data}
