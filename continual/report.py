@@ -2,12 +2,14 @@
 
     matrix.json   {"tasks": [...], "rows": [unit labels], "kinds": [...], "R": [[acc or null]], "base": {...}}
     metrics.json  {"complete", "units_done", "units_total", "method", "replay", "average_accuracy",
-                   "backward_transfer", "forward_transfer", "forgetting", "forget_requests": [...],
+                   "backward_transfer", "forward_transfer", "forgetting", "final_accuracy": {task: acc},
+                   "erased_final_accuracy": {task: acc}, "forget_requests": [...],
                    "units": [{unit, label, adapter, steps, seconds, step_time, losses, ...}]}
     heatmap.png   the matrix as a heatmap (matplotlib, Agg backend, imported only here)
 
-The learning metrics (continual/metrics.py) are computed on the rows of learning units; a task fully
-forgotten before the last learning unit is left out of them (its drop is intended). Forgetting
+The learning metrics (continual/metrics.py) are computed on the rows of learning units; a task erased
+whole, wherever its forget unit comes, is left out of them (its drop is intended). `final_accuracy` is
+each kept task's accuracy after the last unit done, `erased_final_accuracy` each erased one's. Forgetting
 requests get their own summary (accuracy on what was erased and on what was kept, before and after).
 """
 
@@ -56,9 +58,9 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         "complete": len(results) == info["units_total"],
     }
     if learn:
-        last_learn = max(r["unit"] for r in learn)
-        dropped = {r["tasks"][0] for r in results
-                   if r["kind"] == "forget" and r.get("labels") is None and r["unit"] < last_learn}
+        # a task erased whole is out of the columns wherever its forget unit comes (one at the stream's end was
+        # counted in AA at its accuracy before the forget, and reported as its final accuracy: sweep 31)
+        dropped = {r["tasks"][0] for r in results if r["kind"] == "forget" and r.get("labels") is None}
         cols = [t for t in tasks if t not in dropped and any(t in r["tasks"] for r in learn)]
         R = np.array([[_acc(r["row"].get(t)) for t in cols] for r in learn], dtype=float)
         learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
@@ -67,9 +69,13 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         at_unit = {id(r): i for i, r in enumerate(results)}
         before = [_acc(results[at_unit[id(learn[at])] - 1]["row"].get(t)) if at_unit[id(learn[at])] > 0 else float("nan")
                   for t, at in zip(cols, learned_at)]
-        out.update(M.summary(R, learned_at, base, before))
-        out["final_accuracy"] = {t: (None if math.isnan(R[-1, j]) else round(float(R[-1, j]), 4))
-                                 for j, t in enumerate(cols)}
+        out.update(M.summary(R, learned_at, base, before) if cols else
+                   dict.fromkeys(("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")))
+        # after the last unit done (a forget unit too), on the tasks kept and on those erased
+        last = {t: _acc(results[-1]["row"].get(t)) for t in tasks}
+        out["final_accuracy"] = {t: (None if math.isnan(last[t]) else round(last[t], 4)) for t in cols}
+        out["erased_final_accuracy"] = {t: (None if math.isnan(last[t]) else round(last[t], 4))
+                                        for t in tasks if t in dropped}
     out["forget_requests"] = [r["forget"] for r in results if r["kind"] == "forget" and r.get("forget")]
     out["units"] = [{k: r.get(k) for k in ("unit", "label", "kind", "adapter", "steps", "rows_per_step", "seconds",
                                             "step_time", "losses", "regularizers")} for r in results]

@@ -90,3 +90,24 @@ def test_forward_transfer_reads_a_task_measured_by_the_forget_before_it():
     assert zero["forward_transfer"] == pytest.approx(((0.5 - 0.0) + (0.7 - 0.4)) / 2)
     assert m["backward_transfer"] == pytest.approx(0.85 - 0.9)  # a was forgotten: out of the columns
     assert m["average_accuracy"] == pytest.approx((0.85 + 0.8) / 2)
+    assert m["final_accuracy"] == {"b": 0.85, "c": 0.8} and m["erased_final_accuracy"] == {"a": 0.3}
+
+
+def test_a_task_erased_by_the_last_unit_is_out_of_the_metrics_and_final_is_after_it():
+    """A stream ending with `forget: a` counted a in AA at its accuracy before the forget and reported that as
+    its final accuracy (sweep 31: AA 75.0 for a task the forget took to 0): out of the columns, as a forget
+    between learning units puts it, and final accuracy is read after the last unit."""
+    from loraplex.continual.report import build_metrics
+
+    acc = lambda **kw: {t: {"accuracy": v} for t, v in kw.items()}
+    info = {"tasks": ["a", "b"], "base": {"a": 0.4, "b": 0.4}, "run_id": "r", "method": "seq-lora", "units_total": 3}
+    results = [
+        {"unit": 0, "kind": "learn", "tasks": ["a"], "row": acc(a=0.8, b=0.5)},
+        {"unit": 1, "kind": "learn", "tasks": ["b"], "row": acc(a=0.7, b=0.9)},
+        {"unit": 2, "kind": "forget", "tasks": ["a"], "labels": None, "row": acc(a=0.1, b=0.85), "forget": {"task": "a"}},
+    ]
+    m = build_metrics(info, results)
+    assert m["average_accuracy"] == pytest.approx(0.9)
+    assert m["final_accuracy"] == {"b": 0.85} and m["erased_final_accuracy"] == {"a": 0.1}
+    alone = build_metrics({**info, "tasks": ["a"], "units_total": 2}, [results[0], {**results[2], "row": acc(a=0.0)}])
+    assert alone["average_accuracy"] is None and alone["final_accuracy"] == {} and alone["erased_final_accuracy"] == {"a": 0.0}
