@@ -132,6 +132,14 @@ def out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
+def server_state(exc: BaseException) -> bool:
+    """Whether `exc` is the state of the machine a server runs on, not a bug: out of memory, its database
+    failing under it (SQLite's own errors), no file descriptors left. A server answers these with a 503 and
+    logs one line for them (the traceback is for bugs)."""
+    return (out_of_memory(exc) or type(exc).__module__ == "sqlite3"
+            or (isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)))
+
+
 class MissingDependency(LoraplexError):
     """An optional package (an embedded model or dataset, faiss) is not installed."""
 

@@ -131,6 +131,15 @@ class Database:
         self.home = user_path(home).absolute()
         if self.home.exists() and not self.home.is_dir():
             raise UserInputError(f"registry home {self.home} is not a directory")
+        if self.home.is_symlink() and not self.home.exists():  # an unmounted disk read as an empty registry, and a
+            try:                                                # write said "File exists" (sweep 32)
+                self.home.resolve(strict=True)
+                why = "does not exist"
+            except RuntimeError:
+                why = "is a loop of symbolic links"
+            except OSError as exc:
+                why = "is a loop of symbolic links" if exc.errno == errno.ELOOP else "does not exist"
+            raise UserInputError(f"registry home {self.home} is a symbolic link to {os.readlink(self.home)}, which {why}")
         if not self.home.exists():  # one that can never be made (a file on its path) read as an empty registry
             above = next((p for p in self.home.parents if p.exists() or p.is_symlink()), None)
             if above is not None and not above.is_dir():

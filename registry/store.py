@@ -671,7 +671,12 @@ class Registry(Database, Components):
         """The record and its tensors (hash verified)."""
         rec = self.get_adapter(name_or_record) if isinstance(name_or_record, str) else name_or_record
         where = f"adapter {rec.name!r}"
-        return rec, Adapter.from_bytes(rec.spec, self.read_blob(rec.blob, owner=where), where=where)
+        adapter = Adapter.from_bytes(rec.spec, self.read_blob(rec.blob, owner=where), where=where)
+        ranks = [adapter.rank(m) for m in adapter.modules]
+        if (adapter.n_params, len(ranks), max(ranks, default=0)) != (rec.n_params, rec.modules, rec.rank):
+            # a record pointing at another adapter's blob (hash sound): its weights, silently (sweep 32)
+            raise IntegrityError(f"{where}: its blob's shapes disagree with its record (remove it, or register it again)")
+        return rec, adapter
 
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
         where = f"snapshot {snap.step} of {rec.name!r}"

@@ -202,7 +202,10 @@ class Engine:
         names = {a for r in routes or () for a, _ in r.adapters}
         if target.kind == "adapter":
             names.add(target.name)
-        out: dict[str, Any] = {n: reg.get_adapter(n).blob if reg.has_adapter(n) else None for n in sorted(names)}
+        # the record's id with its blob: registered anew with the same weights but another task or description
+        # is another version (one answer mixed two tasks' labels; sweep 33)
+        out: dict[str, Any] = {n: ((r := reg.get_adapter(n)).id, r.blob) if reg.has_adapter(n) else None
+                               for n in sorted(names)}
         if target.kind == "router":
             out[f"router:{target.name}"] = (reg.get_component("router", target.name).id
                                             if reg.has_component("router", target.name) else None)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.errors import server_state
 from loraplex.serve import decode
 from loraplex.serve.engine import Engine, LoraplexError, UserInputError
 from loraplex.serve.targets import Route, Target
@@ -229,7 +230,10 @@ class Scheduler:
 
     def _fail(self, jobs: list[Job], exc: BaseException, kind: str) -> None:
         if not isinstance(exc, LoraplexError):
-            log.exception("a %s batch failed", kind, exc_info=exc)
+            if server_state(exc):  # out of memory, the database, file descriptors: one line, not a bug's traceback
+                log.warning("a %s batch failed: %s", kind, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
+            else:
+                log.exception("a %s batch failed", kind, exc_info=exc)
         for job in jobs:
             job.send("error", exc)
 

@@ -487,6 +487,52 @@ def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llam
         api.remove("mix-lora", settings=s)
 
 
+def test_an_adapter_registered_anew_with_its_weights_and_another_task_is_another_version(llama_home, tiny_llama,
+                                                                                       monkeypatch):
+    """Registered anew from the same directory with another task between two pieces, one 200 answered half its
+    inputs with each task's labels: versions were blobs alone (sweep 33). The record is part of it: a 409."""
+    from loraplex import api
+    from loraplex.serve.scheduler import Scheduler
+
+    s, root = llama_home
+    api.export("flights-lora", root / "flights-lora-z", overwrite=True, settings=s)
+    api.register(root / "flights-lora-z", name="twin-lora", description="flights messages", base=str(tiny_llama),
+                 task=str(root / "flights.jsonl"), settings=s)
+    real, pieces = Scheduler._classify, []
+
+    def then_retask(self, jobs, lane):
+        real(self, jobs, lane)
+        pieces.append(len(jobs))
+        if len(pieces) == 1:
+            api.remove("twin-lora", settings=s)
+            api.register(root / "flights-lora-z", name="twin-lora", description="sports messages",
+                         base=str(tiny_llama), task=str(root / "sports.jsonl"), settings=s)
+
+    monkeypatch.setattr(Scheduler, "_classify", then_retask)
+    try:
+        with serving(s, base=str(tiny_llama), max_batch=2) as url:
+            r = httpx.post(url + "/v1/classify", json={"model": "twin-lora", "input": ["late flight"] * 5}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+    finally:
+        api.remove("twin-lora", settings=s)
+
+
+def test_a_batch_that_fails_for_the_machines_state_logs_one_line(caplog):
+    """An out-of-memory batch (a 503, the server's state) logged a ~117-line traceback each time (sweep 33): one
+    warning line; a bug keeps its traceback."""
+    import logging
+
+    from loraplex.serve.scheduler import Scheduler
+
+    with caplog.at_level(logging.WARNING, logger="loraplex.serve"):
+        Scheduler._fail(None, [], RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 402653184 bytes"),
+                        "classify")
+        Scheduler._fail(None, [], KeyError("a bug"), "classify")
+    oom, bug = caplog.records[-2:]
+    assert oom.levelno == logging.WARNING and oom.exc_info is None and "can't allocate memory" in oom.getMessage()
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None
+
+
 def test_an_adapter_removed_just_before_a_requests_next_piece_is_a_409(llama_home, tiny_llama, monkeypatch):
     """Removed between the version check after one piece and the next piece, the model was a 404 "no adapter
     named ..." for a request accepted while it existed (sweep 33: one run in four): a 409 model_changed."""

@@ -298,6 +298,38 @@ def test_a_damaged_base_fingerprint_is_named_and_repaired(settings, tiny_bert, t
     api.export("a0", tmp_path / "out", settings=settings)
 
 
+def test_a_record_pointing_at_another_adapters_blob_does_not_load(settings, tiny_bert, tmp_path):
+    """check said the shapes disagree, while eval, query and export used the other adapter's weights with exit 0
+    (sweep 32): loading compares them too."""
+    from loraplex.errors import IntegrityError
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    make_peft_adapter(tiny_bert, tmp_path / "wide", r=4, targets=("query", "key", "value"))
+    api.register(tmp_path / "wide", name="wide", description="a wider adapter", base=str(tiny_bert), settings=settings)
+    _edit(reg, "UPDATE adapters SET blob = (SELECT blob FROM adapters WHERE name = 'wide') WHERE name = 'a0'")
+    with pytest.raises(IntegrityError, match="adapter 'a0': its blob's shapes disagree with its record"):
+        reg.load_adapter("a0")
+    with pytest.raises(IntegrityError, match="shapes disagree"):
+        api.export("a0", tmp_path / "out", settings=settings)
+    reg.load_adapter("wide")
+
+
+def test_a_home_that_is_a_dangling_link_or_a_loop_is_named(settings, tmp_path):
+    """A home on an unmounted disk (a link to nothing) read as an empty, consistent registry, and a write said
+    "File exists" (sweep 32)."""
+    from loraplex.errors import UserInputError
+    from loraplex.settings import Settings
+
+    (tmp_path / "gone").symlink_to(tmp_path / "no-such-mount" / "home")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for link, why in (("gone", "which does not exist"), ("loop", "which is a loop of symbolic links")):
+        s = Settings.load(home=tmp_path / link, embedder="hash", device="cpu", dtype="float32")
+        with pytest.raises(UserInputError, match=f"is a symbolic link to .*, {why}"):
+            api.list_adapters(s)
+        with pytest.raises(UserInputError, match="is a symbolic link"):
+            api.check(settings=s)
+
+
 def test_a_router_and_an_adapter_of_one_name_are_a_problem(settings, tiny_bert, tmp_path):
     """A router named like an adapter (refused at fit and register, made by a hand edit or a merged copy) was
     reported consistent, though a request naming it is ambiguous (sweep 32)."""
