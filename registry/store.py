@@ -539,6 +539,14 @@ class Registry(Database, Components):
         if conn.execute("SELECT 1 FROM components WHERE kind = 'router' AND name = ?", (name,)).fetchone():
             raise AlreadyExists(f"a router named {name!r} already exists: an adapter of that name "
                                 "would share its model name (choose another)").about("name")
+        children = [r[0] for r in conn.execute(  # lineage names parents: a new adapter under a removed parent's name
+            "SELECT DISTINCT a.name FROM edges e JOIN adapters a ON a.id = e.adapter_id WHERE e.target = ? "
+            "ORDER BY a.name LIMIT 4", (f"adapter:{name}",))]  # read as their parent in show, graph, eval (sweep 32)
+        if children:
+            raise AlreadyExists(f"{name!r} is the name of a removed adapter that {', '.join(map(repr, children[:3]))}"
+                                f"{' and more' if len(children) > 3 else ''} came from (their lineage names it): an "
+                                "adapter registered under it would read as their parent (choose another name)"
+                                ).about("name")
 
     def has_adapter(self, name: str) -> bool:
         conn = self._db(create=False)

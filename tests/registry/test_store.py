@@ -173,3 +173,9 @@ def test_show_and_graph(settings, tiny_bert, tmp_path):
     g2 = api.graph(settings)
     removed = [n for n in g2["nodes"] if n["id"] == "adapter:a"]
     assert removed and removed[0].get("removed") is True
+    # a new adapter under the removed parent's name would read as c's parent in show, graph and eval (sweep 32)
+    from loraplex.errors import AlreadyExists
+
+    with pytest.raises(AlreadyExists, match="'a' is the name of a removed adapter that 'c' came from"):
+        api.register(tmp_path / "p", name="a", description="bbc topics", base=str(tiny_bert), settings=settings)
+    assert api.show("c", settings)["parents"] == info["parents"] and not reg.has_adapter("a")
