@@ -40,7 +40,7 @@ from loraplex.experts.spec import Adapter
 from loraplex.models import fingerprint, resolve_base
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
 from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
-from loraplex.registry.record import validate_name
+from loraplex.registry.record import router_members_problem, validate_name
 from loraplex.registry.store import Registry, is_task_path, stored_spec
 
 @dataclass
@@ -273,6 +273,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             reg.read_blob(c.blob, owner=f"{c.kind} {c.name!r}")
         except IntegrityError as exc:
             report.problems.append(str(exc))
+        problem = router_members_problem(c)
+        if problem:
+            report.problems.append(problem)
         missing = [m for m in c.members if m not in names]
         if missing:
             report.problems.append(f"{c.kind} {c.name!r} routes over adapters that are gone: {', '.join(missing)}")

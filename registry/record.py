@@ -220,9 +220,28 @@ class ComponentRecord(BaseModel):
     created_at: str
 
 
+def router_members_problem(rec: ComponentRecord) -> str | None:
+    """What is wrong with a stored router's `members` against the adapters it was fitted on (`extra.expert_names`,
+    stored with it), or None: a member listed twice, or members reordered (each gate slot then reads another
+    adapter, silently: sweep 32). A joint router names its own copies: not compared."""
+    if len(set(rec.members)) != len(rec.members):
+        twice = next(m for m in rec.members if rec.members.count(m) > 1)
+        return f"router {rec.name!r}: its stored record lists adapter {twice!r} twice (its record is damaged; fit it again)"
+    fitted = rec.extra.get("expert_names")
+    if rec.kind == "router" and not rec.extra.get("joint") and isinstance(fitted, list) and rec.members \
+            and list(fitted) != list(rec.members):
+        return (f"router {rec.name!r}: its stored members ({', '.join(rec.members)}) are not the adapters it was "
+                f"fitted on, in order ({', '.join(map(str, fitted))}): its record is damaged; fit it again")
+    return None
+
+
 def one_base(recs: "list[AdapterRecord]", refusal: str) -> None:
     """Adapters used together must share one base model: its name and its fingerprint (two bases of the
     same shape, `minilm` and a local BERT of its size, share a fingerprint but not their weights).
-    `refusal` starts the error, which lists each adapter with its base."""
+    `refusal` starts the error, which lists each adapter with its base (and its fingerprint where the names
+    agree: "air (minilm), bbc (minilm)" read as no difference at all; sweep 32)."""
     if len({(r.base, r.base_sha) for r in recs}) > 1:
-        raise IncompatibleAdapter(f"{refusal}: {', '.join(f'{r.name} ({r.base})' for r in recs)}")
+        same_names = len({r.base for r in recs}) == 1
+        raise IncompatibleAdapter(f"{refusal}: " + ", ".join(
+            f"{r.name} ({r.base}{f', fingerprint {r.base_sha[:12]}' if same_names else ''})" for r in recs)
+            + (" (one base, changed between registrations: register the odd ones again)" if same_names else ""))

@@ -290,7 +290,9 @@ class Registry(Database, Components):
         out = {r[0] for r in conn.execute("SELECT blob FROM adapters")}
         out |= {r[0] for r in conn.execute("SELECT blob FROM snapshots")}
         out |= {r[0] for r in conn.execute("SELECT blob FROM components")}
-        return out
+        # a damaged record's id as it would read whole (upper-cased, padded): its file is not an orphan for
+        # --repair to move away (sweep 32: a record's own weights moved out, and their deletion invited)
+        return out | {v.strip().lower() for v in out if isinstance(v, str)}
 
     def stored_blobs(self) -> dict[str, Path]:
         if not self.blob_dir.is_dir():

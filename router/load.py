@@ -23,7 +23,7 @@ from loraplex.errors import ComponentNotFound, IncompatibleAdapter, IntegrityErr
 from loraplex.experts.layers import inject, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.models import load_base, resolve_base
-from loraplex.registry.record import named_apart, one_base
+from loraplex.registry.record import named_apart, one_base, router_members_problem
 from loraplex.registry.signatures import embedder as _embedder
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.model import RoutedModel
@@ -173,6 +173,8 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
         keep = list(range(len(experts)))
     else:
         members = list(rec.members)
+        if (problem := router_members_problem(rec)) is not None:
+            raise IntegrityError(problem)
         missing = [m for m in members if not reg.has_adapter(m)]
         if missing:
             raise IntegrityError(f"router {name!r} routes over adapters that are gone: {', '.join(missing)}")

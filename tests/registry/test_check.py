@@ -330,6 +330,45 @@ def test_a_home_that_is_a_dangling_link_or_a_loop_is_named(settings, tmp_path):
             api.check(settings=s)
 
 
+@pytest.mark.parametrize("members", [["a1", "a0"], ["a0", "a0"]])
+def test_a_routers_members_that_are_not_those_it_was_fitted_on_are_damage(settings, tiny_bert, tmp_path, members):
+    """Reordered, a router's members passed check and routed each gate slot through another adapter, silently;
+    repeated, it blamed the input (sweep 32): check names it, and loading refuses it."""
+    from loraplex.errors import IntegrityError
+    from loraplex.router.load import load_router
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    reg.put_component("router", "r", method="token-gate", base=str(tiny_bert), config={}, tensors={},
+                      members=["a0", "a1"], extra={"expert_names": ["a0", "a1"]})
+    assert api.check(settings=settings).ok
+    _edit(reg, "UPDATE components SET members = ? WHERE name = 'r'", json.dumps(members))
+    rep = api.check(settings=settings)
+    assert any(p.startswith("router 'r': its stored") for p in rep.problems), rep.problems
+    with pytest.raises(IntegrityError, match="router 'r': its stored"):
+        load_router(api.open_registry(settings), "r", settings)
+
+
+def test_repair_leaves_the_blob_a_damaged_record_names_in_place(settings, tiny_bert, tmp_path):
+    """A record whose blob id was upper-cased is named as damaged, and --repair then moved its own weights to
+    orphaned-blobs/ as unreferenced, inviting their deletion (sweep 32): they stay."""
+    reg = _setup(settings, tiny_bert, tmp_path, n=1)
+    blob = reg.get_adapter("a0").blob
+    _edit(reg, "UPDATE adapters SET blob = upper(blob) WHERE name = 'a0'")
+    api.check(repair=True, settings=settings)
+    assert reg.blob_path(blob).exists() and not (reg.home / "orphaned-blobs").exists()
+
+
+def test_adapters_of_one_base_name_and_two_fingerprints_are_told_apart(settings, tiny_bert, tmp_path):
+    """Refused together as "of different base models: a0 (base), a1 (base)", which reads as no difference
+    (sweep 32): the fingerprints are named where the names agree."""
+    from loraplex.errors import IncompatibleAdapter
+
+    reg = _setup(settings, tiny_bert, tmp_path)
+    _edit(reg, "UPDATE adapters SET base_sha = ? WHERE name = 'a1'", "d" * 64)
+    with pytest.raises(IncompatibleAdapter, match="fingerprint dddddddddddd"):
+        api.query(["x"], router="retrieval", adapters=["a0", "a1"], settings=settings)
+
+
 def test_a_router_and_an_adapter_of_one_name_are_a_problem(settings, tiny_bert, tmp_path):
     """A router named like an adapter (refused at fit and register, made by a hand edit or a merged copy) was
     reported consistent, though a request naming it is ambiguous (sweep 32)."""
