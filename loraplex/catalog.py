@@ -73,6 +73,7 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
     if len(text) > size:
         special = len(encode(""))  # what encode adds to every piece ([CLS] and [SEP], a BOS)
         total, start, kept = special, 0, []
+        stand_in: dict[frozenset, str] = {}  # a silent piece's characters -> what stands for it (see below)
         while start < len(text):
             end, slack = min(len(text), start + size), 0
             if end < len(text):
@@ -88,9 +89,17 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
             if total > limit:
                 return None, total
             # a piece the tokenizer reads nothing of (whitespace, control characters: WordPiece drops them) is
-            # kept as what it does to its neighbours, a word break or nothing: 30 MB of spaces fit a context and
-            # were tokenized whole again (14 s; sweep 29)
-            kept.append(piece if n > 0 else " " if any(c.isspace() for c in piece) else "")
+            # kept as what it does to its neighbours, a word break or nothing, as the tokenizer says for its set of
+            # characters (Python's isspace is not WordPiece's: \x1c or \x85 are dropped, not breaks; sweep 34);
+            # else whole: 30 MB of spaces fit a context and were tokenized whole again (14 s; sweep 29)
+            if n > 0:
+                kept.append(piece)
+            else:
+                chars = frozenset(piece)
+                if chars not in stand_in:
+                    probe = encode("a" + "".join(sorted(chars)) + "b")
+                    stand_in[chars] = (" " if probe == encode("a b") else "" if probe == encode("ab") else None)
+                kept.append(piece if stand_in[chars] is None else stand_in[chars])
             start = end
         text = "".join(kept)
     ids = encode(text)

@@ -44,7 +44,7 @@ from loraplex.registry.adapters import register_peft, remove as remove_adapter
 from loraplex.registry.store import Registry
 from loraplex.router import auto as auto_router
 from loraplex.router.base import ROUTERS
-from loraplex.router.load import load_router
+from loraplex.router.load import joint_copy_names, load_router
 from loraplex.settings import Settings
 from loraplex.tasks import validate_description
 from loraplex.serve import classify, decode
@@ -135,7 +135,10 @@ class Engine:
                 for r in adapters  # left out (resolve says why): stale ones, over a stale or missing adapter, or
                 if not stale.intersection(r.composition) and set(r.composition) <= names  # with nothing to load on
                 and not r.through_router()]
-        out += [{"id": c.name, "kind": "router", "method": c.method, "members": list(c.members)}
+        # a joint router's experts are its own copies, named in its routing as ROUTER/ADAPTER (router show's words)
+        out += [{"id": c.name, "kind": "router", "method": c.method,
+                 **({"members": joint_copy_names(c.name, c.members), "copies_of": list(c.members)}
+                    if c.extra.get("joint") else {"members": list(c.members)})}
                 for c in reg.list_components("router", damaged=damaged)
                 if c.base == self.base_name and not stale.intersection(c.members)]
         return out

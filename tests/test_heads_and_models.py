@@ -567,7 +567,9 @@ def test_a_count_up_to_a_limit_never_tokenizes_a_long_text_whole(kind, request, 
                  "late, " * 200_000,
                  # what WordPiece reads nothing of, around and between words: spaces, controls, zero-width, accents
                  "hello" + " " * 40_000 + "\u200b" * 5_000 + "world\x00" + "\t\n " * 20_000 + "bye",
-                 "caf" + "\u0301" * 30_000 + "e" + "\x07" * 30_000 + "bar" + " \u200b" * 30_000 + "baz"]:
+                 "caf" + "\u0301" * 30_000 + "e" + "\x07" * 30_000 + "bar" + " \u200b" * 30_000 + "baz",
+                 # what Python calls whitespace and WordPiece drops, no word break (sweep 34)
+                 "abc" + "\x1c" * 2_000 + "def" + "\x0b" * 2_000 + "ghi" + "\x85" * 2_000 + "jkl"]:
         seen.clear()
         chars.clear()
         ids, n = bounded_ids(encode, text, 256)

@@ -289,6 +289,11 @@ def test_mixer_joint_training_stores_its_experts(env):
     assert {t["adapter"] for t in q["tokens"]} <= {"mj/flights-lora", "mj/sports-lora"}
     assert {row["adapter"] for row in ev["tasks"]} == {"mj/flights-lora", "mj/sports-lora"}
     assert {row["adapter"] for row in fit["metrics"]["per_task"]} == {"mj/flights-lora", "mj/sports-lora"}
+    from loraplex.serve.engine import Engine  # the server's model card names them so too (sweep 34)
+
+    card = next(m for m in Engine(env.settings, base=rec.base).models() if m["id"] == "mj")
+    assert card["members"] == ["mj/flights-lora", "mj/sports-lora"]
+    assert card["copies_of"] == ["flights-lora", "sports-lora"]
 
 
 @pytest.mark.parametrize("shared", ["true", "block"])
