@@ -227,6 +227,9 @@ def router_members_problem(rec: ComponentRecord) -> str | None:
     if len(set(rec.members)) != len(rec.members):
         twice = next(m for m in rec.members if rec.members.count(m) > 1)
         return f"router {rec.name!r}: its stored record lists adapter {twice!r} twice (its record is damaged; fit it again)"
+    tasks = rec.extra.get("tasks", [])
+    if not isinstance(tasks, list) or not all(t is None or isinstance(t, str) for t in tasks):
+        return f"router {rec.name!r}: its stored task list is not a list of task names (its record is damaged; fit it again)"
     fitted = rec.extra.get("expert_names")
     if rec.kind == "router" and not rec.extra.get("joint") and isinstance(fitted, list) and rec.members \
             and list(fitted) != list(rec.members):
