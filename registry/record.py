@@ -231,8 +231,8 @@ def router_members_problem(rec: ComponentRecord) -> str | None:
     if not isinstance(tasks, list) or not all(t is None or isinstance(t, str) for t in tasks):
         return f"router {rec.name!r}: its stored task list is not a list of task names (its record is damaged; fit it again)"
     fitted = rec.extra.get("expert_names")
-    if rec.kind == "router" and not rec.extra.get("joint") and isinstance(fitted, list) and rec.members \
-            and list(fitted) != list(rec.members):
+    if rec.kind == "router" and not rec.extra.get("joint") and isinstance(fitted, list) \
+            and list(fitted) != list(rec.members):  # emptied too: a router not joint routes registered adapters
         return (f"router {rec.name!r}: its stored members ({', '.join(rec.members)}) are not the adapters it was "
                 f"fitted on, in order ({', '.join(map(str, fitted))}): its record is damaged; fit it again")
     return None

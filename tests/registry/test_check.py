@@ -330,7 +330,7 @@ def test_a_home_that_is_a_dangling_link_or_a_loop_is_named(settings, tmp_path):
             api.check(settings=s)
 
 
-@pytest.mark.parametrize("members", [["a1", "a0"], ["a0", "a0"], "tasks"])
+@pytest.mark.parametrize("members", [["a1", "a0"], ["a0", "a0"], [], "tasks"])
 def test_a_routers_members_that_are_not_those_it_was_fitted_on_are_damage(settings, tiny_bert, tmp_path, members):
     """Reordered, a router's members passed check and routed each gate slot through another adapter, silently;
     repeated, it blamed the input (sweep 32): check names it, and loading refuses it."""
