@@ -456,9 +456,13 @@ def test_an_adapter_that_cannot_load_fails_only_its_own_requests(llama_home, tin
                 assert out[m].status_code == 200, (path, m, out[m].text)
 
 
-def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llama_home, tiny_llama, monkeypatch):
+@pytest.mark.parametrize("anew", ["other weights", "its weights, another task"])
+def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llama_home, tiny_llama, monkeypatch,
+                                                                              anew):
     """A /v1/classify request worked through in pieces, whose adapter was registered anew between them, was
-    one 200 mixing the old adapter's answers and the new one's (sweep 19): it is a 409 saying so."""
+    one 200 mixing the old adapter's answers and the new one's (sweep 19): it is a 409 saying so. Registered
+    anew from the same directory with another task, half its inputs were answered with each task's labels:
+    versions were blobs alone (sweep 33); the record is part of them."""
     from loraplex import api
     from loraplex.serve.scheduler import Scheduler
 
@@ -467,54 +471,30 @@ def test_a_request_in_pieces_is_not_answered_by_two_versions_of_its_adapter(llam
         api.export(name, root / f"{name}-x", overwrite=True, settings=s)
     api.register(root / "flights-lora-x", name="mix-lora", description="flights messages", base=str(tiny_llama),
                  task=str(root / "flights.jsonl"), settings=s)
+    src, task = (("sports-lora-x", "flights.jsonl") if anew == "other weights" else ("flights-lora-x", "sports.jsonl"))
     real = Scheduler._classify
     pieces = []
 
     def then_replace(self, jobs, lane):
         real(self, jobs, lane)
         pieces.append(len(jobs))
-        if len(pieces) == 1:  # after the first piece: another process registers other weights under the name
+        if len(pieces) == 1:  # after the first piece: another process registers the name anew
             api.remove("mix-lora", settings=s)
-            api.register(root / "sports-lora-x", name="mix-lora", description="flights messages",
-                         base=str(tiny_llama), task=str(root / "flights.jsonl"), settings=s)
+            api.register(root / src, name="mix-lora", description="flights messages", base=str(tiny_llama),
+                         task=str(root / task), settings=s)
 
     monkeypatch.setattr(Scheduler, "_classify", then_replace)
     try:
-        with serving(s, base=str(tiny_llama), max_batch=2) as url:
-            r = httpx.post(url + "/v1/classify", json={"model": "mix-lora", "input": ["late flight"] * 5}, timeout=60)
-        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+        _changed_in_pieces(s, tiny_llama, "mix-lora")
     finally:
         api.remove("mix-lora", settings=s)
 
 
-def test_an_adapter_registered_anew_with_its_weights_and_another_task_is_another_version(llama_home, tiny_llama,
-                                                                                       monkeypatch):
-    """Registered anew from the same directory with another task between two pieces, one 200 answered half its
-    inputs with each task's labels: versions were blobs alone (sweep 33). The record is part of it: a 409."""
-    from loraplex import api
-    from loraplex.serve.scheduler import Scheduler
-
-    s, root = llama_home
-    api.export("flights-lora", root / "flights-lora-z", overwrite=True, settings=s)
-    api.register(root / "flights-lora-z", name="twin-lora", description="flights messages", base=str(tiny_llama),
-                 task=str(root / "flights.jsonl"), settings=s)
-    real, pieces = Scheduler._classify, []
-
-    def then_retask(self, jobs, lane):
-        real(self, jobs, lane)
-        pieces.append(len(jobs))
-        if len(pieces) == 1:
-            api.remove("twin-lora", settings=s)
-            api.register(root / "flights-lora-z", name="twin-lora", description="sports messages",
-                         base=str(tiny_llama), task=str(root / "sports.jsonl"), settings=s)
-
-    monkeypatch.setattr(Scheduler, "_classify", then_retask)
-    try:
-        with serving(s, base=str(tiny_llama), max_batch=2) as url:
-            r = httpx.post(url + "/v1/classify", json={"model": "twin-lora", "input": ["late flight"] * 5}, timeout=60)
-        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
-    finally:
-        api.remove("twin-lora", settings=s)
+def _changed_in_pieces(s, tiny_llama, model: str) -> None:
+    """A 5-input /v1/classify of `model`, in pieces of 2, is a 409 model_changed."""
+    with serving(s, base=str(tiny_llama), max_batch=2) as url:
+        r = httpx.post(url + "/v1/classify", json={"model": model, "input": ["late flight"] * 5}, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
 
 
 def test_a_batch_that_fails_for_the_machines_state_logs_one_line(caplog):
@@ -554,9 +534,7 @@ def test_an_adapter_removed_just_before_a_requests_next_piece_is_a_409(llama_hom
 
     monkeypatch.setattr(Engine, "versions", then_remove)
     try:
-        with serving(s, base=str(tiny_llama), max_batch=2) as url:
-            r = httpx.post(url + "/v1/classify", json={"model": "gone-lora", "input": ["late flight"] * 5}, timeout=60)
-        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
+        _changed_in_pieces(s, tiny_llama, "gone-lora")
     finally:
         if api.open_registry(s).has_adapter("gone-lora"):
             api.remove("gone-lora", settings=s)
