@@ -134,7 +134,16 @@ class Components:
 
     def components_using(self, adapter: str) -> list[ComponentRecord]:
         """The routers and generators built over `adapter`. A damaged component record is passed over (its
-        own removal is what its damage message asks for), so it blocks neither this adapter's removal nor
-        the listing of the others."""
-        return [c for kind in ("router", "generator") for c in self.list_components(kind, damaged=[])
-                if adapter in c.members]
+        own removal is what its damage message asks for), so it blocks neither other adapters' removal nor
+        the listing of the others; one whose stored members still name `adapter` is an IntegrityError saying
+        so (the adapter went silently: sweep 34)."""
+        damaged: list[str] = []
+        comps = [c for kind in ("router", "generator") for c in self.list_components(kind, damaged=damaged)]
+        if damaged:
+            whole = {(c.kind, c.name) for c in comps}
+            named = [f"{k} {n!r}" for k, n, m in self._db().execute("SELECT kind, name, members FROM components")
+                     if (k, n) not in whole and isinstance(m, str) and json.dumps(adapter) in m]
+            if named:
+                raise IntegrityError(f"adapter {adapter!r} is named by {', '.join(named)}, whose stored record is "
+                                     "damaged: remove that first (`loraplex registry check` names the damage)")
+        return [c for c in comps if adapter in c.members]

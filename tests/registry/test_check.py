@@ -217,6 +217,11 @@ def test_a_component_whose_members_are_not_a_list_is_damaged(settings, tiny_bert
         reg.get_component("router", "r")
     rep = api.check(settings=settings)
     assert not rep.ok and any("router 'r': its stored record is damaged" in p for p in rep.problems), rep.problems
+    with pytest.raises(IntegrityError, match=f"adapter {names[0]!r} is named by router 'r', whose stored record is"):
+        api.remove(names[0], settings=settings)  # the adapter it still names went silently (sweep 34)
+    api.remove(names[1], settings=settings)  # the others are not held up by the damage
+    api.remove_router("r", settings=settings)
+    api.remove(names[0], settings=settings)
 
 
 def _edit(reg, sql, *args):
