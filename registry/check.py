@@ -63,8 +63,6 @@ def _same_base(name: str, sha: str, settings=None) -> bool:
     """Whether base `name` is one of the bases of fingerprint `sha`: two model directories of one
     architecture (two checkpoints) share a fingerprint, and `bases` keeps the first one's name. A base that
     no longer resolves (its directory is gone) cannot be told apart: not called a problem here."""
-    from loraplex.models import fingerprint, resolve_base
-
     if os.path.isabs(name) and not os.path.exists(name):
         return True
     try:
