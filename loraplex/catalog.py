@@ -67,7 +67,8 @@ def bounded_ids(encode: Callable[[str], list[int]], text: str, limit: int) -> tu
     cut inside it and its count taken 8 lower. No character count alone refuses a text (a short
     text padded with 40,000 spaces is 5 tokens), and a word cut short is not counted as its pieces (WordPiece
     reads a word over 100 characters as one [UNK], its first 99 as dozens of pieces: sweep 29). A piece it reads
-    nothing of is not tokenized again: it stands as a space where it holds one (a word break), else as nothing."""
+    nothing of is not tokenized again: it stands as what the tokenizer says its characters do between two words
+    (a word break: a space; nothing: nothing; else the piece itself)."""
     limit = max(0, int(limit))
     size = (limit + 1) * 4
     if len(text) > size:

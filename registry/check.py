@@ -231,8 +231,7 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
         except LoraplexError as exc:
             report.problems.append(f"{exc} (remove it, or register it again)")
             continue
-        ranks = [adapter.rank(m) for m in adapter.modules]
-        if (adapter.n_params, len(ranks), max(ranks)) != (rec.n_params, rec.modules, rec.rank):
+        if not reg.shapes_match(rec, adapter):
             report.problems.append(f"adapter {rec.name!r}: its blob's shapes disagree with its record")
         fp = bases.get(rec.base_sha)
         if fp is None and rec.base_sha in damaged_bases:  # said once, for the base

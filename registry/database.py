@@ -99,13 +99,21 @@ def stored_record(what: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, ValidationError) as exc:  # json's JSONDecodeError is a ValueError
-        if isinstance(exc, ValidationError):  # its first error, not pydantic's whole text cut mid-word
-            e = exc.errors()[0]
-            detail = f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']} (got {str(e.get('input'))[:40]!r})"
-        else:
-            detail = " ".join(str(exc).split())[:160]
-        raise IntegrityError(f"{what}: its stored record is damaged ({type(exc).__name__}: {detail}); remove it, or "
+        raise IntegrityError(f"{what}: its stored record is damaged ({damage_detail(exc)}); remove it, or "
                              "register it again (`loraplex registry check` lists every such record)") from None
+
+
+def damage_detail(exc: BaseException) -> str:
+    """What a stored value's parse failed on, in a line: pydantic's first error (not its whole text cut
+    mid-word), else the error's own words."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        detail = f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']} (got {str(e.get('input'))[:40]!r})"
+    else:
+        detail = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {detail}"
 
 
 def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:

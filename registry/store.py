@@ -54,7 +54,7 @@ from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
 from loraplex.registry.components import Components
-from loraplex.registry.database import Database, is_disk_full, now, sha256_bytes, stored_record
+from loraplex.registry.database import Database, damage_detail, is_disk_full, now, sha256_bytes, stored_record
 from loraplex.registry.record import AdapterDraft, AdapterRecord, Edge, Snapshot, composition_of, validate_name
 from loraplex.settings import Settings
 from loraplex.tasks import changed_from_card
@@ -364,9 +364,7 @@ class Registry(Database, Components):
         try:
             fp = Fingerprint.model_validate_json(text)
         except ValueError as exc:  # pydantic's ValidationError is one
-            first = exc.errors()[0] if isinstance(exc, ValidationError) else None
-            why = f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}" if first else str(exc)[:120]
-            raise IntegrityError(f"base {name!r} ({sha[:12]}): its stored fingerprint is damaged ({why}); "
+            raise IntegrityError(f"base {name!r} ({sha[:12]}): its stored fingerprint is damaged ({damage_detail(exc)}); "
                                  "`loraplex registry check --repair` writes it again where the base reads as it was "
                                  "registered") from None
         return fp
@@ -682,11 +680,16 @@ class Registry(Database, Components):
         rec = self.get_adapter(name_or_record) if isinstance(name_or_record, str) else name_or_record
         where = f"adapter {rec.name!r}"
         adapter = Adapter.from_bytes(rec.spec, self.read_blob(rec.blob, owner=where), where=where)
-        ranks = [adapter.rank(m) for m in adapter.modules]
-        if (adapter.n_params, len(ranks), max(ranks, default=0)) != (rec.n_params, rec.modules, rec.rank):
-            # a record pointing at another adapter's blob (hash sound): its weights, silently (sweep 32)
+        if not self.shapes_match(rec, adapter):  # a record pointing at another adapter's blob (its hash sound):
+            # its weights were used, silently (sweep 32)
             raise IntegrityError(f"{where}: its blob's shapes disagree with its record (remove it, or register it again)")
         return rec, adapter
+
+    @staticmethod
+    def shapes_match(rec: AdapterRecord, adapter: Adapter) -> bool:
+        """Whether `adapter`'s parameter count, module count and largest rank are those `rec` recorded."""
+        ranks = [adapter.rank(m) for m in adapter.modules]
+        return (adapter.n_params, len(ranks), max(ranks, default=0)) == (rec.n_params, rec.modules, rec.rank)
 
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
         where = f"snapshot {snap.step} of {rec.name!r}"
