@@ -146,12 +146,14 @@ def random_banks(model, E: int, r: int = 8, seed: int = 0) -> None:
         layer.bank = bank
 
 
-def set_dispatch(model, dispatch: str) -> None:
+def set_dispatch(model, dispatch: str, kernel: str = "auto") -> None:
+    """Every bank's dispatch ("auto" | "dense" | "sparse") and token-dispatch kernel ("auto" | "csr" | "grouped")."""
     from loraplex.experts.layers import routed_layers
 
     for layer in routed_layers(model).values():
         bank = getattr(layer.bank, "bank", layer.bank)
         bank.dispatch = dispatch
+        bank.kernel = kernel
 
 
 class SavedBytes:
@@ -194,9 +196,10 @@ class SavedBytes:
 def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8,
                 shared: bool | str = False, header: bool = True, gate_rank: int | None = None) -> dict:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
-    dispatch (auto), the dense bank and the per-expert loop, forward-only and forward+backward (router
-    training: gates and the input embeddings take gradients, the adapters are frozen), with the activation
-    memory autograd keeps for backward."""
+    dispatch (auto: on CPU its csr kernel), the same dispatch with its grouped kernel (sorted blocks, what
+    auto takes when the adapters train, and off CPU), the dense bank and the per-expert loop, forward-only
+    and forward+backward (router training: gates and the input embeddings take gradients, the adapters are
+    frozen), with the activation memory autograd keeps for backward."""
     import torch
 
     from loraplex.experts.layers import inject, merge, routed_layers
@@ -254,7 +257,8 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                     for n, layer in routed_layers(routed).items():
                         layer.bank = loops[n] if variant == "naive" else banks[n]
                     if variant != "naive":
-                        set_dispatch(routed, "auto" if variant == "sparse" else "dense")
+                        set_dispatch(routed, "dense" if variant == "dense" else "auto",
+                                     "grouped" if variant == "grouped" else "auto")
                 if backward:
                     m.zero_grad(set_to_none=True)
                     m(**x).last_hidden_state.pow(2).mean().backward()
@@ -262,7 +266,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                     with torch.inference_mode():
                         m(**x)
 
-            variants = {"base": merged, "unmerged": unmerged, "sparse": routed, "dense": routed}
+            variants = {"base": merged, "unmerged": unmerged, "sparse": routed, "grouped": routed, "dense": routed}
             if E <= naive_max:
                 variants["naive"] = routed
             agree(routed, x)
@@ -270,7 +274,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 fns = {k: (lambda m=m, k=k: run(m, k, backward)) for k, m in variants.items()}
                 t = round_robin(fns, rounds=rounds)
                 mem = {}
-                for k in ("base", "sparse", "dense"):
+                for k in ("base", "sparse", "grouped", "dense"):
                     if k != "base":
                         run(routed, k, False)  # set the variant (and keep the banks' copies of B)
                     with SavedBytes(variants[k]) as sb:
@@ -281,8 +285,9 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 naive_r = f"{t['naive'] / tb:>9.2f}x" if "naive" in t else f"{'-':>10}"
                 label = "fwd+bwd" if backward else "fwd"
                 print(f"{model_name:7} {E:>4} {label:>8} {tb * 1e3:>5.0f}ms {t['sparse'] * 1e3:>5.0f}ms "
-                      f"{t['dense'] * 1e3:>5.0f}ms {naive} {t['unmerged'] / tb:>13.2f}x {t['sparse'] / tb:>10.2f}x "
-                      f"{t['dense'] / tb:>9.2f}x {naive_r} {mem['base']:>8.0f} {mem['sparse']:>10.0f} {mem['dense']:>9.0f}",
+                      f"{t['grouped'] * 1e3:>5.0f}ms {t['dense'] * 1e3:>5.0f}ms {naive} {t['unmerged'] / tb:>13.2f}x "
+                      f"{t['sparse'] / tb:>10.2f}x {t['grouped'] / tb:>11.2f}x {t['dense'] / tb:>9.2f}x {naive_r} "
+                      f"{mem['base']:>8.0f} {mem['sparse']:>10.0f} {mem['grouped']:>11.0f} {mem['dense']:>9.0f}",
                       flush=True)
                 summary[(model_name, E, label)] = t["sparse"] / tb, t["sparse"], share
             set_dispatch(routed, "auto")
@@ -292,7 +297,7 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
 
 def gate_share(routed, base) -> float:
     """The gates' multiply-adds per token as a share of the base's linear layers': a linear gate (full, or
-    factorised) does one multiply-add per weight per evaluation, and each gate module is evaluated once per
+    factorised, or its product where that is cheaper) does one multiply-add per weight per evaluation, and each gate module is evaluated once per
     token (per projection, per layer input or per block as it is shared). A full gate's share grows with E
     (d x E per evaluation: at E=512 more than a 384 x 384 projection), which no dispatch removes."""
     import torch
@@ -300,7 +305,9 @@ def gate_share(routed, base) -> float:
     from loraplex.experts.layers import routed_layers
 
     gates = {id(layer.router): layer.router for layer in routed_layers(routed).values() if layer.router is not None}
-    gate = sum(p.numel() for g in gates.values() for p in g.parameters())
+    # a factorised gate past its break-even rank is applied as its (E, d_in) product (TokenGate.collapses)
+    gate = sum(g.gate_matrix().numel() if getattr(g, "collapses", lambda: False)() else sum(p.numel() for p in g.parameters())
+               for g in gates.values())
     lin = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
     return gate / lin
 
@@ -327,15 +334,18 @@ def agree(routed, x) -> None:
     undo = _norms_in_input_dtype(routed)
     try:
         with torch.inference_mode():
-            set_dispatch(routed, "auto")
-            ref = routed(**x).last_hidden_state
             set_dispatch(routed, "dense")
-            rel = float((routed(**x).last_hidden_state - ref).norm() / ref.norm())
+            ref = routed(**x).last_hidden_state
+            rel = {}
+            for kernel in ("csr", "grouped"):
+                set_dispatch(routed, "auto", kernel)
+                rel[kernel] = float((routed(**x).last_hidden_state - ref).norm() / ref.norm())
     finally:
         undo()
         routed.float()
         set_dispatch(routed, "auto")
-    assert rel < 1e-10, f"sparse and dense dispatch must agree (relative difference {rel:.1e} in float64)"
+    for kernel, r in rel.items():
+        assert r < 1e-10, f"the sparse dispatch's {kernel} kernel and the dense one must agree (relative difference {r:.1e} in float64)"
 
 
 def _norms_in_input_dtype(model):
@@ -370,8 +380,9 @@ def speed_header(gate: str, heap: str, threads: int) -> None:
     print(f"\n== 1. routed forward, token-gate k=2, {gate}, batch 16 x 128 tokens, {threads} threads, {heap}; "
           f"ratios against the base with one merged adapter; mem = MiB of activations saved for backward (parameters not counted); each (model, E) in "
           f"its own process, peak RSS = that process's high-water mark ==")
-    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'dense':>7} {'naive':>7} {'unmerged/base':>14} "
-          f"{'sparse/base':>11} {'dense/base':>10} {'naive/base':>10} {'mem base':>8} {'mem sparse':>10} {'mem dense':>9}")
+    print(f"{'model':7} {'E':>4} {'pass':>8} {'base':>7} {'sparse':>7} {'grouped':>7} {'dense':>7} {'naive':>7} "
+          f"{'unmerged/base':>14} {'sparse/base':>11} {'grouped/base':>12} {'dense/base':>10} {'naive/base':>10} "
+          f"{'mem base':>8} {'mem sparse':>10} {'mem grouped':>11} {'mem dense':>9}")
 
 
 def bench_speed_isolated(rounds: int, experts, models, shared: bool | str, gate_rank: int | None = None) -> None:

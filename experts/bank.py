@@ -29,7 +29,12 @@ experts, `forward` gathers each row's selected adapters and applies only those (
 matmul), so a batch whose 32 rows use 32 different adapters costs about what one adapter does.
 
 Token-level sparse dispatch (issue #14): when per-adapter gates change per token ((B, T, E) with at
-most k non-zero per token: token-gate, mixer), `forward` sorts the N*K (token, expert) assignments by
+most k non-zero per token: token-gate, mixer), each token computes only its k experts, with one of two
+kernels (`LoraBank.kernel`, "auto" picks: `_uses_csr`). The csr kernel (CPU, no adapter gradients) reads
+the selection as a sparse (N, E*R) matrix with K*R columns per token: the down projection is a sampled
+dense-dense matmul (`torch.sparse.sampled_addmm`: x A^T at those columns only) and the up projection a CSR @
+dense product added straight into the base output (`_CsrDown`, `_CsrUp`), with no sort, padding or
+scatter, so its cost stays flat in E. The grouped kernel sorts the N*K (token, expert) assignments by
 expert once and lays each expert's tokens out in blocks of C slots (U blocks; C chosen from the counts
 to pad least, `block_layout`; each expert's first block read in place). Chunk by chunk of blocks
 (`chunk_blocks`: about 512 KiB on CPU, so the gathered rows stay in cache) it gathers the tokens' rows
@@ -51,6 +56,7 @@ E*R is exactly the one LoRA SMoRA sizes its compute by.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import NamedTuple, Sequence
 
@@ -209,6 +215,94 @@ class _GroupedUp(torch.autograd.Function):
                 _add(g_B, torch.bmm(z[u0:u1] * s[u0:u1], gy), head, tail, u0, u1)
         return (g_out if need[0] else None,  # the base output passes through
                 g_z, g_B, g_s, None, None, None, None)
+
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+# torch says this once per process when the first CSR tensor is made (the token dispatch's `_csr`); the CSR
+# operations the dispatch uses (sampled_addmm, CSR @ dense on CPU) are tested against the dense bank here.
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The (len(crow) - 1, n_cols) CSR matrix of a `_CsrPlan` pattern with these values (valid by construction:
+    each row's columns ascending and distinct, so torch's invariant checks are skipped)."""
+    return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
+
+
+class _CsrPlan:
+    """Token dispatch as sparse rows (the CPU kernel, `LoraBank.kernel`): token t's K selected experts in
+    ascending order `idx` (N, K), their gate weights `w` (N, K) (differentiable in the gates), and for a
+    bank whose experts are `width` ranks wide the CSR pattern of the (N, E*width) matrix with token t's
+    K*width columns (`pattern`, made once per width and kept: q, k, v joined are one width, a projection of
+    another rank another)."""
+
+    __slots__ = ("idx", "w", "_patterns")
+
+    def __init__(self, idx: torch.Tensor, w: torch.Tensor):
+        self.idx, self.w = idx, w
+        self._patterns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pattern(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self._patterns.get(width)
+        if got is None:
+            N, K = self.idx.shape
+            dev = self.idx.device
+            col = (self.idx.unsqueeze(-1) * width + torch.arange(width, device=dev)).reshape(-1)  # (N*K*width,)
+            crow = torch.arange(0, N * K * width + 1, K * width, device=dev)
+            got = self._patterns[width] = (crow, col)
+        return got
+
+
+class _CsrDown(torch.autograd.Function):
+    """z = x A^T at the plan's columns only: token t's K selected experts' rank activations, a sampled
+    dense-dense matmul (`torch.sparse.sampled_addmm`, SDDMM) with no sort and no padding. xf (N, d_in),
+    A (E*W, d_in) the experts' rows side by side (W = R, or the summed ranks of projections done together),
+    crow/col the plan's pattern for width W. Returns the N*K*W values in the pattern's order (token-major,
+    then expert, then rank). Backward: dx = Gz A and dA = Gz^T x with Gz the CSR matrix of the incoming
+    gradient (CSR @ dense)."""
+
+    @staticmethod
+    def forward(ctx, xf, A, crow, col):
+        mask = _csr(crow, col, xf.new_zeros(col.numel()), A.shape[0])
+        z = torch.sparse.sampled_addmm(mask, xf, A.t(), beta=0.0).values()
+        ctx.save_for_backward(xf if ctx.needs_input_grad[1] else None, A, crow, col)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_z):
+        xf, A, crow, col = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        G = _csr(crow, col, g_z.contiguous(), A.shape[0])
+        return (torch.mm(G, A) if need[0] else None,
+                torch.mm(G.t(), xf) if need[1] else None, None, None)
+
+
+class _CsrUp(torch.autograd.Function):
+    """into += S B^T with S the (N, E*R) CSR matrix of the gated, scaled rank activations v (N*K*R values in
+    the plan's pattern): each token's K experts' up projections summed straight into its row of the base
+    projection's output (CSR @ dense, no scatter). Bt (E*R, d_out) is B's rows. Backward: dv = (g Bt^T) at
+    the pattern (SDDMM), dBt = S^T g."""
+
+    @staticmethod
+    def forward(ctx, into, v, Bt, crow, col):
+        into.view(-1, Bt.shape[1]).addmm_(_csr(crow, col, v, Bt.shape[0]), Bt)
+        ctx.mark_dirty(into)
+        ctx.save_for_backward(Bt, crow, col, v if ctx.needs_input_grad[2] else None)
+        return into
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):
+        Bt, crow, col, v = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g2 = g_out.reshape(-1, Bt.shape[1])
+        g_v = g_B = None
+        if need[1]:
+            mask = _csr(crow, col, g2.new_zeros(col.numel()), Bt.shape[0])
+            g_v = torch.sparse.sampled_addmm(mask, g2, Bt.t(), beta=0.0).values()
+        if need[2]:
+            g_B = torch.mm(_csr(crow, col, v, Bt.shape[0]).t(), g2)
+        return g_out, g_v, g_B, None, None
 
 
 def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
@@ -395,6 +489,9 @@ class LoraBank(nn.Module):
             )
         return _plus(into, F.linear(z, self.B))  # (..., d_out)
 
+    kernel = "auto"
+    """The token dispatch's kernel: "auto" | "csr" | "grouped" (`_uses_csr`); set on a bank, or on the class."""
+
     SPARSE_FACTOR = 16
     """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured per MiniLM projection (2048 tokens, R=8,
     k=2, 2 CPU threads, the heap kept by loraplex/allocator.py): dense 3.1 ms against sparse 4.1 ms at
@@ -406,8 +503,39 @@ class LoraBank(nn.Module):
         """Per-adapter gates given per token: (..., E) with the leading dims of x."""
         if self.dispatch not in ("auto", "dense", "sparse"):
             raise ValueError(f"dispatch must be 'auto', 'dense' or 'sparse', got {self.dispatch!r}")
+        if self.kernel not in ("auto", "csr", "grouped"):
+            raise ValueError(f"kernel must be 'auto', 'csr' or 'grouped', got {self.kernel!r}")
         return (gates is not None and gates.shape[-1] == self.n_experts and self.n_experts > 1
                 and gates.shape[:-1] == x.shape[:-1])
+
+    def _uses_csr(self, x: torch.Tensor) -> bool:
+        """Which kernel the token dispatch runs for input x: "csr" (sparse rows: `_CsrDown`, `_CsrUp`) or
+        "grouped" (tokens sorted into blocks: `_GroupedDown`, `_GroupedUp`); "auto" takes csr on CPU in
+        float32/float64 while neither A nor B takes gradients in this forward (inference, routers trained over
+        frozen adapters), grouped otherwise. Why: on CPU torch's SDDMM and CSR @ dense cost the same at E=32
+        and E=512 and need no sort, padding or scatter (per MiniLM projection, 2,048 tokens, k=2, one thread:
+        0.6 ms + 1.0 ms at either E, against the grouped kernel's 1.5 ms at E=32 and 2.9 ms at E=512, a one-off
+        timing; bench/routing.py --part speed has both kernels side by side), but the adapters' own gradients
+        need S^T @ dense, which torch runs 5-8x slower than the grouped kernel's bmm at E=512 (joint training
+        keeps grouped). Off CPU (CUDA: cuSPARSE's SDDMM and SpMM, untimed here) auto keeps grouped."""
+        if self.kernel != "auto":
+            return self.kernel == "csr"
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and not (torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)))
+
+    def _csr_plan(self, gates: torch.Tensor, k: int, plans: dict | None, topk: torch.Tensor | None = None) -> _CsrPlan:
+        """The csr kernel's plan for these gates (shared through `plans` as `_token_plan`'s is): each token's
+        K experts in ascending order and their gate weights."""
+        key = ("csr", self.n_experts, k)
+        if plans is not None and key in plans:
+            return plans[key]
+        gf = gates.reshape(-1, self.n_experts)  # (N, E)
+        idx = topk.reshape(-1, k) if topk is not None else gf.detach().abs().topk(k, dim=-1).indices  # (N, K)
+        idx = idx.sort(-1).values  # a CSR row's columns ascend
+        plan = _CsrPlan(idx, gf.gather(-1, idx))
+        if plans is not None:
+            plans[key] = plan
+        return plan
 
     def _token_plan(self, gates: torch.Tensor, k: int, plans: dict | None, topk: torch.Tensor | None = None) -> _TokenPlan:
         """Where each (token, expert) assignment goes: built once per gates tensor and k, and shared
@@ -466,6 +594,14 @@ class LoraBank(nn.Module):
         """
         E, R = self.n_experts, self.rank
         lead = x.shape[:-1]
+        if self._uses_csr(x):
+            p = self._csr_plan(gates.to(x.dtype), k, plans, topk)
+            z = self._down(x, p, plans, group)  # (N, K, R)
+            v = z * (self.rank_scale().view(E, R).to(x.dtype)[p.idx] * p.w.unsqueeze(-1))  # scaling x gate weight
+            if into is None:
+                into = x.new_zeros(*lead, self.d_out)
+            crow, col = p.pattern(R)
+            return _CsrUp.apply(into, v.reshape(-1), self._b_rows(x.dtype).view(E * R, self.d_out), crow, col)
         p = self._token_plan(gates.to(x.dtype), k, plans, topk)
         z = self._down(x, p, plans, group)  # (U, R, C)
         Bw = self._b_rows(x.dtype)  # (E, R, d_out)
@@ -482,15 +618,16 @@ class LoraBank(nn.Module):
         """Whether this forward applies dropout to the input (each projection then draws its own mask)."""
         return isinstance(self.dropout, nn.Dropout) and self.dropout.training
 
-    def _joins(self, lead: "LoraBank") -> bool:
-        """Whether this bank's down projection can be computed in one matmul with `lead`'s (same experts,
-        input width, dtype, device and dispatch; no dropout)."""
+    def _joins(self, lead: "LoraBank", x: torch.Tensor) -> bool:
+        """Whether this bank's down projection for input x can be computed in one matmul with `lead`'s (same
+        experts, input width, dtype, device, dispatch and kernel; no dropout)."""
         return (self.n_experts == lead.n_experts and self.d_in == lead.d_in
                 and self.A.dtype == lead.A.dtype and self.A.device == lead.A.device
-                and self.dispatch == lead.dispatch and not self._drops())
+                and self.dispatch == lead.dispatch and self._uses_csr(x) == lead._uses_csr(x) and not self._drops())
 
-    def _down(self, x: torch.Tensor, p: _TokenPlan, plans: dict | None, group: Sequence["LoraBank"]) -> torch.Tensor:
-        """This bank's z = A x (U, R, C) over plan p's blocks. Projections that take the same input (q, k, v)
+    def _down(self, x: torch.Tensor, p: _TokenPlan | _CsrPlan, plans: dict | None, group: Sequence["LoraBank"]) -> torch.Tensor:
+        """This bank's z = A x over plan p's blocks (U, R, C), or its tokens' experts (N, K, R) for the csr
+        kernel's plan. Projections that take the same input (q, k, v)
         share one gather of its rows and one matmul over their A side by side: the first of them to run
         computes the others' z too and leaves it in `plans` (the Routing's cache, which lives for this
         forward), keyed by bank and checked against the very input tensor and plan, so a projection called
@@ -503,17 +640,23 @@ class LoraBank(nn.Module):
                 return kept[2]
         banks = [self]
         if plans is not None and not self._drops():
-            banks += [b for b in group if isinstance(b, LoraBank) and b is not self and b._joins(self)]
+            banks += [b for b in group if isinstance(b, LoraBank) and b is not self and b._joins(self, x)]
         xf = self.dropout(x).reshape(-1, self.d_in)
-        G = chunk_blocks(x.device, p.C, self.d_in, x.element_size())
-        z = _GroupedDown.apply(xf, self._a_rows(banks, x.dtype), p.src, p.head, p.tail, G, p.C)
+        A = self._a_rows(banks, x.dtype)  # (E, W, d_in), W the banks' ranks summed
+        if isinstance(p, _CsrPlan):
+            W = A.shape[1]
+            z = _CsrDown.apply(xf, A.reshape(-1, self.d_in), *p.pattern(W)).view(*p.idx.shape, W)  # (N, K, W)
+        else:
+            G = chunk_blocks(x.device, p.C, self.d_in, x.element_size())
+            z = _GroupedDown.apply(xf, A, p.src, p.head, p.tail, G, p.C)  # (U, W, C)
         if len(banks) == 1:
             return z
+        dim = 2 if isinstance(p, _CsrPlan) else 1  # the rank dimension
         off = self.rank
-        for b in banks[1:]:
-            plans[("down", id(b))] = (weakref.ref(x), p, z[:, off:off + b.rank])  # not kept alive by the cache
+        for b in banks[1:]:  # not kept alive by the cache
+            plans[("down", id(b))] = (weakref.ref(x), p, z.narrow(dim, off, b.rank))
             off += b.rank
-        return z[:, :self.rank]
+        return z.narrow(dim, 0, self.rank)
 
     def _a_rows(self, banks: Sequence["LoraBank"], dtype: torch.dtype) -> torch.Tensor:
         """The banks' A as (E, sum of ranks, d_in), side by side (one bank: its own A as a view). While no A

@@ -11,6 +11,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
+@pytest.fixture(autouse=True, params=["csr", "grouped"])
+def kernel(request, monkeypatch):
+    """Every test here runs with each kernel of the token dispatch forced (LoraBank.kernel): csr, the sparse
+    rows auto takes on CPU without adapter gradients, and grouped, the sorted blocks it takes otherwise
+    (a test parametrized on `kernel` itself runs with the kernels it names)."""
+    monkeypatch.setattr(LoraBank, "kernel", request.param)
+    return request.param
+
+
+def _cpu_only(kernel, device="cpu"):
+    if kernel == "csr" and device != "cpu":
+        pytest.skip("auto takes the csr kernel on CPU only")
+
+
 def _bank(E=12, R=4, d_in=16, d_out=10, seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     bank = LoraBank(d_in, d_out, E, R)
@@ -60,7 +74,8 @@ def _assert_equal(bank, x, gates, tol=1e-5, selected=None):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_token_sparse_equals_dense(k, device):
+def test_token_sparse_equals_dense(k, device, kernel):
+    _cpu_only(kernel, device)
     bank = _bank(device=device)
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(k), device="cpu").to(device)
     gates = _token_gates(3, 7, 12, k, seed=k).to(device)
@@ -272,7 +287,8 @@ def test_every_router_through_routed_linear(method):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_token_sparse_equals_dense_cuda_bf16():
+def test_token_sparse_equals_dense_cuda_bf16(kernel):
+    _cpu_only(kernel, "cuda")
     bank = _bank(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(4, 64, 16, device="cuda", dtype=torch.bfloat16)
     gates = _token_gates(4, 64, 12, 2).to("cuda", torch.bfloat16)
@@ -321,7 +337,7 @@ def test_shared_gate_parameters_listed_once():
 
 
 
-def test_shared_gate_dispatches_once_per_layer_input():
+def test_shared_gate_dispatches_once_per_layer_input(kernel):
     """A shared token gate's q, k, v banks sort the tokens once and pack their common input once; the
     outputs and gradients equal the dense path."""
     from torch import nn
@@ -338,8 +354,10 @@ def test_shared_gate_dispatches_once_per_layer_input():
         layer.router = router.make_gate(layer)
         layer.record = True
         layer.bank.dispatch = "sparse"
-        orig = layer.bank._token_plan
-        layer.bank._token_plan = lambda g, k, plans, *a, orig=orig: built.append(("plan", 8, k) not in plans) or orig(g, k, plans, *a)
+        name, key = ("_csr_plan", "csr") if kernel == "csr" else ("_token_plan", "plan")
+        orig = getattr(layer.bank, name)
+        setattr(layer.bank, name, lambda g, k, plans, *a, orig=orig, key=key: built.append((key, 8, k) not in plans)
+                or orig(g, k, plans, *a))
     x = torch.randn(2, 5, 16, requires_grad=True)
     outs = [layers[n](x) for n in names]
     routing = layers["blk.q"].last_routing
@@ -417,10 +435,11 @@ def test_router_topk_is_used_as_the_assignments(k):
     assert not torch.allclose(run("sparse", wrong)[0], dense[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["grouped"], indirect=True)  # block layouts are the grouped kernel's
 @pytest.mark.parametrize("G", [1, 5, None])
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("C", [1, 2, 4, 64])
-def test_block_layouts_equal_dense(monkeypatch, C, in_place, G):
+def test_block_layouts_equal_dense(monkeypatch, C, in_place, G, kernel):
     """Every block size in both layouts (each expert's first block read in place with further blocks
     gathered, or every block gathered), worked through in chunks of G blocks (None: all at once), gives
     the dense path's values and gradients: a skewed batch where one expert holds most tokens, several
@@ -437,7 +456,8 @@ def test_block_layouts_equal_dense(monkeypatch, C, in_place, G):
     _assert_equal(bank, x, gates)
 
 
-def test_block_layout_choice():
+@pytest.mark.parametrize("kernel", ["grouped"], indirect=True)
+def test_block_layout_choice(kernel):
     """In place when every expert holds a few tokens (no weights copied but the overflow's); packed when
     a few of many experts take all the tokens (empty in-place blocks would cost more)."""
     from loraplex.experts.bank import block_layout
@@ -452,7 +472,7 @@ def test_block_layout_choice():
 
 
 @pytest.mark.parametrize("train_adapters", [True, False])
-def test_same_input_projections_share_one_down_projection(monkeypatch, train_adapters):
+def test_same_input_projections_share_one_down_projection(monkeypatch, train_adapters, kernel):
     """q, k and v take one input: their banks gather it once and do their down projections in one matmul
     (LoraBank._down, banks of different ranks side by side); a projection on another input (the attention
     output) computes its own. Values and gradients (x, every bank's A and B, the gate) equal the dense path,
@@ -481,8 +501,10 @@ def test_same_input_projections_share_one_down_projection(monkeypatch, train_ada
         for p in layer.bank.parameters():
             p.requires_grad_(train_adapters)
     downs = []
-    real = bank_mod._GroupedDown.apply
-    monkeypatch.setattr(bank_mod._GroupedDown, "apply", lambda *a: downs.append(a[1].shape[1]) or real(*a))
+    fn = bank_mod._CsrDown if kernel == "csr" else bank_mod._GroupedDown
+    real = fn.apply  # the width of the joined A: (E*W, d_in) for csr, (E, W, d_in) for grouped
+    monkeypatch.setattr(fn, "apply", lambda *a: downs.append(a[1].shape[1] if a[1].dim() == 3 else a[1].shape[0] // 8)
+                        or real(*a))
 
     def run(dispatch, x, y):
         for layer in layers.values():
@@ -520,3 +542,31 @@ def test_same_input_projections_share_one_down_projection(monkeypatch, train_ada
         torch.testing.assert_close(k_other, layers["blk.key"](x + 1.0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(q, layers["blk.query"](x), rtol=1e-5, atol=1e-5)
         assert downs == [9, 9]  # k, on its own input, led a joined matmul of its own
+
+
+@pytest.mark.parametrize("kernel", ["auto"], indirect=True)
+def test_auto_kernel_choice(kernel):
+    """kernel "auto": csr on CPU in float32/float64 while no adapter weight takes gradients in this forward
+    (inference, a router trained over frozen adapters), grouped when A or B does (joint training) and for
+    other dtypes; a kernel it does not know is refused."""
+    bank = _bank(E=32)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():  # A and B take gradients, but not in this forward
+        assert bank._uses_csr(x) and bank._uses_csr(x.double())
+        assert not bank._uses_csr(x.bfloat16())
+    assert not bank._uses_csr(x)
+    bank.A.requires_grad_(False)
+    assert not bank._uses_csr(x)  # B still trains
+    bank.B.requires_grad_(False)
+    assert bank._uses_csr(x)
+    used = []
+    for name in ("_csr_plan", "_token_plan"):
+        orig = getattr(bank, name)
+        setattr(bank, name, lambda *a, orig=orig, name=name: used.append(name) or orig(*a))
+    bank(x, _token_gates(2, 3, 32, 2))
+    bank.B.requires_grad_(True)
+    bank(x, _token_gates(2, 3, 32, 2))
+    assert used == ["_csr_plan", "_token_plan"]
+    bank.kernel = "bogus"
+    with pytest.raises(ValueError, match="kernel"):
+        bank(x, _token_gates(2, 3, 32, 2))

@@ -192,6 +192,30 @@ def test_unknown_router_lists_the_known_ones():
         ROUTERS.get("gate-of-babel")
 
 
+def test_factorised_gate_above_the_break_even_rank_is_applied_as_its_product():
+    """A factorised gate whose factors cost a token more than the full gate (r (d_in + E) > d_in E, e.g.
+    rank 64 over 32 adapters) is applied as W_up W_down: the same logits and factor gradients as the two
+    steps, within float rounding."""
+    from loraplex.router.base import RouteContext
+    from loraplex.router.token_gate import TokenGate, TokenGateConfig
+
+    torch.manual_seed(0)
+    cfg = TokenGateConfig(gate_rank=12, top_k=2)
+    gate = TokenGate(RouteContext(), 16, 8, cfg)  # 12 (16 + 8) > 16 * 8
+    assert gate.collapses() and not TokenGate(RouteContext(), 16, 64, cfg).collapses()
+    h = torch.randn(2, 5, 16, dtype=torch.float64)
+    gate.double()
+    logits = gate._route(h).logits
+    two_steps = (h @ gate.down.T) @ gate.weight.T
+    torch.testing.assert_close(logits, two_steps)
+    logits.pow(2).sum().backward()
+    got = gate.down.grad.clone(), gate.weight.grad.clone()
+    gate.zero_grad()
+    ((h @ gate.down.T) @ gate.weight.T).pow(2).sum().backward()
+    torch.testing.assert_close(got[0], gate.down.grad)
+    torch.testing.assert_close(got[1], gate.weight.grad)
+
+
 def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
     """token-gate with gate_rank: logits = W_up (W_down h), k non-zero gates, trainable factors, and the
     stored factors rebuild the same router (also restricted to a permuted expert list)."""
@@ -228,6 +252,7 @@ def test_factorised_token_gate_computes_low_rank_logits_and_round_trips(bert):
     r2.attach(m2)
     with torch.no_grad():
         torch.testing.assert_close(m2(**x).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    assert not gate.collapses()  # 3 (d_in + 4) < 4 d_in: the factors are cheaper per token
     with pytest.raises(InvalidSpec, match="gate_rank"):
         ROUTERS.build("token-gate", {"gate_rank": 0})
     # a rank above the input size is no factorisation: gate_rank=100000 took 24 GB before (sweep 15)
