@@ -44,8 +44,8 @@ take the same input (q, k, v) gather it once and do their down projections in on
 Activations kept for backward
 are O(N*K*R) (the rank-R products), instead of O(N*E*R). `dispatch` picks the path: "dense", "sparse" or
 "auto", where auto uses a cost estimate, not a timing: sparse when the dense inner size E*R is at
-least `SPARSE_FACTOR` (16) times the sparse one K*R (below that, on CPU, the dense bank's two GEMMs
-cost less than the sort, the gathers and the small batched matmuls; see SPARSE_FACTOR). Projections fed
+least `SPARSE_FACTOR` (16, grouped kernel) or `CSR_FACTOR` (4, csr kernel) times the sparse one K*R (below
+that, on CPU, the dense bank's two GEMMs cost less than the sparse kernel's work; see those constants). Projections fed
 by one shared gate (token-gate `shared`) share the plan of the sort through their common Routing
 (`Routing.dispatch`).
 Per-rank gates (S = E*R, SMoRA's rank router) stay on the dense path: its experts are single ranks,
@@ -472,7 +472,7 @@ class LoraBank(nn.Module):
             else:
                 topk, k = None, max(1, int((gates != 0).sum(-1).max().item()))
             needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
-            if self.dispatch == "sparse" or (self.SPARSE_FACTOR * k <= self.n_experts and not needs_all):
+            if self.dispatch == "sparse" or (self.sparse_factor(x) * k <= self.n_experts and not needs_all):
                 return self._forward_tokens(x, gates, k, plans, topk, into, group)
         z = F.linear(self.dropout(x), self.A)  # (..., E*R)
         scale = self.rank_scale().to(z.dtype)  # (E*R,)
@@ -493,11 +493,21 @@ class LoraBank(nn.Module):
     """The token dispatch's kernel: "auto" | "csr" | "grouped" (`_uses_csr`); set on a bank, or on the class."""
 
     SPARSE_FACTOR = 16
-    """auto: sparse when E*R >= SPARSE_FACTOR * K*R. Measured per MiniLM projection (2048 tokens, R=8,
-    k=2, 2 CPU threads, the heap kept by loraplex/allocator.py): dense 3.1 ms against sparse 4.1 ms at
-    E=16, dense 5.2 ms against sparse 3.6 ms at E=32, and 117 ms against 9.7 ms at E=512 (the dense
-    inner size E*R grows, the sparse path's stays k*R); bench/routing.py --part speed has the model-level
-    table."""
+    """auto with the grouped kernel: sparse when E*R >= SPARSE_FACTOR * K*R. Measured per MiniLM projection
+    (2048 tokens, R=8, k=2, 2 CPU threads, the heap kept by loraplex/allocator.py): dense 3.1 ms against
+    sparse 4.1 ms at E=16, dense 5.2 ms against sparse 3.6 ms at E=32, and 117 ms against 9.7 ms at E=512
+    (the dense inner size E*R grows, the sparse path's stays k*R); bench/routing.py --part speed has the
+    model-level table."""
+
+    CSR_FACTOR = 4
+    """auto with the csr kernel: sparse when E >= CSR_FACTOR * K. Per MiniLM projection (2,048 tokens, R=8,
+    one thread, frozen adapters, a one-off timing), dense against csr, forward and forward+backward: k=2
+    E=4 1.2/3.8 ms against 1.5/5.0 (dense wins), E=8 2.5/6.7 against 1.6/5.7, E=16 4.7/12.1 against
+    1.7/5.3; k=1 E=4 1.2/4.6 against 0.9/4.7 (even)."""
+
+    def sparse_factor(self, x: torch.Tensor) -> int:
+        """auto's break-even E/K for input x: the kernel's (CSR_FACTOR or SPARSE_FACTOR)."""
+        return self.CSR_FACTOR if self._uses_csr(x) else self.SPARSE_FACTOR
 
     def _token_gates(self, x: torch.Tensor, gates: torch.Tensor | None) -> bool:
         """Per-adapter gates given per token: (..., E) with the leading dims of x."""

@@ -212,9 +212,9 @@ def test_mixer_straight_through_gates():
     assert bool((g1.grad[gates.detach() == 0] != 0).any())
 
 
-def test_auto_choice_by_cost():
+def test_auto_choice_by_cost(kernel):
     calls = []
-    E = LoraBank.SPARSE_FACTOR
+    E = LoraBank.CSR_FACTOR if kernel == "csr" else LoraBank.SPARSE_FACTOR  # the kernel's break-even E/k
     bank = _bank(E=E)
     orig = bank._forward_tokens
     bank._forward_tokens = lambda *a: calls.append(a[2]) or orig(*a)
