@@ -66,13 +66,22 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")
 
 
-def checked_api_key(key: str | None) -> str | None:
-    """`--api-key` as the Guard compares it: None (no key), or visible ASCII (what an HTTP header carries
-    unchanged); an empty key would mean no authentication at all, so it is refused too."""
+def checked_api_key(key: str | None, option: str = "--api-key", env: str = "LORAPLEX_API_KEY") -> str | None:
+    """`--api-key` as the Guard compares it (or `--backend-api-key` as the backend gets it): None (no key), or
+    visible ASCII (what an HTTP header carries unchanged); an empty key would mean no authentication at all,
+    so it is refused too."""
     if key is not None and (not key or not all("!" <= ch <= "~" for ch in key)):
-        raise UserInputError("--api-key (or LORAPLEX_API_KEY) must be non-empty visible ASCII characters "
+        raise UserInputError(f"{option} (or {env}) must be non-empty visible ASCII characters "
                              "(letters, digits, punctuation; no spaces)")
     return key
+
+
+def checked_backend_key(key: str | None, backend: str | None) -> str | None:
+    """`--backend-api-key`: a key as `checked_api_key` reads one, and only with --backend (it would be dropped)."""
+    if key is not None and not backend:
+        raise UserInputError("--backend-api-key (or LORAPLEX_BACKEND_API_KEY) is the key of a --backend server: "
+                             "give --backend too")
+    return checked_api_key(key, "--backend-api-key", "LORAPLEX_BACKEND_API_KEY")
 
 
 def request_id(headers: dict[bytes, bytes]) -> bytes:
@@ -180,11 +189,13 @@ class Guard:
 
 
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
-               backend: str | None = None, lora_updates: bool = True, loopback_only: bool = False) -> Any:
+               backend: str | None = None, backend_key: str | None = None, lora_updates: bool = True,
+               loopback_only: bool = False) -> Any:
     """The ASGI app: FastAPI's routes (one group per function below) inside the Guard (`loopback_only`:
     refuse /v1 requests whose Host is not a loopback name, see Guard)."""
     checked_api_key(api_key)
-    cx = _Context(engine, scheduler, metrics, Backend(backend) if backend else None, lora_updates)
+    checked_backend_key(backend_key, backend)
+    cx = _Context(engine, scheduler, metrics, Backend(backend, key=backend_key) if backend else None, lora_updates)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -21,7 +21,9 @@ from loraplex.serve.protocol import APIError
 
 
 def checked_url(url: str) -> str:
-    """`--backend`'s URL without a trailing `/v1`: http(s) with a host, or UserInputError naming it."""
+    """`--backend`'s URL without a trailing `/v1`: http(s) with a host and no credentials, or UserInputError
+    naming it. Credentials in the URL are refused: httpx would send them as Basic authentication and every
+    502 that names the backend would show them to clients (sweep 36); `--backend-api-key` is the way."""
     try:
         parsed = httpx.URL(url.strip())
         ok = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 1) <= 65535
@@ -30,6 +32,10 @@ def checked_url(url: str) -> str:
     if not ok:
         raise UserInputError(f"--backend {url!r}: expected the URL of an OpenAI-compatible server, "
                              "like http://127.0.0.1:8001/v1")
+    if parsed.userinfo:
+        raise UserInputError("--backend: credentials in the URL are not supported (they would be shown in the errors "
+                             "that name the backend); give the backend's key with --backend-api-key or "
+                             "LORAPLEX_BACKEND_API_KEY")
     url = url.strip().rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
@@ -43,9 +49,12 @@ def _completions(choices: Any, delta: bool = False) -> list:
     return [c for c in choices if isinstance(c, dict) and any(k in c for k in keys)] if isinstance(choices, list) else []
 
 class Backend:
-    def __init__(self, url: str, timeout: float = 600.0):
+    def __init__(self, url: str, timeout: float = 600.0, key: str | None = None):
+        """`key`: sent to the backend as `Authorization: Bearer KEY` (vLLM's --api-key); loraplex's own
+        --api-key is never passed on."""
         self.url = checked_url(url)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -146,7 +155,8 @@ class Backend:
                     chunk = json.loads(payload)
                 except ValueError:
                     chunk = None
-                if not isinstance(chunk, dict) or chunk.get("error") is not None:  # `"error": null` is no error
+                if (not isinstance(chunk, dict) or chunk.get("error") is not None  # `"error": null` is no error
+                        or not isinstance(chunk.get("choices", []), list)):  # `"choices": 5` broke the relay (sweep 36)
                     err = chunk.get("error") if isinstance(chunk, dict) else None
                     said = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
                     failed = (f"the backend {self.url} failed mid-stream: {said}" if said else

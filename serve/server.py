@@ -12,7 +12,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import Terminated, UserInputError
-from loraplex.serve.app import checked_api_key, create_app, loopback_name
+from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_name
 from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
@@ -87,8 +87,8 @@ class Stopping(uvicorn.Server):
 
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
           max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
-          backend: str | None = None, auto: dict | None = None, lora_updates: bool = True,
-          loopback_only: bool = False):
+          backend: str | None = None, backend_key: str | None = None, auto: dict | None = None,
+          lora_updates: bool = True, loopback_only: bool = False):
     """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start
     (`loopback_only`: /v1 requests must name a loopback Host, serve/app.py's Guard)."""
     Scheduler.check(max_batch, max_wait_ms)  # before the base loads
@@ -96,7 +96,7 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
     engine = Engine(settings, base=base, router=router, max_loras=max_loras, host_loras=host_loras, events=metrics,
                     auto=auto, writes_adapters=lora_updates)
     scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
-    return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend,
+    return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend, backend_key=backend_key,
                       lora_updates=lora_updates, loopback_only=loopback_only), engine
 
 
@@ -145,6 +145,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     if options.get("backend"):
         checked_url(options["backend"])
     checked_api_key(options.get("api_key"))
+    checked_backend_key(options.get("backend_key"), options.get("backend"))
     sock = listening_socket(host, port)
     try:
         app, engine = build(settings, loopback_only=loopback_name(host), **options)

@@ -565,6 +565,10 @@ def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
     (["--host", "999.1.1.1"], "--host '999.1.1.1': not an address this machine can listen on"),
     (["--backend", "notaurl"], "--backend 'notaurl': expected the URL of an OpenAI-compatible server"),
     (["--backend", "ftp://127.0.0.1/v1"], "--backend 'ftp://127.0.0.1/v1'"),
+    # sweep 36: sent as Basic authentication and shown to clients in every 502 naming the backend
+    (["--backend", "http://user:s3cret@127.0.0.1:8001/v1"], "--backend: credentials in the URL are not supported"),
+    (["--backend-api-key", "k"], "--backend-api-key (or LORAPLEX_BACKEND_API_KEY) is the key of a --backend server"),
+    (["--backend", "http://127.0.0.1:8001/v1", "--backend-api-key", "a b"], "--backend-api-key (or LORAPLEX_BACKEND_API_KEY) must be"),
     (["--port", "{taken}"], "cannot listen on 127.0.0.1:{taken}"),
     # the batching thread died on inf (every request then hung while /health said ok), waited 1e12 ms on others
     (["--max-wait-ms", "inf"], "--max-wait-ms must be a number from 0 to 10,000 (got inf)"),
@@ -586,6 +590,7 @@ def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args,
         r = cli("serve", *args)
     _refused(r, cli.home, before, match.replace("{taken}", taken))
     assert "loraplex serve:" not in r.stderr
+    assert "s3cret" not in r.stderr  # a refused URL's credentials are not echoed either
 
 
 @pytest.mark.parametrize("args, match", [

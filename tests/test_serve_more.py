@@ -246,6 +246,7 @@ def _fake_backend(seen: dict | None = None):
         p = body["prompt"]
         if seen is not None:
             seen["body"] = body
+            seen["authorization"] = request.headers.get("authorization")
         if p == "slow":
             for _ in range(200):
                 await asyncio.sleep(0.1)
@@ -283,7 +284,10 @@ def _fake_backend(seen: dict | None = None):
         async def empty():  # a usage chunk and [DONE], no choice ever (sweep 27: relayed as a success)
             yield 'data: {"id": "x", "choices": [], "usage": {"prompt_tokens": 1}}\n\ndata: [DONE]\n\n'
 
-        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty}
+        async def intchoices():  # choices that are not a list (sweep 36: a traceback cut the stream)
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\ndata: {"id": "x", "choices": 5}\n\ndata: [DONE]\n\n'
+
+        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -328,6 +332,7 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
         assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "C"] and events[-1] == "[DONE]"
         for prompt, said in (("failing", "failed mid-stream: backend blew up"),
                              ("garbled", "sent an event that is not a completion chunk"),
+                             ("intchoices", "sent an event that is not a completion chunk"),
                              ("empty", "ended its stream without a completion")):
             events = [ln[5:].strip() for ln in ask(prompt, stream=True).text.splitlines() if ln.startswith("data:")]
             err = json.loads(events[-2])
@@ -339,12 +344,19 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
 
 def test_a_forwarded_request_carries_this_servers_defaults(llama_home, tiny_llama):
     """Forwarded without max_tokens and temperature, a request got the backend's defaults (vLLM: 16 tokens on
-    completions) where the README promises loraplex's (sweep 27); what the request gives is kept."""
+    completions) where the README promises loraplex's (sweep 27); what the request gives is kept. The backend
+    gets --backend-api-key as a bearer key, never this server's own --api-key (sweep 36)."""
     s, _ = llama_home
     seen: dict = {}
+    with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back, api_key="front-key",
+                                              backend_key="back-key") as front:
+        httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "x"},
+                   headers={"Authorization": "Bearer front-key"}, timeout=30)
+        assert seen["body"]["max_tokens"] > 16 and seen["body"]["temperature"] == 1.0, seen
+        assert seen["authorization"] == "Bearer back-key", seen
     with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back) as front:
         httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "x"}, timeout=30)
-        assert seen["body"]["max_tokens"] > 16 and seen["body"]["temperature"] == 1.0, seen
+        assert seen["authorization"] is None, seen
         httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "x", "max_tokens": 3,
                                                     "temperature": 0}, timeout=30)
         assert seen["body"]["max_tokens"] == 3 and seen["body"]["temperature"] == 0, seen
