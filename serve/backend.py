@@ -74,9 +74,9 @@ class Backend:
     async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any], *,
                       gone: Callable[[], Awaitable[bool]] | None = None, every: float = 0.5):
         """The backend's answer to the request, relayed. `gone`: whether the client went away, asked every
-        `every` seconds while a whole (not streamed) answer is awaited; then the backend's request is
-        cancelled (its connection closed, so the backend frees the row) and this is a 499. A stream is
-        cancelled when the client stops reading it."""
+        `every` seconds while a whole answer, or a stream's headers, are awaited; then the backend's request is
+        cancelled (its connection closed, so the backend frees the row) and this is a 499. A stream under way
+        is cancelled when the client stops reading it."""
         try:
             if not body.get("stream"):
                 r = await self._post(path, body, gone, every)
@@ -95,7 +95,9 @@ class Backend:
                 data["routing"] = routing
                 return JSONResponse(data)
             req = self.client.build_request("POST", self.url + path, json=body)
-            resp = await self.client.send(req, stream=True)
+            # the stream's headers are awaited the same way (a client gone before them held the backend's row
+            # for its whole answer and counted as a 200; sweep 36)
+            resp = await self._watched(self.client.send(req, stream=True), gone, every)
         except httpx.HTTPError as exc:
             raise APIError(502, f"the backend {self.url} cannot be reached: {type(exc).__name__}: {exc}") from None
         if resp.status_code != 200:
@@ -110,7 +112,14 @@ class Backend:
 
     async def _post(self, path: str, body: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None,
                     every: float) -> httpx.Response:
-        task = asyncio.ensure_future(self.client.post(self.url + path, json=body))
+        return await self._watched(self.client.post(self.url + path, json=body), gone, every)
+
+    @staticmethod
+    async def _watched(call: Awaitable[httpx.Response], gone: Callable[[], Awaitable[bool]] | None,
+                       every: float) -> httpx.Response:
+        """The backend's response to `call`, asking `gone` every `every` seconds while it is awaited: a client
+        that left cancels the call (its connection closed, so the backend stops) and this is a 499."""
+        task = asyncio.ensure_future(call)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=every)

@@ -362,15 +362,17 @@ def test_a_forwarded_request_carries_this_servers_defaults(llama_home, tiny_llam
         assert seen["body"]["max_tokens"] == 3 and seen["body"]["temperature"] == 0, seen
 
 
-def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llama_home, tiny_llama):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llama_home, tiny_llama, stream):
     """A non-streamed request forwarded to a backend ran there to its end after its client left, and was
-    counted as a 200 (sweep 20): the backend's request is now closed when the client goes, and it is a 499."""
+    counted as a 200 (sweep 20): the backend's request is now closed when the client goes, and it is a 499.
+    So is a streamed one whose client leaves before the backend's stream has begun (sweep 36)."""
     s, _ = llama_home
     seen: dict = {}
     with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back) as front:
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "slow", "max_tokens": 2},
-                       timeout=1.0)
+            httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "slow", "max_tokens": 2,
+                                                        "stream": stream}, timeout=1.0)
         t0 = time.monotonic()
         while "left" not in seen and time.monotonic() - t0 < 10:
             time.sleep(0.1)
