@@ -228,6 +228,13 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: in
     return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
 
 
+def _sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The values of a @ b^T at the pattern's entries only (a (N, d), b (n_cols, d)): torch's sampled
+    dense-dense matmul, in the pattern's order."""
+    mask = _csr(crow, col, a.new_zeros(col.numel()), b.shape[0])
+    return torch.sparse.sampled_addmm(mask, a, b.t(), beta=0.0).values()
+
+
 class _CsrPlan:
     """Token dispatch as sparse rows (the CPU kernel, `LoraBank.kernel`): token t's K selected experts in
     ascending order `idx` (N, K), their gate weights `w` (N, K) (differentiable in the gates), and for a
@@ -262,8 +269,7 @@ class _CsrDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xf, A, crow, col):
-        mask = _csr(crow, col, xf.new_zeros(col.numel()), A.shape[0])
-        z = torch.sparse.sampled_addmm(mask, xf, A.t(), beta=0.0).values()
+        z = _sddmm(xf, A, crow, col)
         ctx.save_for_backward(xf if ctx.needs_input_grad[1] else None, A, crow, col)
         return z
 
@@ -298,8 +304,7 @@ class _CsrUp(torch.autograd.Function):
         g2 = g_out.reshape(-1, Bt.shape[1])
         g_v = g_B = None
         if need[1]:
-            mask = _csr(crow, col, g2.new_zeros(col.numel()), Bt.shape[0])
-            g_v = torch.sparse.sampled_addmm(mask, g2, Bt.t(), beta=0.0).values()
+            g_v = _sddmm(g2, Bt, crow, col)
         if need[2]:
             g_B = torch.mm(_csr(crow, col, v, Bt.shape[0]).t(), g2)
         return g_out, g_v, g_B, None, None
