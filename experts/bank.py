@@ -609,6 +609,8 @@ class LoraBank(nn.Module):
         """
         E, R = self.n_experts, self.rank
         lead = x.shape[:-1]
+        if lead.numel() == 0:  # no token: nothing to add (the grouped plan has no block to shape)
+            return into if into is not None else x.new_zeros(*lead, self.d_out)
         if self._uses_csr(x):
             p = self._csr_plan(gates.to(x.dtype), k, plans, topk)
             z = self._down(x, p, plans, group)  # (N, K, R)

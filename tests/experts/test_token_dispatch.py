@@ -570,3 +570,15 @@ def test_auto_kernel_choice(kernel):
     bank.kernel = "bogus"
     with pytest.raises(ValueError, match="kernel"):
         bank(x, _token_gates(2, 3, 32, 2))
+
+
+def test_no_token_adds_nothing():
+    """A batch of no rows, or rows of no tokens, passes through the token dispatch (the grouped plan failed
+    to shape its empty blocks)."""
+    bank = _bank()
+    bank.dispatch = "sparse"
+    for B, T in ((0, 5), (2, 0)):
+        gates = _token_gates(B, T, 12, 2) if B * T else torch.zeros(B, T, 12)
+        into = torch.randn(B, T, 10)
+        assert bank(torch.randn(B, T, 16), gates, into=into.clone()).shape == (B, T, 10)
+        assert bank(torch.randn(B, T, 16), gates).shape == (B, T, 10)
