@@ -310,6 +310,11 @@ class _CsrUp(torch.autograd.Function):
         return g_out, g_v, g_B, None, None
 
 
+def _most_selected(gates: torch.Tensor) -> int:
+    """The most non-zero gates any token (or row) has; 0 for gates of no token."""
+    return int((gates != 0).sum(-1).max().item()) if gates.numel() else 0
+
+
 def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a bank may add its delta for input x into `into` in place: same dtype and device as the
     delta, contiguous rows, and not a leaf that takes gradients (autograd refuses in-place changes to
@@ -468,14 +473,14 @@ class LoraBank(nn.Module):
             return into + self.forward(x, gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk,
                                        group=group).to(into.dtype)
         if self.sparse and self._sequence_gates(x, gates):
-            k = int((gates != 0).sum(-1).max().item())
+            k = _most_selected(gates)
             if 2 * k <= self.n_experts:
                 return _plus(into, self._forward_selected(x, gates, k))
         elif self._token_gates(x, gates) and self.dispatch != "dense":
             if topk is not None and topk.shape[:-1] == gates.shape[:-1]:
                 k = topk.shape[-1]
             else:
-                topk, k = None, max(1, int((gates != 0).sum(-1).max().item()))
+                topk, k = None, max(1, _most_selected(gates))
             needs_all = dense_gate_grad and gates.requires_grad and torch.is_grad_enabled()
             if self.dispatch == "sparse" or (self.sparse_factor(x) * k <= self.n_experts and not needs_all):
                 return self._forward_tokens(x, gates, k, plans, topk, into, group)
