@@ -100,46 +100,60 @@ def _endpoint(path: str) -> str:
     return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
 
-def loopback_name(name: str) -> bool:
-    """Whether `name` names this machine only (localhost, 127.0.0.0/8, ::1, bracketed or not)."""
+def loopback_address(addr: str) -> bool:
+    """Whether an IP address (as a socket names it, or bracketed) is a loopback one: 127.0.0.0/8, ::1, and
+    127.x mapped into IPv6 (::ffff:127.0.0.1, which Python 3.11's `is_loopback` does not count)."""
     import ipaddress
 
-    name = name.strip().lower()
-    if name in ("localhost", "localhost."):
-        return True
     try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(addr.strip().strip("[]").split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def loopback_name(name: str) -> bool:
+    """Whether `name` names this machine only (localhost, 127.0.0.0/8, ::1, bracketed or not)."""
+    name = name.strip().lower()
+    return name in ("localhost", "localhost.") or loopback_address(name)
+
+
+def host_name(host: bytes) -> str:
+    """The name of a Host header (`name`, `name:port`, `[::1]:port`), lowercased; "" when malformed."""
+    name = host.decode("latin-1").strip().lower()
+    if name.startswith("["):
+        if "]" not in name:
+            return ""
+        return name[:name.find("]") + 1]
+    return name.rsplit(":", 1)[0] if name.count(":") == 1 else name
 
 
 def loopback_host(host: bytes) -> bool:
     """Whether a Host header (`name`, `name:port`, `[::1]:port`) names this machine's loopback."""
-    name = host.decode("latin-1").strip()
-    if name.startswith("["):
-        if "]" not in name:
-            return False
-        name = name[:name.find("]") + 1]
-    elif name.count(":") == 1:
-        name = name.rsplit(":", 1)[0]
-    return loopback_name(name)
+    name = host_name(host)
+    return bool(name) and loopback_name(name)
 
 
 class Guard:
     """ASGI middleware: the API key on /v1, each request's status and time in the metrics, and its
     `x-request-id` header on every answer. With `loopback_only` (a server listening on loopback, the
     default), a /v1 request whose Host is another name is refused: a web page whose name an attacker
-    points at 127.0.0.1 (DNS rebinding) could otherwise call the server as its own origin."""
+    points at 127.0.0.1 (DNS rebinding) could otherwise call the server as its own origin. `own_name`: the
+    name the server was started on (`--host vm`, bound to loopback through /etc/hosts), allowed too."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, loopback_only: bool = False):
+    def __init__(self, app, metrics: Metrics, api_key: str | None, loopback_only: bool = False,
+                 own_name: str | None = None):
         self.app, self.metrics, self.key, self.loopback_only = app, metrics, api_key, loopback_only
+        self.own_name = (own_name or "").strip().lower().strip("[]")
 
     def _refusal(self, path: str, headers: list[tuple[bytes, bytes]]) -> APIError | None:
         if not path.startswith("/v1"):
             return None
         if self.loopback_only:
             hosts = [v for k, v in headers if k == b"host"]
-            if len(hosts) != 1 or not loopback_host(hosts[0]):
+            if len(hosts) != 1 or not (loopback_host(hosts[0])
+                                       or (self.own_name and host_name(hosts[0]).strip("[]") == self.own_name)):
                 shown = hosts[0].decode("latin-1")[:100] if hosts else ""
                 return APIError(403, f"Host {shown!r} is not a loopback name: this server listens on loopback only "
                                      "(start it with --host to serve other names)", code="host_not_allowed")
@@ -190,9 +204,9 @@ class Guard:
 
 def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_key: str | None = None,
                backend: str | None = None, backend_key: str | None = None, lora_updates: bool = True,
-               loopback_only: bool = False) -> Any:
+               loopback_only: bool = False, own_name: str | None = None) -> Any:
     """The ASGI app: FastAPI's routes (one group per function below) inside the Guard (`loopback_only`:
-    refuse /v1 requests whose Host is not a loopback name, see Guard)."""
+    refuse /v1 requests whose Host is not a loopback name or `own_name`, see Guard)."""
     checked_api_key(api_key)
     checked_backend_key(backend_key, backend)
     cx = _Context(engine, scheduler, metrics, Backend(backend, key=backend_key) if backend else None, lora_updates)
@@ -214,7 +228,7 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     _plain_routes(app, cx)
     _generation_routes(app, cx)
     _extension_routes(app, cx)
-    guard = Guard(app, metrics, api_key, loopback_only)
+    guard = Guard(app, metrics, api_key, loopback_only, own_name)
     guard.stop_in = cx.stop_in  # serve/server.py calls it when a stop signal arrives
     return guard
 

@@ -12,7 +12,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import Terminated, UserInputError
-from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_name
+from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_address
 from loraplex.serve.backend import checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
@@ -88,7 +88,7 @@ class Stopping(uvicorn.Server):
 def build(settings=None, *, base: str | None = None, router: str | None = None, max_batch: int = 32,
           max_wait_ms: float = 10.0, max_loras: int = 16, host_loras: int = 256, api_key: str | None = None,
           backend: str | None = None, backend_key: str | None = None, auto: dict | None = None,
-          lora_updates: bool = True, loopback_only: bool = False):
+          lora_updates: bool = True, loopback_only: bool = False, own_name: str | None = None):
     """The ASGI app with its engine loaded (the slow part) and its scheduler ready to start
     (`loopback_only`: /v1 requests must name a loopback Host, serve/app.py's Guard)."""
     Scheduler.check(max_batch, max_wait_ms)  # before the base loads
@@ -97,7 +97,7 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
                     auto=auto, writes_adapters=lora_updates)
     scheduler = Scheduler(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
     return create_app(engine, scheduler, metrics, api_key=api_key, backend=backend, backend_key=backend_key,
-                      lora_updates=lora_updates, loopback_only=loopback_only), engine
+                      lora_updates=lora_updates, loopback_only=loopback_only, own_name=own_name), engine
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -147,8 +147,12 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     checked_api_key(options.get("api_key"))
     checked_backend_key(options.get("backend_key"), options.get("backend"))
     sock = listening_socket(host, port)
+    # loopback or not is what the socket was bound to, not how --host is spelled: `--host vm` (a name for
+    # 127.0.0.1 in /etc/hosts), 127.1 or ::ffff:127.0.0.1 listened on loopback with the Host check off and a
+    # warning that anyone could reach it (sweep 35)
+    loopback = loopback_address(sock.getsockname()[0])
     try:
-        app, engine = build(settings, loopback_only=loopback_name(host), **options)
+        app, engine = build(settings, loopback_only=loopback, own_name=host, **options)
     except BaseException:
         sock.close()
         raise
@@ -157,7 +161,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     where = f"[{host}]" if ":" in host else host
     print(f"loraplex serve: {engine.base_name} ({engine.family}) with {n} adapters and routers, "
           f"on http://{where}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    if options.get("lora_updates", True) and not options.get("api_key") and not loopback_name(host):
+    if options.get("lora_updates", True) and not options.get("api_key") and not loopback:
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)

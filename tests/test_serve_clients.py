@@ -114,7 +114,8 @@ def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
     """A browser's cross-site "simple" request (text/plain, a form, no type) was read as JSON and could register or
     remove adapters; a rebound DNS name (Host: attacker.example) was served as the server's own."""
     s, _ = llama_home
-    with serving(s, base=str(tiny_llama), loopback_only=True) as url, httpx.Client(base_url=url, timeout=60) as h:
+    with serving(s, base=str(tiny_llama), loopback_only=True, own_name="MyBox") as url, \
+            httpx.Client(base_url=url, timeout=60) as h:
         body = json.dumps({"lora_name": "sports-lora"})
         for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                       "application/json; charset=utf-16"):
@@ -127,11 +128,31 @@ def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
         _err(h.get("/v1/models", headers={"host": "attacker.example:8000"}), 403, None, "host_not_allowed")
         assert h.get("/health", headers={"host": "attacker.example"}).status_code == 200
         assert h.get("/v1/models", headers={"host": "localhost"}).status_code == 200
+        # the name it was started on (--host mybox, a name for 127.0.0.1) is its own; v4-mapped loopback too
+        assert h.get("/v1/models", headers={"host": "mybox:8000"}).status_code == 200
+        assert h.get("/v1/models", headers={"host": "[::ffff:127.0.0.1]:8000"}).status_code == 200
+        _err(h.get("/v1/models", headers={"host": "mybox.attacker.example"}), 403, None, "host_not_allowed")
         assert h.get("/v1/models").status_code == 200
         ok = h.post("/v1/completions", content=json.dumps({"model": "flights-lora", "prompt": "late", "max_tokens": 1}),
                     headers={"content-type": "application/json; charset=UTF-8"})
         assert ok.status_code == 200, ok.text
         assert "sports-lora" in {m["id"] for m in h.get("/v1/models").json()["data"]}
+
+
+def test_loopback_is_read_from_the_address_bound():
+    """`serve --host vm` (vm a name for 127.0.0.1), --host 127.1 or ::ffff:127.0.0.1 listened on loopback while the
+    server took them for public names: the Host check was off and a false warning said anyone could reach it
+    (sweep 35). The decision reads the address the socket was bound to."""
+    from loraplex.serve.app import loopback_address
+    from loraplex.serve.server import listening_socket
+
+    for host in ("127.1", "localhost", "127.0.0.1"):
+        with listening_socket(host, 0) as sock:
+            assert loopback_address(sock.getsockname()[0]), host
+    with listening_socket("0.0.0.0", 0) as sock:
+        assert not loopback_address(sock.getsockname()[0])
+    assert [loopback_address(a) for a in ("::ffff:127.0.0.1", "[::1]", "fe80::1%lo", "10.0.0.1", "::", "vm")] == \
+        [True, True, False, False, False, False]
 
 
 def test_every_request_is_counted_once(llama_url):
