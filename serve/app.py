@@ -78,7 +78,7 @@ def checked_api_key(key: str | None, option: str = "--api-key", env: str = "LORA
 
 def checked_backend_key(key: str | None, backend: str | None) -> str | None:
     """`--backend-api-key`: a key as `checked_api_key` reads one, and only with --backend (it would be dropped)."""
-    if key is not None and not backend:
+    if key is not None and backend is None:
         raise UserInputError("--backend-api-key (or LORAPLEX_BACKEND_API_KEY) is the key of a --backend server: "
                              "give --backend too")
     return checked_api_key(key, "--backend-api-key", "LORAPLEX_BACKEND_API_KEY")
@@ -209,7 +209,8 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     refuse /v1 requests whose Host is not a loopback name or `own_name`, see Guard)."""
     checked_api_key(api_key)
     checked_backend_key(backend_key, backend)
-    cx = _Context(engine, scheduler, metrics, Backend(backend, key=backend_key) if backend else None, lora_updates)
+    cx = _Context(engine, scheduler, metrics, Backend(backend, key=backend_key) if backend is not None else None,
+                  lora_updates)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -500,7 +501,7 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
         body["temperature"] = sampling.temperature
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
     routing = {**_routing(model, target, summary, None), "level": "request"}  # one adapter forwarded per request
-    return await cx.fwd.forward(request.url.path, body, routing, gone=request.is_disconnected,
+    return await cx.fwd.forward(request.url.path, body, routing, gone=request.is_disconnected, stopped=cx.stopped,
                                 every=DISCONNECT_CHECK_S)
 
 

@@ -2,32 +2,53 @@
 
 The request goes on unchanged but for `model` (the chosen adapter, or the base's name), and the
 answer comes back in the shape the server gives without a backend: `model` the name the client asked for
-(`routing["model"]`), and loraplex's `routing` object on the body, or on a stream's chunk that carries the
-finish reason (the backend's own `routing`, a loraplex backend's, replaced). vLLM serves the adapters by name with `--enable-lora --lora-modules NAME=DIR ...` and the
-base under the same name with `--served-model-name` (see the README).
+(`routing["model"]`), an `id` and `object` where the backend gave none, and loraplex's `routing` object on
+the body, or on a stream's chunk that carries the finish reason (the backend's own `routing`, a loraplex
+backend's, replaced). vLLM serves the adapters by name with `--enable-lora --lora-modules NAME=DIR ...` and
+the base under the same name with `--served-model-name` (see the README).
+
+What the backend sends back is checked as a client's request is: an answer over MAX_ANSWER bytes, JSON
+with NaN or text that is not Unicode, a redirect, an answer or event that is not a completion, are the
+backend's failures (a 502 naming it; in a stream, an error event), never an internal error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, Callable
+import re
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loraplex.errors import UserInputError
 from loraplex.serve.protocol import APIError
 
+MAX_ANSWER = 32 << 20
+"""Bytes of a backend's whole answer, or of one event of its stream, read at most (the requests this server
+takes are capped at the same size); a backend that sends more (300 MiB to `max_tokens: 3` raised the
+server's memory by 1.5 GB; sweep 36) is failing."""
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # as this server's own streams
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?")  # a name, or an IPv6 address
+_ENDPOINTS = {"completions", "chat", "models", "embeddings", "classify"}
+
 
 def checked_url(url: str) -> str:
-    """`--backend`'s URL without a trailing `/v1`: http(s) with a host and no credentials, or UserInputError
-    naming it. Credentials in the URL are refused: httpx would send them as Basic authentication and every
-    502 that names the backend would show them to clients (sweep 36); `--backend-api-key` is the way."""
+    """`--backend`'s URL without a trailing `/v1`, or UserInputError naming what is wrong: http(s), a host
+    name or address, a port from 1 to 65535, no query or fragment, a base path (not an endpoint such as
+    /v1/chat/completions, which the request's own path would be appended to), and no credentials (httpx
+    would send them as Basic authentication and every 502 that names the backend would show them to
+    clients; `--backend-api-key` is the way)."""
+    raw = url.strip()
     try:
-        parsed = httpx.URL(url.strip())
-        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 1) <= 65535
-    except (httpx.InvalidURL, TypeError, AttributeError):
+        parsed = httpx.URL(raw)
+        port = parsed.port
+        ok = (bool(raw) and parsed.scheme in ("http", "https") and bool(parsed.host)
+              and _HOST.fullmatch(parsed.host) is not None and (port is None or 1 <= port <= 65535))
+    except (httpx.InvalidURL, TypeError, AttributeError, ValueError):
         ok = False
     if not ok:
         raise UserInputError(f"--backend {url!r}: expected the URL of an OpenAI-compatible server, "
@@ -36,9 +57,22 @@ def checked_url(url: str) -> str:
         raise UserInputError("--backend: credentials in the URL are not supported (they would be shown in the errors "
                              "that name the backend); give the backend's key with --backend-api-key or "
                              "LORAPLEX_BACKEND_API_KEY")
-    url = url.strip().rstrip("/")
+    if parsed.query or parsed.fragment or "?" in raw or "#" in raw:
+        raise UserInputError(f"--backend {url!r}: a query or fragment has no place in a server's base URL "
+                             "(the request's path is appended to it), like http://127.0.0.1:8001/v1")
+    path = parsed.path.rstrip("/")
+    base = path[: -len("/v1")] if path.endswith("/v1") else path
+    if "v1" in base.split("/") or _ENDPOINTS & set(base.split("/")):
+        raise UserInputError(f"--backend {url!r}: give the server's base URL (ending in /v1), not an endpoint: "
+                             "the request's own path (/v1/chat/completions, ...) is appended to it")
+    url = raw.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
+
+def backend_port(url: str) -> tuple[str, int]:
+    """The host and port a checked `--backend` URL connects to (80 or 443 when it names none)."""
+    parsed = httpx.URL(url)
+    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 def _completions(choices: Any, delta: bool = False) -> list:
@@ -47,6 +81,47 @@ def _completions(choices: Any, delta: bool = False) -> list:
     with neither, was relayed as a success (the openai client then failed on `choices[0]`; sweep 27)."""
     keys = ("text", "delta", "message") if delta else ("text", "message")
     return [c for c in choices if isinstance(c, dict) and any(k in c for k in keys)] if isinstance(choices, list) else []
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python's json reads, and a JSON body cannot carry) refused."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _dumps(obj: Any) -> bytes:
+    """JSON bytes to send on; ValueError for text that is not Unicode (a lone surrogate escape) or a non-finite
+    number."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text that is not Unicode (a lone surrogate)") from exc
+
+
+def _said(data: Any) -> str:
+    """What a backend's error body says: OpenAI's {"error": {"message"}} or {"error": "..."}, vLLM's older
+    top-level {"message"}, FastAPI's {"detail": "..."} or its 422 list of {"loc", "msg"}; "" if none."""
+    if not isinstance(data, dict):
+        return ""
+    err = data.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err["message"]
+    if isinstance(err, str):
+        return err
+    if isinstance(data.get("message"), str):
+        return data["message"]
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = [f"{'.'.join(str(p) for p in d.get('loc', []) if p != 'body')}: {d.get('msg')}".lstrip(": ")
+                 for d in detail if isinstance(d, dict)]
+        return "; ".join(parts)[:500]
+    return ""
+
 
 class Backend:
     def __init__(self, url: str, timeout: float = 600.0, key: str | None = None):
@@ -59,66 +134,92 @@ class Backend:
     async def close(self) -> None:
         await self.client.aclose()
 
-    def _failed(self, status: int, data: Any) -> APIError:
-        """A backend's refusal as loraplex answers it. A 400, 404 or 422 is about the request loraplex passed
-        on (a sampling value the backend refuses, an adapter it does not serve): its status and message stay.
-        Anything else (its own authentication, its overload, its crash) is the backend's failure, not the
-        client's: a 502 naming the backend and what it said."""
-        err = data.get("error") if isinstance(data, dict) else None
-        said = (err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None) or ""
-        if status in (400, 404, 422) and said:
-            return APIError(status, f"the backend refused the request: {said}",
+    def _named(self, what: str) -> str:
+        return f"the backend {self.url} {what}"
+
+    def _failed(self, resp: httpx.Response, raw: bytes) -> APIError:
+        """A backend's non-200 answer as loraplex answers it. A 400, 404 or 422 is about the request loraplex
+        passed on (a sampling value the backend refuses, an adapter it does not serve): its status and what it
+        said stay. A redirect is named with where it points. Anything else (its own authentication, its
+        overload, its crash) is the backend's failure, not the client's: a 502 naming the backend."""
+        status = resp.status_code
+        try:
+            data = _loads(raw)
+        except ValueError:
+            data = None
+        said = _said(data)
+        if status in (400, 404, 422):
+            err = data.get("error") if isinstance(data, dict) else None
+            return APIError(status, f"the backend refused the request: {said}" if said else
+                            f"the backend refused the request ({status})",
                             param=err.get("param") if isinstance(err, dict) else None)
-        return APIError(502, f"the backend {self.url} answered {status}" + (f": {said}" if said else ""))
+        if 300 <= status < 400:
+            where = resp.headers.get("location", "")[:200]
+            return APIError(502, self._named(f"redirected ({status}) to {where!r}: loraplex does not follow "
+                                             "redirects; give --backend the URL it points to"))
+        if data is None:
+            return APIError(502, self._named(f"answered {status} without JSON"))
+        return APIError(502, self._named(f"answered {status}" + (f": {said}" if said else "")))
 
     async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any], *,
-                      gone: Callable[[], Awaitable[bool]] | None = None, every: float = 0.5):
-        """The backend's answer to the request, relayed. `gone`: whether the client went away, asked every
-        `every` seconds while a whole answer, or a stream's headers, are awaited; then the backend's request is
-        cancelled (its connection closed, so the backend frees the row) and this is a 499. A stream under way
-        is cancelled when the client stops reading it."""
+                      gone: Callable[[], Awaitable[bool]] | None = None,
+                      stopped: Callable[[], APIError | None] | None = None, every: float = 0.5):
+        """The backend's answer to the request, relayed. `gone`: whether the client went away, and `stopped`:
+        the error the server's stop ends requests with once it has come (serve/app.py's `_Context.stopped`),
+        asked every `every` seconds while the backend's answer, or a stream's next event, is awaited; then the
+        backend's request is cancelled (its connection closed, so the backend frees the row) and the request
+        is a 499 (the client left) or that error (a stream ends with it as an event). A stream is also
+        cancelled when the client stops reading it."""
+        shape = _Shape(path, routing)
+        req = self.client.build_request("POST", self.url + path, json=body)
         try:
-            if not body.get("stream"):
-                r = await self._post(path, body, gone, every)
-                try:
-                    data = r.json()
-                except ValueError:
-                    raise APIError(502, f"the backend answered {r.status_code} without JSON") from None
-                if r.status_code != 200:
-                    raise self._failed(r.status_code, data)
-                if not isinstance(data, dict) or not _completions(data.get("choices")):
-                    raise APIError(502, f"the backend answered 200 with no completion (no choice with a 'text' or a "
-                                        f"'message'): {json.dumps(data)[:120]}")
-                data.pop("routing", None)
-                if "model" in data:
-                    data["model"] = routing["model"]
-                data["routing"] = routing
-                return JSONResponse(data)
-            req = self.client.build_request("POST", self.url + path, json=body)
-            # the stream's headers are awaited the same way (a client gone before them held the backend's row
-            # for its whole answer and counted as a 200; sweep 36)
-            resp = await self._watched(self.client.send(req, stream=True), gone, every)
+            resp = await self._watched(self.client.send(req, stream=True), gone, stopped, every)
         except httpx.HTTPError as exc:
-            raise APIError(502, f"the backend {self.url} cannot be reached: {type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            raw = await resp.aread()
-            await resp.aclose()
+            raise APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}")) from None
+        if not body.get("stream") or resp.status_code != 200:
             try:
-                data = json.loads(raw)
-            except ValueError:
-                raise APIError(502, f"the backend answered {resp.status_code}") from None
-            raise self._failed(resp.status_code, data)
-        return StreamingResponse(self._relay(resp, routing), media_type="text/event-stream")
+                raw = await self._watched(self._read(resp), gone, stopped, every)
+            except httpx.HTTPError as exc:
+                raise APIError(502, self._named(f"broke off its answer: {type(exc).__name__}: {exc}")) from None
+            finally:
+                await resp.aclose()
+            if resp.status_code != 200:
+                raise self._failed(resp, raw)
+            return Response(self._whole(raw, shape), media_type="application/json")
+        return StreamingResponse(self._relay(resp, shape, stopped, every), media_type="text/event-stream",
+                                 headers=STREAM_HEADERS)
 
-    async def _post(self, path: str, body: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None,
-                    every: float) -> httpx.Response:
-        return await self._watched(self.client.post(self.url + path, json=body), gone, every)
+    async def _read(self, resp: httpx.Response) -> bytes:
+        """The answer's body, at most MAX_ANSWER bytes (502 past it)."""
+        parts, n = [], 0
+        async for part in resp.aiter_bytes():
+            n += len(part)
+            if n > MAX_ANSWER:
+                raise APIError(502, self._named(f"answered more than {MAX_ANSWER >> 20} MiB"))
+            parts.append(part)
+        return b"".join(parts)
+
+    def _whole(self, raw: bytes, shape: "_Shape") -> bytes:
+        """A whole answer's body as this server gives it, or a 502 naming what is wrong with it."""
+        try:
+            data = _loads(raw)
+        except ValueError as exc:
+            raise APIError(502, self._named(f"answered 200 without valid JSON ({exc})"[:300])) from None
+        if not isinstance(data, dict) or not _completions(data.get("choices")):
+            raise APIError(502, self._named(f"answered 200 with no completion (no choice with a 'text' or a "
+                                            f"'message'): {raw[:120].decode('utf-8', 'replace')}"))
+        shape.name(data, whole=True)
+        data["routing"] = shape.routing
+        try:
+            return _dumps(data)
+        except ValueError as exc:
+            raise APIError(502, self._named(f"answered JSON with {exc}")) from None
 
     @staticmethod
-    async def _watched(call: Awaitable[httpx.Response], gone: Callable[[], Awaitable[bool]] | None,
-                       every: float) -> httpx.Response:
-        """The backend's response to `call`, asking `gone` every `every` seconds while it is awaited: a client
-        that left cancels the call (its connection closed, so the backend stops) and this is a 499."""
+    async def _watched(call: Awaitable[Any], gone: Callable[[], Awaitable[bool]] | None,
+                       stopped: Callable[[], APIError | None] | None, every: float) -> Any:
+        """`call`'s result, asking `gone` and `stopped` every `every` seconds while it is awaited: a client that
+        left (499) or the server's stop (its error) cancels the call, so the backend's request is closed."""
         task = asyncio.ensure_future(call)
         try:
             while True:
@@ -127,74 +228,115 @@ class Backend:
                     return task.result()
                 if gone is not None and await gone():
                     raise APIError(499, "the client closed the connection")
+                err = stopped() if stopped is not None else None
+                if err is not None:
+                    raise err
         finally:
             if not task.done():  # the client left (or this request was cancelled): the backend stops too
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    @staticmethod
-    async def _events(resp: httpx.Response):
+    async def _events(self, resp: httpx.Response, stopped: Callable[[], APIError | None] | None,
+                      every: float) -> AsyncIterator[str]:
         """The data of each server-sent event: consecutive `data:` lines joined by newlines up to the blank
-        line that ends the event (an event's JSON may span several lines); other fields are skipped."""
+        line that ends the event (an event's JSON may span several lines); other fields are skipped. An event
+        over MAX_ANSWER bytes is the backend's failure; the server's stop ends the wait for the next line."""
         data: list[str] = []
-        async for line in resp.aiter_lines():
+        size = 0
+        lines = resp.aiter_lines().__aiter__()
+        while True:
+            try:
+                line = await self._watched(lines.__anext__(), None, stopped, every)
+            except StopAsyncIteration:
+                break
             if not line:
                 if data:
                     yield "\n".join(data)
-                    data = []
+                    data, size = [], 0
             elif line.startswith("data:"):
                 data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
+                size += len(line)
+                if size > MAX_ANSWER:
+                    raise APIError(502, self._named(f"sent a stream event of more than {MAX_ANSWER >> 20} MiB"))
         if data:
             yield "\n".join(data)
 
-    async def _relay(self, resp: httpx.Response, routing: dict[str, Any]):
+    async def _relay(self, resp: httpx.Response, shape: "_Shape", stopped: Callable[[], APIError | None] | None,
+                     every: float):
         """The backend's events as they come, named by the model asked for, the routing on the chunk with the
         finish reason; one chunk is held back, so a stream without one gets the routing on its last. An event
-        that is not a chunk (not JSON, or the backend's own error) ends the stream with an error event naming
-        the backend, as its failures are 502s elsewhere."""
-        held: dict | None = None
+        that is not a chunk (not JSON, the backend's own error, choices that are not a list, numbers or text
+        JSON cannot carry) ends the stream with an error event naming the backend, as its failures are 502s
+        elsewhere; the server's stop ends it with its 503 event."""
+        held: bytes | None = None
         done = routed = carried = False
-        failed: str | None = None
+        failed: APIError | None = None
         try:
-            async for payload in self._events(resp):
+            async for payload in self._events(resp, stopped, every):
                 if payload.strip() == "[DONE]":
                     done = True
                     break
                 try:
-                    chunk = json.loads(payload)
+                    chunk = _loads(payload)
                 except ValueError:
                     chunk = None
                 if (not isinstance(chunk, dict) or chunk.get("error") is not None  # `"error": null` is no error
                         or not isinstance(chunk.get("choices", []), list)):  # `"choices": 5` broke the relay (sweep 36)
-                    err = chunk.get("error") if isinstance(chunk, dict) else None
-                    said = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
-                    failed = (f"the backend {self.url} failed mid-stream: {said}" if said else
-                              f"the backend {self.url} sent an event that is not a completion chunk: {payload[:120]!r}")
+                    said = _said(chunk) if isinstance(chunk, dict) and chunk.get("error") is not None else ""
+                    failed = APIError(502, self._named(f"failed mid-stream: {said}") if said else
+                                      self._named(f"sent an event that is not a completion chunk: {payload[:120]!r}"))
                     break
                 carried = carried or bool(_completions(chunk.get("choices"), delta=True))
-                chunk.pop("routing", None)
-                if "model" in chunk:
-                    chunk["model"] = routing["model"]
-                if any(isinstance(c, dict) and c.get("finish_reason") for c in chunk.get("choices") or ()):
-                    chunk["routing"], routed = routing, True
+                shape.name(chunk, whole=False)
+                if any(isinstance(c, dict) and c.get("finish_reason") for c in chunk.get("choices", [])):
+                    chunk["routing"], routed = shape.routing, True
+                try:
+                    out = _dumps(chunk)
+                except ValueError as exc:
+                    failed = APIError(502, self._named(f"sent a chunk with {exc}"))
+                    break
                 if held is not None:
-                    yield f"data: {json.dumps(held)}\n\n"
-                held = chunk
+                    yield b"data: " + held + b"\n\n"
+                held = out
             if done and not carried and failed is None:  # `choices: []` throughout: a success with no answer
-                failed = f"the backend {self.url} ended its stream without a completion (no chunk carried a choice)"
+                failed = APIError(502, self._named("ended its stream without a completion (no chunk carried a choice)"))
             if held is not None:
                 if not routed and failed is None:
-                    held["routing"] = routing
-                yield f"data: {json.dumps(held)}\n\n"
+                    last = json.loads(held)
+                    last["routing"] = shape.routing
+                    held = _dumps(last)
+                yield b"data: " + held + b"\n\n"
             if failed is not None:
-                yield f"data: {json.dumps(APIError(502, failed).body())}\n\n"
-                yield "data: [DONE]\n\n"
+                yield f"data: {json.dumps(failed.body())}\n\n".encode()
+                yield b"data: [DONE]\n\n"
                 return
             if not done:  # the backend closed without its [DONE]: the answer may be cut, so it ends in an error
-                yield f"data: {json.dumps(APIError(502, f'the backend {self.url} ended its stream without [DONE]: the answer may be incomplete').body())}\n\n"
+                cut = APIError(502, self._named("ended its stream without [DONE]: the answer may be incomplete"))
+                yield f"data: {json.dumps(cut.body())}\n\n".encode()
                 return
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
+        except APIError as exc:  # an oversized event, or the server's stop
+            yield f"data: {json.dumps(exc.body())}\n\n".encode()
+            yield b"data: [DONE]\n\n"
         except httpx.HTTPError as exc:
-            yield f"data: {json.dumps(APIError(502, f'the backend stream broke: {exc}').body())}\n\n"
+            yield f"data: {json.dumps(APIError(502, self._named(f'broke off its stream: {exc}')).body())}\n\n".encode()
         finally:
             await resp.aclose()
+
+
+class _Shape:
+    """Names a backend's answer as this server names its own: `model` the name the client asked for, and the
+    `id` (one per request, every chunk of a stream the same) and `object` of OpenAI's shape where the backend
+    sent none (sweep 36: an answer without them was relayed without them)."""
+
+    def __init__(self, path: str, routing: dict[str, Any]):
+        self.routing = routing
+        self.chat = path.endswith("/chat/completions")
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+    def name(self, data: dict[str, Any], whole: bool) -> None:
+        data.pop("routing", None)
+        data["model"] = self.routing["model"]
+        data.setdefault("id", self.id)
+        data.setdefault("object", ("chat.completion" if whole else "chat.completion.chunk") if self.chat
+                        else "text_completion")

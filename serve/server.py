@@ -13,7 +13,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import Terminated, UserInputError
 from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_address
-from loraplex.serve.backend import checked_url
+from loraplex.serve.backend import backend_port, checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.scheduler import Scheduler
@@ -120,6 +120,24 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def not_itself(backend: str, sock: socket.socket) -> None:
+    """UserInputError when `--backend` is this server's own address: every request would be forwarded to
+    itself until the connection pool was full, and every later one hang (sweep 36). The backend's host is
+    resolved only when its port is the one bound."""
+    host, port = backend_port(checked_url(backend))
+    bound, bound_port = sock.getsockname()[:2]
+    if port != bound_port:
+        return
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError, OSError):
+        return  # not resolvable here: the requests will say the backend cannot be reached
+    anywhere = bound in ("0.0.0.0", "::")
+    if any(a == bound or (loopback_address(a) and (anywhere or loopback_address(bound))) for a in addrs):
+        raise UserInputError(f"--backend {backend!r} is this server's own address ({host}:{port}): it would forward "
+                             "every request to itself")
+
+
 def more_file_descriptors(want: int = 4096) -> int:
     """Raise this process's soft limit on open files toward its hard limit (a server holds a socket per
     client, the registry's files and the models'; at `ulimit -n 24` requests failed as internal errors and
@@ -142,7 +160,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     if more_file_descriptors() < 256:
         print(f"loraplex serve: warning: only {more_file_descriptors()} open files allowed (ulimit -n): requests will "
               "fail when clients, adapters and the registry need more", file=sys.stderr, flush=True)
-    if options.get("backend"):
+    if options.get("backend") is not None:  # `--backend ""` served without one, silently (sweep 36)
         checked_url(options["backend"])
     checked_api_key(options.get("api_key"))
     checked_backend_key(options.get("backend_key"), options.get("backend"))
@@ -151,6 +169,12 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
     # 127.0.0.1 in /etc/hosts), 127.1 or ::ffff:127.0.0.1 listened on loopback with the Host check off and a
     # warning that anyone could reach it (sweep 35)
     loopback = loopback_address(sock.getsockname()[0])
+    try:
+        if options.get("backend") is not None:
+            not_itself(options["backend"], sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app, engine = build(settings, loopback_only=loopback, own_name=host, **options)
     except BaseException:

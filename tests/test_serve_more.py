@@ -265,6 +265,23 @@ def _fake_backend(seen: dict | None = None):
             return JSONResponse({"id": "x", "object": "text_completion", "choices": []})
         if p == "mfoo":
             return JSONResponse({"id": "x", "object": "text_completion", "choices": [{"foo": 1}]})
+        from starlette.responses import Response as Raw
+
+        ok = '{"choices": [{"index": 0, "text": "fine", "finish_reason": "stop"}]}'
+        raw = {  # sweep 36: refusals in vLLM's older and FastAPI's shapes, a redirect, answers JSON cannot carry
+            "e400obj": (400, '{"object": "error", "message": "context too long", "type": "BadRequestError"}'),
+            "e422detail": (422, '{"detail": [{"loc": ["body", "temperature"], "msg": "Input should be less than 2"}]}'),
+            "e404bare": (404, "not here"),
+            "redirect": (307, ""),
+            "nomodel": (200, ok),
+            "nan": (200, '{"choices": [{"index": 0, "text": "a", "finish_reason": "stop", "logprobs": NaN}]}'),
+            "surrogate": (200, '{"choices": [{"index": 0, "text": "\\ud800 x", "finish_reason": "stop"}]}'),
+            "huge": (200, '{"choices": [{"index": 0, "text": "' + "x" * 3000 + '", "finish_reason": "stop"}]}'),
+        }
+        if p in raw and not body.get("stream"):
+            status, text = raw[p]
+            return Raw(text, status_code=status, media_type="application/json",
+                       headers={"location": "http://127.0.0.1:1/v2/completions"} if status == 307 else None)
 
         async def cut():
             yield 'data: {"choices": [{"index": 0, "text": "half"}]}\n\n'
@@ -287,7 +304,14 @@ def _fake_backend(seen: dict | None = None):
         async def intchoices():  # choices that are not a list (sweep 36: a traceback cut the stream)
             yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\ndata: {"id": "x", "choices": 5}\n\ndata: [DONE]\n\n'
 
-        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices}
+        async def snan():  # NaN is no JSON number (it was relayed as it came)
+            yield 'data: {"choices": [{"index": 0, "text": "A", "logprobs": NaN}]}\n\ndata: [DONE]\n\n'
+
+        async def nomodel():
+            yield 'data: {"choices": [{"index": 0, "text": "A", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
+        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
+                   "nan": snan, "nomodel": nomodel}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -340,6 +364,94 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
             assert "routing" not in err, events
             if prompt != "empty":
                 assert json.loads(events[0])["choices"][0]["text"] == "A", events
+        # sweep 36: refusals whose body is not {"error": {...}} keep their status and say why; the backend is named
+        # in every 502; an answer JSON cannot carry is the backend's failure, never an internal error
+        for prompt, status, said in (("e400obj", 400, "refused the request: context too long"),
+                                     ("e422detail", 422, "refused the request: temperature: Input should be less than 2"),
+                                     ("e404bare", 404, "refused the request (404)"),
+                                     ("redirect", 502, "redirected (307) to 'http://127.0.0.1:1/v2/completions'"),
+                                     ("nan", 502, "without valid JSON"), ("surrogate", 502, "not Unicode")):
+            r = ask(prompt)
+            assert r.status_code == status and said in r.json()["error"]["message"], (prompt, r.text)
+            if status == 502:
+                assert back[:-3] in r.json()["error"]["message"], r.text
+        events = [ln[5:].strip() for ln in ask("nan", stream=True).text.splitlines() if ln.startswith("data:")]
+        assert "not a completion chunk" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]", events
+        # an answer without model, id or object is named as this server names its own, whole and streamed
+        whole = ask("nomodel").json()
+        assert whole["model"] == "flights-lora" and whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
+        with httpx.stream("POST", front + "/v1/completions", json={"model": "flights-lora", "prompt": "nomodel",
+                                                                  "max_tokens": 2, "stream": True}, timeout=30) as r:
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+            chunk = json.loads(next(ln for ln in r.iter_lines() if ln.startswith("data:"))[5:])
+        assert chunk["model"] == "flights-lora" and chunk["object"] == "text_completion" and "routing" in chunk
+
+
+def test_a_backend_answer_is_read_up_to_a_bound(llama_home, tiny_llama, monkeypatch):
+    """A backend's answer of any size was read whole (300 MiB to max_tokens 3 took 1.5 GB; sweep 36): past
+    MAX_ANSWER it is the backend's failure."""
+    import loraplex.serve.backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "MAX_ANSWER", 2000)
+    s, _ = llama_home
+    with _fake_backend() as back, serving(s, base=str(tiny_llama), backend=back) as front:
+        r = httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "huge"}, timeout=30)
+        assert r.status_code == 502 and "answered more than" in r.json()["error"]["message"], r.text
+        assert httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "nomodel"},
+                          timeout=30).status_code == 200
+
+
+def test_backend_urls_that_cannot_work_are_refused():
+    """Sweep 36: a negative port started a server whose every completion was an internal error, `--backend ""`
+    served without a backend, a query, a fragment or an endpoint path were appended to; the server's own
+    address forwarded every request to itself until the pool was full."""
+    import socket
+
+    from loraplex.errors import UserInputError
+    from loraplex.serve.backend import checked_url
+    from loraplex.serve.server import listening_socket, not_itself
+
+    assert checked_url("http://127.0.0.1:8001/v1/") == "http://127.0.0.1:8001"
+    assert checked_url("https://gpu.example:443/proxy/v1") == "https://gpu.example:443/proxy"
+    assert checked_url("http://[::1]:8001") == "http://[::1]:8001"
+    for url, said in (("", "expected the URL"), ("http://127.0.0.1:-5/v1", "expected the URL"),
+                      ("http://127.0.0.1:0/v1", "expected the URL"), ("http://a b/v1", "expected the URL"),
+                      ("http://127.0.0.1:8001/v1?x=1", "query or fragment"), ("http://127.0.0.1:8001/v1#f", "query or fragment"),
+                      ("http://127.0.0.1:8001/v1/chat/completions", "not an endpoint"),
+                      ("http://127.0.0.1:8001/v1/completions", "not an endpoint")):
+        with pytest.raises(UserInputError, match=said):
+            checked_url(url)
+    with listening_socket("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+        for url in (f"http://127.0.0.1:{port}/v1", f"http://localhost:{port}/v1"):
+            with pytest.raises(UserInputError, match="this server's own address"):
+                not_itself(url, sock)
+        not_itself(f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/v1", sock)  # another port: fine
+    with listening_socket("0.0.0.0", 0) as anywhere:
+        with pytest.raises(UserInputError, match="this server's own address"):
+            not_itself(f"http://127.0.0.1:{anywhere.getsockname()[1]}/v1", anywhere)
+
+
+def test_a_forwarded_request_ends_with_the_servers_stop():
+    """A request waiting on a slow backend when the server stopped got a plain-text 500 once the grace period
+    ran out (sweep 36): the wait asks the server's stop as it asks whether the client left."""
+    import asyncio
+
+    from loraplex.serve.backend import Backend
+    from loraplex.serve.protocol import APIError
+
+    async def main():
+        with _fake_backend() as back:
+            b = Backend(back)
+            stop = APIError(503, "the server is shutting down")
+            t0 = time.monotonic()
+            with pytest.raises(APIError) as got:
+                await b.forward("/v1/completions", {"model": "m", "prompt": "slow"}, {"model": "m"},
+                                stopped=lambda: stop if time.monotonic() - t0 > 0.5 else None, every=0.1)
+            assert got.value is stop and time.monotonic() - t0 < 10
+            await b.close()
+
+    asyncio.run(main())
 
 
 def test_a_forwarded_request_carries_this_servers_defaults(llama_home, tiny_llama):
