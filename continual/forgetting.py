@@ -260,11 +260,12 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
            tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
            before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
            index: int = 0, progress: bool = True, label: str = "",
-           stronger: str = "more --steps or a higher --lr") -> ForgetResult:
+           stronger: str = "more --steps or a higher --lr", erased: Sequence[str] = ()) -> ForgetResult:
     """One forgetting request, start to end: the rows to forget (the task's training rows, or those of
     `labels`, up to the trainer's `train_limit`), the retained rows (`retained(is_forget)` when a
     callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
-    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter."""
+    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter. `erased`: the task's labels that
+    earlier requests erased (not counted as retained)."""
     labels = tuple(labels) if labels else None
     why = no_rows_to_forget(task, labels, trainer.train_limit)
     if why is not None:
@@ -278,7 +279,7 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
                          progress=progress, label=label)
     after = evaluate()
     summary = forget_request_summary(before, after, task.name, labels, list(retained_tasks), len(task.labels),
-                                     split=getattr(trainer, "eval_split", "test"), stronger=stronger)
+                                     split=getattr(trainer, "eval_split", "test"), stronger=stronger, erased=erased)
     if not kept:  # GS-LoRA's retention loss had nothing to hold on to: the request may have erased more than the task
         what = task.name + (f" (labels {', '.join(labels)})" if labels else "")
         note = (f"nothing was retained: the composition learned only {what}, so no retained data protected the rest "

@@ -78,7 +78,7 @@ it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
 
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
                            retained: Sequence[str], n_labels: int, *, split: str = "test",
-                           stronger: str = "more --steps or a higher --lr") -> dict[str, Any]:
+                           stronger: str = "more --steps or a higher --lr", erased: Sequence[str] = ()) -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
 
     `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}}) of the
@@ -87,6 +87,8 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     `forgot` is True when the forgotten rows' accuracy fell by FORGET_MIN_DROP or more, False when it did
     not, None when no evaluated row was one to forget (then the `warning` says the forgetting was not measured).
     `stronger`: what to change for a stronger request, in the caller's terms (a stream's spec keys).
+    `erased`: the task's labels earlier requests erased: not among its "other labels" (sweep 37: an erased label
+    counted as retained, and its return as a retention gain).
     """
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
@@ -95,7 +97,9 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     kept_before = {t: before[t]["accuracy"] for t in retained if t in before}
     kept_after = {t: after[t]["accuracy"] for t in retained if t in after}
     if labels is not None:
-        kb, ka = part(before, True), part(after, True)
+        gone = tuple(labels) + tuple(lab for lab in erased if lab not in labels)
+        kb = label_accuracy(before[task], gone, keep=True) if task in before else None
+        ka = label_accuracy(after[task], gone, keep=True) if task in after else None
         if kb is not None and ka is not None:
             kept_before[f"{task}[other labels]"], kept_after[f"{task}[other labels]"] = kb, ka
     drops = {t: kept_before[t] - kept_after[t] for t in kept_before if t in kept_after}

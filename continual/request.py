@@ -145,6 +145,9 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str],
         again = sorted(done & set(chosen or ()))
         if again:
             raise UserInputError(f"label {again[0]!r} of {target.name!r} is already forgotten by this composition")
+        if chosen and done | set(chosen) >= set(target.labels):  # as a stream spec refuses it (sweep 37: the labels
+            raise UserInputError(f"with the labels this composition forgot before ({', '.join(sorted(done))}), this "
+                                 f"forgets every label of {target.name!r}: forget the whole task instead (drop --labels)")
     why = no_rows_to_forget(target, chosen)
     if why is not None:
         raise UserInputError(why)
@@ -204,6 +207,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
                      seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
                      evaluate=evaluate,
                      retained_tasks=[t.name for t in learned if t.name != target.name and erased.get(t.name, ()) is not None],
+                     erased=sorted(erased.get(target.name) or ()),
                      progress=progress, label=f"forget {target.name}")
         composition = [r.name for r in recs] + [name]
         record = res.record(name=name, base=ref, previous=recs[-1].name,

@@ -467,7 +467,8 @@ class _StreamRun:
                      trainer=tr, seed=seed, run_dir=self.rd.path / "units" / f"{unit.index:03d}-forget",
                      device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
                      retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit),
-                     stronger="a larger forgetting.steps or forgetting.lr in the spec")
+                     stronger="a larger forgetting.steps or forgetting.lr in the spec",
+                     erased=self.forgotten.get(task.name) or ())
         if self.replay is not None:
             self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))

@@ -66,6 +66,14 @@ def test_forget_request_summary_for_labels():
     assert s["chance"] == pytest.approx(0.2)
     whole = M.forget_request_summary(before, after, "bbc", None, ["apple"], 5)
     assert whole["forgotten_after"] == pytest.approx(0.4) and not math.isnan(whole["retained_after"])
+    # a label an earlier request erased is not among the other labels kept (sweep 37: it counted as retained,
+    # and its return as a retention gain)
+    before["bbc"]["labels"]["business"] = [0, 10]
+    after["bbc"]["labels"]["business"] = [9, 10]
+    s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5, erased=["business"])
+    assert s["retained"]["bbc[other labels]"] == {"before": 0.7, "after": 0.7}
+    s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5)
+    assert s["retained"]["bbc[other labels]"] == {"before": 0.35, "after": 0.8}
 
 
 def test_forward_transfer_reads_a_task_measured_by_the_forget_before_it():
