@@ -165,7 +165,7 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
 def load(reg, settings, name: str) -> tuple[Any, CVAEGenerator]:
     """A stored generator, ready to generate (its training vectors read back from the registry)."""
     rec, tensors = reg.load_component(KIND, name)
-    entry, cfg = _parse_config(rec.method, rec.config)
+    entry, cfg = GENERATORS.stored_config(rec.method, rec.config, f"generator {name!r}")
     layout = ParamLayout.from_json(rec.extra["layout"])
     data = training_set(reg, rec.members, sources=rec.extra["sources"], layout=layout)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))

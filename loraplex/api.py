@@ -277,7 +277,20 @@ def graph(settings: Settings | None = None) -> dict[str, Any]:
 def check(*, repair: bool = False, settings: Settings | None = None):
     """Verify the registry's records, blobs and caches (and repair what can be)."""
     from loraplex.registry.check import check as run_check
-    return run_check(open_registry(settings), repair=repair)
+    return run_check(open_registry(settings), repair=repair, component_problem=_stored_config_problem)
+
+
+def _stored_config_problem(rec) -> str | None:
+    """What is wrong with a stored router's or generator's configuration (`registry check`), or None."""
+    from loraplex.errors import IntegrityError, UnknownComponent
+    from loraplex.generators.base import GENERATORS
+    from loraplex.router.base import ROUTERS
+
+    try:
+        (ROUTERS if rec.kind == "router" else GENERATORS).stored_config(rec.method, rec.config, f"{rec.kind} {rec.name!r}")
+    except (IntegrityError, UnknownComponent) as exc:
+        return str(exc)
+    return None
 
 
 # ---- models, tasks; one adapter: load, evaluate, train (continual/fit.py) ---------------------

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 from pydantic import BaseModel, field_validator
 
-from loraplex.errors import InvalidSpec, UnknownComponent
+from loraplex.errors import IntegrityError, InvalidSpec, UnknownComponent
 
 T = TypeVar("T")
 
@@ -215,6 +215,17 @@ class Catalog(Generic[T]):
         except KeyError:
             known = ", ".join(self.names()) or "none"
             raise UnknownComponent(f"unknown {self.kind} {name!r} (known: {known})") from None
+
+    def stored_config(self, name: str, config: Any, owner: str) -> tuple[Entry[T], Any]:
+        """(entry, validated config) of a stored component's record (`owner` names it, e.g. "router 'r'"). A
+        stored configuration that no longer validates is the record's damage, not the user's input: an
+        IntegrityError naming the component (it read as "invalid configuration ... top_k" with exit 2, and a
+        400 from the server; sweep 35). An unknown method stays UnknownComponent."""
+        entry = self.get(name)
+        try:
+            return entry, entry.make_config(config)
+        except InvalidSpec as exc:
+            raise IntegrityError(f"{owner}: its stored configuration is damaged ({exc}); fit it again") from None
 
     def build(self, name: str, config: Any = None, /, **kwargs: Any) -> T:
         entry = self.get(name)

@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -71,11 +72,14 @@ def _same_base(name: str, sha: str, settings=None) -> bool:
         return False
 
 
-def check(reg: "Registry", *, repair: bool = False) -> CheckReport:
+def check(reg: "Registry", *, repair: bool = False,
+          component_problem: "Callable[[Any], str | None] | None" = None) -> CheckReport:
     """The registry's consistency, read under its write lock: records, signatures, blobs and index are read
     as one state (a check beside a running `adapters register` used to see a record without its signature
     and report damage that was not there). A home where the lock cannot be taken (read-only) is checked
-    without it, and the report says so."""
+    without it, and the report says so. `component_problem(record)`: what is wrong with a stored router's or
+    generator's own fields (its configuration), which the parts that read them know (the API passes it: the
+    registry does not import them)."""
     report = CheckReport()
     if not reg.exists:
         if repair:
@@ -84,21 +88,23 @@ def check(reg: "Registry", *, repair: bool = False) -> CheckReport:
         return report
     try:
         with reg.write_lock():
-            return _check(reg, report, repair)
+            return _check(reg, report, repair, component_problem)
     except LockUnavailable as exc:
         if repair:
             raise
         report.notes.append(f"{exc}: checked without it, so a writer running now could show as damage")
-        return _check(reg, report, False)
+        return _check(reg, report, False, component_problem)
 
 
-def _check(reg: "Registry", report: CheckReport, repair: bool) -> CheckReport:
+def _check(reg: "Registry", report: CheckReport, repair: bool,
+           component_problem: "Callable[[Any], str | None] | None" = None) -> CheckReport:
     if repair:
         _repair(reg, report)
     _check_database(reg, report)
     if report.problems:
         return report
-    for part in (_check_records, _check_blob_dir, _check_index, _check_graph):
+    records = lambda reg, report: _check_records(reg, report, component_problem)  # noqa: E731
+    for part in (records, _check_blob_dir, _check_index, _check_graph):
         try:
             part(reg, report)
         except IntegrityError as exc:  # a damaged record met while checking a cache: named once, not a traceback
@@ -143,7 +149,8 @@ def _stored_dims(reg: "Registry") -> set[int]:
     return {int(r[0]) // 4 for r in rows if isinstance(r[0], int)}
 
 
-def _check_records(reg: "Registry", report: CheckReport) -> None:
+def _check_records(reg: "Registry", report: CheckReport,
+                   component_problem: "Callable[[Any], str | None] | None" = None) -> None:
     # the records' LoraSpecs, by the rules `register` applies (a broken one cannot even be listed)
     bad_specs = []
     for name, text in reg._db().execute("SELECT name, spec FROM adapters ORDER BY id"):
@@ -270,9 +277,9 @@ def _check_records(reg: "Registry", report: CheckReport) -> None:
             reg.read_blob(c.blob, owner=f"{c.kind} {c.name!r}")
         except IntegrityError as exc:
             report.problems.append(str(exc))
-        problem = router_members_problem(c)
-        if problem:
-            report.problems.append(problem)
+        for problem in (router_members_problem(c), component_problem(c) if component_problem else None):
+            if problem:
+                report.problems.append(problem)
         missing = [m for m in c.members if m not in names]
         if missing:
             report.problems.append(f"{c.kind} {c.name!r} routes over adapters that are gone: {', '.join(missing)}")

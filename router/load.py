@@ -148,8 +148,8 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
     loaded base's own tensors, not a copy (a server holding many routers)."""
     rec, tensors = reg.load_component("router", name)
     _check_base(rec.base, base, f"router {name!r}")
-    entry = ROUTERS.get(rec.method)
-    router = entry.factory(entry.make_config(rec.config))
+    entry, cfg = ROUTERS.stored_config(rec.method, rec.config, f"router {name!r}")
+    router = entry.factory(cfg)
     extra = rec.extra
     expert_refs: list[str | None] = list(extra.get("tasks", []))
     gate_t = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}

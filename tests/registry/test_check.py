@@ -335,10 +335,11 @@ def test_a_home_that_is_a_dangling_link_or_a_loop_is_named(settings, tmp_path):
             api.check(settings=s)
 
 
-@pytest.mark.parametrize("members", [["a1", "a0"], ["a0", "a0"], [], "tasks"])
+@pytest.mark.parametrize("members", [["a1", "a0"], ["a0", "a0"], [], "tasks", "config"])
 def test_a_routers_members_that_are_not_those_it_was_fitted_on_are_damage(settings, tiny_bert, tmp_path, members):
     """Reordered, a router's members passed check and routed each gate slot through another adapter, silently;
-    repeated, it blamed the input (sweep 32): check names it, and loading refuses it."""
+    repeated, it blamed the input (sweep 32): check names it, and loading refuses it. So with a stored
+    configuration that no longer validates (sweep 35: "invalid configuration ... top_k", exit 2, a 400)."""
     from loraplex.errors import IntegrityError
     from loraplex.router.load import load_router
 
@@ -348,6 +349,8 @@ def test_a_routers_members_that_are_not_those_it_was_fitted_on_are_damage(settin
     assert api.check(settings=settings).ok
     if members == "tasks":  # its task list as one string was read letter by letter too (sweep 32)
         _edit(reg, "UPDATE components SET extra = json_set(extra, '$.tasks', 'airline') WHERE name = 'r'")
+    elif members == "config":
+        _edit(reg, "UPDATE components SET config = json_set(config, '$.top_k', 0) WHERE name = 'r'")
     else:
         _edit(reg, "UPDATE components SET members = ? WHERE name = 'r'", json.dumps(members))
     rep = api.check(settings=settings)
