@@ -11,6 +11,7 @@ import errno
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -629,6 +630,16 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc) from None
+        if cx.fwd is not None:  # the backend generates: it is given the adapter too, or it is not registered here
+            where = os.path.abspath(os.path.expanduser(req.lora_path))  # the backend's working directory is not ours
+            err = await cx.fwd.lora_update("/v1/load_lora_adapter", {"lora_name": req.lora_name, "lora_path": where})
+            if err is not None:
+                try:
+                    await run_in_threadpool(engine.unregister, req.lora_name)
+                except LoraplexError as exc:  # it stays registered here: said, with the backend's refusal
+                    err.message += f" (and it stays registered here: {exc})"
+                err.message = f"{req.lora_name!r} was not registered: {err.message}"
+                raise err
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "registered",
                 "message": f"Success: LoRA adapter {req.lora_name!r} added successfully."}
 
@@ -640,6 +651,10 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             await run_in_threadpool(engine.unregister, req.lora_name)
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc, "name") from None
+        if cx.fwd is not None:  # the backend unloads it too; one it never had (404) is no failure
+            err = await cx.fwd.lora_update("/v1/unload_lora_adapter", {"lora_name": req.lora_name})
+            if err is not None and err.status != 404:
+                raise APIError(502, f"{req.lora_name!r} was removed here, but not from the backend: {err.message}")
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",
                 "message": f"Success: LoRA adapter {req.lora_name!r} removed successfully."}
 

@@ -189,6 +189,19 @@ class Backend:
         return StreamingResponse(self._relay(resp, shape, stopped, every), media_type="text/event-stream",
                                  headers=STREAM_HEADERS)
 
+    async def lora_update(self, path: str, body: dict[str, Any]) -> APIError | None:
+        """vLLM's /v1/load_lora_adapter or /v1/unload_lora_adapter sent on to the backend (`body` its fields,
+        `lora_name` and `lora_path`): None when it took it, else the error to answer (its 400, 404 or 422 as it
+        is, anything else a 502 naming it). An adapter registered here that the backend was not given would be
+        routed to by name and fail there (sweep 36)."""
+        try:
+            resp = await self.client.post(self.url + path, json=body, timeout=120.0)
+        except httpx.HTTPError as exc:
+            return APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}"))
+        if resp.status_code == 200:
+            return None
+        return self._failed(resp, resp.content[:MAX_ANSWER])
+
     async def _read(self, resp: httpx.Response) -> bytes:
         """The answer's body, at most MAX_ANSWER bytes (502 past it)."""
         parts, n = [], 0

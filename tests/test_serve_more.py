@@ -316,6 +316,17 @@ def _fake_backend(seen: dict | None = None):
 
     app.add_route("/v1/completions", completions, methods=["POST"])
 
+    async def lora_update(request):  # vLLM's runtime adapter loading: a name starting "refuse" is refused
+        body = await request.json()
+        if seen is not None:
+            seen.setdefault("updates", []).append((request.url.path, body))
+        if body["lora_name"].startswith("refuse"):
+            return JSONResponse({"error": {"message": f"cannot load {body['lora_name']}"}}, status_code=400)
+        return JSONResponse("Success")
+
+    app.add_route("/v1/load_lora_adapter", lora_update, methods=["POST"])
+    app.add_route("/v1/unload_lora_adapter", lora_update, methods=["POST"])
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
@@ -385,6 +396,30 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
             assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
             chunk = json.loads(next(ln for ln in r.iter_lines() if ln.startswith("data:"))[5:])
         assert chunk["model"] == "flights-lora" and chunk["object"] == "text_completion" and "routing" in chunk
+
+
+def test_with_a_backend_adapters_are_loaded_there_too(llama_home, tiny_llama, tmp_path):
+    """/v1/load_lora_adapter registered an adapter here only: auto then routed prompts to a name the backend was
+    never given (sweep 36). The backend is given it too (vLLM's same endpoint), and what it refuses is not
+    registered here; an unload is sent on as well."""
+    s, _ = llama_home
+    seen: dict = {}
+    peft = make_peft_adapter(tiny_llama, tmp_path / "p", r=2, targets=("q_proj", "v_proj"), causal=True, seed=61)
+    with _fake_backend(seen) as back, serving(s, base=str(tiny_llama), backend=back) as front:
+        def models():
+            return {m["id"] for m in httpx.get(front + "/v1/models", timeout=10).json()["data"]}
+
+        r = httpx.post(front + "/v1/load_lora_adapter", json={"lora_name": "new-lora", "lora_path": str(peft),
+                                                              "description": "weather"}, timeout=60)
+        assert r.status_code == 200 and "new-lora" in models(), r.text
+        assert seen["updates"][-1] == ("/v1/load_lora_adapter", {"lora_name": "new-lora", "lora_path": str(peft)})
+        r = httpx.post(front + "/v1/load_lora_adapter", json={"lora_name": "refuse-lora", "lora_path": str(peft),
+                                                              "description": "weather"}, timeout=60)
+        assert r.status_code == 400 and "'refuse-lora' was not registered" in r.json()["error"]["message"], r.text
+        assert "cannot load refuse-lora" in r.json()["error"]["message"] and "refuse-lora" not in models()
+        r = httpx.post(front + "/v1/unload_lora_adapter", json={"lora_name": "new-lora"}, timeout=60)
+        assert r.status_code == 200 and "new-lora" not in models(), r.text
+        assert seen["updates"][-1] == ("/v1/unload_lora_adapter", {"lora_name": "new-lora"})
 
 
 def test_a_backend_answer_is_read_up_to_a_bound(llama_home, tiny_llama, monkeypatch):
