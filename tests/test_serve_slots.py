@@ -168,8 +168,11 @@ def test_a_held_classification_is_not_starved_by_new_rows(engine):
         sch._held = []
         sch._admit()
         loop.run_until_complete(asyncio.sleep(0))  # what the jobs were sent, should one have failed (once seen)
-        sent = [j.events.get_nowait() for j in (first, other, same) for _ in range(j.events.qsize())]
-        assert not sch._pending and len(sch._lanes["bank"].rows) == 3, sent
+        sent = {id(j): [j.events.get_nowait() for _ in range(j.events.qsize())] for j in (first, other, same)}
+        # every row joined; `first` may have finished on the way (it samples at temperature 1 and drew the end
+        # of text once in CI: 2 rows left, and its 'done' among its events)
+        ended = sum(any(kind == "done" for kind, _ in events) for events in sent.values())
+        assert not sch._pending and len(sch._lanes["bank"].rows) + ended == 3, sent
     finally:
         loop.close()
 
