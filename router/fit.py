@@ -33,7 +33,7 @@ from loraplex.heads import head_for
 from loraplex.models import load_base, resolve_base
 from loraplex.ranks import is_worker
 from loraplex.registry.record import validate_name
-from loraplex.registry.signatures import task_signatures
+from loraplex.registry.signatures import embedder, task_signatures
 from loraplex.registry.store import Registry
 from loraplex.router.base import ROUTERS, LearnedRouter
 from loraplex.router.load import joint_copy_names, load_members, one_name_each
@@ -171,6 +171,9 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     if adapters:
         ex = _registered(reg, settings, cfg, adapters, tasks, base)
     else:
+        if entry.factory.joint_capable and "joint" in (config or {}) and not cfg.joint:  # it was trained joint anyway
+            raise UserInputError(f"joint=false needs --adapters: with none, router {method!r} trains fresh experts "
+                                 "with its gates (drop joint=false, or name the adapters to route over)")
         cfg = cfg.model_copy(update={"joint": True}) if entry.factory.joint_capable else cfg
         ex = _fresh(reg, settings, method, entry.factory, cfg, name, tasks, base, tc.seed)
     pool = entry.factory.choices([sp.r for sp in ex.specs])
@@ -204,8 +207,11 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
         sig = task_signatures(reg, ex.tasks)
         if ex.joint and adapters:
             ex.expert_names = joint_copy_names(name, ex.expert_names)
+        # experts without a task (gate_loss=0, or more fresh experts than tasks) take the task a query's text is
+        # nearest, as a loaded router's do: without the embedder every answer counted as unanswered (sweep 35)
+        emb = embedder(reg) if any(t is None for t in ex.expert_tasks) else None
         rm = RoutedModel(lb, ex.expert_names, ex.expert_tasks, router=router, record=None, task_pool=ex.tasks,
-                         task_signatures=sig, embedder=None)
+                         task_signatures=sig, embedder=emb)
         ev = rm.evaluate(ex.tasks, split="test", limit=eval_limit, oracle=not (ex.joint and not adapters))
         metrics = {
             "steps": int(trainer.global_step), "train_seconds": round(seconds, 2),

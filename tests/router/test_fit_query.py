@@ -259,6 +259,24 @@ def test_rank_router_trained_from_scratch_as_a_multitask_lora(env, task_files, t
     assert ev["accuracy"] == pytest.approx(fit["metrics"]["accuracy"], abs=1e-4)
 
 
+def test_fresh_experts_without_tasks_answer_in_fit_as_after_it(env, task_files, tiny_bert):
+    """A fresh mixer trained without the gate loss has experts of no task: its fit reported and stored
+    "answered 0.0%" (no embedder to give them a query's task) while `router eval` of the same rows said
+    otherwise (sweep 35). And joint=false without adapters was trained joint and stored so: refused."""
+    tasks = f"{task_files['flights']},{task_files['sports']}"
+    common = ["--router", "mixer", "--tasks", tasks, "--base", tiny_bert, "--steps", 3, "--batch-size", 8,
+              "--eval-limit", 4, "--val-limit", 4, "--quiet", "--json"]
+    res = env("router", "fit", "notask", *common, "--set", "gate_loss=0")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)["metrics"]
+    ev = json.loads(env("router", "eval", "notask", "--limit", 4, "--json").output)
+    assert fit["answered_accuracy"] == pytest.approx(ev["answered_accuracy"], abs=1e-4)
+    assert ev["answered_accuracy"] > 0, ev  # some row answered (the fit counted none: the check can fail)
+    assert env("router", "remove", "notask").exit_code == 0
+    res = env("router", "fit", "notjoint", *common, "--set", "joint=false")
+    assert res.exit_code == 2 and "joint=false needs --adapters" in res.stderr
+
+
 def test_mixer_joint_training_stores_its_experts(env):
     import torch
 
