@@ -452,7 +452,9 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     for on, route in by_base("route").items():
         # an encoder without labels: over the candidates the decisions kept (those that record a label set)
         encoder = not labels and on is not None and resolve_base(on).family != "causal"
-        kept = sorted({h.name for i in route for h in decisions[i].hits}) if encoder else None
+        # in the decisions' own order (best first): retrieval breaks a tie of scores by the order it is given, so
+        # sorted by name the answer came from another adapter than `nearest` names, and than the server's (sweep 35)
+        kept = list(dict.fromkeys(h.name for i in route for h in decisions[i].hits)) if encoder else None
         rm = load_retrieval(reg, settings, adapters=kept or None, texts=[texts[i] for i in route], base=on,
                             config={"top_k": min(cfg.top_k, len(kept)) if kept else cfg.top_k,
                                     "prototype_weight": cfg.prototype_weight,

@@ -272,6 +272,9 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
         names = ret.candidates(reg, emb.encode(list(texts)), base=resolve_base(base).name if base else None)
         if not names:
             raise UserInputError(f"no adapters of base {base!r} in the registry")
+        if ret.config.top_k > len(names):  # as with --adapters: it mixed what there was without a word (sweep 35)
+            raise UserInputError(f"top_k={ret.config.top_k} is more than the {len(names)} adapter(s) retrieval can route "
+                                 f"over here (of base {reg.get_adapter(names[0]).base!r}): give at most {len(names)}")
     sig = Signatures.of(reg, names)
     lb, recs, ads = load_members(reg, names, settings, share_base=share_base)
     inject(lb.model, ads)

@@ -167,3 +167,17 @@ def test_an_encoder_query_without_labels_is_routed_to_adapters_with_a_label_set(
     got = got[0] if isinstance(got, list) else got
     assert got["decision"] == "route" and got["answer"] in ("good", "bad"), got
     assert "taskless" not in [a["name"] for a in got["adapters"]]
+
+
+def test_a_tie_is_answered_by_the_adapter_the_decision_names(run, peft_dirs, task_files, tiny_bert):
+    """Two adapters of one task and description score alike: the decision named one (`nearest`) and the
+    answer came from the other, the first of them by name (sweep 35); the server answers with `nearest`."""
+    from loraplex import api
+
+    api.register(peft_dirs["flights"], name="zzz-copy", description="adapter for flights messages",
+                 task=str(task_files["flights"]), base=str(tiny_bert), settings=run.settings)
+    res = run("query", "--router", "auto", "flight plane gate seat crew bag delayed late lost great", "--json",
+              *THRESHOLDS)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["decision"] == "route" and got["adapters"][0]["name"] == got["nearest"], got

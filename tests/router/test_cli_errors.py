@@ -65,6 +65,9 @@ def test_empty_queries(two_bases, tmp_path):
     empty.write_text("\n  \n\u200b\u200b\n")
     _fails(two_bases, ["query", "--input", empty], 2, "no queries")
     _fails(two_bases, ["query", "--input", tmp_path / "missing.txt"], 2, "no such file")
+    # more adapters to mix than the registry has: refused, as with --adapters (it mixed what there was; sweep 35)
+    _fails(two_bases, ["query", "late flight", "--top-k", "99", "--set", "candidates=200"], 2,
+           "top_k=99 is more than the", "adapter(s) retrieval can route over here")
 
 
 def test_bad_router_config_and_tasks(two_bases):
