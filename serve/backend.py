@@ -78,9 +78,12 @@ def backend_port(url: str) -> tuple[str, int]:
 def _completions(choices: Any, delta: bool = False) -> list:
     """The choices of a backend's answer that hold a completion: a dict with a `text` (completions) or a
     `message` (chat), or in a stream's chunk a `delta` or a `text`. An answer of `choices: []`, or of choices
-    with neither, was relayed as a success (the openai client then failed on `choices[0]`; sweep 27)."""
+    with neither, was relayed as a success (the openai client then failed on `choices[0]`; sweep 27), and so
+    was `"message": null` (sweep 36): a `text` is a string, a `message` or `delta` an object."""
+    kinds = {"text": str, "message": dict, "delta": dict}
     keys = ("text", "delta", "message") if delta else ("text", "message")
-    return [c for c in choices if isinstance(c, dict) and any(k in c for k in keys)] if isinstance(choices, list) else []
+    return [c for c in choices if isinstance(c, dict) and any(isinstance(c.get(k), kinds[k]) for k in keys)] \
+        if isinstance(choices, list) else []
 
 
 def _no_constant(name: str):
@@ -129,7 +132,10 @@ class Backend:
         --api-key is never passed on."""
         self.url = checked_url(url)
         headers = {"Authorization": f"Bearer {key}"} if key else None
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
+        # no cap on connections: the backend queues what it cannot run yet (vLLM batches hundreds of sequences);
+        # httpx's default of 100 held the rest here, silently, and failed them as "cannot be reached" (sweep 36)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -274,6 +274,7 @@ def _fake_backend(seen: dict | None = None):
             "e404bare": (404, "not here"),
             "redirect": (307, ""),
             "nomodel": (200, ok),
+            "nulltext": (200, '{"choices": [{"index": 0, "text": null, "finish_reason": "stop"}]}'),
             "nan": (200, '{"choices": [{"index": 0, "text": "a", "finish_reason": "stop", "logprobs": NaN}]}'),
             "surrogate": (200, '{"choices": [{"index": 0, "text": "\\ud800 x", "finish_reason": "stop"}]}'),
             "huge": (200, '{"choices": [{"index": 0, "text": "' + "x" * 3000 + '", "finish_reason": "stop"}]}'),
@@ -381,7 +382,8 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
                                      ("e422detail", 422, "refused the request: temperature: Input should be less than 2"),
                                      ("e404bare", 404, "refused the request (404)"),
                                      ("redirect", 502, "redirected (307) to 'http://127.0.0.1:1/v2/completions'"),
-                                     ("nan", 502, "without valid JSON"), ("surrogate", 502, "not Unicode")):
+                                     ("nan", 502, "without valid JSON"), ("surrogate", 502, "not Unicode"),
+                                     ("nulltext", 502, "with no completion")):
             r = ask(prompt)
             assert r.status_code == status and said in r.json()["error"]["message"], (prompt, r.text)
             if status == 502:
