@@ -282,6 +282,18 @@ def load_retrieval(reg, settings, *, adapters: Sequence[str] | None, texts: Sequ
     return RoutedModel(lb, names, tasks, retrieval=ret, signatures=sig, embedder=emb)
 
 
+def nearest_bases(reg, texts: Sequence[str], config: dict[str, Any] | None = None) -> list[str | None]:
+    """The base of each text's own nearest adapter by retrieval's routing score (None where the registry has
+    none): retrieval over a registry of several bases answers each query on its own nearest adapter's base
+    (sweep 35: a batch took the base of its single best hit, so a query's model depended on its neighbours
+    and on --batch-size)."""
+    from loraplex.registry.index import nearest_adapters
+
+    ret = ROUTERS.build("retrieval", config or {})
+    hits = nearest_adapters(reg, _embedder(reg).encode(list(texts)), 1, weight=ret.config.prototype_weight)
+    return [h[0].base if h else None for h in hits]
+
+
 def load_bank(reg, names: Sequence[str], settings, share_base: bool = False):
     """A RoutedModel with the adapters in a bank and no router (for heterogeneous batches)."""
     lb, recs, ads = load_members(reg, names, settings, share_base=share_base)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from loraplex.errors import UserInputError
 from loraplex.tasks import checked_labels, checked_texts
 from loraplex.router import auto
-from loraplex.router.load import is_untrained, load_routed_model, shortlist_groups
+from loraplex.router.load import is_untrained, load_routed_model, nearest_bases, shortlist_groups
 
 
 def query(reg, settings, texts: Sequence[str], *, router: str | None = None, adapters: Sequence[str] | None = None,
@@ -45,16 +45,36 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     if shortlist is not None:
         return _query_shortlisted(reg, settings, texts, router=router, adapters=adapters, trace=trace, base=base,
                                   shortlist=shortlist, batch_size=batch_size, config=config, labels=labels)
-    # retrieval over the whole registry depends on the queries: rebuilt per batch
+    # retrieval over the whole registry depends on the queries: rebuilt per batch, and on a registry of several
+    # bases each query is answered on its own nearest adapter's base (its queries batched together)
     per_batch = is_untrained(router) and not adapters
+    if per_batch and base is None and len({n for n, _ in reg.base_fingerprints().values()}) > 1:
+        groups: dict[str | None, list[int]] = {}
+        for i, b in enumerate(nearest_bases(reg, texts, config)):
+            groups.setdefault(b, []).append(i)
+        out_of: list[dict[str, Any] | None] = [None] * len(texts)
+        for b, rows in groups.items():
+            for ans, j in zip(_answered(reg, settings, router, [texts[j] for j in rows], b, batch_size, config,
+                                        labels, trace), rows):
+                out_of[j] = ans
+        return out_of  # type: ignore[return-value]
+    if per_batch:
+        return _answered(reg, settings, router, texts, base, batch_size, config, labels, trace)
+    rm = load_routed_model(reg, settings, router, adapters, texts=texts[:batch_size], base=base, config=config,
+                           labels=labels, share_base=True)  # never handed out: the base's weights and tokenizer
+    out: list[dict[str, Any]] = []                            # shared, not copied
+    for i in range(0, len(texts), batch_size):
+        out.extend(rm.answer(texts[i: i + batch_size], trace=trace, labels=labels))
+    return out
+
+
+def _answered(reg, settings, router, texts: list[str], base, batch_size, config, labels, trace) -> list[dict[str, Any]]:
+    """Retrieval over the whole registry, `batch_size` queries at a time, its candidates drawn per batch."""
     out: list[dict[str, Any]] = []
-    rm = None
     for i in range(0, len(texts), batch_size):
         chunk = texts[i: i + batch_size]
-        if rm is None or per_batch:
-            rm = load_routed_model(reg, settings, router, adapters, texts=chunk, base=base, config=config,
-                                   labels=labels, share_base=True)  # never handed out: the base's weights and
-            # tokenizer shared, not copied per batch
+        rm = load_routed_model(reg, settings, router, None, texts=chunk, base=base, config=config, labels=labels,
+                               share_base=True)
         out.extend(rm.answer(chunk, trace=trace, labels=labels))
     return out
 

@@ -113,3 +113,16 @@ def test_two_task_files_with_one_stem_are_named_with_their_paths(cli, tiny_bert,
            2, f"--tasks names '{v0}' twice")
     _fails(cli, ["router", "fit", "rt", "--router", "token-gate", "--adapters", "r0,r1", "--tasks", f"{v1},{v0}",
                  "--steps", "1"], 2, "two adapters' tasks are both named 'reviews': r0 (", str(v0), str(v1))
+
+
+def test_retrieval_over_two_bases_answers_each_query_on_its_own_base(two_bases, tmp_path):
+    """A batch was routed among the adapters of its single best hit's base, so a query's adapter (and model)
+    depended on its neighbours and on --batch-size (sweep 35): each query goes to its own nearest's base."""
+    import json
+
+    q = tmp_path / "q.txt"
+    q.write_text("flight plane gate seat crew bag delayed late lost great\na llama adapter\n")
+    whole = json.loads(two_bases("query", "--input", q, "--json").output)
+    alone = json.loads(two_bases("query", "--input", q, "--json", "--batch-size", "1").output)
+    names = [[a["name"] for a in r["adapters"]] for r in whole]
+    assert names == [[a["name"] for a in r["adapters"]] for r in alone] == [["flights-lora"], ["llama-lora"]], names
