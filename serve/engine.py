@@ -69,6 +69,11 @@ class Engine:
             raise UserInputError(f"--max-loras must be from 1 to {MAX_LORAS:,} (got {max_loras})")
         if not 1 <= host_loras <= MAX_HOST_LORAS:
             raise UserInputError(f"--host-loras must be from 1 to {MAX_HOST_LORAS:,} (got {host_loras})")
+        if router is not None and (not isinstance(router, str) or not router.strip()):  # "" read as no router (sweep 35)
+            raise UserInputError(f"--router must name a stored router, got {router!r} (leave it out to serve without one)")
+        if router in ("auto", "retrieval"):  # catalog methods, not stored routers: every request may name them
+            raise UserInputError(f"--router {router!r} is not a stored router: a request names 'auto' (or an adapter) "
+                                 "to be routed without one")
         top_k = auto_router.parse_config(auto).top_k  # a bad auto option is refused before the base loads
         if top_k > max_loras:  # every routed auto request would need more slots than the bank has
             raise UserInputError(f"auto's top_k ({top_k}) is over --max-loras ({max_loras}): a routed request "

@@ -336,6 +336,17 @@ def test_unknown_lightning_settings(cli, seeded, tiny_bert, tmp_path, option, va
     assert not (cli.home / "runs").exists() or not any((cli.home / "runs").iterdir())
 
 
+def test_numbers_with_underscores_are_refused_as_set_refuses_them(cli, seeded, tiny_bert):
+    """`--steps 1_0` trained 10 steps and `--lr 1_0` used 10.0, where `--set top_k=1_0` is refused as a typo read
+    as a value (sweep 35): one rule for every number."""
+    before = registry_state(cli.home)
+    _refused(cli("train", "airline", "--name", "t", "--base", tiny_bert, "--steps", "1_0"), cli.home, before,
+             "Invalid value for '--steps': '1_0' is not a number as written")
+    _refused(cli("router", "fit", "r", "--router", "token-gate", "--lr", "1_0"), cli.home, before,
+             "Invalid value for '--lr': '1_0' is not a number as written")
+    _refused(cli("query", "1_0", "--batch-size", "3_2"), cli.home, before, "'3_2' is not a number as written")
+
+
 def test_lightning_settings_follow_lightning():
     """The precisions loraplex accepts are Lightning's, and its older spellings read as Lightning reads them."""
     import typing
@@ -576,6 +587,10 @@ def test_router_options_that_cannot_apply(cli, seeded, tiny_bert):
     (["--max-wait-ms", "1e12"], "--max-wait-ms must be a number from 0 to 10,000"),
     (["--max-batch", "100000000"], "--max-batch must be a whole number from 1 to 4,096"),
     (["--max-loras", "100000000"], "--max-loras must be from 1 to 4,096"),
+    # sweep 35: "" served without a router; a number with underscores was read as Python reads it (18509)
+    (["--router", ""], "--router must name a stored router, got ''"),
+    (["--router", "auto"], "--router 'auto' is not a stored router"),
+    (["--port", "18_509"], "'18_509' is not a number as written (no underscores: '18509'?)"),
 ])
 def test_serve_refuses_what_it_cannot_listen_on_or_forward_to(cli, seeded, args, match):
     """Checked before the model loads: one line, exit 2, no banner."""

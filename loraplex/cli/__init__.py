@@ -4,6 +4,7 @@ commands, so `loraplex --help` stays fast."""
 from __future__ import annotations
 
 import sys
+import types
 
 import typer
 
@@ -14,6 +15,52 @@ from loraplex.cli import serve as serve_cmds
 from loraplex.cli import stream as stream_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
+
+def _numbers_as_written() -> None:
+    """Typed number options read as `--set` reads its values: typer coerces them with pydantic, which takes
+    `1_000` as 1000, so `--steps 1_0` trained 10 steps and `--lr 1_0` used 10.0 where `--set top_k=1_0` is
+    refused as a typo read as a value (sweep 35). A number option's value with an underscore is refused by
+    name. (Typer's coercion is reached through its `_coercion.AdapterRuntimeParam`; tests/test_cli_bad_input_
+    validation.py fails if a typer release moves it.)"""
+    import typing
+
+    import click
+
+    for number in (click.types.IntParamType, click.types.FloatParamType):  # typer releases that convert with click
+        if not getattr(number.convert, "_as_written", False):
+            def convert(self, value, param, ctx, original=number.convert):
+                if isinstance(value, str) and "_" in value:
+                    self.fail(f"{value!r} is not a number as written (no underscores: {value.replace('_', '')!r}?)",
+                              param, ctx)
+                return original(self, value, param, ctx)
+
+            convert._as_written = True
+            number.convert = convert
+    try:
+        from typer import _coercion
+        from typer._click.exceptions import BadParameter
+        kind = _coercion.AdapterRuntimeParam
+    except (ImportError, AttributeError):
+        return
+    if getattr(kind._coerce_value, "_as_written", False):
+        return
+    original = kind._coerce_value
+
+    def numeric(annotation) -> bool:
+        args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+        return any(a in (int, float) for a in args)
+
+    def _coerce_value(self, value, param, ctx):
+        if isinstance(value, str) and "_" in value and numeric(self.annotation):
+            raise BadParameter(f"{value!r} is not a number as written (no underscores: {value.replace('_', '')!r}?)",
+                               ctx=ctx, param=param)
+        return original(self, value, param, ctx)
+
+    _coerce_value._as_written = True
+    kind._coerce_value = _coerce_value
+
+
+_numbers_as_written()
 
 app = typer.Typer(
     cls=LoraplexGroup,
