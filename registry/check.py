@@ -191,7 +191,7 @@ def _check_records(reg: "Registry", report: CheckReport,
     records = reg.list_adapters()
     for rec in records:  # what registration guarantees of a record, read back (a hand edit can break it)
         try:
-            validate_name(rec.name)
+            validate_name(rec.name, stored=True)
         except UserInputError as exc:
             report.problems.append(f"adapter {rec.name!r}: its stored name breaks the naming rules ({exc}); "
                                    "remove it, or register it again")

@@ -8,6 +8,8 @@ characters from letters, digits, '.', '_' and '-', starting with a letter or dig
 
 from __future__ import annotations
 
+import json
+
 import re
 from typing import Any, Literal, Sequence
 
@@ -27,8 +29,10 @@ Origin = Literal["imported", "trained", "generated", "merged", "forgetting", "co
 EdgeKind = Literal["trained-from", "generated-from", "merged-from", "forgets", "trained-on"]
 
 
-def validate_name(name: str, what: str = "adapter") -> str:
-    """Return `name` if it is a safe registry name, else raise InvalidName with the reason."""
+def validate_name(name: str, what: str = "adapter", *, stored: bool = False) -> str:
+    """Return `name` if it is a safe registry name, else raise InvalidName with the reason. `stored`: a name
+    read back from the registry (`registry check`), held to the rules a name always had: one that only reads
+    as JSON (`null`, `5`) is refused for new names alone, as registries may already hold such names."""
     if not isinstance(name, str) or not name:
         raise InvalidName(f"{what} name must not be empty")
     if len(name) > MAX_NAME:
@@ -44,6 +48,15 @@ def validate_name(name: str, what: str = "adapter") -> str:
         raise InvalidName(
             f"{what} name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
+    if stored:
+        return name
+    try:  # `--set generator=NAME` reads its value as JSON: `null` named the default generator instead (sweep 35)
+        as_json = json.loads(name)
+    except ValueError:
+        as_json = name
+    if not isinstance(as_json, str):
+        raise InvalidName(f"{what} name {name!r} reads as {'null' if as_json is None else type(as_json).__name__} "
+                          "where `--set KEY=VALUE` names it: choose another")
     return name
 
 

@@ -100,6 +100,15 @@ def test_valid_names(good):
     assert validate_name(good) == good
 
 
+@pytest.mark.parametrize("literal", ["null", "true", "5", "1e3", "NaN"])
+def test_names_that_read_as_json_values_are_refused_when_new(literal):
+    """`--set generator=null` read the name as JSON null and used the default generator (sweep 35): a new name
+    may not read as another JSON value; one a registry already holds is still a valid stored name."""
+    with pytest.raises(InvalidName, match="where `--set KEY=VALUE` names it"):
+        validate_name(literal, "generator")
+    assert validate_name(literal, stored=True) == literal
+
+
 def test_embedding_dimension_is_fixed(reg):
     a = _adapter()
     reg.add_adapter(_draft("a", a), a, embedding=_vec(0, d=16), embedder="hash")
