@@ -164,7 +164,7 @@ def run_stream(
             names.append(exp.forget)
     units = method.plan(spec.experiences, names)
     _check_steps(spec, method, units, tasks)
-    _check_router_top_k(method, tasks)
+    _check_router_top_k(method, tasks, spec.lora.rank)
     ref = resolve_base(spec.base)
     fp = fingerprint(ref, s)
     if resume is None and not is_worker():  # a task its base reads as unknown tokens only teaches nothing
@@ -217,11 +217,20 @@ def run_stream(
         return run.execute(info, fresh=resume is None)
 
 
-def _check_router_top_k(method: Any, tasks: dict[str, Any]) -> None:
-    """A routed stream's router mixes top_k of its experts, one per task learned: a top_k above the tasks
-    of the whole stream is refused, as `router fit` refuses it (it was capped without a word)."""
+def _check_router_top_k(method: Any, tasks: dict[str, Any], rank: int) -> None:
+    """A routed stream's router mixes top_k of its experts, one per task learned (for a rank router, SMoRA,
+    one per rank of each task's adapter: `rank` each): a top_k above what the whole stream gives it is refused,
+    as `router fit` refuses it (it was capped without a word). A rank router's top_k counts ranks (sweep 37:
+    it was held to the task count, and its own default of 8 ran past that)."""
     top_k = (getattr(getattr(method, "config", None), "router_config", None) or {}).get("top_k")
-    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(tasks):
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        return
+    entry = getattr(method, "entry", None)
+    if getattr(getattr(entry, "factory", None), "slot", None) == "rank":
+        if top_k > len(tasks) * rank:
+            raise InvalidSpec(f"method.router_config.top_k={top_k} is more than the {len(tasks) * rank} ranks the "
+                              f"router would choose among ({len(tasks)} tasks x lora.rank {rank})")
+    elif top_k > len(tasks):
         raise InvalidSpec(f"method.router_config.top_k={top_k} is more than the {len(tasks)} tasks this stream "
                           f"learns (one expert each) the router would choose among")
 

@@ -162,6 +162,20 @@ def test_routed_config_is_validated():
         METHODS.build("routed", {"router_config": {"top_k": 0}})
 
 
+def test_a_rank_routers_top_k_counts_ranks():
+    """SMoRA's top_k counts ranks, not tasks: a routed stream refused any top_k above its task count, its own
+    default of 8 included, where `router fit` takes it (sweep 37)."""
+    from loraplex.continual.stream import _check_router_top_k
+    from loraplex.errors import InvalidSpec
+
+    tasks = {"a": None, "b": None, "c": None}
+    _check_router_top_k(METHODS.build("routed", {"router": "rank", "router_config": {"top_k": 4}}), tasks, 2)
+    with pytest.raises(InvalidSpec, match=r"top_k=7 is more than the 6 ranks the router would choose among \(3 tasks x lora.rank 2\)"):
+        _check_router_top_k(METHODS.build("routed", {"router": "rank", "router_config": {"top_k": 7}}), tasks, 2)
+    with pytest.raises(InvalidSpec, match="top_k=4 is more than the 3 tasks"):
+        _check_router_top_k(METHODS.build("routed", {"router_config": {"top_k": 4}}), tasks, 2)
+
+
 def test_a_bad_routed_spec_is_refused_before_anything_runs(cli, tmp_path, tiny_bert, task_dir):
     from tests.conftest import registry_state
 
