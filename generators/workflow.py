@@ -251,13 +251,16 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     task, extra = None, {}
     if label_task:
         for p in parents:
-            ref = reg.get_adapter(p["name"]).task
+            parent = reg.get_adapter(p["name"])
+            ref = parent.task
             if not ref:
                 continue
-            card = reg.task_card(ref)
+            # the parent's own card (the labels it learned), not the newest adapter's of its task file: after the
+            # file's labels were renamed, a child of the old adapter answered with the new labels (sweep 37)
+            card = _own_card(parent) or reg.task_card(ref)
             if len(labelled) >= 2:  # the examples say which labels: a parent's task only if it has them all
                 try:
-                    have = set(reg.load_task(ref).labels)
+                    have = set(card["labels"]) if card and card.get("labels") else set(reg.load_task(ref).labels)
                 except LoraplexError:
                     continue
                 if not set(labelled) <= have:

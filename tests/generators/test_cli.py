@@ -195,3 +195,30 @@ def test_icm_lora_over_a_member_whose_task_file_is_gone_or_edited(cli, toy_regis
     r = cli("generate", "fit", "icm", "--method", "icm-lora", *FAST)
     assert r.exit_code == 2 and "icm-lora cannot read the task of adapter 'music-lora'" in r.stderr, r.output
     assert why in r.stderr and len(r.stderr.strip().splitlines()) == 1 and registry_state(cli.home) == before
+
+
+def test_a_generated_adapter_answers_with_its_parents_own_labels(cli, tiny_bert, tmp_path):
+    """After its task file's labels were renamed and another adapter trained on it, a child of the older
+    adapter took the newer adapter's labels (the task file's newest card) while naming the older as
+    `labels_from`, and `eval` scored it on the changed file (sweep 37): it takes its parent's own card."""
+    root = tmp_path / "tasks"
+    root.mkdir()
+    files = {n: write_task(root, n, d, topic, n=40) for n, (d, topic) in TOY_TASKS.items()}
+    for n, f in files.items():
+        _json(cli("train", f, "--name", f"{n}-lora", "--base", tiny_bert, "--steps", "4", "--rank", "4",
+                  "--batch-size", "8", "--quiet", "--json"))
+    f = files["flights"]
+    f.write_text(f.read_text().replace('"good"', '"love"').replace('"bad"', '"hate"'))
+    f.with_name("flights.task.json").write_text(json.dumps({"description": TOY_TASKS["flights"][0],
+                                                            "labels": ["hate", "love"]}))
+    _json(cli("train", f, "--name", "flights-new", "--base", tiny_bert, "--steps", "4", "--rank", "4",
+              "--batch-size", "8", "--quiet", "--json"))
+    _json(cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "flights-lora,music-lora,phones-lora",
+              *FAST, "--json"))
+    _json(cli("generate", "adapter", NEW_DESC, "--generator", "g", "--name", "child", "--json"))
+    show = _json(cli("adapters", "show", "child", "--json"))
+    assert show["extra"]["labels_from"] == "flights-lora"
+    assert show["extra"]["task_cards"][str(f)]["labels"] == ["bad", "good"], show["extra"]
+    assert _json(cli("query", "late plane delayed", "--adapters", "child", "--json"))["answer"] in ("bad", "good")
+    ev = cli("eval", "child", "--limit", "4")  # the file's labels are not those it learned: refused, as for its parent
+    assert ev.exit_code == 2 and "changed since" in ev.stderr, ev.output
