@@ -201,12 +201,13 @@ class Backend:
         is, anything else a 502 naming it). An adapter registered here that the backend was not given would be
         routed to by name and fail there (sweep 36)."""
         try:
-            resp = await self.client.post(self.url + path, json=body, timeout=120.0)
+            async with self.client.stream("POST", self.url + path, json=body, timeout=120.0) as resp:
+                raw = await self._read(resp)
         except httpx.HTTPError as exc:
             return APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}"))
-        if resp.status_code == 200:
-            return None
-        return self._failed(resp, resp.content[:MAX_ANSWER])
+        except APIError as exc:  # an answer over MAX_ANSWER
+            return exc
+        return None if resp.status_code == 200 else self._failed(resp, raw)
 
     async def _read(self, resp: httpx.Response) -> bytes:
         """The answer's body, at most MAX_ANSWER bytes (502 past it)."""
@@ -262,7 +263,7 @@ class Backend:
         over MAX_ANSWER bytes is the backend's failure; the server's stop ends the wait for the next line."""
         data: list[str] = []
         size = 0
-        lines = resp.aiter_lines().__aiter__()
+        lines = self._lines(resp).__aiter__()
         while True:
             try:
                 line = await self._watched(lines.__anext__(), None, stopped, every)
@@ -279,6 +280,27 @@ class Backend:
                     raise APIError(502, self._named(f"sent a stream event of more than {MAX_ANSWER >> 20} MiB"))
         if data:
             yield "\n".join(data)
+
+    async def _lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+        """The stream's lines (LF or CRLF ended) as its bytes arrive, a line of more than MAX_ANSWER bytes (a
+        comment included) failing before more of it is kept: httpx's `aiter_lines` held a whole line however
+        long (600 MiB of one comment line took 1.2 GB; sweep 38)."""
+        pending = bytearray()  # the line under way: only the new bytes are searched (linear in the stream)
+        async for part in resp.aiter_bytes():
+            start = 0
+            while (end := part.find(b"\n", start)) >= 0:
+                pending += part[start:end]
+                if len(pending) > MAX_ANSWER:
+                    raise APIError(502, self._named(f"sent a stream line of more than {MAX_ANSWER >> 20} MiB"))
+                line = bytes(pending).removesuffix(b"\r").decode("utf-8", "replace")
+                pending.clear()
+                start = end + 1
+                yield line
+            pending += part[start:]
+            if len(pending) > MAX_ANSWER:
+                raise APIError(502, self._named(f"sent a stream line of more than {MAX_ANSWER >> 20} MiB"))
+        if pending:
+            yield bytes(pending).removesuffix(b"\r").decode("utf-8", "replace")
 
     async def _relay(self, resp: httpx.Response, shape: "_Shape", stopped: Callable[[], APIError | None] | None,
                      every: float):

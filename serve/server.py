@@ -132,10 +132,23 @@ def not_itself(backend: str, sock: socket.socket) -> None:
         addrs = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except (socket.gaierror, UnicodeError, OSError):
         return  # not resolvable here: the requests will say the backend cannot be reached
+    # what this socket accepts on: its own address, or, bound to every address (0.0.0.0, ::), any address of this
+    # machine (another loopback address, 127.0.0.2, is another server's when this one is bound to 127.0.0.1)
     anywhere = bound in ("0.0.0.0", "::")
-    if any(a == bound or (loopback_address(a) and (anywhere or loopback_address(bound))) for a in addrs):
+    if any(a == bound or (anywhere and (a in ("0.0.0.0", "::") or _local_address(a))) for a in addrs):
         raise UserInputError(f"--backend {backend!r} is this server's own address ({host}:{port}): it would forward "
                              "every request to itself")
+
+
+def _local_address(addr: str) -> bool:
+    """Whether `addr` is an address of this machine (a socket can be bound to it)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((addr, 0))
+        return True
+    except OSError:
+        return False
 
 
 def more_file_descriptors(want: int = 4096) -> int:

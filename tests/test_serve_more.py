@@ -311,8 +311,12 @@ def _fake_backend(seen: dict | None = None):
         async def nomodel():
             yield 'data: {"choices": [{"index": 0, "text": "A", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
 
+        async def longline():  # one line of 3,000 bytes (a comment): past a MAX_ANSWER of 2,000 (sweep 38)
+            yield ": " + "y" * 3000 + "\n\n"
+            yield 'data: {"choices": [{"index": 0, "text": "A", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
         streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
-                   "nan": snan, "nomodel": nomodel}
+                   "nan": snan, "nomodel": nomodel, "longline": longline}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -436,6 +440,11 @@ def test_a_backend_answer_is_read_up_to_a_bound(llama_home, tiny_llama, monkeypa
         assert r.status_code == 502 and "answered more than" in r.json()["error"]["message"], r.text
         assert httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "nomodel"},
                           timeout=30).status_code == 200
+        # a stream's line is counted as it comes, a comment's too: httpx held a whole line first (sweep 38)
+        r = httpx.post(front + "/v1/completions", json={"model": "flights-lora", "prompt": "longline", "stream": True},
+                       timeout=30)
+        events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
+        assert "sent a stream line of more than" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
 
 
 def test_backend_urls_that_cannot_work_are_refused():
@@ -464,9 +473,12 @@ def test_backend_urls_that_cannot_work_are_refused():
             with pytest.raises(UserInputError, match="this server's own address"):
                 not_itself(url, sock)
         not_itself(f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/v1", sock)  # another port: fine
-    with listening_socket("0.0.0.0", 0) as anywhere:
-        with pytest.raises(UserInputError, match="this server's own address"):
-            not_itself(f"http://127.0.0.1:{anywhere.getsockname()[1]}/v1", anywhere)
+        not_itself(f"http://127.0.0.2:{port}/v1", sock)  # another loopback address is another server's (sweep 38)
+    with listening_socket("0.0.0.0", 0) as anywhere:  # it accepts on every address of this machine (sweep 38)
+        port = anywhere.getsockname()[1]
+        for host in ("127.0.0.1", "127.0.0.2", "0.0.0.0"):
+            with pytest.raises(UserInputError, match="this server's own address"):
+                not_itself(f"http://{host}:{port}/v1", anywhere)
 
 
 def test_a_forwarded_request_ends_with_the_servers_stop():

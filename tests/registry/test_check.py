@@ -357,6 +357,12 @@ def test_a_routers_members_that_are_not_those_it_was_fitted_on_are_damage(settin
     assert any(p.startswith("router 'r': its stored") for p in rep.problems), rep.problems
     with pytest.raises(IntegrityError, match="router 'r': its stored"):
         load_router(api.open_registry(settings), "r", settings)
+    # another record that cannot be read at all hid this one's problem (sweep 38): both are named
+    reg.put_component("router", "other", method="token-gate", base=str(tiny_bert), config={}, tensors={},
+                      members=["a0", "a1"], extra={"expert_names": ["a0", "a1"]})
+    _edit(reg, "UPDATE components SET config = '{bad' WHERE name = 'other'")
+    rep = api.check(settings=settings)
+    assert any("'other'" in p for p in rep.problems) and any(p.startswith("router 'r': its stored") for p in rep.problems)
 
 
 def test_repair_leaves_the_blob_a_damaged_record_names_in_place(settings, tiny_bert, tmp_path):
