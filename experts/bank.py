@@ -319,12 +319,14 @@ def addable(into: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a bank may add its delta for input x into `into` in place: same dtype and device as the
     delta, contiguous rows, and not a leaf that takes gradients (autograd refuses in-place changes to
     those); otherwise the bank returns into + delta as a new tensor."""
-    return (into.dtype == x.dtype and into.device == x.device and into.is_contiguous()
-            and into.shape[:-1] == x.shape[:-1] and not (into.requires_grad and into.is_leaf))
+    rows = into.shape[:-1] == x.shape[:-1] or (into.dim() == 2 and into.shape[0] == x.shape[:-1].numel())
+    return (into.dtype == x.dtype and into.device == x.device and into.is_contiguous() and rows
+            and not (into.requires_grad and into.is_leaf))
 
 
 def _plus(into: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-    return delta if into is None else into.add_(delta)
+    """into + delta in place in `into` (its rows may be x's leading dims flattened: RoutedLinear's)."""
+    return delta if into is None else into.add_(delta.reshape(into.shape))
 
 
 def block_layout(counts: torch.Tensor, floor: int = 4, block_cost: int = 4, gather_cost: int = 8) -> tuple[int, bool]:
@@ -471,7 +473,7 @@ class LoraBank(nn.Module):
         """
         if into is not None and not addable(into, x):
             return into + self.forward(x, gates, dense_gate_grad=dense_gate_grad, plans=plans, topk=topk,
-                                       group=group).to(into.dtype)
+                                       group=group).to(into.dtype).reshape(into.shape)
         if self.sparse and self._sequence_gates(x, gates):
             k = _most_selected(gates)
             if 2 * k <= self.n_experts:
