@@ -225,7 +225,8 @@ class Catalog(Generic[T]):
         try:
             return entry, entry.make_config(config)
         except InvalidSpec as exc:
-            raise IntegrityError(f"{owner}: its stored configuration is damaged ({exc}); fit it again") from None
+            raise IntegrityError(f"{owner}: its stored configuration is damaged ({exc}); remove it and fit it "
+                                 "again") from None
 
     def build(self, name: str, config: Any = None, /, **kwargs: Any) -> T:
         entry = self.get(name)

@@ -192,7 +192,7 @@ class Backend:
             if resp.status_code != 200:
                 raise self._failed(resp, raw)
             return Response(self._whole(raw, shape), media_type="application/json")
-        return StreamingResponse(self._relay(resp, shape, stopped, every), media_type="text/event-stream",
+        return StreamingResponse(self._relay(resp, shape, stopped), media_type="text/event-stream",
                                  headers=STREAM_HEADERS)
 
     async def lora_update(self, path: str, body: dict[str, Any]) -> APIError | None:
@@ -256,19 +256,19 @@ class Backend:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _events(self, resp: httpx.Response, stopped: Callable[[], APIError | None] | None,
-                      every: float) -> AsyncIterator[str]:
+    async def _events(self, resp: httpx.Response, stopped: Callable[[], APIError | None] | None) -> AsyncIterator[str]:
         """The data of each server-sent event: consecutive `data:` lines joined by newlines up to the blank
         line that ends the event (an event's JSON may span several lines); other fields are skipped. An event
-        over MAX_ANSWER bytes is the backend's failure; the server's stop ends the wait for the next line."""
+        over MAX_ANSWER bytes is the backend's failure; the server's stop ends the stream at the next line."""
         data: list[str] = []
         size = 0
-        lines = self._lines(resp).__aiter__()
-        while True:
-            try:
-                line = await self._watched(lines.__anext__(), None, stopped, every)
-            except StopAsyncIteration:
-                break
+        # read in the relay's own task: a read parked in a task of its own (a timed wait per line) kept the
+        # backend's connection open after the client left, and tripled the CPU a chunk costs (sweep 38); the
+        # server's stop is asked between lines
+        async for line in self._lines(resp):
+            err = stopped() if stopped is not None else None
+            if err is not None:
+                raise err
             if not line:
                 if data:
                     yield "\n".join(data)
@@ -302,8 +302,7 @@ class Backend:
         if pending:
             yield bytes(pending).removesuffix(b"\r").decode("utf-8", "replace")
 
-    async def _relay(self, resp: httpx.Response, shape: "_Shape", stopped: Callable[[], APIError | None] | None,
-                     every: float):
+    async def _relay(self, resp: httpx.Response, shape: "_Shape", stopped: Callable[[], APIError | None] | None):
         """The backend's events as they come, named by the model asked for, the routing on the chunk with the
         finish reason; one chunk is held back, so a stream without one gets the routing on its last. An event
         that is not a chunk (not JSON, the backend's own error, choices that are not a list, numbers or text
@@ -313,7 +312,7 @@ class Backend:
         done = routed = carried = False
         failed: APIError | None = None
         try:
-            async for payload in self._events(resp, stopped, every):
+            async for payload in self._events(resp, stopped):
                 if payload.strip() == "[DONE]":
                     done = True
                     break
@@ -321,9 +320,12 @@ class Backend:
                     chunk = _loads(payload)
                 except ValueError:
                     chunk = None
-                if (not isinstance(chunk, dict) or chunk.get("error") is not None  # `"error": null` is no error
+                # vLLM's older error event is {"object": "error", "message": ...}: relayed as a chunk (sweep 38)
+                error = isinstance(chunk, dict) and (chunk.get("error") is not None  # `"error": null` is no error
+                                                     or chunk.get("object") == "error")
+                if (not isinstance(chunk, dict) or error
                         or not isinstance(chunk.get("choices", []), list)):  # `"choices": 5` broke the relay (sweep 36)
-                    said = _said(chunk) if isinstance(chunk, dict) and chunk.get("error") is not None else ""
+                    said = _said(chunk) if error else ""
                     failed = APIError(502, self._named(f"failed mid-stream: {said}") if said else
                                       self._named(f"sent an event that is not a completion chunk: {payload[:120]!r}"))
                     break

@@ -315,8 +315,24 @@ def _fake_backend(seen: dict | None = None):
             yield ": " + "y" * 3000 + "\n\n"
             yield 'data: {"choices": [{"index": 0, "text": "A", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
 
+        async def errobj():  # vLLM's older error event, mid-stream (sweep 38: relayed as a chunk)
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            yield 'data: {"object": "error", "message": "out of memory", "code": 500}\n\ndata: [DONE]\n\n'
+
+        async def trickle():  # slow chunks; notes whether it ran to its end or was cancelled (its client left)
+            done = False
+            try:
+                for i in range(60):
+                    yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'
+                    await asyncio.sleep(0.1)
+                done = True
+                yield 'data: [DONE]\n\n'
+            finally:
+                if seen is not None:
+                    seen["trickle"] = "complete" if done else "cancelled"
+
         streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
-                   "nan": snan, "nomodel": nomodel, "longline": longline}
+                   "nan": snan, "nomodel": nomodel, "longline": longline, "errobj": errobj, "trickle": trickle}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -373,6 +389,7 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
         for prompt, said in (("failing", "failed mid-stream: backend blew up"),
                              ("garbled", "sent an event that is not a completion chunk"),
                              ("intchoices", "sent an event that is not a completion chunk"),
+                             ("errobj", "failed mid-stream: out of memory"),
                              ("empty", "ended its stream without a completion")):
             events = [ln[5:].strip() for ln in ask(prompt, stream=True).text.splitlines() if ln.startswith("data:")]
             err = json.loads(events[-2])
@@ -538,6 +555,14 @@ def test_a_client_that_leaves_a_forwarded_request_cancels_it_at_the_backend(llam
         while "left" not in seen and time.monotonic() - t0 < 10:
             time.sleep(0.1)
         assert seen.get("left"), "the backend went on answering a request nobody waited for"
+        if stream:  # a client that leaves a relayed stream mid-way closes the backend's too (sweep 38: it ran on)
+            with httpx.stream("POST", front + "/v1/completions", json={"model": "flights-lora", "prompt": "trickle",
+                                                                      "stream": True}, timeout=30) as r:
+                next(r.iter_lines())
+            t0 = time.monotonic()
+            while "trickle" not in seen and time.monotonic() - t0 < 4:
+                time.sleep(0.1)
+            assert seen.get("trickle") == "cancelled", seen.get("trickle")
         t0 = time.monotonic()
         while 'status="499"' not in (text := httpx.get(front + "/metrics", timeout=10).text) and time.monotonic() - t0 < 5:
             time.sleep(0.1)
