@@ -155,7 +155,9 @@ def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
     assert ev.exit_code == 0, ev.output
     ev = json.loads(ev.stdout)
     assert ev["composition"] == ["fl"] and ev["accuracy"] == pytest.approx(res["forgotten_after"]), (ev, res)
-    q = cli("query", "flight delayed again", "--top-k", "2", "--json")
+    q = cli("query", "flight delayed again", "--top-k", "2", "--json")  # only fl can be routed to: 2 is refused
+    assert q.exit_code == 2 and "top_k=2 is more than the 1 adapter(s) retrieval can route over" in q.stderr, q.output
+    q = cli("query", "flight delayed again", "--json")
     assert q.exit_code == 0, q.output
     assert res["name"] not in q.stdout and "fl" in q.stdout, q.stdout
     r = cli("forget", str(f), "--adapters", "fl", "--base", tiny_bert, "--steps", "1", "--lr", "1e-12",
