@@ -19,14 +19,20 @@ def _json(r):
     return json.loads(r.stdout)
 
 
-def test_train_fit_generate_export_eval(cli, tiny_bert, tmp_path):
-    """Adapters trained by `loraplex train` (with their snapshots) -> `generate fit` -> `generate adapter`."""
+def _trained(cli, tiny_bert, tmp_path, *, rows: int, steps: int) -> dict:
+    """The toy tasks written under tmp_path/tasks, an adapter NAME-lora trained on each by `loraplex train`."""
     root = tmp_path / "tasks"
     root.mkdir()
-    files = {n: write_task(root, n, d, topic, n=60) for n, (d, topic) in TOY_TASKS.items()}
+    files = {n: write_task(root, n, d, topic, n=rows) for n, (d, topic) in TOY_TASKS.items()}
     for n, f in files.items():
-        _json(cli("train", f, "--name", f"{n}-lora", "--base", tiny_bert, "--steps", "10", "--rank", "4",
+        _json(cli("train", f, "--name", f"{n}-lora", "--base", tiny_bert, "--steps", str(steps), "--rank", "4",
                   "--batch-size", "8", "--quiet", "--json"))
+    return files
+
+
+def test_train_fit_generate_export_eval(cli, tiny_bert, tmp_path):
+    """Adapters trained by `loraplex train` (with their snapshots) -> `generate fit` -> `generate adapter`."""
+    files = _trained(cli, tiny_bert, tmp_path, rows=60, steps=10)
     fit = _json(cli("generate", "fit", "g", "--method", "sg-lora", *FAST, "--json"))
     assert fit["members"] == [f"{n}-lora" for n in TOY_TASKS] and fit["vectors"] == 15
     out = _json(cli("generate", "adapter", NEW_DESC, "--generator", "g", "--name", "trains-lora", "--json"))
@@ -201,12 +207,7 @@ def test_a_generated_adapter_answers_with_its_parents_own_labels(cli, tiny_bert,
     """After its task file's labels were renamed and another adapter trained on it, a child of the older
     adapter took the newer adapter's labels (the task file's newest card) while naming the older as
     `labels_from`, and `eval` scored it on the changed file (sweep 37): it takes its parent's own card."""
-    root = tmp_path / "tasks"
-    root.mkdir()
-    files = {n: write_task(root, n, d, topic, n=40) for n, (d, topic) in TOY_TASKS.items()}
-    for n, f in files.items():
-        _json(cli("train", f, "--name", f"{n}-lora", "--base", tiny_bert, "--steps", "4", "--rank", "4",
-                  "--batch-size", "8", "--quiet", "--json"))
+    files = _trained(cli, tiny_bert, tmp_path, rows=40, steps=4)
     f = files["flights"]
     f.write_text(f.read_text().replace('"good"', '"love"').replace('"bad"', '"hate"'))
     f.with_name("flights.task.json").write_text(json.dumps({"description": TOY_TASKS["flights"][0],
