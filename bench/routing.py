@@ -196,7 +196,7 @@ class SavedBytes:
 def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama"), naive_max: int = 8,
                 shared: bool | str = False, header: bool = True, gate_rank: int | None = None) -> dict:
     """Token-gate k=2 routed forward against the base with one merged adapter, for each E: the token-sparse
-    dispatch (auto: on CPU its csr kernel), the same dispatch with its grouped kernel (sorted blocks, what
+    dispatch (auto: on CPU its csr kernel), the token dispatch forced with its grouped kernel (sorted blocks, what
     auto takes when the adapters train, and off CPU), the dense bank and the per-expert loop, forward-only
     and forward+backward (router training: gates and the input embeddings take gradients, the adapters are
     frozen), with the activation memory autograd keeps for backward."""
@@ -256,8 +256,8 @@ def bench_speed(rounds: int, experts=(8, 32, 128, 512), models=("minilm", "llama
                 if m is routed:
                     for n, layer in routed_layers(routed).items():
                         layer.bank = loops[n] if variant == "naive" else banks[n]
-                    if variant != "naive":
-                        set_dispatch(routed, "dense" if variant == "dense" else "auto",
+                    if variant != "naive":  # grouped: that kernel forced (auto would take the dense bank below E=16k)
+                        set_dispatch(routed, {"dense": "dense", "grouped": "sparse"}.get(variant, "auto"),
                                      "grouped" if variant == "grouped" else "auto")
                 if backward:
                     m.zero_grad(set_to_none=True)
@@ -337,8 +337,8 @@ def agree(routed, x) -> None:
             set_dispatch(routed, "dense")
             ref = routed(**x).last_hidden_state
             rel = {}
-            for kernel in ("csr", "grouped"):
-                set_dispatch(routed, "auto", kernel)
+            for kernel in ("csr", "grouped"):  # each kernel forced (auto takes the dense bank below its break-even)
+                set_dispatch(routed, "sparse", kernel)
                 rel[kernel] = float((routed(**x).last_hidden_state - ref).norm() / ref.norm())
     finally:
         undo()
