@@ -88,7 +88,7 @@ def naive_loop_bank(bank):
 
         def forward(self, x, gates, into=None, **kw):
             delta = _naive(self.bank, x, gates)
-            return delta if into is None else into + delta
+            return delta if into is None else into + delta.reshape(into.shape)  # into: the base's 2-D product
 
     return NaiveLoopBank(bank)
 
