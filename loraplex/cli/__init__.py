@@ -16,6 +16,10 @@ from loraplex.cli import stream as stream_cmds
 from loraplex.cli import train as train_cmds
 from loraplex.cli._errors import LoraplexGroup
 
+def _not_as_written(value: str) -> str:
+    return f"{value!r} is not a number as written (no underscores: {value.replace('_', '')!r}?)"
+
+
 def _numbers_as_written() -> None:
     """Typed number options read as `--set` reads its values: typer coerces them with pydantic, which takes
     `1_000` as 1000, so `--steps 1_0` trained 10 steps and `--lr 1_0` used 10.0 where `--set top_k=1_0` is
@@ -30,8 +34,7 @@ def _numbers_as_written() -> None:
         if not getattr(number.convert, "_as_written", False):
             def convert(self, value, param, ctx, original=number.convert):
                 if isinstance(value, str) and "_" in value:
-                    self.fail(f"{value!r} is not a number as written (no underscores: {value.replace('_', '')!r}?)",
-                              param, ctx)
+                    self.fail(_not_as_written(value), param, ctx)
                 return original(self, value, param, ctx)
 
             convert._as_written = True
@@ -52,8 +55,7 @@ def _numbers_as_written() -> None:
 
     def _coerce_value(self, value, param, ctx):
         if isinstance(value, str) and "_" in value and numeric(self.annotation):
-            raise BadParameter(f"{value!r} is not a number as written (no underscores: {value.replace('_', '')!r}?)",
-                               ctx=ctx, param=param)
+            raise BadParameter(_not_as_written(value), ctx=ctx, param=param)
         return original(self, value, param, ctx)
 
     _coerce_value._as_written = True
