@@ -19,7 +19,9 @@ For each library task t whose adapter `<t>-lora` is in the bench registry (built
   least --min-gain; reported per family and overall.
 
 Then: generation time against training one adapter at the library's recipe (same process), and the
-refusal of descriptions outside every family by a generator fitted on the whole library.
+refusal of descriptions outside every family by a generator fitted on the whole library. With
+--refine-steps N, each generated adapter is also refined on the 16 labelled examples (generators/refine.py)
+and read after 2, 5, 10, 20 and N steps of that one run: gain recovered and generation time against steps.
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library_generators.py [--families F,G] [--tasks a,b]
         [--eval-limit 150] [--k 3] [--hub-candidates 8] [--out bench/results/library-generators.json]
@@ -44,6 +46,7 @@ METHODS = ("sg-lora", "icm-lora")
 N_EXAMPLES = 16
 HUB_BUDGET = 40  # LoraHub's default number of optimisation steps
 HUB_L1 = 0.05  # LoraHub's regularisation weight on |w|_1
+CURVE = (2, 5, 10, 20)  # refinement steps read on the way to --refine-steps (the speed/quality curve)
 
 # Descriptions of tasks outside every family (no tweets, news, kaomoji, chat topics or languages).
 OUTSIDE = (
@@ -177,18 +180,30 @@ def run_task(t, full, gens, ev, loaded, emb, k, hub_n, refine_steps=0, refine_lr
         except OutOfRange as exc:
             row[m], row[f"{m}_refused"] = row["base"], str(exc)
             if refine_steps:
-                row[f"{m}+refine"] = row["base"]
+                for col in [f"{m}+refine"] + [f"{m}+refine@{c}" for c in CURVE if c < refine_steps]:
+                    row[col] = row["base"]
             continue
         row[m] = ev(out.adapter, task)
         row[f"{m}_seconds"] = round(out.seconds, 3)
         row[f"{m}_distance"] = round(out.distance, 4)
         row[f"{m}_parents"] = [f"{p['name']}:{p['weight']:.2f}" for p in out.parents]
         if refine_steps:  # the same sample, then refined on the 16 labelled examples LoraHub sees
+            kept, t0 = {}, time.perf_counter()
+
+            def keep(step, x, kept=kept, t0=t0):  # a shorter refinement is this one's first steps
+                if step in CURVE and step < refine_steps:
+                    kept[step] = (x, time.perf_counter() - t0)
+
             ref = gen.generate(Query(task.description, examples, task=task), seed=0,
-                               refine=RefineConfig(steps=refine_steps, lr=refine_lr))
+                               refine=RefineConfig(steps=refine_steps, lr=refine_lr), on_refine_step=keep)
             row[f"{m}+refine"] = ev(ref.adapter, task)
             row[f"{m}+refine_seconds"] = round(ref.seconds, 3)
             row[f"{m}+refine_loss"] = ref.extra["refine"]
+            for step, (x, secs) in sorted(kept.items()):
+                with torch.no_grad():
+                    adapter = gen.data.layout.unflatten(gen.space.decode(x.reshape(1, -1))[0])
+                row[f"{m}+refine@{step}"] = ev(adapter, task)
+                row[f"{m}+refine@{step}_seconds"] = round(secs, 3)
     return row
 
 
@@ -237,9 +252,33 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
     return lines
 
 
-def timing_and_refusal(full, gens, settings, steps: int) -> list[str]:
+def refine_curve(rows, min_gain, refine_steps: int, train_s: float | None) -> list[str]:
+    """Gain recovered and generation time (median, sample + refinement) against the refinement's steps,
+    over the tasks where the oracle gains at least `min_gain`; each shorter refinement is read on the way
+    to `refine_steps` (the same Adam trajectory), so one run gives the whole curve."""
+    gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
+    lines = ["", f"== refinement steps against gain recovered ({len(gaining)} tasks) and generation time (median; "
+                 f"x: training's time / generation's) =="]
+    lines.append(f"{'steps':>6}" + "".join(f"{m + ' gain':>16}{'s':>8}{'x':>8}" for m in METHODS))
+    for step in (0,) + tuple(c for c in CURVE if c < refine_steps) + (refine_steps,):
+        cells = ""
+        for m in METHODS:
+            col = m if step == 0 else f"{m}+refine" if step == refine_steps else f"{m}+refine@{step}"
+            have = [r for r in gaining if col in r and f"{m}_refused" not in r]
+            if not have:
+                cells += f"{'-':>16}{'-':>8}{'-':>8}"
+                continue
+            secs = statistics.median(r[f"{col}_seconds"] for r in have)
+            gain = statistics.mean(recovered(r, col) for r in gaining if col in r)  # a refusal counts as the base
+            cells += f"{gain:>16.1%}{secs:>8.2f}" + (f"{train_s / secs:>8.0f}" if train_s else f"{'-':>8}")
+        lines.append(f"{step:>6}" + cells)
+    return lines
+
+
+def timing_and_refusal(full, gens, settings, steps: int) -> tuple[list[str], float]:
     """Train one adapter at the library's recipe and generate one, in this process; and the refusal of
-    descriptions outside every family by generators fitted on the whole library."""
+    descriptions outside every family by generators fitted on the whole library. Also returns the
+    training's seconds."""
     from bench.common import train_seconds
     from loraplex.data import load_task
     from loraplex.generators.base import OutOfRange, Query
@@ -273,7 +312,7 @@ def timing_and_refusal(full, gens, settings, steps: int) -> list[str]:
         except OutOfRange as exc:
             dist = str(exc).split("cosine distance ")[1].split(" ")[0]
             lines.append(f"  refused (distance {dist}): {desc}")
-    return lines
+    return lines, train_s
 
 
 def main(argv=None) -> int:
@@ -324,8 +363,12 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     done = [rows[t] for t in held]
     lines = report(done, args.min_gain, args.k, args.hub_candidates)
+    train_s = None
     if not args.no_timing:
-        lines += timing_and_refusal(full, gens, s, args.train_steps)
+        timing, train_s = timing_and_refusal(full, gens, s, args.train_steps)
+        lines += timing
+    if args.refine_steps:
+        lines += refine_curve(done, args.min_gain, args.refine_steps, train_s)
     lines.append(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines))
     return 0

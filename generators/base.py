@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from pydantic import Field
@@ -267,9 +267,11 @@ class CVAEGenerator:
 
     # ---- generating --------------------------------------------------------------------------
     def generate(self, query: Query, *, seed: int = 0, where: str = "generator",
-                 refine: RefineConfig | None = None) -> Generation:
+                 refine: RefineConfig | None = None,
+                 on_refine_step: Callable[[int, torch.Tensor], None] | None = None) -> Generation:
         """Sample an adapter for a new task (deterministic for a given seed); with `refine` (steps > 0), the
-        sample is then refined on the query's labelled examples (refine.py)."""
+        sample is then refined on the query's labelled examples (refine.py; `on_refine_step(step, coords)`
+        after each of its steps, coordinates that `self.space.decode` and the layout turn into an adapter)."""
         if refine is not None and refine.steps > 0 and not query.examples:
             raise UserInputError("refining a generated adapter needs labelled examples of the task (--examples FILE)")
         cfg = self.config
@@ -294,7 +296,7 @@ class CVAEGenerator:
         if refine is not None and refine.steps > 0:
             task = examples_task(query.description, query.examples, like=query.task)
             base = self.ctx.base()
-            xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine)
+            xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine, on_refine_step)
             x = xr.unsqueeze(0)
             extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info}
         with torch.no_grad():

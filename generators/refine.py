@@ -26,7 +26,7 @@ ICM-LoRA from the examples' task vector, neither trains at generation time): it 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from pydantic import Field, ValidationError
@@ -102,9 +102,11 @@ def _read_grad(layers: dict, layout: ParamLayout) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: RefineConfig
-           ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Coordinates (m,) refined on `task.train` (the labelled examples), and {loss_before, loss_after}."""
+def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: RefineConfig,
+           on_step: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Coordinates (m,) refined on `task.train` (the labelled examples), and {loss_before, loss_after}.
+    `on_step(step, x)` is called after each step (1..steps) with a copy of the coordinates so far (a
+    benchmark reads the accuracy a shorter refinement would have reached from one run)."""
     layout = space.layout
     model, tok = base.model, base.tokenizer
     texts = [e.text for e in task.train]
@@ -141,6 +143,8 @@ def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: Ref
             total = (theta * g_theta).sum() + cfg.anchor * (x - x0).pow(2).mean()
             total.backward()
             opt.step()
+            if on_step is not None:
+                on_step(len(losses), x.detach().clone())
     finally:
         eject(model)
         model.train(was_training)

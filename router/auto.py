@@ -108,7 +108,9 @@ class AutoConfig(Options):
     (bench/auto.py), the distance adds nothing to the decision s1 already makes, so the default, 2, the
     largest cosine distance, refuses nothing."""
     top_k: int = Field(1, ge=1, le=MAX_COUNT)
-    """Adapters retrieval mixes for a routed request."""
+    """Adapters retrieval mixes for a routed request, at most: where the request's base has fewer routable
+    adapters (a server's registry grows and shrinks while it runs), all of them are mixed and the answer's
+    `routing` lists which (a fixed set of adapters, `query --router retrieval --top-k`, refuses a top_k above it)."""
     prototype_weight: float = Field(0.8, ge=0, le=1)
     """Weight of the training-input prototype in the routing score (as retrieval's)."""
     label_weight: float = Field(0.25, ge=0, le=1)

@@ -64,6 +64,21 @@ def test_refinement_lowers_the_examples_loss_and_stays_in_the_space(fitted):
     assert not routed_layers(gen.ctx.base().model)
 
 
+def test_each_step_reported_is_where_a_shorter_refinement_ends(fitted):
+    """on_refine_step's coordinates after step k decode to the adapter a k-step refinement writes (the
+    bench reads its speed/quality curve from one run this way)."""
+    gen, task, examples = fitted
+    seen = {}
+    q = Query(task.description, examples, task=task)
+    full = gen.generate(q, seed=0, refine=RefineConfig(steps=6, lr=0.2), on_refine_step=lambda k, x: seen.setdefault(k, x))
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    short = gen.generate(q, seed=0, refine=RefineConfig(steps=3, lr=0.2))
+    decode = lambda x: gen.space.decode(x.reshape(1, -1))[0]  # noqa: E731
+    assert torch.allclose(decode(seen[3]), gen.data.layout.flatten(short.adapter), atol=1e-5)
+    assert torch.allclose(decode(seen[6]), gen.data.layout.flatten(full.adapter), atol=1e-5)
+    assert not torch.allclose(seen[3], seen[6])
+
+
 def test_the_first_step_follows_the_true_gradient(fitted):
     """Adam's first step is -lr * sign(dL/dx): its signs must match the loss's finite differences."""
     gen, task0, examples = fitted
