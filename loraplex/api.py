@@ -131,6 +131,21 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
         raise UserInputError(f"{where}(): {head} must be {want}, got {_shown(value)}{detail}") from None
 
 
+def _check_text(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse a string argument (or one inside a list or dict argument) that holds a lone UTF-16 surrogate
+    (`json.loads('"\\ud800"')`, a byte read with surrogateescape): no tokenizer, table or file takes it, and
+    it failed deep inside with a TypeError (sweep 40). The CLI refuses it in argv, the server in the body."""
+    from loraplex.errors import UserInputError
+    from loraplex.tasks import lone_surrogate
+
+    named = {**{p.name: a for p, a in zip(inspect.signature(fn).parameters.values(), args)}, **kwargs}
+    for name, value in named.items():
+        at = lone_surrogate(value)
+        if at is not None:
+            raise UserInputError(f"{where}(): {name}{''.join(f'[{p!r}]' for p in at)} is not valid Unicode text "
+                                 "(it holds a lone surrogate, such as a JSON \\ud800 escape or a byte that is not UTF-8)")
+
+
 def _plain(value: Any) -> Any:
     """A value the strict check would refuse only for its class, as the plain Python value it is: a NumPy
     integer or float (what `np.argmax` and a DataFrame's shape give) as int or float, a Sequence that is not a
@@ -154,6 +169,7 @@ def _checked(fn: F) -> F:
 
         args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         _check_arguments(fn.__name__, fn, args, kwargs)
+        _check_text(fn.__name__, fn, args, kwargs)
         try:
             return fn(*args, **kwargs)
         except OSError as exc:  # a path the caller gave (an export into /proc, a run directory that is a file)

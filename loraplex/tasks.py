@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from loraplex.errors import TaskNotFound, UserInputError
 
@@ -183,9 +183,10 @@ def validate_description(text: str | None, what: str = "description") -> str:
                              "it is how the adapter is found and routed to")
     try:
         str(text).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = str(text)[exc.start:exc.end].encode("utf-8", "surrogateescape")
-        raise UserInputError(f"the {what} is not valid UTF-8 text (undecodable byte {bad!r} at character {exc.start})") from None
+    except UnicodeEncodeError as exc:  # a lone surrogate: an undecodable byte (U+DC80-DCFF) or a JSON "\\ud800"
+        ch = str(text)[exc.start]
+        bad = f"undecodable byte {ch.encode('utf-8', 'surrogateescape')!r}" if "\udc80" <= ch <= "\udcff" else f"lone surrogate {ch!r}"
+        raise UserInputError(f"the {what} is not valid UTF-8 text ({bad} at character {exc.start})") from None
     if len(text) > MAX_DESCRIPTION:
         raise UserInputError(f"the {what} is {len(text):,} characters long; at most {MAX_DESCRIPTION:,} are allowed")
     bad = next((i for i, ch in enumerate(str(text)) if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc"), None)
@@ -221,6 +222,30 @@ MAX_LABELS = 256
 """The most labels a query may ask to be answered with (each is embedded or scored per query)."""
 MAX_LABEL_CHARS = 1_000
 """The longest label name a query may ask for (a name, not a description)."""
+
+
+def lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
+    """Where in a value (a string, or strings inside lists, tuples and dicts, keys included) a string holds a
+    lone UTF-16 surrogate (`"\\ud800"` in JSON, `"\\udcff"` for a byte that is not UTF-8 read with
+    surrogateescape), which is no Unicode text: a tokenizer, sqlite and every file write fail on it. The
+    path to it (() for `x` itself), or None when there is none."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return at
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            hit = lone_surrogate(k, at) if isinstance(k, str) else None
+            hit = hit if hit is not None else lone_surrogate(v, (*at, k))
+            if hit is not None:
+                return hit
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            hit = lone_surrogate(v, (*at, i))
+            if hit is not None:
+                return hit
+    return None
 
 
 def visible(text: str) -> bool:

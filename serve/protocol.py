@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loraplex.errors import UserInputError
-from loraplex.tasks import checked_labels, printable, visible
+from loraplex.tasks import checked_labels, lone_surrogate, printable, visible
 
 
 # an error's `code` when its raiser gives no more precise one (a client branches on `code`, so it is never null)
@@ -272,27 +272,6 @@ def _where(err: dict[str, Any]) -> str | None:
     return ".".join(printable(str(p)) for p in parts) or None
 
 
-def _lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
-    """Where in decoded JSON a string (or a key) holds a lone UTF-16 surrogate (`"\\ud800"`), which is no
-    Unicode text: a tokenizer fails on it and no answer could echo it. None when there is none."""
-    if isinstance(x, str):
-        try:
-            x.encode("utf-8")
-        except UnicodeEncodeError:
-            return at
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            hit = _lone_surrogate(k, at) if isinstance(k, str) else None
-            hit = hit if hit is not None else _lone_surrogate(v, (*at, k))
-            if hit is not None:
-                return hit
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            hit = _lone_surrogate(v, (*at, i))
-            if hit is not None:
-                return hit
-    return None
-
 
 MAX_BODY = 32 << 20
 """Bytes a request body may have (2,048 inputs of a 512-token context take about 5 MB)."""
@@ -390,7 +369,7 @@ def parse(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     if b"\\u" in raw:  # only an escape can make a lone surrogate (the raw bytes were valid UTF-8)
-        at = _lone_surrogate(data)
+        at = lone_surrogate(data)
         if at is not None:
             where = ".".join(str(p) for p in at) or None
             raise APIError(400, f"{where or 'body'}: a lone UTF-16 surrogate escape is not Unicode text",

@@ -189,3 +189,34 @@ def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path)
         api.search("flights", k=np.bool_(True), settings=s)
     with pytest.raises(UserInputError, match="no adapters|empty|registry"):
         api.query(UserList(["my flight"]), router="retrieval", settings=s)
+
+
+@pytest.mark.parametrize("call, said", [
+    (lambda s, p: api.search("\ud800", k=1, settings=s), r"search\(\): text is not valid Unicode"),
+    (lambda s, p: api.query(["good \ud800 flight"], adapters=["dp"], settings=s), r"query\(\): texts\[0\] is not valid"),
+    (lambda s, p: api.show("\ud800", s), r"show\(\): name is not valid"),
+    (lambda s, p: api.remove("\udcff", s), r"remove\(\): name is not valid"),
+    (lambda s, p: api.query(["x"], router="auto", config={"generator": "g\ud800"}, settings=s),
+     r"query\(\): config\['generator'\] is not valid"),
+    (lambda s, p: api.register(p, name="r1", description="d \ud800", base="minilm", settings=s),
+     r"register\(\): description is not valid"),
+])
+def test_lone_surrogates_are_refused_at_the_boundary(one_adapter, tiny_bert, tmp_path, call, said):
+    """A str holding a lone surrogate (json.loads('"\\ud800"')) passed the type check and was a TypeError from
+    the tokenizer or a UnicodeEncodeError from sqlite (sweep 40); the CLI and the server refused it already."""
+    peft_dir = make_peft_adapter(tiny_bert, tmp_path / "peft2")
+    before = registry_state(one_adapter.home)
+    with pytest.raises(UserInputError, match=said):
+        call(one_adapter, peft_dir)
+    assert registry_state(one_adapter.home) == before
+
+
+def test_a_description_with_a_lone_surrogate_is_refused_in_one_line():
+    """validate_description's own refusal re-encoded the bad character with surrogateescape, which only takes
+    U+DC80-DCFF: '\\ud800' raised a second UnicodeEncodeError from inside the except (sweep 40)."""
+    from loraplex.tasks import validate_description
+
+    with pytest.raises(UserInputError, match=r"lone surrogate '\\ud800' at character 2"):
+        validate_description("d \ud800")
+    with pytest.raises(UserInputError, match=r"undecodable byte b'\\xff' at character 2"):
+        validate_description("d \udcff")
