@@ -22,6 +22,12 @@ _RANK_VARS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 _SIZE_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "JSM_NAMESPACE_SIZE")
 
 
+COMMAND_LINE = False
+"""Whether this process runs the `loraplex` command (set by `loraplex.cli.main`). Lightning's DDP launcher
+re-runs `sys.argv` once per extra device: that is the command for the CLI, but a Python program calling
+`loraplex.api` would be run again whole, every call before the training included (sweep 40)."""
+
+
 _SEEN: dict[tuple, int] = {}  # rank variables -> the rank they gave beside a world of several processes
 
 

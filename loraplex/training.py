@@ -61,6 +61,7 @@ from lightning.pytorch.loggers import CSVLogger
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.utils.data import DataLoader, DistributedSampler
 
+from loraplex import ranks
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
 from loraplex.errors import Diverged, Interrupted, InvalidSpec, LoraplexWarning, UserInputError
 from loraplex.experts.layers import extract, routed_layers
@@ -175,6 +176,11 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
         raise ValueError(f"devices={cfg.devices!r} here would train in forked or spawned processes (Lightning's "
                          "choice in an interactive session), whose steps and snapshots never come back: run "
                          "several devices from the command line or a script")
+    if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_SubprocessScriptLauncher" and not ranks.COMMAND_LINE:
+        raise ValueError(f"devices={cfg.devices!r} from a Python program: Lightning's DDP launcher would run this whole "
+                         "program again once per extra device (it re-runs sys.argv), every call before the training "
+                         "included; train on several devices with the loraplex command (--devices), or start one "
+                         "process per device yourself with torchrun")
     asked = cfg.devices if isinstance(cfg.devices, int) and cfg.devices > 0 else None
     if asked is not None and trainer.num_devices != asked:  # single_device with --devices 2: one, without a word
         raise ValueError(f"devices={asked} with strategy={cfg.strategy!r}: Lightning would run on "

@@ -1267,3 +1267,19 @@ def test_a_path_of_a_user_that_does_not_exist(cli, seeded, args):
     """`~user` naming no user: pathlib's RuntimeError was an internal error (exit 70; sweep 21)."""
     before = registry_state(cli.home)
     _refused(cli(*args), cli.home, before, f"'{NO_USER}' names no user of this machine")
+
+
+def test_several_devices_from_a_python_program_are_refused(monkeypatch):
+    """From a script (or `python -c`), Lightning's DDP launcher re-ran the caller's whole program per extra device:
+    every api call before `train` ran twice, and `python -c` was SIGKILLed (sweep 40). Only the loraplex command,
+    whose re-run is the same command, trains on several devices; a Python program is told so."""
+    from pydantic import ValidationError
+
+    from loraplex import ranks
+    from loraplex.training import LightningSettings
+
+    monkeypatch.setattr(ranks, "COMMAND_LINE", False)
+    with pytest.raises(ValidationError, match="Lightning's DDP launcher would run this whole program again"):
+        LightningSettings(devices=2, accelerator="cpu", strategy="ddp")
+    monkeypatch.setattr(ranks, "COMMAND_LINE", True)
+    assert LightningSettings(devices=2, accelerator="cpu", strategy="ddp").devices == 2

@@ -111,6 +111,9 @@ def main() -> None:
         shown = sys.argv[bad].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         print(f"error: argument {bad} ({shown[:60]!r}) is not valid UTF-8 text", file=sys.stderr)
         raise SystemExit(2)
+    from loraplex import ranks
+
+    ranks.COMMAND_LINE = True  # Lightning's DDP launcher re-runs this command per device (training._lightning_accepts)
     import signal
 
     def terminated(signum, frame):  # as Ctrl-C is a KeyboardInterrupt: the command unwinds (a transaction rolls back)
