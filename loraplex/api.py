@@ -25,6 +25,7 @@ uses (`loraplex adapters list` never imports torch or lightning).
 from __future__ import annotations
 
 import collections.abc
+import copy
 import functools
 import inspect
 import numbers
@@ -150,6 +151,12 @@ def _plain(value: Any) -> Any:
     """A value the strict check would refuse only for its class, as the plain Python value it is: a NumPy
     integer or float (what `np.argmax` and a DataFrame's shape give) as int or float, a Sequence that is not a
     list or tuple (a UserList) as a list. Not a coercion: "3" stays a str, True a bool (sweep 26)."""
+    if isinstance(value, dict):  # a config dict's values too (`config={"top_k": np.int64(2)}`; sweep 40)
+        plain = {k: _plain(v) for k, v in value.items()}
+        if any(plain[k] is not v for k, v in value.items()):
+            value = copy.copy(value)  # its own class kept (the CLI's SetOptions says "--set" in refusals)
+            value.update(plain)
+        return value
     if isinstance(value, (bool, int, float, str, bytes, list, tuple)) or value is None:
         return value
     if isinstance(value, numbers.Integral):
@@ -183,14 +190,14 @@ def _router_config(where: str, router: Any, config: Any) -> None:
     if router == "auto":
         from loraplex.router.auto import AutoConfig
 
-        _typed(where, AutoConfig, config)
+        _typed(where, AutoConfig, config, field="config ")
     elif router in (None, "retrieval"):
         from loraplex.router.base import ROUTERS
 
-        _typed(where, ROUTERS.get("retrieval").config_cls, config)
+        _typed(where, ROUTERS.get("retrieval").config_cls, config, field="config ")
 
 
-def _typed(where: str, model: Any, values: dict[str, Any] | None) -> None:
+def _typed(where: str, model: Any, values: dict[str, Any] | None, *, field: str = "") -> None:
     """Options the API passes on to a pydantic config (`**options` of train, forget, fit_router; a `config`
     dict), checked for type as the API's own arguments are: strict, so "5" is not a number there either
     (the config itself is lax: a stream spec's YAML reads `1e-3` as text). Ranges are left to the config."""
@@ -208,7 +215,7 @@ def _typed(where: str, model: Any, values: dict[str, Any] | None) -> None:
             if e["type"] in ("int_type", "float_type", "bool_type", "string_type") and len(e["loc"]) == 1:
                 # the CLI's `--set` dict (cli._options.SetOptions; the API does not import the CLI)
                 from_set = type(values).__name__ == "SetOptions"
-                named = f"--set {e['loc'][0]}" if from_set else f"{where}(): {e['loc'][0]}"
+                named = f"--set {e['loc'][0]}" if from_set else f"{where}(): {field}{e['loc'][0]}"
                 raise UserInputError(f"{named} must be {e['type'][:-5]}, got "
                                      f"{type(e['input']).__name__} {_SHORT.repr(e['input'])}") from None
 
@@ -403,7 +410,7 @@ def fit_router(name: str, *, router: str, settings: Settings | None = None, **op
 
     _typed("fit_router", TrainConfig, options)
     if router in ROUTERS.names():
-        _typed("fit_router", ROUTERS.get(router).config_cls, options.get("config"))
+        _typed("fit_router", ROUTERS.get(router).config_cls, options.get("config"), field="config ")
     return _delegate("fit_router", fit, *_open(settings), name, method=router, **options)
 
 

@@ -8,6 +8,7 @@ It imports nothing of the package but its errors, so every part may use it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -312,6 +313,9 @@ def checked_texts(texts: Sequence[str]) -> list[str]:
     odd = next((i for i, t in enumerate(out, 1) if not isinstance(t, str)), None)
     if odd is not None:
         raise UserInputError(f"text {odd} is {type(out[odd - 1]).__name__}, not a string")
+    at = lone_surrogate(out)
+    if at is not None:  # no tokenizer takes it (a TypeError from deep inside; sweep 40)
+        raise UserInputError(f"text {at[0] + 1} is not valid Unicode text (it holds a lone surrogate)")
     empty = next((i for i, t in enumerate(out, 1) if not visible(t)), None)
     if empty is not None:
         what = "the query is empty" if len(out) == 1 else f"text {empty} is empty"
@@ -322,11 +326,20 @@ def checked_texts(texts: Sequence[str]) -> list[str]:
 def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """The label set a query asks to be answered with (CLI `query --labels`, the server's `labels`): at
     least two and at most MAX_LABELS distinct, non-empty names."""
-    if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+    if isinstance(labels, (str, bytes)):
+        raise UserInputError("labels must be a list of strings, got one string")
+    try:  # an iterator or generator is read once, as texts are (checking it consumed it: sweep 40)
+        given = list(itertools.islice(labels, MAX_LABELS + 1))
+    except TypeError:
+        raise UserInputError(f"labels must be a list of strings, got {type(labels).__name__}") from None
+    if not all(isinstance(x, str) for x in given):
         raise UserInputError("labels must be a list of strings")
-    if len(labels) > MAX_LABELS:
-        raise UserInputError(f"labels: {len(labels)} names given; at most {MAX_LABELS} are allowed")
-    out = tuple(x.strip() for x in labels)
+    if len(given) > MAX_LABELS:
+        raise UserInputError(f"labels: more than {MAX_LABELS} names given; at most {MAX_LABELS} are allowed")
+    at = lone_surrogate(given)
+    if at is not None:
+        raise UserInputError(f"labels: label {at[0] + 1} is not valid Unicode text (it holds a lone surrogate)")
+    out = tuple(x.strip() for x in given)
     if any(not visible(x) for x in out):
         raise UserInputError("labels: an empty label name (or one with no visible character)")
     long = next((x for x in out if len(x) > MAX_LABEL_CHARS), None)

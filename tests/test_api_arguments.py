@@ -35,11 +35,11 @@ CALLS = [
     # options passed on to a pydantic config were coerced from text, against the API's strict types (sweep 15)
     (lambda s: api.train("airline", name="t5", steps="5", settings=s), "train(): steps must be int, got str '5'"),
     (lambda s: api.train("airline", name="t5", lr="0.01", settings=s), "train(): lr must be float, got str '0.01'"),
-    (lambda s: api.query(["x"], config={"top_k": "2"}, settings=s), "query(): top_k must be int, got str '2'"),
+    (lambda s: api.query(["x"], config={"top_k": "2"}, settings=s), "query(): config top_k must be int, got str '2'"),
     (lambda s: api.query(["x"], router="auto", config={"route_threshold": "0.3"}, settings=s),
-     "query(): route_threshold must be float, got str '0.3'"),
+     "query(): config route_threshold must be float, got str '0.3'"),
     (lambda s: api.fit_router("r9", router="mixer", adapters=["dp", "dp"], config={"top_k": "2"}, settings=s),
-     "fit_router(): top_k must be int, got str '2'"),
+     "fit_router(): config top_k must be int, got str '2'"),
     (lambda s: api.forget("airline", adapters=["dp"], alpha="1", settings=s), "forget(): alpha must be float, got str '1'"),
     # an empty list read as "all", an unknown member as "at least 2 adapters, got 1" (sweep 15)
     (lambda s: api.fit_generator("g", method="sg-lora", adapters=[], settings=s), "the adapter list is empty"),
@@ -182,6 +182,9 @@ def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path)
 
     s = Settings.load(home=tmp_path / "h", embedder="hash")
     assert api.search("flights", k=np.int64(2), settings=s) == []
+    # inside a config dict too: refused as "top_k must be int, got int64" by query and fit_router (sweep 40)
+    with pytest.raises(UserInputError, match="no adapters|empty|registry"):
+        api.query(["late flight"], router="retrieval", config={"top_k": np.int64(2)}, settings=s)
     assert api.list_tasks(family=None)  # unchanged
     with pytest.raises(UserInputError, match="k must be int"):
         api.search("flights", k="2", settings=s)
@@ -220,3 +223,22 @@ def test_a_description_with_a_lone_surrogate_is_refused_in_one_line():
         validate_description("d \ud800")
     with pytest.raises(UserInputError, match=r"undecodable byte b'\\xff' at character 2"):
         validate_description("d \udcff")
+
+
+def test_labels_given_as_an_iterator_are_read_once():
+    """checked_labels checked an iterator's items (consuming it) and then took its len(): a raw TypeError
+    from answer(labels=iter([...])), where texts given the same way were taken (sweep 40)."""
+    from loraplex.tasks import checked_labels, checked_texts
+
+    assert checked_labels(iter(["good", "bad"])) == ("good", "bad")
+    assert checked_labels(x for x in [" good", "bad "]) == ("good", "bad")
+    with pytest.raises(UserInputError, match="labels must be a list of strings, got one string"):
+        checked_labels("good")
+    with pytest.raises(UserInputError, match="labels must be a list of strings, got int"):
+        checked_labels(5)
+    with pytest.raises(UserInputError, match="at most"):
+        checked_labels(str(i) for i in range(10**9))  # read no further than one past the bound
+    with pytest.raises(UserInputError, match="label 1 is not valid Unicode text"):  # was "an empty label name"
+        checked_labels(["\ud800", "bad"])
+    with pytest.raises(UserInputError, match="text 2 is not valid Unicode text"):
+        checked_texts(["fine", "bad \udcff"])
