@@ -3,10 +3,12 @@
 Trains the adapters that are missing from the bench registry (resumable: a task whose adapter is
 already registered is skipped, so an interrupted run picks up where it stopped), with a progress bar,
 and prints each adapter's test accuracy against the bare base and the total time. Results (one entry
-per task: family, accuracy, base accuracy, seconds) are merged into a JSON file.
+per registered library adapter, read from its record: family, steps, test rows, accuracy, base accuracy,
+seconds) are written to a JSON file, `library.json` in the bench home unless --out names another
+(bench/results/library.json is the published one).
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library.py [--family F] [--tasks a,b] [--steps 200]
-        [--limit N] [--eval-limit 200] [--interleave] [--out bench/results/library.json]
+        [--limit N] [--eval-limit 200] [--interleave] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def library_tasks(family: str | None = None, tasks: str | None = None) -> list[s
     return names
 
 
+def entry(reg, task: str, seconds: float | None = None) -> dict:
+    """A task's results entry, from its registered adapter's record (what the training measured and stored);
+    `seconds`: the wall time of this run's training and evaluation, else the record's training time."""
+    from loraplex.data import EMBEDDED_TASKS
+
+    m = reg.get_adapter(adapter_name(task)).metrics
+    return {"family": EMBEDDED_TASKS[task]["family"], "adapter": adapter_name(task), "steps": m.get("steps"),
+            "eval_limit": m.get("test_n"), "accuracy": m.get("accuracy"), "base_accuracy": m.get("base_accuracy"),
+            "seconds": round(seconds if seconds is not None else m.get("train_seconds", 0.0), 1)}
+
+
+def write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", help="only this family's tasks")
@@ -62,13 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="train at most this many new adapters this run")
     ap.add_argument("--eval-limit", type=int, default=200, help="test rows scored per adapter (and for the bare base)")
     ap.add_argument("--interleave", action="store_true", help="train round-robin over the families")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: library.json in the bench home; the published one is "
+                         "bench/results/library.json, written only when named)")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
 
     from loraplex import api
-    from loraplex.data import EMBEDDED_TASKS
 
     s = bench_settings()
     reg = api.open_registry(s)
@@ -80,7 +99,11 @@ def main(argv=None) -> int:
         todo = todo[: args.limit]
     print(f"bench home {bench_home()}: {len(names)} tasks, {len(names) - len(todo)} already registered, "
           f"{len(todo)} to train ({args.steps} steps each)")
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out = args.out or bench_home() / "library.json"
+    # the file describes this bench home's registry, read from its records: a task trained by an earlier (killed)
+    # run has its entry, and nothing of another home or recipe stays in it (sweep 40: a scratch home's 1-step run
+    # was merged into the published 50-step results)
+    results = {n: entry(reg, n) for n in library_tasks() if reg.has_adapter(adapter_name(n))}
     t_all = time.perf_counter()
     bar = tqdm(todo, unit="task", dynamic_ncols=True)
     for n in bar:
@@ -89,14 +112,11 @@ def main(argv=None) -> int:
         res = api.train(n, name=adapter_name(n), base="minilm", steps=args.steps, eval_limit=args.eval_limit,
                         progress=False, settings=s)
         dt = time.perf_counter() - t0
-        results[n] = {"family": EMBEDDED_TASKS[n]["family"], "adapter": adapter_name(n), "steps": args.steps,
-                      "eval_limit": args.eval_limit,
-                      "accuracy": res.metrics["accuracy"], "base_accuracy": res.metrics["base_accuracy"],
-                      "seconds": round(dt, 1)}
+        results[n] = entry(reg, n, seconds=dt)
         tqdm.write(f"{n:32s} {results[n]['family']:17s} accuracy {res.metrics['accuracy']:.3f} "
                    f"(base {res.metrics['base_accuracy']:.3f}) in {dt:.0f}s")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each task: an interrupted run keeps its results
+        write(out, results)  # after each task: an interrupted run keeps its results
+    write(out, results)
     total = time.perf_counter() - t_all
     print(f"trained {len(todo)} adapters in {total:.0f}s ({total / max(1, len(todo)):.0f}s each); "
           f"{sum(reg.has_adapter(adapter_name(n)) for n in names)}/{len(names)} registered")
