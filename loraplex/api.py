@@ -418,8 +418,23 @@ def fit_router(name: str, *, router: str, settings: Settings | None = None, **op
 def load_routed_model(router: str | None = None, adapters: Sequence[str] | None = None, *,
                       settings: Settings | None = None, **options: Any) -> "RoutedModel":
     """A `RoutedModel` ready to answer and trace queries (router.load.load_routed_model)."""
+    from loraplex.errors import UserInputError
     from loraplex.router.load import load_routed_model as load
 
+    known = ("texts", "base", "shortlist", "config", "labels", "keep")
+    odd = next((k for k in options if k not in known), None)
+    if odd is not None:  # share_base among them: the model returned is the caller's own (sweep 40)
+        raise UserInputError(f"load_routed_model(): unknown option {odd!r} (options: {', '.join(known)})")
+    given = [k for k in ("texts", "base", "labels", "keep") if options.get(k) is not None]  # each was dropped unsaid
+    if not router and given:
+        raise UserInputError(f"load_routed_model(): {', '.join(given)} choose adapters for a router; without one the "
+                             "adapters named are loaded as they are")
+    for k in ("labels", "keep"):
+        if k in given and options.get("shortlist") is None:
+            raise UserInputError(f"load_routed_model(): {k} {'prefer adapters trained on them' if k == 'labels' else 'picks one of shortlist_groups member sets'}"
+                                 " when a stored router's shortlist is drawn: give shortlist too"
+                                 + (" (retrieval reads a query's labels when it answers: answer(texts, labels=...))"
+                                    if k == "labels" else ""))
     _router_config("load_routed_model", router, options.get("config"))
     return _delegate("load_routed_model", load, *_open(settings), router, adapters, **options)
 

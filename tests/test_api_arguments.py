@@ -242,3 +242,22 @@ def test_labels_given_as_an_iterator_are_read_once():
         checked_labels(["\ud800", "bad"])
     with pytest.raises(UserInputError, match="text 2 is not valid Unicode text"):
         checked_texts(["fine", "bad \udcff"])
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"share_base": True}, "unknown option 'share_base'"),  # it handed out the process cache's own base
+    ({"base": "minilm"}, "base choose adapters for a router"),
+    ({"texts": ["x"], "labels": ["a", "b"]}, "texts, labels choose adapters for a router"),
+    ({"keep": [0]}, "keep choose adapters for a router"),
+])
+def test_load_routed_model_refuses_what_it_would_drop(one_adapter, kwargs, said):
+    """Without a router, base, labels, texts and keep were dropped without a word, and share_base=True
+    broke the README's "your own model" (sweep 40)."""
+    with pytest.raises(UserInputError, match=re.escape(said)):
+        api.load_routed_model(None, ["dp"], settings=one_adapter, **kwargs)
+
+
+def test_load_routed_model_labels_and_keep_go_with_a_shortlist(one_adapter):
+    for k, v in (("labels", ["a", "b"]), ("keep", [0])):
+        with pytest.raises(UserInputError, match=f"{k} .* give shortlist too"):
+            api.load_routed_model("retrieval", ["dp"], settings=one_adapter, **{k: v})
