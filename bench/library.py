@@ -47,13 +47,28 @@ def library_tasks(family: str | None = None, tasks: str | None = None) -> list[s
     if family is not None and family not in FAMILIES:
         raise TaskNotFound(f"unknown task family {family!r} (families: {', '.join(FAMILIES)})")
     names = [n for n, info in EMBEDDED_TASKS.items() if family in (None, info["family"])]
-    if tasks:
+    if tasks is not None:  # "" names no task (it read as "every task": sweep 40)
         wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not wanted:
+            raise TaskNotFound("--tasks names no task")
         unknown = [t for t in wanted if t not in EMBEDDED_TASKS]
         if unknown:
             raise TaskNotFound(f"unknown task {unknown[0]!r}")
         names = [n for n in names if n in wanted]
+        if not names:
+            raise TaskNotFound(f"none of the tasks named is of family {family!r}")
     return names
+
+
+def count(text: str, least: int = 1) -> int:
+    """An argparse type: a whole number of at least `least`."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{n} is below {least}")
+    return n
 
 
 def entry(reg, task: str, seconds: float | None = None) -> dict:
@@ -76,9 +91,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", help="only this family's tasks")
     ap.add_argument("--tasks", help="comma-separated task names (default: every embedded task)")
-    ap.add_argument("--steps", type=int, default=STEPS, help="training steps per adapter")
-    ap.add_argument("--limit", type=int, default=None, help="train at most this many new adapters this run")
-    ap.add_argument("--eval-limit", type=int, default=200, help="test rows scored per adapter (and for the bare base)")
+    ap.add_argument("--steps", type=count, default=STEPS, help="training steps per adapter")
+    ap.add_argument("--limit", type=lambda t: count(t, 0), default=None, help="train at most this many new adapters this run")
+    ap.add_argument("--eval-limit", type=count, default=200, help="test rows scored per adapter (and for the bare base)")
     ap.add_argument("--interleave", action="store_true", help="train round-robin over the families")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default: library.json in the bench home; the published one is "
@@ -89,16 +104,23 @@ def main(argv=None) -> int:
 
     from loraplex import api
 
+    from loraplex.errors import LoraplexError
+
     s = bench_settings()
     reg = api.open_registry(s)
-    names = library_tasks(args.family, args.tasks)
+    try:
+        names = library_tasks(args.family, args.tasks)
+    except LoraplexError as exc:
+        ap.error(str(exc))
     todo = [n for n in names if not reg.has_adapter(adapter_name(n))]
+    missing = len(todo)
     if args.interleave:
         todo = interleaved(todo)
     if args.limit is not None:
         todo = todo[: args.limit]
-    print(f"bench home {bench_home()}: {len(names)} tasks, {len(names) - len(todo)} already registered, "
-          f"{len(todo)} to train ({args.steps} steps each)")
+    later = f", {missing - len(todo)} left for a later run (--limit)" if missing > len(todo) else ""
+    print(f"bench home {bench_home()}: {len(names)} tasks, {len(names) - missing} already registered, "
+          f"{len(todo)} to train ({args.steps} steps each){later}")
     out = args.out or bench_home() / "library.json"
     # the file describes this bench home's registry, read from its records: a task trained by an earlier (killed)
     # run has its entry, and nothing of another home or recipe stays in it (sweep 40: a scratch home's 1-step run

@@ -186,3 +186,21 @@ def test_two_runs_of_one_name_in_one_second_register_their_own_adapters(tmp_path
     fp = fingerprint(resolve_base(str(tiny_bert)), s)
     with pytest.raises(AlreadyExists, match="not this run's"):
         register_from_dir(api.open_registry(s), other, fingerprint=fp)
+
+
+def test_the_heatmap_writes_the_figures_the_table_prints(monkeypatch):
+    """Cells were rounded to whole points half-to-even: 62.5 drawn as 62 and 37.5 as 38 in one picture, while the
+    table and matrix.json say 62.5 and 37.5 (sweep 40)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from loraplex.continual import report
+
+    drawn: list[str] = []
+    real_text = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: (drawn.append(s), real_text(self, x, y, s, *a, **k))[1])
+    png = report.heatmap_png({"tasks": ["a", "b"], "rows": ["a", "b"], "R": [[0.625, None], [0.375, 0.5]]})
+    assert png[:4] == b"\x89PNG"
+    assert drawn == ["62.5", "37.5", "50.0"]
