@@ -57,7 +57,8 @@ from pydantic import Field, ValidationError
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
-from loraplex.errors import AlreadyExists, DiskFull, IntegrityError, LockUnavailable, RegistryBusy, UserInputError
+from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, LockUnavailable, RegistryBusy,
+                             UserInputError)
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -66,7 +67,7 @@ from loraplex.ranks import is_worker
 from loraplex.registry.index import Hit, nearest_adapters, of_base
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
-from loraplex.router.retrieval import RetrievalRouter, adapter_labels, label_overlap
+from loraplex.router.retrieval import RetrievalRouter, label_overlap, record_labels
 from loraplex.tasks import validate_description, visible
 
 Action = Literal["route", "generate", "base"]
@@ -210,11 +211,13 @@ def route_weights(d: Decision, router: RetrievalRouter) -> list[tuple[str, float
     return [(d.hits[j].name, float(g[j])) for j in np.flatnonzero(g)]
 
 
-def with_labels(reg, hits: list[Hit], labels: Sequence[str] | None, weight: float) -> list[Hit]:
-    """`hits` re-ranked with the label-set match added to each score (retrieval's label term), best first."""
+def with_labels(hits: list[Hit], labels: Sequence[str] | None, weight: float,
+                labels_of: dict[str, tuple[str, ...] | None]) -> list[Hit]:
+    """`hits` re-ranked with the label-set match added to each score (retrieval's label term), best first
+    (`labels_of`: each hit's adapter's label set)."""
     if not labels or weight == 0 or not hits:
         return hits
-    bonus = weight * label_overlap(labels, [adapter_labels(reg, h.name) for h in hits])
+    bonus = weight * label_overlap(labels, [labels_of[h.name] for h in hits])
     return sorted((h._replace(score=h.score + float(b)) for h, b in zip(hits, bonus)), key=lambda h: -h.score)
 
 
@@ -243,11 +246,16 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             # it was decided on, and logged as a candidate new task); the bare base continues it
             out.append(Decision(t, "base", "the text has no visible character: nothing to route by", None, None, None))
             continue
-        if want is None and encoders_want_labels and hits and reg.get_adapter(hits[0].name).family != "causal":
+        # each hit's record read once: an adapter removed since the search (the server's unload) is left out,
+        # where a second read of it failed every request decided in the same round (sweep 39)
+        recs = _records(reg, hits)
+        hits = [h for h in hits if h.name in recs]
+        labels_of = {n: record_labels(reg, r) for n, r in recs.items()}
+        if want is None and encoders_want_labels and hits and recs[hits[0].name].family != "causal":
             want = ()
         if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
             near = hits[0]
-            hits = [h for h in hits if adapter_labels(reg, h.name)]
+            hits = [h for h in hits if labels_of[h.name]]
             if not hits:  # answered by the base of its nearest adapter (`answer` finds the base by it)
                 out.append(Decision(t, "base", f"no adapter of base {near.base!r} near it records a task with labels",
                                     near.score, None, near.name))
@@ -258,7 +266,7 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             continue
         s1 = hits[0].score
         margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)
-        ranked = with_labels(reg, hits, want, cfg.label_weight)
+        ranked = with_labels(hits, want, cfg.label_weight, labels_of)
         nearest = hits[0].name
         said = f"nearest adapter {nearest!r} scores {s1:.3f}"  # the thresholds read the text's score
         if ranked[0].name != nearest:  # the labels re-rank the adapters, not the decision (the curves' scores)
@@ -272,7 +280,7 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
             out.append(Decision(t, "route", f"{said} >= route threshold {cfg.route_threshold:.3f}{used}", s1, margin,
                                 nearest, hits=hits))
             continue
-        of = base or reg.get_adapter(nearest).base  # the generator of the request's base (a registry may hold several)
+        of = base or recs[nearest].base  # the generator of the request's base (a registry may hold several)
         if of not in gens:
             gens[of] = _generator_of(reg, of, cfg.generator, gone_ok=True) or False
         gen = gens[of]
@@ -290,6 +298,17 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         else:
             out.append(Decision(t, "base", f"{said} < generate threshold {cfg.generate_threshold:.3f}: no registered "
                                 f"task or known family fits by text{also}", s1, margin, nearest, hits=hits))
+    return out
+
+
+def _records(reg, hits: list[Hit]) -> dict[str, Any]:
+    """name -> record of each hit whose adapter is still registered."""
+    out = {}
+    for h in hits:
+        try:
+            out[h.name] = reg.get_adapter(h.name)
+        except AdapterNotFound:
+            continue
     return out
 
 

@@ -92,9 +92,13 @@ class Signatures:
 
 
 def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
-    """The label set of adapter `name`'s task, from what its record holds of the task (its card), else
+    """The label set of adapter `name`'s task (`record_labels` of its record)."""
+    return record_labels(reg, reg.get_adapter(name))
+
+
+def record_labels(reg, rec) -> tuple[str, ...] | None:
+    """The label set of an adapter record's task, from what the record holds of the task (its card), else
     from the task itself; None when it records no task with labels."""
-    rec = reg.get_adapter(name)
     if not rec.task:
         return None
     card = (rec.extra.get("task_cards") or {}).get(rec.task) or reg.task_card(rec.task) or {}

@@ -372,6 +372,35 @@ def test_an_adapter_of_the_base_as_it_was_is_neither_listed_nor_routed_to(engine
     assert not any("flights-lora" in p for p in rep.problems)
 
 
+def test_an_adapter_removed_after_the_search_is_left_out_of_the_decision(engine, settings, monkeypatch):
+    """The decision read each searched adapter's record again (its labels, its family): one removed in between (a
+    server's unload) failed every request decided in that round with a 404 naming it, requests that never route
+    to it included (sweep 39). It is left out, and the rest decide as before."""
+    import numpy as np
+
+    from loraplex.registry.store import Registry
+    from loraplex.router import auto as auto_router
+
+    reg = Registry(settings.home)
+    q = np.stack([engine.embedder.encode(["sports messages"])[0]])
+    cfg = auto_router.parse_config({"route_threshold": 0.0})
+    hits = auto_router.nearest_hits(reg, q, cfg, engine.base_name)[0]
+    assert len(hits) >= 2
+    gone = hits[-1].name  # not the nearest: the request routes elsewhere
+    real = reg.get_adapter
+
+    def removed(name):
+        if name == gone:
+            from loraplex.errors import AdapterNotFound
+            raise AdapterNotFound(f"no adapter named {name!r} in the registry")
+        return real(name)
+
+    monkeypatch.setattr(reg, "get_adapter", removed)
+    for labels in (None, ("good", "bad"), ()):
+        d = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q, labels=[labels])[0]
+        assert d.action == "route" and d.nearest != gone and gone not in [h.name for h in d.hits], d
+
+
 def test_auto_says_the_score_its_thresholds_read_when_labels_re_rank(engine, settings, monkeypatch):
     """With labels, the reason printed the label-ranked score beside the threshold test of the text's score:
     "... (0.369) < no-generator threshold 0.270" (sweep 20). It now says which score each number is."""
@@ -385,7 +414,7 @@ def test_auto_says_the_score_its_thresholds_read_when_labels_re_rank(engine, set
     reg = Registry(settings.home)
     q = np.stack([engine.embedder.encode(["sports messages"])[0]])
     s1 = auto_router.nearest_hits(reg, q, auto_router.parse_config({}), engine.base_name)[0][0].score
-    monkeypatch.setattr(auto_router, "with_labels", lambda reg, hits, labels, weight: sorted(
+    monkeypatch.setattr(auto_router, "with_labels", lambda hits, labels, weight, labels_of: sorted(
         (h._replace(score=h.score + (1.0 if h.name == "phones-lora" else 0.0)) for h in hits), key=lambda h: -h.score))
     for threshold, action in ((s1 + 0.01, "base"), (s1 - 0.01, "route")):
         cfg = auto_router.parse_config({"route_threshold": 0.99, "generate_threshold": 0.9,
