@@ -57,8 +57,8 @@ from pydantic import Field, ValidationError
 
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
-from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, LockUnavailable, RegistryBusy,
-                             UserInputError)
+from loraplex.errors import (AdapterNotFound, AlreadyExists, ComponentNotFound, DiskFull, IntegrityError,
+                             LockUnavailable, RegistryBusy, UserInputError)
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -364,6 +364,14 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     except OutOfRange as exc:
         return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
                         d.nearest, hits=d.hits)
+    except ComponentNotFound:  # removed since the decision (`generate remove`): decided as with no generator, as
+        # a named generator removed before it is (sweep 39: a 404 about the `auto` the client named)
+        s1 = d.similarity if d.similarity is not None else -1.0
+        said = (f"{d.reason}; but generator {d.generator!r} was removed before it wrote, and the score is "
+                f"{'>=' if s1 >= cfg.no_generator_threshold else '<'} the no-generator threshold "
+                f"{cfg.no_generator_threshold:.3f}")
+        return Decision(d.text, "route" if s1 >= cfg.no_generator_threshold else "base", said, d.similarity,
+                        d.margin, d.nearest, hits=d.hits)
     except IntegrityError as exc:  # a damaged generator: the registered adapters still answer (check names it)
         return Decision(d.text, "route", f"{d.reason}; but generator {d.generator!r} cannot be read ({exc}), so it "
                         "is routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)

@@ -181,3 +181,22 @@ def test_a_tie_is_answered_by_the_adapter_the_decision_names(run, peft_dirs, tas
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     assert got["decision"] == "route" and got["adapters"][0]["name"] == got["nearest"], got
+
+
+def test_a_generator_removed_after_the_decision_is_decided_as_none(run):
+    """A "generate" decision whose generator was removed before it wrote (a server's requests waiting their turn
+    to write while `generate remove` ran) was a 404 naming the generator, about the `auto` the client asked for
+    (sweep 39). It is decided as with no generator: route or base at the no-generator threshold."""
+    from loraplex.registry.store import Registry
+    from loraplex.router import auto as auto_router
+
+    reg = Registry(run.home)
+    text = "flight plane gate seat crew bag delayed late lost great"
+    for threshold, action in ((-1.0, "route"), (0.99, "base")):
+        cfg = auto_router.parse_config({"route_threshold": 1.0, "generate_threshold": -1.0,
+                                        "no_generator_threshold": threshold})
+        d = auto_router.decide(reg, [text], cfg)[0]
+        d = auto_router.Decision(d.text, "generate", d.reason, d.similarity, d.margin, d.nearest, "gone", hits=d.hits)
+        out = auto_router.written_for(reg, run.settings, d, cfg)
+        assert out.action == action and "generator 'gone' was removed before it wrote" in out.reason, out
+        assert out.written is None
