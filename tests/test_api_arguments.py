@@ -261,3 +261,21 @@ def test_load_routed_model_labels_and_keep_go_with_a_shortlist(one_adapter):
     for k, v in (("labels", ["a", "b"]), ("keep", [0])):
         with pytest.raises(UserInputError, match=f"{k} .* give shortlist too"):
             api.load_routed_model("retrieval", ["dp"], settings=one_adapter, **{k: v})
+
+
+def test_a_failed_allocation_is_named_as_the_cli_names_it(monkeypatch):
+    """The CPU allocator's RuntimeError ("can't allocate memory") left the api as itself, where the CLI prints it
+    as one line (sweep 40: a forget step on smollm2 under a memory limit). The api raises OutOfMemory."""
+    from loraplex import data
+    from loraplex.errors import OutOfMemory
+
+    def boom(family):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 235929600 bytes")
+
+    monkeypatch.setattr(data, "list_tasks", boom)
+    with pytest.raises(OutOfMemory, match=r"out of memory \(RuntimeError: .*can't allocate memory.*list_tasks\(\) needed"):
+        api.list_tasks()
+    monkeypatch.setattr(data, "list_tasks", lambda family: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug stays a bug
+        api.list_tasks()
