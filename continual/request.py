@@ -162,17 +162,17 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter (see the
     module docstring); `gs_lora` options override the GS-LoRA configuration. Returns a summary dict."""
     checked_seed(seed, "--seed")
-    reg.check_embedder()  # it registers what it trains: an embedder the registry cannot take is refused first
-    recs = current_composition(reg, adapters=adapters, base=base)
-    learned = _learned_tasks(reg, recs)
-    erased = _erased(reg, recs, learned)
-    target, chosen = _target(learned, task, labels, erased)
-    try:
+    try:  # the options first: a bad one is refused before the registry is read
         forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
         trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit)  # snapshots: 3
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    reg.check_embedder()  # it registers what it trains: an embedder the registry cannot take is refused first
+    recs = current_composition(reg, adapters=adapters, base=base)
+    learned = _learned_tasks(reg, recs)
+    erased = _erased(reg, recs, learned)
+    target, chosen = _target(learned, task, labels, erased)
     if name is None:  # "" is not "not given": validate_name refuses it, as train and router fit do
         stem = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
         name = next(n for n in (stem if i == 1 else f"{stem}-{i}" for i in range(1, 10_000))

@@ -135,7 +135,7 @@ def test_user_text_with_brackets_is_printed_as_written(cli, tiny_bert, tmp_path)
     assert "[test, n=3]" in ev.stdout
 
 
-def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
+def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path, monkeypatch):
     from tests.continual.conftest import write_task
 
     f = write_task(tmp_path, "flights", n=40)
@@ -160,9 +160,14 @@ def test_forget_that_does_not_forget_says_so(cli, tiny_bert, tmp_path):
     q = cli("query", "flight delayed again", "--json")
     assert q.exit_code == 0, q.output
     assert res["name"] not in q.stdout and "fl" in q.stdout, q.stdout
+    from loraplex.continual import request
+
+    seen, real = {}, request.forget  # --batch-size and --set reach the training (sweep 40: no way to bound a request)
+    monkeypatch.setattr(request, "forget", lambda **kw: (seen.update(kw), real(**kw))[1])
     r = cli("forget", str(f), "--adapters", "fl", "--base", tiny_bert, "--steps", "1", "--lr", "1e-12",
-            "--eval-limit", "20", "--quiet", "--name", "again")
+            "--eval-limit", "20", "--quiet", "--name", "again", "--batch-size", "4", "--set", "retain_budget=8")
     assert r.exit_code == 0 and r.stdout.startswith("did not forget flights"), r.output
+    assert seen["trainer"].batch_size == 4 and seen["forgetter"].config.retain_budget == 8
     # the forgetting adapter means nothing without the composition it erases from: its members stay until it goes
     bad = cli("adapters", "remove", "fl")
     assert bad.exit_code == 2 and "forgetting adapter" in bad.stderr and "erases from" in bad.stderr, bad.output

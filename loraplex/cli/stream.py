@@ -8,7 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loraplex.cli import _output as out
-from loraplex.cli._options import Base, Home, Json, Quiet, field_option, parse_list, settings
+from loraplex.cli._options import Base, Home, Json, Quiet, field_option, parse_list, parse_sets, settings
+from loraplex.errors import UserInputError
 
 _TRAINER = "loraplex.continual.spec:TrainerSettings"
 
@@ -115,6 +116,10 @@ def forget(
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples per task for the before/after "
                                             "accuracies (the erased task's and each retained one's).")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    batch_size: Annotated[int, field_option(f"{_TRAINER}.batch_size", "--batch-size")] = 16,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="GS-LoRA option key=value (repeatable), e.g. "
+                                                      "retain_budget=64 (the retained rows sampled when no replay "
+                                                      "buffer is kept), sparsity_weight=0.01, bound=1.3.")] = None,
     quiet: Quiet = False,
     home: Home = None,
     json: Json = False,
@@ -122,9 +127,13 @@ def forget(
     """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
     from loraplex import api
 
+    gs_lora = parse_sets(set_)
+    for key in ("steps", "lr"):  # the GS-LoRA options the command sets itself
+        if key in gs_lora:
+            raise UserInputError(f"--set {key}=... : give --{key} instead")
     res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
-                     steps=steps, lr=lr, eval_limit=eval_limit, seed=seed, progress=not quiet and not json,
-                     settings=settings(home))
+                     steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, seed=seed,
+                     progress=not quiet and not json, settings=settings(home), **gs_lora)
     if json:
         out.emit_json(res)
         if res.get("warning"):

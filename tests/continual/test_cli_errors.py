@@ -89,6 +89,17 @@ def test_forget_without_a_composition(cli):
     _check(cli, ["forget", "airline", "--adapters", "nope"], 2, "no adapter named 'nope'")
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--set", "retain_budget=0"], "retain_budget: Input should be greater than or equal to 1"),
+    (["--set", "nosuch=1"], "nosuch: unknown key"),
+    (["--set", "steps=3"], "give --steps instead"),
+    (["--batch-size", "0"], "batch_size"),
+])
+def test_forget_options_are_checked_before_the_registry_is_read(cli, args, said):
+    """forget's GS-LoRA options (--set, --batch-size: sweep 40) are refused before the composition is looked up."""
+    _check(cli, ["forget", "airline", *args], 2, said)
+
+
 def test_report_of_a_non_run(cli, tmp_path):
     _check(cli, ["stream", "report", tmp_path], 2, "not a stream run directory")
 
