@@ -29,6 +29,7 @@ import copy
 import functools
 import inspect
 import numbers
+import os
 import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
@@ -145,6 +146,11 @@ def _check_text(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[st
         if at is not None:
             raise UserInputError(f"{where}(): {name}{''.join(f'[{p!r}]' for p in at)} is not valid Unicode text "
                                  "(it holds a lone surrogate, such as a JSON \\ud800 escape or a byte that is not UTF-8)")
+
+
+def _fs(task: Any) -> Any:
+    """A task named by a path (a `pathlib.Path` to a task file) as the string the parts take (sweep 40)."""
+    return os.fspath(task) if isinstance(task, os.PathLike) else task
 
 
 def _plain(value: Any) -> Any:
@@ -346,22 +352,22 @@ def load_adapted(names: Sequence[str], settings: Settings | None = None):
 
 
 @_checked
-def evaluate(name: str | None, *, task: str | None = None, settings: Settings | None = None,
+def evaluate(name: str | None, *, task: str | Path | None = None, settings: Settings | None = None,
              **options: Any) -> dict[str, Any]:
     """Accuracy of an adapter (name=None: the bare base) on a task's split (default: the adapter's own task)
     (continual.fit.evaluate_adapter)."""
     from loraplex.continual.fit import evaluate_adapter
-    return _delegate("evaluate", evaluate_adapter, *_open(settings), name, task=task, **options)
+    return _delegate("evaluate", evaluate_adapter, *_open(settings), name, task=_fs(task), **options)
 
 
 @_checked
-def train(task: str, *, name: str, settings: Settings | None = None, **options: Any) -> "TrainResult":
+def train(task: str | Path, *, name: str, settings: Settings | None = None, **options: Any) -> "TrainResult":
     """Fine-tune, evaluate and register one LoRA adapter (continual.fit.train_adapter)."""
     from loraplex.continual.fit import train_adapter
     from loraplex.training import TrainConfig
 
     _typed("train", TrainConfig, options)
-    return _delegate("train", train_adapter, *_open(settings), task, name=name, **options)
+    return _delegate("train", train_adapter, *_open(settings), _fs(task), name=name, **options)
 
 
 # ---- generators (SG-LoRA, ICM-LoRA): an adapter for a new task (generators/workflow.py) -------
@@ -417,6 +423,8 @@ def fit_router(name: str, *, router: str, settings: Settings | None = None, **op
     _typed("fit_router", TrainConfig, options)
     if router in ROUTERS.names():
         _typed("fit_router", ROUTERS.get(router).config_cls, options.get("config"), field="config ")
+    if isinstance(options.get("tasks"), (list, tuple)):
+        options["tasks"] = [_fs(t) for t in options["tasks"]]
     return _delegate("fit_router", fit, *_open(settings), name, method=router, **options)
 
 
@@ -504,10 +512,10 @@ def stream_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 @_checked
-def forget(task: str, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
+def forget(task: str | Path, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Erase TASK (or some of its labels) from the composition (continual.request.forget_composition)."""
     from loraplex.continual.forgetting import FORGETTERS
     from loraplex.continual.request import forget_composition
 
     _typed("forget", FORGETTERS.get("gs-lora").config_cls, options)
-    return _delegate("forget", forget_composition, *_open(settings), task, **options)
+    return _delegate("forget", forget_composition, *_open(settings), _fs(task), **options)

@@ -279,3 +279,22 @@ def test_a_failed_allocation_is_named_as_the_cli_names_it(monkeypatch):
     monkeypatch.setattr(data, "list_tasks", lambda family: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug stays a bug
         api.list_tasks()
+
+
+def test_a_task_file_may_be_named_by_a_path(one_adapter, tmp_path, monkeypatch):
+    """train, evaluate, forget and fit_router(tasks=...) refused a pathlib.Path to a task file ("task must be str,
+    got PosixPath"), where every other path argument took one (sweep 40). They take it as its string."""
+    from loraplex.continual import fit as cfit
+    from loraplex.router import fit as rfit
+
+    seen = []
+    monkeypatch.setattr(cfit, "train_adapter", lambda reg, s, task, **kw: seen.append(task))
+    monkeypatch.setattr(cfit, "evaluate_adapter", lambda reg, s, name, task=None, **kw: seen.append(task))
+    monkeypatch.setattr(rfit, "fit_router", lambda reg, s, name, method, tasks=None, **kw: seen.append(tasks))
+    p = tmp_path / "rev.jsonl"
+    api.train(p, name="rv", settings=one_adapter)
+    api.evaluate("dp", task=p, settings=one_adapter)
+    api.fit_router("rr", router="mixer", tasks=[p, "airline"], settings=one_adapter)
+    assert seen == [str(p), str(p), [str(p), "airline"]]
+    with pytest.raises(UserInputError, match=re.escape("task must be str | Path, got int")):
+        api.train(5, name="rv", settings=one_adapter)
