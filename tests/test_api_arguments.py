@@ -61,7 +61,7 @@ CALLS = [
     (lambda s: api.list_tasks(["news-topics"]), "list_tasks(): family must be str | None, got list"),
     (lambda s: api.load_adapted("dp", settings=s), "load_adapted(): names must be a list of strings"),
     (lambda s: api.load_adapted([5], settings=s), "(names[0] is int 5)"),
-    (lambda s: api.evaluate("dp", task=3, settings=s), "evaluate(): task must be str | None, got int 3"),
+    (lambda s: api.evaluate("dp", task=3, settings=s), "evaluate(): task must be str | Path | None, got int 3"),
     (lambda s: api.evaluate("dp", task="airline", bogus=1, settings=s), "evaluate(): unknown option 'bogus' (options: task,"),
     (lambda s: api.train(None, name="x", settings=s), "train(): task must be str"),
     (lambda s: api.fit_generator("g", method="sg-lora", bogus=1, settings=s), "fit_generator(): unknown option 'bogus'"),
