@@ -443,12 +443,11 @@ def load_routed_model(router: str | None = None, adapters: Sequence[str] | None 
     if not router and given:
         raise UserInputError(f"load_routed_model(): {', '.join(given)} choose adapters for a router; without one the "
                              "adapters named are loaded as they are")
-    for k in ("labels", "keep"):
+    for k, does in (("labels", "prefer adapters trained on them"), ("keep", "picks one of shortlist_groups' member sets")):
         if k in given and options.get("shortlist") is None:
-            raise UserInputError(f"load_routed_model(): {k} {'prefer adapters trained on them' if k == 'labels' else 'picks one of shortlist_groups member sets'}"
-                                 " when a stored router's shortlist is drawn: give shortlist too"
-                                 + (" (retrieval reads a query's labels when it answers: answer(texts, labels=...))"
-                                    if k == "labels" else ""))
+            raise UserInputError(f"load_routed_model(): {k} {does} when a stored router's shortlist is drawn: give "
+                                 "shortlist too" + (" (retrieval reads a query's labels when it answers: "
+                                                    "answer(texts, labels=...))" if k == "labels" else ""))
     _router_config("load_routed_model", router, options.get("config"))
     return _delegate("load_routed_model", load, *_open(settings), router, adapters, **options)
 
