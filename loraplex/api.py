@@ -144,7 +144,7 @@ def _check_text(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[st
     for name, value in named.items():
         at = lone_surrogate(value)
         if at is not None:
-            raise UserInputError(f"{where}(): {name}{''.join(f'[{p!r}]' for p in at)} is not valid Unicode text "
+            raise UserInputError(f"{where}(): {name}{''.join(f'[{p!r}]' for p in at)} is not valid UTF-8 text "
                                  "(it holds a lone surrogate, such as a JSON \\ud800 escape or a byte that is not UTF-8)")
 
 

@@ -315,7 +315,7 @@ def checked_texts(texts: Sequence[str]) -> list[str]:
         raise UserInputError(f"text {odd} is {type(out[odd - 1]).__name__}, not a string")
     at = lone_surrogate(out)
     if at is not None:  # no tokenizer takes it (a TypeError from deep inside; sweep 40)
-        raise UserInputError(f"text {at[0] + 1} is not valid Unicode text (it holds a lone surrogate)")
+        raise UserInputError(f"text {at[0] + 1} is not valid UTF-8 text (it holds a lone surrogate)")
     empty = next((i for i, t in enumerate(out, 1) if not visible(t)), None)
     if empty is not None:
         what = "the query is empty" if len(out) == 1 else f"text {empty} is empty"
@@ -338,7 +338,7 @@ def checked_labels(labels: Sequence[str]) -> tuple[str, ...]:
         raise UserInputError(f"labels: more than {MAX_LABELS} names given; at most {MAX_LABELS} are allowed")
     at = lone_surrogate(given)
     if at is not None:
-        raise UserInputError(f"labels: label {at[0] + 1} is not valid Unicode text (it holds a lone surrogate)")
+        raise UserInputError(f"labels: label {at[0] + 1} is not valid UTF-8 text (it holds a lone surrogate)")
     out = tuple(x.strip() for x in given)
     if any(not visible(x) for x in out):
         raise UserInputError("labels: an empty label name (or one with no visible character)")

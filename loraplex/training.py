@@ -176,7 +176,8 @@ def _lightning_accepts(cfg: LightningSettings) -> LightningSettings:
         raise ValueError(f"devices={cfg.devices!r} here would train in forked or spawned processes (Lightning's "
                          "choice in an interactive session), whose steps and snapshots never come back: run "
                          "several devices from the command line or a script")
-    if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_SubprocessScriptLauncher" and not ranks.COMMAND_LINE:
+    if (type(getattr(trainer.strategy, "launcher", None)).__name__ == "_SubprocessScriptLauncher"
+            and trainer.num_devices * trainer.num_nodes > 1 and not ranks.COMMAND_LINE):
         raise ValueError(f"devices={cfg.devices!r} from a Python program: Lightning's DDP launcher would run this whole "
                          "program again once per extra device (it re-runs sys.argv), every call before the training "
                          "included; train on several devices with the loraplex command (--devices), or start one "

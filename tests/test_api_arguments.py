@@ -195,7 +195,7 @@ def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path)
 
 
 @pytest.mark.parametrize("call, said", [
-    (lambda s, p: api.search("\ud800", k=1, settings=s), r"search\(\): text is not valid Unicode"),
+    (lambda s, p: api.search("\ud800", k=1, settings=s), r"search\(\): text is not valid UTF-8"),
     (lambda s, p: api.query(["good \ud800 flight"], adapters=["dp"], settings=s), r"query\(\): texts\[0\] is not valid"),
     (lambda s, p: api.show("\ud800", s), r"show\(\): name is not valid"),
     (lambda s, p: api.remove("\udcff", s), r"remove\(\): name is not valid"),
@@ -238,9 +238,9 @@ def test_labels_given_as_an_iterator_are_read_once():
         checked_labels(5)
     with pytest.raises(UserInputError, match="at most"):
         checked_labels(str(i) for i in range(10**9))  # read no further than one past the bound
-    with pytest.raises(UserInputError, match="label 1 is not valid Unicode text"):  # was "an empty label name"
+    with pytest.raises(UserInputError, match="label 1 is not valid UTF-8 text"):  # was "an empty label name"
         checked_labels(["\ud800", "bad"])
-    with pytest.raises(UserInputError, match="text 2 is not valid Unicode text"):
+    with pytest.raises(UserInputError, match="text 2 is not valid UTF-8 text"):
         checked_texts(["fine", "bad \udcff"])
 
 

@@ -41,6 +41,7 @@ MAPPED = {
     ("router fit", "--strategy"): (LightningSettings, "strategy"),
     ("router fit", "--precision"): (LightningSettings, "precision"),
     ("forget", "--lr"): (TrainerSettings, "lr"),  # forget's --steps and --eval-limit: hand-written (no experiences)
+    ("forget", "--batch-size"): (TrainerSettings, "batch_size"),
     ("generate adapter", "--refine-steps"): (RefineConfig, "steps"),
 }
 SYNTAX = {("train", "--targets"): "comma-separated",
