@@ -128,9 +128,16 @@ def forget(
     from loraplex import api
 
     gs_lora = parse_sets(set_)
-    for key in ("steps", "lr"):  # the GS-LoRA options the command sets itself
-        if key in gs_lora:
-            raise UserInputError(f"--set {key}=... : give --{key} instead")
+    from loraplex.continual.forgetting import FORGETTERS
+
+    fields = set(FORGETTERS.get("gs-lora").config_cls.model_fields)
+    own = {"steps", "lr", "batch_size", "eval_limit", "seed", "name", "base", "labels", "adapters"}
+    for key in gs_lora:  # before the call: a key the command passes itself would collide with it
+        if key in own:
+            raise UserInputError(f"--set {key}=... : give --{key.replace('_', '-')} instead")
+        if key not in fields:
+            raise UserInputError(f"--set {key}=... : unknown GS-LoRA option {key!r} "
+                                 f"(options: {', '.join(sorted(fields - own))})")
     res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
                      steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, seed=seed,
                      progress=not quiet and not json, settings=settings(home), **gs_lora)

@@ -91,8 +91,16 @@ def test_forget_without_a_composition(cli):
 
 @pytest.mark.parametrize("args, said", [
     (["--set", "retain_budget=0"], "retain_budget: Input should be greater than or equal to 1"),
-    (["--set", "nosuch=1"], "nosuch: unknown key"),
+    (["--set", "nosuch=1"], "unknown GS-LoRA option 'nosuch'"),
     (["--set", "steps=3"], "give --steps instead"),
+    # keys the command passes itself collided with it: an internal TypeError (sweep 42)
+    (["--set", "seed=1"], "give --seed instead"),
+    (["--set", "batch_size=4"], "give --batch-size instead"),
+    (["--set", "eval-limit=3"], "give --eval-limit instead"),
+    (["--set", "name=x"], "give --name instead"),
+    (["--set", "progress=false"], "unknown GS-LoRA option 'progress'"),
+    (["--set", "task=x"], "unknown GS-LoRA option 'task'"),
+    (["--set", "settings=x"], "unknown GS-LoRA option 'settings'"),
     (["--batch-size", "0"], "batch_size"),
 ])
 def test_forget_options_are_checked_before_the_registry_is_read(cli, args, said):
