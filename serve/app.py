@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.errors import AdapterNotFound, out_of_memory
 from loraplex.serve import decode
-from loraplex.serve.backend import Backend
+from loraplex.serve.backend import HOP_HEADER, MAX_HOPS, Backend, hops_of, new_instance
 from loraplex.serve.classify import check_answerable
 from loraplex.serve.engine import Engine, LoraplexError, NotFound, UserInputError
 from loraplex.serve.metrics import Metrics
@@ -141,16 +141,24 @@ class Guard:
     `x-request-id` header on every answer. With `loopback_only` (a server listening on loopback, the
     default), a /v1 request whose Host is another name is refused: a web page whose name an attacker
     points at 127.0.0.1 (DNS rebinding) could otherwise call the server as its own origin. `own_name`: the
-    name the server was started on (`--host vm`, bound to loopback through /etc/hosts), allowed too."""
+    name the server was started on (`--host vm`, bound to loopback through /etc/hosts), allowed too.
+    `instance`: this server's id; a /v1 request whose HOP_HEADER already names it (its --backend leads back
+    to it) or names MAX_HOPS servers is a 508, not forwarded again."""
 
     def __init__(self, app, metrics: Metrics, api_key: str | None, loopback_only: bool = False,
-                 own_name: str | None = None):
+                 own_name: str | None = None, instance: str | None = None):
         self.app, self.metrics, self.key, self.loopback_only = app, metrics, api_key, loopback_only
+        self.instance = instance  # this server's id: a request that already passed through it is a loop
         self.own_name = (own_name or "").strip().lower().strip("[]")
 
     def _refusal(self, path: str, headers: list[tuple[bytes, bytes]]) -> APIError | None:
         if not path.startswith("/v1"):
             return None
+        hops = hops_of(",".join(v.decode("latin-1") for k, v in headers if k == HOP_HEADER.encode()))
+        if (self.instance and self.instance in hops) or len(hops) >= MAX_HOPS:
+            return APIError(508, "--backend leads back to this server: a request it sent on came back to it "
+                                 f"(through {len(hops)} loraplex server(s)); point --backend at the server that "
+                                 "generates", code="loop_detected")
         if self.loopback_only:
             hosts = [v for k, v in headers if k == b"host"]
             if len(hosts) != 1 or not (loopback_host(hosts[0])
@@ -210,7 +218,9 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     refuse /v1 requests whose Host is not a loopback name or `own_name`, see Guard)."""
     checked_api_key(api_key)
     checked_backend_key(backend_key, backend)
-    cx = _Context(engine, scheduler, metrics, Backend(backend, key=backend_key) if backend is not None else None,
+    instance = new_instance()
+    cx = _Context(engine, scheduler, metrics,
+                  Backend(backend, key=backend_key, instance=instance) if backend is not None else None,
                   lora_updates)
 
     @asynccontextmanager
@@ -230,7 +240,7 @@ def create_app(engine: Engine, scheduler: Scheduler, metrics: Metrics, *, api_ke
     _plain_routes(app, cx)
     _generation_routes(app, cx)
     _extension_routes(app, cx)
-    guard = Guard(app, metrics, api_key, loopback_only, own_name)
+    guard = Guard(app, metrics, api_key, loopback_only, own_name, instance=instance)
     guard.stop_in = cx.stop_in  # serve/server.py calls it when a stop signal arrives
     return guard
 
@@ -503,7 +513,7 @@ async def _forward(cx: _Context, request: Request, raw: bytes, model: str, targe
     body["model"] = route.adapters[0][0] if route.adapters else cx.engine.base_name
     routing = {**_routing(model, target, summary, None), "level": "request"}  # one adapter forwarded per request
     return await cx.fwd.forward(request.url.path, body, routing, gone=request.is_disconnected, stopped=cx.stopped,
-                                every=DISCONNECT_CHECK_S)
+                                every=DISCONNECT_CHECK_S, hops=request.headers.get(HOP_HEADER))
 
 
 class _Answer:
@@ -632,7 +642,8 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             raise _naming(cx.error(exc), exc) from None
         if cx.fwd is not None:  # the backend generates: it is given the adapter too, or it is not registered here
             where = os.path.abspath(os.path.expanduser(req.lora_path))  # the backend's working directory is not ours
-            err = await cx.fwd.lora_update("/v1/load_lora_adapter", {"lora_name": req.lora_name, "lora_path": where})
+            err = await cx.fwd.lora_update("/v1/load_lora_adapter", {"lora_name": req.lora_name, "lora_path": where},
+                                            hops=request.headers.get(HOP_HEADER))
             if err is not None:
                 try:
                     await run_in_threadpool(engine.unregister, req.lora_name)
@@ -652,7 +663,8 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc, "name") from None
         if cx.fwd is not None:  # the backend unloads it too; one it never had (404) is no failure
-            err = await cx.fwd.lora_update("/v1/unload_lora_adapter", {"lora_name": req.lora_name})
+            err = await cx.fwd.lora_update("/v1/unload_lora_adapter", {"lora_name": req.lora_name},
+                                            hops=request.headers.get(HOP_HEADER))
             if err is not None and err.status != 404:
                 raise APIError(502, f"{req.lora_name!r} was removed here, but not from the backend: {err.message}")
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",

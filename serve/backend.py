@@ -126,11 +126,31 @@ def _said(data: Any) -> str:
     return ""
 
 
+# Every request a server sends on to its --backend carries the ids of the loraplex servers it went through
+# (its own last; an id per app, so two in one process differ); a server that finds its own id among them
+# answers 508 instead of forwarding again. The start-up check (`server.not_itself`) refuses this server's own
+# address, but not every name that leads back (an IPv4 address mapped into IPv6, a second server that
+# forwards to the first: sweep 41).
+HOP_HEADER = "x-loraplex-hops"
+MAX_HOPS = 8
+
+
+def new_instance() -> str:
+    """A server's id in HOP_HEADER."""
+    return uuid.uuid4().hex[:16]
+
+
+def hops_of(value: str | None) -> list[str]:
+    """The server ids a request's HOP_HEADER names (the header as received; empty when absent)."""
+    return [h.strip() for h in (value or "").split(",") if h.strip()][:64]
+
+
 class Backend:
-    def __init__(self, url: str, timeout: float = 600.0, key: str | None = None):
+    def __init__(self, url: str, timeout: float = 600.0, key: str | None = None, instance: str | None = None):
         """`key`: sent to the backend as `Authorization: Bearer KEY` (vLLM's --api-key); loraplex's own
-        --api-key is never passed on."""
+        --api-key is never passed on. `instance`: this server's id in HOP_HEADER."""
         self.url = checked_url(url)
+        self.instance = instance or new_instance()
         headers = {"Authorization": f"Bearer {key}"} if key else None
         # no cap on connections: the backend queues what it cannot run yet (vLLM batches hundreds of sequences);
         # httpx's default of 100 held the rest here, silently, and failed them as "cannot be reached" (sweep 36)
@@ -169,15 +189,18 @@ class Backend:
 
     async def forward(self, path: str, body: dict[str, Any], routing: dict[str, Any], *,
                       gone: Callable[[], Awaitable[bool]] | None = None,
-                      stopped: Callable[[], APIError | None] | None = None, every: float = 0.5):
+                      stopped: Callable[[], APIError | None] | None = None, every: float = 0.5,
+                      hops: str | None = None):
         """The backend's answer to the request, relayed. `gone`: whether the client went away, and `stopped`:
         the error the server's stop ends requests with once it has come (serve/app.py's `_Context.stopped`),
         asked every `every` seconds while the backend's answer, or a stream's next event, is awaited; then the
         backend's request is cancelled (its connection closed, so the backend frees the row) and the request
         is a 499 (the client left) or that error (a stream ends with it as an event). A stream is also
-        cancelled when the client stops reading it."""
+        cancelled when the client stops reading it. `hops`: the request's own HOP_HEADER, passed on with
+        this server's id added."""
         shape = _Shape(path, routing)
-        req = self.client.build_request("POST", self.url + path, json=body)
+        req = self.client.build_request("POST", self.url + path, json=body,
+                                        headers={HOP_HEADER: ",".join([*hops_of(hops), self.instance])})
         try:
             resp = await self._watched(self.client.send(req, stream=True), gone, stopped, every)
         except httpx.HTTPError as exc:
@@ -195,13 +218,14 @@ class Backend:
         return StreamingResponse(self._relay(resp, shape, stopped), media_type="text/event-stream",
                                  headers=STREAM_HEADERS)
 
-    async def lora_update(self, path: str, body: dict[str, Any]) -> APIError | None:
+    async def lora_update(self, path: str, body: dict[str, Any], hops: str | None = None) -> APIError | None:
         """vLLM's /v1/load_lora_adapter or /v1/unload_lora_adapter sent on to the backend (`body` its fields,
         `lora_name` and `lora_path`): None when it took it, else the error to answer (its 400, 404 or 422 as it
         is, anything else a 502 naming it). An adapter registered here that the backend was not given would be
         routed to by name and fail there (sweep 36)."""
         try:
-            async with self.client.stream("POST", self.url + path, json=body, timeout=120.0) as resp:
+            async with self.client.stream("POST", self.url + path, json=body, timeout=120.0,
+                                          headers={HOP_HEADER: ",".join([*hops_of(hops), self.instance])}) as resp:
                 raw = await self._read(resp)
         except httpx.HTTPError as exc:
             return APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}"))

@@ -134,10 +134,23 @@ def not_itself(backend: str, sock: socket.socket) -> None:
         return  # not resolvable here: the requests will say the backend cannot be reached
     # what this socket accepts on: its own address, or, bound to every address (0.0.0.0, ::), any address of this
     # machine (another loopback address, 127.0.0.2, is another server's when this one is bound to 127.0.0.1)
+    addrs = {_unmapped(a) for a in addrs}  # ::ffff:127.0.0.1 reaches the IPv4 socket of 127.0.0.1 (sweep 41)
+    bound = _unmapped(bound)
     anywhere = bound in ("0.0.0.0", "::")
     if any(a == bound or (anywhere and (a in ("0.0.0.0", "::") or _local_address(a))) for a in addrs):
         raise UserInputError(f"--backend {backend!r} is this server's own address ({host}:{port}): it would forward "
                              "every request to itself")
+
+
+def _unmapped(addr: str) -> str:
+    """An IPv4 address mapped into IPv6 (::ffff:a.b.c.d) as the IPv4 address; any other address as given."""
+    import ipaddress
+
+    try:
+        mapped = getattr(ipaddress.ip_address(addr.split("%", 1)[0]), "ipv4_mapped", None)
+    except ValueError:
+        return addr
+    return str(mapped) if mapped is not None else addr
 
 
 def _local_address(addr: str) -> bool:

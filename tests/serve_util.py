@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(settings, *, timeout: float = 30.0, **options):
-    """A loraplex server on 127.0.0.1 in this process (uvicorn in a thread); yields its base URL."""
+def serving(settings, *, timeout: float = 30.0, port: int | None = None, **options):
+    """A loraplex server on 127.0.0.1 in this process (uvicorn in a thread; on `port`, or a free one); yields
+    its base URL."""
     import uvicorn
 
     from loraplex.serve.server import build
@@ -35,7 +36,7 @@ def serving(settings, *, timeout: float = 30.0, **options):
     # (test_serve_auto.py tests the decision).
     options.setdefault("auto", {"route_threshold": -1.0, "generate_threshold": -1.0})
     app, _ = build(settings, **options)
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

@@ -486,7 +486,8 @@ def test_backend_urls_that_cannot_work_are_refused():
             checked_url(url)
     with listening_socket("127.0.0.1", 0) as sock:
         port = sock.getsockname()[1]
-        for url in (f"http://127.0.0.1:{port}/v1", f"http://localhost:{port}/v1"):
+        # ::ffff:127.0.0.1 reaches the IPv4 socket too (sweep 41: it forwarded to itself without end)
+        for url in (f"http://127.0.0.1:{port}/v1", f"http://localhost:{port}/v1", f"http://[::ffff:127.0.0.1]:{port}/v1"):
             with pytest.raises(UserInputError, match="this server's own address"):
                 not_itself(url, sock)
         not_itself(f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/v1", sock)  # another port: fine
@@ -496,6 +497,25 @@ def test_backend_urls_that_cannot_work_are_refused():
         for host in ("127.0.0.1", "127.0.0.2", "0.0.0.0"):
             with pytest.raises(UserInputError, match="this server's own address"):
                 not_itself(f"http://{host}:{port}/v1", anywhere)
+
+
+def test_backends_that_lead_back_are_a_508_not_a_loop(llama_home, tiny_llama):
+    """Sweep 41: a --backend that leads back to the server (here through a second server forwarding to the
+    first) forwarded each request without end, connections and memory growing after the client left. Each
+    forwarded request names the servers it went through; the first to see itself again answers 508."""
+    s, _ = llama_home
+    second = free_port()
+    with serving(s, base=str(tiny_llama), backend=f"http://127.0.0.1:{second}/v1") as first, \
+            serving(s, base=str(tiny_llama), backend=first + "/v1", port=second) as back:
+        assert back.endswith(f":{second}")
+        r = httpx.post(first + "/v1/completions", json={"model": "sports-lora", "prompt": "hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 502, r.text  # the backend's failure, as any backend's
+        assert "leads back to this server" in r.json()["error"]["message"]
+        # a request that says it passed through as many servers as a loop could is refused before any work
+        r = httpx.post(first + "/v1/completions", json={"model": "sports-lora", "prompt": "hi", "max_tokens": 2},
+                       headers={"x-loraplex-hops": ",".join(f"s{i}" for i in range(8))}, timeout=60)
+        assert r.status_code == 508 and r.json()["error"]["code"] == "loop_detected"
 
 
 def test_a_forwarded_request_ends_with_the_servers_stop():
