@@ -391,44 +391,56 @@ def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> d
             "margin": None if d.margin is None else round(d.margin, 4), "nearest": d.nearest}
 
 
-def log_candidates(reg, decisions: list[Decision]) -> str | None:
+def log_candidates(reg, decisions: list[Decision]) -> list[str | None]:
     """Append the requests the bare base answered to candidates.jsonl. A registry that cannot be written
-    (read-only, full, its lock held) does not cost the requests their answers: returns why they were not
-    logged (None when they were), which their answers' reasons then say."""
-    decisions = [d for d in decisions if visible(d.text)]  # nothing to learn a task from
-    if not decisions or is_worker():
-        return None
+    (read-only, full, its lock held) does not cost the requests their answers: returns, for each decision
+    in order, why it was not logged (None when it was, or when its text has nothing to learn a task from),
+    which its answer's reason then says (each its own: the size bound can stop a batch part way; sweep 41)."""
+    notes: list[str | None] = [None] * len(decisions)
+    todo = [i for i, d in enumerate(decisions) if visible(d.text)]  # nothing to learn a task from
+    if not todo or is_worker():
+        return notes
+
+    def unlogged(why: str, rest: list[int]) -> list[str | None]:
+        for i in rest:
+            notes[i] = f"not logged as a candidate new task: {why}"
+        return notes
+
     path = reg.home / CANDIDATES_FILE
     if (path.exists() or path.is_symlink()) and not path.is_file():  # a FIFO there blocked open() for ever,
-        return f"not logged as a candidate new task: {path} is not a regular file"  # lock held (sweep 24)
+        return unlogged(f"{path} is not a regular file", todo)  # lock held (sweep 24)
+    done = 0
     try:  # best effort: an answer does not wait long for another process's write to end
         fd = None
         with reg.write_lock(timeout=CANDIDATES_LOCK_S):
             # O_NONBLOCK: a FIFO put there since the check above fails (ENXIO) instead of waiting for a reader
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return f"not logged as a candidate new task: {path} is not a regular file"
+                return unlogged(f"{path} is not a regular file", todo)
             f = os.fdopen(fd, "a", encoding="utf-8")
             fd = None
             with f:
                 size = f.seek(0, os.SEEK_END)
-                for d in decisions:  # the bound checked before each entry (one request holds up to 2,048)
+                for i in todo:  # the bound checked before each entry (one request holds up to 2,048)
                     if size >= CANDIDATES_MAX_BYTES:
-                        return (f"not logged as a candidate new task: {CANDIDATES_FILE} has reached its "
-                                f"{CANDIDATES_MAX_BYTES // 2**20} MiB (move it away to log more)")
+                        return unlogged(f"{CANDIDATES_FILE} has reached its {CANDIDATES_MAX_BYTES // 2**20} MiB "
+                                        "(move it away to log more)", todo[done:])
+                    d = decisions[i]
                     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "query": d.text[:LOGGED_CHARS], "chars": len(d.text),
                                        "similarity": d.similarity, "nearest": d.nearest, "reason": d.reason}) + "\n"
                     f.write(line)
+                    f.flush()  # written now: a later entry's failure leaves this one logged, as its answer says
                     size += len(line.encode("utf-8"))
+                    done += 1
     except RegistryBusy:
-        return "not logged as a candidate new task: the registry is busy (another process is writing to it)"
+        return unlogged("the registry is busy (another process is writing to it)", todo[done:])
     except (LockUnavailable, DiskFull, OSError) as exc:
-        return f"not logged as a candidate new task: {getattr(exc, 'strerror', None) or exc}"
+        return unlogged(str(getattr(exc, "strerror", None) or exc), todo[done:])
     finally:
         if fd is not None:
             os.close(fd)
-    return None
+    return notes
 
 
 def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = None, *, base: str | None = None,
@@ -512,7 +524,8 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
             if ref.family != "causal" and not labels:
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
             out[i] = _item(d, a, "labels" if labels else None, [])
-        note = log_candidates(reg, [decisions[i] for i in fall]) if cfg.log_candidates else None
-        for i in fall if note else ():
-            out[i]["reason"] += f"; {note}"
+        notes = log_candidates(reg, [decisions[i] for i in fall]) if cfg.log_candidates else []
+        for i, note in zip(fall, notes):
+            if note:
+                out[i]["reason"] += f"; {note}"
     return out  # type: ignore[return-value]

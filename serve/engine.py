@@ -290,9 +290,10 @@ class Engine:
                 adapters = []
             out.append(Route(adapters, decision=d.action, reason=d.reason, nearest=d.nearest))
             fell += [d] if d.action == "base" else []
-        note = auto_router.log_candidates(self.reg(), fell) if self.auto_config.log_candidates else None
-        for r in out if note else ():
-            if r.decision == "base":
+        notes = auto_router.log_candidates(self.reg(), fell) if self.auto_config.log_candidates else []
+        base_routes = [r for r in out if r.decision == "base"]  # in the order of `fell`
+        for r, note in zip(base_routes, notes):
+            if note:
                 r.reason += f"; {note}"
         return out
 

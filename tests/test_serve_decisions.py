@@ -119,18 +119,25 @@ def test_the_candidate_log_is_bounded(toy_registry, monkeypatch):
 
     s, reg = toy_registry
     d = auto_router.Decision(text="x" * 5000, action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
-    assert auto_router.log_candidates(reg, [d]) is None
+    assert auto_router.log_candidates(reg, [d]) == [None]
     [logged] = [json.loads(x) for x in (reg.home / auto_router.CANDIDATES_FILE).read_text().splitlines()]
     assert len(logged["query"]) == auto_router.LOGGED_CHARS and logged["chars"] == 5000
     monkeypatch.setattr(auto_router, "CANDIDATES_MAX_BYTES", 100)
     size = (reg.home / auto_router.CANDIDATES_FILE).stat().st_size
-    assert "has reached its" in auto_router.log_candidates(reg, [d])
+    assert "has reached its" in auto_router.log_candidates(reg, [d])[0]
     assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size == size
     # checked before each entry, not once per batch (one request of 1,000 inputs wrote 24 MB past it: sweep 25)
     (reg.home / auto_router.CANDIDATES_FILE).unlink()
     monkeypatch.setattr(auto_router, "CANDIDATES_MAX_BYTES", 3000)
-    assert "has reached its" in auto_router.log_candidates(reg, [d] * 50)
+    notes = auto_router.log_candidates(reg, [d] * 50)
     assert (reg.home / auto_router.CANDIDATES_FILE).stat().st_size < 3000 + 2500
+    # each answer says what happened to its own input: the entries written before the bound was reached were
+    # logged (every one of them was told it was not: sweep 41)
+    entries = len((reg.home / auto_router.CANDIDATES_FILE).read_text().splitlines())
+    assert 0 < entries < 50 and notes[:entries] == [None] * entries
+    assert all("has reached its" in n for n in notes[entries:])
+    blank = auto_router.Decision(text="  ", action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
+    assert auto_router.log_candidates(reg, [blank, d]) == [None, notes[-1]]  # nothing to learn from: no note
 
 
 def test_the_candidate_log_does_not_wait_for_another_writer(toy_registry):
@@ -141,10 +148,10 @@ def test_the_candidate_log_does_not_wait_for_another_writer(toy_registry):
     d = auto_router.Decision(text="zzz", action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
     with other.write_lock():
         t0 = time.monotonic()
-        note = auto_router.log_candidates(reg, [d])
+        [note] = auto_router.log_candidates(reg, [d])
         assert time.monotonic() - t0 < auto_router.CANDIDATES_LOCK_S + 2
     assert note == "not logged as a candidate new task: the registry is busy (another process is writing to it)"
-    assert auto_router.log_candidates(reg, [d]) is None  # free again: logged
+    assert auto_router.log_candidates(reg, [d]) == [None]  # free again: logged
 
 
 def test_a_candidate_log_that_is_not_a_regular_file_is_not_opened(toy_registry, monkeypatch):
@@ -160,10 +167,10 @@ def test_a_candidate_log_that_is_not_a_regular_file_is_not_opened(toy_registry, 
     d = auto_router.Decision(text="zzz", action="base", reason="far", similarity=0.1, margin=0.0, nearest=None)
     t0 = time.monotonic()
     try:
-        assert auto_router.log_candidates(reg, [d]) == f"not logged as a candidate new task: {path} is not a regular file"
+        assert auto_router.log_candidates(reg, [d]) == [f"not logged as a candidate new task: {path} is not a regular file"]
         real = Path.is_file  # a FIFO made between the check and the open: opened without waiting, then refused
         monkeypatch.setattr(Path, "is_file", lambda self: True if self == path else real(self))
-        note = auto_router.log_candidates(reg, [d])
+        [note] = auto_router.log_candidates(reg, [d])
         assert note is not None and note.startswith("not logged as a candidate new task"), note
     finally:
         monkeypatch.undo()
