@@ -8,6 +8,7 @@ It imports nothing of the package but its errors, so every part may use it.
 from __future__ import annotations
 
 import hashlib
+import os
 import itertools
 import unicodedata
 from dataclasses import dataclass, field
@@ -229,7 +230,10 @@ def lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
     """Where in a value (a string, or strings inside lists, tuples and dicts, keys included) a string holds a
     lone UTF-16 surrogate (`"\\ud800"` in JSON, `"\\udcff"` for a byte that is not UTF-8 read with
     surrogateescape), which is no Unicode text: a tokenizer, sqlite and every file write fail on it. The
-    path to it (() for `x` itself), or None when there is none."""
+    path to it (() for `x` itself), or None when there is none. A path (`pathlib.Path`) is read as its string:
+    a file name that is not UTF-8 cannot be recorded either (sweep 42)."""
+    if isinstance(x, os.PathLike):
+        x = os.fspath(x)
     if isinstance(x, str):
         try:
             x.encode("utf-8")

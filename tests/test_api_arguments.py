@@ -6,6 +6,7 @@ ProgrammingError, or a string split into characters ("no adapter named 'd'")."""
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -203,6 +204,13 @@ def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path)
      r"query\(\): config\['generator'\] is not valid"),
     (lambda s, p: api.register(p, name="r1", description="d \ud800", base="minilm", settings=s),
      r"register\(\): description is not valid"),
+    # a task file named by a Path whose name is not UTF-8: a raw UnicodeEncodeError from sqlite (sweep 42)
+    (lambda s, p: api.evaluate("dp", task=Path(os.fsdecode(b"/tmp/t\xff.jsonl")), limit=2, settings=s),
+     r"evaluate\(\): task is not valid"),
+    (lambda s, p: api.train(Path(os.fsdecode(b"/tmp/t\xff.jsonl")), name="t2", steps=1, settings=s),
+     r"train\(\): task is not valid"),
+    (lambda s, p: api.fit_router("r", router="mixer", tasks=[Path(os.fsdecode(b"/tmp/t\xff.jsonl"))], settings=s),
+     r"fit_router\(\): tasks\[0\] is not valid"),
 ])
 def test_lone_surrogates_are_refused_at_the_boundary(one_adapter, tiny_bert, tmp_path, call, said):
     """A str holding a lone surrogate (json.loads('"\\ud800"')) passed the type check and was a TypeError from
