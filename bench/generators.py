@@ -83,8 +83,6 @@ def _clean(reg, held_out):
 
 
 def run(tasks, limit, upper, log=print):
-    import numpy as np
-
     from loraplex import api
     from loraplex.data import load_task
     from loraplex.generators import workflow

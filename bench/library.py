@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, STEPS, adapter_name, bench_home, bench_settings  # noqa: E402
+from bench.common import STEPS, adapter_name, bench_home, bench_settings  # noqa: E402
 
 
 def interleaved(names: list[str]) -> list[str]:
@@ -71,15 +71,34 @@ def count(text: str, least: int = 1) -> int:
     return n
 
 
-def entry(reg, task: str, seconds: float | None = None) -> dict:
-    """A task's results entry, from its registered adapter's record (what the training measured and stored);
-    `seconds`: the wall time of this run's training and evaluation, else the record's training time."""
+def entry(reg, task: str) -> dict:
+    """A task's results entry, from its registered adapter's record (what the training measured and stored):
+    `seconds` is the record's training time, for every entry alike (the wall time of the run that trained it,
+    model load and evaluation included, stood in the entries that run wrote: sweep 42)."""
     from loraplex.data import EMBEDDED_TASKS
 
     m = reg.get_adapter(adapter_name(task)).metrics
     return {"family": EMBEDDED_TASKS[task]["family"], "adapter": adapter_name(task), "steps": m.get("steps"),
             "eval_limit": m.get("test_n"), "accuracy": m.get("accuracy"), "base_accuracy": m.get("base_accuracy"),
-            "seconds": round(seconds if seconds is not None else m.get("train_seconds", 0.0), 1)}
+            "seconds": round(m.get("train_seconds", 0.0), 1)}
+
+
+def out_file(text: str) -> Path:
+    """An argparse type: a results file this run can write (not a folder; its folder exists or can be made),
+    checked before anything trains (sweep 42: a traceback after the first adapter)."""
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    existed = p.exists()
+    try:  # tried, not predicted from permission bits (root passes those where /proc refuses)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {exc.strerror or exc}") from None
+    if not existed:
+        p.unlink()
+    return p
 
 
 def write(out: Path, results: dict) -> None:
@@ -95,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=lambda t: count(t, 0), default=None, help="train at most this many new adapters this run")
     ap.add_argument("--eval-limit", type=count, default=200, help="test rows scored per adapter (and for the bare base)")
     ap.add_argument("--interleave", action="store_true", help="train round-robin over the families")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_file, default=None,
                     help="results file (default: library.json in the bench home; the published one is "
                          "bench/results/library.json, written only when named)")
     args = ap.parse_args(argv)
@@ -134,7 +153,7 @@ def main(argv=None) -> int:
         res = api.train(n, name=adapter_name(n), base="minilm", steps=args.steps, eval_limit=args.eval_limit,
                         progress=False, settings=s)
         dt = time.perf_counter() - t0
-        results[n] = entry(reg, n, seconds=dt)
+        results[n] = entry(reg, n)
         tqdm.write(f"{n:32s} {results[n]['family']:17s} accuracy {res.metrics['accuracy']:.3f} "
                    f"(base {res.metrics['base_accuracy']:.3f}) in {dt:.0f}s")
         write(out, results)  # after each task: an interrupted run keeps its results

@@ -24,7 +24,7 @@ refusal of descriptions outside every family by a generator fitted on the whole 
 and read after 2, 5, 10, 20 and N steps of that one run: gain recovered and generation time against steps.
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library_generators.py [--families F,G] [--tasks a,b]
-        [--eval-limit 150] [--k 3] [--hub-candidates 8] [--out bench/results/library-generators.json]
+        [--eval-limit 150] [--k 3] [--hub-candidates 8] [--out FILE]   (rows: library-generators.json in the bench home)
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, adapter_name, bench_home, bench_settings  # noqa: E402
+from bench.common import adapter_name, bench_home, bench_settings  # noqa: E402
 from bench.generators import Evaluator, _avg_adapter  # noqa: E402
-from bench.library import library_tasks  # noqa: E402
+from bench.library import count, library_tasks, out_file  # noqa: E402
+from loraplex.catalog import first_error  # noqa: E402
+from loraplex.generators.refine import RefineConfig  # noqa: E402
 
 METHODS = ("sg-lora", "icm-lora")
 N_EXAMPLES = 16
@@ -57,6 +59,22 @@ OUTSIDE = (
     "Decide whether this legal contract clause is an indemnity clause or a limitation of liability.",
     "Is the integer in this arithmetic expression's result even or odd?",
 )
+
+
+def resumed_rows(out: Path, recipe: dict, ap: argparse.ArgumentParser) -> dict:
+    """The rows an earlier run of the same recipe (bench home, members, options) left in `out`, which this
+    run adds to; a file holding rows of another run is refused, never mixed in (sweep 42: a scratch home's
+    run replaced rows of the published results)."""
+    if not out.is_file():
+        return {}
+    try:
+        rows = json.loads(out.read_text())
+    except ValueError:
+        ap.error(f"--out {out}: not a JSON file of rows")
+    if not isinstance(rows, dict) or any(not isinstance(r, dict) or r.get("recipe") != recipe for r in rows.values()):
+        ap.error(f"--out {out} holds rows of another run (another bench home, library or options): name another "
+                 "file, or move it away")
+    return rows
 
 
 def leave_one_out(full, held_out: str):
@@ -319,30 +337,46 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", help="only these families' tasks are held out (comma-separated)")
     ap.add_argument("--tasks", help="only these tasks are held out (comma-separated)")
-    ap.add_argument("--eval-limit", type=int, default=150, help="test rows per task (the library build's)")
-    ap.add_argument("--k", type=int, default=3, help="K for the average of the K nearest adapters")
-    ap.add_argument("--hub-candidates", type=int, default=8, help="LoraHub's candidate adapters (nearest by description)")
+    ap.add_argument("--eval-limit", type=count, default=150, help="test rows per task (the library build's)")
+    ap.add_argument("--k", type=count, default=3, help="K for the average of the K nearest adapters")
+    ap.add_argument("--hub-candidates", type=count, default=8, help="LoraHub's candidate adapters (nearest by description)")
     ap.add_argument("--min-gain", type=float, default=0.05, help="tasks counted in gain recovered: oracle - base >= this")
-    ap.add_argument("--refine-steps", type=int, default=0,
+    ap.add_argument("--refine-steps", type=lambda t: count(t, 0), default=0,
                     help="also refine each generated adapter on the 16 examples this many steps (generators/refine.py)")
     ap.add_argument("--refine-lr", type=float, default=0.2, help="the refinement's learning rate")
     ap.add_argument("--no-timing", action="store_true", help="skip the training-vs-generation timing and refusals")
-    ap.add_argument("--train-steps", type=int, default=50, help="steps of the timed training (the library build's --steps)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "library-generators.json")
+    ap.add_argument("--train-steps", type=count, default=50, help="steps of the timed training (the library build's --steps)")
+    ap.add_argument("--out", type=out_file, default=None,
+                    help="rows file (default: library-generators.json in the bench home; the published one is "
+                         "bench/results/library-generators.json, written only when named)")
     args = ap.parse_args(argv)
+    try:
+        RefineConfig(steps=args.refine_steps, lr=args.refine_lr)
+    except ValueError as exc:
+        ap.error(f"--refine-steps/--refine-lr: {first_error(exc)}")
 
     from tqdm import tqdm
 
     from loraplex import api
     from loraplex.data import EMBEDDED_TASKS
+    from loraplex.errors import LoraplexError
     from loraplex.generators.workflow import training_set
 
     t_start = time.perf_counter()
     s = bench_settings()
     reg = api.open_registry(s)
     members = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
-    held = [n for n in library_tasks(tasks=args.tasks) if adapter_name(n) in members
-            and (not args.families or EMBEDDED_TASKS[n]["family"] in args.families.split(","))]
+    families = [f.strip() for f in (args.families or "").split(",") if f.strip()]
+    try:
+        for f in families:
+            library_tasks(family=f)  # an unknown family is named
+        held = [n for n in library_tasks(tasks=args.tasks) if adapter_name(n) in members
+                and (not families or EMBEDDED_TASKS[n]["family"] in families)]
+    except LoraplexError as exc:
+        ap.error(str(exc))
+    if not held:
+        ap.error(f"no task to hold out: none of those named has its adapter in the bench home {bench_home()} "
+                 "(bench/library.py trains them)")
     print(f"bench home {bench_home()}: {len(members)} library adapters registered; holding out {len(held)}")
     full = training_set(reg, members)
     print(f"training vectors: {full.vectors.shape[0]} ({len(members)} adapters and their snapshots), "
@@ -351,16 +385,19 @@ def main(argv=None) -> int:
     emb = full.desc_embeddings.float()
     gens = generators_for(full, s, reg.embedder_name)
     ev = Evaluator(s, args.eval_limit)
-    rows = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out = args.out or bench_home() / "library-generators.json"
+    recipe = {"home": str(bench_home()), "members": len(members), "eval_limit": args.eval_limit, "k": args.k,
+              "hub_candidates": args.hub_candidates, "refine_steps": args.refine_steps, "refine_lr": args.refine_lr}
+    rows = resumed_rows(out, recipe, ap)
     bar = tqdm(held, unit="task", dynamic_ncols=True)
     for t in bar:
         bar.set_description(t)
         row = run_task(t, full, gens, ev, loaded, emb, args.k, args.hub_candidates, args.refine_steps, args.refine_lr)
-        row["family"] = EMBEDDED_TASKS[t]["family"]
+        row["family"], row["recipe"] = EMBEDDED_TASKS[t]["family"], recipe
         rows[t] = row
         tqdm.write(" ".join(f"{c}={row[c]:.3f}" for c, _ in columns([row])) + f"  {t}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
     done = [rows[t] for t in held]
     lines = report(done, args.min_gain, args.k, args.hub_candidates)
     train_s = None

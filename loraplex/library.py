@@ -110,7 +110,13 @@ def _key(text: str) -> str:
 
 def examples(name: str) -> list:
     """The balanced, deduplicated examples of a library task (before splitting)."""
-    spec = SPECS[name]
+    return spec_examples(SPECS[name])
+
+
+def spec_examples(spec: Spec) -> list:
+    """The balanced, deduplicated examples of a task spec, registered in the library or not (a benchmark
+    builds related tasks outside it: bench/library_scaling.py): per label, the texts no other of its
+    labels owns, ordered by a hash of the text and cut at `per_label`."""
     by_label = spec.rows()
     owners: dict[str, set[str]] = {}
     for label in spec.labels:
@@ -287,7 +293,8 @@ for _t in BBC:
 # kaomoji
 
 
-def _kao(labels: tuple[str, ...]) -> Callable[[], dict[str, list[str]]]:
+def kaomoji_rows(labels: tuple[str, ...]) -> Callable[[], dict[str, list[str]]]:
+    """A spec's `rows`: kaomoji-dataset's kaomoji of these categories, by category."""
     return lambda: {k: v for k, v in _kaomoji_by_category().items() if k in labels}
 
 
@@ -334,7 +341,7 @@ _KAO_TEXTS = {
 }
 
 for _name, _fam, _labels, _d in _KAOMOJI:
-    _add(Spec(_name, _fam, _d, _labels, {k: _KAO_TEXTS[k] for k in _labels}, _kao(_labels),
+    _add(Spec(_name, _fam, _d, _labels, {k: _KAO_TEXTS[k] for k in _labels}, kaomoji_rows(_labels),
               per_label=800, source="kaomoji-dataset"))
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +390,8 @@ for _name, _labels, _d in _CHAT_TOPIC:
               per_label=700, source="chatterbot-corpus"))
 
 
-def _langs(labels: tuple[str, ...]) -> Callable[[], dict[str, list[str]]]:
+def language_rows(labels: tuple[str, ...]) -> Callable[[], dict[str, list[str]]]:
+    """A spec's `rows`: chatterbot-corpus's lines of these languages, by language."""
     return lambda: {lang: _chat_language(lang) for lang in labels}
 
 
@@ -414,7 +422,7 @@ _LANG_NAMES = {"chinese": "Simplified Chinese", "traditionalchinese": "Tradition
 for _name, _labels, _d in _LANGUAGE:
     _add(Spec(_name, "language-id", _d, _labels,
               {k: f"{k}: text written in {_LANG_NAMES.get(k, k.capitalize())}" for k in _labels},
-              _langs(_labels), per_label=600 if len(_labels) <= 4 else 250, source="chatterbot-corpus"))
+              language_rows(_labels), per_label=600 if len(_labels) <= 4 else 250, source="chatterbot-corpus"))
 
 
 def names(family: str | None = None) -> list[str]:

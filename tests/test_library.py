@@ -106,3 +106,22 @@ def test_cli_tasks_list_family_json():
     assert sum(fams.values()) == len(EMBEDDED_TASKS)
     res = CliRunner().invoke(app, ["tasks", "list", "--family", "nope"])
     assert res.exit_code == 2 and "unknown task family" in res.output
+
+
+def test_scaling_extras_are_new_label_sets_of_the_library_corpora(tmp_path):
+    """bench/library_scaling.py's extra tasks: none repeats a library task's name or label set (a held-out
+    library task must never be among them), and each task file loads with the labels it names."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.library_scaling import EXTRA, spec_of, write_task_file
+
+    lib_sets = {frozenset(s.labels) for s in library.SPECS.values() if s.family in {e[0] for e in EXTRA}}
+    names = [e[1] for e in EXTRA]
+    assert len(set(names)) == len(names) and not set(names) & set(library.SPECS)
+    assert not {frozenset(e[2]) for e in EXTRA} & lib_sets
+    fam, name, labels, desc = EXTRA[0]
+    task = load_task(str(write_task_file(spec_of(fam, name, labels, desc), tmp_path)))
+    assert task.labels == labels and task.description == desc
+    assert {e.label for e in task.train} == set(labels) and len(task.test) > 0

@@ -55,3 +55,31 @@ def test_without_refuses_unknown_or_every_member(toy_registry):
         full.without(["nope-lora"])
     with pytest.raises(UserInputError, match="nothing to learn from"):
         full.without(NAMES)
+
+
+def test_a_results_file_of_another_run_is_refused_not_merged(tmp_path):
+    """bench/library_generators.py merged its rows into whatever file --out named, the published results by
+    default (sweep 42: a scratch home's 2-step run replaced a row of the 61-task table): rows resume only a run
+    of the same recipe, and --out is checked before any work."""
+    import argparse
+    import json
+
+    from bench.library import out_file
+    from bench.library_generators import resumed_rows
+
+    ap = argparse.ArgumentParser()
+    recipe = {"home": "/h", "members": 61, "eval_limit": 150}
+    out = tmp_path / "rows.json"
+    assert resumed_rows(out, recipe, ap) == {}
+    out.write_text(json.dumps({"airline": {"oracle": 0.8, "recipe": recipe}}))
+    assert resumed_rows(out, recipe, ap)["airline"]["oracle"] == 0.8
+    for other in ({**recipe, "members": 5}, {**recipe, "home": "/scratch"}):
+        with pytest.raises(SystemExit):
+            resumed_rows(out, other, ap)
+    out.write_text(json.dumps({"airline": {"oracle": 0.8}}))  # a file written before rows carried their recipe
+    with pytest.raises(SystemExit):
+        resumed_rows(out, recipe, ap)
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        out_file(str(tmp_path))
+    assert out_file(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
+    assert not (tmp_path / "new" / "r.json").exists()  # the check leaves no file behind
