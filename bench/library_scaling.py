@@ -82,6 +82,34 @@ EXTRA = (
 )
 
 
+EMOTIONS = ("happy", "sad", "angry", "love", "shy", "cool", "sleepy", "excited", "surprised", "scared", "doubt",
+            "sympathy", "confused", "dissatisfied", "sorry", "hurt")
+_TEMPLATES = ("Which does the kaomoji express: {a} or {b}?", "Label each kaomoji {a} or {b}.",
+              "Tell {a} kaomoji apart from {b} kaomoji.", "Kaomoji faces, {a} versus {b}: pick the one shown.",
+              "Is the Japanese text emoticon {a}, or is it {b}?")
+
+
+def _dense() -> tuple:
+    """With --dense: every other pair of the 16 emotion categories (98 more kaomoji-emotion tasks, 121 in
+    the family then, as dense as Text-to-LoRA's task sets per skill), each described by one of five
+    templates (chosen by the pair, so the same on every run): the study asks what a family of every pair
+    gives a generator, not how well these descriptions are written."""
+    from itertools import combinations
+
+    from loraplex import library
+
+    taken = {frozenset(sp.labels) for sp in library.SPECS.values()} | {frozenset(e[2]) for e in EXTRA}
+    out = []
+    for i, (a, b) in enumerate(p for p in combinations(EMOTIONS, 2) if frozenset(p) not in taken):
+        out.append(("kaomoji-emotion", f"kaomoji-{a}-vs-{b}", (a, b), _TEMPLATES[i % len(_TEMPLATES)].format(a=a, b=b)))
+    return tuple(out)
+
+
+def extras_of(families: list[str], dense: bool) -> list[tuple]:
+    """The extra tasks of `families`, the hand-written first (then, with `dense`, the templated pairs)."""
+    return [e for e in EXTRA + (_dense() if dense else ()) if e[0] in families]
+
+
 def extra_name(task: str) -> str:
     return f"scale-{task}-lora"
 
@@ -114,15 +142,16 @@ def write_task_file(spec, folder: Path) -> Path:
     return path
 
 
-def train_extras(families: list[str], steps: int, eval_limit: int) -> None:
+def train_extras(families: list[str], steps: int, eval_limit: int, dense: bool = False) -> None:
     from tqdm import tqdm
 
     from loraplex import api
 
     s = bench_settings()
     reg = api.open_registry(s)
-    todo = [e for e in EXTRA if e[0] in families and not reg.has_adapter(extra_name(e[1]))]
-    print(f"{len(todo)} extra adapters to train ({sum(e[0] in families for e in EXTRA)} in these families)")
+    wanted = extras_of(families, dense)
+    todo = [e for e in wanted if not reg.has_adapter(extra_name(e[1]))]
+    print(f"{len(todo)} extra adapters to train ({len(wanted)} in these families)")
     t_all = time.perf_counter()
     for fam, name, labels, desc in tqdm(todo, unit="adapter", dynamic_ncols=True):
         path = write_task_file(spec_of(fam, name, labels, desc), bench_home() / "scaling-tasks")
@@ -134,8 +163,10 @@ def train_extras(families: list[str], steps: int, eval_limit: int) -> None:
     print(f"trained {len(todo)} extra adapters in {time.perf_counter() - t_all:.0f}s")
 
 
-def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap: argparse.ArgumentParser) -> list[dict]:
-    """One row per held-out library task of `families`: accuracies for each fit set and method."""
+def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap: argparse.ArgumentParser,
+          dense: bool = False) -> list[dict]:
+    """One row per held-out library task of `families`: accuracies for each fit set and method. The sets:
+    `library`, `+extra` (the hand-written extra tasks) and, with `dense`, `+dense` (every emotion pair)."""
     import torch
     from tqdm import tqdm
 
@@ -150,15 +181,20 @@ def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap
     s = bench_settings()
     reg = api.open_registry(s)
     lib = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
-    extras = [extra_name(e[1]) for e in EXTRA if e[0] in families and reg.has_adapter(extra_name(e[1]))]
+    extras = [extra_name(e[1]) for e in extras_of(families, dense) if reg.has_adapter(extra_name(e[1]))]
+    written = [extra_name(e[1]) for e in extras_of(families, False)]
     held = [n for n in library_tasks() if EMBEDDED_TASKS[n]["family"] in families and adapter_name(n) in lib]
     full = training_set(reg, lib + extras)
-    sets = {"library": full.without(extras), "+extra": full}
+    sets = {"library": full.without(extras), "+extra": full.without([n for n in extras if n not in written])}
+    if dense:
+        sets["+dense"] = full
     print(f"{len(lib)} library adapters, {len(extras)} extra; holding out {len(held)}")
     gens = generators_for(full, s, reg.embedder_name)  # each member's representation, computed once
     ev = Evaluator(s, eval_limit)
     recipe = {"home": str(bench_home()), "members": len(lib), "extras": len(extras), "eval_limit": eval_limit,
               "refine_steps": refine_steps}
+    if dense:
+        recipe["sets"] = {k: len(v.members) - len(lib) for k, v in sets.items()}
     rows = resumed_rows(out, recipe, ap)
     for t in tqdm(held, unit="task", dynamic_ncols=True):
         task, me = load_task(t), adapter_name(t)
@@ -193,7 +229,7 @@ def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap
                 row[f"{col}@{refine_steps}"] = ev(ref.adapter, task)
         rows[t] = row
         tqdm.write(f"{t:30s} base {row['base']:.3f} oracle {row['oracle']:.3f}  " + "  ".join(
-            f"{m}: {row[f'{m}/library']:.3f} -> {row[f'{m}/+extra']:.3f}" for m in METHODS))
+            f"{m}: " + " -> ".join(f"{row[f'{m}/{k}']:.3f}" for k in sets) for m in METHODS))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1) + "\n")
     return [rows[t] for t in held]
@@ -202,19 +238,20 @@ def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap
 def report(rows: list[dict], families: list[str], refine_steps: int, min_gain: float = 0.05) -> list[str]:
     gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
     steps = [0, 2, refine_steps] if refine_steps > 2 else [0, refine_steps]
-    cols = [(f"nearest/{s}", f"nearest {s}") for s in ("library", "+extra")]
+    sets = [k.split("/", 1)[1] for k in rows[0] if k.startswith("nearest/") and not k.endswith("_name")]
+    cols = [(f"nearest/{s}", f"nearest {s}") for s in sets]
     cols += [(f"{m}/{s}" + (f"@{k}" if k else ""), f"{m.split('-')[0]}@{k} {s}") for m in METHODS for k in steps
-             for s in ("library", "+extra")]
+             for s in sets]
     lines = ["== gain recovered, (acc - base) / (oracle - base), over tasks where the oracle gains >= "
              f"{min_gain * 100:.0f} points; @k: after k refinement steps on 16 examples ==",
              f"{'family':<17}{'tasks':>6}{'extras':>7}  " + "  ".join(f"{h:>18}" for _, h in cols)]
     for f in families + ["all"]:
         rs = [r for r in gaining if f in ("all", r["family"])]
         if rs:
-            n_extra = sum(e[0] == f for e in EXTRA) if f != "all" else sum(e[0] in families for e in EXTRA)
+            n_extra = len(extras_of(families if f == "all" else [f], "+dense" in sets))
             lines.append(f"{f:<17}{len(rs):>6}{n_extra:>7}  " + "  ".join(
                 f"{statistics.mean(recovered(r, c) for r in rs) * 100:>17.1f}%" for c, _ in cols))
-    lines += ["", "== per task: accuracy, fitted on the library -> on the library and the extra tasks "
+    lines += ["", f"== per task: accuracy, fitted on {' -> '.join(sets)} "
               f"(nearest: the adapter it picks in each; @{refine_steps}: refined {refine_steps} steps) =="]
     for r in rows:
         pairs = [("nearest", "nearest"), ("sg-lora", "sg@0"), ("icm-lora", "icm@0"),
@@ -222,10 +259,9 @@ def report(rows: list[dict], families: list[str], refine_steps: int, min_gain: f
         cells = []
         for key, short in pairs:
             m, _, k = key.partition("@")
-            a, b = (r[f"{m}/{s}" + (f"@{k}" if k else "")] for s in ("library", "+extra"))
-            cells.append(f"{short} {a:.3f}->{b:.3f}")
+            cells.append(f"{short} " + "->".join(f"{r[f'{m}/{s}' + (f'@{k}' if k else '')]:.3f}" for s in sets))
         lines.append(f"{r['task']:28s} base {r['base']:.3f} oracle {r['oracle']:.3f}  " + "  ".join(cells)
-                     + f"  (nearest {r['nearest/library_name']} -> {r['nearest/+extra_name']})")
+                     + "  (nearest " + " -> ".join(r[f"nearest/{s}_name"] for s in sets) + ")")
     return lines
 
 
@@ -236,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=count, default=150, help="test rows per held-out task (the library build's)")
     ap.add_argument("--refine-steps", type=lambda t: count(t, 1), default=5, help="refinement steps read (and 2; at most 1,000)")
     ap.add_argument("--train-only", action="store_true", help="train the extra adapters, skip the study")
+    ap.add_argument("--dense", action="store_true",
+                    help="also every other pair of 16 kaomoji emotions (98 more tasks; a third set, +dense)")
     ap.add_argument("--out", type=out_file, default=None, help="rows file (default: library-scaling.json in the bench home)")
     args = ap.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -244,9 +282,10 @@ def main(argv=None) -> int:
     if bad or not families:
         ap.error(f"--families: {bad[0] if bad else 'none named'}; extra tasks exist for {', '.join(known)}")
     t0 = time.perf_counter()
-    train_extras(families, args.steps, args.eval_limit)
+    train_extras(families, args.steps, args.eval_limit, args.dense)
     if not args.train_only:
-        rows = study(families, args.eval_limit, args.refine_steps, args.out or bench_home() / "library-scaling.json", ap)
+        default = "library-scaling-dense.json" if args.dense else "library-scaling.json"
+        rows = study(families, args.eval_limit, args.refine_steps, args.out or bench_home() / default, ap, args.dense)
         print("\n".join(report(rows, families, args.refine_steps)))
     print(f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s")
     return 0
