@@ -131,6 +131,7 @@ class Decision:
     generator: str | None = None
     hits: list[Hit] = field(default_factory=list)  # the base's nearest adapters, best first
     written: str | None = None  # a carried-out "generate": the adapter written (or reused) for the request
+    created: bool = False  # that adapter was written by this decision (not found registered already)
 
 
 def parse_config(config: dict[str, Any] | None) -> AutoConfig:
@@ -334,24 +335,36 @@ def _written_by(reg, name: str, text: str, generator: str, generator_blob: str) 
             and rec.extra.get("generator_blob") == generator_blob)
 
 
+def undescribable(d: Decision) -> Decision:
+    """A "generate" decision whose text cannot describe an adapter (a control character, too long) as the
+    "base" decision `written_for` would make of it, without writing anything; any other decision as it is."""
+    try:
+        validate_description(d.text, "request text")
+    except UserInputError as exc:
+        return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
+                        d.margin, d.nearest, hits=d.hits)
+    return d
+
+
 def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
     reused when the same request comes again and the same generator wrote it), or, when the generator
     refuses, a "base" decision saying why."""
-    try:  # the text as the adapter is stored and found by (stripped): the same request with other spacing
-        text = validate_description(d.text, "request text")  # is the same request, its adapter reused
-    except UserInputError as exc:
-        return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
-                        d.margin, d.nearest, hits=d.hits)
+    if undescribable(d) is not d:
+        return undescribable(d)
+    text = validate_description(d.text, "request text")  # as the adapter is stored and found by (stripped): the
+    # same request with other spacing is the same request, its adapter reused
     first = generated_name(text, d.generator)
     try:
         blob = reg.get_component(GENERATOR, d.generator).blob
+        made = False
         for i in range(1, NAME_TRIES + 1):
             name = first if i == 1 else f"{first}-{i}"
             if not reg.has_adapter(name):
                 try:
                     generate(reg, settings, text, generator=d.generator, name=name, examples=[(text, None)],
                              label_task=True, max_distance=cfg.generator_max_distance)
+                    made = True
                     break
                 except AlreadyExists:  # another process (a server, a CLI) wrote it meanwhile: reused if it is
                     pass               # this request's, as when it was there before
@@ -382,7 +395,36 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     rec = reg.get_adapter(name)
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
-                    d.similarity, d.margin, d.nearest, d.generator, hits=d.hits, written=name)
+                    d.similarity, d.margin, d.nearest, d.generator, hits=d.hits, written=name, created=made)
+
+
+class Writer:
+    """The "generate" decisions of one call (a request's inputs, a query's texts) carried out in order. An
+    input as close to the text an adapter was written for earlier in the same call as a request routed to
+    that adapter would be (cosine >= the route threshold: sent alone after it, it would route there) shares
+    that adapter instead of writing its own (sweep 41: one request of 40 near-identical inputs wrote 40)."""
+
+    def __init__(self, reg, settings, cfg: AutoConfig):
+        self.reg, self.settings, self.cfg = reg, settings, cfg
+        self.done: list[tuple[np.ndarray, Decision]] = []  # (the text's unit embedding, its written decision)
+
+    def __call__(self, d: Decision) -> Decision:
+        v = np.asarray(get_embedder(self.reg.embedder_name).encode([d.text]), np.float32)[0]
+        for u, w in self.done:
+            sim = float(v @ u)
+            if sim >= self.cfg.route_threshold:
+                return Decision(d.text, "generate", f"{d.reason}; shares adapter {w.written!r}, written for an earlier "
+                                f"input of this request as alike as routing asks (similarity {sim:.3f} >= the route "
+                                f"threshold {self.cfg.route_threshold:.3f})", d.similarity, d.margin, d.nearest,
+                                d.generator, hits=d.hits, written=w.written)
+        out = written_for(self.reg, self.settings, d, self.cfg)
+        if out.action == "generate":
+            self.done.append((v, out))
+        return out
+
+    def created(self) -> list[str]:
+        """The adapters this call wrote (not those it found registered)."""
+        return [w.written for _, w in self.done if w.created and w.written]
 
 
 def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:
@@ -461,10 +503,11 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                        encoders_want_labels=not labels)
     out: list[dict[str, Any] | None] = [None] * len(texts)
     # generate first: a refusal becomes a fall-back to the base
+    writer = Writer(reg, settings, cfg)
     for i, d in enumerate(decisions):
         if d.action != "generate":
             continue
-        d = decisions[i] = written_for(reg, settings, d, cfg)
+        d = decisions[i] = writer(d)
         if d.action != "generate":
             continue
         name = d.written

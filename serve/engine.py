@@ -23,6 +23,7 @@ is serve/targets.py; the gathering of concurrent `auto` decisions is serve/gathe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -270,8 +271,12 @@ class Engine:
         # a classification without labels is answered with its adapter's label set: `()` asks for such adapters
         want = tuple(labels) if labels else (() if for_classify else None)
         decisions = list(self._decide([(t, want) for t in texts]))
-        if for_classify and not labels:
-            classify.refuse_base_answers([d.action == "base" for d in decisions], [d.reason for d in decisions])
+        refusing = for_classify and not labels  # an input left to the base refuses the whole request
+        if refusing:  # before anything is written: the base decisions, and the generate ones that cannot describe
+            late = [auto_router.undescribable(d) if d.action == "generate" and not forwarded and self.writes_adapters
+                    else d for d in decisions]  # an adapter (sweep 41: refused after the others' were written)
+            classify.refuse_base_answers([d.action == "base" for d in late], [d.reason for d in late])
+        writer = auto_router.Writer(self.reg(), self.settings, self.auto_config)
         for d in decisions:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
@@ -281,7 +286,7 @@ class Engine:
                                         "(--no-lora-updates), so it is routed to the registered ones")
             elif d.action == "generate":
                 with self._writing:
-                    d = auto_router.written_for(self.reg(), self.settings, d, self.auto_config)
+                    d = writer(d)
             if d.action == "route":
                 adapters = auto_router.route_weights(d, self.retrieval)
             elif d.action == "generate":
@@ -290,6 +295,12 @@ class Engine:
                 adapters = []
             out.append(Route(adapters, decision=d.action, reason=d.reason, nearest=d.nearest))
             fell += [d] if d.action == "base" else []
+        if refusing and fell:  # the generator refused one after others were written: the request changes nothing
+            with self._writing:
+                for name in writer.created():
+                    with contextlib.suppress(LoraplexError):
+                        remove_adapter(self.reg(), name)
+            classify.refuse_base_answers([r.decision == "base" for r in out], [r.reason for r in out])
         notes = auto_router.log_candidates(self.reg(), fell) if self.auto_config.log_candidates else []
         base_routes = [r for r in out if r.decision == "base"]  # in the order of `fell`
         for r, note in zip(base_routes, notes):

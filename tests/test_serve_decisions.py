@@ -77,6 +77,30 @@ def test_with_a_backend_a_generate_decision_routes_and_writes_nothing(toy_regist
     assert reg.count() == n + 1
 
 
+def test_alike_inputs_of_one_request_share_the_adapter_written_for_the_first(toy_registry, tiny_bert):
+    """Sweep 41: every input of one request was decided before any adapter was written, so 40 near-identical
+    inputs registered 40 adapters, where sent one by one the 2nd..40th route to the first. An input as alike
+    to an earlier one as routing asks shares its adapter; an unlike one gets its own (server and CLI alike)."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    cfg = {**BETWEEN, "route_threshold": 0.9}
+    engine = Engine(s, base=str(tiny_bert), auto=cfg)
+    engine._decide = lambda items: [auto_router.Decision(t, "generate", "in the generate band", 0.5, 0.1,
+                                                         "flights-lora", "gen") for t, _ in items]
+    n = reg.count()
+    texts = [TEXTS[0], TEXTS[0] + " again", TEXTS[0] + "  ", TEXTS[1]]  # the hash embedder: word overlap
+    routes = engine.auto(texts)
+    first = auto_router.generated_name(TEXTS[0], "gen")
+    assert [r.adapters[0][0] for r in routes[:3]] == [first] * 3
+    assert "shares adapter" in routes[1].reason and "route threshold 0.900" in routes[1].reason
+    assert routes[3].adapters[0][0] == auto_router.generated_name(TEXTS[1], "gen")
+    assert reg.count() == n + 2
+    writer = auto_router.Writer(reg, s, auto_router.parse_config({**cfg, "route_threshold": 0.85}))  # the CLI's
+    d = auto_router.Decision(TEXTS[2], "generate", "why", 0.5, 0.1, "phones-lora", "gen")
+    a, b = writer(d), writer(auto_router.Decision(TEXTS[2] + " again", "generate", "why", 0.5, 0.1, "phones-lora", "gen"))
+    assert a.written == b.written and a.created and not b.created and writer.created() == [a.written]
+
+
 def test_a_refused_classification_writes_and_logs_nothing(toy_registry, tiny_bert, monkeypatch):
     """/v1/classify to auto without labels, one input decided for the bare base: the request was a 400, yet
     an adapter was generated and registered for its other input and the refused one logged (sweep 25)."""
@@ -331,3 +355,30 @@ def test_a_named_generator_removed_while_serving_is_no_generator(toy_registry, t
     remove(reg, "gen")
     routes = engine.auto(TEXTS[:2])
     assert all(r.decision in ("route", "base") and "no generator" in r.reason for r in routes), routes
+
+
+def test_a_classification_refused_late_undoes_what_it_wrote(toy_registry, tiny_bert, monkeypatch):
+    """Sweep 41: without labels, an input decided "generate" that then fell to the base (its text cannot
+    describe an adapter; the generator refused it) was refused only after the other inputs' adapters were
+    written, and logged as a candidate: a 400 that changed the registry."""
+    from loraplex.errors import UserInputError
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto=BETWEEN)
+    before = registry_state(s.home)
+    with pytest.raises(UserInputError, match="input 1: .*control character"):  # refused before any write
+        engine.auto([TEXTS[0], TEXTS[1] + "\x07"], for_classify=True)
+    assert registry_state(s.home) == before
+    real = auto_router.written_for
+
+    def refuses_the_second(reg_, settings, d, cfg):
+        if d.text == TEXTS[1]:
+            return auto_router.Decision(d.text, "base", f"{d.reason}; but the generator refused: too far", d.similarity,
+                                        d.margin, d.nearest)
+        return real(reg_, settings, d, cfg)
+
+    monkeypatch.setattr(auto_router, "written_for", refuses_the_second)
+    with pytest.raises(UserInputError, match="input 1: .*the generator refused"):  # written, then undone
+        engine.auto([TEXTS[0], TEXTS[1]], for_classify=True)
+    assert registry_state(s.home) == before and not (s.home / auto_router.CANDIDATES_FILE).exists()
