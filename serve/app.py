@@ -7,6 +7,7 @@ never changes the registry); every success carries a `routing` object next to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hmac
 import json
@@ -642,8 +643,13 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             raise _naming(cx.error(exc), exc) from None
         if cx.fwd is not None:  # the backend generates: it is given the adapter too, or it is not registered here
             where = os.path.abspath(os.path.expanduser(req.lora_path))  # the backend's working directory is not ours
-            err = await cx.fwd.lora_update("/v1/load_lora_adapter", {"lora_name": req.lora_name, "lora_path": where},
-                                            hops=request.headers.get(HOP_HEADER))
+            try:
+                err = await cx.fwd.lora_update("/v1/load_lora_adapter", {"lora_name": req.lora_name, "lora_path": where},
+                                                hops=request.headers.get(HOP_HEADER), stopped=cx.stopped)
+            except BaseException:  # any other end (a cancellation at the stop): not registered here either (sweep 41)
+                with contextlib.suppress(Exception):
+                    engine.unregister(req.lora_name)
+                raise
             if err is not None:
                 try:
                     await run_in_threadpool(engine.unregister, req.lora_name)
@@ -664,7 +670,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
             raise _naming(cx.error(exc), exc, "name") from None
         if cx.fwd is not None:  # the backend unloads it too; one it never had (404) is no failure
             err = await cx.fwd.lora_update("/v1/unload_lora_adapter", {"lora_name": req.lora_name},
-                                            hops=request.headers.get(HOP_HEADER))
+                                            hops=request.headers.get(HOP_HEADER), stopped=cx.stopped)
             if err is not None and err.status != 404:
                 raise APIError(502, f"{req.lora_name!r} was removed here, but not from the backend: {err.message}")
         return {"object": "lora_adapter", "lora_name": req.lora_name, "status": "removed",

@@ -91,8 +91,13 @@ def _no_constant(name: str):
 
 
 def _loads(text: str | bytes) -> Any:
-    """JSON as RFC 8259 has it: NaN and Infinity (which Python's json reads, and a JSON body cannot carry) refused."""
-    return json.loads(text, parse_constant=_no_constant)
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python's json reads, and a JSON body cannot carry) refused;
+    JSON nested deeper than Python's recursion limit is a ValueError too (a RecursionError was an internal error
+    wherever a backend's answer was read: sweep 41)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -120,8 +125,13 @@ def _said(data: Any) -> str:
     if isinstance(detail, str):
         return detail
     if isinstance(detail, list):
-        parts = [f"{'.'.join(str(p) for p in d.get('loc', []) if p != 'body')}: {d.get('msg')}".lstrip(": ")
-                 for d in detail if isinstance(d, dict)]
+        parts = []
+        for d in detail[:50]:
+            if not isinstance(d, dict):
+                continue
+            loc = d.get("loc")  # FastAPI's is a list; anything else (a number, null: sweep 41) read as one part
+            loc = loc if isinstance(loc, list) else [] if loc is None else [loc]
+            parts.append(f"{'.'.join(str(p)[:100] for p in loc[:20] if p != 'body')}: {str(d.get('msg'))[:200]}".lstrip(": "))
         return "; ".join(parts)[:500]
     return ""
 
@@ -218,18 +228,24 @@ class Backend:
         return StreamingResponse(self._relay(resp, shape, stopped), media_type="text/event-stream",
                                  headers=STREAM_HEADERS)
 
-    async def lora_update(self, path: str, body: dict[str, Any], hops: str | None = None) -> APIError | None:
+    async def lora_update(self, path: str, body: dict[str, Any], hops: str | None = None,
+                          stopped: Callable[[], APIError | None] | None = None, every: float = 0.5) -> APIError | None:
         """vLLM's /v1/load_lora_adapter or /v1/unload_lora_adapter sent on to the backend (`body` its fields,
         `lora_name` and `lora_path`): None when it took it, else the error to answer (its 400, 404 or 422 as it
         is, anything else a 502 naming it). An adapter registered here that the backend was not given would be
-        routed to by name and fail there (sweep 36)."""
-        try:
+        routed to by name and fail there (sweep 36). `stopped`: as `forward`'s, asked while the backend is
+        awaited (a slow backend outlived the server's grace period: sweep 41)."""
+
+        async def call() -> tuple[httpx.Response, bytes]:
             async with self.client.stream("POST", self.url + path, json=body, timeout=120.0,
                                           headers={HOP_HEADER: ",".join([*hops_of(hops), self.instance])}) as resp:
-                raw = await self._read(resp)
+                return resp, await self._read(resp)
+
+        try:
+            resp, raw = await self._watched(call(), None, stopped, every)
         except httpx.HTTPError as exc:
             return APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}"))
-        except APIError as exc:  # an answer over MAX_ANSWER
+        except APIError as exc:  # an answer over MAX_ANSWER, or the server's stop
             return exc
         return None if resp.status_code == 200 else self._failed(resp, raw)
 
@@ -335,6 +351,7 @@ class Backend:
         held: bytes | None = None
         done = routed = carried = False
         failed: APIError | None = None
+        watch = asyncio.ensure_future(self._close_at_stop(resp, stopped)) if stopped is not None else None
         try:
             async for payload in self._events(resp, stopped):
                 if payload.strip() == "[DONE]":
@@ -373,6 +390,7 @@ class Backend:
                     last["routing"] = shape.routing
                     held = _dumps(last)
                 yield b"data: " + held + b"\n\n"
+                held = None
             if failed is not None:
                 yield f"data: {json.dumps(failed.body())}\n\n".encode()
                 yield b"data: [DONE]\n\n"
@@ -383,12 +401,31 @@ class Backend:
                 return
             yield b"data: [DONE]\n\n"
         except APIError as exc:  # an oversized event, or the server's stop
+            if held is not None:  # what the backend sent before it (it was dropped: sweep 41)
+                yield b"data: " + held + b"\n\n"
             yield f"data: {json.dumps(exc.body())}\n\n".encode()
             yield b"data: [DONE]\n\n"
-        except httpx.HTTPError as exc:
-            yield f"data: {json.dumps(APIError(502, self._named(f'broke off its stream: {exc}')).body())}\n\n".encode()
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            err = stopped() if stopped is not None else None  # closed by the watch at the server's stop
+            if held is not None:
+                yield b"data: " + held + b"\n\n"
+            yield f"data: {json.dumps((err or APIError(502, self._named(f'broke off its stream: {exc}'))).body())}\n\n".encode()
+            if err is not None:
+                yield b"data: [DONE]\n\n"
         finally:
+            if watch is not None:
+                watch.cancel()
             await resp.aclose()
+
+    @staticmethod
+    async def _close_at_stop(resp: httpx.Response, stopped: Callable[[], APIError | None], every: float = 0.5) -> None:
+        """Close a relayed stream's backend response once the server's stop has come: a backend that sends no
+        line (a long prefill, a stuck device) left the read parked until uvicorn cancelled the request, and
+        the client got an empty 200 (sweep 41). The stop is asked twice a second by this one sleeping task, not
+        by a timed wait per line (which cost a chunk three times the CPU: sweep 38)."""
+        while stopped() is None:
+            await asyncio.sleep(every)
+        await resp.aclose()
 
 
 class _Shape:

@@ -278,6 +278,11 @@ def _fake_backend(seen: dict | None = None):
             "nan": (200, '{"choices": [{"index": 0, "text": "a", "finish_reason": "stop", "logprobs": NaN}]}'),
             "surrogate": (200, '{"choices": [{"index": 0, "text": "\\ud800 x", "finish_reason": "stop"}]}'),
             "huge": (200, '{"choices": [{"index": 0, "text": "' + "x" * 3000 + '", "finish_reason": "stop"}]}'),
+            # sweep 41: JSON deeper than the recursion limit, FastAPI's detail with a `loc` that is no list
+            "deep": (200, '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+            "deep500": (500, "[" * 100_000 + "]" * 100_000),
+            "e422loc": (422, '{"detail": [{"loc": 5, "msg": "bad"}]}'),
+            "e500loc": (500, '{"detail": [{"loc": null, "msg": "bad"}]}'),
         }
         if p in raw and not body.get("stream"):
             status, text = raw[p]
@@ -331,7 +336,15 @@ def _fake_backend(seen: dict | None = None):
                 if seen is not None:
                     seen["trickle"] = "complete" if done else "cancelled"
 
-        streams = {"split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
+        async def silent():  # one chunk, then nothing (a long prefill, a stuck device: sweep 41)
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            await asyncio.sleep(30)
+
+        async def sdeep():
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            yield 'data: {"choices": ' + "[" * 100_000 + "]" * 100_000 + '}\n\ndata: [DONE]\n\n'
+
+        streams = {"silent": silent, "sdeep": sdeep, "split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
                    "nan": snan, "nomodel": nomodel, "longline": longline, "errobj": errobj, "trickle": trickle}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
@@ -343,6 +356,12 @@ def _fake_backend(seen: dict | None = None):
             seen.setdefault("updates", []).append((request.url.path, body))
         if body["lora_name"].startswith("refuse"):
             return JSONResponse({"error": {"message": f"cannot load {body['lora_name']}"}}, status_code=400)
+        if body["lora_name"].startswith("deep"):
+            from starlette.responses import Response as Raw
+
+            return Raw("[" * 100_000 + "]" * 100_000, status_code=500, media_type="application/json")
+        if body["lora_name"].startswith("loc"):
+            return JSONResponse({"detail": [{"loc": 3, "msg": "x"}]}, status_code=400)
         return JSONResponse("Success")
 
     app.add_route("/v1/load_lora_adapter", lora_update, methods=["POST"])
@@ -399,7 +418,9 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
                 assert json.loads(events[0])["choices"][0]["text"] == "A", events
         # sweep 36: refusals whose body is not {"error": {...}} keep their status and say why; the backend is named
         # in every 502; an answer JSON cannot carry is the backend's failure, never an internal error
-        for prompt, status, said in (("e400obj", 400, "refused the request: context too long"),
+        for prompt, status, said in (("deep", 502, "without valid JSON"), ("deep500", 502, "answered 500"),
+                                     ("e422loc", 422, "refused the request: 5: bad"), ("e500loc", 502, "answered 500: bad"),
+                                     ("e400obj", 400, "refused the request: context too long"),
                                      ("e422detail", 422, "refused the request: temperature: Input should be less than 2"),
                                      ("e404bare", 404, "refused the request (404)"),
                                      ("redirect", 502, "redirected (307) to 'http://127.0.0.1:1/v2/completions'"),
@@ -409,8 +430,9 @@ def test_a_failing_backend_is_the_backends_failure(llama_home, tiny_llama):
             assert r.status_code == status and said in r.json()["error"]["message"], (prompt, r.text)
             if status == 502:
                 assert back[:-3] in r.json()["error"]["message"], r.text
-        events = [ln[5:].strip() for ln in ask("nan", stream=True).text.splitlines() if ln.startswith("data:")]
-        assert "not a completion chunk" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]", events
+        for prompt in ("nan", "sdeep"):  # sdeep: a RecursionError ended the stream empty (sweep 41)
+            events = [ln[5:].strip() for ln in ask(prompt, stream=True).text.splitlines() if ln.startswith("data:")]
+            assert "not a completion chunk" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]", events
         # an answer without model, id or object is named as this server names its own, whole and streamed
         whole = ask("nomodel").json()
         assert whole["model"] == "flights-lora" and whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
@@ -440,6 +462,11 @@ def test_with_a_backend_adapters_are_loaded_there_too(llama_home, tiny_llama, tm
                                                               "description": "weather"}, timeout=60)
         assert r.status_code == 400 and "'refuse-lora' was not registered" in r.json()["error"]["message"], r.text
         assert "cannot load refuse-lora" in r.json()["error"]["message"] and "refuse-lora" not in models()
+        for name, status in (("deep-lora", 502), ("loc-lora", 400)):  # an internal error that kept it here (sweep 41)
+            r = httpx.post(front + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(peft),
+                                                                  "description": "weather"}, timeout=60)
+            assert r.status_code == status and f"{name!r} was not registered" in r.json()["error"]["message"], r.text
+            assert name not in models()
         r = httpx.post(front + "/v1/unload_lora_adapter", json={"lora_name": "new-lora"}, timeout=60)
         assert r.status_code == 200 and "new-lora" not in models(), r.text
         assert seen["updates"][-1] == ("/v1/unload_lora_adapter", {"lora_name": "new-lora"})
@@ -535,6 +562,33 @@ def test_a_forwarded_request_ends_with_the_servers_stop():
                 await b.forward("/v1/completions", {"model": "m", "prompt": "slow"}, {"model": "m"},
                                 stopped=lambda: stop if time.monotonic() - t0 > 0.5 else None, every=0.1)
             assert got.value is stop and time.monotonic() - t0 < 10
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_silent_backends_stream_ends_with_the_servers_stop():
+    """Sweep 41: a stream whose backend had gone quiet ignored the server's stop (asked only between lines)
+    until uvicorn cancelled it: the client got an empty 200. Its 503 event and [DONE] come now, the chunk the
+    backend sent before them too."""
+    import asyncio
+
+    from loraplex.serve.backend import Backend
+    from loraplex.serve.protocol import APIError
+
+    async def main():
+        with _fake_backend() as back:
+            b = Backend(back)
+            stop = APIError(503, "the server is shutting down")
+            t0 = time.monotonic()
+            resp = await b.forward("/v1/completions", {"model": "m", "prompt": "silent", "stream": True},
+                                   {"model": "m"}, stopped=lambda: stop if time.monotonic() - t0 > 1.0 else None,
+                                   every=0.1)
+            body = b"".join([part async for part in resp.body_iterator]).decode()
+            events = [ln[5:].strip() for ln in body.splitlines() if ln.startswith("data:")]
+            assert time.monotonic() - t0 < 10, events
+            assert json.loads(events[0])["choices"][0]["text"] == "A", events
+            assert "shutting down" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]", events
             await b.close()
 
     asyncio.run(main())
