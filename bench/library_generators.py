@@ -270,13 +270,16 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
     return lines
 
 
-def refine_curve(rows, min_gain, refine_steps: int, train_s: float | None) -> list[str]:
+def refine_curve(rows, min_gain, refine_steps: int, train_of: dict[str, float] | None) -> list[str]:
     """Gain recovered and generation time (median, sample + refinement) against the refinement's steps,
     over the tasks where the oracle gains at least `min_gain`; each shorter refinement is read on the way
-    to `refine_steps` (the same Adam trajectory), so one run gives the whole curve."""
+    to `refine_steps` (the same Adam trajectory), so one run gives the whole curve. `train_of`: each task's
+    own adapter's training seconds (its library record); x is that over the task's generation seconds,
+    the median over tasks."""
     gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
-    lines = ["", f"== refinement steps against gain recovered ({len(gaining)} tasks) and generation time (median; "
-                 f"x: training's time / generation's) =="]
+    lines = ["", f"== refinement steps: gain recovered over {len(gaining)} tasks, generation seconds (median) and x = "
+                 "the task's own adapter's training seconds (its library record, 50 steps) / its generation seconds, "
+                 "median over tasks =="]
     lines.append(f"{'steps':>6}" + "".join(f"{m + ' gain':>16}{'s':>8}{'x':>8}" for m in METHODS))
     for step in (0,) + tuple(c for c in CURVE if c < refine_steps) + (refine_steps,):
         cells = ""
@@ -288,9 +291,21 @@ def refine_curve(rows, min_gain, refine_steps: int, train_s: float | None) -> li
                 continue
             secs = statistics.median(r[f"{col}_seconds"] for r in have)
             gain = statistics.mean(recovered(r, col) for r in gaining if col in r)  # a refusal counts as the base
-            cells += f"{gain:>16.1%}{secs:>8.2f}" + (f"{train_s / secs:>8.0f}" if train_s else f"{'-':>8}")
+            timed = [train_of[r["task"]] / r[f"{col}_seconds"] for r in have
+                     if train_of and train_of.get(r["task"]) and r[f"{col}_seconds"] > 0]
+            cells += f"{gain:>16.1%}{secs:>8.2f}" + (f"{statistics.median(timed):>8.0f}" if timed else f"{'-':>8}")
         lines.append(f"{step:>6}" + cells)
     return lines
+
+
+def record_train_seconds(reg, tasks) -> dict[str, float]:
+    """Each task's own library adapter's training seconds, from its record (what bench/library.py measured)."""
+    out = {}
+    for t in tasks:
+        secs = reg.get_adapter(adapter_name(t)).metrics.get("train_seconds") if reg.has_adapter(adapter_name(t)) else None
+        if secs:
+            out[t] = float(secs)
+    return out
 
 
 def timing_and_refusal(full, gens, settings, steps: int) -> tuple[list[str], float]:
@@ -400,12 +415,11 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(rows, indent=1) + "\n")
     done = [rows[t] for t in held]
     lines = report(done, args.min_gain, args.k, args.hub_candidates)
-    train_s = None
     if not args.no_timing:
-        timing, train_s = timing_and_refusal(full, gens, s, args.train_steps)
+        timing, _ = timing_and_refusal(full, gens, s, args.train_steps)
         lines += timing
     if args.refine_steps:
-        lines += refine_curve(done, args.min_gain, args.refine_steps, train_s)
+        lines += refine_curve(done, args.min_gain, args.refine_steps, record_train_seconds(reg, held))
     lines.append(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines))
     return 0
