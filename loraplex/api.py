@@ -153,12 +153,18 @@ def _fs(task: Any) -> Any:
     return os.fspath(task) if isinstance(task, os.PathLike) else task
 
 
-def _plain(value: Any) -> Any:
+MAX_NESTING = 64  # levels of dicts and lists in an argument (no option of loraplex nests a tenth as deep)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
     """A value the strict check would refuse only for its class, as the plain Python value it is: a NumPy
     integer or float (what `np.argmax` and a DataFrame's shape give) as int or float, a Sequence that is not a
     list or tuple (a UserList) as a list. Not a coercion: "3" stays a str, True a bool (sweep 26)."""
     if isinstance(value, dict):  # a config dict's values too (`config={"top_k": np.int64(2)}`; sweep 40)
-        plain = {k: _plain(v) for k, v in value.items()}
+        if depth >= MAX_NESTING:  # a RecursionError otherwise (sweep 42)
+            from loraplex.errors import UserInputError
+            raise UserInputError(f"a dict argument is nested more than {MAX_NESTING} levels deep")
+        plain = {k: _plain(v, depth + 1) for k, v in value.items()}
         if any(plain[k] is not v for k, v in value.items()):
             value = copy.copy(value)  # its own class kept (the CLI's SetOptions says "--set" in refusals)
             value.update(plain)
@@ -443,8 +449,10 @@ def load_routed_model(router: str | None = None, adapters: Sequence[str] | None 
     if not router and given:
         raise UserInputError(f"load_routed_model(): {', '.join(given)} choose adapters for a router; without one the "
                              "adapters named are loaded as they are")
-    for k, does in (("labels", "prefer adapters trained on them"), ("keep", "picks one of shortlist_groups' member sets")):
-        if k in given and options.get("shortlist") is None:
+    stored = router not in (None, "retrieval")  # retrieval reads texts itself; a stored router only for its shortlist
+    for k, does in (("labels", "prefer adapters trained on them"), ("keep", "picks one of shortlist_groups' member sets"),
+                    ("texts", "are the queries a shortlist is drawn for")):
+        if k in given and options.get("shortlist") is None and (k != "texts" or stored):
             raise UserInputError(f"load_routed_model(): {k} {does} when a stored router's shortlist is drawn: give "
                                  "shortlist too" + (" (retrieval reads a query's labels when it answers: "
                                                     "answer(texts, labels=...))" if k == "labels" else ""))

@@ -226,6 +226,9 @@ MAX_LABEL_CHARS = 1_000
 """The longest label name a query may ask for (a name, not a description)."""
 
 
+MAX_NESTING = 64  # levels of lists and dicts `lone_surrogate` walks (deeper: refused, not a RecursionError)
+
+
 def lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
     """Where in a value (a string, or strings inside lists, tuples and dicts, keys included) a string holds a
     lone UTF-16 surrogate (`"\\ud800"` in JSON, `"\\udcff"` for a byte that is not UTF-8 read with
@@ -234,6 +237,8 @@ def lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
     a file name that is not UTF-8 cannot be recorded either (sweep 42)."""
     if isinstance(x, os.PathLike):
         x = os.fspath(x)
+    if len(at) >= MAX_NESTING and isinstance(x, (dict, list, tuple)):
+        raise UserInputError(f"a value nested more than {MAX_NESTING} levels deep (lists and dicts inside each other)")
     if isinstance(x, str):
         try:
             x.encode("utf-8")

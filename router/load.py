@@ -178,7 +178,11 @@ def load_router(reg, name: str, settings, *, base: str | None = None, shortlist:
         missing = [m for m in members if not reg.has_adapter(m)]
         if missing:
             raise IntegrityError(f"router {name!r} routes over adapters that are gone: {', '.join(missing)}")
-        if keep is not None:
+        if keep is not None:  # indices of the router's members: -1 read as the last one, 99 an IndexError (sweep 42)
+            bad = [i for i in keep if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(members)]
+            if bad:
+                raise UserInputError(f"keep: {bad[0]!r} is not the index of one of router {name!r}'s "
+                                     f"{len(members)} adapters (0 to {len(members) - 1})")
             keep = sorted(set(keep))
         elif shortlist is not None and shortlist < len(members):
             if not texts:

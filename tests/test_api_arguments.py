@@ -306,3 +306,20 @@ def test_a_task_file_may_be_named_by_a_path(one_adapter, tmp_path, monkeypatch):
     assert seen == [str(p), str(p), [str(p), "airline"]]
     with pytest.raises(UserInputError, match=re.escape("task must be str | Path, got int")):
         api.train(5, name="rv", settings=one_adapter)
+
+
+def test_arguments_nested_past_any_option_are_refused_not_a_recursion_error(one_adapter):
+    """Sweep 42: a config dict or an option nested thousands of levels deep was a raw RecursionError from the
+    boundary's own walks over them."""
+    d = cur = {}
+    for _ in range(3000):
+        cur["a"] = {}
+        cur = cur["a"]
+    deep = cur = []
+    for _ in range(3000):
+        cur.append([])
+        cur = cur[0]
+    with pytest.raises(UserInputError, match="nested more than 64 levels deep"):
+        api.query(["hello"], router="retrieval", config=d, settings=one_adapter)
+    with pytest.raises(UserInputError):
+        api.train("airline", name="zz", tasks=deep, settings=one_adapter)

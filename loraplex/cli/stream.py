@@ -138,6 +138,8 @@ def forget(
         if key not in fields:
             raise UserInputError(f"--set {key}=... : unknown GS-LoRA option {key!r} "
                                  f"(options: {', '.join(sorted(fields - own))})")
+    # typed here, while they are still the --set dict: a bad value is named `--set KEY`, as every other command's
+    api._typed("forget", FORGETTERS.get("gs-lora").config_cls, gs_lora)  # (it was `forget(): KEY`; sweep 42)
     res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
                      steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, seed=seed,
                      progress=not quiet and not json, settings=settings(home), **gs_lora)

@@ -101,6 +101,7 @@ def test_forget_without_a_composition(cli):
     (["--set", "progress=false"], "unknown GS-LoRA option 'progress'"),
     (["--set", "task=x"], "unknown GS-LoRA option 'task'"),
     (["--set", "settings=x"], "unknown GS-LoRA option 'settings'"),
+    (["--set", "retain_budget=abc"], "--set retain_budget must be int, got str 'abc'"),  # was `forget(): ...`
     (["--batch-size", "0"], "batch_size"),
 ])
 def test_forget_options_are_checked_before_the_registry_is_read(cli, args, said):

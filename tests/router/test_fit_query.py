@@ -106,6 +106,20 @@ def test_queries_from_a_file_and_from_stdin_batched(env, tmp_path):
     assert len(json.loads(res.output)) == 1
 
 
+def test_a_stored_routers_keep_and_texts_are_checked(env):
+    """Sweep 42: keep's indices were not checked (99 a raw IndexError, -1 the last member, silently), and texts
+    given to a stored router without shortlist were dropped without a word."""
+    from loraplex import api
+    from loraplex.errors import UserInputError
+
+    for bad in ([99], [-1]):
+        with pytest.raises(UserInputError, match=r"keep: .* is not the index of one of router 'tg'"):
+            api.load_routed_model("tg", shortlist=1, keep=bad, settings=env.settings)
+    with pytest.raises(UserInputError, match="texts are the queries a shortlist is drawn for .* give shortlist too"):
+        api.load_routed_model("tg", texts=["flight late"], settings=env.settings)
+    assert len(api.load_routed_model("tg", shortlist=1, keep=[1], settings=env.settings).experts) == 1
+
+
 def test_shortlist_of_all_adapters_changes_nothing(env, monkeypatch):
     from loraplex import api
 
