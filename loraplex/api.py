@@ -142,7 +142,10 @@ def _check_text(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[st
 
     named = {**{p.name: a for p, a in zip(inspect.signature(fn).parameters.values(), args)}, **kwargs}
     for name, value in named.items():
-        at = lone_surrogate(value)
+        try:
+            at = lone_surrogate(value)
+        except UserInputError as exc:  # nested too deeply
+            raise UserInputError(f"{where}(): {name} is {exc}") from None
         if at is not None:
             raise UserInputError(f"{where}(): {name}{''.join(f'[{p!r}]' for p in at)} is not valid UTF-8 text "
                                  "(it holds a lone surrogate, such as a JSON \\ud800 escape or a byte that is not UTF-8)")

@@ -321,5 +321,5 @@ def test_arguments_nested_past_any_option_are_refused_not_a_recursion_error(one_
         cur = cur[0]
     with pytest.raises(UserInputError, match="nested more than 64 levels deep"):
         api.query(["hello"], router="retrieval", config=d, settings=one_adapter)
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError, match=r"train\(\): tasks is a value nested more than 64 levels deep"):
         api.train("airline", name="zz", tasks=deep, settings=one_adapter)
