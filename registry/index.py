@@ -179,15 +179,17 @@ class SignatureIndex:
             idx = None  # built from a state this database never went through (restored, replaced): ids may be reused
         db_ids = reg.adapter_ids(routable=weight is not None)  # routing: no forgetting adapter is a candidate
 
-        def vectors(ids: np.ndarray) -> np.ndarray:
-            if weight is None:
-                return reg.embeddings_by_id(ids)
-            _, _, desc, proto = reg.signatures_by_id(ids)
-            return routing_vectors(desc, proto, weight)
+        def vectors(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(the ids that still exist, their vectors): an adapter removed since `db_ids` was read (a server's
+            unload) has none, and faiss asserted on more ids than vectors (sweep 41: a 500 for every request
+            deciding at that moment); the next sync sees its removal's stamp."""
+            found, _, desc, proto = reg.signatures_by_id(ids)
+            found = np.asarray(found, dtype=np.int64)
+            return found, (desc if weight is None else routing_vectors(desc, proto, weight))
 
         if _needs_rebuild(idx, dim, len(db_ids)):
-            vecs = vectors(db_ids) if len(db_ids) else np.zeros((0, dim), np.float32)
-            idx = cls.build(dim, db_ids, vecs, gen, weight=weight, stamp=stamp)
+            ids, vecs = vectors(db_ids) if len(db_ids) else (db_ids, np.zeros((0, dim), np.float32))
+            idx = cls.build(dim, ids, vecs, gen, weight=weight, stamp=stamp)
         else:
             have = set(idx.ids.tolist())
             want = set(db_ids.tolist())
@@ -197,8 +199,10 @@ class SignatureIndex:
                 idx.index.remove_ids(gone)
                 idx.ids = idx.ids[~np.isin(idx.ids, gone)]
             if len(new):
-                idx.index.add_with_ids(vectors(new), new)
-                idx.ids = np.concatenate([idx.ids, new])
+                new, vecs = vectors(new)
+                if len(new):
+                    idx.index.add_with_ids(vecs, new)
+                    idx.ids = np.concatenate([idx.ids, new])
             idx.generation, idx.stamp = gen, stamp
         if save and dim:
             try:

@@ -128,3 +128,28 @@ def test_a_database_restored_from_a_backup_is_not_served_the_later_caches(tmp_pa
     order = np.argsort(idx.ids)
     assert np.allclose(idx.vectors()[order], reg.embeddings_by_id(np.sort(idx.ids)), atol=1e-5)
     assert not [p for p in check(reg).problems if "index" in p]
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_an_adapter_removed_while_the_index_syncs_is_left_out(tmp_path, monkeypatch, built):
+    """Sweep 41: the sync read the adapter ids, then (separately) their signatures; an adapter removed between
+    the two (a server's unload) left fewer vectors than ids, and faiss's assertion failed every `auto` request
+    deciding at that moment (500s). The ids that still exist are indexed; the next sync sees the rest."""
+    reg, _ = _registry(tmp_path, n=12)
+    if built:  # an index already there: the adapter added since is the one removed mid-sync
+        SignatureIndex.sync(reg, weight=0.8)
+        a = Adapter(LoraSpec(r=1, alpha=1), {"m": (torch.ones(1, 4), torch.ones(4, 1))})
+        reg.add_adapter(AdapterDraft(name="late", base="toy", base_sha="0" * 64, family="encoder", description="late",
+                                     spec=a.spec), a, embedding=_unit(np.ones(16)), embedder="hash")
+    real = reg.adapter_ids
+    ghost = {}
+
+    def ids_then_removed(**kw):
+        got = real(**kw)
+        ghost["id"] = int(got.max())
+        reg.remove_adapter(reg.names_by_id([ghost["id"]])[ghost["id"]])  # gone before its signature is read
+        return got
+
+    monkeypatch.setattr(reg, "adapter_ids", ids_then_removed)
+    idx = SignatureIndex.sync(reg, weight=0.8, save=False)
+    assert ghost["id"] not in set(idx.ids.tolist()) and len(idx.ids) == idx.index.ntotal == reg.count()
