@@ -399,6 +399,13 @@ def test_an_adapter_removed_after_the_search_is_left_out_of_the_decision(engine,
     for labels in (None, ("good", "bad"), ()):
         d = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q, labels=[labels])[0]
         assert d.action == "route" and d.nearest != gone and gone not in [h.name for h in d.hits], d
+    # a round of many requests reads each adapter's record once, not once per request (sweep 42: 80x slower)
+    reads: list[str] = []
+    monkeypatch.setattr(reg, "get_adapter", lambda name: reads.append(name) or removed(name))
+    texts = ["sports messages", "flight messages", "phone messages"] * 20
+    qs = engine.embedder.encode(texts)
+    ds = auto_router.decide(reg, texts, cfg, base=engine.base_name, queries=qs)
+    assert len(ds) == 60 and len(reads) == len(set(reads)) <= reg.count()
 
 
 def test_auto_says_the_score_its_thresholds_read_when_labels_re_rank(engine, settings, monkeypatch):
