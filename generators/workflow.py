@@ -44,7 +44,8 @@ def default_members(reg) -> list[str]:
     learn from real training), not a forgetting adapter (it erases a task; its layout is the feed-forward
     one) and not a summed stream's adapter trained on top of earlier ones (`record.composition_of`: its
     weights alone are not its task's adapter)."""
-    recs = [r for r in reg.list_adapters() if r.origin != "generated" and len(r.composition) == 1]
+    recs = [r for r in reg.list_adapters() if r.origin != "generated" and len(r.composition) == 1
+            and r.task]  # trained for a task: an import without one hands its children no label set (sweep 41)
     bases = sorted({r.base for r in recs})
     if len(bases) > 1:
         raise UserInputError(

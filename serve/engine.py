@@ -287,6 +287,10 @@ class Engine:
             elif d.action == "generate":
                 with self._writing:
                     d = writer(d)
+                if refusing and d.action == "generate" and not auto_router.record_labels(
+                        self.reg(), self.reg().get_adapter(d.written)):  # its generator's parents record no labels:
+                    d = dataclasses.replace(d, action="base", reason=f"{d.reason}; but the adapter written for it "
+                                            "records no task with labels (its parents have none)")  # (sweep 41)
             if d.action == "route":
                 adapters = auto_router.route_weights(d, self.retrieval)
             elif d.action == "generate":

@@ -382,3 +382,22 @@ def test_a_classification_refused_late_undoes_what_it_wrote(toy_registry, tiny_b
     with pytest.raises(UserInputError, match="input 1: .*the generator refused"):  # written, then undone
         engine.auto([TEXTS[0], TEXTS[1]], for_classify=True)
     assert registry_state(s.home) == before and not (s.home / auto_router.CANDIDATES_FILE).exists()
+
+
+def test_a_classification_is_not_generated_for_by_parents_without_labels(toy_registry, tiny_bert, monkeypatch):
+    """Sweep 41: a generator learned from adapters registered without a task wrote, for a classification
+    without labels, an adapter with no label set, registered it, and the request was refused (every retry
+    the same). It is refused with nothing left registered; `generate fit`'s default members are those
+    trained for a task, as its help says."""
+    from loraplex.errors import UserInputError
+
+    s, reg = toy_registry
+    for i, name in enumerate(("imp-a", "imp-b")):
+        add_toy(reg, s, tiny_bert, name, None, f"reviews of {'restaurants' if i else 'hotels'} and their food", seed=30 + i)
+    assert not {"imp-a", "imp-b"} & set(workflow.default_members(reg))
+    workflow.fit(reg, s, "gnt", method="sg-lora", adapters=["imp-a", "imp-b"], config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "generator": "gnt"})
+    before = registry_state(s.home)
+    with pytest.raises(UserInputError, match="records no task with labels"):
+        engine.auto([TEXTS[0]], for_classify=True)
+    assert registry_state(s.home) == before
