@@ -522,10 +522,34 @@ def stream_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 @_checked
-def forget(task: str | Path, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
-    """Erase TASK (or some of its labels) from the composition (continual.request.forget_composition)."""
+def forget(task: str | Path, *, settings: Settings | None = None, config: dict[str, Any] | None = None,
+           **options: Any) -> dict[str, Any]:
+    """Erase TASK (or some of its labels) from the composition (continual.request.forget_composition).
+    GS-LoRA's options are given as keywords or as `config` (a dict, what the CLI's `--set` makes); a key
+    of `config` that is an option of the request itself (steps, lr, batch_size, seed, ...) or no GS-LoRA
+    option at all is refused by name (the CLI passed them as keywords, and one it also passed itself was a
+    TypeError: sweep 42)."""
     from loraplex.continual.forgetting import FORGETTERS
     from loraplex.continual.request import forget_composition
+    from loraplex.errors import UserInputError
 
-    _typed("forget", FORGETTERS.get("gs-lora").config_cls, options)
+    cls = FORGETTERS.get("gs-lora").config_cls
+    if config:
+        from_set = type(config).__name__ == "SetOptions"  # the CLI's --set dict
+        named = (lambda k: f"--set {k}") if from_set else (lambda k: f"forget(): config[{k!r}]")
+        own = set(inspect.signature(forget_composition).parameters) - {"reg", "settings", "gs_lora"}
+        for key in config:
+            if key in own:
+                flag = {"progress": "--quiet", "task": "the TASK argument"}.get(key, f"--{key.replace('_', '-')}")
+                raise UserInputError(f"{named(key)}: not a GS-LoRA option but the request's own: give "
+                                     f"{flag if from_set else key + '=...'} instead")
+            if key not in cls.model_fields:
+                raise UserInputError(f"{named(key)}: unknown GS-LoRA option {key!r} "
+                                     f"(options: {', '.join(sorted(set(cls.model_fields) - own))})")
+        _typed("forget", cls, config)
+        twice = sorted(set(config) & set(options))
+        if twice:
+            raise UserInputError(f"forget(): {twice[0]} given both as a keyword and in config")
+        options = {**options, **config}
+    _typed("forget", cls, options)
     return _delegate("forget", forget_composition, *_open(settings), _fs(task), **options)

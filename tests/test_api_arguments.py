@@ -323,3 +323,15 @@ def test_arguments_nested_past_any_option_are_refused_not_a_recursion_error(one_
         api.query(["hello"], router="retrieval", config=d, settings=one_adapter)
     with pytest.raises(UserInputError, match=r"train\(\): tasks is a value nested more than 64 levels deep"):
         api.train("airline", name="zz", tasks=deep, settings=one_adapter)
+
+
+def test_forget_takes_gs_lora_options_as_a_config_dict(one_adapter):
+    """GS-LoRA's options as `config` (what the CLI's --set makes): a key that is the request's own option or
+    no GS-LoRA option is named, before anything is read (sweep 42: the CLI's keywords collided)."""
+    for config, said in (({"seed": 1}, "config['seed']: not a GS-LoRA option but the request's own: give seed=..."),
+                         ({"nosuch": 1}, "config['nosuch']: unknown GS-LoRA option"),
+                         ({"retain_budget": "x"}, "retain_budget must be int")):
+        with pytest.raises(UserInputError, match=re.escape(said)):
+            api.forget("airline", config=config, settings=one_adapter)
+    with pytest.raises(UserInputError, match="given both as a keyword and in config"):
+        api.forget("airline", config={"retain_budget": 8}, retain_budget=8, settings=one_adapter)

@@ -9,7 +9,6 @@ import typer
 
 from loraplex.cli import _output as out
 from loraplex.cli._options import Base, Home, Json, Quiet, field_option, parse_list, parse_sets, settings
-from loraplex.errors import UserInputError
 
 _TRAINER = "loraplex.continual.spec:TrainerSettings"
 
@@ -127,22 +126,10 @@ def forget(
     """Erase a task (or some of its labels) from the current composition with a GS-LoRA adapter."""
     from loraplex import api
 
-    gs_lora = parse_sets(set_)
-    from loraplex.continual.forgetting import FORGETTERS
-
-    fields = set(FORGETTERS.get("gs-lora").config_cls.model_fields)
-    own = {"steps", "lr", "batch_size", "eval_limit", "seed", "name", "base", "labels", "adapters"}
-    for key in gs_lora:  # before the call: a key the command passes itself would collide with it
-        if key in own:
-            raise UserInputError(f"--set {key}=... : give --{key.replace('_', '-')} instead")
-        if key not in fields:
-            raise UserInputError(f"--set {key}=... : unknown GS-LoRA option {key!r} "
-                                 f"(options: {', '.join(sorted(fields - own))})")
-    # typed here, while they are still the --set dict: a bad value is named `--set KEY`, as every other command's
-    api._typed("forget", FORGETTERS.get("gs-lora").config_cls, gs_lora)  # (it was `forget(): KEY`; sweep 42)
+    gs_lora = parse_sets(set_)  # checked by the api: a key the command sets itself, or no GS-LoRA option, named
     res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
                      steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, seed=seed,
-                     progress=not quiet and not json, settings=settings(home), **gs_lora)
+                     progress=not quiet and not json, settings=settings(home), config=gs_lora)
     if json:
         out.emit_json(res)
         if res.get("warning"):

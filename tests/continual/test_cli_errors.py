@@ -98,8 +98,8 @@ def test_forget_without_a_composition(cli):
     (["--set", "batch_size=4"], "give --batch-size instead"),
     (["--set", "eval-limit=3"], "give --eval-limit instead"),
     (["--set", "name=x"], "give --name instead"),
-    (["--set", "progress=false"], "unknown GS-LoRA option 'progress'"),
-    (["--set", "task=x"], "unknown GS-LoRA option 'task'"),
+    (["--set", "progress=false"], "give --quiet instead"),
+    (["--set", "task=x"], "give the TASK argument instead"),
     (["--set", "settings=x"], "unknown GS-LoRA option 'settings'"),
     (["--set", "retain_budget=abc"], "--set retain_budget must be int, got str 'abc'"),  # was `forget(): ...`
     (["--batch-size", "0"], "batch_size"),
