@@ -34,7 +34,7 @@ from loraplex.generators.refine import examples_task, refine_config
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.seeding import one_at_a_time
-from loraplex.tasks import MAX_LABELS, checked_labels, checked_seed, validate_description, visible
+from loraplex.tasks import MAX_LABELS, checked_labels, checked_seed, lone_surrogate, validate_description, visible
 
 KIND = "generator"
 
@@ -186,6 +186,9 @@ def _checked_examples(examples: Sequence[tuple[str, str | None]]) -> list[tuple[
         text, label = ex
         if not visible(text):
             raise UserInputError(f"example {i + 1}: the text is empty (or has no visible character)")
+        if lone_surrogate(text) is not None:  # a JSON \ud800 escape in a file: the tokenizer's TypeError (sweep 42)
+            raise UserInputError(f"example {i + 1}: the text is not valid UTF-8 text (it holds a lone surrogate, "
+                                 "such as a JSON \\ud800 escape)")
         out.append((text, label.strip() if label and label.strip() else None))
     labels = list(dict.fromkeys(lab for _, lab in out if lab))
     if len(labels) == 1:

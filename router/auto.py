@@ -195,11 +195,23 @@ def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha
     out, shas = [], {}
     if base is not None and base_sha is not None:
         shas[base] = base_sha
-    for hits in nearest_adapters(reg, q, max(SEARCHED, cfg.top_k), weight=cfg.prototype_weight):
+    k = max(SEARCHED, cfg.top_k)
+    total = None
+    for i, hits in enumerate(nearest_adapters(reg, q, k, weight=cfg.prototype_weight)):
         want = base or (hits[0].base if hits else None)
         if want is not None and want not in shas:
             shas[want] = current_sha(want, reg.settings)
-        out.append(of_base(hits, want, shas.get(want)))
+        kept, deep = of_base(hits, want, shas.get(want)), k
+        # adapters of other bases (or fingerprints) filled the search: deeper, until the base's own are found or
+        # the registry is read out (sweep 41: 32 of another base near a request hid every one of the served base's)
+        while want is not None and len(kept) < k and len(hits) >= deep:
+            total = reg.count() if total is None else total
+            if deep >= total:
+                break
+            deep = min(total, deep * 8)
+            hits = nearest_adapters(reg, q[i:i + 1], deep, weight=cfg.prototype_weight)[0]
+            kept = of_base(hits, want, shas.get(want))[:k]
+        out.append(kept)
     return out
 
 
@@ -252,6 +264,10 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         # each hit's record read once: an adapter removed since the search (the server's unload) is left out,
         # where a second read of it failed every request decided in the same round (sweep 39)
         recs = _records(reg, hits, read)
+        if hits and not recs:  # every adapter the search found was removed before this decision (sweep 42)
+            out.append(Decision(t, "base", "the adapters found near it were removed before the decision", None, None,
+                                None))
+            continue
         hits = [h for h in hits if h.name in recs]
         for n, r in recs.items():
             if n not in labels_read:

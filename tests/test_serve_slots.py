@@ -399,6 +399,14 @@ def test_an_adapter_removed_after_the_search_is_left_out_of_the_decision(engine,
     for labels in (None, ("good", "bad"), ()):
         d = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q, labels=[labels])[0]
         assert d.action == "route" and d.nearest != gone and gone not in [h.name for h in d.hits], d
+    # every adapter found removed before the decision: said so (it read "no adapter of base None": sweep 42)
+    def all_removed(name):
+        from loraplex.errors import AdapterNotFound
+        raise AdapterNotFound(f"no adapter named {name!r} in the registry")
+
+    monkeypatch.setattr(reg, "get_adapter", all_removed)
+    d = auto_router.decide(reg, ["sports messages"], cfg, base=engine.base_name, queries=q)[0]
+    assert d.action == "base" and d.reason == "the adapters found near it were removed before the decision", d
     # a round of many requests reads each adapter's record once, not once per request (sweep 42: 80x slower)
     reads: list[str] = []
     monkeypatch.setattr(reg, "get_adapter", lambda name: reads.append(name) or removed(name))

@@ -198,3 +198,10 @@ def test_refined_against_the_task_the_adapter_answers_with(toy_registry, toy_tas
     finally:
         eject(lb.model)
     assert loss == pytest.approx(out["refine"]["loss_after"], abs=2e-3)
+
+
+def test_an_example_text_that_is_not_unicode_is_refused_before_the_generator_runs():
+    """Sweep 42: an examples file with a JSON \\ud800 escape in a text ended in the tokenizer's TypeError (exit 70)
+    after the generator had run; `train` refuses the same file in one line."""
+    with pytest.raises(UserInputError, match="example 2: the text is not valid UTF-8 text"):
+        workflow._checked_examples([("fine text", "good"), ("bad \ud800 text", "bad")])

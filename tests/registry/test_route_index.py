@@ -153,3 +153,28 @@ def test_an_adapter_removed_while_the_index_syncs_is_left_out(tmp_path, monkeypa
     monkeypatch.setattr(reg, "adapter_ids", ids_then_removed)
     idx = SignatureIndex.sync(reg, weight=0.8, save=False)
     assert ghost["id"] not in set(idx.ids.tolist()) and len(idx.ids) == idx.index.ntotal == reg.count()
+
+
+def test_auto_finds_its_bases_adapters_behind_a_crowd_of_another_bases(tmp_path):
+    """Sweep 41: auto searched the 32 nearest adapters of every base, then kept the served base's; 32 of another
+    base nearer than all of its own left none, and the request fell to the bare base ("no adapter of base ... in
+    the registry"). The search goes deeper until the base's own are found."""
+    from loraplex.router import auto as auto_router
+
+    rng = np.random.default_rng(3)
+    reg = Registry(tmp_path / "h", embedder="hash")
+    a = Adapter(LoraSpec(r=1, alpha=1), {"m": (torch.ones(1, 4), torch.ones(4, 1))})
+    u, v = np.eye(16)[0], np.eye(16)[1]
+    for i in range(120):  # 110 of "other" around u, 10 of "toy" around v
+        toy = i % 12 == 0
+        vec = _unit((v if toy else u) + 0.1 * rng.normal(size=16))
+        reg.add_adapter(AdapterDraft(name=f"{'t' if toy else 'o'}{i:03d}", base="toy" if toy else "other",
+                                     base_sha="0" * 64, family="encoder", description=f"a{i}", spec=a.spec),
+                        a, embedding=vec, prototype=None, embedder="hash")
+    q = _unit(u + 0.3 * v)[None]
+    cfg = auto_router.parse_config({})
+    from loraplex.registry.index import nearest_adapters
+    assert {h.base for h in nearest_adapters(reg, q, auto_router.SEARCHED, weight=cfg.prototype_weight)[0]} == {"other"}
+    [hits] = auto_router.nearest_hits(reg, q, cfg, "toy", "0" * 64)
+    assert len(hits) == 10 and {h.base for h in hits} == {"toy"}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
