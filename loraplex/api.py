@@ -484,6 +484,8 @@ def answer_each(texts: Sequence[str], adapters: Sequence[str], settings: Setting
 def evaluate_router(name: str, *, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
     """Routing, routed and oracle accuracy per task of a stored router (router.query.evaluate_router)."""
     from loraplex.router.query import evaluate_router as evaluate_stored
+    if isinstance(options.get("tasks"), (list, tuple)):  # task files as paths, as fit_router takes them (sweep 42)
+        options["tasks"] = [_fs(t) for t in options["tasks"]]
     return _delegate("evaluate_router", evaluate_stored, *_open(settings), name, **options)
 
 

@@ -120,6 +120,15 @@ def test_a_stored_routers_keep_and_texts_are_checked(env):
     assert len(api.load_routed_model("tg", shortlist=1, keep=[1], settings=env.settings).experts) == 1
 
 
+def test_evaluate_router_takes_task_files_as_paths(env, task_files):
+    """Sweep 42: evaluate_router refused a pathlib.Path task file it took as a str (fit_router takes both)."""
+    from loraplex import api
+
+    as_str = api.evaluate_router("tg", tasks=[str(task_files["flights"])], limit=4, settings=env.settings)
+    as_path = api.evaluate_router("tg", tasks=[task_files["flights"]], limit=4, settings=env.settings)
+    assert as_str == as_path
+
+
 def test_shortlist_of_all_adapters_changes_nothing(env, monkeypatch):
     from loraplex import api
 
