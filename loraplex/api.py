@@ -187,7 +187,7 @@ def _checked(fn: F) -> F:
     """The API function `fn` with its arguments checked against its signature first (`_check_arguments`)."""
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        from loraplex.errors import LoraplexError, OutOfMemory, os_error, out_of_memory
+        from loraplex.errors import as_out_of_memory, os_error
 
         args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         _check_arguments(fn.__name__, fn, args, kwargs)
@@ -197,11 +197,10 @@ def _checked(fn: F) -> F:
         except OSError as exc:  # a path the caller gave (an export into /proc, a run directory that is a file)
             raise os_error(exc) from exc
         except Exception as exc:  # a failed allocation: the machine's state, named as the CLI names it (sweep 40)
-            if isinstance(exc, LoraplexError) or not out_of_memory(exc):
+            oom = as_out_of_memory(exc, f"{fn.__name__}()")
+            if oom is None:
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise OutOfMemory(f"out of memory ({type(exc).__name__}{': ' + first if first else ''}): "
-                              f"{fn.__name__}() needed more memory than this process may use") from exc
+            raise oom from exc
 
     return call  # type: ignore[return-value]
 

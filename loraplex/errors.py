@@ -132,6 +132,16 @@ def out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
+def as_out_of_memory(exc: BaseException, where: str) -> "OutOfMemory | None":
+    """A failed allocation (`out_of_memory`) raised inside `where` as the OutOfMemory the CLI and the api name
+    it with; None for any other exception (a LoraplexError is itself already)."""
+    if isinstance(exc, LoraplexError) or not out_of_memory(exc):
+        return None
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return OutOfMemory(f"out of memory ({type(exc).__name__}{': ' + first if first else ''}): {where} needed more "
+                       "memory than this process may use")
+
+
 def server_state(exc: BaseException) -> bool:
     """Whether `exc` is the state of the machine a server runs on, not a bug: out of memory, its database
     failing under it (SQLite's own errors), no file descriptors left. A server answers these with a 503 and

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from loraplex.errors import UserInputError
+from loraplex.errors import UserInputError, as_out_of_memory
 from loraplex.experts.layers import block_name, routed_layers, swapped, use_gates
 from loraplex.heads import accuracy, head_for, token_text
 from loraplex.tasks import Task, checked_labels, checked_texts, label_fold
@@ -134,6 +134,11 @@ def _inference(fn):
         try:
             with torch.no_grad():
                 return fn(self, *args, **kwargs)
+        except Exception as exc:  # a failed allocation named as api.query names it (it was the raw RuntimeError
+            oom = as_out_of_memory(exc, f"RoutedModel.{fn.__name__}()")  # of the allocator: sweep 42)
+            if oom is None:
+                raise
+            raise oom from exc
         finally:
             for m in training:
                 m.training = True

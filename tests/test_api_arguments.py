@@ -289,6 +289,22 @@ def test_a_failed_allocation_is_named_as_the_cli_names_it(monkeypatch):
         api.list_tasks()
 
 
+def test_a_loaded_models_failed_allocation_is_named_too(one_adapter, monkeypatch):
+    """The model load_routed_model returns raised the allocator's raw RuntimeError where api.query raised
+    OutOfMemory for the same texts (sweep 42)."""
+    from loraplex.errors import OutOfMemory
+    from loraplex.router.model import RoutedModel
+
+    model = api.load_routed_model("retrieval", ["dp"], settings=one_adapter)
+
+    def boom(self, texts, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 603979776 bytes")
+
+    monkeypatch.setattr(RoutedModel, "route", boom)
+    with pytest.raises(OutOfMemory, match=r"RoutedModel.answer\(\) needed more memory"):
+        model.answer(["a late flight"])
+
+
 def test_a_task_file_may_be_named_by_a_path(one_adapter, tmp_path, monkeypatch):
     """train, evaluate, forget and fit_router(tasks=...) refused a pathlib.Path to a task file ("task must be str,
     got PosixPath"), where every other path argument took one (sweep 40). They take it as its string."""
