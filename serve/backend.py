@@ -161,6 +161,8 @@ class Backend:
         --api-key is never passed on. `instance`: this server's id in HOP_HEADER."""
         self.url = checked_url(url)
         self.instance = instance or new_instance()
+        self.timeout = float(timeout)  # a whole answer's bound too, not only each read's (sweep 41: one trickling
+        # a byte every 5 s held a request without end)
         headers = {"Authorization": f"Bearer {key}"} if key else None
         # no cap on connections: the backend queues what it cannot run yet (vLLM batches hundreds of sequences);
         # httpx's default of 100 held the rest here, silently, and failed them as "cannot be reached" (sweep 36)
@@ -211,13 +213,18 @@ class Backend:
         shape = _Shape(path, routing)
         req = self.client.build_request("POST", self.url + path, json=body,
                                         headers={HOP_HEADER: ",".join([*hops_of(hops), self.instance])})
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            resp = await self._watched(self.client.send(req, stream=True), gone, stopped, every)
+            resp = await self._watched(self.client.send(req, stream=True), gone, stopped, every, deadline)
+        except httpx.TimeoutException as exc:  # connected, or not: said which (it read "cannot be reached" alike)
+            raise self._late(exc) from None
         except httpx.HTTPError as exc:
             raise APIError(502, self._named(f"cannot be reached: {type(exc).__name__}: {exc}")) from None
         if not body.get("stream") or resp.status_code != 200:
             try:
-                raw = await self._watched(self._read(resp), gone, stopped, every)
+                raw = await self._watched(self._read(resp), gone, stopped, every, deadline)
+            except httpx.TimeoutException as exc:
+                raise self._late(exc) from None
             except httpx.HTTPError as exc:
                 raise APIError(502, self._named(f"broke off its answer: {type(exc).__name__}: {exc}")) from None
             finally:
@@ -275,11 +282,19 @@ class Backend:
         except ValueError as exc:
             raise APIError(502, self._named(f"answered JSON with {exc}")) from None
 
+    def _late(self, exc: httpx.TimeoutException) -> APIError:
+        """A 504 for a backend that did not answer in time (it connected, or it did not)."""
+        if isinstance(exc, httpx.ConnectTimeout):
+            return APIError(504, self._named("did not accept the connection within 10 s"))
+        return APIError(504, self._named(f"did not answer within {self.timeout:.0f} s"))
+
     @staticmethod
     async def _watched(call: Awaitable[Any], gone: Callable[[], Awaitable[bool]] | None,
-                       stopped: Callable[[], APIError | None] | None, every: float) -> Any:
+                       stopped: Callable[[], APIError | None] | None, every: float,
+                       deadline: float | None = None) -> Any:
         """`call`'s result, asking `gone` and `stopped` every `every` seconds while it is awaited: a client that
-        left (499) or the server's stop (its error) cancels the call, so the backend's request is closed."""
+        left (499) or the server's stop (its error) cancels the call, so the backend's request is closed.
+        `deadline` (the loop's clock): past it, the call is cancelled as a read timeout."""
         task = asyncio.ensure_future(call)
         try:
             while True:
@@ -291,6 +306,8 @@ class Backend:
                 err = stopped() if stopped is not None else None
                 if err is not None:
                     raise err
+                if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                    raise httpx.ReadTimeout("the whole answer took too long")
         finally:
             if not task.done():  # the client left (or this request was cancelled): the backend stops too
                 task.cancel()

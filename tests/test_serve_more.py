@@ -567,6 +567,28 @@ def test_a_forwarded_request_ends_with_the_servers_stop():
     asyncio.run(main())
 
 
+def test_a_backend_that_does_not_answer_in_time_is_a_504():
+    """Sweep 41: a backend that connected and never answered was "cannot be reached: ReadTimeout: " after 600 s,
+    and one trickling its answer held the request without end: the whole answer is bounded, and a late one
+    is a 504 saying so."""
+    import asyncio
+
+    from loraplex.serve.backend import Backend
+    from loraplex.serve.protocol import APIError
+
+    async def main():
+        with _fake_backend() as back:
+            b = Backend(back, timeout=1.5)
+            t0 = time.monotonic()
+            with pytest.raises(APIError) as got:
+                await b.forward("/v1/completions", {"model": "m", "prompt": "slow"}, {"model": "m"}, every=0.1)
+            assert got.value.status == 504 and "did not answer within 2 s" in got.value.message
+            assert time.monotonic() - t0 < 10
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_a_silent_backends_stream_ends_with_the_servers_stop():
     """Sweep 41: a stream whose backend had gone quiet ignored the server's stop (asked only between lines)
     until uvicorn cancelled it: the client got an empty 200. Its 503 event and [DONE] come now, the chunk the
