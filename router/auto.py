@@ -376,8 +376,9 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
     reused when the same request comes again and the same generator wrote it), or, when the generator
     refuses, a "base" decision saying why."""
-    if undescribable(d) is not d:
-        return undescribable(d)
+    refused = undescribable(d)
+    if refused is not d:
+        return refused
     text = validate_description(d.text, "request text")  # as the adapter is stored and found by (stripped): the
     # same request with other spacing is the same request, its adapter reused
     first = generated_name(text, d.generator)
