@@ -84,30 +84,43 @@ EXTRA = (
 
 EMOTIONS = ("happy", "sad", "angry", "love", "shy", "cool", "sleepy", "excited", "surprised", "scared", "doubt",
             "sympathy", "confused", "dissatisfied", "sorry", "hurt")
-_TEMPLATES = ("Which does the kaomoji express: {a} or {b}?", "Label each kaomoji {a} or {b}.",
-              "Tell {a} kaomoji apart from {b} kaomoji.", "Kaomoji faces, {a} versus {b}: pick the one shown.",
-              "Is the Japanese text emoticon {a}, or is it {b}?")
+LANGUAGES = ("spanish", "portuguese", "french", "italian", "english", "german", "dutch", "swedish", "russian",
+             "ukrainian")
+# family -> (its labels, the task name's prefix, description templates)
+DENSE = {
+    "kaomoji-emotion": (EMOTIONS, "kaomoji", (
+        "Which does the kaomoji express: {a} or {b}?", "Label each kaomoji {a} or {b}.",
+        "Tell {a} kaomoji apart from {b} kaomoji.", "Kaomoji faces, {a} versus {b}: pick the one shown.",
+        "Is the Japanese text emoticon {a}, or is it {b}?")),
+    "language-id": (LANGUAGES, "lang", (
+        "Is this message written in {A} or in {B}?", "{A} or {B}: which language is the chat line in?",
+        "Label each chat line {A} or {B}.", "Tell {A} text apart from {B} text.",
+        "Decide whether the sentence is {A} or {B}.")),
+}
 
 
-def _dense() -> tuple:
-    """With --dense: every other pair of the 16 emotion categories (98 more kaomoji-emotion tasks, 121 in
-    the family then, as dense as Text-to-LoRA's task sets per skill), each described by one of five
+def _dense(family: str) -> tuple:
+    """With --dense: every other pair of the family's labels in DENSE (kaomoji-emotion: 16 emotion categories,
+    98 more tasks, 121 in the family then; language-id: 10 languages, 34 more), each described by one of five
     templates (chosen by the pair, so the same on every run): the study asks what a family of every pair
-    gives a generator, not how well these descriptions are written."""
+    gives a generator (Text-to-LoRA's task sets are as dense per skill), not how well these are written."""
     from itertools import combinations
 
     from loraplex import library
 
+    labels, prefix, templates = DENSE[family]
     taken = {frozenset(sp.labels) for sp in library.SPECS.values()} | {frozenset(e[2]) for e in EXTRA}
     out = []
-    for i, (a, b) in enumerate(p for p in combinations(EMOTIONS, 2) if frozenset(p) not in taken):
-        out.append(("kaomoji-emotion", f"kaomoji-{a}-vs-{b}", (a, b), _TEMPLATES[i % len(_TEMPLATES)].format(a=a, b=b)))
+    for i, (a, b) in enumerate(p for p in combinations(labels, 2) if frozenset(p) not in taken):
+        text = templates[i % len(templates)].format(a=a, b=b, A=a.capitalize(), B=b.capitalize())
+        out.append((family, f"{prefix}-{a}-vs-{b}", (a, b), text))
     return tuple(out)
 
 
 def extras_of(families: list[str], dense: bool) -> list[tuple]:
     """The extra tasks of `families`, the hand-written first (then, with `dense`, the templated pairs)."""
-    return [e for e in EXTRA + (_dense() if dense else ()) if e[0] in families]
+    more = tuple(e for f in DENSE if f in families for e in _dense(f)) if dense else ()
+    return [e for e in EXTRA + more if e[0] in families]
 
 
 def extra_name(task: str) -> str:
@@ -273,7 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--refine-steps", type=lambda t: count(t, 1), default=5, help="refinement steps read (and 2; at most 1,000)")
     ap.add_argument("--train-only", action="store_true", help="train the extra adapters, skip the study")
     ap.add_argument("--dense", action="store_true",
-                    help="also every other pair of 16 kaomoji emotions (98 more tasks; a third set, +dense)")
+                    help="also every other pair of the family's labels (kaomoji-emotion: 16 emotions, 98 more tasks; "
+                         "language-id: 10 languages, 34 more; a third fit set, +dense)")
     ap.add_argument("--out", type=out_file, default=None, help="rows file (default: library-scaling.json in the bench home)")
     args = ap.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]

@@ -115,12 +115,14 @@ def test_scaling_extras_are_new_label_sets_of_the_library_corpora(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.library_scaling import EXTRA, spec_of, write_task_file
+    from bench.library_scaling import DENSE, EXTRA, extras_of, spec_of, write_task_file
 
     lib_sets = {frozenset(s.labels) for s in library.SPECS.values() if s.family in {e[0] for e in EXTRA}}
-    names = [e[1] for e in EXTRA]
+    every = extras_of(list(DENSE), dense=True)  # the hand-written and the templated (--dense) pairs
+    names = [e[1] for e in every]
     assert len(set(names)) == len(names) and not set(names) & set(library.SPECS)
-    assert not {frozenset(e[2]) for e in EXTRA} & lib_sets
+    assert not {frozenset(e[2]) for e in every} & lib_sets
+    assert len({frozenset(e[2]) for e in every}) == len(every)
     fam, name, labels, desc = EXTRA[0]
     task = load_task(str(write_task_file(spec_of(fam, name, labels, desc), tmp_path)))
     assert task.labels == labels and task.description == desc
