@@ -49,7 +49,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -187,11 +187,12 @@ SEARCHED = 32
 """Adapters one search returns per request (at least top_k): the base's among them are its hits."""
 
 
-def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha: str | None = None
-                 ) -> list[list[Hit]]:
+def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha: str | None = None,
+                 accept: Callable[[Hit], bool] | None = None) -> list[list[Hit]]:
     """Per query row, its nearest adapters of `base` (default: the base of the query's nearest adapter),
     best first: one faiss search for all rows. Adapters registered against another fingerprint of the base
-    (`base_sha`, default: the base's fingerprint now) are left out: they cannot be loaded on it."""
+    (`base_sha`, default: the base's fingerprint now) are left out: they cannot be loaded on it; so are those
+    `accept` refuses. When what is left out fills the search, it goes deeper."""
     out, shas = [], {}
     if base is not None and base_sha is not None:
         shas[base] = base_sha
@@ -201,7 +202,7 @@ def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha
         want = base or (hits[0].base if hits else None)
         if want is not None and want not in shas:
             shas[want] = current_sha(want, reg.settings)
-        kept, deep = of_base(hits, want, shas.get(want)), k
+        kept, deep = [h for h in of_base(hits, want, shas.get(want)) if accept is None or accept(h)], k
         # adapters of other bases (or fingerprints) filled the search: deeper, until the base's own are found or
         # the registry is read out (sweep 41: 32 of another base near a request hid every one of the served base's)
         while want is not None and len(kept) < k and len(hits) >= deep:
@@ -210,7 +211,7 @@ def nearest_hits(reg, q: np.ndarray, cfg: AutoConfig, base: str | None, base_sha
                 break
             deep = min(total, deep * 8)
             hits = nearest_adapters(reg, q[i:i + 1], deep, weight=cfg.prototype_weight)[0]
-            kept = of_base(hits, want, shas.get(want))[:k]
+            kept = [h for h in of_base(hits, want, shas.get(want)) if accept is None or accept(h)][:k]
         out.append(kept)
     return out
 
@@ -256,7 +257,15 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
     read: dict[str, Any] = {}  # the records (and label sets) this round has read, each once
     labels_read: dict[str, Any] = {}
     out = []
-    for t, hits, want in zip(texts, nearest_hits(reg, q, cfg, base, base_sha), per):
+    searched = max(SEARCHED, cfg.top_k)
+
+    def has_labels(h: Hit) -> bool:  # read once a round, as `_records` reads
+        rec = _records(reg, [h], read).get(h.name)
+        if rec is not None and h.name not in labels_read:
+            labels_read[h.name] = record_labels(reg, rec)
+        return rec is not None and bool(labels_read[h.name])
+
+    for row, (t, hits, want) in enumerate(zip(texts, nearest_hits(reg, q, cfg, base, base_sha), per)):
         if not visible(t):  # a prompt of spaces or zero-width characters: its embedding says nothing (sweep 27:
             # it was decided on, and logged as a candidate new task); the bare base continues it
             out.append(Decision(t, "base", "the text has no visible character: nothing to route by", None, None, None))
@@ -276,8 +285,12 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if want is None and encoders_want_labels and hits and recs[hits[0].name].family != "causal":
             want = ()
         if want == () and hits:  # answered with a label set: adapters that record none cannot answer it
-            near = hits[0]
+            near, full = hits[0], len(hits) >= searched
             hits = [h for h in hits if labels_of[h.name]]
+            if full and len(hits) < searched:  # adapters without one filled the search: deeper (sweep 43)
+                hits = nearest_hits(reg, q[row:row + 1], cfg, base or near.base, base_sha if base else None,
+                                    accept=has_labels)[0]
+                labels_of.update({h.name: labels_read[h.name] for h in hits})
             if not hits:  # answered by the base of its nearest adapter (`answer` finds the base by it)
                 out.append(Decision(t, "base", f"no adapter of base {near.base!r} near it records a task with labels",
                                     near.score, None, near.name))

@@ -178,3 +178,27 @@ def test_auto_finds_its_bases_adapters_behind_a_crowd_of_another_bases(tmp_path)
     [hits] = auto_router.nearest_hits(reg, q, cfg, "toy", "0" * 64)
     assert len(hits) == 10 and {h.base for h in hits} == {"toy"}
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_auto_finds_labelled_adapters_behind_a_crowd_of_taskless_ones(tmp_path):
+    """Sweep 43: a request to be answered with a label set kept, of its 32 nearest adapters, those recording one;
+    32 task-less imports nearer than every labelled adapter left none, and it went to the bare base. The search
+    goes deeper for adapters that record labels."""
+    from loraplex.router import auto as auto_router
+
+    rng = np.random.default_rng(4)
+    reg = Registry(tmp_path / "h", embedder="hash")
+    a = Adapter(LoraSpec(r=1, alpha=1), {"m": (torch.ones(1, 4), torch.ones(4, 1))})
+    u, v = np.eye(16)[0], np.eye(16)[1]
+    for i in range(60):  # 50 imports without a task around u, 10 trained adapters (a task with labels) around v
+        labelled = i % 6 == 0
+        card = {"t.jsonl": {"name": "t", "description": "d", "labels": ["bad", "good"]}} if labelled else {}
+        reg.add_adapter(AdapterDraft(name=f"{'l' if labelled else 'i'}{i:03d}", base="toy", base_sha="0" * 64,
+                                     family="encoder", description=f"a{i}", spec=a.spec,
+                                     task="t.jsonl" if labelled else None, extra={"task_cards": card}),
+                        a, embedding=_unit((v if labelled else u) + 0.1 * rng.normal(size=16)), prototype=None,
+                        embedder="hash")
+    q = _unit(u + 0.3 * v)[None]
+    cfg = auto_router.parse_config({"route_threshold": 0.0})
+    [d] = auto_router.decide(reg, ["x"], cfg, base="toy", base_sha="0" * 64, queries=q, labels=[()])
+    assert d.action == "route" and d.nearest.startswith("l") and all(h.name.startswith("l") for h in d.hits), d
