@@ -356,6 +356,8 @@ def _fake_backend(seen: dict | None = None):
             seen.setdefault("updates", []).append((request.url.path, body))
         if body["lora_name"].startswith("refuse"):
             return JSONResponse({"error": {"message": f"cannot load {body['lora_name']}"}}, status_code=400)
+        if body["lora_name"].startswith("slow"):
+            await asyncio.sleep(20)
         if body["lora_name"].startswith("deep"):
             from starlette.responses import Response as Raw
 
@@ -583,6 +585,10 @@ def test_a_backend_that_does_not_answer_in_time_is_a_504():
             with pytest.raises(APIError) as got:
                 await b.forward("/v1/completions", {"model": "m", "prompt": "slow"}, {"model": "m"}, every=0.1)
             assert got.value.status == 504 and "did not answer within 2 s" in got.value.message
+            assert time.monotonic() - t0 < 10
+            t0 = time.monotonic()  # a load sent on is bounded the same way (sweep 43: it waited for ever)
+            err = await b.lora_update("/v1/load_lora_adapter", {"lora_name": "slow-x", "lora_path": "/nowhere"})
+            assert err is not None and err.status == 504 and "did not answer within 2 s" in err.message
             assert time.monotonic() - t0 < 10
             await b.close()
 
