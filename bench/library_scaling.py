@@ -290,6 +290,10 @@ def main(argv=None) -> int:
                          "language-id: 10 languages, 34 more; a third fit set, +dense)")
     ap.add_argument("--out", type=out_file, default=None, help="rows file (default: library-scaling.json in the bench home)")
     args = ap.parse_args(argv)
+    from loraplex.generators.refine import RefineConfig
+
+    if args.refine_steps > RefineConfig.model_fields["steps"].metadata[-1].le:  # before anything trains (sweep 43)
+        ap.error(f"--refine-steps: at most {RefineConfig.model_fields['steps'].metadata[-1].le:,}")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     known = sorted({e[0] for e in EXTRA})
     bad = [f for f in families if f not in known]

@@ -151,8 +151,10 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
     if not adapters and len(names) < 2:
         left = reg.count() - len(names)
         raise UserInputError(f"a generator learns from at least 2 trained adapters that answer alone; the registry "
-                             f"holds {len(names)}" + (f" ({left} more left out: generated, forgetting or trained "
-                                                      "with earlier ones summed in)" if left else ""))
+                             f"holds {len(names)}" + (f" ({left} more left out: generated, forgetting, trained "
+                                                      "with earlier ones summed in, or registered without a task: "
+                                                      "register those with --task, or name them with --adapters)"
+                                                      if left else ""))
     blobs = {n: reg.get_adapter(n).blob for n in names}  # an unknown name is named ("at least 2 adapters, got 1")
     data = training_set(reg, names, snapshots=cfg.snapshots)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))

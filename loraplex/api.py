@@ -452,6 +452,15 @@ def load_routed_model(router: str | None = None, adapters: Sequence[str] | None 
         raise UserInputError(f"load_routed_model(): {', '.join(given)} choose adapters for a router; without one the "
                              "adapters named are loaded as they are")
     stored = router not in (None, "retrieval")  # retrieval reads texts itself; a stored router only for its shortlist
+    if options.get("keep") is not None:  # keep is a shortlist drawn already: texts and labels would draw another
+        beside = [k for k in ("texts", "labels") if options.get(k) is not None]  # (silently dropped: sweep 43)
+        if beside:
+            raise UserInputError(f"load_routed_model(): {', '.join(beside)} draw a shortlist, and keep is one drawn "
+                                 "already: give one or the other")
+        sl = options.get("shortlist")
+        if isinstance(sl, int) and not isinstance(sl, bool) and len(set(options["keep"])) > sl:
+            raise UserInputError(f"load_routed_model(): keep names {len(set(options['keep']))} adapters, more than "
+                                 f"the shortlist of {sl}")
     for k, does in (("labels", "prefer adapters trained on them"), ("keep", "picks one of shortlist_groups' member sets"),
                     ("texts", "are the queries a shortlist is drawn for")):
         if k in given and options.get("shortlist") is None and (k != "texts" or stored):

@@ -118,6 +118,11 @@ def test_a_stored_routers_keep_and_texts_are_checked(env):
     with pytest.raises(UserInputError, match="texts are the queries a shortlist is drawn for .* give shortlist too"):
         api.load_routed_model("tg", texts=["flight late"], settings=env.settings)
     assert len(api.load_routed_model("tg", shortlist=1, keep=[1], settings=env.settings).experts) == 1
+    # beside keep, texts chose nothing and a shortlist smaller than keep was ignored (sweep 43)
+    with pytest.raises(UserInputError, match="texts draw a shortlist, and keep is one drawn already"):
+        api.load_routed_model("tg", shortlist=1, keep=[1], texts=["flight late"], settings=env.settings)
+    with pytest.raises(UserInputError, match="keep names 3 adapters, more than the shortlist of 1"):
+        api.load_routed_model("tg", shortlist=1, keep=[0, 1, 2], settings=env.settings)
 
 
 def test_evaluate_router_takes_task_files_as_paths(env, task_files):
