@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,11 +90,12 @@ def out_file(text: str) -> Path:
     p = Path(text).expanduser()
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if (p.exists() or p.is_symlink()) and not p.is_file():  # a FIFO: opening it waited for a reader (sweep 43)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular file")
     existed = p.exists()
     try:  # tried, not predicted from permission bits (root passes those where /proc refuses)
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a", encoding="utf-8"):
-            pass
+        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {exc.strerror or exc}") from None
     if not existed:

@@ -355,7 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=count, default=150, help="test rows per task (the library build's)")
     ap.add_argument("--k", type=count, default=3, help="K for the average of the K nearest adapters")
     ap.add_argument("--hub-candidates", type=count, default=8, help="LoraHub's candidate adapters (nearest by description)")
-    ap.add_argument("--min-gain", type=float, default=0.05, help="tasks counted in gain recovered: oracle - base >= this")
+    ap.add_argument("--min-gain", type=float, default=0.05,
+                    help="tasks counted in gain recovered: oracle - base >= this (above 0, at most 1)")
     ap.add_argument("--refine-steps", type=lambda t: count(t, 0), default=0,
                     help="also refine each generated adapter on the 16 examples this many steps (generators/refine.py)")
     ap.add_argument("--refine-lr", type=float, default=0.2, help="the refinement's learning rate")
@@ -365,6 +366,8 @@ def main(argv=None) -> int:
                     help="rows file (default: library-generators.json in the bench home; the published one is "
                          "bench/results/library-generators.json, written only when named)")
     args = ap.parse_args(argv)
+    if not 0 < args.min_gain <= 1:  # gain recovered divides by the oracle's gain (sweep 43: a ZeroDivisionError)
+        ap.error(f"--min-gain: above 0 and at most 1, got {args.min_gain:g}")
     try:
         RefineConfig(steps=args.refine_steps, lr=args.refine_lr)
     except ValueError as exc:

@@ -294,6 +294,8 @@ def main(argv=None) -> int:
 
     if args.refine_steps > RefineConfig.model_fields["steps"].metadata[-1].le:  # before anything trains (sweep 43)
         ap.error(f"--refine-steps: at most {RefineConfig.model_fields['steps'].metadata[-1].le:,}")
+    if args.train_only and args.out is not None:  # it was dropped without a word (sweep 43)
+        ap.error("--out names the study's rows file, and --train-only runs no study")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     known = sorted({e[0] for e in EXTRA})
     bad = [f for f in families if f not in known]

@@ -151,8 +151,13 @@ def new_instance() -> str:
 
 
 def hops_of(value: str | None) -> list[str]:
-    """The server ids a request's HOP_HEADER names (the header as received; empty when absent)."""
-    return [h.strip() for h in (value or "").split(",") if h.strip()][:64]
+    """The server ids a request's HOP_HEADER names (the header as received; empty when absent). Only ids as
+    `new_instance` makes them are kept: anything else a client put there (a byte that is not ASCII was a 500
+    when the header was sent on: sweep 43) names no loraplex server."""
+    return [h.strip() for h in (value or "").split(",") if _HOP_ID.fullmatch(h.strip())][:64]
+
+
+_HOP_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class Backend:
