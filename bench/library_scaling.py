@@ -17,8 +17,8 @@ repeats a library task's label set, so a held-out task is never in the extra set
 are written here, one per task, shorter than the library's.
 
 The extra tasks are task files written into the bench home (`<home>/scaling-tasks/`) and trained there
-as `scale-<task>-lora` (resumable); the study's rows go to `<home>/library-scaling.json` and the table
-to stdout (bench/results/library-scaling.txt is the published one).
+as `scale-<task>-lora` (resumable); the study's rows go to `<home>/library-scaling[-dense]-<families>.json`
+and the table to stdout (bench/results/library-scaling*.txt are the published ones).
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library_scaling.py [--families kaomoji-emotion,language-id]
         [--steps 50] [--eval-limit 150] [--refine-steps 5] [--train-only]
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense", action="store_true",
                     help="also every other pair of the family's labels (kaomoji-emotion: 16 emotions, 98 more tasks; "
                          "language-id: 10 languages, 34 more; a third fit set, +dense)")
-    ap.add_argument("--out", type=out_file, default=None, help="rows file (default: library-scaling.json in the bench home)")
+    ap.add_argument("--out", type=out_file, default=None,
+                    help="rows file (default: library-scaling[-dense]-FAMILIES.json in the bench home)")
     args = ap.parse_args(argv)
     from loraplex.generators.refine import RefineConfig
 
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train_extras(families, args.steps, args.eval_limit, args.dense)
     if not args.train_only:
-        default = "library-scaling-dense.json" if args.dense else "library-scaling.json"
+        default = f"library-scaling-{'dense-' if args.dense else ''}{'+'.join(families)}.json"  # one file per study
         rows = study(families, args.eval_limit, args.refine_steps, args.out or bench_home() / default, ap, args.dense)
         print("\n".join(report(rows, families, args.refine_steps)))
     print(f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s")
