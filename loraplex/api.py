@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from loraplex.settings import Settings
+from loraplex.tasks import MAX_NESTING  # levels of dicts and lists an argument may hold
 
 if TYPE_CHECKING:
     from loraplex.continual.fit import TrainResult
@@ -154,9 +155,6 @@ def _check_text(where: str, fn: Callable[..., Any], args: tuple, kwargs: dict[st
 def _fs(task: Any) -> Any:
     """A task named by a path (a `pathlib.Path` to a task file) as the string the parts take (sweep 40)."""
     return os.fspath(task) if isinstance(task, os.PathLike) else task
-
-
-MAX_NESTING = 64  # levels of dicts and lists in an argument (no option of loraplex nests a tenth as deep)
 
 
 def _plain(value: Any, depth: int = 0) -> Any:

@@ -8,8 +8,8 @@ It imports nothing of the package but its errors, so every part may use it.
 from __future__ import annotations
 
 import hashlib
-import os
 import itertools
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -226,7 +226,8 @@ MAX_LABEL_CHARS = 1_000
 """The longest label name a query may ask for (a name, not a description)."""
 
 
-MAX_NESTING = 64  # levels of lists and dicts `lone_surrogate` walks (deeper: refused, not a RecursionError)
+MAX_NESTING = 64  # levels of lists and dicts an argument may hold (`lone_surrogate`, api: deeper is refused, not a
+# RecursionError; no option of loraplex nests a tenth as deep)
 
 
 def lone_surrogate(x: Any, at: tuple = ()) -> tuple | None:
