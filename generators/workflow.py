@@ -247,8 +247,11 @@ def _answering_task(reg, name: str, description: str, parents: list[dict[str, An
 @one_at_a_time
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
-             max_distance: float | None = None, refine_steps: int = 0) -> dict[str, Any]:
+             max_distance: float | None = None, refine_steps: int = 0, dry_run: bool = False) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
+    `dry_run`: everything up to the registration (every refusal the generator or the examples make), nothing
+    written or refined: returns the task the adapter would answer with and its parents (`auto` asks so before
+    any input of a request is written when one refusal refuses the whole request).
 
     The adapter records the task whose label set it answers with (an adapter with none could not answer a
     routed query): with labelled examples of at least 2 labels, the task of its most similar parent whose
@@ -272,7 +275,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, (int, float))
                                      or not 0 < max_distance <= 2):  # nan compared false: the bound never tripped
         raise UserInputError(f"max_distance must be a cosine distance above 0 and at most 2, got {max_distance!r}")
-    reg.check_adapter_name_free(name)
+    if not dry_run:
+        reg.check_adapter_name_free(name)
     rec, gen = load(reg, settings, generator)
     member = reg.get_adapter(rec.members[0])
     labelled = list(dict.fromkeys(lab for _, lab in examples if lab))
@@ -284,6 +288,9 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     out = gen.generate(Query(description, list(examples)), seed=seed, where=where)
     parents = out.parents
     task, extra = _answering_task(reg, name, description, parents, labelled) if label_task else (None, {})
+    if dry_run:
+        return {"name": name, "generator": generator, "parents": parents, "distance": round(out.distance, 4),
+                "task": task, "task_cards": extra.get("task_cards") or {}}
     if refine is not None:  # refined against the labels (and label texts) it will answer with, as it is scored and
         # as the benchmark refines (sweep 42: refined on the bare label words, the adapter answered with its
         # parent's task and texts; 77% where refining on those reached 85%); the parents do not depend on refining

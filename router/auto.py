@@ -58,7 +58,7 @@ from pydantic import Field, ValidationError
 from loraplex.catalog import MAX_COUNT, Options, options
 from loraplex.embedders import get_embedder
 from loraplex.errors import (AdapterNotFound, AlreadyExists, ComponentNotFound, DiskFull, IntegrityError,
-                             LockUnavailable, RegistryBusy, UserInputError)
+                             LockUnavailable, LoraplexError, RegistryBusy, UserInputError)
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
 from loraplex.heads import head_for
@@ -67,7 +67,7 @@ from loraplex.ranks import is_worker
 from loraplex.registry.index import Hit, nearest_adapters, of_base
 from loraplex.router.load import load_bank, load_retrieval
 from loraplex.router.model import labels_task
-from loraplex.router.retrieval import RetrievalRouter, label_overlap, record_labels
+from loraplex.router.retrieval import RetrievalRouter, label_overlap, record_labels, task_labels
 from loraplex.tasks import validate_description, visible
 
 Action = Literal["route", "generate", "base"]
@@ -380,9 +380,36 @@ def undescribable(d: Decision) -> Decision:
     try:
         validate_description(d.text, "request text")
     except UserInputError as exc:
-        return Decision(d.text, "base", f"{d.reason}; but it cannot describe a new adapter: {exc}", d.similarity,
-                        d.margin, d.nearest, hits=d.hits)
+        return _as_base(d, f"but it cannot describe a new adapter: {exc}")
     return d
+
+
+def unwritable(reg, settings, d: Decision, cfg: AutoConfig, *, labelled: bool) -> Decision:
+    """A "generate" decision as the "base" decision carrying it out would end in, found without writing
+    anything (the generator's dry run: its distance bound, the task its adapter would answer with); any other
+    decision, or one the dry run cannot judge (the generator removed or damaged since: `written_for` routes
+    those), as it is. `labelled`: the answer needs a label set, so an adapter whose parents record none would
+    be refused too. A request that one refused input refuses whole asks this of every input before the
+    first is written (sweep 43: a late refusal removed an adapter another request had just reused)."""
+    refused = undescribable(d)
+    if refused is not d or d.action != "generate":
+        return refused
+    text = validate_description(d.text, "request text")
+    try:
+        plan = generate(reg, settings, text, generator=d.generator, name=generated_name(text, d.generator),
+                        examples=[(text, None)], label_task=True, max_distance=cfg.generator_max_distance,
+                        dry_run=True)
+    except OutOfRange as exc:
+        return _as_base(d, f"but the generator refused: {exc}")
+    except LoraplexError:  # removed, damaged, a registry it cannot read now: `written_for` decides those
+        return d
+    if labelled and not task_labels(reg, plan["task"], plan["task_cards"]):
+        return _as_base(d, "but an adapter written for it records no task with labels (its parents have none)")
+    return d
+
+
+def _as_base(d: Decision, why: str) -> Decision:
+    return Decision(d.text, "base", f"{d.reason}; {why}", d.similarity, d.margin, d.nearest, hits=d.hits)
 
 
 def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
@@ -415,8 +442,7 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
                             "writes this request's adapter under are held by adapters it did not write",
                             d.similarity, d.margin, d.nearest, hits=d.hits)
     except OutOfRange as exc:
-        return Decision(d.text, "base", f"{d.reason}; but the generator refused: {exc}", d.similarity, d.margin,
-                        d.nearest, hits=d.hits)
+        return _as_base(d, f"but the generator refused: {exc}")
     except ComponentNotFound:  # removed since the decision (`generate remove`): decided as with no generator, as
         # a named generator removed before it is (sweep 39: a 404 about the `auto` the client named)
         s1 = d.similarity if d.similarity is not None else -1.0

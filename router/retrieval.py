@@ -37,7 +37,7 @@ of S does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -99,13 +99,19 @@ def adapter_labels(reg, name: str) -> tuple[str, ...] | None:
 def record_labels(reg, rec) -> tuple[str, ...] | None:
     """The label set of an adapter record's task, from what the record holds of the task (its card), else
     from the task itself; None when it records no task with labels."""
-    if not rec.task:
+    return task_labels(reg, rec.task, rec.extra.get("task_cards"))
+
+
+def task_labels(reg, task: str | None, cards: dict[str, Any] | None = None) -> tuple[str, ...] | None:
+    """The label set of task `task`, from `cards` (what a record holds of its tasks), else the registry's
+    card or the task itself; None for no task, or one without labels."""
+    if not task:
         return None
-    card = (rec.extra.get("task_cards") or {}).get(rec.task) or reg.task_card(rec.task) or {}
+    card = (cards or {}).get(task) or reg.task_card(task) or {}
     if card.get("labels"):
         return tuple(card["labels"])
     try:
-        return tuple(reg.load_task(rec.task).labels) or None
+        return tuple(reg.load_task(task).labels) or None
     except LoraplexError:  # a task file gone without a card: no labels to match
         return None
 

@@ -272,9 +272,11 @@ class Engine:
         want = tuple(labels) if labels else (() if for_classify else None)
         decisions = list(self._decide([(t, want) for t in texts]))
         refusing = for_classify and not labels  # an input left to the base refuses the whole request
-        if refusing:  # before anything is written: the base decisions, and the generate ones that cannot describe
-            late = [auto_router.undescribable(d) if d.action == "generate" and not forwarded and self.writes_adapters
-                    else d for d in decisions]  # an adapter (sweep 41: refused after the others' were written)
+        if refusing:  # before anything is written: the base decisions, and the generate ones the generator's dry
+            # run refuses (sweep 41: refused after the others' were written; sweep 43: the undo of those removed an
+            # adapter a concurrent request had reused meanwhile)
+            late = [auto_router.unwritable(self.reg(), self.settings, d, self.auto_config, labelled=True)
+                    if d.action == "generate" and not forwarded and self.writes_adapters else d for d in decisions]
             classify.refuse_base_answers([d.action == "base" for d in late], [d.reason for d in late])
         writer = auto_router.Writer(self.reg(), self.settings, self.auto_config)
         for d in decisions:

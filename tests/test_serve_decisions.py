@@ -401,3 +401,30 @@ def test_a_classification_is_not_generated_for_by_parents_without_labels(toy_reg
     with pytest.raises(UserInputError, match="records no task with labels"):
         engine.auto([TEXTS[0]], for_classify=True)
     assert registry_state(s.home) == before
+
+
+def test_a_classification_the_generator_refuses_writes_nothing_first(toy_registry, tiny_bert, monkeypatch):
+    """Sweep 43: a classification without labels whose second input the generator refused wrote the first
+    input's adapter, then removed it; a concurrent request that had reused it meanwhile met a removed adapter
+    (a 409). The generator's dry run refuses the request before any adapter is written (nothing written and
+    undone), with the generator's own reason; a request it accepts is still written."""
+    from loraplex.errors import UserInputError
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    far = {t: workflow.generate(reg, s, t, generator="gen", name="probe", examples=[(t, None)], max_distance=2.0,
+                                dry_run=True)["distance"]
+           for t in TEXTS[:2]}
+    assert not reg.has_adapter("probe")  # a dry run registers nothing
+    near, farther = sorted(TEXTS[:2], key=far.get)
+    assert far[near] < far[farther], far
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "generator_max_distance": (far[near] + far[farther]) / 2})
+    written: list[str] = []
+    real = auto_router.written_for
+    monkeypatch.setattr(auto_router, "written_for", lambda *a: written.append(a[2].text) or real(*a))
+    before = registry_state(s.home)
+    with pytest.raises(UserInputError, match="input 1: .*the generator refused: .*beyond max_distance"):
+        engine.auto([near, farther], for_classify=True)
+    assert written == [] and registry_state(s.home) == before
+    routes = engine.auto([near], for_classify=True)
+    assert written == [near] and routes[0].decision == "generate" and reg.has_adapter(routes[0].adapters[0][0])
