@@ -324,18 +324,23 @@ class Backend:
     async def _events(self, resp: httpx.Response, stopped: Callable[[], APIError | None] | None) -> AsyncIterator[str]:
         """The data of each server-sent event: consecutive `data:` lines joined by newlines up to the blank
         line that ends the event (an event's JSON may span several lines); other fields are skipped. An event
-        over MAX_ANSWER bytes is the backend's failure; the server's stop ends the stream at the next line."""
+        over MAX_ANSWER bytes is the backend's failure; the server's stop ends the stream at the next line. No
+        event within the timeout (the whole answer's bound: bytes trickled that never end one, comments only)
+        is a 504 (sweep 43: such a stream stayed open until the client left; a token a while is an event)."""
         data: list[str] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        last = [loop.time()]  # when the last event came (the stream's start before the first)
         # read in the relay's own task: a read parked in a task of its own (a timed wait per line) kept the
         # backend's connection open after the client left, and tripled the CPU a chunk costs (sweep 38); the
         # server's stop is asked between lines
-        async for line in self._lines(resp):
+        async for line in self._lines(resp, last):
             err = stopped() if stopped is not None else None
             if err is not None:
                 raise err
             if not line:
                 if data:
+                    last[0] = loop.time()
                     yield "\n".join(data)
                     data, size = [], 0
             elif line.startswith("data:"):
@@ -346,12 +351,16 @@ class Backend:
         if data:
             yield "\n".join(data)
 
-    async def _lines(self, resp: httpx.Response) -> AsyncIterator[str]:
+    async def _lines(self, resp: httpx.Response, last: list[float]) -> AsyncIterator[str]:
         """The stream's lines (LF or CRLF ended) as its bytes arrive, a line of more than MAX_ANSWER bytes (a
         comment included) failing before more of it is kept: httpx's `aiter_lines` held a whole line however
-        long (600 MiB of one comment line took 1.2 GB; sweep 38)."""
+        long (600 MiB of one comment line took 1.2 GB; sweep 38). `last[0]`: when the last event came (the
+        loop's clock); bytes arriving past the timeout after it end the stream (504)."""
         pending = bytearray()  # the line under way: only the new bytes are searched (linear in the stream)
+        loop = asyncio.get_running_loop()
         async for part in resp.aiter_bytes():
+            if loop.time() - last[0] > self.timeout:
+                raise APIError(504, self._named(f"sent no stream event within {self.timeout:g} s"))
             start = 0
             while (end := part.find(b"\n", start)) >= 0:
                 pending += part[start:end]

@@ -340,11 +340,17 @@ def _fake_backend(seen: dict | None = None):
             yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
             await asyncio.sleep(30)
 
+        async def drip():  # one chunk, then a byte now and then that never ends an event (sweep 43)
+            yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
+            for _ in range(100):
+                await asyncio.sleep(0.3)
+                yield "d"
+
         async def sdeep():
             yield 'data: {"choices": [{"index": 0, "text": "A"}]}\n\n'
             yield 'data: {"choices": ' + "[" * 100_000 + "]" * 100_000 + '}\n\ndata: [DONE]\n\n'
 
-        streams = {"silent": silent, "sdeep": sdeep, "split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
+        streams = {"silent": silent, "drip": drip, "sdeep": sdeep, "split": split, "failing": failing, "garbled": garbled, "empty": empty, "intchoices": intchoices,
                    "nan": snan, "nomodel": nomodel, "longline": longline, "errobj": errobj, "trickle": trickle}
         return StreamingResponse(streams.get(p, cut)(), media_type="text/event-stream")
 
@@ -621,6 +627,31 @@ def test_a_silent_backends_stream_ends_with_the_servers_stop():
             assert time.monotonic() - t0 < 10, events
             assert json.loads(events[0])["choices"][0]["text"] == "A", events
             assert "shutting down" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]", events
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_whose_backend_sends_no_event_in_time_ends_in_a_504():
+    """Sweep 43: a backend that sent its headers, then a byte now and then that never made an event, held the
+    stream open with nothing sent (each byte reset the read timeout): no event within the timeout is a 504
+    event and [DONE], the chunk sent before it kept."""
+    import asyncio
+
+    from loraplex.serve.backend import Backend
+
+    async def main():
+        with _fake_backend() as back:
+            b = Backend(back, timeout=1.5)
+            t0 = time.monotonic()
+            resp = await b.forward("/v1/completions", {"model": "m", "prompt": "drip", "stream": True}, {"model": "m"},
+                                   every=0.1)
+            body = b"".join([part async for part in resp.body_iterator]).decode()
+            events = [ln[5:].strip() for ln in body.splitlines() if ln.startswith("data:")]
+            assert time.monotonic() - t0 < 10, events
+            assert json.loads(events[0])["choices"][0]["text"] == "A", events
+            err = json.loads(events[-2])["error"]
+            assert "sent no stream event within 1.5 s" in err["message"] and events[-1] == "[DONE]", events
             await b.close()
 
     asyncio.run(main())
