@@ -14,6 +14,7 @@ seconds) are written to a JSON file, `library.json` in the bench home unless --o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -93,13 +94,18 @@ def out_file(text: str) -> Path:
     if (p.exists() or p.is_symlink()) and not p.is_file():  # a FIFO: opening it waited for a reader (sweep 43)
         raise argparse.ArgumentTypeError(f"{text!r} is not a regular file")
     existed = p.exists()
+    made = [d for d in p.parents if not d.exists()]  # the folders the check makes (deepest first): taken back
     try:  # tried, not predicted from permission bits (root passes those where /proc refuses)
         p.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {exc.strerror or exc}") from None
-    if not existed:
-        p.unlink()
+    finally:  # a run refused later (another argument) leaves no trace of the check (sweep 43); `write` makes them
+        if not existed and p.is_file():
+            p.unlink()
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return p
 
 
