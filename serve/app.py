@@ -268,6 +268,13 @@ class _Context:
             return None
         return APIError(503, "the server is shutting down: this request did not finish in its grace period")
 
+    def stopping(self) -> APIError | None:
+        """The error a request still reading its body ends with once the server's stop is signalled (it has
+        not started: nothing of it is lost), or None."""
+        if self.stop_at is None:
+            return None
+        return APIError(503, "the server is shutting down: this request was not read in full before the stop")
+
     def updating(self, endpoint: str) -> None:
         """Refuse a registry change over HTTP when the server was started with --no-lora-updates (403)."""
         if not self.lora_updates:
@@ -438,7 +445,7 @@ def _generation_routes(app: FastAPI, cx: _Context) -> None:
 async def _generate(cx: _Context, request: Request, chat: bool):
     """A chat or text completion: forwarded to the backend (--backend), or a job of the batching thread
     answered whole or streamed."""
-    raw = await read_body(request)
+    raw = await read_body(request, cx.stopping)
     # parsing and tokenising a long body take seconds: in a worker thread, so other clients are not held up
     req = await run_in_threadpool(parse, raw, ChatRequest if chat else CompletionRequest)
     if cx.fwd is not None and req.trace:  # the backend generates: no token's routing is recorded here
@@ -598,7 +605,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        req = await run_in_threadpool(parse, await read_body(request), ClassifyRequest)
+        req = await run_in_threadpool(parse, await read_body(request, cx.stopping), ClassifyRequest)
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
         await run_in_threadpool(_within_context, engine, texts)
@@ -636,7 +643,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         cx.updating("/v1/load_lora_adapter")
-        req = await run_in_threadpool(parse, await read_body(request), LoadLoraRequest)
+        req = await run_in_threadpool(parse, await read_body(request, cx.stopping), LoadLoraRequest)
         try:
             await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
@@ -663,7 +670,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         cx.updating("/v1/unload_lora_adapter")
-        req = await run_in_threadpool(parse, await read_body(request), UnloadLoraRequest)
+        req = await run_in_threadpool(parse, await read_body(request, cx.stopping), UnloadLoraRequest)
         try:
             await run_in_threadpool(engine.unregister, req.lora_name)
         except LoraplexError as exc:

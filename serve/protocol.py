@@ -7,6 +7,7 @@ that names them, instead of being silently ignored.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -277,10 +278,18 @@ MAX_BODY = 32 << 20
 """Bytes a request body may have (2,048 inputs of a 512-token context take about 5 MB)."""
 BODY_IDLE_S = 30.0
 """Seconds a request body may stall between two of its pieces before the request is dropped (408)."""
+BODY_POLL_S = 0.5
+"""How often a body still arriving looks at the clock and at the server's stop."""
+BODY_TOTAL_S = 120.0
+"""Seconds a whole request body may take (408 past them: a byte now and then held a connection for ever;
+sweep 45). MAX_BODY in that time is 280 KB/s."""
 
 
-async def read_body(request: Any) -> bytes:
-    """The request's body, read up to MAX_BODY bytes; past that a 413 (the rest is not read)."""
+async def read_body(request: Any, stopping: Any = None) -> bytes:
+    """The request's body, read up to MAX_BODY bytes; past that a 413 (the rest is not read). A body that
+    stalls BODY_IDLE_S or takes more than BODY_TOTAL_S in all is a 408; `stopping()` (the server's stop
+    signalled: its 503, else None) ends a body still arriving at once (sweep 45: it held the stop's whole grace,
+    then was cut with a plain-text 500)."""
     def too_large() -> APIError:
         return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
 
@@ -314,22 +323,43 @@ async def read_body(request: Any) -> bytes:
 
     chunks, size = [], 0
     stream = request.stream()
+    start = last = time.monotonic()
+    pending = None
     try:
         while True:
-            try:  # a client that stops sending mid-body would hold its connection and handler for ever
-                chunk = await asyncio.wait_for(stream.__anext__(), BODY_IDLE_S)
+            if pending is None:
+                pending = asyncio.ensure_future(stream.__anext__())
+            # one read awaited across the checks (a read cancelled by a timed wait would close the stream)
+            done, _ = await asyncio.wait({pending}, timeout=BODY_POLL_S)
+            now = time.monotonic()
+            if not done:  # a client that stops sending mid-body would hold its connection and handler for ever
+                if stopping is not None and (err := stopping()) is not None:
+                    raise err
+                if now - last > BODY_IDLE_S:
+                    raise APIError(408, f"the request body stopped arriving (nothing for {BODY_IDLE_S:g} s)",
+                                   code="request_timeout")
+                if now - start > BODY_TOTAL_S:
+                    raise APIError(408, f"the request body took more than {BODY_TOTAL_S:g} s to arrive",
+                                   code="request_timeout")
+                continue
+            try:
+                chunk = pending.result()
             except StopAsyncIteration:
                 break
-            except asyncio.TimeoutError:
-                raise APIError(408, f"the request body stopped arriving (nothing for {BODY_IDLE_S:g} s)",
-                               code="request_timeout") from None
+            pending, last = None, now
             size += len(chunk)
             if size > MAX_BODY:
                 raise too_large()
+            if now - start > BODY_TOTAL_S:
+                raise APIError(408, f"the request body took more than {BODY_TOTAL_S:g} s to arrive",
+                               code="request_timeout")
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "the client closed the connection before its body was sent") from None
     finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
         await stream.aclose()
     return b"".join(chunks)
 

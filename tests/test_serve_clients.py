@@ -6,6 +6,7 @@ counted once in the metrics, a stream its client closed as 499; headers and fiel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -256,6 +257,65 @@ def test_a_body_that_stops_arriving_is_dropped(llama_url, monkeypatch):
                 break
             answer += piece
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+
+
+def test_a_body_that_trickles_in_is_bounded_as_a_whole(llama_url, monkeypatch):
+    """Sweep 45: a body sent a byte now and then (each within BODY_IDLE_S of the last) held its connection and
+    handler for ever: the whole body has BODY_TOTAL_S."""
+    import socket
+    from urllib.parse import urlparse
+
+    from loraplex.serve import protocol
+
+    monkeypatch.setattr(protocol, "BODY_TOTAL_S", 1.0)
+    monkeypatch.setattr(protocol, "BODY_POLL_S", 0.1)
+    u = urlparse(llama_url)
+    t0 = time.monotonic()
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        sock.settimeout(0.25)
+        answer = b""
+        for byte in b'{"model": "flights-lora", "prompt": "x"':
+            with contextlib.suppress(OSError):
+                sock.sendall(bytes([byte]))
+            try:
+                answer += sock.recv(4096)
+            except socket.timeout:
+                continue
+            if b"request_timeout" in answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and b"took more than 1 s" in answer, answer
+    assert time.monotonic() - t0 < 8
+
+
+def test_a_body_still_arriving_ends_at_the_servers_stop():
+    """Sweep 45: a request still reading its body ignored the server's stop, held the whole grace period, and
+    was cut with a plain-text 500: it ends at once with the stop's 503 (it had not started)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from loraplex.serve.protocol import APIError, read_body
+
+    async def main():
+        first = [True]
+
+        async def receive():  # one piece of the body, then nothing
+            if first[0]:
+                first[0] = False
+                return {"type": "http.request", "body": b"{", "more_body": True}
+            await asyncio.sleep(60)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}
+        stop = APIError(503, "the server is shutting down")
+        t0 = time.monotonic()
+        with pytest.raises(APIError) as got:
+            await read_body(Request(scope, receive), lambda: stop if time.monotonic() - t0 > 0.3 else None)
+        assert got.value is stop and time.monotonic() - t0 < 3
+
+    asyncio.run(main())
 
 
 def test_a_trace_names_byte_pieces_instead_of_replacement_characters():
