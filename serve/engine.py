@@ -370,7 +370,9 @@ class Engine:
         if getattr(tok, "chat_template", None):  # message texts as text: no control token typed into a message
             ids, n = chat_ids_within(tok, messages, limit=self.context)
         else:
-            ids, n = self.prompt_ids("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+            # as text too: a typed `[SEP]` / `<|endoftext|>` was the model's control token there (sweep 45)
+            ids, n = bounded_ids(lambda t: list(tok(t, add_special_tokens=True, split_special_tokens=True)["input_ids"]),
+                                 "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", self.context)
         users = [m["content"] for m in messages if m["role"] == "user"] or [messages[-1]["content"]]
         return ids, n, users[-1]
 

@@ -642,3 +642,25 @@ def test_a_requests_routing_lists_every_adapter_query_lists():
     from loraplex.serve.targets import Route, route_summary
 
     assert route_summary(Route([("a", 0.0), ("b", 1.0)]))["adapters"] == [{"name": "b", "weight": 1.0}]
+
+
+def test_a_control_token_typed_into_a_chat_without_template_is_text(tiny_llama):
+    """Sweep 45: on a base whose tokenizer has no chat template, `role: content` lines were tokenized with
+    control tokens read as such: `[SEP]` typed into a message was the model's end-of-sequence token."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from loraplex.catalog import bounded_ids
+    from loraplex.serve.engine import Engine
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert not getattr(tok, "chat_template", None)
+    special = tok.sep_token_id  # 3: the tiny llama's eos_token_id
+    fake = SimpleNamespace(front=tok, context=256)  # and the completions' tokenization, the old fallback's
+    fake.prompt_ids = lambda p: bounded_ids(lambda t: list(tok(t, add_special_tokens=True)["input_ids"]), p, 256)
+    ids, n, last = Engine.chat_prompt(fake, [{"role": "user", "content": f"hello {tok.sep_token} there"}])
+    plain, _, _ = Engine.chat_prompt(fake, [{"role": "user", "content": "hello there"}])
+    assert n == len(ids) and last.startswith("hello")
+    # the prompt's own special tokens are still added (this word-piece tokenizer's [CLS] ... [SEP]), none typed
+    assert ids.count(special) == plain.count(special) and ids[0] == plain[0] and len(ids) > len(plain)
