@@ -35,7 +35,20 @@ class APIError(Exception):
             status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """OpenAI's error body; a message or param past MAX_MESSAGE / MAX_PARAM characters is cut (a client's
+        1 MB field name or model name came back whole, twice: sweep 45)."""
+        return {"error": {"message": clipped(self.message, MAX_MESSAGE), "type": self.type,
+                          "param": None if self.param is None else clipped(self.param, MAX_PARAM), "code": self.code}}
+
+
+MAX_MESSAGE = 4000
+MAX_PARAM = 200
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text`, or its start and how long it was when it is longer than `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class _Body(BaseModel):
@@ -270,7 +283,7 @@ def _where(err: dict[str, Any]) -> str | None:
     loc = list(err["loc"])
     keep_last = err["type"] == "extra_forbidden"
     parts = [p for i, p in enumerate(loc) if not _union_tag(p) or (keep_last and i == len(loc) - 1)]
-    return ".".join(printable(str(p)) for p in parts) or None
+    return ".".join(printable(clipped(p, 100)) for p in parts) or None
 
 
 

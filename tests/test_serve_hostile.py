@@ -202,6 +202,19 @@ def test_http_edges(llama_http):
                                                             "content-encoding": "gzip"}), 415, None)
 
 
+def test_error_bodies_do_not_echo_a_huge_name_whole(llama_http):
+    """Sweep 45: an unknown field's 1 MB name came back twice (a 2 MB 400), a 1 MB model or lora_name whole
+    in the 404: what an error quotes is cut."""
+    h = llama_http
+    for path, body, status in (("/v1/completions", {"model": "flights-lora", "prompt": "a", "k" * 200_000: 1}, 400),
+                               ("/v1/completions", {"model": "a" * 200_000, "prompt": "a"}, 404),
+                               ("/v1/unload_lora_adapter", {"lora_name": "n" * 200_000}, 404)):
+        r = h.post(path, json=body)
+        assert r.status_code == status and len(r.content) < 6000, (path, r.status_code, len(r.content))
+        err = r.json()["error"]
+        assert err["param"] is None or len(err["param"]) < 300, err["param"][:100]
+
+
 def test_registration_fields_are_named(bert_registry, http, peft_dirs, tmp_path):
     before = registry_state(bert_registry.home)
     d = str(peft_dirs["sports"])
