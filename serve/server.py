@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -181,6 +182,46 @@ def more_file_descriptors(want: int = 4096) -> int:
     return soft
 
 
+def connection_limit(fds: int) -> int:
+    """The connections (and requests) uvicorn serves at once with `fds` open files allowed: the rest of the
+    files kept for the registry, the models and the backend (an eighth, at least 64). Past it a request is a
+    503 and its connection closed at once (sweep 45: 4,200 slow bodies used every descriptor, every client
+    timed out, and asyncio's failing accept loop wrote 231 MB of log in 95 s)."""
+    return max(16, fds - max(64, fds // 8))
+
+
+class _OncePerMinute(logging.Filter):
+    """uvicorn's "Exceeded concurrency limit." once a minute with how many more there were, not once per
+    refused request (a flood of connections would write the log full)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last, self.quiet = -60.0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "Exceeded concurrency limit.":
+            return True
+        now = time.monotonic()
+        if now - self.last < 60:
+            self.quiet += 1
+            return False
+        record.msg = (f"Exceeded the concurrency limit (a 503 to each request past it; {self.quiet:,} more since "
+                      "the last note)") if self.quiet else "Exceeded the concurrency limit (a 503 to each request past it)"
+        record.args = ()
+        self.last, self.quiet = now, 0
+        return True
+
+
+def server_config(app, fds: int, **kw) -> uvicorn.Config:
+    """uvicorn's configuration for the app: request headers under a deadline (HeaderDeadline), at most
+    `connection_limit(fds)` connections served at once, the stop's grace period."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
+        logger.addFilter(_OncePerMinute())
+    kw = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": GRACE_S, "access_log": False, **kw}
+    return uvicorn.Config(app, http=HeaderDeadline, limit_concurrency=connection_limit(fds), **kw)
+
+
 def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if more_file_descriptors() < 256:
@@ -215,8 +256,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S,
-                            access_log=False, http=HeaderDeadline)
+    config = server_config(app, more_file_descriptors())
     server = Stopping(config, app)
     hup = getattr(signal, "SIGHUP", None)  # a closed terminal or SSH session: a graceful stop, as SIGTERM is
     before = signal.getsignal(hup) if hup is not None else None  # (uvicorn takes SIGINT and SIGTERM only; the
