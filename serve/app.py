@@ -153,6 +153,12 @@ class Guard:
         self.own_name = (own_name or "").strip().lower().strip("[]")
 
     def _refusal(self, path: str, headers: list[tuple[bytes, bytes]]) -> APIError | None:
+        names = {k.lower() for k, _ in headers}
+        if b"transfer-encoding" in names and b"content-length" in names:  # framed two ways: what a proxy in front
+            # read as one request may hold a second (RFC 9112 6.1; sweep 45: the bytes past the chunked body ran as
+            # another request): refused, and the connection closed after the answer
+            return APIError(400, "the request has both Content-Length and Transfer-Encoding: send one",
+                            code="invalid_framing")
         if not path.startswith("/v1"):
             return None
         hops = hops_of(",".join(v.decode("latin-1") for k, v in headers if k == HOP_HEADER.encode()))
@@ -187,6 +193,8 @@ class Guard:
         err = self._refusal(path, scope["headers"])
         if err is not None:
             extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+            if err.code == "invalid_framing":
+                extra["Connection"] = "close"
             resp = JSONResponse(err.body(), status_code=err.status, headers={"x-request-id": rid.decode(), **extra})
             self.metrics.answered(endpoint, err.status, time.perf_counter() - t0)
             return await resp(scope, receive, send)

@@ -289,6 +289,30 @@ def test_a_body_that_trickles_in_is_bounded_as_a_whole(llama_url, monkeypatch):
     assert time.monotonic() - t0 < 8
 
 
+def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(llama_url):
+    """Sweep 45: a request with both Content-Length and Transfer-Encoding was read by its chunks, and the bytes
+    past them (inside its Content-Length, for a proxy in front) ran as a second request (CL.TE smuggling)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(llama_url)
+    body = b'{"model": "flights-lora", "prompt": "x", "max_tokens": 1}'
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n\r\n"
+    framed = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" + smuggled
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+               % len(framed)) + framed
+    t0 = time.monotonic()
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while piece := sock.recv(65536):  # the server closes the connection after its one answer
+            answer += piece
+    assert time.monotonic() - t0 < 4, answer  # closed, not held to the keep-alive timeout
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"both Content-Length and Transfer-Encoding" in answer, answer
+
+
 def test_a_body_still_arriving_ends_at_the_servers_stop():
     """Sweep 45: a request still reading its body ignored the server's stop, held the whole grace period, and
     was cut with a plain-text 500: it ends at once with the stop's 503 (it had not started)."""
