@@ -43,6 +43,7 @@ the search is not done again and `nearest` is always the routing's first adapter
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -468,29 +469,55 @@ class Writer:
     """The "generate" decisions of one call (a request's inputs, a query's texts) carried out in order. An
     input as close to the text an adapter was written for earlier in the same call as a request routed to
     that adapter would be (cosine >= the route threshold: sent alone after it, it would route there) shares
-    that adapter instead of writing its own (sweep 41: one request of 40 near-identical inputs wrote 40)."""
+    that adapter instead of writing its own (sweep 41: one request of 40 near-identical inputs wrote 40).
+    `recent`: the adapters written a moment ago by other calls (a server's requests decided in the same round
+    never see each other's writes in the index: sweep 45, 10 alike requests at once wrote 10), shared the same
+    way while they are registered; this call's writes are added to it. Calls on one `recent` run one at a time
+    (the server's write lock)."""
 
-    def __init__(self, reg, settings, cfg: AutoConfig):
+    def __init__(self, reg, settings, cfg: AutoConfig, recent: "collections.deque | None" = None):
         self.reg, self.settings, self.cfg = reg, settings, cfg
-        self.done: list[tuple[np.ndarray, Decision]] = []  # (the text's unit embedding, its written decision)
+        self.done: list[_Written] = []  # this call's writes, and what it shared
+        self.recent = recent
 
     def __call__(self, d: Decision) -> Decision:
         v = np.asarray(get_embedder(self.reg.embedder_name).encode([d.text]), np.float32)[0]
-        for u, w in self.done:
-            sim = float(v @ u)
-            if sim >= self.cfg.route_threshold:
-                return Decision(d.text, "generate", f"{d.reason}; shares adapter {w.written!r}, written for an earlier "
-                                f"input of this request as alike as routing asks (similarity {sim:.3f} >= the route "
-                                f"threshold {self.cfg.route_threshold:.3f})", d.similarity, d.margin, d.nearest,
-                                d.generator, hits=d.hits, written=w.written)
+        for w, mine in [*((w, True) for w in self.done), *((w, False) for w in reversed(self.recent or ()))]:
+            sim = float(v @ w.vec)
+            if sim < self.cfg.route_threshold or w.decision.generator != d.generator:
+                continue
+            if not mine:
+                if w.owner is self or not self.reg.has_adapter(w.decision.written):
+                    continue
+                w.shared = True  # another call's undo leaves it (sweep 43 F7)
+            whose = "an earlier input of this request" if mine else "another request a moment ago"
+            return Decision(d.text, "generate", f"{d.reason}; shares adapter {w.decision.written!r}, written for "
+                            f"{whose} as alike as routing asks (similarity {sim:.3f} >= the route threshold "
+                            f"{self.cfg.route_threshold:.3f})", d.similarity, d.margin, d.nearest, d.generator,
+                            hits=d.hits, written=w.decision.written)
         out = written_for(self.reg, self.settings, d, self.cfg)
         if out.action == "generate":
-            self.done.append((v, out))
+            w = _Written(v, out, self)
+            self.done.append(w)
+            if self.recent is not None:
+                self.recent.append(w)
         return out
 
     def created(self) -> list[str]:
-        """The adapters this call wrote (not those it found registered)."""
-        return [w.written for _, w in self.done if w.created and w.written]
+        """The adapters this call wrote (not those it found registered) that no other call has shared."""
+        return [w.decision.written for w in self.done if w.decision.created and w.decision.written and not w.shared]
+
+
+@dataclass
+class _Written:
+    vec: np.ndarray  # the request text's unit embedding
+    decision: Decision  # its carried-out "generate" decision
+    owner: Any  # the Writer that wrote it
+    shared: bool = False  # another call's request answers with it too
+
+
+RECENT_WRITES = 256
+"""Adapters a server's Writers remember across requests (`Writer.recent`)."""
 
 
 def _item(d: Decision, answer: Any, task: str | None, adapters: list[dict]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ is serve/targets.py; the gathering of concurrent `auto` decisions is serve/gathe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -97,6 +98,7 @@ class Engine:
                                                      "prototype_weight": self.auto_config.prototype_weight})
         self._decide = Gathered(self._decide_now)
         self._writing = threading.Lock()  # one adapter written at a time (the same request twice: written once)
+        self._recent = collections.deque(maxlen=auto_router.RECENT_WRITES)  # auto's writes, shared across requests
         cfg = self.lb.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.slots = SlotBank(self.lb.model, max_loras, read=self._read, host_size=host_loras, events=self.events)
@@ -279,7 +281,7 @@ class Engine:
             late = [auto_router.unwritable(self.reg(), self.settings, d, self.auto_config, labelled=True)
                     if d.action == "generate" and not forwarded and self.writes_adapters else d for d in decisions]
             classify.refuse_base_answers([d.action == "base" for d in late], [d.reason for d in late])
-        writer = auto_router.Writer(self.reg(), self.settings, self.auto_config)
+        writer = auto_router.Writer(self.reg(), self.settings, self.auto_config, self._recent)
         for d in decisions:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "

@@ -101,6 +101,43 @@ def test_alike_inputs_of_one_request_share_the_adapter_written_for_the_first(toy
     assert a.written == b.written and a.created and not b.created and writer.created() == [a.written]
 
 
+def test_alike_requests_decided_together_share_one_written_adapter(toy_registry, tiny_bert):
+    """Sweep 45: requests decided in the same gathered round never saw each other's writes (each request had
+    its own Writer, and the round's search ran before any write): 10 alike requests at once wrote 10
+    adapters, where one by one (or as one request's inputs) they share one. The server's Writers remember the
+    adapters written a moment ago; one removed since is not shared; another request's share keeps an adapter
+    from the writer's undo."""
+    from loraplex.registry.adapters import remove as remove_adapter
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "route_threshold": 0.75})
+    engine._decide = lambda items: [auto_router.Decision(t, "generate", "in the generate band", 0.5, 0.1,
+                                                         "flights-lora", "gen") for t, _ in items]
+    n = reg.count()
+    texts = [f"{TEXTS[0]} visit{i}" for i in range(6)]  # alike to the hash embedder (5 words of 6 shared)
+    got: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, engine.auto([texts[i]]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    names = {got[i][0].adapters[0][0] for i in range(6)}
+    assert len(names) == 1 and reg.count() == n + 1, names
+    assert sum("written for another request a moment ago" in got[i][0].reason for i in range(6)) == 5
+    [first] = names
+    remove_adapter(reg, first)
+    [again] = engine.auto([texts[1]])  # removed since: written anew, not shared
+    assert "a moment ago" not in again.reason and reg.has_adapter(again.adapters[0][0])
+    mine = auto_router.Writer(reg, s, engine.auto_config, engine._recent)
+    other = auto_router.Writer(reg, s, engine.auto_config, engine._recent)
+    d = auto_router.Decision(TEXTS[1], "generate", "why", 0.5, 0.1, "flights-lora", "gen")
+    a = mine(d)
+    b = other(auto_router.Decision(TEXTS[1] + " ", "generate", "why", 0.5, 0.1, "flights-lora", "gen"))
+    assert a.created and b.written == a.written and not b.created
+    assert mine.created() == [] and other.created() == []  # shared: neither call's undo removes it
+
+
 def test_a_refused_classification_writes_and_logs_nothing(toy_registry, tiny_bert, monkeypatch):
     """/v1/classify to auto without labels, one input decided for the bare base: the request was a 400, yet
     an adapter was generated and registered for its other input and the refused one logged (sweep 25)."""
