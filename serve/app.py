@@ -304,13 +304,22 @@ class _Context:
         except LoraplexError as exc:
             raise self.error(exc) from None
 
+    @staticmethod
+    async def gone(request: Request) -> None:
+        """A 499 when the client has already closed the connection (uvicorn has seen it go: no wait)."""
+        if await request.is_disconnected():
+            raise APIError(499, "the client closed the connection")
+
     async def decided(self, target: Target, texts: list[str], labels: Sequence[str] | None = None,
-                      classify: bool = False):
+                      classify: bool = False, request: Request | None = None):
         """auto's routes, decided in this request's worker thread (never on the batching thread); None for
         the other kinds of model. `labels`: the label set the texts are to be answered with (/v1/classify:
-        `classify`, which refuses inputs decided for the bare base without labels before anything is written)."""
+        `classify`, which refuses inputs decided for the bare base without labels before anything is written).
+        `request`: a client already gone writes no adapter (sweep 45)."""
         if target.kind != "auto":
             return None
+        if request is not None:
+            await self.gone(request)
         try:
             return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels,
                                            for_classify=classify)
@@ -340,7 +349,8 @@ class _Context:
                 continue
             if ev[0] == "token":
                 tokens.append(ev[1])
-            elif ev[0] == "done":
+            elif ev[0] == "done":  # an answer for a client gone meanwhile is a 499, not a 200 (sweep 45: one that
+                await self.gone(request)  # ended within a disconnect check's interval was counted as answered)
                 return ev[1], tokens
             elif ev[0] == "error":
                 raise self.error(ev[1], job.target)
@@ -462,9 +472,10 @@ async def _generate(cx: _Context, request: Request, chat: bool):
     target = cx.resolve(req.model)
     ids, text, sampling = await run_in_threadpool(_prompt, cx.engine, req, chat)
     loop = asyncio.get_running_loop()
-    routes = await cx.decided(target, [text])
+    routes = await cx.decided(target, [text], request=request)
     if cx.fwd is not None:
         return await _forward(cx, request, raw, req.model, target, text, routes, sampling)
+    await cx.gone(request)  # a client gone while its prompt was read takes no row in the batch
     job = Job("generate", target, [text], loop, prompt_ids=ids, sampling=sampling, trace=req.trace, routes=routes)
     cx.scheduler.submit(job)
     answer = _Answer(req, target, chat, len(ids), cx.error, cx.stopped)
@@ -617,7 +628,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
         await run_in_threadpool(_within_context, engine, texts)
-        routes = await cx.decided(target, texts, labels, classify=True)
+        routes = await cx.decided(target, texts, labels, classify=True, request=request)
         check_answerable(routes if target.kind == "auto" else None, labels)  # a generate decision that fell back
         # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
         # batching thread with the others, and stops at the next piece once its client has gone

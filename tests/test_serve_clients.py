@@ -156,6 +156,34 @@ def test_loopback_is_read_from_the_address_bound():
         [True, True, False, False, False, False]
 
 
+def test_a_request_whose_client_left_before_its_answer_is_a_499(llama_url):
+    """Sweep 45: a whole request sent and its connection closed at once was generated and counted as a 200
+    whenever it ended within the 0.5 s disconnect check: it is a 499, and a client gone while its prompt was
+    read takes no row."""
+    import socket
+    from urllib.parse import urlparse
+
+    def ended(h) -> tuple[float, float]:
+        text = h.get("/metrics").text
+        return tuple(metric(text, f'loraplex_requests_total{{endpoint="/v1/completions",status="{s}"}}')
+                     for s in ("499", "200"))
+
+    u = urlparse(llama_url)
+    body = json.dumps({"model": "flights-lora", "prompt": "the flight was late", "max_tokens": 2}).encode()
+    with _h(llama_url) as h:
+        before = ended(h)
+        for _ in range(5):
+            with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        for _ in range(100):
+            after = ended(h)
+            if sum(after) >= sum(before) + 5:
+                break
+            threading.Event().wait(0.05)
+        assert after == (before[0] + 5, before[1]), (before, after)
+
+
 def test_every_request_is_counted_once(llama_url):
     """A stream its client closed was counted nowhere (a non-streamed one as 499). It is counted once: as 499,
     or as 200 where the tiny model wrote all its tokens before the close reached the server (seen in CI)."""
