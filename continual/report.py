@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,7 +92,13 @@ def write_report(run_dir: Path, info: dict[str, Any], results: Sequence[dict[str
         atomic_write(Path(run_dir) / MATRIX_FILE, json.dumps(matrix, indent=1))
         atomic_write(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=1, default=_json_default))
         if heatmap and results:
-            atomic_write(Path(run_dir) / HEATMAP_FILE, heatmap_png(matrix))
+            try:
+                png = heatmap_png(matrix)
+            except (ValueError, RuntimeError) as exc:  # a picture matplotlib cannot draw costs the run nothing else
+                print(f"warning: {HEATMAP_FILE} not drawn: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                      file=sys.stderr, flush=True)
+            else:
+                atomic_write(Path(run_dir) / HEATMAP_FILE, png)
     return {"matrix": matrix, "metrics": metrics}
 
 
@@ -106,12 +113,17 @@ def _json_default(o: Any) -> Any:
 def heatmap_png(matrix: dict[str, Any]) -> bytes:
     """The matrix as a PNG heatmap (values in points to one decimal, as the table prints them; blank where not
     measured). Rounded to whole points, halves went two ways in one picture (62.5 as 62, 37.5 as 38; sweep 40)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # a task name is text: `$5 to $10`
+        return _heatmap(plt, matrix)  # was mathtext, and not valid TeX: an internal error every resume (sweep 44)
+
+
+def _heatmap(plt, matrix: dict[str, Any]) -> bytes:
+    import io
 
     R = np.array([[np.nan if v is None else v for v in row] for row in matrix["R"]], dtype=float) * 100
     tasks, rows = matrix["tasks"], matrix["rows"]

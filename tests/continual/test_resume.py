@@ -204,3 +204,25 @@ def test_the_heatmap_writes_the_figures_the_table_prints(monkeypatch):
     png = report.heatmap_png({"tasks": ["a", "b"], "rows": ["a", "b"], "R": [[0.625, None], [0.375, 0.5]]})
     assert png[:4] == b"\x89PNG"
     assert drawn == ["62.5", "37.5", "50.0"]
+
+
+def test_the_heatmap_draws_task_names_as_text():
+    """Sweep 44: a task named `prices_$5_to_$10` was read as mathtext by the heatmap, which is not valid TeX:
+    an internal error after the first unit and on every resume. Names are drawn as written."""
+    from loraplex.continual import report
+
+    for names in (["prices_$5_to_$10", "b"], ["reviews $\\foo$", "$$"], ["a$x^2$", "tickets $^$"]):
+        png = report.heatmap_png({"tasks": names, "rows": names, "R": [[0.5, None], [0.25, 0.75]]})
+        assert png[:4] == b"\x89PNG", names
+
+
+def test_a_heatmap_matplotlib_cannot_draw_costs_the_run_nothing_else(tmp_path, monkeypatch, capsys):
+    """The matrix and metrics are written, and the missing picture is said in one warning line."""
+    from loraplex.continual import report
+
+    monkeypatch.setattr(report, "heatmap_png", lambda m: (_ for _ in ()).throw(ValueError("cannot draw\nmore")))
+    monkeypatch.setattr(report, "build_matrix", lambda i, r: {"tasks": ["a"], "rows": ["a"], "R": [[0.5]]})
+    monkeypatch.setattr(report, "build_metrics", lambda i, r: {"aa": 0.5})
+    report.write_report(tmp_path, {}, [{"unit": 0}])
+    assert (tmp_path / report.MATRIX_FILE).exists() and not (tmp_path / report.HEATMAP_FILE).exists()
+    assert capsys.readouterr().err.strip() == f"warning: {report.HEATMAP_FILE} not drawn: ValueError: cannot draw"
