@@ -173,10 +173,23 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
     learned = _learned_tasks(reg, recs)
     erased = _erased(reg, recs, learned)
     target, chosen = _target(learned, task, labels, erased)
+    claimed = None
     if name is None:  # "" is not "not given": validate_name refuses it, as train and router fit do
         stem = f"forget-{safe_part(target.name, 40)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        name = next(n for n in (stem if i == 1 else f"{stem}-{i}" for i in range(1, 10_000))
-                    if not reg.has_adapter(n) and reg.reserve_run_id(n))  # not another request's of this second
+        name = claimed = next(n for n in (stem if i == 1 else f"{stem}-{i}" for i in range(1, 10_000))
+                              if not reg.has_adapter(n) and reg.reserve_run_id(n))  # not another request's of this second
+    try:
+        return _erase(reg, settings, recs, learned, erased, target, chosen, name, forgetter, trainer,
+                      eval_limit=eval_limit, seed=seed, progress=progress)
+    except BaseException:
+        if claimed is not None and not reg.has_adapter(claimed):  # refused or failed: the claim given back
+            reg.release_run_id(claimed)
+        raise
+
+
+def _erase(reg, settings, recs, learned, erased, target, chosen, name: str, forgetter, trainer, *,
+           eval_limit: int | None, seed: int, progress: bool) -> dict[str, Any]:
+    """`forget_in_registry` once the request is read and the adapter's name chosen."""
     validate_name(name)
     reg.check_adapter_name_free(name)
     ref = resolve_base(recs[0].base)

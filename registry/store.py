@@ -31,6 +31,7 @@ ever loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -149,6 +150,12 @@ class Registry(Database, Components):
         except FileExistsError:
             return False
         return True
+
+    def release_run_id(self, run_id: str) -> None:
+        """Give back a `reserve_run_id` claim of a request refused before it ran (sweep 44: every refused
+        `forget` left its claim in the registry home for good)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / ".run-ids" / run_id).unlink()
 
     def run_dir(self, kind: str, name: str) -> Path:
         """A new run directory `<home>/runs/<kind>-<name>-<time>` (kind: train, router, stream, forget),

@@ -109,6 +109,24 @@ def test_forget_options_are_checked_before_the_registry_is_read(cli, args, said)
     _check(cli, ["forget", "airline", *args], 2, said)
 
 
+def test_a_forget_refused_after_its_name_was_chosen_gives_the_name_back(cli, spec, tmp_path, monkeypatch):
+    """Sweep 44: a forget refused after it had claimed its default adapter name (a task file moved away, the
+    model that would not load) left the claim in the registry home (`.run-ids/forget-TASK-STAMP`) for good."""
+    from loraplex.continual import request
+    from loraplex.errors import UserInputError
+
+    assert cli("stream", "run", spec, "--out", tmp_path / "r", "--quiet").exit_code == 0
+    ids = cli.home / ".run-ids"
+    before = sorted(p.name for p in ids.iterdir())
+
+    def refused(*a, **k):
+        raise UserInputError("the composition's task file is gone")
+
+    monkeypatch.setattr(request, "load_adapted", refused)
+    _check(cli, ["forget", "flights"], 2, "task file is gone")
+    assert sorted(p.name for p in ids.iterdir()) == before
+
+
 def test_report_of_a_non_run(cli, tmp_path):
     _check(cli, ["stream", "report", tmp_path], 2, "not a stream run directory")
 
