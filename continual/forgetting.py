@@ -23,7 +23,7 @@ retained tasks' training data of `retain_budget` rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -260,12 +260,12 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
            tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
            before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
            index: int = 0, progress: bool = True, label: str = "",
-           stronger: str = "more --steps or a higher --lr", erased: Sequence[str] = ()) -> ForgetResult:
+           stronger: str = "more --steps or a higher --lr", erased: Mapping[str, Sequence[str]] | None = None) -> ForgetResult:
     """One forgetting request, start to end: the rows to forget (the task's training rows, or those of
     `labels`, up to the trainer's `train_limit`), the retained rows (`retained(is_forget)` when a
     callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
-    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter. `erased`: the task's labels that
-    earlier requests erased (not counted as retained)."""
+    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter. `erased`: {task: labels} that
+    earlier requests erased, of this task and of the others (not counted as retained)."""
     labels = tuple(labels) if labels else None
     why = no_rows_to_forget(task, labels, trainer.train_limit)
     if why is not None:

@@ -20,7 +20,7 @@ j measured by that request's unit, the last measurement before j is learned (`fo
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from loraplex.continual.evaluation import label_accuracy
@@ -78,7 +78,8 @@ it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
 
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
                            retained: Sequence[str], n_labels: int, *, split: str = "test",
-                           stronger: str = "more --steps or a higher --lr", erased: Sequence[str] = ()) -> dict[str, Any]:
+                           stronger: str = "more --steps or a higher --lr",
+                           erased: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
 
     `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}}) of the
@@ -87,17 +88,23 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     `forgot` is True when the forgotten rows' accuracy fell by FORGET_MIN_DROP or more, False when it did
     not, None when no evaluated row was one to forget (then the `warning` says the forgetting was not measured).
     `stronger`: what to change for a stronger request, in the caller's terms (a stream's spec keys).
-    `erased`: the task's labels earlier requests erased: not among its "other labels" (sweep 37: an erased label
-    counted as retained, and its return as a retention gain).
+    `erased`: {task: labels} earlier requests erased, of this task and of the retained ones: not counted as
+    kept (sweep 37: an erased label of the task counted as retained, and its return as a retention gain; sweep
+    44: a retained task's erased labels were counted as its retention, 70.0 where its kept label read 0.0).
     """
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
 
+    erased = dict(erased or {})
+
+    def kept(row: dict[str, Any], t: str) -> float | None:  # a retained task on the labels it still has
+        return label_accuracy(row[t], list(erased[t]), keep=True) if erased.get(t) else row[t]["accuracy"]
+
     f_before, f_after = part(before, False), part(after, False)
-    kept_before = {t: before[t]["accuracy"] for t in retained if t in before}
-    kept_after = {t: after[t]["accuracy"] for t in retained if t in after}
+    kept_before = {t: v for t in retained if t in before and (v := kept(before, t)) is not None}
+    kept_after = {t: v for t in retained if t in after and (v := kept(after, t)) is not None}
     if labels is not None:
-        gone = tuple(labels) + tuple(lab for lab in erased if lab not in labels)
+        gone = tuple(labels) + tuple(lab for lab in erased.get(task, ()) if lab not in labels)
         kb = label_accuracy(before[task], gone, keep=True) if task in before else None
         ka = label_accuracy(after[task], gone, keep=True) if task in after else None
         if kb is not None and ka is not None:

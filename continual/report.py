@@ -8,7 +8,8 @@
     heatmap.png   the matrix as a heatmap (matplotlib, Agg backend, imported only here)
 
 The learning metrics (continual/metrics.py) are computed on the rows of learning units; a task erased
-whole, wherever its forget unit comes, is left out of them (its drop is intended). `final_accuracy` is
+whole, wherever its forget unit comes, is left out of them (its drop is intended), and a task some of
+whose labels are erased is measured on the labels it keeps, in every row. `final_accuracy` is
 each kept task's accuracy after the last unit done, `erased_final_accuracy` each erased one's. Forgetting
 requests get their own summary (accuracy on what was erased and on what was kept, before and after).
 """
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from loraplex.continual import metrics as M
+from loraplex.continual.evaluation import label_accuracy
 from loraplex.continual.rundir import RunDir, damaged
 from loraplex.errors import UserInputError
 from loraplex.fsio import atomic_write, uninterrupted, user_path
@@ -62,21 +64,42 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
         # a task erased whole is out of the columns wherever its forget unit comes (one at the stream's end was
         # counted in AA at its accuracy before the forget, and reported as its final accuracy: sweep 31)
         dropped = {r["tasks"][0] for r in results if r["kind"] == "forget" and r.get("labels") is None}
+        # a task some of whose labels are erased, wherever the request comes: measured on the labels it keeps in
+        # every row (the erased rows' drop is intended: sweep 44, it read as -56.7 points of backward transfer)
+        partly: dict[str, set[str]] = {}
+        for r in results:
+            if r["kind"] == "forget" and r.get("labels") is not None and r["tasks"][0] not in dropped:
+                partly.setdefault(r["tasks"][0], set()).update(r["labels"])
+
+        def acc(cell: dict[str, Any] | None, t: str) -> float:
+            if t not in partly or cell is None:
+                return _acc(cell)
+            v = label_accuracy(cell, sorted(partly[t]), keep=True)
+            return float("nan") if v is None else float(v)
+
         cols = [t for t in tasks if t not in dropped and any(t in r["tasks"] for r in learn)]
-        R = np.array([[_acc(r["row"].get(t)) for t in cols] for r in learn], dtype=float)
+        R = np.array([[acc(r["row"].get(t), t) for t in cols] for r in learn], dtype=float)
         learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
-        base = [float("nan") if info["base"].get(t) is None else float(info["base"][t]) for t in cols]  # 0.0 is measured
+        base_cells = info.get("base_labels") or {}  # per label (runs started before it was kept: none)
+        base = [acc({"labels": base_cells[t]}, t) if t in partly and t in base_cells else
+                float("nan") if t in partly or info["base"].get(t) is None else float(info["base"][t])  # 0.0 is measured
+                for t in cols]
         # each task's accuracy in the unit just before the one that learns it (a forget unit measures it too)
         at_unit = {id(r): i for i, r in enumerate(results)}
-        before = [_acc(results[at_unit[id(learn[at])] - 1]["row"].get(t)) if at_unit[id(learn[at])] > 0 else float("nan")
-                  for t, at in zip(cols, learned_at)]
+        before = [acc(results[at_unit[id(learn[at])] - 1]["row"].get(t), t) if at_unit[id(learn[at])] > 0
+                  else float("nan") for t, at in zip(cols, learned_at)]
         out.update(M.summary(R, learned_at, base, before) if cols else
                    dict.fromkeys(("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")))
-        # after the last unit done (a forget unit too), on the tasks kept and on those erased
-        last = {t: _acc(results[-1]["row"].get(t)) for t in tasks}
+        # after the last unit done (a forget unit too), on the tasks kept and on those erased (a task's erased
+        # labels as `task[label,...]`)
+        last = {t: acc(results[-1]["row"].get(t), t) for t in tasks}
         out["final_accuracy"] = {t: (None if math.isnan(last[t]) else round(last[t], 4)) for t in cols}
         out["erased_final_accuracy"] = {t: (None if math.isnan(last[t]) else round(last[t], 4))
                                         for t in tasks if t in dropped}
+        for t, labels in partly.items():
+            cell = results[-1]["row"].get(t)
+            v = None if cell is None else label_accuracy(cell, sorted(labels))
+            out["erased_final_accuracy"][f"{t}[{','.join(sorted(labels))}]"] = None if v is None else round(v, 4)
     out["forget_requests"] = [r["forget"] for r in results if r["kind"] == "forget" and r.get("forget")]
     out["units"] = [{k: r.get(k) for k in ("unit", "label", "kind", "adapter", "steps", "rows_per_step", "seconds",
                                             "step_time", "losses", "regularizers")} for r in results]

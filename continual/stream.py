@@ -307,6 +307,7 @@ class _StreamRun:
                 "task_fingerprints": {t.ref: task_fingerprint(t) for t in self.tasks.values() if t.source != "embedded"},
                 "units_total": len(self.units), "units": [u.label for u in self.units],
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
+                "base_labels": {t: c.get("labels", {}) for t, c in base.items()},  # a task erased in part: on its kept labels
                 "compute": compute_of(self.settings),
                 **({"base_files": files} if (files := base_files(self.ref)) is not None else {}),
             }
@@ -477,7 +478,7 @@ class _StreamRun:
                      device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
                      retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit),
                      stronger="a larger forgetting.steps or forgetting.lr in the spec",
-                     erased=self.forgotten.get(task.name) or ())
+                     erased={t: labs for t, labs in self.forgotten.items() if labs})
         if self.replay is not None:
             self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))

@@ -70,10 +70,15 @@ def test_forget_request_summary_for_labels():
     # and its return as a retention gain)
     before["bbc"]["labels"]["business"] = [0, 10]
     after["bbc"]["labels"]["business"] = [9, 10]
-    s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5, erased=["business"])
+    s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5, erased={"bbc": ["business"]})
     assert s["retained"]["bbc[other labels]"] == {"before": 0.7, "after": 0.7}
     s = M.forget_request_summary(before, after, "bbc", ["sport"], ["apple"], 5)
     assert s["retained"]["bbc[other labels]"] == {"before": 0.35, "after": 0.8}
+    # nor is a retained task's label an earlier request erased (sweep 44: apple's erased label read as its retention)
+    before["apple"] = {"accuracy": 0.7, "labels": {"neg": [42, 42], "pos": [0, 18]}}
+    after["apple"] = {"accuracy": 0.7, "labels": {"neg": [42, 42], "pos": [0, 18]}}
+    s = M.forget_request_summary(before, after, "bbc", None, ["apple"], 5, erased={"apple": ["neg"]})
+    assert s["retained"]["apple"] == {"before": 0.0, "after": 0.0}
 
 
 def test_forward_transfer_reads_a_task_measured_by_the_forget_before_it():
@@ -119,3 +124,32 @@ def test_a_task_erased_by_the_last_unit_is_out_of_the_metrics_and_final_is_after
     assert m["final_accuracy"] == {"b": 0.85} and m["erased_final_accuracy"] == {"a": 0.1}
     alone = build_metrics({**info, "tasks": ["a"], "units_total": 2}, [results[0], {**results[2], "row": acc(a=0.0)}])
     assert alone["average_accuracy"] is None and alone["final_accuracy"] == {} and alone["erased_final_accuracy"] == {"a": 0.0}
+
+
+def test_a_task_erased_in_part_is_measured_on_the_labels_it_keeps():
+    """Sweep 44: `forget: a, labels: [neg]` read as catastrophic forgetting (BWT -56.7 points on a task whose
+    kept labels gained): a task some of whose labels a forget unit erased is measured on the labels it keeps,
+    in every row, base included; its erased labels' final accuracy is reported apart."""
+    from loraplex.continual.report import build_metrics
+
+    def cell(**labels):  # label -> [correct, n]
+        n = sum(c[1] for c in labels.values())
+        return {"accuracy": sum(c[0] for c in labels.values()) / n, "labels": labels}
+
+    results = [
+        {"unit": 0, "kind": "learn", "tasks": ["a"], "row": {"a": cell(neg=[40, 42], pos=[2, 18])}},
+        {"unit": 1, "kind": "forget", "tasks": ["a"], "labels": ["neg"], "row": {"a": cell(neg=[0, 42], pos=[9, 18]),
+                                                                                 "b": cell(x=[3, 10])},
+         "forget": {"task": "a", "labels": ["neg"]}},
+        {"unit": 2, "kind": "learn", "tasks": ["b"], "row": {"a": cell(neg=[0, 42], pos=[8, 18]), "b": cell(x=[8, 10])}},
+    ]
+    info = {"tasks": ["a", "b"], "base": {"a": 0.25, "b": 0.2}, "run_id": "r", "method": "o-lora", "units_total": 3,
+            "base_labels": {"a": {"neg": [10, 42], "pos": [3, 18]}, "b": {"x": [2, 10]}}}
+    m = build_metrics(info, results)
+    assert m["backward_transfer"] == pytest.approx(8 / 18 - 2 / 18)  # on pos: a gain, where all labels read -0.567
+    assert m["forgetting"] == pytest.approx(2 / 18 - 8 / 18)  # none: its kept labels only gained
+    assert m["average_accuracy"] == pytest.approx((8 / 18 + 0.8) / 2)
+    assert m["forward_transfer"] == pytest.approx(0.3 - 0.2)  # b measured by the forget unit before it is learned
+    assert m["final_accuracy"] == {"a": round(8 / 18, 4), "b": 0.8} and m["erased_final_accuracy"] == {"a[neg]": 0.0}
+    old = {k: v for k, v in info.items() if k != "base_labels"}  # a run started before base_labels was kept
+    assert build_metrics(old, results)["backward_transfer"] == pytest.approx(m["backward_transfer"])
