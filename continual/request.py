@@ -30,7 +30,7 @@ from loraplex.registry.store import Registry, is_task_path, same_task_file
 from loraplex.router.load import load_adapted
 from loraplex.seeding import one_at_a_time
 from loraplex.settings import Settings
-from loraplex.tasks import checked_seed
+from loraplex.tasks import as_task_labels, checked_seed
 from loraplex.training import Row, rows_of
 
 
@@ -126,11 +126,11 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str],
     if target is None:
         known = ", ".join(t.name for t in learned) or "none"
         raise TaskNotFound(f"cannot forget {task!r}: the composition never learned it (its tasks: {known})")
-    chosen = tuple(labels) or None
+    mapped, bad = as_task_labels(labels, target.labels)  # an NFD "café" names the task's "café" (sweep 44)
+    chosen = tuple(mapped) or None
     if chosen:
-        bad = [lab for lab in chosen if lab not in target.labels]
-        if bad:
-            raise UserInputError(f"task {target.name!r} has no label {bad[0]!r} (labels: "
+        if bad is not None:
+            raise UserInputError(f"task {target.name!r} has no label {bad!r} (labels: "
                                  f"{', '.join(repr(x) for x in target.labels)})")
         twice = next((lab for j, lab in enumerate(chosen) if lab in chosen[:j]), None)
         if twice is not None:

@@ -50,7 +50,7 @@ from loraplex.errors import InvalidSpec, InvalidTaskFile, TaskNotFound, UnknownC
 from loraplex.experts.spec import MAX_RANK, LoraSpec
 from loraplex.fsio import read_yaml_file, user_path
 from loraplex.registry.record import NAME_RE
-from loraplex.tasks import SEED_MAX, validate_description
+from loraplex.tasks import SEED_MAX, as_task_labels, validate_description
 from loraplex.training import LightningSettings
 
 
@@ -379,10 +379,11 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             raise InvalidSpec(f"{where}: experiences[{i}]: cannot forget {name!r}: the stream has not learned it "
                               f"(learned so far: {known})")
         if exp.labels is not None:
-            bad = [lab for lab in exp.labels if lab not in task.labels]
-            if bad:
-                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} has no label {bad[0]!r} "
+            mapped, bad = as_task_labels(exp.labels, task.labels)  # an NFD "café" names the task's "café" (sweep 44)
+            if bad is not None:
+                raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} has no label {bad!r} "
                                   f"(labels: {', '.join(task.labels)})")
+            exp = exp.model_copy(update={"labels": mapped})
             twice = next((lab for j, lab in enumerate(exp.labels) if lab in exp.labels[:j]), None)
             if twice is not None:
                 raise InvalidSpec(f"{where}: experiences[{i}]: label {twice!r} is named twice")

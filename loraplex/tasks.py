@@ -269,6 +269,14 @@ def label_key(text: str) -> str:
     return "".join(ch for ch in unicodedata.normalize("NFC", text) if unicodedata.category(ch) != "Cf")
 
 
+def as_task_labels(names: Sequence[str], labels: Sequence[str]) -> tuple[list[str], str | None]:
+    """Each of `names` in the task's own spelling of it (`label_key`: an NFD "café" names the task's "café",
+    as a task file's rows and sidecar are matched), and the first name that is none of `labels` (else None)."""
+    own = {label_key(lab): lab for lab in labels}
+    out = [own.get(label_key(str(n)), n) for n in names]
+    return out, next((n for n in out if n not in labels), None)
+
+
 def label_fold(text: str) -> str:
     """A label as a request may name one of an adapter's: `label_key`, case folded ("Negative", an NFD
     "café" and "negative", "café" are the adapter's own labels, answered in the request's spelling)."""

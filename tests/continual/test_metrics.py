@@ -153,3 +153,13 @@ def test_a_task_erased_in_part_is_measured_on_the_labels_it_keeps():
     assert m["final_accuracy"] == {"a": round(8 / 18, 4), "b": 0.8} and m["erased_final_accuracy"] == {"a[neg]": 0.0}
     old = {k: v for k, v in info.items() if k != "base_labels"}  # a run started before base_labels was kept
     assert build_metrics(old, results)["backward_transfer"] == pytest.approx(m["backward_transfer"])
+
+
+def test_forget_labels_are_matched_as_labels_read():
+    """Sweep 44: a label named in NFD (decomposed accents, as macOS and some input methods write it) was refused
+    with "task has no label 'café' (labels: 'café', ...)": it names the task's own spelling."""
+    from loraplex.tasks import as_task_labels
+
+    assert as_task_labels(["cafe\u0301", "the\u0301"], ["café", "thé", "jus"]) == (["café", "thé"], None)
+    assert as_task_labels(["ju\u200bs", "nope"], ["café", "thé", "jus"]) == (["jus", "nope"], "nope")
+    assert as_task_labels(["Jus"], ["jus"]) == (["Jus"], "Jus")  # case is not folded: labels differ by it
