@@ -260,21 +260,27 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
            tasks: dict[str, Any], trainer: Any, seed: int, run_dir: Any, device: str,
            before: dict[str, Any], evaluate: Callable[[], dict[str, Any]], retained_tasks: Sequence[str],
            index: int = 0, progress: bool = True, label: str = "",
-           stronger: str = "more --steps or a higher --lr", erased: Mapping[str, Sequence[str]] | None = None) -> ForgetResult:
+           stronger: str = "more --steps or a higher --lr",
+           erased: Mapping[str, Sequence[str] | None] | None = None) -> ForgetResult:
     """One forgetting request, start to end: the rows to forget (the task's training rows, or those of
     `labels`, up to the trainer's `train_limit`), the retained rows (`retained(is_forget)` when a
     callable), GS-LoRA training (`forget_request`), `evaluate()` after it against `before` (evaluation
-    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter. `erased`: {task: labels} that
-    earlier requests erased, of this task and of the others (not counted as retained)."""
+    rows, {task: {"accuracy", "labels"}}), and the surviving groups' adapter. `erased`: {task: labels, or None
+    for the whole task} that earlier requests erased: not counted as retained, and watched (the summary's
+    `erased_earlier`). A labels request forgets the task's labels erased earlier along with its own: nothing
+    else holds them erased, and the forget loss, pushing the new labels' rows to any other label, brought
+    the earlier ones back (sweep 44: 0/42 -> 42/42)."""
     labels = tuple(labels) if labels else None
     why = no_rows_to_forget(task, labels, trainer.train_limit)
     if why is not None:
         raise UserInputError(why)
-    objective = forgetter.objective(task, labels)
+    earlier = tuple(lab for lab in ((erased or {}).get(task.name) or ()) if labels is not None and lab not in labels)
+    forgetting = None if labels is None else labels + earlier
+    objective = forgetter.objective(task, forgetting)
     forget_rows = [r for r in rows_of(task, "train", trainer.train_limit) if objective.is_forget(r)]
     kept = retained(objective.is_forget) if callable(retained) else retained
     out = forget_request(model=model, tokenizer=tokenizer, head=head, fingerprint=fingerprint, forgetter=forgetter,
-                         task=task, labels=labels, forget_rows=forget_rows, retained=kept, tasks=tasks,
+                         task=task, labels=forgetting, forget_rows=forget_rows, retained=kept, tasks=tasks,
                          trainer=trainer, seed=seed, run_dir=run_dir, device=device, index=index,
                          progress=progress, label=label)
     after = evaluate()

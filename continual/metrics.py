@@ -79,7 +79,7 @@ it, did not forget: its summary says so (`forgot: false` and a `warning`)."""
 def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: str, labels: Sequence[str] | None,
                            retained: Sequence[str], n_labels: int, *, split: str = "test",
                            stronger: str = "more --steps or a higher --lr",
-                           erased: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+                           erased: Mapping[str, Sequence[str] | None] | None = None) -> dict[str, Any]:
     """Accuracy on what a forgetting request erased and on what it kept, before and after it.
 
     `before` / `after` are evaluation rows ({task: {"accuracy", "labels": {label: [correct, n]}}}) of the
@@ -88,9 +88,11 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     `forgot` is True when the forgotten rows' accuracy fell by FORGET_MIN_DROP or more, False when it did
     not, None when no evaluated row was one to forget (then the `warning` says the forgetting was not measured).
     `stronger`: what to change for a stronger request, in the caller's terms (a stream's spec keys).
-    `erased`: {task: labels} earlier requests erased, of this task and of the retained ones: not counted as
-    kept (sweep 37: an erased label of the task counted as retained, and its return as a retention gain; sweep
-    44: a retained task's erased labels were counted as its retention, 70.0 where its kept label read 0.0).
+    `erased`: {task: labels, or None for the whole task} earlier requests erased: not counted as kept (sweep
+    37: an erased label of the task counted as retained, and its return as a retention gain; sweep 44: a
+    retained task's erased labels were counted as its retention, 70.0 where its kept label read 0.0), and
+    watched: `erased_earlier` holds their accuracy before and after, and one that rose by FORGET_MIN_DROP or
+    more is a warning (sweep 44: a second label request brought the first's label back, 0% -> 100%, unsaid).
     """
     def part(row: dict[str, Any], keep: bool) -> float | None:
         return label_accuracy(row[task], labels, keep=keep) if task in row else None
@@ -104,7 +106,7 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
     kept_before = {t: v for t in retained if t in before and (v := kept(before, t)) is not None}
     kept_after = {t: v for t in retained if t in after and (v := kept(after, t)) is not None}
     if labels is not None:
-        gone = tuple(labels) + tuple(lab for lab in erased.get(task, ()) if lab not in labels)
+        gone = tuple(labels) + tuple(lab for lab in (erased.get(task) or ()) if lab not in labels)
         kb = label_accuracy(before[task], gone, keep=True) if task in before else None
         ka = label_accuracy(after[task], gone, keep=True) if task in after else None
         if kb is not None and ka is not None:
@@ -128,6 +130,19 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
         warning = (f"the request did not forget {what}: accuracy on its rows went from {100 * f_before:.1f} to "
                    f"{100 * f_after:.1f} (chance {100 / n_labels:.1f}); try {stronger}")
         forgot = False
+    back = {}  # what earlier requests erased, watched
+    for t, labs in erased.items():
+        if (t == task and labels is None) or t not in before or t not in after:
+            continue
+        was = before[t]["accuracy"] if labs is None else label_accuracy(before[t], list(labs))
+        now = after[t]["accuracy"] if labs is None else label_accuracy(after[t], list(labs))
+        if was is not None and now is not None:
+            back[t if labs is None else f"{t}[{','.join(labs)}]"] = {"before": was, "after": now}
+    risen = [(n, v) for n, v in back.items() if v["after"] > v["before"] + FORGET_MIN_DROP]
+    if risen:
+        said = "; ".join(f"{n} {100 * v['before']:.1f} -> {100 * v['after']:.1f}" for n, v in risen)
+        note = f"the request brought back what earlier requests erased (accuracy on their rows: {said})"
+        warning = f"{warning}; {note}" if warning else note
     return {
         "forgot": forgot,
         "warning": warning,
@@ -141,4 +156,5 @@ def forget_request_summary(before: dict[str, Any], after: dict[str, Any], task: 
         "retained_drop": _mean(list(drops.values())),
         "retained_max_drop": max(drops.values()) if drops else None,
         "retained": {t: {"before": kept_before[t], "after": kept_after.get(t)} for t in kept_before},
+        "erased_earlier": back,
     }

@@ -220,7 +220,7 @@ def _erase(reg, settings, recs, learned, erased, target, chosen, name: str, forg
                      seed=seed, run_dir=run_dir / "train", device=settings.resolved_device(), before=evaluate(),
                      evaluate=evaluate,
                      retained_tasks=[t.name for t in learned if t.name != target.name and erased.get(t.name, ()) is not None],
-                     erased={t: sorted(labs) for t, labs in erased.items() if labs},
+                     erased={t: None if labs is None else sorted(labs) for t, labs in erased.items()},
                      progress=progress, label=f"forget {target.name}")
         composition = [r.name for r in recs] + [name]
         record = res.record(name=name, base=ref, previous=recs[-1].name,

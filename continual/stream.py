@@ -478,7 +478,7 @@ class _StreamRun:
                      device=self.device, before=self.results[-1]["row"], evaluate=evaluate,
                      retained_tasks=retained_tasks, index=unit.index, progress=self.progress, label=self.bar(unit),
                      stronger="a larger forgetting.steps or forgetting.lr in the spec",
-                     erased={t: labs for t, labs in self.forgotten.items() if labs})
+                     erased=dict(self.forgotten))
         if self.replay is not None:
             self.replay.remove(task.name, None if labels is None else sorted({task.label_index(lab) for lab in labels}))
         self.forgotten[task.name] = None if labels is None else sorted(set(labels) | set(self.forgotten.get(task.name) or []))

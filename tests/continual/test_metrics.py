@@ -163,3 +163,47 @@ def test_forget_labels_are_matched_as_labels_read():
     assert as_task_labels(["cafe\u0301", "the\u0301"], ["café", "thé", "jus"]) == (["café", "thé"], None)
     assert as_task_labels(["ju\u200bs", "nope"], ["café", "thé", "jus"]) == (["jus", "nope"], "nope")
     assert as_task_labels(["Jus"], ["jus"]) == (["Jus"], "Jus")  # case is not folded: labels differ by it
+
+
+def test_what_earlier_requests_erased_is_watched():
+    """Sweep 44: a second label request brought the first's erased label back (0/42 -> 42/42) and said
+    "forgot", no warning: the earlier erasures' accuracy is reported before and after, a rise is a warning."""
+    before = {"air": {"accuracy": 0.2, "labels": {"neg": [0, 42], "neu": [8, 9], "pos": [4, 9]}},
+              "gone": {"accuracy": 0.1, "labels": {}}, "b": {"accuracy": 0.8, "labels": {}}}
+    after = {"air": {"accuracy": 0.7, "labels": {"neg": [42, 42], "neu": [0, 9], "pos": [0, 9]}},
+             "gone": {"accuracy": 0.1, "labels": {}}, "b": {"accuracy": 0.8, "labels": {}}}
+    s = M.forget_request_summary(before, after, "air", ["neu"], ["b"], 3, erased={"air": ["neg"], "gone": None})
+    assert s["erased_earlier"] == {"air[neg]": {"before": 0.0, "after": 1.0}, "gone": {"before": 0.1, "after": 0.1}}
+    assert s["forgot"] is True and "brought back what earlier requests erased" in s["warning"]
+    assert "air[neg] 0.0 -> 100.0" in s["warning"] and "gone" not in s["warning"]
+    quiet = M.forget_request_summary(before, {**after, "air": before["air"] | {"labels": {"neg": [0, 42], "neu": [0, 9],
+                                                                                           "pos": [4, 9]}}},
+                                     "air", ["neu"], ["b"], 3, erased={"air": ["neg"]})
+    assert quiet["warning"] is None and quiet["erased_earlier"] == {"air[neg]": {"before": 0.0, "after": 0.0}}
+
+
+def test_a_labels_request_forgets_the_labels_erased_before_along_with_its_own():
+    """Sweep 44: nothing held an earlier request's labels erased (their rows are neither retained nor forgotten),
+    and the forget loss pushed the new labels' rows onto them: they are forgotten again by the new request."""
+    from types import SimpleNamespace
+
+    from loraplex.continual import forgetting
+
+    seen = {}
+    task = SimpleNamespace(name="air", labels=["neg", "neu", "pos"], label_index=["neg", "neu", "pos"].index,
+                           split=lambda s: [SimpleNamespace(label=lab) for lab in ("neg", "neu", "pos")], train=[1, 2, 3])
+
+    class Stop(Exception):
+        pass
+
+    def objective(t, labels):
+        seen["labels"] = labels
+        raise Stop
+
+    forgetter = SimpleNamespace(objective=objective)
+    trainer = SimpleNamespace(train_limit=None)
+    with pytest.raises(Stop):
+        forgetting.forget(model=None, tokenizer=None, head=None, fingerprint=None, forgetter=forgetter, task=task,
+                          labels=["neu"], retained=[], tasks={}, trainer=trainer, seed=0, run_dir=None, device="cpu",
+                          before={}, evaluate=dict, retained_tasks=[], erased={"air": ["neg"], "other": None})
+    assert seen["labels"] == ("neu", "neg")
