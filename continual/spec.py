@@ -383,7 +383,7 @@ def validate(spec: StreamSpec, *, where: str = "stream spec", root: Path | None 
             if bad is not None:
                 raise InvalidSpec(f"{where}: experiences[{i}]: task {task.name!r} has no label {bad!r} "
                                   f"(labels: {', '.join(task.labels)})")
-            exp = exp.model_copy(update={"labels": mapped})
+            exp = exp.model_copy(update={"labels": tuple(mapped)})
             twice = next((lab for j, lab in enumerate(exp.labels) if lab in exp.labels[:j]), None)
             if twice is not None:
                 raise InvalidSpec(f"{where}: experiences[{i}]: label {twice!r} is named twice")

@@ -44,6 +44,7 @@ the search is not done again and `nearest` is always the routing's first adapter
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -480,15 +481,46 @@ class Writer:
         self.done: list[_Written] = []  # this call's writes, and what it shared
         self.recent = recent
 
-    def __call__(self, d: Decision) -> Decision:
-        v = np.asarray(get_embedder(self.reg.embedder_name).encode([d.text]), np.float32)[0]
-        for w, mine in [*((w, True) for w in self.done), *((w, False) for w in reversed(self.recent or ()))]:
+    def _vec(self, text: str) -> np.ndarray:
+        return np.asarray(get_embedder(self.reg.embedder_name).encode([text]), np.float32)[0]
+
+    def _alike(self, d: Decision, v: np.ndarray, done: list["_Written"]) -> tuple["_Written", bool, float] | None:
+        """The write `d` would share (this call's first, then other calls' recent ones still registered as
+        written: a name removed and taken by another adapter is not shared; sweep 46), whether it is this
+        call's, and the similarity; None when it would write its own."""
+        for w, mine in [*((w, True) for w in done), *((w, False) for w in reversed(self.recent or ()))]:
             sim = float(v @ w.vec)
             if sim < self.cfg.route_threshold or w.decision.generator != d.generator:
                 continue
+            if not mine and (w.owner is self or not w.holds(self.reg)):
+                continue
+            return w, mine, sim
+        return None
+
+    def plan(self, decisions: Sequence[Decision], *, labelled: bool) -> list[Decision]:
+        """The decisions as carrying them out would end, found before anything is written: a "generate" one
+        that would share an earlier input's adapter (or a recent one) as it is; one that would write, as the
+        generator's dry run (`unwritable`) judges it (sweep 46: an input the Writer would have shared was
+        judged alone, and its refusal refused the whole request)."""
+        out, accepted = [], []
+        for d in decisions:
+            if d.action != "generate":
+                out.append(d)
+                continue
+            v = self._vec(d.text)
+            if self._alike(d, v, accepted) is None:
+                d = unwritable(self.reg, self.settings, d, self.cfg, labelled=labelled)
+                if d.action == "generate":
+                    accepted.append(_Written(v, dataclasses.replace(d, written=""), self))
+            out.append(d)
+        return out
+
+    def __call__(self, d: Decision) -> Decision:
+        v = self._vec(d.text)
+        found = self._alike(d, v, self.done)
+        if found is not None:
+            w, mine, sim = found
             if not mine:
-                if w.owner is self or not self.reg.has_adapter(w.decision.written):
-                    continue
                 w.shared = True  # another call's undo leaves it (sweep 43 F7)
             whose = "an earlier input of this request" if mine else "another request a moment ago"
             return Decision(d.text, "generate", f"{d.reason}; shares adapter {w.decision.written!r}, written for "
@@ -497,7 +529,7 @@ class Writer:
                             hits=d.hits, written=w.decision.written)
         out = written_for(self.reg, self.settings, d, self.cfg)
         if out.action == "generate":
-            w = _Written(v, out, self)
+            w = _Written(v, out, self, blob=_blob(self.reg, out.written))
             self.done.append(w)
             if self.recent is not None:
                 self.recent.append(w)
@@ -514,6 +546,19 @@ class _Written:
     decision: Decision  # its carried-out "generate" decision
     owner: Any  # the Writer that wrote it
     shared: bool = False  # another call's request answers with it too
+    blob: str | None = None  # the written adapter's weights (its name may be taken by another adapter later)
+
+    def holds(self, reg) -> bool:
+        """Whether the name still holds the adapter written then."""
+        return self.blob is not None and _blob(reg, self.decision.written) == self.blob
+
+
+def _blob(reg, name: str) -> str | None:
+    try:
+        rec = reg.get_adapter(name)
+    except (AdapterNotFound, IntegrityError):
+        return None
+    return rec.blob if rec.origin == "generated" else None
 
 
 RECENT_WRITES = 256

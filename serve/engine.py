@@ -275,13 +275,14 @@ class Engine:
         want = tuple(labels) if labels else (() if for_classify else None)
         decisions = list(self._decide([(t, want) for t in texts]))
         refusing = for_classify and not labels  # an input left to the base refuses the whole request
+        writer = auto_router.Writer(self.reg(), self.settings, self.auto_config, self._recent)
         if refusing:  # before anything is written: the base decisions, and the generate ones the generator's dry
             # run refuses (sweep 41: refused after the others' were written; sweep 43: the undo of those removed an
-            # adapter a concurrent request had reused meanwhile)
-            late = [auto_router.unwritable(self.reg(), self.settings, d, self.auto_config, labelled=True)
-                    if d.action == "generate" and not forwarded and self.writes_adapters else d for d in decisions]
+            # adapter a concurrent request had reused meanwhile), read as the writer will carry them out
+            writes = not forwarded and self.writes_adapters
+            with self._writing:  # the recent writes it may share, as they are
+                late = writer.plan(decisions, labelled=True) if writes else decisions
             classify.refuse_base_answers([d.action == "base" for d in late], [d.reason for d in late])
-        writer = auto_router.Writer(self.reg(), self.settings, self.auto_config, self._recent)
         for d in decisions:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "

@@ -101,7 +101,7 @@ def test_alike_inputs_of_one_request_share_the_adapter_written_for_the_first(toy
     assert a.written == b.written and a.created and not b.created and writer.created() == [a.written]
 
 
-def test_alike_requests_decided_together_share_one_written_adapter(toy_registry, tiny_bert):
+def test_alike_requests_decided_together_share_one_written_adapter(toy_registry, tiny_bert, toy_tasks):
     """Sweep 45: requests decided in the same gathered round never saw each other's writes (each request had
     its own Writer, and the round's search ran before any write): 10 alike requests at once wrote 10
     adapters, where one by one (or as one request's inputs) they share one. The server's Writers remember the
@@ -129,6 +129,11 @@ def test_alike_requests_decided_together_share_one_written_adapter(toy_registry,
     remove_adapter(reg, first)
     [again] = engine.auto([texts[1]])  # removed since: written anew, not shared
     assert "a moment ago" not in again.reason and reg.has_adapter(again.adapters[0][0])
+    # a name taken since by another adapter (a user's own, registered under it) is not shared (sweep 46)
+    remove_adapter(reg, again.adapters[0][0])
+    add_toy(reg, s, tiny_bert, again.adapters[0][0], toy_tasks["music"], TOY_TASKS["music"][0], seed=40)
+    [third] = engine.auto([texts[2]])
+    assert "a moment ago" not in third.reason and third.adapters[0][0] != again.adapters[0][0], third.reason
     mine = auto_router.Writer(reg, s, engine.auto_config, engine._recent)
     other = auto_router.Writer(reg, s, engine.auto_config, engine._recent)
     d = auto_router.Decision(TEXTS[1], "generate", "why", 0.5, 0.1, "flights-lora", "gen")
@@ -465,3 +470,24 @@ def test_a_classification_the_generator_refuses_writes_nothing_first(toy_registr
     assert written == [] and registry_state(s.home) == before
     routes = engine.auto([near], for_classify=True)
     assert written == [near] and routes[0].decision == "generate" and reg.has_adapter(routes[0].adapters[0][0])
+
+
+def test_a_classification_whose_alike_input_would_share_is_not_refused_by_the_dry_run(toy_registry, tiny_bert):
+    """Sweep 46: the dry run judged each input alone, so an input the Writer would have answered with an earlier
+    alike input's adapter was refused by the generator's distance bound, and with it the whole classification
+    (answered before the dry run existed). The inputs are judged as the Writer carries them out."""
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    a, b = TEXTS[0], TEXTS[0] + " today"
+    far = {t: workflow.generate(reg, s, t, generator="gen", name="probe", examples=[(t, None)], max_distance=2.0,
+                                dry_run=True)["distance"] for t in (a, b)}
+    if far[a] > far[b]:
+        a, b = b, a
+    assert far[a] < far[b], far
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "route_threshold": 0.75,
+                                                  "generator_max_distance": (far[a] + far[b]) / 2})
+    engine._decide = lambda items: [auto_router.Decision(t, "generate", "in the generate band", 0.5, 0.1,
+                                                         "flights-lora", "gen") for t, _ in items]
+    routes = engine.auto([a, b], for_classify=True)
+    assert [r.decision for r in routes] == ["generate", "generate"], [r.reason for r in routes]
+    assert routes[0].adapters == routes[1].adapters and "shares adapter" in routes[1].reason

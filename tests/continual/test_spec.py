@@ -153,3 +153,16 @@ def test_one_file_however_spelled_is_one_task(tmp_path, task_dir):
     p.write_text(yaml.safe_dump({"method": "o-lora", "experiences": [{"learn": "t/flights.jsonl"},
                                                                       {"forget": "t/../t/flights.jsonl"}]}))
     assert load_spec(p).experiences[1].forget == "flights"
+
+
+def test_forget_labels_are_kept_in_the_tasks_spelling_without_a_warning(task_dir):
+    """Sweep 46: the labels mapped to the task's spelling were stored as a list where the spec holds a tuple:
+    every stream with `forget: labels:` printed pydantic's serializer warnings."""
+    import warnings
+
+    exps = [{"learn": str(task_dir / "markets.jsonl")}, {"forget": "markets", "labels": ["up"]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = parse_spec(_spec(task_dir, experiences=exps))
+        spec.canonical()
+    assert spec.experiences[1].labels == ("up",)
