@@ -3,6 +3,7 @@ connections, in-flight requests finish, the batching thread drains, the port is 
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -13,7 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import Terminated, UserInputError
-from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_address
+from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_address, request_id
 from loraplex.serve.backend import backend_port, checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
@@ -29,8 +30,19 @@ class HeaderDeadline(H11Protocol):
     the connection is closed. A stalled body is serve/protocol.py's `BODY_IDLE_S`."""
 
     seconds = 30.0
-    _TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-                b"Content-Length: 36\r\n\r\nthe request headers did not arrive\r\n")
+
+    @staticmethod
+    def _refusal(status: str, message: str, code: str) -> bytes:
+        """A whole HTTP answer in OpenAI's error body, with an `x-request-id` (the connection is closed after
+        it): what the app's refusals look like, for those made before the app runs (sweep 45: plain text)."""
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
+        return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                f"x-request-id: {request_id({}).decode()}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def send_400_response(self, msg: str) -> None:  # h11 could not read the request (its framing, a header)
+        self.transport.write(self._refusal("400 Bad Request", f"the request is not valid HTTP: {msg}", "invalid_http"))
+        self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._deadline = None
@@ -63,7 +75,8 @@ class HeaderDeadline(H11Protocol):
     def _expired(self) -> None:
         self._deadline = None
         if self._between_requests() and not self.transport.is_closing():
-            self.transport.write(self._TIMEOUT)
+            self.transport.write(self._refusal("408 Request Timeout", "the request headers did not arrive in "
+                                               f"{self.seconds:g} s", "request_timeout"))
             self.transport.close()
 
 

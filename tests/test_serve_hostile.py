@@ -517,6 +517,15 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
             t0 = time.monotonic()
             got = read_all(c, 10)
             assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5, got
+            head, _, body = got.partition(b"\r\n\r\n")  # OpenAI's error body, as the app's refusals (sweep 45)
+            assert b"x-request-id: req-" in head and json.loads(body)["error"]["code"] == "request_timeout", got
+        for bad in (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                    b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # framing h11 cannot read
+                c.sendall(bad)
+                head, _, body = read_all(c, 5).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 400") and b"x-request-id: req-" in head, head
+                assert json.loads(body)["error"]["message"].startswith("the request is not valid HTTP: "), body
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # kept alive: two requests, slowly
             for _ in range(2):
                 c.sendall(req[:10])
