@@ -3,6 +3,7 @@ naming the field (`param`), never a 500, and one request cannot hold the server 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -384,89 +385,88 @@ def test_look_alike_labels_nan_numbers_and_request_ids(http):
     assert http.get("/health", headers={"x-request-id": "bad id"}).headers["x-request-id"].startswith("req-")
 
 
-def test_connections_past_the_limit_get_a_503_and_are_closed(caplog):
-    """Sweep 45: 4,200 connections sending their bodies a byte now and then used every file descriptor: every
-    other client timed out and asyncio's accept loop wrote the log full. The server serves at most
-    `connection_limit(fds)` at once: past it, a 503 at once and the connection closed; one log note a minute."""
-    import contextlib
+async def _ok_app(scope, receive, send):  # reads the whole body, then answers "ok"
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@contextlib.contextmanager
+def _uvicorn(config):
+    """uvicorn serving `config` on 127.0.0.1 in a thread; yields its port, stops it after."""
     import socket
     import threading
     import time
 
     import uvicorn
 
-    from loraplex.serve.server import connection_limit, server_config
-
-    assert connection_limit(4096) == 3584 and connection_limit(80) == 16
-
-    async def app(scope, receive, send):  # reads the whole body, then answers
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = server_config(app, 80, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    slow: list[socket.socket] = []
-    head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"
     try:
         deadline = time.monotonic() + 20
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        for _ in range(15):  # bodies that never end, one at a time (a request is refused when it finds as many
-            c = socket.create_connection(("127.0.0.1", port), timeout=5)  # connections as the limit, its own included)
-            c.sendall(head)
-            slow.append(c)
-            time.sleep(0.05)
-        for c in slow:  # all taken in
-            c.settimeout(0.05)
-            with pytest.raises(socket.timeout):
-                c.recv(4096)
-        answers = []
-        for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-                t0 = time.monotonic()
-                c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                got = b""
-                with contextlib.suppress(socket.timeout):
-                    while piece := c.recv(4096):  # closed by the server after its 503
-                        got += piece
-                answers.append((got.split(b"\r\n")[0], time.monotonic() - t0))
-        assert all(a == b"HTTP/1.1 503 Service Unavailable" and t < 3 for a, t in answers), answers
-        notes = [r for r in caplog.records if "concurrency limit" in r.getMessage()]
-        assert len(notes) <= 1, [r.getMessage() for r in notes]
-        for c in slow:
-            c.close()
-        slow.clear()
-        time.sleep(0.3)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-            c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            got = b""
-            while piece := c.recv(4096):
-                got += piece
-        assert got.startswith(b"HTTP/1.1 200"), got
+        yield sock.getsockname()[1]
     finally:
-        for c in slow:
-            c.close()
         server.should_exit = True
-        thread.join(10)
+        thread.join(timeout=20)
 
 
-def test_labels_the_tokenizer_cannot_tell_apart(http):
-    """"A" and "a" to an uncased encoder were two labels with one anchor: a 200 with scores 0.5 / 0.5."""
-    err = _error(http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["A", "a"]}),
-                 400, "labels")  # its param was null (sweep 14)
-    assert "labels 'A' and 'a' read the same to this model" in err["message"]
-    assert err["message"].endswith("give labels that differ in words")  # no task file to fix (sweep 18 F21)
-    ok = http.post("/v1/classify", json={"model": "sports-lora", "input": "goal", "labels": ["great", "bad"]})
-    assert ok.status_code == 200, ok.text
+def test_connections_past_the_limit_get_a_503_and_are_closed(caplog):
+    """Sweep 45: 4,200 connections sending their bodies a byte now and then used every file descriptor: every
+    other client timed out and asyncio's accept loop wrote the log full. The server serves at most
+    `connection_limit(fds)` at once: past it, a 503 at once and the connection closed; one log note a minute."""
+    import socket
+    import time
+
+    from loraplex.serve.server import connection_limit, server_config
+
+    assert connection_limit(4096) == 3584 and connection_limit(80) == 16
+    slow: list[socket.socket] = []
+    head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"
+    with _uvicorn(server_config(_ok_app, 80, lifespan="off")) as port:
+        try:
+            for _ in range(15):  # bodies that never end, one at a time (a request is refused when it finds as many
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)  # connections as the limit, its own included)
+                c.sendall(head)
+                slow.append(c)
+                time.sleep(0.05)
+            for c in slow:  # all taken in
+                c.settimeout(0.05)
+                with pytest.raises(socket.timeout):
+                    c.recv(4096)
+            answers = []
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                    t0 = time.monotonic()
+                    c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    got = b""
+                    with contextlib.suppress(socket.timeout):
+                        while piece := c.recv(4096):  # closed by the server after its 503
+                            got += piece
+                    answers.append((got.split(b"\r\n")[0], time.monotonic() - t0))
+            assert all(a == b"HTTP/1.1 503 Service Unavailable" and t < 3 for a, t in answers), answers
+            notes = [r for r in caplog.records if "concurrency limit" in r.getMessage()]
+            assert len(notes) <= 1, [r.getMessage() for r in notes]
+            for c in slow:
+                c.close()
+            slow.clear()
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                got = b""
+                while piece := c.recv(4096):
+                    got += piece
+            assert got.startswith(b"HTTP/1.1 200"), got
+        finally:
+            for c in slow:
+                c.close()
 
 
 def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
@@ -474,7 +474,6 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
     connection for ever (slowloris). serve/server.py's HeaderDeadline closes it; whole requests, kept-alive
     connections and a slow but complete request are unaffected."""
     import socket
-    import threading
     import time
 
     import uvicorn
@@ -484,22 +483,7 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
     class Quick(HeaderDeadline):
         seconds = 1.0
 
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, http=Quick, log_level="error", lifespan="off", timeout_keep_alive=30))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _uvicorn(uvicorn.Config(_ok_app, http=Quick, log_level="error", lifespan="off", timeout_keep_alive=30)) as port:
 
         def read_all(c: socket.socket, limit: float) -> bytes:
             c.settimeout(limit)
@@ -539,9 +523,6 @@ def test_a_request_whose_headers_stall_gets_408_and_its_connection_closes():
                 time.sleep(1.5)  # idle past the deadline between requests: the keep-alive timer's business
             c.sendall(b"GET / HT")  # then the next request stalls
             assert read_all(c, 10).startswith(b"HTTP/1.1 408")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def test_a_registry_database_damaged_while_serving_is_a_503():
