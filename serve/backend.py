@@ -160,6 +160,10 @@ def hops_of(value: str | None) -> list[str]:
 _HOP_ID = re.compile(r"[0-9a-f]{16}")
 
 
+IDLE_CONNECTIONS = 100
+"""Idle connections to the backend kept open for the next requests."""
+
+
 class Backend:
     def __init__(self, url: str, timeout: float = 600.0, key: str | None = None, instance: str | None = None):
         """`key`: sent to the backend as `Authorization: Bearer KEY` (vLLM's --api-key); loraplex's own
@@ -172,7 +176,7 @@ class Backend:
         # no cap on connections: the backend queues what it cannot run yet (vLLM batches hundreds of sequences);
         # httpx's default of 100 held the rest here, silently, and failed them as "cannot be reached" (sweep 36)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=IDLE_CONNECTIONS))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -15,7 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraplex.errors import Terminated, UserInputError
 from loraplex.serve.app import checked_api_key, checked_backend_key, create_app, loopback_address, request_id
-from loraplex.serve.backend import backend_port, checked_url
+from loraplex.serve.backend import IDLE_CONNECTIONS, backend_port, checked_url
 from loraplex.serve.engine import Engine
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.scheduler import Scheduler
@@ -195,12 +195,15 @@ def more_file_descriptors(want: int = 4096) -> int:
     return soft
 
 
-def connection_limit(fds: int) -> int:
+def connection_limit(fds: int, backend: bool = False) -> int:
     """The connections (and requests) uvicorn serves at once with `fds` open files allowed: the rest of the
-    files kept for the registry, the models and the backend (an eighth, at least 64). Past it a request is a
-    503 and its connection closed at once (sweep 45: 4,200 slow bodies used every descriptor, every client
-    timed out, and asyncio's failing accept loop wrote 231 MB of log in 95 s)."""
-    return max(16, fds - max(64, fds // 8))
+    files kept for the registry and the models (an eighth, at least 64). Past it a request is a 503 and its
+    connection closed at once (sweep 45: 4,200 slow bodies used every descriptor, every client timed out, and
+    asyncio's failing accept loop wrote 231 MB of log in 95 s). With a `backend`, each request holds a
+    connection to it too, and its idle pool some more (sweep 46: requests failed as "the backend cannot be
+    reached" when the server had run out of descriptors)."""
+    usable = fds - max(64, fds // 8) - (IDLE_CONNECTIONS if backend else 0)
+    return max(16, usable // 2 if backend else usable)
 
 
 class _OncePerMinute(logging.Filter):
@@ -225,14 +228,14 @@ class _OncePerMinute(logging.Filter):
         return True
 
 
-def server_config(app, fds: int, **kw) -> uvicorn.Config:
+def server_config(app, fds: int, backend: bool = False, **kw) -> uvicorn.Config:
     """uvicorn's configuration for the app: request headers under a deadline (HeaderDeadline), at most
     `connection_limit(fds)` connections served at once, the stop's grace period."""
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
         logger.addFilter(_OncePerMinute())
     kw = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": GRACE_S, "access_log": False, **kw}
-    return uvicorn.Config(app, http=HeaderDeadline, limit_concurrency=connection_limit(fds), **kw)
+    return uvicorn.Config(app, http=HeaderDeadline, limit_concurrency=connection_limit(fds, backend), **kw)
 
 
 def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
@@ -269,7 +272,7 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
         print(f"loraplex serve: warning: anyone who reaches {where}:{port} can register adapters from this machine's "
               "files and remove them (/v1/load_lora_adapter); set --api-key, or --no-lora-updates",
               file=sys.stderr, flush=True)
-    config = server_config(app, more_file_descriptors())
+    config = server_config(app, more_file_descriptors(), backend=options.get("backend") is not None)
     server = Stopping(config, app)
     hup = getattr(signal, "SIGHUP", None)  # a closed terminal or SSH session: a graceful stop, as SIGTERM is
     before = signal.getsignal(hup) if hup is not None else None  # (uvicorn takes SIGINT and SIGTERM only; the

@@ -428,6 +428,8 @@ def test_connections_past_the_limit_get_a_503_and_are_closed(caplog):
     from loraplex.serve.server import connection_limit, server_config
 
     assert connection_limit(4096) == 3584 and connection_limit(80) == 16
+    # with --backend each request holds a backend connection too (sweep 46), and its idle pool some more
+    assert connection_limit(4096, backend=True) == (3584 - 100) // 2 and connection_limit(120, backend=True) == 16
     slow: list[socket.socket] = []
     head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{"
     with _uvicorn(server_config(_ok_app, 80, lifespan="off")) as port:
