@@ -980,6 +980,11 @@ def test_debug_and_malloc_settings_read_as_written(cli, seeded, monkeypatch):
         assert not debugging(), off
     monkeypatch.setenv("LORAPLEX_DEBUG", "1")
     assert debugging()
+    # the traceback, then the error line and its exit code as without it (sweep 47: every error was Python's
+    # uncaught exception, exit 1, bad input included)
+    res = cli("eval", "nope-adapter", "--limit", "2")
+    assert res.exit_code == 2 and "Traceback" in res.stderr, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("error: no adapter named 'nope-adapter'"), res.stderr
     import loraplex.allocator as allocator
 
     monkeypatch.setattr(allocator, "_done", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import typer
 from typer.core import TyperGroup
@@ -87,8 +88,8 @@ def report(exc: BaseException) -> int:
         typer.echo(f"error: the registry database failed: {_one_line(str(exc))} (run `loraplex registry check`)",
                    err=True)
         return 1
-    typer.echo(f"error: internal error, {type(exc).__name__}: {_one_line(str(exc))} "
-               "(set LORAPLEX_DEBUG=1 for the traceback)", err=True)
+    typer.echo(f"error: internal error, {type(exc).__name__}: {_one_line(str(exc))}"
+               + ("" if debugging() else " (set LORAPLEX_DEBUG=1 for the traceback)"), err=True)
     return INTERNAL
 
 
@@ -158,8 +159,11 @@ class LoraplexGroup(TyperGroup):
             sys.stderr.flush()
             ctx.exit(exc.exit_code)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
-            if _is_control_flow(exc) or debugging():
+            if _is_control_flow(exc):
                 raise
+            if debugging():  # the traceback, then the error line and its exit code as without it (sweep 47: every
+                # error came out as Python's uncaught exception, exit 1, bad input and bugs alike)
+                traceback.print_exception(exc, file=sys.stderr)
             code = report(as_typed(self, ctx, args, exc))
             sys.stderr.flush()
             ctx.exit(code)
