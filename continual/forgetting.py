@@ -164,8 +164,9 @@ def no_rows_to_forget(task: Any, labels: Sequence[str] | None, limit: int | None
 
 def retained_sample(tasks: Sequence[Any], *, budget: int, seed: int, split_rows: Any,
                     exclude: Any = None) -> list[Row]:
-    """A class-balanced sample of `budget` training rows of `tasks` (rows where exclude(row) is true left out)."""
-    buf = ReplayBuffer(budget=budget, policy="class-balanced", seed=seed)
+    """A class-balanced sample of `budget` training rows of `tasks` (rows where exclude(row) is true left out;
+    `budget` is GS-LoRA's `retain_budget`, which a warning about it names: sweep 47)."""
+    buf = ReplayBuffer(budget=budget, policy="class-balanced", seed=seed, knob="retain_budget")
     for t in tasks:
         rows = [r for r in split_rows(t) if not (exclude and exclude(r))]
         if rows:

@@ -42,7 +42,9 @@ from loraplex.training import Row
 
 class ReplayBuffer:
     def __init__(self, *, budget: int | None = None, share: float | None = None, policy: str = "reservoir",
-                 seed: int = 0, distill: float = 0.0):
+                 seed: int = 0, distill: float = 0.0, knob: str = "replay.budget"):
+        """`knob`: the option that sets `budget`, as a warning about it names it."""
+        self.knob = knob
         if (budget is None) == (share is None):
             raise ValueError("give a budget or a share, exactly one")
         if policy not in ("reservoir", "class-balanced"):
@@ -85,7 +87,7 @@ class ReplayBuffer:
                 warnings.warn(f"replay: a budget of {self.budget:,} rows is below the {len(self.classes):,} (task, "
                               f"label) classes it balances over: {sum(q == 0 for q in quotas.values()):,} keep no "
                               "row" + (f", and tasks {', '.join(starved)} none at all" if starved else "")
-                              + " (raise replay.budget)", LoraplexWarning, stacklevel=2)
+                              + f" (raise {self.knob})", LoraplexWarning, stacklevel=2)
         else:
             keys = [(task, lab) for lab in sorted(by_label)]
             quotas = {k: self._quota_of(k) for k in self.classes if k[0] != task}

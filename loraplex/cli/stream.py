@@ -47,7 +47,7 @@ def _summary(metrics: dict[str, Any]) -> None:
 
 def _forget_lines(f: dict[str, Any]) -> None:
     what = f["task"] + (f"[{','.join(f['labels'])}]" if f.get("labels") else "")
-    groups = f" ; {f['groups_survived']}/{f['groups_total']} LoRA groups survived" if f.get("groups_total") else ""
+    groups = f"; {f['groups_survived']}/{f['groups_total']} LoRA groups survived" if f.get("groups_total") else ""
     verb = {None: "forget request (not measured)", False: "did not forget"}.get(f.get("forgot"), "forgot")
     out.line(f"{verb} {what}: accuracy {_pts(f.get('forgotten_before'))} -> {_pts(f.get('forgotten_after'))} "
              f"(chance {_pts(f.get('chance'))}); retained {_pts(f.get('retained_before'))} -> "

@@ -133,3 +133,15 @@ def test_stored_scores_follow_the_buffer_and_its_state():
     assert all(torch.equal(other.scores.lookup(r), buf.scores.lookup(r)) for r in kept_x)
     buf.remove("x")
     assert len(buf.scores) == 0
+
+
+def test_forgets_retained_sample_names_its_own_budget():
+    """Sweep 47: `forget --set retain_budget=4` warned "raise replay.budget", an option forget does not have."""
+    from types import SimpleNamespace
+
+    from loraplex.continual.forgetting import retained_sample
+    from loraplex.errors import LoraplexWarning
+
+    tasks = [SimpleNamespace(name="t", rows=rows("t", 40, labels=8))]
+    with pytest.warns(LoraplexWarning, match=r"\(raise retain_budget\)"):
+        retained_sample(tasks, budget=4, seed=0, split_rows=lambda t: t.rows)
