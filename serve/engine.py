@@ -187,8 +187,7 @@ class Engine:
                     except IntegrityError as exc:
                         raise IntegrityError(f"router {model!r}: {exc}") from None
             return Target("router", model)
-        raise ModelUnknown(f"the model {model[:100]!r}{'...' if len(model) > 100 else ''} does not exist (GET /v1/models "
-                           "lists the base, adapters, routers and auto)")
+        raise ModelUnknown(f"the model {model!r} does not exist (GET /v1/models lists the base, adapters, routers and auto)")
 
     def sync(self, keep: set[str] = frozenset()) -> None:
         """Drop what the registry no longer holds as it was (removed or re-registered adapters, routers).
