@@ -345,14 +345,14 @@ async def read_body(request: Any, stopping: Any = None) -> bytes:
             # one read awaited across the checks (a read cancelled by a timed wait would close the stream)
             done, _ = await asyncio.wait({pending}, timeout=BODY_POLL_S)
             now = time.monotonic()
+            if now - start > BODY_TOTAL_S:
+                raise APIError(408, f"the request body took more than {BODY_TOTAL_S:g} s to arrive",
+                               code="request_timeout")
             if not done:  # a client that stops sending mid-body would hold its connection and handler for ever
                 if stopping is not None and (err := stopping()) is not None:
                     raise err
                 if now - last > BODY_IDLE_S:
                     raise APIError(408, f"the request body stopped arriving (nothing for {BODY_IDLE_S:g} s)",
-                                   code="request_timeout")
-                if now - start > BODY_TOTAL_S:
-                    raise APIError(408, f"the request body took more than {BODY_TOTAL_S:g} s to arrive",
                                    code="request_timeout")
                 continue
             try:
@@ -363,9 +363,6 @@ async def read_body(request: Any, stopping: Any = None) -> bytes:
             size += len(chunk)
             if size > MAX_BODY:
                 raise too_large()
-            if now - start > BODY_TOTAL_S:
-                raise APIError(408, f"the request body took more than {BODY_TOTAL_S:g} s to arrive",
-                               code="request_timeout")
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "the client closed the connection before its body was sent") from None
