@@ -189,7 +189,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
 
 def _erase(reg, settings, recs, learned, erased, target, chosen, name: str, forgetter, trainer, *,
            eval_limit: int | None, seed: int, progress: bool) -> dict[str, Any]:
-    """`forget_in_registry` once the request is read and the adapter's name chosen."""
+    """`forget_composition` once the request is read and the adapter's name chosen."""
     validate_name(name)
     reg.check_adapter_name_free(name)
     ref = resolve_base(recs[0].base)
