@@ -15,6 +15,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# No wheel cache: the environment is built once (the stamp below), and a cache would double the install's disk use.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: install demo test test-fast bench clean
 
