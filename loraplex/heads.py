@@ -565,10 +565,19 @@ def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | 
     import re
     import uuid
 
+    from jinja2.exceptions import TemplateError
+
+    from loraplex.errors import UserInputError
+
     tag = uuid.uuid4().hex
     marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
     shown = [{**m, "content": mark} for m, mark in zip(messages, marks)]
-    text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the template's own refusal (Gemma's "System role not supported", roles that
+        # must alternate): the caller's messages, not a fault of loraplex (sweep 49: a 500 with two tracebacks)
+        raise UserInputError(f"the chat template of this base refuses these messages: {str(exc)[:300]}"
+                             ).about("messages") from None
     ids: list[int] = []
     encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for piece in re.split(f"(<<{tag}-\\d+>>)", text):

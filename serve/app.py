@@ -159,6 +159,9 @@ class Guard:
             # another request): refused, and the connection closed after the answer
             return APIError(400, "the request has both Content-Length and Transfer-Encoding: send one",
                             code="invalid_framing")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):  # Starlette's `$` matches before a last "\n": a
+            # path ending in %0A was served as the path without it (sweep 49), and no served path holds one
+            return APIError(404, f"loraplex does not serve the path {path[:200]!r}: it holds a control character")
         if not path.startswith("/v1"):
             return None
         hops = hops_of(",".join(v.decode("latin-1") for k, v in headers if k == HOP_HEADER.encode()))
@@ -210,8 +213,14 @@ class Guard:
 
         try:
             await self.app(scope, receive, watch)
+        except Exception:
+            if counted[0]:  # a bug answered in full as a 500 (logged with its traceback by the app's handler), which
+                return      # Starlette raises again: uvicorn would log it twice and close a kept-alive connection
+            counted[0] = True  # the app failed mid-answer (a stream broken by the server)
+            self.metrics.answered(endpoint, 500, time.perf_counter() - t0)
+            raise
         except BaseException:
-            if not counted[0]:  # the app failed mid-answer (a stream broken by the server)
+            if not counted[0]:
                 counted[0] = True
                 self.metrics.answered(endpoint, 500, time.perf_counter() - t0)
             raise
@@ -384,6 +393,9 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
         if exc.status_code == 404 and msg == "Not Found":  # no route: say so by name, and what is served
             msg = (f"loraplex does not serve {request.method} {request.url.path[:200]}; it serves "
                    f"{', '.join(_served(request.app))}")
+        elif exc.status_code == 405 and msg == "Method Not Allowed":  # a served path, another method (sweep 49:
+            allow = (getattr(exc, "headers", None) or {}).get("Allow", "")  # `models.delete` read only this)
+            msg = f"loraplex does not serve {request.method} {request.url.path[:200]}; that path takes {allow}"
         return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -196,6 +196,15 @@ def test_http_edges(llama_http):
     msg = r.json()["error"]["message"]
     assert r.status_code == 404 and msg.startswith("loraplex does not serve POST /v1/embeddings; it serves "), msg
     assert "POST /v1/chat/completions" in msg and "GET /v1/models/{model}" in msg and "HEAD" not in msg, msg
+    # a path ending in a newline (%0A) was served as the path without it (Starlette's `$`; sweep 49)
+    for path in ("/v1/models/flights-lora%0A", "/v1/completions%0A", "/health%0A", "/v1/models/a%0D"):
+        r = h.get(path) if "completions" not in path else h.post(path, json={"model": "auto", "prompt": "x"})
+        assert r.status_code == 404 and "control character" in r.json()["error"]["message"], (path, r.text)
+    # a served path asked with another method (the client's `models.delete`) is named, not "Method Not Allowed"
+    r = h.delete("/v1/models/flights-lora")
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 405 and r.headers["allow"], r.text
+    assert msg == f"loraplex does not serve DELETE /v1/models/flights-lora; that path takes {r.headers['allow']}", msg
     import gzip
 
     body = gzip.compress(json.dumps({"model": "flights-lora", "prompt": "x", "max_tokens": 1}).encode())
@@ -572,3 +581,66 @@ def test_a_load_without_description_names_the_paths_faults(bert_registry, http, 
     shutil.copytree(peft_dirs["sports"], odd)
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "odd-lora", "lora_path": str(odd)})
     assert r.status_code == 200, r.text
+
+
+def test_a_chat_the_template_refuses_is_the_clients_400(settings, tiny_llama, tmp_path):
+    """Sweep 49: a base whose chat template raises on messages it does not take (Gemma's "System role not
+    supported") answered a 500 "internal error: TemplateError" with two tracebacks, and dropped the connection."""
+    import shutil
+
+    import httpx
+
+    base = tmp_path / "templated"
+    shutil.copytree(tiny_llama, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    with serving(settings, base=str(base)) as url, httpx.Client(base_url=url, timeout=60) as h:
+        for stream in (False, True):
+            err = _error(h.post("/v1/chat/completions", json={"model": "base", "stream": stream, "max_tokens": 2,
+                                                              "messages": [{"role": "system", "content": "be nice"},
+                                                                           {"role": "user", "content": "hi"}]}),
+                         400, "messages")
+            assert err["message"] == "the chat template of this base refuses these messages: System role not supported"
+        ok = h.post("/v1/chat/completions", json={"model": "base", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_bug_answered_in_full_is_not_raised_again():
+    """Sweep 49: Starlette raises a bug again after its 500 is sent, and uvicorn then logged a second traceback
+    and closed the kept-alive connection (the client's next request on it: connection reset). The Guard keeps
+    the answer sent and ends there; a bug before the answer ends still reaches the server."""
+    import asyncio
+
+    from loraplex.serve.app import Guard
+    from loraplex.serve.metrics import Metrics
+
+    async def answered(scope, receive, send):
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        raise RuntimeError("a bug, answered")
+
+    async def cut(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{", "more_body": True})
+        raise RuntimeError("a bug mid-answer")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/completions", "headers": [(b"host", b"127.0.0.1")], "method": "POST"}
+    metrics = Metrics()
+    asyncio.run(Guard(answered, metrics, None)(scope, receive, send))  # does not raise
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    with pytest.raises(RuntimeError, match="mid-answer"):
+        asyncio.run(Guard(cut, metrics, None)(scope, receive, send))
+    text = metrics.text().decode()
+    assert metric(text, 'loraplex_requests_total{endpoint="/v1/completions",status="500"}') == 2, text
