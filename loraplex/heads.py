@@ -561,23 +561,50 @@ def chat_ids(tokenizer, messages: Sequence[dict[str, str]], content_limit: int |
 def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | None = None,
                     content_limit: int | None = None) -> tuple[list[int] | None, int]:
     """`chat_ids` and their count where that is at most `limit` tokens, else (None, a count over `limit` the
-    chat has at least), a long content never tokenized whole (`catalog.bounded_ids`)."""
-    import re
-    import uuid
+    chat has at least), a long content never tokenized whole (`catalog.bounded_ids`).
 
+    The marker rendering keeps a template from reading the contents, and some templates do (Qwen3's drops
+    earlier turns' `<think>` reasoning, Llama 3's trims each content: sweep 49 F5). So where no content holds
+    the text of one of the tokenizer's added tokens (nothing a user could forge a turn with) and the contents
+    are not cut, the chat is rendered again on its real contents and tokenized as the template wrote it, as
+    `apply_chat_template` (and vLLM) would; the contents' length (32 characters a token of `limit`) bounds that
+    second pass where the marker rendering is over `limit` (a template may drop what the markers count)."""
+    ids, n = _marked_chat_ids(tokenizer, messages, limit, content_limit)
+    if content_limit is not None or (ids is None and sum(len(m["content"]) for m in messages) > 32 * limit):
+        return ids, n  # cut contents, or so long that only a template dropping most of it would fit: not read twice
+    added = {t for t in [*getattr(tokenizer, "added_tokens_encoder", {}), *tokenizer.all_special_tokens] if t}
+    if any(t in m["content"] for m in messages for t in added):
+        return ids, n
+    text = _rendered(tokenizer, messages)
+    real = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (real, len(real)) if limit is None or len(real) <= limit else (None, len(real))
+
+
+def _rendered(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """The chat template's text of `messages`, with the prompt of the assistant's turn; its own refusal of them
+    (Gemma's "System role not supported", roles that must alternate) is the caller's bad input, not a fault of
+    loraplex (sweep 49: a 500 with two tracebacks)."""
     from jinja2.exceptions import TemplateError
 
     from loraplex.errors import UserInputError
 
-    tag = uuid.uuid4().hex
-    marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
-    shown = [{**m, "content": mark} for m, mark in zip(messages, marks)]
     try:
-        text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
-    except TemplateError as exc:  # the template's own refusal (Gemma's "System role not supported", roles that
-        # must alternate): the caller's messages, not a fault of loraplex (sweep 49: a 500 with two tracebacks)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
         raise UserInputError(f"the chat template of this base refuses these messages: {str(exc)[:300]}"
                              ).about("messages") from None
+
+
+def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int | None,
+                     content_limit: int | None) -> tuple[list[int] | None, int]:
+    """`chat_ids_within` on a rendering with a marker in place of each content (what the template writes
+    around the contents is tokenized as it is, each content with the special tokens split)."""
+    import re
+    import uuid
+
+    tag = uuid.uuid4().hex
+    marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
+    text = _rendered(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
     ids: list[int] = []
     encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for piece in re.split(f"(<<{tag}-\\d+>>)", text):

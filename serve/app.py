@@ -520,8 +520,9 @@ def _prompt(engine: Engine, req, chat: bool) -> tuple[list[int], str, decode.Sam
     room = engine.context - len(ids)
     want = req.wanted_tokens()
     if want is not None and want > room:
-        raise APIError(400, f"max_tokens is {want}, over the limit of {room} for this prompt ({len(ids)} "
-                            f"prompt tokens, context {engine.context})", param="max_tokens",
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"  # the one sent
+        raise APIError(400, f"{field} is {want}, over the limit of {room} for this prompt ({len(ids)} "
+                            f"prompt tokens, context {engine.context})", param=field,
                        code="context_length_exceeded")
     sampling = decode.Sampling(want or min(DEFAULT_MAX_TOKENS, room), req.temperature, req.top_p, req.stops(),
                                req.seed)

@@ -286,6 +286,10 @@ def test_message_names_and_two_limits_are_refused(llama_http):
         400, "messages.1.name", "unsupported")
     chat = {"model": "flights-lora", "messages": [{"role": "user", "content": "late"}], "max_tokens": 2}
     _error(h.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 3}), 400, "max_completion_tokens")
+    # past the context, the field the request sent is named (it was max_tokens, which it did not send: sweep 49)
+    for field in ("max_completion_tokens", "max_tokens"):
+        err = _error(h.post("/v1/chat/completions", json={**chat, "max_tokens": None, field: 10 ** 6}), 400, field)
+        assert err["message"].startswith(f"{field} is 1000000, over the limit of "), err
     same = h.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 2, "temperature": 0})
     assert same.status_code == 200 and same.json()["usage"]["completion_tokens"] <= 2, same.text
     # the legacy completions API has no max_completion_tokens (OpenAI's neither): refused, not read
