@@ -85,6 +85,7 @@ class TrainingSet:
     sources: list[tuple[str, int]]  # (n,) (adapter, snapshot step) or (adapter, -1) for the adapter itself
     desc_embeddings: torch.Tensor | None = None  # (N, D) the registry's stored description embeddings
     task_cards: dict[str, dict] = field(default_factory=dict)  # task ref -> what the registry recorded of it
+    blobs: dict[str, str] = field(default_factory=dict)  # member -> its weights' blob as read (add_adapter checks it)
 
     def without(self, names: Sequence[str]) -> "TrainingSet":
         """The same set with the members `names` left out: their adapters, every snapshot of them and
@@ -106,7 +107,8 @@ class TrainingSet:
             vectors=self.vectors[rows], owner=[new_index[self.owner[j]] for j in rows], progress=self.progress[rows],
             sources=[self.sources[j] for j in rows],
             desc_embeddings=None if self.desc_embeddings is None else self.desc_embeddings[keep],
-            task_cards={t: c for t, c in self.task_cards.items() if t in kept_tasks})
+            task_cards={t: c for t, c in self.task_cards.items() if t in kept_tasks},
+            blobs={m: b for m, b in self.blobs.items() if m not in drop})
 
 
 @dataclass

@@ -123,6 +123,7 @@ def training_set(reg, names: Sequence[str], *, snapshots: bool = True,
         sources=[(a, int(s)) for a, s in sources], desc_embeddings=torch.from_numpy(emb),
         # each member's own card (what it learned), not the newest adapter's of that file
         task_cards={r.task: _own_card(r) or reg.task_card(r.task) or {} for r in recs if r.task},
+        blobs={r.name: r.blob for r in recs},
     )
 
 
@@ -310,7 +311,10 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     )
     emb = description_embedding(reg, draft.description)
     proto = prototype(reg, [t for t, _ in examples]) if examples else None
-    new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name)
+    # the parents as read (sweep 48: a parent removed mid-run and another adapter registered under its name became
+    # the child's parent and label source): refused under the lock if one of them is not the adapter read any more
+    new = reg.add_adapter(draft, out.adapter, embedding=emb, prototype=proto, embedder=reg.embedder_name,
+                          member_blobs={p["name"]: gen.data.blobs[p["name"]] for p in parents})
     return {"name": new.name, "generator": generator, "method": rec.method, "parents": parents,
             "distance": round(out.distance, 4), "seconds": round(out.seconds, 4), "params": new.n_params,
             "base": new.base, "seed": int(seed), **({"refine": out.extra["refine"]} if "refine" in out.extra else {})}

@@ -180,3 +180,30 @@ def test_a_named_generator_writes_only_for_requests_of_its_own_base(toy_registry
     assert auto._generator_of(reg, None, "gen").name == "gen"
     with pytest.raises(Exception, match="writes adapters for base"):
         auto.check_generator(reg, "some-other-base", "gen")
+
+
+def test_a_parent_replaced_while_the_adapter_is_made_is_refused(toy_registry, tiny_bert, toy_tasks, monkeypatch):
+    """Sweep 48: a parent removed mid-run and another adapter registered under its name (a BBC adapter as
+    `apple-lora`) became the generated adapter's parent and label source. The parents as read are checked
+    under the registry's lock when the adapter is registered: nothing is registered."""
+    from loraplex.errors import LoraplexError
+    from tests.generators.conftest import TOY_TASKS, add_toy
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    desc = "Classify the sentiment of tweets about flights and delayed planes at the gate."
+    plan = workflow.generate(reg, s, desc, generator="gen", name="g1", dry_run=True)
+    parent = plan["parents"][0]["name"]
+    real = workflow.description_embedding
+
+    def swap_then_embed(r, text):  # another process, between the generator's read and the registration
+        workflow.remove(reg, "gen")
+        reg.remove_adapter(parent)
+        add_toy(reg, s, tiny_bert, parent, toy_tasks["music"], TOY_TASKS["music"][0] + " (another)", seed=99)
+        return real(r, text)
+
+    monkeypatch.setattr(workflow, "description_embedding", swap_then_embed)
+    n = reg.count()
+    with pytest.raises(LoraplexError, match=f"adapter '{parent}' was registered anew .* nothing was registered"):
+        workflow.generate(reg, s, desc, generator="gen", name="g1")
+    assert reg.count() == n and not reg.has_adapter("g1")
