@@ -65,6 +65,23 @@ def test_eval_reproduces_the_fit_evaluation(env, task_files):
         assert row["answered_accuracy"] == pytest.approx(sum(g["answer"] == e.label for g, e in zip(got, ex)) / len(ex))
 
 
+def test_eval_of_a_namesake_task_file_is_not_an_experts_task(env, task_files, tmp_path):
+    """Sweep 48: a file named `flights.jsonl` holding other rows was scored as flights-lora's task (routing 0%,
+    "flights-lora alone" on rows it never learned): an expert is a task's only for that very task (its ref)."""
+    other = tmp_path / "flights.jsonl"
+    other.write_text(task_files["sports"].read_text())
+    side = json.loads(task_files["sports"].with_name("sports.task.json").read_text())
+    del side["name"]  # named by its file: flights
+    other.with_name("flights.task.json").write_text(json.dumps(side))
+    res = env("router", "eval", "tg", "--tasks", str(other), "--limit", 4, "--json")
+    assert res.exit_code == 0, res.output
+    [row] = json.loads(res.output)["tasks"]
+    assert row["task"] == "flights" and row["adapter"] is None, row
+    assert row["routing_accuracy"] is None and row["oracle_accuracy"] is None, row
+    own = json.loads(env("router", "eval", "tg", "--tasks", str(task_files["flights"]), "--limit", 4, "--json").output)
+    assert own["tasks"][0]["adapter"] == "flights-lora" and own["tasks"][0]["oracle_accuracy"] is not None
+
+
 def test_query_json_has_answer_adapters_and_tokens(env):
     res = env("query", "flight plane delayed late gate", "--router", "tg", "--json")
     assert res.exit_code == 0, res.output
