@@ -48,6 +48,25 @@ def test_the_bench_split_never_shows_the_held_out_task(toy_registry):
         assert gen.known.shape[0] == 2 and gen.space.coords.shape[0] == 10  # fitted on the others' vectors only
 
 
+def test_the_t2l_folds_never_show_a_held_out_task(toy_registry):
+    """bench/library_t2l.py's k folds: each task is held out exactly once, and a fold's training set has no
+    held-out task's adapter, snapshot, description or task (the map it fits reads only those)."""
+    from bench.library_t2l import fold
+
+    _, reg = toy_registry
+    full = workflow.training_set(reg, NAMES)
+    tasks = list(TOY_TASKS)
+    seen = []
+    for f in range(2):
+        held, data = fold(full, tasks, 2, f)
+        seen += held
+        gone = {f"{t}-lora" for t in held}
+        assert gone and not gone & set(data.members) and all(src not in gone for src, _ in data.sources)
+        assert not {TOY_TASKS[t][0] for t in held} & set(data.descriptions)
+        assert data.desc_embeddings.shape[0] == len(data.members) == len(tasks) - len(held)
+    assert sorted(seen) == sorted(tasks)
+
+
 def test_without_refuses_unknown_or_every_member(toy_registry):
     _, reg = toy_registry
     full = workflow.training_set(reg, NAMES)
