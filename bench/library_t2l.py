@@ -71,11 +71,9 @@ def sft(space, data, E, W0, b0, ev, steps: int, lr: float, wd: float, bias_only:
     import torch
 
     from loraplex.data import load_task
-    from loraplex.experts.layers import eject, inject
-    from loraplex.generators.refine import _read_grad, _write
+    from loraplex.generators.refine import trainable_bank
 
     model, tok, head = ev.lb.model, ev.lb.tokenizer, ev.head
-    layout = space.layout
     basis, scale, mean = space.basis.float(), (space.kappa * space.param_scale()).float(), space.mean.float()
     e_mean = E.mean(0)
     W = W0.clone().requires_grad_(not bias_only)
@@ -83,15 +81,8 @@ def sft(space, data, E, W0, b0, ev, steps: int, lr: float, wd: float, bias_only:
     opt = torch.optim.Adam([{"params": [b], "lr": lr * 5}] + ([] if bias_only else [{"params": [W], "lr": lr}]))
     tasks = [load_task(t) for t in data.tasks]
     g = torch.Generator().manual_seed(seed)
-    layers = inject(model, [layout.unflatten(space.decode(b0.reshape(1, -1))[0])])
-    banks = [layer.bank for layer in layers.values()]
-    was = model.training
-    model.eval()
     losses = []
-    try:
-        for bk in banks:
-            bk.A.requires_grad_(True)
-            bk.B.requires_grad_(True)
+    with trainable_bank(model, space, b0) as loss_and_grad:
         order = torch.randperm(len(tasks), generator=g).tolist()
         for step in range(steps):
             j = order[step % len(order)]
@@ -99,25 +90,15 @@ def sft(space, data, E, W0, b0, ev, steps: int, lr: float, wd: float, bias_only:
             rows = torch.randint(len(task.train), (min(BATCH, len(task.train)),), generator=g).tolist()
             texts = [task.train[r].text for r in rows]
             y = torch.tensor([task.label_index(task.train[r].label) for r in rows])
-            x = b + (E[j] - e_mean) @ W
-            theta = mean + (x @ basis) * scale
-            with torch.no_grad():
-                _write(layers, layout, theta.detach())
-            for bk in banks:
-                bk.A.grad = bk.B.grad = None
-            loss = head.loss(model, tok, texts, y, task)
-            loss.backward()
-            g_theta = _read_grad(layers, layout)
+            theta = mean + ((b + (E[j] - e_mean) @ W) @ basis) * scale  # (P,), differentiable in W and b
+            value, g_theta = loss_and_grad(theta, lambda: head.loss(model, tok, texts, y, task))
             opt.zero_grad()
             total = (theta * g_theta).sum() + (0 if bias_only else wd * (W - W0).pow(2).sum())
             total.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(value)
             if (step + 1) % 50 == 0:
                 log(f"    step {step + 1}: mean loss of the last 50 {statistics.mean(losses[-50:]):.3f}")
-    finally:
-        eject(model)
-        model.train(was)
     return W.detach(), b.detach()
 
 

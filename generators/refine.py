@@ -26,6 +26,7 @@ ICM-LoRA from the examples' task vector, neither trains at generation time): it 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -102,12 +103,45 @@ def _read_grad(layers: dict, layout: ParamLayout) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@contextmanager
+def trainable_bank(model, space: ParamSpace, x0: torch.Tensor):
+    """The adapter at coordinates x0 put into `model` as a bank of one expert whose A and B take gradients (the
+    model in eval mode: no dropout); yields `loss_and_grad(theta, loss_fn, backward=True)`, which writes a
+    (P,) vector into the bank, runs `loss_fn()` and returns its value and dL/dtheta (P,) in the layout's order
+    (None without `backward`). Taken out again, and the model's mode restored, on exit. A caller chains
+    dL/dtheta into whatever theta is a function of: `(theta * g_theta).sum().backward()`."""
+    layout = space.layout
+    layers = inject(model, [layout.unflatten(space.decode(x0.reshape(1, -1))[0])])
+    banks = [layer.bank for layer in layers.values()]
+    was_training = model.training
+    model.eval()
+
+    def loss_and_grad(theta: torch.Tensor, loss_fn: Callable[[], torch.Tensor], backward: bool = True):
+        with torch.no_grad():
+            _write(layers, layout, theta.detach())
+        for b in banks:
+            b.A.grad = b.B.grad = None
+        loss = loss_fn()
+        if not backward:
+            return loss.item(), None
+        loss.backward()
+        return loss.item(), _read_grad(layers, layout)
+
+    try:
+        for b in banks:
+            b.A.requires_grad_(True)
+            b.B.requires_grad_(True)
+        yield loss_and_grad
+    finally:
+        eject(model)
+        model.train(was_training)
+
+
 def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: RefineConfig,
            on_step: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Coordinates (m,) refined on `task.train` (the labelled examples), and {loss_before, loss_after}.
     `on_step(step, x)` is called after each step (1..steps) with a copy of the coordinates so far (a
     benchmark reads the accuracy a shorter refinement would have reached from one run)."""
-    layout = space.layout
     model, tok = base.model, base.tokenizer
     texts = [e.text for e in task.train]
     y = torch.tensor([task.label_index(e.label) for e in task.train])
@@ -116,36 +150,22 @@ def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: Ref
     mean = space.mean.float()
     x = x0.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    layers = inject(model, [layout.unflatten(space.decode(x0.reshape(1, -1))[0])])
-    banks = [layer.bank for layer in layers.values()]
-    was_training = model.training
-    model.eval()
-    losses = []
-    try:
-        for b in banks:
-            b.A.requires_grad_(True)
-            b.B.requires_grad_(True)
+    losses: list[float] = []
+    with trainable_bank(model, space, x0) as loss_and_grad:
         for _ in range(cfg.steps + 1):
             theta = mean + (x @ basis) * scale  # (P,), differentiable in x
-            with torch.no_grad():
-                _write(layers, layout, theta.detach())
-            for b in banks:
-                b.A.grad = b.B.grad = None
-            step = len(losses) if len(losses) < cfg.steps else 0  # the last pass measures the first batch again
+            last = len(losses) >= cfg.steps  # the last pass only measures, on the first batch again
+            step = 0 if last else len(losses)
             at = [(step * cfg.batch_size + j) % len(texts) for j in range(min(cfg.batch_size, len(texts)))]
-            loss = head.loss(model, tok, [texts[j] for j in at], y[at], task)
-            losses.append(loss.item())
-            if len(losses) > cfg.steps:  # the last pass only measures
+            value, g_theta = loss_and_grad(theta, lambda: head.loss(model, tok, [texts[j] for j in at], y[at], task),
+                                           backward=not last)
+            losses.append(value)
+            if last:
                 break
-            loss.backward()
-            g_theta = _read_grad(layers, layout)
             opt.zero_grad()
             total = (theta * g_theta).sum() + cfg.anchor * (x - x0).pow(2).mean()
             total.backward()
             opt.step()
             if on_step is not None:
                 on_step(len(losses), x.detach().clone())
-    finally:
-        eject(model)
-        model.train(was_training)
     return x.detach(), {"loss_before": round(losses[0], 4), "loss_after": round(losses[-1], 4)}
