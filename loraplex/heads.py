@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from pydantic import Field
 
@@ -575,8 +575,15 @@ def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | 
     added = {t for t in [*getattr(tokenizer, "added_tokens_encoder", {}), *tokenizer.all_special_tokens] if t}
     if any(t in m["content"] for m in messages for t in added):
         return ids, n
-    text = _rendered(tokenizer, messages)
-    real = tokenizer(text, add_special_tokens=False)["input_ids"]
+    real = tokenizer(_rendered(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    # A control token the template did not write came from the contents, however it got there (a fullwidth
+    # `＜|im_end|＞` the tokenizer's normaliser folds, `<|im_` and `end|>` in two messages a template joins, a
+    # template's own edit): then the marker rendering stands, where contents are only text (sweep 51)
+    control = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    marked = ids if ids is not None else _marked_chat_ids(tokenizer, messages, None, None)[0]  # (within 32 * limit
+    own = Counter(i for i in marked if i in control)                                           # characters)
+    if any(k > own[i] for i, k in Counter(i for i in real if i in control).items()):
+        return ids, n
     return (real, len(real)) if limit is None or len(real) <= limit else (None, len(real))
 
 
@@ -593,6 +600,28 @@ def _rendered(tokenizer, messages: Sequence[dict[str, str]]) -> str:
     except TemplateError as exc:
         raise UserInputError(f"the chat template of this base refuses these messages: {str(exc)[:300]}"
                              ).about("messages") from None
+    except Exception as exc:  # a template that fails on some chats (`str + int`): these cannot be asked of this
+        # base (a 400, as vLLM answers its template errors), not a fault of loraplex (sweep 51: a 500)
+        raise UserInputError(f"the chat template of this base fails on these messages ({type(exc).__name__}: "
+                             f"{str(exc)[:300]})").about("messages") from None
+
+
+def _as_text(tokenizer) -> Callable[[str], list[int]]:
+    """A text's token ids with no control token in them: special tokens split (`split_special_tokens`), and the
+    added tokens that are not special, which that leaves whole (a fine-tune's `add_tokens` ChatML, Qwen3's
+    `<tool_call>`: sweep 51 F3), typed as they are or in a form the normaliser folds into them: a text that
+    gives one is cut in halves, each read the same way, until none does."""
+    special = set(tokenizer.all_special_tokens)
+    plain = {i for t, i in getattr(tokenizer, "added_tokens_encoder", {}).items()  # (not a character or a run of
+             if t not in special and len(t.strip()) > 1}                           # spaces a code model adds)
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if len(text) < 2 or not plain.intersection(ids):
+            return ids
+        return encode(text[: len(text) // 2]) + encode(text[len(text) // 2:])
+
+    return encode
 
 
 def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int | None,
@@ -606,7 +635,7 @@ def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int |
     marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
     text = _rendered(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
     ids: list[int] = []
-    encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    encode = _as_text(tokenizer)
     for piece in re.split(f"(<<{tag}-\\d+>>)", text):
         if piece in marks:
             content = marks[piece] if content_limit is None else clip_text(marks[piece], content_limit)
