@@ -15,6 +15,9 @@ backward transfer; a task learned in the first row has no forward transfer); a m
 to average over is None. Values are fractions (0..1); reports multiply by 100 for points. R holds the
 learning rows only: when a forgetting request comes between two of them, R[j-1, j] is the accuracy on task
 j measured by that request's unit, the last measurement before j is learned (`forward_transfer`'s `before`).
+A stream that ends with forgetting requests has one more row, the last of them (continual/report.py): the
+model the stream ends with, so AA, BWT and forgetting count what the requests did to the tasks kept (every
+task is then learned before the last row).
 """
 
 from __future__ import annotations

@@ -78,7 +78,10 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
             return float("nan") if v is None else float(v)
 
         cols = [t for t in tasks if t not in dropped and any(t in r["tasks"] for r in learn)]
-        R = np.array([[acc(r["row"].get(t), t) for t in cols] for r in learn], dtype=float)
+        # a stream that ends with forgetting requests ends with the model they left: its row is R's last (AA and
+        # BWT read the pre-forget row, and a request's damage to the kept tasks was in no metric: sweep 50)
+        rows = learn + ([results[-1]] if results[-1]["kind"] == "forget" else [])
+        R = np.array([[acc(r["row"].get(t), t) for t in cols] for r in rows], dtype=float)
         learned_at = [next(i for i, r in enumerate(learn) if t in r["tasks"]) for t in cols]
         base_cells = info.get("base_labels") or {}  # per label (runs started before it was kept: none)
         base = [acc({"labels": base_cells[t]}, t) if t in partly and t in base_cells else
