@@ -300,7 +300,7 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
     bare = "/" not in ref and os.sep not in ref and not ref.lower().endswith(TASK_SUFFIXES)
     if bare and not p.exists():
         return ref
-    return str(p.absolute())
+    return os.path.normpath(p.absolute())  # as load_task_file records it: no `specs/../` (sweep 50)
 
 
 def _resolve_base(base: str, root: Path | None) -> str:

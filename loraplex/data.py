@@ -336,7 +336,9 @@ def load_task_file(
     description, name and label texts stand in for a sidecar that is absent, and if the file itself is
     gone the task comes back with its labels and no rows. `fallback_description` is used when neither
     `description`, the sidecar nor the card gives one (registering an adapter: its own description)."""
-    p = user_path(path).absolute()
+    # the task's ref (adapters, lineage and run records keep it): absolute, with no `..` in it (sweep 50: a spec's
+    # `learn: ../tasks/x.csv` was kept as `/specs/../tasks/x.csv`, gone once the spec's folder was moved)
+    p = Path(os.path.normpath(user_path(path).absolute()))
     card = card or {}
     if not p.exists():
         if card:

@@ -417,7 +417,7 @@ class RoutedModel:
                 continue
             # the expert of this very task (its ref: an embedded name or a file's path), never of a namesake: a
             # file `airline.jsonl` of sport/tech rows was scored as airline-lora's task (sweep 48)
-            own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.ref == task.ref), None)
+            own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.same_task(task)), None)
             correct = routed_ok = answered = 0
             for i in range(0, len(ex), batch_size):
                 chunk = ex[i: i + batch_size]
@@ -428,7 +428,7 @@ class RoutedModel:
                 correct += sum(right)
                 routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0
                 picked = self.task_of(texts, routes)
-                same = [t is not None and t.ref == task.ref and t.labels == task.labels for t in picked]
+                same = [t is not None and t.same_task(task) and t.labels == task.labels for t in picked]
                 answered += sum(r for r, ok in zip(right, same) if ok)
                 other = [k for k, ok in enumerate(same)  # answered with another task's labels (none: not
                          if not ok and picked[k] is not None and picked[k].labels]  # answered, so not right)

@@ -31,6 +31,15 @@ def test_valid_spec_resolves_paths_relative_to_the_spec(tmp_path, task_dir):
     spec = load_spec(p)
     assert spec.experiences[0].learn == str(tmp_path / "tasks" / "flights.jsonl")
     assert spec.method.config == {"orth_weight": 0.2}
+    # a path up from the spec's folder is recorded without the `..` (sweep 50: `/specs/../tasks/x.csv` in every
+    # adapter's record, gone once the spec's folder was moved)
+    (tmp_path / "specs").mkdir()
+    up = tmp_path / "specs" / "up.yaml"
+    up.write_text(yaml.safe_dump({"method": "o-lora", "experiences": [{"learn": "../tasks/flights.jsonl"}]}))
+    assert load_spec(up).experiences[0].learn == str(tmp_path / "tasks" / "flights.jsonl")
+    from loraplex.data import load_task
+
+    assert load_task(str(tmp_path / "specs" / ".." / "tasks" / "flights.jsonl")).ref == str(tmp_path / "tasks" / "flights.jsonl")
     canon = spec.canonical()
     assert canon["method"] == {"name": "o-lora", "orth_weight": 0.2}
     assert canon["trainer"]["lr"] == pytest.approx(2e-3)

@@ -78,8 +78,14 @@ def test_eval_of_a_namesake_task_file_is_not_an_experts_task(env, task_files, tm
     [row] = json.loads(res.output)["tasks"]
     assert row["task"] == "flights" and row["adapter"] is None, row
     assert row["routing_accuracy"] is None and row["oracle_accuracy"] is None, row
-    own = json.loads(env("router", "eval", "tg", "--tasks", str(task_files["flights"]), "--limit", 4, "--json").output)
-    assert own["tasks"][0]["adapter"] == "flights-lora" and own["tasks"][0]["oracle_accuracy"] is not None
+    # the very file, however its path is written (sweep 51: through a link or a `..` it lost its adapter)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(task_files["flights"])
+    (tmp_path / "link.task.json").symlink_to(task_files["flights"].with_name("flights.task.json"))
+    for path in (task_files["flights"], task_files["flights"].parent / ".." / task_files["flights"].parent.name /
+                 "flights.jsonl", link):
+        own = json.loads(env("router", "eval", "tg", "--tasks", str(path), "--limit", 4, "--json").output)
+        assert own["tasks"][0]["adapter"] == "flights-lora" and own["tasks"][0]["oracle_accuracy"] is not None, path
 
 
 def test_query_json_has_answer_adapters_and_tokens(env):
