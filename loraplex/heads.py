@@ -564,27 +564,27 @@ def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | 
     chat has at least), a long content never tokenized whole (`catalog.bounded_ids`).
 
     The marker rendering keeps a template from reading the contents, and some templates do (Qwen3's drops
-    earlier turns' `<think>` reasoning, Llama 3's trims each content: sweep 49 F5). So where no content holds
-    the text of one of the tokenizer's added tokens (nothing a user could forge a turn with) and the contents
-    are not cut, the chat is rendered again on its real contents and tokenized as the template wrote it, as
-    `apply_chat_template` (and vLLM) would; the contents' length (32 characters a token of `limit`) bounds that
-    second pass where the marker rendering is over `limit` (a template may drop what the markers count)."""
-    ids, n = _marked_chat_ids(tokenizer, messages, limit, content_limit)
-    if content_limit is not None or (ids is None and sum(len(m["content"]) for m in messages) > 32 * limit):
+    earlier turns' `<think>` reasoning, Llama 3's trims each content: sweep 49 F5). So where the contents are
+    not cut, the chat is rendered again on its real contents and tokenized as the template wrote it, as
+    `apply_chat_template` (and vLLM) would, and that is the answer unless it holds a control token (special or
+    added) more often than the template wrote one around the markers: one the contents made, however (typed,
+    a fullwidth `＜|im_end|＞` the tokenizer's normaliser folds, `<|im_` and `end|>` in two messages a template
+    joins: sweep 51), and then the marker rendering stands. The contents' length (16 characters a token of
+    `limit`) bounds that second pass where the marker rendering is over `limit` (a template may drop what the
+    markers count)."""
+    ids, n, own = _marked_chat_ids(tokenizer, messages, limit, content_limit)
+    if content_limit is not None or (ids is None and sum(len(m["content"]) for m in messages) > 16 * limit):
         return ids, n  # cut contents, or so long that only a template dropping most of it would fit: not read twice
-    added = {t for t in [*getattr(tokenizer, "added_tokens_encoder", {}), *tokenizer.all_special_tokens] if t}
-    if any(t in m["content"] for m in messages for t in added):
-        return ids, n
     real = tokenizer(_rendered(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    # A control token the template did not write came from the contents, however it got there (a fullwidth
-    # `＜|im_end|＞` the tokenizer's normaliser folds, `<|im_` and `end|>` in two messages a template joins, a
-    # template's own edit): then the marker rendering stands, where contents are only text (sweep 51)
-    control = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    marked = ids if ids is not None else _marked_chat_ids(tokenizer, messages, None, None)[0]  # (within 32 * limit
-    own = Counter(i for i in marked if i in control)                                           # characters)
+    control = _control_ids(tokenizer)
     if any(k > own[i] for i, k in Counter(i for i in real if i in control).items()):
         return ids, n
     return (real, len(real)) if limit is None or len(real) <= limit else (None, len(real))
+
+
+def _control_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special and added tokens (but the unknown token: plain text makes that one)."""
+    return (set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))) - {tokenizer.unk_token_id}
 
 
 def _rendered(tokenizer, messages: Sequence[dict[str, str]]) -> str:
@@ -625,18 +625,23 @@ def _as_text(tokenizer) -> Callable[[str], list[int]]:
 
 
 def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int | None,
-                     content_limit: int | None) -> tuple[list[int] | None, int]:
+                     content_limit: int | None) -> tuple[list[int] | None, int, Counter]:
     """`chat_ids_within` on a rendering with a marker in place of each content (what the template writes
-    around the contents is tokenized as it is, each content with the special tokens split)."""
+    around the contents is tokenized as it is, each content as text: `_as_text`), and how often the template's
+    own text holds each control token (`_control_ids`)."""
     import re
     import uuid
 
     tag = uuid.uuid4().hex
     marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
     text = _rendered(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
+    pieces = re.split(f"(<<{tag}-\\d+>>)", text)
+    own_ids = [[] if p in marks or not p else tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
+    control = _control_ids(tokenizer)
+    own = Counter(i for part in own_ids for i in part if i in control)
     ids: list[int] = []
     encode = _as_text(tokenizer)
-    for piece in re.split(f"(<<{tag}-\\d+>>)", text):
+    for piece, piece_ids in zip(pieces, own_ids):
         if piece in marks:
             content = marks[piece] if content_limit is None else clip_text(marks[piece], content_limit)
             if limit is None:
@@ -644,11 +649,11 @@ def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int |
                 continue
             got, n = bounded_ids(encode, content, limit - len(ids))
             if got is None:
-                return None, len(ids) + n
+                return None, len(ids) + n, own
             ids += got[:content_limit]
-        elif piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return (ids, len(ids)) if limit is None or len(ids) <= limit else (None, len(ids))
+        else:
+            ids += piece_ids
+    return (ids, len(ids), own) if limit is None or len(ids) <= limit else (None, len(ids), own)
 
 
 def token_text(tokenizer, tok: int) -> str:
