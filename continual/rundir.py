@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from loraplex.catalog import MAX_COUNT, MAX_STEPS, first_error
 from loraplex.errors import DamagedRun
-from loraplex.fsio import fsync_dir, read_json_file, user_path
+from loraplex.fsio import atomic_write, fsync_dir, read_json_file, user_path
 
 MAX_STATE_BYTES = 256 << 20  # a unit's state.json holds the replay buffer's rows
 
@@ -136,6 +136,7 @@ def _read(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
     return data
 
 STATE_FILE = "state.json"
+REGISTERED_FILE = "registered"  # in a unit's directory once its adapter is registered (a resume does not again)
 BANKS_FILE = "banks.safetensors"
 METHOD_FILE = "method.safetensors"
 
@@ -183,6 +184,14 @@ class RunDir:
 
     def unit_dir(self, i: int) -> Path:
         return self.state / f"unit-{i:03d}"
+
+    def registered(self, i: int) -> bool:
+        """Whether unit i's adapter was registered by this run (a run stopped between the unit's commit and its
+        registration has it to register; one the user removed since is not registered again: sweep 50)."""
+        return (self.unit_dir(i) / REGISTERED_FILE).is_file()
+
+    def mark_registered(self, i: int) -> None:
+        atomic_write(self.unit_dir(i) / REGISTERED_FILE, "")
 
     def completed(self) -> int:
         """How many units are committed: unit-000 on, without a gap (DamagedRun when one is missing

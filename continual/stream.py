@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from loraplex.continual.evaluation import evaluate_tasks
+from loraplex.continual.evaluation import evaluate_tasks, label_accuracy
+from loraplex.continual.metrics import FORGET_MIN_DROP
 from loraplex.continual.experience import train_unit
 from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
 from loraplex.continual.methods import METHODS
@@ -78,6 +79,7 @@ class StreamResult:
     metrics: dict[str, Any]
     adapters: list[str] = field(default_factory=list)
     resumed_from: int = 0
+    registered_now: list[str] = field(default_factory=list)  # the adapters this call registered (a resume: few)
 
 
 def compute_of(settings: Settings) -> dict[str, str]:
@@ -270,6 +272,7 @@ class _StreamRun:
         self.learn_slots: list[dict[str, int]] = []
         self.composition: list[dict[str, Any]] = []
         self.forgotten: dict[str, list[str] | None] = {}
+        self.registered_now: list[str] = []
         self.results: list[dict[str, Any]] = []
 
     # ---- start / resume -----------------------------------------------------------------------
@@ -355,7 +358,8 @@ class _StreamRun:
                                                 **report}))
         report = report or write_report(rd.path, info, self.results)
         return StreamResult(rd.path, run_id, report["matrix"], report["metrics"],
-                            [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done)
+                            [r["adapter"] for r in self.results if r.get("adapter")], resumed_from=done,
+                            registered_now=self.registered_now)
 
     def _restore(self, last: int) -> None:
         """The model, slots, buffer and method state as unit `last` left them; DamagedRun when they cannot be
@@ -430,6 +434,9 @@ class _StreamRun:
         own = [row[t]["accuracy"] for t in unit.tasks if row[t]["accuracy"] is not None]
         result = self._result(unit, row, outcome, diag, name)
         result["rows_per_step"] = round(float(np.mean([len(b) for b in batches])), 2) if batches else None
+        returned = self._erased_returned(row)
+        if returned:
+            result["erased_returned"] = returned
         ts = [self.tasks[t] for t in unit.tasks]
         record = {
             "name": name, "base": self.ref.name, "family": self.ref.family, "origin": "continual",
@@ -492,6 +499,26 @@ class _StreamRun:
         return result
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _erased_returned(self, row: dict[str, Any]) -> dict[str, list[float]]:
+        """What earlier `forget:` units erased and this learning unit brought back: {task or task[labels]:
+        [accuracy after its last request, now]} for a rise of FORGET_MIN_DROP or more, each said as a warning
+        (sweep 50: a unit after the request took the erased task from 25.0 back to 62.5, unsaid, and the run
+        ended saying it was forgotten). A forget request watches the same for the erasures before it."""
+        out = {}
+        for t, labels in self.forgotten.items():
+            last = [r for r in self.results if r["kind"] == "forget" and r["tasks"][0] == t]
+            if not last or t not in row or t not in last[-1]["row"]:
+                continue
+            was, now = label_accuracy(last[-1]["row"][t], labels), label_accuracy(row[t], labels)
+            if was is None or now is None or now - was < FORGET_MIN_DROP:
+                continue
+            what = t if labels is None else f"{t}[{','.join(labels)}]"
+            out[what] = [round(was, 4), round(now, 4)]
+            warnings.warn(f"{what}, erased by an earlier forget: request, came back with this unit: accuracy "
+                          f"{100 * was:.1f} -> {100 * now:.1f} (a forget: after the last unit that learns erases it "
+                          "from the model the stream ends with)", LoraplexWarning, stacklevel=2)
+        return out
+
     def bar(self, unit) -> str:
         """The progress-bar label of a unit: `[i/n] label`."""
         return f"[{unit.index + 1}/{len(self.units)}] {unit.label}"
@@ -545,11 +572,15 @@ class _StreamRun:
         self.rd.commit(unit.index, tmp)
 
     def _register(self, i: int) -> None:
+        if self.rd.registered(i):
+            return
         res = self.rd.result(i)
         texts = []
         if res["kind"] == "learn":
             texts = [e.text for t in res["tasks"] for e in self.tasks[t].train[:256]]
-        register_from_dir(self.reg, self.rd.unit_dir(i), fingerprint=self.fp, prototype_texts=texts)
+        rec = register_from_dir(self.reg, self.rd.unit_dir(i), fingerprint=self.fp, prototype_texts=texts)
+        self.rd.mark_registered(i)
+        self.registered_now.append(rec.name)
 
 
 def _flat(diag: dict[str, dict[str, Any]]) -> dict[str, Any]:

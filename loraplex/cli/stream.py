@@ -76,13 +76,18 @@ def run(
                          settings=settings(home))
     if json:
         out.emit_json({"run_dir": str(res.run_dir), "run_id": res.run_id, "adapters": res.adapters,
-                       "resumed_from": res.resumed_from, "matrix": res.matrix, "metrics": res.metrics})
+                       "registered_now": res.registered_now, "resumed_from": res.resumed_from,
+                       "matrix": res.matrix, "metrics": res.metrics})
         return
     if res.resumed_from and res.resumed_from == res.metrics.get("units_done"):
         _matrix_table(res.matrix, title="accuracy matrix (points)")
     _summary(res.metrics)
-    resumed = f" (resumed: {res.resumed_from} unit(s) were done before)" if res.resumed_from else ""
-    out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s) registered{resumed}; files in {res.run_dir}")
+    if res.resumed_from:  # a resume registers only what its stop left unregistered (sweep 50: it re-registered
+        now = ", ".join(res.registered_now) or "none"  # adapters the user had removed since, saying nothing)
+        out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s); registered by this call: {now} (resumed: "
+                 f"{res.resumed_from} unit(s) were done before); files in {res.run_dir}")
+    else:
+        out.line(f"run {res.run_id}: {len(res.adapters)} adapter(s) registered; files in {res.run_dir}")
 
 
 @app.command("report")

@@ -210,3 +210,31 @@ def test_a_labels_request_forgets_the_labels_erased_before_along_with_its_own():
                           labels=["neu"], retained=[], tasks={}, trainer=trainer, seed=0, run_dir=None, device="cpu",
                           before={}, evaluate=dict, retained_tasks=[], erased={"air": ["neg"], "other": None})
     assert seen["labels"] == ("neu", "neg")
+
+
+def test_a_learning_unit_that_brings_an_erased_task_back_says_so():
+    """Sweep 50: a unit after `forget: a` took a from 25.0 back to 62.5 without a word, and the run ended saying
+    a was forgotten. Each learning unit watches what earlier requests erased (the whole task, or labels)."""
+    from types import SimpleNamespace
+
+    from loraplex.continual.stream import _StreamRun
+    from loraplex.errors import LoraplexWarning
+
+    def cell(**labels):
+        n = sum(c[1] for c in labels.values())
+        return {"accuracy": sum(c[0] for c in labels.values()) / n, "labels": labels}
+
+    results = [{"kind": "learn", "tasks": ["a"], "row": {"a": cell(x=[9, 10], y=[8, 10]), "b": cell(x=[5, 10])}},
+               {"kind": "forget", "tasks": ["a"], "row": {"a": cell(x=[1, 10], y=[1, 10]), "b": cell(x=[5, 10])}},
+               {"kind": "forget", "tasks": ["b"], "row": {"a": cell(x=[1, 10], y=[1, 10]), "b": cell(x=[1, 10])}}]
+    run = SimpleNamespace(forgotten={"a": None, "b": ["x"]}, results=results)
+    with pytest.warns(LoraplexWarning, match=r"a, erased by an earlier forget: request, came back .* 10\.0 -> 60\.0"):
+        got = _StreamRun._erased_returned(run, {"a": cell(x=[6, 10], y=[6, 10]), "b": cell(x=[1, 10])})
+    assert got == {"a": [0.1, 0.6]}  # b[x] stayed down: nothing said of it
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _StreamRun._erased_returned(run, {"a": cell(x=[1, 10], y=[1, 10]), "b": cell(x=[1, 10])}) == {}
+    with pytest.warns(LoraplexWarning, match=r"b\[x\], erased"):
+        assert _StreamRun._erased_returned(run, {"b": cell(x=[7, 10])}) == {"b[x]": [0.1, 0.7]}

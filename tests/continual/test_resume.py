@@ -150,7 +150,13 @@ def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_di
         api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings)
     monkeypatch.setattr(stream._StreamRun, "_register", real)
     res = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
-    assert res.resumed_from == 1 and len(res.adapters) == 2
+    assert res.resumed_from == 1 and len(res.adapters) == 2 and res.registered_now == res.adapters
+    # a resume of the finished run registers nothing again: an adapter the user removed since stays removed
+    # (sweep 50: it came back, and the run said "2 adapter(s) registered")
+    reg = api.open_registry(settings)
+    reg.remove_adapter(res.adapters[-1])
+    again = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
+    assert again.resumed_from == 2 and again.registered_now == [] and not reg.has_adapter(res.adapters[-1])
 
 
 def test_two_runs_of_one_name_in_one_second_register_their_own_adapters(tmp_path, tiny_bert, task_dir, monkeypatch):
