@@ -192,5 +192,10 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     if done > info["units_total"]:
         raise damaged(rd.path / "run.json", f" at units_total: {info['units_total']}, but {done} units are saved")
     results = [rd.result(i) for i in range(done)]
-    return {"run_dir": str(rd.path), **{k: v for k, v in zip(("matrix", "metrics"),
-                                                                (build_matrix(info, results), build_metrics(info, results)))}}
+    metrics = build_metrics(info, results)
+    if info.get("registration_marked"):  # a stop between a unit's commit and its registration (sweep 50: called
+        # complete, the stream's last adapter missing from the registry and nothing saying to resume)
+        metrics["unregistered_units"] = [i for i in range(done) if not rd.registered(i)]
+        if metrics["unregistered_units"]:
+            metrics["complete"] = False
+    return {"run_dir": str(rd.path), "matrix": build_matrix(info, results), "metrics": metrics}

@@ -312,6 +312,7 @@ class _StreamRun:
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
                 "base_labels": {t: c.get("labels", {}) for t, c in base.items()},  # a task erased in part: on its kept labels
                 "compute": compute_of(self.settings),
+                "registration_marked": True,  # each unit's directory says when its adapter is registered
                 **({"base_files": files} if (files := base_files(self.ref)) is not None else {}),
             }
             atomic_write(rd.path / "run.json", json.dumps(info, indent=1))

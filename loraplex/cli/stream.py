@@ -41,6 +41,9 @@ def _summary(metrics: dict[str, Any]) -> None:
         "units": f"{metrics.get('units_done')}/{metrics.get('units_total')}"
                  + ("" if metrics.get("complete") else " (partial)"),
     }, title="metrics (points)")
+    if metrics.get("unregistered_units"):
+        out.warn(f"unit(s) {', '.join(map(str, metrics['unregistered_units']))} saved but not registered (the run "
+                 "stopped between the two): `loraplex stream run SPEC --resume RUN_DIR` registers them")
     for f in metrics.get("forget_requests") or []:
         _forget_lines(f)
 

@@ -148,8 +148,14 @@ def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_di
     monkeypatch.setattr(stream._StreamRun, "_register", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(Interrupted, match=r"interrupted after unit 0 \(.*flights.*\) was saved .*; 1 of 2 units are saved"):
         api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings)
+    from loraplex.continual.report import load_report
+
+    stopped = load_report(tmp_path / "run")["metrics"]  # sweep 50: called complete with its adapter unregistered
+    assert stopped["unregistered_units"] == [0] and not stopped["complete"]
     monkeypatch.setattr(stream._StreamRun, "_register", real)
     res = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
+    done = load_report(tmp_path / "run")["metrics"]
+    assert done["unregistered_units"] == [] and done["complete"]
     assert res.resumed_from == 1 and len(res.adapters) == 2 and res.registered_now == res.adapters
     # a resume of the finished run registers nothing again: an adapter the user removed since stays removed
     # (sweep 50: it came back, and the run said "2 adapter(s) registered")
