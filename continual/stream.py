@@ -471,7 +471,10 @@ class _StreamRun:
                 return f is None or (f != "absent" and self.tasks[r.task].labels[r.label] in f)
 
             if self.replay is not None:
-                return [r for r in self.replay.contents() if not gone(r)]
+                kept = [r for r in self.replay.contents() if not gone(r)]
+                if kept:
+                    return kept  # else a buffer holding only the erased task's rows: the sample, as with none
+                    # (sweep 50: the request trained with nothing retained, "the composition learned only ...")
             return retained_sample([self.tasks[t] for t in learned], budget=self.forgetter.config.retain_budget,
                                    seed=seed, split_rows=lambda t: rows_of(t, "train", tr.train_limit), exclude=gone)
 

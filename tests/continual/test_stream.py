@@ -234,3 +234,23 @@ def test_a_unit_that_diverges_says_what_the_stream_kept_and_which_spec_keys_to_l
     assert said.startswith("unit 1 (sports): training diverged: after 3 steps") and "--lr" not in said
     assert "lower trainer.lr" in said and "the 1 unit before it is saved" in said and "nothing was registered" not in said
     assert len(api.open_registry(s).list_adapters()) == 1
+
+
+def test_a_forget_whose_buffer_holds_only_the_erased_task_retains_a_sample(tmp_path, tiny_bert, task_dir):
+    """Sweep 50: a replay buffer whose rows were all the erased task's (budget 1) left the request with no
+    retained row, and it said the composition had learned only that task: the kept tasks' sample is used then,
+    as a stream without a buffer uses it."""
+    from loraplex import api
+    from loraplex.settings import Settings
+    from tests.continual.conftest import make_spec
+
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, steps=2, experiences=[
+        {"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")},
+        {"forget": "flights"}])
+    text = spec.read_text().replace("budget: 12", "budget: 1")
+    spec.write_text(text)
+    settings = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    res = api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings)
+    [req] = res.metrics["forget_requests"]
+    assert "nothing was retained" not in (req.get("warning") or ""), req
+    assert req["retained_before"] is not None, req
