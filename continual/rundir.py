@@ -107,10 +107,14 @@ def changed_task_file(info: dict[str, Any], tasks: Any) -> str | None:
     """The first file-based task of `tasks` whose fingerprint differs from the one run.json recorded at the
     run's start, as the one-line refusal of a resume; None when none does (or the run recorded none)."""
     saved = info.get("task_fingerprints") or {}
+    said = info.get("task_descriptions") or {}  # (runs started before it was kept: none)
     for t in tasks:
         if t.source != "embedded" and t.ref in saved and saved[t.ref] != task_fingerprint(t):
             return (f"task file {t.ref} changed since this run started (its rows or labels differ); "
                     "restore it, or start a new run")
+        if t.source != "embedded" and t.ref in said and said[t.ref] != t.description:  # a causal LM's prompt says it
+            return (f"task file {t.ref}: its description changed since this run started (sweep 50: a resume "
+                    "prompted with the new one); restore it, or start a new run")
     return None
 
 

@@ -308,6 +308,7 @@ class _StreamRun:
                 "tasks": [t for u in self.units if u.kind == "learn" for t in u.tasks],
                 "task_refs": {n: t.ref for n, t in self.tasks.items()},
                 "task_fingerprints": {t.ref: task_fingerprint(t) for t in self.tasks.values() if t.source != "embedded"},
+                "task_descriptions": {t.ref: t.description for t in self.tasks.values() if t.source != "embedded"},
                 "units_total": len(self.units), "units": [u.label for u in self.units],
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
                 "base_labels": {t: c.get("labels", {}) for t, c in base.items()},  # a task erased in part: on its kept labels

@@ -156,6 +156,13 @@ def test_resume_refuses_a_changed_task_file(tmp_path, tiny_bert, task_dir):
         api.run_stream(spec, resume=run, progress=False, settings=s)
     f.write_text(original)
     assert api.run_stream(spec, resume=run, progress=False, settings=s).resumed_from == 1
+    # its sidecar's description changed: a causal LM's prompt says it (sweep 50: resumed on the new one)
+    side = f.parent / "flights.task.json"
+    card = json.loads(side.read_text())
+    side.write_text(json.dumps({**card, "description": "Something else entirely."}))
+    with pytest.raises(UserInputError, match=rf"^{run}: task file {f}: its description changed since this run started"):
+        api.run_stream(spec, resume=run, progress=False, settings=s)
+    side.write_text(json.dumps(card))
     # a run directory written before fingerprints were kept still resumes
     del info["task_fingerprints"]
     (run / "run.json").write_text(json.dumps(info))
