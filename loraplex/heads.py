@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -566,25 +566,31 @@ def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | 
     The marker rendering keeps a template from reading the contents, and some templates do (Qwen3's drops
     earlier turns' `<think>` reasoning, Llama 3's trims each content: sweep 49 F5). So where the contents are
     not cut, the chat is rendered again on its real contents and tokenized as the template wrote it, as
-    `apply_chat_template` (and vLLM) would, and that is the answer unless it holds a control token (special or
-    added) more often than the template wrote one around the markers: one the contents made, however (typed,
-    a fullwidth `＜|im_end|＞` the tokenizer's normaliser folds, `<|im_` and `end|>` in two messages a template
-    joins: sweep 51), and then the marker rendering stands. The contents' length (16 characters a token of
-    `limit`) bounds that second pass where the marker rendering is over `limit` (a template may drop what the
-    markers count)."""
-    ids, n, own = _marked_chat_ids(tokenizer, messages, limit, content_limit)
+    `apply_chat_template` (and vLLM) would, and that is the answer only if its control tokens (special or added,
+    the unknown token too) are the very sequence the marker rendering gives, where contents are only text: any
+    a content made (typed, a fullwidth `＜|im_end|＞` the tokenizer's normaliser folds, `<|im_` and `end|>` in two
+    messages a template joins), or any the template writes only around the markers (an empty system message
+    left out: a typed turn in its place), and the marker rendering stands (sweeps 51, 52). The contents' length
+    (16 characters a token of `limit`) bounds that second pass where the marker rendering is over `limit`."""
+    ids, n = _marked_chat_ids(tokenizer, messages, limit, content_limit)
     if content_limit is not None or (ids is None and sum(len(m["content"]) for m in messages) > 16 * limit):
         return ids, n  # cut contents, or so long that only a template dropping most of it would fit: not read twice
     real = tokenizer(_rendered(tokenizer, messages), add_special_tokens=False)["input_ids"]
     control = _control_ids(tokenizer)
-    if any(k > own[i] for i, k in Counter(i for i in real if i in control).items()):
+    marked = ids if ids is not None else _marked_chat_ids(tokenizer, messages, None, None)[0]  # (within 16 * limit
+    if [i for i in real if i in control] != [i for i in marked if i in control]:              # characters)
         return ids, n
     return (real, len(real)) if limit is None or len(real) <= limit else (None, len(real))
 
 
 def _control_ids(tokenizer) -> set[int]:
-    """The ids of the tokenizer's special and added tokens (but the unknown token: plain text makes that one)."""
-    return (set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))) - {tokenizer.unk_token_id}
+    """The ids of the tokenizer's special and added tokens; the unknown token only where plain text cannot make
+    it (a byte-level tokenizer's, often `<|endoftext|>`: sweep 52), not where every unknown word reads as it."""
+    ids = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in tokenizer("\u0378 \U000e0fff", add_special_tokens=False)["input_ids"]:
+        ids.discard(unk)  # (two code points no text means: unknown to a vocabulary, bytes to a byte-level one)
+    return ids
 
 
 def _rendered(tokenizer, messages: Sequence[dict[str, str]]) -> str:
@@ -625,23 +631,18 @@ def _as_text(tokenizer) -> Callable[[str], list[int]]:
 
 
 def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int | None,
-                     content_limit: int | None) -> tuple[list[int] | None, int, Counter]:
+                     content_limit: int | None) -> tuple[list[int] | None, int]:
     """`chat_ids_within` on a rendering with a marker in place of each content (what the template writes
-    around the contents is tokenized as it is, each content as text: `_as_text`), and how often the template's
-    own text holds each control token (`_control_ids`)."""
+    around the contents is tokenized as it is, each content as text: `_as_text`)."""
     import re
     import uuid
 
     tag = uuid.uuid4().hex
     marks = {f"<<{tag}-{i}>>": m["content"] for i, m in enumerate(messages)}
     text = _rendered(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
-    pieces = re.split(f"(<<{tag}-\\d+>>)", text)
-    own_ids = [[] if p in marks or not p else tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
-    control = _control_ids(tokenizer)
-    own = Counter(i for part in own_ids for i in part if i in control)
     ids: list[int] = []
     encode = _as_text(tokenizer)
-    for piece, piece_ids in zip(pieces, own_ids):
+    for piece in re.split(f"(<<{tag}-\\d+>>)", text):
         if piece in marks:
             content = marks[piece] if content_limit is None else clip_text(marks[piece], content_limit)
             if limit is None:
@@ -649,11 +650,11 @@ def _marked_chat_ids(tokenizer, messages: Sequence[dict[str, str]], limit: int |
                 continue
             got, n = bounded_ids(encode, content, limit - len(ids))
             if got is None:
-                return None, len(ids) + n, own
+                return None, len(ids) + n
             ids += got[:content_limit]
-        else:
-            ids += piece_ids
-    return (ids, len(ids), own) if limit is None or len(ids) <= limit else (None, len(ids), own)
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return (ids, len(ids)) if limit is None or len(ids) <= limit else (None, len(ids))
 
 
 def token_text(tokenizer, tok: int) -> str:
