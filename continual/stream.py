@@ -48,7 +48,7 @@ from loraplex.continual.metrics import FORGET_MIN_DROP
 from loraplex.continual.experience import train_unit
 from loraplex.continual.forgetting import FORGETTERS, forget, retained_sample
 from loraplex.continual.methods import METHODS
-from loraplex.continual.registration import register_from_dir, safe_part, write_unit_adapter
+from loraplex.continual.registration import RECORD_FILE, register_from_dir, safe_part, write_unit_adapter
 from loraplex.continual.regularizers import ExperienceContext
 from loraplex.continual.replay import ReplayBuffer, mixed_batches, replayed_per_batch
 from loraplex.continual.report import write_report
@@ -85,6 +85,16 @@ class StreamResult:
 def compute_of(settings: Settings) -> dict[str, str]:
     """The device kind and dtype a run trains in (run.json): a resume in another one is not the same run."""
     return {"device": settings.resolved_device(), "dtype": str(settings.torch_dtype()).removeprefix("torch.")}
+
+
+def _paths_as_recorded(stored: Any) -> Any:
+    """A stored spec with its task files' paths as a spec is read now, without `..` (sweep 52: a run started
+    before that, from a spec with `learn: ../tasks/x.csv`, was "made by a different stream spec")."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("experiences"), list):
+        return stored
+    exps = [{k: os.path.normpath(v) if k in ("learn", "forget") and isinstance(v, str) and os.path.isabs(v) else v
+             for k, v in e.items()} if isinstance(e, dict) else e for e in stored["experiences"]]
+    return {**stored, "experiences": exps}
 
 
 def _unit_seed(seed: int, unit: int) -> int:
@@ -139,7 +149,7 @@ def run_stream(
             # a run started before `base:` was read beside the spec kept the path as written: the same model
             spec = spec.model_copy(update={"base": was})  # its adapters keep the base name they were recorded with
             canonical = spec.canonical()
-        diff = first_difference(stored, canonical)
+        diff = first_difference(_paths_as_recorded(stored), canonical)
         if diff is not None:
             raise InvalidSpec(f"{rd.path} was made by a different stream spec (they differ at {diff}); "
                               "resume it with its own spec")
@@ -583,9 +593,12 @@ class _StreamRun:
         texts = []
         if res["kind"] == "learn":
             texts = [e.text for t in res["tasks"] for e in self.tasks[t].train[:256]]
-        rec = register_from_dir(self.reg, self.rd.unit_dir(i), fingerprint=self.fp, prototype_texts=texts)
+        name = json.loads((self.rd.unit_dir(i) / RECORD_FILE).read_text())["name"]
+        there = self.reg.has_adapter(name)  # a run made before units were marked: registered already (sweep 52)
+        register_from_dir(self.reg, self.rd.unit_dir(i), fingerprint=self.fp, prototype_texts=texts)
         self.rd.mark_registered(i)
-        self.registered_now.append(rec.name)
+        if not there:
+            self.registered_now.append(name)
 
 
 def _flat(diag: dict[str, dict[str, Any]]) -> dict[str, Any]:

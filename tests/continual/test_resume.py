@@ -163,6 +163,23 @@ def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_di
     reg.remove_adapter(res.adapters[-1])
     again = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings)
     assert again.resumed_from == 2 and again.registered_now == [] and not reg.has_adapter(res.adapters[-1])
+    # a run directory made before units were marked (and before paths lost their `..`, sweep 52): it resumes with
+    # its own spec, and says it registered only what it did register
+    import json
+
+    run = tmp_path / "run"
+    for marker in (run / "state").glob("unit-*/registered"):
+        marker.unlink()
+    info = json.loads((run / "run.json").read_text())
+    del info["registration_marked"]
+    (run / "run.json").write_text(json.dumps(info))
+    stored = json.loads((run / "spec.json").read_text())
+    first = stored["experiences"][0]["learn"]
+    parent = os.path.dirname(first)
+    stored["experiences"][0]["learn"] = os.path.join(parent, "..", os.path.basename(parent), os.path.basename(first))
+    (run / "spec.json").write_text(json.dumps(stored))
+    old = api.run_stream(spec, resume=run, progress=False, settings=settings)
+    assert old.registered_now == [res.adapters[-1]], old.registered_now  # the one removed above, registered again
 
 
 def test_two_runs_of_one_name_in_one_second_register_their_own_adapters(tmp_path, tiny_bert, task_dir, monkeypatch):
