@@ -583,10 +583,18 @@ def chat_ids_within(tokenizer, messages: Sequence[dict[str, str]], limit: int | 
     return (real, len(real)) if limit is None or len(real) <= limit else (None, len(real))
 
 
+def _added_controls(tokenizer) -> set[int]:
+    """The ids of the added tokens that are not special but could mark a turn (a fine-tune's `add_tokens` ChatML,
+    Qwen3's `<tool_call>`): not a single character or a run of spaces, which code models add as plain text."""
+    special = set(tokenizer.all_special_tokens)
+    return {i for t, i in getattr(tokenizer, "added_tokens_encoder", {}).items()
+            if t not in special and len(t.strip()) > 1}
+
+
 def _control_ids(tokenizer) -> set[int]:
-    """The ids of the tokenizer's special and added tokens; the unknown token only where plain text cannot make
+    """The ids of the tokenizer's special tokens and `_added_controls`; the unknown token only where plain text cannot make
     it (a byte-level tokenizer's, often `<|endoftext|>`: sweep 52), not where every unknown word reads as it."""
-    ids = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    ids = set(tokenizer.all_special_ids) | _added_controls(tokenizer)
     unk = tokenizer.unk_token_id
     if unk is not None and unk in tokenizer("\u0378 \U000e0fff", add_special_tokens=False)["input_ids"]:
         ids.discard(unk)  # (two code points no text means: unknown to a vocabulary, bytes to a byte-level one)
@@ -617,9 +625,7 @@ def _as_text(tokenizer) -> Callable[[str], list[int]]:
     added tokens that are not special, which that leaves whole (a fine-tune's `add_tokens` ChatML, Qwen3's
     `<tool_call>`: sweep 51 F3), typed as they are or in a form the normaliser folds into them: a text that
     gives one is cut in halves, each read the same way, until none does."""
-    special = set(tokenizer.all_special_tokens)
-    plain = {i for t, i in getattr(tokenizer, "added_tokens_encoder", {}).items()  # (not a character or a run of
-             if t not in special and len(t.strip()) > 1}                           # spaces a code model adds)
+    plain = _added_controls(tokenizer)
 
     def encode(text: str) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

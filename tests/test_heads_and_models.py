@@ -312,6 +312,12 @@ def test_a_turn_cannot_be_typed_where_the_template_leaves_one_out_or_unk_ends_tu
     plain = [{"role": "user", "content": "my flight was late"}]
     want = tok.apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
     assert chat_ids(tok, plain) == list(want["input_ids"] if hasattr(want, "keys") else want)
+    # added tokens that are plain text (a code model's whitespace runs, a character): as the template writes them
+    tok.add_tokens(["    ", "ö"])
+    tok.chat_template = "{% for m in messages %}{{ '<|user|> ' + m['content'] + ' <|end|>' }}{% endfor %}<|assistant|>"
+    code = [{"role": "user", "content": "flight ö was late\n    what is two"}]
+    want = tok.apply_chat_template(code, tokenize=True, add_generation_prompt=True)
+    assert chat_ids(tok, code) == list(want["input_ids"] if hasattr(want, "keys") else want)
 
 
 def test_a_template_that_fails_on_a_chat_refuses_that_chat_only(tiny_llama, settings, tmp_path):
