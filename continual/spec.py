@@ -48,7 +48,7 @@ from loraplex.models import EMBEDDED
 from loraplex.data import EMBEDDED_TASKS, TASK_SUFFIXES, load_task
 from loraplex.errors import InvalidSpec, InvalidTaskFile, TaskNotFound, UnknownComponent, UserInputError
 from loraplex.experts.spec import MAX_RANK, LoraSpec
-from loraplex.fsio import read_yaml_file, user_path
+from loraplex.fsio import read_yaml_file, user_path, without_dotdot
 from loraplex.registry.record import NAME_RE
 from loraplex.tasks import SEED_MAX, as_task_labels, validate_description
 from loraplex.training import LightningSettings
@@ -300,7 +300,7 @@ def _resolve_ref(ref: str, root: Path | None) -> str:
     bare = "/" not in ref and os.sep not in ref and not ref.lower().endswith(TASK_SUFFIXES)
     if bare and not p.exists():
         return ref
-    return os.path.normpath(p.absolute())  # as load_task_file records it: no `specs/../` (sweep 50)
+    return str(without_dotdot(p))  # as load_task_file records it: no `specs/../` (sweep 50)
 
 
 def _resolve_base(base: str, root: Path | None) -> str:

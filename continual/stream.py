@@ -60,7 +60,7 @@ from loraplex.data import load_task
 from loraplex.errors import (AlreadyExists, DamagedRun, Diverged, IncompatibleAdapter, InvalidSpec, Interrupted,
                              LoraplexWarning, Terminated, UserInputError, check_termination)
 from loraplex.experts.layers import adapters_disabled
-from loraplex.fsio import atomic_write, user_path, write_tensors
+from loraplex.fsio import atomic_write, user_path, without_dotdot, write_tensors
 from loraplex.heads import HEADS, head_for, texts_readable
 from loraplex.models import base_files, fingerprint, load_base, load_tokenizer, resolve_base
 from loraplex.ranks import is_worker, shared_run_dir
@@ -92,7 +92,7 @@ def _paths_as_recorded(stored: Any) -> Any:
     before that, from a spec with `learn: ../tasks/x.csv`, was "made by a different stream spec")."""
     if not isinstance(stored, dict) or not isinstance(stored.get("experiences"), list):
         return stored
-    exps = [{k: os.path.normpath(v) if k in ("learn", "forget") and isinstance(v, str) and os.path.isabs(v) else v
+    exps = [{k: str(without_dotdot(v)) if k in ("learn", "forget") and isinstance(v, str) and os.path.isabs(v) else v
              for k, v in e.items()} if isinstance(e, dict) else e for e in stored["experiences"]]
     return {**stored, "experiences": exps}
 

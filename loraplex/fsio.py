@@ -25,6 +25,16 @@ def user_path(path: str | Path) -> Path:
         raise UserInputError(f"path {str(path)!r}: {head!r} names no user of this machine") from None
 
 
+def without_dotdot(path: str | Path) -> Path:
+    """An absolute `path` with no `..` in it that opens the same file: its folder resolved as the system does
+    (a `..` after a symbolic link goes up from the link's target: sweep 52), the file's own name kept (a link to
+    a task file stays that link). A path with no `..` is returned as it is."""
+    p = Path(path).absolute()
+    if ".." not in p.parts:
+        return p
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new entry in directory `path` durable (fsync the directory itself)."""
     fd = os.open(path, os.O_RDONLY)

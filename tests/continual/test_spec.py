@@ -40,6 +40,16 @@ def test_valid_spec_resolves_paths_relative_to_the_spec(tmp_path, task_dir):
     from loraplex.data import load_task
 
     assert load_task(str(tmp_path / "specs" / ".." / "tasks" / "flights.jsonl")).ref == str(tmp_path / "tasks" / "flights.jsonl")
+    # ... as the system reads it: after a link, `..` goes up from the link's target (sweep 52: a lexical `..` read
+    # another file, tmp/tasks/flights.jsonl here, for the one the user named)
+    real = tmp_path / "real" / "proj"
+    (real / "specs").mkdir(parents=True)
+    (real / "tasks").mkdir()
+    for f in task_dir.iterdir():
+        (real / "tasks" / f.name).write_text(f.read_text())
+    (tmp_path / "linked").symlink_to(real / "specs")
+    (real / "specs" / "up.yaml").write_text(up.read_text())
+    assert load_spec(tmp_path / "linked" / "up.yaml").experiences[0].learn == str(real / "tasks" / "flights.jsonl")
     canon = spec.canonical()
     assert canon["method"] == {"name": "o-lora", "orth_weight": 0.2}
     assert canon["trainer"]["lr"] == pytest.approx(2e-3)
