@@ -340,6 +340,10 @@ class _StreamRun:
             return StreamResult(rd.path, run_id, {}, {}, [], resumed_from=done)
         for i in range(done):  # a run killed between commit and registration registers now
             self._register(i)
+        if not info.get("registration_marked"):  # a run started before units were marked: every saved unit is now,
+            info = {**info, "registration_marked": True}  # so a later stop is told apart too (sweep 52)
+            atomic_write(rd.path / "run.json", json.dumps(info, indent=1))
+            self.info = info
         report = write_report(rd.path, info, self.results) if done else None
         for unit in self.units[done:]:
             try:

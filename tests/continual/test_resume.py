@@ -180,6 +180,7 @@ def test_an_interrupt_after_a_unit_is_saved_says_so(tmp_path, tiny_bert, task_di
     (run / "spec.json").write_text(json.dumps(stored))
     old = api.run_stream(spec, resume=run, progress=False, settings=settings)
     assert old.registered_now == [res.adapters[-1]], old.registered_now  # the one removed above, registered again
+    assert json.loads((run / "run.json").read_text())["registration_marked"]  # marked from now on
 
 
 def test_two_runs_of_one_name_in_one_second_register_their_own_adapters(tmp_path, tiny_bert, task_dir, monkeypatch):
