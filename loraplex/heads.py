@@ -592,8 +592,9 @@ def _added_controls(tokenizer) -> set[int]:
 
 
 def _control_ids(tokenizer) -> set[int]:
-    """The ids of the tokenizer's special tokens and `_added_controls`; the unknown token only where plain text cannot make
-    it (a byte-level tokenizer's, often `<|endoftext|>`: sweep 52), not where every unknown word reads as it."""
+    """The ids of the tokenizer's special tokens and `_added_controls`; the unknown token only where plain text
+    cannot make it (a byte-level tokenizer's, often `<|endoftext|>`: sweep 52), not where every unknown word
+    reads as it."""
     ids = set(tokenizer.all_special_ids) | _added_controls(tokenizer)
     unk = tokenizer.unk_token_id
     if unk is not None and unk in tokenizer("\u0378 \U000e0fff", add_special_tokens=False)["input_ids"]:
