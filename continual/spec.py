@@ -313,7 +313,7 @@ def _resolve_base(base: str, root: Path | None) -> str:
     p = user_path(base)
     if p.is_absolute() or not (root / p).is_dir():
         return base
-    return os.path.normpath((root / p).absolute())  # recorded as the adapters' base: no `specs/../`
+    return str(without_dotdot(root / p))  # recorded as the adapters' base: no `specs/../` (as the system reads it)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -84,13 +84,6 @@ class Task:
         """How `label` is answered: in the query's spelling where it named the label in another case."""
         return self.spelled.get(label, label)
 
-    def same_task(self, other: "Task") -> bool:
-        """Whether `other` is this very task: the same embedded task, or the same file however its path was
-        written (a symbolic link, a `..`)."""
-        if self.source == "embedded" or other.source == "embedded":
-            return self.ref == other.ref
-        return self.ref == other.ref or os.path.realpath(self.source) == os.path.realpath(other.source)
-
     @property
     def ref(self) -> str:
         """What `load_task` takes to load this task again (stored in adapter records)."""

@@ -33,6 +33,16 @@ from loraplex.heads import accuracy, head_for, token_text
 from loraplex.tasks import Task, checked_labels, checked_texts, label_fold
 
 
+def _same_task(a: Task, b: Task) -> bool:
+    """Whether `b` is task `a` itself: the same embedded task, or the same file however its path is written (a
+    link, a `..`: the registry's `same_task_file`), never a namesake (sweep 48)."""
+    from loraplex.registry.store import same_task_file
+
+    if a.source == "embedded" or b.source == "embedded":
+        return a.ref == b.ref
+    return same_task_file(a.source, b.source)
+
+
 @dataclass
 class RowRoute:
     """How one query was routed."""
@@ -417,7 +427,7 @@ class RoutedModel:
                 continue
             # the expert of this very task (its ref: an embedded name or a file's path), never of a namesake: a
             # file `airline.jsonl` of sport/tech rows was scored as airline-lora's task (sweep 48)
-            own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and t.same_task(task)), None)
+            own = next((i for i, t in enumerate(self.expert_tasks) if t is not None and _same_task(t, task)), None)
             correct = routed_ok = answered = 0
             for i in range(0, len(ex), batch_size):
                 chunk = ex[i: i + batch_size]
@@ -428,7 +438,7 @@ class RoutedModel:
                 correct += sum(right)
                 routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0
                 picked = self.task_of(texts, routes)
-                same = [t is not None and t.same_task(task) and t.labels == task.labels for t in picked]
+                same = [t is not None and _same_task(t, task) and t.labels == task.labels for t in picked]
                 answered += sum(r for r, ok in zip(right, same) if ok)
                 other = [k for k, ok in enumerate(same)  # answered with another task's labels (none: not
                          if not ok and picked[k] is not None and picked[k].labels]  # answered, so not right)

@@ -213,14 +213,11 @@ class Guard:
 
         try:
             await self.app(scope, receive, watch)
-        except Exception:
-            if counted[0]:  # a bug answered in full as a 500 (logged with its traceback by the app's handler), which
-                return      # Starlette raises again: uvicorn would log it twice and close a kept-alive connection
-            counted[0] = True  # the app failed mid-answer (a stream broken by the server)
-            self.metrics.answered(endpoint, 500, time.perf_counter() - t0)
-            raise
-        except BaseException:
-            if not counted[0]:
+        except BaseException as exc:
+            if counted[0] and isinstance(exc, Exception):  # a bug answered in full as a 500 (logged with its
+                return  # traceback by the app's handler), which Starlette raises again: uvicorn would log it twice
+                        # and close a kept-alive connection
+            if not counted[0]:  # the app failed mid-answer (a stream broken by the server)
                 counted[0] = True
                 self.metrics.answered(endpoint, 500, time.perf_counter() - t0)
             raise
