@@ -190,9 +190,11 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
             + "); true, false, \"gaussian\", \"orthogonal\" and \"mica\" are"
         )
     targets = cfg.get("target_modules")
-    if targets is None:
-        targets = ()
-    elif isinstance(targets, str):
+    if targets is None:  # PEFT fills in its default for the model type (BERT: query, value) and loads only those
+        raise InvalidAdapter(f"{where}: target_modules: not set; PEFT would then adapt its default modules for the "
+                             "model type and load only their tensors, which loraplex does not guess: list the "
+                             "adapted modules in target_modules")
+    if isinstance(targets, str):
         try:
             re.compile(targets)
         except re.error as exc:

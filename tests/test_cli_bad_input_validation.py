@@ -51,6 +51,8 @@ BAD_SETTINGS = [
     ({"rank_pattern": {"[q": 4}}, "rank_pattern: key '[q' is not a valid regular expression"),
     ({"rank_pattern": {"query": 4.5}}, "rank_pattern.query: input should be a valid integer"),
     ({"rank_pattern": ["query"]}, "rank_pattern: expected an object"),
+    # PEFT reads an unset target_modules as its default list for the model type and drops the other tensors (sweep 53)
+    ({"target_modules": None}, "target_modules: not set; PEFT would then adapt its default modules"),
 ]
 
 
