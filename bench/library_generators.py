@@ -208,18 +208,17 @@ def run_task(t, full, gens, ev, loaded, emb, k, hub_n, refine_steps=0, refine_lr
         if refine_steps:  # the same sample, then refined on the 16 labelled examples LoraHub sees
             kept, t0 = {}, time.perf_counter()
 
-            def keep(step, x, kept=kept, t0=t0):  # a shorter refinement is this one's first steps
+            def keep(step, theta, kept=kept, t0=t0):  # a shorter refinement is this one's first steps
                 if step in CURVE and step < refine_steps:
-                    kept[step] = (x, time.perf_counter() - t0)
+                    kept[step] = (theta, time.perf_counter() - t0)
 
             ref = gen.generate(Query(task.description, examples, task=task), seed=0,
                                refine=RefineConfig(steps=refine_steps, lr=refine_lr), on_refine_step=keep)
             row[f"{m}+refine"] = ev(ref.adapter, task)
             row[f"{m}+refine_seconds"] = round(ref.seconds, 3)
             row[f"{m}+refine_loss"] = ref.extra["refine"]
-            for step, (x, secs) in sorted(kept.items()):
-                with torch.no_grad():
-                    adapter = gen.data.layout.unflatten(gen.space.decode(x.reshape(1, -1))[0])
+            for step, (theta, secs) in sorted(kept.items()):
+                adapter = gen.data.layout.unflatten(theta)
                 row[f"{m}+refine@{step}"] = ev(adapter, task)
                 row[f"{m}+refine@{step}_seconds"] = round(secs, 3)
     return row

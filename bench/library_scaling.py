@@ -244,8 +244,7 @@ def study(families: list[str], eval_limit: int, refine_steps: int, out: Path, ap
                                    refine=RefineConfig(steps=refine_steps),
                                    on_refine_step=lambda step, x, kept=kept: kept.__setitem__(step, x))
                 if 2 < refine_steps:
-                    with torch.no_grad():
-                        row[f"{col}@2"] = ev(gen.data.layout.unflatten(gen.space.decode(kept[2].reshape(1, -1))[0]), task)
+                    row[f"{col}@2"] = ev(gen.data.layout.unflatten(kept[2]), task)
                 row[f"{col}@{refine_steps}"] = ev(ref.adapter, task)
         rows[t] = row
         tqdm.write(f"{t:30s} base {row['base']:.3f} oracle {row['oracle']:.3f}  " + "  ".join(

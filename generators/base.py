@@ -35,7 +35,7 @@ from loraplex.errors import IncompatibleAdapter, UserInputError
 from loraplex.experts.spec import Adapter
 from loraplex.generators.cvae import CVAE, CVAEConfig, fit_cvae
 from loraplex.generators.layout import ParamLayout
-from loraplex.generators.refine import RefineConfig, examples_task, refine as refine_coords
+from loraplex.generators.refine import RefineConfig, examples_task, refine as refine_coords, refined_theta
 from loraplex.generators.space import ParamSpace
 from loraplex.heads import head_for
 from loraplex.tasks import Task
@@ -272,8 +272,9 @@ class CVAEGenerator:
                  refine: RefineConfig | None = None,
                  on_refine_step: Callable[[int, torch.Tensor], None] | None = None) -> Generation:
         """Sample an adapter for a new task (deterministic for a given seed); with `refine` (steps > 0), the
-        sample is then refined on the query's labelled examples (refine.py; `on_refine_step(step, coords)`
-        after each of its steps, coordinates that `self.space.decode` and the layout turn into an adapter)."""
+        sample is then refined on the query's labelled examples (refine.py; `on_refine_step(step, theta)`
+        after each of its steps, with the (P,) vector so far, which `self.data.layout.unflatten` turns into an
+        adapter)."""
         if refine is not None and refine.steps > 0 and not query.examples:
             raise UserInputError("refining a generated adapter needs labelled examples of the task (--examples FILE)")
         cfg = self.config
@@ -298,11 +299,15 @@ class CVAEGenerator:
         if refine is not None and refine.steps > 0:
             task = examples_task(query.description, query.examples, like=query.task)
             base = self.ctx.base()
-            xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine, on_refine_step)
-            x = xr.unsqueeze(0)
-            extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info}
-        with torch.no_grad():
-            theta = self.space.decode(x)[0]  # (P,)
+            seen = None if on_refine_step is None else (
+                lambda k, xk: on_refine_step(k, refined_theta(self.space, xk, x[0], refine.blocks)))
+            xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine, seen)
+            extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info,
+                               **({"blocks": refine.blocks} if refine.blocks else {})}
+            theta = refined_theta(self.space, xr, x[0], refine.blocks)  # (P,)
+        else:
+            with torch.no_grad():
+                theta = self.space.decode(x)[0]  # (P,)
         adapter = self.data.layout.unflatten(theta)
         order = torch.argsort(sims[0], descending=True)[: min(cfg.top_k, len(self.data.members))]
         parents = [{"name": self.data.members[int(i)], "similarity": round(float(sims[0, i]), 4),

@@ -30,7 +30,7 @@ from loraplex.errors import (AlreadyExists, IncompatibleAdapter, InvalidTaskFile
 from loraplex.fsio import user_path
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
-from loraplex.generators.refine import examples_task, refine_config
+from loraplex.generators.refine import examples_task, refine_config, top_blocks
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.seeding import one_at_a_time
@@ -248,7 +248,8 @@ def _answering_task(reg, name: str, description: str, parents: list[dict[str, An
 @one_at_a_time
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
-             max_distance: float | None = None, refine_steps: int = 0, dry_run: bool = False) -> dict[str, Any]:
+             max_distance: float | None = None, refine_steps: int = 0, refine_blocks: int = 0,
+             dry_run: bool = False) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
     `dry_run`: everything up to the registration (every refusal the generator or the examples make), nothing
     written or refined: returns the task the adapter would answer with and its parents (`auto` asks so before
@@ -260,14 +261,18 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     otherwise (`label_task`, the default; `auto` too: a request carries no label set) the task of its most
     similar parent that has one. `label_task=False` records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
     the one fitted for request texts, which sit farther from task descriptions than descriptions do).
-    `refine_steps` > 0 refines the sample on the labelled examples (refine.py); the labels are checked
-    before the generator is loaded."""
+    `refine_steps` > 0 refines the sample on the labelled examples (refine.py; `refine_blocks` > 0 moves only
+    the top blocks' modules); the labels are checked before the generator is loaded."""
     validate_name(name)
     checked_seed(seed, "--seed")
     if not description or not description.strip():
         raise UserInputError("a description of the task is required: it is what the adapter is generated from")
     description = validate_description(description)
-    refine = refine_config(steps=refine_steps) if refine_steps else None  # a bad value is refused here, by field
+    # a bad value is refused here, by field
+    refine = refine_config(steps=refine_steps, blocks=refine_blocks) if refine_steps else None
+    if refine is None and refine_blocks:
+        refine_config(blocks=refine_blocks)  # a bad value is named as such first
+        raise UserInputError("--refine-blocks picks the blocks a refinement moves: pass --refine-steps N too")
     examples = _checked_examples(examples)  # before refinement reads them: a blank label is no label there too
     if refine is not None:
         if not examples:
@@ -279,6 +284,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     if not dry_run:
         reg.check_adapter_name_free(name)
     rec, gen = load(reg, settings, generator)
+    if refine is not None:
+        top_blocks(gen.data.layout, refine.blocks)  # a layout with no one stack of blocks is refused before sampling
     member = reg.get_adapter(rec.members[0])
     labelled = list(dict.fromkeys(lab for _, lab in examples if lab))
     if len(labelled) >= 2:  # the label set it may answer with: names its base's tokenizer reads apart

@@ -47,6 +47,8 @@ def adapter(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
     refine_steps: Annotated[int, field_option("loraplex.generators.refine:RefineConfig.steps", "--refine-steps",
                                               syntax="needs --examples with a label on each")] = 0,
+    refine_blocks: Annotated[int, field_option("loraplex.generators.refine:RefineConfig.blocks", "--refine-blocks",
+                                               syntax="with --refine-steps")] = 0,
     home: Home = None,
     json: Json = False,
 ) -> None:
@@ -54,7 +56,8 @@ def adapter(
     from loraplex import api
 
     res = api.generate_adapter(description, generator=generator, name=name, examples=examples, seed=seed,
-                               refine_steps=refine_steps, settings=settings(home))
+                               refine_steps=refine_steps, refine_blocks=refine_blocks,
+                               settings=settings(home))
     if json:
         out.emit_json(res)
         return
@@ -62,7 +65,9 @@ def adapter(
              f"({res['params']:,} params on {res['base']}); nearest known task at cosine distance {res['distance']:.3f}")
     if "refine" in res:
         r = res["refine"]
-        out.line(f"refined on {r['examples']} labelled examples in {r['steps']} steps: loss {r['loss_before']:.3f} -> {r['loss_after']:.3f}")
+        top = f" (the top {r['blocks']} block{'s' if r['blocks'] > 1 else ''} only)" if r.get("blocks") else ""
+        out.line(f"refined on {r['examples']} labelled examples in {r['steps']} steps{top}: "
+                 f"loss {r['loss_before']:.3f} -> {r['loss_after']:.3f}")
     out.table(res["parents"], ["name", "similarity", "weight"], title="parents", headers=["parent", "similarity", "weight"])
 
 

@@ -102,3 +102,28 @@ def test_a_results_file_of_another_run_is_refused_not_merged(tmp_path):
         out_file(str(tmp_path))
     assert out_file(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
     assert not (tmp_path / "new").exists()  # the check leaves no file behind, nor the folders it made (sweep 43)
+
+
+def test_refine_bench_reads_its_variants_and_reports_gain_and_cost():
+    """bench/library_refine.py: BLOCKS:STEPS variants (bad ones named), and its tables' means: a refused task
+    counts as the base in the gain and is left out of the cost."""
+    import argparse
+
+    from bench.library_refine import report, variants_arg
+
+    assert variants_arg("0:20, 1:5") == [(0, 20), (1, 5)]
+    for bad, msg in (("1", "BLOCKS:STEPS"), ("1:0", "below 1"), ("-1:3", "below 0"), ("1:2,1:2", "named twice")):
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            variants_arg(bad)
+    rows = [
+        {"task": "a", "family": "f", "base": 0.5, "oracle": 1.0, "icm": 0.6, "icm_sec": 0.2,
+         "b0s2": 1.0, "b0s2_sec": 2.0, "b1s2": 0.75, "b1s2_sec": 0.5},
+        {"task": "b", "family": "g", "base": 0.2, "oracle": 0.6, "icm": 0.2, "b0s2": 0.2, "b1s2": 0.2, "refused": "far"},
+        {"task": "c", "family": "g", "base": 0.9, "oracle": 0.92, "icm": 0.9, "icm_sec": 0.1,  # gains < 5 points
+         "b0s2": 0.9, "b0s2_sec": 1.0, "b1s2": 0.9, "b1s2_sec": 1.0},
+    ]
+    lines = report(rows, [(0, 2), (1, 2)], 0.05, {"a": 20.0, "b": 20.0})
+    overall = next(line for line in lines if line.startswith("all"))
+    assert overall.split() == ["all", "2", "10.0%", "50.0%", "25.0%"]
+    assert [line.split()[-3:] for line in lines if line.startswith(("seconds", "x vs"))] == [
+        ["0.20", "2.00", "0.50"], ["100", "10", "40"]]

@@ -65,18 +65,22 @@ def test_refinement_lowers_the_examples_loss_and_stays_in_the_space(fitted):
 
 
 def test_each_step_reported_is_where_a_shorter_refinement_ends(fitted):
-    """on_refine_step's coordinates after step k decode to the adapter a k-step refinement writes (the
-    bench reads its speed/quality curve from one run this way)."""
+    """on_refine_step's vector after step k is the adapter a k-step refinement writes (the bench reads its
+    speed/quality curve from one run this way)."""
     gen, task, examples = fitted
     seen = {}
     q = Query(task.description, examples, task=task)
     full = gen.generate(q, seed=0, refine=RefineConfig(steps=6, lr=0.2), on_refine_step=lambda k, x: seen.setdefault(k, x))
     assert sorted(seen) == [1, 2, 3, 4, 5, 6]
     short = gen.generate(q, seed=0, refine=RefineConfig(steps=3, lr=0.2))
-    decode = lambda x: gen.space.decode(x.reshape(1, -1))[0]  # noqa: E731
-    assert torch.allclose(decode(seen[3]), gen.data.layout.flatten(short.adapter), atol=1e-5)
-    assert torch.allclose(decode(seen[6]), gen.data.layout.flatten(full.adapter), atol=1e-5)
+    assert torch.allclose(seen[3], gen.data.layout.flatten(short.adapter), atol=1e-5)
+    assert torch.allclose(seen[6], gen.data.layout.flatten(full.adapter), atol=1e-5)
     assert not torch.allclose(seen[3], seen[6])
+    # so with the top block only: the vector reported keeps block 0 at the proposal, as the adapter written does
+    top = {}
+    short = gen.generate(q, seed=0, refine=RefineConfig(steps=3, lr=0.2, blocks=1), on_refine_step=lambda k, t: top.setdefault(k, t))
+    assert torch.allclose(top[3], gen.data.layout.flatten(short.adapter), atol=1e-5)
+    assert not torch.allclose(top[3], seen[3])
 
 
 def test_the_first_step_follows_the_true_gradient(fitted):
@@ -139,10 +143,21 @@ def test_cli_generate_with_refinement(cli, toy_registry, toy_tasks, tmp_path):
     unlabelled.write_text(json.dumps({"text": "a song"}) + "\n" + json.dumps({"text": "late plane"}) + "\n")
     for args, msg in ((["--refine-steps", "5"], "pass --examples FILE"),
                       (["--refine-steps", "5", "--examples", str(unlabelled)], "a label on every example"),
-                      (["--refine-steps", "-2", "--examples", str(f)], "invalid refine option steps")):
+                      (["--refine-steps", "-2", "--examples", str(f)], "invalid refine option steps"),
+                      (["--refine-blocks", "1", "--examples", str(f)], "pass --refine-steps N too"),
+                      (["--refine-blocks", "-1", "--examples", str(f)], "invalid refine option blocks"),
+                      (["--refine-steps", "2", "--refine-blocks", "-1", "--examples", str(f)],
+                       "invalid refine option blocks")):
         r = cli("generate", "adapter", "a new task", "--generator", "g", "--name", "x-gen", *args)
         assert r.exit_code == 2 and msg in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not reg.has_adapter("x-gen")
+    # the top block only: recorded with the refinement, and said
+    r = cli("generate", "adapter", TOY_TASKS["music"][0], "--generator", "g", "--name", "music-top",
+            "--examples", str(f), "--refine-steps", "3", "--refine-blocks", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "in 3 steps (the top 1 block only)" in r.stdout
+    assert reg.get_adapter("music-top").metrics["refine"]["blocks"] == 1
 
 
 def test_refinement_reads_many_examples_a_batch_at_a_time(fitted, monkeypatch):
@@ -205,3 +220,124 @@ def test_an_example_text_that_is_not_unicode_is_refused_before_the_generator_run
     after the generator had run; `train` refuses the same file in one line."""
     with pytest.raises(UserInputError, match="example 2: the text is not valid UTF-8 text"):
         workflow._checked_examples([("fine text", "good"), ("bad \ud800 text", "bad")])
+
+
+# ---- refining the top blocks only (RefineConfig.blocks) ---------------------------------------------------------
+def _slots_by_block(layout):
+    from loraplex.experts.layers import block_name
+
+    return {s: int(block_name(s.name).rpartition(".")[2]) for s in layout.slots}
+
+
+def test_top_blocks_move_only_their_modules(fitted):
+    """blocks=1 on the 2-block tiny BERT: the adapter's block-0 modules stay at the proposal, block 1's move."""
+    from loraplex.generators.refine import refined_theta
+
+    gen, task0, examples = fitted
+    task = examples_task(task0.description, examples)
+    x0 = gen.space.coords[0].clone()
+    base = gen.ctx.base()
+    x1, info = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=5, lr=0.2, blocks=1))
+    assert info["loss_after"] < info["loss_before"]
+    before, after = gen.space.decode(x0.reshape(1, -1))[0], refined_theta(gen.space, x1, x0, 1)
+    for slot, block in _slots_by_block(gen.data.layout).items():
+        part = slice(slot.offset, slot.offset + slot.size)
+        moved = not torch.allclose(before[part], after[part])
+        assert moved == (block == 1), slot.name
+    # a whole-model refinement moves block 0 too (the option is what keeps it)
+    xa, _ = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=5, lr=0.2))
+    low = [s for s, b in _slots_by_block(gen.data.layout).items() if b == 0][0]
+    assert not torch.allclose(before[low.a_slice], refined_theta(gen.space, xa, x0)[low.a_slice])
+    # and a count of blocks at least the adapter's is every module
+    xb, _ = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=5, lr=0.2, blocks=2))
+    assert torch.allclose(xb, xa, atol=1e-6)
+    assert not routed_layers(base.model)
+
+
+def test_the_lower_blocks_run_once_and_give_what_the_whole_model_gives(fitted, monkeypatch):
+    """With the examples in one batch, block 0 runs for the cache only, and the refinement is the one the whole
+    model would give step by step; a cache that reads wrong (a model whose blocks pass more than hidden states)
+    is noticed at the first step and the whole model runs instead."""
+    from loraplex.generators import refine as refine_mod
+
+    gen, task0, examples = fitted
+    task = examples_task(task0.description, examples)
+    x0 = gen.space.coords[1].clone()
+    base = gen.ctx.base()
+    head = head_for(base)
+    block0 = base.model.encoder.layer[0]
+    calls = []
+    hook = block0.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cached, info = refine(gen.space, x0, base, head, task, RefineConfig(steps=6, lr=0.2, blocks=1))
+        assert 1 <= len(calls) <= 2  # the cache's one pass (the examples, and the label texts the first time)
+        assert base.model.encoder.layer[0] is block0  # the lower blocks are put back
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(refine_mod._LowerBlocksOnce, "usable", lambda self: False)
+            whole, info_whole = refine(gen.space, x0, base, head, task, RefineConfig(steps=6, lr=0.2, blocks=1))
+        assert len(calls) >= 7
+    finally:
+        hook.remove()
+    assert torch.allclose(cached, whole, atol=1e-5)
+    assert info == info_whole
+    fill = refine_mod._LowerBlocksOnce.fill
+
+    def wrong(self, run):  # what a model whose blocks need more than their hidden states would read
+        value = fill(self, run)
+        self.kept = {shape: h.flip(0) for shape, h in self.kept.items()}  # states of other rows
+        return value
+
+    monkeypatch.setattr(refine_mod._LowerBlocksOnce, "fill", wrong)
+    fallback, info_fb = refine(gen.space, x0, base, head, task, RefineConfig(steps=6, lr=0.2, blocks=1))
+    # the whole model's refinement (to float noise: the failed pass ran first), not one read through wrong states
+    assert torch.allclose(fallback, whole, atol=1e-3) and info_fb == info_whole
+    assert base.model.encoder.layer[0] is block0
+
+
+def test_the_cache_reads_a_causal_lm_as_its_whole_forward(tiny_llama, settings):
+    """Llama's blocks return a tensor and take position embeddings from the model: the cached path's loss is
+    the whole model's."""
+    from loraplex.experts.layers import inject_new
+    from loraplex.experts.spec import LoraSpec
+    from loraplex.generators.refine import _LowerBlocksOnce
+    from loraplex.models import load_base
+
+    lb = load_base(str(tiny_llama), settings)
+    task = examples_task("Is the review good or bad?", [("a great film", "good"), ("dull and long", "bad"),
+                                                         ("loved it", "good")])
+    layers = inject_new(lb.model, LoraSpec(r=2, alpha=4.0, target_modules=("q_proj", "v_proj")),
+                        ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], seed=3)
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.bank.B, std=0.5)
+    lb.model.eval()
+    head = head_for(lb)
+    y = torch.tensor([task.label_index(e.label) for e in task.train])
+    loss = lambda: float(head.loss(lb.model, lb.tokenizer, [e.text for e in task.train], y, task))  # noqa: E731
+    once = _LowerBlocksOnce(lb.model, "model.layers", 1)
+    assert once.usable()
+    with torch.no_grad():
+        whole = once.fill(loss)
+        with once.skipping():
+            assert isinstance(lb.model.model.layers[0], torch.nn.Module) and lb.model.model.layers[0] is not None
+            cached = loss()
+    assert cached == pytest.approx(whole, rel=1e-5)
+    assert type(lb.model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_refine_blocks_is_refused_where_it_cannot_apply(fitted):
+    from loraplex.generators.layout import ParamLayout
+    from loraplex.generators.refine import top_blocks
+
+    gen, _, _ = fitted
+    assert top_blocks(gen.data.layout, 0) is None and top_blocks(gen.data.layout, 5) is None
+    slots, stack, first = top_blocks(gen.data.layout, 1)
+    assert stack == "encoder.layer" and first == 1 and all(".layer.1." in s.name for s in slots)
+    two = ParamLayout(gen.data.layout.spec, [("encoder.block.0.q", 2, 4, 4), ("decoder.block.0.q", 2, 4, 4)])
+    with pytest.raises(InvalidSpec, match="invalid refine option blocks: 1 needs .* one stack.*decoder.block, encoder.block"):
+        top_blocks(two, 1)
+    flat = ParamLayout(gen.data.layout.spec, [("pooler.dense", 2, 4, 4)])
+    with pytest.raises(InvalidSpec, match="stacks: none"):
+        top_blocks(flat, 1)
+    with pytest.raises(InvalidSpec, match="invalid refine option blocks"):
+        refine_config(blocks=-1)
