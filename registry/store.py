@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import time
 import warnings
 from contextlib import contextmanager
@@ -278,6 +279,10 @@ class Registry(Database, Components):
                 raise type(exc)(f"{owner}: {exc}") from None
         path = self.blob_path(sha)
         try:
+            mode = path.stat().st_mode  # a FIFO blocked every reader; /dev/zero was read until memory ran out (sweep 53)
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise IntegrityError(f"blob {sha[:12]} cannot be read ({kind}): {path}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise IntegrityError(f"blob {sha[:12]} is missing from {self.blob_dir}") from None

@@ -18,12 +18,21 @@ def _blob(home):
     return reg.blob_path(reg.get_adapter("good").blob)
 
 
-@pytest.mark.parametrize("damage", ["blob-is-a-directory", "blobs-is-a-file"])
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["blob-is-a-directory", "blobs-is-a-file", "blob-is-a-fifo", "blob-is-dev-zero"])
 def test_a_blob_that_cannot_be_read_is_damage(cli, seeded, tmp_path, damage):
+    import os
+
     path = _blob(cli.home)
     if damage == "blob-is-a-directory":  # was exit 2 "Is a directory", and `registry check` stopped there
         path.unlink()
         path.mkdir()
+    elif damage == "blob-is-a-fifo":  # every reader blocked for ever (sweep 53)
+        path.unlink()
+        os.mkfifo(path)
+    elif damage == "blob-is-dev-zero":  # read until the memory ran out (sweep 53)
+        path.unlink()
+        path.symlink_to("/dev/zero")
     else:
         shutil.rmtree(cli.home / "blobs")
         (cli.home / "blobs").write_text("not a directory")
