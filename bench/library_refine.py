@@ -92,13 +92,22 @@ def run_task(t, full, gens, ev, loaded, variants, lr):
     return row
 
 
+def _median_cell(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):>12{fmt}}" if values else f"{'-':>12}"
+
+
 def report(rows, variants, min_gain: float, train_of: dict[str, float]) -> list[str]:
+    """The gain table per family and the cost lines; a task whose oracle gains less than `min_gain` (> 0) is
+    left out of both, a refused one counts as the base in the gain and is left out of the cost, and a cell
+    with no task to read is '-'."""
     gaining = [r for r in rows if r["oracle"] - r["base"] >= min_gain]
     cols = [("icm", "icm-lora")] + [(col(b, s), label(b, s)) for b, s in variants]
     fams = sorted({r["family"] for r in rows})
     lines = [f"== gain recovered over tasks where the oracle gains >= {100 * min_gain:.0f} points "
              f"({len(gaining)} of {len(rows)}): icm-lora's sample, then refined S steps over every block (all) "
              "or the top B blocks =="]
+    if not gaining:
+        return lines + ["  no task's oracle gains that much: nothing to report"]
     lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>12}" for _, h in cols))
     for f in fams + ["all"]:
         rs = [r for r in gaining if f in ("all", r["family"])]
@@ -109,11 +118,9 @@ def report(rows, variants, min_gain: float, train_of: dict[str, float]) -> list[
                   "refinement) and x = the task's adapter's training seconds (library record) / them, median =="]
     lines.append(f"{'':<18}{'':>6}" + "".join(f"{h:>12}" for _, h in cols))
     have = [r for r in gaining if "refused" not in r]
-    secs = [statistics.median(r[f"{c}_sec"] for r in have) for c, _ in cols]
-    xs = [statistics.median(train_of[r["task"]] / r[f"{c}_sec"] for r in have if r["task"] in train_of)
-          for c, _ in cols]
-    lines.append(f"{'seconds':<24}" + "".join(f"{v:>12.2f}" for v in secs))
-    lines.append(f"{'x vs training':<24}" + "".join(f"{v:>12.0f}" for v in xs))
+    lines.append(f"{'seconds':<24}" + "".join(_median_cell([r[f"{c}_sec"] for r in have], ".2f") for c, _ in cols))
+    lines.append(f"{'x vs training':<24}" + "".join(
+        _median_cell([train_of[r["task"]] / r[f"{c}_sec"] for r in have if r["task"] in train_of], ".0f") for c, _ in cols))
     return lines
 
 
@@ -135,8 +142,8 @@ def main(argv=None) -> int:
             RefineConfig(steps=s, lr=args.lr, blocks=b)
     except ValidationError as exc:
         ap.error(f"--variants/--lr: {first_error(exc)}")
-    if not 0 <= args.min_gain < 1:
-        ap.error(f"--min-gain: a share of accuracy in [0, 1), got {args.min_gain}")
+    if not 0 < args.min_gain < 1:  # 0 would divide by an oracle that gains nothing
+        ap.error(f"--min-gain: a share of accuracy in (0, 1), got {args.min_gain}")
 
     from tqdm.auto import tqdm
 

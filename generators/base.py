@@ -302,8 +302,7 @@ class CVAEGenerator:
             seen = None if on_refine_step is None else (
                 lambda k, xk: on_refine_step(k, refined_theta(self.space, xk, x[0], refine.blocks)))
             xr, info = refine_coords(self.space, x[0], base, head_for(base), task, refine, seen)
-            extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info,
-                               **({"blocks": refine.blocks} if refine.blocks else {})}
+            extra["refine"] = {"steps": refine.steps, "examples": len(task.train), **info}
             theta = refined_theta(self.space, xr, x[0], refine.blocks)  # (P,)
         else:
             with torch.no_grad():

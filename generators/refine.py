@@ -272,7 +272,8 @@ class _LowerBlocksOnce:
 
 def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: RefineConfig,
            on_step: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Coordinates (m,) refined on `task.train` (the labelled examples), and {loss_before, loss_after}.
+    """Coordinates (m,) refined on `task.train` (the labelled examples), and {loss_before, loss_after} (and
+    `blocks` where only the top blocks were refined).
     `on_step(step, x)` is called after each step (1..steps) with a copy of the coordinates so far (a
     benchmark reads the accuracy a shorter refinement would have reached from one run). With `cfg.blocks`,
     only the top blocks' slots of theta follow x (the rest stay at x0's decode): `refined_theta` gives the
@@ -330,4 +331,7 @@ def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: Ref
             opt.step()
             if on_step is not None:
                 on_step(len(losses), x.detach().clone())
-    return x.detach(), {"loss_before": round(losses[0], 4), "loss_after": round(losses[-1], 4)}
+    info = {"loss_before": round(losses[0], 4), "loss_after": round(losses[-1], 4)}
+    if plan is not None:  # a count at least the blocks the adapter reaches refined every module: said as such
+        info["blocks"] = cfg.blocks
+    return x.detach(), info

@@ -127,3 +127,9 @@ def test_refine_bench_reads_its_variants_and_reports_gain_and_cost():
     assert overall.split() == ["all", "2", "10.0%", "50.0%", "25.0%"]
     assert [line.split()[-3:] for line in lines if line.startswith(("seconds", "x vs"))] == [
         ["0.20", "2.00", "0.50"], ["100", "10", "40"]]
+    # nothing to read is said, not a traceback (sweep 54): no gaining task; only a refused one; no training times
+    assert report(rows[2:], [(0, 2), (1, 2)], 0.05, {})[-1].endswith("nothing to report")
+    lines = report(rows[1:2], [(0, 2), (1, 2)], 0.05, {})
+    assert [line.split()[-3:] for line in lines if line.startswith(("seconds", "x vs"))] == [["-", "-", "-"]] * 2
+    lines = report(rows[:1], [(0, 2), (1, 2)], 0.05, {})
+    assert [line.split()[-3:] for line in lines if line.startswith("x vs")] == [["-", "-", "-"]]
