@@ -19,7 +19,8 @@ x = the task's adapter's training seconds (its library record) / its generation 
 
     LORAPLEX_BENCH_HOME=/work/bench-home python bench/library_refine.py [--variants 0:20,1:20,2:20,3:20,1:40]
         [--tasks a,b] [--families F] [--eval-limit 150] [--lr 0.2] [--out FILE]
-        (rows: library-refine.json in the bench home; a run stopped part way resumes from them)
+        (rows: library-refine.json in the bench home; a run stopped part way resumes from them, and a run
+         with more variants measures only those)
 """
 
 from __future__ import annotations
@@ -62,14 +63,23 @@ def label(blocks: int, steps: int) -> str:
     return f"{'all' if blocks == 0 else f'top {blocks}'} x{steps}"
 
 
-def run_task(t, full, gens, ev, loaded, variants, lr):
-    """One held-out task's row: base, oracle, the sample, and each refinement with its seconds."""
+def missing(row: dict | None, variants) -> bool:
+    """Whether a task's row lacks anything this run measures (a run with more variants adds only those)."""
+    return row is None or "icm" not in row or ("refused" not in row and "icm_sec" not in row) or any(
+        col(b, s) not in row for b, s in variants)
+
+
+def run_task(t, full, gens, ev, loaded, variants, lr, row: dict | None = None):
+    """One held-out task's row: base, oracle, the sample, and each refinement with its seconds; what `row`
+    (an earlier run's, of the same recipe) already holds is kept, not measured again."""
     from loraplex.data import load_task
     from loraplex.generators.base import OutOfRange, Query
     from loraplex.generators.icm_lora import task_examples
 
     task, me = load_task(t), adapter_name(t)
-    row = {"task": t, "base": ev(None, task), "oracle": ev(loaded[me], task)}
+    row = dict(row or {"task": t})
+    if "base" not in row:
+        row["base"], row["oracle"] = ev(None, task), ev(loaded[me], task)
     examples = task_examples(t, N_EXAMPLES, seed=1)
     data = leave_one_out(full, me)
     assert me not in data.members and all(src != me for src, _ in data.sources)
@@ -84,8 +94,12 @@ def run_task(t, full, gens, ev, loaded, variants, lr):
         for b, s in variants:
             row[col(b, s)] = row["base"]
         return row
-    row["icm"], row["icm_sec"] = ev(sample.adapter, task), round(sample.seconds, 3)
+    if "icm" not in row:
+        row["icm"] = ev(sample.adapter, task)
+    row["icm_sec"] = row.get("icm_sec", round(sample.seconds, 3))
     for b, s in variants:
+        if col(b, s) in row:
+            continue
         ref = gen.generate(Query(task.description, examples, task=task), seed=0,
                            refine=RefineConfig(steps=s, lr=lr, blocks=b))
         row[col(b, s)], row[f"{col(b, s)}_sec"] = ev(ref.adapter, task), round(ref.seconds, 3)
@@ -174,13 +188,12 @@ def main(argv=None) -> int:
     gens = generators_for(full, s, reg.embedder_name)
     ev = Evaluator(s, args.eval_limit)
     out = args.out or bench_home() / "library-refine.json"
-    recipe = {"home": str(bench_home()), "members": len(members), "eval_limit": args.eval_limit,
-              "variants": [list(v) for v in args.variants], "lr": args.lr}
-    rows = resumed_rows(out, recipe, ap)
-    bar = tqdm([t for t in held if t not in rows], unit="task", dynamic_ncols=True)
+    recipe = {"home": str(bench_home()), "members": len(members), "eval_limit": args.eval_limit, "lr": args.lr}
+    rows = resumed_rows(out, recipe, ap)  # a run of the same recipe: its rows are kept, its variants not rerun
+    bar = tqdm([t for t in held if missing(rows.get(t), args.variants)], unit="task", dynamic_ncols=True)
     for t in bar:
         bar.set_description(t)
-        row = run_task(t, full, gens, ev, loaded, args.variants, args.lr)
+        row = run_task(t, full, gens, ev, loaded, args.variants, args.lr, rows.get(t))
         row["family"], row["recipe"] = EMBEDDED_TASKS[t]["family"], recipe
         rows[t] = row
         tqdm.write(f"{t:30s} base {row['base']:.3f} icm {row['icm']:.3f} " + " ".join(

@@ -109,7 +109,7 @@ def test_refine_bench_reads_its_variants_and_reports_gain_and_cost():
     counts as the base in the gain and is left out of the cost."""
     import argparse
 
-    from bench.library_refine import report, variants_arg
+    from bench.library_refine import missing, report, variants_arg
 
     assert variants_arg("0:20, 1:5") == [(0, 20), (1, 5)]
     for bad, msg in (("1", "BLOCKS:STEPS"), ("1:0", "below 1"), ("-1:3", "below 0"), ("1:2,1:2", "named twice")):
@@ -122,6 +122,10 @@ def test_refine_bench_reads_its_variants_and_reports_gain_and_cost():
         {"task": "c", "family": "g", "base": 0.9, "oracle": 0.92, "icm": 0.9, "icm_sec": 0.1,  # gains < 5 points
          "b0s2": 0.9, "b0s2_sec": 1.0, "b1s2": 0.9, "b1s2_sec": 1.0},
     ]
+    # a resumed run with another variant measures that one only; a row holding every variant is done
+    assert not missing(rows[0], [(0, 2), (1, 2)]) and missing(rows[0], [(0, 2), (3, 2)]) and missing(None, [])
+    assert not missing(rows[1], [(1, 2)])  # refused: nothing to time
+    assert missing({k: v for k, v in rows[0].items() if k != "icm_sec"}, [(1, 2)])
     lines = report(rows, [(0, 2), (1, 2)], 0.05, {"a": 20.0, "b": 20.0})
     overall = next(line for line in lines if line.startswith("all"))
     assert overall.split() == ["all", "2", "10.0%", "50.0%", "25.0%"]
