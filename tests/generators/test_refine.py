@@ -298,6 +298,56 @@ def test_the_lower_blocks_run_once_and_give_what_the_whole_model_gives(fitted, m
     # the whole model's refinement (to float noise: the failed pass ran first), not one read through wrong states
     assert torch.allclose(fallback, whole, atol=1e-3) and info_fb == info_whole
     assert base.model.encoder.layer[0] is block0
+    # a model whose loop fails on the skipped blocks (sweep 54: DeBERTa unpacked two values, ModernBERT read an
+    # attribute): the whole model runs instead, not an internal error
+    monkeypatch.undo()
+
+    def fails(self, *args, **kwargs):
+        raise AttributeError("'_Skipped' object has no attribute 'attention_type'")
+
+    monkeypatch.setattr(refine_mod._Skipped, "forward", fails)
+    failed, info_failed = refine(gen.space, x0, base, head, task, RefineConfig(steps=6, lr=0.2, blocks=1))
+    assert torch.allclose(failed, whole, atol=1e-3) and info_failed == info_whole
+    assert base.model.encoder.layer[0] is block0
+
+
+def test_skipped_blocks_answer_as_the_blocks_did():
+    """Blocks that return (hidden, attention) and a loop that reads each block's attributes (DeBERTa's and
+    ModernBERT's forms): the cached path gives the whole model's value."""
+    from torch import nn
+
+    from loraplex.generators.refine import _LowerBlocksOnce
+
+    class Block(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.lin, self.kind = nn.Linear(4, 4), kind
+
+        def forward(self, hidden_states, scale=1.0):
+            return hidden_states + scale * torch.tanh(self.lin(hidden_states)), None
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(3, 4)
+            self.layers = nn.ModuleList([Block(k) for k in ("a", "b", "a", "b")])
+
+        def forward(self, x):
+            h = self.emb(x)
+            for block in self.layers:
+                h, _ = block(h, scale=2.0 if block.kind == "a" else 0.5)
+            return float(h.pow(2).sum())
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 5, 3)
+    once = _LowerBlocksOnce(net, "layers", 2)
+    with torch.no_grad():
+        whole = once.fill(lambda: net(x))
+        with once.skipping():
+            assert net.layers[1].kind == "b"
+            cached = net(x)
+        assert isinstance(net.layers[0], Block)
+    assert cached == pytest.approx(whole, rel=1e-6)
 
 
 def test_the_cache_reads_a_causal_lm_as_its_whole_forward(tiny_llama, settings):
