@@ -267,9 +267,10 @@ def parse_spec(data: Any, *, where: str = "stream spec", root: Path | None = Non
     """Validate a mapping into a StreamSpec and resolve its tasks and components (see `validate`)."""
     if not isinstance(data, dict):
         raise InvalidSpec(f"{where}: expected a mapping of keys (name, base, trainer, method, experiences, ...)")
-    odd = next((k for k in data if not isinstance(k, str)), None)
-    if odd is not None:
-        raise InvalidSpec(f"{where}: the key {odd!r} is not a name (keys are text: name, base, trainer, method, ...)")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # a YAML `null:` / `~:` key is None, which a `next(..., None)` default took for "no such key" (sweep 53)
+        shown = "null" if odd[0] is None else repr(odd[0])
+        raise InvalidSpec(f"{where}: the key {shown} is not a name (keys are text: name, base, trainer, method, ...)")
     try:
         spec = StreamSpec(**data)
     except ValidationError as exc:

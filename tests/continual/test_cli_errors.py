@@ -42,6 +42,15 @@ def test_unknown_key(cli, spec, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("key,shown", [("null", "the key null is not a name"), ("~", "the key null is not a name"),
+                                       ("1", "the key 1 is not a name")])
+def test_a_key_that_is_not_text_is_named(cli, spec, tmp_path, key, shown):
+    """A top-level `null:` key was refused with Python's bare "keywords must be strings" (sweep 53)."""
+    spec.write_text(spec.read_text() + f"{key}: x\n")
+    _check(cli, ["stream", "run", spec, "--out", tmp_path / "r"], 2, shown)
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_task_file(cli, spec, tmp_path, task_dir):
     _edit(spec, experiences=[{"learn": str(task_dir / "gone.jsonl")}])
     _check(cli, ["stream", "run", spec, "--out", tmp_path / "r"], 2, "gone.jsonl", "no such task file")
