@@ -233,6 +233,12 @@ class Registry(Database, Components):
         shas of blobs this call wrote are appended to `created` (for cleaning up after a failed commit)."""
         sha = sha256_bytes(data)
         path = self.blob_path(sha)
+        if path.is_dir() and not path.is_symlink():  # damage in the blob's place: an empty directory is replaced,
+            try:  # one holding files is the user's to move (the rename onto it failed, naming the temp file)
+                path.rmdir()
+            except OSError:
+                raise IntegrityError(f"blob {sha[:12]}'s place is taken by a directory that is not empty: {path}; "
+                                     "move it away and register again") from None
         existed = path.is_file()
         if existed and path.stat().st_size == len(data) and sha256_bytes(path.read_bytes()) == sha:
             return sha

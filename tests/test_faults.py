@@ -49,6 +49,26 @@ def test_a_blob_that_cannot_be_read_is_damage(cli, seeded, tmp_path, damage):
     assert registry_state(cli.home) == before
 
 
+def test_registering_again_repairs_a_blob_whose_place_a_directory_took(cli, seeded, tiny_bert, tmp_path):
+    """The store's promise (registering the same content again repairs a damaged blob) failed for a directory:
+    exit 2 naming a temporary file that did not exist (sweep 54). An empty one is replaced; one holding files is
+    named as damage, in one line, exit 1, and left to the user."""
+    path = _blob(cli.home)
+    path.unlink()
+    path.mkdir()
+    (path / "kept.txt").write_text("someone's file")
+    r = cli("adapters", "register", seeded, "--name", "again", "--description", "airline tweets", "--base", tiny_bert)
+    err = r.stderr.strip()
+    assert r.exit_code == 1 and len(err.splitlines()) == 1 and "taken by a directory that is not empty" in err, r.output
+    assert (path / "kept.txt").exists()
+    (path / "kept.txt").unlink()
+    r = cli("adapters", "register", seeded, "--name", "again", "--description", "airline tweets", "--base", tiny_bert)
+    assert r.exit_code == 0, r.output
+    assert path.is_file()
+    r = cli("adapters", "export", "good", tmp_path / "out")  # the first adapter reads again
+    assert r.exit_code == 0, r.output
+
+
 def _full_disk(*a, **k):
     import errno
 
