@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import adapter_name, bench_home, bench_settings  # noqa: E402
-from bench.library import count, library_tasks  # noqa: E402
+from bench.library import count, library_tasks, out_file  # noqa: E402
 from bench.library_generators import (N_EXAMPLES, generators_for, leave_one_out, make_generator,  # noqa: E402
                                       record_train_seconds, recovered, resumed_rows)
 from loraplex.catalog import first_error  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=lambda t: count(t, 1), default=150, help="test rows scored per task")
     ap.add_argument("--lr", type=float, default=0.2, help="the refinement's learning rate")
     ap.add_argument("--min-gain", type=float, default=0.05, help="tasks whose oracle gains less are left out of the means")
-    ap.add_argument("--out", type=Path, help="rows file (default: library-refine.json in the bench home)")
+    ap.add_argument("--out", type=out_file, help="rows file (default: library-refine.json in the bench home)")
     args = ap.parse_args(argv)
     from pydantic import ValidationError
 

@@ -100,6 +100,8 @@ def examples_task(description: str, examples: Sequence[tuple[str, str | None]], 
 def _write(layers: dict, layout: ParamLayout, theta: torch.Tensor) -> None:
     """Put a (P,) vector into the slot-0 experts of the injected banks (scalings unchanged)."""
     for s in layout.slots:
+        if s.name not in layers:  # a module no head reads (BERT's pooler) is kept in the adapter but not put in
+            continue
         bank = layers[s.name].bank
         bank.A.data[: s.rank].copy_(theta[s.a_slice].view(s.rank, s.d_in).to(bank.A.dtype))
         bank.B.data[:, : s.rank].copy_(theta[s.b_slice].view(s.d_out, s.rank).to(bank.B.dtype))
@@ -109,6 +111,9 @@ def _read_grad(layers: dict, layout: ParamLayout) -> torch.Tensor:
     """dL/dtheta (P,) from the banks' gradients, in the layout's order."""
     parts = []
     for s in layout.slots:
+        if s.name not in layers:  # not put in (`_write`): no loss reads it, so its gradient is zero
+            parts.append(torch.zeros(s.size))
+            continue
         bank = layers[s.name].bank
         ga = bank.A.grad[: s.rank] if bank.A.grad is not None else torch.zeros(s.rank, s.d_in)
         gb = bank.B.grad[:, : s.rank] if bank.B.grad is not None else torch.zeros(s.d_out, s.rank)

@@ -396,3 +396,28 @@ def test_refine_blocks_is_refused_where_it_cannot_apply(fitted):
         top_blocks(flat, 1)
     with pytest.raises(InvalidSpec, match="invalid refine option blocks"):
         refine_config(blocks=-1)
+
+
+def test_refinement_keeps_a_module_no_head_reads(settings, tiny_bert, toy_tasks):
+    """Adapters with BERT's pooler among their modules (PEFT `all-linear`): the pooler is kept in an adapter but
+    not put into the model (no head reads it), and refinement wrote every slot into the model: an internal
+    error, KeyError 'pooler.dense' (sweep 54). It refines, with and without --refine-blocks."""
+    from loraplex import api
+
+    from .conftest import add_toy
+
+    reg = api.open_registry(settings)
+    for i, (name, (desc, _)) in enumerate(TOY_TASKS.items()):
+        add_toy(reg, settings, tiny_bert, f"{name}-lora", toy_tasks[name], desc, seed=10 + i,
+                targets=("query", "value", "pooler.dense"))
+    data = workflow.training_set(reg, NAMES).without(["music-lora"])
+    assert "pooler.dense" in data.layout.modules
+    entry = GENERATORS.get("sg-lora")
+    gen = entry.factory(entry.make_config(FAST), GenContext(settings, reg.embedder_name, data.base))
+    gen.fit(data)
+    task = load_task(str(toy_tasks["music"]))
+    q = Query(task.description, [(e.text, e.label) for e in task.train[:12]], task=task)
+    for blocks in (0, 1):
+        ref = gen.generate(q, seed=0, refine=RefineConfig(steps=3, lr=0.2, blocks=blocks))
+        assert ref.extra["refine"]["loss_after"] < ref.extra["refine"]["loss_before"], blocks
+        assert "pooler.dense" in ref.adapter.weights
