@@ -30,7 +30,7 @@ where the examples are one batch the blocks below it run once (`_LowerBlocksOnce
 handed to the first refined block at every step, after a check at the first step that the loss reads the
 same as through the whole model). A step then costs the top blocks' forward and backward, not the model's:
 on MiniLM (6 blocks, 16 examples) 20 steps of the top block take ~2 s against ~10 s for every block
-(bench/results/library-generators.txt says what each keeps of the refinement's gain).
+(bench/results/library-refine.txt says what each keeps of the refinement's gain).
 """
 
 from __future__ import annotations
