@@ -77,6 +77,27 @@ def resumed_rows(out: Path, recipe: dict, ap: argparse.ArgumentParser) -> dict:
     return rows
 
 
+def held_out_tasks(ap: argparse.ArgumentParser, reg, tasks: str | None, families: str | None):
+    """(the library adapters in the bench registry, the tasks to hold out: those of --tasks and --families
+    whose adapter is there); an unknown task or family, or nothing to hold out, is the parser's error."""
+    from loraplex.data import EMBEDDED_TASKS
+    from loraplex.errors import LoraplexError
+
+    members = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
+    fams = [f.strip() for f in (families or "").split(",") if f.strip()]
+    try:
+        for f in fams:
+            library_tasks(family=f)  # an unknown family is named
+        held = [n for n in library_tasks(tasks=tasks) if adapter_name(n) in members
+                and (not fams or EMBEDDED_TASKS[n]["family"] in fams)]
+    except LoraplexError as exc:
+        ap.error(str(exc))
+    if not held:
+        ap.error(f"no task to hold out: none of those named has its adapter in the bench home {bench_home()} "
+                 "(bench/library.py trains them)")
+    return members, held
+
+
 def leave_one_out(full, held_out: str):
     """The training set a generator for `held_out` is fitted on: every other member (never the held-out
     adapter or any snapshot of it)."""
@@ -376,24 +397,12 @@ def main(argv=None) -> int:
 
     from loraplex import api
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.errors import LoraplexError
     from loraplex.generators.workflow import training_set
 
     t_start = time.perf_counter()
     s = bench_settings()
     reg = api.open_registry(s)
-    members = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
-    families = [f.strip() for f in (args.families or "").split(",") if f.strip()]
-    try:
-        for f in families:
-            library_tasks(family=f)  # an unknown family is named
-        held = [n for n in library_tasks(tasks=args.tasks) if adapter_name(n) in members
-                and (not families or EMBEDDED_TASKS[n]["family"] in families)]
-    except LoraplexError as exc:
-        ap.error(str(exc))
-    if not held:
-        ap.error(f"no task to hold out: none of those named has its adapter in the bench home {bench_home()} "
-                 "(bench/library.py trains them)")
+    members, held = held_out_tasks(ap, reg, args.tasks, args.families)
     print(f"bench home {bench_home()}: {len(members)} library adapters registered; holding out {len(held)}")
     full = training_set(reg, members)
     print(f"training vectors: {full.vectors.shape[0]} ({len(members)} adapters and their snapshots), "

@@ -35,9 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import adapter_name, bench_home, bench_settings  # noqa: E402
-from bench.library import count, library_tasks, out_file  # noqa: E402
-from bench.library_generators import (N_EXAMPLES, generators_for, leave_one_out, make_generator,  # noqa: E402
-                                      record_train_seconds, recovered, resumed_rows)
+from bench.library import count, out_file  # noqa: E402
+from bench.library_generators import (N_EXAMPLES, generators_for, held_out_tasks, leave_one_out,  # noqa: E402
+                                      make_generator, record_train_seconds, recovered, resumed_rows)
 from loraplex.catalog import first_error  # noqa: E402
 from loraplex.generators.refine import RefineConfig  # noqa: E402
 
@@ -164,24 +164,12 @@ def main(argv=None) -> int:
     from bench.generators import Evaluator
     from loraplex import api
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.errors import LoraplexError
     from loraplex.generators.workflow import training_set
 
     t_start = time.perf_counter()
     s = bench_settings()
     reg = api.open_registry(s)
-    members = [adapter_name(n) for n in library_tasks() if reg.has_adapter(adapter_name(n))]
-    families = [f.strip() for f in (args.families or "").split(",") if f.strip()]
-    try:
-        for f in families:
-            library_tasks(family=f)  # an unknown family is named
-        held = [n for n in library_tasks(tasks=args.tasks) if adapter_name(n) in members
-                and (not families or EMBEDDED_TASKS[n]["family"] in families)]
-    except LoraplexError as exc:
-        ap.error(str(exc))
-    if not held:
-        ap.error(f"no task to hold out: none of those named has its adapter in the bench home {bench_home()} "
-                 "(bench/library.py trains them)")
+    members, held = held_out_tasks(ap, reg, args.tasks, args.families)
     print(f"bench home {bench_home()}: {len(members)} library adapters; holding out {len(held)}")
     full = training_set(reg, members)
     loaded = {n: reg.load_adapter(n)[1] for n in members}

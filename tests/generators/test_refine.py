@@ -47,6 +47,13 @@ def _coords_loss(gen, x, task):
         eject(base.model)
 
 
+def _direct(fitted, member: int = 0):
+    """(generator, the examples' own task, a member's coordinates as the proposal, the base) for calling
+    `refine` directly."""
+    gen, task, examples = fitted
+    return gen, examples_task(task.description, examples), gen.space.coords[member].clone(), gen.ctx.base()
+
+
 def test_refinement_lowers_the_examples_loss_and_stays_in_the_space(fitted):
     gen, task, examples = fitted
     plain = gen.generate(Query(task.description), seed=0)
@@ -85,10 +92,7 @@ def test_each_step_reported_is_where_a_shorter_refinement_ends(fitted):
 
 def test_the_first_step_follows_the_true_gradient(fitted):
     """Adam's first step is -lr * sign(dL/dx): its signs must match the loss's finite differences."""
-    gen, task0, examples = fitted
-    task = examples_task(task0.description, examples)
-    x0 = gen.space.coords[0].clone()
-    base = gen.ctx.base()
+    gen, task, x0, base = _direct(fitted)
     lr = 1e-3
     x1, _ = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=1, lr=lr, anchor=0.0))
     step = (x1 - x0) / lr  # (m,) = -sign(grad)
@@ -104,10 +108,7 @@ def test_the_first_step_follows_the_true_gradient(fitted):
 
 
 def test_the_anchor_keeps_the_solution_near_the_proposal(fitted):
-    gen, task, examples = fitted
-    task = examples_task(task.description, examples)
-    x0 = gen.space.coords[0].clone()
-    base = gen.ctx.base()
+    gen, task, x0, base = _direct(fitted)
     free, _ = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=10, lr=0.2, anchor=0.0))
     held, _ = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=10, lr=0.2, anchor=1e4))
     assert (held - x0).norm() < 0.5 * (free - x0).norm()
@@ -238,10 +239,7 @@ def test_top_blocks_move_only_their_modules(fitted):
     """blocks=1 on the 2-block tiny BERT: the adapter's block-0 modules stay at the proposal, block 1's move."""
     from loraplex.generators.refine import refined_theta
 
-    gen, task0, examples = fitted
-    task = examples_task(task0.description, examples)
-    x0 = gen.space.coords[0].clone()
-    base = gen.ctx.base()
+    gen, task, x0, base = _direct(fitted)
     x1, info = refine(gen.space, x0, base, head_for(base), task, RefineConfig(steps=5, lr=0.2, blocks=1))
     assert info["loss_after"] < info["loss_before"]
     before, after = gen.space.decode(x0.reshape(1, -1))[0], refined_theta(gen.space, x1, x0, 1)
@@ -265,10 +263,7 @@ def test_the_lower_blocks_run_once_and_give_what_the_whole_model_gives(fitted, m
     is noticed at the first step and the whole model runs instead."""
     from loraplex.generators import refine as refine_mod
 
-    gen, task0, examples = fitted
-    task = examples_task(task0.description, examples)
-    x0 = gen.space.coords[1].clone()
-    base = gen.ctx.base()
+    gen, task, x0, base = _direct(fitted, 1)
     head = head_for(base)
     block0 = base.model.encoder.layer[0]
     calls = []
