@@ -115,7 +115,7 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
         if isinstance(head, int):
             head = params[head].name if head < len(params) else f"#{head + 1}"
         kind = err["type"]
-        if kind == "missing_argument":
+        if kind in ("missing_argument", "missing_keyword_only_argument", "missing_positional_only_argument"):
             raise UserInputError(f"{where}(): missing argument {head!r}") from None
         if kind == "unexpected_keyword_argument":
             known = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "settings"]
@@ -159,8 +159,9 @@ def _fs(task: Any) -> Any:
 
 def _plain(value: Any, depth: int = 0) -> Any:
     """A value the strict check would refuse only for its class, as the plain Python value it is: a NumPy
-    integer or float (what `np.argmax` and a DataFrame's shape give) as int or float, a Sequence that is not a
-    list or tuple (a UserList) as a list. Not a coercion: "3" stays a str, True a bool (sweep 26)."""
+    integer, float or bool (what `np.argmax`, a DataFrame's shape and `(a > 0).any()` give) as int, float or
+    bool, also inside lists and dicts, a Sequence that is not a list or tuple (a UserList) as a list. Not a
+    coercion: "3" stays a str, True a bool (sweep 26)."""
     if isinstance(value, dict):  # a config dict's values too (`config={"top_k": np.int64(2)}`; sweep 40)
         if depth >= MAX_NESTING:  # a RecursionError otherwise (sweep 42)
             from loraplex.errors import UserInputError
@@ -170,8 +171,17 @@ def _plain(value: Any, depth: int = 0) -> Any:
             value = copy.copy(value)  # its own class kept (the CLI's SetOptions says "--set" in refusals)
             value.update(plain)
         return value
-    if isinstance(value, (bool, int, float, str, bytes, list, tuple)) or value is None:
+    if isinstance(value, (list, tuple)):  # their items too (`keep=list(np.argsort(...))`; sweep 55)
+        if depth >= MAX_NESTING:  # left as it is: the check names the option nested too deep
+            return value
+        items = [_plain(v, depth + 1) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items) if type(value) in (list, tuple) else items
+    if isinstance(value, (bool, int, float, str, bytes)) or value is None:
         return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # was "must be bool, got bool"
+        return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):

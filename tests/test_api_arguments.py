@@ -85,6 +85,9 @@ CALLS = [
     (lambda s: api.forget("t", labels="ab", settings=s), "forget(): labels must be a list of strings"),
     (lambda s: api.list_adapters("x"), "list_adapters(): settings must be Settings | None, got str 'x'"),
     (lambda s: api.search(settings=s), "search(): missing argument 'text'"),
+    # a keyword-only one too, not "name must be str, got ArgsKwargs(...)" (sweep 55)
+    (lambda s: api.train("airline", settings=s), "train(): missing argument 'name'"),
+    (lambda s: api.generate_adapter("desc", name="n", settings=s), "generate_adapter(): missing argument 'generator'"),
 ]
 
 
@@ -193,6 +196,12 @@ def test_numpy_integers_and_other_sequences_are_taken_as_what_they_are(tmp_path)
         api.search("flights", k=np.bool_(True), settings=s)
     with pytest.raises(UserInputError, match="no adapters|empty|registry"):
         api.query(UserList(["my flight"]), router="retrieval", settings=s)
+    # a NumPy bool is a bool ("overwrite must be bool, got bool np.True_"), and list items are made plain as a
+    # dict's values are (`keep=list(np.argsort(...))` was "keep must be Sequence[int]"; sweep 55)
+    assert api.check(repair=(np.arange(3) > 5).any(), settings=s) is not None
+    with pytest.raises(UserInputError) as exc:
+        api.load_routed_model("retrieval", None, shortlist=1, keep=list(np.argsort([3, 1]))[:1], settings=s)
+    assert "keep must be" not in str(exc.value), str(exc.value)
 
 
 @pytest.mark.parametrize("call, said", [
