@@ -326,26 +326,27 @@ class Database:
         except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
             raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
-                time.sleep(0.01)
-        self._lock_fd, self._lock_depth = fd, 1
-        try:
+        try:  # from here the fd is closed (and with it the lock released) whatever is raised, a Ctrl-C between the
+            # flock and the body's try included: it kept the lock on a leaked fd for the process's life (sweep 55)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
+                    time.sleep(0.01)
+            self._lock_fd, self._lock_depth = fd, 1
             yield
         finally:
             self._lock_depth = 0
             self._lock_fd = None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:  # unlocked explicitly: a child forked meanwhile shares the open file, and would keep it locked
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

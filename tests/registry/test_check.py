@@ -650,3 +650,49 @@ def test_the_registrys_own_storage_failing_is_named_as_such(settings, tiny_bert,
     with pytest.raises(LoraplexError, match="the registry's blob directory .* cannot be written") as got:
         reg.put_blob(b"new weights")
     assert not isinstance(got.value, UserInputError)
+
+
+def test_an_interrupt_right_after_the_lock_is_taken_releases_it(tmp_path):
+    """A Ctrl-C between the flock and the body's try kept the lock on a leaked fd for the rest of the process's
+    life: every later write, here and in the CLI, waited 120 s and failed "locked by another process" (sweep 55).
+    The interrupt is raised at each line of write_lock from the flock to the body, one run each."""
+    import inspect
+    import sys
+
+    from loraplex.errors import RegistryBusy
+    from loraplex.registry.database import Database
+    from loraplex.registry.store import Registry
+
+    src, first = inspect.getsourcelines(Database.write_lock.__wrapped__)
+    at = next(i for i, line in enumerate(src) if "LOCK_EX" in line)
+    body = next(i for i, line in enumerate(src) if line.strip() == "yield" and i > at)
+    lines = [first + i for i in range(at + 1, body + 1) if src[i].strip() and not src[i].strip().startswith("#")]
+    code = Database.write_lock.__wrapped__.__code__
+    for lineno in lines:
+        reg = Registry(tmp_path / "h", lock_timeout=0.3)
+        fired = []
+
+        def trace(frame, event, arg, lineno=lineno, fired=fired):
+            if event == "call":
+                return trace if frame.f_code is code else None
+            if event == "line" and frame.f_lineno == lineno and not fired:
+                fired.append(lineno)
+                raise KeyboardInterrupt
+            return trace
+
+        sys.settrace(trace)
+        try:
+            with reg.write_lock():
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        other = Registry(tmp_path / "h", lock_timeout=0.3)
+        try:
+            with other.write_lock():
+                pass
+        except RegistryBusy:
+            pytest.fail(f"the lock stayed taken after an interrupt at line {lineno}")
+        with reg.write_lock():  # and this registry object can write again
+            pass
