@@ -43,9 +43,11 @@ MAPPED = {
     ("forget", "--lr"): (TrainerSettings, "lr"),  # forget's --steps and --eval-limit: hand-written (no experiences)
     ("forget", "--batch-size"): (TrainerSettings, "batch_size"),
     ("generate adapter", "--refine-steps"): (RefineConfig, "steps"),
+    ("generate adapter", "--refine-blocks"): (RefineConfig, "blocks"),
 }
 SYNTAX = {("train", "--targets"): "comma-separated",
-          ("generate adapter", "--refine-steps"): "needs --examples with a label on each"}
+          ("generate adapter", "--refine-steps"): "needs --examples with a label on each",
+          ("generate adapter", "--refine-blocks"): "with --refine-steps"}
 
 
 def _command(path: str):
