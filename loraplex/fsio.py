@@ -15,7 +15,12 @@ from typing import BinaryIO, Iterator
 
 def user_path(path: str | Path) -> Path:
     """`path` with a leading `~` or `~user` expanded, as every path loraplex reads or writes is; a `~user`
-    naming no user of this machine is refused by name (pathlib raised RuntimeError: an internal error)."""
+    naming no user of this machine is refused by name (pathlib raised RuntimeError: an internal error), and so is
+    an empty one (Path("") is the working directory: `register("")` registered whatever folder it was run in)."""
+    if isinstance(path, str) and not path.strip():
+        from loraplex.errors import UserInputError
+
+        raise UserInputError("a path is empty: name a file or directory")
     try:
         return Path(path).expanduser()
     except RuntimeError:

@@ -357,8 +357,8 @@ class Database:
                            "changed; free some space and try again)")
         if self._ro_why is not None:
             raise LockUnavailable(f"cannot write the registry at {self.home}: {self._ro_why} (nothing was changed)")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        try:  # BEGIN inside: a Ctrl-C right after it left the connection in an open write transaction (sweep 55)
+            conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
             # a random mark of this write: a database restored from a backup reaches the same generation

@@ -697,7 +697,7 @@ class Registry(Database, Components):
         """The record and its tensors (hash verified)."""
         rec = self.get_adapter(name_or_record) if isinstance(name_or_record, str) else name_or_record
         where = f"adapter {rec.name!r}"
-        adapter = Adapter.from_bytes(rec.spec, self.read_blob(rec.blob, owner=where), where=where)
+        adapter = Adapter.from_bytes(rec.spec, self._blob_of(rec, rec.blob, where), where=where)
         if not self.shapes_match(rec, adapter):  # a record pointing at another adapter's blob (its hash sound):
             # its weights were used, silently (sweep 32)
             raise IntegrityError(f"{where}: its blob's shapes disagree with its record (remove it, or register it again)")
@@ -711,7 +711,23 @@ class Registry(Database, Components):
 
     def load_snapshot(self, rec: AdapterRecord, snap: Snapshot) -> Adapter:
         where = f"snapshot {snap.step} of {rec.name!r}"
-        return Adapter.from_bytes(rec.spec, self.read_blob(snap.blob, owner=where), where=where)
+        return Adapter.from_bytes(rec.spec, self._blob_of(rec, snap.blob, where), where=where)
+
+    def _blob_of(self, rec: AdapterRecord, sha: str, where: str) -> bytes:
+        """`read_blob(sha)` for an adapter read earlier as `rec`: a blob gone because the adapter was removed (or
+        registered anew) since its record was read is that, said as such, not damage (sweep 55: a generator's
+        members read while another thread removed one were "blob ... is missing", a false corruption report)."""
+        try:
+            return self.read_blob(sha, owner=where)
+        except IntegrityError:
+            try:
+                same = self.get_adapter(rec.name).blob == rec.blob
+            except AdapterNotFound:
+                same = False
+            if not same:
+                raise AdapterNotFound(f"adapter {rec.name!r} was removed or registered anew while it was being read; "
+                                      "run it again") from None
+            raise
 
     def remove_adapter(self, name: str, check: Callable[[], None] | None = None) -> AdapterRecord | None:
         """Delete an adapter's record (its edges and snapshots go with it), then its unshared blobs.

@@ -88,6 +88,11 @@ CALLS = [
     # a keyword-only one too, not "name must be str, got ArgsKwargs(...)" (sweep 55)
     (lambda s: api.train("airline", settings=s), "train(): missing argument 'name'"),
     (lambda s: api.generate_adapter("desc", name="n", settings=s), "generate_adapter(): missing argument 'generator'"),
+    # an empty path is refused, not read as the working directory (sweep 55: register("") registered the cwd)
+    (lambda s: api.register("", name="rr", description="d", settings=s), "a path is empty"),
+    (lambda s: api.stream_report(""), "a path is empty"),
+    (lambda s: api.run_stream(" ", settings=s), "a path is empty"),
+    (lambda s: api.generate_adapter("d", generator="g", name="n", examples="", settings=s), "a path is empty"),
 ]
 
 

@@ -179,3 +179,19 @@ def test_happy_path_listing_commands(cli, seeded):
     assert cli("adapters", "list").exit_code == 0
     assert cli("adapters", "remove", "good").exit_code == 0
     assert json.loads(cli("adapters", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("args", [
+    ("adapters", "register", "", "--name", "x", "--description", "d"),
+    ("stream", "report", ""),
+    ("stream", "run", ""),
+    ("generate", "adapter", "airline tweets", "--generator", "g", "--name", "n", "--examples", ""),
+    ("query", "--input", ""),
+])
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(cli, args):
+    """The CLI's Path arguments made "" the working directory: `adapters register ""` in a PEFT folder registered
+    it, elsewhere the refusal named a folder the user never gave (sweep 55)."""
+    before = registry_state(cli.home)
+    r = cli(*args)
+    _assert_clean_failure(r, cli.home, before, "a path is empty")
+    assert r.exit_code == 2

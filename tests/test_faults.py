@@ -256,3 +256,23 @@ def test_running_out_of_memory_is_said_not_an_internal_error(cli, tiny_bert, tmp
     r = cli("adapters", "search", "flights")
     assert r.exit_code == 1 and r.stderr.startswith("error: out of memory (MemoryError: cannot allocate)"), r.output
     assert "internal error" not in r.stderr
+
+
+def test_an_adapter_removed_after_its_record_was_read_is_not_damage(cli, seeded, tiny_bert):
+    """A generator's members were read record first, blob after; a removal between the two was reported as
+    "blob ... is missing", a damaged registry, on a sound one (sweep 55). A missing blob of a record that is
+    still there stays damage."""
+    from loraplex.errors import AdapterNotFound, IntegrityError
+    from loraplex.registry.store import Registry
+
+    reg = Registry(cli.home)
+    rec = reg.get_adapter("good")
+    assert cli("adapters", "remove", "good").exit_code == 0
+    with pytest.raises(AdapterNotFound, match="'good' was removed or registered anew while it was being read"):
+        reg.load_adapter(rec)
+    r = cli("adapters", "register", seeded, "--name", "good", "--description", "airline tweets", "--base", tiny_bert)
+    assert r.exit_code == 0, r.output
+    now = reg.get_adapter("good")
+    reg.blob_path(now.blob).unlink()
+    with pytest.raises(IntegrityError, match="is missing"):
+        reg.load_adapter(now)

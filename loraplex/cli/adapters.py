@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,7 +14,7 @@ app = typer.Typer(help="Register, find, export and remove LoRA adapters.", no_ar
 
 @app.command()
 def register(
-    path: Annotated[Path, typer.Argument(help="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).")],
+    path: Annotated[str, typer.Argument(help="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).")],
     name: Annotated[str, typer.Option("--name", help="Name to register it under.")],
     description: Description = None,
     task: Annotated[Optional[str], typer.Option("--task", help="The task it was trained on (embedded name or file).")] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -43,7 +42,7 @@ def adapter(
     description: Annotated[str, typer.Argument(help="What the new task is, in words.")],
     generator: Annotated[str, typer.Option("--generator", help="A fitted generator (see `generate list`).")],
     name: Annotated[str, typer.Option("--name", help="Name to register the new adapter under.")],
-    examples: Annotated[Optional[Path], typer.Option("--examples", help="A task-shaped file (.jsonl, .json, .csv, .tsv) of examples (text, optional label; a .task.json beside it is not read): icm-lora reads them in context; for sg-lora they set the adapter's data signature; with labels they also pick the label set the adapter answers with and feed --refine-steps.")] = None,
+    examples: Annotated[Optional[str], typer.Option("--examples", help="A task-shaped file (.jsonl, .json, .csv, .tsv) of examples (text, optional label; a .task.json beside it is not read): icm-lora reads them in context; for sg-lora they set the adapter's data signature; with labels they also pick the label set the adapter answers with and feed --refine-steps.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
     refine_steps: Annotated[int, field_option("loraplex.generators.refine:RefineConfig.steps", "--refine-steps",
                                               syntax="needs --examples with a label on each")] = 0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -32,18 +31,19 @@ def _stdin_text() -> str:
         raise UserInputError(f"stdin: not UTF-8 text (byte {exc.start:,} is {raw[exc.start:exc.start + 1]!r})") from None
 
 
-def _read_queries(text: Optional[str], input_: Optional[Path]) -> list[str]:
+def _read_queries(text: Optional[str], input_: Optional[str]) -> list[str]:
     from loraplex.errors import UserInputError
     from loraplex.tasks import text_lines, visible
 
     if text is not None and input_ is not None:
         raise UserInputError("give a query or --input, not both")
     if input_ is not None:
-        if str(input_) == "-":
+        if input_ == "-":
             raw = _stdin_text()
         else:
-            from loraplex.fsio import read_bounded_text
+            from loraplex.fsio import read_bounded_text, user_path
 
+            input_ = user_path(input_)  # "" is refused as empty (Path("") was the working directory)
             if not input_.exists():
                 raise UserInputError(f"{input_}: no such file")
             # regular files only (a FIFO would block, /dev/zero never end), at most 64 MiB, UTF-8 (a BOM dropped)
@@ -67,7 +67,7 @@ def query(
     text: Annotated[Optional[str], typer.Argument(help="The query (omit to read --input or stdin).", show_default=False)] = None,
     router: Annotated[Optional[str], typer.Option("--router", help="A stored router's name, 'retrieval' (the default), or 'auto' (route, generate an adapter, or fall back to the base, per query).")] = None,
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Adapters retrieval routes over (default: the whole registry).")] = None,
-    input_: Annotated[Optional[Path], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
+    input_: Annotated[Optional[str], typer.Option("--input", help="A file of queries, one per line ('-' for stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Show which adapter took each token, and per layer.")] = False,
     shortlist: Annotated[Optional[int], typer.Option("--shortlist", help="Limit a learned router to the N adapters retrieval finds nearest each query (with the rest of a composition one answers with; one query a forward).")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Retrieval and auto: adapters mixed per query.")] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -61,9 +60,9 @@ def _forget_lines(f: dict[str, Any]) -> None:
 
 @app.command("run")
 def run(
-    spec: Annotated[Path, typer.Argument(help="The stream spec (YAML).")],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: $LORAPLEX_HOME/runs/stream-NAME-STAMP).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run in this directory.")] = None,
+    spec: Annotated[str, typer.Argument(help="The stream spec (YAML).")],  # str: Path("") is ".", not refused
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Run directory (default: $LORAPLEX_HOME/runs/stream-NAME-STAMP).")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run in this directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     home: Home = None,
     json: Json = False,
@@ -95,7 +94,7 @@ def run(
 
 @app.command("report")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A stream run directory (finished or partial).")],
+    run_dir: Annotated[str, typer.Argument(help="A stream run directory (finished or partial).")],
     json: Json = False,
 ) -> None:
     """Print a run's accuracy matrix and metrics."""

@@ -696,3 +696,42 @@ def test_an_interrupt_right_after_the_lock_is_taken_releases_it(tmp_path):
             pytest.fail(f"the lock stayed taken after an interrupt at line {lineno}")
         with reg.write_lock():  # and this registry object can write again
             pass
+
+
+def test_an_interrupt_right_after_a_write_transaction_begins_rolls_it_back(tmp_path):
+    """A Ctrl-C between BEGIN IMMEDIATE and the try that rolls back left the connection in an open write
+    transaction: other processes' writes hung, this one read the registry as "database is locked" (sweep 55)."""
+    import inspect
+    import sys
+
+    from loraplex.registry.database import Database
+    from loraplex.registry.store import Registry
+
+    fn = Database.transaction.__wrapped__
+    src, first = inspect.getsourcelines(fn)
+    begin = next(i for i, line in enumerate(src) if "BEGIN IMMEDIATE" in line)
+    body = next(i for i, line in enumerate(src) if line.strip() == "yield conn")
+    reg = Registry(tmp_path / "h")
+    reg.list_adapters()
+    for lineno in [first + i for i in range(begin, body + 1) if src[i].strip() and not src[i].strip().startswith("#")]:
+        fired = []
+
+        def trace(frame, event, arg, lineno=lineno, fired=fired):
+            if event == "call":
+                return trace if frame.f_code is fn.__code__ else None
+            if event == "line" and frame.f_lineno == lineno and not fired:
+                fired.append(lineno)
+                raise KeyboardInterrupt
+            return trace
+
+        sys.settrace(trace)
+        try:
+            with reg.transaction():
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert not reg._db().in_transaction, f"a write transaction stayed open after an interrupt at line {lineno}"
+        with reg.transaction():  # and it writes again
+            pass
