@@ -652,68 +652,18 @@ def test_the_registrys_own_storage_failing_is_named_as_such(settings, tiny_bert,
     assert not isinstance(got.value, UserInputError)
 
 
-def test_an_interrupt_right_after_the_lock_is_taken_releases_it(tmp_path):
-    """A Ctrl-C between the flock and the body's try kept the lock on a leaked fd for the rest of the process's
-    life: every later write, here and in the CLI, waited 120 s and failed "locked by another process" (sweep 55).
-    The interrupt is raised at each line of write_lock from the flock to the body, one run each."""
+def _interrupted_at_each_line(fn, start: str, end: str, enter) -> list[int]:
+    """Run `with enter(): pass` once per source line of the context manager `fn` from the line after the one
+    holding `start` to the one that is `end`, a KeyboardInterrupt raised at that line (what a Ctrl-C there does);
+    returns the lines, after each run."""
     import inspect
     import sys
 
-    from loraplex.errors import RegistryBusy
-    from loraplex.registry.database import Database
-    from loraplex.registry.store import Registry
-
-    src, first = inspect.getsourcelines(Database.write_lock.__wrapped__)
-    at = next(i for i, line in enumerate(src) if "LOCK_EX" in line)
-    body = next(i for i, line in enumerate(src) if line.strip() == "yield" and i > at)
-    lines = [first + i for i in range(at + 1, body + 1) if src[i].strip() and not src[i].strip().startswith("#")]
-    code = Database.write_lock.__wrapped__.__code__
-    for lineno in lines:
-        reg = Registry(tmp_path / "h", lock_timeout=0.3)
-        fired = []
-
-        def trace(frame, event, arg, lineno=lineno, fired=fired):
-            if event == "call":
-                return trace if frame.f_code is code else None
-            if event == "line" and frame.f_lineno == lineno and not fired:
-                fired.append(lineno)
-                raise KeyboardInterrupt
-            return trace
-
-        sys.settrace(trace)
-        try:
-            with reg.write_lock():
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        other = Registry(tmp_path / "h", lock_timeout=0.3)
-        try:
-            with other.write_lock():
-                pass
-        except RegistryBusy:
-            pytest.fail(f"the lock stayed taken after an interrupt at line {lineno}")
-        with reg.write_lock():  # and this registry object can write again
-            pass
-
-
-def test_an_interrupt_right_after_a_write_transaction_begins_rolls_it_back(tmp_path):
-    """A Ctrl-C between BEGIN IMMEDIATE and the try that rolls back left the connection in an open write
-    transaction: other processes' writes hung, this one read the registry as "database is locked" (sweep 55)."""
-    import inspect
-    import sys
-
-    from loraplex.registry.database import Database
-    from loraplex.registry.store import Registry
-
-    fn = Database.transaction.__wrapped__
     src, first = inspect.getsourcelines(fn)
-    begin = next(i for i, line in enumerate(src) if "BEGIN IMMEDIATE" in line)
-    body = next(i for i, line in enumerate(src) if line.strip() == "yield conn")
-    reg = Registry(tmp_path / "h")
-    reg.list_adapters()
-    for lineno in [first + i for i in range(begin, body + 1) if src[i].strip() and not src[i].strip().startswith("#")]:
+    at = next(i for i, line in enumerate(src) if start in line)
+    body = next(i for i, line in enumerate(src) if line.strip() == end and i > at)
+    lines = [first + i for i in range(at + 1, body + 1) if src[i].strip() and not src[i].strip().startswith("#")]
+    for lineno in lines:
         fired = []
 
         def trace(frame, event, arg, lineno=lineno, fired=fired):
@@ -726,12 +676,50 @@ def test_an_interrupt_right_after_a_write_transaction_begins_rolls_it_back(tmp_p
 
         sys.settrace(trace)
         try:
-            with reg.transaction():
+            with enter():
                 pass
         except KeyboardInterrupt:
             pass
         finally:
             sys.settrace(None)
+        yield lineno
+
+
+def test_an_interrupt_right_after_the_lock_is_taken_releases_it(tmp_path):
+    """A Ctrl-C between the flock and the body's try kept the lock on a leaked fd for the rest of the process's
+    life: every later write, here and in the CLI, waited 120 s and failed "locked by another process" (sweep 55).
+    The interrupt is raised at each line of write_lock from the flock to the body, one run each."""
+    from loraplex.errors import RegistryBusy
+    from loraplex.registry.database import Database
+    from loraplex.registry.store import Registry
+
+    reg = Registry(tmp_path / "h", lock_timeout=0.3)
+    seen = 0
+    for lineno in _interrupted_at_each_line(Database.write_lock.__wrapped__, "LOCK_EX", "yield", reg.write_lock):
+        seen += 1
+        try:
+            with Registry(tmp_path / "h", lock_timeout=0.3).write_lock():
+                pass
+        except RegistryBusy:
+            pytest.fail(f"the lock stayed taken after an interrupt at line {lineno}")
+        with reg.write_lock():  # and this registry object can write again
+            pass
+    assert seen >= 2
+
+
+def test_an_interrupt_right_after_a_write_transaction_begins_rolls_it_back(tmp_path):
+    """A Ctrl-C between BEGIN IMMEDIATE and the try that rolls back left the connection in an open write
+    transaction: other processes' writes hung, this one read the registry as "database is locked" (sweep 55)."""
+    from loraplex.registry.database import Database
+    from loraplex.registry.store import Registry
+
+    reg = Registry(tmp_path / "h")
+    reg.list_adapters()
+    seen = 0
+    for lineno in _interrupted_at_each_line(Database.transaction.__wrapped__, "BEGIN IMMEDIATE", "yield conn",
+                                            reg.transaction):
+        seen += 1
         assert not reg._db().in_transaction, f"a write transaction stayed open after an interrupt at line {lineno}"
         with reg.transaction():  # and it writes again
             pass
+    assert seen >= 1
