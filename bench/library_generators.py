@@ -98,6 +98,24 @@ def held_out_tasks(ap: argparse.ArgumentParser, reg, tasks: str | None, families
     return members, held
 
 
+def open_library(ap: argparse.ArgumentParser, tasks: str | None, families: str | None):
+    """What a leave-one-out study over the library starts from: (settings, the bench registry, its library
+    adapters, the tasks to hold out (`held_out_tasks`), their training set, every member's tensors, and the
+    generators with their member representations (`generators_for`))."""
+    from loraplex import api
+    from loraplex.generators.workflow import training_set
+
+    s = bench_settings()
+    reg = api.open_registry(s)
+    members, held = held_out_tasks(ap, reg, tasks, families)
+    print(f"bench home {bench_home()}: {len(members)} library adapters registered; holding out {len(held)}")
+    full = training_set(reg, members)
+    print(f"training vectors: {full.vectors.shape[0]} ({len(members)} adapters and their snapshots), "
+          f"{full.vectors.shape[1]:,} parameters each")
+    loaded = {n: reg.load_adapter(n)[1] for n in members}
+    return s, reg, members, held, full, loaded, generators_for(full, s, reg.embedder_name)
+
+
 def leave_one_out(full, held_out: str):
     """The training set a generator for `held_out` is fitted on: every other member (never the held-out
     adapter or any snapshot of it)."""
@@ -395,21 +413,11 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from loraplex import api
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.generators.workflow import training_set
 
     t_start = time.perf_counter()
-    s = bench_settings()
-    reg = api.open_registry(s)
-    members, held = held_out_tasks(ap, reg, args.tasks, args.families)
-    print(f"bench home {bench_home()}: {len(members)} library adapters registered; holding out {len(held)}")
-    full = training_set(reg, members)
-    print(f"training vectors: {full.vectors.shape[0]} ({len(members)} adapters and their snapshots), "
-          f"{full.vectors.shape[1]:,} parameters each")
-    loaded = {n: reg.load_adapter(n)[1] for n in members}
+    s, reg, members, held, full, loaded, gens = open_library(ap, args.tasks, args.families)
     emb = full.desc_embeddings.float()
-    gens = generators_for(full, s, reg.embedder_name)
     ev = Evaluator(s, args.eval_limit)
     out = args.out or bench_home() / "library-generators.json"
     recipe = {"home": str(bench_home()), "members": len(members), "eval_limit": args.eval_limit, "k": args.k,

@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import adapter_name, bench_home, bench_settings  # noqa: E402
+from bench.common import adapter_name, bench_home  # noqa: E402
 from bench.library import count, out_file  # noqa: E402
-from bench.library_generators import (N_EXAMPLES, generators_for, held_out_tasks, leave_one_out,  # noqa: E402
-                                      make_generator, record_train_seconds, recovered, resumed_rows)
+from bench.library_generators import (N_EXAMPLES, leave_one_out, make_generator, open_library,  # noqa: E402
+                                      record_train_seconds, recovered, resumed_rows)
 from loraplex.catalog import first_error  # noqa: E402
 from loraplex.generators.refine import RefineConfig  # noqa: E402
 
@@ -162,18 +162,10 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from bench.generators import Evaluator
-    from loraplex import api
     from loraplex.data import EMBEDDED_TASKS
-    from loraplex.generators.workflow import training_set
 
     t_start = time.perf_counter()
-    s = bench_settings()
-    reg = api.open_registry(s)
-    members, held = held_out_tasks(ap, reg, args.tasks, args.families)
-    print(f"bench home {bench_home()}: {len(members)} library adapters; holding out {len(held)}")
-    full = training_set(reg, members)
-    loaded = {n: reg.load_adapter(n)[1] for n in members}
-    gens = generators_for(full, s, reg.embedder_name)
+    s, reg, members, held, full, loaded, gens = open_library(ap, args.tasks, args.families)
     ev = Evaluator(s, args.eval_limit)
     out = args.out or bench_home() / "library-refine.json"
     recipe = {"home": str(bench_home()), "members": len(members), "eval_limit": args.eval_limit, "lr": args.lr}
