@@ -278,6 +278,18 @@ def recovered(r, col):
     return (r[col] - r["base"]) / (r["oracle"] - r["base"])
 
 
+def gain_table(gaining, fams, cols, width: int) -> list[str]:
+    """A header and one line per family (and "all") of the mean gain recovered in each (key, heading) column,
+    over the `gaining` rows; a family with none of them is left out."""
+    lines = [f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>{width}}" for _, h in cols)]
+    for f in fams + ["all"]:
+        rs = [r for r in gaining if f in ("all", r["family"])]
+        if rs:
+            lines.append(f"{f:<18}{len(rs):>6}" + "".join(
+                f"{statistics.mean(recovered(r, c) for r in rs):>{width}.1%}" for c, _ in cols))
+    return lines
+
+
 def report(rows, min_gain, k, hub_n) -> list[str]:
     """The tables: accuracy and gain recovered per family and overall."""
     lines = []
@@ -293,12 +305,7 @@ def report(rows, min_gain, k, hub_n) -> list[str]:
     lines.append("")
     lines.append(f"== gain recovered, (acc - base) / (oracle - base), over tasks where the oracle gains >= "
                  f"{100 * min_gain:.0f} points ({len(gaining)} of {len(rows)}) ==")
-    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>10}" for _, h in rec_cols))
-    for f in fams + ["all"]:
-        rs = [r for r in gaining if f in ("all", r["family"])]
-        if rs:
-            lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(recovered(r, c) for r in rs):>10.1%}"
-                                                         for c, _ in rec_cols))
+    lines += gain_table(gaining, fams, rec_cols, 10)
     lines.append("")
     lines.append("== per task: accuracy (refusals counted as the base) ==")
     lines.append(f"{'task':<30}{'family':<18}" + "".join(f"{h:>10}" for _, h in cols) + "  sg parents / refusal")

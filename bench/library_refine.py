@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import adapter_name, bench_home  # noqa: E402
 from bench.library import count, out_file  # noqa: E402
-from bench.library_generators import (N_EXAMPLES, leave_one_out, make_generator, open_library,  # noqa: E402
-                                      record_train_seconds, recovered, resumed_rows)
+from bench.library_generators import (N_EXAMPLES, gain_table, leave_one_out, make_generator,  # noqa: E402
+                                      open_library, record_train_seconds, resumed_rows)
 from loraplex.catalog import first_error  # noqa: E402
 from loraplex.generators.refine import RefineConfig  # noqa: E402
 
@@ -122,12 +122,7 @@ def report(rows, variants, min_gain: float, train_of: dict[str, float]) -> list[
              "or the top B blocks =="]
     if not gaining:
         return lines + ["  no task's oracle gains that much: nothing to report"]
-    lines.append(f"{'family':<18}{'tasks':>6}" + "".join(f"{h:>12}" for _, h in cols))
-    for f in fams + ["all"]:
-        rs = [r for r in gaining if f in ("all", r["family"])]
-        if rs:
-            lines.append(f"{f:<18}{len(rs):>6}" + "".join(f"{statistics.mean(recovered(r, c) for r in rs):>12.1%}"
-                                                         for c, _ in cols))
+    lines += gain_table(gaining, fams, cols, 12)
     lines += ["", "== cost: generation seconds (median over the gaining tasks not refused: the sample and its "
                   "refinement) and x = the task's adapter's training seconds (library record) / them, median =="]
     lines.append(f"{'':<18}{'':>6}" + "".join(f"{h:>12}" for _, h in cols))
