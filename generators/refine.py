@@ -302,7 +302,7 @@ def refine(space: ParamSpace, x0: torch.Tensor, base, head, task: Task, cfg: Ref
     scale = (space.kappa * space.param_scale()).float()[idx]  # (P_free,)
     mean = space.mean.float()
     with torch.no_grad():
-        theta0 = mean + (x0.float() @ space.basis.float()) * (space.kappa * space.param_scale()).float()  # (P,)
+        theta0 = space.decode(x0.reshape(1, -1))[0].float()  # (P,): the proposal, which slots not refined keep
     mean = mean[idx]
     x = x0.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
