@@ -506,10 +506,15 @@ def evaluate_router(name: str, *, settings: Settings | None = None, **options: A
 
 
 @_checked
-def list_routers(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list[Any]:
-    """The stored routers' records (`damaged`: a list that collects the damaged records' messages, which
-    are then left out instead of failing the listing)."""
-    return open_registry(settings).list_components("router", damaged=damaged)
+def list_routers(settings: Settings | None = None, *, damaged: list[str] | None = None) -> list[dict[str, Any]]:
+    """The stored routers' summaries as plain JSON values: name, method, base, adapters, routing_accuracy,
+    accuracy, created_at (`damaged`: a list that collects the damaged records' messages, which are then left
+    out instead of failing the listing). They were the registry's records, which json cannot dump (sweeps 40
+    and 55), unlike `list_generators`' rows; `show_router` gives a whole record."""
+    return [{"name": r.name, "method": r.method, "base": r.base, "adapters": list(r.members),
+             "routing_accuracy": r.metrics.get("routing_accuracy"), "accuracy": r.metrics.get("accuracy"),
+             "created_at": r.created_at}
+            for r in open_registry(settings).list_components("router", damaged=damaged)]
 
 
 @_checked

@@ -117,19 +117,18 @@ def list_(home: Home = None, json: Json = False) -> None:
 
     s = settings(home)
     damaged: list[str] = []
-    recs = api.list_routers(s, damaged=damaged)
+    rows = api.list_routers(s, damaged=damaged)
     for why in damaged:  # one damaged record does not hide the others
         out.warn(why)
-    rows = [{"name": r.name, "method": r.method, "base": r.base, "adapters": ", ".join(r.members) or "(own experts)",
-             "routing": r.metrics.get("routing_accuracy"), "accuracy": r.metrics.get("accuracy"),
-             "created": r.created_at} for r in recs]
     if json:
         out.emit_json(rows)
         return
     if not rows:
         out.line(f"no routers in {s.home}")
         return
-    out.table(rows, ["name", "method", "base", "adapters", "routing", "accuracy", "created"],
+    rows = [{**r, "adapters": ", ".join(r["adapters"]) or "(own experts)"} for r in rows]
+    out.table(rows, ["name", "method", "base", "adapters", "routing_accuracy", "accuracy", "created_at"],
+              headers=["name", "method", "base", "adapters", "routing", "accuracy", "created"],
               title=f"{len(rows)} router(s) in {s.home}", max_width={"adapters": 50})
 
 

@@ -33,7 +33,11 @@ def test_fit_stores_a_router_record_with_its_adapters(env):
     assert [r["task"] for r in m["per_task"]] == ["flights", "sports", "phones"]
     rec, tensors = api.open_registry(env.settings).load_component("router", "tg")
     assert rec.members == NAMES and any(k.startswith("gate.") for k in tensors)
-    assert json.loads(env("router", "list", "--json").output)[0]["name"] == "tg"
+    listed = json.loads(env("router", "list", "--json").output)
+    assert listed == api.list_routers(env.settings), "the CLI lists what the API returns"
+    assert json.loads(json.dumps(api.list_routers(env.settings))) == listed, "plain JSON values (sweeps 40, 55)"
+    assert listed[0]["name"] == "tg" and listed[0]["adapters"] == list(NAMES) and listed[0]["method"] == "token-gate"
+    assert listed[0]["routing_accuracy"] == m["routing_accuracy"]
     assert json.loads(env("router", "show", "tg", "--json").output)["config"]["top_k"] == 2
     check = env("registry", "check", "--json")
     assert check.exit_code == 0 and json.loads(check.output)["ok"], check.output
