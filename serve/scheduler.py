@@ -44,6 +44,7 @@ class Job:
     labels: tuple[str, ...] | None = None  # classify: the label set asked for (else the routed task's)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    rebinds: int = 0  # batches this generation job was in whose binding failed for no one job's reason
 
     def send(self, *event: Any) -> None:
         try:
@@ -54,6 +55,9 @@ class Job:
 
 MAX_WAIT_MS = 10_000
 """The longest a lone request waits for company (`--max-wait-ms`): 10 s; larger is a misconfiguration."""
+REBINDS = 3
+"""Times a generation job is tried again after a batch it was in failed to bind with no one request's
+adapter to blame (a failure that passed: see Scheduler._admit); the next such failure is its own."""
 MAX_BATCH_ROWS = 4096
 """Requests gathered into one batch at most (`--max-batch`)."""
 
@@ -295,6 +299,12 @@ class Scheduler:
                     for (job, _), why in bad:
                         self._fail([job], why, "generate")
                     waiting += [item for item in take if item not in [b for b, _ in bad]]
+                elif len(take) > 1:  # every adapter is there and loads now: the failure was passing (one was removed
+                    for item in take:  # and registered again between the two checks, sweep 56: it failed every
+                        item[0].rebinds += 1  # request of the batch, the base's too, naming that adapter): they
+                    spent = [j for j, _ in take if j.rebinds > REBINDS]  # wait and try again, a few times at most
+                    self._fail(spent, exc, "generate")
+                    waiting += [item for item in take if item[0] not in spent]
                 else:
                     self._fail([j for j, _ in take], exc, "generate")
             waiting += rest

@@ -111,6 +111,49 @@ def test_an_adapter_removed_while_requests_wait_fails_only_its_own(llama_home, t
     assert out["sports-lora"].status_code == 200, out["sports-lora"].text
 
 
+def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_other(llama_home, tiny_llama,
+                                                                                     monkeypatch):
+    """An adapter removed and registered again (vLLM's unload then load) between a batch's binding and the
+    scheduler's look at what was removed failed every request of the batch, the base's too, with a 404
+    naming that adapter (sweep 56 F1: a quarter of the requests for other models while it swapped)."""
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+    from loraplex.serve.scheduler import Scheduler
+
+    s, root = llama_home
+    real_bind, real_gone = Engine.bind, Scheduler._gone
+    state = {"removed": False, "back": False}
+
+    def remove_then_bind(self, rows, routes, pinned):
+        names = {a for r in routes for a, _ in r.adapters}
+        if "swap-lora" in names and len(routes) > 1 and not state["removed"]:
+            state["removed"] = True
+            api.remove("swap-lora", settings=s)
+        return real_bind(self, rows, routes, pinned)
+
+    def back_then_look(self, items):
+        if state["removed"] and not state["back"]:
+            state["back"] = True
+            api.register(root / "swap-peft", name="swap-lora", description="flights messages, again", settings=s)
+        return real_gone(self, items)
+
+    monkeypatch.setattr(Engine, "bind", remove_then_bind)
+    monkeypatch.setattr(Scheduler, "_gone", back_then_look)
+    api.export("flights-lora", root / "swap-peft", overwrite=True, settings=s)
+    api.register(root / "swap-peft", name="swap-lora", description="flights messages, again", settings=s)
+    try:
+        with serving(s, base=str(tiny_llama), max_loras=4, max_batch=8, max_wait_ms=400) as url, \
+                httpx.Client(base_url=url, timeout=60) as h:
+            base = next(m["id"] for m in h.get("/v1/models").json()["data"] if m["loraplex"]["kind"] == "base")
+            out = _at_once(h, "/v1/completions", ("swap-lora", "sports-lora", base),
+                           {"prompt": "late", "max_tokens": 2, "temperature": 0})
+    finally:
+        api.remove("swap-lora", settings=s)
+    assert state["removed"] and state["back"]
+    for m in ("swap-lora", "sports-lora", base):  # the adapter is there again: its request is answered too
+        assert out[m].status_code == 200, (m, out[m].text)
+
+
 def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
     """A browser's cross-site "simple" request (text/plain, a form, no type) was read as JSON and could register or
     remove adapters; a rebound DNS name (Host: attacker.example) was served as the server's own."""
