@@ -92,10 +92,17 @@ class Stopping(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app):
         super().__init__(config)
         self.app_stop_in = getattr(app, "stop_in", None)
+        self.now_asked = False
 
     def handle_exit(self, sig, frame) -> None:
-        if self.app_stop_in is not None and not self.should_exit:
-            self.app_stop_in(max(0.0, GRACE_S - 5.0))
+        if self.app_stop_in is not None:
+            if not self.should_exit:
+                self.app_stop_in(max(0.0, GRACE_S - 5.0))
+            elif not self.now_asked:  # a second stop signal ("stop now"): uvicorn's force exit cut the running
+                self.now_asked = True  # requests, a plain-text 500 or a stream with no end, and logged a traceback
+                self.app_stop_in(0.0)  # for each (sweep 56): they end now, each with its 503 (a stream: an error
+                self._captured_signals.append(sig)  # event and [DONE]), and the server stops; a third forces it
+                return
         super().handle_exit(sig, frame)
 
 

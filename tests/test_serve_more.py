@@ -814,6 +814,53 @@ def test_requests_running_at_a_stop_end_in_words(llama_home, tiny_llama):
         th.join(30)
 
 
+def test_a_second_stop_signal_ends_running_requests_in_words_at_once(llama_home, tiny_llama, monkeypatch):
+    """Ctrl-C twice (a user for whom the stop takes too long) was uvicorn's force exit: streams cut with no
+    end, plain-text 500s and a traceback per request on the server's output (sweep 56 F2). The requests end
+    at once with the stop's 503 (a stream: an error event and [DONE]) and the server stops."""
+    import signal
+
+    import uvicorn
+
+    from loraplex.serve import decode
+    from loraplex.serve.server import Stopping, build
+
+    real = decode.Batch.advance
+
+    def slow(self):  # a generation that is still running when the signals come
+        time.sleep(0.05)
+        return real(self)
+
+    monkeypatch.setattr(decode.Batch, "advance", slow)
+    s, _ = llama_home
+    app, _ = build(s, base=str(tiny_llama))
+    port = free_port()
+    server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while not server.started:
+            assert th.is_alive() and time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        body = {"model": "flights-lora", "prompt": "late", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert "text_completion" in next(x for x in lines if x.startswith("data:"))
+            server.handle_exit(signal.SIGINT, None)  # what uvicorn's signal handler calls
+            server.handle_exit(signal.SIGINT, None)
+            t1 = time.monotonic()
+            rest = [x for x in lines if x.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest[-3:]
+        assert time.monotonic() - t1 < 5, "the second signal's stop waited for the generation to end"
+        th.join(30)
+        assert not th.is_alive()
+    finally:
+        server.should_exit = True
+        th.join(30)
+
+
 def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forwarded(llama_home, tiny_llama, tmp_path):
     """A backend is asked for one adapter by name: an adapter that answers with a composition is refused
     when named, and so is a router that may pick it (it sent the summed stream's adapter alone; sweep 21)."""
