@@ -196,8 +196,11 @@ class Scheduler:
         for (kind, lane), jobs in groups.items():
             try:
                 if kind == "generate":
-                    routes = self._routes(jobs) if lane == "bank" else [None] * len(jobs)
-                    self._pending += list(zip(jobs, routes))
+                    for job in jobs:  # one job's route at a time: an adapter removed since its request came fails
+                        try:          # that request only (sweep 56: one lookup for the group failed them all)
+                            self._pending.append((job, self._route_of(job) if lane == "bank" else None))
+                        except Exception as exc:
+                            self._fail([job], exc, kind)
                     continue
                 if kind == "classify" and lane == "bank":
                     jobs = self._hold(jobs)
@@ -346,10 +349,12 @@ class Scheduler:
         if not len(b):
             del self._lanes[lane]
 
-    def _routes(self, jobs: list[Job]) -> list[Route]:
-        if any(j.target.kind == "auto" and not j.routes for j in jobs):
-            raise ValueError("auto's route is decided before its job is submitted (Engine.auto)")
-        return [j.routes[0] if j.target.kind == "auto" else self.engine.route_of(j.target) for j in jobs]
+    def _route_of(self, job: Job) -> Route:
+        if job.target.kind == "auto":
+            if not job.routes:
+                raise ValueError("auto's route is decided before its job is submitted (Engine.auto)")
+            return job.routes[0]
+        return self.engine.route_of(job.target)
 
     def _row(self, job: Job, lane: str) -> decode.GenRow:
         experts = self.engine.router_names(lane) if lane != "bank" else None

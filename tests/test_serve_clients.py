@@ -111,6 +111,37 @@ def test_an_adapter_removed_while_requests_wait_fails_only_its_own(llama_home, t
     assert out["sports-lora"].status_code == 200, out["sports-lora"].text
 
 
+def test_an_adapter_removed_before_its_route_is_read_fails_no_other(llama_home, tiny_llama, monkeypatch):
+    """The batching thread read the routes of a group of generation requests in one go: an adapter removed
+    after its request came (`adapters remove` in another process) failed the whole group, the base's
+    requests too, with a 404 naming it (sweep 56 F1, plain removals)."""
+    from loraplex import api
+    from loraplex.serve.engine import Engine
+
+    s, root = llama_home
+    real = Engine.route_of
+    state = {"removed": False}
+
+    def remove_then_route(self, target):
+        if target.name == "gone2-lora" and not state["removed"]:
+            state["removed"] = True
+            api.remove("gone2-lora", settings=s)
+        return real(self, target)
+
+    monkeypatch.setattr(Engine, "route_of", remove_then_route)
+    api.export("flights-lora", root / "gone2-peft", overwrite=True, settings=s)
+    api.register(root / "gone2-peft", name="gone2-lora", description="flights messages, again", settings=s)
+    with serving(s, base=str(tiny_llama), max_loras=4, max_batch=8, max_wait_ms=400) as url, \
+            httpx.Client(base_url=url, timeout=60) as h:
+        base = next(m["id"] for m in h.get("/v1/models").json()["data"] if m["loraplex"]["kind"] == "base")
+        out = _at_once(h, "/v1/completions", ("gone2-lora", "sports-lora", base),
+                       {"prompt": "late", "max_tokens": 2, "temperature": 0})
+    assert state["removed"]
+    assert out["gone2-lora"].status_code == 404 and "gone2-lora" in out["gone2-lora"].text
+    for m in ("sports-lora", base):
+        assert out[m].status_code == 200, (m, out[m].text)
+
+
 def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_other(llama_home, tiny_llama,
                                                                                      monkeypatch):
     """An adapter removed and registered again (vLLM's unload then load) between a batch's binding and the
