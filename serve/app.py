@@ -436,10 +436,9 @@ def _plain_routes(app: FastAPI, cx: _Context) -> None:
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         items = await cx.threaded(engine.models)
-        now = int(time.time())
-        data = [{"id": m["id"], "object": "model", "created": now, "owned_by": "loraplex",
+        data = [{"id": m["id"], "object": "model", "created": m["created"] or engine.started, "owned_by": "loraplex",
                  "root": engine.base_name, "parent": None if m["kind"] == "base" else engine.base_name,
-                 "loraplex": {k: v for k, v in m.items() if k != "id"}} for m in items]
+                 "loraplex": {k: v for k, v in m.items() if k not in ("id", "created")}} for m in items]
         return {"object": "list", "data": data}
 
     @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])

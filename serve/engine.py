@@ -30,6 +30,7 @@ import dataclasses
 import inspect
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Sequence
 
@@ -63,10 +64,21 @@ MAX_HOST_LORAS = 1_000_000
 """Adapters kept in host memory at most (`--host-loras`)."""
 
 
+def _unix(stamp: str) -> int | None:
+    """A record's ISO-8601 `created_at` as Unix seconds (None where it cannot be read)."""
+    import datetime
+
+    try:
+        return int(datetime.datetime.fromisoformat(stamp).timestamp())
+    except (TypeError, ValueError):
+        return None
+
+
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
                  max_loras: int = 16, host_loras: int = 256, events: Events | None = None,
                  auto: dict[str, Any] | None = None, writes_adapters: bool = True):
+        self.started = int(time.time())  # the base's and auto's `created` in /v1/models
         if not 1 <= max_loras <= MAX_LORAS:
             raise UserInputError(f"--max-loras must be from 1 to {MAX_LORAS:,} (got {max_loras})")
         if not 1 <= host_loras <= MAX_HOST_LORAS:
@@ -128,23 +140,26 @@ class Engine:
         return bases[0] if bases else "smollm2"
 
     def models(self) -> list[dict[str, Any]]:
-        """Everything a request may name, read from the registry now (other processes' changes included)."""
+        """Everything a request may name, read from the registry now (other processes' changes included);
+        `created`: when it was registered (Unix seconds, OpenAI's Model.created), the base and auto when the
+        server started (sweep 56: every model was "created" at the time of the request)."""
         reg = self.reg()
-        out = [{"id": self.base_name, "kind": "base", "family": self.family},
+        out = [{"id": self.base_name, "kind": "base", "family": self.family, "created": self.started},
                {"id": "auto", "kind": "auto", "description": "per request: route to the registered adapters, "
-                "generate one with a stored generator, or answer with the base (router/auto.py)"}]
+                "generate one with a stored generator, or answer with the base (router/auto.py)",
+                "created": self.started}]
         damaged: list[str] = []  # a record damaged in the registry cannot be served: it is left out, the rest listed
         adapters = reg.list_adapters(base=self.base_name, damaged=damaged)
         sha = self.lb.fingerprint.sha  # one registered against the base as it was (its config changed) cannot load
         stale = {r.name for r in adapters if r.base_sha != sha}
         names = {r.name for r in adapters}
-        out += [{"id": r.name, "kind": "adapter", "task": r.task, "description": r.description,
+        out += [{"id": r.name, "kind": "adapter", "created": _unix(r.created_at), "task": r.task, "description": r.description,
                  **({"composition": list(r.composition)} if len(r.composition) > 1 else {})}
                 for r in adapters  # left out (resolve says why): stale ones, over a stale or missing adapter, or
                 if not stale.intersection(r.composition) and set(r.composition) <= names  # with nothing to load on
                 and not r.through_router()]
         # a joint router's experts are its own copies, named in its routing as ROUTER/ADAPTER (router show's words)
-        out += [{"id": c.name, "kind": "router", "method": c.method,
+        out += [{"id": c.name, "kind": "router", "created": _unix(c.created_at), "method": c.method,
                  **({"members": joint_copy_names(c.name, c.members), "copies_of": list(c.members)}
                     if c.extra.get("joint") else {"members": list(c.members)})}
                 for c in reg.list_components("router", damaged=damaged)

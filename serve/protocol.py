@@ -306,6 +306,8 @@ async def read_body(request: Any, stopping: Any = None) -> bytes:
     def too_large() -> APIError:
         return APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
 
+    if len(request.headers.getlist("content-type")) > 1:  # the first was read, the others dropped (sweep 56)
+        raise APIError(400, "the request has more than one Content-Type header: send one, application/json")
     ctype = request.headers.get("content-type")
     if ctype is None:  # a browser sends a typeless body (a Blob) cross-site as a "simple" request, unasked
         raise APIError(415, "the request names no Content-Type: send the body as application/json (UTF-8)",

@@ -61,6 +61,23 @@ def test_models_lists_base_adapters_routers_and_auto(client, tiny_llama):
         client.models.retrieve("nope")
 
 
+def test_a_models_created_is_when_it_was_registered(client, home, tiny_llama):
+    """OpenAI's Model.created was the time of the request for every model (sweep 56 F5): an adapter's and a
+    router's is when it was registered, the base's and auto's when the server started."""
+    import datetime
+
+    from loraplex import api
+
+    s, _ = home
+    first = {m.id: m.created for m in client.models.list().data}
+    time.sleep(1.1)
+    assert {m.id: m.created for m in client.models.list().data} == first, "the same models, the same times"
+    for name in ("flights-lora", "ctg"):
+        rec = api.show(name, settings=s) if name != "ctg" else api.show_router(name, settings=s)
+        assert first[name] == int(datetime.datetime.fromisoformat(rec["created_at"]).timestamp()), name
+    assert first["auto"] == first[str(tiny_llama)] <= time.time()
+
+
 def test_a_conversation_sent_back_as_the_client_returned_it(client):
     """The client's own assistant message, dumped and appended (`refusal: null`, `tool_calls: []`...), and
     fields that ask for nothing (`store: false`, `metadata: {}`, `response_format: text`) are accepted."""

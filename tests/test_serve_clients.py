@@ -415,6 +415,16 @@ def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(llama_ur
     assert b"both Content-Length and Transfer-Encoding" in answer, answer
 
 
+def test_two_content_types_are_refused(llama_url):
+    """A body with `Content-Type: application/json` and `Content-Type: text/plain` was read as JSON (the
+    first header won, the second was dropped; sweep 56 F3), where two Authorization headers are a 401."""
+    body = json.dumps({"model": "flights-lora", "prompt": "x", "max_tokens": 1}).encode()
+    for types in (("application/json", "text/plain"), ("application/json", "application/json")):
+        r = httpx.post(llama_url + "/v1/completions", content=body, timeout=30,
+                       headers=[("Authorization", "Bearer k3y"), *(("Content-Type", t) for t in types)])
+        assert r.status_code == 400 and "more than one Content-Type header" in r.json()["error"]["message"], r.text
+
+
 def test_a_body_still_arriving_ends_at_the_servers_stop():
     """Sweep 45: a request still reading its body ignored the server's stop, held the whole grace period, and
     was cut with a plain-text 500: it ends at once with the stop's 503 (it had not started)."""
