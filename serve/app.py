@@ -137,6 +137,23 @@ def loopback_host(host: bytes) -> bool:
     return bool(name) and loopback_name(name)
 
 
+def origin_form(scope: dict) -> dict:
+    """A request whose target is in absolute form (`POST http://host:port/v1/completions HTTP/1.1`, what a
+    client configured with a proxy sends; RFC 9112 3.2.2 says a server MUST accept it) as the same request in
+    origin form: the URL's path, and its authority as the one Host (the RFC: the target's host wins over a Host
+    header). It was a 404 for the path "http://..." (sweep 56 F4). Other scopes are returned as they are."""
+    path = scope.get("path", "")
+    if not path[:8].lower().startswith(("http://", "https://")):
+        return scope
+    from urllib.parse import urlsplit
+
+    u = urlsplit(path)
+    raw = (scope.get("raw_path") or b"").decode("latin-1")
+    raw_path = (urlsplit(raw).path if raw else u.path).encode("latin-1", "replace") or b"/"
+    headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", u.netloc.encode("latin-1", "replace"))]
+    return {**scope, "path": u.path or "/", "raw_path": raw_path, "headers": headers}
+
+
 class Guard:
     """ASGI middleware: the API key on /v1, each request's status and time in the metrics, and its
     `x-request-id` header on every answer. With `loopback_only` (a server listening on loopback, the
@@ -189,6 +206,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope = origin_form(scope)
         path = scope["path"]
         endpoint = _endpoint(path)
         t0, status, counted = time.perf_counter(), [500], [False]

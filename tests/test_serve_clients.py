@@ -425,6 +425,39 @@ def test_two_content_types_are_refused(llama_url):
         assert r.status_code == 400 and "more than one Content-Type header" in r.json()["error"]["message"], r.text
 
 
+def test_a_request_in_absolute_form_is_served_as_its_path(llama_url):
+    """`POST http://host:port/v1/completions HTTP/1.1` (a client configured with a proxy; RFC 9112 3.2.2: a
+    server MUST accept it) was a 404 for the path "http://..." (sweep 56 F4). The URL's host is the Host:
+    one that is not a loopback name is refused as a Host header naming it is."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(llama_url)
+    body = json.dumps({"model": "flights-lora", "prompt": "x", "max_tokens": 1}).encode()
+
+    def ask(target: str, host: str = "127.0.0.1") -> bytes:
+        request = (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k3y\r\nConnection: close\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while piece := sock.recv(65536):
+                answer += piece
+        return answer
+
+    answer = ask(f"http://127.0.0.1:{u.port}/v1/completions")
+    assert answer.startswith(b"HTTP/1.1 200") and b'"text_completion"' in answer, answer
+    assert ask("/v1/completions").startswith(b"HTTP/1.1 200")  # origin form, as always
+    from loraplex.serve.app import Guard, origin_form
+
+    scope = origin_form({"type": "http", "path": "http://evil.example:80/v1/models", "raw_path": b"http://evil.example:80/v1/models",
+                         "headers": [(b"host", b"127.0.0.1"), (b"accept", b"*/*")]})
+    assert scope["path"] == "/v1/models" and scope["raw_path"] == b"/v1/models"
+    assert [v for k, v in scope["headers"] if k == b"host"] == [b"evil.example:80"]  # the target's host wins
+    err = Guard(None, None, None, loopback_only=True)._refusal(scope["path"], scope["headers"])
+    assert err is not None and err.status == 403 and "evil.example" in err.message
+
+
 def test_a_body_still_arriving_ends_at_the_servers_stop():
     """Sweep 45: a request still reading its body ignored the server's stop, held the whole grace period, and
     was cut with a plain-text 500: it ends at once with the stop's 503 (it had not started)."""
