@@ -33,6 +33,8 @@ class Embedder(Protocol):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, dim) float32, unit rows
 
+    def reads(self, texts: Sequence[str]) -> list[bool]: ...  # per text: does it hold anything this embedder reads
+
 
 EMBEDDERS: Catalog[Embedder] = Catalog("embedder")
 
@@ -92,6 +94,15 @@ class MiniLMEmbedder:
         finally:
             torch.set_num_threads(threads)
 
+    def reads(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text holds a word piece MiniLM knows: one of emoji or of a script its vocabulary
+        lacks is all [UNK], and every such text embeds as the same point (sweep 57: `auto` wrote an adapter for
+        the first emoji-only query and routed every later one to it at similarity 1.0)."""
+        _, tok = self._load()
+        n = self.config.max_length
+        ids = tok([clip_text(t, n) for t in texts], add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+        return [any(i != tok.unk_token_id for i in row) for row in ids]
+
     def _encode(self, model, tok, texts: Sequence[str]) -> np.ndarray:
         import torch
         import torch.nn.functional as F
@@ -128,6 +139,10 @@ class HashEmbedder:
 
     def __init__(self, config: HashConfig):
         self.dim = config.dim
+
+    def reads(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text holds a word (ASCII letters or digits): the rest embeds as the zero vector."""
+        return [bool(_WORD.search(clip_text(t, HASH_WORDS).lower())) for t in texts]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

@@ -696,6 +696,8 @@ def token_text(tokenizer, tok: int) -> str:
     is ` flight`, WordPiece's `##ing` stays), or, for a piece of a character's bytes (a byte-fallback token
     decodes alone to U+FFFD), its bytes escaped (byte-level BPE) or the tokenizer's own name for it (`<0xE2>`)."""
     text = tokenizer.decode([tok], skip_special_tokens=True)
+    if not text and tok == getattr(tokenizer, "unk_token_id", None):  # a character the model does not know:
+        return str(tokenizer.unk_token)  # its name ([UNK]), not "" (an emoji's row in a trace was blank)
     if "\ufffd" not in text:
         return text
     name = tokenizer.convert_ids_to_tokens(tok)

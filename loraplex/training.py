@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from loraplex import ranks
 from loraplex.catalog import MAX_BATCH, MAX_COUNT, MAX_LR, MAX_STEPS, Options, options
-from loraplex.errors import Diverged, Interrupted, InvalidSpec, LoraplexWarning, UserInputError
+from loraplex.errors import Diverged, Interrupted, InvalidSpec, LoraplexWarning
 from loraplex.experts.layers import extract, routed_layers
 from loraplex.experts.spec import Adapter, LoraSpec
 from loraplex.heads import Head

@@ -237,6 +237,11 @@ def with_labels(hits: list[Hit], labels: Sequence[str] | None, weight: float,
     return sorted((h._replace(score=h.score + float(b)) for h, b in zip(hits, bonus)), key=lambda h: -h.score)
 
 
+UNREAD = ("the embedder reads nothing of the text (each character is one it does not know, as emoji are): "
+          "nothing to route by")
+"""The reason of a decision for a text that embeds as the embedder's unknown token only (`Embedder.reads`)."""
+
+
 def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = None, base_sha: str | None = None,
            queries: np.ndarray | None = None, labels: Sequence[Sequence[str] | None] | None = None,
            encoders_want_labels: bool = False) -> list[Decision]:
@@ -254,7 +259,9 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         raise ValueError(f"{len(texts)} requests but {len(per)} label sets")
     if reg.count() == 0:
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
-    q = get_embedder(reg.embedder_name).encode(texts) if queries is None else np.asarray(queries, np.float32)
+    emb = get_embedder(reg.embedder_name)
+    q = emb.encode(texts) if queries is None else np.asarray(queries, np.float32)
+    readable = emb.reads(texts)
     gens: dict[str, Any] = {}
     read: dict[str, Any] = {}  # the records (and label sets) this round has read, each once
     labels_read: dict[str, Any] = {}
@@ -271,6 +278,9 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if not visible(t):  # a prompt of spaces or zero-width characters: its embedding says nothing (sweep 27:
             # it was decided on, and logged as a candidate new task); the bare base continues it
             out.append(Decision(t, "base", "the text has no visible character: nothing to route by", None, None, None))
+            continue
+        if not readable[row]:  # emoji only, or a script the embedder does not know: every such text is one point
+            out.append(Decision(t, "base", UNREAD, None, None, None))
             continue
         # each hit's record read once: an adapter removed since the search (the server's unload) is left out,
         # where a second read of it failed every request decided in the same round (sweep 39)
@@ -577,7 +587,7 @@ def log_candidates(reg, decisions: list[Decision]) -> list[str | None]:
     in order, why it was not logged (None when it was, or when its text has nothing to learn a task from),
     which its answer's reason then says (each its own: the size bound can stop a batch part way; sweep 41)."""
     notes: list[str | None] = [None] * len(decisions)
-    todo = [i for i, d in enumerate(decisions) if visible(d.text)]  # nothing to learn a task from
+    todo = [i for i, d in enumerate(decisions) if visible(d.text) and d.reason != UNREAD]  # nothing to learn a task from
     if not todo or is_worker():
         return notes
 

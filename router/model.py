@@ -234,7 +234,9 @@ class RoutedModel:
             if trace:
                 valid = mask[b].nonzero().flatten().tolist()
                 ids = call.ids[b].tolist() if call.ids is not None else []
-                special = set(self.tokenizer.all_special_ids)
+                # bookkeeping tokens ([CLS], [SEP], padding) are left out; [UNK] is what the model read of a
+                # character it does not know, an emoji's row (it was left out too: an emoji-only trace was empty)
+                special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
                 for t in valid:
                     if t < len(ids) and ids[t] not in special:
                         w, e = per_token[b, t].max(-1)

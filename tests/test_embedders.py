@@ -32,6 +32,16 @@ def test_minilm_equals_sentence_transformers():
     assert ours[0] @ ours[1] < ours[0] @ get_embedder("minilm").encode(["sentiment of tweets about flights"])[0]
 
 
+def test_each_embedder_says_which_texts_it_reads_anything_of():
+    """Emoji (and characters outside a vocabulary) are all [UNK] to MiniLM: every such text embeds as the
+    same point, which `auto` treated as a task (sweep 57). `reads` tells them apart from texts with words."""
+    texts = ["\U0001F621", "\U0001F621\U0001F355 \U0001F600", "\U0001F621 awful", "late flight", "42"]
+    assert get_embedder("minilm").reads(texts) == [False, False, True, True, True]
+    assert get_embedder("hash").reads(texts) == [False, False, True, True, True]
+    emb = get_embedder("minilm").encode(["\U0001F621", "\U0001F355"])
+    assert float(emb[0] @ emb[1]) > 0.999  # why: two emoji are one point to it
+
+
 def test_first_loads_from_several_threads_at_once(tiny_bert, tmp_path):
     """A library user's first two calls from two threads (a web app's first requests) failed with
     "cannot import name 'AutoModel' from 'transformers'": its lazy module is not thread-safe on first use

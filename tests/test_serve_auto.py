@@ -28,6 +28,11 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
         blank = client.completions.create(model="auto", prompt="  \u200b ", max_tokens=2, temperature=0)
         assert blank.model_extra["routing"]["decision"] == "base"
         assert "no visible character" in blank.model_extra["routing"]["reason"]
+        # nothing the embedder reads (emoji only): every such text is one point, which auto wrote an adapter for
+        # and routed every later one to at similarity 1.0 (sweep 57); the base answers, nothing is logged
+        unread = client.completions.create(model="auto", prompt="\U0001F621\U0001F355", max_tokens=2, temperature=0)
+        assert unread.model_extra["routing"]["decision"] == "base"
+        assert "reads nothing of the text" in unread.model_extra["routing"]["reason"]
         # without labels, the inputs auto passes to the base cannot be classified: a 400 naming the first and
         # counting them, before any forward (sweep 19: "this input", one of 2,048, after all were scored)
         r = httpx.post(url + "/v1/classify", json={"model": "auto", "input": [

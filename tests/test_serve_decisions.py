@@ -294,6 +294,9 @@ class _HeldEmbedder:
             self.release.wait(60)
         return self.inner.encode(texts)
 
+    def reads(self, texts):
+        return self.inner.reads(texts)
+
 
 def test_a_slow_embedding_holds_up_no_other_generation(llama_home, tiny_llama, monkeypatch):
     """auto's query embedding is held; a completion naming an adapter finishes meanwhile (the batching

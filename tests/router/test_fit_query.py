@@ -105,6 +105,15 @@ def test_query_json_has_answer_adapters_and_tokens(env):
     assert out["adapters"][0]["name"] == "flights-lora"
 
 
+def test_a_trace_shows_the_unknown_tokens_the_model_read(env):
+    """The per-token trace left out [UNK] with the bookkeeping tokens: an emoji-only query's table was empty
+    and "\U0001F600 late" showed "late" alone (sweep 57 F2)."""
+    out = json.loads(env("query", "flight \U0001F600 late", "--router", "tg", "--json").output)
+    assert [t["token"] for t in out["tokens"]] == ["flight", "[UNK]", "late"], out["tokens"]
+    out = json.loads(env("query", "\U0001F600", "--router", "tg", "--json").output)
+    assert [t["token"] for t in out["tokens"]] == ["[UNK]"] and out["tokens"][0]["adapter"] in NAMES
+
+
 def test_query_routes_each_part_of_a_joined_prompt_to_its_adapter(env):
     out = json.loads(env("query", "flight plane delayed crew gate match goal team sport game", "--router", "tg",
                          "--json").output)
