@@ -181,6 +181,11 @@ def read_rows(path: Path, lines: list[int] | None = None) -> list[dict]:
                     fix = "put a text that holds a comma in double quotes" if sep == "," else "a TSV field holds no tab"
                     raise InvalidTaskFile(f"{path}:{end}: {have} fields, the header has "
                                           f"{len(reader.fieldnames)} ({fix})")
+                if all(v.lstrip("\ufeff").strip() == k.lstrip("\ufeff").strip() for k, v in row.items()):
+                    # two files joined (`cat a.csv b.csv`): the second header was a row, its label a class
+                    # named "label" trained on without a word (sweep 57)
+                    raise InvalidTaskFile(f"{path}:{start}: this line repeats the header (two files joined? keep "
+                                          "one header line)")
                 rows.append(row)
                 if lines is not None:
                     lines.append(start)

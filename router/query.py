@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from loraplex.catalog import MAX_BATCH
 from loraplex.errors import UserInputError
 from loraplex.tasks import checked_labels, checked_texts
 from loraplex.router import auto
@@ -29,8 +30,9 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     if router is not None and (not isinstance(router, str) or not router.strip()):
         raise UserInputError(f"--router must name a router, 'retrieval' or 'auto', got {router!r}")
     texts = checked_texts(texts)
-    if batch_size < 1:
-        raise UserInputError("--batch-size must be at least 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        # unbounded, 10**20 was taken: one forward of every query (sweep 57), where the other --batch-size stop
+        raise UserInputError(f"--batch-size must be a whole number from 1 to {MAX_BATCH:,} (got {batch_size!r})")
     if labels is not None:
         labels = checked_labels(labels)
     if router == "auto":

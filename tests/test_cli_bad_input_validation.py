@@ -819,6 +819,8 @@ def test_examples_file_follows_the_task_file_rules(cli, seeded, tmp_path):
     (["query", "late flight", "--set", "temperature=Infinity"], "temperature: Input should be a finite number"),
     (["train", "airline", "--name", "t", "--batch-size", str(2 ** 70)],  # was exit 70 (islice past sys.maxsize)
      "invalid value for --batch-size: Input should be less than or equal to 65536"),
+    (["query", "late flight", "--batch-size", str(10 ** 20)],  # was taken: one forward of every query (sweep 57)
+     "--batch-size must be a whole number from 1 to 65,536"),
     (["router", "fit", "r", "--router", "token-gate", "--set", f"top_k={2 ** 64}"],
      "top_k: Input should be less than or equal to 2147483647"),
     (["router", "fit", "r", "--router", "token-gate", "--set", "temperature=Infinity"],

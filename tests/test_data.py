@@ -75,6 +75,10 @@ def test_csv_with_description_flag(tmp_path):
     ('text,label\n"multi\nline",a\n"never closed,b\nfine,a\nawful,b\n\n', r"t.csv:4: a double quote opened on this line is never closed"),
     # a quoted text over two lines with a field too many: the line the row ends on
     ('text,label\nok,a\n"two\nlines, x",a,b\nfine,a\nawful,b\n', r"t.csv:4: 3 fields, the header has 2"),
+    # two files joined (`cat a.csv b.csv`): the second header was a row of a class named "label" (sweep 57)
+    ("text,label\nlove it,good\nbroke,bad\ntext,label\nlove it,good\nbroke,bad\n",
+     r"t.csv:4: this line repeats the header \(two files joined"),
+    ("\ufefftext,label\nlove it,good\nbroke,bad\n\ufefftext,label\nlove it,good\n", r"t.csv:4: this line repeats"),
 ])
 def test_malformed_csv(tmp_path, content, match):
     f = tmp_path / "t.csv"
