@@ -304,6 +304,11 @@ class _StreamRun:
             atomic_write(rd.path / "run_id", run_id)  # before spec.json, whose presence marks a run directory
             atomic_write(rd.path / "spec.json", json.dumps(spec.canonical(), indent=1, sort_keys=True))
         run_id = (rd.path / "run_id").read_text().strip()
+        if not fresh and self.writer and not self.reg.holds_run_id(run_id) \
+                and not any(r.name.startswith(run_id + "-") for r in self.reg.list_adapters()):
+            was = f" (it started in {info['registry']})" if info and info.get("registry") else ""
+            raise UserInputError(f"{rd.path}: run {run_id} did not start in the registry at {self.reg.home}{was}: its "
+                                 "adapters register where it started; resume it with that --home (or LORAPLEX_HOME)")
         if self.writer:
             rd.state.mkdir(exist_ok=True)
             rd.clean()
@@ -323,6 +328,7 @@ class _StreamRun:
                 "base": {t: c["accuracy"] for t, c in base.items()}, "base_name": self.ref.name, "base_sha": self.fp.sha,
                 "base_labels": {t: c.get("labels", {}) for t, c in base.items()},  # a task erased in part: on its kept labels
                 "compute": compute_of(self.settings),
+                "registry": str(self.reg.home),  # named when a resume is refused under another registry
                 "registration_marked": True,  # each unit's directory says when its adapter is registered
                 **({"base_files": files} if (files := base_files(self.ref)) is not None else {}),
             }

@@ -152,6 +152,12 @@ class Registry(Database, Components):
             return False
         return True
 
+    def holds_run_id(self, run_id: str) -> bool:
+        """Whether `run_id` was claimed in this registry (`reserve_run_id`): a stream run resumed against another
+        registry is told apart (sweep 57: it reported a finished run's adapters there, or failed blaming a
+        removal)."""
+        return (self.home / ".run-ids" / run_id).is_file()
+
     def release_run_id(self, run_id: str) -> None:
         """Give back a `reserve_run_id` claim of a request refused before it ran (sweep 44: every refused
         `forget` left its claim in the registry home for good)."""

@@ -256,3 +256,23 @@ def test_a_heatmap_matplotlib_cannot_draw_costs_the_run_nothing_else(tmp_path, m
     report.write_report(tmp_path, {}, [{"unit": 0}])
     assert (tmp_path / report.MATRIX_FILE).exists() and not (tmp_path / report.HEATMAP_FILE).exists()
     assert capsys.readouterr().err.strip() == f"warning: {report.HEATMAP_FILE} not drawn: ValueError: cannot draw"
+
+
+def test_a_resume_under_another_registry_is_refused(tmp_path, tiny_bert, task_dir):
+    """A run resumed with another --home (a new shell without its LORAPLEX_HOME) reported a finished run's
+    adapters as registered there (exit 0, none were), and an interrupted one failed blaming a removal nobody
+    made, exit 1 (sweep 57 F6). It is refused in one line naming the registry the run started in."""
+    import pytest
+
+    from loraplex.errors import UserInputError
+
+    exps = [{"learn": str(task_dir / f"{t}.jsonl")} for t in ("flights", "sports")]
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, experiences=exps, steps=2)
+    settings = lambda home: Settings.load(home=home, embedder="hash", device="cpu", dtype="float32")  # noqa: E731
+    api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings(tmp_path / "home-a"))
+    with pytest.raises(UserInputError, match=f"did not start in the registry at {tmp_path / 'home-b'} "
+                                             rf"\(it started in {tmp_path / 'home-a'}\)"):
+        api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings(tmp_path / "home-b"))
+    assert not api.list_adapters(settings(tmp_path / "home-b"))
+    again = api.run_stream(spec, resume=tmp_path / "run", progress=False, settings=settings(tmp_path / "home-a"))
+    assert len(again.adapters) == 2  # its own registry: resumed as before
