@@ -43,6 +43,24 @@ def test_fit_stores_a_router_record_with_its_adapters(env):
     assert check.exit_code == 0 and json.loads(check.output)["ok"], check.output
 
 
+def test_overall_figures_are_means_over_tasks(env, task_files):
+    """Routing accuracy was pooled over rows while the other figures were means over tasks: a task of many
+    rows hid others of few never routed right (97.9% beside 33.6% answered; sweep 57 F3)."""
+    import dataclasses
+
+    from loraplex import api
+    from loraplex.data import load_task
+
+    rm = api.load_routed_model("tg", settings=env.settings)
+    big, small = (load_task(str(task_files[n])) for n in ("flights", "sports"))
+    small = dataclasses.replace(small, test=big.test[:1])  # one row, routed to flights: sports' routing is 0
+    ev = rm.evaluate([big, small], oracle=False)
+    assert [r["n"] for r in ev["tasks"]] == [len(big.test), 1]
+    assert ev["tasks"][1]["routing_accuracy"] == 0 and ev["tasks"][0]["routing_accuracy"] > 0.5
+    for key in ("routing_accuracy", "accuracy", "answered_accuracy"):
+        assert ev[key] == pytest.approx(sum(r[key] for r in ev["tasks"]) / 2), key
+
+
 def test_router_is_trained_to_route_by_task(env):
     assert env.fit["metrics"]["routing_accuracy"] >= 0.9, env.fit["metrics"]
 
