@@ -170,6 +170,8 @@ def read_rows(path: Path, lines: list[int] | None = None) -> list[dict]:
         if twice is not None:  # DictReader keeps the last of two: every row read the other column as its text
             raise InvalidTaskFile(f"{path}:1: the header names the column {twice!r} twice")
         start = reader.line_num + 1  # the line the row being read starts on (a quoted field may hold line ends)
+        # a line of the header's names (in any case or order: `cat a.csv b.csv` of two files spelt differently)
+        header = sorted(c.lstrip("\ufeff").strip().casefold() for c in names)
         try:
             for row in reader:
                 if None in row or None in row.values():  # more fields than the header names, or fewer
@@ -181,7 +183,7 @@ def read_rows(path: Path, lines: list[int] | None = None) -> list[dict]:
                     fix = "put a text that holds a comma in double quotes" if sep == "," else "a TSV field holds no tab"
                     raise InvalidTaskFile(f"{path}:{end}: {have} fields, the header has "
                                           f"{len(reader.fieldnames)} ({fix})")
-                if all(v.lstrip("\ufeff").strip() == k.lstrip("\ufeff").strip() for k, v in row.items()):
+                if sorted(v.lstrip("\ufeff").strip().casefold() for v in row.values()) == header:
                     # two files joined (`cat a.csv b.csv`): the second header was a row, its label a class
                     # named "label" trained on without a word (sweep 57)
                     raise InvalidTaskFile(f"{path}:{start}: this line repeats the header (two files joined? keep "

@@ -33,7 +33,8 @@ class Embedder(Protocol):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, dim) float32, unit rows
 
-    def reads(self, texts: Sequence[str]) -> list[bool]: ...  # per text: does it hold anything this embedder reads
+    # Optional: per text, whether it holds anything this embedder reads (one without it is taken to read all):
+    # `auto` answers a text it reads nothing of with the base. def reads(self, texts) -> list[bool]
 
 
 EMBEDDERS: Catalog[Embedder] = Catalog("embedder")

@@ -261,7 +261,8 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         return [Decision(t, "base", "the registry holds no adapters", None, None, None) for t in texts]
     emb = get_embedder(reg.embedder_name)
     q = emb.encode(texts) if queries is None else np.asarray(queries, np.float32)
-    readable = emb.reads(texts)
+    # an embedder plugged in without `reads` (its protocol before sweep 57) is taken to read every text
+    readable = emb.reads(texts) if hasattr(emb, "reads") else [True] * len(texts)
     gens: dict[str, Any] = {}
     read: dict[str, Any] = {}  # the records (and label sets) this round has read, each once
     labels_read: dict[str, Any] = {}

@@ -288,17 +288,21 @@ class _Context:
     fwd: Backend | None
     lora_updates: bool = True  # /v1/load_lora_adapter and /v1/unload_lora_adapter may change the registry
     stop_at: float | None = None  # time.monotonic() by which requests still running end (the server is stopping)
+    stop_why: str = "this request did not finish in its grace period"
 
-    def stop_in(self, seconds: float) -> None:
+    def stop_in(self, seconds: float, why: str | None = None) -> None:
         """The server is stopping: requests still running past `seconds` from now end with a 503 (a stream:
-        an error event, then [DONE]) instead of being cut when the server's own grace period runs out."""
+        an error event, then [DONE]) instead of being cut when the server's own grace period runs out; `why`:
+        what their message says happened (a second Ctrl-C's: stopped at once)."""
         self.stop_at = time.monotonic() + seconds
+        if why:
+            self.stop_why = why
 
     def stopped(self) -> APIError | None:
         """The error a running request ends with once the server's stop has come, or None."""
         if self.stop_at is None or time.monotonic() < self.stop_at:
             return None
-        return APIError(503, "the server is shutting down: this request did not finish in its grace period")
+        return APIError(503, f"the server is shutting down: {self.stop_why}")
 
     def stopping(self) -> APIError | None:
         """The error a request still reading its body ends with once the server's stop is signalled (it has

@@ -236,6 +236,8 @@ class Scheduler:
         return bad
 
     def _fail(self, jobs: list[Job], exc: BaseException, kind: str) -> None:
+        if not jobs:  # nothing failed (a batch tried again): nothing to log
+            return
         if not isinstance(exc, LoraplexError):
             if server_state(exc):  # out of memory, the database, file descriptors: one line, not a bug's traceback
                 log.warning("a %s batch failed: %s", kind, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
@@ -294,7 +296,7 @@ class Scheduler:
                 for row in rows:
                     self._owner.pop(id(row), None)
                 gone = self._gone(take) if lane == "bank" else []
-                bad = self._unloadable(take) if lane == "bank" and not gone and len(take) > 1 else []
+                bad = self._unloadable(take) if lane == "bank" and not gone else []
                 if gone:  # an adapter removed since its request came: that request fails, the others wait
                     self._fail([j for j, _ in gone], exc, "generate")
                     waiting += [item for item in take if item not in gone]
@@ -302,11 +304,11 @@ class Scheduler:
                     for (job, _), why in bad:
                         self._fail([job], why, "generate")
                     waiting += [item for item in take if item not in [b for b, _ in bad]]
-                elif len(take) > 1:  # every adapter is there and loads now: the failure was passing (one was removed
+                elif lane == "bank":  # every adapter is there and loads now: the failure was passing (one was removed
                     for item in take:  # and registered again between the two checks, sweep 56: it failed every
-                        item[0].rebinds += 1  # request of the batch, the base's too, naming that adapter): they
-                    spent = [j for j, _ in take if j.rebinds > REBINDS]  # wait and try again, a few times at most
-                    self._fail(spent, exc, "generate")
+                        item[0].rebinds += 1  # request of the batch, the base's too, naming that adapter, or a lone
+                    spent = [j for j, _ in take if j.rebinds > REBINDS]  # request of it: "no adapter named" one that
+                    self._fail(spent, exc, "generate")  # is registered, sweep 58): they try again, a few times at most
                     waiting += [item for item in take if item[0] not in spent]
                 else:
                     self._fail([j for j, _ in take], exc, "generate")

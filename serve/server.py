@@ -100,8 +100,9 @@ class Stopping(uvicorn.Server):
                 self.app_stop_in(max(0.0, GRACE_S - 5.0))
             elif not self.now_asked:  # a second stop signal ("stop now"): uvicorn's force exit cut the running
                 self.now_asked = True  # requests, a plain-text 500 or a stream with no end, and logged a traceback
-                self.app_stop_in(0.0)  # for each (sweep 56): they end now, each with its 503 (a stream: an error
-                self._captured_signals.append(sig)  # event and [DONE]), and the server stops; a third forces it
+                self.app_stop_in(0.0, "it was stopped at once (a second stop signal) before this request finished")
+                self._captured_signals.append(sig)  # for each (sweep 56): they end now, each with its 503 (a
+                # stream: an error event and [DONE]), and the server stops; a third signal forces it
                 return
         super().handle_exit(sig, frame)
 

@@ -79,6 +79,9 @@ def test_csv_with_description_flag(tmp_path):
     ("text,label\nlove it,good\nbroke,bad\ntext,label\nlove it,good\nbroke,bad\n",
      r"t.csv:4: this line repeats the header \(two files joined"),
     ("\ufefftext,label\nlove it,good\nbroke,bad\n\ufefftext,label\nlove it,good\n", r"t.csv:4: this line repeats"),
+    # the second file's header in another case or order (sweep 58)
+    ("text,label\nlove it,good\nbroke,bad\nText,Label\nlove it,good\n", r"t.csv:4: this line repeats"),
+    ("text,label\nlove it,good\nbroke,bad\nlabel,text\ngood,love it\n", r"t.csv:4: this line repeats"),
 ])
 def test_malformed_csv(tmp_path, content, match):
     f = tmp_path / "t.csv"

@@ -50,6 +50,24 @@ def test_auto_routes_or_falls_back_and_says_why(llama_home):
     assert logged == ["qqq zzz xxyyzz"]
 
 
+def test_an_embedder_without_reads_is_taken_to_read_every_text(llama_home, monkeypatch):
+    """`reads` came after embedders were pluggable: one registered without it failed every auto decision
+    with an AttributeError (sweep 58 F3)."""
+    import types
+
+    from loraplex import api
+    from loraplex.embedders import get_embedder
+    from loraplex.router import auto
+
+    s, _ = llama_home
+    inner = get_embedder("hash")
+    plain = types.SimpleNamespace(name="hash", dim=inner.dim, encode=inner.encode)  # name, dim, encode only
+    monkeypatch.setattr(auto, "get_embedder", lambda name: plain)
+    reg = api.open_registry(s)
+    d = auto.decide(reg, ["flight plane gate seat crew bag delayed late lost great"], auto.AutoConfig(**AUTO))[0]
+    assert d.action == "route" and d.nearest == "flights-lora", d
+
+
 def _base(client) -> str:
     return next(m.id for m in client.models.list().data if m.model_extra["loraplex"]["kind"] == "base")
 

@@ -142,11 +142,13 @@ def test_an_adapter_removed_before_its_route_is_read_fails_no_other(llama_home, 
         assert out[m].status_code == 200, (m, out[m].text)
 
 
+@pytest.mark.parametrize("alone", [False, True])
 def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_other(llama_home, tiny_llama,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, alone):
     """An adapter removed and registered again (vLLM's unload then load) between a batch's binding and the
     scheduler's look at what was removed failed every request of the batch, the base's too, with a 404
-    naming that adapter (sweep 56 F1: a quarter of the requests for other models while it swapped)."""
+    naming that adapter (sweep 56 F1: a quarter of the requests for other models while it swapped); a
+    request alone in its batch was told that the adapter, registered again, did not exist (sweep 58 F2)."""
     from loraplex import api
     from loraplex.serve.engine import Engine
     from loraplex.serve.scheduler import Scheduler
@@ -157,7 +159,7 @@ def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_ot
 
     def remove_then_bind(self, rows, routes, pinned):
         names = {a for r in routes for a, _ in r.adapters}
-        if "swap-lora" in names and len(routes) > 1 and not state["removed"]:
+        if "swap-lora" in names and (alone or len(routes) > 1) and not state["removed"]:
             state["removed"] = True
             api.remove("swap-lora", settings=s)
         return real_bind(self, rows, routes, pinned)
@@ -176,12 +178,12 @@ def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_ot
         with serving(s, base=str(tiny_llama), max_loras=4, max_batch=8, max_wait_ms=400) as url, \
                 httpx.Client(base_url=url, timeout=60) as h:
             base = next(m["id"] for m in h.get("/v1/models").json()["data"] if m["loraplex"]["kind"] == "base")
-            out = _at_once(h, "/v1/completions", ("swap-lora", "sports-lora", base),
-                           {"prompt": "late", "max_tokens": 2, "temperature": 0})
+            models = ("swap-lora",) if alone else ("swap-lora", "sports-lora", base)
+            out = _at_once(h, "/v1/completions", models, {"prompt": "late", "max_tokens": 2, "temperature": 0})
     finally:
         api.remove("swap-lora", settings=s)
     assert state["removed"] and state["back"]
-    for m in ("swap-lora", "sports-lora", base):  # the adapter is there again: its request is answered too
+    for m in models:  # the adapter is there again: its request is answered too
         assert out[m].status_code == 200, (m, out[m].text)
 
 
@@ -760,10 +762,16 @@ def test_a_batch_that_fails_for_the_machines_state_logs_one_line(caplog):
 
     from loraplex.serve.scheduler import Scheduler
 
+    from types import SimpleNamespace
+
+    job = SimpleNamespace(send=lambda *event: None)
     with caplog.at_level(logging.WARNING, logger="loraplex.serve"):
-        Scheduler._fail(None, [], RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 402653184 bytes"),
+        Scheduler._fail(None, [job], RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 402653184 bytes"),
                         "classify")
-        Scheduler._fail(None, [], KeyError("a bug"), "classify")
+        Scheduler._fail(None, [job], KeyError("a bug"), "classify")
+        n = len(caplog.records)
+        Scheduler._fail(None, [], KeyError("a batch tried again"), "generate")  # no request failed: nothing logged
+        assert len(caplog.records) == n
     oom, bug = caplog.records[-2:]
     assert oom.levelno == logging.WARNING and oom.exc_info is None and "can't allocate memory" in oom.getMessage()
     assert bug.levelno == logging.ERROR and bug.exc_info is not None
