@@ -28,7 +28,7 @@ from loraplex.data import CARD_ONLY, check_columns, read_rows, row_value, sideca
 from loraplex.errors import (AlreadyExists, IncompatibleAdapter, InvalidTaskFile, LoraplexError, LoraplexWarning, TaskNotFound,
                              UserInputError)
 from loraplex.fsio import user_path
-from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, Query, TrainingSet
+from loraplex.generators.base import GENERATORS, CVAEGenerator, GenContext, OutOfRange, Query, TrainingSet
 from loraplex.generators.layout import ParamLayout
 from loraplex.generators.refine import examples_task, refine_config, top_blocks
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
@@ -249,7 +249,7 @@ def _answering_task(reg, name: str, description: str, parents: list[dict[str, An
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
              max_distance: float | None = None, refine_steps: int = 0, refine_blocks: int = 0,
-             dry_run: bool = False) -> dict[str, Any]:
+             dry_run: bool = False, answer_among: Sequence[str] | None = None) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
     `dry_run`: everything up to the registration (every refusal the generator or the examples make), nothing
     written or refined: returns the task the adapter would answer with and its parents (`auto` asks so before
@@ -262,7 +262,10 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     similar parent that has one. `label_task=False` records no task. `max_distance` replaces the generator's refusal bound for this call (`auto` sets
     the one fitted for request texts, which sit farther from task descriptions than descriptions do).
     `refine_steps` > 0 refines the sample on the labelled examples (refine.py; `refine_blocks` > 0 moves only
-    the top blocks' modules); the labels are checked before the generator is loaded."""
+    the top blocks' modules); the labels are checked before the generator is loaded. `answer_among`: the
+    adapters whose task it may answer with (`auto`: those near the request by its own score), else OutOfRange:
+    a request's text sits far from every description, and its most similar parent by description was of
+    another family than the request's (sweep 59: an airline tweet answered "shy", a football score "positive")."""
     validate_name(name)
     checked_seed(seed, "--seed")
     if not description or not description.strip():
@@ -296,6 +299,10 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     out = gen.generate(Query(description, list(examples)), seed=seed, where=where)
     parents = out.parents
     task, extra = _answering_task(reg, name, description, parents, labelled) if label_task else (None, {})
+    if answer_among is not None and task is not None and extra.get("labels_from") not in answer_among:
+        near = ", ".join(list(answer_among)[:3]) or "none"
+        raise OutOfRange(f"{where} would answer with the labels of {extra.get('labels_from')!r}, which is not among "
+                         f"the adapters near the request ({near}): its answer would be another task's")
     if dry_run:
         return {"name": name, "generator": generator, "parents": parents, "distance": round(out.distance, 4),
                 "task": task, "task_cards": extra.get("task_cards") or {}}

@@ -29,8 +29,9 @@ weights prefer an adapter trained on those labels; the thresholds still read the
 they were fitted on). Every answer is then one of those labels, the bare base's included (an encoder
 scores the request against the labels' texts, a causal LM ranks them).
 
-The generator checks its own distance too: a refusal (`OutOfRange`) turns a "generate" into "base",
-with the generator's reason. Every answer carries `decision` and `reason` (the scores and thresholds
+The generator checks its own distance too, and that the task its adapter would answer with is one of an
+adapter near the request (`near_enough`): a refusal (`OutOfRange`) decides the request as with no
+generator (route at `no_generator_threshold`, else base), with the generator's reason. Every answer carries `decision` and `reason` (the scores and thresholds
 that made it), and `similarity`, `margin` (s1 - s2) and `nearest`.
 
 The default thresholds are fitted on the embedded task library by `bench/auto.py` (leave-tasks-out over
@@ -411,14 +412,34 @@ def unwritable(reg, settings, d: Decision, cfg: AutoConfig, *, labelled: bool) -
     try:
         plan = generate(reg, settings, text, generator=d.generator, name=generated_name(text, d.generator),
                         examples=[(text, None)], label_task=True, max_distance=cfg.generator_max_distance,
-                        dry_run=True)
+                        dry_run=True, answer_among=near_enough(d, cfg))
     except OutOfRange as exc:
-        return _as_base(d, f"but the generator refused: {exc}")
+        return _refused(d, cfg, exc)
     except LoraplexError:  # removed, damaged, a registry it cannot read now: `written_for` decides those
         return d
     if labelled and not task_labels(reg, plan["task"], plan["task_cards"]):
         return _as_base(d, "but an adapter written for it records no task with labels (its parents have none)")
     return d
+
+
+def near_enough(d: Decision, cfg: AutoConfig) -> list[str] | None:
+    """The adapters whose task a generated adapter may answer a "generate" decision's request with: those
+    the decision found near it, at a score that reaches the generate threshold (the generator ranks its
+    parents by description, which an instance text sits far from: sweep 59). None: a decision made without
+    a search (no hits to check against)."""
+    return [h.name for h in d.hits if h.score >= cfg.generate_threshold] if d.hits else None
+
+
+def _refused(d: Decision, cfg: AutoConfig, exc: Exception) -> Decision:
+    """A "generate" decision the generator refused, decided as with no generator: route when the score
+    reaches the no-generator threshold, else base (a request whose nearest adapter was airline-lora, refused
+    because the generator would answer with another family's labels, went to the base: sweep 59)."""
+    s1 = d.similarity if d.similarity is not None else -1.0
+    said = (f"but the generator refused: {exc}; decided as with no generator, the score is "
+            f"{'>=' if s1 >= cfg.no_generator_threshold else '<'} the no-generator threshold {cfg.no_generator_threshold:.3f}")
+    if s1 >= cfg.no_generator_threshold and d.hits:
+        return Decision(d.text, "route", f"{d.reason}; {said}", d.similarity, d.margin, d.nearest, hits=d.hits)
+    return _as_base(d, said)
 
 
 def _as_base(d: Decision, why: str) -> Decision:
@@ -443,7 +464,8 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
             if not reg.has_adapter(name):
                 try:
                     generate(reg, settings, text, generator=d.generator, name=name, examples=[(text, None)],
-                             label_task=True, max_distance=cfg.generator_max_distance)
+                             label_task=True, max_distance=cfg.generator_max_distance,
+                             answer_among=near_enough(d, cfg))
                     made = True
                     break
                 except AlreadyExists:  # another process (a server, a CLI) wrote it meanwhile: reused if it is
@@ -455,7 +477,7 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
                             "writes this request's adapter under are held by adapters it did not write",
                             d.similarity, d.margin, d.nearest, hits=d.hits)
     except OutOfRange as exc:
-        return _as_base(d, f"but the generator refused: {exc}")
+        return _refused(d, cfg, exc)
     except ComponentNotFound:  # removed since the decision (`generate remove`): decided as with no generator, as
         # a named generator removed before it is (sweep 39: a 404 about the `auto` the client named)
         s1 = d.similarity if d.similarity is not None else -1.0

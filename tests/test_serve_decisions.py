@@ -494,3 +494,32 @@ def test_a_classification_whose_alike_input_would_share_is_not_refused_by_the_dr
     routes = engine.auto([a, b], for_classify=True)
     assert [r.decision for r in routes] == ["generate", "generate"], [r.reason for r in routes]
     assert routes[0].adapters == routes[1].adapters and "shares adapter" in routes[1].reason
+
+
+def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_request(toy_registry, tiny_bert):
+    """sg-lora ranks its parents by description, which an instance text sits far from: on the library an
+    airline tweet was written an adapter answering with kaomoji-shy-vs-cool's labels, a football score with
+    airline-polarity's, while auto's own search had found airline-lora and the bbc adapters (sweep 59 F4).
+    The task a written adapter answers with must be one of an adapter the decision found near the request."""
+    import dataclasses
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    cfg = auto_router.parse_config(BETWEEN)
+    [d] = auto_router.decide(reg, [TEXTS[0]], cfg)
+    assert d.action == "generate" and d.hits
+    plan = workflow.generate(reg, s, TEXTS[0], generator="gen", name="probe", examples=[(TEXTS[0], None)],
+                             dry_run=True, max_distance=cfg.generator_max_distance)
+    source = next(p["name"] for p in plan["parents"] if reg.get_adapter(p["name"]).task == plan["task"])
+    elsewhere = dataclasses.replace(d, hits=[h for h in d.hits if h.name != source])
+    n = reg.count()
+    refused = auto_router.written_for(reg, s, elsewhere, cfg)
+    assert refused.action == "base" and f"labels of {source!r}, which is not among the adapters near" in refused.reason
+    assert reg.count() == n  # nothing written
+    assert auto_router.unwritable(reg, s, elsewhere, cfg, labelled=False).action == "base"
+    # decided as with no generator: routed where the score reaches the no-generator threshold
+    low = auto_router.parse_config({**BETWEEN, "no_generator_threshold": -1.0})
+    routed = auto_router.written_for(reg, s, elsewhere, low)
+    assert routed.action == "route" and "decided as with no generator" in routed.reason and routed.hits
+    written = auto_router.written_for(reg, s, d, cfg)  # its labels' adapter is near: written as before
+    assert written.action == "generate" and written.written and reg.count() == n + 1
