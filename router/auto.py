@@ -691,8 +691,14 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
     bases: dict[str, str] = {}
 
     def base_of(d: Decision) -> str | None:  # the base a decision was made on: its nearest adapter's
-        if base_name or not d.nearest:
+        if base_name:
             return base_name
+        if not d.nearest:  # nothing to route by (no visible character, nothing the embedder reads): the base
+            if "" not in bases:  # most of the registry's adapters are of (it was None: "no base model given ...
+                # pass --base", and the whole call failed for one emoji-only line; sweep 59)
+                held = collections.Counter(r.base for r in reg.list_adapters(damaged=[]))
+                bases[""] = min(held, key=lambda b: (-held[b], b)) if held else None
+            return bases[""]
         if d.nearest not in bases:
             bases[d.nearest] = reg.get_adapter(d.nearest).base
         return bases[d.nearest]

@@ -207,3 +207,18 @@ def test_a_parent_replaced_while_the_adapter_is_made_is_refused(toy_registry, ti
     with pytest.raises(LoraplexError, match=f"adapter '{parent}' was registered anew .* nothing was registered"):
         workflow.generate(reg, s, desc, generator="gen", name="g1")
     assert reg.count() == n and not reg.has_adapter("g1")
+
+
+def test_a_text_with_nothing_to_route_by_is_answered_on_the_registrys_base(toy_registry):
+    """An emoji-only line (nothing the embedder reads) or a blank one has no nearest adapter, and without
+    --base its base was None: "no base model given ... pass --base", and the whole call failed, every other
+    line's answer lost (sweep 59 F7). It is answered on the base the registry's adapters are of."""
+    s, reg = toy_registry
+    n = reg.count()
+    out = auto.answer(reg, s, ["great flight but the plane was delayed", "\U0001F525\U0001F525", " \u200b "],
+                      {"route_threshold": 0.0, "generate_threshold": 0.0}, labels=["good", "bad"])
+    assert [r["decision"] for r in out] == ["route", "base", "base"]
+    assert "reads nothing of the text" in out[1]["reason"] and all(r["answer"] in ("good", "bad") for r in out)
+    assert reg.count() == n
+    [alone] = auto.answer(reg, s, ["\U0001F525"], {})  # an encoder without labels: answered with nothing, no error
+    assert alone["decision"] == "base" and alone["answer"] is None
