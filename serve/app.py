@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hmac
 import json
 import logging
@@ -349,10 +350,24 @@ class _Context:
         if request is not None:
             await self.gone(request)
         try:
-            return await run_in_threadpool(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels,
-                                           for_classify=classify)
+            return await self.unless_stopped(functools.partial(
+                self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels, for_classify=classify))
         except LoraplexError as exc:
             raise self.error(exc) from None
+
+    async def unless_stopped(self, fn):
+        """`fn()` in a worker thread, or the stop's 503 as soon as the server's stop time comes (checked every
+        DISCONNECT_CHECK_S): a request whose work was still in a thread (auto's embedding and decision) waited
+        for it after a second Ctrl-C, where the requests in the batching thread ended at once (sweep 58). The
+        thread itself runs on to its end (the process waits for it before it exits): a write it began finishes."""
+        work = asyncio.ensure_future(run_in_threadpool(fn))
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_CHECK_S)
+            if done:
+                return work.result()
+            if (stop := self.stopped()) is not None:
+                work.add_done_callback(lambda w: w.cancelled() or w.exception())  # its outcome: nobody's now
+                raise stop
 
     async def wait(self, job: Job, request: Request) -> tuple[Any, list[dict]]:
         """The job's result and its token trace; a client that went away cancels it (checked every
@@ -384,9 +399,9 @@ class _Context:
                 raise self.error(ev[1], job.target)
 
     async def threaded(self, fn, *args):
-        """`fn(*args)` in a worker thread, a library error as its HTTP error."""
+        """`fn(*args)` in a worker thread (`unless_stopped`), a library error as its HTTP error."""
         try:
-            return await run_in_threadpool(fn, *args)
+            return await self.unless_stopped(functools.partial(fn, *args))
         except LoraplexError as exc:
             raise self.error(exc) from None
 

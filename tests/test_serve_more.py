@@ -861,6 +861,52 @@ def test_a_second_stop_signal_ends_running_requests_in_words_at_once(llama_home,
         th.join(30)
 
 
+def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tiny_llama, monkeypatch):
+    """A request still in auto's decision (the query's embedding, in a worker thread) was answered only when
+    its thread returned, after a second Ctrl-C (sweep 58 F9): it gets the stop's 503 at once."""
+    import uvicorn
+
+    from loraplex.embedders import HashEmbedder
+    from loraplex.serve.server import Stopping, build
+
+    entered, release = threading.Event(), threading.Event()
+    real = HashEmbedder.encode
+
+    def slow(self, texts):
+        if any("slowly" in t for t in texts):
+            entered.set()
+            release.wait(60)
+        return real(self, texts)
+
+    monkeypatch.setattr(HashEmbedder, "encode", slow)
+    s, _ = llama_home
+    app, _ = build(s, base=str(tiny_llama), auto={"route_threshold": -1.0, "generate_threshold": -1.0})
+    port = free_port()
+    server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while not server.started:
+            assert th.is_alive() and time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        out: dict = {}
+        ask = threading.Thread(target=lambda: out.update(r=httpx.post(url + "/v1/classify", timeout=60, json={
+            "model": "auto", "input": "slowly late flight", "labels": ["good", "bad"]})))
+        ask.start()
+        assert entered.wait(30)
+        t0 = time.monotonic()
+        app.stop_in(0, "it was stopped at once (a second stop signal) before this request finished")
+        ask.join(30)
+        assert time.monotonic() - t0 < 3, "the stop waited for the embedding to end"
+        assert out["r"].status_code == 503 and "stopped at once" in out["r"].json()["error"]["message"]
+    finally:
+        release.set()
+        server.should_exit = True
+        th.join(30)
+
+
 def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forwarded(llama_home, tiny_llama, tmp_path):
     """A backend is asked for one adapter by name: an adapter that answers with a composition is refused
     when named, and so is a router that may pick it (it sent the summed stream's adapter alone; sweep 21)."""
