@@ -151,8 +151,10 @@ def origin_form(scope: dict) -> dict:
     u = urlsplit(path)
     raw = (scope.get("raw_path") or b"").decode("latin-1")
     raw_path = (urlsplit(raw).path if raw else u.path).encode("latin-1", "replace") or b"/"
-    headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", u.netloc.encode("latin-1", "replace"))]
-    return {**scope, "path": u.path or "/", "raw_path": raw_path, "headers": headers}
+    host = u.netloc.rpartition("@")[2]  # user:password@ is not echoed as a Host (sweep 58): refused by the Guard
+    headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", host.encode("latin-1", "replace"))]
+    return {**scope, "path": u.path or "/", "raw_path": raw_path, "headers": headers,
+            "loraplex.target_userinfo": "@" in u.netloc}
 
 
 class Guard:
@@ -213,6 +215,9 @@ class Guard:
         t0, status, counted = time.perf_counter(), [500], [False]
         rid = request_id(dict(scope["headers"]))
         err = self._refusal(path, scope["headers"])
+        if scope.get("loraplex.target_userinfo"):  # RFC 9110 4.2.4: user information in an http(s) target is an error
+            err = APIError(400, "the request target carries user information (user:password@): send the path only, "
+                                "with the key in an Authorization header")
         if err is not None:
             extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
             if err.code == "invalid_framing":

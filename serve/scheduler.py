@@ -45,6 +45,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     rebinds: int = 0  # batches this generation job was in whose binding failed for no one job's reason
+    not_before: float = 0.0  # time.monotonic() before which it is not tried again (after such a failure)
 
     def send(self, *event: Any) -> None:
         try:
@@ -58,6 +59,8 @@ MAX_WAIT_MS = 10_000
 REBINDS = 3
 """Times a generation job is tried again after a batch it was in failed to bind with no one request's
 adapter to blame (a failure that passed: see Scheduler._admit); the next such failure is its own."""
+REBIND_WAIT_S = 0.02
+"""The wait before such a job is tried again, doubled each time (20, 40, 80 ms)."""
 MAX_BATCH_ROWS = 4096
 """Requests gathered into one batch at most (`--max-batch`)."""
 
@@ -108,16 +111,17 @@ class Scheduler:
             self._drain()
 
     # ---- the worker -----------------------------------------------------------------------------
-    def _gather(self, block: bool) -> list[Job] | None:
+    def _gather(self, block: bool, wait: float = 0.0) -> list[Job] | None:
         """Waiting jobs: when idle, block for the first and gather for max_wait; while generating, take
-        what is there without waiting (the running batches must go on). None: stop."""
+        what is there without waiting (the running batches must go on), or for `wait` seconds (nothing
+        runs, and the jobs pending are to be tried again a moment later). None: stop."""
         batch: list[Job] = []
         if block:
             first = self._q.get()
             if first is None:
                 return None
             batch.append(first)
-        deadline = time.monotonic() + (self.max_wait if block else 0.0)
+        deadline = time.monotonic() + (self.max_wait if block else wait)
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
             try:
@@ -162,7 +166,10 @@ class Scheduler:
             idle = not self._lanes and not self._pending and not self._held
             if idle and self._stop_seen:
                 return
-            batch = self._gather(block=idle and not self._stop_seen)
+            later = 0.0  # nothing runs and every pending job waits to be tried again: wait with it, not spin
+            if not self._lanes and not self._held and self._pending:
+                later = max(0.0, min(j.not_before for j, _ in self._pending) - time.monotonic())
+            batch = self._gather(block=idle and not self._stop_seen, wait=later)
             if batch is None:
                 return
             pinned = self._pinned()
@@ -251,9 +258,14 @@ class Scheduler:
         slot bank as many adapters as fit beside those of the running rows); the rest wait."""
         waiting: list[tuple[Job, Route | None]] = []
         by_lane: dict[str, list[tuple[Job, Route | None]]] = {}
+        now = time.monotonic()
         for job, route in self._pending:
-            if not job.cancelled:
-                by_lane.setdefault(job.target.lane, []).append((job, route))
+            if job.cancelled:
+                continue
+            if job.not_before > now:  # tried again after a passing failure, a moment later (sweep 58: the tries ran
+                waiting.append((job, route))  # back to back within 5 ms, before what failed had passed)
+                continue
+            by_lane.setdefault(job.target.lane, []).append((job, route))
         for lane, items in by_lane.items():
             running = self._lanes.get(lane)
             if lane == "bank" and self._held:  # a classification waits for the running rows' slots: no new row
@@ -307,6 +319,7 @@ class Scheduler:
                 elif lane == "bank":  # every adapter is there and loads now: the failure was passing (one was removed
                     for item in take:  # and registered again between the two checks, sweep 56: it failed every
                         item[0].rebinds += 1  # request of the batch, the base's too, naming that adapter, or a lone
+                        item[0].not_before = time.monotonic() + REBIND_WAIT_S * 2 ** (item[0].rebinds - 1)
                     spent = [j for j, _ in take if j.rebinds > REBINDS]  # request of it: "no adapter named" one that
                     self._fail(spent, exc, "generate")  # is registered, sweep 58): they try again, a few times at most
                     waiting += [item for item in take if item[0] not in spent]

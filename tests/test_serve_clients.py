@@ -187,6 +187,33 @@ def test_an_adapter_removed_and_registered_again_while_requests_wait_fails_no_ot
         assert out[m].status_code == 200, (m, out[m].text)
 
 
+def test_a_batch_that_cannot_bind_is_tried_again_a_moment_later_and_fails_once(llama_home, tiny_llama, monkeypatch,
+                                                                                caplog):
+    """The tries after a failure no request explains ran back to back within 5 ms, before what failed could
+    pass, and a failure that never passes logged its traceback on every try (sweep 58 F7)."""
+    import logging
+
+    from loraplex.serve.engine import Engine
+    from loraplex.serve.scheduler import REBINDS
+
+    s, _ = llama_home
+    calls: list[float] = []
+
+    def broken(self, rows, routes, pinned):
+        calls.append(time.monotonic())
+        raise RuntimeError("device error")
+
+    monkeypatch.setattr(Engine, "bind", broken)
+    with caplog.at_level(logging.ERROR, logger="loraplex.serve"), \
+            serving(s, base=str(tiny_llama), max_loras=4, max_batch=8, max_wait_ms=400) as url, \
+            httpx.Client(base_url=url, timeout=60) as h:
+        out = _at_once(h, "/v1/completions", ("flights-lora", "sports-lora", "phones-lora"),
+                       {"prompt": "late", "max_tokens": 2, "temperature": 0})
+    assert all(r.status_code == 500 and "device error" in r.text for r in out.values()), out
+    assert len(calls) == REBINDS + 1 and calls[-1] - calls[0] >= 0.1, [round(t - calls[0], 4) for t in calls]
+    assert sum("a generate batch failed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_web_page_cannot_call_the_server(llama_home, tiny_llama):
     """A browser's cross-site "simple" request (text/plain, a form, no type) was read as JSON and could register or
     remove adapters; a rebound DNS name (Host: attacker.example) was served as the server's own."""
@@ -458,6 +485,9 @@ def test_a_request_in_absolute_form_is_served_as_its_path(llama_url):
     assert [v for k, v in scope["headers"] if k == b"host"] == [b"evil.example:80"]  # the target's host wins
     err = Guard(None, None, None, loopback_only=True)._refusal(scope["path"], scope["headers"])
     assert err is not None and err.status == 403 and "evil.example" in err.message
+    # user information in the target: a 400 that does not repeat it (it was a 403 naming 'u:secret@...' as the Host)
+    refused = ask(f"http://u:secret@127.0.0.1:{u.port}/v1/completions")
+    assert refused.startswith(b"HTTP/1.1 400") and b"user information" in refused and b"secret" not in refused, refused
 
 
 def test_a_body_still_arriving_ends_at_the_servers_stop():
