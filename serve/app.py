@@ -215,7 +215,8 @@ class Guard:
         t0, status, counted = time.perf_counter(), [500], [False]
         rid = request_id(dict(scope["headers"]))
         err = self._refusal(path, scope["headers"])
-        if scope.get("loraplex.target_userinfo"):  # RFC 9110 4.2.4: user information in an http(s) target is an error
+        if err is None and scope.get("loraplex.target_userinfo"):  # RFC 9110 4.2.4: user information in an http(s)
+            # target is an error (after the framing check, whose refusal closes the connection: sweep 60)
             err = APIError(400, "the request target carries user information (user:password@): send the path only, "
                                 "with the key in an Authorization header")
         if err is not None:
@@ -520,7 +521,7 @@ async def _generate(cx: _Context, request: Request, chat: bool):
         raise APIError(400, "trace is not available with --backend: the backend generates, so loraplex records "
                             "no per-token routing", param="trace", code="unsupported")
     target = cx.resolve(req.model)
-    ids, text, sampling = await run_in_threadpool(_prompt, cx.engine, req, chat)
+    ids, text, sampling = await cx.unless_stopped(functools.partial(_prompt, cx.engine, req, chat))
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text], request=request)
     if cx.fwd is not None:
@@ -678,7 +679,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), ClassifyRequest)
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
-        await run_in_threadpool(_within_context, engine, texts)
+        await cx.unless_stopped(functools.partial(_within_context, engine, texts))
         routes = await cx.decided(target, texts, labels, classify=True, request=request)
         check_answerable(routes if target.kind == "auto" else None, labels)  # a generate decision that fell back
         # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
@@ -715,7 +716,8 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         cx.updating("/v1/load_lora_adapter")
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), LoadLoraRequest)
         try:
-            await run_in_threadpool(engine.register, req.lora_name, req.lora_path, req.description, req.task)
+            await cx.unless_stopped(functools.partial(engine.register, req.lora_name, req.lora_path, req.description,
+                                                      req.task))
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc) from None
         if cx.fwd is not None:  # the backend generates: it is given the adapter too, or it is not registered here
@@ -729,7 +731,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
                 raise
             if err is not None:
                 try:
-                    await run_in_threadpool(engine.unregister, req.lora_name)
+                    await cx.unless_stopped(functools.partial(engine.unregister, req.lora_name))
                 except LoraplexError as exc:  # it stays registered here: said, with the backend's refusal
                     err.message += f" (and it stays registered here: {exc})"
                 err.message = f"{req.lora_name!r} was not registered: {err.message}"
@@ -742,7 +744,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         cx.updating("/v1/unload_lora_adapter")
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), UnloadLoraRequest)
         try:
-            await run_in_threadpool(engine.unregister, req.lora_name)
+            await cx.unless_stopped(functools.partial(engine.unregister, req.lora_name))
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc, "name") from None
         if cx.fwd is not None:  # the backend unloads it too; one it never had (404) is no failure

@@ -132,6 +132,8 @@ class Scheduler:
                 self._stop_seen = True
                 break
             batch.append(job)
+            if not block:  # waiting for a retry's time (`wait`): a new request is taken at once (sweep 60: it
+                deadline = 0.0  # waited out the retry's wait, then joined the failing batch's next try)
         return batch
 
     def _run_guarded(self) -> None:

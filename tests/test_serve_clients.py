@@ -442,6 +442,14 @@ def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(llama_ur
     assert time.monotonic() - t0 < 4, answer  # closed, not held to the keep-alive timeout
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400"), answer
     assert b"both Content-Length and Transfer-Encoding" in answer, answer
+    # the same in absolute form with user information: the framing refusal, which closes the connection, holds
+    # (the userinfo 400 replaced it, and the smuggled request ran; sweep 60)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(request.replace(b"POST /v1/completions", b"POST http://u@127.0.0.1/v1/completions", 1))
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"both Content-Length and Transfer-Encoding" in answer, answer
 
 
 def test_two_content_types_are_refused(llama_url):

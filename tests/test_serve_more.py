@@ -861,16 +861,19 @@ def test_a_second_stop_signal_ends_running_requests_in_words_at_once(llama_home,
         th.join(30)
 
 
-def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tiny_llama, monkeypatch):
-    """A request still in auto's decision (the query's embedding, in a worker thread) was answered only when
-    its thread returned, after a second Ctrl-C (sweep 58 F9): it gets the stop's 503 at once."""
+@pytest.mark.parametrize("where", ["auto", "register"])
+def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tiny_llama, monkeypatch, where):
+    """A request still in auto's decision (the query's embedding, in a worker thread) or in an adapter's
+    registration was answered only when its thread returned, after a second Ctrl-C (sweeps 58 F9, 60 F4):
+    it gets the stop's 503 at once."""
     import uvicorn
 
     from loraplex.embedders import HashEmbedder
+    from loraplex.serve.engine import Engine
     from loraplex.serve.server import Stopping, build
 
     entered, release = threading.Event(), threading.Event()
-    real = HashEmbedder.encode
+    real, real_register = HashEmbedder.encode, Engine.register
 
     def slow(self, texts):
         if any("slowly" in t for t in texts):
@@ -878,7 +881,13 @@ def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tin
             release.wait(60)
         return real(self, texts)
 
+    def slow_register(self, *args, **kwargs):
+        entered.set()
+        release.wait(60)
+        raise RuntimeError("not registered: the test's stand-in")
+
     monkeypatch.setattr(HashEmbedder, "encode", slow)
+    monkeypatch.setattr(Engine, "register", slow_register)
     s, _ = llama_home
     app, _ = build(s, base=str(tiny_llama), auto={"route_threshold": -1.0, "generate_threshold": -1.0})
     port = free_port()
@@ -892,8 +901,10 @@ def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tin
             assert th.is_alive() and time.monotonic() - t0 < 30
             time.sleep(0.02)
         out: dict = {}
-        ask = threading.Thread(target=lambda: out.update(r=httpx.post(url + "/v1/classify", timeout=60, json={
-            "model": "auto", "input": "slowly late flight", "labels": ["good", "bad"]})))
+        path, body = (("/v1/classify", {"model": "auto", "input": "slowly late flight", "labels": ["good", "bad"]})
+                      if where == "auto" else
+                      ("/v1/load_lora_adapter", {"lora_name": "x-lora", "lora_path": str(tiny_llama), "description": "x"}))
+        ask = threading.Thread(target=lambda: out.update(r=httpx.post(url + path, timeout=60, json=body)))
         ask.start()
         assert entered.wait(30)
         t0 = time.monotonic()
