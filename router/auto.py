@@ -133,6 +133,7 @@ class Decision:
     nearest: str | None  # the adapter with the best score
     generator: str | None = None
     hits: list[Hit] = field(default_factory=list)  # the base's nearest adapters, best first
+    near: tuple[str, ...] | None = None  # "generate": the adapters at a text score >= the generate threshold
     written: str | None = None  # a carried-out "generate": the adapter written (or reused) for the request
     created: bool = False  # that adapter was written by this decision (not found registered already)
 
@@ -316,6 +317,7 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         s1 = hits[0].score
         margin = s1 - (hits[1].score if len(hits) > 1 else -1.0)
         ranked = with_labels(hits, want, cfg.label_weight, labels_of)
+        text_hits = hits  # their text scores (`ranked` adds the label term, which the thresholds do not read)
         nearest = hits[0].name
         said = f"nearest adapter {nearest!r} scores {s1:.3f}"  # the thresholds read the text's score
         if ranked[0].name != nearest:  # the labels re-rank the adapters, not the decision (the curves' scores)
@@ -336,7 +338,8 @@ def decide(reg, texts: Sequence[str], cfg: AutoConfig, *, base: str | None = Non
         if s1 >= cfg.generate_threshold and gen:
             out.append(Decision(t, "generate", f"{said}, below the route threshold {cfg.route_threshold:.3f} but >= "
                                 f"the generate threshold {cfg.generate_threshold:.3f}: for generator "
-                                f"{gen.name!r} to write{also}", s1, margin, nearest, gen.name, hits=hits))
+                                f"{gen.name!r} to write{also}", s1, margin, nearest, gen.name, hits=hits,
+                                near=tuple(h.name for h in text_hits if h.score >= cfg.generate_threshold)))
         elif not gen and s1 >= cfg.no_generator_threshold:
             out.append(Decision(t, "route", f"{said} >= no-generator threshold {cfg.no_generator_threshold:.3f} (no "
                                 f"generator is stored, so the choice is route or base){used}", s1, margin, nearest, hits=hits))
@@ -399,7 +402,7 @@ def undescribable(d: Decision) -> Decision:
 
 
 def unwritable(reg, settings, d: Decision, cfg: AutoConfig, *, labelled: bool) -> Decision:
-    """A "generate" decision as the "base" decision carrying it out would end in, found without writing
+    """A "generate" decision as the decision carrying it out would end in (`_refused`), found without writing
     anything (the generator's dry run: its distance bound, the task its adapter would answer with); any other
     decision, or one the dry run cannot judge (the generator removed or damaged since: `written_for` routes
     those), as it is. `labelled`: the answer needs a label set, so an adapter whose parents record none would
@@ -422,11 +425,23 @@ def unwritable(reg, settings, d: Decision, cfg: AutoConfig, *, labelled: bool) -
     return d
 
 
+def _loads(base: str) -> bool:
+    """Whether `base` (a record's base name) names a model this machine has (`resolve_base` finds it)."""
+    try:
+        resolve_base(base)
+        return True
+    except LoraplexError:
+        return False
+
+
 def near_enough(d: Decision, cfg: AutoConfig) -> list[str] | None:
     """The adapters whose task a generated adapter may answer a "generate" decision's request with: those
     the decision found near it, at a score that reaches the generate threshold (the generator ranks its
-    parents by description, which an instance text sits far from: sweep 59). None: a decision made without
-    a search (no hits to check against)."""
+    parents by description, which an instance text sits far from: sweep 59), by the text score the thresholds
+    read (with labels named, the hits' scores hold the label term: every adapter sharing them was near; sweep
+    60). None: a decision made without a search (no hits to check against)."""
+    if d.near is not None:
+        return list(d.near)
     return [h.name for h in d.hits if h.score >= cfg.generate_threshold] if d.hits else None
 
 
@@ -448,8 +463,9 @@ def _as_base(d: Decision, why: str) -> Decision:
 
 def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
     """Carry out a "generate" decision: the adapter written for the request (registered, with lineage;
-    reused when the same request comes again and the same generator wrote it), or, when the generator
-    refuses, a "base" decision saying why."""
+    reused when the same request comes again and the same generator wrote it, if it answers with the labels
+    of an adapter near the request), or, when the generator refuses, the decision made as with no generator
+    (`_refused`: route at the no-generator threshold, else base), saying why."""
     refused = undescribable(d)
     if refused is not d:
         return refused
@@ -494,6 +510,12 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
         return Decision(d.text, "route", f"{d.reason}; but its adapter cannot be registered ({exc}), so it is "
                         "routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
+    near = near_enough(d, cfg)
+    if not made and near is not None and rec.extra.get("labels_from") not in near:  # one found written before
+        # (by a generator that did not check, or for a request decided otherwise then): not used (sweep 60)
+        return _refused(d, cfg, OutOfRange(f"adapter {name!r}, written for this text before, answers with the labels "
+                                           f"of {rec.extra.get('labels_from')!r}, which is not among the adapters "
+                                           f"near the request ({', '.join(near[:3]) or 'none'})"))
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
                     d.similarity, d.margin, d.nearest, d.generator, hits=d.hits, written=name, created=made)
@@ -697,7 +719,7 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
             if "" not in bases:  # most of the registry's adapters are of (it was None: "no base model given ...
                 # pass --base", and the whole call failed for one emoji-only line; sweep 59)
                 held = collections.Counter(r.base for r in reg.list_adapters(damaged=[]))
-                bases[""] = min(held, key=lambda b: (-held[b], b)) if held else None
+                bases[""] = next((b for b in sorted(held, key=lambda b: (-held[b], b)) if _loads(b)), None)
             return bases[""]
         if d.nearest not in bases:
             bases[d.nearest] = reg.get_adapter(d.nearest).base
@@ -741,6 +763,8 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
                 answers = head.generate(lb.model, lb.tokenizer, sub, None)
         for i, a in zip(fall, answers):
             d = decisions[i]
+            if not d.nearest and not base_name:  # which base answered, and why that one (sweep 60)
+                d.reason += f"; answered by base {ref.name!r}, the one most of the registry's adapters are of"
             if ref.family != "causal" and not labels:
                 d.reason += "; an encoder answers only with a task's label set, so there is no answer"
             out[i] = _item(d, a, "labels" if labels else None, [])

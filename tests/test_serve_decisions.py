@@ -511,7 +511,8 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     plan = workflow.generate(reg, s, TEXTS[0], generator="gen", name="probe", examples=[(TEXTS[0], None)],
                              dry_run=True, max_distance=cfg.generator_max_distance)
     source = next(p["name"] for p in plan["parents"] if reg.get_adapter(p["name"]).task == plan["task"])
-    elsewhere = dataclasses.replace(d, hits=[h for h in d.hits if h.name != source])
+    elsewhere = dataclasses.replace(d, hits=[h for h in d.hits if h.name != source],
+                                    near=tuple(x for x in d.near if x != source))
     n = reg.count()
     refused = auto_router.written_for(reg, s, elsewhere, cfg)
     assert refused.action == "base" and f"labels of {source!r}, which is not among the adapters near" in refused.reason
@@ -523,3 +524,7 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     assert routed.action == "route" and "decided as with no generator" in routed.reason and routed.hits
     written = auto_router.written_for(reg, s, d, cfg)  # its labels' adapter is near: written as before
     assert written.action == "generate" and written.written and reg.count() == n + 1
+    # the adapter found written for the text before is checked too (it was reused unchecked: sweep 60)
+    again = auto_router.written_for(reg, s, elsewhere, cfg)
+    assert again.action == "base" and "written for this text before" in again.reason and reg.count() == n + 1
+    assert set(d.near) == {h.name for h in d.hits if h.score >= cfg.generate_threshold}  # by the text score

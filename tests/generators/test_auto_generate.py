@@ -219,6 +219,7 @@ def test_a_text_with_nothing_to_route_by_is_answered_on_the_registrys_base(toy_r
                       {"route_threshold": 0.0, "generate_threshold": 0.0}, labels=["good", "bad"])
     assert [r["decision"] for r in out] == ["route", "base", "base"]
     assert "reads nothing of the text" in out[1]["reason"] and all(r["answer"] in ("good", "bad") for r in out)
+    assert "answered by base" in out[1]["reason"] and "most of the registry's adapters" in out[1]["reason"]
     assert reg.count() == n
     [alone] = auto.answer(reg, s, ["\U0001F525"], {})  # an encoder without labels: answered with nothing, no error
     assert alone["decision"] == "base" and alone["answer"] is None
