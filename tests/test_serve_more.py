@@ -779,86 +779,74 @@ def test_a_ctrl_c_swallowed_by_a_destructor_is_not_lost(settings):
         errors._TERMINATION.clear()
 
 
-def test_requests_running_at_a_stop_end_in_words(llama_home, tiny_llama):
-    """A generation still running when a stop signal's grace period ran out was cut mid-stream (no error
-    event, no [DONE]) and the server logged the cancellation's traceback (sweep 19). Once the app's stop
-    time comes, a stream ends with an error event and [DONE], and a waiting request is a 503."""
+@contextlib.contextmanager
+def _stopping(app, *before_stop):
+    """The CLI's server (`Stopping`) for `app` in a thread on 127.0.0.1: yields (url, server, thread); on the
+    way out `before_stop` are called (a test's held thread released), then the server is stopped."""
     import uvicorn
 
-    from loraplex.serve.server import Stopping, build
+    from loraplex.serve.server import Stopping
 
-    s, _ = llama_home
-    app, _ = build(s, base=str(tiny_llama))
     port = free_port()
     server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
         while not server.started:
             assert th.is_alive() and time.monotonic() - t0 < 30
             time.sleep(0.02)
-        body = {"model": "flights-lora", "prompt": "late", "max_tokens": 200, "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(x for x in lines if x.startswith("data:"))
-            assert "text_completion" in first
-            app.stop_in(0)  # what a stop signal does, its grace period already over
-            rest = [x for x in lines if x.startswith("data:")]
-        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest[-3:]
-        r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=60)
-        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+        yield f"http://127.0.0.1:{port}", server, th
     finally:
+        for fn in before_stop:
+            fn()
         server.should_exit = True
         th.join(30)
 
 
-def test_a_second_stop_signal_ends_running_requests_in_words_at_once(llama_home, tiny_llama, monkeypatch):
-    """Ctrl-C twice (a user for whom the stop takes too long) was uvicorn's force exit: streams cut with no
-    end, plain-text 500s and a traceback per request on the server's output (sweep 56 F2). The requests end
-    at once with the stop's 503 (a stream: an error event and [DONE]) and the server stops."""
+@pytest.mark.parametrize("how", ["grace over", "second signal"])
+def test_requests_running_at_a_stop_end_in_words(llama_home, tiny_llama, monkeypatch, how):
+    """A generation still running when a stop signal's grace period ran out was cut mid-stream (no error
+    event, no [DONE]) and the server logged the cancellation's traceback (sweep 19). Once the app's stop
+    time comes, a stream ends with an error event and [DONE], and a waiting request is a 503. Ctrl-C twice (a
+    user for whom the stop takes too long) was uvicorn's force exit: streams cut with no end, plain-text 500s
+    and a traceback per request (sweep 56 F2): the requests end at once with the stop's 503, the server stops."""
     import signal
 
-    import uvicorn
-
     from loraplex.serve import decode
-    from loraplex.serve.server import Stopping, build
+    from loraplex.serve.server import build
 
-    real = decode.Batch.advance
+    if how == "second signal":
+        real = decode.Batch.advance
 
-    def slow(self):  # a generation that is still running when the signals come
-        time.sleep(0.05)
-        return real(self)
+        def slow(self):  # a generation that is still running when the signals come
+            time.sleep(0.05)
+            return real(self)
 
-    monkeypatch.setattr(decode.Batch, "advance", slow)
+        monkeypatch.setattr(decode.Batch, "advance", slow)
     s, _ = llama_home
     app, _ = build(s, base=str(tiny_llama))
-    port = free_port()
-    server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while not server.started:
-            assert th.is_alive() and time.monotonic() - t0 < 30
-            time.sleep(0.02)
+    with _stopping(app) as (url, server, th):
         body = {"model": "flights-lora", "prompt": "late", "max_tokens": 200, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert "text_completion" in next(x for x in lines if x.startswith("data:"))
-            server.handle_exit(signal.SIGINT, None)  # what uvicorn's signal handler calls
-            server.handle_exit(signal.SIGINT, None)
+            if how == "grace over":
+                app.stop_in(0)  # what a stop signal does, its grace period already over
+            else:
+                server.handle_exit(signal.SIGINT, None)  # what uvicorn's signal handler calls
+                server.handle_exit(signal.SIGINT, None)
             t1 = time.monotonic()
             rest = [x for x in lines if x.startswith("data:")]
-        assert rest[-1] == "data: [DONE]" and "the server is shutting down: it was stopped at once" in rest[-2], rest[-3:]
-        assert time.monotonic() - t1 < 5, "the second signal's stop waited for the generation to end"
-        th.join(30)
-        assert not th.is_alive()
-    finally:
-        server.should_exit = True
-        th.join(30)
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest[-3:]
+        if how == "grace over":
+            r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=60)
+            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+        else:
+            assert "it was stopped at once" in rest[-2], rest[-2]
+            assert time.monotonic() - t1 < 5, "the second signal's stop waited for the generation to end"
+            th.join(30)
+            assert not th.is_alive()
 
 
 @pytest.mark.parametrize("where", ["auto", "register"])
@@ -866,14 +854,12 @@ def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tin
     """A request still in auto's decision (the query's embedding, in a worker thread) or in an adapter's
     registration was answered only when its thread returned, after a second Ctrl-C (sweeps 58 F9, 60 F4):
     it gets the stop's 503 at once."""
-    import uvicorn
-
     from loraplex.embedders import HashEmbedder
     from loraplex.serve.engine import Engine
-    from loraplex.serve.server import Stopping, build
+    from loraplex.serve.server import build
 
     entered, release = threading.Event(), threading.Event()
-    real, real_register = HashEmbedder.encode, Engine.register
+    real = HashEmbedder.encode
 
     def slow(self, texts):
         if any("slowly" in t for t in texts):
@@ -890,16 +876,7 @@ def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tin
     monkeypatch.setattr(Engine, "register", slow_register)
     s, _ = llama_home
     app, _ = build(s, base=str(tiny_llama), auto={"route_threshold": -1.0, "generate_threshold": -1.0})
-    port = free_port()
-    server = Stopping(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app)
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while not server.started:
-            assert th.is_alive() and time.monotonic() - t0 < 30
-            time.sleep(0.02)
+    with _stopping(app, release.set) as (url, server, th):
         out: dict = {}
         path, body = (("/v1/classify", {"model": "auto", "input": "slowly late flight", "labels": ["good", "bad"]})
                       if where == "auto" else
@@ -912,10 +889,6 @@ def test_a_stop_ends_a_request_whose_work_is_in_a_thread_at_once(llama_home, tin
         ask.join(30)
         assert time.monotonic() - t0 < 3, "the stop waited for the embedding to end"
         assert out["r"].status_code == 503 and "stopped at once" in out["r"].json()["error"]["message"]
-    finally:
-        release.set()
-        server.should_exit = True
-        th.join(30)
 
 
 def test_a_router_over_an_adapter_that_answers_with_a_composition_is_not_forwarded(llama_home, tiny_llama, tmp_path):
