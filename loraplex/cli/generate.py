@@ -64,7 +64,9 @@ def adapter(
              f"({res['params']:,} params on {res['base']}); nearest known task at cosine distance {res['distance']:.3f}")
     if "refine" in res:
         r = res["refine"]
-        top = f" (the top {r['blocks']} block{'s' if r['blocks'] > 1 else ''} only)" if r.get("blocks") else ""
+        top = f" (the top {r['blocks']} block{'s' if r['blocks'] > 1 else ''} only)" if r.get("blocks") else (
+            f" (every block: --refine-blocks {refine_blocks} is at least the blocks the adapter reaches)"
+            if refine_blocks else "")  # it was taken as every block without a word (sweep 61)
         out.line(f"refined on {r['examples']} labelled examples in {r['steps']} steps{top}: "
                  f"loss {r['loss_before']:.3f} -> {r['loss_after']:.3f}")
     out.table(res["parents"], ["name", "similarity", "weight"], title="parents", headers=["parent", "similarity", "weight"])

@@ -159,10 +159,12 @@ def test_cli_generate_with_refinement(cli, toy_registry, toy_tasks, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "in 3 steps (the top 1 block only)" in r.stdout
     assert reg.get_adapter("music-top").metrics["refine"]["blocks"] == 1
-    # a count at least the adapter's blocks refines every module, and is not said to be a top-block refinement
+    # a count at least the adapter's blocks refines every module, is not said to be a top-block refinement, and
+    # says it refined every block (it said nothing: sweep 61)
     r = cli("generate", "adapter", TOY_TASKS["music"][0], "--generator", "g", "--name", "music-all",
             "--examples", str(f), "--refine-steps", "3", "--refine-blocks", "2")
-    assert r.exit_code == 0 and "block" not in r.stdout, r.output
+    assert r.exit_code == 0 and "the top" not in r.stdout, r.output
+    assert "(every block: --refine-blocks 2 is at least the blocks the adapter reaches)" in r.stdout, r.output
     assert "blocks" not in reg.get_adapter("music-all").metrics["refine"]
 
 
