@@ -86,6 +86,17 @@ def check(reg: "Registry", *, repair: bool = False,
             _repair(reg, report)
         report.notes.append(f"no registry at {reg.home} yet (nothing to check)")
         return report
+    lock = reg.lock_path
+    if (lock.exists() or lock.is_symlink()) and not lock.is_file():  # a directory there: every write failed, and
+        # check said "consistent" (sweep 62): a problem of the registry, and an empty directory is repaired
+        if repair and lock.is_dir() and not lock.is_symlink() and not any(lock.iterdir()):
+            lock.rmdir()
+            report.repaired.append(f"removed the empty directory {lock.name} where the registry's lock file goes")
+        else:
+            report.problems.append(f"the registry lock {lock} is not a regular file (a "
+                                   f"{'directory' if lock.is_dir() else 'special file'}): every write fails; remove it"
+                                   + (" (`registry check --repair` removes an empty directory)" if lock.is_dir() else ""))
+            return _check(reg, report, False, component_problem)
     try:
         with reg.write_lock():
             return _check(reg, report, repair, component_problem)

@@ -37,6 +37,23 @@ def test_damaged_blob_is_a_problem(settings, tiny_bert, tmp_path):
     assert not api.check(repair=True, settings=settings).ok  # lost data cannot be repaired
 
 
+def test_a_lock_path_that_is_a_directory_is_a_problem_and_an_empty_one_is_repaired(settings, tiny_bert, tmp_path):
+    """registry.lock as a directory: every write failed ("cannot take the registry lock"), while check said
+    "consistent" with a note, exit 0, and --repair failed the same way (sweep 62)."""
+    reg = _setup(settings, tiny_bert, tmp_path, n=1)
+    reg.lock_path.unlink()
+    reg.lock_path.mkdir()
+    rep = api.check(settings=settings)
+    assert not rep.ok and any("registry.lock is not a regular file (a directory)" in p for p in rep.problems), rep
+    rep = api.check(repair=True, settings=settings)
+    assert rep.ok and any("removed the empty directory registry.lock" in r for r in rep.repaired), rep
+    assert reg.lock_path.is_file()  # taken as a lock again
+    api.register(tmp_path / "p", name="after", description="a write works again", base=str(tiny_bert), settings=settings)
+    (reg.lock_path.unlink(), reg.lock_path.mkdir(), (reg.lock_path / "x").write_text("kept"))
+    rep = api.check(repair=True, settings=settings)  # one that holds files is not removed
+    assert not rep.ok and (reg.lock_path / "x").read_text() == "kept"
+
+
 def test_stored_files_are_readable_to_the_registrys_other_users(settings, tiny_bert, tmp_path, monkeypatch):
     """Blobs and caches were written 0600 (the temporary file's mode, renamed into place): another user of
     a registry shared read-only could list it but not query or evaluate, and `registry check` called every
