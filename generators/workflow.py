@@ -352,8 +352,9 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
         raise InvalidTaskFile(f"{p}: no examples")
     side = sidecar_path(p)
     if side.exists():  # not a task: its label texts and declared labels would be dropped without a word
-        warnings.warn(f"{side} is not read: examples give their texts and labels only, and the generated adapter "
-                      "answers with the bare label names", LoraplexWarning, stacklevel=2)
+        warnings.warn(f"{side} is not read: examples give their texts and labels only (the generated adapter answers "
+                      "with the task of a parent whose labels hold them, else with the bare label names)",
+                      LoraplexWarning, stacklevel=2)  # it said "the bare label names" always (sweep 61)
     return out
 
 

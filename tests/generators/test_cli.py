@@ -87,6 +87,7 @@ def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
     (tmp_path / "weather.task.json").write_text(json.dumps({"label_texts": {"nice": "good weather"}}))
     r = cli("generate", "adapter", "weather nice or awful", "--generator", "icm", "--name", "wx2", "--examples", g)
     assert r.exit_code == 0 and f"warning: {tmp_path / 'weather.task.json'} is not read" in r.stderr, r.output
+    assert "else with the bare label names" in r.stderr  # not "answers with the bare label names" always (sweep 61)
     assert cli("adapters", "remove", "wx2").exit_code == 0
     lst = _json(cli("generate", "list", "--json"))
     assert [g["name"] for g in lst] == ["icm"]
