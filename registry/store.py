@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec,
-                             InvalidTaskFile, LoraplexError, LoraplexWarning, Unreadable, UserInputError)
+                             InvalidTaskFile, LoraplexError, LoraplexWarning, Unreadable, UserInputError, os_error)
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
@@ -145,11 +145,19 @@ class Registry(Database, Components):
         adapters then went unregistered while it reported them registered). An empty file per id under
         `<home>/.run-ids` (not under runs/, which holds run directories only)."""
         ids = self.home / ".run-ids"
-        ids.mkdir(parents=True, exist_ok=True)
         try:
+            ids.mkdir(parents=True, exist_ok=True)
             os.close(os.open(ids / run_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
+            if not ids.is_dir():
+                raise LoraplexError(f"the registry's run ids {ids} cannot be written (a file is in the folder's "
+                                    "place)") from None
             return False
+        except OSError as exc:  # the registry's own storage (a read-only home): exit 1, named as such, where it
+            if exc.errno == errno.ENOSPC:  # was a bare "Read-only file system (...)", exit 2, as bad input (sweep 62)
+                raise os_error(exc) from None
+            raise LoraplexError(f"the registry at {self.home} cannot be written ({exc.strerror or exc}: "
+                                f"{exc.filename or ids})") from None
         return True
 
     def holds_run_id(self, run_id: str) -> bool:

@@ -188,3 +188,31 @@ def test_show_and_graph(settings, tiny_bert, tmp_path):
     with pytest.raises(AlreadyExists, match="'a' is the name of a removed adapter that 'c' came from"):
         api.register(tmp_path / "p", name="a", description="bbc topics", base=str(tiny_bert), settings=settings)
     assert api.show("c", settings)["parents"] == info["parents"] and not reg.has_adapter("a")
+
+
+def test_a_run_id_that_cannot_be_written_is_the_registrys_fault_not_the_callers(settings, monkeypatch):
+    """`forget` on a read-only registry home said "Read-only file system (.../.run-ids/...)" and exited 2, as
+    bad input, where every other writer exits 1 naming the registry (sweep 62)."""
+    import errno
+    import os
+
+    from loraplex.errors import LoraplexError, UserInputError
+    from loraplex.registry.store import Registry
+
+    reg = Registry.open(settings)
+    real = os.open
+
+    def read_only(path, *args, **kwargs):
+        if ".run-ids" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(LoraplexError, match="the registry at .* cannot be written \\(Read-only file system") as err:
+        reg.reserve_run_id("forget-x-1")
+    assert not isinstance(err.value, UserInputError) and err.value.exit_code == 1
+    monkeypatch.setattr(os, "open", real)
+    (reg.home / ".run-ids").rmdir() if (reg.home / ".run-ids").is_dir() else None
+    (reg.home / ".run-ids").write_text("a file in the folder's place")
+    with pytest.raises(LoraplexError, match="a file is in the folder's place"):
+        reg.reserve_run_id("forget-x-2")
