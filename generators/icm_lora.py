@@ -37,6 +37,7 @@ eight tweets.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,7 +45,7 @@ from pydantic import Field
 
 from loraplex.catalog import MAX_TEMPERATURE, MIN_TEMPERATURE
 from loraplex.data import load_task
-from loraplex.errors import InvalidTaskFile, TaskNotFound, UserInputError
+from loraplex.errors import InvalidTaskFile, LoraplexWarning, TaskNotFound, UserInputError
 from loraplex.generators.base import GENERATORS, CVAEGenerator, GeneratorConfig, Query, TrainingSet
 from loraplex.heads import head_for
 from loraplex.tasks import changed_from_card
@@ -132,7 +133,14 @@ class ICMLoRA(CVAEGenerator):
     def represent_query(self, query: Query) -> torch.Tensor:
         if not query.examples:
             raise UserInputError("icm-lora writes an adapter from examples of the task: pass --examples FILE")
-        return task_vector(self.ctx.base(), list(query.examples)[: self.config.n_examples])
+        rows = list(query.examples)
+        if len(rows) > self.config.n_examples:  # a seeded draw, as its members' examples are drawn: the file's first
+            # rows (one label, in a sorted file) gave another adapter than the same rows shuffled (sweep 61)
+            rows = sorted(rows, key=lambda r: (r[0], r[1] or ""))  # the same rows in any order: the same draw
+            random.Random(self.config.cvae.seed).shuffle(rows)
+            warnings.warn(f"icm-lora reads {self.config.n_examples} of the {len(rows)} examples in context (its "
+                          "n_examples; a seeded draw, as for the adapters it learned from)", LoraplexWarning, stacklevel=2)
+        return task_vector(self.ctx.base(), rows[: self.config.n_examples])
 
     def prior(self, mu, logvar, weights):
         """The CVAE's standard-normal prior, as in the paper."""

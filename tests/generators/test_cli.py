@@ -68,6 +68,18 @@ def test_icm_lora_from_examples(cli, toy_registry, tmp_path):
     _json(cli("generate", "fit", "icm", "--method", "icm-lora", *FAST, "--json"))
     out = _json(cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "few-lora", "--examples", f, "--json"))
     assert out["method"] == "icm-lora" and len(out["parents"]) == 3
+    # more examples than it reads in context (n_examples, 8): a seeded draw, said, the same in any row order (it read
+    # the file's first 8: a sorted file gave another adapter than the same rows shuffled; sweep 61)
+    rows = [(f"great flight number {i}", "good") for i in range(12)] + [(f"awful late plane {i}", "bad") for i in range(12)]
+    for order, rs in (("sorted", rows), ("mixed", rows[::2] + rows[1::2])):
+        (tmp_path / f"{order}.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rs))
+    a = cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "many-a", "--examples", tmp_path / "sorted.jsonl",
+            "--json")
+    assert a.exit_code == 0 and "icm-lora reads 8 of the 24 examples in context" in a.stderr, a.output
+    b = _json(cli("generate", "adapter", NEW_DESC, "--generator", "icm", "--name", "many-b", "--examples",
+                  tmp_path / "mixed.jsonl", "--json"))
+    assert json.loads(a.stdout)["parents"] == b["parents"]
+    assert cli("adapters", "remove", "many-a").exit_code == 0 and cli("adapters", "remove", "many-b").exit_code == 0
     assert _json(cli("adapters", "show", "few-lora", "--json"))["extra"]["labels_from"] in ("flights-lora", "music-lora",
                                                                                            "phones-lora")
     # examples whose labels no parent's task has: the adapter answers with the examples' own labels
