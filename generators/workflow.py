@@ -299,6 +299,11 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     out = gen.generate(Query(description, list(examples)), seed=seed, where=where)
     parents = out.parents
     task, extra = _answering_task(reg, name, description, parents, labelled) if label_task else (None, {})
+    if label_task and task is None and member.family != "causal":
+        # an encoder answers only with a task's labels: the adapter was written, registered and could answer
+        # nothing ("register the adapter with --task", which a generated one cannot be; sweep 61)
+        raise OutOfRange(f"{where}: no parent of this adapter records a task, and an encoder answers only with a "
+                         "task's labels; pass --examples with labels (their label set is then the adapter's)")
     if answer_among is not None and task is not None and extra.get("labels_from") not in answer_among:
         near = ", ".join(list(answer_among)[:3]) or "none"
         raise OutOfRange(f"{where} would answer with the labels of {extra.get('labels_from')!r}, which is not among "

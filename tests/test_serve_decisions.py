@@ -443,9 +443,17 @@ def test_a_classification_is_not_generated_for_by_parents_without_labels(toy_reg
     workflow.fit(reg, s, "gnt", method="sg-lora", adapters=["imp-a", "imp-b"], config=FAST)
     engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "generator": "gnt"})
     before = registry_state(s.home)
-    with pytest.raises(UserInputError, match="records no task with labels"):
+    with pytest.raises(UserInputError, match="no parent of this adapter records a task"):
         engine.auto([TEXTS[0]], for_classify=True)
     assert registry_state(s.home) == before
+    # `generate adapter` itself: an encoder adapter with no label set was written and registered, and could answer
+    # nothing (sweep 61 F4); refused, with what to do; labelled examples give it their label set
+    with pytest.raises(UserInputError, match="no parent of this adapter records a task.*pass --examples with labels"):
+        workflow.generate(reg, s, "reviews of hotels and their food", generator="gnt", name="ntc")
+    assert registry_state(s.home) == before
+    made = workflow.generate(reg, s, "reviews of hotels and their food", generator="gnt", name="ntc2",
+                             examples=[("lovely room", "good"), ("dirty sheets", "bad")])
+    assert reg.get_adapter(made["name"]).task == "examples:ntc2"
 
 
 def test_a_classification_the_generator_refuses_writes_nothing_first(toy_registry, tiny_bert, monkeypatch):
