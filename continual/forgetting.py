@@ -289,8 +289,13 @@ def forget(*, model: Any, tokenizer: Any, head: Any, fingerprint: Any, forgetter
                                      split=getattr(trainer, "eval_split", "test"), stronger=stronger, erased=erased)
     if not kept:  # GS-LoRA's retention loss had nothing to hold on to: the request may have erased more than the task
         what = task.name + (f" (labels {', '.join(labels)})" if labels else "")
-        note = (f"nothing was retained: the composition learned only {what}, so no retained data protected the rest "
-                "of the model; to drop the task, remove its adapters instead")
+        gone = sorted(t for t, labs in (erased or {}).items() if t != task.name and labs is None)
+        if gone:  # it learned those too, erased by earlier requests (it said "learned only ...": sweep 62)
+            note = (f"nothing was retained: every other task of the composition ({', '.join(gone)}) was erased "
+                    f"before, so no retained data protected the rest of the model while {what} was erased")
+        else:
+            note = (f"nothing was retained: the composition learned only {what}, so no retained data protected the "
+                    "rest of the model; to drop the task, remove its adapters instead")
         summary["warning"] = f"{summary['warning']}; {note}" if summary.get("warning") else note
     gs = next(iter(out["regularizers"].values()), {})
     summary.update({k: gs.get(k) for k in ("groups_survived", "groups_total")})

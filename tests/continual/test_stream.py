@@ -254,3 +254,21 @@ def test_a_forget_whose_buffer_holds_only_the_erased_task_retains_a_sample(tmp_p
     [req] = res.metrics["forget_requests"]
     assert "nothing was retained" not in (req.get("warning") or ""), req
     assert req["retained_before"] is not None, req
+
+
+def test_erasing_the_last_kept_task_says_the_others_were_erased_before(tmp_path, tiny_bert, task_dir):
+    """A forget of the one task left after a stream erased the other warned "the composition learned only
+    sports" (it learned flights too, erased before) and advised removing the task's adapters, which the
+    composition's own use of them forbids (sweep 62)."""
+    from loraplex import api
+    from loraplex.settings import Settings
+    from tests.continual.conftest import make_spec
+
+    spec = make_spec(tmp_path / "s.yaml", tiny_bert, task_dir, steps=2, experiences=[
+        {"learn": str(task_dir / "flights.jsonl")}, {"learn": str(task_dir / "sports.jsonl")}, {"forget": "flights"}])
+    settings = Settings.load(home=tmp_path / "home", embedder="hash", device="cpu", dtype="float32")
+    api.run_stream(spec, out=tmp_path / "run", progress=False, settings=settings)
+    got = api.forget(str(task_dir / "sports.jsonl"), steps=2, eval_limit=4, progress=False, settings=settings)
+    warning = got.get("warning") or ""
+    assert "every other task of the composition (flights) was erased before" in warning, warning
+    assert "learned only" not in warning and "remove its adapters" not in warning
