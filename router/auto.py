@@ -632,7 +632,8 @@ def log_candidates(reg, decisions: list[Decision]) -> list[str | None]:
     in order, why it was not logged (None when it was, or when its text has nothing to learn a task from),
     which its answer's reason then says (each its own: the size bound can stop a batch part way; sweep 41)."""
     notes: list[str | None] = [None] * len(decisions)
-    todo = [i for i, d in enumerate(decisions) if visible(d.text) and d.reason != UNREAD]  # nothing to learn a task from
+    # nothing to learn a task from (the reason may have grown since the decision: the base that answered)
+    todo = [i for i, d in enumerate(decisions) if visible(d.text) and not d.reason.startswith(UNREAD)]
     if not todo or is_worker():
         return notes
 

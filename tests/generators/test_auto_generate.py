@@ -220,6 +220,9 @@ def test_a_text_with_nothing_to_route_by_is_answered_on_the_registrys_base(toy_r
     assert [r["decision"] for r in out] == ["route", "base", "base"]
     assert "reads nothing of the text" in out[1]["reason"] and all(r["answer"] in ("good", "bad") for r in out)
     assert "answered by base" in out[1]["reason"] and "most of the registry's adapters" in out[1]["reason"]
+    log = reg.home / auto.CANDIDATES_FILE  # nothing to learn a task from: neither is logged as a candidate
+    logged = [json.loads(x)["query"] for x in log.read_text().splitlines()] if log.exists() else []
+    assert not any("\U0001F525" in q or "\u200b" in q for q in logged), logged
     assert reg.count() == n
     [alone] = auto.answer(reg, s, ["\U0001F525"], {})  # an encoder without labels: answered with nothing, no error
     assert alone["decision"] == "base" and alone["answer"] is None
