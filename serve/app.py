@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hmac
 import json
 import logging
@@ -356,17 +355,17 @@ class _Context:
         if request is not None:
             await self.gone(request)
         try:
-            return await self.unless_stopped(functools.partial(
-                self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels, for_classify=classify))
+            return await self.unless_stopped(self.engine.auto, texts, forwarded=self.fwd is not None, labels=labels,
+                                             for_classify=classify)
         except LoraplexError as exc:
             raise self.error(exc) from None
 
-    async def unless_stopped(self, fn):
-        """`fn()` in a worker thread, or the stop's 503 as soon as the server's stop time comes (checked every
+    async def unless_stopped(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` in a worker thread, or the stop's 503 as soon as the server's stop time comes (checked every
         DISCONNECT_CHECK_S): a request whose work was still in a thread (auto's embedding and decision) waited
         for it after a second Ctrl-C, where the requests in the batching thread ended at once (sweep 58). The
         thread itself runs on to its end (the process waits for it before it exits): a write it began finishes."""
-        work = asyncio.ensure_future(run_in_threadpool(fn))
+        work = asyncio.ensure_future(run_in_threadpool(fn, *args, **kwargs))
         while True:
             done, _ = await asyncio.wait({work}, timeout=DISCONNECT_CHECK_S)
             if done:
@@ -407,7 +406,7 @@ class _Context:
     async def threaded(self, fn, *args):
         """`fn(*args)` in a worker thread (`unless_stopped`), a library error as its HTTP error."""
         try:
-            return await self.unless_stopped(functools.partial(fn, *args))
+            return await self.unless_stopped(fn, *args)
         except LoraplexError as exc:
             raise self.error(exc) from None
 
@@ -521,7 +520,7 @@ async def _generate(cx: _Context, request: Request, chat: bool):
         raise APIError(400, "trace is not available with --backend: the backend generates, so loraplex records "
                             "no per-token routing", param="trace", code="unsupported")
     target = cx.resolve(req.model)
-    ids, text, sampling = await cx.unless_stopped(functools.partial(_prompt, cx.engine, req, chat))
+    ids, text, sampling = await cx.unless_stopped(_prompt, cx.engine, req, chat)
     loop = asyncio.get_running_loop()
     routes = await cx.decided(target, [text], request=request)
     if cx.fwd is not None:
@@ -679,7 +678,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), ClassifyRequest)
         target = cx.resolve(req.model)
         texts, labels = req.texts(), req.label_set()
-        await cx.unless_stopped(functools.partial(_within_context, engine, texts))
+        await cx.unless_stopped(_within_context, engine, texts)
         routes = await cx.decided(target, texts, labels, classify=True, request=request)
         check_answerable(routes if target.kind == "auto" else None, labels)  # a generate decision that fell back
         # pieces of at most max_batch texts, one after another: a request of thousands of texts shares the
@@ -716,8 +715,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         cx.updating("/v1/load_lora_adapter")
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), LoadLoraRequest)
         try:
-            await cx.unless_stopped(functools.partial(engine.register, req.lora_name, req.lora_path, req.description,
-                                                      req.task))
+            await cx.unless_stopped(engine.register, req.lora_name, req.lora_path, req.description, req.task)
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc) from None
         if cx.fwd is not None:  # the backend generates: it is given the adapter too, or it is not registered here
@@ -731,7 +729,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
                 raise
             if err is not None:
                 try:
-                    await cx.unless_stopped(functools.partial(engine.unregister, req.lora_name))
+                    await cx.unless_stopped(engine.unregister, req.lora_name)
                 except LoraplexError as exc:  # it stays registered here: said, with the backend's refusal
                     err.message += f" (and it stays registered here: {exc})"
                 err.message = f"{req.lora_name!r} was not registered: {err.message}"
@@ -744,7 +742,7 @@ def _extension_routes(app: FastAPI, cx: _Context) -> None:
         cx.updating("/v1/unload_lora_adapter")
         req = await run_in_threadpool(parse, await read_body(request, cx.stopping), UnloadLoraRequest)
         try:
-            await cx.unless_stopped(functools.partial(engine.unregister, req.lora_name))
+            await cx.unless_stopped(engine.unregister, req.lora_name)
         except LoraplexError as exc:
             raise _naming(cx.error(exc), exc, "name") from None
         if cx.fwd is not None:  # the backend unloads it too; one it never had (404) is no failure
