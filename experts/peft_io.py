@@ -41,27 +41,22 @@ MAX_CONFIG_BYTES = 1 << 20
 def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     """Read a PEFT LoRA directory. Returns the adapter (module names without PEFT's prefix) and the raw config."""
     d = user_path(path)  # "~/peft" is the home folder, as every other path loraplex reads
-    try:
-        exists = d.exists()
-    except OSError as exc:  # a name too long, a path through a file: the path is the problem, not the disk
-        shown = str(d) if len(str(d)) <= 120 else str(d)[:117] + "..."
-        raise InvalidAdapter(f"{shown}: {exc.strerror or exc}") from None
-    if not exists:
+    if not _exists(d):
         raise InvalidAdapter(f"{d}: no such file or directory")
     if not d.is_dir():
         raise InvalidAdapter(f"{d}: not a directory (expected a PEFT adapter directory with {CONFIG} and {WEIGHTS})")
     cfg_path = d / CONFIG
-    if not cfg_path.exists():
+    if not _exists(cfg_path):
         raise InvalidAdapter(f"{d}: no {CONFIG}; not a PEFT adapter directory")
     cfg = read_json_file(cfg_path, error=InvalidAdapter, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{cfg_path}: expected a JSON object")
     spec = spec_from_peft_config(cfg, where=str(cfg_path))
     w_path = d / WEIGHTS
-    if w_path.exists() and not w_path.is_file():
+    if _exists(w_path) and not w_path.is_file():
         raise InvalidAdapter(f"{w_path}: {'a directory' if w_path.is_dir() else 'not a regular file'}, not a safetensors file")
     if not w_path.is_file():
-        if (d / PICKLE).exists():
+        if _exists(d / PICKLE):
             raise InvalidAdapter(
                 f"{d}: only {PICKLE} (a pickle) is present; loraplex loads safetensors only "
                 f"(re-save it with peft's save_pretrained(..., safe_serialization=True))"
@@ -79,6 +74,20 @@ def read_peft_dir(path: str | os.PathLike) -> tuple[Adapter, dict[str, Any]]:
     adapter = Adapter.from_state_dict(spec, stripped, where=str(w_path))
     check_targets_used(adapter, cfg, where=str(cfg_path))
     return Adapter(resolved_patterns(adapter.spec, adapter.modules), adapter.weights), cfg
+
+
+def _exists(p: Path) -> bool:
+    """Whether a path of the adapter directory exists; a path that cannot be looked up (a loop of symbolic
+    links, a name too long, a path through a file) is refused naming why: `Path.exists()` reads a link loop
+    as missing, and "no adapter_config.json" named the wrong problem for a file `ls` shows (sweep 64)."""
+    try:
+        os.stat(p)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        shown = str(p) if len(str(p)) <= 120 else str(p)[:117] + "..."
+        raise InvalidAdapter(f"{shown}: {exc.strerror or exc}") from None
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -173,6 +182,16 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
     for key, types, expected in BOOKKEEPING_TYPES:
         if cfg.get(key) is not None and not isinstance(cfg[key], types):
             raise InvalidAdapter(f"{where}: {key}: expected {expected}, got {_short(cfg[key])}")
+    if isinstance(cfg.get("target_modules"), str):  # a regex names no layer index: PEFT refuses layers_pattern with
+        # one, and ignores layers_to_transform (older versions refuse it): a config asking for some layers whose
+        # tensors may hold others is refused, not read as every layer (sweep 64)
+        for key in ("layers_pattern", "layers_to_transform"):
+            if cfg.get(key) is not None:
+                raise InvalidAdapter(f"{where}: {key}: cannot be used with a regular-expression target_modules "
+                                     "(PEFT refuses or ignores it); list the adapted modules instead")
+    if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
+        raise InvalidAdapter(f"{where}: layers_pattern: {_short(cfg['layers_pattern'])} is set without "
+                             "layers_to_transform (PEFT refuses this config)")
     layers = cfg.get("layers_to_transform")
     if layers is not None and not all(type(i) is int and i >= 0 for i in (layers if isinstance(layers, list) else [layers])):
         raise InvalidAdapter(f"{where}: layers_to_transform: expected layer indices (integers >= 0), got {_short(layers)}")
@@ -255,7 +274,7 @@ def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CO
 def _check_layers(adapter: Adapter, cfg: dict[str, Any], where: str) -> None:
     """With layers_to_transform and a target_modules list, PEFT adapts a module only in those layers: the
     layer index is the number after a layers_pattern name in the module's path (without a pattern, the
-    last `<name>.<number>.` in it), and a module named in full in target_modules is exempt. Tensors of
+    first `<name>.<number>.` in it), and a module named in full in target_modules is exempt. Tensors of
     any other module would not be loaded by PEFT, so they are refused here."""
     layers, targets = cfg.get("layers_to_transform"), cfg.get("target_modules")
     if layers is None or layers == [] or not isinstance(targets, list):
@@ -264,7 +283,8 @@ def _check_layers(adapter: Adapter, cfg: dict[str, Any], where: str) -> None:
     pattern = cfg.get("layers_pattern")
     pattern = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
     try:
-        finders = [re.compile(rf".*\.{p}\.(\d+)\.") for p in pattern] or [re.compile(r".*\.[^.]*\.(\d+)\.")]
+        # as PEFT reads a module's layer: the first numbered segment, after the pattern at the start or after a dot
+        finders = [re.compile(rf"(?:^|.*?\.){p}\.(\d+)\.") for p in pattern] or [re.compile(r".*?\.[^.]*\.(\d+)\.")]
     except re.error as exc:
         raise InvalidAdapter(f"{where}: layers_pattern: {_short(cfg['layers_pattern'])} is not a valid regular "
                              f"expression ({exc})") from None

@@ -98,6 +98,12 @@ UNSUPPORTED = [
     ({"layers_to_transform": [0]}, "layers_to_transform [0] does not include 'encoder.layer.1."),
     ({"layers_to_transform": 1, "layers_pattern": "layer"}, "layers_to_transform 1 does not include 'encoder.layer.0."),
     ({"layers_to_transform": [0, 1], "layers_pattern": "(layer"}, "layers_pattern: '(layer' is not a valid regular"),
+    # a regex names no layer: PEFT refuses layers_pattern with one and ignores layers_to_transform (sweep 64 F2)
+    ({"target_modules": r".*\.(query|value)", "layers_to_transform": [0]},
+     "layers_to_transform: cannot be used with a regular-expression target_modules"),
+    ({"target_modules": r".*\.(query|value)", "layers_pattern": "layer"},
+     "layers_pattern: cannot be used with a regular-expression target_modules"),
+    ({"layers_pattern": "layer"}, "layers_pattern: 'layer' is set without layers_to_transform"),
 ]
 
 
@@ -109,7 +115,9 @@ def test_unsupported_peft_features_are_refused_by_name(cli, seeded, tiny_bert, t
 
 
 @pytest.mark.parametrize("update", [{"target_modules": r".*\.(query|value)"}, {"layers_to_transform": [0, 1]},
-                                    {"layers_to_transform": [1, 0], "layers_pattern": ["h", "layer"]}])
+                                    {"layers_to_transform": [1, 0], "layers_pattern": ["h", "layer"]},
+                                    # a pattern at the start of the module's name, as PEFT matches it
+                                    {"layers_to_transform": [0, 1], "layers_pattern": "encoder.layer"}])
 def test_targets_and_layers_that_select_every_adapted_module_pass(cli, seeded, tiny_bert, tmp_path, update):
     d = _with_config(seeded, tmp_path / "ok", update)
     r = _register(cli, d, name="ok", base=tiny_bert)
@@ -1292,3 +1300,17 @@ def test_several_devices_from_a_python_program_are_refused(monkeypatch):
         LightningSettings(devices=2, accelerator="cpu", strategy="ddp")
     monkeypatch.setattr(ranks, "COMMAND_LINE", True)
     assert LightningSettings(devices=2, accelerator="cpu", strategy="ddp").devices == 2
+
+
+@pytest.mark.parametrize("where", ["dir", CFG, "adapter_model.safetensors"])
+def test_a_symbolic_link_loop_is_named_as_one(cli, seeded, tiny_bert, tmp_path, where):
+    """A loop of links read as a missing file: "no adapter_config.json" for a file `ls` shows (sweep 64 F1)."""
+    if where == "dir":
+        d = tmp_path / "loop"
+        d.symlink_to(d)
+    else:
+        d = _with_config(seeded, tmp_path / "ad", {})
+        (d / where).unlink()
+        (d / where).symlink_to(d / where)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "too many levels of symbolic links")
