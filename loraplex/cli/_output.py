@@ -160,6 +160,21 @@ def warn(text: str) -> None:
     sys.stderr.flush()
 
 
+def listing(rows: Sequence[dict[str, Any]], damaged: Sequence[str], *, as_json: bool, none: str) -> bool:
+    """The shared start of a `list` command: each damaged record warned on its own line (one does not hide the
+    others), then the rows as JSON, or the line `none` where there are no rows. True when the caller is to
+    print its table (something is left to show as one)."""
+    for why in damaged:
+        warn(why)
+    if as_json:
+        emit_json(rows)
+        return False
+    if not rows:
+        line(none)
+        return False
+    return True
+
+
 def lines(items: Iterable[str]) -> None:
     for it in items:
         line(it)

@@ -45,14 +45,8 @@ def list_(
     s = settings(home)
     damaged: list[str] = []
     recs = api.list_adapters(s, base=base, damaged=damaged)  # --base: other bases' damage is not named
-    for why in damaged:  # one damaged record does not hide the others
-        out.warn(why)
     rows = [r.summary() for r in recs]
-    if json:
-        out.emit_json(rows)
-        return
-    if not rows:
-        out.line(f"no adapters registered in {s.home}")
+    if not out.listing(rows, damaged, as_json=json, none=f"no adapters registered in {s.home}"):
         return
     for r in rows:  # the figure a routed stream's router scored, not the adapter alone: said beside it
         if r.get("accuracy_through") and r.get("accuracy") is not None:

@@ -80,13 +80,7 @@ def list_(home: Home = None, json: Json = False) -> None:
     s = settings(home)
     damaged: list[str] = []
     rows = api.list_generators(s, damaged=damaged)
-    for why in damaged:  # one damaged record does not hide the others
-        out.warn(why)
-    if json:
-        out.emit_json(rows)
-        return
-    if not rows:
-        out.line(f"no generators in {s.home}")
+    if not out.listing(rows, damaged, as_json=json, none=f"no generators in {s.home}"):
         return
     rows = [{**r, "members": len(r["members"]), "share": f"{r['stored_params'] / max(1, r['member_params']):.2%}"} for r in rows]
     out.table(rows, ["name", "method", "base", "members", "vectors", "stored_params", "share"],

@@ -118,13 +118,7 @@ def list_(home: Home = None, json: Json = False) -> None:
     s = settings(home)
     damaged: list[str] = []
     rows = api.list_routers(s, damaged=damaged)
-    for why in damaged:  # one damaged record does not hide the others
-        out.warn(why)
-    if json:
-        out.emit_json(rows)
-        return
-    if not rows:
-        out.line(f"no routers in {s.home}")
+    if not out.listing(rows, damaged, as_json=json, none=f"no routers in {s.home}"):
         return
     rows = [{**r, "adapters": ", ".join(r["adapters"]) or "(own experts)"} for r in rows]
     out.table(rows, ["name", "method", "base", "adapters", "routing_accuracy", "accuracy", "created_at"],
