@@ -84,6 +84,10 @@ MAX_RANK = 4096
 MAX_ALPHA = 1e6
 MAX_ABS_WEIGHT = 1e6
 """Largest |value| accepted in a LoRA A or B matrix (real adapters stay many orders of magnitude below)."""
+MAX_ABS_UPDATE = 1e4
+"""Largest |value| accepted in a module's update scaling * B @ A. Each A and B value can be within MAX_ABS_WEIGHT
+while their product, summed over the rank and scaled, overflows the forward (60,000 in every fp16 value gave
+updates of ~3e10 and a hidden state of NaN: sweep 64); a trained update stays below 1 by orders of magnitude."""
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # Strict types: a string "false" is not a bool, 4.7 is not an int, "16" is not a float (ints are floats).
@@ -274,6 +278,24 @@ class Adapter:
                 if peak > MAX_ABS_WEIGHT:
                     raise InvalidAdapter(f"{where}: {name} holds a value of magnitude {peak:.3g}, above the "
                                          f"{MAX_ABS_WEIGHT:.0e} limit for LoRA weights")
+            peak = self._update_peak(mod)
+            if peak > MAX_ABS_UPDATE:
+                raise InvalidAdapter(f"{where}: module {mod!r}: its update (scaling x lora_B @ lora_A) reaches magnitude "
+                                     f"{peak:.3g}, above the {MAX_ABS_UPDATE:.0e} limit (it would overflow the forward)")
+
+    def _update_peak(self, mod: str) -> float:
+        """max |scaling * B @ A| of a module: bounded first by the largest row norm of B times column norm of A
+        (Cauchy-Schwarz, no product formed), and only where that bound passes the limit computed exactly, a
+        column block at a time (a 4096 x 4096 module is not one float64 matrix)."""
+        a, b = (t.detach().double() for t in self.weights[mod])
+        if a.numel() == 0 or b.numel() == 0:
+            return 0.0
+        s = abs(self.scaling(mod))
+        bound = s * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max())
+        if bound <= MAX_ABS_UPDATE:
+            return bound
+        step = max(1, (1 << 22) // max(1, b.shape[0]))
+        return s * max(float((b @ a[:, i:i + step]).abs().max()) for i in range(0, a.shape[1], step))
 
     def check_fits(self, fp: "Fingerprint", *, name: str = "adapter") -> None:
         """Raise IncompatibleAdapter unless every module exists in the base with matching shapes."""

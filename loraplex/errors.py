@@ -150,6 +150,11 @@ def server_state(exc: BaseException) -> bool:
             or (isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)))
 
 
+class NonFiniteScores(LoraplexError):
+    """The model's scores for a text hold NaN or infinity (an adapter, or 16-bit precision, overflows the
+    forward): no answer is read from them (an argmax over NaN named the first label)."""
+
+
 class MissingDependency(LoraplexError):
     """An optional package (an embedded model or dataset, faiss) is not installed."""
 

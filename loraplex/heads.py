@@ -488,6 +488,23 @@ def model_positions(model) -> int | None:
     return None
 
 
+def best_labels(scores: "torch.Tensor") -> list[int]:
+    """The index of each row's best score (scores (N, L), or one row (L,): a list of one), refused where a row
+    holds NaN or infinity: an argmax over NaN names the first label, an answer no score made (sweep 64). Every
+    answer loraplex gives from scores goes through here (training's validation reads its own argmax: a fit
+    that diverged is said after it, `Diverged`)."""
+    import torch
+
+    from loraplex.errors import NonFiniteScores
+
+    rows = scores.reshape(1, -1) if scores.dim() == 1 else scores
+    if not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows)).any(-1).sum())
+        raise NonFiniteScores(f"the model's scores for {bad} of {rows.shape[0]} text(s) are NaN or infinite: an adapter "
+                              "in use (or 16-bit precision) overflows the forward, so no answer is given")
+    return rows.argmax(-1).tolist()
+
+
 def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", batch_size: int = 64,
             progress: str | None = None) -> list[int]:
     """Index of the predicted label for each text (no gradients, batched). With `progress` (a label),
@@ -504,7 +521,7 @@ def predict(head: Head, model, tokenizer, texts: Sequence[str], task: "Task", ba
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 chunk = texts[i : i + batch_size]
-                preds.extend(head.scores(model, tokenizer, chunk, task).argmax(-1).tolist())
+                preds.extend(best_labels(head.scores(model, tokenizer, chunk, task)))
                 if bar is not None:
                     bar.update(len(chunk))
     finally:

@@ -64,7 +64,7 @@ from loraplex.errors import (AdapterNotFound, AlreadyExists, ComponentNotFound, 
                              LockUnavailable, LoraplexError, RegistryBusy, UserInputError)
 from loraplex.generators.base import OutOfRange
 from loraplex.generators.workflow import KIND as GENERATOR, generate
-from loraplex.heads import head_for
+from loraplex.heads import best_labels, head_for
 from loraplex.models import current_sha, load_base, resolve_base
 from loraplex.ranks import is_worker
 from loraplex.registry.index import Hit, nearest_adapters, of_base
@@ -758,8 +758,8 @@ def answer(reg, settings, texts: Sequence[str], config: dict[str, Any] | None = 
             if labels:  # the bare base answers with the labels asked for (anchors / rank classification)
                 task = labels_task(labels)
                 with torch.no_grad():
-                    best = head.scores(lb.model, lb.tokenizer, sub, task).argmax(-1).tolist()
-                answers = [task.labels[j] for j in best]
+                    picked = best_labels(head.scores(lb.model, lb.tokenizer, sub, task))
+                answers = [task.labels[j] for j in picked]
             else:
                 answers = head.generate(lb.model, lb.tokenizer, sub, None)
         for i, a in zip(fall, answers):

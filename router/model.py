@@ -29,7 +29,7 @@ import torch
 
 from loraplex.errors import UserInputError, as_out_of_memory
 from loraplex.experts.layers import block_name, routed_layers, swapped, use_gates
-from loraplex.heads import accuracy, head_for, token_text
+from loraplex.heads import accuracy, best_labels, head_for, token_text
 from loraplex.tasks import Task, checked_labels, checked_texts, label_fold
 
 
@@ -323,7 +323,7 @@ class RoutedModel:
     def _answer_group(self, texts: list[str], task) -> list[Any]:
         if task is not None and task.labels:
             scores = self.head.scores(self.model, self.tokenizer, texts, task)  # (N, L)
-            return [task.answer_label(task.labels[i]) for i in scores.argmax(-1).tolist()]
+            return [task.answer_label(task.labels[i]) for i in best_labels(scores)]
         if self.head.generates:
             return self.head.generate(self.model, self.tokenizer, texts, task)
         raise UserInputError(
@@ -378,7 +378,7 @@ class RoutedModel:
                         out.append(None)
                         continue
                     s = emb[i] @ self.head.anchors(self.model, self.tokenizer, t).T  # (L,)
-                    out.append(t.answer_label(t.labels[int(s.argmax())]))
+                    out.append(t.answer_label(t.labels[best_labels(s)[0]]))
                 return out
         # a causal head scores each row as L label continuations (rows x L sequences): rows go in groups of one
         # task and one expert, whose gates (1, 1, E) fit every sequence (per-row gates did not: a crash)
@@ -437,7 +437,7 @@ class RoutedModel:
                 chunk = ex[i: i + batch_size]
                 texts = [e.text for e in chunk]
                 scores, routes = self.scores_and_routes(texts, task)
-                pred = scores.argmax(-1).tolist()
+                pred = best_labels(scores)
                 right = [int(p == task.label_index(e.label)) for p, e in zip(pred, chunk)]
                 correct += sum(right)
                 routed_ok += sum(int(r.top == own) for r in routes) if own is not None else 0

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from loraplex.errors import LoraplexError, UserInputError
 from loraplex.experts.layers import use_gates
+from loraplex.heads import best_labels
 from loraplex.router.model import labels_task
 from loraplex.serve.targets import Route, Target, route_summary, top_adapters
 
@@ -168,6 +168,7 @@ def _groups(keys: Sequence[Any]) -> list[list[int]]:
 
 def _labelled(task, scores: torch.Tensor, routing: dict[str, Any], cut: bool) -> dict[str, Any]:
     """One answer; `truncated`: the head read only the text's start (what its context leaves for it)."""
+    top = best_labels(scores)[0]  # NaN scores (an adapter that overflows) are refused, not a label and a 500 on NaN JSON
     p = torch.softmax(scores.float(), -1).tolist()
-    return {"task": task.name, "label": task.answer_label(task.labels[int(np.argmax(p))]),
+    return {"task": task.name, "label": task.answer_label(task.labels[top]),
             "scores": {task.answer_label(lab): round(v, 6) for lab, v in zip(task.labels, p)}, "truncated": cut, "routing": routing}

@@ -171,6 +171,8 @@ def test_plain_inits_are_accepted(cli, seeded, tiny_bert, tmp_path, init):
 @pytest.mark.parametrize("damage,match", [
     ("nan", "contains NaN"), ("inf", "contains Inf"), ("huge", "above the 1e+06 limit"),
     ("int8", "dtype int8"), ("bool", "dtype bool"),
+    # each value a legal float16, their product over the rank ~1e10: the forward was NaN (sweep 64 F3)
+    ("fp16-overflow", "(scaling x lora_B @ lora_A) reaches magnitude"),
 ])
 def test_bad_weights(cli, seeded, tiny_bert, tmp_path, damage, match):
     import torch
@@ -186,6 +188,8 @@ def test_bad_weights(cli, seeded, tiny_bert, tmp_path, damage, match):
         sd[key][0, 0] = float("inf")
     elif damage == "huge":
         sd = {k: v * 1e30 for k, v in sd.items()}
+    elif damage == "fp16-overflow":
+        sd = {k: torch.full_like(v, 60000.0).half() for k, v in sd.items()}
     else:
         sd = {k: (v * 10).to(getattr(torch, damage)) for k, v in sd.items()}
     save_file(sd, str(d / WEIGHTS))
@@ -1314,3 +1318,48 @@ def test_a_symbolic_link_loop_is_named_as_one(cli, seeded, tiny_bert, tmp_path, 
         (d / where).symlink_to(d / where)
     before = registry_state(cli.home)
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, "too many levels of symbolic links")
+
+
+def test_a_trained_update_passes_the_update_bound():
+    """The update bound (scaling x B @ A) refuses overflow, not adapters as training leaves them: a random
+    rank-16 pair of unit-variance values at alpha 32 (updates ~ 8) passes, its product 1e4 over the bound does not."""
+    import torch
+
+    from loraplex.errors import InvalidAdapter
+    from loraplex.experts.spec import MAX_ABS_UPDATE, Adapter, LoraSpec
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 64, generator=g), torch.randn(48, 16, generator=g)
+    Adapter(LoraSpec(r=16, alpha=32.0), {"layer.0.query": (a, b)}).check_weights()
+    with pytest.raises(InvalidAdapter, match="reaches magnitude"):
+        Adapter(LoraSpec(r=16, alpha=32.0), {"layer.0.query": (a * 100, b * 100)}).check_weights()
+    assert MAX_ABS_UPDATE == 1e4
+
+
+def test_non_finite_scores_give_no_answer(cli, seeded, monkeypatch):
+    """An argmax over NaN scores named the first label: `query` answered, `eval` scored it (sweep 64 F3)."""
+    import torch
+
+    from loraplex.heads import EncoderHead
+
+    monkeypatch.setattr(EncoderHead, "scores_of", lambda self, model, tok, emb, task: torch.full(
+        (emb.shape[0], len(task.labels)), float("nan")))
+    before = registry_state(cli.home)
+    r = cli("query", "my flight was late", "--adapters", "good", "--labels", "happy,sad")
+    _refused(r, cli.home, before, "scores for 1 of 1 text(s) are NaN or infinite", code=1)
+
+
+def test_the_server_labels_no_answer_from_non_finite_scores():
+    """The server's /v1/classify answer: a NaN score was a 500 (NaN is not JSON) after the softmax (sweep 64 F3);
+    NonFiniteScores is a LoraplexError, the server's 503 with the message."""
+    import torch
+
+    from loraplex.errors import LoraplexError, NonFiniteScores
+    from loraplex.serve.classify import _labelled
+    from loraplex.tasks import Task
+
+    task = Task(name="t", description="d", labels=("a", "b"), train=(), validation=(), test=())
+    assert _labelled(task, torch.tensor([0.1, 0.9]), {}, False)["label"] == "b"
+    with pytest.raises(NonFiniteScores, match="NaN or infinite") as info:
+        _labelled(task, torch.tensor([float("nan"), 0.9]), {}, False)
+    assert isinstance(info.value, LoraplexError)
