@@ -90,12 +90,44 @@ def _exists(p: Path) -> bool:
         raise InvalidAdapter(f"{shown}: {exc.strerror or exc}") from None
 
 
+MAX_HEADER_BYTES = 100 << 20
+"""safetensors' own bound on a file's JSON header."""
+
+
+def _checked_header(path: Path) -> None:
+    """The 8-byte length and the JSON header of a safetensors file read first, and the file refused unless
+    its tensors' byte ranges end exactly at its end: the whole file was read into memory before its first
+    bytes were looked at (a 3 GB file of zeros took 3.4 GB and 40 s to be called corrupt, and a larger one
+    would have had the process killed for memory: sweep 64)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = f.read(n) if 0 < n <= min(MAX_HEADER_BYTES, size - 8) else b""
+    except OSError as exc:
+        raise InvalidAdapter(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(head) < 8:
+        raise InvalidAdapter(f"{path}: truncated safetensors file ({size} bytes)")
+    if not raw:
+        raise InvalidAdapter(f"{path}: corrupt or truncated safetensors file (its header claims {n:,} bytes of a "
+                             f"{size:,}-byte file)")
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise InvalidAdapter(f"{path}: corrupt or truncated safetensors file (its header is not a safetensors "
+                             "header)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise InvalidAdapter(f"{path}: corrupt or truncated safetensors file ({size:,} bytes, where its header "
+                             f"accounts for {8 + n + max(ends, default=0):,})")
+
+
 def _load_safetensors(path: Path) -> dict:
     from safetensors.torch import load
 
+    _checked_header(path)
     data = path.read_bytes()
-    if len(data) < 8:
-        raise InvalidAdapter(f"{path}: truncated safetensors file ({len(data)} bytes)")
     try:
         return load(data)
     except Exception as exc:
