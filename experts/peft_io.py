@@ -174,6 +174,10 @@ BOOKKEEPING_TYPES = (
     ("inference_mode", bool, "true or false"),
     ("layers_to_transform", (int, list), "a layer index or a list of them"),
     ("layers_pattern", (str, list), "a module name or a list of them"),
+    # the base it names is checked against the one it is registered on: a number here was refused as an unknown
+    # base by the CLI and passed unread by the server's load endpoint (sweep 64 F7)
+    ("base_model_name_or_path", str, "a model name or directory (a string)"),
+    ("revision", str, "a string"),
 )
 
 
@@ -202,6 +206,8 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
             f"{where}: modules_to_save {cfg['modules_to_save']} (fully trained layers such as a task head) "
             "are not supported; loraplex stores LoRA weights only"
         )
+    if cfg.get("bias") not in ("none", "all", "lora_only", None):  # `false` asks for no bias, but is not PEFT's word
+        raise InvalidAdapter(f"{where}: bias: expected one of PEFT's \"none\", \"all\", \"lora_only\", got {_short(cfg['bias'])}")
     if cfg.get("bias", "none") not in ("none", None):
         raise InvalidAdapter(f"{where}: trained biases (bias={cfg.get('bias')!r}) are not supported")
     if not _unset(cfg.get("lora_bias")):

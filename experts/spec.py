@@ -209,14 +209,19 @@ class Adapter:
         a_s: dict[str, torch.Tensor] = {}
         b_s: dict[str, torch.Tensor] = {}
         keys: dict[tuple[str, str], str] = {}  # (module, "A" | "B") -> the key it came from
+        named: dict[tuple[str, str], str | None] = {}  # (module, "A" | "B") -> the adapter name in the key, if any
         for key, t in sd.items():
-            m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.([^.]+))?\.weight", key)
             if m is None:
                 raise InvalidAdapter(f"{where}: unsupported tensor {key!r} (loraplex stores LoRA A/B weights only)")
             mod, side = m.group(1), m.group(2)
             if (mod, side) in keys:  # `X.lora_A.weight` and `X.lora_A.default.weight`: which one is the adapter?
                 raise InvalidAdapter(f"{where}: module {mod!r} has two lora_{side} tensors ({keys[mod, side]!r}, {key!r})")
-            keys[mod, side] = key
+            keys[mod, side], named[mod, side] = key, m.group(3)
+            other = "B" if side == "A" else "A"
+            if (mod, other) in named and named[mod, other] != m.group(3):  # halves of two adapters (sweep 64 F5)
+                raise InvalidAdapter(f"{where}: module {mod!r}: its lora_A and lora_B are stored under different "
+                                     f"adapter names ({keys[mod, 'A']!r}, {keys[mod, 'B']!r})")
             (a_s if side == "A" else b_s)[mod] = t
         if not a_s:
             raise InvalidAdapter(f"{where}: no LoRA weights found")

@@ -104,6 +104,10 @@ UNSUPPORTED = [
     ({"target_modules": r".*\.(query|value)", "layers_pattern": "layer"},
      "layers_pattern: cannot be used with a regular-expression target_modules"),
     ({"layers_pattern": "layer"}, "layers_pattern: 'layer' is set without layers_to_transform"),
+    # sweep 64 F6, F7: `false` is not PEFT's word for no bias; a base named by a number is no name (the server's
+    # load endpoint registered it)
+    ({"bias": False}, 'bias: expected one of PEFT\'s "none", "all", "lora_only", got False'),
+    ({"base_model_name_or_path": 42}, "base_model_name_or_path: expected a model name or directory (a string), got 42"),
 ]
 
 
@@ -1363,3 +1367,19 @@ def test_the_server_labels_no_answer_from_non_finite_scores():
     with pytest.raises(NonFiniteScores, match="NaN or infinite") as info:
         _labelled(task, torch.tensor([float("nan"), 0.9]), {}, False)
     assert isinstance(info.value, LoraplexError)
+
+
+def test_halves_of_two_adapters_are_not_paired(cli, seeded, tiny_bert, tmp_path):
+    """`X.lora_A.first.weight` with `X.lora_B.second.weight` was registered as one adapter (sweep 64 F5)."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "halves"
+    shutil.copytree(seeded, d)
+    sd = load_file(str(d / WEIGHTS))
+    save_file({k.replace(".lora_A.weight", ".lora_A.first.weight").replace(".lora_B.weight", ".lora_B.second.weight"): v
+               for k, v in sd.items()}, str(d / WEIGHTS))
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "are stored under different adapter names")
+    save_file({k.replace(".lora_A.weight", ".lora_A.first.weight").replace(".lora_B.weight", ".lora_B.first.weight"): v
+               for k, v in sd.items()}, str(d / WEIGHTS))
+    assert _register(cli, d, name="one", base=tiny_bert).exit_code == 0  # one adapter's name on both: as before
