@@ -3,13 +3,16 @@
     matrix.json   {"tasks": [...], "rows": [unit labels], "kinds": [...], "R": [[acc or null]], "base": {...}}
     metrics.json  {"complete", "units_done", "units_total", "method", "replay", "average_accuracy",
                    "backward_transfer", "forward_transfer", "forgetting", "final_accuracy": {task: acc},
+                   "metric_matrix" (a run with forget units: the rows and cells the metrics read),
                    "erased_final_accuracy": {task: acc}, "forget_requests": [...],
                    "units": [{unit, label, adapter, steps, seconds, step_time, losses, ...}]}
     heatmap.png   the matrix as a heatmap (matplotlib, Agg backend, imported only here)
 
 The learning metrics (continual/metrics.py) are computed on the rows of learning units; a task erased
 whole, wherever its forget unit comes, is left out of them (its drop is intended), and a task some of
-whose labels are erased is measured on the labels it keeps, in every row. `final_accuracy` is
+whose labels are erased is measured on the labels it keeps, in every row; where a run forgets, those cells
+are written as `metric_matrix` (learning rows, and the last row when the run ends with a forget unit), from
+which the metrics can be recomputed as printed. `final_accuracy` is
 each kept task's accuracy after the last unit done, `erased_final_accuracy` each erased one's. Forgetting
 requests get their own summary (accuracy on what was erased and on what was kept, before and after).
 """
@@ -93,6 +96,14 @@ def build_metrics(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> di
                   else float("nan") for t, at in zip(cols, learned_at)]
         out.update(M.summary(R, learned_at, base, before) if cols else
                    dict.fromkeys(("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")))
+        if any(r["kind"] == "forget" for r in results):  # the metrics read other cells than matrix.json shows: the
+            # cells they read, so AA and BWT can be recomputed from what is printed (sweep 63)
+            out["metric_matrix"] = {
+                "tasks": cols, "rows": [r.get("label") for r in rows],
+                "R": [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in R],
+                "base": {t: (None if math.isnan(b) else round(float(b), 4)) for t, b in zip(cols, base)},
+                "without_labels": {t: sorted(partly[t]) for t in cols if t in partly},
+                "left_out": [t for t in tasks if t in dropped]}
         # after the last unit done (a forget unit too), on the tasks kept and on those erased (a task's erased
         # labels as `task[label,...]`)
         last = {t: acc(results[-1]["row"].get(t), t) for t in tasks}

@@ -32,6 +32,12 @@ def _matrix_table(matrix: dict[str, Any], title: str | None = None) -> None:
 
 
 def _summary(metrics: dict[str, Any]) -> None:
+    mm = metrics.get("metric_matrix")
+    if mm and mm["tasks"]:  # a run that forgets: the cells the metrics read differ from the matrix above (sweep 63)
+        notes = [f"{t} without {', '.join(labels)}" for t, labels in mm["without_labels"].items()]
+        notes += [f"{t} left out (erased)" for t in mm["left_out"]]
+        _matrix_table(mm, title="the cells the metrics read (points; learning rows, and the last row after forgetting"
+                                + (f"; {'; '.join(notes)}" if notes else "") + ")")
     out.kv({
         "average accuracy (AA)": _pts(metrics.get("average_accuracy")),
         "backward transfer (BWT)": _signed(metrics.get("backward_transfer")),

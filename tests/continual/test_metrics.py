@@ -125,6 +125,7 @@ def test_a_task_erased_by_the_last_unit_is_out_of_the_metrics_and_final_is_after
     assert m["average_accuracy"] == pytest.approx(0.85) == pytest.approx(sum(m["final_accuracy"].values()))
     assert m["backward_transfer"] == pytest.approx(0.85 - 0.9) and m["forgetting"] == pytest.approx(0.9 - 0.85)
     assert m["final_accuracy"] == {"b": 0.85} and m["erased_final_accuracy"] == {"a": 0.1}
+    assert m["metric_matrix"]["R"] == [[0.5], [0.9], [0.85]] and m["metric_matrix"]["left_out"] == ["a"]
     alone = build_metrics({**info, "tasks": ["a"], "units_total": 2}, [results[0], {**results[2], "row": acc(a=0.0)}])
     assert alone["average_accuracy"] is None and alone["final_accuracy"] == {} and alone["erased_final_accuracy"] == {"a": 0.0}
 
@@ -154,6 +155,13 @@ def test_a_task_erased_in_part_is_measured_on_the_labels_it_keeps():
     assert m["average_accuracy"] == pytest.approx((8 / 18 + 0.8) / 2)
     assert m["forward_transfer"] == pytest.approx(0.3 - 0.2)  # b measured by the forget unit before it is learned
     assert m["final_accuracy"] == {"a": round(8 / 18, 4), "b": 0.8} and m["erased_final_accuracy"] == {"a[neg]": 0.0}
+    # the cells the metrics read are written beside them, and AA and BWT recompute from them (sweep 63: the matrix
+    # printed above the metrics showed a's cells on every label, from which AA 95.7 and BWT +0.0 could not come)
+    mm = m["metric_matrix"]
+    assert mm["tasks"] == ["a", "b"] and mm["rows"] == [None, None] and mm["without_labels"] == {"a": ["neg"]}
+    R = mm["R"]
+    assert sum(R[-1]) / 2 == pytest.approx(m["average_accuracy"], abs=1e-4)
+    assert R[-1][0] - R[0][0] == pytest.approx(m["backward_transfer"], abs=1e-4)
     old = {k: v for k, v in info.items() if k != "base_labels"}  # a run started before base_labels was kept
     assert build_metrics(old, results)["backward_transfer"] == pytest.approx(m["backward_transfer"])
 
