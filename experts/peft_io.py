@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from pydantic import ValidationError
 
 from loraplex.errors import InvalidAdapter
-from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error, matches_target
+from loraplex.experts.spec import Adapter, LoraSpec, bounded_match, format_validation_error, matches_target
 from loraplex.fsio import atomic_write, missing_dirs, read_json_file, remove_if_empty, user_path, write_tensors
 
 CONFIG = "adapter_config.json"
@@ -299,7 +299,7 @@ def check_targets_used(adapter: Adapter, cfg: dict[str, Any], *, where: str = CO
                                  f"(adapted modules: {', '.join(adapter.modules[:4])}{', ...' if len(adapter.modules) > 4 else ''})")
         selects = lambda m: any(matches_target(m, t) for t in targets)  # noqa: E731
     elif isinstance(targets, str):
-        selects = lambda m: re.fullmatch(targets, m) is not None  # noqa: E731
+        selects = lambda m: bounded_match(targets, m, full=True, what="target_modules") is not None  # noqa: E731
     else:
         return
     extra = [m for m in adapter.modules if not selects(m)]
@@ -322,14 +322,16 @@ def _check_layers(adapter: Adapter, cfg: dict[str, Any], where: str) -> None:
     pattern = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
     try:
         # as PEFT reads a module's layer: the first numbered segment, after the pattern at the start or after a dot
-        finders = [re.compile(rf"(?:^|.*?\.){p}\.(\d+)\.") for p in pattern] or [re.compile(r".*?\.[^.]*\.(\d+)\.")]
+        finders = [rf"(?:^|.*?\.){p}\.(\d+)\." for p in pattern] or [r".*?\.[^.]*\.(\d+)\."]
+        for f in finders:
+            re.compile(f)
     except re.error as exc:
         raise InvalidAdapter(f"{where}: layers_pattern: {_short(cfg['layers_pattern'])} is not a valid regular "
                              f"expression ({exc})") from None
     for m in adapter.modules:
         if m in targets:
             continue
-        hit = next((h for h in (f.match(m) for f in finders) if h is not None), None)
+        hit = next((h for h in (bounded_match(f, m, what="layers_pattern") for f in finders) if h is not None), None)
         if hit is None or int(hit.group(1)) not in wanted:
             raise InvalidAdapter(f"{where}: layers_to_transform {_short(layers)} does not include {m!r}, which has "
                                  "LoRA tensors: PEFT would not load them; list its layer, or remove its tensors")

@@ -72,10 +72,28 @@ def check_pattern_key(key: str) -> str:
     return key
 
 
-def match_pattern(pattern: Mapping[str, object], module: str) -> object | None:
+PATTERN_TIMEOUT_S = 0.5
+"""How long one user pattern may take to match one module name: a pattern that backtracks without end
+(`(.*.*)*x` against a 36-character name) hung `adapters register`, and would have held a server's worker (sweep 64)."""
+
+
+def bounded_match(pattern: str, text: str, *, full: bool = False, what: str = "pattern"):
+    """The match (or None) of a user's regular expression on `text` (at its start, or whole with `full`), with the
+    `regex` engine (re's syntax; it avoids most exponential backtracking) under PATTERN_TIMEOUT_S: a pattern
+    that takes longer is refused by name (InvalidAdapter), not matched for ever."""
+    import regex
+
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, text, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError:
+        raise InvalidAdapter(f"{what} {pattern!r} takes too long to match the module name {text!r} (a pattern "
+                             "that backtracks without end); write it more simply") from None
+
+
+def match_pattern(pattern: Mapping[str, object], module: str, what: str = "pattern") -> object | None:
     """PEFT's rule for rank_pattern / alpha_pattern keys: `(.*\\.)?<key>$` matched against the name."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if bounded_match(rf"(.*\.)?{key}$", module, what=f"{what} key") is not None:
             return value
     return None
 
@@ -127,11 +145,11 @@ class LoraSpec(BaseModel):
         return v
 
     def rank_for(self, module: str) -> int:
-        r = match_pattern(self.rank_pattern, module)
+        r = match_pattern(self.rank_pattern, module, "rank_pattern")
         return int(r) if r is not None else self.r
 
     def alpha_for(self, module: str) -> float:
-        a = match_pattern(self.alpha_pattern, module)
+        a = match_pattern(self.alpha_pattern, module, "alpha_pattern")
         return float(a) if a is not None else self.alpha
 
     def scaling_for(self, module: str, rank: int | None = None) -> float:

@@ -1383,3 +1383,22 @@ def test_halves_of_two_adapters_are_not_paired(cli, seeded, tiny_bert, tmp_path)
     save_file({k.replace(".lora_A.weight", ".lora_A.first.weight").replace(".lora_B.weight", ".lora_B.first.weight"): v
                for k, v in sd.items()}, str(d / WEIGHTS))
     assert _register(cli, d, name="one", base=tiny_bert).exit_code == 0  # one adapter's name on both: as before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("update", [{"rank_pattern": {"(.*.*)*x": 2}}, {"target_modules": "(.*.*)*x|.*"}])
+def test_a_backtracking_pattern_does_not_hang_registration(cli, seeded, tiny_bert, tmp_path, update):
+    """`(.*.*)*x` against a 36-character module name backtracked without end under `re`: `adapters register` hung
+    (killed after 60 s) and a server's load endpoint would have held a worker (sweep 64 F8)."""
+    d = _with_config(seeded, tmp_path / "rd", update)
+    r = _register(cli, d, name="rd", base=tiny_bert)
+    assert r.exit_code == 0, r.output
+
+
+def test_a_pattern_past_its_time_is_refused_by_name(monkeypatch):
+    from loraplex.errors import InvalidAdapter
+    from loraplex.experts import spec
+
+    monkeypatch.setattr(spec, "PATTERN_TIMEOUT_S", 1e-9)
+    with pytest.raises(InvalidAdapter, match=r"rank_pattern key .* takes too long to match the module name"):
+        spec.LoraSpec(r=4, alpha=8.0, rank_pattern={"q(a|aa)*uery": 2}).rank_for("encoder.layer.0." + "a" * 5000)
