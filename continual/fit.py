@@ -183,7 +183,10 @@ def evaluate_adapter(reg: Registry, settings: Settings, name: str | None, *, tas
             raise UserInputError("the bare base has no task of its own: name one with --task")
         task = rec.task
         if not task:
-            raise UserInputError(f"adapter {name!r} records no task: name one with --task")
+            learned = [str(t) for t in rec.extra.get("tasks") or []]  # a multitask unit's: several, none its own (sweep 63)
+            raise UserInputError(f"adapter {name!r} learned {len(learned)} tasks ({', '.join(learned)}) and records none as "
+                                 "its own: name the one to evaluate with --task" if len(learned) > 1 else
+                                 f"adapter {name!r} records no task: name one with --task")
         if rec.origin == "generated" and rec.extra.get("labels_from") not in (None, "examples"):
             parent = str(rec.extra["labels_from"])  # a generated adapter answers with its parent's labels: said so
     if split not in ("train", "validation", "test"):

@@ -206,7 +206,7 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     metrics = build_metrics(info, results)
     if info.get("registration_marked"):  # a stop between a unit's commit and its registration (sweep 50: called
         # complete, the stream's last adapter missing from the registry and nothing saying to resume)
-        metrics["unregistered_units"] = [i for i in range(done) if not rd.registered(i)]
-        if metrics["unregistered_units"]:
-            metrics["complete"] = False
+        missing = [i for i in range(done) if not rd.registered(i)]
+        if missing:  # only then: a finished run's report has the shape of its metrics.json and `run --json` (sweep 63)
+            metrics["unregistered_units"], metrics["complete"] = missing, False
     return {"run_dir": str(rd.path), "matrix": build_matrix(info, results), "metrics": metrics}

@@ -327,8 +327,9 @@ class RoutedModel:
         if self.head.generates:
             return self.head.generate(self.model, self.tokenizer, texts, task)
         raise UserInputError(
-            "no label set to answer with: the query was routed to adapters that record no task, and an "
-            "encoder answers with a task's labels (register the adapter with --task TASK)")
+            "no label set to answer with: the query was routed to adapters that record no task of their own (one "
+            "learned on several tasks, or registered without --task), and an encoder answers with a task's labels: "
+            "name them with --labels")
 
     # ---- heterogeneous batch -----------------------------------------------------------------
     def expert_indices(self, experts: Sequence[int | str], n: int) -> list[int]:

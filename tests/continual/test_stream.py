@@ -164,6 +164,12 @@ def test_other_methods(cli, tmp_path, tiny_bert, task_dir, method):
     if method == "multitask":
         assert len(res["matrix"]["R"]) == 1 and units[0]["steps"] == 6  # both tasks' steps in one unit
         assert res["metrics"]["backward_transfer"] is None
+        # its adapter learned both tasks and records neither as its own: the refusals say so, and what to give
+        # (sweep 63: "register the adapter with --task", for an adapter the stream had registered)
+        ev = cli("eval", res["adapters"][0], "--quiet")
+        assert ev.exit_code == 2 and "learned 2 tasks" in ev.stderr and "name the one to evaluate with --task" in ev.stderr
+        q = cli("query", "late again", "--adapters", res["adapters"][0])
+        assert q.exit_code == 2 and "name them with --labels" in q.stderr, q.output
     else:
         assert len(res["matrix"]["R"]) == 2
         from loraplex import api
