@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from loraplex.errors import NonFiniteScores
+
 
 GREEDY_BELOW = 1e-5
 """A temperature below this picks greedily (as vLLM does): dividing logits by 1e-300 gives inf - inf = nan."""
@@ -56,6 +58,7 @@ class GenRow:
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
+    error: Exception | None = None  # the row ended without an answer (finish_reason "error"): what to tell its caller
     generator: torch.Generator | None = None
     trace: bool = False  # the caller wants each token's routing (`on_token`'s info)
     gates: torch.Tensor | None = None  # (1, 1, S) the row's gates over the lane's bank, if it has static gates
@@ -164,6 +167,14 @@ class Batch:
     def _pick(self, rows: list[GenRow], logits: torch.Tensor, infos: list[dict]) -> torch.Tensor:
         toks = []
         for j, r in enumerate(rows):
+            if bool(torch.isnan(logits[j]).any()) or bool(torch.isposinf(logits[j]).any()):  # an adapter (or 16-bit
+                # precision) that overflows: no token is drawn from NaN (sampling raised, and failed every row of the
+                # batch; greedy named token 0), the row alone ends with the error (heads.best_labels' rule)
+                r.error = NonFiniteScores("the model's next-token scores are NaN or infinite: an adapter in use (or "
+                                          "16-bit precision) overflows the forward, so no answer is given")
+                r.finish_reason = "error"
+                toks.append(self.pad_id)
+                continue
             tok = pick(logits[j], r.sampling, r.generator)
             _advance(r, tok, self.decode, self.eos, infos[j] if j < len(infos) else {})
             toks.append(tok)

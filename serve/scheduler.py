@@ -359,7 +359,9 @@ class Scheduler:
     def _report(self, lane: str, b: decode.Batch) -> None:
         for row in b.finished:
             job = self._owner.pop(id(row), None)
-            if job is not None:
+            if job is not None and row.error is not None:
+                job.send("error", row.error)
+            elif job is not None:
                 job.send("done", {"finish_reason": row.finish_reason, "text": row.text,
                                   "completion_tokens": row.generated, "routing": self.engine.summary(lane, row)})
         b.finished.clear()

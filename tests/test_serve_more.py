@@ -947,3 +947,29 @@ def test_a_routers_forwarding_check_follows_the_registry(llama_home, tiny_llama,
     engine.sync()
     with pytest.raises(UserInputError, match="router 'ctg' routes over 'sports-lora'"):
         engine.choose(Target("router", "ctg"), ["match goal team"])
+
+
+def test_a_row_whose_scores_are_nan_ends_alone_with_the_error():
+    """An adapter that overflows made NaN logits: sampling raised for the whole batch and greedy named token 0
+    (sweep 64 F3's causal side). The row ends with NonFiniteScores; the other rows of its batch go on."""
+    import torch
+
+    from loraplex.errors import NonFiniteScores
+    from loraplex.serve import decode
+
+    class Cache:
+        def batch_select_indices(self, sel):
+            pass
+
+    def step(ids, mask, pos, cache, rows):
+        logits = torch.zeros(len(rows), 8)
+        logits[:, 5] = 100.0  # token 5: the end of sequence, drawn at any temperature
+        logits[0] = float("nan")
+        return logits, Cache(), [{} for _ in rows]
+
+    sampled = decode.Sampling(max_tokens=4, temperature=0.7, seed=1)
+    bad, good = decode.GenRow([1, 2], sampled), decode.GenRow([1, 2, 3], sampled)
+    b = decode.Batch(step, pad_id=0, eos_ids=[5], decode=lambda ids: "x" * len(ids))
+    b.join([bad, good])
+    assert bad.finish_reason == "error" and isinstance(bad.error, NonFiniteScores) and bad.ids == []
+    assert good.finish_reason == "stop" and good.error is None and len(b) == 0
