@@ -1402,3 +1402,12 @@ def test_a_pattern_past_its_time_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(spec, "PATTERN_TIMEOUT_S", 1e-9)
     with pytest.raises(InvalidAdapter, match=r"rank_pattern key .* takes too long to match the module name"):
         spec.LoraSpec(r=4, alpha=8.0, rank_pattern={"q(a|aa)*uery": 2}).rank_for("encoder.layer.0." + "a" * 5000)
+
+
+def test_an_answer_with_more_adapters_than_shown_says_so(cli, seeded, tiny_bert):
+    """The answer line showed 4 adapters and dropped the rest without a word (sweep 65)."""
+    for i in range(4):
+        assert _register(cli, seeded, name=f"copy{i}", base=tiny_bert).exit_code == 0
+    r = cli("query", "late flight", "--adapters", "good,copy0,copy1,copy2,copy3", "--top-k", "5", "--labels", "late,on time")
+    assert r.exit_code == 0, r.output
+    assert "and 1 more (--json lists them)" in r.stdout, r.stdout

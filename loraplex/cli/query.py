@@ -101,6 +101,8 @@ def query(
         return
     for r in res:
         ads = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in r["adapters"][:4])
+        if len(r["adapters"]) > 4:  # the rest said, not dropped (sweep 65); --json lists them all
+            ads += f", and {len(r['adapters']) - 4} more (--json lists them)"
         if len(res) > 1 or trace:
             out.line(f"query: {r['query']}")
         out.line(f"answer: {out.fmt(r['answer'])}   (task {r['task'] or '-'}; adapters: {ads or '-'})")
