@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from pydantic import ValidationError
 
 from loraplex.errors import InvalidAdapter
-from loraplex.experts.spec import Adapter, LoraSpec, bounded_match, format_validation_error, matches_target
+from loraplex.experts.spec import Adapter, LoraSpec, bounded_match, check_regex, format_validation_error, matches_target
 from loraplex.fsio import atomic_write, missing_dirs, read_json_file, remove_if_empty, user_path, write_tensors
 
 CONFIG = "adapter_config.json"
@@ -84,6 +84,8 @@ def _exists(p: Path) -> bool:
         os.stat(p)
         return True
     except FileNotFoundError:
+        if os.path.islink(p):  # a link whose target is gone: said as such, not as no file (sweep 66)
+            raise InvalidAdapter(f"{p}: a symbolic link to {os.readlink(p)!r}, which does not exist") from None
         return False
     except OSError as exc:
         shown = str(p) if len(str(p)) <= 120 else str(p)[:117] + "..."
@@ -114,8 +116,10 @@ def _checked_header(path: Path) -> None:
                              f"{size:,}-byte file)")
     try:
         header = json.loads(raw)
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not all(type(e) is int and e >= 0 for e in ends):  # Infinity, 1e400, "12": no byte offset
+            raise ValueError("data_offsets")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
         raise InvalidAdapter(f"{path}: corrupt or truncated safetensors file (its header is not a safetensors "
                              "header)") from None
     if 8 + n + max(ends, default=0) != size:
@@ -253,8 +257,8 @@ def spec_from_peft_config(cfg: dict[str, Any], *, where: str = CONFIG) -> LoraSp
                              "adapted modules in target_modules")
     if isinstance(targets, str):
         try:
-            re.compile(targets)
-        except re.error as exc:
+            check_regex(targets)
+        except (re.error, ValueError) as exc:
             raise InvalidAdapter(f"{where}: target_modules: {targets!r} is not a valid regular expression ({exc})") from None
         targets = ()  # a regex: the tensors themselves say which modules are adapted
     elif isinstance(targets, list) and all(isinstance(t, str) and t for t in targets):
@@ -322,17 +326,18 @@ def _check_layers(adapter: Adapter, cfg: dict[str, Any], where: str) -> None:
     pattern = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
     try:
         # as PEFT reads a module's layer: the first numbered segment, after the pattern at the start or after a dot
-        finders = [rf"(?:^|.*?\.){p}\.(\d+)\." for p in pattern] or [r".*?\.[^.]*\.(\d+)\."]
+        # the layer's digits in a named group, as PEFT names them: a pattern's own group is not the index (sweep 66)
+        finders = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in pattern] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
         for f in finders:
-            re.compile(f)
-    except re.error as exc:
+            check_regex(f)
+    except (re.error, ValueError) as exc:
         raise InvalidAdapter(f"{where}: layers_pattern: {_short(cfg['layers_pattern'])} is not a valid regular "
                              f"expression ({exc})") from None
     for m in adapter.modules:
         if m in targets:
             continue
         hit = next((h for h in (bounded_match(f, m, what="layers_pattern") for f in finders) if h is not None), None)
-        if hit is None or int(hit.group(1)) not in wanted:
+        if hit is None or int(hit.group("idx")) not in wanted:
             raise InvalidAdapter(f"{where}: layers_to_transform {_short(layers)} does not include {m!r}, which has "
                                  "LoRA tensors: PEFT would not load them; list its layer, or remove its tensors")
 

@@ -62,12 +62,24 @@ def matches_target(module: str, target: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
-def check_pattern_key(key: str) -> str:
-    """A rank_pattern / alpha_pattern key must make a valid regex in PEFT's `(.*\\.)?<key>$` form."""
+def check_regex(pattern: str) -> None:
+    """A user's pattern must compile under `re` (PEFT's engine) and `regex` (the one `bounded_match` runs): a
+    pattern only one reads (`[[:alpha:]]`) would match other names than PEFT's (sweep 66). re.error or ValueError."""
+    import regex
+
+    re.compile(pattern)
     try:
-        re.compile(key)
-        re.compile(rf"(.*\.)?{key}$")
-    except re.error as exc:
+        regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"{exc}; loraplex reads patterns as Python's re module does") from None
+
+
+def check_pattern_key(key: str) -> str:
+    """A rank_pattern / alpha_pattern key must make a valid regex in PEFT's `(.*\\.)?(<key>)$` form."""
+    try:
+        check_regex(key)
+        check_regex(rf"(.*\.)?({key})$")
+    except (re.error, ValueError) as exc:
         raise ValueError(f"key {key!r} is not a valid regular expression ({exc})") from None
     return key
 
@@ -77,7 +89,7 @@ PATTERN_TIMEOUT_S = 0.5
 (`(.*.*)*x` against a 36-character name) hung `adapters register`, and would have held a server's worker (sweep 64)."""
 
 
-def bounded_match(pattern: str, text: str, *, full: bool = False, what: str = "pattern"):
+def bounded_match(pattern: str, text: str, *, full: bool = False, what: str = "pattern", shown: str | None = None):
     """The match (or None) of a user's regular expression on `text` (at its start, or whole with `full`), with the
     `regex` engine (re's syntax; it avoids most exponential backtracking) under PATTERN_TIMEOUT_S: a pattern
     that takes longer is refused by name (InvalidAdapter), not matched for ever."""
@@ -86,14 +98,15 @@ def bounded_match(pattern: str, text: str, *, full: bool = False, what: str = "p
     try:
         return (regex.fullmatch if full else regex.match)(pattern, text, timeout=PATTERN_TIMEOUT_S)
     except TimeoutError:
-        raise InvalidAdapter(f"{what} {pattern!r} takes too long to match the module name {text!r} (a pattern "
+        raise InvalidAdapter(f"{what} {(shown or pattern)!r} takes too long to match the module name {text!r} (a pattern "
                              "that backtracks without end); write it more simply") from None
 
 
 def match_pattern(pattern: Mapping[str, object], module: str, what: str = "pattern") -> object | None:
     """PEFT's rule for rank_pattern / alpha_pattern keys: `(.*\\.)?<key>$` matched against the name."""
     for key, value in pattern.items():
-        if bounded_match(rf"(.*\.)?{key}$", module, what=f"{what} key") is not None:
+        # PEFT's form, the key in a group: `q_proj|v_proj` is either module, not `...q_proj` or `v_proj` (sweep 66)
+        if bounded_match(rf"(.*\.)?({key})$", module, what=f"{what} key", shown=key) is not None:
             return value
     return None
 

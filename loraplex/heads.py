@@ -447,9 +447,16 @@ class CausalHead:
         for i, s in enumerate(seqs):  # left padding for generation
             ids[i, T - len(s):] = torch.tensor(s)
             mask[i, T - len(s):] = 1
+        from transformers import LogitsProcessorList
+
+        def checked(input_ids, scores):  # each step's scores: greedy over NaN named token 0, text no score made (sweep 66)
+            refuse_unreadable(scores)
+            return scores
+
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=self.config.max_new_tokens, do_sample=False, pad_token_id=pad)
+                                 max_new_tokens=self.config.max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 logits_processor=LogitsProcessorList([checked]))
         return [tokenizer.decode(o[T:], skip_special_tokens=True).strip() for o in out]
 
 
@@ -488,20 +495,33 @@ def model_positions(model) -> int | None:
     return None
 
 
-def best_labels(scores: "torch.Tensor") -> list[int]:
-    """The index of each row's best score (scores (N, L), or one row (L,): a list of one), refused where a row
-    holds NaN or infinity: an argmax over NaN names the first label, an answer no score made (sweep 64). Every
-    answer loraplex gives from scores goes through here (training's validation reads its own argmax: a fit
-    that diverged is said after it, `Diverged`)."""
+def unreadable(scores: "torch.Tensor") -> "torch.Tensor":
+    """(N,) which rows of scores (N, K) no answer can be read from: a NaN or +infinity anywhere, or every score
+    -infinity (-infinity alone is an impossible choice, as a generation step's processors make them)."""
     import torch
 
+    return torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+
+
+def refuse_unreadable(scores: "torch.Tensor") -> None:
+    """NonFiniteScores where any row of scores (N, K) is `unreadable`: an argmax over NaN names the first label
+    (or token 0), an answer no score made (sweeps 64, 66). Every answer loraplex reads from scores checks here:
+    labels (`best_labels`), the CLI's generation and the server's decoding (training's validation reads its own
+    argmax: a fit that diverged is said after it, `Diverged`)."""
     from loraplex.errors import NonFiniteScores
 
+    bad = unreadable(scores)
+    if bool(bad.any()):
+        raise NonFiniteScores(f"the model's scores are NaN or infinite for {int(bad.sum())} of the {bad.shape[0]} "
+                              "text(s) scored together: an adapter in use (or 16-bit precision) overflows the forward, "
+                              "so no answer is given")
+
+
+def best_labels(scores: "torch.Tensor") -> list[int]:
+    """The index of each row's best score (scores (N, L), or one row (L,): a list of one), refused where a row
+    is `unreadable`."""
     rows = scores.reshape(1, -1) if scores.dim() == 1 else scores
-    if not bool(torch.isfinite(rows).all()):
-        bad = int((~torch.isfinite(rows)).any(-1).sum())
-        raise NonFiniteScores(f"the model's scores for {bad} of {rows.shape[0]} text(s) are NaN or infinite: an adapter "
-                              "in use (or 16-bit precision) overflows the forward, so no answer is given")
+    refuse_unreadable(rows)
     return rows.argmax(-1).tolist()
 
 

@@ -53,8 +53,11 @@ def classify(engine: Engine, items: Sequence[tuple[list[str], Target, list[Route
     if texts:
         scores = _scores(engine, texts, routes, tasks, keep)
         for k in set(owner):
-            out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]), engine.cut(texts[i], tasks[i]))
-                      for i in range(len(texts)) if owner[i] == k]
+            try:  # one request's NaN scores (an adapter that overflows) fail that request, not the batch (sweep 66)
+                out[k] = [_labelled(tasks[i], scores[i], route_summary(routes[i]), engine.cut(texts[i], tasks[i]))
+                          for i in range(len(texts)) if owner[i] == k]
+            except LoraplexError as exc:
+                out[k] = exc
     return out
 
 

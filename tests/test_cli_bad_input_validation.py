@@ -107,6 +107,9 @@ UNSUPPORTED = [
     # sweep 64 F6, F7: `false` is not PEFT's word for no bias; a base named by a number is no name (the server's
     # load endpoint registered it)
     ({"bias": False}, 'bias: expected one of PEFT\'s "none", "all", "lora_only", got False'),
+    # sweep 66: a pattern `re` compiles and `regex` reads otherwise; a layers_pattern with its own group
+    ({"rank_pattern": {"[[:foo:]]": 4}}, "rank_pattern: key '[[:foo:]]' is not a valid regular expression"),
+    ({"layers_to_transform": [0], "layers_pattern": "(layer|layers)"}, "layers_to_transform [0] does not include 'encoder.layer.1."),
     ({"base_model_name_or_path": 42}, "base_model_name_or_path: expected a model name or directory (a string), got 42"),
 ]
 
@@ -1350,7 +1353,7 @@ def test_non_finite_scores_give_no_answer(cli, seeded, monkeypatch):
         (emb.shape[0], len(task.labels)), float("nan")))
     before = registry_state(cli.home)
     r = cli("query", "my flight was late", "--adapters", "good", "--labels", "happy,sad")
-    _refused(r, cli.home, before, "scores for 1 of 1 text(s) are NaN or infinite", code=1)
+    _refused(r, cli.home, before, "scores are NaN or infinite for 1 of the 1 text(s)", code=1)
 
 
 def test_the_server_labels_no_answer_from_non_finite_scores():
@@ -1411,3 +1414,34 @@ def test_an_answer_with_more_adapters_than_shown_says_so(cli, seeded, tiny_bert)
     r = cli("query", "late flight", "--adapters", "good,copy0,copy1,copy2,copy3", "--top-k", "5", "--labels", "late,on time")
     assert r.exit_code == 0, r.output
     assert "and 1 more (--json lists them)" in r.stdout, r.stdout
+
+
+def test_pattern_keys_are_read_in_peft_form(tmp_path):
+    """PEFT matches a key as `(.*\\.)?(KEY)$`: `query|value` is either module; without the group the alternation
+    split the anchors, and an alpha_pattern gave value another alpha than PEFT's (sweep 66 F6)."""
+    from loraplex.experts.spec import LoraSpec
+
+    spec = LoraSpec(r=4, alpha=8.0, alpha_pattern={"query|value": 64.0})
+    assert spec.alpha_for("encoder.layer.0.attention.self.value") == 64.0
+    assert spec.alpha_for("encoder.layer.0.attention.self.query") == 64.0
+    assert spec.alpha_for("encoder.layer.0.attention.self.value_extra") == 8.0
+
+
+@pytest.mark.parametrize("end", ["Infinity", "1e400", '"12"'])
+def test_a_header_offset_that_is_no_integer_is_corrupt(cli, seeded, tiny_bert, tmp_path, end):
+    """`data_offsets` ending at Infinity or 1e400 made int() raise OverflowError: an internal error (sweep 66 F1)."""
+    d = tmp_path / "inf"
+    shutil.copytree(seeded, d)
+    body = ('{"x.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, %s]}}' % end).encode()
+    (d / WEIGHTS).write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 4)
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "its header is not a safetensors header")
+
+
+def test_a_dangling_link_is_named_as_one(cli, seeded, tiny_bert, tmp_path):
+    d = tmp_path / "dangling"
+    shutil.copytree(seeded, d)
+    (d / CFG).unlink()
+    (d / CFG).symlink_to(tmp_path / "gone.json")
+    before = registry_state(cli.home)
+    _refused(_register(cli, d, base=tiny_bert), cli.home, before, "a symbolic link to")

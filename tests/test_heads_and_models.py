@@ -167,6 +167,24 @@ def test_causal_generation_without_labels(tiny_llama, settings):
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
 
 
+def test_causal_generation_gives_no_text_from_nan_scores(tiny_llama, settings):
+    """Greedy generation over NaN logits named token 0 and printed it as an answer (sweep 66)."""
+    import torch
+
+    from loraplex.errors import NonFiniteScores
+
+    lb = load_base(str(tiny_llama), settings)
+    head = head_for(lb)
+    lm = lb.model.get_output_embeddings()
+    hook = lm.register_forward_hook(lambda mod, args, out: torch.full_like(out, float("nan")))
+    try:
+        with pytest.raises(NonFiniteScores, match="NaN or infinite for 2 of the 2 text"):
+            head.generate(lb.model, lb.tokenizer, ["the flight", "good"], dataclasses.replace(TASK, labels=()))
+    finally:
+        hook.remove()
+    assert len(head.generate(lb.model, lb.tokenizer, ["the flight"], dataclasses.replace(TASK, labels=()))) == 1
+
+
 def test_a_request_with_no_task_is_asked_through_the_chat_template(tiny_llama, settings, monkeypatch):
     """`query` with no task (auto's fallback to the bare base, an adapter without a task) asked an instruct
     model "Text: ...\nAnswer:" with no description: SmolLM2 answered "what is the capital of france" with

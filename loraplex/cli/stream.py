@@ -23,9 +23,10 @@ def _signed(v: Any) -> str:
     return "-" if v is None else f"{100 * v:+.1f}"
 
 
-def _matrix_table(matrix: dict[str, Any], title: str | None = None) -> None:
+def _matrix_table(matrix: dict[str, Any], title: str | None = None, *, numbered: bool = True) -> None:
+    """`numbered`: rows are units, numbered as the run numbers them (the metrics' rows are some of them: named only)."""
     tasks = matrix["tasks"]
-    rows = [{"after": f"{i}: {lab}", **{t: _pts(v) for t, v in zip(tasks, r)}}
+    rows = [{"after": f"{i}: {lab}" if numbered else str(lab), **{t: _pts(v) for t, v in zip(tasks, r)}}
             for i, (lab, r) in enumerate(zip(matrix["rows"], matrix["R"]))]
     rows.append({"after": "bare base", **{t: _pts(matrix["base"].get(t)) for t in tasks}})
     out.table(rows, ["after", *tasks], title=title)
@@ -37,7 +38,7 @@ def _summary(metrics: dict[str, Any]) -> None:
         notes = [f"{t} without {', '.join(labels)}" for t, labels in mm["without_labels"].items()]
         notes += [f"{t} left out (erased)" for t in mm["left_out"]]
         _matrix_table(mm, title="the cells the metrics read (points; learning rows, and the last row after forgetting"
-                                + (f"; {'; '.join(notes)}" if notes else "") + ")")
+                                + (f"; {'; '.join(notes)}" if notes else "") + ")", numbered=False)
     out.kv({
         "average accuracy (AA)": _pts(metrics.get("average_accuracy")),
         "backward transfer (BWT)": _signed(metrics.get("backward_transfer")),
