@@ -64,7 +64,9 @@ def matches_target(module: str, target: str) -> bool:
 
 def check_regex(pattern: str) -> None:
     """A user's pattern must compile under `re` (PEFT's engine) and `regex` (the one `bounded_match` runs): a
-    pattern only one reads (`[[:alpha:]]`) would match other names than PEFT's (sweep 66). re.error or ValueError."""
+    pattern only `re` compiles (`[[:foo:]]`) was an internal error when matched (sweep 66). re.error or ValueError.
+    (`regex` reads a POSIX class such as `[[:alpha:]]` as a class where `re` reads a set and a `]`: such a
+    pattern compiles under both and matches other names than PEFT's; none of PEFT's own examples is one.)"""
     import regex
 
     re.compile(pattern)
