@@ -251,10 +251,6 @@ class Adapter:
             if (mod, side) in keys:  # `X.lora_A.weight` and `X.lora_A.default.weight`: which one is the adapter?
                 raise InvalidAdapter(f"{where}: module {mod!r} has two lora_{side} tensors ({keys[mod, side]!r}, {key!r})")
             keys[mod, side], named[mod, side] = key, m.group(3)
-            other = "B" if side == "A" else "A"
-            if (mod, other) in named and named[mod, other] != m.group(3):  # halves of two adapters (sweep 64 F5)
-                raise InvalidAdapter(f"{where}: module {mod!r}: its lora_A and lora_B are stored under different "
-                                     f"adapter names ({keys[mod, 'A']!r}, {keys[mod, 'B']!r})")
             (a_s if side == "A" else b_s)[mod] = t
         if not a_s:
             raise InvalidAdapter(f"{where}: no LoRA weights found")
@@ -264,6 +260,10 @@ class Adapter:
         weights = {}
         for mod in sorted(a_s):
             a, b = a_s[mod], b_s[mod]
+            if named[mod, "A"] != named[mod, "B"]:  # halves of two adapters (sweep 64 F5), after every key is seen:
+                # a tensor given twice is named as such first, whatever the file's order
+                raise InvalidAdapter(f"{where}: module {mod!r}: its lora_A and lora_B are stored under different "
+                                     f"adapter names ({keys[mod, 'A']!r}, {keys[mod, 'B']!r})")
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise InvalidAdapter(
                     f"{where}: module {mod!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
