@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from loraplex.errors import NonFiniteScores
-from loraplex.heads import refuse_unreadable, unreadable
+from loraplex.heads import refuse_unreadable
 
 
 GREEDY_BELOW = 1e-5
@@ -168,14 +168,11 @@ class Batch:
     def _pick(self, rows: list[GenRow], logits: torch.Tensor, infos: list[dict]) -> torch.Tensor:
         toks = []
         for j, r in enumerate(rows):
-            if bool(unreadable(logits[j:j + 1])[0]):  # an adapter (or 16-bit precision) that overflows: no token
-                # is drawn from NaN (sampling raised, and failed every row of the batch; greedy named token 0), the
-                # row alone ends with the error (heads.refuse_unreadable's rule)
-                try:
-                    refuse_unreadable(logits[j:j + 1])
-                except NonFiniteScores as exc:
-                    r.error = exc
-                r.finish_reason = "error"
+            try:  # an adapter (or 16-bit precision) that overflows: no token is drawn from NaN (sampling raised, and
+                # failed every row of the batch; greedy named token 0), the row alone ends with the error
+                refuse_unreadable(logits[j:j + 1])
+            except NonFiniteScores as exc:
+                r.error, r.finish_reason = exc, "error"
                 toks.append(self.pad_id)
                 continue
             tok = pick(logits[j], r.sampling, r.generator)
