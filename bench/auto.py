@@ -1,7 +1,7 @@
 """Fit `auto`'s thresholds (route / generate / fall back) on the embedded task library, and show the curve.
 
     python bench/auto.py [--queries 20] [--proto 128] [--form whole|short|both]
-                         [--signature prototype|exemplars|twin]
+                         [--signature prototype|exemplars|twin|labels]
                          [--score raw|calibrated|ratio|ratio-len] [--out bench/results/auto.json]
 
 `router/auto.py` decides from a request's best routing score s1 = max_i <q, c_i> over the registry
@@ -107,7 +107,9 @@ def signatures(per_task: int, signature: str = "prototype", k: int = 5):
 
     prototype: <q, (1 - W) d + W p> with p the renormalised mean of the inputs (what retrieval stores);
     exemplars: (1 - W) <q, d> + W * the mean of q's k highest cosines to the task's inputs (a kNN score:
-    a short query near a few of a task's inputs scores high even when it is far from their mean)."""
+    a short query near a few of a task's inputs scores high even when it is far from their mean);
+    labels: the largest of the task's per-label signatures, each with the renormalised mean of one label's inputs
+    as its prototype (a task whose labels are far apart, as languages or news topics, is several points)."""
     import numpy as np
 
     from loraplex.data import load_task
@@ -124,6 +126,19 @@ def signatures(per_task: int, signature: str = "prototype", k: int = 5):
     if signature == "prototype":
         def score(q):
             return q @ vecs.T
+    elif signature == "labels":
+        lvecs, owner = [], []
+        for i, n in enumerate(names):
+            y = np.array([e.label for e in tasks[n].train[:per_task]])
+            for lab in dict.fromkeys(y.tolist()):
+                p = inputs[i][y == lab].mean(0)
+                lvecs.append((1 - W) * desc[i] + W * p / np.linalg.norm(p))
+                owner.append(i)
+        lv, owner = np.stack(lvecs).astype(np.float32), np.array(owner)
+
+        def score(q):
+            sims = q @ lv.T
+            return np.stack([sims[:, owner == i].max(1) for i in range(len(names))], axis=1)
     elif signature == "twin":
         short = [emb.encode([short_form(e.text) for e in tasks[n].train[:per_task]]) for n in names]
         sp = np.stack([x.mean(0) for x in short])
@@ -183,10 +198,11 @@ def calibration(kind: str, names, tasks, score, mu, sd, per_task: int):
 
 def handwritten(names, score, calibrate, threshold: float):
     """The two-way decision (route at `threshold`, else base) on bench/data/handwritten.tsv, signatures only:
-    (queries of a library family routed, their count, out-of-family queries left to the base, their count)."""
+    (queries of a library family routed, their count, out-of-family queries left to the base, their count, and
+    queries of a library family whose best-scoring adapter is of their family (`in_family`), routed or not)."""
     import numpy as np
 
-    from bench.handwritten import OUTSIDE, queries
+    from bench.handwritten import OUTSIDE, family_of, in_family, queries
 
     rows = queries()
     texts = [r[3] for r in rows]
@@ -195,7 +211,9 @@ def handwritten(names, score, calibrate, threshold: float):
         S = calibrate(S, texts)
     routed = S.max(1) >= threshold
     out = np.array([r[0] in OUTSIDE for r in rows])
-    return int(routed[~out].sum()), int((~out).sum()), int((~routed[out]).sum()), int(out.sum())
+    right = np.array([in_family(r[0], family_of(names[int(j)])) for r, j in zip(rows, S.argmax(1))])
+    return (int(routed[~out].sum()), int((~out).sum()), int((~routed[out]).sum()), int(out.sum()),
+            int(right[~out].sum()))
 
 
 def cases(names, tasks, desc, score, n_queries: int, calibrate=None, form: str = "whole"):
@@ -283,7 +301,7 @@ def main(argv=None) -> int:
                     help="raw: s1 itself (what router/auto.py uses); ratio / ratio-len: the score over the mean of "
                          "the adapter's own inputs' scores (`calibration`); calibrated: the z-score against each "
                          "adapter's own training inputs (measured as an alternative)")
-    ap.add_argument("--signature", choices=("prototype", "exemplars", "twin"), default="prototype",
+    ap.add_argument("--signature", choices=("prototype", "exemplars", "twin", "labels"), default="prototype",
                     help="prototype: the mean-embedding signature retrieval stores; exemplars: a kNN score over "
                          "the task's training inputs (measured as an alternative)")
     ap.add_argument("--exemplar-k", type=int, default=5, help="nearest inputs the exemplar score averages")
@@ -334,7 +352,7 @@ def main(argv=None) -> int:
     hw = handwritten(names, score, calibrate, t_alone)
     print(f"handwritten queries (bench/data/handwritten.tsv, not fitted on) at that threshold: of a library family routed "
           f"{hw[0]}/{hw[1]}, outside every family to the base {hw[2]}/{hw[3]}: {50 * (hw[0] / hw[1] + hw[2] / hw[3]):.1f}% "
-          f"balanced")
+          f"balanced; their best adapter of their family {hw[4]}/{hw[1]}")
     step = (grid[-1] - grid[0]) / 30
     print(f"\ncurve (generate_threshold {t_gen:.2f}, generator_max_distance {bound:.2f}); "
           "routed / generated / base, % of each case's requests:")
@@ -363,7 +381,7 @@ def main(argv=None) -> int:
                                  "generator_max_distance": float(bound), "decision_accuracy": bal, "per_case": per,
                                  "no_generator_threshold": float(t_alone), "no_generator_accuracy": two[0],
                                  "handwritten_two_way": {"family_routed": hw[0], "family": hw[1], "outside_to_base": hw[2],
-                                                         "outside": hw[3]},
+                                                         "outside": hw[3], "family_right": hw[4]},
                                  "curve": curve, "per_family": per_family, "queries_per_task": a.queries,
                                  "proto_inputs": a.proto}, indent=2) + "\n")
     return 0
