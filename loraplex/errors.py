@@ -192,6 +192,30 @@ class Terminated(BaseException):
 
 
 _TERMINATION: list[str] = []
+_SAVED: list[str] = []
+"""What the registry saved during this command (`saved`), newest last; the CLI clears it as a command begins."""
+_SAVED_SHOWN = 3
+
+
+def saved(what: str) -> None:
+    """Note a registry write that committed ("register adapter 'x'"): a Ctrl-C or SIGTERM that lands after it,
+    before the command reports, must not read as "nothing was done" (sweep 67: `adapters register` said
+    "interrupted", exit 130, with its adapter registered, and the rerun was refused as a duplicate)."""
+    _SAVED.append(what)
+    del _SAVED[:-100]  # a long-lived process (the server) keeps the last few only
+
+
+def clear_saved() -> None:
+    _SAVED.clear()
+
+
+def saved_note() -> str:
+    """"; saved before it: register adapter 'x'" (the last few, and how many more), or "" when nothing was."""
+    if not _SAVED:
+        return ""
+    last = _SAVED[-_SAVED_SHOWN:]
+    more = f" (and {len(_SAVED) - len(last)} earlier)" if len(_SAVED) > len(last) else ""
+    return f"; saved before it: {', '.join(last)}{more}"
 
 
 def terminate(signal: str) -> None:

@@ -157,6 +157,7 @@ class Database:
         self.lock_timeout = lock_timeout
         self._conn: sqlite3.Connection | None = None
         self._lock_depth = 0
+        self._commits = 0
         self._lock_fd: int | None = None
         self._full = False  # opened read-only because the disk had no room left (`_db`)
         self._ro_why: str | None = None  # opened read-only because this process cannot write it: what it cannot write
@@ -367,6 +368,7 @@ class Database:
             conn.execute("INSERT OR REPLACE INTO epochs(generation, epoch) VALUES (?, ?)", (gen, os.urandom(8).hex()))
             conn.execute("DELETE FROM epochs WHERE generation <= ?", (gen - EPOCHS_KEPT,))
             conn.execute("COMMIT")
+            self._commits += 1  # `_writing` reads it: was its write saved before a stop landed?
         except BaseException:
             # a Ctrl-C can land after COMMIT went through (or before BEGIN took): roll back only an open
             # transaction, so the interrupt, not "no transaction is active", is what the caller sees

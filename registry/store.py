@@ -51,7 +51,8 @@ from pydantic import ValidationError
 from loraplex.data import TASK_SUFFIXES, card_task, load_task
 from loraplex.embedders import EMBEDDERS
 from loraplex.errors import (AdapterNotFound, AlreadyExists, DiskFull, IntegrityError, InvalidAdapter, InvalidSpec,
-                             InvalidTaskFile, LoraplexError, LoraplexWarning, Unreadable, UserInputError, os_error)
+                             InvalidTaskFile, LoraplexError, LoraplexWarning, Unreadable, UserInputError, os_error,
+                             saved)
 from loraplex.experts.spec import Adapter, LoraSpec, format_validation_error
 from loraplex.fsio import atomic_file, missing_dirs, remove_if_empty
 from loraplex.ranks import is_worker, shared_run_dir
@@ -273,9 +274,13 @@ class Registry(Database, Components):
         """Around a write (blobs, then one transaction): on failure the blobs it created are removed, so the
         registry is as it was; a full disk is reported as such. Yields the list put_blob records into."""
         created: list[str] = []
+        commits = self._commits
         try:
             yield created
         except BaseException as exc:
+            if self._commits > commits:  # a stop landing after the commit: the write is done, and is said so
+                saved(what)
+                raise
             if created:
                 try:
                     refs = self.referenced_blobs()
@@ -288,6 +293,7 @@ class Registry(Database, Components):
                 raise DiskFull(f"the disk is full: cannot {what} in {self.home} (nothing was changed; free some space "
                                "and try again)") from None
             raise
+        saved(what)
 
     def read_blob(self, sha: str, *, owner: str | None = None) -> bytes:
         """The blob's bytes, after checking they still hash to `sha`. `owner` ("adapter 'x'", "router 'r'"):

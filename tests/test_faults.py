@@ -276,3 +276,63 @@ def test_an_adapter_removed_after_its_record_was_read_is_not_damage(cli, seeded,
     reg.blob_path(now.blob).unlink()
     with pytest.raises(IntegrityError, match="is missing"):
         reg.load_adapter(now)
+
+
+def test_a_stop_after_the_commit_says_what_was_saved(cli, seeded, tiny_bert, monkeypatch):
+    """A Ctrl-C or SIGTERM landing after `adapters register` committed (in the lock's release, before the command
+    read its record back) said "interrupted", exit 130, as if nothing was done; the adapter was registered, and the
+    rerun was refused as a duplicate (sweep 67). The line says what was saved before the stop."""
+    from loraplex.errors import Terminated
+    from loraplex.registry.store import Registry
+
+    fetched = Registry.get_adapter
+
+    def stopped(self, name, *a, **k):
+        if name == "late":
+            raise stop
+        return fetched(self, name, *a, **k)
+
+    monkeypatch.setattr(Registry, "get_adapter", stopped)
+    for stop, code, head in ((KeyboardInterrupt(), 130, "interrupted"),
+                             (Terminated("SIGTERM"), 143, "error: terminated (SIGTERM) before the command finished")):
+        r = cli("adapters", "register", seeded, "--name", "late", "--description", "airline tweets", "--base", tiny_bert)
+        err = r.stderr.strip()
+        assert r.exit_code == code, (r.exit_code, err)
+        assert err.startswith(head) and err.endswith("; saved before it: register adapter 'late'"), err
+        assert len(err.splitlines()) == 1, err
+        monkeypatch.setattr(Registry, "get_adapter", fetched)
+        assert cli("adapters", "remove", "late").exit_code == 0  # it was registered
+        monkeypatch.setattr(Registry, "get_adapter", stopped)
+    r = cli("adapters", "show", "good")  # a later command in the same process is not told of those writes
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(Registry, "get_adapter", fetched)
+
+    def before_commit(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Registry, "_insert_adapter", before_commit)
+    before = registry_state(cli.home)
+    r = cli("adapters", "register", seeded, "--name", "late", "--description", "airline tweets", "--base", tiny_bert)
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted", r.stderr  # nothing saved: nothing said
+    assert registry_state(cli.home) == before
+
+
+def test_a_ctrl_c_while_the_interpreter_exits_prints_no_traceback(tmp_path):
+    """A Ctrl-C after the command had answered (during the interpreter's exit, in torch's atexit finalizers) raised
+    the CLI's KeyboardInterrupt there: Python's "Exception ignored in atexit callback" and a traceback under the
+    answer (sweep 67). The command has reported; its exit ignores Ctrl-C."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import atexit, os, signal, time\n"
+            "def late():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.2)\n"
+            "atexit.register(late)\n"
+            "from loraplex.cli import main\n"
+            "main()\n")
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", code, "adapters", "list"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr

@@ -133,7 +133,16 @@ def main() -> None:
             interrupt()
 
         signal.signal(signal.SIGINT, interrupted)
-    app()
+    try:
+        app()
+    finally:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            # the command has reported: a Ctrl-C now would raise inside the interpreter's exit (torch's atexit
+            # finalizers) and print a traceback under the command's answer (sweep 67); exiting is brief
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # and a SIGTERM then ends it as by default
+            if sig is not None and signal.getsignal(sig) is terminated:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 def _warnings_as_lines() -> None:

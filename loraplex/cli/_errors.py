@@ -47,11 +47,11 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError, out_of_memory
+    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError, out_of_memory, saved_note
     from loraplex.ranks import is_worker
 
     if isinstance(exc, Terminated):  # SIGTERM / SIGHUP (a BaseException, so libraries do not swallow it)
-        exc = Interrupted(str(exc), signal="SIGTERM")
+        exc = Interrupted(str(exc) + saved_note(), signal="SIGTERM")
     try:
         worker = is_worker()
     except LoraplexError:  # a leftover RANK with no WORLD_SIZE: the error being reported is what to say
@@ -67,8 +67,8 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, LoraplexError):
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
+    if isinstance(exc, KeyboardInterrupt):  # what the registry saved before the Ctrl-C landed is said (sweep 67)
+        typer.echo(f"interrupted{saved_note()}", err=True)
         return INTERRUPTED
     if isinstance(exc, BrokenPipeError):  # the reader of stdout has gone (`loraplex ... | head`): stop quietly
         try:
@@ -151,7 +151,10 @@ class LoraplexGroup(TyperGroup):
             sys.exit(exc.exit_code)
 
     def invoke(self, ctx):
+        from loraplex.errors import clear_saved
+
         args = command_args(ctx)
+        clear_saved()  # what an earlier command in this process saved is not this one's (tests run many)
         try:
             return super().invoke(ctx)
         except UsageError as exc:  # bad option values of subcommands (BadParameter, NoSuchOption, ...)
