@@ -396,6 +396,29 @@ def peft_config(
     }
 
 
+STAGING = ".loraplex-export-"
+"""The prefix of an export's staging directory inside the target (then the process id and a random part)."""
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging directories of exports into `out` that were killed (SIGKILL, a lost machine) before
+    they could clean up: a later export left a hidden half-written file in the adapter's directory for ever
+    (sweep 67). One is stale when the process its name records no longer runs here; one of another export
+    still running (another process) is left alone."""
+    for d in out.glob(STAGING + "*"):
+        pid = d.name[len(STAGING):].split("-", 1)[0]
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a running process (possibly another export into this directory)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue  # another user's process, or not a process id
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically (a temp dir, then renames); on a
     failure (a full disk) the directory is left as it was, and removed again if this call made it."""
@@ -411,7 +434,8 @@ def write_peft_dir(adapter: Adapter, out_dir: str | os.PathLike, config: dict[st
         raise InvalidAdapter(f"{out}: already holds an adapter (pass --overwrite to replace it)")
     made = missing_dirs(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".loraplex-export-", dir=out))
+    _remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out))
     done = False
     try:
         sd = {PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}

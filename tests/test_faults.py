@@ -336,3 +336,25 @@ def test_a_ctrl_c_while_the_interpreter_exits_prints_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, "adapters", "list"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr
+
+
+def test_an_export_removes_what_a_killed_export_left_in_its_directory(cli, seeded, tmp_path):
+    """An export killed mid-write (SIGKILL) left its hidden staging directory, a half-written weights file in it,
+    inside the exported adapter's directory, and no later export removed it (sweep 67). The next export into that
+    directory removes a staging directory whose process is gone, and leaves one of a process still running."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    assert cli("adapters", "export", "good", out).exit_code == 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = out / f".loraplex-export-{int(gone.stdout)}-abcd1234"
+    dead.mkdir()
+    (dead / ".adapter_model.safetensors.x1").write_bytes(b"\0" * 1024)
+    alive = out / f".loraplex-export-{os.getpid()}-efgh5678"  # this process runs: an export under way
+    alive.mkdir()
+    r = cli("adapters", "export", "good", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not dead.exists() and alive.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, "adapter_config.json", "adapter_model.safetensors"])
