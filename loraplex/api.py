@@ -270,9 +270,10 @@ def _open(settings: Settings | None) -> "tuple[Registry, Settings]":
 
 # ---- the registry: adapters in and out (registry/) -------------------------------------------
 @_checked
-def register(path: str | Path, *, name: str, description: str, task: str | None = None, base: str | None = None,
-             settings: Settings | None = None) -> "AdapterRecord":
-    """Register a PEFT LoRA directory under `name`. Returns the AdapterRecord."""
+def register(path: str | Path, *, name: str, description: str | None = None, task: str | None = None,
+             base: str | None = None, settings: Settings | None = None) -> "AdapterRecord":
+    """Register a PEFT LoRA directory under `name` (`description`, default: the task's own). Returns the
+    AdapterRecord."""
     from loraplex.registry.adapters import register_peft
     return register_peft(*_open(settings), path, name=name, description=description, task=task, base=base)
 

@@ -422,7 +422,7 @@ def load_task_file(
                "is not this file's)" if dropped is not None else "")
         raise InvalidTaskFile(
             f"{p}: no task description{was}: write {side.name} beside it with a 'description' (or give one where "
-            f"the command takes it: --description of train and eval, `description:` in a stream spec)"
+            f"the command takes it: --description of train, eval and adapters register, `description:` in a stream spec)"
         )
 
     try:

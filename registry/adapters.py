@@ -37,7 +37,7 @@ def _about(field: str) -> Iterator[None]:
         raise exc.about(field) from None
 
 
-def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str,
+def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str | None,
                   task: str | None = None, base: str | None = None, declared_must_match: bool = False) -> AdapterRecord:
     """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record.
     `declared_must_match`: `base` is not the caller's choice (a server's own base), so a directory whose config
@@ -47,13 +47,16 @@ def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: 
         validate_name(name)
         if reg.has_adapter(name):
             raise AlreadyExists(f"an adapter named {name!r} already exists")
-    if not description or not description.strip():
-        raise UserInputError("a description is required: it is how the adapter is found and "
-                             "routed to").about("description")
-    with _about("description"):
-        description = validate_description(description)
     if task is not None and not str(task).strip():
         raise UserInputError("the task is empty: name an embedded task or a task file, or leave it out").about("task")
+    if (not description or not description.strip()) and task is not None:
+        with _about("task"):  # the task's own (an embedded task's; a task file's sidecar), as `train` takes it
+            description = reg.load_task(task).description
+    if not description or not description.strip():
+        raise UserInputError("a description is required: it is how the adapter is found and "
+                             "routed to (give --description, or a --task that has one)").about("description")
+    with _about("description"):
+        description = validate_description(description)
     with _about("path"):
         adapter, cfg = read_peft_dir(path)
     with _about("base" if base else "path"):  # the base named by --base, else by the directory's config

@@ -545,6 +545,11 @@ class Engine:
                 raise UserInputError(f"task {task!r}: over HTTP a task is an embedded task's name or a task file inside "
                                      "lora_path (the server reads no other file for a client)").about("task")
             task = inside
+        if description is None and task and task.strip():  # the task's own, as the CLI takes it
+            try:
+                description = self.reg().load_task(task).description
+            except LoraplexError:  # a task file without one: the path's default below; its faults are said where
+                pass               # register_peft loads it
         if description is None:  # the default names the path where a description can hold it (else a fault of
             description = f"LoRA adapter {name}, loaded through the server from {path}"  # the path would be
             try:                                                                          # blamed on it)

@@ -224,3 +224,23 @@ def test_a_safetensors_file_is_judged_by_its_header_first(cli, seeded, tiny_bert
     monkeypatch.setattr(Path, "read_bytes", lambda p: pytest.fail(f"{p} read whole") if p == f else whole(p))
     before = registry_state(cli.home)
     _assert_clean_failure(_register(cli, d, base=tiny_bert), cli.home, before, match)
+
+
+def test_register_with_a_task_takes_its_description(cli, seeded, tmp_path):
+    """`adapters register --task airline` without --description was refused ("a description is required") while
+    the task has one, and `--help` showed the option as optional (sweep 68): the task's own is taken, as `train`
+    takes it; with neither, the refusal says what to give."""
+    from loraplex.data import load_task
+
+    before = registry_state(cli.home)
+    r = cli("adapters", "register", seeded, "--name", "nodesc")
+    _assert_clean_failure(r, cli.home, before, "a description is required: it is how the adapter is found and "
+                          "routed to (give --description, or a --task that has one)")
+    rows = "\n".join(json.dumps({"text": f"text {i}", "label": ["yes", "no"][i % 2]}) for i in range(8))
+    (tmp_path / "bare.jsonl").write_text(rows + "\n")  # a task file with no description of its own
+    _assert_clean_failure(cli("adapters", "register", seeded, "--name", "nodesc", "--task", tmp_path / "bare.jsonl"),
+                          cli.home, before, "no task description")
+    r = cli("adapters", "register", seeded, "--name", "nodesc", "--task", "airline")
+    assert r.exit_code == 0, r.output
+    r = cli("adapters", "show", "nodesc", "--json")
+    assert json.loads(r.stdout)["description"] == load_task("airline").description

@@ -585,6 +585,13 @@ def test_a_load_without_description_names_the_paths_faults(bert_registry, http, 
     shutil.copytree(peft_dirs["sports"], odd)
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "odd-lora", "lora_path": str(odd)})
     assert r.status_code == 200, r.text
+    # with a task and no description, the task's own describes it (as `adapters register --task` takes it)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "task-lora", "lora_path": str(odd), "task": "airline"})
+    assert r.status_code == 200, r.text
+    from loraplex.data import load_task
+    from loraplex.registry.store import Registry
+
+    assert Registry(bert_registry.home).get_adapter("task-lora").description == load_task("airline").description
 
 
 def test_a_chat_the_template_refuses_is_the_clients_400(settings, tiny_llama, tmp_path):

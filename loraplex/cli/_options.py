@@ -91,7 +91,8 @@ Base = Annotated[
 ]
 Description = Annotated[
     Optional[str],
-    typer.Option("--description", help="What the task is, in words (used for search and routing)."),
+    typer.Option("--description", help="What the task is, in words (used for search and routing); default: the "
+                 "task's own description."),
 ]
 
 _LIGHTNING = "loraplex.training:LightningSettings"
