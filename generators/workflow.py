@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -34,7 +34,8 @@ from loraplex.generators.refine import examples_task, refine_config, top_blocks
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.seeding import one_at_a_time
-from loraplex.tasks import MAX_LABELS, checked_labels, checked_seed, lone_surrogate, validate_description, visible
+from loraplex.tasks import (MAX_LABELS, checked_labels, checked_seed, label_fold, lone_surrogate, validate_description,
+                            visible)
 
 KIND = "generator"
 
@@ -135,6 +136,31 @@ def _own_card(rec) -> dict | None:
 def _parse_config(method: str, config: dict[str, Any] | None):
     entry = GENERATORS.get(method)
     return entry, entry.make_config(config or {})
+
+
+def _task_labels(reg, task: str, cards: dict[str, Any] | None) -> tuple[str, ...] | None:
+    """The label set of the task a generated adapter would answer with: its card's, else the task's own."""
+    card = (cards or {}).get(task) or {}
+    if card.get("labels"):
+        return tuple(card["labels"])
+    try:
+        return tuple(reg.load_task(task).labels) or None
+    except LoraplexError:
+        return None
+
+
+def answers_among(labels_from: str | None, labels: Sequence[str] | None,
+                  among: "Mapping[str, Sequence[str] | None] | Sequence[str]") -> bool:
+    """Whether an adapter whose labels come from adapter `labels_from`, label set `labels`, answers as one of
+    `among` does (auto: the adapters near a request, each with its label set or None; a plain sequence of
+    names is read as names alone): it is one of them, or its label set is one of theirs (read as labels are
+    matched everywhere, `label_fold`: case, Unicode normalisation and format characters aside)."""
+    if labels_from is not None and labels_from in among:
+        return True
+    if not labels or not isinstance(among, Mapping):
+        return False
+    want = {label_fold(str(x).strip()) for x in labels}
+    return any(v and {label_fold(str(x).strip()) for x in v} == want for v in among.values())
 
 
 @one_at_a_time
@@ -249,7 +275,8 @@ def _answering_task(reg, name: str, description: str, parents: list[dict[str, An
 def generate(reg, settings, description: str, *, generator: str, name: str,
              examples: Sequence[tuple[str, str | None]] = (), seed: int = 0, label_task: bool = True,
              max_distance: float | None = None, refine_steps: int = 0, refine_blocks: int = 0,
-             dry_run: bool = False, answer_among: Sequence[str] | None = None) -> dict[str, Any]:
+             dry_run: bool = False, answer_among: Mapping[str, Sequence[str] | None] | Sequence[str] | None = None
+             ) -> dict[str, Any]:
     """Write an adapter for a new task with a stored generator and register it; returns what was done.
     `dry_run`: everything up to the registration (every refusal the generator or the examples make), nothing
     written or refined: returns the task the adapter would answer with and its parents (`auto` asks so before
@@ -263,7 +290,8 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
     the one fitted for request texts, which sit farther from task descriptions than descriptions do).
     `refine_steps` > 0 refines the sample on the labelled examples (refine.py; `refine_blocks` > 0 moves only
     the top blocks' modules); the labels are checked before the generator is loaded. `answer_among`: the
-    adapters whose task it may answer with (`auto`: those near the request by its own score), else OutOfRange:
+    adapters whose labels it may answer with (`auto`: those near the request by its own score, each with its
+    label set: one of their tasks or a task of the same label set, `answers_among`), else OutOfRange:
     a request's text sits far from every description, and its most similar parent by description was of
     another family than the request's (sweep 59: an airline tweet answered "shy", a football score "positive")."""
     validate_name(name)
@@ -304,10 +332,11 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
         # nothing ("register the adapter with --task", which a generated one cannot be; sweep 61)
         raise OutOfRange(f"{where}: no parent of this adapter records a task, and an encoder answers only with a "
                          "task's labels; pass --examples with labels (their label set is then the adapter's)")
-    if answer_among is not None and task is not None and extra.get("labels_from") not in answer_among:
+    if answer_among is not None and task is not None and not answers_among(
+            extra.get("labels_from"), _task_labels(reg, task, extra.get("task_cards")), answer_among):
         near = ", ".join(list(answer_among)[:3]) or "none"
-        raise OutOfRange(f"{where} would answer with the labels of {extra.get('labels_from')!r}, which is not among "
-                         f"the adapters near the request ({near}): its answer would be another task's")
+        raise OutOfRange(f"{where} would answer with the labels of {extra.get('labels_from')!r}, which no adapter "
+                         f"near the request ({near}) answers with: its answer would be another task's")
     if dry_run:
         return {"name": name, "generator": generator, "parents": parents, "distance": round(out.distance, 4),
                 "task": task, "task_cards": extra.get("task_cards") or {}}

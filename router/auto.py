@@ -63,7 +63,7 @@ from loraplex.embedders import get_embedder
 from loraplex.errors import (AdapterNotFound, AlreadyExists, ComponentNotFound, DiskFull, IntegrityError,
                              LockUnavailable, LoraplexError, RegistryBusy, UserInputError)
 from loraplex.generators.base import OutOfRange
-from loraplex.generators.workflow import KIND as GENERATOR, generate
+from loraplex.generators.workflow import KIND as GENERATOR, answers_among, generate
 from loraplex.heads import best_labels, head_for
 from loraplex.models import current_sha, load_base, resolve_base
 from loraplex.ranks import is_worker
@@ -415,7 +415,7 @@ def unwritable(reg, settings, d: Decision, cfg: AutoConfig, *, labelled: bool) -
     try:
         plan = generate(reg, settings, text, generator=d.generator, name=generated_name(text, d.generator),
                         examples=[(text, None)], label_task=True, max_distance=cfg.generator_max_distance,
-                        dry_run=True, answer_among=near_enough(d, cfg))
+                        dry_run=True, answer_among=near_enough(reg, d, cfg))
     except OutOfRange as exc:
         return _refused(d, cfg, exc)
     except LoraplexError:  # removed, damaged, a registry it cannot read now: `written_for` decides those
@@ -434,15 +434,32 @@ def _loads(base: str) -> bool:
         return False
 
 
-def near_enough(d: Decision, cfg: AutoConfig) -> list[str] | None:
-    """The adapters whose task a generated adapter may answer a "generate" decision's request with: those
-    the decision found near it, at a score that reaches the generate threshold (the generator ranks its
-    parents by description, which an instance text sits far from: sweep 59), by the text score the thresholds
-    read (with labels named, the hits' scores hold the label term: every adapter sharing them was near; sweep
-    60). None: a decision made without a search (no hits to check against)."""
+def near_enough(reg, d: Decision, cfg: AutoConfig) -> dict[str, tuple[str, ...] | None] | None:
+    """The adapters whose labels a generated adapter may answer a "generate" decision's request with, each with
+    its label set (None: it records none): those the decision found near it, at a score that reaches the
+    generate threshold (the generator ranks its parents by description, which an instance text sits far from:
+    sweep 59), by the text score the thresholds read (with labels named, the hits' scores hold the label term:
+    every adapter sharing them was near; sweep 60). The generator may answer with the task of one of them or
+    with any task of the same label set (`generators.workflow.answers_among`: adapters written earlier sat
+    nearest to a region, and their parent's name, not among them, refused every write there; sweep 68). An
+    adapter removed since the decision is left out. None: a decision made without a search (no hits)."""
     if d.near is not None:
-        return list(d.near)
-    return [h.name for h in d.hits if h.score >= cfg.generate_threshold] if d.hits else None
+        names = list(d.near)
+    elif d.hits:
+        names = [h.name for h in d.hits if h.score >= cfg.generate_threshold]
+    else:
+        return None
+    out = {}
+    for n in names:
+        try:
+            out[n] = record_labels(reg, reg.get_adapter(n))
+        except AdapterNotFound:
+            continue
+    return out
+
+
+def _names(near: dict[str, Any]) -> str:
+    return ", ".join(list(near)[:3]) or "none"
 
 
 def _refused(d: Decision, cfg: AutoConfig, exc: Exception) -> Decision:
@@ -481,7 +498,7 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
                 try:
                     generate(reg, settings, text, generator=d.generator, name=name, examples=[(text, None)],
                              label_task=True, max_distance=cfg.generator_max_distance,
-                             answer_among=near_enough(d, cfg))
+                             answer_among=near_enough(reg, d, cfg))
                     made = True
                     break
                 except AlreadyExists:  # another process (a server, a CLI) wrote it meanwhile: reused if it is
@@ -510,12 +527,13 @@ def written_for(reg, settings, d: Decision, cfg: AutoConfig) -> Decision:
         return Decision(d.text, "route", f"{d.reason}; but its adapter cannot be registered ({exc}), so it is "
                         "routed to the registered ones", d.similarity, d.margin, d.nearest, hits=d.hits)
     rec = reg.get_adapter(name)
-    near = near_enough(d, cfg)
-    if not made and near is not None and rec.extra.get("labels_from") not in near:  # one found written before
-        # (by a generator that did not check, or for a request decided otherwise then): not used (sweep 60)
+    near = near_enough(reg, d, cfg)
+    if not made and near is not None and not answers_among(rec.extra.get("labels_from"), record_labels(reg, rec), near):
+        # one found written before (by a generator that did not check, or for a request decided otherwise then):
+        # not used (sweep 60)
         return _refused(d, cfg, OutOfRange(f"adapter {name!r}, written for this text before, answers with the labels "
-                                           f"of {rec.extra.get('labels_from')!r}, which is not among the adapters "
-                                           f"near the request ({', '.join(near[:3]) or 'none'})"))
+                                           f"of {rec.extra.get('labels_from')!r}, which no adapter near the request "
+                                           f"({_names(near)}) answers with"))
     parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in rec.extra.get("parents", []))
     return Decision(d.text, "generate", f"{d.reason} (adapter {name!r}; parents: {parents}; labels of {rec.task!r})",
                     d.similarity, d.margin, d.nearest, d.generator, hits=d.hits, written=name, created=made)

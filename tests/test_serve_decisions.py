@@ -508,7 +508,9 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     """sg-lora ranks its parents by description, which an instance text sits far from: on the library an
     airline tweet was written an adapter answering with kaomoji-shy-vs-cool's labels, a football score with
     airline-polarity's, while auto's own search had found airline-lora and the bbc adapters (sweep 59 F4).
-    The task a written adapter answers with must be one of an adapter the decision found near the request."""
+    The labels a written adapter answers with must be those of an adapter the decision found near the request:
+    its own parent's, or any with the same label set (sweep 68: adapters written earlier sat nearest to a region,
+    and the parent's name, not among them, refused every write there although they answer with its labels)."""
     import dataclasses
 
     s, reg = toy_registry
@@ -519,11 +521,14 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     plan = workflow.generate(reg, s, TEXTS[0], generator="gen", name="probe", examples=[(TEXTS[0], None)],
                              dry_run=True, max_distance=cfg.generator_max_distance)
     source = next(p["name"] for p in plan["parents"] if reg.get_adapter(p["name"]).task == plan["task"])
-    elsewhere = dataclasses.replace(d, hits=[h for h in d.hits if h.name != source],
-                                    near=tuple(x for x in d.near if x != source))
+    # the toy tasks share one label set: without the source, its siblings near the request answer alike
+    alike = dataclasses.replace(d, hits=[h for h in d.hits if h.name != source],
+                                near=tuple(x for x in d.near if x != source))
+    assert alike.near and auto_router.unwritable(reg, s, alike, cfg, labelled=False).action == "generate"
+    elsewhere = dataclasses.replace(alike, near=())  # no adapter near it answers with those labels
     n = reg.count()
     refused = auto_router.written_for(reg, s, elsewhere, cfg)
-    assert refused.action == "base" and f"labels of {source!r}, which is not among the adapters near" in refused.reason
+    assert refused.action == "base" and f"labels of {source!r}, which no adapter near the request (none)" in refused.reason
     assert reg.count() == n  # nothing written
     assert auto_router.unwritable(reg, s, elsewhere, cfg, labelled=False).action == "base"
     # decided as with no generator: routed where the score reaches the no-generator threshold
@@ -535,4 +540,6 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     # the adapter found written for the text before is checked too (it was reused unchecked: sweep 60)
     again = auto_router.written_for(reg, s, elsewhere, cfg)
     assert again.action == "base" and "written for this text before" in again.reason and reg.count() == n + 1
+    reused = auto_router.written_for(reg, s, alike, cfg)  # near adapters of its label set: reused
+    assert reused.action == "generate" and reused.written == written.written and reg.count() == n + 1
     assert set(d.near) == {h.name for h in d.hits if h.score >= cfg.generate_threshold}  # by the text score
