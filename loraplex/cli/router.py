@@ -27,7 +27,7 @@ def fit(
     adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated registered adapters to route over.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks, one per adapter (default: each adapter's own task); with no adapters, the tasks a joint router learns.")] = None,
     steps: Annotated[int, field_option(f"{_TRAIN}.steps", "--steps")] = 200,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts (ranks, for rank) selected per token.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts (ranks, for rank) selected per token (default: 2; rank: 8).")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="Train the experts with the router (mixer, rank).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Router option key=value (repeatable), e.g. temperature=2.")] = None,
     lr: Annotated[float, field_option(f"{_TRAIN}.lr", "--lr")] = 1e-2,
