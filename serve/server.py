@@ -122,9 +122,16 @@ def build(settings=None, *, base: str | None = None, router: str | None = None, 
                       lora_updates=lora_updates, loopback_only=loopback_only, own_name=own_name), engine
 
 
+LISTEN_BACKLOG = 2048
+"""Connections the kernel holds before they are accepted (uvicorn's own default backlog)."""
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (port 0: a free one), or UserInputError naming what is wrong; bound
-    before the model loads, so a bad address or a taken port fails at once and nothing is announced."""
+    """A TCP socket bound to host:port (port 0: a free one) and listening, or UserInputError naming what is
+    wrong; bound before the model loads, so a bad address or a taken port fails at once and nothing is
+    announced. It listens from here on: a client that connects as soon as it reads the banner (the one way to
+    learn a `--port 0`'s port) was refused for the ~50 ms before uvicorn's loop began to listen (sweep 68);
+    the kernel now holds such a connection until the server accepts it."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
@@ -135,6 +142,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -253,10 +253,22 @@ def test_loopback_is_read_from_the_address_bound():
     for host in ("127.1", "localhost", "127.0.0.1"):
         with listening_socket(host, 0) as sock:
             assert loopback_address(sock.getsockname()[0]), host
-    with listening_socket("0.0.0.0", 0) as sock:
-        assert not loopback_address(sock.getsockname()[0])
+    assert not loopback_address("0.0.0.0")  # what a socket bound to every address reads (not opened here: the
+    # socket listens once bound, and a test binds 127.0.0.1 only)
     assert [loopback_address(a) for a in ("::ffff:127.0.0.1", "[::1]", "fe80::1%lo", "10.0.0.1", "::", "vm")] == \
         [True, True, False, False, False, False]
+
+
+def test_the_socket_listens_before_the_banner_is_printed():
+    """`serve` printed its banner (the one way to learn a `--port 0`'s port) about 50 ms before uvicorn's loop
+    began to listen on the socket, so a client connecting on reading it was refused (sweep 68). The socket listens
+    once bound: a connection made before the server runs waits to be accepted."""
+    import socket
+
+    from loraplex.serve.server import listening_socket
+
+    with listening_socket("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()[:2], timeout=5):
+        pass  # refused (ConnectionRefusedError) while the socket was only bound
 
 
 def test_a_request_whose_client_left_before_its_answer_is_a_499(llama_url):
