@@ -92,10 +92,14 @@ def check(reg: "Registry", *, repair: bool = False,
         if repair and lock.is_dir() and not lock.is_symlink() and not any(lock.iterdir()):
             lock.rmdir()
             report.repaired.append(f"removed the empty directory {lock.name} where the registry's lock file goes")
+        elif repair and not lock.is_dir():  # a FIFO, a socket, a device node, a dangling link: it holds nothing
+            lock.unlink()
+            report.repaired.append(f"removed the special file {lock.name} where the registry's lock file goes")
         else:
             report.problems.append(f"the registry lock {lock} is not a regular file (a "
                                    f"{'directory' if lock.is_dir() else 'special file'}): every write fails; remove it"
-                                   + (" (`registry check --repair` removes an empty directory)" if lock.is_dir() else ""))
+                                   + (" (`registry check --repair` removes an empty directory)" if lock.is_dir() else
+                                      " (`registry check --repair` does)"))
             return _check(reg, report, False, component_problem)
     try:
         with reg.write_lock():

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -326,6 +327,10 @@ class Database:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
             raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device opens, and flock works on it: writes went
+            os.close(fd)  # on while `registry check` said every write fails (sweep 67); refused as check says
+            raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: it is not a regular file (a "
+                                  "special file); remove it (`loraplex registry check --repair` does)")
         deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
         try:  # from here the fd is closed (and with it the lock released) whatever is raised, a Ctrl-C between the
             # flock and the body's try included: it kept the lock on a leaked fd for the process's life (sweep 55)

@@ -711,6 +711,32 @@ def test_a_directory_in_place_of_the_lock_is_one_line_and_changes_nothing(cli, s
     assert "Traceback" not in r.output and registry_state(cli.home) == before
 
 
+def test_a_special_file_in_place_of_the_lock_is_refused_as_check_says_and_repaired(cli, seeded, tiny_bert):
+    """A FIFO named registry.lock opens read-write and takes flock, so writes went on while `registry check` said
+    "every write fails" and called the registry inconsistent, and `--repair` could not mend it (sweep 67). Writes
+    are refused as check says, in one line, and `registry check --repair` removes it."""
+    import os
+
+    from tests.conftest import registry_state
+
+    lock = cli.home / "registry.lock"
+    lock.unlink()
+    os.mkfifo(lock)
+    before = registry_state(cli.home)
+    for args in (("adapters", "remove", "good"),
+                 ("adapters", "register", seeded, "--name", "z1", "--description", "x", "--base", tiny_bert)):
+        r = cli(*args)
+        err = r.stderr.strip()
+        assert r.exit_code == 1 and err.startswith("error: cannot take the registry lock") and "not a regular file" \
+            in err and len(err.splitlines()) == 1, err
+        assert registry_state(cli.home) == before
+    r = cli("registry", "check")
+    assert r.exit_code == 1 and "registry check --repair` does" in r.output, r.output
+    r = cli("registry", "check", "--repair")
+    assert r.exit_code == 0 and "removed the special file registry.lock" in r.output, r.output
+    assert cli("adapters", "remove", "good").exit_code == 0
+
+
 def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli, seeded, tiny_bert, tmp_path):
     """`adapters register --description D --task bare.jsonl` was refused with "pass --description",
     which the user had passed: the adapter's description now stands in for the task's."""
