@@ -16,17 +16,20 @@ import shutil
 import sqlite3
 import stat
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, RegistryBusy, UserInputError,
-                             check_termination, os_error)
+from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, LoraplexWarning, RegistryBusy,
+                             UserInputError, check_termination, os_error)
 from loraplex.fsio import user_path
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
+LOCK_NOTE_S = 1.0
+"""A writer that has waited this long for the lock says so, once (then waits on, up to its timeout)."""
 """Writes whose random marks (table `epochs`) the database keeps: a cache that many writes behind is rebuilt."""
 
 SCHEMA = """
@@ -331,7 +334,9 @@ class Database:
             os.close(fd)  # on while `registry check` said every write fails (sweep 67); refused as check says
             raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: it is not a regular file (a "
                                   "special file); remove it (`loraplex registry check --repair` does)")
-        deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
+        limit = self.lock_timeout if timeout is None else timeout
+        start = time.monotonic()
+        said = False
         try:  # from here the fd is closed (and with it the lock released) whatever is raised, a Ctrl-C between the
             # flock and the body's try included: it kept the lock on a leaked fd for the process's life (sweep 55)
             while True:
@@ -341,8 +346,13 @@ class Database:
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    if time.monotonic() > deadline:
+                    waited = time.monotonic() - start
+                    if waited > limit:
                         raise RegistryBusy(f"the registry at {self.home} is locked by another process") from None
+                    if not said and waited > LOCK_NOTE_S:  # a writer waited up to 120 s without a word (sweep 67)
+                        said = True
+                        warnings.warn(f"waiting for the registry lock at {self.home}: another process holds it "
+                                      f"(for up to {limit:.0f} s)", LoraplexWarning, stacklevel=3)
                     time.sleep(0.01)
             self._lock_fd, self._lock_depth = fd, 1
             yield

@@ -737,6 +737,23 @@ def test_a_special_file_in_place_of_the_lock_is_refused_as_check_says_and_repair
     assert cli("adapters", "remove", "good").exit_code == 0
 
 
+def test_a_writer_waiting_for_the_lock_says_so(cli, seeded):
+    """A writer waited silently for up to 120 s while another process held the registry's lock (a stopped
+    writer), then failed (sweep 67). After a second it says, once, what it waits for."""
+    import fcntl
+    import os
+    import threading
+
+    fd = os.open(cli.home / "registry.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: held against this process's writers too
+    threading.Timer(2.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
+    r = cli("adapters", "remove", "good")
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.stderr.splitlines() if "waiting for the registry lock" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: waiting for the registry lock at ") and \
+        "another process holds it (for up to 120 s)" in lines[0], r.stderr
+
+
 def test_register_with_a_task_file_without_a_description_takes_the_adapters(cli, seeded, tiny_bert, tmp_path):
     """`adapters register --description D --task bare.jsonl` was refused with "pass --description",
     which the user had passed: the adapter's description now stands in for the task's."""
