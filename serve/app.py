@@ -449,8 +449,12 @@ def _error_handlers(app: FastAPI, cx: _Context) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):
-        log.exception("internal error")
         err = cx.error(exc)
+        if err.status == 500:  # a bug: its traceback
+            log.exception("internal error")
+        else:  # the server's state (the registry's database failed, memory or file descriptors ran out): what the
+            # client was told, in one line; it was logged as an internal error with its traceback (sweep 67)
+            log.error("%s %s: %s", request.method, request.url.path, err.message)
         return JSONResponse(err.body(), status_code=err.status)
 
 

@@ -369,6 +369,28 @@ def test_a_damaged_registry_under_a_load_is_the_servers_state(bert_registry, htt
     assert body["param"] is None and body["type"] == "unavailable_error" and "is missing" in body["message"]
 
 
+def test_a_database_failure_under_a_request_is_logged_in_one_line(bert_registry, http, peft_dirs, monkeypatch, caplog):
+    """SQLite failing under a request (a database damaged under the server) was answered as the 503 it is, but
+    logged as "internal error" with a 55-line traceback, as a bug is (sweep 67): the server's log says what the
+    client was told, in one line."""
+    import logging
+    import sqlite3
+
+    from loraplex.registry.store import Registry
+
+    def malformed(self, name):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(Registry, "has_adapter", malformed)
+    with caplog.at_level(logging.ERROR, logger="loraplex.serve"):
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "new-lora", "lora_path": str(peft_dirs["sports"])})
+    assert r.status_code == 503 and "the registry database failed: database disk image is malformed" in r.text, r.text
+    logged = [rec for rec in caplog.records if rec.name.startswith("loraplex.serve")]
+    assert logged and all(rec.exc_info is None and "internal error" not in rec.getMessage() for rec in logged), \
+        [(rec.getMessage(), rec.exc_info) for rec in logged]
+    assert any("/v1/load_lora_adapter: the registry database failed" in rec.getMessage() for rec in logged)
+
+
 def test_look_alike_labels_nan_numbers_and_request_ids(http):
     """Labels that read the same ("é" composed and decomposed, a zero-width joiner) were two answers; a
     label of 100,000 characters was embedded; NaN was reported as out of range; answers had no
