@@ -183,6 +183,7 @@ def fit(reg, settings, name: str, *, method: str, adapters: Sequence[str] | None
                                                       "register those with --task, or name them with --adapters)"
                                                       if left else ""))
     blobs = {n: reg.get_adapter(n).blob for n in names}  # an unknown name is named ("at least 2 adapters, got 1")
+    reg.check_writable()  # a full disk or a read-only home: said before the fit, not after it (sweep 67)
     data = training_set(reg, names, snapshots=cfg.snapshots)
     gen: CVAEGenerator = entry.factory(cfg, GenContext(settings, reg.embedder_name, data.base))
     metrics = gen.fit(data, progress=progress)

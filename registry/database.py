@@ -364,15 +364,22 @@ class Database:
             finally:
                 os.close(fd)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        check_termination()  # a SIGTERM whose raise a library swallowed: no write begins after it
-        conn = self._db()
+    def check_writable(self) -> None:
+        """DiskFull or LockUnavailable when the registry can be read but not written (a full disk, a home this
+        process cannot write: known once it is open): every write says so, and a command about to do long work
+        before its write asks first (`generate fit` fitted a whole generator, then could not store it: sweep 67)."""
+        self._db()
         if self._full:
             raise DiskFull(f"the disk is full: the registry at {self.home} can be read but not written (nothing was "
                            "changed; free some space and try again)")
         if self._ro_why is not None:
             raise LockUnavailable(f"cannot write the registry at {self.home}: {self._ro_why} (nothing was changed)")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        check_termination()  # a SIGTERM whose raise a library swallowed: no write begins after it
+        conn = self._db()
+        self.check_writable()
         try:  # BEGIN inside: a Ctrl-C right after it left the connection in an open write transaction (sweep 55)
             conn.execute("BEGIN IMMEDIATE")
             yield conn

@@ -358,3 +358,24 @@ def test_an_export_removes_what_a_killed_export_left_in_its_directory(cli, seede
     assert r.exit_code == 0, r.output
     assert not dead.exists() and alive.is_dir()
     assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, "adapter_config.json", "adapter_model.safetensors"])
+
+
+def test_a_generator_fit_on_a_registry_it_cannot_write_is_refused_before_fitting(cli, seeded, tiny_bert, monkeypatch):
+    """`generate fit` on a read-only home (or a full disk) fitted the whole generator, then could not store it
+    (sweep 67); `train` and `router fit` refuse at once. It is refused before the fit, as they are."""
+    import os
+
+    from loraplex.generators import workflow
+
+    assert cli("adapters", "register", seeded, "--name", "good2", "--description", "airline tweets again",
+               "--base", tiny_bert).exit_code == 0
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if (str(p) == str(cli.home) and mode == os.W_OK)
+                        else access(p, mode, **k))
+    fitted = []
+    monkeypatch.setattr(workflow, "training_set", lambda *a, **k: fitted.append(1))
+    before = registry_state(cli.home)
+    r = cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,good2")
+    assert r.exit_code == 1 and r.stderr.strip() == (f"error: cannot write the registry at {cli.home}: its directory "
+                                                     f"{cli.home} is not writable (nothing was changed)"), r.stderr
+    assert not fitted and registry_state(cli.home) == before
