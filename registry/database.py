@@ -136,6 +136,17 @@ def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
     return False
 
 
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE, bytes), or None when unlimited or unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 class Database:
     """A registry home's SQLite database and lock (see the module docstring)."""
 
@@ -241,6 +252,11 @@ class Database:
                     return LoraplexError(f"cannot open registry database {self.db_path}: too many open files "
                                          "(the process's limit is reached: raise `ulimit -n`)")
                 return os_error(os_exc)
+        limit = _file_size_limit()
+        if "disk i/o error" in str(exc).lower() and limit is not None and limit < (1 << 20):
+            # SQLite cannot size its 32 KiB -shm file under `ulimit -f 16`: the database is fine (sweep 67)
+            return LoraplexError(f"cannot open registry database {self.db_path}: this process may write files of at "
+                                 f"most {limit:,} bytes (ulimit -f), too small for SQLite's files; raise the limit")
         return IntegrityError(f"registry database {self.db_path} is unreadable: {exc}")
 
     def _unwritable(self) -> str | None:

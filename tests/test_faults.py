@@ -379,3 +379,31 @@ def test_a_generator_fit_on_a_registry_it_cannot_write_is_refused_before_fitting
     assert r.exit_code == 1 and r.stderr.strip() == (f"error: cannot write the registry at {cli.home}: its directory "
                                                      f"{cli.home} is not writable (nothing was changed)"), r.stderr
     assert not fitted and registry_state(cli.home) == before
+
+
+def test_a_file_size_limit_too_small_for_sqlite_is_named_not_called_damage(tmp_path):
+    """Under `ulimit -f 16` every command, listing included, said the database was "unreadable: disk I/O error"
+    (sweep 67): SQLite could not size its -shm file, and the database was fine. The limit is named."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from loraplex.registry.store import Registry
+
+    home = tmp_path / "home"
+    reg = Registry(home)
+    reg._db()
+    reg.close()
+    for side in ("registry.db-wal", "registry.db-shm"):
+        (home / side).unlink(missing_ok=True)
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    p = subprocess.run([sys.executable, "-c", "from loraplex.cli import main; main()", "adapters", "list"],
+                       capture_output=True, text=True, env=env, timeout=120, preexec_fn=small_files)
+    assert p.returncode == 1 and p.stderr.strip() == (f"error: cannot open registry database {home / 'registry.db'}: "
+                                                      "this process may write files of at most 16,384 bytes (ulimit "
+                                                      "-f), too small for SQLite's files; raise the limit"), p.stderr
