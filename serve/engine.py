@@ -74,6 +74,12 @@ def _unix(stamp: str) -> int | None:
         return None
 
 
+LOCK_S = 30.0
+"""How long a request's registry write (a load, an unload, an adapter `auto` writes) waits for the registry's
+lock, held by another process, before its 503: well within the stop's grace period (server.GRACE_S), where the
+CLI's 120 s kept a stopped server alive twice that long (sweep 67)."""
+
+
 class Engine:
     def __init__(self, settings: Settings | None = None, *, base: str | None = None, router: str | None = None,
                  max_loras: int = 16, host_loras: int = 256, events: Events | None = None,
@@ -128,6 +134,7 @@ class Engine:
         r = getattr(self._local, "reg", None)
         if r is None:
             r = self._local.reg = Registry.open(self.settings)
+            r.lock_timeout = LOCK_S
         return r
 
     def _default_base(self, router: str | None) -> str:

@@ -677,3 +677,32 @@ def test_a_bug_answered_in_full_is_not_raised_again():
         asyncio.run(Guard(cut, metrics, None)(scope, receive, send))
     text = metrics.text().decode()
     assert metric(text, 'loraplex_requests_total{endpoint="/v1/completions",status="500"}') == 2, text
+
+
+def test_a_load_waits_for_the_registry_lock_less_than_a_stop_allows(bert_registry, tiny_bert, peft_dirs, monkeypatch):
+    """A load waiting on the registry's lock (held by another process) waited the CLI's 120 s, so a Ctrl-C'd
+    server stayed alive that long, twice its 60 s grace period (sweep 67). A server's registry writes wait
+    `engine.LOCK_S` (within the grace period), then answer 503 naming the lock."""
+    import fcntl
+    import os
+    import time
+
+    import httpx
+
+    from loraplex.serve import engine as engine_mod
+    from loraplex.serve.server import GRACE_S
+
+    assert engine_mod.LOCK_S < GRACE_S - 5
+    monkeypatch.setattr(engine_mod, "LOCK_S", 0.5)
+    before = registry_state(bert_registry.home)
+    fd = os.open(bert_registry.home / "registry.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        with serving(bert_registry, base=str(tiny_bert)) as url, httpx.Client(base_url=url, timeout=60) as h:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            t0 = time.monotonic()
+            r = h.post("/v1/load_lora_adapter", json={"lora_name": "late-lora", "lora_path": str(peft_dirs["sports"])})
+            assert r.status_code == 503 and "is locked by another process" in r.text, r.text
+            assert time.monotonic() - t0 < 20
+    finally:
+        os.close(fd)
+    assert registry_state(bert_registry.home) == before
