@@ -483,10 +483,12 @@ an adapter was generated from, known only by the card its record keeps (`generat
 def load_task(ref: str, *, description: str | None = None, card: dict | None = None,
               fallback_description: str | None = None) -> Task:
     """An embedded task by name, or a task file by path. `card` (see `load_task_file`) is what a
-    registered adapter recorded of the task; `description` overrides both the file's and the card's;
+    registered adapter recorded of the task: it stands in for what a task file lacks, and an embedded task
+    lacks nothing (its description is its own: one adapter trained with `--description` gave its wording to
+    every later adapter of the task, sweep 69; an adapter answering with its own card's description is
+    `Registry.answering_task`'s doing); `description` overrides both the file's and the card's;
     `fallback_description` stands in for a task file that has none (embedded tasks always have one)."""
     if ref in EMBEDDED_TASKS:
-        description = description or (card or {}).get("description")
         if description:
             t = _embedded_task(ref)
             return Task(t.name, description, t.labels, t.train, t.validation, t.test, t.label_texts, t.source, t.family)

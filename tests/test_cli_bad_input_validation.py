@@ -1488,3 +1488,22 @@ def test_a_dangling_link_is_named_as_one(cli, seeded, tiny_bert, tmp_path):
     (d / CFG).symlink_to(tmp_path / "gone.json")
     before = registry_state(cli.home)
     _refused(_register(cli, d, base=tiny_bert), cli.home, before, "a symbolic link to")
+
+
+def test_a_description_given_to_train_stays_that_adapters(cli, seeded, tiny_bert):
+    """`train airline --description D` gave D to every later adapter trained on airline without one, even after
+    the adapter that gave it was removed (the newest adapter's card stood in for the embedded task's own
+    description; sweep 69): search and routing read it. An embedded task's description is its own."""
+    import json as _json
+
+    from loraplex.data import load_task
+
+    own = load_task("airline").description
+    base = ["--base", tiny_bert, "--steps", "1", "--eval-limit", "4", "--val-limit", "4", "--quiet"]
+    assert cli("train", "airline", "--name", "x2", "--description", "Complaints from angry flyers", *base).exit_code == 0
+    assert cli("train", "airline", "--name", "x3", *base).exit_code == 0
+
+    def described(name):
+        return _json.loads(cli("adapters", "show", name, "--json").stdout)["description"]
+
+    assert described("x2") == "Complaints from angry flyers" and described("x3") == own

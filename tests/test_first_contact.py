@@ -275,7 +275,7 @@ def test_eval_takes_a_description_for_a_file_without_one(cli, tiny_bert, tmp_pat
     """`eval --task FILE` on a file with no sidecar said "pass --description", which eval did not have."""
     f = _bare_task_file(tmp_path)
     r = cli("eval", "--task", f, "--base", tiny_bert, "--quiet")
-    assert r.exit_code == 2 and "no task description: write " in r.stderr and "--description of train and eval" in r.stderr, r.output
+    assert r.exit_code == 2 and "no task description: write " in r.stderr and "--description of train, eval and adapters register" in r.stderr, r.output
     r = cli("eval", "--task", f, "--base", tiny_bert, "--description", "is the traveller happy", "--json", "--quiet")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] > 0, r.output
 
