@@ -39,6 +39,7 @@ from loraplex.errors import (IntegrityError, InvalidTaskFile, LockUnavailable, L
                              UserInputError)
 from loraplex.experts.spec import Adapter
 from loraplex.models import fingerprint, resolve_base
+from loraplex.registry.database import lock_problem
 from loraplex.registry.index import INDEX_FILE, ROUTE_INDEX_FILE, SignatureIndex, drop_cached, routing_vectors
 from loraplex.registry.lineage import GRAPH_FILE, build_graph, canonical, graph_json, load_cached, to_json
 from loraplex.registry.record import router_members_problem, validate_name
@@ -87,19 +88,17 @@ def check(reg: "Registry", *, repair: bool = False,
         report.notes.append(f"no registry at {reg.home} yet (nothing to check)")
         return report
     lock = reg.lock_path
-    if (lock.exists() or lock.is_symlink()) and not lock.is_file():  # a directory there: every write failed, and
-        # check said "consistent" (sweep 62): a problem of the registry, and an empty directory is repaired
-        if repair and lock.is_dir() and not lock.is_symlink() and not any(lock.iterdir()):
+    odd = lock_problem(lock)
+    if odd is not None:  # what stands in the lock's place: every write fails on it (sweeps 62, 67, 70)
+        if repair and (lock.is_symlink() or not lock.is_dir()):  # a link (not what it points to) or a special file:
+            lock.unlink()                                         # neither holds anything
+            report.repaired.append(f"removed what stood in the registry lock's place ({lock.name}: "
+                                   f"{odd.split(';')[0]})")
+        elif repair and not any(lock.iterdir()):
             lock.rmdir()
             report.repaired.append(f"removed the empty directory {lock.name} where the registry's lock file goes")
-        elif repair and not lock.is_dir():  # a FIFO, a socket, a device node, a dangling link: it holds nothing
-            lock.unlink()
-            report.repaired.append(f"removed the special file {lock.name} where the registry's lock file goes")
         else:
-            report.problems.append(f"the registry lock {lock} is not a regular file (a "
-                                   f"{'directory' if lock.is_dir() else 'special file'}): every write fails; remove it"
-                                   + (" (`registry check --repair` removes an empty directory)" if lock.is_dir() else
-                                      " (`registry check --repair` does)"))
+            report.problems.append(f"the registry lock {lock}: {odd}; every write fails")
             return _check(reg, report, False, component_problem)
     try:
         with reg.write_lock():

@@ -136,6 +136,26 @@ def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
     return False
 
 
+def lock_problem(lock: Path) -> str | None:
+    """What is wrong with what stands in the registry lock's place, or None (no file yet, or a regular file, a
+    link to one included): every writer refuses the same things `registry check` reports, and says how to mend
+    them. A dangling link was followed and its target created outside the home; a FIFO took flock; a socket
+    failed as "No such device or address" (sweeps 67, 70)."""
+    if lock.is_symlink():
+        if not lock.exists():
+            return "it is a symbolic link to nothing; remove it (`loraplex registry check --repair` does)"
+        if not lock.is_file():
+            return ("it is a symbolic link to something that is not a regular file; remove it (`loraplex registry "
+                    "check --repair` does)")
+        return None
+    if not lock.exists() or lock.is_file():
+        return None
+    if lock.is_dir():
+        return ("it is a directory; remove it" + (" (`loraplex registry check --repair` removes an empty one)"
+                                                  if not any(lock.iterdir()) else ""))
+    return "it is not a regular file (a special file); remove it (`loraplex registry check --repair` does)"
+
+
 def _file_size_limit() -> int | None:
     """The largest file this process may write (RLIMIT_FSIZE, bytes), or None when unlimited or unknown."""
     try:
@@ -342,14 +362,16 @@ class Database:
                 self._lock_depth -= 1
             return
         self.home.mkdir(parents=True, exist_ok=True)
+        odd = lock_problem(self.lock_path)  # what `registry check` reports is what every writer refuses (sweep 67, 70)
+        if odd is not None:
+            raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {odd}")
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a directory in its place, a read-only home: the registry cannot be written
+        except OSError as exc:  # a read-only home, a lock of another user's: the registry cannot be written
             raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device opens, and flock works on it: writes went
-            os.close(fd)  # on while `registry check` said every write fails (sweep 67); refused as check says
-            raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: it is not a regular file (a "
-                                  "special file); remove it (`loraplex registry check --repair` does)")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # put there since the check above
+            os.close(fd)
+            raise LockUnavailable(f"cannot take the registry lock {self.lock_path}: {lock_problem(self.lock_path)}")
         limit = self.lock_timeout if timeout is None else timeout
         start = time.monotonic()
         said = False

@@ -44,7 +44,7 @@ def test_a_lock_path_that_is_a_directory_is_a_problem_and_an_empty_one_is_repair
     reg.lock_path.unlink()
     reg.lock_path.mkdir()
     rep = api.check(settings=settings)
-    assert not rep.ok and any("registry.lock is not a regular file (a directory)" in p for p in rep.problems), rep
+    assert not rep.ok and any("registry.lock: it is a directory; remove it" in p for p in rep.problems), rep
     rep = api.check(repair=True, settings=settings)
     assert rep.ok and any("removed the empty directory registry.lock" in r for r in rep.repaired), rep
     assert reg.lock_path.is_file()  # taken as a lock again
@@ -740,3 +740,38 @@ def test_an_interrupt_right_after_a_write_transaction_begins_rolls_it_back(tmp_p
         with reg.transaction():  # and it writes again
             pass
     assert seen >= 1
+
+
+@pytest.mark.parametrize("what", ["dangling-link", "socket", "link-to-a-directory"])
+def test_what_check_calls_a_broken_lock_every_writer_refuses_and_repair_removes(settings, tiny_bert, tmp_path, what):
+    """A dangling link in the lock's place: check said every write fails, while writers followed it and created its
+    target outside the home; a socket failed writes as "No such device or address"; a link to an empty directory
+    was one check's --repair hint said it would remove, and did not (sweep 70). Writers refuse what check reports,
+    in its words, and --repair removes the link or the file (never what a link points to)."""
+    import socket
+
+    from loraplex.errors import LockUnavailable
+
+    reg = _setup(settings, tiny_bert, tmp_path, n=1)
+    reg.lock_path.unlink()
+    outside = tmp_path / "outside"
+    if what == "dangling-link":
+        reg.lock_path.symlink_to(outside)
+    elif what == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(reg.lock_path))
+        sock.close()
+    else:
+        outside.mkdir()
+        reg.lock_path.symlink_to(outside)
+    rep = api.check(settings=settings)
+    [problem] = [p for p in rep.problems if "registry.lock" in p]
+    said = problem.split("registry.lock: ", 1)[1].split("; every write fails")[0]
+    with pytest.raises(LockUnavailable) as exc:
+        with reg.write_lock():
+            pass
+    assert str(exc.value).endswith(said) and "--repair` does" in said, (str(exc.value), said)
+    assert not (what == "dangling-link" and outside.exists())  # nothing created through the link
+    rep = api.check(repair=True, settings=settings)
+    assert rep.ok and any("removed what stood in the registry lock's place" in r for r in rep.repaired), rep
+    assert reg.lock_path.is_file() and (what != "link-to-a-directory" or outside.is_dir())
