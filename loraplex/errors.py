@@ -242,6 +242,30 @@ def check_termination() -> None:
         raise Terminated(_TERMINATION[0])
 
 
+def file_size_limit() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE, `ulimit -f`, in bytes), or None when unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def file_size_note(exc: BaseException) -> str:
+    """"; this process may write files of at most N bytes (ulimit -f): raise the limit" when `exc` is what a write
+    past a file-size limit gives (EFBIG, SQLite's "disk I/O error") and such a limit is set; else "". A database
+    or a blob write under `ulimit -f` read as a damaged database and sent the user to `registry check`, which found
+    nothing (sweep 70)."""
+    limit = file_size_limit()
+    if limit is None:
+        return ""
+    if not ((isinstance(exc, OSError) and exc.errno == errno.EFBIG) or "disk i/o error" in str(exc).lower()):
+        return ""
+    return f"; this process may write files of at most {limit:,} bytes (ulimit -f): raise the limit"
+
+
 def os_error(exc: OSError) -> LoraplexError:
     """An OS error as loraplex reports it: one line naming the path; a UserInputError when it is about a
     path the caller gave (PATH_ERRNOS), else a LoraplexError (the CLI prints both as `error: ...`)."""
@@ -250,4 +274,4 @@ def os_error(exc: OSError) -> LoraplexError:
     name = str(exc.filename) if getattr(exc, "filename", None) else ""
     where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
     cls = UserInputError if exc.errno in PATH_ERRNOS else LoraplexError
-    return cls(f"{exc.strerror or exc}{where}")
+    return cls(f"{exc.strerror or exc}{where}{file_size_note(exc)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loraplex.errors import (DiskFull, IntegrityError, LockUnavailable, LoraplexError, LoraplexWarning, RegistryBusy,
-                             UserInputError, check_termination, os_error)
+                             UserInputError, check_termination, file_size_note, os_error)
 from loraplex.fsio import user_path
 
 SCHEMA_VERSION = 1
@@ -156,17 +156,6 @@ def lock_problem(lock: Path) -> str | None:
     return "it is not a regular file (a special file); remove it (`loraplex registry check --repair` does)"
 
 
-def _file_size_limit() -> int | None:
-    """The largest file this process may write (RLIMIT_FSIZE, bytes), or None when unlimited or unknown."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    except (ImportError, OSError, ValueError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else int(soft)
-
-
 class Database:
     """A registry home's SQLite database and lock (see the module docstring)."""
 
@@ -272,11 +261,9 @@ class Database:
                     return LoraplexError(f"cannot open registry database {self.db_path}: too many open files "
                                          "(the process's limit is reached: raise `ulimit -n`)")
                 return os_error(os_exc)
-        limit = _file_size_limit()
-        if "disk i/o error" in str(exc).lower() and limit is not None and limit < (1 << 20):
-            # SQLite cannot size its 32 KiB -shm file under `ulimit -f 16`: the database is fine (sweep 67)
-            return LoraplexError(f"cannot open registry database {self.db_path}: this process may write files of at "
-                                 f"most {limit:,} bytes (ulimit -f), too small for SQLite's files; raise the limit")
+        note = file_size_note(exc)
+        if note:  # SQLite cannot size its 32 KiB -shm file under `ulimit -f 16`: the database is fine (sweep 67)
+            return LoraplexError(f"cannot open registry database {self.db_path}: {exc}{note}")
         return IntegrityError(f"registry database {self.db_path} is unreadable: {exc}")
 
     def _unwritable(self) -> str | None:

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import AdapterNotFound, out_of_memory
+from loraplex.errors import AdapterNotFound, file_size_note, out_of_memory
 from loraplex.serve import decode
 from loraplex.serve.backend import HOP_HEADER, MAX_HOPS, Backend, hops_of, new_instance
 from loraplex.serve.classify import check_answerable
@@ -62,7 +62,8 @@ def api_error(exc: BaseException, home: str | None = None) -> APIError:
         why = (msg.splitlines() or [type(exc).__name__])[0][:200]
         return APIError(503, f"the server ran out of memory for this request ({why})")
     if type(exc).__module__ == "sqlite3":  # the registry's database failed under the request (damaged since
-        return APIError(503, f"the registry database failed: {msg} (run `loraplex registry check`)")  # start)
+        note = file_size_note(exc)  # start; under `ulimit -f`, the database is fine)
+        return APIError(503, f"the registry database failed: {msg}{note or ' (run `loraplex registry check`)'}")
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's state, not a bug
         return APIError(503, "the server has run out of file descriptors (raise `ulimit -n` for loraplex serve)")
     return APIError(500, f"internal error: {type(exc).__name__}: {msg}")

@@ -405,5 +405,29 @@ def test_a_file_size_limit_too_small_for_sqlite_is_named_not_called_damage(tmp_p
     p = subprocess.run([sys.executable, "-c", "from loraplex.cli import main; main()", "adapters", "list"],
                        capture_output=True, text=True, env=env, timeout=120, preexec_fn=small_files)
     assert p.returncode == 1 and p.stderr.strip() == (f"error: cannot open registry database {home / 'registry.db'}: "
-                                                      "this process may write files of at most 16,384 bytes (ulimit "
-                                                      "-f), too small for SQLite's files; raise the limit"), p.stderr
+                                                      "disk I/O error; this process may write files of at most 16,384 "
+                                                      "bytes (ulimit -f): raise the limit"), p.stderr
+
+
+def test_a_write_past_the_file_size_limit_names_it(monkeypatch, capsys):
+    """Under `ulimit -f` a write to the database (or a blob) failed as "the registry database failed: disk I/O
+    error (run `loraplex registry check`)", and check then found nothing (sweep 70): the limit is named wherever
+    such a failure is reported (the CLI, the server, an OS error's line)."""
+    import errno
+    import sqlite3
+
+    from loraplex import errors
+    from loraplex.cli._errors import report
+    from loraplex.serve.app import api_error
+
+    monkeypatch.setattr(errors, "file_size_limit", lambda: 73728)
+    assert report(sqlite3.OperationalError("disk I/O error")) == 1
+    assert capsys.readouterr().err.strip() == ("error: the registry database failed: disk I/O error; this process may "
+                                               "write files of at most 73,728 bytes (ulimit -f): raise the limit")
+    assert "73,728 bytes (ulimit -f)" in api_error(sqlite3.OperationalError("disk I/O error")).message
+    err = errors.os_error(OSError(errno.EFBIG, "File too large", "/r/blobs/ab/ab.safetensors"))
+    assert str(err) == ("File too large (/r/blobs/ab/ab.safetensors); this process may write files of at most 73,728 "
+                        "bytes (ulimit -f): raise the limit")
+    monkeypatch.setattr(errors, "file_size_limit", lambda: None)  # no limit: as before
+    assert report(sqlite3.OperationalError("disk I/O error")) == 1
+    assert capsys.readouterr().err.strip().endswith("disk I/O error (run `loraplex registry check`)")

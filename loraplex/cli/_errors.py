@@ -47,7 +47,8 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def report(exc: BaseException) -> int:
     """Print the one-line message for `exc` and return the exit code."""
-    from loraplex.errors import Interrupted, LoraplexError, Terminated, UserInputError, out_of_memory, saved_note
+    from loraplex.errors import (Interrupted, LoraplexError, Terminated, UserInputError, file_size_note, out_of_memory,
+                                 saved_note)
     from loraplex.ranks import is_worker
 
     if isinstance(exc, Terminated):  # SIGTERM / SIGHUP (a BaseException, so libraries do not swallow it)
@@ -85,8 +86,9 @@ def report(exc: BaseException) -> int:
                    "the command needed more memory than this process may use", err=True)
         return 1
     if type(exc).__module__ == "sqlite3":  # the registry's database failed under a command (a damaged page, ...)
-        typer.echo(f"error: the registry database failed: {_one_line(str(exc))} (run `loraplex registry check`)",
-                   err=True)
+        note = file_size_note(exc)  # under `ulimit -f` the database is fine: `registry check` finds nothing
+        typer.echo(f"error: the registry database failed: {_one_line(str(exc))}"
+                   f"{note or ' (run `loraplex registry check`)'}", err=True)
         return 1
     typer.echo(f"error: internal error, {type(exc).__name__}: {_one_line(str(exc))}"
                + ("" if debugging() else " (set LORAPLEX_DEBUG=1 for the traceback)"), err=True)
