@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -134,24 +135,28 @@ def labels_task(labels: Sequence[str], like: Any = None) -> Task:
 
 def _inference(fn):
     """A RoutedModel method run under torch.no_grad with the model in eval mode (dropout off), the modes the
-    caller had restored after: a model a user left in train() mode answered at random (sweep 26)."""
+    caller had restored after: a model a user left in train() mode answered at random (sweep 26). One call at
+    a time per model: a call sets the gates, hooks and modes on the model's shared modules, and calls from
+    several threads (a thread pool serving one loaded model) failed with shape errors or answered with another
+    call's gates, without a word (sweep 69); they wait for each other (a re-entrant lock: `answer` routes)."""
 
     @functools.wraps(fn)
     def run(self, *args, **kwargs):
-        training = [m for m in self.model.modules() if m.training]
-        for m in training:
-            m.training = False
-        try:
-            with torch.no_grad():
-                return fn(self, *args, **kwargs)
-        except Exception as exc:  # a failed allocation named as api.query names it (it was the raw RuntimeError
-            oom = as_out_of_memory(exc, f"RoutedModel.{fn.__name__}()")  # of the allocator: sweep 42)
-            if oom is None:
-                raise
-            raise oom from exc
-        finally:
+        with self._calls:
+            training = [m for m in self.model.modules() if m.training]
             for m in training:
-                m.training = True
+                m.training = False
+            try:
+                with torch.no_grad():
+                    return fn(self, *args, **kwargs)
+            except Exception as exc:  # a failed allocation named as api.query names it (it was the raw
+                oom = as_out_of_memory(exc, f"RoutedModel.{fn.__name__}()")  # RuntimeError of the allocator: sweep 42)
+                if oom is None:
+                    raise
+                raise oom from exc
+            finally:
+                for m in training:
+                    m.training = True
 
     return run
 
@@ -174,6 +179,7 @@ class RoutedModel:
         self.task_pool = list(task_pool)
         self.task_signatures = task_signatures
         self.lb.model.eval()
+        self._calls = threading.RLock()  # one call at a time (`_inference`)
 
     @property
     def model(self):
@@ -256,6 +262,8 @@ class RoutedModel:
     @_inference
     def route(self, texts: Sequence[str], *, trace: bool = False, static: torch.Tensor | None = None) -> list[RowRoute]:
         """How each text is routed (one forward through the routed model)."""
+        if not isinstance(trace, bool):  # "no" and 1 were read as true (sweep 69): `query` refuses them too
+            raise UserInputError(f"trace must be true or false, got {type(trace).__name__} {str(trace)[:40]!r}")
         if static is None:
             static = self.static_gates(texts)
         rec = Recorder(self.model)

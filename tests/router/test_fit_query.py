@@ -620,3 +620,35 @@ def test_eval_compares_routed_and_alone_accuracy_on_the_same_tasks(env, task_fil
     res = env("router", "eval", "tg", "--tasks", f"{task_files['flights']},{other}", "--limit", 4)
     assert res.exit_code == 0, res.output
     assert "on the 1 task(s) with an adapter: routed" in res.output, res.output
+
+
+def test_one_loaded_model_answers_calls_from_several_threads_alike(env):
+    """One RoutedModel answered from a thread pool: calls set gates and hooks on the shared modules, and 44 of 60
+    concurrent calls failed with shape errors or answered with another call's gates, without a word (sweep 69).
+    Its calls wait for each other: every thread gets what one thread alone gets. A `trace` that is not a bool is
+    refused as `query` refuses it."""
+    import threading
+
+    from loraplex import api
+    from loraplex.errors import UserInputError
+
+    rm = api.load_routed_model("tg", settings=env.settings)
+    texts = [f"{w} {i}" for i in range(12) for w in ("flight late again", "great goal in the match")]
+    want = {n: rm.answer(texts[:n], trace=True) for n in (1, 5, 24)}
+    got: list = []
+
+    def work(n):
+        for _ in range(4):
+            try:
+                got.append(rm.answer(texts[:n], trace=True) == want[n])
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                got.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 5, 24, 1, 5, 24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 24, got
+    with pytest.raises(UserInputError, match="trace must be true or false, got str 'no'"):
+        rm.answer(texts[:1], trace="no")
