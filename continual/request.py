@@ -155,13 +155,19 @@ def _target(learned: Sequence[Any], task: str, labels: Sequence[str],
 
 
 @one_at_a_time
-def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: Sequence[str] = (),
+def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: Sequence[str] | None = None,
                        adapters: Sequence[str] = (), base: str | None = None, name: str | None = None,
                        steps: int = 100, lr: float = 2e-3, batch_size: int = 16, eval_limit: int | None = 300,
                        seed: int = 0, progress: bool = True, **gs_lora: Any) -> dict[str, Any]:
     """Erase TASK (or some of its labels) from the current composition with a GS-LoRA adapter (see the
-    module docstring); `gs_lora` options override the GS-LoRA configuration. Returns a summary dict."""
+    module docstring); `gs_lora` options override the GS-LoRA configuration. `labels`: those to erase (None:
+    the whole task); an empty list is refused, not read as the whole task (a caller's filter that came out empty
+    erased everything: sweep 69). Returns a summary dict."""
     checked_seed(seed, "--seed")
+    if labels is not None and not list(labels):
+        raise UserInputError("the label list is empty: name the labels to erase (--labels), or leave it out to erase "
+                             "the whole task").about("labels")
+    labels = () if labels is None else labels
     try:  # the options first: a bad one is refused before the registry is read
         forgetter = FORGETTERS.build("gs-lora", {**gs_lora, "steps": steps, "lr": lr})
         trainer = TrainerSettings(steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit)  # snapshots: 3

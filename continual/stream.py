@@ -136,7 +136,7 @@ def run_stream(
     if not is_worker():  # every unit registers its adapter
         Registry.open(s).check_embedder()
     if resume is not None:
-        rd = RunDir(Path(resume))
+        rd = RunDir(user_path(resume))  # "" is refused, not read as the working directory (sweep 69)
         if out is not None and user_path(out).absolute() != rd.path:
             raise UserInputError("give --resume DIR alone (the run continues in DIR), not with a different --out")
         if not rd.path.is_dir():
@@ -156,7 +156,7 @@ def run_stream(
     else:
         # without --out the run directory is made once the spec has passed every check below (made now, a
         # refused spec left an empty one behind)
-        rd = RunDir(shared_run_dir(Path(out))) if out is not None else None
+        rd = RunDir(shared_run_dir(user_path(out))) if out is not None else None  # out="" wrote into the cwd
         if rd is not None:
             _outside_registry_storage(rd.path, s.home)
         if rd is not None and not is_worker() and rd.path.exists() and any(rd.path.iterdir()):

@@ -16,11 +16,16 @@ from typing import BinaryIO, Iterator
 def user_path(path: str | Path) -> Path:
     """`path` with a leading `~` or `~user` expanded, as every path loraplex reads or writes is; a `~user`
     naming no user of this machine is refused by name (pathlib raised RuntimeError: an internal error), and so is
-    an empty one (Path("") is the working directory: `register("")` registered whatever folder it was run in)."""
+    an empty one (Path("") is the working directory: `register("")` registered whatever folder it was run in) and
+    one holding a NUL byte."""
     if isinstance(path, str) and not path.strip():
         from loraplex.errors import UserInputError
 
         raise UserInputError("a path is empty: name a file or directory")
+    if "\x00" in str(path):  # the OS's ValueError ("embedded null byte") was an internal error, and some messages
+        from loraplex.errors import UserInputError  # named the path with the NUL dropped (sweep 69)
+
+        raise UserInputError(f"path {str(path)[:120]!r} holds a NUL byte: no file can be named so")
     try:
         return Path(path).expanduser()
     except RuntimeError:

@@ -18,6 +18,7 @@ from loraplex.errors import (AdapterNotFound, AlreadyExists, IncompatibleAdapter
                              LoraplexWarning, UserInputError)
 from loraplex.experts.peft_io import align_modules, peft_config, read_peft_dir, write_peft_dir
 from loraplex.experts.spec import unread_module
+from loraplex.fsio import user_path
 from loraplex.heads import HEADS
 from loraplex.models import fingerprint, load_tokenizer, resolve_base
 from loraplex.registry.index import SignatureIndex
@@ -110,7 +111,7 @@ def labels_read_apart(ref, settings: Settings, task) -> None:
 
 def export_peft(reg: Registry, name: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write a registered adapter as a PEFT directory that PeftModel.from_pretrained loads."""
-    home, out = os.path.realpath(reg.home), os.path.realpath(os.path.expanduser(str(out_dir)))
+    home, out = os.path.realpath(reg.home), os.path.realpath(user_path(out_dir))  # "" and a NUL byte refused
     if os.path.commonpath([home, out]) == home:  # its blobs, runs or the home itself: the registry's own storage
         raise UserInputError(f"{out_dir}: inside the registry home {reg.home}, which is the registry's own storage; "
                              "export somewhere else").about("path")

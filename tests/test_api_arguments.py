@@ -25,6 +25,7 @@ def one_adapter(settings, tiny_bert, tmp_path):
     return settings
 
 
+DEMO_SPEC = str(Path(__file__).resolve().parents[1] / "examples" / "streams" / "demo.yaml")
 CALLS = [
     # a dict passed strict mode (a model is built from it) and then died as AttributeError (sweep 15)
     (lambda s: api.list_adapters(settings={"home": str(s.home)}), "list_adapters(): settings must be Settings | None, got dict"),
@@ -57,7 +58,7 @@ CALLS = [
     (lambda s: api.export(None, "/tmp/x", settings=s), "export(): name must be str, got NoneType"),
     (lambda s: api.export("dp", 5, settings=s), "export(): out_dir must be str | Path, got int 5"),
     (lambda s: api.register(None, name="a", description="b", settings=s), "register(): path must be str | Path"),
-    (lambda s: api.register("/tmp", name="a", description=["d"], settings=s), "register(): description must be str, got list"),
+    (lambda s: api.register("/tmp", name="a", description=["d"], settings=s), "register(): description must be str | None, got list"),
     (lambda s: api.register("/tmp", name=5, description="d", settings=s), "register(): name must be str, got int 5"),
     (lambda s: api.list_tasks(["news-topics"]), "list_tasks(): family must be str | None, got list"),
     (lambda s: api.load_adapted("dp", settings=s), "load_adapted(): names must be a list of strings"),
@@ -93,6 +94,13 @@ CALLS = [
     (lambda s: api.stream_report(""), "a path is empty"),
     (lambda s: api.run_stream(" ", settings=s), "a path is empty"),
     (lambda s: api.generate_adapter("d", generator="g", name="n", examples="", settings=s), "a path is empty"),
+    # sweep 69: out="" wrote a stream's run into the working directory; a NUL byte was the OS's raw ValueError;
+    # an empty label list erased the whole task
+    (lambda s: api.run_stream(DEMO_SPEC, out="", settings=s), "a path is empty"),
+    (lambda s: api.run_stream(DEMO_SPEC, resume="", settings=s), "a path is empty"),
+    (lambda s: api.register("a\x00b", name="rr", description="d", settings=s), "path 'a\\x00b' holds a NUL byte"),
+    (lambda s: api.export("dp", "a\x00b", settings=s), "path 'a\\x00b' holds a NUL byte"),
+    (lambda s: api.forget("t", labels=[], settings=s), "the label list is empty: name the labels to erase"),
 ]
 
 

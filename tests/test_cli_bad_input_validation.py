@@ -969,7 +969,7 @@ def test_empty_and_unexpandable_paths(cli, seeded, tmp_path, monkeypatch):
     _refused(cli("adapters", "list", "--home", ""), cli.home, before, "home='': an empty path")
     _refused(cli("adapters", "list", "--home", "~no-such-user-x/r"), cli.home, before,
              "home='~no-such-user-x/r': cannot expand '~no-such-user-x'")
-    _refused(cli("adapters", "export", "good", ""), cli.home, before, "the export directory is empty")
+    _refused(cli("adapters", "export", "good", ""), cli.home, before, "a path is empty: name a file or directory")
     (tmp_path / "ex" / "adapter_config.json").mkdir(parents=True)
     _refused(cli("adapters", "export", "good", tmp_path / "ex", "--overwrite"), cli.home, before,
              "adapter_config.json: is not a regular file")

@@ -141,7 +141,7 @@ def forget(
     from loraplex import api
 
     gs_lora = parse_sets(set_)  # checked by the api: a key the command sets itself, or no GS-LoRA option, named
-    res = api.forget(task, labels=parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
+    res = api.forget(task, labels=None if labels is None else parse_list(labels, "--labels", commas_only=True), adapters=parse_list(adapters, "--adapters"), base=base, name=name,
                      steps=steps, lr=lr, batch_size=batch_size, eval_limit=eval_limit, seed=seed,
                      progress=not quiet and not json, settings=settings(home), config=gs_lora)
     if json:
