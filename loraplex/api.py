@@ -390,8 +390,13 @@ def train(task: str | Path, *, name: str, settings: Settings | None = None, **op
 # ---- generators (SG-LoRA, ICM-LoRA): an adapter for a new task (generators/workflow.py) -------
 @_checked
 def fit_generator(name: str, *, method: str, settings: Settings | None = None, **options: Any) -> dict[str, Any]:
-    """Fit a generator (e.g. sg-lora) on registered adapters and store it (generators.workflow.fit)."""
+    """Fit a generator (e.g. sg-lora) on registered adapters and store it (generators.workflow.fit). Its
+    `config` is checked for type as fit_router's is: strict ("2" is not a number; it was stored as 2: sweep 69)."""
     from loraplex.generators import workflow
+    from loraplex.generators.base import GENERATORS
+
+    if isinstance(method, str) and method in GENERATORS.names():
+        _typed("fit_generator", GENERATORS.get(method).config_cls, options.get("config"), field="config ")
     return _delegate("fit_generator", workflow.fit, *_open(settings), name, method=method, **options)
 
 
