@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
@@ -365,14 +366,17 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train: DataLoader, val: D
     stopped by Ctrl-C with sys.exit(1) (the only SystemExit out of fit; a Ctrl-C in its set-up may not
     mark the trainer `interrupted`), and one stopped by SIGTERM with SIGTERMException, a SystemExit with
     no code: uncaught, the command would exit 0 as if it had succeeded."""
-    try:
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None  # put back as it was: a library's caller's own
+    try:                                                        # handler was replaced by Python's (sweep 69)
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     except OSError as exc:  # a checkpoint's or a log's write (a file too large, a full disk) names no file
         if not getattr(exc, "filename", None):
             exc.filename = trainer.default_root_dir  # the run directory it was writing into (errors.os_error)
         raise
     except SystemExit:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after the first
+        if main:  # Lightning ignores Ctrl-C after the first
+            signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
     else:
         if not trainer.received_sigterm:  # a SIGTERM in the last step ends the fit as if it had finished
             _check_finite(trainer, module)

@@ -22,6 +22,8 @@ class _Trainer:
         self.stop, self.received_sigterm = stop, sigterm
 
     def fit(self, module, train_dataloaders=None, val_dataloaders=None):
+        if isinstance(self.stop, SystemExit):  # Lightning ignores Ctrl-C after the first, then exits
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.stop is not None:
             raise self.stop
 
@@ -41,11 +43,21 @@ def test_sigterm_in_the_last_step_is_interrupted_too():
 
 
 def test_ctrl_c_is_interrupted_with_130_and_ctrl_c_works_again():
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning leaves after a Ctrl-C
+    """After the stop, Ctrl-C works again, through the handler the caller had: a program's own was replaced by
+    Python's default (sweep 69)."""
+
+    def mine(signum, frame):
+        raise KeyboardInterrupt("mine")
+
+    before = signal.signal(signal.SIGINT, mine)
     try:
         with pytest.raises(Interrupted) as err:
             fit(_Trainer(SystemExit(1)), None, [])
         assert err.value.signal == "SIGINT" and err.value.exit_code == 130
+        assert signal.getsignal(signal.SIGINT) is mine
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(Interrupted):
+            fit(_Trainer(SystemExit(1)), None, [])
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
