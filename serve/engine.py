@@ -304,6 +304,7 @@ class Engine:
             with self._writing:  # the recent writes it may share, as they are
                 late = writer.plan(decisions, labelled=True) if writes else decisions
             classify.refuse_base_answers([d.action == "base" for d in late], [d.reason for d in late])
+        deadline = time.monotonic() + LOCK_S  # one wait for the registry's lock per request, not one per input
         for d in decisions:
             if d.action == "generate" and forwarded:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but the backend generates and does "
@@ -312,8 +313,13 @@ class Engine:
                 d = dataclasses.replace(d, action="route", reason=f"{d.reason}; but this server registers no adapters "
                                         "(--no-lora-updates), so it is routed to the registered ones")
             elif d.action == "generate":
-                with self._writing:
-                    d = writer(d)
+                reg = self.reg()
+                reg.lock_timeout = max(0.0, deadline - time.monotonic())  # (sweep 70: 30 s per input, past a stop's
+                try:                                                      # grace period with two of them)
+                    with self._writing:
+                        d = writer(d)
+                finally:
+                    reg.lock_timeout = LOCK_S
                 if refusing and d.action == "generate" and not auto_router.record_labels(
                         self.reg(), self.reg().get_adapter(d.written)):  # its generator's parents record no labels:
                     d = dataclasses.replace(d, action="base", reason=f"{d.reason}; but the adapter written for it "

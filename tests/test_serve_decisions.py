@@ -543,3 +543,33 @@ def test_a_written_adapter_answers_only_with_the_task_of_an_adapter_near_the_req
     reused = auto_router.written_for(reg, s, alike, cfg)  # near adapters of its label set: reused
     assert reused.action == "generate" and reused.written == written.written and reg.count() == n + 1
     assert set(d.near) == {h.name for h in d.hits if h.score >= cfg.generate_threshold}  # by the text score
+
+
+def test_a_request_waits_for_the_registry_lock_once_not_once_per_input(toy_registry, tiny_bert, monkeypatch):
+    """An `auto` request with several inputs decided "generate" while another process held the registry's lock
+    waited the server's lock time once per input (3 inputs: 90 s, past a stop's 60 s grace period; sweep 70). The
+    request has one deadline: the inputs after it are routed to the registered adapters at once."""
+    import fcntl
+    import os
+
+    s, reg = toy_registry
+    workflow.fit(reg, s, "gen", method="sg-lora", config=FAST)
+    monkeypatch.setattr(engine_module, "LOCK_S", 2.0)
+    engine = Engine(s, base=str(tiny_bert), auto={**BETWEEN, "generator_max_distance": 2.0})
+    engine._decide = lambda items: [auto_router.Decision(t, "generate", "in the generate band", 0.5, 0.1,
+                                                         "flights-lora", "gen", hits=auto_router.decide(
+                                                             reg, [t], auto_router.parse_config(BETWEEN))[0].hits)
+                                    for t, _ in items]
+    n = reg.count()
+    fd = os.open(reg.lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        routes = engine.auto(TEXTS, for_classify=True)
+        took = time.monotonic() - t0
+    finally:
+        os.close(fd)
+    assert [r.decision for r in routes] == ["route"] * 3, [r.reason for r in routes]
+    assert all("cannot be registered" in r.reason and "locked by another process" in r.reason for r in routes)
+    assert took < 5.0, took  # one wait of LOCK_S (2 s), not three (6 s)
+    assert reg.count() == n
