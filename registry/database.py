@@ -28,9 +28,9 @@ from loraplex.fsio import user_path
 
 SCHEMA_VERSION = 1
 EPOCHS_KEPT = 4096
-LOCK_NOTE_S = 1.0
-"""A writer that has waited this long for the lock says so, once (then waits on, up to its timeout)."""
 """Writes whose random marks (table `epochs`) the database keeps: a cache that many writes behind is rebuilt."""
+LOCK_NOTE_S = 1.0
+"""A writer that has waited this long for the lock says so, once per wait (then waits on, up to its timeout)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

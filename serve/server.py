@@ -127,11 +127,10 @@ LISTEN_BACKLOG = 2048
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (port 0: a free one) and listening, or UserInputError naming what is
-    wrong; bound before the model loads, so a bad address or a taken port fails at once and nothing is
-    announced. It listens from here on: a client that connects as soon as it reads the banner (the one way to
-    learn a `--port 0`'s port) was refused for the ~50 ms before uvicorn's loop began to listen (sweep 68);
-    the kernel now holds such a connection until the server accepts it."""
+    """A TCP socket bound to host:port (port 0: a free one), or UserInputError naming what is wrong; bound
+    before the model loads, so a bad address or a taken port fails at once and nothing is announced. It is
+    not listening yet (a connection during the load is refused, as a readiness probe should see it): `run`
+    calls `listen` just before the banner."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
@@ -142,7 +141,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -281,6 +279,10 @@ def run(settings=None, *, host: str = "127.0.0.1", port: int = 8000, **options) 
         raise
     n = len(engine.models()) - 2
     port = sock.getsockname()[1]
+    # listening from the banner on: a client that connects on reading it (the one way to learn a `--port 0`'s
+    # port) was refused for the ~50 ms before uvicorn's loop began to listen (sweep 68); the kernel holds such a
+    # connection until the server accepts it, and refuses any during the load (sweep 70)
+    sock.listen(LISTEN_BACKLOG)
     where = f"[{host}]" if ":" in host else host
     print(f"loraplex serve: {engine.base_name} ({engine.family}) with {n} adapters and routers, "
           f"on http://{where}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -253,22 +253,61 @@ def test_loopback_is_read_from_the_address_bound():
     for host in ("127.1", "localhost", "127.0.0.1"):
         with listening_socket(host, 0) as sock:
             assert loopback_address(sock.getsockname()[0]), host
-    assert not loopback_address("0.0.0.0")  # what a socket bound to every address reads (not opened here: the
-    # socket listens once bound, and a test binds 127.0.0.1 only)
+    with listening_socket("0.0.0.0", 0) as sock:  # bound, never listening: nothing can connect to it
+        assert not loopback_address(sock.getsockname()[0])
     assert [loopback_address(a) for a in ("::ffff:127.0.0.1", "[::1]", "fe80::1%lo", "10.0.0.1", "::", "vm")] == \
         [True, True, False, False, False, False]
 
 
-def test_the_socket_listens_before_the_banner_is_printed():
+def test_the_socket_listens_before_the_banner_is_printed(monkeypatch, capsys):
     """`serve` printed its banner (the one way to learn a `--port 0`'s port) about 50 ms before uvicorn's loop
-    began to listen on the socket, so a client connecting on reading it was refused (sweep 68). The socket listens
-    once bound: a connection made before the server runs waits to be accepted."""
+    began to listen on the socket, so a client connecting on reading it was refused (sweep 68); and a socket
+    listening from the bind accepted connections during the whole load, when a readiness probe must see the
+    port closed (sweep 70). The socket refuses during the load and listens from the banner on."""
     import socket
 
-    from loraplex.serve.server import listening_socket
+    from loraplex.serve import server
 
-    with listening_socket("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()[:2], timeout=5):
-        pass  # refused (ConnectionRefusedError) while the socket was only bound
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def loading(settings, **options):  # the model's load: the port is bound, not listening
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", seen["port"]), timeout=5)
+        raise Stop
+
+    real = server.listening_socket
+
+    def bound(host, port):
+        sock = real(host, port)
+        seen["port"], seen["sock"] = sock.getsockname()[1], sock
+        return sock
+
+    monkeypatch.setattr(server, "listening_socket", bound)
+    monkeypatch.setattr(server, "build", loading)
+    with pytest.raises(Stop):
+        server.run(None, host="127.0.0.1", port=0)
+    seen["sock"].close()
+
+    def built(settings, **options):
+        return object(), type("E", (), {"models": lambda self: [1, 2], "base_name": "b", "family": "f"})()
+
+    class Banner(Exception):
+        pass
+
+    def banner_then_stop(*a, **k):  # what run does after the banner: the socket listens by then
+        with socket.create_connection(("127.0.0.1", seen["port"]), timeout=5):
+            pass
+        raise Banner
+
+    monkeypatch.setattr(server, "build", built)
+    monkeypatch.setattr(server, "server_config", banner_then_stop)
+    with pytest.raises(Banner):
+        server.run(None, host="127.0.0.1", port=0)
+    seen["sock"].close()
+    assert "loraplex serve: b (f) with 0 adapters and routers" in capsys.readouterr().err
 
 
 def test_a_request_whose_client_left_before_its_answer_is_a_499(llama_url):
