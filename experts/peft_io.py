@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -400,15 +401,28 @@ STAGING = ".loraplex-export-"
 """The prefix of an export's staging directory inside the target (then the process id and a random part)."""
 
 
+STALE_STAGING_S = 3600
+"""A staging directory without a process id in its name (an older loraplex's) is stale after this long."""
+
+
 def _remove_stale_staging(out: Path) -> None:
     """Remove the staging directories of exports into `out` that were killed (SIGKILL, a lost machine) before
     they could clean up: a later export left a hidden half-written file in the adapter's directory for ever
-    (sweep 67). One is stale when the process its name records no longer runs here; one of another export
-    still running (another process) is left alone."""
+    (sweep 67). One is stale when the process its name records no longer runs on this machine (a target
+    shared with other machines: one of theirs still running could be taken for stale); one of another export
+    still running here is left alone."""
     for d in out.glob(STAGING + "*"):
-        pid = d.name[len(STAGING):].split("-", 1)[0]
-        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
+        if not d.is_dir() or d.is_symlink():
             continue
+        head, _, rest = d.name[len(STAGING):].partition("-")
+        if not (head.isdigit() and rest):  # named before the process id was (a random part only): stale once no
+            try:                           # export could still be writing it, an hour on (sweep 70)
+                if time.time() - d.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
+            continue
+        pid = head
         try:
             os.kill(int(pid), 0)
             continue  # a running process (possibly another export into this directory)

@@ -354,9 +354,15 @@ def test_an_export_removes_what_a_killed_export_left_in_its_directory(cli, seede
     (dead / ".adapter_model.safetensors.x1").write_bytes(b"\0" * 1024)
     alive = out / f".loraplex-export-{os.getpid()}-efgh5678"  # this process runs: an export under way
     alive.mkdir()
+    old = out / ".loraplex-export-k3j_x9q2"  # an older loraplex's name (no process id), an hour and more ago
+    old.mkdir()
+    os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+    recent = out / ".loraplex-export-ab_cd123"  # one of those made a moment ago: perhaps still being written
+    recent.mkdir()
     r = cli("adapters", "export", "good", out, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert not dead.exists() and alive.is_dir()
+    assert not dead.exists() and alive.is_dir() and not old.exists() and recent.is_dir()
+    recent.rmdir()
     assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, "adapter_config.json", "adapter_model.safetensors"])
 
 
