@@ -34,8 +34,8 @@ from loraplex.generators.refine import examples_task, refine_config, top_blocks
 from loraplex.registry.record import AdapterDraft, Edge, one_base, validate_name
 from loraplex.registry.signatures import description_embedding, prototype
 from loraplex.seeding import one_at_a_time
-from loraplex.tasks import (MAX_LABELS, checked_labels, checked_seed, label_fold, lone_surrogate, validate_description,
-                            visible)
+from loraplex.tasks import (MAX_LABELS, checked_labels, checked_seed, folded_labels, lone_surrogate,
+                            validate_description, visible)
 
 KIND = "generator"
 
@@ -138,17 +138,6 @@ def _parse_config(method: str, config: dict[str, Any] | None):
     return entry, entry.make_config(config or {})
 
 
-def _task_labels(reg, task: str, cards: dict[str, Any] | None) -> tuple[str, ...] | None:
-    """The label set of the task a generated adapter would answer with: its card's, else the task's own."""
-    card = (cards or {}).get(task) or {}
-    if card.get("labels"):
-        return tuple(card["labels"])
-    try:
-        return tuple(reg.load_task(task).labels) or None
-    except LoraplexError:
-        return None
-
-
 def answers_among(labels_from: str | None, labels: Sequence[str] | None,
                   among: "Mapping[str, Sequence[str] | None] | Sequence[str]") -> bool:
     """Whether an adapter whose labels come from adapter `labels_from`, label set `labels`, answers as one of
@@ -159,8 +148,8 @@ def answers_among(labels_from: str | None, labels: Sequence[str] | None,
         return True
     if not labels or not isinstance(among, Mapping):
         return False
-    want = {label_fold(str(x).strip()) for x in labels}
-    return any(v and {label_fold(str(x).strip()) for x in v} == want for v in among.values())
+    want = folded_labels(labels)
+    return any(v and folded_labels(v) == want for v in among.values())
 
 
 @one_at_a_time
@@ -334,7 +323,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
         raise OutOfRange(f"{where}: no parent of this adapter records a task, and an encoder answers only with a "
                          "task's labels; pass --examples with labels (their label set is then the adapter's)")
     if answer_among is not None and task is not None and not answers_among(
-            extra.get("labels_from"), _task_labels(reg, task, extra.get("task_cards")), answer_among):
+            extra.get("labels_from"), reg.task_labels(task, extra.get("task_cards")), answer_among):
         near = ", ".join(list(answer_among)[:3]) or "none"
         raise OutOfRange(f"{where} would answer with the labels of {extra.get('labels_from')!r}, which no adapter "
                          f"near the request ({near}) answers with: its answer would be another task's")

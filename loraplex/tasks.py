@@ -283,6 +283,12 @@ def label_fold(text: str) -> str:
     return label_key(text).casefold()
 
 
+def folded_labels(labels: Sequence[str] | None) -> frozenset[str]:
+    """A label set as label sets are compared (a request's against an adapter's, two adapters'): each label
+    stripped and `label_fold`ed."""
+    return frozenset(label_fold(str(x).strip()) for x in labels or ())
+
+
 def read_alike(texts: Sequence[str]) -> tuple[str, str] | None:
     """The first two of `texts` that read the same (`label_key`), or None: as labels, or a label's texts,
     one answer would hide the other."""

@@ -605,6 +605,20 @@ class Registry(Database, Components):
         conn = self._db(create=False)
         return 0 if conn is None else conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 
+    def task_labels(self, task: str | None, cards: dict[str, Any] | None = None) -> tuple[str, ...] | None:
+        """The label set of task `task`, from `cards` (what a record holds of its tasks), else the registry's
+        card or the task itself; None for no task, or one without labels. The one reading of an adapter's
+        labels (routing's label term, auto's and the generators' checks of what a written adapter answers)."""
+        if not task:
+            return None
+        card = (cards or {}).get(task) or self.task_card(task) or {}
+        if card.get("labels"):
+            return tuple(card["labels"])
+        try:
+            return tuple(self.load_task(task).labels) or None
+        except LoraplexError:  # a task file gone without a card: no labels to match
+            return None
+
     def task_card(self, ref: str) -> dict | None:
         """What the newest adapter trained or registered on task `ref` recorded of it
         (`extra["task_cards"][ref]`: name, description, labels, label texts), so a task file registered

@@ -43,11 +43,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from loraplex.catalog import MAX_COUNT, MAX_TEMPERATURE, MIN_TEMPERATURE, Options, options
-from loraplex.errors import LoraplexError
 from loraplex.models import current_sha
 from loraplex.registry.index import Hit, nearest_adapters, of_base, routing_vectors
 from loraplex.router.base import ROUTERS
-from loraplex.tasks import label_fold
+from loraplex.tasks import folded_labels
 
 
 class RetrievalConfig(Options):
@@ -103,26 +102,17 @@ def record_labels(reg, rec) -> tuple[str, ...] | None:
 
 
 def task_labels(reg, task: str | None, cards: dict[str, Any] | None = None) -> tuple[str, ...] | None:
-    """The label set of task `task`, from `cards` (what a record holds of its tasks), else the registry's
-    card or the task itself; None for no task, or one without labels."""
-    if not task:
-        return None
-    card = (cards or {}).get(task) or reg.task_card(task) or {}
-    if card.get("labels"):
-        return tuple(card["labels"])
-    try:
-        return tuple(reg.load_task(task).labels) or None
-    except LoraplexError:  # a task file gone without a card: no labels to match
-        return None
+    """The label set of task `task` (`Registry.task_labels`)."""
+    return reg.task_labels(task, cards)
 
 
 def label_overlap(labels: Sequence[str], expert_labels: Sequence[Sequence[str] | None]) -> np.ndarray:
     """(E,) Jaccard overlap of a label set with each adapter's (read as `labels_task` reads them: case,
     Unicode normalisation and format characters aside, stripped; 0 where none)."""
-    want = {label_fold(str(x).strip()) for x in labels}
+    want = folded_labels(labels)
     out = np.zeros(len(expert_labels), dtype=np.float32)
     for i, lab in enumerate(expert_labels):
-        have = {label_fold(str(x).strip()) for x in lab or ()}
+        have = folded_labels(lab)
         if want and have:
             out[i] = len(want & have) / len(want | have)
     return out
