@@ -39,23 +39,31 @@ def _about(field: str) -> Iterator[None]:
 
 
 def register_peft(reg: Registry, settings: Settings, path: str | Path, *, name: str, description: str | None,
-                  task: str | None = None, base: str | None = None, declared_must_match: bool = False) -> AdapterRecord:
+                  task: str | None = None, base: str | None = None, declared_must_match: bool = False,
+                  default_description: str | None = None) -> AdapterRecord:
     """Register the PEFT LoRA directory `path` under `name` (origin "imported"). Returns its record.
     `declared_must_match`: `base` is not the caller's choice (a server's own base), so a directory whose config
     names another base is refused, not applied to this one because its shapes fit (any MiniLM-L6 checkpoint
-    fits another's: sweep 33); `--base` on the CLI is the user's word that it applies."""
+    fits another's: sweep 33); `--base` on the CLI is the user's word that it applies. `description`: None takes
+    the task's, else `default_description` (the server's, made from the path); the one place a registered
+    adapter's description is resolved (sweep 70: the server resolved it a second time, by other rules)."""
     with _about("name"):
         validate_name(name)
         if reg.has_adapter(name):
             raise AlreadyExists(f"an adapter named {name!r} already exists")
     if task is not None and not str(task).strip():
         raise UserInputError("the task is empty: name an embedded task or a task file, or leave it out").about("task")
-    if (not description or not description.strip()) and task is not None:
-        with _about("task"):  # the task's own (an embedded task's; a task file's sidecar), as `train` takes it
-            description = reg.load_task(task).description
-    if not description or not description.strip():
-        raise UserInputError("a description is required: it is how the adapter is found and "
-                             "routed to (give --description, or a --task that has one)").about("description")
+    if description is not None and not description.strip():  # given, and blank: not read as not given
+        raise UserInputError("the description is empty: say what the task is in words, or leave it out to take "
+                             "the task's").about("description")
+    if description is None and task is not None:
+        with _about("task"):  # the task's own (an embedded task's; a task file's sidecar), as `train` takes it;
+            # a task file without one takes `default_description` where the caller has one (the server's)
+            description = reg.load_task(task, fallback_description=default_description).description
+    description = description or default_description
+    if not description:
+        raise UserInputError("a description is required: it is how the adapter is found and routed to (give "
+                             "a description, or a task that has one)").about("description")
     with _about("description"):
         description = validate_description(description)
     with _about("path"):

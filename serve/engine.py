@@ -558,20 +558,16 @@ class Engine:
                 raise UserInputError(f"task {task!r}: over HTTP a task is an embedded task's name or a task file inside "
                                      "lora_path (the server reads no other file for a client)").about("task")
             task = inside
-        if description is None and task and task.strip():  # the task's own, as the CLI takes it
-            try:
-                description = self.reg().load_task(task).description
-            except LoraplexError:  # a task file without one: the path's default below; its faults are said where
-                pass               # register_peft loads it
-        if description is None:  # the default names the path where a description can hold it (else a fault of
-            description = f"LoRA adapter {name}, loaded through the server from {path}"  # the path would be
-            try:                                                                          # blamed on it)
-                validate_description(description)
+        default = None
+        if description is None:  # the task's (register_peft), else this, which names the path where a description
+            default = f"LoRA adapter {name}, loaded through the server from {path}"  # can hold it (else a fault of
+            try:                                                                  # the path would be blamed on it)
+                validate_description(default)
             except UserInputError:
-                description = f"LoRA adapter {name}, loaded through the server"
+                default = f"LoRA adapter {name}, loaded through the server"
         with _as_request_errors(names_model=False):
             register_peft(self.reg(), self.settings, path, name=name, base=self.base_name, task=task,
-                          description=description, declared_must_match=True)
+                          description=description, declared_must_match=True, default_description=default)
 
     def unregister(self, name: str) -> None:
         if not self.reg().has_adapter(name):

@@ -235,7 +235,9 @@ def test_register_with_a_task_takes_its_description(cli, seeded, tmp_path):
     before = registry_state(cli.home)
     r = cli("adapters", "register", seeded, "--name", "nodesc")
     _assert_clean_failure(r, cli.home, before, "a description is required: it is how the adapter is found and "
-                          "routed to (give --description, or a --task that has one)")
+                          "routed to (give a description, or a task that has one)")
+    _assert_clean_failure(cli("adapters", "register", seeded, "--name", "nodesc", "--task", "airline", "--description",
+                              "  "), cli.home, before, "the description is empty")  # given blank: not "not given"
     rows = "\n".join(json.dumps({"text": f"text {i}", "label": ["yes", "no"][i % 2]}) for i in range(8))
     (tmp_path / "bare.jsonl").write_text(rows + "\n")  # a task file with no description of its own
     _assert_clean_failure(cli("adapters", "register", seeded, "--name", "nodesc", "--task", tmp_path / "bare.jsonl"),

@@ -614,6 +614,13 @@ def test_a_load_without_description_names_the_paths_faults(bert_registry, http, 
     from loraplex.registry.store import Registry
 
     assert Registry(bert_registry.home).get_adapter("task-lora").description == load_task("airline").description
+    # a task file without a description of its own: the path's default, resolved where the CLI's is (sweep 70)
+    (odd / "bare.jsonl").write_text("".join(json.dumps({"text": f"row {i}", "label": "ab"[i % 2]}) + "\n"
+                                            for i in range(8)))
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "bare-lora", "lora_path": str(odd), "task": "bare.jsonl"})
+    assert r.status_code == 200, r.text
+    assert Registry(bert_registry.home).get_adapter("bare-lora").description.startswith(
+        "LoRA adapter bare-lora, loaded through the server")
 
 
 def test_a_chat_the_template_refuses_is_the_clients_400(settings, tiny_llama, tmp_path):

@@ -25,7 +25,7 @@ def register(
     """Register a PEFT LoRA directory (checked against its base model's fingerprint)."""
     from loraplex import api
 
-    rec = api.register(path, name=name, description=description or "", task=task, base=base, settings=settings(home))
+    rec = api.register(path, name=name, description=description, task=task, base=base, settings=settings(home))
     if json:
         out.emit_json(rec)
     else:
