@@ -121,6 +121,8 @@ def train_adapter(reg: Registry, settings: Settings, task: str, *, name: str, ba
     except ValidationError as exc:
         raise invalid_option(exc) from None
     checked_limit(eval_limit)
+    if not is_worker():  # a full disk or a read-only home: said before training (after the options), not after it
+        reg.check_writable()  # (sweep 70)
     with pywarnings.catch_warnings(record=True) as caught:  # what reading the file said (columns not read)
         pywarnings.simplefilter("always")
         t = reg.load_task(task, description=description)

@@ -175,6 +175,7 @@ def forget_composition(reg: Registry, settings: Settings, task: str, *, labels: 
         err = exc.errors()[0]
         raise InvalidSpec(f"invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     reg.check_embedder()  # it registers what it trains: an embedder the registry cannot take is refused first
+    reg.check_writable()  # and a registry it cannot write (sweep 70)
     recs = current_composition(reg, adapters=adapters, base=base)
     learned = _learned_tasks(reg, recs)
     erased = _erased(reg, recs, learned)

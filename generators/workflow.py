@@ -304,6 +304,7 @@ def generate(reg, settings, description: str, *, generator: str, name: str,
         raise UserInputError(f"max_distance must be a cosine distance above 0 and at most 2, got {max_distance!r}")
     if not dry_run:
         reg.check_adapter_name_free(name)
+        reg.check_writable()  # before a refinement's steps, not after them (sweep 70)
     rec, gen = load(reg, settings, generator)
     if refine is not None:
         top_blocks(gen.data.layout, refine.blocks)  # a layout with no one stack of blocks is refused before sampling

@@ -155,6 +155,8 @@ def fit_router(reg: Registry, settings: Settings, name: str, *, method: str, ada
     worker = is_worker()  # a DDP worker (--devices N) trains beside rank 0 and stores nothing
     if _has(reg, name) and not worker:
         raise AlreadyExists(f"a router named {name!r} already exists")
+    if not worker:  # a full disk or a read-only home: said before the fit, not after it (sweep 70)
+        reg.check_writable()
     if reg.has_adapter(name) and not worker:  # found at store time, after the whole fit, before
         raise AlreadyExists(f"an adapter named {name!r} already exists: a router of that name would share its model "
                             "name (choose another)")

@@ -382,8 +382,15 @@ def test_a_generator_fit_on_a_registry_it_cannot_write_is_refused_before_fitting
     monkeypatch.setattr(workflow, "training_set", lambda *a, **k: fitted.append(1))
     before = registry_state(cli.home)
     r = cli("generate", "fit", "g", "--method", "sg-lora", "--adapters", "good,good2")
-    assert r.exit_code == 1 and r.stderr.strip() == (f"error: cannot write the registry at {cli.home}: its directory "
-                                                     f"{cli.home} is not writable (nothing was changed)"), r.stderr
+    said = f"error: cannot write the registry at {cli.home}: its directory {cli.home} is not writable (nothing was changed)"
+    assert r.exit_code == 1 and r.stderr.strip() == said, r.stderr
+    assert not fitted and registry_state(cli.home) == before
+    # train too (it trained, evaluated, then could not register: sweep 70), before the base is even loaded
+    from loraplex.continual import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "load_base", lambda *a, **k: fitted.append(1))
+    r = cli("train", "airline", "--name", "t1", "--base", tiny_bert, "--steps", "1")
+    assert r.exit_code == 1 and r.stderr.strip() == said, r.stderr
     assert not fitted and registry_state(cli.home) == before
 
 
