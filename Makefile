@@ -4,11 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The install options the environment was built with (FAISS=... TORCH_INDEX=...): reused when a target is
+# given none, so `make test` after `make install FAISS=gpu` keeps faiss-gpu.
+OPTIONS_FILE := $(VENV)/.install-options
+SAVED_FAISS := $(shell sed -n 's/^FAISS=\([a-z]*\) .*/\1/p' $(OPTIONS_FILE) 2>/dev/null)
+SAVED_INDEX := $(shell sed -n 's/^FAISS=[a-z]* TORCH_INDEX=//p' $(OPTIONS_FILE) 2>/dev/null)
 # faiss build: cpu (faiss-cpu) or gpu (faiss-gpu); never both in one environment.
-FAISS ?= cpu
+FAISS ?= $(or $(SAVED_FAISS),cpu)
 # Where pip takes torch from: empty = pip's configured sources; on a machine whose pip would pick PyPI's
 # CUDA build, TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's index.
-TORCH_INDEX ?=
+TORCH_INDEX ?= $(SAVED_INDEX)
 
 # Everything runs offline: the embedded models and datasets come from installed packages.
 export HF_HUB_OFFLINE := 1
@@ -20,14 +25,15 @@ export PIP_NO_CACHE_DIR := 1
 
 .PHONY: install demo test test-fast bench clean FORCE
 
-# The install options the environment was built with: rewritten only when they change, so that
-# `make install FAISS=gpu` (or another TORCH_INDEX) on an existing .venv installs again.
+# Rewritten only when the options change, so that `make install FAISS=gpu` (or another TORCH_INDEX) on an
+# existing .venv installs again; an environment built before options were recorded takes the ones given now.
 OPTIONS := FAISS=$(FAISS) TORCH_INDEX=$(TORCH_INDEX)
-OPTIONS_FILE := $(VENV)/.install-options
 OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu)
 
 $(OPTIONS_FILE): FORCE
-	@mkdir -p $(VENV); [ "$$(cat $@ 2>/dev/null)" = "$(OPTIONS)" ] || echo "$(OPTIONS)" > $@
+	@mkdir -p $(VENV); \
+	if [ ! -f $@ ] && [ -f $(STAMP) ]; then echo "$(OPTIONS)" > $@ && touch -r $(STAMP) $@; \
+	elif [ "$$(cat $@ 2>/dev/null)" != "$(OPTIONS)" ]; then echo "$(OPTIONS)" > $@; fi
 
 $(STAMP): pyproject.toml constraints.txt $(OPTIONS_FILE)
 	python3 -m venv $(VENV)
