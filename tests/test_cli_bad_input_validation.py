@@ -747,7 +747,7 @@ def test_a_writer_waiting_for_the_lock_says_so(cli, seeded):
 
     fd = os.open(cli.home / "registry.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: held against this process's writers too
-    threading.Timer(2.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
+    threading.Timer(4.0, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()  # > LOCK_NOTE_S on a slow machine
     r = cli("adapters", "remove", "good")
     assert r.exit_code == 0, r.output
     lines = [x for x in r.stderr.splitlines() if "waiting for the registry lock" in x]
