@@ -195,7 +195,7 @@ def _checked(fn: F) -> F:
     """The API function `fn` with its arguments checked against its signature first (`_check_arguments`)."""
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        from loraplex.errors import as_out_of_memory, os_error
+        from loraplex.errors import MAX_MESSAGE, LoraplexError, as_out_of_memory, cut_message, os_error
 
         args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
         _check_arguments(fn.__name__, fn, args, kwargs)
@@ -204,6 +204,10 @@ def _checked(fn: F) -> F:
             return fn(*args, **kwargs)
         except OSError as exc:  # a path the caller gave (an export into /proc, a run directory that is a file)
             raise os_error(exc) from exc
+        except LoraplexError as exc:  # its message cut as the CLI cuts it: a lookup of a 100,000-character name
+            if len(str(exc)) > MAX_MESSAGE:  # echoed the whole name (sweep 69)
+                exc.args = (cut_message(str(exc)),)
+            raise
         except Exception as exc:  # a failed allocation: the machine's state, named as the CLI names it (sweep 40)
             oom = as_out_of_memory(exc, f"{fn.__name__}()")
             if oom is None:

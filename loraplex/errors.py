@@ -14,6 +14,16 @@ PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENOENT, errno.
 """OS errors about a path the caller gave (a missing or unwritable place, a file where a folder is due)."""
 
 
+MAX_MESSAGE = 1000
+"""Characters of an error message shown (one quoting a 100,000-character argument is cut short): the CLI's line,
+an API caller's exception (sweep 69: a lookup echoed the whole name)."""
+
+
+def cut_message(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit - 40]}... ({len(text):,} characters)"
+
+
 class LoraplexError(Exception):
     """Base class. `exit_code` is what the CLI exits with; `field`, where set, names the input the error is
     about (`description`, `task`, `labels`, ...), so a caller that took several inputs (a request body)

@@ -117,6 +117,17 @@ def test_wrong_arguments_are_named_in_one_line(one_adapter, i):
     assert registry_state(one_adapter.home) == before
 
 
+def test_a_message_quoting_a_huge_argument_is_cut_as_the_cli_cuts_it(one_adapter):
+    """`api.show("x" * 100_000)` raised AdapterNotFound quoting the whole name (a 100 kB log line; sweep 69): the
+    API's messages are cut at the CLI's length, saying how long they were."""
+    from loraplex.errors import MAX_MESSAGE, AdapterNotFound
+
+    with pytest.raises(AdapterNotFound) as exc:
+        api.show("x" * 100_000, settings=one_adapter)
+    msg = str(exc.value)
+    assert len(msg) <= MAX_MESSAGE and msg.startswith("no adapter named 'xxx") and msg.endswith(" characters)"), msg
+
+
 def test_right_arguments_still_pass(one_adapter):
     """The check does not refuse what the functions take: a tuple of names, a Path, keyword options."""
     assert [r.name for r in api.list_adapters(one_adapter)] == ["dp"]

@@ -26,19 +26,13 @@ INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader went away
 
 
-MAX_MESSAGE = 1000
-"""Characters of an error line shown (a message quoting a 100,000-character argument is cut short)."""
-
-
 def _one_line(text: str) -> str:
-    """The message on one line, cut to MAX_MESSAGE characters, its control characters escaped."""
+    """The message on one line, cut to `errors.MAX_MESSAGE` characters, its control characters escaped."""
+    from loraplex.errors import cut_message
     from loraplex.tasks import printable
 
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    one = " ".join(lines)
-    if len(one) > MAX_MESSAGE:
-        one = f"{one[:MAX_MESSAGE - 40]}... ({len(one):,} characters)"
-    return printable(one)
+    return printable(cut_message(" ".join(lines)))
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
