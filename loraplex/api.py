@@ -119,7 +119,8 @@ def _check_arguments(where: str, fn: Callable[..., Any], args: tuple, kwargs: di
             raise UserInputError(f"{where}(): missing argument {head!r}") from None
         if kind == "unexpected_keyword_argument":
             known = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "settings"]
-            raise UserInputError(f"{where}(): unknown option {head!r} (options: {', '.join(known)})") from None
+            takes = f"options: {', '.join(known)}" if known else "it takes no options"  # not "(options: )": sweep 69
+            raise UserInputError(f"{where}(): unknown option {head!r} ({takes})") from None
         if kind in ("unexpected_positional_argument", "multiple_argument_values"):
             raise UserInputError(f"{where}(): {err['msg'].lower()} ({head!r})") from None
         value = kwargs.get(head) if head in kwargs else next(
