@@ -467,6 +467,9 @@ def load_routed_model(router: str | None = None, adapters: Sequence[str] | None 
     if odd is not None:  # share_base among them: the model returned is the caller's own (sweep 40)
         raise UserInputError(f"load_routed_model(): unknown option {odd!r} (options: {', '.join(known)})")
     given = [k for k in ("texts", "base", "labels", "keep") if options.get(k) is not None]  # each was dropped unsaid
+    if router is not None and (not isinstance(router, str) or not router.strip()):  # "" was read as no router
+        raise UserInputError(f"load_routed_model(): router must name a router, 'retrieval', or be left out, got "
+                             f"{router!r}")  # (sweep 69), where query refused it
     if not router and given:
         raise UserInputError(f"load_routed_model(): {', '.join(given)} choose adapters for a router; without one the "
                              "adapters named are loaded as they are")

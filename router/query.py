@@ -29,6 +29,8 @@ def query(reg, settings, texts: Sequence[str], *, router: str | None = None, ada
     these, routing (retrieval, auto) toward adapters trained on them (`RoutedModel.answer`)."""
     if router is not None and (not isinstance(router, str) or not router.strip()):
         raise UserInputError(f"--router must name a router, 'retrieval' or 'auto', got {router!r}")
+    if base is not None and (not isinstance(base, str) or not base.strip()):  # "" was read as no base (sweep 69)
+        raise UserInputError(f"the base is empty: name a base model, or leave it out, got {base!r}").about("base")
     texts = checked_texts(texts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
         # unbounded, 10**20 was taken: one forward of every query (sweep 57), where the other --batch-size stop

@@ -102,6 +102,8 @@ CALLS = [
     (lambda s: api.export("dp", "a\x00b", settings=s), "path 'a\\x00b' holds a NUL byte"),
     (lambda s: api.forget("t", labels=[], settings=s), "the label list is empty: name the labels to erase"),
     (lambda s: api.show("dp", bogus=1, settings=s), "show(): unknown option 'bogus' (it takes no options)"),
+    (lambda s: api.query(["late flight"], base="", settings=s), "the base is empty"),  # it answered (sweep 69)
+    (lambda s: api.load_routed_model(router="", adapters=["dp"], settings=s), "router must name a router"),
     (lambda s: api.fit_generator("g", method="sg-lora", config={"top_k": "2"}, settings=s),
      "fit_generator(): config top_k must be int, got str '2'"),
 ]
