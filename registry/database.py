@@ -393,7 +393,8 @@ class Database:
         """DiskFull or LockUnavailable when the registry can be read but not written (a full disk, a home this
         process cannot write: known once it is open): every write says so, and a command about to do long work
         before its write asks first (`generate fit` fitted a whole generator, then could not store it: sweep 67)."""
-        self._db()
+        if self._db(create=False) is None:  # no registry yet: nothing made here (the first write makes it)
+            return
         if self._full:
             raise DiskFull(f"the disk is full: the registry at {self.home} can be read but not written (nothing was "
                            "changed; free some space and try again)")
