@@ -285,11 +285,14 @@ def test_the_socket_listens_before_the_banner_is_printed(monkeypatch, capsys):
         seen["port"], seen["sock"] = sock.getsockname()[1], sock
         return sock
 
+    def run_until(stop):  # `serve` on a free port until `stop` is raised; its socket closed after
+        with pytest.raises(stop):
+            server.run(None, host="127.0.0.1", port=0)
+        seen["sock"].close()
+
     monkeypatch.setattr(server, "listening_socket", bound)
     monkeypatch.setattr(server, "build", loading)
-    with pytest.raises(Stop):
-        server.run(None, host="127.0.0.1", port=0)
-    seen["sock"].close()
+    run_until(Stop)
 
     def built(settings, **options):
         return object(), type("E", (), {"models": lambda self: [1, 2], "base_name": "b", "family": "f"})()
@@ -304,9 +307,7 @@ def test_the_socket_listens_before_the_banner_is_printed(monkeypatch, capsys):
 
     monkeypatch.setattr(server, "build", built)
     monkeypatch.setattr(server, "server_config", banner_then_stop)
-    with pytest.raises(Banner):
-        server.run(None, host="127.0.0.1", port=0)
-    seen["sock"].close()
+    run_until(Banner)
     assert "loraplex serve: b (f) with 0 adapters and routers" in capsys.readouterr().err
 
 
