@@ -422,9 +422,8 @@ def _remove_stale_staging(out: Path) -> None:
             except OSError:
                 pass
             continue
-        pid = head
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(head), 0)
             continue  # a running process (possibly another export into this directory)
         except ProcessLookupError:
             pass
